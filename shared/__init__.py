@@ -1,0 +1,11 @@
+"""stillroom's common package: data, augmentation, models, run dirs, the cache format, ensembles, losses."""
+
+__version__ = "0.1.0"
+
+from shared.augment import Augmentation, apply_view
+from shared.cache import LAYOUT, Cache, CacheSpec, MemberSpec, open_cache
+from shared.data import Normalization, TransferSet, open_transfer_set
+from shared.ensemble import COMBINE_RULES, combine_log_probs
+from shared.errors import StillroomError
+from shared.models import MODELS, ModelSpec, build_model, count_params
+from shared.runs import Teacher, load_teacher, save_run

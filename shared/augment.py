@@ -1,0 +1,104 @@
+"""View augmentation as a pure function of `(seed, example index, view id)`.
+
+The teacher-cache stage stores one row per `(example, view)` with the view's parameters, and the student replays
+the exact same view from the same three integers, so teacher and student always see the same input.
+
+A view is a horizontal flip (optional) followed by a zero-filled shift of up to `max_shift` pixels on each spatial
+axis: `out[y, x] = flipped[y - dy, x - dx]`, zero where that falls outside the image. Zero fill, not wrap-around:
+on small images such as 8x8 digits a wrapped pixel lands on the wrong side of the digit.
+View 0 is always the un-augmented input.
+"""
+
+import dataclasses
+
+import numpy as np
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_STREAM_DY, _STREAM_DX, _STREAM_FLIP = 1, 2, 3
+
+
+def _splitmix64(z: np.ndarray) -> np.ndarray:
+  """The splitmix64 finaliser: a bijective, well-mixed hash of uint64 arrays (wraps modulo 2**64)."""
+  z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+  z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  return z ^ (z >> np.uint64(31))
+
+
+def _hash(seed: int, stream: int, index: np.ndarray, view: np.ndarray) -> np.ndarray:
+  """Counter-based random bits: uint64 [B] from a seed, a stream id and per-row (index, view)."""
+  with np.errstate(over="ignore"):
+    z = _splitmix64(np.uint64(seed & 0xFFFFFFFFFFFFFFFF) * _GOLDEN + np.uint64(stream))
+    z = _splitmix64(z ^ np.asarray(index, np.int64).astype(np.uint64))
+    return _splitmix64(z ^ (np.asarray(view, np.int64).astype(np.uint64) * _GOLDEN))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Augmentation:
+  """How views are drawn.
+
+  Attributes:
+    seed: seeds every view's parameters.
+    max_shift: largest shift in pixels along each spatial axis (0 disables shifts).
+    flip: whether views may be flipped horizontally (each with probability 1/2).
+  """
+
+  seed: int = 0
+  max_shift: int = 1
+  flip: bool = False
+
+  def __post_init__(self):
+    if self.max_shift < 0:
+      raise ValueError(f"max_shift must be >= 0, got {self.max_shift}")
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "Augmentation":
+    return cls(**d)
+
+  def view_params(self, index: np.ndarray, view: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Draws each row's view parameters.
+
+    Args:
+      index: int [B] example indices (positions in the unsliced split).
+      view: int [B] view ids; view 0 is the identity.
+
+    Returns:
+      `(shift, flip)`: int8 [B, 2] as (dy, dx), and bool [B].
+    """
+    index, view = np.asarray(index), np.asarray(view)
+    augmented = view != 0
+    span = np.uint64(2 * self.max_shift + 1)
+    dy = (_hash(self.seed, _STREAM_DY, index, view) % span).astype(np.int64) - self.max_shift
+    dx = (_hash(self.seed, _STREAM_DX, index, view) % span).astype(np.int64) - self.max_shift
+    shift = (np.stack([dy, dx], axis=-1) * augmented[:, None]).astype(np.int8)
+    flip = self.flip & augmented & ((_hash(self.seed, _STREAM_FLIP, index, view) >> np.uint64(63)) == 1)
+    return shift, flip
+
+
+def apply_view(x: np.ndarray, shift: np.ndarray, flip: np.ndarray) -> np.ndarray:
+  """Renders views: flip each image horizontally where asked, then shift it with zero fill.
+
+  Args:
+    x: [B, H, W] or [B, H, W, C] images, any dtype; or [B, D] flat vectors, which take no augmentation.
+    shift: int [B, 2] as (dy, dx).
+    flip: bool [B].
+
+  Returns:
+    Array of the same shape and dtype as `x`.
+  """
+  if x.ndim < 3:
+    if np.any(shift) or np.any(flip):
+      raise ValueError("flat input vectors cannot be shifted or flipped")
+    return x
+  if not np.any(flip) and not np.any(shift):
+    return x
+  x = np.where(flip.reshape((-1,) + (1,) * (x.ndim - 1)), x[:, :, ::-1], x)
+  height, width = x.shape[1], x.shape[2]
+  pad = int(np.abs(shift).max())
+  padded = np.pad(x, [(0, 0), (pad, pad), (pad, pad)] + [(0, 0)] * (x.ndim - 3))
+  rows = np.arange(height)[None, :] + pad - shift[:, 0:1].astype(np.int64)  # [B, H]
+  cols = np.arange(width)[None, :] + pad - shift[:, 1:2].astype(np.int64)  # [B, W]
+  batch = np.arange(x.shape[0])[:, None, None]
+  return padded[batch, rows[:, :, None], cols[:, None, :]]

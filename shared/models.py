@@ -1,0 +1,176 @@
+"""A small registry of Flax NNX classifiers, chosen by name; the input shape comes from the dataset.
+
+Every model maps float32 inputs [B, *input_shape] to logits [B, num_classes]. Dropout is the only stochastic
+layer; `model.eval()` makes a model deterministic (how teachers run).
+"""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from shared.errors import StillroomError
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+  """Everything needed to rebuild a model's structure (its parameters live in a checkpoint).
+
+  Attributes:
+    name: a registry name, see `MODELS`.
+    input_shape: one example's shape, e.g. (8, 8, 1) or (64,).
+    num_classes: number of output logits.
+    dropout: dropout rate before each hidden and output dense layer.
+  """
+
+  name: str
+  input_shape: tuple[int, ...]
+  num_classes: int
+  dropout: float = 0.0
+
+  def to_dict(self) -> dict:
+    return {**dataclasses.asdict(self), "input_shape": list(self.input_shape)}
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "ModelSpec":
+    return cls(**{**d, "input_shape": tuple(d["input_shape"])})
+
+
+class MLP(nnx.Module):
+  """Flatten, then dense layers with ReLU and dropout."""
+
+  def __init__(self, input_shape, num_classes, *, hidden, dropout, rngs: nnx.Rngs):
+    sizes = [math.prod(input_shape), *hidden]
+    self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
+    self.dropout = nnx.Dropout(dropout, rngs=rngs)
+    self.head = nnx.Linear(sizes[-1], num_classes, rngs=rngs)
+
+  def __call__(self, x):
+    x = x.reshape(x.shape[0], -1)
+    for layer in self.hidden:
+      x = self.dropout(nnx.relu(layer(x)))
+    return self.head(x)
+
+
+class CNN(nnx.Module):
+  """Stages of 3x3 convolutions (ReLU) each followed by 2x2 max-pooling, then a dense layer and the head."""
+
+  def __init__(self, input_shape, num_classes, *, stages, dense, dropout, rngs: nnx.Rngs):
+    height, width, channels = input_shape
+    self.convs = nnx.List()
+    for stage in stages:
+      for features in stage:
+        self.convs.append(nnx.Conv(channels, features, kernel_size=(3, 3), rngs=rngs))
+        channels = features
+      height, width = -(-height // 2), -(-width // 2)  # 'SAME' pooling rounds up.
+    self.stage_sizes = tuple(len(stage) for stage in stages)
+    self.dropout = nnx.Dropout(dropout, rngs=rngs)
+    self.dense = nnx.Linear(height * width * channels, dense, rngs=rngs)
+    self.head = nnx.Linear(dense, num_classes, rngs=rngs)
+
+  def __call__(self, x):
+    layer = 0
+    for size in self.stage_sizes:
+      for _ in range(size):
+        x = nnx.relu(self.convs[layer](x))
+        layer += 1
+      x = nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="SAME")
+    x = self.dropout(nnx.relu(self.dense(x.reshape(x.shape[0], -1))))
+    return self.head(self.dropout(x))
+
+
+def _mlp(hidden):
+  return lambda spec, rngs: MLP(spec.input_shape, spec.num_classes, hidden=hidden, dropout=spec.dropout, rngs=rngs)
+
+
+def _cnn(stages, dense):
+  def make(spec, rngs):
+    shape = spec.input_shape
+    if len(shape) == 2:
+      shape = (*shape, 1)
+    if len(shape) != 3:
+      raise StillroomError(
+          f"model {spec.name!r} needs image inputs of shape (H, W) or (H, W, C); got {tuple(spec.input_shape)}. "
+          "Use an mlp-* model for flat feature vectors.")
+    return _ImageInput(CNN(shape, spec.num_classes, stages=stages, dense=dense, dropout=spec.dropout, rngs=rngs),
+                       channels_last=len(spec.input_shape) == 3)
+  return make
+
+
+class _ImageInput(nnx.Module):
+  """Adds the channel axis to (H, W) inputs so CNNs accept grayscale images stored without one."""
+
+  def __init__(self, net: CNN, channels_last: bool):
+    self.net = net
+    self.channels_last = channels_last
+
+  def __call__(self, x):
+    return self.net(x if self.channels_last else x[..., None])
+
+
+MODELS = {
+    "mlp-small": (_mlp((128,)), "MLP, one hidden layer of 128"),
+    "mlp-large": (_mlp((1200, 1200)), "MLP, two hidden layers of 1200 (Hinton et al. 2015's teacher)"),
+    "cnn-small": (_cnn(((16,), (32,)), 64), "CNN, conv16-pool-conv32-pool, dense 64"),
+    "cnn-large": (_cnn(((32, 32), (64, 64)), 256), "CNN, 2x conv32-pool, 2x conv64-pool, dense 256"),
+}
+
+
+def build_model(spec: ModelSpec, seed: int = 0) -> nnx.Module:
+  """Builds a freshly initialised model.
+
+  Args:
+    spec: the model's name, input shape, class count and dropout.
+    seed: initialisation seed (dropout draws from the same `nnx.Rngs`).
+
+  Raises:
+    StillroomError: unknown name (listing the valid ones) or an input shape the model cannot take.
+  """
+  if spec.name not in MODELS:
+    raise StillroomError(f"unknown model {spec.name!r}; available models: {', '.join(MODELS)}.")
+  if not 0.0 <= spec.dropout < 1.0:
+    raise StillroomError(f"dropout must be in [0, 1), got {spec.dropout}.")
+  if spec.num_classes < 2:
+    raise StillroomError(f"a classifier needs at least 2 classes, got {spec.num_classes}.")
+  make, _ = MODELS[spec.name]
+  return make(spec, nnx.Rngs(seed))
+
+
+def count_params(model: nnx.Module) -> int:
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def describe_models(input_shape: tuple[int, ...] = (8, 8, 1), num_classes: int = 10) -> list[dict]:
+  """Name, description and parameter count of each registered model at one input shape."""
+  rows = []
+  for name, (_, about) in MODELS.items():
+    spec = ModelSpec(name=name, input_shape=input_shape, num_classes=num_classes)
+    try:
+      params = count_params(nnx.eval_shape(lambda: build_model(spec)))
+    except StillroomError:
+      params = None  # This model cannot take that input shape.
+    rows.append({"name": name, "about": about, "params": params})
+  return rows
+
+
+def check_input_shape(model_fn, params, input_shape: tuple[int, ...], what: str) -> jax.ShapeDtypeStruct:
+  """Traces one forward pass abstractly; a shape the model cannot take becomes a clear error.
+
+  Args:
+    model_fn: `(params, x) -> logits`.
+    params: the parameters (or their shapes).
+    input_shape: one example's shape.
+    what: how to name the model in the error (e.g. "teacher runs/t0 (mlp-small)").
+
+  Returns:
+    The logits' abstract value, [1, C].
+  """
+  try:
+    out = jax.eval_shape(model_fn, params, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
+  except Exception as e:  # Shape errors surface as several exception types from inside the model.
+    raise StillroomError(f"{what} cannot take inputs of shape {tuple(input_shape)}: {e}") from e
+  if len(out.shape) != 2:
+    raise StillroomError(f"{what} must return logits of shape [batch, classes], got {out.shape}.")
+  return out

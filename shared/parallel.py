@@ -1,0 +1,28 @@
+"""Data parallelism over every local device: one mesh axis, "data"."""
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from shared.errors import StillroomError
+
+DATA_AXIS = "data"
+
+
+def data_mesh() -> jax.sharding.Mesh:
+  """A 1-D mesh over all local devices; batches split along it, parameters replicated."""
+  return jax.make_mesh((jax.local_device_count(),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> None:
+  """A batch must split evenly over the devices."""
+  devices = mesh.devices.size
+  if batch_size < 1 or batch_size % devices:
+    raise StillroomError(f"batch size {batch_size} must be a positive multiple of the {devices} local devices.")

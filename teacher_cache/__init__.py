@@ -1,0 +1,4 @@
+"""Stage 1: run a teacher ensemble once over a transfer set and cache its soft targets in Zarr v3."""
+
+from teacher_cache.build import BuildConfig, build_cache
+from teacher_cache.inspect import cache_info, verify_cache

@@ -1,0 +1,3 @@
+from teacher_cache.cli import main
+
+main()
