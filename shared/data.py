@@ -250,6 +250,13 @@ def _open_tfds(name: str, data_dir: str | None):
   return source_of, num_classes, (image_key, label_key)
 
 
+def _read_records(source, keys: list[int]) -> list[dict]:
+  try:
+    return source.__getitems__(keys)  # One batched read of the array_record files.
+  except TypeError:  # tfds.testing.mock_data's sources only read one record at a time.
+    return [source[key] for key in keys]
+
+
 def open_transfer_set(name: str, split: str = "train", data_dir: str | None = None) -> TransferSet:
   """Loads a transfer set into host memory.
 
@@ -284,7 +291,7 @@ def open_transfer_set(name: str, split: str = "train", data_dir: str | None = No
     batch = 4096
     for start in tqdm(range(0, len(indices), batch), desc=f"reading {name} {split}", unit="batch",
                       disable=len(indices) < 50_000, leave=False):
-      records = source.__getitems__(indices[start:start + batch].tolist())
+      records = _read_records(source, indices[start:start + batch].tolist())
       xs.append(np.stack([np.asarray(r[image_key]) for r in records]))
       ys.append(np.asarray([r.get(label_key, -1) for r in records], np.int64))
     inputs, labels = np.concatenate(xs), np.concatenate(ys)

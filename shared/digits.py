@@ -47,6 +47,8 @@ class Digits(tfds.core.GeneratorBasedBuilder):
             "label": tfds.features.ClassLabel(num_classes=10),
         }),
         supervised_keys=("image", "label"),
+        # Keep generation order, so an example's index is its position in the seeded split.
+        disable_shuffling=True,
     )
 
   def _split_generators(self, dl_manager):

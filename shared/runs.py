@@ -42,7 +42,7 @@ def checkpoint_manager(run_dir: str, max_to_keep: int | None = None) -> ocp.Chec
 
 def params_of(model: nnx.Module) -> dict:
   """The model's parameters as a pure nested dict of arrays (what checkpoints hold)."""
-  return nnx.state(model, nnx.Param).to_pure_dict()
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 def param_digest(params: Any) -> str:
@@ -151,7 +151,7 @@ def load_run_teacher(run_dir: str) -> Teacher:
   step = manager.latest_step()
   if step is None:
     raise StillroomError(f"teacher run dir {run_dir!r} has no finished checkpoint.")
-  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract.to_pure_dict())
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(abstract))
   try:
     restored = manager.restore(step, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(target)}))
   except Exception as e:  # orbax raises many types for unreadable or mismatched checkpoints.

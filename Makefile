@@ -1,0 +1,20 @@
+# The two set-up commands of the README. Both create .venv and install the project into it first.
+PYTHON ?= python3
+VENV ?= .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	PATH=$(abspath $(VENV))/bin:$$PATH bash scripts/demo.sh
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m "not slow"

@@ -1,0 +1,3 @@
+from student_train.cli import main
+
+main()

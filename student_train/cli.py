@@ -1,0 +1,130 @@
+"""Command line of `student-train`: parses arguments and calls one library function per subcommand."""
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from shared.ensemble import COMBINE_RULES
+from shared.errors import StillroomError
+from shared.losses import LOSSES
+from shared.models import describe_models
+from student_train.train import DEFAULT_KD_ALPHA, FitConfig, evaluate_runs, fit
+
+_DEFAULTS = FitConfig()
+
+_DESCRIPTION = """\
+Train a classifier: a teacher or scratch baseline on hard labels (--dataset), or a student distilled from a
+teacher cache (--cache). Running the same command again resumes an interrupted run.
+
+examples:
+  student-train fit --model cnn-large --dataset digits --augment --dropout 0.2 --out runs/teacher0
+  student-train fit --model mlp-small --cache digits.zarr --alpha 0.1 --finetune-epochs 5 --out runs/student
+  student-train eval runs/teacher0 runs/teacher1 --dataset digits --split test
+"""
+
+
+def _members(text: str) -> tuple[int, ...]:
+  try:
+    return tuple(int(part) for part in text.split(","))
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(f"--members takes comma-separated member indices, e.g. 0,2; got {text!r}") from e
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="student-train", description=_DESCRIPTION,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  commands = parser.add_subparsers(dest="command", required=True)
+  d = _DEFAULTS
+  fit_parser = commands.add_parser("fit", help="train (or resume) a run", description=_DESCRIPTION,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  fit_parser.add_argument("--model", default=d.model, help="registry name, see `student-train models` "
+                                                           "(default: %(default)s)")
+  fit_parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to write")
+  data = fit_parser.add_argument_group("data (give --dataset, or --cache to distill)")
+  data.add_argument("--dataset", help="'digits', 'npz:PATH' or a prepared TFDS name; with --cache, default: the "
+                                      "dataset the cache records")
+  data.add_argument("--split", default=d.split, help="TFDS split spec (default: %(default)s)")
+  data.add_argument("--data-dir", help="TFDS data dir (default: TFDS's, ~/tensorflow_datasets)")
+  data.add_argument("--cache", metavar="CACHE.zarr", help="teacher cache made by `teacher-cache build`")
+  data.add_argument("--label-fraction", type=float, default=d.label_fraction,
+                    help="train on a seeded fraction of the examples (all their cached views) (default: "
+                         "%(default)s)")
+  data.add_argument("--augment", action=argparse.BooleanOptionalAction, default=d.augment,
+                    help="hard-label training: a fresh zero-filled shifted view of every example each epoch "
+                         "(a cache brings its own views)")
+  data.add_argument("--max-shift", type=int, default=d.max_shift, help="--augment shift in pixels (default: "
+                                                                       "%(default)s)")
+  data.add_argument("--flip", action=argparse.BooleanOptionalAction, default=d.flip,
+                    help="--augment with horizontal flips (default: off)")
+  data.add_argument("--eval-dataset", help="evaluate each epoch on this dataset (default: the training dataset)")
+  data.add_argument("--eval-split", help="evaluation split (default: 'test' when the dataset has one)")
+  kd = fit_parser.add_argument_group("distillation (with --cache)")
+  kd.add_argument("--loss", choices=LOSSES, default=d.loss,
+                  help="soft term: T²·KL(p_T || softmax(s/T)), or 0.5·||zero-meaned logits diff||² (default: "
+                       "%(default)s)")
+  kd.add_argument("--alpha", type=float, default=None,
+                  help=f"weight of the hard-label cross-entropy in [0, 1] (default: {DEFAULT_KD_ALPHA} with a "
+                       "labelled cache, 0 without labels, 1 without a cache)")
+  kd.add_argument("--temperature", type=float, help="T of the soft term (default: the cache's); another T "
+                                                    "re-derives targets from member_logits")
+  kd.add_argument("--combine", choices=COMBINE_RULES, help="ensemble rule (default: the cache's)")
+  kd.add_argument("--members", type=_members, help="ensemble subset, e.g. 0,2 (default: all members)")
+  kd.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs,
+                  help="epochs on hard labels after distillation (default: %(default)s)")
+  opt = fit_parser.add_argument_group("optimisation")
+  opt.add_argument("--epochs", type=int, default=d.epochs, help="epochs (default: %(default)s)")
+  opt.add_argument("--batch-size", type=int, default=d.batch_size, help="a multiple of the device count "
+                                                                        "(default: %(default)s)")
+  opt.add_argument("--lr", type=float, default=d.lr, help="AdamW peak learning rate, cosine decay "
+                                                          "(default: %(default)s)")
+  opt.add_argument("--finetune-lr", type=float, help="fine-tuning learning rate (default: --lr / 10)")
+  opt.add_argument("--weight-decay", type=float, default=d.weight_decay, help="(default: %(default)s)")
+  opt.add_argument("--dropout", type=float, default=d.dropout, help="dropout rate (default: %(default)s)")
+  opt.add_argument("--seed", type=int, default=d.seed, help="initialisation and dropout seed (default: "
+                                                            "%(default)s)")
+  opt.add_argument("--data-seed", type=int, help="example order and subset seed (default: --seed)")
+  fit_parser.add_argument("--overwrite", action="store_true", help="replace a run dir holding another config")
+  fit_parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+  eval_parser = commands.add_parser("eval", help="evaluate a run, or several runs as an ensemble")
+  eval_parser.add_argument("runs", nargs="+", metavar="RUN_DIR")
+  eval_parser.add_argument("--dataset", required=True)
+  eval_parser.add_argument("--split", default="test", help="(default: %(default)s)")
+  eval_parser.add_argument("--data-dir")
+  eval_parser.add_argument("--combine", choices=COMBINE_RULES, default="arithmetic",
+                           help="ensemble rule for several runs (default: %(default)s)")
+  eval_parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+  models = commands.add_parser("models", help="list the model registry with parameter counts")
+  models.add_argument("--input-shape", default="8,8,1", help="input shape for the counts (default: %(default)s)")
+  models.add_argument("--num-classes", type=int, default=10, help="classes for the counts (default: %(default)s)")
+  return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+  args = _parser().parse_args(argv)
+  try:
+    if args.command == "fit":
+      fields = {f.name for f in dataclasses.fields(FitConfig)}
+      final = fit(FitConfig(**{k: v for k, v in vars(args).items() if k in fields}))
+      print(json.dumps(final))
+    elif args.command == "eval":
+      result = evaluate_runs(args.runs, args.dataset, args.split, args.data_dir, args.combine)
+      if args.json:
+        print(json.dumps(result))
+      else:
+        for member in result["members"]:
+          print(f"{member['run']:<40} accuracy {100 * member['accuracy']:.2f}%  nll {member['nll']:.4f}  "
+                f"ece {member['ece']:.4f}")
+        if len(result["members"]) > 1:
+          print(f"{'ensemble (' + args.combine + ')':<40} accuracy {100 * result['accuracy']:.2f}%  "
+                f"nll {result['nll']:.4f}  ece {result['ece']:.4f}")
+    elif args.command == "models":
+      shape = tuple(int(d) for d in args.input_shape.split(","))
+      for row in describe_models(shape, args.num_classes):
+        params = "n/a for this shape" if row["params"] is None else f"{row['params']:,} params"
+        print(f"{row['name']:<10} {params:<20} {row['about']}")
+  except StillroomError as e:
+    print(f"student-train: error: {e}", file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,185 @@
+"""Batch streams for training: rows of a cache (streamed chunk by chunk) or examples held in memory.
+
+Both yield the same batches: `x` (the rendered view, stored dtype), `labels` int32, `mask` float32 (0 for the
+padding of an epoch's last batch, so every batch has one shape and the step compiles once), `index`, and from a
+cache `targets` or `member_logits`. Every row is seen exactly once per epoch, in an order that depends only on
+the seed and the epoch.
+
+The cache loader never holds the cache in memory: each epoch reads whole chunks in a shuffled order (a per-row
+read is far slower), shuffles rows across a window of chunks in memory, and runs in a background thread, so
+reading and view rendering overlap the device's step.
+"""
+
+import math
+import queue
+import threading
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from shared.augment import Augmentation, apply_view
+from shared.cache import Cache
+from shared.data import TransferSet
+
+WINDOW_CHUNKS = 4  # Chunks shuffled together in memory.
+PREFETCH_BATCHES = 4
+
+
+def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:
+  return np.random.default_rng([seed, epoch])
+
+
+def _concat(a: dict, b: dict) -> dict:
+  return {k: np.concatenate([a[k], b[k]]) for k in b} if a else b
+
+
+def _take(rows: dict, part) -> dict:
+  return {k: v[part] for k, v in rows.items()}
+
+
+def _batches(windows: Iterator[dict], batch_size: int, rng: np.random.Generator) -> Iterator[dict]:
+  """Shuffles each window of rows, cuts full batches, carries the remainder into the next window; the last,
+  partial batch is padded and marked by `mask`."""
+  carry: dict = {}
+  for window in windows:
+    size = len(next(iter(window.values())))
+    rows = _concat(carry, _take(window, rng.permutation(size)))
+    total = len(next(iter(rows.values())))
+    full = total // batch_size * batch_size
+    for start in range(0, full, batch_size):
+      yield {**_take(rows, slice(start, start + batch_size)), "mask": np.ones(batch_size, np.float32)}
+    carry = _take(rows, slice(full, total))
+  remaining = len(next(iter(carry.values()))) if carry else 0
+  if remaining:
+    padded = {k: np.concatenate([v, np.zeros((batch_size - remaining, *v.shape[1:]), v.dtype)])
+              for k, v in carry.items()}
+    yield {**padded, "mask": (np.arange(batch_size) < remaining).astype(np.float32)}
+
+
+def _render(transfer_set: TransferSet) -> Callable[[dict], dict]:
+  """Turns rows (position, shift, flip, ...) into a batch with the rendered input `x`."""
+  def render(rows: dict) -> dict:
+    batch = {k: v for k, v in rows.items() if k not in ("position", "shift", "flip")}
+    batch["x"] = apply_view(transfer_set.inputs[rows["position"]], rows["shift"], rows["flip"])
+    return batch
+  return render
+
+
+def prefetch(iterator: Iterator, size: int = PREFETCH_BATCHES) -> Iterator:
+  """Runs `iterator` in a background thread, `size` items ahead; re-raises its errors here."""
+  items: queue.Queue = queue.Queue(maxsize=size)
+  done = object()
+  stop = threading.Event()
+
+  def produce():
+    try:
+      for item in iterator:
+        if stop.is_set():
+          return
+        items.put(item)
+      items.put(done)
+    except BaseException as e:  # pylint: disable=broad-except
+      items.put(e)
+
+  thread = threading.Thread(target=produce, name="batch-prefetch", daemon=True)
+  thread.start()
+  try:
+    while (item := items.get()) is not done:
+      if isinstance(item, BaseException):
+        raise item
+      yield item
+  finally:
+    stop.set()
+    while thread.is_alive():  # Unblock a producer waiting on a full queue.
+      try:
+        items.get_nowait()
+      except queue.Empty:
+        thread.join(0.01)
+
+
+class CacheLoader:
+  """Streams (example, view) rows of a cache joined with their rendered inputs.
+
+  Args:
+    cache: an opened, complete cache.
+    transfer_set: the dataset recorded in the cache (fingerprint already checked).
+    batch_size: rows per batch.
+    seed: data seed; the epoch's order is a function of (seed, epoch) only.
+    fields: teacher arrays to read per row ("targets" and/or "member_logits").
+    examples: if given, only rows of these example indices (a label fraction).
+    window_chunks: chunks shuffled together in memory.
+  """
+
+  def __init__(self, cache: Cache, transfer_set: TransferSet, *, batch_size: int, seed: int,
+               fields: tuple[str, ...], examples: np.ndarray | None = None, window_chunks: int = WINDOW_CHUNKS):
+    self.cache, self.transfer_set = cache, transfer_set
+    self.batch_size, self.seed, self.fields, self.window_chunks = batch_size, seed, fields, window_chunks
+    self._keep = None
+    if examples is not None:
+      self._keep = np.zeros(transfer_set.base_count, bool)
+      self._keep[examples] = True
+    self.num_rows = self._count_rows()
+
+  def _count_rows(self) -> int:
+    if self._keep is None:
+      return self.cache.spec.num_rows
+    return sum(int(self._keep[self._read(chunk, ("index",))["index"]].sum())
+               for chunk in range(self.cache.spec.num_chunks))
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return math.ceil(self.num_rows / self.batch_size)
+
+  def _read(self, chunk: int, names: tuple[str, ...]) -> dict:
+    start, stop = self.cache.chunk_bounds(chunk)
+    return {name: self.cache[name][start:stop] for name in names}
+
+  def _windows(self, order: np.ndarray) -> Iterator[dict]:
+    names = ("index", "labels", "shift", "flip", *self.fields)
+    for start in range(0, len(order), self.window_chunks):
+      window = {}
+      for chunk in order[start:start + self.window_chunks]:
+        rows = self._read(int(chunk), names)
+        if self._keep is not None:
+          rows = _take(rows, self._keep[rows["index"]])
+        window = _concat(window, rows)
+      window["position"] = self.transfer_set.positions(window["index"])
+      yield window
+
+  def epoch(self, epoch: int) -> Iterator[dict]:
+    """The batches of one epoch (rendered in a background thread)."""
+    rng = _epoch_rng(self.seed, epoch)
+    order = rng.permutation(self.cache.spec.num_chunks)  # Block-level shuffle.
+    render = _render(self.transfer_set)
+    return prefetch(render(rows) for rows in _batches(self._windows(order), self.batch_size, rng))
+
+
+class ArrayLoader:
+  """Examples held in memory with hard labels, each epoch one (optionally augmented) view of every example.
+
+  With augmentation, epoch e shows every example in view e + 1 of `augmentation` (a fresh view per epoch,
+  replayable from (seed, index, view)); without, the un-augmented inputs.
+  """
+
+  def __init__(self, transfer_set: TransferSet, *, batch_size: int, seed: int,
+               augmentation: Augmentation | None = None, examples: np.ndarray | None = None):
+    self.transfer_set, self.batch_size, self.seed, self.augmentation = transfer_set, batch_size, seed, augmentation
+    self.indices = transfer_set.indices if examples is None else np.sort(np.asarray(examples, np.int64))
+    self.num_rows = len(self.indices)
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return math.ceil(self.num_rows / self.batch_size)
+
+  def epoch(self, epoch: int) -> Iterator[dict]:
+    rng = _epoch_rng(self.seed, epoch)
+    count = len(self.indices)
+    if self.augmentation is None:
+      shift, flip = np.zeros((count, 2), np.int8), np.zeros(count, bool)
+    else:
+      shift, flip = self.augmentation.view_params(self.indices, np.full(count, epoch + 1))
+    positions = self.transfer_set.positions(self.indices)
+    window = {"index": self.indices, "position": positions, "shift": shift, "flip": flip,
+              "labels": self.transfer_set.labels[positions].astype(np.int32)}
+    render = _render(self.transfer_set)
+    return prefetch(render(rows) for rows in _batches(iter([window]), self.batch_size, rng))

@@ -1,0 +1,110 @@
+"""The training and evaluation steps: pure functions of (state, batch), jitted once, state buffers donated.
+
+The state is `nnx.state((model, optimizer))`; each step merges it with the graph definition made by one
+`nnx.split`. Dropout draws from `fold_in(key, step)`, so a resumed run draws what an uninterrupted one does.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from shared.data import Normalization
+from shared.ensemble import combine_log_probs
+from shared.losses import distillation_loss, hard_cross_entropy
+from shared.parallel import batch_sharding, replicated
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Teaching:
+  """Where a step's soft targets come from (None of it in hard-label training).
+
+  Attributes:
+    loss: "kl" or "mse".
+    temperature: T of the soft term.
+    combine: ensemble rule used when re-deriving targets.
+    members: member indices used when re-deriving (a subset of the cache's members).
+    stored_targets: use the cache's `targets` as stored (its T, rule and members equal ours); otherwise re-derive
+      them from `member_logits` inside the step.
+  """
+
+  loss: str
+  temperature: float
+  combine: str
+  members: tuple[int, ...]
+  stored_targets: bool
+
+  @property
+  def fields(self) -> tuple[str, ...]:
+    """The cache arrays a batch needs."""
+    return ("targets",) if self.stored_targets else ("member_logits",)
+
+  def targets(self, batch: dict) -> dict:
+    """Soft-term inputs for `distillation_loss`: target log-probs [B, C] or mean teacher logits [B, C]."""
+    if self.stored_targets:
+      return {"target_log_probs": batch["targets"].astype(jnp.float32)}
+    member_logits = batch["member_logits"][:, jnp.asarray(self.members)]
+    if self.loss == "mse":
+      return {"teacher_logits": jnp.mean(member_logits.astype(jnp.float32), axis=1)}
+    return {"target_log_probs": combine_log_probs(member_logits, self.temperature, self.combine)}
+
+
+def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def make_train_step(graphdef, normalization: Normalization, teaching: Teaching | None, key: jax.Array, mesh):
+  """Builds the jitted step `(state, batch, alpha) -> (state, metrics)`.
+
+  Args:
+    graphdef: from `nnx.split((model, optimizer))`.
+    normalization: input normalisation of the model.
+    teaching: soft-target settings, or None for hard labels only.
+    key: base PRNG key; the step's dropout key is `fold_in(key, optimizer step)`.
+    mesh: data-parallel mesh; batches are split along it, the state replicated.
+
+  Returns:
+    The jitted step. `alpha` is a traced scalar so distillation and fine-tuning share one compilation.
+  """
+
+  def train_step(state, batch, alpha):
+    model, optimizer = nnx.merge(graphdef, state)
+    nnx.reseed(model, default=jax.random.fold_in(key, optimizer.step[...]))
+    soft_inputs = teaching.targets(batch) if teaching else {}
+    mask = batch["mask"]
+
+    def loss_fn(model):
+      logits = model(normalization.apply(batch["x"]))
+      if teaching is None:
+        hard = hard_cross_entropy(logits, batch["labels"])
+        return _masked_mean(hard, mask), (logits, hard, jnp.zeros_like(hard))
+      total, hard, soft = distillation_loss(logits, batch["labels"], alpha, loss=teaching.loss,
+                                            temperature=teaching.temperature, **soft_inputs)
+      return _masked_mean(total, mask), (logits, hard, soft)
+
+    (loss, (logits, hard, soft)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    optimizer.update(model, grads)
+    labelled = mask * (batch["labels"] >= 0)
+    metrics = {"loss": loss, "hard_ce": _masked_mean(hard, labelled), "soft": _masked_mean(soft, mask),
+               "train_accuracy": _masked_mean(jnp.argmax(logits, -1) == batch["labels"], labelled),
+               "rows": jnp.sum(mask)}
+    if teaching is not None:
+      teacher_top1 = jnp.argmax(soft_inputs.get("target_log_probs", soft_inputs.get("teacher_logits")), -1)
+      metrics["teacher_agreement"] = _masked_mean(jnp.argmax(logits, -1) == teacher_top1, mask)
+    return nnx.state((model, optimizer)), metrics
+
+  return jax.jit(train_step, donate_argnums=0,
+                 in_shardings=(replicated(mesh), batch_sharding(mesh), replicated(mesh)),
+                 out_shardings=(replicated(mesh), replicated(mesh)))
+
+
+def make_predict(graphdef, normalization: Normalization, mesh):
+  """Jitted `(state, x) -> log-probabilities [B, C]` of the model in eval mode (no dropout)."""
+
+  def predict(state, x):
+    model, _ = nnx.merge(graphdef, state)
+    model.eval()
+    return jax.nn.log_softmax(model(normalization.apply(x)).astype(jnp.float32), axis=-1)
+
+  return jax.jit(predict, in_shardings=(replicated(mesh), batch_sharding(mesh)), out_shardings=batch_sharding(mesh))

@@ -1,0 +1,347 @@
+"""teacher-cache build/info/verify against independent references: SciPy maths, a per-pixel view renderer,
+tensorstore as a second reader, uninterrupted builds, and a build on another device count."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+import zarr
+from conftest import array_files, make_teacher, numpy_log_softmax, tree_digest
+from scipy.special import logsumexp
+from test_augment import reference_view
+
+from shared.cache import COMPLETE_KEY, SPEC_KEY, open_cache
+from shared.data import open_transfer_set
+from shared.errors import StillroomError
+from shared.runs import load_teacher
+from teacher_cache.cli import main
+from teacher_cache.inspect import cache_info, verify_cache
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def build_args(out, teachers, data_dir, *extra, split="train[:300]"):
+  return ["build", "--dataset", "digits", "--split", split, "--data-dir", data_dir,
+          *[arg for t in teachers for arg in ("--teacher", t)], "--out", str(out), "--no-progress", *extra]
+
+
+def run_cli(args, capsys) -> tuple[int, str, str]:
+  try:
+    main([str(a) for a in args])
+    code = 0
+  except SystemExit as e:
+    code = e.code
+  captured = capsys.readouterr()
+  return code, captured.out, captured.err
+
+
+def reference_member_logits(teacher_dirs, data_dir, split, index, view, augmentation):
+  """Member logits computed without the cache code: sklearn-split pixels, the per-pixel view renderer, each
+  teacher's apply function on 1/16-scaled inputs, in float32."""
+  images = open_transfer_set("digits", "train", data_dir).inputs
+  shift, flip = augmentation.view_params(index, view)
+  views = np.stack([reference_view(images[i], *shift[r], flip[r]) for r, i in enumerate(index)])
+  inputs = views.astype(np.float32) / 16.0
+  members = [load_teacher(t) for t in teacher_dirs]
+  return np.stack([np.asarray(m.apply_fn(m.params, inputs)) for m in members], axis=1)
+
+
+@pytest.mark.parametrize("combine", ["arithmetic", "geometric"])
+@pytest.mark.parametrize("temperature", [1.0, 4.0, 20.0])
+def test_targets_match_scipy_reference(tmp_path, data_dir, teachers, capsys, combine, temperature):
+  out = tmp_path / "c.zarr"
+  code, _, err = run_cli(build_args(out, teachers, data_dir, "--views", "3", "--chunk-rows", "256", "--combine",
+                                    combine, "--temperature", temperature, "--batch-size", "64"), capsys)
+  assert code == 0, err
+  group = zarr.open_group(str(out), mode="r")
+  cache = open_cache(str(out))
+  assert cache.spec.num_rows == 900 and group["targets"].shape == (900, 10)
+  index, view = group["index"][:], group["view"][:]
+  np.testing.assert_array_equal(view, np.repeat(np.arange(3), 300))  # View-major rows.
+  np.testing.assert_array_equal(index, np.tile(np.arange(300), 3))
+  stored_logits = group["member_logits"][:]
+  z = reference_member_logits(teachers, data_dir, "train[:300]", index, view, cache.spec.augmentation)
+  np.testing.assert_allclose(stored_logits.astype(np.float32), z, rtol=2e-3, atol=2e-3)
+
+  def reference(logits):
+    scaled = logits.astype(np.float64) / temperature
+    if combine == "arithmetic":
+      return logsumexp(numpy_log_softmax(scaled), axis=1) - np.log(logits.shape[1])
+    return numpy_log_softmax(scaled.mean(axis=1))
+
+  targets = group["targets"][:].astype(np.float64)
+  assert targets.dtype == np.float64 and group["targets"].dtype == np.float16
+  # Exactly the combination of the stored logits, up to one float16 rounding of the result...
+  np.testing.assert_allclose(targets, reference(stored_logits), rtol=2 ** -10, atol=2 ** -10)
+  # ...and of the float32 logits, up to float16 rounding of logits and result.
+  np.testing.assert_allclose(targets, reference(z), rtol=2 ** -9, atol=2 ** -9 * max(1, 20 / temperature))
+  np.testing.assert_allclose(np.exp(targets).sum(axis=1), 1.0, atol=1e-2)
+  labels = open_transfer_set("digits", "train[:300]", data_dir).labels
+  np.testing.assert_array_equal(group["labels"][:], np.tile(labels, 3))
+  assert (group["fold"][:] == -1).all() and group["chunk_committed"][:].all()
+
+
+def test_tensorstore_reads_the_same_values(tmp_path, data_dir, teachers, capsys):
+  import tensorstore as ts
+  out = tmp_path / "c.zarr"
+  assert run_cli(build_args(out, teachers[:2], data_dir, "--views", "2", "--chunk-rows", "128"), capsys)[0] == 0
+  group = zarr.open_group(str(out), mode="r")
+  for name in ("targets", "member_logits", "index", "view", "labels", "shift", "flip", "fold"):
+    store = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(out / name)}}).result()
+    np.testing.assert_array_equal(store.read().result(), group[name][:], err_msg=name)
+  attrs = json.loads((out / "zarr.json").read_text())["attributes"]
+  assert attrs[SPEC_KEY]["temperature"] == 4.0 and attrs[COMPLETE_KEY]["rows"] == 600
+
+
+def _committed_chunks(out) -> int:
+  folder = os.path.join(out, "chunk_committed", "c")
+  return len([f for f in os.listdir(folder) if f.isdigit()]) if os.path.isdir(folder) else 0
+
+
+def _cli_process(args, extra_code=""):
+  code = f"import os, sys, signal\n{extra_code}\nfrom teacher_cache.cli import main\nmain({[str(a) for a in args]!r})"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
+  return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _spec_without_timestamps(out) -> dict:
+  attrs = zarr.open_group(str(out), mode="r").attrs.asdict()
+  spec = dict(attrs[SPEC_KEY])
+  spec.pop("created_at")
+  completion = dict(attrs[COMPLETE_KEY])
+  completion.pop("finished_at")
+  return {"spec": spec, "completion": completion}
+
+
+def test_sigkill_at_random_points_then_resume_equals_uninterrupted_build(tmp_path, data_dir, teachers):
+  args = build_args(tmp_path / "killed.zarr", teachers, data_dir, "--views", "8", "--chunk-rows", "64",
+                    "--batch-size", "32", split="train")
+  num_chunks = 1437 * 8 // 64 + 1
+  rng = random.Random(os.environ.get("STILLROOM_TEST_SEED", 0))
+  kill_points = sorted(rng.sample(range(1, num_chunks - 1), 3))
+  for target in kill_points:
+    process = _cli_process(args)
+    while _committed_chunks(tmp_path / "killed.zarr") < target and process.poll() is None:
+      time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the build finished before it could be killed"
+    with pytest.raises(StillroomError, match="not complete"):
+      open_cache(str(tmp_path / "killed.zarr"))
+  # Once more, killed after the last chunk is committed and before the completion record is written.
+  last_gap = _cli_process(args, extra_code=textwrap.dedent("""
+      import teacher_cache.build as build
+      write_rows = build._write_rows
+      def write_rows_then_die(*a, **k):
+        write_rows(*a, **k)
+        os.kill(os.getpid(), signal.SIGKILL)
+      build._write_rows = write_rows_then_die
+      """))
+  last_gap.wait()
+  assert last_gap.returncode == -signal.SIGKILL
+  assert _committed_chunks(tmp_path / "killed.zarr") == num_chunks
+  with pytest.raises(StillroomError, match="not complete"):
+    open_cache(str(tmp_path / "killed.zarr"))
+  finish = _cli_process(args)
+  assert finish.wait() == 0, finish.stderr.read().decode()
+
+  reference_args = build_args(tmp_path / "clean.zarr", teachers, data_dir, "--views", "8", "--chunk-rows", "64",
+                              "--batch-size", "32", split="train")
+  clean = _cli_process(reference_args)
+  assert clean.wait() == 0, clean.stderr.read().decode()
+  killed_files, clean_files = array_files(tmp_path / "killed.zarr"), array_files(tmp_path / "clean.zarr")
+  assert len(clean_files) > num_chunks and killed_files == clean_files  # Byte for byte, every chunk of every array.
+  assert _spec_without_timestamps(tmp_path / "killed.zarr") == _spec_without_timestamps(tmp_path / "clean.zarr")
+
+
+def _build_on_devices(out, teachers, data_dir, devices, batch_size):
+  args = build_args(out, teachers, data_dir, "--views", "2", "--chunk-rows", "256", "--batch-size", batch_size)
+  flag = f"--xla_force_host_platform_device_count={devices}"
+  process = _cli_process(args, extra_code=f"os.environ['XLA_FLAGS'] = {flag!r}")
+  assert process.wait() == 0, process.stderr.read().decode()
+  assert open_cache(str(out)).complete
+
+
+def test_one_device_and_four_devices_build_the_same_store(tmp_path, data_dir, teachers):
+  _build_on_devices(tmp_path / "one.zarr", teachers, data_dir, 1, 16)
+  _build_on_devices(tmp_path / "four.zarr", teachers, data_dir, 4, 64)  # Same per-device batch: 16 rows.
+  assert array_files(tmp_path / "one.zarr") == array_files(tmp_path / "four.zarr")
+  _build_on_devices(tmp_path / "one64.zarr", teachers, data_dir, 1, 64)  # Other per-device shape.
+  one, four = zarr.open_group(str(tmp_path / "one64.zarr")), zarr.open_group(str(tmp_path / "four.zarr"))
+  for name in ("targets", "member_logits"):
+    np.testing.assert_allclose(one[name][:].astype(np.float32), four[name][:].astype(np.float32),
+                               rtol=2 ** -10, atol=2 ** -10, err_msg=name)
+  for name in ("index", "view", "labels", "shift", "flip", "fold"):
+    np.testing.assert_array_equal(one[name][:], four[name][:])
+
+
+@pytest.fixture
+def existing_store(tmp_path, data_dir, teachers, capsys):
+  out = tmp_path / "existing.zarr"
+  assert run_cli(build_args(out, teachers[:2], data_dir), capsys)[0] == 0
+  return out
+
+
+def test_bad_input_fails_cleanly_and_leaves_the_store_untouched(tmp_path, data_dir, teachers, existing_store,
+                                                                   capsys):
+  good = teachers[:2]
+  garbage = tmp_path / "garbage"
+  garbage.mkdir()
+  (garbage / "config.json").write_text("{not json")
+  untrained = tmp_path / "untrained"
+  untrained.mkdir()
+  (untrained / "config.json").write_text(json.dumps(
+      {"model": {"name": "mlp-small", "input_shape": [8, 8, 1], "num_classes": 10, "dropout": 0.0},
+       "normalization": {"shift": 0.0, "scale": 16.0}}))
+  unknown_model = make_teacher(tmp_path / "unknown_model", seed=3)
+  config = json.loads((tmp_path / "unknown_model" / "config.json").read_text())
+  config["model"]["name"] = "resnet-9000"
+  (tmp_path / "unknown_model" / "config.json").write_text(json.dumps(config))
+  five_classes = make_teacher(tmp_path / "five", num_classes=5)
+  cases = [
+      (build_args(existing_store, good, data_dir, "--temperature", "0"), "temperature must be > 0"),
+      (build_args(existing_store, good, data_dir, "--temperature", "-1"), "temperature must be > 0"),
+      (["build", "--dataset", "nope", "--teacher", good[0], "--out", existing_store], "unknown dataset 'nope'"),
+      (build_args(existing_store, [unknown_model], data_dir), "unknown model 'resnet-9000'; available models"),
+      (build_args(existing_store, [str(tmp_path / "missing")], data_dir), "missing' does not exist"),
+      (build_args(existing_store, [str(garbage)], data_dir), "cannot read .*config.json"),
+      (build_args(existing_store, [str(untrained)], data_dir), "has no checkpoints/"),
+      (build_args(existing_store, [good[0], five_classes], data_dir), "different class counts"),
+      (build_args(existing_store, good, data_dir, "--temperature", "2"),
+       r"other settings:\n  temperature: 4.0 \(store\) vs 2.0 \(command\)\nPass --overwrite"),
+      (build_args(existing_store, good, data_dir, "--views", "2", "--dtype", "float32"), "views: 1 .*dtype: float16"),
+      (build_args(existing_store, good[:1], data_dir), "member_digests"),
+      (build_args(existing_store, good, data_dir, split="train[:200]"), "dataset_fingerprint"),
+  ]
+  before = tree_digest(existing_store)
+  for args, message in cases:
+    code, _, err = run_cli(args, capsys)
+    assert code == 2, (args, err)
+    assert "teacher-cache: error:" in err and __import__("re").search(message, err, flags=__import__("re").S), err
+    assert tree_digest(existing_store) == before, args
+  # The same command again is a no-op on a complete store.
+  code, _, err = run_cli(build_args(existing_store, good, data_dir), capsys)
+  assert code == 0 and "already complete" in err and tree_digest(existing_store) == before
+  # --overwrite replaces it.
+  code, _, err = run_cli(build_args(existing_store, good, data_dir, "--temperature", "2", "--overwrite"), capsys)
+  assert code == 0 and open_cache(str(existing_store)).spec.temperature == 2.0
+
+
+def test_non_finite_teacher_output_names_member_and_example(tmp_path, data_dir, teachers, capsys):
+  def poison(model):  # Huge weights from one input pixel: only examples with that pixel lit overflow float16.
+    kernel = model.hidden[0].kernel
+    kernel[...] = kernel[...].at[20].set(1e30)
+
+  nan_teacher = make_teacher(tmp_path / "nan_teacher", seed=5, transform=poison)
+  data = open_transfer_set("digits", "train[:300]", data_dir)
+  first_bad = int(np.argmax(data.inputs.reshape(300, -1)[:, 20] > 0))
+  out = tmp_path / "nan.zarr"
+  code, _, err = run_cli(build_args(out, [teachers[0], nan_teacher], data_dir), capsys)
+  assert code == 2
+  assert f"teacher 'nan_teacher' (member 1) produced non-finite logits for example index {first_bad} (view 0)" in err
+  with pytest.raises(StillroomError, match="not complete"):
+    open_cache(str(out))
+
+
+def test_unlabelled_npz_and_flat_vectors(tmp_path, capsys):
+  rng = np.random.default_rng(0)
+  np.savez(tmp_path / "u.npz", x=rng.normal(size=(100, 6)).astype(np.float32))
+  teacher = make_teacher(tmp_path / "flat", input_shape=(6,), num_classes=3, normalization={"shift": 0, "scale": 1})
+  base = ["build", "--dataset", f"npz:{tmp_path / 'u.npz'}", "--teacher", teacher, "--no-progress"]
+  code, _, err = run_cli(base + ["--views", "2", "--out", tmp_path / "v.zarr"], capsys)
+  assert code == 2 and "needs image inputs" in err and not (tmp_path / "v.zarr").exists()
+  assert run_cli(base + ["--split", "train[50%:]", "--out", tmp_path / "u.zarr"], capsys)[0] == 0
+  group = zarr.open_group(str(tmp_path / "u.zarr"), mode="r")
+  assert (group["labels"][:] == -1).all() and group["index"][0] == 50
+  info = cache_info(str(tmp_path / "u.zarr"))
+  assert info["stats"]["ensemble"]["accuracy"] is None and info["stats"]["labelled_rows"] == 0
+
+
+def test_external_teachers_module_function(tmp_path, data_dir, capsys, monkeypatch):
+  (tmp_path / "my_teachers.py").write_text(textwrap.dedent("""
+      import jax.numpy as jnp
+      import numpy as np
+      from shared.models import ModelSpec, build_model
+
+      def nnx_teacher():
+        return build_model(ModelSpec(name="mlp-small", input_shape=(8, 8, 1), num_classes=10), seed=11)
+
+      def linear_teacher():
+        w = np.random.default_rng(0).normal(size=(64, 10)).astype(np.float32)
+        return (lambda params, x: x.reshape(len(x), -1) @ params["w"]), {"w": jnp.asarray(w)}
+
+      def not_a_teacher():
+        return 42
+      """))
+  monkeypatch.chdir(tmp_path)
+  out = tmp_path / "ext.zarr"
+  args = build_args(out, ["my_teachers:nnx_teacher", "my_teachers:linear_teacher"], data_dir)
+  code, _, err = run_cli(args, capsys)
+  assert code == 0, err
+  group = zarr.open_group(str(out), mode="r")
+  x = open_transfer_set("digits", "train[:300]", data_dir).inputs.astype(np.float32) / 16.0
+  w = np.random.default_rng(0).normal(size=(64, 10)).astype(np.float32)
+  np.testing.assert_allclose(group["member_logits"][:, 1].astype(np.float32), x.reshape(300, -1) @ w,
+                             rtol=2e-3, atol=2e-2)
+  members = open_cache(str(out)).spec.members
+  assert [m.model for m in members] == ["external", "external"] and members[0].name == "my_teachers:nnx_teacher"
+  code, _, err = run_cli(build_args(tmp_path / "x.zarr", ["my_teachers:not_a_teacher"], data_dir), capsys)
+  assert code == 2 and "returned int; it must return an nnx.Module or (apply_fn, params)" in err
+
+
+def test_info_statistics_match_numpy(tmp_path, data_dir, teachers, capsys):
+  out = tmp_path / "c.zarr"
+  assert run_cli(build_args(out, teachers, data_dir, "--views", "2", "--chunk-rows", "100"), capsys)[0] == 0
+  group = zarr.open_group(str(out), mode="r")
+  labels, view = group["labels"][:], group["view"][:]
+  member_top1 = group["member_logits"][:].argmax(-1)
+  log_probs = group["targets"][:].astype(np.float32)
+  stats = cache_info(str(out))["stats"]
+  for m in range(3):
+    assert stats["members"][m]["accuracy"] == pytest.approx((member_top1[:, m] == labels).mean())
+    assert stats["members"][m]["accuracy_view0"] == pytest.approx((member_top1[view == 0, m] == labels[view == 0]).mean())
+  assert stats["ensemble"]["accuracy"] == pytest.approx((log_probs.argmax(-1) == labels).mean())
+  entropy = -(np.exp(log_probs) * log_probs).sum(-1).mean()
+  assert stats["mean_target_entropy_nats"] == pytest.approx(entropy, rel=1e-5)
+  assert stats["all_members_agree"] == pytest.approx((member_top1 == member_top1[:, :1]).all(1).mean())
+  pairs = [(member_top1[:, a] == member_top1[:, b]).mean() for a in range(3) for b in range(3) if a != b]
+  assert stats["mean_pairwise_agreement"] == pytest.approx(np.mean(pairs))
+  code, text, _ = run_cli(["info", out], capsys)
+  assert code == 0 and "ensemble     accuracy" in text and "fingerprint" in text
+  code, text, _ = run_cli(["info", out, "--json"], capsys)
+  assert json.loads(text)["stats"]["ensemble"]["accuracy"] == pytest.approx(stats["ensemble"]["accuracy"])
+
+
+def test_verify_catches_corruption_incompleteness_and_wrong_data(tmp_path, data_dir, teachers, capsys):
+  out = tmp_path / "c.zarr"
+  assert run_cli(build_args(out, teachers[:2], data_dir, "--views", "2", "--chunk-rows", "128"), capsys)[0] == 0
+  code, text, _ = run_cli(["verify", out, "--dataset", "digits", "--split", "train[:300]", "--data-dir", data_dir],
+                          capsys)
+  assert code == 0 and "FAIL" not in text and "labels match the dataset" in text
+  assert all(c.ok for c in verify_cache(str(out)))
+  code, text, _ = run_cli(["verify", out, "--dataset", "digits", "--split", "train[:299]", "--data-dir", data_dir],
+                          capsys)
+  assert code == 1 and "FAIL  dataset fingerprint" in text
+  group = zarr.open_group(str(out), mode="r+")
+  group["targets"][130, 3] = group["targets"][130, 3] + 0.5
+  failed = {c.name: c for c in verify_cache(str(out)) if not c.ok}
+  assert list(failed) == ["targets re-derived from member_logits"] and "[130]" in failed["targets re-derived from member_logits"].detail
+  group["shift"][5] = [9, 9]
+  assert "rows' index/view/shift/flip replay from the seed" in {c.name for c in verify_cache(str(out)) if not c.ok}
+  del group.attrs[COMPLETE_KEY]
+  code, text, _ = run_cli(["verify", out], capsys)
+  assert code == 1 and "FAIL  complete" in text
+
+
+def test_models_subcommand_lists_the_registry(capsys):
+  code, text, _ = run_cli(["models"], capsys)
+  assert code == 0 and "mlp-small  9,610 params" in text and "cnn-large" in text
+  assert jax.local_device_count() >= 1

@@ -1,0 +1,32 @@
+"""The model registry: names, shapes, helpful errors."""
+
+import jax.numpy as jnp
+import pytest
+
+from shared.errors import StillroomError
+from shared.models import MODELS, ModelSpec, build_model, count_params, describe_models
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("input_shape", [(8, 8, 1), (8, 8), (12, 10, 3)])
+def test_every_model_maps_images_to_logits(name, input_shape):
+  model = build_model(ModelSpec(name=name, input_shape=input_shape, num_classes=7, dropout=0.1))
+  assert model(jnp.ones((3, *input_shape))).shape == (3, 7)
+  model.eval()
+  assert model(jnp.ones((2, *input_shape))).shape == (2, 7)
+
+
+def test_registry_errors_name_the_choices():
+  with pytest.raises(StillroomError, match="unknown model 'resnet'; available models: mlp-small, mlp-large"):
+    build_model(ModelSpec(name="resnet", input_shape=(4,), num_classes=3))
+  with pytest.raises(StillroomError, match="needs image inputs"):
+    build_model(ModelSpec(name="cnn-small", input_shape=(64,), num_classes=3))
+
+
+def test_parameter_counts():
+  rows = {row["name"]: row["params"] for row in describe_models((8, 8, 1), 10)}
+  assert rows["mlp-small"] == 64 * 128 + 128 + 128 * 10 + 10
+  assert rows["mlp-large"] == 64 * 1200 + 1200 + 1200 * 1200 + 1200 + 1200 * 10 + 10
+  assert count_params(build_model(ModelSpec(name="cnn-large", input_shape=(8, 8, 1), num_classes=10))) == \
+      rows["cnn-large"]
+  assert describe_models((64,), 10)[2]["params"] is None  # CNNs cannot take flat vectors.
