@@ -61,7 +61,7 @@ class FitConfig:
   epochs: int = 20
   finetune_epochs: int = 0
   batch_size: int = 128
-  lr: float = 1e-3
+  lr: float = 3e-3
   finetune_lr: float | None = None  # Default: lr / 10.
   weight_decay: float = 1e-4
   dropout: float = 0.0
@@ -303,7 +303,7 @@ def fit(config: FitConfig) -> dict:
   final = {}
   for epoch in range(start_epoch, total_epochs):
     finetuning = epoch >= config.epochs
-    alpha = np.float32(1.0 if finetuning else config.alpha)
+    alpha = 1.0 if finetuning else config.alpha
     started = time.perf_counter()
     sums: dict = {}
     bar = tqdm(total=loader.num_rows, unit="row", unit_scale=True, disable=not config.progress, leave=False,
@@ -311,7 +311,7 @@ def fit(config: FitConfig) -> dict:
     for batch in loader.epoch(epoch):
       rows_in_batch = int(batch["mask"].sum())
       batch = jax.device_put({k: v for k, v in batch.items() if k != "index"}, sharding)
-      state, metrics = train_step(state, batch, alpha)
+      state, metrics = train_step(state, batch, np.float32(alpha))
       if several_devices:
         jax.block_until_ready(metrics)  # Queued collectives on fake CPU devices can deadlock (TECH_NOTES).
       rows = metrics["rows"]

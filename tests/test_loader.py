@@ -1,0 +1,115 @@
+"""Loaders: every row once per epoch, order a function of (seed, epoch) only, views the teacher labelled."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import numpy_log_softmax
+
+from shared.augment import Augmentation
+from shared.cache import open_cache
+from shared.data import open_transfer_set
+from shared.runs import load_teacher
+from student_train.loader import ArrayLoader, CacheLoader
+from student_train.steps import Teaching
+from teacher_cache.build import BuildConfig, build_cache
+
+
+@pytest.fixture(scope="module")
+def cache_path(tmp_path_factory, data_dir, teachers):
+  out = str(tmp_path_factory.mktemp("cache") / "c.zarr")
+  build_cache(BuildConfig(dataset="digits", split="train[:500]", data_dir=data_dir, teachers=tuple(teachers),
+                          views=3, max_shift=2, flip=True, chunk_rows=128, temperature=3.0, out=out, progress=False))
+  return out
+
+
+def _loader(cache_path, data_dir, **kwargs):
+  cache = open_cache(cache_path)
+  transfer_set = open_transfer_set("digits", "train[:500]", data_dir)
+  options = {"batch_size": 64, "seed": 0, "fields": ("targets", "member_logits"), **kwargs}
+  return CacheLoader(cache, transfer_set, **options), cache
+
+
+def test_every_row_once_per_epoch_and_order_depends_on_seed_and_epoch(cache_path, data_dir):
+  loader, cache = _loader(cache_path, data_dir)
+  group = cache.group
+  all_rows = np.sort(group["index"][:])
+  seen = []
+  for epoch in (0, 1):
+    batches = list(loader.epoch(epoch))
+    assert all(len(b["mask"]) == 64 for b in batches) and len(batches) == loader.steps_per_epoch
+    keep = [b["mask"] > 0 for b in batches]
+    # Identify rows by (index, targets): with random teachers, each view's targets differ.
+    targets = np.concatenate([b["targets"][k] for b, k in zip(batches, keep)])
+    index = np.concatenate([b["index"][k] for b, k in zip(batches, keep)])
+    assert len(index) == cache.spec.num_rows == 1500
+    np.testing.assert_array_equal(np.sort(index), all_rows)
+    stored = group["targets"][:]
+    order = _match_rows(targets, index, stored, group["index"][:])
+    np.testing.assert_array_equal(np.sort(order), np.arange(1500))  # Each row exactly once.
+    seen.append(order)
+  assert (seen[0] != seen[1]).any()
+  again, _ = _loader(cache_path, data_dir)
+  batches = list(again.epoch(1))
+  targets = np.concatenate([b["targets"][b["mask"] > 0] for b in batches])
+  index = np.concatenate([b["index"][b["mask"] > 0] for b in batches])
+  np.testing.assert_array_equal(_match_rows(targets, index, group["targets"][:], group["index"][:]), seen[1])
+  other_seed, _ = _loader(cache_path, data_dir, seed=1)
+  index_other = np.concatenate([b["index"][b["mask"] > 0] for b in other_seed.epoch(1)])
+  assert (index_other != index).any()
+
+
+def _match_rows(targets, index, stored_targets, stored_index):
+  """Row numbers of the loader's rows in the store, found by (index, targets) equality."""
+  lookup = {}
+  for row, (i, t) in enumerate(zip(stored_index, stored_targets)):
+    lookup.setdefault((int(i), t.tobytes()), []).append(row)
+  return np.array([lookup[(int(i), t.tobytes())].pop() for i, t in zip(index, targets)])
+
+
+def test_student_sees_the_view_the_teacher_labelled(cache_path, data_dir, teachers):
+  loader, cache = _loader(cache_path, data_dir)
+  members = [load_teacher(t) for t in teachers]
+  batch = next(iter(loader.epoch(0)))
+  assert batch["x"].dtype == np.uint8 and (batch["x"] != open_transfer_set(
+      "digits", "train[:500]", data_dir).inputs[batch["index"]]).any()  # Augmented views, not raw inputs.
+  x = batch["x"].astype(np.float32) / 16.0
+  logits = np.stack([np.asarray(m.apply_fn(m.params, x)) for m in members], axis=1)
+  np.testing.assert_allclose(batch["member_logits"].astype(np.float32), logits, rtol=2e-3, atol=2e-3)
+
+
+def test_rederived_targets_equal_stored_targets_when_settings_match(cache_path, data_dir):
+  loader, cache = _loader(cache_path, data_dir)
+  batch = next(iter(loader.epoch(0)))
+  spec = cache.spec
+  teaching = Teaching(loss="kl", temperature=spec.temperature, combine=spec.combine,
+                      members=tuple(range(3)), stored_targets=False)
+  derived = np.asarray(teaching.targets({k: jnp.asarray(v) for k, v in batch.items()})["target_log_probs"])
+  np.testing.assert_allclose(derived, batch["targets"].astype(np.float32), rtol=2 ** -10, atol=2 ** -10)
+  subset = Teaching(loss="kl", temperature=7.0, combine="geometric", members=(0, 2), stored_targets=False)
+  derived = np.asarray(subset.targets({k: jnp.asarray(v) for k, v in batch.items()})["target_log_probs"])
+  reference = numpy_log_softmax(batch["member_logits"][:, [0, 2]].astype(np.float64).mean(1) / 7.0)
+  np.testing.assert_allclose(derived, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_label_fraction_keeps_all_views_of_a_subset(cache_path, data_dir):
+  examples = np.arange(0, 500, 10)
+  loader, _ = _loader(cache_path, data_dir, examples=examples)
+  index = np.concatenate([b["index"][b["mask"] > 0] for b in loader.epoch(0)])
+  assert loader.num_rows == 150
+  np.testing.assert_array_equal(np.sort(index), np.repeat(examples, 3))
+
+
+def test_array_loader_once_per_epoch_with_fresh_views(data_dir):
+  transfer_set = open_transfer_set("digits", "train[:300]", data_dir)
+  loader = ArrayLoader(transfer_set, batch_size=64, seed=3, augmentation=Augmentation(seed=3, max_shift=1))
+  epochs = [list(loader.epoch(e)) for e in (0, 1)]
+  for batches in epochs:
+    index = np.concatenate([b["index"][b["mask"] > 0] for b in batches])
+    np.testing.assert_array_equal(np.sort(index), np.arange(300))
+  first = {int(i): x for b in epochs[0] for i, x, m in zip(b["index"], b["x"], b["mask"]) if m}
+  second = {int(i): x for b in epochs[1] for i, x, m in zip(b["index"], b["x"], b["mask"]) if m}
+  assert sum((first[i] != second[i]).any() for i in range(300)) > 100  # A new view each epoch.
+  again = list(ArrayLoader(transfer_set, batch_size=64, seed=3, augmentation=Augmentation(seed=3, max_shift=1))
+               .epoch(1))
+  np.testing.assert_array_equal(np.concatenate([b["x"] for b in again]),
+                                np.concatenate([b["x"] for b in epochs[1]]))

@@ -1,0 +1,71 @@
+"""Losses against NumPy: values, gradients, the T² factor, zero at the teacher."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import numpy_log_softmax
+
+from shared.losses import distillation_loss, hard_cross_entropy, logit_mse, soft_kl
+
+RNG = np.random.default_rng(0)
+S = RNG.normal(size=(6, 5)).astype(np.float32) * 3
+Z = RNG.normal(size=(6, 5)).astype(np.float32) * 3
+Y = RNG.integers(0, 5, 6)
+
+
+def np_kl(s, z, t):
+  p_log = numpy_log_softmax(z / t)
+  q_log = numpy_log_softmax(s / t)
+  return t ** 2 * (np.exp(p_log) * (p_log - q_log)).sum(-1)
+
+
+@pytest.mark.parametrize("t", [1.0, 4.0, 20.0])
+def test_soft_kl_value_and_gradient(t):
+  target = jnp.asarray(numpy_log_softmax(Z / t), jnp.float32)
+  np.testing.assert_allclose(soft_kl(S, target, t), np_kl(S, Z, t), rtol=1e-5, atol=1e-6)
+  grad = jax.grad(lambda s: soft_kl(s, target, t).sum())(jnp.asarray(S))
+  # d/ds [T² KL(p || softmax(s/T))] = T (softmax(s/T) - p).
+  expected = t * (np.exp(numpy_log_softmax(S / t)) - np.exp(numpy_log_softmax(Z / t)))
+  np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_logit_mse_value_and_gradient():
+  centered = lambda a: a - a.mean(-1, keepdims=True)  # noqa: E731
+  diff = centered(S.astype(np.float64)) - centered(Z.astype(np.float64))
+  np.testing.assert_allclose(logit_mse(S, Z), 0.5 * (diff ** 2).sum(-1), rtol=1e-5)
+  grad = jax.grad(lambda s: logit_mse(s, jnp.asarray(Z)).sum())(jnp.asarray(S))
+  np.testing.assert_allclose(grad, diff, rtol=1e-4, atol=1e-5)
+
+
+def test_hard_cross_entropy_and_mixture():
+  np.testing.assert_allclose(hard_cross_entropy(S, Y), -numpy_log_softmax(S)[np.arange(6), Y], rtol=1e-5)
+  target = jnp.asarray(numpy_log_softmax(Z / 4.0), jnp.float32)
+  total, hard, soft = distillation_loss(S, Y, 0.3, loss="kl", temperature=4.0, target_log_probs=target)
+  np.testing.assert_allclose(total, 0.3 * hard + 0.7 * soft, rtol=1e-6)
+  np.testing.assert_allclose(soft, np_kl(S, Z, 4.0), rtol=1e-5)
+  total, _, soft = distillation_loss(S, Y, 0.0, loss="mse", temperature=4.0, teacher_logits=Z)
+  np.testing.assert_allclose(total, soft)
+
+
+def test_t_squared_keeps_soft_gradient_magnitude_independent_of_t():
+  # Logits of moderate scale, as at the high-temperature limit where the soft gradient tends to (s - z)/C.
+  s, z = S / 3, Z / 3
+  norms = []
+  for t in (5.0, 10.0, 20.0, 40.0):
+    target = jnp.asarray(numpy_log_softmax(z / t), jnp.float32)
+    norms.append(float(jnp.linalg.norm(jax.grad(lambda x: soft_kl(x, target, t).sum())(jnp.asarray(s)))))
+  assert max(norms) / min(norms) < 1.2, norms
+  # Without the T² factor the gradient would shrink 64-fold from T=5 to T=40.
+  unscaled = [n / t ** 2 for n, t in zip(norms, (5.0, 10.0, 20.0, 40.0))]
+  assert unscaled[0] / unscaled[-1] > 50
+
+
+@pytest.mark.parametrize("loss", ["kl", "mse"])
+def test_zero_loss_and_gradient_when_the_student_is_the_teacher(loss):
+  t = 3.0
+  target = jnp.asarray(numpy_log_softmax(S / t), jnp.float32)
+  kwargs = {"target_log_probs": target} if loss == "kl" else {"teacher_logits": jnp.asarray(S + 7.0)}
+  soft = lambda s: distillation_loss(s, Y, 0.0, loss=loss, temperature=t, **kwargs)[0].sum()  # noqa: E731
+  assert abs(float(soft(jnp.asarray(S)))) < 1e-5
+  np.testing.assert_allclose(jax.grad(soft)(jnp.asarray(S)), 0.0, atol=1e-5)

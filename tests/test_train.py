@@ -1,0 +1,207 @@
+"""student-train fit/eval: one compilation, device-count invariance, SIGKILL-and-resume, errors, the loop."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import make_teacher, numpy_log_softmax, tree_digest
+
+from shared.cache import COMPLETE_KEY
+from shared.data import open_transfer_set
+from shared.metrics import classification_metrics
+from shared.runs import load_run_teacher
+from student_train import train as train_lib
+from student_train.cli import main
+from student_train.train import FitConfig, fit
+from teacher_cache.build import BuildConfig, build_cache
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def cache_path(tmp_path_factory, data_dir, teachers):
+  out = str(tmp_path_factory.mktemp("cache") / "c.zarr")
+  build_cache(BuildConfig(dataset="digits", split="train", data_dir=data_dir, teachers=tuple(teachers[:2]),
+                          views=2, chunk_rows=256, out=out, progress=False))
+  return out
+
+
+def run_cli(args, capsys):
+  try:
+    main([str(a) for a in args])
+    code = 0
+  except SystemExit as e:
+    code = e.code
+  captured = capsys.readouterr()
+  return code, captured.out, captured.err
+
+
+def _params(run_dir) -> dict:
+  teacher = load_run_teacher(str(run_dir))
+  return jax.tree.map(np.asarray, teacher.params)
+
+
+def _metrics(run_dir) -> list[dict]:
+  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_step_compiles_once_across_epochs_and_phases(tmp_path, data_dir, cache_path, monkeypatch):
+  steps = []
+  original = train_lib.make_train_step
+  monkeypatch.setattr(train_lib, "make_train_step", lambda *a, **k: steps.append(original(*a, **k)) or steps[-1])
+  final = fit(FitConfig(model="mlp-small", cache=cache_path, data_dir=data_dir, epochs=2, finetune_epochs=1,
+                        batch_size=100, out=str(tmp_path / "run"), progress=False))
+  assert len(steps) == 1 and steps[0]._cache_size() == 1  # Padded last batches, traced alpha: one compilation.
+  lines = _metrics(tmp_path / "run")
+  assert [l["phase"] for l in lines] == ["distill", "distill", "fine-tune"] and [l["alpha"] for l in lines] == [0.1, 0.1, 1.0]
+  assert all(l["rows"] == 2874 for l in lines) and final["epoch"] == 3
+  assert {"eval_accuracy", "eval_nll", "eval_ece", "teacher_agreement", "seconds", "examples_per_second"} <= set(lines[0])
+  config = json.load(open(tmp_path / "run" / "config.json"))
+  assert config["resolved"]["teaching"]["stored_targets"] and config["normalization"]["scale"] == 16.0
+
+
+def _fit_process(args, devices=1):
+  code = (f"import os\nos.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count={devices}'\n"
+          f"from student_train.cli import main\nmain({[str(a) for a in args]!r})")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
+  return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_one_and_four_devices_give_the_same_metrics(tmp_path, data_dir, cache_path):
+  common = ["fit", "--model", "mlp-small", "--cache", cache_path, "--data-dir", data_dir, "--epochs", "2",
+            "--batch-size", "64", "--dropout", "0.1", "--temperature", "2", "--no-progress"]
+  for devices in (1, 4):
+    process = _fit_process(common + ["--out", tmp_path / f"d{devices}"], devices)
+    assert process.wait() == 0, process.stderr.read().decode()[-2000:]
+  one, four = _metrics(tmp_path / "d1"), _metrics(tmp_path / "d4")
+  for a, b in zip(one, four):
+    for key in ("loss", "hard_ce", "soft", "train_accuracy", "teacher_agreement", "eval_accuracy", "eval_nll"):
+      assert a[key] == pytest.approx(b[key], rel=1e-5), key
+
+
+def test_sigkill_and_resume_ends_with_the_uninterrupted_parameters(tmp_path, data_dir, cache_path):
+  args = ["fit", "--model", "mlp-small", "--cache", cache_path, "--data-dir", data_dir, "--epochs", "6",
+          "--finetune-epochs", "2", "--dropout", "0.2", "--batch-size", "64", "--no-progress"]
+  killed = tmp_path / "killed"
+  for kill_after_lines in (2, 5):
+    process = _fit_process(args + ["--out", killed])
+    metrics = killed / "metrics.jsonl"
+    while process.poll() is None and (not metrics.exists() or len(metrics.read_text().splitlines()) < kill_after_lines):
+      time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "final.json").exists()
+  resumed = _fit_process(args + ["--out", killed])
+  assert resumed.wait() == 0, resumed.stderr.read().decode()[-2000:]
+  assert "resuming" in resumed.stderr.read().decode()
+  clean = _fit_process(args + ["--out", tmp_path / "clean"])
+  assert clean.wait() == 0
+  killed_params, clean_params = _params(killed), _params(tmp_path / "clean")
+  jax.tree.map(np.testing.assert_array_equal, killed_params, clean_params)  # Bitwise.
+  assert [l["epoch"] for l in _metrics(killed)] == list(range(1, 9))
+  assert [l["loss"] for l in _metrics(killed)] == [l["loss"] for l in _metrics(tmp_path / "clean")]
+
+
+def test_bad_input_gets_a_clear_error(tmp_path, data_dir, cache_path, teachers, capsys):
+  rng = np.random.default_rng(0)
+  np.savez(tmp_path / "flat.npz", x=rng.normal(size=(40, 6)).astype(np.float32))
+  flat_teacher = make_teacher(tmp_path / "flat_teacher", input_shape=(6,), num_classes=3,
+                              normalization={"shift": 0, "scale": 1})
+  unlabelled = str(tmp_path / "u.zarr")
+  build_cache(BuildConfig(dataset=f"npz:{tmp_path / 'flat.npz'}", teachers=(flat_teacher,), out=unlabelled,
+                          progress=False))
+  incomplete = str(tmp_path / "incomplete.zarr")
+  build_cache(BuildConfig(dataset="digits", split="train[:100]", data_dir=data_dir, teachers=(teachers[0],),
+                          out=incomplete, progress=False))
+  import zarr
+  del zarr.open_group(incomplete, mode="r+").attrs[COMPLETE_KEY]
+  base = ["fit", "--data-dir", data_dir, "--no-progress", "--epochs", "1"]
+  out = tmp_path / "run"
+  cases = [
+      (["--cache", cache_path, "--alpha", "1.5", "--out", out], "--alpha must be in \\[0, 1\\], got 1.5"),
+      (["--cache", cache_path, "--alpha", "-0.1", "--out", out], "--alpha must be in \\[0, 1\\]"),
+      (["--cache", unlabelled, "--alpha", "0.5", "--out", out], "cache .* is unlabeled; use --alpha 0"),
+      (["--cache", cache_path, "--dataset", "digits", "--split", "train[:1000]", "--out", out],
+       "is not the data the cache .* was built from"),
+      (["--cache", incomplete, "--out", out], "is not complete"),
+      (["--model", "resnet", "--dataset", "digits", "--out", out], "unknown model 'resnet'; available models"),
+      (["--model", "cnn-small", "--dataset", f"npz:{tmp_path / 'flat.npz'}", "--cache", unlabelled, "--alpha", "0",
+        "--out", out], "needs image inputs"),
+      (["--cache", cache_path, "--members", "0,5", "--out", out], "--members \\[0, 5\\]: give distinct indices"),
+      (["--dataset", "digits", "--out", out, "--temperature", "0"], "--temperature must be > 0"),
+  ]
+  for args, message in cases:
+    code, _, err = run_cli(base + args, capsys)
+    assert code == 2, (args, err)
+    assert __import__("re").search(message, err), (message, err)
+  assert not out.exists()
+  # A run dir holding another config is left alone unless --overwrite.
+  assert run_cli(base + ["--dataset", "digits", "--split", "train[:200]", "--out", out], capsys)[0] == 0
+  before = tree_digest(out)
+  code, _, err = run_cli(base + ["--dataset", "digits", "--split", "train[:200]", "--lr", "0.01", "--out", out], capsys)
+  assert code == 2 and "holds a run with another config" in err and "'lr': 0.003" in err and tree_digest(out) == before
+  code, _, err = run_cli(base + ["--dataset", "digits", "--split", "train[:200]", "--out", out], capsys)
+  assert code == 0 and "already finished" in err and tree_digest(out) == before
+  code, _, _ = run_cli(base + ["--dataset", "digits", "--split", "train[:200]", "--lr", "0.01", "--overwrite",
+                               "--out", out], capsys)
+  assert code == 0 and json.load(open(out / "config.json"))["resolved"]["config"]["lr"] == 0.01
+
+
+def test_rederived_mse_and_subset_paths_train(tmp_path, data_dir, cache_path):
+  for name, options in {"mse": {"loss": "mse"}, "subset": {"members": (1,), "temperature": 2.0,
+                                                           "combine": "geometric"}}.items():
+    final = fit(FitConfig(model="mlp-small", cache=cache_path, data_dir=data_dir, epochs=1, batch_size=128,
+                          out=str(tmp_path / name), progress=False, **options))
+    teaching = json.load(open(tmp_path / name / "config.json"))["resolved"]["teaching"]
+    assert not teaching["stored_targets"] and np.isfinite(final["loss"])
+
+
+def test_eval_single_run_and_ensemble_against_numpy(tmp_path, data_dir, teachers, capsys):
+  code, text, _ = run_cli(["eval", teachers[0], teachers[1], "--dataset", "digits", "--split", "test",
+                           "--data-dir", data_dir, "--combine", "geometric", "--json"], capsys)
+  assert code == 0
+  result = json.loads(text)
+  test = open_transfer_set("digits", "test", data_dir)
+  logits = []
+  for t in teachers[:2]:
+    teacher = load_run_teacher(t)
+    logits.append(np.asarray(teacher.apply_fn(teacher.params, test.inputs.astype(np.float32) / 16)))
+  reference = numpy_log_softmax(np.stack(logits, 1).mean(1))
+  expected = classification_metrics(reference, test.labels)
+  for key in ("accuracy", "nll", "ece"):
+    assert result[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6)
+  assert result["members"][0]["accuracy"] == pytest.approx((logits[0].argmax(1) == test.labels).mean())
+
+
+def test_classification_metrics_against_hand_computed_values():
+  log_probs = np.log(np.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.2, 0.8]]))
+  labels = np.array([0, 1, 1, 1])
+  metrics = classification_metrics(log_probs, labels, bins=10)
+  assert metrics["accuracy"] == 0.75
+  assert metrics["nll"] == pytest.approx(-(np.log(0.9) + np.log(0.4) + np.log(0.7) + np.log(0.8)) / 4)
+  # Bins: 0.9 -> [0.9,1) acc 1; 0.6 -> [0.6,0.7) acc 0; 0.7 -> [0.7,0.8) acc 1; 0.8 -> [0.8,0.9) acc 1.
+  assert metrics["ece"] == pytest.approx((0.1 + 0.6 + 0.3 + 0.2) / 4)
+
+
+def test_teacher_cache_student_loop_on_digits(tmp_path, data_dir, capsys):
+  """A cnn-large teacher reaches >= 97% on digits; its cache trains a student; all from the CLIs."""
+  teacher = tmp_path / "teacher"
+  code, _, err = run_cli(["fit", "--model", "cnn-large", "--dataset", "digits", "--data-dir", data_dir, "--epochs",
+                          "30", "--augment", "--dropout", "0.2", "--no-progress", "--out", teacher], capsys)
+  assert code == 0, err
+  assert _metrics(teacher)[-1]["eval_accuracy"] >= 0.97
+  from teacher_cache.cli import main as cache_main
+  cache_main(["build", "--dataset", "digits", "--data-dir", data_dir, "--teacher", str(teacher), "--views", "2",
+              "--out", str(tmp_path / "c.zarr"), "--no-progress"])
+  code, _, err = run_cli(["fit", "--model", "mlp-small", "--cache", tmp_path / "c.zarr", "--data-dir", data_dir,
+                          "--epochs", "30", "--no-progress", "--out", tmp_path / "student"], capsys)
+  assert code == 0, err
+  last = _metrics(tmp_path / "student")[-1]
+  assert last["eval_accuracy"] > 0.93 and last["teacher_agreement"] > 0.85
