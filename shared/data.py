@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 import os
+import sys
 import types
 
 import numpy as np
@@ -224,6 +225,8 @@ def _open_tfds(name: str, data_dir: str | None):
     if name == "digits":
       builder = digits_lib.Digits(data_dir=data_dir, file_format="array_record")
       if not builder.is_prepared():
+        print(f"preparing the embedded digits dataset in {builder.data_dir}", file=sys.stderr)
+        tfds.disable_progress_bar()
         builder.download_and_prepare()
     else:
       builder = tfds.builder(name, data_dir=data_dir)

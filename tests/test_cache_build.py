@@ -345,3 +345,12 @@ def test_models_subcommand_lists_the_registry(capsys):
   code, text, _ = run_cli(["models"], capsys)
   assert code == 0 and "mlp-small  9,610 params" in text and "cnn-large" in text
   assert jax.local_device_count() >= 1
+
+
+def test_readme_documents_every_array_of_the_layout():
+  from shared.cache import LAYOUT
+  with open(os.path.join(REPO, "README.md")) as f:
+    section = f.read().split("### Cache format")[1].split("\n#")[0]
+  rows = [line for line in section.splitlines() if line.startswith("| `")]
+  documented = {line.split("`")[1]: line.split("|")[2].strip() for line in rows}
+  assert documented == {a.name: a.shape for a in LAYOUT}
