@@ -32,7 +32,7 @@ from shared.losses import LOSSES
 from shared.metrics import classification_metrics
 from shared.models import ModelSpec, build_model, check_input_shape
 from shared.parallel import batch_sharding, check_batch_size, data_mesh, replicated
-from shared.runs import CONFIG_FILE, PARAMS_ITEM, checkpoint_manager, load_run_teacher
+from shared.runs import CONFIG_FILE, PARAMS_ITEM, Teacher, checkpoint_manager, load_run_teacher, load_teacher
 from shared.augment import Augmentation
 from student_train.loader import ArrayLoader, CacheLoader
 from student_train.steps import Teaching, make_predict, make_train_step
@@ -300,6 +300,7 @@ def fit(config: FitConfig) -> dict:
   predict = make_predict(graphdef, plan.normalization, mesh)
   sharding, several_devices = batch_sharding(mesh), mesh.devices.size > 1
   total_epochs = config.epochs + config.finetune_epochs
+  teacher_top1 = _teacher_eval_top1(plan)
   final = {}
   for epoch in range(start_epoch, total_epochs):
     finetuning = epoch >= config.epochs
@@ -327,6 +328,8 @@ def fit(config: FitConfig) -> dict:
     if plan.eval_set is not None:
       log_probs = _evaluate(predict, state, plan.eval_set, config.batch_size, mesh)
       line.update({f"eval_{k}": v for k, v in classification_metrics(log_probs, plan.eval_set.labels).items()})
+      if teacher_top1 is not None:
+        line["eval_teacher_agreement"] = float(np.mean(log_probs.argmax(axis=-1) == teacher_top1))
     _append_metrics(config.out, line)
     manager.save(epoch, args=ocp.args.Composite(**{
         STATE_ITEM: ocp.args.StandardSave(_checkpointable(state)),
@@ -365,6 +368,37 @@ def _truncate_metrics(out: str, epochs_done: int) -> None:
     f.writelines(lines)
 
 
+def _teacher_logits(teacher: Teacher, normalization: Normalization | None, transfer_set: TransferSet,
+                    batch_size: int, what: str) -> np.ndarray:
+  """A teacher's logits [N, C] over a transfer set's un-augmented inputs."""
+  normalization = normalization or transfer_set.normalization
+  check_input_shape(teacher.apply_fn, teacher.params, transfer_set.input_shape, what)
+  apply = jax.jit(lambda params, x: teacher.apply_fn(params, normalization.apply(x)))
+  return np.concatenate([np.asarray(apply(teacher.params, transfer_set.inputs[start:start + batch_size]))
+                         for start in range(0, len(transfer_set), batch_size)])
+
+
+def _teacher_eval_top1(plan: _Plan) -> np.ndarray | None:
+  """The cached ensemble's top-1 class on the eval set, from the members the cache records (None if any of them
+  cannot be loaded any more, or its parameters changed since the cache was built)."""
+  if plan.cache is None or plan.eval_set is None:
+    return None
+  members = [plan.cache.spec.members[m] for m in plan.teaching.members]
+  try:
+    logits = []
+    for member in members:
+      teacher = load_teacher(member.source)
+      if teacher.digest != member.digest:
+        raise StillroomError(f"teacher {member.source!r} changed since the cache was built")
+      logits.append(_teacher_logits(teacher, Normalization.from_dict(member.normalization), plan.eval_set, 256,
+                                    f"teacher {member.name!r}"))
+  except StillroomError as e:
+    _log(f"no teacher agreement on the eval set: {e}")
+    return None
+  combined = combine_log_probs(np.stack(logits, axis=1), plan.teaching.temperature, plan.teaching.combine)
+  return np.asarray(combined).argmax(axis=-1)
+
+
 def evaluate_runs(run_dirs: list[str], dataset: str, split: str, data_dir: str | None = None,
                   combine: str = "arithmetic", batch_size: int = 256) -> dict:
   """Evaluates one run, or several as an ensemble (combined at T=1).
@@ -380,11 +414,7 @@ def evaluate_runs(run_dirs: list[str], dataset: str, split: str, data_dir: str |
   member_logits, members = [], []
   for run_dir in run_dirs:
     teacher = load_run_teacher(run_dir)
-    normalization = teacher.normalization or transfer_set.normalization
-    check_input_shape(teacher.apply_fn, teacher.params, transfer_set.input_shape, f"run {run_dir!r}")
-    apply = jax.jit(lambda p, x, f=teacher.apply_fn: f(p, normalization.apply(x)))
-    logits = np.concatenate([np.asarray(apply(teacher.params, transfer_set.inputs[s:s + batch_size]))
-                             for s in range(0, len(transfer_set), batch_size)])
+    logits = _teacher_logits(teacher, teacher.normalization, transfer_set, batch_size, f"run {run_dir!r}")
     member_logits.append(logits)
     members.append({"run": run_dir, **classification_metrics(
         np.asarray(jax.nn.log_softmax(logits, axis=-1)), transfer_set.labels)})

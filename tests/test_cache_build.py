@@ -250,6 +250,13 @@ def test_non_finite_teacher_output_names_member_and_example(tmp_path, data_dir, 
   with pytest.raises(StillroomError, match="not complete"):
     open_cache(str(out))
 
+  def nan_bias(model):  # NaN everywhere: the first example fails.
+    model.head.bias[...] = model.head.bias[...].at[3].set(np.nan)
+
+  nan_everywhere = make_teacher(tmp_path / "nan_bias", seed=6, transform=nan_bias)
+  code, _, err = run_cli(build_args(tmp_path / "nan2.zarr", [nan_everywhere], data_dir), capsys)
+  assert code == 2 and "teacher 'nan_bias' (member 0) produced non-finite logits for example index 0 (view 0)" in err
+
 
 def test_unlabelled_npz_and_flat_vectors(tmp_path, capsys):
   rng = np.random.default_rng(0)

@@ -205,3 +205,10 @@ def test_teacher_cache_student_loop_on_digits(tmp_path, data_dir, capsys):
   assert code == 0, err
   last = _metrics(tmp_path / "student")[-1]
   assert last["eval_accuracy"] > 0.93 and last["teacher_agreement"] > 0.85
+  # Agreement with the teacher on the test split, against the teacher's own predictions.
+  test = open_transfer_set("digits", "test", data_dir)
+  teacher_run, student_run = load_run_teacher(str(teacher)), load_run_teacher(str(tmp_path / "student"))
+  x = test.inputs.astype(np.float32) / 16
+  agreement = np.mean(np.asarray(teacher_run.apply_fn(teacher_run.params, x)).argmax(1)
+                      == np.asarray(student_run.apply_fn(student_run.params, x)).argmax(1))
+  assert last["eval_teacher_agreement"] == pytest.approx(agreement) and agreement > 0.9
