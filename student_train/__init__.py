@@ -2,3 +2,5 @@
 
 from student_train.loader import ArrayLoader, CacheLoader
 from student_train.train import FitConfig, evaluate_runs, fit
+
+__all__ = ["ArrayLoader", "CacheLoader", "FitConfig", "evaluate_runs", "fit"]

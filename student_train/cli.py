@@ -3,12 +3,10 @@
 import argparse
 import dataclasses
 import json
-import sys
 
 from shared.ensemble import COMBINE_RULES
-from shared.errors import StillroomError
 from shared.losses import LOSSES
-from shared.models import describe_models
+from shared.cli import add_models_command, print_models, run_or_exit
 from student_train.train import DEFAULT_KD_ALPHA, FitConfig, evaluate_runs, fit
 
 _DEFAULTS = FitConfig()
@@ -96,15 +94,14 @@ def _parser() -> argparse.ArgumentParser:
                            help="ensemble rule for several runs (default: %(default)s)")
   eval_parser.add_argument("--json", action="store_true", help="print one JSON object")
 
-  models = commands.add_parser("models", help="list the model registry with parameter counts")
-  models.add_argument("--input-shape", default="8,8,1", help="input shape for the counts (default: %(default)s)")
-  models.add_argument("--num-classes", type=int, default=10, help="classes for the counts (default: %(default)s)")
+  add_models_command(commands)
   return parser
 
 
 def main(argv: list[str] | None = None) -> None:
   args = _parser().parse_args(argv)
-  try:
+
+  def command():
     if args.command == "fit":
       fields = {f.name for f in dataclasses.fields(FitConfig)}
       final = fit(FitConfig(**{k: v for k, v in vars(args).items() if k in fields}))
@@ -121,10 +118,6 @@ def main(argv: list[str] | None = None) -> None:
           print(f"{'ensemble (' + args.combine + ')':<40} accuracy {100 * result['accuracy']:.2f}%  "
                 f"nll {result['nll']:.4f}  ece {result['ece']:.4f}")
     elif args.command == "models":
-      shape = tuple(int(d) for d in args.input_shape.split(","))
-      for row in describe_models(shape, args.num_classes):
-        params = "n/a for this shape" if row["params"] is None else f"{row['params']:,} params"
-        print(f"{row['name']:<10} {params:<20} {row['about']}")
-  except StillroomError as e:
-    print(f"student-train: error: {e}", file=sys.stderr)
-    sys.exit(2)
+      print_models(args)
+
+  run_or_exit("student-train", command)

@@ -2,3 +2,5 @@
 
 from teacher_cache.build import BuildConfig, build_cache
 from teacher_cache.inspect import cache_info, verify_cache
+
+__all__ = ["BuildConfig", "build_cache", "cache_info", "verify_cache"]

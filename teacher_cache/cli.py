@@ -7,8 +7,7 @@ import sys
 
 from shared.cache import LAYOUT
 from shared.ensemble import COMBINE_RULES
-from shared.errors import StillroomError
-from shared.models import describe_models
+from shared.cli import add_models_command, print_models, run_or_exit
 from teacher_cache.build import BuildConfig, build_cache
 from teacher_cache.inspect import cache_info, verify_cache
 
@@ -82,9 +81,7 @@ def _parser() -> argparse.ArgumentParser:
   _add_data_args(verify, required=False)
   verify.add_argument("--json", action="store_true", help="print one JSON object")
 
-  models = commands.add_parser("models", help="list the model registry with parameter counts")
-  models.add_argument("--input-shape", default="8,8,1", help="input shape for the counts (default: %(default)s)")
-  models.add_argument("--num-classes", type=int, default=10, help="classes for the counts (default: %(default)s)")
+  add_models_command(commands)
   return parser
 
 
@@ -124,7 +121,8 @@ def _print_info(info: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
   args = _parser().parse_args(argv)
-  try:
+
+  def command():
     if args.command == "build":
       fields = {f.name for f in dataclasses.fields(BuildConfig)}
       options = {k: v for k, v in vars(args).items() if k in fields}
@@ -142,10 +140,6 @@ def main(argv: list[str] | None = None) -> None:
       if not all(c.ok for c in checks):
         sys.exit(1)
     elif args.command == "models":
-      shape = tuple(int(d) for d in args.input_shape.split(","))
-      for row in describe_models(shape, args.num_classes):
-        params = "n/a for this shape" if row["params"] is None else f"{row['params']:,} params"
-        print(f"{row['name']:<10} {params:<20} {row['about']}")
-  except StillroomError as e:
-    print(f"teacher-cache: error: {e}", file=sys.stderr)
-    sys.exit(2)
+      print_models(args)
+
+  run_or_exit("teacher-cache", command)

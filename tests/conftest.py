@@ -38,6 +38,17 @@ def teachers(tmp_path_factory) -> list[str]:
           make_teacher(root / "c2", model="cnn-small", seed=2)]
 
 
+def run_cli(main, args, capsys) -> tuple[int, str, str]:
+  """Runs a CLI's main in-process; returns (exit code, stdout, stderr)."""
+  try:
+    main([str(a) for a in args])
+    code = 0
+  except SystemExit as e:
+    code = e.code
+  captured = capsys.readouterr()
+  return code, captured.out, captured.err
+
+
 def tree_digest(path) -> dict[str, str]:
   """SHA-256 of every file under `path`, by relative path: a byte-level snapshot of a store."""
   digests = {}

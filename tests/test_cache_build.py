@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 import zarr
+import conftest
 from conftest import array_files, make_teacher, numpy_log_softmax, tree_digest
 from scipy.special import logsumexp
 from test_augment import reference_view
@@ -33,14 +34,8 @@ def build_args(out, teachers, data_dir, *extra, split="train[:300]"):
           *[arg for t in teachers for arg in ("--teacher", t)], "--out", str(out), "--no-progress", *extra]
 
 
-def run_cli(args, capsys) -> tuple[int, str, str]:
-  try:
-    main([str(a) for a in args])
-    code = 0
-  except SystemExit as e:
-    code = e.code
-  captured = capsys.readouterr()
-  return code, captured.out, captured.err
+def run_cli(args, capsys):
+  return conftest.run_cli(main, args, capsys)
 
 
 def reference_member_logits(teacher_dirs, data_dir, split, index, view, augmentation):

@@ -10,6 +10,7 @@ import time
 import jax
 import numpy as np
 import pytest
+import conftest
 from conftest import make_teacher, numpy_log_softmax, tree_digest
 
 from shared.cache import COMPLETE_KEY
@@ -33,13 +34,7 @@ def cache_path(tmp_path_factory, data_dir, teachers):
 
 
 def run_cli(args, capsys):
-  try:
-    main([str(a) for a in args])
-    code = 0
-  except SystemExit as e:
-    code = e.code
-  captured = capsys.readouterr()
-  return code, captured.out, captured.err
+  return conftest.run_cli(main, args, capsys)
 
 
 def _params(run_dir) -> dict:
