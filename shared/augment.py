@@ -14,7 +14,8 @@ import dataclasses
 import numpy as np
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_STREAM_DY, _STREAM_DX, _STREAM_FLIP = 1, 2, 3
+_STREAM_DY, _STREAM_DX, _STREAM_FLIP, _STREAM_FOLD = 1, 2, 3, 4
+FOLD_SEED = 0  # Fold assignment is fixed: runs and caches made apart must agree on it.
 
 
 def _splitmix64(z: np.ndarray) -> np.ndarray:
@@ -24,7 +25,7 @@ def _splitmix64(z: np.ndarray) -> np.ndarray:
   return z ^ (z >> np.uint64(31))
 
 
-def _hash(seed: int, stream: int, index: np.ndarray, view: np.ndarray) -> np.ndarray:
+def counter_hash(seed: int, stream: int, index: np.ndarray, view: np.ndarray) -> np.ndarray:
   """Counter-based random bits: uint64 [B] from a seed, a stream id and per-row (index, view)."""
   with np.errstate(over="ignore"):
     z = _splitmix64(np.uint64(seed & 0xFFFFFFFFFFFFFFFF) * _GOLDEN + np.uint64(stream))
@@ -70,11 +71,23 @@ class Augmentation:
     index, view = np.asarray(index), np.asarray(view)
     augmented = view != 0
     span = np.uint64(2 * self.max_shift + 1)
-    dy = (_hash(self.seed, _STREAM_DY, index, view) % span).astype(np.int64) - self.max_shift
-    dx = (_hash(self.seed, _STREAM_DX, index, view) % span).astype(np.int64) - self.max_shift
+    dy = (counter_hash(self.seed, _STREAM_DY, index, view) % span).astype(np.int64) - self.max_shift
+    dx = (counter_hash(self.seed, _STREAM_DX, index, view) % span).astype(np.int64) - self.max_shift
     shift = (np.stack([dy, dx], axis=-1) * augmented[:, None]).astype(np.int8)
-    flip = self.flip & augmented & ((_hash(self.seed, _STREAM_FLIP, index, view) >> np.uint64(63)) == 1)
+    flip = self.flip & augmented & ((counter_hash(self.seed, _STREAM_FLIP, index, view) >> np.uint64(63)) == 1)
     return shift, flip
+
+
+def fold_of(index: np.ndarray, folds: int) -> np.ndarray:
+  """Cross-fitting fold of each example: a fixed hash of its index, int32 [B] in [0, folds).
+
+  Hashed rather than `index % folds`, since a split's order can follow the classes (scikit-learn's digits cycle
+  through 0..9).
+  """
+  index = np.asarray(index)
+  if folds <= 1:
+    return np.full(index.shape, -1, np.int32)
+  return (counter_hash(FOLD_SEED, _STREAM_FOLD, index, np.zeros_like(index)) % np.uint64(folds)).astype(np.int32)
 
 
 def apply_view(x: np.ndarray, shift: np.ndarray, flip: np.ndarray) -> np.ndarray:

@@ -45,7 +45,9 @@ LAYOUT = (
     ArrayLayout("labels", "[R]", "int32", "hard label; -1 for an unlabeled transfer set"),
     ArrayLayout("shift", "[R, 2]", "int8", "the view's zero-filled shift (dy, dx) in pixels, applied after `flip`"),
     ArrayLayout("flip", "[R]", "bool", "the view is flipped horizontally (left-right) before the shift"),
-    ArrayLayout("fold", "[R]", "int32", "cross-fitting fold of the row's example; -1 when unused"),
+    ArrayLayout("fold", "[R]", "int32",
+                "cross-fitting fold of the row's example (its logits come from runs that did not train on that "
+                "fold); -1 when unused"),
     ArrayLayout("chunk_committed", "[ceil(R / chunk_rows)]", "bool",
                 "bookkeeping for resume: chunk k of every array above is written"),
 )
@@ -99,6 +101,7 @@ class CacheSpec:
   dtype: str
   chunk_rows: int
   software_version: str
+  folds: int = 1  # > 1: cross-fitted; `members` holds folds runs per member, member-major.
   created_at: str = ""
   schema_version: int = SCHEMA_VERSION
 
@@ -107,6 +110,21 @@ class CacheSpec:
                       chunk_rows=self.chunk_rows)
     if not self.members:
       raise StillroomError("a cache needs at least one teacher.")
+    if self.folds < 1 or len(self.members) % self.folds:
+      raise StillroomError(f"{len(self.members)} teacher runs do not split into members of {self.folds} fold runs; "
+                           "give each member's runs for folds 0..K-1 in order.")
+
+  @property
+  def num_members(self) -> int:
+    """M, the ensemble's members (each of `folds` runs when cross-fitted)."""
+    return len(self.members) // self.folds
+
+  def member_runs(self, member: int) -> tuple[MemberSpec, ...]:
+    """The runs that make up one member: one, or its `folds` cross-fitted runs in fold order."""
+    return self.members[member * self.folds:(member + 1) * self.folds]
+
+  def member_name(self, member: int) -> str:
+    return "+".join(run.name for run in self.member_runs(member))
 
   @property
   def num_examples(self) -> int:
@@ -131,6 +149,7 @@ class CacheSpec:
         "augmentation": self.augmentation.to_dict(),
         "dtype": self.dtype,
         "chunk_rows": self.chunk_rows,
+        "folds": self.folds,
         "schema_version": self.schema_version,
     }
 
@@ -141,7 +160,7 @@ class CacheSpec:
 
   def array_shapes(self) -> dict[str, tuple[tuple[int, ...], str, tuple[int, ...]]]:
     """`{name: (shape, dtype, chunk_shape)}` for every array in `LAYOUT`."""
-    rows, members, classes = self.num_rows, len(self.members), self.num_classes
+    rows, members, classes = self.num_rows, self.num_members, self.num_classes
     shapes = {
         "targets": (rows, classes), "member_logits": (rows, members, classes), "index": (rows,), "view": (rows,),
         "labels": (rows,), "shift": (rows, 2), "flip": (rows,), "fold": (rows,), "chunk_committed": (self.num_chunks,),

@@ -111,6 +111,7 @@ class _ImageInput(nnx.Module):
 
 
 MODELS = {
+    "mlp-tiny": (_mlp((32,)), "MLP, one hidden layer of 32"),
     "mlp-small": (_mlp((128,)), "MLP, one hidden layer of 128"),
     "mlp-large": (_mlp((1200, 1200)), "MLP, two hidden layers of 1200 (Hinton et al. 2015's teacher)"),
     "cnn-small": (_cnn(((16,), (32,)), 64), "CNN, conv16-pool-conv32-pool, dense 64"),

@@ -101,6 +101,7 @@ class Teacher:
     params: parameter pytree.
     normalization: input normalisation, or None to use the dataset's default.
     checkpoint_step: the step the parameters come from (None for external teachers).
+    config: the run dir's config.json (None for external teachers).
   """
 
   name: str
@@ -110,6 +111,7 @@ class Teacher:
   params: Any
   normalization: Normalization | None
   checkpoint_step: int | None = None
+  config: dict | None = None
 
   @property
   def digest(self) -> str:
@@ -161,7 +163,8 @@ def load_run_teacher(run_dir: str) -> Teacher:
   params = abstract
   nnx.replace_by_pure_dict(params, restored[PARAMS_ITEM])
   return Teacher(name=os.path.basename(os.path.normpath(run_dir)), source=os.path.abspath(run_dir), model=spec.name,
-                 apply_fn=apply_fn, params=params, normalization=normalization, checkpoint_step=int(step))
+                 apply_fn=apply_fn, params=params, normalization=normalization, checkpoint_step=int(step),
+                 config=config)
 
 
 def load_external_teacher(reference: str) -> Teacher:

@@ -48,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
   data.add_argument("--label-fraction", type=float, default=d.label_fraction,
                     help="train on a seeded fraction of the examples (all their cached views) (default: "
                          "%(default)s)")
+  data.add_argument("--folds", type=int, default=d.folds,
+                    help="with --holdout-fold k: train without fold k of K (a cross-fitting teacher run for "
+                         "`teacher-cache build --folds K`) (default: %(default)s)")
+  data.add_argument("--holdout-fold", type=int, help="the fold this run does not train on")
   data.add_argument("--augment", action=argparse.BooleanOptionalAction, default=d.augment,
                     help="hard-label training: a fresh zero-filled shifted view of every example each epoch "
                          "(a cache brings its own views)")

@@ -33,7 +33,7 @@ from shared.metrics import classification_metrics
 from shared.models import ModelSpec, build_model, check_input_shape
 from shared.parallel import batch_sharding, check_batch_size, data_mesh, replicated
 from shared.runs import CONFIG_FILE, PARAMS_ITEM, Teacher, checkpoint_manager, load_run_teacher, load_teacher
-from shared.augment import Augmentation
+from shared.augment import Augmentation, fold_of
 from student_train.loader import ArrayLoader, CacheLoader
 from student_train.steps import Teaching, make_predict, make_train_step
 
@@ -69,6 +69,8 @@ class FitConfig:
   max_shift: int = 1
   flip: bool = False
   label_fraction: float = 1.0
+  folds: int = 1  # Cross-fitting teachers: with --holdout-fold k, train without the examples of fold k.
+  holdout_fold: int | None = None
   seed: int = 0
   data_seed: int | None = None  # Default: seed.
   eval_dataset: str | None = None  # Default: the training dataset, if it has a 'test' split.
@@ -125,6 +127,10 @@ def _check_ranges(config: FitConfig) -> None:
     raise StillroomError(f"unknown --combine {config.combine!r}; valid: {', '.join(COMBINE_RULES)}.")
   if not 0.0 < config.label_fraction <= 1.0:
     raise StillroomError(f"--label-fraction must be in (0, 1], got {config.label_fraction}.")
+  if config.folds < 1 or (config.folds > 1) != (config.holdout_fold is not None) or (
+      config.holdout_fold is not None and not 0 <= config.holdout_fold < config.folds):
+    raise StillroomError(f"--folds {config.folds} --holdout-fold {config.holdout_fold}: give both, with the "
+                         "held-out fold in 0..K-1 (or neither).")
   if config.epochs < 0 or config.finetune_epochs < 0 or config.epochs + config.finetune_epochs < 1:
     raise StillroomError("--epochs and --finetune-epochs must be >= 0 with at least one epoch in all.")
   if not config.out:
@@ -146,11 +152,13 @@ def _plan(config: FitConfig) -> _Plan:
           f"dataset {dataset!r} split {split!r} (fingerprint {transfer_set.fingerprint[:16]}…) is not the data the "
           f"cache {config.cache!r} was built from ({spec.dataset['name']} {spec.dataset['split']}, fingerprint "
           f"{spec.dataset['fingerprint'][:16]}…).")
-    members = tuple(range(len(spec.members))) if config.members is None else tuple(config.members)
-    bad = [m for m in members if not 0 <= m < len(spec.members)]
+    if config.folds > 1:
+      raise StillroomError("--folds/--holdout-fold select teacher training data; a cache brings its own rows.")
+    members = tuple(range(spec.num_members)) if config.members is None else tuple(config.members)
+    bad = [m for m in members if not 0 <= m < spec.num_members]
     if bad or not members or len(set(members)) != len(members):
-      raise StillroomError(f"--members {list(members)}: give distinct indices in 0..{len(spec.members) - 1} "
-                           f"(the cache has {len(spec.members)} members).")
+      raise StillroomError(f"--members {list(members)}: give distinct indices in 0..{spec.num_members - 1} "
+                           f"(the cache has {spec.num_members} members).")
     labeled = spec.dataset["labeled"]
     alpha = config.alpha if config.alpha is not None else (DEFAULT_KD_ALPHA if labeled else 0.0)
     if alpha > 0 and not labeled:
@@ -161,7 +169,7 @@ def _plan(config: FitConfig) -> _Plan:
     temperature = spec.temperature if config.temperature is None else float(config.temperature)
     combine = config.combine or spec.combine
     stored = (config.loss == "kl" and temperature == spec.temperature and combine == spec.combine
-              and members == tuple(range(len(spec.members))))
+              and members == tuple(range(spec.num_members)))
     teaching = Teaching(loss=config.loss, temperature=temperature, combine=combine, members=members,
                         stored_targets=stored)
     num_classes = spec.num_classes
@@ -187,9 +195,12 @@ def _plan(config: FitConfig) -> _Plan:
   check_input_shape(lambda p, x: nnx.merge(graphdef, p)(x), params, transfer_set.input_shape,
                     f"model {config.model!r}")
   examples = None
+  if config.folds > 1:
+    examples = transfer_set.indices[fold_of(transfer_set.indices, config.folds) != config.holdout_fold]
   if config.label_fraction < 1.0:
-    keep = max(1, round(config.label_fraction * len(transfer_set)))
-    examples = np.sort(np.random.default_rng(config.data_seed).choice(transfer_set.indices, keep, replace=False))
+    pool = transfer_set.indices if examples is None else examples
+    keep = max(1, round(config.label_fraction * len(pool)))
+    examples = np.sort(np.random.default_rng(config.data_seed).choice(pool, keep, replace=False))
   eval_set = _eval_set(config, transfer_set)
   return _Plan(config=config, transfer_set=transfer_set, cache=cache, teaching=teaching, model_spec=model_spec,
                normalization=transfer_set.normalization, examples=examples, eval_set=eval_set)
@@ -383,15 +394,18 @@ def _teacher_eval_top1(plan: _Plan) -> np.ndarray | None:
   cannot be loaded any more, or its parameters changed since the cache was built)."""
   if plan.cache is None or plan.eval_set is None:
     return None
-  members = [plan.cache.spec.members[m] for m in plan.teaching.members]
+  spec = plan.cache.spec
   try:
     logits = []
-    for member in members:
-      teacher = load_teacher(member.source)
-      if teacher.digest != member.digest:
-        raise StillroomError(f"teacher {member.source!r} changed since the cache was built")
-      logits.append(_teacher_logits(teacher, Normalization.from_dict(member.normalization), plan.eval_set, 256,
-                                    f"teacher {member.name!r}"))
+    for member in plan.teaching.members:
+      runs = []  # A cross-fitted member's runs are averaged: none of them held out the eval set.
+      for run in spec.member_runs(member):
+        teacher = load_teacher(run.source)
+        if teacher.digest != run.digest:
+          raise StillroomError(f"teacher {run.source!r} changed since the cache was built")
+        runs.append(_teacher_logits(teacher, Normalization.from_dict(run.normalization), plan.eval_set, 256,
+                                    f"teacher {run.name!r}"))
+      logits.append(np.mean(runs, axis=0))
   except StillroomError as e:
     _log(f"no teacher agreement on the eval set: {e}")
     return None

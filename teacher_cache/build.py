@@ -21,7 +21,7 @@ import zarr
 from tqdm import tqdm
 
 from shared import __version__
-from shared.augment import Augmentation, apply_view
+from shared.augment import Augmentation, apply_view, fold_of
 from shared.cache import (COMPLETE_KEY, SPEC_KEY, Cache, CacheSpec, MemberSpec, layout_problems, now_iso,
                           open_cache, validate_settings)
 from shared.data import Normalization, TransferSet, open_transfer_set
@@ -50,6 +50,7 @@ class BuildConfig:
   batch_size: int = 256
   chunk_rows: int = 4096
   dtype: str = "float16"
+  folds: int = 1
   overwrite: bool = False
   progress: bool = True
 
@@ -79,24 +80,46 @@ def _member_specs(teachers: list[Teacher], transfer_set: TransferSet) -> tuple[l
   return specs, num_classes
 
 
-def _make_forward(teachers: list[Teacher], spec: CacheSpec, mesh):
-  """One jitted forward of all members: inputs [B, ...] -> (member logits [B, M, C], targets [B, C], finite [B, M]).
+def _check_folds(teachers: list[Teacher], folds: int) -> None:
+  """With cross-fitting, run k of each member must have been trained without fold k (as its config records)."""
+  if len(teachers) % folds:
+    raise StillroomError(f"--folds {folds} needs {folds} runs per member (member-major: member 0's runs for folds "
+                         f"0..{folds - 1}, then member 1's, ...); got {len(teachers)} teachers.")
+  for position, teacher in enumerate(teachers):
+    if teacher.config is None:
+      _log(f"cross-fitting: cannot check which fold {teacher.name!r} held out (not a stillroom run); trusting the "
+           f"order given (fold {position % folds}).")
+      continue
+    recorded = teacher.config.get("resolved", {}).get("config", {})
+    if (recorded.get("folds"), recorded.get("holdout_fold")) != (folds, position % folds):
+      raise StillroomError(
+          f"teacher {teacher.source!r} is run {position % folds} of member {position // folds}, so it must be "
+          f"trained with --folds {folds} --holdout-fold {position % folds}; its config says --folds "
+          f"{recorded.get('folds')} --holdout-fold {recorded.get('holdout_fold')}.")
 
-  Targets are computed from the logits *as stored* (rounded to the storage dtype), so that a reader re-deriving
-  them from `member_logits` gets the stored `targets` back.
+
+def _make_forward(teachers: list[Teacher], spec: CacheSpec, mesh):
+  """One jitted forward of all runs: (inputs [B, ...], folds [B]) -> (member logits [B, M, C], targets [B, C],
+  finite [B, M]).
+
+  Cross-fitted, each row takes each member's logits from the run that held out the row's fold. Targets are
+  computed from the logits *as stored* (rounded to the storage dtype), so that a reader re-deriving them from
+  `member_logits` gets the stored `targets` back.
   """
   normalizations = [Normalization.from_dict(m.normalization) for m in spec.members]
   apply_fns = [t.apply_fn for t in teachers]
   storage_dtype = jnp.dtype(spec.dtype)
 
-  def forward(params, x):
-    logits = jnp.stack([f(p, n.apply(x)) for f, p, n in zip(apply_fns, params, normalizations)], axis=1)
+  def forward(params, x, fold):
+    runs = jnp.stack([f(p, n.apply(x)) for f, p, n in zip(apply_fns, params, normalizations)], axis=1)
+    runs = runs.reshape(runs.shape[0], spec.num_members, spec.folds, runs.shape[-1])  # [B, M, K, C]
+    logits = jnp.take_along_axis(runs, jnp.maximum(fold, 0)[:, None, None, None], axis=2)[:, :, 0]
     stored = logits.astype(jnp.float32).astype(storage_dtype)
     targets = combine_log_probs(stored, spec.temperature, spec.combine).astype(storage_dtype)
     return stored, targets, jnp.all(jnp.isfinite(stored), axis=-1)
 
   data = batch_sharding(mesh)
-  return jax.jit(forward, in_shardings=(replicated(mesh), data), out_shardings=(data, data, data))
+  return jax.jit(forward, in_shardings=(replicated(mesh), data, data), out_shardings=(data, data, data))
 
 
 def _ensure_arrays(group: zarr.Group, spec: CacheSpec) -> None:
@@ -192,19 +215,23 @@ def build_cache(config: BuildConfig) -> str:
     raise StillroomError(f"--views {config.views} needs image inputs; {config.dataset!r} holds flat vectors of "
                          f"shape {transfer_set.input_shape}, which take no augmentation. Use --views 1.")
   teachers = [load_teacher(reference) for reference in config.teachers]
+  if config.folds > 1:
+    _check_folds(teachers, config.folds)
   members, num_classes = _member_specs(teachers, transfer_set)
   spec = CacheSpec(
       temperature=float(config.temperature), combine=config.combine, members=tuple(members),
       dataset=transfer_set.describe(), num_classes=num_classes, views=config.views,
       augmentation=Augmentation(seed=config.seed, max_shift=config.max_shift, flip=config.flip),
-      dtype=config.dtype, chunk_rows=config.chunk_rows, software_version=__version__, created_at=now_iso())
+      dtype=config.dtype, chunk_rows=config.chunk_rows, folds=config.folds, software_version=__version__,
+      created_at=now_iso())
   cache = _open_store(config, spec)
   if cache is None:
     return config.out
   _write_rows(cache, transfer_set, teachers, mesh, config)
   cache.group.attrs[COMPLETE_KEY] = {"finished_at": now_iso(), "rows": cache.spec.num_rows}
   _log(f"wrote {cache.spec.num_rows} rows ({len(transfer_set)} examples x {cache.spec.views} views, "
-       f"{len(teachers)} members, {cache.spec.num_classes} classes) to {config.out}")
+       f"{cache.spec.num_members} members" + (f" of {cache.spec.folds} cross-fitted runs" if cache.spec.folds > 1
+                                                 else "") + f", {cache.spec.num_classes} classes) to {config.out}")
   return config.out
 
 
@@ -230,22 +257,26 @@ def _write_rows(cache: Cache, transfer_set: TransferSet, teachers: list[Teacher]
       view, position = (rows // num_examples).astype(np.int32), rows % num_examples
       index = transfer_set.indices[position]
       shift, flip = spec.augmentation.view_params(index, view)
+      fold = fold_of(index, spec.folds)
       outputs = []  # Device arrays; dispatch runs ahead of the host while it renders the next batch.
       for offset in range(0, len(rows), batch_size):
         part = slice(offset, offset + batch_size)
         x = apply_view(transfer_set.inputs[position[part]], shift[part], flip[part])
+        fold_part = fold[part]
         if len(x) < batch_size:  # Pad so the step keeps one shape (one compilation).
           x = np.concatenate([x, np.zeros((batch_size - len(x), *x.shape[1:]), x.dtype)])
-        outputs.append(forward(params, jax.device_put(x, data_sharding)))
+          fold_part = np.concatenate([fold_part, np.zeros(batch_size - len(fold_part), np.int32)])
+        outputs.append(forward(params, jax.device_put(x, data_sharding), jax.device_put(fold_part, data_sharding)))
       logits, targets, finite = (np.concatenate([np.asarray(o[k]) for o in outputs])[:len(rows)] for k in range(3))
       if not finite.all():
         row, member = np.argwhere(~finite)[0]
+        run = spec.members[member * spec.folds + max(int(fold[row]), 0)]
         raise StillroomError(
-            f"teacher {spec.members[member].name!r} (member {member}) produced non-finite logits for example "
+            f"teacher {run.name!r} (member {member}) produced non-finite logits for example "
             f"index {int(index[row])} (view {int(view[row])}); the store {cache.path} is left incomplete.")
       writer.put(chunk, start, stop, {
           "targets": targets, "member_logits": logits, "index": index, "view": view,
-          "labels": labels[position], "shift": shift, "flip": flip, "fold": np.full(len(rows), -1, np.int32)})
+          "labels": labels[position], "shift": shift, "flip": flip, "fold": fold})
       bar.update(len(rows))
   finally:
     bar.close()

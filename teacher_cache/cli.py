@@ -61,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="largest zero-filled shift of a view, in pixels (default: %(default)s)")
   build.add_argument("--flip", action=argparse.BooleanOptionalAction, default=_DEFAULTS.flip,
                      help="random horizontal flips in views (default: off; wrong for digits and text)")
+  build.add_argument("--folds", type=int, default=_DEFAULTS.folds,
+                     help="cross-fitted targets: each member is K runs given in fold order, run k trained with "
+                          "`student-train fit --folds K --holdout-fold k`; a row takes each member's logits from "
+                          "the run that did not see its fold (default: %(default)s, no cross-fitting)")
   build.add_argument("--out", required=True, metavar="CACHE.zarr", help="the store to write")
   build.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size,
                      help="rows per forward pass, a multiple of the device count (default: %(default)s)")
@@ -103,12 +107,13 @@ def _print_info(info: dict) -> None:
   print(f"targets      {spec['combine']} mean at T={spec['temperature']:g}, {spec['num_classes']} classes, "
         f"{spec['dtype']}; stillroom {spec['software_version']}, created {spec['created_at']}")
   stats = info.get("stats")
-  print("members")
-  for i, member in enumerate(spec["members"]):
-    accuracy = f"  accuracy {_format_percent(stats['members'][i]['accuracy'])} (view 0: " \
-               f"{_format_percent(stats['members'][i]['accuracy_view0'])})" if stats else ""
-    print(f"  [{i}] {member['name']:<20} {member['model']:<10} {member['num_params']:>9} params  "
-          f"digest {member['digest'][:12]}{accuracy}")
+  folds = spec.get("folds", 1)
+  print("teacher runs" + (f" ({folds} cross-fitted runs per member, member-major)" if folds > 1 else ""))
+  for i, run in enumerate(spec["members"]):
+    print(f"  [{i}] {run['name']:<20} {run['model']:<10} {run['num_params']:>9} params  digest {run['digest'][:12]}")
+  for i, member in enumerate(stats["members"] if stats else []):
+    print(f"member {i}     {member['name']}: accuracy {_format_percent(member['accuracy'])} "
+          f"(view 0: {_format_percent(member['accuracy_view0'])})")
   if stats:
     ensemble = stats["ensemble"]
     print(f"ensemble     accuracy {_format_percent(ensemble['accuracy'])} "

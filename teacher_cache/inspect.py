@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 
+from shared.augment import fold_of
 from shared.cache import Cache, layout_problems, open_cache
 from shared.data import open_transfer_set
 from shared.ensemble import combine_log_probs
@@ -38,7 +39,7 @@ def cache_info(path: str) -> dict:
           "bytes": _store_bytes(path), "spec": spec.to_attrs()}
   if not cache.complete:
     return info
-  num_members = len(spec.members)
+  num_members = spec.num_members
   member_correct = np.zeros(num_members)
   member_correct_view0 = np.zeros(num_members)
   ensemble_correct = ensemble_correct_view0 = labelled = labelled_view0 = 0
@@ -66,9 +67,9 @@ def cache_info(path: str) -> dict:
   off_diagonal = pair_agree[~np.eye(num_members, dtype=bool)]
   ratio = lambda a, b: float(a / b) if b else None  # noqa: E731
   info["stats"] = {
-      "members": [{"name": m.name, "model": m.model, "accuracy": ratio(member_correct[i], labelled),
-                   "accuracy_view0": ratio(member_correct_view0[i], labelled_view0)}
-                  for i, m in enumerate(spec.members)],
+      "members": [{"name": spec.member_name(i), "model": spec.member_runs(i)[0].model,
+                   "accuracy": ratio(member_correct[i], labelled),
+                   "accuracy_view0": ratio(member_correct_view0[i], labelled_view0)} for i in range(num_members)],
       "ensemble": {"combine": spec.combine, "accuracy": ratio(ensemble_correct, labelled),
                    "accuracy_view0": ratio(ensemble_correct_view0, labelled_view0)},
       "mean_target_entropy_nats": entropy_sum / rows,
@@ -124,7 +125,7 @@ def verify_cache(path: str, dataset: str | None = None, split: str | None = None
   num_examples = spec.num_examples
   first_view_index = None
   for start, stop, arrays in _iter_chunks(cache, ("targets", "member_logits", "index", "view", "labels", "shift",
-                                                  "flip")):
+                                                  "flip", "fold")):
     logits, targets = arrays["member_logits"], arrays["targets"]
     nonfinite += int((~np.isfinite(logits)).sum() + (~np.isfinite(targets)).sum())
     derived = np.asarray(combine_log_probs(logits, spec.temperature, spec.combine))
@@ -138,7 +139,8 @@ def verify_cache(path: str, dataset: str | None = None, split: str | None = None
       first_view_index = cache["index"][:num_examples]
     shift, flip = spec.augmentation.view_params(arrays["index"], arrays["view"])
     consistent = ((arrays["view"] == rows // num_examples) & (arrays["index"] == first_view_index[rows % num_examples])
-                  & (arrays["shift"] == shift).all(axis=1) & (arrays["flip"] == flip))
+                  & (arrays["shift"] == shift).all(axis=1) & (arrays["flip"] == flip)
+                  & (arrays["fold"] == fold_of(arrays["index"], spec.folds)))
     if not consistent.all() and len(row_failures) < 3:
       row_failures.append(start + int(np.argmin(consistent)))
     if transfer_set is not None:
@@ -150,7 +152,7 @@ def verify_cache(path: str, dataset: str | None = None, split: str | None = None
   checks.append(Check("targets re-derived from member_logits", not target_failures,
                       f"max abs error {worst_target_error:.3g}"
                       + (f"; first bad rows {target_failures}" if target_failures else "")))
-  checks.append(Check("rows' index/view/shift/flip replay from the seed", not row_failures,
+  checks.append(Check("rows' index/view/shift/flip/fold replay from the seed", not row_failures,
                       f"first bad rows {row_failures}" if row_failures else ""))
   if transfer_set is not None:
     checks.append(Check("labels match the dataset", not label_failures,

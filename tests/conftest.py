@@ -19,14 +19,14 @@ def data_dir(tmp_path_factory) -> str:
 
 
 def make_teacher(run_dir, *, model="mlp-small", input_shape=(8, 8, 1), num_classes=10, seed=0,
-                 normalization=None, transform=None) -> str:
+                 normalization=None, transform=None, config=None) -> str:
   """Saves a randomly initialised model as a teacher run dir; `transform(model)` may edit it first."""
   spec = ModelSpec(name=model, input_shape=tuple(input_shape), num_classes=num_classes)
   network = build_model(spec, seed=seed)
   if transform is not None:
     transform(network)
-  save_run(str(run_dir), {"model": spec.to_dict(), "normalization": normalization or {"shift": 0.0, "scale": 16.0}},
-           network)
+  save_run(str(run_dir), {"model": spec.to_dict(), "normalization": normalization or {"shift": 0.0, "scale": 16.0},
+                          **(config or {})}, network)
   return str(run_dir)
 
 

@@ -337,7 +337,7 @@ def test_verify_catches_corruption_incompleteness_and_wrong_data(tmp_path, data_
   failed = {c.name: c for c in verify_cache(str(out)) if not c.ok}
   assert list(failed) == ["targets re-derived from member_logits"] and "[130]" in failed["targets re-derived from member_logits"].detail
   group["shift"][5] = [9, 9]
-  assert "rows' index/view/shift/flip replay from the seed" in {c.name for c in verify_cache(str(out)) if not c.ok}
+  assert "rows' index/view/shift/flip/fold replay from the seed" in {c.name for c in verify_cache(str(out)) if not c.ok}
   del group.attrs[COMPLETE_KEY]
   code, text, _ = run_cli(["verify", out], capsys)
   assert code == 1 and "FAIL  complete" in text
@@ -356,3 +356,29 @@ def test_readme_documents_every_array_of_the_layout():
   rows = [line for line in section.splitlines() if line.startswith("| `")]
   documented = {line.split("`")[1]: line.split("|")[2].strip() for line in rows}
   assert documented == {a.name: a.shape for a in LAYOUT}
+
+
+def test_cross_fitted_rows_take_logits_from_the_run_that_held_out_their_fold(tmp_path, data_dir, capsys):
+  from shared.augment import fold_of
+  runs = [make_teacher(tmp_path / f"m{m}f{k}", seed=10 * m + k,
+                       config={"resolved": {"config": {"folds": 2, "holdout_fold": k}}})
+          for m in range(2) for k in range(2)]
+  out = tmp_path / "cf.zarr"
+  code, _, err = run_cli(build_args(out, runs, data_dir, "--folds", "2", "--views", "2"), capsys)
+  assert code == 0, err
+  group = zarr.open_group(str(out), mode="r")
+  index, view = group["index"][:], group["view"][:]
+  fold = fold_of(index, 2)
+  np.testing.assert_array_equal(group["fold"][:], fold)
+  assert 0.3 < fold.mean() < 0.7 and group["member_logits"].shape == (600, 2, 10)
+  cache = open_cache(str(out))
+  per_run = reference_member_logits(runs, data_dir, "train[:300]", index, view, cache.spec.augmentation)  # [R, 4, C]
+  expected = per_run.reshape(600, 2, 2, 10)[np.arange(600), :, fold]  # member m, run of the row's fold
+  np.testing.assert_allclose(group["member_logits"][:].astype(np.float32), expected, rtol=2e-3, atol=2e-3)
+  assert all(c.ok for c in verify_cache(str(out)))
+  assert cache_info(str(out))["stats"]["members"][1]["name"] == "m1f0+m1f1"
+  code, _, err = run_cli(build_args(tmp_path / "bad.zarr", [runs[1], runs[0], *runs[2:]], data_dir, "--folds", "2"),
+                         capsys)
+  assert code == 2 and "m0f1' is run 0 of member 0, so it must be trained with --folds 2 --holdout-fold 0" in err
+  code, _, err = run_cli(build_args(tmp_path / "bad.zarr", runs[:3], data_dir, "--folds", "2"), capsys)
+  assert code == 2 and "needs 2 runs per member" in err

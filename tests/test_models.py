@@ -17,7 +17,7 @@ def test_every_model_maps_images_to_logits(name, input_shape):
 
 
 def test_registry_errors_name_the_choices():
-  with pytest.raises(StillroomError, match="unknown model 'resnet'; available models: mlp-small, mlp-large"):
+  with pytest.raises(StillroomError, match="unknown model 'resnet'; available models: mlp-tiny, mlp-small, mlp-large"):
     build_model(ModelSpec(name="resnet", input_shape=(4,), num_classes=3))
   with pytest.raises(StillroomError, match="needs image inputs"):
     build_model(ModelSpec(name="cnn-small", input_shape=(64,), num_classes=3))
@@ -29,4 +29,4 @@ def test_parameter_counts():
   assert rows["mlp-large"] == 64 * 1200 + 1200 + 1200 * 1200 + 1200 + 1200 * 10 + 10
   assert count_params(build_model(ModelSpec(name="cnn-large", input_shape=(8, 8, 1), num_classes=10))) == \
       rows["cnn-large"]
-  assert describe_models((64,), 10)[2]["params"] is None  # CNNs cannot take flat vectors.
+  assert describe_models((64,), 10)[3]["params"] is None  # CNNs cannot take flat vectors.

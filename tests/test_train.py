@@ -207,3 +207,14 @@ def test_teacher_cache_student_loop_on_digits(tmp_path, data_dir, capsys):
   agreement = np.mean(np.asarray(teacher_run.apply_fn(teacher_run.params, x)).argmax(1)
                       == np.asarray(student_run.apply_fn(student_run.params, x)).argmax(1))
   assert last["eval_teacher_agreement"] == pytest.approx(agreement) and agreement > 0.9
+
+
+def test_holdout_fold_trains_without_that_fold(tmp_path, data_dir):
+  from shared.augment import fold_of
+  fit(FitConfig(model="mlp-tiny", dataset="digits", split="train[:400]", data_dir=data_dir, folds=3,
+                holdout_fold=1, epochs=1, out=str(tmp_path / "f1"), progress=False))
+  config = json.load(open(tmp_path / "f1" / "config.json"))["resolved"]
+  assert config["examples"] == int((fold_of(np.arange(400), 3) != 1).sum())
+  assert _metrics(tmp_path / "f1")[0]["rows"] == config["examples"]
+  with pytest.raises(train_lib.StillroomError, match="give both"):
+    fit(FitConfig(model="mlp-tiny", dataset="digits", data_dir=data_dir, folds=3, out=str(tmp_path / "x")))
