@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	PATH=$(abspath $(VENV))/bin:$$PATH bash scripts/demo.sh
+	$(VENV)/bin/student-train demo
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m "not slow"

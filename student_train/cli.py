@@ -7,6 +7,7 @@ import json
 from shared.ensemble import COMBINE_RULES
 from shared.losses import LOSSES
 from shared.cli import add_models_command, print_models, run_or_exit
+from student_train.demo import DemoConfig, run_demo
 from student_train.train import DEFAULT_KD_ALPHA, FitConfig, evaluate_runs, fit
 
 _DEFAULTS = FitConfig()
@@ -98,6 +99,16 @@ def _parser() -> argparse.ArgumentParser:
                            help="ensemble rule for several runs (default: %(default)s)")
   eval_parser.add_argument("--json", action="store_true", help="print one JSON object")
 
+  demo = commands.add_parser(
+      "demo", help="the end-to-end pipeline: teachers, caches, scratch vs distilled students, a results table",
+      description="Teachers -> ordinary and cross-fitted caches -> scratch and distilled students over paired "
+                  "seeds (and the same with a fraction of the examples) -> results/demo.{md,json,png}. Finished "
+                  "runs in --work-dir are reused.")
+  for field in dataclasses.fields(DemoConfig):
+    type_name = getattr(field.type, "__name__", str(field.type)).split(" ")[0]  # "int | None" -> "int"
+    kind = {"int": int, "float": float}.get(type_name, str)
+    demo.add_argument("--" + field.name.replace("_", "-"), type=kind, default=field.default,
+                      help="(default: %(default)s)")
   add_models_command(commands)
   return parser
 
@@ -121,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
         if len(result["members"]) > 1:
           print(f"{'ensemble (' + args.combine + ')':<40} accuracy {100 * result['accuracy']:.2f}%  "
                 f"nll {result['nll']:.4f}  ece {result['ece']:.4f}")
+    elif args.command == "demo":
+      run_demo(DemoConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)}))
     elif args.command == "models":
       print_models(args)
 
