@@ -20,6 +20,21 @@ def measure(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1) -> d
   return {"median": statistics.median(times), "min": min(times), "all": times}
 
 
+def measure_pair(first: Callable[[], object], second: Callable[[], object], *, repeats: int = 5,
+                 warmup: int = 1) -> tuple[dict, dict]:
+  """Times two arms interleaved (first, second, first, ...), so drift in the machine's speed hits both alike."""
+  for _ in range(warmup):
+    first()
+    second()
+  times: tuple[list, list] = ([], [])
+  for _ in range(repeats):
+    for fn, record in ((first, times[0]), (second, times[1])):
+      started = time.perf_counter()
+      fn()
+      record.append(time.perf_counter() - started)
+  return tuple({"median": statistics.median(t), "min": min(t), "all": t} for t in times)
+
+
 def machine() -> dict:
   """What the figures were measured on."""
   import jax

@@ -54,19 +54,8 @@ def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def make_train_step(graphdef, normalization: Normalization, teaching: Teaching | None, key: jax.Array, mesh):
-  """Builds the jitted step `(state, batch, alpha) -> (state, metrics)`.
-
-  Args:
-    graphdef: from `nnx.split((model, optimizer))`.
-    normalization: input normalisation of the model.
-    teaching: soft-target settings, or None for hard labels only.
-    key: base PRNG key; the step's dropout key is `fold_in(key, optimizer step)`.
-    mesh: data-parallel mesh; batches are split along it, the state replicated.
-
-  Returns:
-    The jitted step. `alpha` is a traced scalar so distillation and fine-tuning share one compilation.
-  """
+def train_step_fn(graphdef, normalization: Normalization, teaching: Teaching | None, key: jax.Array):
+  """The pure step `(state, batch, alpha) -> (state, metrics)` (see `make_train_step`)."""
 
   def train_step(state, batch, alpha):
     model, optimizer = nnx.merge(graphdef, state)
@@ -94,6 +83,23 @@ def make_train_step(graphdef, normalization: Normalization, teaching: Teaching |
       metrics["teacher_agreement"] = _masked_mean(jnp.argmax(logits, -1) == teacher_top1, mask)
     return nnx.state((model, optimizer)), metrics
 
+  return train_step
+
+
+def make_train_step(graphdef, normalization: Normalization, teaching: Teaching | None, key: jax.Array, mesh):
+  """Builds the jitted step `(state, batch, alpha) -> (state, metrics)`.
+
+  Args:
+    graphdef: from `nnx.split((model, optimizer))`.
+    normalization: input normalisation of the model.
+    teaching: soft-target settings, or None for hard labels only.
+    key: base PRNG key; the step's dropout key is `fold_in(key, optimizer step)`.
+    mesh: data-parallel mesh; batches are split along it, the state replicated.
+
+  Returns:
+    The jitted step. `alpha` is a traced scalar so distillation and fine-tuning share one compilation.
+  """
+  train_step = train_step_fn(graphdef, normalization, teaching, key)
   return jax.jit(train_step, donate_argnums=0,
                  in_shardings=(replicated(mesh), batch_sharding(mesh), replicated(mesh)),
                  out_shardings=(replicated(mesh), replicated(mesh)))

@@ -225,8 +225,7 @@ def _prepare_run_dir(plan: _Plan) -> bool:
   if os.path.exists(path):
     with open(path) as f:
       existing = json.load(f)
-    differences = [f"{k}: {existing['resolved'].get(k)} (run dir) vs {record.get(k)} (command)"
-                   for k in record if existing.get("resolved", {}).get(k) != json.loads(json.dumps(record[k]))]
+    differences = _differences(existing.get("resolved", {}), json.loads(json.dumps(record)))
     if differences:
       raise StillroomError(f"run dir {out!r} holds a run with another config:\n  " + "\n  ".join(differences)
                            + "\nPass --overwrite to replace it, or choose another --out.")
@@ -234,10 +233,23 @@ def _prepare_run_dir(plan: _Plan) -> bool:
   if os.path.exists(out) and os.listdir(out):
     raise StillroomError(f"--out {out!r} exists and is not a run dir; pass --overwrite or choose another --out.")
   os.makedirs(out, exist_ok=True)
-  with open(path, "w") as f:
+  with open(path + ".tmp", "w") as f:
     json.dump({"model": record["model"], "normalization": record["normalization"], "resolved": record,
                "software_version": __version__}, f, indent=2)
+  os.replace(path + ".tmp", path)  # A kill never leaves half a config.
   return False
+
+
+def _differences(stored: dict, wanted: dict, prefix: str = "") -> list[str]:
+  """`["config.lr: 0.003 (run dir) vs 0.01 (command)", ...]` for the leaves that differ."""
+  lines = []
+  for key in sorted(set(stored) | set(wanted)):
+    a, b = stored.get(key), wanted.get(key)
+    if isinstance(a, dict) and isinstance(b, dict):
+      lines += _differences(a, b, f"{prefix}{key}.")
+    elif a != b:
+      lines.append(f"{prefix}{key}: {a} (run dir) vs {b} (command)")
+  return lines
 
 
 def _optimizer(config: FitConfig, steps_per_epoch: int) -> optax.GradientTransformation:

@@ -141,7 +141,7 @@ def test_bad_input_gets_a_clear_error(tmp_path, data_dir, cache_path, teachers, 
   assert run_cli(base + ["--dataset", "digits", "--split", "train[:200]", "--out", out], capsys)[0] == 0
   before = tree_digest(out)
   code, _, err = run_cli(base + ["--dataset", "digits", "--split", "train[:200]", "--lr", "0.01", "--out", out], capsys)
-  assert code == 2 and "holds a run with another config" in err and "'lr': 0.003" in err and tree_digest(out) == before
+  assert code == 2 and "holds a run with another config" in err and "config.lr: 0.003 (run dir) vs 0.01 (command)" in err and tree_digest(out) == before
   code, _, err = run_cli(base + ["--dataset", "digits", "--split", "train[:200]", "--out", out], capsys)
   assert code == 0 and "already finished" in err and tree_digest(out) == before
   code, _, _ = run_cli(base + ["--dataset", "digits", "--split", "train[:200]", "--lr", "0.01", "--overwrite",

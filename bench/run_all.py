@@ -1,0 +1,280 @@
+"""Runs the performance benchmarks and writes bench/results/summary.json.
+
+    python bench/run_all.py [--quick]
+
+Each figure is a ratio of two arms measured side by side in this run (warm-up, then the median of repeats):
+  1. streaming_overhead: epoch time distilling from a cache on disk / epoch time on hard labels from memory
+     (same student, batch, rows and augmentation), for a small MLP and for cnn-large on 32x32x3 inputs.
+  2. online_speedup_fraction_of_ideal: (online KD epoch / cached KD epoch) / ideal, where online KD runs the
+     M-member ensemble every step and ideal = (student step + ensemble forward) / student step.
+  3. build_overhead: wall time of `build_cache` / the ensemble's forward passes alone over the same rows.
+  4. rss_growth: peak RSS of `student-train fit` on the largest cache / on the smallest.
+  5. storage: bytes per row against R·(M+1)·C·2 + row metadata, without and with a zstd compressor.
+  6. scaling: cache build and epoch time for N, 4N, 16N rows.
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.harness import measure, measure_pair, write_json  # noqa: E402
+from bench import synthetic  # noqa: E402
+from shared.augment import Augmentation  # noqa: E402
+from shared.cache import open_cache  # noqa: E402
+from shared.data import open_transfer_set  # noqa: E402
+from shared.ensemble import combine_log_probs  # noqa: E402
+from shared.models import ModelSpec, build_model  # noqa: E402
+from shared.parallel import batch_sharding, data_mesh, replicated  # noqa: E402
+from shared.runs import load_teacher  # noqa: E402
+from student_train.loader import ArrayLoader, CacheLoader  # noqa: E402
+from student_train.steps import Teaching, make_train_step, train_step_fn  # noqa: E402
+from teacher_cache.build import BuildConfig, _make_forward, build_cache  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _student(model: str, transfer_set, mesh):
+  spec = ModelSpec(name=model, input_shape=transfer_set.input_shape, num_classes=transfer_set.num_classes)
+  model = build_model(spec)
+  graphdef, state = nnx.split((model, nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)))
+  return graphdef, jax.device_put(state, replicated(mesh))
+
+
+def _epoch_runner(step, state, batches, mesh, extra=()):
+  """A function that runs one epoch of `batches()` through `step` and waits for the result."""
+  sharding = batch_sharding(mesh)
+  holder = {"state": state}
+
+  def run():
+    state = holder["state"]
+    for batch in batches():
+      batch = jax.device_put({k: v for k, v in batch.items() if k != "index"}, sharding)
+      state, metrics = step(state, *extra, batch, np.float32(0.5))
+    jax.block_until_ready(metrics)
+    holder["state"] = state
+
+  return run
+
+
+def streaming_overhead(tmp: str, model: str, input_shape, rows: int, batch: int, repeats: int) -> dict:
+  """Benchmark 1. Both arms render zero-filled shifted views on the host for every batch: the hard arm a fresh
+  view of each of `rows` examples, the cache arm the stored rows of `rows / 2` examples x 2 views."""
+  mesh = data_mesh()
+  examples = synthetic.npz_dataset(os.path.join(tmp, f"{model}_hard.npz"), rows, input_shape, 10)
+  half = synthetic.npz_dataset(os.path.join(tmp, f"{model}_half.npz"), rows // 2, input_shape, 10)
+  cache_path = os.path.join(tmp, f"{model}.zarr")
+  synthetic.direct_cache(cache_path, half, members=4, views=2, max_shift=1)
+  hard_set, half_set = open_transfer_set(examples, "train"), open_transfer_set(half, "train")
+  hard = ArrayLoader(hard_set, batch_size=batch, seed=0, augmentation=Augmentation(max_shift=1))
+  cached = CacheLoader(open_cache(cache_path), half_set, batch_size=batch, seed=0, fields=("targets",))
+  teaching = Teaching(loss="kl", temperature=4.0, combine="arithmetic", members=(0, 1, 2, 3), stored_targets=True)
+  graphdef, state = _student(model, hard_set, mesh)
+  hard_step = make_train_step(graphdef, hard_set.normalization, None, jax.random.key(0), mesh)
+  hard_run = _epoch_runner(hard_step, state, lambda: hard.epoch(0), mesh)
+  graphdef, state = _student(model, half_set, mesh)
+  kd_step = make_train_step(graphdef, half_set.normalization, teaching, jax.random.key(0), mesh)
+  cached_run = _epoch_runner(kd_step, state, lambda: cached.epoch(0), mesh)
+  hard_time, cached_time = measure_pair(hard_run, cached_run, repeats=repeats)
+  return {"model": model, "input_shape": list(input_shape), "rows": rows, "batch": batch,
+          "hard_from_memory_s": hard_time["median"], "distill_from_cache_s": cached_time["median"],
+          "ratio": cached_time["median"] / hard_time["median"]}
+
+
+def online_vs_cached(tmp: str, student: str, teacher_model: str, input_shape, members: int, rows: int, batch: int,
+                     repeats: int) -> dict:
+  """Benchmark 2. Online KD runs the ensemble inside the jitted step; cached KD reads its targets."""
+  mesh = data_mesh()
+  dataset = synthetic.npz_dataset(os.path.join(tmp, f"online_{student}.npz"), rows, input_shape, 10)
+  transfer_set = open_transfer_set(dataset, "train")
+  runs = synthetic.teachers(os.path.join(tmp, f"online_teachers_{student}"), teacher_model, input_shape, 10, members)
+  teachers = [load_teacher(run) for run in runs]
+  cache_path = os.path.join(tmp, f"online_{student}.zarr")
+  build_cache(BuildConfig(dataset=dataset, teachers=tuple(runs), out=cache_path, progress=False))
+  teaching = Teaching(loss="kl", temperature=4.0, combine="arithmetic", members=tuple(range(members)),
+                      stored_targets=True)
+  normalization = transfer_set.normalization
+  teacher_params = jax.device_put([t.params for t in teachers], replicated(mesh))
+
+  def ensemble_log_probs(params, x):
+    logits = jnp.stack([t.apply_fn(p, normalization.apply(x)) for t, p in zip(teachers, params)], axis=1)
+    return combine_log_probs(logits, teaching.temperature, teaching.combine)
+
+  graphdef, state = _student(student, transfer_set, mesh)
+  inner = train_step_fn(graphdef, normalization, teaching, jax.random.key(0))
+
+  def online_step(state, params, batch, alpha):
+    return inner(state, {**batch, "targets": ensemble_log_probs(params, batch["x"])}, alpha)
+
+  online = jax.jit(online_step, donate_argnums=0)
+  cached_step = jax.jit(inner, donate_argnums=0)
+  loader = CacheLoader(open_cache(cache_path), transfer_set, batch_size=batch, seed=0, fields=("targets",))
+  plain = ArrayLoader(transfer_set, batch_size=batch, seed=0)
+  online_run = _epoch_runner(online, state, lambda: plain.epoch(0), mesh, extra=(teacher_params,))
+  graphdef, state = _student(student, transfer_set, mesh)
+  cached_run = _epoch_runner(cached_step, state, lambda: loader.epoch(0), mesh)
+  online_time, cached_time = measure_pair(online_run, cached_run, repeats=repeats)
+  # The ideal, from the two parts timed alone on one device-resident batch.
+  sample = jax.device_put({k: v for k, v in next(iter(loader.epoch(0))).items() if k != "index"},
+                          batch_sharding(mesh))
+  forward = jax.jit(ensemble_log_probs)
+  forward_time = measure(lambda: forward(teacher_params, sample["x"]).block_until_ready(), repeats=repeats * 5)
+  graphdef, state = _student(student, transfer_set, mesh)
+  holder = {"state": state}
+
+  def one_step():
+    holder["state"], metrics = cached_step(holder["state"], sample, np.float32(0.5))
+    jax.block_until_ready(metrics)
+
+  step_time = measure(one_step, repeats=repeats * 5)
+  ideal = (step_time["median"] + forward_time["median"]) / step_time["median"]
+  achieved = online_time["median"] / cached_time["median"]
+  return {"student": student, "teacher": teacher_model, "members": members, "rows": rows, "batch": batch,
+          "online_epoch_s": online_time["median"], "cached_epoch_s": cached_time["median"],
+          "student_step_s": step_time["median"], "ensemble_forward_s": forward_time["median"],
+          "ideal_speedup": ideal, "achieved_speedup": achieved, "fraction_of_ideal": achieved / ideal}
+
+
+def build_overhead(tmp: str, teacher_model: str, input_shape, members: int, rows: int, batch: int,
+                   repeats: int) -> dict:
+  """Benchmark 3. The build's wall time against its jitted ensemble forward alone over the same batches."""
+  mesh = data_mesh()
+  dataset = synthetic.npz_dataset(os.path.join(tmp, "build.npz"), rows, input_shape, 10)
+  transfer_set = open_transfer_set(dataset, "train")
+  runs = synthetic.teachers(os.path.join(tmp, "build_teachers"), teacher_model, input_shape, 10, members)
+  counter = iter(range(1000))
+
+  def build():
+    build_cache(BuildConfig(dataset=dataset, teachers=tuple(runs), batch_size=batch, views=2,
+                            out=os.path.join(tmp, f"build{next(counter)}.zarr"), progress=False))
+
+  build_time = measure(build, repeats=repeats)
+  spec = open_cache(os.path.join(tmp, "build0.zarr")).spec
+  teachers = [load_teacher(run) for run in runs]
+  forward = _make_forward(teachers, spec, mesh)
+  params = jax.device_put([t.params for t in teachers], replicated(mesh))
+  sharding = batch_sharding(mesh)
+  inputs = np.concatenate([transfer_set.inputs] * spec.views)
+  batches = [jax.device_put(inputs[i:i + batch], sharding) for i in range(0, len(inputs) - batch + 1, batch)]
+  folds = jax.device_put(np.zeros(batch, np.int32), sharding)
+
+  def forward_only():
+    jax.block_until_ready([forward(params, x, folds) for x in batches])
+
+  forward_time = measure(forward_only, repeats=repeats)
+  return {"teacher": teacher_model, "members": members, "rows": len(inputs), "batch": batch,
+          "build_s": build_time["median"], "forward_only_s": forward_time["median"],
+          "ratio": build_time["median"] / forward_time["median"]}
+
+
+def peak_rss(tmp: str, sizes_mb: list[int], classes: int, members: int) -> dict:
+  """Benchmark 4. `student-train fit` (one epoch, small MLP) on caches of growing size, each in its own process."""
+  points = []
+  bytes_per_row = 2 * classes * (members + 1)
+  for size in sizes_mb:
+    rows = max(1024, size * (1 << 20) // bytes_per_row)
+    dataset = synthetic.npz_dataset(os.path.join(tmp, f"rss{size}.npz"), rows, (8,), classes)
+    cache = os.path.join(tmp, f"rss{size}.zarr")
+    synthetic.direct_cache(cache, dataset, members=members)
+    code = ("import resource, sys\nfrom student_train.cli import main\n"
+            "try:\n  main(sys.argv[1:])\nfinally:\n"
+            "  print('RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
+    result = subprocess.run(
+        [sys.executable, "-c", code, "fit", "--model", "mlp-tiny", "--cache", cache, "--epochs", "1",
+         "--batch-size", "256", "--no-progress", "--out", os.path.join(tmp, f"rss_run{size}")],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": REPO}, check=True)
+    rss_kb = int(result.stderr.split("RSS_KB")[-1].split()[0])
+    store = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(cache) for f in fs)
+    points.append({"cache_mb": store / 1e6, "rows": rows, "peak_rss_mb": rss_kb / 1024})
+  return {"points": points, "growth": points[-1]["peak_rss_mb"] / points[0]["peak_rss_mb"],
+          "cache_size_ratio": points[-1]["cache_mb"] / points[0]["cache_mb"]}
+
+
+def storage(tmp: str, rows: int, classes: int, members: int) -> dict:
+  """Benchmark 5. Bytes per row on disk against the formula, without and with zstd, and write times."""
+  import zarr.codecs
+  dataset = synthetic.npz_dataset(os.path.join(tmp, "storage.npz"), rows, (8,), classes)
+  formula = (members + 1) * classes * 2
+  metadata = 8 + 4 + 4 + 2 + 1 + 4  # index, view, labels, shift, flip, fold
+  result = {"rows": rows, "classes": classes, "members": members, "formula_logits_bytes_per_row": formula,
+            "metadata_bytes_per_row": metadata}
+  for name, compressors in (("none", None), ("zstd", zarr.codecs.ZstdCodec(level=3))):
+    path = os.path.join(tmp, f"storage_{name}.zarr")
+    started = time.perf_counter()
+    synthetic.direct_cache(path, dataset, members=members, compressors=compressors)
+    seconds = time.perf_counter() - started
+    store = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+    result[name] = {"bytes_per_row": store / rows, "write_s": seconds}
+  result["zstd_ratio"] = result["none"]["bytes_per_row"] / result["zstd"]["bytes_per_row"]
+  return result
+
+
+def scaling(tmp: str, base_rows: int, repeats: int) -> dict:
+  """Benchmark 6. Cache build (2 random mlp-small teachers) and one distillation epoch for N, 4N, 16N rows."""
+  mesh = data_mesh()
+  runs = synthetic.teachers(os.path.join(tmp, "scaling_teachers"), "mlp-small", (8, 8, 1), 10, 2)
+  points = []
+  for factor in (1, 4, 16):
+    rows = base_rows * factor
+    dataset = synthetic.npz_dataset(os.path.join(tmp, f"scaling{factor}.npz"), rows, (8, 8, 1), 10)
+    cache = os.path.join(tmp, f"scaling{factor}.zarr")
+    started = time.perf_counter()
+    build_cache(BuildConfig(dataset=dataset, teachers=tuple(runs), out=cache, progress=False))
+    build_s = time.perf_counter() - started
+    transfer_set = open_transfer_set(dataset, "train")
+    loader = CacheLoader(open_cache(cache), transfer_set, batch_size=256, seed=0, fields=("targets",))
+    teaching = Teaching(loss="kl", temperature=4.0, combine="arithmetic", members=(0, 1), stored_targets=True)
+    graphdef, state = _student("mlp-small", transfer_set, mesh)
+    step = make_train_step(graphdef, transfer_set.normalization, teaching, jax.random.key(0), mesh)
+    epoch = measure(_epoch_runner(step, state, lambda: loader.epoch(0), mesh), repeats=repeats)
+    points.append({"rows": rows, "build_s": build_s, "epoch_s": epoch["median"]})
+  return {"points": points, "build_per_row_ratio_16N_vs_N": (points[2]["build_s"] / 16) / points[0]["build_s"],
+          "epoch_per_row_ratio_16N_vs_N": (points[2]["epoch_s"] / 16) / points[0]["epoch_s"]}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--quick", action="store_true", help="smaller sizes; under 5 minutes on 2 CPU cores")
+  parser.add_argument("--out", default="bench/results/summary.json")
+  args = parser.parse_args()
+  quick = args.quick
+  repeats = 3
+  summary = {"quick": quick}
+  with tempfile.TemporaryDirectory() as tmp:
+    def report(name, value):
+      summary[name] = value
+      print(f"{name}: {value}", flush=True)
+
+    small = streaming_overhead(tmp, "mlp-small", (8, 8, 1), 16384 if quick else 65536, 256, repeats)
+    large = streaming_overhead(tmp, "cnn-large", (32, 32, 3), 1024 if quick else 4096, 128, repeats)
+    report("streaming", {"mlp-small": small, "cnn-large": large})
+    report("streaming_overhead", large["ratio"])
+    # The target is held on cnn-large (student and teachers); a 2 ms mlp-small step shows the per-step host cost.
+    online = online_vs_cached(tmp, "cnn-large", "cnn-large", (32, 32, 3), 2, 1024 if quick else 4096, 128, repeats)
+    online_small = online_vs_cached(tmp, "mlp-small", "cnn-large", (32, 32, 3), 2, 4096 if quick else 16384, 128,
+                                    repeats)
+    report("online", {"cnn-large": online, "mlp-small": online_small})
+    report("online_speedup_fraction_of_ideal", online["fraction_of_ideal"])
+    build = build_overhead(tmp, "cnn-large", (32, 32, 3), 2, 4096 if quick else 16384, 256, 2)
+    report("build", build)
+    report("build_overhead", build["ratio"])
+    rss = peak_rss(tmp, [64, 256, 1024] if quick else [64, 512, 4096], classes=1000, members=4)
+    report("rss", rss)
+    report("rss_growth", rss["growth"])
+    report("storage", storage(tmp, 20000 if quick else 100000, 1000, 4))
+    report("scaling", scaling(tmp, 8192 if quick else 32768, repeats))
+  write_json(args.out, summary)
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
