@@ -8,6 +8,7 @@ from shared.ensemble import COMBINE_RULES
 from shared.losses import LOSSES
 from shared.cli import add_models_command, print_models, run_or_exit
 from student_train.demo import DemoConfig, run_demo
+from student_train.sweep import report, run_sweep
 from student_train.train import DEFAULT_KD_ALPHA, FitConfig, evaluate_runs, fit
 
 _DEFAULTS = FitConfig()
@@ -99,6 +100,28 @@ def _parser() -> argparse.ArgumentParser:
                            help="ensemble rule for several runs (default: %(default)s)")
   eval_parser.add_argument("--json", action="store_true", help="print one JSON object")
 
+  sweep = commands.add_parser(
+      "sweep", help="ablations from one cache: every grid point x seed is a run dir; re-running resumes",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      description="Train one student per grid point and seed from one cache. Axes: temperature, alpha, loss, "
+                  "combine, members, model, label_fraction, epochs.\n\ngrids:\n"
+                  "  --grid grid.json      {\"temperature\": [1, 4, 20], \"alpha\": [0, 0.5]}\n"
+                  "  --grid grid.yaml      temperature: [1, 4, 20]\n"
+                  "  --grid 'temperature=1,4,20;alpha=0,0.5;combine=arithmetic,geometric'\n"
+                  "  --grid '{\"members\": [[0], [0, 1], [0, 1, 2]]}'\n\n"
+                  "then: student-train report SWEEP_DIR")
+  sweep.add_argument("--cache", required=True, metavar="CACHE.zarr")
+  sweep.add_argument("--grid", required=True, help="JSON/YAML file, inline JSON, or axis=v1,v2;axis=...")
+  sweep.add_argument("--out", required=True, metavar="SWEEP_DIR")
+  sweep.add_argument("--seeds", type=int, default=1, help="seeds per grid point (default: %(default)s)")
+  sweep.add_argument("--data-dir", help="TFDS data dir of the cache's dataset")
+  for name in ("model", "epochs", "finetune_epochs", "batch_size", "lr", "alpha", "temperature"):
+    default = getattr(d, name)
+    sweep.add_argument("--" + name.replace("_", "-"), type=type(default) if default is not None else float,
+                       default=default, help=f"value for runs whose grid does not set it (default: {default})")
+  sweep.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+  report_parser = commands.add_parser("report", help="table (Markdown, CSV) and plots of a sweep")
+  report_parser.add_argument("sweep_dir", metavar="SWEEP_DIR")
   demo = commands.add_parser(
       "demo", help="the end-to-end pipeline: teachers, caches, scratch vs distilled students, a results table",
       description="Teachers -> ordinary and cross-fitted caches -> scratch and distilled students over paired "
@@ -132,6 +155,13 @@ def main(argv: list[str] | None = None) -> None:
         if len(result["members"]) > 1:
           print(f"{'ensemble (' + args.combine + ')':<40} accuracy {100 * result['accuracy']:.2f}%  "
                 f"nll {result['nll']:.4f}  ece {result['ece']:.4f}")
+    elif args.command == "sweep":
+      base = FitConfig(**{k: getattr(args, k) for k in ("model", "epochs", "finetune_epochs", "batch_size", "lr",
+                                                         "alpha", "temperature", "data_dir", "progress")})
+      run_sweep(args.cache, args.grid, args.out, args.seeds, base)
+      print(report(args.out))
+    elif args.command == "report":
+      print(report(args.sweep_dir))
     elif args.command == "demo":
       run_demo(DemoConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)}))
     elif args.command == "models":

@@ -206,6 +206,15 @@ def _plan(config: FitConfig) -> _Plan:
                normalization=transfer_set.normalization, examples=examples, eval_set=eval_set)
 
 
+def check_config(config: FitConfig) -> None:
+  """Everything `fit` checks before training (data, cache, model, ranges), without training.
+
+  Raises:
+    StillroomError: as `fit` would.
+  """
+  _plan(config)
+
+
 def _eval_set(config: FitConfig, transfer_set: TransferSet) -> TransferSet | None:
   if config.eval_dataset or config.eval_split:
     return open_transfer_set(config.eval_dataset or transfer_set.name, config.eval_split or "test", config.data_dir)
