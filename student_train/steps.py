@@ -12,7 +12,7 @@ from flax import nnx
 
 from shared.data import Normalization
 from shared.ensemble import combine_log_probs
-from shared.losses import distillation_loss, hard_cross_entropy
+from shared.losses import distillation_loss, hard_cross_entropy, logit_mse, soft_kl
 from shared.parallel import batch_sharding, replicated
 
 
@@ -114,3 +114,72 @@ def make_predict(graphdef, normalization: Normalization, mesh):
     return jax.nn.log_softmax(model(normalization.apply(x)).astype(jnp.float32), axis=-1)
 
   return jax.jit(predict, in_shardings=(replicated(mesh), batch_sharding(mesh)), out_shardings=batch_sharding(mesh))
+
+
+def weighted_soft_targets(member_logits: jax.Array, temperature: jax.Array, member_weights: jax.Array,
+                          geometric: jax.Array) -> jax.Array:
+  """Ensemble log-probabilities with traced settings, for students that differ in T, rule and members.
+
+  With weights `1/|S|` on a member subset S this is `combine_log_probs` of that subset: AM
+  `log Σ_m w_m softmax(z_m / T)`, GM `log_softmax(Σ_m w_m z_m / T)`.
+
+  Args:
+    member_logits: [B, M, C].
+    temperature: scalar T > 0.
+    member_weights: [M], non-negative, summing to 1 (0 drops a member).
+    geometric: scalar bool, GM if true else AM.
+
+  Returns:
+    float32 [B, C] log-probabilities.
+  """
+  scaled = member_logits.astype(jnp.float32) / temperature
+  arithmetic = jax.nn.logsumexp(jax.nn.log_softmax(scaled, axis=-1) + jnp.log(member_weights)[None, :, None], axis=1)
+  geometric_mean = jax.nn.log_softmax(jnp.sum(member_weights[None, :, None] * scaled, axis=1), axis=-1)
+  return jnp.where(geometric, geometric_mean, arithmetic)
+
+
+def make_multi_train_step(graphdef, normalization: Normalization, mesh):
+  """K students of one architecture in one jitted step, `jax.vmap`ped over their stacked states.
+
+  The step is `(states, batch, hypers) -> (states, metrics)`: `states` stacks K `nnx.state((model, optimizer))`
+  along axis 0, the batch (with `member_logits`) is shared, and `hypers` holds per-student arrays [K]:
+  "temperature", "alpha", "geometric" (bool), "mse" (bool), "key" (PRNG keys) and "member_weights" [K, M].
+  Each student computes what `make_train_step` computes for its settings (targets always re-derived).
+  """
+
+  def one_student(state, batch, hyper):
+    model, optimizer = nnx.merge(graphdef, state)
+    nnx.reseed(model, default=jax.random.fold_in(hyper["key"], optimizer.step[...]))
+    weights = hyper["member_weights"]
+    targets = weighted_soft_targets(batch["member_logits"], hyper["temperature"], weights, hyper["geometric"])
+    teacher_logits = jnp.sum(weights[None, :, None] * batch["member_logits"].astype(jnp.float32), axis=1)
+    mask, alpha = batch["mask"], hyper["alpha"]
+
+    def loss_fn(model):
+      logits = model(normalization.apply(batch["x"]))
+      hard = hard_cross_entropy(logits, jnp.maximum(batch["labels"], 0))
+      soft = jnp.where(hyper["mse"], logit_mse(logits, teacher_logits),
+                       soft_kl(logits, targets, hyper["temperature"]))
+      return _masked_mean(alpha * hard + (1.0 - alpha) * soft, mask), (logits, hard, soft)
+
+    (loss, (logits, hard, soft)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    optimizer.update(model, grads)
+    labelled = mask * (batch["labels"] >= 0)
+    metrics = {"loss": loss, "hard_ce": _masked_mean(hard, labelled), "soft": _masked_mean(soft, mask),
+               "train_accuracy": _masked_mean(jnp.argmax(logits, -1) == batch["labels"], labelled),
+               "rows": jnp.sum(mask)}
+    return nnx.state((model, optimizer)), metrics
+
+  return jax.jit(jax.vmap(one_student, in_axes=(0, None, 0)), donate_argnums=0,
+                 in_shardings=(replicated(mesh), batch_sharding(mesh), replicated(mesh)),
+                 out_shardings=(replicated(mesh), replicated(mesh)))
+
+
+def stack_states(states: list) -> object:
+  """Stacks K states (same structure) along a new leading axis, for `make_multi_train_step`."""
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+
+
+def unstack_state(states, index: int) -> object:
+  """Student `index` of stacked states."""
+  return jax.tree.map(lambda leaf: leaf[index], states)
