@@ -119,6 +119,8 @@ def _parser() -> argparse.ArgumentParser:
     default = getattr(d, name)
     sweep.add_argument("--" + name.replace("_", "-"), type=type(default) if default is not None else float,
                        default=default, help=f"value for runs whose grid does not set it (default: {default})")
+  sweep.add_argument("--separate", dest="together", action="store_false",
+                     help="train every run on its own instead of several students per vmapped step")
   sweep.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
   report_parser = commands.add_parser("report", help="table (Markdown, CSV) and plots of a sweep")
   report_parser.add_argument("sweep_dir", metavar="SWEEP_DIR")
@@ -158,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "sweep":
       base = FitConfig(**{k: getattr(args, k) for k in ("model", "epochs", "finetune_epochs", "batch_size", "lr",
                                                          "alpha", "temperature", "data_dir", "progress")})
-      run_sweep(args.cache, args.grid, args.out, args.seeds, base)
+      run_sweep(args.cache, args.grid, args.out, args.seeds, base, together=args.together)
       print(report(args.out))
     elif args.command == "report":
       print(report(args.sweep_dir))

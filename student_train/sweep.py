@@ -21,7 +21,8 @@ import yaml
 from shared.cache import open_cache
 from shared.errors import StillroomError
 from shared.models import MODELS
-from student_train.train import FINAL_FILE, FitConfig, check_config, evaluate_runs, fit
+from student_train.train import (FINAL_FILE, GROUP_VARYING, FitConfig, check_config, evaluate_runs, fit,
+                                 fit_group)
 
 # Axis name -> (type of one value, check of one value or None).
 AXES = {
@@ -114,8 +115,13 @@ def plan_sweep(cache: str, grid: dict, seeds: int, out: str, base: FitConfig) ->
   return runs
 
 
-def run_sweep(cache: str, grid_spec: str, out: str, seeds: int = 1, base: FitConfig | None = None) -> list[str]:
-  """Runs (or resumes) every grid point × seed; returns the run dirs."""
+def run_sweep(cache: str, grid_spec: str, out: str, seeds: int = 1, base: FitConfig | None = None,
+              together: bool = True) -> list[str]:
+  """Runs (or resumes) every grid point × seed; returns the run dirs.
+
+  With `together`, runs that share a student architecture and batch stream (everything but seed-free per-student
+  settings: T, alpha, loss, rule, members) train in one vmapped step, reading the cache once for all of them.
+  """
   if seeds < 1:
     raise StillroomError(f"--seeds must be >= 1, got {seeds}.")
   grid = parse_grid(grid_spec)
@@ -134,11 +140,20 @@ def run_sweep(cache: str, grid_spec: str, out: str, seeds: int = 1, base: FitCon
   with open(manifest_path + ".tmp", "w") as f:
     json.dump(manifest, f, indent=2)
   os.replace(manifest_path + ".tmp", manifest_path)
-  for position, (name, _, config) in enumerate(runs):
-    finished = os.path.exists(os.path.join(config.out, FINAL_FILE))
-    _log(f"[{position + 1}/{len(runs)}] {name}" + (" (finished)" if finished else ""))
-    if not finished:
-      fit(config)
+  groups: dict[tuple, list[tuple[str, FitConfig]]] = {}
+  for name, _, config in runs:
+    key = tuple((k, v) for k, v in sorted(dataclasses.asdict(config).items()) if k not in GROUP_VARYING)
+    groups.setdefault((key, config.seed) if together else (name,), []).append((name, config))
+  done = 0
+  for members in groups.values():
+    for name, config in members:
+      done += 1
+      finished = os.path.exists(os.path.join(config.out, FINAL_FILE))
+      _log(f"[{done}/{len(runs)}] {name}" + (" (finished)" if finished else ""))
+    if len(members) > 1:
+      fit_group([config for _, config in members])
+    elif not os.path.exists(os.path.join(members[0][1].out, FINAL_FILE)):
+      fit(members[0][1])
   return [config.out for _, _, config in runs]
 
 

@@ -35,7 +35,8 @@ from shared.parallel import batch_sharding, check_batch_size, data_mesh, replica
 from shared.runs import CONFIG_FILE, PARAMS_ITEM, Teacher, checkpoint_manager, load_run_teacher, load_teacher
 from shared.augment import Augmentation, fold_of
 from student_train.loader import ArrayLoader, CacheLoader
-from student_train.steps import Teaching, make_predict, make_train_step
+from student_train.steps import (Teaching, make_multi_train_step, make_predict, make_train_step, stack_states,
+                                 unstack_state)
 
 METRICS_FILE = "metrics.jsonl"
 FINAL_FILE = "final.json"
@@ -289,6 +290,70 @@ def _evaluate(predict, state, transfer_set: TransferSet, batch_size: int, mesh) 
   return np.concatenate(outputs)
 
 
+def _restore(manager: ocp.CheckpointManager, state, out: str, total_epochs: int):
+  """Restores the latest checkpoint into `state` (RNG streams kept); returns (state, first epoch to run)."""
+  if manager.latest_step() is None:
+    return state, 0
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _checkpointable(state))
+  restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(**{
+      STATE_ITEM: ocp.args.StandardRestore(target), META_ITEM: ocp.args.JsonRestore()}))
+  rng_state = nnx.filter_state(state, nnx.RngState)
+  state = nnx.filter_state(state, nnx.Not(nnx.RngState))
+  nnx.replace_by_pure_dict(state, restored[STATE_ITEM])
+  start_epoch = restored[META_ITEM]["epoch"] + 1
+  _log(f"resuming {out} after epoch {start_epoch} of {total_epochs}")
+  return nnx.merge_state(state, rng_state), start_epoch
+
+
+def _loader(plan: _Plan, fields: tuple[str, ...] | None = None):
+  config = plan.config
+  if plan.cache is not None:
+    return CacheLoader(plan.cache, plan.transfer_set, batch_size=config.batch_size, seed=config.data_seed,
+                       fields=fields or plan.teaching.fields, examples=plan.examples)
+  augmentation = Augmentation(seed=config.data_seed, max_shift=config.max_shift, flip=config.flip)
+  return ArrayLoader(plan.transfer_set, batch_size=config.batch_size, seed=config.data_seed,
+                     augmentation=augmentation if config.augment else None, examples=plan.examples)
+
+
+def _epoch_line(plan: _Plan, epoch: int, totals: dict, seconds: float) -> dict:
+  config = plan.config
+  finetuning = epoch >= config.epochs
+  return {"epoch": epoch + 1, "phase": "fine-tune" if finetuning else ("distill" if plan.cache else "train"),
+          "alpha": 1.0 if finetuning else float(config.alpha),
+          **{k: float(v / totals["rows"]) for k, v in totals.items() if k != "rows"},
+          "rows": int(totals["rows"]), "seconds": seconds, "examples_per_second": float(totals["rows"]) / seconds}
+
+
+def _end_epoch(plan: _Plan, manager, graphdef, state, line: dict, predict, teacher_top1, mesh) -> dict:
+  """Evaluates, appends the metrics line, then checkpoints (in that order: see `_truncate_metrics`)."""
+  if plan.eval_set is not None:
+    log_probs = _evaluate(predict, state, plan.eval_set, plan.config.batch_size, mesh)
+    line.update({f"eval_{k}": v for k, v in classification_metrics(log_probs, plan.eval_set.labels).items()})
+    if teacher_top1 is not None:
+      line["eval_teacher_agreement"] = float(np.mean(log_probs.argmax(axis=-1) == teacher_top1))
+  _append_metrics(plan.config.out, line)
+  manager.save(line["epoch"] - 1, args=ocp.args.Composite(**{
+      STATE_ITEM: ocp.args.StandardSave(_checkpointable(state)),
+      PARAMS_ITEM: ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, state)[0], nnx.Param))),
+      META_ITEM: ocp.args.JsonSave({"epoch": line["epoch"] - 1})}))
+  manager.wait_until_finished()
+  _log(_summary(line))
+  return line
+
+
+def _write_final(plan: _Plan, line: dict) -> dict:
+  final = {**line, "run_dir": plan.config.out, "epochs": plan.config.epochs + plan.config.finetune_epochs}
+  with open(os.path.join(plan.config.out, FINAL_FILE), "w") as f:
+    json.dump(final, f, indent=2)
+  return final
+
+
+def _read_final(out: str) -> dict:
+  _log(f"{out} already finished; nothing to do.")
+  with open(os.path.join(out, FINAL_FILE)) as f:
+    return json.load(f)
+
+
 def fit(config: FitConfig) -> dict:
   """Trains (or resumes, or confirms) a run; returns its final metrics.
 
@@ -300,43 +365,24 @@ def fit(config: FitConfig) -> dict:
   plan = _plan(config)
   config = plan.config
   if _prepare_run_dir(plan):
-    _log(f"{config.out} already finished; nothing to do.")
-    with open(os.path.join(config.out, FINAL_FILE)) as f:
-      return json.load(f)
-  if plan.cache is not None:
-    loader = CacheLoader(plan.cache, plan.transfer_set, batch_size=config.batch_size, seed=config.data_seed,
-                         fields=plan.teaching.fields, examples=plan.examples)
-  else:
-    augmentation = Augmentation(seed=config.data_seed, max_shift=config.max_shift, flip=config.flip)
-    loader = ArrayLoader(plan.transfer_set, batch_size=config.batch_size, seed=config.data_seed,
-                         augmentation=augmentation if config.augment else None, examples=plan.examples)
+    return _read_final(config.out)
+  loader = _loader(plan)
   model = build_model(plan.model_spec, seed=config.seed)
   optimizer = nnx.Optimizer(model, _optimizer(config, loader.steps_per_epoch), wrt=nnx.Param)
   graphdef, state = nnx.split((model, optimizer))
   manager = checkpoint_manager(config.out, max_to_keep=2)
-  start_epoch = 0
-  if manager.latest_step() is not None:
-    step = manager.latest_step()
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, _checkpointable(state))
-    restored = manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(target),
-                                                               META_ITEM: ocp.args.JsonRestore()}))
-    rng_state = nnx.filter_state(state, nnx.RngState)
-    state = nnx.filter_state(state, nnx.Not(nnx.RngState))
-    nnx.replace_by_pure_dict(state, restored[STATE_ITEM])
-    state = nnx.merge_state(state, rng_state)
-    start_epoch = restored[META_ITEM]["epoch"] + 1
-    _log(f"resuming {config.out} after epoch {start_epoch} of {config.epochs + config.finetune_epochs}")
+  total_epochs = config.epochs + config.finetune_epochs
+  state, start_epoch = _restore(manager, state, config.out, total_epochs)
   _truncate_metrics(config.out, start_epoch)
   state = jax.device_put(state, replicated(mesh))
   train_step = make_train_step(graphdef, plan.normalization, plan.teaching, jax.random.key(config.seed), mesh)
   predict = make_predict(graphdef, plan.normalization, mesh)
   sharding, several_devices = batch_sharding(mesh), mesh.devices.size > 1
-  total_epochs = config.epochs + config.finetune_epochs
   teacher_top1 = _teacher_eval_top1(plan)
-  final = {}
+  line = {}
   for epoch in range(start_epoch, total_epochs):
     finetuning = epoch >= config.epochs
-    alpha = 1.0 if finetuning else config.alpha
+    alpha = np.float32(1.0 if finetuning else config.alpha)
     started = time.perf_counter()
     sums: dict = {}
     bar = tqdm(total=loader.num_rows, unit="row", unit_scale=True, disable=not config.progress, leave=False,
@@ -344,7 +390,7 @@ def fit(config: FitConfig) -> dict:
     for batch in loader.epoch(epoch):
       rows_in_batch = int(batch["mask"].sum())
       batch = jax.device_put({k: v for k, v in batch.items() if k != "index"}, sharding)
-      state, metrics = train_step(state, batch, np.float32(alpha))
+      state, metrics = train_step(state, batch, alpha)
       if several_devices:
         jax.block_until_ready(metrics)  # Queued collectives on fake CPU devices can deadlock (TECH_NOTES).
       rows = metrics["rows"]
@@ -352,29 +398,98 @@ def fit(config: FitConfig) -> dict:
         sums[name] = sums.get(name, 0.0) + (value if name == "rows" else value * rows)
       bar.update(rows_in_batch)
     bar.close()
+    line = _epoch_line(plan, epoch, jax.device_get(sums), time.perf_counter() - started)
+    line = _end_epoch(plan, manager, graphdef, state, line, predict, teacher_top1, mesh)
+  manager.close()
+  return _write_final(plan, line)
+
+
+def fit_group(configs: list[FitConfig]) -> list[dict]:
+  """Trains distillation runs that share a student architecture and a batch stream in one vmapped step.
+
+  The configs must differ only in what the step takes per student (seed, T, alpha, loss, rule, members) and
+  their run dirs; each run dir ends as `fit` would write it. Runs already finished are confirmed; runs at
+  different epochs (or a group that cannot share a step) fall back to `fit` one by one.
+
+  Returns:
+    Each run's final metrics, in the order of `configs`.
+  """
+  mesh = data_mesh()
+  plans = [_plan(config) for config in configs]
+  finished = [_prepare_run_dir(plan) for plan in plans]
+  todo = [i for i, done in enumerate(finished) if not done]
+  results: dict[int, dict] = {i: _read_final(plans[i].config.out) for i, done in enumerate(finished) if done}
+  shared = {k for k in dataclasses.asdict(plans[0].config) if k not in GROUP_VARYING}
+  groupable = todo and all(plans[i].cache is not None and all(
+      getattr(plans[i].config, k) == getattr(plans[todo[0]].config, k) for k in shared) for i in todo)
+  if not groupable or len(todo) < 2:
+    return [results[i] if i in results else fit(configs[i]) for i in range(len(configs))]
+  group = [plans[i] for i in todo]
+  first = group[0]
+  config = first.config
+  check_batch_size(config.batch_size, mesh)
+  loader = _loader(first, fields=("member_logits",))
+  total_epochs = config.epochs + config.finetune_epochs
+  states, managers, start_epochs = [], [], set()
+  for plan in group:
+    model = build_model(plan.model_spec, seed=plan.config.seed)
+    graphdef, state = nnx.split((model, nnx.Optimizer(model, _optimizer(plan.config, loader.steps_per_epoch),
+                                                      wrt=nnx.Param)))
+    managers.append(checkpoint_manager(plan.config.out, max_to_keep=2))
+    state, start = _restore(managers[-1], state, plan.config.out, total_epochs)
+    states.append(state)
+    start_epochs.add(start)
+  if len(start_epochs) != 1:  # Killed between two students' checkpoints: finish each on its own.
+    for manager in managers:
+      manager.close()
+    return [results[i] if i in results else fit(configs[i]) for i in range(len(configs))]
+  start_epoch = start_epochs.pop()
+  for plan in group:
+    _truncate_metrics(plan.config.out, start_epoch)
+  num_members = first.cache.spec.num_members
+  weights = np.zeros((len(group), num_members), np.float32)
+  for k, plan in enumerate(group):
+    weights[k, list(plan.teaching.members)] = 1.0 / len(plan.teaching.members)
+  hypers = {"temperature": np.array([p.teaching.temperature for p in group], np.float32),
+            "geometric": np.array([p.teaching.combine == "geometric" for p in group]),
+            "mse": np.array([p.teaching.loss == "mse" for p in group]), "member_weights": weights,
+            "key": jax.numpy.stack([jax.random.key(p.config.seed) for p in group])}
+  distill_alpha = np.array([p.config.alpha for p in group], np.float32)
+  stacked = jax.device_put(stack_states(states), replicated(mesh))
+  hypers = jax.device_put(hypers, replicated(mesh))
+  step = make_multi_train_step(graphdef, first.normalization, mesh)
+  predict = make_predict(graphdef, first.normalization, mesh)
+  teacher_top1 = [_teacher_eval_top1(plan) for plan in group]
+  sharding = batch_sharding(mesh)
+  lines = [{} for _ in group]
+  _log(f"training {len(group)} students together in one vmapped step")
+  for epoch in range(start_epoch, total_epochs):
+    alpha = np.ones(len(group), np.float32) if epoch >= config.epochs else distill_alpha
+    epoch_hypers = {**hypers, "alpha": jax.device_put(alpha, replicated(mesh))}
+    started = time.perf_counter()
+    sums: dict = {}
+    for batch in loader.epoch(epoch):
+      batch = jax.device_put({k: v for k, v in batch.items() if k != "index"}, sharding)
+      stacked, metrics = step(stacked, batch, epoch_hypers)
+      if mesh.devices.size > 1:
+        jax.block_until_ready(metrics)
+      for name, value in metrics.items():
+        sums[name] = sums.get(name, 0.0) + (value if name == "rows" else value * metrics["rows"])
     totals = jax.device_get(sums)
     seconds = time.perf_counter() - started
-    line = {"epoch": epoch + 1, "phase": "fine-tune" if finetuning else ("distill" if plan.cache else "train"),
-            "alpha": float(alpha), **{k: float(v / totals["rows"]) for k, v in totals.items() if k != "rows"},
-            "rows": int(totals["rows"]), "seconds": seconds, "examples_per_second": float(totals["rows"]) / seconds}
-    if plan.eval_set is not None:
-      log_probs = _evaluate(predict, state, plan.eval_set, config.batch_size, mesh)
-      line.update({f"eval_{k}": v for k, v in classification_metrics(log_probs, plan.eval_set.labels).items()})
-      if teacher_top1 is not None:
-        line["eval_teacher_agreement"] = float(np.mean(log_probs.argmax(axis=-1) == teacher_top1))
-    _append_metrics(config.out, line)
-    manager.save(epoch, args=ocp.args.Composite(**{
-        STATE_ITEM: ocp.args.StandardSave(_checkpointable(state)),
-        PARAMS_ITEM: ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, state)[0], nnx.Param))),
-        META_ITEM: ocp.args.JsonSave({"epoch": epoch})}))
-    manager.wait_until_finished()
-    final = line
-    _log(_summary(line))
-  manager.close()
-  final = {**final, "run_dir": config.out, "epochs": total_epochs}
-  with open(os.path.join(config.out, FINAL_FILE), "w") as f:
-    json.dump(final, f, indent=2)
-  return final
+    for k, plan in enumerate(group):
+      line = _epoch_line(plan, epoch, {name: value[k] for name, value in totals.items()}, seconds)
+      line["students_in_step"] = len(group)
+      lines[k] = _end_epoch(plan, managers[k], graphdef, unstack_state(stacked, k), line, predict,
+                            teacher_top1[k], mesh)
+  for k, plan in enumerate(group):
+    managers[k].close()
+    results[todo[k]] = _write_final(plan, lines[k])
+  return [results[i] for i in range(len(configs))]
+
+
+# Settings that students of one vmapped step may differ in.
+GROUP_VARYING = ("seed", "temperature", "alpha", "loss", "combine", "members", "out")
 
 
 def _summary(line: dict) -> str:
