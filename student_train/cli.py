@@ -119,6 +119,8 @@ def _parser() -> argparse.ArgumentParser:
     default = getattr(d, name)
     sweep.add_argument("--" + name.replace("_", "-"), type=type(default) if default is not None else float,
                        default=default, help=f"value for runs whose grid does not set it (default: {default})")
+  sweep.add_argument("--jobs", type=int, default=1,
+                     help="groups of runs trained at once, each in its own process (default: %(default)s)")
   sweep.add_argument("--separate", dest="together", action="store_false",
                      help="train every run on its own instead of several students per vmapped step")
   sweep.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "sweep":
       base = FitConfig(**{k: getattr(args, k) for k in ("model", "epochs", "finetune_epochs", "batch_size", "lr",
                                                          "alpha", "temperature", "data_dir", "progress")})
-      run_sweep(args.cache, args.grid, args.out, args.seeds, base, together=args.together)
+      run_sweep(args.cache, args.grid, args.out, args.seeds, base, together=args.together, jobs=args.jobs)
       print(report(args.out))
     elif args.command == "report":
       print(report(args.sweep_dir))

@@ -8,10 +8,12 @@ Grid forms: a JSON or YAML file, inline JSON (`'{"temperature": [1, 4], "alpha":
 form `temperature=1,4,20;alpha=0,0.5` (scalar axes; give `members` in JSON: `[[0], [0, 1]]`).
 """
 
+import concurrent.futures
 import csv
 import dataclasses
 import itertools
 import json
+import multiprocessing
 import os
 import sys
 
@@ -115,13 +117,24 @@ def plan_sweep(cache: str, grid: dict, seeds: int, out: str, base: FitConfig) ->
   return runs
 
 
+def _train(configs: list[FitConfig]) -> None:
+  """One group of runs (a worker's unit of work): together in one vmapped step, or a single run."""
+  if len(configs) > 1:
+    fit_group(configs)
+  elif not os.path.exists(os.path.join(configs[0].out, FINAL_FILE)):
+    fit(configs[0])
+
+
 def run_sweep(cache: str, grid_spec: str, out: str, seeds: int = 1, base: FitConfig | None = None,
-              together: bool = True) -> list[str]:
+              together: bool = True, jobs: int = 1) -> list[str]:
   """Runs (or resumes) every grid point × seed; returns the run dirs.
 
   With `together`, runs that share a student architecture and batch stream (everything but seed-free per-student
   settings: T, alpha, loss, rule, members) train in one vmapped step, reading the cache once for all of them.
+  With `jobs > 1`, that many groups train at once, each in its own process.
   """
+  if jobs < 1:
+    raise StillroomError(f"--jobs must be >= 1, got {jobs}.")
   if seeds < 1:
     raise StillroomError(f"--seeds must be >= 1, got {seeds}.")
   grid = parse_grid(grid_spec)
@@ -150,10 +163,16 @@ def run_sweep(cache: str, grid_spec: str, out: str, seeds: int = 1, base: FitCon
       done += 1
       finished = os.path.exists(os.path.join(config.out, FINAL_FILE))
       _log(f"[{done}/{len(runs)}] {name}" + (" (finished)" if finished else ""))
-    if len(members) > 1:
-      fit_group([config for _, config in members])
-    elif not os.path.exists(os.path.join(members[0][1].out, FINAL_FILE)):
-      fit(members[0][1])
+  work = [[config for _, config in members] for members in groups.values()]
+  if jobs == 1:
+    for configs in work:
+      _train(configs)
+  else:
+    # Spawned, not forked: a forked JAX runtime is not safe to use.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+      for future in concurrent.futures.as_completed([pool.submit(_train, configs) for configs in work]):
+        future.result()
   return [config.out for _, _, config in runs]
 
 
@@ -232,14 +251,19 @@ def report(sweep_dir: str) -> str:
   table = "\n".join(lines)
   with open(os.path.join(sweep_dir, "report.md"), "w") as f:
     f.write(table + "\n")
+  alpha_index = axes.index("alpha") if "alpha" in axes else None
   for index, axis in enumerate(axes):
-    labels = sorted({json.dumps(r[index]) for r in table_rows}, key=lambda t: (len(t), t))
-    means = [np.nanmean([r[len(axes) + 1] for r in table_rows if json.dumps(r[index]) == label]) for label in labels]
+    # Along other axes than alpha, scratch points (alpha = 1) would only flatten the curve: leave them out.
+    plotted = [r for r in table_rows if alpha_index is None or axis == "alpha" or r[alpha_index] != 1.0] or table_rows
+    labels = sorted({json.dumps(r[index]) for r in plotted}, key=lambda t: (len(t), t))
+    means = [np.nanmean([r[len(axes) + 1] for r in plotted if json.dumps(r[index]) == label]) for label in labels]
     figure, plot = plt.subplots(figsize=(5, 3.5))
+    plot.set_title("mean over the other axes" + (" (alpha < 1)" if axis != "alpha" and alpha_index is not None
+                                                 else ""), fontsize=9)
     plot.plot(range(len(labels)), [100 * m for m in means], marker="o")
     plot.set_xticks(range(len(labels)), labels)
     plot.set_xlabel(axis)
-    plot.set_ylabel("eval accuracy (%), mean over the other axes")
+    plot.set_ylabel("eval accuracy (%)")
     if scratch_mean is not None:
       plot.axhline(100 * scratch_mean, color="gray", linestyle="--", label="scratch (alpha=1)")
       plot.legend()

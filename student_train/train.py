@@ -459,7 +459,12 @@ def fit_group(configs: list[FitConfig]) -> list[dict]:
   hypers = jax.device_put(hypers, replicated(mesh))
   step = make_multi_train_step(graphdef, first.normalization, mesh)
   predict = make_predict(graphdef, first.normalization, mesh)
-  teacher_top1 = [_teacher_eval_top1(plan) for plan in group]
+  top1_by_teaching: dict = {}  # Students with the same targets share one teacher evaluation.
+  for plan in group:
+    key = (plan.teaching.members, plan.teaching.temperature, plan.teaching.combine)
+    if key not in top1_by_teaching:
+      top1_by_teaching[key] = _teacher_eval_top1(plan)
+  teacher_top1 = [top1_by_teaching[(p.teaching.members, p.teaching.temperature, p.teaching.combine)] for p in group]
   sharding = batch_sharding(mesh)
   lines = [{} for _ in group]
   _log(f"training {len(group)} students together in one vmapped step")
