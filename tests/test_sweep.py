@@ -123,3 +123,14 @@ def test_students_trained_together_match_separate_runs(tmp_path, cache_path, dat
     params_a, params_b = load_run_teacher(a).params, load_run_teacher(b).params
     jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=2e-2),
                  params_a, params_b)
+
+
+def test_jobs_run_groups_in_parallel_processes_with_the_same_results(tmp_path, cache_path, data_dir):
+  base = FitConfig(data_dir=data_dir, epochs=1, model="mlp-tiny", progress=False)
+  serial = run_sweep(cache_path, "temperature=1,4", str(tmp_path / "serial"), seeds=2, base=base)
+  parallel = run_sweep(cache_path, "temperature=1,4", str(tmp_path / "parallel"), seeds=2, base=base, jobs=2)
+  for a, b in zip(serial, parallel):
+    with open(os.path.join(a, "final.json")) as f, open(os.path.join(b, "final.json")) as g:
+      assert json.load(f)["loss"] == json.load(g)["loss"]
+  with pytest.raises(StillroomError, match="--jobs must be >= 1"):
+    run_sweep(cache_path, "temperature=1", str(tmp_path / "x"), base=base, jobs=0)
