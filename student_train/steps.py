@@ -54,6 +54,23 @@ def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def _optimizer_step(model, optimizer, loss_fn, batch: dict, teacher_scores: jax.Array | None) -> dict:
+  """Applies one update of `loss_fn(model) -> (loss, (logits, hard [B], soft [B]))`; returns the step's metrics.
+
+  `teacher_scores` [B, C] (target log-probs or teacher logits) adds the top-1 agreement with the teacher.
+  """
+  mask = batch["mask"]
+  (loss, (logits, hard, soft)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+  optimizer.update(model, grads)
+  labelled = mask * (batch["labels"] >= 0)
+  metrics = {"loss": loss, "hard_ce": _masked_mean(hard, labelled), "soft": _masked_mean(soft, mask),
+             "train_accuracy": _masked_mean(jnp.argmax(logits, -1) == batch["labels"], labelled),
+             "rows": jnp.sum(mask)}
+  if teacher_scores is not None:
+    metrics["teacher_agreement"] = _masked_mean(jnp.argmax(logits, -1) == jnp.argmax(teacher_scores, -1), mask)
+  return metrics
+
+
 def train_step_fn(graphdef, normalization: Normalization, teaching: Teaching | None, key: jax.Array):
   """The pure step `(state, batch, alpha) -> (state, metrics)` (see `make_train_step`)."""
 
@@ -72,15 +89,8 @@ def train_step_fn(graphdef, normalization: Normalization, teaching: Teaching | N
                                             temperature=teaching.temperature, **soft_inputs)
       return _masked_mean(total, mask), (logits, hard, soft)
 
-    (loss, (logits, hard, soft)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-    optimizer.update(model, grads)
-    labelled = mask * (batch["labels"] >= 0)
-    metrics = {"loss": loss, "hard_ce": _masked_mean(hard, labelled), "soft": _masked_mean(soft, mask),
-               "train_accuracy": _masked_mean(jnp.argmax(logits, -1) == batch["labels"], labelled),
-               "rows": jnp.sum(mask)}
-    if teaching is not None:
-      teacher_top1 = jnp.argmax(soft_inputs.get("target_log_probs", soft_inputs.get("teacher_logits")), -1)
-      metrics["teacher_agreement"] = _masked_mean(jnp.argmax(logits, -1) == teacher_top1, mask)
+    teacher_scores = soft_inputs.get("target_log_probs", soft_inputs.get("teacher_logits")) if teaching else None
+    metrics = _optimizer_step(model, optimizer, loss_fn, batch, teacher_scores)
     return nnx.state((model, optimizer)), metrics
 
   return train_step
@@ -162,12 +172,8 @@ def make_multi_train_step(graphdef, normalization: Normalization, mesh):
                        soft_kl(logits, targets, hyper["temperature"]))
       return _masked_mean(alpha * hard + (1.0 - alpha) * soft, mask), (logits, hard, soft)
 
-    (loss, (logits, hard, soft)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-    optimizer.update(model, grads)
-    labelled = mask * (batch["labels"] >= 0)
-    metrics = {"loss": loss, "hard_ce": _masked_mean(hard, labelled), "soft": _masked_mean(soft, mask),
-               "train_accuracy": _masked_mean(jnp.argmax(logits, -1) == batch["labels"], labelled),
-               "rows": jnp.sum(mask)}
+    teacher_scores = jnp.where(hyper["mse"], teacher_logits, targets)
+    metrics = _optimizer_step(model, optimizer, loss_fn, batch, teacher_scores)
     return nnx.state((model, optimizer)), metrics
 
   return jax.jit(jax.vmap(one_student, in_axes=(0, None, 0)), donate_argnums=0,

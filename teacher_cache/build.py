@@ -152,11 +152,23 @@ def _open_store(config: BuildConfig, spec: CacheSpec) -> Cache | None:
     if existing.complete:
       _log(f"{config.out} is already complete with these settings; nothing to do.")
       return None
+    _remove_partial_files(config.out)
     _ensure_arrays(existing.group, existing.spec)
     return existing
   group = zarr.open_group(config.out, mode="w-", attributes={SPEC_KEY: spec.to_attrs()})
   _ensure_arrays(group, spec)
   return Cache(path=config.out, group=group, spec=spec, completion=None)
+
+
+def _remove_partial_files(path: str) -> None:
+  """Deletes the temporary files a killed build left: zarr's LocalStore writes `<key>.<uuid>.partial`, then
+  renames it, so a `.partial` file is never part of the store."""
+  stale = [os.path.join(root, name) for root, _, names in os.walk(path) for name in names
+           if name.endswith(".partial")]
+  for file in stale:
+    os.remove(file)
+  if stale:
+    _log(f"removed {len(stale)} partial file(s) left by the interrupted build")
 
 
 class _ChunkWriter:

@@ -49,6 +49,15 @@ def run_cli(main, args, capsys) -> tuple[int, str, str]:
   return code, captured.out, captured.err
 
 
+def digits_cache(tmp_path_factory, data_dir, teachers, *, split="train", **options) -> str:
+  """Builds a cache of `digits` `split` from the given teacher run dirs; `options` go to `BuildConfig`."""
+  from teacher_cache.build import BuildConfig, build_cache
+  out = str(tmp_path_factory.mktemp("cache") / "c.zarr")
+  build_cache(BuildConfig(dataset="digits", split=split, data_dir=data_dir, teachers=tuple(teachers), out=out,
+                          progress=False, **{"views": 2, **options}))
+  return out
+
+
 def tree_digest(path) -> dict[str, str]:
   """SHA-256 of every file under `path`, by relative path: a byte-level snapshot of a store."""
   digests = {}

@@ -145,6 +145,8 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted_build(tmp_pat
   assert _committed_chunks(tmp_path / "killed.zarr") == num_chunks
   with pytest.raises(StillroomError, match="not complete"):
     open_cache(str(tmp_path / "killed.zarr"))
+  # A kill in the middle of a chunk write leaves zarr's temporary file behind; the resume removes it.
+  (tmp_path / "killed.zarr" / "targets" / "c" / "7.0.0123abcd.partial").write_bytes(b"half a chunk")
   finish = _cli_process(args)
   assert finish.wait() == 0, finish.stderr.read().decode()
 

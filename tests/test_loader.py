@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import numpy_log_softmax
+from conftest import digits_cache, numpy_log_softmax
 
 from shared.augment import Augmentation
 from shared.cache import open_cache
@@ -11,15 +11,12 @@ from shared.data import open_transfer_set
 from shared.runs import load_teacher
 from student_train.loader import ArrayLoader, CacheLoader
 from student_train.steps import Teaching
-from teacher_cache.build import BuildConfig, build_cache
 
 
 @pytest.fixture(scope="module")
 def cache_path(tmp_path_factory, data_dir, teachers):
-  out = str(tmp_path_factory.mktemp("cache") / "c.zarr")
-  build_cache(BuildConfig(dataset="digits", split="train[:500]", data_dir=data_dir, teachers=tuple(teachers),
-                          views=3, max_shift=2, flip=True, chunk_rows=128, temperature=3.0, out=out, progress=False))
-  return out
+  return digits_cache(tmp_path_factory, data_dir, teachers, split="train[:500]", views=3, max_shift=2, flip=True,
+                      chunk_rows=128, temperature=3.0)
 
 
 def _loader(cache_path, data_dir, **kwargs):

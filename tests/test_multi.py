@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from conftest import numpy_log_softmax
+from conftest import digits_cache, numpy_log_softmax
 from flax import nnx
 from scipy.special import logsumexp
 
@@ -15,7 +15,6 @@ from shared.parallel import batch_sharding, data_mesh, replicated
 from student_train.loader import CacheLoader
 from student_train.steps import (Teaching, make_multi_train_step, make_train_step, stack_states, unstack_state,
                                  weighted_soft_targets)
-from teacher_cache.build import BuildConfig, build_cache
 
 STUDENTS = [  # seed, T, alpha, combine, loss, members
     (0, 4.0, 0.1, "arithmetic", "kl", (0, 1, 2)),
@@ -27,10 +26,7 @@ STUDENTS = [  # seed, T, alpha, combine, loss, members
 
 @pytest.fixture(scope="module")
 def cache_path(tmp_path_factory, data_dir, teachers):
-  out = str(tmp_path_factory.mktemp("cache") / "c.zarr")
-  build_cache(BuildConfig(dataset="digits", split="train[:640]", data_dir=data_dir, teachers=tuple(teachers),
-                          views=2, out=out, progress=False))
-  return out
+  return digits_cache(tmp_path_factory, data_dir, teachers, split="train[:640]")
 
 
 def _weights(members, count=3):

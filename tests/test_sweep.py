@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import make_teacher
+from conftest import digits_cache, make_teacher
 
 from shared.errors import StillroomError
 from student_train.sweep import parse_grid, report, run_sweep
@@ -22,10 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def cache_path(tmp_path_factory, data_dir, teachers):
-  out = str(tmp_path_factory.mktemp("cache") / "c.zarr")
-  build_cache(BuildConfig(dataset="digits", split="train[:400]", data_dir=data_dir, teachers=tuple(teachers),
-                          views=2, out=out, progress=False))
-  return out
+  return digits_cache(tmp_path_factory, data_dir, teachers, split="train[:400]")
 
 
 def test_grid_forms_agree(tmp_path):

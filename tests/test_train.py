@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 import conftest
-from conftest import make_teacher, numpy_log_softmax, tree_digest
+from conftest import digits_cache, make_teacher, numpy_log_softmax, tree_digest
 
 from shared.cache import COMPLETE_KEY
 from shared.data import open_transfer_set
@@ -27,10 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def cache_path(tmp_path_factory, data_dir, teachers):
-  out = str(tmp_path_factory.mktemp("cache") / "c.zarr")
-  build_cache(BuildConfig(dataset="digits", split="train", data_dir=data_dir, teachers=tuple(teachers[:2]),
-                          views=2, chunk_rows=256, out=out, progress=False))
-  return out
+  return digits_cache(tmp_path_factory, data_dir, teachers[:2], chunk_rows=256)
 
 
 def run_cli(args, capsys):
