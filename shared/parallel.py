@@ -1,6 +1,7 @@
 """Data parallelism over every local device: one mesh axis, "data"."""
 
 import jax
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from shared.errors import StillroomError
@@ -26,3 +27,9 @@ def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> None:
   devices = mesh.devices.size
   if batch_size < 1 or batch_size % devices:
     raise StillroomError(f"batch size {batch_size} must be a positive multiple of the {devices} local devices.")
+
+
+def pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
+  """Zero rows appended up to `rows`, so a last, short batch keeps the compiled shape."""
+  missing = rows - len(array)
+  return np.concatenate([array, np.zeros((missing, *array.shape[1:]), array.dtype)]) if missing > 0 else array

@@ -20,6 +20,7 @@ import numpy as np
 from shared.augment import Augmentation, apply_view
 from shared.cache import Cache
 from shared.data import TransferSet
+from shared.parallel import pad_rows
 
 WINDOW_CHUNKS = 4  # Chunks shuffled together in memory.
 PREFETCH_BATCHES = 4
@@ -51,8 +52,7 @@ def _batches(windows: Iterator[dict], batch_size: int, rng: np.random.Generator)
     carry = _take(rows, slice(full, total))
   remaining = len(next(iter(carry.values()))) if carry else 0
   if remaining:
-    padded = {k: np.concatenate([v, np.zeros((batch_size - remaining, *v.shape[1:]), v.dtype)])
-              for k, v in carry.items()}
+    padded = {k: pad_rows(v, batch_size) for k, v in carry.items()}
     yield {**padded, "mask": (np.arange(batch_size) < remaining).astype(np.float32)}
 
 

@@ -31,7 +31,7 @@ from shared.errors import StillroomError
 from shared.losses import LOSSES
 from shared.metrics import classification_metrics
 from shared.models import ModelSpec, build_model, check_input_shape
-from shared.parallel import batch_sharding, check_batch_size, data_mesh, replicated
+from shared.parallel import batch_sharding, check_batch_size, data_mesh, pad_rows, replicated
 from shared.runs import CONFIG_FILE, PARAMS_ITEM, Teacher, checkpoint_manager, load_run_teacher, load_teacher
 from shared.augment import Augmentation, fold_of
 from student_train.loader import ArrayLoader, CacheLoader
@@ -283,10 +283,8 @@ def _evaluate(predict, state, transfer_set: TransferSet, batch_size: int, mesh) 
   outputs = []
   for start in range(0, len(transfer_set), batch_size):
     x = transfer_set.inputs[start:start + batch_size]
-    size = len(x)
-    if size < batch_size:
-      x = np.concatenate([x, np.zeros((batch_size - size, *x.shape[1:]), x.dtype)])
-    outputs.append(np.asarray(predict(state, jax.device_put(x, batch_sharding(mesh))))[:size])
+    padded = jax.device_put(pad_rows(x, batch_size), batch_sharding(mesh))
+    outputs.append(np.asarray(predict(state, padded))[:len(x)])
   return np.concatenate(outputs)
 
 
@@ -313,6 +311,12 @@ def _loader(plan: _Plan, fields: tuple[str, ...] | None = None):
   augmentation = Augmentation(seed=config.data_seed, max_shift=config.max_shift, flip=config.flip)
   return ArrayLoader(plan.transfer_set, batch_size=config.batch_size, seed=config.data_seed,
                      augmentation=augmentation if config.augment else None, examples=plan.examples)
+
+
+def _accumulate(sums: dict, metrics: dict) -> None:
+  """Adds a step's row-weighted metrics to the epoch's sums (on the device: no sync per step)."""
+  for name, value in metrics.items():
+    sums[name] = sums.get(name, 0.0) + (value if name == "rows" else value * metrics["rows"])
 
 
 def _epoch_line(plan: _Plan, epoch: int, totals: dict, seconds: float) -> dict:
@@ -393,9 +397,7 @@ def fit(config: FitConfig) -> dict:
       state, metrics = train_step(state, batch, alpha)
       if several_devices:
         jax.block_until_ready(metrics)  # Queued collectives on fake CPU devices can deadlock (TECH_NOTES).
-      rows = metrics["rows"]
-      for name, value in metrics.items():
-        sums[name] = sums.get(name, 0.0) + (value if name == "rows" else value * rows)
+      _accumulate(sums, metrics)
       bar.update(rows_in_batch)
     bar.close()
     line = _epoch_line(plan, epoch, jax.device_get(sums), time.perf_counter() - started)
@@ -478,8 +480,7 @@ def fit_group(configs: list[FitConfig]) -> list[dict]:
       stacked, metrics = step(stacked, batch, epoch_hypers)
       if mesh.devices.size > 1:
         jax.block_until_ready(metrics)
-      for name, value in metrics.items():
-        sums[name] = sums.get(name, 0.0) + (value if name == "rows" else value * metrics["rows"])
+      _accumulate(sums, metrics)
     totals = jax.device_get(sums)
     seconds = time.perf_counter() - started
     for k, plan in enumerate(group):

@@ -28,7 +28,7 @@ from shared.data import Normalization, TransferSet, open_transfer_set
 from shared.ensemble import combine_log_probs
 from shared.errors import StillroomError
 from shared.models import check_input_shape
-from shared.parallel import batch_sharding, check_batch_size, data_mesh, replicated
+from shared.parallel import batch_sharding, check_batch_size, data_mesh, pad_rows, replicated
 from shared.runs import Teacher, load_teacher
 
 
@@ -273,11 +273,8 @@ def _write_rows(cache: Cache, transfer_set: TransferSet, teachers: list[Teacher]
       outputs = []  # Device arrays; dispatch runs ahead of the host while it renders the next batch.
       for offset in range(0, len(rows), batch_size):
         part = slice(offset, offset + batch_size)
-        x = apply_view(transfer_set.inputs[position[part]], shift[part], flip[part])
-        fold_part = fold[part]
-        if len(x) < batch_size:  # Pad so the step keeps one shape (one compilation).
-          x = np.concatenate([x, np.zeros((batch_size - len(x), *x.shape[1:]), x.dtype)])
-          fold_part = np.concatenate([fold_part, np.zeros(batch_size - len(fold_part), np.int32)])
+        x = pad_rows(apply_view(transfer_set.inputs[position[part]], shift[part], flip[part]), batch_size)
+        fold_part = pad_rows(fold[part], batch_size)
         outputs.append(forward(params, jax.device_put(x, data_sharding), jax.device_put(fold_part, data_sharding)))
       logits, targets, finite = (np.concatenate([np.asarray(o[k]) for o in outputs])[:len(rows)] for k in range(3))
       if not finite.all():

@@ -123,7 +123,7 @@ def verify_cache(path: str, dataset: str | None = None, split: str | None = None
       transfer_set = None
   nonfinite, worst_target_error, target_failures, row_failures, label_failures = 0, 0.0, [], [], []
   num_examples = spec.num_examples
-  first_view_index = None
+  first_view_index = cache["index"][:num_examples]  # Every view lists the examples in this order.
   for start, stop, arrays in _iter_chunks(cache, ("targets", "member_logits", "index", "view", "labels", "shift",
                                                   "flip", "fold")):
     logits, targets = arrays["member_logits"], arrays["targets"]
@@ -135,8 +135,6 @@ def verify_cache(path: str, dataset: str | None = None, split: str | None = None
       target_failures.append(start + int(np.argwhere(bad)[0][0]))
     worst_target_error = max(worst_target_error, float(np.nan_to_num(error, nan=np.inf).max(initial=0.0)))
     rows = np.arange(start, stop)
-    if first_view_index is None:
-      first_view_index = cache["index"][:num_examples]
     shift, flip = spec.augmentation.view_params(arrays["index"], arrays["view"])
     consistent = ((arrays["view"] == rows // num_examples) & (arrays["index"] == first_view_index[rows % num_examples])
                   & (arrays["shift"] == shift).all(axis=1) & (arrays["flip"] == flip)
