@@ -1,69 +1,51 @@
-"""Search for distillation settings on `digits` using a validation slice (never the test split).
+"""Choose the demo's distillation recipe on `digits` using a validation slice (never the test split).
 
-    python scripts/recipe_search.py [--out results/recipe_search.jsonl] [--seeds 2]
+    python scripts/recipe_search.py [--work results/recipe_search] [--seeds 5] [--jobs 1]
 
-Teachers (cnn-large, augmented, dropout) train on train[:80%]; caches cover train[:80%] with 1 and 4 views; each
-student trains on the cache rows (distilled, or alpha=1 for the scratch baseline on the same rows) and is
-evaluated on train[80%:]. One JSON line per student run.
+1. The demo pipeline with its current defaults, on train[:80%] -> train[80%:] (`run_demo`): teachers, ordinary
+   and cross-fitted caches, scratch vs distilled students and the 10% arms, over paired seeds. Its table is
+   WORK/demo.md.
+2. Two sweeps over that ordinary cache (`run_sweep`, students evaluated on train[80%:]), reported in
+   WORK/full/report.md and WORK/fraction/report.md:
+   - full data: T x alpha (alpha = 1 is the scratch student on the same rows) x epochs;
+   - 10% of the examples: T x alpha x epochs.
+   Students use the demo's batch size and learning rate, without fine-tuning.
+
+About 20 minutes on a 2-core CPU; re-running resumes and reuses every finished run.
 """
 
 import argparse
-import itertools
-import json
+import dataclasses
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from student_train.train import FitConfig, fit  # noqa: E402
-from teacher_cache.build import BuildConfig, build_cache  # noqa: E402
+from student_train.demo import DemoConfig, run_demo  # noqa: E402
+from student_train.sweep import report, run_sweep  # noqa: E402
+from student_train.train import FitConfig  # noqa: E402
 
 TRAIN, VALID = "train[:80%]", "train[80%:]"
+FULL_GRID = "temperature=2,4,8;alpha=0,0.1,0.5,1;epochs=10,30,100"
+FRACTION_GRID = "temperature=2,4,8;alpha=0,0.1,0.5,1;label_fraction=0.1;epochs=50,250"
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--work", default="results/recipe_search")
-  parser.add_argument("--out", default="results/recipe_search.jsonl")
-  parser.add_argument("--seeds", type=int, default=2)
-  parser.add_argument("--teachers", type=int, default=3)
+  parser.add_argument("--seeds", type=int, default=5)
+  parser.add_argument("--jobs", type=int, default=1, help="sweep groups trained at once")
   parser.add_argument("--data-dir", default=None)
-  parser.add_argument("--models", default="mlp-tiny,mlp-small")
-  parser.add_argument("--temperatures", default="1,2,4,8")
-  parser.add_argument("--alphas", default="0.1,0.5")
-  parser.add_argument("--views", default="1,4")
-  parser.add_argument("--epochs", type=int, default=30)
-  parser.add_argument("--finetune-epochs", type=int, default=5)
   args = parser.parse_args()
-  common = {"data_dir": args.data_dir, "progress": False}
-  teachers = []
-  for seed in range(args.teachers):
-    run = os.path.join(args.work, f"teacher{seed}")
-    fit(FitConfig(model="cnn-large", dataset="digits", split=TRAIN, eval_split=VALID, augment=True, dropout=0.2,
-                  epochs=30, seed=seed, out=run, **common))
-    teachers.append(run)
-  done = set()
-  if os.path.exists(args.out):
-    with open(args.out) as f:
-      done = {json.loads(line)["name"] for line in f}
-  for views in [int(v) for v in args.views.split(",")]:
-    cache = os.path.join(args.work, f"views{views}.zarr")
-    build_cache(BuildConfig(dataset="digits", split=TRAIN, teachers=tuple(teachers), views=views, temperature=4.0,
-                            out=cache, **common))
-    settings = [(1.0, None)] + list(itertools.product([float(a) for a in args.alphas.split(",")],
-                                                      [float(t) for t in args.temperatures.split(",")]))
-    for model, (alpha, temperature), seed in itertools.product(args.models.split(","), settings,
-                                                               range(args.seeds)):
-      name = f"{model}-v{views}-a{alpha}-T{temperature}-s{seed}"
-      if name in done:
-        continue
-      final = fit(FitConfig(model=model, cache=cache, alpha=alpha, temperature=temperature, eval_split=VALID,
-                            epochs=args.epochs, finetune_epochs=args.finetune_epochs, seed=seed,
-                            out=os.path.join(args.work, name), **common))
-      record = {"name": name, "model": model, "views": views, "alpha": alpha, "temperature": temperature,
-                "seed": seed, "valid_accuracy": final["eval_accuracy"], "valid_nll": final["eval_nll"]}
-      with open(args.out, "a") as f:
-        f.write(json.dumps(record) + "\n")
-      print(json.dumps(record), flush=True)
+  demo = DemoConfig(train_split=TRAIN, test_split=VALID, data_dir=args.data_dir, seeds=args.seeds,
+                    work_dir=os.path.join(args.work, "demo"), results_dir=args.work)
+  results = run_demo(demo)
+  cache = os.path.join(demo.work_dir, f"ensemble_T{demo.temperature:g}_v{results['views']}.zarr")
+  base = FitConfig(model=demo.student_model, batch_size=demo.student_batch_size, lr=demo.student_lr,
+                   checkpoint_every=demo.checkpoint_every, eval_split=VALID, data_dir=args.data_dir, progress=False)
+  for name, grid in (("full", FULL_GRID), ("fraction", FRACTION_GRID)):
+    out = os.path.join(args.work, name)
+    run_sweep(cache, grid, out, args.seeds, dataclasses.replace(base), jobs=args.jobs)
+    print(report(out))
 
 
 if __name__ == "__main__":

@@ -88,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
   opt.add_argument("--seed", type=int, default=d.seed, help="initialisation and dropout seed (default: "
                                                             "%(default)s)")
   opt.add_argument("--data-seed", type=int, help="example order and subset seed (default: --seed)")
+  fit_parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="EPOCHS",
+                          help="epochs between checkpoints, the last epoch always included; raise it for runs of "
+                               "many short epochs, where saving dominates (default: %(default)s)")
   fit_parser.add_argument("--overwrite", action="store_true", help="replace a run dir holding another config")
   fit_parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
@@ -115,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
   sweep.add_argument("--out", required=True, metavar="SWEEP_DIR")
   sweep.add_argument("--seeds", type=int, default=1, help="seeds per grid point (default: %(default)s)")
   sweep.add_argument("--data-dir", help="TFDS data dir of the cache's dataset")
-  for name in ("model", "epochs", "finetune_epochs", "batch_size", "lr", "alpha", "temperature"):
+  for name in ("model", "epochs", "finetune_epochs", "batch_size", "lr", "alpha", "temperature", "checkpoint_every"):
     default = getattr(d, name)
     sweep.add_argument("--" + name.replace("_", "-"), type=type(default) if default is not None else float,
                        default=default, help=f"value for runs whose grid does not set it (default: {default})")
@@ -161,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"nll {result['nll']:.4f}  ece {result['ece']:.4f}")
     elif args.command == "sweep":
       base = FitConfig(**{k: getattr(args, k) for k in ("model", "epochs", "finetune_epochs", "batch_size", "lr",
-                                                         "alpha", "temperature", "data_dir", "progress")})
+                                                         "alpha", "temperature", "checkpoint_every", "data_dir",
+                                                         "progress")})
       run_sweep(args.cache, args.grid, args.out, args.seeds, base, together=args.together, jobs=args.jobs)
       print(report(args.out))
     elif args.command == "report":

@@ -5,8 +5,8 @@ rows, rebuilds each row's input from the dataset the cache records (the same vie
 trains on `alpha · CE + (1 − alpha) · soft`; `--finetune-epochs` then adds epochs on hard labels only.
 
 A run dir holds config.json (resolved), metrics.jsonl (one line per epoch), final.json and orbax checkpoints
-(one per epoch). The same command on an existing run dir resumes from its last checkpoint; a run killed and
-resumed ends with the parameters of an uninterrupted one.
+(every `--checkpoint-every` epochs and after the last). The same command on an existing run dir resumes from its
+last checkpoint; a run killed and resumed ends with the parameters of an uninterrupted one.
 """
 
 import dataclasses
@@ -76,12 +76,13 @@ class FitConfig:
   data_seed: int | None = None  # Default: seed.
   eval_dataset: str | None = None  # Default: the training dataset, if it has a 'test' split.
   eval_split: str | None = None
+  checkpoint_every: int = 1  # Epochs between checkpoints; the last epoch is always checkpointed.
   overwrite: bool = False
   progress: bool = True
 
 
 # Settings that do not change what a run computes; a resumed run may differ in them.
-_NOT_IDENTITY = ("overwrite", "progress", "data_dir")
+_NOT_IDENTITY = ("overwrite", "progress", "data_dir", "checkpoint_every")
 
 
 def _log(message: str) -> None:
@@ -132,6 +133,8 @@ def _check_ranges(config: FitConfig) -> None:
       config.holdout_fold is not None and not 0 <= config.holdout_fold < config.folds):
     raise StillroomError(f"--folds {config.folds} --holdout-fold {config.holdout_fold}: give both, with the "
                          "held-out fold in 0..K-1 (or neither).")
+  if config.checkpoint_every < 1:
+    raise StillroomError(f"--checkpoint-every must be >= 1 epoch, got {config.checkpoint_every}.")
   if config.epochs < 0 or config.finetune_epochs < 0 or config.epochs + config.finetune_epochs < 1:
     raise StillroomError("--epochs and --finetune-epochs must be >= 0 with at least one epoch in all.")
   if not config.out:
@@ -329,13 +332,21 @@ def _epoch_line(plan: _Plan, epoch: int, totals: dict, seconds: float) -> dict:
 
 
 def _end_epoch(plan: _Plan, manager, graphdef, state, line: dict, predict, teacher_top1, mesh) -> dict:
-  """Evaluates, appends the metrics line, then checkpoints (in that order: see `_truncate_metrics`)."""
+  """Evaluates, appends the metrics line, then checkpoints (in that order: see `_truncate_metrics`).
+
+  Checkpoints every `checkpoint_every` epochs and after the last one: a resumed run restarts from the latest
+  checkpoint and recomputes the epochs after it exactly (data order and dropout are functions of epoch and step).
+  """
   if plan.eval_set is not None:
     log_probs = _evaluate(predict, state, plan.eval_set, plan.config.batch_size, mesh)
     line.update({f"eval_{k}": v for k, v in classification_metrics(log_probs, plan.eval_set.labels).items()})
     if teacher_top1 is not None:
       line["eval_teacher_agreement"] = float(np.mean(log_probs.argmax(axis=-1) == teacher_top1))
   _append_metrics(plan.config.out, line)
+  config = plan.config
+  if line["epoch"] % config.checkpoint_every and line["epoch"] != config.epochs + config.finetune_epochs:
+    _log(_summary(line))
+    return line
   manager.save(line["epoch"] - 1, args=ocp.args.Composite(**{
       STATE_ITEM: ocp.args.StandardSave(_checkpointable(state)),
       PARAMS_ITEM: ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, state)[0], nnx.Param))),

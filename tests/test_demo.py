@@ -18,7 +18,8 @@ def test_demo_pipeline_on_a_tabular_npz(tmp_path):
   config = DemoConfig(dataset=f"npz:{tmp_path / 'wine.npz'}", train_split="train[:75%]", test_split="train[75%:]",
                       work_dir=str(tmp_path / "work"), results_dir=str(tmp_path / "results"), teacher_model="mlp-small",
                       teachers=2, teacher_epochs=15, student_model="mlp-tiny", student_epochs=15, finetune_epochs=2,
-                      seeds=2, folds=2, label_fraction=0.5, fraction_epochs=20, batch_size=32, temperature=2.0)
+                      seeds=2, folds=2, label_fraction=0.5, fraction_epochs=20, teacher_batch_size=32,
+                      student_batch_size=32, student_lr=3e-3, temperature=2.0, fraction_temperature=2.0)
   results = run_demo(config)
   assert results["views"] == 1 and results["teacher_model"] == "mlp-small"
   assert set(results["students"]) == {"scratch", "distilled (AM)", "distilled (GM)", "distilled (cross-fitted AM)"}
@@ -28,7 +29,13 @@ def test_demo_pipeline_on_a_tabular_npz(tmp_path):
   distilled = results["students"]["distilled (AM)"]
   np.testing.assert_allclose(distilled["paired_gain"]["values"],
                              np.array(distilled["values"]) - np.array(results["students"]["scratch"]["values"]))
-  assert set(results["label_fraction"]) == {"hard labels", "soft targets", "soft targets (cross-fitted)"}
+  fraction = results["label_fraction"]
+  assert set(fraction) == {"hard labels", "soft targets", "soft targets (cross-fitted)"}
+  for name in ("soft targets", "soft targets (cross-fitted)"):
+    gain = np.array(fraction[name]["values"]) - np.array(fraction["hard labels"]["values"])
+    np.testing.assert_allclose(fraction[name]["paired_gain"]["values"], gain)
+    larger_std = max(np.std(fraction[name]["values"], ddof=1), np.std(fraction["hard labels"]["values"], ddof=1))
+    assert fraction[name]["gain_over_2_std"] == bool(gain.mean() > 2 * larger_std)
   for name in ("demo.md", "demo.json", "demo.png"):
     assert os.path.getsize(tmp_path / "results" / name) > 0
   with open(tmp_path / "results" / "demo.json") as f:

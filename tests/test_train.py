@@ -82,17 +82,19 @@ def test_sigkill_and_resume_ends_with_the_uninterrupted_parameters(tmp_path, dat
   args = ["fit", "--model", "mlp-small", "--cache", cache_path, "--data-dir", data_dir, "--epochs", "6",
           "--finetune-epochs", "2", "--dropout", "0.2", "--batch-size", "64", "--no-progress"]
   killed = tmp_path / "killed"
+  sparse = ["--checkpoint-every", "3"]  # Kills land between checkpoints: resuming recomputes epochs exactly.
   for kill_after_lines in (2, 5):
-    process = _fit_process(args + ["--out", killed])
+    process = _fit_process(args + sparse + ["--out", killed])
     metrics = killed / "metrics.jsonl"
     while process.poll() is None and (not metrics.exists() or len(metrics.read_text().splitlines()) < kill_after_lines):
       time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (killed / "final.json").exists()
-  resumed = _fit_process(args + ["--out", killed])
+  resumed = _fit_process(args + sparse + ["--out", killed])
   assert resumed.wait() == 0, resumed.stderr.read().decode()[-2000:]
   assert "resuming" in resumed.stderr.read().decode()
+  assert sorted(os.listdir(killed / "checkpoints")) == ["5", "7"]  # Epochs 6 and 8 (the last): every 3rd, kept 2.
   clean = _fit_process(args + ["--out", tmp_path / "clean"])
   assert clean.wait() == 0
   killed_params, clean_params = _params(killed), _params(tmp_path / "clean")
@@ -128,6 +130,7 @@ def test_bad_input_gets_a_clear_error(tmp_path, data_dir, cache_path, teachers, 
         "--out", out], "needs image inputs"),
       (["--cache", cache_path, "--members", "0,5", "--out", out], "--members \\[0, 5\\]: give distinct indices"),
       (["--dataset", "digits", "--out", out, "--temperature", "0"], "--temperature must be > 0"),
+      (["--dataset", "digits", "--out", out, "--checkpoint-every", "0"], "--checkpoint-every must be >= 1 epoch"),
   ]
   for args, message in cases:
     code, _, err = run_cli(base + args, capsys)
