@@ -201,14 +201,15 @@ def _summarise(config, teacher_model, views, evaluations, students, fraction, st
 
 
 def format_table(results: dict) -> str:
-  """The results as a Markdown table (test accuracy; students mean ± std over seeds)."""
+  """The results as Markdown tables (accuracy on the test split; students mean ± std over seeds)."""
   config = results["config"]
   lines = [f"Dataset `{config['dataset']}` ({config['train_split']} -> {config['test_split']}); teachers "
-           f"{config['teachers']} x `{results['teacher_model']}`, {results['views']} views, T={config['temperature']:g}, "
-           f"alpha={config['alpha']:g}; student `{config['student_model']}`, {config['student_epochs']} + "
+           f"{config['teachers']} x `{results['teacher_model']}`, {results['views']} views, "
+           f"T={config['temperature']:g}, alpha={config['alpha']:g}; student `{config['student_model']}`, {config['student_epochs']} + "
            f"{config['finetune_epochs']} fine-tune epochs (batch {config['student_batch_size']}, lr "
            f"{config['student_lr']:g}), {config['seeds']} paired seeds.", "",
-           f"| model | accuracy on {config['test_split']} | gap closed | paired gain vs scratch |", "|---|---|---|---|"]
+           f"| model | accuracy on {config['test_split']} | gap closed | paired gain vs scratch |",
+           "|---|---|---|---|"]
   for name, accuracy in results["teachers"].items():
     lines.append(f"| {name} | {100 * accuracy:.2f}% | | |")
   for name, arm in results["students"].items():

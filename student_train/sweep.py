@@ -194,6 +194,15 @@ def _ensemble_accuracy(cache_path: str, eval_config: dict | None, data_dir: str 
     return None
 
 
+# Settings a hard-label run (alpha = 1) ignores.
+_SOFT_ONLY_AXES = ("alpha", "temperature", "combine", "members", "loss")
+
+
+def _hard_label_key(point: dict) -> str:
+  """The point's settings that matter to a hard-label run: points sharing it share a scratch baseline."""
+  return json.dumps({k: v for k, v in point.items() if k not in _SOFT_ONLY_AXES}, sort_keys=True)
+
+
 def report(sweep_dir: str) -> str:
   """Writes report.md, report.csv and one PNG per swept axis into the sweep dir; returns the Markdown table."""
   import matplotlib
@@ -219,9 +228,14 @@ def report(sweep_dir: str) -> str:
           eval_config = json.load(f)["resolved"]["eval"]
     else:
       row["missing"] += 1
-  # Points with alpha = 1 train on hard labels only (T, rule and members do not matter): the scratch baseline.
-  scratch = [a for r in rows.values() if r["point"].get("alpha", base_alpha(manifest)) == 1.0 for a in r["accuracies"]]
-  scratch_mean = float(np.mean(scratch)) if scratch else None
+  # Points with alpha = 1 train on hard labels only: the scratch baseline of every point that shares their other
+  # settings (epochs, model, label fraction; T, rule, members and loss do not change a hard-label run).
+  is_scratch = lambda point: point.get("alpha", base_alpha(manifest)) == 1.0  # noqa: E731
+  scratch_runs: dict[str, list[float]] = {}
+  for row in rows.values():
+    if is_scratch(row["point"]):
+      scratch_runs.setdefault(_hard_label_key(row["point"]), []).extend(row["accuracies"])
+  baselines = {key: float(np.mean(values)) for key, values in scratch_runs.items() if values}
   ensemble = _ensemble_accuracy(manifest["cache"], eval_config, manifest.get("data_dir"))
   axes = list(manifest["grid"])
   header = axes + ["seeds", "accuracy mean", "accuracy std", "gain vs scratch", "gap closed"]
@@ -230,6 +244,7 @@ def report(sweep_dir: str) -> str:
     values = np.array(row["accuracies"], float)
     mean = float(values.mean()) if len(values) else np.nan
     std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    scratch_mean = baselines.get(_hard_label_key(row["point"]))
     gain = mean - scratch_mean if scratch_mean is not None else None
     gap = gain / (ensemble - scratch_mean) if gain is not None and ensemble and ensemble > scratch_mean else None
     table_rows.append([*(row["point"][a] for a in axes), f"{len(values)}" + (f" (+{row['missing']} unfinished)"
@@ -245,8 +260,8 @@ def report(sweep_dir: str) -> str:
            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for row in table_rows:
     cells = [str(v) for v in row[:len(axes)]] + [row[len(axes)], fmt(row[-4]), fmt(row[-3]),
-                                                  "" if row[-2] is None else f"{100 * row[-2]:+.2f}",
-                                                  "" if row[-1] is None else f"{100 * row[-1]:+.0f}%"]
+                                                  "" if row[-2] is None else f"{round(100 * row[-2], 2) + 0.0:+.2f}",
+                                                  "" if row[-1] is None else f"{round(100 * row[-1]) + 0:+d}%"]
     lines.append("| " + " | ".join(cells) + " |")
   table = "\n".join(lines)
   with open(os.path.join(sweep_dir, "report.md"), "w") as f:
@@ -264,8 +279,16 @@ def report(sweep_dir: str) -> str:
     plot.set_xticks(range(len(labels)), labels)
     plot.set_xlabel(axis)
     plot.set_ylabel("eval accuracy (%)")
-    if scratch_mean is not None:
-      plot.axhline(100 * scratch_mean, color="gray", linestyle="--", label="scratch (alpha=1)")
+    if len(baselines) == 1:
+      plot.axhline(100 * next(iter(baselines.values())), color="gray", linestyle="--", label="scratch (alpha=1)")
+      plot.legend()
+    elif baselines and axis not in _SOFT_ONLY_AXES:  # Scratch changes along this axis: plot its curve too.
+      scratch_rows = [(json.dumps(r[index]), r[len(axes) + 1]) for r, row in zip(table_rows, rows.values())
+                      if is_scratch(row["point"])]
+      scratch_means = [np.nanmean([m for label_, m in scratch_rows if label_ == label] or [np.nan])
+                       for label in labels]
+      plot.plot(range(len(labels)), [100 * m for m in scratch_means], color="gray", linestyle="--", marker="o",
+                label="scratch (alpha=1)")
       plot.legend()
     figure.tight_layout()
     figure.savefig(os.path.join(sweep_dir, f"report_{axis}.png"), dpi=110)

@@ -1,5 +1,6 @@
 """student-train sweep/report: grid parsing and validation, kill-and-resume without redoing finished runs."""
 
+import csv
 import glob
 import json
 import os
@@ -131,3 +132,20 @@ def test_jobs_run_groups_in_parallel_processes_with_the_same_results(tmp_path, c
       assert json.load(f)["loss"] == json.load(g)["loss"]
   with pytest.raises(StillroomError, match="--jobs must be >= 1"):
     run_sweep(cache_path, "temperature=1", str(tmp_path / "x"), base=base, jobs=0)
+
+
+def test_report_gain_is_against_the_scratch_run_of_the_same_schedule(tmp_path, cache_path, data_dir):
+  out = tmp_path / "sweep"
+  base = FitConfig(data_dir=data_dir, model="mlp-tiny", progress=False)
+  run_sweep(cache_path, "alpha=0.5,1;epochs=1,3", str(out), base=base)
+  report(str(out))
+  with open(out / "report.csv") as f:
+    rows = {(float(r["alpha"]), int(r["epochs"])): r for r in csv.DictReader(f)}
+  accuracy = lambda alpha, epochs: json.load(open(out / f"alpha={alpha},epochs={epochs},seed=0" / "final.json"))[
+      "eval_accuracy"]  # noqa: E731
+  for epochs in (1, 3):
+    expected = accuracy(0.5, epochs) - accuracy(1, epochs)  # The hard-label run with the same number of epochs.
+    assert float(rows[(0.5, epochs)]["gain vs scratch"]) == pytest.approx(expected)
+    assert float(rows[(1.0, epochs)]["gain vs scratch"]) == 0.0
+  assert accuracy(1, 1) != accuracy(1, 3)  # Otherwise pooling the scratch runs would pass too.
+  assert os.path.getsize(out / "report_epochs.png") > 0
