@@ -344,14 +344,12 @@ def _end_epoch(plan: _Plan, manager, graphdef, state, line: dict, predict, teach
       line["eval_teacher_agreement"] = float(np.mean(log_probs.argmax(axis=-1) == teacher_top1))
   _append_metrics(plan.config.out, line)
   config = plan.config
-  if line["epoch"] % config.checkpoint_every and line["epoch"] != config.epochs + config.finetune_epochs:
-    _log(_summary(line))
-    return line
-  manager.save(line["epoch"] - 1, args=ocp.args.Composite(**{
-      STATE_ITEM: ocp.args.StandardSave(_checkpointable(state)),
-      PARAMS_ITEM: ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, state)[0], nnx.Param))),
-      META_ITEM: ocp.args.JsonSave({"epoch": line["epoch"] - 1})}))
-  manager.wait_until_finished()
+  if line["epoch"] % config.checkpoint_every == 0 or line["epoch"] == config.epochs + config.finetune_epochs:
+    manager.save(line["epoch"] - 1, args=ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.StandardSave(_checkpointable(state)),
+        PARAMS_ITEM: ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, state)[0], nnx.Param))),
+        META_ITEM: ocp.args.JsonSave({"epoch": line["epoch"] - 1})}))
+    manager.wait_until_finished()
   _log(_summary(line))
   return line
 
