@@ -15,7 +15,6 @@ About 20 minutes on a 2-core CPU; re-running resumes and reuses every finished r
 """
 
 import argparse
-import dataclasses
 import os
 import sys
 
@@ -44,7 +43,7 @@ def main():
                    checkpoint_every=demo.checkpoint_every, eval_split=VALID, data_dir=args.data_dir, progress=False)
   for name, grid in (("full", FULL_GRID), ("fraction", FRACTION_GRID)):
     out = os.path.join(args.work, name)
-    run_sweep(cache, grid, out, args.seeds, dataclasses.replace(base), jobs=args.jobs)
+    run_sweep(cache, grid, out, args.seeds, base, jobs=args.jobs)
     print(report(out))
 
 
