@@ -7,7 +7,7 @@ import json
 from shared.ensemble import COMBINE_RULES
 from shared.losses import LOSSES
 from shared.cli import add_models_command, print_models, run_or_exit
-from student_train.demo import DemoConfig, run_demo
+from student_train.demo import DEMO_HELP, DemoConfig, run_demo
 from student_train.sweep import report, run_sweep
 from student_train.train import DEFAULT_KD_ALPHA, FitConfig, evaluate_runs, fit
 
@@ -22,30 +22,6 @@ examples:
   student-train fit --model mlp-small --cache digits.zarr --alpha 0.1 --finetune-epochs 5 --out runs/student
   student-train eval runs/teacher0 runs/teacher1 --dataset digits --split test
 """
-
-
-_DEMO_HELP = {
-    "dataset": "'digits', 'npz:PATH' or a prepared TFDS name",
-    "train_split": "transfer set: teachers train on it, caches cover it",
-    "test_split": "split every model is evaluated on",
-    "data_dir": "TFDS data dir",
-    "work_dir": "runs and caches; a rerun reuses finished runs",
-    "results_dir": "where demo.md, demo.json and demo.png go",
-    "teacher_model": "default: cnn-large for images, mlp-large for flat vectors",
-    "teachers": "ensemble size M",
-    "views": "cached views per example; default: 16 for images, 1 for flat vectors",
-    "max_shift": "view shift in pixels (zero-filled)",
-    "temperature": "T of the caches and of the full-data students",
-    "alpha": "hard-label weight of the distilled full-data students",
-    "student_epochs": "full-data student epochs before fine-tuning",
-    "finetune_epochs": "hard-label epochs after distillation (scratch students get them too)",
-    "seeds": "paired student seeds per arm",
-    "folds": "cross-fitting folds K (K x M extra teacher runs); 1 skips the cross-fitted arms",
-    "label_fraction": "fraction of the examples for the hard vs soft regularizer arms; 1 skips them",
-    "fraction_epochs": "epochs of the fraction arms",
-    "fraction_temperature": "T of the soft-only fraction arms",
-    "checkpoint_every": "student epochs between checkpoints",
-}
 
 
 def _members(text: str) -> tuple[int, ...]:
@@ -162,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
     type_name = getattr(field.type, "__name__", str(field.type)).split(" ")[0]  # "int | None" -> "int"
     kind = {"int": int, "float": float}.get(type_name, str)
     demo.add_argument("--" + field.name.replace("_", "-"), type=kind, default=field.default,
-                      help=_DEMO_HELP.get(field.name, "") + " (default: %(default)s)")
+                      help=DEMO_HELP.get(field.name, "") + " (default: %(default)s)")
   add_models_command(commands)
   return parser
 

@@ -35,14 +35,14 @@ class DemoConfig:
   train_split: str = "train"
   test_split: str = "test"
   data_dir: str | None = None
-  work_dir: str = "demo"  # Runs and caches (resumable).
-  results_dir: str = "results"  # demo.md, demo.json, demo.png.
-  teacher_model: str | None = None  # Default: cnn-large for images, mlp-large for flat vectors.
+  work_dir: str = "demo"
+  results_dir: str = "results"
+  teacher_model: str | None = None
   teachers: int = 3
   teacher_epochs: int = 30
   teacher_dropout: float = 0.2
   teacher_batch_size: int = 128
-  views: int | None = None  # Default: 16 for images, 1 for flat vectors.
+  views: int | None = None
   max_shift: int = 1
   temperature: float = 4.0
   alpha: float = 0.1
@@ -52,12 +52,36 @@ class DemoConfig:
   student_batch_size: int = 512
   student_lr: float = 1e-2
   seeds: int = 5
-  folds: int = 3  # Cross-fitted teachers for the comparison; 1 skips it.
-  label_fraction: float = 0.1  # The regularizer experiment; 1 skips it.
-  fraction_epochs: int = 250  # Epochs of the label-fraction arms (they have 1/10 of the rows per epoch).
-  fraction_temperature: float = 8.0  # T of the soft-only arms on the fraction (alpha = 0, no fine-tuning).
-  checkpoint_every: int = 25  # Student epochs between checkpoints (tiny epochs: saving would dominate).
+  folds: int = 3
+  label_fraction: float = 0.1
+  fraction_epochs: int = 250
+  fraction_temperature: float = 8.0
+  checkpoint_every: int = 25
 
+
+# What each DemoConfig field means (also `student-train demo --help`).
+DEMO_HELP = {
+    "dataset": "'digits', 'npz:PATH' or a prepared TFDS name",
+    "train_split": "transfer set: teachers train on it, caches cover it",
+    "test_split": "split every model is evaluated on",
+    "data_dir": "TFDS data dir",
+    "work_dir": "runs and caches; a rerun reuses finished runs",
+    "results_dir": "where demo.md, demo.json and demo.png go",
+    "teacher_model": "default: cnn-large for images, mlp-large for flat vectors",
+    "teachers": "ensemble size M",
+    "views": "cached views per example; default: 16 for images, 1 for flat vectors",
+    "max_shift": "view shift in pixels (zero-filled)",
+    "temperature": "T of the caches and of the full-data students",
+    "alpha": "hard-label weight of the distilled full-data students",
+    "student_epochs": "full-data student epochs before fine-tuning",
+    "finetune_epochs": "hard-label epochs after distillation (scratch students get them too)",
+    "seeds": "paired student seeds per arm",
+    "folds": "cross-fitting folds K (K x M extra teacher runs); 1 skips the cross-fitted arms",
+    "label_fraction": "fraction of the examples for the hard vs soft regularizer arms; 1 skips them",
+    "fraction_epochs": "epochs of the fraction arms (each epoch holds only the fraction's rows)",
+    "fraction_temperature": "T of the soft-only fraction arms (alpha 0, no fine-tuning)",
+    "checkpoint_every": "student epochs between checkpoints (epochs are tiny: saving each would dominate)",
+}
 
 def _log(message: str) -> None:
   print(f"demo: {message}", file=sys.stderr, flush=True)
@@ -186,15 +210,13 @@ def _summarise(config, teacher_model, views, evaluations, students, fraction, st
       arm["gap_closed"] = float((values.mean() - scratch.mean()) / gap) if gap > 0 else None
       arm["paired_gain"] = _mean_std(values - scratch)
     arms[name] = arm
-  fraction_arms = {}
-  for name, values in fraction.items():
-    arm = _mean_std(values)
+  fraction_arms = {name: _mean_std(values) for name, values in fraction.items()}
+  for name, arm in fraction_arms.items():
     if name != "hard labels":
-      hard = fraction["hard labels"]
-      arm["paired_gain"] = _mean_std(np.array(values) - np.array(hard))
+      hard = fraction_arms["hard labels"]
+      arm["paired_gain"] = _mean_std(np.array(arm["values"]) - np.array(hard["values"]))
       # The regularizer claim: a gain larger than twice the larger of the two arms' standard deviations.
-      arm["gain_over_2_std"] = bool(np.mean(values) - np.mean(hard) > 2 * max(arm["std"], _mean_std(hard)["std"]))
-    fraction_arms[name] = arm
+      arm["gain_over_2_std"] = arm["mean"] - hard["mean"] > 2 * max(arm["std"], hard["std"])
   return {"config": dataclasses.asdict(config), "teacher_model": teacher_model, "views": views,
           "teachers": evaluations, "students": arms, "label_fraction": fraction_arms, "stage_seconds": stages,
           "total_seconds": seconds}
@@ -205,9 +227,9 @@ def format_table(results: dict) -> str:
   config = results["config"]
   lines = [f"Dataset `{config['dataset']}` ({config['train_split']} -> {config['test_split']}); teachers "
            f"{config['teachers']} x `{results['teacher_model']}`, {results['views']} views, "
-           f"T={config['temperature']:g}, alpha={config['alpha']:g}; student `{config['student_model']}`, {config['student_epochs']} + "
-           f"{config['finetune_epochs']} fine-tune epochs (batch {config['student_batch_size']}, lr "
-           f"{config['student_lr']:g}), {config['seeds']} paired seeds.", "",
+           f"T={config['temperature']:g}, alpha={config['alpha']:g}; student `{config['student_model']}`, "
+           f"{config['student_epochs']} + {config['finetune_epochs']} fine-tune epochs (batch "
+           f"{config['student_batch_size']}, lr {config['student_lr']:g}), {config['seeds']} paired seeds.", "",
            f"| model | accuracy on {config['test_split']} | gap closed | paired gain vs scratch |",
            "|---|---|---|---|"]
   for name, accuracy in results["teachers"].items():
