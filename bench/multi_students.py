@@ -2,8 +2,9 @@
 
     python bench/multi_students.py [--model mlp-small] [--rows 16384]
 
-Prints, for K = 1, 4, 8, the epoch time of K students trained together and the ratio to one student trained
-alone with the ordinary step; K / ratio is the speed-up over K separate runs.
+Prints, for K = 1, 4, 8, the epoch time of K students trained together in the trainer's step and the ratio to one
+student (a run of its own is a group of one); K / ratio is the speed-up over K separate runs. The students
+re-derive their targets from the members' logits (as students of other T, rule or members do).
 """
 
 import argparse
@@ -12,19 +13,16 @@ import sys
 import tempfile
 
 import jax
-import numpy as np
-import optax
-from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import synthetic  # noqa: E402
 from bench.harness import measure, write_json  # noqa: E402
+from bench.run_all import _student, student_hypers  # noqa: E402
 from shared.cache import open_cache  # noqa: E402
 from shared.data import open_transfer_set  # noqa: E402
-from shared.models import ModelSpec, build_model  # noqa: E402
-from shared.parallel import batch_sharding, data_mesh, replicated  # noqa: E402
+from shared.parallel import batch_sharding, data_mesh  # noqa: E402
 from student_train.loader import CacheLoader  # noqa: E402
-from student_train.steps import Teaching, make_multi_train_step, make_train_step, stack_states  # noqa: E402
+from student_train.steps import make_train_step  # noqa: E402
 
 
 def main():
@@ -43,40 +41,22 @@ def main():
                          fields=("member_logits",))
     batches = [jax.device_put({k: v for k, v in b.items() if k != "index"}, batch_sharding(mesh))
                for b in loader.epoch(0)]
-    spec = ModelSpec(name=args.model, input_shape=transfer_set.input_shape, num_classes=10)
-
-    def fresh(seed):
-      model = build_model(spec, seed=seed)
-      return nnx.split((model, nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)))
-
-    graphdef, state = fresh(0)
-    teaching = Teaching(loss="kl", temperature=4.0, combine="arithmetic", members=(0, 1, 2), stored_targets=False)
-    single = make_train_step(graphdef, transfer_set.normalization, teaching, jax.random.key(0), mesh)
-    holder = {"state": jax.device_put(state, replicated(mesh))}
-
-    def one_alone():
-      for batch in batches:
-        holder["state"], metrics = single(holder["state"], batch, np.float32(0.5))
-      jax.block_until_ready(metrics)
-
-    alone = measure(one_alone, repeats=3)["median"]
-    multi = make_multi_train_step(graphdef, transfer_set.normalization, mesh)
-    result = {"model": args.model, "rows": args.rows, "batch": args.batch, "one_alone_s": alone, "together": []}
-    print(f"one {args.model} alone: {alone:.3f} s per epoch of {args.rows} rows")
+    result = {"model": args.model, "rows": args.rows, "batch": args.batch, "together": []}
     for count in (1, 4, 8):
-      states = stack_states([fresh(seed)[1] for seed in range(count)])
-      hypers = {"temperature": np.full(count, 4.0, np.float32), "alpha": np.full(count, 0.5, np.float32),
-                "geometric": np.zeros(count, bool), "mse": np.zeros(count, bool),
-                "member_weights": np.full((count, 3), 1 / 3, np.float32),
-                "key": jax.numpy.stack([jax.random.key(seed) for seed in range(count)])}
-      group = {"states": jax.device_put(states, replicated(mesh)), "hypers": jax.device_put(hypers, replicated(mesh))}
+      graphdef, states = _student(args.model, transfer_set, mesh, students=count)
+      step = make_train_step(graphdef, transfer_set.normalization, mesh)
+      group = {"states": states, "hypers": student_hypers(mesh, count, members=3, use_stored=False)}
 
       def together():
         for batch in batches:
-          group["states"], metrics = multi(group["states"], batch, group["hypers"])
+          group["states"], metrics = step(group["states"], batch, group["hypers"])
         jax.block_until_ready(metrics)
 
       seconds = measure(together, repeats=3)["median"]
+      if count == 1:
+        result["one_alone_s"] = alone = seconds
+        print(f"one {args.model} alone: {alone:.3f} s per epoch of {args.rows} rows")
+        continue
       ratio = seconds / alone
       result["together"].append({"students": count, "seconds": seconds, "ratio_to_one_alone": ratio,
                                  "speedup_over_separate_runs": count / ratio})

@@ -32,25 +32,37 @@ from bench import synthetic  # noqa: E402
 from shared.augment import Augmentation  # noqa: E402
 from shared.cache import open_cache  # noqa: E402
 from shared.data import open_transfer_set  # noqa: E402
-from shared.ensemble import combine_log_probs  # noqa: E402
+from shared.ensemble import combine_log_probs, member_weights  # noqa: E402
 from shared.models import ModelSpec, build_model  # noqa: E402
 from shared.parallel import batch_sharding, data_mesh, replicated  # noqa: E402
 from shared.runs import load_teacher  # noqa: E402
 from student_train.loader import ArrayLoader, CacheLoader  # noqa: E402
-from student_train.steps import Teaching, make_train_step, train_step_fn  # noqa: E402
-from teacher_cache.build import BuildConfig, _make_forward, build_cache  # noqa: E402
+from student_train.steps import make_train_step, stack_hypers, stack_states, train_step_fn  # noqa: E402
+from teacher_cache.build import BuildConfig, _make_forwards, build_cache  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _student(model: str, transfer_set, mesh):
+def _student(model: str, transfer_set, mesh, students: int = 1):
+  """`students` freshly initialised students stacked for the trainer's step (one: a run of its own)."""
   spec = ModelSpec(name=model, input_shape=transfer_set.input_shape, num_classes=transfer_set.num_classes)
-  model = build_model(spec)
-  graphdef, state = nnx.split((model, nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)))
-  return graphdef, jax.device_put(state, replicated(mesh))
+  states = []
+  for seed in range(students):
+    student = build_model(spec, seed=seed)
+    graphdef, state = nnx.split((student, nnx.Optimizer(student, optax.adamw(1e-3), wrt=nnx.Param)))
+    states.append(state)
+  return graphdef, jax.device_put(stack_states(states), replicated(mesh))
 
 
-def _epoch_runner(step, state, batches, mesh, extra=()):
+def student_hypers(mesh, students: int = 1, members: int = 1, use_stored: bool = True) -> dict:
+  """The step's per-student settings: alpha 0.5, T=4, AM of all members, stored or re-derived targets."""
+  one = {"alpha": np.float32(0.5), "temperature": np.float32(4.0), "geometric": np.bool_(False),
+         "mse": np.bool_(False), "member_weights": member_weights(range(members), members),
+         "use_stored": np.bool_(use_stored)}
+  return jax.device_put(stack_hypers([one] * students, list(range(students))), replicated(mesh))
+
+
+def _epoch_runner(step, state, batches, mesh, hypers, extra=()):
   """A function that runs one epoch of `batches()` through `step` and waits for the result."""
   sharding = batch_sharding(mesh)
   holder = {"state": state}
@@ -59,7 +71,7 @@ def _epoch_runner(step, state, batches, mesh, extra=()):
     state = holder["state"]
     for batch in batches():
       batch = jax.device_put({k: v for k, v in batch.items() if k != "index"}, sharding)
-      state, metrics = step(state, *extra, batch, np.float32(0.5))
+      state, metrics = step(state, *extra, batch, hypers)
     jax.block_until_ready(metrics)
     holder["state"] = state
 
@@ -77,13 +89,12 @@ def streaming_overhead(tmp: str, model: str, input_shape, rows: int, batch: int,
   hard_set, half_set = open_transfer_set(examples, "train"), open_transfer_set(half, "train")
   hard = ArrayLoader(hard_set, batch_size=batch, seed=0, augmentation=Augmentation(max_shift=1))
   cached = CacheLoader(open_cache(cache_path), half_set, batch_size=batch, seed=0, fields=("targets",))
-  teaching = Teaching(loss="kl", temperature=4.0, combine="arithmetic", members=(0, 1, 2, 3), stored_targets=True)
   graphdef, state = _student(model, hard_set, mesh)
-  hard_step = make_train_step(graphdef, hard_set.normalization, None, jax.random.key(0), mesh)
-  hard_run = _epoch_runner(hard_step, state, lambda: hard.epoch(0), mesh)
+  hard_step = make_train_step(graphdef, hard_set.normalization, mesh)
+  hard_run = _epoch_runner(hard_step, state, lambda: hard.epoch(0), mesh, student_hypers(mesh))
   graphdef, state = _student(model, half_set, mesh)
-  kd_step = make_train_step(graphdef, half_set.normalization, teaching, jax.random.key(0), mesh)
-  cached_run = _epoch_runner(kd_step, state, lambda: cached.epoch(0), mesh)
+  kd_step = make_train_step(graphdef, half_set.normalization, mesh)
+  cached_run = _epoch_runner(kd_step, state, lambda: cached.epoch(0), mesh, student_hypers(mesh, members=4))
   hard_time, cached_time = measure_pair(hard_run, cached_run, repeats=repeats)
   return {"model": model, "input_shape": list(input_shape), "rows": rows, "batch": batch,
           "hard_from_memory_s": hard_time["median"], "distill_from_cache_s": cached_time["median"],
@@ -100,28 +111,27 @@ def online_vs_cached(tmp: str, student: str, teacher_model: str, input_shape, me
   teachers = [load_teacher(run) for run in runs]
   cache_path = os.path.join(tmp, f"online_{student}.zarr")
   build_cache(BuildConfig(dataset=dataset, teachers=tuple(runs), out=cache_path, progress=False))
-  teaching = Teaching(loss="kl", temperature=4.0, combine="arithmetic", members=tuple(range(members)),
-                      stored_targets=True)
   normalization = transfer_set.normalization
   teacher_params = jax.device_put([t.params for t in teachers], replicated(mesh))
+  hypers = student_hypers(mesh, members=members)
 
   def ensemble_log_probs(params, x):
     logits = jnp.stack([t.apply_fn(p, normalization.apply(x)) for t, p in zip(teachers, params)], axis=1)
-    return combine_log_probs(logits, teaching.temperature, teaching.combine)
+    return combine_log_probs(logits, 4.0, "arithmetic")
 
   graphdef, state = _student(student, transfer_set, mesh)
-  inner = train_step_fn(graphdef, normalization, teaching, jax.random.key(0))
+  inner = train_step_fn(graphdef, normalization)  # The trainer's step; online KD adds the ensemble inside it.
 
-  def online_step(state, params, batch, alpha):
-    return inner(state, {**batch, "targets": ensemble_log_probs(params, batch["x"])}, alpha)
+  def online_step(state, params, batch, hypers):
+    return inner(state, {**batch, "targets": ensemble_log_probs(params, batch["x"])}, hypers)
 
   online = jax.jit(online_step, donate_argnums=0)
   cached_step = jax.jit(inner, donate_argnums=0)
   loader = CacheLoader(open_cache(cache_path), transfer_set, batch_size=batch, seed=0, fields=("targets",))
   plain = ArrayLoader(transfer_set, batch_size=batch, seed=0)
-  online_run = _epoch_runner(online, state, lambda: plain.epoch(0), mesh, extra=(teacher_params,))
+  online_run = _epoch_runner(online, state, lambda: plain.epoch(0), mesh, hypers, extra=(teacher_params,))
   graphdef, state = _student(student, transfer_set, mesh)
-  cached_run = _epoch_runner(cached_step, state, lambda: loader.epoch(0), mesh)
+  cached_run = _epoch_runner(cached_step, state, lambda: loader.epoch(0), mesh, hypers)
   online_time, cached_time = measure_pair(online_run, cached_run, repeats=repeats)
   # The ideal, from the two parts timed alone on one device-resident batch.
   sample = jax.device_put({k: v for k, v in next(iter(loader.epoch(0))).items() if k != "index"},
@@ -132,7 +142,7 @@ def online_vs_cached(tmp: str, student: str, teacher_model: str, input_shape, me
   holder = {"state": state}
 
   def one_step():
-    holder["state"], metrics = cached_step(holder["state"], sample, np.float32(0.5))
+    holder["state"], metrics = cached_step(holder["state"], sample, hypers)
     jax.block_until_ready(metrics)
 
   step_time = measure(one_step, repeats=repeats * 5)
@@ -155,12 +165,12 @@ def build_overhead(tmp: str, teacher_model: str, input_shape, members: int, rows
 
   def build():
     build_cache(BuildConfig(dataset=dataset, teachers=tuple(runs), batch_size=batch, views=2,
-                            out=os.path.join(tmp, f"build{next(counter)}.zarr"), progress=False))
+                            out=os.path.join(tmp, f"build{next(counter)}.zarr"), progress=False))  # No eval split.
 
   build_time = measure(build, repeats=repeats)
   spec = open_cache(os.path.join(tmp, "build0.zarr")).spec
   teachers = [load_teacher(run) for run in runs]
-  forward = _make_forward(teachers, spec, mesh)
+  forward, _ = _make_forwards(teachers, spec, mesh)
   params = jax.device_put([t.params for t in teachers], replicated(mesh))
   sharding = batch_sharding(mesh)
   inputs = np.concatenate([transfer_set.inputs] * spec.views)
@@ -232,10 +242,10 @@ def scaling(tmp: str, base_rows: int, repeats: int) -> dict:
     build_s = time.perf_counter() - started
     transfer_set = open_transfer_set(dataset, "train")
     loader = CacheLoader(open_cache(cache), transfer_set, batch_size=256, seed=0, fields=("targets",))
-    teaching = Teaching(loss="kl", temperature=4.0, combine="arithmetic", members=(0, 1), stored_targets=True)
     graphdef, state = _student("mlp-small", transfer_set, mesh)
-    step = make_train_step(graphdef, transfer_set.normalization, teaching, jax.random.key(0), mesh)
-    epoch = measure(_epoch_runner(step, state, lambda: loader.epoch(0), mesh), repeats=repeats)
+    step = make_train_step(graphdef, transfer_set.normalization, mesh)
+    epoch = measure(_epoch_runner(step, state, lambda: loader.epoch(0), mesh, student_hypers(mesh, members=2)),
+                    repeats=repeats)
     points.append({"rows": rows, "build_s": build_s, "epoch_s": epoch["median"]})
   return {"points": points, "build_per_row_ratio_16N_vs_N": (points[2]["build_s"] / 16) / points[0]["build_s"],
           "epoch_per_row_ratio_16N_vs_N": (points[2]["epoch_s"] / 16) / points[0]["epoch_s"]}

@@ -6,10 +6,10 @@ import numpy as np
 import zarr
 
 from shared.augment import Augmentation, fold_of
-from shared.cache import COMPLETE_KEY, SPEC_KEY, CacheSpec, MemberSpec
-from shared.data import open_transfer_set
+from shared.cache import COMPLETE_KEY, SPEC_KEY, CacheSpec, MemberSpec, create_arrays, writable
+from shared.data import Normalization, open_transfer_set
 from shared.models import ModelSpec, build_model
-from shared.runs import save_run
+from shared.runs import RunRecord, save_run
 
 
 def npz_dataset(path: str, rows: int, input_shape: tuple[int, ...], classes: int, seed: int = 0) -> str:
@@ -30,15 +30,18 @@ def teachers(root: str, model: str, input_shape: tuple[int, ...], classes: int, 
     spec = ModelSpec(name=model, input_shape=tuple(input_shape), num_classes=classes)
     run = os.path.join(root, f"teacher{seed}")
     scale = 16.0 if input_shape == (8, 8, 1) else 255.0
-    save_run(run, {"model": spec.to_dict(), "normalization": {"shift": 0.0, "scale": scale}},
-             build_model(spec, seed=seed))
+    save_run(run, RunRecord(model=spec, normalization=Normalization(scale=scale)), build_model(spec, seed=seed))
     runs.append(run)
   return runs
 
 
 def direct_cache(path: str, dataset: str, *, members: int, views: int = 1, chunk_rows: int = 4096,
-                 max_shift: int = 1, compressors=None, seed: int = 0) -> CacheSpec:
+                 max_shift: int = 1, compressors=None, seed: int = 0, row_order: str = "permuted") -> CacheSpec:
   """A cache with random peaked log-probabilities, written without running teachers (for I/O-bound measurements).
+
+  The arrays are made and written as the build makes them (`create_arrays`, every chunk written); `compressors`
+  replaces the checksum-only codec chain to measure compression, and `row_order="sequential"` stores examples in
+  split order (schema 1's order) to measure what the permuted order buys.
 
   Returns:
     Its spec; the store is complete and passes the same layout checks as a built one.
@@ -46,31 +49,33 @@ def direct_cache(path: str, dataset: str, *, members: int, views: int = 1, chunk
   transfer_set = open_transfer_set(dataset, "train")
   classes = transfer_set.num_classes
   member = MemberSpec(name="synthetic", source="synthetic", model="external", num_params=0, digest="0",
-                      checkpoint_step=None, normalization=transfer_set.normalization.to_dict())
+                      trained_epochs=None, normalization=transfer_set.normalization.to_dict())
   augmentation = Augmentation(seed=seed, max_shift=max_shift if len(transfer_set.input_shape) >= 2 else 0)
   spec = CacheSpec(temperature=4.0, combine="arithmetic", members=(member,) * members,
                    dataset=transfer_set.describe(), num_classes=classes, views=views, augmentation=augmentation,
-                   dtype="float16", chunk_rows=chunk_rows, software_version="bench")
+                   dtype="float16", chunk_rows=chunk_rows, software_version="bench", row_order=row_order)
   group = zarr.open_group(path, mode="w", attributes={SPEC_KEY: spec.to_attrs()})
-  arrays = {name: group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, fill_value=0,
-                                     compressors=None if name == "chunk_committed" else compressors)
-            for name, (shape, dtype, chunks) in spec.array_shapes().items()}
+  if compressors is None:
+    create_arrays(group, spec)
+  else:
+    for array in spec.arrays:
+      group.create_array(array.name, shape=array.shape, dtype=array.dtype, chunks=array.chunks, fill_value=0,
+                         compressors=None if array.role == "bookkeeping" else compressors)
+  arrays = {array.name: writable(group, array.name) for array in spec.arrays}
   rng = np.random.default_rng(seed)
-  count = len(transfer_set)
   for chunk in range(spec.num_chunks):
-    start, stop = chunk * chunk_rows, min((chunk + 1) * chunk_rows, spec.num_rows)
-    rows = np.arange(start, stop)
-    view, index = rows // count, transfer_set.indices[rows % count]
-    logits = (3 * rng.normal(size=(len(rows), members, classes))).astype(np.float16)
+    start, stop = spec.chunk_bounds(chunk)
+    view, position = spec.row_sources(np.arange(start, stop))
+    index = transfer_set.indices[position]
+    logits = (3 * rng.normal(size=(stop - start, members, classes))).astype(np.float16)
     mean = logits.astype(np.float32).mean(1)  # Geometric-mean-like log-probs: log_softmax of the mean logits.
     peak = mean.max(1, keepdims=True)
     targets = mean - peak - np.log(np.exp(mean - peak).sum(1, keepdims=True))
     shift, flip = augmentation.view_params(index, view)
     values = {"targets": targets.astype(np.float16), "member_logits": logits, "index": index, "view": view,
-              "labels": transfer_set.labels[rows % count], "shift": shift, "flip": flip,
-              "fold": fold_of(index, 1)}
+              "labels": transfer_set.labels[position], "shift": shift, "flip": flip, "fold": fold_of(index, 1)}
     for name, value in values.items():
       arrays[name][start:stop] = value
-  arrays["chunk_committed"][:] = True
+    arrays["chunk_committed"][chunk] = True
   group.attrs[COMPLETE_KEY] = {"rows": spec.num_rows}
   return spec

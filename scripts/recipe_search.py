@@ -38,9 +38,11 @@ def main():
   demo = DemoConfig(train_split=TRAIN, test_split=VALID, data_dir=args.data_dir, seeds=args.seeds,
                     work_dir=os.path.join(args.work, "demo"), results_dir=args.work)
   results = run_demo(demo)
-  cache = os.path.join(demo.work_dir, f"ensemble_T{demo.temperature:g}_v{results['views']}.zarr")
-  base = FitConfig(model=demo.student_model, batch_size=demo.student_batch_size, lr=demo.student_lr,
-                   checkpoint_every=demo.checkpoint_every, eval_split=VALID, data_dir=args.data_dir, progress=False)
+  cache = os.path.join(demo.work_dir, f"ensemble_T{demo.build.temperature:g}_v{results['views']}.zarr")
+  student = demo.student
+  base = FitConfig(model=student.model, batch_size=student.batch_size, lr=student.lr,
+                   checkpoint_every=student.checkpoint_every, eval_split=VALID, data_dir=args.data_dir,
+                   progress=False)
   for name, grid in (("full", FULL_GRID), ("fraction", FRACTION_GRID)):
     out = os.path.join(args.work, name)
     run_sweep(cache, grid, out, args.seeds, base, jobs=args.jobs)

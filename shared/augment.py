@@ -10,11 +10,12 @@ View 0 is always the un-augmented input.
 """
 
 import dataclasses
+import functools
 
 import numpy as np
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_STREAM_DY, _STREAM_DX, _STREAM_FLIP, _STREAM_FOLD = 1, 2, 3, 4
+_STREAM_DY, _STREAM_DX, _STREAM_FLIP, _STREAM_FOLD, _STREAM_ORDER = 1, 2, 3, 4, 5
 FOLD_SEED = 0  # Fold assignment is fixed: runs and caches made apart must agree on it.
 
 
@@ -88,6 +89,22 @@ def fold_of(index: np.ndarray, folds: int) -> np.ndarray:
   if folds <= 1:
     return np.full(index.shape, -1, np.int32)
   return (counter_hash(FOLD_SEED, _STREAM_FOLD, index, np.zeros_like(index)) % np.uint64(folds)).astype(np.int32)
+
+
+@functools.lru_cache(maxsize=2)  # A build or a check walks the views in order: one or two are live at a time.
+def row_permutation(seed: int, view: int, count: int) -> np.ndarray:
+  """The order in which a cache stores one view's examples: a seeded permutation of positions 0..count-1.
+
+  A pure function of (seed, view, count), from the same counter hash as the views (portable across NumPy
+  versions, unlike a Generator's stream). Each view gets its own order, so no two chunks hold the same examples.
+
+  Returns:
+    int64 [count], read-only: entry k is the position of the k-th stored example of this view.
+  """
+  keys = counter_hash(seed, _STREAM_ORDER, np.arange(count), np.full(count, view))
+  order = np.argsort(keys, kind="stable")
+  order.flags.writeable = False
+  return order
 
 
 def apply_view(x: np.ndarray, shift: np.ndarray, flip: np.ndarray) -> np.ndarray:

@@ -1,56 +1,98 @@
 """The cache format: the contract between `teacher_cache` (writer) and `student_train` (reader).
 
-A cache is one Zarr v3 group. Each row is one `(example, view)` pair; rows are view-major
-(`row = view * N + position`, position in the transfer set), so rows `[0, N)` are the un-augmented examples.
-Every array is chunked along rows only, `chunk_rows` rows per chunk; a chunk is the unit of writing, resuming
-and reading. The group attributes hold `CacheSpec.to_attrs()` under "stillroom" and, written last, a completion
-record under "stillroom_complete". A store without the completion record is not complete, whatever it holds.
+A cache is one Zarr v3 group. Each row is one `(example, view)` pair. Rows are view-major (rows `[v·N, (v+1)·N)`
+hold view v of every example), and within a view the examples are stored in a seeded permuted order
+(`row_sources`), so that any chunk, and any batch drawn from a few chunks, is a uniform sample of the transfer set
+even when the dataset is sorted by class. Every array is chunked along rows only, `chunk_rows` rows per chunk; a
+chunk is the unit of writing, resuming and reading. Every chunk carries a CRC-32C checksum and is written even
+when it is all zeros, so damage and missing chunks can be told apart from data.
+
+The group attributes hold `CacheSpec.to_attrs()` under "stillroom" (including the list of arrays present, each
+with its role) and, written last, a completion record under "stillroom_complete". A store without the completion
+record is not complete, whatever it holds.
+
+Schema history: version 1 (stillroom 0.1) had no checksums, could omit all-zero chunks, stored examples in split
+order, and listed no arrays; it is still read, with a warning.
 """
 
 import dataclasses
 import datetime
 import math
 import os
+import sys
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec
+from zarr.core.sync import sync as zarr_sync
 
-from shared.augment import Augmentation
+from shared.augment import Augmentation, row_permutation
+from shared.data import DatasetSpec
 from shared.ensemble import COMBINE_RULES
 from shared.errors import StillroomError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 SPEC_KEY = "stillroom"
 COMPLETE_KEY = "stillroom_complete"
 STORAGE_DTYPES = ("float16", "float32")
 STORAGE = "storage"  # Placeholder dtype in LAYOUT: the spec's `dtype`.
+ROW_ORDERS = ("permuted", "sequential")  # "sequential": version 1, examples in split order within each view.
+
+# What an array is for. Readers ask for arrays by name and get an error naming any that are missing.
+ROLES = {
+    "teacher": "teacher outputs of each row",
+    "row": "what each row is: its example, view, label and fold",
+    "view": "parameters that replay each row's view from the example",
+    "eval": "teacher outputs on the evaluation split (one row per eval example, no views)",
+    "bookkeeping": "which chunks a build has committed (for resume)",
+}
+ROWS, EVAL_ROWS = "rows", "eval"  # The two row sets: the transfer set's rows (R) and the eval split's (E).
 
 
 @dataclasses.dataclass(frozen=True)
 class ArrayLayout:
-  """One array of the store: its shape (R rows, M members, C classes), dtype and meaning."""
+  """One kind of array a store may hold: its role, shape (R rows, E eval rows, M members, C classes), dtype and
+  meaning. `LAYOUT` is the catalogue; a spec lists the arrays a given store has."""
 
   name: str
+  role: str
   shape: str
   dtype: str
   meaning: str
 
 
 LAYOUT = (
-    ArrayLayout("targets", "[R, C]", STORAGE,
+    ArrayLayout("targets", "teacher", "[R, C]", STORAGE,
                 "ensemble log-probabilities at T under the spec's combine rule, from `member_logits` as stored"),
-    ArrayLayout("member_logits", "[R, M, C]", STORAGE, "each member's raw logits (before dividing by T)"),
-    ArrayLayout("index", "[R]", "int64", "example index: position in the unsliced split"),
-    ArrayLayout("view", "[R]", "int32", "view id; 0 is the un-augmented input"),
-    ArrayLayout("labels", "[R]", "int32", "hard label; -1 for an unlabeled transfer set"),
-    ArrayLayout("shift", "[R, 2]", "int8", "the view's zero-filled shift (dy, dx) in pixels, applied after `flip`"),
-    ArrayLayout("flip", "[R]", "bool", "the view is flipped horizontally (left-right) before the shift"),
-    ArrayLayout("fold", "[R]", "int32",
+    ArrayLayout("member_logits", "teacher", "[R, M, C]", STORAGE, "each member's raw logits (before dividing by T)"),
+    ArrayLayout("index", "row", "[R]", "int64", "example index: position in the unsliced split"),
+    ArrayLayout("view", "row", "[R]", "int32", "view id; 0 is the un-augmented input"),
+    ArrayLayout("labels", "row", "[R]", "int32", "hard label; -1 for an unlabeled transfer set"),
+    ArrayLayout("fold", "row", "[R]", "int32",
                 "cross-fitting fold of the row's example (its logits come from runs that did not train on that "
                 "fold); -1 when unused"),
-    ArrayLayout("chunk_committed", "[ceil(R / chunk_rows)]", "bool",
-                "bookkeeping for resume: chunk k of every array above is written"),
+    ArrayLayout("shift", "view", "[R, 2]", "int8",
+                "the view's zero-filled shift (dy, dx) in pixels, applied after `flip`"),
+    ArrayLayout("flip", "view", "[R]", "bool", "the view is flipped horizontally (left-right) before the shift"),
+    ArrayLayout("eval_member_logits", "eval", "[E, M, C]", STORAGE,
+                "each member's raw logits on the eval split's un-augmented examples (a cross-fitted member: the "
+                "mean of its fold runs)"),
+    ArrayLayout("eval_index", "eval", "[E]", "int64", "eval example index: position in the eval split's unsliced split"),
+    ArrayLayout("eval_labels", "eval", "[E]", "int32", "eval example label; -1 if unlabeled"),
+    ArrayLayout("chunk_committed", "bookkeeping", "[ceil(R / chunk_rows)]", "bool",
+                "chunk k of every row array is written"),
+    ArrayLayout("eval_chunk_committed", "bookkeeping", "[ceil(E / chunk_rows)]", "bool",
+                "chunk k of every eval array is written"),
 )
+_LAYOUT = {layout.name: layout for layout in LAYOUT}
+_ROW_SET = {"eval_member_logits": EVAL_ROWS, "eval_index": EVAL_ROWS, "eval_labels": EVAL_ROWS,
+            "eval_chunk_committed": EVAL_ROWS}
+_COMMITTED = {ROWS: "chunk_committed", EVAL_ROWS: "eval_chunk_committed"}
+
+
+def _log(message: str) -> None:
+  print(f"stillroom: {message}", file=sys.stderr, flush=True)
 
 
 def validate_settings(*, temperature: float, combine: str, dtype: str, views: int, chunk_rows: int) -> None:
@@ -72,15 +114,43 @@ def validate_settings(*, temperature: float, combine: str, dtype: str, views: in
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class ArraySpec:
+  """One array present in a store: name, role (see `ROLES`), shape, dtype and chunk shape."""
+
+  name: str
+  role: str
+  shape: tuple[int, ...]
+  dtype: str
+  chunks: tuple[int, ...]
+
+  def to_dict(self) -> dict:
+    return {**dataclasses.asdict(self), "shape": list(self.shape), "chunks": list(self.chunks)}
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "ArraySpec":
+    return cls(**{**d, "shape": tuple(d["shape"]), "chunks": tuple(d["chunks"])})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class MemberSpec:
-  """One ensemble member, identified by the digest of its parameters (paths may move)."""
+  """One ensemble member's run, identified by the digest of its parameters (paths may move).
+
+  Attributes:
+    name: display name (run dir basename or `module:function`).
+    source: where it was loaded from.
+    model: registry name, or "external".
+    num_params: parameter count.
+    digest: SHA-256 of the parameters (`shared.runs.param_digest`).
+    trained_epochs: epochs the run had trained when its checkpoint was written (None: not a stillroom run).
+    normalization: the input normalisation it received.
+  """
 
   name: str
   source: str
   model: str
   num_params: int
   digest: str
-  checkpoint_step: int | None
+  trained_epochs: int | None
   normalization: dict
 
   def to_dict(self) -> dict:
@@ -89,19 +159,41 @@ class MemberSpec:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CacheSpec:
-  """Everything a cache records about how it was made. `build_key()` is what defines a build."""
+  """Everything a cache records about how it was made. `build_key()` is what defines a build.
+
+  Attributes:
+    temperature: T of the stored targets.
+    combine: the ensemble rule of the stored targets.
+    members: every member's run; with `folds` K > 1, K runs per member, member-major.
+    dataset: the transfer set.
+    num_classes: C.
+    views: views per example (view 0 un-augmented).
+    augmentation: how views are drawn; its seed also orders the examples (`row_sources`).
+    dtype: storage dtype of logits and targets.
+    chunk_rows: rows per chunk.
+    software_version: the stillroom that wrote it.
+    folds: K > 1 when cross-fitted.
+    eval_dataset: the eval split whose member logits the store holds, or None.
+    row_order: "permuted" (schema 2) or "sequential" (schema 1).
+    arrays: the arrays present; derived from the settings when not given.
+    created_at: ISO time of creation.
+    schema_version: the layout version.
+  """
 
   temperature: float
   combine: str
   members: tuple[MemberSpec, ...]
-  dataset: dict  # TransferSet.describe(): name, split, canonical_split, count, fingerprint, shapes, labeled.
+  dataset: DatasetSpec
   num_classes: int
   views: int
   augmentation: Augmentation
   dtype: str
   chunk_rows: int
   software_version: str
-  folds: int = 1  # > 1: cross-fitted; `members` holds folds runs per member, member-major.
+  folds: int = 1
+  eval_dataset: DatasetSpec | None = None
+  row_order: str = "permuted"
+  arrays: tuple[ArraySpec, ...] = ()
   created_at: str = ""
   schema_version: int = SCHEMA_VERSION
 
@@ -113,6 +205,10 @@ class CacheSpec:
     if self.folds < 1 or len(self.members) % self.folds:
       raise StillroomError(f"{len(self.members)} teacher runs do not split into members of {self.folds} fold runs; "
                            "give each member's runs for folds 0..K-1 in order.")
+    if self.row_order not in ROW_ORDERS:
+      raise StillroomError(f"unknown row order {self.row_order!r}; valid: {', '.join(ROW_ORDERS)}.")
+    if not self.arrays:
+      object.__setattr__(self, "arrays", self._derived_arrays())
 
   @property
   def num_members(self) -> int:
@@ -128,20 +224,82 @@ class CacheSpec:
 
   @property
   def num_examples(self) -> int:
-    return int(self.dataset["count"])
+    return self.dataset.count
 
   @property
   def num_rows(self) -> int:
     return self.num_examples * self.views
 
   @property
+  def num_eval_rows(self) -> int:
+    return 0 if self.eval_dataset is None else self.eval_dataset.count
+
+  @property
   def num_chunks(self) -> int:
-    return math.ceil(self.num_rows / self.chunk_rows)
+    return self.chunks_of(ROWS)
+
+  def chunks_of(self, row_set: str) -> int:
+    """Number of chunks of the transfer set's rows (`ROWS`) or of the eval rows (`EVAL_ROWS`)."""
+    return math.ceil((self.num_rows if row_set == ROWS else self.num_eval_rows) / self.chunk_rows)
+
+  def chunk_bounds(self, chunk: int, row_set: str = ROWS) -> tuple[int, int]:
+    """`[start, stop)` rows of one chunk."""
+    start = chunk * self.chunk_rows
+    return start, min(start + self.chunk_rows, self.num_rows if row_set == ROWS else self.num_eval_rows)
+
+  @property
+  def has_checksums(self) -> bool:
+    return self.schema_version >= 2
+
+  def row_sources(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which view of which example each row holds: the one rule every writer and checker uses.
+
+    Args:
+      rows: int [B] row numbers.
+
+    Returns:
+      `(view, position)`: int32 [B] view ids and int64 [B] positions in the transfer set (index into its
+      `indices`); row `v·N + k` holds view v of the k-th example in that view's stored order.
+    """
+    rows = np.asarray(rows, np.int64)
+    view, slot = np.divmod(rows, self.num_examples)
+    if self.row_order == "sequential":
+      return view.astype(np.int32), slot
+    position = np.empty_like(slot)
+    for v in np.unique(view):
+      here = view == v
+      position[here] = row_permutation(self.augmentation.seed, int(v), self.num_examples)[slot[here]]
+    return view.astype(np.int32), position
+
+  def array(self, name: str) -> ArraySpec | None:
+    """The spec of one array, or None when the store does not hold it."""
+    return next((a for a in self.arrays if a.name == name), None)
+
+  def _derived_arrays(self) -> tuple[ArraySpec, ...]:
+    rows, eval_rows, members, classes = self.num_rows, self.num_eval_rows, self.num_members, self.num_classes
+    shapes = {
+        "targets": (rows, classes), "member_logits": (rows, members, classes), "index": (rows,), "view": (rows,),
+        "labels": (rows,), "fold": (rows,), "shift": (rows, 2), "flip": (rows,),
+        "chunk_committed": (self.chunks_of(ROWS),),
+    }
+    if self.eval_dataset is not None:
+      shapes.update({"eval_member_logits": (eval_rows, members, classes), "eval_index": (eval_rows,),
+                     "eval_labels": (eval_rows,), "eval_chunk_committed": (self.chunks_of(EVAL_ROWS),)})
+    arrays = []
+    for layout in LAYOUT:
+      if layout.name not in shapes:
+        continue
+      shape = shapes[layout.name]
+      dtype = self.dtype if layout.dtype == STORAGE else layout.dtype
+      chunks = (1,) if layout.role == "bookkeeping" else (self.chunk_rows, *shape[1:])
+      arrays.append(ArraySpec(name=layout.name, role=layout.role, shape=shape, dtype=dtype, chunks=chunks))
+    return tuple(arrays)
 
   def build_key(self) -> dict:
     """The settings that define a build: a store made with other values is a different cache."""
     return {
-        "dataset_fingerprint": self.dataset["fingerprint"],
+        "dataset_fingerprint": self.dataset.fingerprint,
+        "eval_fingerprint": None if self.eval_dataset is None else self.eval_dataset.fingerprint,
         "member_digests": [m.digest for m in self.members],
         "temperature": float(self.temperature),
         "combine": self.combine,
@@ -150,6 +308,8 @@ class CacheSpec:
         "dtype": self.dtype,
         "chunk_rows": self.chunk_rows,
         "folds": self.folds,
+        "row_order": self.row_order,
+        "arrays": [a.name for a in self.arrays],
         "schema_version": self.schema_version,
     }
 
@@ -158,37 +318,49 @@ class CacheSpec:
     mine, theirs = self.build_key(), other.build_key()
     return [f"{key}: {mine[key]} (store) vs {theirs[key]} (command)" for key in mine if mine[key] != theirs[key]]
 
-  def array_shapes(self) -> dict[str, tuple[tuple[int, ...], str, tuple[int, ...]]]:
-    """`{name: (shape, dtype, chunk_shape)}` for every array in `LAYOUT`."""
-    rows, members, classes = self.num_rows, self.num_members, self.num_classes
-    shapes = {
-        "targets": (rows, classes), "member_logits": (rows, members, classes), "index": (rows,), "view": (rows,),
-        "labels": (rows,), "shift": (rows, 2), "flip": (rows,), "fold": (rows,), "chunk_committed": (self.num_chunks,),
-    }
-    result = {}
-    for layout in LAYOUT:
-      shape = shapes[layout.name]
-      dtype = self.dtype if layout.dtype == STORAGE else layout.dtype
-      chunks = (1,) if layout.name == "chunk_committed" else (self.chunk_rows, *shape[1:])
-      result[layout.name] = (shape, dtype, chunks)
-    return result
-
   def to_attrs(self) -> dict:
-    d = dataclasses.asdict(self)
-    d["augmentation"] = self.augmentation.to_dict()
-    d["members"] = [m.to_dict() for m in self.members]
-    return d
+    return {
+        **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+        "members": [m.to_dict() for m in self.members],
+        "dataset": self.dataset.to_dict(),
+        "eval_dataset": None if self.eval_dataset is None else self.eval_dataset.to_dict(),
+        "augmentation": self.augmentation.to_dict(),
+        "arrays": [a.to_dict() for a in self.arrays],
+    }
 
   @classmethod
   def from_attrs(cls, attrs: dict) -> "CacheSpec":
+    """Reads a spec written by `to_attrs` (schema 2) or by stillroom 0.1 (schema 1).
+
+    Raises:
+      StillroomError: unsupported version, or a key missing or of the wrong type (named).
+    """
     version = attrs.get("schema_version")
-    if version != SCHEMA_VERSION:
-      raise StillroomError(
-          f"cache schema version {version} is not supported by this stillroom (reads version {SCHEMA_VERSION}).")
+    if version not in READABLE_SCHEMA_VERSIONS:
+      raise StillroomError(f"cache schema version {version} is not supported by this stillroom (reads versions "
+                           f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))}).")
     d = dict(attrs)
-    d["augmentation"] = Augmentation.from_dict(d["augmentation"])
-    d["members"] = tuple(MemberSpec(**m) for m in d["members"])
-    return cls(**d)
+    if version == 1:
+      d = _upgrade_v1(d)
+    try:
+      d["augmentation"] = Augmentation.from_dict(d["augmentation"])
+      d["members"] = tuple(MemberSpec(**m) for m in d["members"])
+      d["dataset"] = DatasetSpec.from_dict(d["dataset"])
+      d["eval_dataset"] = None if d.get("eval_dataset") is None else DatasetSpec.from_dict(d["eval_dataset"])
+      d["arrays"] = tuple(ArraySpec.from_dict(a) for a in d.get("arrays", ()))
+      return cls(**d)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+      raise StillroomError(f"the cache spec is damaged or hand-edited: {type(e).__name__}: {e}") from e
+
+
+def _upgrade_v1(d: dict) -> dict:
+  """A schema-1 spec in schema-2 terms: same arrays (listed from its settings), examples in split order."""
+  d["members"] = [{**{k: v for k, v in m.items() if k != "checkpoint_step"},
+                   # Version 1 recorded orbax's step, which the trainer numbered from 0 at the end of epoch 1.
+                   "trained_epochs": None if m.get("checkpoint_step") is None else m["checkpoint_step"] + 1}
+                  for m in d["members"]]
+  d["row_order"] = "sequential"
+  return d
 
 
 def now_iso() -> str:
@@ -197,23 +369,40 @@ def now_iso() -> str:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Cache:
-  """An opened cache: its group, spec and completion record (None while incomplete)."""
+  """An opened cache: its group, spec and completion record (None while incomplete). Array handles are opened once.
+
+  Index it by array name (`cache["targets"]`), and call `require` first for the arrays a reader needs.
+  """
 
   path: str
   group: zarr.Group
   spec: CacheSpec
   completion: dict | None
+  _arrays: dict = dataclasses.field(default_factory=dict, repr=False)
 
   @property
   def complete(self) -> bool:
     return self.completion is not None
 
   def __getitem__(self, name: str) -> zarr.Array:
-    return self.group[name]
+    if name not in self._arrays:
+      self._arrays[name] = self.group[name]
+    return self._arrays[name]
 
-  def chunk_bounds(self, chunk: int) -> tuple[int, int]:
-    start = chunk * self.spec.chunk_rows
-    return start, min(start + self.spec.chunk_rows, self.spec.num_rows)
+  def require(self, names, purpose: str) -> None:
+    """Raises unless the store holds every array in `names`, naming the missing ones and what needs them."""
+    missing = [name for name in names if self.spec.array(name) is None]
+    if missing:
+      raise StillroomError(f"cache {self.path!r} has no {', '.join(repr(m) for m in missing)} array"
+                           f"{'s' if len(missing) > 1 else ''}, which {purpose} needs.")
+
+  def chunk_bounds(self, chunk: int, row_set: str = ROWS) -> tuple[int, int]:
+    return self.spec.chunk_bounds(chunk, row_set)
+
+  def read_chunk(self, chunk: int, names, row_set: str = ROWS) -> dict[str, np.ndarray]:
+    """Whole-chunk reads of several arrays (the fast way to read a Zarr store)."""
+    start, stop = self.chunk_bounds(chunk, row_set)
+    return {name: self[name][start:stop] for name in names}
 
 
 def open_cache(path: str, mode: str = "r", require_complete: bool = True) -> Cache:
@@ -225,7 +414,7 @@ def open_cache(path: str, mode: str = "r", require_complete: bool = True) -> Cac
     require_complete: raise unless the completion record is present.
 
   Raises:
-    StillroomError: no such store, not a stillroom cache, unsupported schema version, or incomplete.
+    StillroomError: no such store, not a stillroom cache, unsupported schema version, damaged spec, or incomplete.
   """
   if not os.path.exists(path):
     raise StillroomError(f"no cache at {path!r}.")
@@ -236,7 +425,13 @@ def open_cache(path: str, mode: str = "r", require_complete: bool = True) -> Cac
   attrs = group.attrs.asdict()
   if SPEC_KEY not in attrs:
     raise StillroomError(f"{path!r} is a Zarr group but not a stillroom cache (no '{SPEC_KEY}' attributes).")
-  spec = CacheSpec.from_attrs(attrs[SPEC_KEY])
+  try:
+    spec = CacheSpec.from_attrs(attrs[SPEC_KEY])
+  except StillroomError as e:
+    raise StillroomError(f"cache {path!r}: {e}") from e
+  if not spec.has_checksums and mode == "r":
+    _log(f"cache {path!r} has schema version {spec.schema_version}: its chunks carry no checksums and all-zero "
+         "chunks may be absent, so damage cannot be detected. Rebuild it with this stillroom to get both.")
   cache = Cache(path=path, group=group, spec=spec, completion=attrs.get(COMPLETE_KEY))
   if require_complete and not cache.complete:
     raise StillroomError(
@@ -246,7 +441,7 @@ def open_cache(path: str, mode: str = "r", require_complete: bool = True) -> Cac
 
 
 def layout_problems(group: zarr.Group, spec: CacheSpec, *, missing_ok: bool = False) -> list[str]:
-  """Differences between a store's arrays and the spec's layout (missing arrays, shapes, dtypes, chunks).
+  """Differences between a store's arrays and the arrays its spec lists (missing, shapes, dtypes, chunks).
 
   Args:
     group: the store's group.
@@ -254,13 +449,67 @@ def layout_problems(group: zarr.Group, spec: CacheSpec, *, missing_ok: bool = Fa
     missing_ok: do not report missing arrays (a build resuming after a kill creates them).
   """
   problems = []
-  for name, (shape, dtype, chunks) in spec.array_shapes().items():
-    if name not in group:
+  present = set(group.array_keys())
+  for array in spec.arrays:
+    if array.name not in present:
       if not missing_ok:
-        problems.append(f"array {name!r} is missing")
+        problems.append(f"array {array.name!r} is missing")
       continue
-    array = group[name]
-    if array.shape != shape or array.dtype != np.dtype(dtype) or array.chunks != chunks:
-      problems.append(f"array {name!r} has shape {array.shape}, dtype {array.dtype}, chunks {array.chunks}; "
-                      f"expected {shape}, {dtype}, {chunks}")
+    stored = group[array.name]
+    if stored.shape != array.shape or stored.dtype != np.dtype(array.dtype) or stored.chunks != array.chunks:
+      problems.append(f"array {array.name!r} has shape {stored.shape}, dtype {stored.dtype}, chunks {stored.chunks}; "
+                      f"expected {array.shape}, {array.dtype}, {array.chunks}")
   return problems
+
+
+def create_arrays(group: zarr.Group, spec: CacheSpec) -> None:
+  """Creates the arrays the spec lists that the store lacks (a build may have been killed while creating them).
+
+  Every chunk carries a CRC-32C checksum. Arrays are uncompressed: float16 logits compress about 1.1× (see the
+  README's storage figures), which does not pay for the slower writes.
+
+  Raises:
+    StillroomError: an existing array differs from the spec.
+  """
+  problems = layout_problems(group, spec, missing_ok=True)
+  if problems:
+    raise StillroomError(f"the store {group.store} does not match its spec: {'; '.join(problems)}. Use --overwrite.")
+  present = set(group.array_keys())
+  for array in spec.arrays:
+    if array.name not in present:
+      group.create_array(array.name, shape=array.shape, dtype=array.dtype, chunks=array.chunks, fill_value=0,
+                         compressors=[Crc32cCodec()] if spec.has_checksums else None)
+
+
+def writable(group: zarr.Group, name: str) -> zarr.Array:
+  """An array handle that writes every chunk, all-zero ones included (zarr skips those by default, and a missing
+  chunk then reads back as zeros, indistinguishable from data)."""
+  return group[name].with_config({"write_empty_chunks": True})
+
+
+def committed_name(row_set: str) -> str:
+  """The bookkeeping array of a row set (`ROWS` or `EVAL_ROWS`)."""
+  return _COMMITTED[row_set]
+
+
+def row_set_of(name: str) -> str:
+  """`ROWS` or `EVAL_ROWS`: which rows an array is indexed by."""
+  return _ROW_SET.get(name, ROWS)
+
+
+def missing_chunks(cache: Cache, name: str) -> list[int]:
+  """Chunks of an array that are not in the store (schema 2 writes every chunk, so any missing one is damage).
+
+  Returns:
+    The missing chunk numbers along the rows, ascending.
+  """
+  array = cache[name]
+  prefix = array.path + "/"
+
+  async def listing():
+    return {key[len(prefix):] async for key in cache.group.store.list_prefix(prefix)}
+
+  stored = zarr_sync(listing())
+  trailing = (0,) * (array.ndim - 1)
+  count = math.ceil(array.shape[0] / array.chunks[0]) if array.shape[0] else 0
+  return [k for k in range(count) if array.metadata.encode_chunk_key((k, *trailing)) not in stored]

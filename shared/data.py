@@ -59,6 +59,48 @@ def default_normalization(name: str, input_dtype: np.dtype) -> Normalization:
   return Normalization()
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DatasetSpec:
+  """What a cache or a run records about its data: everything but the bytes, which the fingerprint stands for.
+
+  Attributes:
+    name: the dataset name as given (`digits`, `npz:/path/x.npz`, a TFDS name).
+    split: the split spec as given (`train[:80%]`).
+    canonical_split: the split with absolute bounds (`train[0:1150]`).
+    count: number of examples.
+    fingerprint: SHA-256 of the examples (see `TransferSet.fingerprint`).
+    input_shape: one example's shape as stored.
+    input_dtype: the stored inputs' dtype name.
+    num_classes: class count, or None when unknown (unlabeled `npz:`).
+    labeled: every example has a label.
+  """
+
+  name: str
+  split: str
+  canonical_split: str
+  count: int
+  fingerprint: str
+  input_shape: tuple[int, ...]
+  input_dtype: str
+  num_classes: int | None
+  labeled: bool
+
+  def indices(self) -> np.ndarray:
+    """int64 [count]: each example's position in the unsliced split, from the canonical split alone."""
+    parts = []
+    for part in self.canonical_split.split("+"):
+      start, stop = part[part.index("[") + 1:-1].split(":")
+      parts.append(np.arange(int(start), int(stop), dtype=np.int64))
+    return np.concatenate(parts)
+
+  def to_dict(self) -> dict:
+    return {**dataclasses.asdict(self), "input_shape": list(self.input_shape)}
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "DatasetSpec":
+    return cls(**{**d, "input_shape": tuple(d["input_shape"])})
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
 class TransferSet:
   """A split (or slice of one) held in host memory.
@@ -143,13 +185,11 @@ class TransferSet:
       digest.update(self.labels[rows].astype("<i8").tobytes())
     return digest.hexdigest()
 
-  def describe(self) -> dict:
+  def describe(self) -> DatasetSpec:
     """What a cache or run records about its data (everything except the bytes)."""
-    return {
-        "name": self.name, "split": self.split, "canonical_split": self.canonical_split, "count": len(self),
-        "fingerprint": self.fingerprint, "input_shape": list(self.input_shape),
-        "input_dtype": self.inputs.dtype.name, "num_classes": self.num_classes, "labeled": self.labeled,
-    }
+    return DatasetSpec(name=self.name, split=self.split, canonical_split=self.canonical_split, count=len(self),
+                       fingerprint=self.fingerprint, input_shape=self.input_shape,
+                       input_dtype=self.inputs.dtype.name, num_classes=self.num_classes, labeled=self.labeled)
 
 
 def _parse_split(split: str, split_sizes: dict[str, int], dataset: str) -> tuple[str, np.ndarray, str]:

@@ -1,7 +1,7 @@
 """Distillation losses: small per-example functions (a batch is a `jax.vmap` or a broadcast away).
 
 Notation: s student logits [C], y hard label, p_T the teacher's distribution at temperature T (given as
-log-probabilities), z the teacher's (mean member) logits.
+log-probabilities), z the teacher's (mean member) logits, C the number of classes.
 """
 
 import jax
@@ -24,7 +24,7 @@ def hard_cross_entropy(student_logits: jax.Array, labels: jax.Array) -> jax.Arra
   return optax.softmax_cross_entropy_with_integer_labels(student_logits, labels)
 
 
-def soft_kl(student_logits: jax.Array, target_log_probs: jax.Array, temperature: float) -> jax.Array:
+def soft_kl(student_logits: jax.Array, target_log_probs: jax.Array, temperature) -> jax.Array:
   """`T² · KL(p_T || softmax(s / T))`, Hinton et al.'s soft term.
 
   The soft term's gradient scales as 1/T², so the T² factor keeps its weight against the hard term
@@ -34,7 +34,7 @@ def soft_kl(student_logits: jax.Array, target_log_probs: jax.Array, temperature:
   Args:
     student_logits: [..., C].
     target_log_probs: [..., C] teacher log-probabilities at temperature T.
-    temperature: T > 0.
+    temperature: T > 0 (a float or a traced scalar).
 
   Returns:
     [...] T²-scaled KL divergence in nats.
@@ -45,41 +45,51 @@ def soft_kl(student_logits: jax.Array, target_log_probs: jax.Array, temperature:
 
 
 def logit_mse(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:
-  """`0.5 · Σ_c (ŝ_c − ẑ_c)²` with ŝ, ẑ the zero-meaned logits: the high-temperature limit of the soft term.
+  """`(1 / 2C) · Σ_c (ŝ_c − ẑ_c)²`, ŝ and ẑ the zero-meaned logits: the high-temperature limit of `soft_kl`.
+
+  For T ≫ |logits|, `T² · KL(softmax(z/T) || softmax(s/T)) → (1 / 2C) Σ_c (ŝ_c − ẑ_c)²` (Hinton et al. 2015,
+  §2.1), so `alpha` weighs the hard term against the same scale with either loss, at any C.
 
   Args:
     student_logits: [..., C].
     teacher_logits: [..., C] (the mean of the members' logits for an ensemble).
 
   Returns:
-    [...] squared error.
+    [...] the scaled squared error.
   """
   centered = lambda z: z - jnp.mean(z, axis=-1, keepdims=True)  # noqa: E731
-  return jnp.sum(optax.l2_loss(centered(student_logits.astype(jnp.float32)),
-                               centered(teacher_logits.astype(jnp.float32))), axis=-1)
+  squared = optax.l2_loss(centered(student_logits.astype(jnp.float32)), centered(teacher_logits.astype(jnp.float32)))
+  return jnp.mean(squared, axis=-1)  # l2_loss is ½(a − b)²; the mean over C supplies the 1/C.
 
 
-def distillation_loss(student_logits, labels, alpha, *, loss: str, temperature: float, target_log_probs=None,
-                      teacher_logits=None) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """`alpha · CE(y, softmax(s)) + (1 − alpha) · soft`, soft being `soft_kl` ("kl") or `logit_mse` ("mse").
+def distillation_loss(student_logits: jax.Array, labels: jax.Array, alpha, *, temperature,
+                      target_log_probs: jax.Array | None, teacher_logits: jax.Array | None = None,
+                      mse=False) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`alpha · CE(y, softmax(s)) + (1 − alpha) · soft`, soft being `soft_kl` or (with `mse`) `logit_mse`.
+
+  Hard-label training is `target_log_probs=None`: the soft term is zero and alpha should be 1.
 
   Args:
     student_logits: [..., C].
     labels: int [...]; ignored (may be -1) where alpha is 0.
-    alpha: weight of the hard term, a scalar in [0, 1].
-    loss: "kl" or "mse".
-    temperature: T for "kl" (ignored by "mse").
-    target_log_probs: [..., C], needed for "kl".
-    teacher_logits: [..., C], needed for "mse".
+    alpha: weight of the hard term in [0, 1] (a float or a traced scalar).
+    temperature: T of the soft term.
+    target_log_probs: [..., C] teacher log-probabilities at T, or None for no soft term.
+    teacher_logits: [..., C] mean teacher logits; needed when `mse` can be true.
+    mse: use `logit_mse` instead of `soft_kl`: a Python bool, or a traced bool (both terms are then computed and
+      one is selected, as students of one vmapped step may differ in their loss).
 
   Returns:
     `(total, hard, soft)`, each [...].
   """
   hard = hard_cross_entropy(student_logits, jnp.maximum(labels, 0))
-  if loss == "kl":
+  if target_log_probs is None:
+    soft = jnp.zeros_like(hard)
+  elif isinstance(mse, bool) and not mse:
     soft = soft_kl(student_logits, target_log_probs, temperature)
-  elif loss == "mse":
-    soft = logit_mse(student_logits, teacher_logits)
   else:
-    raise ValueError(f"unknown loss {loss!r}; valid: {LOSSES}")
+    if teacher_logits is None:
+      raise ValueError("the mse loss needs teacher_logits")
+    squared = logit_mse(student_logits, teacher_logits)
+    soft = squared if mse is True else jnp.where(mse, squared, soft_kl(student_logits, target_log_probs, temperature))
   return alpha * hard + (1.0 - alpha) * soft, hard, soft

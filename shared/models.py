@@ -1,7 +1,9 @@
 """A small registry of Flax NNX classifiers, chosen by name; the input shape comes from the dataset.
 
 Every model maps float32 inputs [B, *input_shape] to logits [B, num_classes]. Dropout is the only stochastic
-layer; `model.eval()` makes a model deterministic (how teachers run).
+layer, applied once to the output of every hidden dense layer (after its ReLU), so each unit that feeds a dense
+layer is dropped with probability `dropout`; convolutions and the inputs are never dropped. `model.eval()` makes a
+model deterministic (how teachers run).
 """
 
 import dataclasses
@@ -22,7 +24,8 @@ class ModelSpec:
     name: a registry name, see `MODELS`.
     input_shape: one example's shape, e.g. (8, 8, 1) or (64,).
     num_classes: number of output logits.
-    dropout: dropout rate before each hidden and output dense layer.
+    dropout: probability of dropping each output unit of a hidden dense layer (after its ReLU) in training;
+      survivors are scaled by 1 / (1 - dropout). Convolutions and inputs are not dropped.
   """
 
   name: str
@@ -39,7 +42,7 @@ class ModelSpec:
 
 
 class MLP(nnx.Module):
-  """Flatten, then dense layers with ReLU and dropout."""
+  """Flatten, then hidden dense layers (ReLU, then dropout) and the head."""
 
   def __init__(self, input_shape, num_classes, *, hidden, dropout, rngs: nnx.Rngs):
     sizes = [math.prod(input_shape), *hidden]
@@ -55,7 +58,8 @@ class MLP(nnx.Module):
 
 
 class CNN(nnx.Module):
-  """Stages of 3x3 convolutions (ReLU) each followed by 2x2 max-pooling, then a dense layer and the head."""
+  """Stages of 3x3 convolutions (ReLU) each followed by 2x2 max-pooling, then a dense layer (ReLU, dropout) and the
+  head."""
 
   def __init__(self, input_shape, num_classes, *, stages, dense, dropout, rngs: nnx.Rngs):
     height, width, channels = input_shape
@@ -78,7 +82,7 @@ class CNN(nnx.Module):
         layer += 1
       x = nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="SAME")
     x = self.dropout(nnx.relu(self.dense(x.reshape(x.shape[0], -1))))
-    return self.head(self.dropout(x))
+    return self.head(x)
 
 
 def _mlp(hidden):

@@ -33,3 +33,11 @@ def pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
   """Zero rows appended up to `rows`, so a last, short batch keeps the compiled shape."""
   missing = rows - len(array)
   return np.concatenate([array, np.zeros((missing, *array.shape[1:]), array.dtype)]) if missing > 0 else array
+
+
+def needs_step_sync(mesh: jax.sharding.Mesh) -> bool:
+  """Whether each step must wait for the previous one: only for several CPU devices, where queued collectives
+  can deadlock (XLA's CPU all-reduce across fake host devices; "Termination timeout for all reduce"). Real
+  accelerators keep asynchronous dispatch, so the host prepares the next batch while a step runs."""
+  devices = mesh.devices.flat
+  return mesh.devices.size > 1 and next(iter(devices)).platform == "cpu"

@@ -1,10 +1,10 @@
 """Run directories and teachers: the one save/load path both stages use.
 
 A run directory, as written by `student-train fit`:
-  RUN_DIR/config.json          the resolved config; its "model" entry is a `ModelSpec`, its "normalization" entry
-                               the input normalisation the model was trained with.
-  RUN_DIR/checkpoints/<step>/  orbax checkpoints; item "params" holds the model's parameters as a pure dict
-                               (the trainer adds its own items beside it).
+  RUN_DIR/config.json          a `RunRecord` (the model's spec, its input normalisation, its cross-fitting fold)
+                               plus the trainer's resolved config under "resolved".
+  RUN_DIR/checkpoints/<epoch>/ orbax checkpoints, named by the number of epochs trained; item "params" holds the
+                               model's parameters as a pure dict (the trainer adds its own items beside it).
 
 A teacher is either such a run dir or `module:function` for a JAX model that is not a stillroom run: the function
 takes no arguments and returns an `nnx.Module`, or a pair `(apply_fn, params)` with `apply_fn(params, x) -> logits`.
@@ -55,6 +55,43 @@ def param_digest(params: Any) -> str:
   return digest.hexdigest()
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CrossFit:
+  """A run trained without one fold of K (`student-train fit --folds K --holdout-fold k`)."""
+
+  folds: int
+  holdout_fold: int
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunRecord:
+  """What a run dir's config.json says about its model: what loading it as a teacher needs.
+
+  Attributes:
+    model: the model's structure.
+    normalization: the input normalisation it trained with.
+    cross_fit: the fold it held out, or None if it trained on all its examples.
+  """
+
+  model: ModelSpec
+  normalization: Normalization
+  cross_fit: CrossFit | None = None
+
+  def to_json(self) -> dict:
+    return {"model": self.model.to_dict(), "normalization": self.normalization.to_dict(),
+            "cross_fit": None if self.cross_fit is None else dataclasses.asdict(self.cross_fit)}
+
+  @classmethod
+  def from_json(cls, d: dict, where: str) -> "RunRecord":
+    try:
+      cross_fit = d.get("cross_fit")
+      return cls(model=ModelSpec.from_dict(d["model"]), normalization=Normalization.from_dict(d["normalization"]),
+                 cross_fit=None if cross_fit is None else CrossFit(**cross_fit))
+    except (KeyError, TypeError, AttributeError) as e:
+      raise StillroomError(f"{where}: {CONFIG_FILE} lacks a valid 'model', 'normalization' or 'cross_fit' entry "
+                           f"({type(e).__name__}: {e}).") from e
+
+
 def read_config(run_dir: str) -> dict:
   path = os.path.join(run_dir, CONFIG_FILE)
   if not os.path.isdir(run_dir):
@@ -68,7 +105,7 @@ def read_config(run_dir: str) -> dict:
     raise StillroomError(f"cannot read {path!r}: {e}") from e
 
 
-def save_run(run_dir: str, config: dict, model: nnx.Module, step: int = 0) -> None:
+def save_run(run_dir: str, record: RunRecord, model: nnx.Module, trained_epochs: int = 0) -> None:
   """Writes a minimal run dir: `config.json` and one checkpoint with the model's parameters.
 
   The trainer writes richer checkpoints through `checkpoint_manager`; this is for models made elsewhere
@@ -76,15 +113,15 @@ def save_run(run_dir: str, config: dict, model: nnx.Module, step: int = 0) -> No
 
   Args:
     run_dir: directory to create.
-    config: resolved config; must hold "model" (a `ModelSpec` dict) and "normalization".
+    record: the model's spec, normalisation and cross-fitting fold.
     model: the model whose parameters to save.
-    step: checkpoint step.
+    trained_epochs: the checkpoint's number.
   """
   os.makedirs(run_dir, exist_ok=True)
   with open(os.path.join(run_dir, CONFIG_FILE), "w") as f:
-    json.dump(config, f, indent=2)
+    json.dump(record.to_json(), f, indent=2)
   manager = checkpoint_manager(run_dir)
-  manager.save(step, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardSave(params_of(model))}))
+  manager.save(trained_epochs, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardSave(params_of(model))}))
   manager.wait_until_finished()
   manager.close()
 
@@ -100,8 +137,8 @@ class Teacher:
     apply_fn: pure function of (params, normalised float32 inputs [B, ...]) to logits [B, C].
     params: parameter pytree.
     normalization: input normalisation, or None to use the dataset's default.
-    checkpoint_step: the step the parameters come from (None for external teachers).
-    config: the run dir's config.json (None for external teachers).
+    trained_epochs: epochs trained when the checkpoint was written (None for external teachers).
+    record: the run dir's `RunRecord` (None for external teachers).
   """
 
   name: str
@@ -110,8 +147,8 @@ class Teacher:
   apply_fn: Callable
   params: Any
   normalization: Normalization | None
-  checkpoint_step: int | None = None
-  config: dict | None = None
+  trained_epochs: int | None = None
+  record: RunRecord | None = None
 
   @property
   def digest(self) -> str:
@@ -139,12 +176,8 @@ def load_run_teacher(run_dir: str) -> Teacher:
   Raises:
     StillroomError: missing or unreadable dir, config or checkpoint; unknown model.
   """
-  config = read_config(run_dir)
-  try:
-    spec = ModelSpec.from_dict(config["model"])
-    normalization = Normalization.from_dict(config["normalization"])
-  except (KeyError, TypeError) as e:
-    raise StillroomError(f"{run_dir!r}: {CONFIG_FILE} lacks a valid 'model' or 'normalization' entry ({e}).") from e
+  record = RunRecord.from_json(read_config(run_dir), repr(run_dir))
+  spec = record.model
   model = nnx.eval_shape(lambda: build_model(spec))
   apply_fn, abstract = _module_apply_fn(model)
   if not os.path.isdir(os.path.join(run_dir, CHECKPOINT_DIR)):
@@ -163,8 +196,8 @@ def load_run_teacher(run_dir: str) -> Teacher:
   params = abstract
   nnx.replace_by_pure_dict(params, restored[PARAMS_ITEM])
   return Teacher(name=os.path.basename(os.path.normpath(run_dir)), source=os.path.abspath(run_dir), model=spec.name,
-                 apply_fn=apply_fn, params=params, normalization=normalization, checkpoint_step=int(step),
-                 config=config)
+                 apply_fn=apply_fn, params=params, normalization=record.normalization, trained_epochs=int(step),
+                 record=record)
 
 
 def load_external_teacher(reference: str) -> Teacher:

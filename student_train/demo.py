@@ -8,6 +8,7 @@ distilled run, which train on the same (example, view) rows for the same epochs 
 scratch one with hard labels only (alpha = 1).
 """
 
+import argparse
 import dataclasses
 import json
 import os
@@ -15,11 +16,18 @@ import sys
 import time
 
 import numpy as np
+from tqdm import tqdm
 
+from shared.cache import open_cache
 from shared.data import open_transfer_set
 from shared.errors import StillroomError
-from student_train.train import FitConfig, evaluate_runs, fit, fit_group
+from shared.settings import add_options, from_args, setting
+from student_train.config import FitConfig
+from student_train.train import fit_group
 from teacher_cache.build import BuildConfig, build_cache
+from teacher_cache.info import eval_accuracies
+
+AUTO = "auto"  # Teacher model and views chosen from the data: see `DemoConfig`.
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -29,62 +37,68 @@ class DemoConfig:
   The recipe is "patient and consistent" distillation (Beyer et al. 2022): many cached views per example, each
   seen by teacher and student alike, and many epochs, which the soft targets can use and hard labels cannot
   (scratch students stop improving, then overfit).
+
+  `teacher`, `build` and `student` are the settings of each stage's `fit` or `build`; the demo fills in the data,
+  the run dirs and the caches. A teacher model or a view count of "auto" / 0 is chosen from the data: `cnn-large`
+  and 16 views for images, `mlp-large` and 1 view for flat vectors.
   """
 
-  dataset: str = "digits"
-  train_split: str = "train"
-  test_split: str = "test"
-  data_dir: str | None = None
-  work_dir: str = "demo"
-  results_dir: str = "results"
-  teacher_model: str | None = None
-  teachers: int = 3
-  teacher_epochs: int = 30
-  teacher_dropout: float = 0.2
-  teacher_batch_size: int = 128
-  views: int | None = None
-  max_shift: int = 1
-  temperature: float = 4.0
-  alpha: float = 0.1
-  student_model: str = "mlp-small"
-  student_epochs: int = 100
-  finetune_epochs: int = 5
-  student_batch_size: int = 512
-  student_lr: float = 1e-2
-  seeds: int = 5
-  folds: int = 3
-  label_fraction: float = 0.1
-  fraction_epochs: int = 250
-  fraction_temperature: float = 8.0
-  checkpoint_every: int = 25
+  dataset: str = setting("digits", "'digits', 'npz:PATH' or a prepared TFDS name")
+  train_split: str = setting("train", "transfer set: teachers train on it, caches cover it")
+  test_split: str = setting("test", "split every model is evaluated on (the caches store the teachers' logits on it)")
+  data_dir: str | None = setting(None, "TFDS data dir")
+  work_dir: str = setting("demo", "runs and caches; a rerun reuses finished runs")
+  results_dir: str = setting("results", "where demo.md, demo.json and demo.png go")
+  teachers: int = setting(3, "ensemble size M")
+  seeds: int = setting(5, "paired student seeds per arm")
+  folds: int = setting(3, "cross-fitting folds K (K x M extra teacher runs); 1 skips the cross-fitted arms")
+  label_fraction: float = setting(0.1, "fraction of the examples for the hard vs soft regularizer arms; 1 skips "
+                                       "them")
+  fraction_epochs: int = setting(250, "epochs of the fraction arms (each epoch holds only the fraction's rows)")
+  fraction_temperature: float = setting(8.0, "T of the soft-only fraction arms (alpha 0, no fine-tuning)")
+  teacher: FitConfig = setting(FitConfig(model=AUTO, epochs=30, dropout=0.2, batch_size=128), "teacher runs",
+                               cli=False)
+  build: BuildConfig = setting(BuildConfig(temperature=4.0, views=0, max_shift=1, progress=False), "the caches",
+                               cli=False)
+  student: FitConfig = setting(
+      # Tiny epochs: checkpointing every epoch would dominate the run time.
+      FitConfig(model="mlp-small", alpha=0.1, epochs=100, finetune_epochs=5, batch_size=512, lr=1e-2,
+                checkpoint_every=25),
+      "full-data students (scratch ones use alpha=1; T is the cache's)", cli=False)
 
 
-# What each DemoConfig field means (also `student-train demo --help`).
-DEMO_HELP = {
-    "dataset": "'digits', 'npz:PATH' or a prepared TFDS name",
-    "train_split": "transfer set: teachers train on it, caches cover it",
-    "test_split": "split every model is evaluated on",
-    "data_dir": "TFDS data dir",
-    "work_dir": "runs and caches; a rerun reuses finished runs",
-    "results_dir": "where demo.md, demo.json and demo.png go",
-    "teacher_model": "default: cnn-large for images, mlp-large for flat vectors",
-    "teachers": "ensemble size M",
-    "views": "cached views per example; default: 16 for images, 1 for flat vectors",
-    "max_shift": "view shift in pixels (zero-filled)",
-    "temperature": "T of the caches and of the full-data students",
-    "alpha": "hard-label weight of the distilled full-data students",
-    "student_epochs": "full-data student epochs before fine-tuning",
-    "finetune_epochs": "hard-label epochs after distillation (scratch students get them too)",
-    "seeds": "paired student seeds per arm",
-    "folds": "cross-fitting folds K (K x M extra teacher runs); 1 skips the cross-fitted arms",
-    "label_fraction": "fraction of the examples for the hard vs soft regularizer arms; 1 skips them",
-    "fraction_epochs": "epochs of the fraction arms (each epoch holds only the fraction's rows)",
-    "fraction_temperature": "T of the soft-only fraction arms (alpha 0, no fine-tuning)",
-    "checkpoint_every": "student epochs between checkpoints (epochs are tiny: saving each would dominate)",
+# The stage settings `student-train demo` offers, as --teacher-*, --build-* and --student-* options.
+STAGE_OPTIONS = {
+    "teacher": (FitConfig, ("model", "epochs", "dropout", "batch_size", "lr")),
+    "build": (BuildConfig, ("temperature", "views", "max_shift", "seed")),
+    "student": (FitConfig, ("model", "alpha", "epochs", "finetune_epochs", "batch_size", "lr", "checkpoint_every",
+                            "shuffle_window")),
 }
 
+
+def add_demo_options(parser: argparse.ArgumentParser) -> None:
+  """The demo's own settings, then each stage's, with the demo's defaults."""
+  add_options(parser, DemoConfig)
+  parser.add_argument("-v", "--verbose", action="store_true", help="log every run's every epoch")
+  defaults = DemoConfig()
+  notes = {"teacher": f"--teacher-model {AUTO}: cnn-large for images, mlp-large for flat vectors",
+           "build": "--build-views 0: 16 views for images, 1 for flat vectors",
+           "student": "scratch students use alpha 1; T is the cache's"}
+  for stage, (cls, names) in STAGE_OPTIONS.items():
+    add_options(parser.add_argument_group(f"{stage} settings", notes[stage]), cls, names, prefix=f"{stage}_",
+                defaults=getattr(defaults, stage))
+
+
+def demo_config_from_args(args: argparse.Namespace) -> tuple["DemoConfig", bool]:
+  """The `DemoConfig` of a parsed `student-train demo` command line, and whether it asked for -v."""
+  defaults = DemoConfig()
+  stages = {stage: from_args(cls, args, prefix=f"{stage}_", base=getattr(defaults, stage))
+            for stage, (cls, _) in STAGE_OPTIONS.items()}
+  return from_args(DemoConfig, args, **stages), args.verbose
+
+
 def _log(message: str) -> None:
-  print(f"demo: {message}", file=sys.stderr, flush=True)
+  tqdm.write(f"demo: {message}", file=sys.stderr)
 
 
 def _mean_std(values: list[float]) -> dict:
@@ -92,64 +106,99 @@ def _mean_std(values: list[float]) -> dict:
           "values": [float(v) for v in values]}
 
 
-def run_demo(config: DemoConfig) -> dict:
-  """Runs the pipeline (finished runs are reused) and writes the results table; returns the results dict."""
+class _StageBar:
+  """One progress bar per stage: run-epochs done, runs finished, rows/s and the ETA."""
+
+  def __init__(self, name: str, runs: int, epochs_per_run: int):
+    self.runs, self.epochs_per_run, self.finished, self.rows = runs, epochs_per_run, 0, 0
+    self.started = time.perf_counter()
+    self.bar = tqdm(total=runs * epochs_per_run, desc=name, unit="epoch", file=sys.stderr, dynamic_ncols=True)
+
+  def on_epoch(self, plan, line: dict) -> None:
+    self.rows += line["rows"]
+    self.bar.update(1)
+    self._postfix()
+
+  def runs_done(self, count: int) -> None:
+    """Marks runs finished (reused ones included), so the bar also counts the epochs they did not need now."""
+    self.finished += count
+    self.bar.update(self.finished * self.epochs_per_run - self.bar.n)
+    self._postfix()
+
+  def _postfix(self) -> None:
+    self.bar.set_postfix_str(f"runs {self.finished}/{self.runs}, "
+                             f"{self.rows / max(time.perf_counter() - self.started, 1e-9):,.0f} rows/s")
+
+  def close(self) -> float:
+    self.bar.close()
+    return time.perf_counter() - self.started
+
+
+def run_demo(config: DemoConfig, verbose: bool = False) -> dict:
+  """Runs the pipeline (finished runs are reused) and writes the results table; returns the results dict.
+
+  Args:
+    config: the settings.
+    verbose: log every run's every epoch (always in each run's metrics.jsonl); otherwise one bar per stage.
+  """
   transfer_set = open_transfer_set(config.dataset, config.train_split, config.data_dir)
   images = len(transfer_set.input_shape) >= 2
-  teacher_model = config.teacher_model or ("cnn-large" if images else "mlp-large")
-  views = config.views or (16 if images else 1)
+  teacher_model = config.teacher.model if config.teacher.model != AUTO else ("cnn-large" if images else "mlp-large")
+  views = config.build.views or (16 if images else 1)
   if views > 1 and not images:
     raise StillroomError(f"views > 1 need image inputs; {config.dataset!r} holds flat vectors.")
   work = config.work_dir
-  common = {"data_dir": config.data_dir, "progress": False, "eval_dataset": config.dataset,
-            "eval_split": config.test_split}
+  data = {"data_dir": config.data_dir, "progress": False, "eval_dataset": config.dataset,
+          "eval_split": config.test_split}
+  teacher_base = dataclasses.replace(config.teacher, model=teacher_model, dataset=config.dataset,
+                                     split=config.train_split, augment=images, max_shift=config.build.max_shift,
+                                     **data)
   stages, started = {}, time.perf_counter()
 
-  def stage_done(name: str, since: float) -> float:
-    now = time.perf_counter()
-    stages[name] = now - since
-    _log(f"{name}: {stages[name]:.0f} s")
-    return now
+  def train_stage(name: str, groups: list[list[FitConfig]]) -> list[list[dict]]:
+    """Trains groups of runs (each group together, in one vmapped step) under one progress bar."""
+    runs = [run for group in groups for run in group]
+    bar = _StageBar(name, len(runs), runs[0].epochs + runs[0].finetune_epochs)
+    finals = []
+    for group in groups:
+      finals.append(fit_group(group, log_epochs=verbose, on_epoch=bar.on_epoch))
+      bar.runs_done(len(group))
+    stages[name] = bar.close()
+    return finals
 
-  def teacher(out: str, seed: int, **extra) -> str:
-    fit(FitConfig(model=teacher_model, dataset=config.dataset, split=config.train_split, augment=images,
-                  max_shift=config.max_shift, dropout=config.teacher_dropout, epochs=config.teacher_epochs,
-                  seed=seed, batch_size=config.teacher_batch_size, out=out, **common, **extra))
+  teachers = [dataclasses.replace(teacher_base, seed=m, out=os.path.join(work, f"teacher{m}"))
+              for m in range(config.teachers)]
+  train_stage("teachers", [[run] for run in teachers])
+  crossfit = []
+  if config.folds > 1:
+    crossfit = [dataclasses.replace(teacher_base, seed=m, folds=config.folds, holdout_fold=k,
+                                    out=os.path.join(work, f"crossfit{m}_fold{k}"))
+                for m in range(config.teachers) for k in range(config.folds)]
+    train_stage(f"cross-fitted teachers ({config.teachers} x {config.folds} folds)", [[run] for run in crossfit])
+
+  settings = f"T{config.build.temperature:g}_v{views}"  # Caches and students of other settings live beside these.
+
+  def cache(name: str, runs: list[FitConfig], folds: int = 1) -> str:
+    out = os.path.join(work, f"{name}_{settings}.zarr")
+    build_cache(dataclasses.replace(config.build, dataset=config.dataset, split=config.train_split,
+                                    data_dir=config.data_dir, eval_split=config.test_split,
+                                    teachers=tuple(run.out for run in runs), views=views, folds=folds, out=out))
     return out
 
   clock = time.perf_counter()
-  teachers = [teacher(os.path.join(work, f"teacher{m}"), m) for m in range(config.teachers)]
-  clock = stage_done("teachers", clock)
-  crossfit = []
-  if config.folds > 1:
-    crossfit = [teacher(os.path.join(work, f"crossfit{m}_fold{k}"), m, folds=config.folds, holdout_fold=k)
-                for m in range(config.teachers) for k in range(config.folds)]
-    clock = stage_done(f"cross-fitted teachers ({config.teachers} x {config.folds} folds)", clock)
-
-  settings = f"T{config.temperature:g}_v{views}"  # Caches and students of other settings live beside these.
-
-  def cache(name: str, runs: list[str], folds: int = 1) -> str:
-    out = os.path.join(work, f"{name}_{settings}.zarr")
-    build_cache(BuildConfig(dataset=config.dataset, split=config.train_split, data_dir=config.data_dir,
-                            teachers=tuple(runs), temperature=config.temperature, views=views,
-                            max_shift=config.max_shift, folds=folds, out=out, progress=False))
-    return out
-
   ordinary = cache("ensemble", teachers)
   crossfit_cache = cache("crossfit", crossfit, config.folds) if crossfit else None
-  clock = stage_done("caches", clock)
+  stages["caches"] = time.perf_counter() - clock
+  _log(f"caches: {stages['caches']:.0f} s")
 
-  student = FitConfig(model=config.student_model, alpha=config.alpha, temperature=config.temperature,
-                      epochs=config.student_epochs, finetune_epochs=config.finetune_epochs,
-                      batch_size=config.student_batch_size, lr=config.student_lr,
-                      checkpoint_every=config.checkpoint_every, **common)
+  student = dataclasses.replace(config.student, **data)
   arms = {"scratch": (ordinary, {"alpha": 1.0}), "distilled (AM)": (ordinary, {}),
           "distilled (GM)": (ordinary, {"combine": "geometric"})}
   if crossfit_cache:
     arms["distilled (cross-fitted AM)"] = (crossfit_cache, {})
-  students = _train_arms(arms, student, config.seeds, os.path.join(
-      work, f"students_{settings}_a{config.alpha:g}_e{config.student_epochs}+{config.finetune_epochs}"))
-  clock = stage_done(f"students ({len(arms)} arms x {config.seeds} seeds)", clock)
+  students = _train_arms(train_stage, f"students ({len(arms)} arms x {config.seeds} seeds)", arms, student,
+                         config.seeds, os.path.join(work, f"students_{settings}_a{student.alpha:g}_e"
+                                                          f"{student.epochs}+{student.finetune_epochs}"))
   fraction = {}
   if config.label_fraction < 1.0:
     few = dataclasses.replace(student, label_fraction=config.label_fraction, epochs=config.fraction_epochs,
@@ -157,35 +206,37 @@ def run_demo(config: DemoConfig) -> dict:
     fraction_arms = {"hard labels": (ordinary, {"alpha": 1.0}), "soft targets": (ordinary, {})}
     if crossfit_cache:
       fraction_arms["soft targets (cross-fitted)"] = (crossfit_cache, {})
-    fraction = _train_arms(fraction_arms, few, config.seeds, os.path.join(
-        work, f"fraction{config.label_fraction:g}_v{views}_T{config.fraction_temperature:g}_e{config.fraction_epochs}"))
-    clock = stage_done(f"{config.label_fraction:.0%} of the examples ({len(fraction_arms)} arms x "
-                       f"{config.seeds} seeds)", clock)
-  evaluations = {f"teacher {m}": evaluate_runs([t], config.dataset, config.test_split, config.data_dir)["accuracy"]
-                 for m, t in enumerate(teachers)}
-  for combine in ("arithmetic", "geometric"):
-    evaluations[f"ensemble ({combine[:1].upper()}M)"] = evaluate_runs(
-        teachers, config.dataset, config.test_split, config.data_dir, combine)["accuracy"]
-  stage_done("evaluation", clock)
+    fraction = _train_arms(
+        train_stage, f"{config.label_fraction:.0%} of the examples ({len(fraction_arms)} arms x {config.seeds} "
+        "seeds)", fraction_arms, few, config.seeds,
+        os.path.join(work, f"fraction{config.label_fraction:g}_v{views}_T{config.fraction_temperature:g}_e"
+                           f"{config.fraction_epochs}"))
+  # The teachers' accuracies from the logits the cache stored on the test split: no teacher runs again.
+  accuracies = eval_accuracies(open_cache(ordinary))
+  evaluations = {f"teacher {m}": accuracy for m, accuracy in enumerate(accuracies["members"])}
+  evaluations.update({"ensemble (AM)": accuracies["arithmetic"], "ensemble (GM)": accuracies["geometric"]})
   results = _summarise(config, teacher_model, views, evaluations, students, fraction, stages,
                        time.perf_counter() - started)
   _write_results(config.results_dir, results)
   return results
 
 
-def _train_arms(arms: dict[str, tuple[str, dict]], base: FitConfig, seeds: int, out: str) -> dict[str, list[float]]:
+def _train_arms(train_stage, stage: str, arms: dict[str, tuple[str, dict]], base: FitConfig, seeds: int,
+                out: str) -> dict[str, list[float]]:
   """Trains every arm for seeds 0..seeds-1; returns each arm's test accuracies in seed order.
 
   Arms of one seed that read the same cache share its batch stream (paired: same rows, same order) and train
-  together in one vmapped step (`fit_group`).
+  together in one vmapped step.
 
   Args:
+    train_stage: trains groups of runs under one progress bar.
+    stage: the stage's name.
     arms: name -> (cache path, FitConfig fields that differ from `base`).
     base: the settings the arms share.
     seeds: number of paired seeds.
     out: directory of the arms' run dirs.
   """
-  accuracies: dict[str, list[float]] = {name: [] for name in arms}
+  groups, names = [], []
   for seed in range(seeds):
     by_cache: dict[str, list[tuple[str, FitConfig]]] = {}
     for name, (cache_path, extra) in arms.items():
@@ -193,8 +244,12 @@ def _train_arms(arms: dict[str, tuple[str, dict]], base: FitConfig, seeds: int, 
       by_cache.setdefault(cache_path, []).append((name, dataclasses.replace(
           base, cache=cache_path, seed=seed, out=os.path.join(out, f"{slug}_seed{seed}"), **extra)))
     for runs in by_cache.values():
-      for (name, _), final in zip(runs, fit_group([run for _, run in runs])):
-        accuracies[name].append(final["eval_accuracy"])
+      groups.append([run for _, run in runs])
+      names.append([name for name, _ in runs])
+  accuracies: dict[str, list[float]] = {name: [] for name in arms}
+  for group_names, finals in zip(names, train_stage(stage, groups)):
+    for name, final in zip(group_names, finals):
+      accuracies[name].append(final["eval_accuracy"])
   return accuracies
 
 
@@ -225,11 +280,12 @@ def _summarise(config, teacher_model, views, evaluations, students, fraction, st
 def format_table(results: dict) -> str:
   """The results as Markdown tables (accuracy on the test split; students mean ± std over seeds)."""
   config = results["config"]
+  student = config["student"]
   lines = [f"Dataset `{config['dataset']}` ({config['train_split']} -> {config['test_split']}); teachers "
            f"{config['teachers']} x `{results['teacher_model']}`, {results['views']} views, "
-           f"T={config['temperature']:g}, alpha={config['alpha']:g}; student `{config['student_model']}`, "
-           f"{config['student_epochs']} + {config['finetune_epochs']} fine-tune epochs (batch "
-           f"{config['student_batch_size']}, lr {config['student_lr']:g}), {config['seeds']} paired seeds.", "",
+           f"T={config['build']['temperature']:g}, alpha={student['alpha']:g}; student `{student['model']}`, "
+           f"{student['epochs']} + {student['finetune_epochs']} fine-tune epochs (batch "
+           f"{student['batch_size']}, lr {student['lr']:g}), {config['seeds']} paired seeds.", "",
            f"| model | accuracy on {config['test_split']} | gap closed | paired gain vs scratch |",
            "|---|---|---|---|"]
   for name, accuracy in results["teachers"].items():

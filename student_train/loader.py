@@ -7,7 +7,9 @@ the seed and the epoch.
 
 The cache loader never holds the cache in memory: each epoch reads whole chunks in a shuffled order (a per-row
 read is far slower), shuffles rows across a window of chunks in memory, and runs in a background thread, so
-reading and view rendering overlap the device's step.
+reading and view rendering overlap the device's step. Batches are close to uniform samples of the rows because the
+build stores each view's examples in a seeded permuted order (`CacheSpec.row_sources`): every chunk is already a
+uniform sample, even of a dataset sorted by class.
 """
 
 import math
@@ -21,8 +23,8 @@ from shared.augment import Augmentation, apply_view
 from shared.cache import Cache
 from shared.data import TransferSet
 from shared.parallel import pad_rows
+from student_train.config import DEFAULT_SHUFFLE_WINDOW
 
-WINDOW_CHUNKS = 4  # Chunks shuffled together in memory.
 PREFETCH_BATCHES = 4
 
 
@@ -105,13 +107,14 @@ class CacheLoader:
     transfer_set: the dataset recorded in the cache (fingerprint already checked).
     batch_size: rows per batch.
     seed: data seed; the epoch's order is a function of (seed, epoch) only.
-    fields: teacher arrays to read per row ("targets" and/or "member_logits").
+    fields: teacher arrays to read per row ("targets" and/or "member_logits"; none for hard labels).
     examples: if given, only rows of these example indices (a label fraction).
     window_chunks: chunks shuffled together in memory.
   """
 
   def __init__(self, cache: Cache, transfer_set: TransferSet, *, batch_size: int, seed: int,
-               fields: tuple[str, ...], examples: np.ndarray | None = None, window_chunks: int = WINDOW_CHUNKS):
+               fields: tuple[str, ...], examples: np.ndarray | None = None,
+               window_chunks: int = DEFAULT_SHUFFLE_WINDOW):
     self.cache, self.transfer_set = cache, transfer_set
     self.batch_size, self.seed, self.fields, self.window_chunks = batch_size, seed, fields, window_chunks
     self._keep = None
@@ -123,23 +126,19 @@ class CacheLoader:
   def _count_rows(self) -> int:
     if self._keep is None:
       return self.cache.spec.num_rows
-    return sum(int(self._keep[self._read(chunk, ("index",))["index"]].sum())
+    return sum(int(self._keep[self.cache.read_chunk(chunk, ("index",))["index"]].sum())
                for chunk in range(self.cache.spec.num_chunks))
 
   @property
   def steps_per_epoch(self) -> int:
     return math.ceil(self.num_rows / self.batch_size)
 
-  def _read(self, chunk: int, names: tuple[str, ...]) -> dict:
-    start, stop = self.cache.chunk_bounds(chunk)
-    return {name: self.cache[name][start:stop] for name in names}
-
   def _windows(self, order: np.ndarray) -> Iterator[dict]:
     names = ("index", "labels", "shift", "flip", *self.fields)
     for start in range(0, len(order), self.window_chunks):
       window = {}
       for chunk in order[start:start + self.window_chunks]:
-        rows = self._read(int(chunk), names)
+        rows = self.cache.read_chunk(int(chunk), names)
         if self._keep is not None:
           rows = _take(rows, self._keep[rows["index"]])
         window = _concat(window, rows)

@@ -16,28 +16,23 @@ import json
 import multiprocessing
 import os
 import sys
+import typing
 
 import numpy as np
 import yaml
 
 from shared.cache import open_cache
 from shared.errors import StillroomError
-from shared.models import MODELS
-from student_train.train import (FINAL_FILE, GROUP_VARYING, FitConfig, check_config, evaluate_runs, fit,
-                                 fit_group)
+from shared.settings import _value_type
+from student_train.config import FitConfig, check_value
+from student_train.plan import RunPlan, plan_run
+from shared.runs import CONFIG_FILE
+from student_train.run_dir import FINAL_FILE, is_finished
+from student_train.train import fit_group
+from teacher_cache.info import eval_accuracies
 
-# Axis name -> (type of one value, check of one value or None).
-AXES = {
-    "temperature": (float, lambda v: v > 0 or "must be > 0"),
-    "alpha": (float, lambda v: 0 <= v <= 1 or "must be in [0, 1]"),
-    "loss": (str, lambda v: v in ("kl", "mse") or "must be 'kl' or 'mse'"),
-    "combine": (str, lambda v: v in ("arithmetic", "geometric") or "must be 'arithmetic' or 'geometric'"),
-    "members": (list, lambda v: (bool(v) and all(isinstance(m, int) for m in v)) or "must be a non-empty list of "
-                                                                                   "member indices"),
-    "model": (str, lambda v: v in MODELS or f"must be one of {', '.join(MODELS)}"),
-    "label_fraction": (float, lambda v: 0 < v <= 1 or "must be in (0, 1]"),
-    "epochs": (int, lambda v: v >= 1 or "must be >= 1"),
-}
+# The fit settings a grid may vary; each axis takes the setting's type and check from `FitConfig`.
+AXES = ("temperature", "alpha", "loss", "combine", "members", "model", "label_fraction", "epochs")
 MANIFEST = "sweep.json"
 
 
@@ -45,11 +40,29 @@ def _log(message: str) -> None:
   print(f"student-train sweep: {message}", file=sys.stderr, flush=True)
 
 
+def _check_axis_value(name: str, value) -> None:
+  kind, is_tuple = _value_type(typing.get_type_hints(FitConfig)[name])
+  if is_tuple:
+    ok_type = isinstance(value, list) and all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
+    value = tuple(value) if ok_type else value
+    kind_name = f"list of {kind.__name__}"
+  else:
+    ok_type = isinstance(value, kind) or (kind is float and isinstance(value, int))
+    ok_type = ok_type and not isinstance(value, bool)
+    kind_name = kind.__name__
+  if not ok_type:
+    raise StillroomError(f"grid axis {name!r}: value {value!r} is not a {kind_name}.")
+  problem = check_value(name, value)
+  if problem:
+    raise StillroomError(f"grid axis {name!r}: value {value!r} {problem}.")
+
+
 def parse_grid(spec: str) -> dict[str, list]:
   """Reads a grid from a file path, inline JSON, or the short `axis=v1,v2;axis=...` form; validates it.
 
   Raises:
-    StillroomError: unreadable grid, unknown axis, empty axis, or a value of the wrong type or range (named).
+    StillroomError: unreadable grid, unknown axis, empty axis, repeated value, or a value of the wrong type or range
+      (named).
   """
   if os.path.isfile(spec):
     with open(spec) as f:
@@ -77,14 +90,12 @@ def parse_grid(spec: str) -> dict[str, list]:
       raise StillroomError(f"unknown grid axis {name!r}; valid axes: {', '.join(AXES)}.")
     if not isinstance(values, list) or not values:
       raise StillroomError(f"grid axis {name!r} needs a non-empty list of values, got {values!r}.")
-    kind, check = AXES[name]
     for value in values:
-      ok_type = isinstance(value, kind) or (kind is float and isinstance(value, int) and not isinstance(value, bool))
-      if not ok_type or isinstance(value, bool):
-        raise StillroomError(f"grid axis {name!r}: value {value!r} is not a {kind.__name__}.")
-      verdict = check(value)
-      if verdict is not True:
-        raise StillroomError(f"grid axis {name!r}: value {value!r} {verdict}.")
+      _check_axis_value(name, value)
+    seen = [json.dumps(v) for v in values]
+    repeated = next((v for v, text in zip(values, seen) if seen.count(text) > 1), None)
+    if repeated is not None:
+      raise StillroomError(f"grid axis {name!r} lists {repeated!r} twice; each point would train into one run dir.")
   return grid
 
 
@@ -102,36 +113,33 @@ def _config(point: dict, seed: int, base: FitConfig, out: str) -> FitConfig:
   return dataclasses.replace(base, **values, seed=seed, out=out)
 
 
-def plan_sweep(cache: str, grid: dict, seeds: int, out: str, base: FitConfig) -> list[tuple[str, dict, FitConfig]]:
-  """Every (name, point, config) of the sweep, each checked as `fit` would check it, before any training."""
+def plan_sweep(cache: str, grid: dict, seeds: int, out: str, base: FitConfig) -> list[tuple[str, dict, RunPlan]]:
+  """Every (name, point, plan) of the sweep, each checked as `fit` would check it, before any training."""
   points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
   runs = []
   for point, seed in itertools.product(points, range(seeds)):
     name = _point_name(point, seed)
     config = _config(point, seed, dataclasses.replace(base, cache=cache), os.path.join(out, name))
     try:
-      check_config(config)
+      plan = plan_run(config)
     except StillroomError as e:
-      raise StillroomError(f"grid point {_point_name(point, seed).rsplit(',seed=', 1)[0] or '(base)'}: {e}") from e
-    runs.append((name, point, config))
+      raise StillroomError(f"grid point {name.rsplit(',seed=', 1)[0] or '(base)'}: {e}") from e
+    runs.append((name, point, plan))
   return runs
 
 
-def _train(configs: list[FitConfig]) -> None:
-  """One group of runs (a worker's unit of work): together in one vmapped step, or a single run."""
-  if len(configs) > 1:
-    fit_group(configs)
-  elif not os.path.exists(os.path.join(configs[0].out, FINAL_FILE)):
-    fit(configs[0])
+def _train(configs: list[FitConfig], verbose: bool) -> None:
+  """One group of runs sharing a batch stream (a worker's unit of work), trained together."""
+  fit_group(configs, log_epochs=verbose)
 
 
 def run_sweep(cache: str, grid_spec: str, out: str, seeds: int = 1, base: FitConfig | None = None,
-              together: bool = True, jobs: int = 1) -> list[str]:
+              together: bool = True, jobs: int = 1, verbose: bool = False) -> list[str]:
   """Runs (or resumes) every grid point × seed; returns the run dirs.
 
-  With `together`, runs that share a student architecture and batch stream (everything but seed-free per-student
-  settings: T, alpha, loss, rule, members) train in one vmapped step, reading the cache once for all of them.
-  With `jobs > 1`, that many groups train at once, each in its own process.
+  With `together`, runs that share a batch stream (all but the per-student settings: seed, T, alpha, loss, rule,
+  members) train in one vmapped step, reading the cache once for all of them. With `jobs > 1`, that many groups
+  train at once, each in its own process. `verbose` logs every run's every epoch.
   """
   if jobs < 1:
     raise StillroomError(f"--jobs must be >= 1, got {jobs}.")
@@ -143,7 +151,7 @@ def run_sweep(cache: str, grid_spec: str, out: str, seeds: int = 1, base: FitCon
   os.makedirs(out, exist_ok=True)
   manifest = {"cache": os.path.abspath(cache), "grid": grid, "seeds": seeds, "data_dir": base.data_dir,
               "base": {"alpha": base.alpha},
-              "runs": [{"name": name, "point": point, "seed": config.seed} for name, point, config in runs]}
+              "runs": [{"name": name, "point": point, "seed": plan.config.seed} for name, point, plan in runs]}
   manifest_path = os.path.join(out, MANIFEST)
   if os.path.exists(manifest_path):
     with open(manifest_path) as f:
@@ -153,45 +161,40 @@ def run_sweep(cache: str, grid_spec: str, out: str, seeds: int = 1, base: FitCon
   with open(manifest_path + ".tmp", "w") as f:
     json.dump(manifest, f, indent=2)
   os.replace(manifest_path + ".tmp", manifest_path)
-  groups: dict[tuple, list[tuple[str, FitConfig]]] = {}
-  for name, _, config in runs:
-    key = tuple((k, v) for k, v in sorted(dataclasses.asdict(config).items()) if k not in GROUP_VARYING)
-    groups.setdefault((key, config.seed) if together else (name,), []).append((name, config))
+  groups: dict[str, list[tuple[str, FitConfig]]] = {}
+  for name, _, plan in runs:
+    key = json.dumps(plan.stream_key(), sort_keys=True, default=str) if together else name
+    groups.setdefault(key, []).append((name, plan.config))
   done = 0
   for members in groups.values():
     for name, config in members:
       done += 1
-      finished = os.path.exists(os.path.join(config.out, FINAL_FILE))
-      _log(f"[{done}/{len(runs)}] {name}" + (" (finished)" if finished else ""))
+      _log(f"[{done}/{len(runs)}] {name}" + (" (finished)" if is_finished(config.out) else ""))
   work = [[config for _, config in members] for members in groups.values()]
   if jobs == 1:
     for configs in work:
-      _train(configs)
+      _train(configs, verbose)
   else:
     # Spawned, not forked: a forked JAX runtime is not safe to use.
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-      for future in concurrent.futures.as_completed([pool.submit(_train, configs) for configs in work]):
+      for future in concurrent.futures.as_completed([pool.submit(_train, configs, verbose) for configs in work]):
         future.result()
-  return [config.out for _, _, config in runs]
+  return [plan.config.out for _, _, plan in runs]
 
 
 def base_alpha(manifest: dict) -> float | None:
   return manifest.get("base", {}).get("alpha")
 
 
-def _ensemble_accuracy(cache_path: str, eval_config: dict | None, data_dir: str | None) -> float | None:
-  """Test accuracy of the cached teachers' ensemble, if their run dirs still load."""
-  if not eval_config:
+def _ensemble_accuracy(cache_path: str, eval_config: dict | None) -> float | None:
+  """Eval accuracy of the cached teachers' ensemble (its rule, T=1), from the eval logits the cache stores, when
+  they are of the split the students were evaluated on."""
+  cache = open_cache(cache_path)
+  spec = cache.spec
+  if not eval_config or spec.eval_dataset is None or spec.eval_dataset.fingerprint != eval_config["fingerprint"]:
     return None
-  spec = open_cache(cache_path).spec
-  if spec.folds > 1:
-    return None
-  try:
-    return evaluate_runs([m.source for m in spec.members], eval_config["dataset"], eval_config["split"],
-                         data_dir, combine=spec.combine)["accuracy"]
-  except StillroomError:
-    return None
+  return eval_accuracies(cache)[spec.combine]
 
 
 # Settings a hard-label run (alpha = 1) ignores.
@@ -224,7 +227,7 @@ def report(sweep_dir: str) -> str:
       with open(final_path) as f:
         row["accuracies"].append(json.load(f).get("eval_accuracy", np.nan))
       if eval_config is None:
-        with open(os.path.join(sweep_dir, run["name"], "config.json")) as f:
+        with open(os.path.join(sweep_dir, run["name"], CONFIG_FILE)) as f:
           eval_config = json.load(f)["resolved"]["eval"]
     else:
       row["missing"] += 1
@@ -236,7 +239,7 @@ def report(sweep_dir: str) -> str:
     if is_scratch(row["point"]):
       scratch_runs.setdefault(_hard_label_key(row["point"]), []).extend(row["accuracies"])
   baselines = {key: float(np.mean(values)) for key, values in scratch_runs.items() if values}
-  ensemble = _ensemble_accuracy(manifest["cache"], eval_config, manifest.get("data_dir"))
+  ensemble = _ensemble_accuracy(manifest["cache"], eval_config)
   axes = list(manifest["grid"])
   header = axes + ["seeds", "accuracy mean", "accuracy std", "gain vs scratch", "gap closed"]
   table_rows = []

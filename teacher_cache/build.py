@@ -1,9 +1,10 @@
 """`teacher-cache build`: run a teacher ensemble once over a transfer set and write a resumable Zarr v3 cache.
 
-The build runs chunk by chunk. Each chunk's rows are computed in batches that start at the chunk's first row, so a
-resumed build computes every batch exactly as an uninterrupted one does. A background thread writes finished
-chunks (and then marks each in `chunk_committed`) while the devices compute the next batches; the completion
-record is written only after the last chunk is committed.
+The build runs chunk by chunk: first the eval split's member logits (if any), then the transfer set's rows. Each
+chunk's rows are computed in batches that start at the chunk's first row, so a resumed build computes every batch
+exactly as an uninterrupted one does. A background thread writes finished chunks (and then marks each in its
+bookkeeping array) while the devices compute the next batches; the completion record is written only after the
+last chunk is committed.
 """
 
 import dataclasses
@@ -22,37 +23,47 @@ from tqdm import tqdm
 
 from shared import __version__
 from shared.augment import Augmentation, apply_view, fold_of
-from shared.cache import (COMPLETE_KEY, SPEC_KEY, Cache, CacheSpec, MemberSpec, layout_problems, now_iso,
-                          open_cache, validate_settings)
+from shared.cache import (COMPLETE_KEY, EVAL_ROWS, ROWS, SPEC_KEY, STORAGE_DTYPES, Cache, CacheSpec, MemberSpec,
+                          committed_name, create_arrays, now_iso, open_cache, validate_settings, writable)
 from shared.data import Normalization, TransferSet, open_transfer_set
-from shared.ensemble import combine_log_probs
+from shared.ensemble import COMBINE_RULES, combine_log_probs
 from shared.errors import StillroomError
 from shared.models import check_input_shape
 from shared.parallel import batch_sharding, check_batch_size, data_mesh, pad_rows, replicated
 from shared.runs import Teacher, load_teacher
+from shared.settings import setting
+
+NO_EVAL = "none"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BuildConfig:
-  """Settings of `teacher-cache build` (the CLI's defaults come from here)."""
+  """Settings of `teacher-cache build` (the CLI's options, defaults and help come from here)."""
 
-  dataset: str = "digits"
-  split: str = "train"
-  data_dir: str | None = None
-  teachers: tuple[str, ...] = ()
-  combine: str = "arithmetic"
-  temperature: float = 4.0
-  views: int = 1
-  seed: int = 0
-  max_shift: int = 1
-  flip: bool = False
-  out: str = ""
-  batch_size: int = 256
-  chunk_rows: int = 4096
-  dtype: str = "float16"
-  folds: int = 1
-  overwrite: bool = False
-  progress: bool = True
+  dataset: str = setting("digits", "'digits', 'npz:PATH' or a TFDS dataset prepared in --data-dir")
+  split: str = setting("train", "transfer set: a TFDS split spec of one split, e.g. 'train' or 'train[:80%]'")
+  data_dir: str | None = setting(None, "TFDS data dir (default: TFDS's own, ~/tensorflow_datasets)")
+  eval_split: str | None = setting(
+      None, "also store each member's logits on this split, so that students report their agreement with the "
+            f"ensemble without running the teachers again; '{NO_EVAL}' stores none (default: 'test' if the "
+            "dataset has it)")
+  teachers: tuple[str, ...] = setting((), "ensemble members", cli=False)
+  combine: str = setting("arithmetic", "ensemble rule: arithmetic mean of member distributions or normalised "
+                                       "geometric mean", choices=COMBINE_RULES)
+  temperature: float = setting(4.0, "softmax temperature T > 0 of the stored targets")
+  views: int = setting(1, "views per example, view 0 un-augmented; 1 = no augmentation")
+  seed: int = setting(0, "seed of the views and of the order in which examples are stored")
+  max_shift: int = setting(1, "largest zero-filled shift of a view, in pixels")
+  flip: bool = setting(False, "random horizontal flips in views (wrong for digits and text)")
+  folds: int = setting(1, "cross-fitted targets: each member is K runs given in fold order, run k trained with "
+                          "`student-train fit --folds K --holdout-fold k`; a row takes each member's logits from "
+                          "the run that did not see its fold (1: no cross-fitting)")
+  out: str = setting("", "the store to write", metavar="CACHE.zarr")
+  batch_size: int = setting(256, "rows per forward pass, a multiple of the device count")
+  chunk_rows: int = setting(4096, "rows per Zarr chunk: the unit of writing, resuming and reading")
+  dtype: str = setting("float16", "storage dtype of logits and targets", choices=STORAGE_DTYPES)
+  overwrite: bool = setting(False, "replace an existing --out built with other settings")
+  progress: bool = setting(True, "progress bar")
 
 
 def _log(message: str) -> None:
@@ -69,7 +80,7 @@ def _member_specs(teachers: list[Teacher], transfer_set: TransferSet) -> tuple[l
     classes[teacher.name] = int(out.shape[-1])
     specs.append(MemberSpec(name=teacher.name, source=teacher.source, model=teacher.model,
                             num_params=teacher.num_params, digest=teacher.digest,
-                            checkpoint_step=teacher.checkpoint_step, normalization=normalization.to_dict()))
+                            trained_epochs=teacher.trained_epochs, normalization=normalization.to_dict()))
   if len(set(classes.values())) != 1:
     raise StillroomError(f"ensemble members have different class counts: {classes}.")
   num_classes = next(iter(classes.values()))
@@ -81,56 +92,56 @@ def _member_specs(teachers: list[Teacher], transfer_set: TransferSet) -> tuple[l
 
 
 def _check_folds(teachers: list[Teacher], folds: int) -> None:
-  """With cross-fitting, run k of each member must have been trained without fold k (as its config records)."""
+  """With cross-fitting, run k of each member must have been trained without fold k (as its record says)."""
   if len(teachers) % folds:
     raise StillroomError(f"--folds {folds} needs {folds} runs per member (member-major: member 0's runs for folds "
                          f"0..{folds - 1}, then member 1's, ...); got {len(teachers)} teachers.")
   for position, teacher in enumerate(teachers):
-    if teacher.config is None:
+    if teacher.record is None:
       _log(f"cross-fitting: cannot check which fold {teacher.name!r} held out (not a stillroom run); trusting the "
            f"order given (fold {position % folds}).")
       continue
-    recorded = teacher.config.get("resolved", {}).get("config", {})
-    if (recorded.get("folds"), recorded.get("holdout_fold")) != (folds, position % folds):
+    cross_fit = teacher.record.cross_fit
+    recorded = (None, None) if cross_fit is None else (cross_fit.folds, cross_fit.holdout_fold)
+    if recorded != (folds, position % folds):
       raise StillroomError(
           f"teacher {teacher.source!r} is run {position % folds} of member {position // folds}, so it must be "
-          f"trained with --folds {folds} --holdout-fold {position % folds}; its config says --folds "
-          f"{recorded.get('folds')} --holdout-fold {recorded.get('holdout_fold')}.")
+          f"trained with --folds {folds} --holdout-fold {position % folds}; its record says --folds "
+          f"{recorded[0]} --holdout-fold {recorded[1]}.")
 
 
-def _make_forward(teachers: list[Teacher], spec: CacheSpec, mesh):
-  """One jitted forward of all runs: (inputs [B, ...], folds [B]) -> (member logits [B, M, C], targets [B, C],
-  finite [B, M]).
+def _make_forwards(teachers: list[Teacher], spec: CacheSpec, mesh):
+  """The two jitted forwards of all runs, both with finite flags `[B, M]` for the stored logits:
 
-  Cross-fitted, each row takes each member's logits from the run that held out the row's fold. Targets are
-  computed from the logits *as stored* (rounded to the storage dtype), so that a reader re-deriving them from
-  `member_logits` gets the stored `targets` back.
+  - rows: `(params, inputs [B, ...], folds [B]) -> (member logits [B, M, C], targets [B, C], finite)`. Cross-fitted,
+    each row takes each member's logits from the run that held out the row's fold. Targets are computed from the
+    logits *as stored* (rounded to the storage dtype), so that a reader re-deriving them from `member_logits`
+    gets the stored `targets` back.
+  - eval: `(params, inputs [B, ...]) -> (member logits [B, M, C], finite)`, a cross-fitted member's logits being the
+    mean of its runs (none of them trained on the eval split).
   """
   normalizations = [Normalization.from_dict(m.normalization) for m in spec.members]
   apply_fns = [t.apply_fn for t in teachers]
   storage_dtype = jnp.dtype(spec.dtype)
 
-  def forward(params, x, fold):
+  def run_logits(params, x):
     runs = jnp.stack([f(p, n.apply(x)) for f, p, n in zip(apply_fns, params, normalizations)], axis=1)
-    runs = runs.reshape(runs.shape[0], spec.num_members, spec.folds, runs.shape[-1])  # [B, M, K, C]
+    return runs.astype(jnp.float32).reshape(runs.shape[0], spec.num_members, spec.folds, runs.shape[-1])
+
+  def rows_forward(params, x, fold):
+    runs = run_logits(params, x)  # [B, M, K, C]
     logits = jnp.take_along_axis(runs, jnp.maximum(fold, 0)[:, None, None, None], axis=2)[:, :, 0]
-    stored = logits.astype(jnp.float32).astype(storage_dtype)
+    stored = logits.astype(storage_dtype)
     targets = combine_log_probs(stored, spec.temperature, spec.combine).astype(storage_dtype)
     return stored, targets, jnp.all(jnp.isfinite(stored), axis=-1)
 
-  data = batch_sharding(mesh)
-  return jax.jit(forward, in_shardings=(replicated(mesh), data, data), out_shardings=(data, data, data))
+  def eval_forward(params, x):
+    stored = jnp.mean(run_logits(params, x), axis=2).astype(storage_dtype)
+    return stored, jnp.all(jnp.isfinite(stored), axis=-1)
 
-
-def _ensure_arrays(group: zarr.Group, spec: CacheSpec) -> None:
-  """Creates the arrays a store lacks (a build may have been killed while creating them); checks the others."""
-  problems = layout_problems(group, spec, missing_ok=True)
-  if problems:
-    raise StillroomError(f"the store {group.store} does not match its spec: {'; '.join(problems)}. Use --overwrite.")
-  for name, (shape, dtype, chunks) in spec.array_shapes().items():
-    if name not in group:
-      # Uncompressed: float16 logits compress ~1.1x and compression halves write speed (TECH_NOTES).
-      group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, fill_value=0, compressors=None)
+  data, params = batch_sharding(mesh), replicated(mesh)
+  return (jax.jit(rows_forward, in_shardings=(params, data, data), out_shardings=(data, data, data)),
+          jax.jit(eval_forward, in_shardings=(params, data), out_shardings=(data, data)))
 
 
 def _open_store(config: BuildConfig, spec: CacheSpec) -> Cache | None:
@@ -153,10 +164,10 @@ def _open_store(config: BuildConfig, spec: CacheSpec) -> Cache | None:
       _log(f"{config.out} is already complete with these settings; nothing to do.")
       return None
     _remove_partial_files(config.out)
-    _ensure_arrays(existing.group, existing.spec)
+    create_arrays(existing.group, existing.spec)
     return existing
   group = zarr.open_group(config.out, mode="w-", attributes={SPEC_KEY: spec.to_attrs()})
-  _ensure_arrays(group, spec)
+  create_arrays(group, spec)
   return Cache(path=config.out, group=group, spec=spec, completion=None)
 
 
@@ -171,31 +182,38 @@ def _remove_partial_files(path: str) -> None:
     _log(f"removed {len(stale)} partial file(s) left by the interrupted build")
 
 
-class _ChunkWriter:
+class ChunkWriter:
   """Writes finished chunks in a background thread, in order, marking each committed after its data."""
 
   def __init__(self, group: zarr.Group, depth: int = 2):
     self._group = group
+    self._arrays: dict[str, zarr.Array] = {}
     self._queue: queue.Queue = queue.Queue(maxsize=depth)
     self._error: BaseException | None = None
     self._thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
     self._thread.start()
 
+  def _array(self, name: str) -> zarr.Array:
+    if name not in self._arrays:
+      self._arrays[name] = writable(self._group, name)
+    return self._arrays[name]
+
   def _run(self):
     while (item := self._queue.get()) is not None:
-      chunk, start, stop, arrays = item
+      row_set, chunk, start, stop, arrays = item
       if self._error is not None:
         continue  # Drain after a failure; the main thread raises it.
       try:
         for name, values in arrays.items():
-          self._group[name][start:stop] = values
-        self._group["chunk_committed"][chunk] = True
+          self._array(name)[start:stop] = values
+        self._array(committed_name(row_set))[chunk] = True
       except BaseException as e:  # pylint: disable=broad-except
         self._error = e
 
-  def put(self, chunk: int, start: int, stop: int, arrays: dict) -> None:
+  def put(self, row_set: str, chunk: int, start: int, stop: int, arrays: dict) -> None:
+    """Queues one chunk of the arrays of `row_set` (`ROWS` or `EVAL_ROWS`): `{name: values [stop - start, ...]}`."""
     self._raise_if_failed()
-    self._queue.put((chunk, start, stop, arrays))
+    self._queue.put((row_set, chunk, start, stop, arrays))
 
   def close(self) -> None:
     self._queue.put(None)
@@ -205,6 +223,23 @@ class _ChunkWriter:
   def _raise_if_failed(self):
     if self._error is not None:
       raise StillroomError(f"writing the cache failed: {self._error}") from self._error
+
+
+def _eval_set(config: BuildConfig, transfer_set: TransferSet) -> TransferSet | None:
+  """The eval split whose member logits the cache stores: as asked, or 'test' if the dataset has one."""
+  if config.eval_split == NO_EVAL:
+    return None
+  if config.eval_split is not None:
+    eval_set = open_transfer_set(config.dataset, config.eval_split, config.data_dir)
+  else:
+    try:
+      eval_set = open_transfer_set(config.dataset, "test", config.data_dir)
+    except StillroomError:
+      return None  # No test split: nothing to store unless asked for.
+  if eval_set.input_shape != transfer_set.input_shape:
+    raise StillroomError(f"eval split {eval_set.split!r} has inputs of shape {eval_set.input_shape}, the transfer "
+                         f"set {transfer_set.input_shape}.")
+  return eval_set
 
 
 def build_cache(config: BuildConfig) -> str:
@@ -226,70 +261,98 @@ def build_cache(config: BuildConfig) -> str:
   if config.views > 1 and len(transfer_set.input_shape) < 2:
     raise StillroomError(f"--views {config.views} needs image inputs; {config.dataset!r} holds flat vectors of "
                          f"shape {transfer_set.input_shape}, which take no augmentation. Use --views 1.")
+  eval_set = _eval_set(config, transfer_set)
   teachers = [load_teacher(reference) for reference in config.teachers]
   if config.folds > 1:
     _check_folds(teachers, config.folds)
   members, num_classes = _member_specs(teachers, transfer_set)
   spec = CacheSpec(
       temperature=float(config.temperature), combine=config.combine, members=tuple(members),
-      dataset=transfer_set.describe(), num_classes=num_classes, views=config.views,
+      dataset=transfer_set.describe(), eval_dataset=None if eval_set is None else eval_set.describe(),
+      num_classes=num_classes, views=config.views,
       augmentation=Augmentation(seed=config.seed, max_shift=config.max_shift, flip=config.flip),
       dtype=config.dtype, chunk_rows=config.chunk_rows, folds=config.folds, software_version=__version__,
       created_at=now_iso())
   cache = _open_store(config, spec)
   if cache is None:
     return config.out
-  _write_rows(cache, transfer_set, teachers, mesh, config)
+  _write_chunks(cache, transfer_set, eval_set, teachers, mesh, config)
   cache.group.attrs[COMPLETE_KEY] = {"finished_at": now_iso(), "rows": cache.spec.num_rows}
-  _log(f"wrote {cache.spec.num_rows} rows ({len(transfer_set)} examples x {cache.spec.views} views, "
-       f"{cache.spec.num_members} members" + (f" of {cache.spec.folds} cross-fitted runs" if cache.spec.folds > 1
-                                                 else "") + f", {cache.spec.num_classes} classes) to {config.out}")
+  spec = cache.spec
+  _log(f"wrote {spec.num_rows} rows ({len(transfer_set)} examples x {spec.views} views, {spec.num_members} members"
+       + (f" of {spec.folds} cross-fitted runs" if spec.folds > 1 else "") + f", {spec.num_classes} classes)"
+       + (f" and {spec.num_eval_rows} eval rows ({spec.eval_dataset.split})" if spec.eval_dataset else "")
+       + f" to {config.out}")
   return config.out
 
 
-def _write_rows(cache: Cache, transfer_set: TransferSet, teachers: list[Teacher], mesh, config: BuildConfig):
+def _write_chunks(cache: Cache, transfer_set: TransferSet, eval_set: TransferSet | None, teachers: list[Teacher],
+                  mesh, config: BuildConfig) -> None:
+  """Computes and writes every uncommitted chunk: the eval rows first, then the transfer set's rows."""
   spec = cache.spec
-  committed = cache["chunk_committed"][:]
-  first = int(np.argmin(committed)) if not committed.all() else spec.num_chunks
-  if first:
-    _log(f"resuming {cache.path}: {first} of {spec.num_chunks} chunks already committed")
-  forward = _make_forward(teachers, spec, mesh)
+  row_sets = [EVAL_ROWS, ROWS] if eval_set is not None else [ROWS]
+  todo = {row_set: np.flatnonzero(~cache[committed_name(row_set)][:]) for row_set in row_sets}
+  total = spec.num_rows + spec.num_eval_rows
+  remaining = sum(cache.chunk_bounds(c, s)[1] - cache.chunk_bounds(c, s)[0] for s in row_sets for c in todo[s])
+  if remaining < total:
+    _log(f"resuming {cache.path}: {total - remaining} of {total} rows already committed")
+  rows_forward, eval_forward = _make_forwards(teachers, spec, mesh)
   params = jax.device_put([t.params for t in teachers], replicated(mesh))
-  data_sharding = batch_sharding(mesh)
-  num_examples, batch_size = len(transfer_set), config.batch_size
+  sharding = batch_sharding(mesh)
+  batch_size = config.batch_size
+
+  def run_batches(forward, inputs, *extra):
+    """The forward over padded batches of `inputs`; device arrays, so dispatch runs ahead of the host."""
+    outputs = []
+    for offset in range(0, len(inputs), batch_size):
+      part = slice(offset, offset + batch_size)
+      args = [jax.device_put(pad_rows(a[part], batch_size), sharding) for a in (inputs, *extra)]
+      outputs.append(forward(params, *args))
+    return [np.concatenate([np.asarray(o[k]) for o in outputs])[:len(inputs)] for k in range(len(outputs[0]))]
+
   labels = np.where(transfer_set.labels >= 0, transfer_set.labels, -1).astype(np.int32)
-  writer = _ChunkWriter(cache.group)
-  bar = tqdm(total=spec.num_rows, initial=cache.chunk_bounds(first)[0] if first < spec.num_chunks else spec.num_rows,
-             unit="row", unit_scale=True, desc="teacher-cache build", disable=not config.progress)
+  writer = ChunkWriter(cache.group)
+  bar = tqdm(total=total, initial=total - remaining, unit="row", unit_scale=True, desc="teacher-cache build",
+             disable=not config.progress)
   started = time.perf_counter()
   try:
-    for chunk in range(first, spec.num_chunks):
+    for chunk in todo.get(EVAL_ROWS, ()):
+      start, stop = cache.chunk_bounds(chunk, EVAL_ROWS)
+      index = eval_set.indices[start:stop]
+      logits, finite = run_batches(eval_forward, eval_set.inputs[start:stop])
+      _check_finite(finite, lambda row, member: (spec.member_name(member), member, index[row], "eval split"), cache)
+      writer.put(EVAL_ROWS, chunk, start, stop, {
+          "eval_member_logits": logits, "eval_index": index,
+          "eval_labels": np.where(eval_set.labels[start:stop] >= 0, eval_set.labels[start:stop], -1).astype(np.int32)})
+      bar.update(stop - start)
+    for chunk in todo[ROWS]:
       start, stop = cache.chunk_bounds(chunk)
-      rows = np.arange(start, stop)
-      view, position = (rows // num_examples).astype(np.int32), rows % num_examples
+      view, position = spec.row_sources(np.arange(start, stop))
       index = transfer_set.indices[position]
       shift, flip = spec.augmentation.view_params(index, view)
       fold = fold_of(index, spec.folds)
-      outputs = []  # Device arrays; dispatch runs ahead of the host while it renders the next batch.
-      for offset in range(0, len(rows), batch_size):
-        part = slice(offset, offset + batch_size)
-        x = pad_rows(apply_view(transfer_set.inputs[position[part]], shift[part], flip[part]), batch_size)
-        fold_part = pad_rows(fold[part], batch_size)
-        outputs.append(forward(params, jax.device_put(x, data_sharding), jax.device_put(fold_part, data_sharding)))
-      logits, targets, finite = (np.concatenate([np.asarray(o[k]) for o in outputs])[:len(rows)] for k in range(3))
-      if not finite.all():
-        row, member = np.argwhere(~finite)[0]
-        run = spec.members[member * spec.folds + max(int(fold[row]), 0)]
-        raise StillroomError(
-            f"teacher {run.name!r} (member {member}) produced non-finite logits for example "
-            f"index {int(index[row])} (view {int(view[row])}); the store {cache.path} is left incomplete.")
-      writer.put(chunk, start, stop, {
-          "targets": targets, "member_logits": logits, "index": index, "view": view,
-          "labels": labels[position], "shift": shift, "flip": flip, "fold": fold})
-      bar.update(len(rows))
+      x = apply_view(transfer_set.inputs[position], shift, flip)
+      logits, targets, finite = run_batches(rows_forward, x, fold)
+      _check_finite(finite, lambda row, member: (
+          spec.members[member * spec.folds + max(int(fold[row]), 0)].name, member, index[row],
+          f"view {int(view[row])}"), cache)
+      writer.put(ROWS, chunk, start, stop, {
+          "targets": targets, "member_logits": logits, "index": index, "view": view, "labels": labels[position],
+          "shift": shift, "flip": flip, "fold": fold})
+      bar.update(stop - start)
   finally:
     bar.close()
     writer.close()
-  elapsed = time.perf_counter() - started
-  if first < spec.num_chunks:
-    _log(f"{spec.num_rows - cache.chunk_bounds(first)[0]} rows in {elapsed:.1f} s")
+  if remaining:
+    _log(f"{remaining} rows in {time.perf_counter() - started:.1f} s")
+
+
+def _check_finite(finite: np.ndarray, describe, cache: Cache) -> None:
+  """Raises for the first row and member with a non-finite stored logit; `describe(row, member)` gives
+  (run name, member, example index, where)."""
+  if finite.all():
+    return
+  row, member = np.argwhere(~finite)[0]
+  name, member, index, where = describe(int(row), int(member))
+  raise StillroomError(f"teacher {name!r} (member {member}) produced non-finite logits for example index "
+                       f"{int(index)} ({where}); the store {cache.path} is left incomplete.")

@@ -6,9 +6,9 @@ import os
 import numpy as np
 import pytest
 
-from shared.data import open_transfer_set
+from shared.data import Normalization, open_transfer_set
 from shared.models import ModelSpec, build_model
-from shared.runs import save_run
+from shared.runs import CrossFit, RunRecord, save_run
 
 
 @pytest.fixture(scope="session")
@@ -19,14 +19,18 @@ def data_dir(tmp_path_factory) -> str:
 
 
 def make_teacher(run_dir, *, model="mlp-small", input_shape=(8, 8, 1), num_classes=10, seed=0,
-                 normalization=None, transform=None, config=None) -> str:
-  """Saves a randomly initialised model as a teacher run dir; `transform(model)` may edit it first."""
+                 normalization=None, transform=None, cross_fit=None) -> str:
+  """Saves a randomly initialised model as a teacher run dir; `transform(model)` may edit it first.
+
+  `cross_fit=(K, k)` records it as trained without fold k of K.
+  """
   spec = ModelSpec(name=model, input_shape=tuple(input_shape), num_classes=num_classes)
   network = build_model(spec, seed=seed)
   if transform is not None:
     transform(network)
-  save_run(str(run_dir), {"model": spec.to_dict(), "normalization": normalization or {"shift": 0.0, "scale": 16.0},
-                          **(config or {})}, network)
+  record = RunRecord(model=spec, normalization=Normalization(**(normalization or {"shift": 0.0, "scale": 16.0})),
+                     cross_fit=None if cross_fit is None else CrossFit(folds=cross_fit[0], holdout_fold=cross_fit[1]))
+  save_run(str(run_dir), record, network)
   return str(run_dir)
 
 

@@ -19,12 +19,14 @@ from conftest import array_files, make_teacher, numpy_log_softmax, tree_digest
 from scipy.special import logsumexp
 from test_augment import reference_view
 
+from shared.augment import row_permutation
 from shared.cache import COMPLETE_KEY, SPEC_KEY, open_cache
 from shared.data import open_transfer_set
 from shared.errors import StillroomError
 from shared.runs import load_teacher
 from teacher_cache.cli import main
-from teacher_cache.inspect import cache_info, verify_cache
+from teacher_cache.info import cache_info
+from teacher_cache.verify import verify_cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,7 +63,9 @@ def test_targets_match_scipy_reference(tmp_path, data_dir, teachers, capsys, com
   assert cache.spec.num_rows == 900 and group["targets"].shape == (900, 10)
   index, view = group["index"][:], group["view"][:]
   np.testing.assert_array_equal(view, np.repeat(np.arange(3), 300))  # View-major rows.
-  np.testing.assert_array_equal(index, np.tile(np.arange(300), 3))
+  blocks = index.reshape(3, 300)  # Each view holds every example once, each in its own seeded order.
+  assert all(np.array_equal(np.sort(b), np.arange(300)) for b in blocks)
+  assert not np.array_equal(blocks[0], np.arange(300)) and not np.array_equal(blocks[0], blocks[1])
   stored_logits = group["member_logits"][:]
   z = reference_member_logits(teachers, data_dir, "train[:300]", index, view, cache.spec.augmentation)
   np.testing.assert_allclose(stored_logits.astype(np.float32), z, rtol=2e-3, atol=2e-3)
@@ -80,7 +84,7 @@ def test_targets_match_scipy_reference(tmp_path, data_dir, teachers, capsys, com
   np.testing.assert_allclose(targets, reference(z), rtol=2 ** -9, atol=2 ** -9 * max(1, 20 / temperature))
   np.testing.assert_allclose(np.exp(targets).sum(axis=1), 1.0, atol=1e-2)
   labels = open_transfer_set("digits", "train[:300]", data_dir).labels
-  np.testing.assert_array_equal(group["labels"][:], np.tile(labels, 3))
+  np.testing.assert_array_equal(group["labels"][:], labels[index])
   assert (group["fold"][:] == -1).all() and group["chunk_committed"][:].all()
 
 
@@ -134,11 +138,11 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted_build(tmp_pat
   # Once more, killed after the last chunk is committed and before the completion record is written.
   last_gap = _cli_process(args, extra_code=textwrap.dedent("""
       import teacher_cache.build as build
-      write_rows = build._write_rows
-      def write_rows_then_die(*a, **k):
-        write_rows(*a, **k)
+      write_chunks = build._write_chunks
+      def write_chunks_then_die(*a, **k):
+        write_chunks(*a, **k)
         os.kill(os.getpid(), signal.SIGKILL)
-      build._write_rows = write_rows_then_die
+      build._write_chunks = write_chunks_then_die
       """))
   last_gap.wait()
   assert last_gap.returncode == -signal.SIGKILL
@@ -239,20 +243,30 @@ def test_non_finite_teacher_output_names_member_and_example(tmp_path, data_dir, 
 
   nan_teacher = make_teacher(tmp_path / "nan_teacher", seed=5, transform=poison)
   data = open_transfer_set("digits", "train[:300]", data_dir)
-  first_bad = int(np.argmax(data.inputs.reshape(300, -1)[:, 20] > 0))
+  lit = data.inputs.reshape(300, -1)[:, 20] > 0
+  stored_order = row_permutation(0, 0, 300)  # View 0's examples, in the order the build writes them.
+  first_bad = int(stored_order[np.argmax(lit[stored_order])])
   out = tmp_path / "nan.zarr"
-  code, _, err = run_cli(build_args(out, [teachers[0], nan_teacher], data_dir), capsys)
+  code, _, err = run_cli(build_args(out, [teachers[0], nan_teacher], data_dir, "--eval-split", "none"), capsys)
   assert code == 2
   assert f"teacher 'nan_teacher' (member 1) produced non-finite logits for example index {first_bad} (view 0)" in err
   with pytest.raises(StillroomError, match="not complete"):
     open_cache(str(out))
+  # The eval split's logits are computed first: the first test example with that pixel lit is named.
+  test = open_transfer_set("digits", "test", data_dir)
+  first_bad_test = int(np.argmax(test.inputs.reshape(len(test), -1)[:, 20] > 0))
+  code, _, err = run_cli(build_args(tmp_path / "nan_eval.zarr", [teachers[0], nan_teacher], data_dir), capsys)
+  assert code == 2 and (f"teacher 'nan_teacher' (member 1) produced non-finite logits for example index "
+                        f"{first_bad_test} (eval split)") in err
 
-  def nan_bias(model):  # NaN everywhere: the first example fails.
+  def nan_bias(model):  # NaN everywhere: the first stored example fails.
     model.head.bias[...] = model.head.bias[...].at[3].set(np.nan)
 
   nan_everywhere = make_teacher(tmp_path / "nan_bias", seed=6, transform=nan_bias)
-  code, _, err = run_cli(build_args(tmp_path / "nan2.zarr", [nan_everywhere], data_dir), capsys)
-  assert code == 2 and "teacher 'nan_bias' (member 0) produced non-finite logits for example index 0 (view 0)" in err
+  code, _, err = run_cli(build_args(tmp_path / "nan2.zarr", [nan_everywhere], data_dir, "--eval-split", "none"),
+                         capsys)
+  assert code == 2 and (f"teacher 'nan_bias' (member 0) produced non-finite logits for example index "
+                        f"{int(stored_order[0])} (view 0)") in err
 
 
 def test_unlabelled_npz_and_flat_vectors(tmp_path, capsys):
@@ -264,7 +278,7 @@ def test_unlabelled_npz_and_flat_vectors(tmp_path, capsys):
   assert code == 2 and "needs image inputs" in err and not (tmp_path / "v.zarr").exists()
   assert run_cli(base + ["--split", "train[50%:]", "--out", tmp_path / "u.zarr"], capsys)[0] == 0
   group = zarr.open_group(str(tmp_path / "u.zarr"), mode="r")
-  assert (group["labels"][:] == -1).all() and group["index"][0] == 50
+  assert (group["labels"][:] == -1).all() and sorted(group["index"][:]) == list(range(50, 100))
   info = cache_info(str(tmp_path / "u.zarr"))
   assert info["stats"]["ensemble"]["accuracy"] is None and info["stats"]["labelled_rows"] == 0
 
@@ -292,6 +306,7 @@ def test_external_teachers_module_function(tmp_path, data_dir, capsys, monkeypat
   assert code == 0, err
   group = zarr.open_group(str(out), mode="r")
   x = open_transfer_set("digits", "train[:300]", data_dir).inputs.astype(np.float32) / 16.0
+  x = x[group["index"][:]]  # The rows' examples, in the order the cache stores them.
   w = np.random.default_rng(0).normal(size=(64, 10)).astype(np.float32)
   np.testing.assert_allclose(group["member_logits"][:, 1].astype(np.float32), x.reshape(300, -1) @ w,
                              rtol=2e-3, atol=2e-2)
@@ -330,18 +345,20 @@ def test_verify_catches_corruption_incompleteness_and_wrong_data(tmp_path, data_
   code, text, _ = run_cli(["verify", out, "--dataset", "digits", "--split", "train[:300]", "--data-dir", data_dir],
                           capsys)
   assert code == 0 and "FAIL" not in text and "labels match the dataset" in text
-  assert all(c.ok for c in verify_cache(str(out)))
+  assert all(c.ok for c in verify_cache(str(out), data_dir=data_dir))
   code, text, _ = run_cli(["verify", out, "--dataset", "digits", "--split", "train[:299]", "--data-dir", data_dir],
                           capsys)
   assert code == 1 and "FAIL  dataset fingerprint" in text
   group = zarr.open_group(str(out), mode="r+")
   group["targets"][130, 3] = group["targets"][130, 3] + 0.5
-  failed = {c.name: c for c in verify_cache(str(out)) if not c.ok}
-  assert list(failed) == ["targets re-derived from member_logits"] and "[130]" in failed["targets re-derived from member_logits"].detail
+  failed = {c.name: c for c in verify_cache(str(out), data_dir=data_dir) if not c.ok}
+  assert list(failed) == ["targets re-derived from member_logits"]
+  assert "first bad rows 130" in failed["targets re-derived from member_logits"].detail
   group["shift"][5] = [9, 9]
-  assert "rows' index/view/shift/flip/fold replay from the seed" in {c.name for c in verify_cache(str(out)) if not c.ok}
+  assert "rows' index/view/shift/flip/fold replay from the seed" in {
+      c.name for c in verify_cache(str(out), data_dir=data_dir) if not c.ok}
   del group.attrs[COMPLETE_KEY]
-  code, text, _ = run_cli(["verify", out], capsys)
+  code, text, _ = run_cli(["verify", out, "--data-dir", data_dir], capsys)
   assert code == 1 and "FAIL  complete" in text
 
 
@@ -356,14 +373,14 @@ def test_readme_documents_every_array_of_the_layout():
   with open(os.path.join(REPO, "README.md")) as f:
     section = f.read().split("### Cache format")[1].split("\n#")[0]
   rows = [line for line in section.splitlines() if line.startswith("| `")]
-  documented = {line.split("`")[1]: line.split("|")[2].strip() for line in rows}
-  assert documented == {a.name: a.shape for a in LAYOUT}
+  documented = {line.split("`")[1]: (line.split("|")[2].strip(), line.split("|")[3].strip()) for line in rows}
+  assert documented == {a.name: (a.role, a.shape) for a in LAYOUT}
 
 
 def test_cross_fitted_rows_take_logits_from_the_run_that_held_out_their_fold(tmp_path, data_dir, capsys):
   from shared.augment import fold_of
   runs = [make_teacher(tmp_path / f"m{m}f{k}", seed=10 * m + k,
-                       config={"resolved": {"config": {"folds": 2, "holdout_fold": k}}})
+                       cross_fit=(2, k))
           for m in range(2) for k in range(2)]
   out = tmp_path / "cf.zarr"
   code, _, err = run_cli(build_args(out, runs, data_dir, "--folds", "2", "--views", "2"), capsys)
@@ -377,8 +394,14 @@ def test_cross_fitted_rows_take_logits_from_the_run_that_held_out_their_fold(tmp
   per_run = reference_member_logits(runs, data_dir, "train[:300]", index, view, cache.spec.augmentation)  # [R, 4, C]
   expected = per_run.reshape(600, 2, 2, 10)[np.arange(600), :, fold]  # member m, run of the row's fold
   np.testing.assert_allclose(group["member_logits"][:].astype(np.float32), expected, rtol=2e-3, atol=2e-3)
-  assert all(c.ok for c in verify_cache(str(out)))
+  assert all(c.ok for c in verify_cache(str(out), data_dir=data_dir))
   assert cache_info(str(out))["stats"]["members"][1]["name"] == "m1f0+m1f1"
+  # On the eval split, which no run trained on, each member's logits are the mean of its fold runs'.
+  test = open_transfer_set("digits", "test", data_dir)
+  x = test.inputs.astype(np.float32) / 16.0
+  per_run = np.stack([np.asarray(t.apply_fn(t.params, x)) for t in map(load_teacher, runs)], 1)  # [E, 4, C]
+  np.testing.assert_allclose(group["eval_member_logits"][:].astype(np.float32),
+                             per_run.reshape(len(test), 2, 2, 10).mean(2), rtol=2e-3, atol=2e-3)
   code, _, err = run_cli(build_args(tmp_path / "bad.zarr", [runs[1], runs[0], *runs[2:]], data_dir, "--folds", "2"),
                          capsys)
   assert code == 2 and "m0f1' is run 0 of member 0, so it must be trained with --folds 2 --holdout-fold 0" in err

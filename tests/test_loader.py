@@ -9,8 +9,9 @@ from shared.augment import Augmentation
 from shared.cache import open_cache
 from shared.data import open_transfer_set
 from shared.runs import load_teacher
+from shared.ensemble import member_weights
 from student_train.loader import ArrayLoader, CacheLoader
-from student_train.steps import Teaching
+from student_train.steps import soft_targets
 
 
 @pytest.fixture(scope="module")
@@ -74,18 +75,24 @@ def test_student_sees_the_view_the_teacher_labelled(cache_path, data_dir, teache
   np.testing.assert_allclose(batch["member_logits"].astype(np.float32), logits, rtol=2e-3, atol=2e-3)
 
 
+def _hyper(temperature, geometric, members, use_stored=False):
+  return {"temperature": jnp.float32(temperature), "geometric": jnp.bool_(geometric), "use_stored": use_stored,
+          "member_weights": jnp.asarray(member_weights(members, 3))}
+
+
 def test_rederived_targets_equal_stored_targets_when_settings_match(cache_path, data_dir):
   loader, cache = _loader(cache_path, data_dir)
-  batch = next(iter(loader.epoch(0)))
+  batch = {k: jnp.asarray(v) for k, v in next(iter(loader.epoch(0))).items()}
   spec = cache.spec
-  teaching = Teaching(loss="kl", temperature=spec.temperature, combine=spec.combine,
-                      members=tuple(range(3)), stored_targets=False)
-  derived = np.asarray(teaching.targets({k: jnp.asarray(v) for k, v in batch.items()})["target_log_probs"])
+  rederive = {k: v for k, v in batch.items() if k != "targets"}
+  derived, _ = soft_targets(rederive, _hyper(spec.temperature, spec.combine == "geometric", (0, 1, 2)))
   np.testing.assert_allclose(derived, batch["targets"].astype(np.float32), rtol=2 ** -10, atol=2 ** -10)
-  subset = Teaching(loss="kl", temperature=7.0, combine="geometric", members=(0, 2), stored_targets=False)
-  derived = np.asarray(subset.targets({k: jnp.asarray(v) for k, v in batch.items()})["target_log_probs"])
-  reference = numpy_log_softmax(batch["member_logits"][:, [0, 2]].astype(np.float64).mean(1) / 7.0)
-  np.testing.assert_allclose(derived, reference, rtol=1e-5, atol=1e-5)
+  subset, teacher_logits = soft_targets(batch, _hyper(7.0, True, (0, 2)))
+  member_logits = np.asarray(batch["member_logits"], np.float64)[:, [0, 2]]
+  np.testing.assert_allclose(subset, numpy_log_softmax(member_logits.mean(1) / 7.0), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(teacher_logits, member_logits.mean(1), rtol=1e-5, atol=1e-5)
+  stored, _ = soft_targets(batch, _hyper(7.0, True, (0, 2), use_stored=True))  # Both present: the stored ones.
+  np.testing.assert_array_equal(stored, np.asarray(batch["targets"], np.float32))
 
 
 def test_label_fraction_keeps_all_views_of_a_subset(cache_path, data_dir):
@@ -110,3 +117,40 @@ def test_array_loader_once_per_epoch_with_fresh_views(data_dir):
                .epoch(1))
   np.testing.assert_array_equal(np.concatenate([b["x"] for b in again]),
                                 np.concatenate([b["x"] for b in epochs[1]]))
+
+
+def _expected_distinct_classes(class_counts: np.ndarray, batch: int) -> float:
+  """Distinct classes in a batch drawn uniformly without replacement: Σ_c P(class c drawn), exactly."""
+  from scipy.special import gammaln
+  total = class_counts.sum()
+  log_choose = lambda n, k: gammaln(n + 1) - gammaln(k + 1) - gammaln(n - k + 1)  # noqa: E731
+  return float(np.sum(1 - np.exp(log_choose(total - class_counts, batch) - log_choose(total, batch))))
+
+
+def test_batches_of_class_sorted_data_are_like_uniform_samples(tmp_path, monkeypatch):
+  """100 classes, 65,536 rows sorted by class, batch 256: uniform sampling gives ~92 distinct classes per batch.
+  The build stores each view's examples in a seeded permuted order, so streamed batches must reach 95% of that
+  (in split order and a 4-chunk window they held ~28), and still hold every row once per epoch."""
+  from teacher_cache.build import BuildConfig, build_cache
+  rows, classes = 65536, 100
+  labels = np.sort(np.random.default_rng(0).integers(0, classes, rows))
+  x = np.random.default_rng(1).normal(size=(rows, 4)).astype(np.float32)
+  np.savez(tmp_path / "sorted.npz", x=x, y=labels)
+  (tmp_path / "linear_teacher.py").write_text(
+      "import numpy as np\n"
+      "def teacher():\n"
+      "  w = np.random.default_rng(0).normal(size=(4, 100)).astype(np.float32)\n"
+      "  return (lambda params, x: x @ params), w\n")
+  monkeypatch.chdir(tmp_path)
+  dataset = f"npz:{tmp_path / 'sorted.npz'}"
+  out = str(tmp_path / "sorted.zarr")
+  build_cache(BuildConfig(dataset=dataset, teachers=("linear_teacher:teacher",), out=out, batch_size=4096,
+                          progress=False))
+  loader = CacheLoader(open_cache(out), open_transfer_set(dataset), batch_size=256, seed=0, fields=("targets",))
+  batches = list(loader.epoch(0))
+  distinct = [len(np.unique(b["labels"][b["mask"] > 0])) for b in batches[:-1]]
+  expected = _expected_distinct_classes(np.bincount(labels, minlength=classes), 256)
+  assert 91 < expected < 93
+  assert np.mean(distinct) >= 0.95 * expected, (np.mean(distinct), expected)
+  seen = np.concatenate([b["index"][b["mask"] > 0] for b in batches])
+  np.testing.assert_array_equal(np.sort(seen), np.arange(rows))  # Every row once.

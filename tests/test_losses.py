@@ -33,19 +33,47 @@ def test_soft_kl_value_and_gradient(t):
 def test_logit_mse_value_and_gradient():
   centered = lambda a: a - a.mean(-1, keepdims=True)  # noqa: E731
   diff = centered(S.astype(np.float64)) - centered(Z.astype(np.float64))
-  np.testing.assert_allclose(logit_mse(S, Z), 0.5 * (diff ** 2).sum(-1), rtol=1e-5)
+  classes = S.shape[-1]
+  np.testing.assert_allclose(logit_mse(S, Z), (diff ** 2).sum(-1) / (2 * classes), rtol=1e-5)
   grad = jax.grad(lambda s: logit_mse(s, jnp.asarray(Z)).sum())(jnp.asarray(S))
-  np.testing.assert_allclose(grad, diff, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(grad, diff / classes, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("classes", [10, 1000])
+def test_logit_mse_is_the_high_temperature_limit_of_t2_kl(classes):
+  """Hinton et al. 2015, §2.1: at high T, T²·KL(p_T || q_T) -> (1/2C) Σ (ŝ − ẑ)², whatever the class count."""
+  rng = np.random.default_rng(classes)
+  s, z = rng.normal(size=(8, classes)) * 2, rng.normal(size=(8, classes)) * 2
+  t = 1000.0
+  kl = np_kl(s, z, t)  # float64 reference
+  ratio = kl / np.asarray(logit_mse(jnp.asarray(s, jnp.float32), jnp.asarray(z, jnp.float32)), np.float64)
+  np.testing.assert_allclose(ratio, 1.0, rtol=0.01)
+
+
+def test_traced_loss_choice_matches_each_loss():
+  """Students of one vmapped step pick KL or MSE with a traced flag: each must equal its loss called directly."""
+  t = 3.0
+  target = jnp.asarray(numpy_log_softmax(Z / t), jnp.float32)
+  for use_mse in (False, True):
+    direct = distillation_loss(S, Y, 0.25, temperature=t, target_log_probs=target, teacher_logits=Z, mse=use_mse)
+    traced = jax.jit(lambda flag: distillation_loss(S, Y, 0.25, temperature=t, target_log_probs=target,
+                                                    teacher_logits=Z, mse=flag))(jnp.bool_(use_mse))
+    for a, b in zip(direct, traced):
+      np.testing.assert_allclose(a, b, rtol=1e-6)
+  hard_only = distillation_loss(S, Y, 1.0, temperature=1.0, target_log_probs=None)
+  np.testing.assert_allclose(hard_only[0], hard_cross_entropy(S, Y), rtol=1e-6)
+  assert not np.asarray(hard_only[2]).any()
 
 
 def test_hard_cross_entropy_and_mixture():
   np.testing.assert_allclose(hard_cross_entropy(S, Y), -numpy_log_softmax(S)[np.arange(6), Y], rtol=1e-5)
   target = jnp.asarray(numpy_log_softmax(Z / 4.0), jnp.float32)
-  total, hard, soft = distillation_loss(S, Y, 0.3, loss="kl", temperature=4.0, target_log_probs=target)
+  total, hard, soft = distillation_loss(S, Y, 0.3, temperature=4.0, target_log_probs=target)
   np.testing.assert_allclose(total, 0.3 * hard + 0.7 * soft, rtol=1e-6)
   np.testing.assert_allclose(soft, np_kl(S, Z, 4.0), rtol=1e-5)
-  total, _, soft = distillation_loss(S, Y, 0.0, loss="mse", temperature=4.0, teacher_logits=Z)
+  total, _, soft = distillation_loss(S, Y, 0.0, temperature=4.0, target_log_probs=target, teacher_logits=Z, mse=True)
   np.testing.assert_allclose(total, soft)
+  np.testing.assert_allclose(soft, logit_mse(S, Z))
 
 
 def test_t_squared_keeps_soft_gradient_magnitude_independent_of_t():
@@ -65,7 +93,7 @@ def test_t_squared_keeps_soft_gradient_magnitude_independent_of_t():
 def test_zero_loss_and_gradient_when_the_student_is_the_teacher(loss):
   t = 3.0
   target = jnp.asarray(numpy_log_softmax(S / t), jnp.float32)
-  kwargs = {"target_log_probs": target} if loss == "kl" else {"teacher_logits": jnp.asarray(S + 7.0)}
-  soft = lambda s: distillation_loss(s, Y, 0.0, loss=loss, temperature=t, **kwargs)[0].sum()  # noqa: E731
+  kwargs = {"target_log_probs": target, "teacher_logits": jnp.asarray(S + 7.0), "mse": loss == "mse"}
+  soft = lambda s: distillation_loss(s, Y, 0.0, temperature=t, **kwargs)[0].sum()  # noqa: E731
   assert abs(float(soft(jnp.asarray(S)))) < 1e-5
   np.testing.assert_allclose(jax.grad(soft)(jnp.asarray(S)), 0.0, atol=1e-5)

@@ -30,3 +30,30 @@ def test_parameter_counts():
   assert count_params(build_model(ModelSpec(name="cnn-large", input_shape=(8, 8, 1), num_classes=10))) == \
       rows["cnn-large"]
   assert describe_models((64,), 10)[3]["params"] is None  # CNNs cannot take flat vectors.
+
+
+@pytest.mark.parametrize("name, dense", [("mlp-tiny", 32), ("mlp-small", 128), ("cnn-small", 64), ("cnn-large", 256)])
+def test_dropout_drops_each_hidden_unit_once_at_its_rate(name, dense):
+  """What reaches the head: in training, each unit of the (one) hidden dense layer is zeroed with probability
+  `rate` and survivors are scaled by 1/(1 - rate), against the same activations in eval mode. Applying dropout
+  twice would zero 1 - (1 - rate)² of them and scale by 1/(1 - rate)². (Models with one hidden dense layer, so
+  that nothing before it is dropped.)"""
+  import numpy as np
+  from flax import nnx
+
+  rate = 0.2
+  model = build_model(ModelSpec(name=name, input_shape=(8, 8, 1), num_classes=dense, dropout=rate), seed=0)
+  head = model.net.head if hasattr(model, "net") else model.head
+  head.kernel[...] = jnp.eye(dense)  # The head passes its input through: logits are the dropped activations.
+  head.bias[...] = jnp.zeros(dense)
+  x = jnp.asarray(np.random.default_rng(0).uniform(0, 1, size=(256, 8, 8, 1)), jnp.float32)
+  model.eval()
+  clean = np.asarray(model(x))
+  model.train()
+  dropped = np.asarray(model(x))
+  active = clean > 1e-6
+  zeroed = (dropped == 0) & active
+  assert abs(zeroed.sum() / active.sum() - rate) < 0.02, zeroed.sum() / active.sum()
+  kept = active & ~zeroed
+  np.testing.assert_allclose(dropped[kept], clean[kept] / (1 - rate), rtol=1e-4)
+  assert nnx.state(model, nnx.Param)  # The model still has its parameters after the surgery.

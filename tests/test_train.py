@@ -54,9 +54,10 @@ def test_step_compiles_once_across_epochs_and_phases(tmp_path, data_dir, cache_p
   lines = _metrics(tmp_path / "run")
   assert [l["phase"] for l in lines] == ["distill", "distill", "fine-tune"] and [l["alpha"] for l in lines] == [0.1, 0.1, 1.0]
   assert all(l["rows"] == 2874 for l in lines) and final["epoch"] == 3
-  assert {"eval_accuracy", "eval_nll", "eval_ece", "teacher_agreement", "seconds", "examples_per_second"} <= set(lines[0])
+  assert {"eval_accuracy", "eval_nll", "eval_ece", "teacher_agreement", "eval_teacher_agreement", "seconds",
+          "rows_per_second"} <= set(lines[0])
   config = json.load(open(tmp_path / "run" / "config.json"))
-  assert config["resolved"]["teaching"]["stored_targets"] and config["normalization"]["scale"] == 16.0
+  assert config["resolved"]["teaching"]["use_stored"] and config["normalization"]["scale"] == 16.0
 
 
 def _fit_process(args, devices=1):
@@ -94,7 +95,7 @@ def test_sigkill_and_resume_ends_with_the_uninterrupted_parameters(tmp_path, dat
   resumed = _fit_process(args + sparse + ["--out", killed])
   assert resumed.wait() == 0, resumed.stderr.read().decode()[-2000:]
   assert "resuming" in resumed.stderr.read().decode()
-  assert sorted(os.listdir(killed / "checkpoints")) == ["5", "7"]  # Epochs 6 and 8 (the last): every 3rd, kept 2.
+  assert sorted(os.listdir(killed / "checkpoints")) == ["6", "8"]  # After epochs 6 and 8 (the last): every 3rd, 2 kept.
   clean = _fit_process(args + ["--out", tmp_path / "clean"])
   assert clean.wait() == 0
   killed_params, clean_params = _params(killed), _params(tmp_path / "clean")
@@ -125,7 +126,7 @@ def test_bad_input_gets_a_clear_error(tmp_path, data_dir, cache_path, teachers, 
       (["--cache", cache_path, "--dataset", "digits", "--split", "train[:1000]", "--out", out],
        "is not the data the cache .* was built from"),
       (["--cache", incomplete, "--out", out], "is not complete"),
-      (["--model", "resnet", "--dataset", "digits", "--out", out], "unknown model 'resnet'; available models"),
+      (["--model", "resnet", "--dataset", "digits", "--out", out], "--model must be one of mlp-tiny, mlp-small"),
       (["--model", "cnn-small", "--dataset", f"npz:{tmp_path / 'flat.npz'}", "--cache", unlabelled, "--alpha", "0",
         "--out", out], "needs image inputs"),
       (["--cache", cache_path, "--members", "0,5", "--out", out], "--members \\[0, 5\\]: give distinct indices"),
@@ -155,7 +156,7 @@ def test_rederived_mse_and_subset_paths_train(tmp_path, data_dir, cache_path):
     final = fit(FitConfig(model="mlp-small", cache=cache_path, data_dir=data_dir, epochs=1, batch_size=128,
                           out=str(tmp_path / name), progress=False, **options))
     teaching = json.load(open(tmp_path / name / "config.json"))["resolved"]["teaching"]
-    assert not teaching["stored_targets"] and np.isfinite(final["loss"])
+    assert not teaching["use_stored"] and np.isfinite(final["loss"])
 
 
 def test_eval_single_run_and_ensemble_against_numpy(tmp_path, data_dir, teachers, capsys):
@@ -218,3 +219,47 @@ def test_holdout_fold_trains_without_that_fold(tmp_path, data_dir):
   assert _metrics(tmp_path / "f1")[0]["rows"] == config["examples"]
   with pytest.raises(train_lib.StillroomError, match="give both"):
     fit(FitConfig(model="mlp-tiny", dataset="digits", data_dir=data_dir, folds=3, out=str(tmp_path / "x")))
+
+
+def test_agreement_comes_from_the_cache_even_after_the_teachers_are_deleted(tmp_path, data_dir):
+  """Teachers run once: the build stores their logits on the eval split, and a student reports its agreement with
+  the ensemble from them, also once the teachers' run dirs are gone."""
+  import shutil
+  from shared.cache import EVAL_ROWS
+  runs = [make_teacher(tmp_path / f"t{seed}", seed=seed) for seed in (0, 1)]
+  test = open_transfer_set("digits", "test", data_dir)
+  x = test.inputs.astype(np.float32) / 16
+  logits = np.stack([np.asarray(load_run_teacher(r).apply_fn(load_run_teacher(r).params, x)) for r in runs], 1)
+  cache = digits_cache_at(tmp_path / "c.zarr", data_dir, runs)
+  from shared.cache import open_cache
+  stored = open_cache(cache)
+  np.testing.assert_allclose(stored["eval_member_logits"][:].astype(np.float32), logits, rtol=2e-3, atol=2e-3)
+  assert stored.spec.eval_dataset.fingerprint == test.fingerprint and stored.spec.chunks_of(EVAL_ROWS) == 1
+  for run in runs:
+    shutil.rmtree(run)
+  final = fit(FitConfig(model="mlp-tiny", cache=cache, data_dir=data_dir, epochs=1, temperature=2.0,
+                        combine="geometric", out=str(tmp_path / "student"), progress=False))
+  student = load_run_teacher(str(tmp_path / "student"))
+  student_top1 = np.asarray(student.apply_fn(student.params, x)).argmax(1)
+  teacher_top1 = numpy_log_softmax(stored["eval_member_logits"][:].astype(np.float64).mean(1) / 2.0).argmax(1)
+  assert final["eval_teacher_agreement"] == pytest.approx(np.mean(student_top1 == teacher_top1))
+
+
+def digits_cache_at(out, data_dir, runs, **options) -> str:
+  build_cache(BuildConfig(dataset="digits", split="train[:200]", data_dir=data_dir, teachers=tuple(runs),
+                          out=str(out), progress=False, **options))
+  return str(out)
+
+
+def test_steps_wait_for_each_other_only_on_several_cpu_devices():
+  """Several fake CPU devices can deadlock on queued collectives, so the loop waits on each step there; on
+  accelerators it must not, or the host could not run ahead of the devices."""
+  import types
+  from shared.parallel import needs_step_sync
+
+  def mesh(platform, count):
+    return types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform=platform)] * count))
+
+  assert needs_step_sync(mesh("cpu", 4))
+  assert not needs_step_sync(mesh("cpu", 1))
+  assert not needs_step_sync(mesh("gpu", 8)) and not needs_step_sync(mesh("tpu", 4))

@@ -1,0 +1,100 @@
+"""Settings as frozen dataclasses: each field holds its default, its help and its choices, in one place.
+
+Command lines derive their options from the fields (`add_options`), so a default or a list of choices is never
+written twice, and a config built from parsed arguments (`from_args`) is the same object a library caller builds.
+"""
+
+import argparse
+import re
+import dataclasses
+import types
+import typing
+from collections.abc import Iterable
+
+
+def setting(default, help: str, *, choices: Iterable | None = None, metavar: str | None = None,
+            cli: bool = True):  # pylint: disable=redefined-builtin
+  """A dataclass field with its command-line help.
+
+  Args:
+    default: the one default value.
+    help: what the setting does (argparse appends the default).
+    choices: the valid values, when they form a list.
+    metavar: how `--help` names the value.
+    cli: whether command lines offer it.
+  """
+  metadata = {"help": help, "choices": tuple(choices) if choices is not None else None, "metavar": metavar,
+              "cli": cli}
+  return dataclasses.field(default=default, metadata=metadata)
+
+
+def _value_type(annotation) -> tuple[type, bool]:
+  """`(element type, is a tuple of them)` of a field annotation such as `float | None` or `tuple[int, ...] | None`."""
+  if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+    annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+  if typing.get_origin(annotation) is tuple:
+    return typing.get_args(annotation)[0], True
+  return annotation, False
+
+
+def _comma_separated(kind: type, flag: str):
+  def parse(text: str) -> tuple:
+    try:
+      return tuple(kind(part) for part in text.split(","))
+    except ValueError as e:
+      raise argparse.ArgumentTypeError(f"{flag} takes comma-separated {kind.__name__} values, e.g. 0,2; got "
+                                       f"{text!r}") from e
+  return parse
+
+
+def flag_of(name: str, prefix: str = "") -> str:
+  return "--" + (prefix + name).replace("_", "-")
+
+
+def add_options(parser, cls, names: Iterable[str] | None = None, *, prefix: str = "", defaults=None,
+                required: Iterable[str] = ()) -> None:
+  """Adds one option per field of the settings dataclass `cls` (in field order).
+
+  Args:
+    parser: an argparse parser or argument group.
+    cls: a dataclass whose fields were made with `setting`.
+    names: the fields to offer (default: every field with `cli=True`).
+    prefix: prepended to the option and destination names (`teacher_` makes `--teacher-epochs`).
+    defaults: an instance whose values are the defaults shown (default: the class's own defaults).
+    required: fields the command line must give.
+  """
+  hints = typing.get_type_hints(cls)
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  for name in names if names is not None else [n for n, f in fields.items() if f.metadata.get("cli", False)]:
+    field = fields[name]
+    meta = field.metadata
+    default = getattr(defaults, name) if defaults is not None else field.default
+    kind, is_tuple = _value_type(hints[name])
+    flag = flag_of(name, prefix)
+    text = meta.get("help", "")
+    if defaults is not None:  # The class's own default, described in the help, is not the one shown.
+      text = re.sub(r" ?\(default: [^()]*(\([^()]*\)[^()]*)*\)", "", text)
+    options = {"dest": prefix + name, "default": default, "help": text.replace("%", "%%")}
+    if name in required:
+      options.update(required=True, default=None)
+    elif kind is bool and not is_tuple:
+      options["help"] += f" (default: {'on' if default else 'off'})"
+    elif default is not None:
+      options["help"] += " (default: %(default)s)"
+    if kind is bool and not is_tuple:
+      options["action"] = argparse.BooleanOptionalAction
+    elif is_tuple:
+      options["type"] = _comma_separated(kind, flag)
+    else:
+      options["type"] = kind
+    if meta.get("choices"):
+      options["choices"] = meta["choices"]
+    if meta.get("metavar"):
+      options["metavar"] = meta["metavar"]
+    parser.add_argument(flag, **options)
+
+
+def from_args(cls, args: argparse.Namespace, *, prefix: str = "", base=None, **overrides):
+  """The settings a parsed command line gives: `base` (default: `cls()`) with every parsed field of `cls`."""
+  values = {f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(cls) if hasattr(args, prefix + f.name)}
+  return dataclasses.replace(base if base is not None else cls(), **values, **overrides)

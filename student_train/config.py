@@ -1,0 +1,122 @@
+"""Settings of a training run (`FitConfig`) and their validation: each default, help text and check is here once.
+
+The `fit` and `sweep` command lines, the sweep's grid axes and the demo all take their options, choices and checks
+from this module.
+"""
+
+import dataclasses
+import math
+
+from shared.ensemble import COMBINE_RULES
+from shared.errors import StillroomError
+from shared.losses import LOSSES
+from shared.models import MODELS
+from shared.settings import flag_of, setting
+
+DEFAULT_KD_ALPHA = 0.1  # Hinton et al. 2015 and the Keras example weight the hard term lightly.
+DEFAULT_SHUFFLE_WINDOW = 8
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FitConfig:
+  """Settings of `student-train fit`. None means "resolved from the data" (see each field's help)."""
+
+  model: str = setting("mlp-small", "registry name, see `student-train models`")
+  out: str = setting("", "run directory to write", metavar="RUN_DIR")
+  dataset: str | None = setting(None, "'digits', 'npz:PATH' or a prepared TFDS name; with --cache, default: the "
+                                      "dataset the cache records")
+  split: str = setting("train", "TFDS split spec, e.g. 'train[:80%]'")
+  data_dir: str | None = setting(None, "TFDS data dir (default: TFDS's, ~/tensorflow_datasets)")
+  cache: str | None = setting(None, "teacher cache made by `teacher-cache build` (distillation)",
+                              metavar="CACHE.zarr")
+  label_fraction: float = setting(1.0, "train on a seeded fraction of the examples (all their cached views)")
+  folds: int = setting(1, "with --holdout-fold k: train without fold k of K (a cross-fitting teacher run for "
+                          "`teacher-cache build --folds K`)")
+  holdout_fold: int | None = setting(None, "the fold this run does not train on")
+  augment: bool = setting(False, "hard-label training: a fresh zero-filled shifted view of every example each "
+                                 "epoch (a cache brings its own views)")
+  max_shift: int = setting(1, "--augment shift in pixels")
+  flip: bool = setting(False, "--augment with horizontal flips")
+  eval_dataset: str | None = setting(None, "evaluate each epoch on this dataset (default: the training dataset)")
+  eval_split: str | None = setting(None, "evaluation split (default: 'test' when the dataset has one)")
+  loss: str = setting("kl", "soft term: T²·KL(p_T || softmax(s/T)), or its high-T limit (1/2C)·||zero-meaned "
+                            "logits difference||²", choices=LOSSES)
+  alpha: float | None = setting(None, f"weight of the hard-label cross-entropy in [0, 1] (default: {DEFAULT_KD_ALPHA} "
+                                      "with a labelled cache, 0 without labels, 1 without a cache)")
+  temperature: float | None = setting(None, "T of the soft term (default: the cache's); another T re-derives "
+                                            "targets from member_logits")
+  combine: str | None = setting(None, "ensemble rule (default: the cache's)", choices=COMBINE_RULES)
+  members: tuple[int, ...] | None = setting(None, "ensemble subset, e.g. 0,2 (default: all members)")
+  epochs: int = setting(20, "epochs")
+  finetune_epochs: int = setting(0, "epochs on hard labels after distillation")
+  batch_size: int = setting(128, "rows per step, a multiple of the device count")
+  lr: float = setting(3e-3, "AdamW peak learning rate, cosine decay")
+  finetune_lr: float | None = setting(None, "fine-tuning learning rate (default: --lr / 10)")
+  weight_decay: float = setting(1e-4, "AdamW weight decay")
+  dropout: float = setting(0.0, "dropout rate on every hidden dense layer's output")
+  seed: int = setting(0, "initialisation and dropout seed")
+  data_seed: int | None = setting(None, "example order and subset seed (default: --seed)")
+  shuffle_window: int = setting(DEFAULT_SHUFFLE_WINDOW, "cache chunks whose rows are shuffled together in memory "
+                                                        "(more: batches closer to uniform sampling, more memory)",
+                                metavar="CHUNKS")
+  checkpoint_every: int = setting(1, "epochs between checkpoints, the last epoch always included; raise it for "
+                                     "runs of many short epochs, where saving dominates", metavar="EPOCHS")
+  overwrite: bool = setting(False, "replace a run dir holding another config")
+  progress: bool = setting(True, "progress bars")
+
+
+# Settings that do not change what a run computes; a resumed run may differ in them.
+NOT_IDENTITY = ("overwrite", "progress", "data_dir", "checkpoint_every")
+# Settings that students trained together in one vmapped step may differ in (the rest is their shared stream).
+GROUP_VARYING = ("seed", "temperature", "alpha", "loss", "combine", "members", "out")
+
+# One check per setting: a function of the value that returns True or says what is wrong. The sweep's grid axes
+# use the same checks.
+CHECKS = {
+    "model": lambda v: v in MODELS or f"must be one of {', '.join(MODELS)}",
+    "alpha": lambda v: v is None or 0.0 <= v <= 1.0 or "must be in [0, 1]",
+    "temperature": lambda v: v is None or (0 < v and math.isfinite(v)) or "must be > 0 and finite",
+    "loss": lambda v: v in LOSSES or f"must be one of {', '.join(LOSSES)}",
+    "combine": lambda v: v is None or v in COMBINE_RULES or f"must be one of {', '.join(COMBINE_RULES)}",
+    "members": lambda v: v is None or (len(v) > 0 and all(isinstance(m, int) and not isinstance(m, bool)
+                                                          for m in v)) or "must be a non-empty list of member indices",
+    "label_fraction": lambda v: 0.0 < v <= 1.0 or "must be in (0, 1]",
+    "epochs": lambda v: v >= 0 or "must be >= 0",
+    "finetune_epochs": lambda v: v >= 0 or "must be >= 0",
+    "batch_size": lambda v: v >= 1 or "must be >= 1",
+    "lr": lambda v: (0 < v and math.isfinite(v)) or "must be > 0 and finite",
+    "finetune_lr": lambda v: v is None or (0 < v and math.isfinite(v)) or "must be > 0 and finite",
+    "weight_decay": lambda v: (0 <= v and math.isfinite(v)) or "must be >= 0 and finite",
+    "dropout": lambda v: 0.0 <= v < 1.0 or "must be in [0, 1)",
+    "shuffle_window": lambda v: v >= 1 or "must be >= 1 chunk",
+    "checkpoint_every": lambda v: v >= 1 or "must be >= 1 epoch",
+    "max_shift": lambda v: v >= 0 or "must be >= 0",
+    "folds": lambda v: v >= 1 or "must be >= 1",
+}
+
+
+def check_value(name: str, value) -> str | None:
+  """What is wrong with one setting's value, or None if it is valid."""
+  check = CHECKS.get(name)
+  verdict = True if check is None else check(value)
+  return None if verdict is True else verdict
+
+
+def validate_config(config: FitConfig) -> None:
+  """Checks every setting on its own and the combinations that need no data.
+
+  Raises:
+    StillroomError: naming the option, the value and what it must be.
+  """
+  for field in dataclasses.fields(config):
+    problem = check_value(field.name, getattr(config, field.name))
+    if problem:
+      raise StillroomError(f"{flag_of(field.name)} {problem}, got {getattr(config, field.name)}.")
+  if (config.folds > 1) != (config.holdout_fold is not None) or (
+      config.holdout_fold is not None and not 0 <= config.holdout_fold < config.folds):
+    raise StillroomError(f"--folds {config.folds} --holdout-fold {config.holdout_fold}: give both, with the "
+                         "held-out fold in 0..K-1 (or neither).")
+  if config.epochs + config.finetune_epochs < 1:
+    raise StillroomError("--epochs and --finetune-epochs must be >= 0 with at least one epoch in all.")
+  if not config.out:
+    raise StillroomError("give --out RUN_DIR.")

@@ -1,0 +1,86 @@
+"""Evaluation: students' predictions on an eval split, their agreement with the cached teachers, and `eval`.
+
+Teachers run once, in the cache build: agreement with the ensemble on the eval split comes from the member logits
+the cache stores for that split (`teacher-cache build --eval-split`), never from reloading the teachers.
+"""
+
+import jax
+import numpy as np
+
+from shared.cache import EVAL_ROWS
+from shared.data import Normalization, TransferSet, open_transfer_set
+from shared.ensemble import COMBINE_RULES, combine_log_probs, ensemble_log_probs, member_weights
+from shared.errors import StillroomError
+from shared.metrics import classification_metrics
+from shared.models import check_input_shape
+from shared.parallel import batch_sharding, pad_rows
+from shared.runs import Teacher, load_run_teacher
+from student_train.plan import RunPlan
+
+
+def predict_log_probs(predict, states, transfer_set: TransferSet, batch_size: int, mesh) -> np.ndarray:
+  """Log-probabilities [K, N, C] of K stacked students over a transfer set (un-augmented), in padded batches."""
+  outputs = []
+  for start in range(0, len(transfer_set), batch_size):
+    x = transfer_set.inputs[start:start + batch_size]
+    padded = jax.device_put(pad_rows(x, batch_size), batch_sharding(mesh))
+    outputs.append(np.asarray(predict(states, padded))[:, :len(x)])
+  return np.concatenate(outputs, axis=1)
+
+
+def cached_teacher_top1(plan: RunPlan) -> np.ndarray | None:
+  """The top-1 class [E] of the student's ensemble (its T, rule and members) on its eval set, from the eval logits
+  the cache stores; None when the cache holds none for this eval set."""
+  if plan.cache is None or plan.eval_set is None:
+    return None
+  spec = plan.cache.spec
+  if spec.eval_dataset is None or spec.eval_dataset.fingerprint != plan.eval_set.fingerprint:
+    return None
+  teaching = plan.teaching
+  weights = member_weights(teaching.members, spec.num_members)
+  top1 = []
+  for chunk in range(spec.chunks_of(EVAL_ROWS)):
+    logits = plan.cache.read_chunk(chunk, ("eval_member_logits",), EVAL_ROWS)["eval_member_logits"]
+    top1.append(np.asarray(ensemble_log_probs(logits, teaching.temperature, geometric=teaching.combine == "geometric",
+                                              weights=weights)).argmax(-1))
+  return np.concatenate(top1)
+
+
+def eval_line(log_probs: np.ndarray, plan: RunPlan, teacher_top1: np.ndarray | None) -> dict:
+  """The `eval_*` entries of an epoch's metrics line for one student's log-probabilities [N, C]."""
+  line = {f"eval_{k}": v for k, v in classification_metrics(log_probs, plan.eval_set.labels).items()}
+  if teacher_top1 is not None:
+    line["eval_teacher_agreement"] = float(np.mean(log_probs.argmax(axis=-1) == teacher_top1))
+  return line
+
+
+def _run_logits(run: Teacher, transfer_set: TransferSet, batch_size: int, what: str) -> np.ndarray:
+  """A run's logits [N, C] over a transfer set's un-augmented inputs."""
+  normalization: Normalization = run.normalization or transfer_set.normalization
+  check_input_shape(run.apply_fn, run.params, transfer_set.input_shape, what)
+  apply = jax.jit(lambda params, x: run.apply_fn(params, normalization.apply(x)))
+  return np.concatenate([np.asarray(apply(run.params, transfer_set.inputs[start:start + batch_size]))
+                         for start in range(0, len(transfer_set), batch_size)])
+
+
+def evaluate_runs(run_dirs: list[str], dataset: str, split: str, data_dir: str | None = None,
+                  combine: str = "arithmetic", batch_size: int = 256) -> dict:
+  """Evaluates one run, or several as an ensemble (combined at T=1).
+
+  Returns:
+    {"accuracy", "nll", "ece", "count", "runs", "members": per-run metrics}.
+  """
+  if combine not in COMBINE_RULES:
+    raise StillroomError(f"unknown --combine {combine!r}; valid: {', '.join(COMBINE_RULES)}.")
+  transfer_set = open_transfer_set(dataset, split, data_dir)
+  if not transfer_set.labeled:
+    raise StillroomError(f"{dataset!r} {split!r} is unlabeled; evaluation needs labels.")
+  member_logits, members = [], []
+  for run_dir in run_dirs:
+    logits = _run_logits(load_run_teacher(run_dir), transfer_set, batch_size, f"run {run_dir!r}")
+    member_logits.append(logits)
+    members.append({"run": run_dir, **classification_metrics(
+        np.asarray(jax.nn.log_softmax(logits, axis=-1)), transfer_set.labels)})
+  log_probs = np.asarray(combine_log_probs(np.stack(member_logits, axis=1), 1.0, combine))  # [N, M, C] -> [N, C]
+  return {**classification_metrics(log_probs, transfer_set.labels), "runs": list(run_dirs), "combine": combine,
+          "dataset": dataset, "split": split, "members": members}

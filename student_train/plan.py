@@ -1,0 +1,202 @@
+"""A run's plan: its config resolved against its data and cache, and what that makes the step compute.
+
+`plan_run` opens the dataset and cache a config names, checks that they fit together, fills in every setting
+left to the data (alpha, T, rule, members, data seed), and decides the one rule for soft targets: a student whose
+loss, T, rule and members are the cache's reads the stored `targets`; any other re-derives them from
+`member_logits` in the step.
+"""
+
+import dataclasses
+import os
+
+import numpy as np
+from flax import nnx
+
+from shared.augment import fold_of
+from shared.cache import Cache, open_cache
+from shared.data import Normalization, TransferSet, open_transfer_set
+from shared.ensemble import member_weights
+from shared.errors import StillroomError
+from shared.models import ModelSpec, build_model, check_input_shape
+from student_train.config import DEFAULT_KD_ALPHA, GROUP_VARYING, NOT_IDENTITY, FitConfig, validate_config
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Teaching:
+  """Where a distilled student's soft targets come from.
+
+  Attributes:
+    loss: "kl" or "mse".
+    temperature: T of the soft term.
+    combine: ensemble rule.
+    members: the members of the cache it learns from.
+    use_stored: the cache's stored targets are exactly these (same T, rule and all members, KL loss).
+  """
+
+  loss: str
+  temperature: float
+  combine: str
+  members: tuple[int, ...]
+  use_stored: bool
+
+  @property
+  def fields(self) -> tuple[str, ...]:
+    """The cache arrays this student's step needs."""
+    return ("targets",) if self.use_stored else ("member_logits",)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RunPlan:
+  """Everything a run needs, resolved from its config, its data and its cache.
+
+  Attributes:
+    config: the config with every None that the data decides resolved.
+    transfer_set: the training data.
+    cache: the teacher cache (distillation), or None (hard labels).
+    teaching: the soft-target settings, or None (hard labels).
+    model_spec: the student's structure.
+    normalization: its input normalisation.
+    examples: the example indices it trains on (folds, label fraction), or None for all.
+    eval_set: the per-epoch evaluation data, or None.
+  """
+
+  config: FitConfig
+  transfer_set: TransferSet
+  cache: Cache | None
+  teaching: Teaching | None
+  model_spec: ModelSpec
+  normalization: Normalization
+  examples: np.ndarray | None
+  eval_set: TransferSet | None
+
+  def record(self) -> dict:
+    """The resolved config written to config.json (and compared on resume)."""
+    return {
+        "config": {k: v for k, v in dataclasses.asdict(self.config).items() if k not in NOT_IDENTITY},
+        "model": self.model_spec.to_dict(),
+        "normalization": self.normalization.to_dict(),
+        "dataset": self.transfer_set.describe().to_dict(),
+        "cache": None if self.cache is None else {
+            "path": os.path.abspath(self.cache.path), "build_key": self.cache.spec.build_key()},
+        "teaching": None if self.teaching is None else dataclasses.asdict(self.teaching),
+        "eval": None if self.eval_set is None else {"dataset": self.eval_set.name, "split": self.eval_set.split,
+                                                     "fingerprint": self.eval_set.fingerprint},
+        "examples": None if self.examples is None else len(self.examples),
+    }
+
+  def stream_key(self) -> dict:
+    """The settings that decide the batches a run sees: runs with equal keys can train together."""
+    shared = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in GROUP_VARYING + ("overwrite", "progress")}
+    return {**shared, "cache": None if self.cache is None else os.path.abspath(self.cache.path)}
+
+  def hypers(self, num_members: int) -> dict[str, np.ndarray]:
+    """This student's per-student step settings (`student_train.steps.HYPERS`), the distillation alpha included."""
+    teaching = self.teaching
+    return {
+        "alpha": np.float32(self.config.alpha),
+        "temperature": np.float32(teaching.temperature if teaching else 1.0),
+        "geometric": np.bool_(teaching is not None and teaching.combine == "geometric"),
+        "mse": np.bool_(teaching is not None and teaching.loss == "mse"),
+        "member_weights": member_weights(teaching.members if teaching else range(num_members), num_members),
+        "use_stored": np.bool_(teaching is not None and teaching.use_stored),
+    }
+
+
+def _plan_teaching(config: FitConfig, cache: Cache) -> tuple[Teaching, dict]:
+  """Resolves the soft-target settings against a cache; returns them and the resolved config values."""
+  spec = cache.spec
+  members = tuple(range(spec.num_members)) if config.members is None else tuple(config.members)
+  bad = [m for m in members if not 0 <= m < spec.num_members]
+  if bad or len(set(members)) != len(members):
+    raise StillroomError(f"--members {list(members)}: give distinct indices in 0..{spec.num_members - 1} "
+                         f"(the cache has {spec.num_members} members).")
+  labeled = spec.dataset.labeled
+  alpha = config.alpha if config.alpha is not None else (DEFAULT_KD_ALPHA if labeled else 0.0)
+  if alpha > 0 and not labeled:
+    raise StillroomError(f"--alpha {alpha} weights hard labels, but the cache {config.cache!r} is unlabeled; "
+                         "use --alpha 0.")
+  if config.finetune_epochs and not labeled:
+    raise StillroomError("--finetune-epochs trains on hard labels, but the cache is unlabeled.")
+  temperature = spec.temperature if config.temperature is None else float(config.temperature)
+  combine = config.combine or spec.combine
+  use_stored = (config.loss == "kl" and temperature == spec.temperature and combine == spec.combine
+                and members == tuple(range(spec.num_members)) and spec.array("targets") is not None)
+  teaching = Teaching(loss=config.loss, temperature=temperature, combine=combine, members=members,
+                      use_stored=use_stored)
+  if not use_stored:
+    reason = ("--loss mse" if config.loss == "mse" else
+              f"T={temperature:g}, {combine} mean of members {list(members)} (the cache stores T="
+              f"{spec.temperature:g}, {spec.combine} mean of all {spec.num_members})")
+    cache.require(teaching.fields, reason)
+  return teaching, {"alpha": alpha, "temperature": temperature, "combine": combine, "members": members}
+
+
+def plan_run(config: FitConfig) -> RunPlan:
+  """Resolves a config against its data and cache, checking everything `fit` needs before it trains.
+
+  Raises:
+    StillroomError: bad settings, data, cache or model (named).
+  """
+  validate_config(config)
+  cache = teaching = None
+  resolved: dict = {"data_seed": config.seed if config.data_seed is None else config.data_seed}
+  if config.cache:
+    cache = open_cache(config.cache)
+    recorded = cache.spec.dataset
+    dataset, split = (config.dataset, config.split) if config.dataset else (recorded.name, recorded.split)
+    transfer_set = open_transfer_set(dataset, split, config.data_dir)
+    if transfer_set.fingerprint != recorded.fingerprint:
+      raise StillroomError(
+          f"dataset {dataset!r} split {split!r} (fingerprint {transfer_set.fingerprint[:16]}…) is not the data the "
+          f"cache {config.cache!r} was built from ({recorded.name} {recorded.split}, fingerprint "
+          f"{recorded.fingerprint[:16]}…).")
+    if config.folds > 1:
+      raise StillroomError("--folds/--holdout-fold select teacher training data; a cache brings its own rows.")
+    teaching, values = _plan_teaching(config, cache)
+    resolved.update(dataset=dataset, split=split, **values)
+    num_classes = cache.spec.num_classes
+  else:
+    if not config.dataset:
+      raise StillroomError("give --dataset (hard-label training) or --cache (distillation).")
+    if config.alpha not in (None, 1.0):
+      raise StillroomError(f"--alpha {config.alpha} mixes in soft targets, which need --cache.")
+    transfer_set = open_transfer_set(config.dataset, config.split, config.data_dir)
+    if not transfer_set.labeled:
+      raise StillroomError(f"{config.dataset!r} {config.split!r} is unlabeled; hard-label training needs labels.")
+    num_classes = transfer_set.num_classes
+    resolved.update(alpha=1.0)
+  if config.augment and len(transfer_set.input_shape) < 2:
+    raise StillroomError(f"--augment needs image inputs; {transfer_set.name!r} holds flat vectors.")
+  config = dataclasses.replace(config, **resolved, finetune_lr=config.finetune_lr or config.lr / 10)
+  model_spec = ModelSpec(name=config.model, input_shape=transfer_set.input_shape, num_classes=num_classes,
+                         dropout=config.dropout)
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: build_model(model_spec)))
+  check_input_shape(lambda p, x: nnx.merge(graphdef, p)(x), params, transfer_set.input_shape,
+                    f"model {config.model!r}")
+  examples = None
+  if config.folds > 1:
+    examples = transfer_set.indices[fold_of(transfer_set.indices, config.folds) != config.holdout_fold]
+  if config.label_fraction < 1.0:
+    pool = transfer_set.indices if examples is None else examples
+    keep = max(1, round(config.label_fraction * len(pool)))
+    examples = np.sort(np.random.default_rng(config.data_seed).choice(pool, keep, replace=False))
+  return RunPlan(config=config, transfer_set=transfer_set, cache=cache, teaching=teaching, model_spec=model_spec,
+                 normalization=transfer_set.normalization, examples=examples, eval_set=_eval_set(config, transfer_set))
+
+
+def _eval_set(config: FitConfig, transfer_set: TransferSet) -> TransferSet | None:
+  if config.eval_dataset or config.eval_split:
+    return open_transfer_set(config.eval_dataset or transfer_set.name, config.eval_split or "test", config.data_dir)
+  try:
+    return open_transfer_set(transfer_set.name, "test", config.data_dir)
+  except StillroomError:
+    return None  # No test split: no per-epoch evaluation unless asked for.
+
+
+def check_config(config: FitConfig) -> None:
+  """Everything `fit` checks before training (data, cache, model, ranges), without training.
+
+  Raises:
+    StillroomError: as `fit` would.
+  """
+  plan_run(config)

@@ -1,0 +1,167 @@
+"""A run directory's files: config.json, metrics.jsonl, final.json and the orbax checkpoints.
+
+  RUN_DIR/config.json        `RunRecord` (model, normalisation, cross-fitting fold) + the resolved config
+  RUN_DIR/metrics.jsonl      one JSON line per epoch
+  RUN_DIR/final.json         the last epoch's line, written when the run has finished
+  RUN_DIR/checkpoints/<E>/   orbax checkpoint after E epochs: "state" (model and optimizer, without RNG streams),
+                             "params" (the model's parameters, what teachers load), "meta" ({"epoch": E})
+"""
+
+import json
+import os
+import shutil
+import sys
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from shared import __version__
+from shared.errors import StillroomError
+from shared.runs import CONFIG_FILE, PARAMS_ITEM, CrossFit, RunRecord, checkpoint_manager
+from student_train.plan import RunPlan
+
+METRICS_FILE = "metrics.jsonl"
+FINAL_FILE = "final.json"
+STATE_ITEM, META_ITEM = "state", "meta"
+CHECKPOINTS_KEPT = 2  # A group killed between two students' saves rolls back to the previous, common one.
+
+
+def _log(message: str) -> None:
+  print(f"student-train: {message}", file=sys.stderr, flush=True)
+
+
+def is_finished(out: str) -> bool:
+  return os.path.exists(os.path.join(out, FINAL_FILE))
+
+
+def prepare_run_dir(plan: RunPlan) -> bool:
+  """Creates the run dir or checks that an existing one belongs to this command; True if it already finished.
+
+  Raises:
+    StillroomError: the dir holds a run of another config, or is not a run dir (unless --overwrite).
+  """
+  out, record = plan.config.out, plan.record()
+  path = os.path.join(out, CONFIG_FILE)
+  if os.path.exists(out) and plan.config.overwrite:
+    _log(f"--overwrite: removing {out}")
+    shutil.rmtree(out)
+  if os.path.exists(path):
+    with open(path) as f:
+      existing = json.load(f)
+    differences = config_differences(existing.get("resolved", {}), json.loads(json.dumps(record)))
+    if differences:
+      raise StillroomError(f"run dir {out!r} holds a run with another config:\n  " + "\n  ".join(differences)
+                           + "\nPass --overwrite to replace it, or choose another --out.")
+    return is_finished(out)
+  if os.path.exists(out) and os.listdir(out):
+    raise StillroomError(f"--out {out!r} exists and is not a run dir; pass --overwrite or choose another --out.")
+  os.makedirs(out, exist_ok=True)
+  config = plan.config
+  cross_fit = CrossFit(folds=config.folds, holdout_fold=config.holdout_fold) if config.folds > 1 else None
+  run_record = RunRecord(model=plan.model_spec, normalization=plan.normalization, cross_fit=cross_fit)
+  _write_json(path, {**run_record.to_json(), "resolved": record, "software_version": __version__})
+  return False
+
+
+def config_differences(stored: dict, wanted: dict, prefix: str = "") -> list[str]:
+  """`["config.lr: 0.003 (run dir) vs 0.01 (command)", ...]` for the leaves that differ."""
+  lines = []
+  for key in sorted(set(stored) | set(wanted)):
+    a, b = stored.get(key), wanted.get(key)
+    if isinstance(a, dict) and isinstance(b, dict):
+      lines += config_differences(a, b, f"{prefix}{key}.")
+    elif a != b:
+      lines.append(f"{prefix}{key}: {a} (run dir) vs {b} (command)")
+  return lines
+
+
+def _write_json(path: str, value) -> None:
+  """Written to a temporary file and renamed: a kill never leaves half a file."""
+  with open(path + ".tmp", "w") as f:
+    json.dump(value, f, indent=2)
+  os.replace(path + ".tmp", path)
+
+
+def checkpointable(state) -> dict:
+  """The state minus RNG streams (dropout keys are re-derived each step from fold_in(key, step))."""
+  return nnx.to_pure_dict(nnx.filter_state(state, nnx.Not(nnx.RngState)))
+
+
+class Checkpoints:
+  """One run's orbax checkpoints, numbered by the epochs trained."""
+
+  def __init__(self, out: str):
+    self.out = out
+    self.manager = checkpoint_manager(out, max_to_keep=CHECKPOINTS_KEPT)
+
+  def epochs(self) -> set[int]:
+    return set(self.manager.all_steps())
+
+  def save(self, graphdef, state, epoch: int) -> None:
+    """Saves the state after `epoch` epochs (and the model's parameters on their own, for teachers)."""
+    params = nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, state)[0], nnx.Param))
+    self.manager.save(epoch, args=ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.StandardSave(checkpointable(state)), PARAMS_ITEM: ocp.args.StandardSave(params),
+        META_ITEM: ocp.args.JsonSave({"epoch": epoch})}))
+    self.manager.wait_until_finished()
+
+  def restore(self, state, epoch: int):
+    """`state` with the checkpoint of `epoch` restored into it (RNG streams kept)."""
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, checkpointable(state))
+    restored = self.manager.restore(epoch, args=ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.StandardRestore(target), META_ITEM: ocp.args.JsonRestore()}))
+    rng_state = nnx.filter_state(state, nnx.RngState)
+    state = nnx.filter_state(state, nnx.Not(nnx.RngState))
+    nnx.replace_by_pure_dict(state, restored[STATE_ITEM])
+    return nnx.merge_state(state, rng_state)
+
+  def discard_after(self, epoch: int) -> None:
+    for saved in sorted(self.epochs()):
+      if saved > epoch:
+        self.manager.delete(saved)
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def common_epoch(checkpoints: list[Checkpoints]) -> int:
+  """The newest epoch every run of a group has saved (0 if none), after discarding the newer checkpoints that some
+  runs saved before a kill: resuming from it, the group recomputes exactly what an uninterrupted group does."""
+  saved = [c.epochs() for c in checkpoints]
+  epoch = max(set.intersection(*saved), default=0)
+  for c in checkpoints:
+    c.discard_after(epoch)
+  return epoch
+
+
+def append_metrics(out: str, line: dict) -> None:
+  with open(os.path.join(out, METRICS_FILE), "a") as f:
+    f.write(json.dumps(line) + "\n")
+
+
+def read_metrics(out: str) -> list[dict]:
+  path = os.path.join(out, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_metrics(out: str, epochs_done: int) -> None:
+  """Drops lines of epochs not in the checkpoint resumed from (a kill between the metrics line and the save)."""
+  lines = [line for line in read_metrics(out) if line["epoch"] <= epochs_done]
+  with open(os.path.join(out, METRICS_FILE), "w") as f:
+    f.writelines(json.dumps(line) + "\n" for line in lines)
+
+
+def write_final(out: str, total_epochs: int) -> dict:
+  """final.json: the last epoch's metrics line, the run dir and its epochs."""
+  final = {**read_metrics(out)[-1], "run_dir": out, "epochs": total_epochs}
+  _write_json(os.path.join(out, FINAL_FILE), final)
+  return final
+
+
+def read_final(out: str) -> dict:
+  with open(os.path.join(out, FINAL_FILE)) as f:
+    return json.load(f)

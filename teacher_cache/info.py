@@ -1,0 +1,105 @@
+"""`teacher-cache info`: what a cache holds and how its teachers do on it.
+
+It reads the store chunk by chunk, so it runs in memory bounded by one chunk.
+"""
+
+import os
+
+import numpy as np
+
+from shared.cache import EVAL_ROWS, open_cache
+from shared.ensemble import combine_log_probs
+
+
+def _store_bytes(path: str) -> int:
+  return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+
+
+def _ratio(a, b) -> float | None:
+  return float(a / b) if b else None
+
+
+def cache_info(path: str) -> dict:
+  """The spec plus teacher statistics computed from the store.
+
+  Returns:
+    A JSON-able dict: "spec", "complete", "rows", "bytes", "bytes_per_row" (per array), and (for a complete
+    store) "stats" with each member's and the ensemble's accuracy on labelled rows (all views and view 0), the
+    mean entropy of the targets (nats, at T), the mean top-1 probability, the fraction of rows where all members
+    agree on the top-1 class, the mean pairwise top-1 agreement of members, and with eval logits stored, each
+    member's and the ensemble's accuracy on the eval split ("eval").
+  """
+  cache = open_cache(path, require_complete=False)
+  spec = cache.spec
+  info = {"path": path, "complete": cache.complete, "completion": cache.completion, "rows": spec.num_rows,
+          "bytes": _store_bytes(path), "spec": spec.to_attrs(),
+          "bytes_per_row": {a.name: int(np.prod(a.shape[1:], dtype=np.int64)) * np.dtype(a.dtype).itemsize
+                            for a in spec.arrays if a.role != "bookkeeping"}}
+  if not cache.complete:
+    return info
+  num_members = spec.num_members
+  member_correct = np.zeros(num_members)
+  member_correct_view0 = np.zeros(num_members)
+  ensemble_correct = ensemble_correct_view0 = labelled = labelled_view0 = 0
+  entropy_sum = top1_sum = all_agree = 0.0
+  pair_agree = np.zeros((num_members, num_members))
+  for chunk in range(spec.num_chunks):
+    arrays = cache.read_chunk(chunk, ("targets", "member_logits", "labels", "view"))
+    log_probs = arrays["targets"].astype(np.float32)
+    probs = np.exp(log_probs)
+    entropy_sum += float(-(probs * log_probs).sum())
+    top1_sum += float(probs.max(axis=-1).sum())
+    member_top1 = arrays["member_logits"].argmax(axis=-1)  # [rows, M]
+    all_agree += float((member_top1 == member_top1[:, :1]).all(axis=1).sum())
+    pair_agree += (member_top1[:, :, None] == member_top1[:, None, :]).sum(axis=0)
+    labels, view0 = arrays["labels"], arrays["view"] == 0
+    has_label = labels >= 0
+    labelled += int(has_label.sum())
+    labelled_view0 += int((has_label & view0).sum())
+    member_hit = (member_top1 == labels[:, None]) & has_label[:, None]
+    ensemble_hit = (log_probs.argmax(axis=-1) == labels) & has_label
+    member_correct += member_hit.sum(axis=0)
+    member_correct_view0 += member_hit[view0].sum(axis=0)
+    ensemble_correct += int(ensemble_hit.sum())
+    ensemble_correct_view0 += int(ensemble_hit[view0].sum())
+  rows = spec.num_rows
+  off_diagonal = pair_agree[~np.eye(num_members, dtype=bool)]
+  info["stats"] = {
+      "members": [{"name": spec.member_name(i), "model": spec.member_runs(i)[0].model,
+                   "accuracy": _ratio(member_correct[i], labelled),
+                   "accuracy_view0": _ratio(member_correct_view0[i], labelled_view0)} for i in range(num_members)],
+      "ensemble": {"combine": spec.combine, "accuracy": _ratio(ensemble_correct, labelled),
+                   "accuracy_view0": _ratio(ensemble_correct_view0, labelled_view0)},
+      "mean_target_entropy_nats": entropy_sum / rows,
+      "max_entropy_nats": float(np.log(spec.num_classes)),
+      "mean_top1_probability": top1_sum / rows,
+      "all_members_agree": all_agree / rows,
+      "mean_pairwise_agreement": float(off_diagonal.mean() / rows) if num_members > 1 else 1.0,
+      "labelled_rows": labelled,
+  }
+  if spec.eval_dataset is not None:
+    info["stats"]["eval"] = eval_accuracies(cache)
+  return info
+
+
+def eval_accuracies(cache) -> dict:
+  """Each member's and both ensembles' (AM, GM at T=1) accuracy on the eval split, from the stored eval logits.
+
+  Returns:
+    {"split", "count", "members": [accuracy, ...], "arithmetic": accuracy, "geometric": accuracy}; accuracies are
+    None when the eval split is unlabeled.
+  """
+  spec = cache.spec
+  member_hits, ensemble_hits, labelled = np.zeros(spec.num_members), {"arithmetic": 0, "geometric": 0}, 0
+  for chunk in range(spec.chunks_of(EVAL_ROWS)):
+    arrays = cache.read_chunk(chunk, ("eval_member_logits", "eval_labels"), EVAL_ROWS)
+    logits, labels = arrays["eval_member_logits"], arrays["eval_labels"]
+    has_label = labels >= 0
+    labelled += int(has_label.sum())
+    member_hits += ((logits.argmax(-1) == labels[:, None]) & has_label[:, None]).sum(axis=0)
+    for rule in ensemble_hits:
+      top1 = np.asarray(combine_log_probs(logits, 1.0, rule)).argmax(-1)
+      ensemble_hits[rule] += int(((top1 == labels) & has_label).sum())
+  return {"split": spec.eval_dataset.split, "count": spec.num_eval_rows,
+          "members": [_ratio(hits, labelled) for hits in member_hits],
+          **{rule: _ratio(hits, labelled) for rule, hits in ensemble_hits.items()}}

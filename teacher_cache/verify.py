@@ -1,0 +1,169 @@
+"""`teacher-cache verify`: whether a cache can be trusted.
+
+Every check is recomputed from the store and an independent source (the seed, the dataset), chunk by chunk, in
+memory bounded by one chunk. A damaged chunk is reported as a failure and the other chunks are still checked.
+"""
+
+import dataclasses
+
+import numpy as np
+
+from shared.augment import fold_of
+from shared.cache import EVAL_ROWS, ROWS, committed_name, layout_problems, missing_chunks, open_cache
+from shared.data import DatasetSpec, TransferSet, open_transfer_set
+from shared.ensemble import combine_log_probs
+from shared.errors import StillroomError
+
+ROW_ARRAYS = ("targets", "member_logits", "index", "view", "labels", "shift", "flip", "fold")
+EVAL_ARRAYS = ("eval_member_logits", "eval_index", "eval_labels")
+_SHOWN = 3  # Failures listed per check.
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+  name: str
+  ok: bool
+  detail: str = ""
+
+
+def _storage_tolerance(dtype: np.dtype, reference: np.ndarray) -> np.ndarray:
+  """Two units in the last place of the storage dtype: the stored targets were rounded once to it."""
+  return 2 * np.finfo(dtype).eps * np.maximum(1.0, np.abs(reference))
+
+
+def _listed(items: list, total: int | None = None) -> str:
+  shown = ", ".join(map(str, items[:_SHOWN]))
+  more = len(items) - _SHOWN if total is None else total - min(total, _SHOWN)
+  return shown + (f" and {more} more" if more > 0 else "")
+
+
+def _open_dataset(recorded: DatasetSpec, name: str | None, split: str | None, data_dir: str | None,
+                  what: str) -> tuple[TransferSet | None, Check | None]:
+  """The dataset to check against: the one given, else the one the spec names if it can be opened here.
+
+  Returns:
+    The transfer set when its fingerprint matches (else None), and the fingerprint check (None when the spec's
+    dataset could not be opened and none was given).
+  """
+  try:
+    transfer_set = open_transfer_set(name or recorded.name, split or recorded.split, data_dir)
+  except StillroomError:
+    if name is not None:
+      raise
+    return None, None  # The dataset is not available here: checks that need it are left out.
+  same = transfer_set.fingerprint == recorded.fingerprint
+  detail = "" if same else (f"{transfer_set.name} {transfer_set.split}: {transfer_set.fingerprint[:16]}… vs cache "
+                            f"{recorded.fingerprint[:16]}…")
+  return (transfer_set if same else None), Check(f"{what} fingerprint", same, detail)
+
+
+def verify_cache(path: str, dataset: str | None = None, split: str | None = None,
+                 data_dir: str | None = None) -> list[Check]:
+  """Checks a cache: completeness, layout, every chunk present and intact, finite values, targets re-derived from
+  member logits, each row's example/view/fold replayed from the seed, and, given the dataset or when the one the
+  spec names opens here, the fingerprints and labels.
+
+  Returns:
+    One `Check` per property; the cache is sound when all are ok.
+  """
+  cache = open_cache(path, require_complete=False)
+  spec = cache.spec
+  checks = [Check("complete", cache.complete, "" if cache.complete else "no completion record: build interrupted")]
+  problems = layout_problems(cache.group, spec)
+  checks.append(Check("layout", not problems, "; ".join(problems)))
+  if problems:
+    return checks
+  row_sets = [ROWS] + ([EVAL_ROWS] if spec.eval_dataset is not None else [])
+  uncommitted = {s: int((~cache[committed_name(s)][:]).sum()) for s in row_sets}
+  checks.append(Check("all chunks committed", not any(uncommitted.values()), "; ".join(
+      f"{n} of {spec.chunks_of(s)} {'eval ' if s == EVAL_ROWS else ''}chunks not committed"
+      for s, n in uncommitted.items() if n)))
+  if spec.has_checksums:
+    missing = {a.name: missing_chunks(cache, a.name) for a in spec.arrays}
+    missing = {name: chunks for name, chunks in missing.items() if chunks}
+    checks.append(Check("every chunk present", not missing, "; ".join(
+        f"{name}: chunks {_listed(chunks)} missing" for name, chunks in missing.items())))
+  transfer_set, fingerprint = _open_dataset(spec.dataset, dataset, split, data_dir, "dataset")
+  checks += [fingerprint] if fingerprint else []
+  eval_set = None
+  if spec.eval_dataset is not None:
+    eval_set, eval_fingerprint = _open_dataset(spec.eval_dataset, dataset, spec.eval_dataset.split, data_dir,
+                                               "eval split")
+    checks += [eval_fingerprint] if eval_fingerprint else []
+
+  damaged: list[str] = []
+
+  def read(chunk: int, names, row_set: str) -> dict | None:
+    """One chunk of each array; None (and the damage recorded) if any of them cannot be read."""
+    arrays, ok = {}, True
+    start, stop = cache.chunk_bounds(chunk, row_set)
+    for name in names:
+      try:
+        arrays[name] = cache[name][start:stop]
+      except Exception as e:  # zarr raises ValueError for bad checksums, others for truncated or garbled chunks.
+        damaged.append(f"{name} chunk {chunk} ({type(e).__name__}: {str(e)[:80]})")
+        ok = False
+    return arrays if ok else None
+
+  nonfinite, worst_target_error = 0, 0.0
+  target_failures, row_failures, label_failures = [], [], []
+  expected_index = spec.dataset.indices()
+  for chunk in range(spec.num_chunks):
+    arrays = read(chunk, ROW_ARRAYS, ROWS)
+    if arrays is None:
+      continue
+    start, stop = cache.chunk_bounds(chunk)
+    logits, targets = arrays["member_logits"], arrays["targets"]
+    nonfinite += int((~np.isfinite(logits)).sum() + (~np.isfinite(targets)).sum())
+    derived = np.asarray(combine_log_probs(logits, spec.temperature, spec.combine))
+    error = np.abs(derived - targets.astype(np.float32))
+    bad = error > _storage_tolerance(np.dtype(spec.dtype), derived)
+    if bad.any():
+      target_failures.append(start + int(np.argwhere(bad)[0][0]))
+    worst_target_error = max(worst_target_error, float(np.nan_to_num(error, nan=np.inf).max(initial=0.0)))
+    view, position = spec.row_sources(np.arange(start, stop))
+    index = expected_index[position]
+    shift, flip = spec.augmentation.view_params(index, view)
+    consistent = ((arrays["view"] == view) & (arrays["index"] == index) & (arrays["shift"] == shift).all(axis=1)
+                  & (arrays["flip"] == flip) & (arrays["fold"] == fold_of(index, spec.folds)))
+    if not consistent.all():
+      row_failures.append(start + int(np.argmin(consistent)))
+    if transfer_set is not None:
+      expected = transfer_set.labels[position]
+      wrong = arrays["labels"] != np.where(expected >= 0, expected, -1)
+      if wrong.any():
+        label_failures.append(start + int(np.argmax(wrong)))
+  eval_failures, eval_label_failures = [], []
+  if spec.eval_dataset is not None:
+    expected_eval_index = spec.eval_dataset.indices()
+    for chunk in range(spec.chunks_of(EVAL_ROWS)):
+      arrays = read(chunk, EVAL_ARRAYS, EVAL_ROWS)
+      if arrays is None:
+        continue
+      start, stop = cache.chunk_bounds(chunk, EVAL_ROWS)
+      nonfinite += int((~np.isfinite(arrays["eval_member_logits"])).sum())
+      if (arrays["eval_index"] != expected_eval_index[start:stop]).any():
+        eval_failures.append(start + int(np.argmax(arrays["eval_index"] != expected_eval_index[start:stop])))
+      if eval_set is not None:
+        expected = np.where(eval_set.labels[start:stop] >= 0, eval_set.labels[start:stop], -1)
+        if (arrays["eval_labels"] != expected).any():
+          eval_label_failures.append(start + int(np.argmax(arrays["eval_labels"] != expected)))
+  checks.append(Check("chunks intact (checksums)" if spec.has_checksums else "chunks readable", not damaged,
+                      f"{len(damaged)} damaged: {_listed(damaged)}" if damaged else
+                      ("" if spec.has_checksums else "schema 1: no checksums, damage may go unseen")))
+  checks.append(Check("finite values", nonfinite == 0, f"{nonfinite} non-finite values" if nonfinite else ""))
+  checks.append(Check("targets re-derived from member_logits", not target_failures,
+                      f"max abs error {worst_target_error:.3g}"
+                      + (f"; first bad rows {_listed(target_failures)}" if target_failures else "")))
+  checks.append(Check("rows' index/view/shift/flip/fold replay from the seed", not row_failures,
+                      f"first bad rows {_listed(row_failures)}" if row_failures else ""))
+  if spec.eval_dataset is not None:
+    checks.append(Check("eval rows' index replays from the eval split", not eval_failures,
+                        f"first bad eval rows {_listed(eval_failures)}" if eval_failures else ""))
+  if transfer_set is not None:
+    checks.append(Check("labels match the dataset", not label_failures,
+                        f"first bad rows {_listed(label_failures)}" if label_failures else ""))
+  if eval_set is not None:
+    checks.append(Check("eval labels match the eval split", not eval_label_failures,
+                        f"first bad eval rows {_listed(eval_label_failures)}" if eval_label_failures else ""))
+  return checks
