@@ -301,14 +301,14 @@ def _write_chunks(cache: Cache, transfer_set: TransferSet, eval_set: TransferSet
   sharding = batch_sharding(mesh)
   batch_size = config.batch_size
 
-  def run_batches(forward, inputs, *extra):
-    """The forward over padded batches of `inputs`; device arrays, so dispatch runs ahead of the host."""
+  def run_batches(forward, count: int, inputs_of):
+    """The forward over padded batches of `inputs_of(rows) -> (inputs, ...)` for rows 0..count-1 of a chunk. The
+    outputs stay device arrays until the end, so dispatch runs ahead while the host renders the next batch."""
     outputs = []
-    for offset in range(0, len(inputs), batch_size):
-      part = slice(offset, offset + batch_size)
-      args = [jax.device_put(pad_rows(a[part], batch_size), sharding) for a in (inputs, *extra)]
+    for offset in range(0, count, batch_size):
+      args = [jax.device_put(pad_rows(a, batch_size), sharding) for a in inputs_of(slice(offset, offset + batch_size))]
       outputs.append(forward(params, *args))
-    return [np.concatenate([np.asarray(o[k]) for o in outputs])[:len(inputs)] for k in range(len(outputs[0]))]
+    return [np.concatenate([np.asarray(o[k]) for o in outputs])[:count] for k in range(len(outputs[0]))]
 
   labels = np.where(transfer_set.labels >= 0, transfer_set.labels, -1).astype(np.int32)
   writer = ChunkWriter(cache.group)
@@ -319,7 +319,7 @@ def _write_chunks(cache: Cache, transfer_set: TransferSet, eval_set: TransferSet
     for chunk in todo.get(EVAL_ROWS, ()):
       start, stop = cache.chunk_bounds(chunk, EVAL_ROWS)
       index = eval_set.indices[start:stop]
-      logits, finite = run_batches(eval_forward, eval_set.inputs[start:stop])
+      logits, finite = run_batches(eval_forward, stop - start, lambda part: (eval_set.inputs[start:stop][part],))
       _check_finite(finite, lambda row, member: (spec.member_name(member), member, index[row], "eval split"), cache)
       writer.put(EVAL_ROWS, chunk, start, stop, {
           "eval_member_logits": logits, "eval_index": index,
@@ -331,8 +331,8 @@ def _write_chunks(cache: Cache, transfer_set: TransferSet, eval_set: TransferSet
       index = transfer_set.indices[position]
       shift, flip = spec.augmentation.view_params(index, view)
       fold = fold_of(index, spec.folds)
-      x = apply_view(transfer_set.inputs[position], shift, flip)
-      logits, targets, finite = run_batches(rows_forward, x, fold)
+      logits, targets, finite = run_batches(rows_forward, stop - start, lambda part: (
+          apply_view(transfer_set.inputs[position[part]], shift[part], flip[part]), fold[part]))
       _check_finite(finite, lambda row, member: (
           spec.members[member * spec.folds + max(int(fold[row]), 0)].name, member, index[row],
           f"view {int(view[row])}"), cache)

@@ -9,6 +9,7 @@ from shared.augment import Augmentation
 from shared.cache import open_cache
 from shared.data import open_transfer_set
 from shared.runs import load_teacher
+from bench.shuffle_quality import uniform_distinct
 from shared.ensemble import member_weights
 from student_train.loader import ArrayLoader, CacheLoader
 from student_train.steps import soft_targets
@@ -119,14 +120,6 @@ def test_array_loader_once_per_epoch_with_fresh_views(data_dir):
                                 np.concatenate([b["x"] for b in epochs[1]]))
 
 
-def _expected_distinct_classes(class_counts: np.ndarray, batch: int) -> float:
-  """Distinct classes in a batch drawn uniformly without replacement: Σ_c P(class c drawn), exactly."""
-  from scipy.special import gammaln
-  total = class_counts.sum()
-  log_choose = lambda n, k: gammaln(n + 1) - gammaln(k + 1) - gammaln(n - k + 1)  # noqa: E731
-  return float(np.sum(1 - np.exp(log_choose(total - class_counts, batch) - log_choose(total, batch))))
-
-
 def test_batches_of_class_sorted_data_are_like_uniform_samples(tmp_path, monkeypatch):
   """100 classes, 65,536 rows sorted by class, batch 256: uniform sampling gives ~92 distinct classes per batch.
   The build stores each view's examples in a seeded permuted order, so streamed batches must reach 95% of that
@@ -149,7 +142,7 @@ def test_batches_of_class_sorted_data_are_like_uniform_samples(tmp_path, monkeyp
   loader = CacheLoader(open_cache(out), open_transfer_set(dataset), batch_size=256, seed=0, fields=("targets",))
   batches = list(loader.epoch(0))
   distinct = [len(np.unique(b["labels"][b["mask"] > 0])) for b in batches[:-1]]
-  expected = _expected_distinct_classes(np.bincount(labels, minlength=classes), 256)
+  expected = uniform_distinct(np.bincount(labels, minlength=classes), 256)  # Exact, without replacement.
   assert 91 < expected < 93
   assert np.mean(distinct) >= 0.95 * expected, (np.mean(distinct), expected)
   seen = np.concatenate([b["index"][b["mask"] > 0] for b in batches])
