@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec
 
 from shared.augment import Augmentation, fold_of
 from shared.cache import COMPLETE_KEY, SPEC_KEY, CacheSpec, MemberSpec, create_arrays, writable
@@ -40,7 +41,7 @@ def direct_cache(path: str, dataset: str, *, members: int, views: int = 1, chunk
   """A cache with random peaked log-probabilities, written without running teachers (for I/O-bound measurements).
 
   The arrays are made and written as the build makes them (`create_arrays`, every chunk written); `compressors`
-  replaces the checksum-only codec chain to measure compression, and `row_order="sequential"` stores examples in
+  adds a compressor before the checksum to measure compression, and `row_order="sequential"` stores examples in
   split order (schema 1's order) to measure what the permuted order buys.
 
   Returns:
@@ -60,7 +61,7 @@ def direct_cache(path: str, dataset: str, *, members: int, views: int = 1, chunk
   else:
     for array in spec.arrays:
       group.create_array(array.name, shape=array.shape, dtype=array.dtype, chunks=array.chunks, fill_value=0,
-                         compressors=None if array.role == "bookkeeping" else compressors)
+                         compressors=[Crc32cCodec()] if array.role == "bookkeeping" else [compressors, Crc32cCodec()])
   arrays = {array.name: writable(group, array.name) for array in spec.arrays}
   rng = np.random.default_rng(seed)
   for chunk in range(spec.num_chunks):

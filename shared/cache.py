@@ -30,6 +30,7 @@ from shared.augment import Augmentation, row_permutation
 from shared.data import DatasetSpec
 from shared.ensemble import COMBINE_RULES
 from shared.errors import StillroomError
+from shared.settings import positive_finite
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
@@ -52,43 +53,60 @@ ROWS, EVAL_ROWS = "rows", "eval"  # The two row sets: the transfer set's rows (R
 
 @dataclasses.dataclass(frozen=True)
 class ArrayLayout:
-  """One kind of array a store may hold: its role, shape (R rows, E eval rows, M members, C classes), dtype and
-  meaning. `LAYOUT` is the catalogue; a spec lists the arrays a given store has."""
+  """One kind of array a store may hold: its role, its dimensions, dtype and meaning. `LAYOUT` is the catalogue; a
+  spec lists the arrays a given store has.
+
+  Attributes:
+    name: the array's name in the group.
+    role: what it is for (see `ROLES`).
+    dims: symbolic shape: "R" rows, "E" eval rows, "M" members, "C" classes, "chunks(R)" / "chunks(E)" one entry
+      per chunk of those rows, or a number.
+    dtype: a NumPy dtype name, or `STORAGE` for the spec's storage dtype.
+    meaning: one line for the README and `--help`.
+  """
 
   name: str
   role: str
-  shape: str
+  dims: tuple[str, ...]
   dtype: str
   meaning: str
 
+  @property
+  def shape(self) -> str:
+    """The symbolic shape as documented, e.g. "[R, M, C]" or "[ceil(R / chunk_rows)]"."""
+    names = [d.replace("chunks(", "ceil(").replace(")", " / chunk_rows)") if d.startswith("chunks(") else d
+             for d in self.dims]
+    return "[" + ", ".join(names) + "]"
+
+  @property
+  def row_set(self) -> str:
+    """The rows it is indexed by: `ROWS` (the transfer set's) or `EVAL_ROWS`."""
+    return EVAL_ROWS if self.dims[0] in ("E", "chunks(E)") else ROWS
+
 
 LAYOUT = (
-    ArrayLayout("targets", "teacher", "[R, C]", STORAGE,
+    ArrayLayout("targets", "teacher", ("R", "C"), STORAGE,
                 "ensemble log-probabilities at T under the spec's combine rule, from `member_logits` as stored"),
-    ArrayLayout("member_logits", "teacher", "[R, M, C]", STORAGE, "each member's raw logits (before dividing by T)"),
-    ArrayLayout("index", "row", "[R]", "int64", "example index: position in the unsliced split"),
-    ArrayLayout("view", "row", "[R]", "int32", "view id; 0 is the un-augmented input"),
-    ArrayLayout("labels", "row", "[R]", "int32", "hard label; -1 for an unlabeled transfer set"),
-    ArrayLayout("fold", "row", "[R]", "int32",
+    ArrayLayout("member_logits", "teacher", ("R", "M", "C"), STORAGE, "each member's raw logits (before dividing by T)"),
+    ArrayLayout("index", "row", ("R",), "int64", "example index: position in the unsliced split"),
+    ArrayLayout("view", "row", ("R",), "int32", "view id; 0 is the un-augmented input"),
+    ArrayLayout("labels", "row", ("R",), "int32", "hard label; -1 for an unlabeled transfer set"),
+    ArrayLayout("fold", "row", ("R",), "int32",
                 "cross-fitting fold of the row's example (its logits come from runs that did not train on that "
                 "fold); -1 when unused"),
-    ArrayLayout("shift", "view", "[R, 2]", "int8",
+    ArrayLayout("shift", "view", ("R", "2"), "int8",
                 "the view's zero-filled shift (dy, dx) in pixels, applied after `flip`"),
-    ArrayLayout("flip", "view", "[R]", "bool", "the view is flipped horizontally (left-right) before the shift"),
-    ArrayLayout("eval_member_logits", "eval", "[E, M, C]", STORAGE,
+    ArrayLayout("flip", "view", ("R",), "bool", "the view is flipped horizontally (left-right) before the shift"),
+    ArrayLayout("eval_member_logits", "eval", ("E", "M", "C"), STORAGE,
                 "each member's raw logits on the eval split's un-augmented examples (a cross-fitted member: the "
                 "mean of its fold runs)"),
-    ArrayLayout("eval_index", "eval", "[E]", "int64", "eval example index: position in the eval split's unsliced split"),
-    ArrayLayout("eval_labels", "eval", "[E]", "int32", "eval example label; -1 if unlabeled"),
-    ArrayLayout("chunk_committed", "bookkeeping", "[ceil(R / chunk_rows)]", "bool",
-                "chunk k of every row array is written"),
-    ArrayLayout("eval_chunk_committed", "bookkeeping", "[ceil(E / chunk_rows)]", "bool",
+    ArrayLayout("eval_index", "eval", ("E",), "int64", "eval example index: position in the eval split's unsliced split"),
+    ArrayLayout("eval_labels", "eval", ("E",), "int32", "eval example label; -1 if unlabeled"),
+    ArrayLayout("chunk_committed", "bookkeeping", ("chunks(R)",), "bool", "chunk k of every row array is written"),
+    ArrayLayout("eval_chunk_committed", "bookkeeping", ("chunks(E)",), "bool",
                 "chunk k of every eval array is written"),
 )
 _LAYOUT = {layout.name: layout for layout in LAYOUT}
-_ROW_SET = {"eval_member_logits": EVAL_ROWS, "eval_index": EVAL_ROWS, "eval_labels": EVAL_ROWS,
-            "eval_chunk_committed": EVAL_ROWS}
-_COMMITTED = {ROWS: "chunk_committed", EVAL_ROWS: "eval_chunk_committed"}
 
 
 def _log(message: str) -> None:
@@ -101,8 +119,9 @@ def validate_settings(*, temperature: float, combine: str, dtype: str, views: in
   Raises:
     StillroomError: naming the bad setting and its valid values.
   """
-  if not temperature > 0:
-    raise StillroomError(f"temperature must be > 0, got {temperature}.")
+  problem = positive_finite(temperature)
+  if problem is not True:
+    raise StillroomError(f"temperature {problem}, got {temperature}.")
   if combine not in COMBINE_RULES:
     raise StillroomError(f"unknown combine rule {combine!r}; valid: {', '.join(COMBINE_RULES)}.")
   if dtype not in STORAGE_DTYPES:
@@ -207,8 +226,13 @@ class CacheSpec:
                            "give each member's runs for folds 0..K-1 in order.")
     if self.row_order not in ROW_ORDERS:
       raise StillroomError(f"unknown row order {self.row_order!r}; valid: {', '.join(ROW_ORDERS)}.")
+    derived = self._derived_arrays()
     if not self.arrays:
-      object.__setattr__(self, "arrays", self._derived_arrays())
+      object.__setattr__(self, "arrays", derived)
+    elif self.arrays != derived:
+      raise StillroomError("its list of arrays does not match its settings (a hand-edited or damaged spec): "
+                           f"{[a.to_dict() for a in self.arrays if a not in derived]} listed, "
+                           f"{[a.to_dict() for a in derived if a not in self.arrays]} expected.")
 
   @property
   def num_members(self) -> int:
@@ -276,24 +300,23 @@ class CacheSpec:
     return next((a for a in self.arrays if a.name == name), None)
 
   def _derived_arrays(self) -> tuple[ArraySpec, ...]:
-    rows, eval_rows, members, classes = self.num_rows, self.num_eval_rows, self.num_members, self.num_classes
-    shapes = {
-        "targets": (rows, classes), "member_logits": (rows, members, classes), "index": (rows,), "view": (rows,),
-        "labels": (rows,), "fold": (rows,), "shift": (rows, 2), "flip": (rows,),
-        "chunk_committed": (self.chunks_of(ROWS),),
-    }
-    if self.eval_dataset is not None:
-      shapes.update({"eval_member_logits": (eval_rows, members, classes), "eval_index": (eval_rows,),
-                     "eval_labels": (eval_rows,), "eval_chunk_committed": (self.chunks_of(EVAL_ROWS),)})
+    """The arrays a store made with these settings holds: every row array, and the eval arrays with an eval split."""
+    sizes = {"R": self.num_rows, "E": self.num_eval_rows, "M": self.num_members, "C": self.num_classes,
+             "chunks(R)": self.chunks_of(ROWS), "chunks(E)": self.chunks_of(EVAL_ROWS)}
     arrays = []
     for layout in LAYOUT:
-      if layout.name not in shapes:
+      if layout.row_set == EVAL_ROWS and self.eval_dataset is None:
         continue
-      shape = shapes[layout.name]
+      shape = tuple(sizes[d] if d in sizes else int(d) for d in layout.dims)
       dtype = self.dtype if layout.dtype == STORAGE else layout.dtype
       chunks = (1,) if layout.role == "bookkeeping" else (self.chunk_rows, *shape[1:])
       arrays.append(ArraySpec(name=layout.name, role=layout.role, shape=shape, dtype=dtype, chunks=chunks))
     return tuple(arrays)
+
+  def arrays_of(self, row_set: str, role: str | None = None) -> tuple[str, ...]:
+    """Names of the arrays present that are indexed by `row_set` (optionally of one role)."""
+    return tuple(a.name for a in self.arrays
+                 if _LAYOUT[a.name].row_set == row_set and (role is None or a.role == role))
 
   def build_key(self) -> dict:
     """The settings that define a build: a store made with other values is a different cache."""
@@ -489,12 +512,7 @@ def writable(group: zarr.Group, name: str) -> zarr.Array:
 
 def committed_name(row_set: str) -> str:
   """The bookkeeping array of a row set (`ROWS` or `EVAL_ROWS`)."""
-  return _COMMITTED[row_set]
-
-
-def row_set_of(name: str) -> str:
-  """`ROWS` or `EVAL_ROWS`: which rows an array is indexed by."""
-  return _ROW_SET.get(name, ROWS)
+  return next(a.name for a in LAYOUT if a.role == "bookkeeping" and a.row_set == row_set)
 
 
 def missing_chunks(cache: Cache, name: str) -> list[int]:

@@ -6,6 +6,7 @@ log-probabilities), z the teacher's (mean member) logits, C the number of classe
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 LOSSES = ("kl", "mse")
@@ -67,29 +68,32 @@ def distillation_loss(student_logits: jax.Array, labels: jax.Array, alpha, *, te
                       mse=False) -> tuple[jax.Array, jax.Array, jax.Array]:
   """`alpha · CE(y, softmax(s)) + (1 − alpha) · soft`, soft being `soft_kl` or (with `mse`) `logit_mse`.
 
-  Hard-label training is `target_log_probs=None`: the soft term is zero and alpha should be 1.
+  Hard-label training passes neither `target_log_probs` nor `teacher_logits`: the soft term is zero.
 
   Args:
     student_logits: [..., C].
     labels: int [...]; ignored (may be -1) where alpha is 0.
     alpha: weight of the hard term in [0, 1] (a float or a traced scalar).
     temperature: T of the soft term.
-    target_log_probs: [..., C] teacher log-probabilities at T, or None for no soft term.
-    teacher_logits: [..., C] mean teacher logits; needed when `mse` can be true.
-    mse: use `logit_mse` instead of `soft_kl`: a Python bool, or a traced bool (both terms are then computed and
-      one is selected, as students of one vmapped step may differ in their loss).
+    target_log_probs: [..., C] teacher log-probabilities at T; needed by "kl".
+    teacher_logits: [..., C] mean teacher logits; needed by "mse".
+    mse: use `logit_mse` instead of `soft_kl`: a Python or NumPy bool (only that term is computed), or a traced
+      bool (both are computed and one is selected, as students of one vmapped step may differ in their loss).
 
   Returns:
     `(total, hard, soft)`, each [...].
   """
   hard = hard_cross_entropy(student_logits, jnp.maximum(labels, 0))
-  if target_log_probs is None:
+  if target_log_probs is None and teacher_logits is None:
     soft = jnp.zeros_like(hard)
-  elif isinstance(mse, bool) and not mse:
-    soft = soft_kl(student_logits, target_log_probs, temperature)
+  elif isinstance(mse, (bool, np.bool_)):  # Known when tracing: compute the one term.
+    if (teacher_logits if mse else target_log_probs) is None:
+      raise ValueError(f"the {'mse' if mse else 'kl'} loss needs {'teacher_logits' if mse else 'target_log_probs'}")
+    soft = logit_mse(student_logits, teacher_logits) if mse else soft_kl(student_logits, target_log_probs,
+                                                                          temperature)
   else:
-    if teacher_logits is None:
-      raise ValueError("the mse loss needs teacher_logits")
-    squared = logit_mse(student_logits, teacher_logits)
-    soft = squared if mse is True else jnp.where(mse, squared, soft_kl(student_logits, target_log_probs, temperature))
+    if teacher_logits is None or target_log_probs is None:
+      raise ValueError("a traced loss choice needs both target_log_probs and teacher_logits")
+    soft = jnp.where(mse, logit_mse(student_logits, teacher_logits),
+                     soft_kl(student_logits, target_log_probs, temperature))
   return alpha * hard + (1.0 - alpha) * soft, hard, soft

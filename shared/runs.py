@@ -85,6 +85,10 @@ class RunRecord:
   def from_json(cls, d: dict, where: str) -> "RunRecord":
     try:
       cross_fit = d.get("cross_fit")
+      if "cross_fit" not in d and "resolved" in d:  # Written by stillroom 0.1: the fold is in the resolved config.
+        trained = d["resolved"]["config"]
+        cross_fit = {"folds": trained["folds"], "holdout_fold": trained["holdout_fold"]} if trained["folds"] > 1 \
+            else None
       return cls(model=ModelSpec.from_dict(d["model"]), normalization=Normalization.from_dict(d["normalization"]),
                  cross_fit=None if cross_fit is None else CrossFit(**cross_fit))
     except (KeyError, TypeError, AttributeError) as e:
@@ -176,7 +180,8 @@ def load_run_teacher(run_dir: str) -> Teacher:
   Raises:
     StillroomError: missing or unreadable dir, config or checkpoint; unknown model.
   """
-  record = RunRecord.from_json(read_config(run_dir), repr(run_dir))
+  config = read_config(run_dir)
+  record = RunRecord.from_json(config, repr(run_dir))
   spec = record.model
   model = nnx.eval_shape(lambda: build_model(spec))
   apply_fn, abstract = _module_apply_fn(model)
@@ -195,8 +200,10 @@ def load_run_teacher(run_dir: str) -> Teacher:
     manager.close()
   params = abstract
   nnx.replace_by_pure_dict(params, restored[PARAMS_ITEM])
+  # stillroom 0.1's trainer numbered its checkpoints from 0 at the end of the first epoch.
+  trained_epochs = int(step) + (1 if config.get("software_version") == "0.1.0" else 0)
   return Teacher(name=os.path.basename(os.path.normpath(run_dir)), source=os.path.abspath(run_dir), model=spec.name,
-                 apply_fn=apply_fn, params=params, normalization=record.normalization, trained_epochs=int(step),
+                 apply_fn=apply_fn, params=params, normalization=record.normalization, trained_epochs=trained_epochs,
                  record=record)
 
 

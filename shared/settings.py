@@ -5,11 +5,18 @@ written twice, and a config built from parsed arguments (`from_args`) is the sam
 """
 
 import argparse
+import math
 import re
 import dataclasses
 import types
 import typing
 from collections.abc import Iterable
+
+
+def positive_finite(value) -> bool | str:
+  """A check (see `student_train.config.CHECKS`): True, or what is wrong."""
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+  return ok or "must be > 0 and finite"
 
 
 def setting(default, help: str, *, choices: Iterable | None = None, metavar: str | None = None,
@@ -28,7 +35,7 @@ def setting(default, help: str, *, choices: Iterable | None = None, metavar: str
   return dataclasses.field(default=default, metadata=metadata)
 
 
-def _value_type(annotation) -> tuple[type, bool]:
+def value_type(annotation) -> tuple[type, bool]:
   """`(element type, is a tuple of them)` of a field annotation such as `float | None` or `tuple[int, ...] | None`."""
   if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
     annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
@@ -69,7 +76,7 @@ def add_options(parser, cls, names: Iterable[str] | None = None, *, prefix: str 
     field = fields[name]
     meta = field.metadata
     default = getattr(defaults, name) if defaults is not None else field.default
-    kind, is_tuple = _value_type(hints[name])
+    kind, is_tuple = value_type(hints[name])
     flag = flag_of(name, prefix)
     text = meta.get("help", "")
     if defaults is not None:  # The class's own default, described in the help, is not the one shown.
@@ -97,4 +104,4 @@ def add_options(parser, cls, names: Iterable[str] | None = None, *, prefix: str 
 def from_args(cls, args: argparse.Namespace, *, prefix: str = "", base=None, **overrides):
   """The settings a parsed command line gives: `base` (default: `cls()`) with every parsed field of `cls`."""
   values = {f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(cls) if hasattr(args, prefix + f.name)}
-  return dataclasses.replace(base if base is not None else cls(), **values, **overrides)
+  return dataclasses.replace(base if base is not None else cls(), **{**values, **overrides})

@@ -7,11 +7,10 @@ import argparse
 import json
 
 from shared.cli import add_models_command, print_models, run_or_exit
-from shared.ensemble import COMBINE_RULES
 from shared.settings import add_options, from_args
 from student_train.config import FitConfig
 from student_train.demo import DemoConfig, add_demo_options, demo_config_from_args, run_demo
-from student_train.evaluate import evaluate_runs
+from student_train.evaluate import EvalConfig, evaluate_runs
 from student_train.sweep import AXES, report, run_sweep
 from student_train.train import fit
 
@@ -49,11 +48,7 @@ def _parser() -> argparse.ArgumentParser:
 
   eval_parser = commands.add_parser("eval", help="evaluate a run, or several runs as an ensemble")
   eval_parser.add_argument("runs", nargs="+", metavar="RUN_DIR")
-  eval_parser.add_argument("--dataset", required=True)
-  eval_parser.add_argument("--split", default="test", help="(default: %(default)s)")
-  eval_parser.add_argument("--data-dir")
-  eval_parser.add_argument("--combine", choices=COMBINE_RULES, default="arithmetic",
-                           help="ensemble rule for several runs (default: %(default)s)")
+  add_options(eval_parser, EvalConfig)
   eval_parser.add_argument("--json", action="store_true", help="print one JSON object")
 
   sweep = commands.add_parser(
@@ -98,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "fit":
       print(json.dumps(fit(from_args(FitConfig, args))))
     elif args.command == "eval":
-      result = evaluate_runs(args.runs, args.dataset, args.split, args.data_dir, args.combine)
+      result = evaluate_runs(from_args(EvalConfig, args, runs=tuple(args.runs)))
       if args.json:
         print(json.dumps(result))
       else:

@@ -11,10 +11,10 @@ from shared.ensemble import COMBINE_RULES
 from shared.errors import StillroomError
 from shared.losses import LOSSES
 from shared.models import MODELS
-from shared.settings import flag_of, setting
+from shared.settings import flag_of, positive_finite, setting
 
 DEFAULT_KD_ALPHA = 0.1  # Hinton et al. 2015 and the Keras example weight the hard term lightly.
-DEFAULT_SHUFFLE_WINDOW = 8
+DEFAULT_SHUFFLE_WINDOW = 4  # Chunks are uniform samples already (the build permutes examples): 4 mixes views.
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -65,9 +65,11 @@ class FitConfig:
   progress: bool = setting(True, "progress bars")
 
 
-# Settings that do not change what a run computes; a resumed run may differ in them.
-NOT_IDENTITY = ("overwrite", "progress", "data_dir", "checkpoint_every")
-# Settings that students trained together in one vmapped step may differ in (the rest is their shared stream).
+# Settings that do not change what a run computes; a resumed run may differ in them. (Where the run dir and the
+# cache are does not either: the cache is identified by its build key.)
+NOT_IDENTITY = ("overwrite", "progress", "data_dir", "checkpoint_every", "out", "cache")
+# Settings that students trained together in one vmapped step may differ in (the rest is their shared stream;
+# `data_seed` defaults to `seed`, so students of different seeds share a stream only with one --data-seed).
 GROUP_VARYING = ("seed", "temperature", "alpha", "loss", "combine", "members", "out")
 
 # One check per setting: a function of the value that returns True or says what is wrong. The sweep's grid axes
@@ -75,7 +77,7 @@ GROUP_VARYING = ("seed", "temperature", "alpha", "loss", "combine", "members", "
 CHECKS = {
     "model": lambda v: v in MODELS or f"must be one of {', '.join(MODELS)}",
     "alpha": lambda v: v is None or 0.0 <= v <= 1.0 or "must be in [0, 1]",
-    "temperature": lambda v: v is None or (0 < v and math.isfinite(v)) or "must be > 0 and finite",
+    "temperature": lambda v: v is None or positive_finite(v),
     "loss": lambda v: v in LOSSES or f"must be one of {', '.join(LOSSES)}",
     "combine": lambda v: v is None or v in COMBINE_RULES or f"must be one of {', '.join(COMBINE_RULES)}",
     "members": lambda v: v is None or (len(v) > 0 and all(isinstance(m, int) and not isinstance(m, bool)
@@ -84,8 +86,8 @@ CHECKS = {
     "epochs": lambda v: v >= 0 or "must be >= 0",
     "finetune_epochs": lambda v: v >= 0 or "must be >= 0",
     "batch_size": lambda v: v >= 1 or "must be >= 1",
-    "lr": lambda v: (0 < v and math.isfinite(v)) or "must be > 0 and finite",
-    "finetune_lr": lambda v: v is None or (0 < v and math.isfinite(v)) or "must be > 0 and finite",
+    "lr": positive_finite,
+    "finetune_lr": lambda v: v is None or positive_finite(v),
     "weight_decay": lambda v: (0 <= v and math.isfinite(v)) or "must be >= 0 and finite",
     "dropout": lambda v: 0.0 <= v < 1.0 or "must be in [0, 1)",
     "shuffle_window": lambda v: v >= 1 or "must be >= 1 chunk",

@@ -4,6 +4,8 @@ Teachers run once, in the cache build: agreement with the ensemble on the eval s
 the cache stores for that split (`teacher-cache build --eval-split`), never from reloading the teachers.
 """
 
+import dataclasses
+
 import jax
 import numpy as np
 
@@ -15,6 +17,7 @@ from shared.metrics import classification_metrics
 from shared.models import check_input_shape
 from shared.parallel import batch_sharding, pad_rows
 from shared.runs import Teacher, load_run_teacher
+from shared.settings import setting
 from student_train.plan import RunPlan
 
 
@@ -63,24 +66,35 @@ def _run_logits(run: Teacher, transfer_set: TransferSet, batch_size: int, what: 
                          for start in range(0, len(transfer_set), batch_size)])
 
 
-def evaluate_runs(run_dirs: list[str], dataset: str, split: str, data_dir: str | None = None,
-                  combine: str = "arithmetic", batch_size: int = 256) -> dict:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+  """Settings of `student-train eval`."""
+
+  runs: tuple[str, ...] = setting((), "run dirs to evaluate", cli=False)
+  dataset: str = setting("digits", "'digits', 'npz:PATH' or a prepared TFDS name")
+  split: str = setting("test", "the split to evaluate on")
+  data_dir: str | None = setting(None, "TFDS data dir")
+  combine: str = setting("arithmetic", "ensemble rule for several runs (at T=1)", choices=COMBINE_RULES)
+  batch_size: int = setting(256, "examples per forward pass")
+
+
+def evaluate_runs(config: EvalConfig) -> dict:
   """Evaluates one run, or several as an ensemble (combined at T=1).
 
   Returns:
-    {"accuracy", "nll", "ece", "count", "runs", "members": per-run metrics}.
+    {"accuracy", "nll", "ece", "count", "runs", "combine", "dataset", "split", "members": per-run metrics}.
   """
-  if combine not in COMBINE_RULES:
-    raise StillroomError(f"unknown --combine {combine!r}; valid: {', '.join(COMBINE_RULES)}.")
-  transfer_set = open_transfer_set(dataset, split, data_dir)
+  if config.combine not in COMBINE_RULES:
+    raise StillroomError(f"unknown --combine {config.combine!r}; valid: {', '.join(COMBINE_RULES)}.")
+  transfer_set = open_transfer_set(config.dataset, config.split, config.data_dir)
   if not transfer_set.labeled:
-    raise StillroomError(f"{dataset!r} {split!r} is unlabeled; evaluation needs labels.")
+    raise StillroomError(f"{config.dataset!r} {config.split!r} is unlabeled; evaluation needs labels.")
   member_logits, members = [], []
-  for run_dir in run_dirs:
-    logits = _run_logits(load_run_teacher(run_dir), transfer_set, batch_size, f"run {run_dir!r}")
+  for run_dir in config.runs:
+    logits = _run_logits(load_run_teacher(run_dir), transfer_set, config.batch_size, f"run {run_dir!r}")
     member_logits.append(logits)
     members.append({"run": run_dir, **classification_metrics(
         np.asarray(jax.nn.log_softmax(logits, axis=-1)), transfer_set.labels)})
-  log_probs = np.asarray(combine_log_probs(np.stack(member_logits, axis=1), 1.0, combine))  # [N, M, C] -> [N, C]
-  return {**classification_metrics(log_probs, transfer_set.labels), "runs": list(run_dirs), "combine": combine,
-          "dataset": dataset, "split": split, "members": members}
+  log_probs = np.asarray(combine_log_probs(np.stack(member_logits, axis=1), 1.0, config.combine))  # [N, C]
+  return {**classification_metrics(log_probs, transfer_set.labels), "runs": list(config.runs),
+          "combine": config.combine, "dataset": config.dataset, "split": config.split, "members": members}

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from shared.augment import Augmentation, apply_view
-from shared.cache import Cache
+from shared.cache import ROWS, Cache
 from shared.data import TransferSet
 from shared.parallel import pad_rows
 from student_train.config import DEFAULT_SHUFFLE_WINDOW
@@ -115,6 +115,7 @@ class CacheLoader:
   def __init__(self, cache: Cache, transfer_set: TransferSet, *, batch_size: int, seed: int,
                fields: tuple[str, ...], examples: np.ndarray | None = None,
                window_chunks: int = DEFAULT_SHUFFLE_WINDOW):
+    cache.require(("index", "labels", *cache.spec.arrays_of(ROWS, "view"), *fields), "streaming its rows")
     self.cache, self.transfer_set = cache, transfer_set
     self.batch_size, self.seed, self.fields, self.window_chunks = batch_size, seed, fields, window_chunks
     self._keep = None

@@ -76,8 +76,7 @@ class RunPlan:
         "model": self.model_spec.to_dict(),
         "normalization": self.normalization.to_dict(),
         "dataset": self.transfer_set.describe().to_dict(),
-        "cache": None if self.cache is None else {
-            "path": os.path.abspath(self.cache.path), "build_key": self.cache.spec.build_key()},
+        "cache": None if self.cache is None else {"build_key": self.cache.spec.build_key()},
         "teaching": None if self.teaching is None else dataclasses.asdict(self.teaching),
         "eval": None if self.eval_set is None else {"dataset": self.eval_set.name, "split": self.eval_set.split,
                                                      "fingerprint": self.eval_set.fingerprint},
@@ -191,12 +190,3 @@ def _eval_set(config: FitConfig, transfer_set: TransferSet) -> TransferSet | Non
     return open_transfer_set(transfer_set.name, "test", config.data_dir)
   except StillroomError:
     return None  # No test split: no per-epoch evaluation unless asked for.
-
-
-def check_config(config: FitConfig) -> None:
-  """Everything `fit` checks before training (data, cache, model, ranges), without training.
-
-  Raises:
-    StillroomError: as `fit` would.
-  """
-  plan_run(config)

@@ -60,7 +60,8 @@ def prepare_run_dir(plan: RunPlan) -> bool:
   config = plan.config
   cross_fit = CrossFit(folds=config.folds, holdout_fold=config.holdout_fold) if config.folds > 1 else None
   run_record = RunRecord(model=plan.model_spec, normalization=plan.normalization, cross_fit=cross_fit)
-  _write_json(path, {**run_record.to_json(), "resolved": record, "software_version": __version__})
+  where = {"out": os.path.abspath(out), "cache": None if plan.cache is None else os.path.abspath(plan.cache.path)}
+  _write_json(path, {**run_record.to_json(), "resolved": record, "paths": where, "software_version": __version__})
   return False
 
 
@@ -117,22 +118,36 @@ class Checkpoints:
     return nnx.merge_state(state, rng_state)
 
   def discard_after(self, epoch: int) -> None:
+    """Deletes the checkpoints after `epoch` (a run rolled back to resume with its group)."""
     for saved in sorted(self.epochs()):
       if saved > epoch:
+        _log(f"{self.out}: rolling back to epoch {epoch}, where its group resumes (discarding epoch {saved})")
         self.manager.delete(saved)
 
   def close(self) -> None:
     self.manager.close()
 
 
-def common_epoch(checkpoints: list[Checkpoints]) -> int:
-  """The newest epoch every run of a group has saved (0 if none), after discarding the newer checkpoints that some
-  runs saved before a kill: resuming from it, the group recomputes exactly what an uninterrupted group does."""
-  saved = [c.epochs() for c in checkpoints]
-  epoch = max(set.intersection(*saved), default=0)
-  for c in checkpoints:
-    c.discard_after(epoch)
-  return epoch
+def resume_groups(saved: list[set[int]]) -> list[tuple[int, list[int]]]:
+  """Where each run of a group resumes, given the epochs each has saved: `[(epoch, [run positions]), ...]`.
+
+  A kill between two runs' saves leaves some runs one checkpoint ahead of the others. They roll back to the newest
+  epoch all of them saved, so the group resumes whole and computes exactly what an uninterrupted group does (the
+  same students in the same vmapped step). Runs further apart, such as a run added to a sweep whose other runs
+  have trained for a while, are never rolled back: the runs at each epoch resume as a group of their own.
+  """
+  latest = [max(epochs, default=0) for epochs in saved]
+  oldest = min(latest)
+
+  def one_save_ahead(epochs: set[int]) -> bool:
+    return max((e for e in epochs if e < max(epochs)), default=0) == oldest
+
+  if all(last == oldest or one_save_ahead(epochs) for last, epochs in zip(latest, saved)):
+    return [(oldest, list(range(len(saved))))]
+  groups: dict[int, list[int]] = {}
+  for position, last in enumerate(latest):
+    groups.setdefault(last, []).append(position)
+  return sorted(groups.items())
 
 
 def append_metrics(out: str, line: dict) -> None:

@@ -19,8 +19,9 @@ from shared.ensemble import ensemble_log_probs, mean_logits
 from shared.losses import distillation_loss
 from shared.parallel import batch_sharding, replicated
 
-# Per-student settings of the step, each an array with a leading axis of K students.
-HYPERS = ("key", "alpha", "temperature", "geometric", "mse", "member_weights", "use_stored")
+# Per-student switches that pick what the step computes. When every student of a group agrees on one, it is
+# passed as a Python bool, so the step computes only that branch; otherwise it is traced and both are computed.
+FLAGS = ("geometric", "mse", "use_stored")
 
 
 def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
@@ -43,13 +44,28 @@ def soft_targets(batch: dict, hyper: dict) -> tuple[jax.Array | None, jax.Array 
   if "targets" not in batch:
     return derived, teacher_logits
   stored = batch["targets"].astype(jnp.float32)
-  return (stored if derived is None else jnp.where(hyper["use_stored"], stored, derived)), teacher_logits
+  if derived is None or hyper["use_stored"] is True:
+    return stored, teacher_logits
+  if hyper["use_stored"] is False:
+    return derived, teacher_logits
+  return jnp.where(hyper["use_stored"], stored, derived), teacher_logits
 
 
-def train_step_fn(graphdef, normalization: Normalization):
-  """The pure step `(states, batch, hypers) -> (states, metrics)` before jitting (see `make_train_step`)."""
+def static_flags(hypers: dict) -> dict[str, bool]:
+  """The `FLAGS` every student of stacked `hypers` agrees on, as Python bools (see `train_step_fn`)."""
+  return {name: bool(np.asarray(hypers[name]).flat[0]) for name in FLAGS
+          if name in hypers and np.all(np.asarray(hypers[name]) == np.asarray(hypers[name]).flat[0])}
+
+
+def train_step_fn(graphdef, normalization: Normalization, fixed: dict[str, bool] | None = None):
+  """The pure step `(states, batch, hypers) -> (states, metrics)` before jitting (see `make_train_step`).
+
+  `fixed` holds the `FLAGS` the whole group agrees on (`static_flags`): they replace the traced values, so the
+  step computes one ensemble rule, one loss and one target source when that is all the group needs.
+  """
 
   def one_student(state, batch, hyper):
+    hyper = {**hyper, **(fixed or {})}
     model, optimizer = nnx.merge(graphdef, state)
     nnx.reseed(model, default=jax.random.fold_in(hyper["key"], optimizer.step[...]))
     targets, teacher_logits = soft_targets(batch, hyper)
@@ -75,13 +91,14 @@ def train_step_fn(graphdef, normalization: Normalization):
   return jax.vmap(one_student, in_axes=(0, None, 0))
 
 
-def make_train_step(graphdef, normalization: Normalization, mesh):
+def make_train_step(graphdef, normalization: Normalization, mesh, fixed: dict[str, bool] | None = None):
   """Builds the jitted step `(states, batch, hypers) -> (states, metrics)` for K students trained together.
 
   Args:
     graphdef: from `nnx.split((model, optimizer))` of one student (all share it).
     normalization: input normalisation of the students.
     mesh: data-parallel mesh; batches are split along it, states replicated.
+    fixed: the flags the group agrees on, from `static_flags(hypers)` (see `train_step_fn`).
 
   Returns:
     The step. `states` stacks K states along axis 0, the batch is shared (`x`, `labels` int32 [B] with -1 for
@@ -92,7 +109,7 @@ def make_train_step(graphdef, normalization: Normalization, mesh):
     distillation and fine-tuning, and any mix of settings, share one compilation.
   """
 
-  return jax.jit(train_step_fn(graphdef, normalization), donate_argnums=0,
+  return jax.jit(train_step_fn(graphdef, normalization, fixed), donate_argnums=0,
                  in_shardings=(replicated(mesh), batch_sharding(mesh), replicated(mesh)),
                  out_shardings=(replicated(mesh), replicated(mesh)))
 

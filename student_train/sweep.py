@@ -23,7 +23,7 @@ import yaml
 
 from shared.cache import open_cache
 from shared.errors import StillroomError
-from shared.settings import _value_type
+from shared.settings import value_type
 from student_train.config import FitConfig, check_value
 from student_train.plan import RunPlan, plan_run
 from shared.runs import CONFIG_FILE
@@ -41,7 +41,7 @@ def _log(message: str) -> None:
 
 
 def _check_axis_value(name: str, value) -> None:
-  kind, is_tuple = _value_type(typing.get_type_hints(FitConfig)[name])
+  kind, is_tuple = value_type(typing.get_type_hints(FitConfig)[name])
   if is_tuple:
     ok_type = isinstance(value, list) and all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
     value = tuple(value) if ok_type else value

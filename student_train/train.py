@@ -29,7 +29,8 @@ from student_train.config import FitConfig
 from student_train.evaluate import cached_teacher_top1, eval_line, predict_log_probs
 from student_train.loader import ArrayLoader, CacheLoader
 from student_train.plan import RunPlan, plan_run
-from student_train.steps import make_predict, make_train_step, stack_hypers, stack_states, unstack_state
+from student_train.steps import (make_predict, make_train_step, stack_hypers, stack_states, static_flags,
+                                 unstack_state)
 
 EpochCallback = Callable[[RunPlan, dict], None]
 
@@ -102,28 +103,37 @@ def fit_group(configs: list[FitConfig], *, log_epochs: bool = True,
         _log(f"{plans[i].config.out} already finished; nothing to do.")
       results[i] = files.read_final(plans[i].config.out)
   todo = [i for i, done in enumerate(finished) if not done]
-  if todo:
-    for i, final in zip(todo, _train([plans[i] for i in todo], mesh, log_epochs, on_epoch)):
-      results[i] = final
+  checkpoints = {i: files.Checkpoints(plans[i].config.out) for i in todo}
+  resumes = files.resume_groups([checkpoints[i].epochs() for i in todo]) if todo else []
+  if len(resumes) > 1:
+    _log("these runs saved different epochs, so each set resumes as a group of its own: "
+         + "; ".join(f"epoch {epoch}: {', '.join(plans[todo[k]].config.out for k in members)}"
+                     for epoch, members in resumes))
+  for epoch, members in resumes:
+    group = [todo[k] for k in members]
+    for i in group:
+      checkpoints[i].discard_after(epoch)
+    finals = _train([plans[i] for i in group], [checkpoints[i] for i in group], epoch, mesh, log_epochs, on_epoch)
+    results.update(zip(group, finals))
   return [results[i] for i in range(len(configs))]
 
 
-def _train(group: list[RunPlan], mesh, log_epochs: bool, on_epoch: EpochCallback | None) -> list[dict]:
+def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epoch: int, mesh, log_epochs: bool,
+           on_epoch: EpochCallback | None) -> list[dict]:
   """The loop: one vmapped step over the group's stacked states per batch; eval, metrics and checkpoints per
-  epoch; the final files once every run has saved its last epoch."""
+  epoch; the final files once every run has saved its last epoch. Resumes from `start_epoch` (0: from scratch),
+  which every run has saved."""
   first = group[0]
   config = first.config
   fields = tuple(sorted({f for plan in group if plan.teaching for f in plan.teaching.fields}))
   loader = make_loader(first, fields)
   total_epochs = config.epochs + config.finetune_epochs
-  checkpoints = [files.Checkpoints(plan.config.out) for plan in group]
   states = []
   for plan in group:
     model = build_model(plan.model_spec, seed=plan.config.seed)
     optimizer = nnx.Optimizer(model, make_optimizer(plan.config, loader.steps_per_epoch), wrt=nnx.Param)
     graphdef, state = nnx.split((model, optimizer))
     states.append(state)
-  start_epoch = files.common_epoch(checkpoints)
   if start_epoch:
     states = [c.restore(state, start_epoch) for c, state in zip(checkpoints, states)]
     _log(f"resuming {', '.join(p.config.out for p in group)} after epoch {start_epoch} of {total_epochs}")
@@ -133,8 +143,9 @@ def _train(group: list[RunPlan], mesh, log_epochs: bool, on_epoch: EpochCallback
   per_student = stack_hypers([plan.hypers(num_members) for plan in group], [plan.config.seed for plan in group])
   distill_alpha = per_student.pop("alpha")
   stacked = jax.device_put(stack_states(states), replicated(mesh))
+  fixed = static_flags(per_student)
   per_student = jax.device_put(per_student, replicated(mesh))
-  step = make_train_step(graphdef, first.normalization, mesh)
+  step = make_train_step(graphdef, first.normalization, mesh, fixed)
   predict = make_predict(graphdef, first.normalization, mesh)
   teacher_top1 = [cached_teacher_top1(plan) for plan in group]
   sharding, sync = batch_sharding(mesh), needs_step_sync(mesh)

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from shared.cache import EVAL_ROWS, open_cache
+from shared.cache import EVAL_ROWS, ROWS, open_cache
 from shared.ensemble import combine_log_probs
 
 
@@ -33,10 +33,12 @@ def cache_info(path: str) -> dict:
   spec = cache.spec
   info = {"path": path, "complete": cache.complete, "completion": cache.completion, "rows": spec.num_rows,
           "bytes": _store_bytes(path), "spec": spec.to_attrs(),
-          "bytes_per_row": {a.name: int(np.prod(a.shape[1:], dtype=np.int64)) * np.dtype(a.dtype).itemsize
-                            for a in spec.arrays if a.role != "bookkeeping"}}
+          "bytes_per_row": {name: int(np.prod(spec.array(name).shape[1:], dtype=np.int64))
+                            * np.dtype(spec.array(name).dtype).itemsize
+                            for name in spec.arrays_of(ROWS) if spec.array(name).role != "bookkeeping"}}
   if not cache.complete:
     return info
+  cache.require(("targets", "member_logits", "labels", "view"), "the teacher statistics of `info`")
   num_members = spec.num_members
   member_correct = np.zeros(num_members)
   member_correct_view0 = np.zeros(num_members)

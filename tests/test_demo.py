@@ -32,11 +32,12 @@ def test_demo_pipeline_on_a_tabular_npz(tmp_path):
   assert results["teachers"]["ensemble (AM)"] > 0.85  # Wine is easy for an MLP on standardised features.
   # The teachers' accuracies come from the logits the cache stored on the test split; they equal evaluating the
   # teacher runs (which the demo no longer does).
-  from student_train.evaluate import evaluate_runs
-  runs = [str(tmp_path / "work" / f"teacher{m}") for m in range(2)]
-  direct = evaluate_runs(runs, config.dataset, config.test_split)
-  assert results["teachers"]["teacher 0"] == direct["members"][0]["accuracy"]
-  assert results["teachers"]["ensemble (AM)"] == direct["accuracy"]
+  from student_train.evaluate import EvalConfig, evaluate_runs
+  runs = tuple(str(tmp_path / "work" / f"teacher{m}") for m in range(2))
+  direct = evaluate_runs(EvalConfig(runs=runs, dataset=config.dataset, split=config.test_split))
+  one_example = 1 / direct["count"]  # Cached logits are float16: a near-tie may flip one example.
+  assert abs(results["teachers"]["teacher 0"] - direct["members"][0]["accuracy"]) <= one_example + 1e-9
+  assert abs(results["teachers"]["ensemble (AM)"] - direct["accuracy"]) <= one_example + 1e-9
   assert all(arm["mean"] > 0.6 for arm in results["students"].values())
   distilled = results["students"]["distilled (AM)"]
   np.testing.assert_allclose(distilled["paired_gain"]["values"],

@@ -110,3 +110,13 @@ def test_group_killed_between_students_checkpoints_resumes_bit_identical(tmp_pat
     assert [line["epoch"] for line in lines[0]] == list(range(1, 7))
     assert [line["loss"] for line in lines[0]] == [line["loss"] for line in lines[1]]
     assert sorted(os.listdir(os.path.join(killed, f"s{s}", "checkpoints"))) == ["4", "6"]
+
+
+def test_resume_groups_roll_back_a_kill_but_never_a_run_far_ahead():
+  from student_train.run_dir import resume_groups
+  # Killed between students' saves of epoch 4 (every 2 epochs, 2 kept): the ones ahead roll back to 2.
+  assert resume_groups([{2, 4}, {2, 4}, {2}, {2}]) == [(2, [0, 1, 2, 3])]
+  assert resume_groups([{2}, set()]) == [(0, [0, 1])]  # Killed during the first saves.
+  assert resume_groups([{6, 8}, {6, 8}]) == [(8, [0, 1])]  # Nothing to roll back.
+  # A run added to a sweep whose runs have trained for a while: they are not thrown back to epoch 0.
+  assert resume_groups([{40, 50}, {40, 50}, set()]) == [(0, [2]), (50, [0, 1])]
