@@ -14,6 +14,8 @@ import functools
 
 import numpy as np
 
+from shared.errors import StillroomError
+
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _STREAM_DY, _STREAM_DX, _STREAM_FLIP, _STREAM_FOLD, _STREAM_ORDER = 1, 2, 3, 4, 5
 FOLD_SEED = 0  # Fold assignment is fixed: runs and caches made apart must agree on it.
@@ -77,6 +79,18 @@ class Augmentation:
     shift = (np.stack([dy, dx], axis=-1) * augmented[:, None]).astype(np.int8)
     flip = self.flip & augmented & ((counter_hash(self.seed, _STREAM_FLIP, index, view) >> np.uint64(63)) == 1)
     return shift, flip
+
+
+def check_max_shift(max_shift: int, input_shape: tuple[int, ...], option: str) -> None:
+  """A shift must leave part of the image: 0 <= max_shift < the smaller spatial side (for image inputs).
+
+  Raises:
+    StillroomError: naming the option, the value and the image size.
+  """
+  if max_shift < 0 or (len(input_shape) >= 2 and max_shift >= min(input_shape[:2])):
+    limit = f"{min(input_shape[:2]) - 1} for {input_shape[0]}x{input_shape[1]} images" if len(input_shape) >= 2 \
+        else "0 or more"
+    raise StillroomError(f"{option} must be in 0..{limit}, got {max_shift}.")
 
 
 def fold_of(index: np.ndarray, folds: int) -> np.ndarray:

@@ -30,7 +30,7 @@ from shared.augment import Augmentation, row_permutation
 from shared.data import DatasetSpec
 from shared.ensemble import COMBINE_RULES
 from shared.errors import StillroomError
-from shared.settings import positive_finite
+from shared.settings import positive_finite, seed_check
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
@@ -113,7 +113,8 @@ def _log(message: str) -> None:
   print(f"stillroom: {message}", file=sys.stderr, flush=True)
 
 
-def validate_settings(*, temperature: float, combine: str, dtype: str, views: int, chunk_rows: int) -> None:
+def validate_settings(*, temperature: float, combine: str, dtype: str, views: int, chunk_rows: int, seed: int = 0,
+                      max_shift: int = 0, folds: int = 1) -> None:
   """Checks the scalar build settings (before any data or teacher is loaded).
 
   Raises:
@@ -130,6 +131,12 @@ def validate_settings(*, temperature: float, combine: str, dtype: str, views: in
     raise StillroomError(f"views must be >= 1 (view 0 is the un-augmented input), got {views}.")
   if chunk_rows < 1:
     raise StillroomError(f"chunk_rows must be >= 1, got {chunk_rows}.")
+  if seed_check(seed) is not True:
+    raise StillroomError(f"seed {seed_check(seed)}, got {seed}.")
+  if max_shift < 0:
+    raise StillroomError(f"max_shift must be >= 0, got {max_shift}.")
+  if folds < 1:
+    raise StillroomError(f"folds must be >= 1, got {folds}.")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -218,7 +225,8 @@ class CacheSpec:
 
   def __post_init__(self):
     validate_settings(temperature=self.temperature, combine=self.combine, dtype=self.dtype, views=self.views,
-                      chunk_rows=self.chunk_rows)
+                      chunk_rows=self.chunk_rows, seed=self.augmentation.seed, max_shift=self.augmentation.max_shift,
+                      folds=self.folds)
     if not self.members:
       raise StillroomError("a cache needs at least one teacher.")
     if self.folds < 1 or len(self.members) % self.folds:
@@ -423,9 +431,21 @@ class Cache:
     return self.spec.chunk_bounds(chunk, row_set)
 
   def read_chunk(self, chunk: int, names, row_set: str = ROWS) -> dict[str, np.ndarray]:
-    """Whole-chunk reads of several arrays (the fast way to read a Zarr store)."""
+    """Whole-chunk reads of several arrays (the fast way to read a Zarr store).
+
+    Raises:
+      StillroomError: a chunk fails its checksum or cannot be decoded, naming the array and the chunk.
+    """
     start, stop = self.chunk_bounds(chunk, row_set)
-    return {name: self[name][start:stop] for name in names}
+    arrays = {}
+    for name in names:
+      try:
+        arrays[name] = self[name][start:stop]
+      except Exception as e:  # zarr raises ValueError for bad checksums, others for truncated or garbled chunks.
+        raise StillroomError(f"cache {self.path!r}: chunk {chunk} of array {name!r} is damaged "
+                             f"({type(e).__name__}: {str(e)[:120]}); `teacher-cache verify` lists all damage, "
+                             "and the build command with --overwrite rebuilds the store.") from e
+    return arrays
 
 
 def open_cache(path: str, mode: str = "r", require_complete: bool = True) -> Cache:
@@ -456,11 +476,47 @@ def open_cache(path: str, mode: str = "r", require_complete: bool = True) -> Cac
     _log(f"cache {path!r} has schema version {spec.schema_version}: its chunks carry no checksums and all-zero "
          "chunks may be absent, so damage cannot be detected. Rebuild it with this stillroom to get both.")
   cache = Cache(path=path, group=group, spec=spec, completion=attrs.get(COMPLETE_KEY))
-  if require_complete and not cache.complete:
-    raise StillroomError(
-        f"cache {path!r} is not complete (its build was interrupted or failed); run the same "
-        "`teacher-cache build` command again to finish it.")
+  if require_complete:
+    if not cache.complete:
+      raise StillroomError(
+          f"cache {path!r} is not complete (its build was interrupted or failed); run the same "
+          "`teacher-cache build` command again to finish it.")
+    check_integrity(cache)
   return cache
+
+
+def integrity_problems(cache: Cache) -> list[str]:
+  """What makes a store that claims to be complete unusable: its arrays differ from its spec, a chunk is not
+  committed, the completion record disagrees with the spec, or (schema 2, which writes every chunk) a chunk is
+  missing. Reads metadata and the store's listing, never the chunks themselves (their checksums are checked as
+  they are read)."""
+  problems = layout_problems(cache.group, cache.spec)
+  if problems:
+    return problems
+  spec = cache.spec
+  for row_set in (ROWS, EVAL_ROWS):
+    if spec.chunks_of(row_set) and spec.array(committed_name(row_set)) is not None:
+      committed = cache[committed_name(row_set)][:]
+      if not committed.all():
+        problems.append(f"{int((~committed).sum())} chunk(s) of {committed_name(row_set)!r} are not committed "
+                        f"(first: chunk {int(np.argmin(committed))})")
+  if cache.complete and cache.completion.get("rows") != spec.num_rows:
+    problems.append(f"the completion record says {cache.completion.get('rows')} rows, the spec {spec.num_rows}")
+  if spec.has_checksums:
+    for array in spec.arrays:
+      missing = missing_chunks(cache, array.name)
+      if missing:
+        problems.append(f"array {array.name!r} is missing chunk(s) {', '.join(map(str, missing[:3]))}"
+                        + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+  return problems
+
+
+def check_integrity(cache: Cache) -> None:
+  """Raises `StillroomError` naming what is wrong when `integrity_problems` finds anything."""
+  problems = integrity_problems(cache)
+  if problems:
+    raise StillroomError(f"cache {cache.path!r} is damaged: {'; '.join(problems)}. `teacher-cache verify` lists "
+                         "every problem; the build command with --overwrite rebuilds the store.")
 
 
 def layout_problems(group: zarr.Group, spec: CacheSpec, *, missing_ok: bool = False) -> list[str]:

@@ -9,7 +9,7 @@ from shared.models import describe_models
 
 
 def add_models_command(commands) -> None:
-  models = commands.add_parser("models", help="list the model registry with parameter counts")
+  models = commands.add_parser("models", allow_abbrev=False, help="list the model registry with parameter counts")
   models.add_argument("--input-shape", default="8,8,1", help="input shape for the counts (default: %(default)s)")
   models.add_argument("--num-classes", type=int, default=10, help="classes for the counts (default: %(default)s)")
 
@@ -22,9 +22,17 @@ def print_models(args: argparse.Namespace) -> None:
 
 
 def run_or_exit(prog: str, command: Callable[[], None]) -> None:
-  """Runs a command; a `StillroomError` becomes one line on stderr and exit status 2."""
+  """Runs a command; a `StillroomError`, or a failure of the file system (disk full, read-only output, no
+  permission), becomes one line on stderr and exit status 2; Ctrl-C exits with 130 without a traceback."""
   try:
     command()
   except StillroomError as e:
     print(f"{prog}: error: {e}", file=sys.stderr)
     sys.exit(2)
+  except OSError as e:  # Routine storage failures that no more specific handler caught.
+    where = f": {e.filename}" if e.filename else ""
+    print(f"{prog}: error: {e.strerror or e}{where}", file=sys.stderr)
+    sys.exit(2)
+  except KeyboardInterrupt:
+    print(f"{prog}: interrupted; run the same command again to resume.", file=sys.stderr)
+    sys.exit(130)

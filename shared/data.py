@@ -27,6 +27,7 @@ from shared.errors import StillroomError
 
 EMBEDDED_DATASETS = ("digits",)
 NPZ_PREFIX = "npz:"
+NO_EVAL = "none"  # `--eval-split none`: no evaluation split.
 FINGERPRINT_FULL_BYTES = 1 << 30  # Above this, the fingerprint hashes a seeded sample of examples.
 FINGERPRINT_SAMPLE_SEED = 0
 
@@ -338,7 +339,25 @@ def open_transfer_set(name: str, split: str = "train", data_dir: str | None = No
       xs.append(np.stack([np.asarray(r[image_key]) for r in records]))
       ys.append(np.asarray([r.get(label_key, -1) for r in records], np.int64))
     inputs, labels = np.concatenate(xs), np.concatenate(ys)
+  _check_inputs(name, split, indices, inputs)
   return TransferSet(
       name=name, split=split, base_split=base, base_count=base_count, indices=indices, inputs=inputs,
       labels=labels, num_classes=num_classes, normalization=default_normalization(name, inputs.dtype),
       canonical_split=canonical)
+
+
+def _check_inputs(name: str, split: str, indices: np.ndarray, inputs: np.ndarray) -> None:
+  """Inputs must be real numbers and finite: a model cannot take strings, would drop an imaginary part, and a
+  NaN or Inf input makes every loss and metric NaN.
+
+  Raises:
+    StillroomError: naming the dtype, or the first example (index in the unsliced split) with a non-finite value.
+  """
+  if inputs.dtype == bool or not (np.issubdtype(inputs.dtype, np.integer) or np.issubdtype(inputs.dtype, np.floating)):
+    raise StillroomError(f"dataset {name!r} split {split!r}: inputs have dtype {inputs.dtype}; they must be real "
+                         "numbers (integers or floats).")
+  if np.issubdtype(inputs.dtype, np.floating):
+    finite = np.isfinite(inputs.reshape(len(inputs), -1)).all(axis=1)
+    if not finite.all():
+      raise StillroomError(f"dataset {name!r} split {split!r}: example index {int(indices[np.argmin(finite)])} has a "
+                           f"non-finite input value (NaN or Inf); {int((~finite).sum())} example(s) in all.")

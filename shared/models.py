@@ -160,22 +160,27 @@ def describe_models(input_shape: tuple[int, ...] = (8, 8, 1), num_classes: int =
   return rows
 
 
-def check_input_shape(model_fn, params, input_shape: tuple[int, ...], what: str) -> jax.ShapeDtypeStruct:
-  """Traces one forward pass abstractly; a shape the model cannot take becomes a clear error.
+def check_input_shape(model_fn, params, input_shape: tuple[int, ...], what: str,
+                      batch_size: int = 2) -> jax.ShapeDtypeStruct:
+  """Traces one forward pass abstractly at the batch size it will run at; a shape the model cannot take, or an
+  output that is not one row of logits per input (a function that ignores the batch axis), is a clear error.
 
   Args:
     model_fn: `(params, x) -> logits`.
     params: the parameters (or their shapes).
     input_shape: one example's shape.
     what: how to name the model in the error (e.g. "teacher runs/t0 (mlp-small)").
+    batch_size: the batch it will run at (more than 1, so that broadcast outputs show).
 
   Returns:
-    The logits' abstract value, [1, C].
+    The logits' abstract value, [batch_size, C].
   """
   try:
-    out = jax.eval_shape(model_fn, params, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
+    out = jax.eval_shape(model_fn, params, jax.ShapeDtypeStruct((batch_size, *input_shape), jnp.float32))
   except Exception as e:  # Shape errors surface as several exception types from inside the model.
-    raise StillroomError(f"{what} cannot take inputs of shape {tuple(input_shape)}: {e}") from e
-  if len(out.shape) != 2:
-    raise StillroomError(f"{what} must return logits of shape [batch, classes], got {out.shape}.")
+    raise StillroomError(f"{what} cannot take inputs of shape {tuple(input_shape)}: {str(e).splitlines()[0]}") from e
+  if not hasattr(out, "shape") or len(out.shape) != 2 or out.shape[0] != batch_size:
+    got = getattr(out, "shape", type(out).__name__)
+    raise StillroomError(f"{what} must return logits of shape [batch, classes]; for a batch of {batch_size} it "
+                         f"returned {got}.")
   return out

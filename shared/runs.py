@@ -98,6 +98,8 @@ class RunRecord:
 
 def read_config(run_dir: str) -> dict:
   path = os.path.join(run_dir, CONFIG_FILE)
+  if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+    raise StillroomError(f"{run_dir!r} is a file, not a run dir.")
   if not os.path.isdir(run_dir):
     raise StillroomError(f"teacher run dir {run_dir!r} does not exist.")
   try:

@@ -13,10 +13,20 @@ import typing
 from collections.abc import Iterable
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+SEED_LIMIT = 2 ** 32  # jax.random.key takes seeds below 2**32 (and >= 0).
+
+
 def positive_finite(value) -> bool | str:
-  """A check (see `student_train.config.CHECKS`): True, or what is wrong."""
-  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+  """A check (see `student_train.config.CHECKS`): True, or what is wrong. Finite means finite in float32, where the
+  value is used."""
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
+      0 < value < FLOAT32_MAX
   return ok or "must be > 0 and finite"
+
+
+def seed_check(value) -> bool | str:
+  return (isinstance(value, int) and 0 <= value < SEED_LIMIT) or f"must be in 0..{SEED_LIMIT - 1}"
 
 
 def setting(default, help: str, *, choices: Iterable | None = None, metavar: str | None = None,

@@ -39,20 +39,21 @@ _NOT_IN_SWEEP = ("out", "cache", "seed", "overwrite", "folds", "holdout_fold", "
 
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="student-train", description=_DESCRIPTION,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
   commands = parser.add_subparsers(dest="command", required=True)
-  fit_parser = commands.add_parser("fit", help="train (or resume) a run", description=_DESCRIPTION,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  fit_parser = commands.add_parser("fit", allow_abbrev=False, help="train (or resume) a run",
+                                   description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
   for title, names in _FIT_GROUPS.items():
     add_options(fit_parser.add_argument_group(title), FitConfig, names, required=("out",))
 
-  eval_parser = commands.add_parser("eval", help="evaluate a run, or several runs as an ensemble")
-  eval_parser.add_argument("runs", nargs="+", metavar="RUN_DIR")
+  eval_parser = commands.add_parser("eval", allow_abbrev=False,
+                                    help="evaluate a run, or several runs as an ensemble")
+  eval_parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run dirs written by `student-train fit`")
   add_options(eval_parser, EvalConfig)
   eval_parser.add_argument("--json", action="store_true", help="print one JSON object")
 
   sweep = commands.add_parser(
-      "sweep", help="ablations from one cache: every grid point x seed is a run dir; re-running resumes",
+      "sweep", allow_abbrev=False, help="ablations from one cache: every grid point x seed is a run dir; re-running resumes",
       formatter_class=argparse.RawDescriptionHelpFormatter,
       description=f"Train one student per grid point and seed from one cache. Axes: {', '.join(AXES)}.\n\n"
                   "grids:\n"
@@ -62,9 +63,10 @@ def _parser() -> argparse.ArgumentParser:
                   "  --grid '{\"members\": [[0], [0, 1], [0, 1, 2]]}'\n\n"
                   "The other options are `fit`'s: values for the runs whose grid point does not set them.\n\n"
                   "then: student-train report SWEEP_DIR")
-  sweep.add_argument("--cache", required=True, metavar="CACHE.zarr")
+  sweep.add_argument("--cache", required=True, metavar="CACHE.zarr", help="the cache every run distils from")
   sweep.add_argument("--grid", required=True, help="JSON/YAML file, inline JSON, or axis=v1,v2;axis=...")
-  sweep.add_argument("--out", required=True, metavar="SWEEP_DIR")
+  sweep.add_argument("--out", required=True, metavar="SWEEP_DIR",
+                     help="one run dir per grid point and seed goes here, with sweep.json")
   sweep.add_argument("--seeds", type=int, default=1, help="seeds per grid point (default: %(default)s)")
   sweep.add_argument("--jobs", type=int, default=1,
                      help="groups of runs trained at once, each in its own process (default: %(default)s)")
@@ -73,10 +75,11 @@ def _parser() -> argparse.ArgumentParser:
   sweep.add_argument("-v", "--verbose", action="store_true", help="log every run's every epoch")
   add_options(sweep.add_argument_group("run settings (fit's options)"), FitConfig,
               [name for names in _FIT_GROUPS.values() for name in names if name not in _NOT_IN_SWEEP])
-  report_parser = commands.add_parser("report", help="table (Markdown, CSV) and plots of a sweep")
-  report_parser.add_argument("sweep_dir", metavar="SWEEP_DIR")
+  report_parser = commands.add_parser("report", allow_abbrev=False,
+                                      help="table (Markdown, CSV) and plots of a sweep")
+  report_parser.add_argument("sweep_dir", metavar="SWEEP_DIR", help="the --out of `student-train sweep`")
   demo = commands.add_parser(
-      "demo", help="the end-to-end pipeline: teachers, caches, scratch vs distilled students, a results table",
+      "demo", allow_abbrev=False, help="the end-to-end pipeline: teachers, caches, scratch vs distilled students, a results table",
       description="Teachers -> ordinary and cross-fitted caches -> scratch and distilled students over paired "
                   "seeds (and the same with a fraction of the examples) -> results/demo.{md,json,png}. Finished "
                   "runs in --work-dir are reused. --teacher-*, --build-* and --student-* are the `fit` and "

@@ -5,15 +5,16 @@ from this module.
 """
 
 import dataclasses
-import math
 
+from shared.data import NO_EVAL
 from shared.ensemble import COMBINE_RULES
 from shared.errors import StillroomError
 from shared.losses import LOSSES
 from shared.models import MODELS
-from shared.settings import flag_of, positive_finite, setting
+from shared.settings import flag_of, positive_finite, seed_check, setting
 
 DEFAULT_KD_ALPHA = 0.1  # Hinton et al. 2015 and the Keras example weight the hard term lightly.
+DEFAULT_MAX_CLASSES = 1 << 18  # 262,144: the largest LLM vocabularies.
 DEFAULT_SHUFFLE_WINDOW = 4  # Chunks are uniform samples already (the build permutes examples): 4 mixes views.
 
 
@@ -25,7 +26,8 @@ class FitConfig:
   out: str = setting("", "run directory to write", metavar="RUN_DIR")
   dataset: str | None = setting(None, "'digits', 'npz:PATH' or a prepared TFDS name; with --cache, default: the "
                                       "dataset the cache records")
-  split: str = setting("train", "TFDS split spec, e.g. 'train[:80%]'")
+  split: str | None = setting(None, "TFDS split spec, e.g. 'train[:80%]' (default: 'train'; with --cache, the "
+                                    "split the cache records)")
   data_dir: str | None = setting(None, "TFDS data dir (default: TFDS's, ~/tensorflow_datasets)")
   cache: str | None = setting(None, "teacher cache made by `teacher-cache build` (distillation)",
                               metavar="CACHE.zarr")
@@ -38,7 +40,8 @@ class FitConfig:
   max_shift: int = setting(1, "--augment shift in pixels")
   flip: bool = setting(False, "--augment with horizontal flips")
   eval_dataset: str | None = setting(None, "evaluate each epoch on this dataset (default: the training dataset)")
-  eval_split: str | None = setting(None, "evaluation split (default: 'test' when the dataset has one)")
+  eval_split: str | None = setting(None, f"evaluation split (default: 'test' when the dataset has one; '{NO_EVAL}': "
+                                         "no per-epoch evaluation)")
   loss: str = setting("kl", "soft term: T²·KL(p_T || softmax(s/T)), or its high-T limit (1/2C)·||zero-meaned "
                             "logits difference||²", choices=LOSSES)
   alpha: float | None = setting(None, f"weight of the hard-label cross-entropy in [0, 1] (default: {DEFAULT_KD_ALPHA} "
@@ -53,12 +56,16 @@ class FitConfig:
   lr: float = setting(3e-3, "AdamW peak learning rate, cosine decay")
   finetune_lr: float | None = setting(None, "fine-tuning learning rate (default: --lr / 10)")
   weight_decay: float = setting(1e-4, "AdamW weight decay")
-  dropout: float = setting(0.0, "dropout rate on every hidden dense layer's output")
+  dropout: float = setting(0.0, "dropout rate on the output of every hidden dense layer (in CNNs, the dense layer "
+                                "after the convolutions; convolutions are not dropped)")
   seed: int = setting(0, "initialisation and dropout seed")
   data_seed: int | None = setting(None, "example order and subset seed (default: --seed)")
   shuffle_window: int = setting(DEFAULT_SHUFFLE_WINDOW, "cache chunks whose rows are shuffled together in memory "
                                                         "(more: batches closer to uniform sampling, more memory)",
                                 metavar="CHUNKS")
+  max_classes: int = setting(DEFAULT_MAX_CLASSES, "refuse datasets with more classes than this (a label id of "
+                                                  "10^9 would make a 10^9-class head); raise it for larger "
+                                                  "vocabularies")
   checkpoint_every: int = setting(1, "epochs between checkpoints, the last epoch always included; raise it for "
                                      "runs of many short epochs, where saving dominates", metavar="EPOCHS")
   overwrite: bool = setting(False, "replace a run dir holding another config")
@@ -88,12 +95,15 @@ CHECKS = {
     "batch_size": lambda v: v >= 1 or "must be >= 1",
     "lr": positive_finite,
     "finetune_lr": lambda v: v is None or positive_finite(v),
-    "weight_decay": lambda v: (0 <= v and math.isfinite(v)) or "must be >= 0 and finite",
+    "weight_decay": lambda v: v == 0 or positive_finite(v) is True or "must be >= 0 and finite",
     "dropout": lambda v: 0.0 <= v < 1.0 or "must be in [0, 1)",
     "shuffle_window": lambda v: v >= 1 or "must be >= 1 chunk",
     "checkpoint_every": lambda v: v >= 1 or "must be >= 1 epoch",
     "max_shift": lambda v: v >= 0 or "must be >= 0",
     "folds": lambda v: v >= 1 or "must be >= 1",
+    "seed": seed_check,
+    "data_seed": lambda v: v is None or seed_check(v),
+    "max_classes": lambda v: v >= 2 or "must be >= 2",
 }
 
 
@@ -104,8 +114,12 @@ def check_value(name: str, value) -> str | None:
   return None if verdict is True else verdict
 
 
-def validate_config(config: FitConfig) -> None:
+def validate_config(config: FitConfig, prefix: str = "") -> None:
   """Checks every setting on its own and the combinations that need no data.
+
+  Args:
+    config: the settings.
+    prefix: of the option names in errors (the demo's `student_` makes `--student-alpha`).
 
   Raises:
     StillroomError: naming the option, the value and what it must be.
@@ -113,11 +127,22 @@ def validate_config(config: FitConfig) -> None:
   for field in dataclasses.fields(config):
     problem = check_value(field.name, getattr(config, field.name))
     if problem:
-      raise StillroomError(f"{flag_of(field.name)} {problem}, got {getattr(config, field.name)}.")
+      raise StillroomError(f"{flag_of(field.name, prefix)} {problem}, got {getattr(config, field.name)}.")
   if (config.folds > 1) != (config.holdout_fold is not None) or (
       config.holdout_fold is not None and not 0 <= config.holdout_fold < config.folds):
     raise StillroomError(f"--folds {config.folds} --holdout-fold {config.holdout_fold}: give both, with the "
                          "held-out fold in 0..K-1 (or neither).")
+  if not config.cache:
+    soft_only = [flag_of(name) for name in ("alpha", "temperature", "combine", "members")
+                 if getattr(config, name) is not None and not (name == "alpha" and config.alpha == 1.0)]
+    soft_only += ["--loss mse"] if config.loss != "kl" else []
+    if soft_only:
+      raise StillroomError(f"{', '.join(soft_only)} set{'s' if len(soft_only) == 1 else ''} distillation, which "
+                           "needs --cache.")
+  elif config.augment or config.flip:
+    raise StillroomError("--augment/--flip draw views for hard-label training; a cache brings its own views.")
+  if config.flip and not config.augment:
+    raise StillroomError("--flip adds flips to --augment's views; give --augment too.")
   if config.epochs + config.finetune_epochs < 1:
     raise StillroomError("--epochs and --finetune-epochs must be >= 0 with at least one epoch in all.")
   if not config.out:

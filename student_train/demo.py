@@ -21,8 +21,9 @@ from tqdm import tqdm
 from shared.cache import open_cache
 from shared.data import open_transfer_set
 from shared.errors import StillroomError
-from shared.settings import add_options, from_args, setting
-from student_train.config import FitConfig
+from shared.cache import validate_settings
+from shared.settings import add_options, flag_of, from_args, positive_finite, setting
+from student_train.config import FitConfig, validate_config
 from student_train.train import fit_group
 from teacher_cache.build import BuildConfig, build_cache
 from teacher_cache.info import eval_accuracies
@@ -134,6 +135,40 @@ class _StageBar:
     return time.perf_counter() - self.started
 
 
+# The demo's own settings' checks (the stage settings are checked as `fit` and `build` check them).
+DEMO_CHECKS = {
+    "teachers": lambda v: v >= 1 or "must be >= 1",
+    "seeds": lambda v: v >= 1 or "must be >= 1",
+    "folds": lambda v: v >= 1 or "must be >= 1",
+    "label_fraction": lambda v: 0 < v <= 1 or "must be in (0, 1]",
+    "fraction_epochs": lambda v: v >= 1 or "must be >= 1",
+    "fraction_temperature": positive_finite,
+}
+
+
+def validate_demo(config: DemoConfig) -> None:
+  """Checks every setting of every stage before the first one runs (a bad student setting must not surface after
+  minutes of teacher training).
+
+  Raises:
+    StillroomError: naming the option as `student-train demo` spells it.
+  """
+  for name, check in DEMO_CHECKS.items():
+    verdict = check(getattr(config, name))
+    if verdict is not True:
+      raise StillroomError(f"{flag_of(name)} {verdict}, got {getattr(config, name)}.")
+  placeholder = {"out": "placeholder"}
+  validate_config(dataclasses.replace(config.teacher, model="mlp-small" if config.teacher.model == AUTO
+                                      else config.teacher.model, dataset=config.dataset, **placeholder), "teacher_")
+  validate_config(dataclasses.replace(config.student, cache="placeholder", **placeholder), "student_")
+  build = config.build
+  try:
+    validate_settings(temperature=build.temperature, combine=build.combine, dtype=build.dtype,
+                      views=build.views or 1, chunk_rows=build.chunk_rows, seed=build.seed, max_shift=build.max_shift)
+  except StillroomError as e:
+    raise StillroomError(f"build settings: {e}") from e
+
+
 def run_demo(config: DemoConfig, verbose: bool = False) -> dict:
   """Runs the pipeline (finished runs are reused) and writes the results table; returns the results dict.
 
@@ -141,6 +176,7 @@ def run_demo(config: DemoConfig, verbose: bool = False) -> dict:
     config: the settings.
     verbose: log every run's every epoch (always in each run's metrics.jsonl); otherwise one bar per stage.
   """
+  validate_demo(config)
   transfer_set = open_transfer_set(config.dataset, config.train_split, config.data_dir)
   images = len(transfer_set.input_shape) >= 2
   teacher_model = config.teacher.model if config.teacher.model != AUTO else ("cnn-large" if images else "mlp-large")

@@ -92,6 +92,15 @@ def evaluate_runs(config: EvalConfig) -> dict:
   member_logits, members = [], []
   for run_dir in config.runs:
     logits = _run_logits(load_run_teacher(run_dir), transfer_set, config.batch_size, f"run {run_dir!r}")
+    outside = transfer_set.labels >= logits.shape[-1]
+    if outside.any():
+      raise StillroomError(f"{config.dataset!r} {config.split!r} example index "
+                           f"{int(transfer_set.indices[np.argmax(outside)])} has label "
+                           f"{int(transfer_set.labels[np.argmax(outside)])}, but run {run_dir!r} has "
+                           f"{logits.shape[-1]} classes.")
+    if member_logits and logits.shape != member_logits[0].shape:
+      raise StillroomError(f"run {run_dir!r} has {logits.shape[-1]} classes, run {config.runs[0]!r} "
+                           f"{member_logits[0].shape[-1]}: an ensemble needs the same classes.")
     member_logits.append(logits)
     members.append({"run": run_dir, **classification_metrics(
         np.asarray(jax.nn.log_softmax(logits, axis=-1)), transfer_set.labels)})

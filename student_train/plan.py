@@ -8,13 +8,15 @@ loss, T, rule and members are the cache's reads the stored `targets`; any other 
 
 import dataclasses
 import os
+import sys
 
+import jax
 import numpy as np
 from flax import nnx
 
-from shared.augment import fold_of
+from shared.augment import check_max_shift, fold_of
 from shared.cache import Cache, open_cache
-from shared.data import Normalization, TransferSet, open_transfer_set
+from shared.data import NO_EVAL, NPZ_PREFIX, Normalization, TransferSet, open_transfer_set
 from shared.ensemble import member_weights
 from shared.errors import StillroomError
 from shared.models import ModelSpec, build_model, check_input_shape
@@ -83,6 +85,14 @@ class RunPlan:
         "examples": None if self.examples is None else len(self.examples),
     }
 
+  def input_paths(self) -> list[str]:
+    """The files and directories the run reads: its cache, npz datasets, the data dir."""
+    paths = [self.cache.path] if self.cache is not None else []
+    for data in (self.transfer_set, self.eval_set):
+      if data is not None and data.name.startswith(NPZ_PREFIX):
+        paths.append(data.name[len(NPZ_PREFIX):])
+    return paths + ([self.config.data_dir] if self.config.data_dir else [])
+
   def stream_key(self) -> dict:
     """The settings that decide the batches a run sees: runs with equal keys can train together."""
     shared = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in GROUP_VARYING + ("overwrite", "progress")}
@@ -99,6 +109,10 @@ class RunPlan:
         "member_weights": member_weights(teaching.members if teaching else range(num_members), num_members),
         "use_stored": np.bool_(teaching is not None and teaching.use_stored),
     }
+
+
+def _log(message: str) -> None:
+  print(f"student-train: {message}", file=sys.stderr, flush=True)
 
 
 def _plan_teaching(config: FitConfig, cache: Cache) -> tuple[Teaching, dict]:
@@ -142,7 +156,8 @@ def plan_run(config: FitConfig) -> RunPlan:
   if config.cache:
     cache = open_cache(config.cache)
     recorded = cache.spec.dataset
-    dataset, split = (config.dataset, config.split) if config.dataset else (recorded.name, recorded.split)
+    dataset = config.dataset or recorded.name
+    split = config.split or (recorded.split if not config.dataset else "train")
     transfer_set = open_transfer_set(dataset, split, config.data_dir)
     if transfer_set.fingerprint != recorded.fingerprint:
       raise StillroomError(
@@ -159,13 +174,20 @@ def plan_run(config: FitConfig) -> RunPlan:
       raise StillroomError("give --dataset (hard-label training) or --cache (distillation).")
     if config.alpha not in (None, 1.0):
       raise StillroomError(f"--alpha {config.alpha} mixes in soft targets, which need --cache.")
-    transfer_set = open_transfer_set(config.dataset, config.split, config.data_dir)
+    split = config.split or "train"
+    transfer_set = open_transfer_set(config.dataset, split, config.data_dir)
     if not transfer_set.labeled:
-      raise StillroomError(f"{config.dataset!r} {config.split!r} is unlabeled; hard-label training needs labels.")
+      raise StillroomError(f"{config.dataset!r} {split!r} is unlabeled; hard-label training needs labels.")
     num_classes = transfer_set.num_classes
-    resolved.update(alpha=1.0)
+    resolved.update(alpha=1.0, split=split)
+  if num_classes > config.max_classes:
+    raise StillroomError(f"{transfer_set.name!r} {transfer_set.split!r} has {num_classes:,} classes (its largest label "
+                         f"is {num_classes - 1:,}), more than --max-classes {config.max_classes:,}; a head that "
+                         "size is almost surely a bad label. Raise --max-classes if it is not.")
   if config.augment and len(transfer_set.input_shape) < 2:
     raise StillroomError(f"--augment needs image inputs; {transfer_set.name!r} holds flat vectors.")
+  if config.augment:
+    check_max_shift(config.max_shift, transfer_set.input_shape, "--max-shift")
   config = dataclasses.replace(config, **resolved, finetune_lr=config.finetune_lr or config.lr / 10)
   model_spec = ModelSpec(name=config.model, input_shape=transfer_set.input_shape, num_classes=num_classes,
                          dropout=config.dropout)
@@ -179,11 +201,19 @@ def plan_run(config: FitConfig) -> RunPlan:
     pool = transfer_set.indices if examples is None else examples
     keep = max(1, round(config.label_fraction * len(pool)))
     examples = np.sort(np.random.default_rng(config.data_seed).choice(pool, keep, replace=False))
+  rows = (len(transfer_set) if examples is None else len(examples)) * (cache.spec.views if cache else 1)
+  devices = jax.local_device_count()
+  if config.batch_size > -(-rows // devices) * devices:  # More would only be padding (and memory).
+    batch_size = -(-rows // devices) * devices
+    _log(f"--batch-size {config.batch_size} is more than the {rows:,} rows of an epoch: batches of {batch_size}")
+    config = dataclasses.replace(config, batch_size=batch_size)
   return RunPlan(config=config, transfer_set=transfer_set, cache=cache, teaching=teaching, model_spec=model_spec,
                  normalization=transfer_set.normalization, examples=examples, eval_set=_eval_set(config, transfer_set))
 
 
 def _eval_set(config: FitConfig, transfer_set: TransferSet) -> TransferSet | None:
+  if config.eval_split == NO_EVAL:
+    return None
   if config.eval_dataset or config.eval_split:
     return open_transfer_set(config.eval_dataset or transfer_set.name, config.eval_split or "test", config.data_dir)
   try:

@@ -9,7 +9,6 @@
 
 import json
 import os
-import shutil
 import sys
 
 import jax
@@ -18,6 +17,7 @@ from flax import nnx
 
 from shared import __version__
 from shared.errors import StillroomError
+from shared.outputs import RUN_DIR, clear_for_overwrite
 from shared.runs import CONFIG_FILE, PARAMS_ITEM, CrossFit, RunRecord, checkpoint_manager
 from student_train.plan import RunPlan
 
@@ -43,9 +43,8 @@ def prepare_run_dir(plan: RunPlan) -> bool:
   """
   out, record = plan.config.out, plan.record()
   path = os.path.join(out, CONFIG_FILE)
-  if os.path.exists(out) and plan.config.overwrite:
-    _log(f"--overwrite: removing {out}")
-    shutil.rmtree(out)
+  if plan.config.overwrite:
+    clear_for_overwrite(out, RUN_DIR)
   if os.path.exists(path):
     with open(path) as f:
       existing = json.load(f)
@@ -100,12 +99,21 @@ class Checkpoints:
     return set(self.manager.all_steps())
 
   def save(self, graphdef, state, epoch: int) -> None:
-    """Saves the state after `epoch` epochs (and the model's parameters on their own, for teachers)."""
+    """Saves the state after `epoch` epochs (and the model's parameters on their own, for teachers).
+
+    Raises:
+      StillroomError: the save failed (disk full, read-only, ...); the previous checkpoints are kept.
+    """
     params = nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, state)[0], nnx.Param))
-    self.manager.save(epoch, args=ocp.args.Composite(**{
-        STATE_ITEM: ocp.args.StandardSave(checkpointable(state)), PARAMS_ITEM: ocp.args.StandardSave(params),
-        META_ITEM: ocp.args.JsonSave({"epoch": epoch})}))
-    self.manager.wait_until_finished()
+    try:
+      self.manager.save(epoch, args=ocp.args.Composite(**{
+          STATE_ITEM: ocp.args.StandardSave(checkpointable(state)), PARAMS_ITEM: ocp.args.StandardSave(params),
+          META_ITEM: ocp.args.JsonSave({"epoch": epoch})}))
+      self.manager.wait_until_finished()
+    except Exception as e:  # Orbax wraps storage failures in several types; the message names the cause.
+      raise StillroomError(f"saving the checkpoint of {self.out} after epoch {epoch} failed "
+                           f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); the run "
+                           "keeps its previous checkpoint and resumes from it.") from e
 
   def restore(self, state, epoch: int):
     """`state` with the checkpoint of `epoch` restored into it (RNG streams kept)."""

@@ -45,7 +45,7 @@ def _check_axis_value(name: str, value) -> None:
   if is_tuple:
     ok_type = isinstance(value, list) and all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
     value = tuple(value) if ok_type else value
-    kind_name = f"list of {kind.__name__}"
+    kind_name = f"list of {kind.__name__} (in a JSON grid: {{\"{name}\": [[0], [0, 1]]}})"
   else:
     ok_type = isinstance(value, kind) or (kind is float and isinstance(value, int))
     ok_type = ok_type and not isinstance(value, bool)
@@ -55,6 +55,28 @@ def _check_axis_value(name: str, value) -> None:
   problem = check_value(name, value)
   if problem:
     raise StillroomError(f"grid axis {name!r}: value {value!r} {problem}.")
+
+
+def _no_repeated_axes(pairs: list[tuple]) -> dict:
+  names = [name for name, _ in pairs]
+  repeated = next((name for name in names if names.count(name) > 1), None)
+  if repeated is not None:
+    raise StillroomError(f"grid axis {repeated!r} is given twice; list its values once.")
+  return dict(pairs)
+
+
+def _short_value(axis: str, text: str):
+  """One value of the `axis=v1,v2` form: a number (1, 0.5, 1e-3), else a word (arithmetic, mlp-small)."""
+  text = text.strip()
+  for kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      pass
+  if text.startswith(("[", "{")):
+    raise StillroomError(f"grid axis {axis!r}: list values such as member subsets need a JSON grid, e.g. "
+                         f"'{{\"{axis}\": [[0], [0, 1]]}}'.")
+  return text
 
 
 def parse_grid(spec: str) -> dict[str, list]:
@@ -68,21 +90,27 @@ def parse_grid(spec: str) -> dict[str, list]:
     with open(spec) as f:
       text = f.read()
     try:
-      grid = yaml.safe_load(text) if spec.endswith((".yaml", ".yml")) else json.loads(text)
+      grid = yaml.safe_load(text) if spec.endswith((".yaml", ".yml")) else json.loads(
+          text, object_pairs_hook=_no_repeated_axes)
     except (yaml.YAMLError, json.JSONDecodeError) as e:
-      raise StillroomError(f"cannot parse grid file {spec!r}: {e}") from e
+      raise StillroomError(f"cannot parse grid file {spec!r}: {str(e).splitlines()[0]}") from e
+  elif spec.endswith((".json", ".yaml", ".yml")):
+    raise StillroomError(f"no grid file {spec!r}.")
   elif spec.lstrip().startswith("{"):
     try:
-      grid = json.loads(spec)
+      grid = json.loads(spec, object_pairs_hook=_no_repeated_axes)
     except json.JSONDecodeError as e:
       raise StillroomError(f"cannot parse the inline JSON grid: {e}") from e
   else:
     grid = {}
     for part in filter(None, (p.strip() for p in spec.split(";"))):
       name, _, values = part.partition("=")
+      name = name.strip()
       if not values:
         raise StillroomError(f"grid entry {part!r}: expected axis=value,value,... (or a JSON/YAML file)")
-      grid[name.strip()] = [yaml.safe_load(v) for v in values.split(",")]
+      if name in grid:
+        raise StillroomError(f"grid axis {name!r} is given twice; list its values once: {name}=a,b,c.")
+      grid[name] = [_short_value(name, v) for v in values.split(",")]
   if not isinstance(grid, dict) or not grid:
     raise StillroomError("a grid maps axis names to lists of values, e.g. {\"temperature\": [1, 4]}.")
   for name, values in grid.items():
@@ -92,7 +120,7 @@ def parse_grid(spec: str) -> dict[str, list]:
       raise StillroomError(f"grid axis {name!r} needs a non-empty list of values, got {values!r}.")
     for value in values:
       _check_axis_value(name, value)
-    seen = [json.dumps(v) for v in values]
+    seen = [json.dumps(float(v) if isinstance(v, (int, float)) else v) for v in values]  # 1 and 1.0 are one value.
     repeated = next((v for v, text in zip(values, seen) if seen.count(text) > 1), None)
     if repeated is not None:
       raise StillroomError(f"grid axis {name!r} lists {repeated!r} twice; each point would train into one run dir.")

@@ -10,6 +10,8 @@ same numerics. The same command on an existing run dir resumes from its last che
 newest epoch all of its runs saved, and a run killed and resumed ends with the parameters of an uninterrupted one.
 """
 
+import contextlib
+import functools
 import sys
 import time
 from collections.abc import Callable
@@ -23,6 +25,7 @@ from tqdm import tqdm
 from shared.augment import Augmentation
 from shared.errors import StillroomError
 from shared.models import build_model
+from shared.outputs import RUN_DIR, OutputLock, check_not_an_input, check_output
 from shared.parallel import batch_sharding, check_batch_size, data_mesh, needs_step_sync, replicated
 from student_train import run_dir as files
 from student_train.config import FitConfig
@@ -95,6 +98,17 @@ def fit_group(configs: list[FitConfig], *, log_epochs: bool = True,
     if differing:
       raise StillroomError(f"runs {plans[0].config.out!r} and {plan.config.out!r} cannot train together: they differ "
                            f"in {', '.join(differing)}, which decide the batches.")
+  for plan in plans:
+    check_output(plan.config.out, RUN_DIR, plan.config.overwrite)
+    check_not_an_input(plan.config.out, plan.input_paths(), "--out")
+  with contextlib.ExitStack() as locks:
+    for plan in plans:
+      locks.enter_context(OutputLock(plan.config.out, "student-train fit"))
+    return _fit_locked(plans, mesh, log_epochs, on_epoch)
+
+
+def _fit_locked(plans: list[RunPlan], mesh, log_epochs: bool, on_epoch: EpochCallback | None) -> list[dict]:
+  """`fit_group` once every run dir is locked: confirms finished runs, resumes and trains the others."""
   finished = [files.prepare_run_dir(plan) for plan in plans]
   results = {}
   for i, done in enumerate(finished):
@@ -115,7 +129,7 @@ def fit_group(configs: list[FitConfig], *, log_epochs: bool = True,
       checkpoints[i].discard_after(epoch)
     finals = _train([plans[i] for i in group], [checkpoints[i] for i in group], epoch, mesh, log_epochs, on_epoch)
     results.update(zip(group, finals))
-  return [results[i] for i in range(len(configs))]
+  return [results[i] for i in range(len(plans))]
 
 
 def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epoch: int, mesh, log_epochs: bool,
@@ -148,6 +162,9 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
   step = make_train_step(graphdef, first.normalization, mesh, fixed)
   predict = make_predict(graphdef, first.normalization, mesh)
   teacher_top1 = [cached_teacher_top1(plan) for plan in group]
+  if first.cache is not None and first.eval_set is not None and teacher_top1[0] is None:
+    _log(f"the cache stores no teacher logits for {first.eval_set.name} {first.eval_set.split!r} (build it with "
+         "--eval-split for that split): eval_teacher_agreement is not reported.")
   sharding, sync = batch_sharding(mesh), needs_step_sync(mesh)
   if len(group) > 1 and log_epochs:
     _log(f"training {len(group)} students together in one vmapped step")
@@ -156,20 +173,21 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
     alpha = np.ones(len(group), np.float32) if finetuning else distill_alpha
     epoch_hypers = {**per_student, "alpha": jax.device_put(alpha, replicated(mesh))}
     started = time.perf_counter()
-    sums: dict = {}
+    sums = None
     bar = tqdm(total=loader.num_rows, unit="row", unit_scale=True, disable=not config.progress, leave=False,
                desc=f"epoch {epoch + 1}/{total_epochs}" + (" (fine-tune)" if finetuning else ""))
-    for batch in loader.epoch(epoch):
+    for index, batch in enumerate(loader.epoch(epoch)):
       rows_in_batch = int(batch["mask"].sum())
       batch = jax.device_put({k: v for k, v in batch.items() if k != "index"}, sharding)
       stacked, metrics = step(stacked, batch, epoch_hypers)
       if sync:
         jax.block_until_ready(metrics)
-      _accumulate(sums, metrics)
+      sums = accumulate(_empty_sums(metrics) if sums is None else sums, metrics, index)
       bar.update(rows_in_batch)
     bar.close()
     totals = jax.device_get(sums)
     seconds = time.perf_counter() - started
+    _stop_if_not_finite(group, checkpoints, epoch, totals, params_finite(stacked), loader.steps_per_epoch)
     eval_log_probs = None if first.eval_set is None else predict_log_probs(
         predict, stacked, first.eval_set, config.batch_size, mesh)
     for k, plan in enumerate(group):
@@ -189,10 +207,53 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
   return [files.write_final(plan.config.out, total_epochs) for plan in group]
 
 
-def _accumulate(sums: dict, metrics: dict) -> None:
-  """Adds a step's row-weighted metrics [K] to the epoch's sums (on the device: no sync per step)."""
-  for name, value in metrics.items():
-    sums[name] = sums.get(name, 0.0) + (value if name == "rows" else value * metrics["rows"])
+_NEVER = np.iinfo(np.int32).max  # "No non-finite step yet".
+
+
+def _empty_sums(metrics: dict) -> dict:
+  return {**{name: jax.numpy.zeros_like(value) for name, value in metrics.items()},
+          "first_nonfinite": jax.numpy.full_like(metrics["rows"], _NEVER, dtype=jax.numpy.int32)}
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def accumulate(sums: dict, metrics: dict, batch_index) -> dict:
+  """Adds a step's row-weighted metrics [K] to the epoch's sums, and keeps each student's first batch with a
+  non-finite loss: on the device, one dispatch per step, read once at the end of the epoch."""
+  added = {name: sums[name] + (value if name == "rows" else value * metrics["rows"]) for name, value in metrics.items()}
+  finite = jax.numpy.isfinite(metrics["loss"])
+  added["first_nonfinite"] = jax.numpy.where(finite, sums["first_nonfinite"],
+                                             jax.numpy.minimum(sums["first_nonfinite"], batch_index))
+  return added
+
+
+@jax.jit
+def params_finite(states) -> jax.Array:
+  """bool [K]: whether every parameter and optimizer value of each stacked student is finite."""
+  leaves = [leaf for leaf in jax.tree.leaves(states) if jax.numpy.issubdtype(leaf.dtype, jax.numpy.inexact)]
+  return jax.numpy.stack([jax.numpy.isfinite(leaf).reshape(leaf.shape[0], -1).all(axis=1) for leaf in leaves]).all(0)
+
+
+def _stop_if_not_finite(group: list[RunPlan], checkpoints, epoch: int, totals: dict, finite_params,
+                        steps_per_epoch: int) -> None:
+  """Raises, before the epoch's metrics and checkpoint are written, if a student's loss or state went non-finite.
+
+  Raises:
+    StillroomError: naming each such run, the epoch, the first bad step, and the checkpoint it keeps.
+  """
+  first_bad = np.asarray(totals.pop("first_nonfinite"))
+  finite_params = np.asarray(finite_params)
+  problems = []
+  for k, plan in enumerate(group):
+    if first_bad[k] == _NEVER and finite_params[k]:
+      continue
+    where = (f"its loss became non-finite at step {int(first_bad[k]) + 1} of {steps_per_epoch} (step "
+             f"{epoch * steps_per_epoch + int(first_bad[k]) + 1} of the run)" if first_bad[k] != _NEVER
+             else "its parameters became non-finite")
+    kept = max(checkpoints[k].epochs(), default=0)
+    problems.append(f"{plan.config.out}: {where}" + (f"; it keeps its checkpoint of epoch {kept}" if kept else ""))
+  if problems:
+    raise StillroomError(f"training diverged in epoch {epoch + 1}: " + "; ".join(problems)
+                         + ". Lower --lr, check the data and the settings, then run the same command to resume.")
 
 
 def _epoch_line(plan: RunPlan, epoch: int, totals: dict, seconds: float, students: int) -> dict:

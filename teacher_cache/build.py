@@ -10,7 +10,6 @@ last chunk is committed.
 import dataclasses
 import os
 import queue
-import shutil
 import sys
 import threading
 import time
@@ -22,18 +21,18 @@ import zarr
 from tqdm import tqdm
 
 from shared import __version__
-from shared.augment import Augmentation, apply_view, fold_of
+from shared.augment import Augmentation, apply_view, check_max_shift, fold_of
 from shared.cache import (COMPLETE_KEY, EVAL_ROWS, ROWS, SPEC_KEY, STORAGE_DTYPES, Cache, CacheSpec, MemberSpec,
-                          committed_name, create_arrays, now_iso, open_cache, validate_settings, writable)
-from shared.data import Normalization, TransferSet, open_transfer_set
+                          committed_name, create_arrays, integrity_problems, now_iso, open_cache, validate_settings,
+                          writable)
+from shared.data import NO_EVAL, NPZ_PREFIX, Normalization, TransferSet, open_transfer_set
 from shared.ensemble import COMBINE_RULES, combine_log_probs
 from shared.errors import StillroomError
 from shared.models import check_input_shape
+from shared.outputs import STORE, OutputLock, check_not_an_input, check_output, clear_for_overwrite, storage_errors
 from shared.parallel import batch_sharding, check_batch_size, data_mesh, pad_rows, replicated
 from shared.runs import Teacher, load_teacher
 from shared.settings import setting
-
-NO_EVAL = "none"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -70,13 +69,18 @@ def _log(message: str) -> None:
   print(f"teacher-cache: {message}", file=sys.stderr, flush=True)
 
 
-def _member_specs(teachers: list[Teacher], transfer_set: TransferSet) -> tuple[list[MemberSpec], int]:
-  """Checks every member against the data and each other; returns their specs and the class count."""
-  specs, classes = [], {}
+def _member_specs(teachers: list[Teacher], transfer_set: TransferSet, batch_size: int) -> tuple[list[MemberSpec], int]:
+  """Checks every member against the data (at the batch size it will run at) and each other; returns their specs
+  and the class count."""
+  specs, classes, digests = [], {}, {}
   for teacher in teachers:
     normalization = teacher.normalization or transfer_set.normalization
     what = f"teacher {teacher.name!r} ({teacher.model})"
-    out = check_input_shape(teacher.apply_fn, teacher.params, transfer_set.input_shape, what)
+    out = check_input_shape(teacher.apply_fn, teacher.params, transfer_set.input_shape, what, batch_size)
+    if teacher.digest in digests:
+      raise StillroomError(f"teachers {digests[teacher.digest]!r} and {teacher.source!r} have the same parameters; "
+                           "an ensemble member given twice only weighs it double.")
+    digests[teacher.digest] = teacher.source
     classes[teacher.name] = int(out.shape[-1])
     specs.append(MemberSpec(name=teacher.name, source=teacher.source, model=teacher.model,
                             num_params=teacher.num_params, digest=teacher.digest,
@@ -113,7 +117,8 @@ def _check_folds(teachers: list[Teacher], folds: int) -> None:
 def _make_forwards(teachers: list[Teacher], spec: CacheSpec, mesh):
   """The two jitted forwards of all runs, both with finite flags `[B, M]` for the stored logits:
 
-  - rows: `(params, inputs [B, ...], folds [B]) -> (member logits [B, M, C], targets [B, C], finite)`. Cross-fitted,
+  - rows: `(params, inputs [B, ...], folds [B]) -> (member logits [B, M, C], targets [B, C], finite, finite
+    targets [B])`. Cross-fitted,
     each row takes each member's logits from the run that held out the row's fold. Targets are computed from the
     logits *as stored* (rounded to the storage dtype), so that a reader re-deriving them from `member_logits`
     gets the stored `targets` back.
@@ -133,23 +138,23 @@ def _make_forwards(teachers: list[Teacher], spec: CacheSpec, mesh):
     logits = jnp.take_along_axis(runs, jnp.maximum(fold, 0)[:, None, None, None], axis=2)[:, :, 0]
     stored = logits.astype(storage_dtype)
     targets = combine_log_probs(stored, spec.temperature, spec.combine).astype(storage_dtype)
-    return stored, targets, jnp.all(jnp.isfinite(stored), axis=-1)
+    return stored, targets, jnp.all(jnp.isfinite(stored), axis=-1), jnp.all(jnp.isfinite(targets), axis=-1)
 
   def eval_forward(params, x):
     stored = jnp.mean(run_logits(params, x), axis=2).astype(storage_dtype)
     return stored, jnp.all(jnp.isfinite(stored), axis=-1)
 
   data, params = batch_sharding(mesh), replicated(mesh)
-  return (jax.jit(rows_forward, in_shardings=(params, data, data), out_shardings=(data, data, data)),
+  return (jax.jit(rows_forward, in_shardings=(params, data, data), out_shardings=(data, data, data, data)),
           jax.jit(eval_forward, in_shardings=(params, data), out_shardings=(data, data)))
 
 
 def _open_store(config: BuildConfig, spec: CacheSpec) -> Cache | None:
-  """Creates the store, or reopens one with the same build key to resume; None when it is already complete."""
-  if os.path.exists(config.out) and config.overwrite:
-    _log(f"--overwrite: removing {config.out}")
-    shutil.rmtree(config.out) if os.path.isdir(config.out) else os.remove(config.out)
-  if os.path.exists(config.out):
+  """Creates the store, or reopens one with the same build key to resume; None when it is already complete.
+  Call it holding the output's lock."""
+  if config.overwrite:
+    clear_for_overwrite(config.out, STORE)
+  if os.path.exists(config.out) and os.listdir(config.out):
     try:
       existing = open_cache(config.out, mode="r+", require_complete=False)
     except StillroomError as e:
@@ -161,13 +166,18 @@ def _open_store(config: BuildConfig, spec: CacheSpec) -> Cache | None:
           f"--out {config.out!r} holds a cache built with other settings:\n  " + "\n  ".join(differences)
           + "\nPass --overwrite to replace it, or choose another --out.")
     if existing.complete:
+      problems = integrity_problems(existing)
+      if problems:
+        raise StillroomError(f"--out {config.out!r} holds a complete cache with these settings, but it is damaged: "
+                             f"{'; '.join(problems)}. Pass --overwrite to rebuild it.")
       _log(f"{config.out} is already complete with these settings; nothing to do.")
       return None
     _remove_partial_files(config.out)
     create_arrays(existing.group, existing.spec)
     return existing
-  group = zarr.open_group(config.out, mode="w-", attributes={SPEC_KEY: spec.to_attrs()})
-  create_arrays(group, spec)
+  with storage_errors(f"creating the store {config.out}"):
+    group = zarr.open_group(config.out, mode="w-", attributes={SPEC_KEY: spec.to_attrs()})
+    create_arrays(group, spec)
   return Cache(path=config.out, group=group, spec=spec, completion=None)
 
 
@@ -225,6 +235,14 @@ class ChunkWriter:
       raise StillroomError(f"writing the cache failed: {self._error}") from self._error
 
 
+def _input_paths(config: BuildConfig) -> list[str]:
+  """The files and directories the build reads: teacher run dirs, an npz dataset, the data dir."""
+  paths = [teacher for teacher in config.teachers if os.path.exists(teacher)]
+  if config.dataset.startswith(NPZ_PREFIX):
+    paths.append(config.dataset[len(NPZ_PREFIX):])
+  return paths + ([config.data_dir] if config.data_dir else [])
+
+
 def _eval_set(config: BuildConfig, transfer_set: TransferSet) -> TransferSet | None:
   """The eval split whose member logits the cache stores: as asked, or 'test' if the dataset has one."""
   if config.eval_split == NO_EVAL:
@@ -250,22 +268,33 @@ def build_cache(config: BuildConfig) -> str:
       outputs (naming the member and example index; the store is left incomplete).
   """
   validate_settings(temperature=config.temperature, combine=config.combine, dtype=config.dtype,
-                    views=config.views, chunk_rows=config.chunk_rows)
+                    views=config.views, chunk_rows=config.chunk_rows, seed=config.seed, max_shift=config.max_shift,
+                    folds=config.folds)
+  if config.batch_size < 1:
+    raise StillroomError(f"--batch-size must be >= 1, got {config.batch_size}.")
   if not config.teachers:
     raise StillroomError("give at least one --teacher (a run dir or module:function).")
   if not config.out:
     raise StillroomError("give --out CACHE.zarr.")
+  check_output(config.out, STORE, config.overwrite)
+  check_not_an_input(config.out, _input_paths(config), "--out")
   mesh = data_mesh()
   check_batch_size(config.batch_size, mesh)
+  devices = mesh.devices.size
+  batch_size = min(config.batch_size, -(-config.chunk_rows // devices) * devices)
+  if batch_size < config.batch_size:  # A batch never spans two chunks: more rows would only be padding.
+    _log(f"--batch-size {config.batch_size} is more than a chunk ({config.chunk_rows} rows): batches of {batch_size}")
+    config = dataclasses.replace(config, batch_size=batch_size)
   transfer_set = open_transfer_set(config.dataset, config.split, config.data_dir)
   if config.views > 1 and len(transfer_set.input_shape) < 2:
     raise StillroomError(f"--views {config.views} needs image inputs; {config.dataset!r} holds flat vectors of "
                          f"shape {transfer_set.input_shape}, which take no augmentation. Use --views 1.")
+  check_max_shift(config.max_shift, transfer_set.input_shape, "--max-shift")
   eval_set = _eval_set(config, transfer_set)
   teachers = [load_teacher(reference) for reference in config.teachers]
   if config.folds > 1:
     _check_folds(teachers, config.folds)
-  members, num_classes = _member_specs(teachers, transfer_set)
+  members, num_classes = _member_specs(teachers, transfer_set, config.batch_size)
   spec = CacheSpec(
       temperature=float(config.temperature), combine=config.combine, members=tuple(members),
       dataset=transfer_set.describe(), eval_dataset=None if eval_set is None else eval_set.describe(),
@@ -273,11 +302,13 @@ def build_cache(config: BuildConfig) -> str:
       augmentation=Augmentation(seed=config.seed, max_shift=config.max_shift, flip=config.flip),
       dtype=config.dtype, chunk_rows=config.chunk_rows, folds=config.folds, software_version=__version__,
       created_at=now_iso())
-  cache = _open_store(config, spec)
-  if cache is None:
-    return config.out
-  _write_chunks(cache, transfer_set, eval_set, teachers, mesh, config)
-  cache.group.attrs[COMPLETE_KEY] = {"finished_at": now_iso(), "rows": cache.spec.num_rows}
+  with OutputLock(config.out, "teacher-cache build"):
+    cache = _open_store(config, spec)
+    if cache is None:
+      return config.out
+    _write_chunks(cache, transfer_set, eval_set, teachers, mesh, config)
+    with storage_errors(f"writing the completion record of {config.out}"):
+      cache.group.attrs[COMPLETE_KEY] = {"finished_at": now_iso(), "rows": cache.spec.num_rows}
   spec = cache.spec
   _log(f"wrote {spec.num_rows} rows ({len(transfer_set)} examples x {spec.views} views, {spec.num_members} members"
        + (f" of {spec.folds} cross-fitted runs" if spec.folds > 1 else "") + f", {spec.num_classes} classes)"
@@ -331,11 +362,16 @@ def _write_chunks(cache: Cache, transfer_set: TransferSet, eval_set: TransferSet
       index = transfer_set.indices[position]
       shift, flip = spec.augmentation.view_params(index, view)
       fold = fold_of(index, spec.folds)
-      logits, targets, finite = run_batches(rows_forward, stop - start, lambda part: (
+      logits, targets, finite, finite_targets = run_batches(rows_forward, stop - start, lambda part: (
           apply_view(transfer_set.inputs[position[part]], shift[part], flip[part]), fold[part]))
       _check_finite(finite, lambda row, member: (
           spec.members[member * spec.folds + max(int(fold[row]), 0)].name, member, index[row],
           f"view {int(view[row])}"), cache)
+      if not finite_targets.all():
+        row = int(np.argmin(finite_targets))
+        raise StillroomError(f"the {spec.combine} targets at T={spec.temperature:g} are not finite for example index "
+                             f"{int(index[row])} (view {int(view[row])}) although every member's logits are: T is "
+                             f"too small for these logits; the store {cache.path} is left incomplete.")
       writer.put(ROWS, chunk, start, stop, {
           "targets": targets, "member_logits": logits, "index": index, "view": view, "labels": labels[position],
           "shift": shift, "flip": flip, "fold": fold})

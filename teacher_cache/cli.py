@@ -27,12 +27,12 @@ example:
 
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="teacher-cache", description=_DESCRIPTION,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
   commands = parser.add_subparsers(dest="command", required=True)
 
   layout = "\n".join(f"  {a.name:<20} {a.shape:<24} {a.dtype:<8} {a.meaning}" for a in LAYOUT)
   build = commands.add_parser(
-      "build", help="build (or resume) a cache", formatter_class=argparse.RawDescriptionHelpFormatter,
+      "build", allow_abbrev=False, help="build (or resume) a cache", formatter_class=argparse.RawDescriptionHelpFormatter,
       description="Build a cache; running the same command again resumes an interrupted build.\n\n"
                   f"Arrays (R rows = examples x views, E eval examples, M members, C classes; 'storage' = --dtype):"
                   f"\n{layout}")
@@ -41,12 +41,12 @@ def _parser() -> argparse.ArgumentParser:
                           "an nnx.Module or (apply_fn, params); repeat for each member")
   add_options(build, BuildConfig, required=("out",))
 
-  info = commands.add_parser("info", help="spec and teacher statistics of a cache")
-  info.add_argument("cache", metavar="CACHE.zarr")
+  info = commands.add_parser("info", allow_abbrev=False, help="spec and teacher statistics of a cache")
+  info.add_argument("cache", metavar="CACHE.zarr", help="a store written by `teacher-cache build`")
   info.add_argument("--json", action="store_true", help="print one JSON object")
 
-  verify = commands.add_parser("verify", help="check a cache; exit 1 if any check fails")
-  verify.add_argument("cache", metavar="CACHE.zarr")
+  verify = commands.add_parser("verify", allow_abbrev=False, help="check a cache; exit 1 if any check fails")
+  verify.add_argument("cache", metavar="CACHE.zarr", help="a store written by `teacher-cache build`")
   verify.add_argument("--dataset", help="check against this dataset (default: the one the cache records, if it "
                                         "can be opened here)")
   verify.add_argument("--split", help="its split (default: the one the cache records)")
@@ -111,12 +111,14 @@ def main(argv: list[str] | None = None) -> None:
       print(json.dumps(info, indent=2)) if args.json else _print_info(info)
     elif args.command == "verify":
       checks = verify_cache(args.cache, args.dataset, args.split, args.data_dir)
+      failed = any(c.failed for c in checks)
       if args.json:
-        print(json.dumps({"ok": all(c.ok for c in checks), "checks": [dataclasses.asdict(c) for c in checks]}))
+        print(json.dumps({"ok": not failed, "checks": [dataclasses.asdict(c) for c in checks]}))
       else:
         for check in checks:
-          print(f"{'ok  ' if check.ok else 'FAIL'}  {check.name}" + (f"  ({check.detail})" if check.detail else ""))
-      if not all(c.ok for c in checks):
+          status = "skip" if check.ok is None else "ok  " if check.ok else "FAIL"
+          print(f"{status}  {check.name}" + (f"  ({check.detail})" if check.detail else ""))
+      if failed:
         sys.exit(1)
     elif args.command == "models":
       print_models(args)

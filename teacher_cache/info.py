@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from shared.cache import EVAL_ROWS, ROWS, open_cache
+from shared.cache import EVAL_ROWS, ROWS, check_integrity, open_cache
 from shared.ensemble import combine_log_probs
 
 
@@ -38,6 +38,7 @@ def cache_info(path: str) -> dict:
                             for name in spec.arrays_of(ROWS) if spec.array(name).role != "bookkeeping"}}
   if not cache.complete:
     return info
+  check_integrity(cache)
   cache.require(("targets", "member_logits", "labels", "view"), "the teacher statistics of `info`")
   num_members = spec.num_members
   member_correct = np.zeros(num_members)

@@ -5,6 +5,7 @@ memory bounded by one chunk. A damaged chunk is reported as a failure and the ot
 """
 
 import dataclasses
+import os
 
 import numpy as np
 
@@ -19,9 +20,15 @@ _SHOWN = 3  # Failures listed per check.
 
 @dataclasses.dataclass(frozen=True)
 class Check:
+  """One property of a cache: ok, failed, or (ok None) not checked, with why."""
+
   name: str
-  ok: bool
+  ok: bool | None
   detail: str = ""
+
+  @property
+  def failed(self) -> bool:
+    return self.ok is False
 
 
 def _storage_tolerance(dtype: np.dtype, reference: np.ndarray) -> np.ndarray:
@@ -36,19 +43,23 @@ def _listed(items: list, total: int | None = None) -> str:
 
 
 def _open_dataset(recorded: DatasetSpec, name: str | None, split: str | None, data_dir: str | None,
-                  what: str) -> tuple[TransferSet | None, Check | None]:
+                  what: str) -> tuple[TransferSet | None, Check]:
   """The dataset to check against: the one given, else the one the spec names if it can be opened here.
 
   Returns:
-    The transfer set when its fingerprint matches (else None), and the fingerprint check (None when the spec's
-    dataset could not be opened and none was given).
+    The transfer set when its fingerprint matches (else None), and the fingerprint check (not checked when the
+    spec's dataset cannot be opened here and none was given).
+
+  Raises:
+    StillroomError: a dataset or split given on the command line cannot be opened.
   """
   try:
     transfer_set = open_transfer_set(name or recorded.name, split or recorded.split, data_dir)
-  except StillroomError:
-    if name is not None:
+  except StillroomError as e:
+    if name is not None or split is not None:
       raise
-    return None, None  # The dataset is not available here: checks that need it are left out.
+    return None, Check(f"{what} fingerprint", None, f"not checked: {str(e).splitlines()[0]} (give --dataset, "
+                                                    "--split, --data-dir)")
   same = transfer_set.fingerprint == recorded.fingerprint
   detail = "" if same else (f"{transfer_set.name} {transfer_set.split}: {transfer_set.fingerprint[:16]}… vs cache "
                             f"{recorded.fingerprint[:16]}…")
@@ -64,7 +75,12 @@ def verify_cache(path: str, dataset: str | None = None, split: str | None = None
   Returns:
     One `Check` per property; the cache is sound when all are ok.
   """
-  cache = open_cache(path, require_complete=False)
+  try:
+    cache = open_cache(path, require_complete=False)
+  except StillroomError as e:
+    if not os.path.exists(path):
+      raise
+    return [Check("spec", False, str(e))]  # A damaged spec is a finding, not a crash.
   spec = cache.spec
   checks = [Check("complete", cache.complete, "" if cache.complete else "no completion record: build interrupted")]
   problems = layout_problems(cache.group, spec)
@@ -82,12 +98,12 @@ def verify_cache(path: str, dataset: str | None = None, split: str | None = None
     checks.append(Check("every chunk present", not missing, "; ".join(
         f"{name}: chunks {_listed(chunks)} missing" for name, chunks in missing.items())))
   transfer_set, fingerprint = _open_dataset(spec.dataset, dataset, split, data_dir, "dataset")
-  checks += [fingerprint] if fingerprint else []
+  checks.append(fingerprint)
   eval_set = None
   if spec.eval_dataset is not None:
     eval_set, eval_fingerprint = _open_dataset(spec.eval_dataset, dataset, spec.eval_dataset.split, data_dir,
                                                "eval split")
-    checks += [eval_fingerprint] if eval_fingerprint else []
+    checks.append(eval_fingerprint)
 
   damaged: list[str] = []
 
@@ -163,10 +179,12 @@ def verify_cache(path: str, dataset: str | None = None, split: str | None = None
   if spec.eval_dataset is not None:
     checks.append(Check("eval rows' index replays from the eval split", not eval_failures,
                         f"first bad eval rows {_listed(eval_failures)}" if eval_failures else ""))
-  if transfer_set is not None:
-    checks.append(Check("labels match the dataset", not label_failures,
-                        f"first bad rows {_listed(label_failures)}" if label_failures else ""))
-  if eval_set is not None:
-    checks.append(Check("eval labels match the eval split", not eval_label_failures,
-                        f"first bad eval rows {_listed(eval_label_failures)}" if eval_label_failures else ""))
+  unchecked = "not checked: the dataset is not available or not the one recorded"
+  checks.append(Check("labels match the dataset", None, unchecked) if transfer_set is None else Check(
+      "labels match the dataset", not label_failures,
+      f"first bad rows {_listed(label_failures)}" if label_failures else ""))
+  if spec.eval_dataset is not None:
+    checks.append(Check("eval labels match the eval split", None, unchecked) if eval_set is None else Check(
+        "eval labels match the eval split", not eval_label_failures,
+        f"first bad eval rows {_listed(eval_label_failures)}" if eval_label_failures else ""))
   return checks
