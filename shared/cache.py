@@ -20,6 +20,7 @@ import datetime
 import math
 import os
 import sys
+import warnings
 
 import numpy as np
 import zarr
@@ -528,7 +529,9 @@ def layout_problems(group: zarr.Group, spec: CacheSpec, *, missing_ok: bool = Fa
     missing_ok: do not report missing arrays (a build resuming after a kill creates them).
   """
   problems = []
-  present = set(group.array_keys())
+  with warnings.catch_warnings():  # zarr warns about a directory whose metadata is gone; we report it below.
+    warnings.simplefilter("ignore")
+    present = set(group.array_keys())
   for array in spec.arrays:
     if array.name not in present:
       if not missing_ok:
@@ -553,7 +556,9 @@ def create_arrays(group: zarr.Group, spec: CacheSpec) -> None:
   problems = layout_problems(group, spec, missing_ok=True)
   if problems:
     raise StillroomError(f"the store {group.store} does not match its spec: {'; '.join(problems)}. Use --overwrite.")
-  present = set(group.array_keys())
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    present = set(group.array_keys())
   for array in spec.arrays:
     if array.name not in present:
       group.create_array(array.name, shape=array.shape, dtype=array.dtype, chunks=array.chunks, fill_value=0,

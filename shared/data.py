@@ -254,10 +254,9 @@ def _load_npz(name: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int 
 def _offline_preparation_hint(name: str, data_dir: str | None) -> str:
   target = data_dir or "~/tensorflow_datasets"
   return (
-      f"Prepare it on a machine with network access:\n"
-      f"  python -c \"import tensorflow_datasets as tfds; tfds.builder('{name}', data_dir='DIR', "
-      f"file_format='array_record').download_and_prepare()\"\n"
-      f"then copy DIR to this machine and pass --data-dir DIR (looked in {target}).")
+      f"Prepare it on a machine with network access: python -c \"import tensorflow_datasets as tfds; "
+      f"tfds.builder('{name}', data_dir='DIR', file_format='array_record').download_and_prepare()\", then copy DIR "
+      f"to this machine and pass --data-dir DIR (looked in {target}).")
 
 
 def _open_tfds(name: str, data_dir: str | None):
@@ -288,7 +287,7 @@ def _open_tfds(name: str, data_dir: str | None):
         raise StillroomError(f"dataset {name!r} has no split {split_name!r}; valid splits: {known}.") from e
       raise StillroomError(
           f"dataset {name!r} (split {split_name!r}) is not prepared for random access in "
-          f"{data_dir or 'the default data dir'}, and nothing can be downloaded here.\n"
+          f"{data_dir or 'the default data dir'}, and nothing can be downloaded here. "
           + _offline_preparation_hint(name, data_dir)) from e
 
   return source_of, num_classes, (image_key, label_key)

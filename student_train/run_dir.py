@@ -7,7 +7,9 @@
                              "params" (the model's parameters, what teachers load), "meta" ({"epoch": E})
 """
 
+import contextlib
 import json
+import logging
 import os
 import sys
 
@@ -50,8 +52,8 @@ def prepare_run_dir(plan: RunPlan) -> bool:
       existing = json.load(f)
     differences = config_differences(existing.get("resolved", {}), json.loads(json.dumps(record)))
     if differences:
-      raise StillroomError(f"run dir {out!r} holds a run with another config:\n  " + "\n  ".join(differences)
-                           + "\nPass --overwrite to replace it, or choose another --out.")
+      raise StillroomError(f"run dir {out!r} holds a run with another config: " + "; ".join(differences)
+                           + ". Pass --overwrite to replace it, or choose another --out.")
     return is_finished(out)
   if os.path.exists(out) and os.listdir(out):
     raise StillroomError(f"--out {out!r} exists and is not a run dir; pass --overwrite or choose another --out.")
@@ -88,6 +90,26 @@ def checkpointable(state) -> dict:
   return nnx.to_pure_dict(nnx.filter_state(state, nnx.Not(nnx.RngState)))
 
 
+@contextlib.contextmanager
+def _quiet_orbax_failures():
+  """While saving: orbax logs every failed background write with a traceback, and its threads then report a closed
+  event loop, hundreds of lines for one full disk. The failure itself still raises, and is reported in one line."""
+  loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+  levels, hook = [logger.level for logger in loggers], sys.unraisablehook
+
+  def quiet_hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError) and "closed" in str(unraisable.exc_value)):
+      hook(unraisable)
+
+  for logger in loggers:
+    logger.setLevel(logging.CRITICAL)
+  sys.unraisablehook = quiet_hook
+  yield  # After a failure orbax's threads keep reporting it until the process exits: stay quiet then too.
+  for logger, level in zip(loggers, levels):
+    logger.setLevel(level)
+  sys.unraisablehook = hook
+
+
 class Checkpoints:
   """One run's orbax checkpoints, numbered by the epochs trained."""
 
@@ -106,14 +128,15 @@ class Checkpoints:
     """
     params = nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, state)[0], nnx.Param))
     try:
-      self.manager.save(epoch, args=ocp.args.Composite(**{
-          STATE_ITEM: ocp.args.StandardSave(checkpointable(state)), PARAMS_ITEM: ocp.args.StandardSave(params),
-          META_ITEM: ocp.args.JsonSave({"epoch": epoch})}))
-      self.manager.wait_until_finished()
+      with _quiet_orbax_failures():
+        self.manager.save(epoch, args=ocp.args.Composite(**{
+            STATE_ITEM: ocp.args.StandardSave(checkpointable(state)), PARAMS_ITEM: ocp.args.StandardSave(params),
+            META_ITEM: ocp.args.JsonSave({"epoch": epoch})}))
+        self.manager.wait_until_finished()
     except Exception as e:  # Orbax wraps storage failures in several types; the message names the cause.
-      raise StillroomError(f"saving the checkpoint of {self.out} after epoch {epoch} failed "
-                           f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); the run "
-                           "keeps its previous checkpoint and resumes from it.") from e
+      message = str(e).splitlines()[0] if str(e) else ""
+      raise StillroomError(f"saving the checkpoint of {self.out} after epoch {epoch} failed ({type(e).__name__}: "
+                           f"{message[:240]}); the run keeps its previous checkpoint and resumes from it.") from e
 
   def restore(self, state, epoch: int):
     """`state` with the checkpoint of `epoch` restored into it (RNG streams kept)."""

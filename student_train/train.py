@@ -99,8 +99,8 @@ def fit_group(configs: list[FitConfig], *, log_epochs: bool = True,
       raise StillroomError(f"runs {plans[0].config.out!r} and {plan.config.out!r} cannot train together: they differ "
                            f"in {', '.join(differing)}, which decide the batches.")
   for plan in plans:
-    check_output(plan.config.out, RUN_DIR, plan.config.overwrite)
     check_not_an_input(plan.config.out, plan.input_paths(), "--out")
+    check_output(plan.config.out, RUN_DIR, plan.config.overwrite)
   with contextlib.ExitStack() as locks:
     for plan in plans:
       locks.enter_context(OutputLock(plan.config.out, "student-train fit"))

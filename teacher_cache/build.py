@@ -163,8 +163,8 @@ def _open_store(config: BuildConfig, spec: CacheSpec) -> Cache | None:
     differences = existing.spec.mismatches(spec)
     if differences:
       raise StillroomError(
-          f"--out {config.out!r} holds a cache built with other settings:\n  " + "\n  ".join(differences)
-          + "\nPass --overwrite to replace it, or choose another --out.")
+          f"--out {config.out!r} holds a cache built with other settings: " + "; ".join(differences)
+          + ". Pass --overwrite to replace it, or choose another --out.")
     if existing.complete:
       problems = integrity_problems(existing)
       if problems:
@@ -276,8 +276,8 @@ def build_cache(config: BuildConfig) -> str:
     raise StillroomError("give at least one --teacher (a run dir or module:function).")
   if not config.out:
     raise StillroomError("give --out CACHE.zarr.")
-  check_output(config.out, STORE, config.overwrite)
   check_not_an_input(config.out, _input_paths(config), "--out")
+  check_output(config.out, STORE, config.overwrite)
   mesh = data_mesh()
   check_batch_size(config.batch_size, mesh)
   devices = mesh.devices.size

@@ -217,7 +217,7 @@ def test_bad_input_fails_cleanly_and_leaves_the_store_untouched(tmp_path, data_d
       (build_args(existing_store, [str(untrained)], data_dir), "has no checkpoints/"),
       (build_args(existing_store, [good[0], five_classes], data_dir), "different class counts"),
       (build_args(existing_store, good, data_dir, "--temperature", "2"),
-       r"other settings:\n  temperature: 4.0 \(store\) vs 2.0 \(command\)\nPass --overwrite"),
+       r"other settings: temperature: 4.0 \(store\) vs 2.0 \(command\)\. Pass --overwrite"),
       (build_args(existing_store, good, data_dir, "--views", "2", "--dtype", "float32"), "views: 1 .*dtype: float16"),
       (build_args(existing_store, good[:1], data_dir), "member_digests"),
       (build_args(existing_store, good, data_dir, split="train[:200]"), "dataset_fingerprint"),

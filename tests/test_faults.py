@@ -1,0 +1,646 @@
+"""The fault catalogue: damaged stores, full and read-only disks, concurrent writers, unsafe --overwrite, bad data,
+bad settings and bad teachers. Each is refused with the right exit code and one line that names the problem, and
+no existing store or run dir changes. The CLIs run in-process (`main(argv)`), so the module stays fast."""
+
+import errno
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import zarr
+from conftest import digits_cache, make_teacher, run_cli, tree_digest
+
+from shared.cache import COMPLETE_KEY, SPEC_KEY
+from student_train.cli import main as student_main
+from teacher_cache.cli import main as cache_main
+
+FAULTS = {}
+
+
+def fault(name):
+  """Registers a fault: a function of (env, tmp_path, monkeypatch) returning
+  (main, argv, expected exit code, pattern of the one error line, paths that must not change)."""
+  def register(function):
+    FAULTS[name] = function
+    return function
+  return register
+
+
+class Env:
+  """What the faults act on: a complete store, a finished run dir, teachers, datasets."""
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, data_dir, teachers):
+  e = Env()
+  e.data_dir, e.teachers = data_dir, teachers[:2]
+  e.store = digits_cache(tmp_path_factory, data_dir, e.teachers, split="train[:200]", chunk_rows=64)
+  root = tmp_path_factory.mktemp("faults")
+  e.run = str(root / "run")
+  assert run_cli(student_main, ["fit", "--dataset", "digits", "--split", "train[:200]", "--data-dir", data_dir,
+                                "--model", "mlp-tiny", "--epochs", "1", "--no-progress", "--out", e.run],
+                 _NoCapture())[0] == 0
+  e.notes = root / "notes"
+  e.notes.mkdir()
+  (e.notes / "thesis.txt").write_text("months of work")
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(40, 6)).astype(np.float32)
+  y = rng.integers(0, 3, 40)
+  for name, arrays in {
+      "ok": {"x": x, "y": y},
+      "nan": {"x": np.where(np.arange(40)[:, None] == 7, np.nan, x).astype(np.float32), "y": y},
+      "inf": {"x": np.where(np.arange(40)[:, None] == 9, np.inf, x).astype(np.float32), "y": y},
+      "strings": {"x": np.array([[str(v) for v in row] for row in x]), "y": y},
+      "complex": {"x": x + 1j * x, "y": y},
+      "huge_label": {"x": x, "y": np.where(np.arange(40) == 3, 10 ** 9, y)},
+  }.items():
+    np.savez(root / f"{name}.npz", **arrays)
+    setattr(e, f"npz_{name}", f"npz:{root / f'{name}.npz'}")
+  e.flat_teacher = make_teacher(root / "flat_teacher", input_shape=(6,), num_classes=3,
+                                normalization={"shift": 0.0, "scale": 1.0})
+  (root / "bad_teachers.py").write_text(textwrap.dedent("""
+      import jax.numpy as jnp
+      import numpy as np
+      W = jnp.asarray(np.random.default_rng(0).normal(size=(64, 10)).astype(np.float32))
+
+      def ignores_batch():  # Averages over the batch: one row of logits for any batch.
+        return (lambda params, x: jnp.mean(x.reshape(len(x), -1), axis=0, keepdims=True) @ params), W
+
+      def one_dimensional():
+        return (lambda params, x: (x.reshape(len(x), -1) @ params).sum(-1)), W
+      """))
+  e.root = root
+  return e
+
+
+class _NoCapture:
+  def readouterr(self):
+    return type("Captured", (), {"out": "", "err": ""})()
+
+
+def _build(env, out, *extra, split="train[:200]", teachers=None):
+  return ["build", "--dataset", "digits", "--split", split, "--data-dir", env.data_dir, "--chunk-rows", "64",
+          "--views", "2", *[a for t in (teachers or env.teachers) for a in ("--teacher", t)], "--out", str(out),
+          "--no-progress", *extra]
+
+
+def _fit(env, *extra):
+  return ["fit", "--data-dir", env.data_dir, "--model", "mlp-tiny", "--epochs", "1", "--no-progress", *extra]
+
+
+def _copy_store(env, tmp_path) -> str:
+  copy = str(tmp_path / "c.zarr")
+  shutil.copytree(env.store, copy)
+  return copy
+
+
+def _chunk(store, array, chunk):
+  ndim = len(json.load(open(os.path.join(store, array, "zarr.json")))["shape"])
+  return os.path.join(store, array, "c", str(chunk), *["0"] * (ndim - 1))
+
+
+def _flip_byte(path, offset=40):
+  with open(path, "r+b") as f:
+    f.seek(offset)
+    byte = f.read(1)
+    f.seek(offset)
+    f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def _edit_spec(store, edit):
+  path = os.path.join(store, "zarr.json")
+  meta = json.load(open(path))
+  edit(meta["attributes"])
+  json.dump(meta, open(path, "w"))
+
+
+# --- Store damage ----------------------------------------------------------------------------------------------
+
+@fault("fit on a store with a deleted chunk")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  os.remove(_chunk(store, "targets", 2))
+  return student_main, _fit(env, "--cache", store, "--out", tmp_path / "r"), 2, r"array 'targets' is missing chunk", [store]
+
+
+@fault("info on a store with a deleted chunk")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  os.remove(_chunk(store, "member_logits", 1))
+  return cache_main, ["info", store], 2, r"array 'member_logits' is missing chunk\(s\) 1", [store]
+
+
+@fault("verify on a store with a deleted chunk")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  os.remove(_chunk(store, "flip", 3))
+  return cache_main, ["verify", store, "--data-dir", env.data_dir], 1, r"FAIL  every chunk present.*flip: chunks 3", [store]
+
+
+@fault("fit on a store with a byte-flipped targets chunk")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  _flip_byte(_chunk(store, "targets", 1))
+  return (student_main, _fit(env, "--cache", store, "--out", tmp_path / "r"), 2,
+          r"chunk 1 of array 'targets' is damaged \(ValueError: Stored and computed checksum", [store])
+
+
+@fault("fit re-deriving targets from a byte-flipped member_logits chunk")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  _flip_byte(_chunk(store, "member_logits", 3))
+  return (student_main, _fit(env, "--cache", store, "--temperature", "2", "--out", tmp_path / "r"), 2,
+          r"chunk 3 of array 'member_logits' is damaged", [store])
+
+
+@fault("info on a store with a byte-flipped chunk")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  _flip_byte(_chunk(store, "targets", 0))
+  return cache_main, ["info", store], 2, r"chunk 0 of array 'targets' is damaged", [store]
+
+
+@fault("verify on a store with a byte-flipped index chunk")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  _flip_byte(_chunk(store, "index", 2))
+  return (cache_main, ["verify", store, "--data-dir", env.data_dir], 1,
+          r"FAIL  chunks intact \(checksums\).*index chunk 2", [store])
+
+
+@fault("fit on a store with a truncated chunk")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  path = _chunk(store, "labels", 2)
+  open(path, "r+b").truncate(50)
+  return student_main, _fit(env, "--cache", store, "--out", tmp_path / "r"), 2, r"chunk 2 of array 'labels' is damaged", [store]
+
+
+@fault("verify on a store with a truncated chunk")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  open(_chunk(store, "member_logits", 0), "r+b").truncate(10)
+  return (cache_main, ["verify", store, "--data-dir", env.data_dir], 1, r"FAIL  chunks intact.*member_logits chunk 0",
+          [store])
+
+
+@fault("fit on a spec with a deleted key")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  _edit_spec(store, lambda attrs: attrs[SPEC_KEY].pop("temperature"))
+  return (student_main, _fit(env, "--cache", store, "--out", tmp_path / "r"), 2,
+          r"spec is damaged or hand-edited: TypeError: .*temperature", [store])
+
+
+@fault("fit on a spec with a key of the wrong type")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  _edit_spec(store, lambda attrs: attrs[SPEC_KEY].update(views="two"))
+  return student_main, _fit(env, "--cache", store, "--out", tmp_path / "r"), 2, r"spec is damaged or hand-edited", [store]
+
+
+@fault("fit on a spec whose class count was edited")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  _edit_spec(store, lambda attrs: attrs[SPEC_KEY].update(num_classes=5))
+  return (student_main, _fit(env, "--cache", store, "--out", tmp_path / "r"), 2,
+          r"list of arrays does not match its settings", [store])
+
+
+@fault("verify on a spec whose example count was edited")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  _edit_spec(store, lambda attrs: attrs[SPEC_KEY]["dataset"].update(count=140))
+  return cache_main, ["verify", store], 1, r"FAIL  spec .*list of arrays does not match", [store]
+
+
+@fault("the build again on a complete store whose array metadata is gone")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  os.remove(os.path.join(store, "fold", "zarr.json"))
+  return cache_main, _build(env, store), 2, r"damaged: array 'fold' is missing.*--overwrite", [store]
+
+
+@fault("fit on a store whose array metadata is gone")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  os.remove(os.path.join(store, "targets", "zarr.json"))
+  return student_main, _fit(env, "--cache", store, "--out", tmp_path / "r"), 2, r"array 'targets' is missing", [store]
+
+
+@fault("fit on a store with an uncommitted chunk")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  zarr.open_group(store, mode="r+")["chunk_committed"][2] = False
+  return (student_main, _fit(env, "--cache", store, "--out", tmp_path / "r"), 2,
+          r"chunk\(s\) of 'chunk_committed' are not committed \(first: chunk 2\)", [store])
+
+
+@fault("fit on a store whose completion record was edited")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  _edit_spec(store, lambda attrs: attrs[COMPLETE_KEY].update(rows=5))
+  return (student_main, _fit(env, "--cache", store, "--out", tmp_path / "r"), 2,
+          r"completion record says 5 rows, the spec 400", [store])
+
+
+@fault("fit on an incomplete store")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  _edit_spec(store, lambda attrs: attrs.pop(COMPLETE_KEY))
+  return student_main, _fit(env, "--cache", store, "--out", tmp_path / "r"), 2, r"is not complete", [store]
+
+
+# --- Full and read-only disks (patched writers) ------------------------------------------------------------------
+
+def _no_space(*args, **kwargs):
+  raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@fault("disk full while creating the arrays")
+def _(env, tmp_path, mp):
+  mp.setattr(zarr.Group, "create_array", _no_space)
+  return cache_main, _build(env, tmp_path / "new.zarr"), 2, r"creating the store .* failed: No space left on device", [env.store]
+
+
+@fault("disk full while writing chunks")
+def _(env, tmp_path, mp):
+  import teacher_cache.build as build
+  mp.setattr(build, "writable", lambda group, name: type("Full", (), {"__setitem__": _no_space})())
+  return (cache_main, _build(env, tmp_path / "new.zarr"), 2, r"writing the cache failed: .*No space left on device",
+          [env.store])
+
+
+@fault("disk full while writing the completion record")
+def _(env, tmp_path, mp):
+  import teacher_cache.build as build
+  original = build.ChunkWriter.close
+
+  def close_then_fill(self):
+    original(self)
+    mp.setattr(zarr.core.attributes.Attributes, "__setitem__", _no_space)
+
+  mp.setattr(build.ChunkWriter, "close", close_then_fill)
+  return (cache_main, _build(env, tmp_path / "new.zarr"), 2,
+          r"writing the completion record of .* failed: No space left on device", [env.store])
+
+
+@fault("disk full while checkpointing")
+def _(env, tmp_path, mp):
+  import orbax.checkpoint as ocp
+
+  def full(*args, **kwargs):  # What orbax raises when tensorstore cannot write.
+    raise ValueError("RESOURCE_EXHAUSTED: Error writing local file: No space left on device [os_error_code='28']")
+
+  mp.setattr(ocp.CheckpointManager, "save", full)
+  return (student_main, _fit(env, "--dataset", "digits", "--split", "train[:200]", "--out", tmp_path / "r"), 2,
+          r"saving the checkpoint of .* after epoch 1 failed .*No space left on device", [env.run])
+
+
+@fault("read-only output")
+def _(env, tmp_path, mp):
+  real_open = os.open
+
+  def read_only(path, *args, **kwargs):
+    if str(path).startswith(str(tmp_path)):
+      raise OSError(errno.EROFS, "Read-only file system", str(path))
+    return real_open(path, *args, **kwargs)
+
+  mp.setattr(os, "open", read_only)
+  return cache_main, _build(env, tmp_path / "new.zarr"), 2, r"Read-only file system: .*new\.zarr\.lock", [env.store]
+
+
+@fault("build --out an existing file")
+def _(env, tmp_path, mp):
+  (tmp_path / "file").write_text("x")
+  return cache_main, _build(env, tmp_path / "file"), 2, r"--out .*file' is a file", [tmp_path / "file"]
+
+
+@fault("fit --out an existing file")
+def _(env, tmp_path, mp):
+  (tmp_path / "file").write_text("x")
+  return (student_main, _fit(env, "--dataset", "digits", "--out", tmp_path / "file"), 2, r"--out .*file' is a file",
+          [tmp_path / "file"])
+
+
+# --- Concurrent writers ------------------------------------------------------------------------------------------
+
+def _held_lock(out, tmp_path) -> subprocess.Popen:
+  """A live process holding the lock of `out`."""
+  holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+  with open(str(out).rstrip("/") + ".lock", "w") as f:
+    json.dump({"host": __import__("socket").gethostname(), "pid": holder.pid, "command": "teacher-cache build",
+               "since": "2026-11-25T10:00:00+00:00"}, f)
+  return holder
+
+
+@fault("a second build into a store being built")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  env.holder = _held_lock(store, tmp_path)
+  return (cache_main, _build(env, store), 2,
+          rf"is being written by process {env.holder.pid} on .* \(teacher-cache build\) since 2026-11-25", [store])
+
+
+@fault("build --overwrite of a store being built")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  env.holder = _held_lock(store, tmp_path)
+  return cache_main, _build(env, store, "--temperature", "2", "--overwrite"), 2, r"is being written by process", [store]
+
+
+@fault("a second fit into a run dir being trained")
+def _(env, tmp_path, mp):
+  run = tmp_path / "run"
+  shutil.copytree(env.run, run)
+  env.holder = _held_lock(run, tmp_path)
+  return (student_main, _fit(env, "--dataset", "digits", "--split", "train[:200]", "--out", run), 2,
+          r"is being written by process", [run])
+
+
+# --- Unsafe --overwrite ------------------------------------------------------------------------------------------
+
+@fault("build --overwrite into a folder of notes")
+def _(env, tmp_path, mp):
+  return (cache_main, _build(env, env.notes, "--overwrite"), 2, r"--overwrite: .*notes' is not a stillroom store",
+          [env.notes])
+
+
+@fault("build --overwrite into its own teacher's run dir")
+def _(env, tmp_path, mp):
+  teacher = tmp_path / "teacher"
+  shutil.copytree(env.teachers[0], teacher)
+  return (cache_main, _build(env, teacher, "--overwrite", teachers=[str(teacher)]), 2,
+          r"is \(or holds, or lies inside\) this command's input", [teacher])
+
+
+@fault("fit --overwrite into the cache it reads")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  return (student_main, _fit(env, "--cache", store, "--out", store, "--overwrite"), 2,
+          r"this command's input", [store])
+
+
+@fault("fit --overwrite into a folder of notes")
+def _(env, tmp_path, mp):
+  return (student_main, _fit(env, "--dataset", "digits", "--out", env.notes, "--overwrite"), 2,
+          r"not a stillroom run dir, so it is left alone", [env.notes])
+
+
+@fault("fit --overwrite into a store")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  return (student_main, _fit(env, "--dataset", "digits", "--out", store, "--overwrite"), 2,
+          r"is not a stillroom run dir", [store])
+
+
+@fault("fit into a folder that is not a run dir, without --overwrite")
+def _(env, tmp_path, mp):
+  return student_main, _fit(env, "--dataset", "digits", "--out", env.notes), 2, r"exists and is not a run dir", [env.notes]
+
+
+# --- Bad data ---------------------------------------------------------------------------------------------------
+
+@fault("NaN in a dataset's inputs")
+def _(env, tmp_path, mp):
+  return (student_main, _fit(env, "--dataset", env.npz_nan, "--out", tmp_path / "r"), 2,
+          r"example index 7 has a non-finite input value", [env.run])
+
+
+@fault("Inf in a dataset's inputs (build)")
+def _(env, tmp_path, mp):
+  return (cache_main, ["build", "--dataset", env.npz_inf, "--teacher", env.flat_teacher, "--out", tmp_path / "c.zarr"],
+          2, r"example index 9 has a non-finite input value", [env.store])
+
+
+@fault("string inputs")
+def _(env, tmp_path, mp):
+  return (student_main, _fit(env, "--dataset", env.npz_strings, "--out", tmp_path / "r"), 2,
+          r"inputs have dtype <U\d+; they must be real numbers", [env.run])
+
+
+@fault("complex inputs")
+def _(env, tmp_path, mp):
+  return (student_main, _fit(env, "--dataset", env.npz_complex, "--out", tmp_path / "r"), 2,
+          r"inputs have dtype complex64; they must be real numbers", [env.run])
+
+
+@fault("a label id of 10^9")
+def _(env, tmp_path, mp):
+  return (student_main, _fit(env, "--dataset", env.npz_huge_label, "--out", tmp_path / "r"), 2,
+          r"has 1,000,000,001 classes \(its largest label is 1,000,000,000\), more than --max-classes", [env.run])
+
+
+@fault("eval of a run on labels outside its classes")
+def _(env, tmp_path, mp):
+  return (student_main, ["eval", env.flat_teacher, "--dataset", env.npz_huge_label, "--split", "train"], 2,
+          r"example index 3 has label 1000000000, but run .* has 3 classes", [env.run])
+
+
+@fault("a cache of another dataset")
+def _(env, tmp_path, mp):
+  return (student_main, _fit(env, "--cache", env.store, "--split", "train[:100]", "--out", tmp_path / "r"), 2,
+          r"is not the data the cache .* was built from", [env.store])
+
+
+# --- Bad settings -----------------------------------------------------------------------------------------------
+
+@fault("build --temperature inf")
+def _(env, tmp_path, mp):
+  return cache_main, _build(env, tmp_path / "c.zarr", "--temperature", "inf"), 2, r"temperature must be > 0 and finite", []
+
+
+@fault("build --temperature nan")
+def _(env, tmp_path, mp):
+  return cache_main, _build(env, tmp_path / "c.zarr", "--temperature", "nan"), 2, r"temperature must be > 0 and finite", []
+
+
+@fault("build --temperature too small for the logits")
+def _(env, tmp_path, mp):
+  return (cache_main, _build(env, tmp_path / "c.zarr", "--temperature", "1e-30"), 2,
+          r"targets at T=1e-30 are not finite .* T is too small", [env.store])
+
+
+@fault("fit --temperature inf")
+def _(env, tmp_path, mp):
+  return (student_main, _fit(env, "--cache", env.store, "--temperature", "inf", "--out", tmp_path / "r"), 2,
+          r"--temperature must be > 0 and finite, got inf", [env.store])
+
+
+@fault("fit --lr nan")
+def _(env, tmp_path, mp):
+  return student_main, _fit(env, "--dataset", "digits", "--lr", "nan", "--out", tmp_path / "r"), 2, r"--lr must be > 0", []
+
+
+@fault("fit --lr beyond float32")
+def _(env, tmp_path, mp):
+  return student_main, _fit(env, "--dataset", "digits", "--lr", "1e300", "--out", tmp_path / "r"), 2, r"--lr must be > 0", []
+
+
+@fault("a run that diverges")
+def _(env, tmp_path, mp):
+  return (student_main, _fit(env, "--dataset", "digits", "--split", "train[:200]", "--lr", "1e30", "--batch-size",
+                             "50", "--out", tmp_path / "r"), 2,
+          r"training diverged in epoch 1: .*its loss became non-finite at step \d of 4", [env.run])
+
+
+@fault("--max-shift -2")
+def _(env, tmp_path, mp):
+  return (student_main, _fit(env, "--dataset", "digits", "--augment", "--max-shift", "-2", "--out", tmp_path / "r"), 2,
+          r"--max-shift must be >= 0, got -2", [])
+
+
+@fault("--max-shift 1000")
+def _(env, tmp_path, mp):
+  return cache_main, _build(env, tmp_path / "c.zarr", "--max-shift", "1000"), 2, r"--max-shift must be in 0\.\.7", []
+
+
+@fault("fit --seed -1")
+def _(env, tmp_path, mp):
+  return student_main, _fit(env, "--dataset", "digits", "--seed", "-1", "--out", tmp_path / "r"), 2, r"--seed must be in 0\.\.", []
+
+
+@fault("fit --members 0,0")
+def _(env, tmp_path, mp):
+  return (student_main, _fit(env, "--cache", env.store, "--members", "0,0", "--out", tmp_path / "r"), 2,
+          r"--members \[0, 0\]: give distinct indices", [env.store])
+
+
+@fault("fit --shuffle-window 0")
+def _(env, tmp_path, mp):
+  return (student_main, _fit(env, "--cache", env.store, "--shuffle-window", "0", "--out", tmp_path / "r"), 2,
+          r"--shuffle-window must be >= 1 chunk", [env.store])
+
+
+@fault("distillation settings without a cache")
+def _(env, tmp_path, mp):
+  return (student_main, _fit(env, "--dataset", "digits", "--temperature", "2", "--out", tmp_path / "r"), 2,
+          r"--temperature sets distillation, which needs --cache", [])
+
+
+@fault("a sweep axis that repeats a value")
+def _(env, tmp_path, mp):
+  return (student_main, ["sweep", "--cache", env.store, "--grid", "temperature=1,2,1.0", "--out", tmp_path / "s",
+                         "--data-dir", env.data_dir], 2, r"grid axis 'temperature' lists 1 twice", [env.store])
+
+
+@fault("a sweep axis given twice")
+def _(env, tmp_path, mp):
+  return (student_main, ["sweep", "--cache", env.store, "--grid", "alpha=0.1;alpha=0.5", "--out", tmp_path / "s"], 2,
+          r"grid axis 'alpha' is given twice", [env.store])
+
+
+@fault("a run dir of another config")
+def _(env, tmp_path, mp):
+  return (student_main, _fit(env, "--dataset", "digits", "--split", "train[:200]", "--lr", "0.01", "--out", env.run),
+          2, r"holds a run with another config: .*config\.lr: 0\.003 \(run dir\) vs 0\.01 \(command\)\. Pass --overwrite",
+          [env.run])
+
+
+# --- Bad teachers -----------------------------------------------------------------------------------------------
+
+@fault("a teacher that ignores the batch axis")
+def _(env, tmp_path, mp):
+  mp.chdir(env.root)
+  return (cache_main, _build(env, tmp_path / "c.zarr", teachers=["bad_teachers:ignores_batch"]), 2,
+          r"must return logits of shape \[batch, classes\]; for a batch of 64 it returned \(1, 10\)", [])
+
+
+@fault("a teacher that returns one number per example")
+def _(env, tmp_path, mp):
+  mp.chdir(env.root)
+  return (cache_main, _build(env, tmp_path / "c.zarr", teachers=["bad_teachers:one_dimensional"]), 2,
+          r"must return logits of shape \[batch, classes\]; for a batch of 64 it returned \(64,\)", [])
+
+
+@fault("a teacher that is a file")
+def _(env, tmp_path, mp):
+  return (cache_main, _build(env, tmp_path / "c.zarr", teachers=[str(env.notes / "thesis.txt")]), 2,
+          r"thesis\.txt' is a file, not a run dir", [env.notes])
+
+
+@fault("the same teacher twice")
+def _(env, tmp_path, mp):
+  return (cache_main, _build(env, tmp_path / "c.zarr", teachers=[env.teachers[0], env.teachers[0]]), 2,
+          r"have the same parameters; an ensemble member given twice", [])
+
+
+@fault("a teacher for other inputs")
+def _(env, tmp_path, mp):
+  return (cache_main, _build(env, tmp_path / "c.zarr", teachers=[env.flat_teacher]), 2,
+          r"teacher 'flat_teacher' \(mlp-small\) cannot take inputs of shape \(8, 8, 1\)", [])
+
+
+@pytest.mark.parametrize("name", list(FAULTS))
+def test_fault_is_refused_cleanly(name, env, tmp_path, monkeypatch, capsys):
+  main, argv, code, pattern, protected = FAULTS[name](env, tmp_path, monkeypatch)
+  before = {str(p): tree_digest(p) if os.path.isdir(p) else open(p, "rb").read() for p in protected}
+  try:
+    got, out, err = run_cli(main, argv, capsys)
+  finally:
+    monkeypatch.undo()
+    if getattr(env, "holder", None) is not None:
+      env.holder.kill()
+      env.holder = None
+  assert got == code, (got, err[-2000:])
+  assert "Traceback" not in err
+  if code == 2:
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and re.search(pattern, errors[0]), err[-2000:]
+  else:
+    assert re.search(pattern, out), out
+  for path, snapshot in before.items():
+    assert (tree_digest(path) if os.path.isdir(path) else open(path, "rb").read()) == snapshot, path
+
+
+def test_the_catalogue_holds_at_least_40_faults():
+  assert len(FAULTS) >= 40
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over(env, tmp_path, capsys):
+  run = tmp_path / "run"
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  with open(str(run) + ".lock", "w") as f:
+    json.dump({"host": __import__("socket").gethostname(), "pid": dead.pid, "command": "student-train fit",
+               "since": "2026-11-25T10:00:00+00:00"}, f)
+  code, _, err = run_cli(student_main, _fit(env, "--dataset", "digits", "--split", "train[:200]", "--out", run), capsys)
+  assert code == 0 and f"taking over the lock on {run} left by process {dead.pid}" in err
+  assert not os.path.exists(str(run) + ".lock")  # Released when the run finished.
+
+
+def test_a_diverged_run_keeps_its_last_finite_checkpoint(env, tmp_path, capsys):
+  """The divergence check runs before the epoch is saved: the run dir keeps the last finite epoch's checkpoint, and
+  its metrics stop there."""
+  import student_train.train as train
+  args = _fit(env, "--dataset", "digits", "--split", "train[:200]", "--epochs", "3", "--out", tmp_path / "r")
+  real = train.make_train_step
+
+  def poisoned_in_epoch_3(graphdef, normalization, mesh, fixed=None):
+    step = real(graphdef, normalization, mesh, fixed)
+    calls = {"n": 0}
+
+    def maybe_nan(states, batch, hypers):
+      calls["n"] += 1
+      if calls["n"] > 2 * 2:  # 2 steps per epoch at batch 128 over 200 rows: epoch 3 gets NaN inputs.
+        batch = {**batch, "x": batch["x"] * np.nan}
+      return step(states, batch, hypers)
+
+    return maybe_nan
+
+  mp = pytest.MonkeyPatch()
+  mp.setattr(train, "make_train_step", poisoned_in_epoch_3)
+  try:
+    code, _, err = run_cli(student_main, args, capsys)
+  finally:
+    mp.undo()
+  assert code == 2 and "training diverged in epoch 3" in err and "keeps its checkpoint of epoch 2" in err
+  assert sorted(os.listdir(tmp_path / "r" / "checkpoints")) == ["1", "2"]
+  assert [json.loads(line)["epoch"] for line in open(tmp_path / "r" / "metrics.jsonl")] == [1, 2]
+  assert not os.path.exists(tmp_path / "r" / "final.json")
