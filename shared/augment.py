@@ -87,10 +87,12 @@ def check_max_shift(max_shift: int, input_shape: tuple[int, ...], option: str) -
   Raises:
     StillroomError: naming the option, the value and the image size.
   """
-  if max_shift < 0 or (len(input_shape) >= 2 and max_shift >= min(input_shape[:2])):
-    limit = f"{min(input_shape[:2]) - 1} for {input_shape[0]}x{input_shape[1]} images" if len(input_shape) >= 2 \
-        else "0 or more"
-    raise StillroomError(f"{option} must be in 0..{limit}, got {max_shift}.")
+  if len(input_shape) < 2:
+    if max_shift < 0:
+      raise StillroomError(f"{option} must be >= 0, got {max_shift}.")
+  elif not 0 <= max_shift < min(input_shape[:2]):
+    raise StillroomError(f"{option} must be in 0..{min(input_shape[:2]) - 1} for {input_shape[0]}x{input_shape[1]} "
+                         f"images, got {max_shift}.")
 
 
 def fold_of(index: np.ndarray, folds: int) -> np.ndarray:

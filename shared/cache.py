@@ -115,7 +115,7 @@ def _log(message: str) -> None:
 
 
 def validate_settings(*, temperature: float, combine: str, dtype: str, views: int, chunk_rows: int, seed: int = 0,
-                      max_shift: int = 0, folds: int = 1) -> None:
+                      folds: int = 1) -> None:
   """Checks the scalar build settings (before any data or teacher is loaded).
 
   Raises:
@@ -134,8 +134,6 @@ def validate_settings(*, temperature: float, combine: str, dtype: str, views: in
     raise StillroomError(f"chunk_rows must be >= 1, got {chunk_rows}.")
   if seed_check(seed) is not True:
     raise StillroomError(f"seed {seed_check(seed)}, got {seed}.")
-  if max_shift < 0:
-    raise StillroomError(f"max_shift must be >= 0, got {max_shift}.")
   if folds < 1:
     raise StillroomError(f"folds must be >= 1, got {folds}.")
 
@@ -226,11 +224,10 @@ class CacheSpec:
 
   def __post_init__(self):
     validate_settings(temperature=self.temperature, combine=self.combine, dtype=self.dtype, views=self.views,
-                      chunk_rows=self.chunk_rows, seed=self.augmentation.seed, max_shift=self.augmentation.max_shift,
-                      folds=self.folds)
+                      chunk_rows=self.chunk_rows, seed=self.augmentation.seed, folds=self.folds)
     if not self.members:
       raise StillroomError("a cache needs at least one teacher.")
-    if self.folds < 1 or len(self.members) % self.folds:
+    if len(self.members) % self.folds:
       raise StillroomError(f"{len(self.members)} teacher runs do not split into members of {self.folds} fold runs; "
                            "give each member's runs for folds 0..K-1 in order.")
     if self.row_order not in ROW_ORDERS:
@@ -497,12 +494,17 @@ def integrity_problems(cache: Cache) -> list[str]:
   spec = cache.spec
   for row_set in (ROWS, EVAL_ROWS):
     if spec.chunks_of(row_set) and spec.array(committed_name(row_set)) is not None:
-      committed = cache[committed_name(row_set)][:]
-      if not committed.all():
-        problems.append(f"{int((~committed).sum())} chunk(s) of {committed_name(row_set)!r} are not committed "
-                        f"(first: chunk {int(np.argmin(committed))})")
-  if cache.complete and cache.completion.get("rows") != spec.num_rows:
-    problems.append(f"the completion record says {cache.completion.get('rows')} rows, the spec {spec.num_rows}")
+      try:
+        uncommitted = uncommitted_chunks(cache, row_set)
+      except StillroomError as e:
+        problems.append(str(e))
+        continue
+      if len(uncommitted):
+        problems.append(f"{len(uncommitted)} chunk(s) of {committed_name(row_set)!r} are not committed "
+                        f"(first: chunk {int(uncommitted[0])})")
+  rows = cache.completion.get("rows") if isinstance(cache.completion, dict) else cache.completion
+  if cache.complete and rows != spec.num_rows:
+    problems.append(f"the completion record says {rows} rows, the spec {spec.num_rows}")
   if spec.has_checksums:
     for array in spec.arrays:
       missing = missing_chunks(cache, array.name)
@@ -510,6 +512,20 @@ def integrity_problems(cache: Cache) -> list[str]:
         problems.append(f"array {array.name!r} is missing chunk(s) {', '.join(map(str, missing[:3]))}"
                         + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
   return problems
+
+
+def uncommitted_chunks(cache: Cache, row_set: str = ROWS) -> np.ndarray:
+  """The chunk numbers of a row set that its bookkeeping array does not mark committed, ascending.
+
+  Raises:
+    StillroomError: the bookkeeping array itself is damaged.
+  """
+  name = committed_name(row_set)
+  try:
+    committed = cache[name][:]
+  except Exception as e:  # A damaged chunk of the bookkeeping array: checksum or decode errors.
+    raise StillroomError(f"array {name!r} is damaged ({type(e).__name__}: {str(e)[:120]})") from e
+  return np.flatnonzero(~committed)
 
 
 def check_integrity(cache: Cache) -> None:
@@ -529,15 +545,18 @@ def layout_problems(group: zarr.Group, spec: CacheSpec, *, missing_ok: bool = Fa
     missing_ok: do not report missing arrays (a build resuming after a kill creates them).
   """
   problems = []
-  with warnings.catch_warnings():  # zarr warns about a directory whose metadata is gone; we report it below.
-    warnings.simplefilter("ignore")
-    present = set(group.array_keys())
   for array in spec.arrays:
-    if array.name not in present:
+    try:
+      with warnings.catch_warnings():  # zarr warns about a directory whose metadata is gone; we report it.
+        warnings.simplefilter("ignore")
+        stored = group[array.name]
+    except KeyError:
       if not missing_ok:
         problems.append(f"array {array.name!r} is missing")
       continue
-    stored = group[array.name]
+    except Exception as e:  # Garbled metadata: zarr raises JSON, value or type errors.
+      problems.append(f"the metadata of array {array.name!r} is unreadable ({type(e).__name__})")
+      continue
     if stored.shape != array.shape or stored.dtype != np.dtype(array.dtype) or stored.chunks != array.chunks:
       problems.append(f"array {array.name!r} has shape {stored.shape}, dtype {stored.dtype}, chunks {stored.chunks}; "
                       f"expected {array.shape}, {array.dtype}, {array.chunks}")

@@ -51,6 +51,11 @@ class Normalization:
     return cls(**d)
 
 
+def local_path(name: str) -> str | None:
+  """The file a dataset name points to (`npz:PATH`), or None for named datasets."""
+  return name[len(NPZ_PREFIX):] if name.startswith(NPZ_PREFIX) else None
+
+
 def default_normalization(name: str, input_dtype: np.dtype) -> Normalization:
   """The normalisation a dataset gets unless a run says otherwise: pixels to [0, 1], other data as stored."""
   if name == "digits":

@@ -1,10 +1,11 @@
 """What a command may do to its output: hold it alone (a lock), and replace it only when stillroom made it.
 
-A build writes a store and a `fit` writes a run dir; each first takes `OutputLock` on it: a file beside it,
-`OUT.lock`, created with `O_CREAT | O_EXCL`, that names its holder (host, pid, since when, command). (Beside,
-not inside: a Zarr group lists its directory's entries, and `--overwrite` removes the directory.) A second writer
-gets an error naming the holder; a lock left by a dead process on the same host is taken over. The same protocol
-maps onto object stores as a lease object written with a conditional create (`If-None-Match: *`).
+A build writes a store and a `fit` writes a run dir; each first takes `OutputLock` on it: an `flock` on a file
+beside it, `OUT.lock`, which names its holder (host, pid, since when, command). (Beside, not inside: a Zarr group
+lists its directory's entries, and `--overwrite` removes the directory.) A second writer gets an error naming the
+holder; the lock of a process that died is free again, since the kernel drops a dead process's locks. On object
+stores the same role falls to a lease object written with a conditional create (`If-None-Match: *`) and renewed
+while the writer lives.
 
 `--overwrite` removes an output only if it is a stillroom store (its `zarr.json` holds the spec attributes) or a
 run dir (its `config.json` holds a run record), and never one of the command's own inputs.
@@ -12,12 +13,14 @@ run dir (its `config.json` holds a run record), and never one of the command's o
 
 import contextlib
 import datetime
+import fcntl
 import json
 import os
 import shutil
 import socket
 import sys
 
+from shared.cache import SPEC_KEY
 from shared.errors import StillroomError
 
 LOCK_SUFFIX = ".lock"
@@ -29,76 +32,72 @@ def _log(message: str) -> None:
   print(f"stillroom: {message}", file=sys.stderr, flush=True)
 
 
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True  # Someone else's process: alive.
-  return True
-
-
 class OutputLock:
   """An exclusive lock on an output (a store or a run dir), held from `acquire` to `release`.
+
+  The lock file `OUT.lock` carries an `flock` held for as long as the writer lives: the kernel drops it when the
+  process dies, however it dies, so a lock file without a live holder is stale and is taken over, with no race
+  between two takers. The file's content only names the holder in errors.
 
   Raises (on acquire):
     StillroomError: another live process holds it, naming the holder.
   """
 
   def __init__(self, output: str, command: str):
-    self.output, self.command = os.path.normpath(output), command
+    self.output, self.command = os.path.realpath(output), command
     self.path = self.output + LOCK_SUFFIX
-    self.held = False
-
-  def _holder(self) -> dict | None:
-    try:
-      with open(self.path) as f:
-        return json.load(f)
-    except FileNotFoundError:
-      return None
-    except (OSError, json.JSONDecodeError):
-      return {}  # Being written, or garbled: treat as held by an unknown process.
+    self._fd: int | None = None
 
   def acquire(self) -> "OutputLock":
-    os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-    record = {"host": socket.gethostname(), "pid": os.getpid(), "command": self.command,
-              "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    for _ in range(3):
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    while True:
+      fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
       try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-      except FileExistsError:
-        holder = self._holder()
-        if holder is None:
-          continue  # Released meanwhile: try again.
-        if holder.get("host") == record["host"] and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
-          _log(f"taking over the lock on {self.output} left by process {holder['pid']} (no longer running)")
-          stale = f"{self.path}.stale-{os.getpid()}"
-          with contextlib.suppress(FileNotFoundError):
-            os.replace(self.path, stale)  # Only one of several takers moves it; the others retry.
-            os.remove(stale)
-          continue
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        holder = _read_holder(fd)
+        os.close(fd)
         who = (f"process {holder.get('pid')} on {holder.get('host')} ({holder.get('command')}) since "
                f"{holder.get('since')}") if holder else "another process"
-        raise StillroomError(f"{self.output!r} is being written by {who}; wait for it to finish, or remove "
-                             f"{self.path} if that process is gone.")
-      with os.fdopen(fd, "w") as f:
-        json.dump(record, f)
-      self.held = True
+        raise StillroomError(f"{self.output!r} is being written by {who}; wait for it to finish.") from None
+      try:
+        same_file = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+      except FileNotFoundError:
+        same_file = False
+      if not same_file:  # The holder released (and removed) it between our open and our flock: try again.
+        os.close(fd)
+        continue
+      previous = _read_holder(fd)
+      if previous:
+        _log(f"taking over the lock on {self.output} left by process {previous.get('pid')} on "
+             f"{previous.get('host')} (no longer running)")
+      record = {"host": socket.gethostname(), "pid": os.getpid(), "command": self.command,
+                "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, json.dumps(record).encode(), 0)
+      self._fd = fd
       return self
-    raise StillroomError(f"cannot take the lock {self.path}: it keeps changing hands.")
 
   def release(self) -> None:
-    if self.held:
+    if self._fd is not None:
       with contextlib.suppress(FileNotFoundError):
-        os.remove(self.path)
-      self.held = False
+        os.remove(self.path)  # Still holding the flock: nobody else holds this file.
+      os.close(self._fd)
+      self._fd = None
 
   def __enter__(self) -> "OutputLock":
     return self.acquire()
 
   def __exit__(self, *exc) -> None:
     self.release()
+
+
+def _read_holder(fd: int) -> dict:
+  try:
+    holder = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    return holder if isinstance(holder, dict) else {}
+  except (OSError, ValueError):
+    return {}
 
 
 @contextlib.contextmanager
@@ -115,7 +114,7 @@ def is_store(path: str) -> bool:
   """A Zarr group whose attributes hold a stillroom cache spec."""
   try:
     with open(os.path.join(path, "zarr.json")) as f:
-      return "stillroom" in json.load(f).get("attributes", {})
+      return SPEC_KEY in json.load(f).get("attributes", {})
   except (OSError, json.JSONDecodeError, AttributeError):
     return False
 

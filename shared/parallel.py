@@ -29,6 +29,12 @@ def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> None:
     raise StillroomError(f"batch size {batch_size} must be a positive multiple of the {devices} local devices.")
 
 
+def cap_batch(batch_size: int, rows: int, devices: int) -> int:
+  """The batch size, cut to the rows there are (rounded up to a multiple of the devices): a larger batch would
+  only be padding, and memory."""
+  return min(batch_size, -(-rows // devices) * devices)
+
+
 def pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
   """Zero rows appended up to `rows`, so a last, short batch keeps the compiled shape."""
   missing = rows - len(array)

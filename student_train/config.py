@@ -99,7 +99,6 @@ CHECKS = {
     "dropout": lambda v: 0.0 <= v < 1.0 or "must be in [0, 1)",
     "shuffle_window": lambda v: v >= 1 or "must be >= 1 chunk",
     "checkpoint_every": lambda v: v >= 1 or "must be >= 1 epoch",
-    "max_shift": lambda v: v >= 0 or "must be >= 0",
     "folds": lambda v: v >= 1 or "must be >= 1",
     "seed": seed_check,
     "data_seed": lambda v: v is None or seed_check(v),

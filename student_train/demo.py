@@ -164,7 +164,7 @@ def validate_demo(config: DemoConfig) -> None:
   build = config.build
   try:
     validate_settings(temperature=build.temperature, combine=build.combine, dtype=build.dtype,
-                      views=build.views or 1, chunk_rows=build.chunk_rows, seed=build.seed, max_shift=build.max_shift)
+                      views=build.views or 1, chunk_rows=build.chunk_rows, seed=build.seed)
   except StillroomError as e:
     raise StillroomError(f"build settings: {e}") from e
 

@@ -16,9 +16,10 @@ from flax import nnx
 
 from shared.augment import check_max_shift, fold_of
 from shared.cache import Cache, open_cache
-from shared.data import NO_EVAL, NPZ_PREFIX, Normalization, TransferSet, open_transfer_set
+from shared.data import NO_EVAL, Normalization, TransferSet, local_path, open_transfer_set
 from shared.ensemble import member_weights
 from shared.errors import StillroomError
+from shared.parallel import cap_batch
 from shared.models import ModelSpec, build_model, check_input_shape
 from student_train.config import DEFAULT_KD_ALPHA, GROUP_VARYING, NOT_IDENTITY, FitConfig, validate_config
 
@@ -88,10 +89,8 @@ class RunPlan:
   def input_paths(self) -> list[str]:
     """The files and directories the run reads: its cache, npz datasets, the data dir."""
     paths = [self.cache.path] if self.cache is not None else []
-    for data in (self.transfer_set, self.eval_set):
-      if data is not None and data.name.startswith(NPZ_PREFIX):
-        paths.append(data.name[len(NPZ_PREFIX):])
-    return paths + ([self.config.data_dir] if self.config.data_dir else [])
+    paths += [local_path(data.name) for data in (self.transfer_set, self.eval_set) if data is not None]
+    return [path for path in paths + [self.config.data_dir] if path]
 
   def stream_key(self) -> dict:
     """The settings that decide the batches a run sees: runs with equal keys can train together."""
@@ -202,9 +201,8 @@ def plan_run(config: FitConfig) -> RunPlan:
     keep = max(1, round(config.label_fraction * len(pool)))
     examples = np.sort(np.random.default_rng(config.data_seed).choice(pool, keep, replace=False))
   rows = (len(transfer_set) if examples is None else len(examples)) * (cache.spec.views if cache else 1)
-  devices = jax.local_device_count()
-  if config.batch_size > -(-rows // devices) * devices:  # More would only be padding (and memory).
-    batch_size = -(-rows // devices) * devices
+  batch_size = cap_batch(config.batch_size, rows, jax.local_device_count())
+  if batch_size < config.batch_size:
     _log(f"--batch-size {config.batch_size} is more than the {rows:,} rows of an epoch: batches of {batch_size}")
     config = dataclasses.replace(config, batch_size=batch_size)
   return RunPlan(config=config, transfer_set=transfer_set, cache=cache, teaching=teaching, model_spec=model_spec,

@@ -25,7 +25,9 @@ from student_train.plan import RunPlan
 
 METRICS_FILE = "metrics.jsonl"
 FINAL_FILE = "final.json"
+DIVERGED_FILE = "diverged.json"
 STATE_ITEM, META_ITEM = "state", "meta"
+_STORAGE_FAILURES = ("No space left on device", "Read-only file system", "Permission denied", "Disk quota exceeded")
 CHECKPOINTS_KEPT = 2  # A group killed between two students' saves rolls back to the previous, common one.
 
 
@@ -48,8 +50,12 @@ def prepare_run_dir(plan: RunPlan) -> bool:
   if plan.config.overwrite:
     clear_for_overwrite(out, RUN_DIR)
   if os.path.exists(path):
-    with open(path) as f:
-      existing = json.load(f)
+    try:
+      with open(path) as f:
+        existing = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+      raise StillroomError(f"run dir {out!r}: cannot read {CONFIG_FILE} ({e}); pass --overwrite to replace the run, "
+                           "or choose another --out.") from e
     differences = config_differences(existing.get("resolved", {}), json.loads(json.dumps(record)))
     if differences:
       raise StillroomError(f"run dir {out!r} holds a run with another config: " + "; ".join(differences)
@@ -133,10 +139,11 @@ class Checkpoints:
             STATE_ITEM: ocp.args.StandardSave(checkpointable(state)), PARAMS_ITEM: ocp.args.StandardSave(params),
             META_ITEM: ocp.args.JsonSave({"epoch": epoch})}))
         self.manager.wait_until_finished()
-    except Exception as e:  # Orbax wraps storage failures in several types; the message names the cause.
-      message = str(e).splitlines()[0] if str(e) else ""
-      raise StillroomError(f"saving the checkpoint of {self.out} after epoch {epoch} failed ({type(e).__name__}: "
-                           f"{message[:240]}); the run keeps its previous checkpoint and resumes from it.") from e
+    except Exception as e:  # Orbax wraps storage failures in several types, with long messages.
+      message = str(e).splitlines()[0] if str(e) else type(e).__name__
+      cause = next((known for known in _STORAGE_FAILURES if known in message), message[:240])
+      raise StillroomError(f"saving the checkpoint of {self.out} after epoch {epoch} failed: {cause}; the run keeps "
+                           "its previous checkpoint and resumes from it.") from e
 
   def restore(self, state, epoch: int):
     """`state` with the checkpoint of `epoch` restored into it (RNG streams kept)."""
@@ -206,6 +213,19 @@ def write_final(out: str, total_epochs: int) -> dict:
   final = {**read_metrics(out)[-1], "run_dir": out, "epochs": total_epochs}
   _write_json(os.path.join(out, FINAL_FILE), final)
   return final
+
+
+def write_diverged(out: str, message: str) -> None:
+  """Marks a run that stopped on non-finite values; the same command then refuses it instead of training it."""
+  _write_json(os.path.join(out, DIVERGED_FILE), {"message": message})
+
+
+def read_diverged(out: str) -> str | None:
+  path = os.path.join(out, DIVERGED_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)["message"]
 
 
 def read_final(out: str) -> dict:

@@ -23,12 +23,13 @@ import yaml
 
 from shared.cache import open_cache
 from shared.errors import StillroomError
+from shared.outputs import check_not_an_input
 from shared.settings import value_type
 from student_train.config import FitConfig, check_value
 from student_train.plan import RunPlan, plan_run
 from shared.runs import CONFIG_FILE
 from student_train.run_dir import FINAL_FILE, is_finished
-from student_train.train import fit_group
+from student_train.train import DIVERGED_ADVICE, Diverged, fit_group
 from teacher_cache.info import eval_accuracies
 
 # The fit settings a grid may vary; each axis takes the setting's type and check from `FitConfig`.
@@ -130,8 +131,8 @@ def parse_grid(spec: str) -> dict[str, list]:
 def _point_name(point: dict, seed: int) -> str:
   parts = []
   for name, value in point.items():
-    text = "-".join(map(str, value)) if isinstance(value, list) else f"{value:g}" if isinstance(value, float) \
-        else str(value)
+    exact = isinstance(value, float) and float(f"{value:g}") == value
+    text = "-".join(map(str, value)) if isinstance(value, list) else f"{value:g}" if exact else str(value)
     parts.append(f"{name}={text}")
   return ",".join(parts + [f"seed={seed}"]) or f"seed={seed}"
 
@@ -152,13 +153,20 @@ def plan_sweep(cache: str, grid: dict, seeds: int, out: str, base: FitConfig) ->
       plan = plan_run(config)
     except StillroomError as e:
       raise StillroomError(f"grid point {name.rsplit(',seed=', 1)[0] or '(base)'}: {e}") from e
+    if any(name == other for other, _, _ in runs):
+      raise StillroomError(f"two grid points would train into one run dir, {name!r}; give values that differ.")
     runs.append((name, point, plan))
   return runs
 
 
-def _train(configs: list[FitConfig], verbose: bool) -> None:
-  """One group of runs sharing a batch stream (a worker's unit of work), trained together."""
-  fit_group(configs, log_epochs=verbose)
+def _train(configs: list[FitConfig], verbose: bool) -> str | None:
+  """One group of runs sharing a batch stream (a worker's unit of work), trained together; returns what diverged
+  (the other groups go on)."""
+  try:
+    fit_group(configs, log_epochs=verbose)
+  except Diverged as e:
+    return str(e).removesuffix(DIVERGED_ADVICE)
+  return None
 
 
 def run_sweep(cache: str, grid_spec: str, out: str, seeds: int = 1, base: FitConfig | None = None,
@@ -175,6 +183,10 @@ def run_sweep(cache: str, grid_spec: str, out: str, seeds: int = 1, base: FitCon
     raise StillroomError(f"--seeds must be >= 1, got {seeds}.")
   grid = parse_grid(grid_spec)
   base = base or FitConfig()
+  check_not_an_input(out, [cache, base.data_dir], "--out")
+  if os.path.exists(out) and (not os.path.isdir(out) or (os.listdir(out) and not os.path.exists(
+      os.path.join(out, MANIFEST)))):
+    raise StillroomError(f"--out {out!r} exists and is not a sweep dir (no {MANIFEST}); choose another --out.")
   runs = plan_sweep(cache, grid, seeds, out, base)
   os.makedirs(out, exist_ok=True)
   manifest = {"cache": os.path.abspath(cache), "grid": grid, "seeds": seeds, "data_dir": base.data_dir,
@@ -200,14 +212,15 @@ def run_sweep(cache: str, grid_spec: str, out: str, seeds: int = 1, base: FitCon
       _log(f"[{done}/{len(runs)}] {name}" + (" (finished)" if is_finished(config.out) else ""))
   work = [[config for _, config in members] for members in groups.values()]
   if jobs == 1:
-    for configs in work:
-      _train(configs, verbose)
+    diverged = [_train(configs, verbose) for configs in work]
   else:
     # Spawned, not forked: a forked JAX runtime is not safe to use.
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-      for future in concurrent.futures.as_completed([pool.submit(_train, configs, verbose) for configs in work]):
-        future.result()
+      futures = [pool.submit(_train, configs, verbose) for configs in work]
+      diverged = [future.result() for future in concurrent.futures.as_completed(futures)]
+  if any(diverged):
+    raise Diverged("; ".join(d for d in diverged if d) + DIVERGED_ADVICE)
   return [plan.config.out for _, _, plan in runs]
 
 

@@ -110,13 +110,15 @@ def fit_group(configs: list[FitConfig], *, log_epochs: bool = True,
 def _fit_locked(plans: list[RunPlan], mesh, log_epochs: bool, on_epoch: EpochCallback | None) -> list[dict]:
   """`fit_group` once every run dir is locked: confirms finished runs, resumes and trains the others."""
   finished = [files.prepare_run_dir(plan) for plan in plans]
-  results = {}
+  results, diverged = {}, []
   for i, done in enumerate(finished):
     if done:
       if log_epochs:
         _log(f"{plans[i].config.out} already finished; nothing to do.")
       results[i] = files.read_final(plans[i].config.out)
-  todo = [i for i, done in enumerate(finished) if not done]
+    elif files.read_diverged(plans[i].config.out):
+      diverged.append(f"{plans[i].config.out} {files.read_diverged(plans[i].config.out)}")
+  todo = [i for i, done in enumerate(finished) if not done and not files.read_diverged(plans[i].config.out)]
   checkpoints = {i: files.Checkpoints(plans[i].config.out) for i in todo}
   resumes = files.resume_groups([checkpoints[i].epochs() for i in todo]) if todo else []
   if len(resumes) > 1:
@@ -127,8 +129,14 @@ def _fit_locked(plans: list[RunPlan], mesh, log_epochs: bool, on_epoch: EpochCal
     group = [todo[k] for k in members]
     for i in group:
       checkpoints[i].discard_after(epoch)
-    finals = _train([plans[i] for i in group], [checkpoints[i] for i in group], epoch, mesh, log_epochs, on_epoch)
+    try:
+      finals = _train([plans[i] for i in group], [checkpoints[i] for i in group], epoch, mesh, log_epochs, on_epoch)
+    except Diverged as e:
+      diverged.append(str(e).removesuffix(DIVERGED_ADVICE))
+      continue
     results.update(zip(group, finals))
+  if diverged:
+    raise Diverged("; ".join(diverged) + DIVERGED_ADVICE)
   return [results[i] for i in range(len(plans))]
 
 
@@ -166,6 +174,8 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
     _log(f"the cache stores no teacher logits for {first.eval_set.name} {first.eval_set.split!r} (build it with "
          "--eval-split for that split): eval_teacher_agreement is not reported.")
   sharding, sync = batch_sharding(mesh), needs_step_sync(mesh)
+  diverged: list[str] = []
+  all_checkpoints = list(checkpoints)
   if len(group) > 1 and log_epochs:
     _log(f"training {len(group)} students together in one vmapped step")
   for epoch in range(start_epoch, total_epochs):
@@ -187,7 +197,21 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
     bar.close()
     totals = jax.device_get(sums)
     seconds = time.perf_counter() - started
-    _stop_if_not_finite(group, checkpoints, epoch, totals, params_finite(stacked), loader.steps_per_epoch)
+    problems = _non_finite(group, checkpoints, epoch, totals, params_finite(stacked), loader.steps_per_epoch)
+    if problems:  # Those runs stop here, before this epoch is written; the others go on without them.
+      for k, problem in problems.items():
+        files.write_diverged(group[k].config.out, f"diverged in epoch {epoch + 1}: {problem}")
+        diverged.append(f"{group[k].config.out} diverged in epoch {epoch + 1}: {problem}")
+      keep = [k for k in range(len(group)) if k not in problems]
+      if not keep:
+        group = []
+        break
+      group, checkpoints = [group[k] for k in keep], [checkpoints[k] for k in keep]
+      teacher_top1 = [teacher_top1[k] for k in keep]
+      stacked, per_student = jax.tree.map(lambda a: a[np.array(keep)], (stacked, per_student))
+      distill_alpha = distill_alpha[keep]
+      totals = {name: value[keep] for name, value in totals.items()}
+      step = make_train_step(graphdef, first.normalization, mesh, static_flags(jax.device_get(per_student)))
     eval_log_probs = None if first.eval_set is None else predict_log_probs(
         predict, stacked, first.eval_set, config.batch_size, mesh)
     for k, plan in enumerate(group):
@@ -202,9 +226,12 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
     if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == total_epochs:
       for k, checkpoint in enumerate(checkpoints):
         checkpoint.save(graphdef, unstack_state(stacked, k), epoch + 1)
-  for checkpoint in checkpoints:
+  for checkpoint in all_checkpoints:
     checkpoint.close()
-  return [files.write_final(plan.config.out, total_epochs) for plan in group]
+  finals = [files.write_final(plan.config.out, total_epochs) for plan in group]
+  if diverged:  # The others have finished; these have not.
+    raise Diverged("; ".join(diverged) + DIVERGED_ADVICE)
+  return finals
 
 
 _NEVER = np.iinfo(np.int32).max  # "No non-finite step yet".
@@ -233,27 +260,36 @@ def params_finite(states) -> jax.Array:
   return jax.numpy.stack([jax.numpy.isfinite(leaf).reshape(leaf.shape[0], -1).all(axis=1) for leaf in leaves]).all(0)
 
 
-def _stop_if_not_finite(group: list[RunPlan], checkpoints, epoch: int, totals: dict, finite_params,
-                        steps_per_epoch: int) -> None:
-  """Raises, before the epoch's metrics and checkpoint are written, if a student's loss or state went non-finite.
+class Diverged(StillroomError):
+  """Runs whose loss or state became non-finite (each run dir holds `diverged.json`)."""
 
-  Raises:
-    StillroomError: naming each such run, the epoch, the first bad step, and the checkpoint it keeps.
+
+DIVERGED_ADVICE = (". Each keeps its last finite checkpoint and is not trained again: change its settings (a lower "
+                   "--lr, say) and pass --overwrite, or choose another --out.")
+
+
+def _non_finite(group: list[RunPlan], checkpoints, epoch: int, totals: dict, finite_params,
+                steps_per_epoch: int) -> dict[int, str]:
+  """The students whose loss or state went non-finite this epoch, with where, read once per epoch.
+
+  Returns:
+    {position in the group: "its loss became non-finite at step s of n (step g of the run); it keeps its
+    checkpoint of epoch c"}.
   """
   first_bad = np.asarray(totals.pop("first_nonfinite"))
   finite_params = np.asarray(finite_params)
-  problems = []
-  for k, plan in enumerate(group):
+  problems = {}
+  for k in range(len(group)):
     if first_bad[k] == _NEVER and finite_params[k]:
       continue
-    where = (f"its loss became non-finite at step {int(first_bad[k]) + 1} of {steps_per_epoch} (step "
-             f"{epoch * steps_per_epoch + int(first_bad[k]) + 1} of the run)" if first_bad[k] != _NEVER
-             else "its parameters became non-finite")
+    # The loss was finite at every step but the state is not: the epoch's last update made it so.
+    step = int(first_bad[k]) + 1 if first_bad[k] != _NEVER else steps_per_epoch
+    what = "loss" if first_bad[k] != _NEVER else "state (parameters or optimizer moments)"
     kept = max(checkpoints[k].epochs(), default=0)
-    problems.append(f"{plan.config.out}: {where}" + (f"; it keeps its checkpoint of epoch {kept}" if kept else ""))
-  if problems:
-    raise StillroomError(f"training diverged in epoch {epoch + 1}: " + "; ".join(problems)
-                         + ". Lower --lr, check the data and the settings, then run the same command to resume.")
+    problems[k] = (f"its {what} became non-finite at step {step} of {steps_per_epoch} (step "
+                   f"{epoch * steps_per_epoch + step} of the run); "
+                   + (f"it keeps its checkpoint of epoch {kept}" if kept else "it has no checkpoint yet"))
+  return problems
 
 
 def _epoch_line(plan: RunPlan, epoch: int, totals: dict, seconds: float, students: int) -> dict:

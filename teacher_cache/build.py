@@ -23,14 +23,14 @@ from tqdm import tqdm
 from shared import __version__
 from shared.augment import Augmentation, apply_view, check_max_shift, fold_of
 from shared.cache import (COMPLETE_KEY, EVAL_ROWS, ROWS, SPEC_KEY, STORAGE_DTYPES, Cache, CacheSpec, MemberSpec,
-                          committed_name, create_arrays, integrity_problems, now_iso, open_cache, validate_settings,
-                          writable)
-from shared.data import NO_EVAL, NPZ_PREFIX, Normalization, TransferSet, open_transfer_set
+                          committed_name, create_arrays, integrity_problems, missing_chunks, now_iso, open_cache,
+                          uncommitted_chunks, validate_settings, writable)
+from shared.data import NO_EVAL, Normalization, TransferSet, local_path, open_transfer_set
 from shared.ensemble import COMBINE_RULES, combine_log_probs
 from shared.errors import StillroomError
 from shared.models import check_input_shape
 from shared.outputs import STORE, OutputLock, check_not_an_input, check_output, clear_for_overwrite, storage_errors
-from shared.parallel import batch_sharding, check_batch_size, data_mesh, pad_rows, replicated
+from shared.parallel import batch_sharding, cap_batch, check_batch_size, data_mesh, pad_rows, replicated
 from shared.runs import Teacher, load_teacher
 from shared.settings import setting
 
@@ -238,9 +238,7 @@ class ChunkWriter:
 def _input_paths(config: BuildConfig) -> list[str]:
   """The files and directories the build reads: teacher run dirs, an npz dataset, the data dir."""
   paths = [teacher for teacher in config.teachers if os.path.exists(teacher)]
-  if config.dataset.startswith(NPZ_PREFIX):
-    paths.append(config.dataset[len(NPZ_PREFIX):])
-  return paths + ([config.data_dir] if config.data_dir else [])
+  return paths + [path for path in (local_path(config.dataset), config.data_dir) if path]
 
 
 def _eval_set(config: BuildConfig, transfer_set: TransferSet) -> TransferSet | None:
@@ -268,8 +266,7 @@ def build_cache(config: BuildConfig) -> str:
       outputs (naming the member and example index; the store is left incomplete).
   """
   validate_settings(temperature=config.temperature, combine=config.combine, dtype=config.dtype,
-                    views=config.views, chunk_rows=config.chunk_rows, seed=config.seed, max_shift=config.max_shift,
-                    folds=config.folds)
+                    views=config.views, chunk_rows=config.chunk_rows, seed=config.seed, folds=config.folds)
   if config.batch_size < 1:
     raise StillroomError(f"--batch-size must be >= 1, got {config.batch_size}.")
   if not config.teachers:
@@ -280,9 +277,8 @@ def build_cache(config: BuildConfig) -> str:
   check_output(config.out, STORE, config.overwrite)
   mesh = data_mesh()
   check_batch_size(config.batch_size, mesh)
-  devices = mesh.devices.size
-  batch_size = min(config.batch_size, -(-config.chunk_rows // devices) * devices)
-  if batch_size < config.batch_size:  # A batch never spans two chunks: more rows would only be padding.
+  batch_size = cap_batch(config.batch_size, config.chunk_rows, mesh.devices.size)  # A batch never spans chunks.
+  if batch_size < config.batch_size:
     _log(f"--batch-size {config.batch_size} is more than a chunk ({config.chunk_rows} rows): batches of {batch_size}")
     config = dataclasses.replace(config, batch_size=batch_size)
   transfer_set = open_transfer_set(config.dataset, config.split, config.data_dir)
@@ -307,6 +303,9 @@ def build_cache(config: BuildConfig) -> str:
     if cache is None:
       return config.out
     _write_chunks(cache, transfer_set, eval_set, teachers, mesh, config)
+    problems = integrity_problems(cache)  # The store must be whole before it is declared complete.
+    if problems:
+      raise StillroomError(f"{config.out} is not whole after writing every chunk: {'; '.join(problems)}.")
     with storage_errors(f"writing the completion record of {config.out}"):
       cache.group.attrs[COMPLETE_KEY] = {"finished_at": now_iso(), "rows": cache.spec.num_rows}
   spec = cache.spec
@@ -322,7 +321,7 @@ def _write_chunks(cache: Cache, transfer_set: TransferSet, eval_set: TransferSet
   """Computes and writes every uncommitted chunk: the eval rows first, then the transfer set's rows."""
   spec = cache.spec
   row_sets = [EVAL_ROWS, ROWS] if eval_set is not None else [ROWS]
-  todo = {row_set: np.flatnonzero(~cache[committed_name(row_set)][:]) for row_set in row_sets}
+  todo = {row_set: _chunks_to_write(cache, row_set) for row_set in row_sets}
   total = spec.num_rows + spec.num_eval_rows
   remaining = sum(cache.chunk_bounds(c, s)[1] - cache.chunk_bounds(c, s)[0] for s in row_sets for c in todo[s])
   if remaining < total:
@@ -381,6 +380,19 @@ def _write_chunks(cache: Cache, transfer_set: TransferSet, eval_set: TransferSet
     writer.close()
   if remaining:
     _log(f"{remaining} rows in {time.perf_counter() - started:.1f} s")
+
+
+def _chunks_to_write(cache: Cache, row_set: str) -> list[int]:
+  """The chunks a (resumed) build must write: the uncommitted ones, and committed ones whose files are gone."""
+  try:
+    todo = set(uncommitted_chunks(cache, row_set).tolist())
+  except StillroomError as e:
+    raise StillroomError(f"cannot resume {cache.path}: {e}. Pass --overwrite to rebuild it.") from e
+  missing = {chunk for name in cache.spec.arrays_of(row_set) if cache.spec.array(name).role != "bookkeeping"
+             for chunk in missing_chunks(cache, name)} if cache.spec.has_checksums else set()
+  if missing - todo:
+    _log(f"{len(missing - todo)} committed chunk(s) of {cache.path} are missing: writing them again")
+  return sorted(todo | missing)
 
 
 def _check_finite(finite: np.ndarray, describe, cache: Cache) -> None:

@@ -10,7 +10,7 @@ import os
 import numpy as np
 
 from shared.augment import fold_of
-from shared.cache import EVAL_ROWS, ROWS, committed_name, layout_problems, missing_chunks, open_cache
+from shared.cache import EVAL_ROWS, ROWS, layout_problems, missing_chunks, open_cache, uncommitted_chunks
 from shared.data import DatasetSpec, TransferSet, open_transfer_set
 from shared.ensemble import combine_log_probs
 from shared.errors import StillroomError
@@ -43,12 +43,12 @@ def _listed(items: list, total: int | None = None) -> str:
 
 
 def _open_dataset(recorded: DatasetSpec, name: str | None, split: str | None, data_dir: str | None,
-                  what: str) -> tuple[TransferSet | None, Check]:
+                  what: str, given: bool) -> tuple[TransferSet | None, Check]:
   """The dataset to check against: the one given, else the one the spec names if it can be opened here.
 
   Returns:
     The transfer set when its fingerprint matches (else None), and the fingerprint check (not checked when the
-    spec's dataset cannot be opened here and none was given).
+    spec's dataset cannot be opened here and `given` is false: the command line named neither dataset nor split).
 
   Raises:
     StillroomError: a dataset or split given on the command line cannot be opened.
@@ -56,7 +56,7 @@ def _open_dataset(recorded: DatasetSpec, name: str | None, split: str | None, da
   try:
     transfer_set = open_transfer_set(name or recorded.name, split or recorded.split, data_dir)
   except StillroomError as e:
-    if name is not None or split is not None:
+    if given:  # The command line named the dataset or split: that it cannot be opened is an error.
       raise
     return None, Check(f"{what} fingerprint", None, f"not checked: {str(e).splitlines()[0]} (give --dataset, "
                                                     "--split, --data-dir)")
@@ -88,36 +88,42 @@ def verify_cache(path: str, dataset: str | None = None, split: str | None = None
   if problems:
     return checks
   row_sets = [ROWS] + ([EVAL_ROWS] if spec.eval_dataset is not None else [])
-  uncommitted = {s: int((~cache[committed_name(s)][:]).sum()) for s in row_sets}
-  checks.append(Check("all chunks committed", not any(uncommitted.values()), "; ".join(
-      f"{n} of {spec.chunks_of(s)} {'eval ' if s == EVAL_ROWS else ''}chunks not committed"
-      for s, n in uncommitted.items() if n)))
+  not_committed = []
+  for row_set in row_sets:
+    try:
+      count = len(uncommitted_chunks(cache, row_set))
+      if count:
+        not_committed.append(f"{count} of {spec.chunks_of(row_set)} {'eval ' if row_set == EVAL_ROWS else ''}chunks "
+                             "not committed")
+    except StillroomError as e:
+      not_committed.append(str(e))
+  checks.append(Check("all chunks committed", not not_committed, "; ".join(not_committed)))
   if spec.has_checksums:
     missing = {a.name: missing_chunks(cache, a.name) for a in spec.arrays}
     missing = {name: chunks for name, chunks in missing.items() if chunks}
     checks.append(Check("every chunk present", not missing, "; ".join(
         f"{name}: chunks {_listed(chunks)} missing" for name, chunks in missing.items())))
-  transfer_set, fingerprint = _open_dataset(spec.dataset, dataset, split, data_dir, "dataset")
+  given = dataset is not None or split is not None
+  transfer_set, fingerprint = _open_dataset(spec.dataset, dataset, split, data_dir, "dataset", given)
   checks.append(fingerprint)
   eval_set = None
   if spec.eval_dataset is not None:
     eval_set, eval_fingerprint = _open_dataset(spec.eval_dataset, dataset, spec.eval_dataset.split, data_dir,
-                                               "eval split")
+                                               "eval split", dataset is not None)
     checks.append(eval_fingerprint)
 
   damaged: list[str] = []
 
   def read(chunk: int, names, row_set: str) -> dict | None:
     """One chunk of each array; None (and the damage recorded) if any of them cannot be read."""
-    arrays, ok = {}, True
-    start, stop = cache.chunk_bounds(chunk, row_set)
+    arrays = {}
     for name in names:
       try:
-        arrays[name] = cache[name][start:stop]
-      except Exception as e:  # zarr raises ValueError for bad checksums, others for truncated or garbled chunks.
-        damaged.append(f"{name} chunk {chunk} ({type(e).__name__}: {str(e)[:80]})")
-        ok = False
-    return arrays if ok else None
+        arrays.update(cache.read_chunk(chunk, (name,), row_set))
+      except StillroomError as e:
+        cause = e.__cause__
+        damaged.append(f"{name} chunk {chunk} ({type(cause).__name__}: {str(cause)[:80]})")
+    return arrays if len(arrays) == len(names) else None
 
   nonfinite, worst_target_error = 0, 0.0
   target_failures, row_failures, label_failures = [], [], []

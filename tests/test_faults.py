@@ -36,6 +36,10 @@ class Env:
   """What the faults act on: a complete store, a finished run dir, teachers, datasets."""
 
 
+class Absent(str):
+  """A path the refused command must not have created (its --out, refused before anything was written)."""
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, data_dir, teachers):
   e = Env()
@@ -257,6 +261,76 @@ def _(env, tmp_path, mp):
   return student_main, _fit(env, "--cache", store, "--out", tmp_path / "r"), 2, r"is not complete", [store]
 
 
+@fault("fit on a store with a damaged bookkeeping chunk")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  _flip_byte(_chunk(store, "chunk_committed", 1), offset=0)
+  return (student_main, _fit(env, "--cache", store, "--out", tmp_path / "r"), 2,
+          r"array 'chunk_committed' is damaged \(ValueError", [store, Absent(tmp_path / "r")])
+
+
+@fault("verify on a store with a damaged bookkeeping chunk")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  _flip_byte(_chunk(store, "chunk_committed", 2), offset=0)
+  return (cache_main, ["verify", store, "--data-dir", env.data_dir], 1,
+          r"FAIL  all chunks committed .*'chunk_committed' is damaged", [store])
+
+
+@fault("info on a store with garbled array metadata")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  with open(os.path.join(store, "labels", "zarr.json"), "r+") as f:
+    f.truncate(20)
+  return cache_main, ["info", store], 2, r"the metadata of array 'labels' is unreadable", [store]
+
+
+@fault("verify on a store with garbled array metadata")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  with open(os.path.join(store, "view", "zarr.json"), "r+") as f:
+    f.truncate(20)
+  return cache_main, ["verify", store], 1, r"FAIL  layout .*the metadata of array 'view' is unreadable", [store]
+
+
+@fault("fit into a run dir with a garbled config.json")
+def _(env, tmp_path, mp):
+  run = tmp_path / "run"
+  shutil.copytree(env.run, run)
+  (run / "config.json").write_text("{not json")
+  return (student_main, _fit(env, "--dataset", "digits", "--split", "train[:200]", "--out", run), 2,
+          r"cannot read config\.json", [run])
+
+
+@fault("the build resumed into a read-only store")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  _edit_spec(store, lambda attrs: attrs.pop(COMPLETE_KEY))
+  zarr.open_group(store, mode="r+")["chunk_committed"][3] = False
+
+  def read_only(self, key, value, *args, **kwargs):
+    raise OSError(errno.EROFS, "Read-only file system", os.path.join(str(self.root), key))
+
+  mp.setattr(zarr.storage.LocalStore, "set", read_only)
+  return cache_main, _build(env, store), 2, r"writing the cache failed: .*Read-only file system", [store]
+
+
+@fault("fit into a read-only run dir")
+def _(env, tmp_path, mp):
+  import builtins
+  run = str(tmp_path / "run")
+  real_open = builtins.open
+
+  def read_only(path, mode="r", *args, **kwargs):
+    if str(path).startswith(run + os.sep) and any(flag in mode for flag in "wa+"):
+      raise OSError(errno.EROFS, "Read-only file system", str(path))
+    return real_open(path, mode, *args, **kwargs)
+
+  mp.setattr(builtins, "open", read_only)
+  return (student_main, _fit(env, "--dataset", "digits", "--split", "train[:200]", "--out", run), 2,
+          r"Read-only file system: .*run/config\.json", [])
+
+
 # --- Full and read-only disks (patched writers) ------------------------------------------------------------------
 
 def _no_space(*args, **kwargs):
@@ -300,7 +374,7 @@ def _(env, tmp_path, mp):
 
   mp.setattr(ocp.CheckpointManager, "save", full)
   return (student_main, _fit(env, "--dataset", "digits", "--split", "train[:200]", "--out", tmp_path / "r"), 2,
-          r"saving the checkpoint of .* after epoch 1 failed .*No space left on device", [env.run])
+          r"saving the checkpoint of .* after epoch 1 failed: No space left on device", [env.run])
 
 
 @fault("read-only output")
@@ -332,11 +406,12 @@ def _(env, tmp_path, mp):
 # --- Concurrent writers ------------------------------------------------------------------------------------------
 
 def _held_lock(out, tmp_path) -> subprocess.Popen:
-  """A live process holding the lock of `out`."""
-  holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-  with open(str(out).rstrip("/") + ".lock", "w") as f:
-    json.dump({"host": __import__("socket").gethostname(), "pid": holder.pid, "command": "teacher-cache build",
-               "since": "2026-11-25T10:00:00+00:00"}, f)
+  """Another live process holding the lock of `out`, as a build would (through `OutputLock`)."""
+  code = ("import sys, time; from shared.outputs import OutputLock; OutputLock(sys.argv[1], 'teacher-cache build')"
+          ".acquire(); print('held', flush=True); time.sleep(120)")
+  holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))})
+  assert holder.stdout.readline().strip() == "held"
   return holder
 
 
@@ -345,7 +420,7 @@ def _(env, tmp_path, mp):
   store = _copy_store(env, tmp_path)
   env.holder = _held_lock(store, tmp_path)
   return (cache_main, _build(env, store), 2,
-          rf"is being written by process {env.holder.pid} on .* \(teacher-cache build\) since 2026-11-25", [store])
+          rf"is being written by process {env.holder.pid} on .* \(teacher-cache build\) since 20\d\d-", [store])
 
 
 @fault("build --overwrite of a store being built")
@@ -410,31 +485,32 @@ def _(env, tmp_path, mp):
 @fault("NaN in a dataset's inputs")
 def _(env, tmp_path, mp):
   return (student_main, _fit(env, "--dataset", env.npz_nan, "--out", tmp_path / "r"), 2,
-          r"example index 7 has a non-finite input value", [env.run])
+          r"example index 7 has a non-finite input value", [Absent(tmp_path / "r")])
 
 
 @fault("Inf in a dataset's inputs (build)")
 def _(env, tmp_path, mp):
   return (cache_main, ["build", "--dataset", env.npz_inf, "--teacher", env.flat_teacher, "--out", tmp_path / "c.zarr"],
-          2, r"example index 9 has a non-finite input value", [env.store])
+          2, r"example index 9 has a non-finite input value", [Absent(tmp_path / "c.zarr")])
 
 
 @fault("string inputs")
 def _(env, tmp_path, mp):
   return (student_main, _fit(env, "--dataset", env.npz_strings, "--out", tmp_path / "r"), 2,
-          r"inputs have dtype <U\d+; they must be real numbers", [env.run])
+          r"inputs have dtype <U\d+; they must be real numbers", [Absent(tmp_path / "r")])
 
 
 @fault("complex inputs")
 def _(env, tmp_path, mp):
   return (student_main, _fit(env, "--dataset", env.npz_complex, "--out", tmp_path / "r"), 2,
-          r"inputs have dtype complex64; they must be real numbers", [env.run])
+          r"inputs have dtype complex64; they must be real numbers", [Absent(tmp_path / "r")])
 
 
 @fault("a label id of 10^9")
 def _(env, tmp_path, mp):
   return (student_main, _fit(env, "--dataset", env.npz_huge_label, "--out", tmp_path / "r"), 2,
-          r"has 1,000,000,001 classes \(its largest label is 1,000,000,000\), more than --max-classes", [env.run])
+          r"has 1,000,000,001 classes \(its largest label is 1,000,000,000\), more than --max-classes",
+          [Absent(tmp_path / "r")])
 
 
 @fault("eval of a run on labels outside its classes")
@@ -446,19 +522,21 @@ def _(env, tmp_path, mp):
 @fault("a cache of another dataset")
 def _(env, tmp_path, mp):
   return (student_main, _fit(env, "--cache", env.store, "--split", "train[:100]", "--out", tmp_path / "r"), 2,
-          r"is not the data the cache .* was built from", [env.store])
+          r"is not the data the cache .* was built from", [env.store, Absent(tmp_path / "r")])
 
 
 # --- Bad settings -----------------------------------------------------------------------------------------------
 
 @fault("build --temperature inf")
 def _(env, tmp_path, mp):
-  return cache_main, _build(env, tmp_path / "c.zarr", "--temperature", "inf"), 2, r"temperature must be > 0 and finite", []
+  return (cache_main, _build(env, tmp_path / "c.zarr", "--temperature", "inf"), 2, r"temperature must be > 0 and finite",
+          [Absent(tmp_path / "c.zarr")])
 
 
 @fault("build --temperature nan")
 def _(env, tmp_path, mp):
-  return cache_main, _build(env, tmp_path / "c.zarr", "--temperature", "nan"), 2, r"temperature must be > 0 and finite", []
+  return (cache_main, _build(env, tmp_path / "c.zarr", "--temperature", "nan"), 2, r"temperature must be > 0 and finite",
+          [Absent(tmp_path / "c.zarr")])
 
 
 @fault("build --temperature too small for the logits")
@@ -470,70 +548,75 @@ def _(env, tmp_path, mp):
 @fault("fit --temperature inf")
 def _(env, tmp_path, mp):
   return (student_main, _fit(env, "--cache", env.store, "--temperature", "inf", "--out", tmp_path / "r"), 2,
-          r"--temperature must be > 0 and finite, got inf", [env.store])
+          r"--temperature must be > 0 and finite, got inf", [env.store, Absent(tmp_path / "r")])
 
 
 @fault("fit --lr nan")
 def _(env, tmp_path, mp):
-  return student_main, _fit(env, "--dataset", "digits", "--lr", "nan", "--out", tmp_path / "r"), 2, r"--lr must be > 0", []
+  return (student_main, _fit(env, "--dataset", "digits", "--lr", "nan", "--out", tmp_path / "r"), 2, r"--lr must be > 0",
+          [Absent(tmp_path / "r")])
 
 
 @fault("fit --lr beyond float32")
 def _(env, tmp_path, mp):
-  return student_main, _fit(env, "--dataset", "digits", "--lr", "1e300", "--out", tmp_path / "r"), 2, r"--lr must be > 0", []
+  return (student_main, _fit(env, "--dataset", "digits", "--lr", "1e300", "--out", tmp_path / "r"), 2,
+          r"--lr must be > 0", [Absent(tmp_path / "r")])
 
 
 @fault("a run that diverges")
 def _(env, tmp_path, mp):
   return (student_main, _fit(env, "--dataset", "digits", "--split", "train[:200]", "--lr", "1e30", "--batch-size",
                              "50", "--out", tmp_path / "r"), 2,
-          r"training diverged in epoch 1: .*its loss became non-finite at step \d of 4", [env.run])
+          r"diverged in epoch 1: its loss became non-finite at step \d of 4 .*pass --overwrite", [env.run])
 
 
 @fault("--max-shift -2")
 def _(env, tmp_path, mp):
   return (student_main, _fit(env, "--dataset", "digits", "--augment", "--max-shift", "-2", "--out", tmp_path / "r"), 2,
-          r"--max-shift must be >= 0, got -2", [])
+          r"--max-shift must be in 0\.\.7 for 8x8 images, got -2", [Absent(tmp_path / "r")])
 
 
 @fault("--max-shift 1000")
 def _(env, tmp_path, mp):
-  return cache_main, _build(env, tmp_path / "c.zarr", "--max-shift", "1000"), 2, r"--max-shift must be in 0\.\.7", []
+  return (cache_main, _build(env, tmp_path / "c.zarr", "--max-shift", "1000"), 2, r"--max-shift must be in 0\.\.7",
+          [Absent(tmp_path / "c.zarr")])
 
 
 @fault("fit --seed -1")
 def _(env, tmp_path, mp):
-  return student_main, _fit(env, "--dataset", "digits", "--seed", "-1", "--out", tmp_path / "r"), 2, r"--seed must be in 0\.\.", []
+  return (student_main, _fit(env, "--dataset", "digits", "--seed", "-1", "--out", tmp_path / "r"), 2,
+          r"--seed must be in 0\.\.", [Absent(tmp_path / "r")])
 
 
 @fault("fit --members 0,0")
 def _(env, tmp_path, mp):
   return (student_main, _fit(env, "--cache", env.store, "--members", "0,0", "--out", tmp_path / "r"), 2,
-          r"--members \[0, 0\]: give distinct indices", [env.store])
+          r"--members \[0, 0\]: give distinct indices", [env.store, Absent(tmp_path / "r")])
 
 
 @fault("fit --shuffle-window 0")
 def _(env, tmp_path, mp):
   return (student_main, _fit(env, "--cache", env.store, "--shuffle-window", "0", "--out", tmp_path / "r"), 2,
-          r"--shuffle-window must be >= 1 chunk", [env.store])
+          r"--shuffle-window must be >= 1 chunk", [env.store, Absent(tmp_path / "r")])
 
 
 @fault("distillation settings without a cache")
 def _(env, tmp_path, mp):
   return (student_main, _fit(env, "--dataset", "digits", "--temperature", "2", "--out", tmp_path / "r"), 2,
-          r"--temperature sets distillation, which needs --cache", [])
+          r"--temperature sets distillation, which needs --cache", [Absent(tmp_path / "r")])
 
 
 @fault("a sweep axis that repeats a value")
 def _(env, tmp_path, mp):
   return (student_main, ["sweep", "--cache", env.store, "--grid", "temperature=1,2,1.0", "--out", tmp_path / "s",
-                         "--data-dir", env.data_dir], 2, r"grid axis 'temperature' lists 1 twice", [env.store])
+                         "--data-dir", env.data_dir], 2, r"grid axis 'temperature' lists 1 twice",
+          [env.store, Absent(tmp_path / "s")])
 
 
 @fault("a sweep axis given twice")
 def _(env, tmp_path, mp):
   return (student_main, ["sweep", "--cache", env.store, "--grid", "alpha=0.1;alpha=0.5", "--out", tmp_path / "s"], 2,
-          r"grid axis 'alpha' is given twice", [env.store])
+          r"grid axis 'alpha' is given twice", [env.store, Absent(tmp_path / "s")])
 
 
 @fault("a run dir of another config")
@@ -549,37 +632,42 @@ def _(env, tmp_path, mp):
 def _(env, tmp_path, mp):
   mp.chdir(env.root)
   return (cache_main, _build(env, tmp_path / "c.zarr", teachers=["bad_teachers:ignores_batch"]), 2,
-          r"must return logits of shape \[batch, classes\]; for a batch of 64 it returned \(1, 10\)", [])
+          r"must return logits of shape \[batch, classes\]; for a batch of 64 it returned \(1, 10\)",
+          [Absent(tmp_path / "c.zarr")])
 
 
 @fault("a teacher that returns one number per example")
 def _(env, tmp_path, mp):
   mp.chdir(env.root)
   return (cache_main, _build(env, tmp_path / "c.zarr", teachers=["bad_teachers:one_dimensional"]), 2,
-          r"must return logits of shape \[batch, classes\]; for a batch of 64 it returned \(64,\)", [])
+          r"must return logits of shape \[batch, classes\]; for a batch of 64 it returned \(64,\)",
+          [Absent(tmp_path / "c.zarr")])
 
 
 @fault("a teacher that is a file")
 def _(env, tmp_path, mp):
   return (cache_main, _build(env, tmp_path / "c.zarr", teachers=[str(env.notes / "thesis.txt")]), 2,
-          r"thesis\.txt' is a file, not a run dir", [env.notes])
+          r"thesis\.txt' is a file, not a run dir", [env.notes, Absent(tmp_path / "c.zarr")])
 
 
 @fault("the same teacher twice")
 def _(env, tmp_path, mp):
   return (cache_main, _build(env, tmp_path / "c.zarr", teachers=[env.teachers[0], env.teachers[0]]), 2,
-          r"have the same parameters; an ensemble member given twice", [])
+          r"have the same parameters; an ensemble member given twice", [Absent(tmp_path / "c.zarr")])
 
 
 @fault("a teacher for other inputs")
 def _(env, tmp_path, mp):
   return (cache_main, _build(env, tmp_path / "c.zarr", teachers=[env.flat_teacher]), 2,
-          r"teacher 'flat_teacher' \(mlp-small\) cannot take inputs of shape \(8, 8, 1\)", [])
+          r"teacher 'flat_teacher' \(mlp-small\) cannot take inputs of shape \(8, 8, 1\)", [Absent(tmp_path / "c.zarr")])
 
 
 @pytest.mark.parametrize("name", list(FAULTS))
 def test_fault_is_refused_cleanly(name, env, tmp_path, monkeypatch, capsys):
   main, argv, code, pattern, protected = FAULTS[name](env, tmp_path, monkeypatch)
+  absent = [p for p in protected if isinstance(p, Absent)]
+  assert not any(os.path.exists(p) for p in absent)
+  protected = [p for p in protected if not isinstance(p, Absent)]
   before = {str(p): tree_digest(p) if os.path.isdir(p) else open(p, "rb").read() for p in protected}
   try:
     got, out, err = run_cli(main, argv, capsys)
@@ -597,6 +685,8 @@ def test_fault_is_refused_cleanly(name, env, tmp_path, monkeypatch, capsys):
     assert re.search(pattern, out), out
   for path, snapshot in before.items():
     assert (tree_digest(path) if os.path.isdir(path) else open(path, "rb").read()) == snapshot, path
+  for path in absent:
+    assert not os.path.exists(path) and not os.path.exists(path + ".lock"), path
 
 
 def test_the_catalogue_holds_at_least_40_faults():
@@ -640,7 +730,82 @@ def test_a_diverged_run_keeps_its_last_finite_checkpoint(env, tmp_path, capsys):
     code, _, err = run_cli(student_main, args, capsys)
   finally:
     mp.undo()
-  assert code == 2 and "training diverged in epoch 3" in err and "keeps its checkpoint of epoch 2" in err
+  assert code == 2 and "diverged in epoch 3" in err and "it keeps its checkpoint of epoch 2" in err
   assert sorted(os.listdir(tmp_path / "r" / "checkpoints")) == ["1", "2"]
   assert [json.loads(line)["epoch"] for line in open(tmp_path / "r" / "metrics.jsonl")] == [1, 2]
   assert not os.path.exists(tmp_path / "r" / "final.json")
+
+
+def test_verify_skips_what_it_cannot_check_and_says_so(tmp_path, capsys):
+  """Without --dataset, verify checks against the dataset the spec names; when that is not available here it
+  says "skip", and exits 0 if nothing failed."""
+  rng = np.random.default_rng(0)
+  np.savez(tmp_path / "d.npz", x=rng.normal(size=(30, 6)).astype(np.float32), y=rng.integers(0, 3, 30))
+  teacher = make_teacher(tmp_path / "t", input_shape=(6,), num_classes=3, normalization={"shift": 0.0, "scale": 1.0})
+  store = str(tmp_path / "c.zarr")
+  assert run_cli(cache_main, ["build", "--dataset", f"npz:{tmp_path / 'd.npz'}", "--teacher", teacher,
+                              "--eval-split", "train[:10]", "--out", store, "--no-progress"], capsys)[0] == 0
+  os.remove(tmp_path / "d.npz")
+  code, out, _ = run_cli(cache_main, ["verify", store], capsys)
+  assert code == 0, out
+  assert re.search(r"skip  dataset fingerprint  \(not checked: dataset .* no such file", out)
+  assert "skip  labels match the dataset" in out and "skip  eval split fingerprint" in out
+  code, _, err = run_cli(cache_main, ["verify", store, "--split", "train"], capsys)  # Asked for: an error.
+  assert code == 2 and "no such file" in err
+
+
+def test_a_state_that_goes_non_finite_with_a_finite_loss_is_caught(env, tmp_path, capsys):
+  import student_train.train as train
+  real = train.make_train_step
+
+  def nan_state_at_the_last_step(graphdef, normalization, mesh, fixed=None):
+    step = real(graphdef, normalization, mesh, fixed)
+    calls = {"n": 0}
+
+    def poisoned(states, batch, hypers):
+      calls["n"] += 1
+      states, metrics = step(states, batch, hypers)
+      if calls["n"] == 2:  # The last of the epoch's 2 steps: the loss was finite, the state is not.
+        states = __import__("jax").tree.map(lambda x: x * np.nan if x.dtype == np.float32 else x, states)
+      return states, metrics
+
+    return poisoned
+
+  mp = pytest.MonkeyPatch()
+  mp.setattr(train, "make_train_step", nan_state_at_the_last_step)
+  try:
+    code, _, err = run_cli(student_main, _fit(env, "--dataset", "digits", "--split", "train[:200]", "--out",
+                                              tmp_path / "r"), capsys)
+  finally:
+    mp.undo()
+  assert code == 2 and re.search(r"its state \(parameters or optimizer moments\) became non-finite at step 2 of 2", err)
+  assert os.path.exists(tmp_path / "r" / "diverged.json") and not os.listdir(tmp_path / "r" / "checkpoints")
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+  """A 600 KB file system (tmpfs), where the machine lets tests mount one; skipped elsewhere."""
+  mount_point = tmp_path / "tiny"
+  mount_point.mkdir()
+  done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount_point)], capture_output=True)
+  if done.returncode != 0:
+    pytest.skip("cannot mount a small file system here; the patched-writer faults above cover the same errors")
+  yield mount_point
+  subprocess.run(["umount", str(mount_point)], check=False)
+
+
+def test_a_real_full_disk_gives_one_line_and_no_complete_store(env, tiny_disk, capsys):
+  """The real thing, not a patched writer: orbax's and zarr's own errors on ENOSPC."""
+  code, _, err = run_cli(cache_main, _build(env, tiny_disk / "c.zarr", "--views", "16", split="train"), capsys)
+  assert code == 2 and "Traceback" not in err
+  assert [line for line in err.splitlines() if ": error: " in line] == [
+      "teacher-cache: error: writing the cache failed: [Errno 28] No space left on device"]
+  assert SPEC_KEY in zarr.open_group(str(tiny_disk / "c.zarr"), mode="r").attrs
+  assert COMPLETE_KEY not in zarr.open_group(str(tiny_disk / "c.zarr"), mode="r").attrs
+  shutil.rmtree(tiny_disk / "c.zarr")
+  code, _, err = run_cli(student_main, ["fit", "--dataset", "digits", "--split", "train[:300]", "--data-dir",
+                                        env.data_dir, "--model", "mlp-large", "--epochs", "1", "--no-progress",
+                                        "--out", tiny_disk / "run"], capsys)
+  errors = [line for line in err.splitlines() if ": error: " in line]
+  assert code == 2 and "Traceback" not in err and len(err.splitlines()) <= 3, err[-3000:]
+  assert len(errors) == 1 and "saving the checkpoint of" in errors[0] and "No space left on device" in errors[0]
