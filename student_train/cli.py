@@ -9,7 +9,7 @@ import json
 from shared.cli import add_models_command, print_models, run_or_exit
 from shared.settings import add_options, from_args
 from student_train.config import FitConfig
-from student_train.demo import DemoConfig, add_demo_options, demo_config_from_args, run_demo
+from student_train.demo import add_demo_options, demo_config_from_args, run_demo
 from student_train.evaluate import EvalConfig, evaluate_runs
 from student_train.sweep import AXES, report, run_sweep
 from student_train.train import fit

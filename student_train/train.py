@@ -86,8 +86,10 @@ def fit_group(configs: list[FitConfig], *, log_epochs: bool = True,
     Each run's final metrics, in the order of `configs`.
 
   Raises:
-    StillroomError: bad settings, data, cache or model; a run dir holding another config; runs that do not share
-      a batch stream.
+    StillroomError: bad settings, data, cache or model; a run dir holding another config or being written by
+      another process; runs that do not share a batch stream.
+    Diverged: some runs' loss or state became non-finite (after the others have finished), or did in an earlier
+      attempt; each holds `diverged.json` and its last finite checkpoint.
   """
   mesh = data_mesh()
   plans = [plan_run(config) for config in configs]
