@@ -143,21 +143,46 @@ def _plan_teaching(config: FitConfig, cache: Cache) -> tuple[Teaching, dict]:
   return teaching, {"alpha": alpha, "temperature": temperature, "combine": combine, "members": members}
 
 
-def plan_run(config: FitConfig) -> RunPlan:
+class Opened:
+  """Caches and transfer sets opened once for the runs of a group or a sweep (opening checks a store's integrity
+  and fingerprints a dataset: work not to repeat per run)."""
+
+  def __init__(self):
+    self._items: dict = {}
+
+  def cache(self, path: str) -> Cache:
+    key = ("cache", os.path.abspath(path))
+    if key not in self._items:
+      self._items[key] = open_cache(path)
+    return self._items[key]
+
+  def transfer_set(self, name: str, split: str, data_dir: str | None) -> TransferSet:
+    key = ("data", name, split, data_dir)
+    if key not in self._items:
+      self._items[key] = open_transfer_set(name, split, data_dir)
+    return self._items[key]
+
+
+def plan_run(config: FitConfig, opened: Opened | None = None) -> RunPlan:
   """Resolves a config against its data and cache, checking everything `fit` needs before it trains.
+
+  Args:
+    config: the run's settings.
+    opened: caches and datasets already opened for other runs of the same group or sweep.
 
   Raises:
     StillroomError: bad settings, data, cache or model (named).
   """
+  opened = opened or Opened()
   validate_config(config)
   cache = teaching = None
   resolved: dict = {"data_seed": config.seed if config.data_seed is None else config.data_seed}
   if config.cache:
-    cache = open_cache(config.cache)
+    cache = opened.cache(config.cache)
     recorded = cache.spec.dataset
     dataset = config.dataset or recorded.name
     split = config.split or (recorded.split if not config.dataset else "train")
-    transfer_set = open_transfer_set(dataset, split, config.data_dir)
+    transfer_set = opened.transfer_set(dataset, split, config.data_dir)
     if transfer_set.fingerprint != recorded.fingerprint:
       raise StillroomError(
           f"dataset {dataset!r} split {split!r} (fingerprint {transfer_set.fingerprint[:16]}…) is not the data the "
@@ -174,7 +199,7 @@ def plan_run(config: FitConfig) -> RunPlan:
     if config.alpha not in (None, 1.0):
       raise StillroomError(f"--alpha {config.alpha} mixes in soft targets, which need --cache.")
     split = config.split or "train"
-    transfer_set = open_transfer_set(config.dataset, split, config.data_dir)
+    transfer_set = opened.transfer_set(config.dataset, split, config.data_dir)
     if not transfer_set.labeled:
       raise StillroomError(f"{config.dataset!r} {split!r} is unlabeled; hard-label training needs labels.")
     num_classes = transfer_set.num_classes
@@ -206,15 +231,16 @@ def plan_run(config: FitConfig) -> RunPlan:
     _log(f"--batch-size {config.batch_size} is more than the {rows:,} rows of an epoch: batches of {batch_size}")
     config = dataclasses.replace(config, batch_size=batch_size)
   return RunPlan(config=config, transfer_set=transfer_set, cache=cache, teaching=teaching, model_spec=model_spec,
-                 normalization=transfer_set.normalization, examples=examples, eval_set=_eval_set(config, transfer_set))
+                 normalization=transfer_set.normalization, examples=examples, eval_set=_eval_set(config, transfer_set, opened))
 
 
-def _eval_set(config: FitConfig, transfer_set: TransferSet) -> TransferSet | None:
+def _eval_set(config: FitConfig, transfer_set: TransferSet, opened: Opened) -> TransferSet | None:
   if config.eval_split == NO_EVAL:
     return None
   if config.eval_dataset or config.eval_split:
-    return open_transfer_set(config.eval_dataset or transfer_set.name, config.eval_split or "test", config.data_dir)
+    return opened.transfer_set(config.eval_dataset or transfer_set.name, config.eval_split or "test",
+                               config.data_dir)
   try:
-    return open_transfer_set(transfer_set.name, "test", config.data_dir)
+    return opened.transfer_set(transfer_set.name, "test", config.data_dir)
   except StillroomError:
     return None  # No test split: no per-epoch evaluation unless asked for.

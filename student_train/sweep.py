@@ -26,7 +26,7 @@ from shared.errors import StillroomError
 from shared.outputs import check_not_an_input
 from shared.settings import value_type
 from student_train.config import FitConfig, check_value
-from student_train.plan import RunPlan, plan_run
+from student_train.plan import Opened, RunPlan, plan_run
 from shared.runs import CONFIG_FILE
 from student_train.run_dir import FINAL_FILE, is_finished
 from student_train.train import DIVERGED_ADVICE, Diverged, fit_group
@@ -145,12 +145,12 @@ def _config(point: dict, seed: int, base: FitConfig, out: str) -> FitConfig:
 def plan_sweep(cache: str, grid: dict, seeds: int, out: str, base: FitConfig) -> list[tuple[str, dict, RunPlan]]:
   """Every (name, point, plan) of the sweep, each checked as `fit` would check it, before any training."""
   points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
-  runs = []
+  runs, opened = [], Opened()
   for point, seed in itertools.product(points, range(seeds)):
     name = _point_name(point, seed)
     config = _config(point, seed, dataclasses.replace(base, cache=cache), os.path.join(out, name))
     try:
-      plan = plan_run(config)
+      plan = plan_run(config, opened)
     except StillroomError as e:
       raise StillroomError(f"grid point {name.rsplit(',seed=', 1)[0] or '(base)'}: {e}") from e
     if any(name == other for other, _, _ in runs):

@@ -31,7 +31,7 @@ from student_train import run_dir as files
 from student_train.config import FitConfig
 from student_train.evaluate import cached_teacher_top1, eval_line, predict_log_probs
 from student_train.loader import ArrayLoader, CacheLoader
-from student_train.plan import RunPlan, plan_run
+from student_train.plan import Opened, RunPlan, plan_run
 from student_train.steps import (make_predict, make_train_step, stack_hypers, stack_states, static_flags,
                                  unstack_state)
 
@@ -92,7 +92,8 @@ def fit_group(configs: list[FitConfig], *, log_epochs: bool = True,
       attempt; each holds `diverged.json` and its last finite checkpoint.
   """
   mesh = data_mesh()
-  plans = [plan_run(config) for config in configs]
+  opened = Opened()
+  plans = [plan_run(config, opened) for config in configs]
   check_batch_size(plans[0].config.batch_size, mesh)
   stream = plans[0].stream_key()
   for plan in plans[1:]:
