@@ -506,11 +506,9 @@ def integrity_problems(cache: Cache) -> list[str]:
   if cache.complete and rows != spec.num_rows:
     problems.append(f"the completion record says {rows} rows, the spec {spec.num_rows}")
   if spec.has_checksums:
-    for array in spec.arrays:
-      missing = missing_chunks(cache, array.name)
-      if missing:
-        problems.append(f"array {array.name!r} is missing chunk(s) {', '.join(map(str, missing[:3]))}"
-                        + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+    for name, missing in missing_chunks(cache).items():
+      problems.append(f"array {name!r} is missing chunk(s) {', '.join(map(str, missing[:3]))}"
+                      + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
   return problems
 
 
@@ -595,19 +593,28 @@ def committed_name(row_set: str) -> str:
   return next(a.name for a in LAYOUT if a.role == "bookkeeping" and a.row_set == row_set)
 
 
-def missing_chunks(cache: Cache, name: str) -> list[int]:
-  """Chunks of an array that are not in the store (schema 2 writes every chunk, so any missing one is damage).
+def missing_chunks(cache: Cache, names=None) -> dict[str, list[int]]:
+  """Chunks that are not in the store (schema 2 writes every chunk, so any missing one is damage), from one listing
+  of the whole store rather than one per array.
+
+  Args:
+    cache: the opened store.
+    names: the arrays to check (default: every array the spec lists).
 
   Returns:
-    The missing chunk numbers along the rows, ascending.
+    `{name: missing chunk numbers along the rows, ascending}` for the arrays with any missing.
   """
-  array = cache[name]
-  prefix = array.path + "/"
-
   async def listing():
-    return {key[len(prefix):] async for key in cache.group.store.list_prefix(prefix)}
+    return {key async for key in cache.group.store.list_prefix("")}
 
   stored = zarr_sync(listing())
-  trailing = (0,) * (array.ndim - 1)
-  count = math.ceil(array.shape[0] / array.chunks[0]) if array.shape[0] else 0
-  return [k for k in range(count) if array.metadata.encode_chunk_key((k, *trailing)) not in stored]
+  missing = {}
+  for name in names if names is not None else [a.name for a in cache.spec.arrays]:
+    array = cache[name]
+    trailing = (0,) * (array.ndim - 1)
+    count = math.ceil(array.shape[0] / array.chunks[0]) if array.shape[0] else 0
+    absent = [k for k in range(count)
+              if f"{array.path}/{array.metadata.encode_chunk_key((k, *trailing))}" not in stored]
+    if absent:
+      missing[name] = absent
+  return missing

@@ -94,11 +94,13 @@ class RunPlan:
 
   def stream_key(self) -> dict:
     """The settings that decide the batches a run sees: runs with equal keys can train together."""
-    shared = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in GROUP_VARYING + ("overwrite", "progress")}
+    per_run = GROUP_VARYING + ("overwrite", "progress")
+    shared = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in per_run}
     return {**shared, "cache": None if self.cache is None else os.path.abspath(self.cache.path)}
 
   def hypers(self, num_members: int) -> dict[str, np.ndarray]:
-    """This student's per-student step settings (`student_train.steps.HYPERS`), the distillation alpha included."""
+    """This student's settings for the step (see `student_train.steps.make_train_step`), the distillation alpha
+    included; the PRNG key is added from the seed by `stack_hypers`."""
     teaching = self.teaching
     return {
         "alpha": np.float32(self.config.alpha),

@@ -113,15 +113,17 @@ def fit_group(configs: list[FitConfig], *, log_epochs: bool = True,
 def _fit_locked(plans: list[RunPlan], mesh, log_epochs: bool, on_epoch: EpochCallback | None) -> list[dict]:
   """`fit_group` once every run dir is locked: confirms finished runs, resumes and trains the others."""
   finished = [files.prepare_run_dir(plan) for plan in plans]
-  results, diverged = {}, []
+  results, diverged, todo = {}, [], []
   for i, done in enumerate(finished):
+    earlier = None if done else files.read_diverged(plans[i].config.out)
     if done:
       if log_epochs:
         _log(f"{plans[i].config.out} already finished; nothing to do.")
       results[i] = files.read_final(plans[i].config.out)
-    elif files.read_diverged(plans[i].config.out):
-      diverged.append(f"{plans[i].config.out} {files.read_diverged(plans[i].config.out)}")
-  todo = [i for i, done in enumerate(finished) if not done and not files.read_diverged(plans[i].config.out)]
+    elif earlier:
+      diverged.append(f"{plans[i].config.out} {earlier}")
+    else:
+      todo.append(i)
   checkpoints = {i: files.Checkpoints(plans[i].config.out) for i in todo}
   resumes = files.resume_groups([checkpoints[i].epochs() for i in todo]) if todo else []
   if len(resumes) > 1:

@@ -388,8 +388,9 @@ def _chunks_to_write(cache: Cache, row_set: str) -> list[int]:
     todo = set(uncommitted_chunks(cache, row_set).tolist())
   except StillroomError as e:
     raise StillroomError(f"cannot resume {cache.path}: {e}. Pass --overwrite to rebuild it.") from e
-  missing = {chunk for name in cache.spec.arrays_of(row_set) if cache.spec.array(name).role != "bookkeeping"
-             for chunk in missing_chunks(cache, name)} if cache.spec.has_checksums else set()
+  names = [name for name in cache.spec.arrays_of(row_set) if cache.spec.array(name).role != "bookkeeping"]
+  missing = {chunk for chunks in missing_chunks(cache, names).values() for chunk in chunks} \
+      if cache.spec.has_checksums else set()
   if missing - todo:
     _log(f"{len(missing - todo)} committed chunk(s) of {cache.path} are missing: writing them again")
   return sorted(todo | missing)

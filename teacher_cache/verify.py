@@ -99,8 +99,7 @@ def verify_cache(path: str, dataset: str | None = None, split: str | None = None
       not_committed.append(str(e))
   checks.append(Check("all chunks committed", not not_committed, "; ".join(not_committed)))
   if spec.has_checksums:
-    missing = {a.name: missing_chunks(cache, a.name) for a in spec.arrays}
-    missing = {name: chunks for name, chunks in missing.items() if chunks}
+    missing = missing_chunks(cache)
     checks.append(Check("every chunk present", not missing, "; ".join(
         f"{name}: chunks {_listed(chunks)} missing" for name, chunks in missing.items())))
   given = dataset is not None or split is not None
