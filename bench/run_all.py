@@ -87,7 +87,7 @@ def streaming_overhead(tmp: str, model: str, input_shape, rows: int, batch: int,
   cache_path = os.path.join(tmp, f"{model}.zarr")
   synthetic.direct_cache(cache_path, half, members=4, views=2, max_shift=1)
   hard_set, half_set = open_transfer_set(examples, "train"), open_transfer_set(half, "train")
-  hard = ArrayLoader(hard_set, batch_size=batch, seed=0, augmentation=Augmentation(max_shift=1))
+  hard = ArrayLoader(hard_set, batch_size=batch, seed=0, augmentation=Augmentation(max_shift=1), augment=True)
   cached = CacheLoader(open_cache(cache_path), half_set, batch_size=batch, seed=0, fields=("targets",))
   graphdef, state = _student(model, hard_set, mesh)
   hard_step = make_train_step(graphdef, hard_set.normalization, mesh)
@@ -128,7 +128,7 @@ def online_vs_cached(tmp: str, student: str, teacher_model: str, input_shape, me
   online = jax.jit(online_step, donate_argnums=0)
   cached_step = jax.jit(inner, donate_argnums=0)
   loader = CacheLoader(open_cache(cache_path), transfer_set, batch_size=batch, seed=0, fields=("targets",))
-  plain = ArrayLoader(transfer_set, batch_size=batch, seed=0)
+  plain = ArrayLoader(transfer_set, batch_size=batch, seed=0, augmentation=Augmentation(max_shift=0))
   online_run = _epoch_runner(online, state, lambda: plain.epoch(0), mesh, hypers, extra=(teacher_params,))
   graphdef, state = _student(student, transfer_set, mesh)
   cached_run = _epoch_runner(cached_step, state, lambda: loader.epoch(0), mesh, hypers)
@@ -173,7 +173,7 @@ def build_overhead(tmp: str, teacher_model: str, input_shape, members: int, rows
   forward, _ = _make_forwards(teachers, spec, mesh)
   params = jax.device_put([t.params for t in teachers], replicated(mesh))
   sharding = batch_sharding(mesh)
-  inputs = np.concatenate([transfer_set.inputs] * spec.views)
+  inputs = np.concatenate([transfer_set.read_all()[0]] * spec.views)
   batches = [jax.device_put(inputs[i:i + batch], sharding) for i in range(0, len(inputs) - batch + 1, batch)]
   folds = jax.device_put(np.zeros(batch, np.int32), sharding)
 

@@ -72,7 +72,7 @@ def direct_cache(path: str, dataset: str, *, members: int, views: int = 1, chunk
     mean = logits.astype(np.float32).mean(1)  # Geometric-mean-like log-probs: log_softmax of the mean logits.
     peak = mean.max(1, keepdims=True)
     targets = mean - peak - np.log(np.exp(mean - peak).sum(1, keepdims=True))
-    shift, flip = augmentation.view_params(index, view)
+    shift, flip = augmentation.view_params(index, view).values()
     values = {"targets": targets.astype(np.float16), "member_logits": logits, "index": index, "view": view,
               "labels": transfer_set.labels[position], "shift": shift, "flip": flip, "fold": fold_of(index, 1)}
     for name, value in values.items():

@@ -1,12 +1,18 @@
-"""View augmentation as a pure function of `(seed, example index, view id)`.
+"""View augmentation as a pure function of `(seed, example index, view id)` (and, for crops, the image's size).
 
-The teacher-cache stage stores one row per `(example, view)` with the view's parameters, and the student replays
-the exact same view from the same three integers, so teacher and student always see the same input.
+The teacher-cache stage stores one row per `(example, view)` with the view's parameters, and the student renders
+the exact same view from them with the same code (`Augmentation.render`), so teacher and student see the same input.
 
-A view is a horizontal flip (optional) followed by a zero-filled shift of up to `max_shift` pixels on each spatial
-axis: `out[y, x] = flipped[y - dy, x - dx]`, zero where that falls outside the image. Zero fill, not wrap-around:
-on small images such as 8x8 digits a wrapped pixel lands on the wrong side of the digit.
-View 0 is always the un-augmented input.
+Two kinds of view:
+  * **shift** (small fixed-size images such as 8x8 digits): a horizontal flip (optional) followed by a zero-filled
+    shift of up to `max_shift` pixels on each spatial axis: `out[y, x] = flipped[y - dy, x - dx]`, zero where that
+    falls outside the image. Zero fill, not wrap-around: on 8x8 digits a wrapped pixel lands on the wrong side of
+    the digit. View 0 is the un-augmented input.
+  * **crop** (`image_size` S; natural images of any size): each view is a crop box (top, left, height, width) in
+    source pixels, resized to SxS with PIL's bilinear filter with antialiasing on uint8, then flipped if drawn.
+    View 0 is the central square, the same as big_vision's `resize_small(S)|central_crop(S)` (shorter side to S,
+    centre crop) up to rounding at the edges; views 1.. are Inception-style random-resized crops (area fraction
+    and aspect ratio drawn log-uniform in ranges, 10 tries, then a central crop at the nearest allowed ratio).
 """
 
 import dataclasses
@@ -18,6 +24,9 @@ from shared.errors import StillroomError
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _STREAM_DY, _STREAM_DX, _STREAM_FLIP, _STREAM_FOLD, _STREAM_ORDER = 1, 2, 3, 4, 5
+_STREAM_CROP = 16  # Crop tries use streams 16.. (4 per try: area, ratio, top, left).
+CROP_TRIES = 10
+VIEW_KINDS = ("shift", "crop")
 FOLD_SEED = 0  # Fold assignment is fixed: runs and caches made apart must agree on it.
 
 
@@ -36,49 +45,189 @@ def counter_hash(seed: int, stream: int, index: np.ndarray, view: np.ndarray) ->
     return _splitmix64(z ^ (np.asarray(view, np.int64).astype(np.uint64) * _GOLDEN))
 
 
+def _uniform(seed: int, stream: int, index: np.ndarray, view: np.ndarray) -> np.ndarray:
+  """float64 [B] uniform in [0, 1), from the top 53 bits of the counter hash."""
+  return (counter_hash(seed, stream, index, view) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Augmentation:
-  """How views are drawn.
+  """How views are drawn and rendered.
 
   Attributes:
     seed: seeds every view's parameters.
-    max_shift: largest shift in pixels along each spatial axis (0 disables shifts).
+    max_shift: shift views: largest shift in pixels along each spatial axis (0 disables shifts).
     flip: whether views may be flipped horizontally (each with probability 1/2).
+    image_size: crop views rendered at image_size x image_size; None: shift views of the stored images.
+    crop_area: crop views: range of a random crop's area, as fractions of the image's area.
+    crop_aspect: crop views: range of a random crop's width / height.
   """
 
   seed: int = 0
   max_shift: int = 1
   flip: bool = False
+  image_size: int | None = None
+  crop_area: tuple[float, float] = (0.08, 1.0)
+  crop_aspect: tuple[float, float] = (3 / 4, 4 / 3)
 
   def __post_init__(self):
     if self.max_shift < 0:
-      raise ValueError(f"max_shift must be >= 0, got {self.max_shift}")
+      raise StillroomError(f"max_shift must be >= 0, got {self.max_shift}")
+    if self.image_size is not None and not (isinstance(self.image_size, int) and self.image_size >= 1):
+      raise StillroomError(f"--image-size must be a positive number of pixels, got {self.image_size}.")
+    low, high = self.crop_area
+    if not 0 < low <= high <= 1:
+      raise StillroomError(f"--crop-area must be two fractions 0 < min <= max <= 1, got {low},{high}.")
+    low, high = self.crop_aspect
+    if not 0 < low <= high < float("inf"):
+      raise StillroomError(f"--crop-aspect must be two ratios 0 < min <= max, got {low},{high}.")
+
+  @property
+  def kind(self) -> str:
+    """"crop" or "shift" (see the module docstring)."""
+    return "shift" if self.image_size is None else "crop"
+
+  @property
+  def param_names(self) -> tuple[str, ...]:
+    """The per-row view parameters (cache arrays of role "view"), in the order `view_params` returns them."""
+    return ("shift", "flip") if self.kind == "shift" else ("crop", "flip")
+
+  def output_shape(self, input_shape: tuple) -> tuple[int, ...]:
+    """The shape of a rendered view of inputs stored with `input_shape` (None for a varying side)."""
+    if self.kind == "shift":
+      return tuple(input_shape)
+    channels = input_shape[2] if len(input_shape) == 3 else None
+    return (self.image_size, self.image_size) + ((channels,) if channels is not None else ())
 
   def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
+    d = dataclasses.asdict(self)
+    if self.kind == "shift":  # Shift views as stillroom 0.2 recorded them.
+      for name in ("image_size", "crop_area", "crop_aspect"):
+        del d[name]
+    else:
+      d.update(crop_area=list(self.crop_area), crop_aspect=list(self.crop_aspect))
+    return d
 
   @classmethod
   def from_dict(cls, d: dict) -> "Augmentation":
+    d = dict(d)
+    for name in ("crop_area", "crop_aspect"):
+      if name in d:
+        d[name] = tuple(d[name])
     return cls(**d)
 
-  def view_params(self, index: np.ndarray, view: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  def view_params(self, index: np.ndarray, view: np.ndarray, sizes: np.ndarray | None = None) -> dict:
     """Draws each row's view parameters.
 
     Args:
       index: int [B] example indices (positions in the unsliced split).
-      view: int [B] view ids; view 0 is the identity.
+      view: int [B] view ids; view 0 is the un-augmented (shift) or centre-cropped (crop) input.
+      sizes: int [B, 2] each source image's (height, width); crop views only.
 
     Returns:
-      `(shift, flip)`: int8 [B, 2] as (dy, dx), and bool [B].
+      shift views: {"shift": int8 [B, 2] as (dy, dx), "flip": bool [B]}; crop views: {"crop": int32 [B, 4] as
+      (top, left, height, width) in source pixels, "flip": bool [B]}.
     """
     index, view = np.asarray(index), np.asarray(view)
     augmented = view != 0
+    flip = self.flip & augmented & ((counter_hash(self.seed, _STREAM_FLIP, index, view) >> np.uint64(63)) == 1)
+    if self.kind == "crop":
+      if sizes is None:
+        raise ValueError("crop views need each image's size")
+      return {"crop": crop_boxes(self, index, view, np.asarray(sizes)), "flip": flip}
     span = np.uint64(2 * self.max_shift + 1)
     dy = (counter_hash(self.seed, _STREAM_DY, index, view) % span).astype(np.int64) - self.max_shift
     dx = (counter_hash(self.seed, _STREAM_DX, index, view) % span).astype(np.int64) - self.max_shift
     shift = (np.stack([dy, dx], axis=-1) * augmented[:, None]).astype(np.int8)
-    flip = self.flip & augmented & ((counter_hash(self.seed, _STREAM_FLIP, index, view) >> np.uint64(63)) == 1)
-    return shift, flip
+    return {"shift": shift, "flip": flip}
+
+  def render(self, inputs, params: dict) -> np.ndarray:
+    """Renders views from their parameters: the one rendering code of teachers (build) and students (training).
+
+    Args:
+      inputs: shift views: [B, H, W(, C)] images or [B, D] vectors; crop views: a list of B uint8 images
+        [H, W(, C)] of any size (or a [B, H, W(, C)] array).
+      params: as `view_params` returns them (or as a cache stores them).
+
+    Returns:
+      [B, ...] in the inputs' dtype: the shifted inputs, or the crops at image_size x image_size.
+    """
+    if self.kind == "shift":
+      return apply_view(inputs, params["shift"], params["flip"])
+    return render_crops(inputs, params["crop"], params["flip"], self.image_size)
+
+  def render_views(self, inputs, index: np.ndarray, view: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Draws the views of `inputs` (examples `index`, views `view`) and renders them; returns (views, params)."""
+    sizes = None
+    if self.kind == "crop":
+      sizes = np.array([x.shape[:2] for x in inputs], np.int64).reshape(-1, 2)
+    params = self.view_params(index, view, sizes)
+    return self.render(inputs, params), params
+
+
+def crop_boxes(augmentation: Augmentation, index: np.ndarray, view: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+  """Crop boxes int32 [B, 4] (top, left, height, width): the central square for view 0, an Inception-style random
+  crop for other views (torchvision's `RandomResizedCrop.get_params`, with counter-hash draws instead of a global
+  RNG, so each box is a pure function of (seed, index, view, image size))."""
+  height, width = sizes[:, 0].astype(np.float64), sizes[:, 1].astype(np.float64)
+  count = len(index)
+  # The fallback: a central crop of the whole image clamped to the allowed aspect ratios; for view 0, the square.
+  low, high = augmentation.crop_aspect
+  ratio = width / height
+  fallback_w = np.where(ratio < low, width, np.where(ratio > high, np.round(height * high), width))
+  fallback_h = np.where(ratio < low, np.round(width / low), np.where(ratio > high, height, height))
+  side = np.minimum(height, width)
+  centre = np.asarray(view) == 0
+  box_h = np.where(centre, side, fallback_h)
+  box_w = np.where(centre, side, fallback_w)
+  chosen = centre.copy()
+  top, left = np.floor((height - box_h) / 2), np.floor((width - box_w) / 2)
+  area = height * width
+  log_low, log_high = np.log(low), np.log(high)
+  for attempt in range(CROP_TRIES):
+    stream = _STREAM_CROP + 4 * attempt
+    target = area * (augmentation.crop_area[0] + (augmentation.crop_area[1] - augmentation.crop_area[0])
+                     * _uniform(augmentation.seed, stream, index, view))
+    aspect = np.exp(log_low + (log_high - log_low) * _uniform(augmentation.seed, stream + 1, index, view))
+    w = np.round(np.sqrt(target * aspect))
+    h = np.round(np.sqrt(target / aspect))
+    fits = ~chosen & (w > 0) & (h > 0) & (w <= width) & (h <= height)
+    # Top-left uniform over the positions where the box fits (the inclusive integer ranges 0..H-h, 0..W-w).
+    y = np.floor(_uniform(augmentation.seed, stream + 2, index, view) * (height - h + 1))
+    x = np.floor(_uniform(augmentation.seed, stream + 3, index, view) * (width - w + 1))
+    top, left = np.where(fits, y, top), np.where(fits, x, left)
+    box_h, box_w = np.where(fits, h, box_h), np.where(fits, w, box_w)
+    chosen |= fits
+  boxes = np.stack([top, left, box_h, box_w], axis=-1).astype(np.int32)
+  return boxes.reshape(count, 4)
+
+
+def render_crops(images, boxes: np.ndarray, flip: np.ndarray, size: int) -> np.ndarray:
+  """Crops each image to its box, resizes it to size x size (PIL bilinear with antialiasing, on uint8), flips it.
+
+  Args:
+    images: B uint8 images [H, W] or [H, W, C] (C = 1 or 3), any size; a list or an array.
+    boxes: int [B, 4] (top, left, height, width) in source pixels.
+    flip: bool [B].
+    size: output side S.
+
+  Returns:
+    uint8 [B, S, S] or [B, S, S, C].
+  """
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  out = []
+  for image, (top, left, height, width), flipped in zip(images, np.asarray(boxes).tolist(), np.asarray(flip)):
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+      raise StillroomError(f"crop views (--image-size) render uint8 images; this dataset stores {image.dtype}.")
+    single = image.ndim == 3 and image.shape[2] == 1
+    pil = Image.fromarray(image[..., 0] if single else image)
+    resized = np.asarray(pil.resize((size, size), Image.Resampling.BILINEAR,
+                                    box=(left, top, left + width, top + height)))
+    if flipped:
+      resized = resized[:, ::-1]
+    out.append(resized[..., None] if single else resized)
+  return np.stack(out) if out else np.zeros((0, size, size), np.uint8)
 
 
 def check_max_shift(max_shift: int, input_shape: tuple[int, ...], option: str) -> None:
@@ -93,6 +242,26 @@ def check_max_shift(max_shift: int, input_shape: tuple[int, ...], option: str) -
   elif not 0 <= max_shift < min(input_shape[:2]):
     raise StillroomError(f"{option} must be in 0..{min(input_shape[:2]) - 1} for {input_shape[0]}x{input_shape[1]} "
                          f"images, got {max_shift}.")
+
+
+def make_augmentation(input_shape: tuple, dataset: str, *, seed: int, max_shift: int, flip: bool,
+                      image_size: int | None, crop_area=(0.08, 1.0), crop_aspect=(3 / 4, 4 / 3)) -> Augmentation:
+  """The views for a dataset whose examples are stored with `input_shape` (None for a varying side), checked.
+
+  Raises:
+    StillroomError: images of varying size without `--image-size`; crops of flat vectors; a bad shift or range.
+  """
+  if len(crop_area) != 2 or len(crop_aspect) != 2:
+    raise StillroomError(f"--crop-area and --crop-aspect take two values MIN,MAX; got {crop_area} and {crop_aspect}.")
+  if image_size is None:
+    if None in input_shape:
+      raise StillroomError(f"dataset {dataset!r} holds images of varying size; give --image-size S to render every "
+                           "view at SxS (centre crops and random-resized crops).")
+    check_max_shift(max_shift, input_shape, "--max-shift")
+  elif len(input_shape) < 2:
+    raise StillroomError(f"--image-size needs image inputs; {dataset!r} holds flat vectors of shape {input_shape}.")
+  return Augmentation(seed=seed, max_shift=max_shift, flip=flip, image_size=image_size,
+                      crop_area=tuple(float(v) for v in crop_area), crop_aspect=tuple(float(v) for v in crop_aspect))
 
 
 def fold_of(index: np.ndarray, folds: int) -> np.ndarray:

@@ -64,6 +64,7 @@ class ArrayLayout:
       per chunk of those rows, or a number.
     dtype: a NumPy dtype name, or `STORAGE` for the spec's storage dtype.
     meaning: one line for the README and `--help`.
+    views: the kind of view (`shift` or `crop`, see `shared.augment`) whose stores hold it; None: every store.
   """
 
   name: str
@@ -71,6 +72,7 @@ class ArrayLayout:
   dims: tuple[str, ...]
   dtype: str
   meaning: str
+  views: str | None = None
 
   @property
   def shape(self) -> str:
@@ -96,8 +98,12 @@ LAYOUT = (
                 "cross-fitting fold of the row's example (its logits come from runs that did not train on that "
                 "fold); -1 when unused"),
     ArrayLayout("shift", "view", ("R", "2"), "int8",
-                "the view's zero-filled shift (dy, dx) in pixels, applied after `flip`"),
-    ArrayLayout("flip", "view", ("R",), "bool", "the view is flipped horizontally (left-right) before the shift"),
+                "shift views: the zero-filled shift (dy, dx) in pixels, applied after `flip`", views="shift"),
+    ArrayLayout("crop", "view", ("R", "4"), "int32",
+                "crop views: the crop box (top, left, height, width) in source pixels, resized to image_size² "
+                "(PIL bilinear, antialiased, uint8) before `flip`", views="crop"),
+    ArrayLayout("flip", "view", ("R",), "bool",
+                "the view is flipped horizontally (left-right): before the shift, or after the crop's resize"),
     ArrayLayout("eval_member_logits", "eval", ("E", "M", "C"), STORAGE,
                 "each member's raw logits on the eval split's un-augmented examples (a cross-fitted member: the "
                 "mean of its fold runs)"),
@@ -312,6 +318,8 @@ class CacheSpec:
     arrays = []
     for layout in LAYOUT:
       if layout.row_set == EVAL_ROWS and self.eval_dataset is None:
+        continue
+      if layout.views is not None and layout.views != self.augmentation.kind:
         continue
       shape = tuple(sizes[d] if d in sizes else int(d) for d in layout.dims)
       dtype = self.dtype if layout.dtype == STORAGE else layout.dtype

@@ -24,8 +24,8 @@ class FitConfig:
 
   model: str = setting("mlp-small", "registry name, see `student-train models`")
   out: str = setting("", "run directory to write", metavar="RUN_DIR")
-  dataset: str | None = setting(None, "'digits', 'npz:PATH' or a prepared TFDS name; with --cache, default: the "
-                                      "dataset the cache records")
+  dataset: str | None = setting(None, "'digits', 'npz:PATH', 'imagefolder:DIR' or a prepared TFDS name; with "
+                                      "--cache, default: the dataset the cache records")
   split: str | None = setting(None, "TFDS split spec, e.g. 'train[:80%]' (default: 'train'; with --cache, the "
                                     "split the cache records)")
   data_dir: str | None = setting(None, "TFDS data dir (default: TFDS's, ~/tensorflow_datasets)")
@@ -35,10 +35,17 @@ class FitConfig:
   folds: int = setting(1, "with --holdout-fold k: train without fold k of K (a cross-fitting teacher run for "
                           "`teacher-cache build --folds K`)")
   holdout_fold: int | None = setting(None, "the fold this run does not train on")
-  augment: bool = setting(False, "hard-label training: a fresh zero-filled shifted view of every example each "
-                                 "epoch (a cache brings its own views)")
+  augment: bool = setting(False, "hard-label training: a fresh view of every example each epoch, a zero-filled "
+                                 "shift, or a random-resized crop with --image-size (a cache brings its own views)")
   max_shift: int = setting(1, "--augment shift in pixels")
   flip: bool = setting(False, "--augment with horizontal flips")
+  image_size: int | None = setting(None, "hard-label training: render every example at SxS, the centre crop (and "
+                                         "random-resized crops with --augment); needed for images of varying size "
+                                         "(a cache brings its own)", metavar="S")
+  crop_area: tuple[float, ...] = setting((0.08, 1.0), "--augment crops: min,max area, as fractions of the image",
+                                         metavar="MIN,MAX")
+  crop_aspect: tuple[float, ...] = setting((3 / 4, 4 / 3), "--augment crops: min,max width/height",
+                                           metavar="MIN,MAX")
   eval_dataset: str | None = setting(None, "evaluate each epoch on this dataset (default: the training dataset)")
   eval_split: str | None = setting(None, f"evaluation split (default: 'test' when the dataset has one; '{NO_EVAL}': "
                                          "no per-epoch evaluation)")
@@ -138,8 +145,9 @@ def validate_config(config: FitConfig, prefix: str = "") -> None:
     if soft_only:
       raise StillroomError(f"{', '.join(soft_only)} set{'s' if len(soft_only) == 1 else ''} distillation, which "
                            "needs --cache.")
-  elif config.augment or config.flip:
-    raise StillroomError("--augment/--flip draw views for hard-label training; a cache brings its own views.")
+  elif config.augment or config.flip or config.image_size is not None:
+    raise StillroomError("--augment/--flip/--image-size draw views for hard-label training; a cache brings its own "
+                         "views.")
   if config.flip and not config.augment:
     raise StillroomError("--flip adds flips to --augment's views; give --augment too.")
   if config.epochs + config.finetune_epochs < 1:

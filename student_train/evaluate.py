@@ -9,6 +9,7 @@ import dataclasses
 import jax
 import numpy as np
 
+from shared.augment import Augmentation
 from shared.cache import EVAL_ROWS
 from shared.data import Normalization, TransferSet, open_transfer_set
 from shared.ensemble import COMBINE_RULES, combine_log_probs, ensemble_log_probs, member_weights
@@ -21,11 +22,19 @@ from shared.settings import setting
 from student_train.plan import RunPlan
 
 
-def predict_log_probs(predict, states, transfer_set: TransferSet, batch_size: int, mesh) -> np.ndarray:
-  """Log-probabilities [K, N, C] of K stacked students over a transfer set (un-augmented), in padded batches."""
+def view_zero(transfer_set: TransferSet, augmentation: Augmentation, positions: np.ndarray) -> np.ndarray:
+  """The examples at `positions` as evaluation sees them: view 0 (the stored input, or its centre crop)."""
+  inputs, _ = transfer_set.read(positions)
+  index = transfer_set.indices[positions]
+  return augmentation.render_views(inputs, index, np.zeros(len(index), np.int32))[0]
+
+
+def predict_log_probs(predict, states, transfer_set: TransferSet, augmentation: Augmentation, batch_size: int,
+                      mesh) -> np.ndarray:
+  """Log-probabilities [K, N, C] of K stacked students over a transfer set's view 0, in padded batches."""
   outputs = []
   for start in range(0, len(transfer_set), batch_size):
-    x = transfer_set.inputs[start:start + batch_size]
+    x = view_zero(transfer_set, augmentation, np.arange(start, min(start + batch_size, len(transfer_set))))
     padded = jax.device_put(pad_rows(x, batch_size), batch_sharding(mesh))
     outputs.append(np.asarray(predict(states, padded))[:, :len(x)])
   return np.concatenate(outputs, axis=1)
@@ -37,7 +46,7 @@ def cached_teacher_top1(plan: RunPlan) -> np.ndarray | None:
   if plan.cache is None or plan.eval_set is None:
     return None
   spec = plan.cache.spec
-  if spec.eval_dataset is None or spec.eval_dataset.fingerprint != plan.eval_set.fingerprint:
+  if spec.eval_dataset is None or not plan.eval_set.matches(spec.eval_dataset):
     return None
   teaching = plan.teaching
   weights = member_weights(teaching.members, spec.num_members)
@@ -57,13 +66,25 @@ def eval_line(log_probs: np.ndarray, plan: RunPlan, teacher_top1: np.ndarray | N
   return line
 
 
+def _eval_views(run: Teacher, transfer_set: TransferSet) -> Augmentation:
+  """View 0 as the run was trained on it: the stored inputs, or centre crops at the side its model takes (a run
+  trained with --image-size, or from a cache of crop views)."""
+  model_shape = tuple(run.record.model.input_shape) if run.record is not None else None
+  if model_shape is None or model_shape == tuple(transfer_set.input_shape) or len(model_shape) < 2:
+    return Augmentation(max_shift=0)
+  return Augmentation(max_shift=0, image_size=int(model_shape[0]))
+
+
 def _run_logits(run: Teacher, transfer_set: TransferSet, batch_size: int, what: str) -> np.ndarray:
-  """A run's logits [N, C] over a transfer set's un-augmented inputs."""
+  """A run's logits [N, C] over a transfer set's view 0."""
   normalization: Normalization = run.normalization or transfer_set.normalization
-  check_input_shape(run.apply_fn, run.params, transfer_set.input_shape, what)
+  views = _eval_views(run, transfer_set)
+  check_input_shape(run.apply_fn, run.params, views.output_shape(transfer_set.input_shape), what)
   apply = jax.jit(lambda params, x: run.apply_fn(params, normalization.apply(x)))
-  return np.concatenate([np.asarray(apply(run.params, transfer_set.inputs[start:start + batch_size]))
-                         for start in range(0, len(transfer_set), batch_size)])
+  return np.concatenate([
+      np.asarray(apply(run.params, view_zero(transfer_set, views, np.arange(start, min(start + batch_size,
+                                                                                        len(transfer_set))))))
+      for start in range(0, len(transfer_set), batch_size)])
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -71,7 +92,7 @@ class EvalConfig:
   """Settings of `student-train eval`."""
 
   runs: tuple[str, ...] = setting((), "run dirs to evaluate", cli=False)
-  dataset: str = setting("digits", "'digits', 'npz:PATH' or a prepared TFDS name")
+  dataset: str = setting("digits", "'digits', 'npz:PATH', 'imagefolder:DIR' or a prepared TFDS name")
   split: str = setting("test", "the split to evaluate on")
   data_dir: str | None = setting(None, "TFDS data dir")
   combine: str = setting("arithmetic", "ensemble rule for several runs (at T=1)", choices=COMBINE_RULES)

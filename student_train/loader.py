@@ -1,4 +1,4 @@
-"""Batch streams for training: rows of a cache (streamed chunk by chunk) or examples held in memory.
+"""Batch streams for training: rows of a cache (streamed chunk by chunk) or the examples of a dataset.
 
 Both yield the same batches: `x` (the rendered view, stored dtype), `labels` int32, `mask` float32 (0 for the
 padding of an epoch's last batch, so every batch has one shape and the step compiles once), `index`, and from a
@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from shared.augment import Augmentation, apply_view
+from shared.augment import Augmentation
 from shared.cache import ROWS, Cache
 from shared.data import TransferSet
 from shared.parallel import pad_rows
@@ -58,11 +58,17 @@ def _batches(windows: Iterator[dict], batch_size: int, rng: np.random.Generator)
     yield {**padded, "mask": (np.arange(batch_size) < remaining).astype(np.float32)}
 
 
-def _render(transfer_set: TransferSet) -> Callable[[dict], dict]:
-  """Turns rows (position, shift, flip, ...) into a batch with the rendered input `x`."""
+def _render(transfer_set: TransferSet, augmentation: Augmentation) -> Callable[[dict], dict]:
+  """Turns rows into a batch with the rendered input `x`: rows hold `position` and either their stored view
+  parameters (a cache's) or a `view` id to draw them from; drawn rows also get their `labels` from the dataset."""
   def render(rows: dict) -> dict:
-    batch = {k: v for k, v in rows.items() if k not in ("position", "shift", "flip")}
-    batch["x"] = apply_view(transfer_set.inputs[rows["position"]], rows["shift"], rows["flip"])
+    batch = {k: v for k, v in rows.items() if k not in ("position", "view", *augmentation.param_names)}
+    inputs, labels = transfer_set.read(rows["position"])
+    if "view" in rows:
+      batch["x"], _ = augmentation.render_views(inputs, rows["index"], rows["view"])
+      batch["labels"] = labels.astype(np.int32)
+    else:
+      batch["x"] = augmentation.render(inputs, {name: rows[name] for name in augmentation.param_names})
     return batch
   return render
 
@@ -135,7 +141,7 @@ class CacheLoader:
     return math.ceil(self.num_rows / self.batch_size)
 
   def _windows(self, order: np.ndarray) -> Iterator[dict]:
-    names = ("index", "labels", "shift", "flip", *self.fields)
+    names = ("index", "labels", *self.cache.spec.augmentation.param_names, *self.fields)
     for start in range(0, len(order), self.window_chunks):
       window = {}
       for chunk in order[start:start + self.window_chunks]:
@@ -150,20 +156,21 @@ class CacheLoader:
     """The batches of one epoch (rendered in a background thread)."""
     rng = _epoch_rng(self.seed, epoch)
     order = rng.permutation(self.cache.spec.num_chunks)  # Block-level shuffle.
-    render = _render(self.transfer_set)
+    render = _render(self.transfer_set, self.cache.spec.augmentation)
     return prefetch(render(rows) for rows in _batches(self._windows(order), self.batch_size, rng))
 
 
 class ArrayLoader:
-  """Examples held in memory with hard labels, each epoch one (optionally augmented) view of every example.
+  """Examples of a dataset with hard labels, each epoch one (optionally augmented) view of every example.
 
-  With augmentation, epoch e shows every example in view e + 1 of `augmentation` (a fresh view per epoch,
-  replayable from (seed, index, view)); without, the un-augmented inputs.
+  With `augment`, epoch e shows every example in view e + 1 of `augmentation` (a fresh view per epoch, replayable
+  from (seed, index, view)); without, view 0: the stored inputs, or their centre crops with crop views.
   """
 
-  def __init__(self, transfer_set: TransferSet, *, batch_size: int, seed: int,
-               augmentation: Augmentation | None = None, examples: np.ndarray | None = None):
-    self.transfer_set, self.batch_size, self.seed, self.augmentation = transfer_set, batch_size, seed, augmentation
+  def __init__(self, transfer_set: TransferSet, *, batch_size: int, seed: int, augmentation: Augmentation,
+               augment: bool = False, examples: np.ndarray | None = None):
+    self.transfer_set, self.batch_size, self.seed = transfer_set, batch_size, seed
+    self.augmentation, self.augment = augmentation, augment
     self.indices = transfer_set.indices if examples is None else np.sort(np.asarray(examples, np.int64))
     self.num_rows = len(self.indices)
 
@@ -174,12 +181,7 @@ class ArrayLoader:
   def epoch(self, epoch: int) -> Iterator[dict]:
     rng = _epoch_rng(self.seed, epoch)
     count = len(self.indices)
-    if self.augmentation is None:
-      shift, flip = np.zeros((count, 2), np.int8), np.zeros(count, bool)
-    else:
-      shift, flip = self.augmentation.view_params(self.indices, np.full(count, epoch + 1))
-    positions = self.transfer_set.positions(self.indices)
-    window = {"index": self.indices, "position": positions, "shift": shift, "flip": flip,
-              "labels": self.transfer_set.labels[positions].astype(np.int32)}
-    render = _render(self.transfer_set)
+    window = {"index": self.indices, "position": self.transfer_set.positions(self.indices),
+              "view": np.full(count, epoch + 1 if self.augment else 0, np.int32)}
+    render = _render(self.transfer_set, self.augmentation)
     return prefetch(render(rows) for rows in _batches(iter([window]), self.batch_size, rng))

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from shared.augment import check_max_shift, fold_of
+from shared.augment import Augmentation, fold_of, make_augmentation
 from shared.cache import Cache, open_cache
 from shared.data import NO_EVAL, Normalization, TransferSet, local_path, open_transfer_set
 from shared.ensemble import member_weights
@@ -61,6 +61,7 @@ class RunPlan:
     normalization: its input normalisation.
     examples: the example indices it trains on (folds, label fraction), or None for all.
     eval_set: the per-epoch evaluation data, or None.
+    augmentation: how its inputs are rendered: the cache's views, or the config's (view 0 for evaluation).
   """
 
   config: FitConfig
@@ -71,6 +72,7 @@ class RunPlan:
   normalization: Normalization
   examples: np.ndarray | None
   eval_set: TransferSet | None
+  augmentation: Augmentation
 
   def record(self) -> dict:
     """The resolved config written to config.json (and compared on resume)."""
@@ -185,7 +187,7 @@ def plan_run(config: FitConfig, opened: Opened | None = None) -> RunPlan:
     dataset = config.dataset or recorded.name
     split = config.split or (recorded.split if not config.dataset else "train")
     transfer_set = opened.transfer_set(dataset, split, config.data_dir)
-    if transfer_set.fingerprint != recorded.fingerprint:
+    if not transfer_set.matches(recorded):
       raise StillroomError(
           f"dataset {dataset!r} split {split!r} (fingerprint {transfer_set.fingerprint[:16]}…) is not the data the "
           f"cache {config.cache!r} was built from ({recorded.name} {recorded.split}, fingerprint "
@@ -212,14 +214,18 @@ def plan_run(config: FitConfig, opened: Opened | None = None) -> RunPlan:
                          "size is almost surely a bad label. Raise --max-classes if it is not.")
   if config.augment and len(transfer_set.input_shape) < 2:
     raise StillroomError(f"--augment needs image inputs; {transfer_set.name!r} holds flat vectors.")
-  if config.augment:
-    check_max_shift(config.max_shift, transfer_set.input_shape, "--max-shift")
+  if cache is not None:
+    augmentation = cache.spec.augmentation
+  else:
+    augmentation = make_augmentation(
+        transfer_set.input_shape, transfer_set.name, seed=resolved["data_seed"],
+        max_shift=config.max_shift if config.augment else 0, flip=config.flip, image_size=config.image_size,
+        crop_area=config.crop_area, crop_aspect=config.crop_aspect)
   config = dataclasses.replace(config, **resolved, finetune_lr=config.finetune_lr or config.lr / 10)
-  model_spec = ModelSpec(name=config.model, input_shape=transfer_set.input_shape, num_classes=num_classes,
-                         dropout=config.dropout)
+  input_shape = augmentation.output_shape(transfer_set.input_shape)
+  model_spec = ModelSpec(name=config.model, input_shape=input_shape, num_classes=num_classes, dropout=config.dropout)
   graphdef, params = nnx.split(nnx.eval_shape(lambda: build_model(model_spec)))
-  check_input_shape(lambda p, x: nnx.merge(graphdef, p)(x), params, transfer_set.input_shape,
-                    f"model {config.model!r}")
+  check_input_shape(lambda p, x: nnx.merge(graphdef, p)(x), params, input_shape, f"model {config.model!r}")
   examples = None
   if config.folds > 1:
     examples = transfer_set.indices[fold_of(transfer_set.indices, config.folds) != config.holdout_fold]
@@ -232,15 +238,22 @@ def plan_run(config: FitConfig, opened: Opened | None = None) -> RunPlan:
   if batch_size < config.batch_size:
     _log(f"--batch-size {config.batch_size} is more than the {rows:,} rows of an epoch: batches of {batch_size}")
     config = dataclasses.replace(config, batch_size=batch_size)
+  eval_set = _eval_set(config, transfer_set, opened)
+  if eval_set is not None and (augmentation.output_shape(eval_set.input_shape) != input_shape
+                               or (augmentation.kind == "shift" and not eval_set.fixed_shape)):
+    raise StillroomError(f"eval split {eval_set.name} {eval_set.split!r} has inputs of shape {eval_set.input_shape}, "
+                         f"the training data {transfer_set.input_shape}.")
   return RunPlan(config=config, transfer_set=transfer_set, cache=cache, teaching=teaching, model_spec=model_spec,
-                 normalization=transfer_set.normalization, examples=examples, eval_set=_eval_set(config, transfer_set, opened))
+                 normalization=transfer_set.normalization, examples=examples, eval_set=eval_set,
+                 augmentation=augmentation)
 
 
 def _eval_set(config: FitConfig, transfer_set: TransferSet, opened: Opened) -> TransferSet | None:
   if config.eval_split == NO_EVAL:
     return None
   if config.eval_dataset or config.eval_split:
-    return opened.transfer_set(config.eval_dataset or transfer_set.name, config.eval_split or "test",
+    default_split = "train" if config.eval_dataset and local_path(config.eval_dataset) else "test"
+    return opened.transfer_set(config.eval_dataset or transfer_set.name, config.eval_split or default_split,
                                config.data_dir)
   try:
     return opened.transfer_set(transfer_set.name, "test", config.data_dir)

@@ -22,7 +22,6 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from shared.augment import Augmentation
 from shared.errors import StillroomError
 from shared.models import build_model
 from shared.outputs import RUN_DIR, OutputLock, check_not_an_input, check_output
@@ -59,9 +58,8 @@ def make_loader(plan: RunPlan, fields: tuple[str, ...]):
   if plan.cache is not None:
     return CacheLoader(plan.cache, plan.transfer_set, batch_size=config.batch_size, seed=config.data_seed,
                        fields=fields, examples=plan.examples, window_chunks=config.shuffle_window)
-  augmentation = Augmentation(seed=config.data_seed, max_shift=config.max_shift, flip=config.flip)
   return ArrayLoader(plan.transfer_set, batch_size=config.batch_size, seed=config.data_seed,
-                     augmentation=augmentation if config.augment else None, examples=plan.examples)
+                     augmentation=plan.augmentation, augment=config.augment, examples=plan.examples)
 
 
 def fit(config: FitConfig, *, log_epochs: bool = True, on_epoch: EpochCallback | None = None) -> dict:
@@ -218,7 +216,7 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
       totals = {name: value[keep] for name, value in totals.items()}
       step = make_train_step(graphdef, first.normalization, mesh, static_flags(jax.device_get(per_student)))
     eval_log_probs = None if first.eval_set is None else predict_log_probs(
-        predict, stacked, first.eval_set, config.batch_size, mesh)
+        predict, stacked, first.eval_set, first.augmentation, config.batch_size, mesh)
     for k, plan in enumerate(group):
       line = _epoch_line(plan, epoch, {name: value[k] for name, value in totals.items()}, seconds, len(group))
       if eval_log_probs is not None:

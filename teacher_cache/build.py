@@ -21,7 +21,7 @@ import zarr
 from tqdm import tqdm
 
 from shared import __version__
-from shared.augment import Augmentation, apply_view, check_max_shift, fold_of
+from shared.augment import Augmentation, fold_of, make_augmentation
 from shared.cache import (COMPLETE_KEY, EVAL_ROWS, ROWS, SPEC_KEY, STORAGE_DTYPES, Cache, CacheSpec, MemberSpec,
                           committed_name, create_arrays, integrity_problems, missing_chunks, now_iso, open_cache,
                           uncommitted_chunks, validate_settings, writable)
@@ -39,21 +39,31 @@ from shared.settings import setting
 class BuildConfig:
   """Settings of `teacher-cache build` (the CLI's options, defaults and help come from here)."""
 
-  dataset: str = setting("digits", "'digits', 'npz:PATH' or a TFDS dataset prepared in --data-dir")
+  dataset: str = setting("digits", "'digits', 'npz:PATH', 'imagefolder:DIR' or a TFDS dataset prepared in "
+                                   "--data-dir")
   split: str = setting("train", "transfer set: a TFDS split spec of one split, e.g. 'train' or 'train[:80%]'")
   data_dir: str | None = setting(None, "TFDS data dir (default: TFDS's own, ~/tensorflow_datasets)")
+  eval_dataset: str | None = setting(None, "the dataset of --eval-split (default: --dataset), e.g. "
+                                           "'imagefolder:DIR' of held-out images")
   eval_split: str | None = setting(
       None, "also store each member's logits on this split, so that students report their agreement with the "
             f"ensemble without running the teachers again; '{NO_EVAL}' stores none (default: 'test' if the "
-            "dataset has it)")
+            "dataset has it; 'train' of a separate --eval-dataset)")
   teachers: tuple[str, ...] = setting((), "ensemble members", cli=False)
   combine: str = setting("arithmetic", "ensemble rule: arithmetic mean of member distributions or normalised "
                                        "geometric mean", choices=COMBINE_RULES)
   temperature: float = setting(4.0, "softmax temperature T > 0 of the stored targets")
   views: int = setting(1, "views per example, view 0 un-augmented; 1 = no augmentation")
   seed: int = setting(0, "seed of the views and of the order in which examples are stored")
-  max_shift: int = setting(1, "largest zero-filled shift of a view, in pixels")
+  max_shift: int = setting(1, "shift views: largest zero-filled shift of a view, in pixels")
   flip: bool = setting(False, "random horizontal flips in views (wrong for digits and text)")
+  image_size: int | None = setting(None, "crop views rendered at SxS: view 0 the centre crop, views 1.. "
+                                         "random-resized crops; needed for images of varying size (default: "
+                                         "shift views of the stored images)", metavar="S")
+  crop_area: tuple[float, ...] = setting((0.08, 1.0), "crop views: min,max area of a random crop, as fractions "
+                                                       "of the image", metavar="MIN,MAX")
+  crop_aspect: tuple[float, ...] = setting((3 / 4, 4 / 3), "crop views: min,max width/height of a random crop",
+                                           metavar="MIN,MAX")
   folds: int = setting(1, "cross-fitted targets: each member is K runs given in fold order, run k trained with "
                           "`student-train fit --folds K --holdout-fold k`; a row takes each member's logits from "
                           "the run that did not see its fold (1: no cross-fitting)")
@@ -69,14 +79,15 @@ def _log(message: str) -> None:
   print(f"teacher-cache: {message}", file=sys.stderr, flush=True)
 
 
-def _member_specs(teachers: list[Teacher], transfer_set: TransferSet, batch_size: int) -> tuple[list[MemberSpec], int]:
-  """Checks every member against the data (at the batch size it will run at) and each other; returns their specs
-  and the class count."""
+def _member_specs(teachers: list[Teacher], transfer_set: TransferSet, input_shape: tuple[int, ...],
+                  batch_size: int) -> tuple[list[MemberSpec], int]:
+  """Checks every member against the rendered views' `input_shape` (at the batch size it will run at) and each
+  other; returns their specs and the class count."""
   specs, classes, digests = [], {}, {}
   for teacher in teachers:
     normalization = teacher.normalization or transfer_set.normalization
     what = f"teacher {teacher.name!r} ({teacher.model})"
-    out = check_input_shape(teacher.apply_fn, teacher.params, transfer_set.input_shape, what, batch_size)
+    out = check_input_shape(teacher.apply_fn, teacher.params, input_shape, what, batch_size)
     if teacher.digest in digests:
       raise StillroomError(f"teachers {digests[teacher.digest]!r} and {teacher.source!r} have the same parameters; "
                            "an ensemble member given twice only weighs it double.")
@@ -236,25 +247,29 @@ class ChunkWriter:
 
 
 def _input_paths(config: BuildConfig) -> list[str]:
-  """The files and directories the build reads: teacher run dirs, an npz dataset, the data dir."""
+  """The files and directories the build reads: teacher run dirs, npz and image-folder datasets, the data dir."""
   paths = [teacher for teacher in config.teachers if os.path.exists(teacher)]
-  return paths + [path for path in (local_path(config.dataset), config.data_dir) if path]
+  datasets = [local_path(name) for name in (config.dataset, config.eval_dataset) if name]
+  return paths + [path for path in datasets + [config.data_dir] if path]
 
 
-def _eval_set(config: BuildConfig, transfer_set: TransferSet) -> TransferSet | None:
+def _eval_set(config: BuildConfig, transfer_set: TransferSet, augmentation: Augmentation) -> TransferSet | None:
   """The eval split whose member logits the cache stores: as asked, or 'test' if the dataset has one."""
   if config.eval_split == NO_EVAL:
     return None
-  if config.eval_split is not None:
+  if config.eval_dataset:
+    eval_set = open_transfer_set(config.eval_dataset, config.eval_split or "train", config.data_dir)
+  elif config.eval_split is not None:
     eval_set = open_transfer_set(config.dataset, config.eval_split, config.data_dir)
   else:
     try:
       eval_set = open_transfer_set(config.dataset, "test", config.data_dir)
     except StillroomError:
       return None  # No test split: nothing to store unless asked for.
-  if eval_set.input_shape != transfer_set.input_shape:
-    raise StillroomError(f"eval split {eval_set.split!r} has inputs of shape {eval_set.input_shape}, the transfer "
-                         f"set {transfer_set.input_shape}.")
+  rendered, expected = (augmentation.output_shape(s.input_shape) for s in (eval_set, transfer_set))
+  if rendered != expected or (augmentation.kind == "shift" and not eval_set.fixed_shape):
+    raise StillroomError(f"eval split {eval_set.name} {eval_set.split!r} has inputs of shape {eval_set.input_shape}, "
+                         f"the transfer set {transfer_set.input_shape}.")
   return eval_set
 
 
@@ -285,17 +300,19 @@ def build_cache(config: BuildConfig) -> str:
   if config.views > 1 and len(transfer_set.input_shape) < 2:
     raise StillroomError(f"--views {config.views} needs image inputs; {config.dataset!r} holds flat vectors of "
                          f"shape {transfer_set.input_shape}, which take no augmentation. Use --views 1.")
-  check_max_shift(config.max_shift, transfer_set.input_shape, "--max-shift")
-  eval_set = _eval_set(config, transfer_set)
+  augmentation = make_augmentation(
+      transfer_set.input_shape, config.dataset, seed=config.seed, max_shift=config.max_shift, flip=config.flip,
+      image_size=config.image_size, crop_area=config.crop_area, crop_aspect=config.crop_aspect)
+  eval_set = _eval_set(config, transfer_set, augmentation)
   teachers = [load_teacher(reference) for reference in config.teachers]
   if config.folds > 1:
     _check_folds(teachers, config.folds)
-  members, num_classes = _member_specs(teachers, transfer_set, config.batch_size)
+  members, num_classes = _member_specs(teachers, transfer_set, augmentation.output_shape(transfer_set.input_shape),
+                                       config.batch_size)
   spec = CacheSpec(
       temperature=float(config.temperature), combine=config.combine, members=tuple(members),
       dataset=transfer_set.describe(), eval_dataset=None if eval_set is None else eval_set.describe(),
-      num_classes=num_classes, views=config.views,
-      augmentation=Augmentation(seed=config.seed, max_shift=config.max_shift, flip=config.flip),
+      num_classes=num_classes, views=config.views, augmentation=augmentation,
       dtype=config.dtype, chunk_rows=config.chunk_rows, folds=config.folds, software_version=__version__,
       created_at=now_iso())
   with OutputLock(config.out, "teacher-cache build"):
@@ -332,15 +349,28 @@ def _write_chunks(cache: Cache, transfer_set: TransferSet, eval_set: TransferSet
   batch_size = config.batch_size
 
   def run_batches(forward, count: int, inputs_of):
-    """The forward over padded batches of `inputs_of(rows) -> (inputs, ...)` for rows 0..count-1 of a chunk. The
-    outputs stay device arrays until the end, so dispatch runs ahead while the host renders the next batch."""
+    """The forward over padded batches of `inputs_of(rows) -> (inputs, ...)` for rows 0..count-1 of a chunk (a
+    slice). The outputs stay device arrays until the end, so dispatch runs ahead while the host reads and renders
+    the next batch."""
     outputs = []
     for offset in range(0, count, batch_size):
       args = [jax.device_put(pad_rows(a, batch_size), sharding) for a in inputs_of(slice(offset, offset + batch_size))]
       outputs.append(forward(params, *args))
     return [np.concatenate([np.asarray(o[k]) for o in outputs])[:count] for k in range(len(outputs[0]))]
 
-  labels = np.where(transfer_set.labels >= 0, transfer_set.labels, -1).astype(np.int32)
+  augmentation = spec.augmentation
+
+  def render(data: TransferSet, positions: np.ndarray, index: np.ndarray, view: np.ndarray, read: dict):
+    """Reads and renders examples; appends their view parameters and labels to the lists in `read`."""
+    inputs, labels = data.read(positions)
+    views, params = augmentation.render_views(inputs, index, view)
+    for name, values in {**params, "labels": np.where(labels >= 0, labels, -1).astype(np.int32)}.items():
+      read.setdefault(name, []).append(values)
+    return views
+
+  def joined(read: dict) -> dict:
+    return {name: np.concatenate(parts) for name, parts in read.items()}
+
   writer = ChunkWriter(cache.group)
   bar = tqdm(total=total, initial=total - remaining, unit="row", unit_scale=True, desc="teacher-cache build",
              disable=not config.progress)
@@ -348,21 +378,20 @@ def _write_chunks(cache: Cache, transfer_set: TransferSet, eval_set: TransferSet
   try:
     for chunk in todo.get(EVAL_ROWS, ()):
       start, stop = cache.chunk_bounds(chunk, EVAL_ROWS)
-      index = eval_set.indices[start:stop]
-      logits, finite = run_batches(eval_forward, stop - start, lambda part: (eval_set.inputs[start:stop][part],))
+      index, read = eval_set.indices[start:stop], {}
+      logits, finite = run_batches(eval_forward, stop - start, lambda part: (render(
+          eval_set, np.arange(start, stop)[part], index[part], np.zeros(len(index[part]), np.int32), read),))
       _check_finite(finite, lambda row, member: (spec.member_name(member), member, index[row], "eval split"), cache)
       writer.put(EVAL_ROWS, chunk, start, stop, {
-          "eval_member_logits": logits, "eval_index": index,
-          "eval_labels": np.where(eval_set.labels[start:stop] >= 0, eval_set.labels[start:stop], -1).astype(np.int32)})
+          "eval_member_logits": logits, "eval_index": index, "eval_labels": joined(read)["labels"]})
       bar.update(stop - start)
     for chunk in todo[ROWS]:
       start, stop = cache.chunk_bounds(chunk)
       view, position = spec.row_sources(np.arange(start, stop))
-      index = transfer_set.indices[position]
-      shift, flip = spec.augmentation.view_params(index, view)
+      index, read = transfer_set.indices[position], {}
       fold = fold_of(index, spec.folds)
       logits, targets, finite, finite_targets = run_batches(rows_forward, stop - start, lambda part: (
-          apply_view(transfer_set.inputs[position[part]], shift[part], flip[part]), fold[part]))
+          render(transfer_set, position[part], index[part], view[part], read), fold[part]))
       _check_finite(finite, lambda row, member: (
           spec.members[member * spec.folds + max(int(fold[row]), 0)].name, member, index[row],
           f"view {int(view[row])}"), cache)
@@ -372,8 +401,7 @@ def _write_chunks(cache: Cache, transfer_set: TransferSet, eval_set: TransferSet
                              f"{int(index[row])} (view {int(view[row])}) although every member's logits are: T is "
                              f"too small for these logits; the store {cache.path} is left incomplete.")
       writer.put(ROWS, chunk, start, stop, {
-          "targets": targets, "member_logits": logits, "index": index, "view": view, "labels": labels[position],
-          "shift": shift, "flip": flip, "fold": fold})
+          "targets": targets, "member_logits": logits, "index": index, "view": view, "fold": fold, **joined(read)})
       bar.update(stop - start)
   finally:
     bar.close()

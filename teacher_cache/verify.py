@@ -60,7 +60,7 @@ def _open_dataset(recorded: DatasetSpec, name: str | None, split: str | None, da
       raise
     return None, Check(f"{what} fingerprint", None, f"not checked: {str(e).splitlines()[0]} (give --dataset, "
                                                     "--split, --data-dir)")
-  same = transfer_set.fingerprint == recorded.fingerprint
+  same = transfer_set.matches(recorded)
   detail = "" if same else (f"{transfer_set.name} {transfer_set.split}: {transfer_set.fingerprint[:16]}… vs cache "
                             f"{recorded.fingerprint[:16]}…")
   return (transfer_set if same else None), Check(f"{what} fingerprint", same, detail)
@@ -107,8 +107,10 @@ def verify_cache(path: str, dataset: str | None = None, split: str | None = None
   checks.append(fingerprint)
   eval_set = None
   if spec.eval_dataset is not None:
-    eval_set, eval_fingerprint = _open_dataset(spec.eval_dataset, dataset, spec.eval_dataset.split, data_dir,
-                                               "eval split", dataset is not None)
+    same_dataset = spec.eval_dataset.name == spec.dataset.name  # A given --dataset stands for both.
+    eval_set, eval_fingerprint = _open_dataset(spec.eval_dataset, dataset if same_dataset else None,
+                                               spec.eval_dataset.split, data_dir, "eval split",
+                                               dataset is not None and same_dataset)
     checks.append(eval_fingerprint)
 
   damaged: list[str] = []
@@ -130,6 +132,7 @@ def verify_cache(path: str, dataset: str | None = None, split: str | None = None
   row_arrays = [name for name in spec.arrays_of(ROWS) if spec.array(name).role != "bookkeeping"]
   teacher_arrays = spec.arrays_of(ROWS, "teacher")
   rederive = {"targets", "member_logits"} <= set(teacher_arrays)
+  crops = spec.augmentation.kind == "crop"
   for chunk in range(spec.num_chunks):
     arrays = read(chunk, row_arrays, ROWS)
     if arrays is None:
@@ -145,9 +148,14 @@ def verify_cache(path: str, dataset: str | None = None, split: str | None = None
       worst_target_error = max(worst_target_error, float(np.nan_to_num(error, nan=np.inf).max(initial=0.0)))
     view, position = spec.row_sources(np.arange(start, stop))
     index = expected_index[position]
-    shift, flip = spec.augmentation.view_params(index, view)
-    consistent = ((arrays["view"] == view) & (arrays["index"] == index) & (arrays["shift"] == shift).all(axis=1)
-                  & (arrays["flip"] == flip) & (arrays["fold"] == fold_of(index, spec.folds)))
+    consistent = ((arrays["view"] == view) & (arrays["index"] == index)
+                  & (arrays["fold"] == fold_of(index, spec.folds)))
+    if crops and transfer_set is None:  # A crop box depends on the image's size: only its flip replays without it.
+      params = {"flip": spec.augmentation.view_params(index, view, np.ones((len(index), 2), np.int64))["flip"]}
+    else:
+      params = spec.augmentation.view_params(index, view, transfer_set.image_sizes(position) if crops else None)
+    for name, values in params.items():
+      consistent &= (arrays[name] == values).reshape(len(index), -1).all(axis=1)
     if not consistent.all():
       row_failures.append(start + int(np.argmin(consistent)))
     if transfer_set is not None:
@@ -179,8 +187,11 @@ def verify_cache(path: str, dataset: str | None = None, split: str | None = None
     checks.append(Check("targets re-derived from member_logits", not target_failures,
                         f"max abs error {worst_target_error:.3g}"
                         + (f"; first bad rows {_listed(target_failures)}" if target_failures else "")))
-  checks.append(Check("rows' index/view/shift/flip/fold replay from the seed", not row_failures,
-                      f"first bad rows {_listed(row_failures)}" if row_failures else ""))
+  replayed = "/".join(("index", "view", *spec.augmentation.param_names, "fold"))
+  checks.append(Check(f"rows' {replayed} replay from the seed", not row_failures,
+                      f"first bad rows {_listed(row_failures)}" if row_failures else
+                      ("crop boxes not checked: they need the dataset's image sizes" if crops and transfer_set is None
+                       else "")))
   if spec.eval_dataset is not None:
     checks.append(Check("eval rows' index replays from the eval split", not eval_failures,
                         f"first bad eval rows {_listed(eval_failures)}" if eval_failures else ""))

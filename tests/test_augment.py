@@ -22,7 +22,7 @@ def test_views_match_a_per_pixel_reference():
   images = rng.integers(1, 255, size=(64, 6, 5, 2), dtype=np.uint8)
   augmentation = Augmentation(seed=3, max_shift=2, flip=True)
   index, view = np.arange(64), np.repeat(np.arange(4), 16)
-  shift, flip = augmentation.view_params(index, view)
+  shift, flip = augmentation.view_params(index, view).values()
   rendered = apply_view(images, shift, flip)
   for i in range(64):
     np.testing.assert_array_equal(rendered[i], reference_view(images[i], *shift[i], flip[i]))
@@ -32,19 +32,19 @@ def test_views_match_a_per_pixel_reference():
 def test_view_zero_is_identity_and_params_are_pure():
   augmentation = Augmentation(seed=7, max_shift=1, flip=True)
   index = np.arange(1000)
-  shift0, flip0 = augmentation.view_params(index, np.zeros(1000, int))
+  shift0, flip0 = augmentation.view_params(index, np.zeros(1000, int)).values()
   assert not shift0.any() and not flip0.any()
-  shift, flip = augmentation.view_params(index, np.full(1000, 2))
+  shift, flip = augmentation.view_params(index, np.full(1000, 2)).values()
   again = augmentation.view_params(index[::-1], np.full(1000, 2))  # Order and batching do not matter.
-  np.testing.assert_array_equal(shift[::-1], again[0])
-  np.testing.assert_array_equal(flip[::-1], again[1])
+  np.testing.assert_array_equal(shift[::-1], again["shift"])
+  np.testing.assert_array_equal(flip[::-1], again["flip"])
   assert set(np.unique(shift)) == {-1, 0, 1} and 0.4 < flip.mean() < 0.6
   other_seed = Augmentation(seed=8, max_shift=1, flip=True).view_params(index, np.full(1000, 2))
-  assert (other_seed[0] != shift).any()
+  assert (other_seed["shift"] != shift).any()
   other_view = augmentation.view_params(index, np.full(1000, 3))
-  assert (other_view[0] != shift).any()
+  assert (other_view["shift"] != shift).any()
   no_flip = Augmentation(seed=7, max_shift=1, flip=False).view_params(index, np.full(1000, 2))
-  assert not no_flip[1].any()
+  assert not no_flip["flip"].any()
 
 
 def test_flat_vectors_take_no_augmentation():

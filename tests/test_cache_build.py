@@ -43,8 +43,8 @@ def run_cli(args, capsys):
 def reference_member_logits(teacher_dirs, data_dir, split, index, view, augmentation):
   """Member logits computed without the cache code: sklearn-split pixels, the per-pixel view renderer, each
   teacher's apply function on 1/16-scaled inputs, in float32."""
-  images = open_transfer_set("digits", "train", data_dir).inputs
-  shift, flip = augmentation.view_params(index, view)
+  images = open_transfer_set("digits", "train", data_dir).read_all()[0]
+  shift, flip = augmentation.view_params(index, view).values()
   views = np.stack([reference_view(images[i], *shift[r], flip[r]) for r, i in enumerate(index)])
   inputs = views.astype(np.float32) / 16.0
   members = [load_teacher(t) for t in teacher_dirs]
@@ -243,7 +243,7 @@ def test_non_finite_teacher_output_names_member_and_example(tmp_path, data_dir, 
 
   nan_teacher = make_teacher(tmp_path / "nan_teacher", seed=5, transform=poison)
   data = open_transfer_set("digits", "train[:300]", data_dir)
-  lit = data.inputs.reshape(300, -1)[:, 20] > 0
+  lit = data.read_all()[0].reshape(300, -1)[:, 20] > 0
   stored_order = row_permutation(0, 0, 300)  # View 0's examples, in the order the build writes them.
   first_bad = int(stored_order[np.argmax(lit[stored_order])])
   out = tmp_path / "nan.zarr"
@@ -254,7 +254,7 @@ def test_non_finite_teacher_output_names_member_and_example(tmp_path, data_dir, 
     open_cache(str(out))
   # The eval split's logits are computed first: the first test example with that pixel lit is named.
   test = open_transfer_set("digits", "test", data_dir)
-  first_bad_test = int(np.argmax(test.inputs.reshape(len(test), -1)[:, 20] > 0))
+  first_bad_test = int(np.argmax(test.read_all()[0].reshape(len(test), -1)[:, 20] > 0))
   code, _, err = run_cli(build_args(tmp_path / "nan_eval.zarr", [teachers[0], nan_teacher], data_dir), capsys)
   assert code == 2 and (f"teacher 'nan_teacher' (member 1) produced non-finite logits for example index "
                         f"{first_bad_test} (eval split)") in err
@@ -305,7 +305,7 @@ def test_external_teachers_module_function(tmp_path, data_dir, capsys, monkeypat
   code, _, err = run_cli(args, capsys)
   assert code == 0, err
   group = zarr.open_group(str(out), mode="r")
-  x = open_transfer_set("digits", "train[:300]", data_dir).inputs.astype(np.float32) / 16.0
+  x = open_transfer_set("digits", "train[:300]", data_dir).read_all()[0].astype(np.float32) / 16.0
   x = x[group["index"][:]]  # The rows' examples, in the order the cache stores them.
   w = np.random.default_rng(0).normal(size=(64, 10)).astype(np.float32)
   np.testing.assert_allclose(group["member_logits"][:, 1].astype(np.float32), x.reshape(300, -1) @ w,
@@ -398,7 +398,7 @@ def test_cross_fitted_rows_take_logits_from_the_run_that_held_out_their_fold(tmp
   assert cache_info(str(out))["stats"]["members"][1]["name"] == "m1f0+m1f1"
   # On the eval split, which no run trained on, each member's logits are the mean of its fold runs'.
   test = open_transfer_set("digits", "test", data_dir)
-  x = test.inputs.astype(np.float32) / 16.0
+  x = test.read_all()[0].astype(np.float32) / 16.0
   per_run = np.stack([np.asarray(t.apply_fn(t.params, x)) for t in map(load_teacher, runs)], 1)  # [E, 4, C]
   np.testing.assert_allclose(group["eval_member_logits"][:].astype(np.float32),
                              per_run.reshape(len(test), 2, 2, 10).mean(2), rtol=2e-3, atol=2e-3)

@@ -16,18 +16,18 @@ def test_digits_fixed_stratified_splits(data_dir):
   train = open_transfer_set("digits", "train", data_dir)
   test = open_transfer_set("digits", "test", data_dir)
   assert (len(train), len(test)) == (1437, 360)
-  assert train.input_shape == (8, 8, 1) and train.inputs.dtype == np.uint8 and train.num_classes == 10
-  assert train.inputs.max() == 16 and train.normalization.scale == 16.0
+  assert train.input_shape == (8, 8, 1) and train.read_all()[0].dtype == np.uint8 and train.num_classes == 10
+  assert train.read_all()[0].max() == 16 and train.normalization.scale == 16.0
   # Stratified: every class holds 35 or 36 of the 360 test examples.
   assert set(np.bincount(test.labels)) <= {35, 36, 37}
   # The TFDS build holds exactly the seeded scikit-learn split (an independent path to the same arrays).
   x, y = digits_arrays()["test"]
-  np.testing.assert_array_equal(test.inputs, x)
+  np.testing.assert_array_equal(test.read_all()[0], x)
   np.testing.assert_array_equal(test.labels, y)
   from sklearn.datasets import load_digits
   all_images = load_digits().images.astype(np.uint8)
   # Train and test together are the whole dataset, each image once.
-  together = np.concatenate([train.inputs[..., 0], test.inputs[..., 0]]).reshape(1797, -1)
+  together = np.concatenate([train.read_all()[0][..., 0], test.read_all()[0][..., 0]]).reshape(1797, -1)
   assert len(np.unique(together, axis=0)) == len(np.unique(all_images.reshape(1797, -1), axis=0))
 
 
@@ -37,10 +37,10 @@ def test_slices_keep_positions_of_the_unsliced_split(data_dir):
   tail = open_transfer_set("digits", "train[80%:]", data_dir)
   assert len(head) + len(tail) == len(full)
   np.testing.assert_array_equal(tail.indices, np.arange(len(head), len(full)))
-  np.testing.assert_array_equal(tail.inputs, full.inputs[len(head):])
+  np.testing.assert_array_equal(tail.read_all()[0], full.read_all()[0][len(head):])
   some = open_transfer_set("digits", "train[10:20]+train[100:105]", data_dir)
   np.testing.assert_array_equal(some.indices, np.r_[10:20, 100:105])
-  np.testing.assert_array_equal(some.inputs[some.positions(np.array([102]))], full.inputs[[102]])
+  np.testing.assert_array_equal(some.read_all()[0][some.positions(np.array([102]))], full.read_all()[0][[102]])
   with pytest.raises(StillroomError, match="example index 50 is not part"):
     some.positions(np.array([50]))
   assert head.fingerprint != full.fingerprint != tail.fingerprint
@@ -70,7 +70,7 @@ def test_npz_labelled_unlabelled_and_fingerprint_ignores_path(tmp_path):
   np.savez(tmp_path / "a.npz", x=x, y=y)
   labelled = open_transfer_set(f"npz:{tmp_path / 'a.npz'}", "train[20%:]")
   assert labelled.labeled and labelled.num_classes == 3 and labelled.indices[0] == 10
-  np.testing.assert_array_equal(labelled.inputs, x[10:])
+  np.testing.assert_array_equal(labelled.read_all()[0], x[10:])
   assert labelled.normalization.scale == 1.0  # Float features are used as stored.
   os.makedirs(tmp_path / "elsewhere")
   shutil.copy(tmp_path / "a.npz", tmp_path / "elsewhere" / "b.npz")
@@ -99,7 +99,7 @@ def test_tfds_dataset_through_mock_data(tmp_path):
   with tfds.testing.mock_data(num_examples=30):
     mnist = open_transfer_set("mnist", "train[10:]", str(tmp_path))
   assert len(mnist) == 20 and mnist.input_shape == (28, 28, 1) and mnist.num_classes == 10
-  assert mnist.inputs.dtype == np.uint8 and mnist.normalization.scale == 255.0
+  assert mnist.read_all()[0].dtype == np.uint8 and mnist.normalization.scale == 255.0
   np.testing.assert_array_equal(mnist.indices, np.arange(10, 30))
 
 
@@ -127,6 +127,6 @@ def test_local_array_record_builder_by_name(tmp_path):
   assert len(tiny) == 10 and tiny.num_classes == 5
   # Positions are those of the prepared split (tfds shuffles records when it writes them).
   source = tfds.data_source("tiny_images", split="train", data_dir=str(tmp_path))
-  np.testing.assert_array_equal(tiny.inputs, np.stack([source[i]["image"] for i in range(10)]))
+  np.testing.assert_array_equal(tiny.read_all()[0], np.stack([source[i]["image"] for i in range(10)]))
   np.testing.assert_array_equal(tiny.labels, [source[i]["label"] for i in range(10)])
-  np.testing.assert_array_equal(tiny.labels, tiny.inputs[:, 0, 0, 0] % 5)
+  np.testing.assert_array_equal(tiny.labels, tiny.read_all()[0][:, 0, 0, 0] % 5)

@@ -168,7 +168,7 @@ def test_eval_single_run_and_ensemble_against_numpy(tmp_path, data_dir, teachers
   logits = []
   for t in teachers[:2]:
     teacher = load_run_teacher(t)
-    logits.append(np.asarray(teacher.apply_fn(teacher.params, test.inputs.astype(np.float32) / 16)))
+    logits.append(np.asarray(teacher.apply_fn(teacher.params, test.read_all()[0].astype(np.float32) / 16)))
   reference = numpy_log_softmax(np.stack(logits, 1).mean(1))
   expected = classification_metrics(reference, test.labels)
   for key in ("accuracy", "nll", "ece"):
@@ -204,7 +204,7 @@ def test_teacher_cache_student_loop_on_digits(tmp_path, data_dir, capsys):
   # Agreement with the teacher on the test split, against the teacher's own predictions.
   test = open_transfer_set("digits", "test", data_dir)
   teacher_run, student_run = load_run_teacher(str(teacher)), load_run_teacher(str(tmp_path / "student"))
-  x = test.inputs.astype(np.float32) / 16
+  x = test.read_all()[0].astype(np.float32) / 16
   agreement = np.mean(np.asarray(teacher_run.apply_fn(teacher_run.params, x)).argmax(1)
                       == np.asarray(student_run.apply_fn(student_run.params, x)).argmax(1))
   assert last["eval_teacher_agreement"] == pytest.approx(agreement) and agreement > 0.9
@@ -228,7 +228,7 @@ def test_agreement_comes_from_the_cache_even_after_the_teachers_are_deleted(tmp_
   from shared.cache import EVAL_ROWS
   runs = [make_teacher(tmp_path / f"t{seed}", seed=seed) for seed in (0, 1)]
   test = open_transfer_set("digits", "test", data_dir)
-  x = test.inputs.astype(np.float32) / 16
+  x = test.read_all()[0].astype(np.float32) / 16
   logits = np.stack([np.asarray(load_run_teacher(r).apply_fn(load_run_teacher(r).params, x)) for r in runs], 1)
   cache = digits_cache_at(tmp_path / "c.zarr", data_dir, runs)
   from shared.cache import open_cache
