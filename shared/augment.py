@@ -26,6 +26,8 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _STREAM_DY, _STREAM_DX, _STREAM_FLIP, _STREAM_FOLD, _STREAM_ORDER = 1, 2, 3, 4, 5
 _STREAM_CROP = 16  # Crop tries use streams 16.. (4 per try: area, ratio, top, left).
 CROP_TRIES = 10
+DEFAULT_CROP_AREA = (0.08, 1.0)  # Inception / torchvision RandomResizedCrop.
+DEFAULT_CROP_ASPECT = (3 / 4, 4 / 3)
 VIEW_KINDS = ("shift", "crop")
 FOLD_SEED = 0  # Fold assignment is fixed: runs and caches made apart must agree on it.
 
@@ -67,8 +69,8 @@ class Augmentation:
   max_shift: int = 1
   flip: bool = False
   image_size: int | None = None
-  crop_area: tuple[float, float] = (0.08, 1.0)
-  crop_aspect: tuple[float, float] = (3 / 4, 4 / 3)
+  crop_area: tuple[float, float] = DEFAULT_CROP_AREA
+  crop_aspect: tuple[float, float] = DEFAULT_CROP_ASPECT
 
   def __post_init__(self):
     if self.max_shift < 0:
@@ -221,9 +223,9 @@ def render_crops(images, boxes: np.ndarray, flip: np.ndarray, size: int) -> np.n
     if image.dtype != np.uint8:
       raise StillroomError(f"crop views (--image-size) render uint8 images; this dataset stores {image.dtype}.")
     single = image.ndim == 3 and image.shape[2] == 1
-    pil = Image.fromarray(image[..., 0] if single else image)
-    resized = np.asarray(pil.resize((size, size), Image.Resampling.BILINEAR,
-                                    box=(left, top, left + width, top + height)))
+    # Crop, then resize: the filter sees only the box's pixels (`resize(box=...)` would blend in its neighbours).
+    pil = Image.fromarray(image[..., 0] if single else image).crop((left, top, left + width, top + height))
+    resized = np.asarray(pil.resize((size, size), Image.Resampling.BILINEAR))
     if flipped:
       resized = resized[:, ::-1]
     out.append(resized[..., None] if single else resized)
@@ -244,12 +246,15 @@ def check_max_shift(max_shift: int, input_shape: tuple[int, ...], option: str) -
                          f"images, got {max_shift}.")
 
 
-def make_augmentation(input_shape: tuple, dataset: str, *, seed: int, max_shift: int, flip: bool,
-                      image_size: int | None, crop_area=(0.08, 1.0), crop_aspect=(3 / 4, 4 / 3)) -> Augmentation:
-  """The views for a dataset whose examples are stored with `input_shape` (None for a varying side), checked.
+def make_augmentation(input_shape: tuple, input_dtype, dataset: str, *, seed: int, max_shift: int, flip: bool,
+                      image_size: int | None, crop_area=DEFAULT_CROP_AREA,
+                      crop_aspect=DEFAULT_CROP_ASPECT) -> Augmentation:
+  """The views for a dataset whose examples are stored with `input_shape` (None for a varying side) and
+  `input_dtype`, checked before anything is written.
 
   Raises:
-    StillroomError: images of varying size without `--image-size`; crops of flat vectors; a bad shift or range.
+    StillroomError: images of varying size without `--image-size`; crops of flat vectors or of non-uint8 data;
+      crop ranges without `--image-size`; a bad shift or range.
   """
   if len(crop_area) != 2 or len(crop_aspect) != 2:
     raise StillroomError(f"--crop-area and --crop-aspect take two values MIN,MAX; got {crop_area} and {crop_aspect}.")
@@ -257,9 +262,14 @@ def make_augmentation(input_shape: tuple, dataset: str, *, seed: int, max_shift:
     if None in input_shape:
       raise StillroomError(f"dataset {dataset!r} holds images of varying size; give --image-size S to render every "
                            "view at SxS (centre crops and random-resized crops).")
+    if tuple(crop_area) != DEFAULT_CROP_AREA or tuple(crop_aspect) != DEFAULT_CROP_ASPECT:
+      raise StillroomError("--crop-area/--crop-aspect shape crop views, which need --image-size S.")
     check_max_shift(max_shift, input_shape, "--max-shift")
   elif len(input_shape) < 2:
     raise StillroomError(f"--image-size needs image inputs; {dataset!r} holds flat vectors of shape {input_shape}.")
+  elif np.dtype(input_dtype) != np.uint8:
+    raise StillroomError(f"--image-size renders uint8 images; {dataset!r} stores {np.dtype(input_dtype)}. Without "
+                         "--image-size its images are used at their stored size.")
   return Augmentation(seed=seed, max_shift=max_shift, flip=flip, image_size=image_size,
                       crop_area=tuple(float(v) for v in crop_area), crop_aspect=tuple(float(v) for v in crop_aspect))
 

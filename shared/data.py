@@ -37,6 +37,8 @@ EMBEDDED_DATASETS = ("digits",)
 NPZ_PREFIX = "npz:"
 IMAGEFOLDER_PREFIX = "imagefolder:"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# PIL modes an imagefolder: refuses rather than clip to 8 bits.
+UNSUPPORTED_MODES = {"I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit", "I": "32-bit integer", "F": "float"}
 NO_EVAL = "none"  # `--eval-split none`: no evaluation split.
 SMALL_SPLIT_BYTES = 64 << 20  # A fixed-shape TFDS split this small is kept in memory after its first read.
 READ_BATCH = 4096  # Records per batched read when a whole split is read.
@@ -75,6 +77,12 @@ def local_path(name: str) -> str | None:
     if name.startswith(prefix):
       return name[len(prefix):]
   return None
+
+
+def default_eval_split(eval_dataset: str | None) -> str:
+  """The eval split when only `--eval-dataset` is given: `train`, the one split of an `npz:` or `imagefolder:`
+  dataset; `test` for a TFDS dataset."""
+  return "train" if eval_dataset and local_path(eval_dataset) else "test"
 
 
 def default_normalization(name: str, input_dtype: np.dtype) -> Normalization:
@@ -186,10 +194,12 @@ class TfdsSource:
     self.shape = tuple(feature.shape)
     self.dtype = np.dtype(feature.np_dtype)
     self._count = len(data_source)
-    info = builder.info.splits[split] if split in builder.info.splits else None
-    self._num_bytes = int(info.num_bytes) if info is not None else 0
-    self._files = [str(path) for path in info.filepaths] if info is not None else []
+    try:
+      self._files = [str(path) for path in builder.info.splits[split].filepaths]
+    except (KeyError, ValueError):  # Mock data, or a split without a file template: identified without files.
+      self._files = []
     self._memory: ArraySource | None = None
+    self._label_source = None
 
   def __len__(self) -> int:
     return self._count
@@ -210,8 +220,13 @@ class TfdsSource:
     labels = np.asarray([r.get(self.label_key, -1) for r in records], np.int64)
     return (np.stack(inputs) if self.fixed_shape else inputs), labels
 
+  @property
+  def decoded_bytes(self) -> int | None:
+    """The split's size decoded (fixed shapes only)."""
+    return len(self) * int(np.prod(self.shape)) * self.dtype.itemsize if self.fixed_shape else None
+
   def _in_memory(self) -> ArraySource | None:
-    if self._memory is None and self.fixed_shape and self._num_bytes <= SMALL_SPLIT_BYTES:
+    if self._memory is None and self.fixed_shape and self.decoded_bytes <= SMALL_SPLIT_BYTES:
       parts = [self._from_records(self._records(range(start, min(start + READ_BATCH, len(self)))))
                for start in range(0, len(self), READ_BATCH)]
       self._memory = ArraySource(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
@@ -223,8 +238,24 @@ class TfdsSource:
     return memory.read(keys) if memory is not None else self._from_records(self._records(keys))
 
   def labels(self, keys: np.ndarray) -> np.ndarray:
-    return np.concatenate([self.read(keys[start:start + READ_BATCH])[1] for start in range(0, len(keys), READ_BATCH)]) \
-        if len(keys) else np.zeros(0, np.int64)
+    """Labels without decoding the images (a second data source that skips their decoding)."""
+    memory = self._in_memory()
+    if memory is not None:
+      return memory.labels(keys)
+    if not self.labeled:
+      return np.full(len(keys), -1, np.int64)
+    if self._label_source is None:
+      self._label_source = self.builder.as_data_source(
+          split=self.split, decoders={self.image_key: tfds.decode.SkipDecoding()})
+    labels = []
+    for start in range(0, len(keys), READ_BATCH):
+      part = [int(k) for k in keys[start:start + READ_BATCH]]
+      try:
+        records = self._label_source.__getitems__(part)
+      except TypeError:
+        records = [self._label_source[k] for k in part]
+      labels.append(np.asarray([r[self.label_key] for r in records], np.int64))
+    return np.concatenate(labels) if labels else np.zeros(0, np.int64)
 
   def image_sizes(self, keys: np.ndarray) -> np.ndarray:
     if self.fixed_shape:
@@ -261,14 +292,22 @@ class ImageFolderSource:
   def __len__(self) -> int:
     return len(self.files)
 
-  def _decode(self, key: int) -> np.ndarray:
+  def _open(self, key: int, use):
+    """`use(image)` of example `key`'s opened PIL image; a file that cannot be read is an error naming it."""
     from PIL import Image  # pylint: disable=import-outside-toplevel
     path = os.path.join(self.root, self.files[key])
     try:
       with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        if image.mode in UNSUPPORTED_MODES:
+          raise StillroomError(f"dataset {self.name!r}: example index {key} ({path}) is a {image.mode} image "
+                               f"({UNSUPPORTED_MODES[image.mode]}); imagefolder: reads 8-bit images.")
+        return use(image)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
       raise StillroomError(f"dataset {self.name!r}: cannot decode example index {key} ({path}): {e}") from e
+
+  def _decode(self, key: int) -> np.ndarray:
+    # As torchvision's ImageFolder loader: PIL's convert("RGB") (grey and palette expanded, alpha dropped).
+    return self._open(key, lambda image: np.asarray(image.convert("RGB")))
 
   def read(self, keys: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
     return [self._decode(int(k)) for k in keys], self._labels[keys]
@@ -278,15 +317,7 @@ class ImageFolderSource:
 
   def image_sizes(self, keys: np.ndarray) -> np.ndarray:
     """(height, width) of each image, from the file headers (no decoding)."""
-    from PIL import Image  # pylint: disable=import-outside-toplevel
-    sizes = []
-    for key in keys:
-      path = os.path.join(self.root, self.files[int(key)])
-      try:
-        with Image.open(path) as image:
-          sizes.append((image.height, image.width))
-      except (OSError, ValueError) as e:
-        raise StillroomError(f"dataset {self.name!r}: cannot read example index {int(key)} ({path}): {e}") from e
+    sizes = [self._open(int(key), lambda image: (image.height, image.width)) for key in keys]
     return np.asarray(sizes, np.int64).reshape(-1, 2)
 
   def identity(self) -> dict:
@@ -475,11 +506,17 @@ class TransferSet:
       digest.update(labels.astype("<i8").tobytes())
     return digest.hexdigest()
 
+  def as_recorded(self, fingerprint: str, version: int) -> tuple[str, int]:
+    """The (fingerprint, version) a record of this data holds, given an existing record's: that record's own when
+    it is a version-1 fingerprint (stillroom <= 0.2) of this data, else the current version's."""
+    if version == 1 and self.fixed_shape and self.fingerprint_v1() == fingerprint:
+      return fingerprint, 1
+    return self.fingerprint, FINGERPRINT_VERSION
+
   def matches(self, recorded: DatasetSpec) -> bool:
     """Whether this is the data `recorded` describes, by the fingerprint version it recorded."""
-    if recorded.fingerprint_version == 1:
-      return self.fixed_shape and self.fingerprint_v1() == recorded.fingerprint
-    return self.fingerprint == recorded.fingerprint
+    return self.as_recorded(recorded.fingerprint, recorded.fingerprint_version) == \
+        (recorded.fingerprint, recorded.fingerprint_version)
 
   def describe(self) -> DatasetSpec:
     """What a cache or run records about its data (everything except the bytes)."""

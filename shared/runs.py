@@ -71,15 +71,19 @@ class RunRecord:
     model: the model's structure.
     normalization: the input normalisation it trained with.
     cross_fit: the fold it held out, or None if it trained on all its examples.
+    image_size: S when its inputs were crop views rendered at SxS (evaluation shows it the centre crop at S), or
+      None when it saw the images as stored.
   """
 
   model: ModelSpec
   normalization: Normalization
   cross_fit: CrossFit | None = None
+  image_size: int | None = None
 
   def to_json(self) -> dict:
-    return {"model": self.model.to_dict(), "normalization": self.normalization.to_dict(),
-            "cross_fit": None if self.cross_fit is None else dataclasses.asdict(self.cross_fit)}
+    d = {"model": self.model.to_dict(), "normalization": self.normalization.to_dict(),
+         "cross_fit": None if self.cross_fit is None else dataclasses.asdict(self.cross_fit)}
+    return d if self.image_size is None else {**d, "image_size": self.image_size}
 
   @classmethod
   def from_json(cls, d: dict, where: str) -> "RunRecord":
@@ -90,7 +94,7 @@ class RunRecord:
         cross_fit = {"folds": trained["folds"], "holdout_fold": trained["holdout_fold"]} if trained["folds"] > 1 \
             else None
       return cls(model=ModelSpec.from_dict(d["model"]), normalization=Normalization.from_dict(d["normalization"]),
-                 cross_fit=None if cross_fit is None else CrossFit(**cross_fit))
+                 cross_fit=None if cross_fit is None else CrossFit(**cross_fit), image_size=d.get("image_size"))
     except (KeyError, TypeError, AttributeError) as e:
       raise StillroomError(f"{where}: {CONFIG_FILE} lacks a valid 'model', 'normalization' or 'cross_fit' entry "
                            f"({type(e).__name__}: {e}).") from e

@@ -22,19 +22,22 @@ examples:
   student-train fit --model cnn-large --dataset digits --augment --dropout 0.2 --out runs/teacher0
   student-train fit --model mlp-small --cache digits.zarr --alpha 0.1 --finetune-epochs 5 --out runs/student
   student-train eval runs/teacher0 runs/teacher1 --dataset digits --split test
+  student-train fit --model cnn-small --dataset imagefolder:shapes/train --eval-dataset imagefolder:shapes/test \
+      --image-size 32 --augment --flip --out runs/shapes_teacher0
 """
 
 # The fit options, grouped for --help.
 _FIT_GROUPS = {
     "data (give --dataset, or --cache to distill)": (
         "dataset", "split", "data_dir", "cache", "label_fraction", "folds", "holdout_fold", "augment", "max_shift",
-        "flip", "eval_dataset", "eval_split", "shuffle_window"),
+        "flip", "image_size", "crop_area", "crop_aspect", "eval_dataset", "eval_split", "shuffle_window"),
     "distillation (with --cache)": ("loss", "alpha", "temperature", "combine", "members", "finetune_epochs"),
     "optimisation": ("epochs", "batch_size", "lr", "finetune_lr", "weight_decay", "dropout", "seed", "data_seed"),
     "run": ("model", "out", "checkpoint_every", "overwrite", "progress"),
 }
 # Fit options a sweep does not take: its own --out and --cache, per-point seeds, and hard-label-only settings.
-_NOT_IN_SWEEP = ("out", "cache", "seed", "overwrite", "folds", "holdout_fold", "augment", "max_shift", "flip")
+_NOT_IN_SWEEP = ("out", "cache", "seed", "overwrite", "folds", "holdout_fold", "augment", "max_shift", "flip",
+                 "image_size", "crop_area", "crop_aspect")
 
 
 def _parser() -> argparse.ArgumentParser:

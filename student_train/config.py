@@ -6,6 +6,7 @@ from this module.
 
 import dataclasses
 
+from shared.augment import DEFAULT_CROP_AREA, DEFAULT_CROP_ASPECT
 from shared.data import NO_EVAL
 from shared.ensemble import COMBINE_RULES
 from shared.errors import StillroomError
@@ -42,13 +43,14 @@ class FitConfig:
   image_size: int | None = setting(None, "hard-label training: render every example at SxS, the centre crop (and "
                                          "random-resized crops with --augment); needed for images of varying size "
                                          "(a cache brings its own)", metavar="S")
-  crop_area: tuple[float, ...] = setting((0.08, 1.0), "--augment crops: min,max area, as fractions of the image",
-                                         metavar="MIN,MAX")
-  crop_aspect: tuple[float, ...] = setting((3 / 4, 4 / 3), "--augment crops: min,max width/height",
+  crop_area: tuple[float, ...] = setting(DEFAULT_CROP_AREA, "--augment crops: min,max area, as fractions of the "
+                                                              "image", metavar="MIN,MAX")
+  crop_aspect: tuple[float, ...] = setting(DEFAULT_CROP_ASPECT, "--augment crops: min,max width/height",
                                            metavar="MIN,MAX")
   eval_dataset: str | None = setting(None, "evaluate each epoch on this dataset (default: the training dataset)")
-  eval_split: str | None = setting(None, f"evaluation split (default: 'test' when the dataset has one; '{NO_EVAL}': "
-                                         "no per-epoch evaluation)")
+  eval_split: str | None = setting(None, f"evaluation split (default: 'test' when the dataset has one; with "
+                                         "--eval-dataset, 'train' of an npz: or imagefolder: dataset; "
+                                         f"'{NO_EVAL}': no per-epoch evaluation)")
   loss: str = setting("kl", "soft term: T²·KL(p_T || softmax(s/T)), or its high-T limit (1/2C)·||zero-meaned "
                             "logits difference||²", choices=LOSSES)
   alpha: float | None = setting(None, f"weight of the hard-label cross-entropy in [0, 1] (default: {DEFAULT_KD_ALPHA} "
@@ -145,9 +147,10 @@ def validate_config(config: FitConfig, prefix: str = "") -> None:
     if soft_only:
       raise StillroomError(f"{', '.join(soft_only)} set{'s' if len(soft_only) == 1 else ''} distillation, which "
                            "needs --cache.")
-  elif config.augment or config.flip or config.image_size is not None:
-    raise StillroomError("--augment/--flip/--image-size draw views for hard-label training; a cache brings its own "
-                         "views.")
+  elif config.augment or config.flip or config.image_size is not None or \
+      (tuple(config.crop_area), tuple(config.crop_aspect)) != (DEFAULT_CROP_AREA, DEFAULT_CROP_ASPECT):
+    raise StillroomError("--augment/--flip/--image-size/--crop-* draw views for hard-label training; a cache brings "
+                         "its own views.")
   if config.flip and not config.augment:
     raise StillroomError("--flip adds flips to --augment's views; give --augment too.")
   if config.epochs + config.finetune_epochs < 1:

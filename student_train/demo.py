@@ -44,9 +44,19 @@ class DemoConfig:
   and 16 views for images, `mlp-large` and 1 view for flat vectors.
   """
 
-  dataset: str = setting("digits", "'digits', 'npz:PATH' or a prepared TFDS name")
+  dataset: str = setting("digits", "'digits', 'npz:PATH', 'imagefolder:DIR' or a prepared TFDS name")
   train_split: str = setting("train", "transfer set: teachers train on it, caches cover it")
   test_split: str = setting("test", "split every model is evaluated on (the caches store the teachers' logits on it)")
+  eval_dataset: str | None = setting(None, "the dataset of --test-split (default: --dataset), e.g. "
+                                           "'imagefolder:DIR' of held-out images")
+  image_size: int | None = setting(None, "natural images: teachers train on random-resized crops at SxS and the "
+                                         "caches hold crop views (see `teacher-cache build --image-size`)",
+                                   metavar="S")
+  shapes: bool = setting(False, "the natural-image demo: write the shapes image set (scripts/make_shapes.py) into "
+                                "--work-dir/shapes, and compare crop soft labels with hard labels for the same "
+                                "student and epochs; results in --results-dir/shapes (a preset that sets the stage "
+                                "settings: image size 32, cnn-small teachers on random-resized crops, 4 crop views, "
+                                "mlp-small students for 30 epochs, no cross-fitting or fraction arms)")
   data_dir: str | None = setting(None, "TFDS data dir")
   work_dir: str = setting("demo", "runs and caches; a rerun reuses finished runs")
   results_dir: str = setting("results", "where demo.md, demo.json and demo.png go")
@@ -71,7 +81,7 @@ class DemoConfig:
 # The stage settings `student-train demo` offers, as --teacher-*, --build-* and --student-* options.
 STAGE_OPTIONS = {
     "teacher": (FitConfig, ("model", "epochs", "dropout", "batch_size", "lr")),
-    "build": (BuildConfig, ("temperature", "views", "max_shift", "seed")),
+    "build": (BuildConfig, ("temperature", "views", "max_shift", "flip", "crop_area", "crop_aspect", "seed")),
     "student": (FitConfig, ("model", "alpha", "epochs", "finetune_epochs", "batch_size", "lr", "checkpoint_every",
                             "shuffle_window")),
 }
@@ -176,19 +186,23 @@ def run_demo(config: DemoConfig, verbose: bool = False) -> dict:
     config: the settings.
     verbose: log every run's every epoch (always in each run's metrics.jsonl); otherwise one bar per stage.
   """
+  if config.shapes:
+    config = _shapes_preset(config)
   validate_demo(config)
   transfer_set = open_transfer_set(config.dataset, config.train_split, config.data_dir)
   images = len(transfer_set.input_shape) >= 2
+  crops = {"image_size": config.image_size, "crop_area": config.build.crop_area,
+           "crop_aspect": config.build.crop_aspect}
   teacher_model = config.teacher.model if config.teacher.model != AUTO else ("cnn-large" if images else "mlp-large")
   views = config.build.views or (16 if images else 1)
   if views > 1 and not images:
     raise StillroomError(f"views > 1 need image inputs; {config.dataset!r} holds flat vectors.")
   work = config.work_dir
-  data = {"data_dir": config.data_dir, "progress": False, "eval_dataset": config.dataset,
+  data = {"data_dir": config.data_dir, "progress": False, "eval_dataset": config.eval_dataset or config.dataset,
           "eval_split": config.test_split}
   teacher_base = dataclasses.replace(config.teacher, model=teacher_model, dataset=config.dataset,
                                      split=config.train_split, augment=images, max_shift=config.build.max_shift,
-                                     **data)
+                                     flip=config.build.flip, **crops, **data)
   stages, started = {}, time.perf_counter()
 
   def train_stage(name: str, groups: list[list[FitConfig]]) -> list[list[dict]]:
@@ -217,7 +231,8 @@ def run_demo(config: DemoConfig, verbose: bool = False) -> dict:
   def cache(name: str, runs: list[FitConfig], folds: int = 1) -> str:
     out = os.path.join(work, f"{name}_{settings}.zarr")
     build_cache(dataclasses.replace(config.build, dataset=config.dataset, split=config.train_split,
-                                    data_dir=config.data_dir, eval_split=config.test_split,
+                                    data_dir=config.data_dir, eval_dataset=config.eval_dataset,
+                                    eval_split=config.test_split, image_size=config.image_size,
                                     teachers=tuple(run.out for run in runs), views=views, folds=folds, out=out))
     return out
 
@@ -255,6 +270,30 @@ def run_demo(config: DemoConfig, verbose: bool = False) -> dict:
                        time.perf_counter() - started)
   _write_results(config.results_dir, results)
   return results
+
+
+def _shapes_preset(config: DemoConfig) -> DemoConfig:
+  """The natural-image demo (`--shapes`): the shapes set written into the work dir (once), crop views at 32x32."""
+  from shared.shapes import write_shapes  # pylint: disable=import-outside-toplevel
+  work, results = os.path.join(config.work_dir, "shapes"), os.path.join(config.results_dir, "shapes")
+  root = os.path.join(work, "data")
+  if not os.path.isdir(os.path.join(root, "test")):
+    if os.path.exists(root):
+      raise StillroomError(f"{root!r} exists but is not a complete shapes set; delete it to have it written again.")
+    counts = write_shapes(root + ".partial") if not os.path.exists(root + ".partial") else None
+    if counts is None:
+      raise StillroomError(f"{root}.partial is left by an interrupted write; delete it and run again.")
+    os.rename(root + ".partial", root)
+  crop = {"crop_area": (0.35, 1.0)}
+  _log("--shapes sets the stage settings (other --teacher-*/--build-*/--student-* options are replaced): cnn-small "
+       "teachers, 30 epochs on random-resized crops at 32x32; 4 crop views; mlp-small students, 30 epochs")
+  return dataclasses.replace(
+      config, work_dir=work, results_dir=results, dataset=f"imagefolder:{root}/train", train_split="train",
+      eval_dataset=f"imagefolder:{root}/test", test_split="train", image_size=config.image_size or 32, folds=1, label_fraction=1.0,
+      teacher=dataclasses.replace(config.teacher, model="cnn-small", epochs=30, dropout=0.0, batch_size=64),
+      build=dataclasses.replace(config.build, views=4, flip=True, **crop),
+      student=dataclasses.replace(config.student, model="mlp-small", epochs=30, finetune_epochs=0, batch_size=256,
+                                  lr=3e-3, checkpoint_every=10))
 
 
 def _train_arms(train_stage, stage: str, arms: dict[str, tuple[str, dict]], base: FitConfig, seeds: int,
@@ -317,7 +356,8 @@ def format_table(results: dict) -> str:
   """The results as Markdown tables (accuracy on the test split; students mean ± std over seeds)."""
   config = results["config"]
   student = config["student"]
-  lines = [f"Dataset `{config['dataset']}` ({config['train_split']} -> {config['test_split']}); teachers "
+  lines = [f"Dataset `{config['dataset']}` ({config['train_split']} -> "
+           f"{(config.get('eval_dataset') or '') + ' '}{config['test_split']}); teachers "
            f"{config['teachers']} x `{results['teacher_model']}`, {results['views']} views, "
            f"T={config['build']['temperature']:g}, alpha={student['alpha']:g}; student `{student['model']}`, "
            f"{student['epochs']} + {student['finetune_epochs']} fine-tune epochs (batch "

@@ -66,19 +66,20 @@ def eval_line(log_probs: np.ndarray, plan: RunPlan, teacher_top1: np.ndarray | N
   return line
 
 
-def _eval_views(run: Teacher, transfer_set: TransferSet) -> Augmentation:
-  """View 0 as the run was trained on it: the stored inputs, or centre crops at the side its model takes (a run
+def _eval_views(run: Teacher) -> Augmentation:
+  """View 0 as the run was trained on it: the stored inputs, or the centre crop at the side its record gives (a run
   trained with --image-size, or from a cache of crop views)."""
-  model_shape = tuple(run.record.model.input_shape) if run.record is not None else None
-  if model_shape is None or model_shape == tuple(transfer_set.input_shape) or len(model_shape) < 2:
-    return Augmentation(max_shift=0)
-  return Augmentation(max_shift=0, image_size=int(model_shape[0]))
+  image_size = None if run.record is None else run.record.image_size
+  return Augmentation(max_shift=0, image_size=image_size)
 
 
 def _run_logits(run: Teacher, transfer_set: TransferSet, batch_size: int, what: str) -> np.ndarray:
   """A run's logits [N, C] over a transfer set's view 0."""
   normalization: Normalization = run.normalization or transfer_set.normalization
-  views = _eval_views(run, transfer_set)
+  views = _eval_views(run)
+  if views.kind == "shift" and not transfer_set.fixed_shape:
+    raise StillroomError(f"{what} saw images as stored, but {transfer_set.name!r} holds images of varying size; "
+                         "evaluate it on the data it was trained on.")
   check_input_shape(run.apply_fn, run.params, views.output_shape(transfer_set.input_shape), what)
   apply = jax.jit(lambda params, x: run.apply_fn(params, normalization.apply(x)))
   return np.concatenate([

@@ -16,7 +16,7 @@ from flax import nnx
 
 from shared.augment import Augmentation, fold_of, make_augmentation
 from shared.cache import Cache, open_cache
-from shared.data import NO_EVAL, Normalization, TransferSet, local_path, open_transfer_set
+from shared.data import FINGERPRINT_VERSION, NO_EVAL, Normalization, TransferSet, default_eval_split, local_path, open_transfer_set
 from shared.ensemble import member_weights
 from shared.errors import StillroomError
 from shared.parallel import cap_batch
@@ -76,15 +76,17 @@ class RunPlan:
 
   def record(self) -> dict:
     """The resolved config written to config.json (and compared on resume)."""
+    crops = () if self.config.image_size is not None else ("crop_area", "crop_aspect")  # Unused: as 0.2 wrote it.
     return {
-        "config": {k: v for k, v in dataclasses.asdict(self.config).items() if k not in NOT_IDENTITY},
+        "config": {k: v for k, v in dataclasses.asdict(self.config).items() if k not in NOT_IDENTITY + crops},
         "model": self.model_spec.to_dict(),
         "normalization": self.normalization.to_dict(),
         "dataset": self.transfer_set.describe().to_dict(),
         "cache": None if self.cache is None else {"build_key": self.cache.spec.build_key()},
         "teaching": None if self.teaching is None else dataclasses.asdict(self.teaching),
         "eval": None if self.eval_set is None else {"dataset": self.eval_set.name, "split": self.eval_set.split,
-                                                     "fingerprint": self.eval_set.fingerprint},
+                                                     "fingerprint": self.eval_set.fingerprint,
+                                                     "fingerprint_version": FINGERPRINT_VERSION},
         "examples": None if self.examples is None else len(self.examples),
     }
 
@@ -218,7 +220,7 @@ def plan_run(config: FitConfig, opened: Opened | None = None) -> RunPlan:
     augmentation = cache.spec.augmentation
   else:
     augmentation = make_augmentation(
-        transfer_set.input_shape, transfer_set.name, seed=resolved["data_seed"],
+        transfer_set.input_shape, transfer_set.input_dtype, transfer_set.name, seed=resolved["data_seed"],
         max_shift=config.max_shift if config.augment else 0, flip=config.flip, image_size=config.image_size,
         crop_area=config.crop_area, crop_aspect=config.crop_aspect)
   config = dataclasses.replace(config, **resolved, finetune_lr=config.finetune_lr or config.lr / 10)
@@ -252,9 +254,8 @@ def _eval_set(config: FitConfig, transfer_set: TransferSet, opened: Opened) -> T
   if config.eval_split == NO_EVAL:
     return None
   if config.eval_dataset or config.eval_split:
-    default_split = "train" if config.eval_dataset and local_path(config.eval_dataset) else "test"
-    return opened.transfer_set(config.eval_dataset or transfer_set.name, config.eval_split or default_split,
-                               config.data_dir)
+    return opened.transfer_set(config.eval_dataset or transfer_set.name,
+                               config.eval_split or default_eval_split(config.eval_dataset), config.data_dir)
   try:
     return opened.transfer_set(transfer_set.name, "test", config.data_dir)
   except StillroomError:

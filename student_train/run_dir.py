@@ -56,7 +56,8 @@ def prepare_run_dir(plan: RunPlan) -> bool:
     except (OSError, json.JSONDecodeError) as e:
       raise StillroomError(f"run dir {out!r}: cannot read {CONFIG_FILE} ({e}); pass --overwrite to replace the run, "
                            "or choose another --out.") from e
-    differences = config_differences(existing.get("resolved", {}), json.loads(json.dumps(record)))
+    wanted = _as_recorded_by_version_1(existing.get("resolved", {}), json.loads(json.dumps(record)), plan)
+    differences = config_differences(existing.get("resolved", {}), wanted)
     if differences:
       raise StillroomError(f"run dir {out!r} holds a run with another config: " + "; ".join(differences)
                            + ". Pass --overwrite to replace it, or choose another --out.")
@@ -66,10 +67,25 @@ def prepare_run_dir(plan: RunPlan) -> bool:
   os.makedirs(out, exist_ok=True)
   config = plan.config
   cross_fit = CrossFit(folds=config.folds, holdout_fold=config.holdout_fold) if config.folds > 1 else None
-  run_record = RunRecord(model=plan.model_spec, normalization=plan.normalization, cross_fit=cross_fit)
+  run_record = RunRecord(model=plan.model_spec, normalization=plan.normalization, cross_fit=cross_fit,
+                         image_size=plan.augmentation.image_size)
   where = {"out": os.path.abspath(out), "cache": None if plan.cache is None else os.path.abspath(plan.cache.path)}
   _write_json(path, {**run_record.to_json(), "resolved": record, "paths": where, "software_version": __version__})
   return False
+
+
+def _as_recorded_by_version_1(stored: dict, wanted: dict, plan: RunPlan) -> dict:
+  """A run dir of stillroom <= 0.2 recorded version-1 fingerprints of its data: where the data still matches them,
+  the record to compare is the one it would have written (`TransferSet.as_recorded`)."""
+  for key, data in (("dataset", plan.transfer_set), ("eval", plan.eval_set)):
+    old, new = stored.get(key), wanted.get(key)
+    if not (isinstance(old, dict) and old.get("fingerprint") and new and data is not None):
+      continue
+    fingerprint, version = data.as_recorded(old["fingerprint"], old.get("fingerprint_version", 1))
+    wanted[key] = {**new, "fingerprint": fingerprint}
+    if version == 1:
+      wanted[key].pop("fingerprint_version", None)
+  return wanted
 
 
 def config_differences(stored: dict, wanted: dict, prefix: str = "") -> list[str]:

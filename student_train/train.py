@@ -1,6 +1,6 @@
 """`student-train fit`: the one training loop, for teachers, scratch baselines and distilled students.
 
-Without a cache, a run trains on hard labels from a dataset held in memory. With `--cache`, it streams the cache's
+Without a cache, a run trains on hard labels, reading its dataset batch by batch. With `--cache`, it streams the cache's
 rows, rebuilds each row's input from the dataset the cache records (the same view the teacher labelled), and
 trains on `alpha · CE + (1 − alpha) · soft`; `--finetune-epochs` then adds epochs on hard labels only.
 
@@ -53,7 +53,7 @@ def make_optimizer(config: FitConfig, steps_per_epoch: int) -> optax.GradientTra
 
 
 def make_loader(plan: RunPlan, fields: tuple[str, ...]):
-  """The batch stream of a run: cache rows (with the teacher arrays in `fields`) or examples held in memory."""
+  """The batch stream of a run: cache rows (with the teacher arrays in `fields`) or a dataset's examples."""
   config = plan.config
   if plan.cache is not None:
     return CacheLoader(plan.cache, plan.transfer_set, batch_size=config.batch_size, seed=config.data_seed,

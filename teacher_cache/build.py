@@ -21,11 +21,12 @@ import zarr
 from tqdm import tqdm
 
 from shared import __version__
-from shared.augment import Augmentation, fold_of, make_augmentation
+from shared.augment import (DEFAULT_CROP_AREA, DEFAULT_CROP_ASPECT, Augmentation, fold_of,
+                            make_augmentation)
 from shared.cache import (COMPLETE_KEY, EVAL_ROWS, ROWS, SPEC_KEY, STORAGE_DTYPES, Cache, CacheSpec, MemberSpec,
                           committed_name, create_arrays, integrity_problems, missing_chunks, now_iso, open_cache,
                           uncommitted_chunks, validate_settings, writable)
-from shared.data import NO_EVAL, Normalization, TransferSet, local_path, open_transfer_set
+from shared.data import NO_EVAL, Normalization, TransferSet, default_eval_split, local_path, open_transfer_set
 from shared.ensemble import COMBINE_RULES, combine_log_probs
 from shared.errors import StillroomError
 from shared.models import check_input_shape
@@ -48,7 +49,7 @@ class BuildConfig:
   eval_split: str | None = setting(
       None, "also store each member's logits on this split, so that students report their agreement with the "
             f"ensemble without running the teachers again; '{NO_EVAL}' stores none (default: 'test' if the "
-            "dataset has it; 'train' of a separate --eval-dataset)")
+            "dataset has it; with --eval-dataset, 'train' of an npz: or imagefolder: dataset, 'test' of a TFDS one)")
   teachers: tuple[str, ...] = setting((), "ensemble members", cli=False)
   combine: str = setting("arithmetic", "ensemble rule: arithmetic mean of member distributions or normalised "
                                        "geometric mean", choices=COMBINE_RULES)
@@ -60,9 +61,9 @@ class BuildConfig:
   image_size: int | None = setting(None, "crop views rendered at SxS: view 0 the centre crop, views 1.. "
                                          "random-resized crops; needed for images of varying size (default: "
                                          "shift views of the stored images)", metavar="S")
-  crop_area: tuple[float, ...] = setting((0.08, 1.0), "crop views: min,max area of a random crop, as fractions "
-                                                       "of the image", metavar="MIN,MAX")
-  crop_aspect: tuple[float, ...] = setting((3 / 4, 4 / 3), "crop views: min,max width/height of a random crop",
+  crop_area: tuple[float, ...] = setting(DEFAULT_CROP_AREA, "crop views: min,max area of a random crop, as "
+                                                              "fractions of the image", metavar="MIN,MAX")
+  crop_aspect: tuple[float, ...] = setting(DEFAULT_CROP_ASPECT, "crop views: min,max width/height of a random crop",
                                            metavar="MIN,MAX")
   folds: int = setting(1, "cross-fitted targets: each member is K runs given in fold order, run k trained with "
                           "`student-train fit --folds K --holdout-fold k`; a row takes each member's logits from "
@@ -160,9 +161,21 @@ def _make_forwards(teachers: list[Teacher], spec: CacheSpec, mesh):
           jax.jit(eval_forward, in_shardings=(params, data), out_shardings=(data, data)))
 
 
-def _open_store(config: BuildConfig, spec: CacheSpec) -> Cache | None:
+def _as_recorded_by_version_1(spec: CacheSpec, existing: CacheSpec, data: dict) -> CacheSpec:
+  """A store of stillroom <= 0.2 recorded version-1 fingerprints: where the data still matches them, the spec to
+  compare is the one it would have written. `data` maps "dataset" / "eval_dataset" to the opened transfer sets."""
+  changes = {}
+  for field, transfer_set in data.items():
+    recorded = getattr(existing, field)
+    if transfer_set is not None and recorded is not None:
+      fingerprint, version = transfer_set.as_recorded(recorded.fingerprint, recorded.fingerprint_version)
+      changes[field] = dataclasses.replace(getattr(spec, field), fingerprint=fingerprint, fingerprint_version=version)
+  return dataclasses.replace(spec, **changes) if changes else spec
+
+
+def _open_store(config: BuildConfig, spec: CacheSpec, data: dict) -> Cache | None:
   """Creates the store, or reopens one with the same build key to resume; None when it is already complete.
-  Call it holding the output's lock."""
+  `data` maps "dataset" / "eval_dataset" to the opened transfer sets. Call it holding the output's lock."""
   if config.overwrite:
     clear_for_overwrite(config.out, STORE)
   if os.path.exists(config.out) and os.listdir(config.out):
@@ -171,6 +184,7 @@ def _open_store(config: BuildConfig, spec: CacheSpec) -> Cache | None:
     except StillroomError as e:
       raise StillroomError(f"--out {config.out!r} exists and is not a usable stillroom cache ({e}); pass "
                            "--overwrite to replace it, or choose another --out.") from e
+    spec = _as_recorded_by_version_1(spec, existing.spec, data)
     differences = existing.spec.mismatches(spec)
     if differences:
       raise StillroomError(
@@ -258,7 +272,8 @@ def _eval_set(config: BuildConfig, transfer_set: TransferSet, augmentation: Augm
   if config.eval_split == NO_EVAL:
     return None
   if config.eval_dataset:
-    eval_set = open_transfer_set(config.eval_dataset, config.eval_split or "train", config.data_dir)
+    eval_set = open_transfer_set(config.eval_dataset, config.eval_split or default_eval_split(config.eval_dataset),
+                                 config.data_dir)
   elif config.eval_split is not None:
     eval_set = open_transfer_set(config.dataset, config.eval_split, config.data_dir)
   else:
@@ -301,8 +316,9 @@ def build_cache(config: BuildConfig) -> str:
     raise StillroomError(f"--views {config.views} needs image inputs; {config.dataset!r} holds flat vectors of "
                          f"shape {transfer_set.input_shape}, which take no augmentation. Use --views 1.")
   augmentation = make_augmentation(
-      transfer_set.input_shape, config.dataset, seed=config.seed, max_shift=config.max_shift, flip=config.flip,
-      image_size=config.image_size, crop_area=config.crop_area, crop_aspect=config.crop_aspect)
+      transfer_set.input_shape, transfer_set.input_dtype, config.dataset, seed=config.seed,
+      max_shift=config.max_shift, flip=config.flip, image_size=config.image_size, crop_area=config.crop_area,
+      crop_aspect=config.crop_aspect)
   eval_set = _eval_set(config, transfer_set, augmentation)
   teachers = [load_teacher(reference) for reference in config.teachers]
   if config.folds > 1:
@@ -316,7 +332,7 @@ def build_cache(config: BuildConfig) -> str:
       dtype=config.dtype, chunk_rows=config.chunk_rows, folds=config.folds, software_version=__version__,
       created_at=now_iso())
   with OutputLock(config.out, "teacher-cache build"):
-    cache = _open_store(config, spec)
+    cache = _open_store(config, spec, {"dataset": transfer_set, "eval_dataset": eval_set})
     if cache is None:
       return config.out
     _write_chunks(cache, transfer_set, eval_set, teachers, mesh, config)

@@ -133,6 +133,9 @@ def verify_cache(path: str, dataset: str | None = None, split: str | None = None
   teacher_arrays = spec.arrays_of(ROWS, "teacher")
   rederive = {"targets", "member_logits"} <= set(teacher_arrays)
   crops = spec.augmentation.kind == "crop"
+  box_failures: list[int] = []
+  # Every example's (height, width), read once from the file headers (or records), for replaying crop boxes.
+  sizes = transfer_set.image_sizes(np.arange(len(transfer_set))) if crops and transfer_set is not None else None
   for chunk in range(spec.num_chunks):
     arrays = read(chunk, row_arrays, ROWS)
     if arrays is None:
@@ -150,10 +153,16 @@ def verify_cache(path: str, dataset: str | None = None, split: str | None = None
     index = expected_index[position]
     consistent = ((arrays["view"] == view) & (arrays["index"] == index)
                   & (arrays["fold"] == fold_of(index, spec.folds)))
-    if crops and transfer_set is None:  # A crop box depends on the image's size: only its flip replays without it.
-      params = {"flip": spec.augmentation.view_params(index, view, np.ones((len(index), 2), np.int64))["flip"]}
+    if crops:  # A crop box depends on the image's size: without the dataset, only its flip replays.
+      params = spec.augmentation.view_params(index, view, np.ones((len(index), 2), np.int64) if sizes is None
+                                             else sizes[position])
+      if sizes is not None:
+        wrong_box = (arrays["crop"] != params["crop"]).any(axis=1)
+        if wrong_box.any():
+          box_failures.append(start + int(np.argmax(wrong_box)))
+      params = {"flip": params["flip"]}
     else:
-      params = spec.augmentation.view_params(index, view, transfer_set.image_sizes(position) if crops else None)
+      params = spec.augmentation.view_params(index, view)
     for name, values in params.items():
       consistent &= (arrays[name] == values).reshape(len(index), -1).all(axis=1)
     if not consistent.all():
@@ -187,11 +196,14 @@ def verify_cache(path: str, dataset: str | None = None, split: str | None = None
     checks.append(Check("targets re-derived from member_logits", not target_failures,
                         f"max abs error {worst_target_error:.3g}"
                         + (f"; first bad rows {_listed(target_failures)}" if target_failures else "")))
-  replayed = "/".join(("index", "view", *spec.augmentation.param_names, "fold"))
+  replayed = "/".join(("index", "view", *(name for name in spec.augmentation.param_names if name != "crop"), "fold"))
   checks.append(Check(f"rows' {replayed} replay from the seed", not row_failures,
-                      f"first bad rows {_listed(row_failures)}" if row_failures else
-                      ("crop boxes not checked: they need the dataset's image sizes" if crops and transfer_set is None
-                       else "")))
+                      f"first bad rows {_listed(row_failures)}" if row_failures else ""))
+  if crops:
+    checks.append(Check("rows' crop boxes replay from the seed and the image sizes", None,
+                        "not checked: they need the dataset's image sizes") if sizes is None else Check(
+        "rows' crop boxes replay from the seed and the image sizes", not box_failures,
+        f"first bad rows {_listed(box_failures)}" if box_failures else ""))
   if spec.eval_dataset is not None:
     checks.append(Check("eval rows' index replays from the eval split", not eval_failures,
                         f"first bad eval rows {_listed(eval_failures)}" if eval_failures else ""))
