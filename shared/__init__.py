@@ -1,6 +1,6 @@
 """stillroom's common package: data, augmentation, models, run dirs, the cache format, ensembles, losses."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 from shared.augment import Augmentation, apply_view
 from shared.cache import LAYOUT, Cache, CacheSpec, MemberSpec, open_cache

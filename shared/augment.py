@@ -106,7 +106,8 @@ class Augmentation:
     if self.kind == "shift":  # Shift views as stillroom 0.2 recorded them.
       for name in ("image_size", "crop_area", "crop_aspect"):
         del d[name]
-    else:
+    else:  # Crops take no shift.
+      del d["max_shift"]
       d.update(crop_area=list(self.crop_area), crop_aspect=list(self.crop_aspect))
     return d
 
@@ -270,7 +271,7 @@ def make_augmentation(input_shape: tuple, input_dtype, dataset: str, *, seed: in
   elif np.dtype(input_dtype) != np.uint8:
     raise StillroomError(f"--image-size renders uint8 images; {dataset!r} stores {np.dtype(input_dtype)}. Without "
                          "--image-size its images are used at their stored size.")
-  return Augmentation(seed=seed, max_shift=max_shift, flip=flip, image_size=image_size,
+  return Augmentation(seed=seed, max_shift=max_shift if image_size is None else 0, flip=flip, image_size=image_size,
                       crop_area=tuple(float(v) for v in crop_area), crop_aspect=tuple(float(v) for v in crop_aspect))
 
 

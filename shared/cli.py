@@ -36,3 +36,10 @@ def run_or_exit(prog: str, command: Callable[[], None]) -> None:
   except KeyboardInterrupt:
     print(f"{prog}: interrupted; run the same command again to resume.", file=sys.stderr)
     sys.exit(130)
+  except Exception as e:  # pylint: disable=broad-except
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    # The device (or host) ran out of memory: a routine failure with a known remedy, not a bug.
+    print(f"{prog}: error: out of memory ({str(e).splitlines()[0][:200]}); lower --batch-size (or --image-size).",
+          file=sys.stderr)
+    sys.exit(2)

@@ -200,6 +200,8 @@ class TfdsSource:
       self._files = []
     self._memory: ArraySource | None = None
     self._label_source = None
+    label = builder.info.features[self.label_key] if labeled else None
+    self.class_names = tuple(label.names) if getattr(label, "names", None) else None
 
   def __len__(self) -> int:
     return self._count
@@ -279,6 +281,13 @@ class TfdsSource:
     return out
 
 
+def _png_bit_depth(path: str) -> int:
+  """The bit depth in a PNG's IHDR chunk (byte 24 of the file)."""
+  with open(path, "rb") as f:
+    header = f.read(25)
+  return header[24] if len(header) == 25 else 8
+
+
 class ImageFolderSource:
   """`imagefolder:DIR`: image files listed once in sorted order, decoded to RGB uint8 [H, W, 3] when read."""
 
@@ -287,6 +296,7 @@ class ImageFolderSource:
     self.name, self.root, self.files, self.sizes = name, root, files, sizes
     self._labels, self.classes = labels, classes
     self.labeled = bool(classes)
+    self.class_names = tuple(classes) or None
     self.shape, self.dtype = (None, None, 3), np.dtype(np.uint8)
 
   def __len__(self) -> int:
@@ -298,9 +308,14 @@ class ImageFolderSource:
     path = os.path.join(self.root, self.files[key])
     try:
       with Image.open(path) as image:
+        deep = None
         if image.mode in UNSUPPORTED_MODES:
-          raise StillroomError(f"dataset {self.name!r}: example index {key} ({path}) is a {image.mode} image "
-                               f"({UNSUPPORTED_MODES[image.mode]}); imagefolder: reads 8-bit images.")
+          deep = f"a {image.mode} image ({UNSUPPORTED_MODES[image.mode]})"
+        elif image.format == "PNG" and _png_bit_depth(path) == 16:  # PIL opens these as 8-bit RGB(A).
+          deep = f"a 16-bit {image.mode} image"
+        if deep:
+          raise StillroomError(f"dataset {self.name!r}: example index {key} ({path}) is {deep}; imagefolder: reads "
+                               "8-bit images.")
         return use(image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
       raise StillroomError(f"dataset {self.name!r}: cannot decode example index {key} ({path}): {e}") from e
@@ -384,6 +399,11 @@ class TransferSet:
   @property
   def labeled(self) -> bool:
     return self.source.labeled
+
+  @property
+  def class_names(self) -> tuple[str, ...] | None:
+    """The classes' names in class-id order (`imagefolder:` folders, TFDS ClassLabel names), or None."""
+    return getattr(self.source, "class_names", None)
 
   def read(self, positions: np.ndarray):
     """Reads examples by position in this transfer set (0..N-1), checking them.
@@ -525,6 +545,26 @@ class TransferSet:
                        input_dtype=self.input_dtype.name, num_classes=self.num_classes, labeled=self.labeled)
 
 
+def check_same_classes(eval_set: TransferSet, transfer_set: TransferSet, num_classes: int, what: str) -> None:
+  """An eval set's class ids must mean the transfer set's: the same class names where both have them (an image
+  folder with a class more or less shifts every id), and no label beyond the model's `num_classes`.
+
+  Raises:
+    StillroomError: naming both datasets and the first difference.
+  """
+  ours, theirs = transfer_set.class_names, eval_set.class_names
+  if ours is not None and theirs is not None and ours != theirs:
+    first = next((k for k in range(min(len(ours), len(theirs))) if ours[k] != theirs[k]), min(len(ours), len(theirs)))
+    name = lambda names: names[first] if first < len(names) else "(none)"  # noqa: E731
+    raise StillroomError(
+        f"{what} {eval_set.name!r} has {len(theirs)} classes, {transfer_set.name!r} {len(ours)}: class id {first} is "
+        f"{name(theirs)!r} there and {name(ours)!r} here, so their labels would not line up. Give both the same "
+        "classes (the same class folders).")
+  if eval_set.labeled and eval_set.num_classes is not None and eval_set.num_classes > num_classes:
+    raise StillroomError(f"{what} {eval_set.name!r} has {eval_set.num_classes} classes, more than the "
+                         f"{num_classes} the models output.")
+
+
 def _parse_split(split: str, split_sizes: dict[str, int], dataset: str) -> tuple[str, np.ndarray, str]:
   """Parses a TFDS split spec against the sizes of the unsliced splits.
 
@@ -594,11 +634,13 @@ def _list_image_folder(name: str) -> tuple[ImageFolderSource, int | None]:
     entries = sorted((e for e in entries if not e.name.startswith(".")), key=lambda e: e.name)
   classes = [e.name for e in entries if e.is_dir()]
   loose = [e.name for e in entries if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
+  others = [e.name for e in entries if e.is_file() and not e.name.lower().endswith(IMAGE_EXTENSIONS)]
   if classes and loose:
     raise StillroomError(f"dataset {name!r}: {root!r} holds both class folders ({', '.join(classes[:3])}, ...) and "
                          f"image files ({loose[0]}, ...); put every image in its class folder, or use a folder of "
                          "images only for an unlabeled set.")
-  files, sizes, labels, skipped, empty = [], [], [], [], []
+  files, sizes, labels, empty = [], [], [], []
+  skipped = others if classes else []
 
   def walk(folder: str, relative: str, label: int) -> int:
     found = 0

@@ -22,7 +22,7 @@ examples:
   student-train fit --model cnn-large --dataset digits --augment --dropout 0.2 --out runs/teacher0
   student-train fit --model mlp-small --cache digits.zarr --alpha 0.1 --finetune-epochs 5 --out runs/student
   student-train eval runs/teacher0 runs/teacher1 --dataset digits --split test
-  student-train fit --model cnn-small --dataset imagefolder:shapes/train --eval-dataset imagefolder:shapes/test \
+  student-train fit --model cnn-small --dataset imagefolder:shapes/train --eval-dataset imagefolder:shapes/test \\
       --image-size 32 --augment --flip --out runs/shapes_teacher0
 """
 

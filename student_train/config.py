@@ -153,6 +153,11 @@ def validate_config(config: FitConfig, prefix: str = "") -> None:
                          "its own views.")
   if config.flip and not config.augment:
     raise StillroomError("--flip adds flips to --augment's views; give --augment too.")
+  if config.image_size is not None and config.max_shift != FitConfig.max_shift:
+    raise StillroomError("--max-shift shapes shifted views; crop views (--image-size) take no shift.")
+  if config.image_size is not None and not config.augment and \
+      (tuple(config.crop_area), tuple(config.crop_aspect)) != (DEFAULT_CROP_AREA, DEFAULT_CROP_ASPECT):
+    raise StillroomError("--crop-area/--crop-aspect shape --augment's random crops; give --augment too.")
   if config.epochs + config.finetune_epochs < 1:
     raise StillroomError("--epochs and --finetune-epochs must be >= 0 with at least one epoch in all.")
   if not config.out:

@@ -53,7 +53,7 @@ class DemoConfig:
                                          "caches hold crop views (see `teacher-cache build --image-size`)",
                                    metavar="S")
   shapes: bool = setting(False, "the natural-image demo: write the shapes image set (scripts/make_shapes.py) into "
-                                "--work-dir/shapes, and compare crop soft labels with hard labels for the same "
+                                "--work-dir/shapes/data, and compare crop soft labels with hard labels for the same "
                                 "student and epochs; results in --results-dir/shapes (a preset that sets the stage "
                                 "settings: image size 32, cnn-small teachers on random-resized crops, 4 crop views, "
                                 "mlp-small students for 30 epochs, no cross-fitting or fraction arms)")
@@ -289,7 +289,8 @@ def _shapes_preset(config: DemoConfig) -> DemoConfig:
        "teachers, 30 epochs on random-resized crops at 32x32; 4 crop views; mlp-small students, 30 epochs")
   return dataclasses.replace(
       config, work_dir=work, results_dir=results, dataset=f"imagefolder:{root}/train", train_split="train",
-      eval_dataset=f"imagefolder:{root}/test", test_split="train", image_size=config.image_size or 32, folds=1, label_fraction=1.0,
+      eval_dataset=f"imagefolder:{root}/test", test_split="train", image_size=config.image_size or 32, folds=1,
+      label_fraction=1.0,
       teacher=dataclasses.replace(config.teacher, model="cnn-small", epochs=30, dropout=0.0, batch_size=64),
       build=dataclasses.replace(config.build, views=4, flip=True, **crop),
       student=dataclasses.replace(config.student, model="mlp-small", epochs=30, finetune_epochs=0, batch_size=256,
@@ -356,13 +357,15 @@ def format_table(results: dict) -> str:
   """The results as Markdown tables (accuracy on the test split; students mean ± std over seeds)."""
   config = results["config"]
   student = config["student"]
-  lines = [f"Dataset `{config['dataset']}` ({config['train_split']} -> "
-           f"{(config.get('eval_dataset') or '') + ' '}{config['test_split']}); teachers "
+  tested = config["test_split"] if not config.get("eval_dataset") else \
+      f"`{config['eval_dataset']}` {config['test_split']}"
+  where = config["test_split"] if not config.get("eval_dataset") else "the eval dataset"
+  lines = [f"Dataset `{config['dataset']}` ({config['train_split']} -> {tested}); teachers "
            f"{config['teachers']} x `{results['teacher_model']}`, {results['views']} views, "
            f"T={config['build']['temperature']:g}, alpha={student['alpha']:g}; student `{student['model']}`, "
            f"{student['epochs']} + {student['finetune_epochs']} fine-tune epochs (batch "
            f"{student['batch_size']}, lr {student['lr']:g}), {config['seeds']} paired seeds.", "",
-           f"| model | accuracy on {config['test_split']} | gap closed | paired gain vs scratch |",
+           f"| model | accuracy on {where} | gap closed | paired gain vs scratch |",
            "|---|---|---|---|"]
   for name, accuracy in results["teachers"].items():
     lines.append(f"| {name} | {100 * accuracy:.2f}% | | |")
@@ -375,7 +378,7 @@ def format_table(results: dict) -> str:
   if results["label_fraction"]:
     lines += ["", f"With {config['label_fraction']:.0%} of the examples (all their views), "
               f"{config['fraction_epochs']} epochs; soft targets at T={config['fraction_temperature']:g}, alpha=0:",
-              "", f"| student | accuracy on {config['test_split']} | paired gain vs hard labels | "
+              "", f"| student | accuracy on {where} | paired gain vs hard labels | "
               "gain > 2 × larger std |",
               "|---|---|---|---|"]
     for name, arm in results["label_fraction"].items():

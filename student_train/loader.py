@@ -22,6 +22,7 @@ import numpy as np
 from shared.augment import Augmentation
 from shared.cache import ROWS, Cache
 from shared.data import TransferSet
+from shared.errors import StillroomError
 from shared.parallel import pad_rows
 from student_train.config import DEFAULT_SHUFFLE_WINDOW
 
@@ -68,9 +69,27 @@ def _render(transfer_set: TransferSet, augmentation: Augmentation) -> Callable[[
       batch["x"], _ = augmentation.render_views(inputs, rows["index"], rows["view"])
       batch["labels"] = labels.astype(np.int32)
     else:
+      if augmentation.kind == "crop":
+        _check_boxes(rows["crop"], inputs, rows["index"])
       batch["x"] = augmentation.render(inputs, {name: rows[name] for name in augmentation.param_names})
     return batch
   return render
+
+
+def _check_boxes(boxes: np.ndarray, images: list, index: np.ndarray) -> None:
+  """A stored crop box must lie inside its image: one that does not means the image changed since the cache was
+  built, in a way the fingerprint's sample did not see.
+
+  Raises:
+    StillroomError: naming the example.
+  """
+  sizes = np.array([image.shape[:2] for image in images]).reshape(-1, 2)
+  outside = (boxes[:, 0] + boxes[:, 2] > sizes[:, 0]) | (boxes[:, 1] + boxes[:, 3] > sizes[:, 1])
+  if outside.any():
+    k = int(np.argmax(outside))
+    raise StillroomError(f"example index {int(index[k])} is {sizes[k, 0]}x{sizes[k, 1]} pixels, but its cached crop "
+                         f"box {boxes[k].tolist()} does not fit in it: the image changed after the cache was built. "
+                         "Rebuild the cache (or restore the data).")
 
 
 def prefetch(iterator: Iterator, size: int = PREFETCH_BATCHES) -> Iterator:

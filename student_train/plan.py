@@ -16,7 +16,8 @@ from flax import nnx
 
 from shared.augment import Augmentation, fold_of, make_augmentation
 from shared.cache import Cache, open_cache
-from shared.data import FINGERPRINT_VERSION, NO_EVAL, Normalization, TransferSet, default_eval_split, local_path, open_transfer_set
+from shared.data import (FINGERPRINT_VERSION, NO_EVAL, Normalization, TransferSet, check_same_classes,
+                         default_eval_split, local_path, open_transfer_set)
 from shared.ensemble import member_weights
 from shared.errors import StillroomError
 from shared.parallel import cap_batch
@@ -188,7 +189,13 @@ def plan_run(config: FitConfig, opened: Opened | None = None) -> RunPlan:
     recorded = cache.spec.dataset
     dataset = config.dataset or recorded.name
     split = config.split or (recorded.split if not config.dataset else "train")
-    transfer_set = opened.transfer_set(dataset, split, config.data_dir)
+    try:
+      transfer_set = opened.transfer_set(dataset, split, config.data_dir)
+    except StillroomError as e:
+      if config.dataset:
+        raise
+      raise StillroomError(f"{e} (the dataset the cache {config.cache!r} records; if it has moved, give --dataset "
+                           "and --split, and --data-dir for TFDS data)") from e
     if not transfer_set.matches(recorded):
       raise StillroomError(
           f"dataset {dataset!r} split {split!r} (fingerprint {transfer_set.fingerprint[:16]}…) is not the data the "
@@ -240,7 +247,9 @@ def plan_run(config: FitConfig, opened: Opened | None = None) -> RunPlan:
   if batch_size < config.batch_size:
     _log(f"--batch-size {config.batch_size} is more than the {rows:,} rows of an epoch: batches of {batch_size}")
     config = dataclasses.replace(config, batch_size=batch_size)
-  eval_set = _eval_set(config, transfer_set, opened)
+  eval_set = _eval_set(config, transfer_set, cache, opened)
+  if eval_set is not None:
+    check_same_classes(eval_set, transfer_set, num_classes, "eval dataset")
   if eval_set is not None and (augmentation.output_shape(eval_set.input_shape) != input_shape
                                or (augmentation.kind == "shift" and not eval_set.fixed_shape)):
     raise StillroomError(f"eval split {eval_set.name} {eval_set.split!r} has inputs of shape {eval_set.input_shape}, "
@@ -250,9 +259,15 @@ def plan_run(config: FitConfig, opened: Opened | None = None) -> RunPlan:
                  augmentation=augmentation)
 
 
-def _eval_set(config: FitConfig, transfer_set: TransferSet, opened: Opened) -> TransferSet | None:
+def _eval_set(config: FitConfig, transfer_set: TransferSet, cache: Cache | None, opened: Opened) -> TransferSet | None:
+  """The per-epoch evaluation data: as asked; else the eval split the cache stores teacher logits on; else the
+  dataset's `test` split when it has one."""
   if config.eval_split == NO_EVAL:
     return None
+  recorded = None if cache is None else cache.spec.eval_dataset
+  if recorded is not None and not config.eval_dataset and not config.eval_split:
+    same = recorded.name == cache.spec.dataset.name  # A --dataset given for a moved dataset stands for both.
+    return opened.transfer_set(transfer_set.name if same else recorded.name, recorded.split, config.data_dir)
   if config.eval_dataset or config.eval_split:
     return opened.transfer_set(config.eval_dataset or transfer_set.name,
                                config.eval_split or default_eval_split(config.eval_dataset), config.data_dir)

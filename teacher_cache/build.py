@@ -26,7 +26,8 @@ from shared.augment import (DEFAULT_CROP_AREA, DEFAULT_CROP_ASPECT, Augmentation
 from shared.cache import (COMPLETE_KEY, EVAL_ROWS, ROWS, SPEC_KEY, STORAGE_DTYPES, Cache, CacheSpec, MemberSpec,
                           committed_name, create_arrays, integrity_problems, missing_chunks, now_iso, open_cache,
                           uncommitted_chunks, validate_settings, writable)
-from shared.data import NO_EVAL, Normalization, TransferSet, default_eval_split, local_path, open_transfer_set
+from shared.data import (NO_EVAL, Normalization, TransferSet, check_same_classes, default_eval_split, local_path,
+                         open_transfer_set)
 from shared.ensemble import COMBINE_RULES, combine_log_probs
 from shared.errors import StillroomError
 from shared.models import check_input_shape
@@ -88,6 +89,13 @@ def _member_specs(teachers: list[Teacher], transfer_set: TransferSet, input_shap
   for teacher in teachers:
     normalization = teacher.normalization or transfer_set.normalization
     what = f"teacher {teacher.name!r} ({teacher.model})"
+    trained_on = None if teacher.record is None else tuple(teacher.record.model.input_shape)
+    if trained_on is not None and trained_on != tuple(input_shape):
+      rendered = tuple(transfer_set.input_shape) != tuple(input_shape)
+      raise StillroomError(f"{what} takes inputs of shape {trained_on}, but "
+                           + (f"the views are rendered at {tuple(input_shape)} (--image-size {input_shape[0]}); build "
+                              "with the --image-size it was trained at." if rendered else
+                              f"{transfer_set.name!r} holds inputs of shape {tuple(input_shape)}."))
     out = check_input_shape(teacher.apply_fn, teacher.params, input_shape, what, batch_size)
     if teacher.digest in digests:
       raise StillroomError(f"teachers {digests[teacher.digest]!r} and {teacher.source!r} have the same parameters; "
@@ -315,6 +323,8 @@ def build_cache(config: BuildConfig) -> str:
   if config.views > 1 and len(transfer_set.input_shape) < 2:
     raise StillroomError(f"--views {config.views} needs image inputs; {config.dataset!r} holds flat vectors of "
                          f"shape {transfer_set.input_shape}, which take no augmentation. Use --views 1.")
+  if config.image_size is not None and config.max_shift != BuildConfig.max_shift:
+    raise StillroomError("--max-shift shapes shift views; crop views (--image-size) take no shift.")
   augmentation = make_augmentation(
       transfer_set.input_shape, transfer_set.input_dtype, config.dataset, seed=config.seed,
       max_shift=config.max_shift, flip=config.flip, image_size=config.image_size, crop_area=config.crop_area,
@@ -325,6 +335,8 @@ def build_cache(config: BuildConfig) -> str:
     _check_folds(teachers, config.folds)
   members, num_classes = _member_specs(teachers, transfer_set, augmentation.output_shape(transfer_set.input_shape),
                                        config.batch_size)
+  if eval_set is not None:
+    check_same_classes(eval_set, transfer_set, num_classes, "eval dataset")
   spec = CacheSpec(
       temperature=float(config.temperature), combine=config.combine, members=tuple(members),
       dataset=transfer_set.describe(), eval_dataset=None if eval_set is None else eval_set.describe(),

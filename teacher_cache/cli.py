@@ -70,8 +70,10 @@ def _print_info(info: dict) -> None:
         f"inputs {tuple(data['input_shape'])} {data['input_dtype']}, "
         f"{'labelled' if data['labeled'] else 'unlabelled'}, fingerprint {data['fingerprint'][:16]}…")
   aug = spec["augmentation"]
+  views = (f"crop views at {aug['image_size']}x{aug['image_size']}, area {aug['crop_area']}, aspect "
+           f"{[round(v, 3) for v in aug['crop_aspect']]}" if aug.get("image_size") else f"max shift {aug['max_shift']}")
   print(f"rows         {info['rows']} = {data['count']} examples x {spec['views']} views "
-        f"(seed {aug['seed']}, max shift {aug['max_shift']}, flip {aug['flip']}); chunk rows {spec['chunk_rows']}, "
+        f"(seed {aug['seed']}, {views}, flip {aug['flip']}); chunk rows {spec['chunk_rows']}, "
         f"examples in {spec['row_order']} order")
   print(f"targets      {spec['combine']} mean at T={spec['temperature']:g}, {spec['num_classes']} classes, "
         f"{spec['dtype']}; stillroom {spec['software_version']}, created {spec['created_at']}")

@@ -659,7 +659,8 @@ def _(env, tmp_path, mp):
 @fault("a teacher for other inputs")
 def _(env, tmp_path, mp):
   return (cache_main, _build(env, tmp_path / "c.zarr", teachers=[env.flat_teacher]), 2,
-          r"teacher 'flat_teacher' \(mlp-small\) cannot take inputs of shape \(8, 8, 1\)", [Absent(tmp_path / "c.zarr")])
+          r"teacher 'flat_teacher' \(mlp-small\) takes inputs of shape \(6,\), but 'digits' holds inputs of shape "
+          r"\(8, 8, 1\)", [Absent(tmp_path / "c.zarr")])
 
 
 @pytest.mark.parametrize("name", list(FAULTS))

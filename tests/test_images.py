@@ -1,6 +1,7 @@
 """Natural-image transfer sets: imagefolder:, lazy TFDS sources of varying size, crop views, fingerprint v2."""
 
 import json
+import re
 import os
 import shutil
 
@@ -392,3 +393,77 @@ def test_verify_without_the_dataset_leaves_crop_boxes_unchecked(tmp_path, shapes
   checks = {c.name: c for c in verify_cache(out)}
   assert checks["rows' crop boxes replay from the seed and the image sizes"].ok is None
   assert checks["rows' index/view/flip/fold replay from the seed"].ok is True
+
+
+def test_eval_data_whose_classes_differ_is_refused(tmp_path, shapes, capsys):
+  from student_train.cli import main as student_main
+  from teacher_cache.cli import main as cache_main
+  teacher = conftest.make_teacher(tmp_path / "t", input_shape=(8, 8, 3), normalization={"shift": 0.0, "scale": 255.0})
+  extra, missing = tmp_path / "extra", tmp_path / "missing"
+  shutil.copytree(f"{shapes}/test", extra)
+  shutil.copytree(f"{shapes}/test/bar", extra / "zzz")
+  shutil.copytree(f"{shapes}/test", missing)
+  shutil.rmtree(missing / "bar")
+  for folder, message in ((extra, "has 11 classes, .* 10: class id 10 is 'zzz' there and '\\(none\\)' here"),
+                          (missing, "has 9 classes, .* 10: class id 0 is 'circle' there and 'bar' here")):
+    code, _, err = conftest.run_cli(cache_main, [
+        "build", "--dataset", f"imagefolder:{shapes}/train", "--eval-dataset", f"imagefolder:{folder}",
+        "--image-size", 8, "--teacher", teacher, "--out", tmp_path / "c.zarr", "--no-progress"], capsys)
+    assert code == 2 and re.search(message, err) and not os.path.exists(tmp_path / "c.zarr"), err
+    code, _, err = conftest.run_cli(student_main, [
+        "fit", "--dataset", f"imagefolder:{shapes}/train", "--eval-dataset", f"imagefolder:{folder}",
+        "--image-size", 8, "--model", "mlp-tiny", "--out", tmp_path / "r"], capsys)
+    assert code == 2 and re.search(message, err) and not os.path.exists(tmp_path / "r"), err
+
+
+def test_a_student_of_an_imagefolder_cache_evaluates_where_the_cache_stores_teacher_logits(tmp_path, shapes):
+  from student_train.train import FitConfig, fit
+  teacher = conftest.make_teacher(tmp_path / "t", input_shape=(8, 8, 3), normalization={"shift": 0.0, "scale": 255.0})
+  out = str(tmp_path / "c.zarr")
+  build_cache(BuildConfig(dataset=f"imagefolder:{shapes}/train", eval_dataset=f"imagefolder:{shapes}/test",
+                          teachers=(teacher,), image_size=8, views=2, out=out, progress=False))
+  final = fit(FitConfig(cache=out, model="mlp-tiny", epochs=1, out=str(tmp_path / "s"), progress=False),
+              log_epochs=False)
+  assert final["eval_count"] == 30 and "eval_teacher_agreement" in final
+  # A crop box that no longer fits its image (the image changed after the build) is named, not rendered.
+  cache = open_cache(out, mode="r+")
+  writable(cache.group, "crop")[0] = np.array([0, 0, 1000, 5], np.int32)
+  index = int(cache["index"][0])
+  with pytest.raises(StillroomError, match=f"example index {index} is .* but its cached crop box .* does not fit"):
+    list(CacheLoader(open_cache(out), open_transfer_set(f"imagefolder:{shapes}/train"), batch_size=16, seed=0,
+                     fields=("targets",)).epoch(0))
+
+
+def test_deep_png_shift_options_with_crops_and_out_of_memory_are_one_line_errors(tmp_path, shapes, capsys):
+  from shared.cli import run_or_exit
+  from student_train.cli import main as student_main
+  root = tmp_path / "deep" / "a"
+  os.makedirs(root)
+  rgb = np.random.default_rng(0).integers(0, 65535, size=(4, 5, 3), dtype=np.uint16)
+  with open(root / "0.png", "wb") as f:  # A 16-bit RGB PNG, which PIL would open as 8-bit RGB.
+    import zlib
+    import struct
+    raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in rgb)
+
+    def chunk(kind, data):
+      return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 5, 4, 16, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+  assert Image.open(root / "0.png").mode == "RGB"
+  with pytest.raises(StillroomError, match=r"example index 0 \(.*0.png\) is a 16-bit RGB image"):
+    open_transfer_set(f"imagefolder:{tmp_path / 'deep'}").read(np.array([0]))
+  code, _, err = conftest.run_cli(student_main, [
+      "fit", "--dataset", f"imagefolder:{shapes}/train", "--image-size", 8, "--max-shift", 2, "--augment",
+      "--out", tmp_path / "r"], capsys)
+  assert code == 2 and "crop views (--image-size) take no shift" in err, err
+  code, _, err = conftest.run_cli(student_main, [
+      "fit", "--dataset", f"imagefolder:{shapes}/train", "--image-size", 8, "--crop-area", "0.5,1",
+      "--out", tmp_path / "r"], capsys)
+  assert code == 2 and "give --augment too" in err, err
+
+  def exhausted():
+    raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.2 TiB.\nmore")
+  with pytest.raises(SystemExit) as e:
+    run_or_exit("student-train", exhausted)
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and err.count("\n") == 1 and "out of memory (RESOURCE_EXHAUSTED" in err, err
