@@ -467,3 +467,24 @@ def test_deep_png_shift_options_with_crops_and_out_of_memory_are_one_line_errors
     run_or_exit("student-train", exhausted)
   err = capsys.readouterr().err
   assert e.value.code == 2 and err.count("\n") == 1 and "out of memory (RESOURCE_EXHAUSTED" in err, err
+
+
+def test_a_large_fixed_shape_tfds_split_stays_lazy_and_eval_splits_default_alike(tmp_path, monkeypatch):
+  import shared.data
+  from shared.data import default_eval_split
+  from test_data import TinyImages
+  TinyImages(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  monkeypatch.setattr(shared.data, "SMALL_SPLIT_BYTES", 100)  # 40 examples of 48 bytes: "large" here.
+  read = []
+  original = TfdsSource._records
+  monkeypatch.setattr(TfdsSource, "_records", lambda self, keys: read.extend(keys) or original(self, keys))
+  data = open_transfer_set("tiny_images", "train", str(tmp_path))
+  inputs, labels = data.read(np.array([3, 1]))
+  assert read == [3, 1] and inputs.shape == (2, 4, 4, 3)
+  np.testing.assert_array_equal(labels, inputs[:, 0, 0, 0] % 5)
+  read.clear()
+  np.testing.assert_array_equal(data.labels[[3, 1]], labels)  # Labels come without decoding the images.
+  assert read == []
+  # Build and fit take the same eval split when given only --eval-dataset.
+  assert default_eval_split("imagefolder:/x") == default_eval_split("npz:/x.npz") == "train"
+  assert default_eval_split("mnist") == default_eval_split(None) == "test"
