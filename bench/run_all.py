@@ -201,7 +201,12 @@ def peak_rss(tmp: str, sizes_mb: list[int], classes: int, members: int) -> dict:
     result = subprocess.run(
         [sys.executable, "-c", code, "fit", "--model", "mlp-tiny", "--cache", cache, "--epochs", "1",
          "--batch-size", "256", "--no-progress", "--out", os.path.join(tmp, f"rss_run{size}")],
-        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": REPO}, check=True)
+        capture_output=True, text=True, env={
+            **os.environ, "PYTHONPATH": os.pathsep.join([REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
+            # On a GPU this process already holds most of the memory JAX preallocates.
+            "XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
+    if result.returncode:
+      raise RuntimeError(f"student-train fit failed ({result.returncode}): {result.stderr[-2000:]}")
     rss_kb = int(result.stderr.split("RSS_KB")[-1].split()[0])
     store = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(cache) for f in fs)
     points.append({"cache_mb": store / 1e6, "rows": rows, "peak_rss_mb": rss_kb / 1024})

@@ -5,6 +5,7 @@ import re
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -213,7 +214,9 @@ def test_crop_cache_replays_the_teachers_view_for_the_student(tmp_path, shapes):
   batch = next(iter(loader.epoch(0)))
   members = [load_teacher(t) for t in teachers]
   logits = np.stack([np.asarray(m.apply_fn(m.params, batch["x"].astype(np.float32) / 255)) for m in members], 1)
-  np.testing.assert_allclose(logits, batch["member_logits"], rtol=1e-5, atol=1e-5)
+  # Equal up to float32 rounding on CPU; GPUs run float32 convolutions and matmuls in TF32 by default.
+  tolerance = 1e-5 if jax.default_backend() == "cpu" else 2e-2
+  np.testing.assert_allclose(logits, batch["member_logits"], rtol=tolerance, atol=tolerance)
   assert (batch["x"].shape == (32, 16, 16, 3))
 
 
