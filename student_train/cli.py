@@ -33,7 +33,7 @@ _FIT_GROUPS = {
         "flip", "image_size", "crop_area", "crop_aspect", "eval_dataset", "eval_split", "shuffle_window"),
     "distillation (with --cache)": ("loss", "alpha", "temperature", "combine", "members", "finetune_epochs"),
     "optimisation": ("epochs", "batch_size", "lr", "finetune_lr", "weight_decay", "dropout", "seed", "data_seed"),
-    "run": ("model", "out", "checkpoint_every", "overwrite", "progress"),
+    "run": ("model", "out", "checkpoint_every", "checkpoint_every_steps", "overwrite", "progress"),
 }
 # Fit options a sweep does not take: its own --out and --cache, per-point seeds, and hard-label-only settings.
 _NOT_IN_SWEEP = ("out", "cache", "seed", "overwrite", "folds", "holdout_fold", "augment", "max_shift", "flip",

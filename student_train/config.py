@@ -77,13 +77,16 @@ class FitConfig:
                                                   "vocabularies")
   checkpoint_every: int = setting(1, "epochs between checkpoints, the last epoch always included; raise it for "
                                      "runs of many short epochs, where saving dominates", metavar="EPOCHS")
+  checkpoint_every_steps: int | None = setting(
+      None, "also checkpoint every N steps within an epoch (its position, state and partial metrics): a run killed "
+            "mid-epoch resumes from there, computing what an uninterrupted run does", metavar="STEPS")
   overwrite: bool = setting(False, "replace a run dir holding another config")
   progress: bool = setting(True, "progress bars")
 
 
 # Settings that do not change what a run computes; a resumed run may differ in them. (Where the run dir and the
 # cache are does not either: the cache is identified by its build key.)
-NOT_IDENTITY = ("overwrite", "progress", "data_dir", "checkpoint_every", "out", "cache")
+NOT_IDENTITY = ("overwrite", "progress", "data_dir", "checkpoint_every", "checkpoint_every_steps", "out", "cache")
 # Settings that students trained together in one vmapped step may differ in (the rest is their shared stream;
 # `data_seed` defaults to `seed`, so students of different seeds share a stream only with one --data-seed).
 GROUP_VARYING = ("seed", "temperature", "alpha", "loss", "combine", "members", "out")
@@ -108,6 +111,7 @@ CHECKS = {
     "dropout": lambda v: 0.0 <= v < 1.0 or "must be in [0, 1)",
     "shuffle_window": lambda v: v >= 1 or "must be >= 1 chunk",
     "checkpoint_every": lambda v: v >= 1 or "must be >= 1 epoch",
+    "checkpoint_every_steps": lambda v: v is None or v >= 1 or "must be >= 1 step",
     "folds": lambda v: v >= 1 or "must be >= 1",
     "seed": seed_check,
     "data_seed": lambda v: v is None or seed_check(v),

@@ -12,6 +12,7 @@ build stores each view's examples in a seeded permuted order (`CacheSpec.row_sou
 uniform sample, even of a dataset sorted by class.
 """
 
+import itertools
 import math
 import queue
 import threading
@@ -171,12 +172,14 @@ class CacheLoader:
       window["position"] = self.transfer_set.positions(window["index"])
       yield window
 
-  def epoch(self, epoch: int) -> Iterator[dict]:
-    """The batches of one epoch (rendered in a background thread)."""
+  def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
+    """The batches of one epoch (rendered in a background thread), from batch `start_step` on: the batches before
+    it are drawn, so the rest are those of the whole epoch, but not rendered."""
     rng = _epoch_rng(self.seed, epoch)
     order = rng.permutation(self.cache.spec.num_chunks)  # Block-level shuffle.
     render = _render(self.transfer_set, self.cache.spec.augmentation)
-    return prefetch(render(rows) for rows in _batches(self._windows(order), self.batch_size, rng))
+    rows = itertools.islice(_batches(self._windows(order), self.batch_size, rng), start_step, None)
+    return prefetch(render(batch) for batch in rows)
 
 
 class ArrayLoader:
@@ -197,10 +200,12 @@ class ArrayLoader:
   def steps_per_epoch(self) -> int:
     return math.ceil(self.num_rows / self.batch_size)
 
-  def epoch(self, epoch: int) -> Iterator[dict]:
+  def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
+    """The batches of one epoch from batch `start_step` on (see `CacheLoader.epoch`)."""
     rng = _epoch_rng(self.seed, epoch)
     count = len(self.indices)
     window = {"index": self.indices, "position": self.transfer_set.positions(self.indices),
               "view": np.full(count, epoch + 1 if self.augment else 0, np.int32)}
     render = _render(self.transfer_set, self.augmentation)
-    return prefetch(render(rows) for rows in _batches(iter([window]), self.batch_size, rng))
+    rows = itertools.islice(_batches(iter([window]), self.batch_size, rng), start_step, None)
+    return prefetch(render(batch) for batch in rows)

@@ -5,6 +5,9 @@
   RUN_DIR/final.json         the last epoch's line, written when the run has finished
   RUN_DIR/checkpoints/<E>/   orbax checkpoint after E epochs: "state" (model and optimizer, without RNG streams),
                              "params" (the model's parameters, what teachers load), "meta" ({"epoch": E})
+  RUN_DIR/checkpoints_mid/<G>/  with --checkpoint-every-steps: the latest checkpoint inside an epoch, after G steps
+                             of the run: "state", "meta" ({"epoch": E, "step": S, "sums": the epoch's partial
+                             metric sums}); removed when the epoch's own checkpoint is written
 """
 
 import contextlib
@@ -132,6 +135,16 @@ def _quiet_orbax_failures():
   sys.unraisablehook = hook
 
 
+def _restore_state(manager: ocp.CheckpointManager, step: int, state):
+  """`state` with checkpoint `step`'s "state" item restored into it (RNG streams kept: they are re-derived)."""
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, checkpointable(state))
+  restored = manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(target)}))
+  rng_state = nnx.filter_state(state, nnx.RngState)
+  state = nnx.filter_state(state, nnx.Not(nnx.RngState))
+  nnx.replace_by_pure_dict(state, restored[STATE_ITEM])
+  return nnx.merge_state(state, rng_state)
+
+
 class Checkpoints:
   """One run's orbax checkpoints, numbered by the epochs trained."""
 
@@ -163,13 +176,7 @@ class Checkpoints:
 
   def restore(self, state, epoch: int):
     """`state` with the checkpoint of `epoch` restored into it (RNG streams kept)."""
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, checkpointable(state))
-    restored = self.manager.restore(epoch, args=ocp.args.Composite(**{
-        STATE_ITEM: ocp.args.StandardRestore(target), META_ITEM: ocp.args.JsonRestore()}))
-    rng_state = nnx.filter_state(state, nnx.RngState)
-    state = nnx.filter_state(state, nnx.Not(nnx.RngState))
-    nnx.replace_by_pure_dict(state, restored[STATE_ITEM])
-    return nnx.merge_state(state, rng_state)
+    return _restore_state(self.manager, epoch, state)
 
   def discard_after(self, epoch: int) -> None:
     """Deletes the checkpoints after `epoch` (a run rolled back to resume with its group)."""
@@ -177,6 +184,61 @@ class Checkpoints:
       if saved > epoch:
         _log(f"{self.out}: rolling back to epoch {epoch}, where its group resumes (discarding epoch {saved})")
         self.manager.delete(saved)
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+MID_EPOCH_DIR = "checkpoints_mid"
+
+
+class MidEpochCheckpoints:
+  """One run's checkpoint inside an epoch (`--checkpoint-every-steps`): its state, its position (epoch E, S steps
+  into it) and the epoch's partial metric sums, so that a resumed run finishes the epoch as an uninterrupted one."""
+
+  def __init__(self, out: str):
+    self.out = out
+    self.manager = ocp.CheckpointManager(os.path.abspath(os.path.join(out, MID_EPOCH_DIR)),
+                                         options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+
+  @classmethod
+  def of(cls, out: str, every: int | None) -> "MidEpochCheckpoints | None":
+    """A run's mid-epoch checkpoints when it takes them or holds some (from an earlier attempt), else None."""
+    return cls(out) if every or os.path.isdir(os.path.join(out, MID_EPOCH_DIR)) else None
+
+  def latest(self) -> dict | None:
+    """{"epoch": E, "step": S, "sums": {...}} of the newest one, or None."""
+    steps = self.manager.all_steps()
+    if not steps:
+      return None
+    return self.manager.restore(max(steps), args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()}))[META_ITEM]
+
+  def save(self, state, epoch: int, step: int, global_step: int, sums: dict) -> None:
+    """Saves the state `step` steps into epoch `epoch` (0-based), with the epoch's metric sums so far.
+
+    Raises:
+      StillroomError: the save failed; the run keeps its earlier checkpoints.
+    """
+    try:
+      with _quiet_orbax_failures():
+        self.manager.save(global_step, args=ocp.args.Composite(**{
+            STATE_ITEM: ocp.args.StandardSave(checkpointable(state)),
+            META_ITEM: ocp.args.JsonSave({"epoch": epoch, "step": step, "sums": sums})}), force=True)
+        self.manager.wait_until_finished()
+    except Exception as e:  # Orbax wraps storage failures in several types, with long messages.
+      message = str(e).splitlines()[0] if str(e) else type(e).__name__
+      cause = next((known for known in _STORAGE_FAILURES if known in message), message[:240])
+      raise StillroomError(f"saving the mid-epoch checkpoint of {self.out} failed: {cause}; the run keeps its "
+                           "earlier checkpoints.") from e
+
+  def restore(self, state):
+    """`state` with the newest mid-epoch checkpoint restored into it (RNG streams kept)."""
+    return _restore_state(self.manager, max(self.manager.all_steps()), state)
+
+  def clear(self) -> None:
+    """Deletes it (the epoch it was inside is checkpointed whole, or the run resumes from an earlier point)."""
+    for step in self.manager.all_steps():
+      self.manager.delete(step)
 
   def close(self) -> None:
     self.manager.close()

@@ -132,8 +132,10 @@ def _fit_locked(plans: list[RunPlan], mesh, log_epochs: bool, on_epoch: EpochCal
     group = [todo[k] for k in members]
     for i in group:
       checkpoints[i].discard_after(epoch)
+    mids = [files.MidEpochCheckpoints.of(plans[i].config.out, plans[i].config.checkpoint_every_steps) for i in group]
     try:
-      finals = _train([plans[i] for i in group], [checkpoints[i] for i in group], epoch, mesh, log_epochs, on_epoch)
+      finals = _train([plans[i] for i in group], [checkpoints[i] for i in group], epoch, mesh, log_epochs, on_epoch,
+                      mids, _mid_epoch_position(mids, epoch))
     except Diverged as e:
       diverged.append(str(e).removesuffix(DIVERGED_ADVICE))
       continue
@@ -143,11 +145,37 @@ def _fit_locked(plans: list[RunPlan], mesh, log_epochs: bool, on_epoch: EpochCal
   return [results[i] for i in range(len(plans))]
 
 
+def _mid_epoch_position(mids: list, epoch: int) -> tuple[int, list[dict]] | None:
+  """Where a group resumes inside epoch `epoch` (0-based): `(step, each run's partial metric sums)` when every run
+  holds a mid-epoch checkpoint at the same step of that epoch; else None, and stale ones are deleted."""
+  metas = [None if mid is None else mid.latest() for mid in mids]
+  positions = {None if meta is None else (meta["epoch"], meta["step"]) for meta in metas}
+  if len(positions) == 1 and None not in positions and next(iter(positions))[0] == epoch:
+    return metas[0]["step"], [meta["sums"] for meta in metas]
+  for mid in mids:
+    if mid is not None:
+      mid.clear()
+  return None
+
+
+def _sums_of(sums, k: int) -> dict:
+  """Student k's partial metric sums, as JSON: {name: [value, dtype]} (float32 values are exact in a double)."""
+  values = jax.device_get(sums)
+  return {name: [np.asarray(value[k]).item(), str(np.asarray(value).dtype)] for name, value in values.items()}
+
+
+def _stacked_sums(runs: list[dict]) -> dict:
+  """The inverse of `_sums_of` for K students, stacked along axis 0."""
+  return {name: jax.numpy.asarray(np.array([run[name][0] for run in runs], dtype=runs[0][name][1]))
+          for name in runs[0]}
+
+
 def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epoch: int, mesh, log_epochs: bool,
-           on_epoch: EpochCallback | None) -> list[dict]:
+           on_epoch: EpochCallback | None, mids: list, position: tuple[int, list[dict]] | None) -> list[dict]:
   """The loop: one vmapped step over the group's stacked states per batch; eval, metrics and checkpoints per
-  epoch; the final files once every run has saved its last epoch. Resumes from `start_epoch` (0: from scratch),
-  which every run has saved."""
+  epoch (and every `--checkpoint-every-steps` steps inside one); the final files once every run has saved its last
+  epoch. Resumes from `start_epoch` (0: from scratch), which every run has saved, or from `position` inside it:
+  (steps done, each run's partial metric sums) of its mid-epoch checkpoints `mids`."""
   first = group[0]
   config = first.config
   fields = tuple(sorted({f for plan in group if plan.teaching for f in plan.teaching.fields}))
@@ -159,7 +187,12 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
     optimizer = nnx.Optimizer(model, make_optimizer(plan.config, loader.steps_per_epoch), wrt=nnx.Param)
     graphdef, state = nnx.split((model, optimizer))
     states.append(state)
-  if start_epoch:
+  start_step, resumed_sums = (0, None) if position is None else (position[0], _stacked_sums(position[1]))
+  if position is not None:
+    states = [mid.restore(state) for mid, state in zip(mids, states)]
+    _log(f"resuming {', '.join(p.config.out for p in group)} after step {start_step} of epoch {start_epoch + 1} of "
+         f"{total_epochs}")
+  elif start_epoch:
     states = [c.restore(state, start_epoch) for c, state in zip(checkpoints, states)]
     _log(f"resuming {', '.join(p.config.out for p in group)} after epoch {start_epoch} of {total_epochs}")
   for plan in group:
@@ -178,7 +211,8 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
          "--eval-split for that split): eval_teacher_agreement is not reported.")
   sharding, sync = batch_sharding(mesh), needs_step_sync(mesh)
   diverged: list[str] = []
-  all_checkpoints = list(checkpoints)
+  all_checkpoints, all_mids = list(checkpoints), list(mids)
+  every_steps = config.checkpoint_every_steps
   if len(group) > 1 and log_epochs:
     _log(f"training {len(group)} students together in one vmapped step")
   for epoch in range(start_epoch, total_epochs):
@@ -186,10 +220,11 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
     alpha = np.ones(len(group), np.float32) if finetuning else distill_alpha
     epoch_hypers = {**per_student, "alpha": jax.device_put(alpha, replicated(mesh))}
     started = time.perf_counter()
-    sums = None
+    first_step = start_step if epoch == start_epoch else 0
+    sums = resumed_sums if first_step else None
     bar = tqdm(total=loader.num_rows, unit="row", unit_scale=True, disable=not config.progress, leave=False,
                desc=f"epoch {epoch + 1}/{total_epochs}" + (" (fine-tune)" if finetuning else ""))
-    for index, batch in enumerate(loader.epoch(epoch)):
+    for index, batch in enumerate(loader.epoch(epoch, first_step), start=first_step):
       rows_in_batch = int(batch["mask"].sum())
       batch = jax.device_put({k: v for k, v in batch.items() if k != "index"}, sharding)
       stacked, metrics = step(stacked, batch, epoch_hypers)
@@ -197,6 +232,11 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
         jax.block_until_ready(metrics)
       sums = accumulate(_empty_sums(metrics) if sums is None else sums, metrics, index)
       bar.update(rows_in_batch)
+      done = index + 1
+      if every_steps and done % every_steps == 0 and done < loader.steps_per_epoch \
+          and bool(np.all(jax.device_get(params_finite(stacked)))):
+        for k, mid in enumerate(mids):
+          mid.save(unstack_state(stacked, k), epoch, done, epoch * loader.steps_per_epoch + done, _sums_of(sums, k))
     bar.close()
     totals = jax.device_get(sums)
     seconds = time.perf_counter() - started
@@ -209,7 +249,7 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
       if not keep:
         group = []
         break
-      group, checkpoints = [group[k] for k in keep], [checkpoints[k] for k in keep]
+      group, checkpoints, mids = [group[k] for k in keep], [checkpoints[k] for k in keep], [mids[k] for k in keep]
       teacher_top1 = [teacher_top1[k] for k in keep]
       stacked, per_student = jax.tree.map(lambda a: a[np.array(keep)], (stacked, per_student))
       distill_alpha = distill_alpha[keep]
@@ -229,7 +269,10 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
     if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == total_epochs:
       for k, checkpoint in enumerate(checkpoints):
         checkpoint.save(graphdef, unstack_state(stacked, k), epoch + 1)
-  for checkpoint in all_checkpoints:
+      for mid in mids:
+        if mid is not None:
+          mid.clear()  # The epoch's own checkpoint supersedes it.
+  for checkpoint in all_checkpoints + [mid for mid in all_mids if mid is not None]:
     checkpoint.close()
   finals = [files.write_final(plan.config.out, total_epochs) for plan in group]
   if diverged:  # The others have finished; these have not.

@@ -1,6 +1,7 @@
 """student-train fit/eval: one compilation, device-count invariance, SIGKILL-and-resume, errors, the loop."""
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -102,6 +103,29 @@ def test_sigkill_and_resume_ends_with_the_uninterrupted_parameters(tmp_path, dat
   jax.tree.map(np.testing.assert_array_equal, killed_params, clean_params)  # Bitwise.
   assert [l["epoch"] for l in _metrics(killed)] == list(range(1, 9))
   assert [l["loss"] for l in _metrics(killed)] == [l["loss"] for l in _metrics(tmp_path / "clean")]
+
+
+def test_a_run_killed_mid_epoch_resumes_bit_identical(tmp_path, data_dir, cache_path):
+  args = ["fit", "--model", "mlp-small", "--cache", cache_path, "--data-dir", data_dir, "--epochs", "3",
+          "--dropout", "0.2", "--batch-size", "32", "--no-progress"]
+  killed = tmp_path / "killed"
+  process = _fit_process(args + ["--checkpoint-every-steps", "7", "--out", killed])
+  mid = killed / "checkpoints_mid"
+  while process.poll() is None and not (mid.exists() and any(name.isdigit() for name in os.listdir(mid))):
+    time.sleep(0.002)
+  process.send_signal(signal.SIGKILL)
+  assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+  resumed = _fit_process(args + ["--checkpoint-every-steps", "7", "--out", killed])
+  assert resumed.wait() == 0, resumed.stderr.read().decode()[-2000:]
+  err = resumed.stderr.read().decode()
+  assert re.search(r"resuming .* after step \d+ of epoch \d of 3", err), err[-2000:]
+  assert not any(name.isdigit() for name in os.listdir(mid))  # Superseded by the last epoch's checkpoint.
+  clean = _fit_process(args + ["--out", tmp_path / "clean"])
+  assert clean.wait() == 0
+  jax.tree.map(np.testing.assert_array_equal, _params(killed), _params(tmp_path / "clean"))  # Bitwise.
+  for ours, theirs in zip(_metrics(killed), _metrics(tmp_path / "clean"), strict=True):
+    assert {k: v for k, v in ours.items() if "second" not in k} == \
+        {k: v for k, v in theirs.items() if "second" not in k}  # The interrupted epoch's metrics too.
 
 
 def test_bad_input_gets_a_clear_error(tmp_path, data_dir, cache_path, teachers, capsys):
