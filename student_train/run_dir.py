@@ -5,9 +5,9 @@
   RUN_DIR/final.json         the last epoch's line, written when the run has finished
   RUN_DIR/checkpoints/<E>/   orbax checkpoint after E epochs: "state" (model and optimizer, without RNG streams),
                              "params" (the model's parameters, what teachers load), "meta" ({"epoch": E})
-  RUN_DIR/checkpoints_mid/<G>/  with --checkpoint-every-steps: the latest checkpoint inside an epoch, after G steps
-                             of the run: "state", "meta" ({"epoch": E, "step": S, "sums": the epoch's partial
-                             metric sums}); removed when the epoch's own checkpoint is written
+  RUN_DIR/checkpoints_mid/<G>/  with --checkpoint-every-steps: the last two checkpoints inside an epoch, after G
+                             steps of the run: "state", "meta" ({"epoch": E, "step": S, "sums": the epoch's
+                             partial metric sums, "seconds"}); deleted when an epoch checkpoint is written
 """
 
 import contextlib
@@ -135,6 +135,23 @@ def _quiet_orbax_failures():
   sys.unraisablehook = hook
 
 
+@contextlib.contextmanager
+def _saving(what: str):
+  """Saving a checkpoint: orbax's storage failures (wrapped in several types, with long messages) become one line.
+
+  Raises:
+    StillroomError: naming `what` and the cause; the run keeps its earlier checkpoints and resumes from them.
+  """
+  try:
+    with _quiet_orbax_failures():
+      yield
+  except Exception as e:  # pylint: disable=broad-except
+    message = str(e).splitlines()[0] if str(e) else type(e).__name__
+    cause = next((known for known in _STORAGE_FAILURES if known in message), message[:240])
+    raise StillroomError(f"saving {what} failed: {cause}; the run keeps its previous checkpoint and resumes from "
+                         "it.") from e
+
+
 def _restore_state(manager: ocp.CheckpointManager, step: int, state):
   """`state` with checkpoint `step`'s "state" item restored into it (RNG streams kept: they are re-derived)."""
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct, checkpointable(state))
@@ -162,17 +179,11 @@ class Checkpoints:
       StillroomError: the save failed (disk full, read-only, ...); the previous checkpoints are kept.
     """
     params = nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, state)[0], nnx.Param))
-    try:
-      with _quiet_orbax_failures():
-        self.manager.save(epoch, args=ocp.args.Composite(**{
-            STATE_ITEM: ocp.args.StandardSave(checkpointable(state)), PARAMS_ITEM: ocp.args.StandardSave(params),
-            META_ITEM: ocp.args.JsonSave({"epoch": epoch})}))
-        self.manager.wait_until_finished()
-    except Exception as e:  # Orbax wraps storage failures in several types, with long messages.
-      message = str(e).splitlines()[0] if str(e) else type(e).__name__
-      cause = next((known for known in _STORAGE_FAILURES if known in message), message[:240])
-      raise StillroomError(f"saving the checkpoint of {self.out} after epoch {epoch} failed: {cause}; the run keeps "
-                           "its previous checkpoint and resumes from it.") from e
+    with _saving(f"the checkpoint of {self.out} after epoch {epoch}"):
+      self.manager.save(epoch, args=ocp.args.Composite(**{
+          STATE_ITEM: ocp.args.StandardSave(checkpointable(state)), PARAMS_ITEM: ocp.args.StandardSave(params),
+          META_ITEM: ocp.args.JsonSave({"epoch": epoch})}))
+      self.manager.wait_until_finished()
 
   def restore(self, state, epoch: int):
     """`state` with the checkpoint of `epoch` restored into it (RNG streams kept)."""
@@ -193,50 +204,51 @@ MID_EPOCH_DIR = "checkpoints_mid"
 
 
 class MidEpochCheckpoints:
-  """One run's checkpoint inside an epoch (`--checkpoint-every-steps`): its state, its position (epoch E, S steps
-  into it) and the epoch's partial metric sums, so that a resumed run finishes the epoch as an uninterrupted one."""
+  """One run's checkpoints inside epochs (`--checkpoint-every-steps`), numbered by the run's global step: its
+  state, its position (epoch E, 0-based, and S steps into it), the epoch's partial metric sums and seconds, so that
+  a resumed run finishes the epoch as an uninterrupted one. Two are kept, as for epochs: a kill between two
+  students' saves leaves a position every student of the group holds."""
 
   def __init__(self, out: str):
     self.out = out
-    self.manager = ocp.CheckpointManager(os.path.abspath(os.path.join(out, MID_EPOCH_DIR)),
-                                         options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+    self.manager = ocp.CheckpointManager(
+        os.path.abspath(os.path.join(out, MID_EPOCH_DIR)),
+        options=ocp.CheckpointManagerOptions(max_to_keep=CHECKPOINTS_KEPT, create=True, cleanup_tmp_directories=True))
 
   @classmethod
   def of(cls, out: str, every: int | None) -> "MidEpochCheckpoints | None":
     """A run's mid-epoch checkpoints when it takes them or holds some (from an earlier attempt), else None."""
     return cls(out) if every or os.path.isdir(os.path.join(out, MID_EPOCH_DIR)) else None
 
-  def latest(self) -> dict | None:
-    """{"epoch": E, "step": S, "sums": {...}} of the newest one, or None."""
-    steps = self.manager.all_steps()
-    if not steps:
-      return None
-    return self.manager.restore(max(steps), args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()}))[META_ITEM]
+  def positions(self) -> dict[int, dict]:
+    """{global step: {"epoch": E, "step": S, "sums": {...}, "seconds": s}} of the readable ones; one a kill left
+    half-deleted is deleted."""
+    found = {}
+    for step in self.manager.all_steps():
+      try:
+        found[step] = self.manager.restore(step, args=ocp.args.Composite(**{
+            META_ITEM: ocp.args.JsonRestore()}))[META_ITEM]
+      except Exception:  # pylint: disable=broad-except  # Half-deleted or half-written: unusable either way.
+        self.manager.delete(step)
+    return found
 
-  def save(self, state, epoch: int, step: int, global_step: int, sums: dict) -> None:
-    """Saves the state `step` steps into epoch `epoch` (0-based), with the epoch's metric sums so far.
+  def save(self, state, global_step: int, meta: dict) -> None:
+    """Saves the state at `global_step` with its position and partial sums `meta` (see `positions`).
 
     Raises:
       StillroomError: the save failed; the run keeps its earlier checkpoints.
     """
-    try:
-      with _quiet_orbax_failures():
-        self.manager.save(global_step, args=ocp.args.Composite(**{
-            STATE_ITEM: ocp.args.StandardSave(checkpointable(state)),
-            META_ITEM: ocp.args.JsonSave({"epoch": epoch, "step": step, "sums": sums})}), force=True)
-        self.manager.wait_until_finished()
-    except Exception as e:  # Orbax wraps storage failures in several types, with long messages.
-      message = str(e).splitlines()[0] if str(e) else type(e).__name__
-      cause = next((known for known in _STORAGE_FAILURES if known in message), message[:240])
-      raise StillroomError(f"saving the mid-epoch checkpoint of {self.out} failed: {cause}; the run keeps its "
-                           "earlier checkpoints.") from e
+    with _saving(f"the mid-epoch checkpoint of {self.out}"):
+      self.manager.save(global_step, args=ocp.args.Composite(**{
+          STATE_ITEM: ocp.args.StandardSave(checkpointable(state)), META_ITEM: ocp.args.JsonSave(meta)}), force=True)
+      self.manager.wait_until_finished()
 
-  def restore(self, state):
-    """`state` with the newest mid-epoch checkpoint restored into it (RNG streams kept)."""
-    return _restore_state(self.manager, max(self.manager.all_steps()), state)
+  def restore(self, state, global_step: int):
+    """`state` with the checkpoint at `global_step` restored into it (RNG streams kept)."""
+    return _restore_state(self.manager, global_step, state)
 
   def clear(self) -> None:
-    """Deletes it (the epoch it was inside is checkpointed whole, or the run resumes from an earlier point)."""
+    """Deletes them all: the run resumes from a later epoch checkpoint, or from an earlier point of its group."""
     for step in self.manager.all_steps():
       self.manager.delete(step)
 

@@ -145,23 +145,32 @@ def _fit_locked(plans: list[RunPlan], mesh, log_epochs: bool, on_epoch: EpochCal
   return [results[i] for i in range(len(plans))]
 
 
-def _mid_epoch_position(mids: list, epoch: int) -> tuple[int, list[dict]] | None:
-  """Where a group resumes inside epoch `epoch` (0-based): `(step, each run's partial metric sums)` when every run
-  holds a mid-epoch checkpoint at the same step of that epoch; else None, and stale ones are deleted."""
-  metas = [None if mid is None else mid.latest() for mid in mids]
-  positions = {None if meta is None else (meta["epoch"], meta["step"]) for meta in metas}
-  if len(positions) == 1 and None not in positions and next(iter(positions))[0] == epoch:
-    return metas[0]["step"], [meta["sums"] for meta in metas]
+def _mid_epoch_position(mids: list, epoch: int) -> dict | None:
+  """Where a group whose epoch checkpoints resume it at `epoch` resumes instead, inside that epoch or a later one:
+  the newest mid-epoch checkpoint every run holds at the same position, as {"epoch", "step", "global", "metas"
+  (each run's)}; None (and its mid-epoch checkpoints deleted, being unusable) when there is none."""
+  found = [None if mid is None else mid.positions() for mid in mids]
+  usable = []
+  if all(f is not None for f in found):
+    for step in set.intersection(*(set(f) for f in found)):
+      metas = [f[step] for f in found]
+      if metas[0]["epoch"] >= epoch and all((m["epoch"], m["step"]) == (metas[0]["epoch"], metas[0]["step"])
+                                           for m in metas):
+        usable.append(step)
+  if usable:
+    step = max(usable)
+    return {"epoch": found[0][step]["epoch"], "step": found[0][step]["step"], "global": step,
+            "metas": [f[step] for f in found]}
   for mid in mids:
     if mid is not None:
       mid.clear()
   return None
 
 
-def _sums_of(sums, k: int) -> dict:
-  """Student k's partial metric sums, as JSON: {name: [value, dtype]} (float32 values are exact in a double)."""
-  values = jax.device_get(sums)
-  return {name: [np.asarray(value[k]).item(), str(np.asarray(value).dtype)] for name, value in values.items()}
+def _sums_of(sums: dict, k: int) -> dict:
+  """Student k's partial metric sums (fetched from the device), as JSON: {name: [value, dtype]}; a float32 value is
+  exact in a double."""
+  return {name: [np.asarray(value[k]).item(), str(np.asarray(value).dtype)] for name, value in sums.items()}
 
 
 def _stacked_sums(runs: list[dict]) -> dict:
@@ -171,11 +180,11 @@ def _stacked_sums(runs: list[dict]) -> dict:
 
 
 def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epoch: int, mesh, log_epochs: bool,
-           on_epoch: EpochCallback | None, mids: list, position: tuple[int, list[dict]] | None) -> list[dict]:
+           on_epoch: EpochCallback | None, mids: list, position: dict | None) -> list[dict]:
   """The loop: one vmapped step over the group's stacked states per batch; eval, metrics and checkpoints per
   epoch (and every `--checkpoint-every-steps` steps inside one); the final files once every run has saved its last
-  epoch. Resumes from `start_epoch` (0: from scratch), which every run has saved, or from `position` inside it:
-  (steps done, each run's partial metric sums) of its mid-epoch checkpoints `mids`."""
+  epoch. Resumes from `start_epoch` (0: from scratch), which every run has saved, or from `position` in that
+  epoch or a later one (see `_mid_epoch_position`) of its mid-epoch checkpoints `mids`."""
   first = group[0]
   config = first.config
   fields = tuple(sorted({f for plan in group if plan.teaching for f in plan.teaching.fields}))
@@ -187,9 +196,12 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
     optimizer = nnx.Optimizer(model, make_optimizer(plan.config, loader.steps_per_epoch), wrt=nnx.Param)
     graphdef, state = nnx.split((model, optimizer))
     states.append(state)
-  start_step, resumed_sums = (0, None) if position is None else (position[0], _stacked_sums(position[1]))
+  start_step, resumed_sums, resumed_seconds = 0, None, 0.0
   if position is not None:
-    states = [mid.restore(state) for mid, state in zip(mids, states)]
+    start_epoch, start_step = position["epoch"], position["step"]
+    resumed_sums = _stacked_sums([meta["sums"] for meta in position["metas"]])
+    resumed_seconds = position["metas"][0]["seconds"]
+    states = [mid.restore(state, position["global"]) for mid, state in zip(mids, states)]
     _log(f"resuming {', '.join(p.config.out for p in group)} after step {start_step} of epoch {start_epoch + 1} of "
          f"{total_epochs}")
   elif start_epoch:
@@ -219,10 +231,11 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
     finetuning = epoch >= config.epochs
     alpha = np.ones(len(group), np.float32) if finetuning else distill_alpha
     epoch_hypers = {**per_student, "alpha": jax.device_put(alpha, replicated(mesh))}
-    started = time.perf_counter()
     first_step = start_step if epoch == start_epoch else 0
     sums = resumed_sums if first_step else None
-    bar = tqdm(total=loader.num_rows, unit="row", unit_scale=True, disable=not config.progress, leave=False,
+    started = time.perf_counter() - (resumed_seconds if first_step else 0.0)  # The epoch's seconds, all attempts.
+    bar = tqdm(total=loader.num_rows, initial=min(first_step * config.batch_size, loader.num_rows), unit="row",
+               unit_scale=True, disable=not config.progress, leave=False,
                desc=f"epoch {epoch + 1}/{total_epochs}" + (" (fine-tune)" if finetuning else ""))
     for index, batch in enumerate(loader.epoch(epoch, first_step), start=first_step):
       rows_in_batch = int(batch["mask"].sum())
@@ -233,10 +246,14 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
       sums = accumulate(_empty_sums(metrics) if sums is None else sums, metrics, index)
       bar.update(rows_in_batch)
       done = index + 1
+      # Mid-epoch checkpoints, only while every student is finite: one that diverged is dropped at the epoch's end,
+      # and until then the group saves none.
       if every_steps and done % every_steps == 0 and done < loader.steps_per_epoch \
           and bool(np.all(jax.device_get(params_finite(stacked)))):
+        fetched, seconds = jax.device_get(sums), time.perf_counter() - started
         for k, mid in enumerate(mids):
-          mid.save(unstack_state(stacked, k), epoch, done, epoch * loader.steps_per_epoch + done, _sums_of(sums, k))
+          mid.save(unstack_state(stacked, k), epoch * loader.steps_per_epoch + done,
+                   {"epoch": epoch, "step": done, "seconds": seconds, "sums": _sums_of(fetched, k)})
     bar.close()
     totals = jax.device_get(sums)
     seconds = time.perf_counter() - started
@@ -271,7 +288,7 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
         checkpoint.save(graphdef, unstack_state(stacked, k), epoch + 1)
       for mid in mids:
         if mid is not None:
-          mid.clear()  # The epoch's own checkpoint supersedes it.
+          mid.clear()  # This epoch checkpoint supersedes them.
   for checkpoint in all_checkpoints + [mid for mid in all_mids if mid is not None]:
     checkpoint.close()
   finals = [files.write_final(plan.config.out, total_epochs) for plan in group]
