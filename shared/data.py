@@ -577,8 +577,8 @@ def _parse_split(split: str, split_sizes: dict[str, int], dataset: str) -> tuple
         {name: types.SimpleNamespace(num_examples=n, shard_lengths=[n]) for name, n in split_sizes.items()})
   except (ValueError, AssertionError) as e:
     raise StillroomError(
-        f"bad split {split!r} for dataset {dataset!r}: {e}. Valid splits: {sorted(split_sizes)}; slices use the "
-        "TFDS syntax, e.g. 'train[:80%]' or 'train[100:200]'.") from e
+        f"bad split {split!r} for dataset {dataset!r}: {str(e).rstrip('.')}. Valid splits: {sorted(split_sizes)}; "
+        "slices use the TFDS syntax, e.g. 'train[:80%]' or 'train[100:200]'.") from e
   base_splits = {instruction.splitname for instruction in instructions}
   if len(base_splits) != 1:
     raise StillroomError(
