@@ -28,7 +28,6 @@ _STREAM_CROP = 16  # Crop tries use streams 16.. (4 per try: area, ratio, top, l
 CROP_TRIES = 10
 DEFAULT_CROP_AREA = (0.08, 1.0)  # Inception / torchvision RandomResizedCrop.
 DEFAULT_CROP_ASPECT = (3 / 4, 4 / 3)
-VIEW_KINDS = ("shift", "crop")
 FOLD_SEED = 0  # Fold assignment is fixed: runs and caches made apart must agree on it.
 
 

@@ -210,12 +210,14 @@ class TfdsSource:
   def fixed_shape(self) -> bool:
     return None not in self.shape
 
-  def _records(self, keys) -> list[dict]:
+  def _records(self, keys, source=None) -> list[dict]:
+    """Records of `keys` from `source` (default: the decoding data source), in one batched read."""
+    source = self._source if source is None else source
     keys = [int(k) for k in keys]
     try:
-      return self._source.__getitems__(keys)  # One batched read of the array_record files.
+      return source.__getitems__(keys)  # One batched read of the array_record files.
     except TypeError:  # tfds.testing.mock_data's sources only read one record at a time.
-      return [self._source[key] for key in keys]
+      return [source[key] for key in keys]
 
   def _from_records(self, records: list[dict]):
     inputs = [np.asarray(r[self.image_key]) for r in records]
@@ -249,14 +251,9 @@ class TfdsSource:
     if self._label_source is None:
       self._label_source = self.builder.as_data_source(
           split=self.split, decoders={self.image_key: tfds.decode.SkipDecoding()})
-    labels = []
-    for start in range(0, len(keys), READ_BATCH):
-      part = [int(k) for k in keys[start:start + READ_BATCH]]
-      try:
-        records = self._label_source.__getitems__(part)
-      except TypeError:
-        records = [self._label_source[k] for k in part]
-      labels.append(np.asarray([r[self.label_key] for r in records], np.int64))
+    labels = [np.asarray([r[self.label_key] for r in self._records(keys[start:start + READ_BATCH],
+                                                                   self._label_source)], np.int64)
+              for start in range(0, len(keys), READ_BATCH)]
     return np.concatenate(labels) if labels else np.zeros(0, np.int64)
 
   def image_sizes(self, keys: np.ndarray) -> np.ndarray:
@@ -296,8 +293,11 @@ class ImageFolderSource:
     self.name, self.root, self.files, self.sizes = name, root, files, sizes
     self._labels, self.classes = labels, classes
     self.labeled = bool(classes)
-    self.class_names = tuple(classes) or None
     self.shape, self.dtype = (None, None, 3), np.dtype(np.uint8)
+
+  @property
+  def class_names(self) -> tuple[str, ...] | None:
+    return tuple(self.classes) or None
 
   def __len__(self) -> int:
     return len(self.files)
@@ -418,7 +418,8 @@ class TransferSet:
     """
     keys = self.indices[np.asarray(positions, np.int64)]
     inputs, labels = self.source.read(keys)
-    if not isinstance(self.source, ArraySource):  # Arrays in memory were checked when they were loaded.
+    # Only floats can be non-finite (the dtype was checked at open); arrays in memory were checked when loaded.
+    if np.issubdtype(self.input_dtype, np.floating) and not isinstance(self.source, ArraySource):
       _check_inputs(self.name, self.split, keys, inputs)
     self._check_labels(keys, labels)
     return inputs, labels
@@ -545,13 +546,19 @@ class TransferSet:
                        input_dtype=self.input_dtype.name, num_classes=self.num_classes, labeled=self.labeled)
 
 
-def check_same_classes(eval_set: TransferSet, transfer_set: TransferSet, num_classes: int, what: str) -> None:
-  """An eval set's class ids must mean the transfer set's: the same class names where both have them (an image
-  folder with a class more or less shifts every id), and no label beyond the model's `num_classes`.
+def check_eval_set(eval_set: TransferSet, transfer_set: TransferSet, augmentation, num_classes: int) -> None:
+  """An eval set must fit the models of a transfer set: its views (by `augmentation`, a `shared.augment.Augmentation`)
+  have the transfer set's shape, and its class ids mean the transfer set's: the same class names where both have
+  them (an image folder with a class more or less shifts every id), and no label beyond the models' `num_classes`.
 
   Raises:
     StillroomError: naming both datasets and the first difference.
   """
+  what = "eval dataset"
+  if augmentation.output_shape(eval_set.input_shape) != augmentation.output_shape(transfer_set.input_shape) or (
+      augmentation.kind == "shift" and not eval_set.fixed_shape):
+    raise StillroomError(f"{what} {eval_set.name} {eval_set.split!r} has inputs of shape {eval_set.input_shape}, the "
+                         f"transfer set {transfer_set.input_shape}.")
   ours, theirs = transfer_set.class_names, eval_set.class_names
   if ours is not None and theirs is not None and ours != theirs:
     first = next((k for k in range(min(len(ours), len(theirs))) if ours[k] != theirs[k]), min(len(ours), len(theirs)))
@@ -765,17 +772,15 @@ def _check_dtype(name: str, split: str, dtype: np.dtype) -> None:
 
 
 def _check_inputs(name: str, split: str, indices: np.ndarray, inputs) -> None:
-  """Inputs must be real and finite: a NaN or Inf input makes every loss and metric NaN.
+  """Inputs must be finite: a NaN or Inf input makes every loss and metric NaN (their dtype is `_check_dtype`'s).
 
   Args:
     indices: int64 [B] the examples' indices in the unsliced split.
     inputs: [B, ...] or a list of B arrays.
 
   Raises:
-    StillroomError: naming the dtype, or the first example with a non-finite value.
+    StillroomError: naming the first example with a non-finite value.
   """
-  for part in ([inputs] if isinstance(inputs, np.ndarray) else inputs):
-    _check_dtype(name, split, part.dtype)
   if isinstance(inputs, np.ndarray):
     finite = np.isfinite(inputs.reshape(len(inputs), -1)).all(axis=1) if np.issubdtype(inputs.dtype, np.floating) \
         else np.ones(len(inputs), bool)

@@ -16,7 +16,7 @@ from flax import nnx
 
 from shared.augment import Augmentation, fold_of, make_augmentation
 from shared.cache import Cache, open_cache
-from shared.data import (FINGERPRINT_VERSION, NO_EVAL, Normalization, TransferSet, check_same_classes,
+from shared.data import (FINGERPRINT_VERSION, NO_EVAL, Normalization, TransferSet, check_eval_set,
                          default_eval_split, local_path, open_transfer_set)
 from shared.ensemble import member_weights
 from shared.errors import StillroomError
@@ -249,11 +249,7 @@ def plan_run(config: FitConfig, opened: Opened | None = None) -> RunPlan:
     config = dataclasses.replace(config, batch_size=batch_size)
   eval_set = _eval_set(config, transfer_set, cache, opened)
   if eval_set is not None:
-    check_same_classes(eval_set, transfer_set, num_classes, "eval dataset")
-  if eval_set is not None and (augmentation.output_shape(eval_set.input_shape) != input_shape
-                               or (augmentation.kind == "shift" and not eval_set.fixed_shape)):
-    raise StillroomError(f"eval split {eval_set.name} {eval_set.split!r} has inputs of shape {eval_set.input_shape}, "
-                         f"the training data {transfer_set.input_shape}.")
+    check_eval_set(eval_set, transfer_set, augmentation, num_classes)
   return RunPlan(config=config, transfer_set=transfer_set, cache=cache, teaching=teaching, model_spec=model_spec,
                  normalization=transfer_set.normalization, examples=examples, eval_set=eval_set,
                  augmentation=augmentation)

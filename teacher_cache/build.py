@@ -21,12 +21,11 @@ import zarr
 from tqdm import tqdm
 
 from shared import __version__
-from shared.augment import (DEFAULT_CROP_AREA, DEFAULT_CROP_ASPECT, Augmentation, fold_of,
-                            make_augmentation)
+from shared.augment import DEFAULT_CROP_AREA, DEFAULT_CROP_ASPECT, fold_of, make_augmentation
 from shared.cache import (COMPLETE_KEY, EVAL_ROWS, ROWS, SPEC_KEY, STORAGE_DTYPES, Cache, CacheSpec, MemberSpec,
                           committed_name, create_arrays, integrity_problems, missing_chunks, now_iso, open_cache,
                           uncommitted_chunks, validate_settings, writable)
-from shared.data import (NO_EVAL, Normalization, TransferSet, check_same_classes, default_eval_split, local_path,
+from shared.data import (NO_EVAL, Normalization, TransferSet, check_eval_set, default_eval_split, local_path,
                          open_transfer_set)
 from shared.ensemble import COMBINE_RULES, combine_log_probs
 from shared.errors import StillroomError
@@ -275,7 +274,7 @@ def _input_paths(config: BuildConfig) -> list[str]:
   return paths + [path for path in datasets + [config.data_dir] if path]
 
 
-def _eval_set(config: BuildConfig, transfer_set: TransferSet, augmentation: Augmentation) -> TransferSet | None:
+def _eval_set(config: BuildConfig) -> TransferSet | None:
   """The eval split whose member logits the cache stores: as asked, or 'test' if the dataset has one."""
   if config.eval_split == NO_EVAL:
     return None
@@ -289,10 +288,6 @@ def _eval_set(config: BuildConfig, transfer_set: TransferSet, augmentation: Augm
       eval_set = open_transfer_set(config.dataset, "test", config.data_dir)
     except StillroomError:
       return None  # No test split: nothing to store unless asked for.
-  rendered, expected = (augmentation.output_shape(s.input_shape) for s in (eval_set, transfer_set))
-  if rendered != expected or (augmentation.kind == "shift" and not eval_set.fixed_shape):
-    raise StillroomError(f"eval split {eval_set.name} {eval_set.split!r} has inputs of shape {eval_set.input_shape}, "
-                         f"the transfer set {transfer_set.input_shape}.")
   return eval_set
 
 
@@ -329,14 +324,14 @@ def build_cache(config: BuildConfig) -> str:
       transfer_set.input_shape, transfer_set.input_dtype, config.dataset, seed=config.seed,
       max_shift=config.max_shift, flip=config.flip, image_size=config.image_size, crop_area=config.crop_area,
       crop_aspect=config.crop_aspect)
-  eval_set = _eval_set(config, transfer_set, augmentation)
+  eval_set = _eval_set(config)
   teachers = [load_teacher(reference) for reference in config.teachers]
   if config.folds > 1:
     _check_folds(teachers, config.folds)
   members, num_classes = _member_specs(teachers, transfer_set, augmentation.output_shape(transfer_set.input_shape),
                                        config.batch_size)
   if eval_set is not None:
-    check_same_classes(eval_set, transfer_set, num_classes, "eval dataset")
+    check_eval_set(eval_set, transfer_set, augmentation, num_classes)
   spec = CacheSpec(
       temperature=float(config.temperature), combine=config.combine, members=tuple(members),
       dataset=transfer_set.describe(), eval_dataset=None if eval_set is None else eval_set.describe(),

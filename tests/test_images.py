@@ -266,7 +266,8 @@ def test_tfds_dataset_of_varying_size_loads_lazily(tmp_path, monkeypatch):
   VaryingImages(data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare()
   read = []
   original = TfdsSource._records
-  monkeypatch.setattr(TfdsSource, "_records", lambda self, keys: read.extend(keys) or original(self, keys))
+  monkeypatch.setattr(TfdsSource, "_records", lambda self, keys, source=None: (  # Reads that decode images.
+      source is None and read.extend(keys)) or original(self, keys, source))
   data = open_transfer_set("varying_images", "train[5:]", str(tmp_path / "tfds"))
   assert read == [] and len(data) == 25 and data.input_shape == (None, None, 3) and not data.fixed_shape
   images, labels = data.read(np.array([0, 3]))
@@ -480,7 +481,8 @@ def test_a_large_fixed_shape_tfds_split_stays_lazy_and_eval_splits_default_alike
   monkeypatch.setattr(shared.data, "SMALL_SPLIT_BYTES", 100)  # 40 examples of 48 bytes: "large" here.
   read = []
   original = TfdsSource._records
-  monkeypatch.setattr(TfdsSource, "_records", lambda self, keys: read.extend(keys) or original(self, keys))
+  monkeypatch.setattr(TfdsSource, "_records", lambda self, keys, source=None: (  # Reads that decode images.
+      source is None and read.extend(keys)) or original(self, keys, source))
   data = open_transfer_set("tiny_images", "train", str(tmp_path))
   inputs, labels = data.read(np.array([3, 1]))
   assert read == [3, 1] and inputs.shape == (2, 4, 4, 3)
@@ -491,3 +493,15 @@ def test_a_large_fixed_shape_tfds_split_stays_lazy_and_eval_splits_default_alike
   # Build and fit take the same eval split when given only --eval-dataset.
   assert default_eval_split("imagefolder:/x") == default_eval_split("npz:/x.npz") == "train"
   assert default_eval_split("mnist") == default_eval_split(None) == "test"
+
+
+def test_eval_data_of_another_shape_is_refused_by_build_and_fit(tmp_path, data_dir, teachers, capsys):
+  from student_train.cli import main as student_main
+  from teacher_cache.cli import main as cache_main
+  np.savez(tmp_path / "rgb.npz", x=np.zeros((10, 8, 8, 3), np.uint8), y=np.arange(10))
+  for main, args in ((cache_main, ["build", "--teacher", teachers[0], "--out", tmp_path / "c.zarr"]),
+                     (student_main, ["fit", "--model", "mlp-tiny", "--out", tmp_path / "r"])):
+    code, _, err = conftest.run_cli(main, args + ["--dataset", "digits", "--data-dir", data_dir, "--eval-dataset",
+                                                  f"npz:{tmp_path / 'rgb.npz'}"], capsys)
+    assert code == 2 and "has inputs of shape (8, 8, 3), the transfer set (8, 8, 1)" in err, err
+  assert not os.path.exists(tmp_path / "c.zarr") and not os.path.exists(tmp_path / "r")
