@@ -20,7 +20,7 @@ from bench.harness import measure, write_json  # noqa: E402
 from bench.run_all import _student, student_hypers  # noqa: E402
 from shared.cache import open_cache  # noqa: E402
 from shared.data import open_transfer_set  # noqa: E402
-from shared.parallel import batch_sharding, data_mesh  # noqa: E402
+from shared.parallel import batch_sharding, data_mesh, on_devices  # noqa: E402
 from student_train.loader import CacheLoader  # noqa: E402
 from student_train.steps import make_train_step  # noqa: E402
 
@@ -39,8 +39,7 @@ def main():
     transfer_set = open_transfer_set(dataset, "train")
     loader = CacheLoader(open_cache(os.path.join(tmp, "c.zarr")), transfer_set, batch_size=args.batch, seed=0,
                          fields=("member_logits",))
-    batches = [jax.device_put({k: v for k, v in b.items() if k != "index"}, batch_sharding(mesh))
-               for b in loader.epoch(0)]
+    batches = [placed for _, placed in on_devices(loader.epoch(0), batch_sharding(mesh))]
     result = {"model": args.model, "rows": args.rows, "batch": args.batch, "together": []}
     for count in (1, 4, 8):
       graphdef, states = _student(args.model, transfer_set, mesh, students=count)

@@ -34,7 +34,7 @@ from shared.cache import open_cache  # noqa: E402
 from shared.data import open_transfer_set  # noqa: E402
 from shared.ensemble import combine_log_probs, member_weights  # noqa: E402
 from shared.models import ModelSpec, build_model  # noqa: E402
-from shared.parallel import batch_sharding, data_mesh, replicated  # noqa: E402
+from shared.parallel import batch_sharding, data_mesh, on_devices, replicated  # noqa: E402
 from shared.runs import load_teacher  # noqa: E402
 from student_train.loader import ArrayLoader, CacheLoader  # noqa: E402
 from student_train.steps import make_train_step, stack_hypers, stack_states, train_step_fn  # noqa: E402
@@ -69,8 +69,7 @@ def _epoch_runner(step, state, batches, mesh, hypers, extra=()):
 
   def run():
     state = holder["state"]
-    for batch in batches():
-      batch = jax.device_put({k: v for k, v in batch.items() if k != "index"}, sharding)
+    for _, batch in on_devices(batches(), sharding):  # As the trainer places them.
       state, metrics = step(state, *extra, batch, hypers)
     jax.block_until_ready(metrics)
     holder["state"] = state
@@ -134,8 +133,7 @@ def online_vs_cached(tmp: str, student: str, teacher_model: str, input_shape, me
   cached_run = _epoch_runner(cached_step, state, lambda: loader.epoch(0), mesh, hypers)
   online_time, cached_time = measure_pair(online_run, cached_run, repeats=repeats)
   # The ideal, from the two parts timed alone on one device-resident batch.
-  sample = jax.device_put({k: v for k, v in next(iter(loader.epoch(0))).items() if k != "index"},
-                          batch_sharding(mesh))
+  _, sample = next(on_devices(loader.epoch(0), batch_sharding(mesh)))
   forward = jax.jit(ensemble_log_probs)
   forward_time = measure(lambda: forward(teacher_params, sample["x"]).block_until_ready(), repeats=repeats * 5)
   graphdef, state = _student(student, transfer_set, mesh)

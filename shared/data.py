@@ -229,8 +229,12 @@ class TfdsSource:
     """The split's size decoded (fixed shapes only)."""
     return len(self) * int(np.prod(self.shape)) * self.dtype.itemsize if self.fixed_shape else None
 
+  @property
+  def kept_in_memory(self) -> bool:
+    return self.fixed_shape and self.decoded_bytes <= SMALL_SPLIT_BYTES
+
   def _in_memory(self) -> ArraySource | None:
-    if self._memory is None and self.fixed_shape and self.decoded_bytes <= SMALL_SPLIT_BYTES:
+    if self._memory is None and self.kept_in_memory:
       parts = [self._from_records(self._records(range(start, min(start + READ_BATCH, len(self)))))
                for start in range(0, len(self), READ_BATCH)]
       self._memory = ArraySource(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
@@ -399,6 +403,11 @@ class TransferSet:
   @property
   def labeled(self) -> bool:
     return self.source.labeled
+
+  @property
+  def in_memory(self) -> bool:
+    """Whether the examples are (or, once read, will be) arrays in memory: `npz:`, a small fixed-shape TFDS split."""
+    return isinstance(self.source, ArraySource) or getattr(self.source, "kept_in_memory", False)
 
   @property
   def class_names(self) -> tuple[str, ...] | None:

@@ -1,5 +1,8 @@
 """Data parallelism over every local device: one mesh axis, "data"."""
 
+import collections
+from collections.abc import Iterator
+
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
@@ -7,6 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from shared.errors import StillroomError
 
 DATA_AXIS = "data"
+HOST_ONLY = ("index", "view")  # Batch fields for the host: example ids and view ids, which no step reads.
 
 
 def data_mesh() -> jax.sharding.Mesh:
@@ -47,3 +51,20 @@ def needs_step_sync(mesh: jax.sharding.Mesh) -> bool:
   accelerators keep asynchronous dispatch, so the host prepares the next batch while a step runs."""
   devices = mesh.devices.flat
   return mesh.devices.size > 1 and next(iter(devices)).platform == "cpu"
+
+
+def on_devices(batches: Iterator[dict], sharding: NamedSharding, ahead: int = 1) -> Iterator[tuple[dict, dict]]:
+  """Places each batch on the devices `ahead` batches before it is used: the next batch's host-to-device copy is
+  issued before the current step is dispatched, so it overlaps that step instead of following it.
+
+  Yields:
+    `(batch, placed)`: the host batch (for what the host reads of it, such as its row count) and its arrays on the
+    devices, without the host's bookkeeping (`HOST_ONLY`).
+  """
+  queued: collections.deque = collections.deque()
+  for batch in batches:
+    queued.append((batch, jax.device_put({k: v for k, v in batch.items() if k not in HOST_ONLY}, sharding)))
+    if len(queued) > ahead:
+      yield queued.popleft()
+  while queued:
+    yield queued.popleft()

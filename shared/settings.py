@@ -29,6 +29,14 @@ def seed_check(value) -> bool | str:
   return (isinstance(value, int) and 0 <= value < SEED_LIMIT) or f"must be in 0..{SEED_LIMIT - 1}"
 
 
+WORKERS_HELP = ("processes that decode images and render views, a batch at a time (0: a thread of the main process; "
+                "default: 0 for arrays in memory, else one per core but one, at most 8)")
+
+
+def workers_check(value) -> bool | str:
+  return value is None or (isinstance(value, int) and value >= 0) or "must be >= 0"
+
+
 def setting(default, help: str, *, choices: Iterable | None = None, metavar: str | None = None,
             cli: bool = True):  # pylint: disable=redefined-builtin
   """A dataclass field with its command-line help.

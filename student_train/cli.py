@@ -30,7 +30,7 @@ examples:
 _FIT_GROUPS = {
     "data (give --dataset, or --cache to distill)": (
         "dataset", "split", "data_dir", "cache", "label_fraction", "folds", "holdout_fold", "augment", "max_shift",
-        "flip", "image_size", "crop_area", "crop_aspect", "eval_dataset", "eval_split", "shuffle_window"),
+        "flip", "image_size", "crop_area", "crop_aspect", "eval_dataset", "eval_split", "shuffle_window", "workers"),
     "distillation (with --cache)": ("loss", "alpha", "temperature", "combine", "members", "finetune_epochs"),
     "optimisation": ("epochs", "batch_size", "lr", "finetune_lr", "weight_decay", "dropout", "seed", "data_seed"),
     "run": ("model", "out", "checkpoint_every", "checkpoint_every_steps", "overwrite", "progress"),

@@ -12,7 +12,7 @@ from shared.ensemble import COMBINE_RULES
 from shared.errors import StillroomError
 from shared.losses import LOSSES
 from shared.models import MODELS
-from shared.settings import flag_of, positive_finite, seed_check, setting
+from shared.settings import WORKERS_HELP, flag_of, positive_finite, seed_check, setting, workers_check
 
 DEFAULT_KD_ALPHA = 0.1  # Hinton et al. 2015 and the Keras example weight the hard term lightly.
 DEFAULT_MAX_CLASSES = 1 << 18  # 262,144: the largest LLM vocabularies.
@@ -80,13 +80,15 @@ class FitConfig:
   checkpoint_every_steps: int | None = setting(
       None, "also checkpoint every N steps within an epoch (its position, state and partial metrics): a run killed "
             "mid-epoch resumes from there, computing what an uninterrupted run does", metavar="STEPS")
+  workers: int | None = setting(None, WORKERS_HELP, metavar="N")
   overwrite: bool = setting(False, "replace a run dir holding another config")
   progress: bool = setting(True, "progress bars")
 
 
 # Settings that do not change what a run computes; a resumed run may differ in them. (Where the run dir and the
 # cache are does not either: the cache is identified by its build key.)
-NOT_IDENTITY = ("overwrite", "progress", "data_dir", "checkpoint_every", "checkpoint_every_steps", "out", "cache")
+NOT_IDENTITY = ("overwrite", "progress", "data_dir", "checkpoint_every", "checkpoint_every_steps", "workers", "out",
+                "cache")
 # Settings that students trained together in one vmapped step may differ in (the rest is their shared stream;
 # `data_seed` defaults to `seed`, so students of different seeds share a stream only with one --data-seed).
 GROUP_VARYING = ("seed", "temperature", "alpha", "loss", "combine", "members", "out")
@@ -112,6 +114,7 @@ CHECKS = {
     "shuffle_window": lambda v: v >= 1 or "must be >= 1 chunk",
     "checkpoint_every": lambda v: v >= 1 or "must be >= 1 epoch",
     "checkpoint_every_steps": lambda v: v is None or v >= 1 or "must be >= 1 step",
+    "workers": workers_check,
     "folds": lambda v: v >= 1 or "must be >= 1",
     "seed": seed_check,
     "data_seed": lambda v: v is None or seed_check(v),

@@ -14,20 +14,16 @@ uniform sample, even of a dataset sorted by class.
 
 import itertools
 import math
-import queue
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
 from shared.augment import Augmentation
 from shared.cache import ROWS, Cache
 from shared.data import TransferSet
-from shared.errors import StillroomError
 from shared.parallel import pad_rows
+from shared.workers import DEFAULT_PREFETCH, BatchRenderer
 from student_train.config import DEFAULT_SHUFFLE_WINDOW
-
-PREFETCH_BATCHES = 4
 
 
 def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:
@@ -60,71 +56,6 @@ def _batches(windows: Iterator[dict], batch_size: int, rng: np.random.Generator)
     yield {**padded, "mask": (np.arange(batch_size) < remaining).astype(np.float32)}
 
 
-def _render(transfer_set: TransferSet, augmentation: Augmentation) -> Callable[[dict], dict]:
-  """Turns rows into a batch with the rendered input `x`: rows hold `position` and either their stored view
-  parameters (a cache's) or a `view` id to draw them from; drawn rows also get their `labels` from the dataset."""
-  def render(rows: dict) -> dict:
-    batch = {k: v for k, v in rows.items() if k not in ("position", "view", *augmentation.param_names)}
-    inputs, labels = transfer_set.read(rows["position"])
-    if "view" in rows:
-      batch["x"], _ = augmentation.render_views(inputs, rows["index"], rows["view"])
-      batch["labels"] = labels.astype(np.int32)
-    else:
-      if augmentation.kind == "crop":
-        _check_boxes(rows["crop"], inputs, rows["index"])
-      batch["x"] = augmentation.render(inputs, {name: rows[name] for name in augmentation.param_names})
-    return batch
-  return render
-
-
-def _check_boxes(boxes: np.ndarray, images: list, index: np.ndarray) -> None:
-  """A stored crop box must lie inside its image: one that does not means the image changed since the cache was
-  built, in a way the fingerprint's sample did not see.
-
-  Raises:
-    StillroomError: naming the example.
-  """
-  sizes = np.array([image.shape[:2] for image in images]).reshape(-1, 2)
-  outside = (boxes[:, 0] + boxes[:, 2] > sizes[:, 0]) | (boxes[:, 1] + boxes[:, 3] > sizes[:, 1])
-  if outside.any():
-    k = int(np.argmax(outside))
-    raise StillroomError(f"example index {int(index[k])} is {sizes[k, 0]}x{sizes[k, 1]} pixels, but its cached crop "
-                         f"box {boxes[k].tolist()} does not fit in it: the image changed after the cache was built. "
-                         "Rebuild the cache (or restore the data).")
-
-
-def prefetch(iterator: Iterator, size: int = PREFETCH_BATCHES) -> Iterator:
-  """Runs `iterator` in a background thread, `size` items ahead; re-raises its errors here."""
-  items: queue.Queue = queue.Queue(maxsize=size)
-  done = object()
-  stop = threading.Event()
-
-  def produce():
-    try:
-      for item in iterator:
-        if stop.is_set():
-          return
-        items.put(item)
-      items.put(done)
-    except BaseException as e:  # pylint: disable=broad-except
-      items.put(e)
-
-  thread = threading.Thread(target=produce, name="batch-prefetch", daemon=True)
-  thread.start()
-  try:
-    while (item := items.get()) is not done:
-      if isinstance(item, BaseException):
-        raise item
-      yield item
-  finally:
-    stop.set()
-    while thread.is_alive():  # Unblock a producer waiting on a full queue.
-      try:
-        items.get_nowait()
-      except queue.Empty:
-        thread.join(0.01)
-
-
 class CacheLoader:
   """Streams (example, view) rows of a cache joined with their rendered inputs.
 
@@ -136,13 +67,16 @@ class CacheLoader:
     fields: teacher arrays to read per row ("targets" and/or "member_logits"; none for hard labels).
     examples: if given, only rows of these example indices (a label fraction).
     window_chunks: chunks shuffled together in memory.
+    workers: processes that read and render inputs (0: a thread of this process); see `shared.workers`.
+    prefetch: batches rendered ahead of the step.
   """
 
   def __init__(self, cache: Cache, transfer_set: TransferSet, *, batch_size: int, seed: int,
                fields: tuple[str, ...], examples: np.ndarray | None = None,
-               window_chunks: int = DEFAULT_SHUFFLE_WINDOW):
+               window_chunks: int = DEFAULT_SHUFFLE_WINDOW, workers: int = 0, prefetch: int = DEFAULT_PREFETCH):
     cache.require(("index", "labels", *cache.spec.arrays_of(ROWS, "view"), *fields), "streaming its rows")
     self.cache, self.transfer_set = cache, transfer_set
+    self.render = BatchRenderer(transfer_set, cache.spec.augmentation, workers=workers, prefetch=prefetch)
     self.batch_size, self.seed, self.fields, self.window_chunks = batch_size, seed, fields, window_chunks
     self._keep = None
     if examples is not None:
@@ -173,13 +107,15 @@ class CacheLoader:
       yield window
 
   def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
-    """The batches of one epoch (rendered in a background thread), from batch `start_step` on: the batches before
-    it are drawn, so the rest are those of the whole epoch, but not rendered."""
+    """The batches of one epoch (rendered ahead, see `shared.workers`), from batch `start_step` on: the batches
+    before it are drawn, so the rest are those of the whole epoch, but not rendered."""
     rng = _epoch_rng(self.seed, epoch)
     order = rng.permutation(self.cache.spec.num_chunks)  # Block-level shuffle.
-    render = _render(self.transfer_set, self.cache.spec.augmentation)
-    rows = itertools.islice(_batches(self._windows(order), self.batch_size, rng), start_step, None)
-    return prefetch(render(batch) for batch in rows)
+    return self.render(itertools.islice(_batches(self._windows(order), self.batch_size, rng), start_step, None))
+
+  def close(self) -> None:
+    """Stops the input workers."""
+    self.render.close()
 
 
 class ArrayLoader:
@@ -190,8 +126,10 @@ class ArrayLoader:
   """
 
   def __init__(self, transfer_set: TransferSet, *, batch_size: int, seed: int, augmentation: Augmentation,
-               augment: bool = False, examples: np.ndarray | None = None):
+               augment: bool = False, examples: np.ndarray | None = None, workers: int = 0,
+               prefetch: int = DEFAULT_PREFETCH):
     self.transfer_set, self.batch_size, self.seed = transfer_set, batch_size, seed
+    self.render = BatchRenderer(transfer_set, augmentation, workers=workers, prefetch=prefetch)
     self.augmentation, self.augment = augmentation, augment
     self.indices = transfer_set.indices if examples is None else np.sort(np.asarray(examples, np.int64))
     self.num_rows = len(self.indices)
@@ -206,6 +144,8 @@ class ArrayLoader:
     count = len(self.indices)
     window = {"index": self.indices, "position": self.transfer_set.positions(self.indices),
               "view": np.full(count, epoch + 1 if self.augment else 0, np.int32)}
-    render = _render(self.transfer_set, self.augmentation)
-    rows = itertools.islice(_batches(iter([window]), self.batch_size, rng), start_step, None)
-    return prefetch(render(batch) for batch in rows)
+    return self.render(itertools.islice(_batches(iter([window]), self.batch_size, rng), start_step, None))
+
+  def close(self) -> None:
+    """Stops the input workers."""
+    self.render.close()

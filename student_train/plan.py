@@ -99,7 +99,7 @@ class RunPlan:
 
   def stream_key(self) -> dict:
     """The settings that decide the batches a run sees: runs with equal keys can train together."""
-    per_run = GROUP_VARYING + ("overwrite", "progress")
+    per_run = GROUP_VARYING + ("overwrite", "progress", "workers")
     shared = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in per_run}
     return {**shared, "cache": None if self.cache is None else os.path.abspath(self.cache.path)}
 

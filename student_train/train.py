@@ -25,7 +25,8 @@ from tqdm import tqdm
 from shared.errors import StillroomError
 from shared.models import build_model
 from shared.outputs import RUN_DIR, OutputLock, check_not_an_input, check_output
-from shared.parallel import batch_sharding, check_batch_size, data_mesh, needs_step_sync, replicated
+from shared.parallel import batch_sharding, check_batch_size, data_mesh, needs_step_sync, on_devices, replicated
+from shared.workers import AUTO_WORKERS, resolve_workers
 from student_train import run_dir as files
 from student_train.config import FitConfig
 from student_train.evaluate import cached_teacher_top1, eval_line, predict_log_probs
@@ -55,11 +56,12 @@ def make_optimizer(config: FitConfig, steps_per_epoch: int) -> optax.GradientTra
 def make_loader(plan: RunPlan, fields: tuple[str, ...]):
   """The batch stream of a run: cache rows (with the teacher arrays in `fields`) or a dataset's examples."""
   config = plan.config
+  workers = resolve_workers(AUTO_WORKERS if config.workers is None else config.workers, plan.transfer_set)
   if plan.cache is not None:
     return CacheLoader(plan.cache, plan.transfer_set, batch_size=config.batch_size, seed=config.data_seed,
-                       fields=fields, examples=plan.examples, window_chunks=config.shuffle_window)
+                       fields=fields, examples=plan.examples, window_chunks=config.shuffle_window, workers=workers)
   return ArrayLoader(plan.transfer_set, batch_size=config.batch_size, seed=config.data_seed,
-                     augmentation=plan.augmentation, augment=config.augment, examples=plan.examples)
+                     augmentation=plan.augmentation, augment=config.augment, examples=plan.examples, workers=workers)
 
 
 def fit(config: FitConfig, *, log_epochs: bool = True, on_epoch: EpochCallback | None = None) -> dict:
@@ -189,112 +191,115 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
   config = first.config
   fields = tuple(sorted({f for plan in group if plan.teaching for f in plan.teaching.fields}))
   loader = make_loader(first, fields)
-  total_epochs = config.epochs + config.finetune_epochs
-  states = []
-  for plan in group:
-    model = build_model(plan.model_spec, seed=plan.config.seed)
-    optimizer = nnx.Optimizer(model, make_optimizer(plan.config, loader.steps_per_epoch), wrt=nnx.Param)
-    graphdef, state = nnx.split((model, optimizer))
-    states.append(state)
-  start_step, resumed_sums, resumed_seconds = 0, None, 0.0
-  if position is not None:
-    start_epoch, start_step = position["epoch"], position["step"]
-    resumed_sums = _stacked_sums([meta["sums"] for meta in position["metas"]])
-    resumed_seconds = position["metas"][0]["seconds"]
-    states = [mid.restore(state, position["global"]) for mid, state in zip(mids, states)]
-    _log(f"resuming {', '.join(p.config.out for p in group)} after step {start_step} of epoch {start_epoch + 1} of "
-         f"{total_epochs}")
-  elif start_epoch:
-    states = [c.restore(state, start_epoch) for c, state in zip(checkpoints, states)]
-    _log(f"resuming {', '.join(p.config.out for p in group)} after epoch {start_epoch} of {total_epochs}")
-  for plan in group:
-    files.truncate_metrics(plan.config.out, start_epoch)
-  num_members = first.cache.spec.num_members if first.cache is not None else 1
-  per_student = stack_hypers([plan.hypers(num_members) for plan in group], [plan.config.seed for plan in group])
-  distill_alpha = per_student.pop("alpha")
-  stacked = jax.device_put(stack_states(states), replicated(mesh))
-  fixed = static_flags(per_student)
-  per_student = jax.device_put(per_student, replicated(mesh))
-  step = make_train_step(graphdef, first.normalization, mesh, fixed)
-  predict = make_predict(graphdef, first.normalization, mesh)
-  teacher_top1 = [cached_teacher_top1(plan) for plan in group]
-  if first.cache is not None and first.eval_set is not None and teacher_top1[0] is None:
-    _log(f"the cache stores no teacher logits for {first.eval_set.name} {first.eval_set.split!r} (build it with "
-         "--eval-split for that split): eval_teacher_agreement is not reported.")
-  sharding, sync = batch_sharding(mesh), needs_step_sync(mesh)
-  diverged: list[str] = []
-  all_checkpoints, all_mids = list(checkpoints), list(mids)
-  every_steps = config.checkpoint_every_steps
-  if len(group) > 1 and log_epochs:
-    _log(f"training {len(group)} students together in one vmapped step")
-  for epoch in range(start_epoch, total_epochs):
-    finetuning = epoch >= config.epochs
-    alpha = np.ones(len(group), np.float32) if finetuning else distill_alpha
-    epoch_hypers = {**per_student, "alpha": jax.device_put(alpha, replicated(mesh))}
-    first_step = start_step if epoch == start_epoch else 0
-    sums = resumed_sums if first_step else None
-    started = time.perf_counter() - (resumed_seconds if first_step else 0.0)  # The epoch's seconds, all attempts.
-    bar = tqdm(total=loader.num_rows, initial=min(first_step * config.batch_size, loader.num_rows), unit="row",
-               unit_scale=True, disable=not config.progress, leave=False,
-               desc=f"epoch {epoch + 1}/{total_epochs}" + (" (fine-tune)" if finetuning else ""))
-    for index, batch in enumerate(loader.epoch(epoch, first_step), start=first_step):
-      rows_in_batch = int(batch["mask"].sum())
-      batch = jax.device_put({k: v for k, v in batch.items() if k != "index"}, sharding)
-      stacked, metrics = step(stacked, batch, epoch_hypers)
-      if sync:
-        jax.block_until_ready(metrics)
-      sums = accumulate(_empty_sums(metrics) if sums is None else sums, metrics, index)
-      bar.update(rows_in_batch)
-      done = index + 1
-      # Mid-epoch checkpoints, only while every student is finite: one that diverged is dropped at the epoch's end,
-      # and until then the group saves none.
-      if every_steps and done % every_steps == 0 and done < loader.steps_per_epoch \
-          and bool(np.all(jax.device_get(params_finite(stacked)))):
-        fetched, seconds = jax.device_get(sums), time.perf_counter() - started
-        for k, mid in enumerate(mids):
-          mid.save(unstack_state(stacked, k), epoch * loader.steps_per_epoch + done,
-                   {"epoch": epoch, "step": done, "seconds": seconds, "sums": _sums_of(fetched, k)})
-    bar.close()
-    totals = jax.device_get(sums)
-    seconds = time.perf_counter() - started
-    problems = _non_finite(group, checkpoints, epoch, totals, params_finite(stacked), loader.steps_per_epoch)
-    if problems:  # Those runs stop here, before this epoch is written; the others go on without them.
-      for k, problem in problems.items():
-        files.write_diverged(group[k].config.out, f"diverged in epoch {epoch + 1}: {problem}")
-        diverged.append(f"{group[k].config.out} diverged in epoch {epoch + 1}: {problem}")
-      keep = [k for k in range(len(group)) if k not in problems]
-      if not keep:
-        group = []
-        break
-      group, checkpoints, mids = [group[k] for k in keep], [checkpoints[k] for k in keep], [mids[k] for k in keep]
-      teacher_top1 = [teacher_top1[k] for k in keep]
-      stacked, per_student = jax.tree.map(lambda a: a[np.array(keep)], (stacked, per_student))
-      distill_alpha = distill_alpha[keep]
-      totals = {name: value[keep] for name, value in totals.items()}
-      step = make_train_step(graphdef, first.normalization, mesh, static_flags(jax.device_get(per_student)))
-    eval_log_probs = None if first.eval_set is None else predict_log_probs(
-        predict, stacked, first.eval_set, first.augmentation, config.batch_size, mesh)
-    for k, plan in enumerate(group):
-      line = _epoch_line(plan, epoch, {name: value[k] for name, value in totals.items()}, seconds, len(group))
-      if eval_log_probs is not None:
-        line.update(eval_line(eval_log_probs[k], plan, teacher_top1[k]))
-      files.append_metrics(plan.config.out, line)  # Before the checkpoint: see `files.truncate_metrics`.
-      if log_epochs:
-        _log(f"{plan.config.out}: {_summary(line)}" if len(group) > 1 else _summary(line))
-      if on_epoch is not None:
-        on_epoch(plan, line)
-    if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == total_epochs:
-      for k, checkpoint in enumerate(checkpoints):
-        checkpoint.save(graphdef, unstack_state(stacked, k), epoch + 1)
-      for mid in mids:
-        if mid is not None:
-          mid.clear()  # This epoch checkpoint supersedes them.
-  for checkpoint in all_checkpoints + [mid for mid in all_mids if mid is not None]:
-    checkpoint.close()
-  finals = [files.write_final(plan.config.out, total_epochs) for plan in group]
-  if diverged:  # The others have finished; these have not.
-    raise Diverged("; ".join(diverged) + DIVERGED_ADVICE)
-  return finals
+  try:
+    total_epochs = config.epochs + config.finetune_epochs
+    states = []
+    for plan in group:
+      model = build_model(plan.model_spec, seed=plan.config.seed)
+      optimizer = nnx.Optimizer(model, make_optimizer(plan.config, loader.steps_per_epoch), wrt=nnx.Param)
+      graphdef, state = nnx.split((model, optimizer))
+      states.append(state)
+    start_step, resumed_sums, resumed_seconds = 0, None, 0.0
+    if position is not None:
+      start_epoch, start_step = position["epoch"], position["step"]
+      resumed_sums = _stacked_sums([meta["sums"] for meta in position["metas"]])
+      resumed_seconds = position["metas"][0]["seconds"]
+      states = [mid.restore(state, position["global"]) for mid, state in zip(mids, states)]
+      _log(f"resuming {', '.join(p.config.out for p in group)} after step {start_step} of epoch {start_epoch + 1} of "
+           f"{total_epochs}")
+    elif start_epoch:
+      states = [c.restore(state, start_epoch) for c, state in zip(checkpoints, states)]
+      _log(f"resuming {', '.join(p.config.out for p in group)} after epoch {start_epoch} of {total_epochs}")
+    for plan in group:
+      files.truncate_metrics(plan.config.out, start_epoch)
+    num_members = first.cache.spec.num_members if first.cache is not None else 1
+    per_student = stack_hypers([plan.hypers(num_members) for plan in group], [plan.config.seed for plan in group])
+    distill_alpha = per_student.pop("alpha")
+    stacked = jax.device_put(stack_states(states), replicated(mesh))
+    fixed = static_flags(per_student)
+    per_student = jax.device_put(per_student, replicated(mesh))
+    step = make_train_step(graphdef, first.normalization, mesh, fixed)
+    predict = make_predict(graphdef, first.normalization, mesh)
+    teacher_top1 = [cached_teacher_top1(plan) for plan in group]
+    if first.cache is not None and first.eval_set is not None and teacher_top1[0] is None:
+      _log(f"the cache stores no teacher logits for {first.eval_set.name} {first.eval_set.split!r} (build it with "
+           "--eval-split for that split): eval_teacher_agreement is not reported.")
+    sharding, sync = batch_sharding(mesh), needs_step_sync(mesh)
+    diverged: list[str] = []
+    all_checkpoints, all_mids = list(checkpoints), list(mids)
+    every_steps = config.checkpoint_every_steps
+    if len(group) > 1 and log_epochs:
+      _log(f"training {len(group)} students together in one vmapped step")
+    for epoch in range(start_epoch, total_epochs):
+      finetuning = epoch >= config.epochs
+      alpha = np.ones(len(group), np.float32) if finetuning else distill_alpha
+      epoch_hypers = {**per_student, "alpha": jax.device_put(alpha, replicated(mesh))}
+      first_step = start_step if epoch == start_epoch else 0
+      sums = resumed_sums if first_step else None
+      started = time.perf_counter() - (resumed_seconds if first_step else 0.0)  # The epoch's seconds, all attempts.
+      bar = tqdm(total=loader.num_rows, initial=min(first_step * config.batch_size, loader.num_rows), unit="row",
+                 unit_scale=True, disable=not config.progress, leave=False,
+                 desc=f"epoch {epoch + 1}/{total_epochs}" + (" (fine-tune)" if finetuning else ""))
+      for index, (batch, placed) in enumerate(on_devices(loader.epoch(epoch, first_step), sharding),
+                                              start=first_step):
+        rows_in_batch = int(batch["mask"].sum())
+        stacked, metrics = step(stacked, placed, epoch_hypers)
+        if sync:
+          jax.block_until_ready(metrics)
+        sums = accumulate(_empty_sums(metrics) if sums is None else sums, metrics, index)
+        bar.update(rows_in_batch)
+        done = index + 1
+        # Mid-epoch checkpoints, only while every student is finite: one that diverged is dropped at the epoch's end,
+        # and until then the group saves none.
+        if every_steps and done % every_steps == 0 and done < loader.steps_per_epoch \
+            and bool(np.all(jax.device_get(params_finite(stacked)))):
+          fetched, seconds = jax.device_get(sums), time.perf_counter() - started
+          for k, mid in enumerate(mids):
+            mid.save(unstack_state(stacked, k), epoch * loader.steps_per_epoch + done,
+                     {"epoch": epoch, "step": done, "seconds": seconds, "sums": _sums_of(fetched, k)})
+      bar.close()
+      totals = jax.device_get(sums)
+      seconds = time.perf_counter() - started
+      problems = _non_finite(group, checkpoints, epoch, totals, params_finite(stacked), loader.steps_per_epoch)
+      if problems:  # Those runs stop here, before this epoch is written; the others go on without them.
+        for k, problem in problems.items():
+          files.write_diverged(group[k].config.out, f"diverged in epoch {epoch + 1}: {problem}")
+          diverged.append(f"{group[k].config.out} diverged in epoch {epoch + 1}: {problem}")
+        keep = [k for k in range(len(group)) if k not in problems]
+        if not keep:
+          group = []
+          break
+        group, checkpoints, mids = [group[k] for k in keep], [checkpoints[k] for k in keep], [mids[k] for k in keep]
+        teacher_top1 = [teacher_top1[k] for k in keep]
+        stacked, per_student = jax.tree.map(lambda a: a[np.array(keep)], (stacked, per_student))
+        distill_alpha = distill_alpha[keep]
+        totals = {name: value[keep] for name, value in totals.items()}
+        step = make_train_step(graphdef, first.normalization, mesh, static_flags(jax.device_get(per_student)))
+      eval_log_probs = None if first.eval_set is None else predict_log_probs(
+          predict, stacked, first.eval_set, first.augmentation, config.batch_size, mesh)
+      for k, plan in enumerate(group):
+        line = _epoch_line(plan, epoch, {name: value[k] for name, value in totals.items()}, seconds, len(group))
+        if eval_log_probs is not None:
+          line.update(eval_line(eval_log_probs[k], plan, teacher_top1[k]))
+        files.append_metrics(plan.config.out, line)  # Before the checkpoint: see `files.truncate_metrics`.
+        if log_epochs:
+          _log(f"{plan.config.out}: {_summary(line)}" if len(group) > 1 else _summary(line))
+        if on_epoch is not None:
+          on_epoch(plan, line)
+      if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == total_epochs:
+        for k, checkpoint in enumerate(checkpoints):
+          checkpoint.save(graphdef, unstack_state(stacked, k), epoch + 1)
+        for mid in mids:
+          if mid is not None:
+            mid.clear()  # This epoch checkpoint supersedes them.
+    for checkpoint in all_checkpoints + [mid for mid in all_mids if mid is not None]:
+      checkpoint.close()
+    finals = [files.write_final(plan.config.out, total_epochs) for plan in group]
+    if diverged:  # The others have finished; these have not.
+      raise Diverged("; ".join(diverged) + DIVERGED_ADVICE)
+    return finals
+  finally:
+    loader.close()
 
 
 _NEVER = np.iinfo(np.int32).max  # "No non-finite step yet".

@@ -33,7 +33,8 @@ from shared.models import check_input_shape
 from shared.outputs import STORE, OutputLock, check_not_an_input, check_output, clear_for_overwrite, storage_errors
 from shared.parallel import batch_sharding, cap_batch, check_batch_size, data_mesh, pad_rows, replicated
 from shared.runs import Teacher, load_teacher
-from shared.settings import setting
+from shared.settings import WORKERS_HELP, setting
+from shared.workers import AUTO_WORKERS, BatchRenderer, resolve_workers
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -72,6 +73,7 @@ class BuildConfig:
   batch_size: int = setting(256, "rows per forward pass, a multiple of the device count")
   chunk_rows: int = setting(4096, "rows per Zarr chunk: the unit of writing, resuming and reading")
   dtype: str = setting("float16", "storage dtype of logits and targets", choices=STORAGE_DTYPES)
+  workers: int | None = setting(None, WORKERS_HELP, metavar="N")
   overwrite: bool = setting(False, "replace an existing --out built with other settings")
   progress: bool = setting(True, "progress bar")
 
@@ -368,53 +370,22 @@ def _write_chunks(cache: Cache, transfer_set: TransferSet, eval_set: TransferSet
     _log(f"resuming {cache.path}: {total - remaining} of {total} rows already committed")
   rows_forward, eval_forward = _make_forwards(teachers, spec, mesh)
   params = jax.device_put([t.params for t in teachers], replicated(mesh))
-  sharding = batch_sharding(mesh)
-  batch_size = config.batch_size
-
-  def run_batches(forward, count: int, inputs_of):
-    """The forward over padded batches of `inputs_of(rows) -> (inputs, ...)` for rows 0..count-1 of a chunk (a
-    slice). The outputs stay device arrays until the end, so dispatch runs ahead while the host reads and renders
-    the next batch."""
-    outputs = []
-    for offset in range(0, count, batch_size):
-      args = [jax.device_put(pad_rows(a, batch_size), sharding) for a in inputs_of(slice(offset, offset + batch_size))]
-      outputs.append(forward(params, *args))
-    return [np.concatenate([np.asarray(o[k]) for o in outputs])[:count] for k in range(len(outputs[0]))]
-
-  augmentation = spec.augmentation
-
-  def render(data: TransferSet, positions: np.ndarray, index: np.ndarray, view: np.ndarray, read: dict):
-    """Reads and renders examples; appends their view parameters and labels to the lists in `read`."""
-    inputs, labels = data.read(positions)
-    views, params = augmentation.render_views(inputs, index, view)
-    for name, values in {**params, "labels": np.where(labels >= 0, labels, -1).astype(np.int32)}.items():
-      read.setdefault(name, []).append(values)
-    return views
-
-  def joined(read: dict) -> dict:
-    return {name: np.concatenate(parts) for name, parts in read.items()}
-
   writer = ChunkWriter(cache.group)
   bar = tqdm(total=total, initial=total - remaining, unit="row", unit_scale=True, desc="teacher-cache build",
              disable=not config.progress)
   started = time.perf_counter()
   try:
-    for chunk in todo.get(EVAL_ROWS, ()):
-      start, stop = cache.chunk_bounds(chunk, EVAL_ROWS)
-      index, read = eval_set.indices[start:stop], {}
-      logits, finite = run_batches(eval_forward, stop - start, lambda part: (render(
-          eval_set, np.arange(start, stop)[part], index[part], np.zeros(len(index[part]), np.int32), read),))
-      _check_finite(finite, lambda row, member: (spec.member_name(member), member, index[row], "eval split"), cache)
-      writer.put(EVAL_ROWS, chunk, start, stop, {
-          "eval_member_logits": logits, "eval_index": index, "eval_labels": joined(read)["labels"]})
-      bar.update(stop - start)
-    for chunk in todo[ROWS]:
-      start, stop = cache.chunk_bounds(chunk)
-      view, position = spec.row_sources(np.arange(start, stop))
-      index, read = transfer_set.indices[position], {}
-      fold = fold_of(index, spec.folds)
-      logits, targets, finite, finite_targets = run_batches(rows_forward, stop - start, lambda part: (
-          render(transfer_set, position[part], index[part], view[part], read), fold[part]))
+    if eval_set is not None:
+      for chunk, rows, (logits, finite) in _computed_chunks(cache, EVAL_ROWS, todo[EVAL_ROWS], eval_set, config,
+                                                            lambda x, _: eval_forward(params, x), mesh):
+        _check_finite(finite, lambda row, member: (spec.member_name(member), member, rows["index"][row],
+                                                   "eval split"), cache)
+        writer.put(EVAL_ROWS, chunk, *cache.chunk_bounds(chunk, EVAL_ROWS), {
+            "eval_member_logits": logits, "eval_index": rows["index"], "eval_labels": rows["labels"]})
+        bar.update(len(logits))
+    for chunk, rows, (logits, targets, finite, finite_targets) in _computed_chunks(
+        cache, ROWS, todo[ROWS], transfer_set, config, lambda x, fold: rows_forward(params, x, fold), mesh):
+      index, view, fold = rows["index"], rows["view"], rows["fold"]
       _check_finite(finite, lambda row, member: (
           spec.members[member * spec.folds + max(int(fold[row]), 0)].name, member, index[row],
           f"view {int(view[row])}"), cache)
@@ -423,14 +394,61 @@ def _write_chunks(cache: Cache, transfer_set: TransferSet, eval_set: TransferSet
         raise StillroomError(f"the {spec.combine} targets at T={spec.temperature:g} are not finite for example index "
                              f"{int(index[row])} (view {int(view[row])}) although every member's logits are: T is "
                              f"too small for these logits; the store {cache.path} is left incomplete.")
-      writer.put(ROWS, chunk, start, stop, {
-          "targets": targets, "member_logits": logits, "index": index, "view": view, "fold": fold, **joined(read)})
-      bar.update(stop - start)
+      writer.put(ROWS, chunk, *cache.chunk_bounds(chunk), {"targets": targets, "member_logits": logits, **rows})
+      bar.update(len(index))
   finally:
     bar.close()
     writer.close()
   if remaining:
     _log(f"{remaining} rows in {time.perf_counter() - started:.1f} s")
+
+
+def _computed_chunks(cache: Cache, row_set: str, chunks: list[int], data: TransferSet, config: BuildConfig,
+                     forward, mesh):
+  """The teachers' outputs on the rows of `chunks`, a chunk at a time.
+
+  Each chunk's rows go in padded batches that start at its first row (so a resumed build computes what an
+  uninterrupted one does), rendered ahead in worker processes (`shared.workers`). The outputs stay device arrays
+  until the chunk's last batch is dispatched, so the devices run ahead of the host.
+
+  Args:
+    forward: `(x [B, ...], fold int32 [B]) -> tuple of [B, ...] device arrays`.
+
+  Yields:
+    `(chunk, rows, outputs)`: rows has the chunk's `index`, `labels` and view parameters (and for transfer rows
+    `view` and `fold`), each [R]; outputs are `forward`'s, concatenated to [R, ...] numpy arrays.
+  """
+  spec, batch_size, sharding = cache.spec, config.batch_size, batch_sharding(mesh)
+
+  def batches():
+    for chunk in chunks:
+      start, stop = cache.chunk_bounds(chunk, row_set)
+      if row_set == EVAL_ROWS:
+        position, view = np.arange(start, stop), np.zeros(stop - start, np.int32)
+      else:
+        view, position = spec.row_sources(np.arange(start, stop))
+      index = data.indices[position]
+      fold = fold_of(index, spec.folds)
+      for offset in range(0, stop - start, batch_size):
+        part = slice(offset, offset + batch_size)
+        yield {"position": position[part], "index": index[part], "view": view[part], "fold": fold[part],
+               "chunk": chunk, "last": offset + batch_size >= stop - start}
+
+  workers = resolve_workers(AUTO_WORKERS if config.workers is None else config.workers, data)
+  outputs, parts = [], []
+  with BatchRenderer(data, spec.augmentation, workers=workers) as render:
+    for batch in render(batches()):
+      x, fold = (jax.device_put(pad_rows(a, batch_size), sharding) for a in (batch["x"], batch["fold"]))
+      outputs.append(forward(x, fold))
+      parts.append({k: v for k, v in batch.items() if k not in ("x", "chunk", "last")})
+      if batch["last"]:
+        count = sum(len(part["index"]) for part in parts)
+        rows = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
+        if row_set == EVAL_ROWS:
+          rows = {"index": rows["index"], "labels": rows["labels"]}
+        yield batch["chunk"], rows, [np.concatenate([np.asarray(o[k]) for o in outputs])[:count]
+                                     for k in range(len(outputs[0]))]
+        outputs, parts = [], []
 
 
 def _chunks_to_write(cache: Cache, row_set: str) -> list[int]:

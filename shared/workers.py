@@ -1,0 +1,226 @@
+"""Rendering inputs in worker processes: reading (decoding) examples and drawing their views, a batch at a time.
+
+Both stages turn rows (an example's position, its index, and its view: an id to draw, or the parameters a cache
+stored) into the batch the model sees. For decoded images (JPEG/PNG folders, TFDS image splits) that is the
+expensive part of a step, so `BatchRenderer` runs it in spawned worker processes, `prefetch` batches ahead of the
+consumer, in order: the batches are the same with any number of workers.
+
+An element sent to a worker is a whole batch (per-row work in a pool costs more than a small step), and only what
+rendering needs crosses the process boundary: the rows' teacher arrays stay in the parent. Workers are spawned,
+never forked: a fork of a process running JAX's threads can deadlock. Each worker receives the transfer set once,
+when it starts.
+"""
+
+import collections
+import concurrent.futures
+import multiprocessing
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+
+from shared.augment import Augmentation
+from shared.data import TransferSet
+from shared.errors import StillroomError
+
+AUTO_WORKERS = -1  # "Choose from the data and the machine" (see `resolve_workers`).
+MAX_AUTO_WORKERS = 8
+DEFAULT_PREFETCH = 4
+ORPHAN_POLL_SECONDS = 1.0
+
+
+def resolve_workers(workers: int, transfer_set: TransferSet) -> int:
+  """The worker count to use: `workers` as given, or for `AUTO_WORKERS` none when the examples are arrays in memory
+  (rendering them is cheaper than sending them to a process) and otherwise one per core but one, from 1 to
+  `MAX_AUTO_WORKERS` (the parent's core runs the step)."""
+  if workers != AUTO_WORKERS:
+    return workers
+  if transfer_set.in_memory:
+    return 0
+  return max(1, min(MAX_AUTO_WORKERS, (os.cpu_count() or 2) - 1))
+
+
+def render_rows(transfer_set: TransferSet, augmentation: Augmentation, rows: dict) -> dict:
+  """Reads and renders one batch of rows.
+
+  Args:
+    rows: `position` int64 [B] (in `transfer_set`), `index` int64 [B] (example indices), and either `view` int32 [B]
+      (view ids: their parameters are drawn) or the stored parameters `augmentation.param_names` of each row.
+
+  Returns:
+    `x` [B, *augmentation.output_shape]; with `view`, also `labels` int32 [B] (-1 where unlabeled) and the drawn
+    parameters.
+
+  Raises:
+    StillroomError: an example cannot be read, or is not the image the stored parameters were drawn for.
+  """
+  inputs, labels = transfer_set.read(rows["position"])
+  if "view" in rows:
+    x, params = augmentation.render_views(inputs, rows["index"], rows["view"])
+    return {"x": x, "labels": np.where(labels >= 0, labels, -1).astype(np.int32), **params}
+  params = {name: rows[name] for name in augmentation.param_names}
+  if augmentation.kind == "crop":
+    _check_boxes(params["crop"], inputs, rows["index"])
+  return {"x": augmentation.render(inputs, params)}
+
+
+def _check_boxes(boxes: np.ndarray, images: list, index: np.ndarray) -> None:
+  """A stored crop box must lie inside its image: one that does not means the image changed since the cache was
+  built, in a way the fingerprint's sample did not see.
+
+  Raises:
+    StillroomError: naming the example.
+  """
+  sizes = np.array([image.shape[:2] for image in images]).reshape(-1, 2)
+  outside = (boxes[:, 0] + boxes[:, 2] > sizes[:, 0]) | (boxes[:, 1] + boxes[:, 3] > sizes[:, 1])
+  if outside.any():
+    k = int(np.argmax(outside))
+    raise StillroomError(f"example index {int(index[k])} is {sizes[k, 0]}x{sizes[k, 1]} pixels, but its cached crop "
+                         f"box {boxes[k].tolist()} does not fit in it: the image changed after the cache was built. "
+                         "Rebuild the cache (or restore the data).")
+
+
+_worker_inputs: tuple[TransferSet, Augmentation] | None = None
+
+
+def _start_worker(transfer_set: TransferSet, augmentation: Augmentation, parent: int) -> None:
+  global _worker_inputs  # pylint: disable=global-statement
+  _worker_inputs = (transfer_set, augmentation)
+  # A worker holds both ends of its task queue, so it would wait forever for work from a parent that was killed.
+  threading.Thread(target=_exit_when_orphaned, args=(parent,), name="orphan-watch", daemon=True).start()
+
+
+def _exit_when_orphaned(parent: int) -> None:
+  while os.getppid() == parent:
+    time.sleep(ORPHAN_POLL_SECONDS)
+  os._exit(1)
+
+
+def _ready() -> None:
+  """A task that only makes the pool start a worker."""
+
+
+def _render_in_worker(rows: dict) -> dict:
+  return render_rows(*_worker_inputs, rows)
+
+
+class BatchRenderer:
+  """Renders streams of row batches (one stream per epoch), up to `prefetch` batches ahead of the consumer, in order.
+
+  A stream's batches are produced (e.g. chunks read and shuffled) in a background thread; with `workers` > 0 they
+  are rendered in that many spawned processes, started here and kept for every stream until `close`, otherwise in
+  that thread.
+
+  Args:
+    transfer_set: the examples rows refer to.
+    augmentation: the views.
+    workers: worker processes (0: render in a thread of this process).
+    prefetch: batches rendered or being rendered ahead of the one consumed (bounds memory).
+  """
+
+  def __init__(self, transfer_set: TransferSet, augmentation: Augmentation, *, workers: int,
+               prefetch: int = DEFAULT_PREFETCH):
+    self.transfer_set, self.augmentation = transfer_set, augmentation
+    self.workers, self.prefetch = workers, max(1, prefetch)
+    self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+    if workers > 0:
+      # Started now, so that the workers' start (about a second: spawned interpreters import numpy and JAX)
+      # overlaps the model's initialisation and compilation instead of delaying the first batch.
+      self._pool = concurrent.futures.ProcessPoolExecutor(
+          max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+          initargs=(transfer_set, augmentation, os.getpid()))
+      for _ in range(workers):
+        self._pool.submit(_ready)
+
+  def __enter__(self) -> "BatchRenderer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def close(self) -> None:
+    """Stops the worker processes (a stream still running fails)."""
+    if self._pool is not None:
+      self._pool.shutdown(wait=True, cancel_futures=True)
+      self._pool = None
+
+  def __call__(self, batches: Iterator[dict]) -> Iterator[dict]:
+    """Renders `batches` (dicts of row arrays with at least the fields `render_rows` reads).
+
+    Yields:
+      Each batch without `position` and stored view parameters, with `render_rows`'s output.
+    """
+    if self.workers <= 0:
+      rendered = (self._joined(rows, render_rows(self.transfer_set, self.augmentation, rows)) for rows in batches)
+      return _in_thread(rendered, self.prefetch)
+    return _in_thread(self._in_processes(batches), 1)
+
+  def _joined(self, rows: dict, rendered: dict) -> dict:
+    # Stored view parameters are used up by rendering; drawn ones come back in `rendered`.
+    drop = ("position", *self.augmentation.param_names)
+    return {**{k: v for k, v in rows.items() if k not in drop}, **rendered}
+
+  def _in_processes(self, batches: Iterator[dict]) -> Iterator[dict]:
+    if self._pool is None:
+      raise StillroomError("the input workers were stopped (BatchRenderer.close) before this epoch")
+    keys = ("position", "index", "view", *self.augmentation.param_names)  # The rest stays in this process.
+    pending: collections.deque = collections.deque()
+    try:
+      for rows in batches:
+        pending.append((rows, self._pool.submit(_render_in_worker, {k: v for k, v in rows.items() if k in keys})))
+        if len(pending) > self.prefetch:
+          rows, future = pending.popleft()
+          yield self._joined(rows, _result(future))
+      while pending:
+        rows, future = pending.popleft()
+        yield self._joined(rows, _result(future))
+    finally:
+      for _, future in pending:
+        future.cancel()
+
+
+def _result(future: concurrent.futures.Future) -> dict:
+  try:
+    return future.result()
+  except concurrent.futures.process.BrokenProcessPool as e:
+    raise StillroomError("an input worker process died (killed, or out of memory?); rerun with fewer --workers, "
+                         "or --workers 0 to render in the main process") from e
+
+
+def _in_thread(iterator: Iterator, size: int) -> Iterator:
+  """Runs `iterator` in a background thread, `size` items ahead; re-raises its errors here."""
+  items: queue.Queue = queue.Queue(maxsize=size)
+  done = object()
+  stop = threading.Event()
+
+  def produce():
+    try:
+      for item in iterator:
+        if stop.is_set():
+          break
+        items.put(item)
+      else:
+        items.put(done)
+    except BaseException as e:  # pylint: disable=broad-except
+      items.put(e)
+    finally:
+      if stop.is_set() and hasattr(iterator, "close"):
+        iterator.close()  # Shuts the worker pool down, from the thread that runs the generator.
+
+  thread = threading.Thread(target=produce, name="batch-prefetch", daemon=True)
+  thread.start()
+  try:
+    while (item := items.get()) is not done:
+      if isinstance(item, BaseException):
+        raise item
+      yield item
+  finally:
+    stop.set()
+    while thread.is_alive():  # Unblock a producer waiting on a full queue.
+      try:
+        items.get_nowait()
+      except queue.Empty:
+        thread.join(0.01)
