@@ -46,3 +46,58 @@ def write_json(path: str, result: dict) -> None:
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   with open(path, "w") as f:
     json.dump({**result, "machine": machine()}, f, indent=2)
+
+
+def _rss_kb(pid: int) -> int:
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      return next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
+  except OSError:
+    return 0
+
+
+def _descendants(pid: int) -> list[int]:
+  children: dict[int, list[int]] = {}
+  for entry in os.listdir("/proc"):
+    if entry.isdigit():
+      try:
+        with open(f"/proc/{entry}/stat") as f:
+          parent = int(f.read().rsplit(")", 1)[1].split()[1])
+      except (OSError, ValueError, IndexError):
+        continue
+      children.setdefault(parent, []).append(int(entry))
+  found, todo = [], [pid]
+  while todo:
+    for child in children.get(todo.pop(), []):
+      found.append(child)
+      todo.append(child)
+  return found
+
+
+def sample_tree_rss(interval: float = 0.1) -> Callable[[], dict]:
+  """Samples the resident memory of this process and its descendants (input workers) in a background thread, from
+  /proc (Linux). `ru_maxrss` cannot give the workers' figure: a spawned child inherits its parent's high-water mark
+  through fork+exec.
+
+  Returns:
+    A function that stops sampling and returns {"tree_peak_mb": peak of the sum, "workers_peak_mb": peak of the
+    descendants' sum}.
+  """
+  import threading  # pylint: disable=import-outside-toplevel
+  peaks = {"tree": 0, "workers": 0}
+  stop = threading.Event()
+
+  def sample():
+    while not stop.wait(interval):
+      workers = sum(_rss_kb(pid) for pid in _descendants(os.getpid()))
+      peaks["tree"] = max(peaks["tree"], _rss_kb(os.getpid()) + workers)
+      peaks["workers"] = max(peaks["workers"], workers)
+
+  thread = threading.Thread(target=sample, daemon=True)
+  thread.start()
+
+  def finish() -> dict:
+    stop.set()
+    thread.join()
+    return {"tree_peak_mb": peaks["tree"] / 1024, "workers_peak_mb": peaks["workers"] / 1024}
+  return finish
