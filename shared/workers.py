@@ -27,7 +27,7 @@ from shared.data import TransferSet
 from shared.errors import StillroomError
 
 AUTO_WORKERS = -1  # "Choose from the data and the machine" (see `resolve_workers`).
-MAX_AUTO_WORKERS = 8
+MAX_AUTO_WORKERS = 8  # 8 fed a small student fastest on a 16-vCPU host; 15 starved the main process (README).
 DEFAULT_PREFETCH = 4
 ORPHAN_POLL_SECONDS = 1.0
 
@@ -118,7 +118,8 @@ class BatchRenderer:
     transfer_set: the examples rows refer to.
     augmentation: the views.
     workers: worker processes (0: render in a thread of this process).
-    prefetch: batches rendered or being rendered ahead of the one consumed (bounds memory).
+    prefetch: batches rendered ahead of the one consumed, besides one being rendered by each worker (bounds
+      memory: at most `workers + prefetch` batches are in flight).
   """
 
   def __init__(self, transfer_set: TransferSet, augmentation: Augmentation, *, workers: int,
@@ -171,7 +172,7 @@ class BatchRenderer:
     try:
       for rows in batches:
         pending.append((rows, self._pool.submit(_render_in_worker, {k: v for k, v in rows.items() if k in keys})))
-        if len(pending) > self.prefetch:
+        if len(pending) >= self.workers + self.prefetch:  # One batch in each worker, `prefetch` done.
           rows, future = pending.popleft()
           yield self._joined(rows, _result(future))
       while pending:

@@ -6,10 +6,10 @@ cache `targets` or `member_logits`. Every row is seen exactly once per epoch, in
 the seed and the epoch.
 
 The cache loader never holds the cache in memory: each epoch reads whole chunks in a shuffled order (a per-row
-read is far slower), shuffles rows across a window of chunks in memory, and runs in a background thread, so
-reading and view rendering overlap the device's step. Batches are close to uniform samples of the rows because the
-build stores each view's examples in a seeded permuted order (`CacheSpec.row_sources`): every chunk is already a
-uniform sample, even of a dataset sorted by class.
+read is far slower) and shuffles rows across a window of chunks in memory, in a background thread; the inputs are
+decoded and rendered in worker processes (`shared.workers`), so reading and rendering overlap the device's step.
+Batches are close to uniform samples of the rows because the build stores each view's examples in a seeded permuted
+order (`CacheSpec.row_sources`): every chunk is already a uniform sample, even of a dataset sorted by class.
 """
 
 import itertools

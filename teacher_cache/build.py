@@ -2,7 +2,8 @@
 
 The build runs chunk by chunk: first the eval split's member logits (if any), then the transfer set's rows. Each
 chunk's rows are computed in batches that start at the chunk's first row, so a resumed build computes every batch
-exactly as an uninterrupted one does. A background thread writes finished chunks (and then marks each in its
+exactly as an uninterrupted one does; the inputs are decoded and rendered ahead in worker processes
+(`shared.workers`). A background thread writes finished chunks (and then marks each in its
 bookkeeping array) while the devices compute the next batches; the completion record is written only after the
 last chunk is committed.
 """
