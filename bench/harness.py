@@ -74,10 +74,10 @@ def _descendants(pid: int) -> list[int]:
   return found
 
 
-def sample_tree_rss(interval: float = 0.1) -> Callable[[], dict]:
-  """Samples the resident memory of this process and its descendants (input workers) in a background thread, from
-  /proc (Linux). `ru_maxrss` cannot give the workers' figure: a spawned child inherits its parent's high-water mark
-  through fork+exec.
+def sample_tree_rss(root: int, interval: float = 0.1) -> Callable[[], dict]:
+  """Samples the resident memory of process `root` and its descendants (input workers) in a background thread,
+  from /proc (Linux). `ru_maxrss` cannot give the workers' figure: a spawned child inherits its parent's high-water
+  mark through fork+exec.
 
   Returns:
     A function that stops sampling and returns {"tree_peak_mb": peak of the sum, "workers_peak_mb": peak of the
@@ -89,8 +89,8 @@ def sample_tree_rss(interval: float = 0.1) -> Callable[[], dict]:
 
   def sample():
     while not stop.wait(interval):
-      workers = sum(_rss_kb(pid) for pid in _descendants(os.getpid()))
-      peaks["tree"] = max(peaks["tree"], _rss_kb(os.getpid()) + workers)
+      workers = sum(_rss_kb(pid) for pid in _descendants(root))
+      peaks["tree"] = max(peaks["tree"], _rss_kb(root) + workers)
       peaks["workers"] = max(peaks["workers"], workers)
 
   thread = threading.Thread(target=sample, daemon=True)

@@ -2,8 +2,8 @@
 
     python bench/image_sets.py [--sizes 5000,40000] [--work DIR] [--workers N] [--out bench/results/image_sets.json]
 
-Writes the shapes set (`shared.shapes`: JPEGs of 40-160 px, 10 classes) at each size, then for each size, each
-command in a process of its own (as a user runs it, with its input workers):
+Writes the shapes set (`shared.shapes`: JPEGs of 40-160 px, 10 classes) at each size, then for each size runs the
+installed console scripts as a user does (each in a process of its own, with its input workers):
   1. `student-train fit` (mlp-small, 32x32 random-resized crops, one epoch, eval on the test split) and
      `teacher-cache build` (that run as the teacher, 2 views at 32 px): the peak RSS of the main process (ru_maxrss)
      and the peak of the main process and its input workers together (sampled from /proc every 0.1 s). The figure
@@ -26,29 +26,30 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.harness import machine, write_json  # noqa: E402
+from bench.harness import machine, sample_tree_rss, write_json  # noqa: E402
 from shared.augment import Augmentation  # noqa: E402
 from shared.data import open_transfer_set  # noqa: E402
 from shared.shapes import CLASSES, ShapesConfig, write_shapes  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Runs a CLI's main, then reports the peak RSS of this process (exact) and the sampled peak of it with its workers.
-_MEASURED = ("import json, resource, sys\nfrom bench.harness import sample_tree_rss\nfrom {module}.cli import main\n"
-             "finish = sample_tree_rss()\n"
-             "try:\n  main(sys.argv[1:])\nfinally:\n"
-             "  print('RSS', json.dumps({{'main_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "
-             "**finish()}}), file=sys.stderr)")
 
 
-def _run(module: str, args: list[str]) -> dict:
+def _run(command: str, args: list[str]) -> dict:
+  """Runs a console script as a user does, from this Python's environment; its peak RSS (ru_maxrss from wait4, which
+  for a process and its workers is the main process's) and the sampled peak of it with its workers."""
+  script = os.path.join(os.path.dirname(sys.executable), command)
+  if not os.path.exists(script):
+    raise SystemExit(f"{command} is not installed next to {sys.executable}: `make install` first.")
   started = time.perf_counter()
-  result = subprocess.run([sys.executable, "-c", _MEASURED.format(module=module), *args], capture_output=True,
-                          text=True, env={**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
-                                          "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])})
-  if result.returncode:
-    raise RuntimeError(f"{module} {' '.join(args)} failed ({result.returncode}): {result.stderr[-2000:]}")
-  return {"seconds": time.perf_counter() - started,
-          **json.loads(result.stderr.split("RSS ")[-1].splitlines()[0])}
+  process = subprocess.Popen([script, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
+  finish = sample_tree_rss(process.pid)
+  err = process.stderr.read()
+  _, status, usage = os.wait4(process.pid, 0)
+  process.returncode = os.waitstatus_to_exitcode(status)
+  peaks = finish()
+  if process.returncode:
+    raise RuntimeError(f"{command} {' '.join(args)} failed ({process.returncode}): {err[-2000:]}")
+  return {"seconds": time.perf_counter() - started, "main_mb": usage.ru_maxrss / 1024, **peaks}
 
 
 def _decoded_gb(root: str) -> float:
@@ -64,9 +65,9 @@ def memory_at(work: str, images: int, workers: int) -> dict:
   data = [f"imagefolder:{root}/train"]
   run, cache = os.path.join(work, f"run{images}"), os.path.join(work, f"cache{images}.zarr")
   common = ["--workers", str(workers), "--no-progress", "--overwrite"]
-  fit = _run("student_train", ["fit", "--dataset", *data, "--eval-dataset", f"imagefolder:{root}/test",
+  fit = _run("student-train", ["fit", "--dataset", *data, "--eval-dataset", f"imagefolder:{root}/test",
                                "--image-size", "32", "--augment", "--flip", "--epochs", "1", "--out", run, *common])
-  build = _run("teacher_cache", ["build", "--teacher", run, "--dataset", *data, "--eval-dataset",
+  build = _run("teacher-cache", ["build", "--teacher", run, "--dataset", *data, "--eval-dataset",
                                  f"imagefolder:{root}/test", "--image-size", "32", "--views", "2", "--flip",
                                  "--out", cache, *common])
   return {"images": images, "decoded_gb": _decoded_gb(f"{root}/train"), "workers": workers, "fit": fit,
@@ -100,7 +101,7 @@ def streamed_vs_prerendered(work: str, images: int, workers: int, models: list[s
     for repeat in range(repeats):
       for arm, data in arms.items():
         out = os.path.join(work, f"ratio_{model}_{arm}")
-        _run("student_train", ["fit", "--model", model, *data, "--eval-split", "none", "--epochs", str(epochs),
+        _run("student-train", ["fit", "--model", model, *data, "--eval-split", "none", "--epochs", str(epochs),
                                "--workers", str(workers), "--no-progress", "--overwrite", "--out", out])
         with open(os.path.join(out, "metrics.jsonl")) as f:
           seconds[arm] += [line["seconds"] for line in map(json.loads, f)][1:]

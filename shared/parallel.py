@@ -10,7 +10,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 from shared.errors import StillroomError
 
 DATA_AXIS = "data"
-HOST_ONLY = ("index", "view")  # Batch fields for the host: example ids and view ids, which no step reads.
 
 
 def data_mesh() -> jax.sharding.Mesh:
@@ -59,11 +58,11 @@ def on_devices(batches: Iterator[dict], sharding: NamedSharding, ahead: int = 1)
 
   Yields:
     `(batch, placed)`: the host batch (for what the host reads of it, such as its row count) and its arrays on the
-    devices, without the host's bookkeeping (`HOST_ONLY`).
+    devices, without `index` (the host's bookkeeping).
   """
   queued: collections.deque = collections.deque()
   for batch in batches:
-    queued.append((batch, jax.device_put({k: v for k, v in batch.items() if k not in HOST_ONLY}, sharding)))
+    queued.append((batch, jax.device_put({k: v for k, v in batch.items() if k != "index"}, sharding)))
     if len(queued) > ahead:
       yield queued.popleft()
   while queued:

@@ -16,6 +16,8 @@ import concurrent.futures
 import multiprocessing
 import os
 import queue
+import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -32,15 +34,30 @@ DEFAULT_PREFETCH = 4
 ORPHAN_POLL_SECONDS = 1.0
 
 
-def resolve_workers(workers: int, transfer_set: TransferSet) -> int:
-  """The worker count to use: `workers` as given, or for `AUTO_WORKERS` none when the examples are arrays in memory
-  (rendering them is cheaper than sending them to a process) and otherwise one per core but one, from 1 to
-  `MAX_AUTO_WORKERS` (the parent's core runs the step)."""
-  if workers != AUTO_WORKERS:
-    return workers
-  if transfer_set.in_memory:
-    return 0
-  return max(1, min(MAX_AUTO_WORKERS, (os.cpu_count() or 2) - 1))
+def usable_cores() -> int:
+  """The cores this process may run on (its CPU affinity, which a cluster's scheduler may restrict)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # Not on Linux.
+    return os.cpu_count() or 2
+
+
+def resolve_workers(workers: int | None, transfer_set: TransferSet) -> int:
+  """The worker count to use: `workers` as given, or for None (or `AUTO_WORKERS`) none when the examples are arrays
+  in memory (rendering them is cheaper than sending them to a process) and otherwise one per usable core but one,
+  from 1 to `MAX_AUTO_WORKERS` (the parent's core runs the step).
+
+  Raises:
+    StillroomError: a negative count.
+  """
+  if workers is None or workers == AUTO_WORKERS:
+    return 0 if transfer_set.in_memory else max(1, min(MAX_AUTO_WORKERS, usable_cores() - 1))
+  if workers < 0:
+    raise StillroomError(f"--workers must be >= 0 (0: render in the main process), got {workers}.")
+  if workers and transfer_set.in_memory:
+    print(f"stillroom: --workers {workers} on {transfer_set.name!r}, whose examples are arrays in memory: each worker "
+          "gets a copy of them (--workers 0 renders them in the main process).", file=sys.stderr, flush=True)
+  return workers
 
 
 def render_rows(transfer_set: TransferSet, augmentation: Augmentation, rows: dict) -> dict:
@@ -89,6 +106,8 @@ _worker_inputs: tuple[TransferSet, Augmentation] | None = None
 def _start_worker(transfer_set: TransferSet, augmentation: Augmentation, parent: int) -> None:
   global _worker_inputs  # pylint: disable=global-statement
   _worker_inputs = (transfer_set, augmentation)
+  # Ctrl-C reaches the whole process group: the parent stops the workers, which should not each print a traceback.
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
   # A worker holds both ends of its task queue, so it would wait forever for work from a parent that was killed.
   threading.Thread(target=_exit_when_orphaned, args=(parent,), name="orphan-watch", daemon=True).start()
 
@@ -118,8 +137,9 @@ class BatchRenderer:
     transfer_set: the examples rows refer to.
     augmentation: the views.
     workers: worker processes (0: render in a thread of this process).
-    prefetch: batches rendered ahead of the one consumed, besides one being rendered by each worker (bounds
-      memory: at most `workers + prefetch` batches are in flight).
+    prefetch: batches rendered ahead of the one consumed, besides one being rendered by each worker. Memory holds
+      at most `workers + prefetch` batches in the pool, one handed over and one being drawn (and the trainer places
+      one more on the devices ahead of its step).
   """
 
   def __init__(self, transfer_set: TransferSet, augmentation: Augmentation, *, workers: int,
@@ -128,13 +148,13 @@ class BatchRenderer:
     self.workers, self.prefetch = workers, max(1, prefetch)
     self._pool: concurrent.futures.ProcessPoolExecutor | None = None
     if workers > 0:
-      # Started now, so that the workers' start (about a second: spawned interpreters import numpy and JAX)
+      # Started now, so that the workers' start (a fraction of a second: spawned interpreters import numpy, PIL, TFDS)
       # overlaps the model's initialisation and compilation instead of delaying the first batch.
       self._pool = concurrent.futures.ProcessPoolExecutor(
           max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
           initargs=(transfer_set, augmentation, os.getpid()))
       for _ in range(workers):
-        self._pool.submit(_ready)
+        _submit(self._pool, _ready)
 
   def __enter__(self) -> "BatchRenderer":
     return self
@@ -171,7 +191,7 @@ class BatchRenderer:
     pending: collections.deque = collections.deque()
     try:
       for rows in batches:
-        pending.append((rows, self._pool.submit(_render_in_worker, {k: v for k, v in rows.items() if k in keys})))
+        pending.append((rows, _submit(self._pool, _render_in_worker, {k: v for k, v in rows.items() if k in keys})))
         if len(pending) >= self.workers + self.prefetch:  # One batch in each worker, `prefetch` done.
           rows, future = pending.popleft()
           yield self._joined(rows, _result(future))
@@ -183,12 +203,23 @@ class BatchRenderer:
         future.cancel()
 
 
+WORKER_DIED = ("an input worker process died (killed, or out of memory?): rerun with fewer --workers, or --workers 0 "
+               "to render in the main process. (A script that calls stillroom must do so under "
+               "`if __name__ == \"__main__\":`, since each spawned worker imports the script.)")
+
+
+def _submit(pool: concurrent.futures.ProcessPoolExecutor, fn, *args) -> concurrent.futures.Future:
+  try:
+    return pool.submit(fn, *args)
+  except concurrent.futures.process.BrokenProcessPool as e:
+    raise StillroomError(WORKER_DIED) from e
+
+
 def _result(future: concurrent.futures.Future) -> dict:
   try:
     return future.result()
   except concurrent.futures.process.BrokenProcessPool as e:
-    raise StillroomError("an input worker process died (killed, or out of memory?); rerun with fewer --workers, "
-                         "or --workers 0 to render in the main process") from e
+    raise StillroomError(WORKER_DIED) from e
 
 
 def _in_thread(iterator: Iterator, size: int) -> Iterator:

@@ -72,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="one run dir per grid point and seed goes here, with sweep.json")
   sweep.add_argument("--seeds", type=int, default=1, help="seeds per grid point (default: %(default)s)")
   sweep.add_argument("--jobs", type=int, default=1,
-                     help="groups of runs trained at once, each in its own process (default: %(default)s)")
+                     help="groups of runs trained at once, each in its own process with its own input workers "
+                          "(see --workers; default: %(default)s)")
   sweep.add_argument("--separate", dest="together", action="store_false",
                      help="train every run on its own instead of several students per vmapped step")
   sweep.add_argument("-v", "--verbose", action="store_true", help="log every run's every epoch")

@@ -80,10 +80,11 @@ class DemoConfig:
 
 # The stage settings `student-train demo` offers, as --teacher-*, --build-* and --student-* options.
 STAGE_OPTIONS = {
-    "teacher": (FitConfig, ("model", "epochs", "dropout", "batch_size", "lr")),
-    "build": (BuildConfig, ("temperature", "views", "max_shift", "flip", "crop_area", "crop_aspect", "seed")),
+    "teacher": (FitConfig, ("model", "epochs", "dropout", "batch_size", "lr", "workers")),
+    "build": (BuildConfig, ("temperature", "views", "max_shift", "flip", "crop_area", "crop_aspect", "seed",
+                            "workers")),
     "student": (FitConfig, ("model", "alpha", "epochs", "finetune_epochs", "batch_size", "lr", "checkpoint_every",
-                            "shuffle_window")),
+                            "shuffle_window", "workers")),
 }
 
 

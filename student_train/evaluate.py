@@ -5,6 +5,7 @@ the cache stores for that split (`teacher-cache build --eval-split`), never from
 """
 
 import dataclasses
+from collections.abc import Iterator
 
 import jax
 import numpy as np
@@ -19,22 +20,27 @@ from shared.models import check_input_shape
 from shared.parallel import batch_sharding, pad_rows
 from shared.runs import Teacher, load_run_teacher
 from shared.settings import setting
+from shared.workers import BatchRenderer, resolve_workers
 from student_train.plan import RunPlan
 
 
-def view_zero(transfer_set: TransferSet, augmentation: Augmentation, positions: np.ndarray) -> np.ndarray:
-  """The examples at `positions` as evaluation sees them: view 0 (the stored input, or its centre crop)."""
-  inputs, _ = transfer_set.read(positions)
-  index = transfer_set.indices[positions]
-  return augmentation.render_views(inputs, index, np.zeros(len(index), np.int32))[0]
+def view_zero_batches(render: BatchRenderer, batch_size: int) -> Iterator[np.ndarray]:
+  """The inputs [B, ...] of the renderer's transfer set as evaluation sees them, `batch_size` examples at a time in
+  split order: view 0 (the stored input, or its centre crop), rendered ahead by its input workers."""
+  data = render.transfer_set
+
+  def rows():
+    for start in range(0, len(data), batch_size):
+      position = np.arange(start, min(start + batch_size, len(data)))
+      yield {"position": position, "index": data.indices[position], "view": np.zeros(len(position), np.int32)}
+  return (batch["x"] for batch in render(rows()))
 
 
-def predict_log_probs(predict, states, transfer_set: TransferSet, augmentation: Augmentation, batch_size: int,
-                      mesh) -> np.ndarray:
-  """Log-probabilities [K, N, C] of K stacked students over a transfer set's view 0, in padded batches."""
+def predict_log_probs(predict, states, render: BatchRenderer, batch_size: int, mesh) -> np.ndarray:
+  """Log-probabilities [K, N, C] of K stacked students over view 0 of the renderer's transfer set, in padded
+  batches."""
   outputs = []
-  for start in range(0, len(transfer_set), batch_size):
-    x = view_zero(transfer_set, augmentation, np.arange(start, min(start + batch_size, len(transfer_set))))
+  for x in view_zero_batches(render, batch_size):
     padded = jax.device_put(pad_rows(x, batch_size), batch_sharding(mesh))
     outputs.append(np.asarray(predict(states, padded))[:, :len(x)])
   return np.concatenate(outputs, axis=1)
@@ -82,10 +88,8 @@ def _run_logits(run: Teacher, transfer_set: TransferSet, batch_size: int, what: 
                          "evaluate it on the data it was trained on.")
   check_input_shape(run.apply_fn, run.params, views.output_shape(transfer_set.input_shape), what)
   apply = jax.jit(lambda params, x: run.apply_fn(params, normalization.apply(x)))
-  return np.concatenate([
-      np.asarray(apply(run.params, view_zero(transfer_set, views, np.arange(start, min(start + batch_size,
-                                                                                        len(transfer_set))))))
-      for start in range(0, len(transfer_set), batch_size)])
+  with BatchRenderer(transfer_set, views, workers=resolve_workers(None, transfer_set)) as render:
+    return np.concatenate([np.asarray(apply(run.params, x)) for x in view_zero_batches(render, batch_size)])
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

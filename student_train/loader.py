@@ -144,7 +144,9 @@ class ArrayLoader:
     count = len(self.indices)
     window = {"index": self.indices, "position": self.transfer_set.positions(self.indices),
               "view": np.full(count, epoch + 1 if self.augment else 0, np.int32)}
-    return self.render(itertools.islice(_batches(iter([window]), self.batch_size, rng), start_step, None))
+    rendered = self.render(itertools.islice(_batches(iter([window]), self.batch_size, rng), start_step, None))
+    drawn = ("view", *self.augmentation.param_names)  # What the step does not read.
+    return ({k: v for k, v in batch.items() if k not in drawn} for batch in rendered)
 
   def close(self) -> None:
     """Stops the input workers."""

@@ -26,7 +26,7 @@ from shared.errors import StillroomError
 from shared.models import build_model
 from shared.outputs import RUN_DIR, OutputLock, check_not_an_input, check_output
 from shared.parallel import batch_sharding, check_batch_size, data_mesh, needs_step_sync, on_devices, replicated
-from shared.workers import AUTO_WORKERS, resolve_workers
+from shared.workers import BatchRenderer, resolve_workers
 from student_train import run_dir as files
 from student_train.config import FitConfig
 from student_train.evaluate import cached_teacher_top1, eval_line, predict_log_probs
@@ -56,7 +56,7 @@ def make_optimizer(config: FitConfig, steps_per_epoch: int) -> optax.GradientTra
 def make_loader(plan: RunPlan, fields: tuple[str, ...]):
   """The batch stream of a run: cache rows (with the teacher arrays in `fields`) or a dataset's examples."""
   config = plan.config
-  workers = resolve_workers(AUTO_WORKERS if config.workers is None else config.workers, plan.transfer_set)
+  workers = resolve_workers(config.workers, plan.transfer_set)
   if plan.cache is not None:
     return CacheLoader(plan.cache, plan.transfer_set, batch_size=config.batch_size, seed=config.data_seed,
                        fields=fields, examples=plan.examples, window_chunks=config.shuffle_window, workers=workers)
@@ -191,6 +191,8 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
   config = first.config
   fields = tuple(sorted({f for plan in group if plan.teaching for f in plan.teaching.fields}))
   loader = make_loader(first, fields)
+  eval_render = None if first.eval_set is None else BatchRenderer(
+      first.eval_set, first.augmentation, workers=resolve_workers(config.workers, first.eval_set))
   try:
     total_epochs = config.epochs + config.finetune_epochs
     states = []
@@ -276,7 +278,7 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
         totals = {name: value[keep] for name, value in totals.items()}
         step = make_train_step(graphdef, first.normalization, mesh, static_flags(jax.device_get(per_student)))
       eval_log_probs = None if first.eval_set is None else predict_log_probs(
-          predict, stacked, first.eval_set, first.augmentation, config.batch_size, mesh)
+          predict, stacked, eval_render, config.batch_size, mesh)
       for k, plan in enumerate(group):
         line = _epoch_line(plan, epoch, {name: value[k] for name, value in totals.items()}, seconds, len(group))
         if eval_log_probs is not None:
@@ -300,6 +302,8 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
     return finals
   finally:
     loader.close()
+    if eval_render is not None:
+      eval_render.close()
 
 
 _NEVER = np.iinfo(np.int32).max  # "No non-finite step yet".

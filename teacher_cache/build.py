@@ -34,8 +34,8 @@ from shared.models import check_input_shape
 from shared.outputs import STORE, OutputLock, check_not_an_input, check_output, clear_for_overwrite, storage_errors
 from shared.parallel import batch_sharding, cap_batch, check_batch_size, data_mesh, pad_rows, replicated
 from shared.runs import Teacher, load_teacher
-from shared.settings import WORKERS_HELP, setting
-from shared.workers import AUTO_WORKERS, BatchRenderer, resolve_workers
+from shared.settings import WORKERS_HELP, setting, workers_check
+from shared.workers import BatchRenderer, resolve_workers
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -305,6 +305,8 @@ def build_cache(config: BuildConfig) -> str:
                     views=config.views, chunk_rows=config.chunk_rows, seed=config.seed, folds=config.folds)
   if config.batch_size < 1:
     raise StillroomError(f"--batch-size must be >= 1, got {config.batch_size}.")
+  if workers_check(config.workers) is not True:
+    raise StillroomError(f"--workers {workers_check(config.workers)}, got {config.workers}.")
   if not config.teachers:
     raise StillroomError("give at least one --teacher (a run dir or module:function).")
   if not config.out:
@@ -435,7 +437,9 @@ def _computed_chunks(cache: Cache, row_set: str, chunks: list[int], data: Transf
         yield {"position": position[part], "index": index[part], "view": view[part], "fold": fold[part],
                "chunk": chunk, "last": offset + batch_size >= stop - start}
 
-  workers = resolve_workers(AUTO_WORKERS if config.workers is None else config.workers, data)
+  if not chunks:
+    return
+  workers = resolve_workers(config.workers, data)
   outputs, parts = [], []
   with BatchRenderer(data, spec.augmentation, workers=workers) as render:
     for batch in render(batches()):

@@ -105,12 +105,15 @@ def test_sigkill_and_resume_ends_with_the_uninterrupted_parameters(tmp_path, dat
   assert [l["loss"] for l in _metrics(killed)] == [l["loss"] for l in _metrics(tmp_path / "clean")]
 
 
-@pytest.mark.parametrize("kill_in_epoch, every_epochs", [(1, 1), (2, 2)])
-def test_a_run_killed_mid_epoch_resumes_bit_identical(tmp_path, data_dir, cache_path, kill_in_epoch, every_epochs):
+@pytest.mark.parametrize("kill_in_epoch, every_epochs, workers", [(1, 1, 0), (2, 2, 0), (1, 1, 2)])
+def test_a_run_killed_mid_epoch_resumes_bit_identical(tmp_path, data_dir, cache_path, kill_in_epoch, every_epochs,
+                                                      workers):
   """Killed in epoch 1 right after its first mid-epoch checkpoint; or in epoch 2 with epoch checkpoints every 2
-  epochs, so that the mid-epoch checkpoint is ahead of the newest epoch checkpoint (none)."""
+  epochs, so that the mid-epoch checkpoint is ahead of the newest epoch checkpoint (none); or in epoch 1 of a run
+  whose inputs are rendered by 2 worker processes. The uninterrupted run renders in the main process."""
   args = ["fit", "--model", "mlp-small", "--cache", cache_path, "--data-dir", data_dir, "--epochs", "3",
           "--dropout", "0.2", "--batch-size", "32", "--no-progress", "--checkpoint-every", str(every_epochs)]
+  interrupted = args + ["--workers", str(workers)]
   steps_per_epoch = -(-2874 // 32)  # The cache holds 1,437 examples x 2 views.
   killed, mid = tmp_path / "killed", tmp_path / "killed" / "checkpoints_mid"
 
@@ -118,12 +121,12 @@ def test_a_run_killed_mid_epoch_resumes_bit_identical(tmp_path, data_dir, cache_
     steps = [int(name) for name in os.listdir(mid) if name.isdigit()] if mid.exists() else []
     return any(step > (kill_in_epoch - 1) * steps_per_epoch for step in steps)
 
-  process = _fit_process(args + ["--checkpoint-every-steps", "7", "--out", killed])
+  process = _fit_process(interrupted + ["--checkpoint-every-steps", "7", "--out", killed])
   while process.poll() is None and not ready():
     time.sleep(0.002)
   process.send_signal(signal.SIGKILL)
   assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-  resumed = _fit_process(args + ["--checkpoint-every-steps", "7", "--out", killed])
+  resumed = _fit_process(interrupted + ["--checkpoint-every-steps", "7", "--out", killed])
   assert resumed.wait() == 0, resumed.stderr.read().decode()[-2000:]
   err = resumed.stderr.read().decode()
   assert re.search(rf"resuming .* after step \d+ of epoch {kill_in_epoch} of 3", err), err[-2000:]

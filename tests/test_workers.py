@@ -184,3 +184,82 @@ def _alive(pid: int) -> bool:
       return f.read().split()[2] != "Z"  # A zombie has exited (its parent is gone; init reaps it).
   except FileNotFoundError:
     return False
+
+
+def _rows(data, count: int):
+  for k in range(count):
+    yield {"position": np.array([k % len(data)]), "index": data.indices[[k % len(data)]], "view": np.zeros(1, np.int32)}
+
+
+def test_a_stream_stopped_early_or_failing_leaves_the_workers_usable(shapes):
+  data = open_transfer_set(f"imagefolder:{shapes}/train")
+  with BatchRenderer(data, Augmentation(image_size=8), workers=2) as renderer:
+    stream = renderer(_rows(data, 30))
+    next(stream)
+    stream.close()  # A consumer that stops early (an exception in the training loop, a finished resume).
+
+    def failing():
+      yield from _rows(data, 3)
+      raise ValueError("the producer failed")
+    with pytest.raises(ValueError, match="the producer failed"):
+      list(renderer(failing()))
+    assert len(list(renderer(_rows(data, 5)))) == 5
+
+
+def test_a_worker_that_dies_is_a_one_line_error(shapes):
+  data = open_transfer_set(f"imagefolder:{shapes}/train")
+  with BatchRenderer(data, Augmentation(image_size=8), workers=2) as renderer:
+    assert len(list(renderer(_rows(data, 4)))) == 4
+    os.kill(next(iter(renderer._pool._processes)), signal.SIGKILL)  # pylint: disable=protected-access
+    with pytest.raises(StillroomError, match="an input worker process died"):
+      list(renderer(_rows(data, 50)))
+
+
+def test_negative_worker_counts_are_refused(shapes, tmp_path, capsys):
+  from student_train.cli import main as fit_main  # pylint: disable=import-outside-toplevel
+  from teacher_cache.cli import main as cache_main  # pylint: disable=import-outside-toplevel
+  data = ["--dataset", f"imagefolder:{shapes}/train", "--image-size", "8"]
+  code, _, err = conftest.run_cli(fit_main, ["fit", *data, "--workers", "-1", "--out", str(tmp_path / "r")], capsys)
+  assert code != 0 and "--workers" in err and "must be >= 0" in err and "Traceback" not in err
+  teacher = conftest.make_teacher(tmp_path / "t", input_shape=(8, 8, 3))
+  code, _, err = conftest.run_cli(cache_main, ["build", *data, "--teacher", teacher, "--workers", "-5", "--out",
+                                               str(tmp_path / "c.zarr")], capsys)
+  assert code != 0 and "--workers must be >= 0" in err and "Traceback" not in err
+  assert not os.path.exists(tmp_path / "c.zarr") and not os.path.exists(tmp_path / "r")
+
+
+def _maps(pid: int) -> str:
+  try:
+    with open(f"/proc/{pid}/maps") as f:
+      return f.read()
+  except OSError:
+    return ""
+
+
+def test_workers_of_the_console_scripts_do_not_load_jax(shapes, tmp_path):
+  """A spawned worker imports the script that started its parent: through the console scripts, that must not
+  cost it JAX. Sampled from /proc while a run decodes: a sample that shows PIL's decoder loaded was taken after the
+  worker's imports."""
+  script = os.path.join(os.path.dirname(sys.executable), "student-train")
+  if not os.path.exists(script):
+    pytest.skip("the student-train console script is not installed next to this Python")
+  run = subprocess.Popen([script, "fit", "--dataset", f"imagefolder:{shapes}/train", "--image-size", "16",
+                          "--augment", "--epochs", "30", "--batch-size", "8", "--eval-split", "none", "--workers",
+                          "1", "--no-progress", "--out", str(tmp_path / "run")], stderr=subprocess.PIPE)
+  decoding, with_jax = set(), set()
+  deadline = time.monotonic() + 120
+  try:
+    while run.poll() is None and time.monotonic() < deadline and not decoding:
+      children = subprocess.run(["pgrep", "-P", str(run.pid)], capture_output=True, text=True).stdout.split()
+      for child in map(int, children):
+        maps = _maps(child)
+        if "_imaging" in maps:
+          decoding.add(child)
+          if "jaxlib" in maps or "xla_extension" in maps:
+            with_jax.add(child)
+      time.sleep(0.05)
+  finally:
+    run.kill()
+    run.wait()
+  assert decoding, "no worker was seen decoding"
+  assert not with_jax
