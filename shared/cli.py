@@ -1,10 +1,11 @@
 """Pieces both command lines share: the `models` subcommand and turning errors into exit codes."""
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable
 
-from shared.errors import StillroomError
+from shared.errors import StillroomError, note_interrupt
 from shared.models import describe_models
 
 
@@ -24,6 +25,7 @@ def print_models(args: argparse.Namespace) -> None:
 def run_or_exit(prog: str, command: Callable[[], None]) -> None:
   """Runs a command; a `StillroomError`, or a failure of the file system (disk full, read-only output, no
   permission), becomes one line on stderr and exit status 2; Ctrl-C exits with 130 without a traceback."""
+  signal.signal(signal.SIGINT, note_interrupt)
   try:
     command()
   except StillroomError as e:

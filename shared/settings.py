@@ -30,7 +30,8 @@ def seed_check(value) -> bool | str:
 
 
 WORKERS_HELP = ("processes that decode images and render views, a batch at a time (0: a thread of the main process; "
-                "default: 0 for arrays in memory, else one per core but one, at most 8)")
+                "default: 0 for arrays in memory, else one per usable core but one, at most 8); results do not "
+                "depend on it, and a resumed run may change it")
 
 
 def workers_check(value) -> bool | str:

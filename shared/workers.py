@@ -13,6 +13,7 @@ when it starts.
 
 import collections
 import concurrent.futures
+import functools
 import multiprocessing
 import os
 import queue
@@ -55,9 +56,17 @@ def resolve_workers(workers: int | None, transfer_set: TransferSet) -> int:
   if workers < 0:
     raise StillroomError(f"--workers must be >= 0 (0: render in the main process), got {workers}.")
   if workers and transfer_set.in_memory:
-    print(f"stillroom: --workers {workers} on {transfer_set.name!r}, whose examples are arrays in memory: each worker "
-          "gets a copy of them (--workers 0 renders them in the main process).", file=sys.stderr, flush=True)
+    _warn_once(f"--workers {workers} on {transfer_set.name!r}, whose examples are arrays in memory: each worker gets a "
+               "copy of them (--workers 0 renders them in the main process).")
+  if workers >= usable_cores():
+    _warn_once(f"--workers {workers} leaves none of the {usable_cores()} usable cores to the main process, which runs "
+               "the steps: expect it to be slower than with fewer.")
   return workers
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+  print(f"stillroom: {message}", file=sys.stderr, flush=True)
 
 
 def render_rows(transfer_set: TransferSet, augmentation: Augmentation, rows: dict) -> dict:

@@ -22,7 +22,7 @@ from shared.cache import open_cache
 from shared.data import open_transfer_set
 from shared.errors import StillroomError
 from shared.cache import validate_settings
-from shared.settings import add_options, flag_of, from_args, positive_finite, setting
+from shared.settings import add_options, flag_of, from_args, positive_finite, setting, workers_check
 from student_train.config import FitConfig, validate_config
 from student_train.train import fit_group
 from teacher_cache.build import BuildConfig, build_cache
@@ -178,6 +178,8 @@ def validate_demo(config: DemoConfig) -> None:
                       views=build.views or 1, chunk_rows=build.chunk_rows, seed=build.seed)
   except StillroomError as e:
     raise StillroomError(f"build settings: {e}") from e
+  if workers_check(build.workers) is not True:
+    raise StillroomError(f"--build-workers {workers_check(build.workers)}, got {build.workers}.")
 
 
 def run_demo(config: DemoConfig, verbose: bool = False) -> dict:
@@ -286,7 +288,8 @@ def _shapes_preset(config: DemoConfig) -> DemoConfig:
       raise StillroomError(f"{root}.partial is left by an interrupted write; delete it and run again.")
     os.rename(root + ".partial", root)
   crop = {"crop_area": (0.35, 1.0)}
-  _log("--shapes sets the stage settings (other --teacher-*/--build-*/--student-* options are replaced): cnn-small "
+  _log("--shapes sets the stage settings (other --teacher-*/--build-*/--student-* options but --*-workers are "
+       "replaced): cnn-small "
        "teachers, 30 epochs on random-resized crops at 32x32; 4 crop views; mlp-small students, 30 epochs")
   return dataclasses.replace(
       config, work_dir=work, results_dir=results, dataset=f"imagefolder:{root}/train", train_split="train",

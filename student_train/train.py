@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from shared.errors import StillroomError
+from shared.errors import StillroomError, raise_if_interrupted
 from shared.models import build_model
 from shared.outputs import RUN_DIR, OutputLock, check_not_an_input, check_output
 from shared.parallel import batch_sharding, check_batch_size, data_mesh, needs_step_sync, on_devices, replicated
@@ -244,6 +244,7 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
                  desc=f"epoch {epoch + 1}/{total_epochs}" + (" (fine-tune)" if finetuning else ""))
       for index, (batch, placed) in enumerate(on_devices(loader.epoch(epoch, first_step), sharding),
                                               start=first_step):
+        raise_if_interrupted()
         rows_in_batch = int(batch["mask"].sum())
         stacked, metrics = step(stacked, placed, epoch_hypers)
         if sync:

@@ -29,7 +29,7 @@ from shared.cache import (COMPLETE_KEY, EVAL_ROWS, ROWS, SPEC_KEY, STORAGE_DTYPE
 from shared.data import (NO_EVAL, Normalization, TransferSet, check_eval_set, default_eval_split, local_path,
                          open_transfer_set)
 from shared.ensemble import COMBINE_RULES, combine_log_probs
-from shared.errors import StillroomError
+from shared.errors import StillroomError, raise_if_interrupted
 from shared.models import check_input_shape
 from shared.outputs import STORE, OutputLock, check_not_an_input, check_output, clear_for_overwrite, storage_errors
 from shared.parallel import batch_sharding, cap_batch, check_batch_size, data_mesh, pad_rows, replicated
@@ -443,6 +443,7 @@ def _computed_chunks(cache: Cache, row_set: str, chunks: list[int], data: Transf
   outputs, parts = [], []
   with BatchRenderer(data, spec.augmentation, workers=workers) as render:
     for batch in render(batches()):
+      raise_if_interrupted()
       x, fold = (jax.device_put(pad_rows(a, batch_size), sharding) for a in (batch["x"], batch["fold"]))
       outputs.append(forward(x, fold))
       parts.append({k: v for k, v in batch.items() if k not in ("x", "chunk", "last")})

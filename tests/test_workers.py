@@ -263,3 +263,24 @@ def test_workers_of_the_console_scripts_do_not_load_jax(shapes, tmp_path):
     run.wait()
   assert decoding, "no worker was seen decoding"
   assert not with_jax
+
+
+def test_an_interrupt_python_discarded_stops_fit_and_build_at_their_next_step(shapes, tmp_path, capsys):
+  """Ctrl-C raised inside a garbage-collection callback is only printed by Python; the recorded interrupt stops the
+  loops at their next batch, as a run interrupted anywhere else stops (exit 130)."""
+  import shared.errors  # pylint: disable=import-outside-toplevel
+  from student_train.cli import main as fit_main  # pylint: disable=import-outside-toplevel
+  from teacher_cache.cli import main as cache_main  # pylint: disable=import-outside-toplevel
+  data = ["--dataset", f"imagefolder:{shapes}/train", "--image-size", "8", "--workers", "1"]
+  teacher = conftest.make_teacher(tmp_path / "t", input_shape=(8, 8, 3))
+  with pytest.raises(KeyboardInterrupt):
+    shared.errors.note_interrupt(signal.SIGINT, None)
+  try:
+    for main, args in ((fit_main, ["fit", *data, "--no-progress", "--out", str(tmp_path / "r")]),
+                       (cache_main, ["build", *data, "--teacher", teacher, "--no-progress", "--out",
+                                     str(tmp_path / "c.zarr")])):
+      code, _, err = conftest.run_cli(main, args, capsys)
+      assert code == 130 and "interrupted; run the same command again to resume" in err, err
+  finally:
+    shared.errors._interrupted = False  # pylint: disable=protected-access
+    signal.signal(signal.SIGINT, signal.default_int_handler)
