@@ -13,8 +13,10 @@ DATA_AXIS = "data"
 
 
 def data_mesh() -> jax.sharding.Mesh:
-  """A 1-D mesh over all local devices; batches split along it, parameters replicated."""
-  return jax.make_mesh((jax.local_device_count(),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+  """A 1-D mesh over this process's devices; batches split along it, parameters replicated. (Without `devices`,
+  `jax.make_mesh` takes the job's first devices, which in a multi-process job are another process's.)"""
+  return jax.make_mesh((jax.local_device_count(),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=jax.local_devices())
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:

@@ -34,10 +34,20 @@ CHECKPOINT_DIR = "checkpoints"
 PARAMS_ITEM = "params"
 
 
-def checkpoint_manager(run_dir: str, max_to_keep: int | None = None) -> ocp.CheckpointManager:
-  """The orbax manager of a run dir's checkpoints (one place, so both stages agree on the layout)."""
+def checkpoint_manager(run_dir: str, max_to_keep: int | None = None,
+                       this_process_only: bool = False) -> ocp.CheckpointManager:
+  """The orbax manager of a run dir's checkpoints (one place, so both stages agree on the layout).
+
+  Args:
+    this_process_only: read an existing checkpoint dir without the other processes of a multi-process job (orbax
+      would otherwise wait for them at its barriers): each process loads teachers on its own.
+  """
+  processes = ocp.options.MultiprocessingOptions(primary_host=None, active_processes={jax.process_index()}) \
+      if this_process_only else ocp.options.MultiprocessingOptions()
   return ocp.CheckpointManager(os.path.abspath(os.path.join(run_dir, CHECKPOINT_DIR)),
-                               options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+                               options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
+                                                                    create=not this_process_only,
+                                                                    multiprocessing_options=processes))
 
 
 def params_of(model: nnx.Module) -> dict:
@@ -193,11 +203,14 @@ def load_run_teacher(run_dir: str) -> Teacher:
   apply_fn, abstract = _module_apply_fn(model)
   if not os.path.isdir(os.path.join(run_dir, CHECKPOINT_DIR)):
     raise StillroomError(f"teacher run dir {run_dir!r} has no {CHECKPOINT_DIR}/ directory: is it trained?")
-  manager = checkpoint_manager(run_dir)
+  manager = checkpoint_manager(run_dir, this_process_only=True)
   step = manager.latest_step()
   if step is None:
     raise StillroomError(f"teacher run dir {run_dir!r} has no finished checkpoint.")
-  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(abstract))
+  # On this process's first device: the saved sharding names the saving job's devices, which may be another
+  # process's here.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), nnx.to_pure_dict(abstract))
   try:
     restored = manager.restore(step, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(target)}))
   except Exception as e:  # orbax raises many types for unreadable or mismatched checkpoints.

@@ -8,6 +8,7 @@ bookkeeping array) while the devices compute the next batches; the completion re
 last chunk is committed.
 """
 
+import contextlib
 import dataclasses
 import os
 import queue
@@ -21,13 +22,15 @@ import numpy as np
 import zarr
 from tqdm import tqdm
 
-from shared import __version__
+from shared import __version__, distributed
 from shared.augment import DEFAULT_CROP_AREA, DEFAULT_CROP_ASPECT, fold_of, make_augmentation
 from shared.cache import (COMPLETE_KEY, EVAL_ROWS, ROWS, SPEC_KEY, STORAGE_DTYPES, Cache, CacheSpec, MemberSpec,
                           committed_name, create_arrays, integrity_problems, missing_chunks, now_iso, open_cache,
                           uncommitted_chunks, validate_settings, writable)
 from shared.data import (NO_EVAL, Normalization, TransferSet, check_eval_set, default_eval_split, local_path,
                          open_transfer_set)
+from shared.distributed import (COORDINATOR_HELP, DEFAULT_HEARTBEAT_SECONDS, HEARTBEAT_HELP, NUM_PROCESSES_HELP,
+                                PROCESS_ID_HELP)
 from shared.ensemble import COMBINE_RULES, combine_log_probs
 from shared.errors import StillroomError, raise_if_interrupted
 from shared.models import check_input_shape
@@ -75,6 +78,10 @@ class BuildConfig:
   chunk_rows: int = setting(4096, "rows per Zarr chunk: the unit of writing, resuming and reading")
   dtype: str = setting("float16", "storage dtype of logits and targets", choices=STORAGE_DTYPES)
   workers: int | None = setting(None, WORKERS_HELP, metavar="N")
+  coordinator: str | None = setting(None, COORDINATOR_HELP, metavar="HOST:PORT")
+  num_processes: int | None = setting(None, NUM_PROCESSES_HELP, metavar="N")
+  process_id: int | None = setting(None, PROCESS_ID_HELP, metavar="I")
+  heartbeat_timeout: int = setting(DEFAULT_HEARTBEAT_SECONDS, HEARTBEAT_HELP, metavar="SECONDS")
   overwrite: bool = setting(False, "replace an existing --out built with other settings")
   progress: bool = setting(True, "progress bar")
 
@@ -311,8 +318,11 @@ def build_cache(config: BuildConfig) -> str:
     raise StillroomError("give at least one --teacher (a run dir or module:function).")
   if not config.out:
     raise StillroomError("give --out CACHE.zarr.")
+  distributed.initialize(config.coordinator, config.num_processes, config.process_id, config.heartbeat_timeout)
+  first = distributed.is_first()
   check_not_an_input(config.out, _input_paths(config), "--out")
-  check_output(config.out, STORE, config.overwrite)
+  if first:  # The others look at --out only once process 0 has made it ready.
+    check_output(config.out, STORE, config.overwrite)
   mesh = data_mesh()
   check_batch_size(config.batch_size, mesh)
   batch_size = cap_batch(config.batch_size, config.chunk_rows, mesh.devices.size)  # A batch never spans chunks.
@@ -343,11 +353,19 @@ def build_cache(config: BuildConfig) -> str:
       num_classes=num_classes, views=config.views, augmentation=augmentation,
       dtype=config.dtype, chunk_rows=config.chunk_rows, folds=config.folds, software_version=__version__,
       created_at=now_iso())
-  with OutputLock(config.out, "teacher-cache build"):
-    cache = _open_store(config, spec, {"dataset": transfer_set, "eval_dataset": eval_set})
-    if cache is None:
+  # Process 0 holds the lock and creates (or checks) the store; every process then writes its share of the chunks,
+  # and process 0 declares the store complete once all of them have finished.
+  with OutputLock(config.out, "teacher-cache build") if first else contextlib.nullcontext():
+    cache = _open_store(config, spec, {"dataset": transfer_set, "eval_dataset": eval_set}) if first else None
+    distributed.barrier("teacher-cache build: store ready")
+    if not first:
+      cache = open_cache(config.out, mode="r+", require_complete=False)
+    if cache is None or cache.complete:
       return config.out
     _write_chunks(cache, transfer_set, eval_set, teachers, mesh, config)
+    distributed.barrier("teacher-cache build: chunks written")
+    if not first:
+      return config.out
     problems = integrity_problems(cache)  # The store must be whole before it is declared complete.
     if problems:
       raise StillroomError(f"{config.out} is not whole after writing every chunk: {'; '.join(problems)}.")
@@ -371,11 +389,16 @@ def _write_chunks(cache: Cache, transfer_set: TransferSet, eval_set: TransferSet
   remaining = sum(cache.chunk_bounds(c, s)[1] - cache.chunk_bounds(c, s)[0] for s in row_sets for c in todo[s])
   if remaining < total:
     _log(f"resuming {cache.path}: {total - remaining} of {total} rows already committed")
+  if jax.process_count() > 1:  # Chunks are independent: each process computes and writes its share.
+    todo = {row_set: distributed.my_share(chunks) for row_set, chunks in todo.items()}
+    total = sum(cache.chunk_bounds(c, s)[1] - cache.chunk_bounds(c, s)[0] for s in row_sets
+                for c in distributed.my_share(list(range(spec.chunks_of(s)))))
+    remaining = sum(cache.chunk_bounds(c, s)[1] - cache.chunk_bounds(c, s)[0] for s in row_sets for c in todo[s])
   rows_forward, eval_forward = _make_forwards(teachers, spec, mesh)
   params = jax.device_put([t.params for t in teachers], replicated(mesh))
   writer = ChunkWriter(cache.group)
-  bar = tqdm(total=total, initial=total - remaining, unit="row", unit_scale=True, desc="teacher-cache build",
-             disable=not config.progress)
+  bar = tqdm(total=total, initial=total - remaining, unit="row", unit_scale=True, disable=not config.progress,
+             desc="teacher-cache build" + (f" (process {jax.process_index()})" if jax.process_count() > 1 else ""))
   started = time.perf_counter()
   try:
     if eval_set is not None:
