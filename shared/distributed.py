@@ -10,10 +10,12 @@ A process that dies is noticed by the others within the heartbeat timeout, and t
 import os
 
 import jax
+import numpy as np
 
 from shared.errors import StillroomError
 
 DEFAULT_HEARTBEAT_SECONDS = 60
+MESSAGE_BYTES = 1024  # Of a failing process's error, shared with the others.
 AUTO = "auto"
 COORDINATOR_HELP = ("HOST:PORT of process 0's coordination service, for a job of several processes (with "
                     "--num-processes and --process-id); 'auto': JAX detects the job (TPU pods, GKE, SLURM); under "
@@ -40,19 +42,21 @@ def initialize(coordinator: str | None, num_processes: int | None, process_id: i
   """
   if jax.distributed.is_initialized():
     return
+  if heartbeat_seconds < 1:
+    raise StillroomError(f"--heartbeat-timeout must be >= 1 second, got {heartbeat_seconds}.")
   given = {"--num-processes": num_processes, "--process-id": process_id}
   if coordinator == AUTO:
     if any(v is not None for v in given.values()):
       raise StillroomError(f"--coordinator {AUTO} takes the job from the environment: drop "
                            f"{', '.join(k for k, v in given.items() if v is not None)}.")
-    jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_seconds)
+    _join(heartbeat_seconds)
     return
   if coordinator is None:
     if any(v is not None for v in given.values()):
       raise StillroomError(f"{', '.join(k for k, v in given.items() if v is not None)} needs --coordinator "
                            "HOST:PORT.")
     if _on_a_cluster():
-      jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_seconds)
+      _join(heartbeat_seconds)
     return
   missing = [k for k, v in given.items() if v is None]
   if missing:
@@ -62,11 +66,19 @@ def initialize(coordinator: str | None, num_processes: int | None, process_id: i
   if num_processes < 1 or not 0 <= process_id < num_processes:
     raise StillroomError(f"--process-id must be in 0..{num_processes - 1} (--num-processes {num_processes}), got "
                          f"{process_id}.")
-  if heartbeat_seconds < 1:
-    raise StillroomError(f"--heartbeat-timeout must be >= 1 second, got {heartbeat_seconds}.")
   if num_processes > 1:
-    jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id,
-                               heartbeat_timeout_seconds=heartbeat_seconds)
+    _join(heartbeat_seconds, coordinator, num_processes=num_processes, process_id=process_id)
+
+
+def _join(heartbeat_seconds: int, *args, **kwargs) -> None:
+  """`jax.distributed.initialize`, with its failures (no job found, no coordinator) as one-line errors. The
+  shutdown barrier waits no longer than a heartbeat, so a process that failed does not hold the job for JAX's
+  default five minutes."""
+  try:
+    jax.distributed.initialize(*args, heartbeat_timeout_seconds=heartbeat_seconds,
+                               shutdown_timeout_seconds=heartbeat_seconds, **kwargs)
+  except (ValueError, RuntimeError) as e:
+    raise StillroomError(f"cannot join the multi-process job: {str(e).splitlines()[0][:300]}") from e
 
 
 def is_first() -> bool:
@@ -74,11 +86,29 @@ def is_first() -> bool:
   return jax.process_index() == 0
 
 
-def barrier(name: str) -> None:
-  """Waits until every process of the job has reached the barrier `name` (nothing to wait for alone)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    multihost_utils.sync_global_devices(name)
+def agree(failure: BaseException | None) -> None:
+  """A barrier that shares failures: every process of the job waits here, then raises if any of them failed before
+  it (its own error, or a `StillroomError` naming the first process that failed and its message), so that a job
+  stops together with the reason instead of waiting for a process that has left.
+
+  Every process must call it the same number of times, in the same order (it is one collective).
+  """
+  if jax.process_count() == 1:
+    if failure is not None:
+      raise failure
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  text = b"" if failure is None else str(failure).encode()[:MESSAGE_BYTES]
+  message = np.zeros(MESSAGE_BYTES, np.uint8)
+  message[:len(text)] = np.frombuffer(text, np.uint8)
+  failed, messages = multihost_utils.process_allgather((np.array([failure is not None], np.int32), message))
+  if failure is not None:
+    raise failure
+  first_failed = np.flatnonzero(np.asarray(failed).reshape(-1))
+  if first_failed.size:
+    k = int(first_failed[0])
+    raise StillroomError(f"process {k} of the job failed: "
+                         f"{bytes(np.asarray(messages)[k]).rstrip(bytes(1)).decode(errors='replace')}")
 
 
 def my_share(items: list[int]) -> list[int]:

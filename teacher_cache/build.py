@@ -201,12 +201,7 @@ def _open_store(config: BuildConfig, spec: CacheSpec, data: dict) -> Cache | Non
     except StillroomError as e:
       raise StillroomError(f"--out {config.out!r} exists and is not a usable stillroom cache ({e}); pass "
                            "--overwrite to replace it, or choose another --out.") from e
-    spec = _as_recorded_by_version_1(spec, existing.spec, data)
-    differences = existing.spec.mismatches(spec)
-    if differences:
-      raise StillroomError(
-          f"--out {config.out!r} holds a cache built with other settings: " + "; ".join(differences)
-          + ". Pass --overwrite to replace it, or choose another --out.")
+    _same_settings(existing, spec, data, config.out, "other settings")
     if existing.complete:
       problems = integrity_problems(existing)
       if problems:
@@ -221,6 +216,31 @@ def _open_store(config: BuildConfig, spec: CacheSpec, data: dict) -> Cache | Non
     group = zarr.open_group(config.out, mode="w-", attributes={SPEC_KEY: spec.to_attrs()})
     create_arrays(group, spec)
   return Cache(path=config.out, group=group, spec=spec, completion=None)
+
+
+def _same_settings(existing: Cache, spec: CacheSpec, data: dict, out: str, which: str) -> Cache:
+  """Returns `existing` if it was built with the settings of `spec`.
+
+  Raises:
+    StillroomError: listing the differences.
+  """
+  differences = existing.spec.mismatches(_as_recorded_by_version_1(spec, existing.spec, data))
+  if differences:
+    raise StillroomError(f"--out {out!r} holds a cache built with {which}: " + "; ".join(differences)
+                         + ". Pass --overwrite to replace it, or choose another --out.")
+  return existing
+
+
+def _job_step(step):
+  """Runs one step of the build in every process of the job, then waits for all of them: a step that failed in
+  any process raises in every process (see `distributed.agree`)."""
+  try:
+    result = step()
+  except Exception as e:  # pylint: disable=broad-except
+    distributed.agree(e)
+    raise
+  distributed.agree(None)
+  return result
 
 
 def _remove_partial_files(path: str) -> None:
@@ -355,15 +375,19 @@ def build_cache(config: BuildConfig) -> str:
       created_at=now_iso())
   # Process 0 holds the lock and creates (or checks) the store; every process then writes its share of the chunks,
   # and process 0 declares the store complete once all of them have finished.
+  # A failure of one process is every process's: each step ends at `distributed.agree`, which raises it everywhere.
+  data = {"dataset": transfer_set, "eval_dataset": eval_set}
   with OutputLock(config.out, "teacher-cache build") if first else contextlib.nullcontext():
-    cache = _open_store(config, spec, {"dataset": transfer_set, "eval_dataset": eval_set}) if first else None
-    distributed.barrier("teacher-cache build: store ready")
+    cache = _job_step(lambda: _open_store(config, spec, data) if first else None)
     if not first:
-      cache = open_cache(config.out, mode="r+", require_complete=False)
+      cache = _job_step(lambda: _same_settings(open_cache(config.out, mode="r+", require_complete=False), spec,
+                                               data, config.out,
+                                               "settings other than this process's (other flags or data here?)"))
+    else:
+      _job_step(lambda: None)
     if cache is None or cache.complete:
       return config.out
-    _write_chunks(cache, transfer_set, eval_set, teachers, mesh, config)
-    distributed.barrier("teacher-cache build: chunks written")
+    _job_step(lambda: _write_chunks(cache, transfer_set, eval_set, teachers, mesh, config))
     if not first:
       return config.out
     problems = integrity_problems(cache)  # The store must be whole before it is declared complete.
@@ -384,21 +408,21 @@ def _write_chunks(cache: Cache, transfer_set: TransferSet, eval_set: TransferSet
   """Computes and writes every uncommitted chunk: the eval rows first, then the transfer set's rows."""
   spec = cache.spec
   row_sets = [EVAL_ROWS, ROWS] if eval_set is not None else [ROWS]
-  todo = {row_set: _chunks_to_write(cache, row_set) for row_set in row_sets}
-  total = spec.num_rows + spec.num_eval_rows
-  remaining = sum(cache.chunk_bounds(c, s)[1] - cache.chunk_bounds(c, s)[0] for s in row_sets for c in todo[s])
+  # Chunks are independent: in a job of several processes, each computes and writes its share.
+  todo = {row_set: distributed.my_share(_chunks_to_write(cache, row_set)) for row_set in row_sets}
+  mine = {row_set: distributed.my_share(list(range(spec.chunks_of(row_set)))) for row_set in row_sets}
+
+  def rows_of(chunks: dict) -> int:
+    return sum(cache.chunk_bounds(c, s)[1] - cache.chunk_bounds(c, s)[0] for s in row_sets for c in chunks[s])
+  total, remaining = rows_of(mine), rows_of(todo)
+  process = f" (process {jax.process_index()} of {jax.process_count()})" if jax.process_count() > 1 else ""
   if remaining < total:
-    _log(f"resuming {cache.path}: {total - remaining} of {total} rows already committed")
-  if jax.process_count() > 1:  # Chunks are independent: each process computes and writes its share.
-    todo = {row_set: distributed.my_share(chunks) for row_set, chunks in todo.items()}
-    total = sum(cache.chunk_bounds(c, s)[1] - cache.chunk_bounds(c, s)[0] for s in row_sets
-                for c in distributed.my_share(list(range(spec.chunks_of(s)))))
-    remaining = sum(cache.chunk_bounds(c, s)[1] - cache.chunk_bounds(c, s)[0] for s in row_sets for c in todo[s])
+    _log(f"resuming {cache.path}{process}: {total - remaining} of {total} rows already committed")
   rows_forward, eval_forward = _make_forwards(teachers, spec, mesh)
   params = jax.device_put([t.params for t in teachers], replicated(mesh))
   writer = ChunkWriter(cache.group)
   bar = tqdm(total=total, initial=total - remaining, unit="row", unit_scale=True, disable=not config.progress,
-             desc="teacher-cache build" + (f" (process {jax.process_index()})" if jax.process_count() > 1 else ""))
+             desc="teacher-cache build" + process)
   started = time.perf_counter()
   try:
     if eval_set is not None:
@@ -426,7 +450,7 @@ def _write_chunks(cache: Cache, transfer_set: TransferSet, eval_set: TransferSet
     bar.close()
     writer.close()
   if remaining:
-    _log(f"{remaining} rows in {time.perf_counter() - started:.1f} s")
+    _log(f"{remaining} rows{process} in {time.perf_counter() - started:.1f} s")
 
 
 def _computed_chunks(cache: Cache, row_set: str, chunks: list[int], data: TransferSet, config: BuildConfig,

@@ -110,6 +110,19 @@ def test_a_process_that_dies_takes_the_job_down(tmp_path, build_args):
   assert not open_cache(str(out), require_complete=False).complete
 
 
+def test_a_process_that_fails_fails_the_job_with_its_reason(tmp_path, build_args, data_dir, teachers):
+  out = str(tmp_path / "c.zarr")
+  build_cache(BuildConfig(dataset="digits", data_dir=data_dir, teachers=(teachers[0],), views=2, out=out,
+                          progress=False))
+  started = time.monotonic()
+  ended = _wait(_build_job(build_args + ["--out", out]), timeout=120)
+  assert time.monotonic() - started < 60
+  assert [code for code, _ in ended] == [2, 2], ended
+  assert "holds a cache built with other settings" in ended[0][1]
+  assert "process 0 of the job failed: --out" in ended[1][1] and "other settings" in ended[1][1]
+  assert "Traceback" not in ended[0][1] + ended[1][1]
+
+
 def test_inconsistent_process_flags_are_refused(tmp_path, teachers):
   base = {"dataset": "digits", "teachers": (teachers[0],), "out": str(tmp_path / "c.zarr"), "progress": False}
   for flags, message in (({"num_processes": 2}, "needs --coordinator"),
