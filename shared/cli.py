@@ -1,6 +1,7 @@
 """Pieces both command lines share: the `models` subcommand and turning errors into exit codes."""
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -36,7 +37,11 @@ def run_or_exit(prog: str, command: Callable[[], None]) -> None:
     print(f"{prog}: error: {e.strerror or e}{where}", file=sys.stderr)
     sys.exit(2)
   except KeyboardInterrupt:
-    print(f"{prog}: interrupted; run the same command again to resume.", file=sys.stderr)
+    print(f"{prog}: interrupted; run the same command again to resume.", file=sys.stderr, flush=True)
+    if "jax" in sys.modules and sys.modules["jax"].process_count() > 1:
+      # Not through JAX's shutdown barrier, which would wait for the other processes and then abort with a dump:
+      # they notice this one's absence within their heartbeat timeout.
+      os._exit(130)
     sys.exit(130)
   except Exception as e:  # pylint: disable=broad-except
     if "RESOURCE_EXHAUSTED" not in str(e):

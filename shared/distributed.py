@@ -8,6 +8,7 @@ A process that dies is noticed by the others within the heartbeat timeout, and t
 """
 
 import os
+import sys
 
 import jax
 import numpy as np
@@ -16,6 +17,7 @@ from shared.errors import StillroomError
 
 DEFAULT_HEARTBEAT_SECONDS = 60
 MESSAGE_BYTES = 1024  # Of a failing process's error, shared with the others.
+JOIN_SECONDS = 300  # JAX's default: processes of a cluster job may start minutes apart.
 AUTO = "auto"
 COORDINATOR_HELP = ("HOST:PORT of process 0's coordination service, for a job of several processes (with "
                     "--num-processes and --process-id); 'auto': JAX detects the job (TPU pods, GKE, SLURM); under "
@@ -49,14 +51,15 @@ def initialize(coordinator: str | None, num_processes: int | None, process_id: i
     if any(v is not None for v in given.values()):
       raise StillroomError(f"--coordinator {AUTO} takes the job from the environment: drop "
                            f"{', '.join(k for k, v in given.items() if v is not None)}.")
-    _join(heartbeat_seconds)
+    _join(heartbeat_seconds, "JAX's cluster detection (--coordinator auto)")
     return
   if coordinator is None:
     if any(v is not None for v in given.values()):
       raise StillroomError(f"{', '.join(k for k, v in given.items() if v is not None)} needs --coordinator "
                            "HOST:PORT.")
     if _on_a_cluster():
-      _join(heartbeat_seconds)
+      _join(heartbeat_seconds, f"SLURM_STEP_NUM_TASKS={os.environ['SLURM_STEP_NUM_TASKS']}: one task of a multi-task "
+                               "srun step (run a single build outside srun, or with --ntasks 1)")
     return
   missing = [k for k, v in given.items() if v is None]
   if missing:
@@ -67,18 +70,22 @@ def initialize(coordinator: str | None, num_processes: int | None, process_id: i
     raise StillroomError(f"--process-id must be in 0..{num_processes - 1} (--num-processes {num_processes}), got "
                          f"{process_id}.")
   if num_processes > 1:
-    _join(heartbeat_seconds, coordinator, num_processes=num_processes, process_id=process_id)
+    _join(heartbeat_seconds, f"process {process_id} of {num_processes}, coordinator {coordinator}", coordinator,
+          num_processes=num_processes, process_id=process_id)
 
 
-def _join(heartbeat_seconds: int, *args, **kwargs) -> None:
+def _join(heartbeat_seconds: int, how: str, *args, **kwargs) -> None:
   """`jax.distributed.initialize`, with its failures (no job found, no coordinator) as one-line errors. The
   shutdown barrier waits no longer than a heartbeat, so a process that failed does not hold the job for JAX's
   default five minutes."""
+  print(f"stillroom: joining a multi-process job ({how}); waiting up to {JOIN_SECONDS} s for every process",
+        file=sys.stderr, flush=True)
   try:
-    jax.distributed.initialize(*args, heartbeat_timeout_seconds=heartbeat_seconds,
+    jax.distributed.initialize(*args, heartbeat_timeout_seconds=heartbeat_seconds, initialization_timeout=JOIN_SECONDS,
                                shutdown_timeout_seconds=heartbeat_seconds, **kwargs)
   except (ValueError, RuntimeError) as e:
-    raise StillroomError(f"cannot join the multi-process job: {str(e).splitlines()[0][:300]}") from e
+    raise StillroomError(f"cannot join the multi-process job ({how}): {str(e).splitlines()[0][:300]}; outside a "
+                         "cluster, give --coordinator HOST:PORT --num-processes N --process-id I") from e
 
 
 def is_first() -> bool:
@@ -101,7 +108,13 @@ def agree(failure: BaseException | None) -> None:
   text = b"" if failure is None else str(failure).encode()[:MESSAGE_BYTES]
   message = np.zeros(MESSAGE_BYTES, np.uint8)
   message[:len(text)] = np.frombuffer(text, np.uint8)
-  failed, messages = multihost_utils.process_allgather((np.array([failure is not None], np.int32), message))
+  try:
+    failed, messages = multihost_utils.process_allgather((np.array([failure is not None], np.int32), message))
+  except Exception as e:  # pylint: disable=broad-except  # The collective's own errors: a peer has gone.
+    if failure is not None:
+      raise failure from e
+    raise StillroomError(f"another process of the job stopped while this one waited for it (killed?): "
+                         f"{str(e).splitlines()[0][:200]}") from e
   if failure is not None:
     raise failure
   first_failed = np.flatnonzero(np.asarray(failed).reshape(-1))

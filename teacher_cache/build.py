@@ -201,7 +201,8 @@ def _open_store(config: BuildConfig, spec: CacheSpec, data: dict) -> Cache | Non
     except StillroomError as e:
       raise StillroomError(f"--out {config.out!r} exists and is not a usable stillroom cache ({e}); pass "
                            "--overwrite to replace it, or choose another --out.") from e
-    _same_settings(existing, spec, data, config.out, "other settings")
+    _same_settings(existing, spec, data, config.out, "other settings",
+                   "Pass --overwrite to replace it, or choose another --out.")
     if existing.complete:
       problems = integrity_problems(existing)
       if problems:
@@ -218,7 +219,7 @@ def _open_store(config: BuildConfig, spec: CacheSpec, data: dict) -> Cache | Non
   return Cache(path=config.out, group=group, spec=spec, completion=None)
 
 
-def _same_settings(existing: Cache, spec: CacheSpec, data: dict, out: str, which: str) -> Cache:
+def _same_settings(existing: Cache, spec: CacheSpec, data: dict, out: str, which: str, advice: str) -> Cache:
   """Returns `existing` if it was built with the settings of `spec`.
 
   Raises:
@@ -226,8 +227,8 @@ def _same_settings(existing: Cache, spec: CacheSpec, data: dict, out: str, which
   """
   differences = existing.spec.mismatches(_as_recorded_by_version_1(spec, existing.spec, data))
   if differences:
-    raise StillroomError(f"--out {out!r} holds a cache built with {which}: " + "; ".join(differences)
-                         + ". Pass --overwrite to replace it, or choose another --out.")
+    raise StillroomError(f"--out {out!r} holds a cache built with {which}: " + "; ".join(differences) + ". "
+                         + advice)
   return existing
 
 
@@ -380,12 +381,14 @@ def build_cache(config: BuildConfig) -> str:
   with OutputLock(config.out, "teacher-cache build") if first else contextlib.nullcontext():
     cache = _job_step(lambda: _open_store(config, spec, data) if first else None)
     if not first:
-      cache = _job_step(lambda: _same_settings(open_cache(config.out, mode="r+", require_complete=False), spec,
-                                               data, config.out,
-                                               "settings other than this process's (other flags or data here?)"))
+      cache = _job_step(lambda: _same_settings(
+          open_cache(config.out, mode="r+", require_complete=False), spec, data, config.out,
+          "settings other than this process's", "Start every process of the job with the same flags and data."))
     else:
       _job_step(lambda: None)
     if cache is None or cache.complete:
+      if not first:
+        _log(f"{config.out} is already complete with these settings; nothing to do.")
       return config.out
     _job_step(lambda: _write_chunks(cache, transfer_set, eval_set, teachers, mesh, config))
     if not first:
