@@ -28,8 +28,8 @@ import numpy as np
 from shared.augment import Augmentation
 from shared.data import TransferSet
 from shared.errors import StillroomError
+from shared.settings import workers_check
 
-AUTO_WORKERS = -1  # "Choose from the data and the machine" (see `resolve_workers`).
 MAX_AUTO_WORKERS = 8  # 8 fed a small student fastest on a 16-vCPU host; 15 starved the main process (README).
 DEFAULT_PREFETCH = 4
 ORPHAN_POLL_SECONDS = 1.0
@@ -44,17 +44,18 @@ def usable_cores() -> int:
 
 
 def resolve_workers(workers: int | None, transfer_set: TransferSet) -> int:
-  """The worker count to use: `workers` as given, or for None (or `AUTO_WORKERS`) none when the examples are arrays
-  in memory (rendering them is cheaper than sending them to a process) and otherwise one per usable core but one,
-  from 1 to `MAX_AUTO_WORKERS` (the parent's core runs the step).
+  """The worker count to use: `workers` as given, or for None none when the examples are arrays in memory (rendering
+  them is cheaper than sending them to a process) and otherwise one per usable core but one, from 1 to
+  `MAX_AUTO_WORKERS` (the parent's core runs the step).
 
   Raises:
-    StillroomError: a negative count.
+    StillroomError: a count `workers_check` refuses.
   """
-  if workers is None or workers == AUTO_WORKERS:
+  verdict = workers_check(workers)
+  if verdict is not True:
+    raise StillroomError(f"--workers {verdict}, got {workers}.")
+  if workers is None:
     return 0 if transfer_set.in_memory else max(1, min(MAX_AUTO_WORKERS, usable_cores() - 1))
-  if workers < 0:
-    raise StillroomError(f"--workers must be >= 0 (0: render in the main process), got {workers}.")
   if workers and transfer_set.in_memory:
     _warn_once(f"--workers {workers} on {transfer_set.name!r}, whose examples are arrays in memory: each worker gets a "
                "copy of them (--workers 0 renders them in the main process).")

@@ -379,13 +379,11 @@ def build_cache(config: BuildConfig) -> str:
   # A failure of one process is every process's: each step ends at `distributed.agree`, which raises it everywhere.
   data = {"dataset": transfer_set, "eval_dataset": eval_set}
   with OutputLock(config.out, "teacher-cache build") if first else contextlib.nullcontext():
-    cache = _job_step(lambda: _open_store(config, spec, data) if first else None)
-    if not first:
-      cache = _job_step(lambda: _same_settings(
-          open_cache(config.out, mode="r+", require_complete=False), spec, data, config.out,
-          "settings other than this process's", "Start every process of the job with the same flags and data."))
-    else:
-      _job_step(lambda: None)
+    opened = _job_step(lambda: _open_store(config, spec, data) if first else None)
+    # Only once process 0 has made the store ready do the others open it, and check that they compute the same.
+    cache = _job_step(lambda: opened if first else _same_settings(
+        open_cache(config.out, mode="r+", require_complete=False), spec, data, config.out,
+        "settings other than this process's", "Start every process of the job with the same flags and data."))
     if cache is None or cache.complete:
       if not first:
         _log(f"{config.out} is already complete with these settings; nothing to do.")

@@ -18,7 +18,7 @@ from shared.augment import Augmentation
 from shared.data import open_transfer_set
 from shared.errors import StillroomError
 from shared.shapes import ShapesConfig, write_shapes
-from shared.workers import AUTO_WORKERS, BatchRenderer, render_rows, resolve_workers
+from shared.workers import BatchRenderer, render_rows, resolve_workers
 from student_train.loader import ArrayLoader, CacheLoader
 from teacher_cache.build import BuildConfig, build_cache
 
@@ -77,8 +77,8 @@ def test_batches_and_stores_are_the_same_with_any_worker_count(shapes, tmp_path)
 
 
 def test_workers_default_to_none_for_arrays_in_memory(shapes, data_dir):
-  assert resolve_workers(AUTO_WORKERS, open_transfer_set("digits", "train", data_dir)) == 0
-  assert resolve_workers(AUTO_WORKERS, open_transfer_set(f"imagefolder:{shapes}/train")) >= 1
+  assert resolve_workers(None, open_transfer_set("digits", "train", data_dir)) == 0
+  assert resolve_workers(None, open_transfer_set(f"imagefolder:{shapes}/train")) >= 1
   assert resolve_workers(3, open_transfer_set("digits", "train", data_dir)) == 3
 
 
