@@ -124,6 +124,18 @@ def agree(failure: BaseException | None) -> None:
                          f"{bytes(np.asarray(messages)[k]).rstrip(bytes(1)).decode(errors='replace')}")
 
 
+def job_step(step):
+  """Runs `step()` in every process of the job, then waits for all of them: a step that failed in any process
+  raises in every process (see `agree`). Returns this process's result."""
+  try:
+    result = step()
+  except Exception as e:  # pylint: disable=broad-except
+    agree(e)
+    raise
+  agree(None)
+  return result
+
+
 def my_share(items: list[int]) -> list[int]:
   """The items this process takes of a list every process holds: every `process_count()`-th, from its index."""
   return [item for item in items if item % jax.process_count() == jax.process_index()]

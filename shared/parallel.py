@@ -1,4 +1,5 @@
-"""Data parallelism over every local device: one mesh axis, "data"."""
+"""Data parallelism: one mesh axis, "data", over this process's devices (a cache build) or every device of the job
+(training)."""
 
 import collections
 from collections.abc import Iterator
@@ -12,11 +13,15 @@ from shared.errors import StillroomError
 DATA_AXIS = "data"
 
 
-def data_mesh() -> jax.sharding.Mesh:
-  """A 1-D mesh over this process's devices; batches split along it, parameters replicated. (Without `devices`,
-  `jax.make_mesh` takes the job's first devices, which in a multi-process job are another process's.)"""
-  return jax.make_mesh((jax.local_device_count(),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=jax.local_devices())
+def data_mesh(job_wide: bool = False) -> jax.sharding.Mesh:
+  """A 1-D mesh, batches split along it and parameters replicated: over this process's devices, or with `job_wide`
+  over every device of a multi-process job (the same for a single process).
+
+  (Without `devices`, `jax.make_mesh` takes the job's first devices, which in a multi-process job are another
+  process's.)
+  """
+  devices = jax.devices() if job_wide else jax.local_devices()
+  return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -31,7 +36,8 @@ def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> None:
   """A batch must split evenly over the devices."""
   devices = mesh.devices.size
   if batch_size < 1 or batch_size % devices:
-    raise StillroomError(f"batch size {batch_size} must be a positive multiple of the {devices} local devices.")
+    raise StillroomError(f"batch size {batch_size} must be a positive multiple of the {devices} devices"
+                         + (" of the job." if jax.process_count() > 1 and devices > jax.local_device_count() else "."))
 
 
 def cap_batch(batch_size: int, rows: int, devices: int) -> int:
@@ -46,6 +52,35 @@ def pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
   return np.concatenate([array, np.zeros((missing, *array.shape[1:]), array.dtype)]) if missing > 0 else array
 
 
+def process_rows(mesh: jax.sharding.Mesh, batch_size: int) -> np.ndarray | None:
+  """The rows of every batch of `batch_size` that this process's devices hold, in order: what it reads and renders
+  of each batch in a multi-process job. None when it holds them all (a single process).
+
+  Raises:
+    StillroomError: the mesh gives this process rows that are not one contiguous range of a batch.
+  """
+  if jax.process_count() == 1:
+    return None
+  held = batch_sharding(mesh).addressable_devices_indices_map((batch_size,))
+  rows = np.unique(np.concatenate([np.arange(batch_size)[index[0]] for index in held.values()]))
+  if rows[-1] - rows[0] + 1 != len(rows):  # `make_array_from_process_local_data` expects one block per process.
+    raise StillroomError(f"process {jax.process_index()} holds rows {rows.tolist()} of each batch, not one block.")
+  return rows
+
+
+def put_replicated(tree, mesh: jax.sharding.Mesh):
+  """`tree`'s arrays on every device of the mesh. In a multi-process job `device_put` takes no typed PRNG key
+  arrays onto devices of other processes, so those go as their key data (each process holds the same value)."""
+  sharding = replicated(mesh)
+
+  def put(leaf):
+    if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(jax.device_put(jax.random.key_data(leaf), sharding),
+                                      impl=jax.random.key_impl(leaf))
+    return jax.device_put(leaf, sharding)
+  return jax.tree.map(put, tree)
+
+
 def needs_step_sync(mesh: jax.sharding.Mesh) -> bool:
   """Whether each step must wait for the previous one: only for several CPU devices, where queued collectives
   can deadlock (XLA's CPU all-reduce across fake host devices; "Termination timeout for all reduce"). Real
@@ -58,13 +93,18 @@ def on_devices(batches: Iterator[dict], sharding: NamedSharding, ahead: int = 1)
   """Places each batch on the devices `ahead` batches before it is used: the next batch's host-to-device copy is
   issued before the current step is dispatched, so it overlaps that step instead of following it.
 
+  Args:
+    batches: this process's rows of each batch (`process_rows`), which it places on its own devices; the global
+      batch is every process's rows (`jax.make_array_from_process_local_data`).
+
   Yields:
-    `(batch, placed)`: the host batch (for what the host reads of it, such as its row count) and its arrays on the
-    devices, without `index` (the host's bookkeeping).
+    `(batch, placed)`: the host batch (for what the host reads of it) and its arrays on the devices, without
+    `index` (the host's bookkeeping).
   """
   queued: collections.deque = collections.deque()
   for batch in batches:
-    queued.append((batch, jax.device_put({k: v for k, v in batch.items() if k != "index"}, sharding)))
+    queued.append((batch, jax.make_array_from_process_local_data(
+        sharding, {k: v for k, v in batch.items() if k != "index"})))
     if len(queued) > ahead:
       yield queued.popleft()
   while queued:

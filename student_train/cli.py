@@ -8,7 +8,7 @@ import json
 
 from shared.cli import add_models_command, print_models, run_or_exit
 from shared.settings import add_options, from_args
-from student_train.config import FitConfig
+from student_train.config import JOB, FitConfig
 from student_train.demo import add_demo_options, demo_config_from_args, run_demo
 from student_train.evaluate import EvalConfig, evaluate_runs
 from student_train.sweep import AXES, report, run_sweep
@@ -34,10 +34,11 @@ _FIT_GROUPS = {
     "distillation (with --cache)": ("loss", "alpha", "temperature", "combine", "members", "finetune_epochs"),
     "optimisation": ("epochs", "batch_size", "lr", "finetune_lr", "weight_decay", "dropout", "seed", "data_seed"),
     "run": ("model", "out", "checkpoint_every", "checkpoint_every_steps", "overwrite", "progress"),
+    "a job of several processes (see README, 'On a cluster')": JOB,
 }
 # Fit options a sweep does not take: its own --out and --cache, per-point seeds, and hard-label-only settings.
 _NOT_IN_SWEEP = ("out", "cache", "seed", "overwrite", "folds", "holdout_fold", "augment", "max_shift", "flip",
-                 "image_size", "crop_area", "crop_aspect")
+                 "image_size", "crop_area", "crop_aspect", *JOB)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -8,6 +8,8 @@ import dataclasses
 
 from shared.augment import DEFAULT_CROP_AREA, DEFAULT_CROP_ASPECT
 from shared.data import NO_EVAL
+from shared.distributed import (COORDINATOR_HELP, DEFAULT_HEARTBEAT_SECONDS, HEARTBEAT_HELP, NUM_PROCESSES_HELP,
+                                PROCESS_ID_HELP)
 from shared.ensemble import COMBINE_RULES
 from shared.errors import StillroomError
 from shared.losses import LOSSES
@@ -81,6 +83,10 @@ class FitConfig:
       None, "also checkpoint every N steps within an epoch (its position, state and partial metrics): a run killed "
             "mid-epoch resumes from there, computing what an uninterrupted run does", metavar="STEPS")
   workers: int | None = setting(None, WORKERS_HELP, metavar="N")
+  coordinator: str | None = setting(None, COORDINATOR_HELP, metavar="HOST:PORT")
+  num_processes: int | None = setting(None, NUM_PROCESSES_HELP, metavar="N")
+  process_id: int | None = setting(None, PROCESS_ID_HELP, metavar="I")
+  heartbeat_timeout: int = setting(DEFAULT_HEARTBEAT_SECONDS, HEARTBEAT_HELP, metavar="SECONDS")
   overwrite: bool = setting(False, "replace a run dir holding another config")
   progress: bool = setting(True, "progress bars")
 
@@ -88,7 +94,9 @@ class FitConfig:
 # Settings that do not change what a run computes; a resumed run may differ in them. (Where the run dir and the
 # cache are does not either: the cache is identified by its build key.)
 NOT_IDENTITY = ("overwrite", "progress", "data_dir", "checkpoint_every", "checkpoint_every_steps", "workers", "out",
-                "cache")
+                "cache", "coordinator", "num_processes", "process_id", "heartbeat_timeout")
+# How a run's processes find each other: per process, and `fit` only (a sweep or the demo is one process).
+JOB = ("coordinator", "num_processes", "process_id", "heartbeat_timeout")
 # Settings that students trained together in one vmapped step may differ in (the rest is their shared stream;
 # `data_seed` defaults to `seed`, so students of different seeds share a stream only with one --data-seed).
 GROUP_VARYING = ("seed", "temperature", "alpha", "loss", "combine", "members", "out")

@@ -17,32 +17,41 @@ from shared.ensemble import COMBINE_RULES, combine_log_probs, ensemble_log_probs
 from shared.errors import StillroomError
 from shared.metrics import classification_metrics
 from shared.models import check_input_shape
-from shared.parallel import batch_sharding, pad_rows
+from shared.parallel import batch_sharding, process_rows
 from shared.runs import Teacher, load_run_teacher
 from shared.settings import setting
 from shared.workers import BatchRenderer, resolve_workers
 from student_train.plan import RunPlan
 
 
-def view_zero_batches(render: BatchRenderer, batch_size: int) -> Iterator[np.ndarray]:
+def view_zero_batches(render: BatchRenderer, batch_size: int, rows: np.ndarray | None = None) -> Iterator[np.ndarray]:
   """The inputs [B, ...] of the renderer's transfer set as evaluation sees them, `batch_size` examples at a time in
-  split order: view 0 (the stored input, or its centre crop), rendered ahead by its input workers."""
+  split order: view 0 (the stored input, or its centre crop), rendered ahead by its input workers.
+
+  Args:
+    rows: only these rows of every batch, the last batch padded to `batch_size` with copies of the last example
+      (this process's part of each global batch, `shared.parallel.process_rows`); None: every example, unpadded.
+  """
   data = render.transfer_set
 
-  def rows():
+  def batches():
     for start in range(0, len(data), batch_size):
-      position = np.arange(start, min(start + batch_size, len(data)))
+      position = np.arange(start, min(start + batch_size, len(data))) if rows is None else \
+          np.minimum(start + rows, len(data) - 1)
       yield {"position": position, "index": data.indices[position], "view": np.zeros(len(position), np.int32)}
-  return (batch["x"] for batch in render(rows()))
+  return (batch["x"] for batch in render(batches()))
 
 
 def predict_log_probs(predict, states, render: BatchRenderer, batch_size: int, mesh) -> np.ndarray:
-  """Log-probabilities [K, N, C] of K stacked students over view 0 of the renderer's transfer set, in padded
-  batches."""
+  """Log-probabilities [K, N, C] of K stacked students over view 0 of the renderer's transfer set, in batches of
+  `batch_size` (the last one padded), each process rendering its part of each batch."""
+  count, sharding = len(render.transfer_set), batch_sharding(mesh)
+  rows = process_rows(mesh, batch_size)
   outputs = []
-  for x in view_zero_batches(render, batch_size):
-    padded = jax.device_put(pad_rows(x, batch_size), batch_sharding(mesh))
-    outputs.append(np.asarray(predict(states, padded))[:, :len(x)])
+  for start, x in zip(range(0, count, batch_size), view_zero_batches(
+      render, batch_size, np.arange(batch_size) if rows is None else rows)):
+    log_probs = predict(states, jax.make_array_from_process_local_data(sharding, x))
+    outputs.append(np.asarray(log_probs)[:, :count - start])
   return np.concatenate(outputs, axis=1)
 
 

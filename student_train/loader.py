@@ -8,6 +8,8 @@ the seed and the epoch.
 The cache loader never holds the cache in memory: each epoch reads whole chunks in a shuffled order (a per-row
 read is far slower) and shuffles rows across a window of chunks in memory, in a background thread; the inputs are
 decoded and rendered in worker processes (`shared.workers`), so reading and rendering overlap the device's step.
+In a job of several processes every process draws the same batches (the order is a function of seed and epoch) and
+renders only its rows of each (`rows`), which its devices hold.
 Batches are close to uniform samples of the rows because the build stores each view's examples in a seeded permuted
 order (`CacheSpec.row_sources`): every chunk is already a uniform sample, even of a dataset sorted by class.
 """
@@ -36,6 +38,11 @@ def _concat(a: dict, b: dict) -> dict:
 
 def _take(rows: dict, part) -> dict:
   return {k: v[part] for k, v in rows.items()}
+
+
+def _part(batches: Iterator[dict], rows: np.ndarray | None) -> Iterator[dict]:
+  """This process's `rows` of every batch (all of them for None)."""
+  return batches if rows is None else (_take(batch, rows) for batch in batches)
 
 
 def _batches(windows: Iterator[dict], batch_size: int, rng: np.random.Generator) -> Iterator[dict]:
@@ -69,15 +76,18 @@ class CacheLoader:
     window_chunks: chunks shuffled together in memory.
     workers: processes that read and render inputs (0: a thread of this process); see `shared.workers`.
     prefetch: batches rendered ahead of the step.
+    rows: the rows of each batch this process renders and yields (`shared.parallel.process_rows`; None: all).
   """
 
   def __init__(self, cache: Cache, transfer_set: TransferSet, *, batch_size: int, seed: int,
                fields: tuple[str, ...], examples: np.ndarray | None = None,
-               window_chunks: int = DEFAULT_SHUFFLE_WINDOW, workers: int = 0, prefetch: int = DEFAULT_PREFETCH):
+               window_chunks: int = DEFAULT_SHUFFLE_WINDOW, workers: int = 0, prefetch: int = DEFAULT_PREFETCH,
+               rows: np.ndarray | None = None):
     cache.require(("index", "labels", *cache.spec.arrays_of(ROWS, "view"), *fields), "streaming its rows")
     self.cache, self.transfer_set = cache, transfer_set
     self.render = BatchRenderer(transfer_set, cache.spec.augmentation, workers=workers, prefetch=prefetch)
     self.batch_size, self.seed, self.fields, self.window_chunks = batch_size, seed, fields, window_chunks
+    self.rows = rows
     self._keep = None
     if examples is not None:
       self._keep = np.zeros(transfer_set.base_count, bool)
@@ -111,7 +121,8 @@ class CacheLoader:
     before it are drawn, so the rest are those of the whole epoch, but not rendered."""
     rng = _epoch_rng(self.seed, epoch)
     order = rng.permutation(self.cache.spec.num_chunks)  # Block-level shuffle.
-    return self.render(itertools.islice(_batches(self._windows(order), self.batch_size, rng), start_step, None))
+    batches = itertools.islice(_batches(self._windows(order), self.batch_size, rng), start_step, None)
+    return self.render(_part(batches, self.rows))
 
   def close(self) -> None:
     """Stops the input workers."""
@@ -127,8 +138,8 @@ class ArrayLoader:
 
   def __init__(self, transfer_set: TransferSet, *, batch_size: int, seed: int, augmentation: Augmentation,
                augment: bool = False, examples: np.ndarray | None = None, workers: int = 0,
-               prefetch: int = DEFAULT_PREFETCH):
-    self.transfer_set, self.batch_size, self.seed = transfer_set, batch_size, seed
+               prefetch: int = DEFAULT_PREFETCH, rows: np.ndarray | None = None):
+    self.transfer_set, self.batch_size, self.seed, self.rows = transfer_set, batch_size, seed, rows
     self.render = BatchRenderer(transfer_set, augmentation, workers=workers, prefetch=prefetch)
     self.augmentation, self.augment = augmentation, augment
     self.indices = transfer_set.indices if examples is None else np.sort(np.asarray(examples, np.int64))
@@ -144,7 +155,8 @@ class ArrayLoader:
     count = len(self.indices)
     window = {"index": self.indices, "position": self.transfer_set.positions(self.indices),
               "view": np.full(count, epoch + 1 if self.augment else 0, np.int32)}
-    rendered = self.render(itertools.islice(_batches(iter([window]), self.batch_size, rng), start_step, None))
+    batches = itertools.islice(_batches(iter([window]), self.batch_size, rng), start_step, None)
+    rendered = self.render(_part(batches, self.rows))
     drawn = ("view", *self.augmentation.param_names)  # What the step does not read.
     return ({k: v for k, v in batch.items() if k not in drawn} for batch in rendered)
 

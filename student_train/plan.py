@@ -22,7 +22,7 @@ from shared.ensemble import member_weights
 from shared.errors import StillroomError
 from shared.parallel import cap_batch
 from shared.models import ModelSpec, build_model, check_input_shape
-from student_train.config import DEFAULT_KD_ALPHA, GROUP_VARYING, NOT_IDENTITY, FitConfig, validate_config
+from student_train.config import DEFAULT_KD_ALPHA, GROUP_VARYING, JOB, NOT_IDENTITY, FitConfig, validate_config
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -99,7 +99,7 @@ class RunPlan:
 
   def stream_key(self) -> dict:
     """The settings that decide the batches a run sees: runs with equal keys can train together."""
-    per_run = GROUP_VARYING + ("overwrite", "progress", "workers")
+    per_run = GROUP_VARYING + JOB + ("overwrite", "progress", "workers")
     shared = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in per_run}
     return {**shared, "cache": None if self.cache is None else os.path.abspath(self.cache.path)}
 
@@ -243,7 +243,7 @@ def plan_run(config: FitConfig, opened: Opened | None = None) -> RunPlan:
     keep = max(1, round(config.label_fraction * len(pool)))
     examples = np.sort(np.random.default_rng(config.data_seed).choice(pool, keep, replace=False))
   rows = (len(transfer_set) if examples is None else len(examples)) * (cache.spec.views if cache else 1)
-  batch_size = cap_batch(config.batch_size, rows, jax.local_device_count())
+  batch_size = cap_batch(config.batch_size, rows, jax.device_count())  # Training uses every device of the job.
   if batch_size < config.batch_size:
     _log(f"--batch-size {config.batch_size} is more than the {rows:,} rows of an epoch: batches of {batch_size}")
     config = dataclasses.replace(config, batch_size=batch_size)

@@ -8,6 +8,10 @@
   RUN_DIR/checkpoints_mid/<G>/  with --checkpoint-every-steps: the last two checkpoints inside an epoch, after G
                              steps of the run: "state", "meta" ({"epoch": E, "step": S, "sums": the epoch's
                              partial metric sums, "seconds"}); deleted when an epoch checkpoint is written
+
+In a job of several processes, process 0 writes the JSON files (the others compute the same lines and write
+nothing), and every process takes part in each checkpoint's save, restore and deletion (orbax's multi-process
+checkpointing): every process must call those in the same order.
 """
 
 import contextlib
@@ -21,6 +25,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from shared import __version__
+from shared.distributed import is_first
 from shared.errors import StillroomError
 from shared.outputs import RUN_DIR, clear_for_overwrite
 from shared.runs import CONFIG_FILE, PARAMS_ITEM, CrossFit, RunRecord, checkpoint_manager
@@ -42,15 +47,19 @@ def is_finished(out: str) -> bool:
   return os.path.exists(os.path.join(out, FINAL_FILE))
 
 
-def prepare_run_dir(plan: RunPlan) -> bool:
+def prepare_run_dir(plan: RunPlan, joining: bool = False) -> bool:
   """Creates the run dir or checks that an existing one belongs to this command; True if it already finished.
+
+  Args:
+    joining: a process of a multi-process job other than process 0, once process 0 has prepared the run dir: it
+      only checks that the run dir holds its config (it never clears or creates one).
 
   Raises:
     StillroomError: the dir holds a run of another config, or is not a run dir (unless --overwrite).
   """
   out, record = plan.config.out, plan.record()
   path = os.path.join(out, CONFIG_FILE)
-  if plan.config.overwrite:
+  if plan.config.overwrite and not joining:
     clear_for_overwrite(out, RUN_DIR)
   if os.path.exists(path):
     try:
@@ -63,8 +72,12 @@ def prepare_run_dir(plan: RunPlan) -> bool:
     differences = config_differences(existing.get("resolved", {}), wanted)
     if differences:
       raise StillroomError(f"run dir {out!r} holds a run with another config: " + "; ".join(differences)
-                           + ". Pass --overwrite to replace it, or choose another --out.")
+                           + (". Start every process of the job with the same flags and data." if joining else
+                              ". Pass --overwrite to replace it, or choose another --out."))
     return is_finished(out)
+  if joining:
+    raise StillroomError(f"run dir {out!r} has no {CONFIG_FILE}, which process 0 writes: do the processes of the job "
+                         "share one file system?")
   if os.path.exists(out) and os.listdir(out):
     raise StillroomError(f"--out {out!r} exists and is not a run dir; pass --overwrite or choose another --out.")
   os.makedirs(out, exist_ok=True)
@@ -279,6 +292,9 @@ def resume_groups(saved: list[set[int]]) -> list[tuple[int, list[int]]]:
 
 
 def append_metrics(out: str, line: dict) -> None:
+  """Appends an epoch's line (process 0 of a job; the others compute the same line and write nothing)."""
+  if not is_first():
+    return
   with open(os.path.join(out, METRICS_FILE), "a") as f:
     f.write(json.dumps(line) + "\n")
 
@@ -293,21 +309,26 @@ def read_metrics(out: str) -> list[dict]:
 
 def truncate_metrics(out: str, epochs_done: int) -> None:
   """Drops lines of epochs not in the checkpoint resumed from (a kill between the metrics line and the save)."""
+  if not is_first():
+    return
   lines = [line for line in read_metrics(out) if line["epoch"] <= epochs_done]
   with open(os.path.join(out, METRICS_FILE), "w") as f:
     f.writelines(json.dumps(line) + "\n" for line in lines)
 
 
 def write_final(out: str, total_epochs: int) -> dict:
-  """final.json: the last epoch's metrics line, the run dir and its epochs."""
+  """final.json: the last epoch's metrics line, the run dir and its epochs (written by process 0 of a job, which
+  has written every line when the others read them)."""
   final = {**read_metrics(out)[-1], "run_dir": out, "epochs": total_epochs}
-  _write_json(os.path.join(out, FINAL_FILE), final)
+  if is_first():
+    _write_json(os.path.join(out, FINAL_FILE), final)
   return final
 
 
 def write_diverged(out: str, message: str) -> None:
   """Marks a run that stopped on non-finite values; the same command then refuses it instead of training it."""
-  _write_json(os.path.join(out, DIVERGED_FILE), {"message": message})
+  if is_first():
+    _write_json(os.path.join(out, DIVERGED_FILE), {"message": message})
 
 
 def read_diverged(out: str) -> str | None:

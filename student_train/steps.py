@@ -122,9 +122,8 @@ def make_predict(graphdef, normalization: Normalization, mesh):
     model.eval()
     return jax.nn.log_softmax(model(normalization.apply(x)).astype(jnp.float32), axis=-1)
 
-  batch = batch_sharding(mesh)
-  return jax.jit(jax.vmap(predict, in_axes=(0, None)), in_shardings=(replicated(mesh), batch),
-                 out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *batch.spec)))
+  return jax.jit(jax.vmap(predict, in_axes=(0, None)), in_shardings=(replicated(mesh), batch_sharding(mesh)),
+                 out_shardings=replicated(mesh))
 
 
 def stack_hypers(hypers: list[dict], seeds: list[int]) -> dict:

@@ -22,10 +22,12 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
+from shared import distributed
 from shared.errors import StillroomError, raise_if_interrupted
 from shared.models import build_model
 from shared.outputs import RUN_DIR, OutputLock, check_not_an_input, check_output
-from shared.parallel import batch_sharding, check_batch_size, data_mesh, needs_step_sync, on_devices, replicated
+from shared.parallel import (batch_sharding, check_batch_size, data_mesh, needs_step_sync, on_devices, process_rows,
+                             put_replicated)
 from shared.workers import BatchRenderer, resolve_workers
 from student_train import run_dir as files
 from student_train.config import FitConfig
@@ -53,19 +55,28 @@ def make_optimizer(config: FitConfig, steps_per_epoch: int) -> optax.GradientTra
   return optax.adamw(schedule, weight_decay=config.weight_decay)
 
 
-def make_loader(plan: RunPlan, fields: tuple[str, ...]):
-  """The batch stream of a run: cache rows (with the teacher arrays in `fields`) or a dataset's examples."""
+def make_loader(plan: RunPlan, fields: tuple[str, ...], rows: np.ndarray | None = None):
+  """The batch stream of a run: cache rows (with the teacher arrays in `fields`) or a dataset's examples; `rows` of
+  each batch (`shared.parallel.process_rows`; None: all)."""
   config = plan.config
   workers = resolve_workers(config.workers, plan.transfer_set)
   if plan.cache is not None:
     return CacheLoader(plan.cache, plan.transfer_set, batch_size=config.batch_size, seed=config.data_seed,
-                       fields=fields, examples=plan.examples, window_chunks=config.shuffle_window, workers=workers)
+                       fields=fields, examples=plan.examples, window_chunks=config.shuffle_window, workers=workers,
+                       rows=rows)
   return ArrayLoader(plan.transfer_set, batch_size=config.batch_size, seed=config.data_seed,
-                     augmentation=plan.augmentation, augment=config.augment, examples=plan.examples, workers=workers)
+                     augmentation=plan.augmentation, augment=config.augment, examples=plan.examples, workers=workers,
+                     rows=rows)
 
 
 def fit(config: FitConfig, *, log_epochs: bool = True, on_epoch: EpochCallback | None = None) -> dict:
-  """Trains (or resumes, or confirms) one run; returns its final metrics. See `fit_group`."""
+  """Trains (or resumes, or confirms) one run; returns its final metrics. See `fit_group`.
+
+  A run may be one job of several processes (`--coordinator`, or a multi-task `srun` step; see
+  `shared.distributed`): they train on one mesh over all their devices, each reading and rendering its part of
+  every batch; process 0 writes the run dir's files, and every process takes part in its checkpoints.
+  """
+  distributed.initialize(config.coordinator, config.num_processes, config.process_id, config.heartbeat_timeout)
   return fit_group([config], log_epochs=log_epochs, on_epoch=on_epoch)[0]
 
 
@@ -91,7 +102,8 @@ def fit_group(configs: list[FitConfig], *, log_epochs: bool = True,
     Diverged: some runs' loss or state became non-finite (after the others have finished), or did in an earlier
       attempt; each holds `diverged.json` and its last finite checkpoint.
   """
-  mesh = data_mesh()
+  mesh = data_mesh(job_wide=True)
+  first = distributed.is_first()
   opened = Opened()
   plans = [plan_run(config, opened) for config in configs]
   check_batch_size(plans[0].config.batch_size, mesh)
@@ -103,16 +115,21 @@ def fit_group(configs: list[FitConfig], *, log_epochs: bool = True,
                            f"in {', '.join(differing)}, which decide the batches.")
   for plan in plans:
     check_not_an_input(plan.config.out, plan.input_paths(), "--out")
-    check_output(plan.config.out, RUN_DIR, plan.config.overwrite)
+  # Process 0 checks, locks and prepares the run dirs; the others look at them once it has (see `_fit_locked`).
+  distributed.job_step(lambda: [check_output(plan.config.out, RUN_DIR, plan.config.overwrite) for plan in plans]
+                       if first else None)
   with contextlib.ExitStack() as locks:
-    for plan in plans:
+    for plan in plans if first else ():
       locks.enter_context(OutputLock(plan.config.out, "student-train fit"))
-    return _fit_locked(plans, mesh, log_epochs, on_epoch)
+    return _fit_locked(plans, mesh, log_epochs and first, on_epoch)
 
 
 def _fit_locked(plans: list[RunPlan], mesh, log_epochs: bool, on_epoch: EpochCallback | None) -> list[dict]:
   """`fit_group` once every run dir is locked: confirms finished runs, resumes and trains the others."""
-  finished = [files.prepare_run_dir(plan) for plan in plans]
+  first = distributed.is_first()
+  prepared = distributed.job_step(lambda: [files.prepare_run_dir(plan) for plan in plans] if first else None)
+  finished = distributed.job_step(lambda: prepared if first else [files.prepare_run_dir(plan, joining=True)
+                                                                   for plan in plans])
   results, diverged, todo = {}, [], []
   for i, done in enumerate(finished):
     earlier = None if done else files.read_diverged(plans[i].config.out)
@@ -190,7 +207,7 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
   first = group[0]
   config = first.config
   fields = tuple(sorted({f for plan in group if plan.teaching for f in plan.teaching.fields}))
-  loader = make_loader(first, fields)
+  loader = make_loader(first, fields, process_rows(mesh, config.batch_size))
   eval_render = None if first.eval_set is None else BatchRenderer(
       first.eval_set, first.augmentation, workers=resolve_workers(config.workers, first.eval_set))
   try:
@@ -200,7 +217,7 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
       model = build_model(plan.model_spec, seed=plan.config.seed)
       optimizer = nnx.Optimizer(model, make_optimizer(plan.config, loader.steps_per_epoch), wrt=nnx.Param)
       graphdef, state = nnx.split((model, optimizer))
-      states.append(state)
+      states.append(put_replicated(state, mesh))  # Where checkpoints restore to, on every process's devices.
     start_step, resumed_sums, resumed_seconds = 0, None, 0.0
     if position is not None:
       start_epoch, start_step = position["epoch"], position["step"]
@@ -217,9 +234,9 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
     num_members = first.cache.spec.num_members if first.cache is not None else 1
     per_student = stack_hypers([plan.hypers(num_members) for plan in group], [plan.config.seed for plan in group])
     distill_alpha = per_student.pop("alpha")
-    stacked = jax.device_put(stack_states(states), replicated(mesh))
+    stacked = put_replicated(stack_states(states), mesh)
     fixed = static_flags(per_student)
-    per_student = jax.device_put(per_student, replicated(mesh))
+    per_student = put_replicated(per_student, mesh)
     step = make_train_step(graphdef, first.normalization, mesh, fixed)
     predict = make_predict(graphdef, first.normalization, mesh)
     teacher_top1 = [cached_teacher_top1(plan) for plan in group]
@@ -235,22 +252,21 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
     for epoch in range(start_epoch, total_epochs):
       finetuning = epoch >= config.epochs
       alpha = np.ones(len(group), np.float32) if finetuning else distill_alpha
-      epoch_hypers = {**per_student, "alpha": jax.device_put(alpha, replicated(mesh))}
+      epoch_hypers = {**per_student, "alpha": put_replicated(alpha, mesh)}
       first_step = start_step if epoch == start_epoch else 0
       sums = resumed_sums if first_step else None
       started = time.perf_counter() - (resumed_seconds if first_step else 0.0)  # The epoch's seconds, all attempts.
       bar = tqdm(total=loader.num_rows, initial=min(first_step * config.batch_size, loader.num_rows), unit="row",
-                 unit_scale=True, disable=not config.progress, leave=False,
+                 unit_scale=True, disable=not (config.progress and distributed.is_first()), leave=False,
                  desc=f"epoch {epoch + 1}/{total_epochs}" + (" (fine-tune)" if finetuning else ""))
-      for index, (batch, placed) in enumerate(on_devices(loader.epoch(epoch, first_step), sharding),
+      for index, (_, placed) in enumerate(on_devices(loader.epoch(epoch, first_step), sharding),
                                               start=first_step):
         raise_if_interrupted()
-        rows_in_batch = int(batch["mask"].sum())
         stacked, metrics = step(stacked, placed, epoch_hypers)
         if sync:
           jax.block_until_ready(metrics)
         sums = accumulate(_empty_sums(metrics) if sums is None else sums, metrics, index)
-        bar.update(rows_in_batch)
+        bar.update(min(config.batch_size, loader.num_rows - index * config.batch_size))  # Of every process.
         done = index + 1
         # Mid-epoch checkpoints, only while every student is finite: one that diverged is dropped at the epoch's end,
         # and until then the group saves none.
@@ -297,6 +313,7 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
             mid.clear()  # This epoch checkpoint supersedes them.
     for checkpoint in all_checkpoints + [mid for mid in all_mids if mid is not None]:
       checkpoint.close()
+    distributed.agree(None)  # Every process reads the metrics process 0 has written.
     finals = [files.write_final(plan.config.out, total_epochs) for plan in group]
     if diverged:  # The others have finished; these have not.
       raise Diverged("; ".join(diverged) + DIVERGED_ADVICE)

@@ -232,18 +232,6 @@ def _same_settings(existing: Cache, spec: CacheSpec, data: dict, out: str, which
   return existing
 
 
-def _job_step(step):
-  """Runs one step of the build in every process of the job, then waits for all of them: a step that failed in
-  any process raises in every process (see `distributed.agree`)."""
-  try:
-    result = step()
-  except Exception as e:  # pylint: disable=broad-except
-    distributed.agree(e)
-    raise
-  distributed.agree(None)
-  return result
-
-
 def _remove_partial_files(path: str) -> None:
   """Deletes the temporary files a killed build left: zarr's LocalStore writes `<key>.<uuid>.partial`, then
   renames it, so a `.partial` file is never part of the store."""
@@ -379,16 +367,16 @@ def build_cache(config: BuildConfig) -> str:
   # A failure of one process is every process's: each step ends at `distributed.agree`, which raises it everywhere.
   data = {"dataset": transfer_set, "eval_dataset": eval_set}
   with OutputLock(config.out, "teacher-cache build") if first else contextlib.nullcontext():
-    opened = _job_step(lambda: _open_store(config, spec, data) if first else None)
+    opened = distributed.job_step(lambda: _open_store(config, spec, data) if first else None)
     # Only once process 0 has made the store ready do the others open it, and check that they compute the same.
-    cache = _job_step(lambda: opened if first else _same_settings(
+    cache = distributed.job_step(lambda: opened if first else _same_settings(
         open_cache(config.out, mode="r+", require_complete=False), spec, data, config.out,
         "settings other than this process's", "Start every process of the job with the same flags and data."))
     if cache is None or cache.complete:
       if not first:
         _log(f"{config.out} is already complete with these settings; nothing to do.")
       return config.out
-    _job_step(lambda: _write_chunks(cache, transfer_set, eval_set, teachers, mesh, config))
+    distributed.job_step(lambda: _write_chunks(cache, transfer_set, eval_set, teachers, mesh, config))
     if not first:
       return config.out
     problems = integrity_problems(cache)  # The store must be whole before it is declared complete.

@@ -1,5 +1,7 @@
 """Jobs of several processes (`jax.distributed` on localhost, CPU collectives): a cache built by 2 processes is the
-store 1 process builds, also when the job is killed and run again; a process that dies takes the job down."""
+store 1 process builds, also when the job is killed and run again; a run trained by 2 processes is the run 1 process
+trains (within float tolerance), also when one process is killed and the job run again; a process that dies takes
+the job down."""
 
 import os
 import signal
@@ -8,11 +10,16 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 import conftest
 from shared.cache import open_cache
 from shared.errors import StillroomError
+from shared.runs import load_run_teacher
+from student_train import run_dir as files
+from student_train.config import FitConfig
+from student_train.train import fit
 from teacher_cache.build import BuildConfig, build_cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,17 +33,44 @@ def _free_port() -> int:
 
 def _build_job(args: list[str], processes: int = 2, heartbeat: int = 10) -> list[subprocess.Popen]:
   """Starts the processes of one `teacher-cache build` job, each with one CPU device."""
+  return _job("teacher_cache", ["build", *args], processes, heartbeat)
+
+
+def _fit_job(args: list[str], processes: int = 2, heartbeat: int = 10,
+             per_process: dict[int, list[str]] | None = None) -> list[subprocess.Popen]:
+  """Starts the processes of one `student-train fit` job, each with one CPU device."""
+  return _job("student_train", ["fit", *args], processes, heartbeat, per_process)
+
+
+def _job(package: str, args: list[str], processes: int, heartbeat: int,
+         per_process: dict[int, list[str]] | None = None) -> list[subprocess.Popen]:
+  """`per_process`: extra arguments of some processes."""
   port = _free_port()
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO,
          "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
   job = []
   for index in range(processes):
-    argv = ["build", *args, "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes),
-            "--process-id", str(index), "--heartbeat-timeout", str(heartbeat), "--no-progress"]
-    code = f"from teacher_cache.cli import main\nmain({argv!r})"
+    argv = [*args, "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes),
+            "--process-id", str(index), "--heartbeat-timeout", str(heartbeat), "--no-progress",
+            *(per_process or {}).get(index, [])]
+    code = f"from {package}.cli import main\nmain({argv!r})"
     job.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE))
   return job
+
+
+def _kill_the_second_process_once(job: list[subprocess.Popen], ready) -> None:
+  """SIGKILLs process 1 once `ready()` holds; asserts that process 0 then exits non-zero within 60 s (its
+  heartbeat timeout is 5 s)."""
+  deadline = time.monotonic() + 300
+  while time.monotonic() < deadline and all(p.poll() is None for p in job) and not ready():
+    time.sleep(0.01)
+  job[1].send_signal(signal.SIGKILL)
+  killed = time.monotonic()
+  code, err = _wait(job[:1], timeout=120)[0]
+  job[1].wait()
+  assert code != 0, err
+  assert time.monotonic() - killed < 60
 
 
 def _wait(job: list[subprocess.Popen], timeout: float = 300) -> list[tuple[int, str]]:
@@ -97,16 +131,7 @@ def test_a_process_that_dies_takes_the_job_down(tmp_path, build_args):
   out = tmp_path / "c.zarr"
   job = _build_job(build_args + ["--views", "16", "--out", str(out)], heartbeat=5)
   committed = out / "chunk_committed" / "c"
-  deadline = time.monotonic() + 300
-  while time.monotonic() < deadline and job[0].poll() is None and \
-      (not committed.exists() or len(os.listdir(committed)) < 2):
-    time.sleep(0.01)
-  job[1].send_signal(signal.SIGKILL)
-  killed = time.monotonic()
-  code, err = _wait(job[:1], timeout=120)[0]
-  job[1].wait()
-  assert code != 0, err
-  assert time.monotonic() - killed < 60
+  _kill_the_second_process_once(job, lambda: committed.exists() and len(os.listdir(committed)) >= 2)
   assert not open_cache(str(out), require_complete=False).complete
 
 
@@ -133,3 +158,68 @@ def test_inconsistent_process_flags_are_refused(tmp_path, teachers):
     with pytest.raises(StillroomError, match=message):
       build_cache(BuildConfig(**base, **flags))
   assert not os.path.exists(tmp_path / "c.zarr")
+
+
+# Training: distillation from the 1-process store (5,748 rows, 2 members), global batch 64 (32 rows per process),
+# 3 epochs with eval on digits' test split.
+FIT = {"model": "mlp-small", "batch_size": 64, "epochs": 3, "lr": 3e-3, "dropout": 0.1}
+
+
+def _fit_args(cache: str, out) -> list[str]:
+  return ["--cache", cache, "--out", str(out), *(f"--{k.replace('_', '-')}={v}" for k, v in FIT.items())]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, one_process_store) -> str:
+  out = str(tmp_path_factory.mktemp("fit") / "run")
+  fit(FitConfig(cache=one_process_store, out=out, progress=False, **FIT), log_epochs=False)
+  return out
+
+
+def _assert_same_run(run: str, reference: str) -> None:
+  """Equal up to float rounding: the global batch is the same, but its gradient is summed over 2 devices instead of
+  1, in another order."""
+  lines, expected = files.read_metrics(run), files.read_metrics(reference)
+  assert [line["epoch"] for line in lines] == [1, 2, 3]  # One writer: process 0.
+  for line, want in zip(lines, expected):
+    for name in ("loss", "hard_ce", "soft", "train_accuracy", "eval_nll", "eval_accuracy"):
+      assert line[name] == pytest.approx(want[name], rel=1e-4, abs=1e-5), (line["epoch"], name)
+    assert line["rows"] == want["rows"] == 5748
+  params, wanted = load_run_teacher(run).params, load_run_teacher(reference).params
+  for leaf, want in zip(jax_leaves(params), jax_leaves(wanted)):
+    np.testing.assert_allclose(leaf, want, rtol=1e-4, atol=2e-6)  # Measured: 7e-7 at most.
+  assert files.read_final(run)["eval_accuracy"] == files.read_final(reference)["eval_accuracy"]
+
+
+def jax_leaves(tree) -> list[np.ndarray]:
+  import jax  # pylint: disable=import-outside-toplevel
+  return [np.asarray(leaf) for leaf in jax.tree.leaves(tree)]
+
+
+def test_a_run_trained_by_two_processes_is_the_one_process_run(tmp_path, one_process_store, one_process_run):
+  ended = _wait(_fit_job(_fit_args(one_process_store, tmp_path / "run")))
+  assert all(code == 0 for code, _ in ended), ended
+  _assert_same_run(str(tmp_path / "run"), one_process_run)
+
+
+def test_a_killed_process_takes_the_fit_down_and_the_job_resumes(tmp_path, one_process_store, one_process_run):
+  out = tmp_path / "run"
+  job = _fit_job(_fit_args(one_process_store, out), heartbeat=5)
+  _kill_the_second_process_once(job, lambda: (out / "checkpoints" / "1").exists())
+  assert not os.path.exists(out / files.FINAL_FILE)
+  ended = _wait(_fit_job(_fit_args(one_process_store, out)))
+  assert all(code == 0 for code, _ in ended), ended
+  assert "resuming" in ended[0][1]
+  _assert_same_run(str(out), one_process_run)
+
+
+def test_processes_started_with_other_settings_fail_together(tmp_path, one_process_store):
+  started = time.monotonic()
+  ended = _wait(_fit_job(_fit_args(one_process_store, tmp_path / "run"), per_process={1: ["--lr", "0.01"]}),
+                timeout=120)
+  assert time.monotonic() - started < 60
+  assert [code for code, _ in ended] == [2, 2], ended
+  assert "process 1 of the job failed: run dir" in ended[0][1] and "config.lr: 0.003 (run dir) vs 0.01" in ended[0][1]
+  assert "Start every process of the job with the same flags" in ended[1][1]
+  assert "Traceback" not in ended[0][1] + ended[1][1]
+  assert not os.path.exists(tmp_path / "run" / files.FINAL_FILE)
