@@ -7,13 +7,17 @@ and its own index; with `--coordinator auto`, and by default in a multi-task `sr
 A process that dies is noticed by the others within the heartbeat timeout, and they exit non-zero rather than wait.
 """
 
+import dataclasses
+import json
 import os
+import signal
 import sys
 
 import jax
 import numpy as np
 
 from shared.errors import StillroomError
+from shared.settings import flag_of
 
 DEFAULT_HEARTBEAT_SECONDS = 60
 MESSAGE_BYTES = 1024  # Of a failing process's error, shared with the others.
@@ -25,6 +29,9 @@ COORDINATOR_HELP = ("HOST:PORT of process 0's coordination service, for a job of
 NUM_PROCESSES_HELP = "processes in the job (with --coordinator)"
 PROCESS_ID_HELP = "this process's index, 0..N-1 (with --coordinator); process 0 writes what the job shares"
 HEARTBEAT_HELP = "seconds after which the other processes of a job give up on one that stopped answering"
+# Settings that may differ between the processes of a job: who each is, what it shows, how many input workers it
+# runs, and where its host keeps the TFDS data.
+PER_PROCESS = ("process_id", "progress", "workers", "data_dir")
 
 
 def _on_a_cluster() -> bool:
@@ -64,14 +71,29 @@ def initialize(coordinator: str | None, num_processes: int | None, process_id: i
   missing = [k for k, v in given.items() if v is None]
   if missing:
     raise StillroomError(f"--coordinator needs {' and '.join(missing)}.")
-  if ":" not in coordinator:
-    raise StillroomError(f"--coordinator must be HOST:PORT, got {coordinator!r}.")
-  if num_processes < 1 or not 0 <= process_id < num_processes:
+  host, _, port = coordinator.rpartition(":")
+  if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise StillroomError(f"--coordinator must be HOST:PORT (a port in 1..65535), got {coordinator!r}.")
+  if num_processes < 1:
+    raise StillroomError(f"--num-processes must be >= 1, got {num_processes}.")
+  if not 0 <= process_id < num_processes:
     raise StillroomError(f"--process-id must be in 0..{num_processes - 1} (--num-processes {num_processes}), got "
                          f"{process_id}.")
   if num_processes > 1:
     _join(heartbeat_seconds, f"process {process_id} of {num_processes}, coordinator {coordinator}", coordinator,
           num_processes=num_processes, process_id=process_id)
+
+
+def one_process_only(command: str) -> None:
+  """Refuses to run `command`, which runs as one process, as one task of a multi-task `srun` step (each task would
+  run it whole, writing the same outputs; its builds would join a job).
+
+  Raises:
+    StillroomError: saying how to start it.
+  """
+  if _on_a_cluster():
+    raise StillroomError(f"{command} runs as one process, but this is one of the {os.environ['SLURM_STEP_NUM_TASKS']} "
+                         "tasks of an srun step: start it with `srun --ntasks 1`, or outside srun.")
 
 
 def _join(heartbeat_seconds: int, how: str, *args, **kwargs) -> None:
@@ -80,17 +102,69 @@ def _join(heartbeat_seconds: int, how: str, *args, **kwargs) -> None:
   default five minutes."""
   print(f"stillroom: joining a multi-process job ({how}); waiting up to {JOIN_SECONDS} s for every process",
         file=sys.stderr, flush=True)
+  # While JAX waits in C++ for the others, Python's Ctrl-C handler cannot run: let Ctrl-C end the process at once.
+  interrupt = signal.signal(signal.SIGINT, signal.SIG_DFL)
   try:
     jax.distributed.initialize(*args, heartbeat_timeout_seconds=heartbeat_seconds, initialization_timeout=JOIN_SECONDS,
                                shutdown_timeout_seconds=heartbeat_seconds, **kwargs)
   except (ValueError, RuntimeError) as e:
     raise StillroomError(f"cannot join the multi-process job ({how}): {str(e).splitlines()[0][:300]}; outside a "
                          "cluster, give --coordinator HOST:PORT --num-processes N --process-id I") from e
+  finally:
+    signal.signal(signal.SIGINT, interrupt)
+  # JAX's preemption notifier takes SIGTERM for its preemption sync, which stillroom does not use: the process
+  # would ignore `scancel` and `kill`. SIGTERM ends it, as it ends a single process; the others notice within their
+  # heartbeat timeout, and the same command resumes.
+  signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def is_first() -> bool:
   """Whether this is process 0, the one that writes what the job shares."""
   return jax.process_index() == 0
+
+
+def _peer_gone(e: Exception) -> StillroomError:
+  return StillroomError(f"another process of the job stopped while this one waited for it (killed?): "
+                        f"{str(e).splitlines()[0][:200]}")
+
+
+def _gather(value) -> list:
+  """Every process's JSON-able `value`, in process order (one collective: every process must call it)."""
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  data = json.dumps(value, sort_keys=True).encode()
+  try:
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([len(data)], np.int64))).reshape(-1)
+    buffer = np.zeros(int(sizes.max()), np.uint8)
+    buffer[:len(data)] = np.frombuffer(data, np.uint8)
+    gathered = np.asarray(multihost_utils.process_allgather(buffer)).reshape(len(sizes), -1)
+  except Exception as e:  # pylint: disable=broad-except  # The collective's own errors: a peer has gone.
+    raise _peer_gone(e) from e
+  return [json.loads(bytes(row[:size])) for row, size in zip(gathered, sizes)]
+
+
+def from_process_0(value):
+  """Process 0's JSON-able `value`, in every process: a decision every process must take alike (what to resume,
+  what has finished), made from what process 0 sees, since another host may see a shared file system late."""
+  return value if jax.process_count() == 1 else _gather(value if is_first() else None)[0]
+
+
+def check_same_settings(config) -> None:
+  """Refuses a job whose processes were started with different settings (all but `PER_PROCESS`): they would
+  compute different things, or call collectives at different times.
+
+  Raises:
+    StillroomError: in every process, naming the first process that differs from process 0 and its flags.
+  """
+  if jax.process_count() == 1:
+    return
+  settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in PER_PROCESS}
+  every = _gather(settings)
+  for k, other in enumerate(every[1:], start=1):
+    differing = [name for name in sorted(other) if other[name] != every[0].get(name)]
+    if differing:
+      raise StillroomError(f"process {k} of the job was started with other settings than process 0: "
+                           + "; ".join(f"{flag_of(name)} {other[name]} vs {every[0].get(name)}" for name in differing)
+                           + ". Start every process of the job with the same flags.")
 
 
 def agree(failure: BaseException | None) -> None:
@@ -113,8 +187,7 @@ def agree(failure: BaseException | None) -> None:
   except Exception as e:  # pylint: disable=broad-except  # The collective's own errors: a peer has gone.
     if failure is not None:
       raise failure from e
-    raise StillroomError(f"another process of the job stopped while this one waited for it (killed?): "
-                         f"{str(e).splitlines()[0][:200]}") from e
+    raise _peer_gone(e) from e
   if failure is not None:
     raise failure
   first_failed = np.flatnonzero(np.asarray(failed).reshape(-1))
@@ -134,6 +207,14 @@ def job_step(step):
     raise
   agree(None)
   return result
+
+
+def first_then_others(step, others=None):
+  """Runs `step()` in process 0 and, once it has finished, `others()` (default: `step()`) in the other processes,
+  a failure anywhere raising everywhere: for a step that makes what the others then read or check (a store, a run
+  dir, a dataset prepared in a shared data dir). Returns this process's result."""
+  made = job_step(lambda: step() if is_first() else None)
+  return job_step(lambda: made if is_first() else (others or step)())
 
 
 def my_share(items: list[int]) -> list[int]:

@@ -36,8 +36,8 @@ def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> None:
   """A batch must split evenly over the devices."""
   devices = mesh.devices.size
   if batch_size < 1 or batch_size % devices:
-    raise StillroomError(f"batch size {batch_size} must be a positive multiple of the {devices} devices"
-                         + (" of the job." if jax.process_count() > 1 and devices > jax.local_device_count() else "."))
+    whose = "of the job" if devices > jax.local_device_count() else "of this process"
+    raise StillroomError(f"batch size {batch_size} must be a positive multiple of the {devices} devices {whose}.")
 
 
 def cap_batch(batch_size: int, rows: int, devices: int) -> int:
@@ -53,24 +53,19 @@ def pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
 
 
 def process_rows(mesh: jax.sharding.Mesh, batch_size: int) -> np.ndarray | None:
-  """The rows of every batch of `batch_size` that this process's devices hold, in order: what it reads and renders
-  of each batch in a multi-process job. None when it holds them all (a single process).
-
-  Raises:
-    StillroomError: the mesh gives this process rows that are not one contiguous range of a batch.
-  """
+  """The rows of every batch of `batch_size` that this process's devices hold, in increasing order (the order in
+  which `jax.make_array_from_process_local_data` places a process's rows, also where a mesh interleaves processes):
+  what it reads and renders of each batch in a multi-process job. None when it holds them all (a single process)."""
   if jax.process_count() == 1:
     return None
   held = batch_sharding(mesh).addressable_devices_indices_map((batch_size,))
-  rows = np.unique(np.concatenate([np.arange(batch_size)[index[0]] for index in held.values()]))
-  if rows[-1] - rows[0] + 1 != len(rows):  # `make_array_from_process_local_data` expects one block per process.
-    raise StillroomError(f"process {jax.process_index()} holds rows {rows.tolist()} of each batch, not one block.")
-  return rows
+  return np.unique(np.concatenate([np.arange(batch_size)[index[0]] for index in held.values()]))
 
 
 def put_replicated(tree, mesh: jax.sharding.Mesh):
-  """`tree`'s arrays on every device of the mesh. In a multi-process job `device_put` takes no typed PRNG key
-  arrays onto devices of other processes, so those go as their key data (each process holds the same value)."""
+  """`tree`'s arrays on every device of the mesh. In a multi-process job every process must call it, in the same
+  order, with the same values (JAX checks that they are equal, a collective); `device_put` takes no typed PRNG key
+  arrays onto devices of other processes, so those go as their key data."""
   sharding = replicated(mesh)
 
   def put(leaf):

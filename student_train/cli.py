@@ -6,6 +6,7 @@ Options come from the settings dataclasses (`FitConfig`, `DemoConfig`), where ea
 import argparse
 import json
 
+from shared import distributed
 from shared.cli import add_models_command, print_models, run_or_exit
 from shared.settings import add_options, from_args
 from student_train.config import JOB, FitConfig
@@ -99,7 +100,9 @@ def main(argv: list[str] | None = None) -> None:
 
   def command():
     if args.command == "fit":
-      print(json.dumps(fit(from_args(FitConfig, args))))
+      final = fit(from_args(FitConfig, args))
+      if distributed.is_first():  # One copy of the result from a job of several processes.
+        print(json.dumps(final))
     elif args.command == "eval":
       result = evaluate_runs(from_args(EvalConfig, args, runs=tuple(args.runs)))
       if args.json:

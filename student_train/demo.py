@@ -18,6 +18,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+from shared import distributed
 from shared.cache import open_cache
 from shared.data import open_transfer_set
 from shared.errors import StillroomError
@@ -189,6 +190,7 @@ def run_demo(config: DemoConfig, verbose: bool = False) -> dict:
     config: the settings.
     verbose: log every run's every epoch (always in each run's metrics.jsonl); otherwise one bar per stage.
   """
+  distributed.one_process_only("student-train demo")
   if config.shapes:
     config = _shapes_preset(config)
   validate_demo(config)

@@ -228,22 +228,25 @@ class MidEpochCheckpoints:
         os.path.abspath(os.path.join(out, MID_EPOCH_DIR)),
         options=ocp.CheckpointManagerOptions(max_to_keep=CHECKPOINTS_KEPT, create=True, cleanup_tmp_directories=True))
 
-  @classmethod
-  def of(cls, out: str, every: int | None) -> "MidEpochCheckpoints | None":
-    """A run's mid-epoch checkpoints when it takes them or holds some (from an earlier attempt), else None."""
-    return cls(out) if every or os.path.isdir(os.path.join(out, MID_EPOCH_DIR)) else None
+  @staticmethod
+  def held(out: str) -> bool:
+    """Whether the run dir holds mid-epoch checkpoints (of an earlier attempt, which may have used them)."""
+    return os.path.isdir(os.path.join(out, MID_EPOCH_DIR))
 
-  def positions(self) -> dict[int, dict]:
-    """{global step: {"epoch": E, "step": S, "sums": {...}, "seconds": s}} of the readable ones; one a kill left
-    half-deleted is deleted."""
-    found = {}
+  def positions(self) -> list[tuple[int, dict | None]]:
+    """[(global step, {"epoch": E, "step": S, "sums": {...}, "seconds": s}), ...], the position None for one that
+    cannot be read (half-written or half-deleted by a kill: see `delete`)."""
+    found = []
     for step in self.manager.all_steps():
       try:
-        found[step] = self.manager.restore(step, args=ocp.args.Composite(**{
-            META_ITEM: ocp.args.JsonRestore()}))[META_ITEM]
+        found.append((step, self.manager.restore(step, args=ocp.args.Composite(**{
+            META_ITEM: ocp.args.JsonRestore()}))[META_ITEM]))
       except Exception:  # pylint: disable=broad-except  # Half-deleted or half-written: unusable either way.
-        self.manager.delete(step)
+        found.append((step, None))
     return found
+
+  def delete(self, global_step: int) -> None:
+    self.manager.delete(global_step)
 
   def save(self, state, global_step: int, meta: dict) -> None:
     """Saves the state at `global_step` with its position and partial sums `meta` (see `positions`).

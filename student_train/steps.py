@@ -115,7 +115,10 @@ def make_train_step(graphdef, normalization: Normalization, mesh, fixed: dict[st
 
 
 def make_predict(graphdef, normalization: Normalization, mesh):
-  """Jitted `(states, x) -> log-probabilities [K, B, C]` of K stacked students in eval mode (no dropout)."""
+  """Jitted `(states, x) -> log-probabilities [K, B, C]` of K stacked students in eval mode (no dropout).
+
+  The output is replicated, so that each process of a job can read the whole batch's (one all-gather of [K, B, C]
+  per batch, small beside the forward pass)."""
 
   def predict(state, x):
     model, _ = nnx.merge(graphdef, state)

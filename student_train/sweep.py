@@ -21,6 +21,7 @@ import typing
 import numpy as np
 import yaml
 
+from shared import distributed
 from shared.cache import open_cache
 from shared.errors import StillroomError
 from shared.outputs import check_not_an_input
@@ -177,6 +178,7 @@ def run_sweep(cache: str, grid_spec: str, out: str, seeds: int = 1, base: FitCon
   members) train in one vmapped step, reading the cache once for all of them. With `jobs > 1`, that many groups
   train at once, each in its own process. `verbose` logs every run's every epoch.
   """
+  distributed.one_process_only("student-train sweep")
   if jobs < 1:
     raise StillroomError(f"--jobs must be >= 1, got {jobs}.")
   if seeds < 1:

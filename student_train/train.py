@@ -77,6 +77,7 @@ def fit(config: FitConfig, *, log_epochs: bool = True, on_epoch: EpochCallback |
   every batch; process 0 writes the run dir's files, and every process takes part in its checkpoints.
   """
   distributed.initialize(config.coordinator, config.num_processes, config.process_id, config.heartbeat_timeout)
+  distributed.check_same_settings(config)
   return fit_group([config], log_epochs=log_epochs, on_epoch=on_epoch)[0]
 
 
@@ -98,51 +99,62 @@ def fit_group(configs: list[FitConfig], *, log_epochs: bool = True,
 
   Raises:
     StillroomError: bad settings, data, cache or model; a run dir holding another config or being written by
-      another process; runs that do not share a batch stream.
+      another process; runs that do not share a batch stream; in a job of several processes, any of these in
+      another process ("process k of the job failed: ...").
     Diverged: some runs' loss or state became non-finite (after the others have finished), or did in an earlier
       attempt; each holds `diverged.json` and its last finite checkpoint.
   """
   mesh = data_mesh(job_wide=True)
-  first = distributed.is_first()
   opened = Opened()
-  plans = [plan_run(config, opened) for config in configs]
-  check_batch_size(plans[0].config.batch_size, mesh)
-  stream = plans[0].stream_key()
-  for plan in plans[1:]:
-    differing = sorted(k for k in stream if plan.stream_key()[k] != stream[k])
-    if differing:
-      raise StillroomError(f"runs {plans[0].config.out!r} and {plan.config.out!r} cannot train together: they differ "
-                           f"in {', '.join(differing)}, which decide the batches.")
-  for plan in plans:
-    check_not_an_input(plan.config.out, plan.input_paths(), "--out")
-  # Process 0 checks, locks and prepares the run dirs; the others look at them once it has (see `_fit_locked`).
-  distributed.job_step(lambda: [check_output(plan.config.out, RUN_DIR, plan.config.overwrite) for plan in plans]
-                       if first else None)
   with contextlib.ExitStack() as locks:
-    for plan in plans if first else ():
-      locks.enter_context(OutputLock(plan.config.out, "student-train fit"))
-    return _fit_locked(plans, mesh, log_epochs and first, on_epoch)
+
+    def plan_and_lock(lock: bool) -> list[RunPlan]:
+      plans = [plan_run(config, opened) for config in configs]
+      check_batch_size(plans[0].config.batch_size, mesh)
+      stream = plans[0].stream_key()
+      for plan in plans[1:]:
+        differing = sorted(k for k in stream if plan.stream_key()[k] != stream[k])
+        if differing:
+          raise StillroomError(f"runs {plans[0].config.out!r} and {plan.config.out!r} cannot train together: they "
+                               f"differ in {', '.join(differing)}, which decide the batches.")
+      for plan in plans:
+        check_not_an_input(plan.config.out, plan.input_paths(), "--out")
+        if lock:
+          check_output(plan.config.out, RUN_DIR, plan.config.overwrite)
+          locks.enter_context(OutputLock(plan.config.out, "student-train fit"))
+      return plans
+
+    # Process 0 plans first (preparing a dataset in a shared data dir), checks and locks the run dirs; then the
+    # others plan, reading what it prepared. A failure in any process stops every process with its message.
+    plans = distributed.first_then_others(lambda: plan_and_lock(True), lambda: plan_and_lock(False))
+    return _fit_locked(plans, mesh, log_epochs and distributed.is_first(), on_epoch)
 
 
 def _fit_locked(plans: list[RunPlan], mesh, log_epochs: bool, on_epoch: EpochCallback | None) -> list[dict]:
-  """`fit_group` once every run dir is locked: confirms finished runs, resumes and trains the others."""
-  first = distributed.is_first()
-  prepared = distributed.job_step(lambda: [files.prepare_run_dir(plan) for plan in plans] if first else None)
-  finished = distributed.job_step(lambda: prepared if first else [files.prepare_run_dir(plan, joining=True)
-                                                                   for plan in plans])
+  """`fit_group` once every run dir is locked: confirms finished runs, resumes and trains the others.
+
+  In a job of several processes, process 0 prepares the run dirs and the others then check them; what each run
+  does next (finished, diverged earlier, resumed from which epoch) is what process 0 sees, so that every process
+  calls the same checkpoint collectives.
+  """
+  finished = distributed.first_then_others(lambda: [files.prepare_run_dir(plan) for plan in plans],
+                                           lambda: [files.prepare_run_dir(plan, joining=True) for plan in plans])
+  finals, earlier = distributed.from_process_0((
+      [files.read_final(plan.config.out) if done else None for plan, done in zip(plans, finished)],
+      [None if done else files.read_diverged(plan.config.out) for plan, done in zip(plans, finished)]))
   results, diverged, todo = {}, [], []
-  for i, done in enumerate(finished):
-    earlier = None if done else files.read_diverged(plans[i].config.out)
-    if done:
+  for i, final in enumerate(finals):
+    if final is not None:
       if log_epochs:
         _log(f"{plans[i].config.out} already finished; nothing to do.")
-      results[i] = files.read_final(plans[i].config.out)
-    elif earlier:
-      diverged.append(f"{plans[i].config.out} {earlier}")
+      results[i] = final
+    elif earlier[i]:
+      diverged.append(f"{plans[i].config.out} {earlier[i]}")
     else:
       todo.append(i)
   checkpoints = {i: files.Checkpoints(plans[i].config.out) for i in todo}
-  resumes = files.resume_groups([checkpoints[i].epochs() for i in todo]) if todo else []
+  saved = distributed.from_process_0([sorted(checkpoints[i].epochs()) for i in todo])
+  resumes = files.resume_groups([set(epochs) for epochs in saved]) if todo else []
   if len(resumes) > 1:
     _log("these runs saved different epochs, so each set resumes as a group of its own: "
          + "; ".join(f"epoch {epoch}: {', '.join(plans[todo[k]].config.out for k in members)}"
@@ -151,7 +163,9 @@ def _fit_locked(plans: list[RunPlan], mesh, log_epochs: bool, on_epoch: EpochCal
     group = [todo[k] for k in members]
     for i in group:
       checkpoints[i].discard_after(epoch)
-    mids = [files.MidEpochCheckpoints.of(plans[i].config.out, plans[i].config.checkpoint_every_steps) for i in group]
+    held = distributed.from_process_0([files.MidEpochCheckpoints.held(plans[i].config.out) for i in group])
+    mids = [files.MidEpochCheckpoints(plans[i].config.out) if plans[i].config.checkpoint_every_steps or held[k]
+            else None for k, i in enumerate(group)]
     try:
       finals = _train([plans[i] for i in group], [checkpoints[i] for i in group], epoch, mesh, log_epochs, on_epoch,
                       mids, _mid_epoch_position(mids, epoch))
@@ -167,8 +181,14 @@ def _fit_locked(plans: list[RunPlan], mesh, log_epochs: bool, on_epoch: EpochCal
 def _mid_epoch_position(mids: list, epoch: int) -> dict | None:
   """Where a group whose epoch checkpoints resume it at `epoch` resumes instead, inside that epoch or a later one:
   the newest mid-epoch checkpoint every run holds at the same position, as {"epoch", "step", "global", "metas"
-  (each run's)}; None (and its mid-epoch checkpoints deleted, being unusable) when there is none."""
-  found = [None if mid is None else mid.positions() for mid in mids]
+  (each run's)}; None (and its mid-epoch checkpoints deleted, being unusable) when there is none. Unreadable ones
+  (half-written or half-deleted by a kill) are deleted. Decided from what process 0 reads."""
+  found = distributed.from_process_0([None if mid is None else mid.positions() for mid in mids])
+  for mid, positions in zip(mids, found):
+    for step, meta in positions or ():
+      if meta is None:
+        mid.delete(step)
+  found = [None if f is None else {step: meta for step, meta in f if meta is not None} for f in found]
   usable = []
   if all(f is not None for f in found):
     for step in set.intersection(*(set(f) for f in found)):
@@ -229,8 +249,8 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
     elif start_epoch:
       states = [c.restore(state, start_epoch) for c, state in zip(checkpoints, states)]
       _log(f"resuming {', '.join(p.config.out for p in group)} after epoch {start_epoch} of {total_epochs}")
-    for plan in group:
-      files.truncate_metrics(plan.config.out, start_epoch)
+    distributed.job_step(functools.partial(_write_each, files.truncate_metrics,
+                                           {plan.config.out: start_epoch for plan in group}))
     num_members = first.cache.spec.num_members if first.cache is not None else 1
     per_student = stack_hypers([plan.hypers(num_members) for plan in group], [plan.config.seed for plan in group])
     distill_alpha = per_student.pop("alpha")
@@ -281,9 +301,9 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
       seconds = time.perf_counter() - started
       problems = _non_finite(group, checkpoints, epoch, totals, params_finite(stacked), loader.steps_per_epoch)
       if problems:  # Those runs stop here, before this epoch is written; the others go on without them.
-        for k, problem in problems.items():
-          files.write_diverged(group[k].config.out, f"diverged in epoch {epoch + 1}: {problem}")
-          diverged.append(f"{group[k].config.out} diverged in epoch {epoch + 1}: {problem}")
+        marks = {group[k].config.out: f"diverged in epoch {epoch + 1}: {problem}" for k, problem in problems.items()}
+        distributed.job_step(functools.partial(_write_each, files.write_diverged, marks))
+        diverged += [f"{out} {mark}" for out, mark in marks.items()]
         keep = [k for k in range(len(group)) if k not in problems]
         if not keep:
           group = []
@@ -296,11 +316,16 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
         step = make_train_step(graphdef, first.normalization, mesh, static_flags(jax.device_get(per_student)))
       eval_log_probs = None if first.eval_set is None else predict_log_probs(
           predict, stacked, eval_render, config.batch_size, mesh)
+      lines = {}
       for k, plan in enumerate(group):
-        line = _epoch_line(plan, epoch, {name: value[k] for name, value in totals.items()}, seconds, len(group))
+        lines[plan.config.out] = _epoch_line(plan, epoch, {name: value[k] for name, value in totals.items()}, seconds,
+                                             len(group))
         if eval_log_probs is not None:
-          line.update(eval_line(eval_log_probs[k], plan, teacher_top1[k]))
-        files.append_metrics(plan.config.out, line)  # Before the checkpoint: see `files.truncate_metrics`.
+          lines[plan.config.out].update(eval_line(eval_log_probs[k], plan, teacher_top1[k]))
+      # Before the checkpoint: see `files.truncate_metrics`.
+      distributed.job_step(functools.partial(_write_each, files.append_metrics, lines))
+      for plan in group:
+        line = lines[plan.config.out]
         if log_epochs:
           _log(f"{plan.config.out}: {_summary(line)}" if len(group) > 1 else _summary(line))
         if on_epoch is not None:
@@ -313,8 +338,7 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
             mid.clear()  # This epoch checkpoint supersedes them.
     for checkpoint in all_checkpoints + [mid for mid in all_mids if mid is not None]:
       checkpoint.close()
-    distributed.agree(None)  # Every process reads the metrics process 0 has written.
-    finals = [files.write_final(plan.config.out, total_epochs) for plan in group]
+    finals = distributed.job_step(lambda: [files.write_final(plan.config.out, total_epochs) for plan in group])
     if diverged:  # The others have finished; these have not.
       raise Diverged("; ".join(diverged) + DIVERGED_ADVICE)
     return finals
@@ -322,6 +346,12 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
     loader.close()
     if eval_render is not None:
       eval_render.close()
+
+
+def _write_each(write, values: dict) -> None:
+  """`write(out, value)` for each run dir's value (process 0 writes; see `student_train.run_dir`)."""
+  for out, value in values.items():
+    write(out, value)
 
 
 _NEVER = np.iinfo(np.int32).max  # "No non-finite step yet".

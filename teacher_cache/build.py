@@ -310,28 +310,13 @@ def _eval_set(config: BuildConfig) -> TransferSet | None:
   return eval_set
 
 
-def build_cache(config: BuildConfig) -> str:
-  """Builds (or resumes, or confirms) a cache; returns its path.
+def _plan(config: BuildConfig) -> tuple:
+  """What a build computes, from its settings: `(config with the batch size capped to a chunk, mesh, transfer set,
+  eval set or None, teachers, spec)`.
 
   Raises:
-    StillroomError: bad settings, data or teachers; an existing store with other settings; non-finite teacher
-      outputs (naming the member and example index; the store is left incomplete).
+    StillroomError: bad settings, data or teachers.
   """
-  validate_settings(temperature=config.temperature, combine=config.combine, dtype=config.dtype,
-                    views=config.views, chunk_rows=config.chunk_rows, seed=config.seed, folds=config.folds)
-  if config.batch_size < 1:
-    raise StillroomError(f"--batch-size must be >= 1, got {config.batch_size}.")
-  if workers_check(config.workers) is not True:
-    raise StillroomError(f"--workers {workers_check(config.workers)}, got {config.workers}.")
-  if not config.teachers:
-    raise StillroomError("give at least one --teacher (a run dir or module:function).")
-  if not config.out:
-    raise StillroomError("give --out CACHE.zarr.")
-  distributed.initialize(config.coordinator, config.num_processes, config.process_id, config.heartbeat_timeout)
-  first = distributed.is_first()
-  check_not_an_input(config.out, _input_paths(config), "--out")
-  if first:  # The others look at --out only once process 0 has made it ready.
-    check_output(config.out, STORE, config.overwrite)
   mesh = data_mesh()
   check_batch_size(config.batch_size, mesh)
   batch_size = cap_batch(config.batch_size, config.chunk_rows, mesh.devices.size)  # A batch never spans chunks.
@@ -362,14 +347,46 @@ def build_cache(config: BuildConfig) -> str:
       num_classes=num_classes, views=config.views, augmentation=augmentation,
       dtype=config.dtype, chunk_rows=config.chunk_rows, folds=config.folds, software_version=__version__,
       created_at=now_iso())
-  # Process 0 holds the lock and creates (or checks) the store; every process then writes its share of the chunks,
-  # and process 0 declares the store complete once all of them have finished.
-  # A failure of one process is every process's: each step ends at `distributed.agree`, which raises it everywhere.
-  data = {"dataset": transfer_set, "eval_dataset": eval_set}
-  with OutputLock(config.out, "teacher-cache build") if first else contextlib.nullcontext():
-    opened = distributed.job_step(lambda: _open_store(config, spec, data) if first else None)
-    # Only once process 0 has made the store ready do the others open it, and check that they compute the same.
-    cache = distributed.job_step(lambda: opened if first else _same_settings(
+  return config, mesh, transfer_set, eval_set, teachers, spec
+
+
+def build_cache(config: BuildConfig) -> str:
+  """Builds (or resumes, or confirms) a cache; returns its path.
+
+  Raises:
+    StillroomError: bad settings, data or teachers; an existing store with other settings; non-finite teacher
+      outputs (naming the member and example index; the store is left incomplete).
+  """
+  validate_settings(temperature=config.temperature, combine=config.combine, dtype=config.dtype,
+                    views=config.views, chunk_rows=config.chunk_rows, seed=config.seed, folds=config.folds)
+  if config.batch_size < 1:
+    raise StillroomError(f"--batch-size must be >= 1, got {config.batch_size}.")
+  if workers_check(config.workers) is not True:
+    raise StillroomError(f"--workers {workers_check(config.workers)}, got {config.workers}.")
+  if not config.teachers:
+    raise StillroomError("give at least one --teacher (a run dir or module:function).")
+  if not config.out:
+    raise StillroomError("give --out CACHE.zarr.")
+  distributed.initialize(config.coordinator, config.num_processes, config.process_id, config.heartbeat_timeout)
+  distributed.check_same_settings(config)
+  first = distributed.is_first()
+  with contextlib.ExitStack() as lock:
+
+    def plan(is_process_0: bool):
+      check_not_an_input(config.out, _input_paths(config), "--out")
+      if is_process_0:
+        check_output(config.out, STORE, config.overwrite)
+        lock.enter_context(OutputLock(config.out, "teacher-cache build"))
+      return _plan(config)
+
+    # Process 0 takes the lock and plans first (preparing a dataset in a shared data dir), then the others plan;
+    # process 0 creates (or checks) the store, then the others open it and check that they compute the same. Every
+    # process writes its share of the chunks, and process 0 declares the store complete once all have finished.
+    # A failure of one process is every process's: each step ends at `distributed.agree`, which raises it everywhere.
+    config, mesh, transfer_set, eval_set, teachers, spec = distributed.first_then_others(lambda: plan(True),
+                                                                                        lambda: plan(False))
+    data = {"dataset": transfer_set, "eval_dataset": eval_set}
+    cache = distributed.first_then_others(lambda: _open_store(config, spec, data), lambda: _same_settings(
         open_cache(config.out, mode="r+", require_complete=False), spec, data, config.out,
         "settings other than this process's", "Start every process of the job with the same flags and data."))
     if cache is None or cache.complete:
