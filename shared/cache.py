@@ -18,7 +18,6 @@ order, and listed no arrays; it is still read, with a warning.
 import dataclasses
 import datetime
 import math
-import os
 import sys
 import warnings
 
@@ -27,6 +26,7 @@ import zarr
 from zarr.codecs import Crc32cCodec
 from zarr.core.sync import sync as zarr_sync
 
+from shared import storage
 from shared.augment import Augmentation, row_permutation
 from shared.data import DatasetSpec
 from shared.ensemble import COMBINE_RULES
@@ -458,17 +458,17 @@ def open_cache(path: str, mode: str = "r", require_complete: bool = True) -> Cac
   """Opens a cache and validates its spec.
 
   Args:
-    path: the store's directory.
+    path: the store's directory, or its URL (`shared.storage`).
     mode: zarr open mode ("r" to read, "r+" to resume writing).
     require_complete: raise unless the completion record is present.
 
   Raises:
     StillroomError: no such store, not a stillroom cache, unsupported schema version, damaged spec, or incomplete.
   """
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise StillroomError(f"no cache at {path!r}.")
   try:
-    group = zarr.open_group(path, mode=mode)
+    group = zarr.open_group(storage.zarr_store(path, read_only=mode == "r"), mode=mode)
   except Exception as e:  # zarr raises several types for "not a group".
     raise StillroomError(f"{path!r} is not a Zarr v3 group: {e}") from e
   attrs = group.attrs.asdict()

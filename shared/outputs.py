@@ -4,8 +4,8 @@ A build writes a store and a `fit` writes a run dir; each first takes `OutputLoc
 beside it, `OUT.lock`, which names its holder (host, pid, since when, command). (Beside, not inside: a Zarr group
 lists its directory's entries, and `--overwrite` removes the directory.) A second writer gets an error naming the
 holder; the lock of a process that died is free again, since the kernel drops a dead process's locks. On object
-stores the same role falls to a lease object written with a conditional create (`If-None-Match: *`) and renewed
-while the writer lives.
+stores (`shared.storage`) the same role falls to a lease: the object `OUT.lock`, written with a conditional create
+(`If-None-Match: *`) and renewed while the writer lives.
 
 `--overwrite` removes an output only if it is a stillroom store (its `zarr.json` holds the spec attributes) or a
 run dir (its `config.json` holds a run record), and never one of the command's own inputs.
@@ -16,14 +16,17 @@ import datetime
 import fcntl
 import json
 import os
-import shutil
 import socket
 import sys
+import threading
+import time
 
+from shared import storage
 from shared.cache import SPEC_KEY
 from shared.errors import StillroomError
 
 LOCK_SUFFIX = ".lock"
+LEASE_SECONDS = 120  # A lease not renewed for this long belongs to a writer that died.
 STORE = "store"
 RUN_DIR = "run dir"
 
@@ -43,6 +46,11 @@ class OutputLock:
     StillroomError: another live process holds it, naming the holder.
   """
 
+  def __new__(cls, output: str, command: str):
+    if storage.is_url(storage.local(output)):
+      return ObjectLease(output, command)
+    return super().__new__(cls)
+
   def __init__(self, output: str, command: str):
     self.output, self.command = os.path.realpath(output), command
     self.path = self.output + LOCK_SUFFIX
@@ -57,9 +65,7 @@ class OutputLock:
       except BlockingIOError:
         holder = _read_holder(fd)
         os.close(fd)
-        who = (f"process {holder.get('pid')} on {holder.get('host')} ({holder.get('command')}) since "
-               f"{holder.get('since')}") if holder else "another process"
-        raise StillroomError(f"{self.output!r} is being written by {who}; wait for it to finish.") from None
+        raise _held(self.output, holder) from None
       try:
         same_file = os.fstat(fd).st_ino == os.stat(self.path).st_ino
       except FileNotFoundError:
@@ -71,10 +77,8 @@ class OutputLock:
       if previous:
         _log(f"taking over the lock on {self.output} left by process {previous.get('pid')} on "
              f"{previous.get('host')} (no longer running)")
-      record = {"host": socket.gethostname(), "pid": os.getpid(), "command": self.command,
-                "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
       os.ftruncate(fd, 0)
-      os.pwrite(fd, json.dumps(record).encode(), 0)
+      os.pwrite(fd, json.dumps(_holder_record(self.command)).encode(), 0)
       self._fd = fd
       return self
 
@@ -90,6 +94,83 @@ class OutputLock:
 
   def __exit__(self, *exc) -> None:
     self.release()
+
+
+class ObjectLease:
+  """The lock of an output on an object store: the object `OUT.lock`, made with a conditional create (of two
+  writers, exactly one creates it) and rewritten every `LEASE_SECONDS / 4` by a thread while the writer lives. A
+  lease that has not been renewed for `LEASE_SECONDS` (by the store's clock) is taken over.
+
+  (Taking over deletes the stale object and creates it again: two processes taking over the same stale lease at
+  the same moment could both succeed. A writer that dies is rare; two taking over within one round trip rarer.)
+
+  Raises (on acquire):
+    StillroomError: another live process holds it, naming the holder.
+  """
+
+  def __init__(self, output: str, command: str):
+    self.output, self.command = storage.absolute(output), command
+    self.path = self.output + LOCK_SUFFIX
+    self._fs, self._key = storage.filesystem(self.path)
+    self._stop = threading.Event()
+    self._renewer: threading.Thread | None = None
+
+  def _write(self, create: bool) -> None:
+    self._fs.pipe_file(self._key, json.dumps(_holder_record(self.command)).encode(),
+                       mode="create" if create else "overwrite")
+
+  def acquire(self) -> "ObjectLease":
+    for attempt in range(2):
+      try:
+        self._write(create=True)
+        break
+      except FileExistsError:
+        self._fs.invalidate_cache()
+        try:
+          holder, age = json.loads(self._fs.cat_file(self._key)), time.time() - self._fs.info(
+              self._key)["LastModified"].timestamp()
+        except FileNotFoundError:  # Released between our create and our read: try again.
+          continue
+        except ValueError:
+          holder, age = {}, time.time()
+        if attempt or age < LEASE_SECONDS:
+          raise _held(self.output, holder) from None
+        _log(f"taking over the lease on {self.output} left by process {holder.get('pid')} on {holder.get('host')} "
+             f"(not renewed for {age:.0f} s)")
+        self._fs.rm(self._key)
+    self._renewer = threading.Thread(target=self._renew, daemon=True, name="stillroom-lease")
+    self._renewer.start()
+    return self
+
+  def _renew(self) -> None:
+    while not self._stop.wait(LEASE_SECONDS / 4):
+      with contextlib.suppress(Exception):  # A missed renewal is retried; the lease lasts four periods.
+        self._write(create=False)
+
+  def release(self) -> None:
+    if self._renewer is not None:
+      self._stop.set()
+      self._renewer.join()
+      self._renewer = None
+      with contextlib.suppress(FileNotFoundError):
+        self._fs.rm(self._key)
+
+  def __enter__(self) -> "ObjectLease":
+    return self.acquire()
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+
+def _holder_record(command: str) -> dict:
+  return {"host": socket.gethostname(), "pid": os.getpid(), "command": command,
+          "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _held(output: str, holder: dict) -> StillroomError:
+  who = (f"process {holder.get('pid')} on {holder.get('host')} ({holder.get('command')}) since "
+         f"{holder.get('since')}") if holder else "another process"
+  return StillroomError(f"{output!r} is being written by {who}; wait for it to finish.")
 
 
 def _read_holder(fd: int) -> dict:
@@ -113,39 +194,42 @@ def storage_errors(what: str):
 def is_store(path: str) -> bool:
   """A Zarr group whose attributes hold a stillroom cache spec."""
   try:
-    with open(os.path.join(path, "zarr.json")) as f:
-      return SPEC_KEY in json.load(f).get("attributes", {})
-  except (OSError, json.JSONDecodeError, AttributeError):
+    return SPEC_KEY in storage.read_json(storage.join(path, "zarr.json")).get("attributes", {})
+  except (OSError, ValueError, AttributeError):
     return False
 
 
 def is_run_dir(path: str) -> bool:
   """A directory whose config.json holds a run record (a model spec and its normalisation)."""
   try:
-    with open(os.path.join(path, "config.json")) as f:
-      config = json.load(f)
+    config = storage.read_json(storage.join(path, "config.json"))
     return isinstance(config, dict) and {"model", "normalization"} <= set(config)
-  except (OSError, json.JSONDecodeError):
+  except (OSError, ValueError):
     return False
+
+
+def _resolved(path: str) -> str:
+  path = storage.local(path)
+  return path.rstrip("/") if storage.is_url(path) else os.path.realpath(path)
 
 
 def check_not_an_input(out: str, inputs: list[str], option: str) -> None:
   """Refuses an output that is, contains or lies inside one of the command's inputs."""
-  target = os.path.realpath(out)
+  target = _resolved(out)
   for given in inputs:
     if not given:
       continue
-    source = os.path.realpath(given)
-    if target == source or source.startswith(target + os.sep) or target.startswith(source + os.sep):
+    source = _resolved(given)
+    if target == source or source.startswith(target + "/") or target.startswith(source + "/"):
       raise StillroomError(f"{option} {out!r} is (or holds, or lies inside) this command's input {given!r}; "
                            "choose another output.")
 
 
 def check_output(out: str, kind: str, overwrite: bool, option: str = "--out") -> None:
   """Refuses an output that is a file, and (with `--overwrite`) one that stillroom did not make as `kind`."""
-  if os.path.exists(out) and not os.path.isdir(out):
+  if storage.is_file(out):
     raise StillroomError(f"{option} {out!r} is a file; give a directory path for the {kind}.")
-  if overwrite and os.path.exists(out) and os.listdir(out):
+  if overwrite and storage.has_entries(out):
     made_by_us = is_store(out) if kind == STORE else is_run_dir(out)
     if not made_by_us:
       raise StillroomError(f"--overwrite: {out!r} is not a stillroom {kind}, so it is left alone; choose another "
@@ -158,8 +242,8 @@ def clear_for_overwrite(out: str, kind: str) -> None:
   Raises:
     StillroomError: the directory holds something else; nothing is deleted.
   """
-  if not os.path.exists(out):
+  if not storage.has_entries(out):
     return
   check_output(out, kind, overwrite=True)
   _log(f"--overwrite: removing {out}")
-  shutil.rmtree(out)
+  storage.remove_tree(out)

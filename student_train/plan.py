@@ -7,13 +7,13 @@ loss, T, rule and members are the cache's reads the stored `targets`; any other 
 """
 
 import dataclasses
-import os
 import sys
 
 import jax
 import numpy as np
 from flax import nnx
 
+from shared import storage
 from shared.augment import Augmentation, fold_of, make_augmentation
 from shared.cache import Cache, open_cache
 from shared.data import (FINGERPRINT_VERSION, NO_EVAL, Normalization, TransferSet, check_eval_set,
@@ -101,7 +101,7 @@ class RunPlan:
     """The settings that decide the batches a run sees: runs with equal keys can train together."""
     per_run = GROUP_VARYING + JOB + ("overwrite", "progress", "workers")
     shared = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in per_run}
-    return {**shared, "cache": None if self.cache is None else os.path.abspath(self.cache.path)}
+    return {**shared, "cache": None if self.cache is None else storage.absolute(self.cache.path)}
 
   def hypers(self, num_members: int) -> dict[str, np.ndarray]:
     """This student's settings for the step (see `student_train.steps.make_train_step`), the distillation alpha
@@ -158,7 +158,7 @@ class Opened:
     self._items: dict = {}
 
   def cache(self, path: str) -> Cache:
-    key = ("cache", os.path.abspath(path))
+    key = ("cache", storage.absolute(path))
     if key not in self._items:
       self._items[key] = open_cache(path)
     return self._items[key]

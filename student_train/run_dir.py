@@ -24,7 +24,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from shared import __version__
+from shared import __version__, storage
 from shared.distributed import is_first
 from shared.errors import StillroomError
 from shared.outputs import RUN_DIR, clear_for_overwrite
@@ -85,7 +85,7 @@ def prepare_run_dir(plan: RunPlan, joining: bool = False) -> bool:
   cross_fit = CrossFit(folds=config.folds, holdout_fold=config.holdout_fold) if config.folds > 1 else None
   run_record = RunRecord(model=plan.model_spec, normalization=plan.normalization, cross_fit=cross_fit,
                          image_size=plan.augmentation.image_size)
-  where = {"out": os.path.abspath(out), "cache": None if plan.cache is None else os.path.abspath(plan.cache.path)}
+  where = {"out": os.path.abspath(out), "cache": None if plan.cache is None else storage.absolute(plan.cache.path)}
   _write_json(path, {**run_record.to_json(), "resolved": record, "paths": where, "software_version": __version__})
   return False
 

@@ -21,7 +21,7 @@ import typing
 import numpy as np
 import yaml
 
-from shared import distributed
+from shared import distributed, storage
 from shared.cache import open_cache
 from shared.errors import StillroomError
 from shared.outputs import check_not_an_input
@@ -191,7 +191,7 @@ def run_sweep(cache: str, grid_spec: str, out: str, seeds: int = 1, base: FitCon
     raise StillroomError(f"--out {out!r} exists and is not a sweep dir (no {MANIFEST}); choose another --out.")
   runs = plan_sweep(cache, grid, seeds, out, base)
   os.makedirs(out, exist_ok=True)
-  manifest = {"cache": os.path.abspath(cache), "grid": grid, "seeds": seeds, "data_dir": base.data_dir,
+  manifest = {"cache": storage.absolute(cache), "grid": grid, "seeds": seeds, "data_dir": base.data_dir,
               "base": {"alpha": base.alpha},
               "runs": [{"name": name, "point": point, "seed": plan.config.seed} for name, point, plan in runs]}
   manifest_path = os.path.join(out, MANIFEST)

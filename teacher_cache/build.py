@@ -22,7 +22,7 @@ import numpy as np
 import zarr
 from tqdm import tqdm
 
-from shared import __version__, distributed
+from shared import __version__, distributed, storage
 from shared.augment import DEFAULT_CROP_AREA, DEFAULT_CROP_ASPECT, fold_of, make_augmentation
 from shared.cache import (COMPLETE_KEY, EVAL_ROWS, ROWS, SPEC_KEY, STORAGE_DTYPES, Cache, CacheSpec, MemberSpec,
                           committed_name, create_arrays, integrity_problems, missing_chunks, now_iso, open_cache,
@@ -195,7 +195,7 @@ def _open_store(config: BuildConfig, spec: CacheSpec, data: dict) -> Cache | Non
   `data` maps "dataset" / "eval_dataset" to the opened transfer sets. Call it holding the output's lock."""
   if config.overwrite:
     clear_for_overwrite(config.out, STORE)
-  if os.path.exists(config.out) and os.listdir(config.out):
+  if storage.has_entries(config.out):
     try:
       existing = open_cache(config.out, mode="r+", require_complete=False)
     except StillroomError as e:
@@ -214,7 +214,7 @@ def _open_store(config: BuildConfig, spec: CacheSpec, data: dict) -> Cache | Non
     create_arrays(existing.group, existing.spec)
     return existing
   with storage_errors(f"creating the store {config.out}"):
-    group = zarr.open_group(config.out, mode="w-", attributes={SPEC_KEY: spec.to_attrs()})
+    group = zarr.open_group(storage.zarr_store(config.out), mode="w-", attributes={SPEC_KEY: spec.to_attrs()})
     create_arrays(group, spec)
   return Cache(path=config.out, group=group, spec=spec, completion=None)
 
@@ -234,7 +234,9 @@ def _same_settings(existing: Cache, spec: CacheSpec, data: dict, out: str, which
 
 def _remove_partial_files(path: str) -> None:
   """Deletes the temporary files a killed build left: zarr's LocalStore writes `<key>.<uuid>.partial`, then
-  renames it, so a `.partial` file is never part of the store."""
+  renames it, so a `.partial` file is never part of the store. (An object store writes each object whole.)"""
+  if storage.is_url(storage.local(path)):
+    return
   stale = [os.path.join(root, name) for root, _, names in os.walk(path) for name in names
            if name.endswith(".partial")]
   for file in stale:

@@ -5,10 +5,10 @@ memory bounded by one chunk. A damaged chunk is reported as a failure and the ot
 """
 
 import dataclasses
-import os
 
 import numpy as np
 
+from shared import storage
 from shared.augment import fold_of
 from shared.cache import EVAL_ROWS, ROWS, layout_problems, missing_chunks, open_cache, uncommitted_chunks
 from shared.data import DatasetSpec, TransferSet, open_transfer_set
@@ -78,7 +78,7 @@ def verify_cache(path: str, dataset: str | None = None, split: str | None = None
   try:
     cache = open_cache(path, require_complete=False)
   except StillroomError as e:
-    if not os.path.exists(path):
+    if not storage.exists(path):
       raise
     return [Check("spec", False, str(e))]  # A damaged spec is a finding, not a crash.
   spec = cache.spec

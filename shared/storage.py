@@ -1,0 +1,125 @@
+"""Where stores live: a local path, or an object-store URL (`s3://bucket/path`, `gs://bucket/path`).
+
+URLs go through fsspec, the layer under Zarr's own `FsspecStore`: `s3fs` and `gcsfs` come with the `cloud` extra
+(`pip install 'stillroom[cloud]'`). `file://PATH` is the local path PATH. Credentials and endpoints come only from
+each cloud SDK's standard environment (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_PROFILE`, ...;
+`GOOGLE_APPLICATION_CREDENTIALS`, ...), never from stillroom's flags or files.
+
+An object store has no directories, renames or appends, so nothing here relies on them: a store "exists" when
+it holds objects under its prefix, and a lock is an object created with a conditional write (see
+`shared.outputs.OutputLock`).
+"""
+
+import json
+import os
+import posixpath
+
+from shared.errors import StillroomError
+
+URL_SCHEMES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}  # Scheme -> the fsspec package that serves it.
+CLOUD_EXTRA = "pip install 'stillroom[cloud]'"
+
+
+def is_url(path: str) -> bool:
+  """Whether `path` names an object store (after `local`: `file://` paths are local)."""
+  return "://" in path and not path.startswith("file://")
+
+
+def local(path: str) -> str:
+  """`file://PATH` as PATH; anything else unchanged.
+
+  Raises:
+    StillroomError: a URL of a scheme stillroom does not serve.
+  """
+  if path.startswith("file://"):
+    return path[len("file://"):]
+  if "://" in path and path.split("://", 1)[0] not in URL_SCHEMES:
+    raise StillroomError(f"{path!r}: unsupported URL scheme; use a local path, file://, "
+                         + ", ".join(f"{scheme}://" for scheme in URL_SCHEMES) + ".")
+  return path
+
+
+def filesystem(url: str):
+  """The fsspec file system of a URL and the path in it.
+
+  Raises:
+    StillroomError: the package that serves the scheme is not installed.
+  """
+  import fsspec  # pylint: disable=import-outside-toplevel
+  scheme = url.split("://", 1)[0]
+  try:
+    return fsspec.core.url_to_fs(url)
+  except ImportError as e:
+    raise StillroomError(f"{url!r} needs the {URL_SCHEMES.get(scheme, scheme)} package: {CLOUD_EXTRA}.") from e
+
+
+def join(path: str, *parts: str) -> str:
+  return posixpath.join(path, *parts) if is_url(path) else os.path.join(path, *parts)
+
+
+def absolute(path: str) -> str:
+  """What identifies a location across runs: the absolute local path, or the URL."""
+  path = local(path)
+  return path.rstrip("/") if is_url(path) else os.path.abspath(path)
+
+
+def exists(path: str) -> bool:
+  """Whether a file, directory, object or prefix is there."""
+  path = local(path)
+  if is_url(path):
+    fs, inner = filesystem(path)
+    return fs.exists(inner)
+  return os.path.exists(path)
+
+
+def has_entries(path: str) -> bool:
+  """Whether a directory, or an object-store prefix, holds anything."""
+  path = local(path)
+  if is_url(path):
+    fs, inner = filesystem(path)
+    return bool(fs.exists(inner) and fs.ls(inner, detail=False))
+  return os.path.isdir(path) and bool(os.listdir(path))
+
+
+def is_file(path: str) -> bool:
+  """Whether `path` is a file (a single object), not a directory or prefix."""
+  path = local(path)
+  if is_url(path):
+    fs, inner = filesystem(path)
+    return fs.isfile(inner)
+  return os.path.exists(path) and not os.path.isdir(path)
+
+
+def read_json(path: str):
+  """The JSON document at `path` (a file or an object).
+
+  Raises:
+    OSError, ValueError: it cannot be read or parsed (FileNotFoundError when absent).
+  """
+  path = local(path)
+  if is_url(path):
+    fs, inner = filesystem(path)
+    return json.loads(fs.cat_file(inner))
+  with open(path) as f:
+    return json.load(f)
+
+
+def remove_tree(path: str) -> None:
+  """Deletes a directory, or every object under a prefix."""
+  path = local(path)
+  if is_url(path):
+    fs, inner = filesystem(path)
+    fs.rm(inner, recursive=True)
+  else:
+    import shutil  # pylint: disable=import-outside-toplevel
+    shutil.rmtree(path)
+
+
+def zarr_store(path: str, read_only: bool = False):
+  """What `zarr.open_group` opens: the local path itself, or a `FsspecStore` of the URL."""
+  path = local(path)
+  if not is_url(path):
+    return path
+  from zarr.storage import FsspecStore  # pylint: disable=import-outside-toplevel
+  filesystem(path)  # A missing package is a clear error before zarr's own.
+  return FsspecStore.from_url(path, read_only=read_only)
