@@ -62,7 +62,7 @@ def direct_cache(path: str, dataset: str, *, members: int, views: int = 1, chunk
     for array in spec.arrays:
       group.create_array(array.name, shape=array.shape, dtype=array.dtype, chunks=array.chunks, fill_value=0,
                          compressors=[Crc32cCodec()] if array.role == "bookkeeping" else [compressors, Crc32cCodec()])
-  arrays = {array.name: writable(group, array.name) for array in spec.arrays}
+  arrays = {array.name: writable(group[array.name]) for array in spec.arrays}
   rng = np.random.default_rng(seed)
   for chunk in range(spec.num_chunks):
     start, stop = spec.chunk_bounds(chunk)

@@ -15,6 +15,7 @@ Schema history: version 1 (stillroom 0.1) had no checksums, could omit all-zero 
 order, and listed no arrays; it is still read, with a warning.
 """
 
+import asyncio
 import dataclasses
 import datetime
 import math
@@ -422,9 +423,20 @@ class Cache:
     return self.completion is not None
 
   def __getitem__(self, name: str) -> zarr.Array:
-    if name not in self._arrays:
-      self._arrays[name] = self.group[name]
-    return self._arrays[name]
+    return self.arrays((name,))[name]
+
+  def arrays(self, names) -> dict[str, zarr.Array]:
+    """Handles of the arrays `names`, the ones not opened yet opened together (one round trip to a remote store).
+
+    Raises:
+      KeyError: the store has no such array.
+    """
+    missing = [name for name in dict.fromkeys(names) if name not in self._arrays]
+    for name, opened in zip(missing, gather([self.group._async_group.getitem(name) for name in missing])):
+      if isinstance(opened, BaseException):
+        raise opened
+      self._arrays[name] = zarr.Array(opened)
+    return {name: self._arrays[name] for name in names}
 
   def require(self, names, purpose: str) -> None:
     """Raises unless the store holds every array in `names`, naming the missing ones and what needs them."""
@@ -443,15 +455,26 @@ class Cache:
       StillroomError: a chunk fails its checksum or cannot be decoded, naming the array and the chunk.
     """
     start, stop = self.chunk_bounds(chunk, row_set)
-    arrays = {}
-    for name in names:
-      try:
-        arrays[name] = self[name][start:stop]
-      except Exception as e:  # zarr raises ValueError for bad checksums, others for truncated or garbled chunks.
+    names = tuple(names)
+    handles = self.arrays(names)
+    # Every array's chunk requested at once: on an object store, one round trip's latency instead of one each.
+    read = gather([handles[name]._async_array.getitem((slice(start, stop),)) for name in names])
+    for name, values in zip(names, read):
+      if isinstance(values, Exception):  # zarr: ValueError for bad checksums, others for truncated or garbled chunks.
         raise StillroomError(f"cache {self.path!r}: chunk {chunk} of array {name!r} is damaged "
-                             f"({type(e).__name__}: {str(e)[:120]}); `teacher-cache verify` lists all damage, "
-                             "and the build command with --overwrite rebuilds the store.") from e
-    return arrays
+                             f"({type(values).__name__}: {str(values)[:120]}); `teacher-cache verify` lists all "
+                             "damage, and the build command with --overwrite rebuilds the store.") from values
+      if isinstance(values, BaseException):
+        raise values
+    return dict(zip(names, read))
+
+
+def gather(coroutines: list) -> list:
+  """Runs zarr coroutines together on zarr's event loop; returns their results in order, an exception in place of
+  a result that failed. On an object store, requests issued together wait one round trip, not one each."""
+  async def together():
+    return await asyncio.gather(*coroutines, return_exceptions=True)
+  return zarr_sync(together()) if coroutines else []
 
 
 def open_cache(path: str, mode: str = "r", require_complete: bool = True) -> Cache:
@@ -551,18 +574,19 @@ def layout_problems(group: zarr.Group, spec: CacheSpec, *, missing_ok: bool = Fa
     missing_ok: do not report missing arrays (a build resuming after a kill creates them).
   """
   problems = []
-  for array in spec.arrays:
-    try:
-      with warnings.catch_warnings():  # zarr warns about a directory whose metadata is gone; we report it.
-        warnings.simplefilter("ignore")
-        stored = group[array.name]
-    except KeyError:
+  with warnings.catch_warnings():  # zarr warns about a directory whose metadata is gone; we report it.
+    warnings.simplefilter("ignore")
+    opened = gather([group._async_group.getitem(array.name) for array in spec.arrays])
+  for array, stored in zip(spec.arrays, opened):
+    if isinstance(stored, KeyError):
       if not missing_ok:
         problems.append(f"array {array.name!r} is missing")
       continue
-    except Exception as e:  # Garbled metadata: zarr raises JSON, value or type errors.
-      problems.append(f"the metadata of array {array.name!r} is unreadable ({type(e).__name__})")
+    if isinstance(stored, Exception):  # Garbled metadata: zarr raises JSON, value or type errors.
+      problems.append(f"the metadata of array {array.name!r} is unreadable ({type(stored).__name__})")
       continue
+    if isinstance(stored, BaseException):
+      raise stored
     if stored.shape != array.shape or stored.dtype != np.dtype(array.dtype) or stored.chunks != array.chunks:
       problems.append(f"array {array.name!r} has shape {stored.shape}, dtype {stored.dtype}, chunks {stored.chunks}; "
                       f"expected {array.shape}, {array.dtype}, {array.chunks}")
@@ -578,22 +602,27 @@ def create_arrays(group: zarr.Group, spec: CacheSpec) -> None:
   Raises:
     StillroomError: an existing array differs from the spec.
   """
-  problems = layout_problems(group, spec, missing_ok=True)
-  if problems:
-    raise StillroomError(f"the store {group.store} does not match its spec: {'; '.join(problems)}. Use --overwrite.")
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     present = set(group.array_keys())
-  for array in spec.arrays:
-    if array.name not in present:
-      group.create_array(array.name, shape=array.shape, dtype=array.dtype, chunks=array.chunks, fill_value=0,
-                         compressors=[Crc32cCodec()] if spec.has_checksums else None)
+  problems = layout_problems(group, spec, missing_ok=True) if present else []
+  if problems:
+    raise StillroomError(f"the store {group.store} does not match its spec: {'; '.join(problems)}. Use --overwrite.")
+  # Together, so an object store answers them in one round trip; `overwrite` only skips zarr's check that the key
+  # is free, which the listing above has made (the caller holds the output's lock).
+  created = gather([group._async_group.create_array(
+      array.name, shape=array.shape, dtype=array.dtype, chunks=array.chunks, fill_value=0, overwrite=True,
+      compressors=[Crc32cCodec()] if spec.has_checksums else None) for array in spec.arrays
+      if array.name not in present])
+  failed = next((e for e in created if isinstance(e, BaseException)), None)
+  if failed is not None:
+    raise failed
 
 
-def writable(group: zarr.Group, name: str) -> zarr.Array:
-  """An array handle that writes every chunk, all-zero ones included (zarr skips those by default, and a missing
+def writable(array: zarr.Array) -> zarr.Array:
+  """The array's handle that writes every chunk, all-zero ones included (zarr skips those by default, and a missing
   chunk then reads back as zeros, indistinguishable from data)."""
-  return group[name].with_config({"write_empty_chunks": True})
+  return array.with_config({"write_empty_chunks": True})
 
 
 def committed_name(row_set: str) -> str:
@@ -617,8 +646,8 @@ def missing_chunks(cache: Cache, names=None) -> dict[str, list[int]]:
 
   stored = zarr_sync(listing())
   missing = {}
-  for name in names if names is not None else [a.name for a in cache.spec.arrays]:
-    array = cache[name]
+  names = list(names if names is not None else [a.name for a in cache.spec.arrays])
+  for name, array in cache.arrays(names).items():
     trailing = (0,) * (array.ndim - 1)
     count = math.ceil(array.shape[0] / array.chunks[0]) if array.shape[0] else 0
     absent = [k for k in range(count)

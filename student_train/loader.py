@@ -8,12 +8,16 @@ the seed and the epoch.
 The cache loader never holds the cache in memory: each epoch reads whole chunks in a shuffled order (a per-row
 read is far slower) and shuffles rows across a window of chunks in memory, in a background thread; the inputs are
 decoded and rendered in worker processes (`shared.workers`), so reading and rendering overlap the device's step.
+Chunk reads run ahead of use, several at once and on into the next epoch's first chunks, so that the latency of an
+object store (tens of milliseconds a request) is hidden behind the step.
 In a job of several processes every process draws the same batches (the order is a function of seed and epoch) and
 renders only its rows of each (`rows`), which its devices hold.
 Batches are close to uniform samples of the rows because the build stores each view's examples in a seeded permuted
 order (`CacheSpec.row_sources`): every chunk is already a uniform sample, even of a dataset sorted by class.
 """
 
+import collections
+import concurrent.futures
 import itertools
 import math
 from collections.abc import Iterator
@@ -27,6 +31,8 @@ from shared.parallel import pad_rows
 from shared.workers import DEFAULT_PREFETCH, BatchRenderer
 from student_train.config import DEFAULT_SHUFFLE_WINDOW
 
+READ_AHEAD_BYTES = 256 << 20  # Chunk reads in flight hold at most about this much (and 2 to 8 chunks).
+
 
 def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:
   return np.random.default_rng([seed, epoch])
@@ -34,6 +40,14 @@ def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:
 
 def _concat(a: dict, b: dict) -> dict:
   return {k: np.concatenate([a[k], b[k]]) for k in b} if a else b
+
+
+def _concat_all(parts) -> dict:
+  """The rows of several chunks as one dict; {} for none."""
+  window: dict = {}
+  for part in parts:
+    window = _concat(window, part)
+  return window
 
 
 def _take(rows: dict, part) -> dict:
@@ -92,27 +106,70 @@ class CacheLoader:
     if examples is not None:
       self._keep = np.zeros(transfer_set.base_count, bool)
       self._keep[examples] = True
+    self._names = ("index", "labels", *cache.spec.augmentation.param_names, *fields)
+    row_bytes = sum(np.dtype(a.dtype).itemsize * math.prod(a.shape[1:]) for a in cache.spec.arrays
+                    if a.name in self._names)
+    self._ahead_chunks = int(np.clip(READ_AHEAD_BYTES // max(1, row_bytes * cache.spec.chunk_rows), 2, 8))
+    self._pool = concurrent.futures.ThreadPoolExecutor(self._ahead_chunks, thread_name_prefix="cache-read")
+    self._reads: collections.deque = collections.deque()  # ((epoch, position in its order), future), in order.
+    self._orders: dict[int, np.ndarray] = {}
     self.num_rows = self._count_rows()
 
   def _count_rows(self) -> int:
     if self._keep is None:
       return self.cache.spec.num_rows
-    return sum(int(self._keep[self.cache.read_chunk(chunk, ("index",))["index"]].sum())
-               for chunk in range(self.cache.spec.num_chunks))
+    indices = self._pool.map(lambda chunk: self.cache.read_chunk(chunk, ("index",))["index"],
+                             range(self.cache.spec.num_chunks))
+    return sum(int(self._keep[index].sum()) for index in indices)
+
+  def _order(self, epoch: int) -> np.ndarray:
+    """The epoch's chunk order: the first draw of its generator (`epoch` then shuffles rows with the rest)."""
+    if epoch not in self._orders:
+      self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
+      self._orders[epoch] = _epoch_rng(self.seed, epoch).permutation(self.cache.spec.num_chunks)
+    return self._orders[epoch]
+
+  def _read(self, chunk: int) -> dict:
+    rows = self.cache.read_chunk(chunk, self._names)
+    return rows if self._keep is None else _take(rows, self._keep[rows["index"]])
+
+  def _chunks(self, epoch: int) -> Iterator[dict]:
+    """The rows of each chunk of the epoch, in its order, read `_ahead_chunks` ahead: the reads of one epoch's
+    last chunks overlap those of the next epoch's first, which the next call finds done."""
+    self.read_ahead(epoch)
+    for _ in range(self.cache.spec.num_chunks):
+      self._read_ahead(epoch)
+      yield self._reads.popleft()[1].result()
+
+  def read_ahead(self, epoch: int) -> None:
+    """Starts reading the first chunks of `epoch` (the one training starts with), so that they arrive while the
+    trainer sets up; `epoch` finds them."""
+    if not self._reads or self._reads[0][0] != (epoch, 0):  # Reads of another epoch (a resume, an early stop).
+      self._cancel_reads()
+    self._read_ahead(epoch)
+
+  def _read_ahead(self, epoch: int) -> None:
+    """Tops the reads in flight up to `_ahead_chunks`, in order, on into `epoch + 1` but not beyond it."""
+    count = self.cache.spec.num_chunks
+    while len(self._reads) < self._ahead_chunks:
+      last = self._reads[-1][0] if self._reads else (epoch, -1)
+      next_epoch, position = divmod(last[0] * count + last[1] + 1, count)
+      if next_epoch > epoch + 1:
+        return
+      self._reads.append(((next_epoch, position),
+                          self._pool.submit(self._read, int(self._order(next_epoch)[position]))))
+
+  def _cancel_reads(self) -> None:
+    while self._reads:
+      self._reads.popleft()[1].cancel()
 
   @property
   def steps_per_epoch(self) -> int:
     return math.ceil(self.num_rows / self.batch_size)
 
-  def _windows(self, order: np.ndarray) -> Iterator[dict]:
-    names = ("index", "labels", *self.cache.spec.augmentation.param_names, *self.fields)
-    for start in range(0, len(order), self.window_chunks):
-      window = {}
-      for chunk in order[start:start + self.window_chunks]:
-        rows = self.cache.read_chunk(int(chunk), names)
-        if self._keep is not None:
-          rows = _take(rows, self._keep[rows["index"]])
-        window = _concat(window, rows)
+  def _windows(self, epoch: int) -> Iterator[dict]:
+    chunks = self._chunks(epoch)
+    while window := _concat_all(itertools.islice(chunks, self.window_chunks)):
       window["position"] = self.transfer_set.positions(window["index"])
       yield window
 
@@ -120,13 +177,15 @@ class CacheLoader:
     """The batches of one epoch (rendered ahead, see `shared.workers`), from batch `start_step` on: the batches
     before it are drawn, so the rest are those of the whole epoch, but not rendered."""
     rng = _epoch_rng(self.seed, epoch)
-    order = rng.permutation(self.cache.spec.num_chunks)  # Block-level shuffle.
-    batches = itertools.islice(_batches(self._windows(order), self.batch_size, rng), start_step, None)
+    rng.permutation(self.cache.spec.num_chunks)  # Block-level shuffle: the order `_order(epoch)` reads in.
+    batches = itertools.islice(_batches(self._windows(epoch), self.batch_size, rng), start_step, None)
     return self.render(_part(batches, self.rows))
 
   def close(self) -> None:
-    """Stops the input workers."""
+    """Stops the input workers and the chunk reads."""
     self.render.close()
+    self._cancel_reads()
+    self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class ArrayLoader:
@@ -148,6 +207,9 @@ class ArrayLoader:
   @property
   def steps_per_epoch(self) -> int:
     return math.ceil(self.num_rows / self.batch_size)
+
+  def read_ahead(self, epoch: int) -> None:
+    """Nothing to read ahead: the examples are read as they are rendered (see `CacheLoader.read_ahead`)."""
 
   def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
     """The batches of one epoch from batch `start_step` on (see `CacheLoader.epoch`)."""

@@ -228,6 +228,7 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
   config = first.config
   fields = tuple(sorted({f for plan in group if plan.teaching for f in plan.teaching.fields}))
   loader = make_loader(first, fields, process_rows(mesh, config.batch_size))
+  loader.read_ahead(position["epoch"] if position is not None else start_epoch)  # Overlaps the set-up below.
   eval_render = None if first.eval_set is None else BatchRenderer(
       first.eval_set, first.augmentation, workers=resolve_workers(config.workers, first.eval_set))
   try:

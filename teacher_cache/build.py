@@ -25,8 +25,8 @@ from tqdm import tqdm
 from shared import __version__, distributed, storage
 from shared.augment import DEFAULT_CROP_AREA, DEFAULT_CROP_ASPECT, fold_of, make_augmentation
 from shared.cache import (COMPLETE_KEY, EVAL_ROWS, ROWS, SPEC_KEY, STORAGE_DTYPES, Cache, CacheSpec, MemberSpec,
-                          committed_name, create_arrays, integrity_problems, missing_chunks, now_iso, open_cache,
-                          uncommitted_chunks, validate_settings, writable)
+                          committed_name, create_arrays, gather, integrity_problems, missing_chunks, now_iso,
+                          open_cache, uncommitted_chunks, validate_settings, writable)
 from shared.data import (NO_EVAL, Normalization, TransferSet, check_eval_set, default_eval_split, local_path,
                          open_transfer_set)
 from shared.distributed import (COORDINATOR_HELP, DEFAULT_HEARTBEAT_SECONDS, HEARTBEAT_HELP, NUM_PROCESSES_HELP,
@@ -246,20 +246,15 @@ def _remove_partial_files(path: str) -> None:
 
 
 class ChunkWriter:
-  """Writes finished chunks in a background thread, in order, marking each committed after its data."""
+  """Writes finished chunks in a background thread, in order, marking each committed after all of its data."""
 
-  def __init__(self, group: zarr.Group, depth: int = 2):
-    self._group = group
-    self._arrays: dict[str, zarr.Array] = {}
+  def __init__(self, cache: Cache, depth: int = 2):
+    # Every array's handle opened at once (one round trip to an object store), each writing all-zero chunks too.
+    self._arrays = {name: writable(array) for name, array in cache.arrays([a.name for a in cache.spec.arrays]).items()}
     self._queue: queue.Queue = queue.Queue(maxsize=depth)
     self._error: BaseException | None = None
     self._thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
     self._thread.start()
-
-  def _array(self, name: str) -> zarr.Array:
-    if name not in self._arrays:
-      self._arrays[name] = writable(self._group, name)
-    return self._arrays[name]
 
   def _run(self):
     while (item := self._queue.get()) is not None:
@@ -267,9 +262,13 @@ class ChunkWriter:
       if self._error is not None:
         continue  # Drain after a failure; the main thread raises it.
       try:
-        for name, values in arrays.items():
-          self._array(name)[start:stop] = values
-        self._array(committed_name(row_set))[chunk] = True
+        # The chunk's arrays together (on an object store, one round trip instead of one per array), then its mark.
+        written = gather([self._arrays[name]._async_array.setitem(slice(start, stop), values)
+                          for name, values in arrays.items()])
+        failed = next((e for e in written if isinstance(e, BaseException)), None)
+        if failed is not None:
+          raise failed
+        self._arrays[committed_name(row_set)][chunk] = True
       except BaseException as e:  # pylint: disable=broad-except
         self._error = e
 
@@ -416,6 +415,7 @@ def _write_chunks(cache: Cache, transfer_set: TransferSet, eval_set: TransferSet
   """Computes and writes every uncommitted chunk: the eval rows first, then the transfer set's rows."""
   spec = cache.spec
   row_sets = [EVAL_ROWS, ROWS] if eval_set is not None else [ROWS]
+  cache.arrays([array.name for array in spec.arrays])  # Every handle at once: one round trip to an object store.
   # Chunks are independent: in a job of several processes, each computes and writes its share.
   todo = {row_set: distributed.my_share(_chunks_to_write(cache, row_set)) for row_set in row_sets}
   mine = {row_set: distributed.my_share(list(range(spec.chunks_of(row_set)))) for row_set in row_sets}
@@ -428,7 +428,7 @@ def _write_chunks(cache: Cache, transfer_set: TransferSet, eval_set: TransferSet
     _log(f"resuming {cache.path}{process}: {total - remaining} of {total} rows already committed")
   rows_forward, eval_forward = _make_forwards(teachers, spec, mesh)
   params = jax.device_put([t.params for t in teachers], replicated(mesh))
-  writer = ChunkWriter(cache.group)
+  writer = ChunkWriter(cache)
   bar = tqdm(total=total, initial=total - remaining, unit="row", unit_scale=True, disable=not config.progress,
              desc="teacher-cache build" + process)
   started = time.perf_counter()
@@ -514,13 +514,16 @@ def _computed_chunks(cache: Cache, row_set: str, chunks: list[int], data: Transf
 
 def _chunks_to_write(cache: Cache, row_set: str) -> list[int]:
   """The chunks a (resumed) build must write: the uncommitted ones, and committed ones whose files are gone."""
+  committed = committed_name(row_set)
+  names = [name for name in cache.spec.arrays_of(row_set) if cache.spec.array(name).role != "bookkeeping"]
+  absent = missing_chunks(cache, [*names, committed])  # One listing of the store.
+  if len(absent.get(committed, ())) == cache.spec.chunks_of(row_set):
+    return list(range(cache.spec.chunks_of(row_set)))  # A new store (or one killed before any commit).
   try:
     todo = set(uncommitted_chunks(cache, row_set).tolist())
   except StillroomError as e:
     raise StillroomError(f"cannot resume {cache.path}: {e}. Pass --overwrite to rebuild it.") from e
-  names = [name for name in cache.spec.arrays_of(row_set) if cache.spec.array(name).role != "bookkeeping"]
-  missing = {chunk for chunks in missing_chunks(cache, names).values() for chunk in chunks} \
-      if cache.spec.has_checksums else set()
+  missing = {chunk for name in names for chunk in absent.get(name, ())} if cache.spec.has_checksums else set()
   if missing - todo:
     _log(f"{len(missing - todo)} committed chunk(s) of {cache.path} are missing: writing them again")
   return sorted(todo | missing)

@@ -389,7 +389,7 @@ def test_verify_without_the_dataset_leaves_crop_boxes_unchecked(tmp_path, shapes
   assert checks["rows' crop boxes replay from the seed and the image sizes"].ok is True
   cache = open_cache(out, mode="r+")
   row = cache["crop"][0]
-  writable(cache.group, "crop")[0] = row + np.array([0, 0, 1, 0], np.int32)  # A box one pixel taller.
+  writable(cache.group["crop"])[0] = row + np.array([0, 0, 1, 0], np.int32)  # A box one pixel taller.
   checks = {c.name: c for c in verify_cache(out)}
   assert checks["rows' crop boxes replay from the seed and the image sizes"].ok is False
   assert "first bad rows 0" in checks["rows' crop boxes replay from the seed and the image sizes"].detail
@@ -431,7 +431,7 @@ def test_a_student_of_an_imagefolder_cache_evaluates_where_the_cache_stores_teac
   assert final["eval_count"] == 30 and "eval_teacher_agreement" in final
   # A crop box that no longer fits its image (the image changed after the build) is named, not rendered.
   cache = open_cache(out, mode="r+")
-  writable(cache.group, "crop")[0] = np.array([0, 0, 1000, 5], np.int32)
+  writable(cache.group["crop"])[0] = np.array([0, 0, 1000, 5], np.int32)
   index = int(cache["index"][0])
   with pytest.raises(StillroomError, match=f"example index {index} is .* but its cached crop box .* does not fit"):
     list(CacheLoader(open_cache(out), open_transfer_set(f"imagefolder:{shapes}/train"), batch_size=16, seed=0,
