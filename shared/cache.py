@@ -602,18 +602,19 @@ def create_arrays(group: zarr.Group, spec: CacheSpec) -> None:
   Raises:
     StillroomError: an existing array differs from the spec.
   """
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    present = set(group.array_keys())
-  problems = layout_problems(group, spec, missing_ok=True) if present else []
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      present = set(group.array_keys())
+  except Exception:  # pylint: disable=broad-except  # Garbled metadata: `layout_problems` names the array.
+    present = None
+  problems = layout_problems(group, spec, missing_ok=True) if present != set() else []  # A new store: nothing to check.
   if problems:
     raise StillroomError(f"the store {group.store} does not match its spec: {'; '.join(problems)}. Use --overwrite.")
-  # Together, so an object store answers them in one round trip; `overwrite` only skips zarr's check that the key
-  # is free, which the listing above has made (the caller holds the output's lock).
-  created = gather([group._async_group.create_array(
-      array.name, shape=array.shape, dtype=array.dtype, chunks=array.chunks, fill_value=0, overwrite=True,
+  created = gather([group._async_group.create_array(  # Together: one round trip to an object store.
+      array.name, shape=array.shape, dtype=array.dtype, chunks=array.chunks, fill_value=0,
       compressors=[Crc32cCodec()] if spec.has_checksums else None) for array in spec.arrays
-      if array.name not in present])
+      if array.name not in (present or set())])
   failed = next((e for e in created if isinstance(e, BaseException)), None)
   if failed is not None:
     raise failed

@@ -23,6 +23,13 @@ def print_models(args: argparse.Namespace) -> None:
     print(f"{row['name']:<10} {params:<20} {row['about']}")
 
 
+CLOUD_SDKS = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google.auth", "google.api_core", "aiohttp")
+
+
+def _from_a_cloud_sdk(error: BaseException) -> bool:
+  return any(cls.__module__.startswith(CLOUD_SDKS) for cls in type(error).__mro__)
+
+
 def run_or_exit(prog: str, command: Callable[[], None]) -> None:
   """Runs a command; a `StillroomError`, or a failure of the file system (disk full, read-only output, no
   permission), becomes one line on stderr and exit status 2; Ctrl-C exits with 130 without a traceback."""
@@ -44,6 +51,11 @@ def run_or_exit(prog: str, command: Callable[[], None]) -> None:
       os._exit(130)
     sys.exit(130)
   except Exception as e:  # pylint: disable=broad-except
+    if _from_a_cloud_sdk(e):  # No credentials, an unreachable endpoint, access denied: routine, with a remedy.
+      print(f"{prog}: error: object storage: {type(e).__name__}: {str(e).splitlines()[0][:240]}; check the cloud "
+            "SDK's environment (AWS_PROFILE or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL; "
+            "GOOGLE_APPLICATION_CREDENTIALS).", file=sys.stderr)
+      sys.exit(2)
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
     # The device (or host) ran out of memory: a routine failure with a known remedy, not a bug.

@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from shared import digits as digits_lib
+from shared import storage
 from shared.augment import counter_hash
 from shared.errors import StillroomError
 
@@ -755,6 +756,8 @@ def open_transfer_set(name: str, split: str = "train", data_dir: str | None = No
     StillroomError: unknown dataset or split, missing file or folder, bad archive, dataset not prepared (with how
       to prepare it offline).
   """
+  storage.require_local(data_dir, "--data-dir")
+  storage.require_local(local_path(name), "dataset")
   if name.startswith(NPZ_PREFIX) or name.startswith(IMAGEFOLDER_PREFIX):
     source, num_classes = (_load_npz if name.startswith(NPZ_PREFIX) else _list_image_folder)(name)
     base, indices, canonical = _parse_split(split, {"train": len(source)}, name)

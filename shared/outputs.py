@@ -16,6 +16,7 @@ import datetime
 import fcntl
 import json
 import os
+import secrets
 import socket
 import sys
 import threading
@@ -52,7 +53,7 @@ class OutputLock:
     return super().__new__(cls)
 
   def __init__(self, output: str, command: str):
-    self.output, self.command = os.path.realpath(output), command
+    self.output, self.command = os.path.realpath(storage.local(output)), command
     self.path = self.output + LOCK_SUFFIX
     self._fd: int | None = None
 
@@ -99,61 +100,89 @@ class OutputLock:
 class ObjectLease:
   """The lock of an output on an object store: the object `OUT.lock`, made with a conditional create (of two
   writers, exactly one creates it) and rewritten every `LEASE_SECONDS / 4` by a thread while the writer lives. A
-  lease that has not been renewed for `LEASE_SECONDS` (by the store's clock) is taken over.
+  lease whose object was last written `LEASE_SECONDS` ago (the store's modification time against this host's
+  clock: hosts must agree within a minute) belongs to a writer that died, and is taken over.
 
-  (Taking over deletes the stale object and creates it again: two processes taking over the same stale lease at
-  the same moment could both succeed. A writer that dies is rare; two taking over within one round trip rarer.)
+  Each lease carries a random token. The writer renews and deletes it only while the object still holds its token:
+  a writer that lost it (paused past `LEASE_SECONDS`, and taken over) says so and stops renewing, and never deletes
+  the new holder's lease. (Renewal and takeover are read-then-write, not conditional writes: two takers of one stale
+  lease in the same round trip could both succeed. A writer that dies is rare; two taking over at once rarer.)
 
   Raises (on acquire):
-    StillroomError: another live process holds it, naming the holder.
+    StillroomError: another live process holds it, naming the holder and when it was last renewed.
   """
 
   def __init__(self, output: str, command: str):
     self.output, self.command = storage.absolute(output), command
     self.path = self.output + LOCK_SUFFIX
     self._fs, self._key = storage.filesystem(self.path)
+    self._record = {**_holder_record(command), "token": secrets.token_hex(16)}
     self._stop = threading.Event()
     self._renewer: threading.Thread | None = None
+    self.lost = False
 
-  def _write(self, create: bool) -> None:
-    self._fs.pipe_file(self._key, json.dumps(_holder_record(self.command)).encode(),
-                       mode="create" if create else "overwrite")
+  def _holder(self) -> tuple[dict, float] | None:
+    """(the lease's record, seconds since it was written), or None when there is none."""
+    self._fs.invalidate_cache()
+    try:
+      data, written = self._fs.cat_file(self._key), self._fs.modified(self._key)
+    except FileNotFoundError:
+      return None
+    try:
+      holder = json.loads(data)
+    except ValueError:
+      holder = {}
+    return (holder if isinstance(holder, dict) else {}), time.time() - written.timestamp()
+
+  def _ours(self) -> bool:
+    found = self._holder()
+    return found is not None and found[0].get("token") == self._record["token"]
 
   def acquire(self) -> "ObjectLease":
-    for attempt in range(2):
+    for _ in range(3):  # A lease released or taken over between our create and our read: try again.
       try:
-        self._write(create=True)
+        self._fs.pipe_file(self._key, json.dumps(self._record).encode(), mode="create")
         break
       except FileExistsError:
-        self._fs.invalidate_cache()
-        try:
-          holder, age = json.loads(self._fs.cat_file(self._key)), time.time() - self._fs.info(
-              self._key)["LastModified"].timestamp()
-        except FileNotFoundError:  # Released between our create and our read: try again.
+        found = self._holder()
+        if found is None:
           continue
-        except ValueError:
-          holder, age = {}, time.time()
-        if attempt or age < LEASE_SECONDS:
-          raise _held(self.output, holder) from None
+        holder, age = found
+        if age < LEASE_SECONDS:
+          raise _held(self.output, holder, f"its lease was renewed {age:.0f} s ago, and is taken over once "
+                                           f"{LEASE_SECONDS} s old if that process is gone") from None
         _log(f"taking over the lease on {self.output} left by process {holder.get('pid')} on {holder.get('host')} "
              f"(not renewed for {age:.0f} s)")
         self._fs.rm(self._key)
+    else:
+      raise StillroomError(f"cannot take the lease {self.path!r}: other processes keep taking it.")
+    if not self._ours():  # A store that ignores conditional writes lets two creators "succeed"; this catches some.
+      raise StillroomError(f"cannot take the lease {self.path!r}: another writer holds it (does this store honour "
+                           "conditional writes, If-None-Match?).")
     self._renewer = threading.Thread(target=self._renew, daemon=True, name="stillroom-lease")
     self._renewer.start()
     return self
 
   def _renew(self) -> None:
     while not self._stop.wait(LEASE_SECONDS / 4):
-      with contextlib.suppress(Exception):  # A missed renewal is retried; the lease lasts four periods.
-        self._write(create=False)
+      try:
+        if not self._ours():
+          self.lost = True
+          _log(f"error: the lease on {self.output} was taken over by another process: stop this one, since two "
+               "now write the same output")
+          return
+        self._fs.pipe_file(self._key, json.dumps(self._record).encode())
+      except Exception as e:  # pylint: disable=broad-except  # Retried; the lease lasts four periods.
+        _log(f"renewing the lease on {self.output} failed ({type(e).__name__}: {str(e)[:120]}); retrying")
 
   def release(self) -> None:
     if self._renewer is not None:
       self._stop.set()
       self._renewer.join()
       self._renewer = None
-      with contextlib.suppress(FileNotFoundError):
-        self._fs.rm(self._key)
+      with contextlib.suppress(OSError):  # Gone, or the store is unreachable: the lease then runs out.
+        if not self.lost and self._ours():
+          self._fs.rm(self._key)
 
   def __enter__(self) -> "ObjectLease":
     return self.acquire()
@@ -167,10 +196,11 @@ def _holder_record(command: str) -> dict:
           "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-def _held(output: str, holder: dict) -> StillroomError:
+def _held(output: str, holder: dict, state: str = "") -> StillroomError:
   who = (f"process {holder.get('pid')} on {holder.get('host')} ({holder.get('command')}) since "
          f"{holder.get('since')}") if holder else "another process"
-  return StillroomError(f"{output!r} is being written by {who}; wait for it to finish.")
+  return StillroomError(f"{output!r} is being written by {who}" + (f"; {state}" if state else "")
+                        + "; wait for it to finish.")
 
 
 def _read_holder(fd: int) -> dict:

@@ -25,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from shared import storage
 from shared.data import Normalization
 from shared.errors import StillroomError
 from shared.models import ModelSpec, build_model
@@ -252,6 +253,7 @@ def load_external_teacher(reference: str) -> Teacher:
 
 def load_teacher(reference: str) -> Teacher:
   """A run dir path, or `module:function` when no such path exists and the text has one colon."""
+  storage.require_local(reference, "--teacher")
   if not os.path.exists(reference) and reference.count(":") == 1 and "/" not in reference.split(":")[0]:
     return load_external_teacher(reference)
   return load_run_teacher(reference)

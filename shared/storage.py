@@ -45,12 +45,34 @@ def filesystem(url: str):
   Raises:
     StillroomError: the package that serves the scheme is not installed.
   """
-  import fsspec  # pylint: disable=import-outside-toplevel
   scheme = url.split("://", 1)[0]
   try:
-    return fsspec.core.url_to_fs(url)
+    import fsspec  # pylint: disable=import-outside-toplevel
+    fs, inner = fsspec.core.url_to_fs(url)
   except ImportError as e:
     raise StillroomError(f"{url!r} needs the {URL_SCHEMES.get(scheme, scheme)} package: {CLOUD_EXTRA}.") from e
+  fs.invalidate_cache()  # Listings are cached per process; another process may have written since.
+  return fs, inner
+
+
+def require_local(path: str | None, option: str) -> None:
+  """Refuses an object-store URL where stillroom reads or writes only local (or mounted) paths for now.
+
+  Raises:
+    StillroomError: naming the option.
+  """
+  if path and is_url(local(path)):
+    raise StillroomError(f"{option} {path!r}: only caches live on object storage for now; give a local or mounted "
+                         "path.")
+
+
+def size(path: str) -> int:
+  """Bytes stored under a directory or an object-store prefix."""
+  path = local(path)
+  if is_url(path):
+    fs, inner = filesystem(path)
+    return int(fs.du(inner, total=True))
+  return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
 
 
 def join(path: str, *parts: str) -> str:

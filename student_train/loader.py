@@ -20,6 +20,7 @@ import collections
 import concurrent.futures
 import itertools
 import math
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -91,12 +92,13 @@ class CacheLoader:
     workers: processes that read and render inputs (0: a thread of this process); see `shared.workers`.
     prefetch: batches rendered ahead of the step.
     rows: the rows of each batch this process renders and yields (`shared.parallel.process_rows`; None: all).
+    epochs: the run's epochs, if known: chunk reads never run ahead past the last one.
   """
 
   def __init__(self, cache: Cache, transfer_set: TransferSet, *, batch_size: int, seed: int,
                fields: tuple[str, ...], examples: np.ndarray | None = None,
                window_chunks: int = DEFAULT_SHUFFLE_WINDOW, workers: int = 0, prefetch: int = DEFAULT_PREFETCH,
-               rows: np.ndarray | None = None):
+               rows: np.ndarray | None = None, epochs: int | None = None):
     cache.require(("index", "labels", *cache.spec.arrays_of(ROWS, "view"), *fields), "streaming its rows")
     self.cache, self.transfer_set = cache, transfer_set
     self.render = BatchRenderer(transfer_set, cache.spec.augmentation, workers=workers, prefetch=prefetch)
@@ -112,6 +114,9 @@ class CacheLoader:
     self._ahead_chunks = int(np.clip(READ_AHEAD_BYTES // max(1, row_bytes * cache.spec.chunk_rows), 2, 8))
     self._pool = concurrent.futures.ThreadPoolExecutor(self._ahead_chunks, thread_name_prefix="cache-read")
     self._reads: collections.deque = collections.deque()  # ((epoch, position in its order), future), in order.
+    self._lock = threading.Lock()  # `_reads` is used by the renderer's thread and, to close, by the main thread.
+    self._last_epoch = None if epochs is None else epochs - 1
+    self._closed = False
     self._orders: dict[int, np.ndarray] = {}
     self.num_rows = self._count_rows()
 
@@ -138,23 +143,27 @@ class CacheLoader:
     last chunks overlap those of the next epoch's first, which the next call finds done."""
     self.read_ahead(epoch)
     for _ in range(self.cache.spec.num_chunks):
-      self._read_ahead(epoch)
-      yield self._reads.popleft()[1].result()
+      with self._lock:
+        self._read_ahead(epoch)
+        _, read = self._reads.popleft()
+      yield read.result()
 
   def read_ahead(self, epoch: int) -> None:
     """Starts reading the first chunks of `epoch` (the one training starts with), so that they arrive while the
     trainer sets up; `epoch` finds them."""
-    if not self._reads or self._reads[0][0] != (epoch, 0):  # Reads of another epoch (a resume, an early stop).
-      self._cancel_reads()
-    self._read_ahead(epoch)
+    with self._lock:
+      if not self._reads or self._reads[0][0] != (epoch, 0):  # Reads of another epoch (a resume, an early stop).
+        self._cancel_reads()
+      self._read_ahead(epoch)
 
   def _read_ahead(self, epoch: int) -> None:
-    """Tops the reads in flight up to `_ahead_chunks`, in order, on into `epoch + 1` but not beyond it."""
+    """Tops the reads in flight up to `_ahead_chunks`, in order, on into `epoch + 1` but not beyond it or the last
+    epoch (call it holding `_lock`; after `close`, it reads nothing)."""
     count = self.cache.spec.num_chunks
-    while len(self._reads) < self._ahead_chunks:
+    while len(self._reads) < self._ahead_chunks and not self._closed:
       last = self._reads[-1][0] if self._reads else (epoch, -1)
       next_epoch, position = divmod(last[0] * count + last[1] + 1, count)
-      if next_epoch > epoch + 1:
+      if next_epoch > epoch + 1 or (self._last_epoch is not None and next_epoch > max(epoch, self._last_epoch)):
         return
       self._reads.append(((next_epoch, position),
                           self._pool.submit(self._read, int(self._order(next_epoch)[position]))))
@@ -184,7 +193,9 @@ class CacheLoader:
   def close(self) -> None:
     """Stops the input workers and the chunk reads."""
     self.render.close()
-    self._cancel_reads()
+    with self._lock:
+      self._closed = True
+      self._cancel_reads()
     self._pool.shutdown(wait=True, cancel_futures=True)
 
 

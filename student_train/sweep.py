@@ -179,6 +179,7 @@ def run_sweep(cache: str, grid_spec: str, out: str, seeds: int = 1, base: FitCon
   train at once, each in its own process. `verbose` logs every run's every epoch.
   """
   distributed.one_process_only("student-train sweep")
+  storage.require_local(out, "--out")
   if jobs < 1:
     raise StillroomError(f"--jobs must be >= 1, got {jobs}.")
   if seeds < 1:

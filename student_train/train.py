@@ -63,7 +63,7 @@ def make_loader(plan: RunPlan, fields: tuple[str, ...], rows: np.ndarray | None 
   if plan.cache is not None:
     return CacheLoader(plan.cache, plan.transfer_set, batch_size=config.batch_size, seed=config.data_seed,
                        fields=fields, examples=plan.examples, window_chunks=config.shuffle_window, workers=workers,
-                       rows=rows)
+                       rows=rows, epochs=config.epochs + config.finetune_epochs)
   return ArrayLoader(plan.transfer_set, batch_size=config.batch_size, seed=config.data_seed,
                      augmentation=plan.augmentation, augment=config.augment, examples=plan.examples, workers=workers,
                      rows=rows)
@@ -228,10 +228,11 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
   config = first.config
   fields = tuple(sorted({f for plan in group if plan.teaching for f in plan.teaching.fields}))
   loader = make_loader(first, fields, process_rows(mesh, config.batch_size))
-  loader.read_ahead(position["epoch"] if position is not None else start_epoch)  # Overlaps the set-up below.
-  eval_render = None if first.eval_set is None else BatchRenderer(
-      first.eval_set, first.augmentation, workers=resolve_workers(config.workers, first.eval_set))
+  eval_render = None
   try:
+    loader.read_ahead(position["epoch"] if position is not None else start_epoch)  # Overlaps the set-up below.
+    eval_render = None if first.eval_set is None else BatchRenderer(
+        first.eval_set, first.augmentation, workers=resolve_workers(config.workers, first.eval_set))
     total_epochs = config.epochs + config.finetune_epochs
     states = []
     for plan in group:

@@ -235,7 +235,8 @@ def _same_settings(existing: Cache, spec: CacheSpec, data: dict, out: str, which
 def _remove_partial_files(path: str) -> None:
   """Deletes the temporary files a killed build left: zarr's LocalStore writes `<key>.<uuid>.partial`, then
   renames it, so a `.partial` file is never part of the store. (An object store writes each object whole.)"""
-  if storage.is_url(storage.local(path)):
+  path = storage.local(path)
+  if storage.is_url(path):
     return
   stale = [os.path.join(root, name) for root, _, names in os.walk(path) for name in names
            if name.endswith(".partial")]

@@ -3,16 +3,11 @@
 It reads the store chunk by chunk, so it runs in memory bounded by one chunk.
 """
 
-import os
-
 import numpy as np
 
+from shared import storage
 from shared.cache import EVAL_ROWS, ROWS, check_integrity, open_cache
 from shared.ensemble import combine_log_probs
-
-
-def _store_bytes(path: str) -> int:
-  return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
 
 
 def _ratio(a, b) -> float | None:
@@ -32,7 +27,7 @@ def cache_info(path: str) -> dict:
   cache = open_cache(path, require_complete=False)
   spec = cache.spec
   info = {"path": path, "complete": cache.complete, "completion": cache.completion, "rows": spec.num_rows,
-          "bytes": _store_bytes(path), "spec": spec.to_attrs(),
+          "bytes": storage.size(path), "spec": spec.to_attrs(),
           "bytes_per_row": {name: int(np.prod(spec.array(name).shape[1:], dtype=np.int64))
                             * np.dtype(spec.array(name).dtype).itemsize
                             for name in spec.arrays_of(ROWS) if spec.array(name).role != "bookkeeping"}}

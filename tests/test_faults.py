@@ -337,16 +337,19 @@ def _no_space(*args, **kwargs):
   raise OSError(errno.ENOSPC, "No space left on device")
 
 
+async def _no_space_async(*args, **kwargs):
+  _no_space()
+
+
 @fault("disk full while creating the arrays")
 def _(env, tmp_path, mp):
-  mp.setattr(zarr.Group, "create_array", _no_space)
+  mp.setattr(zarr.AsyncGroup, "create_array", _no_space_async)
   return cache_main, _build(env, tmp_path / "new.zarr"), 2, r"creating the store .* failed: No space left on device", [env.store]
 
 
 @fault("disk full while writing chunks")
 def _(env, tmp_path, mp):
-  import teacher_cache.build as build
-  mp.setattr(build, "writable", lambda group, name: type("Full", (), {"__setitem__": _no_space})())
+  mp.setattr(zarr.AsyncArray, "setitem", _no_space_async)
   return (cache_main, _build(env, tmp_path / "new.zarr"), 2, r"writing the cache failed: .*No space left on device",
           [env.store])
 

@@ -12,12 +12,13 @@ import time
 import pytest
 
 import conftest
-from shared import outputs
+from shared import outputs, storage
 from shared.cache import open_cache
 from shared.errors import StillroomError
 from student_train.config import FitConfig
 from student_train.train import fit
 from teacher_cache.build import BuildConfig, build_cache
+from teacher_cache.cli import main as cache_main
 from teacher_cache.verify import verify_cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,18 +69,20 @@ def local_store(tmp_path_factory, data_dir, teachers) -> str:
   return _build(str(tmp_path_factory.mktemp("local") / "c.zarr"), data_dir, teachers)
 
 
-def test_build_verify_fit_on_s3(s3, tmp_path, data_dir, teachers, local_store):
+def test_build_verify_fit_on_s3(s3, tmp_path, data_dir, teachers, local_store, capsys):
   url = _build(f"s3://{BUCKET}/first/c.zarr", data_dir, teachers)
   assert open_cache(url).complete
   assert _objects(s3, url) == conftest.array_files(local_store)  # Byte for byte, every chunk of every array.
   checks = verify_cache(url, data_dir=data_dir)
-  assert all(check.ok for check in checks), [c for c in checks if not c.ok]
+  assert len(checks) >= 8 and all(check.ok for check in checks), [c for c in checks if not c.ok]
+  code, out, _ = conftest.run_cli(cache_main, ["info", url, "--json"], capsys)
+  assert code == 0 and abs(json.loads(out)["bytes"] - storage.size(local_store)) < 100  # zarr.json timestamps.
   assert not s3.exists(f"{BUCKET}/first/c.zarr.lock")  # The lease is released.
   options = {"model": "mlp-small", "epochs": 1, "batch_size": 128, "progress": False, "data_dir": data_dir}
   from_s3 = fit(FitConfig(cache=url, out=str(tmp_path / "s3run"), **options), log_epochs=False)
   from_disk = fit(FitConfig(cache=local_store, out=str(tmp_path / "run"), **options), log_epochs=False)
   for name in ("loss", "eval_accuracy", "eval_nll"):
-    assert from_s3[name] == from_disk[name]
+    assert from_s3[name] is not None and from_s3[name] == from_disk[name]
   with open(tmp_path / "s3run" / "config.json") as f:
     assert json.load(f)["paths"]["cache"] == url
 
@@ -147,6 +150,44 @@ def test_overwrite_on_s3_replaces_only_a_stillroom_store(s3, data_dir, teachers,
   assert s3.cat_file(f"{BUCKET}/notours/data.bin") == b"precious"
 
 
-def test_urls_of_other_schemes_are_refused(data_dir, teachers):
+def test_the_lease_is_renewed_and_a_writer_that_lost_it_leaves_it_alone(s3, monkeypatch):
+  url, key = f"s3://{BUCKET}/renewed/c.zarr", f"{BUCKET}/renewed/c.zarr.lock"
+  monkeypatch.setattr(outputs, "LEASE_SECONDS", 2.0)  # Renewed every 0.5 s.
+  lease = outputs.OutputLock(url, "teacher-cache build").acquire()
+  time.sleep(3)  # Older than a lease, had it not been renewed.
+  with pytest.raises(StillroomError, match="is being written by process"):
+    outputs.OutputLock(url, "student-train fit").acquire()
+  s3.pipe_file(key, json.dumps({"pid": 2, "host": "other", "token": "theirs"}).encode())  # Taken over meanwhile.
+  time.sleep(1.5)
+  assert lease.lost
+  lease.release()
+  assert json.loads(s3.cat_file(key))["token"] == "theirs"  # Not renewed over, not deleted.
+  s3.rm(key)
+
+
+def test_file_urls_are_local_paths(tmp_path, data_dir, teachers, local_store):
+  url = _build(f"file://{tmp_path}/c.zarr", data_dir, teachers)
+  assert open_cache(url).complete and open_cache(str(tmp_path / "c.zarr")).complete
+  assert conftest.array_files(tmp_path / "c.zarr") == conftest.array_files(local_store)
+  assert not os.path.exists("file:")  # No stray folder for the lock.
+
+
+def test_urls_where_only_local_paths_work_yet_are_refused(s3, tmp_path, data_dir, teachers):
   with pytest.raises(StillroomError, match="unsupported URL scheme"):
     _build("ftp://host/c.zarr", data_dir, teachers)
+  with pytest.raises(StillroomError, match=f"--teacher 's3://{BUCKET}/t0': only caches live on object storage"):
+    _build(str(tmp_path / "c.zarr"), data_dir, [f"s3://{BUCKET}/t0", teachers[1]])
+  with pytest.raises(StillroomError, match=f"--out 's3://{BUCKET}/run': only caches"):
+    fit(FitConfig(dataset="digits", data_dir=data_dir, out=f"s3://{BUCKET}/run"))
+  with pytest.raises(StillroomError, match=f"--data-dir 's3://{BUCKET}/tfds': only caches"):
+    fit(FitConfig(dataset="digits", data_dir=f"s3://{BUCKET}/tfds", out=str(tmp_path / "run")))
+  assert not os.path.exists("s3:")
+
+
+def test_an_unreachable_endpoint_is_one_line(tmp_path):
+  env = {**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1", "JAX_PLATFORMS": "cpu",
+         "PYTHONPATH": REPO}
+  ended = subprocess.run([sys.executable, "-c", "from teacher_cache.cli import main\nmain(['verify', "
+                          f"'s3://{BUCKET}/c.zarr'])"], env=env, capture_output=True, text=True, timeout=120)
+  assert ended.returncode == 2 and "Traceback" not in ended.stderr, ended.stderr
+  assert "error: object storage: EndpointConnectionError" in ended.stderr and "AWS_ENDPOINT_URL" in ended.stderr
