@@ -429,14 +429,27 @@ class Cache:
     """Handles of the arrays `names`, the ones not opened yet opened together (one round trip to a remote store).
 
     Raises:
-      KeyError: the store has no such array.
+      KeyError: the store has no such array; zarr's errors for unreadable metadata.
     """
+    opened = self.try_arrays(names)
+    failed = next((e for e in opened.values() if isinstance(e, BaseException)), None)
+    if failed is not None:
+      raise failed
+    return opened
+
+  def try_arrays(self, names) -> dict:
+    """`arrays`, an exception in place of each array that cannot be opened (KeyError: there is none)."""
     missing = [name for name in dict.fromkeys(names) if name not in self._arrays]
-    for name, opened in zip(missing, gather([self.group._async_group.getitem(name) for name in missing])):
-      if isinstance(opened, BaseException):
-        raise opened
-      self._arrays[name] = zarr.Array(opened)
-    return {name: self._arrays[name] for name in names}
+    failed = {}
+    with warnings.catch_warnings():  # zarr warns about a directory whose metadata is gone; callers report it.
+      warnings.simplefilter("ignore")
+      opened = gather([self.group._async_group.getitem(name) for name in missing])
+    for name, array in zip(missing, opened):
+      if isinstance(array, BaseException):
+        failed[name] = array
+      else:
+        self._arrays[name] = zarr.Array(array)
+    return {name: self._arrays.get(name, failed.get(name)) for name in names}
 
   def require(self, names, purpose: str) -> None:
     """Raises unless the store holds every array in `names`, naming the missing ones and what needs them."""
@@ -519,7 +532,7 @@ def integrity_problems(cache: Cache) -> list[str]:
   committed, the completion record disagrees with the spec, or (schema 2, which writes every chunk) a chunk is
   missing. Reads metadata and the store's listing, never the chunks themselves (their checksums are checked as
   they are read)."""
-  problems = layout_problems(cache.group, cache.spec)
+  problems = layout_problems(cache.group, cache.spec, opened=cache.try_arrays([a.name for a in cache.spec.arrays]))
   if problems:
     return problems
   spec = cache.spec
@@ -565,19 +578,24 @@ def check_integrity(cache: Cache) -> None:
                          "every problem; the build command with --overwrite rebuilds the store.")
 
 
-def layout_problems(group: zarr.Group, spec: CacheSpec, *, missing_ok: bool = False) -> list[str]:
+def layout_problems(group: zarr.Group, spec: CacheSpec, *, missing_ok: bool = False,
+                    opened: dict | None = None) -> list[str]:
   """Differences between a store's arrays and the arrays its spec lists (missing, shapes, dtypes, chunks).
 
   Args:
     group: the store's group.
     spec: its spec.
     missing_ok: do not report missing arrays (a build resuming after a kill creates them).
+    opened: the arrays as `Cache.try_arrays` opened them (default: opened here).
   """
   problems = []
-  with warnings.catch_warnings():  # zarr warns about a directory whose metadata is gone; we report it.
-    warnings.simplefilter("ignore")
-    opened = gather([group._async_group.getitem(array.name) for array in spec.arrays])
-  for array, stored in zip(spec.arrays, opened):
+  if opened is None:
+    with warnings.catch_warnings():  # zarr warns about a directory whose metadata is gone; we report it.
+      warnings.simplefilter("ignore")
+      opened = dict(zip([a.name for a in spec.arrays], gather([group._async_group.getitem(a.name)
+                                                                 for a in spec.arrays])))
+  for array in spec.arrays:
+    stored = opened[array.name]
     if isinstance(stored, KeyError):
       if not missing_ok:
         problems.append(f"array {array.name!r} is missing")
