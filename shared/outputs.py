@@ -103,10 +103,11 @@ class ObjectLease:
   lease whose object was last written `LEASE_SECONDS` ago (the store's modification time against this host's
   clock: hosts must agree within a minute) belongs to a writer that died, and is taken over.
 
-  Each lease carries a random token. The writer renews and deletes it only while the object still holds its token:
-  a writer that lost it (paused past `LEASE_SECONDS`, and taken over) says so and stops renewing, and never deletes
-  the new holder's lease. (Renewal and takeover are read-then-write, not conditional writes: two takers of one stale
-  lease in the same round trip could both succeed. A writer that dies is rare; two taking over at once rarer.)
+  Each lease carries a random token. On S3 the writer renews it only if it is unchanged since its last write (`If-Match`
+  on the ETag that write returned), and a taker replaces a stale lease only if it is still the one it found:
+  of two takers one wins, and a writer that lost its lease (paused past `LEASE_SECONDS`) finds out at its next
+  renewal, says so and stops renewing. Elsewhere (gs://) renewal and takeover read, then write: two takers of one
+  stale lease in the same round trip could both succeed. A writer deletes its lease only while it holds its token.
 
   Raises (on acquire):
     StillroomError: another live process holds it, naming the holder and when it was last renewed.
@@ -116,43 +117,56 @@ class ObjectLease:
     self.output, self.command = storage.absolute(output), command
     self.path = self.output + LOCK_SUFFIX
     self._fs, self._key = storage.filesystem(self.path)
-    self._record = {**_holder_record(command), "token": secrets.token_hex(16)}
+    self._data = json.dumps({**_holder_record(command), "token": secrets.token_hex(16)}).encode()
+    self._conditional = self.path.startswith("s3://")  # s3fs passes If-Match to S3's PutObject.
+    self._etag: str | None = None  # Of our last write.
     self._stop = threading.Event()
     self._renewer: threading.Thread | None = None
     self.lost = False
 
-  def _holder(self) -> tuple[dict, float] | None:
-    """(the lease's record, seconds since it was written), or None when there is none."""
+  def _holder(self) -> tuple[dict, float, str] | None:
+    """(the lease's record, seconds since it was written, its ETag), or None when there is none."""
     self._fs.invalidate_cache()
     try:
-      data, written = self._fs.cat_file(self._key), self._fs.modified(self._key)
+      data, info = self._fs.cat_file(self._key), self._fs.info(self._key)
+      written = self._fs.modified(self._key)
     except FileNotFoundError:
       return None
     try:
       holder = json.loads(data)
     except ValueError:
       holder = {}
-    return (holder if isinstance(holder, dict) else {}), time.time() - written.timestamp()
+    return (holder if isinstance(holder, dict) else {}), time.time() - written.timestamp(), info.get("ETag", "")
 
   def _ours(self) -> bool:
     found = self._holder()
-    return found is not None and found[0].get("token") == self._record["token"]
+    return found is not None and found[0] == json.loads(self._data)
+
+  def _put(self, **conditions) -> None:
+    response = self._fs.pipe_file(self._key, self._data, **conditions)
+    self._etag = response.get("ETag") if isinstance(response, dict) else None
 
   def acquire(self) -> "ObjectLease":
     for _ in range(3):  # A lease released or taken over between our create and our read: try again.
       try:
-        self._fs.pipe_file(self._key, json.dumps(self._record).encode(), mode="create")
+        self._put(mode="create")
         break
       except FileExistsError:
         found = self._holder()
         if found is None:
           continue
-        holder, age = found
+        holder, age, etag = found
         if age < LEASE_SECONDS:
           raise _held(self.output, holder, f"its lease was renewed {age:.0f} s ago, and is taken over once "
                                            f"{LEASE_SECONDS} s old if that process is gone") from None
         _log(f"taking over the lease on {self.output} left by process {holder.get('pid')} on {holder.get('host')} "
              f"(not renewed for {age:.0f} s)")
+        if self._conditional:
+          try:
+            self._put(IfMatch=etag)  # Only if it is still the stale lease: another taker may have been first.
+            break
+          except OSError:
+            continue
         self._fs.rm(self._key)
     else:
       raise StillroomError(f"cannot take the lease {self.path!r}: other processes keep taking it.")
@@ -166,14 +180,25 @@ class ObjectLease:
   def _renew(self) -> None:
     while not self._stop.wait(LEASE_SECONDS / 4):
       try:
-        if not self._ours():
-          self.lost = True
-          _log(f"error: the lease on {self.output} was taken over by another process: stop this one, since two "
-               "now write the same output")
-          return
-        self._fs.pipe_file(self._key, json.dumps(self._record).encode())
+        if self._conditional and self._etag:
+          self._put(IfMatch=self._etag)
+          continue
+        if self._ours():
+          self._put()
+          continue
+      except FileNotFoundError:
+        pass  # Deleted: lost, as when replaced.
+      except OSError as e:
+        if "pre-condition" not in str(e) and "Precondition" not in str(e):
+          _log(f"renewing the lease on {self.output} failed ({str(e)[:120]}); retrying")
+          continue
       except Exception as e:  # pylint: disable=broad-except  # Retried; the lease lasts four periods.
         _log(f"renewing the lease on {self.output} failed ({type(e).__name__}: {str(e)[:120]}); retrying")
+        continue
+      self.lost = True
+      _log(f"error: the lease on {self.output} was taken over by another process: stop this one, since two now "
+           "write the same output")
+      return
 
   def release(self) -> None:
     if self._renewer is not None:

@@ -229,3 +229,34 @@ def test_processes_started_with_other_settings_fail_together(tmp_path, one_proce
   assert "Start every process of the job with the same flags" in ended[1][1]
   assert not os.path.exists(tmp_path / "run")  # Refused before process 0 made the run dir.
   assert "Traceback" not in ended[0][1] + ended[1][1]
+
+
+INTERLEAVED = """
+import sys
+import jax, numpy as np
+jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from jax.experimental import multihost_utils
+from shared.parallel import batch_sharding, process_rows
+first, second = ([d for d in jax.devices() if d.process_index == p] for p in (0, 1))
+by_process = [first[0], second[0], first[1], second[1]]
+mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=by_process)
+rows = process_rows(mesh, 8)
+batch = jax.make_array_from_process_local_data(batch_sharding(mesh), 10 * rows)
+print("rows", rows.tolist(), "batch", np.asarray(multihost_utils.process_allgather(batch, tiled=True)).tolist())
+"""
+
+
+def test_process_rows_follow_a_mesh_that_interleaves_processes(tmp_path):
+  """On a mesh that alternates the processes' devices (as a TPU pod's topology order may), each process's rows of a
+  batch are not one block; placed as `process_rows` says, the global batch is still the one every process drew."""
+  port, script = _free_port(), tmp_path / "interleaved.py"
+  script.write_text(INTERLEAVED)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO,
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  job = [subprocess.Popen([sys.executable, str(script), f"127.0.0.1:{port}", str(i)], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE) for i in range(2)]
+  outputs = [p.communicate(timeout=120) for p in job]
+  assert [p.returncode for p in job] == [0, 0], [err.decode()[-2000:] for _, err in outputs]
+  want = "batch [0, 10, 20, 30, 40, 50, 60, 70]"
+  assert outputs[0][0].decode().splitlines()[-1] == f"rows [0, 1, 4, 5] {want}"  # After Gloo's own lines.
+  assert outputs[1][0].decode().splitlines()[-1] == f"rows [2, 3, 6, 7] {want}"
