@@ -16,6 +16,7 @@ from shared import outputs, storage
 from shared.cache import open_cache
 from shared.errors import StillroomError
 from student_train.config import FitConfig
+from student_train.sweep import run_sweep
 from student_train.train import fit
 from teacher_cache.build import BuildConfig, build_cache
 from teacher_cache.cli import main as cache_main
@@ -85,6 +86,15 @@ def test_build_verify_fit_on_s3(s3, tmp_path, data_dir, teachers, local_store, c
     assert from_s3[name] is not None and from_s3[name] == from_disk[name]
   with open(tmp_path / "s3run" / "config.json") as f:
     assert json.load(f)["paths"]["cache"] == url
+
+
+def test_a_sweep_from_a_cache_on_s3(s3, tmp_path, data_dir, teachers):
+  url = _build(f"s3://{BUCKET}/sweep/c.zarr", data_dir, teachers, views=2)
+  base = FitConfig(model="mlp-small", epochs=1, batch_size=256, progress=False, data_dir=data_dir)
+  runs = run_sweep(url, "temperature=2,8", str(tmp_path / "sweep"), base=base)
+  assert len(runs) == 2 and all(os.path.exists(os.path.join(run, "final.json")) for run in runs)
+  with open(tmp_path / "sweep" / "sweep.json") as f:
+    assert json.load(f)["cache"] == url
 
 
 def _cli_build(out: str, data_dir: str, teachers: list[str]) -> subprocess.Popen:
