@@ -443,7 +443,7 @@ class Cache:
     failed = {}
     with warnings.catch_warnings():  # zarr warns about a directory whose metadata is gone; callers report it.
       warnings.simplefilter("ignore")
-      opened = gather([self.group._async_group.getitem(name) for name in missing])
+      opened = gather([async_group(self.group).getitem(name) for name in missing])
     for name, array in zip(missing, opened):
       if isinstance(array, BaseException):
         failed[name] = array
@@ -471,7 +471,7 @@ class Cache:
     names = tuple(names)
     handles = self.arrays(names)
     # Every array's chunk requested at once: on an object store, one round trip's latency instead of one each.
-    read = gather([handles[name]._async_array.getitem((slice(start, stop),)) for name in names])
+    read = gather([handles[name].async_array.getitem((slice(start, stop),)) for name in names])
     for name, values in zip(names, read):
       if isinstance(values, Exception):  # zarr: ValueError for bad checksums, others for truncated or garbled chunks.
         raise StillroomError(f"cache {self.path!r}: chunk {chunk} of array {name!r} is damaged "
@@ -480,6 +480,12 @@ class Cache:
       if isinstance(values, BaseException):
         raise values
     return dict(zip(names, read))
+
+
+def async_group(group: zarr.Group) -> zarr.AsyncGroup:
+  """The group's asynchronous handle, to issue several requests at once (`gather`). (Zarr 3.1 gives arrays a
+  public `async_array`, groups none: this is the one place that reads the private attribute.)"""
+  return group._async_group  # pylint: disable=protected-access
 
 
 def gather(coroutines: list) -> list:
@@ -592,7 +598,7 @@ def layout_problems(group: zarr.Group, spec: CacheSpec, *, missing_ok: bool = Fa
   if opened is None:
     with warnings.catch_warnings():  # zarr warns about a directory whose metadata is gone; we report it.
       warnings.simplefilter("ignore")
-      opened = dict(zip([a.name for a in spec.arrays], gather([group._async_group.getitem(a.name)
+      opened = dict(zip([a.name for a in spec.arrays], gather([async_group(group).getitem(a.name)
                                                                  for a in spec.arrays])))
   for array in spec.arrays:
     stored = opened[array.name]
@@ -629,7 +635,7 @@ def create_arrays(group: zarr.Group, spec: CacheSpec) -> None:
   problems = layout_problems(group, spec, missing_ok=True) if present != set() else []  # A new store: nothing to check.
   if problems:
     raise StillroomError(f"the store {group.store} does not match its spec: {'; '.join(problems)}. Use --overwrite.")
-  created = gather([group._async_group.create_array(  # Together: one round trip to an object store.
+  created = gather([async_group(group).create_array(  # Together: one round trip to an object store.
       array.name, shape=array.shape, dtype=array.dtype, chunks=array.chunks, fill_value=0,
       compressors=[Crc32cCodec()] if spec.has_checksums else None) for array in spec.arrays
       if array.name not in (present or set())])

@@ -264,7 +264,7 @@ class ChunkWriter:
         continue  # Drain after a failure; the main thread raises it.
       try:
         # The chunk's arrays together (on an object store, one round trip instead of one per array), then its mark.
-        written = gather([self._arrays[name]._async_array.setitem(slice(start, stop), values)
+        written = gather([self._arrays[name].async_array.setitem(slice(start, stop), values)
                           for name, values in arrays.items()])
         failed = next((e for e in written if isinstance(e, BaseException)), None)
         if failed is not None:
