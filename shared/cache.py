@@ -432,19 +432,14 @@ class Cache:
       KeyError: the store has no such array; zarr's errors for unreadable metadata.
     """
     opened = self.try_arrays(names)
-    failed = next((e for e in opened.values() if isinstance(e, BaseException)), None)
-    if failed is not None:
-      raise failed
+    raise_first_failure(opened.values())
     return opened
 
   def try_arrays(self, names) -> dict:
     """`arrays`, an exception in place of each array that cannot be opened (KeyError: there is none)."""
     missing = [name for name in dict.fromkeys(names) if name not in self._arrays]
     failed = {}
-    with warnings.catch_warnings():  # zarr warns about a directory whose metadata is gone; callers report it.
-      warnings.simplefilter("ignore")
-      opened = gather([async_group(self.group).getitem(name) for name in missing])
-    for name, array in zip(missing, opened):
+    for name, array in zip(missing, _open_arrays(self.group, missing)):
       if isinstance(array, BaseException):
         failed[name] = array
       else:
@@ -494,6 +489,20 @@ def gather(coroutines: list) -> list:
   async def together():
     return await asyncio.gather(*coroutines, return_exceptions=True)
   return zarr_sync(together()) if coroutines else []
+
+
+def raise_first_failure(results) -> None:
+  """Raises the first exception among `gather`'s results (once every request has finished), if any."""
+  failed = next((result for result in results if isinstance(result, BaseException)), None)
+  if failed is not None:
+    raise failed
+
+
+def _open_arrays(group: zarr.Group, names: list[str]) -> list:
+  """The group's arrays `names` opened together (`gather`'s results: KeyError for one that is not there)."""
+  with warnings.catch_warnings():  # zarr warns about a directory whose metadata is gone; callers report it.
+    warnings.simplefilter("ignore")
+    return gather([async_group(group).getitem(name) for name in names])
 
 
 def open_cache(path: str, mode: str = "r", require_complete: bool = True) -> Cache:
@@ -596,10 +605,8 @@ def layout_problems(group: zarr.Group, spec: CacheSpec, *, missing_ok: bool = Fa
   """
   problems = []
   if opened is None:
-    with warnings.catch_warnings():  # zarr warns about a directory whose metadata is gone; we report it.
-      warnings.simplefilter("ignore")
-      opened = dict(zip([a.name for a in spec.arrays], gather([async_group(group).getitem(a.name)
-                                                                 for a in spec.arrays])))
+    names = [array.name for array in spec.arrays]
+    opened = dict(zip(names, _open_arrays(group, names)))
   for array in spec.arrays:
     stored = opened[array.name]
     if isinstance(stored, KeyError):
@@ -635,13 +642,10 @@ def create_arrays(group: zarr.Group, spec: CacheSpec) -> None:
   problems = layout_problems(group, spec, missing_ok=True) if present != set() else []  # A new store: nothing to check.
   if problems:
     raise StillroomError(f"the store {group.store} does not match its spec: {'; '.join(problems)}. Use --overwrite.")
-  created = gather([async_group(group).create_array(  # Together: one round trip to an object store.
+  raise_first_failure(gather([async_group(group).create_array(  # Together: one round trip to an object store.
       array.name, shape=array.shape, dtype=array.dtype, chunks=array.chunks, fill_value=0,
       compressors=[Crc32cCodec()] if spec.has_checksums else None) for array in spec.arrays
-      if array.name not in (present or set())])
-  failed = next((e for e in created if isinstance(e, BaseException)), None)
-  if failed is not None:
-    raise failed
+      if array.name not in (present or set())]))
 
 
 def writable(array: zarr.Array) -> zarr.Array:

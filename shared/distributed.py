@@ -20,7 +20,7 @@ from shared.errors import StillroomError
 from shared.settings import flag_of
 
 DEFAULT_HEARTBEAT_SECONDS = 60
-MESSAGE_BYTES = 1024  # Of a failing process's error, shared with the others.
+MESSAGE_CHARS = 1024  # Of a failing process's error, shared with the others.
 JOIN_SECONDS = 300  # JAX's default: processes of a cluster job may start minutes apart.
 AUTO = "auto"
 COORDINATOR_HELP = ("HOST:PORT of process 0's coordination service, for a job of several processes (with "
@@ -129,7 +129,8 @@ def _peer_gone(e: Exception) -> StillroomError:
 
 
 def _gather(value) -> list:
-  """Every process's JSON-able `value`, in process order (one collective: every process must call it)."""
+  """Every process's JSON-able `value`, in process order (a collective: every process must call it, in the same
+  order)."""
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   data = json.dumps(value, sort_keys=True).encode()
   try:
@@ -172,29 +173,23 @@ def agree(failure: BaseException | None) -> None:
   it (its own error, or a `StillroomError` naming the first process that failed and its message), so that a job
   stops together with the reason instead of waiting for a process that has left.
 
-  Every process must call it the same number of times, in the same order (it is one collective).
+  Every process must call it the same number of times, in the same order (it is a collective).
   """
   if jax.process_count() == 1:
     if failure is not None:
       raise failure
     return
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-  text = b"" if failure is None else str(failure).encode()[:MESSAGE_BYTES]
-  message = np.zeros(MESSAGE_BYTES, np.uint8)
-  message[:len(text)] = np.frombuffer(text, np.uint8)
   try:
-    failed, messages = multihost_utils.process_allgather((np.array([failure is not None], np.int32), message))
-  except Exception as e:  # pylint: disable=broad-except  # The collective's own errors: a peer has gone.
+    messages = _gather(None if failure is None else str(failure)[:MESSAGE_CHARS])
+  except StillroomError as gone:  # A peer has gone: this process's own failure, if any, is the one to report.
     if failure is not None:
-      raise failure from e
-    raise _peer_gone(e) from e
+      raise failure from gone
+    raise
   if failure is not None:
     raise failure
-  first_failed = np.flatnonzero(np.asarray(failed).reshape(-1))
-  if first_failed.size:
-    k = int(first_failed[0])
-    raise StillroomError(f"process {k} of the job failed: "
-                         f"{bytes(np.asarray(messages)[k]).rstrip(bytes(1)).decode(errors='replace')}")
+  failed = next((k for k, message in enumerate(messages) if message is not None), None)
+  if failed is not None:
+    raise StillroomError(f"process {failed} of the job failed: {messages[failed]}")
 
 
 def job_step(step):

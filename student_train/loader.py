@@ -127,11 +127,17 @@ class CacheLoader:
                              range(self.cache.spec.num_chunks))
     return sum(int(self._keep[index].sum()) for index in indices)
 
+  def _draws(self, epoch: int) -> tuple[np.ndarray, np.random.Generator]:
+    """The epoch's chunk order (a block-level shuffle), the first draw of its generator, and the generator, which
+    `epoch` then shuffles rows with."""
+    rng = _epoch_rng(self.seed, epoch)
+    return rng.permutation(self.cache.spec.num_chunks), rng
+
   def _order(self, epoch: int) -> np.ndarray:
-    """The epoch's chunk order: the first draw of its generator (`epoch` then shuffles rows with the rest)."""
+    """The epoch's chunk order (see `_draws`), kept for this epoch and the previous one."""
     if epoch not in self._orders:
       self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
-      self._orders[epoch] = _epoch_rng(self.seed, epoch).permutation(self.cache.spec.num_chunks)
+      self._orders[epoch] = self._draws(epoch)[0]
     return self._orders[epoch]
 
   def _read(self, chunk: int) -> dict:
@@ -185,8 +191,7 @@ class CacheLoader:
   def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
     """The batches of one epoch (rendered ahead, see `shared.workers`), from batch `start_step` on: the batches
     before it are drawn, so the rest are those of the whole epoch, but not rendered."""
-    rng = _epoch_rng(self.seed, epoch)
-    rng.permutation(self.cache.spec.num_chunks)  # Block-level shuffle: the order `_order(epoch)` reads in.
+    _, rng = self._draws(epoch)  # The chunks come in `_order(epoch)`, read ahead.
     batches = itertools.islice(_batches(self._windows(epoch), self.batch_size, rng), start_step, None)
     return self.render(_part(batches, self.rows))
 

@@ -288,7 +288,8 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
         if sync:
           jax.block_until_ready(metrics)
         sums = accumulate(_empty_sums(metrics) if sums is None else sums, metrics, index)
-        bar.update(min(config.batch_size, loader.num_rows - index * config.batch_size))  # Of every process.
+        # The batch's rows over the whole job (this process renders only its part of them).
+        bar.update(min(config.batch_size, loader.num_rows - index * config.batch_size))
         done = index + 1
         # Mid-epoch checkpoints, only while every student is finite: one that diverged is dropped at the epoch's end,
         # and until then the group saves none.

@@ -26,7 +26,7 @@ from shared import __version__, distributed, storage
 from shared.augment import DEFAULT_CROP_AREA, DEFAULT_CROP_ASPECT, fold_of, make_augmentation
 from shared.cache import (COMPLETE_KEY, EVAL_ROWS, ROWS, SPEC_KEY, STORAGE_DTYPES, Cache, CacheSpec, MemberSpec,
                           committed_name, create_arrays, gather, integrity_problems, missing_chunks, now_iso,
-                          open_cache, uncommitted_chunks, validate_settings, writable)
+                          open_cache, raise_first_failure, uncommitted_chunks, validate_settings, writable)
 from shared.data import (NO_EVAL, Normalization, TransferSet, check_eval_set, default_eval_split, local_path,
                          open_transfer_set)
 from shared.distributed import (COORDINATOR_HELP, DEFAULT_HEARTBEAT_SECONDS, HEARTBEAT_HELP, NUM_PROCESSES_HELP,
@@ -264,11 +264,8 @@ class ChunkWriter:
         continue  # Drain after a failure; the main thread raises it.
       try:
         # The chunk's arrays together (on an object store, one round trip instead of one per array), then its mark.
-        written = gather([self._arrays[name].async_array.setitem(slice(start, stop), values)
-                          for name, values in arrays.items()])
-        failed = next((e for e in written if isinstance(e, BaseException)), None)
-        if failed is not None:
-          raise failed
+        raise_first_failure(gather([self._arrays[name].async_array.setitem(slice(start, stop), values)
+                                    for name, values in arrays.items()]))
         self._arrays[committed_name(row_set)][chunk] = True
       except BaseException as e:  # pylint: disable=broad-except
         self._error = e
