@@ -18,9 +18,11 @@ labels in range), naming the example. Only `npz:` archives and TFDS splits of fi
 `SMALL_SPLIT_BYTES` (such as `digits`) are held in memory, after their first read.
 """
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import os
 import sys
@@ -283,10 +285,10 @@ class TfdsSource:
     return out
 
 
-def _png_bit_depth(path: str) -> int:
-  """The bit depth in a PNG's IHDR chunk (byte 24 of the file)."""
-  with open(path, "rb") as f:
-    header = f.read(25)
+def _png_bit_depth(file) -> int:
+  """The bit depth in a PNG's IHDR chunk (byte 24 of the file), read from an open binary file."""
+  file.seek(0)
+  header = file.read(25)
   return header[24] if len(header) == 25 else 8
 
 
@@ -310,13 +312,17 @@ class ImageFolderSource:
   def _open(self, key: int, use):
     """`use(image)` of example `key`'s opened PIL image; a file that cannot be read is an error naming it."""
     from PIL import Image  # pylint: disable=import-outside-toplevel
-    path = os.path.join(self.root, self.files[key])
+    path = storage.join(self.root, self.files[key])
     try:
-      with Image.open(path) as image:
+      # Local files are opened lazily (reading sizes reads headers only); an object is fetched whole.
+      with contextlib.ExitStack() as stack:
+        file = stack.enter_context(open(path, "rb") if not storage.is_url(path) else io.BytesIO(
+            storage.read_bytes(path)))
+        image = stack.enter_context(Image.open(file))
         deep = None
         if image.mode in UNSUPPORTED_MODES:
           deep = f"a {image.mode} image ({UNSUPPORTED_MODES[image.mode]})"
-        elif image.format == "PNG" and _png_bit_depth(path) == 16:  # PIL opens these as 8-bit RGB(A).
+        elif image.format == "PNG" and _png_bit_depth(file) == 16:  # PIL opens these as 8-bit RGB(A).
           deep = f"a 16-bit {image.mode} image"
         if deep:
           raise StillroomError(f"dataset {self.name!r}: example index {key} ({path}) is {deep}; imagefolder: reads "
@@ -350,10 +356,9 @@ class ImageFolderSource:
   def record_bytes(self, keys: np.ndarray) -> list[bytes]:
     out = []
     for key in keys:
-      path = os.path.join(self.root, self.files[int(key)])
+      path = storage.join(self.root, self.files[int(key)])
       try:
-        with open(path, "rb") as f:
-          out.append(f.read() + np.int64(self._labels[key]).astype("<i8").tobytes())
+        out.append(storage.read_bytes(path) + np.int64(self._labels[key]).astype("<i8").tobytes())
       except OSError as e:
         raise StillroomError(f"dataset {self.name!r}: cannot read example index {int(key)} ({path}): {e}") from e
     return out
@@ -617,10 +622,10 @@ def _parse_split(split: str, split_sizes: dict[str, int], dataset: str) -> tuple
 
 def _load_npz(name: str) -> tuple[ArraySource, int | None]:
   path = name[len(NPZ_PREFIX):]
-  if not os.path.isfile(path):
+  if not storage.is_file(path):
     raise StillroomError(f"dataset {name!r}: no such file {path!r}.")
   try:
-    with np.load(path, allow_pickle=False) as archive:
+    with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as archive:
       arrays = {key: archive[key] for key in archive.files}
   except Exception as e:  # A corrupt or non-NumPy file: say which one.
     raise StillroomError(f"dataset {name!r}: cannot read {path!r} as a NumPy .npz archive ({e}).") from e
@@ -645,13 +650,12 @@ def _list_image_folder(name: str) -> tuple[ImageFolderSource, int | None]:
   """Lists `imagefolder:DIR`: class sub-folders (sorted names are the class ids) of image files, or image files
   directly in DIR (unlabeled). Files are in sorted relative-path order."""
   root = name[len(IMAGEFOLDER_PREFIX):]
-  if not os.path.isdir(root):
+  if not storage.is_dir(root):
     raise StillroomError(f"dataset {name!r}: no such directory {root!r}.")
-  with os.scandir(root) as entries:
-    entries = sorted((e for e in entries if not e.name.startswith(".")), key=lambda e: e.name)
-  classes = [e.name for e in entries if e.is_dir()]
-  loose = [e.name for e in entries if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
-  others = [e.name for e in entries if e.is_file() and not e.name.lower().endswith(IMAGE_EXTENSIONS)]
+  entries = storage.scan(root)
+  classes = [entry for entry, folder, _ in entries if folder]
+  loose = [entry for entry, folder, _ in entries if not folder and entry.lower().endswith(IMAGE_EXTENSIONS)]
+  others = [entry for entry, folder, _ in entries if not folder and not entry.lower().endswith(IMAGE_EXTENSIONS)]
   if classes and loose:
     raise StillroomError(f"dataset {name!r}: {root!r} holds both class folders ({', '.join(classes[:3])}, ...) and "
                          f"image files ({loose[0]}, ...); put every image in its class folder, or use a folder of "
@@ -661,24 +665,23 @@ def _list_image_folder(name: str) -> tuple[ImageFolderSource, int | None]:
 
   def walk(folder: str, relative: str, label: int) -> int:
     found = 0
-    with os.scandir(folder) as it:
-      for entry in sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name):
-        path = f"{relative}/{entry.name}" if relative else entry.name
-        if entry.is_dir():
-          if label >= 0:  # Class folders may nest their images; an unlabeled set is flat.
-            found += walk(entry.path, path, label)
-        elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
-          files.append(path)
-          sizes.append(entry.stat().st_size)
-          labels.append(label)
-          found += 1
-        else:
-          skipped.append(path)
+    for entry, is_folder, size in storage.scan(folder):
+      path = f"{relative}/{entry}" if relative else entry
+      if is_folder:
+        if label >= 0:  # Class folders may nest their images; an unlabeled set is flat.
+          found += walk(storage.join(folder, entry), path, label)
+      elif entry.lower().endswith(IMAGE_EXTENSIONS):
+        files.append(path)
+        sizes.append(size)
+        labels.append(label)
+        found += 1
+      else:
+        skipped.append(path)
     return found
 
   if classes:
     for label, folder in enumerate(classes):
-      if not walk(os.path.join(root, folder), folder, label):
+      if not walk(storage.join(root, folder), folder, label):
         empty.append(folder)
   else:
     walk(root, "", -1)
@@ -756,8 +759,10 @@ def open_transfer_set(name: str, split: str = "train", data_dir: str | None = No
     StillroomError: unknown dataset or split, missing file or folder, bad archive, dataset not prepared (with how
       to prepare it offline).
   """
-  storage.require_local(data_dir, "--data-dir")
-  storage.require_local(local_path(name), "dataset")
+  if data_dir and storage.is_url(storage.local(data_dir)):
+    raise StillroomError(f"--data-dir {data_dir!r}: TFDS reads examples through array_record, which opens local files "
+                         "only. Mount the bucket (mountpoint-s3, gcsfuse, rclone mount) and pass the mount's path, or "
+                         "copy the prepared dataset (DATA_DIR/NAME/VERSION) to a local disk.")
   if name.startswith(NPZ_PREFIX) or name.startswith(IMAGEFOLDER_PREFIX):
     source, num_classes = (_load_npz if name.startswith(NPZ_PREFIX) else _list_image_folder)(name)
     base, indices, canonical = _parse_split(split, {"train": len(source)}, name)

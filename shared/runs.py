@@ -16,7 +16,9 @@ import hashlib
 import importlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +29,7 @@ from flax import nnx
 
 from shared import storage
 from shared.data import Normalization
+from shared.distributed import is_first
 from shared.errors import StillroomError
 from shared.models import ModelSpec, build_model
 
@@ -35,20 +38,137 @@ CHECKPOINT_DIR = "checkpoints"
 PARAMS_ITEM = "params"
 
 
-def checkpoint_manager(run_dir: str, max_to_keep: int | None = None,
-                       this_process_only: bool = False) -> ocp.CheckpointManager:
+COMMIT_FILE = "commit_success.txt"  # What marks a checkpoint on an object store complete (orbax's own name).
+
+
+def checkpoint_manager(run_dir: str, max_to_keep: int | None = None, this_process_only: bool = False,
+                       subdir: str = CHECKPOINT_DIR):
   """The orbax manager of a run dir's checkpoints (one place, so both stages agree on the layout).
 
   Args:
+    max_to_keep: the newest checkpoints kept (None: all).
     this_process_only: read an existing checkpoint dir without the other processes of a multi-process job (orbax
       would otherwise wait for them at its barriers): each process loads teachers on its own.
+    subdir: the run dir's folder of these checkpoints.
+
+  Returns:
+    An `ocp.CheckpointManager`, or for a run dir on an object store a `StagedCheckpointManager` with the same
+    methods (`all_steps`, `latest_step`, `save`, `wait_until_finished`, `restore`, `delete`, `close`).
   """
+  directory = storage.join(storage.local(run_dir), subdir)
+  if storage.is_url(directory):
+    return StagedCheckpointManager(directory, max_to_keep=max_to_keep)
   processes = ocp.options.MultiprocessingOptions(primary_host=None, active_processes={jax.process_index()}) \
       if this_process_only else ocp.options.MultiprocessingOptions()
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(run_dir, CHECKPOINT_DIR)),
+  return ocp.CheckpointManager(os.path.abspath(directory),
                                options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
                                                                     create=not this_process_only,
+                                                                    cleanup_tmp_directories=not this_process_only,
                                                                     multiprocessing_options=processes))
+
+
+def _this_process() -> ocp.options.MultiprocessingOptions:
+  return ocp.options.MultiprocessingOptions(primary_host=None, active_processes={jax.process_index()})
+
+
+def _host_copy(tree):
+  """The arrays of `tree` as NumPy arrays on this host: a replicated array's local copy is all of it."""
+  def copy(leaf):
+    if not isinstance(leaf, jax.Array):
+      return leaf
+    return np.asarray(leaf.addressable_data(0) if leaf.is_fully_replicated else leaf)
+  return jax.tree.map(copy, tree)
+
+
+def _on_first_local_device(tree):
+  """Restore targets placed on this process's first device (the saving job's devices may not exist here)."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device)
+                      if isinstance(leaf, jax.ShapeDtypeStruct) else leaf, tree)
+
+
+class StagedCheckpointManager:
+  """Checkpoints of a run dir on an object store, with the methods of `ocp.CheckpointManager` that stillroom uses.
+
+  orbax 0.12 writes arrays through TensorStore kvstores, which it sets up for `gs://` and local paths only (an
+  `s3://` URL becomes the local path `s3:/...`), and its default atomicity renames a temporary directory, which an
+  object store cannot do. So orbax writes each checkpoint into a local staging directory (under `$TMPDIR`), the
+  files are uploaded, and `commit_success.txt` is written last: a step without it is a save that a kill
+  interrupted, and is neither listed nor restored (and is replaced by the next save of that step). Restores download
+  only the items they read.
+
+  In a job of several processes, process 0 alone saves and deletes (the state is replicated, so its host copy is
+  all of it), and each process restores on its own, onto its first device; the trainer then places the state on
+  every device.
+  """
+
+  def __init__(self, url: str, max_to_keep: int | None = None):
+    self.url, self.max_to_keep = url.rstrip("/"), max_to_keep
+    self._staging = tempfile.mkdtemp(prefix="stillroom-checkpoint-")
+    self._checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler(), multiprocessing_options=_this_process())
+
+  def all_steps(self) -> list[int]:
+    """The committed steps, in order."""
+    fs, inner = storage.filesystem(self.url)
+    found = (key[len(inner) + 1:].split("/")[0] for key in fs.glob(f"{inner}/*/{COMMIT_FILE}"))
+    return sorted(int(name) for name in found if name.isdigit())
+
+  def latest_step(self) -> int | None:
+    return max(self.all_steps(), default=None)
+
+  def save(self, step: int, args: ocp.args.Composite, force: bool = False) -> bool:
+    """Writes, uploads and commits checkpoint `step` (process 0 of a job; the others return), then keeps only the
+    newest `max_to_keep`."""
+    del force  # Every save is written: the trainer decides when to save.
+    if not is_first():
+      return False
+    staged = os.path.join(self._staging, str(step))
+    shutil.rmtree(staged, ignore_errors=True)
+    self._checkpointer.save(staged, args=ocp.args.Composite(**{
+        name: ocp.args.StandardSave(_host_copy(arg.item)) if isinstance(arg, ocp.args.StandardSave) else arg
+        for name, arg in args.items()}))
+    target = storage.join(self.url, str(step))
+    if storage.exists(target):  # An earlier save of this step that a kill interrupted.
+      storage.remove_tree(target)
+    storage.upload(staged, target, skip=frozenset({COMMIT_FILE}))
+    storage.write_text(storage.join(target, COMMIT_FILE), f"checkpoint {step} committed\n")
+    shutil.rmtree(staged, ignore_errors=True)
+    if self.max_to_keep:
+      for old in self.all_steps()[:-self.max_to_keep]:
+        self.delete(old)
+    return True
+
+  def wait_until_finished(self) -> None:
+    """Saves are synchronous: nothing is pending."""
+
+  def restore(self, step: int, args: ocp.args.Composite):
+    """Downloads the items `args` names of committed step `step` and restores them (arrays onto this process's first
+    device)."""
+    if step not in self.all_steps():
+      raise FileNotFoundError(f"{self.url}/{step} is not a committed checkpoint")
+    staged = os.path.join(self._staging, f"restore_{step}")
+    shutil.rmtree(staged, ignore_errors=True)
+    items = set(args.keys())
+    storage.download(storage.join(self.url, str(step)), staged,
+                     keep=lambda key: "/" not in key or key.split("/")[0] in items)
+    try:
+      return self._checkpointer.restore(staged, args=ocp.args.Composite(**{
+          name: ocp.args.StandardRestore(_on_first_local_device(arg.item)) if isinstance(arg, ocp.args.StandardRestore)
+          else arg for name, arg in args.items()}))
+    finally:
+      shutil.rmtree(staged, ignore_errors=True)
+
+  def delete(self, step: int) -> None:
+    """Uncommits step `step`, then deletes it (process 0 of a job): a kill in between leaves no usable half."""
+    if not is_first():
+      return
+    target = storage.join(self.url, str(step))
+    fs, inner = storage.filesystem(target)
+    fs.rm(f"{inner}/{COMMIT_FILE}")
+    storage.remove_tree(target)
+
+  def close(self) -> None:
+    shutil.rmtree(self._staging, ignore_errors=True)
 
 
 def params_of(model: nnx.Module) -> dict:
@@ -112,17 +232,16 @@ class RunRecord:
 
 
 def read_config(run_dir: str) -> dict:
-  path = os.path.join(run_dir, CONFIG_FILE)
-  if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+  path = storage.join(run_dir, CONFIG_FILE)
+  if storage.is_file(run_dir):
     raise StillroomError(f"{run_dir!r} is a file, not a run dir.")
-  if not os.path.isdir(run_dir):
+  if not storage.exists(run_dir):
     raise StillroomError(f"teacher run dir {run_dir!r} does not exist.")
   try:
-    with open(path) as f:
-      return json.load(f)
+    return storage.read_json(path)
   except FileNotFoundError as e:
     raise StillroomError(f"{run_dir!r} is not a run dir: it has no {CONFIG_FILE}.") from e
-  except (OSError, json.JSONDecodeError) as e:
+  except (OSError, ValueError) as e:
     raise StillroomError(f"cannot read {path!r}: {e}") from e
 
 
@@ -138,9 +257,8 @@ def save_run(run_dir: str, record: RunRecord, model: nnx.Module, trained_epochs:
     model: the model whose parameters to save.
     trained_epochs: the checkpoint's number.
   """
-  os.makedirs(run_dir, exist_ok=True)
-  with open(os.path.join(run_dir, CONFIG_FILE), "w") as f:
-    json.dump(record.to_json(), f, indent=2)
+  storage.make_dirs(run_dir)
+  storage.write_text(storage.join(run_dir, CONFIG_FILE), json.dumps(record.to_json(), indent=2))
   manager = checkpoint_manager(run_dir)
   manager.save(trained_epochs, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardSave(params_of(model))}))
   manager.wait_until_finished()
@@ -202,7 +320,7 @@ def load_run_teacher(run_dir: str) -> Teacher:
   spec = record.model
   model = nnx.eval_shape(lambda: build_model(spec))
   apply_fn, abstract = _module_apply_fn(model)
-  if not os.path.isdir(os.path.join(run_dir, CHECKPOINT_DIR)):
+  if not storage.exists(storage.join(run_dir, CHECKPOINT_DIR)):
     raise StillroomError(f"teacher run dir {run_dir!r} has no {CHECKPOINT_DIR}/ directory: is it trained?")
   manager = checkpoint_manager(run_dir, this_process_only=True)
   step = manager.latest_step()
@@ -222,7 +340,8 @@ def load_run_teacher(run_dir: str) -> Teacher:
   nnx.replace_by_pure_dict(params, restored[PARAMS_ITEM])
   # stillroom 0.1's trainer numbered its checkpoints from 0 at the end of the first epoch.
   trained_epochs = int(step) + (1 if config.get("software_version") == "0.1.0" else 0)
-  return Teacher(name=os.path.basename(os.path.normpath(run_dir)), source=os.path.abspath(run_dir), model=spec.name,
+  source = storage.absolute(run_dir)
+  return Teacher(name=source.rstrip("/").rsplit("/", 1)[-1], source=source, model=spec.name,
                  apply_fn=apply_fn, params=params, normalization=record.normalization, trained_epochs=trained_epochs,
                  record=record)
 
@@ -253,7 +372,8 @@ def load_external_teacher(reference: str) -> Teacher:
 
 def load_teacher(reference: str) -> Teacher:
   """A run dir path, or `module:function` when no such path exists and the text has one colon."""
-  storage.require_local(reference, "--teacher")
-  if not os.path.exists(reference) and reference.count(":") == 1 and "/" not in reference.split(":")[0]:
+  path = storage.local(reference)
+  if not storage.is_url(path) and not os.path.exists(path) and reference.count(":") == 1 \
+      and "/" not in reference.split(":")[0]:
     return load_external_teacher(reference)
   return load_run_teacher(reference)

@@ -55,17 +55,6 @@ def filesystem(url: str):
   return fs, inner
 
 
-def require_local(path: str | None, option: str) -> None:
-  """Refuses an object-store URL where stillroom reads or writes only local (or mounted) paths for now.
-
-  Raises:
-    StillroomError: naming the option.
-  """
-  if path and is_url(local(path)):
-    raise StillroomError(f"{option} {path!r}: only caches live on object storage for now; give a local or mounted "
-                         "path.")
-
-
 def size(path: str) -> int:
   """Bytes stored under a directory or an object-store prefix."""
   path = local(path)
@@ -124,6 +113,116 @@ def read_json(path: str):
     return json.loads(fs.cat_file(inner))
   with open(path) as f:
     return json.load(f)
+
+
+def read_bytes(path: str) -> bytes:
+  """The content of a file or an object.
+
+  Raises:
+    OSError: it cannot be read (FileNotFoundError when absent).
+  """
+  path = local(path)
+  if is_url(path):
+    fs, inner = filesystem(path)
+    return fs.cat_file(inner)
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def read_text(path: str) -> str:
+  """The text of a file or an object (see `read_bytes`)."""
+  return read_bytes(path).decode()
+
+
+def is_dir(path: str) -> bool:
+  """Whether `path` is a directory, or an object-store prefix that holds objects."""
+  path = local(path)
+  if is_url(path):
+    fs, inner = filesystem(path)
+    return fs.isdir(inner)
+  return os.path.isdir(path)
+
+
+def scan(path: str) -> list[tuple[str, bool, int]]:
+  """`[(name, is a directory, size in bytes), ...]` of the entries directly in a directory or a prefix, sorted by
+  name, without hidden ones (names starting with '.'). A directory's size is 0."""
+  path = local(path)
+  if is_url(path):
+    fs, inner = filesystem(path)
+    found = [(posixpath.basename(e["name"].rstrip("/")), e["type"] == "directory", int(e.get("size") or 0))
+             for e in fs.ls(inner, detail=True)]
+  else:
+    with os.scandir(path) as entries:
+      found = [(e.name, e.is_dir(), 0 if e.is_dir() else e.stat().st_size) for e in entries]
+  return sorted(entry for entry in found if not entry[0].startswith("."))
+
+
+def write_text(path: str, text: str) -> None:
+  """Replaces a file or an object with `text` whole (see `write_bytes`)."""
+  write_bytes(path, text.encode())
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  """Replaces a file or an object with `data` whole: a kill leaves the old content or the new, never half.
+
+  Locally it is written beside and renamed; an object store makes one PUT visible whole (it has no appends, so a
+  growing file such as `metrics.jsonl` is rewritten each time).
+  """
+  path = local(path)
+  if is_url(path):
+    fs, inner = filesystem(path)
+    fs.pipe_file(inner, data)
+    return
+  with open(path + ".tmp", "wb") as f:
+    f.write(data)
+  os.replace(path + ".tmp", path)
+
+
+def make_dirs(path: str) -> None:
+  """Creates a directory and its parents (an object store needs none: a prefix exists once it holds objects)."""
+  path = local(path)
+  if not is_url(path):
+    os.makedirs(path, exist_ok=True)
+
+
+def upload(directory: str, url: str, skip: frozenset[str] = frozenset()) -> None:
+  """Copies every file under a local directory to the same relative keys under `url`, concurrently.
+
+  Args:
+    skip: relative paths not to copy.
+  """
+  fs, inner = filesystem(url)
+  relative = sorted(os.path.relpath(os.path.join(root, name), directory) for root, _, names in os.walk(directory)
+                    for name in names)
+  relative = [r for r in relative if r not in skip]
+  if relative:
+    fs.put([os.path.join(directory, r) for r in relative], [posixpath.join(inner, r) for r in relative])
+
+
+def download(url: str, directory: str, keep=None) -> None:
+  """Copies the objects under `url` to the same relative paths under a local directory, concurrently.
+
+  Args:
+    keep: a predicate on each object's key relative to `url` ("a/b.json"): copy only those it accepts (None: all).
+  """
+  fs, inner = filesystem(url)
+  relative = [key[len(inner) + 1:] for key in fs.find(inner)]
+  relative = [key for key in relative if keep is None or keep(key)]
+  targets = [os.path.join(directory, *key.split("/")) for key in relative]
+  for target in targets:
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+  if relative:
+    fs.get([posixpath.join(inner, key) for key in relative], targets)
+
+
+def names(path: str) -> list[str]:
+  """The names of the entries directly under a directory or a prefix (none if absent)."""
+  path = local(path)
+  if is_url(path):
+    fs, inner = filesystem(path)
+    return sorted(posixpath.basename(entry.rstrip("/")) for entry in fs.ls(inner, detail=False)) \
+        if fs.exists(inner) else []
+  return sorted(os.listdir(path)) if os.path.isdir(path) else []
 
 
 def remove_tree(path: str) -> None:

@@ -6,7 +6,6 @@ from this module.
 
 import dataclasses
 
-from shared import storage
 from shared.augment import DEFAULT_CROP_AREA, DEFAULT_CROP_ASPECT
 from shared.data import NO_EVAL
 from shared.distributed import (COORDINATOR_HELP, DEFAULT_HEARTBEAT_SECONDS, HEARTBEAT_HELP, NUM_PROCESSES_HELP,
@@ -178,4 +177,3 @@ def validate_config(config: FitConfig, prefix: str = "") -> None:
     raise StillroomError("--epochs and --finetune-epochs must be >= 0 with at least one epoch in all.")
   if not config.out:
     raise StillroomError("give --out RUN_DIR.")
-  storage.require_local(config.out, flag_of("out", prefix))

@@ -17,7 +17,6 @@ checkpointing): every process must call those in the same order.
 import contextlib
 import json
 import logging
-import os
 import sys
 
 import jax
@@ -44,7 +43,7 @@ def _log(message: str) -> None:
 
 
 def is_finished(out: str) -> bool:
-  return os.path.exists(os.path.join(out, FINAL_FILE))
+  return storage.exists(storage.join(out, FINAL_FILE))
 
 
 def prepare_run_dir(plan: RunPlan, joining: bool = False) -> bool:
@@ -58,14 +57,13 @@ def prepare_run_dir(plan: RunPlan, joining: bool = False) -> bool:
     StillroomError: the dir holds a run of another config, or is not a run dir (unless --overwrite).
   """
   out, record = plan.config.out, plan.record()
-  path = os.path.join(out, CONFIG_FILE)
+  path = storage.join(out, CONFIG_FILE)
   if plan.config.overwrite and not joining:
     clear_for_overwrite(out, RUN_DIR)
-  if os.path.exists(path):
+  if storage.exists(path):
     try:
-      with open(path) as f:
-        existing = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+      existing = storage.read_json(path)
+    except (OSError, ValueError) as e:
       raise StillroomError(f"run dir {out!r}: cannot read {CONFIG_FILE} ({e}); pass --overwrite to replace the run, "
                            "or choose another --out.") from e
     wanted = _as_recorded_by_version_1(existing.get("resolved", {}), json.loads(json.dumps(record)), plan)
@@ -78,14 +76,14 @@ def prepare_run_dir(plan: RunPlan, joining: bool = False) -> bool:
   if joining:
     raise StillroomError(f"run dir {out!r} has no {CONFIG_FILE}, which process 0 writes: do the processes of the job "
                          "share one file system?")
-  if os.path.exists(out) and os.listdir(out):
+  if storage.has_entries(out):
     raise StillroomError(f"--out {out!r} exists and is not a run dir; pass --overwrite or choose another --out.")
-  os.makedirs(out, exist_ok=True)
+  storage.make_dirs(out)
   config = plan.config
   cross_fit = CrossFit(folds=config.folds, holdout_fold=config.holdout_fold) if config.folds > 1 else None
   run_record = RunRecord(model=plan.model_spec, normalization=plan.normalization, cross_fit=cross_fit,
                          image_size=plan.augmentation.image_size)
-  where = {"out": os.path.abspath(out), "cache": None if plan.cache is None else storage.absolute(plan.cache.path)}
+  where = {"out": storage.absolute(out), "cache": None if plan.cache is None else storage.absolute(plan.cache.path)}
   _write_json(path, {**run_record.to_json(), "resolved": record, "paths": where, "software_version": __version__})
   return False
 
@@ -117,10 +115,8 @@ def config_differences(stored: dict, wanted: dict, prefix: str = "") -> list[str
 
 
 def _write_json(path: str, value) -> None:
-  """Written to a temporary file and renamed: a kill never leaves half a file."""
-  with open(path + ".tmp", "w") as f:
-    json.dump(value, f, indent=2)
-  os.replace(path + ".tmp", path)
+  """Written whole (`storage.write_text`): a kill never leaves half a file."""
+  storage.write_text(path, json.dumps(value, indent=2))
 
 
 def checkpointable(state) -> dict:
@@ -224,14 +220,12 @@ class MidEpochCheckpoints:
 
   def __init__(self, out: str):
     self.out = out
-    self.manager = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(out, MID_EPOCH_DIR)),
-        options=ocp.CheckpointManagerOptions(max_to_keep=CHECKPOINTS_KEPT, create=True, cleanup_tmp_directories=True))
+    self.manager = checkpoint_manager(out, max_to_keep=CHECKPOINTS_KEPT, subdir=MID_EPOCH_DIR)
 
   @staticmethod
   def held(out: str) -> bool:
     """Whether the run dir holds mid-epoch checkpoints (of an earlier attempt, which may have used them)."""
-    return os.path.isdir(os.path.join(out, MID_EPOCH_DIR))
+    return storage.exists(storage.join(out, MID_EPOCH_DIR))
 
   def positions(self) -> list[tuple[int, dict | None]]:
     """[(global step, {"epoch": E, "step": S, "sums": {...}, "seconds": s}), ...], the position None for one that
@@ -294,29 +288,30 @@ def resume_groups(saved: list[set[int]]) -> list[tuple[int, list[int]]]:
   return sorted(groups.items())
 
 
+def _write_metrics(out: str, lines: list[dict]) -> None:
+  """Rewrites metrics.jsonl whole, on every store alike: an object store has no appends (one line per epoch
+  keeps the file small)."""
+  storage.write_text(storage.join(out, METRICS_FILE), "".join(json.dumps(line) + "\n" for line in lines))
+
+
 def append_metrics(out: str, line: dict) -> None:
-  """Appends an epoch's line (process 0 of a job; the others compute the same line and write nothing)."""
-  if not is_first():
-    return
-  with open(os.path.join(out, METRICS_FILE), "a") as f:
-    f.write(json.dumps(line) + "\n")
+  """Adds an epoch's line (process 0 of a job; the others compute the same line and write nothing)."""
+  if is_first():
+    _write_metrics(out, read_metrics(out) + [line])
 
 
 def read_metrics(out: str) -> list[dict]:
-  path = os.path.join(out, METRICS_FILE)
-  if not os.path.exists(path):
+  try:
+    text = storage.read_text(storage.join(out, METRICS_FILE))
+  except FileNotFoundError:
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def truncate_metrics(out: str, epochs_done: int) -> None:
   """Drops lines of epochs not in the checkpoint resumed from (a kill between the metrics line and the save)."""
-  if not is_first():
-    return
-  lines = [line for line in read_metrics(out) if line["epoch"] <= epochs_done]
-  with open(os.path.join(out, METRICS_FILE), "w") as f:
-    f.writelines(json.dumps(line) + "\n" for line in lines)
+  if is_first():
+    _write_metrics(out, [line for line in read_metrics(out) if line["epoch"] <= epochs_done])
 
 
 def write_final(out: str, total_epochs: int) -> dict:
@@ -324,24 +319,22 @@ def write_final(out: str, total_epochs: int) -> dict:
   has written every line when the others read them)."""
   final = {**read_metrics(out)[-1], "run_dir": out, "epochs": total_epochs}
   if is_first():
-    _write_json(os.path.join(out, FINAL_FILE), final)
+    _write_json(storage.join(out, FINAL_FILE), final)
   return final
 
 
 def write_diverged(out: str, message: str) -> None:
   """Marks a run that stopped on non-finite values; the same command then refuses it instead of training it."""
   if is_first():
-    _write_json(os.path.join(out, DIVERGED_FILE), {"message": message})
+    _write_json(storage.join(out, DIVERGED_FILE), {"message": message})
 
 
 def read_diverged(out: str) -> str | None:
-  path = os.path.join(out, DIVERGED_FILE)
-  if not os.path.exists(path):
+  try:
+    return storage.read_json(storage.join(out, DIVERGED_FILE))["message"]
+  except FileNotFoundError:
     return None
-  with open(path) as f:
-    return json.load(f)["message"]
 
 
 def read_final(out: str) -> dict:
-  with open(os.path.join(out, FINAL_FILE)) as f:
-    return json.load(f)
+  return storage.read_json(storage.join(out, FINAL_FILE))

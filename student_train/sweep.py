@@ -11,6 +11,7 @@ form `temperature=1,4,20;alpha=0,0.5` (scalar axes; give `members` in JSON: `[[0
 import concurrent.futures
 import csv
 import dataclasses
+import io
 import itertools
 import json
 import multiprocessing
@@ -29,7 +30,7 @@ from shared.settings import value_type
 from student_train.config import FitConfig, check_value
 from student_train.plan import Opened, RunPlan, plan_run
 from shared.runs import CONFIG_FILE
-from student_train.run_dir import FINAL_FILE, is_finished
+from student_train.run_dir import is_finished, read_final
 from student_train.train import DIVERGED_ADVICE, Diverged, fit_group
 from teacher_cache.info import eval_accuracies
 
@@ -149,7 +150,7 @@ def plan_sweep(cache: str, grid: dict, seeds: int, out: str, base: FitConfig) ->
   runs, opened = [], Opened()
   for point, seed in itertools.product(points, range(seeds)):
     name = _point_name(point, seed)
-    config = _config(point, seed, dataclasses.replace(base, cache=cache), os.path.join(out, name))
+    config = _config(point, seed, dataclasses.replace(base, cache=cache), storage.join(out, name))
     try:
       plan = plan_run(config, opened)
     except StillroomError as e:
@@ -179,7 +180,6 @@ def run_sweep(cache: str, grid_spec: str, out: str, seeds: int = 1, base: FitCon
   train at once, each in its own process. `verbose` logs every run's every epoch.
   """
   distributed.one_process_only("student-train sweep")
-  storage.require_local(out, "--out")
   if jobs < 1:
     raise StillroomError(f"--jobs must be >= 1, got {jobs}.")
   if seeds < 1:
@@ -187,23 +187,19 @@ def run_sweep(cache: str, grid_spec: str, out: str, seeds: int = 1, base: FitCon
   grid = parse_grid(grid_spec)
   base = base or FitConfig()
   check_not_an_input(out, [cache, base.data_dir], "--out")
-  if os.path.exists(out) and (not os.path.isdir(out) or (os.listdir(out) and not os.path.exists(
-      os.path.join(out, MANIFEST)))):
+  if storage.is_file(out) or (storage.has_entries(out) and not storage.exists(storage.join(out, MANIFEST))):
     raise StillroomError(f"--out {out!r} exists and is not a sweep dir (no {MANIFEST}); choose another --out.")
   runs = plan_sweep(cache, grid, seeds, out, base)
-  os.makedirs(out, exist_ok=True)
+  storage.make_dirs(out)
   manifest = {"cache": storage.absolute(cache), "grid": grid, "seeds": seeds, "data_dir": base.data_dir,
               "base": {"alpha": base.alpha},
               "runs": [{"name": name, "point": point, "seed": plan.config.seed} for name, point, plan in runs]}
-  manifest_path = os.path.join(out, MANIFEST)
-  if os.path.exists(manifest_path):
-    with open(manifest_path) as f:
-      previous = json.load(f)
+  manifest_path = storage.join(out, MANIFEST)
+  if storage.exists(manifest_path):
+    previous = storage.read_json(manifest_path)
     known = {r["name"]: r for r in previous["runs"]}
     manifest["runs"] = list(known.values()) + [r for r in manifest["runs"] if r["name"] not in known]
-  with open(manifest_path + ".tmp", "w") as f:
-    json.dump(manifest, f, indent=2)
-  os.replace(manifest_path + ".tmp", manifest_path)
+  storage.write_text(manifest_path, json.dumps(manifest, indent=2))
   groups: dict[str, list[tuple[str, FitConfig]]] = {}
   for name, _, plan in runs:
     key = json.dumps(plan.stream_key(), sort_keys=True, default=str) if together else name
@@ -256,23 +252,20 @@ def report(sweep_dir: str) -> str:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  path = os.path.join(sweep_dir, MANIFEST)
-  if not os.path.exists(path):
-    raise StillroomError(f"{sweep_dir!r} is not a sweep dir (no {MANIFEST}).")
-  with open(path) as f:
-    manifest = json.load(f)
+  try:
+    manifest = storage.read_json(storage.join(sweep_dir, MANIFEST))
+  except FileNotFoundError as e:
+    raise StillroomError(f"{sweep_dir!r} is not a sweep dir (no {MANIFEST}).") from e
   rows: dict[str, dict] = {}
   eval_config = None
   for run in manifest["runs"]:
     key = json.dumps(run["point"], sort_keys=True)
     row = rows.setdefault(key, {"point": run["point"], "accuracies": [], "missing": 0})
-    final_path = os.path.join(sweep_dir, run["name"], FINAL_FILE)
-    if os.path.exists(final_path):
-      with open(final_path) as f:
-        row["accuracies"].append(json.load(f).get("eval_accuracy", np.nan))
+    run_dir = storage.join(sweep_dir, run["name"])
+    if is_finished(run_dir):
+      row["accuracies"].append(read_final(run_dir).get("eval_accuracy", np.nan))
       if eval_config is None:
-        with open(os.path.join(sweep_dir, run["name"], CONFIG_FILE)) as f:
-          eval_config = json.load(f)["resolved"]["eval"]
+        eval_config = storage.read_json(storage.join(run_dir, CONFIG_FILE))["resolved"]["eval"]
     else:
       row["missing"] += 1
   # Points with alpha = 1 train on hard labels only: the scratch baseline of every point that shares their other
@@ -297,10 +290,11 @@ def report(sweep_dir: str) -> str:
     table_rows.append([*(row["point"][a] for a in axes), f"{len(values)}" + (f" (+{row['missing']} unfinished)"
                                                                             if row["missing"] else ""),
                        mean, std, gain, gap])
-  with open(os.path.join(sweep_dir, "report.csv"), "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(header)
-    writer.writerows(table_rows)
+  text = io.StringIO(newline="")
+  writer = csv.writer(text)
+  writer.writerow(header)
+  writer.writerows(table_rows)
+  storage.write_text(storage.join(sweep_dir, "report.csv"), text.getvalue())
   fmt = lambda v: "" if v is None else f"{100 * v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
   lines = [f"Sweep of {manifest['cache']} ({len(manifest['runs'])} runs); accuracy on the eval split in %"
            + (f"; teachers' ensemble {100 * ensemble:.2f}%" if ensemble else "") + ".", "",
@@ -311,8 +305,7 @@ def report(sweep_dir: str) -> str:
                                                   "" if row[-1] is None else f"{round(100 * row[-1]) + 0:+d}%"]
     lines.append("| " + " | ".join(cells) + " |")
   table = "\n".join(lines)
-  with open(os.path.join(sweep_dir, "report.md"), "w") as f:
-    f.write(table + "\n")
+  storage.write_text(storage.join(sweep_dir, "report.md"), table + "\n")
   alpha_index = axes.index("alpha") if "alpha" in axes else None
   for index, axis in enumerate(axes):
     # Along other axes than alpha, scratch points (alpha = 1) would only flatten the curve: leave them out.
@@ -338,6 +331,8 @@ def report(sweep_dir: str) -> str:
                 label="scratch (alpha=1)")
       plot.legend()
     figure.tight_layout()
-    figure.savefig(os.path.join(sweep_dir, f"report_{axis}.png"), dpi=110)
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=110)
+    storage.write_bytes(storage.join(sweep_dir, f"report_{axis}.png"), image.getvalue())
     plt.close(figure)
   return table

@@ -287,7 +287,7 @@ class ChunkWriter:
 
 def _input_paths(config: BuildConfig) -> list[str]:
   """The files and directories the build reads: teacher run dirs, npz and image-folder datasets, the data dir."""
-  paths = [teacher for teacher in config.teachers if os.path.exists(teacher)]
+  paths = [teacher for teacher in config.teachers if storage.is_url(storage.local(teacher)) or os.path.exists(teacher)]
   datasets = [local_path(name) for name in (config.dataset, config.eval_dataset) if name]
   return paths + [path for path in datasets + [config.data_dir] if path]
 

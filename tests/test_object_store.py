@@ -9,14 +9,21 @@ import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
 import pytest
+from PIL import Image
 
 import conftest
 from shared import outputs, storage
 from shared.cache import open_cache
+from shared.data import open_transfer_set
+from shared.shapes import CLASSES, ShapesConfig, write_shapes
 from shared.errors import StillroomError
+from shared.runs import load_teacher
 from student_train.config import FitConfig
-from student_train.sweep import run_sweep
+from student_train.run_dir import read_final, read_metrics
+from student_train.sweep import report, run_sweep
 from student_train.train import fit
 from teacher_cache.build import BuildConfig, build_cache
 from teacher_cache.cli import main as cache_main
@@ -60,7 +67,7 @@ def _objects(fs, url: str) -> dict[str, str]:
 
 
 def _build(out: str, data_dir: str, teachers: list[str], **options) -> str:
-  build_cache(BuildConfig(dataset="digits", data_dir=data_dir, teachers=(teachers[0], teachers[1]), out=out,
+  build_cache(BuildConfig(dataset="digits", data_dir=data_dir, teachers=tuple(teachers[:2]), out=out,
                           progress=False, **{"views": 4, "chunk_rows": 256, "batch_size": 64, **options}))
   return out
 
@@ -91,10 +98,13 @@ def test_build_verify_fit_on_s3(s3, tmp_path, data_dir, teachers, local_store, c
 def test_a_sweep_from_a_cache_on_s3(s3, tmp_path, data_dir, teachers):
   url = _build(f"s3://{BUCKET}/sweep/c.zarr", data_dir, teachers, views=2)
   base = FitConfig(model="mlp-small", epochs=1, batch_size=256, progress=False, data_dir=data_dir)
-  runs = run_sweep(url, "temperature=2,8", str(tmp_path / "sweep"), base=base)
-  assert len(runs) == 2 and all(os.path.exists(os.path.join(run, "final.json")) for run in runs)
-  with open(tmp_path / "sweep" / "sweep.json") as f:
-    assert json.load(f)["cache"] == url
+  out = f"s3://{BUCKET}/sweep/runs"
+  runs = run_sweep(url, "temperature=2,8", out, base=base)
+  assert len(runs) == 2 and all(s3.exists(f"{run[5:]}/final.json") for run in runs)
+  assert storage.read_json(f"{out}/sweep.json")["cache"] == url
+  table = report(out)
+  assert storage.read_text(f"{out}/report.md") == table + "\n" and "unfinished" not in table
+  assert s3.cat_file(f"{out[5:]}/report_temperature.png").startswith(b"\x89PNG")
 
 
 def _cli_build(out: str, data_dir: str, teachers: list[str]) -> subprocess.Popen:
@@ -182,14 +192,78 @@ def test_file_urls_are_local_paths(tmp_path, data_dir, teachers, local_store):
   assert not os.path.exists("file:")  # No stray folder for the lock.
 
 
-def test_urls_where_only_local_paths_work_yet_are_refused(s3, tmp_path, data_dir, teachers):
+def _params(run_dir: str) -> dict:
+  """A run dir's latest parameters, as NumPy arrays, through the loader teachers use (a second reader of the run)."""
+  return jax.tree.map(np.asarray, load_teacher(run_dir).params)
+
+
+def _cli_fit(out: str, data_dir: str) -> subprocess.Popen:
+  args = ["fit", "--dataset", "digits", "--data-dir", data_dir, "--model", "mlp-small", "--epochs", "3",
+          "--batch-size", "128", "--out", out, "--no-progress", "--workers", "0", "--eval-split", "none"]
+  code = f"from student_train.cli import main\nmain({args!r})"
+  return subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO},
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_a_run_dir_on_s3_trains_resumes_after_a_kill_and_teaches(s3, tmp_path, data_dir):
+  url, key = f"s3://{BUCKET}/runs/teacher", f"{BUCKET}/runs/teacher"
+  local = str(tmp_path / "teacher")
+  fit(FitConfig(dataset="digits", data_dir=data_dir, model="mlp-small", epochs=3, batch_size=128, out=local,
+                progress=False, workers=0, eval_split="none"), log_epochs=False)
+  process = _cli_fit(url, data_dir)
+  deadline = time.monotonic() + 300
+  while process.poll() is None and time.monotonic() < deadline:
+    s3.invalidate_cache()
+    if s3.exists(f"{key}/checkpoints/1/commit_success.txt"):
+      break
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+  assert not s3.exists(f"{key}/final.json")
+  s3.rm(f"{key}.lock")  # As if the dead run's lease had run out.
+  resumed = _cli_fit(url, data_dir)
+  _, err = resumed.communicate(timeout=300)
+  assert resumed.returncode == 0, err.decode()[-2000:]
+  assert "resuming" in err.decode()
+  # The resumed run on S3 is the uninterrupted local run: its metrics lines (but for timings) and parameters.
+  untimed = lambda lines: [{k: v for k, v in line.items() if "seconds" not in k and "per_s" not in k}
+                           for line in lines]
+  assert untimed(read_metrics(url)) == untimed(read_metrics(local)) and len(read_metrics(url)) == 3
+  assert read_final(url)["epochs"] == 3 and storage.read_json(f"{url}/config.json")["paths"]["out"] == url
+  assert sorted(s3.ls(f"{key}/checkpoints")) == [f"{key}/checkpoints/{e}" for e in (2, 3)]  # Two kept.
+  jax.tree.map(np.testing.assert_array_equal, _params(url), _params(local))
+  # The run dir on S3 teaches: a cache built from it equals one built from the local run.
+  on_s3 = _build(str(tmp_path / "from_s3.zarr"), data_dir, [url], views=1)
+  on_disk = _build(str(tmp_path / "from_disk.zarr"), data_dir, [local], views=1)
+  assert conftest.array_files(on_s3) == conftest.array_files(on_disk)
+
+
+def test_datasets_on_s3_read_as_their_local_copies(s3, tmp_path):
+  root = str(tmp_path / "shapes")
+  write_shapes(root, ShapesConfig(train_per_class=3, test_per_class=1, min_side=20, max_side=40))
+  deep = np.zeros((9, 7, 3), np.uint16)  # A 16-bit PNG: refused alike from both.
+  Image.fromarray(deep[..., 0]).save(os.path.join(root, "train", max(CLASSES), "zz_deep.png"))
+  np.savez(tmp_path / "a.npz", x=np.arange(60, dtype=np.float32).reshape(20, 3), y=np.arange(20) % 4)
+  s3.put(root, f"{BUCKET}/data/shapes", recursive=True)
+  s3.put_file(str(tmp_path / "a.npz"), f"{BUCKET}/data/a.npz")
+  for local, url in ((f"imagefolder:{root}/train", f"imagefolder:s3://{BUCKET}/data/shapes/train"),
+                     (f"npz:{tmp_path}/a.npz", f"npz:s3://{BUCKET}/data/a.npz")):
+    on_disk, on_s3 = open_transfer_set(local), open_transfer_set(url)
+    assert on_s3.fingerprint == on_disk.fingerprint and len(on_s3) == len(on_disk) == on_s3.base_count
+    good = np.arange(len(on_disk) - (1 if "imagefolder" in local else 0))
+    (x_disk, y_disk), (x_s3, y_s3) = on_disk.source.read(good), on_s3.source.read(good)
+    np.testing.assert_array_equal(y_s3, y_disk)
+    assert len(x_s3) == len(good) and all(np.array_equal(a, b) for a, b in zip(x_s3, x_disk))
+    assert on_s3.source.record_bytes(good) == on_disk.source.record_bytes(good)
+  with pytest.raises(StillroomError, match=r"zz_deep.png\) is a I;16 image"):
+    on_s3 = open_transfer_set(f"imagefolder:s3://{BUCKET}/data/shapes/train")
+    on_s3.source.read(np.array([len(on_s3) - 1]))
+
+
+def test_urls_where_only_local_paths_work_are_refused(s3, tmp_path, data_dir, teachers):
   with pytest.raises(StillroomError, match="unsupported URL scheme"):
     _build("ftp://host/c.zarr", data_dir, teachers)
-  with pytest.raises(StillroomError, match=f"--teacher 's3://{BUCKET}/t0': only caches live on object storage"):
-    _build(str(tmp_path / "c.zarr"), data_dir, [f"s3://{BUCKET}/t0", teachers[1]])
-  with pytest.raises(StillroomError, match=f"--out 's3://{BUCKET}/run': only caches"):
-    fit(FitConfig(dataset="digits", data_dir=data_dir, out=f"s3://{BUCKET}/run"))
-  with pytest.raises(StillroomError, match=f"--data-dir 's3://{BUCKET}/tfds': only caches"):
+  with pytest.raises(StillroomError, match=f"--data-dir 's3://{BUCKET}/tfds': TFDS reads"):
     fit(FitConfig(dataset="digits", data_dir=f"s3://{BUCKET}/tfds", out=str(tmp_path / "run")))
   assert not os.path.exists("s3:")
 
