@@ -55,13 +55,19 @@ def filesystem(url: str):
   return fs, inner
 
 
-def size(path: str) -> int:
-  """Bytes stored under a directory or an object-store prefix."""
+def _on(path: str, remote, here):
+  """`remote(fs, key)` for a URL's file system and key, or `here(path)` for a local path (`file://` resolved)."""
   path = local(path)
   if is_url(path):
-    fs, inner = filesystem(path)
-    return int(fs.du(inner, total=True))
-  return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+    return remote(*filesystem(path))
+  return here(path)
+
+
+def size(path: str) -> int:
+  """Bytes stored under a directory or an object-store prefix."""
+  return _on(path, lambda fs, key: int(fs.du(key, total=True)),
+             lambda path: sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path)
+                              for f in files))
 
 
 def join(path: str, *parts: str) -> str:
@@ -76,43 +82,37 @@ def absolute(path: str) -> str:
 
 def exists(path: str) -> bool:
   """Whether a file, directory, object or prefix is there."""
-  path = local(path)
-  if is_url(path):
-    fs, inner = filesystem(path)
-    return fs.exists(inner)
-  return os.path.exists(path)
+  return _on(path, lambda fs, key: fs.exists(key), os.path.exists)
 
 
 def has_entries(path: str) -> bool:
   """Whether a directory, or an object-store prefix, holds anything."""
-  path = local(path)
-  if is_url(path):
-    fs, inner = filesystem(path)
-    return bool(fs.exists(inner) and fs.ls(inner, detail=False))
-  return os.path.isdir(path) and bool(os.listdir(path))
+  return _on(path, lambda fs, key: bool(fs.exists(key) and fs.ls(key, detail=False)),
+             lambda path: os.path.isdir(path) and bool(os.listdir(path)))
 
 
 def is_file(path: str) -> bool:
   """Whether `path` is a file (a single object), not a directory or prefix."""
-  path = local(path)
-  if is_url(path):
-    fs, inner = filesystem(path)
-    return fs.isfile(inner)
-  return os.path.exists(path) and not os.path.isdir(path)
+  return _on(path, lambda fs, key: fs.isfile(key), lambda path: os.path.exists(path) and not os.path.isdir(path))
 
 
-def read_json(path: str):
-  """The JSON document at `path` (a file or an object).
+def is_dir(path: str) -> bool:
+  """Whether `path` is a directory, or an object-store prefix that holds objects."""
+  return _on(path, lambda fs, key: fs.isdir(key), os.path.isdir)
 
-  Raises:
-    OSError, ValueError: it cannot be read or parsed (FileNotFoundError when absent).
-  """
-  path = local(path)
-  if is_url(path):
-    fs, inner = filesystem(path)
-    return json.loads(fs.cat_file(inner))
-  with open(path) as f:
-    return json.load(f)
+
+def scan(path: str) -> list[tuple[str, bool, int]]:
+  """`[(name, is a directory, size in bytes), ...]` of the entries directly in a directory or a prefix, sorted by
+  name, without hidden ones (names starting with '.'). A directory's size is 0."""
+  def remote(fs, key):
+    return [(posixpath.basename(e["name"].rstrip("/")), e["type"] == "directory", int(e.get("size") or 0))
+            for e in fs.ls(key, detail=True)]
+
+  def here(path):
+    with os.scandir(path) as entries:
+      return [(e.name, e.is_dir(), 0 if e.is_dir() else e.stat().st_size) for e in entries]
+
+  return sorted(entry for entry in _on(path, remote, here) if not entry[0].startswith("."))
 
 
 def read_bytes(path: str) -> bytes:
@@ -121,12 +121,10 @@ def read_bytes(path: str) -> bytes:
   Raises:
     OSError: it cannot be read (FileNotFoundError when absent).
   """
-  path = local(path)
-  if is_url(path):
-    fs, inner = filesystem(path)
-    return fs.cat_file(inner)
-  with open(path, "rb") as f:
-    return f.read()
+  def here(path):
+    with open(path, "rb") as f:
+      return f.read()
+  return _on(path, lambda fs, key: fs.cat_file(key), here)
 
 
 def read_text(path: str) -> str:
@@ -134,27 +132,13 @@ def read_text(path: str) -> str:
   return read_bytes(path).decode()
 
 
-def is_dir(path: str) -> bool:
-  """Whether `path` is a directory, or an object-store prefix that holds objects."""
-  path = local(path)
-  if is_url(path):
-    fs, inner = filesystem(path)
-    return fs.isdir(inner)
-  return os.path.isdir(path)
+def read_json(path: str):
+  """The JSON document at `path` (a file or an object).
 
-
-def scan(path: str) -> list[tuple[str, bool, int]]:
-  """`[(name, is a directory, size in bytes), ...]` of the entries directly in a directory or a prefix, sorted by
-  name, without hidden ones (names starting with '.'). A directory's size is 0."""
-  path = local(path)
-  if is_url(path):
-    fs, inner = filesystem(path)
-    found = [(posixpath.basename(e["name"].rstrip("/")), e["type"] == "directory", int(e.get("size") or 0))
-             for e in fs.ls(inner, detail=True)]
-  else:
-    with os.scandir(path) as entries:
-      found = [(e.name, e.is_dir(), 0 if e.is_dir() else e.stat().st_size) for e in entries]
-  return sorted(entry for entry in found if not entry[0].startswith("."))
+  Raises:
+    OSError, ValueError: it cannot be read or parsed (FileNotFoundError when absent).
+  """
+  return json.loads(read_bytes(path))
 
 
 def write_text(path: str, text: str) -> None:
@@ -168,21 +152,22 @@ def write_bytes(path: str, data: bytes) -> None:
   Locally it is written beside and renamed; an object store makes one PUT visible whole (it has no appends, so a
   growing file such as `metrics.jsonl` is rewritten each time).
   """
-  path = local(path)
-  if is_url(path):
-    fs, inner = filesystem(path)
-    fs.pipe_file(inner, data)
-    return
-  with open(path + ".tmp", "wb") as f:
-    f.write(data)
-  os.replace(path + ".tmp", path)
+  def here(path):
+    with open(path + ".tmp", "wb") as f:
+      f.write(data)
+    os.replace(path + ".tmp", path)
+  _on(path, lambda fs, key: fs.pipe_file(key, data), here)
 
 
 def make_dirs(path: str) -> None:
   """Creates a directory and its parents (an object store needs none: a prefix exists once it holds objects)."""
-  path = local(path)
-  if not is_url(path):
-    os.makedirs(path, exist_ok=True)
+  _on(path, lambda fs, key: None, lambda path: os.makedirs(path, exist_ok=True))
+
+
+def remove_tree(path: str) -> None:
+  """Deletes a directory, or every object under a prefix."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  _on(path, lambda fs, key: fs.rm(key, recursive=True), shutil.rmtree)
 
 
 def upload(directory: str, url: str, skip: frozenset[str] = frozenset()) -> None:
@@ -213,27 +198,6 @@ def download(url: str, directory: str, keep=None) -> None:
     os.makedirs(os.path.dirname(target), exist_ok=True)
   if relative:
     fs.get([posixpath.join(inner, key) for key in relative], targets)
-
-
-def names(path: str) -> list[str]:
-  """The names of the entries directly under a directory or a prefix (none if absent)."""
-  path = local(path)
-  if is_url(path):
-    fs, inner = filesystem(path)
-    return sorted(posixpath.basename(entry.rstrip("/")) for entry in fs.ls(inner, detail=False)) \
-        if fs.exists(inner) else []
-  return sorted(os.listdir(path)) if os.path.isdir(path) else []
-
-
-def remove_tree(path: str) -> None:
-  """Deletes a directory, or every object under a prefix."""
-  path = local(path)
-  if is_url(path):
-    fs, inner = filesystem(path)
-    fs.rm(inner, recursive=True)
-  else:
-    import shutil  # pylint: disable=import-outside-toplevel
-    shutil.rmtree(path)
 
 
 def zarr_store(path: str, read_only: bool = False):
