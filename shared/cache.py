@@ -40,6 +40,8 @@ SPEC_KEY = "stillroom"
 COMPLETE_KEY = "stillroom_complete"
 STORAGE_DTYPES = ("float16", "float32")
 STORAGE = "storage"  # Placeholder dtype in LAYOUT: the spec's `dtype`.
+CLASS_IDS = "class ids"  # Placeholder dtype in LAYOUT: int16 when C fits, else int32.
+TARGET_KINDS = ("dense", "topk", "sample")  # `--targets dense|topk:K|sample:K`.
 ROW_ORDERS = ("permuted", "sequential")  # "sequential": version 1, examples in split order within each view.
 
 # What an array is for. Readers ask for arrays by name and get an error naming any that are missing.
@@ -61,11 +63,12 @@ class ArrayLayout:
   Attributes:
     name: the array's name in the group.
     role: what it is for (see `ROLES`).
-    dims: symbolic shape: "R" rows, "E" eval rows, "M" members, "C" classes, "chunks(R)" / "chunks(E)" one entry
-      per chunk of those rows, or a number.
-    dtype: a NumPy dtype name, or `STORAGE` for the spec's storage dtype.
+    dims: symbolic shape: "R" rows, "E" eval rows, "M" members, "C" classes, "K" sparse targets per row,
+      "chunks(R)" / "chunks(E)" one entry per chunk of those rows, or a number.
+    dtype: a NumPy dtype name, `STORAGE` for the spec's storage dtype, or `CLASS_IDS`.
     meaning: one line for the README and `--help`.
     views: the kind of view (`shift` or `crop`, see `shared.augment`) whose stores hold it; None: every store.
+    targets: the target kinds (`TARGET_KINDS`) whose stores hold it; None: every store.
   """
 
   name: str
@@ -74,6 +77,7 @@ class ArrayLayout:
   dtype: str
   meaning: str
   views: str | None = None
+  targets: tuple[str, ...] | None = None
 
   @property
   def shape(self) -> str:
@@ -90,8 +94,22 @@ class ArrayLayout:
 
 LAYOUT = (
     ArrayLayout("targets", "teacher", ("R", "C"), STORAGE,
-                "ensemble log-probabilities at T under the spec's combine rule, from `member_logits` as stored"),
-    ArrayLayout("member_logits", "teacher", ("R", "M", "C"), STORAGE, "each member's raw logits (before dividing by T)"),
+                "ensemble log-probabilities at T under the spec's combine rule, from the member logits as stored",
+                targets=("dense",)),
+    ArrayLayout("target_ids", "teacher", ("R", "K"), CLASS_IDS,
+                "topk:K: the K classes of largest ensemble probability at T, most probable first; sample:K: the "
+                "distinct classes among K draws from it, in increasing order, then padding (id 0, count 0)",
+                targets=("topk", "sample")),
+    ArrayLayout("target_log_probs", "teacher", ("R", "K"), STORAGE,
+                "the ensemble log-probability at T of each of `target_ids`", targets=("topk", "sample")),
+    ArrayLayout("target_rest", "teacher", ("R",), "float32",
+                "topk:K: log of the ensemble probability at T of every class not in `target_ids` (−inf for K = C)",
+                targets=("topk",)),
+    ArrayLayout("target_counts", "teacher", ("R", "K"), "uint16",
+                "sample:K: how many of the row's K draws gave each of `target_ids` (they sum to K)",
+                targets=("sample",)),
+    ArrayLayout("member_logits", "teacher", ("R", "M", "C"), STORAGE,
+                "each member's raw logits (before dividing by T); in a sparse cache only with --member-logits"),
     ArrayLayout("index", "row", ("R",), "int64", "example index: position in the unsliced split"),
     ArrayLayout("view", "row", ("R",), "int32", "view id; 0 is the un-augmented input"),
     ArrayLayout("labels", "row", ("R",), "int32", "hard label; -1 for an unlabeled transfer set"),
@@ -121,8 +139,23 @@ def _log(message: str) -> None:
   print(f"stillroom: {message}", file=sys.stderr, flush=True)
 
 
+def parse_targets(text: str) -> tuple[str, int | None]:
+  """`"dense"` -> ("dense", None); `"topk:K"` / `"sample:K"` -> (kind, K).
+
+  Raises:
+    StillroomError: another text, or K not a positive integer (at most 65,535 draws for `sample`).
+  """
+  kind, _, k = text.partition(":")
+  if kind == "dense" and not k:
+    return kind, None
+  if kind in TARGET_KINDS[1:] and k.isdigit() and int(k) >= 1 and (kind == "topk" or int(k) <= 65535):
+    return kind, int(k)
+  raise StillroomError(f"--targets {text!r}: give 'dense', 'topk:K' or 'sample:K' with K a positive integer "
+                       "(sample: at most 65535).")
+
+
 def validate_settings(*, temperature: float, combine: str, dtype: str, views: int, chunk_rows: int, seed: int = 0,
-                      folds: int = 1) -> None:
+                      folds: int = 1, targets: str = "dense") -> None:
   """Checks the scalar build settings (before any data or teacher is loaded).
 
   Raises:
@@ -143,6 +176,7 @@ def validate_settings(*, temperature: float, combine: str, dtype: str, views: in
     raise StillroomError(f"seed {seed_check(seed)}, got {seed}.")
   if folds < 1:
     raise StillroomError(f"folds must be >= 1, got {folds}.")
+  parse_targets(targets)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -205,6 +239,8 @@ class CacheSpec:
     chunk_rows: rows per chunk.
     software_version: the stillroom that wrote it.
     folds: K > 1 when cross-fitted.
+    targets: what is stored of the ensemble distribution: "dense" (every class), "topk:K" or "sample:K".
+    member_logits: whether each member's logits are stored (always for dense targets).
     eval_dataset: the eval split whose member logits the store holds, or None.
     row_order: "permuted" (schema 2) or "sequential" (schema 1).
     arrays: the arrays present; derived from the settings when not given.
@@ -223,6 +259,8 @@ class CacheSpec:
   chunk_rows: int
   software_version: str
   folds: int = 1
+  targets: str = "dense"
+  member_logits: bool = True
   eval_dataset: DatasetSpec | None = None
   row_order: str = "permuted"
   arrays: tuple[ArraySpec, ...] = ()
@@ -231,7 +269,11 @@ class CacheSpec:
 
   def __post_init__(self):
     validate_settings(temperature=self.temperature, combine=self.combine, dtype=self.dtype, views=self.views,
-                      chunk_rows=self.chunk_rows, seed=self.augmentation.seed, folds=self.folds)
+                      chunk_rows=self.chunk_rows, seed=self.augmentation.seed, folds=self.folds, targets=self.targets)
+    if self.target_kind == "dense" and not self.member_logits:
+      raise StillroomError("a dense cache stores its members' logits (--member-logits is for sparse targets).")
+    if self.target_kind == "topk" and self.target_k > self.num_classes:
+      raise StillroomError(f"--targets {self.targets}: K is more than the {self.num_classes} classes.")
     if not self.members:
       raise StillroomError("a cache needs at least one teacher.")
     if len(self.members) % self.folds:
@@ -246,6 +288,21 @@ class CacheSpec:
       raise StillroomError("its list of arrays does not match its settings (a hand-edited or damaged spec): "
                            f"{[a.to_dict() for a in self.arrays if a not in derived]} listed, "
                            f"{[a.to_dict() for a in derived if a not in self.arrays]} expected.")
+
+  @property
+  def target_kind(self) -> str:
+    """"dense", "topk" or "sample"."""
+    return parse_targets(self.targets)[0]
+
+  @property
+  def target_k(self) -> int | None:
+    """K of a sparse cache; None for dense."""
+    return parse_targets(self.targets)[1]
+
+  @property
+  def target_arrays(self) -> tuple[str, ...]:
+    """The teacher arrays that hold the ensemble's targets at T: `targets`, or a sparse cache's arrays."""
+    return tuple(a.name for a in self.arrays if a.role == "teacher" and _LAYOUT[a.name].targets is not None)
 
   @property
   def num_members(self) -> int:
@@ -315,15 +372,20 @@ class CacheSpec:
   def _derived_arrays(self) -> tuple[ArraySpec, ...]:
     """The arrays a store made with these settings holds: every row array, and the eval arrays with an eval split."""
     sizes = {"R": self.num_rows, "E": self.num_eval_rows, "M": self.num_members, "C": self.num_classes,
-             "chunks(R)": self.chunks_of(ROWS), "chunks(E)": self.chunks_of(EVAL_ROWS)}
+             "K": self.target_k, "chunks(R)": self.chunks_of(ROWS), "chunks(E)": self.chunks_of(EVAL_ROWS)}
+    dtypes = {STORAGE: self.dtype, CLASS_IDS: "int16" if self.num_classes <= np.iinfo(np.int16).max + 1 else "int32"}
     arrays = []
     for layout in LAYOUT:
       if layout.row_set == EVAL_ROWS and self.eval_dataset is None:
         continue
       if layout.views is not None and layout.views != self.augmentation.kind:
         continue
+      if layout.targets is not None and self.target_kind not in layout.targets:
+        continue
+      if layout.name == "member_logits" and not self.member_logits:
+        continue
       shape = tuple(sizes[d] if d in sizes else int(d) for d in layout.dims)
-      dtype = self.dtype if layout.dtype == STORAGE else layout.dtype
+      dtype = dtypes.get(layout.dtype, layout.dtype)
       chunks = (1,) if layout.role == "bookkeeping" else (self.chunk_rows, *shape[1:])
       arrays.append(ArraySpec(name=layout.name, role=layout.role, shape=shape, dtype=dtype, chunks=chunks))
     return tuple(arrays)
@@ -349,6 +411,8 @@ class CacheSpec:
         "row_order": self.row_order,
         "arrays": [a.name for a in self.arrays],
         "schema_version": self.schema_version,
+        # Only where they differ from what every cache before sparse targets was: their run dirs recorded this key.
+        **({"targets": self.targets, "member_logits": self.member_logits} if self.targets != "dense" else {}),
     }
 
   def mismatches(self, other: "CacheSpec") -> list[str]:

@@ -75,3 +75,48 @@ def mean_logits(member_logits: jax.Array, weights=None) -> jax.Array:
   if weights is None:
     weights = jnp.full((num_members,), 1.0 / num_members, jnp.float32)
   return jnp.sum(jnp.asarray(weights, jnp.float32)[:, None] * member_logits.astype(jnp.float32), axis=-2)
+
+
+def top_k_targets(log_probs: jax.Array, k: int) -> dict[str, jax.Array]:
+  """A distribution's K most probable classes and the mass of all the others (what a `topk:K` cache stores).
+
+  Args:
+    log_probs: [..., C] log-probabilities.
+    k: K <= C.
+
+  Returns:
+    "ids" int32 [..., K] in decreasing probability, "log_probs" [..., K] theirs, "log_rest" [...] the log of the
+    other classes' total probability (−inf when K = C), each float32.
+  """
+  log_probs = log_probs.astype(jnp.float32)
+  top, ids = jax.lax.top_k(log_probs, k)
+
+  def rest(row, ids):  # [C], [K]
+    return jax.nn.logsumexp(row.at[ids].set(-jnp.inf))
+
+  return {"ids": ids.astype(jnp.int32), "log_probs": top,
+          "log_rest": jnp.vectorize(rest, signature="(c),(k)->()")(log_probs, ids)}
+
+
+def sampled_targets(log_probs: jax.Array, k: int, keys: jax.Array) -> dict[str, jax.Array]:
+  """K classes drawn with replacement from each row's distribution, as distinct ids and their counts (what a
+  `sample:K` cache stores; `shared.losses.sampled_kl` is the estimator that uses them).
+
+  Args:
+    log_probs: [B, C] log-probabilities.
+    k: draws per row.
+    keys: [B] PRNG keys, one per row (a row's draws depend on its key alone).
+
+  Returns:
+    "ids" int32 [B, K], the distinct ids in increasing order, then padding (id 0, count 0); "counts" int32 [B, K]
+    (each row's sum to K); "log_probs" float32 [B, K] of the ids.
+  """
+  def one(row, key):
+    draws = jnp.sort(jax.random.categorical(key, row, shape=(k,)))
+    first = jnp.concatenate([jnp.ones(1, bool), draws[1:] != draws[:-1]])
+    slot = jnp.cumsum(first) - 1
+    ids = jnp.zeros(k, jnp.int32).at[slot].set(draws.astype(jnp.int32))
+    counts = jnp.zeros(k, jnp.int32).at[slot].add(1)
+    return {"ids": ids, "counts": counts, "log_probs": row[ids]}
+
+  return jax.vmap(one)(log_probs.astype(jnp.float32), keys)

@@ -63,12 +63,78 @@ def logit_mse(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Array
   return jnp.mean(squared, axis=-1)  # l2_loss is ½(a − b)²; the mean over C supplies the 1/C.
 
 
+def topk_kl(student_logits: jax.Array, ids: jax.Array, log_probs: jax.Array, log_rest: jax.Array,
+            temperature) -> jax.Array:
+  """`T² · KL` over K + 1 bins: the teacher's K stored classes, and every other class as one bin.
+
+  With K = C (no other class) it is `soft_kl` exactly. The student's bin of the other classes is a log-sum-exp over
+  them (not `log(1 − Σ_top q)`, which rounds to log 0 once the top classes hold all but 1e-7 of the mass).
+
+  Args:
+    student_logits: [..., C].
+    ids: int [..., K] distinct class ids.
+    log_probs: [..., K] the teacher's log-probabilities at T of those classes.
+    log_rest: [...] log of the teacher's probability of every other class at T (−inf when there is none).
+    temperature: T > 0.
+
+  Returns:
+    [...] T²-scaled KL divergence in nats.
+  """
+  def one(logits, ids, log_probs, log_rest):  # [C], [K], [K], [].
+    student = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature)
+    log_probs, log_rest = log_probs.astype(jnp.float32), log_rest.astype(jnp.float32)
+    top = jnp.sum(jnp.exp(log_probs) * (log_probs - student[ids]))
+    stored = jnp.zeros(student.shape, bool).at[ids].set(True)
+    has_rest = jnp.isfinite(log_rest) & ~jnp.all(stored)
+    # Where there is no rest bin, its term is 0; the log-sum-exp then runs over every class so that its gradient
+    # stays finite (0 × a NaN gradient would be NaN).
+    student_rest = jax.nn.logsumexp(jnp.where(stored & has_rest, -jnp.inf, student))
+    safe_rest = jnp.where(has_rest, log_rest, 0.0)
+    return top + jnp.where(has_rest, jnp.exp(safe_rest) * (safe_rest - student_rest), 0.0)
+
+  per_row = jnp.vectorize(one, signature="(c),(k),(k),()->()")
+  return temperature ** 2 * per_row(student_logits, ids, log_probs, log_rest)
+
+
+def sampled_kl(student_logits: jax.Array, ids: jax.Array, counts: jax.Array, log_probs: jax.Array,
+               temperature) -> jax.Array:
+  """`T² · Σ_k w_k (log p_k − log q_k)` with `w_k = counts_k / Σ counts`: for ids drawn from the teacher's p_T,
+  an unbiased estimate of `T² · KL(p_T || softmax(s / T))` and of its gradient `T (q_T − p_T)` (Anshumann et al.
+  2025, "Sparse Logit Sampling").
+
+  Args:
+    student_logits: [..., C].
+    ids: int [..., K] the distinct drawn class ids (padding: count 0).
+    counts: [..., K] how many draws gave each id.
+    log_probs: [..., K] the teacher's log-probabilities at T of those classes.
+    temperature: T > 0.
+
+  Returns:
+    [...] the T²-scaled estimate in nats.
+  """
+  student = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+  counts = counts.astype(jnp.float32)
+  weights = counts / jnp.maximum(jnp.sum(counts, axis=-1, keepdims=True), 1.0)
+  drawn = counts > 0  # Padding may hold any log-probability: its weight is 0, and so must its term be.
+  gap = jnp.where(drawn, log_probs.astype(jnp.float32), 0.0) - jnp.take_along_axis(student, ids, axis=-1)
+  return temperature ** 2 * jnp.sum(jnp.where(drawn, weights * gap, 0.0), axis=-1)
+
+
+def sparse_kl(student_logits: jax.Array, sparse: dict, temperature) -> jax.Array:
+  """`topk_kl` or `sampled_kl` of a cache's sparse targets: `sparse` holds "ids" and "log_probs" [..., K], and
+  "log_rest" [...] (top-k) or "counts" [..., K] (sampled)."""
+  if "counts" in sparse:
+    return sampled_kl(student_logits, sparse["ids"], sparse["counts"], sparse["log_probs"], temperature)
+  return topk_kl(student_logits, sparse["ids"], sparse["log_probs"], sparse["log_rest"], temperature)
+
+
 def distillation_loss(student_logits: jax.Array, labels: jax.Array, alpha, *, temperature,
                       target_log_probs: jax.Array | None, teacher_logits: jax.Array | None = None,
-                      mse=False) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """`alpha · CE(y, softmax(s)) + (1 − alpha) · soft`, soft being `soft_kl` or (with `mse`) `logit_mse`.
+                      mse=False, sparse: dict | None = None, use_sparse=True) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`alpha · CE(y, softmax(s)) + (1 − alpha) · soft`, soft being `soft_kl`, `logit_mse` (with `mse`) or
+  `sparse_kl` (with `sparse` targets and `use_sparse`).
 
-  Hard-label training passes neither `target_log_probs` nor `teacher_logits`: the soft term is zero.
+  Hard-label training passes no targets: the soft term is zero.
 
   Args:
     student_logits: [..., C].
@@ -79,21 +145,34 @@ def distillation_loss(student_logits: jax.Array, labels: jax.Array, alpha, *, te
     teacher_logits: [..., C] mean teacher logits; needed by "mse".
     mse: use `logit_mse` instead of `soft_kl`: a Python or NumPy bool (only that term is computed), or a traced
       bool (both are computed and one is selected, as students of one vmapped step may differ in their loss).
+    sparse: a sparse cache's stored targets (see `sparse_kl`), or None.
+    use_sparse: with `sparse`, use it rather than the dense terms; a Python bool or a traced one, as `mse`.
 
   Returns:
     `(total, hard, soft)`, each [...].
   """
   hard = hard_cross_entropy(student_logits, jnp.maximum(labels, 0))
-  if target_log_probs is None and teacher_logits is None:
+  static = lambda flag: isinstance(flag, (bool, np.bool_))  # noqa: E731
+  has_dense = target_log_probs is not None or teacher_logits is not None
+  if sparse is not None and (not has_dense or (static(use_sparse) and use_sparse)):
+    soft = sparse_kl(student_logits, sparse, temperature)
+  elif not has_dense:
     soft = jnp.zeros_like(hard)
-  elif isinstance(mse, (bool, np.bool_)):  # Known when tracing: compute the one term.
+  else:
+    soft = _dense_soft(student_logits, temperature, target_log_probs, teacher_logits, mse)
+    if sparse is not None and not static(use_sparse):
+      soft = jnp.where(use_sparse, sparse_kl(student_logits, sparse, temperature), soft)
+  return alpha * hard + (1.0 - alpha) * soft, hard, soft
+
+
+def _dense_soft(student_logits, temperature, target_log_probs, teacher_logits, mse) -> jax.Array:
+  """`soft_kl` or `logit_mse`, chosen by `mse` (see `distillation_loss`)."""
+  if isinstance(mse, (bool, np.bool_)):  # Known when tracing: compute the one term.
     if (teacher_logits if mse else target_log_probs) is None:
       raise ValueError(f"the {'mse' if mse else 'kl'} loss needs {'teacher_logits' if mse else 'target_log_probs'}")
-    soft = logit_mse(student_logits, teacher_logits) if mse else soft_kl(student_logits, target_log_probs,
+    return logit_mse(student_logits, teacher_logits) if mse else soft_kl(student_logits, target_log_probs,
                                                                           temperature)
-  else:
-    if teacher_logits is None or target_log_probs is None:
-      raise ValueError("a traced loss choice needs both target_log_probs and teacher_logits")
-    soft = jnp.where(mse, logit_mse(student_logits, teacher_logits),
-                     soft_kl(student_logits, target_log_probs, temperature))
-  return alpha * hard + (1.0 - alpha) * soft, hard, soft
+  if teacher_logits is None or target_log_probs is None:
+    raise ValueError("a traced loss choice needs both target_log_probs and teacher_logits")
+  return jnp.where(mse, logit_mse(student_logits, teacher_logits), soft_kl(student_logits, target_log_probs,
+                                                                           temperature))

@@ -15,7 +15,7 @@ from flax import nnx
 
 from shared import storage
 from shared.augment import Augmentation, fold_of, make_augmentation
-from shared.cache import Cache, open_cache
+from shared.cache import Cache, CacheSpec, open_cache
 from shared.data import (FINGERPRINT_VERSION, NO_EVAL, Normalization, TransferSet, check_eval_set,
                          default_eval_split, local_path, open_transfer_set)
 from shared.ensemble import member_weights
@@ -43,10 +43,9 @@ class Teaching:
   members: tuple[int, ...]
   use_stored: bool
 
-  @property
-  def fields(self) -> tuple[str, ...]:
-    """The cache arrays this student's step needs."""
-    return ("targets",) if self.use_stored else ("member_logits",)
+  def fields(self, spec: CacheSpec) -> tuple[str, ...]:
+    """The arrays of a cache with `spec` that this student's step needs."""
+    return spec.target_arrays if self.use_stored else ("member_logits",)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -139,14 +138,19 @@ def _plan_teaching(config: FitConfig, cache: Cache) -> tuple[Teaching, dict]:
   temperature = spec.temperature if config.temperature is None else float(config.temperature)
   combine = config.combine or spec.combine
   use_stored = (config.loss == "kl" and temperature == spec.temperature and combine == spec.combine
-                and members == tuple(range(spec.num_members)) and spec.array("targets") is not None)
+                and members == tuple(range(spec.num_members)) and bool(spec.target_arrays))
   teaching = Teaching(loss=config.loss, temperature=temperature, combine=combine, members=members,
                       use_stored=use_stored)
   if not use_stored:
     reason = ("--loss mse" if config.loss == "mse" else
               f"T={temperature:g}, {combine} mean of members {list(members)} (the cache stores T="
               f"{spec.temperature:g}, {spec.combine} mean of all {spec.num_members})")
-    cache.require(teaching.fields, reason)
+    if not spec.member_logits:
+      raise StillroomError(f"cache {config.cache!r} holds {spec.targets} targets (T={spec.temperature:g}, "
+                           f"{spec.combine} mean of all {spec.num_members} members, for the KL loss) and no member "
+                           f"logits, so it cannot give {reason}: drop those flags, or rebuild it with "
+                           "--member-logits.")
+    cache.require(teaching.fields(spec), reason)
   return teaching, {"alpha": alpha, "temperature": temperature, "combine": combine, "members": members}
 
 

@@ -4,9 +4,10 @@ Every run trains through the same step: K students of one architecture, `jax.vma
 (`nnx.state((model, optimizer))` stacked along axis 0) and their per-student settings; a single run is a group of
 one. Dropout draws from `fold_in(key, step)`, so a resumed run draws what an uninterrupted one does.
 
-What a batch holds decides, statically, what the step computes: `targets` (the cache's stored soft targets) and/or
-`member_logits` (to re-derive targets at another T, rule or member subset, and for the logit-MSE loss); neither
-for hard-label training. Per student, `use_stored` picks the stored targets when both are present.
+What a batch holds decides, statically, what the step computes: the cache's stored soft targets (`targets`, or a
+sparse cache's `target_*` arrays) and/or `member_logits` (to re-derive targets at another T, rule or member subset,
+and for the logit-MSE loss); neither for hard-label training. Per student, `use_stored` picks the stored targets
+when both are present.
 """
 
 import jax
@@ -26,6 +27,27 @@ FLAGS = ("geometric", "mse", "use_stored")
 
 def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+SPARSE_ARRAYS = {"target_ids": "ids", "target_log_probs": "log_probs", "target_rest": "log_rest",
+                 "target_counts": "counts"}  # A sparse cache's arrays, as `shared.losses.sparse_kl` names them.
+
+
+def sparse_targets(batch: dict) -> dict | None:
+  """A sparse cache's stored targets in the batch, named for `shared.losses.sparse_kl`; None if it has none."""
+  return {key: batch[name] for name, key in SPARSE_ARRAYS.items() if name in batch} or None
+
+
+def _teacher_top1(targets: jax.Array | None, sparse: dict | None, use_stored) -> jax.Array | None:
+  """The teacher's predicted class per row [B]: argmax of the dense targets, or the most probable stored sparse id
+  (with sampled targets, the most probable class drawn)."""
+  dense = None if targets is None else jnp.argmax(targets, -1)
+  if sparse is None:
+    return dense
+  top = jnp.take_along_axis(sparse["ids"], jnp.argmax(sparse["log_probs"], -1)[..., None], -1)[..., 0]
+  if dense is None or use_stored is True:
+    return top
+  return dense if use_stored is False else jnp.where(use_stored, top, dense)
 
 
 def soft_targets(batch: dict, hyper: dict) -> tuple[jax.Array | None, jax.Array | None]:
@@ -69,13 +91,15 @@ def train_step_fn(graphdef, normalization: Normalization, fixed: dict[str, bool]
     model, optimizer = nnx.merge(graphdef, state)
     nnx.reseed(model, default=jax.random.fold_in(hyper["key"], optimizer.step[...]))
     targets, teacher_logits = soft_targets(batch, hyper)
+    sparse = sparse_targets(batch)
     mask = batch["mask"]
 
     def loss_fn(model):
       logits = model(normalization.apply(batch["x"]))
       total, hard, soft = distillation_loss(logits, batch["labels"], hyper["alpha"], temperature=hyper["temperature"],
                                             target_log_probs=targets, teacher_logits=teacher_logits,
-                                            mse=hyper["mse"] if teacher_logits is not None else False)
+                                            mse=hyper["mse"] if teacher_logits is not None else False,
+                                            sparse=sparse, use_sparse=hyper["use_stored"])
       return _masked_mean(total, mask), (logits, hard, soft)
 
     (loss, (logits, hard, soft)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
@@ -84,8 +108,9 @@ def train_step_fn(graphdef, normalization: Normalization, fixed: dict[str, bool]
     predicted = jnp.argmax(logits, -1)
     metrics = {"loss": loss, "hard_ce": _masked_mean(hard, labelled), "soft": _masked_mean(soft, mask),
                "train_accuracy": _masked_mean(predicted == batch["labels"], labelled), "rows": jnp.sum(mask)}
-    if targets is not None:
-      metrics["teacher_agreement"] = _masked_mean(predicted == jnp.argmax(targets, -1), mask)
+    teacher_top1 = _teacher_top1(targets, sparse, hyper["use_stored"])
+    if teacher_top1 is not None:
+      metrics["teacher_agreement"] = _masked_mean(predicted == teacher_top1, mask)
     return nnx.state((model, optimizer)), metrics
 
   return jax.vmap(one_student, in_axes=(0, None, 0))

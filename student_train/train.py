@@ -226,7 +226,7 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
   epoch or a later one (see `_mid_epoch_position`) of its mid-epoch checkpoints `mids`."""
   first = group[0]
   config = first.config
-  fields = tuple(sorted({f for plan in group if plan.teaching for f in plan.teaching.fields}))
+  fields = tuple(sorted({f for plan in group if plan.teaching for f in plan.teaching.fields(plan.cache.spec)}))
   loader = make_loader(first, fields, process_rows(mesh, config.batch_size))
   eval_render = None
   try:

@@ -10,6 +10,7 @@ last chunk is committed.
 
 import contextlib
 import dataclasses
+import functools
 import os
 import queue
 import sys
@@ -31,7 +32,7 @@ from shared.data import (NO_EVAL, Normalization, TransferSet, check_eval_set, de
                          open_transfer_set)
 from shared.distributed import (COORDINATOR_HELP, DEFAULT_HEARTBEAT_SECONDS, HEARTBEAT_HELP, NUM_PROCESSES_HELP,
                                 PROCESS_ID_HELP)
-from shared.ensemble import COMBINE_RULES, combine_log_probs
+from shared.ensemble import COMBINE_RULES, combine_log_probs, sampled_targets, top_k_targets
 from shared.errors import StillroomError, raise_if_interrupted
 from shared.models import check_input_shape
 from shared.outputs import STORE, OutputLock, check_not_an_input, check_output, clear_for_overwrite, storage_errors
@@ -59,6 +60,13 @@ class BuildConfig:
   combine: str = setting("arithmetic", "ensemble rule: arithmetic mean of member distributions or normalised "
                                        "geometric mean", choices=COMBINE_RULES)
   temperature: float = setting(4.0, "softmax temperature T > 0 of the stored targets")
+  targets: str = setting("dense", "what to store of the ensemble distribution at T: 'dense' (every class), "
+                                  "'topk:K' (its K most probable classes and the others' total mass), or 'sample:K' "
+                                  "(K classes drawn from it per row, as ids and counts: an unbiased estimate)",
+                         metavar="dense|topk:K|sample:K")
+  member_logits: bool = setting(False, "sparse targets: also store each member's logits, which students need to "
+                                       "re-derive targets at another T, rule or member subset, or for --loss mse "
+                                       "(dense caches always store them)")
   views: int = setting(1, "views per example, view 0 un-augmented; 1 = no augmentation")
   seed: int = setting(0, "seed of the views and of the order in which examples are stored")
   max_shift: int = setting(1, "shift views: largest zero-filled shift of a view, in pixels")
@@ -84,6 +92,9 @@ class BuildConfig:
   heartbeat_timeout: int = setting(DEFAULT_HEARTBEAT_SECONDS, HEARTBEAT_HELP, metavar="SECONDS")
   overwrite: bool = setting(False, "replace an existing --out built with other settings")
   progress: bool = setting(True, "progress bar")
+
+
+SAMPLE_STREAM = 0x5A17  # Folded into the build's seed for `sample:K` draws, apart from the views' randomness.
 
 
 def _log(message: str) -> None:
@@ -146,35 +157,53 @@ def _check_folds(teachers: list[Teacher], folds: int) -> None:
 def _make_forwards(teachers: list[Teacher], spec: CacheSpec, mesh):
   """The two jitted forwards of all runs, both with finite flags `[B, M]` for the stored logits:
 
-  - rows: `(params, inputs [B, ...], folds [B]) -> (member logits [B, M, C], targets [B, C], finite, finite
-    targets [B])`. Cross-fitted,
-    each row takes each member's logits from the run that held out the row's fold. Targets are computed from the
-    logits *as stored* (rounded to the storage dtype), so that a reader re-deriving them from `member_logits`
-    gets the stored `targets` back.
+  - rows: `(params, inputs [B, ...], folds [B], example indices [B], views [B]) -> (member logits [B, M, C],
+    targets, finite, finite targets [B])`, the targets a dict of what the spec stores (`{"targets": [B, C]}`, or
+    the sparse arrays). Cross-fitted, each row takes each member's logits from the run that held out the row's
+    fold. Targets are computed from the logits *as stored* (rounded to the storage dtype), so that a reader
+    re-deriving them from `member_logits` gets the stored `targets` back. A `sample:K` row's draws depend on the
+    build's seed, its example and its view alone.
   - eval: `(params, inputs [B, ...]) -> (member logits [B, M, C], finite)`, a cross-fitted member's logits being the
     mean of its runs (none of them trained on the eval split).
   """
   normalizations = [Normalization.from_dict(m.normalization) for m in spec.members]
   apply_fns = [t.apply_fn for t in teachers]
   storage_dtype = jnp.dtype(spec.dtype)
+  dtypes = {a.name: jnp.dtype(a.dtype) for a in spec.arrays}
+  draws = jax.random.fold_in(jax.random.key(spec.augmentation.seed), SAMPLE_STREAM)
 
   def run_logits(params, x):
     runs = jnp.stack([f(p, n.apply(x)) for f, p, n in zip(apply_fns, params, normalizations)], axis=1)
     return runs.astype(jnp.float32).reshape(runs.shape[0], spec.num_members, spec.folds, runs.shape[-1])
 
-  def rows_forward(params, x, fold):
+  def stored_targets(log_probs, index, view) -> dict:
+    if spec.target_kind == "dense":
+      return {"targets": log_probs}
+    if spec.target_kind == "topk":
+      sparse = top_k_targets(log_probs, spec.target_k)
+      return {"target_ids": sparse["ids"], "target_log_probs": sparse["log_probs"], "target_rest": sparse["log_rest"]}
+    keys = jax.vmap(lambda i, v: jax.random.fold_in(jax.random.fold_in(draws, v), i))(
+        index.astype(jnp.uint32), view.astype(jnp.uint32))
+    sparse = sampled_targets(log_probs, spec.target_k, keys)
+    return {"target_ids": sparse["ids"], "target_log_probs": sparse["log_probs"], "target_counts": sparse["counts"]}
+
+  def rows_forward(params, x, fold, index, view):
     runs = run_logits(params, x)  # [B, M, K, C]
     logits = jnp.take_along_axis(runs, jnp.maximum(fold, 0)[:, None, None, None], axis=2)[:, :, 0]
     stored = logits.astype(storage_dtype)
-    targets = combine_log_probs(stored, spec.temperature, spec.combine).astype(storage_dtype)
-    return stored, targets, jnp.all(jnp.isfinite(stored), axis=-1), jnp.all(jnp.isfinite(targets), axis=-1)
+    log_probs = combine_log_probs(stored, spec.temperature, spec.combine)
+    if spec.target_kind == "dense":
+      log_probs = log_probs.astype(storage_dtype)  # Rounded once, as stored.
+    targets = {name: values.astype(dtypes[name]) for name, values in stored_targets(log_probs, index, view).items()}
+    finite = jnp.all(jnp.isfinite(log_probs), axis=-1)
+    return stored, targets, jnp.all(jnp.isfinite(stored), axis=-1), finite
 
   def eval_forward(params, x):
     stored = jnp.mean(run_logits(params, x), axis=2).astype(storage_dtype)
     return stored, jnp.all(jnp.isfinite(stored), axis=-1)
 
   data, params = batch_sharding(mesh), replicated(mesh)
-  return (jax.jit(rows_forward, in_shardings=(params, data, data), out_shardings=(data, data, data, data)),
+  return (jax.jit(rows_forward, in_shardings=(params, data, data, data, data), out_shardings=(data, data, data, data)),
           jax.jit(eval_forward, in_shardings=(params, data), out_shardings=(data, data)))
 
 
@@ -344,7 +373,8 @@ def _plan(config: BuildConfig) -> tuple:
       temperature=float(config.temperature), combine=config.combine, members=tuple(members),
       dataset=transfer_set.describe(), eval_dataset=None if eval_set is None else eval_set.describe(),
       num_classes=num_classes, views=config.views, augmentation=augmentation,
-      dtype=config.dtype, chunk_rows=config.chunk_rows, folds=config.folds, software_version=__version__,
+      dtype=config.dtype, chunk_rows=config.chunk_rows, folds=config.folds, targets=config.targets,
+      member_logits=config.member_logits or config.targets == "dense", software_version=__version__,
       created_at=now_iso())
   return config, mesh, transfer_set, eval_set, teachers, spec
 
@@ -357,7 +387,8 @@ def build_cache(config: BuildConfig) -> str:
       outputs (naming the member and example index; the store is left incomplete).
   """
   validate_settings(temperature=config.temperature, combine=config.combine, dtype=config.dtype,
-                    views=config.views, chunk_rows=config.chunk_rows, seed=config.seed, folds=config.folds)
+                    views=config.views, chunk_rows=config.chunk_rows, seed=config.seed, folds=config.folds,
+                    targets=config.targets)
   if config.batch_size < 1:
     raise StillroomError(f"--batch-size must be >= 1, got {config.batch_size}.")
   if workers_check(config.workers) is not True:
@@ -433,24 +464,25 @@ def _write_chunks(cache: Cache, transfer_set: TransferSet, eval_set: TransferSet
   try:
     if eval_set is not None:
       for chunk, rows, (logits, finite) in _computed_chunks(cache, EVAL_ROWS, todo[EVAL_ROWS], eval_set, config,
-                                                            lambda x, _: eval_forward(params, x), mesh):
+                                                            lambda x, *_: eval_forward(params, x), mesh):
         _check_finite(finite, lambda row, member: (spec.member_name(member), member, rows["index"][row],
                                                    "eval split"), cache)
         writer.put(EVAL_ROWS, chunk, *cache.chunk_bounds(chunk, EVAL_ROWS), {
             "eval_member_logits": logits, "eval_index": rows["index"], "eval_labels": rows["labels"]})
         bar.update(len(logits))
     for chunk, rows, (logits, targets, finite, finite_targets) in _computed_chunks(
-        cache, ROWS, todo[ROWS], transfer_set, config, lambda x, fold: rows_forward(params, x, fold), mesh):
+        cache, ROWS, todo[ROWS], transfer_set, config, functools.partial(rows_forward, params), mesh):
       index, view, fold = rows["index"], rows["view"], rows["fold"]
       _check_finite(finite, lambda row, member: (
           spec.members[member * spec.folds + max(int(fold[row]), 0)].name, member, index[row],
           f"view {int(view[row])}"), cache)
       if not finite_targets.all():
         row = int(np.argmin(finite_targets))
-        raise StillroomError(f"the {spec.combine} targets at T={spec.temperature:g} are not finite for example index "
+        raise StillroomError(f"the {spec.combine} ensemble at T={spec.temperature:g} is not finite for example index "
                              f"{int(index[row])} (view {int(view[row])}) although every member's logits are: T is "
                              f"too small for these logits; the store {cache.path} is left incomplete.")
-      writer.put(ROWS, chunk, *cache.chunk_bounds(chunk), {"targets": targets, "member_logits": logits, **rows})
+      logits = {"member_logits": logits} if spec.member_logits else {}
+      writer.put(ROWS, chunk, *cache.chunk_bounds(chunk), {**targets, **logits, **rows})
       bar.update(len(index))
   finally:
     bar.close()
@@ -468,11 +500,12 @@ def _computed_chunks(cache: Cache, row_set: str, chunks: list[int], data: Transf
   until the chunk's last batch is dispatched, so the devices run ahead of the host.
 
   Args:
-    forward: `(x [B, ...], fold int32 [B]) -> tuple of [B, ...] device arrays`.
+    forward: `(x [B, ...], fold, example index, view: int32 [B]) -> a tuple of [B, ...] device arrays (or dicts
+      of them)`.
 
   Yields:
     `(chunk, rows, outputs)`: rows has the chunk's `index`, `labels` and view parameters (and for transfer rows
-    `view` and `fold`), each [R]; outputs are `forward`'s, concatenated to [R, ...] numpy arrays.
+    `view` and `fold`), each [R]; outputs are `forward`'s, each array concatenated to [R, ...] in NumPy.
   """
   spec, batch_size, sharding = cache.spec, config.batch_size, batch_sharding(mesh)
 
@@ -497,16 +530,17 @@ def _computed_chunks(cache: Cache, row_set: str, chunks: list[int], data: Transf
   with BatchRenderer(data, spec.augmentation, workers=workers) as render:
     for batch in render(batches()):
       raise_if_interrupted()
-      x, fold = (jax.device_put(pad_rows(a, batch_size), sharding) for a in (batch["x"], batch["fold"]))
-      outputs.append(forward(x, fold))
+      x, fold, index, view = (jax.device_put(pad_rows(a, batch_size), sharding) for a in (
+          batch["x"], batch["fold"], batch["index"].astype(np.int32), batch["view"]))
+      outputs.append(forward(x, fold, index, view))
       parts.append({k: v for k, v in batch.items() if k not in ("x", "chunk", "last")})
       if batch["last"]:
         count = sum(len(part["index"]) for part in parts)
         rows = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
         if row_set == EVAL_ROWS:
           rows = {"index": rows["index"], "labels": rows["labels"]}
-        yield batch["chunk"], rows, [np.concatenate([np.asarray(o[k]) for o in outputs])[:count]
-                                     for k in range(len(outputs[0]))]
+        yield batch["chunk"], rows, jax.tree.map(lambda *parts: np.concatenate([np.asarray(p) for p in parts])[:count],
+                                                 *outputs)
         outputs, parts = [], []
 
 

@@ -75,8 +75,9 @@ def _print_info(info: dict) -> None:
   print(f"rows         {info['rows']} = {data['count']} examples x {spec['views']} views "
         f"(seed {aug['seed']}, {views}, flip {aug['flip']}); chunk rows {spec['chunk_rows']}, "
         f"examples in {spec['row_order']} order")
+  stored = spec.get("targets", "dense") + ("" if spec.get("member_logits", True) else ", no member logits")
   print(f"targets      {spec['combine']} mean at T={spec['temperature']:g}, {spec['num_classes']} classes, "
-        f"{spec['dtype']}; stillroom {spec['software_version']}, created {spec['created_at']}")
+        f"{stored}, {spec['dtype']}; stillroom {spec['software_version']}, created {spec['created_at']}")
   print("arrays       " + ", ".join(f"{name} {size:,} B" for name, size in info["bytes_per_row"].items())
         + " per row")
   stats = info.get("stats")
@@ -91,8 +92,10 @@ def _print_info(info: dict) -> None:
     ensemble = stats["ensemble"]
     print(f"ensemble     accuracy {_format_percent(ensemble['accuracy'])} "
           f"(view 0: {_format_percent(ensemble['accuracy_view0'])}) on {stats['labelled_rows']} labelled rows")
-    print(f"targets      mean entropy {stats['mean_target_entropy_nats']:.3f} nats "
-          f"(max {stats['max_entropy_nats']:.3f}), mean top-1 probability {stats['mean_top1_probability']:.3f}")
+    number = lambda value: "-" if value is None else f"{value:.3f}"  # noqa: E731
+    print(f"targets      mean entropy {number(stats['mean_target_entropy_nats'])} nats "
+          f"(max {stats['max_entropy_nats']:.3f}), mean top-1 probability {number(stats['mean_top1_probability'])}"
+          + (f", mean top-k mass {stats['mean_topk_mass']:.3f}" if stats.get("mean_topk_mass") is not None else ""))
     print(f"agreement    all members {_format_percent(stats['all_members_agree'])}, "
           f"pairwise {_format_percent(stats['mean_pairwise_agreement'])}")
     if "eval" in stats:

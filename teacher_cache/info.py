@@ -19,10 +19,12 @@ def cache_info(path: str) -> dict:
 
   Returns:
     A JSON-able dict: "spec", "complete", "rows", "bytes", "bytes_per_row" (per array), and (for a complete
-    store) "stats" with each member's and the ensemble's accuracy on labelled rows (all views and view 0), the
-    mean entropy of the targets (nats, at T), the mean top-1 probability, the fraction of rows where all members
-    agree on the top-1 class, the mean pairwise top-1 agreement of members, and with eval logits stored, each
-    member's and the ensemble's accuracy on the eval split ("eval").
+    store) "stats" with the ensemble's accuracy on labelled rows (all views and view 0, its top-1 from the stored
+    targets: with sampled targets, the most probable class drawn), the mean entropy of the targets (nats, at T;
+    dense only), the mean top-1 probability (dense and top-k), the mean probability the top-k classes hold
+    (top-k), and from member logits where stored, each member's accuracy, the fraction of rows where all members
+    agree on the top-1 class and the mean pairwise top-1 agreement of members (None without them); with eval
+    logits stored, each member's and the ensemble's accuracy on the eval split ("eval").
   """
   cache = open_cache(path, require_complete=False)
   spec = cache.spec
@@ -34,45 +36,60 @@ def cache_info(path: str) -> dict:
   if not cache.complete:
     return info
   check_integrity(cache)
-  cache.require(("targets", "member_logits", "labels", "view"), "the teacher statistics of `info`")
+  members = ("member_logits",) if spec.member_logits else ()
+  names = (*spec.target_arrays, *members, "labels", "view")
+  cache.require(names, "the teacher statistics of `info`")
   num_members = spec.num_members
   member_correct = np.zeros(num_members)
   member_correct_view0 = np.zeros(num_members)
   ensemble_correct = ensemble_correct_view0 = labelled = labelled_view0 = 0
-  entropy_sum = top1_sum = all_agree = 0.0
+  entropy_sum = top1_sum = mass_sum = all_agree = 0.0
   pair_agree = np.zeros((num_members, num_members))
   for chunk in range(spec.num_chunks):
-    arrays = cache.read_chunk(chunk, ("targets", "member_logits", "labels", "view"))
-    log_probs = arrays["targets"].astype(np.float32)
-    probs = np.exp(log_probs)
-    entropy_sum += float(-(probs * log_probs).sum())
-    top1_sum += float(probs.max(axis=-1).sum())
-    member_top1 = arrays["member_logits"].argmax(axis=-1)  # [rows, M]
-    all_agree += float((member_top1 == member_top1[:, :1]).all(axis=1).sum())
-    pair_agree += (member_top1[:, :, None] == member_top1[:, None, :]).sum(axis=0)
+    arrays = cache.read_chunk(chunk, names)
+    if spec.target_kind == "dense":
+      log_probs = arrays["targets"].astype(np.float32)
+      probs = np.exp(log_probs)
+      entropy_sum += float(-(probs * log_probs).sum())
+      top1_sum += float(probs.max(axis=-1).sum())
+      ensemble_top1 = log_probs.argmax(axis=-1)
+    else:
+      stored = arrays["target_log_probs"].astype(np.float32)
+      best = stored.argmax(axis=-1)
+      ensemble_top1 = np.take_along_axis(arrays["target_ids"], best[:, None], axis=1)[:, 0]
+      if spec.target_kind == "topk":
+        top1_sum += float(np.exp(stored[:, 0]).sum())
+        mass_sum += float(np.exp(stored.astype(np.float64)).sum())
     labels, view0 = arrays["labels"], arrays["view"] == 0
     has_label = labels >= 0
     labelled += int(has_label.sum())
     labelled_view0 += int((has_label & view0).sum())
-    member_hit = (member_top1 == labels[:, None]) & has_label[:, None]
-    ensemble_hit = (log_probs.argmax(axis=-1) == labels) & has_label
-    member_correct += member_hit.sum(axis=0)
-    member_correct_view0 += member_hit[view0].sum(axis=0)
+    ensemble_hit = (ensemble_top1 == labels) & has_label
     ensemble_correct += int(ensemble_hit.sum())
     ensemble_correct_view0 += int(ensemble_hit[view0].sum())
+    if members:
+      member_top1 = arrays["member_logits"].argmax(axis=-1)  # [rows, M]
+      all_agree += float((member_top1 == member_top1[:, :1]).all(axis=1).sum())
+      pair_agree += (member_top1[:, :, None] == member_top1[:, None, :]).sum(axis=0)
+      member_hit = (member_top1 == labels[:, None]) & has_label[:, None]
+      member_correct += member_hit.sum(axis=0)
+      member_correct_view0 += member_hit[view0].sum(axis=0)
   rows = spec.num_rows
   off_diagonal = pair_agree[~np.eye(num_members, dtype=bool)]
+  from_members = lambda value: value if members else None  # noqa: E731
   info["stats"] = {
       "members": [{"name": spec.member_name(i), "model": spec.member_runs(i)[0].model,
-                   "accuracy": _ratio(member_correct[i], labelled),
-                   "accuracy_view0": _ratio(member_correct_view0[i], labelled_view0)} for i in range(num_members)],
+                   "accuracy": from_members(_ratio(member_correct[i], labelled)),
+                   "accuracy_view0": from_members(_ratio(member_correct_view0[i], labelled_view0))}
+                  for i in range(num_members)],
       "ensemble": {"combine": spec.combine, "accuracy": _ratio(ensemble_correct, labelled),
                    "accuracy_view0": _ratio(ensemble_correct_view0, labelled_view0)},
-      "mean_target_entropy_nats": entropy_sum / rows,
+      "mean_target_entropy_nats": entropy_sum / rows if spec.target_kind == "dense" else None,
       "max_entropy_nats": float(np.log(spec.num_classes)),
-      "mean_top1_probability": top1_sum / rows,
-      "all_members_agree": all_agree / rows,
-      "mean_pairwise_agreement": float(off_diagonal.mean() / rows) if num_members > 1 else 1.0,
+      "mean_top1_probability": top1_sum / rows if spec.target_kind != "sample" else None,
+      "mean_topk_mass": mass_sum / rows if spec.target_kind == "topk" else None,
+      "all_members_agree": from_members(all_agree / rows),
+      "mean_pairwise_agreement": from_members(float(off_diagonal.mean() / rows) if num_members > 1 else 1.0),
       "labelled_rows": labelled,
   }
   if spec.eval_dataset is not None:

@@ -36,6 +36,38 @@ def _storage_tolerance(dtype: np.dtype, reference: np.ndarray) -> np.ndarray:
   return 2 * np.finfo(dtype).eps * np.maximum(1.0, np.abs(reference))
 
 
+def _sparse_target_failures(arrays: dict, spec) -> np.ndarray:
+  """Rows [R] whose sparse targets are not what the build writes: ids outside 0..C-1 or repeated, positive
+  log-probabilities; top-k: log-probabilities not in decreasing order, or with the rest not summing to 1; sampled:
+  counts not summing to K, drawn ids out of order, padding other than (id 0, count 0); and with member logits,
+  log-probabilities other than the ensemble's at their ids, or (top-k) ids that are not the K most probable."""
+  ids, log_probs = arrays["target_ids"].astype(np.int64), arrays["target_log_probs"].astype(np.float32)
+  tolerance = 4 * np.finfo(np.dtype(spec.dtype)).eps * np.maximum(1.0, np.abs(log_probs))
+  bad = ((ids < 0) | (ids >= spec.num_classes)).any(1) | (log_probs > tolerance).any(1)
+  if spec.target_kind == "topk":
+    ordered = np.sort(ids, axis=1)
+    bad |= (ordered[:, 1:] == ordered[:, :-1]).any(1) | (np.diff(log_probs, axis=1) > tolerance[:, 1:]).any(1)
+    total = np.logaddexp(np.logaddexp.reduce(log_probs.astype(np.float64), axis=1), arrays["target_rest"])
+    bad |= np.abs(total) > 2 * tolerance.max(1)  # Each log-probability was rounded once to the storage dtype.
+  else:
+    counts = arrays["target_counts"].astype(np.int64)
+    drawn = counts > 0
+    bad |= counts.sum(1) != spec.target_k
+    bad |= (drawn[:, 1:] & ~drawn[:, :-1]).any(1)  # Padding only at the end...
+    bad |= (drawn[:, 1:] & (ids[:, 1:] <= ids[:, :-1])).any(1)  # ...after distinct ids in increasing order.
+    bad |= (~drawn & (ids != 0)).any(1)
+  if "member_logits" in arrays:
+    derived = np.asarray(combine_log_probs(arrays["member_logits"], spec.temperature, spec.combine))
+    at_ids = np.take_along_axis(derived, np.clip(ids, 0, spec.num_classes - 1), axis=1)
+    used = np.ones_like(ids, bool) if spec.target_kind == "topk" else arrays["target_counts"] > 0
+    bad |= (used & (np.abs(at_ids - log_probs) > _storage_tolerance(np.dtype(spec.dtype), at_ids))).any(1)
+    if spec.target_kind == "topk":
+      others = derived.copy()
+      np.put_along_axis(others, np.clip(ids, 0, spec.num_classes - 1), -np.inf, axis=1)
+      bad |= others.max(1, initial=-np.inf) > at_ids.min(1) + _storage_tolerance(np.dtype(spec.dtype), at_ids).max(1)
+  return bad
+
+
 def _listed(items: list, total: int | None = None) -> str:
   shown = ", ".join(map(str, items[:_SHOWN]))
   more = len(items) - _SHOWN if total is None else total - min(total, _SHOWN)
@@ -132,6 +164,8 @@ def verify_cache(path: str, dataset: str | None = None, split: str | None = None
   row_arrays = [name for name in spec.arrays_of(ROWS) if spec.array(name).role != "bookkeeping"]
   teacher_arrays = spec.arrays_of(ROWS, "teacher")
   rederive = {"targets", "member_logits"} <= set(teacher_arrays)
+  sparse = spec.target_kind != "dense"
+  sparse_failures: list[int] = []
   crops = spec.augmentation.kind == "crop"
   box_failures: list[int] = []
   # Every example's (height, width), read once from the file headers (or records), for replaying crop boxes.
@@ -141,7 +175,13 @@ def verify_cache(path: str, dataset: str | None = None, split: str | None = None
     if arrays is None:
       continue
     start, stop = cache.chunk_bounds(chunk)
-    nonfinite += sum(int((~np.isfinite(arrays[name])).sum()) for name in teacher_arrays)
+    # A top-k row's rest is −inf when its other classes have no mass (K = C, or underflow): not a failure.
+    nonfinite += sum(int((~np.isfinite(arrays[name]) if name != "target_rest" else
+                          np.isnan(arrays[name]) | np.isposinf(arrays[name])).sum()) for name in teacher_arrays)
+    if sparse:
+      bad = _sparse_target_failures(arrays, spec)
+      if bad.any():
+        sparse_failures.append(start + int(np.argmax(bad)))
     if rederive:
       derived = np.asarray(combine_log_probs(arrays["member_logits"], spec.temperature, spec.combine))
       error = np.abs(derived - arrays["targets"].astype(np.float32))
@@ -196,6 +236,10 @@ def verify_cache(path: str, dataset: str | None = None, split: str | None = None
     checks.append(Check("targets re-derived from member_logits", not target_failures,
                         f"max abs error {worst_target_error:.3g}"
                         + (f"; first bad rows {_listed(target_failures)}" if target_failures else "")))
+  if sparse:
+    checks.append(Check(f"{spec.targets} targets well-formed" + (" and re-derived from member_logits"
+                                                                  if spec.member_logits else ""),
+                        not sparse_failures, f"first bad rows {_listed(sparse_failures)}" if sparse_failures else ""))
   replayed = "/".join(("index", "view", *(name for name in spec.augmentation.param_names if name != "crop"), "fold"))
   checks.append(Check(f"rows' {replayed} replay from the seed", not row_failures,
                       f"first bad rows {_listed(row_failures)}" if row_failures else ""))
