@@ -6,6 +6,7 @@ import signal
 import sys
 from collections.abc import Callable
 
+from shared import errors
 from shared.errors import StillroomError, note_interrupt
 from shared.models import describe_models
 
@@ -32,8 +33,11 @@ def _from_a_cloud_sdk(error: BaseException) -> bool:
 
 def run_or_exit(prog: str, command: Callable[[], None]) -> None:
   """Runs a command; a `StillroomError`, or a failure of the file system (disk full, read-only output, no
-  permission), becomes one line on stderr and exit status 2; Ctrl-C exits with 130 without a traceback."""
+  permission), becomes one line on stderr and exit status 2; Ctrl-C exits with 130 and SIGTERM with 143, without a
+  traceback, once the command has released what it holds (a multi-process job's processes end at SIGTERM: see
+  `shared.distributed`)."""
   signal.signal(signal.SIGINT, note_interrupt)
+  signal.signal(signal.SIGTERM, note_interrupt)
   try:
     command()
   except StillroomError as e:
@@ -44,12 +48,14 @@ def run_or_exit(prog: str, command: Callable[[], None]) -> None:
     print(f"{prog}: error: {e.strerror or e}{where}", file=sys.stderr)
     sys.exit(2)
   except KeyboardInterrupt:
-    print(f"{prog}: interrupted; run the same command again to resume.", file=sys.stderr, flush=True)
+    signum = errors.interrupting_signal or signal.SIGINT
+    name = "" if signum == signal.SIGINT else f" ({signal.Signals(signum).name})"
+    print(f"{prog}: interrupted{name}; run the same command again to resume.", file=sys.stderr, flush=True)
     if "jax" in sys.modules and sys.modules["jax"].process_count() > 1:
       # Not through JAX's shutdown barrier, which would wait for the other processes and then abort with a dump:
       # they notice this one's absence within their heartbeat timeout.
-      os._exit(130)
-    sys.exit(130)
+      os._exit(128 + signum)
+    sys.exit(128 + signum)
   except Exception as e:  # pylint: disable=broad-except
     if _from_a_cloud_sdk(e):  # No credentials, an unreachable endpoint, access denied: routine, with a remedy.
       print(f"{prog}: error: object storage: {type(e).__name__}: {str(e).splitlines()[0][:240]}; check the cloud "

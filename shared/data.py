@@ -354,14 +354,14 @@ class ImageFolderSource:
     return {"kind": "imagefolder", "classes": self.classes, "files": len(self.files), "sha256": digest.hexdigest()}
 
   def record_bytes(self, keys: np.ndarray) -> list[bytes]:
-    out = []
-    for key in keys:
-      path = storage.join(self.root, self.files[int(key)])
-      try:
-        out.append(storage.read_bytes(path) + np.int64(self._labels[key]).astype("<i8").tobytes())
-      except OSError as e:
-        raise StillroomError(f"dataset {self.name!r}: cannot read example index {int(key)} ({path}): {e}") from e
-    return out
+    paths = [storage.join(self.root, self.files[int(key)]) for key in keys]
+    try:
+      contents = storage.read_many(paths)  # On an object store, the requests together.
+    except OSError as e:
+      failed = keys[paths.index(e.filename)] if e.filename in paths else keys[0]
+      raise StillroomError(f"dataset {self.name!r}: cannot read example index {int(failed)} ({e.filename}): "
+                           f"{e.strerror or e}") from e
+    return [data + np.int64(self._labels[key]).astype("<i8").tobytes() for key, data in zip(keys, contents)]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
@@ -624,8 +624,9 @@ def _load_npz(name: str) -> tuple[ArraySource, int | None]:
   path = name[len(NPZ_PREFIX):]
   if not storage.is_file(path):
     raise StillroomError(f"dataset {name!r}: no such file {path!r}.")
-  try:
-    with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as archive:
+  try:  # A local archive is read from its file (its arrays loaded one by one); an object, fetched whole.
+    with np.load(io.BytesIO(storage.read_bytes(path)) if storage.is_url(storage.local(path)) else storage.local(path),
+                 allow_pickle=False) as archive:
       arrays = {key: archive[key] for key in archive.files}
   except Exception as e:  # A corrupt or non-NumPy file: say which one.
     raise StillroomError(f"dataset {name!r}: cannot read {path!r} as a NumPy .npz archive ({e}).") from e
@@ -759,7 +760,8 @@ def open_transfer_set(name: str, split: str = "train", data_dir: str | None = No
     StillroomError: unknown dataset or split, missing file or folder, bad archive, dataset not prepared (with how
       to prepare it offline).
   """
-  if data_dir and storage.is_url(storage.local(data_dir)):
+  data_dir = storage.local(data_dir) if data_dir else data_dir
+  if data_dir and storage.is_url(data_dir):
     raise StillroomError(f"--data-dir {data_dir!r}: TFDS reads examples through array_record, which opens local files "
                          "only. Mount the bucket (mountpoint-s3, gcsfuse, rclone mount) and pass the mount's path, or "
                          "copy the prepared dataset (DATA_DIR/NAME/VERSION) to a local disk.")

@@ -113,7 +113,8 @@ def _join(heartbeat_seconds: int, how: str, *args, **kwargs) -> None:
   finally:
     signal.signal(signal.SIGINT, interrupt)
   # JAX's preemption notifier takes SIGTERM for its preemption sync, which stillroom does not use: the process
-  # would ignore `scancel` and `kill`. SIGTERM ends it, as it ends a single process; the others notice within their
+  # would ignore `scancel` and `kill`. SIGTERM ends it at once (a single process instead unwinds, releasing its
+  # lock, but a Python handler cannot run while JAX waits in a collective); the others notice within their
   # heartbeat timeout, and the same command resumes.
   signal.signal(signal.SIGTERM, signal.SIG_DFL)
 

@@ -101,7 +101,8 @@ class ObjectLease:
   """The lock of an output on an object store: the object `OUT.lock`, made with a conditional create (of two
   writers, exactly one creates it) and rewritten every `LEASE_SECONDS / 4` by a thread while the writer lives. A
   lease whose object was last written `LEASE_SECONDS` ago (the store's modification time against this host's
-  clock: hosts must agree within a minute) belongs to a writer that died, and is taken over.
+  clock: hosts must agree within a minute) belongs to a writer that died, and is taken over; so, at once, is one
+  whose holder ran on this machine in this boot and is no longer running.
 
   Each lease carries a random token. On S3 the writer renews it only if it is unchanged since its last write (`If-Match`
   on the ETag that write returned), and a taker replaces a stale lease only if it is still the one it found:
@@ -115,6 +116,10 @@ class ObjectLease:
 
   def __init__(self, output: str, command: str):
     self.output, self.command = storage.absolute(output), command
+    bucket, _, key = self.output.split("://", 1)[1].partition("/")
+    if not bucket or not key:  # The lease sits beside the output: a bucket has nothing beside it.
+      raise StillroomError(f"{output!r}: give a path inside a bucket, e.g. "
+                           f"{self.output.split('://')[0]}://{bucket or 'BUCKET'}/NAME.")
     self.path = self.output + LOCK_SUFFIX
     self._fs, self._key = storage.filesystem(self.path)
     self._data = json.dumps({**_holder_record(command), "token": secrets.token_hex(16)}).encode()
@@ -151,16 +156,19 @@ class ObjectLease:
       try:
         self._put(mode="create")
         break
+      except FileNotFoundError as e:
+        raise StillroomError(f"{self.output!r}: {e} (does the bucket exist?)") from e
       except FileExistsError:
         found = self._holder()
         if found is None:
           continue
         holder, age, etag = found
-        if age < LEASE_SECONDS:
+        dead_here = _died_on_this_machine(holder)
+        if age < LEASE_SECONDS and not dead_here:
           raise _held(self.output, holder, f"its lease was renewed {age:.0f} s ago, and is taken over once "
                                            f"{LEASE_SECONDS} s old if that process is gone") from None
         _log(f"taking over the lease on {self.output} left by process {holder.get('pid')} on {holder.get('host')} "
-             f"(not renewed for {age:.0f} s)")
+             + ("(no longer running)" if dead_here else f"(not renewed for {age:.0f} s)"))
         if self._conditional:
           try:
             self._put(IfMatch=etag)  # Only if it is still the stale lease: another taker may have been first.
@@ -216,9 +224,36 @@ class ObjectLease:
     self.release()
 
 
+def _boot_id() -> str | None:
+  """This machine's boot: two machines (or containers) may share a host name, never a boot id."""
+  try:
+    with open("/proc/sys/kernel/random/boot_id") as f:
+      return f.read().strip()
+  except OSError:
+    return None
+
+
 def _holder_record(command: str) -> dict:
-  return {"host": socket.gethostname(), "pid": os.getpid(), "command": command,
+  return {"host": socket.gethostname(), "pid": os.getpid(), "command": command, "boot": _boot_id(),
           "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def process_gone(pid: int) -> bool:
+  """Whether no process of this number runs on this machine."""
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return True
+  except OSError:  # Running, under another user.
+    return False
+  return False
+
+
+def _died_on_this_machine(holder: dict) -> bool:
+  """Whether a lease's holder ran on this machine, in this boot, and is no longer running: its lease is taken over
+  at once instead of after `LEASE_SECONDS` (as the kernel frees a local lock at once)."""
+  return (holder.get("boot") is not None and holder.get("boot") == _boot_id() and isinstance(holder.get("pid"), int)
+          and process_gone(holder["pid"]))
 
 
 def _held(output: str, holder: dict, state: str = "") -> StillroomError:
@@ -301,4 +336,7 @@ def clear_for_overwrite(out: str, kind: str) -> None:
     return
   check_output(out, kind, overwrite=True)
   _log(f"--overwrite: removing {out}")
+  if kind == RUN_DIR:  # First what marks it finished: a kill while removing must not leave a "finished" run.
+    with contextlib.suppress(FileNotFoundError):
+      storage.remove_file(storage.join(out, "final.json"))
   storage.remove_tree(out)

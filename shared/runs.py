@@ -11,6 +11,7 @@ takes no arguments and returns an `nnx.Module`, or a pair `(apply_fn, params)` w
 Teachers receive inputs normalised as their config says (external teachers: the dataset's default normalisation).
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib
@@ -19,6 +20,7 @@ import os
 import shutil
 import sys
 import tempfile
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +34,7 @@ from shared.data import Normalization
 from shared.distributed import is_first
 from shared.errors import StillroomError
 from shared.models import ModelSpec, build_model
+from shared.outputs import process_gone
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -87,6 +90,18 @@ def _on_first_local_device(tree):
                       if isinstance(leaf, jax.ShapeDtypeStruct) else leaf, tree)
 
 
+STAGING_PREFIX = "stillroom-checkpoint-"  # + PID: staging directories under $TMPDIR.
+
+
+def _remove_stale_staging() -> None:
+  """Deletes the staging directories of processes that are gone (a kill skips their own cleanup)."""
+  root = tempfile.gettempdir()
+  for name in os.listdir(root):
+    pid = name[len(STAGING_PREFIX):].split("-")[0]
+    if name.startswith(STAGING_PREFIX) and pid.isdigit() and process_gone(int(pid)):
+      shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
 class StagedCheckpointManager:
   """Checkpoints of a run dir on an object store, with the methods of `ocp.CheckpointManager` that stillroom uses.
 
@@ -94,18 +109,24 @@ class StagedCheckpointManager:
   `s3://` URL becomes the local path `s3:/...`), and its default atomicity renames a temporary directory, which an
   object store cannot do. So orbax writes each checkpoint into a local staging directory (under `$TMPDIR`), the
   files are uploaded, and `commit_success.txt` is written last: a step without it is a save that a kill
-  interrupted, and is neither listed nor restored (and is replaced by the next save of that step). Restores download
-  only the items they read.
+  interrupted, and is neither listed nor restored; the next save of that step replaces it, and a save of a later
+  step deletes it. A committed step loses its commit object first when it is deleted or saved again. Restores
+  download only the items they read.
 
   In a job of several processes, process 0 alone saves and deletes (the state is replicated, so its host copy is
-  all of it), and each process restores on its own, onto its first device; the trainer then places the state on
-  every device.
+  all of it), and each process restores on its own, to host memory; the trainer then places the state on every
+  device. The staging directory is removed when the manager is closed or collected, or the process exits; one that
+  a killed process left is removed by the next manager made on the machine.
   """
 
   def __init__(self, url: str, max_to_keep: int | None = None):
     self.url, self.max_to_keep = url.rstrip("/"), max_to_keep
-    self._staging = tempfile.mkdtemp(prefix="stillroom-checkpoint-")
-    self._checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler(), multiprocessing_options=_this_process())
+    _remove_stale_staging()
+    self._staging = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-")
+    self._cleanup = weakref.finalize(self, shutil.rmtree, self._staging, True)
+    # This process's own manager of the staging directory (orbax's Checkpointer would wait for the other processes).
+    self._local = ocp.CheckpointManager(self._staging, options=ocp.CheckpointManagerOptions(
+        create=False, multiprocessing_options=_this_process()))
 
   def all_steps(self) -> list[int]:
     """The committed steps, in order."""
@@ -114,61 +135,77 @@ class StagedCheckpointManager:
     return sorted(int(name) for name in found if name.isdigit())
 
   def latest_step(self) -> int | None:
+    """The newest committed step, or None."""
     return max(self.all_steps(), default=None)
 
   def save(self, step: int, args: ocp.args.Composite, force: bool = False) -> bool:
-    """Writes, uploads and commits checkpoint `step` (process 0 of a job; the others return), then keeps only the
-    newest `max_to_keep`."""
+    """Writes, uploads and commits checkpoint `step` (process 0 of a job; the others return), replacing one of that
+    step; then keeps only the newest `max_to_keep`, and drops earlier steps that a kill left uncommitted."""
     del force  # Every save is written: the trainer decides when to save.
     if not is_first():
       return False
-    staged = os.path.join(self._staging, str(step))
-    shutil.rmtree(staged, ignore_errors=True)
-    self._checkpointer.save(staged, args=ocp.args.Composite(**{
-        name: ocp.args.StandardSave(_host_copy(arg.item)) if isinstance(arg, ocp.args.StandardSave) else arg
-        for name, arg in args.items()}))
     target = storage.join(self.url, str(step))
-    if storage.exists(target):  # An earlier save of this step that a kill interrupted.
-      storage.remove_tree(target)
-    storage.upload(staged, target, skip=frozenset({COMMIT_FILE}))
-    storage.write_text(storage.join(target, COMMIT_FILE), f"checkpoint {step} committed\n")
-    shutil.rmtree(staged, ignore_errors=True)
-    if self.max_to_keep:
-      for old in self.all_steps()[:-self.max_to_keep]:
-        self.delete(old)
+    try:
+      self._local.save(step, args=ocp.args.Composite(**{
+          name: ocp.args.StandardSave(_host_copy(arg.item)) if isinstance(arg, ocp.args.StandardSave) else arg
+          for name, arg in args.items()}), force=True)
+      self._local.wait_until_finished()
+      self.delete(step)  # A committed step of that number (uncommitted first), or a save a kill interrupted.
+      storage.upload(os.path.join(self._staging, str(step)), target, skip=frozenset({COMMIT_FILE}))
+      storage.write_text(storage.join(target, COMMIT_FILE), f"checkpoint {step} committed\n")
+    finally:
+      self._forget(step)
+    committed = self.all_steps()
+    for old in committed[:-self.max_to_keep] if self.max_to_keep else ():
+      self.delete(old)
+    for entry, is_folder, _ in storage.scan(self.url):
+      if is_folder and entry.isdigit() and int(entry) < step and int(entry) not in committed:
+        storage.remove_tree(storage.join(self.url, entry))
     return True
 
   def wait_until_finished(self) -> None:
     """Saves are synchronous: nothing is pending."""
 
   def restore(self, step: int, args: ocp.args.Composite):
-    """Downloads the items `args` names of committed step `step` and restores them (arrays onto this process's first
-    device)."""
+    """The items `args` names of committed step `step`, downloaded and restored as host (NumPy) arrays.
+
+    Raises:
+      FileNotFoundError: `step` is not a committed checkpoint.
+    """
     if step not in self.all_steps():
       raise FileNotFoundError(f"{self.url}/{step} is not a committed checkpoint")
-    staged = os.path.join(self._staging, f"restore_{step}")
-    shutil.rmtree(staged, ignore_errors=True)
     items = set(args.keys())
-    storage.download(storage.join(self.url, str(step)), staged,
-                     keep=lambda key: "/" not in key or key.split("/")[0] in items)
     try:
-      return self._checkpointer.restore(staged, args=ocp.args.Composite(**{
+      storage.download(storage.join(self.url, str(step)), os.path.join(self._staging, str(step)),
+                       keep=lambda key: "/" not in key or key.split("/")[0] in items)
+      self._local.reload()
+      restored = self._local.restore(step, args=ocp.args.Composite(**{
           name: ocp.args.StandardRestore(_on_first_local_device(arg.item)) if isinstance(arg, ocp.args.StandardRestore)
           else arg for name, arg in args.items()}))
+      return {name: jax.device_get(restored[name]) for name in items}
     finally:
-      shutil.rmtree(staged, ignore_errors=True)
+      self._forget(step)
+
+  def _forget(self, step: int) -> None:
+    """Removes step `step` from the staging directory."""
+    shutil.rmtree(os.path.join(self._staging, str(step)), ignore_errors=True)
+    self._local.reload()
 
   def delete(self, step: int) -> None:
-    """Uncommits step `step`, then deletes it (process 0 of a job): a kill in between leaves no usable half."""
+    """Uncommits step `step`, then deletes its objects (process 0 of a job): a kill in between leaves no usable half.
+    Nothing happens for a step that is not there."""
     if not is_first():
       return
     target = storage.join(self.url, str(step))
-    fs, inner = storage.filesystem(target)
-    fs.rm(f"{inner}/{COMMIT_FILE}")
-    storage.remove_tree(target)
+    with contextlib.suppress(FileNotFoundError):
+      storage.remove_file(storage.join(target, COMMIT_FILE))
+    if storage.exists(target):
+      storage.remove_tree(target)
 
   def close(self) -> None:
-    shutil.rmtree(self._staging, ignore_errors=True)
+    """Removes the staging directory."""
+    self._local.close()
+    self._cleanup()
 
 
 def params_of(model: nnx.Module) -> dict:

@@ -33,9 +33,14 @@ def local(path: str) -> str:
   """
   if path.startswith("file://"):
     return path[len("file://"):]
-  if "://" in path and path.split("://", 1)[0] not in URL_SCHEMES:
+  if "://" not in path:
+    return path
+  scheme, rest = path.split("://", 1)
+  if scheme not in URL_SCHEMES:
     raise StillroomError(f"{path!r}: unsupported URL scheme; use a local path, file://, "
-                         + ", ".join(f"{scheme}://" for scheme in URL_SCHEMES) + ".")
+                         + ", ".join(f"{scheme}://" for scheme in URL_SCHEMES) + " (in lower case).")
+  if not rest.strip("/"):
+    raise StillroomError(f"{path!r} names no bucket; give {scheme}://BUCKET/PATH.")
   return path
 
 
@@ -71,6 +76,7 @@ def size(path: str) -> int:
 
 
 def join(path: str, *parts: str) -> str:
+  """`path/part/...`, with '/' on an object store."""
   return posixpath.join(path, *parts) if is_url(path) else os.path.join(path, *parts)
 
 
@@ -105,8 +111,9 @@ def scan(path: str) -> list[tuple[str, bool, int]]:
   """`[(name, is a directory, size in bytes), ...]` of the entries directly in a directory or a prefix, sorted by
   name, without hidden ones (names starting with '.'). A directory's size is 0."""
   def remote(fs, key):
+    # A "folder" placeholder object (`key/`, made by consoles and some tools) is listed as an entry of itself.
     return [(posixpath.basename(e["name"].rstrip("/")), e["type"] == "directory", int(e.get("size") or 0))
-            for e in fs.ls(key, detail=True)]
+            for e in fs.ls(key, detail=True) if e["name"].rstrip("/") != key.rstrip("/")]
 
   def here(path):
     with os.scandir(path) as entries:
@@ -125,6 +132,25 @@ def read_bytes(path: str) -> bytes:
     with open(path, "rb") as f:
       return f.read()
   return _on(path, lambda fs, key: fs.cat_file(key), here)
+
+
+def read_many(paths: list[str]) -> list[bytes]:
+  """The contents of several files or objects of one store; an object store's requests are issued together.
+
+  Raises:
+    OSError: one cannot be read (FileNotFoundError when absent); its `filename` is that path as given.
+  """
+  if not paths or not is_url(local(paths[0])):
+    return [read_bytes(path) for path in paths]
+  fs, _ = filesystem(paths[0])
+  keys = [filesystem(path)[1] for path in paths]
+  found = fs.cat(keys, on_error="return")
+  for path, key in zip(paths, keys):
+    error = found.get(key)
+    if isinstance(error, BaseException):
+      kind = type(error) if isinstance(error, OSError) else OSError
+      raise kind(getattr(error, "errno", None) or 0, str(error) or type(error).__name__, path) from error
+  return [found[key] for key in keys]
 
 
 def read_text(path: str) -> str:
@@ -162,6 +188,15 @@ def write_bytes(path: str, data: bytes) -> None:
 def make_dirs(path: str) -> None:
   """Creates a directory and its parents (an object store needs none: a prefix exists once it holds objects)."""
   _on(path, lambda fs, key: None, lambda path: os.makedirs(path, exist_ok=True))
+
+
+def remove_file(path: str) -> None:
+  """Deletes one file or object.
+
+  Raises:
+    FileNotFoundError: it is not there.
+  """
+  _on(path, lambda fs, key: fs.rm(key), os.remove)
 
 
 def remove_tree(path: str) -> None:

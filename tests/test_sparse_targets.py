@@ -120,6 +120,8 @@ def test_what_a_sparse_cache_cannot_re_derive_is_a_clear_error(topk, tmp_path, d
                        ({"members": (0,)}, r"members \[0\]"), ({"loss": "mse"}, "--loss mse")):
     with pytest.raises(StillroomError, match=rf"holds topk:3 targets .* cannot give .*{named}.*--member-logits"):
       fit(FitConfig(cache=topk, out=str(tmp_path / "run"), **options, **extra))
+  with pytest.raises(StillroomError, match=r"holds topk:3 targets .* cannot give T=2"):
+    run_sweep(topk, "temperature=2,4", str(tmp_path / "sweep"), base=FitConfig(**options))
 
 
 def test_sparse_targets_with_member_logits_re_derive(tmp_path_factory, data_dir, teachers, dense, tmp_path):
