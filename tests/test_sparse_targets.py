@@ -12,7 +12,7 @@ from shared import storage
 from shared.cache import open_cache
 from shared.errors import StillroomError
 from student_train.config import FitConfig
-from student_train.sweep import run_sweep
+from student_train.sweep import report, run_sweep
 from student_train.train import fit
 from teacher_cache.cli import main as cache_main
 from teacher_cache.verify import verify_cache
@@ -111,7 +111,8 @@ def test_fit_and_sweep_train_on_sparse_targets(kind, topk, sample, dense, tmp_pa
   if kind == "topk":
     assert abs(sparse["eval_accuracy"] - full["eval_accuracy"]) < 0.1, json.dumps([sparse, full])
   runs = run_sweep(path, "alpha=0,0.5", str(tmp_path / "sweep"), base=FitConfig(**options))
-  assert len(runs) == 2
+  table = report(str(tmp_path / "sweep"))
+  assert len(runs) == 2 and "teachers' ensemble" in table and "unfinished" not in table
 
 
 def test_what_a_sparse_cache_cannot_re_derive_is_a_clear_error(topk, tmp_path, data_dir):
