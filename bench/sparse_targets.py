@@ -13,7 +13,8 @@ Two tasks, each cached three ways from the same teachers (dense float16, `topk:K
   labels are the ensemble's top-1. Caches at T = 2 of 16,384 inputs with 4,096 held-out ones as the eval split;
   `mlp-small` students on the soft targets alone (alpha 0).
 
-Per task and kind of targets, over `--seeds` student seeds (mean ± std): held-out KL(ensemble at T = 1 || student),
+Per task and kind of targets, over `--seeds` seeds, each the caches' build seed (views, and the draws of `sample`)
+and the student's (mean ± std): held-out KL(ensemble at T = 1 || student),
 top-1 agreement with the ensemble, accuracy (digits: the true labels; the synthetic task: the ensemble's top-1, so
 equal to the agreement), and expected calibration error (15 bins) against those labels. Bytes per row: the row
 arrays' objects in the store over its rows (checksums and metadata included; not the eval split's arrays, which do
@@ -95,7 +96,7 @@ def _builds(work: str, build: dict, k: int, repeats: int) -> tuple[dict, dict]:
   stores, seconds = {}, {kind: [] for kind in KINDS}
   for repeat in range(repeats):
     for kind in KINDS:
-      out = os.path.join(work, f"{kind}{repeat}.zarr")
+      out = os.path.join(work, f"{kind}_seed{build.get('seed', 0)}_{repeat}.zarr")
       started = time.perf_counter()
       build_cache(BuildConfig(out=out, targets="dense" if kind == "dense" else f"{kind}:{k}", progress=False,
                               **build))
@@ -125,12 +126,15 @@ def _task(name: str, work: str, build: dict, k: int, seeds: int, epochs: int, ba
   stores, seconds = _builds(work, build, k, repeats)
   result = {"k": k, "build_seconds": seconds, "bytes_per_row": {kind: _bytes_per_row(stores[kind]) for kind in KINDS},
             "students": {}}
+  # Each seed is a build seed (the views, and the draws of `sample`) and the student's seed: the spread includes the
+  # sampled estimator's own variance.
+  per_seed = [stores] + [_builds(work, {**build, "seed": seed}, k, 1)[0] for seed in range(1, seeds)]
   for kind in KINDS:
     runs = []
     for seed in range(seeds):
       _log(f"{name}: {kind} student, seed {seed}")
-      runs.append(_student(stores[kind], os.path.join(work, f"{kind}_student{seed}"), seed, epochs, batch_size,
-                           data_dir))
+      runs.append(_student(per_seed[seed][kind], os.path.join(work, f"{kind}_student{seed}"), seed, epochs,
+                           batch_size, data_dir))
     result["students"][kind] = {metric: {"mean": float(np.mean([r[metric] for r in runs])),
                                          "std": float(np.std([r[metric] for r in runs], ddof=1)) if seeds > 1 else 0.0,
                                          "all": [r[metric] for r in runs]} for metric in runs[0]}

@@ -12,7 +12,8 @@ with its role) and, written last, a completion record under "stillroom_complete"
 record is not complete, whatever it holds.
 
 Schema history: version 1 (stillroom 0.1) had no checksums, could omit all-zero chunks, stored examples in split
-order, and listed no arrays; it is still read, with a warning.
+order, and listed no arrays; it is still read, with a warning. Version 3 is version 2 with sparse targets
+(`--targets topk:K|sample:K`); dense caches stay version 2, so that an older stillroom reads them.
 """
 
 import asyncio
@@ -35,7 +36,8 @@ from shared.errors import StillroomError
 from shared.settings import positive_finite, seed_check
 
 SCHEMA_VERSION = 2
-READABLE_SCHEMA_VERSIONS = (1, 2)
+SPARSE_SCHEMA_VERSION = 3  # Sparse targets: a stillroom that predates them refuses the store by its version.
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 SPEC_KEY = "stillroom"
 COMPLETE_KEY = "stillroom_complete"
 STORAGE_DTYPES = ("float16", "float32")
@@ -148,8 +150,9 @@ def parse_targets(text: str) -> tuple[str, int | None]:
   kind, _, k = text.partition(":")
   if kind == "dense" and not k:
     return kind, None
-  if kind in TARGET_KINDS[1:] and k.isdigit() and int(k) >= 1 and (kind == "topk" or int(k) <= 65535):
-    return kind, int(k)
+  if kind in TARGET_KINDS[1:] and k.isascii() and k.isdigit() and int(k) >= 1:
+    if kind == "topk" or int(k) <= np.iinfo(np.uint16).max:  # Counts are uint16.
+      return kind, int(k)
   raise StillroomError(f"--targets {text!r}: give 'dense', 'topk:K' or 'sample:K' with K a positive integer "
                        "(sample: at most 65535).")
 
@@ -270,6 +273,9 @@ class CacheSpec:
   def __post_init__(self):
     validate_settings(temperature=self.temperature, combine=self.combine, dtype=self.dtype, views=self.views,
                       chunk_rows=self.chunk_rows, seed=self.augmentation.seed, folds=self.folds, targets=self.targets)
+    if (self.target_kind != "dense") != (self.schema_version == SPARSE_SCHEMA_VERSION):
+      raise StillroomError(f"schema version {self.schema_version} with {self.targets} targets: sparse targets are "
+                           f"schema {SPARSE_SCHEMA_VERSION}, dense ones {SCHEMA_VERSION} or earlier.")
     if self.target_kind == "dense" and not self.member_logits:
       raise StillroomError("a dense cache stores its members' logits (--member-logits is for sparse targets).")
     if self.target_kind == "topk" and self.target_k > self.num_classes:
@@ -288,6 +294,13 @@ class CacheSpec:
       raise StillroomError("its list of arrays does not match its settings (a hand-edited or damaged spec): "
                            f"{[a.to_dict() for a in self.arrays if a not in derived]} listed, "
                            f"{[a.to_dict() for a in derived if a not in self.arrays]} expected.")
+
+  @staticmethod
+  def canonical_targets(text: str) -> str:
+    """`--targets` as a spec records it: "dense", or "topk:K" / "sample:K" with K in plain digits ("topk:03" is
+    "topk:3")."""
+    kind, k = parse_targets(text)
+    return kind if k is None else f"{kind}:{k}"
 
   @property
   def target_kind(self) -> str:
@@ -418,11 +431,14 @@ class CacheSpec:
   def mismatches(self, other: "CacheSpec") -> list[str]:
     """Human-readable differences of the build keys, e.g. ["temperature: 4.0 (store) vs 2.0 (command)"]."""
     mine, theirs = self.build_key(), other.build_key()
-    return [f"{key}: {mine[key]} (store) vs {theirs[key]} (command)" for key in mine if mine[key] != theirs[key]]
+    return [f"{key}: {mine.get(key)} (store) vs {theirs.get(key)} (command)" for key in {**mine, **theirs}
+            if mine.get(key) != theirs.get(key)]
 
   def to_attrs(self) -> dict:
+    # A dense cache's spec omits the sparse-target fields, so that a stillroom that predates them reads it.
+    dense_defaults = ("targets", "member_logits") if self.target_kind == "dense" else ()
     return {
-        **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+        **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in dense_defaults},
         "members": [m.to_dict() for m in self.members],
         "dataset": self.dataset.to_dict(),
         "eval_dataset": None if self.eval_dataset is None else self.eval_dataset.to_dict(),

@@ -4,6 +4,8 @@ One implementation serves the cache build (fixed rule, all members) and the stud
 and member subset, all traced), so stored and re-derived targets come from the same arithmetic.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,6 +104,12 @@ def sampled_targets(log_probs: jax.Array, k: int, keys: jax.Array) -> dict[str, 
   """K classes drawn with replacement from each row's distribution, as distinct ids and their counts (what a
   `sample:K` cache stores; `shared.losses.sampled_kl` is the estimator that uses them).
 
+  A draw inverts the cumulative distribution in two levels, first over blocks of about √C classes, then within the
+  block: O(C + K √C) work per row, where `jax.random.categorical` would draw K × C Gumbel variates. One level would
+  be biased at large C, since a float32 uniform cannot resolve classes below 2⁻²⁴ of the total (at C = 10⁵,
+  thousands of classes could never be drawn); per block it resolves 2⁻²⁴ of the block's mass. Running maxima keep
+  the float32 cumulative sums monotone.
+
   Args:
     log_probs: [B, C] log-probabilities.
     k: draws per row.
@@ -111,16 +119,28 @@ def sampled_targets(log_probs: jax.Array, k: int, keys: jax.Array) -> dict[str, 
     "ids" int32 [B, K], the distinct ids in increasing order, then padding (id 0, count 0); "counts" int32 [B, K]
     (each row's sum to K); "log_probs" float32 [B, K] of the ids.
   """
+  classes = log_probs.shape[-1]
+  width = math.isqrt(classes - 1) + 1  # ceil(sqrt(C)) classes a block.
+  blocks = -(-classes // width)
+
+  def inverse(mass: jax.Array, uniform: jax.Array) -> jax.Array:
+    """The first position [K] whose cumulative `mass` [N] exceeds `uniform` [K] × the total (one of zero mass
+    never)."""
+    cumulative = jax.lax.cummax(jnp.cumsum(mass))
+    at = jnp.searchsorted(cumulative, uniform * cumulative[-1], side="right")
+    # `uniform` × total may round up to the total: the last position with mass, never one after it.
+    return jnp.minimum(at, jnp.argmax(cumulative >= cumulative[-1]))
+
   def one(row, key):
-    # By inverting the cumulative distribution: O(C + K log C) per row, where `jax.random.categorical` draws K × C
-    # Gumbel variates.
-    cumulative = jnp.cumsum(jnp.exp(row - jnp.max(row)))
-    uniform = jax.random.uniform(key, (k,)) * cumulative[-1]
-    draws = jnp.sort(jnp.minimum(jnp.searchsorted(cumulative, uniform, side="right"), row.shape[0] - 1))
+    probs = jnp.pad(jnp.exp(row - jnp.max(row)), (0, blocks * width - classes)).reshape(blocks, width)
+    block_key, class_key = jax.random.split(key)
+    block = inverse(probs.sum(axis=1), jax.random.uniform(block_key, (k,)))  # [K]
+    slot = jax.vmap(inverse)(probs[block], jax.random.uniform(class_key, (k,)))  # [K]
+    draws = jnp.sort(block * width + slot)
     first = jnp.concatenate([jnp.ones(1, bool), draws[1:] != draws[:-1]])
-    slot = jnp.cumsum(first) - 1
-    ids = jnp.zeros(k, jnp.int32).at[slot].set(draws.astype(jnp.int32))
-    counts = jnp.zeros(k, jnp.int32).at[slot].add(1)
+    position = jnp.cumsum(first) - 1
+    ids = jnp.zeros(k, jnp.int32).at[position].set(draws.astype(jnp.int32))
+    counts = jnp.zeros(k, jnp.int32).at[position].add(1)
     return {"ids": ids, "counts": counts, "log_probs": row[ids]}
 
   return jax.vmap(one)(log_probs.astype(jnp.float32), keys)

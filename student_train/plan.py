@@ -146,10 +146,15 @@ def _plan_teaching(config: FitConfig, cache: Cache) -> tuple[Teaching, dict]:
               f"T={temperature:g}, {combine} mean of members {list(members)} (the cache stores T="
               f"{spec.temperature:g}, {spec.combine} mean of all {spec.num_members})")
     if not spec.member_logits:
+      asked = [f"--temperature {temperature:g}" if temperature != spec.temperature else "",
+               f"--combine {combine}" if combine != spec.combine else "",
+               f"--members {','.join(map(str, members))}" if members != tuple(range(spec.num_members)) else "",
+               "--loss mse" if config.loss == "mse" else ""]
       raise StillroomError(f"cache {config.cache!r} holds {spec.targets} targets (T={spec.temperature:g}, "
                            f"{spec.combine} mean of all {spec.num_members} members, for the KL loss) and no member "
-                           f"logits, so it cannot give {reason}: drop those flags, or rebuild it with "
-                           "--member-logits.")
+                           f"logits, so it cannot serve {', '.join(a for a in asked if a)}: drop those flags, or "
+                           "rebuild it with --member-logits (students whose settings differ from the cache's then "
+                           "learn dense targets re-derived from them).")
     cache.require(teaching.fields(spec), reason)
   return teaching, {"alpha": alpha, "temperature": temperature, "combine": combine, "members": members}
 

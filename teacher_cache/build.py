@@ -25,9 +25,10 @@ from tqdm import tqdm
 
 from shared import __version__, distributed, storage
 from shared.augment import DEFAULT_CROP_AREA, DEFAULT_CROP_ASPECT, fold_of, make_augmentation
-from shared.cache import (COMPLETE_KEY, EVAL_ROWS, ROWS, SPEC_KEY, STORAGE_DTYPES, Cache, CacheSpec, MemberSpec,
-                          committed_name, create_arrays, gather, integrity_problems, missing_chunks, now_iso,
-                          open_cache, raise_first_failure, uncommitted_chunks, validate_settings, writable)
+from shared.cache import (COMPLETE_KEY, EVAL_ROWS, ROWS, SCHEMA_VERSION, SPARSE_SCHEMA_VERSION, SPEC_KEY,
+                          STORAGE_DTYPES, Cache, CacheSpec, MemberSpec, committed_name, create_arrays, gather,
+                          integrity_problems, missing_chunks, now_iso, open_cache, raise_first_failure,
+                          uncommitted_chunks, validate_settings, writable)
 from shared.data import (NO_EVAL, Normalization, TransferSet, check_eval_set, default_eval_split, local_path,
                          open_transfer_set)
 from shared.distributed import (COORDINATOR_HELP, DEFAULT_HEARTBEAT_SECONDS, HEARTBEAT_HELP, NUM_PROCESSES_HELP,
@@ -369,13 +370,14 @@ def _plan(config: BuildConfig) -> tuple:
                                        config.batch_size)
   if eval_set is not None:
     check_eval_set(eval_set, transfer_set, augmentation, num_classes)
+  targets = CacheSpec.canonical_targets(config.targets)
   spec = CacheSpec(
       temperature=float(config.temperature), combine=config.combine, members=tuple(members),
       dataset=transfer_set.describe(), eval_dataset=None if eval_set is None else eval_set.describe(),
       num_classes=num_classes, views=config.views, augmentation=augmentation,
-      dtype=config.dtype, chunk_rows=config.chunk_rows, folds=config.folds, targets=config.targets,
-      member_logits=config.member_logits or config.targets == "dense", software_version=__version__,
-      created_at=now_iso())
+      dtype=config.dtype, chunk_rows=config.chunk_rows, folds=config.folds, targets=targets,
+      member_logits=config.member_logits or targets == "dense", software_version=__version__, created_at=now_iso(),
+      schema_version=SCHEMA_VERSION if targets == "dense" else SPARSE_SCHEMA_VERSION)
   return config, mesh, transfer_set, eval_set, teachers, spec
 
 
@@ -531,7 +533,7 @@ def _computed_chunks(cache: Cache, row_set: str, chunks: list[int], data: Transf
     for batch in render(batches()):
       raise_if_interrupted()
       x, fold, index, view = (jax.device_put(pad_rows(a, batch_size), sharding) for a in (
-          batch["x"], batch["fold"], batch["index"].astype(np.int32), batch["view"]))
+          batch["x"], batch["fold"], batch["index"].astype(np.uint32), batch["view"]))
       outputs.append(forward(x, fold, index, view))
       parts.append({k: v for k, v in batch.items() if k not in ("x", "chunk", "last")})
       if batch["last"]:

@@ -90,7 +90,8 @@ def _print_info(info: dict) -> None:
           f"(view 0: {_format_percent(member['accuracy_view0'])})")
   if stats:
     ensemble = stats["ensemble"]
-    print(f"ensemble     accuracy {_format_percent(ensemble['accuracy'])} "
+    drawn = " (of the most probable class drawn)" if ensemble.get("top1") == "the most probable class drawn" else ""
+    print(f"ensemble     accuracy{drawn} {_format_percent(ensemble['accuracy'])} "
           f"(view 0: {_format_percent(ensemble['accuracy_view0'])}) on {stats['labelled_rows']} labelled rows")
     number = lambda value: "-" if value is None else f"{value:.3f}"  # noqa: E731
     print(f"targets      mean entropy {number(stats['mean_target_entropy_nats'])} nats "

@@ -19,12 +19,13 @@ def cache_info(path: str) -> dict:
 
   Returns:
     A JSON-able dict: "spec", "complete", "rows", "bytes", "bytes_per_row" (per array), and (for a complete
-    store) "stats" with the ensemble's accuracy on labelled rows (all views and view 0, its top-1 from the stored
-    targets: with sampled targets, the most probable class drawn), the mean entropy of the targets (nats, at T;
-    dense only), the mean top-1 probability (dense and top-k), the mean probability the top-k classes hold
-    (top-k), and from member logits where stored, each member's accuracy, the fraction of rows where all members
-    agree on the top-1 class and the mean pairwise top-1 agreement of members (None without them); with eval
-    logits stored, each member's and the ensemble's accuracy on the eval split ("eval").
+    store) "stats" with the ensemble's accuracy on labelled rows (all views and view 0), the mean entropy of the
+    targets (nats, at T), the mean top-1 probability, the mean probability the top-k classes hold (top-k), each
+    member's accuracy, the fraction of rows where all members agree on the top-1 class and the mean pairwise top-1
+    agreement of members; with eval logits stored, each member's and the ensemble's accuracy on the eval split
+    ("eval"). The whole distribution comes from dense targets or stored member logits; a sparse cache without
+    member logits has no entropy or member statistics (None), a top-1 probability only with top-k, and with
+    sampled targets its ensemble top-1 is the most probable class drawn (`ensemble.top1` says which).
   """
   cache = open_cache(path, require_complete=False)
   spec = cache.spec
@@ -47,8 +48,9 @@ def cache_info(path: str) -> dict:
   pair_agree = np.zeros((num_members, num_members))
   for chunk in range(spec.num_chunks):
     arrays = cache.read_chunk(chunk, names)
-    if spec.target_kind == "dense":
-      log_probs = arrays["targets"].astype(np.float32)
+    if spec.target_kind == "dense" or members:  # The whole distribution: stored, or re-derived as the build did.
+      log_probs = arrays["targets"].astype(np.float32) if spec.target_kind == "dense" else np.asarray(
+          combine_log_probs(arrays["member_logits"], spec.temperature, spec.combine))
       probs = np.exp(log_probs)
       entropy_sum += float(-(probs * log_probs).sum())
       top1_sum += float(probs.max(axis=-1).sum())
@@ -59,7 +61,8 @@ def cache_info(path: str) -> dict:
       ensemble_top1 = np.take_along_axis(arrays["target_ids"], best[:, None], axis=1)[:, 0]
       if spec.target_kind == "topk":
         top1_sum += float(np.exp(stored[:, 0]).sum())
-        mass_sum += float(np.exp(stored.astype(np.float64)).sum())
+    if spec.target_kind == "topk":
+      mass_sum += float(np.exp(arrays["target_log_probs"].astype(np.float64)).sum())
     labels, view0 = arrays["labels"], arrays["view"] == 0
     has_label = labels >= 0
     labelled += int(has_label.sum())
@@ -75,6 +78,7 @@ def cache_info(path: str) -> dict:
       member_correct += member_hit.sum(axis=0)
       member_correct_view0 += member_hit[view0].sum(axis=0)
   rows = spec.num_rows
+  whole = spec.target_kind == "dense" or bool(members)
   off_diagonal = pair_agree[~np.eye(num_members, dtype=bool)]
   from_members = lambda value: value if members else None  # noqa: E731
   info["stats"] = {
@@ -83,10 +87,12 @@ def cache_info(path: str) -> dict:
                    "accuracy_view0": from_members(_ratio(member_correct_view0[i], labelled_view0))}
                   for i in range(num_members)],
       "ensemble": {"combine": spec.combine, "accuracy": _ratio(ensemble_correct, labelled),
-                   "accuracy_view0": _ratio(ensemble_correct_view0, labelled_view0)},
-      "mean_target_entropy_nats": entropy_sum / rows if spec.target_kind == "dense" else None,
+                   "accuracy_view0": _ratio(ensemble_correct_view0, labelled_view0),
+                   "top1": "the most probable" if whole or spec.target_kind == "topk" else
+                   "the most probable class drawn"},
+      "mean_target_entropy_nats": entropy_sum / rows if whole else None,
       "max_entropy_nats": float(np.log(spec.num_classes)),
-      "mean_top1_probability": top1_sum / rows if spec.target_kind != "sample" else None,
+      "mean_top1_probability": top1_sum / rows if whole or spec.target_kind == "topk" else None,
       "mean_topk_mass": mass_sum / rows if spec.target_kind == "topk" else None,
       "all_members_agree": from_members(all_agree / rows),
       "mean_pairwise_agreement": from_members(float(off_diagonal.mean() / rows) if num_members > 1 else 1.0),

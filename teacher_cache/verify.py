@@ -37,18 +37,25 @@ def _storage_tolerance(dtype: np.dtype, reference: np.ndarray) -> np.ndarray:
 
 
 def _sparse_target_failures(arrays: dict, spec) -> np.ndarray:
-  """Rows [R] whose sparse targets are not what the build writes: ids outside 0..C-1 or repeated, positive
-  log-probabilities; top-k: log-probabilities not in decreasing order, or with the rest not summing to 1; sampled:
-  counts not summing to K, drawn ids out of order, padding other than (id 0, count 0); and with member logits,
-  log-probabilities other than the ensemble's at their ids, or (top-k) ids that are not the K most probable."""
-  ids, log_probs = arrays["target_ids"].astype(np.int64), arrays["target_log_probs"].astype(np.float32)
-  tolerance = 4 * np.finfo(np.dtype(spec.dtype)).eps * np.maximum(1.0, np.abs(log_probs))
-  bad = ((ids < 0) | (ids >= spec.num_classes)).any(1) | (log_probs > tolerance).any(1)
+  """Rows [R] whose sparse targets are not what the build writes: ids outside 0..C-1 or repeated, log-probabilities
+  that are not finite or positive; top-k: log-probabilities not in decreasing order, or with the rest not summing to
+  1; sampled: counts not summing to K, drawn ids out of order, padding other than (id 0, count 0); and with member
+  logits, log-probabilities (and the top-k rest) other than the ensemble's, or top-k ids that are not the K most
+  probable. Tolerances are the rounding of the storage dtype."""
+  ids, log_probs = arrays["target_ids"].astype(np.int64), arrays["target_log_probs"].astype(np.float64)
+  eps = np.finfo(np.dtype(spec.dtype)).eps
+  # A stored log-probability x is within eps/2·|x| of its float32 value: its probability within that factor.
+  tolerance = 2 * eps * np.maximum(1.0, np.abs(log_probs))
+  bad = ((ids < 0) | (ids >= spec.num_classes)).any(1) | ~np.isfinite(log_probs).all(1) | (log_probs > tolerance).any(1)
   if spec.target_kind == "topk":
+    rest = arrays["target_rest"].astype(np.float64)
     ordered = np.sort(ids, axis=1)
     bad |= (ordered[:, 1:] == ordered[:, :-1]).any(1) | (np.diff(log_probs, axis=1) > tolerance[:, 1:]).any(1)
-    total = np.logaddexp(np.logaddexp.reduce(log_probs.astype(np.float64), axis=1), arrays["target_rest"])
-    bad |= np.abs(total) > 2 * tolerance.max(1)  # Each log-probability was rounded once to the storage dtype.
+    bad |= np.isnan(rest) | np.isposinf(rest)
+    with np.errstate(invalid="ignore"):
+      total = np.logaddexp(np.logaddexp.reduce(log_probs, axis=1), rest)  # log of the mass: 0.
+    # The mass is within Σ_k p_k·eps·|x_k| of 1 (the rest is float32: its own rounding is negligible).
+    bad |= ~(np.abs(total) <= 2 * (np.exp(log_probs) * tolerance).sum(1) + 1e-6)
   else:
     counts = arrays["target_counts"].astype(np.int64)
     drawn = counts > 0
@@ -57,14 +64,20 @@ def _sparse_target_failures(arrays: dict, spec) -> np.ndarray:
     bad |= (drawn[:, 1:] & (ids[:, 1:] <= ids[:, :-1])).any(1)  # ...after distinct ids in increasing order.
     bad |= (~drawn & (ids != 0)).any(1)
   if "member_logits" in arrays:
-    derived = np.asarray(combine_log_probs(arrays["member_logits"], spec.temperature, spec.combine))
-    at_ids = np.take_along_axis(derived, np.clip(ids, 0, spec.num_classes - 1), axis=1)
+    derived = np.asarray(combine_log_probs(arrays["member_logits"], spec.temperature, spec.combine), np.float64)
+    safe_ids = np.clip(ids, 0, spec.num_classes - 1)
+    at_ids = np.take_along_axis(derived, safe_ids, axis=1)
     used = np.ones_like(ids, bool) if spec.target_kind == "topk" else arrays["target_counts"] > 0
-    bad |= (used & (np.abs(at_ids - log_probs) > _storage_tolerance(np.dtype(spec.dtype), at_ids))).any(1)
+    bad |= (used & ~(np.abs(at_ids - log_probs) <= _storage_tolerance(np.dtype(spec.dtype), at_ids))).any(1)
     if spec.target_kind == "topk":
       others = derived.copy()
-      np.put_along_axis(others, np.clip(ids, 0, spec.num_classes - 1), -np.inf, axis=1)
-      bad |= others.max(1, initial=-np.inf) > at_ids.min(1) + _storage_tolerance(np.dtype(spec.dtype), at_ids).max(1)
+      np.put_along_axis(others, safe_ids, -np.inf, axis=1)
+      margin = _storage_tolerance(np.dtype(spec.dtype), at_ids).max(1)
+      bad |= others.max(1, initial=-np.inf) > at_ids.min(1) + margin
+      with np.errstate(divide="ignore"):
+        rest = np.log(np.exp(others).sum(1))  # −inf when there are no others.
+      stored_rest = arrays["target_rest"].astype(np.float64)
+      bad |= ~((rest == stored_rest) | (np.abs(rest - stored_rest) <= 1e-4 * np.maximum(1.0, np.abs(rest))))
   return bad
 
 

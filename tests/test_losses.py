@@ -146,7 +146,9 @@ def test_sampled_kl_gradient_is_unbiased():
   t, k, draws = 2.0, 4, 4000
   s, z = S[:3], Z[:3]
   log_p = jnp.asarray(numpy_log_softmax(z / t), jnp.float32)
-  keys = jax.random.split(jax.random.key(7), draws * len(s)).reshape(draws, len(s))
+  # A fixed seed, as every test here. Measured over 60 seeds, this test's 900 z-values have mean -0.005 and standard
+  # deviation 1.03, the largest 4.25 (seed 7): the 4-SE bound is calibrated, and fails about one seed in 50.
+  keys = jax.random.split(jax.random.key(0), draws * len(s)).reshape(draws, len(s))
 
   def gradient(keys):
     drawn = sampled_targets(log_p, k, keys)
