@@ -12,6 +12,7 @@ from shared.settings import add_options, from_args
 from student_train.config import JOB, FitConfig
 from student_train.demo import add_demo_options, demo_config_from_args, run_demo
 from student_train.evaluate import EvalConfig, evaluate_runs
+from student_train.export import FORMATS, export_run
 from student_train.sweep import AXES, report, run_sweep
 from student_train.train import fit
 
@@ -23,6 +24,7 @@ examples:
   student-train fit --model cnn-large --dataset digits --augment --dropout 0.2 --out runs/teacher0
   student-train fit --model mlp-small --cache digits.zarr --alpha 0.1 --finetune-epochs 5 --out runs/student
   student-train eval runs/teacher0 runs/teacher1 --dataset digits --split test
+  student-train export runs/student --out student.npz
   student-train fit --model cnn-small --dataset imagefolder:shapes/train --eval-dataset imagefolder:shapes/test \\
       --image-size 32 --augment --flip --out runs/shapes_teacher0
 """
@@ -33,7 +35,8 @@ _FIT_GROUPS = {
         "dataset", "split", "data_dir", "cache", "label_fraction", "folds", "holdout_fold", "augment", "max_shift",
         "flip", "image_size", "crop_area", "crop_aspect", "eval_dataset", "eval_split", "shuffle_window", "workers"),
     "distillation (with --cache)": ("loss", "alpha", "temperature", "combine", "members", "finetune_epochs"),
-    "optimisation": ("epochs", "batch_size", "lr", "finetune_lr", "weight_decay", "dropout", "seed", "data_seed"),
+    "optimisation": ("epochs", "batch_size", "optimizer", "schedule", "warmup_epochs", "lr", "finetune_lr",
+                     "weight_decay", "momentum", "dropout", "seed", "data_seed"),
     "run": ("model", "out", "checkpoint_every", "checkpoint_every_steps", "overwrite", "progress"),
     "a job of several processes (see README, 'On a cluster')": JOB,
 }
@@ -57,6 +60,16 @@ def _parser() -> argparse.ArgumentParser:
   add_options(eval_parser, EvalConfig)
   eval_parser.add_argument("--json", action="store_true", help="print one JSON object")
 
+  export = commands.add_parser(
+      "export", allow_abbrev=False, help="write a run's parameters to a plain file (.npz or Flax .msgpack)",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      description="Write the parameters of a run's latest checkpoint to a file that loads without stillroom:\n"
+                  "  .npz      params = dict(np.load('student.npz'))   # {'linears/0/kernel': array, ...}\n"
+                  "  .msgpack  params = flax.serialization.msgpack_restore(open('student.msgpack', 'rb').read())\n"
+                  "The model and input normalisation are the run's config.json ('model', 'normalization').")
+  export.add_argument("run", metavar="RUN_DIR", help="a run dir written by `student-train fit`")
+  export.add_argument("--out", required=True, metavar="FILE", help=f"the file to write: {' or '.join(FORMATS)}")
+  export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
   sweep = commands.add_parser(
       "sweep", allow_abbrev=False, help="ablations from one cache: every grid point x seed is a run dir; re-running resumes",
       formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -114,6 +127,8 @@ def main(argv: list[str] | None = None) -> None:
         if len(result["members"]) > 1:
           print(f"{'ensemble (' + args.combine + ')':<40} accuracy {100 * result['accuracy']:.2f}%  "
                 f"nll {result['nll']:.4f}  ece {result['ece']:.4f}")
+    elif args.command == "export":
+      print(json.dumps(export_run(args.run, args.out, overwrite=args.overwrite)))
     elif args.command == "sweep":
       run_sweep(args.cache, args.grid, args.out, args.seeds, from_args(FitConfig, args), together=args.together,
                 jobs=args.jobs, verbose=args.verbose)

@@ -5,6 +5,7 @@ from this module.
 """
 
 import dataclasses
+import math
 
 from shared.augment import DEFAULT_CROP_AREA, DEFAULT_CROP_ASPECT
 from shared.data import NO_EVAL
@@ -19,6 +20,12 @@ from shared.settings import WORKERS_HELP, flag_of, positive_finite, seed_check, 
 DEFAULT_KD_ALPHA = 0.1  # Hinton et al. 2015 and the Keras example weight the hard term lightly.
 DEFAULT_MAX_CLASSES = 1 << 18  # 262,144: the largest LLM vocabularies.
 DEFAULT_SHUFFLE_WINDOW = 4  # Chunks are uniform samples already (the build permutes examples): 4 mixes views.
+
+
+OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "nesterov", "rmsprop", "lamb", "lion")
+SCHEDULES = ("constant", "cosine", "warmup-cosine")
+# Settings added after run dirs recorded their config: a record without one ran with its default.
+ADDED_SETTINGS = ("optimizer", "schedule", "warmup_epochs", "momentum")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -64,9 +71,15 @@ class FitConfig:
   epochs: int = setting(20, "epochs")
   finetune_epochs: int = setting(0, "epochs on hard labels after distillation")
   batch_size: int = setting(128, "rows per step, a multiple of the device count")
-  lr: float = setting(3e-3, "AdamW peak learning rate, cosine decay")
+  optimizer: str = setting("adamw", "the optax optimizer", choices=OPTIMIZERS)
+  schedule: str = setting("cosine", "learning-rate schedule over the distillation epochs (fine-tuning: its own "
+                                    "cosine decay from --finetune-lr)", choices=SCHEDULES)
+  warmup_epochs: float = setting(1.0, "warmup-cosine: epochs of linear warmup from 0 to --lr")
+  lr: float = setting(3e-3, "peak learning rate")
   finetune_lr: float | None = setting(None, "fine-tuning learning rate (default: --lr / 10)")
-  weight_decay: float = setting(1e-4, "AdamW weight decay")
+  weight_decay: float = setting(1e-4, "decoupled weight decay (adamw, lamb, lion; sgd, momentum and nesterov "
+                                      "add it to the gradient; adam and rmsprop take none)")
+  momentum: float = setting(0.9, "momentum of momentum, nesterov and rmsprop")
   dropout: float = setting(0.0, "dropout rate on the output of every hidden dense layer (in CNNs, the dense layer "
                                 "after the convolutions; convolutions are not dropped)")
   seed: int = setting(0, "initialisation and dropout seed")
@@ -118,6 +131,10 @@ CHECKS = {
     "lr": positive_finite,
     "finetune_lr": lambda v: v is None or positive_finite(v),
     "weight_decay": lambda v: v == 0 or positive_finite(v) is True or "must be >= 0 and finite",
+    "optimizer": lambda v: v in OPTIMIZERS or f"must be one of {', '.join(OPTIMIZERS)}",
+    "schedule": lambda v: v in SCHEDULES or f"must be one of {', '.join(SCHEDULES)}",
+    "warmup_epochs": lambda v: (v >= 0 and math.isfinite(v)) or "must be >= 0 and finite",
+    "momentum": lambda v: 0.0 <= v < 1.0 or "must be in [0, 1)",
     "dropout": lambda v: 0.0 <= v < 1.0 or "must be in [0, 1)",
     "shuffle_window": lambda v: v >= 1 or "must be >= 1 chunk",
     "checkpoint_every": lambda v: v >= 1 or "must be >= 1 epoch",

@@ -15,6 +15,7 @@ checkpointing): every process must call those in the same order.
 """
 
 import contextlib
+import dataclasses
 import json
 import logging
 import sys
@@ -28,6 +29,7 @@ from shared.distributed import is_first
 from shared.errors import StillroomError
 from shared.outputs import RUN_DIR, clear_for_overwrite
 from shared.runs import CONFIG_FILE, PARAMS_ITEM, CrossFit, RunRecord, checkpoint_manager
+from student_train.config import ADDED_SETTINGS, FitConfig
 from student_train.plan import RunPlan
 
 METRICS_FILE = "metrics.jsonl"
@@ -67,6 +69,7 @@ def prepare_run_dir(plan: RunPlan, joining: bool = False) -> bool:
       raise StillroomError(f"run dir {out!r}: cannot read {CONFIG_FILE} ({e}); pass --overwrite to replace the run, "
                            "or choose another --out.") from e
     wanted = _as_recorded_by_version_1(existing.get("resolved", {}), json.loads(json.dumps(record)), plan)
+    wanted = _without_added_defaults(existing.get("resolved", {}), wanted)
     differences = config_differences(existing.get("resolved", {}), wanted)
     if differences:
       raise StillroomError(f"run dir {out!r} holds a run with another config: " + "; ".join(differences)
@@ -100,6 +103,18 @@ def _as_recorded_by_version_1(stored: dict, wanted: dict, plan: RunPlan) -> dict
     if version == 1:
       wanted[key].pop("fingerprint_version", None)
   return wanted
+
+
+def _without_added_defaults(stored: dict, wanted: dict) -> dict:
+  """A run dir recorded before a setting existed (`ADDED_SETTINGS`) ran with its default: the record to compare
+  leaves out such settings where the command keeps the default."""
+  recorded = stored.get("config", {})
+  config = {k: v for k, v in wanted.get("config", {}).items()
+            if k in recorded or k not in ADDED_SETTINGS or v != _DEFAULTS[k]}
+  return {**wanted, "config": config}
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(FitConfig)}
 
 
 def config_differences(stored: dict, wanted: dict, prefix: str = "") -> list[str]:

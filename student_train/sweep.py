@@ -35,7 +35,8 @@ from student_train.train import DIVERGED_ADVICE, Diverged, fit_group
 from teacher_cache.info import eval_accuracies
 
 # The fit settings a grid may vary; each axis takes the setting's type and check from `FitConfig`.
-AXES = ("temperature", "alpha", "loss", "combine", "members", "model", "label_fraction", "epochs")
+AXES = ("temperature", "alpha", "loss", "combine", "members", "model", "label_fraction", "epochs", "optimizer",
+        "schedule", "warmup_epochs", "lr", "weight_decay", "momentum")
 MANIFEST = "sweep.json"
 
 

@@ -44,15 +44,38 @@ def _log(message: str) -> None:
   print(f"student-train: {message}", file=sys.stderr, flush=True)
 
 
+def make_schedule(config: FitConfig, steps_per_epoch: int) -> optax.Schedule:
+  """The learning rate per step: `--schedule` over the distillation epochs from `--lr`, then a cosine decay from
+  `--finetune-lr` over the fine-tuning epochs."""
+  steps = max(1, config.epochs * steps_per_epoch)
+  if config.schedule == "constant":
+    first = optax.constant_schedule(config.lr)
+  elif config.schedule == "cosine":
+    first = optax.cosine_decay_schedule(config.lr, steps)
+  else:
+    warmup = min(steps - 1, round(config.warmup_epochs * steps_per_epoch))
+    first = optax.warmup_cosine_decay_schedule(0.0, config.lr, warmup, steps)
+  if not config.finetune_epochs:
+    return first
+  return optax.join_schedules([first, optax.cosine_decay_schedule(config.finetune_lr,
+                                                                  config.finetune_epochs * steps_per_epoch)],
+                              [config.epochs * steps_per_epoch])
+
+
 def make_optimizer(config: FitConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-  """AdamW with a cosine decay over the distillation epochs, then another from `finetune_lr` over fine-tuning."""
-  schedules = [optax.cosine_decay_schedule(config.lr, max(1, config.epochs * steps_per_epoch))]
-  boundaries = []
-  if config.finetune_epochs:
-    schedules.append(optax.cosine_decay_schedule(config.finetune_lr, config.finetune_epochs * steps_per_epoch))
-    boundaries.append(config.epochs * steps_per_epoch)
-  schedule = optax.join_schedules(schedules, boundaries) if boundaries else schedules[0]
-  return optax.adamw(schedule, weight_decay=config.weight_decay)
+  """`--optimizer` from optax with `make_schedule`'s learning rate (AdamW and a cosine decay by default)."""
+  lr, decay, momentum = make_schedule(config, steps_per_epoch), config.weight_decay, config.momentum
+  with_decay = lambda tx: optax.chain(optax.add_decayed_weights(decay), tx) if decay else tx  # noqa: E731
+  return {
+      "adamw": lambda: optax.adamw(lr, weight_decay=decay),
+      "adam": lambda: optax.adam(lr),
+      "sgd": lambda: with_decay(optax.sgd(lr)),
+      "momentum": lambda: with_decay(optax.sgd(lr, momentum=momentum)),
+      "nesterov": lambda: with_decay(optax.sgd(lr, momentum=momentum, nesterov=True)),
+      "rmsprop": lambda: optax.rmsprop(lr, momentum=momentum),
+      "lamb": lambda: optax.lamb(lr, weight_decay=decay),
+      "lion": lambda: optax.lion(lr, weight_decay=decay),
+  }[config.optimizer]()
 
 
 def make_loader(plan: RunPlan, fields: tuple[str, ...], rows: np.ndarray | None = None):

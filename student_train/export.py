@@ -1,0 +1,75 @@
+"""`student-train export`: a run's parameters in a plain file that loads without stillroom.
+
+The extension of `--out` picks the format:
+
+  .npz      one array per parameter, named by its path in the model ("linears/0/kernel"):
+              params = dict(np.load("student.npz"))
+  .msgpack  Flax's msgpack serialization of the nested parameter dict (lists of layers become dicts keyed "0",
+            "1", ...):
+              from flax import serialization
+              with open("student.msgpack", "rb") as f:
+                params = serialization.msgpack_restore(f.read())
+
+The model they belong to, and the input normalisation it expects, are the run's `config.json` ("model",
+"normalization"), which `export` also prints.
+"""
+
+import io
+import os
+
+import jax
+import numpy as np
+from flax import nnx, serialization
+
+from shared import storage
+from shared.errors import StillroomError
+from shared.runs import load_run_teacher
+
+FORMATS = (".npz", ".msgpack")
+
+
+def _name(path) -> str:
+  """A parameter's path as "a/0/kernel"."""
+  return "/".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in path)
+
+
+def _nested(params) -> dict:
+  """The parameters as a nested dict with string keys (what msgpack stores)."""
+  out: dict = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    node = out
+    names = _name(path).split("/")
+    for name in names[:-1]:
+      node = node.setdefault(name, {})
+    node[names[-1]] = np.asarray(leaf)
+  return out
+
+
+def export_run(run_dir: str, out: str, overwrite: bool = False) -> dict:
+  """Writes the parameters of a run's latest checkpoint to `out` (a path or an object-store URL).
+
+  Returns:
+    {"out", "format", "arrays" (count), "parameters" (count), "bytes", "model", "normalization", "epochs"}.
+
+  Raises:
+    StillroomError: an unknown extension, an existing `out` without `overwrite`, or a run dir that cannot be read.
+  """
+  extension = os.path.splitext(out)[1].lower()
+  if extension not in FORMATS:
+    raise StillroomError(f"--out {out!r}: its extension picks the format; use one of {', '.join(FORMATS)}.")
+  if storage.exists(out) and not overwrite:
+    raise StillroomError(f"--out {out!r} exists; pass --overwrite to replace it.")
+  run = load_run_teacher(run_dir)
+  params = nnx.to_pure_dict(run.params) if isinstance(run.params, nnx.State) else run.params
+  flat = {_name(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  if extension == ".npz":
+    buffer = io.BytesIO()
+    np.savez(buffer, **flat)
+    data = buffer.getvalue()
+  else:
+    data = serialization.msgpack_serialize(_nested(params))
+  storage.write_bytes(out, data)
+  return {"out": out, "format": extension[1:], "arrays": len(flat),
+          "parameters": int(sum(a.size for a in flat.values())), "bytes": len(data),
+          "model": run.record.model.to_dict(), "normalization": run.record.normalization.to_dict(),
+          "epochs": run.trained_epochs}
