@@ -1,4 +1,9 @@
-"""A small registry of Flax NNX classifiers, chosen by name; the input shape comes from the dataset.
+"""A small registry of Flax NNX classifiers, chosen by name, or your own as `module:function`; the input shape
+comes from the dataset.
+
+Your own model is a factory `function(input_shape, num_classes, rngs) -> nnx.Module` in an importable module
+(the current directory is importable, as with `python -m`). A run records the reference and a digest of the
+parameters' structure (`ModelSpec.structure`), so that a factory changed since is refused rather than loaded.
 
 Every model maps float32 inputs [B, *input_shape] to logits [B, num_classes]. Dropout is the only stochastic
 layer, applied once to the output of every hidden dense layer (after its ReLU), so each unit that feeds a dense
@@ -7,7 +12,11 @@ model deterministic (how teachers run).
 """
 
 import dataclasses
+import hashlib
+import importlib
 import math
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,20 +30,24 @@ class ModelSpec:
   """Everything needed to rebuild a model's structure (its parameters live in a checkpoint).
 
   Attributes:
-    name: a registry name, see `MODELS`.
+    name: a registry name (see `MODELS`), or `module:function` for your own factory.
     input_shape: one example's shape, e.g. (8, 8, 1) or (64,).
     num_classes: number of output logits.
     dropout: probability of dropping each output unit of a hidden dense layer (after its ReLU) in training;
-      survivors are scaled by 1 / (1 - dropout). Convolutions and inputs are not dropped.
+      survivors are scaled by 1 / (1 - dropout). Convolutions and inputs are not dropped. (Your own model does
+      its own dropout: 0 here.)
+    structure: for your own model, SHA-256 of its parameters' paths, shapes and dtypes (None for registry models).
   """
 
   name: str
   input_shape: tuple[int, ...]
   num_classes: int
   dropout: float = 0.0
+  structure: str | None = None
 
   def to_dict(self) -> dict:
-    return {**dataclasses.asdict(self), "input_shape": list(self.input_shape)}
+    d = {**dataclasses.asdict(self), "input_shape": list(self.input_shape)}
+    return d if self.structure is not None else {k: v for k, v in d.items() if k != "structure"}
 
   @classmethod
   def from_dict(cls, d: dict) -> "ModelSpec":
@@ -123,24 +136,74 @@ MODELS = {
 }
 
 
+def is_reference(name: str) -> bool:
+  """Whether a model or teacher name is `module:function` rather than a registry name."""
+  module, _, function = name.partition(":")
+  return bool(module) and bool(function) and ":" not in function and "/" not in module
+
+
+def import_function(reference: str, what: str):
+  """The function `module:function` names (the current directory is importable, as with `python -m`).
+
+  Raises:
+    StillroomError: naming `what` and why it cannot be imported.
+  """
+  module_name, _, function_name = reference.partition(":")
+  if not is_reference(reference):
+    raise StillroomError(f"{what} {reference!r}: expected 'module:function'.")
+  if os.getcwd() not in sys.path:
+    sys.path.insert(0, os.getcwd())
+  try:
+    function = getattr(importlib.import_module(module_name), function_name)
+  except Exception as e:  # pylint: disable=broad-except  # ImportError, AttributeError, or the module's own error.
+    raise StillroomError(f"{what} {reference!r}: cannot import it ({type(e).__name__}: {e}).") from e
+  if not callable(function):
+    raise StillroomError(f"{what} {reference!r} is a {type(function).__name__}, not a function.")
+  return function
+
+
+def structure_digest(model: nnx.Module) -> str:
+  """SHA-256 of the model's parameter paths, shapes and dtypes: identifies its structure, not its values."""
+  leaves = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
+  text = "\n".join(f"{jax.tree_util.keystr(path)}:{tuple(leaf.shape)}:{leaf.dtype}" for path, leaf in leaves)
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
 def build_model(spec: ModelSpec, seed: int = 0) -> nnx.Module:
-  """Builds a freshly initialised model.
+  """Builds a freshly initialised model: a registry model, or your own factory's (`module:function`).
 
   Args:
-    spec: the model's name, input shape, class count and dropout.
+    spec: the model's name, input shape, class count and dropout (and for your own, its recorded structure).
     seed: initialisation seed (dropout draws from the same `nnx.Rngs`).
 
   Raises:
-    StillroomError: unknown name (listing the valid ones) or an input shape the model cannot take.
+    StillroomError: unknown name (listing the valid ones); your own factory that cannot be imported, does not
+      return an `nnx.Module`, or returns one of another structure than recorded.
   """
-  if spec.name not in MODELS:
-    raise StillroomError(f"unknown model {spec.name!r}; available models: {', '.join(MODELS)}.")
   if not 0.0 <= spec.dropout < 1.0:
     raise StillroomError(f"dropout must be in [0, 1), got {spec.dropout}.")
   if spec.num_classes < 2:
     raise StillroomError(f"a classifier needs at least 2 classes, got {spec.num_classes}.")
-  make, _ = MODELS[spec.name]
-  return make(spec, nnx.Rngs(seed))
+  if spec.name in MODELS:
+    make, _ = MODELS[spec.name]
+    return make(spec, nnx.Rngs(seed))
+  if not is_reference(spec.name):
+    raise StillroomError(f"unknown model {spec.name!r}; available models: {', '.join(MODELS)}, or "
+                         "'module:function' for your own (see the README).")
+  if spec.dropout:
+    raise StillroomError(f"--dropout is for the registry's models; your own model {spec.name!r} does its own.")
+  factory = import_function(spec.name, "model")
+  try:
+    model = factory(tuple(spec.input_shape), spec.num_classes, nnx.Rngs(seed))
+  except Exception as e:  # pylint: disable=broad-except  # The factory's own failure, named.
+    raise StillroomError(f"model {spec.name!r}({tuple(spec.input_shape)}, {spec.num_classes}, rngs) failed: "
+                         f"{type(e).__name__}: {e}") from e
+  if not isinstance(model, nnx.Module):
+    raise StillroomError(f"model {spec.name!r} returned {type(model).__name__}; it must return an nnx.Module.")
+  if spec.structure is not None and structure_digest(model) != spec.structure:
+    raise StillroomError(f"model {spec.name!r} now builds parameters of another structure than the run recorded "
+                         "(the factory changed): restore it, or train a new run.")
+  return model
 
 
 def count_params(model: nnx.Module) -> int:

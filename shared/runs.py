@@ -14,11 +14,9 @@ Teachers receive inputs normalised as their config says (external teachers: the 
 import contextlib
 import dataclasses
 import hashlib
-import importlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import weakref
 from collections.abc import Callable
@@ -33,7 +31,7 @@ from shared import storage
 from shared.data import Normalization
 from shared.distributed import is_first
 from shared.errors import StillroomError
-from shared.models import ModelSpec, build_model
+from shared.models import ModelSpec, build_model, import_function, is_reference
 from shared.outputs import process_gone
 
 CONFIG_FILE = "config.json"
@@ -385,16 +383,7 @@ def load_run_teacher(run_dir: str) -> Teacher:
 
 def load_external_teacher(reference: str) -> Teacher:
   """Loads `module:function` (the current directory is importable, as with `python -m`)."""
-  module_name, _, function_name = reference.partition(":")
-  if not module_name or not function_name:
-    raise StillroomError(f"teacher {reference!r}: expected a run dir or 'module:function'.")
-  if os.getcwd() not in sys.path:
-    sys.path.insert(0, os.getcwd())
-  try:
-    function = getattr(importlib.import_module(module_name), function_name)
-  except (ImportError, AttributeError) as e:
-    raise StillroomError(f"teacher {reference!r}: cannot import it ({e}).") from e
-  made = function()
+  made = import_function(reference, "teacher")()
   if isinstance(made, nnx.Module):
     apply_fn, params = _module_apply_fn(made)
   elif isinstance(made, tuple) and len(made) == 2 and callable(made[0]):
@@ -410,7 +399,6 @@ def load_external_teacher(reference: str) -> Teacher:
 def load_teacher(reference: str) -> Teacher:
   """A run dir path, or `module:function` when no such path exists and the text has one colon."""
   path = storage.local(reference)
-  if not storage.is_url(path) and not os.path.exists(path) and reference.count(":") == 1 \
-      and "/" not in reference.split(":")[0]:
+  if not storage.is_url(path) and not os.path.exists(path) and is_reference(reference):
     return load_external_teacher(reference)
   return load_run_teacher(reference)

@@ -14,7 +14,7 @@ from shared.distributed import (COORDINATOR_HELP, DEFAULT_HEARTBEAT_SECONDS, HEA
 from shared.ensemble import COMBINE_RULES
 from shared.errors import StillroomError
 from shared.losses import LOSSES
-from shared.models import MODELS
+from shared.models import MODELS, is_reference
 from shared.settings import WORKERS_HELP, flag_of, positive_finite, seed_check, setting, workers_check
 
 DEFAULT_KD_ALPHA = 0.1  # Hinton et al. 2015 and the Keras example weight the hard term lightly.
@@ -32,7 +32,8 @@ ADDED_SETTINGS = ("optimizer", "schedule", "warmup_epochs", "momentum")
 class FitConfig:
   """Settings of `student-train fit`. None means "resolved from the data" (see each field's help)."""
 
-  model: str = setting("mlp-small", "registry name, see `student-train models`")
+  model: str = setting("mlp-small", "registry name (see `student-train models`), or module:function for your own: a "
+                                    "factory (input_shape, num_classes, rngs) -> nnx.Module")
   out: str = setting("", "run directory to write", metavar="RUN_DIR")
   dataset: str | None = setting(None, "'digits', 'npz:PATH', 'imagefolder:DIR' or a prepared TFDS name; with "
                                       "--cache, default: the dataset the cache records")
@@ -117,7 +118,7 @@ GROUP_VARYING = ("seed", "temperature", "alpha", "loss", "combine", "members", "
 # One check per setting: a function of the value that returns True or says what is wrong. The sweep's grid axes
 # use the same checks.
 CHECKS = {
-    "model": lambda v: v in MODELS or f"must be one of {', '.join(MODELS)}",
+    "model": lambda v: v in MODELS or is_reference(v) or f"must be one of {', '.join(MODELS)}, or 'module:function'",
     "alpha": lambda v: v is None or 0.0 <= v <= 1.0 or "must be in [0, 1]",
     "temperature": lambda v: v is None or positive_finite(v),
     "loss": lambda v: v in LOSSES or f"must be one of {', '.join(LOSSES)}",

@@ -21,7 +21,7 @@ from shared.data import (FINGERPRINT_VERSION, NO_EVAL, Normalization, TransferSe
 from shared.ensemble import member_weights
 from shared.errors import StillroomError
 from shared.parallel import cap_batch
-from shared.models import ModelSpec, build_model, check_input_shape
+from shared.models import MODELS, ModelSpec, build_model, check_input_shape, structure_digest
 from student_train.config import DEFAULT_KD_ALPHA, GROUP_VARYING, JOB, NOT_IDENTITY, FitConfig, validate_config
 
 
@@ -242,8 +242,14 @@ def plan_run(config: FitConfig, opened: Opened | None = None) -> RunPlan:
   config = dataclasses.replace(config, **resolved, finetune_lr=config.finetune_lr or config.lr / 10)
   input_shape = augmentation.output_shape(transfer_set.input_shape)
   model_spec = ModelSpec(name=config.model, input_shape=input_shape, num_classes=num_classes, dropout=config.dropout)
-  graphdef, params = nnx.split(nnx.eval_shape(lambda: build_model(model_spec)))
-  check_input_shape(lambda p, x: nnx.merge(graphdef, p)(x), params, input_shape, f"model {config.model!r}")
+  abstract = nnx.eval_shape(lambda: build_model(model_spec))
+  if config.model not in MODELS:  # Your own: recorded with its structure, which a resume or a teacher load checks.
+    model_spec = dataclasses.replace(model_spec, structure=structure_digest(abstract))
+  graphdef, params = nnx.split(abstract)
+  logits = check_input_shape(lambda p, x: nnx.merge(graphdef, p)(x), params, input_shape, f"model {config.model!r}")
+  if logits.shape[-1] != num_classes:
+    raise StillroomError(f"model {config.model!r} returns {logits.shape[-1]} logits per example; the data has "
+                         f"{num_classes} classes.")
   examples = None
   if config.folds > 1:
     examples = transfer_set.indices[fold_of(transfer_set.indices, config.folds) != config.holdout_fold]
