@@ -2,6 +2,8 @@
 
   RUN_DIR/config.json        `RunRecord` (model, normalisation, cross-fitting fold) + the resolved config
   RUN_DIR/metrics.jsonl      one JSON line per epoch
+  RUN_DIR/tensorboard/events.out.tfevents.stillroom   the same lines as TensorBoard scalars (tag: the metric's
+                             name; step: the epoch)
   RUN_DIR/final.json         the last epoch's line, written when the run has finished
   RUN_DIR/checkpoints/<E>/   orbax checkpoint after E epochs: "state" (model and optimizer, without RNG streams),
                              "params" (the model's parameters, what teachers load), "meta" ({"epoch": E})
@@ -18,7 +20,9 @@ import contextlib
 import dataclasses
 import json
 import logging
+import struct
 import sys
+import time
 
 import jax
 import orbax.checkpoint as ocp
@@ -33,6 +37,7 @@ from student_train.config import ADDED_SETTINGS, FitConfig
 from student_train.plan import RunPlan
 
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR, TENSORBOARD_FILE = "tensorboard", "events.out.tfevents.stillroom"
 FINAL_FILE = "final.json"
 DIVERGED_FILE = "diverged.json"
 STATE_ITEM, META_ITEM = "state", "meta"
@@ -304,9 +309,34 @@ def resume_groups(saved: list[set[int]]) -> list[tuple[int, list[int]]]:
 
 
 def _write_metrics(out: str, lines: list[dict]) -> None:
-  """Rewrites metrics.jsonl whole, on every store alike: an object store has no appends (one line per epoch
-  keeps the file small)."""
+  """Rewrites metrics.jsonl and its TensorBoard events whole, on every store alike: an object store has no
+  appends (one line per epoch keeps the files small), and a run resumed after dropping lines (`truncate_metrics`)
+  leaves no stale points behind."""
   storage.write_text(storage.join(out, METRICS_FILE), "".join(json.dumps(line) + "\n" for line in lines))
+  storage.make_dirs(storage.join(out, TENSORBOARD_DIR))
+  storage.write_bytes(storage.join(out, TENSORBOARD_DIR, TENSORBOARD_FILE), tensorboard_events(lines))
+
+
+def tensorboard_events(lines: list[dict]) -> bytes:
+  """Metrics lines as a TensorBoard event file: a scalar per numeric entry (tag: its name; step: the epoch), in
+  tensorboardX's event protocol buffers, each framed as a TFRecord (length, masked CRC-32C of the length, the
+  event, its masked CRC-32C). Written whole rather than through `SummaryWriter`, which appends to a new file per
+  process start: a resumed run would show the epochs it dropped beside the ones it trained again."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  from tensorboardX.record_writer import masked_crc32c  # pylint: disable=import-outside-toplevel
+  from tensorboardX.summary import scalar  # pylint: disable=import-outside-toplevel
+  now = time.time()
+  events = [event_pb2.Event(wall_time=now, file_version="brain.Event:2")]
+  for line in lines:
+    events += [event_pb2.Event(wall_time=now, step=line["epoch"], summary=scalar(name, value))
+               for name, value in line.items()
+               if name != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool)]
+  records = []
+  for event in events:
+    data = event.SerializeToString()
+    header = struct.pack("<Q", len(data))
+    records.append(header + struct.pack("<I", masked_crc32c(header)) + data + struct.pack("<I", masked_crc32c(data)))
+  return b"".join(records)
 
 
 def append_metrics(out: str, line: dict) -> None:
