@@ -18,6 +18,7 @@ checkpointing): every process must call those in the same order.
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import struct
@@ -321,22 +322,30 @@ def tensorboard_events(lines: list[dict]) -> bytes:
   """Metrics lines as a TensorBoard event file: a scalar per numeric entry (tag: its name; step: the epoch), in
   tensorboardX's event protocol buffers, each framed as a TFRecord (length, masked CRC-32C of the length, the
   event, its masked CRC-32C). Written whole rather than through `SummaryWriter`, which appends to a new file per
-  process start: a resumed run would show the epochs it dropped beside the ones it trained again."""
+  process start: a resumed run would show the epochs it dropped beside the ones it trained again. A line's records
+  are made once (`_line_records`), so rewriting the file each epoch costs its bytes, not their encoding."""
   from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
-  from tensorboardX.record_writer import masked_crc32c  # pylint: disable=import-outside-toplevel
+  header = _framed(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+  return header + b"".join(_line_records(json.dumps(line, sort_keys=True)) for line in lines)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _line_records(line_json: str) -> bytes:
+  """One metrics line's scalar events, framed (stamped with the time the line is first written)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
   from tensorboardX.summary import scalar  # pylint: disable=import-outside-toplevel
-  now = time.time()
-  events = [event_pb2.Event(wall_time=now, file_version="brain.Event:2")]
-  for line in lines:
-    events += [event_pb2.Event(wall_time=now, step=line["epoch"], summary=scalar(name, value))
-               for name, value in line.items()
-               if name != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool)]
-  records = []
-  for event in events:
-    data = event.SerializeToString()
-    header = struct.pack("<Q", len(data))
-    records.append(header + struct.pack("<I", masked_crc32c(header)) + data + struct.pack("<I", masked_crc32c(data)))
-  return b"".join(records)
+  line, now = json.loads(line_json), time.time()
+  return b"".join(_framed(event_pb2.Event(wall_time=now, step=line["epoch"], summary=scalar(name, value)))
+                  for name, value in line.items()
+                  if name != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _framed(event) -> bytes:
+  """An event as a TFRecord: its length, the length's masked CRC-32C, the event, the event's masked CRC-32C."""
+  from tensorboardX.record_writer import masked_crc32c  # pylint: disable=import-outside-toplevel
+  data = event.SerializeToString()
+  length = struct.pack("<Q", len(data))
+  return length + struct.pack("<I", masked_crc32c(length)) + data + struct.pack("<I", masked_crc32c(data))
 
 
 def append_metrics(out: str, line: dict) -> None:
