@@ -143,7 +143,7 @@ def read_many(paths: list[str]) -> list[bytes]:
   if not paths or not is_url(local(paths[0])):
     return [read_bytes(path) for path in paths]
   fs, _ = filesystem(paths[0])
-  keys = [filesystem(path)[1] for path in paths]
+  keys = [fs._strip_protocol(path) for path in paths]  # pylint: disable=protected-access  # As url_to_fs does.
   found = fs.cat(keys, on_error="return")
   for path, key in zip(paths, keys):
     error = found.get(key)

@@ -309,24 +309,33 @@ def resume_groups(saved: list[set[int]]) -> list[tuple[int, list[int]]]:
   return sorted(groups.items())
 
 
-def _write_metrics(out: str, lines: list[dict]) -> None:
-  """Rewrites metrics.jsonl and its TensorBoard events whole, on every store alike: an object store has no
-  appends (one line per epoch keeps the files small), and a run resumed after dropping lines (`truncate_metrics`)
-  leaves no stale points behind."""
-  storage.write_text(storage.join(out, METRICS_FILE), "".join(json.dumps(line) + "\n" for line in lines))
+def _write_metrics(out: str, lines: list[str]) -> None:
+  """Rewrites metrics.jsonl (its JSON `lines`) and their TensorBoard events whole, on every store alike: an object
+  store has no appends (one line per epoch keeps the files small), and a run resumed after dropping lines
+  (`truncate_metrics`) leaves no stale points behind."""
+  storage.write_text(storage.join(out, METRICS_FILE), "".join(line + "\n" for line in lines))
   storage.make_dirs(storage.join(out, TENSORBOARD_DIR))
   storage.write_bytes(storage.join(out, TENSORBOARD_DIR, TENSORBOARD_FILE), tensorboard_events(lines))
 
 
-def tensorboard_events(lines: list[dict]) -> bytes:
-  """Metrics lines as a TensorBoard event file: a scalar per numeric entry (tag: its name; step: the epoch), in
+def _metrics_lines(out: str) -> list[str]:
+  """metrics.jsonl's lines as written (none before the first epoch)."""
+  try:
+    text = storage.read_text(storage.join(out, METRICS_FILE))
+  except FileNotFoundError:
+    return []
+  return [line for line in text.splitlines() if line.strip()]
+
+
+def tensorboard_events(lines: list[str]) -> bytes:
+  """Metrics lines (JSON) as a TensorBoard event file: a scalar per numeric entry (tag: its name; step: the epoch), in
   tensorboardX's event protocol buffers, each framed as a TFRecord (length, masked CRC-32C of the length, the
   event, its masked CRC-32C). Written whole rather than through `SummaryWriter`, which appends to a new file per
   process start: a resumed run would show the epochs it dropped beside the ones it trained again. A line's records
   are made once (`_line_records`), so rewriting the file each epoch costs its bytes, not their encoding."""
   from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
   header = _framed(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
-  return header + b"".join(_line_records(json.dumps(line, sort_keys=True)) for line in lines)
+  return header + b"".join(_line_records(line) for line in lines)
 
 
 @functools.lru_cache(maxsize=1 << 14)
@@ -351,21 +360,17 @@ def _framed(event) -> bytes:
 def append_metrics(out: str, line: dict) -> None:
   """Adds an epoch's line (process 0 of a job; the others compute the same line and write nothing)."""
   if is_first():
-    _write_metrics(out, read_metrics(out) + [line])
+    _write_metrics(out, _metrics_lines(out) + [json.dumps(line)])
 
 
 def read_metrics(out: str) -> list[dict]:
-  try:
-    text = storage.read_text(storage.join(out, METRICS_FILE))
-  except FileNotFoundError:
-    return []
-  return [json.loads(line) for line in text.splitlines() if line.strip()]
+  return [json.loads(line) for line in _metrics_lines(out)]
 
 
 def truncate_metrics(out: str, epochs_done: int) -> None:
   """Drops lines of epochs not in the checkpoint resumed from (a kill between the metrics line and the save)."""
   if is_first():
-    _write_metrics(out, [line for line in read_metrics(out) if line["epoch"] <= epochs_done])
+    _write_metrics(out, [line for line in _metrics_lines(out) if json.loads(line)["epoch"] <= epochs_done])
 
 
 def write_final(out: str, total_epochs: int) -> dict:

@@ -39,6 +39,7 @@ def cache_info(path: str) -> dict:
   check_integrity(cache)
   members = ("member_logits",) if spec.member_logits else ()
   names = (*spec.target_arrays, *members, "labels", "view")
+  whole = spec.target_kind == "dense" or bool(members)
   cache.require(names, "the teacher statistics of `info`")
   num_members = spec.num_members
   member_correct = np.zeros(num_members)
@@ -48,7 +49,7 @@ def cache_info(path: str) -> dict:
   pair_agree = np.zeros((num_members, num_members))
   for chunk in range(spec.num_chunks):
     arrays = cache.read_chunk(chunk, names)
-    if spec.target_kind == "dense" or members:  # The whole distribution: stored, or re-derived as the build did.
+    if whole:  # The whole distribution: stored, or re-derived as the build did.
       log_probs = arrays["targets"].astype(np.float32) if spec.target_kind == "dense" else np.asarray(
           combine_log_probs(arrays["member_logits"], spec.temperature, spec.combine))
       probs = np.exp(log_probs)
@@ -78,7 +79,6 @@ def cache_info(path: str) -> dict:
       member_correct += member_hit.sum(axis=0)
       member_correct_view0 += member_hit[view0].sum(axis=0)
   rows = spec.num_rows
-  whole = spec.target_kind == "dense" or bool(members)
   off_diagonal = pair_agree[~np.eye(num_members, dtype=bool)]
   from_members = lambda value: value if members else None  # noqa: E731
   info["stats"] = {

@@ -43,9 +43,9 @@ def _sparse_target_failures(arrays: dict, spec) -> np.ndarray:
   logits, log-probabilities (and the top-k rest) other than the ensemble's, or top-k ids that are not the K most
   probable. Tolerances are the rounding of the storage dtype."""
   ids, log_probs = arrays["target_ids"].astype(np.int64), arrays["target_log_probs"].astype(np.float64)
-  eps = np.finfo(np.dtype(spec.dtype)).eps
+  dtype = np.dtype(spec.dtype)
   # A stored log-probability x is within eps/2·|x| of its float32 value: its probability within that factor.
-  tolerance = 2 * eps * np.maximum(1.0, np.abs(log_probs))
+  tolerance = _storage_tolerance(dtype, log_probs)
   bad = ((ids < 0) | (ids >= spec.num_classes)).any(1) | ~np.isfinite(log_probs).all(1) | (log_probs > tolerance).any(1)
   if spec.target_kind == "topk":
     rest = arrays["target_rest"].astype(np.float64)
@@ -68,12 +68,12 @@ def _sparse_target_failures(arrays: dict, spec) -> np.ndarray:
     safe_ids = np.clip(ids, 0, spec.num_classes - 1)
     at_ids = np.take_along_axis(derived, safe_ids, axis=1)
     used = np.ones_like(ids, bool) if spec.target_kind == "topk" else arrays["target_counts"] > 0
-    bad |= (used & ~(np.abs(at_ids - log_probs) <= _storage_tolerance(np.dtype(spec.dtype), at_ids))).any(1)
+    at_tolerance = _storage_tolerance(dtype, at_ids)
+    bad |= (used & ~(np.abs(at_ids - log_probs) <= at_tolerance)).any(1)
     if spec.target_kind == "topk":
       others = derived.copy()
       np.put_along_axis(others, safe_ids, -np.inf, axis=1)
-      margin = _storage_tolerance(np.dtype(spec.dtype), at_ids).max(1)
-      bad |= others.max(1, initial=-np.inf) > at_ids.min(1) + margin
+      bad |= others.max(1, initial=-np.inf) > at_ids.min(1) + at_tolerance.max(1)
       with np.errstate(divide="ignore"):
         rest = np.log(np.exp(others).sum(1))  # −inf when there are no others.
       stored_rest = arrays["target_rest"].astype(np.float64)
