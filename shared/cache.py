@@ -157,6 +157,30 @@ def parse_targets(text: str) -> tuple[str, int | None]:
                        "(sample: at most 65535).")
 
 
+def row_sources(rows: np.ndarray, num_examples: int, seed: int,
+                row_order: str = "permuted") -> tuple[np.ndarray, np.ndarray]:
+  """Which view of which example each row holds (see `CacheSpec.row_sources`, which this is).
+
+  Args:
+    rows: int [B] row numbers.
+    num_examples: N, the transfer set's examples.
+    seed: the build's seed.
+    row_order: "permuted" (schema 2) or "sequential" (schema 1).
+
+  Returns:
+    `(view, position)`: int32 [B] view ids and int64 [B] positions in the transfer set.
+  """
+  rows = np.asarray(rows, np.int64)
+  view, slot = np.divmod(rows, num_examples)
+  if row_order == "sequential":
+    return view.astype(np.int32), slot
+  position = np.empty_like(slot)
+  for v in np.unique(view):
+    here = view == v
+    position[here] = row_permutation(seed, int(v), num_examples)[slot[here]]
+  return view.astype(np.int32), position
+
+
 def validate_settings(*, temperature: float, combine: str, dtype: str, views: int, chunk_rows: int, seed: int = 0,
                       folds: int = 1, targets: str = "dense") -> None:
   """Checks the scalar build settings (before any data or teacher is loaded).
@@ -368,15 +392,7 @@ class CacheSpec:
       `(view, position)`: int32 [B] view ids and int64 [B] positions in the transfer set (index into its
       `indices`); row `v·N + k` holds view v of the k-th example in that view's stored order.
     """
-    rows = np.asarray(rows, np.int64)
-    view, slot = np.divmod(rows, self.num_examples)
-    if self.row_order == "sequential":
-      return view.astype(np.int32), slot
-    position = np.empty_like(slot)
-    for v in np.unique(view):
-      here = view == v
-      position[here] = row_permutation(self.augmentation.seed, int(v), self.num_examples)[slot[here]]
-    return view.astype(np.int32), position
+    return row_sources(rows, self.num_examples, self.augmentation.seed, self.row_order)
 
   def array(self, name: str) -> ArraySpec | None:
     """The spec of one array, or None when the store does not hold it."""

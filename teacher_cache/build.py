@@ -24,7 +24,7 @@ import zarr
 from tqdm import tqdm
 
 from shared import __version__, distributed, storage
-from shared.augment import DEFAULT_CROP_AREA, DEFAULT_CROP_ASPECT, fold_of, make_augmentation
+from shared.augment import DEFAULT_CROP_AREA, DEFAULT_CROP_ASPECT, Augmentation, fold_of, make_augmentation
 from shared.cache import (COMPLETE_KEY, EVAL_ROWS, ROWS, SCHEMA_VERSION, SPARSE_SCHEMA_VERSION, SPEC_KEY,
                           STORAGE_DTYPES, Cache, CacheSpec, MemberSpec, committed_name, create_arrays, gather,
                           integrity_problems, missing_chunks, now_iso, open_cache, raise_first_failure,
@@ -155,29 +155,22 @@ def _check_folds(teachers: list[Teacher], folds: int) -> None:
           f"{recorded[0]} --holdout-fold {recorded[1]}.")
 
 
-def _make_forwards(teachers: list[Teacher], spec: CacheSpec, mesh):
-  """The two jitted forwards of all runs, both with finite flags `[B, M]` for the stored logits:
+def targets_of_logits(spec: CacheSpec):
+  """What a cache stores of its members' logits, as a pure (jittable) function of them: the one place where both
+  `build` and `import` turn logits into stored arrays.
 
-  - rows: `(params, inputs [B, ...], folds [B], example indices [B], views [B]) -> (member logits [B, M, C],
-    targets, finite, finite targets [B])`, the targets a dict of what the spec stores (`{"targets": [B, C]}`, or
-    the sparse arrays). Cross-fitted, each row takes each member's logits from the run that held out the row's
-    fold. Targets are computed from the logits *as stored* (rounded to the storage dtype), so that a reader
-    re-deriving them from `member_logits` gets the stored `targets` back. A `sample:K` row's draws depend on the
-    build's seed, its example and its view alone.
-  - eval: `(params, inputs [B, ...]) -> (member logits [B, M, C], finite)`, a cross-fitted member's logits being the
-    mean of its runs (none of them trained on the eval split).
+  Returns:
+    `(logits float32 [B, M, C], example indices uint32 [B], views int32 [B]) -> (stored logits [B, M, C] in the
+    storage dtype, targets, finite [B, M], finite targets [B])`, the targets a dict of what the spec stores
+    (`{"targets": [B, C]}`, or the sparse arrays). Targets are computed from the logits *as stored* (rounded to the
+    storage dtype), so that a reader re-deriving them from `member_logits` gets the stored `targets` back. A
+    `sample:K` row's draws depend on the build's seed, its example and its view alone.
   """
-  normalizations = [Normalization.from_dict(m.normalization) for m in spec.members]
-  apply_fns = [t.apply_fn for t in teachers]
   storage_dtype = jnp.dtype(spec.dtype)
   dtypes = {a.name: jnp.dtype(a.dtype) for a in spec.arrays}
   draws = jax.random.fold_in(jax.random.key(spec.augmentation.seed), SAMPLE_STREAM)
 
-  def run_logits(params, x):
-    runs = jnp.stack([f(p, n.apply(x)) for f, p, n in zip(apply_fns, params, normalizations)], axis=1)
-    return runs.astype(jnp.float32).reshape(runs.shape[0], spec.num_members, spec.folds, runs.shape[-1])
-
-  def stored_targets(log_probs, index, view) -> dict:
+  def sparse_targets(log_probs, index, view) -> dict:
     if spec.target_kind == "dense":
       return {"targets": log_probs}
     if spec.target_kind == "topk":
@@ -188,16 +181,40 @@ def _make_forwards(teachers: list[Teacher], spec: CacheSpec, mesh):
     sparse = sampled_targets(log_probs, spec.target_k, keys)
     return {"target_ids": sparse["ids"], "target_log_probs": sparse["log_probs"], "target_counts": sparse["counts"]}
 
-  def rows_forward(params, x, fold, index, view):
-    runs = run_logits(params, x)  # [B, M, K, C]
-    logits = jnp.take_along_axis(runs, jnp.maximum(fold, 0)[:, None, None, None], axis=2)[:, :, 0]
+  def stored_and_targets(logits, index, view):
     stored = logits.astype(storage_dtype)
     log_probs = combine_log_probs(stored, spec.temperature, spec.combine)
     if spec.target_kind == "dense":
       log_probs = log_probs.astype(storage_dtype)  # Rounded once, as stored.
-    targets = {name: values.astype(dtypes[name]) for name, values in stored_targets(log_probs, index, view).items()}
+    targets = {name: values.astype(dtypes[name]) for name, values in sparse_targets(log_probs, index, view).items()}
     finite = jnp.all(jnp.isfinite(log_probs), axis=-1)
     return stored, targets, jnp.all(jnp.isfinite(stored), axis=-1), finite
+
+  return stored_and_targets
+
+
+def _make_forwards(teachers: list[Teacher], spec: CacheSpec, mesh):
+  """The two jitted forwards of all runs, both with finite flags `[B, M]` for the stored logits:
+
+  - rows: `(params, inputs [B, ...], folds [B], example indices [B], views [B]) -> (member logits [B, M, C],
+    targets, finite, finite targets [B])` (`targets_of_logits`). Cross-fitted, each row takes each member's logits
+    from the run that held out the row's fold.
+  - eval: `(params, inputs [B, ...]) -> (member logits [B, M, C], finite)`, a cross-fitted member's logits being the
+    mean of its runs (none of them trained on the eval split).
+  """
+  normalizations = [Normalization.from_dict(m.normalization) for m in spec.members]
+  apply_fns = [t.apply_fn for t in teachers]
+  storage_dtype = jnp.dtype(spec.dtype)
+  stored_and_targets = targets_of_logits(spec)
+
+  def run_logits(params, x):
+    runs = jnp.stack([f(p, n.apply(x)) for f, p, n in zip(apply_fns, params, normalizations)], axis=1)
+    return runs.astype(jnp.float32).reshape(runs.shape[0], spec.num_members, spec.folds, runs.shape[-1])
+
+  def rows_forward(params, x, fold, index, view):
+    runs = run_logits(params, x)  # [B, M, K, C]
+    logits = jnp.take_along_axis(runs, jnp.maximum(fold, 0)[:, None, None, None], axis=2)[:, :, 0]
+    return stored_and_targets(logits, index, view)
 
   def eval_forward(params, x):
     stored = jnp.mean(run_logits(params, x), axis=2).astype(storage_dtype)
@@ -339,6 +356,38 @@ def _eval_set(config: BuildConfig) -> TransferSet | None:
   return eval_set
 
 
+def open_views(config: BuildConfig) -> tuple[TransferSet, Augmentation]:
+  """The transfer set and the views of its rows that `config` asks for (build, `views` and `import` alike).
+
+  Raises:
+    StillroomError: bad data, or view settings that do not fit it.
+  """
+  transfer_set = open_transfer_set(config.dataset, config.split, config.data_dir)
+  if config.views > 1 and len(transfer_set.input_shape) < 2:
+    raise StillroomError(f"--views {config.views} needs image inputs; {config.dataset!r} holds flat vectors of "
+                         f"shape {transfer_set.input_shape}, which take no augmentation. Use --views 1.")
+  if config.image_size is not None and config.max_shift != BuildConfig.max_shift:
+    raise StillroomError("--max-shift shapes shift views; crop views (--image-size) take no shift.")
+  augmentation = make_augmentation(
+      transfer_set.input_shape, transfer_set.input_dtype, config.dataset, seed=config.seed,
+      max_shift=config.max_shift, flip=config.flip, image_size=config.image_size, crop_area=config.crop_area,
+      crop_aspect=config.crop_aspect)
+  return transfer_set, augmentation
+
+
+def make_spec(config: BuildConfig, transfer_set: TransferSet, eval_set: TransferSet | None,
+              augmentation: Augmentation, members: list[MemberSpec], num_classes: int) -> CacheSpec:
+  """The spec of a cache of `members`' outputs with the build settings of `config`."""
+  targets = CacheSpec.canonical_targets(config.targets)
+  return CacheSpec(
+      temperature=float(config.temperature), combine=config.combine, members=tuple(members),
+      dataset=transfer_set.describe(), eval_dataset=None if eval_set is None else eval_set.describe(),
+      num_classes=num_classes, views=config.views, augmentation=augmentation,
+      dtype=config.dtype, chunk_rows=config.chunk_rows, folds=config.folds, targets=targets,
+      member_logits=config.member_logits or targets == "dense", software_version=__version__, created_at=now_iso(),
+      schema_version=SCHEMA_VERSION if targets == "dense" else SPARSE_SCHEMA_VERSION)
+
+
 def _plan(config: BuildConfig) -> tuple:
   """What a build computes, from its settings: `(config with the batch size capped to a chunk, mesh, transfer set,
   eval set or None, teachers, spec)`.
@@ -352,16 +401,7 @@ def _plan(config: BuildConfig) -> tuple:
   if batch_size < config.batch_size:
     _log(f"--batch-size {config.batch_size} is more than a chunk ({config.chunk_rows} rows): batches of {batch_size}")
     config = dataclasses.replace(config, batch_size=batch_size)
-  transfer_set = open_transfer_set(config.dataset, config.split, config.data_dir)
-  if config.views > 1 and len(transfer_set.input_shape) < 2:
-    raise StillroomError(f"--views {config.views} needs image inputs; {config.dataset!r} holds flat vectors of "
-                         f"shape {transfer_set.input_shape}, which take no augmentation. Use --views 1.")
-  if config.image_size is not None and config.max_shift != BuildConfig.max_shift:
-    raise StillroomError("--max-shift shapes shift views; crop views (--image-size) take no shift.")
-  augmentation = make_augmentation(
-      transfer_set.input_shape, transfer_set.input_dtype, config.dataset, seed=config.seed,
-      max_shift=config.max_shift, flip=config.flip, image_size=config.image_size, crop_area=config.crop_area,
-      crop_aspect=config.crop_aspect)
+  transfer_set, augmentation = open_views(config)
   eval_set = _eval_set(config)
   teachers = [load_teacher(reference) for reference in config.teachers]
   if config.folds > 1:
@@ -370,14 +410,7 @@ def _plan(config: BuildConfig) -> tuple:
                                        config.batch_size)
   if eval_set is not None:
     check_eval_set(eval_set, transfer_set, augmentation, num_classes)
-  targets = CacheSpec.canonical_targets(config.targets)
-  spec = CacheSpec(
-      temperature=float(config.temperature), combine=config.combine, members=tuple(members),
-      dataset=transfer_set.describe(), eval_dataset=None if eval_set is None else eval_set.describe(),
-      num_classes=num_classes, views=config.views, augmentation=augmentation,
-      dtype=config.dtype, chunk_rows=config.chunk_rows, folds=config.folds, targets=targets,
-      member_logits=config.member_logits or targets == "dense", software_version=__version__, created_at=now_iso(),
-      schema_version=SCHEMA_VERSION if targets == "dense" else SPARSE_SCHEMA_VERSION)
+  spec = make_spec(config, transfer_set, eval_set, augmentation, members, num_classes)
   return config, mesh, transfer_set, eval_set, teachers, spec
 
 
@@ -428,17 +461,26 @@ def build_cache(config: BuildConfig) -> str:
     distributed.job_step(lambda: _write_chunks(cache, transfer_set, eval_set, teachers, mesh, config))
     if not first:
       return config.out
-    problems = integrity_problems(cache)  # The store must be whole before it is declared complete.
-    if problems:
-      raise StillroomError(f"{config.out} is not whole after writing every chunk: {'; '.join(problems)}.")
-    with storage_errors(f"writing the completion record of {config.out}"):
-      cache.group.attrs[COMPLETE_KEY] = {"finished_at": now_iso(), "rows": cache.spec.num_rows}
+    declare_complete(cache)
   spec = cache.spec
   _log(f"wrote {spec.num_rows} rows ({len(transfer_set)} examples x {spec.views} views, {spec.num_members} members"
        + (f" of {spec.folds} cross-fitted runs" if spec.folds > 1 else "") + f", {spec.num_classes} classes)"
        + (f" and {spec.num_eval_rows} eval rows ({spec.eval_dataset.split})" if spec.eval_dataset else "")
        + f" to {config.out}")
   return config.out
+
+
+def declare_complete(cache: Cache) -> None:
+  """Writes the completion record, after checking that every chunk is there: the last write of a cache.
+
+  Raises:
+    StillroomError: the store is not whole (a chunk missing or uncommitted).
+  """
+  problems = integrity_problems(cache)
+  if problems:
+    raise StillroomError(f"{cache.path} is not whole after writing every chunk: {'; '.join(problems)}.")
+  with storage_errors(f"writing the completion record of {cache.path}"):
+    cache.group.attrs[COMPLETE_KEY] = {"finished_at": now_iso(), "rows": cache.spec.num_rows}
 
 
 def _write_chunks(cache: Cache, transfer_set: TransferSet, eval_set: TransferSet | None, teachers: list[Teacher],
@@ -474,23 +516,38 @@ def _write_chunks(cache: Cache, transfer_set: TransferSet, eval_set: TransferSet
         bar.update(len(logits))
     for chunk, rows, (logits, targets, finite, finite_targets) in _computed_chunks(
         cache, ROWS, todo[ROWS], transfer_set, config, functools.partial(rows_forward, params), mesh):
-      index, view, fold = rows["index"], rows["view"], rows["fold"]
-      _check_finite(finite, lambda row, member: (
-          spec.members[member * spec.folds + max(int(fold[row]), 0)].name, member, index[row],
-          f"view {int(view[row])}"), cache)
-      if not finite_targets.all():
-        row = int(np.argmin(finite_targets))
-        raise StillroomError(f"the {spec.combine} targets at T={spec.temperature:g} are not finite for example index "
-                             f"{int(index[row])} (view {int(view[row])}) although every member's logits are: T is "
-                             f"too small for these logits; the store {cache.path} is left incomplete.")
-      logits = {"member_logits": logits} if spec.member_logits else {}
-      writer.put(ROWS, chunk, *cache.chunk_bounds(chunk), {**targets, **logits, **rows})
-      bar.update(len(index))
+      put_rows(writer, cache, chunk, rows, logits, targets, finite, finite_targets)
+      bar.update(len(rows["index"]))
   finally:
     bar.close()
     writer.close()
   if remaining:
     _log(f"{remaining} rows{process} in {time.perf_counter() - started:.1f} s")
+
+
+def put_rows(writer: "ChunkWriter", cache: Cache, chunk: int, rows: dict, logits: np.ndarray, targets: dict,
+             finite: np.ndarray, finite_targets: np.ndarray) -> None:
+  """Queues one chunk of transfer rows, once its stored logits and targets are known to be finite.
+
+  Args:
+    rows: the chunk's row arrays (`index`, `view`, `fold`, `labels` and the view parameters), each [R].
+    logits, targets, finite, finite_targets: `targets_of_logits`'s outputs on the chunk's rows.
+
+  Raises:
+    StillroomError: naming the first member and example whose logits (or targets) are not finite.
+  """
+  spec = cache.spec
+  index, view, fold = rows["index"], rows["view"], rows["fold"]
+  _check_finite(finite, lambda row, member: (
+      spec.members[member * spec.folds + max(int(fold[row]), 0)].name, member, index[row],
+      f"view {int(view[row])}"), cache)
+  if not finite_targets.all():
+    row = int(np.argmin(finite_targets))
+    raise StillroomError(f"the {spec.combine} targets at T={spec.temperature:g} are not finite for example index "
+                         f"{int(index[row])} (view {int(view[row])}) although every member's logits are: T is "
+                         f"too small for these logits; the store {cache.path} is left incomplete.")
+  logits = {"member_logits": logits} if spec.member_logits else {}
+  writer.put(ROWS, chunk, *cache.chunk_bounds(chunk), {**targets, **logits, **rows})
 
 
 def _computed_chunks(cache: Cache, row_set: str, chunks: list[int], data: TransferSet, config: BuildConfig,

@@ -11,6 +11,7 @@ from shared.settings import add_options, from_args
 from teacher_cache.build import BuildConfig, build_cache
 from teacher_cache.info import cache_info
 from teacher_cache.verify import verify_cache
+from teacher_cache.external import IMPORT_OPTIONS, VIEW_OPTIONS, import_cache, write_views
 
 _DESCRIPTION = """\
 Run a teacher ensemble once over a transfer set and cache its temperature-scaled outputs in a Zarr v3 store
@@ -22,6 +23,10 @@ example:
       --combine arithmetic --temperature 4 --views 4 --out digits.zarr
   teacher-cache info digits.zarr
   teacher-cache verify digits.zarr --dataset digits --split train
+
+a teacher outside JAX labels the rows' inputs, then its logits become a cache:
+  teacher-cache views --dataset digits --views 4 --out views
+  teacher-cache import --dataset digits --views 4 --logits torch.npz --out torch.zarr
 """
 
 
@@ -40,6 +45,26 @@ def _parser() -> argparse.ArgumentParser:
                      help="ensemble member: a run dir written by `student-train fit`, or module:function returning "
                           "an nnx.Module or (apply_fn, params); repeat for each member")
   add_options(build, BuildConfig, required=("out",))
+
+  views = commands.add_parser(
+      "views", allow_abbrev=False, help="write every row's teacher input to .npz files, for teachers outside JAX",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      description="Write the input of every row of a cache with these view settings, rendered and normalised as a "
+                  "teacher receives it:\n  OUT/views_00000.npz ...  x float32 [n, *input_shape], row int64 [n] (the "
+                  "row ids)\n  OUT/views.json            the settings (written last: the views are complete)\n"
+                  "Run your teacher on each file's x and save one .npz per member with `row` and `logits` [n, C]; "
+                  "then `teacher-cache import` with the same view options builds the cache.")
+  add_options(views, BuildConfig, VIEW_OPTIONS, required=("out",))
+
+  imported = commands.add_parser(
+      "import", allow_abbrev=False, help="build a cache from another framework's logits on the rows of `views`",
+      description="Build a cache from external teachers' logits on the rows written by `teacher-cache views`, given "
+                  "the same --dataset, --split, --views, --seed and view options. The cache is like any other: the "
+                  "same spec, targets, `info` and `verify`; it stores no eval split.")
+  imported.add_argument("--logits", action="append", required=True, metavar="MEMBER.npz",
+                        help="one ensemble member's logits: an .npz with `row` (row ids, any order, each row once) "
+                             "and `logits` [R, C]; repeat for each member")
+  add_options(imported, BuildConfig, IMPORT_OPTIONS, required=("out",))
 
   info = commands.add_parser("info", allow_abbrev=False, help="spec and teacher statistics of a cache")
   info.add_argument("cache", metavar="CACHE.zarr", help="a store written by `teacher-cache build`")
@@ -84,7 +109,8 @@ def _print_info(info: dict) -> None:
   folds = spec.get("folds", 1)
   print("teacher runs" + (f" ({folds} cross-fitted runs per member, member-major)" if folds > 1 else ""))
   for i, run in enumerate(spec["members"]):
-    print(f"  [{i}] {run['name']:<20} {run['model']:<10} {run['num_params']:>9} params  digest {run['digest'][:12]}")
+    size = "   logits" if run["model"] == "imported" else f"{run['num_params']:>9} params"  # No parameters here.
+    print(f"  [{i}] {run['name']:<20} {run['model']:<10} {size}  digest {run['digest'][:12]}")
   for i, member in enumerate(stats["members"] if stats else []):
     print(f"member {i}     {member['name']}: accuracy {_format_percent(member['accuracy'])} "
           f"(view 0: {_format_percent(member['accuracy_view0'])})")
@@ -110,7 +136,12 @@ def main(argv: list[str] | None = None) -> None:
   args = _parser().parse_args(argv)
 
   def command():
-    if args.command == "build":
+    if args.command == "views":
+      record = write_views(from_args(BuildConfig, args))
+      print(f"wrote {record['rows']} rows of views to {args.out}")
+    elif args.command == "import":
+      import_cache(from_args(BuildConfig, args), args.logits)
+    elif args.command == "build":
       build_cache(from_args(BuildConfig, args, teachers=tuple(args.teacher)))
     elif args.command == "info":
       info = cache_info(args.cache)

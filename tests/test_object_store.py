@@ -32,6 +32,7 @@ from student_train.sweep import report, run_sweep
 from student_train.train import fit
 from teacher_cache.build import BuildConfig, build_cache
 from teacher_cache.cli import main as cache_main
+from teacher_cache.external import import_cache, write_views
 from teacher_cache.verify import verify_cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -353,3 +354,19 @@ def test_an_unreachable_endpoint_is_one_line(tmp_path):
                           f"'s3://{BUCKET}/c.zarr'])"], env=env, capture_output=True, text=True, timeout=120)
   assert ended.returncode == 2 and "Traceback" not in ended.stderr, ended.stderr
   assert "error: object storage: EndpointConnectionError" in ended.stderr and "AWS_ENDPOINT_URL" in ended.stderr
+
+
+def test_views_and_import_on_a_bucket(bucket, tmp_path, data_dir):
+  """Views written to a bucket equal local ones, and logits files in the bucket import to a store there that equals
+  a local import."""
+  config = BuildConfig(dataset="digits", data_dir=data_dir, views=2, chunk_rows=2000, progress=False)
+  write_views(dataclasses.replace(config, out=bucket.url("views")))
+  write_views(dataclasses.replace(config, out=str(tmp_path / "views")))
+  assert _objects(bucket.fs, bucket.url("views")) == conftest.array_files(tmp_path / "views")
+  logits = np.random.default_rng(0).normal(size=(2874, 10)).astype(np.float32)
+  np.savez(tmp_path / "m.npz", row=np.arange(2874), logits=logits)
+  bucket.fs.put_file(str(tmp_path / "m.npz"), bucket.key("logits/m.npz"))
+  url = import_cache(dataclasses.replace(config, out=bucket.url("imported.zarr")), [bucket.url("logits/m.npz")])
+  local = import_cache(dataclasses.replace(config, out=str(tmp_path / "c.zarr")), [str(tmp_path / "m.npz")])
+  assert open_cache(url).complete and not [c for c in verify_cache(url, data_dir=data_dir) if c.failed]
+  assert _objects(bucket.fs, url) == conftest.array_files(local)

@@ -1,0 +1,301 @@
+"""Teachers outside JAX: `teacher-cache views` writes the exact input of every row of a cache, and `teacher-cache
+import` builds a cache from another framework's logits on those rows.
+
+The rows are a cache's: rows `[v·N, (v+1)·N)` hold view v of every example in the build's seeded order
+(`shared.cache.row_sources`), rendered as the build renders them and normalised as a teacher receives them
+(`x' = (x - shift) / scale`, the dataset's default normalisation). A row id is therefore all that ties a logit to
+its input, and it is only meaningful with the settings that made the views: `import` must get the same
+`--dataset --split --views --seed` (and view options) as `views`.
+
+  DIR/views.json         the dataset (with its fingerprint), views, augmentation, normalisation, chunk rows, rows
+  DIR/views_00000.npz    `x` float32 [n, *input_shape] and `row` int64 [n]: the rows of chunk 0, and so on
+
+An imported cache is a normal cache (the same spec, arrays, targets and verification as `build`'s), whose members
+are the logits files: model "imported", digest the SHA-256 of the logits in row order. It stores no eval split.
+"""
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import sys
+import zipfile
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from shared import storage
+from shared.augment import fold_of
+from shared.cache import ROWS, MemberSpec, row_sources, validate_settings
+from shared.data import local_path
+from shared.errors import StillroomError, raise_if_interrupted
+from shared.outputs import STORE, OutputLock, check_not_an_input, check_output
+from shared.parallel import pad_rows
+from shared.workers import BatchRenderer, resolve_workers
+from teacher_cache.build import (BuildConfig, ChunkWriter, declare_complete, make_spec, open_views, put_rows,
+                                 targets_of_logits, _chunks_to_write, _open_store)
+
+VIEWS_FILE = "views.json"
+_VIEW_SETTINGS = ("dataset", "split", "data_dir", "views", "seed", "max_shift", "flip", "image_size", "crop_area",
+                  "crop_aspect")
+# The `teacher-cache build` options each command takes (the rest of a build is about teachers and eval rows).
+VIEW_OPTIONS = (*_VIEW_SETTINGS, "chunk_rows", "batch_size", "workers", "out", "overwrite", "progress")
+IMPORT_OPTIONS = (*_VIEW_SETTINGS, "combine", "temperature", "targets", "member_logits", "chunk_rows", "batch_size",
+                  "dtype", "out", "overwrite", "progress")
+
+
+def chunk_file(chunk: int) -> str:
+  return f"views_{chunk:05d}.npz"
+
+
+def _log(message: str) -> None:
+  print(f"teacher-cache: {message}", file=sys.stderr, flush=True)
+
+
+def write_views(config: BuildConfig) -> dict:
+  """Writes every row's teacher input into `config.out` (a directory or an object-store prefix). The settings are
+  a build's (`VIEW_OPTIONS` of `BuildConfig`: one place for each default).
+
+  Returns:
+    The contents of `views.json`.
+
+  Raises:
+    StillroomError: bad settings or data; an `--out` that holds anything but views, or views of other settings
+      (without `--overwrite`).
+  """
+  if config.views < 1 or config.chunk_rows < 1 or config.batch_size < 1:
+    raise StillroomError("--views, --chunk-rows and --batch-size must be >= 1.")
+  if not config.out:
+    raise StillroomError("give --out DIR.")
+  check_not_an_input(config.out, [local_path(config.dataset), config.data_dir], "--out")
+  transfer_set, augmentation = open_views(config)
+  count = len(transfer_set)
+  rows = count * config.views
+  record = {"dataset": transfer_set.describe().to_dict(), "views": config.views,
+            "augmentation": augmentation.to_dict(), "normalization": transfer_set.normalization.to_dict(),
+            "chunk_rows": config.chunk_rows, "rows": rows,
+            "input_shape": list(augmentation.output_shape(transfer_set.input_shape))}
+  normalization = transfer_set.normalization
+  chunks = -(-rows // config.chunk_rows)
+  with OutputLock(config.out, "teacher-cache views"):
+    _prepare(config.out, record, config.overwrite)
+    with BatchRenderer(transfer_set, augmentation, workers=resolve_workers(config.workers, transfer_set)) as render, \
+        tqdm(total=rows, unit="row", unit_scale=True, disable=not config.progress, desc="teacher-cache views") as bar:
+      for chunk in range(chunks):
+        start, stop = chunk * config.chunk_rows, min(rows, (chunk + 1) * config.chunk_rows)
+        view, position = row_sources(np.arange(start, stop), count, config.seed)
+        parts = [slice(i, i + config.batch_size) for i in range(0, stop - start, config.batch_size)]
+        batches = ({"position": position[p], "index": transfer_set.indices[position[p]], "view": view[p]}
+                   for p in parts)
+        x = np.concatenate([normalization.apply(batch["x"]) for batch in render(batches)])
+        buffer = io.BytesIO()
+        np.savez(buffer, x=x.astype(np.float32), row=np.arange(start, stop, dtype=np.int64))
+        storage.write_bytes(storage.join(config.out, chunk_file(chunk)), buffer.getvalue())
+        bar.update(stop - start)
+    storage.write_text(storage.join(config.out, VIEWS_FILE), json.dumps(record, indent=2))  # Last: complete.
+  return record
+
+
+def _prepare(out: str, record: dict, overwrite: bool) -> None:
+  """Creates `out`, or empties one that holds views (of the same settings, or of others with `--overwrite`), so that
+  a write that does not finish never leaves a `views.json` beside chunks of other settings. Call it holding the
+  output's lock."""
+  if storage.is_file(out):
+    raise StillroomError(f"--out {out!r} is a file; give a directory for the views.")
+  if storage.has_entries(out):
+    entries = [name for name, _, _ in storage.scan(out)]
+    if not all(name == VIEWS_FILE or (name.startswith("views_") and name.endswith(".npz")) for name in entries):
+      raise StillroomError(f"--out {out!r} holds other files than views; choose another --out.")
+    try:
+      existing = storage.read_json(storage.join(out, VIEWS_FILE))
+    except (OSError, ValueError):
+      existing = None  # An unfinished write: its chunks are replaced.
+    if existing is not None and existing != record and not overwrite:
+      differing = sorted(k for k in record if existing.get(k) != record[k])
+      raise StillroomError(f"--out {out!r} holds views of other settings ({', '.join(differing)}); pass --overwrite "
+                           "or choose another --out.")
+    for name in sorted(entries, key=lambda name: name != VIEWS_FILE):  # The record first: no longer complete.
+      storage.remove_file(storage.join(out, name))
+  storage.make_dirs(out)
+
+
+def read_views(directory: str) -> dict:
+  """`views.json` of a directory written by `write_views`.
+
+  Raises:
+    StillroomError: there is none (not views, or a write that did not finish).
+  """
+  try:
+    return storage.read_json(storage.join(directory, VIEWS_FILE))
+  except (OSError, ValueError) as e:
+    raise StillroomError(f"{directory!r} has no readable {VIEWS_FILE}: not views written by `teacher-cache views`, "
+                         "or a write that did not finish (run it again).") from e
+
+
+def read_logits(path: str, num_rows: int) -> np.ndarray:
+  """One member's logits file, in row order.
+
+  Args:
+    path: an `.npz` file (or object) with `row` int [R] (row ids, any order) and `logits` [R, C].
+    num_rows: the rows of the views the logits are of; every row id `0..num_rows - 1` must appear exactly once.
+
+  Returns:
+    float32 [num_rows, C].
+
+  Raises:
+    StillroomError: the file cannot be read or lacks an array; shapes that do not fit; row ids missing, repeated or
+      unknown; non-finite logits; each naming the file and the first offending row ids.
+  """
+  try:
+    with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as files:
+      arrays = {name: files[name] for name in files.files if name in ("row", "logits")}
+      names = files.files
+  except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+    raise StillroomError(f"--logits {path!r} cannot be read as an .npz file ({type(e).__name__}: {e}).") from e
+  if set(arrays) != {"row", "logits"}:
+    raise StillroomError(f"--logits {path!r} holds {sorted(names)}; it needs `row` (int row ids [R]) and `logits` "
+                         "[R, C].")
+  row, logits = arrays["row"], arrays["logits"]
+  if row.ndim != 1 or not np.issubdtype(row.dtype, np.integer):
+    raise StillroomError(f"--logits {path!r}: `row` must be a 1-D integer array, got {row.dtype} {row.shape}.")
+  if logits.ndim != 2 or len(logits) != len(row) or not (np.issubdtype(logits.dtype, np.floating)
+                                                         or np.issubdtype(logits.dtype, np.integer)):
+    raise StillroomError(f"--logits {path!r}: `logits` must be numbers of shape [R, C] with R = len(row) = "
+                         f"{len(row)}, got {logits.dtype} {logits.shape}.")
+  row = row.astype(np.int64)
+  unknown = (row < 0) | (row >= num_rows)
+  if unknown.any():
+    raise StillroomError(f"--logits {path!r}: {int(unknown.sum())} row id(s) are not rows of these views (0.."
+                         f"{num_rows - 1}), e.g. {_listed(row[unknown])}: logits of views with other --dataset, "
+                         "--split or --views?")
+  seen = np.bincount(row, minlength=num_rows)
+  if (seen > 1).any():
+    repeated = np.flatnonzero(seen > 1)
+    raise StillroomError(f"--logits {path!r}: {len(repeated)} row id(s) appear more than once, e.g. "
+                         f"{_listed(repeated)}; give each row's logits once.")
+  if (seen == 0).any():
+    missing = np.flatnonzero(seen == 0)
+    raise StillroomError(f"--logits {path!r} has no logits for {len(missing)} of the {num_rows} rows, e.g. row ids "
+                         f"{_listed(missing)}; label every views_*.npz file.")
+  ordered = np.empty(logits.shape, np.float32)
+  ordered[row] = logits
+  finite = np.isfinite(ordered).all(axis=1)
+  if not finite.all():
+    raise StillroomError(f"--logits {path!r}: the logits of {int((~finite).sum())} row(s) are not finite, e.g. row "
+                         f"ids {_listed(np.flatnonzero(~finite))}.")
+  return ordered
+
+
+def _listed(ids: np.ndarray, shown: int = 5) -> str:
+  ids = [int(i) for i in ids[:shown]]
+  return ", ".join(map(str, ids)) + (", ..." if len(ids) == shown else "")
+
+
+def _member_name(path: str) -> str:
+  name = os.path.basename(storage.local(path).rstrip("/"))
+  return name[:-len(".npz")] if name.endswith(".npz") else name
+
+
+def import_cache(config: BuildConfig, logits_files: list[str]) -> str:
+  """Builds a cache (or resumes, or confirms one) from external teachers' logits on the rows of `teacher-cache
+  views` with the same view settings; returns its path. Every member's logits are held in memory (R·C·4 bytes each).
+
+  Args:
+    config: the build settings (`IMPORT_OPTIONS`); `teachers` and the eval split are not used.
+    logits_files: one `.npz` file per member (see `read_logits`), in member order.
+
+  Raises:
+    StillroomError: bad settings, data or logits files; an existing store with other settings.
+  """
+  validate_settings(temperature=config.temperature, combine=config.combine, dtype=config.dtype, views=config.views,
+                    chunk_rows=config.chunk_rows, seed=config.seed, targets=config.targets)
+  if config.batch_size < 1:
+    raise StillroomError(f"--batch-size must be >= 1, got {config.batch_size}.")
+  if not logits_files:
+    raise StillroomError("give at least one --logits FILE.npz (one per member).")
+  if not config.out:
+    raise StillroomError("give --out CACHE.zarr.")
+  config = dataclasses.replace(config, folds=1, teachers=())
+  check_not_an_input(config.out, [*logits_files, local_path(config.dataset), config.data_dir], "--out")
+  transfer_set, augmentation = open_views(config)
+  num_rows = len(transfer_set) * config.views
+  logits, members, digests = [], [], {}
+  for path in logits_files:
+    values = read_logits(path, num_rows)
+    if logits and values.shape[1] != logits[0].shape[1]:
+      raise StillroomError(f"--logits {path!r} has {values.shape[1]} classes, but {logits_files[0]!r} has "
+                           f"{logits[0].shape[1]}.")
+    digest = hashlib.sha256(values.tobytes()).hexdigest()
+    if digest in digests:
+      raise StillroomError(f"--logits {digests[digest]!r} and {path!r} hold the same logits; a member given twice "
+                           "only weighs it double.")
+    digests[digest] = path
+    logits.append(values)
+    members.append(MemberSpec(name=_member_name(path), source=path, model="imported", num_params=0, digest=digest,
+                              trained_epochs=None, normalization=transfer_set.normalization.to_dict()))
+  num_classes = logits[0].shape[1]
+  if transfer_set.num_classes is not None and transfer_set.num_classes > num_classes:
+    raise StillroomError(f"dataset {transfer_set.name!r} has {transfer_set.num_classes} classes but the logits files "
+                         f"hold {num_classes}.")
+  spec = make_spec(config, transfer_set, None, augmentation, members, num_classes)
+  with contextlib.ExitStack() as lock:
+    check_output(config.out, STORE, config.overwrite)
+    lock.enter_context(OutputLock(config.out, "teacher-cache import"))
+    cache = _open_store(config, spec, {"dataset": transfer_set, "eval_dataset": None})
+    if cache is None:
+      return config.out
+    _write_imported(cache, transfer_set, np.stack(logits, axis=1), config)
+    declare_complete(cache)
+  _log(f"imported {num_rows} rows ({len(transfer_set)} examples x {config.views} views, {len(members)} members, "
+       f"{num_classes} classes) to {config.out}")
+  # A row id means nothing under other view settings: accuracy near chance says the logits are of other rows.
+  view, position = spec.row_sources(np.arange(num_rows))
+  labels = transfer_set.labels[position]
+  labelled = labels >= 0
+  if labelled.any():
+    for member, values in zip(members, logits):
+      right = np.argmax(values, axis=1) == labels
+      _log(f"member {member.name!r}: accuracy {100 * right[labelled].mean():.2f}% on the {int(labelled.sum())} "
+           f"labelled rows (view 0: {100 * right[labelled & (view == 0)].mean():.2f}%)")
+  return config.out
+
+
+def _write_imported(cache, transfer_set, logits: np.ndarray, config: BuildConfig) -> None:
+  """Writes every uncommitted chunk of `cache` from `logits` float32 [R, M, C] (in row order): the row arrays
+  replayed from the seed, the stored arrays computed in batches by `targets_of_logits`, as a build computes them."""
+  spec = cache.spec
+  todo = _chunks_to_write(cache, ROWS)
+  forward = jax.jit(targets_of_logits(spec))
+  # Every example's (height, width), read once from the file headers (or records), for drawing crop boxes.
+  sizes = transfer_set.image_sizes(np.arange(len(transfer_set))) if spec.augmentation.kind == "crop" else None
+  labels = transfer_set.labels
+  writer = ChunkWriter(cache)
+  remaining = sum(stop - start for start, stop in map(cache.chunk_bounds, todo))
+  if remaining < spec.num_rows:
+    _log(f"resuming {cache.path}: {spec.num_rows - remaining} of {spec.num_rows} rows already committed")
+  batch_size = min(config.batch_size, spec.chunk_rows)  # A batch never spans chunks.
+  bar = tqdm(total=spec.num_rows, initial=spec.num_rows - remaining, unit="row", unit_scale=True,
+             disable=not config.progress, desc="teacher-cache import")
+  try:
+    for chunk in todo:
+      raise_if_interrupted()
+      start, stop = cache.chunk_bounds(chunk)
+      view, position = spec.row_sources(np.arange(start, stop))
+      index = transfer_set.indices[position]
+      params = spec.augmentation.view_params(index, view, None if sizes is None else sizes[position])
+      rows = {"index": index, "view": view, "fold": fold_of(index, spec.folds),
+              "labels": np.where(labels[position] >= 0, labels[position], -1).astype(np.int32), **params}
+      outputs = []
+      for offset in range(0, stop - start, batch_size):
+        part = slice(offset, offset + batch_size)
+        outputs.append(forward(*(pad_rows(a, batch_size) for a in (
+            logits[start:stop][part], index[part].astype(np.uint32), view[part]))))
+      outputs = jax.tree.map(lambda *parts: np.concatenate([np.asarray(p) for p in parts])[:stop - start], *outputs)
+      put_rows(writer, cache, chunk, rows, *outputs)
+      bar.update(stop - start)
+  finally:
+    bar.close()
+    writer.close()
