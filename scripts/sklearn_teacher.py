@@ -17,6 +17,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 
 from shared.data import open_transfer_set
+from teacher_cache.external import read_views
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> None:
   inputs, labels = train.read_all()
   teacher = LogisticRegression(max_iter=300).fit(train.normalization.apply(inputs).reshape(len(inputs), -1), labels)
 
+  read_views(args.views)  # Refuses views whose writing did not finish.
   rows, logits = [], []
   for path in sorted(glob.glob(os.path.join(args.views, "views_*.npz"))):
     with np.load(path) as chunk:  # x: float32 [n, 8, 8, 1], normalised; row: int64 [n]

@@ -29,7 +29,7 @@ from zarr.codecs import Crc32cCodec
 from zarr.core.sync import sync as zarr_sync
 
 from shared import storage
-from shared.augment import Augmentation, row_permutation
+from shared.augment import Augmentation, fold_of, row_permutation
 from shared.data import DatasetSpec
 from shared.ensemble import COMBINE_RULES
 from shared.errors import StillroomError
@@ -37,7 +37,8 @@ from shared.settings import positive_finite, seed_check
 
 SCHEMA_VERSION = 2
 SPARSE_SCHEMA_VERSION = 3  # Sparse targets: a stillroom that predates them refuses the store by its version.
-READABLE_SCHEMA_VERSIONS = (1, 2, 3)
+SPECIALIST_SCHEMA_VERSION = 4  # A generalist with specialists: likewise.
+READABLE_SCHEMA_VERSIONS = (1, 2, 3, 4)
 SPEC_KEY = "stillroom"
 COMPLETE_KEY = "stillroom_complete"
 STORAGE_DTYPES = ("float16", "float32")
@@ -66,11 +67,13 @@ class ArrayLayout:
     name: the array's name in the group.
     role: what it is for (see `ROLES`).
     dims: symbolic shape: "R" rows, "E" eval rows, "M" members, "C" classes, "K" sparse targets per row,
-      "chunks(R)" / "chunks(E)" one entry per chunk of those rows, or a number.
+      "S" specialists, "P" the largest specialist's outputs, "chunks(R)" / "chunks(E)" one entry per chunk of those
+      rows, or a number.
     dtype: a NumPy dtype name, `STORAGE` for the spec's storage dtype, or `CLASS_IDS`.
     meaning: one line for the README and `--help`.
     views: the kind of view (`shift` or `crop`, see `shared.augment`) whose stores hold it; None: every store.
     targets: the target kinds (`TARGET_KINDS`) whose stores hold it; None: every store.
+    specialists: whether only stores of a generalist with specialists hold it.
   """
 
   name: str
@@ -80,6 +83,7 @@ class ArrayLayout:
   meaning: str
   views: str | None = None
   targets: tuple[str, ...] | None = None
+  specialists: bool = False
 
   @property
   def shape(self) -> str:
@@ -96,8 +100,8 @@ class ArrayLayout:
 
 LAYOUT = (
     ArrayLayout("targets", "teacher", ("R", "C"), STORAGE,
-                "ensemble log-probabilities at T under the spec's combine rule, from the member logits as stored",
-                targets=("dense",)),
+                "ensemble log-probabilities at T under the spec's combine rule, from the member logits as stored "
+                "(with specialists: their combination q with the generalist)", targets=("dense",)),
     ArrayLayout("target_ids", "teacher", ("R", "K"), CLASS_IDS,
                 "topk:K: the K classes of largest ensemble probability at T, most probable first; sample:K: the "
                 "distinct classes among K draws from it, in increasing order, then padding (id 0, count 0)",
@@ -112,6 +116,11 @@ LAYOUT = (
                 targets=("sample",)),
     ArrayLayout("member_logits", "teacher", ("R", "M", "C"), STORAGE,
                 "each member's raw logits (before dividing by T); in a sparse cache only with --member-logits"),
+    ArrayLayout("specialist_logits", "teacher", ("R", "S", "P"), STORAGE,
+                "each specialist's raw logits: its classes in its order, padding 0, its dustbin (corrected) last",
+                specialists=True),
+    ArrayLayout("specialist_active", "teacher", ("R", "S"), "bool",
+                "the specialist takes part in the row's q: its classes meet the generalist's top-n", specialists=True),
     ArrayLayout("index", "row", ("R",), "int64", "example index: position in the unsliced split"),
     ArrayLayout("view", "row", ("R",), "int32", "view id; 0 is the un-augmented input"),
     ArrayLayout("labels", "row", ("R",), "int32", "hard label; -1 for an unlabeled transfer set"),
@@ -179,6 +188,24 @@ def row_sources(rows: np.ndarray, num_examples: int, seed: int,
     here = view == v
     position[here] = row_permutation(seed, int(v), num_examples)[slot[here]]
   return view.astype(np.int32), position
+
+
+def replay_rows(spec: "CacheSpec", start: int, stop: int, indices: np.ndarray,
+                sizes: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+  """The row arrays of rows `[start, stop)` that follow from the seed alone, as a build writes them.
+
+  Args:
+    spec: the cache's spec.
+    indices: int64 [N] the transfer set's example indices.
+    sizes: int [N, 2] every example's (height, width), for crop views.
+
+  Returns:
+    `(position int64 [n] in the transfer set, {"index", "view", "fold", and the view parameters})`.
+  """
+  view, position = spec.row_sources(np.arange(start, stop))
+  index = indices[position]
+  params = spec.augmentation.view_params(index, view, None if sizes is None else sizes[position])
+  return position, {"index": index, "view": view, "fold": fold_of(index, spec.folds), **params}
 
 
 def validate_settings(*, temperature: float, combine: str, dtype: str, views: int, chunk_rows: int, seed: int = 0,
@@ -250,6 +277,29 @@ class MemberSpec:
     return dataclasses.asdict(self)
 
 
+@dataclasses.dataclass(frozen=True)
+class SpecialistSpec:
+  """One specialist of a cache (Hinton et al. 2015, section 5).
+
+  Attributes:
+    run: its run.
+    classes: the generalist's class ids of its outputs 0..n-1 (its dustbin is output n).
+    dustbin_correction: what was added to its dustbin logit before storing (undoing its enriched sampling).
+  """
+
+  run: MemberSpec
+  classes: tuple[int, ...]
+  dustbin_correction: float
+
+  def to_dict(self) -> dict:
+    return {"run": self.run.to_dict(), "classes": list(self.classes), "dustbin_correction": self.dustbin_correction}
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "SpecialistSpec":
+    return cls(run=MemberSpec(**d["run"]), classes=tuple(int(c) for c in d["classes"]),
+               dustbin_correction=float(d["dustbin_correction"]))
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CacheSpec:
   """Everything a cache records about how it was made. `build_key()` is what defines a build.
@@ -270,6 +320,8 @@ class CacheSpec:
     member_logits: whether each member's logits are stored (always for dense targets).
     eval_dataset: the eval split whose member logits the store holds, or None.
     row_order: "permuted" (schema 2) or "sequential" (schema 1).
+    specialists: the specialists whose combination with the one member (the generalist) the targets are; schema 4.
+    top_n: with specialists: those whose classes meet the generalist's top-n classes of a row take part in it.
     arrays: the arrays present; derived from the settings when not given.
     created_at: ISO time of creation.
     schema_version: the layout version.
@@ -290,6 +342,8 @@ class CacheSpec:
   member_logits: bool = True
   eval_dataset: DatasetSpec | None = None
   row_order: str = "permuted"
+  specialists: tuple[SpecialistSpec, ...] = ()
+  top_n: int = 0
   arrays: tuple[ArraySpec, ...] = ()
   created_at: str = ""
   schema_version: int = SCHEMA_VERSION
@@ -300,6 +354,15 @@ class CacheSpec:
     if (self.target_kind != "dense") != (self.schema_version == SPARSE_SCHEMA_VERSION):
       raise StillroomError(f"schema version {self.schema_version} with {self.targets} targets: sparse targets are "
                            f"schema {SPARSE_SCHEMA_VERSION}, dense ones {SCHEMA_VERSION} or earlier.")
+    if bool(self.specialists) != (self.schema_version == SPECIALIST_SCHEMA_VERSION):
+      raise StillroomError(f"schema version {self.schema_version} with {len(self.specialists)} specialists: a cache "
+                           f"of specialists is schema {SPECIALIST_SCHEMA_VERSION}, and only such a cache.")
+    if self.specialists:
+      classes = [c for s in self.specialists for c in s.classes]
+      if self.target_kind != "dense" or len(self.members) != 1 or not 1 <= self.top_n <= self.num_classes \
+          or len(set(classes)) != len(classes) or not all(0 <= c < self.num_classes for c in classes):
+        raise StillroomError("a cache of specialists has dense targets, one generalist, 1 <= top_n <= C and "
+                             "specialists of disjoint class ids in 0..C-1.")
     if self.target_kind == "dense" and not self.member_logits:
       raise StillroomError("a dense cache stores its members' logits (--member-logits is for sparse targets).")
     if self.target_kind == "topk" and self.target_k > self.num_classes:
@@ -394,6 +457,17 @@ class CacheSpec:
     """
     return row_sources(rows, self.num_examples, self.augmentation.seed, self.row_order)
 
+  @property
+  def specialist_width(self) -> int:
+    """P: the outputs of the largest specialist (its classes and the dustbin); 0 without specialists."""
+    return max((len(s.classes) + 1 for s in self.specialists), default=0)
+
+  @property
+  def targets_derivable(self) -> bool:
+    """Whether the targets are the members' ensemble (so that students may re-derive them from `member_logits`
+    at another T, rule or subset): not with specialists."""
+    return self.member_logits and not self.specialists
+
   def array(self, name: str) -> ArraySpec | None:
     """The spec of one array, or None when the store does not hold it."""
     return next((a for a in self.arrays if a.name == name), None)
@@ -401,7 +475,8 @@ class CacheSpec:
   def _derived_arrays(self) -> tuple[ArraySpec, ...]:
     """The arrays a store made with these settings holds: every row array, and the eval arrays with an eval split."""
     sizes = {"R": self.num_rows, "E": self.num_eval_rows, "M": self.num_members, "C": self.num_classes,
-             "K": self.target_k, "chunks(R)": self.chunks_of(ROWS), "chunks(E)": self.chunks_of(EVAL_ROWS)}
+             "K": self.target_k, "S": len(self.specialists), "P": self.specialist_width,
+             "chunks(R)": self.chunks_of(ROWS), "chunks(E)": self.chunks_of(EVAL_ROWS)}
     dtypes = {STORAGE: self.dtype, CLASS_IDS: "int16" if self.num_classes <= np.iinfo(np.int16).max + 1 else "int32"}
     arrays = []
     for layout in LAYOUT:
@@ -412,6 +487,8 @@ class CacheSpec:
       if layout.targets is not None and self.target_kind not in layout.targets:
         continue
       if layout.name == "member_logits" and not self.member_logits:
+        continue
+      if layout.specialists and not self.specialists:
         continue
       shape = tuple(sizes[d] if d in sizes else int(d) for d in layout.dims)
       dtype = dtypes.get(layout.dtype, layout.dtype)
@@ -442,6 +519,8 @@ class CacheSpec:
         "schema_version": self.schema_version,
         # Only where they differ from what every cache before sparse targets was: their run dirs recorded this key.
         **({"targets": self.targets, "member_logits": self.member_logits} if self.targets != "dense" else {}),
+        **({"specialists": [[s.run.digest, list(s.classes), s.dustbin_correction] for s in self.specialists],
+            "top_n": self.top_n} if self.specialists else {}),
     }
 
   def mismatches(self, other: "CacheSpec") -> list[str]:
@@ -453,9 +532,11 @@ class CacheSpec:
   def to_attrs(self) -> dict:
     # A dense cache's spec omits the sparse-target fields, so that a stillroom that predates them reads it.
     dense_defaults = ("targets", "member_logits") if self.target_kind == "dense" else ()
+    dense_defaults += () if self.specialists else ("specialists", "top_n")  # Likewise for a cache without them.
     return {
         **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in dense_defaults},
         "members": [m.to_dict() for m in self.members],
+        **({"specialists": [s.to_dict() for s in self.specialists]} if self.specialists else {}),
         "dataset": self.dataset.to_dict(),
         "eval_dataset": None if self.eval_dataset is None else self.eval_dataset.to_dict(),
         "augmentation": self.augmentation.to_dict(),
@@ -479,6 +560,7 @@ class CacheSpec:
     try:
       d["augmentation"] = Augmentation.from_dict(d["augmentation"])
       d["members"] = tuple(MemberSpec(**m) for m in d["members"])
+      d["specialists"] = tuple(SpecialistSpec.from_dict(x) for x in d.get("specialists", ()))
       d["dataset"] = DatasetSpec.from_dict(d["dataset"])
       d["eval_dataset"] = None if d.get("eval_dataset") is None else DatasetSpec.from_dict(d["eval_dataset"])
       d["arrays"] = tuple(ArraySpec.from_dict(a) for a in d.get("arrays", ()))

@@ -364,6 +364,12 @@ class ImageFolderSource:
     return [data + np.int64(self._labels[key]).astype("<i8").tobytes() for key, data in zip(keys, contents)]
 
 
+def label_ids(labels: np.ndarray) -> np.ndarray:
+  """Labels as a cache and a batch hold them: int32, -1 where unlabeled."""
+  labels = np.asarray(labels)
+  return np.where(labels >= 0, labels, -1).astype(np.int32)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
 class TransferSet:
   """A split (or slice of one), read lazily from its source.
@@ -378,6 +384,7 @@ class TransferSet:
     num_classes: number of classes, or None when unknown (unlabeled data).
     normalization: the dataset's default input normalisation.
     canonical_split: the split with absolute bounds (`train[0:1150]`), part of the fingerprint.
+    label_map: int32 [C] the label each stored label is read as (`relabeled`), or None.
   """
 
   name: str
@@ -389,6 +396,17 @@ class TransferSet:
   num_classes: int | None
   normalization: Normalization
   canonical_split: str
+  label_map: np.ndarray | None = None
+
+  def relabeled(self, label_map: np.ndarray, num_classes: int) -> "TransferSet":
+    """The same examples (and fingerprint), their labels read through `label_map` int [C] into 0..num_classes-1:
+    e.g. a specialist's classes and its dustbin (`shared.specialists.dustbin_labels`)."""
+    return dataclasses.replace(self, label_map=np.asarray(label_map, np.int32), num_classes=num_classes)
+
+  def _mapped(self, labels: np.ndarray) -> np.ndarray:
+    if self.label_map is None:
+      return labels
+    return np.where(labels >= 0, self.label_map[np.maximum(labels, 0)], labels).astype(labels.dtype)
 
   def __len__(self) -> int:
     return len(self.indices)
@@ -437,7 +455,7 @@ class TransferSet:
     if np.issubdtype(self.input_dtype, np.floating) and not isinstance(self.source, ArraySource):
       _check_inputs(self.name, self.split, keys, inputs)
     self._check_labels(keys, labels)
-    return inputs, labels
+    return inputs, self._mapped(labels)
 
   def image_sizes(self, positions: np.ndarray) -> np.ndarray:
     """int64 [B, 2] each example's stored (height, width), without decoding where the source can."""
@@ -448,13 +466,15 @@ class TransferSet:
     return self.read(np.arange(len(self)))
 
   def _check_labels(self, keys: np.ndarray, labels: np.ndarray) -> None:
-    if self.num_classes is None or not self.labeled:
+    """Checks stored labels (before any `label_map`) against the stored class count."""
+    classes = self.num_classes if self.label_map is None else len(self.label_map)
+    if classes is None or not self.labeled:
       return
-    outside = (labels < 0) | (labels >= self.num_classes)
+    outside = (labels < 0) | (labels >= classes)
     if outside.any():
       bad = int(np.argmax(outside))
       raise StillroomError(f"dataset {self.name!r} split {self.split!r}: example index {int(keys[bad])} has label "
-                           f"{int(labels[bad])}, outside 0..{self.num_classes - 1}.")
+                           f"{int(labels[bad])}, outside 0..{classes - 1}.")
 
   @functools.cached_property
   def labels(self) -> np.ndarray:
@@ -462,7 +482,7 @@ class TransferSet:
     splits; a large TFDS split is read once for it."""
     labels = self.source.labels(self.indices)
     self._check_labels(self.indices, labels)
-    return labels
+    return self._mapped(labels)
 
   @functools.cached_property
   def _position_of_index(self) -> np.ndarray:

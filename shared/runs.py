@@ -229,6 +229,19 @@ class CrossFit:
   holdout_fold: int
 
 
+@dataclasses.dataclass(frozen=True)
+class SpecialistRecord:
+  """A specialist run (`student-train fit --specialist`): its outputs are `classes` in order, then the dustbin.
+
+  Attributes:
+    classes: the generalist's class ids of its outputs 0..n-1.
+    dustbin_correction: the log-odds to add to its dustbin logit to undo its enriched sampling.
+  """
+
+  classes: tuple[int, ...]
+  dustbin_correction: float
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RunRecord:
   """What a run dir's config.json says about its model: what loading it as a teacher needs.
@@ -239,17 +252,24 @@ class RunRecord:
     cross_fit: the fold it held out, or None if it trained on all its examples.
     image_size: S when its inputs were crop views rendered at SxS (evaluation shows it the centre crop at S), or
       None when it saw the images as stored.
+    specialist: for a specialist run, its classes and dustbin correction; else None.
   """
 
   model: ModelSpec
   normalization: Normalization
   cross_fit: CrossFit | None = None
   image_size: int | None = None
+  specialist: SpecialistRecord | None = None
 
   def to_json(self) -> dict:
     d = {"model": self.model.to_dict(), "normalization": self.normalization.to_dict(),
          "cross_fit": None if self.cross_fit is None else dataclasses.asdict(self.cross_fit)}
-    return d if self.image_size is None else {**d, "image_size": self.image_size}
+    if self.image_size is not None:
+      d["image_size"] = self.image_size
+    if self.specialist is not None:
+      d["specialist"] = {"classes": list(self.specialist.classes),
+                         "dustbin_correction": self.specialist.dustbin_correction}
+    return d
 
   @classmethod
   def from_json(cls, d: dict, where: str) -> "RunRecord":
@@ -259,8 +279,11 @@ class RunRecord:
         trained = d["resolved"]["config"]
         cross_fit = {"folds": trained["folds"], "holdout_fold": trained["holdout_fold"]} if trained["folds"] > 1 \
             else None
+      specialist = d.get("specialist")
       return cls(model=ModelSpec.from_dict(d["model"]), normalization=Normalization.from_dict(d["normalization"]),
-                 cross_fit=None if cross_fit is None else CrossFit(**cross_fit), image_size=d.get("image_size"))
+                 cross_fit=None if cross_fit is None else CrossFit(**cross_fit), image_size=d.get("image_size"),
+                 specialist=None if specialist is None else SpecialistRecord(
+                     tuple(int(c) for c in specialist["classes"]), float(specialist["dustbin_correction"])))
     except (KeyError, TypeError, AttributeError) as e:
       raise StillroomError(f"{where}: {CONFIG_FILE} lacks a valid 'model', 'normalization' or 'cross_fit' entry "
                            f"({type(e).__name__}: {e}).") from e

@@ -78,7 +78,7 @@ def flag_of(name: str, prefix: str = "") -> str:
 
 
 def add_options(parser, cls, names: Iterable[str] | None = None, *, prefix: str = "", defaults=None,
-                required: Iterable[str] = ()) -> None:
+                required: Iterable[str] = (), helps: dict | None = None) -> None:
   """Adds one option per field of the settings dataclass `cls` (in field order).
 
   Args:
@@ -88,12 +88,16 @@ def add_options(parser, cls, names: Iterable[str] | None = None, *, prefix: str 
     prefix: prepended to the option and destination names (`teacher_` makes `--teacher-epochs`).
     defaults: an instance whose values are the defaults shown (default: the class's own defaults).
     required: fields the command line must give.
+    helps: `{field: (help, metavar or None)}` for a command that gives some of the fields another meaning.
   """
   hints = typing.get_type_hints(cls)
   fields = {f.name: f for f in dataclasses.fields(cls)}
   for name in names if names is not None else [n for n, f in fields.items() if f.metadata.get("cli", False)]:
     field = fields[name]
     meta = field.metadata
+    if helps and name in helps:
+      text, metavar = helps[name]
+      meta = {**meta, "help": text, "metavar": metavar or meta.get("metavar")}
     default = getattr(defaults, name) if defaults is not None else field.default
     kind, is_tuple = value_type(hints[name])
     flag = flag_of(name, prefix)

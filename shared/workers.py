@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from shared.augment import Augmentation
-from shared.data import TransferSet
+from shared.data import TransferSet, label_ids
 from shared.errors import StillroomError
 from shared.settings import workers_check
 
@@ -87,7 +87,7 @@ def render_rows(transfer_set: TransferSet, augmentation: Augmentation, rows: dic
   inputs, labels = transfer_set.read(rows["position"])
   if "view" in rows:
     x, params = augmentation.render_views(inputs, rows["index"], rows["view"])
-    return {"x": x, "labels": np.where(labels >= 0, labels, -1).astype(np.int32), **params}
+    return {"x": x, "labels": label_ids(labels), **params}
   params = {name: rows[name] for name in augmentation.param_names}
   if augmentation.kind == "crop":
     _check_boxes(params["crop"], inputs, rows["index"])

@@ -25,6 +25,8 @@ examples:
   student-train fit --model mlp-small --cache digits.zarr --alpha 0.1 --finetune-epochs 5 --out runs/student
   student-train eval runs/teacher0 runs/teacher1 --dataset digits --split test
   student-train export runs/student --out student.npz
+  student-train fit --model cnn-large --dataset digits --specialist plan.json:0 --init-from runs/teacher0 \
+      --out runs/specialist0
   student-train fit --model cnn-small --dataset imagefolder:shapes/train --eval-dataset imagefolder:shapes/test \\
       --image-size 32 --augment --flip --out runs/shapes_teacher0
 """
@@ -37,12 +39,14 @@ _FIT_GROUPS = {
     "distillation (with --cache)": ("loss", "alpha", "temperature", "combine", "members", "finetune_epochs"),
     "optimisation": ("epochs", "batch_size", "optimizer", "schedule", "warmup_epochs", "lr", "finetune_lr",
                      "weight_decay", "momentum", "dropout", "seed", "data_seed"),
+    "specialists (Hinton et al. 2015, section 5; see `teacher-cache specialists`)": ("specialist", "init_from",
+                                                                                      "enrich"),
     "run": ("model", "out", "checkpoint_every", "checkpoint_every_steps", "overwrite", "progress"),
     "a job of several processes (see README, 'On a cluster')": JOB,
 }
 # Fit options a sweep does not take: its own --out and --cache, per-point seeds, and hard-label-only settings.
 _NOT_IN_SWEEP = ("out", "cache", "seed", "overwrite", "folds", "holdout_fold", "augment", "max_shift", "flip",
-                 "image_size", "crop_area", "crop_aspect", *JOB)
+                 "image_size", "crop_area", "crop_aspect", "specialist", "init_from", "enrich", *JOB)
 
 
 def _parser() -> argparse.ArgumentParser:

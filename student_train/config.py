@@ -25,7 +25,8 @@ DEFAULT_SHUFFLE_WINDOW = 4  # Chunks are uniform samples already (the build perm
 OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "nesterov", "rmsprop", "lamb", "lion")
 SCHEDULES = ("constant", "cosine", "warmup-cosine")
 # Settings added after run dirs recorded their config: a record without one ran with its default.
-ADDED_SETTINGS = ("optimizer", "schedule", "warmup_epochs", "momentum")
+ADDED_SETTINGS = ("optimizer", "schedule", "warmup_epochs", "momentum", "specialist", "init_from", "enrich",
+                  "specialist_classes", "dustbin_correction")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -69,6 +70,20 @@ class FitConfig:
                                             "targets from member_logits")
   combine: str | None = setting(None, "ensemble rule (default: the cache's)", choices=COMBINE_RULES)
   members: tuple[int, ...] | None = setting(None, "ensemble subset, e.g. 0,2 (default: all members)")
+  specialist: str | None = setting(
+      None, "train specialist k of a plan written by `teacher-cache specialists`, on hard labels: its classes plus "
+            "one dustbin class for all the others, each epoch --enrich of the examples drawn from its classes; "
+            "needs --init-from", metavar="PLAN.json:k")
+  init_from: str | None = setting(
+      None, "start from this run's parameters (the same model); with --specialist, the generalist's: the head's "
+            "outputs for the specialist's classes are copied, and the dustbin's is the mean of the others' (bias "
+            "plus the log of their count)", metavar="RUN_DIR")
+  enrich: float = setting(0.5, "--specialist: the share of each epoch's examples drawn (with replacement) from its "
+                               "classes, the rest from the others'")
+  specialist_classes: tuple[int, ...] | None = setting(None, "resolved: a specialist's classes, in its outputs' "
+                                                              "order (the dustbin last)", cli=False)
+  dustbin_correction: float | None = setting(None, "resolved: the log-odds added to a specialist's dustbin logit to "
+                                                   "undo --enrich", cli=False)
   epochs: int = setting(20, "epochs")
   finetune_epochs: int = setting(0, "epochs on hard labels after distillation")
   batch_size: int = setting(128, "rows per step, a multiple of the device count")
@@ -142,6 +157,7 @@ CHECKS = {
     "checkpoint_every_steps": lambda v: v is None or v >= 1 or "must be >= 1 step",
     "workers": workers_check,
     "folds": lambda v: v >= 1 or "must be >= 1",
+    "enrich": lambda v: 0.0 < v < 1.0 or "must be in (0, 1)",
     "seed": seed_check,
     "data_seed": lambda v: v is None or seed_check(v),
     "max_classes": lambda v: v >= 2 or "must be >= 2",
@@ -184,6 +200,11 @@ def validate_config(config: FitConfig, prefix: str = "") -> None:
       (tuple(config.crop_area), tuple(config.crop_aspect)) != (DEFAULT_CROP_AREA, DEFAULT_CROP_ASPECT):
     raise StillroomError("--augment/--flip/--image-size/--crop-* draw views for hard-label training; a cache brings "
                          "its own views.")
+  if config.specialist and (config.cache or not config.init_from):
+    raise StillroomError("--specialist trains on hard labels (not --cache), from the generalist: give --init-from "
+                         "GENERALIST_RUN.")
+  if config.enrich != FitConfig.enrich and not config.specialist:
+    raise StillroomError("--enrich is the share of a specialist's classes in its epochs; give --specialist too.")
   if config.flip and not config.augment:
     raise StillroomError("--flip adds flips to --augment's views; give --augment too.")
   if config.image_size is not None and config.max_shift != FitConfig.max_shift:

@@ -21,7 +21,7 @@ import concurrent.futures
 import itertools
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -208,13 +208,17 @@ class ArrayLoader:
   """Examples of a dataset with hard labels, each epoch one (optionally augmented) view of every example.
 
   With `augment`, epoch e shows every example in view e + 1 of `augmentation` (a fresh view per epoch, replayable
-  from (seed, index, view)); without, view 0: the stored inputs, or their centre crops with crop views.
+  from (seed, index, view)); without, view 0: the stored inputs, or their centre crops with crop views. With a
+  `sampler`, epoch e shows the examples `sampler(e)` instead (as many as there are, repeats allowed), e.g. a
+  specialist's enriched sampling.
   """
 
   def __init__(self, transfer_set: TransferSet, *, batch_size: int, seed: int, augmentation: Augmentation,
                augment: bool = False, examples: np.ndarray | None = None, workers: int = 0,
-               prefetch: int = DEFAULT_PREFETCH, rows: np.ndarray | None = None):
+               prefetch: int = DEFAULT_PREFETCH, rows: np.ndarray | None = None,
+               sampler: Callable[[int], np.ndarray] | None = None):
     self.transfer_set, self.batch_size, self.seed, self.rows = transfer_set, batch_size, seed, rows
+    self.sampler = sampler
     self.render = BatchRenderer(transfer_set, augmentation, workers=workers, prefetch=prefetch)
     self.augmentation, self.augment = augmentation, augment
     self.indices = transfer_set.indices if examples is None else np.sort(np.asarray(examples, np.int64))
@@ -230,9 +234,9 @@ class ArrayLoader:
   def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
     """The batches of one epoch from batch `start_step` on (see `CacheLoader.epoch`)."""
     rng = _epoch_rng(self.seed, epoch)
-    count = len(self.indices)
-    window = {"index": self.indices, "position": self.transfer_set.positions(self.indices),
-              "view": np.full(count, epoch + 1 if self.augment else 0, np.int32)}
+    indices = self.indices if self.sampler is None else self.sampler(epoch)
+    window = {"index": indices, "position": self.transfer_set.positions(indices),
+              "view": np.full(len(indices), epoch + 1 if self.augment else 0, np.int32)}
     batches = itertools.islice(_batches(iter([window]), self.batch_size, rng), start_step, None)
     rendered = self.render(_part(batches, self.rows))
     drawn = ("view", *self.augmentation.param_names)  # What the step does not read.

@@ -8,6 +8,7 @@ loss, T, rule and members are the cache's reads the stored `targets`; any other 
 
 import dataclasses
 import sys
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -22,6 +23,9 @@ from shared.ensemble import member_weights
 from shared.errors import StillroomError
 from shared.parallel import cap_batch
 from shared.models import MODELS, ModelSpec, build_model, check_input_shape, structure_digest
+from shared.runs import load_run_teacher
+from shared.specialists import (SpecialistPlan, dustbin_correction, dustbin_labels, initial_params,
+                                parse_specialist)
 from student_train.config import DEFAULT_KD_ALPHA, GROUP_VARYING, JOB, NOT_IDENTITY, FitConfig, validate_config
 
 
@@ -62,6 +66,9 @@ class RunPlan:
     examples: the example indices it trains on (folds, label fraction), or None for all.
     eval_set: the per-epoch evaluation data, or None.
     augmentation: how its inputs are rendered: the cache's views, or the config's (view 0 for evaluation).
+    initial_params: the parameters to start from (`--init-from`, as pure dicts), or None for a fresh initialisation.
+    sampler: epoch -> the example indices of that epoch (a specialist's enriched sampling), or None for every
+      example once.
   """
 
   config: FitConfig
@@ -73,6 +80,8 @@ class RunPlan:
   examples: np.ndarray | None
   eval_set: TransferSet | None
   augmentation: Augmentation
+  initial_params: dict | None = None
+  sampler: Callable[[int], np.ndarray] | None = None
 
   def record(self) -> dict:
     """The resolved config written to config.json (and compared on resume)."""
@@ -93,6 +102,7 @@ class RunPlan:
   def input_paths(self) -> list[str]:
     """The files and directories the run reads: its cache, npz datasets, the data dir."""
     paths = [self.cache.path] if self.cache is not None else []
+    paths += [self.config.init_from] if self.config.init_from else []
     paths += [local_path(data.name) for data in (self.transfer_set, self.eval_set) if data is not None]
     return [path for path in paths + [self.config.data_dir] if path]
 
@@ -114,6 +124,9 @@ class RunPlan:
         "member_weights": member_weights(teaching.members if teaching else range(num_members), num_members),
         "use_stored": np.bool_(teaching is not None and teaching.use_stored),
     }
+
+
+ENRICH_STREAM = 0x5BEC  # Folded into a specialist's epoch seeds, apart from the batch order's.
 
 
 def _log(message: str) -> None:
@@ -145,16 +158,22 @@ def _plan_teaching(config: FitConfig, cache: Cache) -> tuple[Teaching, dict]:
     reason = ("--loss mse" if config.loss == "mse" else
               f"T={temperature:g}, {combine} mean of members {list(members)} (the cache stores T="
               f"{spec.temperature:g}, {spec.combine} mean of all {spec.num_members})")
-    if not spec.member_logits:
+    if not spec.targets_derivable:
       asked = [f"--temperature {temperature:g}" if temperature != spec.temperature else "",
                f"--combine {combine}" if combine != spec.combine else "",
                f"--members {','.join(map(str, members))}" if members != tuple(range(spec.num_members)) else "",
                "--loss mse" if config.loss == "mse" else ""]
+      asked = ", ".join(a for a in asked if a)
+      if spec.specialists:
+        raise StillroomError(f"cache {config.cache!r} holds the combination of a generalist with "
+                             f"{len(spec.specialists)} specialists at T={spec.temperature:g} (for the KL loss), which "
+                             f"its member logits do not re-derive, so it cannot serve {asked}: drop those flags, or "
+                             "build another cache at that T.")
       raise StillroomError(f"cache {config.cache!r} holds {spec.targets} targets (T={spec.temperature:g}, "
                            f"{spec.combine} mean of all {spec.num_members} members, for the KL loss) and no member "
-                           f"logits, so it cannot serve {', '.join(a for a in asked if a)}: drop those flags, or "
-                           "rebuild it with --member-logits (students whose settings differ from the cache's then "
-                           "learn dense targets re-derived from them).")
+                           f"logits, so it cannot serve {asked}: drop those flags, or rebuild it with "
+                           "--member-logits (students whose settings differ from the cache's then learn dense "
+                           "targets re-derived from them).")
     cache.require(teaching.fields(spec), reason)
   return teaching, {"alpha": alpha, "temperature": temperature, "combine": combine, "members": members}
 
@@ -191,7 +210,7 @@ def plan_run(config: FitConfig, opened: Opened | None = None) -> RunPlan:
   """
   opened = opened or Opened()
   validate_config(config)
-  cache = teaching = None
+  cache = teaching = subset = None
   resolved: dict = {"data_seed": config.seed if config.data_seed is None else config.data_seed}
   if config.cache:
     cache = opened.cache(config.cache)
@@ -226,6 +245,11 @@ def plan_run(config: FitConfig, opened: Opened | None = None) -> RunPlan:
       raise StillroomError(f"{config.dataset!r} {split!r} is unlabeled; hard-label training needs labels.")
     num_classes = transfer_set.num_classes
     resolved.update(alpha=1.0, split=split)
+    if config.specialist:
+      subset = _specialist_classes(config.specialist, transfer_set)
+      transfer_set = transfer_set.relabeled(dustbin_labels(np.arange(num_classes), subset, num_classes),
+                                            len(subset) + 1)
+      num_classes = len(subset) + 1
   if num_classes > config.max_classes:
     raise StillroomError(f"{transfer_set.name!r} {transfer_set.split!r} has {num_classes:,} classes (its largest label "
                          f"is {num_classes - 1:,}), more than --max-classes {config.max_classes:,}; a head that "
@@ -257,17 +281,83 @@ def plan_run(config: FitConfig, opened: Opened | None = None) -> RunPlan:
     pool = transfer_set.indices if examples is None else examples
     keep = max(1, round(config.label_fraction * len(pool)))
     examples = np.sort(np.random.default_rng(config.data_seed).choice(pool, keep, replace=False))
+  sampler = None
+  if subset is not None:
+    pool = transfer_set.indices if examples is None else examples
+    inside = transfer_set.labels[transfer_set.positions(pool)] < len(subset)
+    if inside.all() or not inside.any():
+      raise StillroomError(f"--specialist {config.specialist}: {'all' if inside.all() else 'none'} of the training "
+                           "examples are of its classes, so there is nothing to enrich.")
+    sampler = enriched_sampler(pool, inside, config.enrich, config.data_seed)
+    config = dataclasses.replace(config, specialist_classes=tuple(subset),
+                                 dustbin_correction=dustbin_correction(float(inside.mean()), config.enrich))
+  initial = None
+  if config.init_from:
+    initial = _initial_params(config, model_spec, nnx.to_pure_dict(nnx.state(abstract, nnx.Param)), subset)
   rows = (len(transfer_set) if examples is None else len(examples)) * (cache.spec.views if cache else 1)
   batch_size = cap_batch(config.batch_size, rows, jax.device_count())  # Training uses every device of the job.
   if batch_size < config.batch_size:
     _log(f"--batch-size {config.batch_size} is more than the {rows:,} rows of an epoch: batches of {batch_size}")
     config = dataclasses.replace(config, batch_size=batch_size)
   eval_set = _eval_set(config, transfer_set, cache, opened)
+  if eval_set is not None and transfer_set.label_map is not None:  # A specialist's classes and dustbin there too.
+    eval_set = eval_set.relabeled(transfer_set.label_map, num_classes)
   if eval_set is not None:
     check_eval_set(eval_set, transfer_set, augmentation, num_classes)
   return RunPlan(config=config, transfer_set=transfer_set, cache=cache, teaching=teaching, model_spec=model_spec,
                  normalization=transfer_set.normalization, examples=examples, eval_set=eval_set,
-                 augmentation=augmentation)
+                 augmentation=augmentation, initial_params=initial, sampler=sampler)
+
+
+def _specialist_classes(specialist: str, transfer_set: TransferSet) -> tuple[int, ...]:
+  """The classes of `--specialist PLAN.json:k`.
+
+  Raises:
+    StillroomError: an unreadable plan, no specialist k, or a plan for another class count.
+  """
+  path, k = parse_specialist(specialist)
+  plan = SpecialistPlan.read(path)
+  if k >= len(plan.subsets):
+    raise StillroomError(f"--specialist {specialist}: the plan has specialists 0..{len(plan.subsets) - 1}.")
+  if plan.num_classes != transfer_set.num_classes:
+    raise StillroomError(f"--specialist {specialist}: the plan is for {plan.num_classes} classes; "
+                         f"{transfer_set.name!r} has {transfer_set.num_classes}.")
+  return plan.subsets[k]
+
+
+def _initial_params(config: FitConfig, model_spec: ModelSpec, target: dict, subset) -> dict:
+  """The parameters `--init-from` starts the run from (see `shared.specialists.initial_params`).
+
+  Raises:
+    StillroomError: the run cannot be loaded, or is of another model or input shape.
+  """
+  run = load_run_teacher(config.init_from)
+  what = f"--init-from {config.init_from!r}"
+  recorded = run.record.model
+  if (recorded.name, tuple(recorded.input_shape)) != (model_spec.name, tuple(model_spec.input_shape)):
+    raise StillroomError(f"{what} is a {recorded.name} run on inputs {tuple(recorded.input_shape)}; this run trains "
+                         f"a {model_spec.name} on {tuple(model_spec.input_shape)}.")
+  return initial_params(target, nnx.to_pure_dict(run.params), subset, what)
+
+
+def enriched_sampler(pool: np.ndarray, inside: np.ndarray, share: float, seed: int) -> Callable[[int], np.ndarray]:
+  """A specialist's epochs: as many examples as `pool`, `round(share · N)` of them drawn uniformly with replacement
+  from the examples of its classes (`inside`), the rest from the others, seeded by (seed, epoch).
+
+  Args:
+    pool: int64 [N] the example indices it trains on.
+    inside: bool [N] which of them are of the specialist's classes.
+    share: the enriched share of its classes.
+    seed: the run's data seed.
+  """
+  ours, others = pool[inside], pool[~inside]
+  count = round(share * len(pool))
+
+  def sample(epoch: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, epoch, ENRICH_STREAM])
+    return np.concatenate([rng.choice(ours, count), rng.choice(others, len(pool) - count)])
+
+  return sample
 
 
 def _eval_set(config: FitConfig, transfer_set: TransferSet, cache: Cache | None, opened: Opened) -> TransferSet | None:

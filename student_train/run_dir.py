@@ -33,7 +33,7 @@ from shared import __version__, storage
 from shared.distributed import is_first
 from shared.errors import StillroomError
 from shared.outputs import RUN_DIR, clear_for_overwrite
-from shared.runs import CONFIG_FILE, PARAMS_ITEM, CrossFit, RunRecord, checkpoint_manager
+from shared.runs import CONFIG_FILE, PARAMS_ITEM, CrossFit, RunRecord, SpecialistRecord, checkpoint_manager
 from student_train.config import ADDED_SETTINGS, FitConfig
 from student_train.plan import RunPlan
 
@@ -90,8 +90,10 @@ def prepare_run_dir(plan: RunPlan, joining: bool = False) -> bool:
   storage.make_dirs(out)
   config = plan.config
   cross_fit = CrossFit(folds=config.folds, holdout_fold=config.holdout_fold) if config.folds > 1 else None
+  specialist = None if config.specialist_classes is None else SpecialistRecord(config.specialist_classes,
+                                                                              config.dustbin_correction)
   run_record = RunRecord(model=plan.model_spec, normalization=plan.normalization, cross_fit=cross_fit,
-                         image_size=plan.augmentation.image_size)
+                         image_size=plan.augmentation.image_size, specialist=specialist)
   where = {"out": storage.absolute(out), "cache": None if plan.cache is None else storage.absolute(plan.cache.path)}
   _write_json(path, {**run_record.to_json(), "resolved": record, "paths": where, "software_version": __version__})
   return False

@@ -89,7 +89,7 @@ def make_loader(plan: RunPlan, fields: tuple[str, ...], rows: np.ndarray | None 
                        rows=rows, epochs=config.epochs + config.finetune_epochs)
   return ArrayLoader(plan.transfer_set, batch_size=config.batch_size, seed=config.data_seed,
                      augmentation=plan.augmentation, augment=config.augment, examples=plan.examples, workers=workers,
-                     rows=rows)
+                     rows=rows, sampler=plan.sampler)
 
 
 def fit(config: FitConfig, *, log_epochs: bool = True, on_epoch: EpochCallback | None = None) -> dict:
@@ -260,6 +260,10 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
     states = []
     for plan in group:
       model = build_model(plan.model_spec, seed=plan.config.seed)
+      if plan.initial_params is not None:  # --init-from (a resumed run then restores its own checkpoint).
+        params = nnx.state(model, nnx.Param)
+        nnx.replace_by_pure_dict(params, plan.initial_params)
+        nnx.update(model, params)
       optimizer = nnx.Optimizer(model, make_optimizer(plan.config, loader.steps_per_epoch), wrt=nnx.Param)
       graphdef, state = nnx.split((model, optimizer))
       states.append(put_replicated(state, mesh))  # Where checkpoints restore to, on every process's devices.

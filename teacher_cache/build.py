@@ -26,7 +26,8 @@ from tqdm import tqdm
 from shared import __version__, distributed, storage
 from shared.augment import DEFAULT_CROP_AREA, DEFAULT_CROP_ASPECT, Augmentation, fold_of, make_augmentation
 from shared.cache import (COMPLETE_KEY, EVAL_ROWS, ROWS, SCHEMA_VERSION, SPARSE_SCHEMA_VERSION, SPEC_KEY,
-                          STORAGE_DTYPES, Cache, CacheSpec, MemberSpec, committed_name, create_arrays, gather,
+                          SPECIALIST_SCHEMA_VERSION, STORAGE_DTYPES, Cache, CacheSpec, MemberSpec, SpecialistSpec,
+                          committed_name, create_arrays, gather,
                           integrity_problems, missing_chunks, now_iso, open_cache, raise_first_failure,
                           uncommitted_chunks, validate_settings, writable)
 from shared.data import (NO_EVAL, Normalization, TransferSet, check_eval_set, default_eval_split, local_path,
@@ -40,6 +41,7 @@ from shared.outputs import STORE, OutputLock, check_not_an_input, check_output, 
 from shared.parallel import batch_sharding, cap_batch, check_batch_size, data_mesh, pad_rows, replicated
 from shared.runs import Teacher, load_teacher
 from shared.settings import WORKERS_HELP, setting, workers_check
+from shared.specialists import SpecialistPlan, class_matrix, specialist_log_probs
 from shared.workers import BatchRenderer, resolve_workers
 
 
@@ -68,6 +70,10 @@ class BuildConfig:
   member_logits: bool = setting(False, "sparse targets: also store each member's logits, which students need to "
                                        "re-derive targets at another T, rule or member subset, or for --loss mse "
                                        "(dense caches always store them)")
+  specialist_plan: str | None = setting(None, "the plan of the specialists (`teacher-cache specialists`)", cli=False)
+  specialist_runs: tuple[str, ...] = setting((), "specialist run dirs (`student-train fit --specialist`)", cli=False)
+  top_n: int = setting(2, "with --specialists: a specialist takes part in a row's targets when one of its classes is "
+                          "among the generalist's N most probable", metavar="N")
   views: int = setting(1, "views per example, view 0 un-augmented; 1 = no augmentation")
   seed: int = setting(0, "seed of the views and of the order in which examples are stored")
   max_shift: int = setting(1, "shift views: largest zero-filled shift of a view, in pixels")
@@ -98,7 +104,7 @@ class BuildConfig:
 SAMPLE_STREAM = 0x5A17  # Folded into the build's seed for `sample:K` draws, apart from the views' randomness.
 
 
-def _log(message: str) -> None:
+def log(message: str) -> None:
   print(f"teacher-cache: {message}", file=sys.stderr, flush=True)
 
 
@@ -108,24 +114,12 @@ def _member_specs(teachers: list[Teacher], transfer_set: TransferSet, input_shap
   other; returns their specs and the class count."""
   specs, classes, digests = [], {}, {}
   for teacher in teachers:
-    normalization = teacher.normalization or transfer_set.normalization
-    what = f"teacher {teacher.name!r} ({teacher.model})"
-    trained_on = None if teacher.record is None else tuple(teacher.record.model.input_shape)
-    if trained_on is not None and trained_on != tuple(input_shape):
-      rendered = tuple(transfer_set.input_shape) != tuple(input_shape)
-      raise StillroomError(f"{what} takes inputs of shape {trained_on}, but "
-                           + (f"the views are rendered at {tuple(input_shape)} (--image-size {input_shape[0]}); build "
-                              "with the --image-size it was trained at." if rendered else
-                              f"{transfer_set.name!r} holds inputs of shape {tuple(input_shape)}."))
-    out = check_input_shape(teacher.apply_fn, teacher.params, input_shape, what, batch_size)
     if teacher.digest in digests:
       raise StillroomError(f"teachers {digests[teacher.digest]!r} and {teacher.source!r} have the same parameters; "
                            "an ensemble member given twice only weighs it double.")
     digests[teacher.digest] = teacher.source
-    classes[teacher.name] = int(out.shape[-1])
-    specs.append(MemberSpec(name=teacher.name, source=teacher.source, model=teacher.model,
-                            num_params=teacher.num_params, digest=teacher.digest,
-                            trained_epochs=teacher.trained_epochs, normalization=normalization.to_dict()))
+    spec, classes[teacher.name] = _member_spec(teacher, transfer_set, input_shape, batch_size)
+    specs.append(spec)
   if len(set(classes.values())) != 1:
     raise StillroomError(f"ensemble members have different class counts: {classes}.")
   num_classes = next(iter(classes.values()))
@@ -136,6 +130,67 @@ def _member_specs(teachers: list[Teacher], transfer_set: TransferSet, input_shap
   return specs, num_classes
 
 
+def _member_spec(teacher: Teacher, transfer_set: TransferSet, input_shape: tuple[int, ...],
+                 batch_size: int) -> tuple[MemberSpec, int]:
+  """A teacher's spec and class count, once it is known to take the rendered views' `input_shape`."""
+  normalization = teacher.normalization or transfer_set.normalization
+  what = f"teacher {teacher.name!r} ({teacher.model})"
+  trained_on = None if teacher.record is None else tuple(teacher.record.model.input_shape)
+  if trained_on is not None and trained_on != tuple(input_shape):
+    rendered = tuple(transfer_set.input_shape) != tuple(input_shape)
+    raise StillroomError(f"{what} takes inputs of shape {trained_on}, but "
+                         + (f"the views are rendered at {tuple(input_shape)} (--image-size {input_shape[0]}); build "
+                            "with the --image-size it was trained at." if rendered else
+                            f"{transfer_set.name!r} holds inputs of shape {tuple(input_shape)}."))
+  out = check_input_shape(teacher.apply_fn, teacher.params, input_shape, what, batch_size)
+  return MemberSpec(name=teacher.name, source=teacher.source, model=teacher.model, num_params=teacher.num_params,
+                    digest=teacher.digest, trained_epochs=teacher.trained_epochs,
+                    normalization=normalization.to_dict()), int(out.shape[-1])
+
+
+def _specialists(config: BuildConfig, teachers: list[Teacher], transfer_set: TransferSet, input_shape: tuple,
+                 num_classes: int) -> tuple[list[Teacher], list[SpecialistSpec]]:
+  """The specialist runs of `--specialists PLAN.json RUN...`, in the plan's order, and their specs.
+
+  Raises:
+    StillroomError: not one generalist; sparse targets; a run that is not a specialist of this plan, or is one of
+      another's classes twice; a plan for another class count.
+  """
+  if len(teachers) != 1 or config.folds > 1:
+    raise StillroomError("--specialists combine with one generalist: give one --teacher (and no --folds).")
+  if CacheSpec.canonical_targets(config.targets) != "dense":
+    raise StillroomError("a cache of specialists stores dense targets (their combination q): drop --targets.")
+  if not config.specialist_runs:
+    raise StillroomError("--specialists takes PLAN.json and then the specialist run dirs.")
+  plan = SpecialistPlan.read(config.specialist_plan)
+  if plan.num_classes != num_classes:
+    raise StillroomError(f"specialist plan {config.specialist_plan!r} is for {plan.num_classes} classes; the "
+                         f"generalist outputs {num_classes}.")
+  found = {}
+  for reference in config.specialist_runs:
+    run = load_teacher(reference)
+    record = None if run.record is None else run.record.specialist
+    if record is None:
+      raise StillroomError(f"{reference!r} is not a specialist run (one trained with `student-train fit "
+                           "--specialist`).")
+    if record.classes not in plan.subsets:
+      raise StillroomError(f"specialist {reference!r} covers classes {list(record.classes)}, which are not a subset "
+                           f"of the plan {config.specialist_plan!r}.")
+    if record.classes in found:
+      raise StillroomError(f"specialists {found[record.classes].source!r} and {run.source!r} both cover classes "
+                           f"{list(record.classes)}; give one.")
+    outputs = _member_spec(run, transfer_set, input_shape, config.batch_size)[1]
+    if outputs != len(record.classes) + 1:
+      raise StillroomError(f"specialist {reference!r} outputs {outputs} logits; its {len(record.classes)} classes "
+                           "and a dustbin are one more.")
+    found[record.classes] = run
+  runs = [found[subset] for subset in plan.subsets if subset in found]
+  specs = [SpecialistSpec(run=_member_spec(run, transfer_set, input_shape, config.batch_size)[0],
+                          classes=run.record.specialist.classes,
+                          dustbin_correction=run.record.specialist.dustbin_correction) for run in runs]
+  return runs, specs
+
+
 def _check_folds(teachers: list[Teacher], folds: int) -> None:
   """With cross-fitting, run k of each member must have been trained without fold k (as its record says)."""
   if len(teachers) % folds:
@@ -143,7 +198,7 @@ def _check_folds(teachers: list[Teacher], folds: int) -> None:
                          f"0..{folds - 1}, then member 1's, ...); got {len(teachers)} teachers.")
   for position, teacher in enumerate(teachers):
     if teacher.record is None:
-      _log(f"cross-fitting: cannot check which fold {teacher.name!r} held out (not a stillroom run); trusting the "
+      log(f"cross-fitting: cannot check which fold {teacher.name!r} held out (not a stillroom run); trusting the "
            f"order given (fold {position % folds}).")
       continue
     cross_fit = teacher.record.cross_fit
@@ -170,7 +225,7 @@ def targets_of_logits(spec: CacheSpec):
   dtypes = {a.name: jnp.dtype(a.dtype) for a in spec.arrays}
   draws = jax.random.fold_in(jax.random.key(spec.augmentation.seed), SAMPLE_STREAM)
 
-  def sparse_targets(log_probs, index, view) -> dict:
+  def stored_targets(log_probs, index, view) -> dict:
     if spec.target_kind == "dense":
       return {"targets": log_probs}
     if spec.target_kind == "topk":
@@ -186,7 +241,7 @@ def targets_of_logits(spec: CacheSpec):
     log_probs = combine_log_probs(stored, spec.temperature, spec.combine)
     if spec.target_kind == "dense":
       log_probs = log_probs.astype(storage_dtype)  # Rounded once, as stored.
-    targets = {name: values.astype(dtypes[name]) for name, values in sparse_targets(log_probs, index, view).items()}
+    targets = {name: values.astype(dtypes[name]) for name, values in stored_targets(log_probs, index, view).items()}
     finite = jnp.all(jnp.isfinite(log_probs), axis=-1)
     return stored, targets, jnp.all(jnp.isfinite(stored), axis=-1), finite
 
@@ -206,18 +261,39 @@ def _make_forwards(teachers: list[Teacher], spec: CacheSpec, mesh):
   apply_fns = [t.apply_fn for t in teachers]
   storage_dtype = jnp.dtype(spec.dtype)
   stored_and_targets = targets_of_logits(spec)
+  num_runs = len(spec.members)  # Then the specialists, in the spec's order.
 
   def run_logits(params, x):
     runs = jnp.stack([f(p, n.apply(x)) for f, p, n in zip(apply_fns, params, normalizations)], axis=1)
     return runs.astype(jnp.float32).reshape(runs.shape[0], spec.num_members, spec.folds, runs.shape[-1])
 
   def rows_forward(params, x, fold, index, view):
-    runs = run_logits(params, x)  # [B, M, K, C]
+    runs = run_logits(params[:num_runs], x)  # [B, M, K, C]
     logits = jnp.take_along_axis(runs, jnp.maximum(fold, 0)[:, None, None, None], axis=2)[:, :, 0]
+    if spec.specialists:
+      return specialist_forward(params[num_runs:], x, logits)
     return stored_and_targets(logits, index, view)
 
+  def specialist_forward(params, x, logits):
+    """The generalist's logits [B, 1, C] and each specialist's (dustbin corrected, padded to [B, S, P]) as stored,
+    and their combination q as the targets (`shared.specialists.specialist_log_probs`)."""
+    width, outputs = spec.specialist_width, []
+    for f, p, specialist in zip(apply_fns[num_runs:], params, spec.specialists):
+      z = f(p, Normalization.from_dict(specialist.run.normalization).apply(x)).astype(jnp.float32)
+      n = len(specialist.classes)
+      padded = jnp.zeros((z.shape[0], width), jnp.float32).at[:, :n].set(z[:, :n])
+      outputs.append(padded.at[:, -1].set(z[:, n] + specialist.dustbin_correction))
+    stored, specialist_logits = logits.astype(storage_dtype), jnp.stack(outputs, axis=1).astype(storage_dtype)
+    active, log_q = specialist_log_probs(stored[:, 0], specialist_logits, classes, spec.temperature, spec.top_n)
+    targets = {"targets": log_q.astype(storage_dtype), "specialist_logits": specialist_logits,
+               "specialist_active": active}
+    finite = jnp.all(jnp.isfinite(log_q), axis=-1) & jnp.all(jnp.isfinite(specialist_logits), axis=(1, 2))
+    return stored, targets, jnp.all(jnp.isfinite(stored), axis=-1), finite
+
+  classes = class_matrix([s.classes for s in spec.specialists], spec.specialist_width)
+
   def eval_forward(params, x):
-    stored = jnp.mean(run_logits(params, x), axis=2).astype(storage_dtype)
+    stored = jnp.mean(run_logits(params[:num_runs], x), axis=2).astype(storage_dtype)
     return stored, jnp.all(jnp.isfinite(stored), axis=-1)
 
   data, params = batch_sharding(mesh), replicated(mesh)
@@ -237,7 +313,7 @@ def _as_recorded_by_version_1(spec: CacheSpec, existing: CacheSpec, data: dict) 
   return dataclasses.replace(spec, **changes) if changes else spec
 
 
-def _open_store(config: BuildConfig, spec: CacheSpec, data: dict) -> Cache | None:
+def open_store(config: BuildConfig, spec: CacheSpec, data: dict) -> Cache | None:
   """Creates the store, or reopens one with the same build key to resume; None when it is already complete.
   `data` maps "dataset" / "eval_dataset" to the opened transfer sets. Call it holding the output's lock."""
   if config.overwrite:
@@ -255,7 +331,7 @@ def _open_store(config: BuildConfig, spec: CacheSpec, data: dict) -> Cache | Non
       if problems:
         raise StillroomError(f"--out {config.out!r} holds a complete cache with these settings, but it is damaged: "
                              f"{'; '.join(problems)}. Pass --overwrite to rebuild it.")
-      _log(f"{config.out} is already complete with these settings; nothing to do.")
+      log(f"{config.out} is already complete with these settings; nothing to do.")
       return None
     _remove_partial_files(config.out)
     create_arrays(existing.group, existing.spec)
@@ -290,7 +366,7 @@ def _remove_partial_files(path: str) -> None:
   for file in stale:
     os.remove(file)
   if stale:
-    _log(f"removed {len(stale)} partial file(s) left by the interrupted build")
+    log(f"removed {len(stale)} partial file(s) left by the interrupted build")
 
 
 class ChunkWriter:
@@ -334,7 +410,8 @@ class ChunkWriter:
 
 def _input_paths(config: BuildConfig) -> list[str]:
   """The files and directories the build reads: teacher run dirs, npz and image-folder datasets, the data dir."""
-  paths = [teacher for teacher in config.teachers if storage.exists(teacher)]
+  runs = [*config.teachers, *config.specialist_runs, *([config.specialist_plan] if config.specialist_plan else [])]
+  paths = [run for run in runs if storage.exists(run)]
   datasets = [local_path(name) for name in (config.dataset, config.eval_dataset) if name]
   return paths + [path for path in datasets + [config.data_dir] if path]
 
@@ -376,16 +453,19 @@ def open_views(config: BuildConfig) -> tuple[TransferSet, Augmentation]:
 
 
 def make_spec(config: BuildConfig, transfer_set: TransferSet, eval_set: TransferSet | None,
-              augmentation: Augmentation, members: list[MemberSpec], num_classes: int) -> CacheSpec:
-  """The spec of a cache of `members`' outputs with the build settings of `config`."""
+              augmentation: Augmentation, members: list[MemberSpec], num_classes: int,
+              specialists: tuple[SpecialistSpec, ...] = ()) -> CacheSpec:
+  """The spec of a cache of `members`' outputs (and `specialists`') with the build settings of `config`."""
   targets = CacheSpec.canonical_targets(config.targets)
+  schema = SPECIALIST_SCHEMA_VERSION if specialists else SCHEMA_VERSION if targets == "dense" else \
+      SPARSE_SCHEMA_VERSION
   return CacheSpec(
       temperature=float(config.temperature), combine=config.combine, members=tuple(members),
       dataset=transfer_set.describe(), eval_dataset=None if eval_set is None else eval_set.describe(),
       num_classes=num_classes, views=config.views, augmentation=augmentation,
       dtype=config.dtype, chunk_rows=config.chunk_rows, folds=config.folds, targets=targets,
       member_logits=config.member_logits or targets == "dense", software_version=__version__, created_at=now_iso(),
-      schema_version=SCHEMA_VERSION if targets == "dense" else SPARSE_SCHEMA_VERSION)
+      schema_version=schema, specialists=tuple(specialists), top_n=config.top_n if specialists else 0)
 
 
 def _plan(config: BuildConfig) -> tuple:
@@ -399,19 +479,24 @@ def _plan(config: BuildConfig) -> tuple:
   check_batch_size(config.batch_size, mesh)
   batch_size = cap_batch(config.batch_size, config.chunk_rows, mesh.devices.size)  # A batch never spans chunks.
   if batch_size < config.batch_size:
-    _log(f"--batch-size {config.batch_size} is more than a chunk ({config.chunk_rows} rows): batches of {batch_size}")
+    log(f"--batch-size {config.batch_size} is more than a chunk ({config.chunk_rows} rows): batches of {batch_size}")
     config = dataclasses.replace(config, batch_size=batch_size)
   transfer_set, augmentation = open_views(config)
-  eval_set = _eval_set(config)
+  eval_set = _eval_set(config) if not config.specialist_plan else None
+  if config.specialist_plan and (config.eval_split not in (None, NO_EVAL) or config.eval_dataset):
+    log("a cache of specialists stores no eval split (its students evaluate on their own): --eval-* ignored")
   teachers = [load_teacher(reference) for reference in config.teachers]
   if config.folds > 1:
     _check_folds(teachers, config.folds)
-  members, num_classes = _member_specs(teachers, transfer_set, augmentation.output_shape(transfer_set.input_shape),
-                                       config.batch_size)
+  input_shape = augmentation.output_shape(transfer_set.input_shape)
+  members, num_classes = _member_specs(teachers, transfer_set, input_shape, config.batch_size)
   if eval_set is not None:
     check_eval_set(eval_set, transfer_set, augmentation, num_classes)
-  spec = make_spec(config, transfer_set, eval_set, augmentation, members, num_classes)
-  return config, mesh, transfer_set, eval_set, teachers, spec
+  specialists, specialist_specs = [], []
+  if config.specialist_plan:
+    specialists, specialist_specs = _specialists(config, teachers, transfer_set, input_shape, num_classes)
+  spec = make_spec(config, transfer_set, eval_set, augmentation, members, num_classes, tuple(specialist_specs))
+  return config, mesh, transfer_set, eval_set, teachers + specialists, spec
 
 
 def build_cache(config: BuildConfig) -> str:
@@ -451,19 +536,19 @@ def build_cache(config: BuildConfig) -> str:
     config, mesh, transfer_set, eval_set, teachers, spec = distributed.first_then_others(lambda: plan(True),
                                                                                         lambda: plan(False))
     data = {"dataset": transfer_set, "eval_dataset": eval_set}
-    cache = distributed.first_then_others(lambda: _open_store(config, spec, data), lambda: _same_settings(
+    cache = distributed.first_then_others(lambda: open_store(config, spec, data), lambda: _same_settings(
         open_cache(config.out, mode="r+", require_complete=False), spec, data, config.out,
         "settings other than this process's", "Start every process of the job with the same flags and data."))
     if cache is None or cache.complete:
       if not first:
-        _log(f"{config.out} is already complete with these settings; nothing to do.")
+        log(f"{config.out} is already complete with these settings; nothing to do.")
       return config.out
     distributed.job_step(lambda: _write_chunks(cache, transfer_set, eval_set, teachers, mesh, config))
     if not first:
       return config.out
     declare_complete(cache)
   spec = cache.spec
-  _log(f"wrote {spec.num_rows} rows ({len(transfer_set)} examples x {spec.views} views, {spec.num_members} members"
+  log(f"wrote {spec.num_rows} rows ({len(transfer_set)} examples x {spec.views} views, {spec.num_members} members"
        + (f" of {spec.folds} cross-fitted runs" if spec.folds > 1 else "") + f", {spec.num_classes} classes)"
        + (f" and {spec.num_eval_rows} eval rows ({spec.eval_dataset.split})" if spec.eval_dataset else "")
        + f" to {config.out}")
@@ -490,7 +575,7 @@ def _write_chunks(cache: Cache, transfer_set: TransferSet, eval_set: TransferSet
   row_sets = [EVAL_ROWS, ROWS] if eval_set is not None else [ROWS]
   cache.arrays([array.name for array in spec.arrays])  # Every handle at once: one round trip to an object store.
   # Chunks are independent: in a job of several processes, each computes and writes its share.
-  todo = {row_set: distributed.my_share(_chunks_to_write(cache, row_set)) for row_set in row_sets}
+  todo = {row_set: distributed.my_share(chunks_to_write(cache, row_set)) for row_set in row_sets}
   mine = {row_set: distributed.my_share(list(range(spec.chunks_of(row_set)))) for row_set in row_sets}
 
   def rows_of(chunks: dict) -> int:
@@ -498,7 +583,7 @@ def _write_chunks(cache: Cache, transfer_set: TransferSet, eval_set: TransferSet
   total, remaining = rows_of(mine), rows_of(todo)
   process = f" (process {jax.process_index()} of {jax.process_count()})" if jax.process_count() > 1 else ""
   if remaining < total:
-    _log(f"resuming {cache.path}{process}: {total - remaining} of {total} rows already committed")
+    log(f"resuming {cache.path}{process}: {total - remaining} of {total} rows already committed")
   rows_forward, eval_forward = _make_forwards(teachers, spec, mesh)
   params = jax.device_put([t.params for t in teachers], replicated(mesh))
   writer = ChunkWriter(cache)
@@ -522,7 +607,7 @@ def _write_chunks(cache: Cache, transfer_set: TransferSet, eval_set: TransferSet
     bar.close()
     writer.close()
   if remaining:
-    _log(f"{remaining} rows{process} in {time.perf_counter() - started:.1f} s")
+    log(f"{remaining} rows{process} in {time.perf_counter() - started:.1f} s")
 
 
 def put_rows(writer: "ChunkWriter", cache: Cache, chunk: int, rows: dict, logits: np.ndarray, targets: dict,
@@ -543,9 +628,11 @@ def put_rows(writer: "ChunkWriter", cache: Cache, chunk: int, rows: dict, logits
       f"view {int(view[row])}"), cache)
   if not finite_targets.all():
     row = int(np.argmin(finite_targets))
-    raise StillroomError(f"the {spec.combine} targets at T={spec.temperature:g} are not finite for example index "
-                         f"{int(index[row])} (view {int(view[row])}) although every member's logits are: T is "
-                         f"too small for these logits; the store {cache.path} is left incomplete.")
+    what = "a specialist's logits or their combination q are" if spec.specialists else \
+        f"the {spec.combine} targets at T={spec.temperature:g} are"
+    raise StillroomError(f"{what} not finite for example index {int(index[row])} (view {int(view[row])}) although "
+                         f"every member's logits are: T is too small for these logits; the store {cache.path} is "
+                         "left incomplete.")
   logits = {"member_logits": logits} if spec.member_logits else {}
   writer.put(ROWS, chunk, *cache.chunk_bounds(chunk), {**targets, **logits, **rows})
 
@@ -603,7 +690,7 @@ def _computed_chunks(cache: Cache, row_set: str, chunks: list[int], data: Transf
         outputs, parts = [], []
 
 
-def _chunks_to_write(cache: Cache, row_set: str) -> list[int]:
+def chunks_to_write(cache: Cache, row_set: str) -> list[int]:
   """The chunks a (resumed) build must write: the uncommitted ones, and committed ones whose files are gone."""
   committed = committed_name(row_set)
   names = [name for name in cache.spec.arrays_of(row_set) if cache.spec.array(name).role != "bookkeeping"]
@@ -616,7 +703,7 @@ def _chunks_to_write(cache: Cache, row_set: str) -> list[int]:
     raise StillroomError(f"cannot resume {cache.path}: {e}. Pass --overwrite to rebuild it.") from e
   missing = {chunk for name in names for chunk in absent.get(name, ())} if cache.spec.has_checksums else set()
   if missing - todo:
-    _log(f"{len(missing - todo)} committed chunk(s) of {cache.path} are missing: writing them again")
+    log(f"{len(missing - todo)} committed chunk(s) of {cache.path} are missing: writing them again")
   return sorted(todo | missing)
 
 

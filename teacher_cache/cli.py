@@ -10,8 +10,9 @@ from shared.cli import add_models_command, print_models, run_or_exit
 from shared.settings import add_options, from_args
 from teacher_cache.build import BuildConfig, build_cache
 from teacher_cache.info import cache_info
+from teacher_cache.specialists import plan_specialists
 from teacher_cache.verify import verify_cache
-from teacher_cache.external import IMPORT_OPTIONS, VIEW_OPTIONS, import_cache, write_views
+from teacher_cache.external import IMPORT_OPTIONS, IMPORTED, VIEW_HELP, VIEW_OPTIONS, import_cache, write_views
 
 _DESCRIPTION = """\
 Run a teacher ensemble once over a transfer set and cache its temperature-scaled outputs in a Zarr v3 store
@@ -44,6 +45,10 @@ def _parser() -> argparse.ArgumentParser:
   build.add_argument("--teacher", action="append", required=True, metavar="RUN_DIR|module:function",
                      help="ensemble member: a run dir written by `student-train fit`, or module:function returning "
                           "an nnx.Module or (apply_fn, params); repeat for each member")
+  build.add_argument("--specialists", nargs="+", metavar="PLAN.json RUN_DIR",
+                     help="Hinton et al.'s specialists: the plan (`teacher-cache specialists`), then specialist run "
+                          "dirs (`student-train fit --specialist`); the one --teacher is the generalist, and the "
+                          "targets are their combination q (see --top-n)")
   add_options(build, BuildConfig, required=("out",))
 
   views = commands.add_parser(
@@ -54,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
                   "row ids)\n  OUT/views.json            the settings (written last: the views are complete)\n"
                   "Run your teacher on each file's x and save one .npz per member with `row` and `logits` [n, C]; "
                   "then `teacher-cache import` with the same view options builds the cache.")
-  add_options(views, BuildConfig, VIEW_OPTIONS, required=("out",))
+  add_options(views, BuildConfig, VIEW_OPTIONS, required=("out",), helps=VIEW_HELP)
 
   imported = commands.add_parser(
       "import", allow_abbrev=False, help="build a cache from another framework's logits on the rows of `views`",
@@ -64,7 +69,22 @@ def _parser() -> argparse.ArgumentParser:
   imported.add_argument("--logits", action="append", required=True, metavar="MEMBER.npz",
                         help="one ensemble member's logits: an .npz with `row` (row ids, any order, each row once) "
                              "and `logits` [R, C]; repeat for each member")
+  imported.add_argument("--views-dir", metavar="DIR", help="the views the logits are of (`teacher-cache views`): "
+                                                           "refuse settings other than theirs")
   add_options(imported, BuildConfig, IMPORT_OPTIONS, required=("out",))
+
+  specialists = commands.add_parser(
+      "specialists", allow_abbrev=False, help="plan specialists on confusable class subsets of a generalist's cache",
+      description="Cluster the classes for Hinton et al.'s specialists: K-means on the columns of the covariance of "
+                  "the cached ensemble's class probabilities at T=1 over all rows. The plan lists disjoint class "
+                  "subsets, each with its size and the share of the generalist's probability that stays within it "
+                  "on examples of its classes; train specialist k with `student-train fit --specialist PLAN.json:k "
+                  "--init-from GENERALIST_RUN`.")
+  specialists.add_argument("cache", metavar="CACHE.zarr", help="a cache of the generalist, with member logits")
+  specialists.add_argument("--clusters", type=int, required=True, metavar="K", help="class subsets (2..C)")
+  specialists.add_argument("--out", required=True, metavar="PLAN.json", help="the plan file to write")
+  specialists.add_argument("--seed", type=int, default=0, help="K-means' seed (default: %(default)s)")
+  specialists.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
   info = commands.add_parser("info", allow_abbrev=False, help="spec and teacher statistics of a cache")
   info.add_argument("cache", metavar="CACHE.zarr", help="a store written by `teacher-cache build`")
@@ -101,7 +121,9 @@ def _print_info(info: dict) -> None:
         f"(seed {aug['seed']}, {views}, flip {aug['flip']}); chunk rows {spec['chunk_rows']}, "
         f"examples in {spec['row_order']} order")
   stored = spec.get("targets", "dense") + ("" if spec.get("member_logits", True) else ", no member logits")
-  print(f"targets      {spec['combine']} mean at T={spec['temperature']:g}, {spec['num_classes']} classes, "
+  rule = f"{spec['combine']} mean" if not spec.get("specialists") else \
+      f"q of the generalist and {len(spec['specialists'])} specialists (top-{spec['top_n']})"
+  print(f"targets      {rule} at T={spec['temperature']:g}, {spec['num_classes']} classes, "
         f"{stored}, {spec['dtype']}; stillroom {spec['software_version']}, created {spec['created_at']}")
   print("arrays       " + ", ".join(f"{name} {size:,} B" for name, size in info["bytes_per_row"].items())
         + " per row")
@@ -109,8 +131,12 @@ def _print_info(info: dict) -> None:
   folds = spec.get("folds", 1)
   print("teacher runs" + (f" ({folds} cross-fitted runs per member, member-major)" if folds > 1 else ""))
   for i, run in enumerate(spec["members"]):
-    size = "   logits" if run["model"] == "imported" else f"{run['num_params']:>9} params"  # No parameters here.
+    size = f"{'(logits)':>16}" if run["model"] == IMPORTED else f"{run['num_params']:>9} params"  # None here.
     print(f"  [{i}] {run['name']:<20} {run['model']:<10} {size}  digest {run['digest'][:12]}")
+  for i, specialist in enumerate(spec.get("specialists", ())):
+    run = specialist["run"]
+    print(f"  [s{i}] {run['name']:<19} {run['model']:<10} {run['num_params']:>9} params  digest {run['digest'][:12]}"
+          f"  classes {specialist['classes']}, dustbin {specialist['dustbin_correction']:+.3f}")
   for i, member in enumerate(stats["members"] if stats else []):
     print(f"member {i}     {member['name']}: accuracy {_format_percent(member['accuracy'])} "
           f"(view 0: {_format_percent(member['accuracy_view0'])})")
@@ -140,9 +166,18 @@ def main(argv: list[str] | None = None) -> None:
       record = write_views(from_args(BuildConfig, args))
       print(f"wrote {record['rows']} rows of views to {args.out}")
     elif args.command == "import":
-      import_cache(from_args(BuildConfig, args), args.logits)
+      import_cache(from_args(BuildConfig, args), args.logits, args.views_dir)
     elif args.command == "build":
-      build_cache(from_args(BuildConfig, args, teachers=tuple(args.teacher)))
+      specialists = args.specialists or []
+      build_cache(from_args(BuildConfig, args, teachers=tuple(args.teacher),
+                            specialist_plan=specialists[0] if specialists else None,
+                            specialist_runs=tuple(specialists[1:])))
+    elif args.command == "specialists":
+      plan = plan_specialists(args.cache, args.clusters, args.out, seed=args.seed, overwrite=args.overwrite)
+      for k, (subset, within) in enumerate(zip(plan.subsets, plan.within_mass)):
+        print(f"specialist {k}: {len(subset)} classes {list(subset)}, {100 * within:.1f}% of the generalist's "
+              "probability within them on their examples")
+      print(f"wrote {args.out}")
     elif args.command == "info":
       info = cache_info(args.cache)
       print(json.dumps(info, indent=2)) if args.json else _print_info(info)

@@ -20,7 +20,7 @@ import hashlib
 import io
 import json
 import os
-import sys
+import re
 import zipfile
 
 import jax
@@ -28,17 +28,18 @@ import numpy as np
 from tqdm import tqdm
 
 from shared import storage
-from shared.augment import fold_of
-from shared.cache import ROWS, MemberSpec, row_sources, validate_settings
-from shared.data import local_path
+from shared.cache import ROWS, MemberSpec, replay_rows, row_sources, validate_settings
+from shared.data import label_ids, local_path
 from shared.errors import StillroomError, raise_if_interrupted
 from shared.outputs import STORE, OutputLock, check_not_an_input, check_output
-from shared.parallel import pad_rows
+from shared.parallel import cap_batch, pad_rows
 from shared.workers import BatchRenderer, resolve_workers
-from teacher_cache.build import (BuildConfig, ChunkWriter, declare_complete, make_spec, open_views, put_rows,
-                                 targets_of_logits, _chunks_to_write, _open_store)
+from teacher_cache.build import (BuildConfig, ChunkWriter, chunks_to_write, declare_complete, log, make_spec,
+                                 open_store, open_views, put_rows, targets_of_logits)
+from teacher_cache.verify import listed
 
 VIEWS_FILE = "views.json"
+IMPORTED = "imported"  # The model of an imported member.
 _VIEW_SETTINGS = ("dataset", "split", "data_dir", "views", "seed", "max_shift", "flip", "image_size", "crop_area",
                   "crop_aspect")
 # The `teacher-cache build` options each command takes (the rest of a build is about teachers and eval rows).
@@ -47,17 +48,35 @@ IMPORT_OPTIONS = (*_VIEW_SETTINGS, "combine", "temperature", "targets", "member_
                   "dtype", "out", "overwrite", "progress")
 
 
+# `views --help`: what the build options that `views` shares mean there.
+VIEW_HELP = {
+    "out": ("the directory (or object-store prefix) to write the views to", "DIR"),
+    "chunk_rows": ("rows per views_*.npz file", None),
+    "batch_size": ("rows rendered at a time", None),
+    "overwrite": ("replace views of other settings in --out", None),
+}
+
+
 def chunk_file(chunk: int) -> str:
+  """The file of chunk `chunk`'s rows, e.g. `views_00000.npz`."""
   return f"views_{chunk:05d}.npz"
 
 
-def _log(message: str) -> None:
-  print(f"teacher-cache: {message}", file=sys.stderr, flush=True)
+def _check_settings(config: BuildConfig) -> None:
+  """The settings `views` and `import` share, checked before anything is read or written."""
+  validate_settings(temperature=config.temperature, combine=config.combine, dtype=config.dtype, views=config.views,
+                    chunk_rows=config.chunk_rows, seed=config.seed, targets=config.targets)
+  if config.batch_size < 1:
+    raise StillroomError(f"--batch-size must be >= 1, got {config.batch_size}.")
+  if not config.out:
+    raise StillroomError("give --out.")
 
 
 def write_views(config: BuildConfig) -> dict:
-  """Writes every row's teacher input into `config.out` (a directory or an object-store prefix). The settings are
-  a build's (`VIEW_OPTIONS` of `BuildConfig`: one place for each default).
+  """Writes every row's teacher input into `config.out` (a directory or an object-store prefix).
+
+  Args:
+    config: the settings, a build's (`VIEW_OPTIONS` of `BuildConfig`: one place for each default).
 
   Returns:
     The contents of `views.json`.
@@ -66,23 +85,20 @@ def write_views(config: BuildConfig) -> dict:
     StillroomError: bad settings or data; an `--out` that holds anything but views, or views of other settings
       (without `--overwrite`).
   """
-  if config.views < 1 or config.chunk_rows < 1 or config.batch_size < 1:
-    raise StillroomError("--views, --chunk-rows and --batch-size must be >= 1.")
-  if not config.out:
-    raise StillroomError("give --out DIR.")
+  _check_settings(config)
   check_not_an_input(config.out, [local_path(config.dataset), config.data_dir], "--out")
   transfer_set, augmentation = open_views(config)
+  workers = resolve_workers(config.workers, transfer_set)
   count = len(transfer_set)
-  rows = count * config.views
-  record = {"dataset": transfer_set.describe().to_dict(), "views": config.views,
-            "augmentation": augmentation.to_dict(), "normalization": transfer_set.normalization.to_dict(),
-            "chunk_rows": config.chunk_rows, "rows": rows,
-            "input_shape": list(augmentation.output_shape(transfer_set.input_shape))}
+  record = {**_views_record(config, transfer_set, augmentation), "chunk_rows": config.chunk_rows}
+  rows = record["rows"]
   normalization = transfer_set.normalization
   chunks = -(-rows // config.chunk_rows)
   with OutputLock(config.out, "teacher-cache views"):
-    _prepare(config.out, record, config.overwrite)
-    with BatchRenderer(transfer_set, augmentation, workers=resolve_workers(config.workers, transfer_set)) as render, \
+    if not _prepare(config.out, record, config.overwrite, [chunk_file(c) for c in range(chunks)]):
+      log(f"{config.out} already holds these views; nothing to do.")
+      return record
+    with BatchRenderer(transfer_set, augmentation, workers=workers) as render, \
         tqdm(total=rows, unit="row", unit_scale=True, disable=not config.progress, desc="teacher-cache views") as bar:
       for chunk in range(chunks):
         start, stop = chunk * config.chunk_rows, min(rows, (chunk + 1) * config.chunk_rows)
@@ -99,27 +115,59 @@ def write_views(config: BuildConfig) -> dict:
   return record
 
 
-def _prepare(out: str, record: dict, overwrite: bool) -> None:
-  """Creates `out`, or empties one that holds views (of the same settings, or of others with `--overwrite`), so that
-  a write that does not finish never leaves a `views.json` beside chunks of other settings. Call it holding the
-  output's lock."""
+def _views_record(config: BuildConfig, transfer_set, augmentation) -> dict:
+  """What defines the rows of views (`views.json` but its chunk rows): the dataset, views, augmentation,
+  normalisation, the row count and input shape."""
+  return {"dataset": transfer_set.describe().to_dict(), "views": config.views, "augmentation": augmentation.to_dict(),
+          "normalization": transfer_set.normalization.to_dict(), "rows": len(transfer_set) * config.views,
+          "input_shape": list(augmentation.output_shape(transfer_set.input_shape))}
+
+
+def _differences(recorded: dict, wanted: dict, prefix: str = "") -> list[str]:
+  """`["augmentation.seed: 1 (views) vs 2 (command)", ...]` for the leaves that differ."""
+  lines = []
+  for key in sorted(set(recorded) | set(wanted)):
+    a, b = recorded.get(key), wanted.get(key)
+    if isinstance(a, dict) and isinstance(b, dict):
+      lines += _differences(a, b, f"{prefix}{key}.")
+    elif a != b:
+      lines.append(f"{prefix}{key}: {a} (views) vs {b} (command)")
+  return lines
+
+
+_CHUNK_NAME = re.compile(r"views_\d{5}\.npz(\.tmp)?")  # A chunk, or one a kill left half-written beside its name.
+
+
+def _prepare(out: str, record: dict, overwrite: bool, chunks: list[str]) -> bool:
+  """Creates `out`, or empties one that holds views (unfinished ones, or of other settings with `--overwrite`), so
+  that a write that does not finish never leaves a `views.json` beside chunks of other settings. Call it holding the
+  output's lock.
+
+  Returns:
+    Whether the views must be written: False when `out` already holds them whole (`chunks`, the chunk files).
+
+  Raises:
+    StillroomError: `out` is a file, holds other files than views, or views of other settings without `overwrite`.
+  """
   if storage.is_file(out):
     raise StillroomError(f"--out {out!r} is a file; give a directory for the views.")
   if storage.has_entries(out):
     entries = [name for name, _, _ in storage.scan(out)]
-    if not all(name == VIEWS_FILE or (name.startswith("views_") and name.endswith(".npz")) for name in entries):
+    if not all(name == VIEWS_FILE or _CHUNK_NAME.fullmatch(name) for name in entries):
       raise StillroomError(f"--out {out!r} holds other files than views; choose another --out.")
     try:
       existing = storage.read_json(storage.join(out, VIEWS_FILE))
     except (OSError, ValueError):
       existing = None  # An unfinished write: its chunks are replaced.
+    if existing == record and set(entries) == {VIEWS_FILE, *chunks}:
+      return False
     if existing is not None and existing != record and not overwrite:
-      differing = sorted(k for k in record if existing.get(k) != record[k])
-      raise StillroomError(f"--out {out!r} holds views of other settings ({', '.join(differing)}); pass --overwrite "
-                           "or choose another --out.")
+      raise StillroomError(f"--out {out!r} holds views of other settings: {'; '.join(_differences(existing, record))}"
+                           ". Pass --overwrite or choose another --out.")
     for name in sorted(entries, key=lambda name: name != VIEWS_FILE):  # The record first: no longer complete.
       storage.remove_file(storage.join(out, name))
   storage.make_dirs(out)
+  return True
 
 
 def read_views(directory: str) -> dict:
@@ -135,12 +183,13 @@ def read_views(directory: str) -> dict:
                          "or a write that did not finish (run it again).") from e
 
 
-def read_logits(path: str, num_rows: int) -> np.ndarray:
+def read_logits(path: str, num_rows: int, dtype: str) -> np.ndarray:
   """One member's logits file, in row order.
 
   Args:
     path: an `.npz` file (or object) with `row` int [R] (row ids, any order) and `logits` [R, C].
     num_rows: the rows of the views the logits are of; every row id `0..num_rows - 1` must appear exactly once.
+    dtype: the storage dtype, whose range the logits must fit.
 
   Returns:
     float32 [num_rows, C].
@@ -150,116 +199,137 @@ def read_logits(path: str, num_rows: int) -> np.ndarray:
       unknown; non-finite logits; each naming the file and the first offending row ids.
   """
   try:
-    with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as files:
-      arrays = {name: files[name] for name in files.files if name in ("row", "logits")}
+    loaded = np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False)
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+      raise ValueError(f"it holds one array ({loaded.dtype} {loaded.shape}), not named `row` and `logits` arrays")
+    with loaded as files:
       names = files.files
-  except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-    raise StillroomError(f"--logits {path!r} cannot be read as an .npz file ({type(e).__name__}: {e}).") from e
+      arrays = {name: files[name] for name in names if name in ("row", "logits")}
+  except (OSError, ValueError, TypeError, AttributeError, MemoryError, zipfile.BadZipFile, EOFError) as e:
+    reason = "pickled or not .npy data" if "pickled" in str(e) else f"{type(e).__name__}: {str(e)[:200]}"
+    raise StillroomError(f"--logits {path!r} cannot be read as an .npz file of `row` and `logits` ({reason}).") from e
+  if any(not isinstance(array, np.ndarray) for array in arrays.values()):
+    raise StillroomError(f"--logits {path!r}: its `row` or `logits` member is not .npy data.")
   if set(arrays) != {"row", "logits"}:
     raise StillroomError(f"--logits {path!r} holds {sorted(names)}; it needs `row` (int row ids [R]) and `logits` "
                          "[R, C].")
   row, logits = arrays["row"], arrays["logits"]
   if row.ndim != 1 or not np.issubdtype(row.dtype, np.integer):
     raise StillroomError(f"--logits {path!r}: `row` must be a 1-D integer array, got {row.dtype} {row.shape}.")
-  if logits.ndim != 2 or len(logits) != len(row) or not (np.issubdtype(logits.dtype, np.floating)
-                                                         or np.issubdtype(logits.dtype, np.integer)):
+  if logits.ndim != 2 or len(logits) != len(row) or logits.shape[1] < 2 or not (
+      np.issubdtype(logits.dtype, np.floating) or np.issubdtype(logits.dtype, np.integer)):
     raise StillroomError(f"--logits {path!r}: `logits` must be numbers of shape [R, C] with R = len(row) = "
-                         f"{len(row)}, got {logits.dtype} {logits.shape}.")
+                         f"{len(row)} and C >= 2 classes, got {logits.dtype} {logits.shape}.")
   row = row.astype(np.int64)
   unknown = (row < 0) | (row >= num_rows)
   if unknown.any():
     raise StillroomError(f"--logits {path!r}: {int(unknown.sum())} row id(s) are not rows of these views (0.."
-                         f"{num_rows - 1}), e.g. {_listed(row[unknown])}: logits of views with other --dataset, "
+                         f"{num_rows - 1}): {listed(row[unknown].tolist())}; logits of views with other --dataset, "
                          "--split or --views?")
   seen = np.bincount(row, minlength=num_rows)
   if (seen > 1).any():
     repeated = np.flatnonzero(seen > 1)
-    raise StillroomError(f"--logits {path!r}: {len(repeated)} row id(s) appear more than once, e.g. "
-                         f"{_listed(repeated)}; give each row's logits once.")
+    raise StillroomError(f"--logits {path!r}: {len(repeated)} row id(s) appear more than once: "
+                         f"{listed(repeated.tolist())}; give each row's logits once.")
   if (seen == 0).any():
     missing = np.flatnonzero(seen == 0)
-    raise StillroomError(f"--logits {path!r} has no logits for {len(missing)} of the {num_rows} rows, e.g. row ids "
-                         f"{_listed(missing)}; label every views_*.npz file.")
+    raise StillroomError(f"--logits {path!r} has no logits for {len(missing)} of the {num_rows} rows, row ids "
+                         f"{listed(missing.tolist())}; label every views_*.npz file.")
   ordered = np.empty(logits.shape, np.float32)
-  ordered[row] = logits
+  with np.errstate(over="ignore", invalid="ignore"):  # Beyond float32: reported below as not finite.
+    ordered[row] = logits
+  del logits
   finite = np.isfinite(ordered).all(axis=1)
   if not finite.all():
-    raise StillroomError(f"--logits {path!r}: the logits of {int((~finite).sum())} row(s) are not finite, e.g. row "
-                         f"ids {_listed(np.flatnonzero(~finite))}.")
+    raise StillroomError(f"--logits {path!r}: the logits of {int((~finite).sum())} row(s) are not finite: row ids "
+                         f"{listed(np.flatnonzero(~finite).tolist())}.")
+  too_large = np.abs(ordered).max(axis=1) > np.finfo(dtype).max
+  if too_large.any():
+    raise StillroomError(f"--logits {path!r}: the logits of {int(too_large.sum())} row(s) exceed {dtype}'s range "
+                         f"(±{float(np.finfo(dtype).max):g}): row ids {listed(np.flatnonzero(too_large).tolist())}; "
+                         "pass --dtype float32.")
   return ordered
 
 
-def _listed(ids: np.ndarray, shown: int = 5) -> str:
-  ids = [int(i) for i in ids[:shown]]
-  return ", ".join(map(str, ids)) + (", ..." if len(ids) == shown else "")
-
-
 def _member_name(path: str) -> str:
+  """A member's display name: its file's name without `.npz`."""
   name = os.path.basename(storage.local(path).rstrip("/"))
   return name[:-len(".npz")] if name.endswith(".npz") else name
 
 
-def import_cache(config: BuildConfig, logits_files: list[str]) -> str:
+def import_cache(config: BuildConfig, logits_files: list[str], views_dir: str | None = None) -> str:
   """Builds a cache (or resumes, or confirms one) from external teachers' logits on the rows of `teacher-cache
   views` with the same view settings; returns its path. Every member's logits are held in memory (R·C·4 bytes each).
 
   Args:
     config: the build settings (`IMPORT_OPTIONS`); `teachers` and the eval split are not used.
     logits_files: one `.npz` file per member (see `read_logits`), in member order.
+    views_dir: the views the logits are of, whose settings must be `config`'s (a row id means nothing under others).
 
   Raises:
     StillroomError: bad settings, data or logits files; an existing store with other settings.
   """
-  validate_settings(temperature=config.temperature, combine=config.combine, dtype=config.dtype, views=config.views,
-                    chunk_rows=config.chunk_rows, seed=config.seed, targets=config.targets)
-  if config.batch_size < 1:
-    raise StillroomError(f"--batch-size must be >= 1, got {config.batch_size}.")
+  _check_settings(config)
   if not logits_files:
     raise StillroomError("give at least one --logits FILE.npz (one per member).")
-  if not config.out:
-    raise StillroomError("give --out CACHE.zarr.")
   config = dataclasses.replace(config, folds=1, teachers=())
   check_not_an_input(config.out, [*logits_files, local_path(config.dataset), config.data_dir], "--out")
   transfer_set, augmentation = open_views(config)
+  if views_dir is not None:
+    recorded = {k: v for k, v in read_views(views_dir).items() if k != "chunk_rows"}
+    differences = _differences(recorded, _views_record(config, transfer_set, augmentation))
+    if differences:
+      raise StillroomError(f"--views-dir {views_dir!r} holds views of other settings than these: "
+                           f"{'; '.join(differences)}. Give import the settings the views were written with.")
   num_rows = len(transfer_set) * config.views
-  logits, members, digests = [], [], {}
-  for path in logits_files:
-    values = read_logits(path, num_rows)
-    if logits and values.shape[1] != logits[0].shape[1]:
+  logits, members, digests, names = None, [], {}, {}
+  for m, path in enumerate(logits_files):
+    values = read_logits(path, num_rows, config.dtype)
+    if logits is None:
+      if transfer_set.num_classes is not None and transfer_set.num_classes > values.shape[1]:
+        raise StillroomError(f"--logits {path!r} holds {values.shape[1]} classes, but dataset {transfer_set.name!r} "
+                             f"has {transfer_set.num_classes}.")
+      logits = np.empty((num_rows, len(logits_files), values.shape[1]), np.float32)  # Every member's, in row order.
+    elif values.shape[1] != logits.shape[2]:
       raise StillroomError(f"--logits {path!r} has {values.shape[1]} classes, but {logits_files[0]!r} has "
-                           f"{logits[0].shape[1]}.")
+                           f"{logits.shape[2]}.")
     digest = hashlib.sha256(values.tobytes()).hexdigest()
     if digest in digests:
       raise StillroomError(f"--logits {digests[digest]!r} and {path!r} hold the same logits; a member given twice "
                            "only weighs it double.")
-    digests[digest] = path
-    logits.append(values)
-    members.append(MemberSpec(name=_member_name(path), source=path, model="imported", num_params=0, digest=digest,
+    name = _member_name(path)
+    if name in names:
+      raise StillroomError(f"--logits {names[name]!r} and {path!r} would both be member {name!r}; rename one file.")
+    digests[digest], names[name] = path, path
+    logits[:, m] = values
+    del values
+    members.append(MemberSpec(name=name, source=path, model=IMPORTED, num_params=0, digest=digest,
                               trained_epochs=None, normalization=transfer_set.normalization.to_dict()))
-  num_classes = logits[0].shape[1]
-  if transfer_set.num_classes is not None and transfer_set.num_classes > num_classes:
-    raise StillroomError(f"dataset {transfer_set.name!r} has {transfer_set.num_classes} classes but the logits files "
-                         f"hold {num_classes}.")
+  num_classes = logits.shape[2]
   spec = make_spec(config, transfer_set, None, augmentation, members, num_classes)
   with contextlib.ExitStack() as lock:
     check_output(config.out, STORE, config.overwrite)
     lock.enter_context(OutputLock(config.out, "teacher-cache import"))
-    cache = _open_store(config, spec, {"dataset": transfer_set, "eval_dataset": None})
+    cache = open_store(config, spec, {"dataset": transfer_set, "eval_dataset": None})
     if cache is None:
       return config.out
-    _write_imported(cache, transfer_set, np.stack(logits, axis=1), config)
+    _write_imported(cache, transfer_set, logits, config)
     declare_complete(cache)
-  _log(f"imported {num_rows} rows ({len(transfer_set)} examples x {config.views} views, {len(members)} members, "
+  log(f"imported {num_rows} rows ({len(transfer_set)} examples x {config.views} views, {len(members)} members, "
        f"{num_classes} classes) to {config.out}")
   # A row id means nothing under other view settings: accuracy near chance says the logits are of other rows.
   view, position = spec.row_sources(np.arange(num_rows))
   labels = transfer_set.labels[position]
   labelled = labels >= 0
   if labelled.any():
-    for member, values in zip(members, logits):
-      right = np.argmax(values, axis=1) == labels
-      _log(f"member {member.name!r}: accuracy {100 * right[labelled].mean():.2f}% on the {int(labelled.sum())} "
-           f"labelled rows (view 0: {100 * right[labelled & (view == 0)].mean():.2f}%)")
+    for m, member in enumerate(members):
+      right = np.argmax(logits[:, m], axis=1) == labels
+      first = right[labelled & (view == 0)].mean()
+      log(f"member {member.name!r}: accuracy {100 * right[labelled].mean():.2f}% on the {int(labelled.sum())} "
+          f"labelled rows (view 0: {100 * first:.2f}%)")
+      if first < 2 / num_classes:
+        log(f"warning: member {member.name!r} is near chance on view 0: are these logits of other rows (views "
+            "written with another --dataset, --split, --views or --seed)? --views-dir checks the settings.")
   return config.out
 
 
@@ -267,27 +337,25 @@ def _write_imported(cache, transfer_set, logits: np.ndarray, config: BuildConfig
   """Writes every uncommitted chunk of `cache` from `logits` float32 [R, M, C] (in row order): the row arrays
   replayed from the seed, the stored arrays computed in batches by `targets_of_logits`, as a build computes them."""
   spec = cache.spec
-  todo = _chunks_to_write(cache, ROWS)
+  todo = chunks_to_write(cache, ROWS)
   forward = jax.jit(targets_of_logits(spec))
   # Every example's (height, width), read once from the file headers (or records), for drawing crop boxes.
   sizes = transfer_set.image_sizes(np.arange(len(transfer_set))) if spec.augmentation.kind == "crop" else None
-  labels = transfer_set.labels
+  labels = label_ids(transfer_set.labels)
   writer = ChunkWriter(cache)
   remaining = sum(stop - start for start, stop in map(cache.chunk_bounds, todo))
   if remaining < spec.num_rows:
-    _log(f"resuming {cache.path}: {spec.num_rows - remaining} of {spec.num_rows} rows already committed")
-  batch_size = min(config.batch_size, spec.chunk_rows)  # A batch never spans chunks.
+    log(f"resuming {cache.path}: {spec.num_rows - remaining} of {spec.num_rows} rows already committed")
+  batch_size = cap_batch(config.batch_size, spec.chunk_rows, 1)  # A batch never spans chunks.
   bar = tqdm(total=spec.num_rows, initial=spec.num_rows - remaining, unit="row", unit_scale=True,
              disable=not config.progress, desc="teacher-cache import")
   try:
     for chunk in todo:
       raise_if_interrupted()
       start, stop = cache.chunk_bounds(chunk)
-      view, position = spec.row_sources(np.arange(start, stop))
-      index = transfer_set.indices[position]
-      params = spec.augmentation.view_params(index, view, None if sizes is None else sizes[position])
-      rows = {"index": index, "view": view, "fold": fold_of(index, spec.folds),
-              "labels": np.where(labels[position] >= 0, labels[position], -1).astype(np.int32), **params}
+      position, rows = replay_rows(spec, start, stop, transfer_set.indices, sizes)
+      rows["labels"] = labels[position]
+      index, view = rows["index"], rows["view"]
       outputs = []
       for offset in range(0, stop - start, batch_size):
         part = slice(offset, offset + batch_size)

@@ -6,13 +6,15 @@ memory bounded by one chunk. A damaged chunk is reported as a failure and the ot
 
 import dataclasses
 
+import jax
 import numpy as np
 
 from shared import storage
-from shared.augment import fold_of
-from shared.cache import EVAL_ROWS, ROWS, layout_problems, missing_chunks, open_cache, uncommitted_chunks
-from shared.data import DatasetSpec, TransferSet, open_transfer_set
+from shared.cache import (EVAL_ROWS, ROWS, layout_problems, missing_chunks, open_cache, replay_rows,
+                          uncommitted_chunks)
+from shared.data import DatasetSpec, TransferSet, label_ids, open_transfer_set
 from shared.ensemble import combine_log_probs
+from shared.specialists import class_matrix, specialist_log_probs
 from shared.errors import StillroomError
 
 _SHOWN = 3  # Failures listed per check.
@@ -81,7 +83,8 @@ def _sparse_target_failures(arrays: dict, spec) -> np.ndarray:
   return bad
 
 
-def _listed(items: list, total: int | None = None) -> str:
+def listed(items: list, total: int | None = None) -> str:
+  """The first few of `items`, and how many more (of `total`, when given)."""
   shown = ", ".join(map(str, items[:_SHOWN]))
   more = len(items) - _SHOWN if total is None else total - min(total, _SHOWN)
   return shown + (f" and {more} more" if more > 0 else "")
@@ -146,7 +149,7 @@ def verify_cache(path: str, dataset: str | None = None, split: str | None = None
   if spec.has_checksums:
     missing = missing_chunks(cache)
     checks.append(Check("every chunk present", not missing, "; ".join(
-        f"{name}: chunks {_listed(chunks)} missing" for name, chunks in missing.items())))
+        f"{name}: chunks {listed(chunks)} missing" for name, chunks in missing.items())))
   given = dataset is not None or split is not None
   transfer_set, fingerprint = _open_dataset(spec.dataset, dataset, split, data_dir, "dataset", given)
   checks.append(fingerprint)
@@ -177,6 +180,9 @@ def verify_cache(path: str, dataset: str | None = None, split: str | None = None
   row_arrays = [name for name in spec.arrays_of(ROWS) if spec.array(name).role != "bookkeeping"]
   teacher_arrays = spec.arrays_of(ROWS, "teacher")
   rederive = {"targets", "member_logits"} <= set(teacher_arrays)
+  if spec.specialists:  # The targets are the generalist's combination with its specialists: solved again.
+    classes = class_matrix([s.classes for s in spec.specialists], spec.specialist_width)
+    resolve = jax.jit(lambda g, s: specialist_log_probs(g, s, classes, spec.temperature, spec.top_n))
   sparse = spec.target_kind != "dense"
   sparse_failures: list[int] = []
   crops = spec.augmentation.kind == "crop"
@@ -196,33 +202,35 @@ def verify_cache(path: str, dataset: str | None = None, split: str | None = None
       if bad.any():
         sparse_failures.append(start + int(np.argmax(bad)))
     if rederive:
-      derived = np.asarray(combine_log_probs(arrays["member_logits"], spec.temperature, spec.combine))
+      if spec.specialists:
+        active, derived = resolve(arrays["member_logits"][:, 0], arrays["specialist_logits"])
+        derived, wrong = np.asarray(derived), np.asarray(active) != arrays["specialist_active"]
+        if wrong.any():
+          target_failures.append(start + int(np.argwhere(wrong)[0][0]))
+      else:
+        derived = np.asarray(combine_log_probs(arrays["member_logits"], spec.temperature, spec.combine))
       error = np.abs(derived - arrays["targets"].astype(np.float32))
       bad = error > _storage_tolerance(np.dtype(spec.dtype), derived)
       if bad.any():
         target_failures.append(start + int(np.argwhere(bad)[0][0]))
       worst_target_error = max(worst_target_error, float(np.nan_to_num(error, nan=np.inf).max(initial=0.0)))
-    view, position = spec.row_sources(np.arange(start, stop))
-    index = expected_index[position]
-    consistent = ((arrays["view"] == view) & (arrays["index"] == index)
-                  & (arrays["fold"] == fold_of(index, spec.folds)))
-    if crops:  # A crop box depends on the image's size: without the dataset, only its flip replays.
-      params = spec.augmentation.view_params(index, view, np.ones((len(index), 2), np.int64) if sizes is None
-                                             else sizes[position])
+    # A crop box depends on the image's size: without the dataset, only its flip replays.
+    position, expected = replay_rows(spec, start, stop, expected_index, sizes if sizes is not None or not crops
+                                     else np.ones((spec.num_examples, 2), np.int64))
+    if crops:
       if sizes is not None:
-        wrong_box = (arrays["crop"] != params["crop"]).any(axis=1)
+        wrong_box = (arrays["crop"] != expected["crop"]).any(axis=1)
         if wrong_box.any():
           box_failures.append(start + int(np.argmax(wrong_box)))
-      params = {"flip": params["flip"]}
-    else:
-      params = spec.augmentation.view_params(index, view)
-    for name, values in params.items():
-      consistent &= (arrays[name] == values).reshape(len(index), -1).all(axis=1)
+      del expected["crop"]
+    consistent = np.ones(stop - start, bool)
+    for name, values in expected.items():
+      consistent &= (arrays[name] == values).reshape(stop - start, -1).all(axis=1)
     if not consistent.all():
       row_failures.append(start + int(np.argmin(consistent)))
     if transfer_set is not None:
       expected = transfer_set.labels[position]
-      wrong = arrays["labels"] != np.where(expected >= 0, expected, -1)
+      wrong = arrays["labels"] != label_ids(expected)
       if wrong.any():
         label_failures.append(start + int(np.argmax(wrong)))
   eval_failures, eval_label_failures = [], []
@@ -238,38 +246,39 @@ def verify_cache(path: str, dataset: str | None = None, split: str | None = None
       if (arrays["eval_index"] != expected_eval_index[start:stop]).any():
         eval_failures.append(start + int(np.argmax(arrays["eval_index"] != expected_eval_index[start:stop])))
       if eval_set is not None:
-        expected = np.where(eval_set.labels[start:stop] >= 0, eval_set.labels[start:stop], -1)
+        expected = label_ids(eval_set.labels[start:stop])
         if (arrays["eval_labels"] != expected).any():
           eval_label_failures.append(start + int(np.argmax(arrays["eval_labels"] != expected)))
   checks.append(Check("chunks intact (checksums)" if spec.has_checksums else "chunks readable", not damaged,
-                      f"{len(damaged)} damaged: {_listed(damaged)}" if damaged else
+                      f"{len(damaged)} damaged: {listed(damaged)}" if damaged else
                       ("" if spec.has_checksums else "schema 1: no checksums, damage may go unseen")))
   checks.append(Check("finite values", nonfinite == 0, f"{nonfinite} non-finite values" if nonfinite else ""))
   if rederive:
-    checks.append(Check("targets re-derived from member_logits", not target_failures,
+    checks.append(Check("targets re-derived from member_logits" + (
+        " and specialist_logits (q and the active specialists)" if spec.specialists else ""), not target_failures,
                         f"max abs error {worst_target_error:.3g}"
-                        + (f"; first bad rows {_listed(target_failures)}" if target_failures else "")))
+                        + (f"; first bad rows {listed(target_failures)}" if target_failures else "")))
   if sparse:
     checks.append(Check(f"{spec.targets} targets well-formed" + (" and re-derived from member_logits"
                                                                   if spec.member_logits else ""),
-                        not sparse_failures, f"first bad rows {_listed(sparse_failures)}" if sparse_failures else ""))
+                        not sparse_failures, f"first bad rows {listed(sparse_failures)}" if sparse_failures else ""))
   replayed = "/".join(("index", "view", *(name for name in spec.augmentation.param_names if name != "crop"), "fold"))
   checks.append(Check(f"rows' {replayed} replay from the seed", not row_failures,
-                      f"first bad rows {_listed(row_failures)}" if row_failures else ""))
+                      f"first bad rows {listed(row_failures)}" if row_failures else ""))
   if crops:
     checks.append(Check("rows' crop boxes replay from the seed and the image sizes", None,
                         "not checked: they need the dataset's image sizes") if sizes is None else Check(
         "rows' crop boxes replay from the seed and the image sizes", not box_failures,
-        f"first bad rows {_listed(box_failures)}" if box_failures else ""))
+        f"first bad rows {listed(box_failures)}" if box_failures else ""))
   if spec.eval_dataset is not None:
     checks.append(Check("eval rows' index replays from the eval split", not eval_failures,
-                        f"first bad eval rows {_listed(eval_failures)}" if eval_failures else ""))
+                        f"first bad eval rows {listed(eval_failures)}" if eval_failures else ""))
   unchecked = "not checked: the dataset is not available or not the one recorded"
   checks.append(Check("labels match the dataset", None, unchecked) if transfer_set is None else Check(
       "labels match the dataset", not label_failures,
-      f"first bad rows {_listed(label_failures)}" if label_failures else ""))
+      f"first bad rows {listed(label_failures)}" if label_failures else ""))
   if spec.eval_dataset is not None:
     checks.append(Check("eval labels match the eval split", None, unchecked) if eval_set is None else Check(
         "eval labels match the eval split", not eval_label_failures,
-        f"first bad eval rows {_listed(eval_label_failures)}" if eval_label_failures else ""))
+        f"first bad eval rows {listed(eval_label_failures)}" if eval_label_failures else ""))
   return checks

@@ -2,11 +2,13 @@
 renders and normalises it, and `teacher-cache import` of a build's own logits writes that build (a second reader);
 the README's scikit-learn example end to end; the errors for logits of other rows."""
 
+import dataclasses
 import importlib.util
 import json
 import os
 import re
 
+import jax
 import numpy as np
 import pytest
 
@@ -14,7 +16,9 @@ import conftest
 from shared.cache import open_cache
 from shared.data import open_transfer_set
 from shared.errors import StillroomError
-from teacher_cache.build import BuildConfig
+from shared.runs import load_teacher
+from shared.shapes import ShapesConfig, write_shapes
+from teacher_cache.build import BuildConfig, build_cache
 from teacher_cache.cli import main as cache_main
 from student_train.config import FitConfig
 from student_train.train import fit
@@ -59,7 +63,8 @@ def test_views_refuse_another_folder_and_other_settings(tmp_path, data_dir):
     write_views(config)
   config = BuildConfig(dataset="digits", data_dir=data_dir, views=1, out=str(tmp_path / "v"), progress=False)
   write_views(config)
-  with pytest.raises(StillroomError, match=r"holds views of other settings \(.*views.*\)"):
+  with pytest.raises(StillroomError, match=r"holds views of other settings: rows: 1437 \(views\) vs 2874 "
+                                           r"\(command\); views: 1 \(views\) vs 2"):
     write_views(BuildConfig(**{**config.__dict__, "views": 2}))
   assert json.loads((tmp_path / "v" / "views.json").read_text())["views"] == 1
 
@@ -105,8 +110,8 @@ def test_views_then_sklearn_then_import_then_verify_and_fit(tmp_path, data_dir, 
   with np.load(member) as files:
     rows, logits = files["row"], files["logits"]
   cache = str(tmp_path / "sklearn.zarr")
-  code, _, err = conftest.run_cli(cache_main, ["import", *common, "--logits", member, "--temperature", "2",
-                                               "--out", cache], capsys)
+  code, _, err = conftest.run_cli(cache_main, ["import", *common, "--views-dir", views, "--logits", member,
+                                               "--temperature", "2", "--out", cache], capsys)
   assert code == 0, err
   accuracy, view0 = map(float, re.search(r"member 'sklearn': accuracy ([\d.]+)% on the 2874 labelled rows \(view 0: "
                                           r"([\d.]+)%\)", err).groups())
@@ -126,15 +131,22 @@ def test_views_then_sklearn_then_import_then_verify_and_fit(tmp_path, data_dir, 
   final = fit(FitConfig(cache=cache, data_dir=data_dir, epochs=2, out=str(tmp_path / "student"), progress=False,
                         workers=0), log_epochs=False)
   assert final["eval_accuracy"] > 0.5  # Chance: 0.1.
+  # The same logits under another seed are of other rows: refused against the views, a warning without them.
+  other = ["--dataset", "digits", "--data-dir", data_dir, "--views", "2", "--seed", "2", "--no-progress",
+           "--logits", member, "--out", str(tmp_path / "other.zarr")]
+  code, _, err = conftest.run_cli(cache_main, ["import", *other, "--views-dir", views], capsys)
+  assert code != 0 and "augmentation.seed: 1 (views) vs 2 (command)" in err
+  code, _, err = conftest.run_cli(cache_main, ["import", *other], capsys)
+  assert code == 0 and "warning: member 'sklearn' is near chance on view 0" in err
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda row, logits: (row[1:], logits[1:]), r"has no logits for 1 of the 1437 rows, e\.g\. row ids \d+"),
+    (lambda row, logits: (row[1:], logits[1:]), r"has no logits for 1 of the 1437 rows, row ids \d+;"),
     (lambda row, logits: (np.r_[row, row[:2]], np.r_[logits, logits[:2]]),
-     r"2 row id\(s\) appear more than once, e\.g\. \d+, \d+"),
+     r"2 row id\(s\) appear more than once: \d+, \d+;"),
     (lambda row, logits: (np.where(row == 7, 1437, row), logits),
-     r"1 row id\(s\) are not rows of these views \(0\.\.1436\), e\.g\. 1437"),
-    (lambda row, logits: (row, np.where(row[:, None] == 5, np.nan, logits)), r"not finite, e\.g\. row ids 5\.$"),
+     r"1 row id\(s\) are not rows of these views \(0\.\.1436\): 1437;"),
+    (lambda row, logits: (row, np.where(row[:, None] == 5, np.nan, logits)), r"not finite: row ids 5\.$"),
     (lambda row, logits: (row, logits[:, :4]), r"bad.npz' has 4 classes, but '.*ok.npz' has 10"),
     (lambda row, logits: (row.astype(float), logits), "`row` must be a 1-D integer array"),
 ])
@@ -154,10 +166,12 @@ def test_import_refuses_unreadable_and_repeated_files(tmp_path, data_dir):
   (tmp_path / "text.npz").write_text("not an npz")
   np.savez(tmp_path / "keys.npz", rows=np.arange(1437), logits=np.zeros((1437, 10)))
   few = _write_logits(tmp_path / "few.npz", np.arange(1437), np.zeros((1437, 4)))
+  np.save(tmp_path / "plain.npy", np.zeros((1437, 10)))
   for files, message in [([str(tmp_path / "text.npz")], "cannot be read as an .npz file"),
+                         ([str(tmp_path / "plain.npy")], r"holds one array \(float64 \(1437, 10\)\)"),
                          ([str(tmp_path / "absent.npz")], "cannot be read as an .npz file"),
                          ([str(tmp_path / "keys.npz")], r"holds \['logits', 'rows'\]; it needs `row`"),
-                         ([few], "dataset 'digits' has 10 classes but the logits files hold 4"),
+                         ([few], r"few.npz' holds 4 classes, but dataset 'digits' has 10"),
                          ([good, good], "hold the same logits")]:
     with pytest.raises(StillroomError, match=message):
       import_cache(config, files)
@@ -200,3 +214,76 @@ def test_views_again_with_other_settings_replace_every_file(tmp_path, data_dir):
   write_views(BuildConfig(**{**config.__dict__, "views": 1, "overwrite": True}))
   assert sorted(os.listdir(tmp_path / "v")) == ["views.json", chunk_file(0), chunk_file(1)]
   assert read_views(str(tmp_path / "v"))["rows"] == 1437
+
+
+def test_crop_views_import_to_the_build_of_the_same_teacher(tmp_path, tmp_path_factory):
+  """Images of varying size with crop views (--image-size): the views are the teacher's inputs, and importing the
+  teacher's own logits on them gives the build's store (crop boxes drawn from the images' sizes)."""
+  root = str(tmp_path_factory.mktemp("shapes") / "s")
+  write_shapes(root, ShapesConfig(train_per_class=4, test_per_class=1, min_side=20, max_side=40))
+  teacher = conftest.make_teacher(tmp_path / "t", input_shape=(12, 12, 3), normalization={"shift": 0.0, "scale": 255.0})
+  options = {"dataset": f"imagefolder:{root}/train", "image_size": 12, "views": 3, "flip": True, "chunk_rows": 16,
+             "progress": False, "eval_split": "none"}
+  built = open_cache(build_cache(BuildConfig(teachers=(teacher,), out=str(tmp_path / "built.zarr"), **options)))
+  views = str(tmp_path / "views")
+  write_views(BuildConfig(out=views, **options))
+  run = load_teacher(teacher)
+  rows, logits = [], []
+  for chunk in range(built.spec.num_chunks):
+    with np.load(os.path.join(views, chunk_file(chunk))) as files:
+      start, stop = built.chunk_bounds(chunk)
+      np.testing.assert_array_equal(files["row"], np.arange(start, stop))
+      rows.append(files["row"])
+      # The views are normalised by the dataset's default (pixels / 255), which is this teacher's own.
+      logits.append(np.asarray(jax.jit(run.apply_fn)(run.params, files["x"])))
+  np.testing.assert_allclose(np.concatenate(logits), built["member_logits"][:, 0].astype(np.float32), atol=2e-2)
+  files = [_write_logits(tmp_path / "t.npz", np.concatenate(rows), built["member_logits"][:, 0].astype(np.float32))]
+  imported = open_cache(import_cache(BuildConfig(out=str(tmp_path / "imported.zarr"), **options), files))
+  for array in built.spec.arrays:
+    np.testing.assert_array_equal(imported[array.name][:], built[array.name][:], err_msg=array.name)
+
+
+def test_views_are_checked_before_out_is_touched_and_a_killed_write_reruns(tmp_path, data_dir):
+  config = BuildConfig(dataset="digits", data_dir=data_dir, chunk_rows=1000, out=str(tmp_path / "v"), progress=False)
+  write_views(config)
+  before = sorted(os.listdir(tmp_path / "v"))
+  for bad, message in [({"workers": -2}, "--workers"), ({"seed": -1}, "seed"), ({"batch_size": 0}, "--batch-size")]:
+    with pytest.raises(StillroomError, match=message):
+      write_views(BuildConfig(**{**config.__dict__, **bad}))
+    assert sorted(os.listdir(tmp_path / "v")) == before  # Nothing deleted.
+  # A kill while a chunk was being written leaves it beside its name, and no views.json.
+  os.remove(tmp_path / "v" / "views.json")
+  os.rename(tmp_path / "v" / chunk_file(1), tmp_path / "v" / (chunk_file(1) + ".tmp"))
+  with pytest.raises(StillroomError, match="has no readable views.json"):
+    read_views(str(tmp_path / "v"))
+  write_views(config)
+  assert sorted(os.listdir(tmp_path / "v")) == before
+  stamps = {name: os.stat(tmp_path / "v" / name).st_mtime_ns for name in before}
+  write_views(config)  # Whole already: nothing is rewritten.
+  assert {name: os.stat(tmp_path / "v" / name).st_mtime_ns for name in before} == stamps
+  # A file of the user's that merely looks like ours is not deleted.
+  (tmp_path / "v" / "views_mine.npz").write_bytes(b"mine")
+  with pytest.raises(StillroomError, match="holds other files than views"):
+    write_views(BuildConfig(**{**config.__dict__, "views": 2, "overwrite": True}))
+  assert (tmp_path / "v" / "views_mine.npz").read_bytes() == b"mine"
+
+
+def test_import_refuses_logits_beyond_the_storage_range_and_clashing_names(tmp_path, data_dir):
+  config = BuildConfig(dataset="digits", data_dir=data_dir, out=str(tmp_path / "c.zarr"), progress=False)
+  large = np.random.default_rng(0).normal(size=(1437, 10))
+  large[7] *= 1e6
+  order = np.random.default_rng(1).permutation(1437)
+  big = _write_logits(tmp_path / "big.npz", order, large[order])
+  with pytest.raises(StillroomError, match=r"exceed float16's range .* row ids 7; pass --dtype float32"):
+    import_cache(config, [big])
+  assert not os.path.exists(config.out)
+  assert open_cache(import_cache(dataclasses.replace(config, dtype="float32"), [big])).complete
+  (tmp_path / "a").mkdir()
+  (tmp_path / "b").mkdir()
+  same = [_write_logits(tmp_path / d / "logits.npz", np.arange(1437), np.random.default_rng(k).normal(size=(1437, 10)))
+          for k, d in enumerate("ab")]
+  with pytest.raises(StillroomError, match="would both be member 'logits'; rename one file"):
+    import_cache(dataclasses.replace(config, out=str(tmp_path / "d.zarr")), same)
+  one = _write_logits(tmp_path / "one.npz", np.arange(1437), np.zeros((1437, 1)))
+  with pytest.raises(StillroomError, match="C >= 2 classes"):
+    import_cache(dataclasses.replace(config, out=str(tmp_path / "d.zarr")), [one])

@@ -1,0 +1,202 @@
+"""Hinton et al.'s specialists: the clustering, dustbin labels and correction, the combination solver against
+SciPy's optimiser on the same objective, the head surgery, and the three commands end to end on digits."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.optimize import minimize
+from scipy.special import log_softmax, softmax
+
+import conftest
+from shared.cache import open_cache
+from shared.errors import StillroomError
+from shared.specialists import (SpecialistPlan, class_matrix, cluster_classes, combine_specialists, dustbin_correction,
+                                dustbin_labels, initial_params)
+from student_train.cli import main as train_main
+from student_train.plan import enriched_sampler
+from teacher_cache.cli import main as cache_main
+from teacher_cache.verify import verify_cache
+
+
+def test_the_clustering_recovers_planted_subsets():
+  planted = [[0, 3, 7, 9], [1, 2, 4], [5, 6, 8, 10, 11]]
+  rng = np.random.default_rng(0)
+  # Predictions whose classes co-vary within each planted subset: a row spreads its mass over one subset.
+  rows = np.zeros((3000, 12))
+  for row in rows:
+    subset = planted[rng.integers(3)]
+    row[subset] = rng.dirichlet(np.ones(len(subset)))
+  rows = 0.9 * rows + 0.1 * rng.dirichlet(np.ones(12), size=len(rows))
+  assert cluster_classes(np.cov(rows, rowvar=False), 3, seed=0) == planted
+
+
+def test_dustbin_labels_and_the_correction_undo_enriched_sampling():
+  np.testing.assert_array_equal(dustbin_labels(np.array([0, 1, 2, 3, 4, -1]), (3, 1), 5), [2, 1, 2, 0, 2, -1])
+  # Bayes with scaled priors: a specialist trained on enriched data outputs p'(c|x) ∝ w_c p(c|x), with w the
+  # enrichment of each class's prior; its dustbin is the mass outside its classes.
+  rng = np.random.default_rng(1)
+  prior = rng.dirichlet(np.ones(5))
+  subset, natural, enriched = [1, 3], prior[[1, 3]].sum(), 0.5
+  weights = np.where(np.isin(np.arange(5), subset), enriched / natural, (1 - enriched) / (1 - natural))
+  for _ in range(5):
+    posterior = softmax(rng.normal(size=5) + np.log(prior))
+    trained = posterior * weights / (posterior * weights).sum()
+    logits = np.log(np.r_[trained[subset], trained[[0, 2, 4]].sum()])
+    logits[-1] += dustbin_correction(natural, enriched)
+    np.testing.assert_allclose(softmax(logits), np.r_[posterior[subset], posterior[[0, 2, 4]].sum()], rtol=1e-12)
+
+
+def _objective(z, p_g, p_m, subsets, active):
+  """KL(p_g ‖ q) + Σ_{m active} KL(p_m ‖ q_m) up to constants, q = softmax(z), written out directly."""
+  log_q = log_softmax(z)
+  value = -(p_g * log_q).sum()
+  for m, subset in enumerate(subsets):
+    if active[m]:
+      outside = max(1 - np.exp(log_q[subset]).sum(), 1e-300)
+      value -= (p_m[m][:len(subset)] * log_q[subset]).sum() + p_m[m][-1] * np.log(outside)
+  return value
+
+
+def test_the_combination_matches_scipys_optimiser_on_the_same_objective():
+  subsets = [[0, 3, 5], [1, 7], [2, 4, 6, 8]]
+  classes = class_matrix(subsets, 5)
+  solve = jax.jit(combine_specialists)
+  rng = np.random.default_rng(2)
+  for trial in range(8):
+    p_g = softmax(3 * rng.normal(size=10))
+    p_m = [softmax(3 * rng.normal(size=len(s) + 1)) for s in subsets]
+    log_p_m = np.full((3, 5), -np.inf)
+    for m, (s, p) in enumerate(zip(subsets, p_m)):
+      log_p_m[m, :len(s)], log_p_m[m, -1] = np.log(p[:-1]), np.log(p[-1])
+    active = np.array([trial % 2 == 0, True, trial % 3 != 0])
+    got = np.exp(np.asarray(solve(jnp.log(p_g), jnp.asarray(log_p_m, jnp.float32), classes, active), np.float64))
+    reference = softmax(minimize(_objective, np.log(p_g), args=(p_g, p_m, subsets, active), method="BFGS",
+                                 options={"gtol": 1e-10}).x)
+    np.testing.assert_allclose(got, reference, atol=1e-5)
+    few = np.exp(np.asarray(combine_specialists(jnp.log(p_g), jnp.asarray(log_p_m, jnp.float32), classes, active,
+                                                iterations=20), np.float64))
+    np.testing.assert_allclose(few, reference, atol=1e-5)
+  # No specialist active: q is the generalist's distribution.
+  got = np.exp(np.asarray(solve(jnp.log(p_g), jnp.asarray(log_p_m, jnp.float32), classes, np.zeros(3, bool))))
+  np.testing.assert_allclose(got, p_g, rtol=1e-5)
+
+
+def test_a_specialists_head_starts_from_the_generalists():
+  rng = np.random.default_rng(3)
+  generalist = {"hidden": {"kernel": rng.normal(size=(4, 6))},
+                "head": {"kernel": rng.normal(size=(6, 5)), "bias": rng.normal(size=5)}}
+  target = {"hidden": {"kernel": np.zeros((4, 6), np.float32)},
+            "head": {"kernel": np.zeros((6, 3), np.float32), "bias": np.zeros(3, np.float32)}}
+  got = initial_params(target, generalist, (4, 1))
+  np.testing.assert_allclose(got["hidden"]["kernel"], generalist["hidden"]["kernel"], rtol=1e-6)
+  head = generalist["head"]
+  np.testing.assert_allclose(got["head"]["kernel"], np.c_[head["kernel"][:, [4, 1]],
+                                                          head["kernel"][:, [0, 2, 3]].mean(1)], rtol=1e-6)
+  np.testing.assert_allclose(got["head"]["bias"], np.r_[head["bias"][[4, 1]],
+                                                        head["bias"][[0, 2, 3]].mean() + np.log(3)], rtol=1e-6)
+  with pytest.raises(StillroomError, match="parameter head/kernel has shape"):
+    initial_params({**target, "head": {"kernel": np.zeros((6, 4)), "bias": np.zeros(4)}}, generalist, (4, 1))
+
+
+def test_enriched_sampling_draws_the_share_asked_for():
+  pool = np.arange(100, 200)
+  inside = np.arange(100) < 10
+  sample = enriched_sampler(pool, inside, 0.5, seed=4)
+  first = sample(0)
+  assert len(first) == 100 and np.isin(first[:50], pool[inside]).all() and not np.isin(first[50:], pool[inside]).any()
+  np.testing.assert_array_equal(first, sample(0))  # Replayable (a resumed run draws the same).
+  assert not np.array_equal(first, sample(1))
+
+
+@pytest.fixture(scope="module")
+def generalist_setup(tmp_path_factory, data_dir):
+  """A weak generalist (mlp-tiny, 2 epochs) on digits, its cache, a plan of 3 specialists and two of them trained."""
+  root = tmp_path_factory.mktemp("specialists")
+  common = ["--dataset", "digits", "--data-dir", data_dir, "--no-progress", "--workers", "0"]
+  train_main(["fit", "--model", "mlp-tiny", "--epochs", "2", "--out", str(root / "gen"), *common])
+  cache_main(["build", "--teacher", str(root / "gen"), "--dataset", "digits", "--data-dir", data_dir, "--eval-split",
+              "none", "--out", str(root / "gen.zarr"), "--no-progress"])
+  return root, common
+
+
+def test_plan_train_build_verify_and_distil_on_digits(generalist_setup, data_dir, capsys):
+  root, common = generalist_setup
+  plan_path = str(root / "plan.json")
+  code, printed, err = conftest.run_cli(cache_main, ["specialists", root / "gen.zarr", "--clusters", "3", "--out",
+                                                     plan_path], capsys)
+  assert code == 0, err
+  plan = SpecialistPlan.read(plan_path)
+  assert sorted(c for s in plan.subsets for c in s) == list(range(10)) and len(plan.subsets) == 3
+  assert printed.count("specialist ") == 3 and all(0 < m <= 1 for m in plan.within_mass)
+  k = max(range(3), key=lambda i: len(plan.subsets[i]))  # The largest subset, and one other.
+  other = (k + 1) % 3
+  for i in (k, other):
+    code, _, err = conftest.run_cli(train_main, ["fit", "--model", "mlp-tiny", "--epochs", "1", "--specialist",
+                                                 f"{plan_path}:{i}", "--init-from", root / "gen",
+                                                 "--out", root / f"s{i}", *common], capsys)
+    assert code == 0, err
+    record = json.loads((root / f"s{i}" / "config.json").read_text())
+    assert record["specialist"]["classes"] == list(plan.subsets[i])
+    assert record["model"]["num_classes"] == len(plan.subsets[i]) + 1
+  out = str(root / "q.zarr")
+  code, _, err = conftest.run_cli(cache_main, ["build", "--teacher", root / "gen", "--specialists", plan_path,
+                                               root / f"s{k}", root / f"s{other}", "--top-n", "2", "--dataset",
+                                               "digits", "--data-dir", data_dir, "--out", out, "--no-progress"], capsys)
+  assert code == 0, err
+  assert not [c for c in verify_cache(out, data_dir=data_dir) if c.failed]
+  cache = open_cache(out)
+  assert [s.classes for s in cache.spec.specialists] == [plan.subsets[i] for i in sorted((k, other))]
+  # Independent reference: the active mask from the generalist's top 2 in NumPy, q by SciPy's optimiser.
+  generalist = cache["member_logits"][:, 0].astype(np.float64)
+  top = np.argsort(-generalist, axis=1, kind="stable")[:, :2]
+  for m, specialist in enumerate(cache.spec.specialists):
+    np.testing.assert_array_equal(cache["specialist_active"][:, m],
+                                  np.isin(top, specialist.classes).any(axis=1))
+  specialist_logits = cache["specialist_logits"][:].astype(np.float64)
+  for row in range(0, len(generalist), 97):
+    p_g = softmax(generalist[row] / 4)
+    subsets = [list(s.classes) for s in cache.spec.specialists]
+    p_m = [softmax(np.r_[specialist_logits[row, m, :len(s)], specialist_logits[row, m, -1]] / 4)
+           for m, s in enumerate(subsets)]
+    reference = softmax(minimize(_objective, np.log(p_g), args=(p_g, p_m, subsets, cache["specialist_active"][row]),
+                                 method="BFGS", options={"gtol": 1e-10}).x)
+    np.testing.assert_allclose(np.exp(cache["targets"][row].astype(np.float64)), reference, atol=2e-3)
+  code, printed, _ = conftest.run_cli(cache_main, ["info", out], capsys)
+  assert "q of the generalist and 2 specialists (top-2)" in printed and "[s1]" in printed
+  code, _, err = conftest.run_cli(train_main, ["fit", "--cache", out, "--epochs", "1", "--out", root / "student",
+                                               "--data-dir", data_dir, "--no-progress", "--workers", "0"], capsys)
+  assert code == 0, err
+  code, _, err = conftest.run_cli(train_main, ["fit", "--cache", out, "--temperature", "2", "--epochs", "1", "--out",
+                                               root / "student2", "--data-dir", data_dir, "--no-progress"], capsys)
+  assert code != 0 and "combination of a generalist with 2 specialists" in err
+
+
+def test_wrong_specialist_inputs_are_one_line_errors(generalist_setup, data_dir, capsys):
+  root, common = generalist_setup
+  plan_path = str(root / "plan2.json")
+  assert conftest.run_cli(cache_main, ["specialists", root / "gen.zarr", "--clusters", "2", "--out", plan_path],
+                          capsys)[0] == 0
+  code, _, err = conftest.run_cli(cache_main, ["specialists", root / "gen.zarr", "--clusters", "2", "--out",
+                                               plan_path], capsys)
+  assert code != 0 and "exists; pass --overwrite" in err
+  code, _, err = conftest.run_cli(cache_main, ["specialists", root / "gen.zarr", "--clusters", "11", "--out",
+                                               root / "p.json"], capsys)
+  assert code != 0 and "--clusters must be in 2..10" in err
+  for args, message in [
+      (["--specialist", f"{plan_path}:5", "--init-from", root / "gen"], "the plan has specialists 0..1"),
+      (["--specialist", f"{plan_path}"], "needs|give --init-from"),
+      (["--specialist", f"{plan_path}:0", "--init-from", root / "gen", "--model", "mlp-small"],
+       "is a mlp-tiny run"),
+      (["--enrich", "0.3"], "give --specialist too"),
+  ]:
+    code, _, err = conftest.run_cli(train_main, ["fit", "--model", "mlp-tiny", "--epochs", "1", *args, "--out",
+                                                 root / "bad", *common], capsys)
+    assert code != 0 and len(err.strip().splitlines()) == 1, err
+    assert any(m in err for m in message.split("|")), err
+  code, _, err = conftest.run_cli(cache_main, ["build", "--teacher", root / "gen", "--specialists", plan_path,
+                                               root / "gen", "--dataset", "digits", "--data-dir", data_dir,
+                                               "--out", root / "bad.zarr", "--no-progress"], capsys)
+  assert code != 0 and "is not a specialist run" in err
