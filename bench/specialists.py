@@ -11,10 +11,12 @@ classes (`--enrich 0.5`). Everything runs through the functions the CLIs call (`
 
 1. Validation (settings chosen here, never on the test split): train on train[:80%], score on train[80%:], seeds
    0 and 1; the grid is K (clusters) x top-n, scored by the accuracy of q at T=1 (the argmax of the combination).
-2. Test, with the chosen K and top-n, seeds 0..N-1 (each seed its own generalist, specialists and students): the
+   Then, with the chosen K and top-n, the T of each distilled student's cache (1, 2 or 4), by the validation
+   accuracy of students trained on train[:80%] (seeds 0 and 1).
+2. Test, with those settings, seeds 0..N-1 (each seed its own generalist, specialists and students): the
    generalist's test accuracy against q's (both at T=1, from a cache of the test split), and students (`mlp-tiny`,
-   `STUDENT_EPOCHS` epochs, T=4, alpha 0.1) distilled from a cache of the generalist and from a cache of q
-   (train split), besides a scratch student. Differences are paired by seed.
+   `STUDENT_EPOCHS` epochs, alpha 0.1) distilled from a cache of the generalist and from a cache of q (train
+   split, each at its chosen T), besides a scratch student. Differences are paired by seed.
 """
 
 import argparse
@@ -36,8 +38,8 @@ from teacher_cache.build import BuildConfig, build_cache  # noqa: E402
 from teacher_cache.specialists import plan_specialists  # noqa: E402
 
 MODEL = "mlp-tiny"
-GENERALIST_EPOCHS, SPECIALIST_EPOCHS, STUDENT_EPOCHS = 2, 10, 20
-CLUSTERS, TOP_N = (2, 3, 4), (1, 2, 3)
+GENERALIST_EPOCHS, SPECIALIST_EPOCHS, STUDENT_EPOCHS = 8, 4, 20
+CLUSTERS, TOP_N, STUDENT_TEMPERATURES = (2, 3, 4), (1, 2, 3), (1.0, 2.0, 4.0)
 TRAIN, VALID = "train[:80%]", "train[80%:]"
 
 
@@ -63,14 +65,15 @@ def _accuracies(path: str) -> tuple[float, float]:
 def _team(work: str, split: str, seed: int, clusters: int) -> tuple[str, str, tuple[str, ...]]:
   """The generalist of a seed (trained once per split and seed), the plan of `clusters` specialists and the
   specialists."""
-  generalist = os.path.join(work, f"{split}-gen{seed}")
+  tag = {TRAIN: "part", "train": "full"}[split]  # Not the split spec: a run dir's name with '%' breaks orbax.
+  generalist = os.path.join(work, f"{tag}-gen{seed}")
   _fit(generalist, dataset="digits", split=split, epochs=GENERALIST_EPOCHS, seed=seed, eval_split="none")
-  cache = _cache(os.path.join(work, f"{split}-gen{seed}.zarr"), split, generalist, 1.0)
-  plan = os.path.join(work, f"{split}-plan{seed}-k{clusters}.json")
+  cache = _cache(os.path.join(work, f"{tag}-gen{seed}.zarr"), split, generalist, 1.0)
+  plan = os.path.join(work, f"{tag}-plan{seed}-k{clusters}.json")
   subsets = plan_specialists(cache, clusters, plan, seed=seed, overwrite=True).subsets
   specialists = []
   for k in range(len(subsets)):
-    out = os.path.join(work, f"{split}-spec{seed}-k{clusters}-{k}")
+    out = os.path.join(work, f"{tag}-spec{seed}-k{clusters}-{k}")
     _fit(out, dataset="digits", split=split, epochs=SPECIALIST_EPOCHS, seed=seed, specialist=f"{plan}:{k}",
          init_from=generalist, eval_split="none")
     specialists.append(out)
@@ -91,17 +94,38 @@ def validate(work: str) -> dict:
   return {setting: statistics.mean(values) for setting, values in scores.items()}
 
 
-def test(work: str, seeds: int, clusters: int, top_n: int) -> list[dict]:
+def _student_caches(work: str, tag: str, split: str, generalist: str, plan: str, specialists: tuple[str, ...],
+                    top_n: int, temperatures: dict) -> dict:
+  """The caches the two distilled students learn from: the generalist's and q, each at its T."""
+  return {"from the generalist": _cache(os.path.join(work, f"{tag}-kd-gen.zarr"), split, generalist,
+                                        temperatures["from the generalist"]),
+          "from q": _cache(os.path.join(work, f"{tag}-kd-q.zarr"), split, generalist, temperatures["from q"], plan,
+                           specialists, top_n)}
+
+
+def validate_temperature(work: str, clusters: int, top_n: int) -> dict:
+  """Each distilled student's validation accuracy at each T of its cache (mean of seeds 0 and 1)."""
+  scores = {}
+  for seed, temperature in itertools.product((0, 1), STUDENT_TEMPERATURES):
+    generalist, plan, specialists = _team(work, TRAIN, seed, clusters)
+    caches = _student_caches(work, f"valid{seed}-t{temperature:g}", TRAIN, generalist, plan, specialists, top_n,
+                             {"from the generalist": temperature, "from q": temperature})
+    for name, cache in caches.items():
+      final = _fit(os.path.join(work, f"valid{seed}-t{temperature:g}-student-{name.split()[-1]}"), cache=cache,
+                   epochs=STUDENT_EPOCHS, seed=seed, eval_split=VALID)
+      scores.setdefault(name, {}).setdefault(temperature, []).append(final["eval_accuracy"])
+  return {name: {t: statistics.mean(v) for t, v in by_t.items()} for name, by_t in scores.items()}
+
+
+def test(work: str, seeds: int, clusters: int, top_n: int, temperatures: dict) -> list[dict]:
   rows = []
   for seed in range(seeds):
     generalist, plan, specialists = _team(work, "train", seed, clusters)
     alone, combined = _accuracies(_cache(os.path.join(work, f"test{seed}.zarr"), "test", generalist, 1.0, plan,
                                          specialists, top_n))
     students = {}
-    for name, cache in [("from the generalist", _cache(os.path.join(work, f"kd-gen{seed}.zarr"), "train",
-                                                       generalist, 4.0)),
-                        ("from q", _cache(os.path.join(work, f"kd-q{seed}.zarr"), "train", generalist, 4.0, plan,
-                                          specialists, top_n))]:
+    caches = _student_caches(work, f"test{seed}", "train", generalist, plan, specialists, top_n, temperatures)
+    for name, cache in caches.items():
       final = _fit(os.path.join(work, f"student{seed}-{name.split()[-1]}"), cache=cache, epochs=STUDENT_EPOCHS,
                    seed=seed)
       students[name] = final["eval_accuracy"]
@@ -132,15 +156,20 @@ def main() -> None:
   print("validation accuracy of q (T=1), mean of 2 seeds:", json.dumps(scores, indent=2), flush=True)
   best = max((s for s in scores if s != "generalist alone"), key=scores.get)
   clusters, top_n = int(best.split(",")[0][2:]), int(best.split("top-")[1])
-  rows = test(work, args.seeds, clusters, top_n)
-  print(f"\ntest split, {args.seeds} paired seeds, K={clusters}, top-{top_n}:")
+  by_temperature = validate_temperature(work, clusters, top_n)
+  print("validation accuracy of each distilled student by the T of its cache:", json.dumps(by_temperature), flush=True)
+  temperatures = {name: max(by_t, key=by_t.get) for name, by_t in by_temperature.items()}
+  rows = test(work, args.seeds, clusters, top_n, temperatures)
+  print(f"\ntest split, {args.seeds} paired seeds, K={clusters}, top-{top_n}, student T {temperatures}:")
   print("| | test accuracy | paired difference |\n|---|---|---|")
   print(f"| generalist alone | {_summary(rows, 'generalist')} | |")
   print(f"| generalist + specialists (q) | {_summary(rows, 'generalist + specialists', 'generalist')} |")
   print(f"| student, scratch | {_summary(rows, 'scratch')} | |")
   print(f"| student from the generalist | {_summary(rows, 'from the generalist', 'scratch')} |")
   print(f"| student from q | {_summary(rows, 'from q', 'from the generalist')} |")
-  write_json(args.out, {"validation": scores, "chosen": {"clusters": clusters, "top_n": top_n}, "test": rows,
+  write_json(args.out, {"validation": scores, "validation_student_temperature": by_temperature,
+                        "chosen": {"clusters": clusters, "top_n": top_n, "student_temperature": temperatures},
+                        "test": rows,
                         "settings": {"model": MODEL, "generalist_epochs": GENERALIST_EPOCHS,
                                      "specialist_epochs": SPECIALIST_EPOCHS, "student_epochs": STUDENT_EPOCHS}})
 

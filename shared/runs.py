@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import weakref
@@ -367,12 +368,27 @@ def _module_apply_fn(model: nnx.Module) -> tuple[Callable, Any]:
   return apply_fn, params
 
 
+def check_checkpoint_path(run_dir: str, option: str = "--out") -> None:
+  """Refuses a run dir whose path holds a bracketed part: orbax 0.12 writes checkpoints there but cannot read them
+  back (tensorstore's OCDBT lookups fail on `[...]`, e.g. `runs/train[:80%]`), so the run could never resume or
+  teach.
+
+  Raises:
+    StillroomError: naming the path.
+  """
+  path = storage.absolute(run_dir)
+  if re.search(r"\[[^/]*\]", path):
+    raise StillroomError(f"{option} {run_dir!r}: orbax cannot read checkpoints back from a path holding '[...]' "
+                         f"({path}); choose a name without brackets.")
+
+
 def load_run_teacher(run_dir: str) -> Teacher:
   """Loads the latest checkpoint of a run dir as a teacher.
 
   Raises:
     StillroomError: missing or unreadable dir, config or checkpoint; unknown model.
   """
+  check_checkpoint_path(run_dir, "run dir")
   config = read_config(run_dir)
   record = RunRecord.from_json(config, repr(run_dir))
   spec = record.model

@@ -128,3 +128,21 @@ def from_args(cls, args: argparse.Namespace, *, prefix: str = "", base=None, **o
   """The settings a parsed command line gives: `base` (default: `cls()`) with every parsed field of `cls`."""
   values = {f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(cls) if hasattr(args, prefix + f.name)}
   return dataclasses.replace(base if base is not None else cls(), **{**values, **overrides})
+
+
+def differences(recorded: dict, wanted: dict, where: str, prefix: str = "") -> list[str]:
+  """`["config.lr: 0.003 (run dir) vs 0.01 (command)", ...]` for the leaves of two nested records that differ.
+
+  Args:
+    recorded: what an output records.
+    wanted: what the command would record.
+    where: how the messages name the output ("run dir", "views").
+  """
+  lines = []
+  for key in sorted(set(recorded) | set(wanted)):
+    a, b = recorded.get(key), wanted.get(key)
+    if isinstance(a, dict) and isinstance(b, dict):
+      lines += differences(a, b, where, f"{prefix}{key}.")
+    elif a != b:
+      lines.append(f"{prefix}{key}: {a} ({where}) vs {b} (command)")
+  return lines

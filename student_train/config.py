@@ -123,7 +123,9 @@ class FitConfig:
 # Settings that do not change what a run computes; a resumed run may differ in them. (Where the run dir and the
 # cache are does not either: the cache is identified by its build key.)
 NOT_IDENTITY = ("overwrite", "progress", "data_dir", "checkpoint_every", "checkpoint_every_steps", "workers", "out",
-                "cache", "coordinator", "num_processes", "process_id", "heartbeat_timeout")
+                "cache", "coordinator", "num_processes", "process_id", "heartbeat_timeout",
+                # A specialist is identified by its classes and correction (resolved), not by where its plan is.
+                "specialist", "init_from")
 # How a run's processes find each other: per process, and `fit` only (a sweep or the demo is one process).
 JOB = ("coordinator", "num_processes", "process_id", "heartbeat_timeout")
 # Settings that students trained together in one vmapped step may differ in (the rest is their shared stream;

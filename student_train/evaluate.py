@@ -126,7 +126,12 @@ def evaluate_runs(config: EvalConfig) -> dict:
     raise StillroomError(f"{config.dataset!r} {config.split!r} is unlabeled; evaluation needs labels.")
   member_logits, members = [], []
   for run_dir in config.runs:
-    logits = run_logits(load_run_teacher(run_dir), transfer_set, config.batch_size, f"run {run_dir!r}")
+    run = load_run_teacher(run_dir)
+    if run.record.specialist is not None:  # Its outputs are not the data's classes.
+      raise StillroomError(f"run {run_dir!r} is a specialist (classes {list(run.record.specialist.classes)} and a "
+                           "dustbin): its own eval accuracy on relabelled data is in its metrics.jsonl; combined "
+                           "with its generalist, in a cache built with --specialists (`teacher-cache info`).")
+    logits = run_logits(run, transfer_set, config.batch_size, f"run {run_dir!r}")
     outside = transfer_set.labels >= logits.shape[-1]
     if outside.any():
       raise StillroomError(f"{config.dataset!r} {config.split!r} example index "

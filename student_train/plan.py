@@ -103,6 +103,7 @@ class RunPlan:
     """The files and directories the run reads: its cache, npz datasets, the data dir."""
     paths = [self.cache.path] if self.cache is not None else []
     paths += [self.config.init_from] if self.config.init_from else []
+    paths += [parse_specialist(self.config.specialist)[0]] if self.config.specialist else []
     paths += [local_path(data.name) for data in (self.transfer_set, self.eval_set) if data is not None]
     return [path for path in paths + [self.config.data_dir] if path]
 
@@ -288,9 +289,18 @@ def plan_run(config: FitConfig, opened: Opened | None = None) -> RunPlan:
     if inside.all() or not inside.any():
       raise StillroomError(f"--specialist {config.specialist}: {'all' if inside.all() else 'none'} of the training "
                            "examples are of its classes, so there is nothing to enrich.")
+    count = round(config.enrich * len(pool))
+    if not 1 <= count <= len(pool) - 1:
+      raise StillroomError(f"--enrich {config.enrich} of {len(pool)} examples draws {count} of the specialist's "
+                           "classes: give a share that leaves at least one example of each side.")
+    natural = float(inside.mean())
+    if config.enrich < natural:
+      _log(f"--enrich {config.enrich} is below the {natural:.3f} natural share of the specialist's classes: they are "
+           "sampled less often than in the data, not more.")
     sampler = enriched_sampler(pool, inside, config.enrich, config.data_seed)
+    # The correction for the share drawn (count of N), which `--enrich` gives up to rounding.
     config = dataclasses.replace(config, specialist_classes=tuple(subset),
-                                 dustbin_correction=dustbin_correction(float(inside.mean()), config.enrich))
+                                 dustbin_correction=dustbin_correction(natural, count / len(pool)))
   initial = None
   if config.init_from:
     initial = _initial_params(config, model_spec, nnx.to_pure_dict(nnx.state(abstract, nnx.Param)), subset)
@@ -333,7 +343,12 @@ def _initial_params(config: FitConfig, model_spec: ModelSpec, target: dict, subs
   """
   run = load_run_teacher(config.init_from)
   what = f"--init-from {config.init_from!r}"
+  if run.record.specialist is not None:
+    raise StillroomError(f"{what} is a specialist run; start from the generalist (or another ordinary run).")
   recorded = run.record.model
+  if subset is not None and recorded.num_classes <= max(subset):
+    raise StillroomError(f"{what} outputs {recorded.num_classes} classes; the specialist's classes {list(subset)} "
+                         "are the plan's generalist's.")
   if (recorded.name, tuple(recorded.input_shape)) != (model_spec.name, tuple(model_spec.input_shape)):
     raise StillroomError(f"{what} is a {recorded.name} run on inputs {tuple(recorded.input_shape)}; this run trains "
                          f"a {model_spec.name} on {tuple(model_spec.input_shape)}.")

@@ -34,6 +34,7 @@ from shared.distributed import is_first
 from shared.errors import StillroomError
 from shared.outputs import RUN_DIR, clear_for_overwrite
 from shared.runs import CONFIG_FILE, PARAMS_ITEM, CrossFit, RunRecord, SpecialistRecord, checkpoint_manager
+from shared.settings import differences as settings_differences
 from student_train.config import ADDED_SETTINGS, FitConfig
 from student_train.plan import RunPlan
 
@@ -76,7 +77,7 @@ def prepare_run_dir(plan: RunPlan, joining: bool = False) -> bool:
                            "or choose another --out.") from e
     wanted = _as_recorded_by_version_1(existing.get("resolved", {}), json.loads(json.dumps(record)), plan)
     wanted = _without_added_defaults(existing.get("resolved", {}), wanted)
-    differences = config_differences(existing.get("resolved", {}), wanted)
+    differences = settings_differences(existing.get("resolved", {}), wanted, "run dir")
     if differences:
       raise StillroomError(f"run dir {out!r} holds a run with another config: " + "; ".join(differences)
                            + (". Start every process of the job with the same flags and data." if joining else
@@ -123,18 +124,6 @@ def _without_added_defaults(stored: dict, wanted: dict) -> dict:
 
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(FitConfig)}
-
-
-def config_differences(stored: dict, wanted: dict, prefix: str = "") -> list[str]:
-  """`["config.lr: 0.003 (run dir) vs 0.01 (command)", ...]` for the leaves that differ."""
-  lines = []
-  for key in sorted(set(stored) | set(wanted)):
-    a, b = stored.get(key), wanted.get(key)
-    if isinstance(a, dict) and isinstance(b, dict):
-      lines += config_differences(a, b, f"{prefix}{key}.")
-    elif a != b:
-      lines.append(f"{prefix}{key}: {a} (run dir) vs {b} (command)")
-  return lines
 
 
 def _write_json(path: str, value) -> None:

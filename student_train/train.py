@@ -28,6 +28,7 @@ from shared.models import build_model
 from shared.outputs import RUN_DIR, OutputLock, check_not_an_input, check_output
 from shared.parallel import (batch_sharding, check_batch_size, data_mesh, needs_step_sync, on_devices, process_rows,
                              put_replicated)
+from shared.runs import check_checkpoint_path
 from shared.workers import BatchRenderer, resolve_workers
 from student_train import run_dir as files
 from student_train.config import FitConfig
@@ -144,6 +145,7 @@ def fit_group(configs: list[FitConfig], *, log_epochs: bool = True,
         check_not_an_input(plan.config.out, plan.input_paths(), "--out")
         if lock:
           check_output(plan.config.out, RUN_DIR, plan.config.overwrite)
+          check_checkpoint_path(plan.config.out)
           locks.enter_context(OutputLock(plan.config.out, "student-train fit"))
       return plans
 

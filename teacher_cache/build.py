@@ -114,6 +114,10 @@ def _member_specs(teachers: list[Teacher], transfer_set: TransferSet, input_shap
   other; returns their specs and the class count."""
   specs, classes, digests = [], {}, {}
   for teacher in teachers:
+    if teacher.record is not None and teacher.record.specialist is not None:
+      raise StillroomError(f"{teacher.source!r} is a specialist run (its outputs are classes "
+                           f"{list(teacher.record.specialist.classes)} and a dustbin), not an ensemble member: give it "
+                           "after --specialists PLAN.json.")
     if teacher.digest in digests:
       raise StillroomError(f"teachers {digests[teacher.digest]!r} and {teacher.source!r} have the same parameters; "
                            "an ensemble member given twice only weighs it double.")
@@ -158,11 +162,16 @@ def _specialists(config: BuildConfig, teachers: list[Teacher], transfer_set: Tra
   """
   if len(teachers) != 1 or config.folds > 1:
     raise StillroomError("--specialists combine with one generalist: give one --teacher (and no --folds).")
+  if not 1 <= config.top_n <= num_classes:
+    raise StillroomError(f"--top-n must be in 1..{num_classes} (the classes), got {config.top_n}.")
   if CacheSpec.canonical_targets(config.targets) != "dense":
     raise StillroomError("a cache of specialists stores dense targets (their combination q): drop --targets.")
   if not config.specialist_runs:
     raise StillroomError("--specialists takes PLAN.json and then the specialist run dirs.")
   plan = SpecialistPlan.read(config.specialist_plan)
+  if plan.dataset_fingerprint and plan.dataset_fingerprint != transfer_set.fingerprint:
+    log(f"warning: specialist plan {config.specialist_plan!r} was made from a cache of other data (fingerprint "
+        f"{plan.dataset_fingerprint[:16]}…) than {transfer_set.name!r} {transfer_set.split!r}.")
   if plan.num_classes != num_classes:
     raise StillroomError(f"specialist plan {config.specialist_plan!r} is for {plan.num_classes} classes; the "
                          f"generalist outputs {num_classes}.")
@@ -177,18 +186,16 @@ def _specialists(config: BuildConfig, teachers: list[Teacher], transfer_set: Tra
       raise StillroomError(f"specialist {reference!r} covers classes {list(record.classes)}, which are not a subset "
                            f"of the plan {config.specialist_plan!r}.")
     if record.classes in found:
-      raise StillroomError(f"specialists {found[record.classes].source!r} and {run.source!r} both cover classes "
+      raise StillroomError(f"specialists {found[record.classes][0].source!r} and {run.source!r} both cover classes "
                            f"{list(record.classes)}; give one.")
-    outputs = _member_spec(run, transfer_set, input_shape, config.batch_size)[1]
+    member, outputs = _member_spec(run, transfer_set, input_shape, config.batch_size)
     if outputs != len(record.classes) + 1:
       raise StillroomError(f"specialist {reference!r} outputs {outputs} logits; its {len(record.classes)} classes "
                            "and a dustbin are one more.")
-    found[record.classes] = run
-  runs = [found[subset] for subset in plan.subsets if subset in found]
-  specs = [SpecialistSpec(run=_member_spec(run, transfer_set, input_shape, config.batch_size)[0],
-                          classes=run.record.specialist.classes,
-                          dustbin_correction=run.record.specialist.dustbin_correction) for run in runs]
-  return runs, specs
+    found[record.classes] = run, SpecialistSpec(run=member, classes=record.classes,
+                                                dustbin_correction=record.dustbin_correction)
+  ordered = [found[subset] for subset in plan.subsets if subset in found]
+  return [run for run, _ in ordered], [spec for _, spec in ordered]
 
 
 def _check_folds(teachers: list[Teacher], folds: int) -> None:
@@ -549,7 +556,9 @@ def build_cache(config: BuildConfig) -> str:
     declare_complete(cache)
   spec = cache.spec
   log(f"wrote {spec.num_rows} rows ({len(transfer_set)} examples x {spec.views} views, {spec.num_members} members"
-       + (f" of {spec.folds} cross-fitted runs" if spec.folds > 1 else "") + f", {spec.num_classes} classes)"
+       + (f" of {spec.folds} cross-fitted runs" if spec.folds > 1 else "")
+       + (f" and {len(spec.specialists)} specialists (top-{spec.top_n})" if spec.specialists else "")
+       + f", {spec.num_classes} classes)"
        + (f" and {spec.num_eval_rows} eval rows ({spec.eval_dataset.split})" if spec.eval_dataset else "")
        + f" to {config.out}")
   return config.out

@@ -7,12 +7,13 @@ import sys
 
 from shared.cache import LAYOUT
 from shared.cli import add_models_command, print_models, run_or_exit
+from shared.errors import StillroomError
 from shared.settings import add_options, from_args
 from teacher_cache.build import BuildConfig, build_cache
+from teacher_cache.external import IMPORT_OPTIONS, IMPORTED, VIEW_HELP, VIEW_OPTIONS, import_cache, write_views
 from teacher_cache.info import cache_info
 from teacher_cache.specialists import plan_specialists
 from teacher_cache.verify import verify_cache
-from teacher_cache.external import IMPORT_OPTIONS, IMPORTED, VIEW_HELP, VIEW_OPTIONS, import_cache, write_views
 
 _DESCRIPTION = """\
 Run a teacher ensemble once over a transfer set and cache its temperature-scaled outputs in a Zarr v3 store
@@ -45,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
   build.add_argument("--teacher", action="append", required=True, metavar="RUN_DIR|module:function",
                      help="ensemble member: a run dir written by `student-train fit`, or module:function returning "
                           "an nnx.Module or (apply_fn, params); repeat for each member")
-  build.add_argument("--specialists", nargs="+", metavar="PLAN.json RUN_DIR",
+  build.add_argument("--specialists", nargs="+", action="append", metavar="PLAN.json RUN_DIR",
                      help="Hinton et al.'s specialists: the plan (`teacher-cache specialists`), then specialist run "
                           "dirs (`student-train fit --specialist`); the one --teacher is the generalist, and the "
                           "targets are their combination q (see --top-n)")
@@ -168,7 +169,9 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "import":
       import_cache(from_args(BuildConfig, args), args.logits, args.views_dir)
     elif args.command == "build":
-      specialists = args.specialists or []
+      if args.specialists and len(args.specialists) > 1:
+        raise StillroomError("give --specialists once: the plan, then every specialist run dir.")
+      specialists = args.specialists[0] if args.specialists else []
       build_cache(from_args(BuildConfig, args, teachers=tuple(args.teacher),
                             specialist_plan=specialists[0] if specialists else None,
                             specialist_runs=tuple(specialists[1:])))

@@ -33,6 +33,7 @@ from shared.data import label_ids, local_path
 from shared.errors import StillroomError, raise_if_interrupted
 from shared.outputs import STORE, OutputLock, check_not_an_input, check_output
 from shared.parallel import cap_batch, pad_rows
+from shared.settings import differences
 from shared.workers import BatchRenderer, resolve_workers
 from teacher_cache.build import (BuildConfig, ChunkWriter, chunks_to_write, declare_complete, log, make_spec,
                                  open_store, open_views, put_rows, targets_of_logits)
@@ -123,18 +124,6 @@ def _views_record(config: BuildConfig, transfer_set, augmentation) -> dict:
           "input_shape": list(augmentation.output_shape(transfer_set.input_shape))}
 
 
-def _differences(recorded: dict, wanted: dict, prefix: str = "") -> list[str]:
-  """`["augmentation.seed: 1 (views) vs 2 (command)", ...]` for the leaves that differ."""
-  lines = []
-  for key in sorted(set(recorded) | set(wanted)):
-    a, b = recorded.get(key), wanted.get(key)
-    if isinstance(a, dict) and isinstance(b, dict):
-      lines += _differences(a, b, f"{prefix}{key}.")
-    elif a != b:
-      lines.append(f"{prefix}{key}: {a} (views) vs {b} (command)")
-  return lines
-
-
 _CHUNK_NAME = re.compile(r"views_\d{5}\.npz(\.tmp)?")  # A chunk, or one a kill left half-written beside its name.
 
 
@@ -162,8 +151,9 @@ def _prepare(out: str, record: dict, overwrite: bool, chunks: list[str]) -> bool
     if existing == record and set(entries) == {VIEWS_FILE, *chunks}:
       return False
     if existing is not None and existing != record and not overwrite:
-      raise StillroomError(f"--out {out!r} holds views of other settings: {'; '.join(_differences(existing, record))}"
-                           ". Pass --overwrite or choose another --out.")
+      changed = "; ".join(differences(existing, record, "views"))
+      raise StillroomError(f"--out {out!r} holds views of other settings: {changed}. Pass --overwrite or choose "
+                           "another --out.")
     for name in sorted(entries, key=lambda name: name != VIEWS_FILE):  # The record first: no longer complete.
       storage.remove_file(storage.join(out, name))
   storage.make_dirs(out)
@@ -277,10 +267,10 @@ def import_cache(config: BuildConfig, logits_files: list[str], views_dir: str | 
   transfer_set, augmentation = open_views(config)
   if views_dir is not None:
     recorded = {k: v for k, v in read_views(views_dir).items() if k != "chunk_rows"}
-    differences = _differences(recorded, _views_record(config, transfer_set, augmentation))
-    if differences:
+    changed = differences(recorded, _views_record(config, transfer_set, augmentation), "views")
+    if changed:
       raise StillroomError(f"--views-dir {views_dir!r} holds views of other settings than these: "
-                           f"{'; '.join(differences)}. Give import the settings the views were written with.")
+                           f"{'; '.join(changed)}. Give import the settings the views were written with.")
   num_rows = len(transfer_set) * config.views
   logits, members, digests, names = None, [], {}, {}
   for m, path in enumerate(logits_files):

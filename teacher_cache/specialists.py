@@ -10,6 +10,8 @@ from shared import storage
 from shared.cache import open_cache
 from shared.ensemble import combine_log_probs
 from shared.errors import StillroomError
+from shared.outputs import check_not_an_input
+from shared.settings import seed_check
 from shared.specialists import SpecialistPlan, cluster_classes
 
 
@@ -34,8 +36,17 @@ def plan_specialists(cache_path: str, clusters: int, out: str, *, seed: int = 0,
                          "with dense targets or --member-logits.")
   if not 2 <= clusters <= spec.num_classes:
     raise StillroomError(f"--clusters must be in 2..{spec.num_classes} (the classes), got {clusters}.")
-  if storage.exists(out) and not overwrite:
-    raise StillroomError(f"--out {out!r} exists; pass --overwrite to replace it, or choose another --out.")
+  if seed_check(seed) is not True:
+    raise StillroomError(f"--seed {seed_check(seed)}, got {seed}.")
+  check_not_an_input(out, [cache_path], "--out")
+  if storage.exists(out):
+    if not overwrite:
+      raise StillroomError(f"--out {out!r} exists; pass --overwrite to replace it, or choose another --out.")
+    try:
+      SpecialistPlan.read(out)
+    except StillroomError as e:
+      raise StillroomError(f"--overwrite: {out!r} is not a specialist plan, so it is left alone; choose another "
+                           "--out.") from e
   num_classes = spec.num_classes
   total, outer, rows = np.zeros(num_classes), np.zeros((num_classes, num_classes)), 0
   by_class, per_class = np.zeros((num_classes, num_classes)), np.zeros(num_classes, np.int64)

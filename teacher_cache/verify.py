@@ -210,7 +210,8 @@ def verify_cache(path: str, dataset: str | None = None, split: str | None = None
       else:
         derived = np.asarray(combine_log_probs(arrays["member_logits"], spec.temperature, spec.combine))
       error = np.abs(derived - arrays["targets"].astype(np.float32))
-      bad = error > _storage_tolerance(np.dtype(spec.dtype), derived)
+      # q is solved to a relative 1e-6 per class: two solves (in batches of other shapes) agree to ~1e-5 in log q.
+      bad = error > _storage_tolerance(np.dtype(spec.dtype), derived) + (1e-4 if spec.specialists else 0.0)
       if bad.any():
         target_failures.append(start + int(np.argwhere(bad)[0][0]))
       worst_target_error = max(worst_target_error, float(np.nan_to_num(error, nan=np.inf).max(initial=0.0)))

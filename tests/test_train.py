@@ -298,3 +298,14 @@ def test_steps_wait_for_each_other_only_on_several_cpu_devices():
   assert needs_step_sync(mesh("cpu", 4))
   assert not needs_step_sync(mesh("cpu", 1))
   assert not needs_step_sync(mesh("gpu", 8)) and not needs_step_sync(mesh("tpu", 4))
+
+
+def test_a_run_dir_orbax_could_not_read_back_is_refused(tmp_path, data_dir):
+  """orbax 0.12 writes checkpoints under a path holding '[...]' but cannot read them back: refused before training,
+  and a run dir there (made by an older stillroom) is a one-line error when loaded."""
+  from shared.errors import StillroomError
+  with pytest.raises(StillroomError, match=r"cannot read checkpoints back from a path holding '\[\.\.\.\]'"):
+    fit(FitConfig(dataset="digits", data_dir=data_dir, epochs=1, out=str(tmp_path / "train[:80%]"), progress=False))
+  assert not (tmp_path / "train[:80%]").exists()
+  with pytest.raises(StillroomError, match="run dir .*choose a name without brackets"):
+    load_run_teacher(str(tmp_path / "x[1]"))
