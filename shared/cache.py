@@ -715,7 +715,8 @@ def open_cache(path: str, mode: str = "r", require_complete: bool = True) -> Cac
     if not cache.complete:
       raise StillroomError(
           f"cache {path!r} is not complete (its build was interrupted or failed); run the same "
-          "`teacher-cache build` command again to finish it.")
+          f"`teacher-cache {'import' if spec.members[0].model == 'imported' else 'build'}` command again to finish "
+          "it.")
     check_integrity(cache)
   return cache
 

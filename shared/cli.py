@@ -1,6 +1,7 @@
 """Pieces both command lines share: the `models` subcommand and turning errors into exit codes."""
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -15,11 +16,17 @@ def add_models_command(commands) -> None:
   models = commands.add_parser("models", allow_abbrev=False, help="list the model registry with parameter counts")
   models.add_argument("--input-shape", default="8,8,1", help="input shape for the counts (default: %(default)s)")
   models.add_argument("--num-classes", type=int, default=10, help="classes for the counts (default: %(default)s)")
+  models.add_argument("--json", action="store_true", help="print one JSON list: each model's name, description, "
+                                                          "parameter count and named features with their shapes")
 
 
 def print_models(args: argparse.Namespace) -> None:
   shape = tuple(int(d) for d in args.input_shape.split(","))
-  for row in describe_models(shape, args.num_classes):
+  rows = describe_models(shape, args.num_classes)
+  if args.json:
+    print(json.dumps(rows, indent=2))
+    return
+  for row in rows:
     params = "n/a for this shape" if row["params"] is None else f"{row['params']:,} params"
     print(f"{row['name']:<10} {params:<20} {row['about']}")
 

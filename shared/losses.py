@@ -176,3 +176,86 @@ def _dense_soft(student_logits, temperature, target_log_probs, teacher_logits, m
     raise ValueError("a traced loss choice needs both target_log_probs and teacher_logits")
   return jnp.where(mse, logit_mse(student_logits, teacher_logits), soft_kl(student_logits, target_log_probs,
                                                                            temperature))
+
+
+def hint_loss(regressed: jax.Array, teacher_features: jax.Array) -> jax.Array:
+  """FitNets' hint term (Romero et al. 2015): `½ · mean((r(u) − v)²)` over each example's feature elements, r(u) the
+  student's features through the learned regressor, v the teacher's "hint" features.
+
+  The paper writes `½‖v − r(u)‖²`; the mean instead of the sum keeps the weight of the term independent of the
+  feature map's size.
+
+  Args:
+    regressed: [B, *F] the regressed student features.
+    teacher_features: [B, *F] the teacher's features of the same shape.
+
+  Returns:
+    [B] the loss per example.
+  """
+  if regressed.shape != teacher_features.shape:
+    raise ValueError(f"feature shapes differ: {regressed.shape} vs {teacher_features.shape}")
+  difference = regressed.astype(jnp.float32) - teacher_features.astype(jnp.float32)
+  return 0.5 * jnp.mean(difference ** 2, axis=tuple(range(1, difference.ndim)))
+
+
+def _safe_norm(x: jax.Array) -> jax.Array:
+  """The L2 norm over the last axis (kept), 1 where it is 0: an all-zero row (a dead ReLU map, a padded row)
+  normalises to zeros with a finite gradient (the gradient of √x at 0 is not)."""
+  squared = jnp.sum(x * x, axis=-1, keepdims=True)
+  return jnp.sqrt(jnp.where(squared > 0, squared, 1.0))
+
+
+def attention_map(features: jax.Array, power: float = 2.0) -> jax.Array:
+  """Zagoruyko & Komodakis's spatial attention map: `Q = Σ_c |A_c|^p` over channels, flattened and L2-normalised.
+
+  Args:
+    features: [..., H, W, C] a feature map (channels last).
+    power: p (the paper's default is 2).
+
+  Returns:
+    [..., H·W] the normalised map (zero where the features are all zero).
+  """
+  features = features.astype(jnp.float32)
+  q = jnp.sum(jnp.abs(features) ** power, axis=-1).reshape(*features.shape[:-3], -1)
+  return q / _safe_norm(q)
+
+
+def attention_transfer(student_features: jax.Array, teacher_map: jax.Array, power: float = 2.0) -> jax.Array:
+  """Attention transfer: `mean_j (Q̂_S − Q̂_T)_j²` over the H·W positions of one example, Q̂ the normalised maps (as
+  the authors' code computes it; the paper's `½‖Q̂_S − Q̂_T‖_p` differs by a constant factor and the power).
+
+  Args:
+    student_features: [..., H, W, C] the student's feature map.
+    teacher_map: [..., H·W] the teacher's normalised map (`attention_map`, as a cache stores it).
+    power: p of the student's map.
+
+  Returns:
+    [...] the loss per example.
+  """
+  student_map = attention_map(student_features, power)
+  if student_map.shape != teacher_map.shape:
+    raise ValueError(f"attention maps differ in size: {student_map.shape} vs {teacher_map.shape}")
+  return jnp.mean((student_map - teacher_map.astype(jnp.float32)) ** 2, axis=-1)
+
+
+def similarity_preserving(student_features: jax.Array, teacher_features: jax.Array, mask: jax.Array) -> jax.Array:
+  """Similarity-preserving KD (Tung & Mori 2019), a batch loss: `‖G̃_S − G̃_T‖_F² / b²`, with `G = F Fᵀ` the batch's
+  Gram matrix of flattened features, each row L2-normalised, over the b rows that `mask` keeps.
+
+  Args:
+    student_features: [B, ...] the student's features of a batch.
+    teacher_features: [B, ...] the teacher's (any feature shape: only the batch's similarities are compared).
+    mask: [B] 1 for real rows, 0 for padding; padded rows take part in no similarity.
+
+  Returns:
+    [] the loss of the batch.
+  """
+  mask = mask.astype(jnp.float32)
+
+  def gram(features):
+    flat = features.astype(jnp.float32).reshape(features.shape[0], -1) * mask[:, None]
+    g = flat @ flat.T
+    return g / _safe_norm(g)
+
+  rows = jnp.maximum(jnp.sum(mask), 1.0)
+  return jnp.sum((gram(student_features) - gram(teacher_features)) ** 2) / rows ** 2

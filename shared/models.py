@@ -64,10 +64,18 @@ class MLP(nnx.Module):
     self.head = nnx.Linear(sizes[-1], num_classes, rngs=rngs)
 
   def __call__(self, x):
+    return self.features(x)[0]
+
+  def features(self, x) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Logits [B, num_classes] and the named features: `hidden1`, ... each hidden layer's output after its ReLU
+    (before dropout), [B, units]."""
     x = x.reshape(x.shape[0], -1)
-    for layer in self.hidden:
-      x = self.dropout(nnx.relu(layer(x)))
-    return self.head(x)
+    named = {}
+    for i, layer in enumerate(self.hidden):
+      x = nnx.relu(layer(x))
+      named[f"hidden{i + 1}"] = x
+      x = self.dropout(x)
+    return self.head(x), named
 
 
 class CNN(nnx.Module):
@@ -88,14 +96,22 @@ class CNN(nnx.Module):
     self.head = nnx.Linear(dense, num_classes, rngs=rngs)
 
   def __call__(self, x):
+    return self.features(x)[0]
+
+  def features(self, x) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Logits [B, num_classes] and the named features: `stage1`, ... each stage's output after its last ReLU and
+    before its pooling, [B, H, W, C]; `dense`, the dense layer's output after its ReLU (before dropout), [B, units]."""
+    named = {}
     layer = 0
-    for size in self.stage_sizes:
+    for stage, size in enumerate(self.stage_sizes):
       for _ in range(size):
         x = nnx.relu(self.convs[layer](x))
         layer += 1
+      named[f"stage{stage + 1}"] = x
       x = nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="SAME")
-    x = self.dropout(nnx.relu(self.dense(x.reshape(x.shape[0], -1))))
-    return self.head(x)
+    x = nnx.relu(self.dense(x.reshape(x.shape[0], -1)))
+    named["dense"] = x
+    return self.head(self.dropout(x)), named
 
 
 def _mlp(hidden):
@@ -126,6 +142,9 @@ class _ImageInput(nnx.Module):
   def __call__(self, x):
     return self.net(x if self.channels_last else x[..., None])
 
+  def features(self, x) -> tuple[jax.Array, dict[str, jax.Array]]:
+    return self.net.features(x if self.channels_last else x[..., None])
+
 
 MODELS = {
     "mlp-tiny": (_mlp((32,)), "MLP, one hidden layer of 32"),
@@ -133,6 +152,8 @@ MODELS = {
     "mlp-large": (_mlp((1200, 1200)), "MLP, two hidden layers of 1200 (Hinton et al. 2015's teacher)"),
     "cnn-small": (_cnn(((16,), (32,)), 64), "CNN, conv16-pool-conv32-pool, dense 64"),
     "cnn-large": (_cnn(((32, 32), (64, 64)), 256), "CNN, 2x conv32-pool, 2x conv64-pool, dense 256"),
+    "cnn-thin-deep": (_cnn(((8, 8, 8), (16, 16, 16)), 32),
+                      "CNN, thin and deep as FitNets' students: 3x conv8-pool, 3x conv16-pool, dense 32"),
 }
 
 
@@ -219,8 +240,21 @@ def describe_models(input_shape: tuple[int, ...] = (8, 8, 1), num_classes: int =
       params = count_params(nnx.eval_shape(lambda: build_model(spec)))
     except StillroomError:
       params = None  # This model cannot take that input shape.
-    rows.append({"name": name, "about": about, "params": params})
+    rows.append({"name": name, "about": about, "params": params,
+                 "features": None if params is None else feature_shapes(spec)})
   return rows
+
+
+def feature_shapes(spec: ModelSpec) -> dict[str, list[int]]:
+  """The named features of a model (its `features` method; none for your own model without one): `{name: the
+  shape of one example's feature}`, e.g. `{"stage1": [8, 8, 32], "dense": [256]}`."""
+  model = nnx.eval_shape(lambda: build_model(spec))
+  if not hasattr(model, "features"):
+    return {}
+  graphdef, state = nnx.split(model)
+  named = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s).features(x)[1], state,
+                            jax.ShapeDtypeStruct((1, *spec.input_shape), jnp.float32))
+  return {name: list(value.shape[1:]) for name, value in named.items()}
 
 
 def check_input_shape(model_fn, params, input_shape: tuple[int, ...], what: str,

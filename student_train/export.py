@@ -49,7 +49,8 @@ def export_run(run_dir: str, out: str, overwrite: bool = False) -> dict:
   """Writes the parameters of a run's latest checkpoint to `out` (a path or an object-store URL).
 
   Returns:
-    {"out", "format", "arrays" (count), "parameters" (count), "bytes", "model", "normalization", "epochs"}.
+    {"out", "format", "arrays" (count), "parameters" (count), "bytes", "model", "normalization", "epochs"}, and
+    for a specialist "specialist" (its classes and dustbin correction).
 
   Raises:
     StillroomError: an unknown extension, an existing `out` without `overwrite`, or a run dir that cannot be read.
@@ -72,4 +73,8 @@ def export_run(run_dir: str, out: str, overwrite: bool = False) -> dict:
   return {"out": out, "format": extension[1:], "arrays": len(flat),
           "parameters": int(sum(a.size for a in flat.values())), "bytes": len(data),
           "model": run.record.model.to_dict(), "normalization": run.record.normalization.to_dict(),
-          "epochs": run.trained_epochs}
+          "epochs": run.trained_epochs,
+          # A specialist's outputs are these classes, then a dustbin whose logit this correction raises.
+          **({"specialist": {"classes": list(run.record.specialist.classes),
+                             "dustbin_correction": run.record.specialist.dustbin_correction}}
+             if run.record.specialist is not None else {})}

@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "specialists":
       plan = plan_specialists(args.cache, args.clusters, args.out, seed=args.seed, overwrite=args.overwrite)
       for k, (subset, within) in enumerate(zip(plan.subsets, plan.within_mass)):
-        print(f"specialist {k}: {len(subset)} classes {list(subset)}, {100 * within:.1f}% of the generalist's "
+        print(f"specialist {k}: {len(subset)} class{'es' if len(subset) > 1 else ''} {list(subset)}, "
+              f"{100 * within:.1f}% of the generalist's "
               "probability within them on their examples")
       print(f"wrote {args.out}")
     elif args.command == "info":

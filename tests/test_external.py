@@ -199,6 +199,8 @@ def test_an_interrupted_import_resumes_to_the_uninterrupted_store(tmp_path, data
   with pytest.raises(Interrupted):
     import_cache(config, files)
   assert not open_cache(config.out, require_complete=False).complete
+  with pytest.raises(StillroomError, match="run the same `teacher-cache import` command again"):
+    open_cache(config.out)
   monkeypatch.setattr(external, "put_rows", put_rows)
   capsys.readouterr()
   import_cache(config, files)

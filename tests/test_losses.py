@@ -7,7 +7,8 @@ import pytest
 from conftest import numpy_log_softmax
 
 from shared.ensemble import sampled_targets, top_k_targets
-from shared.losses import distillation_loss, hard_cross_entropy, logit_mse, sampled_kl, soft_kl, topk_kl
+from shared.losses import (attention_map, attention_transfer, distillation_loss, hard_cross_entropy, hint_loss,
+                           logit_mse, sampled_kl, similarity_preserving, soft_kl, topk_kl)
 
 RNG = np.random.default_rng(0)
 S = RNG.normal(size=(6, 5)).astype(np.float32) * 3
@@ -187,3 +188,77 @@ def test_traced_sparse_choice_matches_each_loss():
     np.testing.assert_allclose(traced[2], direct[2], rtol=1e-6)
   only_sparse = distillation_loss(S, Y, 0.5, temperature=t, target_log_probs=None, sparse=targets)
   np.testing.assert_allclose(only_sparse[2], topk_kl(S, targets["ids"], targets["log_probs"], targets["log_rest"], t))
+
+
+# Feature-based distillation: each loss written out in NumPy (float64), its gradient by central differences.
+
+def _numeric_grad(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+  grad = np.zeros_like(x)
+  for i in np.ndindex(x.shape):
+    step = np.zeros_like(x)
+    step[i] = eps
+    grad[i] = (f(x + step) - f(x - step)) / (2 * eps)
+  return grad
+
+
+def _np_attention(features, power=2.0):
+  q = (np.abs(features) ** power).sum(-1).reshape(features.shape[0], -1)
+  return q / np.linalg.norm(q, axis=-1, keepdims=True)
+
+
+def test_hint_loss_value_and_gradient():
+  rng = np.random.default_rng(5)
+  r, v = rng.normal(size=(3, 2, 2, 4)), rng.normal(size=(3, 2, 2, 4))
+  expected = 0.5 * ((r - v) ** 2).reshape(3, -1).mean(-1)
+  np.testing.assert_allclose(hint_loss(jnp.asarray(r, jnp.float32), jnp.asarray(v, jnp.float32)), expected, rtol=1e-5)
+  grad = jax.grad(lambda x: hint_loss(x, jnp.asarray(v, jnp.float32)).sum())(jnp.asarray(r, jnp.float32))
+  np.testing.assert_allclose(grad, _numeric_grad(lambda x: (0.5 * ((x - v) ** 2).reshape(3, -1).mean(-1)).sum(), r),
+                             rtol=1e-4, atol=1e-7)
+  with pytest.raises(ValueError, match="feature shapes differ"):
+    hint_loss(jnp.zeros((3, 4)), jnp.zeros((3, 5)))
+
+
+def test_attention_transfer_value_and_gradient():
+  rng = np.random.default_rng(6)
+  s, t = rng.normal(size=(2, 3, 3, 5)), rng.normal(size=(2, 3, 3, 8))  # Channels need not match.
+  teacher_map = _np_attention(t)
+  np.testing.assert_allclose(attention_map(jnp.asarray(t, jnp.float32)), teacher_map, rtol=1e-5)
+
+  def reference(x):
+    return ((_np_attention(x) - teacher_map) ** 2).mean(-1)
+
+  got = attention_transfer(jnp.asarray(s, jnp.float32), jnp.asarray(teacher_map, jnp.float32))
+  np.testing.assert_allclose(got, reference(s), rtol=1e-5)
+  grad = jax.grad(lambda x: attention_transfer(x, jnp.asarray(teacher_map, jnp.float32)).sum())(
+      jnp.asarray(s, jnp.float32))
+  np.testing.assert_allclose(grad, _numeric_grad(lambda x: reference(x).sum(), s), rtol=1e-3, atol=1e-6)
+  # A dead map (all zero) normalises to zeros with a finite gradient.
+  dead = jax.grad(lambda x: attention_transfer(x, jnp.asarray(teacher_map, jnp.float32)).sum())(
+      jnp.zeros((2, 3, 3, 5), jnp.float32))
+  assert np.isfinite(np.asarray(dead)).all()
+  with pytest.raises(ValueError, match="attention maps differ in size"):
+    attention_transfer(jnp.zeros((2, 2, 2, 5)), jnp.asarray(teacher_map, jnp.float32))
+
+
+def test_similarity_preserving_value_gradient_and_padding():
+  rng = np.random.default_rng(7)
+  s, t = rng.normal(size=(5, 6)), rng.normal(size=(5, 2, 2, 3))
+  mask = np.array([1, 1, 1, 0, 0], np.float32)
+
+  def reference(x, rows=3):
+    def gram(f):
+      g = f.reshape(len(f), -1)[:rows] @ f.reshape(len(f), -1)[:rows].T
+      return g / np.linalg.norm(g, axis=1, keepdims=True)
+    return ((gram(x) - gram(t)) ** 2).sum() / rows ** 2
+
+  got = similarity_preserving(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32), jnp.asarray(mask))
+  np.testing.assert_allclose(got, reference(s), rtol=1e-5)
+  grad = np.asarray(jax.grad(lambda x: similarity_preserving(x, jnp.asarray(t, jnp.float32), jnp.asarray(mask)))(
+      jnp.asarray(s, jnp.float32)))
+  np.testing.assert_allclose(grad, _numeric_grad(reference, s), rtol=1e-3, atol=1e-6)
+  # Padded rows take part in nothing: whatever they hold, the loss and the real rows' gradients stay the same.
+  noisy = s.copy()
+  noisy[3:] = rng.normal(size=(2, 6)) * 100
+  np.testing.assert_allclose(similarity_preserving(jnp.asarray(noisy, jnp.float32), jnp.asarray(t, jnp.float32),
+                                                   jnp.asarray(mask)), got, rtol=1e-6)
+  assert not grad[3:].any()

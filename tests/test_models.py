@@ -1,5 +1,6 @@
 """The model registry: names, shapes, helpful errors."""
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -55,3 +56,45 @@ def test_dropout_drops_each_hidden_unit_once_at_its_rate(name, dense):
   assert abs(zeroed.sum() / active.sum() - rate) < 0.02, zeroed.sum() / active.sum()
   kept = active & ~zeroed
   np.testing.assert_allclose(dropped[kept], clean[kept] / (1 - rate), rtol=1e-4)
+
+
+def test_named_features_are_the_layers_outputs_and_leave_the_logits_alone():
+  """MLP: each hidden layer's ReLU output, recomputed in NumPy from the parameters; CNN: each stage's output before
+  pooling (post-ReLU, the first stage recomputed with a plain convolution) and the dense layer's; the logits are
+  the model's own."""
+  import numpy as np
+
+  x = jnp.asarray(np.random.default_rng(1).uniform(0, 1, size=(4, 8, 8, 1)), jnp.float32)
+  mlp = build_model(ModelSpec(name="mlp-large", input_shape=(8, 8, 1), num_classes=10), seed=2)
+  mlp.eval()
+  logits, named = mlp.features(x)
+  assert list(named) == ["hidden1", "hidden2"]
+  h = np.asarray(x).reshape(4, -1)
+  for layer, name in zip(mlp.hidden, named):
+    h = np.maximum(h @ np.asarray(layer.kernel[...]) + np.asarray(layer.bias[...]), 0)
+    np.testing.assert_allclose(named[name], h, rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(logits, mlp(x))
+  cnn = build_model(ModelSpec(name="cnn-small", input_shape=(8, 8, 1), num_classes=10), seed=3)
+  cnn.eval()
+  logits, named = cnn.features(x)
+  assert {k: v.shape for k, v in named.items()} == {"stage1": (4, 8, 8, 16), "stage2": (4, 4, 4, 32),
+                                                    "dense": (4, 64)}
+  conv = cnn.net.convs[0]
+  stage1 = jax.lax.conv_general_dilated(x, conv.kernel[...], (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC")) + conv.bias[...]
+  np.testing.assert_allclose(named["stage1"], np.maximum(stage1, 0), rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(logits, cnn(x))
+  assert all(float(v.min()) >= 0 for v in named.values())
+
+
+def test_models_json_lists_features_in_both_commands(capsys):
+  import json
+
+  from student_train.cli import main as train_main
+  from teacher_cache.cli import main as cache_main
+  for main in (train_main, cache_main):
+    main(["models", "--json"])
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["cnn-large"]["features"]["stage1"] == [8, 8, 32]  # 4 KB per row in float16, as issue 19 says.
+    assert rows["cnn-thin-deep"]["features"] == {"dense": [32], "stage1": [8, 8, 8], "stage2": [4, 4, 16]}
+    assert rows["mlp-small"]["params"] == 9610 and rows["mlp-small"]["features"] == {"hidden1": [128]}

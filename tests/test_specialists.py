@@ -18,6 +18,7 @@ from shared.runs import load_run_teacher
 from shared.specialists import (SpecialistPlan, class_matrix, class_matrix_mask, cluster_classes, combine_specialists,
                                 dustbin_correction, dustbin_labels, initial_params)
 from student_train.cli import main as train_main
+from student_train.export import export_run
 from student_train.plan import enriched_sampler
 from teacher_cache.cli import main as cache_main
 from teacher_cache.verify import verify_cache
@@ -170,10 +171,15 @@ def test_plan_train_build_verify_and_distil_on_digits(generalist_setup, data_dir
     record = json.loads((root / f"s{i}" / "config.json").read_text())
     assert record["specialist"]["classes"] == list(plan.subsets[i])
     assert record["model"]["num_classes"] == len(plan.subsets[i]) + 1
+  def record_of(i):
+    return json.loads((root / f"s{i}" / "config.json").read_text())
+
   # Its own eval accuracy: on the test split relabelled to its classes and dustbin, from its uncorrected logits.
   run, test = load_run_teacher(str(root / f"s{k}")), open_transfer_set("digits", "test", data_dir)
   inputs, labels = test.read_all()
   logits = np.asarray(run.apply_fn(run.params, test.normalization.apply(inputs.astype(np.float32))))
+  exported = export_run(str(root / f"s{k}"), str(root / "s.npz"))
+  assert exported["specialist"] == record_of(k)["specialist"]
   final = json.loads((root / f"s{k}" / "final.json").read_text())
   assert final["eval_accuracy"] == pytest.approx(np.mean(np.argmax(logits, 1) == dustbin_labels(
       labels, plan.subsets[k], 10)), abs=1e-9)
