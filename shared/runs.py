@@ -237,10 +237,12 @@ class SpecialistRecord:
   Attributes:
     classes: the generalist's class ids of its outputs 0..n-1.
     dustbin_correction: the log-odds to add to its dustbin logit to undo its enriched sampling.
+    generalist_digest: the parameter digest of the generalist it started from.
   """
 
   classes: tuple[int, ...]
   dustbin_correction: float
+  generalist_digest: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -269,7 +271,8 @@ class RunRecord:
       d["image_size"] = self.image_size
     if self.specialist is not None:
       d["specialist"] = {"classes": list(self.specialist.classes),
-                         "dustbin_correction": self.specialist.dustbin_correction}
+                         "dustbin_correction": self.specialist.dustbin_correction,
+                         "generalist_digest": self.specialist.generalist_digest}
     return d
 
   @classmethod
@@ -284,7 +287,8 @@ class RunRecord:
       return cls(model=ModelSpec.from_dict(d["model"]), normalization=Normalization.from_dict(d["normalization"]),
                  cross_fit=None if cross_fit is None else CrossFit(**cross_fit), image_size=d.get("image_size"),
                  specialist=None if specialist is None else SpecialistRecord(
-                     tuple(int(c) for c in specialist["classes"]), float(specialist["dustbin_correction"])))
+                     tuple(int(c) for c in specialist["classes"]), float(specialist["dustbin_correction"]),
+                     specialist.get("generalist_digest")))
     except (KeyError, TypeError, AttributeError) as e:
       raise StillroomError(f"{where}: {CONFIG_FILE} lacks a valid 'model', 'normalization' or 'cross_fit' entry "
                            f"({type(e).__name__}: {e}).") from e

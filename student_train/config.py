@@ -26,7 +26,7 @@ OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "nesterov", "rmsprop", "lamb",
 SCHEDULES = ("constant", "cosine", "warmup-cosine")
 # Settings added after run dirs recorded their config: a record without one ran with its default.
 ADDED_SETTINGS = ("optimizer", "schedule", "warmup_epochs", "momentum", "specialist", "init_from", "enrich",
-                  "specialist_classes", "dustbin_correction")
+                  "specialist_classes", "dustbin_correction", "init_digest")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -84,6 +84,7 @@ class FitConfig:
                                                               "order (the dustbin last)", cli=False)
   dustbin_correction: float | None = setting(None, "resolved: the log-odds added to a specialist's dustbin logit to "
                                                    "undo --enrich", cli=False)
+  init_digest: str | None = setting(None, "resolved: the parameter digest of the --init-from run", cli=False)
   epochs: int = setting(20, "epochs")
   finetune_epochs: int = setting(0, "epochs on hard labels after distillation")
   batch_size: int = setting(128, "rows per step, a multiple of the device count")

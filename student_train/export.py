@@ -50,7 +50,7 @@ def export_run(run_dir: str, out: str, overwrite: bool = False) -> dict:
 
   Returns:
     {"out", "format", "arrays" (count), "parameters" (count), "bytes", "model", "normalization", "epochs"}, and
-    for a specialist "specialist" (its classes and dustbin correction).
+    for a specialist "specialist" (its classes, dustbin correction and generalist's digest).
 
   Raises:
     StillroomError: an unknown extension, an existing `out` without `overwrite`, or a run dir that cannot be read.
@@ -75,6 +75,4 @@ def export_run(run_dir: str, out: str, overwrite: bool = False) -> dict:
           "model": run.record.model.to_dict(), "normalization": run.record.normalization.to_dict(),
           "epochs": run.trained_epochs,
           # A specialist's outputs are these classes, then a dustbin whose logit this correction raises.
-          **({"specialist": {"classes": list(run.record.specialist.classes),
-                             "dustbin_correction": run.record.specialist.dustbin_correction}}
-             if run.record.specialist is not None else {})}
+          **({"specialist": run.record.to_json()["specialist"]} if run.record.specialist is not None else {})}

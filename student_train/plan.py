@@ -303,7 +303,8 @@ def plan_run(config: FitConfig, opened: Opened | None = None) -> RunPlan:
                                  dustbin_correction=dustbin_correction(natural, count / len(pool)))
   initial = None
   if config.init_from:
-    initial = _initial_params(config, model_spec, nnx.to_pure_dict(nnx.state(abstract, nnx.Param)), subset)
+    initial, digest = _initial_params(config, model_spec, nnx.to_pure_dict(nnx.state(abstract, nnx.Param)), subset)
+    config = dataclasses.replace(config, init_digest=digest)  # Part of the run's identity: a resume checks it.
   rows = (len(transfer_set) if examples is None else len(examples)) * (cache.spec.views if cache else 1)
   batch_size = cap_batch(config.batch_size, rows, jax.device_count())  # Training uses every device of the job.
   if batch_size < config.batch_size:
@@ -335,8 +336,9 @@ def _specialist_classes(specialist: str, transfer_set: TransferSet) -> tuple[int
   return plan.subsets[k]
 
 
-def _initial_params(config: FitConfig, model_spec: ModelSpec, target: dict, subset) -> dict:
-  """The parameters `--init-from` starts the run from (see `shared.specialists.initial_params`).
+def _initial_params(config: FitConfig, model_spec: ModelSpec, target: dict, subset) -> tuple[dict, str]:
+  """The parameters `--init-from` starts the run from (see `shared.specialists.initial_params`), and the digest of
+  that run's parameters.
 
   Raises:
     StillroomError: the run cannot be loaded, or is of another model or input shape.
@@ -352,7 +354,7 @@ def _initial_params(config: FitConfig, model_spec: ModelSpec, target: dict, subs
   if (recorded.name, tuple(recorded.input_shape)) != (model_spec.name, tuple(model_spec.input_shape)):
     raise StillroomError(f"{what} is a {recorded.name} run on inputs {tuple(recorded.input_shape)}; this run trains "
                          f"a {model_spec.name} on {tuple(model_spec.input_shape)}.")
-  return initial_params(target, nnx.to_pure_dict(run.params), subset, what)
+  return initial_params(target, nnx.to_pure_dict(run.params), subset, what), run.digest
 
 
 def enriched_sampler(pool: np.ndarray, inside: np.ndarray, share: float, seed: int) -> Callable[[int], np.ndarray]:

@@ -91,8 +91,8 @@ def prepare_run_dir(plan: RunPlan, joining: bool = False) -> bool:
   storage.make_dirs(out)
   config = plan.config
   cross_fit = CrossFit(folds=config.folds, holdout_fold=config.holdout_fold) if config.folds > 1 else None
-  specialist = None if config.specialist_classes is None else SpecialistRecord(config.specialist_classes,
-                                                                              config.dustbin_correction)
+  specialist = None if config.specialist_classes is None else SpecialistRecord(
+      config.specialist_classes, config.dustbin_correction, config.init_digest)
   run_record = RunRecord(model=plan.model_spec, normalization=plan.normalization, cross_fit=cross_fit,
                          image_size=plan.augmentation.image_size, specialist=specialist)
   where = {"out": storage.absolute(out), "cache": None if plan.cache is None else storage.absolute(plan.cache.path)}

@@ -185,6 +185,10 @@ def _specialists(config: BuildConfig, teachers: list[Teacher], transfer_set: Tra
     if record.classes not in plan.subsets:
       raise StillroomError(f"specialist {reference!r} covers classes {list(record.classes)}, which are not a subset "
                            f"of the plan {config.specialist_plan!r}.")
+    if record.generalist_digest is not None and record.generalist_digest != teachers[0].digest:
+      raise StillroomError(f"specialist {reference!r} was started from another generalist (parameters "
+                           f"{record.generalist_digest[:12]}…) than --teacher {teachers[0].source!r} "
+                           f"({teachers[0].digest[:12]}…): give the generalist it was trained from.")
     if record.classes in found:
       raise StillroomError(f"specialists {found[record.classes][0].source!r} and {run.source!r} both cover classes "
                            f"{list(record.classes)}; give one.")

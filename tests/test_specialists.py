@@ -278,6 +278,13 @@ def test_a_specialist_is_not_an_ordinary_run(generalist_setup, data_dir, capsys)
   ]:
     code, _, err = conftest.run_cli(main, args, capsys)
     assert code != 0 and message in err and len(err.strip().splitlines()) == 1, err
+  # Specialists of another generalist (its record names the generalist's parameters) are refused.
+  assert conftest.run_cli(train_main, ["fit", "--model", "mlp-tiny", "--epochs", "1", "--seed", "7", "--out",
+                                       root / "gen7", *common], capsys)[0] == 0
+  code, _, err = conftest.run_cli(cache_main, ["build", "--teacher", root / "gen7", "--specialists", plan_path,
+                                               root / "sp", "--dataset", "digits", "--data-dir", data_dir, "--out",
+                                               root / "mixed.zarr", "--no-progress"], capsys)
+  assert code != 0 and "was started from another generalist" in err
   (root / "notes.json").write_text("{}")
   code, _, err = conftest.run_cli(cache_main, ["specialists", root / "gen.zarr", "--clusters", "2", "--out",
                                                root / "notes.json", "--overwrite"], capsys)
