@@ -196,8 +196,7 @@ def combine_specialists(generalist_log_probs: jax.Array, specialist_log_probs: j
   safe = jnp.where(valid, classes, 0)
   a = jnp.exp(generalist_log_probs.astype(jnp.float32)).at[safe].add(jnp.where(valid, p_m[:, :-1], 0.0))  # [C]
   dustbin = p_m[:, -1]  # b_m [S]
-  outside = 1.0 - jnp.zeros((classes.shape[0], num_classes), jnp.float32).at[
-      jnp.arange(classes.shape[0])[:, None], safe].max(valid.astype(jnp.float32))  # [S, C]: 1 where c ∉ S_m
+  outside = 1.0 - class_matrix_mask(classes, num_classes).astype(jnp.float32)  # [S, C]: 1 where c ∉ S_m
   total = jnp.sum(a) + jnp.sum(dustbin)  # 1 + the active specialists' count: each distribution sums to 1.
 
   def em(q):
@@ -292,7 +291,7 @@ def specialist_log_probs(generalist_logits: jax.Array, specialist_logits: jax.Ar
   num_classes = generalist.shape[-1]
   valid = jnp.concatenate([jnp.asarray(classes) >= 0, jnp.ones((len(classes), 1), bool)], axis=1)  # [S, P]
   scaled = jnp.where(valid, specialist_logits.astype(jnp.float32) / temperature, -jnp.inf)
-  inside = jnp.asarray(class_matrix_mask(classes, num_classes))  # [S, C]
+  inside = class_matrix_mask(classes, num_classes)  # [S, C]
   _, top = jax.lax.top_k(generalist, top_n)
   in_top = jnp.zeros_like(generalist, bool).at[jnp.arange(len(generalist))[:, None], top].set(True)  # [B, C]
   active = jnp.any(in_top[:, None, :] & inside[None], axis=-1)
@@ -301,9 +300,6 @@ def specialist_log_probs(generalist_logits: jax.Array, specialist_logits: jax.Ar
                          jnp.asarray(classes), active)
 
 
-def class_matrix_mask(classes: np.ndarray, num_classes: int) -> np.ndarray:
-  """bool [S, C]: class c is one of specialist m's."""
-  inside = np.zeros((len(classes), num_classes), bool)
-  for m, row in enumerate(np.asarray(classes)):
-    inside[m, row[row >= 0]] = True
-  return inside
+def class_matrix_mask(classes, num_classes: int) -> jax.Array:
+  """bool [S, C]: class c is one of specialist m's, from `classes` int [S, P - 1] (`class_matrix`; -1 padding)."""
+  return jnp.any(jnp.asarray(classes)[:, :, None] == jnp.arange(num_classes), axis=1)

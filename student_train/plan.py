@@ -297,7 +297,7 @@ def plan_run(config: FitConfig, opened: Opened | None = None) -> RunPlan:
     if config.enrich < natural:
       _log(f"--enrich {config.enrich} is below the {natural:.3f} natural share of the specialist's classes: they are "
            "sampled less often than in the data, not more.")
-    sampler = enriched_sampler(pool, inside, config.enrich, config.data_seed)
+    sampler = enriched_sampler(pool, inside, count, config.data_seed)
     # The correction for the share drawn (count of N), which `--enrich` gives up to rounding.
     config = dataclasses.replace(config, specialist_classes=tuple(subset),
                                  dustbin_correction=dustbin_correction(natural, count / len(pool)))
@@ -357,18 +357,17 @@ def _initial_params(config: FitConfig, model_spec: ModelSpec, target: dict, subs
   return initial_params(target, nnx.to_pure_dict(run.params), subset, what), run.digest
 
 
-def enriched_sampler(pool: np.ndarray, inside: np.ndarray, share: float, seed: int) -> Callable[[int], np.ndarray]:
-  """A specialist's epochs: as many examples as `pool`, `round(share · N)` of them drawn uniformly with replacement
-  from the examples of its classes (`inside`), the rest from the others, seeded by (seed, epoch).
+def enriched_sampler(pool: np.ndarray, inside: np.ndarray, count: int, seed: int) -> Callable[[int], np.ndarray]:
+  """A specialist's epochs: as many examples as `pool`, `count` of them drawn uniformly with replacement from the
+  examples of its classes (`inside`), the rest from the others, seeded by (seed, epoch).
 
   Args:
     pool: int64 [N] the example indices it trains on.
     inside: bool [N] which of them are of the specialist's classes.
-    share: the enriched share of its classes.
+    count: how many of each epoch's N examples are of its classes (`--enrich` · N, rounded).
     seed: the run's data seed.
   """
   ours, others = pool[inside], pool[~inside]
-  count = round(share * len(pool))
 
   def sample(epoch: int) -> np.ndarray:
     rng = np.random.default_rng([seed, epoch, ENRICH_STREAM])

@@ -210,7 +210,7 @@ def _check_folds(teachers: list[Teacher], folds: int) -> None:
   for position, teacher in enumerate(teachers):
     if teacher.record is None:
       log(f"cross-fitting: cannot check which fold {teacher.name!r} held out (not a stillroom run); trusting the "
-           f"order given (fold {position % folds}).")
+          f"order given (fold {position % folds}).")
       continue
     cross_fit = teacher.record.cross_fit
     recorded = (None, None) if cross_fit is None else (cross_fit.folds, cross_fit.holdout_fold)
@@ -510,12 +510,12 @@ def _plan(config: BuildConfig) -> tuple:
   return config, mesh, transfer_set, eval_set, teachers + specialists, spec
 
 
-def build_cache(config: BuildConfig) -> str:
-  """Builds (or resumes, or confirms) a cache; returns its path.
+def check_settings(config: BuildConfig, out: str = "CACHE.zarr") -> None:
+  """The scalar settings of `build`, `views` and `import`, checked before anything is read or written; `out` is how
+  the error for a missing `--out` names it.
 
   Raises:
-    StillroomError: bad settings, data or teachers; an existing store with other settings; non-finite teacher
-      outputs (naming the member and example index; the store is left incomplete).
+    StillroomError: naming the option and the value.
   """
   validate_settings(temperature=config.temperature, combine=config.combine, dtype=config.dtype,
                     views=config.views, chunk_rows=config.chunk_rows, seed=config.seed, folds=config.folds,
@@ -524,10 +524,20 @@ def build_cache(config: BuildConfig) -> str:
     raise StillroomError(f"--batch-size must be >= 1, got {config.batch_size}.")
   if workers_check(config.workers) is not True:
     raise StillroomError(f"--workers {workers_check(config.workers)}, got {config.workers}.")
+  if not config.out:
+    raise StillroomError(f"give --out {out}.")
+
+
+def build_cache(config: BuildConfig) -> str:
+  """Builds (or resumes, or confirms) a cache; returns its path.
+
+  Raises:
+    StillroomError: bad settings, data or teachers; an existing store with other settings; non-finite teacher
+      outputs (naming the member and example index; the store is left incomplete).
+  """
+  check_settings(config)
   if not config.teachers:
     raise StillroomError("give at least one --teacher (a run dir or module:function).")
-  if not config.out:
-    raise StillroomError("give --out CACHE.zarr.")
   distributed.initialize(config.coordinator, config.num_processes, config.process_id, config.heartbeat_timeout)
   distributed.check_same_settings(config)
   first = distributed.is_first()
@@ -560,11 +570,11 @@ def build_cache(config: BuildConfig) -> str:
     declare_complete(cache)
   spec = cache.spec
   log(f"wrote {spec.num_rows} rows ({len(transfer_set)} examples x {spec.views} views, {spec.num_members} members"
-       + (f" of {spec.folds} cross-fitted runs" if spec.folds > 1 else "")
-       + (f" and {len(spec.specialists)} specialists (top-{spec.top_n})" if spec.specialists else "")
-       + f", {spec.num_classes} classes)"
-       + (f" and {spec.num_eval_rows} eval rows ({spec.eval_dataset.split})" if spec.eval_dataset else "")
-       + f" to {config.out}")
+      + (f" of {spec.folds} cross-fitted runs" if spec.folds > 1 else "")
+      + (f" and {len(spec.specialists)} specialists (top-{spec.top_n})" if spec.specialists else "")
+      + f", {spec.num_classes} classes)"
+      + (f" and {spec.num_eval_rows} eval rows ({spec.eval_dataset.split})" if spec.eval_dataset else "")
+      + f" to {config.out}")
   return config.out
 
 

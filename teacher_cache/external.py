@@ -28,15 +28,15 @@ import numpy as np
 from tqdm import tqdm
 
 from shared import storage
-from shared.cache import ROWS, MemberSpec, replay_rows, row_sources, validate_settings
+from shared.cache import ROWS, MemberSpec, replay_rows, row_sources
 from shared.data import label_ids, local_path
 from shared.errors import StillroomError, raise_if_interrupted
 from shared.outputs import STORE, OutputLock, check_not_an_input, check_output
 from shared.parallel import cap_batch, pad_rows
 from shared.settings import differences
 from shared.workers import BatchRenderer, resolve_workers
-from teacher_cache.build import (BuildConfig, ChunkWriter, chunks_to_write, declare_complete, log, make_spec,
-                                 open_store, open_views, put_rows, targets_of_logits)
+from teacher_cache.build import (BuildConfig, ChunkWriter, check_settings, chunks_to_write, declare_complete, log,
+                                 make_spec, open_store, open_views, put_rows, targets_of_logits)
 from teacher_cache.verify import listed
 
 VIEWS_FILE = "views.json"
@@ -63,16 +63,6 @@ def chunk_file(chunk: int) -> str:
   return f"views_{chunk:05d}.npz"
 
 
-def _check_settings(config: BuildConfig) -> None:
-  """The settings `views` and `import` share, checked before anything is read or written."""
-  validate_settings(temperature=config.temperature, combine=config.combine, dtype=config.dtype, views=config.views,
-                    chunk_rows=config.chunk_rows, seed=config.seed, targets=config.targets)
-  if config.batch_size < 1:
-    raise StillroomError(f"--batch-size must be >= 1, got {config.batch_size}.")
-  if not config.out:
-    raise StillroomError("give --out.")
-
-
 def write_views(config: BuildConfig) -> dict:
   """Writes every row's teacher input into `config.out` (a directory or an object-store prefix).
 
@@ -86,7 +76,7 @@ def write_views(config: BuildConfig) -> dict:
     StillroomError: bad settings or data; an `--out` that holds anything but views, or views of other settings
       (without `--overwrite`).
   """
-  _check_settings(config)
+  check_settings(config, "DIR")
   check_not_an_input(config.out, [local_path(config.dataset), config.data_dir], "--out")
   transfer_set, augmentation = open_views(config)
   workers = resolve_workers(config.workers, transfer_set)
@@ -259,7 +249,7 @@ def import_cache(config: BuildConfig, logits_files: list[str], views_dir: str | 
   Raises:
     StillroomError: bad settings, data or logits files; an existing store with other settings.
   """
-  _check_settings(config)
+  check_settings(config)
   if not logits_files:
     raise StillroomError("give at least one --logits FILE.npz (one per member).")
   config = dataclasses.replace(config, folds=1, teachers=())
@@ -306,7 +296,7 @@ def import_cache(config: BuildConfig, logits_files: list[str], views_dir: str | 
     _write_imported(cache, transfer_set, logits, config)
     declare_complete(cache)
   log(f"imported {num_rows} rows ({len(transfer_set)} examples x {config.views} views, {len(members)} members, "
-       f"{num_classes} classes) to {config.out}")
+      f"{num_classes} classes) to {config.out}")
   # A row id means nothing under other view settings: accuracy near chance says the logits are of other rows.
   view, position = spec.row_sources(np.arange(num_rows))
   labels = transfer_set.labels[position]

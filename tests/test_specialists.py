@@ -98,7 +98,7 @@ def test_the_combination_converges_where_plain_em_crawls():
   (float64), in q and in log q (what the cache stores)."""
   subsets = [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
   classes = class_matrix(subsets, 3)
-  outside = 1.0 - class_matrix_mask(classes, 10)
+  outside = 1.0 - np.asarray(class_matrix_mask(classes, 10), np.float64)
   p_g = np.full(10, 1e-6)
   p_g[[0, 2]] = 0.5
   p_g /= p_g.sum()
@@ -134,7 +134,7 @@ def test_a_specialists_head_starts_from_the_generalists():
 def test_enriched_sampling_draws_the_share_asked_for():
   pool = np.arange(100, 200)
   inside = np.arange(100) < 10
-  sample = enriched_sampler(pool, inside, 0.5, seed=4)
+  sample = enriched_sampler(pool, inside, 50, seed=4)
   first = sample(0)
   assert len(first) == 100 and np.isin(first[:50], pool[inside]).all() and not np.isin(first[50:], pool[inside]).any()
   np.testing.assert_array_equal(first, sample(0))  # Replayable (a resumed run draws the same).
