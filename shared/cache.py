@@ -13,13 +13,15 @@ record is not complete, whatever it holds.
 
 Schema history: version 1 (stillroom 0.1) had no checksums, could omit all-zero chunks, stored examples in split
 order, and listed no arrays; it is still read, with a warning. Version 3 is version 2 with sparse targets
-(`--targets topk:K|sample:K`); dense caches stay version 2, so that an older stillroom reads them.
+(`--targets topk:K|sample:K`); dense caches stay version 2, so that an older stillroom reads them. Version 4 holds
+a generalist with specialists; version 5 holds teacher features (`--features`), with any targets.
 """
 
 import asyncio
 import dataclasses
 import datetime
 import math
+import re
 import sys
 import warnings
 
@@ -38,20 +40,30 @@ from shared.settings import positive_finite, seed_check
 SCHEMA_VERSION = 2
 SPARSE_SCHEMA_VERSION = 3  # Sparse targets: a stillroom that predates them refuses the store by its version.
 SPECIALIST_SCHEMA_VERSION = 4  # A generalist with specialists: likewise.
-READABLE_SCHEMA_VERSIONS = (1, 2, 3, 4)
+FEATURE_SCHEMA_VERSION = 5  # Teacher features: likewise.
+READABLE_SCHEMA_VERSIONS = (1, 2, 3, 4, 5)
 SPEC_KEY = "stillroom"
 COMPLETE_KEY = "stillroom_complete"
 STORAGE_DTYPES = ("float16", "float32")
 STORAGE = "storage"  # Placeholder dtype in LAYOUT: the spec's `dtype`.
 CLASS_IDS = "class ids"  # Placeholder dtype in LAYOUT: int16 when C fits, else int32.
 TARGET_KINDS = ("dense", "topk", "sample")  # `--targets dense|topk:K|sample:K`.
-ROW_ORDERS = ("permuted", "sequential")  # "sequential": version 1, examples in split order within each view.
+ROW_ORDERS = ("permuted", "sequential")
+# What `--features NAME:KIND` stores of a member's named feature (`shared.models`), per row, in float16.
+FEATURE_KINDS = {
+    "map": "the feature as the model computes it: [H, W, C] for a map, [D] for a vector",
+    "attention": "Zagoruyko & Komodakis's spatial attention map of a [H, W, C] map: sum over channels of the squares, "
+                 "L2-normalised over the H·W positions, [H, W]",
+    "pooled": "the map averaged over its H·W positions, [C] (a vector feature as it is)",
+}
+FEATURE_DTYPE = "float16"  # "sequential": version 1, examples in split order within each view.
 
 # What an array is for. Readers ask for arrays by name and get an error naming any that are missing.
 ROLES = {
     "teacher": "teacher outputs of each row",
     "row": "what each row is: its example, view, label and fold",
     "view": "parameters that replay each row's view from the example",
+    "feature": "a teacher member's named intermediate feature of each row (`--features`)",
     "eval": "teacher outputs on the evaluation split (one row per eval example, no views)",
     "bookkeeping": "which chunks a build has committed (for resume)",
 }
@@ -67,13 +79,14 @@ class ArrayLayout:
     name: the array's name in the group.
     role: what it is for (see `ROLES`).
     dims: symbolic shape: "R" rows, "E" eval rows, "M" members, "C" classes, "K" sparse targets per row,
-      "S" specialists, "P" the largest specialist's outputs, "chunks(R)" / "chunks(E)" one entry per chunk of those
-      rows, or a number.
+      "S" specialists, "P" the largest specialist's outputs, "F" a feature's shape, "chunks(R)" / "chunks(E)" one
+      entry per chunk of those rows, or a number.
     dtype: a NumPy dtype name, `STORAGE` for the spec's storage dtype, or `CLASS_IDS`.
     meaning: one line for the README and `--help`.
     views: the kind of view (`shift` or `crop`, see `shared.augment`) whose stores hold it; None: every store.
     targets: the target kinds (`TARGET_KINDS`) whose stores hold it; None: every store.
     specialists: whether only stores of a generalist with specialists hold it.
+    features: a template for the arrays of `--features` (one per feature, kind and member).
   """
 
   name: str
@@ -84,6 +97,7 @@ class ArrayLayout:
   views: str | None = None
   targets: tuple[str, ...] | None = None
   specialists: bool = False
+  features: bool = False
 
   @property
   def shape(self) -> str:
@@ -121,6 +135,8 @@ LAYOUT = (
                 specialists=True),
     ArrayLayout("specialist_active", "teacher", ("R", "S"), "bool",
                 "the specialist takes part in the row's q: its classes meet the generalist's top-n", specialists=True),
+    ArrayLayout("feature.NAME.KIND.mM", "feature", ("R", "F"), FEATURE_DTYPE,
+                "member M's feature NAME of each row as KIND stores it (see `FEATURE_KINDS`), float16", features=True),
     ArrayLayout("index", "row", ("R",), "int64", "example index: position in the unsliced split"),
     ArrayLayout("view", "row", ("R",), "int32", "view id; 0 is the un-augmented input"),
     ArrayLayout("labels", "row", ("R",), "int32", "hard label; -1 for an unlabeled transfer set"),
@@ -144,6 +160,12 @@ LAYOUT = (
                 "chunk k of every eval array is written"),
 )
 _LAYOUT = {layout.name: layout for layout in LAYOUT}
+_FEATURE_LAYOUT = next(layout for layout in LAYOUT if layout.features)
+
+
+def layout_of(name: str) -> ArrayLayout:
+  """The catalogue entry of an array name (a feature array's is the `features` template)."""
+  return _FEATURE_LAYOUT if name.startswith("feature.") else _LAYOUT[name]
 
 
 def _log(message: str) -> None:
@@ -300,6 +322,56 @@ class SpecialistSpec:
                dustbin_correction=float(d["dustbin_correction"]))
 
 
+@dataclasses.dataclass(frozen=True)
+class FeatureSpec:
+  """One teacher feature a cache stores (`--features NAME:KIND`): one array of the layout.
+
+  Attributes:
+    name: the member's feature name (`shared.models`: e.g. `stage1`, `dense`).
+    kind: what is stored of it (see `FEATURE_KINDS`).
+    member: the member whose feature it is.
+    shape: one row's stored shape, e.g. (8, 8, 32), (8, 8) or (32,).
+  """
+
+  name: str
+  kind: str
+  member: int
+  shape: tuple[int, ...]
+
+  @property
+  def array_name(self) -> str:
+    return f"feature.{self.name}.{self.kind}.m{self.member}"
+
+  def to_dict(self) -> dict:
+    return {**dataclasses.asdict(self), "shape": list(self.shape)}
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "FeatureSpec":
+    return cls(name=str(d["name"]), kind=str(d["kind"]), member=int(d["member"]),
+               shape=tuple(int(n) for n in d["shape"]))
+
+
+def parse_features(text: str) -> list[tuple[str, str, int | None]]:
+  """`"stage1,stage2:attention@0"` -> [("stage1", "map", None), ("stage2", "attention", 0)]: each feature's name,
+  kind (default "map") and member (None: every member).
+
+  Raises:
+    StillroomError: an empty or malformed entry, an unknown kind (listing the valid ones).
+  """
+  parsed = []
+  for entry in text.split(","):
+    rest, _, member = entry.partition("@")
+    name, _, kind = rest.partition(":")
+    kind = kind or "map"
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or kind not in FEATURE_KINDS or \
+        (member and not (member.isascii() and member.isdigit())) or (not member and "@" in entry):
+      raise StillroomError(f"--features {text!r}: give NAME[:KIND][@MEMBER],... with KIND one of "
+                           f"{', '.join(FEATURE_KINDS)} (default map) and MEMBER a member index (default: every "
+                           f"member); {entry!r} is not one.")
+    parsed.append((name, kind, int(member) if member else None))
+  return parsed
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CacheSpec:
   """Everything a cache records about how it was made. `build_key()` is what defines a build.
@@ -322,6 +394,7 @@ class CacheSpec:
     row_order: "permuted" (schema 2) or "sequential" (schema 1).
     specialists: the specialists whose combination with the one member (the generalist) the targets are; schema 4.
     top_n: with specialists: those whose classes meet the generalist's top-n classes of a row take part in it.
+    features: the members' features it stores (schema 5).
     arrays: the arrays present; derived from the settings when not given.
     created_at: ISO time of creation.
     schema_version: the layout version.
@@ -344,6 +417,7 @@ class CacheSpec:
   row_order: str = "permuted"
   specialists: tuple[SpecialistSpec, ...] = ()
   top_n: int = 0
+  features: tuple[FeatureSpec, ...] = ()
   arrays: tuple[ArraySpec, ...] = ()
   created_at: str = ""
   schema_version: int = SCHEMA_VERSION
@@ -351,12 +425,17 @@ class CacheSpec:
   def __post_init__(self):
     validate_settings(temperature=self.temperature, combine=self.combine, dtype=self.dtype, views=self.views,
                       chunk_rows=self.chunk_rows, seed=self.augmentation.seed, folds=self.folds, targets=self.targets)
-    if (self.target_kind != "dense") != (self.schema_version == SPARSE_SCHEMA_VERSION):
-      raise StillroomError(f"schema version {self.schema_version} with {self.targets} targets: sparse targets are "
-                           f"schema {SPARSE_SCHEMA_VERSION}, dense ones {SCHEMA_VERSION} or earlier.")
-    if bool(self.specialists) != (self.schema_version == SPECIALIST_SCHEMA_VERSION):
-      raise StillroomError(f"schema version {self.schema_version} with {len(self.specialists)} specialists: a cache "
-                           f"of specialists is schema {SPECIALIST_SCHEMA_VERSION}, and only such a cache.")
+    if self.schema_version != self.required_schema_version() and \
+        (self.schema_version, self.required_schema_version()) != (1, SCHEMA_VERSION):
+      raise StillroomError(f"schema version {self.schema_version} with {self.targets} targets, "
+                           f"{len(self.specialists)} specialists and {len(self.features)} features: such a cache is "
+                           f"schema {self.required_schema_version()} (sparse targets {SPARSE_SCHEMA_VERSION}, "
+                           f"specialists {SPECIALIST_SCHEMA_VERSION}, features {FEATURE_SCHEMA_VERSION}).")
+    names = [f.array_name for f in self.features]
+    if len(set(names)) != len(names) or self.features and (self.folds > 1 or self.specialists) or \
+        not all(f.kind in FEATURE_KINDS and 0 <= f.member < self.num_members for f in self.features):
+      raise StillroomError("a cache's features are distinct, of known kinds and of its members, and it has neither "
+                           "cross-fitted members nor specialists.")
     if self.specialists:
       classes = [c for s in self.specialists for c in s.classes]
       if self.target_kind != "dense" or len(self.members) != 1 or not 1 <= self.top_n <= self.num_classes \
@@ -382,6 +461,11 @@ class CacheSpec:
                            f"{[a.to_dict() for a in self.arrays if a not in derived]} listed, "
                            f"{[a.to_dict() for a in derived if a not in self.arrays]} expected.")
 
+  def required_schema_version(self) -> int:
+    """The oldest schema that holds these settings (an older stillroom refuses the store by its version)."""
+    return (FEATURE_SCHEMA_VERSION if self.features else SPECIALIST_SCHEMA_VERSION if self.specialists else
+            SPARSE_SCHEMA_VERSION if self.target_kind != "dense" else SCHEMA_VERSION)
+
   @staticmethod
   def canonical_targets(text: str) -> str:
     """`--targets` as a spec records it: "dense", or "topk:K" / "sample:K" with K in plain digits ("topk:03" is
@@ -402,7 +486,7 @@ class CacheSpec:
   @property
   def target_arrays(self) -> tuple[str, ...]:
     """The teacher arrays that hold the ensemble's targets at T: `targets`, or a sparse cache's arrays."""
-    return tuple(a.name for a in self.arrays if a.role == "teacher" and _LAYOUT[a.name].targets is not None)
+    return tuple(a.name for a in self.arrays if a.role == "teacher" and layout_of(a.name).targets is not None)
 
   @property
   def num_members(self) -> int:
@@ -490,16 +574,24 @@ class CacheSpec:
         continue
       if layout.specialists and not self.specialists:
         continue
+      if layout.features:
+        arrays += [ArraySpec(name=f.array_name, role=layout.role, shape=(self.num_rows, *f.shape), dtype=layout.dtype,
+                             chunks=(self.chunk_rows, *f.shape)) for f in self.features]
+        continue
       shape = tuple(sizes[d] if d in sizes else int(d) for d in layout.dims)
       dtype = dtypes.get(layout.dtype, layout.dtype)
       chunks = (1,) if layout.role == "bookkeeping" else (self.chunk_rows, *shape[1:])
       arrays.append(ArraySpec(name=layout.name, role=layout.role, shape=shape, dtype=dtype, chunks=chunks))
     return tuple(arrays)
 
+  def feature(self, name: str, kind: str, member: int) -> FeatureSpec | None:
+    """The stored feature `name` of `member` as `kind`, or None."""
+    return next((f for f in self.features if (f.name, f.kind, f.member) == (name, kind, member)), None)
+
   def arrays_of(self, row_set: str, role: str | None = None) -> tuple[str, ...]:
     """Names of the arrays present that are indexed by `row_set` (optionally of one role)."""
     return tuple(a.name for a in self.arrays
-                 if _LAYOUT[a.name].row_set == row_set and (role is None or a.role == role))
+                 if layout_of(a.name).row_set == row_set and (role is None or a.role == role))
 
   def build_key(self) -> dict:
     """The settings that define a build: a store made with other values is a different cache."""
@@ -521,6 +613,7 @@ class CacheSpec:
         **({"targets": self.targets, "member_logits": self.member_logits} if self.targets != "dense" else {}),
         **({"specialists": [[s.run.digest, list(s.classes), s.dustbin_correction] for s in self.specialists],
             "top_n": self.top_n} if self.specialists else {}),
+        **({"features": [f.to_dict() for f in self.features]} if self.features else {}),
     }
 
   def mismatches(self, other: "CacheSpec") -> list[str]:
@@ -533,10 +626,12 @@ class CacheSpec:
     # A dense cache's spec omits the sparse-target fields, so that a stillroom that predates them reads it.
     dense_defaults = ("targets", "member_logits") if self.target_kind == "dense" else ()
     dense_defaults += () if self.specialists else ("specialists", "top_n")  # Likewise for a cache without them.
+    dense_defaults += () if self.features else ("features",)
     return {
         **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in dense_defaults},
         "members": [m.to_dict() for m in self.members],
         **({"specialists": [s.to_dict() for s in self.specialists]} if self.specialists else {}),
+        **({"features": [f.to_dict() for f in self.features]} if self.features else {}),
         "dataset": self.dataset.to_dict(),
         "eval_dataset": None if self.eval_dataset is None else self.eval_dataset.to_dict(),
         "augmentation": self.augmentation.to_dict(),
@@ -561,6 +656,7 @@ class CacheSpec:
       d["augmentation"] = Augmentation.from_dict(d["augmentation"])
       d["members"] = tuple(MemberSpec(**m) for m in d["members"])
       d["specialists"] = tuple(SpecialistSpec.from_dict(x) for x in d.get("specialists", ()))
+      d["features"] = tuple(FeatureSpec.from_dict(x) for x in d.get("features", ()))
       d["dataset"] = DatasetSpec.from_dict(d["dataset"])
       d["eval_dataset"] = None if d.get("eval_dataset") is None else DatasetSpec.from_dict(d["eval_dataset"])
       d["arrays"] = tuple(ArraySpec.from_dict(a) for a in d.get("arrays", ()))

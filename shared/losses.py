@@ -205,6 +205,11 @@ def _safe_norm(x: jax.Array) -> jax.Array:
   return jnp.sqrt(jnp.where(squared > 0, squared, 1.0))
 
 
+def normalized(x: jax.Array) -> jax.Array:
+  """`x` L2-normalised over its last axis (an all-zero row stays zero, with a finite gradient)."""
+  return x / _safe_norm(x)
+
+
 def attention_map(features: jax.Array, power: float = 2.0) -> jax.Array:
   """Zagoruyko & Komodakis's spatial attention map: `Q = Σ_c |A_c|^p` over channels, flattened and L2-normalised.
 
@@ -216,8 +221,7 @@ def attention_map(features: jax.Array, power: float = 2.0) -> jax.Array:
     [..., H·W] the normalised map (zero where the features are all zero).
   """
   features = features.astype(jnp.float32)
-  q = jnp.sum(jnp.abs(features) ** power, axis=-1).reshape(*features.shape[:-3], -1)
-  return q / _safe_norm(q)
+  return normalized(jnp.sum(jnp.abs(features) ** power, axis=-1).reshape(*features.shape[:-3], -1))
 
 
 def attention_transfer(student_features: jax.Array, teacher_map: jax.Array, power: float = 2.0) -> jax.Array:
@@ -238,13 +242,14 @@ def attention_transfer(student_features: jax.Array, teacher_map: jax.Array, powe
   return jnp.mean((student_map - teacher_map.astype(jnp.float32)) ** 2, axis=-1)
 
 
-def similarity_preserving(student_features: jax.Array, teacher_features: jax.Array, mask: jax.Array) -> jax.Array:
+def similarity_preserving(student_features: jax.Array, teacher_features, mask: jax.Array) -> jax.Array:
   """Similarity-preserving KD (Tung & Mori 2019), a batch loss: `‖G̃_S − G̃_T‖_F² / b²`, with `G = F Fᵀ` the batch's
   Gram matrix of flattened features, each row L2-normalised, over the b rows that `mask` keeps.
 
   Args:
     student_features: [B, ...] the student's features of a batch.
-    teacher_features: [B, ...] the teacher's (any feature shape: only the batch's similarities are compared).
+    teacher_features: [B, ...] the teacher's (any feature shape: only the batch's similarities are compared), or a
+      list of several members' (their normalised Grams are averaged: members' channels need not align).
     mask: [B] 1 for real rows, 0 for padding; padded rows take part in no similarity.
 
   Returns:
@@ -257,5 +262,48 @@ def similarity_preserving(student_features: jax.Array, teacher_features: jax.Arr
     g = flat @ flat.T
     return g / _safe_norm(g)
 
+  members = teacher_features if isinstance(teacher_features, (list, tuple)) else [teacher_features]
+  target = sum(gram(f) for f in members) / len(members)
   rows = jnp.maximum(jnp.sum(mask), 1.0)
-  return jnp.sum((gram(student_features) - gram(teacher_features)) ** 2) / rows ** 2
+  return jnp.sum((gram(student_features) - target) ** 2) / rows ** 2
+
+
+def stored_feature(feature: jax.Array, kind: str) -> jax.Array:
+  """What a cache stores of a named feature as `kind` (see `shared.cache.FEATURE_KINDS`); students apply the same
+  to their own features.
+
+  Args:
+    feature: [B, H, W, C] a feature map, or [B, D] a vector.
+    kind: "map" (as it is), "attention" (`attention_map`, [B, H, W]) or "pooled" (mean over H and W, [B, C]; a
+      vector as it is).
+
+  Raises:
+    ValueError: "attention" of a vector.
+  """
+  if kind == "map" or (kind == "pooled" and feature.ndim == 2):
+    return feature
+  if feature.ndim != 4:
+    raise ValueError(f"the {kind} of a feature needs a [B, H, W, C] map; it has shape {feature.shape}")
+  if kind == "attention":
+    return attention_map(feature).reshape(feature.shape[:3])
+  if kind == "pooled":
+    return jnp.mean(feature.astype(jnp.float32), axis=(1, 2))
+  raise ValueError(f"unknown feature kind {kind!r}")
+
+
+def pool_factors(teacher_hw: tuple[int, int], student_hw: tuple[int, int]) -> tuple[int, int] | None:
+  """The (fy, fx) average pooling that takes a teacher map of H×W `teacher_hw` to the student's `student_hw`, or
+  None when the teacher's sides are not whole multiples of the student's."""
+  (th, tw), (sh, sw) = teacher_hw, student_hw
+  if th % sh or tw % sw:
+    return None
+  return th // sh, tw // sw
+
+
+def average_pool(x: jax.Array, factors: tuple[int, int]) -> jax.Array:
+  """[B, H, W, ...] averaged over non-overlapping fy×fx windows: [B, H/fy, W/fx, ...]."""
+  fy, fx = factors
+  if (fy, fx) == (1, 1):
+    return x
+  b, h, w, *rest = x.shape
+  return jnp.mean(x.astype(jnp.float32).reshape(b, h // fy, fy, w // fx, fx, *rest), axis=(2, 4))

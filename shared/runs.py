@@ -341,6 +341,8 @@ class Teacher:
     normalization: input normalisation, or None to use the dataset's default.
     trained_epochs: epochs trained when the checkpoint was written (None for external teachers).
     record: the run dir's `RunRecord` (None for external teachers).
+    features_fn: `(params, x) -> (logits, {name: feature [B, ...]})` when the model names its features (its
+      `features` method, `shared.models`), else None.
   """
 
   name: str
@@ -351,6 +353,7 @@ class Teacher:
   normalization: Normalization | None
   trained_epochs: int | None = None
   record: RunRecord | None = None
+  features_fn: Callable | None = None
 
   @property
   def digest(self) -> str:
@@ -361,15 +364,19 @@ class Teacher:
     return int(sum(np.size(leaf) for leaf in jax.tree.leaves(self.params)))
 
 
-def _module_apply_fn(model: nnx.Module) -> tuple[Callable, Any]:
-  """Splits an NNX module into a pure apply function over its parameters, in eval mode."""
+def _module_apply_fn(model: nnx.Module) -> tuple[Callable, Any, Callable | None]:
+  """Splits an NNX module into pure functions over its parameters, in eval mode: `(apply_fn, params, features_fn)`,
+  the last None when the module has no `features` method."""
   model.eval()
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
   def apply_fn(params, x):
     return nnx.merge(graphdef, params, rest)(x)
 
-  return apply_fn, params
+  def features_fn(params, x):
+    return nnx.merge(graphdef, params, rest).features(x)
+
+  return apply_fn, params, features_fn if hasattr(model, "features") else None
 
 
 def check_checkpoint_path(run_dir: str, option: str = "--out") -> None:
@@ -397,7 +404,7 @@ def load_run_teacher(run_dir: str) -> Teacher:
   record = RunRecord.from_json(config, repr(run_dir))
   spec = record.model
   model = nnx.eval_shape(lambda: build_model(spec))
-  apply_fn, abstract = _module_apply_fn(model)
+  apply_fn, abstract, features_fn = _module_apply_fn(model)
   if not storage.exists(storage.join(run_dir, CHECKPOINT_DIR)):
     raise StillroomError(f"teacher run dir {run_dir!r} has no {CHECKPOINT_DIR}/ directory: is it trained?")
   manager = checkpoint_manager(run_dir, this_process_only=True)
@@ -421,14 +428,15 @@ def load_run_teacher(run_dir: str) -> Teacher:
   source = storage.absolute(run_dir)
   return Teacher(name=source.rstrip("/").rsplit("/", 1)[-1], source=source, model=spec.name,
                  apply_fn=apply_fn, params=params, normalization=record.normalization, trained_epochs=trained_epochs,
-                 record=record)
+                 record=record, features_fn=features_fn)
 
 
 def load_external_teacher(reference: str) -> Teacher:
   """Loads `module:function` (the current directory is importable, as with `python -m`)."""
   made = import_function(reference, "teacher")()
+  features_fn = None
   if isinstance(made, nnx.Module):
-    apply_fn, params = _module_apply_fn(made)
+    apply_fn, params, features_fn = _module_apply_fn(made)
   elif isinstance(made, tuple) and len(made) == 2 and callable(made[0]):
     apply_fn, params = made
   else:
@@ -436,7 +444,7 @@ def load_external_teacher(reference: str) -> Teacher:
         f"teacher {reference!r} returned {type(made).__name__}; it must return an nnx.Module or "
         "(apply_fn, params).")
   return Teacher(name=reference, source=reference, model="external", apply_fn=apply_fn, params=params,
-                 normalization=None)
+                 normalization=None, features_fn=features_fn)
 
 
 def load_teacher(reference: str) -> Teacher:

@@ -37,6 +37,8 @@ _FIT_GROUPS = {
         "dataset", "split", "data_dir", "cache", "label_fraction", "folds", "holdout_fold", "augment", "max_shift",
         "flip", "image_size", "crop_area", "crop_aspect", "eval_dataset", "eval_split", "shuffle_window", "workers"),
     "distillation (with --cache)": ("loss", "alpha", "temperature", "combine", "members", "finetune_epochs"),
+    "feature distillation (with a cache built with --features; see README, 'Feature-based distillation')": (
+        "hint", "hint_weight", "hint_epochs", "attention", "attention_weight", "similarity", "similarity_weight"),
     "optimisation": ("epochs", "batch_size", "optimizer", "schedule", "warmup_epochs", "lr", "finetune_lr",
                      "weight_decay", "momentum", "dropout", "seed", "data_seed"),
     "specialists (Hinton et al. 2015, section 5; see `teacher-cache specialists`)": ("specialist", "init_from",

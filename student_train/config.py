@@ -26,7 +26,9 @@ OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "nesterov", "rmsprop", "lamb",
 SCHEDULES = ("constant", "cosine", "warmup-cosine")
 # Settings added after run dirs recorded their config: a record without one ran with its default.
 ADDED_SETTINGS = ("optimizer", "schedule", "warmup_epochs", "momentum", "specialist", "init_from", "enrich",
-                  "specialist_classes", "dustbin_correction", "init_digest")
+                  "specialist_classes", "dustbin_correction", "init_digest", "hint", "hint_weight", "hint_epochs",
+                  "attention", "attention_weight", "similarity", "similarity_weight")
+_PAIR = "STUDENT_FEATURE=TEACHER_FEATURE[:KIND][@MEMBER],..."
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -85,6 +87,22 @@ class FitConfig:
   dustbin_correction: float | None = setting(None, "resolved: the log-odds added to a specialist's dustbin logit to "
                                                    "undo --enrich", cli=False)
   init_digest: str | None = setting(None, "resolved: the parameter digest of the --init-from run", cli=False)
+  hint: tuple[str, ...] | None = setting(
+      None, "FitNets hints (Romero et al. 2015): a learned regressor (a 1×1 convolution of the channels) takes the "
+            "student's feature to the cached teacher feature's (`teacher-cache build --features`; pooled to the "
+            "student's H×W), with a mean squared error; a cache of several members needs @MEMBER", metavar=_PAIR)
+  hint_weight: float = setting(1.0, "weight of the hint loss beside the logit loss")
+  hint_epochs: int = setting(0, "FitNets' stage 1: the first E of --epochs train on the hint loss alone",
+                             metavar="E")
+  attention: tuple[str, ...] | None = setting(
+      None, "attention transfer (Zagoruyko & Komodakis 2017): the student feature's normalised H×W attention map "
+            "against the teacher's (the members' mean)", metavar=_PAIR)
+  attention_weight: float = setting(1000.0, "weight of the attention loss (a mean over H·W positions, as in the "
+                                            "authors' code, whose weight this is)")
+  similarity: tuple[str, ...] | None = setting(
+      None, "similarity-preserving KD (Tung & Mori 2019): the batch's normalised Gram matrix of the student's "
+            "feature against the teacher's (the members' mean)", metavar=_PAIR)
+  similarity_weight: float = setting(3000.0, "weight of the similarity loss (the paper's gamma)")
   epochs: int = setting(20, "epochs")
   finetune_epochs: int = setting(0, "epochs on hard labels after distillation")
   batch_size: int = setting(128, "rows per step, a multiple of the device count")
@@ -131,7 +149,9 @@ NOT_IDENTITY = ("overwrite", "progress", "data_dir", "checkpoint_every", "checkp
 JOB = ("coordinator", "num_processes", "process_id", "heartbeat_timeout")
 # Settings that students trained together in one vmapped step may differ in (the rest is their shared stream;
 # `data_seed` defaults to `seed`, so students of different seeds share a stream only with one --data-seed).
-GROUP_VARYING = ("seed", "temperature", "alpha", "loss", "combine", "members", "out")
+GROUP_VARYING = ("seed", "temperature", "alpha", "loss", "combine", "members", "out", "hint_weight", "attention_weight",
+                 "similarity_weight")
+FEATURE_OPTIONS = ("hint", "attention", "similarity")  # Each with its `*_weight`.
 
 # One check per setting: a function of the value that returns True or says what is wrong. The sweep's grid axes
 # use the same checks.
@@ -164,6 +184,10 @@ CHECKS = {
     "seed": seed_check,
     "data_seed": lambda v: v is None or seed_check(v),
     "max_classes": lambda v: v >= 2 or "must be >= 2",
+    "hint_weight": lambda v: (v >= 0 and math.isfinite(v)) or "must be >= 0 and finite",
+    "attention_weight": lambda v: (v >= 0 and math.isfinite(v)) or "must be >= 0 and finite",
+    "similarity_weight": lambda v: (v >= 0 and math.isfinite(v)) or "must be >= 0 and finite",
+    "hint_epochs": lambda v: v >= 0 or "must be >= 0",
 }
 
 
@@ -208,6 +232,15 @@ def validate_config(config: FitConfig, prefix: str = "") -> None:
                          "GENERALIST_RUN.")
   if config.enrich != FitConfig.enrich and not config.specialist:
     raise StillroomError("--enrich is the share of a specialist's classes in its epochs; give --specialist too.")
+  features = [flag_of(name) for name in FEATURE_OPTIONS if getattr(config, name)]
+  if features and not config.cache:
+    raise StillroomError(f"{', '.join(features)} distil(s) cached teacher features, which need --cache.")
+  for name in FEATURE_OPTIONS:
+    if getattr(config, f"{name}_weight") != getattr(FitConfig, f"{name}_weight") and not getattr(config, name):
+      raise StillroomError(f"{flag_of(name + '_weight')} weights {flag_of(name)}; give {flag_of(name)} too.")
+  if config.hint_epochs and (not config.hint or config.hint_epochs >= config.epochs):
+    raise StillroomError(f"--hint-epochs {config.hint_epochs} trains on --hint alone for the first epochs of "
+                         f"--epochs {config.epochs}: give --hint, and fewer hint epochs than epochs.")
   if config.flip and not config.augment:
     raise StillroomError("--flip adds flips to --augment's views; give --augment too.")
   if config.image_size is not None and config.max_shift != FitConfig.max_shift:

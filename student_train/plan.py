@@ -22,11 +22,13 @@ from shared.data import (FINGERPRINT_VERSION, NO_EVAL, Normalization, TransferSe
 from shared.ensemble import member_weights
 from shared.errors import StillroomError
 from shared.parallel import cap_batch
-from shared.models import MODELS, ModelSpec, build_model, check_input_shape, structure_digest
+from shared.models import MODELS, ModelSpec, build_model, check_input_shape, feature_shapes, structure_digest
 from shared.runs import load_run_teacher
 from shared.specialists import (SpecialistPlan, dustbin_correction, dustbin_labels, initial_params,
                                 parse_specialist)
-from student_train.config import DEFAULT_KD_ALPHA, GROUP_VARYING, JOB, NOT_IDENTITY, FitConfig, validate_config
+from student_train.config import (DEFAULT_KD_ALPHA, FEATURE_OPTIONS, GROUP_VARYING, JOB, NOT_IDENTITY, FitConfig,
+                                  validate_config)
+from student_train.features import FeatureTerm, plan_feature_terms
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -69,6 +71,7 @@ class RunPlan:
     initial_params: the parameters to start from (`--init-from`, as pure dicts), or None for a fresh initialisation.
     sampler: epoch -> the example indices of that epoch (a specialist's enriched sampling), or None for every
       example once.
+    feature_terms: its feature losses (`--hint/--attention/--similarity`), resolved.
   """
 
   config: FitConfig
@@ -82,6 +85,7 @@ class RunPlan:
   augmentation: Augmentation
   initial_params: dict | None = None
   sampler: Callable[[int], np.ndarray] | None = None
+  feature_terms: tuple[FeatureTerm, ...] = ()
 
   def record(self) -> dict:
     """The resolved config written to config.json (and compared on resume)."""
@@ -124,7 +128,14 @@ class RunPlan:
         "mse": np.bool_(teaching is not None and teaching.loss == "mse"),
         "member_weights": member_weights(teaching.members if teaching else range(num_members), num_members),
         "use_stored": np.bool_(teaching is not None and teaching.use_stored),
+        **{f"{name}_weight": np.float32(getattr(self.config, f"{name}_weight")) for name in FEATURE_OPTIONS},
     }
+
+  def fields(self) -> tuple[str, ...]:
+    """The cache arrays its steps read: its soft targets' and its teacher features'."""
+    if self.teaching is None:
+      return ()
+    return self.teaching.fields(self.cache.spec) + tuple(a for term in self.feature_terms for a in term.teacher)
 
 
 ENRICH_STREAM = 0x5BEC  # Folded into a specialist's epoch seeds, apart from the batch order's.
@@ -275,6 +286,10 @@ def plan_run(config: FitConfig, opened: Opened | None = None) -> RunPlan:
   if logits.shape[-1] != num_classes:
     raise StillroomError(f"model {config.model!r} returns {logits.shape[-1]} logits per example; the data has "
                          f"{num_classes} classes.")
+  terms = ()
+  if any(getattr(config, name) for name in FEATURE_OPTIONS):
+    terms = plan_feature_terms({name: getattr(config, name) for name in FEATURE_OPTIONS if getattr(config, name)},
+                               cache.spec, teaching.members, feature_shapes(model_spec), config.model)
   examples = None
   if config.folds > 1:
     examples = transfer_set.indices[fold_of(transfer_set.indices, config.folds) != config.holdout_fold]
@@ -317,7 +332,7 @@ def plan_run(config: FitConfig, opened: Opened | None = None) -> RunPlan:
     check_eval_set(eval_set, transfer_set, augmentation, num_classes)
   return RunPlan(config=config, transfer_set=transfer_set, cache=cache, teaching=teaching, model_spec=model_spec,
                  normalization=transfer_set.normalization, examples=examples, eval_set=eval_set,
-                 augmentation=augmentation, initial_params=initial, sampler=sampler)
+                 augmentation=augmentation, initial_params=initial, sampler=sampler, feature_terms=terms)
 
 
 def _specialist_classes(specialist: str, transfer_set: TransferSet) -> tuple[int, ...]:

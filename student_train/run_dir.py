@@ -36,6 +36,7 @@ from shared.outputs import RUN_DIR, clear_for_overwrite
 from shared.runs import CONFIG_FILE, PARAMS_ITEM, CrossFit, RunRecord, SpecialistRecord, checkpoint_manager
 from shared.settings import differences as settings_differences
 from student_train.config import ADDED_SETTINGS, FitConfig
+from student_train.features import student_of
 from student_train.plan import RunPlan
 
 METRICS_FILE = "metrics.jsonl"
@@ -194,12 +195,13 @@ class Checkpoints:
     return set(self.manager.all_steps())
 
   def save(self, graphdef, state, epoch: int) -> None:
-    """Saves the state after `epoch` epochs (and the model's parameters on their own, for teachers).
+    """Saves the state after `epoch` epochs (and the student's parameters on their own, for teachers and exports:
+    without a hint's regressors).
 
     Raises:
       StillroomError: the save failed (disk full, read-only, ...); the previous checkpoints are kept.
     """
-    params = nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, state)[0], nnx.Param))
+    params = nnx.to_pure_dict(nnx.state(student_of(nnx.merge(graphdef, state)[0]), nnx.Param))
     with _saving(f"the checkpoint of {self.out} after epoch {epoch}"):
       self.manager.save(epoch, args=ocp.args.Composite(**{
           STATE_ITEM: ocp.args.StandardSave(checkpointable(state)), PARAMS_ITEM: ocp.args.StandardSave(params),

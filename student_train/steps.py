@@ -19,6 +19,7 @@ from shared.data import Normalization
 from shared.ensemble import ensemble_log_probs, mean_logits
 from shared.losses import distillation_loss
 from shared.parallel import batch_sharding, replicated
+from student_train.features import FeatureTerm, feature_losses, student_of
 
 # Per-student switches that pick what the step computes. When every student of a group agrees on one, it is
 # passed as a Python bool, so the step computes only that branch; otherwise it is traced and both are computed.
@@ -79,44 +80,55 @@ def static_flags(hypers: dict) -> dict[str, bool]:
           if name in hypers and np.all(np.asarray(hypers[name]) == np.asarray(hypers[name]).flat[0])}
 
 
-def train_step_fn(graphdef, normalization: Normalization, fixed: dict[str, bool] | None = None):
+def train_step_fn(graphdef, normalization: Normalization, fixed: dict[str, bool] | None = None,
+                  terms: tuple[FeatureTerm, ...] = ()):
   """The pure step `(states, batch, hypers) -> (states, metrics)` before jitting (see `make_train_step`).
 
   `fixed` holds the `FLAGS` the whole group agrees on (`static_flags`): they replace the traced values, so the
-  step computes one ensemble rule, one loss and one target source when that is all the group needs.
+  step computes one ensemble rule, one loss and one target source when that is all the group needs. `terms` are
+  the group's feature losses (`student_train.features`), which add to the logit loss with their weights.
   """
 
   def one_student(state, batch, hyper):
     hyper = {**hyper, **(fixed or {})}
-    model, optimizer = nnx.merge(graphdef, state)
-    nnx.reseed(model, default=jax.random.fold_in(hyper["key"], optimizer.step[...]))
+    trainable, optimizer = nnx.merge(graphdef, state)
+    nnx.reseed(trainable, default=jax.random.fold_in(hyper["key"], optimizer.step[...]))
     targets, teacher_logits = soft_targets(batch, hyper)
     sparse = sparse_targets(batch)
     mask = batch["mask"]
 
-    def loss_fn(model):
-      logits = model(normalization.apply(batch["x"]))
+    def loss_fn(trainable):
+      x = normalization.apply(batch["x"])
+      logits, named = student_of(trainable).features(x) if terms else (student_of(trainable)(x), {})
       total, hard, soft = distillation_loss(logits, batch["labels"], hyper["alpha"], temperature=hyper["temperature"],
                                             target_log_probs=targets, teacher_logits=teacher_logits,
                                             mse=hyper["mse"] if teacher_logits is not None else False,
                                             sparse=sparse, use_sparse=hyper["use_stored"])
-      return _masked_mean(total, mask), (logits, hard, soft)
+      loss = _masked_mean(total, mask)
+      features = feature_losses(terms, named, batch, mask, trainable)
+      if features:
+        weighted = sum(hyper[f"{name}_weight"] * value for name, value in features.items())
+        hint = hyper["hint_weight"] * features.get("hint", 0.0)
+        loss = jnp.where(hyper["hint_only"], hint, loss + hyper["features_on"] * weighted)
+      return loss, (logits, hard, soft, features)
 
-    (loss, (logits, hard, soft)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-    optimizer.update(model, grads)
+    (loss, (logits, hard, soft, features)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(trainable)
+    optimizer.update(trainable, grads)
     labelled = mask * (batch["labels"] >= 0)
     predicted = jnp.argmax(logits, -1)
     metrics = {"loss": loss, "hard_ce": _masked_mean(hard, labelled), "soft": _masked_mean(soft, mask),
-               "train_accuracy": _masked_mean(predicted == batch["labels"], labelled), "rows": jnp.sum(mask)}
+               "train_accuracy": _masked_mean(predicted == batch["labels"], labelled), "rows": jnp.sum(mask),
+               **features}
     teacher_top1 = _teacher_top1(targets, sparse, hyper["use_stored"])
     if teacher_top1 is not None:
       metrics["teacher_agreement"] = _masked_mean(predicted == teacher_top1, mask)
-    return nnx.state((model, optimizer)), metrics
+    return nnx.state((trainable, optimizer)), metrics
 
   return jax.vmap(one_student, in_axes=(0, None, 0))
 
 
-def make_train_step(graphdef, normalization: Normalization, mesh, fixed: dict[str, bool] | None = None):
+def make_train_step(graphdef, normalization: Normalization, mesh, fixed: dict[str, bool] | None = None,
+                    terms: tuple[FeatureTerm, ...] = ()):
   """Builds the jitted step `(states, batch, hypers) -> (states, metrics)` for K students trained together.
 
   Args:
@@ -124,17 +136,21 @@ def make_train_step(graphdef, normalization: Normalization, mesh, fixed: dict[st
     normalization: input normalisation of the students.
     mesh: data-parallel mesh; batches are split along it, states replicated.
     fixed: the flags the group agrees on, from `static_flags(hypers)` (see `train_step_fn`).
+    terms: the group's feature losses.
 
   Returns:
     The step. `states` stacks K states along axis 0, the batch is shared (`x`, `labels` int32 [B] with -1 for
     none, `mask` float32 [B], and optionally `targets` [B, C] / `member_logits` [B, M, C]), and `hypers` holds per
     student (leading axis K): "key" (PRNG key), "alpha", "temperature", "geometric" (bool), "mse" (bool),
-    "member_weights" [K, M] and "use_stored" (bool). Metrics are per student, [K]: "loss", "hard_ce", "soft",
-    "train_accuracy", "rows", and with soft targets "teacher_agreement". `alpha` and every setting are traced, so
+    "member_weights" [K, M], "use_stored" (bool), the feature losses' "hint_weight", "attention_weight" and
+    "similarity_weight", and per epoch "hint_only" (bool: the hint loss alone) and "features_on" (0 while
+    fine-tuning). The batch then holds the terms' teacher features too. Metrics are per student, [K]: "loss",
+    "hard_ce", "soft", "train_accuracy", "rows", with soft targets "teacher_agreement", and each feature loss
+    ("hint", "attention", "similarity"), unweighted. `alpha` and every setting are traced, so
     distillation and fine-tuning, and any mix of settings, share one compilation.
   """
 
-  return jax.jit(train_step_fn(graphdef, normalization, fixed), donate_argnums=0,
+  return jax.jit(train_step_fn(graphdef, normalization, fixed, terms), donate_argnums=0,
                  in_shardings=(replicated(mesh), batch_sharding(mesh), replicated(mesh)),
                  out_shardings=(replicated(mesh), replicated(mesh)))
 
@@ -146,7 +162,7 @@ def make_predict(graphdef, normalization: Normalization, mesh):
   per batch, small beside the forward pass)."""
 
   def predict(state, x):
-    model, _ = nnx.merge(graphdef, state)
+    model = student_of(nnx.merge(graphdef, state)[0])
     model.eval()
     return jax.nn.log_softmax(model(normalization.apply(x)).astype(jnp.float32), axis=-1)
 

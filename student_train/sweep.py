@@ -36,7 +36,8 @@ from teacher_cache.info import eval_accuracies
 
 # The fit settings a grid may vary; each axis takes the setting's type and check from `FitConfig`.
 AXES = ("temperature", "alpha", "loss", "combine", "members", "model", "label_fraction", "epochs", "optimizer",
-        "schedule", "warmup_epochs", "lr", "weight_decay", "momentum")
+        "schedule", "warmup_epochs", "lr", "weight_decay", "momentum", "hint_weight", "attention_weight",
+        "similarity_weight", "hint_epochs")
 MANIFEST = "sweep.json"
 
 

@@ -33,6 +33,7 @@ from shared.workers import BatchRenderer, resolve_workers
 from student_train import run_dir as files
 from student_train.config import FitConfig
 from student_train.evaluate import cached_teacher_top1, eval_line, predict_log_probs
+from student_train.features import Distilled, Regressors
 from student_train.loader import ArrayLoader, CacheLoader
 from student_train.plan import Opened, RunPlan, plan_run
 from student_train.steps import (make_predict, make_train_step, stack_hypers, stack_states, static_flags,
@@ -251,7 +252,7 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
   epoch or a later one (see `_mid_epoch_position`) of its mid-epoch checkpoints `mids`."""
   first = group[0]
   config = first.config
-  fields = tuple(sorted({f for plan in group if plan.teaching for f in plan.teaching.fields(plan.cache.spec)}))
+  fields = tuple(sorted({f for plan in group for f in plan.fields()}))
   loader = make_loader(first, fields, process_rows(mesh, config.batch_size))
   eval_render = None
   try:
@@ -266,8 +267,12 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
         params = nnx.state(model, nnx.Param)
         nnx.replace_by_pure_dict(params, plan.initial_params)
         nnx.update(model, params)
-      optimizer = nnx.Optimizer(model, make_optimizer(plan.config, loader.steps_per_epoch), wrt=nnx.Param)
-      graphdef, state = nnx.split((model, optimizer))
+      trainable = model
+      if any(term.loss == "hint" for term in plan.feature_terms):  # The hints' regressors train beside it.
+        trainable = Distilled(model, Regressors(plan.feature_terms, nnx.Rngs(
+            jax.random.fold_in(jax.random.key(plan.config.seed), REGRESSOR_STREAM))))
+      optimizer = nnx.Optimizer(trainable, make_optimizer(plan.config, loader.steps_per_epoch), wrt=nnx.Param)
+      graphdef, state = nnx.split((trainable, optimizer))
       states.append(put_replicated(state, mesh))  # Where checkpoints restore to, on every process's devices.
     start_step, resumed_sums, resumed_seconds = 0, None, 0.0
     if position is not None:
@@ -288,7 +293,7 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
     stacked = put_replicated(stack_states(states), mesh)
     fixed = static_flags(per_student)
     per_student = put_replicated(per_student, mesh)
-    step = make_train_step(graphdef, first.normalization, mesh, fixed)
+    step = make_train_step(graphdef, first.normalization, mesh, fixed, first.feature_terms)
     predict = make_predict(graphdef, first.normalization, mesh)
     teacher_top1 = [cached_teacher_top1(plan) for plan in group]
     if first.cache is not None and first.eval_set is not None and teacher_top1[0] is None:
@@ -303,7 +308,11 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
     for epoch in range(start_epoch, total_epochs):
       finetuning = epoch >= config.epochs
       alpha = np.ones(len(group), np.float32) if finetuning else distill_alpha
-      epoch_hypers = {**per_student, "alpha": put_replicated(alpha, mesh)}
+      # Traced, so that the stages share one compilation: FitNets' stage 1 trains on the hints alone, and
+      # fine-tuning on hard labels alone.
+      stage = {"hint_only": np.full(len(group), epoch < config.hint_epochs),
+               "features_on": np.full(len(group), not finetuning, np.float32)}
+      epoch_hypers = {**per_student, **put_replicated({"alpha": alpha, **stage}, mesh)}
       first_step = start_step if epoch == start_epoch else 0
       sums = resumed_sums if first_step else None
       started = time.perf_counter() - (resumed_seconds if first_step else 0.0)  # The epoch's seconds, all attempts.
@@ -345,7 +354,8 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
         stacked, per_student = jax.tree.map(lambda a: a[np.array(keep)], (stacked, per_student))
         distill_alpha = distill_alpha[keep]
         totals = {name: value[keep] for name, value in totals.items()}
-        step = make_train_step(graphdef, first.normalization, mesh, static_flags(jax.device_get(per_student)))
+        step = make_train_step(graphdef, first.normalization, mesh, static_flags(jax.device_get(per_student)),
+                               first.feature_terms)
       eval_log_probs = None if first.eval_set is None else predict_log_probs(
           predict, stacked, eval_render, config.batch_size, mesh)
       lines = {}
@@ -387,6 +397,7 @@ def _write_each(write, values: dict) -> None:
 
 
 _NEVER = np.iinfo(np.int32).max  # "No non-finite step yet".
+REGRESSOR_STREAM = 0x4E6  # Folded into the seed for the hints' regressors, apart from the student's initialisation.
 
 
 def _empty_sums(metrics: dict) -> dict:
@@ -447,7 +458,8 @@ def _non_finite(group: list[RunPlan], checkpoints, epoch: int, totals: dict, fin
 def _epoch_line(plan: RunPlan, epoch: int, totals: dict, seconds: float, students: int) -> dict:
   config = plan.config
   finetuning = epoch >= config.epochs
-  return {"epoch": epoch + 1, "phase": "fine-tune" if finetuning else ("distill" if plan.cache else "train"),
+  phase = "fine-tune" if finetuning else "hint" if epoch < config.hint_epochs else "distill" if plan.cache else "train"
+  return {"epoch": epoch + 1, "phase": phase,
           "alpha": 1.0 if finetuning else float(config.alpha),
           **{k: float(v / totals["rows"]) for k, v in totals.items() if k != "rows"},
           "rows": int(totals["rows"]), "seconds": seconds, "rows_per_second": float(totals["rows"]) / seconds,

@@ -25,8 +25,9 @@ from tqdm import tqdm
 
 from shared import __version__, distributed, storage
 from shared.augment import DEFAULT_CROP_AREA, DEFAULT_CROP_ASPECT, Augmentation, fold_of, make_augmentation
-from shared.cache import (COMPLETE_KEY, EVAL_ROWS, ROWS, SCHEMA_VERSION, SPARSE_SCHEMA_VERSION, SPEC_KEY,
-                          SPECIALIST_SCHEMA_VERSION, STORAGE_DTYPES, Cache, CacheSpec, MemberSpec, SpecialistSpec,
+from shared.cache import (COMPLETE_KEY, EVAL_ROWS, FEATURE_DTYPE, FEATURE_SCHEMA_VERSION, ROWS, SCHEMA_VERSION,
+                          SPARSE_SCHEMA_VERSION, SPEC_KEY, SPECIALIST_SCHEMA_VERSION, STORAGE_DTYPES, Cache, CacheSpec,
+                          FeatureSpec, MemberSpec, SpecialistSpec, parse_features,
                           committed_name, create_arrays, gather,
                           integrity_problems, missing_chunks, now_iso, open_cache, raise_first_failure,
                           uncommitted_chunks, validate_settings, writable)
@@ -36,6 +37,7 @@ from shared.distributed import (COORDINATOR_HELP, DEFAULT_HEARTBEAT_SECONDS, HEA
                                 PROCESS_ID_HELP)
 from shared.ensemble import COMBINE_RULES, combine_log_probs, sampled_targets, top_k_targets
 from shared.errors import StillroomError, raise_if_interrupted
+from shared.losses import stored_feature
 from shared.models import check_input_shape
 from shared.outputs import STORE, OutputLock, check_not_an_input, check_output, clear_for_overwrite, storage_errors
 from shared.parallel import batch_sharding, cap_batch, check_batch_size, data_mesh, pad_rows, replicated
@@ -74,6 +76,12 @@ class BuildConfig:
   specialist_runs: tuple[str, ...] = setting((), "specialist run dirs (`student-train fit --specialist`)", cli=False)
   top_n: int = setting(2, "with --specialists: a specialist takes part in a row's targets when one of its classes is "
                           "among the generalist's N most probable", metavar="N")
+  features: str | None = setting(
+      None, "also store named intermediate features of the members for feature-based distillation (`student-train "
+            "fit --hint/--attention/--similarity`): KIND 'map' (the whole feature, the default), 'attention' (its "
+            "normalised H×W attention map) or 'pooled' (averaged over H×W); @MEMBER: that member's only (default: "
+            "every member's). `teacher-cache models` lists each model's features; `info` their bytes per row",
+      metavar="NAME[:KIND][@MEMBER],...")
   views: int = setting(1, "views per example, view 0 un-augmented; 1 = no augmentation")
   seed: int = setting(0, "seed of the views and of the order in which examples are stored")
   max_shift: int = setting(1, "shift views: largest zero-filled shift of a view, in pixels")
@@ -274,16 +282,29 @@ def _make_forwards(teachers: list[Teacher], spec: CacheSpec, mesh):
   stored_and_targets = targets_of_logits(spec)
   num_runs = len(spec.members)  # Then the specialists, in the spec's order.
 
-  def run_logits(params, x):
-    runs = jnp.stack([f(p, n.apply(x)) for f, p, n in zip(apply_fns, params, normalizations)], axis=1)
-    return runs.astype(jnp.float32).reshape(runs.shape[0], spec.num_members, spec.folds, runs.shape[-1])
+  def run_logits(params, x, features: bool = False):
+    """`[B, M, K, C]` logits of every run, and with `features` the stored features (a cache with features has one
+    run per member)."""
+    outputs, stored = [], {}
+    for run, (f, p, n) in enumerate(zip(apply_fns, params, normalizations)):
+      wanted = [feature for feature in spec.features if feature.member == run] if features else []
+      if wanted:
+        z, named = teachers[run].features_fn(p, n.apply(x))
+        stored.update({feature.array_name: stored_feature(named[feature.name], feature.kind).astype(FEATURE_DTYPE)
+                       for feature in wanted})
+      else:
+        z = f(p, n.apply(x))
+      outputs.append(z)
+    runs = jnp.stack(outputs, axis=1)
+    return runs.astype(jnp.float32).reshape(runs.shape[0], spec.num_members, spec.folds, runs.shape[-1]), stored
 
   def rows_forward(params, x, fold, index, view):
-    runs = run_logits(params[:num_runs], x)  # [B, M, K, C]
+    runs, features = run_logits(params[:num_runs], x, features=True)  # [B, M, K, C]
     logits = jnp.take_along_axis(runs, jnp.maximum(fold, 0)[:, None, None, None], axis=2)[:, :, 0]
     if spec.specialists:
       return specialist_forward(params[num_runs:], x, logits)
-    return stored_and_targets(logits, index, view)
+    stored, targets, finite, finite_targets = stored_and_targets(logits, index, view)
+    return stored, {**targets, **features}, finite, finite_targets
 
   def specialist_forward(params, x, logits):
     """The generalist's logits [B, 1, C] and each specialist's (dustbin corrected, padded to [B, S, P]) as stored,
@@ -304,7 +325,7 @@ def _make_forwards(teachers: list[Teacher], spec: CacheSpec, mesh):
   classes = class_matrix([s.classes for s in spec.specialists], spec.specialist_width)
 
   def eval_forward(params, x):
-    stored = jnp.mean(run_logits(params[:num_runs], x), axis=2).astype(storage_dtype)
+    stored = jnp.mean(run_logits(params[:num_runs], x)[0], axis=2).astype(storage_dtype)
     return stored, jnp.all(jnp.isfinite(stored), axis=-1)
 
   data, params = batch_sharding(mesh), replicated(mesh)
@@ -465,18 +486,20 @@ def open_views(config: BuildConfig) -> tuple[TransferSet, Augmentation]:
 
 def make_spec(config: BuildConfig, transfer_set: TransferSet, eval_set: TransferSet | None,
               augmentation: Augmentation, members: list[MemberSpec], num_classes: int,
-              specialists: tuple[SpecialistSpec, ...] = ()) -> CacheSpec:
-  """The spec of a cache of `members`' outputs (and `specialists`') with the build settings of `config`."""
+              specialists: tuple[SpecialistSpec, ...] = (), features: tuple[FeatureSpec, ...] = ()) -> CacheSpec:
+  """The spec of a cache of `members`' outputs (and `specialists`', and `features`) with the build settings of
+  `config`."""
   targets = CacheSpec.canonical_targets(config.targets)
-  schema = SPECIALIST_SCHEMA_VERSION if specialists else SCHEMA_VERSION if targets == "dense" else \
-      SPARSE_SCHEMA_VERSION
+  schema = FEATURE_SCHEMA_VERSION if features else SPECIALIST_SCHEMA_VERSION if specialists else \
+      SCHEMA_VERSION if targets == "dense" else SPARSE_SCHEMA_VERSION
   return CacheSpec(
       temperature=float(config.temperature), combine=config.combine, members=tuple(members),
       dataset=transfer_set.describe(), eval_dataset=None if eval_set is None else eval_set.describe(),
       num_classes=num_classes, views=config.views, augmentation=augmentation,
       dtype=config.dtype, chunk_rows=config.chunk_rows, folds=config.folds, targets=targets,
       member_logits=config.member_logits or targets == "dense", software_version=__version__, created_at=now_iso(),
-      schema_version=schema, specialists=tuple(specialists), top_n=config.top_n if specialists else 0)
+      schema_version=schema, specialists=tuple(specialists), top_n=config.top_n if specialists else 0,
+      features=tuple(features))
 
 
 def _plan(config: BuildConfig) -> tuple:
@@ -506,8 +529,48 @@ def _plan(config: BuildConfig) -> tuple:
   specialists, specialist_specs = [], []
   if config.specialist_plan:
     specialists, specialist_specs = _specialists(config, teachers, transfer_set, input_shape, num_classes)
-  spec = make_spec(config, transfer_set, eval_set, augmentation, members, num_classes, tuple(specialist_specs))
+  if config.features and (config.folds > 1 or config.specialist_plan):
+    raise StillroomError("--features stores the features of plain members: not with --folds or --specialists.")
+  features = _feature_specs(config.features, teachers, input_shape) if config.features else ()
+  spec = make_spec(config, transfer_set, eval_set, augmentation, members, num_classes, tuple(specialist_specs),
+                   features)
+  if features:
+    feature_bytes = sum(np.prod(f.shape) * np.dtype(FEATURE_DTYPE).itemsize for f in features)
+    logit_bytes = spec.num_members * num_classes * np.dtype(spec.dtype).itemsize
+    log(f"--features: {int(feature_bytes):,} bytes per row ({feature_bytes / logit_bytes:.0f}x the member logits' "
+        f"{logit_bytes:,}); {feature_bytes * spec.num_rows / 2 ** 20:,.1f} MiB for {spec.num_rows:,} rows")
   return config, mesh, transfer_set, eval_set, teachers + specialists, spec
+
+
+def _feature_specs(text: str, teachers: list[Teacher], input_shape: tuple[int, ...]) -> tuple[FeatureSpec, ...]:
+  """The features `--features` asks for, with their stored shapes.
+
+  Raises:
+    StillroomError: a malformed entry; a member out of range, without named features, or without that feature
+      (naming the ones it has); a kind its feature cannot take.
+  """
+  found = []
+  for name, kind, member in parse_features(text):
+    if member is not None and member >= len(teachers):
+      raise StillroomError(f"--features {name}@{member}: the ensemble has members 0..{len(teachers) - 1}.")
+    for m in [member] if member is not None else range(len(teachers)):
+      teacher = teachers[m]
+      if teacher.features_fn is None:
+        raise StillroomError(f"--features: teacher {teacher.name!r} (member {m}) names no features (registry models "
+                             "and NNX modules with a `features` method do).")
+      named = jax.eval_shape(teacher.features_fn, teacher.params,
+                             jax.ShapeDtypeStruct((2, *input_shape), jnp.float32))[1]
+      if name not in named:
+        raise StillroomError(f"--features {name}: teacher {teacher.name!r} (member {m}) has features "
+                             f"{', '.join(named) or 'none'}.")
+      try:
+        shape = jax.eval_shape(lambda f: stored_feature(f, kind), named[name]).shape[1:]
+      except ValueError as e:
+        raise StillroomError(f"--features {name}:{kind} (member {m}): {e}; use :map or :pooled.") from e
+      found.append(FeatureSpec(name=name, kind=kind, member=m, shape=tuple(shape)))
+  if len({f.array_name for f in found}) != len(found):
+    raise StillroomError(f"--features {text!r} names a feature twice.")
+  return tuple(found)
 
 
 def check_settings(config: BuildConfig, out: str = "CACHE.zarr") -> None:
@@ -522,6 +585,8 @@ def check_settings(config: BuildConfig, out: str = "CACHE.zarr") -> None:
                     targets=config.targets)
   if config.batch_size < 1:
     raise StillroomError(f"--batch-size must be >= 1, got {config.batch_size}.")
+  if config.features:
+    parse_features(config.features)
   if workers_check(config.workers) is not True:
     raise StillroomError(f"--workers {workers_check(config.workers)}, got {config.workers}.")
   if not config.out:
@@ -656,6 +721,14 @@ def put_rows(writer: "ChunkWriter", cache: Cache, chunk: int, rows: dict, logits
     raise StillroomError(f"{what} not finite for example index {int(index[row])} (view {int(view[row])}) although "
                          f"every member's logits are: T is too small for these logits; the store {cache.path} is "
                          "left incomplete.")
+  for feature in spec.features:
+    finite_rows = np.isfinite(targets[feature.array_name].reshape(len(index), -1)).all(axis=1)
+    if not finite_rows.all():
+      row = int(np.argmin(finite_rows))
+      raise StillroomError(f"teacher {spec.member_name(feature.member)!r} (member {feature.member})'s feature "
+                           f"{feature.name!r} ({feature.kind}) is not finite in {FEATURE_DTYPE} for example index "
+                           f"{int(index[row])} (view {int(view[row])}): beyond ±65504?; the store {cache.path} is "
+                           "left incomplete.")
   logits = {"member_logits": logits} if spec.member_logits else {}
   writer.put(ROWS, chunk, *cache.chunk_bounds(chunk), {**targets, **logits, **rows})
 

@@ -1,0 +1,162 @@
+"""Feature-based distillation from the cache on digits, measured: a thin, deep student (`cnn-thin-deep`) from
+scratch, by logits KD, and by logits KD plus each of FitNets hints, attention transfer and similarity-preserving KD.
+
+    python bench/features.py [--seeds 5] [--work DIR] [--out bench/results/features.json]
+
+Each seed trains its own teacher (`cnn-large`, `TEACHER_EPOCHS` epochs with --augment) and builds one cache of it
+(`VIEWS` views, T=4, the features every method needs: `stage1` as a map and as an attention map, `stage2` as a map
+and as an attention map). Every student is `cnn-thin-deep`, `STUDENT_EPOCHS` epochs on that cache (the same rows
+and views), alpha 0.1; "scratch" is alpha 1 on the same cache (hard labels, no teacher). Everything runs through
+the functions the CLIs call (`fit`, `build_cache`).
+
+1. Validation (settings chosen here, never on the test split): teachers and caches on train[:80%], students scored
+   on train[80%:], seeds 0 and 1; a grid of each method's weight (and for hints, `--hint-epochs` 0 or 5).
+2. Test, with the chosen settings, seeds 0..N-1 on the train split, scored on the test split, paired by seed.
+Reported besides accuracy: the cache bytes per row each method reads, and its epoch time against KD's (the mean
+of each run's epochs after the first, which compiles).
+"""
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import sys
+import tempfile
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.harness import machine, write_json  # noqa: E402
+from shared.cache import open_cache  # noqa: E402
+from student_train.config import FitConfig  # noqa: E402
+from student_train.train import fit  # noqa: E402
+from teacher_cache.build import BuildConfig, build_cache  # noqa: E402
+
+TEACHER, STUDENT = "cnn-large", "cnn-thin-deep"
+TEACHER_EPOCHS, STUDENT_EPOCHS, VIEWS = 20, 20, 4
+FEATURES = "stage1,stage1:attention,stage2,stage2:attention"
+TRAIN, VALID = "train[:80%]", "train[80%:]"
+# Each method's pairs (student feature = teacher feature) and its validation grid.
+METHODS = {
+    "hint": {"hint": ("stage1=stage1",)},
+    "attention": {"attention": ("stage1=stage1", "stage2=stage2")},
+    "similarity": {"similarity": ("stage2=stage2",)},
+}
+GRIDS = {
+    "hint": [{"hint_weight": w, "hint_epochs": e} for w, e in itertools.product((0.1, 1.0, 10.0), (0, 5))],
+    "attention": [{"attention_weight": w} for w in (100.0, 1000.0, 10000.0)],
+    "similarity": [{"similarity_weight": w} for w in (300.0, 3000.0, 30000.0)],
+}
+
+
+def _metrics(out: str) -> list[dict]:
+  with open(os.path.join(out, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _student(out: str, cache: str, seed: int, eval_split: str | None = None, **settings) -> dict:
+  """A student's final eval accuracy and its mean epoch seconds after the first."""
+  final = fit(FitConfig(model=STUDENT, out=out, cache=cache, epochs=STUDENT_EPOCHS, seed=seed, progress=False,
+                        workers=0, **({"eval_split": eval_split} if eval_split else {}), **settings),
+              log_epochs=False)
+  seconds = [line["seconds"] for line in _metrics(out)[1:]]
+  return {"accuracy": final["eval_accuracy"], "epoch_seconds": statistics.mean(seconds)}
+
+
+def _teacher_cache(work: str, split: str, seed: int, eval_split: str) -> str:
+  tag = {TRAIN: "part", "train": "full"}[split]  # Not the split spec: a run dir's name with '%' breaks orbax.
+  teacher = os.path.join(work, f"{tag}-teacher{seed}")
+  if not os.path.exists(os.path.join(teacher, "final.json")):
+    fit(FitConfig(model=TEACHER, out=teacher, dataset="digits", split=split, epochs=TEACHER_EPOCHS, augment=True,
+                  seed=seed, eval_split="none", progress=False, workers=0), log_epochs=False)
+  return build_cache(BuildConfig(dataset="digits", split=split, teachers=(teacher,), views=VIEWS, seed=seed,
+                                 features=FEATURES, eval_split=eval_split, out=os.path.join(work, f"{tag}{seed}.zarr"),
+                                 progress=False, workers=0))
+
+
+def _bytes_per_row(cache: str) -> dict:
+  """The cache bytes per row that each method's student reads (teacher arrays only)."""
+  spec = open_cache(cache).spec
+  size = lambda name: int(np.prod(spec.array(name).shape[1:])) * np.dtype(spec.array(name).dtype).itemsize  # noqa
+  logits = size("targets")
+  pairs = {"hint": ["feature.stage1.map.m0"], "attention": ["feature.stage1.attention.m0",
+                                                            "feature.stage2.attention.m0"],
+           "similarity": ["feature.stage2.map.m0"]}
+  return {"KD": logits, **{f"KD + {m}": logits + sum(size(a) for a in arrays) for m, arrays in pairs.items()}}
+
+
+def validate(work: str) -> dict:
+  """Each method's validation accuracy (mean of seeds 0 and 1) at each point of its grid, and KD's."""
+  scores = {}
+  for seed in (0, 1):
+    cache = _teacher_cache(work, TRAIN, seed, VALID)
+    scores.setdefault("KD", []).append(_student(os.path.join(work, f"valid{seed}-kd"), cache, seed)["accuracy"])
+    for method, grid in GRIDS.items():
+      for i, point in enumerate(grid):
+        result = _student(os.path.join(work, f"valid{seed}-{method}{i}"), cache, seed, **METHODS[method], **point)
+        scores.setdefault(json.dumps({"method": method, **point}), []).append(result["accuracy"])
+  return {setting: statistics.mean(values) for setting, values in scores.items()}
+
+
+def test(work: str, seeds: int, chosen: dict) -> list[dict]:
+  rows = []
+  for seed in range(seeds):
+    cache = _teacher_cache(work, "train", seed, "test")
+    runs = {"scratch": _student(os.path.join(work, f"test{seed}-scratch"), cache, seed, alpha=1.0),
+            "KD": _student(os.path.join(work, f"test{seed}-kd"), cache, seed)}
+    for method, point in chosen.items():
+      runs[f"KD + {method}"] = _student(os.path.join(work, f"test{seed}-{method}"), cache, seed, **METHODS[method],
+                                        **point)
+    teacher = open_cache(cache)
+    labels = teacher["eval_labels"][:]
+    rows.append({"seed": seed, "teacher": float(np.mean(np.argmax(teacher["eval_member_logits"][:, 0], -1) == labels)),
+                 **{name: run["accuracy"] for name, run in runs.items()},
+                 "epoch_seconds": {name: run["epoch_seconds"] for name, run in runs.items()}})
+    print(json.dumps(rows[-1]), flush=True)
+  return rows
+
+
+def _summary(values: list[float], base: list[float] | None = None) -> str:
+  text = f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+  if base is not None:
+    gains = [a - b for a, b in zip(values, base)]
+    text += f" | {statistics.mean(gains):+.2f} ± {statistics.stdev(gains):.2f}"
+  return text
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--seeds", type=int, default=5)
+  parser.add_argument("--work", help="working directory (default: a temporary one)")
+  parser.add_argument("--out", default="bench/results/features.json")
+  args = parser.parse_args()
+  work = args.work or tempfile.mkdtemp(prefix="stillroom-features-")
+  scores = validate(work)
+  print("validation accuracy, mean of 2 seeds:", json.dumps(scores, indent=2), flush=True)
+  chosen = {}
+  for method in GRIDS:
+    best = max((s for s in scores if s != "KD" and json.loads(s)["method"] == method), key=scores.get)
+    chosen[method] = {k: v for k, v in json.loads(best).items() if k != "method"}
+  rows = test(work, args.seeds, chosen)
+  bytes_per_row = _bytes_per_row(os.path.join(work, "full0.zarr"))
+  write_json(args.out, {"machine": machine(), "validation": scores, "chosen": chosen, "test": rows,
+                        "bytes_per_row": bytes_per_row,
+                        "settings": {"teacher": TEACHER, "student": STUDENT, "teacher_epochs": TEACHER_EPOCHS,
+                                     "student_epochs": STUDENT_EPOCHS, "views": VIEWS, "features": FEATURES,
+                                     "methods": METHODS}})
+  names = ["scratch", "KD", *[f"KD + {m}" for m in chosen]]
+  print(f"\ntest split, {args.seeds} paired seeds; chosen on validation: {json.dumps(chosen)}")
+  print("| student (cnn-thin-deep) | test accuracy % | paired difference, pts | cache bytes per row | "
+        "epoch time vs KD |")
+  print("|---|---|---|---|---|")
+  for name in names:
+    accuracy = [100 * row[name] for row in rows]
+    base = None if name == "scratch" else [100 * row["scratch" if name == "KD" else "KD"] for row in rows]
+    ratio = [row["epoch_seconds"][name] / row["epoch_seconds"]["KD"] for row in rows]
+    print(f"| {name} | {_summary(accuracy, base)}{' | ' if base is None else ''} | {bytes_per_row.get(name, '-')} | "
+          f"{statistics.mean(ratio):.2f}x |")
+
+
+if __name__ == "__main__":
+  main()

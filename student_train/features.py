@@ -1,0 +1,202 @@
+"""Feature-based distillation from a cache's stored teacher features (`teacher-cache build --features`).
+
+Three losses pair a named student feature S with a cached teacher feature T (`--hint/--attention/--similarity
+S=T[:KIND][@MEMBER]`), each added to the logit loss with its weight:
+
+- hint (FitNets, Romero et al. 2015): a learned regressor (a linear map of the channels: a 1×1 convolution on a
+  map) takes S to T's channels, and `shared.losses.hint_loss` pulls it to T, pooled to S's H×W. `--hint-epochs E`
+  trains on the hint alone for the first E epochs (FitNets' stage 1).
+- attention (Zagoruyko & Komodakis 2017): S's normalised attention map against T's (the members' mean).
+- similarity (Tung & Mori 2019): the batch's normalised Gram matrix of S against T's (the members' mean Gram).
+
+The regressors are trained with the student (`Distilled`) but are not part of it: checkpoints' parameters, teachers
+loaded from the run and exports hold the student alone.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from shared.cache import CacheSpec
+from shared.errors import StillroomError
+from shared.losses import (attention_transfer, average_pool, hint_loss, normalized, pool_factors,
+                           similarity_preserving, stored_feature)
+
+FEATURE_LOSSES = ("hint", "attention", "similarity")
+# The teacher kinds each loss can use, preferred first (when T names no kind and the cache stores several).
+USABLE_KINDS = {"hint": ("map", "pooled"), "attention": ("attention", "map"), "similarity": ("pooled", "map",
+                                                                                           "attention")}
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureTerm:
+  """One feature loss of a run, resolved against the student and the cache.
+
+  Attributes:
+    loss: one of `FEATURE_LOSSES`.
+    student: the student's feature name.
+    teacher: the cache arrays of the teacher feature, one per member it averages (a hint: one).
+    kind: what those arrays hold (`shared.cache.FEATURE_KINDS`).
+    pool: the (fy, fx) average pooling that takes the teacher's H×W to the student's; None for vectors.
+    regressor: a hint's regressor (input, output) widths; None for the other losses.
+  """
+
+  loss: str
+  student: str
+  teacher: tuple[str, ...]
+  kind: str
+  pool: tuple[int, int] | None = None
+  regressor: tuple[int, int] | None = None
+
+  def describe(self) -> str:
+    return f"--{self.loss} {self.student}={','.join(self.teacher)}"
+
+
+def parse_pair(text: str, option: str) -> tuple[str, str, str | None, int | None]:
+  """`"stage1=stage1:map@0"` -> ("stage1", "stage1", "map", 0): student feature, teacher feature, its kind (None:
+  whichever the cache stores) and member (None: every member of the run's ensemble).
+
+  Raises:
+    StillroomError: not of that form.
+  """
+  student, _, teacher = text.partition("=")
+  teacher, _, member = teacher.partition("@")
+  name, _, kind = teacher.partition(":")
+  if not student or not name or "@" in member or (member and not (member.isascii() and member.isdigit())) or \
+      ("@" in text and not member):
+    raise StillroomError(f"{option} {text!r}: give STUDENT_FEATURE=TEACHER_FEATURE[:KIND][@MEMBER], e.g. "
+                         "stage1=stage1 (`student-train models` lists the student's features, `teacher-cache info` "
+                         "the cache's).")
+  return student, name, kind or None, int(member) if member else None
+
+
+def plan_feature_terms(pairs: dict[str, tuple[str, ...]], spec: CacheSpec, members: tuple[int, ...],
+                       student_shapes: dict[str, list[int]], model: str) -> tuple[FeatureTerm, ...]:
+  """Resolves `--hint/--attention/--similarity` pairs against the cache's features and the student's.
+
+  Args:
+    pairs: {loss: its `S=T` texts}.
+    spec: the cache's spec.
+    members: the run's ensemble members (`--members`).
+    student_shapes: the student's features (`shared.models.feature_shapes`).
+    model: the student's name, for errors.
+
+  Raises:
+    StillroomError: a pair that names a feature the student or the cache lacks (naming those it has), a hint
+      without one member, or shapes that cannot be paired (why, and what can).
+  """
+  terms = []
+  stored = ", ".join(f"{f.name}:{f.kind}@{f.member}" for f in spec.features) or "none"
+  for loss, texts in pairs.items():
+    option = f"--{loss}"
+    for text in texts:
+      student, name, kind, member = parse_pair(text, option)
+      if student not in student_shapes:
+        raise StillroomError(f"{option} {text}: the student {model!r} has features "
+                             f"{', '.join(student_shapes) or 'none (give it a `features` method)'}.")
+      if member is None and loss == "hint" and spec.num_members > 1:
+        raise StillroomError(f"{option} {text}: a hint regresses one member's features (channels do not align "
+                             f"between networks); name it, e.g. {text}@0 (the cache has {spec.num_members} members).")
+      chosen = (member,) if member is not None else members if loss != "hint" else (0,)
+      kinds = [k for k in ((kind,) if kind else USABLE_KINDS[loss])
+               if all(spec.feature(name, k, m) is not None for m in chosen)]
+      if not kinds:
+        raise StillroomError(f"{option} {text}: the cache stores no {name}{':' + kind if kind else ''} of member(s) "
+                             f"{list(chosen)} that the {loss} loss can use ({', '.join(USABLE_KINDS[loss])}); it "
+                             f"stores {stored}. Build it with --features {name}:{USABLE_KINDS[loss][0]}.")
+      kind = kinds[0]
+      if kind not in USABLE_KINDS[loss]:
+        raise StillroomError(f"{option} {text}: a {loss} loss takes a teacher's {' or '.join(USABLE_KINDS[loss])}, "
+                             f"not its {kind}.")
+      features = [spec.feature(name, kind, m) for m in chosen]
+      terms.append(_term(loss, student, tuple(student_shapes[student]), features, kind, text))
+  return tuple(terms)
+
+
+def _term(loss: str, student: str, student_shape: tuple[int, ...], features: list, kind: str,
+          text: str) -> FeatureTerm:
+  """One term's pooling and regressor, checked for shapes that fit."""
+  option = f"--{loss} {text}"
+  arrays = tuple(f.array_name for f in features)
+  if loss == "similarity":  # Any shapes: only each member's similarities of the batch's rows are compared.
+    return FeatureTerm(loss=loss, student=student, teacher=arrays, kind=kind)
+  sizes = {f.shape[:2] for f in features}  # Attention averages the members' maps: their H×W must agree.
+  if len(sizes) > 1:
+    raise StillroomError(f"{option}: the members' {features[0].name} differ in size ({sorted(sizes)}); name one "
+                         "member with @MEMBER.")
+  shape = features[0].shape
+  spatial = len(shape) >= 2 and kind != "pooled"
+  if loss == "attention" and len(student_shape) != 3:
+    raise StillroomError(f"{option}: attention needs the student's feature as an H×W×C map; "
+                         f"{student} is {list(student_shape)}.")
+  pool = None
+  if spatial:
+    if len(student_shape) != 3:
+      raise StillroomError(f"{option}: the teacher's feature is a {'×'.join(map(str, shape))} map and the "
+                           f"student's {student} a vector {list(student_shape)}; pair maps with maps, or use the "
+                           "teacher's :pooled vector.")
+    pool = pool_factors(shape[:2], student_shape[:2])
+    if pool is None:
+      raise StillroomError(f"{option}: the teacher's map is {shape[0]}×{shape[1]} and the student's "
+                           f"{student_shape[0]}×{student_shape[1]}; the teacher's must be a whole multiple of the "
+                           "student's to be pooled to it. Pair features of matching sizes.")
+  regressor = None
+  if loss == "hint":
+    regressor = (student_shape[-1], shape[-1])
+  return FeatureTerm(loss=loss, student=student, teacher=arrays, kind=kind, pool=pool, regressor=regressor)
+
+
+class Regressors(nnx.Module):
+  """The hints' learned regressors: one linear map of the channels per hint (a 1×1 convolution on a map)."""
+
+  def __init__(self, terms: tuple[FeatureTerm, ...], rngs: nnx.Rngs):
+    self.layers = nnx.List([nnx.Linear(*term.regressor, rngs=rngs) for term in terms if term.loss == "hint"])
+
+
+class Distilled(nnx.Module):
+  """What a run with hints trains: the student and its regressors (only the student is saved as the run's model)."""
+
+  def __init__(self, student: nnx.Module, regressors: Regressors):
+    self.student = student
+    self.regressors = regressors
+
+
+def student_of(trainable: nnx.Module) -> nnx.Module:
+  """The student of what a run trains (itself, or a `Distilled`'s student)."""
+  return trainable.student if isinstance(trainable, Distilled) else trainable
+
+
+def feature_losses(terms: tuple[FeatureTerm, ...], named: dict[str, jax.Array], batch: dict, mask: jax.Array,
+                   trainable: nnx.Module) -> dict[str, jax.Array]:
+  """The batch's feature losses, unweighted, each summed over its terms: `{"hint": [], "attention": [],
+  "similarity": []}` for the losses the terms use.
+
+  Args:
+    terms: the run's feature terms.
+    named: the student's features of the batch (`model.features`).
+    batch: holds the teacher feature arrays the terms name, [B, ...].
+    mask: [B] 1 for real rows, 0 for padding (padded rows count in no mean and no similarity).
+    trainable: what the run trains (a `Distilled` when there are hints).
+  """
+  losses = {}
+  regressors = iter(trainable.regressors.layers) if isinstance(trainable, Distilled) else iter(())
+  rows = jnp.maximum(jnp.sum(mask), 1.0)
+  for term in terms:
+    student = named[term.student]
+    teachers = [batch[name].astype(jnp.float32) for name in term.teacher]
+    if term.loss == "similarity":
+      value = similarity_preserving(student, teachers, mask)
+    elif term.loss == "hint":
+      teacher = teachers[0] if term.pool is None else average_pool(teachers[0], term.pool)
+      if term.kind == "pooled":
+        student = stored_feature(student, "pooled")
+      value = jnp.sum(hint_loss(next(regressors)(student), teacher) * mask) / rows
+    else:
+      maps = [t if term.kind == "attention" else stored_feature(t, "attention") for t in teachers]  # [B, H, W]
+      # The members' mean map at the student's H×W, normalised again: [B, h·w].
+      target = normalized(average_pool(sum(maps) / len(maps), term.pool).reshape(len(mask), -1))
+      value = jnp.sum(attention_transfer(student, target) * mask) / rows
+    losses[term.loss] = losses.get(term.loss, 0.0) + value
+  return losses
