@@ -5,12 +5,14 @@ scratch, by logits KD, and by logits KD plus each of FitNets hints, attention tr
 
 Each seed trains its own teacher (`cnn-large`, `TEACHER_EPOCHS` epochs with --augment) and builds one cache of it
 (`VIEWS` views, T=4, the features every method needs: `stage1` as a map and as an attention map, `stage2` as a map
-and as an attention map). Every student is `cnn-thin-deep`, `STUDENT_EPOCHS` epochs on that cache (the same rows
-and views), alpha 0.1; "scratch" is alpha 1 on the same cache (hard labels, no teacher). Everything runs through
-the functions the CLIs call (`fit`, `build_cache`).
+and as an attention map). Every student is `cnn-thin-deep` on that cache (the same rows and views), alpha 0.1;
+"scratch" is alpha 1 on the same cache (hard labels, no teacher). Two regimes of as many steps (`REGIMES`): every
+example for `STUDENT_EPOCHS` epochs, and a seeded 10% of the examples for ten times the epochs. Everything runs
+through the functions the CLIs call (`fit`, `build_cache`).
 
-1. Validation (settings chosen here, never on the test split): teachers and caches on train[:80%], students scored
-   on train[80%:], seeds 0 and 1; a grid of each method's weight (and for hints, `--hint-epochs` 0 or 5).
+1. Validation (settings chosen here, never on the test split), per regime: teachers and caches on train[:80%],
+   students scored on train[80%:], seeds 0 and 1; a grid of each method's weight (and for hints, a stage 1 of none
+   or a quarter of the epochs).
 2. Test, with the chosen settings, seeds 0..N-1 on the train split, scored on the test split, paired by seed.
 Reported besides accuracy: the cache bytes per row each method reads, and its epoch time against KD's (the mean
 of each run's epochs after the first, which compiles).
@@ -43,8 +45,12 @@ METHODS = {
     "attention": {"attention": ("stage1=stage1", "stage2=stage2")},
     "similarity": {"similarity": ("stage2=stage2",)},
 }
+# Two regimes of the same number of steps: every example, and a seeded 10% of them (all their views) for ten times
+# the epochs, where the demo's logits KD gains most.
+REGIMES = {"10% of examples": {"label_fraction": 0.1, "epochs": 10 * STUDENT_EPOCHS, "checkpoint_every": 50},
+           "all examples": {"label_fraction": 1.0, "epochs": STUDENT_EPOCHS}}
 GRIDS = {
-    "hint": [{"hint_weight": w, "hint_epochs": e} for w, e in itertools.product((0.1, 1.0, 10.0), (0, 5))],
+    "hint": [{"hint_weight": w, "hint_share": e} for w, e in itertools.product((0.1, 1.0, 10.0), (0, 0.25))],
     "attention": [{"attention_weight": w} for w in (100.0, 1000.0, 10000.0)],
     "similarity": [{"similarity_weight": w} for w in (300.0, 3000.0, 30000.0)],
 }
@@ -55,11 +61,13 @@ def _metrics(out: str) -> list[dict]:
     return [json.loads(line) for line in f]
 
 
-def _student(out: str, cache: str, seed: int, eval_split: str | None = None, **settings) -> dict:
-  """A student's final eval accuracy and its mean epoch seconds after the first."""
-  final = fit(FitConfig(model=STUDENT, out=out, cache=cache, epochs=STUDENT_EPOCHS, seed=seed, progress=False,
-                        workers=0, **({"eval_split": eval_split} if eval_split else {}), **settings),
-              log_epochs=False)
+def _student(out: str, cache: str, seed: int, regime: str, **settings) -> dict:
+  """A student's final eval accuracy and its mean epoch seconds after the first. `hint_share`: the share of the
+  epochs that are FitNets' stage 1 (`--hint-epochs`)."""
+  settings = {**REGIMES[regime], **settings}
+  share = settings.pop("hint_share", 0)
+  final = fit(FitConfig(model=STUDENT, out=out, cache=cache, seed=seed, progress=False, workers=0,
+                        hint_epochs=round(share * settings["epochs"]), **settings), log_epochs=False)
   seconds = [line["seconds"] for line in _metrics(out)[1:]]
   return {"accuracy": final["eval_accuracy"], "epoch_seconds": statistics.mean(seconds)}
 
@@ -86,34 +94,36 @@ def _bytes_per_row(cache: str) -> dict:
   return {"KD": logits, **{f"KD + {m}": logits + sum(size(a) for a in arrays) for m, arrays in pairs.items()}}
 
 
-def validate(work: str) -> dict:
+def validate(work: str, regime: str) -> dict:
   """Each method's validation accuracy (mean of seeds 0 and 1) at each point of its grid, and KD's."""
-  scores = {}
+  scores, tag = {}, REGIMES[regime]["label_fraction"]
   for seed in (0, 1):
     cache = _teacher_cache(work, TRAIN, seed, VALID)
-    scores.setdefault("KD", []).append(_student(os.path.join(work, f"valid{seed}-kd"), cache, seed)["accuracy"])
+    scores.setdefault("KD", []).append(_student(os.path.join(work, f"valid{seed}-{tag}-kd"), cache, seed,
+                                                regime)["accuracy"])
     for method, grid in GRIDS.items():
       for i, point in enumerate(grid):
-        result = _student(os.path.join(work, f"valid{seed}-{method}{i}"), cache, seed, **METHODS[method], **point)
+        result = _student(os.path.join(work, f"valid{seed}-{tag}-{method}{i}"), cache, seed, regime,
+                          **METHODS[method], **point)
         scores.setdefault(json.dumps({"method": method, **point}), []).append(result["accuracy"])
   return {setting: statistics.mean(values) for setting, values in scores.items()}
 
 
-def test(work: str, seeds: int, chosen: dict) -> list[dict]:
-  rows = []
+def test(work: str, seeds: int, regime: str, chosen: dict) -> list[dict]:
+  rows, tag = [], REGIMES[regime]["label_fraction"]
   for seed in range(seeds):
     cache = _teacher_cache(work, "train", seed, "test")
-    runs = {"scratch": _student(os.path.join(work, f"test{seed}-scratch"), cache, seed, alpha=1.0),
-            "KD": _student(os.path.join(work, f"test{seed}-kd"), cache, seed)}
+    runs = {"scratch": _student(os.path.join(work, f"test{seed}-{tag}-scratch"), cache, seed, regime, alpha=1.0),
+            "KD": _student(os.path.join(work, f"test{seed}-{tag}-kd"), cache, seed, regime)}
     for method, point in chosen.items():
-      runs[f"KD + {method}"] = _student(os.path.join(work, f"test{seed}-{method}"), cache, seed, **METHODS[method],
-                                        **point)
+      runs[f"KD + {method}"] = _student(os.path.join(work, f"test{seed}-{tag}-{method}"), cache, seed, regime,
+                                        **METHODS[method], **point)
     teacher = open_cache(cache)
     labels = teacher["eval_labels"][:]
     rows.append({"seed": seed, "teacher": float(np.mean(np.argmax(teacher["eval_member_logits"][:, 0], -1) == labels)),
                  **{name: run["accuracy"] for name, run in runs.items()},
                  "epoch_seconds": {name: run["epoch_seconds"] for name, run in runs.items()}})
-    print(json.dumps(rows[-1]), flush=True)
+    print(regime, json.dumps(rows[-1]), flush=True)
   return rows
 
 
@@ -132,30 +142,34 @@ def main() -> None:
   parser.add_argument("--out", default="bench/results/features.json")
   args = parser.parse_args()
   work = args.work or tempfile.mkdtemp(prefix="stillroom-features-")
-  scores = validate(work)
-  print("validation accuracy, mean of 2 seeds:", json.dumps(scores, indent=2), flush=True)
-  chosen = {}
-  for method in GRIDS:
-    best = max((s for s in scores if s != "KD" and json.loads(s)["method"] == method), key=scores.get)
-    chosen[method] = {k: v for k, v in json.loads(best).items() if k != "method"}
-  rows = test(work, args.seeds, chosen)
+  results = {}
+  for regime in REGIMES:
+    scores = validate(work, regime)
+    print(f"{regime}: validation accuracy, mean of 2 seeds:", json.dumps(scores, indent=2), flush=True)
+    chosen = {}
+    for method in GRIDS:
+      best = max((s for s in scores if s != "KD" and json.loads(s)["method"] == method), key=scores.get)
+      chosen[method] = {k: v for k, v in json.loads(best).items() if k != "method"}
+    results[regime] = {"validation": scores, "chosen": chosen, "test": test(work, args.seeds, regime, chosen)}
   bytes_per_row = _bytes_per_row(os.path.join(work, "full0.zarr"))
-  write_json(args.out, {"machine": machine(), "validation": scores, "chosen": chosen, "test": rows,
-                        "bytes_per_row": bytes_per_row,
+  write_json(args.out, {"machine": machine(), "regimes": results, "bytes_per_row": bytes_per_row,
                         "settings": {"teacher": TEACHER, "student": STUDENT, "teacher_epochs": TEACHER_EPOCHS,
-                                     "student_epochs": STUDENT_EPOCHS, "views": VIEWS, "features": FEATURES,
-                                     "methods": METHODS}})
-  names = ["scratch", "KD", *[f"KD + {m}" for m in chosen]]
-  print(f"\ntest split, {args.seeds} paired seeds; chosen on validation: {json.dumps(chosen)}")
-  print("| student (cnn-thin-deep) | test accuracy % | paired difference, pts | cache bytes per row | "
-        "epoch time vs KD |")
-  print("|---|---|---|---|---|")
-  for name in names:
-    accuracy = [100 * row[name] for row in rows]
-    base = None if name == "scratch" else [100 * row["scratch" if name == "KD" else "KD"] for row in rows]
-    ratio = [row["epoch_seconds"][name] / row["epoch_seconds"]["KD"] for row in rows]
-    print(f"| {name} | {_summary(accuracy, base)}{' | ' if base is None else ''} | {bytes_per_row.get(name, '-')} | "
-          f"{statistics.mean(ratio):.2f}x |")
+                                     "regimes": REGIMES, "views": VIEWS, "features": FEATURES, "methods": METHODS}})
+  for regime, result in results.items():
+    rows, chosen = result["test"], result["chosen"]
+    names = ["scratch", "KD", *[f"KD + {m}" for m in chosen]]
+    teacher = [100 * row["teacher"] for row in rows]
+    print(f"\n{regime}: test split, {args.seeds} paired seeds, teacher {_summary(teacher)}%; chosen on validation: "
+          f"{json.dumps(chosen)}")
+    print("| student (cnn-thin-deep) | test accuracy % | paired difference, pts | cache bytes per row | "
+          "epoch time vs KD |")
+    print("|---|---|---|---|---|")
+    for name in names:
+      accuracy = [100 * row[name] for row in rows]
+      base = None if name == "scratch" else [100 * row["scratch" if name == "KD" else "KD"] for row in rows]
+      ratio = [row["epoch_seconds"][name] / row["epoch_seconds"]["KD"] for row in rows]
+      print(f"| {name} | {_summary(accuracy, base)}{' | ' if base is None else ''} | "
+            f"{bytes_per_row.get(name, '-')} | {statistics.mean(ratio):.2f}x |")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ STORAGE_DTYPES = ("float16", "float32")
 STORAGE = "storage"  # Placeholder dtype in LAYOUT: the spec's `dtype`.
 CLASS_IDS = "class ids"  # Placeholder dtype in LAYOUT: int16 when C fits, else int32.
 TARGET_KINDS = ("dense", "topk", "sample")  # `--targets dense|topk:K|sample:K`.
-ROW_ORDERS = ("permuted", "sequential")
+ROW_ORDERS = ("permuted", "sequential")  # "sequential": version 1, examples in split order within each view.
 # What `--features NAME:KIND` stores of a member's named feature (`shared.models`), per row, in float16.
 FEATURE_KINDS = {
     "map": "the feature as the model computes it: [H, W, C] for a map, [D] for a vector",
@@ -56,7 +56,9 @@ FEATURE_KINDS = {
                  "L2-normalised over the H·W positions, [H, W]",
     "pooled": "the map averaged over its H·W positions, [C] (a vector feature as it is)",
 }
-FEATURE_DTYPE = "float16"  # "sequential": version 1, examples in split order within each view.
+FEATURE_NAME = r"[A-Za-z0-9_-]+"  # A feature name an array name can hold.
+FEATURE_DTYPE = "float16"  # Features are stored in float16 whatever `--dtype` the logits take.
+FEATURE_RANKS = {"map": (1, 3), "attention": (2,), "pooled": (1,)}  # The shapes each kind stores.
 
 # What an array is for. Readers ask for arrays by name and get an error naming any that are missing.
 ROLES = {
@@ -363,7 +365,7 @@ def parse_features(text: str) -> list[tuple[str, str, int | None]]:
     rest, _, member = entry.partition("@")
     name, _, kind = rest.partition(":")
     kind = kind or "map"
-    if not re.fullmatch(r"[A-Za-z0-9_-]+", name) or kind not in FEATURE_KINDS or \
+    if not re.fullmatch(FEATURE_NAME, name) or kind not in FEATURE_KINDS or \
         (member and not (member.isascii() and member.isdigit())) or (not member and "@" in entry):
       raise StillroomError(f"--features {text!r}: give NAME[:KIND][@MEMBER],... with KIND one of "
                            f"{', '.join(FEATURE_KINDS)} (default map) and MEMBER a member index (default: every "
@@ -432,10 +434,12 @@ class CacheSpec:
                            f"schema {self.required_schema_version()} (sparse targets {SPARSE_SCHEMA_VERSION}, "
                            f"specialists {SPECIALIST_SCHEMA_VERSION}, features {FEATURE_SCHEMA_VERSION}).")
     names = [f.array_name for f in self.features]
-    if len(set(names)) != len(names) or self.features and (self.folds > 1 or self.specialists) or \
-        not all(f.kind in FEATURE_KINDS and 0 <= f.member < self.num_members for f in self.features):
-      raise StillroomError("a cache's features are distinct, of known kinds and of its members, and it has neither "
-                           "cross-fitted members nor specialists.")
+    if len(set(names)) != len(names) or self.features and (self.folds > 1 or self.specialists) or not all(
+        re.fullmatch(FEATURE_NAME, f.name) and f.kind in FEATURE_KINDS and 0 <= f.member < self.num_members
+        and len(f.shape) in FEATURE_RANKS[f.kind] and min(f.shape) >= 1 for f in self.features):
+      raise StillroomError("a cache's features are distinct, named in letters, digits, '_' and '-', of known kinds, "
+                           "shapes that fit them and of its members, and it has neither cross-fitted members nor "
+                           "specialists.")
     if self.specialists:
       classes = [c for s in self.specialists for c in s.classes]
       if self.target_kind != "dense" or len(self.members) != 1 or not 1 <= self.top_n <= self.num_classes \

@@ -376,7 +376,7 @@ def _module_apply_fn(model: nnx.Module) -> tuple[Callable, Any, Callable | None]
   def features_fn(params, x):
     return nnx.merge(graphdef, params, rest).features(x)
 
-  return apply_fn, params, features_fn if hasattr(model, "features") else None
+  return apply_fn, params, features_fn if callable(getattr(model, "features", None)) else None
 
 
 def check_checkpoint_path(run_dir: str, option: str = "--out") -> None:

@@ -97,8 +97,8 @@ class FitConfig:
   attention: tuple[str, ...] | None = setting(
       None, "attention transfer (Zagoruyko & Komodakis 2017): the student feature's normalised H×W attention map "
             "against the teacher's (the members' mean)", metavar=_PAIR)
-  attention_weight: float = setting(1000.0, "weight of the attention loss (a mean over H·W positions, as in the "
-                                            "authors' code, whose weight this is)")
+  attention_weight: float = setting(500.0, "weight of the attention loss, a mean over the H·W positions as in the "
+                                           "authors' code, whose β/2 (β = 1000) this default is")
   similarity: tuple[str, ...] | None = setting(
       None, "similarity-preserving KD (Tung & Mori 2019): the batch's normalised Gram matrix of the student's "
             "feature against the teacher's (the members' mean)", metavar=_PAIR)
@@ -149,8 +149,8 @@ NOT_IDENTITY = ("overwrite", "progress", "data_dir", "checkpoint_every", "checkp
 JOB = ("coordinator", "num_processes", "process_id", "heartbeat_timeout")
 # Settings that students trained together in one vmapped step may differ in (the rest is their shared stream;
 # `data_seed` defaults to `seed`, so students of different seeds share a stream only with one --data-seed).
-GROUP_VARYING = ("seed", "temperature", "alpha", "loss", "combine", "members", "out", "hint_weight", "attention_weight",
-                 "similarity_weight")
+GROUP_VARYING = ("seed", "temperature", "alpha", "loss", "combine", "members", "out", "hint_weight",
+                 "attention_weight", "similarity_weight")
 FEATURE_OPTIONS = ("hint", "attention", "similarity")  # Each with its `*_weight`.
 
 # One check per setting: a function of the value that returns True or says what is wrong. The sweep's grid axes

@@ -127,10 +127,10 @@ def _term(loss: str, student: str, student_shape: tuple[int, ...], features: lis
     raise StillroomError(f"{option}: the members' {features[0].name} differ in size ({sorted(sizes)}); name one "
                          "member with @MEMBER.")
   shape = features[0].shape
-  spatial = len(shape) >= 2 and kind != "pooled"
-  if loss == "attention" and len(student_shape) != 3:
-    raise StillroomError(f"{option}: attention needs the student's feature as an H×W×C map; "
-                         f"{student} is {list(student_shape)}.")
+  spatial = len(shape) >= 2  # A map [H, W, C] or an attention map [H, W]; else a vector.
+  if loss == "attention" and not (spatial and len(student_shape) == 3):
+    raise StillroomError(f"{option}: attention compares H×W maps; the student's {student} is "
+                         f"{list(student_shape)} and the teacher's {features[0].name} ({kind}) {list(shape)}.")
   pool = None
   if spatial:
     if len(student_shape) != 3:
@@ -190,7 +190,7 @@ def feature_losses(terms: tuple[FeatureTerm, ...], named: dict[str, jax.Array], 
       value = similarity_preserving(student, teachers, mask)
     elif term.loss == "hint":
       teacher = teachers[0] if term.pool is None else average_pool(teachers[0], term.pool)
-      if term.kind == "pooled":
+      if teacher.ndim == 2:  # A teacher vector (pooled, or a dense layer's) takes the student's pooled vector.
         student = stored_feature(student, "pooled")
       value = jnp.sum(hint_loss(next(regressors)(student), teacher) * mask) / rows
     else:

@@ -115,7 +115,9 @@ class RunPlan:
     """The settings that decide the batches a run sees: runs with equal keys can train together."""
     per_run = GROUP_VARYING + JOB + ("overwrite", "progress", "workers")
     shared = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in per_run}
-    return {**shared, "cache": None if self.cache is None else storage.absolute(self.cache.path)}
+    # The feature terms too: a run's attention or similarity averages its own members' features.
+    return {**shared, "cache": None if self.cache is None else storage.absolute(self.cache.path),
+            "feature_terms": [dataclasses.asdict(term) for term in self.feature_terms]}
 
   def hypers(self, num_members: int) -> dict[str, np.ndarray]:
     """This student's settings for the step (see `student_train.steps.make_train_step`), the distillation alpha

@@ -80,6 +80,24 @@ def static_flags(hypers: dict) -> dict[str, bool]:
           if name in hypers and np.all(np.asarray(hypers[name]) == np.asarray(hypers[name]).flat[0])}
 
 
+def _update_with_one_of(trainable: nnx.Module, grads, first: nnx.Optimizer, second: nnx.Optimizer,
+                        use_first: jax.Array) -> None:
+  """Updates `trainable` with optimizer `first` where `use_first` (traced), else with `second`; the other's state
+  is left as it was. FitNets' two stages are two trainings: stage 2 starts with fresh moments and step count (its
+  own schedule), not with those of layers that the hint alone never reached."""
+  snapshot = lambda tree: jax.tree.map(lambda leaf: leaf, tree)  # noqa: E731
+  params = snapshot(nnx.state(trainable, nnx.Param))
+  first_state, second_state = snapshot(nnx.state(first)), snapshot(nnx.state(second))
+  first.update(trainable, grads)
+  by_first, first_updated = snapshot(nnx.state(trainable, nnx.Param)), snapshot(nnx.state(first))
+  nnx.update(trainable, params)
+  second.update(trainable, grads)
+  pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(use_first, x, y), a, b)  # noqa: E731
+  nnx.update(trainable, pick(by_first, nnx.state(trainable, nnx.Param)))
+  nnx.update(first, pick(first_updated, first_state))
+  nnx.update(second, pick(second_state, nnx.state(second)))
+
+
 def train_step_fn(graphdef, normalization: Normalization, fixed: dict[str, bool] | None = None,
                   terms: tuple[FeatureTerm, ...] = ()):
   """The pure step `(states, batch, hypers) -> (states, metrics)` before jitting (see `make_train_step`).
@@ -91,8 +109,9 @@ def train_step_fn(graphdef, normalization: Normalization, fixed: dict[str, bool]
 
   def one_student(state, batch, hyper):
     hyper = {**hyper, **(fixed or {})}
-    trainable, optimizer = nnx.merge(graphdef, state)
-    nnx.reseed(trainable, default=jax.random.fold_in(hyper["key"], optimizer.step[...]))
+    trainable, optimizer, *hint_stage = nnx.merge(graphdef, state)
+    steps_taken = optimizer.step[...] + (hint_stage[0].step[...] if hint_stage else 0)  # Each counts its stage's.
+    nnx.reseed(trainable, default=jax.random.fold_in(hyper["key"], steps_taken))
     targets, teacher_logits = soft_targets(batch, hyper)
     sparse = sparse_targets(batch)
     mask = batch["mask"]
@@ -113,7 +132,10 @@ def train_step_fn(graphdef, normalization: Normalization, fixed: dict[str, bool]
       return loss, (logits, hard, soft, features)
 
     (loss, (logits, hard, soft, features)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(trainable)
-    optimizer.update(trainable, grads)
+    if hint_stage:
+      _update_with_one_of(trainable, grads, hint_stage[0], optimizer, hyper["hint_only"])
+    else:
+      optimizer.update(trainable, grads)
     labelled = mask * (batch["labels"] >= 0)
     predicted = jnp.argmax(logits, -1)
     metrics = {"loss": loss, "hard_ce": _masked_mean(hard, labelled), "soft": _masked_mean(soft, mask),
@@ -122,7 +144,7 @@ def train_step_fn(graphdef, normalization: Normalization, fixed: dict[str, bool]
     teacher_top1 = _teacher_top1(targets, sparse, hyper["use_stored"])
     if teacher_top1 is not None:
       metrics["teacher_agreement"] = _masked_mean(predicted == teacher_top1, mask)
-    return nnx.state((trainable, optimizer)), metrics
+    return nnx.state((trainable, optimizer, *hint_stage)), metrics
 
   return jax.vmap(one_student, in_axes=(0, None, 0))
 
@@ -132,7 +154,8 @@ def make_train_step(graphdef, normalization: Normalization, mesh, fixed: dict[st
   """Builds the jitted step `(states, batch, hypers) -> (states, metrics)` for K students trained together.
 
   Args:
-    graphdef: from `nnx.split((model, optimizer))` of one student (all share it).
+    graphdef: from `nnx.split((trainable, optimizer))` of one student (all share it): the model (or a
+      `features.Distilled` with hints' regressors), and with `--hint-epochs` a stage-1 optimizer after the other.
     normalization: input normalisation of the students.
     mesh: data-parallel mesh; batches are split along it, states replicated.
     fixed: the flags the group agrees on, from `static_flags(hypers)` (see `train_step_fn`).

@@ -11,6 +11,7 @@ newest epoch all of its runs saved, and a run killed and resumed ends with the p
 """
 
 import contextlib
+import dataclasses
 import functools
 import sys
 import time
@@ -47,9 +48,10 @@ def _log(message: str) -> None:
 
 
 def make_schedule(config: FitConfig, steps_per_epoch: int) -> optax.Schedule:
-  """The learning rate per step: `--schedule` over the distillation epochs from `--lr`, then a cosine decay from
-  `--finetune-lr` over the fine-tuning epochs."""
-  steps = max(1, config.epochs * steps_per_epoch)
+  """The learning rate per step: `--schedule` over the distillation epochs from `--lr` (after `--hint-epochs`,
+  which have an optimizer of their own), then a cosine decay from `--finetune-lr` over the fine-tuning epochs."""
+  distill_epochs = config.epochs - config.hint_epochs
+  steps = max(1, distill_epochs * steps_per_epoch)
   if config.schedule == "constant":
     first = optax.constant_schedule(config.lr)
   elif config.schedule == "cosine":
@@ -61,7 +63,7 @@ def make_schedule(config: FitConfig, steps_per_epoch: int) -> optax.Schedule:
     return first
   return optax.join_schedules([first, optax.cosine_decay_schedule(config.finetune_lr,
                                                                   config.finetune_epochs * steps_per_epoch)],
-                              [config.epochs * steps_per_epoch])
+                              [distill_epochs * steps_per_epoch])
 
 
 def make_optimizer(config: FitConfig, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -271,8 +273,11 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
       if any(term.loss == "hint" for term in plan.feature_terms):  # The hints' regressors train beside it.
         trainable = Distilled(model, Regressors(plan.feature_terms, nnx.Rngs(
             jax.random.fold_in(jax.random.key(plan.config.seed), REGRESSOR_STREAM))))
-      optimizer = nnx.Optimizer(trainable, make_optimizer(plan.config, loader.steps_per_epoch), wrt=nnx.Param)
-      graphdef, state = nnx.split((trainable, optimizer))
+      optimizers = [nnx.Optimizer(trainable, make_optimizer(plan.config, loader.steps_per_epoch), wrt=nnx.Param)]
+      if plan.config.hint_epochs:  # FitNets' stage 1: an optimizer of its own, with its own schedule.
+        stage1 = dataclasses.replace(plan.config, epochs=plan.config.hint_epochs, hint_epochs=0, finetune_epochs=0)
+        optimizers.append(nnx.Optimizer(trainable, make_optimizer(stage1, loader.steps_per_epoch), wrt=nnx.Param))
+      graphdef, state = nnx.split((trainable, *optimizers))
       states.append(put_replicated(state, mesh))  # Where checkpoints restore to, on every process's devices.
     start_step, resumed_sums, resumed_seconds = 0, None, 0.0
     if position is not None:

@@ -7,6 +7,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -21,6 +22,8 @@ from student_train.cli import main as train_main
 from student_train.config import FitConfig
 from student_train.features import Distilled, FeatureTerm, Regressors, feature_losses
 from student_train.loader import CacheLoader
+from student_train.plan import plan_run
+from student_train.steps import _update_with_one_of
 from student_train.sweep import run_sweep
 from student_train.train import fit
 from teacher_cache.cli import main as cache_main
@@ -61,15 +64,22 @@ def _np_gram(features, mask):
   return _np_normalized(flat @ flat.T)
 
 
-def _np_feature_losses(student, teachers, mask, kernel, bias):
-  """The three losses of `_terms()` in NumPy: hint (regressor, teacher pooled 2x), attention (two members' maps
-  averaged, pooled 2x, normalised), similarity (two members' Grams averaged)."""
+def _np_feature_losses(student, teachers, mask, regressors):
+  """The losses of `_terms()` in NumPy, each summed over its terms: hints (a map pooled 2x; a vector, against the
+  student's pooled map), attention (two members' maps, or their stored attention maps, averaged, pooled 2x and
+  normalised), similarity (two members' Grams averaged). `regressors`: each hint's (kernel, bias)."""
   rows = mask.sum()
-  regressed = student["a"] @ kernel + bias
-  hint = (0.5 * ((regressed - _np_pool(teachers["map"], 2, 2)) ** 2).mean(axis=(1, 2, 3)) * mask).sum() / rows
-  maps = [_np_attention(t).reshape(t.shape[:3]) for t in (teachers["map"], teachers["map2"])]
-  target = _np_normalized(_np_pool((maps[0] + maps[1]) / 2, 2, 2).reshape(len(mask), -1))
-  attention = (((_np_attention(student["a"]) - target) ** 2).mean(-1) * mask).sum() / rows
+  hint = 0.0
+  for (kernel, bias), teacher, pooled in zip(regressors, (_np_pool(teachers["map"], 2, 2), teachers["vec"]),
+                                             (False, True)):
+    s = student["a"].mean(axis=(1, 2)) if pooled else student["a"]
+    error = 0.5 * ((s @ kernel + bias - teacher) ** 2).reshape(len(mask), -1).mean(axis=1)
+    hint += (error * mask).sum() / rows
+  attention = 0.0
+  for maps in ([_np_attention(t).reshape(t.shape[:3]) for t in (teachers["map"], teachers["map2"])],
+               [teachers["att"], teachers["att2"]]):
+    target = _np_normalized(_np_pool((maps[0] + maps[1]) / 2, 2, 2).reshape(len(mask), -1))
+    attention += (((_np_attention(student["a"]) - target) ** 2).mean(-1) * mask).sum() / rows
   gram = (_np_gram(teachers["vec"], mask) + _np_gram(teachers["vec2"], mask)) / 2
   similarity = ((_np_gram(student["b"], mask) - gram) ** 2).sum() / rows ** 2
   return {"hint": hint, "attention": attention, "similarity": similarity}
@@ -77,19 +87,28 @@ def _np_feature_losses(student, teachers, mask, kernel, bias):
 
 def _terms():
   return (FeatureTerm(loss="hint", student="a", teacher=("map",), kind="map", pool=(2, 2), regressor=(3, 5)),
+          FeatureTerm(loss="hint", student="a", teacher=("vec",), kind="pooled", regressor=(3, 6)),
           FeatureTerm(loss="attention", student="a", teacher=("map", "map2"), kind="map", pool=(2, 2)),
+          FeatureTerm(loss="attention", student="a", teacher=("att", "att2"), kind="attention", pool=(2, 2)),
           FeatureTerm(loss="similarity", student="b", teacher=("vec", "vec2"), kind="pooled"))
 
 
 def _inputs(rng, rows):
   student = {"a": rng.normal(size=(rows, 2, 2, 3)), "b": rng.normal(size=(rows, 7))}
   teachers = {"map": rng.normal(size=(rows, 4, 4, 5)), "map2": rng.normal(size=(rows, 4, 4, 5)),
-              "vec": rng.normal(size=(rows, 6)), "vec2": rng.normal(size=(rows, 9))}
+              "vec": rng.normal(size=(rows, 6)), "vec2": rng.normal(size=(rows, 9)),
+              "att": _np_attention(rng.normal(size=(rows, 4, 4, 2))).reshape(rows, 4, 4),
+              "att2": _np_attention(rng.normal(size=(rows, 4, 4, 7))).reshape(rows, 4, 4)}
   return student, teachers
 
 
+def _regressors(trainable):
+  return [(np.asarray(layer.kernel[...], np.float64), np.asarray(layer.bias[...], np.float64))
+          for layer in trainable.regressors.layers]
+
+
 def _trainable():
-  return Distilled(nnx.Linear(1, 1, rngs=nnx.Rngs(0)), Regressors(_terms(), nnx.Rngs(1)))
+  return Distilled(nnx.Linear(1, 1, rngs=nnx.Rngs(0)), Regressors(_terms(), nnx.Rngs(1)))  # A stand-in student.
 
 
 def _jax(tree):
@@ -129,10 +148,8 @@ def test_feature_losses_against_numpy_with_padded_rows_ignored():
   student, teachers = _inputs(rng, 5)
   mask = np.ones(5)
   trainable = _trainable()
-  layer = trainable.regressors.layers[0]
-  kernel, bias = np.asarray(layer.kernel[...], np.float64), np.asarray(layer.bias[...], np.float64)
   got = feature_losses(_terms(), _jax(student), _jax(teachers), jnp.asarray(mask, jnp.float32), trainable)
-  expected = _np_feature_losses(student, teachers, mask, kernel, bias)
+  expected = _np_feature_losses(student, teachers, mask, _regressors(trainable))
   for name in expected:
     np.testing.assert_allclose(got[name], expected[name], rtol=1e-4, err_msg=name)
   # Three padded rows of garbage change nothing: they take part in no mean and no similarity.
@@ -146,25 +163,56 @@ def test_feature_losses_against_numpy_with_padded_rows_ignored():
     np.testing.assert_allclose(padded_got[name], expected[name], rtol=1e-4, err_msg=f"{name}, padded")
 
 
+def _numeric_gradient(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+  grad = np.zeros_like(x)
+  for i in np.ndindex(x.shape):
+    for sign in (1, -1):
+      moved = x.copy()
+      moved[i] += sign * eps
+      grad[i] += sign * f(moved) / (2 * eps)
+  return grad
+
+
 def test_feature_loss_gradients_against_central_differences():
   rng = np.random.default_rng(4)
   student, teachers = _inputs(rng, 4)
   mask = np.array([1.0, 1.0, 0.0, 1.0])
   trainable = _trainable()
-  layer = trainable.regressors.layers[0]
-  kernel, bias = np.asarray(layer.kernel[...], np.float64), np.asarray(layer.bias[...], np.float64)
+  regressors = _regressors(trainable)
   for name in ("hint", "attention", "similarity"):
     def jax_loss(features):
       return feature_losses(_terms(), features, _jax(teachers), jnp.asarray(mask, jnp.float32), trainable)[name]
     grads = jax.grad(jax_loss)(_jax(student))
     for key in ("a", "b") if name == "similarity" else ("a",):
-      numeric = np.zeros_like(student[key])
-      for i in np.ndindex(student[key].shape):
-        for sign in (1, -1):
-          moved = {**student, key: student[key].copy()}
-          moved[key][i] += sign * 1e-6
-          numeric[i] += sign * _np_feature_losses(moved, teachers, mask, kernel, bias)[name] / 2e-6
+      numeric = _numeric_gradient(
+          lambda x: _np_feature_losses({**student, key: x}, teachers, mask, regressors)[name], student[key])
       np.testing.assert_allclose(grads[key], numeric, rtol=2e-3, atol=2e-5, err_msg=f"{name} / {key}")
+  # The regressors' gradients too: they are trained.
+  grads = nnx.grad(lambda t: feature_losses(_terms(), _jax(student), _jax(teachers), jnp.asarray(mask, jnp.float32),
+                                            t)["hint"])(trainable)
+  for k, (kernel, bias) in enumerate(regressors):
+    def with_layer(new_kernel=kernel, new_bias=bias):
+      layers = [(new_kernel, new_bias) if j == k else regressors[j] for j in range(len(regressors))]
+      return _np_feature_losses(student, teachers, mask, layers)["hint"]
+    np.testing.assert_allclose(grads.regressors.layers[k].kernel[...], _numeric_gradient(with_layer, kernel),
+                               rtol=2e-3, atol=2e-5)
+    np.testing.assert_allclose(grads.regressors.layers[k].bias[...],
+                               _numeric_gradient(lambda b: with_layer(new_bias=b), bias), rtol=2e-3, atol=2e-5)
+
+
+def test_the_hint_stage_updates_with_its_own_optimizer_and_leaves_the_other_untouched():
+  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  stage1, stage2 = (nnx.Optimizer(model, optax.adam(lr), wrt=nnx.Param) for lr in (0.1, 0.01))
+  grads = jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param))
+  for use_first, used, idle, lr in ((True, stage1, stage2, 0.1), (False, stage2, stage1, 0.01)):
+    before = np.asarray(model.kernel[...])
+    idle_state = jax.tree.map(np.asarray, nnx.state(idle))
+    _update_with_one_of(model, grads, stage1, stage2, jnp.asarray(use_first))
+    # Adam's first step moves each parameter by the learning rate against the gradient's sign.
+    np.testing.assert_allclose(model.kernel[...], before - lr, rtol=1e-5)
+    assert int(used.step[...]) == 1 and int(idle.step[...]) == (1 if not use_first else 0)
+    for a, b in zip(jax.tree.leaves(idle_state), jax.tree.leaves(nnx.state(idle))):
+      np.testing.assert_array_equal(a, np.asarray(b))
 
 
 # --- The cache ---------------------------------------------------------------------------------------------------
@@ -225,8 +273,8 @@ def _metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in f]
 
 
-FEATURE_RUN = dict(model="cnn-thin-deep", epochs=3, hint_epochs=1, batch_size=128, hint=("stage2=stage1",),
-                   hint_weight=0.5, attention=("stage1=stage1:attention", "stage2=stage1"), attention_weight=100.0,
+FEATURE_RUN = dict(model="cnn-thin-deep", epochs=3, hint_epochs=1, batch_size=128,
+                   hint=("stage2=stage1", "stage1=dense"), hint_weight=0.5, attention=("stage1=stage1:attention", "stage2=stage1"), attention_weight=100.0,
                    similarity=("dense=stage2",), similarity_weight=30.0, progress=False, workers=0)
 
 
@@ -280,9 +328,27 @@ def test_feature_weights_are_sweep_axes_trained_in_one_step(tmp_path, data_dir, 
                            attention=("stage2=stage1",), progress=False, workers=0))
   runs = [path for path in out.iterdir() if (path / "metrics.jsonl").exists()]
   assert len(runs) == 4
-  lines = [_metrics(path)[-1] for path in runs]
-  assert all(line["students_in_step"] == 4 for line in lines)
-  assert len({round(line["loss"], 6) for line in lines}) == 4
+  for path in runs:
+    line, config = _metrics(path)[-1], json.load(open(path / "config.json"))["resolved"]["config"]
+    assert line["students_in_step"] == 4
+    logit = line["alpha"] * line["hard_ce"] + (1 - line["alpha"]) * line["soft"]
+    np.testing.assert_allclose(line["loss"], logit + config["hint_weight"] * line["hint"]
+                               + config["attention_weight"] * line["attention"], rtol=1e-4)
+  assert {(c["hint_weight"], c["attention_weight"]) for c in
+          (json.load(open(path / "config.json"))["resolved"]["config"] for path in runs)} == {
+              (0.1, 0), (0.1, 10), (1, 0), (1, 10)}
+
+
+def test_runs_averaging_other_members_do_not_share_a_step(tmp_path, data_dir, teachers, cnn_teacher,
+                                                        tmp_path_factory):
+  two = conftest.digits_cache(tmp_path_factory, data_dir, [teachers[2], cnn_teacher], split="train[:100]",
+                              features="stage1:attention")
+  plans = [plan_run(FitConfig(cache=two, data_dir=data_dir, model="cnn-thin-deep", members=members,
+                              attention=("stage1=stage1",), out=str(tmp_path / f"r{k}")))
+           for k, members in enumerate(((0,), (1,)))]
+  assert [term.teacher for plan in plans for term in plan.feature_terms] == [
+      ("feature.stage1.attention.m0",), ("feature.stage1.attention.m1",)]
+  assert plans[0].stream_key() != plans[1].stream_key()
 
 
 def test_feature_option_errors_name_the_problem(tmp_path, data_dir, feature_cache, teachers, cnn_teacher, capsys,
@@ -299,7 +365,8 @@ def test_feature_option_errors_name_the_problem(tmp_path, data_dir, feature_cach
       (with_cache + ["--hint", "stage9=stage1"], "has features dense, stage1, stage2"),
       (with_cache + ["--attention", "stage1=stage2"], "stores no stage2 of member(s) [0] that the attention loss"),
       (with_cache + ["--hint", "stage1=stage1:attention"], "takes a teacher's map or pooled"),
-      (with_cache + ["--attention", "dense=stage1"], "attention needs the student's feature as an H×W×C map"),
+      (with_cache + ["--attention", "dense=stage1"], "attention compares H×W maps"),
+      (with_cache + ["--attention", "stage1=dense"], "attention compares H×W maps"),
       (with_cache + ["--hint", "dense=stage1"], "pair maps with maps"),
       (base + ["--cache", feature_cache, "--model", "mlp-small", "--hint", "hidden1=stage1"], "pair maps with maps"),
       (base + ["--cache", two, "--model", "cnn-small", "--hint", "stage1=stage1"], "name it, e.g. stage1=stage1@0"),
