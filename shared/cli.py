@@ -26,9 +26,13 @@ def print_models(args: argparse.Namespace) -> None:
   if args.json:
     print(json.dumps(rows, indent=2))
     return
+  width = max(len(row["name"]) for row in rows)
   for row in rows:
     params = "n/a for this shape" if row["params"] is None else f"{row['params']:,} params"
-    print(f"{row['name']:<10} {params:<20} {row['about']}")
+    print(f"{row['name']:<{width}}  {params:<20} {row['about']}")
+    if row["features"]:  # What `teacher-cache build --features` and `fit --hint/...` can name.
+      print(f"{'':<{width}}  features: " + ", ".join(f"{name} {'x'.join(map(str, shape))}"
+                                                  for name, shape in row["features"].items()))
 
 
 CLOUD_SDKS = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google.auth", "google.api_core", "aiohttp")

@@ -73,6 +73,17 @@ def _comma_separated(kind: type, flag: str):
   return parse
 
 
+class _Once(argparse.Action):
+  """Stores a comma-separated option's values, refusing the option given twice (the first would be lost)."""
+
+  def __call__(self, parser, namespace, values, option_string=None):
+    given = namespace.__dict__.setdefault("_given_once", set())
+    if self.dest in given:
+      parser.error(f"{option_string} is given twice; give its values comma-separated in one.")
+    given.add(self.dest)
+    setattr(namespace, self.dest, values)
+
+
 def flag_of(name: str, prefix: str = "") -> str:
   return "--" + (prefix + name).replace("_", "-")
 
@@ -114,7 +125,7 @@ def add_options(parser, cls, names: Iterable[str] | None = None, *, prefix: str 
     if kind is bool and not is_tuple:
       options["action"] = argparse.BooleanOptionalAction
     elif is_tuple:
-      options["type"] = _comma_separated(kind, flag)
+      options.update(type=_comma_separated(kind, flag), action=_Once)
     else:
       options["type"] = kind
     if meta.get("choices"):

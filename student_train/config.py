@@ -91,9 +91,10 @@ class FitConfig:
       None, "FitNets hints (Romero et al. 2015): a learned regressor (a 1×1 convolution of the channels) takes the "
             "student's feature to the cached teacher feature's (`teacher-cache build --features`; pooled to the "
             "student's H×W), with a mean squared error; a cache of several members needs @MEMBER", metavar=_PAIR)
-  hint_weight: float = setting(1.0, "weight of the hint loss beside the logit loss")
-  hint_epochs: int = setting(0, "FitNets' stage 1: the first E of --epochs train on the hint loss alone",
-                             metavar="E")
+  hint_weight: float = setting(1.0, "weight of the hint loss beside the logit loss (after --hint-epochs); 0: the "
+                                    "hint only in stage 1, as in FitNets")
+  hint_epochs: int = setting(0, "FitNets' stage 1: the first E of --epochs train on the hint loss alone (unweighted), "
+                                "with an optimizer of their own", metavar="E")
   attention: tuple[str, ...] | None = setting(
       None, "attention transfer (Zagoruyko & Komodakis 2017): the student feature's normalised H×W attention map "
             "against the teacher's (the members' mean)", metavar=_PAIR)
@@ -184,9 +185,9 @@ CHECKS = {
     "seed": seed_check,
     "data_seed": lambda v: v is None or seed_check(v),
     "max_classes": lambda v: v >= 2 or "must be >= 2",
-    "hint_weight": lambda v: (v >= 0 and math.isfinite(v)) or "must be >= 0 and finite",
-    "attention_weight": lambda v: (v >= 0 and math.isfinite(v)) or "must be >= 0 and finite",
-    "similarity_weight": lambda v: (v >= 0 and math.isfinite(v)) or "must be >= 0 and finite",
+    "hint_weight": lambda v: v == 0 or positive_finite(v) is True or "must be >= 0 and finite",
+    "attention_weight": lambda v: v == 0 or positive_finite(v) is True or "must be >= 0 and finite",
+    "similarity_weight": lambda v: v == 0 or positive_finite(v) is True or "must be >= 0 and finite",
     "hint_epochs": lambda v: v >= 0 or "must be >= 0",
 }
 

@@ -61,7 +61,7 @@ def parse_pair(text: str, option: str) -> tuple[str, str, str | None, int | None
   Raises:
     StillroomError: not of that form.
   """
-  student, _, teacher = text.partition("=")
+  student, _, teacher = text.strip().partition("=")
   teacher, _, member = teacher.partition("@")
   name, _, kind = teacher.partition(":")
   if not student or not name or "@" in member or (member and not (member.isascii() and member.isdigit())) or \
@@ -92,26 +92,35 @@ def plan_feature_terms(pairs: dict[str, tuple[str, ...]], spec: CacheSpec, membe
   for loss, texts in pairs.items():
     option = f"--{loss}"
     for text in texts:
+      text = text.strip()
       student, name, kind, member = parse_pair(text, option)
       if student not in student_shapes:
         raise StillroomError(f"{option} {text}: the student {model!r} has features "
                              f"{', '.join(student_shapes) or 'none (give it a `features` method)'}.")
-      if member is None and loss == "hint" and spec.num_members > 1:
+      if member is not None and member not in members:
+        raise StillroomError(f"{option} {text}: member {member} is not among the run's members {list(members)} "
+                             f"(the cache has {spec.num_members}; see --members).")
+      if member is None and loss == "hint" and len(members) > 1:
         raise StillroomError(f"{option} {text}: a hint regresses one member's features (channels do not align "
-                             f"between networks); name it, e.g. {text}@0 (the cache has {spec.num_members} members).")
-      chosen = (member,) if member is not None else members if loss != "hint" else (0,)
+                             f"between networks); name it, e.g. {text}@{members[0]} (the run learns from members "
+                             f"{list(members)}).")
+      chosen = (member,) if member is not None else members
       kinds = [k for k in ((kind,) if kind else USABLE_KINDS[loss])
                if all(spec.feature(name, k, m) is not None for m in chosen)]
       if not kinds:
+        wanted = f"{name}:{kind or USABLE_KINDS[loss][0]}" + (f"@{member}" if member is not None else "")
         raise StillroomError(f"{option} {text}: the cache stores no {name}{':' + kind if kind else ''} of member(s) "
                              f"{list(chosen)} that the {loss} loss can use ({', '.join(USABLE_KINDS[loss])}); it "
-                             f"stores {stored}. Build it with --features {name}:{USABLE_KINDS[loss][0]}.")
+                             f"stores {stored}. Build it with --features {wanted}.")
       kind = kinds[0]
       if kind not in USABLE_KINDS[loss]:
         raise StillroomError(f"{option} {text}: a {loss} loss takes a teacher's {' or '.join(USABLE_KINDS[loss])}, "
                              f"not its {kind}.")
       features = [spec.feature(name, kind, m) for m in chosen]
-      terms.append(_term(loss, student, tuple(student_shapes[student]), features, kind, text))
+      term = _term(loss, student, tuple(student_shapes[student]), features, kind, text)
+      if any((t.loss, t.student, t.teacher) == (term.loss, term.student, term.teacher) for t in terms):
+        raise StillroomError(f"{option} {text}: that pair is given twice.")
+      terms.append(term)
   return tuple(terms)
 
 

@@ -127,8 +127,8 @@ def train_step_fn(graphdef, normalization: Normalization, fixed: dict[str, bool]
       features = feature_losses(terms, named, batch, mask, trainable)
       if features:
         weighted = sum(hyper[f"{name}_weight"] * value for name, value in features.items())
-        hint = hyper["hint_weight"] * features.get("hint", 0.0)
-        loss = jnp.where(hyper["hint_only"], hint, loss + hyper["features_on"] * weighted)
+        # Stage 1 trains on the hint alone, unweighted: its weight is the hint's share beside the logit loss after.
+        loss = jnp.where(hyper["hint_only"], features.get("hint", 0.0), loss + hyper["features_on"] * weighted)
       return loss, (logits, hard, soft, features)
 
     (loss, (logits, hard, soft, features)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(trainable)

@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from shared import __version__, distributed, storage
 from shared.augment import DEFAULT_CROP_AREA, DEFAULT_CROP_ASPECT, Augmentation, fold_of, make_augmentation
-from shared.cache import (COMPLETE_KEY, EVAL_ROWS, FEATURE_DTYPE, FEATURE_SCHEMA_VERSION, ROWS, SCHEMA_VERSION,
-                          SPARSE_SCHEMA_VERSION, SPEC_KEY, SPECIALIST_SCHEMA_VERSION, STORAGE_DTYPES, Cache, CacheSpec,
+from shared.cache import (COMPLETE_KEY, EVAL_ROWS, FEATURE_DTYPE, FEATURE_KINDS, FEATURE_SCHEMA_VERSION, ROWS,
+                          SCHEMA_VERSION, SPARSE_SCHEMA_VERSION, SPEC_KEY, SPECIALIST_SCHEMA_VERSION, STORAGE_DTYPES, Cache, CacheSpec,
                           FeatureSpec, MemberSpec, SpecialistSpec, parse_features,
                           committed_name, create_arrays, gather,
                           integrity_problems, missing_chunks, now_iso, open_cache, raise_first_failure,
@@ -529,16 +529,18 @@ def _plan(config: BuildConfig) -> tuple:
   specialists, specialist_specs = [], []
   if config.specialist_plan:
     specialists, specialist_specs = _specialists(config, teachers, transfer_set, input_shape, num_classes)
-  if config.features and (config.folds > 1 or config.specialist_plan):
+  if config.features is not None and (config.folds > 1 or config.specialist_plan):
     raise StillroomError("--features stores the features of plain members: not with --folds or --specialists.")
-  features = _feature_specs(config.features, teachers, input_shape) if config.features else ()
+  features = _feature_specs(config.features, teachers, input_shape) if config.features is not None else ()
   spec = make_spec(config, transfer_set, eval_set, augmentation, members, num_classes, tuple(specialist_specs),
                    features)
   if features:
-    feature_bytes = sum(np.prod(f.shape) * np.dtype(FEATURE_DTYPE).itemsize for f in features)
-    logit_bytes = spec.num_members * num_classes * np.dtype(spec.dtype).itemsize
-    log(f"--features: {int(feature_bytes):,} bytes per row ({feature_bytes / logit_bytes:.0f}x the member logits' "
-        f"{logit_bytes:,}); {feature_bytes * spec.num_rows / 2 ** 20:,.1f} MiB for {spec.num_rows:,} rows")
+    size = lambda a: int(np.prod(a.shape[1:])) * np.dtype(a.dtype).itemsize  # noqa: E731  # Bytes per row.
+    feature_bytes = sum(size(a) for a in spec.arrays if a.role == "feature")
+    teacher_bytes = sum(size(a) for a in spec.arrays if a.role == "teacher")
+    log(f"--features: {feature_bytes:,} bytes per row, {feature_bytes / teacher_bytes:.1f}x the {teacher_bytes:,} of "
+        f"the targets and logits; {feature_bytes * spec.num_rows / 2 ** 20:,.1f} MiB of features for "
+        f"{spec.num_rows:,} rows")
   return config, mesh, transfer_set, eval_set, teachers + specialists, spec
 
 
@@ -563,14 +565,20 @@ def _feature_specs(text: str, teachers: list[Teacher], input_shape: tuple[int, .
       if name not in named:
         raise StillroomError(f"--features {name}: teacher {teacher.name!r} (member {m}) has features "
                              f"{', '.join(named) or 'none'}.")
-      try:
-        shape = jax.eval_shape(lambda f: stored_feature(f, kind), named[name]).shape[1:]
-      except ValueError as e:
-        raise StillroomError(f"--features {name}:{kind} (member {m}): {e}; use :map or :pooled.") from e
+      value = named[name]
+      if not (hasattr(value, "shape") and len(value.shape) in (2, 4) and value.shape[0] == 2 and min(value.shape)):
+        raise StillroomError(f"--features {name}: teacher {teacher.name!r} (member {m}) gives it shape "
+                             f"{getattr(value, 'shape', type(value).__name__)} for a batch of 2; a cache stores "
+                             "[B, D] vectors and [B, H, W, C] maps.")
+      if kind == "attention" and len(value.shape) != 4:
+        raise StillroomError(f"--features {name}:attention (member {m}): the attention map of a vector "
+                             f"{list(value.shape[1:])} is not defined; use :map or :pooled.")
+      shape = jax.eval_shape(lambda f: stored_feature(f, kind), value).shape[1:]
       found.append(FeatureSpec(name=name, kind=kind, member=m, shape=tuple(shape)))
   if len({f.array_name for f in found}) != len(found):
     raise StillroomError(f"--features {text!r} names a feature twice.")
-  return tuple(found)
+  # One order however the list was written, so that a rebuild spelled otherwise is the same build.
+  return tuple(sorted(found, key=lambda f: (f.member, f.name, list(FEATURE_KINDS).index(f.kind))))
 
 
 def check_settings(config: BuildConfig, out: str = "CACHE.zarr") -> None:
@@ -585,7 +593,7 @@ def check_settings(config: BuildConfig, out: str = "CACHE.zarr") -> None:
                     targets=config.targets)
   if config.batch_size < 1:
     raise StillroomError(f"--batch-size must be >= 1, got {config.batch_size}.")
-  if config.features:
+  if config.features is not None:
     parse_features(config.features)
   if workers_check(config.workers) is not True:
     raise StillroomError(f"--workers {workers_check(config.workers)}, got {config.workers}.")

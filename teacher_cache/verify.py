@@ -178,7 +178,7 @@ def verify_cache(path: str, dataset: str | None = None, split: str | None = None
   target_failures, row_failures, label_failures = [], [], []
   expected_index = spec.dataset.indices()
   row_arrays = [name for name in spec.arrays_of(ROWS) if spec.array(name).role != "bookkeeping"]
-  teacher_arrays = spec.arrays_of(ROWS, "teacher")
+  teacher_arrays = spec.arrays_of(ROWS, "teacher") + spec.arrays_of(ROWS, "feature")
   rederive = {"targets", "member_logits"} <= set(teacher_arrays)
   if spec.specialists:  # The targets are the generalist's combination with its specialists: solved again.
     classes = class_matrix([s.classes for s in spec.specialists], spec.specialist_width)

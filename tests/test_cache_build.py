@@ -364,7 +364,8 @@ def test_verify_catches_corruption_incompleteness_and_wrong_data(tmp_path, data_
 
 def test_models_subcommand_lists_the_registry(capsys):
   code, text, _ = run_cli(["models"], capsys)
-  assert code == 0 and "mlp-small  9,610 params" in text and "cnn-large" in text
+  assert code == 0 and "mlp-small      9,610 params" in text and "cnn-large" in text
+  assert "features: dense 256, stage1 8x8x32, stage2 4x4x64" in text
   assert jax.local_device_count() >= 1
 
 

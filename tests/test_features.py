@@ -221,9 +221,9 @@ def test_cached_features_equal_the_teachers_features_on_the_students_views(featu
   cache = open_cache(feature_cache)
   spec = cache.spec
   assert spec.schema_version == 5 and CacheSpec.from_attrs(spec.to_attrs()) == spec
-  assert [(f.name, f.kind, f.shape) for f in spec.features] == [
-      ("stage1", "map", (8, 8, 32)), ("stage1", "attention", (8, 8)), ("stage2", "pooled", (64,)),
-      ("dense", "map", (256,))]
+  assert [(f.name, f.kind, f.shape) for f in spec.features] == [  # In one order, however the list was written.
+      ("dense", "map", (256,)), ("stage1", "map", (8, 8, 32)), ("stage1", "attention", (8, 8)),
+      ("stage2", "pooled", (64,))]
   names = [f.array_name for f in spec.features]
   teacher = load_teacher(cnn_teacher)
   forward = jax.jit(lambda x: teacher.features_fn(teacher.params, teacher.normalization.apply(x))[1])
@@ -249,11 +249,23 @@ def test_cached_features_equal_the_teachers_features_on_the_students_views(featu
   assert info["bytes_per_row"]["feature.stage1.attention.m0"] == 8 * 8 * 2
 
 
+def test_verify_finds_non_finite_features(tmp_path, feature_cache, data_dir, capsys):
+  import shutil
+  import zarr
+  copy = str(tmp_path / "c.zarr")
+  shutil.copytree(feature_cache, copy)
+  array = zarr.open_group(copy, mode="r+")["feature.stage1.map.m0"]
+  array[5] = np.inf  # Through zarr: the checksums stay valid.
+  code, out, _ = conftest.run_cli(cache_main, ["verify", copy, "--data-dir", data_dir], capsys)
+  assert code == 1 and "FAIL  finite values" in out and "2048 non-finite values" in out
+
+
 def test_feature_build_errors_name_the_problem(tmp_path, data_dir, teachers, cnn_teacher, capsys):
   base = ["build", "--data-dir", data_dir, "--split", "train[:50]", "--out", tmp_path / "c.zarr", "--no-progress"]
   cases = [
       (["--teacher", cnn_teacher, "--features", "stage7"], "has features dense, stage1, stage2"),
-      (["--teacher", cnn_teacher, "--features", "dense:attention"], "needs a [B, H, W, C] map"),
+      (["--teacher", cnn_teacher, "--features", "dense:attention"], "the attention map of a vector [256]"),
+      (["--teacher", cnn_teacher, "--features", ""], "'' is not one"),
       (["--teacher", cnn_teacher, "--features", "stage1:big"], "KIND one of map, attention, pooled"),
       (["--teacher", cnn_teacher, "--features", "stage1@1"], "members 0..0"),
       (["--teacher", cnn_teacher, "--features", "stage1,stage1:map"], "names a feature twice"),
@@ -288,8 +300,8 @@ def test_fit_with_every_feature_loss_compiles_once_and_saves_the_student_alone(t
   assert len(steps) == 1 and steps[0]._cache_size() == 1  # The stages and fine-tuning share one compilation.
   lines = _metrics(out)
   assert [line["phase"] for line in lines] == ["hint", "distill", "distill", "fine-tune"]
-  # Stage 1 trains on the weighted hint alone; then each loss adds with its weight (the epoch means are linear).
-  np.testing.assert_allclose(lines[0]["loss"], 0.5 * lines[0]["hint"], rtol=1e-5)
+  # Stage 1 trains on the hint alone (unweighted); then each loss adds with its weight (the epoch means are linear).
+  np.testing.assert_allclose(lines[0]["loss"], lines[0]["hint"], rtol=1e-5)
   for line in lines[1:3]:
     logit = line["alpha"] * line["hard_ce"] + (1 - line["alpha"]) * line["soft"]
     np.testing.assert_allclose(line["loss"], logit + 0.5 * line["hint"] + 100 * line["attention"]
@@ -362,6 +374,9 @@ def test_feature_option_errors_name_the_problem(tmp_path, data_dir, feature_cach
       (with_cache + ["--hint-weight", "2"], "--hint-weight weights --hint; give --hint too"),
       (with_cache + ["--hint", "stage1=stage1", "--hint-epochs", "2"], "fewer hint epochs than epochs"),
       (with_cache + ["--hint", "stage1"], "give STUDENT_FEATURE=TEACHER_FEATURE"),
+      (with_cache + ["--hint", "stage1=stage1", "--hint", "stage2=stage1"], "--hint is given twice"),
+      (with_cache + ["--hint", "stage1=stage1, stage1=stage1"], "--hint stage1=stage1: that pair is given twice"),
+      (with_cache + ["--hint", "stage1=stage1", "--hint-weight", "1e39"], "--hint-weight must be >= 0 and finite"),
       (with_cache + ["--hint", "stage9=stage1"], "has features dense, stage1, stage2"),
       (with_cache + ["--attention", "stage1=stage2"], "stores no stage2 of member(s) [0] that the attention loss"),
       (with_cache + ["--hint", "stage1=stage1:attention"], "takes a teacher's map or pooled"),
@@ -370,6 +385,8 @@ def test_feature_option_errors_name_the_problem(tmp_path, data_dir, feature_cach
       (with_cache + ["--hint", "dense=stage1"], "pair maps with maps"),
       (base + ["--cache", feature_cache, "--model", "mlp-small", "--hint", "hidden1=stage1"], "pair maps with maps"),
       (base + ["--cache", two, "--model", "cnn-small", "--hint", "stage1=stage1"], "name it, e.g. stage1=stage1@0"),
+      (base + ["--cache", two, "--model", "cnn-small", "--members", "0", "--hint", "stage1=stage1@1"],
+       "member 1 is not among the run's members [0]"),
   ]
   for args, message in cases:
     code, _, err = conftest.run_cli(train_main, args, capsys)
