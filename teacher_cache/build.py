@@ -26,11 +26,10 @@ from tqdm import tqdm
 from shared import __version__, distributed, storage
 from shared.augment import DEFAULT_CROP_AREA, DEFAULT_CROP_ASPECT, Augmentation, fold_of, make_augmentation
 from shared.cache import (COMPLETE_KEY, EVAL_ROWS, FEATURE_DTYPE, FEATURE_KINDS, FEATURE_SCHEMA_VERSION, ROWS,
-                          SCHEMA_VERSION, SPARSE_SCHEMA_VERSION, SPEC_KEY, SPECIALIST_SCHEMA_VERSION, STORAGE_DTYPES, Cache, CacheSpec,
-                          FeatureSpec, MemberSpec, SpecialistSpec, parse_features,
-                          committed_name, create_arrays, gather,
-                          integrity_problems, missing_chunks, now_iso, open_cache, raise_first_failure,
-                          uncommitted_chunks, validate_settings, writable)
+                          SCHEMA_VERSION, SPARSE_SCHEMA_VERSION, SPEC_KEY, SPECIALIST_SCHEMA_VERSION, STORAGE_DTYPES,
+                          Cache, CacheSpec, FeatureSpec, MemberSpec, SpecialistSpec, parse_features, committed_name,
+                          create_arrays, gather, integrity_problems, missing_chunks, now_iso, open_cache,
+                          raise_first_failure, uncommitted_chunks, validate_settings, writable)
 from shared.data import (NO_EVAL, Normalization, TransferSet, check_eval_set, default_eval_split, local_path,
                          open_transfer_set)
 from shared.distributed import (COORDINATOR_HELP, DEFAULT_HEARTBEAT_SECONDS, HEARTBEAT_HELP, NUM_PROCESSES_HELP,

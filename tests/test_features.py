@@ -286,7 +286,8 @@ def _metrics(run_dir) -> list[dict]:
 
 
 FEATURE_RUN = dict(model="cnn-thin-deep", epochs=3, hint_epochs=1, batch_size=128,
-                   hint=("stage2=stage1", "stage1=dense"), hint_weight=0.5, attention=("stage1=stage1:attention", "stage2=stage1"), attention_weight=100.0,
+                   hint=("stage2=stage1", "stage1=dense"), hint_weight=0.5,
+                   attention=("stage1=stage1:attention", "stage2=stage1"), attention_weight=100.0,
                    similarity=("dense=stage2",), similarity_weight=30.0, progress=False, workers=0)
 
 
