@@ -29,7 +29,7 @@ import tempfile
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.harness import machine, write_json  # noqa: E402
+from bench.harness import paired_summary, write_json  # noqa: E402
 from shared.cache import open_cache  # noqa: E402
 from student_train.config import FitConfig  # noqa: E402
 from student_train.train import fit  # noqa: E402
@@ -127,14 +127,6 @@ def test(work: str, seeds: int, regime: str, chosen: dict) -> list[dict]:
   return rows
 
 
-def _summary(values: list[float], base: list[float] | None = None) -> str:
-  text = f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-  if base is not None:
-    gains = [a - b for a, b in zip(values, base)]
-    text += f" | {statistics.mean(gains):+.2f} ± {statistics.stdev(gains):.2f}"
-  return text
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--seeds", type=int, default=5)
@@ -152,14 +144,14 @@ def main() -> None:
       chosen[method] = {k: v for k, v in json.loads(best).items() if k != "method"}
     results[regime] = {"validation": scores, "chosen": chosen, "test": test(work, args.seeds, regime, chosen)}
   bytes_per_row = _bytes_per_row(os.path.join(work, "full0.zarr"))
-  write_json(args.out, {"machine": machine(), "regimes": results, "bytes_per_row": bytes_per_row,
+  write_json(args.out, {"regimes": results, "bytes_per_row": bytes_per_row,
                         "settings": {"teacher": TEACHER, "student": STUDENT, "teacher_epochs": TEACHER_EPOCHS,
                                      "regimes": REGIMES, "views": VIEWS, "features": FEATURES, "methods": METHODS}})
   for regime, result in results.items():
     rows, chosen = result["test"], result["chosen"]
     names = ["scratch", "KD", *[f"KD + {m}" for m in chosen]]
     teacher = [100 * row["teacher"] for row in rows]
-    print(f"\n{regime}: test split, {args.seeds} paired seeds, teacher {_summary(teacher)}%; chosen on validation: "
+    print(f"\n{regime}: test split, {args.seeds} paired seeds, teacher {paired_summary(teacher)}%; chosen on validation: "
           f"{json.dumps(chosen)}")
     print("| student (cnn-thin-deep) | test accuracy % | paired difference, pts | cache bytes per row | "
           "epoch time vs KD |")
@@ -168,7 +160,7 @@ def main() -> None:
       accuracy = [100 * row[name] for row in rows]
       base = None if name == "scratch" else [100 * row["scratch" if name == "KD" else "KD"] for row in rows]
       ratio = [row["epoch_seconds"][name] / row["epoch_seconds"]["KD"] for row in rows]
-      print(f"| {name} | {_summary(accuracy, base)}{' | ' if base is None else ''} | "
+      print(f"| {name} | {paired_summary(accuracy, base)}{' | ' if base is None else ''} | "
             f"{bytes_per_row.get(name, '-')} | {statistics.mean(ratio):.2f}x |")
 
 

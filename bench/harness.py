@@ -42,6 +42,16 @@ def machine() -> dict:
           "jax": jax.__version__, "devices": [str(d) for d in jax.devices()]}
 
 
+def paired_summary(values: list[float], base: list[float] | None = None, unit: str = "", diff_unit: str = "") -> str:
+  """"mean ± std" of per-seed values, and with `base` (the same seeds' values of another arm) " | mean ± std" of
+  the paired differences."""
+  text = f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}{unit}"
+  if base is not None:
+    gains = [a - b for a, b in zip(values, base)]
+    text += f" | {statistics.mean(gains):+.2f} ± {statistics.stdev(gains):.2f}{diff_unit}"
+  return text
+
+
 def write_json(path: str, result: dict) -> None:
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   with open(path, "w") as f:

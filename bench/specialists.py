@@ -30,7 +30,7 @@ import tempfile
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.harness import write_json  # noqa: E402
+from bench.harness import paired_summary, write_json  # noqa: E402
 from shared.cache import open_cache  # noqa: E402
 from student_train.config import FitConfig  # noqa: E402
 from student_train.train import fit  # noqa: E402
@@ -137,12 +137,8 @@ def test(work: str, seeds: int, clusters: int, top_n: int, temperatures: dict) -
 
 
 def _summary(rows: list[dict], key: str, base: str | None = None) -> str:
-  values = [100 * row[key] for row in rows]
-  text = f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}%"
-  if base is not None:
-    gains = [100 * (row[key] - row[base]) for row in rows]
-    text += f" | {statistics.mean(gains):+.2f} ± {statistics.stdev(gains):.2f} pts"
-  return text
+  return paired_summary([100 * row[key] for row in rows], None if base is None else [100 * row[base] for row in rows],
+                        "%", " pts")
 
 
 def main() -> None:
