@@ -5,12 +5,34 @@ before it runs: through these functions, that costs it `shared` (whose public na
 JAX or Flax.
 """
 
+import atexit
+import os
+import sys
+
+INTERRUPTED = (130, 143)  # The exit statuses of Ctrl-C and SIGTERM (`shared.cli.run_or_exit`).
+
+
+def run_process(main) -> None:
+  """Runs a command line as the whole process. After an interrupt, the process ends once the exit handlers have
+  run (checkpoint staging dirs, zarr's event loop) but without the interpreter's teardown: XLA may still be
+  compiling on its own threads (its compile pool outlives the Python call that was interrupted), and the teardown
+  then races them and can segfault (exit 139 instead of 130)."""
+  try:
+    main()
+  except SystemExit as e:
+    if e.code in INTERRUPTED and "jax" in sys.modules:
+      atexit._run_exitfuncs()  # pylint: disable=protected-access
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(e.code)
+    raise
+
 
 def student_train():
   from student_train.cli import main  # pylint: disable=import-outside-toplevel
-  return main()
+  run_process(main)
 
 
 def teacher_cache():
   from teacher_cache.cli import main  # pylint: disable=import-outside-toplevel
-  return main()
+  run_process(main)

@@ -1,3 +1,4 @@
-from student_train.cli import main
+from shared.entry_points import student_train
 
-main()
+if __name__ == "__main__":
+  student_train()

@@ -1,3 +1,4 @@
-from teacher_cache.cli import main
+from shared.entry_points import teacher_cache
 
-main()
+if __name__ == "__main__":
+  teacher_cache()

@@ -309,3 +309,17 @@ def test_a_run_dir_orbax_could_not_read_back_is_refused(tmp_path, data_dir):
   assert not (tmp_path / "train[:80%]").exists()
   with pytest.raises(StillroomError, match="run dir .*choose a name without brackets"):
     load_run_teacher(str(tmp_path / "x[1]"))
+
+
+@pytest.mark.parametrize("status", [130, 143, 2])
+def test_an_interrupted_process_runs_its_exit_handlers_and_keeps_its_status(tmp_path, status):
+  """After Ctrl-C or SIGTERM the console scripts end without the interpreter's teardown (which races XLA's compile
+  threads and could segfault), but only after the exit handlers, and with the interrupt's status; other exits are
+  ordinary."""
+  marker = tmp_path / "exit-handlers-ran"
+  script = (f"import atexit, jax\nfrom shared.entry_points import run_process\n"
+            f"atexit.register(lambda: open({str(marker)!r}, 'w').close())\n"
+            f"def main():\n  raise SystemExit({status})\nrun_process(main)\n")
+  done = subprocess.run([sys.executable, "-c", script], cwd=REPO,
+                        capture_output=True, timeout=120)
+  assert done.returncode == status and marker.exists(), done.stderr.decode()
