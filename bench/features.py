@@ -86,7 +86,7 @@ def _teacher_cache(work: str, split: str, seed: int, eval_split: str) -> str:
 def _bytes_per_row(cache: str) -> dict:
   """The cache bytes per row that each method's student reads (teacher arrays only)."""
   spec = open_cache(cache).spec
-  size = lambda name: int(np.prod(spec.array(name).shape[1:])) * np.dtype(spec.array(name).dtype).itemsize  # noqa
+  size = lambda name: spec.array(name).row_bytes  # noqa: E731
   logits = size("targets")
   pairs = {"hint": ["feature.stage1.map.m0"], "attention": ["feature.stage1.attention.m0",
                                                             "feature.stage2.attention.m0"],

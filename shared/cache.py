@@ -267,6 +267,11 @@ class ArraySpec:
   dtype: str
   chunks: tuple[int, ...]
 
+  @property
+  def row_bytes(self) -> int:
+    """The bytes of one row (one entry along the first axis)."""
+    return math.prod(self.shape[1:]) * np.dtype(self.dtype).itemsize
+
   def to_dict(self) -> dict:
     return {**dataclasses.asdict(self), "shape": list(self.shape), "chunks": list(self.chunks)}
 
@@ -374,6 +379,12 @@ def parse_features(text: str) -> list[tuple[str, str, int | None]]:
   return parsed
 
 
+def required_schema_version(targets: str, specialists: bool, features: bool) -> int:
+  """The oldest schema that holds a cache of `--targets targets`, with specialists or features or not."""
+  return (FEATURE_SCHEMA_VERSION if features else SPECIALIST_SCHEMA_VERSION if specialists else
+          SPARSE_SCHEMA_VERSION if parse_targets(targets)[0] != "dense" else SCHEMA_VERSION)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CacheSpec:
   """Everything a cache records about how it was made. `build_key()` is what defines a build.
@@ -467,8 +478,7 @@ class CacheSpec:
 
   def required_schema_version(self) -> int:
     """The oldest schema that holds these settings (an older stillroom refuses the store by its version)."""
-    return (FEATURE_SCHEMA_VERSION if self.features else SPECIALIST_SCHEMA_VERSION if self.specialists else
-            SPARSE_SCHEMA_VERSION if self.target_kind != "dense" else SCHEMA_VERSION)
+    return required_schema_version(self.targets, bool(self.specialists), bool(self.features))
 
   @staticmethod
   def canonical_targets(text: str) -> str:

@@ -178,6 +178,11 @@ def _dense_soft(student_logits, temperature, target_log_probs, teacher_logits, m
                                                                            temperature))
 
 
+def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+  """The mean of `values` [B] over the rows `mask` [B] keeps (0 when it keeps none)."""
+  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
 def hint_loss(regressed: jax.Array, teacher_features: jax.Array) -> jax.Array:
   """FitNets' hint term (Romero et al. 2015): `½ · mean((r(u) − v)²)` over each example's feature elements, r(u) the
   student's features through the learned regressor, v the teacher's "hint" features.
@@ -259,8 +264,7 @@ def similarity_preserving(student_features: jax.Array, teacher_features, mask: j
 
   def gram(features):
     flat = features.astype(jnp.float32).reshape(features.shape[0], -1) * mask[:, None]
-    g = flat @ flat.T
-    return g / _safe_norm(g)
+    return normalized(flat @ flat.T)
 
   members = teacher_features if isinstance(teacher_features, (list, tuple)) else [teacher_features]
   target = sum(gram(f) for f in members) / len(members)

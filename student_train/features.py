@@ -21,7 +21,7 @@ from flax import nnx
 
 from shared.cache import CacheSpec
 from shared.errors import StillroomError
-from shared.losses import (attention_transfer, average_pool, hint_loss, normalized, pool_factors,
+from shared.losses import (attention_transfer, average_pool, hint_loss, masked_mean, normalized, pool_factors,
                            similarity_preserving, stored_feature)
 
 FEATURE_LOSSES = ("hint", "attention", "similarity")
@@ -191,7 +191,6 @@ def feature_losses(terms: tuple[FeatureTerm, ...], named: dict[str, jax.Array], 
   """
   losses = {}
   regressors = iter(trainable.regressors.layers) if isinstance(trainable, Distilled) else iter(())
-  rows = jnp.maximum(jnp.sum(mask), 1.0)
   for term in terms:
     student = named[term.student]
     teachers = [batch[name].astype(jnp.float32) for name in term.teacher]
@@ -201,11 +200,11 @@ def feature_losses(terms: tuple[FeatureTerm, ...], named: dict[str, jax.Array], 
       teacher = teachers[0] if term.pool is None else average_pool(teachers[0], term.pool)
       if teacher.ndim == 2:  # A teacher vector (pooled, or a dense layer's) takes the student's pooled vector.
         student = stored_feature(student, "pooled")
-      value = jnp.sum(hint_loss(next(regressors)(student), teacher) * mask) / rows
+      value = masked_mean(hint_loss(next(regressors)(student), teacher), mask)
     else:
       maps = [t if term.kind == "attention" else stored_feature(t, "attention") for t in teachers]  # [B, H, W]
       # The members' mean map at the student's H×W, normalised again: [B, h·w].
       target = normalized(average_pool(sum(maps) / len(maps), term.pool).reshape(len(mask), -1))
-      value = jnp.sum(attention_transfer(student, target) * mask) / rows
+      value = masked_mean(attention_transfer(student, target), mask)
     losses[term.loss] = losses.get(term.loss, 0.0) + value
   return losses

@@ -109,8 +109,7 @@ class CacheLoader:
       self._keep = np.zeros(transfer_set.base_count, bool)
       self._keep[examples] = True
     self._names = ("index", "labels", *cache.spec.augmentation.param_names, *fields)
-    row_bytes = sum(np.dtype(a.dtype).itemsize * math.prod(a.shape[1:]) for a in cache.spec.arrays
-                    if a.name in self._names)
+    row_bytes = sum(a.row_bytes for a in cache.spec.arrays if a.name in self._names)
     self._ahead_chunks = int(np.clip(READ_AHEAD_BYTES // max(1, row_bytes * cache.spec.chunk_rows), 2, 8))
     self._pool = concurrent.futures.ThreadPoolExecutor(self._ahead_chunks, thread_name_prefix="cache-read")
     self._reads: collections.deque = collections.deque()  # ((epoch, position in its order), future), in order.

@@ -17,17 +17,13 @@ from flax import nnx
 
 from shared.data import Normalization
 from shared.ensemble import ensemble_log_probs, mean_logits
-from shared.losses import distillation_loss
+from shared.losses import distillation_loss, masked_mean
 from shared.parallel import batch_sharding, replicated
 from student_train.features import FeatureTerm, feature_losses, student_of
 
 # Per-student switches that pick what the step computes. When every student of a group agrees on one, it is
 # passed as a Python bool, so the step computes only that branch; otherwise it is traced and both are computed.
 FLAGS = ("geometric", "mse", "use_stored")
-
-
-def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
-  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 SPARSE_ARRAYS = {"target_ids": "ids", "target_log_probs": "log_probs", "target_rest": "log_rest",
@@ -123,7 +119,7 @@ def train_step_fn(graphdef, normalization: Normalization, fixed: dict[str, bool]
                                             target_log_probs=targets, teacher_logits=teacher_logits,
                                             mse=hyper["mse"] if teacher_logits is not None else False,
                                             sparse=sparse, use_sparse=hyper["use_stored"])
-      loss = _masked_mean(total, mask)
+      loss = masked_mean(total, mask)
       features = feature_losses(terms, named, batch, mask, trainable)
       if features:
         weighted = sum(hyper[f"{name}_weight"] * value for name, value in features.items())
@@ -138,12 +134,12 @@ def train_step_fn(graphdef, normalization: Normalization, fixed: dict[str, bool]
       optimizer.update(trainable, grads)
     labelled = mask * (batch["labels"] >= 0)
     predicted = jnp.argmax(logits, -1)
-    metrics = {"loss": loss, "hard_ce": _masked_mean(hard, labelled), "soft": _masked_mean(soft, mask),
-               "train_accuracy": _masked_mean(predicted == batch["labels"], labelled), "rows": jnp.sum(mask),
+    metrics = {"loss": loss, "hard_ce": masked_mean(hard, labelled), "soft": masked_mean(soft, mask),
+               "train_accuracy": masked_mean(predicted == batch["labels"], labelled), "rows": jnp.sum(mask),
                **features}
     teacher_top1 = _teacher_top1(targets, sparse, hyper["use_stored"])
     if teacher_top1 is not None:
-      metrics["teacher_agreement"] = _masked_mean(predicted == teacher_top1, mask)
+      metrics["teacher_agreement"] = masked_mean(predicted == teacher_top1, mask)
     return nnx.state((trainable, optimizer, *hint_stage)), metrics
 
   return jax.vmap(one_student, in_axes=(0, None, 0))

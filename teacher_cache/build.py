@@ -25,11 +25,11 @@ from tqdm import tqdm
 
 from shared import __version__, distributed, storage
 from shared.augment import DEFAULT_CROP_AREA, DEFAULT_CROP_ASPECT, Augmentation, fold_of, make_augmentation
-from shared.cache import (COMPLETE_KEY, EVAL_ROWS, FEATURE_DTYPE, FEATURE_KINDS, FEATURE_SCHEMA_VERSION, ROWS,
-                          SCHEMA_VERSION, SPARSE_SCHEMA_VERSION, SPEC_KEY, SPECIALIST_SCHEMA_VERSION, STORAGE_DTYPES,
-                          Cache, CacheSpec, FeatureSpec, MemberSpec, SpecialistSpec, parse_features, committed_name,
+from shared.cache import (COMPLETE_KEY, EVAL_ROWS, FEATURE_DTYPE, FEATURE_KINDS, ROWS, SPEC_KEY, STORAGE_DTYPES, Cache,
+                          CacheSpec, FeatureSpec, MemberSpec, SpecialistSpec, parse_features, committed_name,
                           create_arrays, gather, integrity_problems, missing_chunks, now_iso, open_cache,
-                          raise_first_failure, uncommitted_chunks, validate_settings, writable)
+                          raise_first_failure, uncommitted_chunks, validate_settings, writable,
+                          required_schema_version)
 from shared.data import (NO_EVAL, Normalization, TransferSet, check_eval_set, default_eval_split, local_path,
                          open_transfer_set)
 from shared.distributed import (COORDINATOR_HELP, DEFAULT_HEARTBEAT_SECONDS, HEARTBEAT_HELP, NUM_PROCESSES_HELP,
@@ -489,8 +489,7 @@ def make_spec(config: BuildConfig, transfer_set: TransferSet, eval_set: Transfer
   """The spec of a cache of `members`' outputs (and `specialists`', and `features`) with the build settings of
   `config`."""
   targets = CacheSpec.canonical_targets(config.targets)
-  schema = FEATURE_SCHEMA_VERSION if features else SPECIALIST_SCHEMA_VERSION if specialists else \
-      SCHEMA_VERSION if targets == "dense" else SPARSE_SCHEMA_VERSION
+  schema = required_schema_version(targets, bool(specialists), bool(features))
   return CacheSpec(
       temperature=float(config.temperature), combine=config.combine, members=tuple(members),
       dataset=transfer_set.describe(), eval_dataset=None if eval_set is None else eval_set.describe(),
@@ -534,9 +533,8 @@ def _plan(config: BuildConfig) -> tuple:
   spec = make_spec(config, transfer_set, eval_set, augmentation, members, num_classes, tuple(specialist_specs),
                    features)
   if features:
-    size = lambda a: int(np.prod(a.shape[1:])) * np.dtype(a.dtype).itemsize  # noqa: E731  # Bytes per row.
-    feature_bytes = sum(size(a) for a in spec.arrays if a.role == "feature")
-    teacher_bytes = sum(size(a) for a in spec.arrays if a.role == "teacher")
+    feature_bytes = sum(a.row_bytes for a in spec.arrays if a.role == "feature")
+    teacher_bytes = sum(a.row_bytes for a in spec.arrays if a.role == "teacher")
     log(f"--features: {feature_bytes:,} bytes per row, {feature_bytes / teacher_bytes:.1f}x the {teacher_bytes:,} of "
         f"the targets and logits; {feature_bytes * spec.num_rows / 2 ** 20:,.1f} MiB of features for "
         f"{spec.num_rows:,} rows")
@@ -550,7 +548,7 @@ def _feature_specs(text: str, teachers: list[Teacher], input_shape: tuple[int, .
     StillroomError: a malformed entry; a member out of range, without named features, or without that feature
       (naming the ones it has); a kind its feature cannot take.
   """
-  found = []
+  found, member_features = [], {}
   for name, kind, member in parse_features(text):
     if member is not None and member >= len(teachers):
       raise StillroomError(f"--features {name}@{member}: the ensemble has members 0..{len(teachers) - 1}.")
@@ -559,8 +557,10 @@ def _feature_specs(text: str, teachers: list[Teacher], input_shape: tuple[int, .
       if teacher.features_fn is None:
         raise StillroomError(f"--features: teacher {teacher.name!r} (member {m}) names no features (registry models "
                              "and NNX modules with a `features` method do).")
-      named = jax.eval_shape(teacher.features_fn, teacher.params,
-                             jax.ShapeDtypeStruct((2, *input_shape), jnp.float32))[1]
+      if m not in member_features:  # Traced once per member, whatever the number of its features asked for.
+        member_features[m] = jax.eval_shape(teacher.features_fn, teacher.params,
+                                            jax.ShapeDtypeStruct((2, *input_shape), jnp.float32))[1]
+      named = member_features[m]
       if name not in named:
         raise StillroomError(f"--features {name}: teacher {teacher.name!r} (member {m}) has features "
                              f"{', '.join(named) or 'none'}.")

@@ -31,8 +31,7 @@ def cache_info(path: str) -> dict:
   spec = cache.spec
   info = {"path": path, "complete": cache.complete, "completion": cache.completion, "rows": spec.num_rows,
           "bytes": storage.size(path), "spec": spec.to_attrs(),
-          "bytes_per_row": {name: int(np.prod(spec.array(name).shape[1:], dtype=np.int64))
-                            * np.dtype(spec.array(name).dtype).itemsize
+          "bytes_per_row": {name: spec.array(name).row_bytes
                             for name in spec.arrays_of(ROWS) if spec.array(name).role != "bookkeeping"}}
   if not cache.complete:
     return info
