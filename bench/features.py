@@ -151,8 +151,8 @@ def main() -> None:
     rows, chosen = result["test"], result["chosen"]
     names = ["scratch", "KD", *[f"KD + {m}" for m in chosen]]
     teacher = [100 * row["teacher"] for row in rows]
-    print(f"\n{regime}: test split, {args.seeds} paired seeds, teacher {paired_summary(teacher)}%; chosen on validation: "
-          f"{json.dumps(chosen)}")
+    print(f"\n{regime}: test split, {args.seeds} paired seeds, teacher {paired_summary(teacher)}%; chosen on "
+          f"validation: {json.dumps(chosen)}")
     print("| student (cnn-thin-deep) | test accuracy % | paired difference, pts | cache bytes per row | "
           "epoch time vs KD |")
     print("|---|---|---|---|---|")
