@@ -17,21 +17,12 @@ import jax
 import numpy as np
 
 from shared.errors import StillroomError
-from shared.settings import flag_of
+from shared.options import DEFAULT_HEARTBEAT_SECONDS
+from shared.settings import flag_of, names_where
 
-DEFAULT_HEARTBEAT_SECONDS = 60
 MESSAGE_CHARS = 1024  # Of a failing process's error, shared with the others.
 JOIN_SECONDS = 300  # JAX's default: processes of a cluster job may start minutes apart.
 AUTO = "auto"
-COORDINATOR_HELP = ("HOST:PORT of process 0's coordination service, for a job of several processes (with "
-                    "--num-processes and --process-id); 'auto': JAX detects the job (TPU pods, GKE, SLURM); under "
-                    "a multi-task `srun` the default")
-NUM_PROCESSES_HELP = "processes in the job (with --coordinator)"
-PROCESS_ID_HELP = "this process's index, 0..N-1 (with --coordinator); process 0 writes what the job shares"
-HEARTBEAT_HELP = "seconds after which the other processes of a job give up on one that stopped answering"
-# Settings that may differ between the processes of a job: who each is, what it shows, how many input workers it
-# runs, and where its host keeps the TFDS data.
-PER_PROCESS = ("process_id", "progress", "workers", "data_dir")
 
 
 def _on_a_cluster() -> bool:
@@ -151,7 +142,8 @@ def from_process_0(value):
 
 
 def check_same_settings(config) -> None:
-  """Refuses a job whose processes were started with different settings (all but `PER_PROCESS`): they would
+  """Refuses a job whose processes were started with different settings (all but those of scope "process": who each
+  is, what it shows, how many input workers it runs, where its host keeps the TFDS data): they would
   compute different things, or call collectives at different times.
 
   Raises:
@@ -159,7 +151,8 @@ def check_same_settings(config) -> None:
   """
   if jax.process_count() == 1:
     return
-  settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in PER_PROCESS}
+  per_process = names_where(config, scope="process")
+  settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in per_process}
   every = _gather(settings)
   for k, other in enumerate(every[1:], start=1):
     differing = [name for name in sorted(other) if other[name] != every[0].get(name)]

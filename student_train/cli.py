@@ -9,7 +9,8 @@ import json
 from shared import distributed
 from shared.cli import add_models_command, print_models, run_or_exit
 from shared.settings import add_options, from_args
-from student_train.config import JOB, FitConfig
+from shared.options import EVAL, FIT, SWEEP
+from student_train.config import FitConfig
 from student_train.demo import add_demo_options, demo_config_from_args, run_demo
 from student_train.evaluate import EvalConfig, evaluate_runs
 from student_train.export import FORMATS, export_run
@@ -25,31 +26,11 @@ examples:
   student-train fit --model mlp-small --cache digits.zarr --alpha 0.1 --finetune-epochs 5 --out runs/student
   student-train eval runs/teacher0 runs/teacher1 --dataset digits --split test
   student-train export runs/student --out student.npz
-  student-train fit --model cnn-large --dataset digits --specialist plan.json:0 --init-from runs/teacher0 \
+  student-train fit --model cnn-large --dataset digits --specialist plan.json:0 --init-from runs/teacher0 \\
       --out runs/specialist0
   student-train fit --model cnn-small --dataset imagefolder:shapes/train --eval-dataset imagefolder:shapes/test \\
       --image-size 32 --augment --flip --out runs/shapes_teacher0
 """
-
-# The fit options, grouped for --help.
-_FIT_GROUPS = {
-    "data (give --dataset, or --cache to distill)": (
-        "dataset", "split", "data_dir", "cache", "label_fraction", "folds", "holdout_fold", "augment", "max_shift",
-        "flip", "image_size", "crop_area", "crop_aspect", "eval_dataset", "eval_split", "shuffle_window", "workers"),
-    "distillation (with --cache)": ("loss", "alpha", "temperature", "combine", "members", "finetune_epochs"),
-    "feature distillation (with a cache built with --features; see README, 'Feature-based distillation')": (
-        "hint", "hint_weight", "hint_epochs", "attention", "attention_weight", "similarity", "similarity_weight"),
-    "optimisation": ("epochs", "batch_size", "optimizer", "schedule", "warmup_epochs", "lr", "finetune_lr",
-                     "weight_decay", "momentum", "dropout", "seed", "data_seed"),
-    "specialists (Hinton et al. 2015, section 5; see `teacher-cache specialists`)": ("specialist", "init_from",
-                                                                                      "enrich"),
-    "run": ("model", "out", "checkpoint_every", "checkpoint_every_steps", "overwrite", "progress"),
-    "a job of several processes (see README, 'On a cluster')": JOB,
-}
-# Fit options a sweep does not take: its own --out and --cache, per-point seeds, and hard-label-only settings.
-_NOT_IN_SWEEP = ("out", "cache", "seed", "overwrite", "folds", "holdout_fold", "augment", "max_shift", "flip",
-                 "image_size", "crop_area", "crop_aspect", "specialist", "init_from", "enrich", *JOB)
-
 
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="student-train", description=_DESCRIPTION,
@@ -57,13 +38,12 @@ def _parser() -> argparse.ArgumentParser:
   commands = parser.add_subparsers(dest="command", required=True)
   fit_parser = commands.add_parser("fit", allow_abbrev=False, help="train (or resume) a run",
                                    description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-  for title, names in _FIT_GROUPS.items():
-    add_options(fit_parser.add_argument_group(title), FitConfig, names, required=("out",))
+  add_options(fit_parser, FitConfig, FIT, required=("out",))
 
   eval_parser = commands.add_parser("eval", allow_abbrev=False,
                                     help="evaluate a run, or several runs as an ensemble")
   eval_parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run dirs written by `student-train fit`")
-  add_options(eval_parser, EvalConfig)
+  add_options(eval_parser, EvalConfig, EVAL)
   eval_parser.add_argument("--json", action="store_true", help="print one JSON object")
 
   export = commands.add_parser(
@@ -98,8 +78,7 @@ def _parser() -> argparse.ArgumentParser:
   sweep.add_argument("--separate", dest="together", action="store_false",
                      help="train every run on its own instead of several students per vmapped step")
   sweep.add_argument("-v", "--verbose", action="store_true", help="log every run's every epoch")
-  add_options(sweep.add_argument_group("run settings (fit's options)"), FitConfig,
-              [name for names in _FIT_GROUPS.values() for name in names if name not in _NOT_IN_SWEEP])
+  add_options(sweep, FitConfig, SWEEP)
   report_parser = commands.add_parser("report", allow_abbrev=False,
                                       help="table (Markdown, CSV) and plots of a sweep")
   report_parser.add_argument("sweep_dir", metavar="SWEEP_DIR", help="the --out of `student-train sweep`")

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+from typing import ClassVar
 
 import numpy as np
 from tqdm import tqdm
@@ -23,7 +24,8 @@ from shared.cache import open_cache
 from shared.data import open_transfer_set
 from shared.errors import StillroomError
 from shared.cache import validate_settings
-from shared.settings import add_options, flag_of, from_args, positive_finite, setting, workers_check
+from shared.options import DEMO, DEMO_STAGES, DatasetSettings, resolve_dataset
+from shared.settings import add_options, at_least, check_values, from_args, positive_finite, setting, workers_check
 from student_train.config import FitConfig, validate_config
 from student_train.train import fit_group
 from teacher_cache.build import BuildConfig, build_cache
@@ -33,7 +35,7 @@ AUTO = "auto"  # Teacher model and views chosen from the data: see `DemoConfig`.
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DemoConfig:
+class DemoConfig(DatasetSettings):
   """Settings of the demo pipeline. Defaults: the recipe chosen on a validation slice (see the README).
 
   The recipe is "patient and consistent" distillation (Beyer et al. 2022): many cached views per example, each
@@ -45,68 +47,68 @@ class DemoConfig:
   and 16 views for images, `mlp-large` and 1 view for flat vectors.
   """
 
-  dataset: str = setting("digits", "'digits', 'npz:PATH', 'imagefolder:DIR' or a prepared TFDS name")
-  train_split: str = setting("train", "transfer set: teachers train on it, caches cover it")
-  test_split: str = setting("test", "split every model is evaluated on (the caches store the teachers' logits on it)")
+  COMMANDS: ClassVar[tuple[str, ...]] = (DEMO,)
+
+  train_split: str = setting("train", "transfer set: teachers train on it, caches cover it", group="data")
+  test_split: str = setting("test", "split every model is evaluated on (the caches store the teachers' logits on it)",
+                            group="data")
   eval_dataset: str | None = setting(None, "the dataset of --test-split (default: --dataset), e.g. "
-                                           "'imagefolder:DIR' of held-out images")
+                                           "'imagefolder:DIR' of held-out images", group="data")
   image_size: int | None = setting(None, "natural images: teachers train on random-resized crops at SxS and the "
                                          "caches hold crop views (see `teacher-cache build --image-size`)",
-                                   metavar="S")
+                                   metavar="S", group="views")
   shapes: bool = setting(False, "the natural-image demo: write the shapes image set (scripts/make_shapes.py) into "
                                 "--work-dir/shapes/data, and compare crop soft labels with hard labels for the same "
                                 "student and epochs; results in --results-dir/shapes (a preset that sets the stage "
                                 "settings: image size 32, cnn-small teachers on random-resized crops, 4 crop views, "
-                                "mlp-small students for 30 epochs, no cross-fitting or fraction arms)")
-  data_dir: str | None = setting(None, "TFDS data dir")
-  work_dir: str = setting("demo", "runs and caches; a rerun reuses finished runs")
-  results_dir: str = setting("results", "where demo.md, demo.json and demo.png go")
-  teachers: int = setting(3, "ensemble size M")
-  seeds: int = setting(5, "paired student seeds per arm")
-  folds: int = setting(3, "cross-fitting folds K (K x M extra teacher runs); 1 skips the cross-fitted arms")
+                                "mlp-small students for 30 epochs, no cross-fitting or fraction arms)", group="data")
+  work_dir: str = setting("demo", "runs and caches; a rerun reuses finished runs", group="run")
+  results_dir: str = setting("results", "where demo.md, demo.json and demo.png go", group="run")
+  teachers: int = setting(3, "ensemble size M", group="teachers", check=at_least(1))
+  seeds: int = setting(5, "paired student seeds per arm", group="run", check=at_least(1))
+  folds: int = setting(3, "cross-fitting folds K (K x M extra teacher runs); 1 skips the cross-fitted arms",
+                       group="teachers", check=at_least(1))
   label_fraction: float = setting(0.1, "fraction of the examples for the hard vs soft regularizer arms; 1 skips "
-                                       "them")
-  fraction_epochs: int = setting(250, "epochs of the fraction arms (each epoch holds only the fraction's rows)")
-  fraction_temperature: float = setting(8.0, "T of the soft-only fraction arms (alpha 0, no fine-tuning)")
+                                       "them", group="distillation",
+                                  check=lambda v: 0 < v <= 1 or "must be in (0, 1]")
+  fraction_epochs: int = setting(250, "epochs of the fraction arms (each epoch holds only the fraction's rows)",
+                                 group="distillation", check=at_least(1))
+  fraction_temperature: float = setting(8.0, "T of the soft-only fraction arms (alpha 0, no fine-tuning)",
+                                        group="distillation", check=positive_finite)
   teacher: FitConfig = setting(FitConfig(model=AUTO, epochs=30, dropout=0.2, batch_size=128), "teacher runs",
-                               cli=False)
+                               commands=(), given_by="--teacher-")  # The fields declared for `demo.teacher`.
   build: BuildConfig = setting(BuildConfig(temperature=4.0, views=0, max_shift=1, progress=False), "the caches",
-                               cli=False)
+                               commands=(), given_by="--build-")
   student: FitConfig = setting(
       # Tiny epochs: checkpointing every epoch would dominate the run time.
       FitConfig(model="mlp-small", alpha=0.1, epochs=100, finetune_epochs=5, batch_size=512, lr=1e-2,
                 checkpoint_every=25),
-      "full-data students (scratch ones use alpha=1; T is the cache's)", cli=False)
+      "full-data students (scratch ones use alpha=1; T is the cache's)", commands=(), given_by="--student-")
 
 
-# The stage settings `student-train demo` offers, as --teacher-*, --build-* and --student-* options.
-STAGE_OPTIONS = {
-    "teacher": (FitConfig, ("model", "epochs", "dropout", "batch_size", "lr", "workers")),
-    "build": (BuildConfig, ("temperature", "views", "max_shift", "flip", "crop_area", "crop_aspect", "seed",
-                            "workers")),
-    "student": (FitConfig, ("model", "alpha", "epochs", "finetune_epochs", "batch_size", "lr", "checkpoint_every",
-                            "shuffle_window", "workers")),
-}
+# The stage settings `student-train demo` offers, as --teacher-*, --build-* and --student-* options: the fields
+# of each stage's config declared for its command (`shared.options.DEMO_STAGES`).
+STAGES = {"teacher": FitConfig, "build": BuildConfig, "student": FitConfig}
 
 
 def add_demo_options(parser: argparse.ArgumentParser) -> None:
   """The demo's own settings, then each stage's, with the demo's defaults."""
-  add_options(parser, DemoConfig)
+  add_options(parser, DemoConfig, DEMO)
   parser.add_argument("-v", "--verbose", action="store_true", help="log every run's every epoch")
   defaults = DemoConfig()
   notes = {"teacher": f"--teacher-model {AUTO}: cnn-large for images, mlp-large for flat vectors",
            "build": "--build-views 0: 16 views for images, 1 for flat vectors",
            "student": "scratch students use alpha 1; T is the cache's"}
-  for stage, (cls, names) in STAGE_OPTIONS.items():
-    add_options(parser.add_argument_group(f"{stage} settings", notes[stage]), cls, names, prefix=f"{stage}_",
-                defaults=getattr(defaults, stage))
+  for stage, cls in STAGES.items():
+    add_options(parser.add_argument_group(f"{stage} settings", notes[stage]), cls, DEMO_STAGES[stage],
+                prefix=f"{stage}_", defaults=getattr(defaults, stage), grouped=False)
 
 
 def demo_config_from_args(args: argparse.Namespace) -> tuple["DemoConfig", bool]:
   """The `DemoConfig` of a parsed `student-train demo` command line, and whether it asked for -v."""
   defaults = DemoConfig()
   stages = {stage: from_args(cls, args, prefix=f"{stage}_", base=getattr(defaults, stage))
-            for stage, (cls, _) in STAGE_OPTIONS.items()}
+            for stage, cls in STAGES.items()}
   return from_args(DemoConfig, args, **stages), args.verbose
 
 
@@ -147,17 +149,6 @@ class _StageBar:
     return time.perf_counter() - self.started
 
 
-# The demo's own settings' checks (the stage settings are checked as `fit` and `build` check them).
-DEMO_CHECKS = {
-    "teachers": lambda v: v >= 1 or "must be >= 1",
-    "seeds": lambda v: v >= 1 or "must be >= 1",
-    "folds": lambda v: v >= 1 or "must be >= 1",
-    "label_fraction": lambda v: 0 < v <= 1 or "must be in (0, 1]",
-    "fraction_epochs": lambda v: v >= 1 or "must be >= 1",
-    "fraction_temperature": positive_finite,
-}
-
-
 def validate_demo(config: DemoConfig) -> None:
   """Checks every setting of every stage before the first one runs (a bad student setting must not surface after
   minutes of teacher training).
@@ -165,10 +156,7 @@ def validate_demo(config: DemoConfig) -> None:
   Raises:
     StillroomError: naming the option as `student-train demo` spells it.
   """
-  for name, check in DEMO_CHECKS.items():
-    verdict = check(getattr(config, name))
-    if verdict is not True:
-      raise StillroomError(f"{flag_of(name)} {verdict}, got {getattr(config, name)}.")
+  check_values(config)  # The demo's own settings; the stages' are checked as `fit` and `build` check them.
   placeholder = {"out": "placeholder"}
   validate_config(dataclasses.replace(config.teacher, model="mlp-small" if config.teacher.model == AUTO
                                       else config.teacher.model, dataset=config.dataset, **placeholder), "teacher_")
@@ -191,6 +179,7 @@ def run_demo(config: DemoConfig, verbose: bool = False) -> dict:
     verbose: log every run's every epoch (always in each run's metrics.jsonl); otherwise one bar per stage.
   """
   distributed.one_process_only("student-train demo")
+  config = dataclasses.replace(config, dataset=resolve_dataset(config.dataset))
   if config.shapes:
     config = _shapes_preset(config)
   validate_demo(config)

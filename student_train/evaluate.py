@@ -5,6 +5,7 @@ the cache stores for that split (`teacher-cache build --eval-split`), never from
 """
 
 import dataclasses
+from typing import ClassVar
 from collections.abc import Iterator
 
 import jax
@@ -19,7 +20,8 @@ from shared.metrics import classification_metrics
 from shared.models import check_input_shape
 from shared.parallel import batch_sharding, process_rows
 from shared.runs import Teacher, load_run_teacher
-from shared.settings import setting
+from shared.options import EVAL, DatasetSettings, resolve_dataset
+from shared.settings import at_least, check_values, setting
 from shared.workers import BatchRenderer, resolve_workers
 from student_train.plan import RunPlan
 
@@ -102,15 +104,15 @@ def run_logits(run: Teacher, transfer_set: TransferSet, batch_size: int, what: s
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class EvalConfig:
-  """Settings of `student-train eval`."""
+class EvalConfig(DatasetSettings):
+  """Settings of `student-train eval` (and the dataset ones of `shared.options`)."""
 
-  runs: tuple[str, ...] = setting((), "run dirs to evaluate", cli=False)
-  dataset: str = setting("digits", "'digits', 'npz:PATH', 'imagefolder:DIR' or a prepared TFDS name")
-  split: str = setting("test", "the split to evaluate on")
-  data_dir: str | None = setting(None, "TFDS data dir")
-  combine: str = setting("arithmetic", "ensemble rule for several runs (at T=1)", choices=COMBINE_RULES)
-  batch_size: int = setting(256, "examples per forward pass")
+  COMMANDS: ClassVar[tuple[str, ...]] = (EVAL,)
+
+  runs: tuple[str, ...] = setting((), "run dirs to evaluate", commands=(), given_by="RUN_DIR")
+  split: str = setting("test", "the split to evaluate on", group="data")
+  combine: str = setting("arithmetic", "ensemble rule for several runs (at T=1)", choices=COMBINE_RULES, group="run")
+  batch_size: int = setting(256, "examples per forward pass", group="run", check=at_least(1))
 
 
 def evaluate_runs(config: EvalConfig) -> dict:
@@ -119,11 +121,11 @@ def evaluate_runs(config: EvalConfig) -> dict:
   Returns:
     {"accuracy", "nll", "ece", "count", "runs", "combine", "dataset", "split", "members": per-run metrics}.
   """
-  if config.combine not in COMBINE_RULES:
-    raise StillroomError(f"unknown --combine {config.combine!r}; valid: {', '.join(COMBINE_RULES)}.")
-  transfer_set = open_transfer_set(config.dataset, config.split, config.data_dir)
+  check_values(config)
+  dataset = resolve_dataset(config.dataset)
+  transfer_set = open_transfer_set(dataset, config.split, config.data_dir)
   if not transfer_set.labeled:
-    raise StillroomError(f"{config.dataset!r} {config.split!r} is unlabeled; evaluation needs labels.")
+    raise StillroomError(f"{dataset!r} {config.split!r} is unlabeled; evaluation needs labels.")
   member_logits, members = [], []
   for run_dir in config.runs:
     run = load_run_teacher(run_dir)
@@ -134,7 +136,7 @@ def evaluate_runs(config: EvalConfig) -> dict:
     logits = run_logits(run, transfer_set, config.batch_size, f"run {run_dir!r}")
     outside = transfer_set.labels >= logits.shape[-1]
     if outside.any():
-      raise StillroomError(f"{config.dataset!r} {config.split!r} example index "
+      raise StillroomError(f"{dataset!r} {config.split!r} example index "
                            f"{int(transfer_set.indices[np.argmax(outside)])} has label "
                            f"{int(transfer_set.labels[np.argmax(outside)])}, but run {run_dir!r} has "
                            f"{logits.shape[-1]} classes.")
@@ -146,4 +148,4 @@ def evaluate_runs(config: EvalConfig) -> dict:
         np.asarray(jax.nn.log_softmax(logits, axis=-1)), transfer_set.labels)})
   log_probs = np.asarray(combine_log_probs(np.stack(member_logits, axis=1), 1.0, config.combine))  # [N, C]
   return {**classification_metrics(log_probs, transfer_set.labels), "runs": list(config.runs),
-          "combine": config.combine, "dataset": config.dataset, "split": config.split, "members": members}
+          "combine": config.combine, "dataset": dataset, "split": config.split, "members": members}

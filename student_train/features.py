@@ -111,7 +111,7 @@ def plan_feature_terms(pairs: dict[str, tuple[str, ...]], spec: CacheSpec, membe
         wanted = f"{name}:{kind or USABLE_KINDS[loss][0]}" + (f"@{member}" if member is not None else "")
         raise StillroomError(f"{option} {text}: the cache stores no {name}{':' + kind if kind else ''} of member(s) "
                              f"{list(chosen)} that the {loss} loss can use ({', '.join(USABLE_KINDS[loss])}); it "
-                             f"stores {stored}. Build it with --features {wanted}.")
+                             f"stores {stored}. Build it with `teacher-cache build --features {wanted}`.")
       kind = kinds[0]
       if kind not in USABLE_KINDS[loss]:
         raise StillroomError(f"{option} {text}: a {loss} loss takes a teacher's {' or '.join(USABLE_KINDS[loss])}, "

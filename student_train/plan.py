@@ -26,8 +26,10 @@ from shared.models import MODELS, ModelSpec, build_model, check_input_shape, fea
 from shared.runs import load_run_teacher
 from shared.specialists import (SpecialistPlan, dustbin_correction, dustbin_labels, initial_params,
                                 parse_specialist)
-from student_train.config import (DEFAULT_KD_ALPHA, FEATURE_OPTIONS, GROUP_VARYING, JOB, NOT_IDENTITY, FitConfig,
-                                  validate_config)
+from shared.options import DEFAULT_SPLIT, resolve_dataset
+from shared.runs import SpecialistRecord
+from shared.settings import names_where
+from student_train.config import DEFAULT_KD_ALPHA, FEATURE_OPTIONS, FitConfig, validate_config
 from student_train.features import FeatureTerm, plan_feature_terms
 
 
@@ -72,6 +74,9 @@ class RunPlan:
     sampler: epoch -> the example indices of that epoch (a specialist's enriched sampling), or None for every
       example once.
     feature_terms: its feature losses (`--hint/--attention/--similarity`), resolved.
+    specialist: a specialist's classes, in its outputs' order (the dustbin last), and the log-odds added to its
+      dustbin logit to undo --enrich; None for other runs.
+    init_digest: the parameter digest of the --init-from run (part of the run's identity: a resume checks it).
   """
 
   config: FitConfig
@@ -86,12 +91,15 @@ class RunPlan:
   initial_params: dict | None = None
   sampler: Callable[[int], np.ndarray] | None = None
   feature_terms: tuple[FeatureTerm, ...] = ()
+  specialist: SpecialistRecord | None = None
+  init_digest: str | None = None
 
   def record(self) -> dict:
     """The resolved config written to config.json (and compared on resume)."""
     crops = () if self.config.image_size is not None else ("crop_area", "crop_aspect")  # Unused: as 0.2 wrote it.
     return {
-        "config": {k: v for k, v in dataclasses.asdict(self.config).items() if k not in NOT_IDENTITY + crops},
+        "config": {**{k: v for k, v in dataclasses.asdict(self.config).items()
+                      if k not in names_where(FitConfig, identity=False) + crops}, **self.resolved_values()},
         "model": self.model_spec.to_dict(),
         "normalization": self.normalization.to_dict(),
         "dataset": self.transfer_set.describe().to_dict(),
@@ -103,6 +111,14 @@ class RunPlan:
         "examples": None if self.examples is None else len(self.examples),
     }
 
+  def resolved_values(self) -> dict:
+    """What the run resolved from other runs and the data that is part of its identity, recorded beside its config
+    (as settings were, so that older run dirs still resume): `RESOLVED` names them."""
+    specialist = self.specialist
+    return {"specialist_classes": None if specialist is None else specialist.classes,
+            "dustbin_correction": None if specialist is None else specialist.dustbin_correction,
+            "init_digest": self.init_digest}
+
   def input_paths(self) -> list[str]:
     """The files and directories the run reads: its cache, npz datasets, the data dir."""
     paths = [self.cache.path] if self.cache is not None else []
@@ -113,7 +129,9 @@ class RunPlan:
 
   def stream_key(self) -> dict:
     """The settings that decide the batches a run sees: runs with equal keys can train together."""
-    per_run = GROUP_VARYING + JOB + ("overwrite", "progress", "workers")
+    # Per student (they train together), per process (they do not change the batches), and the job's own.
+    per_run = (names_where(FitConfig, scope="student") + names_where(FitConfig, scope="process")
+               + names_where(FitConfig, group="job") + ("overwrite",))
     shared = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in per_run}
     # The feature terms too: a run's attention or similarity averages its own members' features.
     return {**shared, "cache": None if self.cache is None else storage.absolute(self.cache.path),
@@ -140,6 +158,8 @@ class RunPlan:
     return self.teaching.fields(self.cache.spec) + tuple(a for term in self.feature_terms for a in term.teacher)
 
 
+# The values `RunPlan.resolved_values` records, none before they existed.
+RESOLVED = ("specialist_classes", "dustbin_correction", "init_digest")
 ENRICH_STREAM = 0x5BEC  # Folded into a specialist's epoch seeds, apart from the batch order's.
 
 
@@ -186,8 +206,8 @@ def _plan_teaching(config: FitConfig, cache: Cache) -> tuple[Teaching, dict]:
       raise StillroomError(f"cache {config.cache!r} holds {spec.targets} targets (T={spec.temperature:g}, "
                            f"{spec.combine} mean of all {spec.num_members} members, for the KL loss) and no member "
                            f"logits, so it cannot serve {asked}: drop those flags, or rebuild it with "
-                           "--member-logits (students whose settings differ from the cache's then learn dense "
-                           "targets re-derived from them).")
+                           "`teacher-cache build --member-logits` (students whose settings differ from the cache's "
+                           "then learn dense targets re-derived from them).")
     cache.require(teaching.fields(spec), reason)
   return teaching, {"alpha": alpha, "temperature": temperature, "combine": combine, "members": members}
 
@@ -230,7 +250,7 @@ def plan_run(config: FitConfig, opened: Opened | None = None) -> RunPlan:
     cache = opened.cache(config.cache)
     recorded = cache.spec.dataset
     dataset = config.dataset or recorded.name
-    split = config.split or (recorded.split if not config.dataset else "train")
+    split = config.split or (recorded.split if not config.dataset else DEFAULT_SPLIT)
     try:
       transfer_set = opened.transfer_set(dataset, split, config.data_dir)
     except StillroomError as e:
@@ -249,16 +269,14 @@ def plan_run(config: FitConfig, opened: Opened | None = None) -> RunPlan:
     resolved.update(dataset=dataset, split=split, **values)
     num_classes = cache.spec.num_classes
   else:
-    if not config.dataset:
-      raise StillroomError("give --dataset (hard-label training) or --cache (distillation).")
     if config.alpha not in (None, 1.0):
       raise StillroomError(f"--alpha {config.alpha} mixes in soft targets, which need --cache.")
-    split = config.split or "train"
-    transfer_set = opened.transfer_set(config.dataset, split, config.data_dir)
+    dataset, split = resolve_dataset(config.dataset), config.split or DEFAULT_SPLIT
+    transfer_set = opened.transfer_set(dataset, split, config.data_dir)
     if not transfer_set.labeled:
-      raise StillroomError(f"{config.dataset!r} {split!r} is unlabeled; hard-label training needs labels.")
+      raise StillroomError(f"{dataset!r} {split!r} is unlabeled; hard-label training needs labels.")
     num_classes = transfer_set.num_classes
-    resolved.update(alpha=1.0, split=split)
+    resolved.update(alpha=1.0, dataset=dataset, split=split)
     if config.specialist:
       subset = _specialist_classes(config.specialist, transfer_set)
       transfer_set = transfer_set.relabeled(dustbin_labels(np.arange(num_classes), subset, num_classes),
@@ -316,12 +334,12 @@ def plan_run(config: FitConfig, opened: Opened | None = None) -> RunPlan:
            "sampled less often than in the data, not more.")
     sampler = enriched_sampler(pool, inside, count, config.data_seed)
     # The correction for the share drawn (count of N), which `--enrich` gives up to rounding.
-    config = dataclasses.replace(config, specialist_classes=tuple(subset),
-                                 dustbin_correction=dustbin_correction(natural, count / len(pool)))
-  initial = None
+    correction = dustbin_correction(natural, count / len(pool))
+  initial = init_digest = None
   if config.init_from:
-    initial, digest = _initial_params(config, model_spec, nnx.to_pure_dict(nnx.state(abstract, nnx.Param)), subset)
-    config = dataclasses.replace(config, init_digest=digest)  # Part of the run's identity: a resume checks it.
+    initial, init_digest = _initial_params(config, model_spec, nnx.to_pure_dict(nnx.state(abstract, nnx.Param)),
+                                           subset)
+  specialist = None if subset is None else SpecialistRecord(tuple(subset), correction, init_digest)
   rows = (len(transfer_set) if examples is None else len(examples)) * (cache.spec.views if cache else 1)
   batch_size = cap_batch(config.batch_size, rows, jax.device_count())  # Training uses every device of the job.
   if batch_size < config.batch_size:
@@ -334,7 +352,8 @@ def plan_run(config: FitConfig, opened: Opened | None = None) -> RunPlan:
     check_eval_set(eval_set, transfer_set, augmentation, num_classes)
   return RunPlan(config=config, transfer_set=transfer_set, cache=cache, teaching=teaching, model_spec=model_spec,
                  normalization=transfer_set.normalization, examples=examples, eval_set=eval_set,
-                 augmentation=augmentation, initial_params=initial, sampler=sampler, feature_terms=terms)
+                 augmentation=augmentation, initial_params=initial, sampler=sampler, feature_terms=terms,
+                 specialist=specialist, init_digest=init_digest)
 
 
 def _specialist_classes(specialist: str, transfer_set: TransferSet) -> tuple[int, ...]:

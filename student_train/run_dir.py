@@ -17,7 +17,6 @@ checkpointing): every process must call those in the same order.
 """
 
 import contextlib
-import dataclasses
 import functools
 import json
 import logging
@@ -33,11 +32,12 @@ from shared import __version__, storage
 from shared.distributed import is_first
 from shared.errors import StillroomError
 from shared.outputs import RUN_DIR, clear_for_overwrite
-from shared.runs import CONFIG_FILE, PARAMS_ITEM, CrossFit, RunRecord, SpecialistRecord, checkpoint_manager
+from shared.runs import CONFIG_FILE, PARAMS_ITEM, CrossFit, RunRecord, checkpoint_manager
 from shared.settings import differences as settings_differences
-from student_train.config import ADDED_SETTINGS, FitConfig
+from shared.settings import declared, names_where
+from student_train.config import FitConfig
 from student_train.features import student_of
-from student_train.plan import RunPlan
+from student_train.plan import RESOLVED, RunPlan
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR, TENSORBOARD_FILE = "tensorboard", "events.out.tfevents.stillroom"
@@ -92,10 +92,8 @@ def prepare_run_dir(plan: RunPlan, joining: bool = False) -> bool:
   storage.make_dirs(out)
   config = plan.config
   cross_fit = CrossFit(folds=config.folds, holdout_fold=config.holdout_fold) if config.folds > 1 else None
-  specialist = None if config.specialist_classes is None else SpecialistRecord(
-      config.specialist_classes, config.dustbin_correction, config.init_digest)
   run_record = RunRecord(model=plan.model_spec, normalization=plan.normalization, cross_fit=cross_fit,
-                         image_size=plan.augmentation.image_size, specialist=specialist)
+                         image_size=plan.augmentation.image_size, specialist=plan.specialist)
   where = {"out": storage.absolute(out), "cache": None if plan.cache is None else storage.absolute(plan.cache.path)}
   _write_json(path, {**run_record.to_json(), "resolved": record, "paths": where, "software_version": __version__})
   return False
@@ -116,15 +114,13 @@ def _as_recorded_by_version_1(stored: dict, wanted: dict, plan: RunPlan) -> dict
 
 
 def _without_added_defaults(stored: dict, wanted: dict) -> dict:
-  """A run dir recorded before a setting existed (`ADDED_SETTINGS`) ran with its default: the record to compare
-  leaves out such settings where the command keeps the default."""
+  """A run dir recorded before a setting existed (declared `added`, or a resolved value) ran with its default: the
+  record to compare leaves out such settings where the command keeps the default."""
   recorded = stored.get("config", {})
-  config = {k: v for k, v in wanted.get("config", {}).items()
-            if k in recorded or k not in ADDED_SETTINGS or v != _DEFAULTS[k]}
+  added = {**{name: declared(FitConfig)[name].default for name in names_where(FitConfig, added=True)},
+           **dict.fromkeys(RESOLVED)}
+  config = {k: v for k, v in wanted.get("config", {}).items() if k in recorded or k not in added or v != added[k]}
   return {**wanted, "config": config}
-
-
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(FitConfig)}
 
 
 def _write_json(path: str, value) -> None:

@@ -26,18 +26,16 @@ from shared import distributed, storage
 from shared.cache import open_cache
 from shared.errors import StillroomError
 from shared.outputs import check_not_an_input
-from shared.settings import value_type
-from student_train.config import FitConfig, check_value
+from shared.settings import check_value, names_where, value_type
+from student_train.config import FitConfig
 from student_train.plan import Opened, RunPlan, plan_run
 from shared.runs import CONFIG_FILE
 from student_train.run_dir import is_finished, read_final
 from student_train.train import DIVERGED_ADVICE, Diverged, fit_group
 from teacher_cache.info import eval_accuracies
 
-# The fit settings a grid may vary; each axis takes the setting's type and check from `FitConfig`.
-AXES = ("temperature", "alpha", "loss", "combine", "members", "model", "label_fraction", "epochs", "optimizer",
-        "schedule", "warmup_epochs", "lr", "weight_decay", "momentum", "hint_weight", "attention_weight",
-        "similarity_weight", "hint_epochs")
+# The fit settings a grid may vary (declared `axis`); each takes the setting's type and check from `FitConfig`.
+AXES = names_where(FitConfig, axis=True)
 MANIFEST = "sweep.json"
 
 
@@ -57,7 +55,7 @@ def _check_axis_value(name: str, value) -> None:
     kind_name = kind.__name__
   if not ok_type:
     raise StillroomError(f"grid axis {name!r}: value {value!r} is not a {kind_name}.")
-  problem = check_value(name, value)
+  problem = check_value(FitConfig, name, value)
   if problem:
     raise StillroomError(f"grid axis {name!r}: value {value!r} {problem}.")
 
@@ -240,7 +238,7 @@ def _ensemble_accuracy(cache_path: str, eval_config: dict | None) -> float | Non
 
 
 # Settings a hard-label run (alpha = 1) ignores.
-_SOFT_ONLY_AXES = ("alpha", "temperature", "combine", "members", "loss")
+_SOFT_ONLY_AXES = names_where(FitConfig, soft=True)
 
 
 def _hard_label_key(point: dict) -> str:

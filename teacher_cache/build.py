@@ -16,6 +16,7 @@ import queue
 import sys
 import threading
 import time
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,7 @@ import zarr
 from tqdm import tqdm
 
 from shared import __version__, distributed, storage
-from shared.augment import DEFAULT_CROP_AREA, DEFAULT_CROP_ASPECT, Augmentation, fold_of, make_augmentation
+from shared.augment import Augmentation, fold_of, make_augmentation
 from shared.cache import (COMPLETE_KEY, EVAL_ROWS, FEATURE_DTYPE, FEATURE_KINDS, ROWS, SPEC_KEY, STORAGE_DTYPES, Cache,
                           CacheSpec, FeatureSpec, MemberSpec, SpecialistSpec, parse_features, committed_name,
                           create_arrays, gather, integrity_problems, missing_chunks, now_iso, open_cache,
@@ -32,8 +33,6 @@ from shared.cache import (COMPLETE_KEY, EVAL_ROWS, FEATURE_DTYPE, FEATURE_KINDS,
                           required_schema_version)
 from shared.data import (NO_EVAL, Normalization, TransferSet, check_eval_set, default_eval_split, local_path,
                          open_transfer_set)
-from shared.distributed import (COORDINATOR_HELP, DEFAULT_HEARTBEAT_SECONDS, HEARTBEAT_HELP, NUM_PROCESSES_HELP,
-                                PROCESS_ID_HELP)
 from shared.ensemble import COMBINE_RULES, combine_log_probs, sampled_targets, top_k_targets
 from shared.errors import StillroomError, raise_if_interrupted
 from shared.losses import stored_feature
@@ -41,71 +40,64 @@ from shared.models import check_input_shape
 from shared.outputs import STORE, OutputLock, check_not_an_input, check_output, clear_for_overwrite, storage_errors
 from shared.parallel import batch_sharding, cap_batch, check_batch_size, data_mesh, pad_rows, replicated
 from shared.runs import Teacher, load_teacher
-from shared.settings import WORKERS_HELP, setting, workers_check
+from shared.options import (BUILD, DEFAULT_SPLIT, DEMO_BUILD, IMPORT, VIEWS, DataSettings, JobSettings,
+                            OutputSettings, ViewSettings, resolve_dataset)
+from shared.settings import setting, workers_check
 from shared.specialists import SpecialistPlan, class_matrix, specialist_log_probs
 from shared.workers import BatchRenderer, resolve_workers
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class BuildConfig:
-  """Settings of `teacher-cache build` (the CLI's options, defaults and help come from here)."""
+class BuildConfig(DataSettings, ViewSettings, JobSettings, OutputSettings):
+  """Settings of `teacher-cache build`, and of `views` and `import` where they offer them (the CLI's options, defaults
+  and help come from here; the data, view, job and output settings are the shared ones of `shared.options`)."""
 
-  dataset: str = setting("digits", "'digits', 'npz:PATH', 'imagefolder:DIR' or a TFDS dataset prepared in "
-                                   "--data-dir")
-  split: str = setting("train", "transfer set: a TFDS split spec of one split, e.g. 'train' or 'train[:80%]'")
-  data_dir: str | None = setting(None, "TFDS data dir (default: TFDS's own, ~/tensorflow_datasets)")
-  eval_dataset: str | None = setting(None, "the dataset of --eval-split (default: --dataset), e.g. "
-                                           "'imagefolder:DIR' of held-out images")
-  eval_split: str | None = setting(
-      None, "also store each member's logits on this split, so that students report their agreement with the "
-            f"ensemble without running the teachers again; '{NO_EVAL}' stores none (default: 'test' if the "
-            "dataset has it; with --eval-dataset, 'train' of an npz: or imagefolder: dataset, 'test' of a TFDS one)")
-  teachers: tuple[str, ...] = setting((), "ensemble members", cli=False)
+  COMMANDS: ClassVar[tuple[str, ...]] = (BUILD,)  # Who offers a field that names no commands.
+
+  teachers: tuple[str, ...] = setting((), "ensemble members", commands=(), given_by="--teacher")
   combine: str = setting("arithmetic", "ensemble rule: arithmetic mean of member distributions or normalised "
-                                       "geometric mean", choices=COMBINE_RULES)
-  temperature: float = setting(4.0, "softmax temperature T > 0 of the stored targets")
+                                       "geometric mean", choices=COMBINE_RULES, group="teachers",
+                         commands=(BUILD, IMPORT))
+  temperature: float = setting(4.0, "softmax temperature T > 0 of the stored targets", group="teachers",
+                               commands=(BUILD, IMPORT, DEMO_BUILD))
   targets: str = setting("dense", "what to store of the ensemble distribution at T: 'dense' (every class), "
                                   "'topk:K' (its K most probable classes and the others' total mass), or 'sample:K' "
                                   "(K classes drawn from it per row, as ids and counts: an unbiased estimate)",
-                         metavar="dense|topk:K|sample:K")
+                         metavar="dense|topk:K|sample:K", group="teachers", commands=(BUILD, IMPORT))
   member_logits: bool = setting(False, "sparse targets: also store each member's logits, which students need to "
-                                       "re-derive targets at another T, rule or member subset, or for --loss mse "
-                                       "(dense caches always store them)")
-  specialist_plan: str | None = setting(None, "the plan of the specialists (`teacher-cache specialists`)", cli=False)
-  specialist_runs: tuple[str, ...] = setting((), "specialist run dirs (`student-train fit --specialist`)", cli=False)
+                                       "re-derive targets at another T, rule or member subset, or for `student-train "
+                                       "fit --loss mse` (dense caches always store them)", group="teachers",
+                                commands=(BUILD, IMPORT))
+  specialist_plan: str | None = setting(None, "the plan of the specialists (`teacher-cache specialists`)",
+                                        commands=(), given_by="--specialists")
+  specialist_runs: tuple[str, ...] = setting((), "specialist run dirs (`student-train fit --specialist`)",
+                                             commands=(), given_by="--specialists")
   top_n: int = setting(2, "with --specialists: a specialist takes part in a row's targets when one of its classes is "
-                          "among the generalist's N most probable", metavar="N")
+                          "among the generalist's N most probable", metavar="N", group="teachers")
   features: str | None = setting(
       None, "also store named intermediate features of the members for feature-based distillation (`student-train "
             "fit --hint/--attention/--similarity`): KIND 'map' (the whole feature, the default), 'attention' (its "
             "normalised H×W attention map) or 'pooled' (averaged over H×W); @MEMBER: that member's only (default: "
             "every member's). `teacher-cache models` lists each model's features; `info` their bytes per row",
-      metavar="NAME[:KIND][@MEMBER],...")
-  views: int = setting(1, "views per example, view 0 un-augmented; 1 = no augmentation")
-  seed: int = setting(0, "seed of the views and of the order in which examples are stored")
-  max_shift: int = setting(1, "shift views: largest zero-filled shift of a view, in pixels")
-  flip: bool = setting(False, "random horizontal flips in views (wrong for digits and text)")
-  image_size: int | None = setting(None, "crop views rendered at SxS: view 0 the centre crop, views 1.. "
-                                         "random-resized crops; needed for images of varying size (default: "
-                                         "shift views of the stored images)", metavar="S")
-  crop_area: tuple[float, ...] = setting(DEFAULT_CROP_AREA, "crop views: min,max area of a random crop, as "
-                                                              "fractions of the image", metavar="MIN,MAX")
-  crop_aspect: tuple[float, ...] = setting(DEFAULT_CROP_ASPECT, "crop views: min,max width/height of a random crop",
-                                           metavar="MIN,MAX")
+      metavar="NAME[:KIND][@MEMBER],...", group="teachers")
+  views: int = setting(1, "views per example, view 0 un-augmented; 1 = no augmentation", group="views",
+                       commands=(BUILD, VIEWS, IMPORT, DEMO_BUILD))
+  seed: int = setting(0, "seed of the views and of the order in which examples are stored", group="views",
+                      commands=(BUILD, VIEWS, IMPORT, DEMO_BUILD))
   folds: int = setting(1, "cross-fitted targets: each member is K runs given in fold order, run k trained with "
                           "`student-train fit --folds K --holdout-fold k`; a row takes each member's logits from "
-                          "the run that did not see its fold (1: no cross-fitting)")
-  out: str = setting("", "the store to write", metavar="CACHE.zarr")
-  batch_size: int = setting(256, "rows per forward pass, a multiple of the device count")
-  chunk_rows: int = setting(4096, "rows per Zarr chunk: the unit of writing, resuming and reading")
-  dtype: str = setting("float16", "storage dtype of logits and targets", choices=STORAGE_DTYPES)
-  workers: int | None = setting(None, WORKERS_HELP, metavar="N")
-  coordinator: str | None = setting(None, COORDINATOR_HELP, metavar="HOST:PORT")
-  num_processes: int | None = setting(None, NUM_PROCESSES_HELP, metavar="N")
-  process_id: int | None = setting(None, PROCESS_ID_HELP, metavar="I")
-  heartbeat_timeout: int = setting(DEFAULT_HEARTBEAT_SECONDS, HEARTBEAT_HELP, metavar="SECONDS")
-  overwrite: bool = setting(False, "replace an existing --out built with other settings")
-  progress: bool = setting(True, "progress bar")
+                          "the run that did not see its fold (1: no cross-fitting)", group="teachers")
+  batch_size: int = setting(256, "rows per forward pass, a multiple of the device count", group="run",
+                            commands=(BUILD, VIEWS, IMPORT), helps={VIEWS: ("rows rendered at a time", None)})
+  chunk_rows: int = setting(4096, "rows per Zarr chunk: the unit of writing, resuming and reading", group="run",
+                            commands=(BUILD, VIEWS, IMPORT), helps={VIEWS: ("rows per views_*.npz file", None)})
+  dtype: str = setting("float16", "storage dtype of logits and targets", choices=STORAGE_DTYPES, group="teachers",
+                       commands=(BUILD, IMPORT))
+
+
+def resolve_defaults(config: BuildConfig) -> BuildConfig:
+  """The config with the dataset and split a build reads when none is given."""
+  return dataclasses.replace(config, dataset=resolve_dataset(config.dataset), split=config.split or DEFAULT_SPLIT)
 
 
 SAMPLE_STREAM = 0x5A17  # Folded into the build's seed for `sample:K` draws, apart from the views' randomness.
@@ -224,8 +216,8 @@ def _check_folds(teachers: list[Teacher], folds: int) -> None:
     if recorded != (folds, position % folds):
       raise StillroomError(
           f"teacher {teacher.source!r} is run {position % folds} of member {position // folds}, so it must be "
-          f"trained with --folds {folds} --holdout-fold {position % folds}; its record says --folds "
-          f"{recorded[0]} --holdout-fold {recorded[1]}.")
+          f"trained with `student-train fit --folds {folds} --holdout-fold {position % folds}`; its record says "
+          f"`--folds {recorded[0]} --holdout-fold {recorded[1]}` (student-train).")
 
 
 def targets_of_logits(spec: CacheSpec):
@@ -607,6 +599,7 @@ def build_cache(config: BuildConfig) -> str:
     StillroomError: bad settings, data or teachers; an existing store with other settings; non-finite teacher
       outputs (naming the member and example index; the store is left incomplete).
   """
+  config = resolve_defaults(config)
   check_settings(config)
   if not config.teachers:
     raise StillroomError("give at least one --teacher (a run dir or module:function).")

@@ -8,9 +8,10 @@ import sys
 from shared.cache import LAYOUT
 from shared.cli import add_models_command, print_models, run_or_exit
 from shared.errors import StillroomError
+from shared.options import BUILD, IMPORT, VIEWS
 from shared.settings import add_options, from_args
 from teacher_cache.build import BuildConfig, build_cache
-from teacher_cache.external import IMPORT_OPTIONS, IMPORTED, VIEW_HELP, VIEW_OPTIONS, import_cache, write_views
+from teacher_cache.external import IMPORTED, import_cache, write_views
 from teacher_cache.info import cache_info
 from teacher_cache.specialists import plan_specialists
 from teacher_cache.verify import verify_cache
@@ -50,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="Hinton et al.'s specialists: the plan (`teacher-cache specialists`), then specialist run "
                           "dirs (`student-train fit --specialist`); the one --teacher is the generalist, and the "
                           "targets are their combination q (see --top-n)")
-  add_options(build, BuildConfig, required=("out",))
+  add_options(build, BuildConfig, BUILD, required=("out",))
 
   views = commands.add_parser(
       "views", allow_abbrev=False, help="write every row's teacher input to .npz files, for teachers outside JAX",
@@ -60,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
                   "row ids)\n  OUT/views.json            the settings (written last: the views are complete)\n"
                   "Run your teacher on each file's x and save one .npz per member with `row` and `logits` [n, C]; "
                   "then `teacher-cache import` with the same view options builds the cache.")
-  add_options(views, BuildConfig, VIEW_OPTIONS, required=("out",), helps=VIEW_HELP)
+  add_options(views, BuildConfig, VIEWS, required=("out",))
 
   imported = commands.add_parser(
       "import", allow_abbrev=False, help="build a cache from another framework's logits on the rows of `views`",
@@ -72,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
                              "and `logits` [R, C]; repeat for each member")
   imported.add_argument("--views-dir", metavar="DIR", help="the views the logits are of (`teacher-cache views`): "
                                                            "refuse settings other than theirs")
-  add_options(imported, BuildConfig, IMPORT_OPTIONS, required=("out",))
+  add_options(imported, BuildConfig, IMPORT, required=("out",))
 
   specialists = commands.add_parser(
       "specialists", allow_abbrev=False, help="plan specialists on confusable class subsets of a generalist's cache",

@@ -36,26 +36,11 @@ from shared.parallel import cap_batch, pad_rows
 from shared.settings import differences
 from shared.workers import BatchRenderer, resolve_workers
 from teacher_cache.build import (BuildConfig, ChunkWriter, check_settings, chunks_to_write, declare_complete, log,
-                                 make_spec, open_store, open_views, put_rows, targets_of_logits)
+                                 make_spec, open_store, open_views, put_rows, resolve_defaults, targets_of_logits)
 from teacher_cache.verify import listed
 
 VIEWS_FILE = "views.json"
 IMPORTED = "imported"  # The model of an imported member.
-_VIEW_SETTINGS = ("dataset", "split", "data_dir", "views", "seed", "max_shift", "flip", "image_size", "crop_area",
-                  "crop_aspect")
-# The `teacher-cache build` options each command takes (the rest of a build is about teachers and eval rows).
-VIEW_OPTIONS = (*_VIEW_SETTINGS, "chunk_rows", "batch_size", "workers", "out", "overwrite", "progress")
-IMPORT_OPTIONS = (*_VIEW_SETTINGS, "combine", "temperature", "targets", "member_logits", "chunk_rows", "batch_size",
-                  "dtype", "out", "overwrite", "progress")
-
-
-# `views --help`: what the build options that `views` shares mean there.
-VIEW_HELP = {
-    "out": ("the directory (or object-store prefix) to write the views to", "DIR"),
-    "chunk_rows": ("rows per views_*.npz file", None),
-    "batch_size": ("rows rendered at a time", None),
-    "overwrite": ("replace views of other settings in --out", None),
-}
 
 
 def chunk_file(chunk: int) -> str:
@@ -67,7 +52,7 @@ def write_views(config: BuildConfig) -> dict:
   """Writes every row's teacher input into `config.out` (a directory or an object-store prefix).
 
   Args:
-    config: the settings, a build's (`VIEW_OPTIONS` of `BuildConfig`: one place for each default).
+    config: the settings, a build's (those `BuildConfig` declares for `views`).
 
   Returns:
     The contents of `views.json`.
@@ -76,6 +61,7 @@ def write_views(config: BuildConfig) -> dict:
     StillroomError: bad settings or data; an `--out` that holds anything but views, or views of other settings
       (without `--overwrite`).
   """
+  config = resolve_defaults(config)
   check_settings(config, "DIR")
   check_not_an_input(config.out, [local_path(config.dataset), config.data_dir], "--out")
   transfer_set, augmentation = open_views(config)
@@ -242,13 +228,15 @@ def import_cache(config: BuildConfig, logits_files: list[str], views_dir: str | 
   views` with the same view settings; returns its path. Every member's logits are held in memory (R·C·4 bytes each).
 
   Args:
-    config: the build settings (`IMPORT_OPTIONS`); `teachers` and the eval split are not used.
+    config: the build settings (those `BuildConfig` declares for `import`); `teachers` and the eval split are not
+      used.
     logits_files: one `.npz` file per member (see `read_logits`), in member order.
     views_dir: the views the logits are of, whose settings must be `config`'s (a row id means nothing under others).
 
   Raises:
     StillroomError: bad settings, data or logits files; an existing store with other settings.
   """
+  config = resolve_defaults(config)
   check_settings(config)
   if not logits_files:
     raise StillroomError("give at least one --logits FILE.npz (one per member).")

@@ -1,0 +1,116 @@
+"""The settings several commands share, declared once: each command's config class embeds the ones it takes.
+
+`FitConfig` (`student-train fit`), `BuildConfig` (`teacher-cache build`, `views`, `import`), `EvalConfig` and the
+demo's `DemoConfig` inherit these fields, so a shared setting has one default, one help text and one check, and
+each field lists the commands that offer it (`shared.settings.setting`).
+"""
+
+import dataclasses
+
+from shared.augment import DEFAULT_CROP_AREA, DEFAULT_CROP_ASPECT
+from shared.data import NO_EVAL
+from shared.settings import setting, workers_check
+
+DEFAULT_DATASET = "digits"  # The embedded dataset: every command runs without downloads or files.
+DEFAULT_SPLIT = "train"
+DEFAULT_HEARTBEAT_SECONDS = 60
+
+# The commands, as `setting(commands=...)` names them; `demo.STAGE` are the demo's --STAGE-* options.
+FIT, SWEEP, EVAL, DEMO = "fit", "sweep", "eval", "demo"
+BUILD, VIEWS, IMPORT = "build", "views", "import"
+DEMO_TEACHER, DEMO_BUILD, DEMO_STUDENT = "demo.teacher", "demo.build", "demo.student"
+DEMO_STAGES = {"teacher": DEMO_TEACHER, "build": DEMO_BUILD, "student": DEMO_STUDENT}
+
+
+def resolve_dataset(name: str | None) -> str:
+  """The dataset a command reads when none is given."""
+  return name or DEFAULT_DATASET
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DatasetSettings:
+  """Which dataset, and where TFDS keeps it."""
+
+  dataset: str | None = setting(
+      None, "'digits' (embedded), 'npz:PATH', 'imagefolder:DIR' or a TFDS dataset prepared in --data-dir "
+            f"(default: '{DEFAULT_DATASET}'; `fit --cache`: the dataset the cache records)", group="data",
+      commands=(FIT, SWEEP, BUILD, VIEWS, IMPORT, EVAL, DEMO))
+  data_dir: str | None = setting(None, "TFDS data dir (default: TFDS's own, ~/tensorflow_datasets)", group="data",
+                                 commands=(FIT, SWEEP, BUILD, VIEWS, IMPORT, EVAL, DEMO), identity=False,
+                                 scope="process")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataSettings(DatasetSettings):
+  """The transfer set and the per-epoch evaluation data."""
+
+  split: str | None = setting(None, "TFDS split spec of one split, e.g. 'train' or 'train[:80%]' (default: "
+                                    f"'{DEFAULT_SPLIT}'; `fit --cache`: the split the cache records)", group="data",
+                              commands=(FIT, SWEEP, BUILD, VIEWS, IMPORT))
+  eval_dataset: str | None = setting(None, "the dataset of --eval-split (default: --dataset), e.g. "
+                                           "'imagefolder:DIR' of held-out images", group="data",
+                                     commands=(FIT, SWEEP, BUILD))
+  eval_split: str | None = setting(
+      None, f"evaluation split: `fit` evaluates on it each epoch; `build` stores each member's logits on it, so "
+            "that students report their agreement with the ensemble without running the teachers; "
+            f"'{NO_EVAL}': none (default: 'test' when the dataset has it; with --eval-dataset, 'train' of an npz: or "
+            "imagefolder: dataset, 'test' of a TFDS one)", group="data", commands=(FIT, SWEEP, BUILD))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ViewSettings:
+  """How a view of an example is rendered: a zero-filled shift, or a random-resized crop; flips."""
+
+  max_shift: int = setting(1, "shift views: the largest zero-filled shift, in pixels", group="views",
+                           commands=(FIT, BUILD, VIEWS, IMPORT, DEMO_BUILD))
+  flip: bool = setting(False, "random horizontal flips in views (wrong for digits and text)", group="views",
+                       commands=(FIT, BUILD, VIEWS, IMPORT, DEMO_BUILD))
+  image_size: int | None = setting(
+      None, "crop views rendered at SxS: the centre crop for view 0 and evaluation, random-resized crops for the "
+            "others; needed for images of varying size (default: shift views of the stored images)", metavar="S",
+      group="views", commands=(FIT, BUILD, VIEWS, IMPORT))
+  crop_area: tuple[float, ...] = setting(DEFAULT_CROP_AREA, "crop views: min,max area of a random crop, as fractions "
+                                                              "of the image", metavar="MIN,MAX", group="views",
+                                         commands=(FIT, BUILD, VIEWS, IMPORT, DEMO_BUILD))
+  crop_aspect: tuple[float, ...] = setting(DEFAULT_CROP_ASPECT, "crop views: min,max width/height of a random crop",
+                                           metavar="MIN,MAX", group="views",
+                                           commands=(FIT, BUILD, VIEWS, IMPORT, DEMO_BUILD))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class JobSettings:
+  """Input workers, and how the processes of a job find each other (per process; not part of what is computed)."""
+
+  workers: int | None = setting(
+      None, "processes that decode images and render views, a batch at a time (0: a thread of the main process; "
+            "default: 0 for arrays in memory, else one per usable core but one, at most 8); results do not depend "
+            "on it, and a resumed run may change it", metavar="N", group="job", check=workers_check,
+      commands=(FIT, SWEEP, BUILD, VIEWS, DEMO_TEACHER, DEMO_BUILD, DEMO_STUDENT), identity=False, scope="process")
+  coordinator: str | None = setting(
+      None, "HOST:PORT of process 0's coordination service, for a job of several processes (with --num-processes "
+            "and --process-id); 'auto': JAX detects the job (TPU pods, GKE, SLURM); under a multi-task `srun` the "
+            "default", metavar="HOST:PORT", group="job", commands=(FIT, BUILD), identity=False)
+  num_processes: int | None = setting(None, "processes in the job (with --coordinator)", metavar="N", group="job",
+                                      commands=(FIT, BUILD), identity=False)
+  process_id: int | None = setting(None, "this process's index, 0..N-1 (with --coordinator); process 0 writes what "
+                                         "the job shares", metavar="I", group="job", commands=(FIT, BUILD),
+                                   identity=False, scope="process")
+  heartbeat_timeout: int = setting(DEFAULT_HEARTBEAT_SECONDS, "seconds after which the other processes of a job give "
+                                                              "up on one that stopped answering", metavar="SECONDS",
+                                   group="job", commands=(FIT, BUILD), identity=False)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OutputSettings:
+  """Where the output goes, whether an existing one may be replaced, and progress bars."""
+
+  out: str = setting("", "the output to write", group="run", commands=(FIT, BUILD, VIEWS, IMPORT), identity=False,
+                     scope="student", helps={FIT: ("run directory to write", "RUN_DIR"),
+                                             BUILD: ("the store to write", "CACHE.zarr"),
+                                             IMPORT: ("the store to write", "CACHE.zarr"),
+                                             VIEWS: ("the directory (or object-store prefix) to write the views to",
+                                                     "DIR")})
+  overwrite: bool = setting(False, "replace an existing output written with other settings", group="run",
+                            commands=(FIT, BUILD, VIEWS, IMPORT), identity=False)
+  progress: bool = setting(True, "progress bars (on a terminal; elsewhere one line per stage)", group="run",
+                           commands=(FIT, SWEEP, BUILD, VIEWS, IMPORT), identity=False, scope="process")
