@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install
+.PHONY: demo test install docs
 
 # constraints.txt pins every package to the version the tests and the README's figures were measured with.
 $(STAMP): pyproject.toml constraints.txt
@@ -19,3 +19,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
+
+# The generated pages of docs/ (commands, cache format, benchmarks, refusals); tests/test_docs.py checks them.
+docs: $(STAMP)
+	$(VENV)/bin/python scripts/make_docs.py
