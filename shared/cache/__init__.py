@@ -23,8 +23,8 @@ One module per part of the contract:
 
 from shared.cache.integrity import (check_integrity, integrity_problems, layout_problems, missing_chunks,
                                     uncommitted_chunks)
-from shared.cache.layout import (CLASS_IDS, EVAL_ROWS, FEATURE_DTYPE, FEATURE_KINDS, FEATURE_NAME, FEATURE_RANKS, LAYOUT,
-                                 ROLES, ROWS, STORAGE, STORAGE_DTYPES, ArrayLayout, ArraySpec, committed_name,
+from shared.cache.layout import (CLASS_IDS, EVAL_ROWS, FEATURE_DTYPE, FEATURE_KINDS, FEATURE_NAME, FEATURE_RANKS,
+                                 LAYOUT, ROLES, ROWS, STORAGE, STORAGE_DTYPES, ArrayLayout, ArraySpec, committed_name,
                                  layout_of)
 from shared.cache.rows import ROW_ORDERS, replay_rows, row_sources
 from shared.cache.spec import (COMPLETE_KEY, FEATURE_SCHEMA_VERSION, READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION,
