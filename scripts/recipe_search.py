@@ -19,7 +19,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from student_train.demo import DemoConfig, run_demo  # noqa: E402
+from stillroom.demo import DemoConfig, run_demo  # noqa: E402
 from student_train.sweep import report, run_sweep  # noqa: E402
 from student_train.train import FitConfig  # noqa: E402
 

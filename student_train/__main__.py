@@ -1,4 +1,4 @@
-from shared.entry_points import student_train
+from stillroom.entry_points import student_train
 
 if __name__ == "__main__":
   student_train()

@@ -1,6 +1,8 @@
 """Command line of `student-train`: parses arguments and calls one library function per subcommand.
 
-Options come from the settings dataclasses (`FitConfig`, `DemoConfig`), where each default and help text lives.
+Options come from the settings dataclasses (`FitConfig`, `EvalConfig`), where each default and help text lives.
+`new_parser` and `run_command` are this stage's subcommands; the `student-train` console script adds the pipeline
+demo to them (`stillroom.cli`), which drives both stages.
 """
 
 import argparse
@@ -11,7 +13,6 @@ from shared.cli import add_models_command, print_models, run_or_exit
 from shared.settings import add_options, from_args
 from shared.options import EVAL, FIT, SWEEP
 from student_train.config import FitConfig
-from student_train.demo import add_demo_options, demo_config_from_args, run_demo
 from student_train.evaluate import EvalConfig, evaluate_runs
 from student_train.export import FORMATS, export_run
 from student_train.sweep import AXES, report, run_sweep
@@ -32,7 +33,10 @@ examples:
       --image-size 32 --augment --flip --out runs/shapes_teacher0
 """
 
-def _parser() -> argparse.ArgumentParser:
+
+def new_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+  """The `student-train` parser with this stage's subcommands (fit, eval, export, sweep, report), and its subparsers,
+  to which a caller adds more (then `shared.cli.add_models_command`, which lists last)."""
   parser = argparse.ArgumentParser(prog="student-train", description=_DESCRIPTION,
                                    formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
   commands = parser.add_subparsers(dest="command", required=True)
@@ -82,47 +86,41 @@ def _parser() -> argparse.ArgumentParser:
   report_parser = commands.add_parser("report", allow_abbrev=False,
                                       help="table (Markdown, CSV) and plots of a sweep")
   report_parser.add_argument("sweep_dir", metavar="SWEEP_DIR", help="the --out of `student-train sweep`")
-  demo = commands.add_parser(
-      "demo", allow_abbrev=False, help="the end-to-end pipeline: teachers, caches, scratch vs distilled students, a results table",
-      description="Teachers -> ordinary and cross-fitted caches -> scratch and distilled students over paired "
-                  "seeds (and the same with a fraction of the examples) -> results/demo.{md,json,png}. Finished "
-                  "runs in --work-dir are reused. --teacher-*, --build-* and --student-* are the `fit` and "
-                  "`teacher-cache build` options of each stage.")
-  add_demo_options(demo)
-  add_models_command(commands)
-  return parser
+  return parser, commands
+
+
+def run_command(args: argparse.Namespace) -> None:
+  """Runs a subcommand of `new_parser` (or `models`) as parsed."""
+  if args.command == "fit":
+    final = fit(from_args(FitConfig, args))
+    if distributed.is_first():  # One copy of the result from a job of several processes.
+      print(json.dumps(final))
+  elif args.command == "eval":
+    result = evaluate_runs(from_args(EvalConfig, args, runs=tuple(args.runs)))
+    if args.json:
+      print(json.dumps(result))
+    else:
+      for member in result["members"]:
+        print(f"{member['run']:<40} accuracy {100 * member['accuracy']:.2f}%  nll {member['nll']:.4f}  "
+              f"ece {member['ece']:.4f}")
+      if len(result["members"]) > 1:
+        print(f"{'ensemble (' + args.combine + ')':<40} accuracy {100 * result['accuracy']:.2f}%  "
+              f"nll {result['nll']:.4f}  ece {result['ece']:.4f}")
+  elif args.command == "export":
+    print(json.dumps(export_run(args.run, args.out, overwrite=args.overwrite)))
+  elif args.command == "sweep":
+    run_sweep(args.cache, args.grid, args.out, args.seeds, from_args(FitConfig, args), together=args.together,
+              jobs=args.jobs, verbose=args.verbose)
+    print(report(args.out))
+  elif args.command == "report":
+    print(report(args.sweep_dir))
+  elif args.command == "models":
+    print_models(args)
 
 
 def main(argv: list[str] | None = None) -> None:
-  args = _parser().parse_args(argv)
-
-  def command():
-    if args.command == "fit":
-      final = fit(from_args(FitConfig, args))
-      if distributed.is_first():  # One copy of the result from a job of several processes.
-        print(json.dumps(final))
-    elif args.command == "eval":
-      result = evaluate_runs(from_args(EvalConfig, args, runs=tuple(args.runs)))
-      if args.json:
-        print(json.dumps(result))
-      else:
-        for member in result["members"]:
-          print(f"{member['run']:<40} accuracy {100 * member['accuracy']:.2f}%  nll {member['nll']:.4f}  "
-                f"ece {member['ece']:.4f}")
-        if len(result["members"]) > 1:
-          print(f"{'ensemble (' + args.combine + ')':<40} accuracy {100 * result['accuracy']:.2f}%  "
-                f"nll {result['nll']:.4f}  ece {result['ece']:.4f}")
-    elif args.command == "export":
-      print(json.dumps(export_run(args.run, args.out, overwrite=args.overwrite)))
-    elif args.command == "sweep":
-      run_sweep(args.cache, args.grid, args.out, args.seeds, from_args(FitConfig, args), together=args.together,
-                jobs=args.jobs, verbose=args.verbose)
-      print(report(args.out))
-    elif args.command == "report":
-      print(report(args.sweep_dir))
-    elif args.command == "demo":
-      run_demo(*demo_config_from_args(args))
-    elif args.command == "models":
-      print_models(args)
-
-  run_or_exit("student-train", command)
+  """This stage's subcommands alone (the `student-train` console script is `stillroom.cli.student_train`)."""
+  parser, commands = new_parser()
+  add_models_command(commands)
+  args = parser.parse_args(argv)
+  run_or_exit("student-train", lambda: run_command(args))

@@ -23,7 +23,7 @@ import numpy as np
 import yaml
 
 from shared import distributed, storage
-from shared.cache import open_cache
+from shared.cache import eval_accuracies, open_cache
 from shared.errors import StillroomError
 from shared.outputs import check_not_an_input
 from shared.settings import check_value, names_where, value_type
@@ -32,7 +32,6 @@ from student_train.plan import Opened, RunPlan, plan_run
 from shared.runs import CONFIG_FILE
 from student_train.run_dir import is_finished, read_final
 from student_train.train import DIVERGED_ADVICE, Diverged, fit_group
-from teacher_cache.info import eval_accuracies
 
 # The fit settings a grid may vary (declared `axis`); each takes the setting's type and check from `FitConfig`.
 AXES = names_where(FitConfig, axis=True)

@@ -251,7 +251,10 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
   """The loop: one vmapped step over the group's stacked states per batch; eval, metrics and checkpoints per
   epoch (and every `--checkpoint-every-steps` steps inside one); the final files once every run has saved its last
   epoch. Resumes from `start_epoch` (0: from scratch), which every run has saved, or from `position` in that
-  epoch or a later one (see `_mid_epoch_position`) of its mid-epoch checkpoints `mids`."""
+  epoch or a later one (see `_mid_epoch_position`) of its mid-epoch checkpoints `mids`.
+
+  Its phases: `_set_up`, then per epoch `_train_epoch`, `_drop_diverged`, `_evaluate` and `_checkpoint`, and
+  `_finish`."""
   first = group[0]
   config = first.config
   fields = tuple(sorted({f for plan in group for f in plan.fields()}))
@@ -261,138 +264,246 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
     loader.read_ahead(position["epoch"] if position is not None else start_epoch)  # Overlaps the set-up below.
     eval_render = None if first.eval_set is None else BatchRenderer(
         first.eval_set, first.augmentation, workers=resolve_workers(config.workers, first.eval_set))
-    total_epochs = config.epochs + config.finetune_epochs
-    states = []
-    for plan in group:
-      model = build_model(plan.model_spec, seed=plan.config.seed)
-      if plan.initial_params is not None:  # --init-from (a resumed run then restores its own checkpoint).
-        params = nnx.state(model, nnx.Param)
-        nnx.replace_by_pure_dict(params, plan.initial_params)
-        nnx.update(model, params)
-      trainable = model
-      if any(term.loss == "hint" for term in plan.feature_terms):  # The hints' regressors train beside it.
-        trainable = Distilled(model, Regressors(plan.feature_terms, nnx.Rngs(
-            jax.random.fold_in(jax.random.key(plan.config.seed), REGRESSOR_STREAM))))
-      optimizers = [nnx.Optimizer(trainable, make_optimizer(plan.config, loader.steps_per_epoch), wrt=nnx.Param)]
-      if plan.config.hint_epochs:  # FitNets' stage 1: an optimizer of its own, with its own schedule.
-        stage1 = dataclasses.replace(plan.config, epochs=plan.config.hint_epochs, hint_epochs=0, finetune_epochs=0)
-        optimizers.append(nnx.Optimizer(trainable, make_optimizer(stage1, loader.steps_per_epoch), wrt=nnx.Param))
-      graphdef, state = nnx.split((trainable, *optimizers))
-      states.append(put_replicated(state, mesh))  # Where checkpoints restore to, on every process's devices.
-    start_step, resumed_sums, resumed_seconds = 0, None, 0.0
-    if position is not None:
-      start_epoch, start_step = position["epoch"], position["step"]
-      resumed_sums = _stacked_sums([meta["sums"] for meta in position["metas"]])
-      resumed_seconds = position["metas"][0]["seconds"]
-      states = [mid.restore(state, position["global"]) for mid, state in zip(mids, states)]
-      _log(f"resuming {', '.join(p.config.out for p in group)} after step {start_step} of epoch {start_epoch + 1} of "
-           f"{total_epochs}")
-    elif start_epoch:
-      states = [c.restore(state, start_epoch) for c, state in zip(checkpoints, states)]
-      _log(f"resuming {', '.join(p.config.out for p in group)} after epoch {start_epoch} of {total_epochs}")
-    distributed.job_step(functools.partial(_write_each, files.truncate_metrics,
-                                           {plan.config.out: start_epoch for plan in group}))
-    num_members = first.cache.spec.num_members if first.cache is not None else 1
-    per_student = stack_hypers([plan.hypers(num_members) for plan in group], [plan.config.seed for plan in group])
-    distill_alpha = per_student.pop("alpha")
-    stacked = put_replicated(stack_states(states), mesh)
-    fixed = static_flags(per_student)
-    per_student = put_replicated(per_student, mesh)
-    step = make_train_step(graphdef, first.normalization, mesh, fixed, first.feature_terms)
-    predict = make_predict(graphdef, first.normalization, mesh)
-    teacher_top1 = [cached_teacher_top1(plan) for plan in group]
-    if first.cache is not None and first.eval_set is not None and teacher_top1[0] is None:
-      _log(f"the cache stores no teacher logits for {first.eval_set.name} {first.eval_set.split!r} (build it with "
-           "--eval-split for that split): eval_teacher_agreement is not reported.")
-    sharding, sync = batch_sharding(mesh), needs_step_sync(mesh)
-    diverged: list[str] = []
-    all_checkpoints, all_mids = list(checkpoints), list(mids)
-    every_steps = config.checkpoint_every_steps
-    if len(group) > 1 and log_epochs:
-      _log(f"training {len(group)} students together in one vmapped step")
-    for epoch in range(start_epoch, total_epochs):
-      finetuning = epoch >= config.epochs
-      alpha = np.ones(len(group), np.float32) if finetuning else distill_alpha
-      # Traced, so that the stages share one compilation: FitNets' stage 1 trains on the hints alone, and
-      # fine-tuning on hard labels alone.
-      stage = {"hint_only": np.full(len(group), epoch < config.hint_epochs),
-               "features_on": np.full(len(group), not finetuning, np.float32)}
-      epoch_hypers = {**per_student, **put_replicated({"alpha": alpha, **stage}, mesh)}
-      first_step = start_step if epoch == start_epoch else 0
-      sums = resumed_sums if first_step else None
-      started = time.perf_counter() - (resumed_seconds if first_step else 0.0)  # The epoch's seconds, all attempts.
-      bar = tqdm(total=loader.num_rows, initial=min(first_step * config.batch_size, loader.num_rows), unit="row",
-                 unit_scale=True, disable=not (config.progress and distributed.is_first()), leave=False,
-                 desc=f"epoch {epoch + 1}/{total_epochs}" + (" (fine-tune)" if finetuning else ""))
-      for index, (_, placed) in enumerate(on_devices(loader.epoch(epoch, first_step), sharding),
-                                              start=first_step):
-        raise_if_interrupted()
-        stacked, metrics = step(stacked, placed, epoch_hypers)
-        if sync:
-          jax.block_until_ready(metrics)
-        sums = accumulate(_empty_sums(metrics) if sums is None else sums, metrics, index)
-        # The batch's rows over the whole job (this process renders only its part of them).
-        bar.update(min(config.batch_size, loader.num_rows - index * config.batch_size))
-        done = index + 1
-        # Mid-epoch checkpoints, only while every student is finite: one that diverged is dropped at the epoch's end,
-        # and until then the group saves none.
-        if every_steps and done % every_steps == 0 and done < loader.steps_per_epoch \
-            and bool(np.all(jax.device_get(params_finite(stacked)))):
-          fetched, seconds = jax.device_get(sums), time.perf_counter() - started
-          for k, mid in enumerate(mids):
-            mid.save(unstack_state(stacked, k), epoch * loader.steps_per_epoch + done,
-                     {"epoch": epoch, "step": done, "seconds": seconds, "sums": _sums_of(fetched, k)})
-      bar.close()
-      totals = jax.device_get(sums)
-      seconds = time.perf_counter() - started
-      problems = _non_finite(group, checkpoints, epoch, totals, params_finite(stacked), loader.steps_per_epoch)
-      if problems:  # Those runs stop here, before this epoch is written; the others go on without them.
-        marks = {group[k].config.out: f"diverged in epoch {epoch + 1}: {problem}" for k, problem in problems.items()}
-        distributed.job_step(functools.partial(_write_each, files.write_diverged, marks))
-        diverged += [f"{out} {mark}" for out, mark in marks.items()]
-        keep = [k for k in range(len(group)) if k not in problems]
-        if not keep:
-          group = []
-          break
-        group, checkpoints, mids = [group[k] for k in keep], [checkpoints[k] for k in keep], [mids[k] for k in keep]
-        teacher_top1 = [teacher_top1[k] for k in keep]
-        stacked, per_student = jax.tree.map(lambda a: a[np.array(keep)], (stacked, per_student))
-        distill_alpha = distill_alpha[keep]
-        totals = {name: value[keep] for name, value in totals.items()}
-        step = make_train_step(graphdef, first.normalization, mesh, static_flags(jax.device_get(per_student)),
-                               first.feature_terms)
-      eval_log_probs = None if first.eval_set is None else predict_log_probs(
-          predict, stacked, eval_render, config.batch_size, mesh)
-      lines = {}
-      for k, plan in enumerate(group):
-        lines[plan.config.out] = _epoch_line(plan, epoch, {name: value[k] for name, value in totals.items()}, seconds,
-                                             len(group))
-        if eval_log_probs is not None:
-          lines[plan.config.out].update(eval_line(eval_log_probs[k], plan, teacher_top1[k]))
-      # Before the checkpoint: see `files.truncate_metrics`.
-      distributed.job_step(functools.partial(_write_each, files.append_metrics, lines))
-      for plan in group:
-        line = lines[plan.config.out]
-        if log_epochs:
-          _log(f"{plan.config.out}: {_summary(line)}" if len(group) > 1 else _summary(line))
-        if on_epoch is not None:
-          on_epoch(plan, line)
-      if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == total_epochs:
-        for k, checkpoint in enumerate(checkpoints):
-          checkpoint.save(graphdef, unstack_state(stacked, k), epoch + 1)
-        for mid in mids:
-          if mid is not None:
-            mid.clear()  # This epoch checkpoint supersedes them.
-    for checkpoint in all_checkpoints + [mid for mid in all_mids if mid is not None]:
-      checkpoint.close()
-    finals = distributed.job_step(lambda: [files.write_final(plan.config.out, total_epochs) for plan in group])
-    if diverged:  # The others have finished; these have not.
-      raise Diverged("; ".join(diverged) + DIVERGED_ADVICE)
-    return finals
+    run = _set_up(group, checkpoints, mids, start_epoch, position, mesh, loader, eval_render, log_epochs, on_epoch)
+    for epoch in range(run.start_epoch, run.total_epochs):
+      totals, seconds = _train_epoch(run, epoch)
+      totals = _drop_diverged(run, epoch, totals)
+      if not run.group:
+        break
+      _evaluate(run, epoch, totals, seconds)
+      _checkpoint(run, epoch)
+    return _finish(run)
   finally:
     loader.close()
     if eval_render is not None:
       eval_render.close()
+
+
+@dataclasses.dataclass(eq=False)
+class _Training:
+  """What the phases of `_train` share. `group` and the lists beside it (and the stacked states and hypers) lose
+  the students that diverge; `first` stays the group's first plan, whose settings every student shares."""
+
+  first: RunPlan
+  group: list[RunPlan]
+  checkpoints: list[files.Checkpoints]
+  mids: list  # Each run's `files.MidEpochCheckpoints`, or None.
+  to_close: list  # Every checkpoint manager of the group, diverged students' included, closed at the end.
+  mesh: object
+  loader: object
+  eval_render: BatchRenderer | None
+  log_epochs: bool
+  on_epoch: EpochCallback | None
+  graphdef: object
+  stacked: object  # The students' states, stacked along axis 0 and replicated on the mesh.
+  per_student: dict  # The step's per-student hypers (but alpha), stacked and replicated.
+  distill_alpha: np.ndarray  # float32 [K] each student's alpha while distilling.
+  step: Callable
+  predict: Callable
+  teacher_top1: list
+  start_epoch: int
+  start_step: int = 0
+  resumed_sums: dict | None = None
+  resumed_seconds: float = 0.0
+  diverged: list[str] = dataclasses.field(default_factory=list)
+
+  @property
+  def config(self) -> FitConfig:
+    return self.first.config
+
+  @property
+  def total_epochs(self) -> int:
+    return self.config.epochs + self.config.finetune_epochs
+
+
+def _initial_states(group: list[RunPlan], loader, mesh) -> tuple[object, list]:
+  """Each run's model (and hint regressors) and optimizers, as one graphdef and each run's state on the devices."""
+  states = []
+  for plan in group:
+    model = build_model(plan.model_spec, seed=plan.config.seed)
+    if plan.initial_params is not None:  # --init-from (a resumed run then restores its own checkpoint).
+      params = nnx.state(model, nnx.Param)
+      nnx.replace_by_pure_dict(params, plan.initial_params)
+      nnx.update(model, params)
+    trainable = model
+    if any(term.loss == "hint" for term in plan.feature_terms):  # The hints' regressors train beside it.
+      trainable = Distilled(model, Regressors(plan.feature_terms, nnx.Rngs(
+          jax.random.fold_in(jax.random.key(plan.config.seed), REGRESSOR_STREAM))))
+    optimizers = [nnx.Optimizer(trainable, make_optimizer(plan.config, loader.steps_per_epoch), wrt=nnx.Param)]
+    if plan.config.hint_epochs:  # FitNets' stage 1: an optimizer of its own, with its own schedule.
+      stage1 = dataclasses.replace(plan.config, epochs=plan.config.hint_epochs, hint_epochs=0, finetune_epochs=0)
+      optimizers.append(nnx.Optimizer(trainable, make_optimizer(stage1, loader.steps_per_epoch), wrt=nnx.Param))
+    graphdef, state = nnx.split((trainable, *optimizers))
+    states.append(put_replicated(state, mesh))  # Where checkpoints restore to, on every process's devices.
+  return graphdef, states
+
+
+def _set_up(group: list[RunPlan], checkpoints: list[files.Checkpoints], mids: list, start_epoch: int,
+            position: dict | None, mesh, loader, eval_render, log_epochs: bool,
+            on_epoch: EpochCallback | None) -> _Training:
+  """The group's states, fresh or restored (from `position`, else from epoch `start_epoch`), its metrics truncated
+  to where it resumes, and its stacked states, hypers and compiled step."""
+  first = group[0]
+  config = first.config
+  total_epochs = config.epochs + config.finetune_epochs
+  graphdef, states = _initial_states(group, loader, mesh)
+  start_step, resumed_sums, resumed_seconds = 0, None, 0.0
+  if position is not None:
+    start_epoch, start_step = position["epoch"], position["step"]
+    resumed_sums = _stacked_sums([meta["sums"] for meta in position["metas"]])
+    resumed_seconds = position["metas"][0]["seconds"]
+    states = [mid.restore(state, position["global"]) for mid, state in zip(mids, states)]
+    _log(f"resuming {', '.join(p.config.out for p in group)} after step {start_step} of epoch {start_epoch + 1} of "
+         f"{total_epochs}")
+  elif start_epoch:
+    states = [c.restore(state, start_epoch) for c, state in zip(checkpoints, states)]
+    _log(f"resuming {', '.join(p.config.out for p in group)} after epoch {start_epoch} of {total_epochs}")
+  distributed.job_step(functools.partial(_write_each, files.truncate_metrics,
+                                         {plan.config.out: start_epoch for plan in group}))
+  num_members = first.cache.spec.num_members if first.cache is not None else 1
+  per_student = stack_hypers([plan.hypers(num_members) for plan in group], [plan.config.seed for plan in group])
+  distill_alpha = per_student.pop("alpha")
+  stacked = put_replicated(stack_states(states), mesh)
+  fixed = static_flags(per_student)
+  per_student = put_replicated(per_student, mesh)
+  step = make_train_step(graphdef, first.normalization, mesh, fixed, first.feature_terms)
+  predict = make_predict(graphdef, first.normalization, mesh)
+  teacher_top1 = [cached_teacher_top1(plan) for plan in group]
+  if first.cache is not None and first.eval_set is not None and teacher_top1[0] is None:
+    _log(f"the cache stores no teacher logits for {first.eval_set.name} {first.eval_set.split!r} (build it with "
+         "--eval-split for that split): eval_teacher_agreement is not reported.")
+  if len(group) > 1 and log_epochs:
+    _log(f"training {len(group)} students together in one vmapped step")
+  return _Training(first=first, group=list(group), checkpoints=list(checkpoints), mids=list(mids),
+                   to_close=list(checkpoints) + [mid for mid in mids if mid is not None], mesh=mesh,
+                   loader=loader, eval_render=eval_render, log_epochs=log_epochs, on_epoch=on_epoch,
+                   graphdef=graphdef, stacked=stacked, per_student=per_student, distill_alpha=distill_alpha,
+                   step=step, predict=predict, teacher_top1=teacher_top1, start_epoch=start_epoch,
+                   start_step=start_step, resumed_sums=resumed_sums, resumed_seconds=resumed_seconds)
+
+
+def _epoch_hypers(run: _Training, epoch: int) -> dict:
+  """The step's hypers in `epoch`: alpha is 1 while fine-tuning."""
+  config, group = run.config, run.group
+  finetuning = epoch >= config.epochs
+  alpha = np.ones(len(group), np.float32) if finetuning else run.distill_alpha
+  # Traced, so that the stages share one compilation: FitNets' stage 1 trains on the hints alone, and
+  # fine-tuning on hard labels alone.
+  stage = {"hint_only": np.full(len(group), epoch < config.hint_epochs),
+           "features_on": np.full(len(group), not finetuning, np.float32)}
+  return {**run.per_student, **put_replicated({"alpha": alpha, **stage}, run.mesh)}
+
+
+def _train_epoch(run: _Training, epoch: int) -> tuple[dict, float]:
+  """One epoch's steps (from the resumed step in the first), with its mid-epoch checkpoints.
+
+  Returns:
+    `(totals, seconds)`: the epoch's metric sums [K] fetched from the devices, and its seconds over all attempts.
+  """
+  config, loader = run.config, run.loader
+  finetuning = epoch >= config.epochs
+  epoch_hypers = _epoch_hypers(run, epoch)
+  first_step = run.start_step if epoch == run.start_epoch else 0
+  sums = run.resumed_sums if first_step else None
+  started = time.perf_counter() - (run.resumed_seconds if first_step else 0.0)  # The epoch's seconds, all attempts.
+  every_steps = config.checkpoint_every_steps
+  sharding, sync = batch_sharding(run.mesh), needs_step_sync(run.mesh)
+  bar = tqdm(total=loader.num_rows, initial=min(first_step * config.batch_size, loader.num_rows), unit="row",
+             unit_scale=True, disable=not (config.progress and distributed.is_first()), leave=False,
+             desc=f"epoch {epoch + 1}/{run.total_epochs}" + (" (fine-tune)" if finetuning else ""))
+  for index, (_, placed) in enumerate(on_devices(loader.epoch(epoch, first_step), sharding), start=first_step):
+    raise_if_interrupted()
+    run.stacked, metrics = run.step(run.stacked, placed, epoch_hypers)
+    if sync:
+      jax.block_until_ready(metrics)
+    sums = accumulate(_empty_sums(metrics) if sums is None else sums, metrics, index)
+    # The batch's rows over the whole job (this process renders only its part of them).
+    bar.update(min(config.batch_size, loader.num_rows - index * config.batch_size))
+    done = index + 1
+    # Mid-epoch checkpoints, only while every student is finite: one that diverged is dropped at the epoch's end,
+    # and until then the group saves none.
+    if every_steps and done % every_steps == 0 and done < loader.steps_per_epoch \
+        and bool(np.all(jax.device_get(params_finite(run.stacked)))):
+      fetched, seconds = jax.device_get(sums), time.perf_counter() - started
+      for k, mid in enumerate(run.mids):
+        mid.save(unstack_state(run.stacked, k), epoch * loader.steps_per_epoch + done,
+                 {"epoch": epoch, "step": done, "seconds": seconds, "sums": _sums_of(fetched, k)})
+  bar.close()
+  return jax.device_get(sums), time.perf_counter() - started
+
+
+def _drop_diverged(run: _Training, epoch: int, totals: dict) -> dict:
+  """Marks the students whose loss or state went non-finite this epoch as diverged, and trains on without them.
+
+  Returns:
+    The totals of the students that go on (`run.group` is empty when none does).
+  """
+  problems = _non_finite(run.group, run.checkpoints, epoch, totals, params_finite(run.stacked),
+                         run.loader.steps_per_epoch)
+  if not problems:
+    return totals
+  # Those runs stop here, before this epoch is written; the others go on without them.
+  marks = {run.group[k].config.out: f"diverged in epoch {epoch + 1}: {problem}" for k, problem in problems.items()}
+  distributed.job_step(functools.partial(_write_each, files.write_diverged, marks))
+  run.diverged += [f"{out} {mark}" for out, mark in marks.items()]
+  keep = [k for k in range(len(run.group)) if k not in problems]
+  if not keep:
+    run.group = []
+    return {}
+  run.group, run.checkpoints, run.mids = ([run.group[k] for k in keep], [run.checkpoints[k] for k in keep],
+                                          [run.mids[k] for k in keep])
+  run.teacher_top1 = [run.teacher_top1[k] for k in keep]
+  run.stacked, run.per_student = jax.tree.map(lambda a: a[np.array(keep)], (run.stacked, run.per_student))
+  run.distill_alpha = run.distill_alpha[keep]
+  run.step = make_train_step(run.graphdef, run.first.normalization, run.mesh,
+                             static_flags(jax.device_get(run.per_student)), run.first.feature_terms)
+  return {name: value[keep] for name, value in totals.items()}
+
+
+def _evaluate(run: _Training, epoch: int, totals: dict, seconds: float) -> None:
+  """Each run's metrics line of the epoch (with the eval split's metrics), appended to its metrics.jsonl, logged and
+  handed to `on_epoch`."""
+  first, group = run.first, run.group
+  eval_log_probs = None if first.eval_set is None else predict_log_probs(
+      run.predict, run.stacked, run.eval_render, run.config.batch_size, run.mesh)
+  lines = {}
+  for k, plan in enumerate(group):
+    lines[plan.config.out] = _epoch_line(plan, epoch, {name: value[k] for name, value in totals.items()}, seconds,
+                                         len(group))
+    if eval_log_probs is not None:
+      lines[plan.config.out].update(eval_line(eval_log_probs[k], plan, run.teacher_top1[k]))
+  # Before the checkpoint: see `files.truncate_metrics`.
+  distributed.job_step(functools.partial(_write_each, files.append_metrics, lines))
+  for plan in group:
+    line = lines[plan.config.out]
+    if run.log_epochs:
+      _log(f"{plan.config.out}: {_summary(line)}" if len(group) > 1 else _summary(line))
+    if run.on_epoch is not None:
+      run.on_epoch(plan, line)
+
+
+def _checkpoint(run: _Training, epoch: int) -> None:
+  """Each run's epoch checkpoint, every `--checkpoint-every` epochs and after the last."""
+  if (epoch + 1) % run.config.checkpoint_every == 0 or epoch + 1 == run.total_epochs:
+    for k, checkpoint in enumerate(run.checkpoints):
+      checkpoint.save(run.graphdef, unstack_state(run.stacked, k), epoch + 1)
+    for mid in run.mids:
+      if mid is not None:
+        mid.clear()  # This epoch checkpoint supersedes them.
+
+
+def _finish(run: _Training) -> list[dict]:
+  """Closes every checkpoint manager and writes the final files of the runs that finished; returns their finals.
+
+  Raises:
+    Diverged: some runs diverged (after the others have finished).
+  """
+  for checkpoint in run.to_close:
+    checkpoint.close()
+  finals = distributed.job_step(lambda: [files.write_final(plan.config.out, run.total_epochs) for plan in run.group])
+  if run.diverged:  # The others have finished; these have not.
+    raise Diverged("; ".join(run.diverged) + DIVERGED_ADVICE)
+  return finals
 
 
 def _write_each(write, values: dict) -> None:

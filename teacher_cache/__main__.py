@@ -1,4 +1,4 @@
-from shared.entry_points import teacher_cache
+from stillroom.entry_points import teacher_cache
 
 if __name__ == "__main__":
   teacher_cache()

@@ -12,9 +12,7 @@ import contextlib
 import dataclasses
 import functools
 import os
-import queue
 import sys
-import threading
 import time
 from typing import ClassVar
 
@@ -27,10 +25,9 @@ from tqdm import tqdm
 from shared import __version__, distributed, storage
 from shared.augment import Augmentation, fold_of, make_augmentation
 from shared.cache import (COMPLETE_KEY, EVAL_ROWS, FEATURE_DTYPE, FEATURE_KINDS, ROWS, SPEC_KEY, STORAGE_DTYPES, Cache,
-                          CacheSpec, FeatureSpec, MemberSpec, SpecialistSpec, parse_features, committed_name,
-                          create_arrays, gather, integrity_problems, missing_chunks, now_iso, open_cache,
-                          raise_first_failure, uncommitted_chunks, validate_settings, writable,
-                          required_schema_version)
+                          CacheSpec, ChunkWriter, FeatureSpec, MemberSpec, SpecialistSpec, parse_features,
+                          committed_name, create_arrays, integrity_problems, missing_chunks, now_iso, open_cache,
+                          uncommitted_chunks, validate_settings, required_schema_version)
 from shared.data import (NO_EVAL, Normalization, TransferSet, check_eval_set, default_eval_split, local_path,
                          open_transfer_set)
 from shared.ensemble import COMBINE_RULES, combine_log_probs, sampled_targets, top_k_targets
@@ -392,45 +389,6 @@ def _remove_partial_files(path: str) -> None:
     log(f"removed {len(stale)} partial file(s) left by the interrupted build")
 
 
-class ChunkWriter:
-  """Writes finished chunks in a background thread, in order, marking each committed after all of its data."""
-
-  def __init__(self, cache: Cache, depth: int = 2):
-    # Every array's handle opened at once (one round trip to an object store), each writing all-zero chunks too.
-    self._arrays = {name: writable(array) for name, array in cache.arrays([a.name for a in cache.spec.arrays]).items()}
-    self._queue: queue.Queue = queue.Queue(maxsize=depth)
-    self._error: BaseException | None = None
-    self._thread = threading.Thread(target=self._run, name="cache-writer", daemon=True)
-    self._thread.start()
-
-  def _run(self):
-    while (item := self._queue.get()) is not None:
-      row_set, chunk, start, stop, arrays = item
-      if self._error is not None:
-        continue  # Drain after a failure; the main thread raises it.
-      try:
-        # The chunk's arrays together (on an object store, one round trip instead of one per array), then its mark.
-        raise_first_failure(gather([self._arrays[name].async_array.setitem(slice(start, stop), values)
-                                    for name, values in arrays.items()]))
-        self._arrays[committed_name(row_set)][chunk] = True
-      except BaseException as e:  # pylint: disable=broad-except
-        self._error = e
-
-  def put(self, row_set: str, chunk: int, start: int, stop: int, arrays: dict) -> None:
-    """Queues one chunk of the arrays of `row_set` (`ROWS` or `EVAL_ROWS`): `{name: values [stop - start, ...]}`."""
-    self._raise_if_failed()
-    self._queue.put((row_set, chunk, start, stop, arrays))
-
-  def close(self) -> None:
-    self._queue.put(None)
-    self._thread.join()
-    self._raise_if_failed()
-
-  def _raise_if_failed(self):
-    if self._error is not None:
-      raise StillroomError(f"writing the cache failed: {self._error}") from self._error
-
-
 def _input_paths(config: BuildConfig) -> list[str]:
   """The files and directories the build reads: teacher run dirs, npz and image-folder datasets, the data dir."""
   runs = [*config.teachers, *config.specialist_runs, *([config.specialist_plan] if config.specialist_plan else [])]
@@ -698,7 +656,7 @@ def _write_chunks(cache: Cache, transfer_set: TransferSet, eval_set: TransferSet
     log(f"{remaining} rows{process} in {time.perf_counter() - started:.1f} s")
 
 
-def put_rows(writer: "ChunkWriter", cache: Cache, chunk: int, rows: dict, logits: np.ndarray, targets: dict,
+def put_rows(writer: ChunkWriter, cache: Cache, chunk: int, rows: dict, logits: np.ndarray, targets: dict,
              finite: np.ndarray, finite_targets: np.ndarray) -> None:
   """Queues one chunk of transfer rows, once its stored logits and targets are known to be finite.
 

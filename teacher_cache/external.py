@@ -28,15 +28,15 @@ import numpy as np
 from tqdm import tqdm
 
 from shared import storage
-from shared.cache import ROWS, MemberSpec, replay_rows, row_sources
+from shared.cache import ROWS, ChunkWriter, MemberSpec, replay_rows, row_sources
 from shared.data import label_ids, local_path
 from shared.errors import StillroomError, raise_if_interrupted
 from shared.outputs import STORE, OutputLock, check_not_an_input, check_output
 from shared.parallel import cap_batch, pad_rows
 from shared.settings import differences
 from shared.workers import BatchRenderer, resolve_workers
-from teacher_cache.build import (BuildConfig, ChunkWriter, check_settings, chunks_to_write, declare_complete, log,
-                                 make_spec, open_store, open_views, put_rows, resolve_defaults, targets_of_logits)
+from teacher_cache.build import (BuildConfig, check_settings, chunks_to_write, declare_complete, log, make_spec,
+                                 open_store, open_views, put_rows, resolve_defaults, targets_of_logits)
 from teacher_cache.verify import listed
 
 VIEWS_FILE = "views.json"

@@ -6,12 +6,8 @@ It reads the store chunk by chunk, so it runs in memory bounded by one chunk.
 import numpy as np
 
 from shared import storage
-from shared.cache import EVAL_ROWS, ROWS, check_integrity, open_cache
+from shared.cache import ROWS, check_integrity, eval_accuracies, open_cache, ratio
 from shared.ensemble import combine_log_probs
-
-
-def _ratio(a, b) -> float | None:
-  return float(a / b) if b else None
 
 
 def cache_info(path: str) -> dict:
@@ -82,11 +78,11 @@ def cache_info(path: str) -> dict:
   from_members = lambda value: value if members else None  # noqa: E731
   info["stats"] = {
       "members": [{"name": spec.member_name(i), "model": spec.member_runs(i)[0].model,
-                   "accuracy": from_members(_ratio(member_correct[i], labelled)),
-                   "accuracy_view0": from_members(_ratio(member_correct_view0[i], labelled_view0))}
+                   "accuracy": from_members(ratio(member_correct[i], labelled)),
+                   "accuracy_view0": from_members(ratio(member_correct_view0[i], labelled_view0))}
                   for i in range(num_members)],
-      "ensemble": {"combine": spec.combine, "accuracy": _ratio(ensemble_correct, labelled),
-                   "accuracy_view0": _ratio(ensemble_correct_view0, labelled_view0),
+      "ensemble": {"combine": spec.combine, "accuracy": ratio(ensemble_correct, labelled),
+                   "accuracy_view0": ratio(ensemble_correct_view0, labelled_view0),
                    "top1": "the most probable" if whole or spec.target_kind == "topk" else
                    "the most probable class drawn"},
       "mean_target_entropy_nats": entropy_sum / rows if whole else None,
@@ -100,26 +96,3 @@ def cache_info(path: str) -> dict:
   if spec.eval_dataset is not None:
     info["stats"]["eval"] = eval_accuracies(cache)
   return info
-
-
-def eval_accuracies(cache) -> dict:
-  """Each member's and both ensembles' (AM, GM at T=1) accuracy on the eval split, from the stored eval logits.
-
-  Returns:
-    {"split", "count", "members": [accuracy, ...], "arithmetic": accuracy, "geometric": accuracy}; accuracies are
-    None when the eval split is unlabeled.
-  """
-  spec = cache.spec
-  member_hits, ensemble_hits, labelled = np.zeros(spec.num_members), {"arithmetic": 0, "geometric": 0}, 0
-  for chunk in range(spec.chunks_of(EVAL_ROWS)):
-    arrays = cache.read_chunk(chunk, ("eval_member_logits", "eval_labels"), EVAL_ROWS)
-    logits, labels = arrays["eval_member_logits"], arrays["eval_labels"]
-    has_label = labels >= 0
-    labelled += int(has_label.sum())
-    member_hits += ((logits.argmax(-1) == labels[:, None]) & has_label[:, None]).sum(axis=0)
-    for rule in ensemble_hits:
-      top1 = np.asarray(combine_log_probs(logits, 1.0, rule)).argmax(-1)
-      ensemble_hits[rule] += int(((top1 == labels) & has_label).sum())
-  return {"split": spec.eval_dataset.split, "count": spec.num_eval_rows,
-          "members": [_ratio(hits, labelled) for hits in member_hits],
-          **{rule: _ratio(hits, labelled) for rule, hits in ensemble_hits.items()}}

@@ -2,16 +2,22 @@
 
 Every check is recomputed from the store and an independent source (the seed, the dataset), chunk by chunk, in
 memory bounded by one chunk. A damaged chunk is reported as a failure and the other chunks are still checked.
+
+`verify_cache` runs `STEPS` in order: the checks of the store's metadata, one scan that reads each chunk once and
+hands it to the checks of its contents (`ROW_CHECKS`, `EVAL_ROW_CHECKS`), and then the reports of those checks.
 """
 
+import collections
 import dataclasses
+import functools
+import typing
 
 import jax
 import numpy as np
 
 from shared import storage
-from shared.cache import (EVAL_ROWS, ROWS, layout_problems, missing_chunks, open_cache, replay_rows,
-                          uncommitted_chunks)
+from shared.cache import (EVAL_ROWS, ROWS, Cache, CacheSpec, layout_problems, missing_chunks, open_cache,
+                          replay_rows, uncommitted_chunks)
 from shared.data import DatasetSpec, TransferSet, label_ids, open_transfer_set
 from shared.ensemble import combine_log_probs
 from shared.specialists import class_matrix, specialist_log_probs
@@ -114,6 +120,314 @@ def _open_dataset(recorded: DatasetSpec, name: str | None, split: str | None, da
   return (transfer_set if same else None), Check(f"{what} fingerprint", same, detail)
 
 
+@dataclasses.dataclass
+class _Verification:
+  """What the steps of one verification share: the cache, the datasets it is checked against, and what the checks
+  of its chunks found (each check's first bad row of every chunk where it found one, under the check's key)."""
+
+  cache: Cache
+  dataset: str | None
+  split: str | None
+  data_dir: str | None
+  stopped: bool = False  # The store cannot be checked further (its arrays differ from its spec).
+  transfer_set: TransferSet | None = None
+  eval_set: TransferSet | None = None
+  sizes: np.ndarray | None = None  # int64 [N, 2] every example's (height, width), for replaying crop boxes.
+  damaged: list[str] = dataclasses.field(default_factory=list)
+  nonfinite: int = 0
+  worst_target_error: float = 0.0
+  bad_rows: dict[str, list[int]] = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
+
+  @property
+  def spec(self) -> CacheSpec:
+    return self.cache.spec
+
+  @property
+  def has_eval(self) -> bool:
+    return self.spec.eval_dataset is not None
+
+  @property
+  def teacher_arrays(self) -> tuple[str, ...]:
+    return self.spec.arrays_of(ROWS, "teacher") + self.spec.arrays_of(ROWS, "feature")
+
+  @property
+  def rederives(self) -> bool:
+    """Whether the targets are re-derived from the stored member logits (dense targets)."""
+    return {"targets", "member_logits"} <= set(self.teacher_arrays)
+
+  @property
+  def sparse(self) -> bool:
+    return self.spec.target_kind != "dense"
+
+  @property
+  def crops(self) -> bool:
+    return self.spec.augmentation.kind == "crop"
+
+  @functools.cached_property
+  def eval_indices(self) -> np.ndarray:
+    """int64 [E] the eval rows' example indices, from the eval split the spec records."""
+    return self.spec.eval_dataset.indices()
+
+  @functools.cached_property
+  def resolve(self):
+    """The targets of a cache of specialists, solved again: the generalist's combination with its specialists."""
+    spec = self.spec
+    classes = class_matrix([s.classes for s in spec.specialists], spec.specialist_width)
+    return jax.jit(lambda g, s: specialist_log_probs(g, s, classes, spec.temperature, spec.top_n))
+
+  def read(self, chunk: int, names, row_set: str) -> dict | None:
+    """One chunk of each array; None (and the damage recorded) if any of them cannot be read."""
+    arrays = {}
+    for name in names:
+      try:
+        arrays.update(self.cache.read_chunk(chunk, (name,), row_set))
+      except StillroomError as e:
+        cause = e.__cause__
+        self.damaged.append(f"{name} chunk {chunk} ({type(cause).__name__}: {str(cause)[:80]})")
+    return arrays if len(arrays) == len(names) else None
+
+  def first_bad(self, key: str, start: int, bad: np.ndarray) -> None:
+    """Records the first row of a chunk starting at `start` where the check `key` found `bad` [R] true."""
+    if bad.any():
+      self.bad_rows[key].append(start + int(np.argmax(bad)))
+
+
+class _Chunk(typing.NamedTuple):
+  """One chunk of rows `[start, stop)` as the checks of its contents see it."""
+
+  arrays: dict[str, np.ndarray]  # Every array of its row set but the bookkeeping, [R, ...].
+  start: int
+  stop: int
+  # Transfer rows: each row's int64 position in the transfer set, and the row arrays, replayed from the seed
+  # (`shared.cache.replay_rows`); None for eval rows.
+  position: np.ndarray | None = None
+  expected: dict[str, np.ndarray] | None = None
+
+
+def _bad_rows(v: _Verification, key: str, what: str = "rows") -> str:
+  return f"first bad {what} {listed(v.bad_rows[key])}" if v.bad_rows[key] else ""
+
+
+# The checks of the store's metadata.
+
+
+def _complete(v: _Verification) -> list[Check]:
+  return [Check("complete", v.cache.complete, "" if v.cache.complete else "no completion record: build interrupted")]
+
+
+def _layout(v: _Verification) -> list[Check]:
+  problems = layout_problems(v.cache.group, v.spec)
+  v.stopped = bool(problems)
+  return [Check("layout", not problems, "; ".join(problems))]
+
+
+def _committed(v: _Verification) -> list[Check]:
+  not_committed = []
+  for row_set in [ROWS] + ([EVAL_ROWS] if v.has_eval else []):
+    try:
+      count = len(uncommitted_chunks(v.cache, row_set))
+      if count:
+        not_committed.append(f"{count} of {v.spec.chunks_of(row_set)} {'eval ' if row_set == EVAL_ROWS else ''}"
+                             "chunks not committed")
+    except StillroomError as e:
+      not_committed.append(str(e))
+  return [Check("all chunks committed", not not_committed, "; ".join(not_committed))]
+
+
+def _present(v: _Verification) -> list[Check]:
+  if not v.spec.has_checksums:
+    return []
+  missing = missing_chunks(v.cache)
+  return [Check("every chunk present", not missing, "; ".join(
+      f"{name}: chunks {listed(chunks)} missing" for name, chunks in missing.items()))]
+
+
+def _fingerprints(v: _Verification) -> list[Check]:
+  """Opens the datasets to check the rows against (given, or the ones the spec names), and checks their fingerprints."""
+  given = v.dataset is not None or v.split is not None
+  v.transfer_set, fingerprint = _open_dataset(v.spec.dataset, v.dataset, v.split, v.data_dir, "dataset", given)
+  if not v.has_eval:
+    return [fingerprint]
+  same_dataset = v.spec.eval_dataset.name == v.spec.dataset.name  # A given --dataset stands for both.
+  v.eval_set, eval_fingerprint = _open_dataset(v.spec.eval_dataset, v.dataset if same_dataset else None,
+                                               v.spec.eval_dataset.split, v.data_dir, "eval split",
+                                               v.dataset is not None and same_dataset)
+  return [fingerprint, eval_fingerprint]
+
+
+# The checks of the contents, fed one chunk at a time.
+
+
+def _count_nonfinite(v: _Verification, chunk: _Chunk) -> None:
+  # A top-k row's rest is −inf when its other classes have no mass (K = C, or underflow): not a failure.
+  v.nonfinite += sum(int((~np.isfinite(chunk.arrays[name]) if name != "target_rest" else
+                          np.isnan(chunk.arrays[name]) | np.isposinf(chunk.arrays[name])).sum())
+                     for name in v.teacher_arrays)
+
+
+def _check_sparse_targets(v: _Verification, chunk: _Chunk) -> None:
+  if v.sparse:
+    v.first_bad("sparse", chunk.start, _sparse_target_failures(chunk.arrays, v.spec))
+
+
+def _rederive_targets(v: _Verification, chunk: _Chunk) -> None:
+  if not v.rederives:
+    return
+  spec, arrays = v.spec, chunk.arrays
+  if spec.specialists:  # The targets are the generalist's combination with its specialists: solved again.
+    active, derived = v.resolve(arrays["member_logits"][:, 0], arrays["specialist_logits"])
+    derived, wrong = np.asarray(derived), np.asarray(active) != arrays["specialist_active"]
+    if wrong.any():
+      v.bad_rows["targets"].append(chunk.start + int(np.argwhere(wrong)[0][0]))
+  else:
+    derived = np.asarray(combine_log_probs(arrays["member_logits"], spec.temperature, spec.combine))
+  error = np.abs(derived - arrays["targets"].astype(np.float32))
+  # q is solved to a relative 1e-6 per class: two solves (in batches of other shapes) agree to ~1e-5 in log q.
+  bad = error > _storage_tolerance(np.dtype(spec.dtype), derived) + (1e-4 if spec.specialists else 0.0)
+  if bad.any():
+    v.bad_rows["targets"].append(chunk.start + int(np.argwhere(bad)[0][0]))
+  v.worst_target_error = max(v.worst_target_error, float(np.nan_to_num(error, nan=np.inf).max(initial=0.0)))
+
+
+def _check_replayed_rows(v: _Verification, chunk: _Chunk) -> None:
+  """The row arrays against the seed's replay; crop boxes only with the image sizes (without them, only their
+  flip replays)."""
+  if v.crops and v.sizes is not None:
+    v.first_bad("boxes", chunk.start, (chunk.arrays["crop"] != chunk.expected["crop"]).any(axis=1))
+  consistent = np.ones(chunk.stop - chunk.start, bool)
+  for name, values in chunk.expected.items():
+    if name != "crop":
+      consistent &= (chunk.arrays[name] == values).reshape(chunk.stop - chunk.start, -1).all(axis=1)
+  v.first_bad("rows", chunk.start, ~consistent)
+
+
+def _check_labels(v: _Verification, chunk: _Chunk) -> None:
+  if v.transfer_set is not None:
+    v.first_bad("labels", chunk.start, chunk.arrays["labels"] != label_ids(v.transfer_set.labels[chunk.position]))
+
+
+ROW_CHECKS = (_count_nonfinite, _check_sparse_targets, _rederive_targets, _check_replayed_rows, _check_labels)
+
+
+def _count_nonfinite_eval(v: _Verification, chunk: _Chunk) -> None:
+  v.nonfinite += int((~np.isfinite(chunk.arrays["eval_member_logits"])).sum())
+
+
+def _check_eval_index(v: _Verification, chunk: _Chunk) -> None:
+  v.first_bad("eval index", chunk.start, chunk.arrays["eval_index"] != v.eval_indices[chunk.start:chunk.stop])
+
+
+def _check_eval_labels(v: _Verification, chunk: _Chunk) -> None:
+  if v.eval_set is not None:
+    v.first_bad("eval labels", chunk.start,
+                chunk.arrays["eval_labels"] != label_ids(v.eval_set.labels[chunk.start:chunk.stop]))
+
+
+EVAL_ROW_CHECKS = (_count_nonfinite_eval, _check_eval_index, _check_eval_labels)
+
+
+def _scan(v: _Verification) -> list[Check]:
+  """Reads every chunk once (the transfer rows, then the eval rows) and hands it to `ROW_CHECKS` and
+  `EVAL_ROW_CHECKS`; their reports follow."""
+  spec = v.spec
+  # Every example's (height, width), read once from the file headers (or records), for replaying crop boxes.
+  if v.crops and v.transfer_set is not None:
+    v.sizes = v.transfer_set.image_sizes(np.arange(len(v.transfer_set)))
+  indices = spec.dataset.indices()
+  sizes = v.sizes if v.sizes is not None or not v.crops else np.ones((spec.num_examples, 2), np.int64)
+  names = [name for name in spec.arrays_of(ROWS) if spec.array(name).role != "bookkeeping"]
+  for chunk in range(spec.num_chunks):
+    arrays = v.read(chunk, names, ROWS)
+    if arrays is None:
+      continue
+    start, stop = v.cache.chunk_bounds(chunk)
+    position, expected = replay_rows(spec, start, stop, indices, sizes)
+    for check in ROW_CHECKS:
+      check(v, _Chunk(arrays, start, stop, position, expected))
+  if v.has_eval:
+    names = [name for name in spec.arrays_of(EVAL_ROWS) if spec.array(name).role != "bookkeeping"]
+    for chunk in range(spec.chunks_of(EVAL_ROWS)):
+      arrays = v.read(chunk, names, EVAL_ROWS)
+      if arrays is not None:
+        for check in EVAL_ROW_CHECKS:
+          check(v, _Chunk(arrays, *v.cache.chunk_bounds(chunk, EVAL_ROWS)))
+  return []
+
+
+# The reports of the checks of the contents.
+
+
+def _intact(v: _Verification) -> list[Check]:
+  return [Check("chunks intact (checksums)" if v.spec.has_checksums else "chunks readable", not v.damaged,
+                f"{len(v.damaged)} damaged: {listed(v.damaged)}" if v.damaged else
+                ("" if v.spec.has_checksums else "schema 1: no checksums, damage may go unseen"))]
+
+
+def _finite(v: _Verification) -> list[Check]:
+  return [Check("finite values", v.nonfinite == 0, f"{v.nonfinite} non-finite values" if v.nonfinite else "")]
+
+
+def _targets_rederived(v: _Verification) -> list[Check]:
+  if not v.rederives:
+    return []
+  return [Check("targets re-derived from member_logits" + (
+      " and specialist_logits (q and the active specialists)" if v.spec.specialists else ""), not v.bad_rows["targets"],
+                f"max abs error {v.worst_target_error:.3g}"
+                + (f"; first bad rows {listed(v.bad_rows['targets'])}" if v.bad_rows["targets"] else ""))]
+
+
+def _sparse_targets(v: _Verification) -> list[Check]:
+  if not v.sparse:
+    return []
+  return [Check(f"{v.spec.targets} targets well-formed" + (" and re-derived from member_logits"
+                                                            if v.spec.member_logits else ""),
+                not v.bad_rows["sparse"], _bad_rows(v, "sparse"))]
+
+
+def _rows_replay(v: _Verification) -> list[Check]:
+  replayed = "/".join(("index", "view", *(name for name in v.spec.augmentation.param_names if name != "crop"), "fold"))
+  return [Check(f"rows' {replayed} replay from the seed", not v.bad_rows["rows"], _bad_rows(v, "rows"))]
+
+
+def _crop_boxes(v: _Verification) -> list[Check]:
+  if not v.crops:
+    return []
+  name = "rows' crop boxes replay from the seed and the image sizes"
+  if v.sizes is None:
+    return [Check(name, None, "not checked: they need the dataset's image sizes")]
+  return [Check(name, not v.bad_rows["boxes"], _bad_rows(v, "boxes"))]
+
+
+def _eval_index(v: _Verification) -> list[Check]:
+  if not v.has_eval:
+    return []
+  return [Check("eval rows' index replays from the eval split", not v.bad_rows["eval index"],
+                _bad_rows(v, "eval index", "eval rows"))]
+
+
+_UNCHECKED = "not checked: the dataset is not available or not the one recorded"
+
+
+def _labels(v: _Verification) -> list[Check]:
+  if v.transfer_set is None:
+    return [Check("labels match the dataset", None, _UNCHECKED)]
+  return [Check("labels match the dataset", not v.bad_rows["labels"], _bad_rows(v, "labels"))]
+
+
+def _eval_labels(v: _Verification) -> list[Check]:
+  if not v.has_eval:
+    return []
+  if v.eval_set is None:
+    return [Check("eval labels match the eval split", None, _UNCHECKED)]
+  return [Check("eval labels match the eval split", not v.bad_rows["eval labels"],
+                _bad_rows(v, "eval labels", "eval rows"))]
+
+
+# What `verify_cache` runs, in order; each step returns its checks. After `_layout` fails, nothing more is checked.
+STEPS = (_complete, _layout, _committed, _present, _fingerprints, _scan, _intact, _finite, _targets_rederived,
+         _sparse_targets, _rows_replay, _crop_boxes, _eval_index, _labels, _eval_labels)
+
+
 def verify_cache(path: str, dataset: str | None = None, split: str | None = None,
                  data_dir: str | None = None) -> list[Check]:
   """Checks a cache: completeness, layout, every chunk present and intact, finite values, targets re-derived from
@@ -129,157 +443,10 @@ def verify_cache(path: str, dataset: str | None = None, split: str | None = None
     if not storage.exists(path):
       raise
     return [Check("spec", False, str(e))]  # A damaged spec is a finding, not a crash.
-  spec = cache.spec
-  checks = [Check("complete", cache.complete, "" if cache.complete else "no completion record: build interrupted")]
-  problems = layout_problems(cache.group, spec)
-  checks.append(Check("layout", not problems, "; ".join(problems)))
-  if problems:
-    return checks
-  row_sets = [ROWS] + ([EVAL_ROWS] if spec.eval_dataset is not None else [])
-  not_committed = []
-  for row_set in row_sets:
-    try:
-      count = len(uncommitted_chunks(cache, row_set))
-      if count:
-        not_committed.append(f"{count} of {spec.chunks_of(row_set)} {'eval ' if row_set == EVAL_ROWS else ''}chunks "
-                             "not committed")
-    except StillroomError as e:
-      not_committed.append(str(e))
-  checks.append(Check("all chunks committed", not not_committed, "; ".join(not_committed)))
-  if spec.has_checksums:
-    missing = missing_chunks(cache)
-    checks.append(Check("every chunk present", not missing, "; ".join(
-        f"{name}: chunks {listed(chunks)} missing" for name, chunks in missing.items())))
-  given = dataset is not None or split is not None
-  transfer_set, fingerprint = _open_dataset(spec.dataset, dataset, split, data_dir, "dataset", given)
-  checks.append(fingerprint)
-  eval_set = None
-  if spec.eval_dataset is not None:
-    same_dataset = spec.eval_dataset.name == spec.dataset.name  # A given --dataset stands for both.
-    eval_set, eval_fingerprint = _open_dataset(spec.eval_dataset, dataset if same_dataset else None,
-                                               spec.eval_dataset.split, data_dir, "eval split",
-                                               dataset is not None and same_dataset)
-    checks.append(eval_fingerprint)
-
-  damaged: list[str] = []
-
-  def read(chunk: int, names, row_set: str) -> dict | None:
-    """One chunk of each array; None (and the damage recorded) if any of them cannot be read."""
-    arrays = {}
-    for name in names:
-      try:
-        arrays.update(cache.read_chunk(chunk, (name,), row_set))
-      except StillroomError as e:
-        cause = e.__cause__
-        damaged.append(f"{name} chunk {chunk} ({type(cause).__name__}: {str(cause)[:80]})")
-    return arrays if len(arrays) == len(names) else None
-
-  nonfinite, worst_target_error = 0, 0.0
-  target_failures, row_failures, label_failures = [], [], []
-  expected_index = spec.dataset.indices()
-  row_arrays = [name for name in spec.arrays_of(ROWS) if spec.array(name).role != "bookkeeping"]
-  teacher_arrays = spec.arrays_of(ROWS, "teacher") + spec.arrays_of(ROWS, "feature")
-  rederive = {"targets", "member_logits"} <= set(teacher_arrays)
-  if spec.specialists:  # The targets are the generalist's combination with its specialists: solved again.
-    classes = class_matrix([s.classes for s in spec.specialists], spec.specialist_width)
-    resolve = jax.jit(lambda g, s: specialist_log_probs(g, s, classes, spec.temperature, spec.top_n))
-  sparse = spec.target_kind != "dense"
-  sparse_failures: list[int] = []
-  crops = spec.augmentation.kind == "crop"
-  box_failures: list[int] = []
-  # Every example's (height, width), read once from the file headers (or records), for replaying crop boxes.
-  sizes = transfer_set.image_sizes(np.arange(len(transfer_set))) if crops and transfer_set is not None else None
-  for chunk in range(spec.num_chunks):
-    arrays = read(chunk, row_arrays, ROWS)
-    if arrays is None:
-      continue
-    start, stop = cache.chunk_bounds(chunk)
-    # A top-k row's rest is −inf when its other classes have no mass (K = C, or underflow): not a failure.
-    nonfinite += sum(int((~np.isfinite(arrays[name]) if name != "target_rest" else
-                          np.isnan(arrays[name]) | np.isposinf(arrays[name])).sum()) for name in teacher_arrays)
-    if sparse:
-      bad = _sparse_target_failures(arrays, spec)
-      if bad.any():
-        sparse_failures.append(start + int(np.argmax(bad)))
-    if rederive:
-      if spec.specialists:
-        active, derived = resolve(arrays["member_logits"][:, 0], arrays["specialist_logits"])
-        derived, wrong = np.asarray(derived), np.asarray(active) != arrays["specialist_active"]
-        if wrong.any():
-          target_failures.append(start + int(np.argwhere(wrong)[0][0]))
-      else:
-        derived = np.asarray(combine_log_probs(arrays["member_logits"], spec.temperature, spec.combine))
-      error = np.abs(derived - arrays["targets"].astype(np.float32))
-      # q is solved to a relative 1e-6 per class: two solves (in batches of other shapes) agree to ~1e-5 in log q.
-      bad = error > _storage_tolerance(np.dtype(spec.dtype), derived) + (1e-4 if spec.specialists else 0.0)
-      if bad.any():
-        target_failures.append(start + int(np.argwhere(bad)[0][0]))
-      worst_target_error = max(worst_target_error, float(np.nan_to_num(error, nan=np.inf).max(initial=0.0)))
-    # A crop box depends on the image's size: without the dataset, only its flip replays.
-    position, expected = replay_rows(spec, start, stop, expected_index, sizes if sizes is not None or not crops
-                                     else np.ones((spec.num_examples, 2), np.int64))
-    if crops:
-      if sizes is not None:
-        wrong_box = (arrays["crop"] != expected["crop"]).any(axis=1)
-        if wrong_box.any():
-          box_failures.append(start + int(np.argmax(wrong_box)))
-      del expected["crop"]
-    consistent = np.ones(stop - start, bool)
-    for name, values in expected.items():
-      consistent &= (arrays[name] == values).reshape(stop - start, -1).all(axis=1)
-    if not consistent.all():
-      row_failures.append(start + int(np.argmin(consistent)))
-    if transfer_set is not None:
-      expected = transfer_set.labels[position]
-      wrong = arrays["labels"] != label_ids(expected)
-      if wrong.any():
-        label_failures.append(start + int(np.argmax(wrong)))
-  eval_failures, eval_label_failures = [], []
-  if spec.eval_dataset is not None:
-    expected_eval_index = spec.eval_dataset.indices()
-    eval_arrays = [name for name in spec.arrays_of(EVAL_ROWS) if spec.array(name).role != "bookkeeping"]
-    for chunk in range(spec.chunks_of(EVAL_ROWS)):
-      arrays = read(chunk, eval_arrays, EVAL_ROWS)
-      if arrays is None:
-        continue
-      start, stop = cache.chunk_bounds(chunk, EVAL_ROWS)
-      nonfinite += int((~np.isfinite(arrays["eval_member_logits"])).sum())
-      if (arrays["eval_index"] != expected_eval_index[start:stop]).any():
-        eval_failures.append(start + int(np.argmax(arrays["eval_index"] != expected_eval_index[start:stop])))
-      if eval_set is not None:
-        expected = label_ids(eval_set.labels[start:stop])
-        if (arrays["eval_labels"] != expected).any():
-          eval_label_failures.append(start + int(np.argmax(arrays["eval_labels"] != expected)))
-  checks.append(Check("chunks intact (checksums)" if spec.has_checksums else "chunks readable", not damaged,
-                      f"{len(damaged)} damaged: {listed(damaged)}" if damaged else
-                      ("" if spec.has_checksums else "schema 1: no checksums, damage may go unseen")))
-  checks.append(Check("finite values", nonfinite == 0, f"{nonfinite} non-finite values" if nonfinite else ""))
-  if rederive:
-    checks.append(Check("targets re-derived from member_logits" + (
-        " and specialist_logits (q and the active specialists)" if spec.specialists else ""), not target_failures,
-                        f"max abs error {worst_target_error:.3g}"
-                        + (f"; first bad rows {listed(target_failures)}" if target_failures else "")))
-  if sparse:
-    checks.append(Check(f"{spec.targets} targets well-formed" + (" and re-derived from member_logits"
-                                                                  if spec.member_logits else ""),
-                        not sparse_failures, f"first bad rows {listed(sparse_failures)}" if sparse_failures else ""))
-  replayed = "/".join(("index", "view", *(name for name in spec.augmentation.param_names if name != "crop"), "fold"))
-  checks.append(Check(f"rows' {replayed} replay from the seed", not row_failures,
-                      f"first bad rows {listed(row_failures)}" if row_failures else ""))
-  if crops:
-    checks.append(Check("rows' crop boxes replay from the seed and the image sizes", None,
-                        "not checked: they need the dataset's image sizes") if sizes is None else Check(
-        "rows' crop boxes replay from the seed and the image sizes", not box_failures,
-        f"first bad rows {listed(box_failures)}" if box_failures else ""))
-  if spec.eval_dataset is not None:
-    checks.append(Check("eval rows' index replays from the eval split", not eval_failures,
-                        f"first bad eval rows {listed(eval_failures)}" if eval_failures else ""))
-  unchecked = "not checked: the dataset is not available or not the one recorded"
-  checks.append(Check("labels match the dataset", None, unchecked) if transfer_set is None else Check(
-      "labels match the dataset", not label_failures,
-      f"first bad rows {listed(label_failures)}" if label_failures else ""))
-  if spec.eval_dataset is not None:
-    checks.append(Check("eval labels match the eval split", None, unchecked) if eval_set is None else Check(
-        "eval labels match the eval split", not eval_label_failures,
-        f"first bad eval rows {listed(eval_label_failures)}" if eval_label_failures else ""))
+  verification = _Verification(cache, dataset, split, data_dir)
+  checks = []
+  for step in STEPS:
+    checks += step(verification)
+    if verification.stopped:
+      break
   return checks

@@ -7,7 +7,7 @@ import os
 import numpy as np
 from sklearn.datasets import load_wine
 
-from student_train.demo import DemoConfig, format_table, run_demo
+from stillroom.demo import DemoConfig, format_table, run_demo
 
 
 def test_demo_pipeline_on_a_tabular_npz(tmp_path):

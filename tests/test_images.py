@@ -474,11 +474,11 @@ def test_deep_png_shift_options_with_crops_and_out_of_memory_are_one_line_errors
 
 
 def test_a_large_fixed_shape_tfds_split_stays_lazy_and_eval_splits_default_alike(tmp_path, monkeypatch):
-  import shared.data
+  import shared.data.tfds
   from shared.data import default_eval_split
   from test_data import TinyImages
   TinyImages(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
-  monkeypatch.setattr(shared.data, "SMALL_SPLIT_BYTES", 100)  # 40 examples of 48 bytes: "large" here.
+  monkeypatch.setattr(shared.data.tfds, "SMALL_SPLIT_BYTES", 100)  # 40 examples of 48 bytes: "large" here.
   read = []
   original = TfdsSource._records
   monkeypatch.setattr(TfdsSource, "_records", lambda self, keys, source=None: (  # Reads that decode images.

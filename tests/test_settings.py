@@ -12,7 +12,7 @@ import pytest
 from shared.options import DEMO_STAGES
 from shared.settings import commands_of, declared, flag_of, names_where
 from student_train.config import FitConfig
-from student_train.demo import DemoConfig
+from stillroom.demo import DemoConfig
 from student_train.evaluate import EvalConfig
 from teacher_cache.build import BuildConfig
 
@@ -23,7 +23,7 @@ STAGE_PREFIX = {command: stage + "_" for stage, command in DEMO_STAGES.items()}
 
 def _parsers() -> dict[str, argparse.ArgumentParser]:
   """Each program's top-level parser."""
-  from student_train.cli import _parser as student_parser  # pylint: disable=import-outside-toplevel
+  from stillroom.cli import student_train_parser as student_parser  # pylint: disable=import-outside-toplevel
   from teacher_cache.cli import _parser as teacher_parser  # pylint: disable=import-outside-toplevel
   return {"student-train": student_parser(), "teacher-cache": teacher_parser()}
 

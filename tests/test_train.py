@@ -317,7 +317,7 @@ def test_an_interrupted_process_runs_its_exit_handlers_and_keeps_its_status(tmp_
   threads and could segfault), but only after the exit handlers, and with the interrupt's status; other exits are
   ordinary."""
   marker = tmp_path / "exit-handlers-ran"
-  script = (f"import atexit, jax\nfrom shared.entry_points import run_process\n"
+  script = (f"import atexit, jax\nfrom stillroom.entry_points import run_process\n"
             f"atexit.register(lambda: open({str(marker)!r}, 'w').close())\n"
             f"def main():\n  raise SystemExit({status})\nrun_process(main)\n")
   done = subprocess.run([sys.executable, "-c", script], cwd=REPO,

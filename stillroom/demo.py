@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from shared import distributed
-from shared.cache import open_cache
+from shared.cache import eval_accuracies, open_cache
 from shared.data import open_transfer_set
 from shared.errors import StillroomError
 from shared.cache import validate_settings
@@ -29,7 +29,6 @@ from shared.settings import add_options, at_least, check_values, from_args, posi
 from student_train.config import FitConfig, validate_config
 from student_train.train import fit_group
 from teacher_cache.build import BuildConfig, build_cache
-from teacher_cache.info import eval_accuracies
 
 AUTO = "auto"  # Teacher model and views chosen from the data: see `DemoConfig`.
 

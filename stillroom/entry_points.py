@@ -1,8 +1,9 @@
-"""The console scripts: each imports its command line only when called.
+"""The console scripts (and `python -m student_train` / `python -m teacher_cache`): each imports its command line
+only when called.
 
 An input worker (`shared.workers`) is a spawned interpreter, which imports the script that started its parent
-before it runs: through these functions, that costs it `shared` (whose public names load lazily) and nothing of
-JAX or Flax.
+before it runs: through these functions, that costs it `stillroom` (which imports nothing) and nothing of JAX or
+Flax.
 """
 
 import atexit
@@ -29,8 +30,8 @@ def run_process(main) -> None:
 
 
 def student_train():
-  from student_train.cli import main  # pylint: disable=import-outside-toplevel
-  run_process(main)
+  from stillroom.cli import student_train_main  # pylint: disable=import-outside-toplevel
+  run_process(student_train_main)
 
 
 def teacher_cache():

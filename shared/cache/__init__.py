@@ -1,0 +1,48 @@
+"""The cache format: the contract between `teacher_cache` (writer) and `student_train` (reader).
+
+A cache is one Zarr v3 group. Each row is one `(example, view)` pair. Rows are view-major (rows `[v·N, (v+1)·N)`
+hold view v of every example), and within a view the examples are stored in a seeded permuted order
+(`row_sources`), so that any chunk, and any batch drawn from a few chunks, is a uniform sample of the transfer set
+even when the dataset is sorted by class. Every array is chunked along rows only, `chunk_rows` rows per chunk; a
+chunk is the unit of writing, resuming and reading. Every chunk carries a CRC-32C checksum and is written even
+when it is all zeros, so damage and missing chunks can be told apart from data.
+
+The group attributes hold `CacheSpec.to_attrs()` under "stillroom" (including the list of arrays present, each
+with its role) and, written last, a completion record under "stillroom_complete". A store without the completion
+record is not complete, whatever it holds.
+
+One module per part of the contract:
+  * `layout`: the arrays a cache may hold (`LAYOUT`) and the arrays of one store (`ArraySpec`).
+  * `spec`: `CacheSpec` and its parts, as the group attributes hold them, and the schema versions.
+  * `rows`: the row order, which view of which example each row holds.
+  * `store`: `open_cache` and the opened `Cache`.
+  * `integrity`: whether a store is whole (arrays as listed, every chunk committed and present).
+  * `writer`: creating a store's arrays and writing its chunks (`teacher_cache` writes caches through it).
+  * `stats`: teacher statistics from the stored eval logits.
+"""
+
+from shared.cache.integrity import (check_integrity, integrity_problems, layout_problems, missing_chunks,
+                                    uncommitted_chunks)
+from shared.cache.layout import (CLASS_IDS, EVAL_ROWS, FEATURE_DTYPE, FEATURE_KINDS, FEATURE_NAME, FEATURE_RANKS,
+                                 LAYOUT, ROLES, ROWS, STORAGE, STORAGE_DTYPES, ArrayLayout, ArraySpec, committed_name,
+                                 layout_of)
+from shared.cache.rows import ROW_ORDERS, replay_rows, row_sources
+from shared.cache.spec import (COMPLETE_KEY, FEATURE_SCHEMA_VERSION, READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION,
+                               SPARSE_SCHEMA_VERSION, SPEC_KEY, SPECIALIST_SCHEMA_VERSION, TARGET_KINDS, CacheSpec,
+                               FeatureSpec, MemberSpec, SpecialistSpec, now_iso, parse_features, parse_targets,
+                               required_schema_version, validate_settings)
+from shared.cache.stats import eval_accuracies, ratio
+from shared.cache.store import Cache, open_cache
+from shared.cache.writer import ChunkWriter, create_arrays, writable
+from shared.cache.zarr_async import gather, raise_first_failure
+
+__all__ = [
+    "CLASS_IDS", "COMPLETE_KEY", "EVAL_ROWS", "FEATURE_DTYPE", "FEATURE_KINDS", "FEATURE_NAME", "FEATURE_RANKS",
+    "FEATURE_SCHEMA_VERSION", "LAYOUT", "READABLE_SCHEMA_VERSIONS", "ROLES", "ROWS", "ROW_ORDERS", "SCHEMA_VERSION",
+    "SPARSE_SCHEMA_VERSION", "SPECIALIST_SCHEMA_VERSION", "SPEC_KEY", "STORAGE", "STORAGE_DTYPES", "TARGET_KINDS",
+    "ArrayLayout", "ArraySpec", "Cache", "CacheSpec", "ChunkWriter", "FeatureSpec", "MemberSpec", "SpecialistSpec",
+    "check_integrity", "committed_name", "create_arrays", "eval_accuracies", "gather", "integrity_problems",
+    "layout_of", "layout_problems", "missing_chunks", "now_iso", "open_cache", "parse_features", "parse_targets",
+    "raise_first_failure", "ratio", "replay_rows", "required_schema_version", "row_sources", "uncommitted_chunks",
+    "validate_settings", "writable",
+]

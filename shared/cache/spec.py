@@ -1,0 +1,487 @@
+"""The cache spec: everything a cache records about how it was made (`CacheSpec` and its parts), as the group
+attributes hold it (`to_attrs` / `from_attrs`), and the schema versions that read it.
+
+Schema history: version 1 (stillroom 0.1) had no checksums, could omit all-zero chunks, stored examples in split
+order, and listed no arrays; it is still read, with a warning. Version 3 is version 2 with sparse targets
+(`--targets topk:K|sample:K`); dense caches stay version 2, so that an older stillroom reads them. Version 4 holds
+a generalist with specialists; version 5 holds teacher features (`--features`), with any targets.
+"""
+
+import dataclasses
+import datetime
+import math
+import re
+
+import numpy as np
+
+from shared.augment import Augmentation
+from shared.cache.layout import (CLASS_IDS, EVAL_ROWS, FEATURE_KINDS, FEATURE_NAME, FEATURE_RANKS, LAYOUT, ROWS,
+                                 STORAGE, STORAGE_DTYPES, ArraySpec, layout_of)
+from shared.cache.rows import ROW_ORDERS, row_sources
+from shared.data import DatasetSpec
+from shared.ensemble import COMBINE_RULES
+from shared.errors import StillroomError
+from shared.settings import positive_finite, seed_check
+
+SCHEMA_VERSION = 2
+SPARSE_SCHEMA_VERSION = 3  # Sparse targets: a stillroom that predates them refuses the store by its version.
+SPECIALIST_SCHEMA_VERSION = 4  # A generalist with specialists: likewise.
+FEATURE_SCHEMA_VERSION = 5  # Teacher features: likewise.
+READABLE_SCHEMA_VERSIONS = (1, 2, 3, 4, 5)
+SPEC_KEY = "stillroom"  # The group attribute that holds `CacheSpec.to_attrs()`...
+COMPLETE_KEY = "stillroom_complete"  # ...and the completion record, written last: without it a store is incomplete.
+TARGET_KINDS = ("dense", "topk", "sample")  # `--targets dense|topk:K|sample:K`.
+
+
+def parse_targets(text: str) -> tuple[str, int | None]:
+  """`"dense"` -> ("dense", None); `"topk:K"` / `"sample:K"` -> (kind, K).
+
+  Raises:
+    StillroomError: another text, or K not a positive integer (at most 65,535 draws for `sample`).
+  """
+  kind, _, k = text.partition(":")
+  if kind == "dense" and not k:
+    return kind, None
+  if kind in TARGET_KINDS[1:] and k.isascii() and k.isdigit() and int(k) >= 1:
+    if kind == "topk" or int(k) <= np.iinfo(np.uint16).max:  # Counts are uint16.
+      return kind, int(k)
+  raise StillroomError(f"--targets {text!r}: give 'dense', 'topk:K' or 'sample:K' with K a positive integer "
+                       "(sample: at most 65535).")
+
+
+def validate_settings(*, temperature: float, combine: str, dtype: str, views: int, chunk_rows: int, seed: int = 0,
+                      folds: int = 1, targets: str = "dense") -> None:
+  """Checks the scalar build settings (before any data or teacher is loaded).
+
+  Raises:
+    StillroomError: naming the bad setting and its valid values.
+  """
+  problem = positive_finite(temperature)
+  if problem is not True:
+    raise StillroomError(f"temperature {problem}, got {temperature}.")
+  if combine not in COMBINE_RULES:
+    raise StillroomError(f"unknown combine rule {combine!r}; valid: {', '.join(COMBINE_RULES)}.")
+  if dtype not in STORAGE_DTYPES:
+    raise StillroomError(f"unknown dtype {dtype!r}; valid: {', '.join(STORAGE_DTYPES)}.")
+  if views < 1:
+    raise StillroomError(f"views must be >= 1 (view 0 is the un-augmented input), got {views}.")
+  if chunk_rows < 1:
+    raise StillroomError(f"chunk_rows must be >= 1, got {chunk_rows}.")
+  if seed_check(seed) is not True:
+    raise StillroomError(f"seed {seed_check(seed)}, got {seed}.")
+  if folds < 1:
+    raise StillroomError(f"folds must be >= 1, got {folds}.")
+  parse_targets(targets)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MemberSpec:
+  """One ensemble member's run, identified by the digest of its parameters (paths may move).
+
+  Attributes:
+    name: display name (run dir basename or `module:function`).
+    source: where it was loaded from.
+    model: registry name, or "external".
+    num_params: parameter count.
+    digest: SHA-256 of the parameters (`shared.runs.param_digest`).
+    trained_epochs: epochs the run had trained when its checkpoint was written (None: not a stillroom run).
+    normalization: the input normalisation it received.
+  """
+
+  name: str
+  source: str
+  model: str
+  num_params: int
+  digest: str
+  trained_epochs: int | None
+  normalization: dict
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialistSpec:
+  """One specialist of a cache (Hinton et al. 2015, section 5).
+
+  Attributes:
+    run: its run.
+    classes: the generalist's class ids of its outputs 0..n-1 (its dustbin is output n).
+    dustbin_correction: what was added to its dustbin logit before storing (undoing its enriched sampling).
+  """
+
+  run: MemberSpec
+  classes: tuple[int, ...]
+  dustbin_correction: float
+
+  def to_dict(self) -> dict:
+    return {"run": self.run.to_dict(), "classes": list(self.classes), "dustbin_correction": self.dustbin_correction}
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "SpecialistSpec":
+    return cls(run=MemberSpec(**d["run"]), classes=tuple(int(c) for c in d["classes"]),
+               dustbin_correction=float(d["dustbin_correction"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSpec:
+  """One teacher feature a cache stores (`--features NAME:KIND`): one array of the layout.
+
+  Attributes:
+    name: the member's feature name (`shared.models`: e.g. `stage1`, `dense`).
+    kind: what is stored of it (see `FEATURE_KINDS`).
+    member: the member whose feature it is.
+    shape: one row's stored shape, e.g. (8, 8, 32), (8, 8) or (32,).
+  """
+
+  name: str
+  kind: str
+  member: int
+  shape: tuple[int, ...]
+
+  @property
+  def array_name(self) -> str:
+    return f"feature.{self.name}.{self.kind}.m{self.member}"
+
+  def to_dict(self) -> dict:
+    return {**dataclasses.asdict(self), "shape": list(self.shape)}
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "FeatureSpec":
+    return cls(name=str(d["name"]), kind=str(d["kind"]), member=int(d["member"]),
+               shape=tuple(int(n) for n in d["shape"]))
+
+
+def parse_features(text: str) -> list[tuple[str, str, int | None]]:
+  """`"stage1,stage2:attention@0"` -> [("stage1", "map", None), ("stage2", "attention", 0)]: each feature's name,
+  kind (default "map") and member (None: every member).
+
+  Raises:
+    StillroomError: an empty or malformed entry, an unknown kind (listing the valid ones).
+  """
+  parsed = []
+  for entry in text.split(","):
+    rest, _, member = entry.partition("@")
+    name, _, kind = rest.partition(":")
+    kind = kind or "map"
+    if not re.fullmatch(FEATURE_NAME, name) or kind not in FEATURE_KINDS or \
+        (member and not (member.isascii() and member.isdigit())) or (not member and "@" in entry):
+      raise StillroomError(f"--features {text!r}: give NAME[:KIND][@MEMBER],... with KIND one of "
+                           f"{', '.join(FEATURE_KINDS)} (default map) and MEMBER a member index (default: every "
+                           f"member); {entry!r} is not one.")
+    parsed.append((name, kind, int(member) if member else None))
+  return parsed
+
+
+def required_schema_version(targets: str, specialists: bool, features: bool) -> int:
+  """The oldest schema that holds a cache of `--targets targets`, with specialists or features or not."""
+  return (FEATURE_SCHEMA_VERSION if features else SPECIALIST_SCHEMA_VERSION if specialists else
+          SPARSE_SCHEMA_VERSION if parse_targets(targets)[0] != "dense" else SCHEMA_VERSION)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CacheSpec:
+  """Everything a cache records about how it was made. `build_key()` is what defines a build.
+
+  Attributes:
+    temperature: T of the stored targets.
+    combine: the ensemble rule of the stored targets.
+    members: every member's run; with `folds` K > 1, K runs per member, member-major.
+    dataset: the transfer set.
+    num_classes: C.
+    views: views per example (view 0 un-augmented).
+    augmentation: how views are drawn; its seed also orders the examples (`row_sources`).
+    dtype: storage dtype of logits and targets.
+    chunk_rows: rows per chunk.
+    software_version: the stillroom that wrote it.
+    folds: K > 1 when cross-fitted.
+    targets: what is stored of the ensemble distribution: "dense" (every class), "topk:K" or "sample:K".
+    member_logits: whether each member's logits are stored (always for dense targets).
+    eval_dataset: the eval split whose member logits the store holds, or None.
+    row_order: "permuted" (schema 2) or "sequential" (schema 1).
+    specialists: the specialists whose combination with the one member (the generalist) the targets are; schema 4.
+    top_n: with specialists: those whose classes meet the generalist's top-n classes of a row take part in it.
+    features: the members' features it stores (schema 5).
+    arrays: the arrays present; derived from the settings when not given.
+    created_at: ISO time of creation.
+    schema_version: the layout version.
+  """
+
+  temperature: float
+  combine: str
+  members: tuple[MemberSpec, ...]
+  dataset: DatasetSpec
+  num_classes: int
+  views: int
+  augmentation: Augmentation
+  dtype: str
+  chunk_rows: int
+  software_version: str
+  folds: int = 1
+  targets: str = "dense"
+  member_logits: bool = True
+  eval_dataset: DatasetSpec | None = None
+  row_order: str = "permuted"
+  specialists: tuple[SpecialistSpec, ...] = ()
+  top_n: int = 0
+  features: tuple[FeatureSpec, ...] = ()
+  arrays: tuple[ArraySpec, ...] = ()
+  created_at: str = ""
+  schema_version: int = SCHEMA_VERSION
+
+  def __post_init__(self):
+    validate_settings(temperature=self.temperature, combine=self.combine, dtype=self.dtype, views=self.views,
+                      chunk_rows=self.chunk_rows, seed=self.augmentation.seed, folds=self.folds, targets=self.targets)
+    if self.schema_version != self.required_schema_version() and \
+        (self.schema_version, self.required_schema_version()) != (1, SCHEMA_VERSION):
+      raise StillroomError(f"schema version {self.schema_version} with {self.targets} targets, "
+                           f"{len(self.specialists)} specialists and {len(self.features)} features: such a cache is "
+                           f"schema {self.required_schema_version()} (sparse targets {SPARSE_SCHEMA_VERSION}, "
+                           f"specialists {SPECIALIST_SCHEMA_VERSION}, features {FEATURE_SCHEMA_VERSION}).")
+    names = [f.array_name for f in self.features]
+    if len(set(names)) != len(names) or self.features and (self.folds > 1 or self.specialists) or not all(
+        re.fullmatch(FEATURE_NAME, f.name) and f.kind in FEATURE_KINDS and 0 <= f.member < self.num_members
+        and len(f.shape) in FEATURE_RANKS[f.kind] and min(f.shape) >= 1 for f in self.features):
+      raise StillroomError("a cache's features are distinct, named in letters, digits, '_' and '-', of known kinds, "
+                           "shapes that fit them and of its members, and it has neither cross-fitted members nor "
+                           "specialists.")
+    if self.specialists:
+      classes = [c for s in self.specialists for c in s.classes]
+      if self.target_kind != "dense" or len(self.members) != 1 or not 1 <= self.top_n <= self.num_classes \
+          or len(set(classes)) != len(classes) or not all(0 <= c < self.num_classes for c in classes):
+        raise StillroomError("a cache of specialists has dense targets, one generalist, 1 <= top_n <= C and "
+                             "specialists of disjoint class ids in 0..C-1.")
+    if self.target_kind == "dense" and not self.member_logits:
+      raise StillroomError("a dense cache stores its members' logits (--member-logits is for sparse targets).")
+    if self.target_kind == "topk" and self.target_k > self.num_classes:
+      raise StillroomError(f"--targets {self.targets}: K is more than the {self.num_classes} classes.")
+    if not self.members:
+      raise StillroomError("a cache needs at least one teacher.")
+    if len(self.members) % self.folds:
+      raise StillroomError(f"{len(self.members)} teacher runs do not split into members of {self.folds} fold runs; "
+                           "give each member's runs for folds 0..K-1 in order.")
+    if self.row_order not in ROW_ORDERS:
+      raise StillroomError(f"unknown row order {self.row_order!r}; valid: {', '.join(ROW_ORDERS)}.")
+    derived = self._derived_arrays()
+    if not self.arrays:
+      object.__setattr__(self, "arrays", derived)
+    elif self.arrays != derived:
+      raise StillroomError("its list of arrays does not match its settings (a hand-edited or damaged spec): "
+                           f"{[a.to_dict() for a in self.arrays if a not in derived]} listed, "
+                           f"{[a.to_dict() for a in derived if a not in self.arrays]} expected.")
+
+  def required_schema_version(self) -> int:
+    """The oldest schema that holds these settings (an older stillroom refuses the store by its version)."""
+    return required_schema_version(self.targets, bool(self.specialists), bool(self.features))
+
+  @staticmethod
+  def canonical_targets(text: str) -> str:
+    """`--targets` as a spec records it: "dense", or "topk:K" / "sample:K" with K in plain digits ("topk:03" is
+    "topk:3")."""
+    kind, k = parse_targets(text)
+    return kind if k is None else f"{kind}:{k}"
+
+  @property
+  def target_kind(self) -> str:
+    """"dense", "topk" or "sample"."""
+    return parse_targets(self.targets)[0]
+
+  @property
+  def target_k(self) -> int | None:
+    """K of a sparse cache; None for dense."""
+    return parse_targets(self.targets)[1]
+
+  @property
+  def target_arrays(self) -> tuple[str, ...]:
+    """The teacher arrays that hold the ensemble's targets at T: `targets`, or a sparse cache's arrays."""
+    return tuple(a.name for a in self.arrays if a.role == "teacher" and layout_of(a.name).targets is not None)
+
+  @property
+  def num_members(self) -> int:
+    """M, the ensemble's members (each of `folds` runs when cross-fitted)."""
+    return len(self.members) // self.folds
+
+  def member_runs(self, member: int) -> tuple[MemberSpec, ...]:
+    """The runs that make up one member: one, or its `folds` cross-fitted runs in fold order."""
+    return self.members[member * self.folds:(member + 1) * self.folds]
+
+  def member_name(self, member: int) -> str:
+    return "+".join(run.name for run in self.member_runs(member))
+
+  @property
+  def num_examples(self) -> int:
+    return self.dataset.count
+
+  @property
+  def num_rows(self) -> int:
+    return self.num_examples * self.views
+
+  @property
+  def num_eval_rows(self) -> int:
+    return 0 if self.eval_dataset is None else self.eval_dataset.count
+
+  @property
+  def num_chunks(self) -> int:
+    return self.chunks_of(ROWS)
+
+  def chunks_of(self, row_set: str) -> int:
+    """Number of chunks of the transfer set's rows (`ROWS`) or of the eval rows (`EVAL_ROWS`)."""
+    return math.ceil((self.num_rows if row_set == ROWS else self.num_eval_rows) / self.chunk_rows)
+
+  def chunk_bounds(self, chunk: int, row_set: str = ROWS) -> tuple[int, int]:
+    """`[start, stop)` rows of one chunk."""
+    start = chunk * self.chunk_rows
+    return start, min(start + self.chunk_rows, self.num_rows if row_set == ROWS else self.num_eval_rows)
+
+  @property
+  def has_checksums(self) -> bool:
+    return self.schema_version >= 2
+
+  def row_sources(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which view of which example each row holds: the one rule every writer and checker uses.
+
+    Args:
+      rows: int [B] row numbers.
+
+    Returns:
+      `(view, position)`: int32 [B] view ids and int64 [B] positions in the transfer set (index into its
+      `indices`); row `v·N + k` holds view v of the k-th example in that view's stored order.
+    """
+    return row_sources(rows, self.num_examples, self.augmentation.seed, self.row_order)
+
+  @property
+  def specialist_width(self) -> int:
+    """P: the outputs of the largest specialist (its classes and the dustbin); 0 without specialists."""
+    return max((len(s.classes) + 1 for s in self.specialists), default=0)
+
+  @property
+  def targets_derivable(self) -> bool:
+    """Whether the targets are the members' ensemble (so that students may re-derive them from `member_logits`
+    at another T, rule or subset): not with specialists."""
+    return self.member_logits and not self.specialists
+
+  def array(self, name: str) -> ArraySpec | None:
+    """The spec of one array, or None when the store does not hold it."""
+    return next((a for a in self.arrays if a.name == name), None)
+
+  def _derived_arrays(self) -> tuple[ArraySpec, ...]:
+    """The arrays a store made with these settings holds: every row array, and the eval arrays with an eval split."""
+    sizes = {"R": self.num_rows, "E": self.num_eval_rows, "M": self.num_members, "C": self.num_classes,
+             "K": self.target_k, "S": len(self.specialists), "P": self.specialist_width,
+             "chunks(R)": self.chunks_of(ROWS), "chunks(E)": self.chunks_of(EVAL_ROWS)}
+    dtypes = {STORAGE: self.dtype, CLASS_IDS: "int16" if self.num_classes <= np.iinfo(np.int16).max + 1 else "int32"}
+    arrays = []
+    for layout in LAYOUT:
+      if layout.row_set == EVAL_ROWS and self.eval_dataset is None:
+        continue
+      if layout.views is not None and layout.views != self.augmentation.kind:
+        continue
+      if layout.targets is not None and self.target_kind not in layout.targets:
+        continue
+      if layout.name == "member_logits" and not self.member_logits:
+        continue
+      if layout.specialists and not self.specialists:
+        continue
+      if layout.features:
+        arrays += [ArraySpec(name=f.array_name, role=layout.role, shape=(self.num_rows, *f.shape), dtype=layout.dtype,
+                             chunks=(self.chunk_rows, *f.shape)) for f in self.features]
+        continue
+      shape = tuple(sizes[d] if d in sizes else int(d) for d in layout.dims)
+      dtype = dtypes.get(layout.dtype, layout.dtype)
+      chunks = (1,) if layout.role == "bookkeeping" else (self.chunk_rows, *shape[1:])
+      arrays.append(ArraySpec(name=layout.name, role=layout.role, shape=shape, dtype=dtype, chunks=chunks))
+    return tuple(arrays)
+
+  def feature(self, name: str, kind: str, member: int) -> FeatureSpec | None:
+    """The stored feature `name` of `member` as `kind`, or None."""
+    return next((f for f in self.features if (f.name, f.kind, f.member) == (name, kind, member)), None)
+
+  def arrays_of(self, row_set: str, role: str | None = None) -> tuple[str, ...]:
+    """Names of the arrays present that are indexed by `row_set` (optionally of one role)."""
+    return tuple(a.name for a in self.arrays
+                 if layout_of(a.name).row_set == row_set and (role is None or a.role == role))
+
+  def build_key(self) -> dict:
+    """The settings that define a build: a store made with other values is a different cache."""
+    return {
+        "dataset_fingerprint": self.dataset.fingerprint,
+        "eval_fingerprint": None if self.eval_dataset is None else self.eval_dataset.fingerprint,
+        "member_digests": [m.digest for m in self.members],
+        "temperature": float(self.temperature),
+        "combine": self.combine,
+        "views": self.views,
+        "augmentation": self.augmentation.to_dict(),
+        "dtype": self.dtype,
+        "chunk_rows": self.chunk_rows,
+        "folds": self.folds,
+        "row_order": self.row_order,
+        "arrays": [a.name for a in self.arrays],
+        "schema_version": self.schema_version,
+        # Only where they differ from what every cache before sparse targets was: their run dirs recorded this key.
+        **({"targets": self.targets, "member_logits": self.member_logits} if self.targets != "dense" else {}),
+        **({"specialists": [[s.run.digest, list(s.classes), s.dustbin_correction] for s in self.specialists],
+            "top_n": self.top_n} if self.specialists else {}),
+        **({"features": [f.to_dict() for f in self.features]} if self.features else {}),
+    }
+
+  def mismatches(self, other: "CacheSpec") -> list[str]:
+    """Human-readable differences of the build keys, e.g. ["temperature: 4.0 (store) vs 2.0 (command)"]."""
+    mine, theirs = self.build_key(), other.build_key()
+    return [f"{key}: {mine.get(key)} (store) vs {theirs.get(key)} (command)" for key in {**mine, **theirs}
+            if mine.get(key) != theirs.get(key)]
+
+  def to_attrs(self) -> dict:
+    # A dense cache's spec omits the sparse-target fields, so that a stillroom that predates them reads it.
+    dense_defaults = ("targets", "member_logits") if self.target_kind == "dense" else ()
+    dense_defaults += () if self.specialists else ("specialists", "top_n")  # Likewise for a cache without them.
+    dense_defaults += () if self.features else ("features",)
+    return {
+        **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in dense_defaults},
+        "members": [m.to_dict() for m in self.members],
+        **({"specialists": [s.to_dict() for s in self.specialists]} if self.specialists else {}),
+        **({"features": [f.to_dict() for f in self.features]} if self.features else {}),
+        "dataset": self.dataset.to_dict(),
+        "eval_dataset": None if self.eval_dataset is None else self.eval_dataset.to_dict(),
+        "augmentation": self.augmentation.to_dict(),
+        "arrays": [a.to_dict() for a in self.arrays],
+    }
+
+  @classmethod
+  def from_attrs(cls, attrs: dict) -> "CacheSpec":
+    """Reads a spec written by `to_attrs` (schema 2) or by stillroom 0.1 (schema 1).
+
+    Raises:
+      StillroomError: unsupported version, or a key missing or of the wrong type (named).
+    """
+    version = attrs.get("schema_version")
+    if version not in READABLE_SCHEMA_VERSIONS:
+      raise StillroomError(f"cache schema version {version} is not supported by this stillroom (reads versions "
+                           f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))}).")
+    d = dict(attrs)
+    if version == 1:
+      d = _upgrade_v1(d)
+    try:
+      d["augmentation"] = Augmentation.from_dict(d["augmentation"])
+      d["members"] = tuple(MemberSpec(**m) for m in d["members"])
+      d["specialists"] = tuple(SpecialistSpec.from_dict(x) for x in d.get("specialists", ()))
+      d["features"] = tuple(FeatureSpec.from_dict(x) for x in d.get("features", ()))
+      d["dataset"] = DatasetSpec.from_dict(d["dataset"])
+      d["eval_dataset"] = None if d.get("eval_dataset") is None else DatasetSpec.from_dict(d["eval_dataset"])
+      d["arrays"] = tuple(ArraySpec.from_dict(a) for a in d.get("arrays", ()))
+      return cls(**d)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+      raise StillroomError(f"the cache spec is damaged or hand-edited: {type(e).__name__}: {e}") from e
+
+
+def _upgrade_v1(d: dict) -> dict:
+  """A schema-1 spec in schema-2 terms: same arrays (listed from its settings), examples in split order."""
+  d["members"] = [{**{k: v for k, v in m.items() if k != "checkpoint_step"},
+                   # Version 1 recorded orbax's step, which the trainer numbered from 0 at the end of epoch 1.
+                   "trained_epochs": None if m.get("checkpoint_step") is None else m["checkpoint_step"] + 1}
+                  for m in d["members"]]
+  d["row_order"] = "sequential"
+  return d
+
+
+def now_iso() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,129 @@
+"""The opened store: `open_cache` validates a cache's spec (and, for a complete one, its integrity) and returns a
+`Cache`, through which readers and writers reach its arrays."""
+
+import dataclasses
+import sys
+
+import numpy as np
+import zarr
+
+from shared import storage
+from shared.cache.integrity import check_integrity
+from shared.cache.layout import ROWS
+from shared.cache.spec import COMPLETE_KEY, SPEC_KEY, CacheSpec
+from shared.cache.zarr_async import gather, open_arrays, raise_first_failure
+from shared.errors import StillroomError
+
+
+def _log(message: str) -> None:
+  print(f"stillroom: {message}", file=sys.stderr, flush=True)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Cache:
+  """An opened cache: its group, spec and completion record (None while incomplete). Array handles are opened once.
+
+  Index it by array name (`cache["targets"]`), and call `require` first for the arrays a reader needs.
+  """
+
+  path: str
+  group: zarr.Group
+  spec: CacheSpec
+  completion: dict | None
+  _arrays: dict = dataclasses.field(default_factory=dict, repr=False)
+
+  @property
+  def complete(self) -> bool:
+    return self.completion is not None
+
+  def __getitem__(self, name: str) -> zarr.Array:
+    return self.arrays((name,))[name]
+
+  def arrays(self, names) -> dict[str, zarr.Array]:
+    """Handles of the arrays `names`, the ones not opened yet opened together (one round trip to a remote store).
+
+    Raises:
+      KeyError: the store has no such array; zarr's errors for unreadable metadata.
+    """
+    opened = self.try_arrays(names)
+    raise_first_failure(opened.values())
+    return opened
+
+  def try_arrays(self, names) -> dict:
+    """`arrays`, an exception in place of each array that cannot be opened (KeyError: there is none)."""
+    missing = [name for name in dict.fromkeys(names) if name not in self._arrays]
+    failed = {}
+    for name, array in zip(missing, open_arrays(self.group, missing)):
+      if isinstance(array, BaseException):
+        failed[name] = array
+      else:
+        self._arrays[name] = zarr.Array(array)
+    return {name: self._arrays.get(name, failed.get(name)) for name in names}
+
+  def require(self, names, purpose: str) -> None:
+    """Raises unless the store holds every array in `names`, naming the missing ones and what needs them."""
+    missing = [name for name in names if self.spec.array(name) is None]
+    if missing:
+      raise StillroomError(f"cache {self.path!r} has no {', '.join(repr(m) for m in missing)} array"
+                           f"{'s' if len(missing) > 1 else ''}, which {purpose} needs.")
+
+  def chunk_bounds(self, chunk: int, row_set: str = ROWS) -> tuple[int, int]:
+    return self.spec.chunk_bounds(chunk, row_set)
+
+  def read_chunk(self, chunk: int, names, row_set: str = ROWS) -> dict[str, np.ndarray]:
+    """Whole-chunk reads of several arrays (the fast way to read a Zarr store).
+
+    Raises:
+      StillroomError: a chunk fails its checksum or cannot be decoded, naming the array and the chunk.
+    """
+    start, stop = self.chunk_bounds(chunk, row_set)
+    names = tuple(names)
+    handles = self.arrays(names)
+    # Every array's chunk requested at once: on an object store, one round trip's latency instead of one each.
+    read = gather([handles[name].async_array.getitem((slice(start, stop),)) for name in names])
+    for name, values in zip(names, read):
+      if isinstance(values, Exception):  # zarr: ValueError for bad checksums, others for truncated or garbled chunks.
+        raise StillroomError(f"cache {self.path!r}: chunk {chunk} of array {name!r} is damaged "
+                             f"({type(values).__name__}: {str(values)[:120]}); `teacher-cache verify` lists all "
+                             "damage, and the build command with --overwrite rebuilds the store.") from values
+      if isinstance(values, BaseException):
+        raise values
+    return dict(zip(names, read))
+
+
+def open_cache(path: str, mode: str = "r", require_complete: bool = True) -> Cache:
+  """Opens a cache and validates its spec.
+
+  Args:
+    path: the store's directory, or its URL (`shared.storage`).
+    mode: zarr open mode ("r" to read, "r+" to resume writing).
+    require_complete: raise unless the completion record is present.
+
+  Raises:
+    StillroomError: no such store, not a stillroom cache, unsupported schema version, damaged spec, or incomplete.
+  """
+  if not storage.exists(path):
+    raise StillroomError(f"no cache at {path!r}.")
+  try:
+    group = zarr.open_group(storage.zarr_store(path, read_only=mode == "r"), mode=mode)
+  except Exception as e:  # zarr raises several types for "not a group".
+    raise StillroomError(f"{path!r} is not a Zarr v3 group: {e}") from e
+  attrs = group.attrs.asdict()
+  if SPEC_KEY not in attrs:
+    raise StillroomError(f"{path!r} is a Zarr group but not a stillroom cache (no '{SPEC_KEY}' attributes).")
+  try:
+    spec = CacheSpec.from_attrs(attrs[SPEC_KEY])
+  except StillroomError as e:
+    raise StillroomError(f"cache {path!r}: {e}") from e
+  if not spec.has_checksums and mode == "r":
+    _log(f"cache {path!r} has schema version {spec.schema_version}: its chunks carry no checksums and all-zero "
+         "chunks may be absent, so damage cannot be detected. Rebuild it with this stillroom to get both.")
+  cache = Cache(path=path, group=group, spec=spec, completion=attrs.get(COMPLETE_KEY))
+  if require_complete:
+    if not cache.complete:
+      raise StillroomError(
+          f"cache {path!r} is not complete (its build was interrupted or failed); run the same "
+          f"`teacher-cache {'import' if spec.members[0].model == 'imported' else 'build'}` command again to finish "
+          "it.")
+    check_integrity(cache)
+  return cache
