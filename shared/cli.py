@@ -7,7 +7,7 @@ import signal
 import sys
 from collections.abc import Callable
 
-from shared import errors
+from shared import errors, log
 from shared.errors import StillroomError, note_interrupt
 from shared.models import describe_models
 
@@ -42,11 +42,22 @@ def _from_a_cloud_sdk(error: BaseException) -> bool:
   return any(cls.__module__.startswith(CLOUD_SDKS) for cls in type(error).__mro__)
 
 
-def run_or_exit(prog: str, command: Callable[[], None]) -> None:
+def add_verbosity_options(parser: argparse.ArgumentParser) -> None:
+  """Gives every subcommand of `parser` the same -v and -q (`run_or_exit` sets the log level from them)."""
+  subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # pylint: disable=protected-access
+  for subcommand in subcommands.choices.values():
+    group = subcommand.add_argument_group("messages").add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="store_true",
+                       help="more detail (sweep and demo: every epoch of every run)")
+    group.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
+
+
+def run_or_exit(prog: str, command: Callable[[], None], args: argparse.Namespace | None = None) -> None:
   """Runs a command; a `StillroomError`, or a failure of the file system (disk full, read-only output, no
   permission), becomes one line on stderr and exit status 2; Ctrl-C exits with 130 and SIGTERM with 143, without a
   traceback, once the command has released what it holds (a multi-process job's processes end at SIGTERM: see
-  `shared.distributed`)."""
+  `shared.distributed`). Messages are prefixed with `prog`, at the level `args`' -v/-q ask for."""
+  log.configure(prog, getattr(args, "verbose", False) - getattr(args, "quiet", False))
   signal.signal(signal.SIGINT, note_interrupt)
   signal.signal(signal.SIGTERM, note_interrupt)
   try:

@@ -67,11 +67,13 @@ class progress(tqdm):  # pylint: disable=invalid-name
   """A tqdm progress bar (same arguments) drawn only on a terminal, with `enabled` (a command's --progress) and
   outside -q. Elsewhere it draws nothing, and when closed logs one line: what it counted and how long it took."""
 
-  def __init__(self, *args, enabled: bool = True, **kwargs):
+  def __init__(self, *args, enabled: bool = True, summary: bool = True, **kwargs):
+    """`enabled`: the command's --progress; `summary`: log the line off a terminal (off where the stage logs its
+    own)."""
     shown = enabled and on_terminal() and _ROOT.isEnabledFor(NORMAL)
     kwargs.setdefault("file", sys.stderr)
     super().__init__(*args, disable=not shown, **kwargs)
-    self._summary = enabled and not shown
+    self._summary = enabled and summary and not shown
     self._started = time.perf_counter()
     self._done = 0  # A disabled tqdm counts nothing, nor keeps its description and unit.
     self._what = (kwargs.get("desc") or "done", kwargs.get("unit", "it"))

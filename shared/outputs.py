@@ -18,13 +18,13 @@ import json
 import os
 import secrets
 import socket
-import sys
 import threading
 import time
 
 from shared import storage
 from shared.cache import SPEC_KEY
 from shared.errors import StillroomError
+from shared.log import logger
 
 LOCK_SUFFIX = ".lock"
 LEASE_SECONDS = 120  # A lease not renewed for this long belongs to a writer that died.
@@ -32,8 +32,7 @@ STORE = "store"
 RUN_DIR = "run dir"
 
 
-def _log(message: str) -> None:
-  print(f"stillroom: {message}", file=sys.stderr, flush=True)
+_LOG = logger(__name__)
 
 
 class OutputLock:
@@ -76,7 +75,7 @@ class OutputLock:
         continue
       previous = _read_holder(fd)
       if previous:
-        _log(f"taking over the lock on {self.output} left by process {previous.get('pid')} on "
+        _LOG.info(f"taking over the lock on {self.output} left by process {previous.get('pid')} on "
              f"{previous.get('host')} (no longer running)")
       os.ftruncate(fd, 0)
       os.pwrite(fd, json.dumps(_holder_record(self.command)).encode(), 0)
@@ -167,7 +166,7 @@ class ObjectLease:
         if age < LEASE_SECONDS and not dead_here:
           raise _held(self.output, holder, f"its lease was renewed {age:.0f} s ago, and is taken over once "
                                            f"{LEASE_SECONDS} s old if that process is gone") from None
-        _log(f"taking over the lease on {self.output} left by process {holder.get('pid')} on {holder.get('host')} "
+        _LOG.info(f"taking over the lease on {self.output} left by process {holder.get('pid')} on {holder.get('host')} "
              + ("(no longer running)" if dead_here else f"(not renewed for {age:.0f} s)"))
         if self._conditional:
           try:
@@ -198,13 +197,13 @@ class ObjectLease:
         pass  # Deleted: lost, as when replaced.
       except OSError as e:
         if "pre-condition" not in str(e) and "Precondition" not in str(e):
-          _log(f"renewing the lease on {self.output} failed ({str(e)[:120]}); retrying")
+          _LOG.info(f"renewing the lease on {self.output} failed ({str(e)[:120]}); retrying")
           continue
       except Exception as e:  # pylint: disable=broad-except  # Retried; the lease lasts four periods.
-        _log(f"renewing the lease on {self.output} failed ({type(e).__name__}: {str(e)[:120]}); retrying")
+        _LOG.info(f"renewing the lease on {self.output} failed ({type(e).__name__}: {str(e)[:120]}); retrying")
         continue
       self.lost = True
-      _log(f"error: the lease on {self.output} was taken over by another process: stop this one, since two now "
+      _LOG.info(f"error: the lease on {self.output} was taken over by another process: stop this one, since two now "
            "write the same output")
       return
 
@@ -335,7 +334,7 @@ def clear_for_overwrite(out: str, kind: str) -> None:
   if not storage.has_entries(out):
     return
   check_output(out, kind, overwrite=True)
-  _log(f"--overwrite: removing {out}")
+  _LOG.info(f"--overwrite: removing {out}")
   if kind == RUN_DIR:  # First what marks it finished: a kill while removing must not leave a "finished" run.
     with contextlib.suppress(FileNotFoundError):
       storage.remove_file(storage.join(out, "final.json"))

@@ -113,12 +113,12 @@ def write_shapes(out: str, config: ShapesConfig = ShapesConfig(), progress: bool
     FileExistsError: `out` exists and is not empty (nothing is overwritten).
   """
   from PIL import Image  # pylint: disable=import-outside-toplevel
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  from shared.log import progress as progress_bar  # pylint: disable=import-outside-toplevel
   if os.path.exists(out) and os.listdir(out):
     raise FileExistsError(f"{out!r} exists and is not empty; choose a new folder")
   counts = {"train": config.train_per_class, "test": config.test_per_class}
   total = sum(counts.values()) * len(CLASSES)
-  with tqdm(total=total, desc=f"writing {out}", unit="image", disable=not progress) as bar:
+  with progress_bar(total=total, desc=f"writing {out}", unit="image", enabled=progress) as bar:
     for split, per_class in counts.items():
       for label, name in enumerate(CLASSES):
         folder = os.path.join(out, split, name)

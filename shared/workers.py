@@ -18,7 +18,6 @@ import multiprocessing
 import os
 import queue
 import signal
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ import numpy as np
 from shared.augment import Augmentation
 from shared.data import TransferSet, label_ids
 from shared.errors import StillroomError
+from shared.log import logger
 from shared.settings import workers_check
 
 MAX_AUTO_WORKERS = 8  # 8 fed a small student fastest on a 16-vCPU host; 15 starved the main process (README).
@@ -67,7 +67,7 @@ def resolve_workers(workers: int | None, transfer_set: TransferSet) -> int:
 
 @functools.cache
 def _warn_once(message: str) -> None:
-  print(f"stillroom: {message}", file=sys.stderr, flush=True)
+  logger(__name__).warning(message)
 
 
 def render_rows(transfer_set: TransferSet, augmentation: Augmentation, rows: dict) -> dict:

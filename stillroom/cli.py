@@ -3,7 +3,7 @@ end-to-end pipeline (`stillroom.demo`), which drives both stages."""
 
 import argparse
 
-from shared.cli import add_models_command, run_or_exit
+from shared.cli import add_models_command, add_verbosity_options, run_or_exit
 from stillroom.demo import add_demo_options, demo_config_from_args, run_demo
 from student_train import cli as student_cli
 
@@ -20,6 +20,7 @@ def student_train_parser() -> argparse.ArgumentParser:
                   "`teacher-cache build` options of each stage.")
   add_demo_options(demo)
   add_models_command(commands)
+  add_verbosity_options(parser)
   return parser
 
 
@@ -33,4 +34,4 @@ def student_train_main(argv: list[str] | None = None) -> None:
     else:
       student_cli.run_command(args)
 
-  run_or_exit("student-train", command)
+  run_or_exit("student-train", command, args)

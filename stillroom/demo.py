@@ -12,18 +12,17 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 from typing import ClassVar
 
 import numpy as np
-from tqdm import tqdm
 
 from shared import distributed
 from shared.cache import eval_accuracies, open_cache
 from shared.data import open_transfer_set
 from shared.errors import StillroomError
 from shared.cache import validate_settings
+from shared.log import logger, progress
 from shared.options import DEMO, DEMO_STAGES, DatasetSettings, resolve_dataset
 from shared.settings import add_options, at_least, check_values, from_args, positive_finite, setting, workers_check
 from student_train.config import FitConfig, validate_config
@@ -93,7 +92,6 @@ STAGES = {"teacher": FitConfig, "build": BuildConfig, "student": FitConfig}
 def add_demo_options(parser: argparse.ArgumentParser) -> None:
   """The demo's own settings, then each stage's, with the demo's defaults."""
   add_options(parser, DemoConfig, DEMO)
-  parser.add_argument("-v", "--verbose", action="store_true", help="log every run's every epoch")
   defaults = DemoConfig()
   notes = {"teacher": f"--teacher-model {AUTO}: cnn-large for images, mlp-large for flat vectors",
            "build": "--build-views 0: 16 views for images, 1 for flat vectors",
@@ -111,8 +109,7 @@ def demo_config_from_args(args: argparse.Namespace) -> tuple["DemoConfig", bool]
   return from_args(DemoConfig, args, **stages), args.verbose
 
 
-def _log(message: str) -> None:
-  tqdm.write(f"demo: {message}", file=sys.stderr)
+_LOG = logger(__name__)
 
 
 def _mean_std(values: list[float]) -> dict:
@@ -124,19 +121,22 @@ class _StageBar:
   """One progress bar per stage: run-epochs done, runs finished, rows/s and the ETA."""
 
   def __init__(self, name: str, runs: int, epochs_per_run: int):
-    self.runs, self.epochs_per_run, self.finished, self.rows = runs, epochs_per_run, 0, 0
+    self.runs, self.epochs_per_run, self.finished, self.rows, self.epochs = runs, epochs_per_run, 0, 0, 0
     self.started = time.perf_counter()
-    self.bar = tqdm(total=runs * epochs_per_run, desc=name, unit="epoch", file=sys.stderr, dynamic_ncols=True)
+    self.bar = progress(total=runs * epochs_per_run, desc=name, unit="epoch", dynamic_ncols=True)
 
   def on_epoch(self, plan, line: dict) -> None:
     self.rows += line["rows"]
-    self.bar.update(1)
-    self._postfix()
+    self._advance(1)
 
   def runs_done(self, count: int) -> None:
     """Marks runs finished (reused ones included), so the bar also counts the epochs they did not need now."""
     self.finished += count
-    self.bar.update(self.finished * self.epochs_per_run - self.bar.n)
+    self._advance(self.finished * self.epochs_per_run - self.epochs)
+
+  def _advance(self, epochs: int) -> None:
+    self.epochs += epochs
+    self.bar.update(epochs)
     self._postfix()
 
   def _postfix(self) -> None:
@@ -233,7 +233,7 @@ def run_demo(config: DemoConfig, verbose: bool = False) -> dict:
   ordinary = cache("ensemble", teachers)
   crossfit_cache = cache("crossfit", crossfit, config.folds) if crossfit else None
   stages["caches"] = time.perf_counter() - clock
-  _log(f"caches: {stages['caches']:.0f} s")
+  _LOG.info(f"caches: {stages['caches']:.0f} s")
 
   student = dataclasses.replace(config.student, **data)
   arms = {"scratch": (ordinary, {"alpha": 1.0}), "distilled (AM)": (ordinary, {}),
@@ -278,7 +278,7 @@ def _shapes_preset(config: DemoConfig) -> DemoConfig:
       raise StillroomError(f"{root}.partial is left by an interrupted write; delete it and run again.")
     os.rename(root + ".partial", root)
   crop = {"crop_area": (0.35, 1.0)}
-  _log("--shapes sets the stage settings (other --teacher-*/--build-*/--student-* options but --*-workers are "
+  _LOG.info("--shapes sets the stage settings (other --teacher-*/--build-*/--student-* options but --*-workers are "
        "replaced): cnn-small "
        "teachers, 30 epochs on random-resized crops at 32x32; 4 crop views; mlp-small students, 30 epochs")
   return dataclasses.replace(
@@ -416,4 +416,4 @@ def _write_results(results_dir: str, results: dict) -> None:
   figure.savefig(os.path.join(results_dir, "demo.png"), dpi=120)
   plt.close(figure)
   print(table)
-  _log(f"wrote {results_dir}/demo.md, demo.json, demo.png")
+  _LOG.info(f"wrote {results_dir}/demo.md, demo.json, demo.png")

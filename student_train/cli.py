@@ -9,7 +9,7 @@ import argparse
 import json
 
 from shared import distributed
-from shared.cli import add_models_command, print_models, run_or_exit
+from shared.cli import add_models_command, add_verbosity_options, print_models, run_or_exit
 from shared.settings import add_options, from_args
 from shared.options import EVAL, FIT, SWEEP
 from student_train.config import FitConfig
@@ -81,7 +81,6 @@ def new_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
                           "(see --workers; default: %(default)s)")
   sweep.add_argument("--separate", dest="together", action="store_false",
                      help="train every run on its own instead of several students per vmapped step")
-  sweep.add_argument("-v", "--verbose", action="store_true", help="log every run's every epoch")
   add_options(sweep, FitConfig, SWEEP)
   report_parser = commands.add_parser("report", allow_abbrev=False,
                                       help="table (Markdown, CSV) and plots of a sweep")
@@ -122,5 +121,6 @@ def main(argv: list[str] | None = None) -> None:
   """This stage's subcommands alone (the `student-train` console script is `stillroom.cli.student_train`)."""
   parser, commands = new_parser()
   add_models_command(commands)
+  add_verbosity_options(parser)
   args = parser.parse_args(argv)
-  run_or_exit("student-train", lambda: run_command(args))
+  run_or_exit("student-train", lambda: run_command(args), args)

@@ -7,7 +7,6 @@ loss, T, rule and members are the cache's reads the stored `targets`; any other 
 """
 
 import dataclasses
-import sys
 from collections.abc import Callable
 
 import jax
@@ -21,6 +20,7 @@ from shared.data import (FINGERPRINT_VERSION, NO_EVAL, Normalization, TransferSe
                          default_eval_split, local_path, open_transfer_set)
 from shared.ensemble import member_weights
 from shared.errors import StillroomError
+from shared.log import logger
 from shared.parallel import cap_batch
 from shared.models import MODELS, ModelSpec, build_model, check_input_shape, feature_shapes, structure_digest
 from shared.runs import load_run_teacher
@@ -163,8 +163,7 @@ RESOLVED = ("specialist_classes", "dustbin_correction", "init_digest")
 ENRICH_STREAM = 0x5BEC  # Folded into a specialist's epoch seeds, apart from the batch order's.
 
 
-def _log(message: str) -> None:
-  print(f"student-train: {message}", file=sys.stderr, flush=True)
+_LOG = logger(__name__)
 
 
 def _plan_teaching(config: FitConfig, cache: Cache) -> tuple[Teaching, dict]:
@@ -330,7 +329,7 @@ def plan_run(config: FitConfig, opened: Opened | None = None) -> RunPlan:
                            "classes: give a share that leaves at least one example of each side.")
     natural = float(inside.mean())
     if config.enrich < natural:
-      _log(f"--enrich {config.enrich} is below the {natural:.3f} natural share of the specialist's classes: they are "
+      _LOG.info(f"--enrich {config.enrich} is below the {natural:.3f} natural share of the specialist's classes: they are "
            "sampled less often than in the data, not more.")
     sampler = enriched_sampler(pool, inside, count, config.data_seed)
     # The correction for the share drawn (count of N), which `--enrich` gives up to rounding.
@@ -343,7 +342,7 @@ def plan_run(config: FitConfig, opened: Opened | None = None) -> RunPlan:
   rows = (len(transfer_set) if examples is None else len(examples)) * (cache.spec.views if cache else 1)
   batch_size = cap_batch(config.batch_size, rows, jax.device_count())  # Training uses every device of the job.
   if batch_size < config.batch_size:
-    _log(f"--batch-size {config.batch_size} is more than the {rows:,} rows of an epoch: batches of {batch_size}")
+    _LOG.info(f"--batch-size {config.batch_size} is more than the {rows:,} rows of an epoch: batches of {batch_size}")
     config = dataclasses.replace(config, batch_size=batch_size)
   eval_set = _eval_set(config, transfer_set, cache, opened)
   if eval_set is not None and transfer_set.label_map is not None:  # A specialist's classes and dustbin there too.

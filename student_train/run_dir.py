@@ -31,6 +31,7 @@ from flax import nnx
 from shared import __version__, storage
 from shared.distributed import is_first
 from shared.errors import StillroomError
+from shared.log import logger
 from shared.outputs import RUN_DIR, clear_for_overwrite
 from shared.runs import CONFIG_FILE, PARAMS_ITEM, CrossFit, RunRecord, checkpoint_manager
 from shared.settings import differences as settings_differences
@@ -48,8 +49,7 @@ _STORAGE_FAILURES = ("No space left on device", "Read-only file system", "Permis
 CHECKPOINTS_KEPT = 2  # A group killed between two students' saves rolls back to the previous, common one.
 
 
-def _log(message: str) -> None:
-  print(f"student-train: {message}", file=sys.stderr, flush=True)
+_LOG = logger(__name__)
 
 
 def is_finished(out: str) -> bool:
@@ -138,18 +138,18 @@ def _quiet_orbax_failures():
   """While saving: orbax logs every failed background write with a traceback, and its threads then report a closed
   event loop, hundreds of lines for one full disk. The failure itself still raises, and is reported in one line."""
   loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
-  levels, hook = [logger.level for logger in loggers], sys.unraisablehook
+  levels, hook = [named.level for named in loggers], sys.unraisablehook
 
   def quiet_hook(unraisable):
     if not (isinstance(unraisable.exc_value, RuntimeError) and "closed" in str(unraisable.exc_value)):
       hook(unraisable)
 
-  for logger in loggers:
-    logger.setLevel(logging.CRITICAL)
+  for named in loggers:
+    named.setLevel(logging.CRITICAL)
   sys.unraisablehook = quiet_hook
   yield  # After a failure orbax's threads keep reporting it until the process exits: stay quiet then too.
-  for logger, level in zip(loggers, levels):
-    logger.setLevel(level)
+  for named, level in zip(loggers, levels):
+    named.setLevel(level)
   sys.unraisablehook = hook
 
 
@@ -212,7 +212,7 @@ class Checkpoints:
     """Deletes the checkpoints after `epoch` (a run rolled back to resume with its group)."""
     for saved in sorted(self.epochs()):
       if saved > epoch:
-        _log(f"{self.out}: rolling back to epoch {epoch}, where its group resumes (discarding epoch {saved})")
+        _LOG.info(f"{self.out}: rolling back to epoch {epoch}, where its group resumes (discarding epoch {saved})")
         self.manager.delete(saved)
 
   def close(self) -> None:

@@ -16,7 +16,6 @@ import itertools
 import json
 import multiprocessing
 import os
-import sys
 import typing
 
 import numpy as np
@@ -25,6 +24,7 @@ import yaml
 from shared import distributed, storage
 from shared.cache import eval_accuracies, open_cache
 from shared.errors import StillroomError
+from shared.log import logger
 from shared.outputs import check_not_an_input
 from shared.settings import check_value, names_where, value_type
 from student_train.config import FitConfig
@@ -38,8 +38,7 @@ AXES = names_where(FitConfig, axis=True)
 MANIFEST = "sweep.json"
 
 
-def _log(message: str) -> None:
-  print(f"student-train sweep: {message}", file=sys.stderr, flush=True)
+_LOG = logger(__name__)
 
 
 def _check_axis_value(name: str, value) -> None:
@@ -207,7 +206,7 @@ def run_sweep(cache: str, grid_spec: str, out: str, seeds: int = 1, base: FitCon
   for members in groups.values():
     for name, config in members:
       done += 1
-      _log(f"[{done}/{len(runs)}] {name}" + (" (finished)" if is_finished(config.out) else ""))
+      _LOG.info(f"[{done}/{len(runs)}] {name}" + (" (finished)" if is_finished(config.out) else ""))
   work = [[config for _, config in members] for members in groups.values()]
   if jobs == 1:
     diverged = [_train(configs, verbose) for configs in work]

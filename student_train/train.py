@@ -13,7 +13,6 @@ newest epoch all of its runs saved, and a run killed and resumed ends with the p
 import contextlib
 import dataclasses
 import functools
-import sys
 import time
 from collections.abc import Callable
 
@@ -21,10 +20,10 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
-from tqdm import tqdm
 
 from shared import distributed
 from shared.errors import StillroomError, raise_if_interrupted
+from shared.log import logger, progress
 from shared.models import build_model
 from shared.outputs import RUN_DIR, OutputLock, check_not_an_input, check_output
 from shared.parallel import (batch_sharding, check_batch_size, data_mesh, needs_step_sync, on_devices, process_rows,
@@ -43,8 +42,7 @@ from student_train.steps import (make_predict, make_train_step, stack_hypers, st
 EpochCallback = Callable[[RunPlan, dict], None]
 
 
-def _log(message: str) -> None:
-  print(f"student-train: {message}", file=sys.stderr, flush=True)
+_LOG = logger(__name__)
 
 
 def make_schedule(config: FitConfig, steps_per_epoch: int) -> optax.Schedule:
@@ -174,7 +172,7 @@ def _fit_locked(plans: list[RunPlan], mesh, log_epochs: bool, on_epoch: EpochCal
   for i, final in enumerate(finals):
     if final is not None:
       if log_epochs:
-        _log(f"{plans[i].config.out} already finished; nothing to do.")
+        _LOG.info(f"{plans[i].config.out} already finished; nothing to do.")
       results[i] = final
     elif earlier[i]:
       diverged.append(f"{plans[i].config.out} {earlier[i]}")
@@ -184,7 +182,7 @@ def _fit_locked(plans: list[RunPlan], mesh, log_epochs: bool, on_epoch: EpochCal
   saved = distributed.from_process_0([sorted(checkpoints[i].epochs()) for i in todo])
   resumes = files.resume_groups([set(epochs) for epochs in saved]) if todo else []
   if len(resumes) > 1:
-    _log("these runs saved different epochs, so each set resumes as a group of its own: "
+    _LOG.info("these runs saved different epochs, so each set resumes as a group of its own: "
          + "; ".join(f"epoch {epoch}: {', '.join(plans[todo[k]].config.out for k in members)}"
                      for epoch, members in resumes))
   for epoch, members in resumes:
@@ -353,11 +351,11 @@ def _set_up(group: list[RunPlan], checkpoints: list[files.Checkpoints], mids: li
     resumed_sums = _stacked_sums([meta["sums"] for meta in position["metas"]])
     resumed_seconds = position["metas"][0]["seconds"]
     states = [mid.restore(state, position["global"]) for mid, state in zip(mids, states)]
-    _log(f"resuming {', '.join(p.config.out for p in group)} after step {start_step} of epoch {start_epoch + 1} of "
+    _LOG.info(f"resuming {', '.join(p.config.out for p in group)} after step {start_step} of epoch {start_epoch + 1} of "
          f"{total_epochs}")
   elif start_epoch:
     states = [c.restore(state, start_epoch) for c, state in zip(checkpoints, states)]
-    _log(f"resuming {', '.join(p.config.out for p in group)} after epoch {start_epoch} of {total_epochs}")
+    _LOG.info(f"resuming {', '.join(p.config.out for p in group)} after epoch {start_epoch} of {total_epochs}")
   distributed.job_step(functools.partial(_write_each, files.truncate_metrics,
                                          {plan.config.out: start_epoch for plan in group}))
   num_members = first.cache.spec.num_members if first.cache is not None else 1
@@ -370,10 +368,10 @@ def _set_up(group: list[RunPlan], checkpoints: list[files.Checkpoints], mids: li
   predict = make_predict(graphdef, first.normalization, mesh)
   teacher_top1 = [cached_teacher_top1(plan) for plan in group]
   if first.cache is not None and first.eval_set is not None and teacher_top1[0] is None:
-    _log(f"the cache stores no teacher logits for {first.eval_set.name} {first.eval_set.split!r} (build it with "
+    _LOG.info(f"the cache stores no teacher logits for {first.eval_set.name} {first.eval_set.split!r} (build it with "
          "--eval-split for that split): eval_teacher_agreement is not reported.")
   if len(group) > 1 and log_epochs:
-    _log(f"training {len(group)} students together in one vmapped step")
+    _LOG.info(f"training {len(group)} students together in one vmapped step")
   return _Training(first=first, group=list(group), checkpoints=list(checkpoints), mids=list(mids),
                    to_close=list(checkpoints) + [mid for mid in mids if mid is not None], mesh=mesh,
                    loader=loader, eval_render=eval_render, log_epochs=log_epochs, on_epoch=on_epoch,
@@ -408,9 +406,10 @@ def _train_epoch(run: _Training, epoch: int) -> tuple[dict, float]:
   started = time.perf_counter() - (run.resumed_seconds if first_step else 0.0)  # The epoch's seconds, all attempts.
   every_steps = config.checkpoint_every_steps
   sharding, sync = batch_sharding(run.mesh), needs_step_sync(run.mesh)
-  bar = tqdm(total=loader.num_rows, initial=min(first_step * config.batch_size, loader.num_rows), unit="row",
-             unit_scale=True, disable=not (config.progress and distributed.is_first()), leave=False,
-             desc=f"epoch {epoch + 1}/{run.total_epochs}" + (" (fine-tune)" if finetuning else ""))
+  # Each epoch logs its own summary line: off a terminal, the bar adds none.
+  bar = progress(total=loader.num_rows, initial=min(first_step * config.batch_size, loader.num_rows), unit="row",
+                 unit_scale=True, enabled=config.progress and distributed.is_first(), summary=False, leave=False,
+                 desc=f"epoch {epoch + 1}/{run.total_epochs}" + (" (fine-tune)" if finetuning else ""))
   for index, (_, placed) in enumerate(on_devices(loader.epoch(epoch, first_step), sharding), start=first_step):
     raise_if_interrupted()
     run.stacked, metrics = run.step(run.stacked, placed, epoch_hypers)
@@ -477,7 +476,7 @@ def _evaluate(run: _Training, epoch: int, totals: dict, seconds: float) -> None:
   for plan in group:
     line = lines[plan.config.out]
     if run.log_epochs:
-      _log(f"{plan.config.out}: {_summary(line)}" if len(group) > 1 else _summary(line))
+      _LOG.info(f"{plan.config.out}: {_summary(line)}" if len(group) > 1 else _summary(line))
     if run.on_epoch is not None:
       run.on_epoch(plan, line)
 

@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import functools
 import os
-import sys
 import time
 from typing import ClassVar
 
@@ -20,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import zarr
-from tqdm import tqdm
 
 from shared import __version__, distributed, storage
 from shared.augment import Augmentation, fold_of, make_augmentation
@@ -32,6 +30,7 @@ from shared.data import (NO_EVAL, Normalization, TransferSet, check_eval_set, de
                          open_transfer_set)
 from shared.ensemble import COMBINE_RULES, combine_log_probs, sampled_targets, top_k_targets
 from shared.errors import StillroomError, raise_if_interrupted
+from shared.log import logger, progress
 from shared.losses import stored_feature
 from shared.models import check_input_shape
 from shared.outputs import STORE, OutputLock, check_not_an_input, check_output, clear_for_overwrite, storage_errors
@@ -100,8 +99,7 @@ def resolve_defaults(config: BuildConfig) -> BuildConfig:
 SAMPLE_STREAM = 0x5A17  # Folded into the build's seed for `sample:K` draws, apart from the views' randomness.
 
 
-def log(message: str) -> None:
-  print(f"teacher-cache: {message}", file=sys.stderr, flush=True)
+_LOG = logger(__name__)
 
 
 def _member_specs(teachers: list[Teacher], transfer_set: TransferSet, input_shape: tuple[int, ...],
@@ -166,7 +164,7 @@ def _specialists(config: BuildConfig, teachers: list[Teacher], transfer_set: Tra
     raise StillroomError("--specialists takes PLAN.json and then the specialist run dirs.")
   plan = SpecialistPlan.read(config.specialist_plan)
   if plan.dataset_fingerprint and plan.dataset_fingerprint != transfer_set.fingerprint:
-    log(f"warning: specialist plan {config.specialist_plan!r} was made from a cache of other data (fingerprint "
+    _LOG.info(f"warning: specialist plan {config.specialist_plan!r} was made from a cache of other data (fingerprint "
         f"{plan.dataset_fingerprint[:16]}…) than {transfer_set.name!r} {transfer_set.split!r}.")
   if plan.num_classes != num_classes:
     raise StillroomError(f"specialist plan {config.specialist_plan!r} is for {plan.num_classes} classes; the "
@@ -205,7 +203,7 @@ def _check_folds(teachers: list[Teacher], folds: int) -> None:
                          f"0..{folds - 1}, then member 1's, ...); got {len(teachers)} teachers.")
   for position, teacher in enumerate(teachers):
     if teacher.record is None:
-      log(f"cross-fitting: cannot check which fold {teacher.name!r} held out (not a stillroom run); trusting the "
+      _LOG.info(f"cross-fitting: cannot check which fold {teacher.name!r} held out (not a stillroom run); trusting the "
           f"order given (fold {position % folds}).")
       continue
     cross_fit = teacher.record.cross_fit
@@ -351,7 +349,7 @@ def open_store(config: BuildConfig, spec: CacheSpec, data: dict) -> Cache | None
       if problems:
         raise StillroomError(f"--out {config.out!r} holds a complete cache with these settings, but it is damaged: "
                              f"{'; '.join(problems)}. Pass --overwrite to rebuild it.")
-      log(f"{config.out} is already complete with these settings; nothing to do.")
+      _LOG.info(f"{config.out} is already complete with these settings; nothing to do.")
       return None
     _remove_partial_files(config.out)
     create_arrays(existing.group, existing.spec)
@@ -386,7 +384,7 @@ def _remove_partial_files(path: str) -> None:
   for file in stale:
     os.remove(file)
   if stale:
-    log(f"removed {len(stale)} partial file(s) left by the interrupted build")
+    _LOG.info(f"removed {len(stale)} partial file(s) left by the interrupted build")
 
 
 def _input_paths(config: BuildConfig) -> list[str]:
@@ -461,12 +459,12 @@ def _plan(config: BuildConfig) -> tuple:
   check_batch_size(config.batch_size, mesh)
   batch_size = cap_batch(config.batch_size, config.chunk_rows, mesh.devices.size)  # A batch never spans chunks.
   if batch_size < config.batch_size:
-    log(f"--batch-size {config.batch_size} is more than a chunk ({config.chunk_rows} rows): batches of {batch_size}")
+    _LOG.info(f"--batch-size {config.batch_size} is more than a chunk ({config.chunk_rows} rows): batches of {batch_size}")
     config = dataclasses.replace(config, batch_size=batch_size)
   transfer_set, augmentation = open_views(config)
   eval_set = _eval_set(config) if not config.specialist_plan else None
   if config.specialist_plan and (config.eval_split not in (None, NO_EVAL) or config.eval_dataset):
-    log("a cache of specialists stores no eval split (its students evaluate on their own): --eval-* ignored")
+    _LOG.info("a cache of specialists stores no eval split (its students evaluate on their own): --eval-* ignored")
   teachers = [load_teacher(reference) for reference in config.teachers]
   if config.folds > 1:
     _check_folds(teachers, config.folds)
@@ -485,7 +483,7 @@ def _plan(config: BuildConfig) -> tuple:
   if features:
     feature_bytes = sum(a.row_bytes for a in spec.arrays if a.role == "feature")
     teacher_bytes = sum(a.row_bytes for a in spec.arrays if a.role == "teacher")
-    log(f"--features: {feature_bytes:,} bytes per row, {feature_bytes / teacher_bytes:.1f}x the {teacher_bytes:,} of "
+    _LOG.info(f"--features: {feature_bytes:,} bytes per row, {feature_bytes / teacher_bytes:.1f}x the {teacher_bytes:,} of "
         f"the targets and logits; {feature_bytes * spec.num_rows / 2 ** 20:,.1f} MiB of features for "
         f"{spec.num_rows:,} rows")
   return config, mesh, transfer_set, eval_set, teachers + specialists, spec
@@ -585,14 +583,14 @@ def build_cache(config: BuildConfig) -> str:
         "settings other than this process's", "Start every process of the job with the same flags and data."))
     if cache is None or cache.complete:
       if not first:
-        log(f"{config.out} is already complete with these settings; nothing to do.")
+        _LOG.info(f"{config.out} is already complete with these settings; nothing to do.")
       return config.out
     distributed.job_step(lambda: _write_chunks(cache, transfer_set, eval_set, teachers, mesh, config))
     if not first:
       return config.out
     declare_complete(cache)
   spec = cache.spec
-  log(f"wrote {spec.num_rows} rows ({len(transfer_set)} examples x {spec.views} views, {spec.num_members} members"
+  _LOG.info(f"wrote {spec.num_rows} rows ({len(transfer_set)} examples x {spec.views} views, {spec.num_members} members"
       + (f" of {spec.folds} cross-fitted runs" if spec.folds > 1 else "")
       + (f" and {len(spec.specialists)} specialists (top-{spec.top_n})" if spec.specialists else "")
       + f", {spec.num_classes} classes)"
@@ -629,12 +627,12 @@ def _write_chunks(cache: Cache, transfer_set: TransferSet, eval_set: TransferSet
   total, remaining = rows_of(mine), rows_of(todo)
   process = f" (process {jax.process_index()} of {jax.process_count()})" if jax.process_count() > 1 else ""
   if remaining < total:
-    log(f"resuming {cache.path}{process}: {total - remaining} of {total} rows already committed")
+    _LOG.info(f"resuming {cache.path}{process}: {total - remaining} of {total} rows already committed")
   rows_forward, eval_forward = _make_forwards(teachers, spec, mesh)
   params = jax.device_put([t.params for t in teachers], replicated(mesh))
   writer = ChunkWriter(cache)
-  bar = tqdm(total=total, initial=total - remaining, unit="row", unit_scale=True, disable=not config.progress,
-             desc="teacher-cache build" + process)
+  bar = progress(total=total, initial=total - remaining, unit="row", unit_scale=True, enabled=config.progress,
+                 desc="teacher-cache build" + process)
   started = time.perf_counter()
   try:
     if eval_set is not None:
@@ -653,7 +651,7 @@ def _write_chunks(cache: Cache, transfer_set: TransferSet, eval_set: TransferSet
     bar.close()
     writer.close()
   if remaining:
-    log(f"{remaining} rows{process} in {time.perf_counter() - started:.1f} s")
+    _LOG.info(f"{remaining} rows{process} in {time.perf_counter() - started:.1f} s")
 
 
 def put_rows(writer: ChunkWriter, cache: Cache, chunk: int, rows: dict, logits: np.ndarray, targets: dict,
@@ -757,7 +755,7 @@ def chunks_to_write(cache: Cache, row_set: str) -> list[int]:
     raise StillroomError(f"cannot resume {cache.path}: {e}. Pass --overwrite to rebuild it.") from e
   missing = {chunk for name in names for chunk in absent.get(name, ())} if cache.spec.has_checksums else set()
   if missing - todo:
-    log(f"{len(missing - todo)} committed chunk(s) of {cache.path} are missing: writing them again")
+    _LOG.info(f"{len(missing - todo)} committed chunk(s) of {cache.path} are missing: writing them again")
   return sorted(todo | missing)
 
 

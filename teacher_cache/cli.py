@@ -6,7 +6,7 @@ import json
 import sys
 
 from shared.cache import LAYOUT
-from shared.cli import add_models_command, print_models, run_or_exit
+from shared.cli import add_models_command, add_verbosity_options, print_models, run_or_exit
 from shared.errors import StillroomError
 from shared.options import BUILD, IMPORT, VIEWS
 from shared.settings import add_options, from_args
@@ -101,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
   verify.add_argument("--json", action="store_true", help="print one JSON object")
 
   add_models_command(commands)
+  add_verbosity_options(parser)
   return parser
 
 
@@ -200,4 +201,4 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "models":
       print_models(args)
 
-  run_or_exit("teacher-cache", command)
+  run_or_exit("teacher-cache", command, args)

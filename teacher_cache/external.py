@@ -25,20 +25,21 @@ import zipfile
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
 from shared import storage
 from shared.cache import ROWS, ChunkWriter, MemberSpec, replay_rows, row_sources
 from shared.data import label_ids, local_path
 from shared.errors import StillroomError, raise_if_interrupted
+from shared.log import logger, progress
 from shared.outputs import STORE, OutputLock, check_not_an_input, check_output
 from shared.parallel import cap_batch, pad_rows
 from shared.settings import differences
 from shared.workers import BatchRenderer, resolve_workers
-from teacher_cache.build import (BuildConfig, check_settings, chunks_to_write, declare_complete, log, make_spec,
+from teacher_cache.build import (BuildConfig, check_settings, chunks_to_write, declare_complete, make_spec,
                                  open_store, open_views, put_rows, resolve_defaults, targets_of_logits)
 from teacher_cache.verify import listed
 
+_LOG = logger(__name__)
 VIEWS_FILE = "views.json"
 IMPORTED = "imported"  # The model of an imported member.
 
@@ -73,10 +74,10 @@ def write_views(config: BuildConfig) -> dict:
   chunks = -(-rows // config.chunk_rows)
   with OutputLock(config.out, "teacher-cache views"):
     if not _prepare(config.out, record, config.overwrite, [chunk_file(c) for c in range(chunks)]):
-      log(f"{config.out} already holds these views; nothing to do.")
+      _LOG.info(f"{config.out} already holds these views; nothing to do.")
       return record
     with BatchRenderer(transfer_set, augmentation, workers=workers) as render, \
-        tqdm(total=rows, unit="row", unit_scale=True, disable=not config.progress, desc="teacher-cache views") as bar:
+        progress(total=rows, unit="row", unit_scale=True, enabled=config.progress, desc="teacher-cache views") as bar:
       for chunk in range(chunks):
         start, stop = chunk * config.chunk_rows, min(rows, (chunk + 1) * config.chunk_rows)
         view, position = row_sources(np.arange(start, stop), count, config.seed)
@@ -283,7 +284,7 @@ def import_cache(config: BuildConfig, logits_files: list[str], views_dir: str | 
       return config.out
     _write_imported(cache, transfer_set, logits, config)
     declare_complete(cache)
-  log(f"imported {num_rows} rows ({len(transfer_set)} examples x {config.views} views, {len(members)} members, "
+  _LOG.info(f"imported {num_rows} rows ({len(transfer_set)} examples x {config.views} views, {len(members)} members, "
       f"{num_classes} classes) to {config.out}")
   # A row id means nothing under other view settings: accuracy near chance says the logits are of other rows.
   view, position = spec.row_sources(np.arange(num_rows))
@@ -293,10 +294,10 @@ def import_cache(config: BuildConfig, logits_files: list[str], views_dir: str | 
     for m, member in enumerate(members):
       right = np.argmax(logits[:, m], axis=1) == labels
       first = right[labelled & (view == 0)].mean()
-      log(f"member {member.name!r}: accuracy {100 * right[labelled].mean():.2f}% on the {int(labelled.sum())} "
+      _LOG.info(f"member {member.name!r}: accuracy {100 * right[labelled].mean():.2f}% on the {int(labelled.sum())} "
           f"labelled rows (view 0: {100 * first:.2f}%)")
       if first < 2 / num_classes:
-        log(f"warning: member {member.name!r} is near chance on view 0: are these logits of other rows (views "
+        _LOG.info(f"warning: member {member.name!r} is near chance on view 0: are these logits of other rows (views "
             "written with another --dataset, --split, --views or --seed)? --views-dir checks the settings.")
   return config.out
 
@@ -313,10 +314,10 @@ def _write_imported(cache, transfer_set, logits: np.ndarray, config: BuildConfig
   writer = ChunkWriter(cache)
   remaining = sum(stop - start for start, stop in map(cache.chunk_bounds, todo))
   if remaining < spec.num_rows:
-    log(f"resuming {cache.path}: {spec.num_rows - remaining} of {spec.num_rows} rows already committed")
+    _LOG.info(f"resuming {cache.path}: {spec.num_rows - remaining} of {spec.num_rows} rows already committed")
   batch_size = cap_batch(config.batch_size, spec.chunk_rows, 1)  # A batch never spans chunks.
-  bar = tqdm(total=spec.num_rows, initial=spec.num_rows - remaining, unit="row", unit_scale=True,
-             disable=not config.progress, desc="teacher-cache import")
+  bar = progress(total=spec.num_rows, initial=spec.num_rows - remaining, unit="row", unit_scale=True,
+                 enabled=config.progress, desc="teacher-cache import")
   try:
     for chunk in todo:
       raise_if_interrupted()

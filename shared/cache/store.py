@@ -2,7 +2,6 @@
 `Cache`, through which readers and writers reach its arrays."""
 
 import dataclasses
-import sys
 
 import numpy as np
 import zarr
@@ -13,10 +12,10 @@ from shared.cache.layout import ROWS
 from shared.cache.spec import COMPLETE_KEY, SPEC_KEY, CacheSpec
 from shared.cache.zarr_async import gather, open_arrays, raise_first_failure
 from shared.errors import StillroomError
+from shared.log import logger
 
 
-def _log(message: str) -> None:
-  print(f"stillroom: {message}", file=sys.stderr, flush=True)
+_LOG = logger(__name__)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -116,7 +115,7 @@ def open_cache(path: str, mode: str = "r", require_complete: bool = True) -> Cac
   except StillroomError as e:
     raise StillroomError(f"cache {path!r}: {e}") from e
   if not spec.has_checksums and mode == "r":
-    _log(f"cache {path!r} has schema version {spec.schema_version}: its chunks carry no checksums and all-zero "
+    _LOG.info(f"cache {path!r} has schema version {spec.schema_version}: its chunks carry no checksums and all-zero "
          "chunks may be absent, so damage cannot be detected. Rebuild it with this stillroom to get both.")
   cache = Cache(path=path, group=group, spec=spec, completion=attrs.get(COMPLETE_KEY))
   if require_complete:

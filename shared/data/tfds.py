@@ -4,7 +4,6 @@ first use). Any dataset name without a prefix is one of these."""
 
 import json
 import os
-import sys
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -12,6 +11,7 @@ import tensorflow_datasets as tfds
 from shared import digits as digits_lib
 from shared.data.source import READ_BATCH, ArraySource, OpenedSource, little_endian
 from shared.data.splits import split_name
+from shared.log import logger
 from shared.errors import StillroomError
 
 EMBEDDED_DATASETS = ("digits",)
@@ -143,7 +143,7 @@ def _open_builder(name: str, data_dir: str | None):
     if name == "digits":
       builder = digits_lib.Digits(data_dir=data_dir, file_format="array_record")
       if not builder.is_prepared():
-        print(f"preparing the embedded digits dataset in {builder.data_dir}", file=sys.stderr)
+        logger(__name__).info(f"preparing the embedded digits dataset in {builder.data_dir}")
         tfds.disable_progress_bar()
         builder.download_and_prepare()
     else:
