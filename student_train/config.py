@@ -13,9 +13,9 @@ from shared.distributed import (COORDINATOR_HELP, DEFAULT_HEARTBEAT_SECONDS, HEA
                                 PROCESS_ID_HELP)
 from shared.ensemble import COMBINE_RULES
 from shared.errors import StillroomError
-from shared.losses import LOSSES
 from shared.models import MODELS, is_reference
 from shared.settings import WORKERS_HELP, flag_of, positive_finite, seed_check, setting, workers_check
+from student_train.terms import LOSS_HELP, check_loss
 
 DEFAULT_KD_ALPHA = 0.1  # Hinton et al. 2015 and the Keras example weight the hard term lightly.
 DEFAULT_MAX_CLASSES = 1 << 18  # 262,144: the largest LLM vocabularies.
@@ -64,8 +64,7 @@ class FitConfig:
   eval_split: str | None = setting(None, f"evaluation split (default: 'test' when the dataset has one; with "
                                          "--eval-dataset, 'train' of an npz: or imagefolder: dataset; "
                                          f"'{NO_EVAL}': no per-epoch evaluation)")
-  loss: str = setting("kl", "soft term: T²·KL(p_T || softmax(s/T)), or its high-T limit (1/2C)·||zero-meaned "
-                            "logits difference||²", choices=LOSSES)
+  loss: str = setting("kl", LOSS_HELP, metavar="NAME[:ARG]")
   alpha: float | None = setting(None, f"weight of the hard-label cross-entropy in [0, 1] (default: {DEFAULT_KD_ALPHA} "
                                       "with a labelled cache, 0 without labels, 1 without a cache)")
   temperature: float | None = setting(None, "T of the soft term (default: the cache's); another T re-derives "
@@ -160,7 +159,7 @@ CHECKS = {
     "model": lambda v: v in MODELS or is_reference(v) or f"must be one of {', '.join(MODELS)}, or 'module:function'",
     "alpha": lambda v: v is None or 0.0 <= v <= 1.0 or "must be in [0, 1]",
     "temperature": lambda v: v is None or positive_finite(v),
-    "loss": lambda v: v in LOSSES or f"must be one of {', '.join(LOSSES)}",
+    "loss": check_loss,
     "combine": lambda v: v is None or v in COMBINE_RULES or f"must be one of {', '.join(COMBINE_RULES)}",
     "members": lambda v: v is None or (len(v) > 0 and all(isinstance(m, int) and not isinstance(m, bool)
                                                           for m in v)) or "must be a non-empty list of member indices",
@@ -220,7 +219,7 @@ def validate_config(config: FitConfig, prefix: str = "") -> None:
   if not config.cache:
     soft_only = [flag_of(name) for name in ("alpha", "temperature", "combine", "members")
                  if getattr(config, name) is not None and not (name == "alpha" and config.alpha == 1.0)]
-    soft_only += ["--loss mse"] if config.loss != "kl" else []
+    soft_only += [f"--loss {config.loss}"] if config.loss != "kl" else []
     if soft_only:
       raise StillroomError(f"{', '.join(soft_only)} set{'s' if len(soft_only) == 1 else ''} distillation, which "
                            "needs --cache.")

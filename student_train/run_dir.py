@@ -36,7 +36,7 @@ from shared.outputs import RUN_DIR, clear_for_overwrite
 from shared.runs import CONFIG_FILE, PARAMS_ITEM, CrossFit, RunRecord, SpecialistRecord, checkpoint_manager
 from shared.settings import differences as settings_differences
 from student_train.config import ADDED_SETTINGS, FitConfig
-from student_train.features import student_of
+from student_train.terms.features import student_of
 from student_train.plan import RunPlan
 
 METRICS_FILE = "metrics.jsonl"

@@ -34,10 +34,10 @@ from shared.workers import BatchRenderer, resolve_workers
 from student_train import run_dir as files
 from student_train.config import FitConfig
 from student_train.evaluate import cached_teacher_top1, eval_line, predict_log_probs
-from student_train.features import Distilled, Regressors
+from student_train.terms.features import Distilled, Regressors
 from student_train.loader import ArrayLoader, CacheLoader
 from student_train.plan import Opened, RunPlan, plan_run
-from student_train.steps import (make_predict, make_train_step, stack_hypers, stack_states, static_flags,
+from student_train.steps import (group_switches, make_predict, make_train_step, stack_hypers, stack_states,
                                  unstack_state)
 
 EpochCallback = Callable[[RunPlan, dict], None]
@@ -270,7 +270,7 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
         nnx.replace_by_pure_dict(params, plan.initial_params)
         nnx.update(model, params)
       trainable = model
-      if any(term.loss == "hint" for term in plan.feature_terms):  # The hints' regressors train beside it.
+      if any(term.regressor is not None for term in plan.feature_terms):  # The hints' regressors train beside it.
         trainable = Distilled(model, Regressors(plan.feature_terms, nnx.Rngs(
             jax.random.fold_in(jax.random.key(plan.config.seed), REGRESSOR_STREAM))))
       optimizers = [nnx.Optimizer(trainable, make_optimizer(plan.config, loader.steps_per_epoch), wrt=nnx.Param)]
@@ -294,11 +294,11 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
                                            {plan.config.out: start_epoch for plan in group}))
     num_members = first.cache.spec.num_members if first.cache is not None else 1
     per_student = stack_hypers([plan.hypers(num_members) for plan in group], [plan.config.seed for plan in group])
-    distill_alpha = per_student.pop("alpha")
+    distill_alpha = per_student.alpha
     stacked = put_replicated(stack_states(states), mesh)
-    fixed = static_flags(per_student)
+    switches = group_switches(per_student)
     per_student = put_replicated(per_student, mesh)
-    step = make_train_step(graphdef, first.normalization, mesh, fixed, first.feature_terms)
+    step = make_train_step(graphdef, first.normalization, mesh, switches, first.feature_terms)
     predict = make_predict(graphdef, first.normalization, mesh)
     teacher_top1 = [cached_teacher_top1(plan) for plan in group]
     if first.cache is not None and first.eval_set is not None and teacher_top1[0] is None:
@@ -315,9 +315,10 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
       alpha = np.ones(len(group), np.float32) if finetuning else distill_alpha
       # Traced, so that the stages share one compilation: FitNets' stage 1 trains on the hints alone, and
       # fine-tuning on hard labels alone.
-      stage = {"hint_only": np.full(len(group), epoch < config.hint_epochs),
-               "features_on": np.full(len(group), not finetuning, np.float32)}
-      epoch_hypers = {**per_student, **put_replicated({"alpha": alpha, **stage}, mesh)}
+      alpha, hint_only, features_on = put_replicated(
+          (alpha, np.full(len(group), epoch < config.hint_epochs), np.full(len(group), not finetuning, np.float32)),
+          mesh)
+      epoch_hypers = per_student.replace(alpha=alpha, hint_only=hint_only, features_on=features_on)
       first_step = start_step if epoch == start_epoch else 0
       sums = resumed_sums if first_step else None
       started = time.perf_counter() - (resumed_seconds if first_step else 0.0)  # The epoch's seconds, all attempts.
@@ -359,7 +360,7 @@ def _train(group: list[RunPlan], checkpoints: list[files.Checkpoints], start_epo
         stacked, per_student = jax.tree.map(lambda a: a[np.array(keep)], (stacked, per_student))
         distill_alpha = distill_alpha[keep]
         totals = {name: value[keep] for name, value in totals.items()}
-        step = make_train_step(graphdef, first.normalization, mesh, static_flags(jax.device_get(per_student)),
+        step = make_train_step(graphdef, first.normalization, mesh, group_switches(jax.device_get(per_student)),
                                first.feature_terms)
       eval_log_probs = None if first.eval_set is None else predict_log_probs(
           predict, stacked, eval_render, config.batch_size, mesh)
