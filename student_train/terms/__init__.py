@@ -271,6 +271,7 @@ def distillation_loss(student_logits: jax.Array, labels: jax.Array, alpha, teach
 # The families, in the order `--help` lists their terms: importing a module registers its terms.
 from student_train.terms import logits  # noqa: E402,F401  pylint: disable=wrong-import-position
 from student_train.terms import features  # noqa: E402,F401  pylint: disable=wrong-import-position
+from student_train.terms import divergences  # noqa: E402,F401  pylint: disable=wrong-import-position
 
 LOGIT_TERMS: tuple[LogitTerm, ...] = tuple(t for t in TERMS.values() if isinstance(t, LogitTerm))
 LOSS_NAMES: tuple[str, ...] = tuple(term.name for term in LOGIT_TERMS)
