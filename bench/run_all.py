@@ -38,7 +38,7 @@ from shared.models import ModelSpec, build_model  # noqa: E402
 from shared.parallel import batch_sharding, data_mesh, on_devices, replicated  # noqa: E402
 from shared.runs import load_teacher  # noqa: E402
 from student_train.loader import ArrayLoader, CacheLoader  # noqa: E402
-from student_train.steps import make_train_step, stack_hypers, stack_states, train_step_fn  # noqa: E402
+from student_train.steps import Hypers, make_train_step, stack_hypers, stack_states, train_step_fn  # noqa: E402
 from teacher_cache.build import BuildConfig, _make_forwards, build_cache  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,11 +56,10 @@ def _student(model: str, transfer_set, mesh, students: int = 1):
   return graphdef, jax.device_put(stack_states(states), replicated(mesh))
 
 
-def student_hypers(mesh, students: int = 1, members: int = 1, use_stored: bool = True) -> dict:
-  """The step's per-student settings: alpha 0.5, T=4, AM of all members, stored or re-derived targets."""
-  one = {"alpha": np.float32(0.5), "temperature": np.float32(4.0), "geometric": np.bool_(False),
-         "mse": np.bool_(False), "member_weights": member_weights(range(members), members),
-         "use_stored": np.bool_(use_stored)}
+def student_hypers(mesh, students: int = 1, members: int = 1, use_stored: bool = True) -> Hypers:
+  """The step's per-student settings: alpha 0.5, T=4, AM of all members, stored or re-derived targets, KL."""
+  one = Hypers(alpha=np.float32(0.5), temperature=np.float32(4.0),
+               member_weights=member_weights(range(members), members), use_stored=np.bool_(use_stored))
   return jax.device_put(stack_hypers([one] * students, list(range(students))), replicated(mesh))
 
 

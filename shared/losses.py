@@ -1,15 +1,13 @@
 """Distillation losses: small per-example functions (a batch is a `jax.vmap` or a broadcast away).
 
 Notation: s student logits [C], y hard label, p_T the teacher's distribution at temperature T (given as
-log-probabilities), z the teacher's (mean member) logits, C the number of classes.
+log-probabilities), z the teacher's (mean member) logits, C the number of classes. The trainer uses them through the
+registered distillation terms of `student_train.terms`.
 """
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-
-LOSSES = ("kl", "mse")
 
 
 def hard_cross_entropy(student_logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -118,64 +116,6 @@ def sampled_kl(student_logits: jax.Array, ids: jax.Array, counts: jax.Array, log
   drawn = counts > 0  # Padding may hold any log-probability: its weight is 0, and so must its term be.
   gap = jnp.where(drawn, log_probs.astype(jnp.float32), 0.0) - jnp.take_along_axis(student, ids, axis=-1)
   return temperature ** 2 * jnp.sum(jnp.where(drawn, weights * gap, 0.0), axis=-1)
-
-
-def sparse_kl(student_logits: jax.Array, sparse: dict, temperature) -> jax.Array:
-  """`topk_kl` or `sampled_kl` of a cache's sparse targets: `sparse` holds "ids" and "log_probs" [..., K], and
-  "log_rest" [...] (top-k) or "counts" [..., K] (sampled)."""
-  if "counts" in sparse:
-    return sampled_kl(student_logits, sparse["ids"], sparse["counts"], sparse["log_probs"], temperature)
-  return topk_kl(student_logits, sparse["ids"], sparse["log_probs"], sparse["log_rest"], temperature)
-
-
-def distillation_loss(student_logits: jax.Array, labels: jax.Array, alpha, *, temperature,
-                      target_log_probs: jax.Array | None, teacher_logits: jax.Array | None = None,
-                      mse=False, sparse: dict | None = None, use_sparse=True) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """`alpha · CE(y, softmax(s)) + (1 − alpha) · soft`, soft being `soft_kl`, `logit_mse` (with `mse`) or
-  `sparse_kl` (with `sparse` targets and `use_sparse`).
-
-  Hard-label training passes no targets: the soft term is zero.
-
-  Args:
-    student_logits: [..., C].
-    labels: int [...]; ignored (may be -1) where alpha is 0.
-    alpha: weight of the hard term in [0, 1] (a float or a traced scalar).
-    temperature: T of the soft term.
-    target_log_probs: [..., C] teacher log-probabilities at T; needed by "kl".
-    teacher_logits: [..., C] mean teacher logits; needed by "mse".
-    mse: use `logit_mse` instead of `soft_kl`: a Python or NumPy bool (only that term is computed), or a traced
-      bool (both are computed and one is selected, as students of one vmapped step may differ in their loss).
-    sparse: a sparse cache's stored targets (see `sparse_kl`), or None.
-    use_sparse: with `sparse`, use it rather than the dense terms; a Python bool or a traced one, as `mse`.
-
-  Returns:
-    `(total, hard, soft)`, each [...].
-  """
-  hard = hard_cross_entropy(student_logits, jnp.maximum(labels, 0))
-  static = lambda flag: isinstance(flag, (bool, np.bool_))  # noqa: E731
-  has_dense = target_log_probs is not None or teacher_logits is not None
-  if sparse is not None and (not has_dense or (static(use_sparse) and use_sparse)):
-    soft = sparse_kl(student_logits, sparse, temperature)
-  elif not has_dense:
-    soft = jnp.zeros_like(hard)
-  else:
-    soft = _dense_soft(student_logits, temperature, target_log_probs, teacher_logits, mse)
-    if sparse is not None and not static(use_sparse):
-      soft = jnp.where(use_sparse, sparse_kl(student_logits, sparse, temperature), soft)
-  return alpha * hard + (1.0 - alpha) * soft, hard, soft
-
-
-def _dense_soft(student_logits, temperature, target_log_probs, teacher_logits, mse) -> jax.Array:
-  """`soft_kl` or `logit_mse`, chosen by `mse` (see `distillation_loss`)."""
-  if isinstance(mse, (bool, np.bool_)):  # Known when tracing: compute the one term.
-    if (teacher_logits if mse else target_log_probs) is None:
-      raise ValueError(f"the {'mse' if mse else 'kl'} loss needs {'teacher_logits' if mse else 'target_log_probs'}")
-    return logit_mse(student_logits, teacher_logits) if mse else soft_kl(student_logits, target_log_probs,
-                                                                          temperature)
-  if teacher_logits is None or target_log_probs is None:
-    raise ValueError("a traced loss choice needs both target_log_probs and teacher_logits")
-  return jnp.where(mse, logit_mse(student_logits, teacher_logits), soft_kl(student_logits, target_log_probs,
-                                                                           temperature))
 
 
 def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:

@@ -12,12 +12,12 @@ from typing import ClassVar
 
 from shared.ensemble import COMBINE_RULES
 from shared.errors import StillroomError
-from shared.losses import LOSSES
 from shared.models import MODELS, is_reference
 from shared.options import (DEMO_STUDENT, DEMO_TEACHER, FIT, SWEEP, DataSettings, JobSettings, OutputSettings,
                             ViewSettings)
 from shared.settings import (at_least, check_values, declared, flag_of, names_where, non_negative_finite,
                              positive_finite, seed_check, setting)
+from student_train.terms import LOSS_HELP, check_loss
 
 DEFAULT_KD_ALPHA = 0.1  # Hinton et al. 2015 and the Keras example weight the hard term lightly.
 DEFAULT_MAX_CLASSES = 1 << 18  # 262,144: the largest LLM vocabularies.
@@ -55,9 +55,8 @@ class FitConfig(DataSettings, ViewSettings, JobSettings, OutputSettings):
                                                         "(more: batches closer to uniform sampling, more memory)",
                                 metavar="CHUNKS", group="data", check=at_least(1, "chunk"),
                                 commands=(FIT, SWEEP, DEMO_STUDENT))
-  loss: str = setting("kl", "soft term: T²·KL(p_T || softmax(s/T)), or its high-T limit (1/2C)·||zero-meaned "
-                            "logits difference||²", choices=LOSSES, group="distillation", scope="student", axis=True,
-                      soft=True)
+  loss: str = setting("kl", LOSS_HELP, metavar="NAME[:ARG]", check=check_loss, group="distillation", scope="student",
+                      axis=True, soft=True)
   alpha: float | None = setting(None, f"weight of the hard-label cross-entropy in [0, 1] (default: {DEFAULT_KD_ALPHA} "
                                       "with a labelled cache, 0 without labels, 1 without a cache)",
                                 group="distillation", check=lambda v: v is None or 0.0 <= v <= 1.0 or "must be in [0, 1]",

@@ -29,8 +29,10 @@ from shared.specialists import (SpecialistPlan, dustbin_correction, dustbin_labe
 from shared.options import DEFAULT_SPLIT, resolve_dataset
 from shared.runs import SpecialistRecord
 from shared.settings import names_where
-from student_train.config import DEFAULT_KD_ALPHA, FEATURE_OPTIONS, FitConfig, validate_config
-from student_train.features import FeatureTerm, plan_feature_terms
+from student_train.config import DEFAULT_KD_ALPHA, FEATURE_OPTIONS, WEIGHTS, FitConfig, validate_config
+from student_train.steps import Hypers
+from student_train.terms import FEATURE_LOSSES, LOGIT_TERMS, TERMS, loss_settings, parse_loss
+from student_train.terms.features import FeatureTerm, plan_feature_terms
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -38,11 +40,12 @@ class Teaching:
   """Where a distilled student's soft targets come from.
 
   Attributes:
-    loss: "kl" or "mse".
+    loss: its logit term, as `--loss` gives it (`student_train.terms`: "kl", "mse", ...).
     temperature: T of the soft term.
     combine: ensemble rule.
     members: the members of the cache it learns from.
-    use_stored: the cache's stored targets are exactly these (same T, rule and all members, KL loss).
+    use_stored: the cache's stored targets are exactly these (same T, rule and all members), of a kind its logit
+      term learns from.
   """
 
   loss: str
@@ -52,8 +55,13 @@ class Teaching:
   use_stored: bool
 
   def fields(self, spec: CacheSpec) -> tuple[str, ...]:
-    """The arrays of a cache with `spec` that this student's step needs."""
-    return spec.target_arrays if self.use_stored else ("member_logits",)
+    """The arrays of a cache with `spec` that this student's logit term reads."""
+    return self.term.arrays(spec, self.use_stored)
+
+  @property
+  def term(self):
+    """Its registered logit term."""
+    return LOGIT_TERMS[parse_loss(self.loss)[0]]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -137,25 +145,27 @@ class RunPlan:
     return {**shared, "cache": None if self.cache is None else storage.absolute(self.cache.path),
             "feature_terms": [dataclasses.asdict(term) for term in self.feature_terms]}
 
-  def hypers(self, num_members: int) -> dict[str, np.ndarray]:
+  def hypers(self, num_members: int) -> Hypers:
     """This student's settings for the step (see `student_train.steps.make_train_step`), the distillation alpha
     included; the PRNG key is added from the seed by `stack_hypers`."""
-    teaching = self.teaching
-    return {
-        "alpha": np.float32(self.config.alpha),
-        "temperature": np.float32(teaching.temperature if teaching else 1.0),
-        "geometric": np.bool_(teaching is not None and teaching.combine == "geometric"),
-        "mse": np.bool_(teaching is not None and teaching.loss == "mse"),
-        "member_weights": member_weights(teaching.members if teaching else range(num_members), num_members),
-        "use_stored": np.bool_(teaching is not None and teaching.use_stored),
-        **{f"{name}_weight": np.float32(getattr(self.config, f"{name}_weight")) for name in FEATURE_OPTIONS},
-    }
+    teaching, config = self.teaching, self.config
+    loss, settings = parse_loss(config.loss)
+    return Hypers(
+        alpha=np.float32(config.alpha),
+        temperature=np.float32(teaching.temperature if teaching else 1.0),
+        geometric=np.bool_(teaching is not None and teaching.combine == "geometric"),
+        use_stored=np.bool_(teaching is not None and teaching.use_stored),
+        loss=np.int32(loss),
+        loss_settings=loss_settings(loss, settings),
+        member_weights=member_weights(teaching.members if teaching else range(num_members), num_members),
+        feature_weights=tuple(np.float32(getattr(config, WEIGHTS[family.name])) for family in FEATURE_LOSSES))
 
   def fields(self) -> tuple[str, ...]:
     """The cache arrays its steps read: its soft targets' and its teacher features'."""
     if self.teaching is None:
       return ()
-    return self.teaching.fields(self.cache.spec) + tuple(a for term in self.feature_terms for a in term.teacher)
+    return self.teaching.fields(self.cache.spec) + tuple(
+        a for term in self.feature_terms for a in TERMS[term.loss].arrays(term))
 
 
 # The values `RunPlan.resolved_values` records, none before they existed.
@@ -183,28 +193,30 @@ def _plan_teaching(config: FitConfig, cache: Cache) -> tuple[Teaching, dict]:
     raise StillroomError("--finetune-epochs trains on hard labels, but the cache is unlabeled.")
   temperature = spec.temperature if config.temperature is None else float(config.temperature)
   combine = config.combine or spec.combine
-  use_stored = (config.loss == "kl" and temperature == spec.temperature and combine == spec.combine
-                and members == tuple(range(spec.num_members)) and bool(spec.target_arrays))
+  term = LOGIT_TERMS[parse_loss(config.loss)[0]]
+  use_stored = (term.reads_stored(spec) and temperature == spec.temperature and combine == spec.combine
+                and members == tuple(range(spec.num_members)))
   teaching = Teaching(loss=config.loss, temperature=temperature, combine=combine, members=members,
                       use_stored=use_stored)
   if not use_stored:
-    reason = ("--loss mse" if config.loss == "mse" else
-              f"T={temperature:g}, {combine} mean of members {list(members)} (the cache stores T="
-              f"{spec.temperature:g}, {spec.combine} mean of all {spec.num_members})")
+    other_loss = "" if term.reads_stored(spec) else f"--loss {config.loss}"  # Its term learns no stored targets.
+    reason = other_loss or (f"T={temperature:g}, {combine} mean of members {list(members)} (the cache stores T="
+                            f"{spec.temperature:g}, {spec.combine} mean of all {spec.num_members})")
     if not spec.targets_derivable:
       asked = [f"--temperature {temperature:g}" if temperature != spec.temperature else "",
                f"--combine {combine}" if combine != spec.combine else "",
                f"--members {','.join(map(str, members))}" if members != tuple(range(spec.num_members)) else "",
-               "--loss mse" if config.loss == "mse" else ""]
+               other_loss]
       asked = ", ".join(a for a in asked if a)
+      readers = "/".join(t.name for t in LOGIT_TERMS if t.reads_stored(spec))  # The terms its targets serve.
       if spec.specialists:
         raise StillroomError(f"cache {config.cache!r} holds the combination of a generalist with "
-                             f"{len(spec.specialists)} specialists at T={spec.temperature:g} (for the KL loss), which "
-                             f"its member logits do not re-derive, so it cannot serve {asked}: drop those flags, or "
-                             "build another cache at that T.")
+                             f"{len(spec.specialists)} specialists at T={spec.temperature:g} (for the {readers} loss), "
+                             f"which its member logits do not re-derive, so it cannot serve {asked}: drop those flags, "
+                             "or build another cache at that T.")
       raise StillroomError(f"cache {config.cache!r} holds {spec.targets} targets (T={spec.temperature:g}, "
-                           f"{spec.combine} mean of all {spec.num_members} members, for the KL loss) and no member "
-                           f"logits, so it cannot serve {asked}: drop those flags, or rebuild it with "
+                           f"{spec.combine} mean of all {spec.num_members} members, for the {readers} loss) and no "
+                           f"member logits, so it cannot serve {asked}: drop those flags, or rebuild it with "
                            "`teacher-cache build --member-logits` (students whose settings differ from the cache's "
                            "then learn dense targets re-derived from them).")
     cache.require(teaching.fields(spec), reason)

@@ -37,7 +37,7 @@ from shared.runs import CONFIG_FILE, PARAMS_ITEM, CrossFit, RunRecord, checkpoin
 from shared.settings import differences as settings_differences
 from shared.settings import declared, names_where
 from student_train.config import FitConfig
-from student_train.features import student_of
+from student_train.terms.features import student_of
 from student_train.plan import RESOLVED, RunPlan
 
 METRICS_FILE = "metrics.jsonl"

@@ -6,38 +6,90 @@ one. Dropout draws from `fold_in(key, step)`, so a resumed run draws what an uni
 
 What a batch holds decides, statically, what the step computes: the cache's stored soft targets (`targets`, or a
 sparse cache's `target_*` arrays) and/or `member_logits` (to re-derive targets at another T, rule or member subset,
-and for the logit-MSE loss); neither for hard-label training. Per student, `use_stored` picks the stored targets
-when both are present.
+and for logit terms that the stored targets do not serve); neither for hard-label training. Per student,
+`use_stored` picks the stored targets when both are present. The loss is the weighted sum of the registered
+distillation terms the run uses (`student_train.terms`): its logit term beside the hard labels, and its feature
+terms.
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 
 from shared.data import Normalization
 from shared.ensemble import ensemble_log_probs, mean_logits
-from shared.losses import distillation_loss, masked_mean
+from shared.losses import masked_mean
 from shared.parallel import batch_sharding, replicated
-from student_train.features import FeatureTerm, feature_losses, student_of
+from student_train.terms import FEATURE_LOSSES, LOSS_NAMES, Teacher, distillation_loss, loss_settings
+from student_train.terms.features import FeatureTerm, feature_losses, student_of
 
-# Per-student switches that pick what the step computes. When every student of a group agrees on one, it is
-# passed as a Python bool, so the step computes only that branch; otherwise it is traced and both are computed.
-FLAGS = ("geometric", "mse", "use_stored")
+
+def switch(default):
+  """A field of `Hypers` that picks what the step computes. When every student of a group holds one value of it,
+  that value is fixed when the step is traced (a Python value: only its branch is computed); otherwise it is traced
+  and every branch the group holds is computed (see `group_switches`)."""
+  return struct.field(default=default, metadata={"switch": True})
+
+
+@struct.dataclass
+class Hypers:
+  """One student's settings for the step. Stacked for a group (`stack_hypers`), every leaf has a leading axis K.
+  The defaults are a hard-label student's (of the KL loss, `--loss`'s default); a run's come from
+  `student_train.plan.RunPlan.hypers`.
+
+  Attributes:
+    member_weights: float32 [M] the ensemble members' weights (0 for those left out).
+    alpha: float32, the weight of the hard-label cross-entropy (1 while fine-tuning).
+    temperature: float32, T of the soft term.
+    geometric: bool switch: the geometric ensemble rule for re-derived targets (else arithmetic).
+    use_stored: bool switch: learn the cache's stored targets (else targets re-derived from member logits).
+    loss: int32 switch: its logit term, an index into `student_train.terms.LOGIT_TERMS`.
+    loss_settings: every logit term's settings in `LOGIT_TERMS` order (`student_train.terms.loss_settings`): its own
+      term's from `--loss`, the others' defaults. Traced: students that differ in them share one compilation.
+    feature_weights: float32 per feature family of `student_train.terms.FEATURE_LOSSES` (`--hint-weight`, ...).
+    hint_only: bool, set per epoch: FitNets' stage 1, the hint loss alone.
+    features_on: float32, set per epoch: 0 while fine-tuning (no feature loss), else 1.
+    key: its dropout's PRNG key (`stack_hypers` adds it from the seed).
+  """
+
+  member_weights: np.ndarray
+  alpha: np.ndarray = np.float32(1.0)
+  temperature: np.ndarray = np.float32(1.0)
+  geometric: np.ndarray = switch(np.bool_(False))
+  use_stored: np.ndarray = switch(np.bool_(False))
+  loss: np.ndarray = switch(np.int32(LOSS_NAMES.index("kl")))
+  loss_settings: tuple = struct.field(default_factory=loss_settings)
+  feature_weights: tuple = tuple(np.float32(0.0) for _ in FEATURE_LOSSES)
+  hint_only: np.ndarray = np.bool_(False)
+  features_on: np.ndarray = np.float32(1.0)
+  key: jax.Array | None = None
+
+
+SWITCHES = tuple(f.name for f in dataclasses.fields(Hypers) if f.metadata.get("switch"))
+
+
+def group_switches(hypers: Hypers) -> dict[str, tuple]:
+  """The values each switch of stacked `hypers` takes over the group's students, as Python values (see
+  `train_step_fn`): one value fixes the switch when the step is traced."""
+  return {name: tuple(np.unique(np.asarray(getattr(hypers, name))).tolist()) for name in SWITCHES}
 
 
 SPARSE_ARRAYS = {"target_ids": "ids", "target_log_probs": "log_probs", "target_rest": "log_rest",
-                 "target_counts": "counts"}  # A sparse cache's arrays, as `shared.losses.sparse_kl` names them.
+                 "target_counts": "counts"}  # A sparse cache's arrays, as `Teacher.sparse` names them.
 
 
 def sparse_targets(batch: dict) -> dict | None:
-  """A sparse cache's stored targets in the batch, named for `shared.losses.sparse_kl`; None if it has none."""
+  """A sparse cache's stored targets in the batch, named as `Teacher.sparse` names them; None if it has none."""
   return {key: batch[name] for name, key in SPARSE_ARRAYS.items() if name in batch} or None
 
 
-def _teacher_top1(targets: jax.Array | None, sparse: dict | None, use_stored) -> jax.Array | None:
+def _teacher_top1(teacher: Teacher) -> jax.Array | None:
   """The teacher's predicted class per row [B]: argmax of the dense targets, or the most probable stored sparse id
   (with sampled targets, the most probable class drawn)."""
+  targets, sparse, use_stored = teacher.log_probs, teacher.sparse, teacher.use_sparse
   dense = None if targets is None else jnp.argmax(targets, -1)
   if sparse is None:
     return dense
@@ -47,8 +99,9 @@ def _teacher_top1(targets: jax.Array | None, sparse: dict | None, use_stored) ->
   return dense if use_stored is False else jnp.where(use_stored, top, dense)
 
 
-def soft_targets(batch: dict, hyper: dict) -> tuple[jax.Array | None, jax.Array | None]:
-  """One student's soft-term inputs from a batch: `(target log-probs [B, C] at its T, mean teacher logits [B, C])`.
+def soft_targets(batch: dict, hyper: Hypers) -> tuple[jax.Array | None, jax.Array | None]:
+  """One student's dense teacher inputs from a batch: `(target log-probs [B, C] at its T, mean teacher logits
+  [B, C])`.
 
   Stored targets are used as stored (`use_stored`, when the student's T, rule and members are the cache's);
   otherwise targets are re-derived from `member_logits` with the student's settings. Either may be None when the
@@ -56,24 +109,25 @@ def soft_targets(batch: dict, hyper: dict) -> tuple[jax.Array | None, jax.Array 
   """
   derived = teacher_logits = None
   if "member_logits" in batch:
-    weights = hyper["member_weights"]
-    derived = ensemble_log_probs(batch["member_logits"], hyper["temperature"], geometric=hyper["geometric"],
+    weights = hyper.member_weights
+    derived = ensemble_log_probs(batch["member_logits"], hyper.temperature, geometric=hyper.geometric,
                                  weights=weights)
     teacher_logits = mean_logits(batch["member_logits"], weights)
   if "targets" not in batch:
     return derived, teacher_logits
   stored = batch["targets"].astype(jnp.float32)
-  if derived is None or hyper["use_stored"] is True:
+  if derived is None or hyper.use_stored is True:
     return stored, teacher_logits
-  if hyper["use_stored"] is False:
+  if hyper.use_stored is False:
     return derived, teacher_logits
-  return jnp.where(hyper["use_stored"], stored, derived), teacher_logits
+  return jnp.where(hyper.use_stored, stored, derived), teacher_logits
 
 
-def static_flags(hypers: dict) -> dict[str, bool]:
-  """The `FLAGS` every student of stacked `hypers` agrees on, as Python bools (see `train_step_fn`)."""
-  return {name: bool(np.asarray(hypers[name]).flat[0]) for name in FLAGS
-          if name in hypers and np.all(np.asarray(hypers[name]) == np.asarray(hypers[name]).flat[0])}
+def teacher_of(batch: dict, hyper: Hypers) -> Teacher:
+  """What the batch gives one student's logit term: its dense targets and mean logits (`soft_targets`), and a
+  sparse cache's stored targets, learned where `use_stored`."""
+  log_probs, logits = soft_targets(batch, hyper)
+  return Teacher(log_probs=log_probs, logits=logits, sparse=sparse_targets(batch), use_sparse=hyper.use_stored)
 
 
 def _update_with_one_of(trainable: nnx.Module, grads, first: nnx.Optimizer, second: nnx.Optimizer,
@@ -94,42 +148,45 @@ def _update_with_one_of(trainable: nnx.Module, grads, first: nnx.Optimizer, seco
   nnx.update(second, pick(second_state, nnx.state(second)))
 
 
-def train_step_fn(graphdef, normalization: Normalization, fixed: dict[str, bool] | None = None,
+def train_step_fn(graphdef, normalization: Normalization, switches: dict[str, tuple] | None = None,
                   terms: tuple[FeatureTerm, ...] = ()):
   """The pure step `(states, batch, hypers) -> (states, metrics)` before jitting (see `make_train_step`).
 
-  `fixed` holds the `FLAGS` the whole group agrees on (`static_flags`): they replace the traced values, so the
-  step computes one ensemble rule, one loss and one target source when that is all the group needs. `terms` are
-  the group's feature losses (`student_train.features`), which add to the logit loss with their weights.
+  `switches` holds the values the group's students take of each switch of `Hypers` (`group_switches`): a switch of
+  one value replaces the traced one, so the step computes one ensemble rule, one logit term and one target source
+  when that is all the group needs; a traced `loss` computes the terms the group holds. `terms` are the group's
+  feature terms (`student_train.terms.features`), which add to the logit loss with their weights.
   """
+  switches = switches or {}
+  fixed = {name: values[0] for name, values in switches.items() if len(values) == 1}
+  candidates = switches.get("loss")
 
-  def one_student(state, batch, hyper):
-    hyper = {**hyper, **(fixed or {})}
+  def one_student(state, batch, hyper: Hypers):
+    hyper = hyper.replace(**fixed)
     trainable, optimizer, *hint_stage = nnx.merge(graphdef, state)
     steps_taken = optimizer.step[...] + (hint_stage[0].step[...] if hint_stage else 0)  # Each counts its stage's.
-    nnx.reseed(trainable, default=jax.random.fold_in(hyper["key"], steps_taken))
-    targets, teacher_logits = soft_targets(batch, hyper)
-    sparse = sparse_targets(batch)
+    nnx.reseed(trainable, default=jax.random.fold_in(hyper.key, steps_taken))
+    teacher = teacher_of(batch, hyper)
     mask = batch["mask"]
 
     def loss_fn(trainable):
       x = normalization.apply(batch["x"])
       logits, named = student_of(trainable).features(x) if terms else (student_of(trainable)(x), {})
-      total, hard, soft = distillation_loss(logits, batch["labels"], hyper["alpha"], temperature=hyper["temperature"],
-                                            target_log_probs=targets, teacher_logits=teacher_logits,
-                                            mse=hyper["mse"] if teacher_logits is not None else False,
-                                            sparse=sparse, use_sparse=hyper["use_stored"])
+      total, hard, soft = distillation_loss(logits, batch["labels"], hyper.alpha, teacher,
+                                            temperature=hyper.temperature, loss=hyper.loss,
+                                            settings=hyper.loss_settings, candidates=candidates)
       loss = masked_mean(total, mask)
       features = feature_losses(terms, named, batch, mask, trainable)
       if features:
-        weighted = sum(hyper[f"{name}_weight"] * value for name, value in features.items())
+        weights = dict(zip((family.name for family in FEATURE_LOSSES), hyper.feature_weights))
+        weighted = sum(weights[name] * value for name, value in features.items())
         # Stage 1 trains on the hint alone, unweighted: its weight is the hint's share beside the logit loss after.
-        loss = jnp.where(hyper["hint_only"], features.get("hint", 0.0), loss + hyper["features_on"] * weighted)
+        loss = jnp.where(hyper.hint_only, features.get("hint", 0.0), loss + hyper.features_on * weighted)
       return loss, (logits, hard, soft, features)
 
     (loss, (logits, hard, soft, features)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(trainable)
     if hint_stage:
-      _update_with_one_of(trainable, grads, hint_stage[0], optimizer, hyper["hint_only"])
+      _update_with_one_of(trainable, grads, hint_stage[0], optimizer, hyper.hint_only)
     else:
       optimizer.update(trainable, grads)
     labelled = mask * (batch["labels"] >= 0)
@@ -137,7 +194,7 @@ def train_step_fn(graphdef, normalization: Normalization, fixed: dict[str, bool]
     metrics = {"loss": loss, "hard_ce": masked_mean(hard, labelled), "soft": masked_mean(soft, mask),
                "train_accuracy": masked_mean(predicted == batch["labels"], labelled), "rows": jnp.sum(mask),
                **features}
-    teacher_top1 = _teacher_top1(targets, sparse, hyper["use_stored"])
+    teacher_top1 = _teacher_top1(teacher)
     if teacher_top1 is not None:
       metrics["teacher_agreement"] = masked_mean(predicted == teacher_top1, mask)
     return nnx.state((trainable, optimizer, *hint_stage)), metrics
@@ -145,31 +202,30 @@ def train_step_fn(graphdef, normalization: Normalization, fixed: dict[str, bool]
   return jax.vmap(one_student, in_axes=(0, None, 0))
 
 
-def make_train_step(graphdef, normalization: Normalization, mesh, fixed: dict[str, bool] | None = None,
+def make_train_step(graphdef, normalization: Normalization, mesh, switches: dict[str, tuple] | None = None,
                     terms: tuple[FeatureTerm, ...] = ()):
   """Builds the jitted step `(states, batch, hypers) -> (states, metrics)` for K students trained together.
 
   Args:
     graphdef: from `nnx.split((trainable, optimizer))` of one student (all share it): the model (or a
-      `features.Distilled` with hints' regressors), and with `--hint-epochs` a stage-1 optimizer after the other.
+      `Distilled` with hints' regressors), and with `--hint-epochs` a stage-1 optimizer after the other.
     normalization: input normalisation of the students.
     mesh: data-parallel mesh; batches are split along it, states replicated.
-    fixed: the flags the group agrees on, from `static_flags(hypers)` (see `train_step_fn`).
-    terms: the group's feature losses.
+    switches: the values the group's students take of each switch, from `group_switches(hypers)` (see
+      `train_step_fn`); None: every switch traced, and the logit term any that the batch serves.
+    terms: the group's feature terms.
 
   Returns:
     The step. `states` stacks K states along axis 0, the batch is shared (`x`, `labels` int32 [B] with -1 for
-    none, `mask` float32 [B], and optionally `targets` [B, C] / `member_logits` [B, M, C]), and `hypers` holds per
-    student (leading axis K): "key" (PRNG key), "alpha", "temperature", "geometric" (bool), "mse" (bool),
-    "member_weights" [K, M], "use_stored" (bool), the feature losses' "hint_weight", "attention_weight" and
-    "similarity_weight", and per epoch "hint_only" (bool: the hint loss alone) and "features_on" (0 while
-    fine-tuning). The batch then holds the terms' teacher features too. Metrics are per student, [K]: "loss",
-    "hard_ce", "soft", "train_accuracy", "rows", with soft targets "teacher_agreement", and each feature loss
-    ("hint", "attention", "similarity"), unweighted. `alpha` and every setting are traced, so
-    distillation and fine-tuning, and any mix of settings, share one compilation.
+    none, `mask` float32 [B], and optionally `targets` [B, C] / a sparse cache's `target_*` arrays /
+    `member_logits` [B, M, C], and the feature terms' teacher features), and `hypers` is a `Hypers` stacked over the
+    students (leading axis K). Metrics are per student, [K]: "loss", "hard_ce", "soft", "train_accuracy", "rows",
+    with soft targets "teacher_agreement", and each feature family's loss ("hint", "attention", "similarity"),
+    unweighted. `alpha` and every setting but the fixed switches are traced, so distillation and fine-tuning, and
+    any mix of settings, share one compilation.
   """
 
-  return jax.jit(train_step_fn(graphdef, normalization, fixed, terms), donate_argnums=0,
+  return jax.jit(train_step_fn(graphdef, normalization, switches, terms), donate_argnums=0,
                  in_shardings=(replicated(mesh), batch_sharding(mesh), replicated(mesh)),
                  out_shardings=(replicated(mesh), replicated(mesh)))
 
@@ -189,11 +245,10 @@ def make_predict(graphdef, normalization: Normalization, mesh):
                  out_shardings=replicated(mesh))
 
 
-def stack_hypers(hypers: list[dict], seeds: list[int]) -> dict:
-  """K students' step settings (each a dict of the `HYPERS` but "key") stacked, with PRNG keys from their seeds."""
-  stacked = {name: np.stack([h[name] for h in hypers]) for name in hypers[0]}
-  stacked["key"] = jnp.stack([jax.random.key(seed) for seed in seeds])
-  return stacked
+def stack_hypers(hypers: list[Hypers], seeds: list[int]) -> Hypers:
+  """K students' step settings stacked along a new leading axis, with PRNG keys from their seeds."""
+  stacked = jax.tree.map(lambda *leaves: np.stack(leaves), *hypers)
+  return stacked.replace(key=jnp.stack([jax.random.key(seed) for seed in seeds]))
 
 
 def stack_states(states: list) -> object:

@@ -33,10 +33,10 @@ from shared.workers import BatchRenderer, resolve_workers
 from student_train import run_dir as files
 from student_train.config import FitConfig
 from student_train.evaluate import cached_teacher_top1, eval_line, predict_log_probs
-from student_train.features import Distilled, Regressors
+from student_train.terms.features import Distilled, Regressors
 from student_train.loader import ArrayLoader, CacheLoader
 from student_train.plan import Opened, RunPlan, plan_run
-from student_train.steps import (make_predict, make_train_step, stack_hypers, stack_states, static_flags,
+from student_train.steps import (Hypers, group_switches, make_predict, make_train_step, stack_hypers, stack_states,
                                  unstack_state)
 
 EpochCallback = Callable[[RunPlan, dict], None]
@@ -110,7 +110,7 @@ def fit_group(configs: list[FitConfig], *, log_epochs: bool = True,
               on_epoch: EpochCallback | None = None) -> list[dict]:
   """Trains runs that share a batch stream together, as K students of one vmapped step.
 
-  The configs may differ only in what the step takes per student (`config.GROUP_VARYING`: seed, T, alpha, loss,
+  The configs may differ only in what the step takes per student (the settings declared with scope "student": seed, T, alpha, loss,
   rule, members) and their run dirs. Finished runs are confirmed and left alone; the others train together, each
   writing its run dir as a run of its own would.
 
@@ -294,7 +294,7 @@ class _Training:
   on_epoch: EpochCallback | None
   graphdef: object
   stacked: object  # The students' states, stacked along axis 0 and replicated on the mesh.
-  per_student: dict  # The step's per-student hypers (but alpha), stacked and replicated.
+  per_student: Hypers  # The step's per-student hypers, stacked and replicated.
   distill_alpha: np.ndarray  # float32 [K] each student's alpha while distilling.
   step: Callable
   predict: Callable
@@ -324,7 +324,7 @@ def _initial_states(group: list[RunPlan], loader, mesh) -> tuple[object, list]:
       nnx.replace_by_pure_dict(params, plan.initial_params)
       nnx.update(model, params)
     trainable = model
-    if any(term.loss == "hint" for term in plan.feature_terms):  # The hints' regressors train beside it.
+    if any(term.regressor is not None for term in plan.feature_terms):  # The hints' regressors train beside it.
       trainable = Distilled(model, Regressors(plan.feature_terms, nnx.Rngs(
           jax.random.fold_in(jax.random.key(plan.config.seed), REGRESSOR_STREAM))))
     optimizers = [nnx.Optimizer(trainable, make_optimizer(plan.config, loader.steps_per_epoch), wrt=nnx.Param)]
@@ -360,11 +360,11 @@ def _set_up(group: list[RunPlan], checkpoints: list[files.Checkpoints], mids: li
                                          {plan.config.out: start_epoch for plan in group}))
   num_members = first.cache.spec.num_members if first.cache is not None else 1
   per_student = stack_hypers([plan.hypers(num_members) for plan in group], [plan.config.seed for plan in group])
-  distill_alpha = per_student.pop("alpha")
+  distill_alpha = per_student.alpha
   stacked = put_replicated(stack_states(states), mesh)
-  fixed = static_flags(per_student)
+  switches = group_switches(per_student)
   per_student = put_replicated(per_student, mesh)
-  step = make_train_step(graphdef, first.normalization, mesh, fixed, first.feature_terms)
+  step = make_train_step(graphdef, first.normalization, mesh, switches, first.feature_terms)
   predict = make_predict(graphdef, first.normalization, mesh)
   teacher_top1 = [cached_teacher_top1(plan) for plan in group]
   if first.cache is not None and first.eval_set is not None and teacher_top1[0] is None:
@@ -380,16 +380,17 @@ def _set_up(group: list[RunPlan], checkpoints: list[files.Checkpoints], mids: li
                    start_step=start_step, resumed_sums=resumed_sums, resumed_seconds=resumed_seconds)
 
 
-def _epoch_hypers(run: _Training, epoch: int) -> dict:
+def _epoch_hypers(run: _Training, epoch: int) -> Hypers:
   """The step's hypers in `epoch`: alpha is 1 while fine-tuning."""
   config, group = run.config, run.group
   finetuning = epoch >= config.epochs
   alpha = np.ones(len(group), np.float32) if finetuning else run.distill_alpha
   # Traced, so that the stages share one compilation: FitNets' stage 1 trains on the hints alone, and
   # fine-tuning on hard labels alone.
-  stage = {"hint_only": np.full(len(group), epoch < config.hint_epochs),
-           "features_on": np.full(len(group), not finetuning, np.float32)}
-  return {**run.per_student, **put_replicated({"alpha": alpha, **stage}, run.mesh)}
+  alpha, hint_only, features_on = put_replicated(
+      (alpha, np.full(len(group), epoch < config.hint_epochs), np.full(len(group), not finetuning, np.float32)),
+      run.mesh)
+  return run.per_student.replace(alpha=alpha, hint_only=hint_only, features_on=features_on)
 
 
 def _train_epoch(run: _Training, epoch: int) -> tuple[dict, float]:
@@ -455,7 +456,7 @@ def _drop_diverged(run: _Training, epoch: int, totals: dict) -> dict:
   run.stacked, run.per_student = jax.tree.map(lambda a: a[np.array(keep)], (run.stacked, run.per_student))
   run.distill_alpha = run.distill_alpha[keep]
   run.step = make_train_step(run.graphdef, run.first.normalization, run.mesh,
-                             static_flags(jax.device_get(run.per_student)), run.first.feature_terms)
+                             group_switches(jax.device_get(run.per_student)), run.first.feature_terms)
   return {name: value[keep] for name, value in totals.items()}
 
 

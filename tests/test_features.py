@@ -20,7 +20,7 @@ from shared.runs import load_run_teacher, load_teacher
 from student_train import train as train_lib
 from student_train.cli import main as train_main
 from student_train.config import FitConfig
-from student_train.features import Distilled, FeatureTerm, Regressors, feature_losses
+from student_train.terms.features import Distilled, FeatureTerm, Regressors, feature_losses
 from student_train.loader import CacheLoader
 from student_train.plan import plan_run
 from student_train.steps import _update_with_one_of

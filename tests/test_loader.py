@@ -12,7 +12,7 @@ from shared.runs import load_teacher
 from bench.shuffle_quality import uniform_distinct
 from shared.ensemble import member_weights
 from student_train.loader import ArrayLoader, CacheLoader
-from student_train.steps import soft_targets
+from student_train.steps import Hypers, soft_targets
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +77,8 @@ def test_student_sees_the_view_the_teacher_labelled(cache_path, data_dir, teache
 
 
 def _hyper(temperature, geometric, members, use_stored=False):
-  return {"temperature": jnp.float32(temperature), "geometric": jnp.bool_(geometric), "use_stored": use_stored,
-          "member_weights": jnp.asarray(member_weights(members, 3))}
+  return Hypers(temperature=jnp.float32(temperature), geometric=jnp.bool_(geometric), use_stored=use_stored,
+                member_weights=jnp.asarray(member_weights(members, 3)))
 
 
 def test_rederived_targets_equal_stored_targets_when_settings_match(cache_path, data_dir):

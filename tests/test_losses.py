@@ -7,13 +7,22 @@ import pytest
 from conftest import numpy_log_softmax
 
 from shared.ensemble import sampled_targets, top_k_targets
-from shared.losses import (attention_map, attention_transfer, distillation_loss, hard_cross_entropy, hint_loss,
-                           logit_mse, sampled_kl, similarity_preserving, soft_kl, topk_kl)
+from shared.losses import (attention_map, attention_transfer, hard_cross_entropy, hint_loss, logit_mse, sampled_kl,
+                           similarity_preserving, soft_kl, topk_kl)
+from student_train.terms import LOSS_NAMES, Teacher, distillation_loss, loss_settings
 
 RNG = np.random.default_rng(0)
 S = RNG.normal(size=(6, 5)).astype(np.float32) * 3
 Z = RNG.normal(size=(6, 5)).astype(np.float32) * 3
 Y = RNG.integers(0, 5, 6)
+
+
+def logit_loss(s, y, alpha, *, temperature, target_log_probs=None, teacher_logits=None, loss="kl", sparse=None,
+               use_sparse=True):
+  """The registry's `distillation_loss` of one logit term, named or given by its (maybe traced) index."""
+  teacher = Teacher(log_probs=target_log_probs, logits=teacher_logits, sparse=sparse, use_sparse=use_sparse)
+  index = LOSS_NAMES.index(loss) if isinstance(loss, str) else loss
+  return distillation_loss(s, y, alpha, teacher, temperature=temperature, loss=index, settings=loss_settings())
 
 
 def np_kl(s, z, t):
@@ -53,16 +62,16 @@ def test_logit_mse_is_the_high_temperature_limit_of_t2_kl(classes):
 
 
 def test_traced_loss_choice_matches_each_loss():
-  """Students of one vmapped step pick KL or MSE with a traced flag: each must equal its loss called directly."""
+  """Students of one vmapped step pick KL or MSE with a traced index: each must equal its loss called directly."""
   t = 3.0
   target = jnp.asarray(numpy_log_softmax(Z / t), jnp.float32)
-  for use_mse in (False, True):
-    direct = distillation_loss(S, Y, 0.25, temperature=t, target_log_probs=target, teacher_logits=Z, mse=use_mse)
-    traced = jax.jit(lambda flag: distillation_loss(S, Y, 0.25, temperature=t, target_log_probs=target,
-                                                    teacher_logits=Z, mse=flag))(jnp.bool_(use_mse))
+  for loss in ("kl", "mse"):
+    direct = logit_loss(S, Y, 0.25, temperature=t, target_log_probs=target, teacher_logits=Z, loss=loss)
+    traced = jax.jit(lambda index: logit_loss(S, Y, 0.25, temperature=t, target_log_probs=target, teacher_logits=Z,
+                                              loss=index))(jnp.int32(LOSS_NAMES.index(loss)))
     for a, b in zip(direct, traced):
       np.testing.assert_allclose(a, b, rtol=1e-6)
-  hard_only = distillation_loss(S, Y, 1.0, temperature=1.0, target_log_probs=None)
+  hard_only = logit_loss(S, Y, 1.0, temperature=1.0, target_log_probs=None)
   np.testing.assert_allclose(hard_only[0], hard_cross_entropy(S, Y), rtol=1e-6)
   assert not np.asarray(hard_only[2]).any()
 
@@ -70,10 +79,10 @@ def test_traced_loss_choice_matches_each_loss():
 def test_hard_cross_entropy_and_mixture():
   np.testing.assert_allclose(hard_cross_entropy(S, Y), -numpy_log_softmax(S)[np.arange(6), Y], rtol=1e-5)
   target = jnp.asarray(numpy_log_softmax(Z / 4.0), jnp.float32)
-  total, hard, soft = distillation_loss(S, Y, 0.3, temperature=4.0, target_log_probs=target)
+  total, hard, soft = logit_loss(S, Y, 0.3, temperature=4.0, target_log_probs=target)
   np.testing.assert_allclose(total, 0.3 * hard + 0.7 * soft, rtol=1e-6)
   np.testing.assert_allclose(soft, np_kl(S, Z, 4.0), rtol=1e-5)
-  total, _, soft = distillation_loss(S, Y, 0.0, temperature=4.0, target_log_probs=target, teacher_logits=Z, mse=True)
+  total, _, soft = logit_loss(S, Y, 0.0, temperature=4.0, target_log_probs=target, teacher_logits=Z, loss="mse")
   np.testing.assert_allclose(total, soft)
   np.testing.assert_allclose(soft, logit_mse(S, Z))
 
@@ -95,8 +104,8 @@ def test_t_squared_keeps_soft_gradient_magnitude_independent_of_t():
 def test_zero_loss_and_gradient_when_the_student_is_the_teacher(loss):
   t = 3.0
   target = jnp.asarray(numpy_log_softmax(S / t), jnp.float32)
-  kwargs = {"target_log_probs": target, "teacher_logits": jnp.asarray(S + 7.0), "mse": loss == "mse"}
-  soft = lambda s: distillation_loss(s, Y, 0.0, temperature=t, **kwargs)[0].sum()  # noqa: E731
+  kwargs = {"target_log_probs": target, "teacher_logits": jnp.asarray(S + 7.0), "loss": loss}
+  soft = lambda s: logit_loss(s, Y, 0.0, temperature=t, **kwargs)[0].sum()  # noqa: E731
   assert abs(float(soft(jnp.asarray(S)))) < 1e-5
   np.testing.assert_allclose(jax.grad(soft)(jnp.asarray(S)), 0.0, atol=1e-5)
 
@@ -182,11 +191,11 @@ def test_traced_sparse_choice_matches_each_loss():
   dense = jnp.asarray(numpy_log_softmax(Z / t), jnp.float32)
   targets = top_k_targets(dense, 2)
   for flag in (False, True):
-    direct = distillation_loss(S, Y, 0.5, temperature=t, target_log_probs=dense, sparse=targets, use_sparse=flag)
-    traced = jax.jit(lambda f: distillation_loss(S, Y, 0.5, temperature=t, target_log_probs=dense, sparse=targets,
-                                                 use_sparse=f))(jnp.bool_(flag))
+    direct = logit_loss(S, Y, 0.5, temperature=t, target_log_probs=dense, sparse=targets, use_sparse=flag)
+    traced = jax.jit(lambda f: logit_loss(S, Y, 0.5, temperature=t, target_log_probs=dense, sparse=targets,
+                                          use_sparse=f))(jnp.bool_(flag))
     np.testing.assert_allclose(traced[2], direct[2], rtol=1e-6)
-  only_sparse = distillation_loss(S, Y, 0.5, temperature=t, target_log_probs=None, sparse=targets)
+  only_sparse = logit_loss(S, Y, 0.5, temperature=t, target_log_probs=None, sparse=targets)
   np.testing.assert_allclose(only_sparse[2], topk_kl(S, targets["ids"], targets["log_probs"], targets["log_rest"], t))
 
 

@@ -1,7 +1,7 @@
 """Feature-based distillation from a cache's stored teacher features (`teacher-cache build --features`).
 
-Three losses pair a named student feature S with a cached teacher feature T (`--hint/--attention/--similarity
-S=T[:KIND][@MEMBER]`), each added to the logit loss with its weight:
+Three families of terms pair a named student feature S with a cached teacher feature T (`--hint/--attention/
+--similarity S=T[:KIND][@MEMBER]`), each added to the logit loss with its weight:
 
 - hint (FitNets, Romero et al. 2015): a learned regressor (a linear map of the channels: a 1×1 convolution on a
   map) takes S to T's channels, and `shared.losses.hint_loss` pulls it to T, pooled to S's H×W. `--hint-epochs E`
@@ -23,11 +23,7 @@ from shared.cache import CacheSpec
 from shared.errors import StillroomError
 from shared.losses import (attention_transfer, average_pool, hint_loss, masked_mean, normalized, pool_factors,
                            similarity_preserving, stored_feature)
-
-FEATURE_LOSSES = ("hint", "attention", "similarity")
-# The teacher kinds each loss can use, preferred first (when T names no kind and the cache stores several).
-USABLE_KINDS = {"hint": ("map", "pooled"), "attention": ("attention", "map"), "similarity": ("pooled", "map",
-                                                                                           "attention")}
+from student_train.terms import TERMS, FeatureLoss, register
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +31,7 @@ class FeatureTerm:
   """One feature loss of a run, resolved against the student and the cache.
 
   Attributes:
-    loss: one of `FEATURE_LOSSES`.
+    loss: the name of its family (a registered `FeatureLoss`: hint, attention, similarity).
     student: the student's feature name.
     teacher: the cache arrays of the teacher feature, one per member it averages (a hint: one).
     kind: what those arrays hold (`shared.cache.FEATURE_KINDS`).
@@ -77,7 +73,7 @@ def plan_feature_terms(pairs: dict[str, tuple[str, ...]], spec: CacheSpec, membe
   """Resolves `--hint/--attention/--similarity` pairs against the cache's features and the student's.
 
   Args:
-    pairs: {loss: its `S=T` texts}.
+    pairs: {family name: its `S=T` texts}.
     spec: the cache's spec.
     members: the run's ensemble members (`--members`).
     student_shapes: the student's features (`shared.models.feature_shapes`).
@@ -90,6 +86,7 @@ def plan_feature_terms(pairs: dict[str, tuple[str, ...]], spec: CacheSpec, membe
   terms = []
   stored = ", ".join(f"{f.name}:{f.kind}@{f.member}" for f in spec.features) or "none"
   for loss, texts in pairs.items():
+    family = TERMS[loss]
     option = f"--{loss}"
     for text in texts:
       text = text.strip()
@@ -100,68 +97,128 @@ def plan_feature_terms(pairs: dict[str, tuple[str, ...]], spec: CacheSpec, membe
       if member is not None and member not in members:
         raise StillroomError(f"{option} {text}: member {member} is not among the run's members {list(members)} "
                              f"(the cache has {spec.num_members}; see --members).")
-      if member is None and loss == "hint" and len(members) > 1:
-        raise StillroomError(f"{option} {text}: a hint regresses one member's features (channels do not align "
+      if member is None and family.one_member and len(members) > 1:
+        raise StillroomError(f"{option} {text}: a {loss} regresses one member's features (channels do not align "
                              f"between networks); name it, e.g. {text}@{members[0]} (the run learns from members "
                              f"{list(members)}).")
       chosen = (member,) if member is not None else members
-      kinds = [k for k in ((kind,) if kind else USABLE_KINDS[loss])
-               if all(spec.feature(name, k, m) is not None for m in chosen)]
+      usable = family.usable_kinds
+      kinds = [k for k in ((kind,) if kind else usable) if all(spec.feature(name, k, m) is not None for m in chosen)]
       if not kinds:
-        wanted = f"{name}:{kind or USABLE_KINDS[loss][0]}" + (f"@{member}" if member is not None else "")
+        wanted = f"{name}:{kind or usable[0]}" + (f"@{member}" if member is not None else "")
         raise StillroomError(f"{option} {text}: the cache stores no {name}{':' + kind if kind else ''} of member(s) "
-                             f"{list(chosen)} that the {loss} loss can use ({', '.join(USABLE_KINDS[loss])}); it "
+                             f"{list(chosen)} that the {loss} loss can use ({', '.join(usable)}); it "
                              f"stores {stored}. Build it with `teacher-cache build --features {wanted}`.")
       kind = kinds[0]
-      if kind not in USABLE_KINDS[loss]:
-        raise StillroomError(f"{option} {text}: a {loss} loss takes a teacher's {' or '.join(USABLE_KINDS[loss])}, "
+      if kind not in usable:
+        raise StillroomError(f"{option} {text}: a {loss} loss takes a teacher's {' or '.join(usable)}, "
                              f"not its {kind}.")
       features = [spec.feature(name, kind, m) for m in chosen]
-      term = _term(loss, student, tuple(student_shapes[student]), features, kind, text)
+      term = family.resolve(student, tuple(student_shapes[student]), features, kind, text)
       if any((t.loss, t.student, t.teacher) == (term.loss, term.student, term.teacher) for t in terms):
         raise StillroomError(f"{option} {text}: that pair is given twice.")
       terms.append(term)
   return tuple(terms)
 
 
-def _term(loss: str, student: str, student_shape: tuple[int, ...], features: list, kind: str,
-          text: str) -> FeatureTerm:
-  """One term's pooling and regressor, checked for shapes that fit."""
-  option = f"--{loss} {text}"
-  arrays = tuple(f.array_name for f in features)
-  if loss == "similarity":  # Any shapes: only each member's similarities of the batch's rows are compared.
-    return FeatureTerm(loss=loss, student=student, teacher=arrays, kind=kind)
-  sizes = {f.shape[:2] for f in features}  # Attention averages the members' maps: their H×W must agree.
+def _one_size(option: str, features: list) -> tuple[int, ...]:
+  """The shape of the members' features, whose H×W must agree (their maps are averaged)."""
+  sizes = {f.shape[:2] for f in features}
   if len(sizes) > 1:
     raise StillroomError(f"{option}: the members' {features[0].name} differ in size ({sorted(sizes)}); name one "
                          "member with @MEMBER.")
-  shape = features[0].shape
-  spatial = len(shape) >= 2  # A map [H, W, C] or an attention map [H, W]; else a vector.
-  if loss == "attention" and not (spatial and len(student_shape) == 3):
-    raise StillroomError(f"{option}: attention compares H×W maps; the student's {student} is "
-                         f"{list(student_shape)} and the teacher's {features[0].name} ({kind}) {list(shape)}.")
-  pool = None
-  if spatial:
-    if len(student_shape) != 3:
-      raise StillroomError(f"{option}: the teacher's feature is a {'×'.join(map(str, shape))} map and the "
-                           f"student's {student} a vector {list(student_shape)}; pair maps with maps, or use the "
-                           "teacher's :pooled vector.")
-    pool = pool_factors(shape[:2], student_shape[:2])
-    if pool is None:
-      raise StillroomError(f"{option}: the teacher's map is {shape[0]}×{shape[1]} and the student's "
-                           f"{student_shape[0]}×{student_shape[1]}; the teacher's must be a whole multiple of the "
-                           "student's to be pooled to it. Pair features of matching sizes.")
-  regressor = None
-  if loss == "hint":
-    regressor = (student_shape[-1], shape[-1])
-  return FeatureTerm(loss=loss, student=student, teacher=arrays, kind=kind, pool=pool, regressor=regressor)
+  return features[0].shape
+
+
+def _pooling(option: str, student: str, student_shape: tuple[int, ...], shape: tuple[int, ...]
+             ) -> tuple[int, int] | None:
+  """The (fy, fx) pooling that takes a teacher map of `shape` to the student's H×W (None for a teacher vector),
+  checked for shapes that fit."""
+  if len(shape) < 2:  # A vector; a map is [H, W, C], an attention map [H, W].
+    return None
+  if len(student_shape) != 3:
+    raise StillroomError(f"{option}: the teacher's feature is a {'×'.join(map(str, shape))} map and the "
+                         f"student's {student} a vector {list(student_shape)}; pair maps with maps, or use the "
+                         "teacher's :pooled vector.")
+  pool = pool_factors(shape[:2], student_shape[:2])
+  if pool is None:
+    raise StillroomError(f"{option}: the teacher's map is {shape[0]}×{shape[1]} and the student's "
+                         f"{student_shape[0]}×{student_shape[1]}; the teacher's must be a whole multiple of the "
+                         "student's to be pooled to it. Pair features of matching sizes.")
+  return pool
+
+
+@register
+class Hint(FeatureLoss):
+  """FitNets' hint: `hint_loss` of the student's feature through a learned regressor against the teacher's, pooled
+  to the student's H×W (a teacher vector takes the student's pooled vector)."""
+
+  name = "hint"
+  description = "FitNets hints: a learned regressor takes the student's feature to the teacher's, mean squared error"
+  usable_kinds = ("map", "pooled")
+  one_member = True
+
+  def resolve(self, student, student_shape, stored, kind, text) -> FeatureTerm:
+    option = f"--{self.name} {text}"
+    shape = _one_size(option, stored)
+    return FeatureTerm(loss=self.name, student=student, teacher=tuple(f.array_name for f in stored), kind=kind,
+                       pool=_pooling(option, student, student_shape, shape), regressor=(student_shape[-1], shape[-1]))
+
+  def loss(self, term, student, teachers, mask, regressor) -> jax.Array:
+    teacher = teachers[0] if term.pool is None else average_pool(teachers[0], term.pool)
+    if teacher.ndim == 2:  # A teacher vector (pooled, or a dense layer's) takes the student's pooled vector.
+      student = stored_feature(student, "pooled")
+    return masked_mean(hint_loss(regressor(student), teacher), mask)
+
+
+@register
+class Attention(FeatureLoss):
+  """Attention transfer: `attention_transfer` of the student's map against the members' mean attention map, pooled
+  to the student's H×W and normalised again."""
+
+  name = "attention"
+  description = "attention transfer: the student's normalised H×W attention map against the teacher's"
+  usable_kinds = ("attention", "map")
+
+  def resolve(self, student, student_shape, stored, kind, text) -> FeatureTerm:
+    option = f"--{self.name} {text}"
+    shape = _one_size(option, stored)
+    if len(shape) < 2 or len(student_shape) != 3:
+      raise StillroomError(f"{option}: attention compares H×W maps; the student's {student} is "
+                           f"{list(student_shape)} and the teacher's {stored[0].name} ({kind}) {list(shape)}.")
+    return FeatureTerm(loss=self.name, student=student, teacher=tuple(f.array_name for f in stored), kind=kind,
+                       pool=_pooling(option, student, student_shape, shape))
+
+  def loss(self, term, student, teachers, mask, regressor) -> jax.Array:
+    maps = [t if term.kind == "attention" else stored_feature(t, "attention") for t in teachers]  # [B, H, W]
+    # The members' mean map at the student's H×W, normalised again: [B, h·w].
+    target = normalized(average_pool(sum(maps) / len(maps), term.pool).reshape(len(mask), -1))
+    return masked_mean(attention_transfer(student, target), mask)
+
+
+@register
+class Similarity(FeatureLoss):
+  """Similarity-preserving KD: `similarity_preserving` of the batch's Gram matrix against the members' mean Gram."""
+
+  name = "similarity"
+  description = "similarity-preserving KD: the batch's normalised Gram matrix of the student's feature against the " \
+                "teacher's"
+  usable_kinds = ("pooled", "map", "attention")
+
+  def resolve(self, student, student_shape, stored, kind, text) -> FeatureTerm:
+    # Any shapes: only each member's similarities of the batch's rows are compared.
+    return FeatureTerm(loss=self.name, student=student, teacher=tuple(f.array_name for f in stored), kind=kind)
+
+  def loss(self, term, student, teachers, mask, regressor) -> jax.Array:
+    return similarity_preserving(student, teachers, mask)
 
 
 class Regressors(nnx.Module):
-  """The hints' learned regressors: one linear map of the channels per hint (a 1×1 convolution on a map)."""
+  """The learned regressors of a run's feature terms that have one (hints): one linear map of the channels each (a
+  1×1 convolution on a map)."""
 
   def __init__(self, terms: tuple[FeatureTerm, ...], rngs: nnx.Rngs):
-    self.layers = nnx.List([nnx.Linear(*term.regressor, rngs=rngs) for term in terms if term.loss == "hint"])
+    self.layers = nnx.List([nnx.Linear(*term.regressor, rngs=rngs) for term in terms if term.regressor is not None])
 
 
 class Distilled(nnx.Module):
@@ -179,32 +236,21 @@ def student_of(trainable: nnx.Module) -> nnx.Module:
 
 def feature_losses(terms: tuple[FeatureTerm, ...], named: dict[str, jax.Array], batch: dict, mask: jax.Array,
                    trainable: nnx.Module) -> dict[str, jax.Array]:
-  """The batch's feature losses, unweighted, each summed over its terms: `{"hint": [], "attention": [],
-  "similarity": []}` for the losses the terms use.
+  """The batch's feature losses, unweighted, each family's summed over its terms: e.g. `{"hint": [],
+  "attention": [], "similarity": []}` for the families the terms use.
 
   Args:
     terms: the run's feature terms.
     named: the student's features of the batch (`model.features`).
     batch: holds the teacher feature arrays the terms name, [B, ...].
     mask: [B] 1 for real rows, 0 for padding (padded rows count in no mean and no similarity).
-    trainable: what the run trains (a `Distilled` when there are hints).
+    trainable: what the run trains (a `Distilled` when a term learns a regressor).
   """
   losses = {}
   regressors = iter(trainable.regressors.layers) if isinstance(trainable, Distilled) else iter(())
   for term in terms:
-    student = named[term.student]
     teachers = [batch[name].astype(jnp.float32) for name in term.teacher]
-    if term.loss == "similarity":
-      value = similarity_preserving(student, teachers, mask)
-    elif term.loss == "hint":
-      teacher = teachers[0] if term.pool is None else average_pool(teachers[0], term.pool)
-      if teacher.ndim == 2:  # A teacher vector (pooled, or a dense layer's) takes the student's pooled vector.
-        student = stored_feature(student, "pooled")
-      value = masked_mean(hint_loss(next(regressors)(student), teacher), mask)
-    else:
-      maps = [t if term.kind == "attention" else stored_feature(t, "attention") for t in teachers]  # [B, H, W]
-      # The members' mean map at the student's H×W, normalised again: [B, h·w].
-      target = normalized(average_pool(sum(maps) / len(maps), term.pool).reshape(len(mask), -1))
-      value = masked_mean(attention_transfer(student, target), mask)
+    regressor = next(regressors) if term.regressor is not None else None
+    value = TERMS[term.loss].loss(term, named[term.student], teachers, mask, regressor)
     losses[term.loss] = losses.get(term.loss, 0.0) + value
   return losses
