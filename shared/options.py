@@ -71,9 +71,10 @@ class ViewSettings:
       group="views", commands=(FIT, BUILD, VIEWS, IMPORT))
   crop_area: tuple[float, ...] = setting(DEFAULT_CROP_AREA, "crop views: min,max area of a random crop, as fractions "
                                                               "of the image", metavar="MIN,MAX", group="views",
+                                         requires="image_size",
                                          commands=(FIT, BUILD, VIEWS, IMPORT, DEMO_BUILD))
   crop_aspect: tuple[float, ...] = setting(DEFAULT_CROP_ASPECT, "crop views: min,max width/height of a random crop",
-                                           metavar="MIN,MAX", group="views",
+                                           metavar="MIN,MAX", group="views", requires="image_size",
                                            commands=(FIT, BUILD, VIEWS, IMPORT, DEMO_BUILD))
 
 
@@ -111,6 +112,6 @@ class OutputSettings:
                                              VIEWS: ("the directory (or object-store prefix) to write the views to",
                                                      "DIR")})
   overwrite: bool = setting(False, "replace an existing output written with other settings", group="run",
-                            commands=(FIT, BUILD, VIEWS, IMPORT), identity=False)
+                            commands=(FIT, BUILD, VIEWS, IMPORT), identity=False, scope="student")
   progress: bool = setting(True, "progress bars (on a terminal; elsewhere one line per stage)", group="run",
                            commands=(FIT, SWEEP, BUILD, VIEWS, IMPORT), identity=False, scope="process")

@@ -34,7 +34,8 @@ GROUPS = {
 }
 # How a setting may differ between the runs that a group, or a job, trains together:
 SCOPES = ("group",    # every student of one vmapped group and every process of a job shares it;
-          "student",  # the students of one group may differ in it (the step takes it per student);
+          "student",  # the students of one group may differ in it (the step takes it per student, or it is about
+                      # each run's own output);
           "process")  # the processes of one job may differ in it (who each is, what it shows, its workers).
 
 
@@ -70,7 +71,8 @@ def one_of(choices: Iterable[str]) -> Callable:
 def setting(default, help: str, *, choices: Iterable | None = None, metavar: str | None = None,  # pylint: disable=redefined-builtin
             check: Callable | None = None, group: str | None = None, commands: Iterable[str] | None = None,
             identity: bool = True, scope: str = "group", axis: bool = False, soft: bool = False,
-            weighs: str | None = None, added: bool = False, helps: dict | None = None, given_by: str | None = None):
+            weighs: str | None = None, requires: str | None = None, added: bool = False, helps: dict | None = None,
+            given_by: str | None = None):
   """A dataclass field with its command-line help and its roles.
 
   Args:
@@ -87,6 +89,8 @@ def setting(default, help: str, *, choices: Iterable | None = None, metavar: str
     axis: a sweep grid may vary it.
     soft: it sets the soft term, so it needs `--cache`, and a hard-label run (alpha = 1) ignores it.
     weighs: the feature-distillation option whose loss it weights.
+    requires: the setting it takes effect with: while that one is None, its value is unused (and not part of a run's
+      identity).
     added: added after run dirs recorded their config: a record without it ran with its default.
     helps: `{command: (help, metavar or None)}` for commands that give the setting another meaning.
     given_by: for a setting no command offers as its own option, the argument that sets it (`--teacher`).
@@ -100,7 +104,8 @@ def setting(default, help: str, *, choices: Iterable | None = None, metavar: str
     check = one_of(choices)
   metadata = {"help": help, "choices": choices, "metavar": metavar, "check": check, "group": group,
               "commands": tuple(commands) if commands is not None else None, "identity": identity, "scope": scope,
-              "axis": axis, "soft": soft, "weighs": weighs, "added": added, "helps": helps or {},
+              "axis": axis, "soft": soft, "weighs": weighs, "requires": requires, "added": added,
+              "helps": helps or {},
               "given_by": given_by}
   return dataclasses.field(default=default, metadata=metadata)
 

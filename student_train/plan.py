@@ -28,7 +28,7 @@ from shared.specialists import (SpecialistPlan, dustbin_correction, dustbin_labe
                                 parse_specialist)
 from shared.options import DEFAULT_SPLIT, resolve_dataset
 from shared.runs import SpecialistRecord
-from shared.settings import names_where
+from shared.settings import declared, names_where
 from student_train.config import DEFAULT_KD_ALPHA, FEATURE_OPTIONS, WEIGHTS, FitConfig, validate_config
 from student_train.steps import Hypers
 from student_train.terms import FEATURE_LOSSES, LOGIT_TERMS, TERMS, loss_settings, parse_loss
@@ -104,10 +104,11 @@ class RunPlan:
 
   def record(self) -> dict:
     """The resolved config written to config.json (and compared on resume)."""
-    crops = () if self.config.image_size is not None else ("crop_area", "crop_aspect")  # Unused: as 0.2 wrote it.
+    unused = [name for name in names_where(FitConfig) if declared(FitConfig)[name].metadata["requires"]
+              and getattr(self.config, declared(FitConfig)[name].metadata["requires"]) is None]  # As 0.2 wrote it.
     return {
         "config": {**{k: v for k, v in dataclasses.asdict(self.config).items()
-                      if k not in names_where(FitConfig, identity=False) + crops}, **self.resolved_values()},
+                      if k not in names_where(FitConfig, identity=False) + tuple(unused)}, **self.resolved_values()},
         "model": self.model_spec.to_dict(),
         "normalization": self.normalization.to_dict(),
         "dataset": self.transfer_set.describe().to_dict(),
@@ -139,7 +140,7 @@ class RunPlan:
     """The settings that decide the batches a run sees: runs with equal keys can train together."""
     # Per student (they train together), per process (they do not change the batches), and the job's own.
     per_run = (names_where(FitConfig, scope="student") + names_where(FitConfig, scope="process")
-               + names_where(FitConfig, group="job") + ("overwrite",))
+               + names_where(FitConfig, group="job"))
     shared = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in per_run}
     # The feature terms too: a run's attention or similarity averages its own members' features.
     return {**shared, "cache": None if self.cache is None else storage.absolute(self.cache.path),
