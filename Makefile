@@ -1,9 +1,9 @@
-# The two set-up commands of the README. Both create .venv and install the project into it first.
+# The two set-up commands of the README (and the tests). Each creates .venv and installs the project into it first.
 PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install docs
+.PHONY: demo test test-fast install docs
 
 # constraints.txt pins every package to the version the tests and the README's figures were measured with.
 $(STAMP): pyproject.toml constraints.txt
@@ -17,8 +17,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/student-train demo
 
+# The whole suite (CI runs it).
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
+
+# The pure unit tests alone (marked `fast`; see pyproject.toml), in under a minute on 2 cores.
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m fast
 
 # The generated pages of docs/ (commands, cache format, benchmarks, refusals); tests/test_docs.py checks them.
 docs: $(STAMP)

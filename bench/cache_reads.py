@@ -49,14 +49,14 @@ def cache_reads(rows: int, classes: int, members: int, chunk_rows: int) -> dict:
   return result
 
 
-def main():
+def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--rows", type=int, default=65536)
   parser.add_argument("--classes", type=int, default=100)
   parser.add_argument("--members", type=int, default=4)
   parser.add_argument("--chunk-rows", type=int, default=4096)
   parser.add_argument("--out", default="bench/results/cache_reads.json")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   result = cache_reads(args.rows, args.classes, args.members, args.chunk_rows)
   print(f"per-row random reads: {result['per_row_rows_per_second']:,.0f} rows/s")
   print(f"chunk-wise loader:    {result['chunk_loader_rows_per_second']:,.0f} rows/s "

@@ -1,7 +1,8 @@
 """Feature-based distillation from the cache on digits, measured: a thin, deep student (`cnn-thin-deep`) from
 scratch, by logits KD, and by logits KD plus each of FitNets hints, attention transfer and similarity-preserving KD.
 
-    python bench/features.py [--seeds 5] [--work DIR] [--out bench/results/features.json]
+    python bench/features.py [--seeds 5] [--work DIR] [--data-dir DIR] [--smoke]
+        [--out bench/results/features.json]
 
 Each seed trains its own teacher (`cnn-large`, `TEACHER_EPOCHS` epochs with --augment) and builds one cache of it
 (`VIEWS` views, T=4, the features every method needs: `stage1` as a map and as an attention map, `stage2` as a map
@@ -15,7 +16,9 @@ through the functions the CLIs call (`fit`, `build_cache`).
    or a quarter of the epochs).
 2. Test, with the chosen settings, seeds 0..N-1 on the train split, scored on the test split, paired by seed.
 Reported besides accuracy: the cache bytes per row each method reads, and its epoch time against KD's (the mean
-of each run's epochs after the first, which compiles).
+of each run's epochs after the first, which compiles). `--smoke`: `cnn-small` models, one regime, one seed of
+validation (on the test split), one point of each grid and two epochs per student, to check that the benchmark works;
+its figures mean nothing.
 """
 
 import argparse
@@ -54,6 +57,21 @@ GRIDS = {
     "attention": [{"attention_weight": w} for w in (100.0, 1000.0, 10000.0)],
     "similarity": [{"similarity_weight": w} for w in (300.0, 3000.0, 30000.0)],
 }
+VALIDATION_SEEDS = (0, 1)
+DATA_DIR = None  # TFDS data dir of the digits (--data-dir); None: TFDS's own.
+
+
+def _smoke() -> None:
+  """`--smoke`'s sizes: small models, one regime, one seed of validation, one point of each grid, two epochs per
+  student (the first compiles; a hint stage of one). Validation trains on the train split and scores on the test
+  split: meaningless, but then each test run is a validation run's twin, which compiles nothing new."""
+  global TEACHER, STUDENT, TEACHER_EPOCHS, STUDENT_EPOCHS, VIEWS, REGIMES, GRIDS, VALIDATION_SEEDS  # noqa: PLW0603
+  global TRAIN, VALID  # noqa: PLW0603
+  TRAIN, VALID = "train", "test"
+  TEACHER, STUDENT, TEACHER_EPOCHS, STUDENT_EPOCHS, VIEWS, VALIDATION_SEEDS = "cnn-small", "cnn-small", 1, 2, 2, (0,)
+  REGIMES = {"all examples": {"label_fraction": 1.0, "epochs": STUDENT_EPOCHS}}
+  GRIDS = {"hint": [{"hint_weight": 1.0, "hint_share": 0.5}], "attention": [{"attention_weight": 1000.0}],
+           "similarity": [{"similarity_weight": 3000.0}]}
 
 
 def _metrics(out: str) -> list[dict]:
@@ -66,7 +84,7 @@ def _student(out: str, cache: str, seed: int, regime: str, **settings) -> dict:
   epochs that are FitNets' stage 1 (`--hint-epochs`)."""
   settings = {**REGIMES[regime], **settings}
   share = settings.pop("hint_share", 0)
-  final = fit(FitConfig(model=STUDENT, out=out, cache=cache, seed=seed, progress=False, workers=0,
+  final = fit(FitConfig(model=STUDENT, out=out, cache=cache, seed=seed, progress=False, workers=0, data_dir=DATA_DIR,
                         hint_epochs=round(share * settings["epochs"]), **settings), log_epochs=False)
   seconds = [line["seconds"] for line in _metrics(out)[1:]]
   return {"accuracy": final["eval_accuracy"], "epoch_seconds": statistics.mean(seconds)}
@@ -77,10 +95,10 @@ def _teacher_cache(work: str, split: str, seed: int, eval_split: str) -> str:
   teacher = os.path.join(work, f"{tag}-teacher{seed}")
   if not os.path.exists(os.path.join(teacher, "final.json")):
     fit(FitConfig(model=TEACHER, out=teacher, dataset="digits", split=split, epochs=TEACHER_EPOCHS, augment=True,
-                  seed=seed, eval_split="none", progress=False, workers=0), log_epochs=False)
-  return build_cache(BuildConfig(dataset="digits", split=split, teachers=(teacher,), views=VIEWS, seed=seed,
-                                 features=FEATURES, eval_split=eval_split, out=os.path.join(work, f"{tag}{seed}.zarr"),
-                                 progress=False, workers=0))
+                  seed=seed, eval_split="none", progress=False, workers=0, data_dir=DATA_DIR), log_epochs=False)
+  return build_cache(BuildConfig(dataset="digits", split=split, data_dir=DATA_DIR, teachers=(teacher,), views=VIEWS,
+                                 seed=seed, features=FEATURES, eval_split=eval_split,
+                                 out=os.path.join(work, f"{tag}{seed}.zarr"), progress=False, workers=0))
 
 
 def _bytes_per_row(cache: str) -> dict:
@@ -95,9 +113,9 @@ def _bytes_per_row(cache: str) -> dict:
 
 
 def validate(work: str, regime: str) -> dict:
-  """Each method's validation accuracy (mean of seeds 0 and 1) at each point of its grid, and KD's."""
+  """Each method's validation accuracy (mean of the validation seeds) at each point of its grid, and KD's."""
   scores, tag = {}, REGIMES[regime]["label_fraction"]
-  for seed in (0, 1):
+  for seed in VALIDATION_SEEDS:
     cache = _teacher_cache(work, TRAIN, seed, VALID)
     scores.setdefault("KD", []).append(_student(os.path.join(work, f"valid{seed}-{tag}-kd"), cache, seed,
                                                 regime)["accuracy"])
@@ -127,17 +145,24 @@ def test(work: str, seeds: int, regime: str, chosen: dict) -> list[dict]:
   return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+  global DATA_DIR  # noqa: PLW0603
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--seeds", type=int, default=5)
   parser.add_argument("--work", help="working directory (default: a temporary one)")
+  parser.add_argument("--data-dir", help="TFDS data dir of the digits (default: TFDS's own)")
+  parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that it runs")
   parser.add_argument("--out", default="bench/results/features.json")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
+  DATA_DIR = args.data_dir
+  if args.smoke:
+    _smoke()
   work = args.work or tempfile.mkdtemp(prefix="stillroom-features-")
   results = {}
   for regime in REGIMES:
     scores = validate(work, regime)
-    print(f"{regime}: validation accuracy, mean of 2 seeds:", json.dumps(scores, indent=2), flush=True)
+    print(f"{regime}: validation accuracy, mean of {len(VALIDATION_SEEDS)} seeds:", json.dumps(scores, indent=2),
+          flush=True)
     chosen = {}
     for method in GRIDS:
       best = max((s for s in scores if s != "KD" and json.loads(s)["method"] == method), key=scores.get)

@@ -44,11 +44,12 @@ def machine() -> dict:
 
 def paired_summary(values: list[float], base: list[float] | None = None, unit: str = "", diff_unit: str = "") -> str:
   """"mean ± std" of per-seed values, and with `base` (the same seeds' values of another arm) " | mean ± std" of
-  the paired differences."""
-  text = f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}{unit}"
+  the paired differences (std nan for one seed)."""
+  std = lambda v: statistics.stdev(v) if len(v) > 1 else float("nan")  # noqa: E731
+  text = f"{statistics.mean(values):.2f} ± {std(values):.2f}{unit}"
   if base is not None:
     gains = [a - b for a, b in zip(values, base)]
-    text += f" | {statistics.mean(gains):+.2f} ± {statistics.stdev(gains):.2f}{diff_unit}"
+    text += f" | {statistics.mean(gains):+.2f} ± {std(gains):.2f}{diff_unit}"
   return text
 
 

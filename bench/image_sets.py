@@ -111,7 +111,7 @@ def streamed_vs_prerendered(work: str, images: int, workers: int, models: list[s
   return results
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--sizes", default="5000,40000", help="image counts, comma-separated (multiples of 10)")
   parser.add_argument("--work", default=None, help="where the sets, runs and caches go (default: a temporary dir; "
@@ -123,7 +123,7 @@ def main() -> None:
   parser.add_argument("--parts", default="memory,ratio", help="memory (peak RSS at each size) and/or ratio "
                                                                "(streamed / pre-rendered, on the first size)")
   parser.add_argument("--out", default="bench/results/image_sets.json")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   sizes = [int(s) for s in args.sizes.split(",")]
   result = {"machine": machine(), "memory": []}
   with tempfile.TemporaryDirectory() as tmp:

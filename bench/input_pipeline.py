@@ -60,7 +60,7 @@ def _grain_stream(data, views: Augmentation, plans: list[dict], workers: int):
   return dataset.to_iter_dataset().mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--images", type=int, default=2000, help="images in the set (a multiple of 10)")
   parser.add_argument("--dir", default=None, help="where the set is (written if absent)")
@@ -70,7 +70,7 @@ def main() -> None:
                       help="worker counts to time, comma-separated (default: 1 and the core count)")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--out", default="bench/results/input_pipeline.json")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   workers = [int(w) for w in args.workers.split(",")]
   result = {"machine": machine(), "batch": args.batch, "rows_per_pass": args.batch * args.batches}
   with tempfile.TemporaryDirectory() as tmp:

@@ -1,7 +1,7 @@
 """stillroom beside the peer a JAX/Keras user would otherwise pick: Keras 3's distiller, JAX backend, same student,
 same teacher, same data, same batch, on this machine, in one run.
 
-    python bench/keras_peer.py [--examples 2048] [--epochs 3] [--out bench/results/keras_peer.json]
+    python bench/keras_peer.py [--examples 2048] [--epochs 3] [--smoke] [--out bench/results/keras_peer.json]
 
 Keras is not a stillroom dependency: the script makes a separate virtual environment (`bench/results/keras_env`,
 reused) that sees this environment's packages (JAX included, through a `.pth` file) and installs Keras into it,
@@ -18,6 +18,9 @@ compiling one. Arms:
     loss alpha·CE + (1 − alpha)·T²·KL at T = 4).
 Reported: each arm's median epoch seconds, the build's seconds, and the student epochs after which the cache has
 paid for itself (build / (Keras KD epoch − stillroom KD epoch)).
+
+`--smoke`: 256 examples, one timed epoch, `mlp-tiny` as stillroom's student and teacher, and the Keras arms only where
+this Python imports Keras (none is installed then), to check that the benchmark works; its figures mean nothing.
 """
 
 import argparse
@@ -101,14 +104,27 @@ def _keras_arm(arm: str, data: str, epochs: int) -> list[float]:
   return seconds[1:]
 
 
-def main():
+def _keras_here() -> bool:
+  """Whether this Python imports Keras."""
+  try:
+    import keras  # noqa: F401  # pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    return False
+  return True
+
+
+def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--examples", type=int, default=2048)
   parser.add_argument("--epochs", type=int, default=3, help="timed epochs per arm (after a compiling one)")
+  parser.add_argument("--smoke", action="store_true", help="tiny sizes, Keras only if this Python has it: checks that "
+                                                           "it runs")
   parser.add_argument("--out", default=os.path.join(REPO, "bench", "results", "keras_peer.json"))
   parser.add_argument("--keras-arm", choices=("plain", "kd"), help=argparse.SUPPRESS)
   parser.add_argument("--data", help=argparse.SUPPRESS)
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
+  if args.smoke:
+    args.examples, args.epochs = 256, 1
   if args.keras_arm:
     print(json.dumps(_keras_arm(args.keras_arm, args.data, args.epochs)))
     return
@@ -120,15 +136,16 @@ def main():
   from student_train.train import fit  # pylint: disable=import-outside-toplevel
   from teacher_cache.build import BuildConfig, build_cache  # pylint: disable=import-outside-toplevel
 
-  python = _keras_python()
+  python = (sys.executable if _keras_here() else None) if args.smoke else _keras_python()
   result = {"machine": machine(), "examples": args.examples, "batch": BATCH, "epochs_timed": args.epochs}
   with tempfile.TemporaryDirectory() as work:
     dataset = synthetic.npz_dataset(os.path.join(work, "images.npz"), args.examples, (32, 32, 3), 10)
-    teacher = synthetic.teachers(os.path.join(work, "teachers"), "cnn-large", (32, 32, 3), 10, 1)[0]
+    student, teacher = ("mlp-tiny", "mlp-tiny") if args.smoke else ("cnn-small", "cnn-large")
+    teacher = synthetic.teachers(os.path.join(work, "teachers"), teacher, (32, 32, 3), 10, 1)[0]
 
     def epochs_of(**options) -> list[float]:
       seconds = []
-      fit(FitConfig(model="cnn-small", batch_size=BATCH, epochs=args.epochs + 1, progress=False, eval_split="none",
+      fit(FitConfig(model=student, batch_size=BATCH, epochs=args.epochs + 1, progress=False, eval_split="none",
                     out=os.path.join(work, f"run{len(os.listdir(work))}"), **options), log_epochs=False,
           on_epoch=lambda plan, line: seconds.append(line["seconds"]))
       return seconds[1:]
@@ -140,13 +157,17 @@ def main():
                             out=cache))
     result["build_s"] = time.perf_counter() - started
     result["stillroom_kd_s"] = epochs_of(cache=cache, alpha=ALPHA)
-    for arm in ("plain", "kd"):
+    for arm in ("plain", "kd") if python else ():
       ran = subprocess.run([python, os.path.abspath(__file__), "--keras-arm", arm, "--data", dataset[len("npz:"):],
                             "--epochs", str(args.epochs)], check=True, capture_output=True, text=True,
                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
       result[f"keras_{arm}_s"] = json.loads(ran.stdout.strip().splitlines()[-1])
   medians = {k: statistics.median(v) for k, v in result.items() if k.endswith("_s") and isinstance(v, list)}
   result["median_epoch_s"] = medians
+  if not python:
+    write_json(args.out, result)
+    print(f"no Keras in this Python: the stillroom arms alone, epoch seconds {json.dumps(medians)}")
+    return
   result["break_even_epochs"] = result["build_s"] / max(1e-9, medians["keras_kd_s"] - medians["stillroom_kd_s"])
   write_json(args.out, result)
   print(f"epoch seconds (median of {args.epochs}, {args.examples} images 32x32x3, batch {BATCH}, cnn-small student, "

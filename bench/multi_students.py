@@ -1,6 +1,6 @@
 """K students in one vmapped step against one student alone, on one cache (same batches, one read).
 
-    python bench/multi_students.py [--model mlp-small] [--rows 16384]
+    python bench/multi_students.py [--model mlp-small] [--rows 16384] [--students 1,4,8]
 
 Prints, for K = 1, 4, 8, the epoch time of K students trained together in the trainer's step and the ratio to one
 student (a run of its own is a group of one); K / ratio is the speed-up over K separate runs. The students
@@ -17,38 +17,43 @@ import jax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import synthetic  # noqa: E402
 from bench.harness import measure, write_json  # noqa: E402
-from bench.run_all import _student, student_hypers  # noqa: E402
-from shared.cache import open_cache  # noqa: E402
-from shared.data import open_transfer_set  # noqa: E402
+from bench.run_all import arm  # noqa: E402
 from shared.parallel import batch_sharding, data_mesh, on_devices  # noqa: E402
-from student_train.loader import CacheLoader  # noqa: E402
-from student_train.steps import make_train_step  # noqa: E402
+from student_train.config import FitConfig  # noqa: E402
 
 
-def main():
+def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--model", default="mlp-small")
   parser.add_argument("--rows", type=int, default=16384)
   parser.add_argument("--batch", type=int, default=256)
+  parser.add_argument("--students", default="1,4,8", help="group sizes K to time, comma-separated, 1 first")
   parser.add_argument("--out", default="bench/results/multi_students.json")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
+  counts = [int(k) for k in args.students.split(",")]
+  if counts[0] != 1:
+    parser.error("--students: the first group size is 1 (the baseline)")
   mesh = data_mesh()
   with tempfile.TemporaryDirectory() as tmp:
     dataset = synthetic.npz_dataset(os.path.join(tmp, "x.npz"), args.rows, (8, 8, 1), 10)
-    synthetic.direct_cache(os.path.join(tmp, "c.zarr"), dataset, members=3)
-    transfer_set = open_transfer_set(dataset, "train")
-    loader = CacheLoader(open_cache(os.path.join(tmp, "c.zarr")), transfer_set, batch_size=args.batch, seed=0,
-                         fields=("member_logits",))
-    batches = [placed for _, placed in on_devices(loader.epoch(0), batch_sharding(mesh))]
+    cache = os.path.join(tmp, "c.zarr")
+    synthetic.direct_cache(cache, dataset, members=3)
+    # T=2, not the cache's 4: the students re-derive their targets from the members' logits.
+    config = FitConfig(model=args.model, cache=cache, batch_size=args.batch, temperature=2.0)
     result = {"model": args.model, "rows": args.rows, "batch": args.batch, "together": []}
-    for count in (1, 4, 8):
-      graphdef, states = _student(args.model, transfer_set, mesh, students=count)
-      step = make_train_step(graphdef, transfer_set.normalization, mesh)
-      group = {"states": states, "hypers": student_hypers(mesh, count, members=3, use_stored=False)}
+    batches = None
+    for count in counts:
+      group = arm(config, mesh, students=count)
+      try:
+        if batches is None:  # The same batches for every K, read once.
+          batches = [placed for _, placed in on_devices(group.loader.epoch(0), batch_sharding(mesh))]
+        step, holder = group.step(mesh), {"states": group.states}
+      finally:
+        group.close()
 
       def together():
         for batch in batches:
-          group["states"], metrics = step(group["states"], batch, group["hypers"])
+          holder["states"], metrics = step(holder["states"], batch, group.hypers)
         jax.block_until_ready(metrics)
 
       seconds = measure(together, repeats=3)["median"]

@@ -1,7 +1,8 @@
 """Object-store latency: `fit` and `build_cache` on a store that answers every request 50 ms late, against the same
 store without the delay, side by side in one run.
 
-    python bench/object_store_latency.py [--quick] [--latency-ms 50] [--out bench/results/object_store_latency.json]
+    python bench/object_store_latency.py [--quick | --smoke] [--latency-ms 50]
+        [--out bench/results/object_store_latency.json]
 
 The slow store is Zarr's `LatencyStore` (`zarr.testing.store`) around the local store: every get and set of a key
 (a chunk, a metadata document) waits `--latency-ms` first, as a request to S3 or GCS does; requests issued together
@@ -10,10 +11,12 @@ here. Workloads, those of `run_all.py` on 32x32x3 inputs: the build benchmark's 
 8,192 examples, batch 256, default chunks; `--quick`: 2,048 examples), and the streaming benchmark's `cnn-large`
 student distilling one epoch of `fit` from a cache of 2 views of 2,048 examples (batch 128; `--quick`: 1,024), as
 configured by default (checkpoints, workers). Reported: each arm's median and the speed ratio plain / slow, for
-`fit` both its wall time and the epoch's own seconds (its metrics line).
+`fit` both its wall time and the epoch's own seconds (its metrics line). `--smoke`: a tiny run with `mlp-tiny`
+models, to check that the benchmark works; its figures mean nothing.
 """
 
 import argparse
+import contextlib
 import itertools
 import os
 import sys
@@ -30,8 +33,9 @@ from teacher_cache.build import BuildConfig, build_cache  # noqa: E402
 SLOW = "slow"  # Stores under a directory of this name are opened through the LatencyStore.
 
 
-def _patch_slow_stores(latency_s: float) -> None:
-  """Every store under a `slow/` directory answers `latency_s` late."""
+@contextlib.contextmanager
+def _slow_stores(latency_s: float):
+  """Within it, every store under a `slow/` directory answers `latency_s` late."""
   from zarr.storage import LocalStore  # pylint: disable=import-outside-toplevel
   from zarr.testing.store import LatencyStore  # pylint: disable=import-outside-toplevel
   plain = storage.zarr_store
@@ -42,20 +46,27 @@ def _patch_slow_stores(latency_s: float) -> None:
     return LatencyStore(LocalStore(path, read_only=read_only), get_latency=latency_s, set_latency=latency_s)
 
   storage.zarr_store = zarr_store
+  try:
+    yield
+  finally:
+    storage.zarr_store = plain
 
 
-def main():
+def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--quick", action="store_true", help="fewer rows and repeats")
+  mode = parser.add_mutually_exclusive_group()
+  mode.add_argument("--quick", action="store_true", help="fewer rows and repeats")
+  mode.add_argument("--smoke", action="store_true", help="tiny sizes and models: checks that it runs")
   parser.add_argument("--latency-ms", type=float, default=50.0)
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "object_store_latency.json"))
-  args = parser.parse_args()
-  build_examples, fit_examples, repeats = (2048, 1024, 2) if args.quick else (8192, 2048, 3)
-  _patch_slow_stores(args.latency_ms / 1000)
-  with tempfile.TemporaryDirectory() as tmp:
+  args = parser.parse_args(argv)
+  build_examples, fit_examples, repeats = (64, 64, 1) if args.smoke else (2048, 1024, 2) if args.quick else \
+      (8192, 2048, 3)
+  model = "mlp-tiny" if args.smoke else "cnn-large"
+  with _slow_stores(args.latency_ms / 1000), tempfile.TemporaryDirectory() as tmp:
     for kind in ("plain", SLOW):
       os.makedirs(os.path.join(tmp, kind))
-    runs = synthetic.teachers(os.path.join(tmp, "teachers"), "cnn-large", (32, 32, 3), 10, 2)
+    runs = synthetic.teachers(os.path.join(tmp, "teachers"), model, (32, 32, 3), 10, 2)
     counter = itertools.count()
     build = {"teachers": tuple(runs), "views": 2, "batch_size": 256, "progress": False}
     images = synthetic.npz_dataset(os.path.join(tmp, "build.npz"), build_examples, (32, 32, 3), 10)
@@ -74,7 +85,7 @@ def main():
     def fit_from(kind: str):
       def run():
         out = os.path.join(tmp, "runs", f"{kind}{next(counter)}")
-        line = fit(FitConfig(model="cnn-large", cache=os.path.join(tmp, kind, "cache.zarr"), out=out, epochs=1,
+        line = fit(FitConfig(model=model, cache=os.path.join(tmp, kind, "cache.zarr"), out=out, epochs=1,
                              batch_size=128, progress=False), log_epochs=False)
         epochs.setdefault(kind, []).append(line["seconds"])
       return run

@@ -1,6 +1,7 @@
 """Opening a large `imagefolder:` transfer set, fingerprint included: the target is < 10 s for 40,000 images.
 
-    python bench/open_imagefolder.py [--images 40000] [--dir DIR] [--out bench/results/open_imagefolder.json]
+    python bench/open_imagefolder.py [--images 40000] [--dir DIR] [--no-cold]
+        [--out bench/results/open_imagefolder.json]
 
 Writes the shapes set (`shared.shapes`, 40-160 px JPEGs) into DIR once (a temporary folder by default; writing
 40,000 images takes about a minute on 2 cores), then times, as `teacher-cache build` and `student-train fit` do
@@ -36,12 +37,14 @@ def cold_open(name: str) -> float | None:
   return time.perf_counter() - started
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--images", type=int, default=40_000, help="images in the set (a multiple of 10)")
   parser.add_argument("--dir", default=None, help="where the set is (written if absent)")
+  parser.add_argument("--no-cold", dest="cold", action="store_false",
+                      help="skip the cold open (which, as root, drops the whole machine's page cache)")
   parser.add_argument("--out", default="bench/results/open_imagefolder.json")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   with tempfile.TemporaryDirectory() as tmp:
     root = args.dir or os.path.join(tmp, "shapes")
     if not os.path.isdir(os.path.join(root, "train")):
@@ -51,7 +54,7 @@ def main() -> None:
     name = f"imagefolder:{os.path.join(root, 'train')}"
     opened = measure(lambda: open_transfer_set(name), repeats=5)
     full = measure(lambda: open_transfer_set(name).fingerprint, repeats=5)
-    cold = cold_open(name)
+    cold = cold_open(name) if args.cold else None
     data = open_transfer_set(name)
     decode = measure(lambda: data.read(range(0, len(data), max(1, len(data) // 1000))), repeats=3)
     per_image = decode["median"] / len(range(0, len(data), max(1, len(data) // 1000)))

@@ -1,6 +1,6 @@
 """Runs the performance benchmarks and writes bench/results/summary.json.
 
-    python bench/run_all.py [--quick] [--only streaming,online,...]
+    python bench/run_all.py [--quick | --smoke] [--only streaming,online,...]
 
 Each figure is a ratio of two arms measured side by side in this run (warm-up, then the median of repeats):
   1. streaming_overhead: epoch time distilling from a cache on disk / epoch time on hard labels from memory
@@ -12,9 +12,15 @@ Each figure is a ratio of two arms measured side by side in this run (warm-up, t
   4. rss_growth: peak RSS of `student-train fit` on the largest cache / on the smallest.
   5. storage: bytes per row against R·(M+1)·C·2 + row metadata, without and with a zstd compressor.
   6. scaling: cache build and epoch time for N, 4N, 16N rows.
+
+Everything is measured through the library's public functions: every student arm is set up as `fit` sets up its
+run before its loop (`plan_run`, `make_loader`, `make_optimizer`, `RunPlan.hypers`, `make_train_step`; see `Arm`),
+and the ensemble's forward is the members' `apply_fn`s and `combine_log_probs` (`ensemble_forward`). `--smoke` runs
+every part at a tiny size with small models, to check that the benchmark works; its figures mean nothing.
 """
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -24,56 +30,127 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.harness import machine, measure, measure_pair, write_json  # noqa: E402
 from bench import synthetic  # noqa: E402
-from shared.augment import Augmentation  # noqa: E402
-from shared.cache import open_cache  # noqa: E402
-from shared.data import open_transfer_set  # noqa: E402
-from shared.ensemble import combine_log_probs, member_weights  # noqa: E402
-from shared.models import ModelSpec, build_model  # noqa: E402
-from shared.parallel import batch_sharding, data_mesh, on_devices, replicated  # noqa: E402
+from shared.data import Normalization, open_transfer_set  # noqa: E402
+from shared.ensemble import combine_log_probs  # noqa: E402
+from shared.models import build_model  # noqa: E402
+from shared.parallel import batch_sharding, data_mesh, on_devices, put_replicated  # noqa: E402
 from shared.runs import load_teacher  # noqa: E402
-from student_train.loader import ArrayLoader, CacheLoader  # noqa: E402
-from student_train.steps import Hypers, make_train_step, stack_hypers, stack_states, train_step_fn  # noqa: E402
-from teacher_cache.build import BuildConfig, _make_forwards, build_cache  # noqa: E402
+from student_train.config import FitConfig  # noqa: E402
+from student_train.plan import RunPlan, plan_run  # noqa: E402
+from student_train.steps import make_train_step, stack_hypers, stack_states, group_switches, train_step_fn  # noqa: E402
+from student_train.train import make_loader, make_optimizer  # noqa: E402
+from teacher_cache.build import BuildConfig, build_cache  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARTS = ("streaming", "online", "build", "rss", "storage", "scaling")
+# The sizes of each mode. The small student's streaming arms keep >= 5 epochs of 65,536 rows per arm in the full and
+# quick modes: a ~2 ms step, where the host's work per batch shows. The smoke mode leaves the small student's arms out
+# (the functions of the large one's, at other sizes: compilations that would only make the test suite slower).
+SIZES = {
+    "full": {"repeats": 3, "small_model": "mlp-small", "small_rows": 65536, "small_batch": 256, "small_repeats": 5,
+             "large_model": "cnn-large", "large_rows": 4096, "large_batch": 128, "online_rows": 4096,
+             "online_small_rows": 16384, "build_rows": 16384, "build_batch": 256, "build_repeats": 2,
+             "rss_mb": [64, 512, 4096], "classes": 1000, "storage_rows": 100000, "scaling_model": "mlp-small",
+             "scaling_rows": 32768},
+    "quick": {"repeats": 3, "small_model": "mlp-small", "small_rows": 65536, "small_batch": 256, "small_repeats": 5,
+              "large_model": "cnn-large", "large_rows": 1024, "large_batch": 128, "online_rows": 1024,
+              "online_small_rows": 4096, "build_rows": 4096, "build_batch": 256, "build_repeats": 2,
+              "rss_mb": [64, 256, 1024], "classes": 1000, "storage_rows": 20000, "scaling_model": "mlp-small",
+              "scaling_rows": 8192},
+    "smoke": {"repeats": 1, "small_model": None, "large_model": "mlp-small", "large_rows": 256, "large_batch": 64,
+              "online_rows": 256, "build_rows": 256, "build_batch": 64, "build_repeats": 1, "rss_mb": [1],
+              "classes": 100, "storage_rows": 512, "scaling_model": "mlp-tiny", "scaling_rows": 128},
+}
+LONG = 1000  # The epochs an arm's config names: the optimizer's schedule and the loader's read-ahead span them.
 
 
-def _student(model: str, transfer_set, mesh, students: int = 1):
-  """`students` freshly initialised students stacked for the trainer's step (one: a run of its own)."""
-  spec = ModelSpec(name=model, input_shape=transfer_set.input_shape, num_classes=transfer_set.num_classes)
+@dataclasses.dataclass
+class Arm:
+  """K students of one config set up as `fit` sets them up before its loop (seeds 0..K-1, trained together).
+
+  Attributes:
+    plan: the config resolved against its data and cache (`plan_run`).
+    loader: its batch stream (`make_loader`); `close` stops it.
+    graphdef: the students' graph (model and optimizer).
+    states: their stacked states, replicated on the mesh.
+    hypers: their stacked step settings (`RunPlan.hypers`), replicated.
+    switches: the settings the students agree on, static in the step (`group_switches`).
+  """
+
+  plan: RunPlan
+  loader: object
+  graphdef: object
+  states: object
+  hypers: object
+  switches: dict
+
+  def step(self, mesh):
+    """The jitted step that `fit` trains these students with."""
+    return make_train_step(self.graphdef, self.plan.normalization, mesh, self.switches, self.plan.feature_terms)
+
+  def close(self) -> None:
+    self.loader.close()
+
+
+def arm(config: FitConfig, mesh, students: int = 1) -> Arm:
+  """`students` runs of `config` (its epochs: `LONG`, its eval split: none) set up as `fit` sets them up; nothing is
+  written to its run dir."""
+  plan = plan_run(dataclasses.replace(config, epochs=LONG, eval_split="none", progress=False,
+                                      out=config.out or "unwritten"))
+  loader = make_loader(plan, plan.fields())
   states = []
   for seed in range(students):
-    student = build_model(spec, seed=seed)
-    graphdef, state = nnx.split((student, nnx.Optimizer(student, optax.adamw(1e-3), wrt=nnx.Param)))
+    model = build_model(plan.model_spec, seed=seed)
+    optimizer = nnx.Optimizer(model, make_optimizer(plan.config, loader.steps_per_epoch), wrt=nnx.Param)
+    graphdef, state = nnx.split((model, optimizer))
     states.append(state)
-  return graphdef, jax.device_put(stack_states(states), replicated(mesh))
+  num_members = plan.cache.spec.num_members if plan.cache is not None else 1
+  hypers = stack_hypers([plan.hypers(num_members)] * students, list(range(students)))
+  return Arm(plan=plan, loader=loader, graphdef=graphdef, states=put_replicated(stack_states(states), mesh),
+             hypers=put_replicated(hypers, mesh), switches=group_switches(hypers))
 
 
-def student_hypers(mesh, students: int = 1, members: int = 1, use_stored: bool = True) -> Hypers:
-  """The step's per-student settings: alpha 0.5, T=4, AM of all members, stored or re-derived targets, KL."""
-  one = Hypers(alpha=np.float32(0.5), temperature=np.float32(4.0),
-               member_weights=member_weights(range(members), members), use_stored=np.bool_(use_stored))
-  return jax.device_put(stack_hypers([one] * students, list(range(students))), replicated(mesh))
+def ensemble_forward(runs: list[str], normalization: Normalization, temperature: float = 4.0,
+                     combine: str = "arithmetic"):
+  """The teachers' forward passes and the ensemble rule, from public pieces (`load_teacher`, `combine_log_probs`):
+  what a build computes per batch before it stores the results.
+
+  Args:
+    runs: the teachers' run dirs.
+    normalization: the inputs' normalisation for a teacher that records none.
+    temperature, combine: the ensemble's T and rule.
+
+  Returns:
+    `(forward, params)`: `forward(params, x [B, ...]) -> (member logits float32 [B, M, C], log-probs [B, C])`, to
+    jit, and the members' parameters.
+  """
+  teachers = [load_teacher(run) for run in runs]
+
+  def forward(params, x):
+    logits = jnp.stack([t.apply_fn(p, (t.normalization or normalization).apply(x))
+                        for t, p in zip(teachers, params)], axis=1).astype(jnp.float32)
+    return logits, combine_log_probs(logits, temperature, combine)
+
+  return forward, [t.params for t in teachers]
 
 
-def _epoch_runner(step, state, batches, mesh, hypers, extra=()):
-  """A function that runs one epoch of `batches()` through `step` and waits for the result."""
+def _epoch_runner(step, state, loader, mesh, hypers, extra=()):
+  """A function that runs the next epoch of `loader` through `step` and waits for the result (each call the next
+  epoch, as `fit` runs them, so that reads of the next epoch overlap this one's end)."""
   sharding = batch_sharding(mesh)
-  holder = {"state": state}
+  holder = {"state": state, "epoch": 0}
 
   def run():
     state = holder["state"]
-    for _, batch in on_devices(batches(), sharding):  # As the trainer places them.
+    for _, batch in on_devices(loader.epoch(holder["epoch"]), sharding):  # As the trainer places them.
       state, metrics = step(state, *extra, batch, hypers)
     jax.block_until_ready(metrics)
-    holder["state"] = state
+    holder["state"], holder["epoch"] = state, holder["epoch"] + 1
 
   return run
 
@@ -86,16 +163,15 @@ def streaming_overhead(tmp: str, model: str, input_shape, rows: int, batch: int,
   half = synthetic.npz_dataset(os.path.join(tmp, f"{model}_half.npz"), rows // 2, input_shape, 10)
   cache_path = os.path.join(tmp, f"{model}.zarr")
   synthetic.direct_cache(cache_path, half, members=4, views=2, max_shift=1)
-  hard_set, half_set = open_transfer_set(examples, "train"), open_transfer_set(half, "train")
-  hard = ArrayLoader(hard_set, batch_size=batch, seed=0, augmentation=Augmentation(max_shift=1), augment=True)
-  cached = CacheLoader(open_cache(cache_path), half_set, batch_size=batch, seed=0, fields=("targets",))
-  graphdef, state = _student(model, hard_set, mesh)
-  hard_step = make_train_step(graphdef, hard_set.normalization, mesh)
-  hard_run = _epoch_runner(hard_step, state, lambda: hard.epoch(0), mesh, student_hypers(mesh))
-  graphdef, state = _student(model, half_set, mesh)
-  kd_step = make_train_step(graphdef, half_set.normalization, mesh)
-  cached_run = _epoch_runner(kd_step, state, lambda: cached.epoch(0), mesh, student_hypers(mesh, members=4))
-  hard_time, cached_time = measure_pair(hard_run, cached_run, repeats=repeats)
+  hard = arm(FitConfig(model=model, dataset=examples, augment=True, max_shift=1, batch_size=batch), mesh)
+  cached = arm(FitConfig(model=model, cache=cache_path, batch_size=batch), mesh)
+  try:
+    hard_run = _epoch_runner(hard.step(mesh), hard.states, hard.loader, mesh, hard.hypers)
+    cached_run = _epoch_runner(cached.step(mesh), cached.states, cached.loader, mesh, cached.hypers)
+    hard_time, cached_time = measure_pair(hard_run, cached_run, repeats=repeats)
+  finally:
+    hard.close()
+    cached.close()
   return {"model": model, "input_shape": list(input_shape), "rows": rows, "batch": batch,
           "hard_from_memory_s": hard_time["median"], "distill_from_cache_s": cached_time["median"],
           "ratio": cached_time["median"] / hard_time["median"]}
@@ -103,45 +179,42 @@ def streaming_overhead(tmp: str, model: str, input_shape, rows: int, batch: int,
 
 def online_vs_cached(tmp: str, student: str, teacher_model: str, input_shape, members: int, rows: int, batch: int,
                      repeats: int) -> dict:
-  """Benchmark 2. Online KD runs the ensemble inside the jitted step; cached KD reads its targets."""
+  """Benchmark 2. Online KD runs the ensemble inside the trainer's step; cached KD reads its targets."""
   mesh = data_mesh()
   dataset = synthetic.npz_dataset(os.path.join(tmp, f"online_{student}.npz"), rows, input_shape, 10)
-  transfer_set = open_transfer_set(dataset, "train")
   runs = synthetic.teachers(os.path.join(tmp, f"online_teachers_{student}"), teacher_model, input_shape, 10, members)
-  teachers = [load_teacher(run) for run in runs]
   cache_path = os.path.join(tmp, f"online_{student}.zarr")
   build_cache(BuildConfig(dataset=dataset, teachers=tuple(runs), out=cache_path, progress=False))
-  normalization = transfer_set.normalization
-  teacher_params = jax.device_put([t.params for t in teachers], replicated(mesh))
-  hypers = student_hypers(mesh, members=members)
+  forward, params = ensemble_forward(runs, open_transfer_set(dataset, "train").normalization)
+  teacher_params = put_replicated(params, mesh)
+  config = FitConfig(model=student, cache=cache_path, batch_size=batch)
+  online, cached = arm(config, mesh), arm(config, mesh)
+  plain = arm(FitConfig(model=student, dataset=dataset, batch_size=batch), mesh)  # The un-augmented examples.
+  try:
+    # The trainer's step; online KD adds the ensemble inside it, in place of the cache's stored targets.
+    inner = train_step_fn(online.graphdef, online.plan.normalization, online.switches)
 
-  def ensemble_log_probs(params, x):
-    logits = jnp.stack([t.apply_fn(p, normalization.apply(x)) for t, p in zip(teachers, params)], axis=1)
-    return combine_log_probs(logits, 4.0, "arithmetic")
+    def online_step(state, params, batch, hypers):
+      return inner(state, {**batch, "targets": forward(params, batch["x"])[1]}, hypers)
 
-  graphdef, state = _student(student, transfer_set, mesh)
-  inner = train_step_fn(graphdef, normalization)  # The trainer's step; online KD adds the ensemble inside it.
-
-  def online_step(state, params, batch, hypers):
-    return inner(state, {**batch, "targets": ensemble_log_probs(params, batch["x"])}, hypers)
-
-  online = jax.jit(online_step, donate_argnums=0)
-  cached_step = jax.jit(inner, donate_argnums=0)
-  loader = CacheLoader(open_cache(cache_path), transfer_set, batch_size=batch, seed=0, fields=("targets",))
-  plain = ArrayLoader(transfer_set, batch_size=batch, seed=0, augmentation=Augmentation(max_shift=0))
-  online_run = _epoch_runner(online, state, lambda: plain.epoch(0), mesh, hypers, extra=(teacher_params,))
-  graphdef, state = _student(student, transfer_set, mesh)
-  cached_run = _epoch_runner(cached_step, state, lambda: loader.epoch(0), mesh, hypers)
-  online_time, cached_time = measure_pair(online_run, cached_run, repeats=repeats)
-  # The ideal, from the two parts timed alone on one device-resident batch.
-  _, sample = next(on_devices(loader.epoch(0), batch_sharding(mesh)))
-  forward = jax.jit(ensemble_log_probs)
-  forward_time = measure(lambda: forward(teacher_params, sample["x"]).block_until_ready(), repeats=repeats * 5)
-  graphdef, state = _student(student, transfer_set, mesh)
-  holder = {"state": state}
+    online_run = _epoch_runner(jax.jit(online_step, donate_argnums=0), online.states, plain.loader, mesh,
+                               online.hypers, extra=(teacher_params,))
+    cached_step = cached.step(mesh)
+    cached_run = _epoch_runner(cached_step, cached.states, cached.loader, mesh, cached.hypers)
+    online_time, cached_time = measure_pair(online_run, cached_run, repeats=repeats)
+    # The ideal, from the two parts timed alone on one device-resident batch.
+    _, sample = next(on_devices(cached.loader.epoch(LONG - 1), batch_sharding(mesh)))
+  finally:
+    for each in (online, cached, plain):
+      each.close()
+  jitted = jax.jit(forward)
+  forward_time = measure(lambda: jax.block_until_ready(jitted(teacher_params, sample["x"])), repeats=repeats * 5)
+  alone = arm(config, mesh)
+  alone.close()
+  holder = {"state": alone.states}
 
   def one_step():
-    holder["state"], metrics = cached_step(holder["state"], sample, hypers)
+    holder["state"], metrics = cached_step(holder["state"], sample, alone.hypers)
     jax.block_until_ready(metrics)
 
   step_time = measure(one_step, repeats=repeats * 5)
@@ -155,7 +228,9 @@ def online_vs_cached(tmp: str, student: str, teacher_model: str, input_shape, me
 
 def build_overhead(tmp: str, teacher_model: str, input_shape, members: int, rows: int, batch: int,
                    repeats: int) -> dict:
-  """Benchmark 3. The build's wall time against its jitted ensemble forward alone over the same batches."""
+  """Benchmark 3. The build's wall time against the ensemble's forward passes alone (`ensemble_forward`, jitted)
+  over as many rows in batches of the same size."""
+  views = 2
   mesh = data_mesh()
   dataset = synthetic.npz_dataset(os.path.join(tmp, "build.npz"), rows, input_shape, 10)
   transfer_set = open_transfer_set(dataset, "train")
@@ -163,21 +238,18 @@ def build_overhead(tmp: str, teacher_model: str, input_shape, members: int, rows
   counter = iter(range(1000))
 
   def build():
-    build_cache(BuildConfig(dataset=dataset, teachers=tuple(runs), batch_size=batch, views=2,
+    build_cache(BuildConfig(dataset=dataset, teachers=tuple(runs), batch_size=batch, views=views,
                             out=os.path.join(tmp, f"build{next(counter)}.zarr"), progress=False))  # No eval split.
 
   build_time = measure(build, repeats=repeats)
-  spec = open_cache(os.path.join(tmp, "build0.zarr")).spec
-  teachers = [load_teacher(run) for run in runs]
-  forward, _ = _make_forwards(teachers, spec, mesh)
-  params = jax.device_put([t.params for t in teachers], replicated(mesh))
+  forward, params = ensemble_forward(runs, transfer_set.normalization)
+  forward, params = jax.jit(forward), put_replicated(params, mesh)
   sharding = batch_sharding(mesh)
-  inputs = np.concatenate([transfer_set.read_all()[0]] * spec.views)
+  inputs = np.concatenate([transfer_set.read_all()[0]] * views)
   batches = [jax.device_put(inputs[i:i + batch], sharding) for i in range(0, len(inputs) - batch + 1, batch)]
-  folds = jax.device_put(np.zeros(batch, np.int32), sharding)
 
   def forward_only():
-    jax.block_until_ready([forward(params, x, folds) for x in batches])
+    jax.block_until_ready([forward(params, x) for x in batches])
 
   forward_time = measure(forward_only, repeats=repeats)
   return {"teacher": teacher_model, "members": members, "rows": len(inputs), "batch": batch,
@@ -232,10 +304,11 @@ def storage(tmp: str, rows: int, classes: int, members: int) -> dict:
   return result
 
 
-def scaling(tmp: str, base_rows: int, repeats: int) -> dict:
-  """Benchmark 6. Cache build (2 random mlp-small teachers) and one distillation epoch for N, 4N, 16N rows."""
+def scaling(tmp: str, base_rows: int, repeats: int, model: str = "mlp-small") -> dict:
+  """Benchmark 6. Cache build (2 random `model` teachers) and one distillation epoch of a `model` student for N, 4N,
+  16N rows."""
   mesh = data_mesh()
-  runs = synthetic.teachers(os.path.join(tmp, "scaling_teachers"), "mlp-small", (8, 8, 1), 10, 2)
+  runs = synthetic.teachers(os.path.join(tmp, "scaling_teachers"), model, (8, 8, 1), 10, 2)
   points = []
   for factor in (1, 4, 16):
     rows = base_rows * factor
@@ -244,63 +317,71 @@ def scaling(tmp: str, base_rows: int, repeats: int) -> dict:
     started = time.perf_counter()
     build_cache(BuildConfig(dataset=dataset, teachers=tuple(runs), out=cache, progress=False))
     build_s = time.perf_counter() - started
-    transfer_set = open_transfer_set(dataset, "train")
-    loader = CacheLoader(open_cache(cache), transfer_set, batch_size=256, seed=0, fields=("targets",))
-    graphdef, state = _student("mlp-small", transfer_set, mesh)
-    step = make_train_step(graphdef, transfer_set.normalization, mesh)
-    epoch = measure(_epoch_runner(step, state, lambda: loader.epoch(0), mesh, student_hypers(mesh, members=2)),
-                    repeats=repeats)
+    student = arm(FitConfig(model=model, cache=cache, batch_size=256), mesh)
+    try:
+      epoch = measure(_epoch_runner(student.step(mesh), student.states, student.loader, mesh, student.hypers),
+                      repeats=repeats)
+    finally:
+      student.close()
     points.append({"rows": rows, "build_s": build_s, "epoch_s": epoch["median"]})
   return {"points": points, "build_per_row_ratio_16N_vs_N": (points[2]["build_s"] / 16) / points[0]["build_s"],
           "epoch_per_row_ratio_16N_vs_N": (points[2]["epoch_s"] / 16) / points[0]["epoch_s"]}
 
 
-def main():
+def main(argv: list[str] | None = None) -> dict:
+  """Runs the parts asked for; returns the summary it writes."""
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--quick", action="store_true", help="smaller sizes; under 5 minutes on 2 CPU cores")
+  mode = parser.add_mutually_exclusive_group()
+  mode.add_argument("--quick", action="store_true", help="smaller sizes; under 5 minutes on 2 CPU cores")
+  mode.add_argument("--smoke", action="store_true", help="tiny sizes and small models: checks that every part runs "
+                                                         "(seconds); the figures mean nothing")
   parser.add_argument("--only", default=",".join(PARTS), help=f"benchmarks to run, comma-separated from {PARTS}")
   parser.add_argument("--out", default="bench/results/summary.json")
-  args = parser.parse_args()
-  quick = args.quick
+  args = parser.parse_args(argv)
   parts = args.only.split(",")
   unknown = sorted(set(parts) - set(PARTS))
   if unknown:
     parser.error(f"--only: unknown {unknown}; choose from {PARTS}")
-  repeats = 3
-  summary = {"quick": quick, "machine": machine()}
+  mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+  size, repeats = SIZES[mode], SIZES[mode]["repeats"]
+  large = size["large_model"]
+  summary = {"quick": args.quick, "mode": mode, "machine": machine()}
   with tempfile.TemporaryDirectory() as tmp:
     def report(name, value):
       summary[name] = value
       print(f"{name}: {value}", flush=True)
 
     if "streaming" in parts:
-      # The small student: >= 5 epochs of 65,536 rows per arm in every mode, a ~2 ms step where host work shows.
-      small = streaming_overhead(tmp, "mlp-small", (8, 8, 1), 65536, 256, 5)
-      large = streaming_overhead(tmp, "cnn-large", (32, 32, 3), 1024 if quick else 4096, 128, repeats)
-      report("streaming", {"mlp-small": small, "cnn-large": large})
-      report("streaming_overhead", large["ratio"])
-      report("streaming_overhead_small_student", small["ratio"])
+      small = size["small_model"] and streaming_overhead(tmp, size["small_model"], (8, 8, 1), size["small_rows"],
+                                                         size["small_batch"], size["small_repeats"])
+      big = streaming_overhead(tmp, large, (32, 32, 3), size["large_rows"], size["large_batch"], repeats)
+      report("streaming", {**({size["small_model"]: small} if small else {}), large: big})
+      report("streaming_overhead", big["ratio"])
+      if small:
+        report("streaming_overhead_small_student", small["ratio"])
     if "online" in parts:
       # The target is held on cnn-large (student and teachers); a 2 ms mlp-small step shows the per-step host cost.
-      online = online_vs_cached(tmp, "cnn-large", "cnn-large", (32, 32, 3), 2, 1024 if quick else 4096, 128, repeats)
-      online_small = online_vs_cached(tmp, "mlp-small", "cnn-large", (32, 32, 3), 2, 4096 if quick else 16384, 128,
-                                      repeats)
-      report("online", {"cnn-large": online, "mlp-small": online_small})
+      online = online_vs_cached(tmp, large, large, (32, 32, 3), 2, size["online_rows"], 128, repeats)
+      online_small = size["small_model"] and online_vs_cached(tmp, size["small_model"], large, (32, 32, 3), 2,
+                                                              size["online_small_rows"], 128, repeats)
+      report("online", {large: online, **({size["small_model"]: online_small} if online_small else {})})
       report("online_speedup_fraction_of_ideal", online["fraction_of_ideal"])
     if "build" in parts:
-      build = build_overhead(tmp, "cnn-large", (32, 32, 3), 2, 4096 if quick else 16384, 256, 2)
+      build = build_overhead(tmp, large, (32, 32, 3), 2, size["build_rows"], size["build_batch"],
+                             size["build_repeats"])
       report("build", build)
       report("build_overhead", build["ratio"])
     if "rss" in parts:
-      rss = peak_rss(tmp, [64, 256, 1024] if quick else [64, 512, 4096], classes=1000, members=4)
+      rss = peak_rss(tmp, size["rss_mb"], classes=size["classes"], members=4)
       report("rss", rss)
       report("rss_growth", rss["growth"])
     if "storage" in parts:
-      report("storage", storage(tmp, 20000 if quick else 100000, 1000, 4))
+      report("storage", storage(tmp, size["storage_rows"], size["classes"], 4))
     if "scaling" in parts:
-      report("scaling", scaling(tmp, 8192 if quick else 32768, repeats))
+      report("scaling", scaling(tmp, size["scaling_rows"], repeats, size["scaling_model"]))
   write_json(args.out, summary)
   print(f"wrote {args.out}")
+  return summary
 
 
 if __name__ == "__main__":

@@ -32,14 +32,14 @@ def uniform_distinct(class_counts: np.ndarray, batch: int) -> float:
   return float(np.sum(1 - np.exp(log_choose(total - class_counts, batch) - log_choose(total, batch))))
 
 
-def main():
+def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--rows", type=int, default=65536)
   parser.add_argument("--classes", type=int, default=100)
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--chunk-rows", type=int, default=4096)
   parser.add_argument("--out", default="bench/results/shuffle_quality.json")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   labels = np.sort(np.random.default_rng(0).integers(0, args.classes, args.rows))
   expected = uniform_distinct(np.bincount(labels, minlength=args.classes), args.batch)
   result = {"rows": args.rows, "classes": args.classes, "batch": args.batch, "chunk_rows": args.chunk_rows,

@@ -1,7 +1,8 @@
 """Sparse cached targets (`--targets topk:K|sample:K`) against dense ones, side by side in one run: bytes per row,
 build time, and the students each teaches at equal steps.
 
-    python bench/sparse_targets.py [--quick] [--seeds 3] [--out bench/results/sparse_targets.json]
+    python bench/sparse_targets.py [--quick | --smoke] [--seeds 3] [--data-dir DIR]
+        [--out bench/results/sparse_targets.json]
 
 Two tasks, each cached three ways from the same teachers (dense float16, `topk:K`, `sample:K`):
 
@@ -19,7 +20,8 @@ top-1 agreement with the ensemble, accuracy (digits: the true labels; the synthe
 equal to the agreement), and expected calibration error (15 bins) against those labels. Bytes per row: the row
 arrays' objects in the store over its rows (checksums and metadata included; not the eval split's arrays, which do
 not grow with the transfer set), and their bytes per row by the layout. Build seconds: the median of interleaved
-builds.
+builds. `--smoke`: tiny sets, one epoch per run and one build per kind, to check that the benchmark works; its figures
+mean nothing.
 """
 
 import argparse
@@ -54,9 +56,9 @@ def _log(message: str) -> None:
   print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
-def _synthetic_teachers(root: str, members: int, dim: int, classes: int) -> list[str]:
-  """One random `mlp-large` network and `members` perturbations of it, as teacher run dirs."""
-  spec = ModelSpec(name="mlp-large", input_shape=(dim,), num_classes=classes)
+def _synthetic_teachers(root: str, members: int, dim: int, classes: int, model: str = "mlp-large") -> list[str]:
+  """One random `model` network and `members` perturbations of it, as teacher run dirs."""
+  spec = ModelSpec(name=model, input_shape=(dim,), num_classes=classes)
   base = nnx.state(build_model(spec, seed=0), nnx.Param)
   runs = []
   for member in range(members):
@@ -157,33 +159,40 @@ def _print(name: str, result: dict) -> None:
           f"{cell('heldout_kl', 1, 4)} | {cell('agreement')}% | {cell('accuracy')}% | {cell('ece')}% |")
 
 
-def main():
+def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--quick", action="store_true", help="smaller sets, fewer epochs")
+  mode = parser.add_mutually_exclusive_group()
+  mode.add_argument("--quick", action="store_true", help="smaller sets, fewer epochs")
+  mode.add_argument("--smoke", action="store_true", help="tiny sets, one epoch per run: checks that it runs")
   parser.add_argument("--seeds", type=int, default=3, help="student seeds per kind of targets")
+  parser.add_argument("--data-dir", help="TFDS data dir of the digits (default: one in the temporary work dir)")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "sparse_targets.json"))
-  args = parser.parse_args()
-  train, held_out, epochs = (4096, 1024, 4) if args.quick else (16384, 4096, 15)
+  args = parser.parse_args(argv)
+  # Per mode: synthetic train and held-out rows, synthetic student epochs, digits teacher and student epochs, builds.
+  train, held_out, epochs, teacher_epochs, digits_epochs, repeats = (
+      (256, 64, 1, 1, 1, 1) if args.smoke else (4096, 1024, 4, 10, 10, 2) if args.quick else
+      (16384, 4096, 15, 30, 40, 2))
+  teacher_model = "mlp-tiny" if args.smoke else "mlp-large"
   result = {"machine": machine(), "seeds": args.seeds}
   with tempfile.TemporaryDirectory() as work:
-    data_dir = os.path.join(work, "tfds")
-    _log("digits: training two mlp-large teachers")
+    data_dir = args.data_dir or os.path.join(work, "tfds")
+    _log(f"digits: training two {teacher_model} teachers")
     teachers = []
     for seed in range(2):
       run = os.path.join(work, f"digits_teacher{seed}")
-      fit(FitConfig(dataset="digits", data_dir=data_dir, model="mlp-large", epochs=10 if args.quick else 30,
+      fit(FitConfig(dataset="digits", data_dir=data_dir, model=teacher_model, epochs=teacher_epochs,
                     batch_size=128, seed=seed, out=run, progress=False), log_epochs=False)
       teachers.append(run)
     result["digits"] = _task(
         "digits", os.path.join(work, "digits"), {"dataset": "digits", "data_dir": data_dir,
                                                  "teachers": tuple(teachers), "views": 4, "temperature": 4.0},
-        k=3, seeds=args.seeds, epochs=10 if args.quick else 40, batch_size=256, repeats=2, data_dir=data_dir)
-    runs = _synthetic_teachers(os.path.join(work, "synthetic"), 4, 64, 1000)
+        k=3, seeds=args.seeds, epochs=digits_epochs, batch_size=256, repeats=repeats, data_dir=data_dir)
+    runs = _synthetic_teachers(os.path.join(work, "synthetic"), 4, 64, 1000, teacher_model)
     dataset, eval_dataset = _synthetic_data(work, runs, 64, train, held_out)
     result["synthetic_1000"] = _task(
         "synthetic 1,000 classes", os.path.join(work, "synthetic_caches"),
         {"dataset": dataset, "eval_dataset": eval_dataset, "teachers": tuple(runs), "temperature": 2.0,
-         "batch_size": 512}, k=16, seeds=args.seeds, epochs=epochs, batch_size=256, repeats=2, data_dir=None)
+         "batch_size": 512}, k=16, seeds=args.seeds, epochs=epochs, batch_size=256, repeats=repeats, data_dir=None)
   write_json(args.out, result)
   for name, key in (("digits", "digits"), ("synthetic, 1,000 classes, 4 members", "synthetic_1000")):
     _print(name, result[key])

@@ -1,7 +1,8 @@
 """Hinton et al.'s specialists (2015, section 5) on digits, measured: a weak generalist alone against the generalist
 with its specialists, and a student distilled from each.
 
-    python bench/specialists.py [--seeds 5] [--work DIR] [--out bench/results/specialists.json]
+    python bench/specialists.py [--seeds 5] [--work DIR] [--data-dir DIR] [--smoke]
+        [--out bench/results/specialists.json]
 
 A setting that leaves the specialists room: the generalist is `mlp-tiny` (one hidden layer of 32) trained for
 `GENERALIST_EPOCHS` epochs on hard labels. Each specialist is `mlp-tiny` started from the generalist
@@ -17,6 +18,9 @@ classes (`--enrich 0.5`). Everything runs through the functions the CLIs call (`
    generalist's test accuracy against q's (both at T=1, from a cache of the test split), and students (`mlp-tiny`,
    `STUDENT_EPOCHS` epochs, alpha 0.1) distilled from a cache of the generalist and from a cache of q (train
    split, each at its chosen T), besides a scratch student. Differences are paired by seed.
+
+`--smoke`: one seed of validation (on the test split), one point of each grid and one epoch per run, to check that the
+benchmark works; its figures mean nothing.
 """
 
 import argparse
@@ -41,17 +45,31 @@ MODEL = "mlp-tiny"
 GENERALIST_EPOCHS, SPECIALIST_EPOCHS, STUDENT_EPOCHS = 8, 4, 20
 CLUSTERS, TOP_N, STUDENT_TEMPERATURES = (2, 3, 4), (1, 2, 3), (1.0, 2.0, 4.0)
 TRAIN, VALID = "train[:80%]", "train[80%:]"
+VALIDATION_SEEDS = (0, 1)
+DATA_DIR = None  # TFDS data dir of the digits (--data-dir); None: TFDS's own.
+
+
+def _smoke() -> None:
+  """`--smoke`'s sizes: one seed of validation, one point of each grid, one epoch per run. Validation trains on the
+  train split and scores on the test split: meaningless, but then the test stage reuses the validation stage's
+  generalist and specialists, and its students compile nothing new."""
+  global GENERALIST_EPOCHS, SPECIALIST_EPOCHS, STUDENT_EPOCHS, CLUSTERS, TOP_N, STUDENT_TEMPERATURES  # noqa: PLW0603
+  global VALIDATION_SEEDS, TRAIN, VALID  # noqa: PLW0603
+  TRAIN, VALID = "train", "test"
+  GENERALIST_EPOCHS, SPECIALIST_EPOCHS, STUDENT_EPOCHS = 1, 1, 1
+  CLUSTERS, TOP_N, STUDENT_TEMPERATURES, VALIDATION_SEEDS = (2,), (2,), (2.0,), (0,)
 
 
 def _fit(out: str, **settings) -> dict:
-  return fit(FitConfig(model=MODEL, out=out, progress=False, workers=0, **settings), log_epochs=False)
+  return fit(FitConfig(model=MODEL, out=out, progress=False, workers=0, data_dir=DATA_DIR, **settings),
+             log_epochs=False)
 
 
 def _cache(out: str, split: str, generalist: str, temperature: float, plan: str | None = None,
            specialists: tuple[str, ...] = (), top_n: int = 2) -> str:
   return build_cache(BuildConfig(dataset="digits", split=split, teachers=(generalist,), specialist_plan=plan,
                                  specialist_runs=specialists, top_n=top_n, temperature=temperature,
-                                 eval_split="none", out=out, progress=False))
+                                 eval_split="none", data_dir=DATA_DIR, out=out, progress=False))
 
 
 def _accuracies(path: str) -> tuple[float, float]:
@@ -81,9 +99,9 @@ def _team(work: str, split: str, seed: int, clusters: int) -> tuple[str, str, tu
 
 
 def validate(work: str) -> dict:
-  """q's validation accuracy for each K x top-n (mean of seeds 0 and 1), and the generalist's."""
+  """q's validation accuracy for each K x top-n (mean of the validation seeds), and the generalist's."""
   scores = {}
-  for seed, clusters in itertools.product((0, 1), CLUSTERS):
+  for seed, clusters in itertools.product(VALIDATION_SEEDS, CLUSTERS):
     generalist, plan, specialists = _team(work, TRAIN, seed, clusters)
     for top_n in TOP_N:
       path = _cache(os.path.join(work, f"valid{seed}-k{clusters}-n{top_n}.zarr"), VALID, generalist, 1.0, plan,
@@ -104,9 +122,9 @@ def _student_caches(work: str, tag: str, split: str, generalist: str, plan: str,
 
 
 def validate_temperature(work: str, clusters: int, top_n: int) -> dict:
-  """Each distilled student's validation accuracy at each T of its cache (mean of seeds 0 and 1)."""
+  """Each distilled student's validation accuracy at each T of its cache (mean of the validation seeds)."""
   scores = {}
-  for seed, temperature in itertools.product((0, 1), STUDENT_TEMPERATURES):
+  for seed, temperature in itertools.product(VALIDATION_SEEDS, STUDENT_TEMPERATURES):
     generalist, plan, specialists = _team(work, TRAIN, seed, clusters)
     caches = _student_caches(work, f"valid{seed}-t{temperature:g}", TRAIN, generalist, plan, specialists, top_n,
                              {"from the generalist": temperature, "from q": temperature})
@@ -141,15 +159,22 @@ def _summary(rows: list[dict], key: str, base: str | None = None) -> str:
                         "%", " pts")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+  global DATA_DIR  # noqa: PLW0603
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--seeds", type=int, default=5)
   parser.add_argument("--work", help="working directory (default: a temporary one)")
+  parser.add_argument("--data-dir", help="TFDS data dir of the digits (default: TFDS's own)")
+  parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that it runs")
   parser.add_argument("--out", default="bench/results/specialists.json")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
+  DATA_DIR = args.data_dir
+  if args.smoke:
+    _smoke()
   work = args.work or tempfile.mkdtemp(prefix="stillroom-specialists-")
   scores = validate(work)
-  print("validation accuracy of q (T=1), mean of 2 seeds:", json.dumps(scores, indent=2), flush=True)
+  print(f"validation accuracy of q (T=1), mean of {len(VALIDATION_SEEDS)} seeds:", json.dumps(scores, indent=2),
+        flush=True)
   best = max((s for s in scores if s != "generalist alone"), key=scores.get)
   clusters, top_n = int(best.split(",")[0][2:]), int(best.split("top-")[1])
   by_temperature = validate_temperature(work, clusters, top_n)

@@ -17,6 +17,20 @@ from shared.models import ModelSpec, build_model
 from shared.runs import CrossFit, RunRecord, save_run
 
 
+# Fixtures that train, build caches or start servers: a test that uses one is not a pure unit test, so it may not be
+# marked `fast` (the tier `make test-fast` runs; see pyproject.toml).
+HEAVY_FIXTURES = ("teachers", "s3", "gcs")
+
+
+def pytest_collection_modifyitems(config, items):
+  """Refuses the `fast` mark on a test that uses a heavy fixture (an unmarked test runs in the whole suite only)."""
+  wrong = [f"{item.nodeid} uses {sorted(set(HEAVY_FIXTURES) & set(item.fixturenames))}" for item in items
+           if item.get_closest_marker("fast") and set(HEAVY_FIXTURES) & set(item.fixturenames)]
+  if wrong:
+    raise pytest.UsageError("marked fast (a pure unit test), but uses fixtures that train, build or start servers: "
+                            + "; ".join(wrong))
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> str:
   path = str(tmp_path_factory.mktemp("tfds"))

@@ -5,6 +5,8 @@ import pytest
 
 from shared.augment import Augmentation, apply_view
 
+pytestmark = pytest.mark.fast  # Pure unit tests: `make test-fast` runs them (see pyproject.toml).
+
 
 def reference_view(image: np.ndarray, dy: int, dx: int, flip: bool) -> np.ndarray:
   """One image, the slow obvious way: out[y, x] = flipped[y - dy, x - dx], zero outside."""

@@ -362,6 +362,7 @@ def test_verify_catches_corruption_incompleteness_and_wrong_data(tmp_path, data_
   assert code == 1 and "FAIL  complete" in text
 
 
+@pytest.mark.fast
 def test_models_subcommand_lists_the_registry(capsys):
   code, text, _ = run_cli(["models"], capsys)
   assert code == 0 and "mlp-small      9,610 params" in text and "cnn-large" in text
@@ -369,6 +370,7 @@ def test_models_subcommand_lists_the_registry(capsys):
   assert jax.local_device_count() >= 1
 
 
+@pytest.mark.fast
 def test_docs_document_every_array_of_the_layout():
   from shared.cache import LAYOUT
   with open(os.path.join(REPO, "docs", "cache-format.md")) as f:

@@ -11,6 +11,8 @@ from shared.data import open_transfer_set
 from shared.digits import digits_arrays
 from shared.errors import StillroomError
 
+pytestmark = pytest.mark.fast  # Pure unit tests: `make test-fast` runs them (see pyproject.toml).
+
 
 def test_digits_fixed_stratified_splits(data_dir):
   train = open_transfer_set("digits", "train", data_dir)

@@ -60,6 +60,7 @@ def _target(t):
   return jnp.asarray(numpy_log_softmax(Z / t), jnp.float32)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("t", [1.0, 4.0])
 def test_reverse_kl_value_and_gradient(t):
   np.testing.assert_allclose(reverse_kl(jnp.asarray(S, jnp.float32), _target(t), t), np_reverse_kl(S, Z, t),
@@ -72,6 +73,7 @@ def test_reverse_kl_value_and_gradient(t):
   np.testing.assert_allclose(grad, analytic, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
 @pytest.mark.parametrize("t", [1.0, 4.0])
 def test_jsd_value_and_gradient(beta, t):
@@ -84,6 +86,7 @@ def test_jsd_value_and_gradient(beta, t):
     assert np.all(np.asarray(got) <= t ** 2 * -(beta * np.log(beta) + (1 - beta) * np.log(1 - beta)) + 1e-5)
 
 
+@pytest.mark.fast
 def test_jsd_ends_are_the_forward_and_reverse_kl_and_the_limits_of_the_scaled_divergence():
   s, t = jnp.asarray(S, jnp.float32), 2.0
   forward, reverse = soft_kl(s, _target(t), t), reverse_kl(s, _target(t), t)
@@ -100,6 +103,7 @@ def test_jsd_ends_are_the_forward_and_reverse_kl_and_the_limits_of_the_scaled_di
     np.testing.assert_allclose(jax.grad(lambda x: generalized_jsd(x, same, beta, t).sum())(s), 0.0, atol=1e-5)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("loss", ["reverse-kl", "jsd:0.3"])
 def test_padded_rows_are_masked(loss):
   """The step's masked mean of the term: padded rows (garbage logits and targets) change neither the value nor the
@@ -152,6 +156,7 @@ def test_students_of_one_step_differ_in_loss_and_beta_with_one_compilation():
   assert group._cache_size() == 1
 
 
+@pytest.mark.fast
 def test_loss_syntax_help_and_errors():
   assert {"reverse-kl", "jsd"} <= set(LOSS_NAMES) and "jsd[:β]" in LOSS_HELP and "reverse-kl" in LOSS_HELP
   assert float(parse_loss("jsd")[1].beta) == 0.5 and float(parse_loss("jsd:0.1")[1].beta) == np.float32(0.1)

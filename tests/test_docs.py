@@ -33,6 +33,7 @@ def _pages() -> list[str]:
   return ["README.md", "CHANGELOG.md"] + sorted(os.path.relpath(p, REPO) for p in glob.glob(f"{REPO}/docs/*.md"))
 
 
+@pytest.mark.fast
 def test_generated_pages_are_current():
   stale = [path for path, text in _make_docs().pages().items()
            if not os.path.exists(os.path.join(REPO, path)) or _read(path) != text]
@@ -57,6 +58,7 @@ def _anchors(text: str) -> set[str]:
   return anchors
 
 
+@pytest.mark.fast
 def test_every_relative_link_points_to_a_file_and_heading():
   broken = []
   for page in _pages():
@@ -72,6 +74,7 @@ def test_every_relative_link_points_to_a_file_and_heading():
   assert not broken, "broken links: " + "; ".join(broken)
 
 
+@pytest.mark.fast
 def test_the_link_check_sees_links_and_headings():
   assert _links("[a](x.md) `[b](y.md)` ![c](z.png)\n```\n[d](w.md)\n```\n") == ["x.md", "z.png"]
   assert "docs/api.md" in _links(_read("README.md"))
@@ -79,11 +82,13 @@ def test_the_link_check_sees_links_and_headings():
       "a-b-cs-d", "sparse_targetsjson", "x", "x-1"}
 
 
+@pytest.mark.fast
 def test_readme_is_at_most_300_lines():
   lines = _read("README.md").count("\n")
   assert lines <= README_MAX_LINES, f"README.md has {lines} lines; move detail into docs/."
 
 
+@pytest.mark.fast
 def test_the_readme_keeps_the_two_set_up_commands():
   readme = _read("README.md")
   assert "make demo   #" in readme and "make test   #" in readme
@@ -122,6 +127,7 @@ def _api_names() -> list[str]:
   return names
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("name", _api_names())
 def test_every_name_the_api_page_lists_exists(name):
   module, attribute = name.rsplit(".", 1)

@@ -3,6 +3,10 @@
 import importlib.metadata
 import os
 
+import pytest
+
+pytestmark = pytest.mark.fast  # Pure unit tests: `make test-fast` runs them (see pyproject.toml).
+
 CONSTRAINTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "constraints.txt")
 
 

@@ -693,6 +693,7 @@ def test_fault_is_refused_cleanly(name, env, tmp_path, monkeypatch, capsys):
     assert not os.path.exists(path) and not os.path.exists(path + ".lock"), path
 
 
+@pytest.mark.fast
 def test_the_catalogue_holds_at_least_40_faults():
   assert len(FAULTS) >= 40
 

@@ -117,6 +117,7 @@ def _jax(tree):
 
 # --- The maths -----------------------------------------------------------------------------------------------------
 
+@pytest.mark.fast
 def test_stored_features_and_pooling_against_numpy():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(3, 4, 6, 5))
@@ -134,6 +135,7 @@ def test_stored_features_and_pooling_against_numpy():
   assert pool_factors((6, 6), (4, 4)) is None and pool_factors((4, 4), (8, 8)) is None
 
 
+@pytest.mark.fast
 def test_similarity_of_several_members_is_against_their_mean_gram():
   rng = np.random.default_rng(1)
   s, t1, t2 = rng.normal(size=(6, 4)), rng.normal(size=(6, 3, 2)), rng.normal(size=(6, 5))
@@ -143,6 +145,7 @@ def test_similarity_of_several_members_is_against_their_mean_gram():
   np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
+@pytest.mark.fast
 def test_feature_losses_against_numpy_with_padded_rows_ignored():
   rng = np.random.default_rng(2)
   student, teachers = _inputs(rng, 5)
@@ -173,6 +176,7 @@ def _numeric_gradient(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
   return grad
 
 
+@pytest.mark.fast
 def test_feature_loss_gradients_against_central_differences():
   rng = np.random.default_rng(4)
   student, teachers = _inputs(rng, 4)
@@ -200,6 +204,7 @@ def test_feature_loss_gradients_against_central_differences():
                                _numeric_gradient(lambda b: with_layer(new_bias=b), bias), rtol=2e-3, atol=2e-5)
 
 
+@pytest.mark.fast
 def test_the_hint_stage_updates_with_its_own_optimizer_and_leaves_the_other_untouched():
   model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
   stage1, stage2 = (nnx.Optimizer(model, optax.adam(lr), wrt=nnx.Param) for lr in (0.1, 0.01))

@@ -83,6 +83,7 @@ def _flip_a_byte(path: str) -> None:
     f.write(data)
 
 
+@pytest.mark.fast
 def test_fingerprint_detects_and_misses_what_it_documents(tmp_path):
   root = tmp_path / "big"
   write_shapes(str(root), ShapesConfig(train_per_class=30, test_per_class=0, min_side=8, max_side=12))
@@ -134,6 +135,7 @@ def test_fingerprint_detects_and_misses_what_it_documents(tmp_path):
   assert open_transfer_set(name, "train[:50%]").fingerprint != original
 
 
+@pytest.mark.fast
 def test_crop_boxes_are_pure_fit_the_image_and_follow_the_ranges():
   augmentation = Augmentation(seed=5, image_size=16, flip=True, crop_area=(0.2, 0.9), crop_aspect=(0.5, 2.0))
   rng = np.random.default_rng(0)
@@ -177,6 +179,7 @@ def test_crop_boxes_are_pure_fit_the_image_and_follow_the_ranges():
   np.testing.assert_array_equal(crop_boxes(augmentation, index, view, sizes), boxes)
 
 
+@pytest.mark.fast
 def test_render_is_pil_bilinear_of_the_box_then_the_flip():
   rng = np.random.default_rng(1)
   images = [rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8) for h, w in ((30, 50), (41, 17))]
@@ -262,6 +265,7 @@ class VaryingImages(tfds.core.GeneratorBasedBuilder):
       yield i, {"image": np.full((10 + i, 20 + 2 * i, 3), i, np.uint8), "label": i % 3}
 
 
+@pytest.mark.fast
 def test_tfds_dataset_of_varying_size_loads_lazily(tmp_path, monkeypatch):
   VaryingImages(data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare()
   read = []
@@ -320,6 +324,7 @@ def test_run_dirs_and_caches_of_stillroom_0_2_are_still_recognised(tmp_path, dat
   assert code == 2 and "holds a run with another config: dataset.fingerprint" in err, err
 
 
+@pytest.mark.fast
 def test_image_modes_decode_as_torchvision_and_deep_images_are_refused(tmp_path):
   root = tmp_path / "modes" / "a"
   os.makedirs(root)
@@ -473,6 +478,7 @@ def test_deep_png_shift_options_with_crops_and_out_of_memory_are_one_line_errors
   assert e.value.code == 2 and err.count("\n") == 1 and "out of memory (RESOURCE_EXHAUSTED" in err, err
 
 
+@pytest.mark.fast
 def test_a_large_fixed_shape_tfds_split_stays_lazy_and_eval_splits_default_alike(tmp_path, monkeypatch):
   import shared.data.tfds
   from shared.data import default_eval_split

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Each layer and the packages it may import: its own and those below it.
@@ -57,10 +59,12 @@ def layering_violations(root: str) -> list[str]:
   return violations
 
 
+@pytest.mark.fast
 def test_each_layer_imports_only_the_layers_below_it():
   assert layering_violations(REPO) == []
 
 
+@pytest.mark.fast
 def test_the_scan_finds_upward_imports_wherever_they_are(tmp_path):
   files = {
       "shared/a.py": "import numpy\n\ndef f():\n  from teacher_cache.build import build_cache\n",

@@ -31,6 +31,7 @@ def np_kl(s, z, t):
   return t ** 2 * (np.exp(p_log) * (p_log - q_log)).sum(-1)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("t", [1.0, 4.0, 20.0])
 def test_soft_kl_value_and_gradient(t):
   target = jnp.asarray(numpy_log_softmax(Z / t), jnp.float32)
@@ -41,6 +42,7 @@ def test_soft_kl_value_and_gradient(t):
   np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.fast
 def test_logit_mse_value_and_gradient():
   centered = lambda a: a - a.mean(-1, keepdims=True)  # noqa: E731
   diff = centered(S.astype(np.float64)) - centered(Z.astype(np.float64))
@@ -50,6 +52,7 @@ def test_logit_mse_value_and_gradient():
   np.testing.assert_allclose(grad, diff / classes, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("classes", [10, 1000])
 def test_logit_mse_is_the_high_temperature_limit_of_t2_kl(classes):
   """Hinton et al. 2015, §2.1: at high T, T²·KL(p_T || q_T) -> (1/2C) Σ (ŝ − ẑ)², whatever the class count."""
@@ -61,6 +64,7 @@ def test_logit_mse_is_the_high_temperature_limit_of_t2_kl(classes):
   np.testing.assert_allclose(ratio, 1.0, rtol=0.01)
 
 
+@pytest.mark.fast
 def test_traced_loss_choice_matches_each_loss():
   """Students of one vmapped step pick KL or MSE with a traced index: each must equal its loss called directly."""
   t = 3.0
@@ -76,6 +80,7 @@ def test_traced_loss_choice_matches_each_loss():
   assert not np.asarray(hard_only[2]).any()
 
 
+@pytest.mark.fast
 def test_hard_cross_entropy_and_mixture():
   np.testing.assert_allclose(hard_cross_entropy(S, Y), -numpy_log_softmax(S)[np.arange(6), Y], rtol=1e-5)
   target = jnp.asarray(numpy_log_softmax(Z / 4.0), jnp.float32)
@@ -87,6 +92,7 @@ def test_hard_cross_entropy_and_mixture():
   np.testing.assert_allclose(soft, logit_mse(S, Z))
 
 
+@pytest.mark.fast
 def test_t_squared_keeps_soft_gradient_magnitude_independent_of_t():
   # Logits of moderate scale, as at the high-temperature limit where the soft gradient tends to (s - z)/C.
   s, z = S / 3, Z / 3
@@ -100,6 +106,7 @@ def test_t_squared_keeps_soft_gradient_magnitude_independent_of_t():
   assert unscaled[0] / unscaled[-1] > 50
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("loss", ["kl", "mse"])
 def test_zero_loss_and_gradient_when_the_student_is_the_teacher(loss):
   t = 3.0
@@ -124,6 +131,7 @@ def np_topk_kl(s, z, t, k):
   return np.array(out)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("k", [1, 3, 5])  # C = 5: k = 5 has no rest bin.
 def test_topk_kl_is_the_kl_over_k_plus_one_bins_and_exact_at_k_equal_c(k):
   t = 2.0
@@ -138,6 +146,7 @@ def test_topk_kl_is_the_kl_over_k_plus_one_bins_and_exact_at_k_equal_c(k):
     np.testing.assert_allclose(grad, jax.grad(lambda s: soft_kl(s, dense, t).sum())(S), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.fast
 def test_topk_kl_keeps_a_tiny_rest_bin():
   """A student whose top classes hold all but ~1e-11 of its mass, against a teacher with 17% outside its top 2:
   log(1 − Σ q_top) would round to log 0 and the loss to infinity; the rest bin's term dominates the KL."""
@@ -174,6 +183,7 @@ def test_sampled_kl_gradient_is_unbiased():
   assert np.all(np.abs(values.mean(0) - np_kl(s, z, t)) <= 4 * values.std(0, ddof=1) / np.sqrt(draws))
 
 
+@pytest.mark.fast
 def test_sampled_targets_are_distinct_ids_with_counts_summing_to_k():
   log_p = jax.nn.log_softmax(jnp.asarray(Z))
   drawn = sampled_targets(log_p, 8, jax.random.split(jax.random.key(0), len(Z)))
@@ -186,6 +196,7 @@ def test_sampled_targets_are_distinct_ids_with_counts_summing_to_k():
     np.testing.assert_array_equal(drawn_log_p[row_counts > 0], row_log_p[used])
 
 
+@pytest.mark.fast
 def test_traced_sparse_choice_matches_each_loss():
   t = 2.0
   dense = jnp.asarray(numpy_log_softmax(Z / t), jnp.float32)
@@ -215,6 +226,7 @@ def _np_attention(features, power=2.0):
   return q / np.linalg.norm(q, axis=-1, keepdims=True)
 
 
+@pytest.mark.fast
 def test_hint_loss_value_and_gradient():
   rng = np.random.default_rng(5)
   r, v = rng.normal(size=(3, 2, 2, 4)), rng.normal(size=(3, 2, 2, 4))
@@ -227,6 +239,7 @@ def test_hint_loss_value_and_gradient():
     hint_loss(jnp.zeros((3, 4)), jnp.zeros((3, 5)))
 
 
+@pytest.mark.fast
 def test_attention_transfer_value_and_gradient():
   rng = np.random.default_rng(6)
   s, t = rng.normal(size=(2, 3, 3, 5)), rng.normal(size=(2, 3, 3, 8))  # Channels need not match.
@@ -249,6 +262,7 @@ def test_attention_transfer_value_and_gradient():
     attention_transfer(jnp.zeros((2, 2, 2, 5)), jnp.asarray(teacher_map, jnp.float32))
 
 
+@pytest.mark.fast
 def test_similarity_preserving_value_gradient_and_padding():
   rng = np.random.default_rng(7)
   s, t = rng.normal(size=(5, 6)), rng.normal(size=(5, 2, 2, 3))

@@ -17,6 +17,7 @@ def test_every_model_maps_images_to_logits(name, input_shape):
   assert model(jnp.ones((2, *input_shape))).shape == (2, 7)
 
 
+@pytest.mark.fast
 def test_registry_errors_name_the_choices():
   with pytest.raises(StillroomError, match="unknown model 'resnet'; available models: mlp-tiny, mlp-small, mlp-large"):
     build_model(ModelSpec(name="resnet", input_shape=(4,), num_classes=3))
@@ -87,6 +88,7 @@ def test_named_features_are_the_layers_outputs_and_leave_the_logits_alone():
   assert all(float(v.min()) >= 0 for v in named.values())
 
 
+@pytest.mark.fast
 def test_models_json_lists_features_in_both_commands(capsys):
   import json
 

@@ -39,6 +39,7 @@ def _configs(cache_path, data_dir, root, **common) -> list[FitConfig]:
           for seed, t, alpha, combine, loss, members in STUDENTS]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("geometric", [False, True])
 def test_weighted_ensemble_equals_the_subset_ensemble(geometric):
   z = np.random.default_rng(0).normal(size=(5, 3, 7)).astype(np.float32) * 3
@@ -112,6 +113,7 @@ def test_group_killed_between_students_checkpoints_resumes_bit_identical(tmp_pat
     assert sorted(os.listdir(os.path.join(killed, f"s{s}", "checkpoints"))) == ["4", "6"]
 
 
+@pytest.mark.fast
 def test_resume_groups_roll_back_a_kill_but_never_a_run_far_ahead():
   from student_train.run_dir import resume_groups
   # Killed between students' saves of epoch 4 (every 2 epochs, 2 kept): the ones ahead roll back to 2.

@@ -43,6 +43,7 @@ def _config(optimizer: str, schedule: str) -> FitConfig:
                    epochs=EPOCHS, finetune_epochs=FINETUNE, warmup_epochs=1.5)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_each_optimizer_and_schedule_is_optax_called_directly(optimizer, schedule):

@@ -19,6 +19,7 @@ from teacher_cache.build import BuildConfig
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = (FitConfig, BuildConfig, EvalConfig, DemoConfig)
 STAGE_PREFIX = {command: stage + "_" for stage, command in DEMO_STAGES.items()}
+pytestmark = pytest.mark.fast  # Pure unit tests: `make test-fast` runs them (see pyproject.toml).
 
 
 def _parsers() -> dict[str, argparse.ArgumentParser]:

@@ -24,6 +24,7 @@ from teacher_cache.cli import main as cache_main
 from teacher_cache.verify import verify_cache
 
 
+@pytest.mark.fast
 def test_the_clustering_recovers_planted_subsets():
   planted = [[0, 3, 7, 9], [1, 2, 4], [5, 6, 8, 10, 11]]
   rng = np.random.default_rng(0)
@@ -36,6 +37,7 @@ def test_the_clustering_recovers_planted_subsets():
   assert cluster_classes(np.cov(rows, rowvar=False), 3, seed=0) == planted
 
 
+@pytest.mark.fast
 def test_dustbin_labels_and_the_correction_undo_enriched_sampling():
   np.testing.assert_array_equal(dustbin_labels(np.array([0, 1, 2, 3, 4, -1]), (3, 1), 5), [2, 1, 2, 0, 2, -1])
   # Bayes with scaled priors: a specialist trained on enriched data outputs p'(c|x) ∝ w_c p(c|x), with w the
@@ -63,6 +65,7 @@ def _objective(z, p_g, p_m, subsets, active):
   return value
 
 
+@pytest.mark.fast
 def test_the_combination_matches_scipys_optimiser_on_the_same_objective():
   subsets = [[0, 3, 5], [1, 7], [2, 4, 6, 8]]
   classes = class_matrix(subsets, 5)
@@ -92,6 +95,7 @@ def _plain_em(a, b, outside, steps):
   return q
 
 
+@pytest.mark.fast
 def test_the_combination_converges_where_plain_em_crawls():
   """A generalist split between classes of two of five specialists, all active, each putting almost all its mass on
   its dustbin: plain EM is still far off after 100 steps; the accelerated solver matches plain EM run 200,000 steps
@@ -114,6 +118,7 @@ def test_the_combination_converges_where_plain_em_crawls():
   np.testing.assert_allclose(got, np.log(reference), atol=1e-4)
 
 
+@pytest.mark.fast
 def test_a_specialists_head_starts_from_the_generalists():
   rng = np.random.default_rng(3)
   generalist = {"hidden": {"kernel": rng.normal(size=(4, 6))},
@@ -131,6 +136,7 @@ def test_a_specialists_head_starts_from_the_generalists():
     initial_params({**target, "head": {"kernel": np.zeros((6, 4)), "bias": np.zeros(4)}}, generalist, (4, 1))
 
 
+@pytest.mark.fast
 def test_enriched_sampling_draws_the_share_asked_for():
   pool = np.arange(100, 200)
   inside = np.arange(100) < 10

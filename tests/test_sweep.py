@@ -26,6 +26,7 @@ def cache_path(tmp_path_factory, data_dir, teachers):
   return digits_cache(tmp_path_factory, data_dir, teachers, split="train[:400]")
 
 
+@pytest.mark.fast
 def test_grid_forms_agree(tmp_path):
   expected = {"temperature": [1, 4.5], "alpha": [0, 0.5], "members": [[0], [0, 1]]}
   (tmp_path / "g.json").write_text(json.dumps(expected))
@@ -37,6 +38,7 @@ def test_grid_forms_agree(tmp_path):
       "temperature": [1, 4.5], "alpha": [0, 0.5], "combine": ["arithmetic", "geometric"]}
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("grid, message", [
     ('{"temprature": [1]}', "unknown grid axis 'temprature'; valid axes: .*temperature"),
     ('{"alpha": []}', "grid axis 'alpha' needs a non-empty list"),

@@ -211,6 +211,7 @@ def test_eval_single_run_and_ensemble_against_numpy(tmp_path, data_dir, teachers
   assert result["members"][0]["accuracy"] == pytest.approx((logits[0].argmax(1) == test.labels).mean())
 
 
+@pytest.mark.fast
 def test_classification_metrics_against_hand_computed_values():
   log_probs = np.log(np.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.2, 0.8]]))
   labels = np.array([0, 1, 1, 1])
@@ -286,6 +287,7 @@ def digits_cache_at(out, data_dir, runs, **options) -> str:
   return str(out)
 
 
+@pytest.mark.fast
 def test_steps_wait_for_each_other_only_on_several_cpu_devices():
   """Several fake CPU devices can deadlock on queued collectives, so the loop waits on each step there; on
   accelerators it must not, or the host could not run ahead of the devices."""

@@ -1,0 +1,238 @@
+"""Every benchmark (`bench/*.py`) and script (`scripts/*.py`) runs to its end at a smoke size, through its public entry
+(`main(argv)`, as `python FILE ARGS` calls it), so that a change to the library cannot break one unseen.
+
+The checks are of structure and finiteness (what each wrote and printed), never of timings or accuracies. The runs
+share a persistent compilation cache (this module's own), so that the many identical small steps compile once.
+"""
+
+import glob
+import importlib.util
+import json
+import math
+import os
+import sys
+from collections.abc import Callable
+from typing import NamedTuple
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Smoke(NamedTuple):
+  """A smoke run: its arguments (`{tmp}` and `{data_dir}` filled in), and a check of its JSON result (the file
+  `{tmp}/out.json`, None for a script that writes none) and of what it printed."""
+
+  argv: list[str]
+  check: Callable[[dict | None, str, str], None]
+
+
+def _finite(value, where: str = "result") -> None:
+  """Every number in a JSON document is finite."""
+  if isinstance(value, dict):
+    for key, item in value.items():
+      _finite(item, f"{where}.{key}")
+  elif isinstance(value, list):
+    for i, item in enumerate(value):
+      _finite(item, f"{where}[{i}]")
+  elif isinstance(value, (int, float)) and not isinstance(value, bool):
+    assert math.isfinite(value), f"{where} = {value}"
+
+
+def _positive(result: dict, *paths: str) -> None:
+  """Each dotted path of `result` holds a number > 0."""
+  for path in paths:
+    value = result
+    for key in path.split("."):
+      value = value[int(key)] if isinstance(value, list) else value[key]
+    assert isinstance(value, (int, float)) and value > 0, f"{path} = {value!r}"
+
+
+def _run_all(result, printed, tmp):
+  for part in ("streaming", "online", "build", "rss", "storage", "scaling"):
+    assert part in result, part
+  _positive(result, "streaming_overhead", "online_speedup_fraction_of_ideal", "build_overhead", "rss_growth",
+            "build.forward_only_s", "online.mlp-small.ensemble_forward_s", "streaming.mlp-small.distill_from_cache_s",
+            "storage.zstd_ratio", "scaling.epoch_per_row_ratio_16N_vs_N")
+  assert [p["rows"] for p in result["scaling"]["points"]] == [128, 512, 2048]
+  assert "build_overhead:" in printed and "wrote " in printed
+
+
+def _cache_reads(result, printed, tmp):
+  _positive(result, "per_row_rows_per_second", "chunk_loader_rows_per_second", "speedup")
+  assert "chunk-wise loader:" in printed
+
+
+def _multi_students(result, printed, tmp):
+  _positive(result, "one_alone_s", "together.0.seconds", "together.0.speedup_over_separate_runs")
+  assert [point["students"] for point in result["together"]] == [2]
+  assert "2 together:" in printed
+
+
+def _object_store_latency(result, printed, tmp):
+  _positive(result, "build.speed_ratio", "fit.speed_ratio", "fit.epoch_speed_ratio")
+  assert "fit (1 epoch, wall):" in printed
+
+
+def _shuffle_quality(result, printed, tmp):
+  assert len(result["points"]) == 8  # 2 orders x 4 windows.
+  assert all(0 < point["fraction_of_uniform"] <= 1.2 for point in result["points"])
+  _positive(result, "uniform_expectation")
+  assert "permuted order, window 16 chunks" in printed
+
+
+def _open_imagefolder(result, printed, tmp):
+  assert result["images"] == 20 and result["cold_open_and_fingerprint_seconds"] is None  # --no-cold.
+  _positive(result, "open_seconds", "open_and_fingerprint_seconds", "decode_ms_per_image")
+  assert "open_and_fingerprint_seconds:" in printed
+
+
+def _input_pipeline(result, printed, tmp):
+  _positive(result, "decode_only_rows_per_s")
+  for size in ("32px", "64px"):
+    _positive(result, f"{size}.thread.rows_per_s", f"{size}.workers=1.rows_per_s",
+              f"{size}.render_only_thread.rows_per_s")
+  assert "64px workers=1:" in printed
+
+
+def _image_sets(result, printed, tmp):
+  assert len(result["memory"]) == 1
+  _positive(result, "memory.0.fit.main_mb", "memory.0.build.tree_peak_mb", "streamed_vs_prerendered.0.ratio")
+  assert "streamed JPEG / pre-rendered npz" in printed
+
+
+def _sparse_targets(result, printed, tmp):
+  for task, k in (("digits", 3), ("synthetic_1000", 16)):
+    assert result[task]["k"] == k
+    for kind in ("dense", "topk", "sample"):
+      _positive(result, f"{task}.build_seconds.{kind}", f"{task}.bytes_per_row.{kind}.layout")
+      assert set(result[task]["students"][kind]) == {"heldout_kl", "agreement", "accuracy", "ece"}
+  assert "| topk:16 |" in printed
+
+
+def _specialists(result, printed, tmp):
+  assert result["chosen"]["clusters"] == 2 and len(result["test"]) == 1
+  assert {"generalist", "generalist + specialists", "scratch", "from the generalist", "from q"} <= set(
+      result["test"][0])
+  assert "| student from q |" in printed
+
+
+def _features(result, printed, tmp):
+  (regime,) = result["regimes"].values()
+  assert set(regime["chosen"]) == {"hint", "attention", "similarity"}
+  row = regime["test"][0]
+  assert {"scratch", "KD", "KD + hint", "KD + attention", "KD + similarity"} <= set(row["epoch_seconds"])
+  _positive(result, "bytes_per_row.KD", "bytes_per_row.KD + hint")
+  assert "| KD + similarity |" in printed
+
+
+def _keras_peer(result, printed, tmp):
+  _positive(result, "build_s", "median_epoch_s.stillroom_plain_s", "median_epoch_s.stillroom_kd_s")
+  if "keras_kd_s" in result:  # This Python has Keras.
+    _positive(result, "break_even_epochs")
+
+
+def _make_shapes(result, printed, tmp):
+  train = glob.glob(os.path.join(tmp, "shapes", "train", "*", "*.jpg"))
+  assert len(train) == 10 and len(glob.glob(os.path.join(tmp, "shapes", "test", "*", "*.jpg"))) == 0
+  assert "wrote 10 train and 0 test images" in printed
+
+
+def _recipe_search(result, printed, tmp):
+  assert os.path.getsize(os.path.join(tmp, "work", "demo.md")) > 0
+  for sweep in ("full", "fraction"):  # Each sweep's table, written and printed.
+    with open(os.path.join(tmp, "work", sweep, "report.md")) as f:
+      table = f.read().strip()
+    assert table.startswith("|") and table in printed, sweep
+
+
+OUT = ["--out", "{tmp}/out.json"]
+SMOKE = {
+    "bench/run_all.py": Smoke(["--smoke", *OUT], _run_all),
+    "bench/cache_reads.py": Smoke(["--rows", "2048", "--classes", "10", "--members", "2", "--chunk-rows", "512",
+                                   *OUT], _cache_reads),
+    "bench/multi_students.py": Smoke(["--model", "mlp-tiny", "--rows", "256", "--batch", "64", "--students", "1,2",
+                                      *OUT], _multi_students),
+    "bench/object_store_latency.py": Smoke(["--smoke", "--latency-ms", "5", *OUT], _object_store_latency),
+    "bench/shuffle_quality.py": Smoke(["--rows", "2048", "--classes", "10", "--batch", "64", "--chunk-rows", "128",
+                                       *OUT], _shuffle_quality),
+    "bench/open_imagefolder.py": Smoke(["--images", "20", "--no-cold", *OUT], _open_imagefolder),
+    "bench/input_pipeline.py": Smoke(["--images", "20", "--batch", "8", "--batches", "3", "--workers", "1",
+                                      "--repeats", "1", *OUT], _input_pipeline),
+    "bench/image_sets.py": Smoke(["--sizes", "10", "--workers", "1", "--models", "mlp-tiny", "--epochs", "2",
+                                  "--repeats", "1", "--work", "{tmp}/work", *OUT], _image_sets),
+    "bench/sparse_targets.py": Smoke(["--smoke", "--seeds", "1", "--data-dir", "{data_dir}", *OUT], _sparse_targets),
+    "bench/specialists.py": Smoke(["--smoke", "--seeds", "1", "--data-dir", "{data_dir}", "--work", "{tmp}/work",
+                                   *OUT], _specialists),
+    "bench/features.py": Smoke(["--smoke", "--seeds", "1", "--data-dir", "{data_dir}", "--work", "{tmp}/work", *OUT],
+                               _features),
+    "bench/keras_peer.py": Smoke(["--smoke", *OUT], _keras_peer),
+    "scripts/make_shapes.py": Smoke(["{tmp}/shapes", "--train-per-class", "1", "--test-per-class", "0"],
+                                    _make_shapes),
+    "scripts/recipe_search.py": Smoke(["--smoke", "--work", "{tmp}/work", "--data-dir", "{data_dir}"],
+                                      _recipe_search),
+}
+# Run by another test, as the README's worked example.
+ELSEWHERE = {
+    "scripts/sklearn_teacher.py": "tests/test_external.py::test_views_then_sklearn_then_import_then_verify_and_fit"}
+LIBRARIES = {"bench/__init__.py", "bench/harness.py", "bench/synthetic.py"}  # Of the benchmarks; every run uses them.
+CONSOLE_SCRIPTS = ("student-train", "teacher-cache")  # What image_sets.py runs, installed next to this Python.
+
+
+def test_every_benchmark_and_script_has_a_smoke_run():
+  found = {os.path.relpath(path, REPO) for pattern in ("bench/*.py", "scripts/*.py")
+           for path in glob.glob(os.path.join(REPO, pattern))}
+  assert found - set(SMOKE) - set(ELSEWHERE) - LIBRARIES == set(), "give each new benchmark or script a smoke run"
+  assert set(SMOKE) | set(ELSEWHERE) | LIBRARIES <= found, "a smoke run of a file that is gone"
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+  """JAX's persistent compilation cache in a directory of this module's, for its runs and the processes they start
+  (the same small steps recur across benchmarks); the settings before it are restored after."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=import-outside-toplevel
+  path = str(tmp_path_factory.mktemp("jax_cache"))
+  settings = {"jax_compilation_cache_dir": path, "jax_persistent_cache_min_compile_time_secs": 0,
+              "jax_persistent_cache_min_entry_size_bytes": 0}
+  saved = {name: getattr(jax.config, name) for name in settings}
+  with pytest.MonkeyPatch.context() as patch:
+    for name, value in settings.items():
+      jax.config.update(name, value)
+      patch.setenv(name.upper(), str(value))
+    compilation_cache.reset_cache()
+    try:
+      yield path
+    finally:
+      for name, value in saved.items():
+        jax.config.update(name, value)
+      compilation_cache.reset_cache()
+
+
+def _load(path: str):
+  """A fresh module of the file (the smoke settings some set stay in it)."""
+  spec = importlib.util.spec_from_file_location(f"smoke_{os.path.basename(path)[:-3]}", os.path.join(REPO, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize("path", sorted(SMOKE))
+def test_smoke_run(path, tmp_path, data_dir, compilation_cache, capsys, monkeypatch):
+  if path == "bench/image_sets.py":
+    missing = [c for c in CONSOLE_SCRIPTS if not os.path.exists(os.path.join(os.path.dirname(sys.executable), c))]
+    if missing:
+      pytest.skip(f"it runs the installed console scripts, and {missing} are not installed next to "
+                  f"{sys.executable} (`make install`)")
+  smoke = SMOKE[path]
+  monkeypatch.chdir(tmp_path)  # Anything written to a relative path lands here.
+  module = _load(path)
+  module.main([arg.format(tmp=tmp_path, data_dir=data_dir) for arg in smoke.argv])
+  printed = capsys.readouterr().out
+  result = None
+  if "--out" in smoke.argv:
+    with open(tmp_path / "out.json") as f:
+      result = json.load(f)
+    _finite(result)
+    assert result["machine"]["cpus"] >= 1
+  smoke.check(result, printed, str(tmp_path))
