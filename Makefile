@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-fast install docs
 
-# constraints.txt pins every package to the version the tests and the README's figures were measured with.
+# constraints.txt pins every package to the version the tests and the documented figures were measured with.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip

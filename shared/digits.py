@@ -7,7 +7,7 @@ scikit-learn ships the 1,797 images in its wheel, so this dataset needs no netwo
 import numpy as np
 import tensorflow_datasets as tfds
 
-NUM_TEST = 360  # 1,437 train / 360 test, as documented in the README.
+NUM_TEST = 360  # 1,437 train / 360 test, as docs/data.md documents.
 SPLIT_SEED = 0
 
 

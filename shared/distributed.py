@@ -11,12 +11,12 @@ import dataclasses
 import json
 import os
 import signal
-import sys
 
 import jax
 import numpy as np
 
 from shared.errors import StillroomError
+from shared.log import logger
 from shared.options import DEFAULT_HEARTBEAT_SECONDS
 from shared.settings import flag_of, names_where
 
@@ -91,8 +91,7 @@ def _join(heartbeat_seconds: int, how: str, *args, **kwargs) -> None:
   """`jax.distributed.initialize`, with its failures (no job found, no coordinator) as one-line errors. The
   shutdown barrier waits no longer than a heartbeat, so a process that failed does not hold the job for JAX's
   default five minutes."""
-  print(f"stillroom: joining a multi-process job ({how}); waiting up to {JOIN_SECONDS} s for every process",
-        file=sys.stderr, flush=True)
+  logger(__name__).info(f"joining a multi-process job ({how}); waiting up to {JOIN_SECONDS} s for every process")
   # While JAX waits in C++ for the others, Python's Ctrl-C handler cannot run: let Ctrl-C end the process at once.
   interrupt = signal.signal(signal.SIGINT, signal.SIG_DFL)
   try:

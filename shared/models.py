@@ -210,7 +210,7 @@ def build_model(spec: ModelSpec, seed: int = 0) -> nnx.Module:
     return make(spec, nnx.Rngs(seed))
   if not is_reference(spec.name):
     raise StillroomError(f"unknown model {spec.name!r}; available models: {', '.join(MODELS)}, or "
-                         "'module:function' for your own (see the README).")
+                         "'module:function' for your own (see docs/caches-and-runs.md).")
   if spec.dropout:
     raise StillroomError(f"--dropout is for the registry's models; your own model {spec.name!r} does its own.")
   factory = import_function(spec.name, "model")

@@ -1,8 +1,8 @@
 """The settings several commands share, declared once: each command's config class embeds the ones it takes.
 
-`FitConfig` (`student-train fit`), `BuildConfig` (`teacher-cache build`, `views`, `import`), `EvalConfig` and the
-demo's `DemoConfig` inherit these fields, so a shared setting has one default, one help text and one check, and
-each field lists the commands that offer it (`shared.settings.setting`).
+`FitConfig` (`student-train fit`) and `BuildConfig` (`teacher-cache build`, `views`, `import`) inherit all of them,
+`EvalConfig` and the demo's `DemoConfig` the dataset ones, so a shared setting has one default, one help text and
+one check, and each field lists the commands that offer it (`shared.settings.setting`).
 """
 
 import dataclasses

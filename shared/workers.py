@@ -30,7 +30,7 @@ from shared.errors import StillroomError
 from shared.log import logger
 from shared.settings import workers_check
 
-MAX_AUTO_WORKERS = 8  # 8 fed a small student fastest on a 16-vCPU host; 15 starved the main process (README).
+MAX_AUTO_WORKERS = 8  # 8 fed a small student fastest on a 16-vCPU host; 15 starved the main process (docs/data.md).
 DEFAULT_PREFETCH = 4
 ORPHAN_POLL_SECONDS = 1.0
 

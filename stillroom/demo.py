@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import time
+import typing
 from typing import ClassVar
 
 import numpy as np
@@ -34,7 +35,7 @@ AUTO = "auto"  # Teacher model and views chosen from the data: see `DemoConfig`.
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DemoConfig(DatasetSettings):
-  """Settings of the demo pipeline. Defaults: the recipe chosen on a validation slice (see the README).
+  """Settings of the demo pipeline. Defaults: the recipe chosen on a validation slice (docs/soft-targets.md).
 
   The recipe is "patient and consistent" distillation (Beyer et al. 2022): many cached views per example, each
   seen by teacher and student alike, and many epochs, which the soft targets can use and hard labels cannot
@@ -86,7 +87,7 @@ class DemoConfig(DatasetSettings):
 
 # The stage settings `student-train demo` offers, as --teacher-*, --build-* and --student-* options: the fields
 # of each stage's config declared for its command (`shared.options.DEMO_STAGES`).
-STAGES = {"teacher": FitConfig, "build": BuildConfig, "student": FitConfig}
+STAGES = {stage: typing.get_type_hints(DemoConfig)[stage] for stage in DEMO_STAGES}
 
 
 def add_demo_options(parser: argparse.ArgumentParser) -> None:

@@ -118,7 +118,7 @@ def run_command(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-  """This stage's subcommands alone (the `student-train` console script is `stillroom.cli.student_train`)."""
+  """This stage's subcommands alone (the `student-train` console script is `stillroom.entry_points.student_train`)."""
   parser, commands = new_parser()
   add_models_command(commands)
   add_verbosity_options(parser)

@@ -36,6 +36,16 @@ from student_train.terms.features import FeatureTerm, plan_feature_terms
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class Resolved:
+  """The values a run resolves that are part of its identity, as its config.json records them (None: a run dir
+  written before they existed ran without them)."""
+
+  specialist_classes: tuple[int, ...] | None = None  # A specialist's classes, in its outputs' order.
+  dustbin_correction: float | None = None  # The log-odds added to its dustbin logit to undo --enrich.
+  init_digest: str | None = None  # The parameter digest of the --init-from run.
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Teaching:
   """Where a distilled student's soft targets come from.
 
@@ -122,11 +132,12 @@ class RunPlan:
 
   def resolved_values(self) -> dict:
     """What the run resolved from other runs and the data that is part of its identity, recorded beside its config
-    (as settings were, so that older run dirs still resume): `RESOLVED` names them."""
+    (as settings were, so that older run dirs still resume)."""
     specialist = self.specialist
-    return {"specialist_classes": None if specialist is None else specialist.classes,
-            "dustbin_correction": None if specialist is None else specialist.dustbin_correction,
-            "init_digest": self.init_digest}
+    return dataclasses.asdict(Resolved(
+        specialist_classes=None if specialist is None else specialist.classes,
+        dustbin_correction=None if specialist is None else specialist.dustbin_correction,
+        init_digest=self.init_digest))
 
   def input_paths(self) -> list[str]:
     """The files and directories the run reads: its cache, npz datasets, the data dir."""
@@ -169,8 +180,6 @@ class RunPlan:
         a for term in self.feature_terms for a in TERMS[term.loss].arrays(term))
 
 
-# The values `RunPlan.resolved_values` records, none before they existed.
-RESOLVED = ("specialist_classes", "dustbin_correction", "init_digest")
 ENRICH_STREAM = 0x5BEC  # Folded into a specialist's epoch seeds, apart from the batch order's.
 
 

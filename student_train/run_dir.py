@@ -17,6 +17,7 @@ checkpointing): every process must call those in the same order.
 """
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -35,10 +36,10 @@ from shared.log import logger
 from shared.outputs import RUN_DIR, clear_for_overwrite
 from shared.runs import CONFIG_FILE, PARAMS_ITEM, CrossFit, RunRecord, checkpoint_manager
 from shared.settings import differences as settings_differences
-from shared.settings import declared, names_where
-from student_train.config import FitConfig
+from shared.settings import names_where
+from student_train.config import FitConfig, default_of
 from student_train.terms.features import student_of
-from student_train.plan import RESOLVED, RunPlan
+from student_train.plan import Resolved, RunPlan
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR, TENSORBOARD_FILE = "tensorboard", "events.out.tfevents.stillroom"
@@ -117,8 +118,8 @@ def _without_added_defaults(stored: dict, wanted: dict) -> dict:
   """A run dir recorded before a setting existed (declared `added`, or a resolved value) ran with its default: the
   record to compare leaves out such settings where the command keeps the default."""
   recorded = stored.get("config", {})
-  added = {**{name: declared(FitConfig)[name].default for name in names_where(FitConfig, added=True)},
-           **dict.fromkeys(RESOLVED)}
+  added = {**{name: default_of(name) for name in names_where(FitConfig, added=True)},
+           **dataclasses.asdict(Resolved())}
   config = {k: v for k, v in wanted.get("config", {}).items() if k in recorded or k not in added or v != added[k]}
   return {**wanted, "config": config}
 

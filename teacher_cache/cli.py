@@ -33,7 +33,8 @@ a teacher outside JAX labels the rows' inputs, then its logits become a cache:
 """
 
 
-def _parser() -> argparse.ArgumentParser:
+def teacher_cache_parser() -> argparse.ArgumentParser:
+  """The `teacher-cache` command line."""
   parser = argparse.ArgumentParser(prog="teacher-cache", description=_DESCRIPTION,
                                    formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
   commands = parser.add_subparsers(dest="command", required=True)
@@ -162,7 +163,7 @@ def _print_info(info: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-  args = _parser().parse_args(argv)
+  args = teacher_cache_parser().parse_args(argv)
 
   def command():
     if args.command == "views":

@@ -103,6 +103,16 @@ def numpy_log_softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
   return log_softmax(z.astype(np.float64), axis=axis)
 
 
+def numeric_grad(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+  """Central differences of a scalar function of `x` (the tests' float64 references for gradients)."""
+  grad = np.zeros_like(x)
+  for i in np.ndindex(x.shape):
+    step = np.zeros_like(x)
+    step[i] = eps
+    grad[i] = (f(x + step) - f(x - step)) / (2 * eps)
+  return grad
+
+
 BUCKET = "stillroom-test"  # The bucket the object-store fixtures make.
 
 

@@ -172,9 +172,10 @@ SMOKE = {
     "scripts/recipe_search.py": Smoke(["--smoke", "--work", "{tmp}/work", "--data-dir", "{data_dir}"],
                                       _recipe_search),
 }
-# Run by another test, as the README's worked example.
+# Run by other tests: the worked example of docs/external-teachers.md, and the docs' staleness test.
 ELSEWHERE = {
-    "scripts/sklearn_teacher.py": "tests/test_external.py::test_views_then_sklearn_then_import_then_verify_and_fit"}
+    "scripts/sklearn_teacher.py": "tests/test_external.py::test_views_then_sklearn_then_import_then_verify_and_fit",
+    "scripts/make_docs.py": "tests/test_docs.py::test_generated_pages_are_current"}
 LIBRARIES = {"bench/__init__.py", "bench/harness.py", "bench/synthetic.py"}  # Of the benchmarks; every run uses them.
 CONSOLE_SCRIPTS = ("student-train", "teacher-cache")  # What image_sets.py runs, installed next to this Python.
 

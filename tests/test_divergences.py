@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import digits_cache, numpy_log_softmax
+from conftest import digits_cache, numeric_grad, numpy_log_softmax
 
 from shared.errors import StillroomError
 from shared.losses import masked_mean, soft_kl
@@ -44,16 +44,6 @@ def np_jsd(s, z, beta, t):
     return t ** 2 * kl(q, p)
   m = np.log(beta * np.exp(p) + (1 - beta) * np.exp(q))
   return t ** 2 * (beta * kl(p, m) + (1 - beta) * kl(q, m))
-
-
-def numeric_grad(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
-  """Central differences of a scalar function of `x`, in float64."""
-  grad = np.zeros_like(x)
-  for i in np.ndindex(x.shape):
-    step = np.zeros_like(x)
-    step[i] = eps
-    grad[i] = (f(x + step) - f(x - step)) / (2 * eps)
-  return grad
 
 
 def _target(t):

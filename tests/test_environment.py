@@ -1,4 +1,4 @@
-"""The environment the tests run in is the one the README's figures were measured with (constraints.txt)."""
+"""The environment the tests run in is the one the documented figures were measured with (constraints.txt)."""
 
 import importlib.metadata
 import os

@@ -1,6 +1,6 @@
 """Teachers outside JAX: `teacher-cache views` gives every row's teacher input as a build with the same settings
 renders and normalises it, and `teacher-cache import` of a build's own logits writes that build (a second reader);
-the README's scikit-learn example end to end; the errors for logits of other rows."""
+the scikit-learn example of docs/external-teachers.md end to end; the errors for logits of other rows."""
 
 import dataclasses
 import importlib.util
@@ -97,7 +97,7 @@ def test_an_import_of_a_builds_own_logits_is_that_build(targets, tmp_path, tmp_p
 
 
 def test_views_then_sklearn_then_import_then_verify_and_fit(tmp_path, data_dir, capsys):
-  """The README's worked example: a scikit-learn teacher (scripts/sklearn_teacher.py) labels the views, and students
+  """The worked example of docs/external-teachers.md: a scikit-learn teacher (scripts/sklearn_teacher.py) labels the views, and students
   distil from its cache."""
   views = str(tmp_path / "views")
   common = ["--dataset", "digits", "--data-dir", data_dir, "--views", "2", "--seed", "1", "--no-progress"]

@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 import conftest
+from conftest import numeric_grad
 from shared.cache import CacheSpec, open_cache
 from shared.data import open_transfer_set
 from shared.losses import average_pool, pool_factors, similarity_preserving, stored_feature
@@ -166,16 +167,6 @@ def test_feature_losses_against_numpy_with_padded_rows_ignored():
     np.testing.assert_allclose(padded_got[name], expected[name], rtol=1e-4, err_msg=f"{name}, padded")
 
 
-def _numeric_gradient(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
-  grad = np.zeros_like(x)
-  for i in np.ndindex(x.shape):
-    for sign in (1, -1):
-      moved = x.copy()
-      moved[i] += sign * eps
-      grad[i] += sign * f(moved) / (2 * eps)
-  return grad
-
-
 @pytest.mark.fast
 def test_feature_loss_gradients_against_central_differences():
   rng = np.random.default_rng(4)
@@ -188,7 +179,7 @@ def test_feature_loss_gradients_against_central_differences():
       return feature_losses(_terms(), features, _jax(teachers), jnp.asarray(mask, jnp.float32), trainable)[name]
     grads = jax.grad(jax_loss)(_jax(student))
     for key in ("a", "b") if name == "similarity" else ("a",):
-      numeric = _numeric_gradient(
+      numeric = numeric_grad(
           lambda x: _np_feature_losses({**student, key: x}, teachers, mask, regressors)[name], student[key])
       np.testing.assert_allclose(grads[key], numeric, rtol=2e-3, atol=2e-5, err_msg=f"{name} / {key}")
   # The regressors' gradients too: they are trained.
@@ -198,10 +189,10 @@ def test_feature_loss_gradients_against_central_differences():
     def with_layer(new_kernel=kernel, new_bias=bias):
       layers = [(new_kernel, new_bias) if j == k else regressors[j] for j in range(len(regressors))]
       return _np_feature_losses(student, teachers, mask, layers)["hint"]
-    np.testing.assert_allclose(grads.regressors.layers[k].kernel[...], _numeric_gradient(with_layer, kernel),
+    np.testing.assert_allclose(grads.regressors.layers[k].kernel[...], numeric_grad(with_layer, kernel),
                                rtol=2e-3, atol=2e-5)
     np.testing.assert_allclose(grads.regressors.layers[k].bias[...],
-                               _numeric_gradient(lambda b: with_layer(new_bias=b), bias), rtol=2e-3, atol=2e-5)
+                               numeric_grad(lambda b: with_layer(new_bias=b), bias), rtol=2e-3, atol=2e-5)
 
 
 @pytest.mark.fast

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import numpy_log_softmax
+from conftest import numeric_grad, numpy_log_softmax
 
 from shared.ensemble import sampled_targets, top_k_targets
 from shared.losses import (attention_map, attention_transfer, hard_cross_entropy, hint_loss, logit_mse, sampled_kl,
@@ -212,15 +212,6 @@ def test_traced_sparse_choice_matches_each_loss():
 
 # Feature-based distillation: each loss written out in NumPy (float64), its gradient by central differences.
 
-def _numeric_grad(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
-  grad = np.zeros_like(x)
-  for i in np.ndindex(x.shape):
-    step = np.zeros_like(x)
-    step[i] = eps
-    grad[i] = (f(x + step) - f(x - step)) / (2 * eps)
-  return grad
-
-
 def _np_attention(features, power=2.0):
   q = (np.abs(features) ** power).sum(-1).reshape(features.shape[0], -1)
   return q / np.linalg.norm(q, axis=-1, keepdims=True)
@@ -233,7 +224,7 @@ def test_hint_loss_value_and_gradient():
   expected = 0.5 * ((r - v) ** 2).reshape(3, -1).mean(-1)
   np.testing.assert_allclose(hint_loss(jnp.asarray(r, jnp.float32), jnp.asarray(v, jnp.float32)), expected, rtol=1e-5)
   grad = jax.grad(lambda x: hint_loss(x, jnp.asarray(v, jnp.float32)).sum())(jnp.asarray(r, jnp.float32))
-  np.testing.assert_allclose(grad, _numeric_grad(lambda x: (0.5 * ((x - v) ** 2).reshape(3, -1).mean(-1)).sum(), r),
+  np.testing.assert_allclose(grad, numeric_grad(lambda x: (0.5 * ((x - v) ** 2).reshape(3, -1).mean(-1)).sum(), r),
                              rtol=1e-4, atol=1e-7)
   with pytest.raises(ValueError, match="feature shapes differ"):
     hint_loss(jnp.zeros((3, 4)), jnp.zeros((3, 5)))
@@ -253,7 +244,7 @@ def test_attention_transfer_value_and_gradient():
   np.testing.assert_allclose(got, reference(s), rtol=1e-5)
   grad = jax.grad(lambda x: attention_transfer(x, jnp.asarray(teacher_map, jnp.float32)).sum())(
       jnp.asarray(s, jnp.float32))
-  np.testing.assert_allclose(grad, _numeric_grad(lambda x: reference(x).sum(), s), rtol=1e-3, atol=1e-6)
+  np.testing.assert_allclose(grad, numeric_grad(lambda x: reference(x).sum(), s), rtol=1e-3, atol=1e-6)
   # A dead map (all zero) normalises to zeros with a finite gradient.
   dead = jax.grad(lambda x: attention_transfer(x, jnp.asarray(teacher_map, jnp.float32)).sum())(
       jnp.zeros((2, 3, 3, 5), jnp.float32))
@@ -278,7 +269,7 @@ def test_similarity_preserving_value_gradient_and_padding():
   np.testing.assert_allclose(got, reference(s), rtol=1e-5)
   grad = np.asarray(jax.grad(lambda x: similarity_preserving(x, jnp.asarray(t, jnp.float32), jnp.asarray(mask)))(
       jnp.asarray(s, jnp.float32)))
-  np.testing.assert_allclose(grad, _numeric_grad(reference, s), rtol=1e-3, atol=1e-6)
+  np.testing.assert_allclose(grad, numeric_grad(reference, s), rtol=1e-3, atol=1e-6)
   # Padded rows take part in nothing: whatever they hold, the loss and the real rows' gradients stay the same.
   noisy = s.copy()
   noisy[3:] = rng.normal(size=(2, 6)) * 100

@@ -6,6 +6,7 @@ import ast
 import dataclasses
 import os
 import re
+import types
 
 import pytest
 
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.fast  # Pure unit tests: `make test-fast` runs them (se
 def _parsers() -> dict[str, argparse.ArgumentParser]:
   """Each program's top-level parser."""
   from stillroom.cli import student_train_parser as student_parser  # pylint: disable=import-outside-toplevel
-  from teacher_cache.cli import _parser as teacher_parser  # pylint: disable=import-outside-toplevel
+  from teacher_cache.cli import teacher_cache_parser as teacher_parser  # pylint: disable=import-outside-toplevel
   return {"student-train": student_parser(), "teacher-cache": teacher_parser()}
 
 
@@ -92,12 +93,22 @@ def test_a_setting_no_command_offers_is_caught():
 
 # An option, or a family of them (`--eval-*`, `--teacher-`).
 _FLAG = re.compile(r"(?<![\w-])(--[a-z][a-z0-9]*(?:-[a-z0-9]+)*)(-\*?)?")
-_PROGRAM = {"student_train": "student-train", "teacher_cache": "teacher-cache"}
 _OTHER_TOOLS = ("srun",)  # Strings that name another tool's options.
+_ANY = None
+# The program and subcommands whose options a module's messages may name: a package's main command, but for the
+# modules that serve others (`shared` serves every command).
+PACKAGES = {"student_train": ("student-train", ("fit",)), "teacher_cache": ("teacher-cache", ("build",)),
+            "stillroom": ("student-train", ("demo",)), "shared": (_ANY, _ANY)}
+MODULES = {"student_train/sweep.py": ("sweep", "fit"), "student_train/evaluate.py": ("eval", "fit"),
+           "student_train/export.py": ("export",), "student_train/cli.py": _ANY, "student_train/__main__.py": _ANY,
+           "teacher_cache/external.py": ("views", "import", "build"), "teacher_cache/verify.py": ("verify",),
+           "teacher_cache/info.py": ("info",), "teacher_cache/specialists.py": ("specialists", "build"),
+           "student_train/config.py": ("fit", "sweep", "demo"),
+           "teacher_cache/cli.py": _ANY, "teacher_cache/__main__.py": _ANY, "stillroom/cli.py": _ANY}
 
 
 def _strings(path: str):
-  """(line, text) of every string constant in a module, f-strings' literal parts included."""
+  """(line, text) of every string constant in a module, f-strings' literal parts joined."""
   with open(path, encoding="utf-8") as f:
     tree = ast.parse(f.read(), path)
   parts = {id(v) for node in ast.walk(tree) if isinstance(node, ast.JoinedStr) for v in node.values}
@@ -108,47 +119,64 @@ def _strings(path: str):
       yield node.lineno, node.value
 
 
+def _offered(parsers: dict, program, commands) -> set[str]:
+  """The options of these subcommands (`_ANY`: of every subcommand) of a program (`_ANY`: of both)."""
+  return {option for name, parser in parsers.items() if program in (_ANY, name)
+          for command, sub in _subcommands(parser).items() if commands is _ANY or command in commands
+          for option in _options(sub)}
+
+
 def misnamed_options(package_dirs, parsers: dict) -> list[str]:
-  """Options named in the strings of these packages that the program they belong to (or the program the same string
-  names) does not offer."""
-  offered = {program: set().union(*(_options(sub) for sub in _subcommands(parser).values()))
-             for program, parser in parsers.items()}
+  """Options named in the strings of these packages that the commands the module serves (or the program the same
+  string names) do not offer."""
   problems = []
   for package in package_dirs:
-    own = _PROGRAM.get(os.path.basename(package))
-    for module in sorted(os.listdir(package)):
-      if not module.endswith(".py"):
-        continue
-      for line, text in _strings(os.path.join(package, module)):
-        if any(tool in text for tool in _OTHER_TOOLS):
-          continue
-        programs = [p for p in offered if p in text] + ([own] if own else list(offered))
-        for flag, family in _FLAG.findall(text):
-          if not any(o == flag or (family and o.startswith(flag + "-")) for p in programs for o in offered[p]):
-            problems.append(f"{os.path.basename(package)}/{module}:{line} names {flag}, which "
-                            f"{' or '.join(sorted(set(programs)))} lacks")
+    top = os.path.basename(package)
+    program, commands = PACKAGES[top]
+    for folder, _, files in sorted(os.walk(package)):
+      for module in sorted(f for f in files if f.endswith(".py")):
+        where = os.path.relpath(os.path.join(folder, module), os.path.dirname(package))
+        offered = _offered(parsers, program, MODULES.get(where, commands))
+        for line, text in _strings(os.path.join(folder, module)):
+          if any(tool in text for tool in _OTHER_TOOLS):
+            continue
+          named = set().union(*(_offered(parsers, p, _ANY) for p in parsers if p in text))
+          for flag, family in _FLAG.findall(text):
+            if not any(o == flag or (family and o.startswith(flag + "-")) for o in offered | named):
+              problems.append(f"{where}:{line} names {flag}, which its command{'s' if commands else ''} lack")
   return problems
 
 
-def test_no_message_names_an_option_its_program_lacks():
-  packages = [os.path.join(REPO, name) for name in ("shared", "student_train", "teacher_cache")]
-  assert misnamed_options(packages, _parsers()) == []
+PACKAGE_DIRS = [os.path.join(REPO, name) for name in PACKAGES]
+
+
+def test_no_message_names_an_option_its_command_lacks():
+  assert misnamed_options(PACKAGE_DIRS, _parsers()) == []
 
 
 def test_a_message_naming_a_missing_option_is_caught(tmp_path):
-  package = tmp_path / "student_train"
-  package.mkdir()
-  (package / "plan.py").write_text('raise ValueError(f"too many classes; raise --max-clases {n}.")\n')
-  assert misnamed_options([str(package)], _parsers()) == [
-      "student_train/plan.py:1 names --max-clases, which student-train lacks"]
+  package = tmp_path / "student_train" / "terms"
+  package.mkdir(parents=True)
+  (package / "logits.py").write_text('raise ValueError(f"too many classes; raise --max-clases {n}.")\n')
+  assert misnamed_options([str(tmp_path / "student_train")], _parsers()) == [
+      "student_train/terms/logits.py:1 names --max-clases, which its commands lack"]
+
+
+def test_a_setting_narrowed_in_its_declaration_is_caught(monkeypatch):
+  """`fit` loses --checkpoint-every-steps (declared for `sweep` only) while its messages still name it."""
+  field = declared(FitConfig)["checkpoint_every_steps"]
+  monkeypatch.setattr(field, "metadata", types.MappingProxyType({**field.metadata, "commands": ("sweep",)}))
+  problems = misnamed_options(PACKAGE_DIRS, _parsers())
+  assert problems and all("names --checkpoint-every-steps" in p for p in problems), problems
 
 
 @pytest.mark.parametrize("cls", CONFIGS)
 def test_roles_are_consistent(cls):
-  for name in names_where(cls, scope="student") + names_where(cls, scope="process"):
-    assert name in declared(cls)
   for name in names_where(cls, axis=True):  # A sweep varies what it offers.
     assert "sweep" in commands_of(cls, name), name
-  for name in names_where(cls, weighs=None):
-    weighs = declared(cls)[name].metadata["weighs"]
-    assert weighs is None or weighs in declared(cls)
+  weights = [(name, field.metadata["weighs"]) for name, field in declared(cls).items() if field.metadata["weighs"]]
+  for name, weighs in weights:
+    assert weighs in declared(cls) and not declared(cls)[weighs].metadata["weighs"], name
+  for name, field in declared(cls).items():
+    requires = field.metadata["requires"]
+    assert requires is None or requires in declared(cls), name

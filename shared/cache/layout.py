@@ -47,7 +47,7 @@ class ArrayLayout:
       "S" specialists, "P" the largest specialist's outputs, "F" a feature's shape, "chunks(R)" / "chunks(E)" one
       entry per chunk of those rows, or a number.
     dtype: a NumPy dtype name, `STORAGE` for the spec's storage dtype, or `CLASS_IDS`.
-    meaning: one line for the README and `--help`.
+    meaning: one line for docs/cache-format.md and `--help`.
     views: the kind of view (`shift` or `crop`, see `shared.augment`) whose stores hold it; None: every store.
     targets: the target kinds (`TARGET_KINDS`) whose stores hold it; None: every store.
     specialists: whether only stores of a generalist with specialists hold it.

@@ -23,7 +23,7 @@ def create_arrays(group: zarr.Group, spec: CacheSpec) -> None:
   """Creates the arrays the spec lists that the store lacks (a build may have been killed while creating them).
 
   Every chunk carries a CRC-32C checksum. Arrays are uncompressed: float16 logits compress about 1.1× (see the
-  README's storage figures), which does not pay for the slower writes.
+  storage figures in docs/benchmarks.md), which does not pay for the slower writes.
 
   Raises:
     StillroomError: an existing array differs from the spec.

@@ -5,13 +5,13 @@ the files in sorted relative-path order. Images may differ in size; they are dec
 import contextlib
 import hashlib
 import io
-import sys
 
 import numpy as np
 
 from shared import storage
 from shared.data.source import OpenedSource
 from shared.errors import StillroomError
+from shared.log import logger
 
 PREFIX = "imagefolder:"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -148,10 +148,10 @@ def _list(name: str) -> tuple[ImageFolderSource, int | None]:
   if not files:
     raise StillroomError(f"dataset {name!r}: no {'/'.join(IMAGE_EXTENSIONS)} files in {root!r}.")
   if skipped:
-    print(f"stillroom: dataset {name!r}: ignored {len(skipped)} file(s) that are not {'/'.join(IMAGE_EXTENSIONS)} "
-          f"images (e.g. {skipped[0]})", file=sys.stderr)
+    logger(__name__).warning(f"dataset {name!r}: ignored {len(skipped)} file(s) that are not "
+                             f"{'/'.join(IMAGE_EXTENSIONS)} images (e.g. {skipped[0]})")
   if empty:
-    print(f"stillroom: dataset {name!r}: class folder(s) {', '.join(empty[:5])} hold no images (their class ids "
-          "stay reserved)", file=sys.stderr)
+    logger(__name__).warning(f"dataset {name!r}: class folder(s) {', '.join(empty[:5])} hold no images (their class "
+                             "ids stay reserved)")
   source = ImageFolderSource(name, root, files, sizes, np.asarray(labels, np.int64), classes)
   return source, (len(classes) or None)

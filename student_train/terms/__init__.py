@@ -196,7 +196,7 @@ def parse_loss(text: str) -> tuple[int, object]:
 
 
 def check_loss(text) -> bool | str:
-  """A check of a `--loss` value (see `student_train.config.CHECKS`): True, or what is wrong."""
+  """A check of a `--loss` value (the `check` of `FitConfig.loss`): True, or what is wrong."""
   name, argument = _split(text) if isinstance(text, str) else (None, None)
   if name not in LOSS_NAMES:
     return f"must be one of {', '.join(term.name + term.argument for term in LOGIT_TERMS)}"
