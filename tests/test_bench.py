@@ -143,7 +143,7 @@ def _recipe_search(result, printed, tmp):
   for sweep in ("full", "fraction"):  # Each sweep's table, written and printed.
     with open(os.path.join(tmp, "work", sweep, "report.md")) as f:
       table = f.read().strip()
-    assert table.startswith("|") and table in printed, sweep
+    assert "\n|---|" in table and table in printed, sweep
 
 
 OUT = ["--out", "{tmp}/out.json"]
