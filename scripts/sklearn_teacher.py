@@ -4,9 +4,9 @@
   python scripts/sklearn_teacher.py views sklearn.npz
   teacher-cache import --dataset digits --views 2 --seed 1 --logits sklearn.npz --temperature 2 --out sklearn.zarr
 
-The worked example of docs/external-teachers.md (`tests/test_external.py` runs it). The teacher is trained on the digits train split's
-inputs, normalised as the views are (the dataset's default normalisation), and writes its logits (the decision
-function) on every row with the row ids, the file `teacher-cache import` reads.
+The worked example of docs/external-teachers.md (`tests/test_external.py` runs it). The teacher is trained on
+the digits train split's inputs, normalised as the views are (the dataset's default normalisation), and writes its
+logits (the decision function) on every row with the row ids, the file `teacher-cache import` reads.
 """
 
 import argparse

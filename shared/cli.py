@@ -44,7 +44,8 @@ def _from_a_cloud_sdk(error: BaseException) -> bool:
 
 def add_verbosity_options(parser: argparse.ArgumentParser) -> None:
   """Gives every subcommand of `parser` the same -v and -q (`run_or_exit` sets the log level from them)."""
-  subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
   for subcommand in subcommands.choices.values():
     group = subcommand.add_argument_group("messages").add_mutually_exclusive_group()
     group.add_argument("-v", "--verbose", action="store_true",

@@ -37,11 +37,32 @@ _ROOT.addHandler(_HANDLER)
 _ROOT.propagate = False  # Its lines are the programs' own output, not the host application's to format again.
 
 
+class _Formatter(logging.Formatter):
+  """`program: message`, and `program: warning: message` for warnings."""
+
+  def __init__(self, program: str):
+    super().__init__()
+    self.program = program
+
+  def format(self, record: logging.LogRecord) -> str:
+    label = "warning: " if record.levelno == logging.WARNING else ""
+    return f"{self.program}: {label}{record.getMessage()}"
+
+
+_SETTINGS = [ROOT, 0]
+
+
 def configure(program: str = ROOT, verbosity: int = 0) -> None:
   """Sets the prefix of every line (`student-train: ...`) and the level: verbosity > 0 shows DEBUG records (every
   epoch of every run), < 0 only warnings and errors."""
-  _HANDLER.setFormatter(logging.Formatter(f"{program}: %(message)s"))
+  _SETTINGS[:] = [program, verbosity]
+  _HANDLER.setFormatter(_Formatter(program))
   _ROOT.setLevel(VERBOSE if verbosity > 0 else QUIET if verbosity < 0 else NORMAL)
+
+
+def settings() -> tuple[str, int]:
+  """`(program, verbosity)` as last configured: what a spawned worker passes to `configure` to log alike."""
+  return tuple(_SETTINGS)
 
 
 configure()
@@ -82,11 +103,17 @@ class progress(tqdm):  # pylint: disable=invalid-name
     self._done += n
     return super().update(n)
 
+  def __del__(self):
+    self._summary = False  # Never closed: its stage failed, and the line would follow the error.
+    super().__del__()
+
   def close(self) -> None:
     if getattr(self, "_summary", False):
       self._summary = False
       done, (desc, unit) = self._done, self._what
       seconds = time.perf_counter() - self._started
+      rate = done / seconds if seconds > 0 else 0
       logger("progress").info(f"{desc}: {done:,} {unit}s in {seconds:.1f} s"
-                              + (f" ({done / seconds:,.0f} {unit}s/s)" if seconds > 0 and done else ""))
+                              + (f" ({rate:,.0f} {unit}s/s)" if rate >= 10 else f" ({rate:.2g} {unit}s/s)" if done
+                                 else ""))
     super().close()

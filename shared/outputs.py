@@ -76,7 +76,7 @@ class OutputLock:
       previous = _read_holder(fd)
       if previous:
         _LOG.info(f"taking over the lock on {self.output} left by process {previous.get('pid')} on "
-             f"{previous.get('host')} (no longer running)")
+                  f"{previous.get('host')} (no longer running)")
       os.ftruncate(fd, 0)
       os.pwrite(fd, json.dumps(_holder_record(self.command)).encode(), 0)
       self._fd = fd
@@ -167,7 +167,7 @@ class ObjectLease:
           raise _held(self.output, holder, f"its lease was renewed {age:.0f} s ago, and is taken over once "
                                            f"{LEASE_SECONDS} s old if that process is gone") from None
         _LOG.info(f"taking over the lease on {self.output} left by process {holder.get('pid')} on {holder.get('host')} "
-             + ("(no longer running)" if dead_here else f"(not renewed for {age:.0f} s)"))
+                  + ("(no longer running)" if dead_here else f"(not renewed for {age:.0f} s)"))
         if self._conditional:
           try:
             self._put(IfMatch=etag)  # Only if it is still the stale lease: another taker may have been first.
@@ -204,7 +204,7 @@ class ObjectLease:
         continue
       self.lost = True
       _LOG.info(f"error: the lease on {self.output} was taken over by another process: stop this one, since two now "
-           "write the same output")
+                "write the same output")
       return
 
   def release(self) -> None:

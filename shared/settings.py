@@ -68,8 +68,9 @@ def one_of(choices: Iterable[str]) -> Callable:
   return lambda v: v is None or v in choices or f"must be one of {', '.join(choices)}"
 
 
-def setting(default, help: str, *, choices: Iterable | None = None, metavar: str | None = None,  # pylint: disable=redefined-builtin
-            check: Callable | None = None, group: str | None = None, commands: Iterable[str] | None = None,
+def setting(default, help: str, *, choices: Iterable | None = None,  # pylint: disable=redefined-builtin
+            metavar: str | None = None, check: Callable | None = None, group: str | None = None,
+            commands: Iterable[str] | None = None,
             identity: bool = True, scope: str = "group", axis: bool = False, soft: bool = False,
             weighs: str | None = None, requires: str | None = None, added: bool = False, helps: dict | None = None,
             given_by: str | None = None):
@@ -223,6 +224,8 @@ def add_options(parser, cls, command: str, *, prefix: str = "", defaults=None, r
       options.update(required=True, default=None)
     elif kind is bool and not is_tuple:
       options["help"] += f" (default: {'on' if default else 'off'})"
+    elif is_tuple and default:  # As the option takes it: 0.08,1 rather than (0.08, 1.0).
+      options["help"] += f" (default: {','.join(f'{v:.4g}' if isinstance(v, float) else str(v) for v in default)})"
     elif default is not None:
       options["help"] += " (default: %(default)s)"
     if kind is bool and not is_tuple:

@@ -280,8 +280,8 @@ def _shapes_preset(config: DemoConfig) -> DemoConfig:
     os.rename(root + ".partial", root)
   crop = {"crop_area": (0.35, 1.0)}
   _LOG.info("--shapes sets the stage settings (other --teacher-*/--build-*/--student-* options but --*-workers are "
-       "replaced): cnn-small "
-       "teachers, 30 epochs on random-resized crops at 32x32; 4 crop views; mlp-small students, 30 epochs")
+            "replaced): cnn-small "
+            "teachers, 30 epochs on random-resized crops at 32x32; 4 crop views; mlp-small students, 30 epochs")
   return dataclasses.replace(
       config, work_dir=work, results_dir=results, dataset=f"imagefolder:{root}/train", train_split="train",
       eval_dataset=f"imagefolder:{root}/test", test_split="train", image_size=config.image_size or 32, folds=1,

@@ -59,7 +59,8 @@ class FitConfig(DataSettings, ViewSettings, JobSettings, OutputSettings):
                       axis=True, soft=True)
   alpha: float | None = setting(None, f"weight of the hard-label cross-entropy in [0, 1] (default: {DEFAULT_KD_ALPHA} "
                                       "with a labelled cache, 0 without labels, 1 without a cache)",
-                                group="distillation", check=lambda v: v is None or 0.0 <= v <= 1.0 or "must be in [0, 1]",
+                                group="distillation",
+                                check=lambda v: v is None or 0.0 <= v <= 1.0 or "must be in [0, 1]",
                                 commands=(FIT, SWEEP, DEMO_STUDENT), scope="student", axis=True, soft=True)
   temperature: float | None = setting(None, "T of the soft term (default: the cache's); another T re-derives "
                                             "targets from member_logits", group="distillation",

@@ -31,7 +31,7 @@ from shared.runs import SpecialistRecord
 from shared.settings import declared, names_where
 from student_train.config import DEFAULT_KD_ALPHA, FEATURE_OPTIONS, WEIGHTS, FitConfig, validate_config
 from student_train.steps import Hypers
-from student_train.terms import FEATURE_LOSSES, LOGIT_TERMS, TERMS, loss_settings, parse_loss
+from student_train.terms import FEATURE_LOSSES, LOGIT_TERMS, TERMS, canonical_loss, loss_settings, parse_loss
 from student_train.terms.features import FeatureTerm, plan_feature_terms
 
 
@@ -265,6 +265,7 @@ def plan_run(config: FitConfig, opened: Opened | None = None) -> RunPlan:
   """
   opened = opened or Opened()
   validate_config(config)
+  config = dataclasses.replace(config, loss=canonical_loss(config.loss))  # One identity per loss, however spelt.
   cache = teaching = subset = None
   resolved: dict = {"data_seed": config.seed if config.data_seed is None else config.data_seed}
   if config.cache:
@@ -351,8 +352,8 @@ def plan_run(config: FitConfig, opened: Opened | None = None) -> RunPlan:
                            "classes: give a share that leaves at least one example of each side.")
     natural = float(inside.mean())
     if config.enrich < natural:
-      _LOG.info(f"--enrich {config.enrich} is below the {natural:.3f} natural share of the specialist's classes: they are "
-           "sampled less often than in the data, not more.")
+      _LOG.warning(f"--enrich {config.enrich} is below the {natural:.3f} natural share of the specialist's classes: "
+                   "they are sampled less often than in the data, not more.")
     sampler = enriched_sampler(pool, inside, count, config.data_seed)
     # The correction for the share drawn (count of N), which `--enrich` gives up to rounding.
     correction = dustbin_correction(natural, count / len(pool))

@@ -24,6 +24,7 @@ import yaml
 from shared import distributed, storage
 from shared.cache import eval_accuracies, open_cache
 from shared.errors import StillroomError
+from shared import log
 from shared.log import logger
 from shared.outputs import check_not_an_input
 from shared.settings import check_value, names_where, value_type
@@ -159,9 +160,11 @@ def plan_sweep(cache: str, grid: dict, seeds: int, out: str, base: FitConfig) ->
   return runs
 
 
-def _train(configs: list[FitConfig], verbose: bool) -> str | None:
+def _train(configs: list[FitConfig], verbose: bool, messages: tuple[str, int] | None = None) -> str | None:
   """One group of runs sharing a batch stream (a worker's unit of work), trained together; returns what diverged
-  (the other groups go on)."""
+  (the other groups go on). `messages`: in a spawned worker, the parent's program name and verbosity."""
+  if messages is not None:
+    log.configure(*messages)
   try:
     fit_group(configs, log_epochs=verbose)
   except Diverged as e:
@@ -214,7 +217,7 @@ def run_sweep(cache: str, grid_spec: str, out: str, seeds: int = 1, base: FitCon
     # Spawned, not forked: a forked JAX runtime is not safe to use.
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-      futures = [pool.submit(_train, configs, verbose) for configs in work]
+      futures = [pool.submit(_train, configs, verbose, log.settings()) for configs in work]
       diverged = [future.result() for future in concurrent.futures.as_completed(futures)]
   if any(diverged):
     raise Diverged("; ".join(d for d in diverged if d) + DIVERGED_ADVICE)

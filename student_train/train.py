@@ -110,9 +110,9 @@ def fit_group(configs: list[FitConfig], *, log_epochs: bool = True,
               on_epoch: EpochCallback | None = None) -> list[dict]:
   """Trains runs that share a batch stream together, as K students of one vmapped step.
 
-  The configs may differ only in what the step takes per student (the settings declared with scope "student": seed, T, alpha, loss,
-  rule, members) and their run dirs. Finished runs are confirmed and left alone; the others train together, each
-  writing its run dir as a run of its own would.
+  The configs may differ only in what the step takes per student (the settings declared with scope "student": seed,
+  T, alpha, loss, rule, members, feature weights) and their run dirs. Finished runs are confirmed and left alone;
+  the others train together, each writing its run dir as a run of its own would.
 
   Args:
     configs: the runs.
@@ -183,8 +183,8 @@ def _fit_locked(plans: list[RunPlan], mesh, log_epochs: bool, on_epoch: EpochCal
   resumes = files.resume_groups([set(epochs) for epochs in saved]) if todo else []
   if len(resumes) > 1:
     _LOG.info("these runs saved different epochs, so each set resumes as a group of its own: "
-         + "; ".join(f"epoch {epoch}: {', '.join(plans[todo[k]].config.out for k in members)}"
-                     for epoch, members in resumes))
+              + "; ".join(f"epoch {epoch}: {', '.join(plans[todo[k]].config.out for k in members)}"
+              for epoch, members in resumes))
   for epoch, members in resumes:
     group = [todo[k] for k in members]
     for i in group:
@@ -351,8 +351,8 @@ def _set_up(group: list[RunPlan], checkpoints: list[files.Checkpoints], mids: li
     resumed_sums = _stacked_sums([meta["sums"] for meta in position["metas"]])
     resumed_seconds = position["metas"][0]["seconds"]
     states = [mid.restore(state, position["global"]) for mid, state in zip(mids, states)]
-    _LOG.info(f"resuming {', '.join(p.config.out for p in group)} after step {start_step} of epoch {start_epoch + 1} of "
-         f"{total_epochs}")
+    _LOG.info(f"resuming {', '.join(p.config.out for p in group)} after step {start_step} of epoch {start_epoch + 1} "
+              f"of {total_epochs}")
   elif start_epoch:
     states = [c.restore(state, start_epoch) for c, state in zip(checkpoints, states)]
     _LOG.info(f"resuming {', '.join(p.config.out for p in group)} after epoch {start_epoch} of {total_epochs}")
@@ -369,7 +369,7 @@ def _set_up(group: list[RunPlan], checkpoints: list[files.Checkpoints], mids: li
   teacher_top1 = [cached_teacher_top1(plan) for plan in group]
   if first.cache is not None and first.eval_set is not None and teacher_top1[0] is None:
     _LOG.info(f"the cache stores no teacher logits for {first.eval_set.name} {first.eval_set.split!r} (build it with "
-         "--eval-split for that split): eval_teacher_agreement is not reported.")
+              "--eval-split for that split): eval_teacher_agreement is not reported.")
   if len(group) > 1 and log_epochs:
     _LOG.info(f"training {len(group)} students together in one vmapped step")
   return _Training(first=first, group=list(group), checkpoints=list(checkpoints), mids=list(mids),

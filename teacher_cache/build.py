@@ -164,8 +164,8 @@ def _specialists(config: BuildConfig, teachers: list[Teacher], transfer_set: Tra
     raise StillroomError("--specialists takes PLAN.json and then the specialist run dirs.")
   plan = SpecialistPlan.read(config.specialist_plan)
   if plan.dataset_fingerprint and plan.dataset_fingerprint != transfer_set.fingerprint:
-    _LOG.info(f"warning: specialist plan {config.specialist_plan!r} was made from a cache of other data (fingerprint "
-        f"{plan.dataset_fingerprint[:16]}…) than {transfer_set.name!r} {transfer_set.split!r}.")
+    _LOG.warning(f"specialist plan {config.specialist_plan!r} was made from a cache of other data (fingerprint "
+                 f"{plan.dataset_fingerprint[:16]}…) than {transfer_set.name!r} {transfer_set.split!r}.")
   if plan.num_classes != num_classes:
     raise StillroomError(f"specialist plan {config.specialist_plan!r} is for {plan.num_classes} classes; the "
                          f"generalist outputs {num_classes}.")
@@ -204,7 +204,7 @@ def _check_folds(teachers: list[Teacher], folds: int) -> None:
   for position, teacher in enumerate(teachers):
     if teacher.record is None:
       _LOG.info(f"cross-fitting: cannot check which fold {teacher.name!r} held out (not a stillroom run); trusting the "
-          f"order given (fold {position % folds}).")
+                f"order given (fold {position % folds}).")
       continue
     cross_fit = teacher.record.cross_fit
     recorded = (None, None) if cross_fit is None else (cross_fit.folds, cross_fit.holdout_fold)
@@ -459,7 +459,8 @@ def _plan(config: BuildConfig) -> tuple:
   check_batch_size(config.batch_size, mesh)
   batch_size = cap_batch(config.batch_size, config.chunk_rows, mesh.devices.size)  # A batch never spans chunks.
   if batch_size < config.batch_size:
-    _LOG.info(f"--batch-size {config.batch_size} is more than a chunk ({config.chunk_rows} rows): batches of {batch_size}")
+    _LOG.info(f"--batch-size {config.batch_size} is more than a chunk ({config.chunk_rows} rows): batches of "
+              f"{batch_size}")
     config = dataclasses.replace(config, batch_size=batch_size)
   transfer_set, augmentation = open_views(config)
   eval_set = _eval_set(config) if not config.specialist_plan else None
@@ -483,9 +484,9 @@ def _plan(config: BuildConfig) -> tuple:
   if features:
     feature_bytes = sum(a.row_bytes for a in spec.arrays if a.role == "feature")
     teacher_bytes = sum(a.row_bytes for a in spec.arrays if a.role == "teacher")
-    _LOG.info(f"--features: {feature_bytes:,} bytes per row, {feature_bytes / teacher_bytes:.1f}x the {teacher_bytes:,} of "
-        f"the targets and logits; {feature_bytes * spec.num_rows / 2 ** 20:,.1f} MiB of features for "
-        f"{spec.num_rows:,} rows")
+    _LOG.info(f"--features: {feature_bytes:,} bytes per row, {feature_bytes / teacher_bytes:.1f}x the "
+              f"{teacher_bytes:,} of the targets and logits; {feature_bytes * spec.num_rows / 2 ** 20:,.1f} MiB of features for "
+              f"{spec.num_rows:,} rows")
   return config, mesh, transfer_set, eval_set, teachers + specialists, spec
 
 
@@ -591,11 +592,11 @@ def build_cache(config: BuildConfig) -> str:
     declare_complete(cache)
   spec = cache.spec
   _LOG.info(f"wrote {spec.num_rows} rows ({len(transfer_set)} examples x {spec.views} views, {spec.num_members} members"
-      + (f" of {spec.folds} cross-fitted runs" if spec.folds > 1 else "")
-      + (f" and {len(spec.specialists)} specialists (top-{spec.top_n})" if spec.specialists else "")
-      + f", {spec.num_classes} classes)"
-      + (f" and {spec.num_eval_rows} eval rows ({spec.eval_dataset.split})" if spec.eval_dataset else "")
-      + f" to {config.out}")
+            + (f" of {spec.folds} cross-fitted runs" if spec.folds > 1 else "")
+            + (f" and {len(spec.specialists)} specialists (top-{spec.top_n})" if spec.specialists else "")
+            + f", {spec.num_classes} classes)"
+            + (f" and {spec.num_eval_rows} eval rows ({spec.eval_dataset.split})" if spec.eval_dataset else "")
+            + f" to {config.out}")
   return config.out
 
 
@@ -632,7 +633,7 @@ def _write_chunks(cache: Cache, transfer_set: TransferSet, eval_set: TransferSet
   params = jax.device_put([t.params for t in teachers], replicated(mesh))
   writer = ChunkWriter(cache)
   bar = progress(total=total, initial=total - remaining, unit="row", unit_scale=True, enabled=config.progress,
-                 desc="teacher-cache build" + process)
+                 summary=False, desc="teacher-cache build" + process)  # The build logs its own line at the end.
   started = time.perf_counter()
   try:
     if eval_set is not None:

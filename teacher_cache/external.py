@@ -285,7 +285,7 @@ def import_cache(config: BuildConfig, logits_files: list[str], views_dir: str | 
     _write_imported(cache, transfer_set, logits, config)
     declare_complete(cache)
   _LOG.info(f"imported {num_rows} rows ({len(transfer_set)} examples x {config.views} views, {len(members)} members, "
-      f"{num_classes} classes) to {config.out}")
+            f"{num_classes} classes) to {config.out}")
   # A row id means nothing under other view settings: accuracy near chance says the logits are of other rows.
   view, position = spec.row_sources(np.arange(num_rows))
   labels = transfer_set.labels[position]
@@ -295,10 +295,10 @@ def import_cache(config: BuildConfig, logits_files: list[str], views_dir: str | 
       right = np.argmax(logits[:, m], axis=1) == labels
       first = right[labelled & (view == 0)].mean()
       _LOG.info(f"member {member.name!r}: accuracy {100 * right[labelled].mean():.2f}% on the {int(labelled.sum())} "
-          f"labelled rows (view 0: {100 * first:.2f}%)")
+                f"labelled rows (view 0: {100 * first:.2f}%)")
       if first < 2 / num_classes:
-        _LOG.info(f"warning: member {member.name!r} is near chance on view 0: are these logits of other rows (views "
-            "written with another --dataset, --split, --views or --seed)? --views-dir checks the settings.")
+        _LOG.warning(f"member {member.name!r} is near chance on view 0: are these logits of other rows (views "
+                     "written with another --dataset, --split, --views or --seed)? --views-dir checks the settings.")
   return config.out
 
 
@@ -317,7 +317,7 @@ def _write_imported(cache, transfer_set, logits: np.ndarray, config: BuildConfig
     _LOG.info(f"resuming {cache.path}: {spec.num_rows - remaining} of {spec.num_rows} rows already committed")
   batch_size = cap_batch(config.batch_size, spec.chunk_rows, 1)  # A batch never spans chunks.
   bar = progress(total=spec.num_rows, initial=spec.num_rows - remaining, unit="row", unit_scale=True,
-                 enabled=config.progress, desc="teacher-cache import")
+                 enabled=config.progress, summary=False, desc="teacher-cache import")
   try:
     for chunk in todo:
       raise_if_interrupted()

@@ -407,6 +407,7 @@ def test_cross_fitted_rows_take_logits_from_the_run_that_held_out_their_fold(tmp
                              per_run.reshape(len(test), 2, 2, 10).mean(2), rtol=2e-3, atol=2e-3)
   code, _, err = run_cli(build_args(tmp_path / "bad.zarr", [runs[1], runs[0], *runs[2:]], data_dir, "--folds", "2"),
                          capsys)
-  assert code == 2 and "m0f1' is run 0 of member 0, so it must be trained with `student-train fit --folds 2 --holdout-fold 0`" in err
+  assert code == 2 and ("m0f1' is run 0 of member 0, so it must be trained with `student-train fit --folds 2 "
+                        "--holdout-fold 0`") in err
   code, _, err = run_cli(build_args(tmp_path / "bad.zarr", runs[:3], data_dir, "--folds", "2"), capsys)
   assert code == 2 and "needs 2 runs per member" in err

@@ -97,8 +97,8 @@ def test_an_import_of_a_builds_own_logits_is_that_build(targets, tmp_path, tmp_p
 
 
 def test_views_then_sklearn_then_import_then_verify_and_fit(tmp_path, data_dir, capsys):
-  """The worked example of docs/external-teachers.md: a scikit-learn teacher (scripts/sklearn_teacher.py) labels the views, and students
-  distil from its cache."""
+  """The worked example of docs/external-teachers.md: a scikit-learn teacher (scripts/sklearn_teacher.py) labels the
+  views, and students distil from its cache."""
   views = str(tmp_path / "views")
   common = ["--dataset", "digits", "--data-dir", data_dir, "--views", "2", "--seed", "1", "--no-progress"]
   assert conftest.run_cli(cache_main, ["views", *common, "--chunk-rows", "1024", "--out", views], capsys)[0] == 0

@@ -31,7 +31,8 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-  action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
   return dict(action.choices)
 
 
@@ -41,7 +42,8 @@ def _options(parser: argparse.ArgumentParser) -> set[str]:
 
 def _arguments(parser: argparse.ArgumentParser) -> set[str]:
   """Options and the metavars of positional arguments."""
-  return _options(parser) | {a.metavar or a.dest for a in parser._actions if not a.option_strings}  # pylint: disable=protected-access
+  positionals = [a for a in parser._actions if not a.option_strings]  # pylint: disable=protected-access
+  return _options(parser) | {a.metavar or a.dest for a in positionals}
 
 
 def _command_parser(parsers: dict, command: str) -> tuple[argparse.ArgumentParser, str]:

@@ -118,7 +118,8 @@ LAYOUT = (
     ArrayLayout("eval_member_logits", "eval", ("E", "M", "C"), STORAGE,
                 "each member's raw logits on the eval split's un-augmented examples (a cross-fitted member: the "
                 "mean of its fold runs)"),
-    ArrayLayout("eval_index", "eval", ("E",), "int64", "eval example index: position in the eval split's unsliced split"),
+    ArrayLayout("eval_index", "eval", ("E",), "int64",
+                "eval example index: position in the eval split's unsliced split"),
     ArrayLayout("eval_labels", "eval", ("E",), "int32", "eval example label; -1 if unlabeled"),
     ArrayLayout("chunk_committed", "bookkeeping", ("chunks(R)",), "bool", "chunk k of every row array is written"),
     ArrayLayout("eval_chunk_committed", "bookkeeping", ("chunks(E)",), "bool",

@@ -116,7 +116,7 @@ def open_cache(path: str, mode: str = "r", require_complete: bool = True) -> Cac
     raise StillroomError(f"cache {path!r}: {e}") from e
   if not spec.has_checksums and mode == "r":
     _LOG.info(f"cache {path!r} has schema version {spec.schema_version}: its chunks carry no checksums and all-zero "
-         "chunks may be absent, so damage cannot be detected. Rebuild it with this stillroom to get both.")
+              "chunks may be absent, so damage cannot be detected. Rebuild it with this stillroom to get both.")
   cache = Cache(path=path, group=group, spec=spec, completion=attrs.get(COMPLETE_KEY))
   if require_complete:
     if not cache.complete:

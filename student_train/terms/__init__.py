@@ -195,6 +195,14 @@ def parse_loss(text: str) -> tuple[int, object]:
   return LOSS_NAMES.index(name), logit_term(name).parse(argument)
 
 
+def canonical_loss(text: str) -> str:
+  """One spelling of a valid `--loss` value, so that equal losses are one run identity: `jsd`, ` jsd` and
+  `jsd:0.50` are `jsd:0.5`; `kl` stays `kl`."""
+  name, argument = _split(text)
+  settings = jax.tree.leaves(logit_term(name).parse(argument))
+  return name + "".join(f":{float(value):g}" for value in settings)
+
+
 def check_loss(text) -> bool | str:
   """A check of a `--loss` value (the `check` of `FitConfig.loss`): True, or what is wrong."""
   name, argument = _split(text) if isinstance(text, str) else (None, None)

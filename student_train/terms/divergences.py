@@ -104,8 +104,9 @@ class JSD(LogitTerm):
   name = "jsd"
   argument = "[:β]"
   description = (f"T²·generalised Jensen-Shannon divergence with β in [0, 1] (default {DEFAULT_BETA}; as TRL's GKD): "
-                 "β·KL(p_T||m) + (1−β)·KL(q_T||m), m = β·p_T + (1−β)·q_T, q_T = softmax(s/T); β=0 is the forward KL, "
-                 "β=1 the reverse (needs dense targets or member logits)")
+                 "β·KL(p_T||m) + (1−β)·KL(q_T||m), m = β·p_T + (1−β)·q_T, q_T = softmax(s/T), which vanishes as β "
+                 "goes to 0 or 1, so β=0 is defined as the forward KL and β=1 as the reverse, as TRL does (axolotl's "
+                 "kd_beta swaps the mixture's weights); needs dense targets or member logits")
   stored = ("dense",)
 
   def parse(self, argument: str | None) -> JSDSettings:
