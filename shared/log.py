@@ -73,11 +73,6 @@ def logger(name: str) -> logging.Logger:
   return logging.getLogger(f"{ROOT}.{name}")
 
 
-def verbose() -> bool:
-  """Whether DEBUG records are shown (`-v`)."""
-  return _ROOT.isEnabledFor(VERBOSE)
-
-
 def on_terminal() -> bool:
   """Whether stderr is a terminal a person watches (progress bars redraw there; elsewhere they pile up)."""
   isatty = getattr(sys.stderr, "isatty", None)

@@ -154,8 +154,7 @@ class FitConfig(DataSettings, ViewSettings, JobSettings, OutputSettings):
 
 
 # The feature-distillation options (`--hint`, ...), each with the setting that weights it (`--hint-weight`, ...).
-WEIGHTS = {declared(FitConfig)[name].metadata["weighs"]: name for name in names_where(FitConfig)
-           if declared(FitConfig)[name].metadata["weighs"]}
+WEIGHTS = {field.metadata["weighs"]: name for name, field in declared(FitConfig).items() if field.metadata["weighs"]}
 FEATURE_OPTIONS = tuple(WEIGHTS)
 
 

@@ -114,11 +114,13 @@ class RunPlan:
 
   def record(self) -> dict:
     """The resolved config written to config.json (and compared on resume)."""
-    unused = [name for name in names_where(FitConfig) if declared(FitConfig)[name].metadata["requires"]
-              and getattr(self.config, declared(FitConfig)[name].metadata["requires"]) is None]  # As 0.2 wrote it.
+    # Not part of the identity: what does not change the run, and what its setting leaves unused (as 0.2 wrote it).
+    left_out = set(names_where(FitConfig, identity=False)) | {
+        name for name, field in declared(FitConfig).items()
+        if field.metadata["requires"] and getattr(self.config, field.metadata["requires"]) is None}
     return {
-        "config": {**{k: v for k, v in dataclasses.asdict(self.config).items()
-                      if k not in names_where(FitConfig, identity=False) + tuple(unused)}, **self.resolved_values()},
+        "config": {**{k: v for k, v in dataclasses.asdict(self.config).items() if k not in left_out},
+                   **self.resolved_values()},
         "model": self.model_spec.to_dict(),
         "normalization": self.normalization.to_dict(),
         "dataset": self.transfer_set.describe().to_dict(),
