@@ -20,8 +20,30 @@ def add_models_command(commands) -> None:
                                                           "parameter count and named features with their shapes")
 
 
+def parse_input_shape(text: str) -> tuple[int, ...]:
+  """`--input-shape`'s value, e.g. "8,8,1": positive integers separated by commas.
+
+  Raises:
+    StillroomError: anything else, naming the value.
+  """
+  try:
+    shape = tuple(int(d) for d in text.split(","))
+  except ValueError:
+    shape = ()
+  if not shape or min(shape) < 1:
+    raise StillroomError(f"--input-shape must be positive integers separated by commas, e.g. 8,8,1; got {text!r}.")
+  return shape
+
+
 def print_models(args: argparse.Namespace) -> None:
-  shape = tuple(int(d) for d in args.input_shape.split(","))
+  """Prints the model registry's table (or JSON) for `--input-shape` and `--num-classes`.
+
+  Raises:
+    StillroomError: a malformed input shape, or fewer than 2 classes.
+  """
+  shape = parse_input_shape(args.input_shape)
+  if args.num_classes < 2:
+    raise StillroomError(f"--num-classes must be >= 2 (a classifier), got {args.num_classes}.")
   rows = describe_models(shape, args.num_classes)
   if args.json:
     print(json.dumps(rows, indent=2))

@@ -432,8 +432,19 @@ def load_run_teacher(run_dir: str) -> Teacher:
 
 
 def load_external_teacher(reference: str) -> Teacher:
-  """Loads `module:function` (the current directory is importable, as with `python -m`)."""
-  made = import_function(reference, "teacher")()
+  """Loads `module:function` (the current directory is importable, as with `python -m`).
+
+  Raises:
+    StillroomError: it cannot be imported, it raises (naming the reference and its exception), or it returns
+      something else than an nnx.Module or (apply_fn, params).
+  """
+  factory = import_function(reference, "teacher")
+  try:
+    made = factory()
+  except Exception as e:  # pylint: disable=broad-except  # The factory's own failure, named.
+    first_line = (str(e).splitlines() or [""])[0][:300]  # The error stays one line.
+    raise StillroomError(f"teacher {reference!r}() failed: {type(e).__name__}: {first_line}; fix the function, or "
+                         "give another --teacher.") from e
   features_fn = None
   if isinstance(made, nnx.Module):
     apply_fn, params, features_fn = _module_apply_fn(made)

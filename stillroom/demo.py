@@ -184,6 +184,10 @@ def run_demo(config: DemoConfig, verbose: bool = False) -> dict:
     config = _shapes_preset(config)
   validate_demo(config)
   transfer_set = open_transfer_set(config.dataset, config.train_split, config.data_dir)
+  tested = open_transfer_set(config.eval_dataset or config.dataset, config.test_split, config.data_dir)
+  if not tested.labeled:  # The demo's results are accuracies.
+    raise StillroomError(f"{tested.name!r} {config.test_split!r} is unlabeled; the demo compares accuracies on it, "
+                         "which need labels: give a labeled --test-split (or --eval-dataset).")
   images = len(transfer_set.input_shape) >= 2
   crops = {"image_size": config.image_size, "crop_area": config.build.crop_area,
            "crop_aspect": config.build.crop_aspect}

@@ -76,8 +76,13 @@ def cached_teacher_top1(plan: RunPlan) -> np.ndarray | None:
 
 
 def eval_line(log_probs: np.ndarray, plan: RunPlan, teacher_top1: np.ndarray | None) -> dict:
-  """The `eval_*` entries of an epoch's metrics line for one student's log-probabilities [N, C]."""
-  line = {f"eval_{k}": v for k, v in classification_metrics(log_probs, plan.eval_set.labels).items()}
+  """The `eval_*` entries of an epoch's metrics line for one student's log-probabilities [N, C]: accuracy, nll and
+  ece only on a labeled eval set (absent, not 0, on an unlabeled one), the count, and the agreement with the
+  teachers' ensemble where the cache stores its logits on the eval set."""
+  if plan.eval_set.labeled:
+    line = {f"eval_{k}": v for k, v in classification_metrics(log_probs, plan.eval_set.labels).items()}
+  else:
+    line = {"eval_count": int(len(log_probs))}
   if teacher_top1 is not None:
     line["eval_teacher_agreement"] = float(np.mean(log_probs.argmax(axis=-1) == teacher_top1))
   return line

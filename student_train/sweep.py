@@ -263,7 +263,7 @@ def report(sweep_dir: str) -> str:
     key = json.dumps(run["point"], sort_keys=True)
     row = rows.setdefault(key, {"point": run["point"], "accuracies": [], "missing": 0})
     run_dir = storage.join(sweep_dir, run["name"])
-    if is_finished(run_dir):
+    if is_finished(run_dir):  # No eval_accuracy without labelled eval data: NaN, left out of means, shown empty.
       row["accuracies"].append(read_final(run_dir).get("eval_accuracy", np.nan))
       if eval_config is None:
         eval_config = storage.read_json(storage.join(run_dir, CONFIG_FILE))["resolved"]["eval"]
@@ -275,7 +275,7 @@ def report(sweep_dir: str) -> str:
   scratch_runs: dict[str, list[float]] = {}
   for row in rows.values():
     if is_scratch(row["point"]):
-      scratch_runs.setdefault(_hard_label_key(row["point"]), []).extend(row["accuracies"])
+      scratch_runs.setdefault(_hard_label_key(row["point"]), []).extend(a for a in row["accuracies"] if a == a)
   baselines = {key: float(np.mean(values)) for key, values in scratch_runs.items() if values}
   ensemble = _ensemble_accuracy(manifest["cache"], eval_config)
   axes = list(manifest["grid"])
@@ -283,10 +283,11 @@ def report(sweep_dir: str) -> str:
   table_rows = []
   for row in rows.values():
     values = np.array(row["accuracies"], float)
-    mean = float(values.mean()) if len(values) else np.nan
-    std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    measured = values[~np.isnan(values)]
+    mean = float(measured.mean()) if len(measured) else None
+    std = float(measured.std(ddof=1)) if len(measured) > 1 else 0.0 if len(measured) else None
     scratch_mean = baselines.get(_hard_label_key(row["point"]))
-    gain = mean - scratch_mean if scratch_mean is not None else None
+    gain = mean - scratch_mean if scratch_mean is not None and mean is not None else None
     gap = gain / (ensemble - scratch_mean) if gain is not None and ensemble and ensemble > scratch_mean else None
     table_rows.append([*(row["point"][a] for a in axes), f"{len(values)}" + (f" (+{row['missing']} unfinished)"
                                                                             if row["missing"] else ""),
@@ -297,8 +298,11 @@ def report(sweep_dir: str) -> str:
   writer.writerows(table_rows)
   storage.write_text(storage.join(sweep_dir, "report.csv"), text.getvalue())
   fmt = lambda v: "" if v is None else f"{100 * v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
+  measured = any(r[len(axes) + 1] is not None for r in table_rows)
   lines = [f"Sweep of {manifest['cache']} ({len(manifest['runs'])} runs); accuracy on the eval split in %"
-           + (f"; teachers' ensemble {100 * ensemble:.2f}%" if ensemble else "") + ".", "",
+           + (f"; teachers' ensemble {100 * ensemble:.2f}%" if ensemble else "")
+           + ("" if measured or not eval_config else "; the eval data is unlabeled, so no run has an accuracy")
+           + ".", "",
            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for row in table_rows:
     cells = [str(v) for v in row[:len(axes)]] + [row[len(axes)], fmt(row[-4]), fmt(row[-3]),
@@ -308,11 +312,13 @@ def report(sweep_dir: str) -> str:
   table = "\n".join(lines)
   storage.write_text(storage.join(sweep_dir, "report.md"), table + "\n")
   alpha_index = axes.index("alpha") if "alpha" in axes else None
-  for index, axis in enumerate(axes):
+  mean_of = lambda values: float(np.mean(values)) if values else np.nan  # noqa: E731
+  for index, axis in enumerate(axes if measured else ()):  # Nothing to plot without accuracies.
     # Along other axes than alpha, scratch points (alpha = 1) would only flatten the curve: leave them out.
     plotted = [r for r in table_rows if alpha_index is None or axis == "alpha" or r[alpha_index] != 1.0] or table_rows
     labels = sorted({json.dumps(r[index]) for r in plotted}, key=lambda t: (len(t), t))
-    means = [np.nanmean([r[len(axes) + 1] for r in plotted if json.dumps(r[index]) == label]) for label in labels]
+    means = [mean_of([r[len(axes) + 1] for r in plotted
+                      if json.dumps(r[index]) == label and r[len(axes) + 1] is not None]) for label in labels]
     figure, plot = plt.subplots(figsize=(5, 3.5))
     plot.set_title("mean over the other axes" + (" (alpha < 1)" if axis != "alpha" and alpha_index is not None
                                                  else ""), fontsize=9)
@@ -326,7 +332,7 @@ def report(sweep_dir: str) -> str:
     elif baselines and axis not in _SOFT_ONLY_AXES:  # Scratch changes along this axis: plot its curve too.
       scratch_rows = [(json.dumps(r[index]), r[len(axes) + 1]) for r, row in zip(table_rows, rows.values())
                       if is_scratch(row["point"])]
-      scratch_means = [np.nanmean([m for label_, m in scratch_rows if label_ == label] or [np.nan])
+      scratch_means = [mean_of([m for label_, m in scratch_rows if label_ == label and m is not None])
                        for label in labels]
       plot.plot(range(len(labels)), [100 * m for m in scratch_means], color="gray", linestyle="--", marker="o",
                 label="scratch (alpha=1)")

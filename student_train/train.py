@@ -367,9 +367,7 @@ def _set_up(group: list[RunPlan], checkpoints: list[files.Checkpoints], mids: li
   step = make_train_step(graphdef, first.normalization, mesh, switches, first.feature_terms)
   predict = make_predict(graphdef, first.normalization, mesh)
   teacher_top1 = [cached_teacher_top1(plan) for plan in group]
-  if first.cache is not None and first.eval_set is not None and teacher_top1[0] is None:
-    _LOG.info(f"the cache stores no teacher logits for {first.eval_set.name} {first.eval_set.split!r} (build it with "
-              "--eval-split for that split): eval_teacher_agreement is not reported.")
+  _say_what_eval_reports(first, teacher_top1[0] is not None)
   if len(group) > 1 and log_epochs:
     _LOG.info(f"training {len(group)} students together in one vmapped step")
   return _Training(first=first, group=list(group), checkpoints=list(checkpoints), mids=list(mids),
@@ -460,11 +458,36 @@ def _drop_diverged(run: _Training, epoch: int, totals: dict) -> dict:
   return {name: value[keep] for name, value in totals.items()}
 
 
+def _say_what_eval_reports(first: RunPlan, agreement: bool) -> None:
+  """One info line when the per-epoch evaluation leaves metrics out: those that need labels on an unlabeled eval
+  set, the agreement with the teachers where the cache stores no logits for it."""
+  if first.eval_set is None:
+    return
+  data = f"{first.eval_set.name} {first.eval_set.split!r}"
+  no_logits = (f"the cache stores no teacher logits for {data} (build it with --eval-split for that split)"
+               if first.cache is not None and not agreement else None)
+  if first.eval_set.labeled:
+    if no_logits:
+      _LOG.info(f"{no_logits}: eval_teacher_agreement is not reported.")
+  elif agreement:
+    _LOG.info(f"{data} is unlabeled: eval accuracy, nll and ece (which need labels) are not reported; "
+              "eval_teacher_agreement is.")
+  else:
+    _LOG.info(f"{data} is unlabeled" + (f" and {no_logits}" if no_logits else "")
+              + ": no eval metrics are reported (accuracy, nll and ece need labels).")
+
+
+def _evaluates(run: "_Training") -> bool:
+  """Whether the epoch's evaluation has anything to report (see `_say_what_eval_reports`)."""
+  eval_set = run.first.eval_set
+  return eval_set is not None and (eval_set.labeled or any(top1 is not None for top1 in run.teacher_top1))
+
+
 def _evaluate(run: _Training, epoch: int, totals: dict, seconds: float) -> None:
   """Each run's metrics line of the epoch (with the eval split's metrics), appended to its metrics.jsonl, logged and
   handed to `on_epoch`."""
   first, group = run.first, run.group
-  eval_log_probs = None if first.eval_set is None else predict_log_probs(
+  eval_log_probs = None if not _evaluates(run) else predict_log_probs(
       run.predict, run.stacked, run.eval_render, run.config.batch_size, run.mesh)
   lines = {}
   for k, plan in enumerate(group):
@@ -586,4 +609,6 @@ def _summary(line: dict) -> str:
   text = f"epoch {line['epoch']} ({line['phase']}): loss {line['loss']:.4f}"
   if "eval_accuracy" in line:
     text += f", eval accuracy {100 * line['eval_accuracy']:.2f}%, nll {line['eval_nll']:.4f}"
+  if "eval_teacher_agreement" in line and "eval_accuracy" not in line:  # An unlabeled eval set: all it reports.
+    text += f", eval agreement with the teachers {100 * line['eval_teacher_agreement']:.2f}%"
   return text + f", {line['rows_per_second']:.0f} rows/s"
