@@ -8,7 +8,8 @@ stores (`shared.storage`) the same role falls to a lease: the object `OUT.lock`,
 (`If-None-Match: *`) and renewed while the writer lives.
 
 `--overwrite` removes an output only if it is a stillroom store (its `zarr.json` holds the spec attributes) or a
-run dir (its `config.json` holds a run record), and never one of the command's own inputs.
+run dir (its `config.json` holds a run record), and never one of the command's own inputs; and of it only what
+stillroom wrote there, keeping (and naming) anything else, such as a user's notes.
 """
 
 import contextlib
@@ -325,17 +326,51 @@ def check_output(out: str, kind: str, overwrite: bool, option: str = "--out") ->
                            f"{option}, or remove it yourself.")
 
 
+# What stillroom writes in a run dir (see `student_train.run_dir`), in the order `--overwrite` deletes it: first what
+# marks the run finished or diverged, last config.json, which makes it a run dir (a kill in between leaves a run dir
+# that `--overwrite` clears again).
+RUN_DIR_ENTRIES = ("final.json", "diverged.json", "checkpoints_mid", "checkpoints", "metrics.jsonl", "tensorboard",
+                   "config.json")
+TEMPORARY_SUFFIXES = (".tmp", ".partial")  # `storage.write_bytes`'s, zarr's LocalStore's: left beside by a kill.
+
+
+def _ours(out: str, kind: str, name: str, is_dir: bool) -> bool:
+  """Whether the entry `name` of a stillroom `kind` is one stillroom wrote: a run dir's files and folders
+  (`RUN_DIR_ENTRIES`); a store's `zarr.json` and its arrays (folders holding a `zarr.json`); either's temporary
+  files beside them."""
+  base = next((name[:name.index(suffix)] for suffix in TEMPORARY_SUFFIXES if suffix in name), name)
+  if kind == RUN_DIR:
+    return base in RUN_DIR_ENTRIES
+  return base == "zarr.json" or (is_dir and storage.exists(storage.join(out, name, "zarr.json")))
+
+
 def clear_for_overwrite(out: str, kind: str) -> None:
-  """Deletes a stillroom `kind` (STORE or RUN_DIR) for `--overwrite`; call it holding the output's lock.
+  """Deletes what stillroom wrote in a `kind` (STORE or RUN_DIR) for `--overwrite`, and keeps anything else (a
+  user's notes), naming it in one line; the directory goes too when nothing is kept. Call it holding the output's
+  lock. What is kept does not make the output "not a run dir / store" for the command that cleared it.
 
   Raises:
-    StillroomError: the directory holds something else; nothing is deleted.
+    StillroomError: the directory holds something else than a stillroom `kind`; nothing is deleted.
   """
   if not storage.has_entries(out):
     return
   check_output(out, kind, overwrite=True)
-  _LOG.info(f"--overwrite: removing {out}")
-  if kind == RUN_DIR:  # First what marks it finished: a kill while removing must not leave a "finished" run.
+  entries = storage.scan(out)
+  ours = [(name, is_dir) for name, is_dir, _ in entries if _ours(out, kind, name, is_dir)]
+  kept = [name + ("/" if is_dir else "") for name, is_dir, _ in entries if (name, is_dir) not in ours]
+  if kind == RUN_DIR:
+    ours.sort(key=lambda entry: RUN_DIR_ENTRIES.index(entry[0]) if entry[0] in RUN_DIR_ENTRIES else -1)
+  else:  # The arrays first, zarr.json (the spec, the completion record) last: see RUN_DIR_ENTRIES.
+    ours.sort(key=lambda entry: entry[0] == "zarr.json")
+  _LOG.info(f"--overwrite: removing the {kind} {out}" + (f", keeping what stillroom did not write there: "
+                                                         f"{', '.join(kept)}" if kept else ""))
+  for name, is_dir in ours:
+    path = storage.join(out, name)
     with contextlib.suppress(FileNotFoundError):
-      storage.remove_file(storage.join(out, "final.json"))
-  storage.remove_tree(out)
+      if is_dir:
+        storage.remove_tree(path)
+      else:
+        storage.remove_file(path)
+  if not storage.has_entries(out):
+    with contextlib.suppress(FileNotFoundError):
+      storage.remove_tree(out)

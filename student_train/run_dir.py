@@ -88,7 +88,7 @@ def prepare_run_dir(plan: RunPlan, joining: bool = False) -> bool:
   if joining:
     raise StillroomError(f"run dir {out!r} has no {CONFIG_FILE}, which process 0 writes: do the processes of the job "
                          "share one file system?")
-  if storage.has_entries(out):
+  if storage.has_entries(out) and not plan.config.overwrite:  # With it, what is left is what --overwrite kept.
     raise StillroomError(f"--out {out!r} exists and is not a run dir; pass --overwrite or choose another --out.")
   storage.make_dirs(out)
   config = plan.config

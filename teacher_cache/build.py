@@ -335,8 +335,8 @@ def open_store(config: BuildConfig, spec: CacheSpec, data: dict) -> Cache | None
   """Creates the store, or reopens one with the same build key to resume; None when it is already complete.
   `data` maps "dataset" / "eval_dataset" to the opened transfer sets. Call it holding the output's lock."""
   if config.overwrite:
-    clear_for_overwrite(config.out, STORE)
-  if storage.has_entries(config.out):
+    clear_for_overwrite(config.out, STORE)  # What it keeps is not a store: the store is created beside it.
+  if storage.has_entries(config.out) and not config.overwrite:
     try:
       existing = open_cache(config.out, mode="r+", require_complete=False)
     except StillroomError as e:
@@ -355,7 +355,8 @@ def open_store(config: BuildConfig, spec: CacheSpec, data: dict) -> Cache | None
     create_arrays(existing.group, existing.spec)
     return existing
   with storage_errors(f"creating the store {config.out}"):
-    group = zarr.open_group(storage.zarr_store(config.out), mode="w-", attributes={SPEC_KEY: spec.to_attrs()})
+    # Not open_group's mode "w-", which refuses a directory holding anything, such as what --overwrite kept.
+    group = zarr.create_group(storage.zarr_store(config.out), overwrite=False, attributes={SPEC_KEY: spec.to_attrs()})
     create_arrays(group, spec)
   return Cache(path=config.out, group=group, spec=spec, completion=None)
 
