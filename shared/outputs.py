@@ -14,6 +14,7 @@ stillroom wrote there, keeping (and naming) anything else, such as a user's note
 
 import contextlib
 import datetime
+import errno
 import fcntl
 import json
 import os
@@ -21,14 +22,16 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 from shared import storage
-from shared.cache import SPEC_KEY
+from shared.cache import COMPLETE_KEY, SPEC_KEY
 from shared.errors import StillroomError
 from shared.log import logger
 
 LOCK_SUFFIX = ".lock"
 LEASE_SECONDS = 120  # A lease not renewed for this long belongs to a writer that died.
+CANNOT_WRITE = (errno.EROFS, errno.EACCES, errno.EPERM)  # A read-only mount, or no write permission.
 STORE = "store"
 RUN_DIR = "run dir"
 
@@ -43,24 +46,34 @@ class OutputLock:
   process dies, however it dies, so a lock file without a live holder is stale and is taken over, with no race
   between two takers. The file's content only names the holder in errors.
 
+  A command that may find its output finished (a run, a complete store) passes `done`: where the lock file cannot
+  be written (a read-only mount, no permission) and `done()` is true, the command will only read, so it goes on
+  without the lock, saying so in one line.
+
   Raises (on acquire):
     StillroomError: another live process holds it, naming the holder.
+    OSError: the lock file cannot be written, and the output is not `done`.
   """
 
-  def __new__(cls, output: str, command: str):
+  def __new__(cls, output: str, command: str, done: Callable[[], bool] | None = None):
     if storage.is_url(storage.local(output)):
-      return ObjectLease(output, command)
+      return ObjectLease(output, command, done)
     return super().__new__(cls)
 
-  def __init__(self, output: str, command: str):
-    self.output, self.command = os.path.realpath(storage.local(output)), command
+  def __init__(self, output: str, command: str, done: Callable[[], bool] | None = None):
+    self.output, self.command, self.done = os.path.realpath(storage.local(output)), command, done
     self.path = self.output + LOCK_SUFFIX
     self._fd: int | None = None
 
   def acquire(self) -> "OutputLock":
-    os.makedirs(os.path.dirname(self.path), exist_ok=True)
     while True:
-      fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+      try:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+      except OSError as e:
+        if e.errno in CANNOT_WRITE and _read_only_done(self.output, self.done, e.strerror):
+          return self
+        raise
       try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
       except BlockingIOError:
@@ -114,8 +127,8 @@ class ObjectLease:
     StillroomError: another live process holds it, naming the holder and when it was last renewed.
   """
 
-  def __init__(self, output: str, command: str):
-    self.output, self.command = storage.absolute(output), command
+  def __init__(self, output: str, command: str, done: Callable[[], bool] | None = None):
+    self.output, self.command, self.done = storage.absolute(output), command, done
     bucket, _, key = self.output.split("://", 1)[1].partition("/")
     if not bucket or not key:  # The lease sits beside the output: a bucket has nothing beside it.
       raise StillroomError(f"{output!r}: give a path inside a bucket, e.g. "
@@ -158,6 +171,10 @@ class ObjectLease:
         break
       except FileNotFoundError as e:
         raise StillroomError(f"{self.output!r}: {e} (does the bucket exist?)") from e
+      except PermissionError as e:  # Read-only credentials.
+        if _read_only_done(self.output, self.done, "no permission to write"):
+          return self
+        raise
       except FileExistsError:
         found = self._holder()
         if found is None:
@@ -224,6 +241,14 @@ class ObjectLease:
     self.release()
 
 
+def _read_only_done(output: str, done: Callable[[], bool] | None, why: str) -> bool:
+  """Whether a command whose lock cannot be written may go on without it: its output is `done`, so it only reads."""
+  if done is None or not done():
+    return False
+  _LOG.info(f"{output} cannot be written here ({why}); it is finished, so it is only read, without the writer's lock")
+  return True
+
+
 def _boot_id() -> str | None:
   """This machine's boot: two machines (or containers) may share a host name, never a boot id."""
   try:
@@ -285,6 +310,14 @@ def is_store(path: str) -> bool:
   """A Zarr group whose attributes hold a stillroom cache spec."""
   try:
     return SPEC_KEY in storage.read_json(storage.join(path, "zarr.json")).get("attributes", {})
+  except (OSError, ValueError, AttributeError):
+    return False
+
+
+def is_complete_store(path: str) -> bool:
+  """A stillroom store whose attributes hold its completion record (readers check the rest)."""
+  try:
+    return {SPEC_KEY, COMPLETE_KEY} <= set(storage.read_json(storage.join(path, "zarr.json")).get("attributes", {}))
   except (OSError, ValueError, AttributeError):
     return False
 

@@ -147,7 +147,9 @@ def fit_group(configs: list[FitConfig], *, log_epochs: bool = True,
         if lock:
           check_output(plan.config.out, RUN_DIR, plan.config.overwrite)
           check_checkpoint_path(plan.config.out)
-          locks.enter_context(OutputLock(plan.config.out, "student-train fit"))
+          # A finished run on a read-only mount is only read: reported without the lock.
+          locks.enter_context(OutputLock(plan.config.out, "student-train fit",
+                                         lambda c=plan.config: not c.overwrite and files.is_finished(c.out)))
       return plans
 
     # Process 0 plans first (preparing a dataset in a shared data dir), checks and locks the run dirs; then the

@@ -33,7 +33,8 @@ from shared.errors import StillroomError, raise_if_interrupted
 from shared.log import logger, progress
 from shared.losses import stored_feature
 from shared.models import check_input_shape
-from shared.outputs import STORE, OutputLock, check_not_an_input, check_output, clear_for_overwrite, storage_errors
+from shared.outputs import (STORE, OutputLock, check_not_an_input, check_output, clear_for_overwrite, is_complete_store,
+                            storage_errors)
 from shared.parallel import batch_sharding, cap_batch, check_batch_size, data_mesh, pad_rows, replicated
 from shared.runs import Teacher, load_teacher
 from shared.options import (BUILD, DEFAULT_SPLIT, DEMO_BUILD, IMPORT, VIEWS, DataSettings, JobSettings,
@@ -570,7 +571,9 @@ def build_cache(config: BuildConfig) -> str:
       check_not_an_input(config.out, _input_paths(config), "--out")
       if is_process_0:
         check_output(config.out, STORE, config.overwrite)
-        lock.enter_context(OutputLock(config.out, "teacher-cache build"))
+        # A complete store on a read-only mount is only read: confirmed without the lock.
+        lock.enter_context(OutputLock(config.out, "teacher-cache build",
+                                      lambda: not config.overwrite and is_complete_store(config.out)))
       return _plan(config)
 
     # Process 0 takes the lock and plans first (preparing a dataset in a shared data dir), then the others plan;
