@@ -1,7 +1,14 @@
 """TFDS datasets prepared in a data dir with `file_format="array_record"`, read by batched random access without
 TensorFlow, and `digits`, the embedded offline dataset (scikit-learn's 8x8 digits as a TFDS builder, prepared on
-first use). Any dataset name without a prefix is one of these."""
+first use). Any dataset name without a prefix is one of these.
 
+Processes that find `digits` unprepared in the same data dir prepare it one at a time: the first holds an `flock` on
+`DATA_DIR/digits/VERSION.lock` while it prepares (TFDS writes into a temporary folder and renames it into place,
+which only one can do), and the others, waiting on that lock, then find it prepared and read it.
+"""
+
+import contextlib
+import fcntl
 import json
 import os
 
@@ -137,15 +144,45 @@ def _offline_preparation_hint(name: str, data_dir: str | None) -> str:
       f"to this machine and pass --data-dir DIR (looked in {target}).")
 
 
+@contextlib.contextmanager
+def _preparing(path: str):
+  """Holds an exclusive `flock` on `path.lock` (waiting for another process that holds it), where `path` is local;
+  on an object store, nothing (two first preparations there may still race)."""
+  if "://" in path:
+    yield
+    return
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fd = os.open(path + ".lock", os.O_CREAT | os.O_RDWR, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      logger(__name__).info(f"waiting for another process that is preparing {path}")
+      fcntl.flock(fd, fcntl.LOCK_EX)
+    yield
+  finally:
+    os.close(fd)  # Drops the lock; the file stays, so no waiter ever locks a file that was replaced.
+
+
+def _prepared_digits(data_dir: str | None):
+  """The `digits` builder, prepared in `data_dir` (by this process, or by another one while this one waited)."""
+  builder = digits_lib.Digits(data_dir=data_dir, file_format="array_record")
+  if builder.is_prepared():
+    return builder
+  with _preparing(os.fspath(builder.data_dir)):
+    builder = digits_lib.Digits(data_dir=data_dir, file_format="array_record")  # Reads what another one prepared.
+    if not builder.is_prepared():
+      logger(__name__).info(f"preparing the embedded digits dataset in {builder.data_dir}")
+      tfds.disable_progress_bar()
+      builder.download_and_prepare()
+  return builder
+
+
 def _open_builder(name: str, data_dir: str | None):
   """Opens a TFDS builder; returns (split -> TfdsSource, num_classes)."""
   try:
     if name == "digits":
-      builder = digits_lib.Digits(data_dir=data_dir, file_format="array_record")
-      if not builder.is_prepared():
-        logger(__name__).info(f"preparing the embedded digits dataset in {builder.data_dir}")
-        tfds.disable_progress_bar()
-        builder.download_and_prepare()
+      builder = _prepared_digits(data_dir)
     else:
       builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
