@@ -5,24 +5,33 @@ A job's processes are started alike, each told the coordinator (process 0's host
 and its own index; with `--coordinator auto`, and by default in a multi-task `srun` step, JAX's cluster detection
 (`jax.distributed.initialize()`) reads them from the environment instead.
 A process that dies is noticed by the others within the heartbeat timeout, and they exit non-zero rather than wait.
+
+With `--coordinator HOST:PORT`, the processes first meet in a handshake of their own on that port (before JAX's
+coordination service takes it): process 0 waits for one hello from each other index, the others for process 0's
+answer, each for at most `--join-timeout` seconds. A process that does not come, an index given twice, or another
+`--num-processes` is so one line in every process that waits, where JAX, left to find it, aborts after its
+initialization timeout with a C++ stack dump (its failure callback cannot be caught from Python).
 """
 
 import dataclasses
 import json
 import os
 import signal
+import socket
+import time
 
 import jax
 import numpy as np
 
 from shared.errors import StillroomError
 from shared.log import logger
-from shared.options import DEFAULT_HEARTBEAT_SECONDS
+from shared.options import DEFAULT_HEARTBEAT_SECONDS, DEFAULT_JOIN_SECONDS
 from shared.settings import flag_of, names_where
 
 MESSAGE_CHARS = 1024  # Of a failing process's error, shared with the others.
-JOIN_SECONDS = 300  # JAX's default: processes of a cluster job may start minutes apart.
 AUTO = "auto"
+HELLO_BYTES = 4096  # A handshake message (one JSON line) is never longer.
+RETRY_SECONDS = 0.5  # Between a process's attempts to reach process 0 while it has not started yet.
 
 
 def _on_a_cluster() -> bool:
@@ -32,32 +41,37 @@ def _on_a_cluster() -> bool:
 
 
 def initialize(coordinator: str | None, num_processes: int | None, process_id: int | None,
-               heartbeat_seconds: int = DEFAULT_HEARTBEAT_SECONDS) -> None:
+               heartbeat_seconds: int = DEFAULT_HEARTBEAT_SECONDS, join_seconds: int = DEFAULT_JOIN_SECONDS) -> None:
   """Joins this process to its job, if it is one of several; a no-op for a single process, or when it has joined.
 
   Must run before anything uses JAX's devices.
 
   Raises:
-    StillroomError: an incomplete or inconsistent set of flags.
+    StillroomError: an incomplete or inconsistent set of flags; with --coordinator HOST:PORT, a job that is not
+      complete within `join_seconds` (a process missing), an index given to two processes, or processes started
+      with different --num-processes (see `_handshake`).
   """
   if jax.distributed.is_initialized():
     return
   if heartbeat_seconds < 1:
     raise StillroomError(f"--heartbeat-timeout must be >= 1 second, got {heartbeat_seconds}.")
+  if join_seconds < 1:
+    raise StillroomError(f"--join-timeout must be >= 1 second, got {join_seconds}.")
+  join = lambda how, *args, **kwargs: _join(heartbeat_seconds, join_seconds, how, *args, **kwargs)  # noqa: E731
   given = {"--num-processes": num_processes, "--process-id": process_id}
   if coordinator == AUTO:
     if any(v is not None for v in given.values()):
       raise StillroomError(f"--coordinator {AUTO} takes the job from the environment: drop "
                            f"{', '.join(k for k, v in given.items() if v is not None)}.")
-    _join(heartbeat_seconds, "JAX's cluster detection (--coordinator auto)")
+    join("JAX's cluster detection (--coordinator auto)")
     return
   if coordinator is None:
     if any(v is not None for v in given.values()):
       raise StillroomError(f"{', '.join(k for k, v in given.items() if v is not None)} needs --coordinator "
                            "HOST:PORT.")
     if _on_a_cluster():
-      _join(heartbeat_seconds, f"SLURM_STEP_NUM_TASKS={os.environ['SLURM_STEP_NUM_TASKS']}: one task of a multi-task "
-                               "srun step (run a single build outside srun, or with --ntasks 1)")
+      join(f"SLURM_STEP_NUM_TASKS={os.environ['SLURM_STEP_NUM_TASKS']}: one task of a multi-task srun step (run a "
+           "single build outside srun, or with --ntasks 1)")
     return
   missing = [k for k, v in given.items() if v is None]
   if missing:
@@ -71,8 +85,9 @@ def initialize(coordinator: str | None, num_processes: int | None, process_id: i
     raise StillroomError(f"--process-id must be in 0..{num_processes - 1} (--num-processes {num_processes}), got "
                          f"{process_id}.")
   if num_processes > 1:
-    _join(heartbeat_seconds, f"process {process_id} of {num_processes}, coordinator {coordinator}", coordinator,
-          num_processes=num_processes, process_id=process_id)
+    how = f"process {process_id} of {num_processes}, coordinator {coordinator}"
+    _handshake(host, int(port), num_processes, process_id, join_seconds, how)
+    join(how, coordinator, num_processes=num_processes, process_id=process_id)
 
 
 def one_process_only(command: str) -> None:
@@ -87,15 +102,128 @@ def one_process_only(command: str) -> None:
                          "tasks of an srun step: start it with `srun --ntasks 1`, or outside srun.")
 
 
-def _join(heartbeat_seconds: int, how: str, *args, **kwargs) -> None:
+def _handshake(host: str, port: int, num_processes: int, process_id: int, join_seconds: int, how: str) -> None:
+  """The processes of a job meet on the coordinator's port before JAX does: process 0 listens there and takes one
+  hello (a JSON line: index, process count, host) from each of the other indices, then answers each, "ok" or the
+  job's error, and closes the port for JAX's service; every other process connects (again and again until process 0
+  listens) and waits for its answer. Each waits at most `join_seconds` in all.
+
+  Raises:
+    StillroomError: in process 0, a process missing after `join_seconds` (naming the indices that did not come), an
+      index that came twice, a hello of another process count (the same error is every waiting process's answer);
+      in another process, that answer, or no answer within `join_seconds`.
+  """
+  deadline = time.monotonic() + join_seconds
+  logger(__name__).info(f"joining a multi-process job ({how}); waiting up to {join_seconds} s for every process")
+  if process_id == 0:
+    _gather_hellos(port, num_processes, deadline, join_seconds)
+  else:
+    _say_hello(host, port, {"process_id": process_id, "num_processes": num_processes, "host": socket.gethostname()},
+               deadline, join_seconds)
+
+
+def _gather_hellos(port: int, num_processes: int, deadline: float, join_seconds: int) -> None:
+  """Process 0's side of `_handshake`."""
+  try:
+    server = socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True) \
+        if socket.has_dualstack_ipv6() else socket.create_server(("", port))
+  except OSError as e:
+    raise StillroomError(f"process 0 cannot listen on port {port} ({os.strerror(e.errno) if e.errno else e}): another "
+                         "program holds it (is another process started with --process-id 0?); give --coordinator "
+                         "another port.") from e
+  seen: dict[int, str] = {}  # Index -> where its hello came from.
+  connections: list[socket.socket] = []  # Each waits for the answer.
+  problem = None
+  with server:
+    while problem is None and len(seen) < num_processes - 1:
+      left = deadline - time.monotonic()
+      if left <= 0:
+        missing = [k for k in range(1, num_processes) if k not in seen]
+        problem = (f"process(es) {', '.join(map(str, missing))} of {num_processes} did not join within "
+                   f"{join_seconds} s: start every --process-id 0..{num_processes - 1} with the same --coordinator "
+                   "(or raise --join-timeout)")
+        break
+      server.settimeout(left)
+      try:
+        connection, (address, *_) = server.accept()
+      except TimeoutError:
+        continue
+      hello = _receive(connection, min(left, 10.0))
+      if not isinstance(hello, dict) or not isinstance(hello.get("process_id"), int):
+        connection.close()  # Not one of the job's processes (a port scanner, a stray client): ignored.
+        continue
+      connections.append(connection)
+      k, where = hello["process_id"], f"{hello.get('host')} ({address.removeprefix('::ffff:')})"
+      if hello.get("num_processes") != num_processes:
+        problem = (f"process {k} on {where} was started with --num-processes {hello.get('num_processes')}, process 0 "
+                   f"with {num_processes}: start every process with the same flags")
+      elif k in seen:
+        problem = (f"--process-id {k} was given to two processes (on {seen[k]} and {where}): give each process of "
+                   f"the job its own index in 0..{num_processes - 1}")
+      seen[k] = where
+  answer = json.dumps({"ok": True} if problem is None else {"error": problem}).encode() + b"\n"
+  for connection in connections:
+    try:
+      connection.sendall(answer)
+    except OSError:
+      pass  # That process has gone; JAX's join, or its absence, shows it.
+    finally:
+      connection.close()
+  if problem is not None:
+    raise StillroomError(f"cannot start the multi-process job: {problem}.")
+
+
+def _say_hello(host: str, port: int, hello: dict, deadline: float, join_seconds: int) -> None:
+  """The side of `_handshake` of a process other than 0."""
+  while True:
+    left = deadline - time.monotonic()
+    if left <= 0:
+      raise StillroomError(f"cannot join the multi-process job: process 0 at {host}:{port} did not take this process "
+                           f"(--process-id {hello['process_id']}) in within {join_seconds} s. Is process 0 running, "
+                           "with the same --coordinator, and is this index not taken by another process (each "
+                           f"process needs its own --process-id in 0..{hello['num_processes'] - 1})?")
+    try:
+      with socket.create_connection((host, port), timeout=min(left, 10.0)) as connection:
+        connection.sendall(json.dumps(hello).encode() + b"\n")
+        answer = _receive(connection, deadline - time.monotonic())
+    except OSError:  # Process 0 has not started listening yet (or no longer listens): try again.
+      answer = None
+    if isinstance(answer, dict) and answer.get("ok"):
+      return
+    if isinstance(answer, dict) and "error" in answer:
+      raise StillroomError(f"cannot start the multi-process job: {answer['error']}.")
+    time.sleep(min(RETRY_SECONDS, max(0.0, deadline - time.monotonic())))
+
+
+def _receive(connection: socket.socket, seconds: float):
+  """One JSON line from `connection` within `seconds`, or None (timed out, closed, not JSON)."""
+  data = b""
+  end = time.monotonic() + max(seconds, 0.0)
+  try:
+    while b"\n" not in data and len(data) < HELLO_BYTES:
+      left = end - time.monotonic()
+      if left <= 0:
+        return None
+      connection.settimeout(left)
+      chunk = connection.recv(HELLO_BYTES)
+      if not chunk:
+        return None
+      data += chunk
+    return json.loads(data.split(b"\n", 1)[0])
+  except (OSError, ValueError):
+    return None
+
+
+def _join(heartbeat_seconds: int, join_seconds: int, how: str, *args, **kwargs) -> None:
   """`jax.distributed.initialize`, with its failures (no job found, no coordinator) as one-line errors. The
   shutdown barrier waits no longer than a heartbeat, so a process that failed does not hold the job for JAX's
   default five minutes."""
-  logger(__name__).info(f"joining a multi-process job ({how}); waiting up to {JOIN_SECONDS} s for every process")
+  if not args:  # A job JAX detects: no handshake (see `_handshake`) said so.
+    logger(__name__).info(f"joining a multi-process job ({how}); waiting up to {join_seconds} s for every process")
   # While JAX waits in C++ for the others, Python's Ctrl-C handler cannot run: let Ctrl-C end the process at once.
   interrupt = signal.signal(signal.SIGINT, signal.SIG_DFL)
   try:
-    jax.distributed.initialize(*args, heartbeat_timeout_seconds=heartbeat_seconds, initialization_timeout=JOIN_SECONDS,
+    jax.distributed.initialize(*args, heartbeat_timeout_seconds=heartbeat_seconds, initialization_timeout=join_seconds,
                                shutdown_timeout_seconds=heartbeat_seconds, **kwargs)
   except (ValueError, RuntimeError) as e:
     raise StillroomError(f"cannot join the multi-process job ({how}): {str(e).splitlines()[0][:300]}; outside a "

@@ -9,11 +9,12 @@ import dataclasses
 
 from shared.augment import DEFAULT_CROP_AREA, DEFAULT_CROP_ASPECT
 from shared.data import NO_EVAL
-from shared.settings import setting, workers_check
+from shared.settings import at_least, setting, workers_check
 
 DEFAULT_DATASET = "digits"  # The embedded dataset: every command runs without downloads or files.
 DEFAULT_SPLIT = "train"
 DEFAULT_HEARTBEAT_SECONDS = 60
+DEFAULT_JOIN_SECONDS = 300  # JAX's default: processes of a cluster job may start minutes apart.
 
 # The commands, as `setting(commands=...)` names them; `demo.STAGE` are the demo's --STAGE-* options.
 FIT, SWEEP, EVAL, DEMO = "fit", "sweep", "eval", "demo"
@@ -99,6 +100,10 @@ class JobSettings:
   heartbeat_timeout: int = setting(DEFAULT_HEARTBEAT_SECONDS, "seconds after which the other processes of a job give "
                                                               "up on one that stopped answering", metavar="SECONDS",
                                    group="job", commands=(FIT, BUILD), identity=False)
+  join_timeout: int = setting(DEFAULT_JOIN_SECONDS, "seconds a process of a job waits for the others to join (process "
+                                                    "0 for every other process, the others for process 0) before it "
+                                                    "gives up", metavar="SECONDS", group="job", commands=(FIT, BUILD),
+                              identity=False, check=at_least(1, "second"))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -101,7 +101,8 @@ def fit(config: FitConfig, *, log_epochs: bool = True, on_epoch: EpochCallback |
   `shared.distributed`): they train on one mesh over all their devices, each reading and rendering its part of
   every batch; process 0 writes the run dir's files, and every process takes part in its checkpoints.
   """
-  distributed.initialize(config.coordinator, config.num_processes, config.process_id, config.heartbeat_timeout)
+  distributed.initialize(config.coordinator, config.num_processes, config.process_id, config.heartbeat_timeout,
+                         config.join_timeout)
   distributed.check_same_settings(config)
   return fit_group([config], log_epochs=log_epochs, on_epoch=on_epoch)[0]
 

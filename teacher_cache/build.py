@@ -562,7 +562,8 @@ def build_cache(config: BuildConfig) -> str:
   check_settings(config)
   if not config.teachers:
     raise StillroomError("give at least one --teacher (a run dir or module:function).")
-  distributed.initialize(config.coordinator, config.num_processes, config.process_id, config.heartbeat_timeout)
+  distributed.initialize(config.coordinator, config.num_processes, config.process_id, config.heartbeat_timeout,
+                         config.join_timeout)
   distributed.check_same_settings(config)
   first = distributed.is_first()
   with contextlib.ExitStack() as lock:
