@@ -17,6 +17,7 @@ import zarr
 from conftest import digits_cache, make_teacher, run_cli, tree_digest
 
 from shared.cache import COMPLETE_KEY, SPEC_KEY
+from shared.errors import StillroomError
 from student_train.cli import main as student_main
 from teacher_cache.cli import main as cache_main
 
@@ -664,6 +665,258 @@ def _(env, tmp_path, mp):
   return (cache_main, _build(env, tmp_path / "c.zarr", teachers=[env.flat_teacher]), 2,
           r"teacher 'flat_teacher' \(mlp-small\) takes inputs of shape \(6,\), but 'digits' holds inputs of shape "
           r"\(8, 8, 1\)", [Absent(tmp_path / "c.zarr")])
+
+
+# --- metrics, overwrite, read-only, processes ---------------------------------------------------------------------
+
+def _unlabeled_npz(tmp_path, rows=20) -> str:
+  """Flat inputs like `env.npz_ok`'s (6 features), without labels."""
+  path = tmp_path / "unlabeled.npz"
+  np.savez(path, x=np.random.default_rng(1).normal(size=(rows, 6)).astype(np.float32))
+  return f"npz:{path}"
+
+
+def _free_port() -> int:
+  with __import__("socket").socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@fault("eval --batch-size 0")
+def _(env, tmp_path, mp):
+  return (student_main, ["eval", env.run, "--data-dir", env.data_dir, "--batch-size", "0"], 2,
+          r"--batch-size must be >= 1, got 0", [env.run])
+
+
+@fault("models --input-shape a,b")
+def _(env, tmp_path, mp):
+  return (student_main, ["models", "--input-shape", "a,b"], 2,
+          r"--input-shape must be positive integers separated by commas, e\.g\. 8,8,1; got 'a,b'", [])
+
+
+@fault("models --input-shape 8,0")
+def _(env, tmp_path, mp):
+  return cache_main, ["models", "--input-shape", "8,0"], 2, r"--input-shape must be positive integers", []
+
+
+@fault("models --num-classes 1")
+def _(env, tmp_path, mp):
+  return student_main, ["models", "--num-classes", "1"], 2, r"--num-classes must be >= 2 \(a classifier\), got 1", []
+
+
+@fault("a teacher factory that raises")
+def _(env, tmp_path, mp):
+  (tmp_path / "raising_teacher.py").write_text("def make():\n  raise RuntimeError('no weights here')\n")
+  mp.chdir(tmp_path)
+  return (cache_main, _build(env, tmp_path / "c.zarr", teachers=["raising_teacher:make"]), 2,
+          r"teacher 'raising_teacher:make'\(\) failed: RuntimeError: no weights here; fix the function",
+          [Absent(tmp_path / "c.zarr")])
+
+
+@fault("a demo evaluated on an unlabeled split")
+def _(env, tmp_path, mp):
+  from stillroom.cli import student_train_main  # The command line with `demo`.
+  return (student_train_main, ["demo", "--dataset", env.npz_ok, "--train-split", "train", "--eval-dataset",
+                         _unlabeled_npz(tmp_path), "--test-split", "train", "--work-dir", tmp_path / "work",
+                         "--results-dir", tmp_path / "results"], 2,
+          r"unlabeled\.npz' 'train' is unlabeled; the demo compares accuracies on it",
+          [Absent(tmp_path / "work"), Absent(tmp_path / "results")])
+
+
+@fault("a job whose process 1 never joins")
+def _(env, tmp_path, mp):
+  return (student_main, _fit(env, "--dataset", env.npz_ok, "--coordinator", f"127.0.0.1:{_free_port()}",
+                             "--num-processes", "2", "--process-id", "0", "--join-timeout", "1", "--out",
+                             tmp_path / "r"), 2,
+          r"cannot start the multi-process job: process\(es\) 1 of 2 did not join within 1 s", [Absent(tmp_path / "r")])
+
+
+@fault("a job whose process 0 never comes")
+def _(env, tmp_path, mp):
+  return (cache_main, ["build", "--dataset", env.npz_ok, "--teacher", env.flat_teacher, "--coordinator",
+                       f"127.0.0.1:{_free_port()}", "--num-processes", "3", "--process-id", "2", "--join-timeout",
+                       "1", "--out", tmp_path / "c.zarr"], 2,
+          r"process 0 at 127\.0\.0\.1:\d+ did not take this process \(--process-id 2\) in within 1 s",
+          [Absent(tmp_path / "c.zarr")])
+
+
+@fault("fit --join-timeout 0")
+def _(env, tmp_path, mp):
+  return (student_main, _fit(env, "--dataset", env.npz_ok, "--coordinator", "127.0.0.1:1", "--num-processes", "2",
+                             "--process-id", "1", "--join-timeout", "0", "--out", tmp_path / "r"), 2,
+          r"--join-timeout must be >= 1 second, got 0", [Absent(tmp_path / "r")])
+
+
+def test_an_unlabeled_eval_set_reports_no_metrics_that_need_labels(env, tmp_path, capsys):
+  """Accuracy, nll and ece are absent (not 0) from every metrics line, final.json and the log line; what needs no
+  labels stays: the agreement with the teachers where the cache holds their logits on the eval set. A sweep's report
+  shows empty cells, not 0 or nan."""
+  unlabeled = _unlabeled_npz(tmp_path)
+  code, _, err = run_cli(student_main, ["fit", "--dataset", env.npz_ok, "--eval-dataset", unlabeled, "--model",
+                                        "mlp-tiny", "--epochs", "2", "--no-progress", "--out", tmp_path / "r"], capsys)
+  assert code == 0, err
+  assert "unlabeled.npz 'train' is unlabeled: no eval metrics are reported (accuracy, nll and ece need labels)" in err
+  assert "eval accuracy" not in err and "nll" not in err.split("need labels")[1]
+  lines = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")]
+  final = json.load(open(tmp_path / "r" / "final.json"))
+  assert len(lines) == 2 and not [key for line in lines + [final] for key in line if key.startswith("eval_")]
+  store = str(tmp_path / "c.zarr")
+  assert run_cli(cache_main, ["build", "--dataset", env.npz_ok, "--teacher", env.flat_teacher, "--eval-dataset",
+                              unlabeled, "--out", store, "--no-progress"], capsys)[0] == 0
+  code, _, err = run_cli(student_main, ["sweep", "--cache", store, "--grid", "temperature=1,2", "--model", "mlp-tiny",
+                                        "--epochs", "1", "--no-progress", "--out", tmp_path / "s"], capsys)
+  assert code == 0, err
+  assert "eval accuracy, nll and ece (which need labels) are not reported; eval_teacher_agreement is" in err
+  for run in ("temperature=1,seed=0", "temperature=2,seed=0"):
+    final = json.load(open(tmp_path / "s" / run / "final.json"))
+    assert {key for key in final if key.startswith("eval_")} == {"eval_count", "eval_teacher_agreement"}
+    assert final["eval_count"] == 20 and 0 <= final["eval_teacher_agreement"] <= 1
+  report = (tmp_path / "s" / "report.md").read_text()
+  assert "the eval data is unlabeled, so no run has an accuracy" in report and "nan" not in report
+  assert "| 1 | 1 |  |  |  |  |" in report
+  assert (tmp_path / "s" / "report.csv").read_text().splitlines()[1:] == ["1,1,,,,", "2,1,,,,"]
+
+
+def test_overwrite_keeps_what_stillroom_did_not_write(env, tmp_path, capsys):
+  """`fit --overwrite` and `build --overwrite` delete the run's or store's own files, keep a user's, name them, and
+  then write the new run or store beside them."""
+  run = tmp_path / "run"
+  shutil.copytree(env.run, run)
+  (run / "notes.txt").write_text("my notes")
+  (run / "plots").mkdir()
+  (run / "plots" / "curve.png").write_bytes(b"png")
+  code, _, err = run_cli(student_main, _fit(env, "--dataset", "digits", "--split", "train[:100]", "--overwrite",
+                                            "--out", run), capsys)
+  assert code == 0, err
+  assert (f"--overwrite: removing the run dir {run}, keeping what stillroom did not write there: notes.txt, plots/"
+          in err)
+  assert (run / "notes.txt").read_text() == "my notes" and (run / "plots" / "curve.png").read_bytes() == b"png"
+  assert json.load(open(run / "config.json"))["resolved"]["dataset"]["split"] == "train[:100]"
+  assert [json.loads(line)["rows"] for line in open(run / "metrics.jsonl")] == [100]  # The new run's only.
+  assert sorted(os.listdir(run / "checkpoints")) == ["1"]
+  store = _copy_store(env, tmp_path)
+  (tmp_path / "c.zarr" / "README").write_text("what this cache is for")
+  code, _, err = run_cli(cache_main, _build(env, store, "--temperature", "2", "--overwrite"), capsys)
+  assert code == 0, err
+  assert "keeping what stillroom did not write there: README" in err
+  assert (tmp_path / "c.zarr" / "README").read_text() == "what this cache is for"
+  code, out, _ = run_cli(cache_main, ["verify", store, "--data-dir", env.data_dir], capsys)
+  assert code == 0 and "FAIL" not in out
+  code, _, err = run_cli(cache_main, ["info", store], capsys)
+  assert code == 0, err
+
+
+def test_clearing_a_run_dir_removes_all_that_fit_writes(env, tmp_path):
+  """`RUN_DIR_ENTRIES` names every file and folder a run dir holds (a finished run's and `run_dir`'s names)."""
+  from shared.outputs import RUN_DIR, RUN_DIR_ENTRIES, clear_for_overwrite
+  from shared.runs import CHECKPOINT_DIR, CONFIG_FILE
+  from student_train import run_dir
+  assert {CONFIG_FILE, CHECKPOINT_DIR, run_dir.MID_EPOCH_DIR, run_dir.METRICS_FILE, run_dir.TENSORBOARD_DIR,
+          run_dir.FINAL_FILE, run_dir.DIVERGED_FILE} == set(RUN_DIR_ENTRIES)
+  run = tmp_path / "run"
+  shutil.copytree(env.run, run)
+  (run / "metrics.jsonl.tmp").write_text("left by a kill")
+  (run / "mine").write_text("x")
+  clear_for_overwrite(str(run), RUN_DIR)
+  assert os.listdir(run) == ["mine"]
+  os.remove(run / "mine")
+  shutil.copytree(env.run, run, dirs_exist_ok=True)
+  clear_for_overwrite(str(run), RUN_DIR)
+  assert not os.path.exists(run)  # Nothing kept: the directory goes too.
+
+
+def test_a_finished_run_and_a_complete_store_on_a_read_only_mount_are_reopened(env, tmp_path, monkeypatch, capsys):
+  """Neither needs writing, so neither needs the writer's lock file, which cannot be created there; one that
+  does need writing is still refused with the file system's error."""
+  run, unfinished, store = tmp_path / "run", tmp_path / "unfinished", _copy_store(env, tmp_path)
+  shutil.copytree(env.run, run)
+  shutil.copytree(env.run, unfinished)
+  os.remove(unfinished / "final.json")
+  real_open = os.open
+
+  def read_only(path, *args, **kwargs):
+    if str(path).startswith(str(tmp_path)):
+      raise OSError(errno.EROFS, "Read-only file system", str(path))
+    return real_open(path, *args, **kwargs)
+
+  monkeypatch.setattr(os, "open", read_only)
+  before = tree_digest(tmp_path)
+  code, out, err = run_cli(student_main, _fit(env, "--dataset", "digits", "--split", "train[:200]", "--out", run),
+                           capsys)
+  assert code == 0, err
+  assert "cannot be written here (Read-only file system); it is finished, so it is only read" in err
+  assert json.loads(out)["epochs"] == 1
+  code, _, err = run_cli(cache_main, _build(env, store), capsys)
+  assert code == 0 and "is already complete with these settings; nothing to do" in err, err
+  code, _, err = run_cli(student_main, _fit(env, "--dataset", "digits", "--split", "train[:200]", "--out",
+                                            unfinished), capsys)  # Would resume: needs writing.
+  assert code == 2 and re.search(r"error: Read-only file system: .*unfinished\.lock", err), err
+  assert tree_digest(tmp_path) == before
+
+
+def test_a_real_read_only_run_dir_is_reopened(env, tmp_path, capsys):
+  """The same without a patch, where permissions bite (not as root)."""
+  if os.geteuid() == 0:
+    pytest.skip("root writes through read-only permissions; the patched test above covers it")
+  root = tmp_path / "ro"
+  root.mkdir()
+  shutil.copytree(env.run, root / "run")
+  for folder, _, names in os.walk(root):
+    for name in names:
+      os.chmod(os.path.join(folder, name), 0o444)
+  for folder, _, _ in os.walk(root):
+    os.chmod(folder, 0o555)
+  try:
+    code, _, err = run_cli(student_main, _fit(env, "--dataset", "digits", "--split", "train[:200]", "--out",
+                                              root / "run"), capsys)
+  finally:
+    for folder, _, _ in os.walk(root):
+      os.chmod(folder, 0o755)
+  assert code == 0 and "it is finished, so it is only read" in err, err
+
+
+def test_two_first_time_preparations_of_a_dataset_both_succeed(tmp_path):
+  """Two processes open `digits` in an empty data dir at once: one prepares it, the other waits, then reads it."""
+  code = ("import sys; from shared.data import open_transfer_set; "
+          "print(len(open_transfer_set('digits', 'train', sys.argv[1])))")
+  environment = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__)), "JAX_PLATFORMS": "cpu"}
+  both = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "data")], env=environment,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+  ended = [process.communicate(timeout=120) for process in both]
+  assert [process.returncode for process in both] == [0, 0], [err[-2000:] for _, err in ended]
+  assert [out.split()[-1] for out, _ in ended] == ["1437", "1437"]
+  assert not [name for name in os.listdir(tmp_path / "data" / "digits") if "incomplete" in name]
+
+
+def test_a_handshake_refuses_an_index_given_twice_and_another_process_count():
+  """Every waiting process of the job gets the one-line reason (in threads: the handshake is plain Python)."""
+  import threading
+  from shared import distributed
+
+  def job(*processes):
+    port, errors = _free_port(), {}
+
+    def one(k, index, count):
+      try:
+        distributed._handshake("127.0.0.1", port, count, index, 5, f"process {index}")
+        errors[k] = None
+      except StillroomError as e:
+        errors[k] = str(e)
+
+    threads = [threading.Thread(target=one, args=(k, *p)) for k, p in enumerate(processes)]
+    for thread in threads:
+      thread.start()
+    for thread in threads:
+      thread.join(timeout=20)
+    return [errors.get(k) for k in range(len(processes))]
+
+  errors = job((0, 3), (1, 3), (1, 3))
+  assert all(e and re.search(r"--process-id 1 was given to two processes \(on .* and .*\): give each process of "
+                             r"the job its own index in 0\.\.2", e) for e in errors), errors
+  errors = job((0, 2), (1, 3))
+  assert all(e and "process 1 on" in e and "was started with --num-processes 3, process 0 with 2" in e
+             for e in errors), errors
+  assert job((0, 3), (2, 3), (1, 3)) == [None, None, None]
 
 
 @pytest.mark.parametrize("name", list(FAULTS))
