@@ -171,7 +171,7 @@ class ObjectLease:
         break
       except FileNotFoundError as e:
         raise StillroomError(f"{self.output!r}: {e} (does the bucket exist?)") from e
-      except PermissionError as e:  # Read-only credentials.
+      except PermissionError:  # Read-only credentials.
         if _read_only_done(self.output, self.done, "no permission to write"):
           return self
         raise

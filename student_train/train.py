@@ -489,7 +489,7 @@ def _evaluates(run: "_Training") -> bool:
 def _evaluate(run: _Training, epoch: int, totals: dict, seconds: float) -> None:
   """Each run's metrics line of the epoch (with the eval split's metrics), appended to its metrics.jsonl, logged and
   handed to `on_epoch`."""
-  first, group = run.first, run.group
+  group = run.group
   eval_log_probs = None if not _evaluates(run) else predict_log_probs(
       run.predict, run.stacked, run.eval_render, run.config.batch_size, run.mesh)
   lines = {}

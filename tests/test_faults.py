@@ -889,11 +889,12 @@ def test_two_first_time_preparations_of_a_dataset_both_succeed(tmp_path):
 
 
 def test_a_handshake_refuses_an_index_given_twice_and_another_process_count():
-  """Every waiting process of the job gets the one-line reason (in threads: the handshake is plain Python)."""
+  """Every waiting process of the job gets the one-line reason (in threads: the handshake is plain Python). The
+  others may start before process 0 listens, and a stray client on the port is ignored."""
   import threading
   from shared import distributed
 
-  def job(*processes):
+  def job(*processes, stray=False):
     port, errors = _free_port(), {}
 
     def one(k, index, count):
@@ -904,8 +905,22 @@ def test_a_handshake_refuses_an_index_given_twice_and_another_process_count():
         errors[k] = str(e)
 
     threads = [threading.Thread(target=one, args=(k, *p)) for k, p in enumerate(processes)]
-    for thread in threads:
-      thread.start()
+    if stray:  # Process 0, then a client that is none of the job's processes, then the others.
+      threads[0].start()
+      for _ in range(100):
+        try:
+          with __import__("socket").create_connection(("127.0.0.1", port), timeout=5) as connection:
+            connection.sendall(b"GET / HTTP/1.0\r\n\r\n")
+          break
+        except ConnectionRefusedError:
+          __import__("time").sleep(0.05)
+      for thread in threads[1:]:
+        thread.start()
+    else:  # The others first: they try again until process 0 listens.
+      for thread in threads[1:]:
+        thread.start()
+      __import__("time").sleep(1.0)
+      threads[0].start()
     for thread in threads:
       thread.join(timeout=20)
     return [errors.get(k) for k in range(len(processes))]
@@ -916,7 +931,40 @@ def test_a_handshake_refuses_an_index_given_twice_and_another_process_count():
   errors = job((0, 2), (1, 3))
   assert all(e and "process 1 on" in e and "was started with --num-processes 3, process 0 with 2" in e
              for e in errors), errors
-  assert job((0, 3), (2, 3), (1, 3)) == [None, None, None]
+  assert job((0, 3), (2, 3), (1, 3), stray=True) == [None, None, None]
+
+
+def test_overwrite_deletes_what_marks_the_output_finished_first_and_what_makes_it_ours_last(env, tmp_path,
+                                                                                            monkeypatch):
+  """A kill while clearing leaves no finished run or complete store, and still a run dir or store (zarr.json,
+  config.json) that --overwrite clears again."""
+  from shared import outputs, storage
+  removed = []
+  real_file, real_tree = storage.remove_file, storage.remove_tree
+  monkeypatch.setattr(storage, "remove_file", lambda path: (removed.append(os.path.basename(path)), real_file(path)))
+  monkeypatch.setattr(storage, "remove_tree", lambda path: (removed.append(os.path.basename(path)), real_tree(path)))
+  run = tmp_path / "run"
+  shutil.copytree(env.run, run)
+  outputs.clear_for_overwrite(str(run), outputs.RUN_DIR)
+  assert removed[0] == "final.json" and removed[-2:] == ["config.json", "run"], removed
+  removed.clear()
+  outputs.clear_for_overwrite(_copy_store(env, tmp_path), outputs.STORE)
+  assert removed[-2:] == ["zarr.json", "c.zarr"] and "targets" in removed, removed
+
+
+def test_an_object_store_lease_is_skipped_only_for_a_finished_output(monkeypatch):
+  """With read-only credentials (PermissionError on the lease's create) a finished output is read without the
+  lease; an unfinished one is refused with the store's error."""
+  from shared import outputs
+
+  def denied(self, **conditions):
+    raise PermissionError("Access Denied")
+
+  monkeypatch.setattr(outputs.ObjectLease, "_put", denied)
+  lease = outputs.OutputLock("s3://bucket/runs/r", "student-train fit", lambda: True).acquire()
+  lease.release()
+  with pytest.raises(PermissionError):
+    outputs.OutputLock("s3://bucket/runs/r", "student-train fit", lambda: False).acquire()
 
 
 @pytest.mark.parametrize("name", list(FAULTS))
