@@ -854,25 +854,49 @@ def test_a_finished_run_and_a_complete_store_on_a_read_only_mount_are_reopened(e
   assert tree_digest(tmp_path) == before
 
 
-def test_a_real_read_only_run_dir_is_reopened(env, tmp_path, capsys):
-  """The same without a patch, where permissions bite (not as root)."""
+@pytest.fixture
+def read_only_mount(tmp_path):
+  """A folder and a read-only view of it: a read-only bind mount where the machine lets tests mount (as root, whom
+  permissions do not stop), else the folder itself with write permission taken away; skipped where neither bites."""
+  source, view = tmp_path / "source", tmp_path / "view"
+  source.mkdir()
+  view.mkdir()
   if os.geteuid() == 0:
-    pytest.skip("root writes through read-only permissions; the patched test above covers it")
-  root = tmp_path / "ro"
-  root.mkdir()
-  shutil.copytree(env.run, root / "run")
-  for folder, _, names in os.walk(root):
-    for name in names:
-      os.chmod(os.path.join(folder, name), 0o444)
-  for folder, _, _ in os.walk(root):
-    os.chmod(folder, 0o555)
-  try:
-    code, _, err = run_cli(student_main, _fit(env, "--dataset", "digits", "--split", "train[:200]", "--out",
-                                              root / "run"), capsys)
-  finally:
-    for folder, _, _ in os.walk(root):
-      os.chmod(folder, 0o755)
+    mounted = subprocess.run(["mount", "--bind", str(source), str(view)], capture_output=True).returncode == 0
+    if not mounted:
+      pytest.skip("root writes through permissions, and cannot mount here; the patched test above covers it")
+    yield source, view, lambda: subprocess.run(["mount", "-o", "remount,ro,bind", str(view)], check=True)
+    subprocess.run(["umount", str(view)], check=False)
+    return
+
+  def take_write_permission():
+    for folder, _, names in os.walk(view):
+      for name in names:
+        os.chmod(os.path.join(folder, name), 0o444)
+      os.chmod(folder, 0o555)
+
+  os.rmdir(view)
+  os.symlink(source, view)
+  yield source, view, take_write_permission
+  for folder, _, _ in os.walk(source):
+    os.chmod(folder, 0o755)
+
+
+def test_a_real_read_only_run_dir_and_store_are_reopened(env, read_only_mount, capsys):
+  """The same as the patched test above on a real read-only mount (or folder without write permission)."""
+  source, view, make_read_only = read_only_mount
+  shutil.copytree(env.run, source / "run")
+  shutil.copytree(env.store, source / "c.zarr")
+  make_read_only()
+  with pytest.raises(OSError):
+    open(view / "probe", "w")
+  code, _, err = run_cli(student_main, _fit(env, "--dataset", "digits", "--split", "train[:200]", "--out",
+                                            view / "run"), capsys)
   assert code == 0 and "it is finished, so it is only read" in err, err
+  code, _, err = run_cli(cache_main, _build(env, view / "c.zarr"), capsys)
+  assert code == 0 and "is already complete with these settings; nothing to do" in err, err
+  code, out, err = run_cli(student_main, ["eval", view / "run", "--data-dir", env.data_dir], capsys)
+  assert code == 0 and "accuracy" in out, err
 
 
 def test_two_first_time_preparations_of_a_dataset_both_succeed(tmp_path):
