@@ -415,10 +415,6 @@ class CheckpointFolder:
   def save(self, step: int, args: ocp.args.Composite, force: bool = False) -> None:
     """Saves checkpoint `step` (every process of a job; see `checkpoint_manager`), then lists it with its digests
     and drops from the list the steps orbax deleted (process 0)."""
-    listed = self.listed() if is_first() else None
-    if listed is not None and step in listed:  # Saved again: unlisted while it is replaced.
-      self._write({s: files for s, files in listed.items() if s != step})
-    self._checked.discard(step)
     self.manager.save(step, args=args, force=force)
     self.manager.wait_until_finished()
     if is_first():

@@ -799,6 +799,14 @@ def _(env, tmp_path, mp):
           r"is missing; " + RETRAIN_TEACHER, [run])
 
 
+@fault("resume of a run whose newest checkpoint was deleted")
+def _(env, tmp_path, mp):
+  run = _run_copy(env, tmp_path, unfinished=True)
+  shutil.rmtree(os.path.join(run, CHECKPOINT))
+  return (student_main, _resume(env, run), 2, r"its newest checkpoint, checkpoints/1 \(listed in checkpoints\.json\), "
+          r"is missing; " + RETRAIN, [run])
+
+
 @fault("export of a run without digests whose newest checkpoint was deleted")
 def _(env, tmp_path, mp):
   run = _run_copy(env, tmp_path)
@@ -1143,6 +1151,44 @@ def test_saves_killed_before_they_are_listed_resume_as_if_they_never_happened(en
   jax.tree.map(np.testing.assert_array_equal, *params)  # Bitwise.
   assert sorted(json.load(open(killed / "checkpoints.json"))["checkpoints"]) == ["1", "2"]
   assert json.load(open(killed / "checkpoints_mid.json"))["checkpoints"] == {}
+
+
+def test_the_digests_list_exactly_the_checkpoints_kept(tmp_path, monkeypatch):
+  """A folder's digests list each save once orbax has finished it, and drop the steps orbax deleted (max_to_keep); a
+  save interrupted before it is listed is not committed; a deleted step is unlisted; a folder of an earlier
+  stillroom (no list) has its checkpoints listed without digests by its first save."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  from shared.runs import CheckpointFolder  # pylint: disable=import-outside-toplevel
+  run = str(tmp_path / "run")
+  folder = CheckpointFolder(run, "ckpts", max_to_keep=2)
+
+  def save(step: int) -> None:
+    folder.save(step, ocp.args.Composite(state=ocp.args.StandardSave({"w": np.full(3, step, np.float32)})))
+
+  def listed() -> dict:
+    return json.load(open(os.path.join(run, "ckpts.json")))["checkpoints"]
+
+  assert listed() == {}  # Made with the folder: from then on, what it lists is committed.
+  save(1)
+  os.remove(os.path.join(run, "ckpts.json"))  # As an earlier stillroom left it.
+  save(2)
+  assert listed()["1"] == {"files": None} and listed()["2"]["files"] == {
+      path: {"sha256": digest, "bytes": size} for path, digest in tree_digest(os.path.join(run, "ckpts", "2")).items()
+      for size in [os.path.getsize(os.path.join(run, "ckpts", "2", path))]}
+  save(3)
+  assert sorted(listed()) == ["2", "3"] and folder.on_disk() == [2, 3]  # orbax deleted 1.
+  monkeypatch.setattr(CheckpointFolder, "_digests", lambda self, step: (_ for _ in ()).throw(_Killed()))
+  with pytest.raises(_Killed):
+    save(4)
+  monkeypatch.undo()
+  # Killed after orbax saved 4 and deleted 2: 2 is listed but absent, 4 present but not listed.
+  assert folder.on_disk() == [3, 4] and sorted(listed()) == ["2", "3"]
+  assert folder.committed() == [3] and folder.uncommitted() == [4] and folder.newest() == 3
+  folder.delete([3, 4])
+  assert sorted(listed()) == ["2"] and folder.on_disk() == []
+  save(5)
+  assert sorted(listed()) == ["5"]
+  folder.close()
 
 
 def test_a_run_dir_without_digests_stays_readable_and_resumable(env, tmp_path, capsys):
