@@ -71,19 +71,27 @@ def test_export_refuses_an_unknown_format_and_an_existing_file(run, tmp_path, ca
   assert (tmp_path / "student.npz").read_bytes() == b"mine"
 
 
-def test_a_deleted_newest_checkpoint_is_refused_and_epoch_picks_another(run, tmp_path, data_dir, capsys):
-  """With its newest checkpoint gone, eval and export refuse the run naming it, rather than use epoch 1's; with
-  --epoch 1 they use epoch 1's, whose test accuracy is the one the run measured after epoch 1 (metrics.jsonl)."""
+def test_a_damaged_or_deleted_newest_checkpoint_is_refused_and_epoch_picks_another(run, tmp_path, data_dir, capsys):
+  """With its newest checkpoint damaged, or gone, eval and export refuse the run naming it, rather than use epoch
+  1's; with --epoch 1 they use epoch 1's, whose test accuracy is the one the run measured after epoch 1
+  (metrics.jsonl)."""
   copy = str(tmp_path / "run")
   shutil.copytree(run, copy)
-  shutil.rmtree(os.path.join(copy, "checkpoints", "2"))
-  refusal = (r"its newest checkpoint, checkpoints/2 \(listed in checkpoints\.json\), is missing; pass --epoch N to use "
-             r"another checkpoint \(kept: epochs 1\)\.")
+  with open(os.path.join(copy, "checkpoints", "2", "params", "_METADATA"), "r+b") as f:
+    f.write(b"X")
   evaluate = ["eval", copy, "--dataset", "digits", "--data-dir", data_dir, "--split", "test", "--json"]
   export = ["export", copy, "--out", str(tmp_path / "p.npz")]
-  for argv in (evaluate, export):
-    code, _, err = conftest.run_cli(train_main, argv, capsys)
-    assert code == 2 and re.search(refusal, err), err
+  another = r"; pass --epoch N to use another checkpoint \(kept: epochs 1\)\."
+
+  def refused(pattern: str) -> None:
+    for argv in (evaluate, export):
+      code, _, err = conftest.run_cli(train_main, argv, capsys)
+      assert code == 2 and re.search(pattern + another, err), err
+
+  refused(r"checkpoint checkpoints/2 is damaged: its file params/_METADATA differs from its digest in "
+          r"checkpoints\.json")
+  shutil.rmtree(os.path.join(copy, "checkpoints", "2"))
+  refused(r"its newest checkpoint, checkpoints/2 \(listed in checkpoints\.json\), is missing")
   measured = json.loads(open(os.path.join(run, "metrics.jsonl")).readline())
   assert measured["epoch"] == 1
   code, printed, err = conftest.run_cli(train_main, evaluate + ["--epoch", "1"], capsys)
