@@ -412,6 +412,11 @@ class CheckpointFolder:
   def where(self, step: int) -> str:
     return f"{self.subdir}/{step}"
 
+  def missing(self, step: int, recover: str, said: str | None = None) -> StillroomError:
+    """The error for newest checkpoint `step`, absent; `said`: what names it (default: this folder's list)."""
+    return StillroomError(f"run dir {self.run_dir!r}: its newest checkpoint, {self.where(step)} "
+                          f"({said or 'listed in ' + self.digests_file}), is missing; {recover}.")
+
   def save(self, step: int, args: ocp.args.Composite, force: bool = False) -> None:
     """Saves checkpoint `step` (every process of a job; see `checkpoint_manager`), then lists it with its digests
     and drops from the list the steps orbax deleted (process 0)."""
@@ -727,7 +732,7 @@ def load_run_teacher(run_dir: str, epoch: int | None = None, epoch_option: str |
                              + (f"it keeps epochs {', '.join(str(s + offset) for s in kept)}." if kept else
                                 "it keeps none."))
     else:
-      step, said = folder.newest(), f"listed in {folder.digests_file}"
+      step, said = folder.newest(), None
       final = read_run_file(run_dir, FINAL_FILE, "delete it and run the run's `student-train fit` command again to "
                             "rewrite it", missing=None)
       if final is not None and _is_int(final.get("epochs")) and (step is None or final["epochs"] - offset > step):
@@ -735,8 +740,7 @@ def load_run_teacher(run_dir: str, epoch: int | None = None, epoch_option: str |
       if step is None:
         raise StillroomError(f"teacher run dir {run_dir!r} has no finished checkpoint.")
       if step not in kept:
-        raise StillroomError(f"run dir {run_dir!r}: its newest checkpoint, {folder.where(step)} ({said}), is "
-                             f"missing; {otherwise(step)}.")
+        raise folder.missing(step, otherwise(step), said)
     # On this process's first device: the saved sharding names the saving job's devices, which may be another
     # process's here.
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -200,8 +200,7 @@ class Checkpoints:
     """
     newest, committed = self.folder.newest(), self.folder.committed()
     if newest is not None and newest not in committed:
-      raise StillroomError(f"run dir {self.out!r}: its newest checkpoint, {self.folder.where(newest)} (listed in "
-                           f"{self.folder.digests_file}), is missing; {RETRAIN}.")
+      raise self.folder.missing(newest, RETRAIN)
     return set(committed)
 
   def save(self, graphdef, state, epoch: int) -> None:
