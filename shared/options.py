@@ -17,7 +17,7 @@ DEFAULT_HEARTBEAT_SECONDS = 60
 DEFAULT_JOIN_SECONDS = 300  # JAX's default: processes of a cluster job may start minutes apart.
 
 # The commands, as `setting(commands=...)` names them; `demo.STAGE` are the demo's --STAGE-* options.
-FIT, SWEEP, EVAL, DEMO = "fit", "sweep", "eval", "demo"
+FIT, SWEEP, EVAL, EXPORT, DEMO = "fit", "sweep", "eval", "export", "demo"
 BUILD, VIEWS, IMPORT = "build", "views", "import"
 DEMO_TEACHER, DEMO_BUILD, DEMO_STUDENT = "demo.teacher", "demo.build", "demo.student"
 DEMO_STAGES = {"teacher": DEMO_TEACHER, "build": DEMO_BUILD, "student": DEMO_STUDENT}

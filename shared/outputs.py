@@ -361,9 +361,10 @@ def check_output(out: str, kind: str, overwrite: bool, option: str = "--out") ->
 
 # What stillroom writes in a run dir (see `student_train.run_dir`), in the order `--overwrite` deletes it: first what
 # marks the run finished or diverged, last config.json, which makes it a run dir (a kill in between leaves a run dir
-# that `--overwrite` clears again).
-RUN_DIR_ENTRIES = ("final.json", "diverged.json", "checkpoints_mid", "checkpoints", "metrics.jsonl", "tensorboard",
-                   "config.json")
+# that `--overwrite` clears again); a checkpoint folder before its digests list, so that no kill leaves checkpoints
+# that a reader would take for an earlier stillroom's, unchecked.
+RUN_DIR_ENTRIES = ("final.json", "diverged.json", "checkpoints_mid", "checkpoints_mid.json", "checkpoints",
+                   "checkpoints.json", "metrics.jsonl", "tensorboard", "config.json")
 TEMPORARY_SUFFIXES = (".tmp", ".partial")  # `storage.write_bytes`'s, zarr's LocalStore's: left beside by a kill.
 
 

@@ -5,6 +5,10 @@ A run directory, as written by `student-train fit`:
                                plus the trainer's resolved config under "resolved".
   RUN_DIR/checkpoints/<epoch>/ orbax checkpoints, named by the number of epochs trained; item "params" holds the
                                model's parameters as a pure dict (the trainer adds its own items beside it).
+  RUN_DIR/checkpoints.json     the committed checkpoints and the SHA-256 and size of each of their files (see
+                               `CheckpointFolder`); every read of a checkpoint checks its files against it first.
+The trainer adds metrics.jsonl, final.json and diverged.json (`student_train.run_dir`); every run-dir file is read
+through `read_run_file`, which turns a damaged file into one error naming it and how to recover.
 
 A teacher is either such a run dir or `module:function` for a JAX model that is not a stillroom run: the function
 takes no arguments and returns an `nnx.Module`, or a pair `(apply_fn, params)` with `apply_fn(params, x) -> logits`.
@@ -32,12 +36,21 @@ from shared import storage
 from shared.data import Normalization
 from shared.distributed import is_first
 from shared.errors import StillroomError
+from shared.log import logger
 from shared.models import ModelSpec, build_model, import_function, is_reference
 from shared.outputs import process_gone
 
 CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+FINAL_FILE = "final.json"
+DIVERGED_FILE = "diverged.json"
 CHECKPOINT_DIR = "checkpoints"
+DIGESTS_SUFFIX = ".json"  # RUN_DIR/<checkpoint folder>.json: the digests of the folder's committed checkpoints.
 PARAMS_ITEM = "params"
+RETRAIN = "pass --overwrite to retrain the run, or choose another --out"  # What recovers a run that cannot resume.
+REWRITE_FINAL = "delete it and run the same command to rewrite it"
+
+_LOG = logger(__name__)
 
 
 COMMIT_FILE = "commit_success.txt"  # What marks a checkpoint on an object store complete (orbax's own name).
@@ -207,6 +220,282 @@ class StagedCheckpointManager:
     self._cleanup()
 
 
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+_JSON_KINDS = {dict: "an object", list: "an array", str: "a string", int: "an integer", float: "a number",
+               bool: "true or false", type(None): "null"}
+
+
+def _object_problem(value, **kinds) -> str | None:
+  """What makes `value` other than a JSON object with entries of these kinds (a type, such as `int` (not a bool),
+  `str` or `dict`, or a tuple of them; None allows null), or None when nothing does."""
+  if not isinstance(value, dict):
+    return f"it holds {_JSON_KINDS.get(type(value), type(value).__name__)}, not an object"
+  for key, kind in kinds.items():
+    kinds_of = kind if isinstance(kind, tuple) else (kind,)
+    if key not in value:
+      return f"no {key!r} entry"
+    found = value[key]
+    if not any(found is None if k is None else _is_int(found) if k is int else isinstance(found, k) for k in kinds_of):
+      wanted = " or ".join(_JSON_KINDS[type(None) if k is None else k] for k in kinds_of)
+      return f"its {key!r} is {json.dumps(found)[:60]}, not {wanted}"
+  return None
+
+
+def _metrics_problem(lines: list) -> str | None:
+  """metrics.jsonl: a JSON object per line with its epoch, the epochs ascending."""
+  last = 0
+  for number, line in enumerate(lines, 1):
+    problem = _object_problem(line, epoch=int)
+    if problem is None and line["epoch"] <= last:
+      problem = f"epoch {line['epoch']} follows epoch {last}"
+    if problem:
+      return f"line {number}: {problem}"
+    last = line["epoch"]
+  return None
+
+
+def _digests_problem(value) -> str | None:
+  """RUN_DIR/<checkpoint folder>.json: {"checkpoints": {step: {"files": {path: {"sha256", "bytes"}} or null}}}."""
+  problem = _object_problem(value, checkpoints=dict)
+  if problem:
+    return problem
+  for step, entry in value["checkpoints"].items():
+    problem = None if step.isdigit() else "is not a step number"
+    problem = problem or _object_problem(entry, files=(dict, None))
+    for path, digest in (entry["files"] or {}).items() if problem is None else ():
+      if _object_problem(digest, sha256=str, bytes=int) or len(digest["sha256"]) != 64:
+        problem = f"file {path!r} has no valid digest"
+        break
+    if problem:
+      return f"checkpoint {step!r}: {problem}"
+  return None
+
+
+def _config_problem(value) -> str | None:
+  """config.json: an object, the trainer's resolved config (when recorded) an object too."""
+  problem = _object_problem(value)
+  if problem is None and "resolved" in value:
+    problem = _object_problem(value, resolved=dict)
+  return problem
+
+
+_CHECKS = {CONFIG_FILE: _config_problem, FINAL_FILE: lambda v: _object_problem(v, epoch=int),
+           DIVERGED_FILE: lambda v: _object_problem(v, message=str), METRICS_FILE: _metrics_problem}
+_LINES = (METRICS_FILE,)  # Files of one JSON document per line.
+_REQUIRED = object()
+
+
+def read_run_file(run_dir: str, name: str, recover: str, missing=_REQUIRED):
+  """A run dir's file as stillroom wrote it: config.json, final.json, diverged.json, a checkpoint folder's digests
+  (objects), or metrics.jsonl (a list of objects, one per line). The one reader of them: damage (a garbled or
+  truncated file, a missing entry, an entry of the wrong type) is one error naming the file.
+
+  Args:
+    run_dir: the run dir (a path or a URL).
+    name: the file's name in it.
+    recover: how the user recovers from damage, for the message ("pass --overwrite to retrain the run").
+    missing: returned when the file is absent (default: an absent file is an error too).
+
+  Raises:
+    StillroomError: the file is absent (unless `missing` is given), unreadable or damaged, naming it and `recover`.
+  """
+  path = storage.join(run_dir, name)
+  try:
+    data = storage.read_bytes(path)
+  except FileNotFoundError as e:
+    if missing is not _REQUIRED:
+      return missing
+    raise StillroomError(f"run dir {run_dir!r} has no {name}; {recover}.") from e
+  except OSError as e:
+    raise StillroomError(f"cannot read {path!r}: {e}") from e
+  problem = None
+  try:
+    text = data.decode()
+    if name in _LINES:
+      value = []
+      for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+          try:
+            value.append(json.loads(line))
+          except ValueError as e:
+            problem = f"line {number} is not JSON: {e}"
+            break
+    else:
+      value = json.loads(text)
+  except ValueError as e:  # UnicodeDecodeError too.
+    problem = f"not JSON: {e}"
+  if problem is None:
+    problem = _CHECKS.get(name, _digests_problem)(value)
+  if problem:
+    raise StillroomError(f"run dir {run_dir!r}: cannot read {name} ({problem}); {recover}.")
+  return value
+
+
+def _files_under(directory: str, prefix: str = "") -> list[str]:
+  """The relative paths ('state/_METADATA') of the files under a directory or an object-store prefix."""
+  found = []
+  for name, is_folder, _ in storage.scan(directory):
+    if is_folder:
+      found += _files_under(storage.join(directory, name), f"{prefix}{name}/")
+    else:
+      found.append(prefix + name)
+  return found
+
+
+class CheckpointFolder:
+  """A run dir's folder of orbax checkpoints (`checkpoints/`, the trainer's `checkpoints_mid/`) with their digests:
+  the one path by which checkpoints are saved, listed, checked, read and deleted.
+
+  A checkpoint is committed once `RUN_DIR/<folder>.json`, written whole by process 0 after orbax has finished the
+  save, lists it with the SHA-256 and size of each of its files; the file lists exactly the checkpoints kept. A
+  checkpoint on disk that it does not list is a save that a kill interrupted: it is not committed, readers ignore
+  it, and a resumed run discards it (`uncommitted`). A checkpoint is unlisted before it is deleted, so a kill never
+  leaves a listed half; one listed but absent was pruned by orbax (`max_to_keep`) just before a kill, or deleted by
+  hand (an error when it is the newest: `newest`). Every read checks the files of the checkpoint against the list
+  first (`check`).
+
+  A folder without the file was written before stillroom recorded digests: all its checkpoints count as committed,
+  and are read unchecked (logged once); its first save lists them without digests.
+  """
+
+  def __init__(self, run_dir: str, subdir: str = CHECKPOINT_DIR, max_to_keep: int | None = None,
+               reading: bool = False, recover: str = RETRAIN):
+    """
+    Args:
+      run_dir: the run dir (a path or a URL).
+      subdir: the folder of these checkpoints.
+      max_to_keep: the newest checkpoints kept (None: all).
+      reading: only read (orbax's manager of this process alone; nothing is written).
+      recover: how the user recovers from a damaged list of digests, for the message.
+    """
+    self.run_dir, self.subdir, self.recover = run_dir, subdir, recover
+    self.digests_file = subdir + DIGESTS_SUFFIX
+    self.directory = storage.join(storage.local(run_dir), subdir)
+    self.manager = checkpoint_manager(run_dir, max_to_keep=max_to_keep, this_process_only=reading, subdir=subdir)
+    self._checked: set[int] = set()
+    self._said_unchecked = False
+    if not reading and is_first() and self.listed() is None and not self.manager.all_steps():
+      self._write({})  # A new folder: from now on a checkpoint is committed when the file lists it.
+
+  def listed(self) -> dict[int, dict | None] | None:
+    """{step: its files' digests ({path: {"sha256", "bytes"}}), or None for one listed without them}; None for a
+    folder whose checkpoints carry no digests (written before stillroom recorded them)."""
+    value = read_run_file(self.run_dir, self.digests_file, self.recover, missing=None)
+    return None if value is None else {int(step): entry["files"] for step, entry in value["checkpoints"].items()}
+
+  def _write(self, listed: dict[int, dict | None]) -> None:
+    storage.write_text(storage.join(self.run_dir, self.digests_file), json.dumps(
+        {"checkpoints": {str(step): {"files": listed[step]} for step in sorted(listed)}}, indent=1))
+
+  def on_disk(self) -> list[int]:
+    """The steps orbax finds in the folder, committed or not, in order."""
+    return list(self.manager.all_steps())
+
+  def committed(self) -> list[int]:
+    """The steps listed and present, in order."""
+    listed, found = self.listed(), self.on_disk()
+    return found if listed is None else [step for step in found if step in listed]
+
+  def uncommitted(self) -> list[int]:
+    """The steps present but not listed: saves that a kill interrupted before they were listed."""
+    listed = self.listed()
+    return [] if listed is None else [step for step in self.on_disk() if step not in listed]
+
+  def newest(self) -> int | None:
+    """The newest listed step (for a folder without digests, the newest present), or None: it may be absent."""
+    listed = self.listed()
+    return max(self.on_disk() if listed is None else listed, default=None)
+
+  def where(self, step: int) -> str:
+    return f"{self.subdir}/{step}"
+
+  def missing(self, step: int, recover: str, said: str | None = None) -> StillroomError:
+    """The error for newest checkpoint `step`, absent; `said`: what names it (default: this folder's list)."""
+    return StillroomError(f"run dir {self.run_dir!r}: its newest checkpoint, {self.where(step)} "
+                          f"({said or 'listed in ' + self.digests_file}), is missing; {recover}.")
+
+  def save(self, step: int, args: ocp.args.Composite, force: bool = False) -> None:
+    """Saves checkpoint `step` (every process of a job; see `checkpoint_manager`), then lists it with its digests
+    and drops from the list the steps orbax deleted (process 0)."""
+    self.manager.save(step, args=args, force=force)
+    self.manager.wait_until_finished()
+    if is_first():
+      listed = self.listed()
+      kept = {s: None if listed is None else listed[s] for s in self.on_disk()
+              if s != step and (listed is None or s in listed)}
+      self._write({**kept, step: self._digests(step)})
+
+  def _digests(self, step: int) -> dict:
+    root = storage.join(self.directory, str(step))
+    return {path: dict(zip(("sha256", "bytes"), storage.file_digest(storage.join(root, path))))
+            for path in sorted(_files_under(root))}
+
+  def delete(self, steps) -> None:
+    """Deletes these steps (every process of a job), unlisted first (process 0)."""
+    steps = list(steps)
+    listed = self.listed() if is_first() else None
+    if listed is not None and any(step in listed for step in steps):
+      self._write({s: files for s, files in listed.items() if s not in steps})
+    for step in steps:
+      self.manager.delete(step)
+      self._checked.discard(step)
+
+  def check(self, step: int, recover: str) -> None:
+    """Checks the files of committed checkpoint `step` against their digests.
+
+    Raises:
+      StillroomError: a file differs from its digest, is missing or is not listed, naming the run dir, the
+        checkpoint, the file and `recover`.
+    """
+    if step in self._checked:
+      return
+    listed = self.listed()
+    expected = None if listed is None else listed.get(step)
+    if expected is None:
+      if not self._said_unchecked:
+        _LOG.info(f"{self.run_dir}: the checkpoints in {self.subdir}/ carry no digests (written by an earlier "
+                  "stillroom); they are read unchecked")
+        self._said_unchecked = True
+      return
+    root = storage.join(self.directory, str(step))
+    found = set(_files_under(root)) if storage.exists(root) else set()
+    for path in sorted(set(expected) | found):
+      if path not in found:
+        problem = f"its file {path} is missing"
+      elif path not in expected:
+        problem = f"it holds a file {self.digests_file} does not list, {path}"
+      else:
+        digest, size = storage.file_digest(storage.join(root, path))
+        if (digest, size) == (expected[path]["sha256"], expected[path]["bytes"]):
+          continue
+        problem = f"its file {path} differs from its digest in {self.digests_file}" + (
+            f" ({size} bytes, {expected[path]['bytes']} recorded)" if size != expected[path]["bytes"] else "")
+      raise StillroomError(f"run dir {self.run_dir!r}: checkpoint {self.where(step)} is damaged: {problem}; "
+                           f"{recover}.")
+    self._checked.add(step)
+
+  def restore(self, step: int, args: ocp.args.Composite, recover: str):
+    """The items `args` names of checkpoint `step`, its files checked first (`check`).
+
+    Raises:
+      StillroomError: the checkpoint is damaged, or orbax cannot read it, naming it and `recover`.
+    """
+    self.check(step, recover)
+    try:
+      return self.manager.restore(step, args=args)
+    except Exception as e:  # orbax raises many types for unreadable or mismatched checkpoints.
+      # The first line of orbax's message, without the TensorStore spec it may append.
+      first = (str(e).splitlines() or [type(e).__name__])[0].split(" See full TensorStore details")[0][:240]
+      raise StillroomError(f"run dir {self.run_dir!r}: cannot read checkpoint {self.where(step)} ({first}); "
+                           f"{recover}.") from e
+
+  def close(self) -> None:
+    self.manager.close()
+
+
 def params_of(model: nnx.Module) -> dict:
   """The model's parameters as a pure nested dict of arrays (what checkpoints hold)."""
   return nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -294,24 +583,29 @@ class RunRecord:
                            f"({type(e).__name__}: {e}).") from e
 
 
+UNREADABLE_TEACHER = "retrain the run (`student-train fit` with --overwrite)"  # What recovers a damaged teacher.
+
+
 def read_config(run_dir: str) -> dict:
-  path = storage.join(run_dir, CONFIG_FILE)
+  """A teacher's config.json (see `read_run_file`).
+
+  Raises:
+    StillroomError: `run_dir` is a file, absent, not a run dir, or its config.json is unreadable or damaged.
+  """
   if storage.is_file(run_dir):
     raise StillroomError(f"{run_dir!r} is a file, not a run dir.")
   if not storage.exists(run_dir):
     raise StillroomError(f"teacher run dir {run_dir!r} does not exist.")
-  try:
-    return storage.read_json(path)
-  except FileNotFoundError as e:
-    raise StillroomError(f"{run_dir!r} is not a run dir: it has no {CONFIG_FILE}.") from e
-  except (OSError, ValueError) as e:
-    raise StillroomError(f"cannot read {path!r}: {e}") from e
+  config = read_run_file(run_dir, CONFIG_FILE, UNREADABLE_TEACHER, missing=None)
+  if config is None:
+    raise StillroomError(f"{run_dir!r} is not a run dir: it has no {CONFIG_FILE}.")
+  return config
 
 
 def save_run(run_dir: str, record: RunRecord, model: nnx.Module, trained_epochs: int = 0) -> None:
-  """Writes a minimal run dir: `config.json` and one checkpoint with the model's parameters.
+  """Writes a minimal run dir: `config.json` and one checkpoint with the model's parameters (and its digests).
 
-  The trainer writes richer checkpoints through `checkpoint_manager`; this is for models made elsewhere
+  The trainer writes richer checkpoints through `CheckpointFolder`; this is for models made elsewhere
   (tests, conversions) that should be usable as teachers.
 
   Args:
@@ -322,10 +616,9 @@ def save_run(run_dir: str, record: RunRecord, model: nnx.Module, trained_epochs:
   """
   storage.make_dirs(run_dir)
   storage.write_text(storage.join(run_dir, CONFIG_FILE), json.dumps(record.to_json(), indent=2))
-  manager = checkpoint_manager(run_dir)
-  manager.save(trained_epochs, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardSave(params_of(model))}))
-  manager.wait_until_finished()
-  manager.close()
+  folder = CheckpointFolder(run_dir)
+  folder.save(trained_epochs, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardSave(params_of(model))}))
+  folder.close()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
@@ -393,11 +686,22 @@ def check_checkpoint_path(run_dir: str, option: str = "--out") -> None:
                          f"({path}); choose a name without brackets.")
 
 
-def load_run_teacher(run_dir: str) -> Teacher:
-  """Loads the latest checkpoint of a run dir as a teacher.
+def load_run_teacher(run_dir: str, epoch: int | None = None, epoch_option: str | None = None) -> Teacher:
+  """Loads a checkpoint of a run dir as a teacher, its files checked against their digests: the newest, or the one
+  after `epoch` epochs.
+
+  The newest is the newest the run dir lists (checkpoints.json, and final.json's "epochs"): when it is absent, the
+  run dir is refused rather than read at an older checkpoint.
+
+  Args:
+    run_dir: the run dir (a path or a URL).
+    epoch: the epochs trained of the checkpoint to load (None: the newest).
+    epoch_option: the calling command's option that sets `epoch` (`--epoch`), which the errors name when another
+      checkpoint could be used; None for a command without one.
 
   Raises:
-    StillroomError: missing or unreadable dir, config or checkpoint; unknown model.
+    StillroomError: missing or unreadable dir, config or checkpoint; a damaged or absent newest checkpoint, or
+      `epoch` not kept (naming the epochs kept); unknown model.
   """
   check_checkpoint_path(run_dir, "run dir")
   config = read_config(run_dir)
@@ -407,27 +711,50 @@ def load_run_teacher(run_dir: str) -> Teacher:
   apply_fn, abstract, features_fn = _module_apply_fn(model)
   if not storage.exists(storage.join(run_dir, CHECKPOINT_DIR)):
     raise StillroomError(f"teacher run dir {run_dir!r} has no {CHECKPOINT_DIR}/ directory: is it trained?")
-  manager = checkpoint_manager(run_dir, this_process_only=True)
-  step = manager.latest_step()
-  if step is None:
-    raise StillroomError(f"teacher run dir {run_dir!r} has no finished checkpoint.")
-  # On this process's first device: the saved sharding names the saving job's devices, which may be another
-  # process's here.
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), nnx.to_pure_dict(abstract))
+  # stillroom 0.1's trainer numbered its checkpoints from 0 at the end of the first epoch.
+  offset = 1 if config.get("software_version") == "0.1.0" else 0
+  folder = CheckpointFolder(run_dir, reading=True, recover=UNREADABLE_TEACHER)
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(target)}))
-  except Exception as e:  # orbax raises many types for unreadable or mismatched checkpoints.
-    raise StillroomError(f"cannot read the checkpoint of teacher {run_dir!r} (step {step}): {e}") from e
+    kept = folder.committed()
+
+    def otherwise(step: int) -> str:
+      """How to recover when checkpoint `step` cannot be used."""
+      others = [s + offset for s in kept if s != step]
+      if epoch_option and others:
+        return (f"pass {epoch_option} N to use another checkpoint (kept: epochs "
+                f"{', '.join(str(e) for e in others)})")
+      return UNREADABLE_TEACHER
+
+    if epoch is not None:
+      step = epoch - offset
+      if step not in kept:
+        raise StillroomError(f"run dir {run_dir!r} keeps no checkpoint after epoch {epoch}; "
+                             + (f"it keeps epochs {', '.join(str(s + offset) for s in kept)}." if kept else
+                                "it keeps none."))
+    else:
+      step, said = folder.newest(), None
+      final = read_run_file(run_dir, FINAL_FILE, "delete it and run the run's `student-train fit` command again to "
+                            "rewrite it", missing=None)
+      if final is not None and _is_int(final.get("epochs")) and (step is None or final["epochs"] - offset > step):
+        step, said = final["epochs"] - offset, f"{FINAL_FILE} records {final['epochs']} epochs trained"
+      if step is None:
+        raise StillroomError(f"teacher run dir {run_dir!r} has no finished checkpoint.")
+      if step not in kept:
+        raise folder.missing(step, otherwise(step), said)
+    # On this process's first device: the saved sharding names the saving job's devices, which may be another
+    # process's here.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                          nnx.to_pure_dict(abstract))
+    restored = folder.restore(step, ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(target)}),
+                              otherwise(step))
   finally:
-    manager.close()
+    folder.close()
   params = abstract
   nnx.replace_by_pure_dict(params, restored[PARAMS_ITEM])
-  # stillroom 0.1's trainer numbered its checkpoints from 0 at the end of the first epoch.
-  trained_epochs = int(step) + (1 if config.get("software_version") == "0.1.0" else 0)
   source = storage.absolute(run_dir)
   return Teacher(name=source.rstrip("/").rsplit("/", 1)[-1], source=source, model=spec.name,
-                 apply_fn=apply_fn, params=params, normalization=record.normalization, trained_epochs=trained_epochs,
+                 apply_fn=apply_fn, params=params, normalization=record.normalization, trained_epochs=step + offset,
                  record=record, features_fn=features_fn)
 
 

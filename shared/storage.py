@@ -10,6 +10,7 @@ it holds objects under its prefix, and a lock is an object created with a condit
 `shared.outputs.OutputLock`).
 """
 
+import hashlib
 import json
 import os
 import posixpath
@@ -132,6 +133,29 @@ def read_bytes(path: str) -> bytes:
     with open(path, "rb") as f:
       return f.read()
   return _on(path, lambda fs, key: fs.cat_file(key), here)
+
+
+def file_digest(path: str) -> tuple[str, int]:
+  """The SHA-256 (hex) and size in bytes of a file or an object, read in blocks (a file may exceed memory).
+
+  Raises:
+    OSError: it cannot be read (FileNotFoundError when absent).
+  """
+  def digest(f) -> tuple[str, int]:
+    hashed, size = hashlib.sha256(), 0
+    while block := f.read(1 << 22):
+      hashed.update(block)
+      size += len(block)
+    return hashed.hexdigest(), size
+
+  def remote(fs, key):
+    with fs.open(key, "rb") as f:
+      return digest(f)
+
+  def here(path):
+    with open(path, "rb") as f:
+      return digest(f)
+  return _on(path, remote, here)
 
 
 def read_many(paths: list[str]) -> list[bytes]:

@@ -11,10 +11,10 @@ import json
 from shared import distributed
 from shared.cli import add_models_command, add_verbosity_options, print_models, run_or_exit
 from shared.settings import add_options, from_args
-from shared.options import EVAL, FIT, SWEEP
+from shared.options import EVAL, EXPORT, FIT, SWEEP
 from student_train.config import FitConfig
 from student_train.evaluate import EvalConfig, evaluate_runs
-from student_train.export import FORMATS, export_run
+from student_train.export import ExportConfig, export_run
 from student_train.sweep import AXES, report, run_sweep
 from student_train.train import fit
 
@@ -53,13 +53,13 @@ def new_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
   export = commands.add_parser(
       "export", allow_abbrev=False, help="write a run's parameters to a plain file (.npz or Flax .msgpack)",
       formatter_class=argparse.RawDescriptionHelpFormatter,
-      description="Write the parameters of a run's latest checkpoint to a file that loads without stillroom:\n"
+      description="Write the parameters of a run's newest checkpoint (or --epoch N's) to a file that loads without "
+                  "stillroom:\n"
                   "  .npz      params = dict(np.load('student.npz'))   # {'linears/0/kernel': array, ...}\n"
                   "  .msgpack  params = flax.serialization.msgpack_restore(open('student.msgpack', 'rb').read())\n"
                   "The model and input normalisation are the run's config.json ('model', 'normalization').")
   export.add_argument("run", metavar="RUN_DIR", help="a run dir written by `student-train fit`")
-  export.add_argument("--out", required=True, metavar="FILE", help=f"the file to write: {' or '.join(FORMATS)}")
-  export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+  add_options(export, ExportConfig, EXPORT, required=("out",))
   sweep = commands.add_parser(
       "sweep", allow_abbrev=False, help="ablations from one cache: every grid point x seed is a run dir; re-running resumes",
       formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -106,7 +106,8 @@ def run_command(args: argparse.Namespace) -> None:
         print(f"{'ensemble (' + args.combine + ')':<40} accuracy {100 * result['accuracy']:.2f}%  "
               f"nll {result['nll']:.4f}  ece {result['ece']:.4f}")
   elif args.command == "export":
-    print(json.dumps(export_run(args.run, args.out, overwrite=args.overwrite)))
+    config = from_args(ExportConfig, args)
+    print(json.dumps(export_run(config.run, config.out, overwrite=config.overwrite, epoch=config.epoch)))
   elif args.command == "sweep":
     run_sweep(args.cache, args.grid, args.out, args.seeds, from_args(FitConfig, args), together=args.together,
               jobs=args.jobs, verbose=args.verbose)

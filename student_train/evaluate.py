@@ -118,13 +118,16 @@ class EvalConfig(DatasetSettings):
   split: str = setting("test", "the split to evaluate on", group="data")
   combine: str = setting("arithmetic", "ensemble rule for several runs (at T=1)", choices=COMBINE_RULES, group="run")
   batch_size: int = setting(256, "examples per forward pass", group="run", check=at_least(1))
+  epoch: int | None = setting(None, "evaluate each run's checkpoint after this many epochs (default: the newest)",
+                              group="run", check=at_least(0), metavar="N")
 
 
 def evaluate_runs(config: EvalConfig) -> dict:
   """Evaluates one run, or several as an ensemble (combined at T=1).
 
   Returns:
-    {"accuracy", "nll", "ece", "count", "runs", "combine", "dataset", "split", "members": per-run metrics}.
+    {"accuracy", "nll", "ece", "count", "runs", "combine", "dataset", "split", "members": per-run metrics, each with
+    "run" and "epoch" (the checkpoint's epochs trained)}.
   """
   check_values(config)
   dataset = resolve_dataset(config.dataset)
@@ -133,7 +136,7 @@ def evaluate_runs(config: EvalConfig) -> dict:
     raise StillroomError(f"{dataset!r} {config.split!r} is unlabeled; evaluation needs labels.")
   member_logits, members = [], []
   for run_dir in config.runs:
-    run = load_run_teacher(run_dir)
+    run = load_run_teacher(run_dir, config.epoch, "--epoch")
     if run.record.specialist is not None:  # Its outputs are not the data's classes.
       raise StillroomError(f"run {run_dir!r} is a specialist (classes {list(run.record.specialist.classes)} and a "
                            "dustbin): its own eval accuracy on relabelled data is in its metrics.jsonl; combined "
@@ -149,7 +152,7 @@ def evaluate_runs(config: EvalConfig) -> dict:
       raise StillroomError(f"run {run_dir!r} has {logits.shape[-1]} classes, run {config.runs[0]!r} "
                            f"{member_logits[0].shape[-1]}: an ensemble needs the same classes.")
     member_logits.append(logits)
-    members.append({"run": run_dir, **classification_metrics(
+    members.append({"run": run_dir, "epoch": run.trained_epochs, **classification_metrics(
         np.asarray(jax.nn.log_softmax(logits, axis=-1)), transfer_set.labels)})
   log_probs = np.asarray(combine_log_probs(np.stack(member_logits, axis=1), 1.0, config.combine))  # [N, C]
   return {**classification_metrics(log_probs, transfer_set.labels), "runs": list(config.runs),

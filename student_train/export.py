@@ -14,8 +14,10 @@ The model they belong to, and the input normalisation it expects, are the run's 
 "normalization"), which `export` also prints.
 """
 
+import dataclasses
 import io
 import os
+from typing import ClassVar
 
 import jax
 import numpy as np
@@ -23,9 +25,24 @@ from flax import nnx, serialization
 
 from shared import storage
 from shared.errors import StillroomError
+from shared.options import EXPORT
 from shared.runs import load_run_teacher
+from shared.settings import at_least, check_values, setting
 
 FORMATS = (".npz", ".msgpack")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExportConfig:
+  """Settings of `student-train export`."""
+
+  COMMANDS: ClassVar[tuple[str, ...]] = (EXPORT,)
+
+  run: str = setting("", "the run dir to export", commands=(), given_by="RUN_DIR")
+  out: str = setting("", f"the file to write: {' or '.join(FORMATS)}", group="run", metavar="FILE")
+  overwrite: bool = setting(False, "replace an existing --out", group="run")
+  epoch: int | None = setting(None, "export the checkpoint after this many epochs (default: the newest)",
+                              group="run", check=at_least(0), metavar="N")
 
 
 def _name(path) -> str:
@@ -45,22 +62,26 @@ def _nested(params) -> dict:
   return out
 
 
-def export_run(run_dir: str, out: str, overwrite: bool = False) -> dict:
-  """Writes the parameters of a run's latest checkpoint to `out` (a path or an object-store URL).
+def export_run(run_dir: str, out: str, overwrite: bool = False, epoch: int | None = None) -> dict:
+  """Writes the parameters of a run's checkpoint (the newest, or the one after `epoch` epochs) to `out` (a path or an
+  object-store URL).
 
   Returns:
-    {"out", "format", "arrays" (count), "parameters" (count), "bytes", "model", "normalization", "epochs"}, and
-    for a specialist "specialist" (its classes, dustbin correction and generalist's digest).
+    {"out", "format", "arrays" (count), "parameters" (count), "bytes", "model", "normalization", "epoch" (the
+    checkpoint's epochs trained), "epochs" (the same, as earlier versions named it)}, and for a specialist
+    "specialist" (its classes, dustbin correction and generalist's digest).
 
   Raises:
-    StillroomError: an unknown extension, an existing `out` without `overwrite`, or a run dir that cannot be read.
+    StillroomError: an unknown extension, an existing `out` without `overwrite`, a run dir that cannot be read, or
+      an `epoch` the run dir does not keep.
   """
+  check_values(ExportConfig(run=run_dir, out=out, overwrite=overwrite, epoch=epoch))
   extension = os.path.splitext(out)[1].lower()
   if extension not in FORMATS:
     raise StillroomError(f"--out {out!r}: its extension picks the format; use one of {', '.join(FORMATS)}.")
   if storage.exists(out) and not overwrite:
     raise StillroomError(f"--out {out!r} exists; pass --overwrite to replace it.")
-  run = load_run_teacher(run_dir)
+  run = load_run_teacher(run_dir, epoch, "--epoch")
   params = nnx.to_pure_dict(run.params) if isinstance(run.params, nnx.State) else run.params
   flat = {_name(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
   if extension == ".npz":
@@ -73,6 +94,6 @@ def export_run(run_dir: str, out: str, overwrite: bool = False) -> dict:
   return {"out": out, "format": extension[1:], "arrays": len(flat),
           "parameters": int(sum(a.size for a in flat.values())), "bytes": len(data),
           "model": run.record.model.to_dict(), "normalization": run.record.normalization.to_dict(),
-          "epochs": run.trained_epochs,
+          "epoch": run.trained_epochs, "epochs": run.trained_epochs,
           # A specialist's outputs are these classes, then a dustbin whose logit this correction raises.
           **({"specialist": run.record.to_json()["specialist"]} if run.record.specialist is not None else {})}

@@ -10,6 +10,11 @@
   RUN_DIR/checkpoints_mid/<G>/  with --checkpoint-every-steps: the last two checkpoints inside an epoch, after G
                              steps of the run: "state", "meta" ({"epoch": E, "step": S, "sums": the epoch's
                              partial metric sums, "seconds"}); deleted when an epoch checkpoint is written
+  RUN_DIR/checkpoints.json, RUN_DIR/checkpoints_mid.json   the committed checkpoints of each folder and the digests
+                             of their files (`shared.runs.CheckpointFolder`): a resumed run discards a checkpoint
+                             they do not list (a save that a kill interrupted) and refuses one whose files differ
+
+Every file is read through `shared.runs.read_run_file`: a damaged one is one error naming it and how to recover.
 
 In a job of several processes, process 0 writes the JSON files (the others compute the same lines and write
 nothing), and every process takes part in each checkpoint's save, restore and deletion (orbax's multi-process
@@ -34,17 +39,15 @@ from shared.distributed import is_first
 from shared.errors import StillroomError
 from shared.log import logger
 from shared.outputs import RUN_DIR, clear_for_overwrite
-from shared.runs import CONFIG_FILE, PARAMS_ITEM, CrossFit, RunRecord, checkpoint_manager
+from shared.runs import (CONFIG_FILE, DIVERGED_FILE, FINAL_FILE, METRICS_FILE, PARAMS_ITEM, RETRAIN, REWRITE_FINAL,
+                         CheckpointFolder, CrossFit, RunRecord, read_run_file)
 from shared.settings import differences as settings_differences
 from shared.settings import names_where
 from student_train.config import FitConfig, default_of
 from student_train.terms.features import student_of
 from student_train.plan import Resolved, RunPlan
 
-METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR, TENSORBOARD_FILE = "tensorboard", "events.out.tfevents.stillroom"
-FINAL_FILE = "final.json"
-DIVERGED_FILE = "diverged.json"
 STATE_ITEM, META_ITEM = "state", "meta"
 _STORAGE_FAILURES = ("No space left on device", "Read-only file system", "Permission denied", "Disk quota exceeded")
 CHECKPOINTS_KEPT = 2  # A group killed between two students' saves rolls back to the previous, common one.
@@ -72,11 +75,7 @@ def prepare_run_dir(plan: RunPlan, joining: bool = False) -> bool:
   if plan.config.overwrite and not joining:
     clear_for_overwrite(out, RUN_DIR)
   if storage.exists(path):
-    try:
-      existing = storage.read_json(path)
-    except (OSError, ValueError) as e:
-      raise StillroomError(f"run dir {out!r}: cannot read {CONFIG_FILE} ({e}); pass --overwrite to replace the run, "
-                           "or choose another --out.") from e
+    existing = read_run_file(out, CONFIG_FILE, "pass --overwrite to replace the run, or choose another --out")
     wanted = _as_recorded_by_version_1(existing.get("resolved", {}), json.loads(json.dumps(record)), plan)
     wanted = _without_added_defaults(existing.get("resolved", {}), wanted)
     differences = settings_differences(existing.get("resolved", {}), wanted, "run dir")
@@ -171,10 +170,15 @@ def _saving(what: str):
                          "it.") from e
 
 
-def _restore_state(manager: ocp.CheckpointManager, step: int, state):
-  """`state` with checkpoint `step`'s "state" item restored into it (RNG streams kept: they are re-derived)."""
+def _restore_state(folder: CheckpointFolder, step: int, state):
+  """`state` with checkpoint `step`'s "state" item restored into it (RNG streams kept: they are re-derived), its
+  files checked against their digests first.
+
+  Raises:
+    StillroomError: the checkpoint is damaged or unreadable: the run cannot resume.
+  """
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct, checkpointable(state))
-  restored = manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(target)}))
+  restored = folder.restore(step, ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(target)}), RETRAIN)
   rng_state = nnx.filter_state(state, nnx.RngState)
   state = nnx.filter_state(state, nnx.Not(nnx.RngState))
   nnx.replace_by_pure_dict(state, restored[STATE_ITEM])
@@ -182,14 +186,22 @@ def _restore_state(manager: ocp.CheckpointManager, step: int, state):
 
 
 class Checkpoints:
-  """One run's orbax checkpoints, numbered by the epochs trained."""
+  """One run's orbax checkpoints, numbered by the epochs trained, with their digests (`CheckpointFolder`)."""
 
   def __init__(self, out: str):
     self.out = out
-    self.manager = checkpoint_manager(out, max_to_keep=CHECKPOINTS_KEPT)
+    self.folder = CheckpointFolder(out, max_to_keep=CHECKPOINTS_KEPT)
 
   def epochs(self) -> set[int]:
-    return set(self.manager.all_steps())
+    """The committed epochs.
+
+    Raises:
+      StillroomError: the newest listed is absent (deleted by hand): the run cannot resume from it.
+    """
+    newest, committed = self.folder.newest(), self.folder.committed()
+    if newest is not None and newest not in committed:
+      raise self.folder.missing(newest, RETRAIN)
+    return set(committed)
 
   def save(self, graphdef, state, epoch: int) -> None:
     """Saves the state after `epoch` epochs (and the student's parameters on their own, for teachers and exports:
@@ -200,24 +212,27 @@ class Checkpoints:
     """
     params = nnx.to_pure_dict(nnx.state(student_of(nnx.merge(graphdef, state)[0]), nnx.Param))
     with _saving(f"the checkpoint of {self.out} after epoch {epoch}"):
-      self.manager.save(epoch, args=ocp.args.Composite(**{
+      self.folder.save(epoch, args=ocp.args.Composite(**{
           STATE_ITEM: ocp.args.StandardSave(checkpointable(state)), PARAMS_ITEM: ocp.args.StandardSave(params),
           META_ITEM: ocp.args.JsonSave({"epoch": epoch})}))
-      self.manager.wait_until_finished()
 
   def restore(self, state, epoch: int):
     """`state` with the checkpoint of `epoch` restored into it (RNG streams kept)."""
-    return _restore_state(self.manager, epoch, state)
+    return _restore_state(self.folder, epoch, state)
 
   def discard_after(self, epoch: int) -> None:
-    """Deletes the checkpoints after `epoch` (a run rolled back to resume with its group)."""
-    for saved in sorted(self.epochs()):
-      if saved > epoch:
-        _LOG.info(f"{self.out}: rolling back to epoch {epoch}, where its group resumes (discarding epoch {saved})")
-        self.manager.delete(saved)
+    """Deletes the checkpoints after `epoch` (a run rolled back to resume with its group), and those not committed
+    (saves that a kill interrupted before they were listed: the run resumes as if they never happened)."""
+    uncommitted = self.folder.uncommitted()
+    for step in uncommitted:
+      _LOG.info(f"{self.out}: discarding {self.folder.where(step)}, whose save was interrupted")
+    later = [saved for saved in sorted(self.epochs()) if saved > epoch]
+    for saved in later:
+      _LOG.info(f"{self.out}: rolling back to epoch {epoch}, where its group resumes (discarding epoch {saved})")
+    self.folder.delete(uncommitted + later)
 
   def close(self) -> None:
-    self.manager.close()
+    self.folder.close()
 
 
 MID_EPOCH_DIR = "checkpoints_mid"
@@ -231,7 +246,7 @@ class MidEpochCheckpoints:
 
   def __init__(self, out: str):
     self.out = out
-    self.manager = checkpoint_manager(out, max_to_keep=CHECKPOINTS_KEPT, subdir=MID_EPOCH_DIR)
+    self.folder = CheckpointFolder(out, MID_EPOCH_DIR, max_to_keep=CHECKPOINTS_KEPT)
 
   @staticmethod
   def held(out: str) -> bool:
@@ -240,18 +255,28 @@ class MidEpochCheckpoints:
 
   def positions(self) -> list[tuple[int, dict | None]]:
     """[(global step, {"epoch": E, "step": S, "sums": {...}, "seconds": s}), ...], the position None for one that
-    cannot be read (half-written or half-deleted by a kill: see `delete`)."""
-    found = []
-    for step in self.manager.all_steps():
-      try:
-        found.append((step, self.manager.restore(step, args=ocp.args.Composite(**{
-            META_ITEM: ocp.args.JsonRestore()}))[META_ITEM]))
-      except Exception:  # pylint: disable=broad-except  # Half-deleted or half-written: unusable either way.
+    is not committed (a save that a kill interrupted: see `CheckpointFolder`), or, in a folder without digests,
+    that cannot be read (half-written or half-deleted by a kill).
+
+    Raises:
+      StillroomError: a committed checkpoint is damaged (its files differ from their digests).
+    """
+    found, listed = [], self.folder.listed()
+    for step in self.folder.on_disk():
+      if listed is not None and step not in listed:
         found.append((step, None))
+        continue
+      try:
+        found.append((step, self.folder.restore(step, ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()}),
+                                                RETRAIN)[META_ITEM]))
+      except StillroomError:
+        if listed is not None:
+          raise
+        found.append((step, None))  # Without digests, half-deleted or half-written: unusable either way.
     return found
 
   def delete(self, global_step: int) -> None:
-    self.manager.delete(global_step)
+    self.folder.delete([global_step])
 
   def save(self, state, global_step: int, meta: dict) -> None:
     """Saves the state at `global_step` with its position and partial sums `meta` (see `positions`).
@@ -260,21 +285,19 @@ class MidEpochCheckpoints:
       StillroomError: the save failed; the run keeps its earlier checkpoints.
     """
     with _saving(f"the mid-epoch checkpoint of {self.out}"):
-      self.manager.save(global_step, args=ocp.args.Composite(**{
+      self.folder.save(global_step, args=ocp.args.Composite(**{
           STATE_ITEM: ocp.args.StandardSave(checkpointable(state)), META_ITEM: ocp.args.JsonSave(meta)}), force=True)
-      self.manager.wait_until_finished()
 
   def restore(self, state, global_step: int):
     """`state` with the checkpoint at `global_step` restored into it (RNG streams kept)."""
-    return _restore_state(self.manager, global_step, state)
+    return _restore_state(self.folder, global_step, state)
 
   def clear(self) -> None:
     """Deletes them all: the run resumes from a later epoch checkpoint, or from an earlier point of its group."""
-    for step in self.manager.all_steps():
-      self.manager.delete(step)
+    self.folder.delete(self.folder.on_disk())
 
   def close(self) -> None:
-    self.manager.close()
+    self.folder.close()
 
 
 def resume_groups(saved: list[set[int]]) -> list[tuple[int, list[int]]]:
@@ -299,22 +322,14 @@ def resume_groups(saved: list[set[int]]) -> list[tuple[int, list[int]]]:
   return sorted(groups.items())
 
 
-def _write_metrics(out: str, lines: list[str]) -> None:
-  """Rewrites metrics.jsonl (its JSON `lines`) and their TensorBoard events whole, on every store alike: an object
-  store has no appends (one line per epoch keeps the files small), and a run resumed after dropping lines
+def _write_metrics(out: str, lines: list[dict]) -> None:
+  """Rewrites metrics.jsonl (a JSON line per epoch) and their TensorBoard events whole, on every store alike: an
+  object store has no appends (one line per epoch keeps the files small), and a run resumed after dropping lines
   (`truncate_metrics`) leaves no stale points behind."""
+  lines = [json.dumps(line) for line in lines]
   storage.write_text(storage.join(out, METRICS_FILE), "".join(line + "\n" for line in lines))
   storage.make_dirs(storage.join(out, TENSORBOARD_DIR))
   storage.write_bytes(storage.join(out, TENSORBOARD_DIR, TENSORBOARD_FILE), tensorboard_events(lines))
-
-
-def _metrics_lines(out: str) -> list[str]:
-  """metrics.jsonl's lines as written (none before the first epoch)."""
-  try:
-    text = storage.read_text(storage.join(out, METRICS_FILE))
-  except FileNotFoundError:
-    return []
-  return [line for line in text.splitlines() if line.strip()]
 
 
 def tensorboard_events(lines: list[str]) -> bytes:
@@ -350,17 +365,30 @@ def _framed(event) -> bytes:
 def append_metrics(out: str, line: dict) -> None:
   """Adds an epoch's line (process 0 of a job; the others compute the same line and write nothing)."""
   if is_first():
-    _write_metrics(out, _metrics_lines(out) + [json.dumps(line)])
+    _write_metrics(out, read_metrics(out) + [line])
 
 
 def read_metrics(out: str) -> list[dict]:
-  return [json.loads(line) for line in _metrics_lines(out)]
+  """metrics.jsonl's lines (none before the first epoch).
+
+  Raises:
+    StillroomError: the file is damaged (garbled, truncated, a line without its epoch): the run cannot resume.
+  """
+  return read_run_file(out, METRICS_FILE, RETRAIN, missing=[])
 
 
 def truncate_metrics(out: str, epochs_done: int) -> None:
-  """Drops lines of epochs not in the checkpoint resumed from (a kill between the metrics line and the save)."""
+  """Drops lines of epochs not in the checkpoint resumed from (a kill between the metrics line and the save).
+
+  Raises:
+    StillroomError: metrics.jsonl is damaged, or lacks a line of an epoch the checkpoint covers.
+  """
   if is_first():
-    _write_metrics(out, [line for line in _metrics_lines(out) if json.loads(line)["epoch"] <= epochs_done])
+    lines = [line for line in read_metrics(out) if line["epoch"] <= epochs_done]
+    if len(lines) != epochs_done:  # The epochs are ascending from 1: all of them, or some are missing.
+      raise StillroomError(f"run dir {out!r}: {METRICS_FILE} holds {len(lines)} of the {epochs_done} epochs its "
+                           f"checkpoint has trained (one line per epoch); {RETRAIN}.")
+    _write_metrics(out, lines)
 
 
 def write_final(out: str, total_epochs: int) -> dict:
@@ -379,11 +407,21 @@ def write_diverged(out: str, message: str) -> None:
 
 
 def read_diverged(out: str) -> str | None:
-  try:
-    return storage.read_json(storage.join(out, DIVERGED_FILE))["message"]
-  except FileNotFoundError:
-    return None
+  """The message of a run that diverged, or None.
+
+  Raises:
+    StillroomError: diverged.json is damaged.
+  """
+  diverged = read_run_file(out, DIVERGED_FILE, "the run stopped on non-finite values: delete it and run the same "
+                           "command to train on from its last finite checkpoint, or pass --overwrite with other "
+                           "settings (a lower --lr, say)", missing=None)
+  return None if diverged is None else diverged["message"]
 
 
 def read_final(out: str) -> dict:
-  return storage.read_json(storage.join(out, FINAL_FILE))
+  """final.json of a finished run.
+
+  Raises:
+    StillroomError: it is absent or damaged.
+  """
+  return read_run_file(out, FINAL_FILE, REWRITE_FINAL)

@@ -82,6 +82,16 @@ def digits_cache(tmp_path_factory, data_dir, teachers, *, split="train", **optio
   return out
 
 
+def listed_checkpoints(run_dir, folder: str = "checkpoints") -> list[int]:
+  """The committed checkpoints of a run dir's folder (a path or a URL): those its digests list (`folder`.json),
+  which a test that kills a run after a checkpoint waits for; [] before the first."""
+  from shared import storage  # pylint: disable=import-outside-toplevel
+  try:
+    return sorted(int(step) for step in storage.read_json(storage.join(str(run_dir), f"{folder}.json"))["checkpoints"])
+  except FileNotFoundError:
+    return []
+
+
 def tree_digest(path) -> dict[str, str]:
   """SHA-256 of every file under `path`, by relative path: a byte-level snapshot of a store."""
   digests = {}

@@ -209,13 +209,13 @@ def test_a_killed_process_takes_the_fit_down_and_the_job_resumes(tmp_path, one_p
   swallow it) after a checkpoint inside the second epoch (90 steps each); and a run dir on S3, whose checkpoints
   process 0 uploads and each process restores on its own."""
   if where == "epoch on S3":
-    s3 = request.getfixturevalue("s3")
+    request.getfixturevalue("s3")
     out = f"s3://{conftest.BUCKET}/distributed/run"
-    saved = lambda: s3.invalidate_cache() or s3.exists(f"{conftest.BUCKET}/distributed/run/checkpoints/1/"  # noqa
-                                                       "commit_success.txt")
+    saved = lambda: 1 in conftest.listed_checkpoints(out)  # noqa: E731
   else:
     out = tmp_path / "run"
-    saved = (out / ("checkpoints/1" if where == "epoch" else "checkpoints_mid/120")).exists
+    saved = lambda: (1 in conftest.listed_checkpoints(out) if where == "epoch" else  # noqa: E731
+                     120 in conftest.listed_checkpoints(out, "checkpoints_mid"))
   args = _fit_args(one_process_store, out) + (["--checkpoint-every-steps", "30"] if where == "mid-epoch" else [])
   job = _fit_job(args, heartbeat=5)
   _kill_the_second_process_once(job, saved, signal.SIGKILL if where != "mid-epoch" else signal.SIGTERM)

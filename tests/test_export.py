@@ -1,6 +1,9 @@
 """`student-train export`: the exported parameters, loaded without stillroom, give the run's predictions."""
 
 import json
+import os
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -66,3 +69,39 @@ def test_export_refuses_an_unknown_format_and_an_existing_file(run, tmp_path, ca
     from student_train.export import export_run  # pylint: disable=import-outside-toplevel
     export_run(run, str(tmp_path / "student.npz"))
   assert (tmp_path / "student.npz").read_bytes() == b"mine"
+
+
+def test_a_damaged_or_deleted_newest_checkpoint_is_refused_and_epoch_picks_another(run, tmp_path, data_dir, capsys):
+  """With its newest checkpoint damaged, or gone, eval and export refuse the run naming it, rather than use epoch
+  1's; with --epoch 1 they use epoch 1's, whose test accuracy is the one the run measured after epoch 1
+  (metrics.jsonl)."""
+  copy = str(tmp_path / "run")
+  shutil.copytree(run, copy)
+  with open(os.path.join(copy, "checkpoints", "2", "params", "_METADATA"), "r+b") as f:
+    f.write(b"X")
+  evaluate = ["eval", copy, "--dataset", "digits", "--data-dir", data_dir, "--split", "test", "--json"]
+  export = ["export", copy, "--out", str(tmp_path / "p.npz")]
+  another = r"; pass --epoch N to use another checkpoint \(kept: epochs 1\)\."
+
+  def refused(pattern: str) -> None:
+    for argv in (evaluate, export):
+      code, _, err = conftest.run_cli(train_main, argv, capsys)
+      assert code == 2 and re.search(pattern + another, err), err
+
+  refused(r"checkpoint checkpoints/2 is damaged: its file params/_METADATA differs from its digest in "
+          r"checkpoints\.json")
+  shutil.rmtree(os.path.join(copy, "checkpoints", "2"))
+  refused(r"its newest checkpoint, checkpoints/2 \(listed in checkpoints\.json\), is missing")
+  measured = json.loads(open(os.path.join(run, "metrics.jsonl")).readline())
+  assert measured["epoch"] == 1
+  code, printed, err = conftest.run_cli(train_main, evaluate + ["--epoch", "1"], capsys)
+  assert code == 0, err
+  evaluated = json.loads(printed)
+  assert evaluated["members"][0]["epoch"] == 1 and evaluated["accuracy"] == measured["eval_accuracy"]
+  assert evaluated["nll"] == pytest.approx(measured["eval_nll"], rel=1e-5)
+  code, printed, err = conftest.run_cli(train_main, export + ["--epoch", "1"], capsys)
+  assert code == 0 and json.loads(printed)["epoch"] == 1, err
+  test = open_transfer_set("digits", "test", data_dir)
+  x, labels = test.source.read(test.indices)
+  logits = _numpy_mlp(dict(np.load(tmp_path / "p.npz")), np.asarray(x), json.loads(printed)["normalization"]["scale"])
+  assert np.mean(logits.argmax(-1) == np.asarray(labels)) == measured["eval_accuracy"]

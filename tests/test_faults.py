@@ -3,6 +3,7 @@ bad settings and bad teachers. Each is refused with the right exit code and one 
 no existing store or run dir changes. The CLIs run in-process (`main(argv)`), so the module stays fast."""
 
 import errno
+import glob
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import numpy as np
 import pytest
 import zarr
@@ -18,6 +20,7 @@ from conftest import digits_cache, make_teacher, run_cli, tree_digest
 
 from shared.cache import COMPLETE_KEY, SPEC_KEY
 from shared.errors import StillroomError
+from shared.runs import load_run_teacher
 from student_train.cli import main as student_main
 from teacher_cache.cli import main as cache_main
 
@@ -809,10 +812,11 @@ def test_overwrite_keeps_what_stillroom_did_not_write(env, tmp_path, capsys):
 def test_clearing_a_run_dir_removes_all_that_fit_writes(env, tmp_path):
   """`RUN_DIR_ENTRIES` names every file and folder a run dir holds (a finished run's and `run_dir`'s names)."""
   from shared.outputs import RUN_DIR, RUN_DIR_ENTRIES, clear_for_overwrite
-  from shared.runs import CHECKPOINT_DIR, CONFIG_FILE
+  from shared.runs import CHECKPOINT_DIR, CONFIG_FILE, DIGESTS_SUFFIX
   from student_train import run_dir
-  assert {CONFIG_FILE, CHECKPOINT_DIR, run_dir.MID_EPOCH_DIR, run_dir.METRICS_FILE, run_dir.TENSORBOARD_DIR,
-          run_dir.FINAL_FILE, run_dir.DIVERGED_FILE} == set(RUN_DIR_ENTRIES)
+  assert {CONFIG_FILE, CHECKPOINT_DIR, CHECKPOINT_DIR + DIGESTS_SUFFIX, run_dir.MID_EPOCH_DIR,
+          run_dir.MID_EPOCH_DIR + DIGESTS_SUFFIX, run_dir.METRICS_FILE, run_dir.TENSORBOARD_DIR, run_dir.FINAL_FILE,
+          run_dir.DIVERGED_FILE} == set(RUN_DIR_ENTRIES)
   run = tmp_path / "run"
   shutil.copytree(env.run, run)
   (run / "metrics.jsonl.tmp").write_text("left by a kill")
@@ -991,9 +995,261 @@ def test_an_object_store_lease_is_skipped_only_for_a_finished_output(monkeypatch
     outputs.OutputLock("s3://bucket/runs/r", "student-train fit", lambda: False).acquire()
 
 
+# --- checkpoints and run records ---------------------------------------------------------------------------------
+
+CHECKPOINT = os.path.join("checkpoints", "1")  # env.run's one checkpoint, after its one epoch.
+RETRAIN_TEACHER = r"retrain the run \(`student-train fit` with --overwrite\)\.$"
+RETRAIN = r"pass --overwrite to retrain the run, or choose another --out\.$"
+
+
+def _run_copy(env, tmp_path, unfinished=False) -> str:
+  """A copy of env.run to damage; `unfinished`: without final.json, so that the same fit command resumes it (from
+  its checkpoint of epoch 1, which it restores)."""
+  run = str(tmp_path / "run")
+  shutil.copytree(env.run, run)
+  if unfinished:
+    os.remove(os.path.join(run, "final.json"))
+  return run
+
+
+def _in_checkpoint(run, pattern) -> str:
+  """The first file (by name) of the run's checkpoint whose path in it matches `pattern` (a glob)."""
+  return sorted(glob.glob(os.path.join(run, CHECKPOINT, pattern)))[0]
+
+
+def _flip_byte_in(path) -> None:
+  """Flips a byte of any file (the smallest in a checkpoint has 12 bytes)."""
+  _flip_byte(path, offset=min(40, os.path.getsize(path) // 2))
+
+
+def _resume(env, run):
+  return _fit(env, "--dataset", "digits", "--split", "train[:200]", "--out", run)
+
+
+def _eval(env, run, *extra):
+  return ["eval", run, "--data-dir", env.data_dir, *extra]
+
+
+def _export(tmp_path, run, *extra):
+  return ["export", run, "--out", tmp_path / "p.npz", *extra]
+
+
+def _damaged(name) -> str:
+  return rf"checkpoint checkpoints/1 is damaged: its file {re.escape(name)} differs from its digest in " \
+         r"checkpoints\.json"
+
+
+@fault("eval of a run with a flipped byte in its parameters")
+def _(env, tmp_path, mp):
+  run = _run_copy(env, tmp_path)
+  name = os.path.relpath(_in_checkpoint(run, "params/ocdbt.process_0/d/*"), os.path.join(run, CHECKPOINT))
+  _flip_byte_in(os.path.join(run, CHECKPOINT, name))
+  return student_main, _eval(env, run), 2, _damaged(name) + "; " + RETRAIN_TEACHER, [run]
+
+
+@fault("export of a run with a flipped byte in its optimizer state")
+def _(env, tmp_path, mp):
+  run = _run_copy(env, tmp_path)
+  name = os.path.relpath(_in_checkpoint(run, "state/ocdbt.process_0/d/*"), os.path.join(run, CHECKPOINT))
+  _flip_byte_in(os.path.join(run, CHECKPOINT, name))
+  return (student_main, _export(tmp_path, run), 2, _damaged(name) + "; " + RETRAIN_TEACHER,
+          [run, Absent(tmp_path / "p.npz")])
+
+
+@fault("resume of a run with a flipped byte in its checkpoint's metadata")
+def _(env, tmp_path, mp):
+  run = _run_copy(env, tmp_path, unfinished=True)
+  _flip_byte_in(os.path.join(run, CHECKPOINT, "state", "_METADATA"))
+  return student_main, _resume(env, run), 2, _damaged("state/_METADATA") + "; " + RETRAIN, [run]
+
+
+@fault("build --teacher of a run with a flipped byte in its checkpoint")
+def _(env, tmp_path, mp):
+  run = _run_copy(env, tmp_path)
+  _flip_byte_in(os.path.join(run, CHECKPOINT, "params", "manifest.ocdbt"))
+  return (cache_main, _build(env, tmp_path / "c.zarr", teachers=[run]), 2,
+          _damaged("params/manifest.ocdbt") + "; " + RETRAIN_TEACHER, [run, Absent(tmp_path / "c.zarr")])
+
+
+@fault("fit --init-from a run with a flipped byte in its checkpoint")
+def _(env, tmp_path, mp):
+  run = _run_copy(env, tmp_path)
+  _flip_byte_in(os.path.join(run, CHECKPOINT, "_CHECKPOINT_METADATA"))
+  return (student_main, _fit(env, "--dataset", "digits", "--init-from", run, "--out", tmp_path / "r"), 2,
+          _damaged("_CHECKPOINT_METADATA") + "; " + RETRAIN_TEACHER, [run, Absent(tmp_path / "r")])
+
+
+@fault("resume of a run with a truncated optimizer-state file")
+def _(env, tmp_path, mp):
+  run = _run_copy(env, tmp_path, unfinished=True)
+  path = max(glob.glob(os.path.join(run, CHECKPOINT, "state", "ocdbt.process_0", "d", "*")), key=os.path.getsize)
+  size = os.path.getsize(path)
+  open(path, "r+b").truncate(size // 2)
+  return (student_main, _resume(env, run), 2,
+          _damaged(os.path.relpath(path, os.path.join(run, CHECKPOINT))) + rf" \({size // 2} bytes, {size} recorded\)",
+          [run])
+
+
+@fault("resume of a run without digests with a truncated optimizer-state file")
+def _(env, tmp_path, mp):
+  run = _run_copy(env, tmp_path, unfinished=True)
+  os.remove(os.path.join(run, "checkpoints.json"))  # As stillroom 0.3 wrote run dirs: orbax's own error, in one line.
+  path = max(glob.glob(os.path.join(run, CHECKPOINT, "state", "ocdbt.process_0", "d", "*")), key=os.path.getsize)
+  open(path, "r+b").truncate(os.path.getsize(path) // 2)
+  return (student_main, _resume(env, run), 2,
+          r"cannot read checkpoint checkpoints/1 \(Encountered error while reading array index: .*\); " + RETRAIN, [run])
+
+
+@fault("eval of a run with a file deleted from its checkpoint")
+def _(env, tmp_path, mp):
+  run = _run_copy(env, tmp_path)
+  os.remove(os.path.join(run, CHECKPOINT, "params", "_sharding"))
+  return (student_main, _eval(env, run), 2,
+          r"checkpoint checkpoints/1 is damaged: its file params/_sharding is missing; " + RETRAIN_TEACHER, [run])
+
+
+@fault("export of a run with a file added to its checkpoint")
+def _(env, tmp_path, mp):
+  run = _run_copy(env, tmp_path)
+  shutil.copy(_in_checkpoint(run, "params/ocdbt.process_0/d/*"), os.path.join(run, CHECKPOINT, "params", "extra"))
+  return (student_main, _export(tmp_path, run), 2,
+          r"checkpoint checkpoints/1 is damaged: it holds a file checkpoints\.json does not list, params/extra",
+          [run, Absent(tmp_path / "p.npz")])
+
+
+@fault("eval of a run whose newest checkpoint was deleted")
+def _(env, tmp_path, mp):
+  run = _run_copy(env, tmp_path)
+  shutil.rmtree(os.path.join(run, CHECKPOINT))
+  return (student_main, _eval(env, run), 2, r"its newest checkpoint, checkpoints/1 \(listed in checkpoints\.json\), "
+          r"is missing; " + RETRAIN_TEACHER, [run])
+
+
+@fault("resume of a run whose newest checkpoint was deleted")
+def _(env, tmp_path, mp):
+  run = _run_copy(env, tmp_path, unfinished=True)
+  shutil.rmtree(os.path.join(run, CHECKPOINT))
+  return (student_main, _resume(env, run), 2, r"its newest checkpoint, checkpoints/1 \(listed in checkpoints\.json\), "
+          r"is missing; " + RETRAIN, [run])
+
+
+@fault("export of a run without digests whose newest checkpoint was deleted")
+def _(env, tmp_path, mp):
+  run = _run_copy(env, tmp_path)
+  os.remove(os.path.join(run, "checkpoints.json"))  # final.json still names the epochs trained.
+  shutil.rmtree(os.path.join(run, CHECKPOINT))
+  return (student_main, _export(tmp_path, run), 2,
+          r"its newest checkpoint, checkpoints/1 \(final\.json records 1 epochs trained\), is missing",
+          [run, Absent(tmp_path / "p.npz")])
+
+
+@fault("eval --epoch of an epoch the run does not keep")
+def _(env, tmp_path, mp):
+  return (student_main, _eval(env, env.run, "--epoch", "3"), 2,
+          r"run dir '.*' keeps no checkpoint after epoch 3; it keeps epochs 1\.$", [env.run])
+
+
+@fault("export --epoch -1")
+def _(env, tmp_path, mp):
+  return student_main, _export(tmp_path, env.run, "--epoch", "-1"), 2, r"--epoch must be >= 0, got -1", [env.run]
+
+
+@fault("eval of a run with a garbled checkpoints.json")
+def _(env, tmp_path, mp):
+  run = _run_copy(env, tmp_path)
+  with open(os.path.join(run, "checkpoints.json"), "r+") as f:
+    f.truncate(100)
+  return (student_main, _eval(env, run), 2, r"cannot read checkpoints\.json \(not JSON: .*\); " + RETRAIN_TEACHER,
+          [run])
+
+
+@fault("resume with a garbled metrics.jsonl")
+def _(env, tmp_path, mp):
+  run = _run_copy(env, tmp_path, unfinished=True)
+  with open(os.path.join(run, "metrics.jsonl"), "w") as f:
+    f.write("{not json\n")
+  return student_main, _resume(env, run), 2, r"cannot read metrics\.jsonl \(line 1 is not JSON: .*\); " + RETRAIN, [run]
+
+
+@fault("resume with a truncated metrics.jsonl")
+def _(env, tmp_path, mp):
+  run = _run_copy(env, tmp_path, unfinished=True)
+  with open(os.path.join(run, "metrics.jsonl"), "r+") as f:
+    f.truncate(30)
+  return student_main, _resume(env, run), 2, r"cannot read metrics\.jsonl \(line 1 is not JSON", [run]
+
+
+@fault("resume with a metrics line without its epoch")
+def _(env, tmp_path, mp):
+  run = _run_copy(env, tmp_path, unfinished=True)
+  with open(os.path.join(run, "metrics.jsonl"), "w") as f:
+    f.write('{"loss": 1.0}\n')
+  return (student_main, _resume(env, run), 2, r"cannot read metrics\.jsonl \(line 1: no 'epoch' entry\); " + RETRAIN,
+          [run])
+
+
+@fault("resume with a metrics line whose epoch is text")
+def _(env, tmp_path, mp):
+  run = _run_copy(env, tmp_path, unfinished=True)
+  with open(os.path.join(run, "metrics.jsonl"), "w") as f:
+    f.write('{"epoch": "1"}\n')
+  return (student_main, _resume(env, run), 2,
+          r"cannot read metrics\.jsonl \(line 1: its 'epoch' is \"1\", not an integer\)", [run])
+
+
+@fault("resume with metrics.jsonl deleted")
+def _(env, tmp_path, mp):
+  run = _run_copy(env, tmp_path, unfinished=True)
+  os.remove(os.path.join(run, "metrics.jsonl"))
+  return (student_main, _resume(env, run), 2,
+          r"metrics\.jsonl holds 0 of the 1 epochs its checkpoint has trained \(one line per epoch\); " + RETRAIN,
+          [run])
+
+
+@fault("fit on a run with a garbled final.json")
+def _(env, tmp_path, mp):
+  run = _run_copy(env, tmp_path)
+  with open(os.path.join(run, "final.json"), "r+") as f:
+    f.truncate(50)
+  return (student_main, _resume(env, run), 2,
+          r"cannot read final\.json \(not JSON: .*\); delete it and run the same command to rewrite it\.$", [run])
+
+
+@fault("fit on a run with a final.json that is not an object")
+def _(env, tmp_path, mp):
+  run = _run_copy(env, tmp_path)
+  with open(os.path.join(run, "final.json"), "w") as f:
+    f.write("[1, 2]")
+  return (student_main, _resume(env, run), 2,
+          r"cannot read final\.json \(it holds an array, not an object\); delete it and run the same command", [run])
+
+
+@fault("fit on a run with a garbled diverged.json")
+def _(env, tmp_path, mp):
+  run = _run_copy(env, tmp_path, unfinished=True)
+  with open(os.path.join(run, "diverged.json"), "w") as f:
+    f.write('{"message": ')
+  return (student_main, _resume(env, run), 2,
+          r"cannot read diverged\.json \(not JSON: .*\); the run stopped on non-finite values: delete it and run the "
+          r"same command to train on from its last finite checkpoint, or pass --overwrite", [run])
+
+
+@fault("eval of a run with a garbled config.json")
+def _(env, tmp_path, mp):
+  run = _run_copy(env, tmp_path)
+  with open(os.path.join(run, "config.json"), "w") as f:
+    f.write('{"model": ')
+  return student_main, _eval(env, run), 2, r"cannot read config\.json \(not JSON: .*\); " + RETRAIN_TEACHER, [run]
+
+
 @pytest.mark.parametrize("name", list(FAULTS))
 def test_fault_is_refused_cleanly(name, env, tmp_path, monkeypatch, capsys):
-  main, argv, code, pattern, protected = FAULTS[name](env, tmp_path, monkeypatch)
+  _refused_cleanly(FAULTS[name](env, tmp_path, monkeypatch), env, monkeypatch, capsys)
+
+
+def _refused_cleanly(fault_case, env, monkeypatch, capsys) -> None:
+  """Runs a fault's command: its exit code, one error line matching its pattern, no traceback, nothing changed."""
+  main, argv, code, pattern, protected = fault_case
   absent = [p for p in protected if isinstance(p, Absent)]
   assert not any(os.path.exists(p) for p in absent)
   protected = [p for p in protected if not isinstance(p, Absent)]
@@ -1139,3 +1395,151 @@ def test_a_real_full_disk_gives_one_line_and_no_complete_store(env, tiny_disk, c
   errors = [line for line in err.splitlines() if ": error: " in line]
   assert code == 2 and "Traceback" not in err and len(err.splitlines()) <= 3, err[-3000:]
   assert len(errors) == 1 and "saving the checkpoint of" in errors[0] and "No space left on device" in errors[0]
+
+
+# Checkpoints and run records (beside the catalogue's faults of this kind).
+
+CHECKPOINT_FILE_KINDS = (  # The files of an orbax 0.12 checkpoint of the trainer, content-addressed names as '*'.
+    "_CHECKPOINT_METADATA", "commit_success.txt", "meta/metadata", "meta/commit_success.txt",
+    *(f"{item}/{kind}" for item in ("state", "params") for kind in (
+        "_METADATA", "_sharding", "array_metadatas/process_0", "commit_success.txt", "manifest.ocdbt", "d/*",
+        "ocdbt.process_0/manifest.ocdbt", "ocdbt.process_0/d/*")))
+
+
+def _files_by_kind(checkpoint: str) -> dict[str, str]:
+  """{kind: the first file of that kind} of a checkpoint dir, by path in it (hex content names as '*')."""
+  kinds = {}
+  for root, _, names in sorted(os.walk(checkpoint)):
+    for name in sorted(names):
+      path = os.path.relpath(os.path.join(root, name), checkpoint)
+      kinds.setdefault(re.sub(r"[0-9a-f]{32}", "*", path), path)
+  return kinds
+
+
+@pytest.mark.parametrize("kind", CHECKPOINT_FILE_KINDS)
+def test_a_flipped_byte_in_any_checkpoint_file_is_refused_by_every_reader(kind, env, tmp_path, monkeypatch, capsys):
+  """eval, export, a resumed fit and build --teacher, each on the same damaged copy of a run."""
+  files = _files_by_kind(os.path.join(env.run, CHECKPOINT))
+  assert sorted(files) == sorted(CHECKPOINT_FILE_KINDS)  # Every kind a real checkpoint holds is tried.
+  run = _run_copy(env, tmp_path, unfinished=True)
+  _flip_byte_in(os.path.join(run, CHECKPOINT, files[kind]))
+  damaged = _damaged(files[kind])
+  for case in [(student_main, _eval(env, run), 2, damaged + "; " + RETRAIN_TEACHER, [run]),
+               (student_main, _export(tmp_path, run), 2, damaged + "; " + RETRAIN_TEACHER,
+                [run, Absent(tmp_path / "p.npz")]),
+               (student_main, _resume(env, run), 2, damaged + "; " + RETRAIN, [run]),
+               (cache_main, _build(env, tmp_path / "c.zarr", teachers=[run]), 2, damaged + "; " + RETRAIN_TEACHER,
+                [run, Absent(tmp_path / "c.zarr")])]:
+    _refused_cleanly(case, env, monkeypatch, capsys)
+
+
+class _Killed(BaseException):
+  """A kill at a chosen point (in process: the run dir is left as a SIGKILL there leaves it)."""
+
+
+def test_saves_killed_before_they_are_listed_resume_as_if_they_never_happened(env, tmp_path, monkeypatch, capsys):
+  """Killed after orbax has written a checkpoint and before its folder's digests list it: first the mid-epoch one
+  after step 2 of epoch 2 (of 4), so that the run resumes from epoch 1; then epoch 2's, so that it resumes from
+  that mid-epoch checkpoint (which the epoch's save would have superseded). Each resume discards the unlisted one,
+  and the run ends with the parameters and metrics of an uninterrupted run."""
+  from shared.runs import CheckpointFolder  # pylint: disable=import-outside-toplevel
+  from student_train.train import FitConfig, fit  # pylint: disable=import-outside-toplevel
+  options = {"dataset": "digits", "split": "train[:200]", "data_dir": env.data_dir, "model": "mlp-tiny", "epochs": 2,
+             "batch_size": 50, "checkpoint_every_steps": 2, "dropout": 0.1, "eval_split": "none", "progress": False}
+  killed = tmp_path / "killed"
+  command = ["fit", "--out", killed, "--no-progress",
+             *[f"--{k.replace('_', '-')}={v}" for k, v in options.items() if k != "progress"]]
+  real = CheckpointFolder._digests  # pylint: disable=protected-access
+  for folder, step, resumed in [("checkpoints_mid", 6, None), ("checkpoints", 2, "after epoch 1 of 2")]:
+
+    def killed_before_listing(self, saved, folder=folder, step=step):
+      if (self.subdir, saved) == (folder, step):
+        raise _Killed
+      return real(self, saved)
+
+    monkeypatch.setattr(CheckpointFolder, "_digests", killed_before_listing)
+    with pytest.raises(_Killed):
+      run_cli(student_main, command, capsys)
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert ("resuming" not in err) if resumed is None else re.search(f"resuming .* {resumed}\n", err), err
+    assert str(step) in os.listdir(killed / folder)  # Written, not listed.
+    assert str(step) not in json.load(open(killed / f"{folder}.json"))["checkpoints"]
+  code, _, err = run_cli(student_main, command, capsys)
+  assert code == 0, err
+  assert "discarding checkpoints/2, whose save was interrupted" in err, err
+  assert re.search("resuming .* after step 2 of epoch 2 of 2", err), err
+  clean = fit(FitConfig(out=str(tmp_path / "clean"), **options), log_epochs=False)
+  untimed = lambda lines: [{k: v for k, v in line.items() if "second" not in k} for line in lines]  # noqa: E731
+  metrics = [[json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")] for run in ("killed", "clean")]
+  assert untimed(metrics[0]) == untimed(metrics[1]) and clean["epoch"] == 2
+  params = [load_run_teacher(str(tmp_path / run)).params for run in ("killed", "clean")]
+  jax.tree.map(np.testing.assert_array_equal, *params)  # Bitwise.
+  assert sorted(json.load(open(killed / "checkpoints.json"))["checkpoints"]) == ["1", "2"]
+  assert json.load(open(killed / "checkpoints_mid.json"))["checkpoints"] == {}
+
+
+def test_the_digests_list_exactly_the_checkpoints_kept(tmp_path, monkeypatch):
+  """A folder's digests list each save once orbax has finished it, and drop the steps orbax deleted (max_to_keep); a
+  save interrupted before it is listed is not committed; a deleted step is unlisted; a folder of an earlier
+  stillroom (no list) has its checkpoints listed without digests by its first save."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  from shared.runs import CheckpointFolder  # pylint: disable=import-outside-toplevel
+  run = str(tmp_path / "run")
+  folder = CheckpointFolder(run, "ckpts", max_to_keep=2)
+
+  def save(step: int) -> None:
+    folder.save(step, ocp.args.Composite(state=ocp.args.StandardSave({"w": np.full(3, step, np.float32)})))
+
+  def listed() -> dict:
+    return json.load(open(os.path.join(run, "ckpts.json")))["checkpoints"]
+
+  assert listed() == {}  # Made with the folder: from then on, what it lists is committed.
+  save(1)
+  os.remove(os.path.join(run, "ckpts.json"))  # As an earlier stillroom left it.
+  save(2)
+  assert listed()["1"] == {"files": None} and listed()["2"]["files"] == {
+      path: {"sha256": digest, "bytes": size} for path, digest in tree_digest(os.path.join(run, "ckpts", "2")).items()
+      for size in [os.path.getsize(os.path.join(run, "ckpts", "2", path))]}
+  save(3)
+  assert sorted(listed()) == ["2", "3"] and folder.on_disk() == [2, 3]  # orbax deleted 1.
+  monkeypatch.setattr(CheckpointFolder, "_digests", lambda self, step: (_ for _ in ()).throw(_Killed()))
+  with pytest.raises(_Killed):
+    save(4)
+  monkeypatch.undo()
+  # Killed after orbax saved 4 and deleted 2: 2 is listed but absent, 4 present but not listed.
+  assert folder.on_disk() == [3, 4] and sorted(listed()) == ["2", "3"]
+  assert folder.committed() == [3] and folder.uncommitted() == [4] and folder.newest() == 3
+  folder.delete([3, 4])
+  assert sorted(listed()) == ["2"] and folder.on_disk() == []
+  save(5)
+  assert sorted(listed()) == ["5"]
+  folder.close()
+
+
+def test_a_run_dir_without_digests_stays_readable_and_resumable(env, tmp_path, capsys):
+  """As stillroom 0.3 wrote run dirs: eval reads it unchecked (saying so), with the numbers of the same run with
+  digests; resumed, it finishes."""
+  run = _run_copy(env, tmp_path, unfinished=True)
+  os.remove(os.path.join(run, "checkpoints.json"))
+  results = [run_cli(student_main, _eval(env, path, "--json"), capsys) for path in (env.run, run)]
+  assert [code for code, _, _ in results] == [0, 0], results
+  assert "checkpoints/ carry no digests (written by an earlier stillroom); they are read unchecked" in results[1][2]
+  ours, theirs = (json.loads(out) for _, out, _ in results)
+  assert ours["accuracy"] == theirs["accuracy"] and ours["nll"] == theirs["nll"] and ours["members"][0]["epoch"] == 1
+  code, _, err = run_cli(student_main, _resume(env, run), capsys)
+  assert code == 0 and "resuming" in err, err
+  assert json.load(open(os.path.join(run, "final.json")))["epochs"] == 1
+
+
+def test_a_garbled_final_json_deleted_is_rewritten_by_the_same_command(env, tmp_path, capsys):
+  """What the refusal of a garbled final.json advises works: deleted, the same command writes it again."""
+  run = _run_copy(env, tmp_path)
+  with open(os.path.join(run, "final.json"), "w") as f:
+    f.write("{garbled")
+  assert run_cli(student_main, _resume(env, run), capsys)[0] == 2
+  os.remove(os.path.join(run, "final.json"))
+  code, _, err = run_cli(student_main, _resume(env, run), capsys)
+  assert code == 0, err
+  rewritten, original = (json.load(open(os.path.join(path, "final.json"))) for path in (run, env.run))
+  assert {**rewritten, "run_dir": None} == {**original, "run_dir": None}

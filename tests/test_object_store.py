@@ -223,8 +223,7 @@ def test_a_run_dir_trains_resumes_after_a_kill_and_teaches(bucket, tmp_path, dat
   process = _cli_fit(url, data_dir)
   deadline = time.monotonic() + 300
   while process.poll() is None and time.monotonic() < deadline:  # Until a checkpoint inside epoch 2 is committed.
-    fs.invalidate_cache()
-    if [k for k in fs.glob(f"{key}/checkpoints_mid/*/commit_success.txt") if int(k.split("/")[-2]) > 12]:
+    if [step for step in conftest.listed_checkpoints(url, "checkpoints_mid") if step > 12]:
       break
     time.sleep(0.02)
   process.send_signal(signal.SIGKILL)

@@ -15,10 +15,11 @@ from shared.settings import commands_of, declared, flag_of, names_where
 from student_train.config import FitConfig
 from stillroom.demo import DemoConfig
 from student_train.evaluate import EvalConfig
+from student_train.export import ExportConfig
 from teacher_cache.build import BuildConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = (FitConfig, BuildConfig, EvalConfig, DemoConfig)
+CONFIGS = (FitConfig, BuildConfig, EvalConfig, ExportConfig, DemoConfig)
 STAGE_PREFIX = {command: stage + "_" for stage, command in DEMO_STAGES.items()}
 pytestmark = pytest.mark.fast  # Pure unit tests: `make test-fast` runs them (see pyproject.toml).
 

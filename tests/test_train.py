@@ -97,6 +97,7 @@ def test_sigkill_and_resume_ends_with_the_uninterrupted_parameters(tmp_path, dat
   assert resumed.wait() == 0, resumed.stderr.read().decode()[-2000:]
   assert "resuming" in resumed.stderr.read().decode()
   assert sorted(os.listdir(killed / "checkpoints")) == ["6", "8"]  # After epochs 6 and 8 (the last): every 3rd, 2 kept.
+  assert conftest.listed_checkpoints(killed) == [6, 8]  # Their digests, and only theirs.
   clean = _fit_process(args + ["--out", tmp_path / "clean"])
   assert clean.wait() == 0
   killed_params, clean_params = _params(killed), _params(tmp_path / "clean")
@@ -117,9 +118,8 @@ def test_a_run_killed_mid_epoch_resumes_bit_identical(tmp_path, data_dir, cache_
   steps_per_epoch = -(-2874 // 32)  # The cache holds 1,437 examples x 2 views.
   killed, mid = tmp_path / "killed", tmp_path / "killed" / "checkpoints_mid"
 
-  def ready() -> bool:  # A mid-epoch checkpoint inside the epoch to kill in.
-    steps = [int(name) for name in os.listdir(mid) if name.isdigit()] if mid.exists() else []
-    return any(step > (kill_in_epoch - 1) * steps_per_epoch for step in steps)
+  def ready() -> bool:  # A mid-epoch checkpoint inside the epoch to kill in, committed (listed with its digests).
+    return any(step > (kill_in_epoch - 1) * steps_per_epoch for step in conftest.listed_checkpoints(killed, mid.name))
 
   process = _fit_process(interrupted + ["--checkpoint-every-steps", "7", "--out", killed])
   while process.poll() is None and not ready():
