@@ -107,6 +107,10 @@ def test_the_completion_record_binds_each_chunk_to_its_position_and_the_spec_to_
   with pytest.raises(StillroomError, match=r"array 'labels': chunk 1 holds chunk 2's data: not the chunk its "
                                            r"completion record lists for that position"):
     cache.read_chunk(1, ["labels"])
+  labels = zarr.open_group(store, mode="r+")["labels"]
+  labels[0] = labels[0] + 1  # Rewritten through Zarr: a valid checksum, of other values.
+  with pytest.raises(StillroomError, match=r"array 'labels': chunk 0: not the chunk its completion record lists"):
+    open_cache(store, require_complete=False).read_chunk(0, ["labels"])
 
 
 def test_a_store_completed_before_the_record_held_its_checks_stays_readable(tmp_path, cache_path, data_dir):

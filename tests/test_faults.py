@@ -847,6 +847,21 @@ def test_the_swaps_cover_every_array(env):
   assert alike == ["flip"] and sorted(SWAPPED_ARRAYS) == sorted(set(arrays) - set(alike))
 
 
+@pytest.mark.fast
+def test_available_memory_is_the_least_of_the_system_and_the_cgroup(monkeypatch):
+  """MemAvailable, and within a cgroup v2 limit the limit less the group's anonymous memory (its file cache can be
+  reclaimed); sizes in decimal units with three significant digits."""
+  import shared.limits as limits
+  files = {("/proc/meminfo", "MemAvailable"): 8_000_000_000, ("/sys/fs/cgroup/memory.max", None): 4_000_000_000,
+           ("/sys/fs/cgroup/memory.stat", "anon"): 1_500_000_000}
+  monkeypatch.setattr(limits, "_read_number", lambda path, key=None: files.get((path, key)))
+  assert limits.available_memory() == 2_500_000_000
+  files[("/sys/fs/cgroup/memory.max", None)] = None  # "max": no limit.
+  assert limits.available_memory() == 8_000_000_000
+  assert [limits.human_bytes(n) for n in (999, 1000, 83e9, 498e9, 1.66e12)] == [
+      "999 B", "1.00 kB", "83.0 GB", "498 GB", "1.66 TB"]
+
+
 def test_ignore_limits_lets_a_build_past_the_checks(env, tmp_path, monkeypatch, capsys):
   """On a disk with 1 kB free, or with 1 kB of memory available, the build is refused before it writes anything,
   with both sizes and the option named; with --ignore-limits it starts (and here, where there is room, finishes)."""

@@ -3,8 +3,11 @@
 Every chunk carries the CRC-32C of its bytes (Zarr's `crc32c` codec: the last 4 bytes of the chunk object, the
 checksum of the chunk's raw little-endian bytes, an edge chunk padded to the full chunk shape with the fill value 0),
 so a damaged chunk fails to decode. But a chunk moved to another position still matches its own checksum: the
-record therefore lists, for each position, the checksum the build left there, and a reader checks that the chunk it
-reads is the one listed. It also holds a digest of the spec as stored, so that a spec edited after the build (its
+record therefore lists, for each position, the checksum the build left there. Opening a complete store compares
+every chunk's stored checksum with the list (4 bytes read per chunk, all issued together) and refuses one that holds
+another position's data; a reader checks each chunk it reads against the list (the checksum of the values read,
+padded to the chunk shape), which also refuses a chunk rewritten after the build, or replaced since the store was
+opened. The record also holds a digest of the spec as stored, so that a spec edited after the build (its
 temperature, combine rule or members) is refused rather than trusted.
 
 `COMPLETION_FIELDS` documents the record; stores completed by a stillroom before these fields hold only
