@@ -7,7 +7,8 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 from shared.augment import Augmentation, fold_of
-from shared.cache import COMPLETE_KEY, SPEC_KEY, CacheSpec, MemberSpec, create_arrays, writable
+from shared.cache import (COMPLETE_KEY, SPEC_KEY, CacheSpec, MemberSpec, completion_record, create_arrays, open_cache,
+                          writable)
 from shared.data import Normalization, open_transfer_set
 from shared.models import ModelSpec, build_model
 from shared.runs import RunRecord, save_run
@@ -45,7 +46,7 @@ def direct_cache(path: str, dataset: str, *, members: int, views: int = 1, chunk
   split order (schema 1's order) to measure what the permuted order buys.
 
   Returns:
-    Its spec; the store is complete and passes the same layout checks as a built one.
+    Its spec; the store is complete, with the completion record a build writes, and passes the same checks.
   """
   transfer_set = open_transfer_set(dataset, "train")
   classes = transfer_set.num_classes
@@ -78,5 +79,5 @@ def direct_cache(path: str, dataset: str, *, members: int, views: int = 1, chunk
     for name, value in values.items():
       arrays[name][start:stop] = value
     arrays["chunk_committed"][chunk] = True
-  group.attrs[COMPLETE_KEY] = {"rows": spec.num_rows}
+  group.attrs[COMPLETE_KEY] = completion_record(open_cache(path, require_complete=False))  # As a build writes it.
   return spec

@@ -220,13 +220,14 @@ batches look like uniform samples. E rows hold the eval split's examples (no vie
 
 **Chunks.** Every array is chunked along rows only (`chunk_rows` rows per chunk): a chunk is the unit of writing,
 resuming and reading. Every chunk carries a CRC-32C checksum (Zarr's `crc32c` codec) and is written even when it is
-all zeros, so a flipped byte, a truncated chunk and a missing chunk are all detected (`teacher-cache verify`).
+all zeros, so a flipped byte, a truncated chunk and a missing chunk are all detected (`teacher-cache verify`); the
+completion record lists each chunk's checksum by position, so a chunk swapped, copied or rewritten is detected too.
 Arrays are not compressed: float16 logits barely compress (zstd 1.16× at C = 1,000, with slower writes; stillroom
 0.3's `bench/run_all.py`, in the [changelog](../CHANGELOG.md)).
 
-**Completion.** The group attribute `{spec_key}` holds the spec (below); `{complete_key}` (`finished_at`, `rows`)
-is written last, after every chunk and its commit mark. A store without it is incomplete, and every reader refuses
-it.
+**Completion.** The group attribute `{spec_key}` holds the spec (below); `{complete_key}` (the completion record,
+below) is written last, after every chunk and its commit mark. A store without it is incomplete, and every reader
+refuses it.
 
 Symbols: M members, C classes, K sparse targets per row, S specialists of at most P − 1 classes each, F a stored
 feature's shape. A dtype "float16 / float32" is the spec's `dtype` (`teacher-cache build --dtype`).
@@ -280,6 +281,11 @@ def cache_format_page() -> str:
                                                            "may be absent, examples in split order, no list of "
                                                            "arrays; read with a warning")]
                                          for v in sorted(cache.READABLE_SCHEMA_VERSIONS)])
+  lines += ["", "## The completion record", "",
+            f"`{cache.COMPLETE_KEY}` binds the chunks to their positions and the spec to the store. Stores completed "
+            "before stillroom recorded the last two fields stay readable without those checks (`teacher-cache verify` "
+            "says `skip`).", ""]
+  lines += _table(["field", "holds"], [[_code(k), meaning] for k, meaning in cache.COMPLETION_FIELDS.items()])
   lines += ["", "## Arrays", ""]
   lines += _table(["array", "role", "shape", "dtype", "present in", "meaning"],
                   [[_code(a.name), a.role, a.shape, dtype_names.get(a.dtype, a.dtype), _present_in(a), a.meaning]

@@ -177,6 +177,39 @@ def read_many(paths: list[str]) -> list[bytes]:
   return [found[key] for key in keys]
 
 
+def read_tails(paths: list[str], size: int) -> list[bytes | None]:
+  """The last `size` bytes of each of several files or objects of one store (all of a shorter one); None for one
+  that is not there. An object store's requests are issued together (one round trip's latency, not one each).
+
+  Raises:
+    OSError: one cannot be read for another reason than its absence.
+  """
+  if not paths:
+    return []
+  if not is_url(local(paths[0])):
+    def tail(path):
+      try:
+        with open(local(path), "rb") as f:
+          f.seek(max(0, f.seek(0, os.SEEK_END) - size))
+          return f.read()
+      except FileNotFoundError:
+        return None
+    return [tail(path) for path in paths]
+  fs, _ = filesystem(paths[0])
+  keys = [fs._strip_protocol(path) for path in paths]  # pylint: disable=protected-access  # As url_to_fs does.
+  found = fs.cat_ranges(keys, [-size] * len(keys), [None] * len(keys), on_error="return")
+  tails = []
+  for path, result in zip(paths, found):
+    if isinstance(result, FileNotFoundError):
+      tails.append(None)
+    elif isinstance(result, BaseException):
+      kind = type(result) if isinstance(result, OSError) else OSError
+      raise kind(getattr(result, "errno", None) or 0, str(result) or type(result).__name__, path) from result
+    else:
+      tails.append(bytes(result))
+  return tails
+
+
 def read_text(path: str) -> str:
   """The text of a file or an object (see `read_bytes`)."""
   return read_bytes(path).decode()

@@ -11,6 +11,7 @@ last chunk is committed.
 import contextlib
 import dataclasses
 import functools
+import math
 import os
 import time
 from typing import ClassVar
@@ -24,12 +25,14 @@ from shared import __version__, distributed, storage
 from shared.augment import Augmentation, fold_of, make_augmentation
 from shared.cache import (COMPLETE_KEY, EVAL_ROWS, FEATURE_DTYPE, FEATURE_KINDS, ROWS, SPEC_KEY, STORAGE_DTYPES, Cache,
                           CacheSpec, ChunkWriter, FeatureSpec, MemberSpec, SpecialistSpec, parse_features,
-                          committed_name, create_arrays, integrity_problems, missing_chunks, now_iso, open_cache,
-                          uncommitted_chunks, validate_settings, required_schema_version)
+                          committed_name, completion_record, create_arrays, integrity_problems, layout_of,
+                          missing_chunks, now_iso, open_cache, uncommitted_chunks, validate_settings,
+                          required_schema_version)
 from shared.data import (NO_EVAL, Normalization, TransferSet, check_eval_set, default_eval_split, local_path,
                          open_transfer_set)
 from shared.ensemble import COMBINE_RULES, combine_log_probs, sampled_targets, top_k_targets
 from shared.errors import StillroomError, raise_if_interrupted
+from shared.limits import block_size, check_disk, check_memory, human_bytes
 from shared.log import logger, progress
 from shared.losses import stored_feature
 from shared.models import check_input_shape
@@ -90,6 +93,10 @@ class BuildConfig(DataSettings, ViewSettings, JobSettings, OutputSettings):
                             commands=(BUILD, VIEWS, IMPORT), helps={VIEWS: ("rows per views_*.npz file", None)})
   dtype: str = setting("float16", "storage dtype of logits and targets", choices=STORAGE_DTYPES, group="teachers",
                        commands=(BUILD, IMPORT))
+  ignore_limits: bool = setting(False, "start even when the output's projected size exceeds the free space of its "
+                                       "file system, or its chunks' working memory the available memory (both are "
+                                       "checked before anything is written)", group="run",
+                                commands=(BUILD, VIEWS, IMPORT), identity=False, scope="process")
 
 
 def resolve_defaults(config: BuildConfig) -> BuildConfig:
@@ -551,6 +558,52 @@ def check_settings(config: BuildConfig, out: str = "CACHE.zarr") -> None:
     raise StillroomError(f"give --out {out}.")
 
 
+IGNORE_LIMITS = "--ignore-limits"
+# How many chunks' worth of its arrays a build holds at once: measured 4 on a local disk (the chunk being computed,
+# its concatenated copy and the one being written, with Zarr's encoded copy), and up to 2 more wait in the writer's
+# queue when the store is slower than the teachers.
+WORKING_CHUNKS = 6
+
+
+def chunk_bytes(spec: CacheSpec) -> int:
+  """The bytes of one chunk of every array of a row set (the larger of the transfer and the eval rows'), padded to
+  the chunk shape as Zarr writes it."""
+  return max(sum(a.chunk_bytes for a in spec.arrays if a.role != "bookkeeping" and layout_of(a.name).row_set == rows)
+             for rows in (ROWS, EVAL_ROWS))
+
+
+def projected_bytes(spec: CacheSpec, block: int = 1) -> int:
+  """The bytes a complete store of `spec` takes on a file system of allocation unit `block`: every chunk of every
+  array whole (an edge chunk padded to the chunk shape) with its checksum, each file in whole blocks, and (block > 1,
+  a local store) the directories and metadata files Zarr makes: three per array and one per chunk and dimension
+  beyond the first."""
+  def metadata_files(array) -> int:
+    return 3 + (len(array.shape) - 1) * math.ceil(array.shape[0] / array.chunks[0]) if block > 1 else 0
+  return 2 * block + sum(a.stored_bytes(block) + metadata_files(a) * block for a in spec.arrays)
+
+
+def check_limits(config: BuildConfig, spec: CacheSpec, disk: bool = True) -> None:
+  """Refuses, before anything is written, a build (or import) whose chunks would not fit in the available memory
+  (`WORKING_CHUNKS` of them at once), or (`disk`) whose store would not fit in the free space of `--out`'s file
+  system (`projected_bytes`, less what a store already there holds: a resumed build rewrites it in place, and
+  `--overwrite` deletes it first: `shared.limits.check_disk`). `--ignore-limits` skips both checks; an object store's
+  free space is not known.
+
+  Raises:
+    StillroomError: naming both sizes and the option.
+  """
+  if config.ignore_limits:
+    return
+  chunk = chunk_bytes(spec)
+  check_memory(WORKING_CHUNKS * chunk, f"one chunk of {spec.chunk_rows:,} rows ({human_bytes(chunk)}, held about "
+                                       f"{WORKING_CHUNKS} times while it is computed, queued and written)",
+               f"give a smaller --chunk-rows (the store has {spec.num_rows:,} rows)", IGNORE_LIMITS)
+  if disk:
+    check_disk(config.out, projected_bytes(spec, block_size(config.out)),
+               f"the store of {spec.num_rows:,} rows ({spec.num_examples:,} examples x {spec.views:,} views)",
+               IGNORE_LIMITS)
+
+
 def build_cache(config: BuildConfig) -> str:
   """Builds (or resumes, or confirms) a cache; returns its path.
 
@@ -575,7 +628,9 @@ def build_cache(config: BuildConfig) -> str:
         # A complete store on a read-only mount is only read: confirmed without the lock.
         lock.enter_context(OutputLock(config.out, "teacher-cache build",
                                       lambda: not config.overwrite and is_complete_store(config.out)))
-      return _plan(config)
+      planned = _plan(config)  # (config, ..., spec)
+      check_limits(planned[0], planned[-1], disk=is_process_0)  # Each process holds its chunks; process 0 creates.
+      return planned
 
     # Process 0 takes the lock and plans first (preparing a dataset in a shared data dir), then the others plan;
     # process 0 creates (or checks) the store, then the others open it and check that they compute the same. Every
@@ -606,7 +661,9 @@ def build_cache(config: BuildConfig) -> str:
 
 
 def declare_complete(cache: Cache) -> None:
-  """Writes the completion record, after checking that every chunk is there: the last write of a cache.
+  """Writes the completion record, after checking that every chunk is there: the last write of a cache. It binds
+  each chunk to its position and the spec to the store (`shared.cache.record`): in a job of several processes,
+  process 0 writes it once every process has written its chunks.
 
   Raises:
     StillroomError: the store is not whole (a chunk missing or uncommitted).
@@ -615,7 +672,7 @@ def declare_complete(cache: Cache) -> None:
   if problems:
     raise StillroomError(f"{cache.path} is not whole after writing every chunk: {'; '.join(problems)}.")
   with storage_errors(f"writing the completion record of {cache.path}"):
-    cache.group.attrs[COMPLETE_KEY] = {"finished_at": now_iso(), "rows": cache.spec.num_rows}
+    cache.group.attrs[COMPLETE_KEY] = completion_record(cache)
 
 
 def _write_chunks(cache: Cache, transfer_set: TransferSet, eval_set: TransferSet | None, teachers: list[Teacher],

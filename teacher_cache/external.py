@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import zipfile
@@ -30,13 +31,15 @@ from shared import storage
 from shared.cache import ROWS, ChunkWriter, MemberSpec, replay_rows, row_sources
 from shared.data import label_ids, local_path
 from shared.errors import StillroomError, raise_if_interrupted
+from shared.limits import check_disk, check_memory, human_bytes
 from shared.log import logger, progress
 from shared.outputs import STORE, OutputLock, check_not_an_input, check_output
 from shared.parallel import cap_batch, pad_rows
 from shared.settings import differences
 from shared.workers import BatchRenderer, resolve_workers
-from teacher_cache.build import (BuildConfig, check_settings, chunks_to_write, declare_complete, make_spec,
-                                 open_store, open_views, put_rows, resolve_defaults, targets_of_logits)
+from teacher_cache.build import (IGNORE_LIMITS, BuildConfig, check_limits, check_settings, chunks_to_write,
+                                 declare_complete, make_spec, open_store, open_views, put_rows, resolve_defaults,
+                                 targets_of_logits)
 from teacher_cache.verify import listed
 
 _LOG = logger(__name__)
@@ -72,6 +75,15 @@ def write_views(config: BuildConfig) -> dict:
   rows = record["rows"]
   normalization = transfer_set.normalization
   chunks = -(-rows // config.chunk_rows)
+  if not config.ignore_limits:
+    row_bytes = 4 * math.prod(record["input_shape"]) + 8  # x float32 and the row id.
+    chunk_rows = min(config.chunk_rows, rows)
+    # A file's rows are held about 4 times: the rendered batches, their concatenation, the .npz buffer and its bytes.
+    file_bytes = chunk_rows * row_bytes
+    check_memory(4 * file_bytes, f"one views file of {chunk_rows:,} rows ({human_bytes(file_bytes)}, held about 4 "
+                 "times while it is rendered and written)", "give a smaller --chunk-rows", IGNORE_LIMITS)
+    check_disk(config.out, rows * row_bytes, f"the views of {rows:,} rows ({count:,} examples x {config.views:,} "
+               "views)", IGNORE_LIMITS)
   with OutputLock(config.out, "teacher-cache views"):
     if not _prepare(config.out, record, config.overwrite, [chunk_file(c) for c in range(chunks)]):
       _LOG.info(f"{config.out} already holds these views; nothing to do.")
@@ -258,6 +270,10 @@ def import_cache(config: BuildConfig, logits_files: list[str], views_dir: str | 
       if transfer_set.num_classes is not None and transfer_set.num_classes > values.shape[1]:
         raise StillroomError(f"--logits {path!r} holds {values.shape[1]} classes, but dataset {transfer_set.name!r} "
                              f"has {transfer_set.num_classes}.")
+      if not config.ignore_limits:  # The array below is filled member by member: refused before it is.
+        check_memory(num_rows * len(logits_files) * values.shape[1] * 4, f"holding the logits of {len(logits_files)} "
+                     f"member(s) on {num_rows:,} rows of {values.shape[1]:,} classes (float32)",
+                     "import on a machine with more memory", IGNORE_LIMITS)
       logits = np.empty((num_rows, len(logits_files), values.shape[1]), np.float32)  # Every member's, in row order.
     elif values.shape[1] != logits.shape[2]:
       raise StillroomError(f"--logits {path!r} has {values.shape[1]} classes, but {logits_files[0]!r} has "
@@ -276,6 +292,7 @@ def import_cache(config: BuildConfig, logits_files: list[str], views_dir: str | 
                               trained_epochs=None, normalization=transfer_set.normalization.to_dict()))
   num_classes = logits.shape[2]
   spec = make_spec(config, transfer_set, None, augmentation, members, num_classes)
+  check_limits(config, spec)  # The logits are held already: what is left must hold the chunks.
   with contextlib.ExitStack() as lock:
     check_output(config.out, STORE, config.overwrite)
     lock.enter_context(OutputLock(config.out, "teacher-cache import"))

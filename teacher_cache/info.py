@@ -6,7 +6,7 @@ It reads the store chunk by chunk, so it runs in memory bounded by one chunk.
 import numpy as np
 
 from shared import storage
-from shared.cache import ROWS, check_integrity, eval_accuracies, open_cache, ratio
+from shared.cache import CHUNK_TABLE, ROWS, check_integrity, eval_accuracies, open_cache, ratio
 from shared.ensemble import combine_log_probs
 
 
@@ -14,7 +14,8 @@ def cache_info(path: str) -> dict:
   """The spec plus teacher statistics computed from the store.
 
   Returns:
-    A JSON-able dict: "spec", "complete", "rows", "bytes", "bytes_per_row" (per array), and (for a complete
+    A JSON-able dict: "spec", "complete", "completion" (the completion record, its chunk table as each array's
+    count of chunks), "rows", "bytes", "bytes_per_row" (per array), and (for a complete
     store) "stats" with the ensemble's accuracy on labelled rows (all views and view 0), the mean entropy of the
     targets (nats, at T), the mean top-1 probability, the mean probability the top-k classes hold (top-k), each
     member's accuracy, the fraction of rows where all members agree on the top-1 class and the mean pairwise top-1
@@ -25,7 +26,12 @@ def cache_info(path: str) -> dict:
   """
   cache = open_cache(path, require_complete=False)
   spec = cache.spec
-  info = {"path": path, "complete": cache.complete, "completion": cache.completion, "rows": spec.num_rows,
+  completion = cache.completion
+  if isinstance(completion, dict) and isinstance(completion.get(CHUNK_TABLE), dict):
+    # The chunk table as each array's count of chunks: its hex digits (8 per chunk) are for readers, not people.
+    completion = {**completion, CHUNK_TABLE: {name: len(digits) // 8 if isinstance(digits, str) else None
+                                              for name, digits in completion[CHUNK_TABLE].items()}}
+  info = {"path": path, "complete": cache.complete, "completion": completion, "rows": spec.num_rows,
           "bytes": storage.size(path), "spec": spec.to_attrs(),
           "bytes_per_row": {name: spec.array(name).row_bytes
                             for name in spec.arrays_of(ROWS) if spec.array(name).role != "bookkeeping"}}

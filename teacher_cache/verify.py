@@ -16,8 +16,8 @@ import jax
 import numpy as np
 
 from shared import storage
-from shared.cache import (EVAL_ROWS, ROWS, Cache, CacheSpec, layout_problems, missing_chunks, open_cache,
-                          replay_rows, uncommitted_chunks)
+from shared.cache import (EVAL_ROWS, ROWS, SPEC_KEY, Cache, CacheSpec, chunk_table, layout_problems, missing_chunks,
+                          open_cache, position_problems, replay_rows, spec_record_problem, uncommitted_chunks)
 from shared.data import DatasetSpec, TransferSet, label_ids, open_transfer_set
 from shared.ensemble import combine_log_probs
 from shared.specialists import class_matrix, specialist_log_probs
@@ -134,6 +134,7 @@ class _Verification:
   eval_set: TransferSet | None = None
   sizes: np.ndarray | None = None  # int64 [N, 2] every example's (height, width), for replaying crop boxes.
   damaged: list[str] = dataclasses.field(default_factory=list)
+  damaged_chunks: set[tuple[str, int]] = dataclasses.field(default_factory=set)  # (array, chunk) of `damaged`.
   nonfinite: int = 0
   worst_target_error: float = 0.0
   bad_rows: dict[str, list[int]] = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
@@ -179,11 +180,12 @@ class _Verification:
     """One chunk of each array; None (and the damage recorded) if any of them cannot be read."""
     arrays = {}
     for name in names:
-      try:
-        arrays.update(self.cache.read_chunk(chunk, (name,), row_set))
+      try:  # Chunk positions are checked from the checksums the chunks store, by `_positions`.
+        arrays.update(self.cache.read_chunk(chunk, (name,), row_set, check_positions=False))
       except StillroomError as e:
         cause = e.__cause__
         self.damaged.append(f"{name} chunk {chunk} ({type(cause).__name__}: {str(cause)[:80]})")
+        self.damaged_chunks.add((name, chunk))
     return arrays if len(arrays) == len(names) else None
 
   def first_bad(self, key: str, start: int, bad: np.ndarray) -> None:
@@ -213,6 +215,13 @@ def _bad_rows(v: _Verification, key: str, what: str = "rows") -> str:
 
 def _complete(v: _Verification) -> list[Check]:
   return [Check("complete", v.cache.complete, "" if v.cache.complete else "no completion record: build interrupted")]
+
+
+def _spec_record(v: _Verification) -> list[Check]:
+  if not v.spec.has_checksums:  # Schema 1 predates the record (and its chunks' checksums: see "chunks readable").
+    return []
+  ok, detail = spec_record_problem(v.cache.completion, v.cache.group.attrs.asdict()[SPEC_KEY])
+  return [Check("spec as the completion record covers it", ok, detail if ok is not None else f"not checked: {detail}")]
 
 
 def _layout(v: _Verification) -> list[Check]:
@@ -363,6 +372,20 @@ def _intact(v: _Verification) -> list[Check]:
                 ("" if v.spec.has_checksums else "schema 1: no checksums, damage may go unseen"))]
 
 
+def _positions(v: _Verification) -> list[Check]:
+  """Each chunk against the completion record's chunk table, from the checksum it stores: a chunk that holds
+  another position's data, or whose checksum is none the table lists (except the damaged ones, which "chunks intact"
+  reports)."""
+  if not v.spec.has_checksums:
+    return []
+  name = "chunks where the completion record puts them"
+  table, why = chunk_table(v.cache)
+  if table is None:
+    return [Check(name, None, f"not checked: {why}")]
+  problems = position_problems(v.cache, unknown=True, skip=v.damaged_chunks)  # A damaged table is one of them.
+  return [Check(name, not problems, "; ".join(problems))]
+
+
 def _finite(v: _Verification) -> list[Check]:
   return [Check("finite values", v.nonfinite == 0, f"{v.nonfinite} non-finite values" if v.nonfinite else "")]
 
@@ -424,21 +447,22 @@ def _eval_labels(v: _Verification) -> list[Check]:
 
 
 # What `verify_cache` runs, in order; each step returns its checks. After `_layout` fails, nothing more is checked.
-STEPS = (_complete, _layout, _committed, _present, _fingerprints, _scan, _intact, _finite, _targets_rederived,
-         _sparse_targets, _rows_replay, _crop_boxes, _eval_index, _labels, _eval_labels)
+STEPS = (_complete, _spec_record, _layout, _committed, _present, _fingerprints, _scan, _intact, _positions, _finite,
+         _targets_rederived, _sparse_targets, _rows_replay, _crop_boxes, _eval_index, _labels, _eval_labels)
 
 
 def verify_cache(path: str, dataset: str | None = None, split: str | None = None,
                  data_dir: str | None = None) -> list[Check]:
-  """Checks a cache: completeness, layout, every chunk present and intact, finite values, targets re-derived from
-  member logits, each row's example/view/fold replayed from the seed, and, given the dataset or when the one the
-  spec names opens here, the fingerprints and labels.
+  """Checks a cache: completeness, the spec against the completion record's digest, layout, every chunk present,
+  where the completion record puts it and intact, finite values, targets re-derived from member logits, each row's
+  example/view/fold replayed from the seed, and, given the dataset or when the one the spec names opens here, the
+  fingerprints and labels.
 
   Returns:
     One `Check` per property; the cache is sound when all are ok.
   """
   try:
-    cache = open_cache(path, require_complete=False)
+    cache = open_cache(path, require_complete=False, check_spec=False)  # A changed spec is `_spec_record`'s finding.
   except StillroomError as e:
     if not storage.exists(path):
       raise

@@ -67,6 +67,69 @@ def test_every_chunk_is_written_with_a_checksum_and_damage_is_named(tmp_path, ca
   assert "targets chunk 1 (ValueError: Stored and computed checksum do not match" in failed["chunks intact (checksums)"]
 
 
+def test_the_completion_record_binds_each_chunk_to_its_position_and_the_spec_to_the_store(tmp_path, cache_path):
+  """The record lists, for every array but the bookkeeping ones, each chunk's CRC-32C as its file stores it (the last 4
+  bytes, of the bytes before them), which a reader recomputes from the values it reads padded to the chunk shape; and
+  the SHA-256 of the spec's canonical JSON. A chunk moved after the store was opened is refused when it is read."""
+  import hashlib
+  import shutil
+  import google_crc32c
+  from shared.cache import COMPLETE_KEY
+  from teacher_cache.info import cache_info
+  attrs = json.load(open(os.path.join(cache_path, "zarr.json")))["attributes"]
+  record, spec = attrs[COMPLETE_KEY], attrs["stillroom"]
+  assert record["spec_sha256"] == hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()
+                                                 ).hexdigest()
+  group = zarr.open_group(cache_path, mode="r")
+  arrays = [a["name"] for a in spec["arrays"] if a["role"] != "bookkeeping"]
+  assert sorted(record["chunk_crc32c"]) == sorted(arrays) and "chunk_committed" not in record["chunk_crc32c"]
+  for name in arrays:
+    array, digits = group[name], record["chunk_crc32c"][name]
+    chunks = -(-array.shape[0] // array.chunks[0])
+    assert len(digits) == 8 * chunks, name
+    for k in range(chunks):
+      stored = open(_chunk_file(cache_path, name, k), "rb").read()
+      values = np.zeros(array.chunks, array.dtype)
+      part = array[k * array.chunks[0]:(k + 1) * array.chunks[0]]
+      values[:len(part)] = part
+      assert int(digits[8 * k:8 * k + 8], 16) == int.from_bytes(stored[-4:], "little") == google_crc32c.value(
+          stored[:-4]) == google_crc32c.value(values.astype(values.dtype.newbyteorder("<")).tobytes()), (name, k)
+  assert cache_info(cache_path)["completion"]["chunk_crc32c"] == {
+      name: -(-group[name].shape[0] // group[name].chunks[0]) for name in arrays}
+  store = str(tmp_path / "c.zarr")
+  shutil.copytree(cache_path, store)
+  cache = open_cache(store)
+  first, second = _chunk_file(store, "labels", 1), _chunk_file(store, "labels", 2)
+  os.rename(first, first + ".x")
+  os.rename(second, first)
+  os.rename(first + ".x", second)
+  cache.read_chunk(0, ["labels"])
+  with pytest.raises(StillroomError, match=r"array 'labels': chunk 1 holds chunk 2's data: not the chunk its "
+                                           r"completion record lists for that position"):
+    cache.read_chunk(1, ["labels"])
+  labels = zarr.open_group(store, mode="r+")["labels"]
+  labels[0] = labels[0] + 1  # Rewritten through Zarr: a valid checksum, of other values.
+  with pytest.raises(StillroomError, match=r"array 'labels': chunk 0: not the chunk its completion record lists"):
+    open_cache(store, require_complete=False).read_chunk(0, ["labels"])
+
+
+def test_a_store_completed_before_the_record_held_its_checks_stays_readable(tmp_path, cache_path, data_dir):
+  import shutil
+  from shared.cache import COMPLETE_KEY
+  store = str(tmp_path / "c.zarr")
+  shutil.copytree(cache_path, store)
+  meta = json.load(open(os.path.join(store, "zarr.json")))
+  meta["attributes"][COMPLETE_KEY] = {"finished_at": "2026-01-01T00:00:00+00:00", "rows": 400}  # As 0.3 wrote it.
+  json.dump(meta, open(os.path.join(store, "zarr.json"), "w"))
+  checks = {c.name: c for c in verify_cache(store, data_dir=data_dir)}
+  assert not any(c.failed for c in checks.values())
+  assert checks["spec as the completion record covers it"].ok is None
+  assert "holds no digest of the spec" in checks["spec as the completion record covers it"].detail
+  assert checks["chunks where the completion record puts them"].ok is None
+  assert "holds no chunk table" in checks["chunks where the completion record puts them"].detail
+  assert len(open_cache(store).read_chunk(1, ["targets"])["targets"]) == 64
+
+
 def test_version_1_cache_still_reads_with_a_warning(tmp_path, data_dir, capsys):
   """The fixture was written by stillroom 0.1 (commit 33e146a): digits train[:40], 2 random mlp-tiny teachers,
   2 views, 32-row chunks, no checksums, all-zero chunks absent, examples in split order."""

@@ -1242,6 +1242,145 @@ def _(env, tmp_path, mp):
   return student_main, _eval(env, run), 2, r"cannot read config\.json \(not JSON: .*\); " + RETRAIN_TEACHER, [run]
 
 
+# --- chunk positions, spec record, limits -------------------------------------------------------------------------
+
+# Every array of the fixture store but the bookkeeping ones and `flip`, whose chunk files are all the same bytes (no
+# digits view is flipped), so that swapping two of them changes nothing (`test_the_swaps_cover_every_array`).
+SWAPPED_ARRAYS = ("targets", "member_logits", "index", "view", "labels", "fold", "shift", "eval_member_logits",
+                  "eval_index", "eval_labels")
+
+
+def _swap_chunks(store, array) -> tuple[int, int]:
+  """Swaps chunk 1 of `array` with the next chunk whose file differs from it; returns the two chunk numbers."""
+  first = _chunk(store, array, 1)
+  other = next(k for k in range(2, 100) if open(_chunk(store, array, k), "rb").read() != open(first, "rb").read())
+  second = _chunk(store, array, other)
+  os.rename(first, first + ".swap")
+  os.rename(second, first)
+  os.rename(first + ".swap", second)
+  return 1, other
+
+
+def _swap_fault(array, command):
+  def make(env, tmp_path, mp):
+    store = _copy_store(env, tmp_path)
+    a, b = _swap_chunks(store, array)
+    if command == "fit":
+      return (student_main, _fit(env, "--cache", store, "--out", tmp_path / "r"), 2,
+              rf"damaged: array '{array}': chunk {a} holds chunk {b}'s data, chunk {b} holds chunk {a}'s data: not "
+              r"the chunks its completion record lists for those positions", [store, Absent(tmp_path / "r")])
+    return (cache_main, ["verify", store, "--data-dir", env.data_dir], 1,
+            rf"FAIL  chunks where the completion record puts them  \(array '{array}': chunk {a} holds chunk {b}'s",
+            [store])
+  return make
+
+
+for _array in SWAPPED_ARRAYS:
+  for _command in ("fit", "verify"):
+    fault(f"{_command} on a store with two chunks of {_array} swapped")(_swap_fault(_array, _command))
+
+
+def _edited_spec_fault(edit, command):
+  def make(env, tmp_path, mp):
+    store = _copy_store(env, tmp_path)
+    _edit_spec(store, lambda attrs: edit(attrs[SPEC_KEY]))
+    changed = r"its spec was changed after the build completed \(a hand-edited temperature, combine rule"
+    if command == "fit":
+      return (student_main, _fit(env, "--cache", store, "--out", tmp_path / "r"), 2, changed,
+              [store, Absent(tmp_path / "r")])
+    return cache_main, ["verify", store, "--data-dir", env.data_dir], 1, "FAIL  spec as the completion record covers " \
+        "it  \\(" + changed, [store]
+  return make
+
+
+_SPEC_EDITS = {"temperature": lambda spec: spec.update(temperature=2.0),
+               "combine rule": lambda spec: spec.update(combine="geometric"),
+               "member list": lambda spec: spec.update(members=spec["members"][::-1])}
+for _what, _edit in _SPEC_EDITS.items():
+  for _command in ("fit", "verify"):
+    fault(f"{_command} on a complete store whose {_what} was edited")(_edited_spec_fault(_edit, _command))
+
+
+@fault("the build again, with the edited temperature, on a complete store whose temperature was edited")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  _edit_spec(store, lambda attrs: attrs[SPEC_KEY].update(temperature=2.0))
+  return (cache_main, _build(env, store, "--temperature", "2"), 2,
+          r"is not a usable stillroom cache \(.*its spec was changed after the build completed", [store])
+
+
+@fault("info on a complete store whose combine rule was edited")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  _edit_spec(store, lambda attrs: attrs[SPEC_KEY].update(combine="geometric"))
+  return cache_main, ["info", store], 2, r"its spec was changed after the build completed", [store]
+
+
+_WRONG_TYPES = {  # A spec attribute of the wrong JSON type, and how the error names it.
+    "a temperature that is a string": (lambda spec: spec.update(temperature="4"),
+                                       r"'temperature' is a string \('4'\); it must be a number"),
+    "members that are not a list": (lambda spec: spec.update(members={"t0": 1}),
+                                    r"'members' is an object; it must be a list"),
+    "chunk rows that are not an integer": (lambda spec: spec.update(chunk_rows=64.0),
+                                           r"'chunk_rows' is a number \(64\.0\); it must be an integer"),
+    "an example count that is a string": (lambda spec: spec["dataset"].update(count="200"),
+                                          r"'dataset\.count' is a string \('200'\); it must be an integer"),
+    "a flip that is a string": (lambda spec: spec["augmentation"].update(flip="no"),
+                                r"'augmentation\.flip' is a string \('no'\); it must be true or false"),
+    "a member's parameter count that is a list": (lambda spec: spec["members"][1].update(num_params=[1]),
+                                                  r"'members\[1\]\.num_params' is a list; it must be an integer"),
+    "an attribute a spec does not have": (lambda spec: spec.update(num_rows={}),
+                                          r"'num_rows' is not an attribute of a cache spec"),
+    "a schema version that is true": (lambda spec: spec.update(schema_version=True),
+                                      r"cache schema version True is not supported"),
+}
+
+
+def _wrong_type_fault(edit, pattern):
+  def make(env, tmp_path, mp):
+    store = _copy_store(env, tmp_path)
+    _edit_spec(store, lambda attrs: edit(attrs[SPEC_KEY]))
+    return (student_main, _fit(env, "--cache", store, "--out", tmp_path / "r"), 2, pattern,
+            [store, Absent(tmp_path / "r")])
+  return make
+
+
+for _what, (_edit, _pattern) in _WRONG_TYPES.items():
+  fault(f"fit on a spec with {_what}")(_wrong_type_fault(_edit, _pattern))
+
+
+@fault("verify on a spec that is not an object")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  _edit_spec(store, lambda attrs: attrs.update({SPEC_KEY: [1]}))
+  return (cache_main, ["verify", store], 1, r"FAIL  spec .*the cache spec is damaged or hand-edited: it is a list",
+          [store])
+
+
+@fault("build --views 10000000 of 200 examples (the store would not fit on the disk)")
+def _(env, tmp_path, mp):
+  return (cache_main, _build(env, tmp_path / "c.zarr", "--views", "10000000"), 2,
+          r"the store of 2,000,000,000 rows \(200 examples x 10,000,000 views\) would take [\d.]+ [TP]B, more than the "
+          r"[\d.]+ [kMGT]?B free on the file system of .*c\.zarr; .* or pass --ignore-limits to start anyway",
+          [Absent(tmp_path / "c.zarr")])
+
+
+@fault("build --chunk-rows 1000000000 of 400 rows (a chunk would not fit in memory)")
+def _(env, tmp_path, mp):
+  return (cache_main, _build(env, tmp_path / "c.zarr", "--chunk-rows", "1000000000"), 2,
+          r"one chunk of 1,000,000,000 rows \(83\.0 GB, .*\) needs about 498 GB of memory, more than the "
+          r"[\d.]+ [kMGT]?B available; give a smaller --chunk-rows \(the store has 400 rows\), or pass --ignore-limits",
+          [Absent(tmp_path / "c.zarr")])
+
+
+@fault("views --views 10000000 of 200 examples (the views would not fit on the disk)")
+def _(env, tmp_path, mp):
+  return (cache_main, ["views", "--dataset", "digits", "--split", "train[:200]", "--data-dir", env.data_dir, "--views",
+                       "10000000", "--out", tmp_path / "v", "--no-progress"], 2,
+          r"the views of 2,000,000,000 rows \(200 examples x 10,000,000 views\) would take 528 GB, more than",
+          [Absent(tmp_path / "v")])
+
+
 @pytest.mark.parametrize("name", list(FAULTS))
 def test_fault_is_refused_cleanly(name, env, tmp_path, monkeypatch, capsys):
   _refused_cleanly(FAULTS[name](env, tmp_path, monkeypatch), env, monkeypatch, capsys)
@@ -1277,6 +1416,54 @@ def _refused_cleanly(fault_case, env, monkeypatch, capsys) -> None:
 @pytest.mark.fast
 def test_the_catalogue_holds_at_least_40_faults():
   assert len(FAULTS) >= 40
+
+
+def test_the_swaps_cover_every_array(env):
+  """Each array of the fixture store but the bookkeeping ones has a swap fault, unless all its chunk files are the
+  same bytes (a swap then changes nothing)."""
+  spec = zarr.open_group(env.store, mode="r").attrs[SPEC_KEY]
+  arrays = {a["name"]: -(-a["shape"][0] // a["chunks"][0]) for a in spec["arrays"] if a["role"] != "bookkeeping"}
+  alike = [name for name, count in arrays.items()
+           if len({open(_chunk(env.store, name, k), "rb").read() for k in range(count)}) == 1]
+  assert alike == ["flip"] and sorted(SWAPPED_ARRAYS) == sorted(set(arrays) - set(alike))
+
+
+@pytest.mark.fast
+def test_available_memory_is_the_least_of_the_system_and_the_cgroup(monkeypatch):
+  """MemAvailable, and within a cgroup v2 limit the limit less the group's anonymous memory (its file cache can be
+  reclaimed); sizes in decimal units with three significant digits."""
+  import shared.limits as limits
+  files = {("/proc/meminfo", "MemAvailable"): 8_000_000_000, ("/sys/fs/cgroup/memory.max", None): 4_000_000_000,
+           ("/sys/fs/cgroup/memory.stat", "anon"): 1_500_000_000}
+  monkeypatch.setattr(limits, "_read_number", lambda path, key=None: files.get((path, key)))
+  assert limits.available_memory() == 2_500_000_000
+  files[("/sys/fs/cgroup/memory.max", None)] = None  # "max": no limit.
+  assert limits.available_memory() == 8_000_000_000
+  assert [limits.human_bytes(n) for n in (999, 1000, 83e9, 498e9, 1.66e12)] == [
+      "999 B", "1.00 kB", "83.0 GB", "498 GB", "1.66 TB"]
+
+
+def test_ignore_limits_lets_a_build_past_the_checks(env, tmp_path, monkeypatch, capsys):
+  """On a disk with 1 kB free, or with 1 kB of memory available, the build is refused before it writes anything,
+  with both sizes and the option named; with --ignore-limits it starts (and here, where there is room, finishes)."""
+  import shared.limits as limits
+  out = tmp_path / "c.zarr"
+  args = _build(env, out, "--views", "1", split="train[:50]")
+  refusals = {
+      "free_space": r"error: the store of 50 rows \(50 examples x 1 views\) would take [\d.]+ kB, more than the "
+                    r"1.00 kB free on the file system of .*c\.zarr; .*, or pass --ignore-limits to start anyway\.$",
+      "available_memory": r"error: one chunk of 64 rows \(.*\) needs about [\d.]+ kB of memory, more than the 1.00 "
+                          r"kB available; give a smaller --chunk-rows \(the store has 50 rows\), or pass "
+                          r"--ignore-limits"}
+  for patched, message in refusals.items():
+    with monkeypatch.context() as patch:
+      patch.setattr(limits, patched, lambda *_: 1000)
+      code, _, err = run_cli(cache_main, args, capsys)
+      assert code == 2 and re.search(message, err.strip().splitlines()[-1]) and not os.path.exists(out), err
+  for patched in refusals:
+    monkeypatch.setattr(limits, patched, lambda *_: 1000)
+  code, _, err = run_cli(cache_main, args + ["--ignore-limits"], capsys)
+  assert code == 0 and COMPLETE_KEY in zarr.open_group(str(out), mode="r").attrs, err
 
 
 def test_a_stale_lock_of_a_dead_process_is_taken_over(env, tmp_path, capsys):
@@ -1382,7 +1569,9 @@ def tiny_disk(tmp_path):
 
 def test_a_real_full_disk_gives_one_line_and_no_complete_store(env, tiny_disk, capsys):
   """The real thing, not a patched writer: orbax's and zarr's own errors on ENOSPC."""
-  code, _, err = run_cli(cache_main, _build(env, tiny_disk / "c.zarr", "--views", "16", split="train"), capsys)
+  # Past the free-space check, which would refuse it before writing anything.
+  code, _, err = run_cli(cache_main, _build(env, tiny_disk / "c.zarr", "--views", "16", "--ignore-limits",
+                                            split="train"), capsys)
   assert code == 2 and "Traceback" not in err
   assert [line for line in err.splitlines() if ": error: " in line] == [
       "teacher-cache: error: writing the cache failed: [Errno 28] No space left on device"]

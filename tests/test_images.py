@@ -437,6 +437,7 @@ def test_a_student_of_an_imagefolder_cache_evaluates_where_the_cache_stores_teac
   # A crop box that no longer fits its image (the image changed after the build) is named, not rendered.
   cache = open_cache(out, mode="r+")
   writable(cache.group["crop"])[0] = np.array([0, 0, 1000, 5], np.int32)
+  conftest.reseal(out)  # Changed before the build completed, as far as the completion record shows.
   index = int(cache["index"][0])
   with pytest.raises(StillroomError, match=f"example index {index} is .* but its cached crop box .* does not fit"):
     list(CacheLoader(open_cache(out), open_transfer_set(f"imagefolder:{shapes}/train"), batch_size=16, seed=0,

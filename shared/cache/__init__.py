@@ -9,14 +9,18 @@ when it is all zeros, so damage and missing chunks can be told apart from data.
 
 The group attributes hold `CacheSpec.to_attrs()` under "stillroom" (including the list of arrays present, each
 with its role) and, written last, a completion record under "stillroom_complete". A store without the completion
-record is not complete, whatever it holds.
+record is not complete, whatever it holds. The record binds the store together (`record.COMPLETION_FIELDS`): the
+digest of the spec as stored, so that a spec edited afterwards is refused, and the checksum of every chunk of every
+array but the bookkeeping ones, so that a chunk swapped, copied or rewritten afterwards is refused by the reader
+that reads it (and by `open_cache` for a complete store, from the checksums the chunks store).
 
 One module per part of the contract:
   * `layout`: the arrays a cache may hold (`LAYOUT`) and the arrays of one store (`ArraySpec`).
   * `spec`: `CacheSpec` and its parts, as the group attributes hold them, and the schema versions.
   * `rows`: the row order, which view of which example each row holds.
   * `store`: `open_cache` and the opened `Cache`.
-  * `integrity`: whether a store is whole (arrays as listed, every chunk committed and present).
+  * `integrity`: whether a store is whole (arrays as listed, every chunk committed, present and in its place).
+  * `record`: the completion record, which binds each chunk to its position and the spec to the store.
   * `writer`: creating a store's arrays and writing its chunks (`teacher_cache` writes caches through it).
   * `stats`: teacher statistics from the stored eval logits.
 """
@@ -26,6 +30,8 @@ from shared.cache.integrity import (check_integrity, integrity_problems, layout_
 from shared.cache.layout import (CLASS_IDS, EVAL_ROWS, FEATURE_DTYPE, FEATURE_KINDS, FEATURE_NAME, FEATURE_RANKS,
                                  LAYOUT, ROLES, ROWS, STORAGE, STORAGE_DTYPES, ArrayLayout, ArraySpec, committed_name,
                                  layout_of)
+from shared.cache.record import (CHUNK_TABLE, COMPLETION_FIELDS, SPEC_DIGEST, chunk_crc32c, chunk_table,
+                                 completion_record, position_problems, spec_digest, spec_record_problem)
 from shared.cache.rows import ROW_ORDERS, replay_rows, row_sources
 from shared.cache.spec import (COMPLETE_KEY, FEATURE_SCHEMA_VERSION, READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION,
                                SPARSE_SCHEMA_VERSION, SPEC_KEY, SPECIALIST_SCHEMA_VERSION, TARGET_KINDS, CacheSpec,
@@ -37,12 +43,13 @@ from shared.cache.writer import ChunkWriter, create_arrays, writable
 from shared.cache.zarr_async import gather, raise_first_failure
 
 __all__ = [
-    "CLASS_IDS", "COMPLETE_KEY", "EVAL_ROWS", "FEATURE_DTYPE", "FEATURE_KINDS", "FEATURE_NAME", "FEATURE_RANKS",
-    "FEATURE_SCHEMA_VERSION", "LAYOUT", "READABLE_SCHEMA_VERSIONS", "ROLES", "ROWS", "ROW_ORDERS", "SCHEMA_VERSION",
-    "SPARSE_SCHEMA_VERSION", "SPECIALIST_SCHEMA_VERSION", "SPEC_KEY", "STORAGE", "STORAGE_DTYPES", "TARGET_KINDS",
-    "ArrayLayout", "ArraySpec", "Cache", "CacheSpec", "ChunkWriter", "FeatureSpec", "MemberSpec", "SpecialistSpec",
-    "check_integrity", "committed_name", "create_arrays", "eval_accuracies", "gather", "integrity_problems",
-    "layout_of", "layout_problems", "missing_chunks", "now_iso", "open_cache", "parse_features", "parse_targets",
-    "raise_first_failure", "ratio", "replay_rows", "required_schema_version", "row_sources", "uncommitted_chunks",
-    "validate_settings", "writable",
+    "CHUNK_TABLE", "CLASS_IDS", "COMPLETE_KEY", "COMPLETION_FIELDS", "EVAL_ROWS", "FEATURE_DTYPE", "FEATURE_KINDS",
+    "FEATURE_NAME", "FEATURE_RANKS", "FEATURE_SCHEMA_VERSION", "LAYOUT", "READABLE_SCHEMA_VERSIONS", "ROLES", "ROWS",
+    "ROW_ORDERS", "SCHEMA_VERSION", "SPARSE_SCHEMA_VERSION", "SPECIALIST_SCHEMA_VERSION", "SPEC_DIGEST", "SPEC_KEY",
+    "STORAGE", "STORAGE_DTYPES", "TARGET_KINDS", "ArrayLayout", "ArraySpec", "Cache", "CacheSpec", "ChunkWriter",
+    "FeatureSpec", "MemberSpec", "SpecialistSpec", "check_integrity", "chunk_crc32c", "chunk_table", "committed_name",
+    "completion_record", "create_arrays", "eval_accuracies", "gather", "integrity_problems", "layout_of",
+    "layout_problems", "missing_chunks", "now_iso", "open_cache", "parse_features", "parse_targets",
+    "position_problems", "raise_first_failure", "ratio", "replay_rows", "required_schema_version", "row_sources",
+    "spec_digest", "spec_record_problem", "uncommitted_chunks", "validate_settings", "writable",
 ]

@@ -1,7 +1,8 @@
-"""Whether a store is whole: its arrays as its spec lists them, every chunk committed and present.
+"""Whether a store is whole: its arrays as its spec lists them, every chunk committed and present, and (complete) each
+where its completion record puts it.
 
-These checks read metadata and the store's listing, never the chunks themselves (their checksums are checked as
-they are read); `teacher-cache verify` checks the contents.
+These checks read metadata, the store's listing and the checksum each chunk stores (its last 4 bytes), never the
+chunks' contents (their checksums are checked as they are read); `teacher-cache verify` checks the contents.
 """
 
 import math
@@ -12,6 +13,7 @@ import zarr
 from zarr.core.sync import sync as zarr_sync
 
 from shared.cache.layout import EVAL_ROWS, ROWS, committed_name
+from shared.cache.record import position_problems
 from shared.cache.spec import CacheSpec
 from shared.cache.zarr_async import open_arrays
 from shared.errors import StillroomError
@@ -22,9 +24,10 @@ if typing.TYPE_CHECKING:
 
 def integrity_problems(cache: "Cache") -> list[str]:
   """What makes a store that claims to be complete unusable: its arrays differ from its spec, a chunk is not
-  committed, the completion record disagrees with the spec, or (schema 2, which writes every chunk) a chunk is
-  missing. Reads metadata and the store's listing, never the chunks themselves (their checksums are checked as
-  they are read)."""
+  committed, the completion record disagrees with the spec, (schema 2, which writes every chunk) a chunk is
+  missing, or a chunk is not the one its completion record lists for its position (swapped, copied or rewritten).
+  Reads metadata, the store's listing and each chunk's stored checksum, never the chunks' contents (their checksums
+  are checked as they are read)."""
   problems = layout_problems(cache.group, cache.spec, opened=cache.try_arrays([a.name for a in cache.spec.arrays]))
   if problems:
     return problems
@@ -46,6 +49,8 @@ def integrity_problems(cache: "Cache") -> list[str]:
     for name, missing in missing_chunks(cache).items():
       problems.append(f"array {name!r} is missing chunk(s) {', '.join(map(str, missing[:3]))}"
                       + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+  if cache.complete:
+    problems += position_problems(cache)
   return problems
 
 

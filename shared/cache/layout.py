@@ -154,6 +154,17 @@ class ArraySpec:
     """The bytes of one row (one entry along the first axis)."""
     return math.prod(self.shape[1:]) * np.dtype(self.dtype).itemsize
 
+  @property
+  def chunk_bytes(self) -> int:
+    """The bytes of one chunk's values, as stored: every chunk, an edge chunk too, holds the whole chunk shape."""
+    return math.prod(self.chunks) * np.dtype(self.dtype).itemsize
+
+  def stored_bytes(self, block: int = 1) -> int:
+    """The bytes its chunks take once every one is written: each the chunk shape's values and a 4-byte checksum,
+    in whole `block`s (a file system's allocation unit)."""
+    chunks = math.ceil(self.shape[0] / self.chunks[0]) if self.shape[0] else 0
+    return chunks * -(-(self.chunk_bytes + 4) // block) * block
+
   def to_dict(self) -> dict:
     return {**dataclasses.asdict(self), "shape": list(self.shape), "chunks": list(self.chunks)}
 

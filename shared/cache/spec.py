@@ -11,6 +11,8 @@ import dataclasses
 import datetime
 import math
 import re
+import types
+import typing
 
 import numpy as np
 
@@ -451,15 +453,21 @@ class CacheSpec:
     """Reads a spec written by `to_attrs` (schema 2) or by stillroom 0.1 (schema 1).
 
     Raises:
-      StillroomError: unsupported version, or a key missing or of the wrong type (named).
+      StillroomError: not a JSON object, unsupported version, an attribute that is not one of a spec's, or of the
+        wrong JSON type (each named, nested ones by their path, e.g. `members[0].num_params`), or a key missing.
     """
+    if not isinstance(attrs, dict):
+      raise StillroomError(f"the cache spec is damaged or hand-edited: it is {_json_kind(attrs)}, not an object.")
     version = attrs.get("schema_version")
-    if version not in READABLE_SCHEMA_VERSIONS:
-      raise StillroomError(f"cache schema version {version} is not supported by this stillroom (reads versions "
+    if type(version) is not int or version not in READABLE_SCHEMA_VERSIONS:  # pylint: disable=unidiomatic-typecheck
+      raise StillroomError(f"cache schema version {version!r} is not supported by this stillroom (reads versions "
                            f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))}).")
     d = dict(attrs)
     if version == 1:
       d = _upgrade_v1(d)
+    problem = _type_problem(d, cls, "")
+    if problem:
+      raise StillroomError(f"the cache spec is damaged or hand-edited: {problem}.")
     try:
       d["augmentation"] = Augmentation.from_dict(d["augmentation"])
       d["members"] = tuple(MemberSpec(**m) for m in d["members"])
@@ -474,13 +482,71 @@ class CacheSpec:
 
 
 def _upgrade_v1(d: dict) -> dict:
-  """A schema-1 spec in schema-2 terms: same arrays (listed from its settings), examples in split order."""
-  d["members"] = [{**{k: v for k, v in m.items() if k != "checkpoint_step"},
-                   # Version 1 recorded orbax's step, which the trainer numbered from 0 at the end of epoch 1.
-                   "trained_epochs": None if m.get("checkpoint_step") is None else m["checkpoint_step"] + 1}
-                  for m in d["members"]]
+  """A schema-1 spec in schema-2 terms: same arrays (listed from its settings), examples in split order. (Members
+  that are not objects, or steps that are not integers, are left for `_type_problem` to name.)"""
+  def upgraded(m):
+    if not isinstance(m, dict) or not (m.get("checkpoint_step") is None or _type_problem(m["checkpoint_step"], int,
+                                                                                         "") is None):
+      return m
+    # Version 1 recorded orbax's step, which the trainer numbered from 0 at the end of epoch 1.
+    return {**{k: v for k, v in m.items() if k != "checkpoint_step"},
+            "trained_epochs": None if m.get("checkpoint_step") is None else m["checkpoint_step"] + 1}
+  if isinstance(d.get("members"), list):
+    d["members"] = [upgraded(m) for m in d["members"]]
   d["row_order"] = "sequential"
   return d
+
+
+def _json_kind(value) -> str:
+  """How a JSON value is described in an error: "a string ('4')", "an object", "null"."""
+  if value is None:
+    return "null"
+  if isinstance(value, bool):
+    return str(value).lower()
+  if isinstance(value, (int, float)):
+    return f"a number ({value!r})"
+  if isinstance(value, str):
+    return f"a string ({value[:40]!r})"
+  return "a list" if isinstance(value, list) else "an object" if isinstance(value, dict) else type(value).__name__
+
+
+_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "an object"}
+
+
+def _type_problem(value, annotation, where: str) -> str | None:
+  """What is wrong with the JSON type of `value`, read where `annotation` is expected (a spec dataclass, its field
+  types, tuples as lists, nested specs as objects), naming its path in the spec; None when nothing is. Keys a
+  dataclass does not have are named; missing ones are left to its constructor."""
+  name = f"{where!r}" if where else "the spec"
+  if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+    options = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if value is None and len(options) < len(typing.get_args(annotation)):
+      return None
+    problems = [_type_problem(value, option, where) for option in options]
+    return None if None in problems else problems[0]
+  if typing.get_origin(annotation) is tuple:
+    if not isinstance(value, (list, tuple)):  # A tuple: a spec given in memory (`from_attrs(spec.to_attrs())`).
+      return f"{name} is {_json_kind(value)}; it must be a list"
+    args = typing.get_args(annotation)
+    items = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+    if len(items) != len(value):
+      return f"{name} has {len(value)} entries; it must have {len(items)}"
+    return next(filter(None, (_type_problem(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, items)))),
+                None)
+  if dataclasses.is_dataclass(annotation):
+    if not isinstance(value, dict):
+      return f"{name} is {_json_kind(value)}; it must be an object"
+    hints = typing.get_type_hints(annotation)
+    unknown = [key for key in value if key not in hints]
+    if unknown:
+      return f"{(where + '.' if where else '') + str(unknown[0])!r} is not an attribute of a cache spec"
+    return next(filter(None, (_type_problem(v, hints[key], f"{where}.{key}" if where else key)
+                              for key, v in value.items())), None)
+  ok = {bool: lambda: isinstance(value, bool),
+        int: lambda: isinstance(value, int) and not isinstance(value, bool),
+        float: lambda: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: lambda: isinstance(value, str), dict: lambda: isinstance(value, dict)}.get(annotation, lambda: True)()
+  return None if ok else f"{name} is {_json_kind(value)}; it must be {_EXPECTED[annotation]}"
 
 
 def now_iso() -> str:

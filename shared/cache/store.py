@@ -2,6 +2,7 @@
 `Cache`, through which readers and writers reach its arrays."""
 
 import dataclasses
+import functools
 
 import numpy as np
 import zarr
@@ -9,6 +10,7 @@ import zarr
 from shared import storage
 from shared.cache.integrity import check_integrity
 from shared.cache.layout import ROWS
+from shared.cache.record import chunk_crc32c, chunk_table, describe_misplaced, misplaced, spec_record_problem
 from shared.cache.spec import COMPLETE_KEY, SPEC_KEY, CacheSpec
 from shared.cache.zarr_async import gather, open_arrays, raise_first_failure
 from shared.errors import StillroomError
@@ -69,11 +71,31 @@ class Cache:
   def chunk_bounds(self, chunk: int, row_set: str = ROWS) -> tuple[int, int]:
     return self.spec.chunk_bounds(chunk, row_set)
 
-  def read_chunk(self, chunk: int, names, row_set: str = ROWS) -> dict[str, np.ndarray]:
+  @functools.cached_property
+  def chunk_table(self) -> dict[str, np.ndarray]:
+    """The checksum the completion record lists for each chunk of each array (`shared.cache.record`); empty for a
+    store without one (incomplete, or completed before records held it) or with a damaged one (which
+    `integrity_problems` reports)."""
+    return chunk_table(self)[0] or {}
+
+  def misplaced_chunk(self, name: str, chunk: int, values: np.ndarray) -> str | None:
+    """Whether chunk `chunk` of array `name`, read as `values`, is the one the completion record lists for that
+    position: None if it is (or there is no record to check against), else what is wrong."""
+    table = self.chunk_table.get(name)
+    if table is None:
+      return None
+    wrong = misplaced(table, {chunk: chunk_crc32c(values, self.spec.array(name).chunks)})
+    return describe_misplaced(wrong) if wrong else None
+
+  def read_chunk(self, chunk: int, names, row_set: str = ROWS, check_positions: bool = True) -> dict[str, np.ndarray]:
     """Whole-chunk reads of several arrays (the fast way to read a Zarr store).
 
+    Args:
+      check_positions: check each chunk against the completion record's chunk table (`misplaced_chunk`).
+
     Raises:
-      StillroomError: a chunk fails its checksum or cannot be decoded, naming the array and the chunk.
+      StillroomError: a chunk fails its checksum or cannot be decoded, or (`check_positions`) is not the one the
+        completion record lists for its position, naming the array and the chunk.
     """
     start, stop = self.chunk_bounds(chunk, row_set)
     names = tuple(names)
@@ -87,19 +109,26 @@ class Cache:
                              "damage, and the build command with --overwrite rebuilds the store.") from values
       if isinstance(values, BaseException):
         raise values
+      wrong = self.misplaced_chunk(name, chunk, values) if check_positions else None
+      if wrong:
+        raise StillroomError(f"cache {self.path!r}: array {name!r}: {wrong}; `teacher-cache verify` lists all "
+                             "damage, and the build command with --overwrite rebuilds the store.")
     return dict(zip(names, read))
 
 
-def open_cache(path: str, mode: str = "r", require_complete: bool = True) -> Cache:
+def open_cache(path: str, mode: str = "r", require_complete: bool = True, check_spec: bool = True) -> Cache:
   """Opens a cache and validates its spec.
 
   Args:
     path: the store's directory, or its URL (`shared.storage`).
     mode: zarr open mode ("r" to read, "r+" to resume writing).
-    require_complete: raise unless the completion record is present.
+    require_complete: raise unless the completion record is present (and the store whole: `check_integrity`).
+    check_spec: raise if the spec of a complete store is not the one its completion record covers (`teacher-cache
+      verify` reports it as a check instead).
 
   Raises:
-    StillroomError: no such store, not a stillroom cache, unsupported schema version, damaged spec, or incomplete.
+    StillroomError: no such store, not a stillroom cache, unsupported schema version, damaged spec, a spec changed
+      after the build, or incomplete.
   """
   if not storage.exists(path):
     raise StillroomError(f"no cache at {path!r}.")
@@ -118,6 +147,10 @@ def open_cache(path: str, mode: str = "r", require_complete: bool = True) -> Cac
     _LOG.info(f"cache {path!r} has schema version {spec.schema_version}: its chunks carry no checksums and all-zero "
               "chunks may be absent, so damage cannot be detected. Rebuild it with this stillroom to get both.")
   cache = Cache(path=path, group=group, spec=spec, completion=attrs.get(COMPLETE_KEY))
+  covered, problem = spec_record_problem(cache.completion, attrs[SPEC_KEY])
+  if check_spec and covered is False:
+    raise StillroomError(f"cache {path!r}: {problem}. Restore the spec, or rebuild the store with the build command "
+                         "and --overwrite.")
   if require_complete:
     if not cache.complete:
       raise StillroomError(
