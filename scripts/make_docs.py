@@ -15,6 +15,7 @@ a page on disk differs from it.
 
 import argparse
 import dataclasses
+import importlib.util
 import inspect
 import json
 import os
@@ -521,8 +522,12 @@ holds.
 
 - **Damaged caches.** Every chunk is checksummed (CRC-32C) and written, so `fit`, `info` and a student's eval name
   the array and chunk of a flipped byte or a truncated chunk, and refuse a store with a missing chunk, an
-  uncommitted chunk, arrays that differ from its spec, a spec key deleted or of the wrong type, or a completion
-  record that disagrees with the spec. `verify` never stops at damage: it reports every damaged chunk as a FAIL
+  uncommitted chunk, arrays that differ from its spec, a spec key deleted or of the wrong type (named by its path,
+  e.g. `'dataset.count' is a string`), or a completion record that disagrees with the spec. The completion record
+  binds each chunk to its place (the CRC-32C of every chunk by position) and the spec to the store (its SHA-256):
+  two chunks swapped or copied over each other, or an edited temperature, combine rule or member list, are refused
+  by every reader and reported by `verify` (a store completed before the record held them carries neither: `verify` says
+  "skip"). `verify` never stops at damage: it reports every damaged chunk as a FAIL
   and goes on with the other checks; without `--dataset` it still checks the labels and fingerprints against the
   dataset the spec names when that dataset opens here (and says "skip" when it does not). The same build command
   on a damaged complete store says so instead of "nothing to do".
@@ -534,13 +539,31 @@ holds.
   per epoch.
 - **Bring-your-own teachers** are traced at the batch size they will run at: a function that ignores the batch
   axis or returns one number per example is refused. The same parameters given twice as two members are refused.
+- **Damaged runs.** Each checkpoint is committed when `RUN_DIR/checkpoints.json` (`checkpoints_mid.json` for
+  checkpoints inside epochs) lists the SHA-256 of each of its files; `eval`, `export`, `build --teacher`,
+  `fit --init-from` and a resumed run check them before reading, and refuse a flipped byte, a truncated, missing or
+  extra file naming the checkpoint and the file. A newest checkpoint that is missing is refused rather than an older
+  one read in its place; `eval --epoch N` and `export --epoch N` choose a kept one. A checkpoint the list does not
+  name is a save a kill interrupted: resume discards it. Every run-dir file (`config.json`, `metrics.jsonl`,
+  `final.json`, `diverged.json`, the lists) is read by one reader that names the damaged file and how to recover.
+- **Limits before work starts.** `build`, `views` and `import` refuse a store larger than the free disk, or chunks
+  whose working memory exceeds the available memory (a cgroup's limit included), naming both sizes, before
+  anything is written; `--ignore-limits` goes on anyway.
+- **Metrics that need labels** (accuracy, NLL, ECE) are absent, not 0, when `fit --eval-dataset` is unlabeled;
+  `eval` and the demo refuse unlabeled data.
 - **`--overwrite`** removes only what stillroom made: a store whose `zarr.json` holds the spec, or a run dir whose
   `config.json` holds a run record; never one of the command's own inputs (its teachers, its cache, its npz, its
-  data dir). Anything else is an error and nothing is deleted.
+  data dir). Anything else is an error and nothing is deleted. Inside such a store or run dir it deletes only the
+  files stillroom writes there, keeps anything else (a `notes.txt`) and says what it kept.
+- **Read-only outputs.** A finished run or a complete store on a read-only mount is re-opened (by `fit` and
+  `build`, which then only read) without the writer's lock file, which cannot be written there.
 - **One writer per output.** A build or fit holds `OUT.lock` beside its output (host, pid, command, since when),
   created atomically. A second writer, `--overwrite` included, gets an error naming the holder; the lock of a
   process that died on the same host is taken over (and said so). On object storage the lock is a lease (see
-  [clusters and object storage](clusters.md)). Ctrl-C and SIGTERM release it before the process exits.
+  [clusters and object storage](clusters.md)). Ctrl-C and SIGTERM release it before the process exits. Two
+  first-time preparations of `digits` in one data dir take turns (a file lock beside it).
+- **Processes that cannot join.** With `--coordinator HOST:PORT`, a process missing, an index given to two
+  processes, or another `--num-processes` ends every waiting process with one line within `--join-timeout`.
 - **Routine failures:** a full disk while creating arrays, writing chunks, the completion record or a checkpoint;
   a read-only output; `--out` that is a file; a label outside a run's classes in `eval`; `--max-shift` outside
   0..(image side − 1); string or complex inputs; absurd class counts (a label id of 10⁹: see `--max-classes` in
@@ -555,9 +578,15 @@ framework](external-teachers.md), [clusters](clusters.md) (processes started wit
 
 
 def fault_catalogue() -> list[str]:
-  """The names of the faults `tests/test_faults.py` registers (`@fault("...")`), in its order."""
-  with open(FAULTS, encoding="utf-8") as f:
-    return re.findall(r'^@fault\("((?:[^"\\]|\\.)*)"\)', f.read(), flags=re.M)
+  """The names of the faults `tests/test_faults.py` registers, in its order (those generated in loops too)."""
+  sys.path.insert(0, os.path.dirname(FAULTS))  # Its `from conftest import ...`.
+  try:
+    spec = importlib.util.spec_from_file_location("test_faults", FAULTS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+  finally:
+    sys.path.remove(os.path.dirname(FAULTS))
+  return list(module.FAULTS)
 
 
 def refusals_page() -> str:
