@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.harness import paired_summary, write_json  # noqa: E402
 from shared.cache import open_cache  # noqa: E402
 from student_train.config import FitConfig  # noqa: E402
+from student_train.run_dir import is_finished, read_metrics  # noqa: E402
 from student_train.train import fit  # noqa: E402
 from teacher_cache.build import BuildConfig, build_cache  # noqa: E402
 
@@ -74,11 +75,6 @@ def _smoke() -> None:
            "similarity": [{"similarity_weight": 3000.0}]}
 
 
-def _metrics(out: str) -> list[dict]:
-  with open(os.path.join(out, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
 def _student(out: str, cache: str, seed: int, regime: str, **settings) -> dict:
   """A student's final eval accuracy and its mean epoch seconds after the first. `hint_share`: the share of the
   epochs that are FitNets' stage 1 (`--hint-epochs`)."""
@@ -86,14 +82,14 @@ def _student(out: str, cache: str, seed: int, regime: str, **settings) -> dict:
   share = settings.pop("hint_share", 0)
   final = fit(FitConfig(model=STUDENT, out=out, cache=cache, seed=seed, progress=False, workers=0, data_dir=DATA_DIR,
                         hint_epochs=round(share * settings["epochs"]), **settings), log_epochs=False)
-  seconds = [line["seconds"] for line in _metrics(out)[1:]]
+  seconds = [line["seconds"] for line in read_metrics(out)[1:]]
   return {"accuracy": final["eval_accuracy"], "epoch_seconds": statistics.mean(seconds)}
 
 
 def _teacher_cache(work: str, split: str, seed: int, eval_split: str) -> str:
   tag = {TRAIN: "part", "train": "full"}[split]  # Not the split spec: a run dir's name with '%' breaks orbax.
   teacher = os.path.join(work, f"{tag}-teacher{seed}")
-  if not os.path.exists(os.path.join(teacher, "final.json")):
+  if not is_finished(teacher):
     fit(FitConfig(model=TEACHER, out=teacher, dataset="digits", split=split, epochs=TEACHER_EPOCHS, augment=True,
                   seed=seed, eval_split="none", progress=False, workers=0, data_dir=DATA_DIR), log_epochs=False)
   return build_cache(BuildConfig(dataset="digits", split=split, data_dir=DATA_DIR, teachers=(teacher,), views=VIEWS,

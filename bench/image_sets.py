@@ -15,7 +15,6 @@ installed console scripts as a user does (each in a process of its own, with its
 """
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -30,6 +29,7 @@ from bench.harness import machine, sample_tree_rss, write_json  # noqa: E402
 from shared.augment import Augmentation  # noqa: E402
 from shared.data import open_transfer_set  # noqa: E402
 from shared.shapes import CLASSES, ShapesConfig, write_shapes  # noqa: E402
+from student_train.run_dir import read_metrics  # noqa: E402
 
 
 
@@ -103,8 +103,7 @@ def streamed_vs_prerendered(work: str, images: int, workers: int, models: list[s
         out = os.path.join(work, f"ratio_{model}_{arm}")
         _run("student-train", ["fit", "--model", model, *data, "--eval-split", "none", "--epochs", str(epochs),
                                "--workers", str(workers), "--no-progress", "--overwrite", "--out", out])
-        with open(os.path.join(out, "metrics.jsonl")) as f:
-          seconds[arm] += [line["seconds"] for line in map(json.loads, f)][1:]
+        seconds[arm] += [line["seconds"] for line in read_metrics(out)][1:]
     epoch = {arm: statistics.median(values) for arm, values in seconds.items()}
     results.append({"model": model, "images": images, "workers": workers, "epoch_s": epoch,
                     "ratio": epoch["streamed_jpeg"] / epoch["prerendered_npz"]})

@@ -323,12 +323,18 @@ def is_complete_store(path: str) -> bool:
 
 
 def is_run_dir(path: str) -> bool:
-  """A directory whose config.json holds a run record (a model spec and its normalisation)."""
+  """A directory whose config.json holds a run record (a model spec and its normalisation), or whose config.json is
+  damaged (garbled, truncated, another JSON value) beside a file only stillroom's trainer writes (checkpoints.json,
+  metrics.jsonl): a run dir whose damage `--overwrite` recovers from, as its refusal advises."""
   try:
     config = storage.read_json(storage.join(path, "config.json"))
-    return isinstance(config, dict) and {"model", "normalization"} <= set(config)
-  except (OSError, ValueError):
+    if isinstance(config, dict) and {"model", "normalization"} <= set(config):
+      return True
+  except FileNotFoundError:
     return False
+  except (OSError, ValueError):
+    pass
+  return any(storage.is_file(storage.join(path, name)) for name in _TRAINER_FILES)
 
 
 def _resolved(path: str) -> str:
@@ -365,6 +371,7 @@ def check_output(out: str, kind: str, overwrite: bool, option: str = "--out") ->
 # that a reader would take for an earlier stillroom's, unchecked.
 RUN_DIR_ENTRIES = ("final.json", "diverged.json", "checkpoints_mid", "checkpoints_mid.json", "checkpoints",
                    "checkpoints.json", "metrics.jsonl", "tensorboard", "config.json")
+_TRAINER_FILES = ("checkpoints.json", "metrics.jsonl")  # Beside a damaged config.json, they make it a run dir.
 TEMPORARY_SUFFIXES = (".tmp", ".partial")  # `storage.write_bytes`'s, zarr's LocalStore's: left beside by a kill.
 
 

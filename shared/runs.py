@@ -2,11 +2,11 @@
 
 A run directory, as written by `student-train fit`:
   RUN_DIR/config.json          a `RunRecord` (the model's spec, its input normalisation, its cross-fitting fold)
-                               plus the trainer's resolved config under "resolved".
+                               plus the trainer's resolved config under "resolved", and `DIGESTS_MARKER`.
   RUN_DIR/checkpoints/<epoch>/ orbax checkpoints, named by the number of epochs trained; item "params" holds the
                                model's parameters as a pure dict (the trainer adds its own items beside it).
   RUN_DIR/checkpoints.json     the committed checkpoints and the SHA-256 and size of each of their files (see
-                               `CheckpointFolder`); every read of a checkpoint checks its files against it first.
+                               `CheckpointFolder`); every read of a checkpoint checks the files it reads first.
 The trainer adds metrics.jsonl, final.json and diverged.json (`student_train.run_dir`); every run-dir file is read
 through `read_run_file`, which turns a damaged file into one error naming it and how to recover.
 
@@ -45,10 +45,18 @@ METRICS_FILE = "metrics.jsonl"
 FINAL_FILE = "final.json"
 DIVERGED_FILE = "diverged.json"
 CHECKPOINT_DIR = "checkpoints"
+MID_EPOCH_DIR = "checkpoints_mid"  # The trainer's checkpoints inside epochs (`student_train.run_dir`).
+CHECKPOINT_FOLDERS = (CHECKPOINT_DIR, MID_EPOCH_DIR)
 DIGESTS_SUFFIX = ".json"  # RUN_DIR/<checkpoint folder>.json: the digests of the folder's committed checkpoints.
+DIGESTS_FILES = tuple(folder + DIGESTS_SUFFIX for folder in CHECKPOINT_FOLDERS)
+# A top-level entry of config.json in a run dir whose checkpoints carry digests: without it a run dir was written
+# before stillroom recorded them, and its checkpoints are read unchecked; with it a missing digests list is damage.
+DIGESTS_MARKER = "checkpoint_digests"
 PARAMS_ITEM = "params"
 RETRAIN = "pass --overwrite to retrain the run, or choose another --out"  # What recovers a run that cannot resume.
-REWRITE_FINAL = "delete it and run the same command to rewrite it"
+# What recovers a damaged final.json (whichever command read it: eval's, export's and fit's alike).
+REWRITE_FINAL = "delete it and run the command that trained the run again (`student-train fit` or `sweep`), which " \
+    "rewrites it"
 
 _LOG = logger(__name__)
 
@@ -283,7 +291,8 @@ def _config_problem(value) -> str | None:
 
 
 _CHECKS = {CONFIG_FILE: _config_problem, FINAL_FILE: lambda v: _object_problem(v, epoch=int),
-           DIVERGED_FILE: lambda v: _object_problem(v, message=str), METRICS_FILE: _metrics_problem}
+           DIVERGED_FILE: lambda v: _object_problem(v, message=str), METRICS_FILE: _metrics_problem,
+           **{name: _digests_problem for name in DIGESTS_FILES}}
 _LINES = (METRICS_FILE,)  # Files of one JSON document per line.
 _REQUIRED = object()
 
@@ -301,7 +310,10 @@ def read_run_file(run_dir: str, name: str, recover: str, missing=_REQUIRED):
 
   Raises:
     StillroomError: the file is absent (unless `missing` is given), unreadable or damaged, naming it and `recover`.
+    ValueError: `name` is not one of these files (a programming error).
   """
+  if name not in _CHECKS:
+    raise ValueError(f"read_run_file: {name!r} is not a run-dir file (one of {', '.join(sorted(_CHECKS))})")
   path = storage.join(run_dir, name)
   try:
     data = storage.read_bytes(path)
@@ -309,8 +321,9 @@ def read_run_file(run_dir: str, name: str, recover: str, missing=_REQUIRED):
     if missing is not _REQUIRED:
       return missing
     raise StillroomError(f"run dir {run_dir!r} has no {name}; {recover}.") from e
-  except OSError as e:
-    raise StillroomError(f"cannot read {path!r}: {e}") from e
+  except OSError as e:  # No permission, a directory of that name, an I/O error: the file may well be intact.
+    raise StillroomError(f"run dir {run_dir!r}: cannot read {name} ({e.strerror or e}); make it readable (its "
+                         f"permissions, the storage), or {recover}.") from e
   problem = None
   try:
     text = data.decode()
@@ -328,16 +341,17 @@ def read_run_file(run_dir: str, name: str, recover: str, missing=_REQUIRED):
   except ValueError as e:  # UnicodeDecodeError too.
     problem = f"not JSON: {e}"
   if problem is None:
-    problem = _CHECKS.get(name, _digests_problem)(value)
+    problem = _CHECKS[name](value)
   if problem:
     raise StillroomError(f"run dir {run_dir!r}: cannot read {name} ({problem}); {recover}.")
   return value
 
 
 def _files_under(directory: str, prefix: str = "") -> list[str]:
-  """The relative paths ('state/_METADATA') of the files under a directory or an object-store prefix."""
+  """The relative paths ('state/_METADATA') of every file under a directory or an object-store prefix, hidden ones
+  ('.name') too."""
   found = []
-  for name, is_folder, _ in storage.scan(directory):
+  for name, is_folder, _ in storage.scan(directory, hidden=True):
     if is_folder:
       found += _files_under(storage.join(directory, name), f"{prefix}{name}/")
     else:
@@ -350,15 +364,17 @@ class CheckpointFolder:
   the one path by which checkpoints are saved, listed, checked, read and deleted.
 
   A checkpoint is committed once `RUN_DIR/<folder>.json`, written whole by process 0 after orbax has finished the
-  save, lists it with the SHA-256 and size of each of its files; the file lists exactly the checkpoints kept. A
-  checkpoint on disk that it does not list is a save that a kill interrupted: it is not committed, readers ignore
-  it, and a resumed run discards it (`uncommitted`). A checkpoint is unlisted before it is deleted, so a kill never
-  leaves a listed half; one listed but absent was pruned by orbax (`max_to_keep`) just before a kill, or deleted by
-  hand (an error when it is the newest: `newest`). Every read checks the files of the checkpoint against the list
-  first (`check`).
+  save, lists it with the SHA-256 and size of each of its files (hidden ones too); the file lists exactly the
+  checkpoints kept. A checkpoint on disk that it does not list is a save that a kill interrupted: it is not
+  committed, readers ignore it, and a resumed run discards it (`uncommitted`). A checkpoint is unlisted before it is
+  deleted, so a kill never leaves a listed half; one listed but absent was pruned by orbax (`max_to_keep`) just
+  before a kill, or deleted by hand (an error when it is the newest: `newest`). Every read checks the files it reads
+  against the list first: those of the items it restores and the checkpoint's own top-level files (`check`).
 
-  A folder without the file was written before stillroom recorded digests: all its checkpoints count as committed,
-  and are read unchecked (logged once); its first save lists them without digests.
+  A run dir whose config.json holds `DIGESTS_MARKER` was written with digests: there a missing list (with
+  checkpoints on disk), or a checkpoint listed without digests, is damage. A folder of a run dir without it was
+  written before stillroom recorded digests: all its checkpoints count as committed, and are read unchecked (logged
+  once); its first save lists them without digests.
   """
 
   def __init__(self, run_dir: str, subdir: str = CHECKPOINT_DIR, max_to_keep: int | None = None,
@@ -366,25 +382,47 @@ class CheckpointFolder:
     """
     Args:
       run_dir: the run dir (a path or a URL).
-      subdir: the folder of these checkpoints.
+      subdir: the folder of these checkpoints (one of `CHECKPOINT_FOLDERS`).
       max_to_keep: the newest checkpoints kept (None: all).
       reading: only read (orbax's manager of this process alone; nothing is written).
-      recover: how the user recovers from a damaged list of digests, for the message.
+      recover: how the user recovers from a damaged or missing list of digests, for the message.
+
+    Raises:
+      StillroomError: config.json is damaged.
+      ValueError: `subdir` is not a checkpoint folder of a run dir (a programming error).
     """
+    if subdir not in CHECKPOINT_FOLDERS:
+      raise ValueError(f"CheckpointFolder: {subdir!r} is not one of {CHECKPOINT_FOLDERS}")
     self.run_dir, self.subdir, self.recover = run_dir, subdir, recover
     self.digests_file = subdir + DIGESTS_SUFFIX
     self.directory = storage.join(storage.local(run_dir), subdir)
+    config = read_run_file(run_dir, CONFIG_FILE, recover, missing={})
+    self.required = bool(config.get(DIGESTS_MARKER))
     self.manager = checkpoint_manager(run_dir, max_to_keep=max_to_keep, this_process_only=reading, subdir=subdir)
-    self._checked: set[int] = set()
+    self._checked: dict[int, set] = {}  # step: the items checked (None: all its files).
     self._said_unchecked = False
-    if not reading and is_first() and self.listed() is None and not self.manager.all_steps():
+    if not reading and is_first() and not self.manager.all_steps() and \
+        read_run_file(run_dir, self.digests_file, recover, missing=None) is None:
       self._write({})  # A new folder: from now on a checkpoint is committed when the file lists it.
 
   def listed(self) -> dict[int, dict | None] | None:
     """{step: its files' digests ({path: {"sha256", "bytes"}}), or None for one listed without them}; None for a
-    folder whose checkpoints carry no digests (written before stillroom recorded them)."""
+    folder whose checkpoints carry no digests (written before stillroom recorded them).
+
+    Raises:
+      StillroomError: the list is damaged, or missing where config.json says the run dir records digests and the
+        folder holds checkpoints (a deleted list would otherwise turn the checks off).
+    """
     value = read_run_file(self.run_dir, self.digests_file, self.recover, missing=None)
-    return None if value is None else {int(step): entry["files"] for step, entry in value["checkpoints"].items()}
+    if value is None:
+      if not self.required:
+        return None
+      if self.manager.all_steps():
+        raise StillroomError(f"run dir {self.run_dir!r} has no {self.digests_file}, which lists the checkpoints in "
+                             f"{self.subdir}/ and the digests of their files ({CONFIG_FILE} records that this run "
+                             f"dir keeps them), so they cannot be checked; {self.recover}.")
+      return {}
+    return {int(step): entry["files"] for step, entry in value["checkpoints"].items()}
 
   def _write(self, listed: dict[int, dict | None]) -> None:
     storage.write_text(storage.join(self.run_dir, self.digests_file), json.dumps(
@@ -403,6 +441,11 @@ class CheckpointFolder:
     """The steps present but not listed: saves that a kill interrupted before they were listed."""
     listed = self.listed()
     return [] if listed is None else [step for step in self.on_disk() if step not in listed]
+
+  def absent(self) -> list[int]:
+    """The steps listed but not present (pruned by orbax just before a kill, or deleted by hand), in order."""
+    listed, found = self.listed(), set(self.on_disk())
+    return [] if listed is None else sorted(step for step in listed if step not in found)
 
   def newest(self) -> int | None:
     """The newest listed step (for a folder without digests, the newest present), or None: it may be absent."""
@@ -427,6 +470,7 @@ class CheckpointFolder:
       kept = {s: None if listed is None else listed[s] for s in self.on_disk()
               if s != step and (listed is None or s in listed)}
       self._write({**kept, step: self._digests(step)})
+    self._checked.pop(step, None)
 
   def _digests(self, step: int) -> dict:
     root = storage.join(self.directory, str(step))
@@ -434,56 +478,96 @@ class CheckpointFolder:
             for path in sorted(_files_under(root))}
 
   def delete(self, steps) -> None:
-    """Deletes these steps (every process of a job), unlisted first (process 0)."""
+    """Deletes these steps, each of them on disk (every process of a job, in the same order: decide them in one
+    process), unlisted first (process 0)."""
+    steps = list(steps)
+    self.unlist(steps)
+    for step in steps:
+      self.manager.delete(step)
+
+  def unlist(self, steps) -> None:
+    """Drops these steps from the list (process 0): steps listed but absent, or about to be deleted."""
     steps = list(steps)
     listed = self.listed() if is_first() else None
     if listed is not None and any(step in listed for step in steps):
       self._write({s: files for s, files in listed.items() if s not in steps})
     for step in steps:
-      self.manager.delete(step)
-      self._checked.discard(step)
+      self._checked.pop(step, None)
 
-  def check(self, step: int, recover: str) -> None:
-    """Checks the files of committed checkpoint `step` against their digests.
+  def damage(self, step: int, items=None) -> str | None:
+    """What differs in committed checkpoint `step` from its digests, or None: in the files of `items` (the names
+    of the item folders a read restores) and the checkpoint's top-level files, or in all its files (None). The
+    folders of other items are not read.
 
     Raises:
-      StillroomError: a file differs from its digest, is missing or is not listed, naming the run dir, the
-        checkpoint, the file and `recover`.
+      StillroomError: the list is damaged or missing (see `listed`), or lists `step` without digests in a run dir
+        that records them.
     """
-    if step in self._checked:
-      return
+    checked = self._checked.get(step, set())
+    if None in checked or (items is not None and set(items) <= checked):
+      return None
     listed = self.listed()
-    expected = None if listed is None else listed.get(step)
+    if listed is not None and step not in listed:
+      return f"{self.digests_file} does not list it (a save that a kill interrupted)"
+    expected = None if listed is None else listed[step]
     if expected is None:
+      if self.required:
+        raise StillroomError(f"run dir {self.run_dir!r}: {self.digests_file} lists checkpoint {self.where(step)} "
+                             f"without the digests of its files, which this run dir records; {self.recover}.")
       if not self._said_unchecked:
         _LOG.info(f"{self.run_dir}: the checkpoints in {self.subdir}/ carry no digests (written by an earlier "
                   "stillroom); they are read unchecked")
         self._said_unchecked = True
-      return
+      return None
     root = storage.join(self.directory, str(step))
-    found = set(_files_under(root)) if storage.exists(root) else set()
+    if items is None:
+      found = set(_files_under(root)) if storage.exists(root) else set()
+    else:
+      wanted = set(items)
+      expected = {path: digest for path, digest in expected.items()
+                  if "/" not in path or path.split("/")[0] in wanted}
+      found = set()
+      for name, is_folder, _ in storage.scan(root, hidden=True) if storage.exists(root) else ():
+        if not is_folder:
+          found.add(name)
+        elif name in wanted:
+          found.update(_files_under(storage.join(root, name), f"{name}/"))
     for path in sorted(set(expected) | found):
       if path not in found:
-        problem = f"its file {path} is missing"
-      elif path not in expected:
-        problem = f"it holds a file {self.digests_file} does not list, {path}"
-      else:
-        digest, size = storage.file_digest(storage.join(root, path))
-        if (digest, size) == (expected[path]["sha256"], expected[path]["bytes"]):
-          continue
-        problem = f"its file {path} differs from its digest in {self.digests_file}" + (
+        return f"its file {path} is missing"
+      if path not in expected:
+        return f"it holds a file {self.digests_file} does not list, {path}"
+      digest, size = storage.file_digest(storage.join(root, path))
+      if (digest, size) != (expected[path]["sha256"], expected[path]["bytes"]):
+        return f"its file {path} differs from its digest in {self.digests_file}" + (
             f" ({size} bytes, {expected[path]['bytes']} recorded)" if size != expected[path]["bytes"] else "")
+    self._checked[step] = checked | ({None} if items is None else set(items))
+    return None
+
+  def check(self, step: int, recover: str, items=None) -> None:
+    """Checks the files of committed checkpoint `step` that a read of `items` reads (see `damage`) against their
+    digests.
+
+    Raises:
+      StillroomError: a file differs from its digest, is missing or is not listed, naming the run dir, the
+        checkpoint, the file and `recover`; the list is damaged or missing.
+    """
+    problem = self.damage(step, items)
+    if problem:
       raise StillroomError(f"run dir {self.run_dir!r}: checkpoint {self.where(step)} is damaged: {problem}; "
                            f"{recover}.")
-    self._checked.add(step)
 
-  def restore(self, step: int, args: ocp.args.Composite, recover: str):
-    """The items `args` names of checkpoint `step`, its files checked first (`check`).
+  def restore(self, step: int, args: ocp.args.Composite, recover: str, whole: bool = False):
+    """The items `args` names of checkpoint `step`, the files read checked first (`check`).
+
+    Args:
+      whole: check every file of the checkpoint, not only those of the items restored (a resumed run carries the
+        checkpoint on as its own).
 
     Raises:
       StillroomError: the checkpoint is damaged, or orbax cannot read it, naming it and `recover`.
     """
-    self.check(step, recover)
+    self.check(step, recover, None if whole else list(args.keys()))
     try:
       return self.manager.restore(step, args=args)
     except Exception as e:  # orbax raises many types for unreadable or mismatched checkpoints.
@@ -615,7 +699,7 @@ def save_run(run_dir: str, record: RunRecord, model: nnx.Module, trained_epochs:
     trained_epochs: the checkpoint's number.
   """
   storage.make_dirs(run_dir)
-  storage.write_text(storage.join(run_dir, CONFIG_FILE), json.dumps(record.to_json(), indent=2))
+  storage.write_text(storage.join(run_dir, CONFIG_FILE), json.dumps({**record.to_json(), DIGESTS_MARKER: 1}, indent=2))
   folder = CheckpointFolder(run_dir)
   folder.save(trained_epochs, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardSave(params_of(model))}))
   folder.close()
@@ -730,11 +814,10 @@ def load_run_teacher(run_dir: str, epoch: int | None = None, epoch_option: str |
       if step not in kept:
         raise StillroomError(f"run dir {run_dir!r} keeps no checkpoint after epoch {epoch}; "
                              + (f"it keeps epochs {', '.join(str(s + offset) for s in kept)}." if kept else
-                                "it keeps none."))
+                                "it keeps none: train it first (`student-train fit`)."))
     else:
       step, said = folder.newest(), None
-      final = read_run_file(run_dir, FINAL_FILE, "delete it and run the run's `student-train fit` command again to "
-                            "rewrite it", missing=None)
+      final = read_run_file(run_dir, FINAL_FILE, REWRITE_FINAL, missing=None)
       if final is not None and _is_int(final.get("epochs")) and (step is None or final["epochs"] - offset > step):
         step, said = final["epochs"] - offset, f"{FINAL_FILE} records {final['epochs']} epochs trained"
       if step is None:

@@ -108,9 +108,9 @@ def is_dir(path: str) -> bool:
   return _on(path, lambda fs, key: fs.isdir(key), os.path.isdir)
 
 
-def scan(path: str) -> list[tuple[str, bool, int]]:
+def scan(path: str, hidden: bool = False) -> list[tuple[str, bool, int]]:
   """`[(name, is a directory, size in bytes), ...]` of the entries directly in a directory or a prefix, sorted by
-  name, without hidden ones (names starting with '.'). A directory's size is 0."""
+  name, without hidden ones (names starting with '.') unless `hidden`. A directory's size is 0."""
   def remote(fs, key):
     # A "folder" placeholder object (`key/`, made by consoles and some tools) is listed as an entry of itself.
     return [(posixpath.basename(e["name"].rstrip("/")), e["type"] == "directory", int(e.get("size") or 0))
@@ -120,7 +120,7 @@ def scan(path: str) -> list[tuple[str, bool, int]]:
     with os.scandir(path) as entries:
       return [(e.name, e.is_dir(), 0 if e.is_dir() else e.stat().st_size) for e in entries]
 
-  return sorted(entry for entry in _on(path, remote, here) if not entry[0].startswith("."))
+  return sorted(entry for entry in _on(path, remote, here) if hidden or not entry[0].startswith("."))
 
 
 def read_bytes(path: str) -> bytes:

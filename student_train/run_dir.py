@@ -11,8 +11,11 @@
                              steps of the run: "state", "meta" ({"epoch": E, "step": S, "sums": the epoch's
                              partial metric sums, "seconds"}); deleted when an epoch checkpoint is written
   RUN_DIR/checkpoints.json, RUN_DIR/checkpoints_mid.json   the committed checkpoints of each folder and the digests
-                             of their files (`shared.runs.CheckpointFolder`): a resumed run discards a checkpoint
-                             they do not list (a save that a kill interrupted) and refuses one whose files differ
+                             of their files (`shared.runs.CheckpointFolder`; config.json's "checkpoint_digests"
+                             says the run dir keeps them): a resumed run discards a checkpoint they do not list (a
+                             save that a kill interrupted) and a damaged mid-epoch one (resuming from the point
+                             before it), and refuses a damaged epoch checkpoint, naming the epoch it could resume
+                             from once that checkpoint is deleted
 
 Every file is read through `shared.runs.read_run_file`: a damaged one is one error naming it and how to recover.
 
@@ -35,12 +38,12 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from shared import __version__, storage
-from shared.distributed import is_first
+from shared.distributed import from_process_0, is_first
 from shared.errors import StillroomError
 from shared.log import logger
 from shared.outputs import RUN_DIR, clear_for_overwrite
-from shared.runs import (CONFIG_FILE, DIVERGED_FILE, FINAL_FILE, METRICS_FILE, PARAMS_ITEM, RETRAIN, REWRITE_FINAL,
-                         CheckpointFolder, CrossFit, RunRecord, read_run_file)
+from shared.runs import (CONFIG_FILE, DIGESTS_MARKER, DIVERGED_FILE, FINAL_FILE, METRICS_FILE, MID_EPOCH_DIR,
+                         PARAMS_ITEM, RETRAIN, REWRITE_FINAL, CheckpointFolder, CrossFit, RunRecord, read_run_file)
 from shared.settings import differences as settings_differences
 from shared.settings import names_where
 from student_train.config import FitConfig, default_of
@@ -95,7 +98,9 @@ def prepare_run_dir(plan: RunPlan, joining: bool = False) -> bool:
   run_record = RunRecord(model=plan.model_spec, normalization=plan.normalization, cross_fit=cross_fit,
                          image_size=plan.augmentation.image_size, specialist=plan.specialist)
   where = {"out": storage.absolute(out), "cache": None if plan.cache is None else storage.absolute(plan.cache.path)}
-  _write_json(path, {**run_record.to_json(), "resolved": record, "paths": where, "software_version": __version__})
+  # The digests marker is outside "resolved", which alone is compared: run dirs written before it still resume.
+  _write_json(path, {**run_record.to_json(), "resolved": record, "paths": where, "software_version": __version__,
+                     DIGESTS_MARKER: 1})
   return False
 
 
@@ -170,15 +175,16 @@ def _saving(what: str):
                          "it.") from e
 
 
-def _restore_state(folder: CheckpointFolder, step: int, state):
-  """`state` with checkpoint `step`'s "state" item restored into it (RNG streams kept: they are re-derived), its
-  files checked against their digests first.
+def _restore_state(folder: CheckpointFolder, step: int, state, recover: str = RETRAIN):
+  """`state` with checkpoint `step`'s "state" item restored into it (RNG streams kept: they are re-derived), every
+  file of the checkpoint checked against its digest first (the resumed run carries the checkpoint on).
 
   Raises:
-    StillroomError: the checkpoint is damaged or unreadable: the run cannot resume.
+    StillroomError: the checkpoint is damaged or unreadable: the run cannot resume from it (`recover`).
   """
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct, checkpointable(state))
-  restored = folder.restore(step, ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(target)}), RETRAIN)
+  restored = folder.restore(step, ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(target)}), recover,
+                            whole=True)
   rng_state = nnx.filter_state(state, nnx.RngState)
   state = nnx.filter_state(state, nnx.Not(nnx.RngState))
   nnx.replace_by_pure_dict(state, restored[STATE_ITEM])
@@ -193,13 +199,14 @@ class Checkpoints:
     self.folder = CheckpointFolder(out, max_to_keep=CHECKPOINTS_KEPT)
 
   def epochs(self) -> set[int]:
-    """The committed epochs.
+    """The committed epochs. Where the newest listed is absent (deleted by hand, as a damaged one's refusal
+    advises) the run resumes from the newest present (`discard_after` says so and unlists it).
 
     Raises:
-      StillroomError: the newest listed is absent (deleted by hand): the run cannot resume from it.
+      StillroomError: the newest listed is absent and no other is kept: the run cannot resume.
     """
     newest, committed = self.folder.newest(), self.folder.committed()
-    if newest is not None and newest not in committed:
+    if newest is not None and newest not in committed and not committed:
       raise self.folder.missing(newest, RETRAIN)
     return set(committed)
 
@@ -217,25 +224,40 @@ class Checkpoints:
           META_ITEM: ocp.args.JsonSave({"epoch": epoch})}))
 
   def restore(self, state, epoch: int):
-    """`state` with the checkpoint of `epoch` restored into it (RNG streams kept)."""
-    return _restore_state(self.folder, epoch, state)
+    """`state` with the checkpoint of `epoch` restored into it (RNG streams kept).
+
+    Raises:
+      StillroomError: it is damaged or unreadable. The run never rolls back on its own past a damaged epoch
+        checkpoint (the epochs it trained would be lost): where an earlier one is kept, the message says which
+        folder to delete for the same command to resume from it.
+    """
+    earlier = [kept for kept in self.folder.committed() if kept < epoch]
+    recover = RETRAIN if not earlier else (
+        f"delete {storage.join(self.out, self.folder.where(epoch))} and run the same command to resume from epoch "
+        f"{max(earlier)}, or {RETRAIN}")
+    return _restore_state(self.folder, epoch, state, recover)
 
   def discard_after(self, epoch: int) -> None:
     """Deletes the checkpoints after `epoch` (a run rolled back to resume with its group), and those not committed
-    (saves that a kill interrupted before they were listed: the run resumes as if they never happened)."""
-    uncommitted = self.folder.uncommitted()
+    (saves that a kill interrupted before they were listed: the run resumes as if they never happened), and unlists
+    those listed but absent (the newest of them deleted by hand: said). What to delete is decided from what process
+    0 reads, so that every process of a job deletes the same steps in the same order."""
+    def decide() -> tuple[list[int], list[int], list[int], int | None]:
+      return (self.folder.uncommitted(), [saved for saved in sorted(self.epochs()) if saved > epoch],
+              self.folder.absent(), self.folder.newest())
+    uncommitted, later, absent, newest = from_process_0(decide())
     for step in uncommitted:
       _LOG.info(f"{self.out}: discarding {self.folder.where(step)}, whose save was interrupted")
-    later = [saved for saved in sorted(self.epochs()) if saved > epoch]
+    if newest in absent:
+      _LOG.warning(f"{self.out}: its newest checkpoint, {self.folder.where(newest)} (listed in "
+                   f"{self.folder.digests_file}), is missing; resuming from the checkpoint before it")
     for saved in later:
       _LOG.info(f"{self.out}: rolling back to epoch {epoch}, where its group resumes (discarding epoch {saved})")
+    self.folder.unlist(absent)
     self.folder.delete(uncommitted + later)
 
   def close(self) -> None:
     self.folder.close()
-
-
-MID_EPOCH_DIR = "checkpoints_mid"
 
 
 class MidEpochCheckpoints:
@@ -253,27 +275,35 @@ class MidEpochCheckpoints:
     """Whether the run dir holds mid-epoch checkpoints (of an earlier attempt, which may have used them)."""
     return storage.exists(storage.join(out, MID_EPOCH_DIR))
 
-  def positions(self) -> list[tuple[int, dict | None]]:
-    """[(global step, {"epoch": E, "step": S, "sums": {...}, "seconds": s}), ...], the position None for one that
-    is not committed (a save that a kill interrupted: see `CheckpointFolder`), or, in a folder without digests,
-    that cannot be read (half-written or half-deleted by a kill).
+  def positions(self) -> list[tuple[int, dict | None, str | None]]:
+    """[(global step, {"epoch": E, "step": S, "sums": {...}, "seconds": s}, None), ...], read from each
+    checkpoint's "meta" item alone (the other items' files are not read). The position is None for one that is not
+    committed (a save that a kill interrupted: see `CheckpointFolder`), for one that is damaged (the third entry
+    says how), or, in a folder without digests, for one that cannot be read (half-written or half-deleted by a
+    kill).
 
     Raises:
-      StillroomError: a committed checkpoint is damaged (its files differ from their digests).
+      StillroomError: the folder's list of digests is damaged, or missing where the run dir records digests.
     """
     found, listed = [], self.folder.listed()
     for step in self.folder.on_disk():
       if listed is not None and step not in listed:
-        found.append((step, None))
+        found.append((step, None, None))
         continue
-      try:
-        found.append((step, self.folder.restore(step, ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()}),
-                                                RETRAIN)[META_ITEM]))
-      except StillroomError:
-        if listed is not None:
-          raise
-        found.append((step, None))  # Without digests, half-deleted or half-written: unusable either way.
+      damage = self.folder.damage(step, [META_ITEM])
+      if damage is None:
+        try:
+          found.append((step, self.folder.restore(step, ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()}),
+                                                  RETRAIN)[META_ITEM], None))
+          continue
+        except StillroomError:  # Without digests, half-deleted or half-written: unusable either way.
+          damage = None if listed is None else "orbax cannot read its position"
+      found.append((step, None, damage))
     return found
+
+  def damage(self, global_step: int) -> str | None:
+    """What differs in the checkpoint at `global_step` (any of its files) from its digests, or None."""
+    return self.folder.damage(global_step)
 
   def delete(self, global_step: int) -> None:
     self.folder.delete([global_step])
@@ -293,8 +323,9 @@ class MidEpochCheckpoints:
     return _restore_state(self.folder, global_step, state)
 
   def clear(self) -> None:
-    """Deletes them all: the run resumes from a later epoch checkpoint, or from an earlier point of its group."""
-    self.folder.delete(self.folder.on_disk())
+    """Deletes them all: the run resumes from a later epoch checkpoint, or from an earlier point of its group. The
+    steps are those process 0 finds (every process deletes the same ones)."""
+    self.folder.delete(from_process_0(self.folder.on_disk()))
 
   def close(self) -> None:
     self.folder.close()

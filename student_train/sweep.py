@@ -30,7 +30,7 @@ from shared.outputs import check_not_an_input
 from shared.settings import check_value, names_where, value_type
 from student_train.config import FitConfig
 from student_train.plan import Opened, RunPlan, plan_run
-from shared.runs import CONFIG_FILE
+from shared.runs import CONFIG_FILE, read_run_file
 from student_train.run_dir import is_finished, read_final
 from student_train.train import DIVERGED_ADVICE, Diverged, fit_group
 
@@ -266,7 +266,8 @@ def report(sweep_dir: str) -> str:
     if is_finished(run_dir):  # No eval_accuracy without labelled eval data: NaN, left out of means, shown empty.
       row["accuracies"].append(read_final(run_dir).get("eval_accuracy", np.nan))
       if eval_config is None:
-        eval_config = storage.read_json(storage.join(run_dir, CONFIG_FILE))["resolved"]["eval"]
+        eval_config = read_run_file(run_dir, CONFIG_FILE, f"delete {run_dir} and run the same sweep command, which "
+                                    "trains that run again").get("resolved", {}).get("eval")
     else:
       row["missing"] += 1
   # Points with alpha = 1 train on hard labels only: the scratch baseline of every point that shares their other

@@ -211,24 +211,43 @@ def _mid_epoch_position(mids: list, epoch: int) -> dict | None:
   """Where a group whose epoch checkpoints resume it at `epoch` resumes instead, inside that epoch or a later one:
   the newest mid-epoch checkpoint every run holds at the same position, as {"epoch", "step", "global", "metas"
   (each run's)}; None (and its mid-epoch checkpoints deleted, being unusable) when there is none. Unreadable ones
-  (half-written or half-deleted by a kill) are deleted. Decided from what process 0 reads."""
+  (half-written or half-deleted by a kill) are deleted, and so are damaged ones (their files differ from their
+  digests), with a warning: the group resumes from the point before them, as an uninterrupted run would have
+  computed it. Decided from what process 0 reads."""
   found = distributed.from_process_0([None if mid is None else mid.positions() for mid in mids])
+
+  def discard(mid, step: int, damage: str) -> None:
+    _LOG.warning(f"{mid.out}: discarding {mid.folder.where(step)}, which is damaged ({damage}); resuming from the "
+                 "checkpoint before it")
+    mid.delete(step)
+
   for mid, positions in zip(mids, found):
-    for step, meta in positions or ():
-      if meta is None:
+    for step, meta, damage in positions or ():
+      if damage:
+        discard(mid, step, damage)
+      elif meta is None:
         mid.delete(step)
-  found = [None if f is None else {step: meta for step, meta in f if meta is not None} for f in found]
-  usable = []
-  if all(f is not None for f in found):
+  found = [None if f is None else {step: meta for step, meta, _ in f if meta is not None} for f in found]
+  while all(f is not None for f in found):
+    usable = []
     for step in set.intersection(*(set(f) for f in found)):
       metas = [f[step] for f in found]
       if metas[0]["epoch"] >= epoch and all((m["epoch"], m["step"]) == (metas[0]["epoch"], metas[0]["step"])
                                            for m in metas):
         usable.append(step)
-  if usable:
+    if not usable:
+      break
     step = max(usable)
-    return {"epoch": found[0][step]["epoch"], "step": found[0][step]["step"], "global": step,
-            "metas": [f[step] for f in found]}
+    # The position's other files (its state), checked before the group commits to it (by process 0: hashing).
+    damages = distributed.from_process_0(distributed.job_step(
+        lambda step=step: [mid.damage(step) for mid in mids] if distributed.is_first() else None))
+    if not any(damages):
+      return {"epoch": found[0][step]["epoch"], "step": found[0][step]["step"], "global": step,
+              "metas": [f[step] for f in found]}
+    for mid, f, damage in zip(mids, found, damages):
+      if damage:
+        discard(mid, step, damage)
+        del f[step]
   for mid in mids:
     if mid is not None:
       mid.clear()

@@ -1000,6 +1000,8 @@ def test_an_object_store_lease_is_skipped_only_for_a_finished_output(monkeypatch
 CHECKPOINT = os.path.join("checkpoints", "1")  # env.run's one checkpoint, after its one epoch.
 RETRAIN_TEACHER = r"retrain the run \(`student-train fit` with --overwrite\)\.$"
 RETRAIN = r"pass --overwrite to retrain the run, or choose another --out\.$"
+REWRITE_FINAL = r"delete it and run the command that trained the run again \(`student-train fit` or `sweep`\), which " \
+    r"rewrites it\.$"
 
 
 def _run_copy(env, tmp_path, unfinished=False) -> str:
@@ -1020,6 +1022,14 @@ def _in_checkpoint(run, pattern) -> str:
 def _flip_byte_in(path) -> None:
   """Flips a byte of any file (the smallest in a checkpoint has 12 bytes)."""
   _flip_byte(path, offset=min(40, os.path.getsize(path) // 2))
+
+
+def _as_written_before_digests(run) -> None:
+  """Makes a run dir as stillroom 0.3 wrote them: no digests list, and no marker in config.json saying it has one."""
+  os.remove(os.path.join(run, "checkpoints.json"))
+  config = json.load(open(os.path.join(run, "config.json")))
+  del config["checkpoint_digests"]
+  json.dump(config, open(os.path.join(run, "config.json"), "w"))
 
 
 def _resume(env, run):
@@ -1047,13 +1057,12 @@ def _(env, tmp_path, mp):
   return student_main, _eval(env, run), 2, _damaged(name) + "; " + RETRAIN_TEACHER, [run]
 
 
-@fault("export of a run with a flipped byte in its optimizer state")
+@fault("resume of a run with a flipped byte in its optimizer state")
 def _(env, tmp_path, mp):
-  run = _run_copy(env, tmp_path)
+  run = _run_copy(env, tmp_path, unfinished=True)  # eval and export read the parameters alone: see the test below.
   name = os.path.relpath(_in_checkpoint(run, "state/ocdbt.process_0/d/*"), os.path.join(run, CHECKPOINT))
   _flip_byte_in(os.path.join(run, CHECKPOINT, name))
-  return (student_main, _export(tmp_path, run), 2, _damaged(name) + "; " + RETRAIN_TEACHER,
-          [run, Absent(tmp_path / "p.npz")])
+  return student_main, _resume(env, run), 2, _damaged(name) + "; " + RETRAIN, [run]
 
 
 @fault("resume of a run with a flipped byte in its checkpoint's metadata")
@@ -1093,7 +1102,7 @@ def _(env, tmp_path, mp):
 @fault("resume of a run without digests with a truncated optimizer-state file")
 def _(env, tmp_path, mp):
   run = _run_copy(env, tmp_path, unfinished=True)
-  os.remove(os.path.join(run, "checkpoints.json"))  # As stillroom 0.3 wrote run dirs: orbax's own error, in one line.
+  _as_written_before_digests(run)  # orbax's own error, in one line.
   path = max(glob.glob(os.path.join(run, CHECKPOINT, "state", "ocdbt.process_0", "d", "*")), key=os.path.getsize)
   open(path, "r+b").truncate(os.path.getsize(path) // 2)
   return (student_main, _resume(env, run), 2,
@@ -1136,7 +1145,7 @@ def _(env, tmp_path, mp):
 @fault("export of a run without digests whose newest checkpoint was deleted")
 def _(env, tmp_path, mp):
   run = _run_copy(env, tmp_path)
-  os.remove(os.path.join(run, "checkpoints.json"))  # final.json still names the epochs trained.
+  _as_written_before_digests(run)  # final.json still names the epochs trained.
   shutil.rmtree(os.path.join(run, CHECKPOINT))
   return (student_main, _export(tmp_path, run), 2,
           r"its newest checkpoint, checkpoints/1 \(final\.json records 1 epochs trained\), is missing",
@@ -1212,7 +1221,7 @@ def _(env, tmp_path, mp):
   with open(os.path.join(run, "final.json"), "r+") as f:
     f.truncate(50)
   return (student_main, _resume(env, run), 2,
-          r"cannot read final\.json \(not JSON: .*\); delete it and run the same command to rewrite it\.$", [run])
+          r"cannot read final\.json \(not JSON: .*\); " + REWRITE_FINAL, [run])
 
 
 @fault("fit on a run with a final.json that is not an object")
@@ -1221,7 +1230,7 @@ def _(env, tmp_path, mp):
   with open(os.path.join(run, "final.json"), "w") as f:
     f.write("[1, 2]")
   return (student_main, _resume(env, run), 2,
-          r"cannot read final\.json \(it holds an array, not an object\); delete it and run the same command", [run])
+          r"cannot read final\.json \(it holds an array, not an object\); " + REWRITE_FINAL, [run])
 
 
 @fault("fit on a run with a garbled diverged.json")
@@ -1240,6 +1249,84 @@ def _(env, tmp_path, mp):
   with open(os.path.join(run, "config.json"), "w") as f:
     f.write('{"model": ')
   return student_main, _eval(env, run), 2, r"cannot read config\.json \(not JSON: .*\); " + RETRAIN_TEACHER, [run]
+
+
+@fault("eval of a run with a flipped byte in its parameters and its checkpoints.json deleted")
+def _(env, tmp_path, mp):
+  run = _run_copy(env, tmp_path)  # Its config.json says it keeps digests: the deleted list turns no check off.
+  _flip_byte_in(_in_checkpoint(run, "params/ocdbt.process_0/d/*"))
+  os.remove(os.path.join(run, "checkpoints.json"))
+  return (student_main, _eval(env, run), 2, r"run dir '.*' has no checkpoints\.json, which lists the checkpoints in "
+          r"checkpoints/ and the digests of their files \(config\.json records that this run dir keeps them\), so "
+          r"they cannot be checked; " + RETRAIN_TEACHER, [run])
+
+
+@fault("resume of a run whose checkpoints.json was deleted")
+def _(env, tmp_path, mp):
+  run = _run_copy(env, tmp_path, unfinished=True)
+  os.remove(os.path.join(run, "checkpoints.json"))
+  return student_main, _resume(env, run), 2, r"has no checkpoints\.json, which lists .*; " + RETRAIN, [run]
+
+
+@fault("export of a run whose checkpoints.json lists its checkpoint without digests")
+def _(env, tmp_path, mp):
+  run = _run_copy(env, tmp_path)
+  json.dump({"checkpoints": {"1": {"files": None}}}, open(os.path.join(run, "checkpoints.json"), "w"))
+  return (student_main, _export(tmp_path, run), 2, r"checkpoints\.json lists checkpoint checkpoints/1 without the "
+          r"digests of its files, which this run dir records; " + RETRAIN_TEACHER, [run, Absent(tmp_path / "p.npz")])
+
+
+@fault("eval of a run with a hidden file added to its checkpoint")
+def _(env, tmp_path, mp):
+  run = _run_copy(env, tmp_path)
+  shutil.copy(_in_checkpoint(run, "params/ocdbt.process_0/d/*"), os.path.join(run, CHECKPOINT, "params", ".extra"))
+  return (student_main, _eval(env, run), 2,
+          r"checkpoint checkpoints/1 is damaged: it holds a file checkpoints\.json does not list, params/\.extra",
+          [run])
+
+
+@fault("eval --epoch 1 of a run that keeps no checkpoint")
+def _(env, tmp_path, mp):
+  run = _run_copy(env, tmp_path)
+  shutil.rmtree(os.path.join(run, CHECKPOINT))
+  json.dump({"checkpoints": {}}, open(os.path.join(run, "checkpoints.json"), "w"))
+  return (student_main, _eval(env, run, "--epoch", "1"), 2,
+          r"keeps no checkpoint after epoch 1; it keeps none: train it first \(`student-train fit`\)\.$", [run])
+
+
+@fault("resume with metrics.jsonl a folder")
+def _(env, tmp_path, mp):
+  run = _run_copy(env, tmp_path, unfinished=True)
+  os.remove(os.path.join(run, "metrics.jsonl"))
+  os.mkdir(os.path.join(run, "metrics.jsonl"))
+  return (student_main, _resume(env, run), 2, r"cannot read metrics\.jsonl \(Is a directory\); make it readable \(its "
+          r"permissions, the storage\), or " + RETRAIN, [run])
+
+
+@fault("fit --overwrite into a folder whose only file is a garbled config.json")
+def _(env, tmp_path, mp):
+  folder = tmp_path / "mine"
+  folder.mkdir()
+  (folder / "config.json").write_text("{not json")  # Not a damaged run dir: nothing only the trainer writes is there.
+  return (student_main, _fit(env, "--dataset", "digits", "--out", folder, "--overwrite"), 2,
+          r"is not a stillroom run dir, so it is left alone", [folder])
+
+
+@fault("fit on a read-only data dir where digits is not prepared")
+def _(env, tmp_path, mp):
+  data = tmp_path / "data"
+  real_open = os.open
+
+  def read_only(path, *args, **kwargs):
+    if str(path).startswith(str(data)):
+      raise OSError(errno.EROFS, "Read-only file system", str(path))
+    return real_open(path, *args, **kwargs)
+
+  mp.setattr(os, "open", read_only)
+  return (student_main, ["fit", "--dataset", "digits", "--data-dir", data, "--model", "mlp-tiny", "--epochs", "1",
+                         "--no-progress", "--out", tmp_path / "r"], 2,
+          r"cannot prepare the embedded digits dataset in .*: Read-only file system \(.*\.lock\); pass a --data-dir "
+          r"you can write \(digits is prepared there once, then only read\)\.$", [Absent(tmp_path / "r")])
 
 
 # --- chunk positions, spec record, limits -------------------------------------------------------------------------
@@ -1607,19 +1694,47 @@ def _files_by_kind(checkpoint: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("kind", CHECKPOINT_FILE_KINDS)
 def test_a_flipped_byte_in_any_checkpoint_file_is_refused_by_every_reader(kind, env, tmp_path, monkeypatch, capsys):
-  """eval, export, a resumed fit and build --teacher, each on the same damaged copy of a run."""
+  """A resumed fit, and where the file is one they read (the checkpoint's own files and its "params" item's), eval,
+  export and build --teacher, each on the same damaged copy of a run. The "state" and "meta" items only resume
+  reads (see the test below)."""
   files = _files_by_kind(os.path.join(env.run, CHECKPOINT))
   assert sorted(files) == sorted(CHECKPOINT_FILE_KINDS)  # Every kind a real checkpoint holds is tried.
   run = _run_copy(env, tmp_path, unfinished=True)
   _flip_byte_in(os.path.join(run, CHECKPOINT, files[kind]))
   damaged = _damaged(files[kind])
-  for case in [(student_main, _eval(env, run), 2, damaged + "; " + RETRAIN_TEACHER, [run]),
-               (student_main, _export(tmp_path, run), 2, damaged + "; " + RETRAIN_TEACHER,
-                [run, Absent(tmp_path / "p.npz")]),
-               (student_main, _resume(env, run), 2, damaged + "; " + RETRAIN, [run]),
-               (cache_main, _build(env, tmp_path / "c.zarr", teachers=[run]), 2, damaged + "; " + RETRAIN_TEACHER,
-                [run, Absent(tmp_path / "c.zarr")])]:
+  cases = [(student_main, _resume(env, run), 2, damaged + "; " + RETRAIN, [run])]
+  if not kind.startswith(("state/", "meta/")):
+    cases += [(student_main, _eval(env, run), 2, damaged + "; " + RETRAIN_TEACHER, [run]),
+              (student_main, _export(tmp_path, run), 2, damaged + "; " + RETRAIN_TEACHER,
+               [run, Absent(tmp_path / "p.npz")]),
+              (cache_main, _build(env, tmp_path / "c.zarr", teachers=[run]), 2, damaged + "; " + RETRAIN_TEACHER,
+               [run, Absent(tmp_path / "c.zarr")])]
+  for case in cases:
     _refused_cleanly(case, env, monkeypatch, capsys)
+
+
+def test_readers_of_the_parameters_read_no_other_item(env, tmp_path, monkeypatch, capsys):
+  """eval and export restore the "params" item alone, and check its files and the checkpoint's own, not the
+  optimizer state's: with a byte of it flipped they give what they give on the intact run, without reading it;
+  resume, which restores the state, refuses it (the catalogue's fault)."""
+  run = _run_copy(env, tmp_path)
+  state_file = _in_checkpoint(run, "state/ocdbt.process_0/d/*")
+  _flip_byte_in(state_file)
+  from shared import storage  # pylint: disable=import-outside-toplevel
+  read, real = [], storage.file_digest
+  monkeypatch.setattr(storage, "file_digest", lambda path: read.append(str(path)) or real(path))
+  results = [run_cli(student_main, _eval(env, path, "--json"), capsys) for path in (env.run, run)]
+  assert [code for code, _, _ in results] == [0, 0], results
+  intact, damaged = (json.loads(out) for _, out, _ in results)
+  assert damaged["accuracy"] == intact["accuracy"] and damaged["nll"] == intact["nll"]
+  assert read and not [path for path in read if f"{os.sep}state{os.sep}" in path]
+  assert run_cli(student_main, _export(tmp_path, run), capsys)[0] == 0
+  os.rename(tmp_path / "p.npz", tmp_path / "damaged.npz")
+  assert run_cli(student_main, _export(tmp_path, env.run), capsys)[0] == 0
+  exported = [np.load(tmp_path / name) for name in ("damaged.npz", "p.npz")]
+  assert sorted(exported[0].files) == sorted(exported[1].files)
+  for name in exported[0].files:
+    np.testing.assert_array_equal(exported[0][name], exported[1][name])
 
 
 class _Killed(BaseException):
@@ -1675,21 +1790,22 @@ def test_the_digests_list_exactly_the_checkpoints_kept(tmp_path, monkeypatch):
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   from shared.runs import CheckpointFolder  # pylint: disable=import-outside-toplevel
   run = str(tmp_path / "run")
-  folder = CheckpointFolder(run, "ckpts", max_to_keep=2)
+  folder = CheckpointFolder(run, "checkpoints_mid", max_to_keep=2)
 
   def save(step: int) -> None:
     folder.save(step, ocp.args.Composite(state=ocp.args.StandardSave({"w": np.full(3, step, np.float32)})))
 
   def listed() -> dict:
-    return json.load(open(os.path.join(run, "ckpts.json")))["checkpoints"]
+    return json.load(open(os.path.join(run, "checkpoints_mid.json")))["checkpoints"]
 
   assert listed() == {}  # Made with the folder: from then on, what it lists is committed.
   save(1)
-  os.remove(os.path.join(run, "ckpts.json"))  # As an earlier stillroom left it.
+  os.remove(os.path.join(run, "checkpoints_mid.json"))  # As an earlier stillroom left it.
   save(2)
+  second = os.path.join(run, "checkpoints_mid", "2")
   assert listed()["1"] == {"files": None} and listed()["2"]["files"] == {
-      path: {"sha256": digest, "bytes": size} for path, digest in tree_digest(os.path.join(run, "ckpts", "2")).items()
-      for size in [os.path.getsize(os.path.join(run, "ckpts", "2", path))]}
+      path: {"sha256": digest, "bytes": size} for path, digest in tree_digest(second).items()
+      for size in [os.path.getsize(os.path.join(second, path))]}
   save(3)
   assert sorted(listed()) == ["2", "3"] and folder.on_disk() == [2, 3]  # orbax deleted 1.
   monkeypatch.setattr(CheckpointFolder, "_digests", lambda self, step: (_ for _ in ()).throw(_Killed()))
@@ -1710,7 +1826,7 @@ def test_a_run_dir_without_digests_stays_readable_and_resumable(env, tmp_path, c
   """As stillroom 0.3 wrote run dirs: eval reads it unchecked (saying so), with the numbers of the same run with
   digests; resumed, it finishes."""
   run = _run_copy(env, tmp_path, unfinished=True)
-  os.remove(os.path.join(run, "checkpoints.json"))
+  _as_written_before_digests(run)
   results = [run_cli(student_main, _eval(env, path, "--json"), capsys) for path in (env.run, run)]
   assert [code for code, _, _ in results] == [0, 0], results
   assert "checkpoints/ carry no digests (written by an earlier stillroom); they are read unchecked" in results[1][2]
@@ -1732,3 +1848,119 @@ def test_a_garbled_final_json_deleted_is_rewritten_by_the_same_command(env, tmp_
   assert code == 0, err
   rewritten, original = (json.load(open(os.path.join(path, "final.json"))) for path in (run, env.run))
   assert {**rewritten, "run_dir": None} == {**original, "run_dir": None}
+
+
+def test_a_garbled_config_json_is_cleared_by_overwrite_as_advised(env, tmp_path, capsys):
+  """The refusal of a run dir with a garbled config.json advises --overwrite, and --overwrite clears it: the run
+  dir's other files show it is stillroom's."""
+  run = _run_copy(env, tmp_path)
+  (tmp_path / "run" / "config.json").write_text("{not json")
+  code, _, err = run_cli(student_main, _resume(env, run), capsys)
+  assert code == 2 and "cannot read config.json" in err and "pass --overwrite to replace the run" in err, err
+  code, _, err = run_cli(student_main, _resume(env, run) + ["--overwrite"], capsys)
+  assert code == 0, err
+  assert json.load(open(os.path.join(run, "config.json")))["model"]["name"] == "mlp-tiny"
+  assert run_cli(student_main, _eval(env, run), capsys)[0] == 0
+
+
+def _untimed(lines: list[dict]) -> list[dict]:
+  return [{k: v for k, v in line.items() if "second" not in k} for line in lines]
+
+
+def test_a_damaged_newest_epoch_checkpoint_deleted_as_advised_resumes_from_the_one_before(env, tmp_path, capsys):
+  """Resume refuses a damaged newest epoch checkpoint (the epochs it trained are the user's to give up), naming
+  the folder to delete to resume from the checkpoint before it; deleted, the same command resumes from there and
+  ends with the parameters and metrics the run had (bitwise)."""
+  run = tmp_path / "run"
+  command = _fit(env, "--dataset", "digits", "--split", "train[:200]", "--epochs", "2", "--out", run)
+  assert run_cli(student_main, command, capsys)[0] == 0
+  params, metrics = load_run_teacher(str(run)).params, [json.loads(line) for line in open(run / "metrics.jsonl")]
+  os.remove(run / "final.json")
+  _flip_byte_in(sorted(glob.glob(str(run / "checkpoints" / "2" / "state" / "ocdbt.process_0" / "d" / "*")))[0])
+  advice = rf"delete {re.escape(str(run / 'checkpoints' / '2'))} and run the same command to resume from epoch 1, or "
+  _refused_cleanly((student_main, command, 2, r"checkpoint checkpoints/2 is damaged: .*; " + advice + RETRAIN, [run]),
+                   env, pytest.MonkeyPatch(), capsys)
+  shutil.rmtree(run / "checkpoints" / "2")
+  code, _, err = run_cli(student_main, command, capsys)
+  assert code == 0, err
+  assert ("warning: " + f"{run}: its newest checkpoint, checkpoints/2 (listed in checkpoints.json), is missing; "
+          "resuming from the checkpoint before it") in err
+  assert re.search(r"resuming .* after epoch 1 of 2\n", err), err
+  jax.tree.map(np.testing.assert_array_equal, load_run_teacher(str(run)).params, params)
+  assert _untimed([json.loads(line) for line in open(run / "metrics.jsonl")]) == _untimed(metrics)
+  assert sorted(json.load(open(run / "checkpoints.json"))["checkpoints"]) == ["1", "2"]
+
+
+def test_damaged_mid_epoch_checkpoints_are_discarded_and_the_run_ends_as_an_uninterrupted_one(env, tmp_path,
+                                                                                             monkeypatch, capsys):
+  """Killed in epoch 2 of 2 after its mid-epoch checkpoints at steps 6 and 7 of the run were committed: one with a
+  byte of its position ("meta") flipped, the other of its state. Resume discards each with one warning and resumes
+  from epoch 1's checkpoint, ending with the parameters and metrics of an uninterrupted run."""
+  from shared.runs import CheckpointFolder  # pylint: disable=import-outside-toplevel
+  from student_train.train import FitConfig, fit  # pylint: disable=import-outside-toplevel
+  options = {"dataset": "digits", "split": "train[:200]", "data_dir": env.data_dir, "model": "mlp-tiny", "epochs": 2,
+             "batch_size": 50, "checkpoint_every_steps": 1, "dropout": 0.1, "eval_split": "none", "progress": False}
+  killed = tmp_path / "killed"
+  command = ["fit", "--out", killed, "--no-progress",
+             *[f"--{k.replace('_', '-')}={v}" for k, v in options.items() if k != "progress"]]
+  real = CheckpointFolder.save
+
+  def killed_after_step_7(self, step, *args, **kwargs):
+    real(self, step, *args, **kwargs)
+    if (self.subdir, step) == ("checkpoints_mid", 7):
+      raise _Killed
+
+  monkeypatch.setattr(CheckpointFolder, "save", killed_after_step_7)
+  with pytest.raises(_Killed):
+    run_cli(student_main, command, capsys)
+  monkeypatch.undo()
+  assert sorted(json.load(open(killed / "checkpoints_mid.json"))["checkpoints"]) == ["6", "7"]
+  _flip_byte_in(os.path.join(killed, "checkpoints_mid", "7", "meta", "metadata"))
+  _flip_byte_in(sorted(glob.glob(str(killed / "checkpoints_mid" / "6" / "state" / "ocdbt.process_0" / "d" / "*")))[0])
+  code, _, err = run_cli(student_main, command, capsys)
+  assert code == 0, err
+  warnings = [line for line in err.splitlines() if "warning: " in line]
+  assert len(warnings) == 2 and all("which is damaged" in line for line in warnings), err
+  assert re.search(r"discarding checkpoints_mid/7, which is damaged \(its file meta/metadata differs from its digest "
+                   r"in checkpoints_mid\.json\); resuming from the checkpoint before it", warnings[0]), warnings
+  assert re.search(r"discarding checkpoints_mid/6, which is damaged \(its file state/.* differs", warnings[1]), warnings
+  assert re.search(r"resuming .* after epoch 1 of 2\n", err), err
+  clean = fit(FitConfig(out=str(tmp_path / "clean"), **options), log_epochs=False)
+  metrics = [[json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")] for run in ("killed", "clean")]
+  assert _untimed(metrics[0]) == _untimed(metrics[1]) and clean["epoch"] == 2
+  params = [load_run_teacher(str(tmp_path / run)).params for run in ("killed", "clean")]
+  jax.tree.map(np.testing.assert_array_equal, *params)  # Bitwise.
+
+
+@pytest.mark.fast
+def test_run_files_are_read_by_name_and_an_unknown_one_is_a_programming_error(tmp_path):
+  """`read_run_file` knows each run-dir file's check, the digests lists' too; another name is refused before it is
+  read (it would otherwise pass unchecked)."""
+  from shared.runs import CHECKPOINT_FOLDERS, read_run_file  # pylint: disable=import-outside-toplevel
+  for folder in CHECKPOINT_FOLDERS:
+    (tmp_path / f"{folder}.json").write_text('{"checkpoints": {"1": {"files": {"a": {"sha256": "x", "bytes": 1}}}}}')
+    with pytest.raises(StillroomError, match=rf"cannot read {folder}\.json \(checkpoint '1': file 'a' has no valid"):
+      read_run_file(str(tmp_path), f"{folder}.json", "recover")
+  (tmp_path / "notes.json").write_text("{}")
+  with pytest.raises(ValueError, match="'notes.json' is not a run-dir file"):
+    read_run_file(str(tmp_path), "notes.json", "recover")
+
+
+def test_discard_after_deletes_what_process_0_decided(tmp_path, monkeypatch):
+  """In a job, process 0 rewrites the digests list while the others delete with it: each process deletes the steps
+  process 0 read, whatever its own reads show. Here as process 1, resuming at epoch 3, which reads a list that no
+  longer holds epoch 3 (on its own it would take epoch 3 for an interrupted save and delete it)."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  from student_train import run_dir  # pylint: disable=import-outside-toplevel
+  checkpoints = run_dir.Checkpoints(str(tmp_path / "run"))
+  for epoch in (2, 3):
+    checkpoints.folder.save(epoch, ocp.args.Composite(state=ocp.args.StandardSave({"w": np.full(3, epoch)})))
+  deleted, read = [], []
+  monkeypatch.setattr(checkpoints.folder.manager, "delete", deleted.append)
+  monkeypatch.setattr("shared.runs.is_first", lambda: False)
+  monkeypatch.setattr(run_dir, "from_process_0", lambda value: read.append(value) or ([], [], [], 3))
+  json.dump({"checkpoints": {"2": {"files": None}}}, open(tmp_path / "run" / "checkpoints.json", "w"))
+  checkpoints.discard_after(3)
+  assert read == [([3], [], [], 2)]  # What this process read: not what it acts on.
+  assert deleted == [] and checkpoints.folder.on_disk() == [2, 3]
+  checkpoints.close()

@@ -169,12 +169,18 @@ def _prepared_digits(data_dir: str | None):
   builder = digits_lib.Digits(data_dir=data_dir, file_format="array_record")
   if builder.is_prepared():
     return builder
-  with _preparing(os.fspath(builder.data_dir)):
-    builder = digits_lib.Digits(data_dir=data_dir, file_format="array_record")  # Reads what another one prepared.
-    if not builder.is_prepared():
-      logger(__name__).info(f"preparing the embedded digits dataset in {builder.data_dir}")
-      tfds.disable_progress_bar()
-      builder.download_and_prepare()
+  try:
+    with _preparing(os.fspath(builder.data_dir)):
+      builder = digits_lib.Digits(data_dir=data_dir, file_format="array_record")  # Reads what another one prepared.
+      if not builder.is_prepared():
+        logger(__name__).info(f"preparing the embedded digits dataset in {builder.data_dir}")
+        tfds.disable_progress_bar()
+        builder.download_and_prepare()
+  except OSError as e:  # A read-only or full data dir, no permission: it is written once, here.
+    where = f" ({e.filename})" if e.filename else ""
+    raise StillroomError(f"cannot prepare the embedded digits dataset in {builder.data_dir}: "
+                         f"{e.strerror or e}{where}; pass a --data-dir you can write (digits is prepared there once, "
+                         "then only read).") from e
   return builder
 
 
