@@ -540,21 +540,26 @@ holds.
 - **Bring-your-own teachers** are traced at the batch size they will run at: a function that ignores the batch
   axis or returns one number per example is refused. The same parameters given twice as two members are refused.
 - **Damaged runs.** Each checkpoint is committed when `RUN_DIR/checkpoints.json` (`checkpoints_mid.json` for
-  checkpoints inside epochs) lists the SHA-256 of each of its files; `eval`, `export`, `build --teacher`,
-  `fit --init-from` and a resumed run check them before reading, and refuse a flipped byte, a truncated, missing or
-  extra file naming the checkpoint and the file. A newest checkpoint that is missing is refused rather than an older
-  one read in its place; `eval --epoch N` and `export --epoch N` choose a kept one. A checkpoint the list does not
-  name is a save a kill interrupted: resume discards it. Every run-dir file (`config.json`, `metrics.jsonl`,
-  `final.json`, `diverged.json`, the lists) is read by one reader that names the damaged file and how to recover.
+  checkpoints inside epochs) lists the SHA-256 of each of its files (hidden ones too); `eval`, `export`,
+  `build --teacher` and `fit --init-from` check the files they read (the parameters' and the checkpoint's own), a
+  resumed run every file, and refuse a flipped byte, a truncated, missing or extra file naming the checkpoint and
+  the file. `config.json` records that the run dir keeps the lists, so a deleted list is refused too. A newest
+  checkpoint that is missing is refused rather than an older one read in its place; `eval --epoch N` and
+  `export --epoch N` choose a kept one. A checkpoint the list does not name is a save a kill interrupted, and a
+  damaged mid-epoch one is of no use: resume discards either (saying so) and resumes from the point before it. A
+  damaged epoch checkpoint is refused, naming the folder to delete for the same command to resume from the one
+  before it. Every run-dir file (`config.json`, `metrics.jsonl`, `final.json`, `diverged.json`, the lists) is read
+  by one reader that names the damaged file and how to recover.
 - **Limits before work starts.** `build`, `views` and `import` refuse a store larger than the free disk, or chunks
   whose working memory exceeds the available memory (a cgroup's limit included), naming both sizes, before
   anything is written; `--ignore-limits` goes on anyway.
 - **Metrics that need labels** (accuracy, NLL, ECE) are absent, not 0, when `fit --eval-dataset` is unlabeled;
   `eval` and the demo refuse unlabeled data.
 - **`--overwrite`** removes only what stillroom made: a store whose `zarr.json` holds the spec, or a run dir whose
-  `config.json` holds a run record; never one of the command's own inputs (its teachers, its cache, its npz, its
-  data dir). Anything else is an error and nothing is deleted. Inside such a store or run dir it deletes only the
-  files stillroom writes there, keeps anything else (a `notes.txt`) and says what it kept.
+  `config.json` holds a run record (or is damaged, beside the trainer's `checkpoints.json` or `metrics.jsonl`);
+  never one of the command's own inputs (its teachers, its cache, its npz, its data dir). Anything else is an error
+  and nothing is deleted. Inside such a store or run dir it deletes only the files stillroom writes there, keeps
+  anything else (a `notes.txt`) and says what it kept.
 - **Read-only outputs.** A finished run or a complete store on a read-only mount is re-opened (by `fit` and
   `build`, which then only read) without the writer's lock file, which cannot be written there.
 - **One writer per output.** A build or fit holds `OUT.lock` beside its output (host, pid, command, since when),
