@@ -242,10 +242,13 @@ antialiased, on uint8), then flipped where `flip` is set; view 0 is the central 
 """
 
 _SCHEMA_MEANINGS = {
-    "SCHEMA_VERSION": "dense targets (every cache that needs nothing newer; read by every stillroom since 0.2)",
-    "SPARSE_SCHEMA_VERSION": "sparse targets (`--targets topk:K` or `sample:K`)",
-    "SPECIALIST_SCHEMA_VERSION": "a generalist with specialists (`--specialists`)",
-    "FEATURE_SCHEMA_VERSION": "teacher features (`--features`), with any targets",
+    "DENSE_SCHEMA_VERSION": "dense targets (read by every stillroom since 0.2), written before version 6",
+    "SPARSE_SCHEMA_VERSION": "sparse targets (`--targets topk:K` or `sample:K`), written before version 6",
+    "SPECIALIST_SCHEMA_VERSION": "a generalist with specialists (`--specialists`), written before version 6",
+    "FEATURE_SCHEMA_VERSION": "teacher features (`--features`), with any targets, written before version 6",
+    "BINDING_SCHEMA_VERSION": "any of 2 to 5 whose completion record binds every chunk to its position and the spec "
+                              "to the store: every store this stillroom writes. A stillroom that does not check those "
+                              "bindings refuses it, and one whose record lacks them is damaged",
 }
 
 _READING = """\
@@ -283,9 +286,9 @@ def cache_format_page() -> str:
                                                            "arrays; read with a warning")]
                                          for v in sorted(cache.READABLE_SCHEMA_VERSIONS)])
   lines += ["", "## The completion record", "",
-            f"`{cache.COMPLETE_KEY}` binds the chunks to their positions and the spec to the store. Stores completed "
-            "before stillroom recorded the last two fields stay readable without those checks (`teacher-cache verify` "
-            "says `skip`).", ""]
+            f"`{cache.COMPLETE_KEY}` binds the chunks to their positions and the spec to the store. Stores of schemas "
+            "2 to 5, completed before stillroom recorded the last two fields, stay readable without those checks "
+            "(`teacher-cache verify` says `skip`); a store of schema 6 without them is damaged, and refused.", ""]
   lines += _table(["field", "holds"], [[_code(k), meaning] for k, meaning in cache.COMPLETION_FIELDS.items()])
   lines += ["", "## Arrays", ""]
   lines += _table(["array", "role", "shape", "dtype", "present in", "meaning"],
@@ -299,8 +302,8 @@ def cache_format_page() -> str:
   lines += ["", "## The spec", "",
             f"The group attribute `{cache.SPEC_KEY}` is `CacheSpec.to_attrs()`: the fields below, with nested records "
             "as JSON objects. A spec omits the fields of features it does not use (`targets` and `member_logits` in a "
-            "dense cache, `specialists` and `top_n` without specialists, `features` without features), so that an "
-            "older stillroom reads it. `arrays` lists every array present with its role, shape, dtype and chunk "
+            "dense cache, `specialists` and `top_n` without specialists, `features` without features), as schemas 2 "
+            "to 5 did so that an older stillroom read them. `arrays` lists every array present with its role, shape, dtype and chunk "
             "shape: readers ask for the arrays they need by name and get an error naming any that are missing. "
             "`augmentation` omits the crop fields for shift views, and `max_shift` for crop views.", "",
             "### `CacheSpec`", ""] + _fields_table(cache.CacheSpec)
@@ -331,6 +334,7 @@ _SCRIPTS = {
     "specialists": "bench/specialists.py", "cache_reads": "bench/cache_reads.py",
     "multi_students": "bench/multi_students.py", "shuffle_quality": "bench/shuffle_quality.py",
     "open_imagefolder": "bench/open_imagefolder.py", "summary": "bench/run_all.py",
+    "build_memory": "bench/build_memory.py",
 }
 # Headline figures: a top-level key (or path) of a file, what it is, and its target where it has one.
 _HEADLINES = (
@@ -346,6 +350,8 @@ _HEADLINES = (
     ("growth.build_tree_peak", "`build` peak RSS (with its workers), 40,000 / 5,000 images", "flat"),
     ("break_even_epochs", "student epochs after which the cache build has paid for itself against Keras online KD",
      ""),
+    ("working_chunks_measured", "chunks' worth of memory a build holds at once (the memory check of `build` assumes 6)",
+     "≤ 6"),
 )
 
 
@@ -526,11 +532,12 @@ holds.
   e.g. `'dataset.count' is a string`), or a completion record that disagrees with the spec. The completion record
   binds each chunk to its place (the CRC-32C of every chunk by position) and the spec to the store (its SHA-256):
   two chunks swapped or copied over each other, or an edited temperature, combine rule or member list, are refused
-  by every reader and reported by `verify` (a store completed before the record held them carries neither: `verify` says
-  "skip"). `verify` never stops at damage: it reports every damaged chunk as a FAIL
-  and goes on with the other checks; without `--dataset` it still checks the labels and fingerprints against the
-  dataset the spec names when that dataset opens here (and says "skip" when it does not). The same build command
-  on a damaged complete store says so instead of "nothing to do".
+  by every reader and reported by `verify`. A store of schema 6 (every store this stillroom writes) whose record
+  lacks either is damaged too; one completed before the record held them (schemas 2 to 5) carries neither, and
+  `verify` says "skip". `verify` never stops at damage: it reports every damaged chunk as a FAIL and goes on with
+  the other checks; without `--dataset` it still checks the labels and fingerprints against the dataset the spec
+  names when that dataset opens here (and says "skip" when it does not). The same build command on a damaged
+  complete store says so instead of "nothing to do".
 - **Non-finite values.** Settings that are not finite in float32 (`--temperature inf`, `--lr nan`, `--lr 1e300`);
   dataset inputs with NaN or Inf (naming the example index); teacher outputs that are non-finite, or targets at a
   temperature too small for the logits (naming the member and example). A run whose loss or parameters become

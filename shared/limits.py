@@ -108,6 +108,33 @@ def check_disk(path: str, total: int, what: str, override: str) -> None:
                          "start anyway.")
 
 
+def check_limits(out: str, *, unit: str, unit_bytes: int, copies: int, held: str, advice: str, what: str,
+                 total: int, override: str, disk: bool = True) -> None:
+  """Refuses, before anything is written, an output whose unit of work would not fit in the available memory
+  (`copies` of its `unit_bytes` at once: `check_memory`) or (`disk`) whose `total` bytes would not fit in the free
+  space of `out`'s file system (`check_disk`). The one path of `build`, `import` and `views`.
+
+  Args:
+    out: where the output goes.
+    unit: what one unit of work is, as the message names it ("one chunk of 4,096 rows").
+    unit_bytes: its bytes.
+    copies: how many of them are held at once.
+    held: what holds them ("computed, queued and written").
+    advice: how to need less memory.
+    what: what takes the disk space ("the store of 400 rows").
+    total: the output's bytes on disk.
+    override: the option that skips the checks (the caller skips them when it is given).
+    disk: check the disk too.
+
+  Raises:
+    StillroomError: naming both sizes, `advice` and `override`.
+  """
+  check_memory(copies * unit_bytes, f"{unit} ({human_bytes(unit_bytes)}, held about {copies} times while it is "
+                                    f"{held})", advice, override)
+  if disk:
+    check_disk(out, total, what, override)
+
+
 def check_memory(needed: int, what: str, advice: str, override: str) -> None:
   """Refuses to start a step that holds `needed` bytes at once when less memory is available (`available_memory`).
 

@@ -306,19 +306,13 @@ def storage_errors(what: str):
     raise StillroomError(f"{what} failed: {e.strerror or e}{where}.") from e
 
 
-def is_store(path: str) -> bool:
-  """A Zarr group whose attributes hold a stillroom cache spec."""
+def is_store(path: str, complete: bool = False) -> bool:
+  """A Zarr group whose attributes hold a stillroom cache spec, and (`complete`) its completion record (readers check
+  the rest)."""
   try:
-    return SPEC_KEY in storage.read_json(storage.join(path, "zarr.json")).get("attributes", {})
-  except (OSError, ValueError, AttributeError):
-    return False
-
-
-def is_complete_store(path: str) -> bool:
-  """A stillroom store whose attributes hold its completion record (readers check the rest)."""
-  try:
-    return {SPEC_KEY, COMPLETE_KEY} <= set(storage.read_json(storage.join(path, "zarr.json")).get("attributes", {}))
-  except (OSError, ValueError, AttributeError):
+    attributes = storage.read_json(storage.join(path, "zarr.json")).get("attributes", {})
+    return {SPEC_KEY, *([COMPLETE_KEY] if complete else [])} <= set(attributes)
+  except (OSError, ValueError, AttributeError, TypeError):
     return False
 
 
@@ -385,6 +379,20 @@ def _ours(out: str, kind: str, name: str, is_dir: bool) -> bool:
   return base == "zarr.json" or (is_dir and storage.exists(storage.join(out, name, "zarr.json")))
 
 
+def _drop_completion_record(store: str) -> None:
+  """Rewrites a store's zarr.json without its completion record (whole: a kill leaves the old or the new), so that
+  no kill while its arrays are deleted leaves a store that claims to be complete."""
+  path = storage.join(store, "zarr.json")
+  try:
+    metadata = storage.read_json(path)
+  except (OSError, ValueError):
+    return  # Nothing that claims anything.
+  attributes = metadata.get("attributes") if isinstance(metadata, dict) else None
+  if isinstance(attributes, dict) and COMPLETE_KEY in attributes:
+    del attributes[COMPLETE_KEY]
+    storage.write_text(path, json.dumps(metadata, indent=2))
+
+
 def clear_for_overwrite(out: str, kind: str) -> None:
   """Deletes what stillroom wrote in a `kind` (STORE or RUN_DIR) for `--overwrite`, and keeps anything else (a
   user's notes), naming it in one line; the directory goes too when nothing is kept. Call it holding the output's
@@ -399,12 +407,13 @@ def clear_for_overwrite(out: str, kind: str) -> None:
   entries = storage.scan(out)
   ours = [(name, is_dir) for name, is_dir, _ in entries if _ours(out, kind, name, is_dir)]
   kept = [name + ("/" if is_dir else "") for name, is_dir, _ in entries if (name, is_dir) not in ours]
-  if kind == RUN_DIR:
-    ours.sort(key=lambda entry: RUN_DIR_ENTRIES.index(entry[0]) if entry[0] in RUN_DIR_ENTRIES else -1)
-  else:  # The arrays first, zarr.json (the spec, the completion record) last: see RUN_DIR_ENTRIES.
-    ours.sort(key=lambda entry: entry[0] == "zarr.json")
   _LOG.info(f"--overwrite: removing the {kind} {out}" + (f", keeping what stillroom did not write there: "
                                                          f"{', '.join(kept)}" if kept else ""))
+  if kind == RUN_DIR:
+    ours.sort(key=lambda entry: RUN_DIR_ENTRIES.index(entry[0]) if entry[0] in RUN_DIR_ENTRIES else -1)
+  else:  # The completion record first, then the arrays, zarr.json (the spec) last: see RUN_DIR_ENTRIES.
+    _drop_completion_record(out)
+    ours.sort(key=lambda entry: entry[0] == "zarr.json")
   for name, is_dir in ours:
     path = storage.join(out, name)
     with contextlib.suppress(FileNotFoundError):

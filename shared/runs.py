@@ -36,6 +36,7 @@ from shared import storage
 from shared.data import Normalization
 from shared.distributed import is_first
 from shared.errors import StillroomError
+from shared.json_checks import EXPECTED, described, is_kind
 from shared.log import logger
 from shared.models import ModelSpec, build_model, import_function, is_reference
 from shared.outputs import process_gone
@@ -228,27 +229,18 @@ class StagedCheckpointManager:
     self._cleanup()
 
 
-def _is_int(value) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
-
-
-_JSON_KINDS = {dict: "an object", list: "an array", str: "a string", int: "an integer", float: "a number",
-               bool: "true or false", type(None): "null"}
-
-
 def _object_problem(value, **kinds) -> str | None:
   """What makes `value` other than a JSON object with entries of these kinds (a type, such as `int` (not a bool),
-  `str` or `dict`, or a tuple of them; None allows null), or None when nothing does."""
+  `str` or `dict`, or a tuple of them; None allows null: `shared.json_checks`), or None when nothing does."""
   if not isinstance(value, dict):
-    return f"it holds {_JSON_KINDS.get(type(value), type(value).__name__)}, not an object"
+    return f"it holds {described(value)}, not an object"
   for key, kind in kinds.items():
     kinds_of = kind if isinstance(kind, tuple) else (kind,)
     if key not in value:
       return f"no {key!r} entry"
     found = value[key]
-    if not any(found is None if k is None else _is_int(found) if k is int else isinstance(found, k) for k in kinds_of):
-      wanted = " or ".join(_JSON_KINDS[type(None) if k is None else k] for k in kinds_of)
-      return f"its {key!r} is {json.dumps(found)[:60]}, not {wanted}"
+    if not any(is_kind(found, k) for k in kinds_of):
+      return f"its {key!r} is {described(found)}, not {' or '.join(EXPECTED[k] for k in kinds_of)}"
   return None
 
 
@@ -818,7 +810,7 @@ def load_run_teacher(run_dir: str, epoch: int | None = None, epoch_option: str |
     else:
       step, said = folder.newest(), None
       final = read_run_file(run_dir, FINAL_FILE, REWRITE_FINAL, missing=None)
-      if final is not None and _is_int(final.get("epochs")) and (step is None or final["epochs"] - offset > step):
+      if final is not None and is_kind(final.get("epochs"), int) and (step is None or final["epochs"] - offset > step):
         step, said = final["epochs"] - offset, f"{FINAL_FILE} records {final['epochs']} epochs trained"
       if step is None:
         raise StillroomError(f"teacher run dir {run_dir!r} has no finished checkpoint.")

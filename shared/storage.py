@@ -10,10 +10,12 @@ it holds objects under its prefix, and a lock is an object created with a condit
 `shared.outputs.OutputLock`).
 """
 
+import concurrent.futures
 import hashlib
 import json
 import os
 import posixpath
+import time
 
 from shared.errors import StillroomError
 
@@ -177,9 +179,18 @@ def read_many(paths: list[str]) -> list[bytes]:
   return [found[key] for key in keys]
 
 
+# `read_tails` of local files: the first `_TAIL_THREADS` are read one after the other; if they took more than
+# `_SLOW_TAIL_S` each (a network file system's round trip, a cold disk's seek), the rest are read by `_TAIL_THREADS`
+# threads at once. A file in the page cache takes about 15 us, and threads would take longer to hand each other the
+# interpreter than to read it (measured 7 to 10 times slower on 2 cores: see CHANGELOG, issue 29).
+_TAIL_THREADS = 16
+_SLOW_TAIL_S = 2e-4
+
+
 def read_tails(paths: list[str], size: int) -> list[bytes | None]:
   """The last `size` bytes of each of several files or objects of one store (all of a shorter one); None for one
-  that is not there. An object store's requests are issued together (one round trip's latency, not one each).
+  that is not there. An object store's requests are issued together (one round trip's latency, not one each); local
+  files are read by a pool of threads where the first few show that each read waits (NFS, a cold disk).
 
   Raises:
     OSError: one cannot be read for another reason than its absence.
@@ -194,7 +205,13 @@ def read_tails(paths: list[str], size: int) -> list[bytes | None]:
           return f.read()
       except FileNotFoundError:
         return None
-    return [tail(path) for path in paths]
+    start = time.perf_counter()
+    found = [tail(path) for path in paths[:_TAIL_THREADS]]
+    rest = paths[_TAIL_THREADS:]
+    if rest and time.perf_counter() - start > _SLOW_TAIL_S * _TAIL_THREADS:
+      with concurrent.futures.ThreadPoolExecutor(_TAIL_THREADS, thread_name_prefix="read-tails") as pool:
+        return found + list(pool.map(tail, rest))
+    return found + [tail(path) for path in rest]
   fs, _ = filesystem(paths[0])
   keys = [fs._strip_protocol(path) for path in paths]  # pylint: disable=protected-access  # As url_to_fs does.
   found = fs.cat_ranges(keys, [-size] * len(keys), [None] * len(keys), on_error="return")

@@ -21,22 +21,20 @@ import jax.numpy as jnp
 import numpy as np
 import zarr
 
-from shared import __version__, distributed, storage
+from shared import __version__, distributed, limits, storage
 from shared.augment import Augmentation, fold_of, make_augmentation
 from shared.cache import (COMPLETE_KEY, EVAL_ROWS, FEATURE_DTYPE, FEATURE_KINDS, ROWS, SPEC_KEY, STORAGE_DTYPES, Cache,
                           CacheSpec, ChunkWriter, FeatureSpec, MemberSpec, SpecialistSpec, parse_features,
                           committed_name, completion_record, create_arrays, integrity_problems, layout_of,
-                          missing_chunks, now_iso, open_cache, uncommitted_chunks, validate_settings,
-                          required_schema_version)
+                          missing_chunks, now_iso, open_cache, uncommitted_chunks, validate_settings)
 from shared.data import (NO_EVAL, Normalization, TransferSet, check_eval_set, default_eval_split, local_path,
                          open_transfer_set)
 from shared.ensemble import COMBINE_RULES, combine_log_probs, sampled_targets, top_k_targets
 from shared.errors import StillroomError, raise_if_interrupted
-from shared.limits import block_size, check_disk, check_memory, human_bytes
 from shared.log import logger, progress
 from shared.losses import stored_feature
 from shared.models import check_input_shape
-from shared.outputs import (STORE, OutputLock, check_not_an_input, check_output, clear_for_overwrite, is_complete_store,
+from shared.outputs import (STORE, OutputLock, check_not_an_input, check_output, clear_for_overwrite, is_store,
                             storage_errors)
 from shared.parallel import batch_sharding, cap_batch, check_batch_size, data_mesh, pad_rows, replicated
 from shared.runs import Teacher, load_teacher
@@ -327,10 +325,14 @@ def _make_forwards(teachers: list[Teacher], spec: CacheSpec, mesh):
           jax.jit(eval_forward, in_shardings=(params, data), out_shardings=(data, data)))
 
 
-def _as_recorded_by_version_1(spec: CacheSpec, existing: CacheSpec, data: dict) -> CacheSpec:
-  """A store of stillroom <= 0.2 recorded version-1 fingerprints: where the data still matches them, the spec to
-  compare is the one it would have written. `data` maps "dataset" / "eval_dataset" to the opened transfer sets."""
+def _as_recorded(spec: CacheSpec, existing: CacheSpec, data: dict) -> CacheSpec:
+  """The spec to compare with an existing store's, as that store's stillroom would have written it: a store of
+  stillroom <= 0.2 recorded version-1 fingerprints (where the data still matches them, those), and one written before
+  schema 6 its own version (the same build, whose completion record binds nothing or, resumed here, binds). `data`
+  maps "dataset" / "eval_dataset" to the opened transfer sets."""
   changes = {}
+  if existing.schema_version == spec.legacy_schema_version():
+    changes["schema_version"] = existing.schema_version
   for field, transfer_set in data.items():
     recorded = getattr(existing, field)
     if transfer_set is not None and recorded is not None:
@@ -375,7 +377,7 @@ def _same_settings(existing: Cache, spec: CacheSpec, data: dict, out: str, which
   Raises:
     StillroomError: listing the differences.
   """
-  differences = existing.spec.mismatches(_as_recorded_by_version_1(spec, existing.spec, data))
+  differences = existing.spec.mismatches(_as_recorded(spec, existing.spec, data))
   if differences:
     raise StillroomError(f"--out {out!r} holds a cache built with {which}: " + "; ".join(differences) + ". "
                          + advice)
@@ -446,14 +448,13 @@ def make_spec(config: BuildConfig, transfer_set: TransferSet, eval_set: Transfer
   """The spec of a cache of `members`' outputs (and `specialists`', and `features`) with the build settings of
   `config`."""
   targets = CacheSpec.canonical_targets(config.targets)
-  schema = required_schema_version(targets, bool(specialists), bool(features))
   return CacheSpec(
       temperature=float(config.temperature), combine=config.combine, members=tuple(members),
       dataset=transfer_set.describe(), eval_dataset=None if eval_set is None else eval_set.describe(),
       num_classes=num_classes, views=config.views, augmentation=augmentation,
       dtype=config.dtype, chunk_rows=config.chunk_rows, folds=config.folds, targets=targets,
       member_logits=config.member_logits or targets == "dense", software_version=__version__, created_at=now_iso(),
-      schema_version=schema, specialists=tuple(specialists), top_n=config.top_n if specialists else 0,
+      specialists=tuple(specialists), top_n=config.top_n if specialists else 0,
       features=tuple(features))
 
 
@@ -559,9 +560,10 @@ def check_settings(config: BuildConfig, out: str = "CACHE.zarr") -> None:
 
 
 IGNORE_LIMITS = "--ignore-limits"
-# How many chunks' worth of its arrays a build holds at once: measured 4 on a local disk (the chunk being computed,
-# its concatenated copy and the one being written, with Zarr's encoded copy), and up to 2 more wait in the writer's
-# queue when the store is slower than the teachers.
+# How many chunks' worth of its arrays a build holds at once: 4.2 measured on a local disk (`bench/build_memory.py`:
+# peak RSS of 8 chunks of 99 MB, less that of 1.5 MB chunks; the chunk being computed, its concatenated copy and the
+# one being written, with Zarr's encoded copy), and 2 more for the chunks the writer's queue holds when the store is
+# slower than the teachers (an object store), which that local measurement does not reach.
 WORKING_CHUNKS = 6
 
 
@@ -594,14 +596,11 @@ def check_limits(config: BuildConfig, spec: CacheSpec, disk: bool = True) -> Non
   """
   if config.ignore_limits:
     return
-  chunk = chunk_bytes(spec)
-  check_memory(WORKING_CHUNKS * chunk, f"one chunk of {spec.chunk_rows:,} rows ({human_bytes(chunk)}, held about "
-                                       f"{WORKING_CHUNKS} times while it is computed, queued and written)",
-               f"give a smaller --chunk-rows (the store has {spec.num_rows:,} rows)", IGNORE_LIMITS)
-  if disk:
-    check_disk(config.out, projected_bytes(spec, block_size(config.out)),
-               f"the store of {spec.num_rows:,} rows ({spec.num_examples:,} examples x {spec.views:,} views)",
-               IGNORE_LIMITS)
+  limits.check_limits(
+      config.out, unit=f"one chunk of {spec.chunk_rows:,} rows", unit_bytes=chunk_bytes(spec), copies=WORKING_CHUNKS,
+      held="computed, queued and written", advice=f"give a smaller --chunk-rows (the store has {spec.num_rows:,} rows)",
+      what=f"the store of {spec.num_rows:,} rows ({spec.num_examples:,} examples x {spec.views:,} views)",
+      total=projected_bytes(spec, limits.block_size(config.out)) if disk else 0, override=IGNORE_LIMITS, disk=disk)
 
 
 def build_cache(config: BuildConfig) -> str:
@@ -627,7 +626,7 @@ def build_cache(config: BuildConfig) -> str:
         check_output(config.out, STORE, config.overwrite)
         # A complete store on a read-only mount is only read: confirmed without the lock.
         lock.enter_context(OutputLock(config.out, "teacher-cache build",
-                                      lambda: not config.overwrite and is_complete_store(config.out)))
+                                      lambda: not config.overwrite and is_store(config.out, complete=True)))
       planned = _plan(config)  # (config, ..., spec)
       check_limits(planned[0], planned[-1], disk=is_process_0)  # Each process holds its chunks; process 0 creates.
       return planned

@@ -27,11 +27,10 @@ import zipfile
 import jax
 import numpy as np
 
-from shared import storage
+from shared import limits, storage
 from shared.cache import ROWS, ChunkWriter, MemberSpec, replay_rows, row_sources
 from shared.data import label_ids, local_path
 from shared.errors import StillroomError, raise_if_interrupted
-from shared.limits import check_disk, check_memory, human_bytes
 from shared.log import logger, progress
 from shared.outputs import STORE, OutputLock, check_not_an_input, check_output
 from shared.parallel import cap_batch, pad_rows
@@ -45,6 +44,9 @@ from teacher_cache.verify import listed
 _LOG = logger(__name__)
 VIEWS_FILE = "views.json"
 IMPORTED = "imported"  # The model of an imported member.
+# How many copies of a views file's rows `views` holds at once: an assumed count, not a measurement (the rendered
+# batches, their concatenation, the .npz buffer and its bytes).
+VIEW_FILE_COPIES = 4
 
 
 def chunk_file(chunk: int) -> str:
@@ -78,12 +80,11 @@ def write_views(config: BuildConfig) -> dict:
   if not config.ignore_limits:
     row_bytes = 4 * math.prod(record["input_shape"]) + 8  # x float32 and the row id.
     chunk_rows = min(config.chunk_rows, rows)
-    # A file's rows are held about 4 times: the rendered batches, their concatenation, the .npz buffer and its bytes.
-    file_bytes = chunk_rows * row_bytes
-    check_memory(4 * file_bytes, f"one views file of {chunk_rows:,} rows ({human_bytes(file_bytes)}, held about 4 "
-                 "times while it is rendered and written)", "give a smaller --chunk-rows", IGNORE_LIMITS)
-    check_disk(config.out, rows * row_bytes, f"the views of {rows:,} rows ({count:,} examples x {config.views:,} "
-               "views)", IGNORE_LIMITS)
+    limits.check_limits(
+        config.out, unit=f"one views file of {chunk_rows:,} rows", unit_bytes=chunk_rows * row_bytes,
+        copies=VIEW_FILE_COPIES, held="rendered and written", advice="give a smaller --chunk-rows",
+        what=f"the views of {rows:,} rows ({count:,} examples x {config.views:,} views)", total=rows * row_bytes,
+        override=IGNORE_LIMITS)
   with OutputLock(config.out, "teacher-cache views"):
     if not _prepare(config.out, record, config.overwrite, [chunk_file(c) for c in range(chunks)]):
       _LOG.info(f"{config.out} already holds these views; nothing to do.")
@@ -271,9 +272,10 @@ def import_cache(config: BuildConfig, logits_files: list[str], views_dir: str | 
         raise StillroomError(f"--logits {path!r} holds {values.shape[1]} classes, but dataset {transfer_set.name!r} "
                              f"has {transfer_set.num_classes}.")
       if not config.ignore_limits:  # The array below is filled member by member: refused before it is.
-        check_memory(num_rows * len(logits_files) * values.shape[1] * 4, f"holding the logits of {len(logits_files)} "
-                     f"member(s) on {num_rows:,} rows of {values.shape[1]:,} classes (float32)",
-                     "import on a machine with more memory", IGNORE_LIMITS)
+        limits.check_memory(num_rows * len(logits_files) * values.shape[1] * 4,
+                            f"holding the logits of {len(logits_files)} member(s) on {num_rows:,} rows of "
+                            f"{values.shape[1]:,} classes (float32)", "import on a machine with more memory",
+                            IGNORE_LIMITS)
       logits = np.empty((num_rows, len(logits_files), values.shape[1]), np.float32)  # Every member's, in row order.
     elif values.shape[1] != logits.shape[2]:
       raise StillroomError(f"--logits {path!r} has {values.shape[1]} classes, but {logits_files[0]!r} has "

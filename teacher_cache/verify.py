@@ -220,7 +220,7 @@ def _complete(v: _Verification) -> list[Check]:
 def _spec_record(v: _Verification) -> list[Check]:
   if not v.spec.has_checksums:  # Schema 1 predates the record (and its chunks' checksums: see "chunks readable").
     return []
-  ok, detail = spec_record_problem(v.cache.completion, v.cache.group.attrs.asdict()[SPEC_KEY])
+  ok, detail = spec_record_problem(v.cache.completion, v.cache.group.attrs.asdict()[SPEC_KEY], v.spec.binds)
   return [Check("spec as the completion record covers it", ok, detail if ok is not None else f"not checked: {detail}")]
 
 

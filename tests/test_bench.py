@@ -63,6 +63,12 @@ def _cache_reads(result, printed, tmp):
   assert "chunk-wise loader:" in printed
 
 
+def _build_memory(result, printed, tmp):
+  _positive(result, "small.peak_rss_bytes", "large.peak_rss_bytes", "large.chunk_bytes")
+  assert result["chunks"] == 4 and result["large"]["chunk_bytes"] > result["small"]["chunk_bytes"]
+  assert "held at once:" in printed
+
+
 def _multi_students(result, printed, tmp):
   _positive(result, "one_alone_s", "together.0.seconds", "together.0.speedup_over_separate_runs")
   assert [point["students"] for point in result["together"]] == [2]
@@ -151,6 +157,8 @@ SMOKE = {
     "bench/run_all.py": Smoke(["--smoke", *OUT], _run_all),
     "bench/cache_reads.py": Smoke(["--rows", "2048", "--classes", "10", "--members", "2", "--chunk-rows", "512",
                                    *OUT], _cache_reads),
+    "bench/build_memory.py": Smoke(["--rows", "2048", "--chunk-rows", "512", "--small-chunk-rows", "64", "--classes",
+                                    "10", *OUT], _build_memory),
     "bench/multi_students.py": Smoke(["--model", "mlp-tiny", "--rows", "256", "--batch", "64", "--students", "1,2",
                                       *OUT], _multi_students),
     "bench/object_store_latency.py": Smoke(["--smoke", "--latency-ms", "5", *OUT], _object_store_latency),

@@ -327,7 +327,8 @@ def test_info_statistics_match_numpy(tmp_path, data_dir, teachers, capsys):
   stats = cache_info(str(out))["stats"]
   for m in range(3):
     assert stats["members"][m]["accuracy"] == pytest.approx((member_top1[:, m] == labels).mean())
-    assert stats["members"][m]["accuracy_view0"] == pytest.approx((member_top1[view == 0, m] == labels[view == 0]).mean())
+    view0 = view == 0
+    assert stats["members"][m]["accuracy_view0"] == pytest.approx((member_top1[view0, m] == labels[view0]).mean())
   assert stats["ensemble"]["accuracy"] == pytest.approx((log_probs.argmax(-1) == labels).mean())
   entropy = -(np.exp(log_probs) * log_probs).sum(-1).mean()
   assert stats["mean_target_entropy_nats"] == pytest.approx(entropy, rel=1e-5)

@@ -113,13 +113,70 @@ def test_the_completion_record_binds_each_chunk_to_its_position_and_the_spec_to_
     open_cache(store, require_complete=False).read_chunk(0, ["labels"])
 
 
-def test_a_store_completed_before_the_record_held_its_checks_stays_readable(tmp_path, cache_path, data_dir):
+def test_the_projected_size_of_a_store_is_its_size_on_disk(cache_path):
+  """What `build` checks against the free disk (`projected_bytes`: whole padded chunks with their checksums, in whole
+  blocks, and Zarr's metadata files and directories) against what `du` counts: every file's and directory's
+  allocated blocks."""
+  from shared.limits import block_size
+  from teacher_cache.build import projected_bytes
+  entries = [cache_path] + [os.path.join(root, name) for root, folders, files in os.walk(cache_path)
+                            for name in folders + files]
+  if os.lstat(cache_path).st_blocks == 0:
+    pytest.skip("a file system whose directories take no blocks (tmpfs): the projection counts them")
+  allocated = sum(os.lstat(entry).st_blocks * 512 for entry in entries)
+  projected = projected_bytes(open_cache(cache_path).spec, block_size(cache_path))
+  assert abs(projected - allocated) <= 0.01 * allocated, (projected, allocated)  # 0.994 on ext4.
+
+
+def test_chunk_checksums_are_read_by_threads_only_where_each_read_waits(tmp_path, monkeypatch):
+  """`storage.read_tails` reads local files one after the other (threads would cost more than a read from the page
+  cache), and the rest by a pool of threads once the first few show that each read waits (NFS, a cold disk); either
+  way each file's last bytes in order, None for one that is not there."""
+  import builtins
+  import threading
+  import time
+  from shared import storage
+  paths = [str(tmp_path / f"f{i}") for i in range(3 * storage._TAIL_THREADS)]  # pylint: disable=protected-access
+  for i, path in enumerate(paths):
+    if i % 7 != 3:
+      with open(path, "wb") as f:
+        f.write(bytes(range(i, i + 9)))
+  expected = [None if i % 7 == 3 else bytes(range(i + 5, i + 9)) for i in range(len(paths))]
+  readers = set()
+
+  def reading(*args, **kwargs):
+    readers.add(threading.current_thread().name)
+    return builtins.open(*args, **kwargs)
+
+  monkeypatch.setattr(storage, "open", reading, raising=False)
+  with monkeypatch.context() as quick:  # However loaded the machine, no read waits as long as this.
+    quick.setattr(storage, "_SLOW_TAIL_S", 0.5)
+    assert storage.read_tails(paths, 4) == expected and readers == {threading.current_thread().name}
+
+  def waiting(*args, **kwargs):
+    time.sleep(0.001)  # A round trip.
+    return reading(*args, **kwargs)
+
+  monkeypatch.setattr(storage, "open", waiting, raising=False)  # Five times the threshold.
+  readers.clear()
+  assert storage.read_tails(paths, 4) == expected and len(readers) > 2
+
+
+def test_a_store_completed_before_the_record_held_its_checks_stays_readable(tmp_path, cache_path, data_dir, teachers,
+                                                                             caplog):
+  """A store of schema 2 to 5 completed before the record held its digest and chunk table is read without those
+  checks (`verify` says "skip"), and the build command that made it still finds it complete (its schema aside, the
+  same build); schema 6 without them is damage (`test_faults`)."""
+  import logging
   import shutil
+  from conftest import tree_digest
   from shared.cache import COMPLETE_KEY
+  from teacher_cache.build import BuildConfig, build_cache
   store = str(tmp_path / "c.zarr")
   shutil.copytree(cache_path, store)
   meta = json.load(open(os.path.join(store, "zarr.json")))
-  meta["attributes"][COMPLETE_KEY] = {"finished_at": "2026-01-01T00:00:00+00:00", "rows": 400}  # As 0.3 wrote it.
+  meta["attributes"][COMPLETE_KEY] = {"finished_at": "2026-01-01T00:00:00+00:00", "rows": 400}  # As 0.3 wrote it...
+  meta["attributes"]["stillroom"]["schema_version"] = 2  # ...with the schema of a dense cache before 6.
   json.dump(meta, open(os.path.join(store, "zarr.json"), "w"))
   checks = {c.name: c for c in verify_cache(store, data_dir=data_dir)}
   assert not any(c.failed for c in checks.values())
@@ -128,6 +185,11 @@ def test_a_store_completed_before_the_record_held_its_checks_stays_readable(tmp_
   assert checks["chunks where the completion record puts them"].ok is None
   assert "holds no chunk table" in checks["chunks where the completion record puts them"].detail
   assert len(open_cache(store).read_chunk(1, ["targets"])["targets"]) == 64
+  before = tree_digest(store)
+  with caplog.at_level(logging.INFO):
+    build_cache(BuildConfig(dataset="digits", split="train[:200]", data_dir=data_dir, teachers=tuple(teachers[:2]),
+                            out=store, progress=False, views=2, chunk_rows=64))
+  assert "already complete with these settings; nothing to do" in caplog.text and tree_digest(store) == before
 
 
 def test_version_1_cache_still_reads_with_a_warning(tmp_path, data_dir, capsys):

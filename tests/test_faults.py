@@ -18,7 +18,7 @@ import pytest
 import zarr
 from conftest import digits_cache, make_teacher, run_cli, tree_digest
 
-from shared.cache import COMPLETE_KEY, SPEC_KEY
+from shared.cache import COMPLETE_KEY, SPEC_KEY, open_cache
 from shared.errors import StillroomError
 from shared.runs import load_run_teacher
 from student_train.cli import main as student_main
@@ -134,7 +134,8 @@ def _edit_spec(store, edit):
 def _(env, tmp_path, mp):
   store = _copy_store(env, tmp_path)
   os.remove(_chunk(store, "targets", 2))
-  return student_main, _fit(env, "--cache", store, "--out", tmp_path / "r"), 2, r"array 'targets' is missing chunk", [store]
+  return (student_main, _fit(env, "--cache", store, "--out", tmp_path / "r"), 2, r"array 'targets' is missing chunk",
+          [store])
 
 
 @fault("info on a store with a deleted chunk")
@@ -148,7 +149,8 @@ def _(env, tmp_path, mp):
 def _(env, tmp_path, mp):
   store = _copy_store(env, tmp_path)
   os.remove(_chunk(store, "flip", 3))
-  return cache_main, ["verify", store, "--data-dir", env.data_dir], 1, r"FAIL  every chunk present.*flip: chunks 3", [store]
+  return (cache_main, ["verify", store, "--data-dir", env.data_dir], 1, r"FAIL  every chunk present.*flip: chunks 3",
+          [store])
 
 
 @fault("fit on a store with a byte-flipped targets chunk")
@@ -187,7 +189,8 @@ def _(env, tmp_path, mp):
   store = _copy_store(env, tmp_path)
   path = _chunk(store, "labels", 2)
   open(path, "r+b").truncate(50)
-  return student_main, _fit(env, "--cache", store, "--out", tmp_path / "r"), 2, r"chunk 2 of array 'labels' is damaged", [store]
+  return (student_main, _fit(env, "--cache", store, "--out", tmp_path / "r"), 2,
+          r"chunk 2 of array 'labels' is damaged", [store])
 
 
 @fault("verify on a store with a truncated chunk")
@@ -210,7 +213,8 @@ def _(env, tmp_path, mp):
 def _(env, tmp_path, mp):
   store = _copy_store(env, tmp_path)
   _edit_spec(store, lambda attrs: attrs[SPEC_KEY].update(views="two"))
-  return student_main, _fit(env, "--cache", store, "--out", tmp_path / "r"), 2, r"spec is damaged or hand-edited", [store]
+  return (student_main, _fit(env, "--cache", store, "--out", tmp_path / "r"), 2, r"spec is damaged or hand-edited",
+          [store])
 
 
 @fault("fit on a spec whose class count was edited")
@@ -348,7 +352,8 @@ async def _no_space_async(*args, **kwargs):
 @fault("disk full while creating the arrays")
 def _(env, tmp_path, mp):
   mp.setattr(zarr.AsyncGroup, "create_array", _no_space_async)
-  return cache_main, _build(env, tmp_path / "new.zarr"), 2, r"creating the store .* failed: No space left on device", [env.store]
+  return (cache_main, _build(env, tmp_path / "new.zarr"), 2, r"creating the store .* failed: No space left on device",
+          [env.store])
 
 
 @fault("disk full while writing chunks")
@@ -484,7 +489,8 @@ def _(env, tmp_path, mp):
 
 @fault("fit into a folder that is not a run dir, without --overwrite")
 def _(env, tmp_path, mp):
-  return student_main, _fit(env, "--dataset", "digits", "--out", env.notes), 2, r"exists and is not a run dir", [env.notes]
+  return (student_main, _fit(env, "--dataset", "digits", "--out", env.notes), 2, r"exists and is not a run dir",
+          [env.notes])
 
 
 # --- Bad data ---------------------------------------------------------------------------------------------------
@@ -536,14 +542,14 @@ def _(env, tmp_path, mp):
 
 @fault("build --temperature inf")
 def _(env, tmp_path, mp):
-  return (cache_main, _build(env, tmp_path / "c.zarr", "--temperature", "inf"), 2, r"temperature must be > 0 and finite",
-          [Absent(tmp_path / "c.zarr")])
+  return (cache_main, _build(env, tmp_path / "c.zarr", "--temperature", "inf"), 2,
+          r"temperature must be > 0 and finite", [Absent(tmp_path / "c.zarr")])
 
 
 @fault("build --temperature nan")
 def _(env, tmp_path, mp):
-  return (cache_main, _build(env, tmp_path / "c.zarr", "--temperature", "nan"), 2, r"temperature must be > 0 and finite",
-          [Absent(tmp_path / "c.zarr")])
+  return (cache_main, _build(env, tmp_path / "c.zarr", "--temperature", "nan"), 2,
+          r"temperature must be > 0 and finite", [Absent(tmp_path / "c.zarr")])
 
 
 @fault("build --temperature too small for the logits")
@@ -560,8 +566,8 @@ def _(env, tmp_path, mp):
 
 @fault("fit --lr nan")
 def _(env, tmp_path, mp):
-  return (student_main, _fit(env, "--dataset", "digits", "--lr", "nan", "--out", tmp_path / "r"), 2, r"--lr must be > 0",
-          [Absent(tmp_path / "r")])
+  return (student_main, _fit(env, "--dataset", "digits", "--lr", "nan", "--out", tmp_path / "r"), 2,
+          r"--lr must be > 0", [Absent(tmp_path / "r")])
 
 
 @fault("fit --lr beyond float32")
@@ -629,7 +635,8 @@ def _(env, tmp_path, mp):
 @fault("a run dir of another config")
 def _(env, tmp_path, mp):
   return (student_main, _fit(env, "--dataset", "digits", "--split", "train[:200]", "--lr", "0.01", "--out", env.run),
-          2, r"holds a run with another config: .*config\.lr: 0\.003 \(run dir\) vs 0\.01 \(command\)\. Pass --overwrite",
+          2, r"holds a run with another config: .*config\.lr: 0\.003 \(run dir\) vs 0\.01 \(command\)\. "
+          r"Pass --overwrite",
           [env.run])
 
 
@@ -978,6 +985,19 @@ def test_overwrite_deletes_what_marks_the_output_finished_first_and_what_makes_i
   removed.clear()
   outputs.clear_for_overwrite(_copy_store(env, tmp_path), outputs.STORE)
   assert removed[-2:] == ["zarr.json", "c.zarr"] and "targets" in removed, removed
+  # Killed at the first array: the completion record went first, so the store no longer claims to be complete.
+  store = _copy_store(env, tmp_path)
+
+  def killed(path):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(storage, "remove_tree", killed)
+  with pytest.raises(KeyboardInterrupt):
+    outputs.clear_for_overwrite(store, outputs.STORE)
+  assert outputs.is_store(store) and not outputs.is_store(store, complete=True)
+  assert len(os.listdir(store)) == len(os.listdir(env.store))  # Every array still there: killed before the first.
+  with pytest.raises(StillroomError, match="is not complete"):
+    open_cache(store)
 
 
 def test_an_object_store_lease_is_skipped_only_for_a_finished_output(monkeypatch):
@@ -1106,7 +1126,8 @@ def _(env, tmp_path, mp):
   path = max(glob.glob(os.path.join(run, CHECKPOINT, "state", "ocdbt.process_0", "d", "*")), key=os.path.getsize)
   open(path, "r+b").truncate(os.path.getsize(path) // 2)
   return (student_main, _resume(env, run), 2,
-          r"cannot read checkpoint checkpoints/1 \(Encountered error while reading array index: .*\); " + RETRAIN, [run])
+          r"cannot read checkpoint checkpoints/1 \(Encountered error while reading array index: .*\); " + RETRAIN,
+          [run])
 
 
 @fault("eval of a run with a file deleted from its checkpoint")
@@ -1203,7 +1224,7 @@ def _(env, tmp_path, mp):
   with open(os.path.join(run, "metrics.jsonl"), "w") as f:
     f.write('{"epoch": "1"}\n')
   return (student_main, _resume(env, run), 2,
-          r"cannot read metrics\.jsonl \(line 1: its 'epoch' is \"1\", not an integer\)", [run])
+          r"cannot read metrics\.jsonl \(line 1: its 'epoch' is a string \(\"1\"\), not an integer\)", [run])
 
 
 @fault("resume with metrics.jsonl deleted")
@@ -1388,6 +1409,31 @@ for _what, _edit in _SPEC_EDITS.items():
     fault(f"{_command} on a complete store whose {_what} was edited")(_edited_spec_fault(_edit, _command))
 
 
+def _unbound_fault(command):
+  """A store of schema 6 whose completion record lost its digest and chunk table, two chunks of `targets` swapped and
+  the temperature edited: what a store completed before the record held them looks like, but its schema says the
+  record binds, so the loss is damage, not a reason to skip the checks."""
+  def make(env, tmp_path, mp):
+    store = _copy_store(env, tmp_path)
+    _swap_chunks(store, "targets")
+    _edit_spec(store, lambda attrs: (attrs[COMPLETE_KEY].pop("spec_sha256"), attrs[COMPLETE_KEY].pop("chunk_crc32c"),
+                                     attrs[SPEC_KEY].update(temperature=2.0)))
+    lost = (r"its completion record holds no {}, which every store of schema 6 records \(the record was edited or "
+            r"damaged")
+    if command == "fit":
+      return (student_main, _fit(env, "--cache", store, "--out", tmp_path / "r"), 2,
+              lost.format("digest of the spec") + r"\)\. Undo the edit, or rebuild", [store, Absent(tmp_path / "r")])
+    return (cache_main, ["verify", store, "--data-dir", env.data_dir], 1,
+            r"(?s)FAIL  spec as the completion record covers it  \(" + lost.format("digest of the spec") + ".*"
+            r"FAIL  chunks where the completion record puts them  \(" + lost.format("chunk table"), [store])
+  return make
+
+
+for _command in ("fit", "verify"):
+  fault(f"{_command} on a store of schema 6 whose completion record lost its digest and chunk table, with two chunks "
+        "swapped and the temperature edited")(_unbound_fault(_command))
+
+
 @fault("the build again, with the edited temperature, on a complete store whose temperature was edited")
 def _(env, tmp_path, mp):
   store = _copy_store(env, tmp_path)
@@ -1405,17 +1451,17 @@ def _(env, tmp_path, mp):
 
 _WRONG_TYPES = {  # A spec attribute of the wrong JSON type, and how the error names it.
     "a temperature that is a string": (lambda spec: spec.update(temperature="4"),
-                                       r"'temperature' is a string \('4'\); it must be a number"),
+                                       r"'temperature' is a string \(\"4\"\); it must be a number"),
     "members that are not a list": (lambda spec: spec.update(members={"t0": 1}),
-                                    r"'members' is an object; it must be a list"),
+                                    r"'members' is an object; it must be an array"),
     "chunk rows that are not an integer": (lambda spec: spec.update(chunk_rows=64.0),
                                            r"'chunk_rows' is a number \(64\.0\); it must be an integer"),
     "an example count that is a string": (lambda spec: spec["dataset"].update(count="200"),
-                                          r"'dataset\.count' is a string \('200'\); it must be an integer"),
+                                          r"'dataset\.count' is a string \(\"200\"\); it must be an integer"),
     "a flip that is a string": (lambda spec: spec["augmentation"].update(flip="no"),
-                                r"'augmentation\.flip' is a string \('no'\); it must be true or false"),
+                                r"'augmentation\.flip' is a string \(\"no\"\); it must be true or false"),
     "a member's parameter count that is a list": (lambda spec: spec["members"][1].update(num_params=[1]),
-                                                  r"'members\[1\]\.num_params' is a list; it must be an integer"),
+                                                  r"'members\[1\]\.num_params' is an array; it must be an integer"),
     "an attribute a spec does not have": (lambda spec: spec.update(num_rows={}),
                                           r"'num_rows' is not an attribute of a cache spec"),
     "a schema version that is true": (lambda spec: spec.update(schema_version=True),
@@ -1440,7 +1486,7 @@ for _what, (_edit, _pattern) in _WRONG_TYPES.items():
 def _(env, tmp_path, mp):
   store = _copy_store(env, tmp_path)
   _edit_spec(store, lambda attrs: attrs.update({SPEC_KEY: [1]}))
-  return (cache_main, ["verify", store], 1, r"FAIL  spec .*the cache spec is damaged or hand-edited: it is a list",
+  return (cache_main, ["verify", store], 1, r"FAIL  spec .*the cache spec is damaged or hand-edited: it is an array",
           [store])
 
 
@@ -1466,6 +1512,16 @@ def _(env, tmp_path, mp):
                        "10000000", "--out", tmp_path / "v", "--no-progress"], 2,
           r"the views of 2,000,000,000 rows \(200 examples x 10,000,000 views\) would take 528 GB, more than",
           [Absent(tmp_path / "v")])
+
+
+@pytest.mark.fast
+def test_json_values_are_named_in_one_vocabulary():
+  """The run-dir reader and the cache spec name a value read from JSON, and test its kind, the same way."""
+  from shared.json_checks import EXPECTED, described, is_kind
+  assert [described(v) for v in (None, True, 4.0, 7, "x" * 50, [1], {"a": 1})] == [
+      "null", "true", "a number (4.0)", "a number (7)", f'a string ("{"x" * 40}")', "an array", "an object"]
+  assert is_kind(3, float) and not is_kind(True, int) and not is_kind(3.0, int) and is_kind(None, None)
+  assert not is_kind(0, None) and is_kind(False, bool) and EXPECTED[list] == "an array"
 
 
 @pytest.mark.parametrize("name", list(FAULTS))

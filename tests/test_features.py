@@ -216,7 +216,8 @@ def test_the_hint_stage_updates_with_its_own_optimizer_and_leaves_the_other_unto
 def test_cached_features_equal_the_teachers_features_on_the_students_views(feature_cache, data_dir, cnn_teacher):
   cache = open_cache(feature_cache)
   spec = cache.spec
-  assert spec.schema_version == 5 and CacheSpec.from_attrs(spec.to_attrs()) == spec
+  assert spec.schema_version == 6 and spec.legacy_schema_version() == 5
+  assert CacheSpec.from_attrs(spec.to_attrs()) == spec
   assert [(f.name, f.kind, f.shape) for f in spec.features] == [  # In one order, however the list was written.
       ("dense", "map", (256,)), ("stage1", "map", (8, 8, 32)), ("stage1", "attention", (8, 8)),
       ("stage2", "pooled", (64,))]

@@ -276,7 +276,8 @@ def test_tfds_dataset_of_varying_size_loads_lazily(tmp_path, monkeypatch):
   assert read == [] and len(data) == 25 and data.input_shape == (None, None, 3) and not data.fixed_shape
   images, labels = data.read(np.array([0, 3]))
   assert read == [5, 8]  # Only the records asked for.
-  reference = tfds.data_source("varying_images", split="train", data_dir=str(tmp_path / "tfds"))  # Records are shuffled.
+  # The records are shuffled.
+  reference = tfds.data_source("varying_images", split="train", data_dir=str(tmp_path / "tfds"))
   for image, label, key in zip(images, labels, (5, 8)):
     np.testing.assert_array_equal(image, reference[key]["image"])
     value = int(image[0, 0, 0])  # Example i is (10 + i) x (20 + 2i), filled with i, label i % 3.

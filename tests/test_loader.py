@@ -106,7 +106,8 @@ def test_label_fraction_keeps_all_views_of_a_subset(cache_path, data_dir):
 
 def test_array_loader_once_per_epoch_with_fresh_views(data_dir):
   transfer_set = open_transfer_set("digits", "train[:300]", data_dir)
-  loader = ArrayLoader(transfer_set, batch_size=64, seed=3, augmentation=Augmentation(seed=3, max_shift=1), augment=True)
+  augmentation = Augmentation(seed=3, max_shift=1)
+  loader = ArrayLoader(transfer_set, batch_size=64, seed=3, augmentation=augmentation, augment=True)
   epochs = [list(loader.epoch(e)) for e in (0, 1)]
   for batches in epochs:
     index = np.concatenate([b["index"][b["mask"] > 0] for b in batches])
@@ -114,8 +115,7 @@ def test_array_loader_once_per_epoch_with_fresh_views(data_dir):
   first = {int(i): x for b in epochs[0] for i, x, m in zip(b["index"], b["x"], b["mask"]) if m}
   second = {int(i): x for b in epochs[1] for i, x, m in zip(b["index"], b["x"], b["mask"]) if m}
   assert sum((first[i] != second[i]).any() for i in range(300)) > 100  # A new view each epoch.
-  again = list(ArrayLoader(transfer_set, batch_size=64, seed=3, augmentation=Augmentation(seed=3, max_shift=1), augment=True)
-               .epoch(1))
+  again = list(ArrayLoader(transfer_set, batch_size=64, seed=3, augmentation=augmentation, augment=True).epoch(1))
   np.testing.assert_array_equal(np.concatenate([b["x"] for b in again]),
                                 np.concatenate([b["x"] for b in epochs[1]]))
 

@@ -108,7 +108,7 @@ def test_sparse_caches_are_far_smaller_and_pass_verify_and_info(dense, topk, sam
     assert code == 0
     info = json.loads(out)
     assert info["spec"]["targets"] == open_cache(path).spec.targets and info["spec"]["member_logits"] is False
-    assert info["spec"]["schema_version"] == 3 and info["stats"]["members"][0]["accuracy"] is None
+    assert info["spec"]["schema_version"] == 6 and info["stats"]["members"][0]["accuracy"] is None
   # The ensemble's accuracy from the stored top-1 is the dense cache's (top-k), and the top-k mass is the dense
   # targets' mass on their 3 most probable classes.
   dense_rows = _rows(dense, ["targets", "labels"])
@@ -119,8 +119,10 @@ def test_sparse_caches_are_far_smaller_and_pass_verify_and_info(dense, topk, sam
                                                             abs=2e-3)
   assert topk_info["mean_topk_mass"] == pytest.approx(np.sort(probs, 1)[:, -3:].sum(1).mean(), abs=2e-3)
   assert topk_info["mean_top1_probability"] == pytest.approx(probs.max(1).mean(), abs=1e-3)
-  # A dense spec holds no sparse-target fields, so that a stillroom that predates them reads it.
-  assert "targets" not in open_cache(dense).spec.to_attrs() and open_cache(dense).spec.schema_version == 2
+  # A dense spec holds no sparse-target fields, as before schema 6 (when that let a stillroom that predates them read
+  # it); schema 6 is every store's, sparse or dense, and was a sparse store's schema 3 (`legacy_schema_version`).
+  assert "targets" not in open_cache(dense).spec.to_attrs() and open_cache(dense).spec.schema_version == 6
+  assert open_cache(path).spec.legacy_schema_version() == 3 and open_cache(dense).spec.legacy_schema_version() == 2
 
 
 def _tampered(path: str, tmp_path, name: str, edit) -> str:

@@ -24,7 +24,7 @@ if typing.TYPE_CHECKING:
 
 def integrity_problems(cache: "Cache") -> list[str]:
   """What makes a store that claims to be complete unusable: its arrays differ from its spec, a chunk is not
-  committed, the completion record disagrees with the spec, (schema 2, which writes every chunk) a chunk is
+  committed, the completion record disagrees with the spec, (schema 2 on, which writes every chunk) a chunk is
   missing, or a chunk is not the one its completion record lists for its position (swapped, copied or rewritten).
   Reads metadata, the store's listing and each chunk's stored checksum, never the chunks' contents (their checksums
   are checked as they are read)."""
@@ -108,7 +108,7 @@ def layout_problems(group: zarr.Group, spec: CacheSpec, *, missing_ok: bool = Fa
 
 
 def missing_chunks(cache: "Cache", names=None) -> dict[str, list[int]]:
-  """Chunks that are not in the store (schema 2 writes every chunk, so any missing one is damage), from one listing
+  """Chunks that are not in the store (schema 2 on writes every chunk, so any missing one is damage), from one listing
   of the whole store rather than one per array.
 
   Args:

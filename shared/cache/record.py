@@ -10,8 +10,10 @@ padded to the chunk shape), which also refuses a chunk rewritten after the build
 opened. The record also holds a digest of the spec as stored, so that a spec edited after the build (its
 temperature, combine rule or members) is refused rather than trusted.
 
-`COMPLETION_FIELDS` documents the record; stores completed by a stillroom before these fields hold only
-`finished_at` and `rows`, and stay readable without the two checks (`teacher-cache verify` says so).
+`COMPLETION_FIELDS` documents the record. A store whose spec is of schema 6 (`CacheSpec.binds`, every store this
+stillroom writes) must hold both fields: one without them was edited or damaged, and every reader refuses it, so that
+deleting them does not turn the checks off. Stores of earlier schemas, completed by a stillroom before these fields,
+hold only `finished_at` and `rows`, and stay readable without the two checks (`teacher-cache verify` says so).
 """
 
 import hashlib
@@ -106,16 +108,26 @@ def completion_record(cache: "Cache") -> dict:
           CHUNK_TABLE: {name: "".join(f"{crc:08x}" for crc in checksums[name]) for name in names}}
 
 
-def spec_record_problem(completion, spec_attrs) -> tuple[bool | None, str]:
+_LOST = "which every store of schema 6 records (the record was edited or damaged)"
+
+
+def spec_record_problem(completion, spec_attrs, binds: bool) -> tuple[bool | None, str]:
   """Whether a store's spec is the one its completion record covers.
 
+  Args:
+    completion: the completion record (None: none).
+    spec_attrs: the spec attribute as stored.
+    binds: whether the spec says the record binds it (`CacheSpec.binds`): then a record without the digest is damaged.
+
   Returns:
-    `(True, "")`; `(None, why)` when there is nothing to check against (no record, or one written before records
-    held the digest); `(False, what is wrong)`.
+    `(True, "")`; `(None, why)` when there is nothing to check against (no record, or one of a schema before 6, written
+    before records held the digest); `(False, what is wrong)`.
   """
   if not isinstance(completion, dict):
     return None, "no completion record" if completion is None else "the completion record is not an object"
   if SPEC_DIGEST not in completion:
+    if binds:
+      return False, f"its completion record holds no digest of the spec, {_LOST}"
     return None, "its completion record holds no digest of the spec (a store completed before stillroom recorded one)"
   if completion[SPEC_DIGEST] != spec_digest(spec_attrs):
     return False, ("its spec was changed after the build completed (a hand-edited temperature, combine rule, member "
@@ -127,13 +139,16 @@ def chunk_table(cache: "Cache") -> tuple[dict[str, np.ndarray] | None, str]:
   """The completion record's chunk table, `{array name: uint32 [chunks] the checksum recorded for each position}`.
 
   Returns:
-    `(table, "")`; `(None, why)` when there is none to check against (no record, or one written before records held
-    it); `({}, what is wrong)` when it is damaged (an array missing, an entry of the wrong length or not hex).
+    `(table, "")`; `(None, why)` when there is none to check against (no record, or one of a schema before 6, written
+    before records held it); `({}, what is wrong)` when it is damaged (absent from a record of schema 6, an array
+    missing, an entry of the wrong length or not hex).
   """
   completion = cache.completion
   if not isinstance(completion, dict):
     return None, "no completion record"
   if CHUNK_TABLE not in completion:
+    if cache.spec.binds:
+      return {}, f"its completion record holds no chunk table, {_LOST}"
     return None, "its completion record holds no chunk table (a store completed before stillroom recorded one)"
   recorded = completion[CHUNK_TABLE]
   if not isinstance(recorded, dict):

@@ -3,8 +3,12 @@ attributes hold it (`to_attrs` / `from_attrs`), and the schema versions that rea
 
 Schema history: version 1 (stillroom 0.1) had no checksums, could omit all-zero chunks, stored examples in split
 order, and listed no arrays; it is still read, with a warning. Version 3 is version 2 with sparse targets
-(`--targets topk:K|sample:K`); dense caches stay version 2, so that an older stillroom reads them. Version 4 holds
-a generalist with specialists; version 5 holds teacher features (`--features`), with any targets.
+(`--targets topk:K|sample:K`); dense caches stayed version 2, so that an older stillroom read them. Version 4 holds
+a generalist with specialists; version 5 holds teacher features (`--features`), with any targets. Version 6 is any of
+2 to 5 whose completion record binds every chunk to its position and the spec to the store
+(`shared.cache.record`): every store this stillroom writes. A reader must check those bindings, so a stillroom that
+does not know them refuses the store by its version rather than trusting it unchecked; and a store of version 6 whose
+record lacks them is damaged, not one completed before they existed.
 """
 
 import dataclasses
@@ -23,13 +27,18 @@ from shared.cache.rows import ROW_ORDERS, row_sources
 from shared.data import DatasetSpec
 from shared.ensemble import COMBINE_RULES
 from shared.errors import StillroomError
+from shared.json_checks import EXPECTED, described, is_kind
 from shared.settings import positive_finite, seed_check
 
-SCHEMA_VERSION = 2
-SPARSE_SCHEMA_VERSION = 3  # Sparse targets: a stillroom that predates them refuses the store by its version.
-SPECIALIST_SCHEMA_VERSION = 4  # A generalist with specialists: likewise.
-FEATURE_SCHEMA_VERSION = 5  # Teacher features: likewise.
-READABLE_SCHEMA_VERSIONS = (1, 2, 3, 4, 5)
+# Before version 6 a store recorded the oldest version that held it (`legacy_schema_version`): a stillroom that
+# predates what it holds refuses it by its version.
+DENSE_SCHEMA_VERSION = 2  # Dense targets.
+SPARSE_SCHEMA_VERSION = 3  # Sparse targets.
+SPECIALIST_SCHEMA_VERSION = 4  # A generalist with specialists.
+FEATURE_SCHEMA_VERSION = 5  # Teacher features.
+BINDING_SCHEMA_VERSION = 6  # Any of the above, its completion record binding the chunks and the spec.
+SCHEMA_VERSION = BINDING_SCHEMA_VERSION  # What this stillroom writes.
+READABLE_SCHEMA_VERSIONS = (1, 2, 3, 4, 5, 6)
 SPEC_KEY = "stillroom"  # The group attribute that holds `CacheSpec.to_attrs()`...
 COMPLETE_KEY = "stillroom_complete"  # ...and the completion record, written last: without it a store is incomplete.
 TARGET_KINDS = ("dense", "topk", "sample")  # `--targets dense|topk:K|sample:K`.
@@ -175,10 +184,11 @@ def parse_features(text: str) -> list[tuple[str, str, int | None]]:
   return parsed
 
 
-def required_schema_version(targets: str, specialists: bool, features: bool) -> int:
-  """The oldest schema that holds a cache of `--targets targets`, with specialists or features or not."""
+def legacy_schema_version(targets: str, specialists: bool, features: bool) -> int:
+  """The version a store of `--targets targets`, with specialists or features or not, recorded before version 6: the
+  oldest that held it."""
   return (FEATURE_SCHEMA_VERSION if features else SPECIALIST_SCHEMA_VERSION if specialists else
-          SPARSE_SCHEMA_VERSION if parse_targets(targets)[0] != "dense" else SCHEMA_VERSION)
+          SPARSE_SCHEMA_VERSION if parse_targets(targets)[0] != "dense" else DENSE_SCHEMA_VERSION)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -200,13 +210,13 @@ class CacheSpec:
     targets: what is stored of the ensemble distribution: "dense" (every class), "topk:K" or "sample:K".
     member_logits: whether each member's logits are stored (always for dense targets).
     eval_dataset: the eval split whose member logits the store holds, or None.
-    row_order: "permuted" (schema 2) or "sequential" (schema 1).
-    specialists: the specialists whose combination with the one member (the generalist) the targets are; schema 4.
+    row_order: "permuted" (schema 2 on) or "sequential" (schema 1).
+    specialists: the specialists whose combination with the one member (the generalist) the targets are; schema 4 on.
     top_n: with specialists: those whose classes meet the generalist's top-n classes of a row take part in it.
-    features: the members' features it stores (schema 5).
+    features: the members' features it stores (schema 5 on).
     arrays: the arrays present; derived from the settings when not given.
     created_at: ISO time of creation.
-    schema_version: the layout version.
+    schema_version: the layout version (`SCHEMA_VERSION` for every store this stillroom writes).
   """
 
   temperature: float
@@ -234,12 +244,14 @@ class CacheSpec:
   def __post_init__(self):
     validate_settings(temperature=self.temperature, combine=self.combine, dtype=self.dtype, views=self.views,
                       chunk_rows=self.chunk_rows, seed=self.augmentation.seed, folds=self.folds, targets=self.targets)
-    if self.schema_version != self.required_schema_version() and \
-        (self.schema_version, self.required_schema_version()) != (1, SCHEMA_VERSION):
+    legacy = self.legacy_schema_version()
+    if self.schema_version not in (SCHEMA_VERSION, legacy) and \
+        (self.schema_version, legacy) != (1, DENSE_SCHEMA_VERSION):
       raise StillroomError(f"schema version {self.schema_version} with {self.targets} targets, "
                            f"{len(self.specialists)} specialists and {len(self.features)} features: such a cache is "
-                           f"schema {self.required_schema_version()} (sparse targets {SPARSE_SCHEMA_VERSION}, "
-                           f"specialists {SPECIALIST_SCHEMA_VERSION}, features {FEATURE_SCHEMA_VERSION}).")
+                           f"schema {SCHEMA_VERSION}, or {legacy} if written before its completion record bound its "
+                           f"chunks (sparse targets {SPARSE_SCHEMA_VERSION}, specialists {SPECIALIST_SCHEMA_VERSION}, "
+                           f"features {FEATURE_SCHEMA_VERSION}).")
     names = [f.array_name for f in self.features]
     if len(set(names)) != len(names) or self.features and (self.folds > 1 or self.specialists) or not all(
         re.fullmatch(FEATURE_NAME, f.name) and f.kind in FEATURE_KINDS and 0 <= f.member < self.num_members
@@ -272,9 +284,15 @@ class CacheSpec:
                            f"{[a.to_dict() for a in self.arrays if a not in derived]} listed, "
                            f"{[a.to_dict() for a in derived if a not in self.arrays]} expected.")
 
-  def required_schema_version(self) -> int:
-    """The oldest schema that holds these settings (an older stillroom refuses the store by its version)."""
-    return required_schema_version(self.targets, bool(self.specialists), bool(self.features))
+  def legacy_schema_version(self) -> int:
+    """The version a store of these settings recorded before version 6 (`legacy_schema_version`)."""
+    return legacy_schema_version(self.targets, bool(self.specialists), bool(self.features))
+
+  @property
+  def binds(self) -> bool:
+    """Whether its completion record must bind every chunk to its position and the spec to the store (version 6 on):
+    a record without those fields is damaged, where a store of an earlier version is read without the checks."""
+    return self.schema_version >= BINDING_SCHEMA_VERSION
 
   @staticmethod
   def canonical_targets(text: str) -> str:
@@ -433,7 +451,8 @@ class CacheSpec:
             if mine.get(key) != theirs.get(key)]
 
   def to_attrs(self) -> dict:
-    # A dense cache's spec omits the sparse-target fields, so that a stillroom that predates them reads it.
+    # A dense cache's spec omits the sparse-target fields, as versions 2 to 5 did so that a stillroom that predated
+    # them read it (version 6 is refused by such a stillroom anyway, by its version).
     dense_defaults = ("targets", "member_logits") if self.target_kind == "dense" else ()
     dense_defaults += () if self.specialists else ("specialists", "top_n")  # Likewise for a cache without them.
     dense_defaults += () if self.features else ("features",)
@@ -450,14 +469,14 @@ class CacheSpec:
 
   @classmethod
   def from_attrs(cls, attrs: dict) -> "CacheSpec":
-    """Reads a spec written by `to_attrs` (schema 2) or by stillroom 0.1 (schema 1).
+    """Reads a spec written by `to_attrs` (schemas 2 to 6) or by stillroom 0.1 (schema 1).
 
     Raises:
       StillroomError: not a JSON object, unsupported version, an attribute that is not one of a spec's, or of the
         wrong JSON type (each named, nested ones by their path, e.g. `members[0].num_params`), or a key missing.
     """
     if not isinstance(attrs, dict):
-      raise StillroomError(f"the cache spec is damaged or hand-edited: it is {_json_kind(attrs)}, not an object.")
+      raise StillroomError(f"the cache spec is damaged or hand-edited: it is {described(attrs)}, not an object.")
     version = attrs.get("schema_version")
     if type(version) is not int or version not in READABLE_SCHEMA_VERSIONS:  # pylint: disable=unidiomatic-typecheck
       raise StillroomError(f"cache schema version {version!r} is not supported by this stillroom (reads versions "
@@ -497,22 +516,6 @@ def _upgrade_v1(d: dict) -> dict:
   return d
 
 
-def _json_kind(value) -> str:
-  """How a JSON value is described in an error: "a string ('4')", "an object", "null"."""
-  if value is None:
-    return "null"
-  if isinstance(value, bool):
-    return str(value).lower()
-  if isinstance(value, (int, float)):
-    return f"a number ({value!r})"
-  if isinstance(value, str):
-    return f"a string ({value[:40]!r})"
-  return "a list" if isinstance(value, list) else "an object" if isinstance(value, dict) else type(value).__name__
-
-
-_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "an object"}
-
-
 def _type_problem(value, annotation, where: str) -> str | None:
   """What is wrong with the JSON type of `value`, read where `annotation` is expected (a spec dataclass, its field
   types, tuples as lists, nested specs as objects), naming its path in the spec; None when nothing is. Keys a
@@ -526,7 +529,7 @@ def _type_problem(value, annotation, where: str) -> str | None:
     return None if None in problems else problems[0]
   if typing.get_origin(annotation) is tuple:
     if not isinstance(value, (list, tuple)):  # A tuple: a spec given in memory (`from_attrs(spec.to_attrs())`).
-      return f"{name} is {_json_kind(value)}; it must be a list"
+      return f"{name} is {described(value)}; it must be {EXPECTED[list]}"
     args = typing.get_args(annotation)
     items = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
     if len(items) != len(value):
@@ -535,18 +538,16 @@ def _type_problem(value, annotation, where: str) -> str | None:
                 None)
   if dataclasses.is_dataclass(annotation):
     if not isinstance(value, dict):
-      return f"{name} is {_json_kind(value)}; it must be an object"
+      return f"{name} is {described(value)}; it must be {EXPECTED[dict]}"
     hints = typing.get_type_hints(annotation)
     unknown = [key for key in value if key not in hints]
     if unknown:
       return f"{(where + '.' if where else '') + str(unknown[0])!r} is not an attribute of a cache spec"
     return next(filter(None, (_type_problem(v, hints[key], f"{where}.{key}" if where else key)
                               for key, v in value.items())), None)
-  ok = {bool: lambda: isinstance(value, bool),
-        int: lambda: isinstance(value, int) and not isinstance(value, bool),
-        float: lambda: isinstance(value, (int, float)) and not isinstance(value, bool),
-        str: lambda: isinstance(value, str), dict: lambda: isinstance(value, dict)}.get(annotation, lambda: True)()
-  return None if ok else f"{name} is {_json_kind(value)}; it must be {_EXPECTED[annotation]}"
+  if annotation not in (bool, int, float, str, dict) or is_kind(value, annotation):
+    return None
+  return f"{name} is {described(value)}; it must be {EXPECTED[annotation]}"
 
 
 def now_iso() -> str:

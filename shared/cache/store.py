@@ -128,7 +128,7 @@ def open_cache(path: str, mode: str = "r", require_complete: bool = True, check_
 
   Raises:
     StillroomError: no such store, not a stillroom cache, unsupported schema version, damaged spec, a spec changed
-      after the build, or incomplete.
+      after the build (or, schema 6, a completion record without its digest), or incomplete.
   """
   if not storage.exists(path):
     raise StillroomError(f"no cache at {path!r}.")
@@ -147,10 +147,10 @@ def open_cache(path: str, mode: str = "r", require_complete: bool = True, check_
     _LOG.info(f"cache {path!r} has schema version {spec.schema_version}: its chunks carry no checksums and all-zero "
               "chunks may be absent, so damage cannot be detected. Rebuild it with this stillroom to get both.")
   cache = Cache(path=path, group=group, spec=spec, completion=attrs.get(COMPLETE_KEY))
-  covered, problem = spec_record_problem(cache.completion, attrs[SPEC_KEY])
+  covered, problem = spec_record_problem(cache.completion, attrs[SPEC_KEY], spec.binds)
   if check_spec and covered is False:
-    raise StillroomError(f"cache {path!r}: {problem}. Restore the spec, or rebuild the store with the build command "
-                         "and --overwrite.")
+    raise StillroomError(f"cache {path!r}: {problem}. Undo the edit, or rebuild the store with the build command and "
+                         "--overwrite.")
   if require_complete:
     if not cache.complete:
       raise StillroomError(
