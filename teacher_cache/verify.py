@@ -16,8 +16,9 @@ import jax
 import numpy as np
 
 from shared import storage
-from shared.cache import (EVAL_ROWS, ROWS, SPEC_KEY, Cache, CacheSpec, chunk_table, layout_problems, missing_chunks,
-                          open_cache, position_problems, replay_rows, spec_record_problem, uncommitted_chunks)
+from shared.cache import (EVAL_ROWS, ROWS, SPEC_KEY, Cache, CacheSpec, chunk_table, completion_problem,
+                          layout_problems, missing_chunks, open_cache, position_problems, replay_rows,
+                          spec_record_problem, uncommitted_chunks)
 from shared.data import DatasetSpec, TransferSet, label_ids, open_transfer_set
 from shared.ensemble import combine_log_probs
 from shared.specialists import class_matrix, specialist_log_probs
@@ -214,7 +215,10 @@ def _bad_rows(v: _Verification, key: str, what: str = "rows") -> str:
 
 
 def _complete(v: _Verification) -> list[Check]:
-  return [Check("complete", v.cache.complete, "" if v.cache.complete else "no completion record: build interrupted")]
+  if not v.cache.complete:
+    return [Check("complete", False, "no completion record: build interrupted")]
+  problem = completion_problem(v.cache)
+  return [Check("complete", problem is None, problem or "")]
 
 
 def _spec_record(v: _Verification) -> list[Check]:

@@ -262,6 +262,30 @@ def _(env, tmp_path, mp):
           r"completion record says 5 rows, the spec 400", [store])
 
 
+@fault("verify on a store whose completion record was edited")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  _edit_spec(store, lambda attrs: attrs[COMPLETE_KEY].update(rows=401))
+  return (cache_main, ["verify", store, "--data-dir", env.data_dir], 1,
+          r"FAIL  complete .*completion record says 401 rows, the spec 400", [store])
+
+
+@fault("verify on a store whose completion record is not an object")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  _edit_spec(store, lambda attrs: attrs.update({COMPLETE_KEY: "yes"}))
+  return (cache_main, ["verify", store, "--data-dir", env.data_dir], 1,
+          r'FAIL  complete .*the completion record is "yes", not an object', [store])
+
+
+@fault("fit on a store whose completion record is not an object")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  _edit_spec(store, lambda attrs: attrs.update({COMPLETE_KEY: "yes"}))
+  return (student_main, _fit(env, "--cache", store, "--out", tmp_path / "r"), 2,
+          r'the completion record is "yes", not an object', [store])
+
+
 @fault("fit on an incomplete store")
 def _(env, tmp_path, mp):
   store = _copy_store(env, tmp_path)

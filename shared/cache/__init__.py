@@ -25,8 +25,8 @@ One module per part of the contract:
   * `stats`: teacher statistics from the stored eval logits.
 """
 
-from shared.cache.integrity import (check_integrity, integrity_problems, layout_problems, missing_chunks,
-                                    uncommitted_chunks)
+from shared.cache.integrity import (check_integrity, completion_problem, integrity_problems, layout_problems,
+                                    missing_chunks, uncommitted_chunks)
 from shared.cache.layout import (CLASS_IDS, EVAL_ROWS, FEATURE_DTYPE, FEATURE_KINDS, FEATURE_NAME, FEATURE_RANKS,
                                  LAYOUT, ROLES, ROWS, STORAGE, STORAGE_DTYPES, ArrayLayout, ArraySpec, committed_name,
                                  layout_of)
@@ -49,7 +49,7 @@ __all__ = [
     "FEATURE_SCHEMA_VERSION", "LAYOUT", "READABLE_SCHEMA_VERSIONS", "ROLES", "ROWS", "ROW_ORDERS", "SCHEMA_VERSION",
     "SPARSE_SCHEMA_VERSION", "SPECIALIST_SCHEMA_VERSION", "SPEC_DIGEST", "SPEC_KEY", "STORAGE", "STORAGE_DTYPES",
     "TARGET_KINDS", "ArrayLayout", "ArraySpec", "Cache", "CacheSpec", "ChunkWriter", "FeatureSpec", "MemberSpec",
-    "SpecialistSpec", "check_integrity", "chunk_crc32c", "chunk_table", "committed_name", "completion_record",
+    "SpecialistSpec", "check_integrity", "chunk_crc32c", "completion_problem", "chunk_table", "committed_name", "completion_record",
     "create_arrays", "eval_accuracies", "gather", "integrity_problems", "layout_of", "layout_problems",
     "legacy_schema_version", "missing_chunks", "now_iso", "open_cache", "parse_features", "parse_targets",
     "position_problems", "raise_first_failure", "ratio", "replay_rows", "row_sources", "spec_digest",

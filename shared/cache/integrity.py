@@ -5,6 +5,7 @@ These checks read metadata, the store's listing and the checksum each chunk stor
 chunks' contents (their checksums are checked as they are read); `teacher-cache verify` checks the contents.
 """
 
+import json
 import math
 import typing
 
@@ -14,7 +15,7 @@ from zarr.core.sync import sync as zarr_sync
 
 from shared.cache.layout import EVAL_ROWS, ROWS, committed_name
 from shared.cache.record import position_problems
-from shared.cache.spec import CacheSpec
+from shared.cache.spec import REBUILD, CacheSpec
 from shared.cache.zarr_async import open_arrays
 from shared.errors import StillroomError
 
@@ -42,9 +43,8 @@ def integrity_problems(cache: "Cache") -> list[str]:
       if len(uncommitted):
         problems.append(f"{len(uncommitted)} chunk(s) of {committed_name(row_set)!r} are not committed "
                         f"(first: chunk {int(uncommitted[0])})")
-  rows = cache.completion.get("rows") if isinstance(cache.completion, dict) else cache.completion
-  if cache.complete and rows != spec.num_rows:
-    problems.append(f"the completion record says {rows} rows, the spec {spec.num_rows}")
+  if cache.complete and (problem := completion_problem(cache)):
+    problems.append(problem)
   if spec.has_checksums:
     for name, missing in missing_chunks(cache).items():
       problems.append(f"array {name!r} is missing chunk(s) {', '.join(map(str, missing[:3]))}"
@@ -52,6 +52,17 @@ def integrity_problems(cache: "Cache") -> list[str]:
   if cache.complete:
     problems += position_problems(cache)
   return problems
+
+
+def completion_problem(cache: "Cache") -> str | None:
+  """What is wrong with a complete store's completion record itself (not an object, or another row count than the
+  spec's), or None."""
+  record = cache.completion
+  if not isinstance(record, dict):
+    return f"the completion record is {json.dumps(record)[:60]}, not an object"
+  if record.get("rows") != cache.spec.num_rows:
+    return f"the completion record says {json.dumps(record.get('rows'))[:60]} rows, the spec {cache.spec.num_rows}"
+  return None
 
 
 def uncommitted_chunks(cache: "Cache", row_set: str = ROWS) -> np.ndarray:
@@ -73,7 +84,7 @@ def check_integrity(cache: "Cache") -> None:
   problems = integrity_problems(cache)
   if problems:
     raise StillroomError(f"cache {cache.path!r} is damaged: {'; '.join(problems)}. `teacher-cache verify` lists "
-                         "every problem; the build command with --overwrite rebuilds the store.")
+                         f"every problem; {REBUILD}.")
 
 
 def layout_problems(group: zarr.Group, spec: CacheSpec, *, missing_ok: bool = False,

@@ -41,6 +41,7 @@ SCHEMA_VERSION = BINDING_SCHEMA_VERSION  # What this stillroom writes.
 READABLE_SCHEMA_VERSIONS = (1, 2, 3, 4, 5, 6)
 SPEC_KEY = "stillroom"  # The group attribute that holds `CacheSpec.to_attrs()`...
 COMPLETE_KEY = "stillroom_complete"  # ...and the completion record, written last: without it a store is incomplete.
+REBUILD = "the build command with --overwrite rebuilds the store"  # What recovers a damaged spec.
 TARGET_KINDS = ("dense", "topk", "sample")  # `--targets dense|topk:K|sample:K`.
 
 
@@ -280,9 +281,12 @@ class CacheSpec:
     if not self.arrays:
       object.__setattr__(self, "arrays", derived)
     elif self.arrays != derived:
+      def named(arrays):
+        names = [f"{a.name} {tuple(a.shape)} {a.dtype}" for a in arrays]
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "") or "none"
       raise StillroomError("its list of arrays does not match its settings (a hand-edited or damaged spec): "
-                           f"{[a.to_dict() for a in self.arrays if a not in derived]} listed, "
-                           f"{[a.to_dict() for a in derived if a not in self.arrays]} expected.")
+                           f"{named([a for a in self.arrays if a not in derived])} listed, "
+                           f"{named([a for a in derived if a not in self.arrays])} expected; {REBUILD}.")
 
   def legacy_schema_version(self) -> int:
     """The version a store of these settings recorded before version 6 (`legacy_schema_version`)."""
@@ -476,7 +480,8 @@ class CacheSpec:
         wrong JSON type (each named, nested ones by their path, e.g. `members[0].num_params`), or a key missing.
     """
     if not isinstance(attrs, dict):
-      raise StillroomError(f"the cache spec is damaged or hand-edited: it is {described(attrs)}, not an object.")
+      raise StillroomError(f"the cache spec is damaged or hand-edited: it is {described(attrs)}, not an object; "
+                           f"{REBUILD}.")
     version = attrs.get("schema_version")
     if type(version) is not int or version not in READABLE_SCHEMA_VERSIONS:  # pylint: disable=unidiomatic-typecheck
       raise StillroomError(f"cache schema version {version!r} is not supported by this stillroom (reads versions "
@@ -486,7 +491,7 @@ class CacheSpec:
       d = _upgrade_v1(d)
     problem = _type_problem(d, cls, "")
     if problem:
-      raise StillroomError(f"the cache spec is damaged or hand-edited: {problem}.")
+      raise StillroomError(f"the cache spec is damaged or hand-edited: {problem}; {REBUILD}.")
     try:
       d["augmentation"] = Augmentation.from_dict(d["augmentation"])
       d["members"] = tuple(MemberSpec(**m) for m in d["members"])
@@ -497,7 +502,7 @@ class CacheSpec:
       d["arrays"] = tuple(ArraySpec.from_dict(a) for a in d.get("arrays", ()))
       return cls(**d)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-      raise StillroomError(f"the cache spec is damaged or hand-edited: {type(e).__name__}: {e}") from e
+      raise StillroomError(f"the cache spec is damaged or hand-edited: {type(e).__name__}: {e}; {REBUILD}.") from e
 
 
 def _upgrade_v1(d: dict) -> dict:

@@ -11,7 +11,7 @@ from shared import storage
 from shared.cache.integrity import check_integrity
 from shared.cache.layout import ROWS
 from shared.cache.record import chunk_crc32c, chunk_table, describe_misplaced, misplaced, spec_record_problem
-from shared.cache.spec import COMPLETE_KEY, SPEC_KEY, CacheSpec
+from shared.cache.spec import COMPLETE_KEY, REBUILD, SPEC_KEY, CacheSpec
 from shared.cache.zarr_async import gather, open_arrays, raise_first_failure
 from shared.errors import StillroomError
 from shared.log import logger
@@ -106,13 +106,13 @@ class Cache:
       if isinstance(values, Exception):  # zarr: ValueError for bad checksums, others for truncated or garbled chunks.
         raise StillroomError(f"cache {self.path!r}: chunk {chunk} of array {name!r} is damaged "
                              f"({type(values).__name__}: {str(values)[:120]}); `teacher-cache verify` lists all "
-                             "damage, and the build command with --overwrite rebuilds the store.") from values
+                             f"damage, and {REBUILD}.") from values
       if isinstance(values, BaseException):
         raise values
       wrong = self.misplaced_chunk(name, chunk, values) if check_positions else None
       if wrong:
         raise StillroomError(f"cache {self.path!r}: array {name!r}: {wrong}; `teacher-cache verify` lists all "
-                             "damage, and the build command with --overwrite rebuilds the store.")
+                             f"damage, and {REBUILD}.")
     return dict(zip(names, read))
 
 
