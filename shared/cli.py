@@ -1,6 +1,7 @@
 """Pieces both command lines share: the `models` subcommand and turning errors into exit codes."""
 
 import argparse
+import errno
 import json
 import os
 import signal
@@ -90,7 +91,8 @@ def run_or_exit(prog: str, command: Callable[[], None], args: argparse.Namespace
     sys.exit(2)
   except OSError as e:  # Routine storage failures that no more specific handler caught.
     where = f": {e.filename}" if e.filename else ""
-    print(f"{prog}: error: {e.strerror or e}{where}", file=sys.stderr)
+    recover = "; choose an output on a writable file system" if e.errno == errno.EROFS else ""
+    print(f"{prog}: error: {e.strerror or e}{where}{recover}", file=sys.stderr)
     sys.exit(2)
   except KeyboardInterrupt:
     signum = errors.interrupting_signal or signal.SIGINT

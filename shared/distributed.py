@@ -77,7 +77,7 @@ def initialize(coordinator: str | None, num_processes: int | None, process_id: i
   if missing:
     raise StillroomError(f"--coordinator needs {' and '.join(missing)}.")
   host, _, port = coordinator.rpartition(":")
-  if not host or not port.isdigit() or not 0 < int(port) < 65536:
+  if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
     raise StillroomError(f"--coordinator must be HOST:PORT (a port in 1..65535), got {coordinator!r}.")
   if num_processes < 1:
     raise StillroomError(f"--num-processes must be >= 1, got {num_processes}.")

@@ -51,8 +51,9 @@ class OutputLock:
   without the lock, saying so in one line.
 
   Raises (on acquire):
-    StillroomError: another live process holds it, naming the holder.
-    OSError: the lock file cannot be written, and the output is not `done`.
+    StillroomError: another live process holds it, naming the holder; the lock file cannot be written (a read-only
+      mount, no permission) and the output is not `done`, naming the output and how to recover.
+    OSError: another failure of the file system.
   """
 
   def __new__(cls, output: str, command: str, done: Callable[[], bool] | None = None):
@@ -71,9 +72,11 @@ class OutputLock:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
       except OSError as e:
-        if e.errno in CANNOT_WRITE and _read_only_done(self.output, self.done, e.strerror):
+        if e.errno not in CANNOT_WRITE:
+          raise
+        if _read_only_done(self.output, self.done, e.strerror):
           return self
-        raise
+        raise cannot_write(self.output, e) from e
       try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
       except BlockingIOError:
@@ -249,6 +252,25 @@ def _read_only_done(output: str, done: Callable[[], bool] | None, why: str) -> b
   return True
 
 
+def cannot_write(output: str, error: OSError) -> StillroomError:
+  """The error for an output that cannot be written (`CANNOT_WRITE`: a read-only mount, no permission)."""
+  where = f": {error.filename}" if error.filename else ""
+  recover = ("choose an --out on a writable file system" if error.errno == errno.EROFS else
+             "give yourself write permission there, or choose another --out")
+  return StillroomError(f"{output!r} cannot be written ({error.strerror or error}{where}); {recover}.")
+
+
+@contextlib.contextmanager
+def writing(output: str):
+  """Turns a write into `output` refused by the file system (`CANNOT_WRITE`) into `cannot_write`'s one line."""
+  try:
+    yield
+  except OSError as e:
+    if e.errno in CANNOT_WRITE:
+      raise cannot_write(output, e) from e
+    raise
+
+
 def _boot_id() -> str | None:
   """This machine's boot: two machines (or containers) may share a host name, never a boot id."""
   try:
@@ -367,15 +389,17 @@ RUN_DIR_ENTRIES = ("final.json", "diverged.json", "checkpoints_mid", "checkpoint
                    "checkpoints.json", "metrics.jsonl", "tensorboard", "config.json")
 _TRAINER_FILES = ("checkpoints.json", "metrics.jsonl")  # Beside a damaged config.json, they make it a run dir.
 TEMPORARY_SUFFIXES = (".tmp", ".partial")  # `storage.write_bytes`'s, zarr's LocalStore's: left beside by a kill.
+# A run dir's temporary files: exactly one of its names and a suffix (a user's `config.json.tmp.orig` is not one).
+_RUN_DIR_TEMPORARIES = frozenset(entry + suffix for entry in RUN_DIR_ENTRIES for suffix in TEMPORARY_SUFFIXES)
 
 
 def _ours(out: str, kind: str, name: str, is_dir: bool) -> bool:
   """Whether the entry `name` of a stillroom `kind` is one stillroom wrote: a run dir's files and folders
-  (`RUN_DIR_ENTRIES`); a store's `zarr.json` and its arrays (folders holding a `zarr.json`); either's temporary
-  files beside them."""
+  (`RUN_DIR_ENTRIES`, each folder whole) and exactly one of those names plus a temporary suffix; a store's
+  `zarr.json` and its arrays (folders holding a `zarr.json`); either's temporary files beside them."""
   base = next((name[:name.index(suffix)] for suffix in TEMPORARY_SUFFIXES if suffix in name), name)
   if kind == RUN_DIR:
-    return base in RUN_DIR_ENTRIES
+    return name in RUN_DIR_ENTRIES or name in _RUN_DIR_TEMPORARIES
   return base == "zarr.json" or (is_dir and storage.exists(storage.join(out, name, "zarr.json")))
 
 

@@ -114,12 +114,18 @@ def _on_first_local_device(tree):
 STAGING_PREFIX = "stillroom-checkpoint-"  # + PID: staging directories under $TMPDIR.
 
 
+def _ascii_number(name: str) -> bool:
+  """Whether a name read from disk (a checkpoint's folder, a key of a digests list, a PID) is a number in ASCII digits
+  (`str.isdigit` also accepts "²", which `int` refuses)."""
+  return name.isascii() and name.isdigit()
+
+
 def _remove_stale_staging() -> None:
   """Deletes the staging directories of processes that are gone (a kill skips their own cleanup)."""
   root = tempfile.gettempdir()
   for name in os.listdir(root):
     pid = name[len(STAGING_PREFIX):].split("-")[0]
-    if name.startswith(STAGING_PREFIX) and pid.isdigit() and process_gone(int(pid)):
+    if name.startswith(STAGING_PREFIX) and _ascii_number(pid) and process_gone(int(pid)):
       shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
@@ -153,7 +159,7 @@ class StagedCheckpointManager:
     """The committed steps, in order."""
     fs, inner = storage.filesystem(self.url)
     found = (key[len(inner) + 1:].split("/")[0] for key in fs.glob(f"{inner}/*/{COMMIT_FILE}"))
-    return sorted(int(name) for name in found if name.isdigit())
+    return sorted(int(name) for name in found if _ascii_number(name))
 
   def latest_step(self) -> int | None:
     """The newest committed step, or None."""
@@ -180,7 +186,7 @@ class StagedCheckpointManager:
     for old in committed[:-self.max_to_keep] if self.max_to_keep else ():
       self.delete(old)
     for entry, is_folder, _ in storage.scan(self.url):
-      if is_folder and entry.isdigit() and int(entry) < step and int(entry) not in committed:
+      if is_folder and _ascii_number(entry) and int(entry) < step and int(entry) not in committed:
         storage.remove_tree(storage.join(self.url, entry))
     return True
 
@@ -244,11 +250,24 @@ def _object_problem(value, **kinds) -> str | None:
   return None
 
 
+_METRIC_STRINGS = ("phase", "run_dir")  # The entries of a metrics line or final.json that are not numbers.
+
+
+def _metrics_line_problem(line) -> str | None:
+  """A metrics line or final.json: an object with its epoch, every entry a number but `_METRIC_STRINGS`' strings."""
+  problem = _object_problem(line, epoch=int)
+  for key, value in line.items() if problem is None else ():
+    kind = str if key in _METRIC_STRINGS else (int, float)
+    if not isinstance(value, kind) or isinstance(value, bool):
+      return f"its {key!r} is {json.dumps(value)[:60]}, not {'a string' if kind is str else 'a number'}"
+  return problem
+
+
 def _metrics_problem(lines: list) -> str | None:
-  """metrics.jsonl: a JSON object per line with its epoch, the epochs ascending."""
+  """metrics.jsonl: a JSON object per line (see `_metrics_line_problem`), the epochs ascending."""
   last = 0
   for number, line in enumerate(lines, 1):
-    problem = _object_problem(line, epoch=int)
+    problem = _metrics_line_problem(line)
     if problem is None and line["epoch"] <= last:
       problem = f"epoch {line['epoch']} follows epoch {last}"
     if problem:
@@ -263,7 +282,7 @@ def _digests_problem(value) -> str | None:
   if problem:
     return problem
   for step, entry in value["checkpoints"].items():
-    problem = None if step.isdigit() else "is not a step number"
+    problem = None if _ascii_number(step) else "is not a step number"
     problem = problem or _object_problem(entry, files=(dict, None))
     for path, digest in (entry["files"] or {}).items() if problem is None else ():
       if _object_problem(digest, sha256=str, bytes=int) or len(digest["sha256"]) != 64:
@@ -282,7 +301,7 @@ def _config_problem(value) -> str | None:
   return problem
 
 
-_CHECKS = {CONFIG_FILE: _config_problem, FINAL_FILE: lambda v: _object_problem(v, epoch=int),
+_CHECKS = {CONFIG_FILE: _config_problem, FINAL_FILE: _metrics_line_problem,
            DIVERGED_FILE: lambda v: _object_problem(v, message=str), METRICS_FILE: _metrics_problem,
            **{name: _digests_problem for name in DIGESTS_FILES}}
 _LINES = (METRICS_FILE,)  # Files of one JSON document per line.
@@ -430,9 +449,22 @@ class CheckpointFolder:
     return found if listed is None else [step for step in found if step in listed]
 
   def uncommitted(self) -> list[int]:
-    """The steps present but not listed: saves that a kill interrupted before they were listed."""
+    """The step present but not listed, a save that a kill interrupted before it was listed: [] or [step]. A kill
+    leaves at most one, newer than every listed step (saves are listed one at a time; `delete` goes newest first).
+
+    Raises:
+      StillroomError: any other unlisted checkpoint (a list emptied or edited by hand), naming the list and the
+        checkpoints: nothing is deleted.
+    """
     listed = self.listed()
-    return [] if listed is None else [step for step in self.on_disk() if step not in listed]
+    unlisted = [] if listed is None else [step for step in self.on_disk() if step not in listed]
+    if len(unlisted) > 1 or (unlisted and unlisted[0] < max(listed, default=-1)):
+      named = ", ".join(self.where(step) for step in unlisted)
+      raise StillroomError(f"run dir {self.run_dir!r}: {self.digests_file} does not list {named}, which no kill "
+                           f"leaves (only the newest checkpoint, alone, can be a save a kill interrupted), so the "
+                           f"list is damaged and nothing is deleted; restore {self.digests_file} listing every "
+                           f"checkpoint kept, or {self.recover}.")
+    return unlisted
 
   def absent(self) -> list[int]:
     """The steps listed but not present (pruned by orbax just before a kill, or deleted by hand), in order."""
@@ -471,11 +503,17 @@ class CheckpointFolder:
 
   def delete(self, steps) -> None:
     """Deletes these steps, each of them on disk (every process of a job, in the same order: decide them in one
-    process), unlisted first (process 0)."""
-    steps = list(steps)
-    self.unlist(steps)
-    for step in steps:
+    process), one at a time, newest first. One newer than every step that stays listed is unlisted first (process
+    0), so that a kill leaves at most one unlisted checkpoint, the newest (see `uncommitted`); an older one is
+    unlisted after, so that a kill leaves it listed and half-deleted: damage, which every reader names."""
+    for step in sorted(steps, reverse=True):
+      listed = self.listed() if is_first() else None
+      newest = listed is None or step > max((s for s in listed if s != step), default=-1)
+      if newest:
+        self.unlist([step])
       self.manager.delete(step)
+      if not newest:
+        self.unlist([step])
 
   def unlist(self, steps) -> None:
     """Drops these steps from the list (process 0): steps listed but absent, or about to be deleted."""

@@ -247,19 +247,36 @@ def from_args(cls, args: argparse.Namespace, *, prefix: str = "", base=None, **o
   return dataclasses.replace(base if base is not None else cls(), **{**values, **overrides})
 
 
-def differences(recorded: dict, wanted: dict, where: str, prefix: str = "") -> list[str]:
-  """`["config.lr: 0.003 (run dir) vs 0.01 (command)", ...]` for the leaves of two nested records that differ.
+DIFFERENCES_SHOWN = 5  # An error lists this many differences, then counts the rest: one line, not a whole config.
+
+
+def differences(recorded: dict, wanted: dict, where: str) -> list[str]:
+  """`["config.lr: 0.003 (run dir) vs 0.01 (command)", ...]` for the leaves of two nested records that differ: the
+  first `DIFFERENCES_SHOWN`, then "and N more" for the others; a value longer than 60 characters is cut ("...").
 
   Args:
     recorded: what an output records.
     wanted: what the command would record.
     where: how the messages name the output ("run dir", "views").
   """
+  lines = _differences(recorded, wanted, where, "")
+  if len(lines) > DIFFERENCES_SHOWN:
+    lines = lines[:DIFFERENCES_SHOWN] + [f"and {len(lines) - DIFFERENCES_SHOWN} more"]
+  return lines
+
+
+def _differences(recorded: dict, wanted: dict, where: str, prefix: str) -> list[str]:
   lines = []
   for key in sorted(set(recorded) | set(wanted)):
     a, b = recorded.get(key), wanted.get(key)
     if isinstance(a, dict) and isinstance(b, dict):
-      lines += differences(a, b, where, f"{prefix}{key}.")
+      lines += _differences(a, b, where, f"{prefix}{key}.")
     elif a != b:
-      lines.append(f"{prefix}{key}: {a} ({where}) vs {b} (command)")
+      lines.append(f"{prefix}{key}: {_short(a)} ({where}) vs {_short(b)} (command)")
   return lines
+
+
+def _short(value, width: int = 60) -> str:
+  """A value as a difference shows it: a whole nested record (the other side lacks it) cut at `width`."""
+  text = str(value)
+  return text if len(text) <= width else text[:width - 3] + "..."

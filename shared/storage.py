@@ -11,6 +11,7 @@ it holds objects under its prefix, and a lock is an object created with a condit
 """
 
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import os
@@ -249,13 +250,18 @@ def write_text(path: str, text: str) -> None:
 def write_bytes(path: str, data: bytes) -> None:
   """Replaces a file or an object with `data` whole: a kill leaves the old content or the new, never half.
 
-  Locally it is written beside and renamed; an object store makes one PUT visible whole (it has no appends, so a
-  growing file such as `metrics.jsonl` is rewritten each time).
+  Locally it is written beside (`path.tmp`, removed when the write or the rename fails) and renamed; an object store
+  makes one PUT visible whole (it has no appends, so a growing file such as `metrics.jsonl` is rewritten each time).
   """
   def here(path):
-    with open(path + ".tmp", "wb") as f:
-      f.write(data)
-    os.replace(path + ".tmp", path)
+    try:
+      with open(path + ".tmp", "wb") as f:
+        f.write(data)
+      os.replace(path + ".tmp", path)
+    except BaseException:  # A failed write or rename (disk full, a directory at `path`, a signal) leaves nothing.
+      with contextlib.suppress(OSError):
+        os.remove(path + ".tmp")
+      raise
   _on(path, lambda fs, key: fs.pipe_file(key, data), here)
 
 

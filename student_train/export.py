@@ -72,13 +72,16 @@ def export_run(run_dir: str, out: str, overwrite: bool = False, epoch: int | Non
     "specialist" (its classes, dustbin correction and generalist's digest).
 
   Raises:
-    StillroomError: an unknown extension, an existing `out` without `overwrite`, a run dir that cannot be read, or
-      an `epoch` the run dir does not keep.
+    StillroomError: an unknown extension, an `out` that is a directory, an existing `out` without `overwrite`, a
+      run dir that cannot be read, or an `epoch` the run dir does not keep.
   """
   check_values(ExportConfig(run=run_dir, out=out, overwrite=overwrite, epoch=epoch))
   extension = os.path.splitext(out)[1].lower()
   if extension not in FORMATS:
     raise StillroomError(f"--out {out!r}: its extension picks the format; use one of {', '.join(FORMATS)}.")
+  if storage.is_dir(out):  # Neither replaced nor written into, with or without --overwrite.
+    raise StillroomError(f"--out {out!r} is a directory; give the path of the file to write, e.g. "
+                         f"{storage.join(out, 'student' + extension)!r}.")
   if storage.exists(out) and not overwrite:
     raise StillroomError(f"--out {out!r} exists; pass --overwrite to replace it.")
   run = load_run_teacher(run_dir, epoch, "--epoch")

@@ -283,11 +283,12 @@ class MidEpochCheckpoints:
     kill).
 
     Raises:
-      StillroomError: the folder's list of digests is damaged, or missing where the run dir records digests.
+      StillroomError: the folder's list of digests is damaged (see `CheckpointFolder.uncommitted`), or missing
+        where the run dir records digests.
     """
-    found, listed = [], self.folder.listed()
+    found, listed, interrupted = [], self.folder.listed(), self.folder.uncommitted()
     for step in self.folder.on_disk():
-      if listed is not None and step not in listed:
+      if step in interrupted:
         found.append((step, None, None))
         continue
       damage = self.folder.damage(step, [META_ITEM])

@@ -26,7 +26,7 @@ from shared.cache import eval_accuracies, open_cache
 from shared.errors import StillroomError
 from shared import log
 from shared.log import logger
-from shared.outputs import check_not_an_input
+from shared.outputs import check_not_an_input, writing
 from shared.settings import check_value, names_where, value_type
 from student_train.config import FitConfig
 from student_train.plan import Opened, RunPlan, plan_run
@@ -191,7 +191,6 @@ def run_sweep(cache: str, grid_spec: str, out: str, seeds: int = 1, base: FitCon
   if storage.is_file(out) or (storage.has_entries(out) and not storage.exists(storage.join(out, MANIFEST))):
     raise StillroomError(f"--out {out!r} exists and is not a sweep dir (no {MANIFEST}); choose another --out.")
   runs = plan_sweep(cache, grid, seeds, out, base)
-  storage.make_dirs(out)
   manifest = {"cache": storage.absolute(cache), "grid": grid, "seeds": seeds, "data_dir": base.data_dir,
               "base": {"alpha": base.alpha},
               "runs": [{"name": name, "point": point, "seed": plan.config.seed} for name, point, plan in runs]}
@@ -200,7 +199,9 @@ def run_sweep(cache: str, grid_spec: str, out: str, seeds: int = 1, base: FitCon
     previous = storage.read_json(manifest_path)
     known = {r["name"]: r for r in previous["runs"]}
     manifest["runs"] = list(known.values()) + [r for r in manifest["runs"] if r["name"] not in known]
-  storage.write_text(manifest_path, json.dumps(manifest, indent=2))
+  with writing(out):
+    storage.make_dirs(out)
+    storage.write_text(manifest_path, json.dumps(manifest, indent=2))
   groups: dict[str, list[tuple[str, FitConfig]]] = {}
   for name, _, plan in runs:
     key = json.dumps(plan.stream_key(), sort_keys=True, default=str) if together else name

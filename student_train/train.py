@@ -486,7 +486,10 @@ def _say_what_eval_reports(first: RunPlan, agreement: bool) -> None:
   if first.eval_set is None:
     return
   data = f"{first.eval_set.name} {first.eval_set.split!r}"
-  no_logits = (f"the cache stores no teacher logits for {data} (build it with --eval-split for that split)"
+  # The options of `teacher-cache build` that label that split: --eval-dataset too for another dataset's.
+  options = ("" if first.eval_set.name == first.transfer_set.name else f"--eval-dataset {first.eval_set.name} ") + \
+      f"--eval-split {first.eval_set.split}"
+  no_logits = (f"the cache stores no teacher logits for {data} (build it with {options})"
                if first.cache is not None and not agreement else None)
   if first.eval_set.labeled:
     if no_logits:

@@ -885,7 +885,8 @@ def test_a_finished_run_and_a_complete_store_on_a_read_only_mount_are_reopened(e
   assert code == 0 and "is already complete with these settings; nothing to do" in err, err
   code, _, err = run_cli(student_main, _fit(env, "--dataset", "digits", "--split", "train[:200]", "--out",
                                             unfinished), capsys)  # Would resume: needs writing.
-  assert code == 2 and re.search(r"error: Read-only file system: .*unfinished\.lock", err), err
+  assert code == 2 and re.search(r"error: '.*unfinished' cannot be written \(Read-only file system: "
+                                 r".*unfinished\.lock\); choose an --out on a writable file system\.$", err, re.M), err
   assert tree_digest(tmp_path) == before
 
 
@@ -1037,6 +1038,134 @@ def test_an_object_store_lease_is_skipped_only_for_a_finished_output(monkeypatch
   lease.release()
   with pytest.raises(PermissionError):
     outputs.OutputLock("s3://bucket/runs/r", "student-train fit", lambda: False).acquire()
+
+
+def _read_only_under(mp, root) -> None:
+  """Makes `os.open` refuse to create or write anything under `root`, as a read-only mount does."""
+  real_open = os.open
+
+  def read_only(path, flags, *args, **kwargs):
+    if str(path).startswith(str(root)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+      raise OSError(errno.EROFS, "Read-only file system", str(path))
+    return real_open(path, flags, *args, **kwargs)
+
+  mp.setattr(os, "open", read_only)
+
+
+ON_A_WRITABLE_FILE_SYSTEM = r"cannot be written \(Read-only file system: .*\.lock\); choose an --out on a writable " \
+    r"file system\.$"
+
+
+@fault("fit --overwrite of a finished run on a read-only mount")
+def _(env, tmp_path, mp):
+  run = tmp_path / "ro" / "run"
+  shutil.copytree(env.run, run)
+  _read_only_under(mp, tmp_path / "ro")
+  return (student_main, _fit(env, "--dataset", "digits", "--split", "train[:200]", "--overwrite", "--out", run), 2,
+          r"'.*run' " + ON_A_WRITABLE_FILE_SYSTEM, [run])
+
+
+@fault("fit of a new run on a read-only mount")
+def _(env, tmp_path, mp):
+  (tmp_path / "ro").mkdir()
+  _read_only_under(mp, tmp_path / "ro")
+  return (student_main, _fit(env, "--dataset", "digits", "--split", "train[:200]", "--out", tmp_path / "ro" / "new"),
+          2, r"'.*new' " + ON_A_WRITABLE_FILE_SYSTEM, [Absent(tmp_path / "ro" / "new")])
+
+
+@fault("a sweep into a read-only mount")
+def _(env, tmp_path, mp):
+  (tmp_path / "ro").mkdir()
+  real_makedirs = os.makedirs
+
+  def read_only(path, *args, **kwargs):
+    if str(path).startswith(str(tmp_path / "ro")):
+      raise OSError(errno.EROFS, "Read-only file system", str(path))
+    return real_makedirs(path, *args, **kwargs)
+
+  mp.setattr(os, "makedirs", read_only)
+  _read_only_under(mp, tmp_path / "ro")
+  return (student_main, ["sweep", "--cache", env.store, "--grid", "temperature=1", "--model", "mlp-tiny", "--epochs",
+                         "1", "--no-progress", "--out", tmp_path / "ro" / "s"], 2,
+          r"'.*s' cannot be written \(Read-only file system: .*\); choose an --out on a writable file system\.$",
+          [Absent(tmp_path / "ro" / "s")])
+
+
+@fault("fit --coordinator with a port of superscript digits")
+def _(env, tmp_path, mp):
+  return (student_main, _fit(env, "--dataset", env.npz_ok, "--coordinator", "127.0.0.1:\u00b2", "--num-processes", "2",
+                             "--process-id", "1", "--out", tmp_path / "r"), 2,
+          r"--coordinator must be HOST:PORT \(a port in 1\.\.65535\), got '127\.0\.0\.1:\u00b2'",
+          [Absent(tmp_path / "r")])
+
+
+@fault("export --overwrite to a directory")
+def _(env, tmp_path, mp):
+  (tmp_path / "d.npz").mkdir()
+  (tmp_path / "d.npz" / "mine.txt").write_text("x")
+  return (student_main, ["export", env.run, "--out", tmp_path / "d.npz", "--overwrite"], 2,
+          r"--out '.*d\.npz' is a directory; give the path of the file to write, e\.g\. '.*d\.npz/student\.npz'\.$",
+          [env.run, tmp_path / "d.npz", Absent(tmp_path / "d.npz.tmp")])
+
+
+@fault("fit into a run dir whose config.json is {}")
+def _(env, tmp_path, mp):
+  run = _run_copy(env, tmp_path, unfinished=True)
+  (tmp_path / "run" / "config.json").write_text("{}")
+  return (student_main, _fit(env, "--dataset", "digits", "--split", "train[:200]", "--out", run), 2,
+          r"holds a run with another config: config: None \(run dir\) vs \{'max_shift'[^;]{1,60}\.\.\. \(command\); "
+          r"dataset: [^;]*; eval: [^;]*; model: [^;]*; normalization: [^;]*\. Pass --overwrite to replace it, or "
+          r"choose another --out\.$", [run])
+
+
+def test_overwrite_keeps_files_whose_names_only_contain_a_temporary_suffix(env, tmp_path):
+  """Only a run dir's own names, and exactly those names plus .tmp or .partial, are stillroom's: a user's
+  `config.json.tmp.orig` is kept; stillroom's folders go whole, with what a user put in them."""
+  from shared.outputs import RUN_DIR, clear_for_overwrite
+  run = tmp_path / "run"
+  shutil.copytree(env.run, run)
+  (run / "checkpoints.partial_backup").mkdir()
+  for name in ("config.json.tmp.orig", "metrics.jsonl.tmpsave", "final.json.partial", "checkpoints/NOTES"):
+    (run / name).write_text("mine")
+  clear_for_overwrite(str(run), RUN_DIR)
+  assert sorted(os.listdir(run)) == ["checkpoints.partial_backup", "config.json.tmp.orig", "metrics.jsonl.tmpsave"]
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path):
+  """`storage.write_bytes` removes its `.tmp` when the rename fails (a directory where the file goes)."""
+  from shared import storage
+  (tmp_path / "d").mkdir()
+  with pytest.raises(IsADirectoryError):
+    storage.write_bytes(str(tmp_path / "d"), b"data")
+  assert os.listdir(tmp_path) == ["d"]
+
+
+def test_differences_show_five_and_count_the_rest():
+  """An error lists the first 5 differences, each value cut at 60 characters, then "and N more"."""
+  from shared.settings import differences
+  assert differences({"a": {"b": 1}, "c": 2}, {"a": {"b": 3}, "c": 2}, "run dir") == ["a.b: 1 (run dir) vs 3 (command)"]
+  found = differences({}, {f"k{i}": i for i in range(7)} | {"long": {"x": "y" * 100}}, "run dir")
+  assert found[:2] == ["k0: None (run dir) vs 0 (command)", "k1: None (run dir) vs 1 (command)"]
+  assert len(found) == 6 and found[-1] == "and 3 more"
+  (long,) = differences({}, {"long": {"x": "y" * 100}}, "run dir")
+  assert long == "long: None (run dir) vs {'x': '" + "y" * 50 + "... (command)"
+
+
+def test_the_advice_for_eval_logits_names_the_eval_dataset_of_another_dataset(monkeypatch):
+  """A cache without teacher logits for the eval split: the advice names --eval-split, and --eval-dataset too for
+  another dataset's split (an npz set)."""
+  from types import SimpleNamespace
+  from student_train import train
+  said = []
+  monkeypatch.setattr(train, "_LOG", SimpleNamespace(info=said.append))
+  for eval_name, options in [("digits", "--eval-split test"), ("npz:/e.npz", "--eval-dataset npz:/e.npz --eval-split "
+                                                                             "test")]:
+    said.clear()
+    train._say_what_eval_reports(SimpleNamespace(
+        eval_set=SimpleNamespace(name=eval_name, split="test", labeled=True), cache=object(),
+        transfer_set=SimpleNamespace(name="digits")), agreement=False)
+    assert said == [f"the cache stores no teacher logits for {eval_name} 'test' (build it with {options}): "
+                    "eval_teacher_agreement is not reported."]
 
 
 # --- checkpoints and run records ---------------------------------------------------------------------------------
@@ -1372,6 +1501,65 @@ def _(env, tmp_path, mp):
                          "--no-progress", "--out", tmp_path / "r"], 2,
           r"cannot prepare the embedded digits dataset in .*: Read-only file system \(.*\.lock\); pass a --data-dir "
           r"you can write \(digits is prepared there once, then only read\)\.$", [Absent(tmp_path / "r")])
+
+
+@fault("resume of a run whose checkpoints.json was emptied")
+def _(env, tmp_path, mp):
+  run = _run_copy(env, tmp_path, unfinished=True)
+  shutil.copytree(os.path.join(run, CHECKPOINT), os.path.join(run, "checkpoints", "2"))  # Two kept, as after 2 epochs.
+  json.dump({"checkpoints": {}}, open(os.path.join(run, "checkpoints.json"), "w"))
+  return (student_main, _resume(env, run), 2, r"checkpoints\.json does not list checkpoints/1, checkpoints/2, which no "
+          r"kill leaves .*nothing is deleted; restore checkpoints\.json listing every checkpoint kept, or " + RETRAIN,
+          [run])
+
+
+@fault("resume of a run whose checkpoints.json lists a newer checkpoint but not an older one")
+def _(env, tmp_path, mp):
+  run = _run_copy(env, tmp_path, unfinished=True)
+  shutil.copytree(os.path.join(run, CHECKPOINT), os.path.join(run, "checkpoints", "2"))
+  listed = json.load(open(os.path.join(run, "checkpoints.json")))
+  listed["checkpoints"] = {"2": listed["checkpoints"]["1"]}
+  json.dump(listed, open(os.path.join(run, "checkpoints.json"), "w"))
+  return student_main, _resume(env, run), 2, r"checkpoints\.json does not list checkpoints/1, which no kill", [run]
+
+
+@fault("eval of a run whose checkpoints.json has a step of superscript digits")
+def _(env, tmp_path, mp):
+  run = _run_copy(env, tmp_path)
+  listed = json.load(open(os.path.join(run, "checkpoints.json")))
+  listed["checkpoints"]["\u00b2"] = listed["checkpoints"]["1"]
+  json.dump(listed, open(os.path.join(run, "checkpoints.json"), "w"))
+  return (student_main, _eval(env, run), 2,
+          r"cannot read checkpoints\.json \(checkpoint '\u00b2': is not a step number\); " + RETRAIN_TEACHER, [run])
+
+
+@fault("fit on a run whose final.json has a metric of text")
+def _(env, tmp_path, mp):
+  run = _run_copy(env, tmp_path)
+  json.dump({"epoch": 1, "eval_accuracy": "x"}, open(os.path.join(run, "final.json"), "w"))
+  return (student_main, _resume(env, run), 2,
+          r"cannot read final\.json \(its 'eval_accuracy' is \"x\", not a number\); " + REWRITE_FINAL, [run])
+
+
+@fault("report of a sweep whose run's final.json has a metric of text")
+def _(env, tmp_path, mp):
+  sweep = tmp_path / "s"
+  shutil.copytree(env.run, sweep / "t=1")
+  json.dump({"epoch": 1, "eval_accuracy": "x"}, open(sweep / "t=1" / "final.json", "w"))
+  json.dump({"cache": env.store, "grid": {"temperature": [1]}, "seeds": 1,
+             "runs": [{"name": "t=1", "point": {"temperature": 1}, "seed": 0}]}, open(sweep / "sweep.json", "w"))
+  return (student_main, ["report", sweep], 2, r"cannot read final\.json \(its 'eval_accuracy' is \"x\", not a "
+          r"number\)", [sweep])
+
+
+@fault("resume with a metrics line whose phase is a number")
+def _(env, tmp_path, mp):
+  run = _run_copy(env, tmp_path, unfinished=True)
+  line = json.loads(open(os.path.join(run, "metrics.jsonl")).readline())
+  with open(os.path.join(run, "metrics.jsonl"), "w") as f:
+    f.write(json.dumps({**line, "phase": 3}) + "\n")
+  return (student_main, _resume(env, run), 2,
+          r"cannot read metrics\.jsonl \(line 1: its 'phase' is 3, not a string\); " + RETRAIN, [run])
 
 
 # --- chunk positions, spec record, limits -------------------------------------------------------------------------
