@@ -279,8 +279,10 @@ def cache_format_page() -> str:
   lines = ["# Cache format", "", GENERATED.format(source="`shared.cache` (`LAYOUT`, `ROLES`, `CacheSpec`)"), "",
            _CACHE_INTRO.format(spec_key=cache.SPEC_KEY, complete_key=cache.COMPLETE_KEY, ),
            "## Schema versions", "",
-           f"A cache records the oldest schema that holds it, so an older stillroom refuses what it cannot read by its "
-           f"version. This stillroom reads versions {', '.join(map(str, cache.READABLE_SCHEMA_VERSIONS))}.", ""]
+           f"This stillroom writes version {cache.SCHEMA_VERSION} for every store, so an older stillroom refuses one "
+           "by its version rather than read it without checking what its completion record binds; stores of older "
+           "versions stay readable. It reads versions "
+           f"{', '.join(map(str, cache.READABLE_SCHEMA_VERSIONS))}.", ""]
   lines += _table(["version", "holds"], [[v, versions.get(v, "stillroom 0.1's layout: no checksums, all-zero chunks "
                                                            "may be absent, examples in split order, no list of "
                                                            "arrays; read with a warning")]

@@ -379,8 +379,9 @@ class CheckpointFolder:
   checkpoints kept. A checkpoint on disk that it does not list is a save that a kill interrupted: it is not
   committed, readers ignore it, and a resumed run discards it (`uncommitted`). A checkpoint is unlisted before it is
   deleted, so a kill never leaves a listed half; one listed but absent was pruned by orbax (`max_to_keep`) just
-  before a kill, or deleted by hand (an error when it is the newest: `newest`). Every read checks the files it reads
-  against the list first: those of the items it restores and the checkpoint's own top-level files (`check`).
+  before a kill, or deleted by hand (an error when it is the newest: `newest`). Every read checks the checkpoint's
+  files against the list first (`check`): all of them for a restore by resume or of a teacher (`whole`), those of
+  the "meta" item alone while resume looks for its position among mid-epoch checkpoints.
 
   A run dir whose config.json holds `DIGESTS_MARKER` was written with digests: there a missing list (with
   checkpoints on disk), or a checkpoint listed without digests, is damage. A folder of a run dir without it was
@@ -859,8 +860,10 @@ def load_run_teacher(run_dir: str, epoch: int | None = None, epoch_option: str |
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                           nnx.to_pure_dict(abstract))
+    # Every file checked, the optimizer state's too, although only the parameters are restored: a checkpoint with
+    # any damage is not used (a reader cannot tell what else a damaged copy has lost).
     restored = folder.restore(step, ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(target)}),
-                              otherwise(step))
+                              otherwise(step), whole=True)
   finally:
     folder.close()
   params = abstract
