@@ -11,32 +11,20 @@ teachers, the transfer set), so the difference of their peak RSS, divided by the
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.harness import write_json  # noqa: E402
+from bench.harness import cli_peak_rss, write_json  # noqa: E402
 from bench.synthetic import npz_dataset, teachers  # noqa: E402
 from shared.cache import open_cache  # noqa: E402
 from teacher_cache.build import WORKING_CHUNKS, chunk_bytes  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_PEAK = ("import resource, sys\nfrom teacher_cache.cli import main\ntry:\n  main(sys.argv[1:])\nfinally:\n"
-         "  print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
-
-
 def build_peak(store: str, dataset: str, runs: list[str], chunk_rows: int) -> dict:
   """Peak RSS of one build in its own process, and its chunk's bytes."""
-  result = subprocess.run(
-      [sys.executable, "-c", _PEAK, "build", "--dataset", dataset, "--chunk-rows", str(chunk_rows), "--batch-size",
-       "1024", *[a for run in runs for a in ("--teacher", run)], "--out", store, "--no-progress"],
-      capture_output=True, text=True, env={
-          **os.environ, "PYTHONPATH": os.pathsep.join([REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
-          "XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
-  if result.returncode:
-    raise RuntimeError(f"teacher-cache build failed ({result.returncode}): {result.stderr[-2000:]}")
-  peak = int(result.stderr.split("PEAK_RSS_KB")[-1].split()[0]) * 1024
+  peak = cli_peak_rss("teacher_cache.cli", [
+      "build", "--dataset", dataset, "--chunk-rows", chunk_rows, "--batch-size", 1024,
+      *[a for run in runs for a in ("--teacher", run)], "--out", store, "--no-progress"])
   return {"chunk_rows": chunk_rows, "chunk_bytes": chunk_bytes(open_cache(store).spec), "peak_rss_bytes": peak}
 
 

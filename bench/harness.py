@@ -4,6 +4,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -57,6 +59,29 @@ def write_json(path: str, result: dict) -> None:
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   with open(path, "w") as f:
     json.dump({**result, "machine": machine()}, f, indent=2)
+
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PEAK_RSS = ("import importlib, resource, sys\nmain = importlib.import_module(sys.argv[1]).main\ntry:\n"
+             "  main(sys.argv[2:])\nfinally:\n"
+             "  print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
+
+
+def cli_peak_rss(cli_module: str, argv: list[str]) -> int:
+  """Runs a stillroom command line (`cli_module`'s `main(argv)`, e.g. "teacher_cache.cli") in a process of its own,
+  from this checkout, and returns its peak RSS in bytes (`ru_maxrss`).
+
+  Raises:
+    RuntimeError: the command failed, with the end of its stderr.
+  """
+  result = subprocess.run(
+      [sys.executable, "-c", _PEAK_RSS, cli_module, *map(str, argv)], capture_output=True, text=True, env={
+          **os.environ, "PYTHONPATH": os.pathsep.join([_REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
+          # On a GPU the benchmark's own process already holds most of the memory JAX preallocates.
+          "XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
+  if result.returncode:
+    raise RuntimeError(f"{cli_module} {argv[0]} failed ({result.returncode}): {result.stderr[-2000:]}")
+  return int(result.stderr.split("PEAK_RSS_KB")[-1].split()[0]) * 1024
 
 
 def _rss_kb(pid: int) -> int:

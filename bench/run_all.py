@@ -22,7 +22,6 @@ every part at a tiny size with small models, to check that the benchmark works; 
 import argparse
 import dataclasses
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.harness import machine, measure, measure_pair, write_json  # noqa: E402
+from bench.harness import cli_peak_rss, machine, measure, measure_pair, write_json  # noqa: E402
 from bench import synthetic  # noqa: E402
 from shared.data import Normalization, open_transfer_set  # noqa: E402
 from shared.ensemble import combine_log_probs  # noqa: E402
@@ -46,7 +45,6 @@ from student_train.steps import make_train_step, stack_hypers, stack_states, gro
 from student_train.train import make_loader, make_optimizer  # noqa: E402
 from teacher_cache.build import BuildConfig, build_cache  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARTS = ("streaming", "online", "build", "rss", "storage", "scaling")
 # The sizes of each mode. The small student's streaming arms keep >= 5 epochs of 65,536 rows per arm in the full and
 # quick modes: a ~2 ms step, where the host's work per batch shows. The smoke mode leaves the small student's arms out
@@ -266,19 +264,9 @@ def peak_rss(tmp: str, sizes_mb: list[int], classes: int, members: int) -> dict:
     dataset = synthetic.npz_dataset(os.path.join(tmp, f"rss{size}.npz"), rows, (8,), classes)
     cache = os.path.join(tmp, f"rss{size}.zarr")
     synthetic.direct_cache(cache, dataset, members=members)
-    code = ("import resource, sys\nfrom student_train.cli import main\n"
-            "try:\n  main(sys.argv[1:])\nfinally:\n"
-            "  print('RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
-    result = subprocess.run(
-        [sys.executable, "-c", code, "fit", "--model", "mlp-tiny", "--cache", cache, "--epochs", "1",
-         "--batch-size", "256", "--no-progress", "--out", os.path.join(tmp, f"rss_run{size}")],
-        capture_output=True, text=True, env={
-            **os.environ, "PYTHONPATH": os.pathsep.join([REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
-            # On a GPU this process already holds most of the memory JAX preallocates.
-            "XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
-    if result.returncode:
-      raise RuntimeError(f"student-train fit failed ({result.returncode}): {result.stderr[-2000:]}")
-    rss_kb = int(result.stderr.split("RSS_KB")[-1].split()[0])
+    rss_kb = cli_peak_rss("student_train.cli", [
+        "fit", "--model", "mlp-tiny", "--cache", cache, "--epochs", "1", "--batch-size", "256", "--no-progress",
+        "--out", os.path.join(tmp, f"rss_run{size}")]) / 1024
     store = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(cache) for f in fs)
     points.append({"cache_mb": store / 1e6, "rows": rows, "peak_rss_mb": rss_kb / 1024})
   return {"points": points, "growth": points[-1]["peak_rss_mb"] / points[0]["peak_rss_mb"],
