@@ -389,17 +389,16 @@ RUN_DIR_ENTRIES = ("final.json", "diverged.json", "checkpoints_mid", "checkpoint
                    "checkpoints.json", "metrics.jsonl", "tensorboard", "config.json")
 _TRAINER_FILES = ("checkpoints.json", "metrics.jsonl")  # Beside a damaged config.json, they make it a run dir.
 TEMPORARY_SUFFIXES = (".tmp", ".partial")  # `storage.write_bytes`'s, zarr's LocalStore's: left beside by a kill.
-# A run dir's temporary files: exactly one of its names and a suffix (a user's `config.json.tmp.orig` is not one).
-_RUN_DIR_TEMPORARIES = frozenset(entry + suffix for entry in RUN_DIR_ENTRIES for suffix in TEMPORARY_SUFFIXES)
 
 
 def _ours(out: str, kind: str, name: str, is_dir: bool) -> bool:
   """Whether the entry `name` of a stillroom `kind` is one stillroom wrote: a run dir's files and folders
-  (`RUN_DIR_ENTRIES`, each folder whole) and exactly one of those names plus a temporary suffix; a store's
-  `zarr.json` and its arrays (folders holding a `zarr.json`); either's temporary files beside them."""
-  base = next((name[:name.index(suffix)] for suffix in TEMPORARY_SUFFIXES if suffix in name), name)
+  (`RUN_DIR_ENTRIES`, each folder whole); a store's `zarr.json` and its arrays (folders holding a `zarr.json`); and
+  the temporary file beside either's own file: exactly its name plus a temporary suffix (a user's
+  `config.json.tmp.orig` is not one)."""
+  base = next((name[:-len(suffix)] for suffix in TEMPORARY_SUFFIXES if name.endswith(suffix)), name)
   if kind == RUN_DIR:
-    return name in RUN_DIR_ENTRIES or name in _RUN_DIR_TEMPORARIES
+    return base in RUN_DIR_ENTRIES
   return base == "zarr.json" or (is_dir and storage.exists(storage.join(out, name, "zarr.json")))
 
 

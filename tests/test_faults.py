@@ -830,10 +830,14 @@ def test_overwrite_keeps_what_stillroom_did_not_write(env, tmp_path, capsys):
   assert sorted(os.listdir(run / "checkpoints")) == ["1"]
   store = _copy_store(env, tmp_path)
   (tmp_path / "c.zarr" / "README").write_text("what this cache is for")
+  (tmp_path / "c.zarr" / "zarr.json.tmp").write_text("left by a kill")  # stillroom's own temporary file...
+  (tmp_path / "c.zarr" / "zarr.json.tmp.orig").write_text("a user's copy")  # ...and a user's look-alike.
   code, _, err = run_cli(cache_main, _build(env, store, "--temperature", "2", "--overwrite"), capsys)
   assert code == 0, err
-  assert "keeping what stillroom did not write there: README" in err
+  assert "keeping what stillroom did not write there: README, zarr.json.tmp.orig" in err
   assert (tmp_path / "c.zarr" / "README").read_text() == "what this cache is for"
+  assert not (tmp_path / "c.zarr" / "zarr.json.tmp").exists()
+  assert (tmp_path / "c.zarr" / "zarr.json.tmp.orig").read_text() == "a user's copy"
   code, out, _ = run_cli(cache_main, ["verify", store, "--data-dir", env.data_dir], capsys)
   assert code == 0 and "FAIL" not in out
   code, _, err = run_cli(cache_main, ["info", store], capsys)
