@@ -358,18 +358,6 @@ def read_run_file(run_dir: str, name: str, recover: str, missing=_REQUIRED):
   return value
 
 
-def _files_under(directory: str, prefix: str = "") -> list[str]:
-  """The relative paths ('state/_METADATA') of every file under a directory or an object-store prefix, hidden ones
-  ('.name') too."""
-  found = []
-  for name, is_folder, _ in storage.scan(directory, hidden=True):
-    if is_folder:
-      found += _files_under(storage.join(directory, name), f"{prefix}{name}/")
-    else:
-      found.append(prefix + name)
-  return found
-
-
 class CheckpointFolder:
   """A run dir's folder of orbax checkpoints (`checkpoints/`, the trainer's `checkpoints_mid/`) with their digests:
   the one path by which checkpoints are saved, listed, checked, read and deleted.
@@ -500,7 +488,7 @@ class CheckpointFolder:
   def _digests(self, step: int) -> dict:
     root = storage.join(self.directory, str(step))
     return {path: dict(zip(("sha256", "bytes"), storage.file_digest(storage.join(root, path))))
-            for path in sorted(_files_under(root))}
+            for path in storage.files_under(root)}
 
   def delete(self, steps) -> None:
     """Deletes these steps, each of them on disk (every process of a job, in the same order: decide them in one
@@ -551,18 +539,12 @@ class CheckpointFolder:
         self._said_unchecked = True
       return None
     root = storage.join(self.directory, str(step))
-    if items is None:
-      found = set(_files_under(root)) if storage.exists(root) else set()
-    else:
-      wanted = set(items)
-      expected = {path: digest for path, digest in expected.items()
-                  if "/" not in path or path.split("/")[0] in wanted}
-      found = set()
-      for name, is_folder, _ in storage.scan(root, hidden=True) if storage.exists(root) else ():
-        if not is_folder:
-          found.add(name)
-        elif name in wanted:
-          found.update(_files_under(storage.join(root, name), f"{name}/"))
+    found = set(storage.files_under(root)) if storage.exists(root) else set()
+    if items is not None:  # The checkpoint's own files and those of `items`; the other items' are not read.
+      def read(path: str) -> bool:
+        return "/" not in path or path.split("/")[0] in items
+      expected = {path: digest for path, digest in expected.items() if read(path)}
+      found = {path for path in found if read(path)}
     for path in sorted(set(expected) | found):
       if path not in found:
         return f"its file {path} is missing"

@@ -111,9 +111,9 @@ def is_dir(path: str) -> bool:
   return _on(path, lambda fs, key: fs.isdir(key), os.path.isdir)
 
 
-def scan(path: str, hidden: bool = False) -> list[tuple[str, bool, int]]:
+def scan(path: str) -> list[tuple[str, bool, int]]:
   """`[(name, is a directory, size in bytes), ...]` of the entries directly in a directory or a prefix, sorted by
-  name, without hidden ones (names starting with '.') unless `hidden`. A directory's size is 0."""
+  name, without hidden ones (names starting with '.'). A directory's size is 0."""
   def remote(fs, key):
     # A "folder" placeholder object (`key/`, made by consoles and some tools) is listed as an entry of itself.
     return [(posixpath.basename(e["name"].rstrip("/")), e["type"] == "directory", int(e.get("size") or 0))
@@ -123,7 +123,20 @@ def scan(path: str, hidden: bool = False) -> list[tuple[str, bool, int]]:
     with os.scandir(path) as entries:
       return [(e.name, e.is_dir(), 0 if e.is_dir() else e.stat().st_size) for e in entries]
 
-  return sorted(entry for entry in _on(path, remote, here) if hidden or not entry[0].startswith("."))
+  return sorted(entry for entry in _on(path, remote, here) if not entry[0].startswith("."))
+
+
+def files_under(path: str) -> list[str]:
+  """The relative paths ("a/b.json") of every file under a directory or an object-store prefix, hidden ones too,
+  sorted; [] when there is none. One listing of the whole tree (an object store's `find`), not one per folder."""
+  def remote(fs, key):
+    return sorted(found[len(key.rstrip("/")) + 1:] for found in fs.find(key))
+
+  def here(path):
+    return sorted(os.path.relpath(os.path.join(root, name), path).replace(os.sep, "/")
+                  for root, _, names in os.walk(path) for name in names)
+
+  return _on(path, remote, here)
 
 
 def read_bytes(path: str) -> bytes:
@@ -292,9 +305,7 @@ def upload(directory: str, url: str, skip: frozenset[str] = frozenset()) -> None
     skip: relative paths not to copy.
   """
   fs, inner = filesystem(url)
-  relative = sorted(os.path.relpath(os.path.join(root, name), directory) for root, _, names in os.walk(directory)
-                    for name in names)
-  relative = [r for r in relative if r not in skip]
+  relative = [r for r in files_under(directory) if r not in skip]
   if relative:
     fs.put([os.path.join(directory, r) for r in relative], [posixpath.join(inner, r) for r in relative])
 
@@ -306,8 +317,7 @@ def download(url: str, directory: str, keep=None) -> None:
     keep: a predicate on each object's key relative to `url` ("a/b.json"): copy only those it accepts (None: all).
   """
   fs, inner = filesystem(url)
-  relative = [key[len(inner) + 1:] for key in fs.find(inner)]
-  relative = [key for key in relative if keep is None or keep(key)]
+  relative = [key for key in files_under(url) if keep is None or keep(key)]
   targets = [os.path.join(directory, *key.split("/")) for key in relative]
   for target in targets:
     os.makedirs(os.path.dirname(target), exist_ok=True)
