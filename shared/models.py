@@ -5,13 +5,17 @@ Your own model is a factory `function(input_shape, num_classes, rngs) -> nnx.Mod
 (the current directory is importable, as with `python -m`). A run records the reference and a digest of the
 parameters' structure (`ModelSpec.structure`), so that a factory changed since is refused rather than loaded.
 
-Every model maps float32 inputs [B, *input_shape] to logits [B, num_classes]. Dropout is the only stochastic
-layer, applied once to the output of every hidden dense layer (after its ReLU), so each unit that feeds a dense
-layer is dropped with probability `dropout`; convolutions and the inputs are never dropped. `model.eval()` makes a
-model deterministic (how teachers run).
+Every model maps float32 inputs [B, *input_shape] to float32 logits [B, num_classes], computing in
+`ModelSpec.dtype` (parameters stay float32). Dropout is the only stochastic layer, applied once to each hidden
+output that feeds a dense layer: in MLPs and CNNs the output of every hidden dense layer (after its ReLU), in the
+residual, inverted-residual and transformer models the pooled features before the head; convolutions and the inputs
+are never dropped. BatchNorm normalises with the batch's statistics in training and with its running averages
+after `model.eval()`, which also makes a model deterministic (how teachers run). A model's weights are its
+parameters and BatchNorm's running statistics (`WEIGHTS`): what checkpoints hold and teachers run with.
 """
 
 import dataclasses
+import functools
 import hashlib
 import importlib
 import math
@@ -23,6 +27,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from shared.errors import StillroomError
+
+COMPUTE_DTYPES = ("float32", "bfloat16")  # What `ModelSpec.dtype` may be.
+# A model's weights: its trained parameters and BatchNorm's running statistics. Checkpoints hold them and a
+# teacher's apply_fn takes them; optimizers and parameter counts see `nnx.Param` alone.
+WEIGHTS = nnx.Any(nnx.Param, nnx.BatchStat)
+# BatchNorm's running averages keep 0.9 of the old value per step (PyTorch's momentum 0.1, what the CIFAR and
+# ImageNet recipes use; Flax's default, 0.99, lags far behind the weights in runs of a few thousand steps).
+BATCHNORM_MOMENTUM = 0.9
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -37,6 +49,8 @@ class ModelSpec:
       survivors are scaled by 1 / (1 - dropout). Convolutions and inputs are not dropped. (Your own model does
       its own dropout: 0 here.)
     structure: for your own model, SHA-256 of its parameters' paths, shapes and dtypes (None for registry models).
+    dtype: the compute dtype, one of `COMPUTE_DTYPES` (parameters and logits stay float32); not part of the
+      structure: one run's weights load at either.
   """
 
   name: str
@@ -44,10 +58,14 @@ class ModelSpec:
   num_classes: int
   dropout: float = 0.0
   structure: str | None = None
+  dtype: str = "float32"
 
   def to_dict(self) -> dict:
+    """As config.json records it: without `structure` for a registry model and without the default dtype, so that
+    records written before either existed read the same."""
     d = {**dataclasses.asdict(self), "input_shape": list(self.input_shape)}
-    return d if self.structure is not None else {k: v for k, v in d.items() if k != "structure"}
+    return {k: v for k, v in d.items()
+            if not (k == "structure" and v is None) and not (k == "dtype" and v == "float32")}
 
   @classmethod
   def from_dict(cls, d: dict) -> "ModelSpec":
@@ -57,11 +75,11 @@ class ModelSpec:
 class MLP(nnx.Module):
   """Flatten, then hidden dense layers (ReLU, then dropout) and the head."""
 
-  def __init__(self, input_shape, num_classes, *, hidden, dropout, rngs: nnx.Rngs):
+  def __init__(self, input_shape, num_classes, *, hidden, dropout, dtype=jnp.float32, rngs: nnx.Rngs):
     sizes = [math.prod(input_shape), *hidden]
-    self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
+    self.hidden = nnx.List([nnx.Linear(a, b, dtype=dtype, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
-    self.head = nnx.Linear(sizes[-1], num_classes, rngs=rngs)
+    self.head = nnx.Linear(sizes[-1], num_classes, dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
     return self.features(x)[0]
@@ -75,25 +93,25 @@ class MLP(nnx.Module):
       x = nnx.relu(layer(x))
       named[f"hidden{i + 1}"] = x
       x = self.dropout(x)
-    return self.head(x), named
+    return self.head(x).astype(jnp.float32), named
 
 
 class CNN(nnx.Module):
   """Stages of 3x3 convolutions (ReLU) each followed by 2x2 max-pooling, then a dense layer (ReLU, dropout) and the
   head."""
 
-  def __init__(self, input_shape, num_classes, *, stages, dense, dropout, rngs: nnx.Rngs):
+  def __init__(self, input_shape, num_classes, *, stages, dense, dropout, dtype=jnp.float32, rngs: nnx.Rngs):
     height, width, channels = input_shape
     self.convs = nnx.List()
     for stage in stages:
       for features in stage:
-        self.convs.append(nnx.Conv(channels, features, kernel_size=(3, 3), rngs=rngs))
+        self.convs.append(nnx.Conv(channels, features, kernel_size=(3, 3), dtype=dtype, rngs=rngs))
         channels = features
       height, width = -(-height // 2), -(-width // 2)  # 'SAME' pooling rounds up.
     self.stage_sizes = tuple(len(stage) for stage in stages)
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
-    self.dense = nnx.Linear(height * width * channels, dense, rngs=rngs)
-    self.head = nnx.Linear(dense, num_classes, rngs=rngs)
+    self.dense = nnx.Linear(height * width * channels, dense, dtype=dtype, rngs=rngs)
+    self.head = nnx.Linear(dense, num_classes, dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
     return self.features(x)[0]
@@ -111,31 +129,105 @@ class CNN(nnx.Module):
       x = nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="SAME")
     x = nnx.relu(self.dense(x.reshape(x.shape[0], -1)))
     named["dense"] = x
-    return self.head(self.dropout(x)), named
+    return self.head(self.dropout(x)).astype(jnp.float32), named
+
+
+class BasicBlock(nnx.Module):
+  """Two 3x3 convolutions with BatchNorm and a residual connection (He et al. 2016). The shortcut is the identity,
+  or where the shape changes option A's: subsampled by the stride and zero-padded with new channels (no
+  parameters). Convolutions carry no bias: BatchNorm's shift replaces it (a bias before BatchNorm only adds noise
+  that an adaptive optimizer amplifies)."""
+
+  def __init__(self, channels_in: int, channels: int, stride: int, *, dtype, rngs: nnx.Rngs):
+    conv = functools.partial(nnx.Conv, kernel_size=(3, 3), use_bias=False, dtype=dtype, rngs=rngs)
+    norm = functools.partial(nnx.BatchNorm, momentum=BATCHNORM_MOMENTUM, dtype=dtype, rngs=rngs)
+    self.conv1, self.norm1 = conv(channels_in, channels, strides=stride), norm(channels)
+    self.conv2, self.norm2 = conv(channels, channels), norm(channels)
+    self.stride, self.pad = stride, channels - channels_in
+
+  def __call__(self, x):
+    y = nnx.relu(self.norm1(self.conv1(x)))
+    y = self.norm2(self.conv2(y))
+    shortcut = x[:, ::self.stride, ::self.stride, :]
+    if self.pad:
+      shortcut = jnp.pad(shortcut, ((0, 0), (0, 0), (0, 0), (self.pad // 2, self.pad - self.pad // 2)))
+    return nnx.relu(y + shortcut)
+
+
+class CifarResNet(nnx.Module):
+  """The CIFAR ResNet of He et al. 2016 (section 4.2): a 3x3 convolution of 16 channels, then three stages of
+  `blocks` basic blocks of 16, 32 and 64 channels (the second and third start with stride 2), global average
+  pooling, dropout and the head: 6 * blocks + 2 layers with weights."""
+
+  def __init__(self, input_shape, num_classes, *, blocks: int, dropout: float, dtype, rngs: nnx.Rngs):
+    channels = input_shape[-1]
+    self.stem = nnx.Conv(channels, 16, kernel_size=(3, 3), use_bias=False, dtype=dtype, rngs=rngs)
+    self.stem_norm = nnx.BatchNorm(16, momentum=BATCHNORM_MOMENTUM, dtype=dtype, rngs=rngs)
+    self.stages = nnx.List()
+    channels = 16
+    for stage, width in enumerate((16, 32, 64)):
+      self.stages.append(nnx.List([BasicBlock(channels if block == 0 else width, width,
+                                              2 if stage > 0 and block == 0 else 1, dtype=dtype, rngs=rngs)
+                                   for block in range(blocks)]))
+      channels = width
+    self.dropout = nnx.Dropout(dropout, rngs=rngs)
+    self.head = nnx.Linear(channels, num_classes, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    return self.features(x)[0]
+
+  def features(self, x) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Logits [B, num_classes] and the named features: `stage1`, `stage2`, `stage3`, each stage's output (after
+    its last block's ReLU), [B, H, W, C]; `pool`, the pooled features before the head, [B, 64]."""
+    x = nnx.relu(self.stem_norm(self.stem(x)))
+    named = {}
+    for stage, blocks in enumerate(self.stages):
+      for block in blocks:
+        x = block(x)
+      named[f"stage{stage + 1}"] = x
+    x = jnp.mean(x, axis=(1, 2))
+    named["pool"] = x
+    return self.head(self.dropout(x)).astype(jnp.float32), named
+
+
+def image_shape(spec: ModelSpec) -> tuple[int, int, int]:
+  """The (H, W, C) a convolutional model takes: grayscale images stored as (H, W) get a channel axis.
+
+  Raises:
+    StillroomError: the input is not an image, naming the model.
+  """
+  shape = tuple(spec.input_shape)
+  if len(shape) == 2:
+    shape = (*shape, 1)
+  if len(shape) != 3:
+    raise StillroomError(
+        f"model {spec.name!r} needs image inputs of shape (H, W) or (H, W, C); got {tuple(spec.input_shape)}. "
+        "Use an mlp-* model for flat feature vectors.")
+  return shape
 
 
 def _mlp(hidden):
-  return lambda spec, rngs: MLP(spec.input_shape, spec.num_classes, hidden=hidden, dropout=spec.dropout, rngs=rngs)
+  return lambda spec, rngs: MLP(spec.input_shape, spec.num_classes, hidden=hidden, dropout=spec.dropout,
+                                dtype=jnp.dtype(spec.dtype), rngs=rngs)
 
 
-def _cnn(stages, dense):
+def _image_model(net_class, **settings):
+  """A factory of an image model `net_class(input_shape, num_classes, **settings, dropout, dtype, rngs)`."""
   def make(spec, rngs):
-    shape = spec.input_shape
-    if len(shape) == 2:
-      shape = (*shape, 1)
-    if len(shape) != 3:
-      raise StillroomError(
-          f"model {spec.name!r} needs image inputs of shape (H, W) or (H, W, C); got {tuple(spec.input_shape)}. "
-          "Use an mlp-* model for flat feature vectors.")
-    return _ImageInput(CNN(shape, spec.num_classes, stages=stages, dense=dense, dropout=spec.dropout, rngs=rngs),
-                       channels_last=len(spec.input_shape) == 3)
+    net = net_class(image_shape(spec), spec.num_classes, **settings, dropout=spec.dropout, dtype=jnp.dtype(spec.dtype),
+                    rngs=rngs)
+    return _ImageInput(net, channels_last=len(spec.input_shape) == 3)
   return make
 
 
-class _ImageInput(nnx.Module):
-  """Adds the channel axis to (H, W) inputs so CNNs accept grayscale images stored without one."""
+def _cnn(stages, dense):
+  return _image_model(CNN, stages=stages, dense=dense)
 
-  def __init__(self, net: CNN, channels_last: bool):
+
+class _ImageInput(nnx.Module):
+  """Adds the channel axis to (H, W) inputs so image models accept grayscale images stored without one."""
+
+  def __init__(self, net: nnx.Module, channels_last: bool):
     self.net = net
     self.channels_last = channels_last
 
@@ -154,6 +246,10 @@ MODELS = {
     "cnn-large": (_cnn(((32, 32), (64, 64)), 256), "CNN, 2x conv32-pool, 2x conv64-pool, dense 256"),
     "cnn-thin-deep": (_cnn(((8, 8, 8), (16, 16, 16)), 32),
                       "CNN, thin and deep as FitNets' students: 3x conv8-pool, 3x conv16-pool, dense 32"),
+    **{f"resnet{6 * blocks + 2}": (_image_model(CifarResNet, blocks=blocks),
+                                   f"CIFAR ResNet-{6 * blocks + 2} (He et al. 2016): 3 stages of {blocks} basic blocks "
+                                   "of 16/32/64 channels, BatchNorm, option-A shortcuts")
+       for blocks in (1, 3, 9)},
 }
 
 
@@ -205,6 +301,8 @@ def build_model(spec: ModelSpec, seed: int = 0) -> nnx.Module:
     raise StillroomError(f"dropout must be in [0, 1), got {spec.dropout}.")
   if spec.num_classes < 2:
     raise StillroomError(f"a classifier needs at least 2 classes, got {spec.num_classes}.")
+  if spec.dtype not in COMPUTE_DTYPES:
+    raise StillroomError(f"compute dtype {spec.dtype!r}: not one of {', '.join(COMPUTE_DTYPES)}.")
   if spec.name in MODELS:
     make, _ = MODELS[spec.name]
     return make(spec, nnx.Rngs(seed))
@@ -213,6 +311,9 @@ def build_model(spec: ModelSpec, seed: int = 0) -> nnx.Module:
                          "'module:function' for your own (see docs/caches-and-runs.md).")
   if spec.dropout:
     raise StillroomError(f"--dropout is for the registry's models; your own model {spec.name!r} does its own.")
+  if spec.dtype != "float32":
+    raise StillroomError(f"--dtype {spec.dtype} is for the registry's models; your own model {spec.name!r} sets its "
+                         "own compute dtype (build its layers with dtype=jnp.bfloat16).")
   factory = import_function(spec.name, "model")
   try:
     model = factory(tuple(spec.input_shape), spec.num_classes, nnx.Rngs(seed))

@@ -4,7 +4,8 @@ A run directory, as written by `student-train fit`:
   RUN_DIR/config.json          a `RunRecord` (the model's spec, its input normalisation, its cross-fitting fold)
                                plus the trainer's resolved config under "resolved", and `DIGESTS_MARKER`.
   RUN_DIR/checkpoints/<epoch>/ orbax checkpoints, named by the number of epochs trained; item "params" holds the
-                               model's parameters as a pure dict (the trainer adds its own items beside it).
+                               model's weights (parameters and BatchNorm statistics) as a pure dict (the trainer
+                               adds its own items beside it).
   RUN_DIR/checkpoints.json     the committed checkpoints and the SHA-256 and size of each of their files (see
                                `CheckpointFolder`); every read of a checkpoint checks the files it reads first.
 The trainer adds metrics.jsonl, final.json and diverged.json (`student_train.run_dir`); every run-dir file is read
@@ -38,7 +39,7 @@ from shared.distributed import is_first
 from shared.errors import StillroomError
 from shared.json_checks import EXPECTED, described, is_kind
 from shared.log import logger
-from shared.models import ModelSpec, build_model, import_function, is_reference
+from shared.models import WEIGHTS, ModelSpec, build_model, import_function, is_reference
 from shared.outputs import process_gone
 
 CONFIG_FILE = "config.json"
@@ -594,8 +595,9 @@ class CheckpointFolder:
 
 
 def params_of(model: nnx.Module) -> dict:
-  """The model's parameters as a pure nested dict of arrays (what checkpoints hold)."""
-  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  """The model's weights (`shared.models.WEIGHTS`: parameters and BatchNorm's running statistics) as a pure nested
+  dict of arrays: what checkpoints hold as their "params" item and what a teacher runs with."""
+  return nnx.to_pure_dict(nnx.state(model, WEIGHTS))
 
 
 def param_digest(params: Any) -> str:
@@ -755,10 +757,11 @@ class Teacher:
 
 
 def _module_apply_fn(model: nnx.Module) -> tuple[Callable, Any, Callable | None]:
-  """Splits an NNX module into pure functions over its parameters, in eval mode: `(apply_fn, params, features_fn)`,
-  the last None when the module has no `features` method."""
+  """Splits an NNX module into pure functions over its weights (`WEIGHTS`: parameters and BatchNorm's running
+  statistics), in eval mode: `(apply_fn, params, features_fn)`, the last None when the module has no `features`
+  method."""
   model.eval()
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  graphdef, params, rest = nnx.split(model, WEIGHTS, ...)
 
   def apply_fn(params, x):
     return nnx.merge(graphdef, params, rest)(x)

@@ -22,7 +22,7 @@ from shared.ensemble import member_weights
 from shared.errors import StillroomError
 from shared.log import logger
 from shared.parallel import cap_batch
-from shared.models import MODELS, ModelSpec, build_model, check_input_shape, feature_shapes, structure_digest
+from shared.models import MODELS, WEIGHTS, ModelSpec, build_model, check_input_shape, feature_shapes, structure_digest
 from shared.runs import load_run_teacher
 from shared.specialists import (SpecialistPlan, dustbin_correction, dustbin_labels, initial_params,
                                 parse_specialist)
@@ -361,7 +361,7 @@ def plan_run(config: FitConfig, opened: Opened | None = None) -> RunPlan:
     correction = dustbin_correction(natural, count / len(pool))
   initial = init_digest = None
   if config.init_from:
-    initial, init_digest = _initial_params(config, model_spec, nnx.to_pure_dict(nnx.state(abstract, nnx.Param)),
+    initial, init_digest = _initial_params(config, model_spec, nnx.to_pure_dict(nnx.state(abstract, WEIGHTS)),
                                            subset)
   specialist = None if subset is None else SpecialistRecord(tuple(subset), correction, init_digest)
   rows = (len(transfer_set) if examples is None else len(examples)) * (cache.spec.views if cache else 1)

@@ -43,7 +43,7 @@ from shared.errors import StillroomError
 from shared.log import logger
 from shared.outputs import RUN_DIR, clear_for_overwrite
 from shared.runs import (CONFIG_FILE, DIGESTS_MARKER, DIVERGED_FILE, FINAL_FILE, METRICS_FILE, MID_EPOCH_DIR,
-                         PARAMS_ITEM, RETRAIN, REWRITE_FINAL, CheckpointFolder, CrossFit, RunRecord, read_run_file)
+                         PARAMS_ITEM, RETRAIN, params_of, REWRITE_FINAL, CheckpointFolder, CrossFit, RunRecord, read_run_file)
 from shared.settings import differences as settings_differences
 from shared.settings import names_where
 from student_train.config import FitConfig, default_of
@@ -217,7 +217,7 @@ class Checkpoints:
     Raises:
       StillroomError: the save failed (disk full, read-only, ...); the previous checkpoints are kept.
     """
-    params = nnx.to_pure_dict(nnx.state(student_of(nnx.merge(graphdef, state)[0]), nnx.Param))
+    params = params_of(student_of(nnx.merge(graphdef, state)[0]))
     with _saving(f"the checkpoint of {self.out} after epoch {epoch}"):
       self.folder.save(epoch, args=ocp.args.Composite(**{
           STATE_ITEM: ocp.args.StandardSave(checkpointable(state)), PARAMS_ITEM: ocp.args.StandardSave(params),

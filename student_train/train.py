@@ -24,7 +24,7 @@ from flax import nnx
 from shared import distributed
 from shared.errors import StillroomError, raise_if_interrupted
 from shared.log import logger, progress
-from shared.models import build_model
+from shared.models import WEIGHTS, build_model
 from shared.outputs import RUN_DIR, OutputLock, check_not_an_input, check_output
 from shared.parallel import (batch_sharding, check_batch_size, data_mesh, needs_step_sync, on_devices, process_rows,
                              put_replicated)
@@ -342,9 +342,9 @@ def _initial_states(group: list[RunPlan], loader, mesh) -> tuple[object, list]:
   for plan in group:
     model = build_model(plan.model_spec, seed=plan.config.seed)
     if plan.initial_params is not None:  # --init-from (a resumed run then restores its own checkpoint).
-      params = nnx.state(model, nnx.Param)
-      nnx.replace_by_pure_dict(params, plan.initial_params)
-      nnx.update(model, params)
+      weights = nnx.state(model, WEIGHTS)
+      nnx.replace_by_pure_dict(weights, plan.initial_params)
+      nnx.update(model, weights)
     trainable = model
     if any(term.regressor is not None for term in plan.feature_terms):  # The hints' regressors train beside it.
       trainable = Distilled(model, Regressors(plan.feature_terms, nnx.Rngs(
