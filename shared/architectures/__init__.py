@@ -1,0 +1,10 @@
+"""The registry's larger architectures (`shared.models.MODELS` names them), in Flax NNX.
+
+Each is a module `Net(input_shape (H, W, C), num_classes, *, ..., dropout, dtype, rngs)` with `__call__(x) ->
+logits` and `features(x) -> (logits, {name: feature})`, logits in float32 whatever the compute dtype; BatchNorm
+layers use `BATCHNORM_MOMENTUM`.
+"""
+
+# BatchNorm's running averages keep 0.9 of the old value per step (PyTorch's momentum 0.1, what the CIFAR and
+# ImageNet recipes use; Flax's default, 0.99, lags far behind the weights in runs of a few thousand steps).
+BATCHNORM_MOMENTUM = 0.9
