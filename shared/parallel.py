@@ -1,5 +1,6 @@
 """Data parallelism: one mesh axis, "data", over this process's devices (a cache build) or every device of the job
-(training)."""
+(training). Batches are split along it; weights are replicated on every device of it, or (FSDP, ZeRO-3 style) each
+split along one of its own axes over the same devices, which XLA all-gathers inside the jitted computation."""
 
 import collections
 from collections.abc import Iterator
@@ -11,6 +12,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from shared.errors import StillroomError
 
 DATA_AXIS = "data"
+REPLICATED, FSDP = "replicated", "fsdp"
+SHARDINGS = (REPLICATED, FSDP)  # How weights lie on the mesh: whole on every device, or split over them.
 
 
 def data_mesh(job_wide: bool = False) -> jax.sharding.Mesh:
@@ -62,18 +65,76 @@ def process_rows(mesh: jax.sharding.Mesh, batch_size: int) -> np.ndarray | None:
   return np.unique(np.concatenate([np.arange(batch_size)[index[0]] for index in held.values()]))
 
 
-def put_replicated(tree, mesh: jax.sharding.Mesh):
-  """`tree`'s arrays on every device of the mesh. In a multi-process job every process must call it, in the same
-  order, with the same values (JAX checks that they are equal, a collective); `device_put` takes no typed PRNG key
-  arrays onto devices of other processes, so those go as their key data."""
-  sharding = replicated(mesh)
+def _is_key(leaf) -> bool:
+  return isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
 
-  def put(leaf):
-    if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-      return jax.random.wrap_key_data(jax.device_put(jax.random.key_data(leaf), sharding),
-                                      impl=jax.random.key_impl(leaf))
+
+def fsdp_spec(shape: tuple[int, ...], devices: int, group_axes: int = 0) -> PartitionSpec:
+  """The FSDP rule for one weight array: its longest axis whose length is a multiple of `devices` (the last of
+  equal ones) is split over `DATA_AXIS`; an array without one is replicated.
+
+  Args:
+    shape: the array's shape.
+    devices: the mesh's device count.
+    group_axes: leading axes never split: the K axis of students stacked for one vmapped step.
+
+  Returns:
+    e.g. `P(None, "data")` for a kernel [64, 256] on 4 devices, `P()` for a bias [10].
+  """
+  fits = [axis for axis in range(group_axes, len(shape)) if shape[axis] and shape[axis] % devices == 0]
+  if not fits:
+    return PartitionSpec()
+  axis = max(fits, key=lambda a: (shape[a], a))
+  return PartitionSpec(*([None] * axis), DATA_AXIS)
+
+
+def weight_shardings(tree, mesh: jax.sharding.Mesh, sharding: str, group_axes: int = 0):
+  """A `NamedSharding` for each array of `tree` (a pytree of arrays or `jax.ShapeDtypeStruct`s, same structure):
+  replicated, or with `sharding` FSDP each by `fsdp_spec` (PRNG keys and scalars stay replicated)."""
+  if sharding not in SHARDINGS:
+    raise ValueError(f"sharding {sharding!r}: not one of {SHARDINGS}")
+  devices = mesh.devices.size
+
+  def of(leaf):
+    if sharding == REPLICATED or jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      return replicated(mesh)
+    return NamedSharding(mesh, fsdp_spec(tuple(leaf.shape), devices, group_axes))
+  return jax.tree.map(of, tree)
+
+
+def put_sharded(tree, shardings):
+  """`tree`'s arrays placed with `shardings` (a tree of `NamedSharding`s of the same structure, or one for every
+  array), from host arrays or arrays on any devices.
+
+  On a mesh over every process's devices, every process must call it, in the same order, with the same values (JAX
+  checks that they are equal, a collective), and each places its own devices' parts from its host copy of an array
+  of its own devices (JAX would send a committed one from its device to every process's instead). An array already
+  on the mesh's devices is moved there. `device_put` takes no typed PRNG key arrays onto devices of other
+  processes, so those go as their key data."""
+  def put(leaf, sharding):
+    if _is_key(leaf):
+      return jax.random.wrap_key_data(put(jax.random.key_data(leaf), sharding), impl=jax.random.key_impl(leaf))
+    if not sharding.is_fully_addressable and isinstance(leaf, jax.Array) and leaf.is_fully_addressable:
+      leaf = np.asarray(leaf)
     return jax.device_put(leaf, sharding)
-  return jax.tree.map(put, tree)
+  if isinstance(shardings, NamedSharding):
+    return jax.tree.map(lambda leaf: put(leaf, shardings), tree)
+  return jax.tree.map(put, tree, shardings)
+
+
+def put_replicated(tree, mesh: jax.sharding.Mesh):
+  """`tree`'s arrays on every device of the mesh (`put_sharded`)."""
+  return put_sharded(tree, replicated(mesh))
+
+
+def bytes_per_device(tree) -> tuple[int, int]:
+  """`(bytes of tree's arrays, bytes the most loaded device of this process holds of them)`: what sharding saves."""
+  whole, held = 0, collections.Counter()
+  for leaf in jax.tree.leaves(tree):
+    whole += leaf.nbytes
+    for shard in leaf.addressable_shards:
+      held[shard.device] += shard.data.nbytes
+  return whole, max(held.values(), default=0)
 
 
 def needs_step_sync(mesh: jax.sharding.Mesh) -> bool:

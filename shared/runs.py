@@ -32,6 +32,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from shared import storage
 from shared.data import Normalization
@@ -97,11 +98,15 @@ def _this_process() -> ocp.options.MultiprocessingOptions:
 
 
 def _host_copy(tree):
-  """The arrays of `tree` as NumPy arrays on this host: a replicated array's local copy is all of it."""
+  """The arrays of `tree` as NumPy arrays on this host: a replicated array's local copy is all of it; one split over
+  the devices of several processes (`student-train fit --param-sharding fsdp`) is gathered from them, a collective:
+  in a job of several processes, every process calls it, in the same order."""
   def copy(leaf):
     if not isinstance(leaf, jax.Array):
       return leaf
-    return np.asarray(leaf.addressable_data(0) if leaf.is_fully_replicated else leaf)
+    if leaf.is_fully_replicated:
+      return np.asarray(leaf.addressable_data(0))
+    return np.asarray(leaf if leaf.is_fully_addressable else multihost_utils.process_allgather(leaf, tiled=True))
   return jax.tree.map(copy, tree)
 
 
@@ -141,10 +146,11 @@ class StagedCheckpointManager:
   step deletes it. A committed step loses its commit object first when it is deleted or saved again. Restores
   download only the items they read.
 
-  In a job of several processes, process 0 alone saves and deletes (the state is replicated, so its host copy is
-  all of it), and each process restores on its own, to host memory; the trainer then places the state on every
-  device. The staging directory is removed when the manager is closed or collected, or the process exits; one that
-  a killed process left is removed by the next manager made on the machine.
+  In a job of several processes, process 0 alone saves and deletes (a replicated state's host copy is all of it; a
+  state split over the processes' devices is gathered to every host first), and each process restores on its own,
+  to host memory; the trainer then places the state on the devices. The staging directory is removed when the
+  manager is closed or collected, or the process exits; one that a killed process left is removed by the next
+  manager made on the machine.
   """
 
   def __init__(self, url: str, max_to_keep: int | None = None):
@@ -170,13 +176,14 @@ class StagedCheckpointManager:
     """Writes, uploads and commits checkpoint `step` (process 0 of a job; the others return), replacing one of that
     step; then keeps only the newest `max_to_keep`, and drops earlier steps that a kill left uncommitted."""
     del force  # Every save is written: the trainer decides when to save.
+    # Every process: gathering a state split over several processes' devices is a collective.
+    items = {name: ocp.args.StandardSave(_host_copy(arg.item)) if isinstance(arg, ocp.args.StandardSave) else arg
+             for name, arg in args.items()}
     if not is_first():
       return False
     target = storage.join(self.url, str(step))
     try:
-      self._local.save(step, args=ocp.args.Composite(**{
-          name: ocp.args.StandardSave(_host_copy(arg.item)) if isinstance(arg, ocp.args.StandardSave) else arg
-          for name, arg in args.items()}), force=True)
+      self._local.save(step, args=ocp.args.Composite(**items), force=True)
       self._local.wait_until_finished()
       self.delete(step)  # A committed step of that number (uncommitted first), or a save a kill interrupted.
       storage.upload(os.path.join(self._staging, str(step)), target, skip=frozenset({COMMIT_FILE}))
@@ -786,7 +793,8 @@ def check_checkpoint_path(run_dir: str, option: str = "--out") -> None:
                          f"({path}); choose a name without brackets.")
 
 
-def load_run_teacher(run_dir: str, epoch: int | None = None, epoch_option: str | None = None) -> Teacher:
+def load_run_teacher(run_dir: str, epoch: int | None = None, epoch_option: str | None = None,
+                     host: bool = False) -> Teacher:
   """Loads a checkpoint of a run dir as a teacher, its files checked against their digests: the newest, or the one
   after `epoch` epochs.
 
@@ -798,6 +806,9 @@ def load_run_teacher(run_dir: str, epoch: int | None = None, epoch_option: str |
     epoch: the epochs trained of the checkpoint to load (None: the newest).
     epoch_option: the calling command's option that sets `epoch` (`--epoch`), which the errors name when another
       checkpoint could be used; None for a command without one.
+    host: restore the weights into host memory (NumPy arrays), for a caller that places them on its devices itself
+      (the build, which may split them over its devices: a teacher need not fit on one); else onto this process's
+      first device.
 
   Raises:
     StillroomError: missing or unreadable dir, config or checkpoint; a damaged or absent newest checkpoint, or
@@ -840,11 +851,11 @@ def load_run_teacher(run_dir: str, epoch: int | None = None, epoch_option: str |
         raise StillroomError(f"teacher run dir {run_dir!r} has no finished checkpoint.")
       if step not in kept:
         raise folder.missing(step, otherwise(step), said)
-    # On this process's first device: the saved sharding names the saving job's devices, which may be another
-    # process's here.
+    # On this process's first device (the saved sharding names the saving job's devices, which may be another
+    # process's here), or as NumPy arrays in host memory.
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                          nnx.to_pure_dict(abstract))
+    target = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype) if host else
+                          jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), nnx.to_pure_dict(abstract))
     # Every file checked, the optimizer state's too, although only the parameters are restored: a checkpoint with
     # any damage is not used (a reader cannot tell what else a damaged copy has lost).
     restored = folder.restore(step, ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(target)}),
@@ -859,8 +870,11 @@ def load_run_teacher(run_dir: str, epoch: int | None = None, epoch_option: str |
                  record=record, features_fn=features_fn)
 
 
-def load_external_teacher(reference: str) -> Teacher:
+def load_external_teacher(reference: str, host: bool = False) -> Teacher:
   """Loads `module:function` (the current directory is importable, as with `python -m`).
+
+  Args:
+    host: its parameters copied to host memory (NumPy arrays), as `load_run_teacher`'s.
 
   Raises:
     StillroomError: it cannot be imported, it raises (naming the reference and its exception), or it returns
@@ -882,13 +896,16 @@ def load_external_teacher(reference: str) -> Teacher:
     raise StillroomError(
         f"teacher {reference!r} returned {type(made).__name__}; it must return an nnx.Module or "
         "(apply_fn, params).")
+  if host:
+    params = jax.device_get(params)
   return Teacher(name=reference, source=reference, model="external", apply_fn=apply_fn, params=params,
                  normalization=None, features_fn=features_fn)
 
 
-def load_teacher(reference: str) -> Teacher:
-  """A run dir path, or `module:function` when no such path exists and the text has one colon."""
+def load_teacher(reference: str, host: bool = False) -> Teacher:
+  """A run dir path, or `module:function` when no such path exists and the text has one colon; `host`: its weights
+  in host memory (see `load_run_teacher`)."""
   path = storage.local(reference)
   if not storage.is_url(path) and not os.path.exists(path) and is_reference(reference):
-    return load_external_teacher(reference)
-  return load_run_teacher(reference)
+    return load_external_teacher(reference, host)
+  return load_run_teacher(reference, host=host)

@@ -15,6 +15,7 @@ from shared.errors import StillroomError
 from shared.models import MODELS, is_reference
 from shared.options import (DEMO_STUDENT, DEMO_TEACHER, FIT, SWEEP, DataSettings, JobSettings, OutputSettings,
                             ViewSettings)
+from shared.parallel import REPLICATED, SHARDINGS
 from shared.settings import (at_least, check_values, declared, flag_of, names_where, non_negative_finite,
                              positive_finite, seed_check, setting)
 from student_train.terms import LOSS_HELP, check_loss
@@ -151,6 +152,12 @@ class FitConfig(DataSettings, ViewSettings, JobSettings, OutputSettings):
       None, "also checkpoint every N steps within an epoch (its position, state and partial metrics): a run killed "
             "mid-epoch resumes from there, computing what an uninterrupted run does", metavar="STEPS", group="run",
       check=at_least(1, "step"), identity=False)
+  param_sharding: str = setting(
+      REPLICATED, "how the students' parameters and optimizer state lie on the job's devices: 'replicated' (whole on "
+                  "every device) or 'fsdp' (each array split along its longest axis that divides evenly over the "
+                  "devices, gathered inside each step: a student need not fit on one device); the batch is split "
+                  "over the same devices either way, the run is the same within float rounding, and a resumed run "
+                  "may change it", choices=SHARDINGS, group="run", identity=False)
 
 
 # The feature-distillation options (`--hint`, ...), each with the setting that weights it (`--hint-weight`, ...).

@@ -203,17 +203,19 @@ def train_step_fn(graphdef, normalization: Normalization, switches: dict[str, tu
 
 
 def make_train_step(graphdef, normalization: Normalization, mesh, switches: dict[str, tuple] | None = None,
-                    terms: tuple[FeatureTerm, ...] = ()):
+                    terms: tuple[FeatureTerm, ...] = (), state_shardings=None):
   """Builds the jitted step `(states, batch, hypers) -> (states, metrics)` for K students trained together.
 
   Args:
     graphdef: from `nnx.split((trainable, optimizer))` of one student (all share it): the model (or a
       `Distilled` with hints' regressors), and with `--hint-epochs` a stage-1 optimizer after the other.
     normalization: input normalisation of the students.
-    mesh: data-parallel mesh; batches are split along it, states replicated.
+    mesh: data-parallel mesh; batches are split along it.
     switches: the values the group's students take of each switch, from `group_switches(hypers)` (see
       `train_step_fn`); None: every switch traced, and the logit term any that the batch serves.
     terms: the group's feature terms.
+    state_shardings: where the stacked states lie on the mesh, a tree of `NamedSharding`s of their structure
+      (`shared.parallel.weight_shardings` with `group_axes=1`); the updated states stay there. None: replicated.
 
   Returns:
     The step. `states` stacks K states along axis 0, the batch is shared (`x`, `labels` int32 [B] with -1 for
@@ -225,13 +227,15 @@ def make_train_step(graphdef, normalization: Normalization, mesh, switches: dict
     any mix of settings, share one compilation.
   """
 
+  states = replicated(mesh) if state_shardings is None else state_shardings
   return jax.jit(train_step_fn(graphdef, normalization, switches, terms), donate_argnums=0,
-                 in_shardings=(replicated(mesh), batch_sharding(mesh), replicated(mesh)),
-                 out_shardings=(replicated(mesh), replicated(mesh)))
+                 in_shardings=(states, batch_sharding(mesh), replicated(mesh)),
+                 out_shardings=(states, replicated(mesh)))
 
 
-def make_predict(graphdef, normalization: Normalization, mesh):
-  """Jitted `(states, x) -> log-probabilities [K, B, C]` of K stacked students in eval mode (no dropout).
+def make_predict(graphdef, normalization: Normalization, mesh, state_shardings=None):
+  """Jitted `(states, x) -> log-probabilities [K, B, C]` of K stacked students in eval mode (no dropout), the
+  states where `state_shardings` places them (see `make_train_step`).
 
   The output is replicated, so that each process of a job can read the whole batch's (one all-gather of [K, B, C]
   per batch, small beside the forward pass)."""
@@ -241,7 +245,8 @@ def make_predict(graphdef, normalization: Normalization, mesh):
     model.eval()
     return jax.nn.log_softmax(model(normalization.apply(x)).astype(jnp.float32), axis=-1)
 
-  return jax.jit(jax.vmap(predict, in_axes=(0, None)), in_shardings=(replicated(mesh), batch_sharding(mesh)),
+  states = replicated(mesh) if state_shardings is None else state_shardings
+  return jax.jit(jax.vmap(predict, in_axes=(0, None)), in_shardings=(states, batch_sharding(mesh)),
                  out_shardings=replicated(mesh))
 
 

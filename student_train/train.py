@@ -21,13 +21,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from shared import distributed
+from shared import distributed, limits
 from shared.errors import StillroomError, raise_if_interrupted
 from shared.log import logger, progress
 from shared.models import WEIGHTS, build_model
 from shared.outputs import RUN_DIR, OutputLock, check_not_an_input, check_output
-from shared.parallel import (batch_sharding, check_batch_size, data_mesh, needs_step_sync, on_devices, process_rows,
-                             put_replicated)
+from shared.parallel import (FSDP, batch_sharding, bytes_per_device, check_batch_size, data_mesh, needs_step_sync,
+                             on_devices, process_rows, put_replicated, put_sharded, weight_shardings)
 from shared.runs import check_checkpoint_path
 from shared.workers import BatchRenderer, resolve_workers
 from student_train import run_dir as files
@@ -315,7 +315,8 @@ class _Training:
   log_epochs: bool
   on_epoch: EpochCallback | None
   graphdef: object
-  stacked: object  # The students' states, stacked along axis 0 and replicated on the mesh.
+  stacked: object  # The students' states, stacked along axis 0, on the mesh as `state_shardings` places them.
+  state_shardings: object  # `--param-sharding`'s `NamedSharding` of each array of `stacked` (never along axis 0).
   per_student: Hypers  # The step's per-student hypers, stacked and replicated.
   distill_alpha: np.ndarray  # float32 [K] each student's alpha while distilling.
   step: Callable
@@ -337,7 +338,8 @@ class _Training:
 
 
 def _initial_states(group: list[RunPlan], loader, mesh) -> tuple[object, list]:
-  """Each run's model (and hint regressors) and optimizers, as one graphdef and each run's state on the devices."""
+  """Each run's model (and hint regressors) and optimizers, as one graphdef and each run's state on the devices, as
+  `--param-sharding` places it (where checkpoints restore to)."""
   states = []
   for plan in group:
     model = build_model(plan.model_spec, seed=plan.config.seed)
@@ -354,7 +356,8 @@ def _initial_states(group: list[RunPlan], loader, mesh) -> tuple[object, list]:
       stage1 = dataclasses.replace(plan.config, epochs=plan.config.hint_epochs, hint_epochs=0, finetune_epochs=0)
       optimizers.append(nnx.Optimizer(trainable, make_optimizer(stage1, loader.steps_per_epoch), wrt=nnx.Param))
     graphdef, state = nnx.split((trainable, *optimizers))
-    states.append(put_replicated(state, mesh))  # Where checkpoints restore to, on every process's devices.
+    # Where checkpoints restore to, on every process's devices.
+    states.append(put_sharded(state, weight_shardings(state, mesh, plan.config.param_sharding)))
   return graphdef, states
 
 
@@ -383,11 +386,11 @@ def _set_up(group: list[RunPlan], checkpoints: list[files.Checkpoints], mids: li
   num_members = first.cache.spec.num_members if first.cache is not None else 1
   per_student = stack_hypers([plan.hypers(num_members) for plan in group], [plan.config.seed for plan in group])
   distill_alpha = per_student.alpha
-  stacked = put_replicated(stack_states(states), mesh)
+  stacked, state_shardings = place_states(stack_states(states), mesh, config.param_sharding, log_epochs)
   switches = group_switches(per_student)
   per_student = put_replicated(per_student, mesh)
-  step = make_train_step(graphdef, first.normalization, mesh, switches, first.feature_terms)
-  predict = make_predict(graphdef, first.normalization, mesh)
+  step = make_train_step(graphdef, first.normalization, mesh, switches, first.feature_terms, state_shardings)
+  predict = make_predict(graphdef, first.normalization, mesh, state_shardings)
   teacher_top1 = [cached_teacher_top1(plan) for plan in group]
   _say_what_eval_reports(first, teacher_top1[0] is not None)
   if len(group) > 1 and log_epochs:
@@ -395,9 +398,32 @@ def _set_up(group: list[RunPlan], checkpoints: list[files.Checkpoints], mids: li
   return _Training(first=first, group=list(group), checkpoints=list(checkpoints), mids=list(mids),
                    to_close=list(checkpoints) + [mid for mid in mids if mid is not None], mesh=mesh,
                    loader=loader, eval_render=eval_render, log_epochs=log_epochs, on_epoch=on_epoch,
-                   graphdef=graphdef, stacked=stacked, per_student=per_student, distill_alpha=distill_alpha,
+                   graphdef=graphdef, stacked=stacked, state_shardings=state_shardings, per_student=per_student,
+                   distill_alpha=distill_alpha,
                    step=step, predict=predict, teacher_top1=teacher_top1, start_epoch=start_epoch,
                    start_step=start_step, resumed_sums=resumed_sums, resumed_seconds=resumed_seconds)
+
+
+def place_states(stacked, mesh, sharding: str, log: bool = True) -> tuple[object, object]:
+  """The group's stacked states on the mesh as `--param-sharding` places them: replicated, or (fsdp) each array
+  split along its longest axis after the students' axis 0 that divides evenly over the devices
+  (`shared.parallel.fsdp_spec`). With fsdp and `log`, it says what each device holds, or warns that nothing
+  splits.
+
+  Returns:
+    `(states placed, their NamedShardings)`, the same structure.
+  """
+  shardings = weight_shardings(stacked, mesh, sharding, group_axes=1)
+  placed = put_sharded(stacked, shardings)
+  if sharding == FSDP and log and mesh.devices.size > 1:
+    whole, held = bytes_per_device(placed)
+    if held == whole:
+      _LOG.warning(f"--param-sharding fsdp: no array of the students' parameters and optimizer state has an axis "
+                   f"divisible by the {mesh.devices.size} devices; they are replicated on each of them.")
+    else:
+      _LOG.info(f"--param-sharding fsdp: {limits.human_bytes(held)} of the students' {limits.human_bytes(whole)} "
+                f"of parameters and optimizer state on each of the {mesh.devices.size} devices")
+  return placed, shardings
 
 
 def _epoch_hypers(run: _Training, epoch: int) -> Hypers:
@@ -474,9 +500,11 @@ def _drop_diverged(run: _Training, epoch: int, totals: dict) -> dict:
                                           [run.mids[k] for k in keep])
   run.teacher_top1 = [run.teacher_top1[k] for k in keep]
   run.stacked, run.per_student = jax.tree.map(lambda a: a[np.array(keep)], (run.stacked, run.per_student))
+  run.stacked = put_sharded(run.stacked, run.state_shardings)  # Where the step takes them (K is never split).
   run.distill_alpha = run.distill_alpha[keep]
   run.step = make_train_step(run.graphdef, run.first.normalization, run.mesh,
-                             group_switches(jax.device_get(run.per_student)), run.first.feature_terms)
+                             group_switches(jax.device_get(run.per_student)), run.first.feature_terms,
+                             run.state_shardings)
   return {name: value[keep] for name, value in totals.items()}
 
 

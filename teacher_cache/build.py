@@ -36,7 +36,8 @@ from shared.losses import stored_feature
 from shared.models import check_input_shape
 from shared.outputs import (STORE, OutputLock, check_not_an_input, check_output, clear_for_overwrite, is_store,
                             storage_errors)
-from shared.parallel import batch_sharding, cap_batch, check_batch_size, data_mesh, pad_rows, replicated
+from shared.parallel import (FSDP, REPLICATED, SHARDINGS, batch_sharding, bytes_per_device, cap_batch,
+                             check_batch_size, data_mesh, pad_rows, put_sharded, weight_shardings)
 from shared.runs import Teacher, load_teacher
 from shared.options import (BUILD, DEFAULT_SPLIT, DEMO_BUILD, IMPORT, VIEWS, DataSettings, JobSettings,
                             OutputSettings, ViewSettings, resolve_dataset)
@@ -91,6 +92,12 @@ class BuildConfig(DataSettings, ViewSettings, JobSettings, OutputSettings):
                             commands=(BUILD, VIEWS, IMPORT), helps={VIEWS: ("rows per views_*.npz file", None)})
   dtype: str = setting("float16", "storage dtype of logits and targets", choices=STORAGE_DTYPES, group="teachers",
                        commands=(BUILD, IMPORT))
+  teacher_sharding: str = setting(
+      REPLICATED, "how each teacher's weights lie on this process's devices: 'replicated' (whole on every device) or "
+                  "'fsdp' (each weight array split along its longest axis that divides evenly over the devices, "
+                  "gathered inside each forward pass: a teacher need not fit on one device); the batch is split over "
+                  "the same devices either way, and the store is the same within float rounding", choices=SHARDINGS,
+      group="run", identity=False, scope="process")
   ignore_limits: bool = setting(False, "start even when the output's projected size exceeds the free space of its "
                                        "file system, or its chunks' working memory the available memory (both are "
                                        "checked before anything is written)", group="run",
@@ -177,7 +184,7 @@ def _specialists(config: BuildConfig, teachers: list[Teacher], transfer_set: Tra
                          f"generalist outputs {num_classes}.")
   found = {}
   for reference in config.specialist_runs:
-    run = load_teacher(reference)
+    run = load_teacher(reference, host=True)
     record = None if run.record is None else run.record.specialist
     if record is None:
       raise StillroomError(f"{reference!r} is not a specialist run (one trained with `student-train fit "
@@ -259,8 +266,9 @@ def targets_of_logits(spec: CacheSpec):
   return stored_and_targets
 
 
-def _make_forwards(teachers: list[Teacher], spec: CacheSpec, mesh):
-  """The two jitted forwards of all runs, both with finite flags `[B, M]` for the stored logits:
+def _make_forwards(teachers: list[Teacher], spec: CacheSpec, mesh, param_shardings):
+  """The two jitted forwards of all runs, both with finite flags `[B, M]` for the stored logits, the weights `params`
+  (every run's, in order) placed with `param_shardings` (`place_teachers`):
 
   - rows: `(params, inputs [B, ...], folds [B], example indices [B], views [B]) -> (member logits [B, M, C],
     targets, finite, finite targets [B])` (`targets_of_logits`). Cross-fitted, each row takes each member's logits
@@ -320,9 +328,33 @@ def _make_forwards(teachers: list[Teacher], spec: CacheSpec, mesh):
     stored = jnp.mean(run_logits(params[:num_runs], x)[0], axis=2).astype(storage_dtype)
     return stored, jnp.all(jnp.isfinite(stored), axis=-1)
 
-  data, params = batch_sharding(mesh), replicated(mesh)
+  data, params = batch_sharding(mesh), param_shardings
   return (jax.jit(rows_forward, in_shardings=(params, data, data, data, data), out_shardings=(data, data, data, data)),
           jax.jit(eval_forward, in_shardings=(params, data), out_shardings=(data, data)))
+
+
+def place_teachers(teachers: list[Teacher], mesh, sharding: str) -> tuple[list, list]:
+  """Every run's weights on this process's devices, from the host arrays each process loaded (`load_teacher(...,
+  host=True)`): replicated, or with `sharding` "fsdp" each array split over the devices
+  (`shared.parallel.fsdp_spec`). With FSDP it logs what each device holds, and warns of a teacher none of whose
+  arrays divides evenly over the devices (it stays whole on every device).
+
+  Returns:
+    `(params, shardings)`: the weights of each run, in order, as placed, and their `NamedSharding`s (same structure).
+  """
+  weights = [teacher.params for teacher in teachers]
+  shardings = weight_shardings(weights, mesh, sharding)
+  params = put_sharded(weights, shardings)
+  if sharding == FSDP and mesh.devices.size > 1:
+    for teacher, placed in zip(teachers, params):
+      whole, held = bytes_per_device(placed)
+      if held == whole:
+        _LOG.warning(f"--teacher-sharding fsdp: no weight array of teacher {teacher.name!r} has an axis divisible by "
+                     f"the {mesh.devices.size} devices; it is replicated on each of them.")
+    whole, held = bytes_per_device(params)
+    _LOG.info(f"--teacher-sharding fsdp: {limits.human_bytes(held)} of the teachers' {limits.human_bytes(whole)} of "
+              f"weights on each of {mesh.devices.size} devices")
+  return params, shardings
 
 
 def _as_recorded(spec: CacheSpec, existing: CacheSpec, data: dict) -> CacheSpec:
@@ -476,7 +508,7 @@ def _plan(config: BuildConfig) -> tuple:
   eval_set = _eval_set(config) if not config.specialist_plan else None
   if config.specialist_plan and (config.eval_split not in (None, NO_EVAL) or config.eval_dataset):
     _LOG.info("a cache of specialists stores no eval split (its students evaluate on their own): --eval-* ignored")
-  teachers = [load_teacher(reference) for reference in config.teachers]
+  teachers = [load_teacher(reference, host=True) for reference in config.teachers]  # Placed by `place_teachers`.
   if config.folds > 1:
     _check_folds(teachers, config.folds)
   input_shape = augmentation.output_shape(transfer_set.input_shape)
@@ -690,8 +722,8 @@ def _write_chunks(cache: Cache, transfer_set: TransferSet, eval_set: TransferSet
   process = f" (process {jax.process_index()} of {jax.process_count()})" if jax.process_count() > 1 else ""
   if remaining < total:
     _LOG.info(f"resuming {cache.path}{process}: {total - remaining} of {total} rows already committed")
-  rows_forward, eval_forward = _make_forwards(teachers, spec, mesh)
-  params = jax.device_put([t.params for t in teachers], replicated(mesh))
+  params, shardings = place_teachers(teachers, mesh, config.teacher_sharding)
+  rows_forward, eval_forward = _make_forwards(teachers, spec, mesh, shardings)
   writer = ChunkWriter(cache)
   bar = progress(total=total, initial=total - remaining, unit="row", unit_scale=True, enabled=config.progress,
                  summary=False, desc="teacher-cache build" + process)  # The build logs its own line at the end.

@@ -1749,6 +1749,29 @@ def test_json_values_are_named_in_one_vocabulary():
   assert not is_kind(0, None) and is_kind(False, bool) and EXPECTED[list] == "an array"
 
 
+# --- fsdp: --teacher-sharding (build), --param-sharding (fit) ----------------------------------------------------
+# A teacher or student none of whose arrays divides over the devices is a warning, not a refusal (tests/test_sharding).
+
+@fault("build --teacher-sharding zero3")
+def _(env, tmp_path, mp):
+  return (cache_main, _build(env, tmp_path / "c.zarr", "--teacher-sharding", "zero3"), 2,
+          r"argument --teacher-sharding: invalid choice: 'zero3' \(choose from '?replicated'?, '?fsdp'?\)",
+          [Absent(tmp_path / "c.zarr")])
+
+
+@fault("fit --param-sharding zero3")
+def _(env, tmp_path, mp):
+  return (student_main, _fit(env, "--dataset", "digits", "--param-sharding", "zero3", "--out", tmp_path / "r"), 2,
+          r"argument --param-sharding: invalid choice: 'zero3' \(choose from '?replicated'?, '?fsdp'?\)",
+          [Absent(tmp_path / "r")])
+
+
+@fault("fit --teacher-sharding fsdp (the build's option)")
+def _(env, tmp_path, mp):
+  return (student_main, _fit(env, "--dataset", "digits", "--teacher-sharding", "fsdp", "--out", tmp_path / "r"), 2,
+          r"unrecognized arguments: --teacher-sharding fsdp", [Absent(tmp_path / "r")])
+
+
 @pytest.mark.parametrize("name", list(FAULTS))
 def test_fault_is_refused_cleanly(name, env, tmp_path, monkeypatch, capsys):
   _refused_cleanly(FAULTS[name](env, tmp_path, monkeypatch), env, monkeypatch, capsys)
