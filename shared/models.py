@@ -27,8 +27,7 @@ from flax import nnx
 
 from shared.architectures.resnet import CifarResNet
 from shared.errors import StillroomError
-
-COMPUTE_DTYPES = ("float32", "bfloat16")  # What `ModelSpec.dtype` may be.
+from shared.precision import COMPUTE_DTYPES  # What `ModelSpec.dtype` may be.
 # A model's weights: its trained parameters and BatchNorm's running statistics. Checkpoints hold them and a
 # teacher's apply_fn takes them; optimizers and parameter counts see `nnx.Param` alone.
 WEIGHTS = nnx.Any(nnx.Param, nnx.BatchStat)
@@ -251,8 +250,9 @@ def build_model(spec: ModelSpec, seed: int = 0) -> nnx.Module:
   if spec.dropout:
     raise StillroomError(f"--dropout is for the registry's models; your own model {spec.name!r} does its own.")
   if spec.dtype != "float32":
-    raise StillroomError(f"--dtype {spec.dtype} is for the registry's models; your own model {spec.name!r} sets its "
-                         "own compute dtype (build its layers with dtype=jnp.bfloat16).")
+    raise StillroomError(f"--compute-dtype {spec.dtype} is for the registry's models; your own model {spec.name!r} "
+                         "sets its own compute dtype (build its layers with dtype=jnp.bfloat16): give --compute-dtype "
+                         "float32.")
   factory = import_function(spec.name, "model")
   try:
     model = factory(tuple(spec.input_shape), spec.num_classes, nnx.Rngs(seed))

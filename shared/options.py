@@ -9,6 +9,7 @@ import dataclasses
 
 from shared.augment import DEFAULT_CROP_AREA, DEFAULT_CROP_ASPECT
 from shared.data import NO_EVAL
+from shared.precision import COMPUTE_DTYPES, DEFAULT_COMPUTE_DTYPE
 from shared.settings import at_least, setting, workers_check
 
 DEFAULT_DATASET = "digits"  # The embedded dataset: every command runs without downloads or files.
@@ -77,6 +78,22 @@ class ViewSettings:
   crop_aspect: tuple[float, ...] = setting(DEFAULT_CROP_ASPECT, "crop views: min,max width/height of a random crop",
                                            metavar="MIN,MAX", group="views", requires="image_size",
                                            commands=(FIT, BUILD, VIEWS, IMPORT, DEMO_BUILD))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ComputeSettings:
+  """What the models compute in (`shared.precision`)."""
+
+  # scope "group": the students of one vmapped group share one graphdef, which fixes its layers' dtype.
+  compute_dtype: str = setting(
+      DEFAULT_COMPUTE_DTYPE, "the dtype the student computes in (a registry model), recorded in the run: parameters, "
+                             "BatchNorm statistics and optimizer state stay float32, and logits are float32 before "
+                             "any softmax or loss", choices=COMPUTE_DTYPES,
+      group="run", commands=(FIT, SWEEP, BUILD), axis=True, added=True,
+      helps={BUILD: ("the dtype the teachers compute in, recorded in the cache with the bound its targets keep "
+                     "against a float32 build's (run dirs of registry models only: not a module:function teacher); "
+                     "parameters and BatchNorm statistics stay float32, logits are float32 before the ensemble",
+                     None)})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

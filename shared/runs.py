@@ -41,6 +41,7 @@ from shared.errors import StillroomError
 from shared.json_checks import EXPECTED, described, is_kind
 from shared.log import logger
 from shared.models import WEIGHTS, ModelSpec, build_model, import_function, is_reference
+from shared.precision import DEFAULT_COMPUTE_DTYPE
 from shared.outputs import process_gone
 
 CONFIG_FILE = "config.json"
@@ -794,7 +795,7 @@ def check_checkpoint_path(run_dir: str, option: str = "--out") -> None:
 
 
 def load_run_teacher(run_dir: str, epoch: int | None = None, epoch_option: str | None = None,
-                     host: bool = False) -> Teacher:
+                     host: bool = False, compute_dtype: str | None = None) -> Teacher:
   """Loads a checkpoint of a run dir as a teacher, its files checked against their digests: the newest, or the one
   after `epoch` epochs.
 
@@ -809,15 +810,17 @@ def load_run_teacher(run_dir: str, epoch: int | None = None, epoch_option: str |
     host: restore the weights into host memory (NumPy arrays), for a caller that places them on its devices itself
       (the build, which may split them over its devices: a teacher need not fit on one); else onto this process's
       first device.
+    compute_dtype: the dtype its model computes in (`shared.precision.COMPUTE_DTYPES`); None: the one its run
+      recorded (`ModelSpec.dtype`). Its weights load the same at either.
 
   Raises:
     StillroomError: missing or unreadable dir, config or checkpoint; a damaged or absent newest checkpoint, or
-      `epoch` not kept (naming the epochs kept); unknown model.
+      `epoch` not kept (naming the epochs kept); unknown model; your own model asked to compute in bfloat16.
   """
   check_checkpoint_path(run_dir, "run dir")
   config = read_config(run_dir)
   record = RunRecord.from_json(config, repr(run_dir))
-  spec = record.model
+  spec = record.model if compute_dtype is None else dataclasses.replace(record.model, dtype=compute_dtype)
   model = nnx.eval_shape(lambda: build_model(spec))
   apply_fn, abstract, features_fn = _module_apply_fn(model)
   if not storage.exists(storage.join(run_dir, CHECKPOINT_DIR)):
@@ -902,10 +905,24 @@ def load_external_teacher(reference: str, host: bool = False) -> Teacher:
                  normalization=None, features_fn=features_fn)
 
 
-def load_teacher(reference: str, host: bool = False) -> Teacher:
-  """A run dir path, or `module:function` when no such path exists and the text has one colon; `host`: its weights
-  in host memory (see `load_run_teacher`)."""
+def load_teacher(reference: str, compute_dtype: str | None = None, host: bool = False) -> Teacher:
+  """A run dir path, or `module:function` when no such path exists and the text has one colon.
+
+  Args:
+    reference: the run dir or `module:function`.
+    compute_dtype: the dtype a run dir's model computes in (None: the one it recorded; see `load_run_teacher`).
+      Your own function computes as its code does: it is refused with any dtype but float32, which stillroom
+      cannot make it compute in.
+    host: its weights in host memory (see `load_run_teacher`).
+
+  Raises:
+    StillroomError: see `load_run_teacher` and `load_external_teacher`; your own function with bfloat16.
+  """
   path = storage.local(reference)
   if not storage.is_url(path) and not os.path.exists(path) and is_reference(reference):
+    if compute_dtype not in (None, DEFAULT_COMPUTE_DTYPE):
+      raise StillroomError(f"teacher {reference!r} is your own function, which computes as its code does: stillroom "
+                           f"cannot make it compute in {compute_dtype}; build with --compute-dtype "
+                           f"{DEFAULT_COMPUTE_DTYPE}.")
     return load_external_teacher(reference, host)
-  return load_run_teacher(reference, host=host)
+  return load_run_teacher(reference, host=host, compute_dtype=compute_dtype)

@@ -13,8 +13,8 @@ from typing import ClassVar
 from shared.ensemble import COMBINE_RULES
 from shared.errors import StillroomError
 from shared.models import MODELS, is_reference
-from shared.options import (DEMO_STUDENT, DEMO_TEACHER, FIT, SWEEP, DataSettings, JobSettings, OutputSettings,
-                            ViewSettings)
+from shared.options import (DEMO_STUDENT, DEMO_TEACHER, FIT, SWEEP, ComputeSettings, DataSettings, JobSettings,
+                            OutputSettings, ViewSettings)
 from shared.parallel import REPLICATED, SHARDINGS
 from shared.settings import (at_least, check_values, declared, flag_of, names_where, non_negative_finite,
                              positive_finite, seed_check, setting)
@@ -31,9 +31,9 @@ _PAIR = "STUDENT_FEATURE=TEACHER_FEATURE[:KIND][@MEMBER],..."
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class FitConfig(DataSettings, ViewSettings, JobSettings, OutputSettings):
+class FitConfig(DataSettings, ViewSettings, ComputeSettings, JobSettings, OutputSettings):
   """Settings of `student-train fit` (and of each run of a sweep). None means "resolved from the data" (see each
-  field's help). The data, views, job and output settings are the shared ones of `shared.options`."""
+  field's help). The data, views, compute, job and output settings are the shared ones of `shared.options`."""
 
   COMMANDS: ClassVar[tuple[str, ...]] = (FIT, SWEEP)  # Who offers a field that names no commands.
 

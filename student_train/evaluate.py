@@ -9,6 +9,7 @@ from typing import ClassVar
 from collections.abc import Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from shared.augment import Augmentation
@@ -103,7 +104,7 @@ def run_logits(run: Teacher, transfer_set: TransferSet, batch_size: int, what: s
     raise StillroomError(f"{what} saw images as stored, but {transfer_set.name!r} holds images of varying size; "
                          "evaluate it on the data it was trained on.")
   check_input_shape(run.apply_fn, run.params, views.output_shape(transfer_set.input_shape), what)
-  apply = jax.jit(lambda params, x: run.apply_fn(params, normalization.apply(x)))
+  apply = jax.jit(lambda params, x: run.apply_fn(params, normalization.apply(x)).astype(jnp.float32))
   with BatchRenderer(transfer_set, views, workers=resolve_workers(None, transfer_set)) as render:
     return np.concatenate([np.asarray(apply(run.params, x)) for x in view_zero_batches(render, batch_size)])
 

@@ -321,7 +321,8 @@ def plan_run(config: FitConfig, opened: Opened | None = None) -> RunPlan:
         crop_area=config.crop_area, crop_aspect=config.crop_aspect)
   config = dataclasses.replace(config, **resolved, finetune_lr=config.finetune_lr or config.lr / 10)
   input_shape = augmentation.output_shape(transfer_set.input_shape)
-  model_spec = ModelSpec(name=config.model, input_shape=input_shape, num_classes=num_classes, dropout=config.dropout)
+  model_spec = ModelSpec(name=config.model, input_shape=input_shape, num_classes=num_classes, dropout=config.dropout,
+                         dtype=config.compute_dtype)
   abstract = nnx.eval_shape(lambda: build_model(model_spec))
   if config.model not in MODELS:  # Your own: recorded with its structure, which a resume or a teacher load checks.
     model_spec = dataclasses.replace(model_spec, structure=structure_digest(abstract))

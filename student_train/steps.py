@@ -172,6 +172,8 @@ def train_step_fn(graphdef, normalization: Normalization, switches: dict[str, tu
     def loss_fn(trainable):
       x = normalization.apply(batch["x"])
       logits, named = student_of(trainable).features(x) if terms else (student_of(trainable)(x), {})
+      # Whatever the model computes in (`--compute-dtype`), the losses' softmax and log-sum-exp are float32.
+      logits = logits.astype(jnp.float32)
       total, hard, soft = distillation_loss(logits, batch["labels"], hyper.alpha, teacher,
                                             temperature=hyper.temperature, loss=hyper.loss,
                                             settings=hyper.loss_settings, candidates=candidates)

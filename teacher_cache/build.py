@@ -38,18 +38,20 @@ from shared.outputs import (STORE, OutputLock, check_not_an_input, check_output,
                             storage_errors)
 from shared.parallel import (FSDP, REPLICATED, SHARDINGS, batch_sharding, bytes_per_device, cap_batch,
                              check_batch_size, data_mesh, pad_rows, put_sharded, weight_shardings)
+from shared.precision import DEFAULT_COMPUTE_DTYPE, target_tolerance
 from shared.runs import Teacher, load_teacher
-from shared.options import (BUILD, DEFAULT_SPLIT, DEMO_BUILD, IMPORT, VIEWS, DataSettings, JobSettings,
-                            OutputSettings, ViewSettings, resolve_dataset)
+from shared.options import (BUILD, DEFAULT_SPLIT, DEMO_BUILD, IMPORT, VIEWS, ComputeSettings, DataSettings,
+                            JobSettings, OutputSettings, ViewSettings, resolve_dataset)
 from shared.settings import setting, workers_check
 from shared.specialists import SpecialistPlan, class_matrix, specialist_log_probs
 from shared.workers import BatchRenderer, resolve_workers
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class BuildConfig(DataSettings, ViewSettings, JobSettings, OutputSettings):
+class BuildConfig(DataSettings, ViewSettings, ComputeSettings, JobSettings, OutputSettings):
   """Settings of `teacher-cache build`, and of `views` and `import` where they offer them (the CLI's options, defaults
-  and help come from here; the data, view, job and output settings are the shared ones of `shared.options`)."""
+  and help come from here; the data, view, compute, job and output settings are the shared ones of
+  `shared.options`)."""
 
   COMMANDS: ClassVar[tuple[str, ...]] = (BUILD,)  # Who offers a field that names no commands.
 
@@ -184,7 +186,7 @@ def _specialists(config: BuildConfig, teachers: list[Teacher], transfer_set: Tra
                          f"generalist outputs {num_classes}.")
   found = {}
   for reference in config.specialist_runs:
-    run = load_teacher(reference, host=True)
+    run = load_teacher(reference, config.compute_dtype, host=True)
     record = None if run.record is None else run.record.specialist
     if record is None:
       raise StillroomError(f"{reference!r} is not a specialist run (one trained with `student-train fit "
@@ -290,13 +292,15 @@ def _make_forwards(teachers: list[Teacher], spec: CacheSpec, mesh, param_shardin
       wanted = [feature for feature in spec.features if feature.member == run] if features else []
       if wanted:
         z, named = teachers[run].features_fn(p, n.apply(x))
-        stored.update({feature.array_name: stored_feature(named[feature.name], feature.kind).astype(FEATURE_DTYPE)
+        # Features of a teacher computing in bfloat16 are bfloat16: attention maps and pooling are float32.
+        stored.update({feature.array_name: stored_feature(named[feature.name].astype(jnp.float32),
+                                                          feature.kind).astype(FEATURE_DTYPE)
                        for feature in wanted})
       else:
         z = f(p, n.apply(x))
-      outputs.append(z)
+      outputs.append(z.astype(jnp.float32))  # Before the ensemble's log-softmax and log-sum-exp.
     runs = jnp.stack(outputs, axis=1)
-    return runs.astype(jnp.float32).reshape(runs.shape[0], spec.num_members, spec.folds, runs.shape[-1]), stored
+    return runs.reshape(runs.shape[0], spec.num_members, spec.folds, runs.shape[-1]), stored
 
   def rows_forward(params, x, fold, index, view):
     runs, features = run_logits(params[:num_runs], x, features=True)  # [B, M, K, C]
@@ -487,7 +491,11 @@ def make_spec(config: BuildConfig, transfer_set: TransferSet, eval_set: Transfer
       dtype=config.dtype, chunk_rows=config.chunk_rows, folds=config.folds, targets=targets,
       member_logits=config.member_logits or targets == "dense", software_version=__version__, created_at=now_iso(),
       specialists=tuple(specialists), top_n=config.top_n if specialists else 0,
-      features=tuple(features))
+      features=tuple(features), compute_dtype=config.compute_dtype,
+      # The bound is the ensemble rules' (`shared.precision`): none is claimed for the specialists' combination q,
+      # but a float32 build's, q's included, is reproducible.
+      target_tolerance=None if specialists and config.compute_dtype != DEFAULT_COMPUTE_DTYPE else
+      target_tolerance(config.compute_dtype, config.temperature))
 
 
 def _plan(config: BuildConfig) -> tuple:
@@ -508,7 +516,8 @@ def _plan(config: BuildConfig) -> tuple:
   eval_set = _eval_set(config) if not config.specialist_plan else None
   if config.specialist_plan and (config.eval_split not in (None, NO_EVAL) or config.eval_dataset):
     _LOG.info("a cache of specialists stores no eval split (its students evaluate on their own): --eval-* ignored")
-  teachers = [load_teacher(reference, host=True) for reference in config.teachers]  # Placed by `place_teachers`.
+  teachers = [load_teacher(reference, config.compute_dtype, host=True)  # Placed by `place_teachers`.
+              for reference in config.teachers]
   if config.folds > 1:
     _check_folds(teachers, config.folds)
   input_shape = augmentation.output_shape(transfer_set.input_shape)
@@ -685,7 +694,8 @@ def build_cache(config: BuildConfig) -> str:
   _LOG.info(f"wrote {spec.num_rows} rows ({len(transfer_set)} examples x {spec.views} views, {spec.num_members} members"
             + (f" of {spec.folds} cross-fitted runs" if spec.folds > 1 else "")
             + (f" and {len(spec.specialists)} specialists (top-{spec.top_n})" if spec.specialists else "")
-            + f", {spec.num_classes} classes)"
+            + f", {spec.num_classes} classes"
+            + (f", computed in {spec.compute_dtype}" if spec.compute_dtype != DEFAULT_COMPUTE_DTYPE else "") + ")"
             + (f" and {spec.num_eval_rows} eval rows ({spec.eval_dataset.split})" if spec.eval_dataset else "")
             + f" to {config.out}")
   return config.out

@@ -129,6 +129,10 @@ def _print_info(info: dict) -> None:
       f"q of the generalist and {len(spec['specialists'])} specialists (top-{spec['top_n']})"
   print(f"targets      {rule} at T={spec['temperature']:g}, {spec['num_classes']} classes, "
         f"{stored}, {spec['dtype']}; stillroom {spec['software_version']}, created {spec['created_at']}")
+  tolerance = info["target_tolerance"]
+  print(f"compute      the teachers in {info['compute_dtype']}" + (
+      "" if tolerance == 0 else "; no bound claimed for the specialists' q against a float32 build" if tolerance is None
+      else f"; targets within total-variation distance {tolerance:g} of a float32 build's"))
   print("arrays       " + ", ".join(f"{name} {size:,} B" for name, size in info["bytes_per_row"].items())
         + " per row")
   stats = info.get("stats")

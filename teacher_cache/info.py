@@ -15,7 +15,8 @@ def cache_info(path: str) -> dict:
 
   Returns:
     A JSON-able dict: "spec", "complete", "completion" (the completion record, its chunk table as each array's
-    count of chunks), "rows", "bytes", "bytes_per_row" (per array), and (for a complete
+    count of chunks), "rows", "bytes", "bytes_per_row" (per array), "compute_dtype" (the teachers') and
+    "target_tolerance" (the bound its targets keep against a float32 build's; `CacheSpec`), and (for a complete
     store) "stats" with the ensemble's accuracy on labelled rows (all views and view 0), the mean entropy of the
     targets (nats, at T), the mean top-1 probability, the mean probability the top-k classes hold (top-k), each
     member's accuracy, the fraction of rows where all members agree on the top-1 class and the mean pairwise top-1
@@ -32,7 +33,8 @@ def cache_info(path: str) -> dict:
     completion = {**completion, CHUNK_TABLE: {name: len(digits) // 8 if isinstance(digits, str) else None
                                               for name, digits in completion[CHUNK_TABLE].items()}}
   info = {"path": path, "complete": cache.complete, "completion": completion, "rows": spec.num_rows,
-          "bytes": storage.size(path), "spec": spec.to_attrs(),
+          "bytes": storage.size(path), "spec": spec.to_attrs(), "compute_dtype": spec.compute_dtype,
+          "target_tolerance": spec.target_tolerance,
           "bytes_per_row": {name: spec.array(name).row_bytes
                             for name in spec.arrays_of(ROWS) if spec.array(name).role != "bookkeeping"}}
   if not cache.complete:

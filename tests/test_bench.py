@@ -132,6 +132,12 @@ def _features(result, printed, tmp):
   assert "| KD + similarity |" in printed
 
 
+def _precision(result, printed, tmp):
+  assert list(result["models"]) == ["mlp-tiny"] and set(result["ensemble"]) == {"T=1", "T=4"}
+  _positive(result, "models.mlp-tiny.max_abs_logit", "ensemble.T=1.tolerance", "logit_spread_bound")
+  assert isinstance(result["within_bounds"], bool) and "| ensemble targets (bound) |" in printed
+
+
 def _keras_peer(result, printed, tmp):
   _positive(result, "build_s", "median_epoch_s.stillroom_plain_s", "median_epoch_s.stillroom_kd_s")
   if "keras_kd_s" in result:  # This Python has Keras.
@@ -175,6 +181,7 @@ SMOKE = {
     "bench/features.py": Smoke(["--smoke", "--seeds", "1", "--data-dir", "{data_dir}", "--work", "{tmp}/work", *OUT],
                                _features),
     "bench/keras_peer.py": Smoke(["--smoke", *OUT], _keras_peer),
+    "bench/precision.py": Smoke(["--smoke", "--data-dir", "{data_dir}", "--work", "{tmp}/work", *OUT], _precision),
     "scripts/make_shapes.py": Smoke(["{tmp}/shapes", "--train-per-class", "1", "--test-per-class", "0"],
                                     _make_shapes),
     "scripts/recipe_search.py": Smoke(["--smoke", "--work", "{tmp}/work", "--data-dir", "{data_dir}"],

@@ -1772,6 +1772,55 @@ def _(env, tmp_path, mp):
           r"unrecognized arguments: --teacher-sharding fsdp", [Absent(tmp_path / "r")])
 
 
+# --- mixed precision (--compute-dtype) ----------------------------------------------------------------------------
+
+@fault("fit --compute-dtype float16")
+def _(env, tmp_path, mp):
+  return (student_main, _fit(env, "--compute-dtype", "float16", "--out", tmp_path / "r"), 2,
+          r"argument --compute-dtype: invalid choice: 'float16' \(choose from '?float32'?, '?bfloat16'?\)",
+          [Absent(tmp_path / "r")])
+
+
+@fault("fit --compute-dtype bfloat16 of your own student model")
+def _(env, tmp_path, mp):
+  return (student_main, _fit(env, "--split", "train[:200]", "--model", "my_models:tiny", "--compute-dtype",
+                             "bfloat16", "--out", tmp_path / "r"), 2,
+          r"--compute-dtype bfloat16 is for the registry's models; your own model 'my_models:tiny' sets its own "
+          r"compute dtype .*: give --compute-dtype float32", [Absent(tmp_path / "r")])
+
+
+@fault("build --compute-dtype bfloat16 of your own teacher function")
+def _(env, tmp_path, mp):
+  mp.chdir(env.root)
+  return (cache_main, _build(env, tmp_path / "c.zarr", "--compute-dtype", "bfloat16",
+                             teachers=[env.teachers[0], "bad_teachers:ignores_batch"]), 2,
+          r"teacher 'bad_teachers:ignores_batch' is your own function, which computes as its code does: stillroom "
+          r"cannot make it compute in bfloat16; build with --compute-dtype float32", [Absent(tmp_path / "c.zarr")])
+
+
+@fault("the build again in bfloat16 on a complete float32 store")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  return (cache_main, _build(env, store, "--compute-dtype", "bfloat16"), 2,
+          r"holds a cache built with other settings: compute_dtype: float32 \(store\) vs bfloat16 \(command\)\. "
+          r"Pass --overwrite", [store])
+
+
+@fault("fit in bfloat16 on a float32 run dir")
+def _(env, tmp_path, mp):
+  return (student_main, _fit(env, "--dataset", "digits", "--split", "train[:200]", "--compute-dtype", "bfloat16",
+                             "--out", env.run), 2,
+          r"holds a run with another config: config\.compute_dtype: float32 \(run dir\) vs bfloat16 \(command\); "
+          r"model\.dtype: .* vs bfloat16 \(command\)\. Pass --overwrite", [env.run])
+
+
+@fault("info on a spec whose compute dtype was edited to float16")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  _edit_spec(store, lambda attrs: attrs[SPEC_KEY].update(compute_dtype="float16"))
+  return (cache_main, ["info", store], 2, r"compute dtype 'float16' .* one of float32, bfloat16", [store])
+
+
 @pytest.mark.parametrize("name", list(FAULTS))
 def test_fault_is_refused_cleanly(name, env, tmp_path, monkeypatch, capsys):
   _refused_cleanly(FAULTS[name](env, tmp_path, monkeypatch), env, monkeypatch, capsys)

@@ -8,7 +8,10 @@ a generalist with specialists; version 5 holds teacher features (`--features`), 
 2 to 5 whose completion record binds every chunk to its position and the spec to the store
 (`shared.cache.record`): every store this stillroom writes. A reader must check those bindings, so a stillroom that
 does not know them refuses the store by its version rather than trusting it unchecked; and a store of version 6 whose
-record lacks them is damaged, not one completed before they existed.
+record lacks them is damaged, not one completed before they existed. A build whose teachers computed in bfloat16
+(`--compute-dtype`) records it, and the bound its targets keep against a float32 build's, in two attributes that a
+float32 build omits: a spec without them is float32's, as every store written before them was (the layout is the
+same, so the version is too).
 """
 
 import dataclasses
@@ -28,6 +31,7 @@ from shared.data import DatasetSpec
 from shared.ensemble import COMBINE_RULES
 from shared.errors import StillroomError
 from shared.json_checks import EXPECTED, described, is_kind
+from shared.precision import COMPUTE_DTYPES, DEFAULT_COMPUTE_DTYPE
 from shared.settings import positive_finite, seed_check
 
 # Before version 6 a store recorded the oldest version that held it (`legacy_schema_version`): a stillroom that
@@ -215,6 +219,12 @@ class CacheSpec:
     specialists: the specialists whose combination with the one member (the generalist) the targets are; schema 4 on.
     top_n: with specialists: those whose classes meet the generalist's top-n classes of a row take part in it.
     features: the members' features it stores (schema 5 on).
+    compute_dtype: the dtype the teachers computed in (`--compute-dtype`; a `module:function` teacher computes as
+      its code does, and is refused with bfloat16).
+    target_tolerance: the bound the build claims for its targets against a float32 build's (same teachers, data,
+      settings and storage dtype): the largest total-variation distance of a row's ensemble distribution at T,
+      which dense targets store, top-k ones truncate and sampled ones draw from (`shared.precision`: δ / 4T from
+      the bound δ on the teachers' logits); 0 for a float32 build; None (no bound) for specialists' q.
     arrays: the arrays present; derived from the settings when not given.
     created_at: ISO time of creation.
     schema_version: the layout version (`SCHEMA_VERSION` for every store this stillroom writes).
@@ -238,6 +248,8 @@ class CacheSpec:
   specialists: tuple[SpecialistSpec, ...] = ()
   top_n: int = 0
   features: tuple[FeatureSpec, ...] = ()
+  compute_dtype: str = DEFAULT_COMPUTE_DTYPE
+  target_tolerance: float | None = 0.0
   arrays: tuple[ArraySpec, ...] = ()
   created_at: str = ""
   schema_version: int = SCHEMA_VERSION
@@ -266,6 +278,12 @@ class CacheSpec:
           or len(set(classes)) != len(classes) or not all(0 <= c < self.num_classes for c in classes):
         raise StillroomError("a cache of specialists has dense targets, one generalist, 1 <= top_n <= C and "
                              "specialists of disjoint class ids in 0..C-1.")
+    if self.compute_dtype not in COMPUTE_DTYPES or not (
+        0.0 <= self.target_tolerance <= 1.0 if self.target_tolerance is not None else
+        self.specialists and self.compute_dtype != DEFAULT_COMPUTE_DTYPE):
+      raise StillroomError(f"compute dtype {self.compute_dtype!r} with target tolerance {self.target_tolerance!r}: a "
+                           f"cache's teachers compute in one of {', '.join(COMPUTE_DTYPES)}, and the tolerance is a "
+                           f"total-variation distance in [0, 1] (None: specialists not in float32); {REBUILD}.")
     if self.target_kind == "dense" and not self.member_logits:
       raise StillroomError("a dense cache stores its members' logits (--member-logits is for sparse targets).")
     if self.target_kind == "topk" and self.target_k > self.num_classes:
@@ -446,13 +464,16 @@ class CacheSpec:
         **({"specialists": [[s.run.digest, list(s.classes), s.dustbin_correction] for s in self.specialists],
             "top_n": self.top_n} if self.specialists else {}),
         **({"features": [f.to_dict() for f in self.features]} if self.features else {}),
+        **({"compute_dtype": self.compute_dtype} if self.compute_dtype != DEFAULT_COMPUTE_DTYPE else {}),
     }
 
   def mismatches(self, other: "CacheSpec") -> list[str]:
     """Human-readable differences of the build keys, e.g. ["temperature: 4.0 (store) vs 2.0 (command)"]."""
     mine, theirs = self.build_key(), other.build_key()
-    return [f"{key}: {mine.get(key)} (store) vs {theirs.get(key)} (command)" for key in {**mine, **theirs}
-            if mine.get(key) != theirs.get(key)]
+    # A key that a build key leaves out where it has its default (`build_key`) is shown with that default.
+    omitted = {"compute_dtype": DEFAULT_COMPUTE_DTYPE}
+    return [f"{key}: {mine.get(key, omitted.get(key))} (store) vs {theirs.get(key, omitted.get(key))} (command)"
+            for key in {**mine, **theirs} if mine.get(key) != theirs.get(key)]
 
   def to_attrs(self) -> dict:
     # A dense cache's spec omits the sparse-target fields, as versions 2 to 5 did so that a stillroom that predated
@@ -460,6 +481,9 @@ class CacheSpec:
     dense_defaults = ("targets", "member_logits") if self.target_kind == "dense" else ()
     dense_defaults += () if self.specialists else ("specialists", "top_n")  # Likewise for a cache without them.
     dense_defaults += () if self.features else ("features",)
+    # Likewise a float32 build's compute dtype and tolerance: its spec is what a store written before them holds.
+    dense_defaults += ("compute_dtype", "target_tolerance") if self.compute_dtype == DEFAULT_COMPUTE_DTYPE and \
+        self.target_tolerance == 0.0 else ()
     return {
         **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in dense_defaults},
         "members": [m.to_dict() for m in self.members],

@@ -251,6 +251,8 @@ def feature_losses(terms: tuple[FeatureTerm, ...], named: dict[str, jax.Array], 
   for term in terms:
     teachers = [batch[name].astype(jnp.float32) for name in term.teacher]
     regressor = next(regressors) if term.regressor is not None else None
-    value = TERMS[term.loss].loss(term, named[term.student], teachers, mask, regressor)
+    # A student computing in bfloat16 gives bfloat16 features: the losses' norms and Gram matrices are float32.
+    student = named[term.student].astype(jnp.float32)
+    value = TERMS[term.loss].loss(term, student, teachers, mask, regressor)
     losses[term.loss] = losses.get(term.loss, 0.0) + value
   return losses
