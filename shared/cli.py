@@ -10,15 +10,19 @@ from collections.abc import Callable
 
 from shared import errors, log
 from shared.errors import StillroomError, note_interrupt
-from shared.models import describe_models
+from shared.models import DIGITS, describe_models
 
 
 def add_models_command(commands) -> None:
   models = commands.add_parser("models", allow_abbrev=False, help="list the model registry with parameter counts")
-  models.add_argument("--input-shape", default="8,8,1", help="input shape for the counts (default: %(default)s)")
+  models.add_argument("--input-shape",
+                      help=f"input shape for the counts (default: {','.join(map(str, DIGITS))}, the digits)")
+  models.add_argument("--image-size", type=int, metavar="S",
+                      help="square images of S px with 3 channels for the counts: --input-shape S,S,3")
   models.add_argument("--num-classes", type=int, default=10, help="classes for the counts (default: %(default)s)")
   models.add_argument("--json", action="store_true", help="print one JSON list: each model's name, description, "
-                                                          "parameter count and named features with their shapes")
+                                                          "parameter count, named features with their shapes, and "
+                                                          "natural input shape")
 
 
 def parse_input_shape(text: str) -> tuple[int, ...]:
@@ -37,12 +41,20 @@ def parse_input_shape(text: str) -> tuple[int, ...]:
 
 
 def print_models(args: argparse.Namespace) -> None:
-  """Prints the model registry's table (or JSON) for `--input-shape` and `--num-classes`.
+  """Prints the model registry's table (or JSON) for `--input-shape` (or `--image-size`) and `--num-classes`.
 
   Raises:
-    StillroomError: a malformed input shape, or fewer than 2 classes.
+    StillroomError: a malformed input shape or image size, both given, or fewer than 2 classes.
   """
-  shape = parse_input_shape(args.input_shape)
+  if args.image_size is not None:
+    if args.input_shape is not None:
+      raise StillroomError(f"--image-size {args.image_size} and --input-shape {args.input_shape} both set the input "
+                           "shape: give one.")
+    if args.image_size < 1:
+      raise StillroomError(f"--image-size must be a positive number of pixels, got {args.image_size}.")
+    shape = (args.image_size, args.image_size, 3)
+  else:
+    shape = DIGITS if args.input_shape is None else parse_input_shape(args.input_shape)
   if args.num_classes < 2:
     raise StillroomError(f"--num-classes must be >= 2 (a classifier), got {args.num_classes}.")
   rows = describe_models(shape, args.num_classes)
@@ -52,7 +64,8 @@ def print_models(args: argparse.Namespace) -> None:
   width = max(len(row["name"]) for row in rows)
   for row in rows:
     params = "n/a for this shape" if row["params"] is None else f"{row['params']:,} params"
-    print(f"{row['name']:<{width}}  {params:<20} {row['about']}")
+    natural = "x".join(map(str, row["natural_input_shape"]))
+    print(f"{row['name']:<{width}}  {params:<20} {row['about']} (natural input {natural})")
     if row["features"]:  # What `teacher-cache build --features` and `fit --hint/...` can name.
       print(f"{'':<{width}}  features: " + ", ".join(f"{name} {'x'.join(map(str, shape))}"
                                                   for name, shape in row["features"].items()))

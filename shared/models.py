@@ -11,7 +11,9 @@ output that feeds a dense layer: in MLPs and CNNs the output of every hidden den
 residual, inverted-residual and transformer models the pooled features before the head; convolutions and the inputs
 are never dropped. BatchNorm normalises with the batch's statistics in training and with its running averages
 after `model.eval()`, which also makes a model deterministic (how teachers run). A model's weights are its
-parameters and BatchNorm's running statistics (`WEIGHTS`): what checkpoints hold and teachers run with.
+parameters and BatchNorm's running statistics (`WEIGHTS`): what checkpoints hold and teachers run with. A model
+refuses an input shape it cannot take (flat vectors for image models; image sides that are not multiples of a
+ViT's patch size) with an error that names it.
 """
 
 import dataclasses
@@ -25,7 +27,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from shared.architectures.mobilenet import MobileNetV2
 from shared.architectures.resnet import CifarResNet
+from shared.architectures.vit import VisionTransformer
 from shared.errors import StillroomError
 from shared.precision import COMPUTE_DTYPES  # What `ModelSpec.dtype` may be.
 # A model's weights: its trained parameters and BatchNorm's running statistics. Checkpoints hold them and a
@@ -150,10 +154,14 @@ def _mlp(hidden):
 
 
 def _image_model(net_class, **settings):
-  """A factory of an image model `net_class(input_shape, num_classes, **settings, dropout, dtype, rngs)`."""
+  """A factory of an image model `net_class(input_shape, num_classes, **settings, dropout, dtype, rngs)`; a
+  `StillroomError` of the class (an input shape it cannot take) names the model."""
   def make(spec, rngs):
-    net = net_class(image_shape(spec), spec.num_classes, **settings, dropout=spec.dropout, dtype=jnp.dtype(spec.dtype),
-                    rngs=rngs)
+    shape = image_shape(spec)
+    try:
+      net = net_class(shape, spec.num_classes, **settings, dropout=spec.dropout, dtype=jnp.dtype(spec.dtype), rngs=rngs)
+    except StillroomError as e:
+      raise StillroomError(f"model {spec.name!r} {e}") from e
     return _ImageInput(net, channels_last=len(spec.input_shape) == 3)
   return make
 
@@ -176,18 +184,31 @@ class _ImageInput(nnx.Module):
     return self.net.features(x if self.channels_last else x[..., None])
 
 
+# Natural input shapes: the images each family was made for (`describe_models` lists them, so that a benchmark can
+# run every model at its own).
+DIGITS, CIFAR, IMAGENET = (8, 8, 1), (32, 32, 3), (224, 224, 3)
+
+# name: (factory(spec, rngs) -> model, description, natural input shape).
 MODELS = {
-    "mlp-tiny": (_mlp((32,)), "MLP, one hidden layer of 32"),
-    "mlp-small": (_mlp((128,)), "MLP, one hidden layer of 128"),
-    "mlp-large": (_mlp((1200, 1200)), "MLP, two hidden layers of 1200 (Hinton et al. 2015's teacher)"),
-    "cnn-small": (_cnn(((16,), (32,)), 64), "CNN, conv16-pool-conv32-pool, dense 64"),
-    "cnn-large": (_cnn(((32, 32), (64, 64)), 256), "CNN, 2x conv32-pool, 2x conv64-pool, dense 256"),
+    "mlp-tiny": (_mlp((32,)), "MLP, one hidden layer of 32", DIGITS),
+    "mlp-small": (_mlp((128,)), "MLP, one hidden layer of 128", DIGITS),
+    "mlp-large": (_mlp((1200, 1200)), "MLP, two hidden layers of 1200 (Hinton et al. 2015's teacher)", DIGITS),
+    "cnn-small": (_cnn(((16,), (32,)), 64), "CNN, conv16-pool-conv32-pool, dense 64", DIGITS),
+    "cnn-large": (_cnn(((32, 32), (64, 64)), 256), "CNN, 2x conv32-pool, 2x conv64-pool, dense 256", DIGITS),
     "cnn-thin-deep": (_cnn(((8, 8, 8), (16, 16, 16)), 32),
-                      "CNN, thin and deep as FitNets' students: 3x conv8-pool, 3x conv16-pool, dense 32"),
+                      "CNN, thin and deep as FitNets' students: 3x conv8-pool, 3x conv16-pool, dense 32", DIGITS),
     **{f"resnet{6 * blocks + 2}": (_image_model(CifarResNet, blocks=blocks),
                                    f"CIFAR ResNet-{6 * blocks + 2} (He et al. 2016): 3 stages of {blocks} basic blocks "
-                                   "of 16/32/64 channels, BatchNorm, option-A shortcuts")
+                                   "of 16/32/64 channels, BatchNorm, option-A shortcuts", CIFAR)
        for blocks in (1, 3, 9)},
+    "mobilenet-v2": (_image_model(MobileNetV2),
+                     "MobileNetV2 (Sandler et al. 2018), torchvision's layout: 17 inverted residual blocks (expansion "
+                     "6, ReLU6, depthwise 3x3), BatchNorm, 1x1 conv to 1280", IMAGENET),
+    **{f"vit-{size.lower()}16": (
+        _image_model(VisionTransformer, patch=16, width=width, depth=12, heads=heads, mlp_ratio=4),
+        f"ViT-{size}/16 (Dosovitskiy et al. 2021, DeiT's sizes): 16-px patches, 12 pre-LayerNorm blocks of width "
+        f"{width}, {heads} heads, MLP 4x, class token; image sides multiples of 16", IMAGENET)
+       for size, width, heads in (("Ti", 192, 3), ("S", 384, 6))},
 }
 
 
@@ -242,7 +263,7 @@ def build_model(spec: ModelSpec, seed: int = 0) -> nnx.Module:
   if spec.dtype not in COMPUTE_DTYPES:
     raise StillroomError(f"compute dtype {spec.dtype!r}: not one of {', '.join(COMPUTE_DTYPES)}.")
   if spec.name in MODELS:
-    make, _ = MODELS[spec.name]
+    make, _, _ = MODELS[spec.name]
     return make(spec, nnx.Rngs(seed))
   if not is_reference(spec.name):
     raise StillroomError(f"unknown model {spec.name!r}; available models: {', '.join(MODELS)}, or "
@@ -271,24 +292,34 @@ def count_params(model: nnx.Module) -> int:
   return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-def describe_models(input_shape: tuple[int, ...] = (8, 8, 1), num_classes: int = 10) -> list[dict]:
-  """Name, description and parameter count of each registered model at one input shape."""
+def describe_models(input_shape: tuple[int, ...] = DIGITS, num_classes: int = 10) -> list[dict]:
+  """Each registered model at one input shape and class count, built abstractly (`nnx.eval_shape`: no parameters
+  are allocated or initialised, whatever the size).
+
+  Returns:
+    One dict per model, in registry order: `name`, `about` (its description), `params` (its parameter count, None
+    when it cannot take `input_shape`), `features` (`feature_shapes`, None likewise) and `natural_input_shape`
+    (the [H, W, C] it was made for: 8x8x1 digits, 32x32x3 CIFAR, 224x224x3 ImageNet).
+  """
   rows = []
-  for name, (_, about) in MODELS.items():
+  for name, (_, about, natural) in MODELS.items():
     spec = ModelSpec(name=name, input_shape=input_shape, num_classes=num_classes)
     try:
-      params = count_params(nnx.eval_shape(lambda: build_model(spec)))
+      model = nnx.eval_shape(lambda: build_model(spec))
     except StillroomError:
-      params = None  # This model cannot take that input shape.
-    rows.append({"name": name, "about": about, "params": params,
-                 "features": None if params is None else feature_shapes(spec)})
+      model = None  # This model cannot take that input shape.
+    rows.append({"name": name, "about": about, "params": None if model is None else count_params(model),
+                 "features": None if model is None else feature_shapes(spec, model),
+                 "natural_input_shape": list(natural)})
   return rows
 
 
-def feature_shapes(spec: ModelSpec) -> dict[str, list[int]]:
+def feature_shapes(spec: ModelSpec, model: nnx.Module | None = None) -> dict[str, list[int]]:
   """The named features of a model (its `features` method; none for your own model without one): `{name: the
-  shape of one example's feature}`, e.g. `{"stage1": [8, 8, 32], "dense": [256]}`."""
-  model = nnx.eval_shape(lambda: build_model(spec))
+  shape of one example's feature}`, e.g. `{"stage1": [8, 8, 32], "dense": [256]}`. `model`: the spec's model
+  already built (abstractly, `nnx.eval_shape`), else it is built here."""
+  if model is None:
+    model = nnx.eval_shape(lambda: build_model(spec))
   if not hasattr(model, "features"):
     return {}
   graphdef, state = nnx.split(model)

@@ -1821,6 +1821,26 @@ def _(env, tmp_path, mp):
   return (cache_main, ["info", store], 2, r"compute dtype 'float16' .* one of float32, bfloat16", [store])
 
 
+# --- nets: the registry's ImageNet architectures and `models` at an image size ---
+@fault("models --image-size with --input-shape")
+def _(env, tmp_path, mp):
+  return (cache_main, ["models", "--image-size", "32", "--input-shape", "8,8,1"], 2,
+          r"--image-size 32 and --input-shape 8,8,1 both set the input shape: give one\.", [])
+
+
+@fault("models --image-size 0")
+def _(env, tmp_path, mp):
+  return (student_main, ["models", "--image-size", "0"], 2, r"--image-size must be a positive number of pixels, got 0",
+          [])
+
+
+@fault("a ViT on 8x8 digits")
+def _(env, tmp_path, mp):
+  return (student_main, [*_fit(env, "--out", tmp_path / "r"), "--model", "vit-ti16"], 2,
+          r"model 'vit-ti16' cuts images into 16x16 patches: image sides must be multiples of 16, got 8x8; render "
+          r"views at such a size, e\.g\. --image-size 32 or 224\.", [Absent(tmp_path / "r")])
+
+
 @pytest.mark.parametrize("name", list(FAULTS))
 def test_fault_is_refused_cleanly(name, env, tmp_path, monkeypatch, capsys):
   _refused_cleanly(FAULTS[name](env, tmp_path, monkeypatch), env, monkeypatch, capsys)
