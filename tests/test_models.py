@@ -3,15 +3,33 @@
 import jax
 import jax.numpy as jnp
 import pytest
+from flax import nnx
 
 from shared.errors import StillroomError
 from shared.models import MODELS, ModelSpec, build_model, count_params, describe_models
 
 
+EAGER_PARAMS = 2_000_000  # Larger models are traced abstractly: run op by op on 2 CPU cores they take 10-20 s each.
+
+
+def _traced_logits_shape(model: nnx.Module, batch: int, input_shape) -> tuple[int, ...]:
+  """The shape of an abstract model's (`nnx.eval_shape`) logits, traced without computing them."""
+  graphdef, state = nnx.split(model)
+  x = jax.ShapeDtypeStruct((batch, *input_shape), jnp.float32)
+  return jax.eval_shape(lambda state, x: nnx.merge(graphdef, state)(x), state, x).shape
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("input_shape", [(8, 8, 1), (8, 8), (12, 10, 3)])
 def test_every_model_maps_images_to_logits(name, input_shape):
-  model = build_model(ModelSpec(name=name, input_shape=input_shape, num_classes=7, dropout=0.1))
+  spec = ModelSpec(name=name, input_shape=input_shape, num_classes=7, dropout=0.1)
+  abstract = nnx.eval_shape(lambda: build_model(spec))
+  if count_params(abstract) > EAGER_PARAMS:
+    assert _traced_logits_shape(abstract, 3, input_shape) == (3, 7)
+    abstract.eval()
+    assert _traced_logits_shape(abstract, 2, input_shape) == (2, 7)
+    return
+  model = build_model(spec)
   assert model(jnp.ones((3, *input_shape))).shape == (3, 7)
   model.eval()
   assert model(jnp.ones((2, *input_shape))).shape == (2, 7)
@@ -100,3 +118,35 @@ def test_models_json_lists_features_in_both_commands(capsys):
     assert rows["cnn-large"]["features"]["stage1"] == [8, 8, 32]  # 4 KB per row in float16, as issue 19 says.
     assert rows["cnn-thin-deep"]["features"] == {"dense": [32], "stage1": [8, 8, 8], "stage2": [4, 4, 16]}
     assert rows["mlp-small"]["params"] == 9610 and rows["mlp-small"]["features"] == {"hidden1": [128]}
+
+
+# Parameter counts (nnx.Param only: BatchNorm's running statistics are not parameters) at the sizes the papers and
+# torchvision quote: (name, input shape, classes, parameters).
+PARAMETER_COUNTS = [
+    ("resnet8", (32, 32, 3), 10, 75_290),  # He et al. 2016's CIFAR ResNets (option A).
+    ("resnet20", (32, 32, 3), 10, 269_722),
+    ("resnet56", (32, 32, 3), 10, 853_018),
+    ("resnet18", (224, 224, 3), 1000, 11_689_512),  # torchvision's resnet18 and resnet50.
+    ("resnet50", (224, 224, 3), 1000, 25_557_032),
+]
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("name, input_shape, num_classes, params", PARAMETER_COUNTS)
+def test_architectures_have_their_published_parameter_counts(name, input_shape, num_classes, params):
+  spec = ModelSpec(name=name, input_shape=input_shape, num_classes=num_classes)
+  assert count_params(nnx.eval_shape(lambda: build_model(spec))) == params
+
+
+@pytest.mark.fast
+def test_every_batchnorm_model_takes_the_row_mask():
+  """The trainer passes the batch's row mask to a model whose `__call__` and `features` take `mask`, and BatchNorm
+  leaves the masked rows (an epoch's padding) out of its statistics (tests/test_batchnorm.py): every registry model
+  with BatchNorm must take it, its own network too (inside the wrapper that adds a channel axis)."""
+  from shared.models import takes_row_mask
+
+  for name in MODELS:
+    abstract = nnx.eval_shape(lambda: build_model(ModelSpec(name=name, input_shape=(8, 8, 1), num_classes=3)))
+    if jax.tree.leaves(nnx.state(abstract, nnx.BatchStat)):
+      net = getattr(abstract, "net", abstract)
+      assert takes_row_mask(abstract) and takes_row_mask(net) and takes_row_mask(net.features), name
