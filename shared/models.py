@@ -14,11 +14,17 @@ after `model.eval()`, which also makes a model deterministic (how teachers run).
 parameters and BatchNorm's running statistics (`WEIGHTS`): what checkpoints hold and teachers run with. A model
 refuses an input shape it cannot take (flat vectors for image models; image sides that are not multiples of a
 ViT's patch size) with an error that names it.
+
+The registry's models with BatchNorm take the batch's row mask, `__call__(x, mask=None)` and `features(x,
+mask=None)` (float [B], 0 for the zero rows that pad an epoch's last, short batch), and their batch statistics leave
+the masked rows out; the trainer passes the mask to any model whose method takes `mask` (`takes_row_mask`), your
+own included.
 """
 
 import dataclasses
 import hashlib
 import importlib
+import inspect
 import math
 import os
 import sys
@@ -28,7 +34,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from shared.architectures.mobilenet import MobileNetV2
-from shared.architectures.resnet import CifarResNet
+from shared.architectures.resnet import CifarResNet, ImageNetResNet
 from shared.architectures.vit import VisionTransformer
 from shared.errors import StillroomError
 from shared.precision import COMPUTE_DTYPES  # What `ModelSpec.dtype` may be.
@@ -177,11 +183,11 @@ class _ImageInput(nnx.Module):
     self.net = net
     self.channels_last = channels_last
 
-  def __call__(self, x):
-    return self.net(x if self.channels_last else x[..., None])
+  def __call__(self, x, mask=None):
+    return self.net(x if self.channels_last else x[..., None], **row_mask_of(self.net, mask))
 
-  def features(self, x) -> tuple[jax.Array, dict[str, jax.Array]]:
-    return self.net.features(x if self.channels_last else x[..., None])
+  def features(self, x, mask=None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    return self.net.features(x if self.channels_last else x[..., None], **row_mask_of(self.net.features, mask))
 
 
 # Natural input shapes: the images each family was made for (`describe_models` lists them, so that a benchmark can
@@ -201,6 +207,12 @@ MODELS = {
                                    f"CIFAR ResNet-{6 * blocks + 2} (He et al. 2016): 3 stages of {blocks} basic blocks "
                                    "of 16/32/64 channels, BatchNorm, option-A shortcuts", CIFAR)
        for blocks in (1, 3, 9)},
+    "resnet18": (_image_model(ImageNetResNet, blocks=(2, 2, 2, 2), bottleneck=False),
+                 "ImageNet ResNet-18 (torchvision's layout): 7x7/2 stem and max-pool, 4 stages of 2 basic blocks of "
+                 "64..512 channels, BatchNorm, projection shortcuts", IMAGENET),
+    "resnet50": (_image_model(ImageNetResNet, blocks=(3, 4, 6, 3), bottleneck=True),
+                 "ImageNet ResNet-50 (torchvision's layout, v1.5): 7x7/2 stem and max-pool, 3/4/6/3 bottleneck blocks "
+                 "of 64..512 (x4) channels, BatchNorm, projection shortcuts", IMAGENET),
     "mobilenet-v2": (_image_model(MobileNetV2),
                      "MobileNetV2 (Sandler et al. 2018), torchvision's layout: 17 inverted residual blocks (expansion "
                      "6, ReLU6, depthwise 3x3), BatchNorm, 1x1 conv to 1280", IMAGENET),
@@ -236,6 +248,22 @@ def import_function(reference: str, what: str):
   if not callable(function):
     raise StillroomError(f"{what} {reference!r} is a {type(function).__name__}, not a function.")
   return function
+
+
+def takes_row_mask(method) -> bool:
+  """Whether a model's `__call__` or `features` (a bound method or the module itself) takes the batch's row mask as
+  `mask=` (every registry model with BatchNorm does): the trainer passes it only to one that does, so that BatchNorm's batch
+  statistics leave out an epoch's padding rows; a model that takes none sees them as rows."""
+  try:
+    parameters = inspect.signature(method).parameters
+  except (TypeError, ValueError):  # A callable without a signature Python can read.
+    return False
+  return "mask" in parameters
+
+
+def row_mask_of(method, mask) -> dict:
+  """The keyword arguments that give `method` (see `takes_row_mask`) the row mask: `{"mask": mask}`, or none."""
+  return {"mask": mask} if mask is not None and takes_row_mask(method) else {}
 
 
 def structure_digest(model: nnx.Module) -> str:

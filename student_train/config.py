@@ -160,9 +160,11 @@ class FitConfig(DataSettings, ViewSettings, ComputeSettings, JobSettings, Output
                   "may change it", choices=SHARDINGS, group="run", identity=False)
 
 
-# The feature-distillation options (`--hint`, ...), each with the setting that weights it (`--hint-weight`, ...).
-WEIGHTS = {field.metadata["weighs"]: name for name, field in declared(FitConfig).items() if field.metadata["weighs"]}
-FEATURE_OPTIONS = tuple(WEIGHTS)
+# The feature-distillation options (`--hint`, ...), each with the setting that weights it (`--hint-weight`, ...); not
+# to be confused with `shared.models.WEIGHTS`, a model's weights.
+WEIGHT_OPTIONS = {field.metadata["weighs"]: name for name, field in declared(FitConfig).items()
+                  if field.metadata["weighs"]}
+FEATURE_OPTIONS = tuple(WEIGHT_OPTIONS)
 
 
 def default_of(name: str):
@@ -206,7 +208,7 @@ def validate_config(config: FitConfig, prefix: str = "") -> None:
   features = [flag_of(name) for name in FEATURE_OPTIONS if getattr(config, name)]
   if features and not config.cache:
     raise StillroomError(f"{', '.join(features)} distil(s) cached teacher features, which need --cache.")
-  for name, weight in WEIGHTS.items():
+  for name, weight in WEIGHT_OPTIONS.items():
     if getattr(config, weight) != default_of(weight) and not getattr(config, name):
       raise StillroomError(f"{flag_of(weight)} weights {flag_of(name)}; give {flag_of(name)} too.")
   if config.hint_epochs and (not config.hint or config.hint_epochs >= config.epochs):

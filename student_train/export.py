@@ -1,8 +1,11 @@
-"""`student-train export`: a run's parameters in a plain file that loads without stillroom.
+"""`student-train export`: a run's weights in a plain file that loads without stillroom.
 
-The extension of `--out` picks the format:
+The weights are the model's parameters and, for a model with BatchNorm, its running statistics (`.../mean` and
+`.../var` beside each BatchNorm's `scale` and `bias`; the variance is the biased one, and a forward pass in eval mode
+normalises with (x - mean) / sqrt(var + 1e-5)): everything an eval-mode forward pass needs. The extension of `--out`
+picks the format:
 
-  .npz      one array per parameter, named by its path in the model ("linears/0/kernel"):
+  .npz      one array per weight, named by its path in the model ("linears/0/kernel", "net/stem_norm/mean"):
               params = dict(np.load("student.npz"))
   .msgpack  Flax's msgpack serialization of the nested parameter dict (lists of layers become dicts keyed "0",
             "1", ...):
@@ -67,9 +70,9 @@ def export_run(run_dir: str, out: str, overwrite: bool = False, epoch: int | Non
   object-store URL).
 
   Returns:
-    {"out", "format", "arrays" (count), "parameters" (count), "bytes", "model", "normalization", "epoch" (the
-    checkpoint's epochs trained), "epochs" (the same, as earlier versions named it)}, and for a specialist
-    "specialist" (its classes, dustbin correction and generalist's digest).
+    {"out", "format", "arrays" (count), "parameters" (the count of values, running statistics included), "bytes",
+    "model", "normalization", "epoch" (the checkpoint's epochs trained), "epochs" (the same, as earlier versions named
+    it)}, and for a specialist "specialist" (its classes, dustbin correction and generalist's digest).
 
   Raises:
     StillroomError: an unknown extension, an `out` that is a directory, an existing `out` without `overwrite`, a

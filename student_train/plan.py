@@ -22,14 +22,15 @@ from shared.ensemble import member_weights
 from shared.errors import StillroomError
 from shared.log import logger
 from shared.parallel import cap_batch
-from shared.models import MODELS, WEIGHTS, ModelSpec, build_model, check_input_shape, feature_shapes, structure_digest
+from shared.models import (MODELS, WEIGHTS, ModelSpec, build_model, check_input_shape, feature_shapes, structure_digest,
+                           takes_row_mask)
 from shared.runs import load_run_teacher
 from shared.specialists import (SpecialistPlan, dustbin_correction, dustbin_labels, initial_params,
                                 parse_specialist)
 from shared.options import DEFAULT_SPLIT, resolve_dataset
 from shared.runs import SpecialistRecord
 from shared.settings import declared, names_where
-from student_train.config import DEFAULT_KD_ALPHA, FEATURE_OPTIONS, WEIGHTS, FitConfig, validate_config
+from student_train.config import DEFAULT_KD_ALPHA, FEATURE_OPTIONS, WEIGHT_OPTIONS, FitConfig, validate_config
 from student_train.steps import Hypers
 from student_train.terms import FEATURE_LOSSES, LOGIT_TERMS, TERMS, canonical_loss, loss_settings, parse_loss
 from student_train.terms.features import FeatureTerm, plan_feature_terms
@@ -172,7 +173,7 @@ class RunPlan:
         loss=np.int32(loss),
         loss_settings=loss_settings(loss, settings),
         member_weights=member_weights(teaching.members if teaching else range(num_members), num_members),
-        feature_weights=tuple(np.float32(getattr(config, WEIGHTS[family.name])) for family in FEATURE_LOSSES))
+        feature_weights=tuple(np.float32(getattr(config, WEIGHT_OPTIONS[family.name])) for family in FEATURE_LOSSES))
 
   def fields(self) -> tuple[str, ...]:
     """The cache arrays its steps read: its soft targets' and its teacher features'."""
@@ -370,6 +371,8 @@ def plan_run(config: FitConfig, opened: Opened | None = None) -> RunPlan:
   if batch_size < config.batch_size:
     _LOG.info(f"--batch-size {config.batch_size} is more than the {rows:,} rows of an epoch: batches of {batch_size}")
     config = dataclasses.replace(config, batch_size=batch_size)
+  if rows % config.batch_size:
+    _check_row_mask(abstract.features if terms else abstract, abstract, config.model, -rows % config.batch_size)
   eval_set = _eval_set(config, transfer_set, cache, opened)
   if eval_set is not None and transfer_set.label_map is not None:  # A specialist's classes and dustbin there too.
     eval_set = eval_set.relabeled(transfer_set.label_map, num_classes)
@@ -379,6 +382,17 @@ def plan_run(config: FitConfig, opened: Opened | None = None) -> RunPlan:
                  normalization=transfer_set.normalization, examples=examples, eval_set=eval_set,
                  augmentation=augmentation, initial_params=initial, sampler=sampler, feature_terms=terms,
                  specialist=specialist, init_digest=init_digest)
+
+
+def _check_row_mask(forward, model: nnx.Module, name: str, padding: int) -> None:
+  """Warns when a model with BatchNorm (your own) takes no row mask (`shared.models.takes_row_mask`): the zero rows
+  that pad each epoch's last batch then count in that batch's statistics and running averages."""
+  if jax.tree.leaves(nnx.state(model, nnx.BatchStat)) and not takes_row_mask(forward):
+    _LOG.warning(f"model {name!r} has BatchNorm, but its {getattr(forward, '__name__', '__call__')} takes no `mask`: "
+                 f"the {padding} zero rows that pad each epoch's last batch count in its batch statistics. Give it "
+                 "`mask=None` (float [B], 0 for a padding row) and pass each BatchNorm the rows to count as its "
+                 "`mask`, broadcastable to its input (`(mask > 0)[:, None, None, None]` for images), or choose a "
+                 "--batch-size that divides the epoch's rows.")
 
 
 def _specialist_classes(specialist: str, transfer_set: TransferSet) -> tuple[int, ...]:

@@ -10,6 +10,11 @@ and for logit terms that the stored targets do not serve); neither for hard-labe
 `use_stored` picks the stored targets when both are present. The loss is the weighted sum of the registered
 distillation terms the run uses (`student_train.terms`): its logit term beside the hard labels, and its feature
 terms.
+
+BatchNorm: in the step each student normalises with the statistics of the batch's real rows (the padding rows that
+`mask` marks are left out, for a model that takes the mask: `shared.models.takes_row_mask`), over the whole global
+batch on a mesh (the batch is one array split over the devices, so XLA reduces across them), and updates its own
+running averages, part of its state; `make_predict` normalises with the running averages.
 """
 
 import dataclasses
@@ -22,6 +27,7 @@ from flax import nnx, struct
 from shared.data import Normalization
 from shared.ensemble import ensemble_log_probs, mean_logits
 from shared.losses import masked_mean
+from shared.models import row_mask_of
 from shared.parallel import batch_sharding, replicated
 from student_train.terms import FEATURE_LOSSES, LOSS_NAMES, Teacher, distillation_loss, loss_settings
 from student_train.terms.features import FeatureTerm, feature_losses, student_of
@@ -171,7 +177,10 @@ def train_step_fn(graphdef, normalization: Normalization, switches: dict[str, tu
 
     def loss_fn(trainable):
       x = normalization.apply(batch["x"])
-      logits, named = student_of(trainable).features(x) if terms else (student_of(trainable)(x), {})
+      # BatchNorm's batch statistics leave the padding rows out (where the model takes the mask: `takes_row_mask`).
+      forward = student_of(trainable).features if terms else student_of(trainable)
+      out = forward(x, **row_mask_of(forward, mask))
+      logits, named = out if terms else (out, {})
       # Whatever the model computes in (`--compute-dtype`), the losses' softmax and log-sum-exp are float32.
       logits = logits.astype(jnp.float32)
       total, hard, soft = distillation_loss(logits, batch["labels"], hyper.alpha, teacher,

@@ -62,6 +62,29 @@ def teachers(tmp_path_factory) -> list[str]:
           make_teacher(root / "c2", model="cnn-small", seed=2)]
 
 
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+  """JAX's persistent compilation cache in a directory of this module's, for its runs and the processes they start
+  (the same steps recur across its runs); the settings before it are restored after."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=import-outside-toplevel
+  path = str(tmp_path_factory.mktemp("jax_cache"))
+  settings = {"jax_compilation_cache_dir": path, "jax_persistent_cache_min_compile_time_secs": 0,
+              "jax_persistent_cache_min_entry_size_bytes": 0}
+  saved = {name: getattr(jax.config, name) for name in settings}
+  with pytest.MonkeyPatch.context() as patch:
+    for name, value in settings.items():
+      jax.config.update(name, value)
+      patch.setenv(name.upper(), str(value))
+    compilation_cache.reset_cache()
+    try:
+      yield path
+    finally:
+      for name, value in saved.items():
+        jax.config.update(name, value)
+      compilation_cache.reset_cache()
+
+
 def run_cli(main, args, capsys) -> tuple[int, str, str]:
   """Runs a CLI's main in-process; returns (exit code, stdout, stderr)."""
   try:

@@ -202,29 +202,6 @@ def test_every_benchmark_and_script_has_a_smoke_run():
   assert set(SMOKE) | set(ELSEWHERE) | LIBRARIES <= found, "a smoke run of a file that is gone"
 
 
-@pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory):
-  """JAX's persistent compilation cache in a directory of this module's, for its runs and the processes they start
-  (the same small steps recur across benchmarks); the settings before it are restored after."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=import-outside-toplevel
-  path = str(tmp_path_factory.mktemp("jax_cache"))
-  settings = {"jax_compilation_cache_dir": path, "jax_persistent_cache_min_compile_time_secs": 0,
-              "jax_persistent_cache_min_entry_size_bytes": 0}
-  saved = {name: getattr(jax.config, name) for name in settings}
-  with pytest.MonkeyPatch.context() as patch:
-    for name, value in settings.items():
-      jax.config.update(name, value)
-      patch.setenv(name.upper(), str(value))
-    compilation_cache.reset_cache()
-    try:
-      yield path
-    finally:
-      for name, value in saved.items():
-        jax.config.update(name, value)
-      compilation_cache.reset_cache()
-
-
 def _load(path: str):
   """A fresh module of the file (the smoke settings some set stay in it)."""
   spec = importlib.util.spec_from_file_location(f"smoke_{os.path.basename(path)[:-3]}", os.path.join(REPO, path))

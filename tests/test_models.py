@@ -19,6 +19,16 @@ from shared.models import (MODELS, ModelSpec, build_model, check_input_shape, co
 TRACED = {"mobilenet-v2"}
 
 
+EAGER_PARAMS = 2_000_000  # Larger models are traced abstractly: run op by op on 2 CPU cores they take 10-20 s each.
+
+
+def _traced_logits_shape(model: nnx.Module, batch: int, input_shape) -> tuple[int, ...]:
+  """The shape of an abstract model's (`nnx.eval_shape`) logits, traced without computing them."""
+  graphdef, state = nnx.split(model)
+  x = jax.ShapeDtypeStruct((batch, *input_shape), jnp.float32)
+  return jax.eval_shape(lambda state, x: nnx.merge(graphdef, state)(x), state, x).shape
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("input_shape", [(8, 8, 1), (8, 8), (12, 10, 3)])
 def test_every_model_maps_images_to_logits(name, input_shape):
@@ -29,8 +39,9 @@ def test_every_model_maps_images_to_logits(name, input_shape):
                                              rf"multiples of 16, got {sides}; .*--image-size"):
       build_model(spec)
     return
-  if name in TRACED:
-    model = nnx.eval_shape(functools.partial(build_model, spec))
+  abstract = nnx.eval_shape(lambda: build_model(spec))
+  if name in TRACED or count_params(abstract) > EAGER_PARAMS:
+    model = abstract
     for batch in (3, 2):  # Training mode, then eval mode, as below.
       graphdef, state = nnx.split(model)
       logits = check_input_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, input_shape, name, batch)
@@ -132,13 +143,6 @@ def test_models_json_lists_features_in_both_commands(capsys):
 # ViT-S/16), at 224 px and 1,000 classes.
 LITERATURE = [("mobilenet-v2", 224, 1000, 3_504_872), ("vit-ti16", 224, 1000, 5_717_416),
               ("vit-s16", 224, 1000, 22_050_664)]
-
-
-@pytest.mark.fast
-def test_parameter_counts_of_the_literature():
-  for name, side, classes, expected in LITERATURE:
-    spec = ModelSpec(name=name, input_shape=(side, side, 3), num_classes=classes)
-    assert count_params(nnx.eval_shape(functools.partial(build_model, spec))) == expected, name
 
 
 def _numpy(variable) -> np.ndarray:
@@ -308,7 +312,8 @@ def test_models_json_counts_at_the_given_image_size_and_lists_natural_sizes(caps
   assert {name: row["natural_input_shape"] for name, row in rows.items()} == {
       **{name: [8, 8, 1] for name in MODELS if name.startswith(("mlp-", "cnn-"))},
       "resnet8": [32, 32, 3], "resnet20": [32, 32, 3], "resnet56": [32, 32, 3],
-      "mobilenet-v2": [224, 224, 3], "vit-ti16": [224, 224, 3], "vit-s16": [224, 224, 3]}
+      "resnet18": [224, 224, 3], "resnet50": [224, 224, 3], "mobilenet-v2": [224, 224, 3], "vit-ti16": [224, 224, 3],
+      "vit-s16": [224, 224, 3]}
   train_main(["models", "--input-shape", "64"])  # Flat vectors: only the MLPs take them.
   assert re.search(r"vit-ti16 +n/a for this shape +ViT-Ti/16 .*\(natural input 224x224x3\)", capsys.readouterr().out)
 
@@ -344,3 +349,36 @@ def test_imagenet_architectures_compute_in_bfloat16_with_float32_weights_softmax
   exps = [e for e in _equations(jaxpr.jaxpr) if e.primitive.name == "exp"]
   assert len(exps) == (12 if name.startswith("vit-") else 0)
   assert all(v.aval.dtype == jnp.float32 for e in exps for v in e.invars)
+
+
+# Parameter counts (nnx.Param only: BatchNorm's running statistics are not parameters) at the sizes the papers and
+# torchvision quote: (name, input shape, classes, parameters).
+PARAMETER_COUNTS = [
+    ("resnet8", (32, 32, 3), 10, 75_290),  # He et al. 2016's CIFAR ResNets (option A).
+    ("resnet20", (32, 32, 3), 10, 269_722),
+    ("resnet56", (32, 32, 3), 10, 853_018),
+    ("resnet18", (224, 224, 3), 1000, 11_689_512),  # torchvision's resnet18 and resnet50.
+    ("resnet50", (224, 224, 3), 1000, 25_557_032),
+    *((name, (side, side, 3), classes, params) for name, side, classes, params in LITERATURE),
+]
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("name, input_shape, num_classes, params", PARAMETER_COUNTS)
+def test_architectures_have_their_published_parameter_counts(name, input_shape, num_classes, params):
+  spec = ModelSpec(name=name, input_shape=input_shape, num_classes=num_classes)
+  assert count_params(nnx.eval_shape(lambda: build_model(spec))) == params
+
+
+@pytest.mark.fast
+def test_every_batchnorm_model_takes_the_row_mask():
+  """The trainer passes the batch's row mask to a model whose `__call__` and `features` take `mask`, and BatchNorm
+  leaves the masked rows (an epoch's padding) out of its statistics (tests/test_batchnorm.py): every registry model
+  with BatchNorm must take it, its own network too (inside the wrapper that adds a channel axis)."""
+  from shared.models import takes_row_mask
+
+  for name, (_, _, natural) in MODELS.items():
+    abstract = nnx.eval_shape(lambda: build_model(ModelSpec(name=name, input_shape=natural, num_classes=3)))
+    if jax.tree.leaves(nnx.state(abstract, nnx.BatchStat)):
+      net = getattr(abstract, "net", abstract)
+      assert takes_row_mask(abstract) and takes_row_mask(net) and takes_row_mask(net.features), name

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from shared.architectures import BATCHNORM_MOMENTUM
+from shared.architectures import BATCHNORM_MOMENTUM, row_mask
 
 # The inverted-residual stages: (expansion t, output channels c, blocks n, first block's stride s), the paper's
 # table 2 (width multiplier 1).
@@ -35,8 +35,9 @@ class ConvNormReLU6(nnx.Module):
     self.norm = nnx.BatchNorm(channels, momentum=BATCHNORM_MOMENTUM, dtype=dtype, rngs=rngs)
     self.activation = activation
 
-  def __call__(self, x):
-    x = self.norm(self.conv(x))
+  def __call__(self, x, rows=None):
+    """`rows`: from `row_mask`, the rows BatchNorm's batch statistics count (None: every row)."""
+    x = self.norm(self.conv(x), mask=rows)
     return jax.nn.relu6(x) if self.activation else x
 
 
@@ -53,9 +54,9 @@ class InvertedResidual(nnx.Module):
     self.project = layer(hidden, channels, activation=False)
     self.residual = stride == 1 and channels_in == channels
 
-  def __call__(self, x):
-    y = x if self.expand is None else self.expand(x)
-    y = self.project(self.depthwise(y))
+  def __call__(self, x, rows=None):
+    y = x if self.expand is None else self.expand(x, rows)
+    y = self.project(self.depthwise(y, rows), rows)
     return x + y if self.residual else y
 
 
@@ -86,22 +87,24 @@ class MobileNetV2(nnx.Module):
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
     self.head = nnx.Linear(LAST_CHANNELS, num_classes, kernel_init=_HEAD_INIT, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x):
-    return self.features(x)[0]
+  def __call__(self, x, mask=None):
+    return self.features(x, mask)[0]
 
-  def features(self, x) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def features(self, x, mask=None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Logits [B, num_classes] and the named features, each the last output at its stride (sides rounded up):
     `stage1` [B, H/4, W/4, 24], `stage2` [B, H/8, W/8, 32], `stage3` [B, H/16, W/16, 96] (the outputs of the
     stages of 24, 32 and 96 channels), `stage4` [B, H/32, W/32, 1280] (the last 1x1 convolution's, after its
-    ReLU6); `pool`, the pooled features before the head, [B, 1280]."""
-    x = self.stem(x)
+    ReLU6); `pool`, the pooled features before the head, [B, 1280]. `mask` (float [B], 0 for an epoch's padding
+    rows) leaves those rows out of BatchNorm's batch statistics."""
+    rows = row_mask(mask)
+    x = self.stem(x, rows)
     named = {}
     for stage, blocks in enumerate(self.stages):
       for block in blocks:
-        x = block(x)
+        x = block(x, rows)
       if stage in FEATURE_STAGES:
         named[FEATURE_STAGES[stage]] = x
-    x = self.last(x)
+    x = self.last(x, rows)
     named["stage4"] = x
     x = jnp.mean(x, axis=(1, 2))
     named["pool"] = x
