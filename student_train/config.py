@@ -121,8 +121,9 @@ class FitConfig(DataSettings, ViewSettings, ComputeSettings, JobSettings, Output
                                 check=non_negative_finite, axis=True)
   momentum: float = setting(0.9, "momentum of momentum, nesterov and rmsprop", group="optimisation",
                             check=lambda v: 0.0 <= v < 1.0 or "must be in [0, 1)", axis=True, added=True)
-  dropout: float = setting(0.0, "dropout rate on the output of every hidden dense layer (in CNNs, the dense layer "
-                                "after the convolutions; convolutions are not dropped)", group="optimisation",
+  dropout: float = setting(0.0, "dropout rate on the output of every hidden dense layer of an MLP or CNN (in CNNs, "
+                                "the dense layer after the convolutions), and on the pooled features before the head "
+                                "of a ResNet, MobileNet or ViT; convolutions are not dropped", group="optimisation",
                            check=lambda v: 0.0 <= v < 1.0 or "must be in [0, 1)", commands=(FIT, SWEEP, DEMO_TEACHER))
   seed: int = setting(0, "initialisation and dropout seed", group="optimisation", check=seed_check, commands=(FIT,),
                       scope="student")
