@@ -145,6 +145,21 @@ def numpy_log_softmax(z: np.ndarray, axis: int = -1) -> np.ndarray:
   return log_softmax(z.astype(np.float64), axis=axis)
 
 
+def numpy_conv(x: np.ndarray, kernel: np.ndarray, stride: int = 1, depthwise: bool = False) -> np.ndarray:
+  """A convolution in NumPy as torchvision pads it: kernel // 2 zeros on every side. x [B, H, W, C], kernel
+  [k, k, C, D] (depthwise: [k, k, 1, C]) -> [B, ceil(H / stride), ceil(W / stride), D (depthwise: C)]."""
+  size = kernel.shape[0]
+  pad = size // 2
+  padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  height, width = [(side + 2 * pad - size) // stride + 1 for side in x.shape[1:3]]
+  out = 0
+  for i in range(size):
+    for j in range(size):
+      patch = padded[:, i:i + stride * (height - 1) + 1:stride, j:j + stride * (width - 1) + 1:stride]
+      out = out + (patch * kernel[i, j, 0] if depthwise else patch @ kernel[i, j])
+  return out
+
+
 def numeric_grad(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
   """Central differences of a scalar function of `x` (the tests' float64 references for gradients)."""
   grad = np.zeros_like(x)

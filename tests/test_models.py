@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import numpy_conv
 from flax import nnx
 
 from shared.errors import StillroomError
@@ -213,21 +214,6 @@ def test_vit_sizes_its_position_embeddings_for_the_images_and_takes_grayscale():
     assert logits.shape == (2, 5) and logits.dtype == jnp.float32
 
 
-def _conv(x: np.ndarray, kernel: np.ndarray, stride: int = 1, depthwise: bool = False) -> np.ndarray:
-  """A convolution in NumPy as torchvision pads it: (k - 1) / 2 zeros on every side. x [B, H, W, C], kernel
-  [k, k, C, O] (depthwise: [k, k, 1, C])."""
-  size = kernel.shape[0]
-  pad = (size - 1) // 2
-  padded = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  height, width = [(side + 2 * pad - size) // stride + 1 for side in x.shape[1:3]]
-  out = 0
-  for i in range(size):
-    for j in range(size):
-      patch = padded[:, i:i + stride * (height - 1) + 1:stride, j:j + stride * (width - 1) + 1:stride]
-      out = out + (patch * kernel[i, j, 0] if depthwise else patch @ kernel[i, j])
-  return out
-
-
 def test_mobilenet_v2_blocks_are_the_papers_and_batchnorm_follows_the_mode(monkeypatch):
   """torchvision's initialisation; inverted residual blocks in eval mode against NumPy (a 1x1 expansion to 6x the
   channels, the depthwise 3x3 padded by one pixel on every side, ReLU6 after both, a linear 1x1 projection,
@@ -265,10 +251,10 @@ def test_mobilenet_v2_blocks_are_the_papers_and_batchnorm_follows_the_mode(monke
   down, keep = model.net.stages[1]
   x = rng.normal(size=(2, 8, 6, 16))
   for block, stride in [(down, 2), (keep, 1)]:  # [2, 8, 6, 16] -> [2, 4, 3, 24] -> [2, 4, 3, 24]
-    hidden = np.clip(norm(_conv(x, _numpy(block.expand.conv.kernel)), block.expand), 0, 6)
-    hidden = np.clip(norm(_conv(hidden, _numpy(block.depthwise.conv.kernel), stride, depthwise=True),
+    hidden = np.clip(norm(numpy_conv(x, _numpy(block.expand.conv.kernel)), block.expand), 0, 6)
+    hidden = np.clip(norm(numpy_conv(hidden, _numpy(block.depthwise.conv.kernel), stride, depthwise=True),
                           block.depthwise), 0, 6)
-    expected = norm(_conv(hidden, _numpy(block.project.conv.kernel)), block.project) + (x if stride == 1 else 0)
+    expected = norm(numpy_conv(hidden, _numpy(block.project.conv.kernel)), block.project) + (x if stride == 1 else 0)
     assert expected.shape == (2, 4, 3, 24)
     np.testing.assert_allclose(block(jnp.asarray(x, jnp.float32)), expected, rtol=1e-4, atol=1e-4)
     x = expected
@@ -285,7 +271,7 @@ def test_mobilenet_v2_blocks_are_the_papers_and_batchnorm_follows_the_mode(monke
   np.testing.assert_array_equal(_numpy(stem.norm.mean), before)
   model.train()
   first = features(model, images)[0]
-  batch_mean = _conv(images.astype(np.float64), _numpy(stem.conv.kernel), 2).mean(axis=(0, 1, 2))
+  batch_mean = numpy_conv(images.astype(np.float64), _numpy(stem.conv.kernel), 2).mean(axis=(0, 1, 2))
   np.testing.assert_allclose(_numpy(stem.norm.mean), 0.9 * before + 0.1 * batch_mean, rtol=1e-4, atol=1e-5)
   assert np.abs(features(model, others)[0][0] - first[0]).max() > 1e-3
 

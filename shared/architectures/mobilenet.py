@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from shared.architectures import BATCHNORM_MOMENTUM, row_mask
+from shared.architectures import batch_norm, conv, row_mask
 
 # The inverted-residual stages: (expansion t, output channels c, blocks n, first block's stride s), the paper's
 # table 2 (width multiplier 1).
@@ -22,17 +22,14 @@ _HEAD_INIT = nnx.initializers.normal(0.01)
 
 
 class ConvNormReLU6(nnx.Module):
-  """A convolution without bias (BatchNorm's shift replaces it), BatchNorm, and ReLU6 unless `activation` is off
-  (the linear bottleneck). 3x3 kernels pad one pixel on each side, as torchvision does (Flax's 'SAME' would pad
-  stride-2 convolutions of even sides on one side only)."""
+  """A convolution without bias padded by kernel // 2 (`shared.architectures.conv`), BatchNorm, and ReLU6 unless
+  `activation` is off (the linear bottleneck)."""
 
   def __init__(self, channels_in: int, channels: int, *, kernel: int = 1, stride: int = 1, groups: int = 1,
                activation: bool = True, dtype, rngs: nnx.Rngs):
-    pad = (kernel - 1) // 2
-    self.conv = nnx.Conv(channels_in, channels, kernel_size=(kernel, kernel), strides=stride,
-                         padding=((pad, pad), (pad, pad)), feature_group_count=groups, use_bias=False,
-                         kernel_init=_CONV_INIT, dtype=dtype, rngs=rngs)
-    self.norm = nnx.BatchNorm(channels, momentum=BATCHNORM_MOMENTUM, dtype=dtype, rngs=rngs)
+    self.conv = conv(channels_in, channels, kernel, stride, groups=groups, kernel_init=_CONV_INIT, dtype=dtype,
+                     rngs=rngs)
+    self.norm = batch_norm(channels, dtype=dtype, rngs=rngs)
     self.activation = activation
 
   def __call__(self, x, rows=None):

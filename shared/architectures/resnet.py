@@ -3,8 +3,8 @@ layout (`ImageNetResNet`), built from one residual block (`ResidualBlock`) and o
 
 Every convolution pads by half its kernel on each side, as torchvision's (and the original Torch code's) do, and the
 stem's max-pooling by one with -inf; XLA's 'SAME' padding would pad a strided layer on an even input by one row less
-on top than below, shifting the grid it samples. Convolutions carry no bias: BatchNorm's shift replaces it (a bias
-before BatchNorm only adds noise that an adaptive optimizer amplifies).
+on top than below, shifting the grid it samples. Convolutions carry no bias, as torchvision's: BatchNorm's shift
+replaces it (in training BatchNorm subtracts the batch mean, which cancels a bias before it exactly).
 
 `mask` (float [B], 0 for a padding row; None: every row) is what BatchNorm's batch statistics count in training:
 the zero rows that pad an epoch's last, short batch change neither the normalisation of the real rows nor the
@@ -17,17 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from shared.architectures import BATCHNORM_MOMENTUM, row_mask
-
-
-def _conv(channels_in: int, channels: int, kernel: int, stride: int, *, dtype, rngs: nnx.Rngs) -> nnx.Conv:
-  """A convolution without bias, padded by kernel // 2 on every side (see the module's docstring)."""
-  return nnx.Conv(channels_in, channels, kernel_size=(kernel, kernel), strides=stride,
-                  padding=((kernel // 2, kernel // 2),) * 2, use_bias=False, dtype=dtype, rngs=rngs)
-
-
-def _norm(channels: int, *, dtype, rngs: nnx.Rngs) -> nnx.BatchNorm:
-  return nnx.BatchNorm(channels, momentum=BATCHNORM_MOMENTUM, dtype=dtype, rngs=rngs)
+from shared.architectures import batch_norm, conv, row_mask
 
 
 class ResidualBlock(nnx.Module):
@@ -47,15 +37,15 @@ class ResidualBlock(nnx.Module):
     self.convs, self.norms = nnx.List(), nnx.List()
     channels = channels_in
     for width, kernel, stride in layers:
-      self.convs.append(_conv(channels, width, kernel, stride, dtype=dtype, rngs=rngs))
-      self.norms.append(_norm(width, dtype=dtype, rngs=rngs))
+      self.convs.append(conv(channels, width, kernel, stride, dtype=dtype, rngs=rngs))
+      self.norms.append(batch_norm(width, dtype=dtype, rngs=rngs))
       channels = width
     self.stride = math.prod(stride for _, _, stride in layers)
     reshaped = self.stride != 1 or channels != channels_in
     self.project = projection and reshaped
     if self.project:
-      self.shortcut_conv = _conv(channels_in, channels, 1, self.stride, dtype=dtype, rngs=rngs)
-      self.shortcut_norm = _norm(channels, dtype=dtype, rngs=rngs)
+      self.shortcut_conv = conv(channels_in, channels, 1, self.stride, dtype=dtype, rngs=rngs)
+      self.shortcut_norm = batch_norm(channels, dtype=dtype, rngs=rngs)
     self.pad = 0 if projection else channels - channels_in
 
   def __call__(self, x, rows=None):
@@ -113,8 +103,8 @@ class ResNet(nnx.Module):
                stages: tuple[tuple[int, int, int], ...], block: type[ResidualBlock], projection: bool,
                dropout: float, dtype, rngs: nnx.Rngs):
     width, kernel, stride, self.stem_pool = stem
-    self.stem = _conv(input_shape[-1], width, kernel, stride, dtype=dtype, rngs=rngs)
-    self.stem_norm = _norm(width, dtype=dtype, rngs=rngs)
+    self.stem = conv(input_shape[-1], width, kernel, stride, dtype=dtype, rngs=rngs)
+    self.stem_norm = batch_norm(width, dtype=dtype, rngs=rngs)
     self.stages = nnx.List()
     channels = width
     for width, blocks, stride in stages:
