@@ -307,7 +307,8 @@ def cache_format_page() -> str:
             "dense cache, `specialists` and `top_n` without specialists, `features` without features), as schemas 2 "
             "to 5 did so that an older stillroom read them; a float32 build omits `compute_dtype` and "
             "`target_tolerance`, so a store written before them reads as the float32 build it was. `arrays` lists "
-            "every array present with its role, shape, dtype and chunk shape: readers ask for the arrays they need by name and get an error naming any that are missing. "
+            "every array present with its role, shape, dtype and chunk shape: readers ask for the arrays they need by "
+            "name and get an error naming any that are missing. "
             "`augmentation` omits the crop fields for shift views, and `max_shift` for crop views.", "",
             "### `CacheSpec`", ""] + _fields_table(cache.CacheSpec)
   hints = typing.get_type_hints(cache.CacheSpec)

@@ -252,8 +252,8 @@ def import_function(reference: str, what: str):
 
 def takes_row_mask(method) -> bool:
   """Whether a model's `__call__` or `features` (a bound method or the module itself) takes the batch's row mask as
-  `mask=` (every registry model with BatchNorm does): the trainer passes it only to one that does, so that BatchNorm's batch
-  statistics leave out an epoch's padding rows; a model that takes none sees them as rows."""
+  `mask=` (every registry model with BatchNorm does): the trainer passes it only to one that does, so that BatchNorm's
+  batch statistics leave out an epoch's padding rows; a model that takes none sees them as rows."""
   try:
     parameters = inspect.signature(method).parameters
   except (TypeError, ValueError):  # A callable without a signature Python can read.

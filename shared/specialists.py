@@ -175,7 +175,8 @@ def combine_specialists(generalist_log_probs: jax.Array, specialist_log_probs: j
   its maximum: each step spreads b_m over the classes outside S_m in proportion to q, and renormalises. EM alone
   crawls when the dustbins hold most of the mass, so it is accelerated by SQUAREM (Varadhan & Roland 2008: an
   extrapolation along two EM steps, kept only when it stays a distribution) and runs until one EM step changes
-  every q_c by less than `tolerance` times q_c, or `max_steps` rounds. The subsets are disjoint; inactive specialists drop out.
+  every q_c by less than `tolerance` times q_c, or `max_steps` rounds. The subsets are disjoint; inactive specialists
+  drop out.
   Sums are elementwise (no matrix products), so that no device rounds them to lower precision (TF32).
 
   Args:

@@ -61,7 +61,8 @@ def new_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
   export.add_argument("run", metavar="RUN_DIR", help="a run dir written by `student-train fit`")
   add_options(export, ExportConfig, EXPORT, required=("out",))
   sweep = commands.add_parser(
-      "sweep", allow_abbrev=False, help="ablations from one cache: every grid point x seed is a run dir; re-running resumes",
+      "sweep", allow_abbrev=False,
+      help="ablations from one cache: every grid point x seed is a run dir; re-running resumes",
       formatter_class=argparse.RawDescriptionHelpFormatter,
       description=f"Train one student per grid point and seed from one cache. Axes: {', '.join(AXES)}.\n\n"
                   "grids:\n"

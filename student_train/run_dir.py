@@ -43,7 +43,8 @@ from shared.errors import StillroomError
 from shared.log import logger
 from shared.outputs import RUN_DIR, clear_for_overwrite
 from shared.runs import (CONFIG_FILE, DIGESTS_MARKER, DIVERGED_FILE, FINAL_FILE, METRICS_FILE, MID_EPOCH_DIR,
-                         PARAMS_ITEM, RETRAIN, params_of, REWRITE_FINAL, CheckpointFolder, CrossFit, RunRecord, read_run_file)
+                         PARAMS_ITEM, RETRAIN, REWRITE_FINAL, CheckpointFolder, CrossFit, RunRecord, params_of,
+                         read_run_file)
 from shared.settings import differences as settings_differences
 from shared.settings import names_where
 from student_train.config import FitConfig, default_of

@@ -536,8 +536,8 @@ def _plan(config: BuildConfig) -> tuple:
     feature_bytes = sum(a.row_bytes for a in spec.arrays if a.role == "feature")
     teacher_bytes = sum(a.row_bytes for a in spec.arrays if a.role == "teacher")
     _LOG.info(f"--features: {feature_bytes:,} bytes per row, {feature_bytes / teacher_bytes:.1f}x the "
-              f"{teacher_bytes:,} of the targets and logits; {feature_bytes * spec.num_rows / 2 ** 20:,.1f} MiB of features for "
-              f"{spec.num_rows:,} rows")
+              f"{teacher_bytes:,} of the targets and logits; "
+              f"{feature_bytes * spec.num_rows / 2 ** 20:,.1f} MiB of features for {spec.num_rows:,} rows")
   return config, mesh, transfer_set, eval_set, teachers + specialists, spec
 
 

@@ -41,7 +41,8 @@ def teacher_cache_parser() -> argparse.ArgumentParser:
 
   layout = "\n".join(f"  {a.name:<20} {a.shape:<24} {a.dtype:<8} {a.meaning}" for a in LAYOUT)
   build = commands.add_parser(
-      "build", allow_abbrev=False, help="build (or resume) a cache", formatter_class=argparse.RawDescriptionHelpFormatter,
+      "build", allow_abbrev=False, help="build (or resume) a cache",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
       description="Build a cache; running the same command again resumes an interrupted build.\n\n"
                   f"Arrays (R rows = examples x views, E eval examples, M members, C classes; 'storage' = --dtype):"
                   f"\n{layout}")
@@ -163,7 +164,8 @@ def _print_info(info: dict) -> None:
       evaluation = stats["eval"]
       print(f"eval split   {evaluation['split']} ({evaluation['count']} examples): members "
             + " / ".join(_format_percent(a) for a in evaluation["members"])
-            + f", ensemble AM {_format_percent(evaluation['arithmetic'])}, GM {_format_percent(evaluation['geometric'])}")
+            + f", ensemble AM {_format_percent(evaluation['arithmetic'])}"
+            + f", GM {_format_percent(evaluation['geometric'])}")
 
 
 def main(argv: list[str] | None = None) -> None:
