@@ -98,17 +98,19 @@ def _this_process() -> ocp.options.MultiprocessingOptions:
   return ocp.options.MultiprocessingOptions(primary_host=None, active_processes={jax.process_index()})
 
 
-def _host_copy(tree):
+def _host_copy(tree, keep: bool = True):
   """The arrays of `tree` as NumPy arrays on this host: a replicated array's local copy is all of it; one split over
   the devices of several processes (`student-train fit --param-sharding fsdp`) is gathered from them, a collective:
-  in a job of several processes, every process calls it, in the same order."""
+  in a job of several processes, every process calls it, in the same order. `keep=False` (the processes that do not
+  write the checkpoint): only takes part in those gathers, copies nothing else, and returns None."""
   def copy(leaf):
-    if not isinstance(leaf, jax.Array):
-      return leaf
+    if not isinstance(leaf, jax.Array) or (not keep and (leaf.is_fully_replicated or leaf.is_fully_addressable)):
+      return leaf  # Not an array, or not this process's to copy.
     if leaf.is_fully_replicated:
       return np.asarray(leaf.addressable_data(0))
     return np.asarray(leaf if leaf.is_fully_addressable else multihost_utils.process_allgather(leaf, tiled=True))
-  return jax.tree.map(copy, tree)
+  copied = jax.tree.map(copy, tree)
+  return copied if keep else None
 
 
 def _on_first_local_device(tree):
@@ -177,10 +179,12 @@ class StagedCheckpointManager:
     """Writes, uploads and commits checkpoint `step` (process 0 of a job; the others return), replacing one of that
     step; then keeps only the newest `max_to_keep`, and drops earlier steps that a kill left uncommitted."""
     del force  # Every save is written: the trainer decides when to save.
-    # Every process: gathering a state split over several processes' devices is a collective.
-    items = {name: ocp.args.StandardSave(_host_copy(arg.item)) if isinstance(arg, ocp.args.StandardSave) else arg
-             for name, arg in args.items()}
-    if not is_first():
+    # Every process: gathering a state split over several processes' devices is a collective; only process 0, which
+    # writes, copies the rest to host memory.
+    first = is_first()
+    items = {name: ocp.args.StandardSave(_host_copy(arg.item, keep=first)) if isinstance(arg, ocp.args.StandardSave)
+             else arg for name, arg in args.items()}
+    if not first:
       return False
     target = storage.join(self.url, str(step))
     try:
