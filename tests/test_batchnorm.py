@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import numpy_log_softmax
+from conftest import numpy_conv, numpy_log_softmax
 from flax import nnx
 
 from shared.architectures import BATCHNORM_MOMENTUM
@@ -31,19 +31,6 @@ RESNET8 = ModelSpec(name="resnet8", input_shape=(8, 8, 1), num_classes=10)
 
 
 # --- A NumPy ResNet, float64 -------------------------------------------------------------------------------------
-
-def _conv(x: np.ndarray, kernel: np.ndarray, stride: int) -> np.ndarray:
-  """[B, H, W, C] * [k, k, C, D], zero-padded by k // 2 on every side (as torchvision pads)."""
-  k = kernel.shape[0]
-  pad = k // 2
-  x = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  height, width = (x.shape[1] - k) // stride + 1, (x.shape[2] - k) // stride + 1
-  out = np.zeros((x.shape[0], height, width, kernel.shape[-1]))
-  for i in range(k):
-    for j in range(k):
-      out += x[:, i:i + stride * height:stride, j:j + stride * width:stride, :] @ kernel[i, j]
-  return out
-
 
 def _max_pool(x: np.ndarray) -> np.ndarray:
   """3x3, stride 2, padded by 1 with -inf."""
@@ -82,7 +69,7 @@ class NumpyResNet:
   def __call__(self, x: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
     """`x` [B, H, W, C] -> logits [B, classes]; `rows` bool [B] in training, None in eval."""
     w = self.weights
-    x = np.maximum(self.norm(_conv(x, w["stem"]["kernel"], self.stem[0]), w["stem_norm"], rows, "stem_norm"), 0)
+    x = np.maximum(self.norm(numpy_conv(x, w["stem"]["kernel"], self.stem[0]), w["stem_norm"], rows, "stem_norm"), 0)
     if self.stem[1]:
       x = _max_pool(x)
     for s, stage in sorted(w["stages"].items()):
@@ -92,12 +79,12 @@ class NumpyResNet:
         strided = next(c for c, kernel in enumerate(convs) if kernel.shape[0] == 3)  # Its first 3x3.
         y = x
         for c, kernel in enumerate(convs):
-          y = self.norm(_conv(y, kernel, stride if c == strided else 1), block["norms"][c], rows,
+          y = self.norm(numpy_conv(y, kernel, stride if c == strided else 1), block["norms"][c], rows,
                         f"stages/{s}/{b}/norms/{c}")
           if c < len(convs) - 1:
             y = np.maximum(y, 0)
         if "shortcut_conv" in block:  # Option B: a strided 1x1 convolution and BatchNorm.
-          shortcut = self.norm(_conv(x, block["shortcut_conv"]["kernel"], stride), block["shortcut_norm"], rows,
+          shortcut = self.norm(numpy_conv(x, block["shortcut_conv"]["kernel"], stride), block["shortcut_norm"], rows,
                                f"stages/{s}/{b}/shortcut_norm")
         else:  # Option A: subsampled, new channels zero (half before the old ones, half after).
           shortcut = x[:, ::stride, ::stride]
@@ -272,6 +259,38 @@ def test_padding_rows_change_neither_the_statistics_nor_the_update():
   assert np.abs(counted.updated["stem_norm"]["mean"] - _stats(once)["stem_norm"]["mean"]).max() > 1e-3
 
 
+def test_mobilenet_v2_leaves_padding_rows_out_of_its_statistics(monkeypatch):
+  """MobileNetV2 on 32x32x3 in training: 8 real rows padded with 4 zero rows (mask 0) leave every BatchNorm's
+  running averages where the 8 real rows alone (no mask) leave them. (Fewer rows, or smaller images whose last stages
+  see 1x1 maps, let float32 rounding grow through the 52 normalisations of so few values.)"""
+  from shared.architectures import mobilenet
+
+  # Convolutions start at zero (JAX would compile a sampler per kernel shape, ~10 s on 2 cores) and get NumPy kernels.
+  monkeypatch.setattr(mobilenet, "_CONV_INIT", nnx.initializers.zeros)
+  model = build_model(ModelSpec(name="mobilenet-v2", input_shape=(32, 32, 3), num_classes=5), seed=0)
+  rng = np.random.default_rng(0)
+  weights = _weights(model)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(weights)[0]:
+    if str(getattr(path[-1], "key", path[-1])) == "kernel" and leaf.ndim == 4:  # The convolutions.
+      size, _, _, channels = leaf.shape
+      parent = functools.reduce(lambda tree, key: tree[getattr(key, "key", key)], path[:-1], weights)
+      parent["kernel"] = rng.normal(0, np.sqrt(2 / (size * size * channels)), leaf.shape).astype(np.float32)
+  real = rng.uniform(0, 1, (8, 32, 32, 3)).astype(np.float32)
+  padded = np.concatenate([real, np.zeros((4, 32, 32, 3), np.float32)])
+  forward = nnx.jit(lambda model, x, mask: model(x, mask))
+  model.train()
+
+  def statistics(x, mask):
+    forward(_load(model, weights), x, mask)
+    return {path: value for path, value in _flat(_weights(model)).items() if path.endswith(("/mean", "/var"))}
+
+  alone = statistics(real, None)
+  masked = statistics(padded, (np.arange(12) < 8).astype(np.float32))
+  assert len(alone) == 2 * 52 and set(masked) == set(alone)  # 52 BatchNorm layers, a mean and a variance each.
+  for path in alone:
+    np.testing.assert_allclose(masked[path], alone[path], rtol=1e-4, atol=1e-5, err_msg=path)
+
+
 def test_students_of_a_group_keep_their_own_statistics():
   """Two students trained together in one vmapped step (batches with padding rows) end with the weights, running
   statistics included, that each reaches trained alone, and predict with their own: the two students' statistics
@@ -441,6 +460,26 @@ def test_your_own_batchnorm_model_gets_the_mask_if_it_takes_one(tmp_path, data_d
                          batch_size=batch_size, out=str(tmp_path / f"run{batch_size}")))
   warned = [r.message for r in caplog.records if "takes no `mask`" in r.message]
   assert warned == ([] if takes_mask else [warned[0]]) and (takes_mask or "the 28 zero rows" in warned[0])
+
+  # The trainer's step on 11 rows padded to 16: the model that takes the mask ends with the running statistics of
+  # the 11 real rows alone (an unpadded step); the one that does not counts the zero rows too.
+  def stepped(batch):
+    model = bnnets.net((8, 8, 1), 10, nnx.Rngs(0))
+    graphdef, state = nnx.split((model, _optimizer(model)))
+    mesh = data_mesh()
+    step = make_train_step(graphdef, NORMALIZATION, mesh)
+    hypers = put_replicated(stack_hypers([Hypers(member_weights=np.ones(1, np.float32))], [0]), mesh)
+    stacked, metrics = step(put_replicated(stack_states([state]), mesh), batch, hypers)
+    jax.block_until_ready(metrics)
+    weights = _flat(_weights(nnx.merge(graphdef, unstack_state(stacked, 0))[0]))
+    return {path: value for path, value in weights.items() if path.endswith(("/mean", "/var"))}
+
+  real = {key: value[:11] for key, value in PADDED[0].items()}
+  padded, alone = stepped(PADDED[0]), stepped(real)
+  assert set(padded) == set(alone) == {"norm/mean", "norm/var"}
+  for path in alone:
+    close = np.allclose(padded[path], alone[path], rtol=1e-5, atol=1e-7)
+    assert close == takes_mask, path
 
 
 # --- Resume -------------------------------------------------------------------------------------------------------
