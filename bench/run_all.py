@@ -95,11 +95,13 @@ class Arm:
     self.loader.close()
 
 
-def arm(config: FitConfig, mesh, students: int = 1) -> Arm:
+def arm(config: FitConfig, mesh, students: int = 1, dtype: str | None = None) -> Arm:
   """`students` runs of `config` (its epochs: `LONG`, its eval split: none) set up as `fit` sets them up; nothing is
-  written to its run dir."""
+  written to its run dir. `dtype` (a `ModelSpec.dtype`) replaces the model's compute dtype."""
   plan = plan_run(dataclasses.replace(config, epochs=LONG, eval_split="none", progress=False,
                                       out=config.out or "unwritten"))
+  if dtype is not None:
+    plan = dataclasses.replace(plan, model_spec=dataclasses.replace(plan.model_spec, dtype=dtype))
   loader = make_loader(plan, plan.fields())
   states = []
   for seed in range(students):
@@ -225,14 +227,14 @@ def online_vs_cached(tmp: str, student: str, teacher_model: str, input_shape, me
 
 
 def build_overhead(tmp: str, teacher_model: str, input_shape, members: int, rows: int, batch: int,
-                   repeats: int) -> dict:
+                   repeats: int, classes: int = 10) -> dict:
   """Benchmark 3. The build's wall time against the ensemble's forward passes alone (`ensemble_forward`, jitted)
-  over as many rows in batches of the same size."""
+  over as many rows in batches of the same size (random-weight teachers of `classes` classes)."""
   views = 2
   mesh = data_mesh()
-  dataset = synthetic.npz_dataset(os.path.join(tmp, "build.npz"), rows, input_shape, 10)
+  dataset = synthetic.npz_dataset(os.path.join(tmp, "build.npz"), rows, input_shape, classes)
   transfer_set = open_transfer_set(dataset, "train")
-  runs = synthetic.teachers(os.path.join(tmp, "build_teachers"), teacher_model, input_shape, 10, members)
+  runs = synthetic.teachers(os.path.join(tmp, "build_teachers"), teacher_model, input_shape, classes, members)
   counter = iter(range(1000))
 
   def build():
@@ -250,8 +252,8 @@ def build_overhead(tmp: str, teacher_model: str, input_shape, members: int, rows
     jax.block_until_ready([forward(params, x) for x in batches])
 
   forward_time = measure(forward_only, repeats=repeats)
-  return {"teacher": teacher_model, "members": members, "rows": len(inputs), "batch": batch,
-          "build_s": build_time["median"], "forward_only_s": forward_time["median"],
+  return {"teacher": teacher_model, "input_shape": list(input_shape), "classes": classes, "members": members,
+          "rows": len(inputs), "batch": batch, "build_s": build_time["median"], "forward_only_s": forward_time["median"],
           "ratio": build_time["median"] / forward_time["median"]}
 
 

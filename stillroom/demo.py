@@ -57,16 +57,23 @@ class DemoConfig(DatasetSettings):
                                          "caches hold crop views (see `teacher-cache build --image-size`)",
                                    metavar="S", group="views")
   shapes: bool = setting(False, "the natural-image demo: write the shapes image set (scripts/make_shapes.py) into "
-                                "--work-dir/shapes/data, and compare crop soft labels with hard labels for the same "
-                                "student and epochs; results in --results-dir/shapes (a preset that sets the stage "
-                                "settings: image size 32, cnn-small teachers on random-resized crops, 4 crop views, "
-                                "mlp-small students for 30 epochs, no cross-fitting or fraction arms)", group="data")
+                                "--work-dir/shapes/data, and compare a resnet8 student distilled from resnet20 "
+                                "teachers with the same student from scratch, at equal steps; results in "
+                                "--results-dir/shapes (a preset that sets the stage settings, the teacher count and "
+                                "the arms: image size 32, 2 resnet20 teachers on random-resized crops, 4 crop views, "
+                                "resnet8 students each trained on its own, no GM, cross-fitting or fraction arms)",
+                         group="data")
   work_dir: str = setting("demo", "runs and caches; a rerun reuses finished runs", group="run")
   results_dir: str = setting("results", "where demo.md, demo.json and demo.png go", group="run")
   teachers: int = setting(3, "ensemble size M", group="teachers", check=at_least(1))
   seeds: int = setting(5, "paired student seeds per arm", group="run", check=at_least(1))
+  together: bool = setting(True, "train a seed's arms that read one cache in one vmapped step; --no-together: each "
+                                 "run on its own, on the same rows in the same order (on a CPU, convolutional "
+                                 "students train faster on their own)", group="run")
   folds: int = setting(3, "cross-fitting folds K (K x M extra teacher runs); 1 skips the cross-fitted arms",
                        group="teachers", check=at_least(1))
+  geometric_arm: bool = setting(True, "also a student distilled from the teachers' geometric mean (the GM arm)",
+                                group="distillation")
   label_fraction: float = setting(0.1, "fraction of the examples for the hard vs soft regularizer arms; 1 skips "
                                        "them", group="distillation",
                                   check=lambda v: 0 < v <= 1 or "must be in (0, 1]")
@@ -241,13 +248,15 @@ def run_demo(config: DemoConfig, verbose: bool = False) -> dict:
   _LOG.info(f"caches: {stages['caches']:.0f} s")
 
   student = dataclasses.replace(config.student, **data)
-  arms = {"scratch": (ordinary, {"alpha": 1.0}), "distilled (AM)": (ordinary, {}),
-          "distilled (GM)": (ordinary, {"combine": "geometric"})}
+  arms = {"scratch": (ordinary, {"alpha": 1.0}), "distilled (AM)": (ordinary, {})}
+  if config.geometric_arm:
+    arms["distilled (GM)"] = (ordinary, {"combine": "geometric"})
   if crossfit_cache:
     arms["distilled (cross-fitted AM)"] = (crossfit_cache, {})
   students = _train_arms(train_stage, f"students ({len(arms)} arms x {config.seeds} seeds)", arms, student,
                          config.seeds, os.path.join(work, f"students_{settings}_a{student.alpha:g}_e"
-                                                          f"{student.epochs}+{student.finetune_epochs}"))
+                                                          f"{student.epochs}+{student.finetune_epochs}"),
+                         config.together)
   fraction = {}
   if config.label_fraction < 1.0:
     few = dataclasses.replace(student, label_fraction=config.label_fraction, epochs=config.fraction_epochs,
@@ -259,7 +268,7 @@ def run_demo(config: DemoConfig, verbose: bool = False) -> dict:
         train_stage, f"{config.label_fraction:.0%} of the examples ({len(fraction_arms)} arms x {config.seeds} "
         "seeds)", fraction_arms, few, config.seeds,
         os.path.join(work, f"fraction{config.label_fraction:g}_v{views}_T{config.fraction_temperature:g}_e"
-                           f"{config.fraction_epochs}"))
+                           f"{config.fraction_epochs}"), config.together)
   # The teachers' accuracies from the logits the cache stored on the test split: no teacher runs again.
   accuracies = eval_accuracies(open_cache(ordinary))
   evaluations = {f"teacher {m}": accuracy for m, accuracy in enumerate(accuracies["members"])}
@@ -272,9 +281,23 @@ def run_demo(config: DemoConfig, verbose: bool = False) -> dict:
 
 def _shapes_preset(config: DemoConfig) -> DemoConfig:
   """The natural-image demo (`--shapes`): the shapes set written into the work dir (once), crop views at 32x32."""
-  from shared.shapes import write_shapes  # pylint: disable=import-outside-toplevel
   work, results = os.path.join(config.work_dir, "shapes"), os.path.join(config.results_dir, "shapes")
-  root = os.path.join(work, "data")
+  root = write_shapes_once(os.path.join(work, "data"))
+  _LOG.info("--shapes sets the stage settings, the teacher count and the arms (other --teacher-*/--build-*/"
+            f"--student-* options but --*-workers, and --teachers, --together, --geometric-arm are replaced): "
+            f"{SHAPES_SUMMARY}")
+  return shapes_stages(dataclasses.replace(
+      config, work_dir=work, results_dir=results, dataset=f"imagefolder:{root}/train", train_split="train",
+      eval_dataset=f"imagefolder:{root}/test", test_split="train"))
+
+
+def write_shapes_once(root: str) -> str:
+  """Writes the shapes set (`shared.shapes`, default settings) into `root` unless it is there; returns `root`.
+
+  Raises:
+    StillroomError: `root` is there but incomplete, or an interrupted write left `root.partial`.
+  """
+  from shared.shapes import write_shapes  # pylint: disable=import-outside-toplevel
   if not os.path.isdir(os.path.join(root, "test")):
     if os.path.exists(root):
       raise StillroomError(f"{root!r} exists but is not a complete shapes set; delete it to have it written again.")
@@ -282,26 +305,32 @@ def _shapes_preset(config: DemoConfig) -> DemoConfig:
     if counts is None:
       raise StillroomError(f"{root}.partial is left by an interrupted write; delete it and run again.")
     os.rename(root + ".partial", root)
+  return root
+
+
+SHAPES_SUMMARY = ("2 resnet20 teachers, 8 epochs on random-resized crops at 32x32; 4 crop views at T=4; resnet8 "
+                  "students, 4 epochs of the views (alpha 0.1), scratch and AM arms, each run on its own")
+
+
+def shapes_stages(config: DemoConfig) -> DemoConfig:
+  """The stage settings of `--shapes` on the data `config` names: chosen on a validation slice of the shapes set's
+  training images (`scripts/recipe_search.py --shapes`; docs/data.md)."""
   crop = {"crop_area": (0.35, 1.0)}
-  _LOG.info("--shapes sets the stage settings (other --teacher-*/--build-*/--student-* options but --*-workers are "
-            "replaced): cnn-small "
-            "teachers, 30 epochs on random-resized crops at 32x32; 4 crop views; mlp-small students, 30 epochs")
   return dataclasses.replace(
-      config, work_dir=work, results_dir=results, dataset=f"imagefolder:{root}/train", train_split="train",
-      eval_dataset=f"imagefolder:{root}/test", test_split="train", image_size=config.image_size or 32, folds=1,
-      label_fraction=1.0,
-      teacher=dataclasses.replace(config.teacher, model="cnn-small", epochs=30, dropout=0.0, batch_size=64),
-      build=dataclasses.replace(config.build, views=4, flip=True, **crop),
-      student=dataclasses.replace(config.student, model="mlp-small", epochs=30, finetune_epochs=0, batch_size=256,
-                                  lr=3e-3, checkpoint_every=10))
+      config, image_size=config.image_size or 32, teachers=2, folds=1, label_fraction=1.0, geometric_arm=False,
+      together=False,
+      teacher=dataclasses.replace(config.teacher, model="resnet20", epochs=8, dropout=0.0, batch_size=64),
+      build=dataclasses.replace(config.build, views=4, flip=True, temperature=4.0, **crop),
+      student=dataclasses.replace(config.student, model="resnet8", epochs=4, finetune_epochs=0, batch_size=64,
+                                  lr=3e-3, alpha=0.1, checkpoint_every=1))
 
 
 def _train_arms(train_stage, stage: str, arms: dict[str, tuple[str, dict]], base: FitConfig, seeds: int,
-                out: str) -> dict[str, list[float]]:
+                out: str, together: bool = True) -> dict[str, list[float]]:
   """Trains every arm for seeds 0..seeds-1; returns each arm's test accuracies in seed order.
 
-  Arms of one seed that read the same cache share its batch stream (paired: same rows, same order) and train
-  together in one vmapped step.
+  Arms of one seed that read the same cache share its batch stream (paired: same rows, same order) and, with
+  `together`, train together in one vmapped step; otherwise each trains on its own, on the same stream.
 
   Args:
     train_stage: trains groups of runs under one progress bar.
@@ -310,6 +339,7 @@ def _train_arms(train_stage, stage: str, arms: dict[str, tuple[str, dict]], base
     base: the settings the arms share.
     seeds: number of paired seeds.
     out: directory of the arms' run dirs.
+    together: train the arms of one seed and cache in one group.
   """
   groups, names = [], []
   for seed in range(seeds):
@@ -319,8 +349,9 @@ def _train_arms(train_stage, stage: str, arms: dict[str, tuple[str, dict]], base
       by_cache.setdefault(cache_path, []).append((name, dataclasses.replace(
           base, cache=cache_path, seed=seed, out=os.path.join(out, f"{slug}_seed{seed}"), **extra)))
     for runs in by_cache.values():
-      groups.append([run for _, run in runs])
-      names.append([name for name, _ in runs])
+      for group in ([runs] if together else [[run] for run in runs]):
+        groups.append([run for _, run in group])
+        names.append([name for name, _ in group])
   accuracies: dict[str, list[float]] = {name: [] for name in arms}
   for group_names, finals in zip(names, train_stage(stage, groups)):
     for name, final in zip(group_names, finals):

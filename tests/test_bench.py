@@ -144,6 +144,15 @@ def _keras_peer(result, printed, tmp):
     _positive(result, "break_even_epochs")
 
 
+def _models(result, printed, tmp):
+  row = result["models"]["mlp-tiny"]
+  assert row["input_shape"] == [8, 8, 1] and row["params"] == 64 * 32 + 32 + 32 * 10 + 10
+  for dtype in ("float32", "bfloat16"):
+    _positive(result, f"models.mlp-tiny.forward_rows_per_s.{dtype}", f"models.mlp-tiny.train_rows_per_s.{dtype}")
+  _positive(result, "build.build_s", "build.forward_only_s", "build.ratio")
+  assert "build vs forward (mlp-tiny" in printed and "wrote " in printed
+
+
 def _make_shapes(result, printed, tmp):
   train = glob.glob(os.path.join(tmp, "shapes", "train", "*", "*.jpg"))
   assert len(train) == 10 and len(glob.glob(os.path.join(tmp, "shapes", "test", "*", "*.jpg"))) == 0
@@ -182,6 +191,8 @@ SMOKE = {
                                _features),
     "bench/keras_peer.py": Smoke(["--smoke", *OUT], _keras_peer),
     "bench/precision.py": Smoke(["--smoke", "--data-dir", "{data_dir}", "--work", "{tmp}/work", *OUT], _precision),
+    "bench/models.py": Smoke(["--smoke", "--models", "mlp-tiny", "--build-ratio", "--build-model", "mlp-tiny", *OUT],
+                             _models),
     "scripts/make_shapes.py": Smoke(["{tmp}/shapes", "--train-per-class", "1", "--test-per-class", "0"],
                                     _make_shapes),
     "scripts/recipe_search.py": Smoke(["--smoke", "--work", "{tmp}/work", "--data-dir", "{data_dir}"],
@@ -229,3 +240,19 @@ def test_smoke_run(path, tmp_path, data_dir, compilation_cache, capsys, monkeypa
     _finite(result)
     assert result["machine"]["cpus"] >= 1
   smoke.check(result, printed, str(tmp_path))
+
+
+def test_recipe_search_shapes_smoke(tmp_path, compilation_cache, capsys, monkeypatch):
+  """`scripts/recipe_search.py --shapes` (the natural-image demo's search) runs to its end at its smoke size, on a
+  validation split of each class's last images."""
+  monkeypatch.chdir(tmp_path)
+  _load("scripts/recipe_search.py").main(["--shapes", "--smoke", "--work", str(tmp_path / "work")])
+  printed = capsys.readouterr().out
+  with open(tmp_path / "work" / "demo.json") as f:
+    config = json.load(f)["config"]
+  per_class = 5  # The smoke set's images per class, listed class by class: the last one of each is held out.
+  assert config["test_split"] == "+".join(f"train[{c * per_class + 4}:{c * per_class + 5}]" for c in range(10))
+  assert config["train_split"] == "+".join(f"train[{c * per_class}:{c * per_class + 4}]" for c in range(10))
+  with open(tmp_path / "work" / "temperature" / "report.md") as f:
+    table = f.read().strip()
+  assert "\n|---|" in table and table in printed

@@ -57,3 +57,33 @@ def test_demo_pipeline_on_a_tabular_npz(tmp_path):
   assert "| student, distilled (AM) |" in table and "paired gain" in table and "| teachers |" in table
   # Run again: every run is reused (same results, no retraining).
   assert run_demo(config)["students"] == results["students"]
+
+
+def test_demo_arms_trained_apart_see_the_same_rows_as_together(tmp_path):
+  """--no-together trains each arm on its own (one student per step) on the rows a vmapped group shares: the same
+  teachers and cache, and students whose accuracies agree with the group's."""
+  wine = load_wine()
+  order = np.random.default_rng(0).permutation(len(wine.target))
+  x = wine.data[order]
+  np.savez(tmp_path / "wine.npz", x=((x - x.mean(0)) / x.std(0)).astype(np.float32), y=wine.target[order])
+  defaults = DemoConfig()
+  base = DemoConfig(
+      dataset=f"npz:{tmp_path / 'wine.npz'}", train_split="train[:75%]", test_split="train[75%:]",
+      results_dir=str(tmp_path / "results"), teachers=1, seeds=1, folds=1, label_fraction=1.0, geometric_arm=False,
+      teacher=dataclasses.replace(defaults.teacher, model="mlp-tiny", epochs=1, batch_size=32),
+      student=dataclasses.replace(defaults.student, model="mlp-tiny", epochs=2, finetune_epochs=0, batch_size=32,
+                                  checkpoint_every=2))
+  results = {}
+  for together in (True, False):
+    work = tmp_path / f"together_{together}"
+    results[together] = run_demo(dataclasses.replace(base, work_dir=str(work), together=together))
+    assert set(results[together]["students"]) == {"scratch", "distilled (AM)"}  # No GM arm.
+    lines = {}
+    for arm in ("scratch", "distilled_AM"):
+      with open(next(work.glob(f"students_*/{arm}_seed0")) / "metrics.jsonl") as f:
+        lines[arm] = [json.loads(line) for line in f]
+      assert {line["students_in_step"] for line in lines[arm]} == {1 if not together else 2}
+    assert [line["rows"] for line in lines["scratch"]] == [line["rows"] for line in lines["distilled_AM"]]
+  assert results[True]["teachers"] == results[False]["teachers"]
+  for arm in ("scratch", "distilled (AM)"):  # One vmapped step or two plain ones: float rounding apart at most.
+    assert abs(results[True]["students"][arm]["mean"] - results[False]["students"][arm]["mean"]) <= 1 / 45 + 1e-9
