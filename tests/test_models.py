@@ -23,13 +23,6 @@ TRACED = {"mobilenet-v2"}
 EAGER_PARAMS = 2_000_000  # Larger models are traced abstractly: run op by op on 2 CPU cores they take 10-20 s each.
 
 
-def _traced_logits_shape(model: nnx.Module, batch: int, input_shape) -> tuple[int, ...]:
-  """The shape of an abstract model's (`nnx.eval_shape`) logits, traced without computing them."""
-  graphdef, state = nnx.split(model)
-  x = jax.ShapeDtypeStruct((batch, *input_shape), jnp.float32)
-  return jax.eval_shape(lambda state, x: nnx.merge(graphdef, state)(x), state, x).shape
-
-
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("input_shape", [(8, 8, 1), (8, 8), (12, 10, 3)])
 def test_every_model_maps_images_to_logits(name, input_shape):
