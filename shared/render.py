@@ -26,9 +26,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-RENDERERS = ("host", "device")
-HOST, DEVICE = RENDERERS
-CANVAS, BOXES, FLIP = "canvas", "crop", "flip"  # A device-rendered batch's fields (as a cache names boxes, flips).
+from shared.augment import CANVAS
+
+BOXES, FLIP = "crop", "flip"  # A device-rendered batch's boxes and flips, as a cache names them, beside CANVAS.
 # The measured agreement with PIL (`tests/test_render.py`), quoted by the docs: grey levels of uint8 pixels.
 MAX_LEVELS_FROM_PIL = 1
 MEAN_LEVELS_FROM_PIL = 0.1
