@@ -56,7 +56,9 @@ def _axis_weights(start: jax.Array, length: jax.Array, size: int, extent: int) -
 def _pass(x: jax.Array, weights: jax.Array, spec: str) -> jax.Array:
   """One resampling pass, `einsum(spec, x, weights)` over integer pixels x (0..255, float32) and fixed-point weights,
   rounded half up and clipped to 0..255 exactly as PIL's integer sums are: each weight is split into three bytes, so
-  that every partial sum is an integer below 2**24, exact in float32 in any order; the three are joined in int32."""
+  that every partial sum is an integer below 2**24 (255 x 255 x the taps of an output pixel, about 2 extent / size:
+  while the canvas side is at most 128 S, e.g. 4096 px for 32 px views), exact in float32 in any order; the three
+  are joined in int32."""
   high = jnp.floor(weights / 65536.0)
   middle = jnp.floor((weights - high * 65536.0) / 256.0)
   low = weights - high * 65536.0 - middle * 256.0

@@ -116,10 +116,13 @@ def device_cache(tmp_path_factory):
   return dataset, teacher, out
 
 
-def test_a_device_build_records_its_renderer_and_stores_the_teachers_outputs_on_device_views(device_cache):
+def test_a_device_build_records_its_renderer_and_stores_the_teachers_outputs_on_device_views(device_cache, capsys):
+  from teacher_cache.cli import main as cache_main  # pylint: disable=import-outside-toplevel
   dataset, teacher, out = device_cache
   cache = open_cache(out)
   assert cache.spec.augmentation.renderer == "device" and cache.spec.augmentation.to_dict()["renderer"] == "device"
+  code, printed, err = conftest.run_cli(cache_main, ["info", out], capsys)
+  assert code == 0 and "crop views at 8x8" in printed and "rendered on the device" in printed, err
   assert "renderer" not in Augmentation(image_size=S).to_dict()  # Host views record none, as older caches.
   data = open_transfer_set(dataset)
   rows = cache.read_chunk(0, ("index", "view", "crop", "flip", "member_logits"))
