@@ -13,7 +13,8 @@ applied with two matrix products (the formulation of `jax.image.scale_and_transl
     pixel centres (PIL's `precompute_coeffs` for `BILINEAR`), computed in integers and quantised to PIL's 22-bit
     fixed point;
   * the horizontal pass first, its result rounded half up and clipped to 0..255 as PIL's uint8 intermediate image,
-    then the vertical pass, rounded likewise; every sum is exact (integers below 2**24 in float32, joined in int32),
+    then the vertical pass, rounded likewise; every sum is exact (integers below 2**24 in float32, joined in int32:
+    `_pass`),
     so a view is the same on every platform, CPU, GPU or TPU, and in any batch.
 
 It is not bit-identical to PIL: Pillow (13) sometimes resamples in the other order, so a pixel whose sum lands near
@@ -25,6 +26,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from shared.augment import CANVAS
 
@@ -53,17 +55,22 @@ def _axis_weights(start: jax.Array, length: jax.Array, size: int, extent: int) -
   return jnp.floor(n.astype(jnp.float32) / total.astype(jnp.float32) * _ONE + 0.5)
 
 
-def _pass(x: jax.Array, weights: jax.Array, spec: str) -> jax.Array:
-  """One resampling pass, `einsum(spec, x, weights)` over integer pixels x (0..255, float32) and fixed-point weights,
-  rounded half up and clipped to 0..255 exactly as PIL's integer sums are: each weight is split into three bytes, so
-  that every partial sum is an integer below 2**24 (255 x 255 x the taps of an output pixel, about 2 extent / size:
-  while the canvas side is at most 128 S, e.g. 4096 px for 32 px views), exact in float32 in any order; the three
-  are joined in int32."""
-  high = jnp.floor(weights / 65536.0)
-  middle = jnp.floor((weights - high * 65536.0) / 256.0)
-  low = weights - high * 65536.0 - middle * 256.0
-  sums = [jnp.einsum(spec, x, w, precision=jax.lax.Precision.HIGHEST).astype(jnp.int32) for w in (high, middle, low)]
-  total = sums[0] * 65536 + sums[1] * 256 + sums[2]  # < 255 * 2**22 + rounding: fits int32.
+def _pass(x: jax.Array, weights: jax.Array) -> jax.Array:
+  """One resampling pass over the middle axis of x, float32 [B, E, K] integer pixels (0..255), with fixed-point
+  `weights` [B, S, E]: [B, S, K], rounded half up and clipped to 0..255 exactly as PIL's integer sums are.
+
+  Each weight (below 2**23) is split into pieces of p bits, p as large as keeps every partial sum an integer below
+  2**24 (255 x (2**p - 1) x the taps of an output pixel, at most 2 ceil(E / S) + 1), so that the float32 matrix
+  products are exact in any order; the pieces' sums are joined in int32 (below 2**31: 255 x 2**22 and the rounding).
+  Views of 96 px canvases at 32 px take two pieces; of 4096 px at 8 px, four."""
+  extent, size = x.shape[1], weights.shape[1]
+  taps = 2 * -(-extent // size) + 1
+  bits = int(np.log2((1 << 24) / (255 * taps) + 1))
+  total = None
+  for shift in range(0, 23, bits):
+    piece = jnp.floor(weights / float(1 << shift)) - jnp.floor(weights / float(1 << (shift + bits))) * (1 << bits)
+    part = jnp.einsum("bse,bek->bsk", piece, x, precision=jax.lax.Precision.HIGHEST).astype(jnp.int32) << shift
+    total = part if total is None else total + part
   return jnp.clip((total + (1 << 21)) >> 22, 0, 255).astype(jnp.float32)
 
 
@@ -71,13 +78,18 @@ def render(canvas: jax.Array, boxes: jax.Array, flip: jax.Array, size: int) -> j
   """The un-jitted `render_on_device` (for use inside another jitted function, such as the student's step)."""
   single = canvas.ndim == 3
   images = (canvas[..., None] if single else canvas).astype(jnp.float32)  # [B, Hc, Wc, C]
+  count, height, width, channels = images.shape
   boxes = jnp.asarray(boxes, jnp.int32)
-  rows = _axis_weights(boxes[:, 0], boxes[:, 2], size, images.shape[1])  # [B, S, Hc]
-  cols = _axis_weights(boxes[:, 1], boxes[:, 3], size, images.shape[2])  # [B, S, Wc]
+  rows = _axis_weights(boxes[:, 0], boxes[:, 2], size, height)  # [B, S, Hc]
+  cols = _axis_weights(boxes[:, 1], boxes[:, 3], size, width)  # [B, S, Wc]
   # A flip reverses the output columns: the same weights, in reverse order.
   cols = jnp.where(jnp.asarray(flip)[:, None, None], cols[:, ::-1, :], cols)
-  across = _pass(images, cols, "bhwc,bsw->bhsc")  # [B, Hc, S, C]: PIL's horizontal pass, a uint8 image.
-  out = _pass(across, rows, "bhsc,bth->btsc").astype(jnp.uint8)
+  # PIL's horizontal pass (a uint8 image [B, Hc, S, C]), then its vertical pass; each a batched matrix product over
+  # the axis it resamples, laid out as [B, that axis, the rest].
+  across = _pass(jnp.transpose(images, (0, 2, 1, 3)).reshape(count, width, height * channels), cols)  # [B, S, Hc C]
+  across = jnp.transpose(across.reshape(count, size, height, channels), (0, 2, 1, 3))  # [B, Hc, S, C]
+  out = _pass(across.reshape(count, height, size * channels), rows).reshape(count, size, size, channels)
+  out = out.astype(jnp.uint8)
   return out[..., 0] if single else out
 
 
