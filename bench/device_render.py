@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--out", default="bench/results/device_render.json")
   args = parser.parse_args(argv)
   result = {"machine": machine(), "images": args.images, "side": args.side, "size": args.size, "batch": args.batch,
-            "rows_per_pass": args.batch * args.batches, "canvas": "npz: uint8 images of one shape in memory"}
+            "rows_per_pass": args.batch * args.batches, "canvas": "npz: uint8 images of one shape in memory",
+            "load_average_at_start": list(os.getloadavg())}  # The machine may be shared: say how busy it was.
   sharding = batch_sharding(data_mesh())
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "images.npz")
