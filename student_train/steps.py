@@ -242,7 +242,7 @@ def make_train_step(graphdef, normalization: Normalization, mesh, switches: dict
     none, `mask` float32 [B], and optionally `targets` [B, C] / a sparse cache's `target_*` arrays /
     `member_logits` [B, M, C], and the feature terms' teacher features), and `hypers` is a `Hypers` stacked over the
     students (leading axis K); with the device renderer the batch holds `canvas`, `crop` and `flip` instead of `x`
-  (`shared.render`). Metrics are per student, [K]: "loss", "hard_ce", "soft", "train_accuracy", "rows",
+    (`shared.render`). Metrics are per student, [K]: "loss", "hard_ce", "soft", "train_accuracy", "rows",
     with soft targets "teacher_agreement", and each feature family's loss ("hint", "attention", "similarity"),
     unweighted. `alpha` and every setting but the fixed switches are traced, so distillation and fine-tuning, and
     any mix of settings, share one compilation.
