@@ -28,6 +28,9 @@ _STREAM_CROP = 16  # Crop tries use streams 16.. (4 per try: area, ratio, top, l
 CROP_TRIES = 10
 DEFAULT_CROP_AREA = (0.08, 1.0)  # Inception / torchvision RandomResizedCrop.
 DEFAULT_CROP_ASPECT = (3 / 4, 4 / 3)
+RENDERERS = ("host", "device")  # Where crop views are rendered: `render_crops` in the workers, or `shared.render`.
+HOST, DEVICE = RENDERERS
+CANVAS = "canvas"  # A device-rendered batch's canvases (`shared.render`), beside its "crop" boxes and "flip"s.
 FOLD_SEED = 0  # Fold assignment is fixed: runs and caches made apart must agree on it.
 
 
@@ -62,6 +65,9 @@ class Augmentation:
     image_size: crop views rendered at image_size x image_size; None: shift views of the stored images.
     crop_area: crop views: range of a random crop's area, as fractions of the image's area.
     crop_aspect: crop views: range of a random crop's width / height.
+    renderer: crop views: "host" (`render_crops`, PIL in the input workers) or "device" (`shared.render`: the
+      workers read fixed-size canvases and draw boxes and flips; the forward or step renders them). A cache records
+      it (omitted for "host", as caches before it were), so its students render the pixels its teachers saw.
   """
 
   seed: int = 0
@@ -70,6 +76,7 @@ class Augmentation:
   image_size: int | None = None
   crop_area: tuple[float, float] = DEFAULT_CROP_AREA
   crop_aspect: tuple[float, float] = DEFAULT_CROP_ASPECT
+  renderer: str = HOST
 
   def __post_init__(self):
     if self.max_shift < 0:
@@ -82,6 +89,11 @@ class Augmentation:
     low, high = self.crop_aspect
     if not 0 < low <= high < float("inf"):
       raise StillroomError(f"--crop-aspect must be two ratios 0 < min <= max, got {low},{high}.")
+    if self.renderer not in RENDERERS:
+      raise StillroomError(f"--renderer must be one of {', '.join(RENDERERS)}, got {self.renderer!r}.")
+    if self.renderer != HOST and self.image_size is None:
+      raise StillroomError(f"--renderer {self.renderer} renders crop views: give --image-size S (shift views are "
+                           "rendered on the host).")
 
   @property
   def kind(self) -> str:
@@ -102,6 +114,8 @@ class Augmentation:
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
+    if self.renderer == HOST:  # As caches before the device renderer recorded their views.
+      del d["renderer"]
     if self.kind == "shift":  # Shift views as stillroom 0.2 recorded them.
       for name in ("image_size", "crop_area", "crop_aspect"):
         del d[name]
@@ -248,13 +262,15 @@ def check_max_shift(max_shift: int, input_shape: tuple[int, ...], option: str) -
 
 def make_augmentation(input_shape: tuple, input_dtype, dataset: str, *, seed: int, max_shift: int, flip: bool,
                       image_size: int | None, crop_area=DEFAULT_CROP_AREA,
-                      crop_aspect=DEFAULT_CROP_ASPECT) -> Augmentation:
+                      crop_aspect=DEFAULT_CROP_ASPECT, renderer: str | None = None,
+                      canvas_shape: tuple | None = None) -> Augmentation:
   """The views for a dataset whose examples are stored with `input_shape` (None for a varying side) and
-  `input_dtype`, checked before anything is written.
+  `input_dtype`, checked before anything is written; `renderer` (None: "host") renders crop views, the device
+  renderer from the fixed canvases of a source that offers them (`canvas_shape`, None where it does not).
 
   Raises:
     StillroomError: images of varying size without `--image-size`; crops of flat vectors or of non-uint8 data;
-      crop ranges without `--image-size`; a bad shift or range.
+      crop ranges without `--image-size`; a bad shift or range; the device renderer without crop views or canvases.
   """
   if len(crop_area) != 2 or len(crop_aspect) != 2:
     raise StillroomError(f"--crop-area and --crop-aspect take two values MIN,MAX; got {crop_area} and {crop_aspect}.")
@@ -270,8 +286,14 @@ def make_augmentation(input_shape: tuple, input_dtype, dataset: str, *, seed: in
   elif np.dtype(input_dtype) != np.uint8:
     raise StillroomError(f"--image-size renders uint8 images; {dataset!r} stores {np.dtype(input_dtype)}. Without "
                          "--image-size its images are used at their stored size.")
+  renderer = renderer or HOST
+  if renderer != HOST and image_size is not None and canvas_shape is None:
+    raise StillroomError(f"--renderer {renderer} renders crops from fixed-size canvases, which {dataset!r} does not "
+                         "offer (images of one shape in memory, such as npz:, do; so do prepared images): use "
+                         "--renderer host.")
   return Augmentation(seed=seed, max_shift=max_shift if image_size is None else 0, flip=flip, image_size=image_size,
-                      crop_area=tuple(float(v) for v in crop_area), crop_aspect=tuple(float(v) for v in crop_aspect))
+                      crop_area=tuple(float(v) for v in crop_area), crop_aspect=tuple(float(v) for v in crop_aspect),
+                      renderer=renderer)
 
 
 def fold_of(index: np.ndarray, folds: int) -> np.ndarray:

@@ -7,7 +7,7 @@ one check, and each field lists the commands that offer it (`shared.settings.set
 
 import dataclasses
 
-from shared.augment import DEFAULT_CROP_AREA, DEFAULT_CROP_ASPECT
+from shared.augment import DEFAULT_CROP_AREA, DEFAULT_CROP_ASPECT, RENDERERS
 from shared.data import NO_EVAL
 from shared.precision import COMPUTE_DTYPES, DEFAULT_COMPUTE_DTYPE
 from shared.settings import at_least, setting, workers_check
@@ -78,6 +78,13 @@ class ViewSettings:
   crop_aspect: tuple[float, ...] = setting(DEFAULT_CROP_ASPECT, "crop views: min,max width/height of a random crop",
                                            metavar="MIN,MAX", group="views", requires="image_size",
                                            commands=(FIT, BUILD, VIEWS, IMPORT, DEMO_BUILD))
+  renderer: str | None = setting(
+      None, "where crop views are rendered: 'host' (PIL in the input workers) or 'device' (the workers read each "
+            "image's fixed-size canvas and draw its box and flip; the teachers' forward or the student's step crops, "
+            "resizes and flips on the accelerator, within a grey level of the host's pixels); 'device' needs a "
+            "dataset of fixed-size canvases (images of one shape in memory, prepared images). A cache records its "
+            "renderer (default: host; `fit --cache`: the cache's)", choices=RENDERERS, group="views",
+      requires="image_size", added=True, commands=(FIT, BUILD))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

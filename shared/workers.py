@@ -24,7 +24,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from shared.augment import Augmentation
+from shared.augment import CANVAS, DEVICE, Augmentation
 from shared.data import TransferSet, label_ids
 from shared.errors import StillroomError
 from shared.log import logger
@@ -79,29 +79,43 @@ def render_rows(transfer_set: TransferSet, augmentation: Augmentation, rows: dic
 
   Returns:
     `x` [B, *augmentation.output_shape]; with `view`, also `labels` int32 [B] (-1 where unlabeled) and the drawn
-    parameters.
+    parameters. With the device renderer (`augmentation.renderer`), instead of `x` the rows' canvases `canvas`
+    uint8 [B, Hc, Wc(, C)] and always their `crop` boxes and `flip`s, which `shared.render` renders on the device.
 
   Raises:
     StillroomError: an example cannot be read, or is not the image the stored parameters were drawn for.
   """
+  if augmentation.renderer == DEVICE:
+    return _canvas_rows(transfer_set, augmentation, rows)
   inputs, labels = transfer_set.read(rows["position"])
   if "view" in rows:
     x, params = augmentation.render_views(inputs, rows["index"], rows["view"])
     return {"x": x, "labels": label_ids(labels), **params}
   params = {name: rows[name] for name in augmentation.param_names}
   if augmentation.kind == "crop":
-    _check_boxes(params["crop"], inputs, rows["index"])
+    _check_boxes(params["crop"], np.array([image.shape[:2] for image in inputs]).reshape(-1, 2), rows["index"])
   return {"x": augmentation.render(inputs, params)}
 
 
-def _check_boxes(boxes: np.ndarray, images: list, index: np.ndarray) -> None:
-  """A stored crop box must lie inside its image: one that does not means the image changed since the cache was
-  built, in a way the fingerprint's sample did not see.
+def _canvas_rows(transfer_set: TransferSet, augmentation: Augmentation, rows: dict) -> dict:
+  """`render_rows` for the device renderer: the rows' canvases, boxes and flips (drawn, or as stored)."""
+  canvas, sizes = transfer_set.read_canvas(rows["position"])
+  if "view" in rows:
+    params = augmentation.view_params(rows["index"], rows["view"], sizes)
+    return {CANVAS: canvas, "labels": label_ids(transfer_set.labels[np.asarray(rows["position"], np.int64)]),
+            **params}
+  params = {name: rows[name] for name in augmentation.param_names}
+  _check_boxes(params["crop"], sizes, rows["index"])
+  return {CANVAS: canvas, **params}
+
+
+def _check_boxes(boxes: np.ndarray, sizes: np.ndarray, index: np.ndarray) -> None:
+  """A stored crop box must lie inside its image (`sizes` int [B, 2], each (height, width)): one that does not
+  means the image changed since the cache was built, in a way the fingerprint's sample did not see.
 
   Raises:
     StillroomError: naming the example.
   """
-  sizes = np.array([image.shape[:2] for image in images]).reshape(-1, 2)
   outside = (boxes[:, 0] + boxes[:, 2] > sizes[:, 0]) | (boxes[:, 1] + boxes[:, 3] > sizes[:, 1])
   if outside.any():
     k = int(np.argmax(outside))

@@ -20,6 +20,7 @@ from shared.errors import StillroomError
 from shared.metrics import classification_metrics
 from shared.models import check_input_shape
 from shared.parallel import batch_sharding, process_rows
+from shared.render import inputs_of
 from shared.runs import Teacher, load_run_teacher
 from shared.options import EVAL, DatasetSettings, resolve_dataset
 from shared.settings import at_least, check_values, setting
@@ -42,7 +43,9 @@ def view_zero_batches(render: BatchRenderer, batch_size: int, rows: np.ndarray |
       position = np.arange(start, min(start + batch_size, len(data))) if rows is None else \
           np.minimum(start + rows, len(data) - 1)
       yield {"position": position, "index": data.indices[position], "view": np.zeros(len(position), np.int32)}
-  return (batch["x"] for batch in render(batches()))
+  # Device-rendered views (`--renderer device`) are rendered here, and fetched, as the host's would have been.
+  size = render.augmentation.image_size
+  return (np.asarray(inputs_of(batch, size)) for batch in render(batches()))
 
 
 def predict_log_probs(predict, states, render: BatchRenderer, batch_size: int, mesh) -> np.ndarray:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from shared.augment import Augmentation
+from shared.augment import DEVICE, Augmentation
 from shared.cache import ROWS, Cache
 from shared.data import TransferSet
 from shared.parallel import pad_rows
@@ -238,7 +238,8 @@ class ArrayLoader:
               "view": np.full(len(indices), epoch + 1 if self.augment else 0, np.int32)}
     batches = itertools.islice(_batches(iter([window]), self.batch_size, rng), start_step, None)
     rendered = self.render(_part(batches, self.rows))
-    drawn = ("view", *self.augmentation.param_names)  # What the step does not read.
+    # What the step does not read: the view parameters, but for the device renderer's boxes and flips.
+    drawn = ("view",) if self.augmentation.renderer == DEVICE else ("view", *self.augmentation.param_names)
     return ({k: v for k, v in batch.items() if k not in drawn} for batch in rendered)
 
   def close(self) -> None:

@@ -315,11 +315,16 @@ def plan_run(config: FitConfig, opened: Opened | None = None) -> RunPlan:
     raise StillroomError(f"--augment needs image inputs; {transfer_set.name!r} holds flat vectors.")
   if cache is not None:
     augmentation = cache.spec.augmentation
+    if config.renderer is not None and config.renderer != augmentation.renderer:
+      raise StillroomError(f"--renderer {config.renderer}: cache {config.cache!r} was rendered by the "
+                           f"{augmentation.renderer} renderer, which its students use to see the pixels its teachers "
+                           f"saw; drop --renderer (or rebuild the cache with --renderer {config.renderer}).")
   else:
     augmentation = make_augmentation(
         transfer_set.input_shape, transfer_set.input_dtype, transfer_set.name, seed=resolved["data_seed"],
         max_shift=config.max_shift if config.augment else 0, flip=config.flip, image_size=config.image_size,
-        crop_area=config.crop_area, crop_aspect=config.crop_aspect)
+        crop_area=config.crop_area, crop_aspect=config.crop_aspect, renderer=config.renderer,
+        canvas_shape=transfer_set.canvas_shape)
   config = dataclasses.replace(config, **resolved, finetune_lr=config.finetune_lr or config.lr / 10)
   input_shape = augmentation.output_shape(transfer_set.input_shape)
   model_spec = ModelSpec(name=config.model, input_shape=input_shape, num_classes=num_classes, dropout=config.dropout,

@@ -29,6 +29,7 @@ from shared.ensemble import ensemble_log_probs, mean_logits
 from shared.losses import masked_mean
 from shared.models import row_mask_of
 from shared.parallel import batch_sharding, replicated
+from shared.render import with_inputs
 from student_train.terms import FEATURE_LOSSES, LOSS_NAMES, Teacher, distillation_loss, loss_settings
 from student_train.terms.features import FeatureTerm, feature_losses, student_of
 
@@ -155,13 +156,15 @@ def _update_with_one_of(trainable: nnx.Module, grads, first: nnx.Optimizer, seco
 
 
 def train_step_fn(graphdef, normalization: Normalization, switches: dict[str, tuple] | None = None,
-                  terms: tuple[FeatureTerm, ...] = ()):
+                  terms: tuple[FeatureTerm, ...] = (), image_size: int | None = None):
   """The pure step `(states, batch, hypers) -> (states, metrics)` before jitting (see `make_train_step`).
 
   `switches` holds the values the group's students take of each switch of `Hypers` (`group_switches`): a switch of
   one value replaces the traced one, so the step computes one ensemble rule, one logit term and one target source
   when that is all the group needs; a traced `loss` computes the terms the group holds. `terms` are the group's
-  feature terms (`student_train.terms.features`), which add to the logit loss with their weights.
+  feature terms (`student_train.terms.features`), which add to the logit loss with their weights. A batch of
+  canvases (`--renderer device`) has its views rendered first, at `image_size` (`shared.render.with_inputs`), once
+  for the whole group.
   """
   switches = switches or {}
   fixed = {name: values[0] for name, values in switches.items() if len(values) == 1}
@@ -210,11 +213,16 @@ def train_step_fn(graphdef, normalization: Normalization, switches: dict[str, tu
       metrics["teacher_agreement"] = masked_mean(predicted == teacher_top1, mask)
     return nnx.state((trainable, optimizer, *hint_stage)), metrics
 
-  return jax.vmap(one_student, in_axes=(0, None, 0))
+  students = jax.vmap(one_student, in_axes=(0, None, 0))
+
+  def step(states, batch, hypers):
+    return students(states, with_inputs(batch, image_size), hypers)
+
+  return step
 
 
 def make_train_step(graphdef, normalization: Normalization, mesh, switches: dict[str, tuple] | None = None,
-                    terms: tuple[FeatureTerm, ...] = (), state_shardings=None):
+                    terms: tuple[FeatureTerm, ...] = (), state_shardings=None, image_size: int | None = None):
   """Builds the jitted step `(states, batch, hypers) -> (states, metrics)` for K students trained together.
 
   Args:
@@ -227,19 +235,21 @@ def make_train_step(graphdef, normalization: Normalization, mesh, switches: dict
     terms: the group's feature terms.
     state_shardings: where the stacked states lie on the mesh, a tree of `NamedSharding`s of their structure
       (`shared.parallel.weight_shardings` with `group_axes=1`); the updated states stay there. None: replicated.
+    image_size: the side of device-rendered views (`Augmentation.image_size`), for batches of canvases.
 
   Returns:
     The step. `states` stacks K states along axis 0, the batch is shared (`x`, `labels` int32 [B] with -1 for
     none, `mask` float32 [B], and optionally `targets` [B, C] / a sparse cache's `target_*` arrays /
     `member_logits` [B, M, C], and the feature terms' teacher features), and `hypers` is a `Hypers` stacked over the
-    students (leading axis K). Metrics are per student, [K]: "loss", "hard_ce", "soft", "train_accuracy", "rows",
+    students (leading axis K); with the device renderer the batch holds `canvas`, `crop` and `flip` instead of `x`
+    (`shared.render`). Metrics are per student, [K]: "loss", "hard_ce", "soft", "train_accuracy", "rows",
     with soft targets "teacher_agreement", and each feature family's loss ("hint", "attention", "similarity"),
     unweighted. `alpha` and every setting but the fixed switches are traced, so distillation and fine-tuning, and
     any mix of settings, share one compilation.
   """
 
   states = replicated(mesh) if state_shardings is None else state_shardings
-  return jax.jit(train_step_fn(graphdef, normalization, switches, terms), donate_argnums=0,
+  return jax.jit(train_step_fn(graphdef, normalization, switches, terms, image_size), donate_argnums=0,
                  in_shardings=(states, batch_sharding(mesh), replicated(mesh)),
                  out_shardings=(states, replicated(mesh)))
 

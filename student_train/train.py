@@ -389,7 +389,8 @@ def _set_up(group: list[RunPlan], checkpoints: list[files.Checkpoints], mids: li
   stacked, state_shardings = place_states(stack_states(states), mesh, config.param_sharding, log_epochs)
   switches = group_switches(per_student)
   per_student = put_replicated(per_student, mesh)
-  step = make_train_step(graphdef, first.normalization, mesh, switches, first.feature_terms, state_shardings)
+  step = make_train_step(graphdef, first.normalization, mesh, switches, first.feature_terms, state_shardings,
+                         first.augmentation.image_size)
   predict = make_predict(graphdef, first.normalization, mesh, state_shardings)
   teacher_top1 = [cached_teacher_top1(plan) for plan in group]
   _say_what_eval_reports(first, teacher_top1[0] is not None)
@@ -504,7 +505,7 @@ def _drop_diverged(run: _Training, epoch: int, totals: dict) -> dict:
   run.distill_alpha = run.distill_alpha[keep]
   run.step = make_train_step(run.graphdef, run.first.normalization, run.mesh,
                              group_switches(jax.device_get(run.per_student)), run.first.feature_terms,
-                             run.state_shardings)
+                             run.state_shardings, run.first.augmentation.image_size)
   return {name: value[keep] for name, value in totals.items()}
 
 

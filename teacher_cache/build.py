@@ -22,7 +22,7 @@ import numpy as np
 import zarr
 
 from shared import __version__, distributed, limits, storage
-from shared.augment import Augmentation, fold_of, make_augmentation
+from shared.augment import CANVAS, Augmentation, fold_of, make_augmentation
 from shared.cache import (COMPLETE_KEY, EVAL_ROWS, FEATURE_DTYPE, FEATURE_KINDS, ROWS, SPEC_KEY, STORAGE_DTYPES, Cache,
                           CacheSpec, ChunkWriter, FeatureSpec, MemberSpec, SpecialistSpec, parse_features,
                           committed_name, completion_record, create_arrays, integrity_problems, layout_of,
@@ -39,6 +39,7 @@ from shared.outputs import (STORE, OutputLock, check_not_an_input, check_output,
 from shared.parallel import (FSDP, REPLICATED, SHARDINGS, batch_sharding, bytes_per_device, cap_batch,
                              check_batch_size, data_mesh, pad_rows, put_sharded, weight_shardings)
 from shared.precision import DEFAULT_COMPUTE_DTYPE, target_tolerance
+from shared.render import inputs_of
 from shared.runs import Teacher, load_teacher
 from shared.options import (BUILD, DEFAULT_SPLIT, DEMO_BUILD, IMPORT, VIEWS, ComputeSettings, DataSettings,
                             JobSettings, OutputSettings, ViewSettings, resolve_dataset)
@@ -474,7 +475,7 @@ def open_views(config: BuildConfig) -> tuple[TransferSet, Augmentation]:
   augmentation = make_augmentation(
       transfer_set.input_shape, transfer_set.input_dtype, config.dataset, seed=config.seed,
       max_shift=config.max_shift, flip=config.flip, image_size=config.image_size, crop_area=config.crop_area,
-      crop_aspect=config.crop_aspect)
+      crop_aspect=config.crop_aspect, renderer=config.renderer, canvas_shape=transfer_set.canvas_shape)
   return transfer_set, augmentation
 
 
@@ -829,13 +830,17 @@ def _computed_chunks(cache: Cache, row_set: str, chunks: list[int], data: Transf
     return
   workers = resolve_workers(config.workers, data)
   outputs, parts = [], []
+  size = spec.augmentation.image_size
   with BatchRenderer(data, spec.augmentation, workers=workers) as render:
     for batch in render(batches()):
       raise_if_interrupted()
-      x, fold, index, view = (jax.device_put(pad_rows(a, batch_size), sharding) for a in (
-          batch["x"], batch["fold"], batch["index"].astype(np.uint32), batch["view"]))
+      fold, index, view = (jax.device_put(pad_rows(a, batch_size), sharding) for a in (
+          batch["fold"], batch["index"].astype(np.uint32), batch["view"]))
+      # Host views as rendered; device views rendered here from the canvases, boxes and flips (`shared.render`).
+      names = (CANVAS, *spec.augmentation.param_names) if CANVAS in batch else ("x",)
+      x = inputs_of({k: jax.device_put(pad_rows(batch[k], batch_size), sharding) for k in names}, size)
       outputs.append(forward(x, fold, index, view))
-      parts.append({k: v for k, v in batch.items() if k not in ("x", "chunk", "last")})
+      parts.append({k: v for k, v in batch.items() if k not in ("x", CANVAS, "chunk", "last")})
       if batch["last"]:
         count = sum(len(part["index"]) for part in parts)
         rows = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}

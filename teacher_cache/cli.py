@@ -121,7 +121,8 @@ def _print_info(info: dict) -> None:
         f"{'labelled' if data['labeled'] else 'unlabelled'}, fingerprint {data['fingerprint'][:16]}…")
   aug = spec["augmentation"]
   views = (f"crop views at {aug['image_size']}x{aug['image_size']}, area {aug['crop_area']}, aspect "
-           f"{[round(v, 3) for v in aug['crop_aspect']]}" if aug.get("image_size") else f"max shift {aug['max_shift']}")
+           f"{[round(v, 3) for v in aug['crop_aspect']]}, rendered on the {aug.get('renderer', 'host')}"
+           if aug.get("image_size") else f"max shift {aug['max_shift']}")
   print(f"rows         {info['rows']} = {data['count']} examples x {spec['views']} views "
         f"(seed {aug['seed']}, {views}, flip {aug['flip']}); chunk rows {spec['chunk_rows']}, "
         f"examples in {spec['row_order']} order")

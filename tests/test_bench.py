@@ -101,6 +101,12 @@ def _input_pipeline(result, printed, tmp):
   assert "64px workers=1:" in printed
 
 
+def _device_render(result, printed, tmp):
+  _positive(result, "workers=0.host_rows_per_s", "workers=0.device_host_side_rows_per_s",
+            "workers=0.device_rows_per_s", "workers=0.device_over_host")
+  assert "workers=0: host" in printed
+
+
 def _image_sets(result, printed, tmp):
   assert len(result["memory"]) == 1
   _positive(result, "memory.0.fit.main_mb", "memory.0.build.tree_peak_mb", "streamed_vs_prerendered.0.ratio")
@@ -182,6 +188,8 @@ SMOKE = {
     "bench/open_imagefolder.py": Smoke(["--images", "20", "--no-cold", *OUT], _open_imagefolder),
     "bench/input_pipeline.py": Smoke(["--images", "20", "--batch", "8", "--batches", "3", "--workers", "1",
                                       "--repeats", "1", *OUT], _input_pipeline),
+    "bench/device_render.py": Smoke(["--images", "16", "--side", "24", "--size", "8", "--batch", "8", "--batches",
+                                     "3", "--repeats", "1", *OUT], _device_render),
     "bench/image_sets.py": Smoke(["--sizes", "10", "--workers", "1", "--models", "mlp-tiny", "--epochs", "2",
                                   "--repeats", "1", "--work", "{tmp}/work", *OUT], _image_sets),
     "bench/sparse_targets.py": Smoke(["--smoke", "--seeds", "1", "--data-dir", "{data_dir}", *OUT], _sparse_targets),

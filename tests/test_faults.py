@@ -1841,6 +1841,53 @@ def _(env, tmp_path, mp):
           r"views at such a size, e\.g\. --image-size 32 or 224\.", [Absent(tmp_path / "r")])
 
 
+# --- device: crop views rendered on the device (--renderer device) ---
+def _image_npz(tmp_path) -> str:
+  """npz: of 16 uint8 10x10 grey images (their own canvases), views at 8x8 for the digits teachers."""
+  rng = np.random.default_rng(0)
+  np.savez(tmp_path / "images.npz", x=rng.integers(0, 256, (16, 10, 10, 1), dtype=np.uint8), y=rng.integers(0, 10, 16))
+  return f"npz:{tmp_path / 'images.npz'}"
+
+
+def _image_build(env, dataset, out, *extra):
+  return ["build", "--dataset", dataset, "--image-size", "8", "--eval-split", "none", "--chunk-rows", "64",
+          *[a for t in env.teachers for a in ("--teacher", t)], "--out", str(out), "--no-progress", *extra]
+
+
+@fault("build --renderer device on shift views")
+def _(env, tmp_path, mp):
+  return (cache_main, _build(env, tmp_path / "c.zarr", "--renderer", "device"), 2,
+          r"--renderer device renders crop views: give --image-size S", [Absent(tmp_path / "c.zarr")])
+
+
+@fault("build --renderer device on a dataset without canvases")
+def _(env, tmp_path, mp):
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  for name in ("a", "b"):
+    os.makedirs(tmp_path / "images" / name)
+    Image.new("RGB", (12, 9), name == "a" and "red" or "blue").save(tmp_path / "images" / name / "0.png")
+  return (cache_main, _image_build(env, f"imagefolder:{tmp_path / 'images'}", tmp_path / "c.zarr", "--renderer",
+                                   "device"), 2,
+          r"--renderer device renders crops from fixed-size canvases, which 'imagefolder:.*' does not offer .* use "
+          r"--renderer host\.", [Absent(tmp_path / "c.zarr")])
+
+
+@fault("build --renderer device resuming a store of host-rendered views")
+def _(env, tmp_path, mp):
+  dataset, store = _image_npz(tmp_path), tmp_path / "c.zarr"
+  assert run_cli(cache_main, _image_build(env, dataset, store), _NoCapture())[0] == 0
+  return (cache_main, _image_build(env, dataset, store, "--renderer", "device"), 2,
+          r"holds a cache built with other settings: augmentation: .* \(store\) vs .*'renderer': 'device'.* "
+          r"\(command\)\. Pass --overwrite", [store])
+
+
+@fault("fit --cache with a --renderer other than the cache's")
+def _(env, tmp_path, mp):
+  return (student_main, _fit(env, "--cache", env.store, "--renderer", "device", "--out", tmp_path / "r"), 2,
+          r"--renderer device: cache '.*' was rendered by the host renderer, .* drop --renderer \(or rebuild the "
+          r"cache with --renderer device\)\.", [Absent(tmp_path / "r")])
+
+
 @pytest.mark.parametrize("name", list(FAULTS))
 def test_fault_is_refused_cleanly(name, env, tmp_path, monkeypatch, capsys):
   _refused_cleanly(FAULTS[name](env, tmp_path, monkeypatch), env, monkeypatch, capsys)

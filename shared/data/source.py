@@ -48,6 +48,12 @@ class Source(typing.Protocol):
   def record_bytes(self, keys: np.ndarray) -> list[bytes]:
     """Each record's raw bytes and label, as the fingerprint hashes them."""
 
+  # Optional, for `--renderer device` (`shared.render`): a source whose images sit on a fixed canvas offers
+  #   canvas_shape: (Hc, Wc, C) (a property; (Hc, Wc) for images stored without a channel axis), and
+  #   read_canvas(keys) -> (uint8 [B, Hc, Wc(, C)] canvases, int32 [B, 2] each image's (height, width)): image b
+  #     occupies canvas[b, :h, :w], and beyond it the canvas holds its edge pixels replicated.
+  # `canvas_of(source)` is None for a source without them.
+
 
 class OpenedSource(typing.NamedTuple):
   """What a backend's `open_source(name, split, data_dir)` returns."""
@@ -98,6 +104,22 @@ class ArraySource:
 
   def record_bytes(self, keys: np.ndarray) -> list[bytes]:
     return [little_endian(self.inputs[k]) + self._labels[k].astype("<i8").tobytes() for k in keys]
+
+  @property
+  def canvas_shape(self) -> tuple[int, ...] | None:
+    """Images of one shape are their own canvases: uint8 [H, W] or [H, W, C]; None for other inputs."""
+    return self.shape if self.dtype == np.uint8 and len(self.shape) in (2, 3) else None
+
+  def read_canvas(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`(uint8 [B, H, W(, C)] the images, int32 [B, 2] their (height, width))` (see `Source`)."""
+    if self.canvas_shape is None:
+      raise StillroomError(f"inputs of shape {self.shape} and dtype {self.dtype} are not uint8 image canvases.")
+    return self.inputs[keys], np.tile(np.asarray(self.shape[:2], np.int32), (len(keys), 1))
+
+
+def canvas_of(source) -> tuple[int, ...] | None:
+  """The canvas shape of a source that offers canvases (`Source`), else None."""
+  return getattr(source, "canvas_shape", None)
 
 
 def check_dtype(name: str, split: str, dtype: np.dtype) -> None:

@@ -10,7 +10,7 @@ from shared import storage
 from shared.data import fingerprint as fingerprint_lib
 from shared.data.backends import open_source
 from shared.data.fingerprint import FINGERPRINT_VERSION
-from shared.data.source import Source, check_dtype, check_inputs
+from shared.data.source import Source, canvas_of, check_dtype, check_inputs
 from shared.data.splits import canonical_indices, parse_split
 from shared.errors import StillroomError
 
@@ -183,6 +183,26 @@ class TransferSet:
     """int64 [B, 2] each example's stored (height, width), without decoding where the source can."""
     return self.source.image_sizes(self.indices[np.asarray(positions, np.int64)])
 
+  @property
+  def canvas_shape(self) -> tuple[int, ...] | None:
+    """The fixed canvas its images sit on, (Hc, Wc, C), where the source offers one (`Source`), else None: what
+    `--renderer device` reads."""
+    return canvas_of(self.source)
+
+  def read_canvas(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reads examples' canvases by position in this transfer set.
+
+    Returns:
+      `(uint8 [B, Hc, Wc(, C)] canvases, int32 [B, 2] each image's (height, width))`: image b occupies
+      canvas[b, :h, :w].
+
+    Raises:
+      StillroomError: the source offers no canvases.
+    """
+    if self.canvas_shape is None:
+      raise StillroomError(f"dataset {self.name!r} offers no fixed-size image canvases (for --renderer device).")
+    return self.source.read_canvas(self.indices[np.asarray(positions, np.int64)])
+
   def read_all(self):
     """`read` of every example, in split order: for small sets (tests, fixed-size evaluation data)."""
     return self.read(np.arange(len(self)))
@@ -259,7 +279,7 @@ class TransferSet:
 
 
 def check_eval_set(eval_set: TransferSet, transfer_set: TransferSet, augmentation, num_classes: int) -> None:
-  """An eval set must fit the models of a transfer set: its views (by `augmentation`, a `shared.augment.Augmentation`)
+  """An eval set must fit the models of a transfer set: with the device renderer it offers canvases; its views (by `augmentation`, a `shared.augment.Augmentation`)
   have the transfer set's shape, and its class ids mean the transfer set's: the same class names where both have
   them (an image folder with a class more or less shifts every id), and no label beyond the models' `num_classes`.
 
@@ -267,6 +287,10 @@ def check_eval_set(eval_set: TransferSet, transfer_set: TransferSet, augmentatio
     StillroomError: naming both datasets and the first difference.
   """
   what = "eval dataset"
+  if augmentation.renderer == "device" and eval_set.canvas_shape is None:  # One renderer per cache, and per run.
+    raise StillroomError(f"--renderer device renders the eval split too, but {what} {eval_set.name!r} "
+                         f"{eval_set.split!r} offers no fixed-size canvases: give an eval dataset that does, or "
+                         "--eval-split none, or --renderer host.")
   if augmentation.output_shape(eval_set.input_shape) != augmentation.output_shape(transfer_set.input_shape) or (
       augmentation.kind == "shift" and not eval_set.fixed_shape):
     raise StillroomError(f"{what} {eval_set.name} {eval_set.split!r} has inputs of shape {eval_set.input_shape}, the "
