@@ -288,13 +288,14 @@ def fold_of(index: np.ndarray, folds: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=2)  # A build or a check walks the views in order: one or two are live at a time.
 def row_permutation(seed: int, view: int, count: int) -> np.ndarray:
-  """The order in which a cache stores one view's examples: a seeded permutation of positions 0..count-1.
+  """The order in which a cache stores its examples: a seeded permutation of positions 0..count-1.
 
   A pure function of (seed, view, count), from the same counter hash as the views (portable across NumPy
-  versions, unlike a Generator's stream). Each view gets its own order, so no two chunks hold the same examples.
+  versions, unlike a Generator's stream). The grouped row order (`shared.cache.rows`) uses view 0's for every view;
+  the view-major "permuted" order of older caches gave each view its own.
 
   Returns:
-    int64 [count], read-only: entry k is the position of the k-th stored example of this view.
+    int64 [count], read-only: entry k is the position of the k-th stored example (of this view).
   """
   keys = counter_hash(seed, _STREAM_ORDER, np.arange(count), np.full(count, view))
   order = np.argsort(keys, kind="stable")

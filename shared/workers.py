@@ -71,7 +71,7 @@ def _warn_once(message: str) -> None:
 
 
 def render_rows(transfer_set: TransferSet, augmentation: Augmentation, rows: dict) -> dict:
-  """Reads and renders one batch of rows.
+  """Reads and renders one batch of rows, reading (decoding) each example once however many of its views it holds.
 
   Args:
     rows: `position` int64 [B] (in `transfer_set`), `index` int64 [B] (example indices), and either `view` int32 [B]
@@ -84,7 +84,7 @@ def render_rows(transfer_set: TransferSet, augmentation: Augmentation, rows: dic
   Raises:
     StillroomError: an example cannot be read, or is not the image the stored parameters were drawn for.
   """
-  inputs, labels = transfer_set.read(rows["position"])
+  inputs, labels = read_once(transfer_set, rows["position"])
   if "view" in rows:
     x, params = augmentation.render_views(inputs, rows["index"], rows["view"])
     return {"x": x, "labels": label_ids(labels), **params}
@@ -92,6 +92,26 @@ def render_rows(transfer_set: TransferSet, augmentation: Augmentation, rows: dic
   if augmentation.kind == "crop":
     _check_boxes(params["crop"], inputs, rows["index"])
   return {"x": augmentation.render(inputs, params)}
+
+
+def read_once(transfer_set: TransferSet, positions: np.ndarray):
+  """`transfer_set.read(positions)`, reading each distinct position once (in order of first appearance): rows that
+  are views of one example share its decoded image.
+
+  Returns:
+    `(inputs, labels)` of every row, as `TransferSet.read` returns them.
+  """
+  positions = np.asarray(positions, np.int64)
+  distinct, first, inverse = np.unique(positions, return_index=True, return_inverse=True)
+  if len(distinct) == len(positions):
+    return transfer_set.read(positions)
+  order = np.argsort(first)  # The distinct positions in order of first appearance.
+  rank = np.empty_like(order)
+  rank[order] = np.arange(len(order))
+  inputs, labels = transfer_set.read(positions[first[order]])
+  which = rank[inverse.reshape(-1)]
+  inputs = inputs[which] if isinstance(inputs, np.ndarray) else [inputs[k] for k in which]
+  return inputs, np.asarray(labels)[which]
 
 
 def _check_boxes(boxes: np.ndarray, images: list, index: np.ndarray) -> None:
