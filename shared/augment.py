@@ -217,14 +217,16 @@ def render_crops(images, boxes: np.ndarray, flip: np.ndarray, size: int) -> np.n
     uint8 [B, S, S] or [B, S, S, C].
   """
   from PIL import Image  # pylint: disable=import-outside-toplevel
-  out = []
+  out, previous, whole, single = [], None, None, False
   for image, (top, left, height, width), flipped in zip(images, np.asarray(boxes).tolist(), np.asarray(flip)):
-    image = np.asarray(image)
-    if image.dtype != np.uint8:
-      raise StillroomError(f"crop views (--image-size) render uint8 images; this dataset stores {image.dtype}.")
-    single = image.ndim == 3 and image.shape[2] == 1
+    if image is not previous:  # Consecutive views of one decoded image (`shared.workers.read_once`) share its copy.
+      previous, image = image, np.asarray(image)
+      if image.dtype != np.uint8:
+        raise StillroomError(f"crop views (--image-size) render uint8 images; this dataset stores {image.dtype}.")
+      single = image.ndim == 3 and image.shape[2] == 1
+      whole = Image.fromarray(image[..., 0] if single else image)
     # Crop, then resize: the filter sees only the box's pixels (`resize(box=...)` would blend in its neighbours).
-    pil = Image.fromarray(image[..., 0] if single else image).crop((left, top, left + width, top + height))
+    pil = whole.crop((left, top, left + width, top + height))
     resized = np.asarray(pil.resize((size, size), Image.Resampling.BILINEAR))
     if flipped:
       resized = resized[:, ::-1]

@@ -216,7 +216,7 @@ class CacheSpec:
     member_logits: whether each member's logits are stored (always for dense targets).
     eval_dataset: the eval split whose member logits the store holds, or None.
     row_order: which view of which example each row holds (`shared.cache.rows`): "grouped" (what a build writes:
-      an example's views in adjacent rows), "permuted" (schema 2 until issue 31: view-major, each view in its own
+      an example's views in adjacent rows), "permuted" (older caches, schema 2 on: view-major, each view in its own
       seeded order) or "sequential" (schema 1).
     specialists: the specialists whose combination with the one member (the generalist) the targets are; schema 4 on.
     top_n: with specialists: those whose classes meet the generalist's top-n classes of a row take part in it.
