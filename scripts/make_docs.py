@@ -216,9 +216,10 @@ A cache is one Zarr v3 group, the contract between the two stages and what other
 
 **Rows.** R rows = N examples × V views. The examples are stored in a seeded permuted order, one order shared by
 every view, and the V views of an example lie in adjacent rows: row `k·V + v` holds view v of the k-th stored example
-(`row_order` "grouped"; `CacheSpec.row_sources`, from the build's `--seed`). A chunk (`--chunk-rows`, a multiple of V)
-thus holds whole examples, so the build decodes each image once for all its views, and every chunk is a uniform
-sample of the transfer set even when the dataset is sorted by class, so streamed batches look like uniform samples.
+(`row_order` "grouped"; `CacheSpec.row_sources`, from the build's `--seed`). A chunk (`--chunk-rows`, a multiple of V
+unless V is more) thus holds whole examples, so the build decodes each image once for all its views, and every chunk
+is a uniform sample of the transfer set even when the dataset is sorted by class, so streamed batches look like
+uniform samples.
 Older caches are view-major, rows `[v·N, (v+1)·N)` holding view v of every example: "permuted" ones each view in its
 own seeded order, schema 1's ("sequential") in split order; both still read. E rows hold the eval split's examples
 (no views).

@@ -94,8 +94,9 @@ class BuildConfig(DataSettings, ViewSettings, ComputeSettings, JobSettings, Outp
   batch_size: int = setting(256, "rows per forward pass, a multiple of the device count", group="run",
                             commands=(BUILD, VIEWS, IMPORT), helps={VIEWS: ("rows rendered at a time", None)})
   chunk_rows: int = setting(DEFAULT_CHUNK_ROWS, "rows per Zarr chunk: the unit of writing, resuming and reading; a "
-                                                "multiple of --views, so that a chunk holds whole examples and the "
-                                                "build decodes each image once (the default is rounded down to one)",
+                                                "multiple of --views (when more), so that a chunk holds whole "
+                                                "examples and the build decodes each image once (the default is "
+                                                "rounded down to one)",
                             group="run", commands=(BUILD, VIEWS, IMPORT),
                             helps={VIEWS: ("rows per views_*.npz file, a multiple of --views", None)})
   dtype: str = setting("float16", "storage dtype of logits and targets", choices=STORAGE_DTYPES, group="teachers",
@@ -114,11 +115,12 @@ class BuildConfig(DataSettings, ViewSettings, ComputeSettings, JobSettings, Outp
 
 def resolve_defaults(config: BuildConfig) -> BuildConfig:
   """The config with the dataset and split a build reads when none is given, and the default chunk rows rounded
-  down to a multiple of `--views` (`check_settings` refuses any other chunk rows that is not one)."""
+  down to a multiple of `--views` (`check_settings` refuses other chunk rows above `--views` that are not one)."""
   config = dataclasses.replace(config, dataset=resolve_dataset(config.dataset), split=config.split or DEFAULT_SPLIT)
   views = config.views
-  if config.chunk_rows == DEFAULT_CHUNK_ROWS and isinstance(views, int) and views >= 1 and DEFAULT_CHUNK_ROWS % views:
-    config = dataclasses.replace(config, chunk_rows=max(views, DEFAULT_CHUNK_ROWS // views * views))
+  if config.chunk_rows == DEFAULT_CHUNK_ROWS and isinstance(views, int) and 1 <= views < DEFAULT_CHUNK_ROWS and \
+      DEFAULT_CHUNK_ROWS % views:
+    config = dataclasses.replace(config, chunk_rows=DEFAULT_CHUNK_ROWS // views * views)
     _LOG.info(f"chunks of {config.chunk_rows} rows: the default {DEFAULT_CHUNK_ROWS} rounded down to a multiple of "
               f"--views {views}")
   return config
@@ -603,13 +605,14 @@ def check_settings(config: BuildConfig, out: str = "CACHE.zarr") -> None:
   validate_settings(temperature=config.temperature, combine=config.combine, dtype=config.dtype,
                     views=config.views, chunk_rows=config.chunk_rows, seed=config.seed, folds=config.folds,
                     targets=config.targets)
-  if config.chunk_rows % config.views:
+  if config.chunk_rows % config.views and config.chunk_rows > config.views:
     # A chunk of whole examples: the build decodes each image once (the grouped row order stores an example's views
-    # in adjacent rows), also when chunks are shared out among processes or resumed.
+    # in adjacent rows), also when chunks are shared out among processes or resumed. (Views more than a chunk's rows
+    # span chunks whatever their size: each image is then decoded once per chunk it is in.)
     below = config.chunk_rows // config.views * config.views
     raise StillroomError(f"--chunk-rows {config.chunk_rows} is not a multiple of --views {config.views}, so a chunk "
-                         "would split an example's views (each image is decoded once per chunk it is in); give "
-                         + (f"{below} or " if below else "") + f"{below + config.views}.")
+                         f"would split an example's views (each image is decoded once per chunk it is in); give "
+                         f"{below} or {below + config.views}.")
   if config.batch_size < 1:
     raise StillroomError(f"--batch-size must be >= 1, got {config.batch_size}.")
   if config.features is not None:
