@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.harness import machine, measure, measure_pair, write_json  # noqa: E402
+from bench.harness import measure, measure_pair, write_json  # noqa: E402
 from bench.synthetic import teachers  # noqa: E402
 from shared.augment import Augmentation  # noqa: E402
 from shared.data import open_transfer_set  # noqa: E402

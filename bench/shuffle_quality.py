@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{order:>10} order, window {window:>2} chunks ({point['window_mb']:5.1f} MB of targets): "
               f"{distinct:5.1f} distinct classes ({point['fraction_of_uniform']:.2f} of uniform), "
               f"{point['rows_per_second']:,.0f} rows/s")
-  grouped = next(p for p in result["points"] if p["order"] == "grouped" and p["window_chunks"] == DEFAULT_SHUFFLE_WINDOW)
+  grouped = next(p for p in result["points"]
+                 if p["order"] == "grouped" and p["window_chunks"] == DEFAULT_SHUFFLE_WINDOW)
   result["grouped_fraction_at_default_window"] = grouped["fraction_of_uniform"]
   print(f"grouped order ({args.views} views) at the default window of {DEFAULT_SHUFFLE_WINDOW} chunks: "
         f"{grouped['fraction_of_uniform']:.3f} of uniform (target >= 0.95)")

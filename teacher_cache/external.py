@@ -2,8 +2,9 @@
 import` builds a cache from another framework's logits on those rows.
 
 The rows are a cache's: the examples in the build's seeded order, the V views of each in adjacent rows (row
-`k·V + v` holds view v of the k-th example: the grouped order of `shared.cache.row_sources`), rendered as the build renders them and normalised as a teacher receives them
-(`x' = (x - shift) / scale`, the dataset's default normalisation). A row id is therefore all that ties a logit to
+`k·V + v` holds view v of the k-th example: the grouped order of `shared.cache.row_sources`), rendered as the build
+renders them and normalised as a teacher receives them (`x' = (x - shift) / scale`, the dataset's default
+normalisation). A row id is therefore all that ties a logit to
 its input, and it is only meaningful with the settings that made the views: `import` must get the same
 `--dataset --split --views --seed` (and view options) as `views`.
 

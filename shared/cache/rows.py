@@ -6,10 +6,10 @@ spec; every one still reads):
 
 - "grouped" (what a build writes): one permutation of the examples, shared by every view, and the V
   views of an example in adjacent rows: row r holds view `r mod V` of the `(r div V)`-th example of that order.
-  A chunk of a multiple of V rows (the build's `--chunk-rows` is one) holds whole examples, so the build decodes
-  each image once and renders all its views from it.
-- "permuted" (older caches, from schema 2 on): view-major, rows `[v·N, (v+1)·N)` hold view v of every example, each view
-  in its own seeded order, so the V views of an example lay in V unrelated chunks.
+  A chunk of a multiple of V rows (the build's `--chunk-rows` is one, unless V is more) holds whole examples, so the
+  build decodes each image once and renders all its views from it.
+- "permuted" (older caches, from schema 2 on): view-major, rows `[v·N, (v+1)·N)` hold view v of every example, each
+  view in its own seeded order, so the V views of an example lay in V unrelated chunks.
 - "sequential" (schema 1): view-major, examples in split order within each view.
 """
 
