@@ -91,7 +91,7 @@ def _shuffle_quality(result, printed, tmp):
 def _build_views(result, printed, tmp):
   assert result["rows_one_view"] == 10 and result["rows_many_views"] == 40
   _positive(result, "ratio", "decode_ms_per_image", "render_ms_per_crop", "build_s.views_1", "build_s.views_4")
-  assert "build, 4 views (40 rows)" in printed and "wrote 40 rows (10 examples x 4 views" in printed
+  assert "build, 4 views (40 rows)" in printed and "ratio " in printed
 
 
 def _open_imagefolder(result, printed, tmp):
