@@ -214,10 +214,15 @@ def _present_in(layout) -> str:
 _CACHE_INTRO = """\
 A cache is one Zarr v3 group, the contract between the two stages and what other tools read.
 
-**Rows.** R rows = N examples × V views, view-major: rows `[v·N, (v+1)·N)` hold view v of every example. Within
-each view the examples are stored in a seeded permuted order (`CacheSpec.row_sources`, from the build's `--seed`),
-so every chunk is a uniform sample of the transfer set even when the dataset is sorted by class, and streamed
-batches look like uniform samples. E rows hold the eval split's examples (no views).
+**Rows.** R rows = N examples × V views. The examples are stored in a seeded permuted order, one order shared by
+every view, and the V views of an example lie in adjacent rows: row `k·V + v` holds view v of the k-th stored example
+(`row_order` "grouped"; `CacheSpec.row_sources`, from the build's `--seed`). A chunk (`--chunk-rows`, a multiple of V
+unless V is more) thus holds whole examples, so the build decodes each image once for all its views, and every chunk
+is a uniform sample of the transfer set even when the dataset is sorted by class, so streamed batches look like
+uniform samples.
+Older caches are view-major, rows `[v·N, (v+1)·N)` holding view v of every example: "permuted" ones each view in its
+own seeded order, schema 1's ("sequential") in split order; both still read. E rows hold the eval split's examples
+(no views).
 
 **Chunks.** Every array is chunked along rows only (`chunk_rows` rows per chunk): a chunk is the unit of writing,
 resuming and reading. Every chunk carries a CRC-32C checksum (Zarr's `crc32c` codec) and is written even when it is

@@ -231,14 +231,16 @@ def render_crops(images, boxes: np.ndarray, flip: np.ndarray, size: int) -> np.n
     uint8 [B, S, S] or [B, S, S, C].
   """
   from PIL import Image  # pylint: disable=import-outside-toplevel
-  out = []
+  out, previous, whole, single = [], None, None, False
   for image, (top, left, height, width), flipped in zip(images, np.asarray(boxes).tolist(), np.asarray(flip)):
-    image = np.asarray(image)
-    if image.dtype != np.uint8:
-      raise StillroomError(f"crop views (--image-size) render uint8 images; this dataset stores {image.dtype}.")
-    single = image.ndim == 3 and image.shape[2] == 1
+    if image is not previous:  # Consecutive views of one decoded image (`shared.workers.read_once`) share its copy.
+      previous, image = image, np.asarray(image)
+      if image.dtype != np.uint8:
+        raise StillroomError(f"crop views (--image-size) render uint8 images; this dataset stores {image.dtype}.")
+      single = image.ndim == 3 and image.shape[2] == 1
+      whole = Image.fromarray(image[..., 0] if single else image)
     # Crop, then resize: the filter sees only the box's pixels (`resize(box=...)` would blend in its neighbours).
-    pil = Image.fromarray(image[..., 0] if single else image).crop((left, top, left + width, top + height))
+    pil = whole.crop((left, top, left + width, top + height))
     resized = np.asarray(pil.resize((size, size), Image.Resampling.BILINEAR))
     if flipped:
       resized = resized[:, ::-1]
@@ -310,13 +312,14 @@ def fold_of(index: np.ndarray, folds: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=2)  # A build or a check walks the views in order: one or two are live at a time.
 def row_permutation(seed: int, view: int, count: int) -> np.ndarray:
-  """The order in which a cache stores one view's examples: a seeded permutation of positions 0..count-1.
+  """The order in which a cache stores its examples: a seeded permutation of positions 0..count-1.
 
   A pure function of (seed, view, count), from the same counter hash as the views (portable across NumPy
-  versions, unlike a Generator's stream). Each view gets its own order, so no two chunks hold the same examples.
+  versions, unlike a Generator's stream). The grouped row order (`shared.cache.rows`) uses view 0's for every view;
+  the view-major "permuted" order of older caches gave each view its own.
 
   Returns:
-    int64 [count], read-only: entry k is the position of the k-th stored example of this view.
+    int64 [count], read-only: entry k is the position of the k-th stored example (of this view).
   """
   keys = counter_hash(seed, _STREAM_ORDER, np.arange(count), np.full(count, view))
   order = np.argsort(keys, kind="stable")

@@ -71,7 +71,7 @@ def _warn_once(message: str) -> None:
 
 
 def render_rows(transfer_set: TransferSet, augmentation: Augmentation, rows: dict) -> dict:
-  """Reads and renders one batch of rows.
+  """Reads and renders one batch of rows, reading (decoding) each example once however many of its views it holds.
 
   Args:
     rows: `position` int64 [B] (in `transfer_set`), `index` int64 [B] (example indices), and either `view` int32 [B]
@@ -87,7 +87,7 @@ def render_rows(transfer_set: TransferSet, augmentation: Augmentation, rows: dic
   """
   if augmentation.renderer == DEVICE:
     return _canvas_rows(transfer_set, augmentation, rows)
-  inputs, labels = transfer_set.read(rows["position"])
+  inputs, labels = read_once(transfer_set.read, rows["position"])
   if "view" in rows:
     x, params = augmentation.render_views(inputs, rows["index"], rows["view"])
     return {"x": x, "labels": label_ids(labels), **params}
@@ -99,7 +99,7 @@ def render_rows(transfer_set: TransferSet, augmentation: Augmentation, rows: dic
 
 def _canvas_rows(transfer_set: TransferSet, augmentation: Augmentation, rows: dict) -> dict:
   """`render_rows` for the device renderer: the rows' canvases, boxes and flips (drawn, or as stored)."""
-  canvas, sizes = transfer_set.read_canvas(rows["position"])
+  canvas, sizes = read_once(transfer_set.read_canvas, rows["position"])
   if "view" in rows:
     params = augmentation.view_params(rows["index"], rows["view"], sizes)
     return {CANVAS: canvas, "labels": label_ids(transfer_set.labels[np.asarray(rows["position"], np.int64)]),
@@ -107,6 +107,26 @@ def _canvas_rows(transfer_set: TransferSet, augmentation: Augmentation, rows: di
   params = {name: rows[name] for name in augmentation.param_names}
   _check_boxes(params["crop"], sizes, rows["index"])
   return {CANVAS: canvas, **params}
+
+
+def read_once(read, positions: np.ndarray):
+  """`read(positions)` (`TransferSet.read` or `TransferSet.read_canvas`), reading each distinct position once (in
+  order of first appearance): rows that are views of one example share its decoded image (or canvas).
+
+  Returns:
+    `(inputs, labels)` (or `(canvases, sizes)`) of every row, as `read` returns them.
+  """
+  positions = np.asarray(positions, np.int64)
+  distinct, first, inverse = np.unique(positions, return_index=True, return_inverse=True)
+  if len(distinct) == len(positions):
+    return read(positions)
+  order = np.argsort(first)  # The distinct positions in order of first appearance.
+  rank = np.empty_like(order)
+  rank[order] = np.arange(len(order))
+  inputs, labels = read(positions[first[order]])
+  which = rank[inverse.reshape(-1)]
+  inputs = inputs[which] if isinstance(inputs, np.ndarray) else [inputs[k] for k in which]
+  return inputs, np.asarray(labels)[which]
 
 
 def _check_boxes(boxes: np.ndarray, sizes: np.ndarray, index: np.ndarray) -> None:

@@ -22,7 +22,9 @@ from student_train.terms import LOSS_HELP, check_loss
 
 DEFAULT_KD_ALPHA = 0.1  # Hinton et al. 2015 and the Keras example weight the hard term lightly.
 DEFAULT_MAX_CLASSES = 1 << 18  # 262,144: the largest LLM vocabularies.
-DEFAULT_SHUFFLE_WINDOW = 4  # Chunks are uniform samples already (the build permutes examples): 4 mixes views.
+# Chunks are uniform samples already (the build permutes examples): 4 spreads an example's adjacent views over
+# batches (`bench/shuffle_quality.py`).
+DEFAULT_SHUFFLE_WINDOW = 4
 
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "momentum", "nesterov", "rmsprop", "lamb", "lion")

@@ -12,8 +12,11 @@ Chunk reads run ahead of use, several at once and on into the next epoch's first
 object store (tens of milliseconds a request) is hidden behind the step.
 In a job of several processes every process draws the same batches (the order is a function of seed and epoch) and
 renders only its rows of each (`rows`), which its devices hold.
-Batches are close to uniform samples of the rows because the build stores each view's examples in a seeded permuted
-order (`CacheSpec.row_sources`): every chunk is already a uniform sample, even of a dataset sorted by class.
+Batches are close to uniform samples of the rows because the build stores the examples in a seeded permuted order
+(`CacheSpec.row_sources`): every chunk is already a uniform sample, even of a dataset sorted by class. A chunk holds
+an example's V views in adjacent rows (the grouped order); shuffling the rows of a window of chunks spreads them over
+its batches, so that batches hold nearly as many distinct classes as uniform samples of the rows do
+(`bench/shuffle_quality.py`).
 """
 
 import collections

@@ -25,7 +25,7 @@ from shared import __version__, distributed, limits, storage
 from shared.augment import CANVAS, Augmentation, fold_of, make_augmentation
 from shared.cache import (COMPLETE_KEY, EVAL_ROWS, FEATURE_DTYPE, FEATURE_KINDS, ROWS, SPEC_KEY, STORAGE_DTYPES, Cache,
                           CacheSpec, ChunkWriter, FeatureSpec, MemberSpec, SpecialistSpec, parse_features,
-                          committed_name, completion_record, create_arrays, integrity_problems, layout_of,
+                          committed_name, completion_record, create_arrays, example_runs, integrity_problems, layout_of,
                           missing_chunks, now_iso, open_cache, uncommitted_chunks, validate_settings)
 from shared.data import (NO_EVAL, Normalization, TransferSet, check_eval_set, default_eval_split, local_path,
                          open_transfer_set)
@@ -46,6 +46,9 @@ from shared.options import (BUILD, DEFAULT_SPLIT, DEMO_BUILD, IMPORT, VIEWS, Com
 from shared.settings import setting, workers_check
 from shared.specialists import SpecialistPlan, class_matrix, specialist_log_probs
 from shared.workers import BatchRenderer, resolve_workers
+
+
+DEFAULT_CHUNK_ROWS = 4096
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -91,8 +94,12 @@ class BuildConfig(DataSettings, ViewSettings, ComputeSettings, JobSettings, Outp
                           "the run that did not see its fold (1: no cross-fitting)", group="teachers")
   batch_size: int = setting(256, "rows per forward pass, a multiple of the device count", group="run",
                             commands=(BUILD, VIEWS, IMPORT), helps={VIEWS: ("rows rendered at a time", None)})
-  chunk_rows: int = setting(4096, "rows per Zarr chunk: the unit of writing, resuming and reading", group="run",
-                            commands=(BUILD, VIEWS, IMPORT), helps={VIEWS: ("rows per views_*.npz file", None)})
+  chunk_rows: int = setting(DEFAULT_CHUNK_ROWS, "rows per Zarr chunk: the unit of writing, resuming and reading; a "
+                                                "multiple of --views (when more), so that a chunk holds whole "
+                                                "examples and the build decodes each image once (the default is "
+                                                "rounded down to one)",
+                            group="run", commands=(BUILD, VIEWS, IMPORT),
+                            helps={VIEWS: ("rows per views_*.npz file, a multiple of --views", None)})
   dtype: str = setting("float16", "storage dtype of logits and targets", choices=STORAGE_DTYPES, group="teachers",
                        commands=(BUILD, IMPORT))
   teacher_sharding: str = setting(
@@ -108,8 +115,16 @@ class BuildConfig(DataSettings, ViewSettings, ComputeSettings, JobSettings, Outp
 
 
 def resolve_defaults(config: BuildConfig) -> BuildConfig:
-  """The config with the dataset and split a build reads when none is given."""
-  return dataclasses.replace(config, dataset=resolve_dataset(config.dataset), split=config.split or DEFAULT_SPLIT)
+  """The config with the dataset and split a build reads when none is given, and the default chunk rows rounded
+  down to a multiple of `--views` (`check_settings` refuses other chunk rows above `--views` that are not one)."""
+  config = dataclasses.replace(config, dataset=resolve_dataset(config.dataset), split=config.split or DEFAULT_SPLIT)
+  views = config.views
+  if config.chunk_rows == DEFAULT_CHUNK_ROWS and isinstance(views, int) and 1 <= views < DEFAULT_CHUNK_ROWS and \
+      DEFAULT_CHUNK_ROWS % views:
+    config = dataclasses.replace(config, chunk_rows=DEFAULT_CHUNK_ROWS // views * views)
+    _LOG.info(f"chunks of {config.chunk_rows} rows: the default {DEFAULT_CHUNK_ROWS} rounded down to a multiple of "
+              f"--views {views}")
+  return config
 
 
 SAMPLE_STREAM = 0x5A17  # Folded into the build's seed for `sample:K` draws, apart from the views' randomness.
@@ -591,6 +606,14 @@ def check_settings(config: BuildConfig, out: str = "CACHE.zarr") -> None:
   validate_settings(temperature=config.temperature, combine=config.combine, dtype=config.dtype,
                     views=config.views, chunk_rows=config.chunk_rows, seed=config.seed, folds=config.folds,
                     targets=config.targets)
+  if config.chunk_rows % config.views and config.chunk_rows > config.views:
+    # A chunk of whole examples: the build decodes each image once (the grouped row order stores an example's views
+    # in adjacent rows), also when chunks are shared out among processes or resumed. (Views more than a chunk's rows
+    # span chunks whatever their size: each image is then decoded once per chunk it is in.)
+    below = config.chunk_rows // config.views * config.views
+    raise StillroomError(f"--chunk-rows {config.chunk_rows} is not a multiple of --views {config.views}, so a chunk "
+                         f"would split an example's views (each image is decoded once per chunk it is in); give "
+                         f"{below} or {below + config.views}.")
   if config.batch_size < 1:
     raise StillroomError(f"--batch-size must be >= 1, got {config.batch_size}.")
   if config.features is not None:
@@ -799,8 +822,10 @@ def _computed_chunks(cache: Cache, row_set: str, chunks: list[int], data: Transf
   """The teachers' outputs on the rows of `chunks`, a chunk at a time.
 
   Each chunk's rows go in padded batches that start at its first row (so a resumed build computes what an
-  uninterrupted one does), rendered ahead in worker processes (`shared.workers`). The outputs stay device arrays
-  until the chunk's last batch is dispatched, so the devices run ahead of the host.
+  uninterrupted one does). They are read and rendered ahead, in worker processes (`shared.workers`), in parts of
+  about a batch that never split an example's rows (`example_runs`): an example's views, adjacent in the grouped row
+  order, are rendered from one decode of its image. The outputs stay device arrays until the chunk's last batch is
+  dispatched, so the devices run ahead of the host.
 
   Args:
     forward: `(x [B, ...], fold, example index, view: int32 [B]) -> a tuple of [B, ...] device arrays (or dicts
@@ -812,7 +837,7 @@ def _computed_chunks(cache: Cache, row_set: str, chunks: list[int], data: Transf
   """
   spec, batch_size, sharding = cache.spec, config.batch_size, batch_sharding(mesh)
 
-  def batches():
+  def parts():
     for chunk in chunks:
       start, stop = cache.chunk_bounds(chunk, row_set)
       if row_set == EVAL_ROWS:
@@ -821,34 +846,46 @@ def _computed_chunks(cache: Cache, row_set: str, chunks: list[int], data: Transf
         view, position = spec.row_sources(np.arange(start, stop))
       index = data.indices[position]
       fold = fold_of(index, spec.folds)
-      for offset in range(0, stop - start, batch_size):
-        part = slice(offset, offset + batch_size)
-        yield {"position": position[part], "index": index[part], "view": view[part], "fold": fold[part],
-               "chunk": chunk, "last": offset + batch_size >= stop - start}
+      runs = example_runs(position, batch_size)
+      for k, run in enumerate(runs):
+        yield {"position": position[run], "index": index[run], "view": view[run], "fold": fold[run],
+               "chunk": chunk, "last": k == len(runs) - 1}
 
   if not chunks:
     return
   workers = resolve_workers(config.workers, data)
-  outputs, parts = [], []
+  outputs, done, rendered = [], [], []  # Device outputs and their rows; rendered rows of the chunk not yet sent.
   size = spec.augmentation.image_size
   with BatchRenderer(data, spec.augmentation, workers=workers) as render:
-    for batch in render(batches()):
+    for part in render(parts()):
       raise_if_interrupted()
-      fold, index, view = (jax.device_put(pad_rows(a, batch_size), sharding) for a in (
-          batch["fold"], batch["index"].astype(np.uint32), batch["view"]))
-      # Host views as rendered; device views rendered here from the canvases, boxes and flips (`shared.render`).
-      names = (CANVAS, *spec.augmentation.param_names) if CANVAS in batch else ("x",)
-      x = inputs_of({k: jax.device_put(pad_rows(batch[k], batch_size), sharding) for k in names}, size)
-      outputs.append(forward(x, fold, index, view))
-      parts.append({k: v for k, v in batch.items() if k not in ("x", CANVAS, "chunk", "last")})
-      if batch["last"]:
-        count = sum(len(part["index"]) for part in parts)
-        rows = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
+      rendered.append({k: v for k, v in part.items() if k not in ("chunk", "last")})
+      held = sum(len(p["index"]) for p in rendered)
+      while held >= batch_size or part["last"] and held:
+        batch, rendered = _first_rows(rendered, batch_size)
+        held -= len(batch["index"])
+        fold, index, view = (jax.device_put(pad_rows(a, batch_size), sharding) for a in (
+            batch["fold"], batch["index"].astype(np.uint32), batch["view"]))
+        # Host views as rendered; device views rendered here from the canvases, boxes and flips (`shared.render`).
+        names = (CANVAS, *spec.augmentation.param_names) if CANVAS in batch else ("x",)
+        x = inputs_of({k: jax.device_put(pad_rows(batch[k], batch_size), sharding) for k in names}, size)
+        outputs.append(forward(x, fold, index, view))
+        done.append({k: v for k, v in batch.items() if k not in ("x", CANVAS)})
+      if part["last"]:
+        count = sum(len(rows["index"]) for rows in done)
+        rows = {k: np.concatenate([rows[k] for rows in done]) for k in done[0]}
         if row_set == EVAL_ROWS:
           rows = {"index": rows["index"], "labels": rows["labels"]}
-        yield batch["chunk"], rows, jax.tree.map(lambda *parts: np.concatenate([np.asarray(p) for p in parts])[:count],
-                                                 *outputs)
-        outputs, parts = [], []
+        yield part["chunk"], rows, jax.tree.map(lambda *parts: np.concatenate([np.asarray(p) for p in parts])[:count],
+                                                *outputs)
+        outputs, done = [], []
+
+
+def _first_rows(parts: list[dict], count: int) -> tuple[dict, list[dict]]:
+  """The first `count` rows of consecutive parts (dicts of [n, ...] arrays), and the parts of the rest."""
+  rows = parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  rest = {k: v[count:] for k, v in rows.items()}
+  return {k: v[:count] for k, v in rows.items()}, [rest] if len(rest["index"]) else []
 
 
 def chunks_to_write(cache: Cache, row_set: str) -> list[int]:

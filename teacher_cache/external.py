@@ -1,13 +1,15 @@
 """Teachers outside JAX: `teacher-cache views` writes the exact input of every row of a cache, and `teacher-cache
 import` builds a cache from another framework's logits on those rows.
 
-The rows are a cache's: rows `[v·N, (v+1)·N)` hold view v of every example in the build's seeded order
-(`shared.cache.row_sources`), rendered as the build renders them and normalised as a teacher receives them
-(`x' = (x - shift) / scale`, the dataset's default normalisation). A row id is therefore all that ties a logit to
+The rows are a cache's: the examples in the build's seeded order, the V views of each in adjacent rows (row
+`k·V + v` holds view v of the k-th example: the grouped order of `shared.cache.row_sources`), rendered as the build
+renders them and normalised as a teacher receives them (`x' = (x - shift) / scale`, the dataset's default
+normalisation). A row id is therefore all that ties a logit to
 its input, and it is only meaningful with the settings that made the views: `import` must get the same
 `--dataset --split --views --seed` (and view options) as `views`.
 
-  DIR/views.json         the dataset (with its fingerprint), views, augmentation, normalisation, chunk rows, rows
+  DIR/views.json         the dataset (with its fingerprint), views, augmentation, normalisation, row order, chunk
+                         rows, rows
   DIR/views_00000.npz    `x` float32 [n, *input_shape] and `row` int64 [n]: the rows of chunk 0, and so on
 
 An imported cache is a normal cache (the same spec, arrays, targets and verification as `build`'s), whose members
@@ -28,7 +30,7 @@ import jax
 import numpy as np
 
 from shared import limits, storage
-from shared.cache import ROWS, ChunkWriter, MemberSpec, replay_rows, row_sources
+from shared.cache import GROUPED, ROWS, ChunkWriter, MemberSpec, example_runs, replay_rows, row_sources
 from shared.data import label_ids, local_path
 from shared.errors import StillroomError, raise_if_interrupted
 from shared.log import logger, progress
@@ -93,8 +95,8 @@ def write_views(config: BuildConfig) -> dict:
         progress(total=rows, unit="row", unit_scale=True, enabled=config.progress, desc="teacher-cache views") as bar:
       for chunk in range(chunks):
         start, stop = chunk * config.chunk_rows, min(rows, (chunk + 1) * config.chunk_rows)
-        view, position = row_sources(np.arange(start, stop), count, config.seed)
-        parts = [slice(i, i + config.batch_size) for i in range(0, stop - start, config.batch_size)]
+        view, position = row_sources(np.arange(start, stop), count, config.seed, GROUPED, config.views)
+        parts = example_runs(position, config.batch_size)  # Whole examples: each image is decoded once.
         batches = ({"position": position[p], "index": transfer_set.indices[position[p]], "view": view[p]}
                    for p in parts)
         x = np.concatenate([normalization.apply(batch["x"]) for batch in render(batches)])
@@ -108,9 +110,12 @@ def write_views(config: BuildConfig) -> dict:
 
 def _views_record(config: BuildConfig, transfer_set, augmentation) -> dict:
   """What defines the rows of views (`views.json` but its chunk rows): the dataset, views, augmentation,
-  normalisation, the row count and input shape."""
+  normalisation, the row order, the row count and input shape."""
+  # The row order: views written before the grouped order lack it, and are refused by `import --views-dir` and
+  # rewritten by `views` (with --overwrite).
   return {"dataset": transfer_set.describe().to_dict(), "views": config.views, "augmentation": augmentation.to_dict(),
-          "normalization": transfer_set.normalization.to_dict(), "rows": len(transfer_set) * config.views,
+          "normalization": transfer_set.normalization.to_dict(), "row_order": GROUPED,
+          "rows": len(transfer_set) * config.views,
           "input_shape": list(augmentation.output_shape(transfer_set.input_shape))}
 
 

@@ -81,10 +81,17 @@ def _object_store_latency(result, printed, tmp):
 
 
 def _shuffle_quality(result, printed, tmp):
-  assert len(result["points"]) == 8  # 2 orders x 4 windows.
+  assert len(result["points"]) == 12  # 3 orders x 4 windows.
   assert all(0 < point["fraction_of_uniform"] <= 1.2 for point in result["points"])
-  _positive(result, "uniform_expectation")
-  assert "permuted order, window 16 chunks" in printed
+  _positive(result, "uniform_expectation", "uniform_expectation_grouped", "grouped_fraction_at_default_window")
+  assert "permuted order, window 16 chunks" in printed and "grouped order, window 16 chunks" in printed
+  assert "grouped order (16 views) at the default window" in printed
+
+
+def _build_views(result, printed, tmp):
+  assert result["rows_one_view"] == 10 and result["rows_many_views"] == 40
+  _positive(result, "ratio", "decode_ms_per_image", "render_ms_per_crop", "build_s.views_1", "build_s.views_4")
+  assert "build, 4 views (40 rows)" in printed and "ratio " in printed
 
 
 def _open_imagefolder(result, printed, tmp):
@@ -186,6 +193,9 @@ SMOKE = {
     "bench/shuffle_quality.py": Smoke(["--rows", "2048", "--classes", "10", "--batch", "64", "--chunk-rows", "128",
                                        *OUT], _shuffle_quality),
     "bench/open_imagefolder.py": Smoke(["--images", "20", "--no-cold", *OUT], _open_imagefolder),
+    "bench/build_views.py": Smoke(["--images", "10", "--min-side", "24", "--max-side", "40", "--views", "4",
+                                   "--image-size", "8", "--model", "mlp-tiny", "--repeats", "1", "--warmup", "0",
+                                   *OUT], _build_views),
     "bench/input_pipeline.py": Smoke(["--images", "20", "--batch", "8", "--batches", "3", "--workers", "1",
                                       "--repeats", "1", *OUT], _input_pipeline),
     "bench/device_render.py": Smoke(["--images", "16", "--side", "24", "--size", "8", "--batch", "8", "--batches",

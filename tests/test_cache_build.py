@@ -55,17 +55,20 @@ def reference_member_logits(teacher_dirs, data_dir, split, index, view, augmenta
 @pytest.mark.parametrize("temperature", [1.0, 4.0, 20.0])
 def test_targets_match_scipy_reference(tmp_path, data_dir, teachers, capsys, combine, temperature):
   out = tmp_path / "c.zarr"
-  code, _, err = run_cli(build_args(out, teachers, data_dir, "--views", "3", "--chunk-rows", "256", "--combine",
+  code, _, err = run_cli(build_args(out, teachers, data_dir, "--views", "3", "--chunk-rows", "255", "--combine",
                                     combine, "--temperature", temperature, "--batch-size", "64"), capsys)
   assert code == 0, err
   group = zarr.open_group(str(out), mode="r")
   cache = open_cache(str(out))
   assert cache.spec.num_rows == 900 and group["targets"].shape == (900, 10)
   index, view = group["index"][:], group["view"][:]
-  np.testing.assert_array_equal(view, np.repeat(np.arange(3), 300))  # View-major rows.
-  blocks = index.reshape(3, 300)  # Each view holds every example once, each in its own seeded order.
-  assert all(np.array_equal(np.sort(b), np.arange(300)) for b in blocks)
-  assert not np.array_equal(blocks[0], np.arange(300)) and not np.array_equal(blocks[0], blocks[1])
+  # The grouped order: an example's 3 views in adjacent rows, views 0, 1, 2; the examples once each, in one seeded
+  # (not the split's) order shared by every view.
+  assert cache.spec.row_order == "grouped"
+  np.testing.assert_array_equal(view, np.tile(np.arange(3), 300))
+  blocks = index.reshape(300, 3)
+  assert (blocks == blocks[:, :1]).all()
+  assert np.array_equal(np.sort(blocks[:, 0]), np.arange(300)) and not np.array_equal(blocks[:, 0], np.arange(300))
   stored_logits = group["member_logits"][:]
   z = reference_member_logits(teachers, data_dir, "train[:300]", index, view, cache.spec.augmentation)
   np.testing.assert_allclose(stored_logits.astype(np.float32), z, rtol=2e-3, atol=2e-3)
@@ -161,6 +164,7 @@ def test_sigkill_at_random_points_then_resume_equals_uninterrupted_build(tmp_pat
   assert clean.wait() == 0, clean.stderr.read().decode()
   killed_files, clean_files = array_files(tmp_path / "killed.zarr"), array_files(tmp_path / "clean.zarr")
   assert len(clean_files) > num_chunks and killed_files == clean_files  # Byte for byte, every chunk of every array.
+  assert open_cache(str(tmp_path / "clean.zarr")).spec.row_order == "grouped"  # An example's 8 views in one chunk.
   assert _spec_without_timestamps(tmp_path / "killed.zarr") == _spec_without_timestamps(tmp_path / "clean.zarr")
 
 

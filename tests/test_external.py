@@ -224,7 +224,7 @@ def test_crop_views_import_to_the_build_of_the_same_teacher(tmp_path, tmp_path_f
   root = str(tmp_path_factory.mktemp("shapes") / "s")
   write_shapes(root, ShapesConfig(train_per_class=4, test_per_class=1, min_side=20, max_side=40))
   teacher = conftest.make_teacher(tmp_path / "t", input_shape=(12, 12, 3), normalization={"shift": 0.0, "scale": 255.0})
-  options = {"dataset": f"imagefolder:{root}/train", "image_size": 12, "views": 3, "flip": True, "chunk_rows": 16,
+  options = {"dataset": f"imagefolder:{root}/train", "image_size": 12, "views": 3, "flip": True, "chunk_rows": 15,
              "progress": False, "eval_split": "none"}
   built = open_cache(build_cache(BuildConfig(teachers=(teacher,), out=str(tmp_path / "built.zarr"), **options)))
   views = str(tmp_path / "views")

@@ -1888,6 +1888,15 @@ def _(env, tmp_path, mp):
           r"cache with --renderer device\)\.", [Absent(tmp_path / "r")])
 
 
+# --- views: one decode per image per build (the grouped row order) ---
+@fault("build --chunk-rows not a multiple of --views")
+def _(env, tmp_path, mp):
+  out = tmp_path / "c.zarr"
+  return (cache_main, _build(env, out, "--views", "3"), 2,
+          r"--chunk-rows 64 is not a multiple of --views 3, so a chunk would split an example's views \(each image "
+          r"is decoded once per chunk it is in\); give 63 or 66\.", [Absent(out)])
+
+
 @pytest.mark.parametrize("name", list(FAULTS))
 def test_fault_is_refused_cleanly(name, env, tmp_path, monkeypatch, capsys):
   _refused_cleanly(FAULTS[name](env, tmp_path, monkeypatch), env, monkeypatch, capsys)

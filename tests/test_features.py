@@ -41,7 +41,7 @@ def cnn_teacher(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def feature_cache(tmp_path_factory, data_dir, cnn_teacher) -> str:
   return conftest.digits_cache(tmp_path_factory, data_dir, [cnn_teacher], split="train[:300]", views=3, max_shift=2,
-                               chunk_rows=128, features=FEATURES)
+                               chunk_rows=126, features=FEATURES)
 
 
 # --- NumPy references --------------------------------------------------------------------------------------------

@@ -198,7 +198,7 @@ def test_crop_cache_replays_the_teachers_view_for_the_student(tmp_path, shapes):
               for k, model in enumerate(("cnn-small", "mlp-small"))]
   out = str(tmp_path / "c.zarr")
   build_cache(BuildConfig(dataset=f"imagefolder:{shapes}/train", eval_dataset=f"imagefolder:{shapes}/test",
-                          teachers=tuple(teachers), image_size=16, views=3, flip=True, chunk_rows=64, out=out,
+                          teachers=tuple(teachers), image_size=16, views=3, flip=True, chunk_rows=63, out=out,
                           progress=False, dtype="float32"))
   cache = open_cache(out)
   assert cache.spec.augmentation.kind == "crop" and cache.spec.array("crop") is not None

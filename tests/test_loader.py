@@ -18,7 +18,7 @@ from student_train.steps import Hypers, soft_targets
 @pytest.fixture(scope="module")
 def cache_path(tmp_path_factory, data_dir, teachers):
   return digits_cache(tmp_path_factory, data_dir, teachers, split="train[:500]", views=3, max_shift=2, flip=True,
-                      chunk_rows=128, temperature=3.0)
+                      chunk_rows=126, temperature=3.0)
 
 
 def _loader(cache_path, data_dir, **kwargs):

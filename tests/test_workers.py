@@ -1,6 +1,8 @@
 """Input worker processes (`shared.workers`): same batches and stores with any worker count, spawned workers, bounded
 read-ahead, errors from a worker, and no worker outliving a killed parent."""
 
+import collections
+import contextlib
 import json
 import os
 import signal
@@ -65,15 +67,56 @@ def test_batches_and_stores_are_the_same_with_any_worker_count(shapes, tmp_path)
   stores = []
   for workers in (0, 2):
     out = str(tmp_path / f"c{workers}.zarr")
-    build_cache(BuildConfig(dataset=f"imagefolder:{shapes}/train", eval_dataset=f"imagefolder:{shapes}/test",
-                            teachers=(teacher,), image_size=16, views=2, flip=True, chunk_rows=32, batch_size=16,
-                            out=out, progress=False, workers=workers))
+    with _counted_decodes() as decoded, _submitted_rows() as submitted:
+      build_cache(BuildConfig(dataset=f"imagefolder:{shapes}/train", eval_dataset=f"imagefolder:{shapes}/test",
+                              teachers=(teacher,), image_size=16, views=4, flip=True, chunk_rows=32, batch_size=12,
+                              out=out, progress=False, workers=workers))
+    test = open_transfer_set(f"imagefolder:{shapes}/test")
+    if workers == 0:  # Every image decoded once: each of the 4 views of a training image, and its one eval row.
+      assert decoded == {(root, key): 1 for root, count in ((f"{shapes}/train", len(data)),
+                                                            (f"{shapes}/test", len(test)))
+                         for key in range(count)}
+    else:  # Decoded in the workers: each gets every row of an image in one part, whose image it reads once.
+      assert not decoded
+      train = [part["position"] for part in submitted if (part["view"] > 0).any()]
+      assert sorted(np.concatenate([np.unique(p) for p in train]).tolist()) == list(range(len(data)))
+      assert all(np.array_equal(np.bincount(p, minlength=len(data))[np.unique(p)], np.full(len(np.unique(p)), 4))
+                 for p in train)
     stores.append(conftest.array_files(out))
   assert stores[0] == stores[1]
   from shared.cache import open_cache  # pylint: disable=import-outside-toplevel
   cached = [_epoch(CacheLoader(open_cache(str(tmp_path / "c0.zarr")), data, batch_size=24, seed=0,
                                fields=("targets",), workers=workers), 0) for workers in (0, 2)]
   _assert_same_batches(*cached)
+
+
+@contextlib.contextmanager
+def _counted_decodes():
+  """Counts the images `imagefolder:` decodes in this process: {(root, key): decodes}."""
+  from shared.data.imagefolder import ImageFolderSource  # pylint: disable=import-outside-toplevel
+  counts: collections.Counter = collections.Counter()
+  decode = ImageFolderSource._decode  # pylint: disable=protected-access
+
+  def counted(self, key):
+    counts[(self.root, key)] += 1
+    return decode(self, key)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(ImageFolderSource, "_decode", counted)
+    yield counts
+
+
+@contextlib.contextmanager
+def _submitted_rows():
+  """The row parts sent to input worker processes."""
+  import shared.workers  # pylint: disable=import-outside-toplevel
+  parts, submit = [], shared.workers._submit  # pylint: disable=protected-access
+
+  def recorded(pool, fn, *args):
+    parts.extend(args)
+    return submit(pool, fn, *args)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(shared.workers, "_submit", recorded)
+    yield parts
 
 
 def test_workers_default_to_none_for_arrays_in_memory(shapes, data_dir):

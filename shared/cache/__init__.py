@@ -1,11 +1,12 @@
 """The cache format: the contract between `teacher_cache` (writer) and `student_train` (reader).
 
-A cache is one Zarr v3 group. Each row is one `(example, view)` pair. Rows are view-major (rows `[v·N, (v+1)·N)`
-hold view v of every example), and within a view the examples are stored in a seeded permuted order
-(`row_sources`), so that any chunk, and any batch drawn from a few chunks, is a uniform sample of the transfer set
-even when the dataset is sorted by class. Every array is chunked along rows only, `chunk_rows` rows per chunk; a
-chunk is the unit of writing, resuming and reading. Every chunk carries a CRC-32C checksum and is written even
-when it is all zeros, so damage and missing chunks can be told apart from data.
+A cache is one Zarr v3 group. Each row is one `(example, view)` pair. The examples are stored in a seeded permuted
+order, the V views of each in adjacent rows (`row_sources`; older caches are view-major, and still read), so that
+any chunk, and any batch drawn from a few chunks, is a uniform sample of the transfer set even when the dataset is
+sorted by class, and a chunk holds whole examples, whose views the build renders from one decode. Every array is
+chunked along rows only, `chunk_rows` rows per chunk; a chunk is the unit of writing, resuming and reading. Every
+chunk carries a CRC-32C checksum and is written even when it is all zeros, so damage and missing chunks can be told
+apart from data.
 
 The group attributes hold `CacheSpec.to_attrs()` under "stillroom" (including the list of arrays present, each
 with its role) and, written last, a completion record under "stillroom_complete". A store without the completion
@@ -32,7 +33,7 @@ from shared.cache.layout import (CLASS_IDS, EVAL_ROWS, FEATURE_DTYPE, FEATURE_KI
                                  layout_of)
 from shared.cache.record import (CHUNK_TABLE, COMPLETION_FIELDS, SPEC_DIGEST, chunk_crc32c, chunk_table,
                                  completion_record, position_problems, spec_digest, spec_record_problem)
-from shared.cache.rows import ROW_ORDERS, replay_rows, row_sources
+from shared.cache.rows import GROUPED, ROW_ORDERS, example_runs, replay_rows, row_sources
 from shared.cache.spec import (BINDING_SCHEMA_VERSION, COMPLETE_KEY, DENSE_SCHEMA_VERSION, FEATURE_SCHEMA_VERSION,
                                READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION, SPARSE_SCHEMA_VERSION, SPEC_KEY,
                                SPECIALIST_SCHEMA_VERSION, TARGET_KINDS, CacheSpec, FeatureSpec, MemberSpec,
@@ -46,12 +47,13 @@ from shared.cache.zarr_async import gather, raise_first_failure
 __all__ = [
     "BINDING_SCHEMA_VERSION", "CHUNK_TABLE", "CLASS_IDS", "COMPLETE_KEY", "COMPLETION_FIELDS",
     "DENSE_SCHEMA_VERSION", "EVAL_ROWS", "FEATURE_DTYPE", "FEATURE_KINDS", "FEATURE_NAME", "FEATURE_RANKS",
-    "FEATURE_SCHEMA_VERSION", "LAYOUT", "READABLE_SCHEMA_VERSIONS", "ROLES", "ROWS", "ROW_ORDERS", "SCHEMA_VERSION",
+    "FEATURE_SCHEMA_VERSION", "GROUPED", "LAYOUT", "READABLE_SCHEMA_VERSIONS", "ROLES", "ROWS", "ROW_ORDERS",
+    "SCHEMA_VERSION",
     "SPARSE_SCHEMA_VERSION", "SPECIALIST_SCHEMA_VERSION", "SPEC_DIGEST", "SPEC_KEY", "STORAGE", "STORAGE_DTYPES",
     "TARGET_KINDS", "ArrayLayout", "ArraySpec", "Cache", "CacheSpec", "ChunkWriter", "FeatureSpec", "MemberSpec",
     "SpecialistSpec", "check_integrity", "chunk_crc32c", "completion_problem", "chunk_table", "committed_name",
     "completion_record",
-    "create_arrays", "eval_accuracies", "gather", "integrity_problems", "layout_of", "layout_problems",
+    "create_arrays", "eval_accuracies", "example_runs", "gather", "integrity_problems", "layout_of", "layout_problems",
     "legacy_schema_version", "missing_chunks", "now_iso", "open_cache", "parse_features", "parse_targets",
     "position_problems", "raise_first_failure", "ratio", "replay_rows", "row_sources", "spec_digest",
     "spec_record_problem", "uncommitted_chunks", "validate_settings", "writable",

@@ -1,8 +1,16 @@
 """The row order: which view of which example each row of a cache holds, and the row arrays that follow from it.
 
-Rows are view-major (rows `[v·N, (v+1)·N)` hold view v of every example), and within a view the examples are stored
-in a seeded permuted order, so that any chunk is a uniform sample of the transfer set even when the dataset is
-sorted by class. Schema 1 stored them in split order ("sequential").
+A cache stores its examples in a seeded permuted order, so that any chunk is a uniform sample of the transfer set
+even when the dataset is sorted by class. Three orders have been written (`CacheSpec.row_order`, recorded in the
+spec; every one still reads):
+
+- "grouped" (what a build writes): one permutation of the examples, shared by every view, and the V
+  views of an example in adjacent rows: row r holds view `r mod V` of the `(r div V)`-th example of that order.
+  A chunk of a multiple of V rows (the build's `--chunk-rows` is one, unless V is more) holds whole examples, so the
+  build decodes each image once and renders all its views from it.
+- "permuted" (older caches, from schema 2 on): view-major, rows `[v·N, (v+1)·N)` hold view v of every example, each
+  view in its own seeded order, so the V views of an example lay in V unrelated chunks.
+- "sequential" (schema 1): view-major, examples in split order within each view.
 """
 
 import typing
@@ -14,23 +22,28 @@ from shared.augment import fold_of, row_permutation
 if typing.TYPE_CHECKING:
   from shared.cache.spec import CacheSpec
 
-ROW_ORDERS = ("permuted", "sequential")  # "sequential": version 1, examples in split order within each view.
+GROUPED = "grouped"
+ROW_ORDERS = (GROUPED, "permuted", "sequential")  # The first is what a build writes.
 
 
-def row_sources(rows: np.ndarray, num_examples: int, seed: int,
-                row_order: str = "permuted") -> tuple[np.ndarray, np.ndarray]:
+def row_sources(rows: np.ndarray, num_examples: int, seed: int, row_order: str = "permuted",
+                views: int = 1) -> tuple[np.ndarray, np.ndarray]:
   """Which view of which example each row holds (see `CacheSpec.row_sources`, which this is).
 
   Args:
     rows: int [B] row numbers.
     num_examples: N, the transfer set's examples.
     seed: the build's seed.
-    row_order: "permuted" (schema 2) or "sequential" (schema 1).
+    row_order: "grouped", "permuted" or "sequential" (the module's docstring describes each).
+    views: V, the views per example (only the grouped order needs it: the view-major ones follow from N).
 
   Returns:
     `(view, position)`: int32 [B] view ids and int64 [B] positions in the transfer set.
   """
   rows = np.asarray(rows, np.int64)
+  if row_order == GROUPED:
+    slot, view = np.divmod(rows, views)
+    return view.astype(np.int32), row_permutation(seed, 0, num_examples)[slot]
   view, slot = np.divmod(rows, num_examples)
   if row_order == "sequential":
     return view.astype(np.int32), slot
@@ -39,6 +52,28 @@ def row_sources(rows: np.ndarray, num_examples: int, seed: int,
     here = view == v
     position[here] = row_permutation(seed, int(v), num_examples)[slot[here]]
   return view.astype(np.int32), position
+
+
+def example_runs(position: np.ndarray, size: int) -> list[slice]:
+  """Cuts a run of rows into consecutive parts of about `size` rows that never split the rows of one example: each
+  part ends where the next row is of another example than the part's last (a row order that stores an example's
+  views in adjacent rows thus keeps them in one part).
+
+  Args:
+    position: int [R] each row's example.
+    size: the rows a part aims at (>= 1): a part holds the fewest whole examples' rows that reach it, or the rest.
+
+  Returns:
+    slices covering `0..R` in order.
+  """
+  parts, start, count = [], 0, len(position)
+  while start < count:
+    stop = min(start + size, count)
+    while stop < count and position[stop] == position[stop - 1]:
+      stop += 1
+    parts.append(slice(start, stop))
+    start = stop
+  return parts
 
 
 def replay_rows(spec: "CacheSpec", start: int, stop: int, indices: np.ndarray,

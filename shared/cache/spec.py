@@ -26,7 +26,7 @@ import numpy as np
 from shared.augment import Augmentation
 from shared.cache.layout import (CLASS_IDS, EVAL_ROWS, FEATURE_KINDS, FEATURE_NAME, FEATURE_RANKS, LAYOUT, ROWS,
                                  STORAGE, STORAGE_DTYPES, ArraySpec, layout_of)
-from shared.cache.rows import ROW_ORDERS, row_sources
+from shared.cache.rows import GROUPED, ROW_ORDERS, row_sources
 from shared.data import DatasetSpec
 from shared.ensemble import COMBINE_RULES
 from shared.errors import StillroomError
@@ -215,7 +215,9 @@ class CacheSpec:
     targets: what is stored of the ensemble distribution: "dense" (every class), "topk:K" or "sample:K".
     member_logits: whether each member's logits are stored (always for dense targets).
     eval_dataset: the eval split whose member logits the store holds, or None.
-    row_order: "permuted" (schema 2 on) or "sequential" (schema 1).
+    row_order: which view of which example each row holds (`shared.cache.rows`): "grouped" (what a build writes:
+      an example's views in adjacent rows), "permuted" (older caches, schema 2 on: view-major, each view in its own
+      seeded order) or "sequential" (schema 1).
     specialists: the specialists whose combination with the one member (the generalist) the targets are; schema 4 on.
     top_n: with specialists: those whose classes meet the generalist's top-n classes of a row take part in it.
     features: the members' features it stores (schema 5 on).
@@ -244,7 +246,7 @@ class CacheSpec:
   targets: str = "dense"
   member_logits: bool = True
   eval_dataset: DatasetSpec | None = None
-  row_order: str = "permuted"
+  row_order: str = GROUPED
   specialists: tuple[SpecialistSpec, ...] = ()
   top_n: int = 0
   features: tuple[FeatureSpec, ...] = ()
@@ -387,9 +389,10 @@ class CacheSpec:
 
     Returns:
       `(view, position)`: int32 [B] view ids and int64 [B] positions in the transfer set (index into its
-      `indices`); row `v·N + k` holds view v of the k-th example in that view's stored order.
+      `indices`). In the grouped order row `k·V + v` holds view v of the k-th stored example; in the view-major
+      ones row `v·N + k` holds view v of the k-th example in that view's stored order.
     """
-    return row_sources(rows, self.num_examples, self.augmentation.seed, self.row_order)
+    return row_sources(rows, self.num_examples, self.augmentation.seed, self.row_order, self.views)
 
   @property
   def specialist_width(self) -> int:

@@ -1,0 +1,69 @@
+"""The grouped row order of new caches (issue 31): an example's views in adjacent rows, one seeded permutation shared
+by every view, against NumPy references; and caches of the older view-major "permuted" order still read their rows."""
+
+import numpy as np
+import pytest
+
+from bench.synthetic import direct_cache
+from shared.augment import row_permutation
+from shared.cache import GROUPED, example_runs, open_cache, row_sources
+from shared.data import open_transfer_set
+from teacher_cache.verify import verify_cache
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("count, views", [(37, 4), (10, 1), (5, 16)])
+def test_grouped_rows_hold_every_view_of_an_example_together(count, views):
+  rows = np.arange(count * views)
+  view, position = row_sources(rows[::-1], count, 7, GROUPED, views)  # Any order of rows: each on its own.
+  # The reference: a seeded permutation of the examples, each repeated V times, views 0..V-1 cycling.
+  assert sorted(row_permutation(7, 0, count).tolist()) == list(range(count))
+  np.testing.assert_array_equal(position[::-1], np.repeat(row_permutation(7, 0, count), views))
+  np.testing.assert_array_equal(view[::-1], np.tile(np.arange(views, dtype=np.int32), count))
+  assert view.dtype == np.int32 and position.dtype == np.int64
+  # A chunk of a multiple of V rows holds whole examples: no example in two chunks, each with all its V views.
+  chunk_rows = 2 * views
+  seen = set()
+  for start in range(0, len(rows), chunk_rows):
+    view, position = row_sources(rows[start:start + chunk_rows], count, 7, GROUPED, views)
+    assert not seen & set(position.tolist())
+    seen |= set(position.tolist())
+    for p in np.unique(position):
+      assert sorted(view[position == p].tolist()) == list(range(views))
+  assert seen == set(range(count))
+
+
+@pytest.mark.fast
+def test_example_runs_never_split_an_example():
+  position = np.repeat(np.array([5, 2, 9, 4, 1, 7]), [3, 3, 3, 3, 3, 1])
+  for size in (1, 2, 3, 4, 7, 100):
+    parts = example_runs(position, size)
+    assert np.concatenate([np.arange(len(position))[p] for p in parts]).tolist() == list(range(len(position)))
+    for k, p in enumerate(parts):
+      rows = position[p]
+      assert not set(rows.tolist()) & set(np.delete(position, np.arange(len(position))[p]).tolist())
+      assert size <= len(rows) < size + 3 or k == len(parts) - 1  # At most the rest of an example's views beyond.
+  assert example_runs(position[:0], 4) == []
+
+
+def test_a_permuted_cache_still_reads_with_its_rows(tmp_path):
+  """A cache of the view-major "permuted" order (written before the grouped one): rows `[v·N, (v+1)·N)` hold view v,
+  each view in its own seeded order; its spec names the order, it reads those rows and verifies."""
+  count, views = 50, 3
+  images = np.random.default_rng(0).integers(0, 17, size=(count, 8, 8)).astype(np.uint8)
+  np.savez(tmp_path / "d.npz", x=images, y=np.arange(count) % 4)
+  dataset = f"npz:{tmp_path / 'd.npz'}"
+  path = str(tmp_path / "permuted.zarr")
+  direct_cache(path, dataset, members=1, views=views, chunk_rows=32, seed=4, row_order="permuted")
+  cache = open_cache(path)
+  assert cache.spec.row_order == "permuted"
+  indices = open_transfer_set(dataset).indices
+  np.testing.assert_array_equal(cache["view"][:], np.repeat(np.arange(views), count))
+  np.testing.assert_array_equal(cache["index"][:],
+                                np.concatenate([indices[row_permutation(4, v, count)] for v in range(views)]))
+  assert not np.array_equal(row_permutation(4, 0, count), row_permutation(4, 1, count))
+  # `verify` replays each row's example and view from the seed in the cache's order (its synthetic targets are not
+  # an ensemble's, so that check alone fails).
+  checks = {check.name: check.ok for check in verify_cache(path)}
+  assert checks.pop("rows' index/view/shift/flip/fold replay from the seed") and checks.pop("labels match the dataset")
+  assert checks.pop("targets re-derived from member_logits") is False and all(checks.values()), checks
