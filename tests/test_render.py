@@ -112,7 +112,7 @@ def device_cache(tmp_path_factory):
                                   normalization={"shift": 0.0, "scale": 255.0})
   out = str(root / "c.zarr")
   build_cache(BuildConfig(dataset=dataset, teachers=(teacher,), image_size=S, views=3, flip=True, renderer="device",
-                          chunk_rows=32, batch_size=16, out=out, progress=False, dtype="float32", eval_split="none"))
+                          chunk_rows=30, batch_size=16, out=out, progress=False, dtype="float32", eval_split="none"))
   return dataset, teacher, out
 
 
