@@ -13,6 +13,7 @@ from shared.settings import add_options, from_args
 from teacher_cache.build import BuildConfig, build_cache
 from teacher_cache.external import IMPORTED, import_cache, write_views
 from teacher_cache.info import cache_info
+from teacher_cache.prepare import PREPARE, PrepareConfig, prepare_images
 from teacher_cache.specialists import plan_specialists
 from teacher_cache.verify import verify_cache
 
@@ -26,6 +27,10 @@ example:
       --combine arithmetic --temperature 4 --views 4 --out digits.zarr
   teacher-cache info digits.zarr
   teacher-cache verify digits.zarr --dataset digits --split train
+
+natural images decoded once, then read as prepared pixels by build and fit:
+  teacher-cache prepare imagefolder:photos/train --image-size 32 --out photos32.zarr
+  teacher-cache build --dataset prepared:photos32.zarr --image-size 32 --teacher RUN --out photos.zarr
 
 a teacher outside JAX labels the rows' inputs, then its logits become a cache:
   teacher-cache views --dataset digits --views 4 --out views
@@ -101,6 +106,22 @@ def teacher_cache_parser() -> argparse.ArgumentParser:
   verify.add_argument("--split", help="its split (default: the one the cache records)")
   verify.add_argument("--data-dir", help="TFDS data dir")
   verify.add_argument("--json", action="store_true", help="print one JSON object")
+
+  prepare = commands.add_parser(
+      "prepare", allow_abbrev=False, help="decode a natural-image dataset once into a store of prepared pixels",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      description="Decode every image of DATASET once, resize it so that its shorter side is M*S pixels (PIL bilinear "
+                  "with antialiasing, the filter of crop views), and store it on a fixed canvas (edge-replicated "
+                  "beyond the image) in a Zarr v3 store with its size, label and the source's fingerprint. `build` "
+                  "and `fit` then read it as `--dataset prepared:STORE --image-size S`, decoding nothing; a cache "
+                  "built from it records it, so a student renders the same pixels the teachers saw. Running the "
+                  "same command again resumes an interrupted prepare.\n\nexample:\n"
+                  "  teacher-cache prepare imagefolder:photos/train --image-size 32 --out photos32.zarr\n"
+                  "  teacher-cache build --dataset prepared:photos32.zarr --image-size 32 --views 8 --teacher RUN "
+                  "--out cache.zarr")
+  prepare.add_argument("dataset", metavar="DATASET", help="the images: 'imagefolder:DIR', a TFDS image dataset "
+                                                          "prepared in --data-dir, or an 'npz:' of uint8 images")
+  add_options(prepare, PrepareConfig, PREPARE, required=("out", "image_size"))
 
   add_models_command(commands)
   add_verbosity_options(parser)
@@ -205,6 +226,12 @@ def main(argv: list[str] | None = None) -> None:
           print(f"{status}  {check.name}" + (f"  ({check.detail})" if check.detail else ""))
       if failed:
         sys.exit(1)
+    elif args.command == "prepare":
+      done = prepare_images(from_args(PrepareConfig, args))
+      print(f"prepared {done['images']} images of {done['source']} (fingerprint {done['source_fingerprint'][:16]}…) "
+            f"at shorter side {done['short_side']} px on a {done['canvas'][0]}x{done['canvas'][1]} canvas"
+            + (f", {done['cropped']} centre-cropped to the aspect cap" if done["cropped"] else "")
+            + f": {done['out']} (dataset prepared:{done['out']}, fingerprint {done['fingerprint'][:16]}…)")
     elif args.command == "models":
       print_models(args)
 
