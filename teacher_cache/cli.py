@@ -6,6 +6,7 @@ import json
 import sys
 
 from shared.cache import LAYOUT
+from shared.data import PREPARED_PREFIX
 from shared.cli import add_models_command, add_verbosity_options, print_models, run_or_exit
 from shared.errors import StillroomError
 from shared.options import BUILD, IMPORT, VIEWS
@@ -140,6 +141,11 @@ def _print_info(info: dict) -> None:
   print(f"dataset      {data['name']} {data['split']} ({data['canonical_split']}): {data['count']} examples, "
         f"inputs {tuple(data['input_shape'])} {data['input_dtype']}, "
         f"{'labelled' if data['labeled'] else 'unlabelled'}, fingerprint {data['fingerprint'][:16]}…")
+  if data["name"].startswith(PREPARED_PREFIX):
+    print(f"views from   prepared images {data['name']}" + (
+        f" (prepared from {info['prepared_from']['name']} {info['prepared_from']['split']}, fingerprint "
+        f"{info['prepared_from']['fingerprint'][:16]}…)" if info.get("prepared_from") else "")
+        + ": a student reads the same prepared pixels")
   aug = spec["augmentation"]
   views = (f"crop views at {aug['image_size']}x{aug['image_size']}, area {aug['crop_area']}, aspect "
            f"{[round(v, 3) for v in aug['crop_aspect']]}" if aug.get("image_size") else f"max shift {aug['max_shift']}")
