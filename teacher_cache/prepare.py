@@ -17,6 +17,7 @@ from typing import ClassVar
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from shared import __version__, storage, workers
 from shared.cache.spec import now_iso
@@ -139,12 +140,14 @@ def _open_store(config: PrepareConfig, spec: prepared_lib.PreparedSpec):
     group = zarr.create_group(storage.zarr_store(out), overwrite=False,
                               attributes={prepared_lib.SPEC_KEY: spec.to_attrs()})
     count, k = spec.count, spec.chunk_images
+    # Every chunk compressed and checksummed: a damaged one is an error when read, not other pixels.
+    codecs = {"compressors": [ZstdCodec(level=3), Crc32cCodec()], "fill_value": 0}
     group.create_array("images", shape=(count, *spec.canvas), dtype="uint8", chunks=(1, *spec.canvas),
-                       shards=(k, *spec.canvas), fill_value=0)
+                       shards=(k, *spec.canvas), **codecs)
     for name, shape, dtype in (("sizes", (count, 2), "int32"), ("source_sizes", (count, 2), "int32"),
                                ("labels", (count,), "int64"), ("index", (count,), "int64")):
-      group.create_array(name, shape=shape, dtype=dtype, chunks=(k, *shape[1:]), fill_value=0)
-    group.create_array("digests", shape=(spec.num_shards, 32), dtype="uint8", chunks=(1, 32), fill_value=0)
+      group.create_array(name, shape=shape, dtype=dtype, chunks=(k, *shape[1:]), **codecs)
+    group.create_array("digests", shape=(spec.num_shards, 32), dtype="uint8", chunks=(1, 32), **codecs)
   return group
 
 
