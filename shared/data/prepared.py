@@ -187,8 +187,11 @@ def shard_digest(arrays: dict) -> bytes:
 
 
 def content_digest(spec: PreparedSpec, digests: np.ndarray) -> str:
-  """The store's content fingerprint: SHA-256 of its spec (without when and by whom) and every shard's digest."""
-  digest = hashlib.sha256(json.dumps(spec.build_key(), sort_keys=True).encode())
+  """The store's content fingerprint: SHA-256 of its spec (without when and by whom, and without the source's name,
+  a path: a store made from a copy of the data elsewhere is the same store) and every shard's digest."""
+  key = spec.build_key()
+  key["source"] = {k: v for k, v in key["source"].items() if k != "name"}
+  digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
   digest.update(np.ascontiguousarray(digests, np.uint8).tobytes())
   return digest.hexdigest()
 
