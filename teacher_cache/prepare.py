@@ -140,10 +140,10 @@ def _open_store(config: PrepareConfig, spec: prepared_lib.PreparedSpec):
     group = zarr.create_group(storage.zarr_store(out), overwrite=False,
                               attributes={prepared_lib.SPEC_KEY: spec.to_attrs()})
     count, k = spec.count, spec.chunk_images
-    # Every chunk compressed and checksummed: a damaged one is an error when read, not other pixels.
+    # Every chunk checksummed: a damaged one is an error when read, not other pixels.
     codecs = {"compressors": [ZstdCodec(level=3), Crc32cCodec()], "fill_value": 0}
     group.create_array("images", shape=(count, *spec.canvas), dtype="uint8", chunks=(1, *spec.canvas),
-                       shards=(k, *spec.canvas), **codecs)
+                       shards=(k, *spec.canvas), **prepared_lib.images_codecs())
     for name, shape, dtype in (("sizes", (count, 2), "int32"), ("source_sizes", (count, 2), "int32"),
                                ("labels", (count,), "int64"), ("index", (count,), "int64")):
       group.create_array(name, shape=shape, dtype=dtype, chunks=(k, *shape[1:]), **codecs)

@@ -1914,7 +1914,17 @@ def _(env, tmp_path, mp):
   _flip_byte(os.path.join(store, "images", "c", "0", "0", "0", "0"), offset=20)
   return (student_main, _fit(env, "--dataset", f"prepared:{store}", "--image-size", "8", "--workers", "0", "--out",
                              tmp_path / "r"), 2,
-          r"the prepared store is damaged: reading examples .* failed .*--overwrite to rebuild it", [store])
+          r"the prepared store is damaged: example 0 fails its checksum \(shard 0\); run `teacher-cache prepare` again "
+          r"with --overwrite", [store])
+
+
+@fault("fit on a prepared store with a deleted shard")
+def _(env, tmp_path, mp):
+  store = _prepared(tmp_path)
+  os.remove(os.path.join(store, "images", "c", "1", "0", "0", "0"))
+  return (student_main, _fit(env, "--dataset", f"prepared:{store}", "--image-size", "8", "--workers", "0", "--out",
+                             tmp_path / "r"), 2, r"the prepared store is damaged: its shard .*images/c/1/0/0/0 is missing",
+          [store])
 
 
 @fault("fit on a prepared store with a deleted digest")

@@ -64,8 +64,13 @@ def store(images, tmp_path_factory) -> str:
   return out
 
 
-def test_prepared_pixels_are_the_pil_resize_of_the_decoded_source_on_an_edge_replicated_canvas(images, store):
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_prepared_pixels_are_the_pil_resize_of_the_decoded_source_on_an_edge_replicated_canvas(images, store,
+                                                                                               in_memory, monkeypatch):
+  if not in_memory:  # Each batch read from the shards' files.
+    monkeypatch.setattr(prepared_lib, "SMALL_STORE_BYTES", 0)
   data = open_transfer_set(f"prepared:{store}")
+  assert data.in_memory == in_memory
   source = open_transfer_set(f"imagefolder:{images}")
   spec = data.source.spec
   assert (spec.short_side, spec.canvas, len(data)) == (2 * S, (21, 21, 3), len(source))
