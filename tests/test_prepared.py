@@ -159,3 +159,17 @@ def test_prepared_size_keeps_small_images_and_caps_the_aspect():
   assert prepared_lib.prepared_size(60, 40, 16, 2.0) == ((24, 16), (24, 16))
   assert prepared_lib.prepared_size(10, 12, 16, 4 / 3) == ((10, 12), (10, 12))  # Never enlarged.
   assert prepared_lib.canvas_of(16, 4 / 3, 3) == (21, 21, 3)
+
+
+def test_views_of_a_prepared_store_need_image_size_and_warn_above_its_size(store, caplog):
+  data = open_transfer_set(f"prepared:{store}")
+  with pytest.raises(StillroomError, match=r"prepared for crop views at 8 px; give --image-size"):
+    prepared_lib.check_views(data, None)
+  caplog.set_level("WARNING", logger="stillroom")
+  prepared_lib.check_views(data, S)
+  prepared_lib.check_views(data, S // 2)
+  assert not caplog.records
+  prepared_lib.check_views(data, 2 * S)
+  assert [r.getMessage() for r in caplog.records] == [
+      f"--image-size 16 on 'prepared:{store}', prepared for 8 px (shorter side 16 px): crops will be upsampled 2x more "
+      "than they would be from a store prepared for 16 (`teacher-cache prepare ... --image-size 16`)."]
