@@ -151,30 +151,11 @@ def _open_store(config: PrepareConfig, spec: prepared_lib.PreparedSpec):
   return group
 
 
-def prepare_rows(data, params: tuple, positions: np.ndarray) -> dict:
-  """Decodes examples `positions` of `data` and puts each on its canvas (`shared.data.prepared.prepare_image`).
-
-  Returns:
-    `images` uint8 [B, Hc, Wc, C], `sizes` and `source_sizes` int32 [B, 2], `labels` and `index` int64 [B].
-  """
-  short_side, max_aspect, canvas = params
-  inputs, labels = data.read(positions)
-  out = [prepared_lib.prepare_image(x, short_side, max_aspect, canvas) for x in inputs]
-  return {"images": np.stack([o[0] for o in out]).reshape(len(out), *canvas),
-          "sizes": np.asarray([o[1] for o in out], np.int32).reshape(-1, 2),
-          "source_sizes": np.asarray([np.shape(x)[:2] for x in inputs], np.int32).reshape(-1, 2),
-          "labels": np.asarray(labels, np.int64), "index": data.indices[positions].astype(np.int64)}
-
-
-def _prepare_in_worker(positions: np.ndarray) -> dict:
-  return prepare_rows(*workers._worker_inputs, positions)  # pylint: disable=protected-access
-
-
 def _prepared_batches(data, params: tuple, tasks: list[np.ndarray], count: int):
   """`prepare_rows` of each task in order, in `count` spawned worker processes (`shared.workers`'s start and
   failure handling), or in this process for 0."""
   if count <= 0:
-    yield from (prepare_rows(data, params, task) for task in tasks)
+    yield from (prepared_lib.prepare_rows(data, params, task) for task in tasks)
     return
   pool = concurrent.futures.ProcessPoolExecutor(
       max_workers=count, mp_context=multiprocessing.get_context("spawn"),
@@ -182,7 +163,7 @@ def _prepared_batches(data, params: tuple, tasks: list[np.ndarray], count: int):
   pending: collections.deque = collections.deque()
   try:
     for task in tasks:
-      pending.append(workers._submit(pool, _prepare_in_worker, task))  # pylint: disable=protected-access
+      pending.append(workers._submit(pool, prepared_lib.prepare_in_worker, task))  # pylint: disable=protected-access
       if len(pending) >= 2 * count:
         yield workers._result(pending.popleft())  # pylint: disable=protected-access
     while pending:

@@ -1896,7 +1896,8 @@ def _(env, tmp_path, mp):
 @fault("fit on a teacher cache as a prepared store")
 def _(env, tmp_path, mp):
   return (student_main, _fit(env, "--dataset", f"prepared:{env.store}", "--image-size", "8", "--out",
-                             tmp_path / "r"), 2, r"is a teacher cache \(give it as --cache\), not a prepared image store",
+                             tmp_path / "r"), 2,
+          r"is a teacher cache \(give it as --cache\), not a prepared image store",
           [env.store, Absent(tmp_path / "r")])
 
 
@@ -1905,7 +1906,8 @@ def _(env, tmp_path, mp):
   store = _prepared(tmp_path)
   _edit_spec(store, lambda attributes: attributes.pop("stillroom_prepared_complete"))
   return (student_main, _fit(env, "--dataset", f"prepared:{store}", "--image-size", "8", "--out", tmp_path / "r"), 2,
-          r"the prepared store is incomplete .*run the same command again to finish it", [store, Absent(tmp_path / "r")])
+          r"the prepared store is incomplete .*run the same command again to finish it",
+          [store, Absent(tmp_path / "r")])
 
 
 @fault("fit on a prepared store with a byte-flipped shard")
@@ -1923,7 +1925,8 @@ def _(env, tmp_path, mp):
   store = _prepared(tmp_path)
   os.remove(os.path.join(store, "images", "c", "1", "0", "0", "0"))
   return (student_main, _fit(env, "--dataset", f"prepared:{store}", "--image-size", "8", "--workers", "0", "--out",
-                             tmp_path / "r"), 2, r"the prepared store is damaged: its shard .*images/c/1/0/0/0 is missing",
+                             tmp_path / "r"), 2,
+          r"the prepared store is damaged: its shard .*images/c/1/0/0/0 is missing",
           [store])
 
 

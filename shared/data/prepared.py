@@ -203,6 +203,28 @@ def _crc_ok(data: bytes) -> bool:
   return google_crc32c.value(data[:-4]) == int.from_bytes(data[-4:], "little")
 
 
+def prepare_rows(data, params: tuple, positions: np.ndarray) -> dict:
+  """Decodes examples `positions` of `data` and puts each on its canvas (`shared.data.prepared.prepare_image`).
+
+  Returns:
+    `images` uint8 [B, Hc, Wc, C], `sizes` and `source_sizes` int32 [B, 2], `labels` and `index` int64 [B].
+  """
+  short_side, max_aspect, canvas = params
+  inputs, labels = data.read(positions)
+  out = [prepare_image(x, short_side, max_aspect, canvas) for x in inputs]
+  return {"images": np.stack([o[0] for o in out]).reshape(len(out), *canvas),
+          "sizes": np.asarray([o[1] for o in out], np.int32).reshape(-1, 2),
+          "source_sizes": np.asarray([np.shape(x)[:2] for x in inputs], np.int32).reshape(-1, 2),
+          "labels": np.asarray(labels, np.int64), "index": data.indices[positions].astype(np.int64)}
+
+
+def prepare_in_worker(positions: np.ndarray) -> dict:
+  """`prepare_rows` in an input worker (`shared.workers`' start: the transfer set and the parameters, once). Here,
+  not in `teacher_cache`, so that a worker imports the data modules only, not JAX."""
+  from shared import workers  # pylint: disable=import-outside-toplevel  # It imports shared.data.
+  return prepare_rows(*workers._worker_inputs, positions)  # pylint: disable=protected-access
+
+
 def shard_digest(arrays: dict) -> bytes:
   """SHA-256 of one shard's arrays (every array but `digests`, in `ARRAYS` order, little-endian)."""
   digest = hashlib.sha256()
@@ -416,7 +438,8 @@ def open_source(name: str, split: str, data_dir: str | None) -> OpenedSource:  #
     codecs = layout["codecs"]
     inner = codecs[0]["configuration"].pop("chunk_shape")
     expected = (layout["shape"], layout["data_type"], inner, layout["chunk_key_encoding"]) == (
-        [spec.count, *spec.canvas], "uint8", [1, *spec.canvas], {"name": "default", "configuration": {"separator": "/"}})
+        [spec.count, *spec.canvas], "uint8", [1, *spec.canvas],
+        {"name": "default", "configuration": {"separator": "/"}})
   except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):
     expected = codecs = None
   if not expected or codecs != IMAGES_CODECS:
