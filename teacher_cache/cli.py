@@ -13,7 +13,8 @@ from shared.options import BUILD, IMPORT, VIEWS
 from shared.settings import add_options, from_args
 from teacher_cache.build import BuildConfig, build_cache
 from teacher_cache.external import IMPORTED, import_cache, write_views
-from teacher_cache.info import cache_info
+from shared.data.prepared import is_prepared
+from teacher_cache.info import cache_info, prepared_info
 from teacher_cache.prepare import PREPARE, PrepareConfig, prepare_images
 from teacher_cache.specialists import plan_specialists
 from teacher_cache.verify import verify_cache
@@ -96,8 +97,9 @@ def teacher_cache_parser() -> argparse.ArgumentParser:
   specialists.add_argument("--seed", type=int, default=0, help="K-means' seed (default: %(default)s)")
   specialists.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
-  info = commands.add_parser("info", allow_abbrev=False, help="spec and teacher statistics of a cache")
-  info.add_argument("cache", metavar="CACHE.zarr", help="a store written by `teacher-cache build`")
+  info = commands.add_parser("info", allow_abbrev=False, help="spec and teacher statistics of a cache (or what a "
+                                                              "prepared image store holds)")
+  info.add_argument("cache", metavar="CACHE.zarr", help="a store written by `teacher-cache build` (or `prepare`)")
   info.add_argument("--json", action="store_true", help="print one JSON object")
 
   verify = commands.add_parser("verify", allow_abbrev=False, help="check a cache; exit 1 if any check fails")
@@ -195,6 +197,22 @@ def _print_info(info: dict) -> None:
             + f", GM {_format_percent(evaluation['geometric'])}")
 
 
+def _print_prepared(info: dict) -> None:
+  spec = info["spec"]
+  source = spec["source"]
+  print(f"prepared     {info['path']}  ({info['bytes'] / 1e6:.2f} MB, "
+        f"{'complete' if info['complete'] else 'INCOMPLETE: run its prepare again to finish it'}; version "
+        f"{spec['version']})")
+  print(f"source       {source['name']} {source['split']} ({source['canonical_split']}): {source['count']} examples, "
+        f"fingerprint {source['fingerprint'][:16]}…")
+  print(f"images       for {spec['image_size']} px views: shorter side {spec['short_side']} px (x{spec['scale']:g}), "
+        f"aspect up to {spec['max_aspect']:.3g}, canvas {'x'.join(map(str, spec['canvas']))}, "
+        f"{spec['chunk_images']} per shard; stillroom {spec['software_version']}, created {spec['created_at']}")
+  if info.get("fingerprint"):
+    print(f"dataset      prepared:{info['path']} (fingerprint {info['fingerprint'][:16]}…), "
+          f"{spec['num_classes'] or 'no'} classes")
+
+
 def main(argv: list[str] | None = None) -> None:
   args = teacher_cache_parser().parse_args(argv)
 
@@ -218,6 +236,9 @@ def main(argv: list[str] | None = None) -> None:
               f"{100 * within:.1f}% of the generalist's "
               "probability within them on their examples")
       print(f"wrote {args.out}")
+    elif args.command == "info" and is_prepared(args.cache):
+      info = prepared_info(args.cache)
+      print(json.dumps(info, indent=2)) if args.json else _print_prepared(info)
     elif args.command == "info":
       info = cache_info(args.cache)
       print(json.dumps(info, indent=2)) if args.json else _print_info(info)

@@ -121,3 +121,15 @@ def _prepared_from(name: str) -> dict | None:
   except StillroomError:
     return None
   return {key: spec.source[key] for key in ("name", "split", "count", "fingerprint")}
+
+
+def prepared_info(path: str) -> dict:
+  """What a prepared image store (`teacher-cache prepare`) holds: `path`, `complete`, `bytes`, `spec` (its
+  `PreparedSpec` attributes) and, once complete, `fingerprint` (the dataset `prepared:PATH`'s)."""
+  spec, complete = prepared.open_prepared(path)
+  info = {"path": path, "kind": "prepared images", "complete": complete is not None, "bytes": storage.size(path),
+          "spec": spec.to_attrs()}
+  if complete is not None:
+    from shared.data import open_transfer_set  # pylint: disable=import-outside-toplevel
+    info["fingerprint"] = open_transfer_set(prepared.PREFIX + path).fingerprint
+  return info

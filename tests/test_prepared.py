@@ -2,7 +2,9 @@
 source, the edge-replicated canvas, an interrupted prepare refused then resumed to the uninterrupted store, and a
 cache built from prepared images streamed by a student that renders the same pixels (and refused the JPEGs)."""
 
+import json
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -92,10 +94,14 @@ def test_prepared_pixels_are_the_pil_resize_of_the_decoded_source_on_an_edge_rep
       cropped += max(image.size) / min(image.size) > 4 / 3 + 0.05
   assert cropped >= 1  # The aspect cap was exercised.
   np.testing.assert_array_equal(data.image_sizes(np.arange(len(data))), [x.shape[:2] for x in got])
+  # As an input worker receives it: the path and small arrays, the shards read there.
+  copy = pickle.loads(pickle.dumps(data.source))
+  assert copy._memory is None and not copy._indexes  # pylint: disable=protected-access
+  np.testing.assert_array_equal(copy.read_canvas(np.arange(len(data))[::-1])[0], canvas)
 
 
 def test_an_interrupted_prepare_is_refused_then_resumed_to_the_uninterrupted_store(images, store, tmp_path,
-                                                                                   monkeypatch):
+                                                                                   monkeypatch, capsys):
   out = str(tmp_path / "p.zarr")
   config = PrepareConfig(dataset=f"imagefolder:{images}", image_size=S, out=out, chunk_images=4, workers=0,
                          progress=False)
@@ -112,6 +118,8 @@ def test_an_interrupted_prepare_is_refused_then_resumed_to_the_uninterrupted_sto
     prepare_images(config)
   with pytest.raises(StillroomError, match="incomplete.*run the same command again"):
     open_transfer_set(f"prepared:{out}")
+  code, printed, _ = run_cli(cache_main, ["info", out], capsys)
+  assert code == 0 and "INCOMPLETE: run its prepare again to finish it" in printed
   calls.clear()
   monkeypatch.setattr(prepared_lib, "shard_digest", lambda arrays: calls.append(len(arrays["index"])) or real(arrays))
   done = prepare_images(config)
@@ -129,6 +137,8 @@ def test_a_cache_built_from_prepared_images_is_streamed_with_the_same_pixels(ima
                                        progress=False))
   code, out, _ = run_cli(cache_main, ["info", cache_path], capsys)
   assert code == 0 and f"views from   prepared images prepared:{store} (prepared from imagefolder:{images}" in out
+  code, out, _ = run_cli(cache_main, ["info", store, "--json"], capsys)
+  assert code == 0 and json.loads(out)["fingerprint"] == open_transfer_set(f"prepared:{store}").fingerprint
   # The student's loader renders each row from the prepared pixels, read here by a second reader (zarr itself).
   cache, data = open_cache(cache_path), open_transfer_set(f"prepared:{store}")
   group = zarr.open_group(store, mode="r")
