@@ -113,15 +113,16 @@ def teacher_cache_parser() -> argparse.ArgumentParser:
   prepare = commands.add_parser(
       "prepare", allow_abbrev=False, help="decode a natural-image dataset once into a store of prepared pixels",
       formatter_class=argparse.RawDescriptionHelpFormatter,
-      description="Decode every image of DATASET once, resize it so that its shorter side is M*S pixels (PIL bilinear "
-                  "with antialiasing, the filter of crop views), and store it on a fixed canvas (edge-replicated "
-                  "beyond the image) in a Zarr v3 store with its size, label and the source's fingerprint. `build` "
-                  "and `fit` then read it as `--dataset prepared:STORE --image-size S`, decoding nothing; a cache "
-                  "built from it records it, so a student renders the same pixels the teachers saw. Running the "
-                  "same command again resumes an interrupted prepare.\n\nexample:\n"
+      description="Decode every image of DATASET once, resize it so that its shorter side is M*S pixels (PIL\n"
+                  "bilinear with antialiasing, the filter of crop views), and store it on a fixed canvas (edge-\n"
+                  "replicated beyond the image) in a Zarr v3 store with its size, label and the source's fingerprint.\n"
+                  "`build` and `fit` then read it as `--dataset prepared:STORE --image-size S`, decoding nothing; a\n"
+                  "cache built from it records it, so a student renders the same pixels the teachers saw. Running\n"
+                  "the same command again resumes an interrupted prepare; `info STORE` shows what it holds.\n\n"
+                  "example:\n"
                   "  teacher-cache prepare imagefolder:photos/train --image-size 32 --out photos32.zarr\n"
-                  "  teacher-cache build --dataset prepared:photos32.zarr --image-size 32 --views 8 --teacher RUN "
-                  "--out cache.zarr")
+                  "  teacher-cache build --dataset prepared:photos32.zarr --image-size 32 --views 8 --teacher RUN \\\n"
+                  "      --out cache.zarr")
   prepare.add_argument("dataset", metavar="DATASET", help="the images: 'imagefolder:DIR', a TFDS image dataset "
                                                           "prepared in --data-dir, or an 'npz:' of uint8 images")
   add_options(prepare, PrepareConfig, PREPARE, required=("out", "image_size"))

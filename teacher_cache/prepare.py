@@ -73,7 +73,7 @@ class PrepareConfig:
                            identity=False, scope="process")
   workers: int | None = setting(
       None, "processes that decode and resize images, a batch at a time (0: the main process; default: one per "
-            "usable core but one, at most 8); the store does not depend on it", metavar="N", group="job",
+            "usable core but one, at most 8); the store does not depend on it", metavar="N", group="run",
       check=workers_check, identity=False, scope="process")
 
 
