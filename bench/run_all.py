@@ -12,6 +12,9 @@ Each figure is a ratio of two arms measured side by side in this run (warm-up, t
   4. rss_growth: peak RSS of `student-train fit` on the largest cache / on the smallest.
   5. storage: bytes per row against R·(M+1)·C·2 + row metadata, without and with a zstd compressor.
   6. scaling: cache build and epoch time for N, 4N, 16N rows.
+  7. prepared: `fit` epoch of mlp-small from prepared images / from the same crops pre-rendered in memory, and host
+     rows/s of the JPEG and prepared paths with a null student (`bench/prepared_images.py`; not in --smoke, which
+     that file's own smoke run covers).
 
 Everything is measured through the library's public functions: every student arm is set up as `fit` sets up its
 run before its loop (`plan_run`, `make_loader`, `make_optimizer`, `RunPlan.hypers`, `make_train_step`; see `Arm`),
@@ -45,7 +48,7 @@ from student_train.steps import make_train_step, stack_hypers, stack_states, gro
 from student_train.train import make_loader, make_optimizer  # noqa: E402
 from teacher_cache.build import BuildConfig, build_cache  # noqa: E402
 
-PARTS = ("streaming", "online", "build", "rss", "storage", "scaling")
+PARTS = ("streaming", "online", "build", "rss", "storage", "scaling", "prepared")
 # The sizes of each mode. The small student's streaming arms keep >= 5 epochs of 65,536 rows per arm in the full and
 # quick modes: a ~2 ms step, where the host's work per batch shows. The smoke mode leaves the small student's arms out
 # (the functions of the large one's, at other sizes: compilations that would only make the test suite slower).
@@ -54,15 +57,16 @@ SIZES = {
              "large_model": "cnn-large", "large_rows": 4096, "large_batch": 128, "online_rows": 4096,
              "online_small_rows": 16384, "build_rows": 16384, "build_batch": 256, "build_repeats": 2,
              "rss_mb": [64, 512, 4096], "classes": 1000, "storage_rows": 100000, "scaling_model": "mlp-small",
-             "scaling_rows": 32768},
+             "scaling_rows": 32768, "prepared_images": 4000},
     "quick": {"repeats": 3, "small_model": "mlp-small", "small_rows": 65536, "small_batch": 256, "small_repeats": 5,
               "large_model": "cnn-large", "large_rows": 1024, "large_batch": 128, "online_rows": 1024,
               "online_small_rows": 4096, "build_rows": 4096, "build_batch": 256, "build_repeats": 2,
               "rss_mb": [64, 256, 1024], "classes": 1000, "storage_rows": 20000, "scaling_model": "mlp-small",
-              "scaling_rows": 8192},
+              "scaling_rows": 8192, "prepared_images": 1000},
     "smoke": {"repeats": 1, "small_model": None, "large_model": "mlp-small", "large_rows": 256, "large_batch": 64,
               "online_rows": 256, "build_rows": 256, "build_batch": 64, "build_repeats": 1, "rss_mb": [1],
-              "classes": 100, "storage_rows": 512, "scaling_model": "mlp-tiny", "scaling_rows": 128},
+              "classes": 100, "storage_rows": 512, "scaling_model": "mlp-tiny", "scaling_rows": 128,
+              "prepared_images": None},
 }
 LONG = 1000  # The epochs an arm's config names: the optimizer's schedule and the loader's read-ahead span them.
 
@@ -369,6 +373,12 @@ def main(argv: list[str] | None = None) -> dict:
       report("storage", storage(tmp, size["storage_rows"], size["classes"], 4))
     if "scaling" in parts:
       report("scaling", scaling(tmp, size["scaling_rows"], repeats, size["scaling_model"]))
+    if "prepared" in parts and size["prepared_images"]:
+      from bench import prepared_images  # pylint: disable=import-outside-toplevel
+      prepared = prepared_images.run(os.path.join(tmp, "prepared"), size["prepared_images"], "mlp-small", 4, 2, 256,
+                                     12, [0, 1])
+      report("prepared_images", prepared)
+      report("prepared_fit_over_prerendered", prepared["fit"]["prepared_over_npz"])
   write_json(args.out, summary)
   print(f"wrote {args.out}")
   return summary

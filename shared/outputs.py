@@ -26,6 +26,8 @@ from collections.abc import Callable
 
 from shared import storage
 from shared.cache import COMPLETE_KEY, SPEC_KEY
+from shared.data.prepared import COMPLETE_KEY as PREPARED_COMPLETE_KEY
+from shared.data.prepared import SPEC_KEY as PREPARED_SPEC_KEY
 from shared.errors import StillroomError
 from shared.log import logger
 
@@ -329,11 +331,12 @@ def storage_errors(what: str):
 
 
 def is_store(path: str, complete: bool = False) -> bool:
-  """A Zarr group whose attributes hold a stillroom cache spec, and (`complete`) its completion record (readers check
-  the rest)."""
+  """A Zarr group whose attributes hold a stillroom cache spec (or a prepared image store's), and (`complete`) its
+  completion record (readers check the rest)."""
   try:
     attributes = storage.read_json(storage.join(path, "zarr.json")).get("attributes", {})
-    return {SPEC_KEY, *([COMPLETE_KEY] if complete else [])} <= set(attributes)
+    return any({spec, *([done] if complete else [])} <= set(attributes)
+               for spec, done in ((SPEC_KEY, COMPLETE_KEY), (PREPARED_SPEC_KEY, PREPARED_COMPLETE_KEY)))
   except (OSError, ValueError, AttributeError, TypeError):
     return False
 
@@ -411,8 +414,9 @@ def _drop_completion_record(store: str) -> None:
   except (OSError, ValueError):
     return  # Nothing that claims anything.
   attributes = metadata.get("attributes") if isinstance(metadata, dict) else None
-  if isinstance(attributes, dict) and COMPLETE_KEY in attributes:
-    del attributes[COMPLETE_KEY]
+  if isinstance(attributes, dict) and {COMPLETE_KEY, PREPARED_COMPLETE_KEY} & set(attributes):
+    for key in (COMPLETE_KEY, PREPARED_COMPLETE_KEY):
+      attributes.pop(key, None)
     storage.write_text(path, json.dumps(metadata, indent=2))
 
 

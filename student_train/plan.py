@@ -18,6 +18,8 @@ from shared.augment import Augmentation, fold_of, make_augmentation
 from shared.cache import Cache, CacheSpec, open_cache
 from shared.data import (FINGERPRINT_VERSION, NO_EVAL, Normalization, TransferSet, check_eval_set,
                          default_eval_split, local_path, open_transfer_set)
+from shared.data.prepared import check_views as check_prepared_views
+from shared.data.prepared import mismatch_hint
 from shared.ensemble import member_weights
 from shared.errors import StillroomError
 from shared.log import logger
@@ -287,7 +289,7 @@ def plan_run(config: FitConfig, opened: Opened | None = None) -> RunPlan:
       raise StillroomError(
           f"dataset {dataset!r} split {split!r} (fingerprint {transfer_set.fingerprint[:16]}…) is not the data the "
           f"cache {config.cache!r} was built from ({recorded.name} {recorded.split}, fingerprint "
-          f"{recorded.fingerprint[:16]}…).")
+          f"{recorded.fingerprint[:16]}…)." + mismatch_hint(dataset, recorded.name))
     if config.folds > 1:
       raise StillroomError("--folds/--holdout-fold select teacher training data; a cache brings its own rows.")
     teaching, values = _plan_teaching(config, cache)
@@ -320,6 +322,7 @@ def plan_run(config: FitConfig, opened: Opened | None = None) -> RunPlan:
                            f"{augmentation.renderer} renderer, which its students use to see the pixels its teachers "
                            f"saw; drop --renderer (or rebuild the cache with --renderer {config.renderer}).")
   else:
+    check_prepared_views(transfer_set, config.image_size)
     augmentation = make_augmentation(
         transfer_set.input_shape, transfer_set.input_dtype, transfer_set.name, seed=resolved["data_seed"],
         max_shift=config.max_shift if config.augment else 0, flip=config.flip, image_size=config.image_size,

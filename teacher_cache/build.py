@@ -29,6 +29,7 @@ from shared.cache import (COMPLETE_KEY, EVAL_ROWS, FEATURE_DTYPE, FEATURE_KINDS,
                           missing_chunks, now_iso, open_cache, uncommitted_chunks, validate_settings)
 from shared.data import (NO_EVAL, Normalization, TransferSet, check_eval_set, default_eval_split, local_path,
                          open_transfer_set)
+from shared.data.prepared import check_views as check_prepared_views
 from shared.ensemble import COMBINE_RULES, combine_log_probs, sampled_targets, top_k_targets
 from shared.errors import StillroomError, raise_if_interrupted
 from shared.log import logger, progress
@@ -487,6 +488,7 @@ def open_views(config: BuildConfig) -> tuple[TransferSet, Augmentation]:
                          f"shape {transfer_set.input_shape}, which take no augmentation. Use --views 1.")
   if config.image_size is not None and config.max_shift != BuildConfig.max_shift:
     raise StillroomError("--max-shift shapes shift views; crop views (--image-size) take no shift.")
+  check_prepared_views(transfer_set, config.image_size)
   augmentation = make_augmentation(
       transfer_set.input_shape, transfer_set.input_dtype, config.dataset, seed=config.seed,
       max_shift=config.max_shift, flip=config.flip, image_size=config.image_size, crop_area=config.crop_area,

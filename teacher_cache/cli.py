@@ -6,13 +6,16 @@ import json
 import sys
 
 from shared.cache import LAYOUT
+from shared.data import PREPARED_PREFIX
 from shared.cli import add_models_command, add_verbosity_options, print_models, run_or_exit
 from shared.errors import StillroomError
 from shared.options import BUILD, IMPORT, VIEWS
 from shared.settings import add_options, from_args
 from teacher_cache.build import BuildConfig, build_cache
 from teacher_cache.external import IMPORTED, import_cache, write_views
-from teacher_cache.info import cache_info
+from shared.data.prepared import is_prepared
+from teacher_cache.info import cache_info, prepared_info
+from teacher_cache.prepare import PREPARE, PrepareConfig, prepare_images
 from teacher_cache.specialists import plan_specialists
 from teacher_cache.verify import verify_cache
 
@@ -26,6 +29,10 @@ example:
       --combine arithmetic --temperature 4 --views 4 --out digits.zarr
   teacher-cache info digits.zarr
   teacher-cache verify digits.zarr --dataset digits --split train
+
+natural images decoded once, then read as prepared pixels by build and fit:
+  teacher-cache prepare imagefolder:photos/train --image-size 32 --out photos32.zarr
+  teacher-cache build --dataset prepared:photos32.zarr --image-size 32 --teacher RUN --out photos.zarr
 
 a teacher outside JAX labels the rows' inputs, then its logits become a cache:
   teacher-cache views --dataset digits --views 4 --out views
@@ -90,8 +97,9 @@ def teacher_cache_parser() -> argparse.ArgumentParser:
   specialists.add_argument("--seed", type=int, default=0, help="K-means' seed (default: %(default)s)")
   specialists.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
-  info = commands.add_parser("info", allow_abbrev=False, help="spec and teacher statistics of a cache")
-  info.add_argument("cache", metavar="CACHE.zarr", help="a store written by `teacher-cache build`")
+  info = commands.add_parser("info", allow_abbrev=False, help="spec and teacher statistics of a cache (or what a "
+                                                              "prepared image store holds)")
+  info.add_argument("cache", metavar="CACHE.zarr", help="a store written by `teacher-cache build` (or `prepare`)")
   info.add_argument("--json", action="store_true", help="print one JSON object")
 
   verify = commands.add_parser("verify", allow_abbrev=False, help="check a cache; exit 1 if any check fails")
@@ -101,6 +109,23 @@ def teacher_cache_parser() -> argparse.ArgumentParser:
   verify.add_argument("--split", help="its split (default: the one the cache records)")
   verify.add_argument("--data-dir", help="TFDS data dir")
   verify.add_argument("--json", action="store_true", help="print one JSON object")
+
+  prepare = commands.add_parser(
+      "prepare", allow_abbrev=False, help="decode a natural-image dataset once into a store of prepared pixels",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      description="Decode every image of DATASET once, resize it so that its shorter side is M*S pixels (PIL\n"
+                  "bilinear with antialiasing, the filter of crop views), and store it on a fixed canvas (edge-\n"
+                  "replicated beyond the image) in a Zarr v3 store with its size, label and the source's fingerprint.\n"
+                  "`build` and `fit` then read it as `--dataset prepared:STORE --image-size S`, decoding nothing; a\n"
+                  "cache built from it records it, so a student renders the same pixels the teachers saw. Running\n"
+                  "the same command again resumes an interrupted prepare; `info STORE` shows what it holds.\n\n"
+                  "example:\n"
+                  "  teacher-cache prepare imagefolder:photos/train --image-size 32 --out photos32.zarr\n"
+                  "  teacher-cache build --dataset prepared:photos32.zarr --image-size 32 --views 8 --teacher RUN \\\n"
+                  "      --out cache.zarr")
+  prepare.add_argument("dataset", metavar="DATASET", help="the images: 'imagefolder:DIR', a TFDS image dataset "
+                                                          "prepared in --data-dir, or an 'npz:' of uint8 images")
+  add_options(prepare, PrepareConfig, PREPARE, required=("out", "image_size"))
 
   add_models_command(commands)
   add_verbosity_options(parser)
@@ -119,6 +144,11 @@ def _print_info(info: dict) -> None:
   print(f"dataset      {data['name']} {data['split']} ({data['canonical_split']}): {data['count']} examples, "
         f"inputs {tuple(data['input_shape'])} {data['input_dtype']}, "
         f"{'labelled' if data['labeled'] else 'unlabelled'}, fingerprint {data['fingerprint'][:16]}…")
+  if data["name"].startswith(PREPARED_PREFIX):
+    print(f"views from   prepared images {data['name']}" + (
+        f" (prepared from {info['prepared_from']['name']} {info['prepared_from']['split']}, fingerprint "
+        f"{info['prepared_from']['fingerprint'][:16]}…)" if info.get("prepared_from") else "")
+        + ": a student reads the same prepared pixels")
   aug = spec["augmentation"]
   views = (f"crop views at {aug['image_size']}x{aug['image_size']}, area {aug['crop_area']}, aspect "
            f"{[round(v, 3) for v in aug['crop_aspect']]}, rendered on the {aug.get('renderer', 'host')}"
@@ -169,6 +199,22 @@ def _print_info(info: dict) -> None:
             + f", GM {_format_percent(evaluation['geometric'])}")
 
 
+def _print_prepared(info: dict) -> None:
+  spec = info["spec"]
+  source = spec["source"]
+  print(f"prepared     {info['path']}  ({info['bytes'] / 1e6:.2f} MB, "
+        f"{'complete' if info['complete'] else 'INCOMPLETE: run its prepare again to finish it'}; version "
+        f"{spec['version']})")
+  print(f"source       {source['name']} {source['split']} ({source['canonical_split']}): {source['count']} examples, "
+        f"fingerprint {source['fingerprint'][:16]}…")
+  print(f"images       for {spec['image_size']} px views: shorter side {spec['short_side']} px (x{spec['scale']:g}), "
+        f"aspect up to {spec['max_aspect']:.3g}, canvas {'x'.join(map(str, spec['canvas']))}, "
+        f"{spec['chunk_images']} per shard; stillroom {spec['software_version']}, created {spec['created_at']}")
+  if info.get("fingerprint"):
+    print(f"dataset      prepared:{info['path']} (fingerprint {info['fingerprint'][:16]}…), "
+          f"{spec['num_classes'] or 'no'} classes")
+
+
 def main(argv: list[str] | None = None) -> None:
   args = teacher_cache_parser().parse_args(argv)
 
@@ -192,6 +238,9 @@ def main(argv: list[str] | None = None) -> None:
               f"{100 * within:.1f}% of the generalist's "
               "probability within them on their examples")
       print(f"wrote {args.out}")
+    elif args.command == "info" and is_prepared(args.cache):
+      info = prepared_info(args.cache)
+      print(json.dumps(info, indent=2)) if args.json else _print_prepared(info)
     elif args.command == "info":
       info = cache_info(args.cache)
       print(json.dumps(info, indent=2)) if args.json else _print_info(info)
@@ -206,6 +255,12 @@ def main(argv: list[str] | None = None) -> None:
           print(f"{status}  {check.name}" + (f"  ({check.detail})" if check.detail else ""))
       if failed:
         sys.exit(1)
+    elif args.command == "prepare":
+      done = prepare_images(from_args(PrepareConfig, args))
+      print(f"prepared {done['images']} images of {done['source']} (fingerprint {done['source_fingerprint'][:16]}…) "
+            f"at shorter side {done['short_side']} px on a {done['canvas'][0]}x{done['canvas'][1]} canvas"
+            + (f", {done['cropped']} centre-cropped to the aspect cap" if done["cropped"] else "")
+            + f": {done['out']} (dataset prepared:{done['out']}, fingerprint {done['fingerprint'][:16]}…)")
     elif args.command == "models":
       print_models(args)
 

@@ -7,7 +7,9 @@ import numpy as np
 
 from shared import storage
 from shared.cache import CHUNK_TABLE, ROWS, check_integrity, eval_accuracies, open_cache, ratio
+from shared.data import prepared
 from shared.ensemble import combine_log_probs
+from shared.errors import StillroomError
 
 
 def cache_info(path: str) -> dict:
@@ -37,6 +39,9 @@ def cache_info(path: str) -> dict:
           "target_tolerance": spec.target_tolerance,
           "bytes_per_row": {name: spec.array(name).row_bytes
                             for name in spec.arrays_of(ROWS) if spec.array(name).role != "bookkeeping"}}
+  prepared_from = _prepared_from(spec.dataset.name)
+  if prepared_from:
+    info["prepared_from"] = prepared_from
   if not cache.complete:
     return info
   check_integrity(cache)
@@ -103,4 +108,28 @@ def cache_info(path: str) -> dict:
   }
   if spec.eval_dataset is not None:
     info["stats"]["eval"] = eval_accuracies(cache)
+  return info
+
+
+def _prepared_from(name: str) -> dict | None:
+  """The source a cache's prepared store (`prepared:STORE`) was made from, as that store records it; None for other
+  datasets, or where the store cannot be read here."""
+  if not name.startswith(prepared.PREFIX):
+    return None
+  try:
+    spec, _ = prepared.open_prepared(name[len(prepared.PREFIX):], name)
+  except StillroomError:
+    return None
+  return {key: spec.source[key] for key in ("name", "split", "count", "fingerprint")}
+
+
+def prepared_info(path: str) -> dict:
+  """What a prepared image store (`teacher-cache prepare`) holds: `path`, `complete`, `bytes`, `spec` (its
+  `PreparedSpec` attributes) and, once complete, `fingerprint` (the dataset `prepared:PATH`'s)."""
+  spec, complete = prepared.open_prepared(path)
+  info = {"path": path, "kind": "prepared images", "complete": complete is not None, "bytes": storage.size(path),
+          "spec": spec.to_attrs()}
+  if complete is not None:
+    from shared.data import open_transfer_set  # pylint: disable=import-outside-toplevel
+    info["fingerprint"] = open_transfer_set(prepared.PREFIX + path).fingerprint
   return info

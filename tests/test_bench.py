@@ -120,6 +120,14 @@ def _image_sets(result, printed, tmp):
   assert "streamed JPEG / pre-rendered npz" in printed
 
 
+def _prepared_images(result, printed, tmp):
+  assert result["images"] == 20 and result["prepare"]["images"] == 20 and result["prepare"]["canvas"] == [85, 85, 3]
+  _positive(result, "fit.epoch_s.jpeg", "fit.epoch_s.prepared", "fit.epoch_s.npz", "fit.prepared_over_npz",
+            "host_rows_per_s.jpeg workers=0", "host_rows_per_s.prepared workers=0",
+            "host_rows_per_s.prepared_split_ms_per_batch.crop_resize_flip")
+  assert "prepared / npz = " in printed
+
+
 def _sparse_targets(result, printed, tmp):
   for task, k in (("digits", 3), ("synthetic_1000", 16)):
     assert result[task]["k"] == k
@@ -202,6 +210,10 @@ SMOKE = {
                                      "3", "--repeats", "1", *OUT], _device_render),
     "bench/image_sets.py": Smoke(["--sizes", "10", "--workers", "1", "--models", "mlp-tiny", "--epochs", "2",
                                   "--repeats", "1", "--work", "{tmp}/work", *OUT], _image_sets),
+    "bench/prepared_images.py": Smoke(["--images", "20", "--model", "mlp-tiny", "--epochs", "2", "--repeats", "1",
+                                       "--batch", "8", "--batches", "3", "--workers", "0", "--prepare-workers", "0",
+                                       "--work", "{tmp}/work",
+                                       *OUT], _prepared_images),
     "bench/sparse_targets.py": Smoke(["--smoke", "--seeds", "1", "--data-dir", "{data_dir}", *OUT], _sparse_targets),
     "bench/specialists.py": Smoke(["--smoke", "--seeds", "1", "--data-dir", "{data_dir}", "--work", "{tmp}/work",
                                    *OUT], _specialists),

@@ -1897,6 +1897,119 @@ def _(env, tmp_path, mp):
           r"is decoded once per chunk it is in\); give 63 or 66\.", [Absent(out)])
 
 
+# --- prepared images (teacher-cache prepare, prepared:) ----------------------------------------------------------
+
+
+def _prepared(tmp_path, name="p.zarr") -> str:
+  """A prepared store of 6 generated images (S = 8), made here."""
+  from teacher_cache.prepare import PrepareConfig, prepare_images  # pylint: disable=import-outside-toplevel
+  from test_prepared import write_images  # pylint: disable=import-outside-toplevel
+  images = write_images(tmp_path / "images", count=6)
+  out = str(tmp_path / name)
+  prepare_images(PrepareConfig(dataset=f"imagefolder:{images}", image_size=8, out=out, chunk_images=4, workers=0,
+                               progress=False))
+  return out
+
+
+@fault("prepare of flat vectors")
+def _(env, tmp_path, mp):
+  return (cache_main, ["prepare", env.npz_ok, "--image-size", "8", "--out", tmp_path / "p.zarr", "--no-progress"], 2,
+          r"dataset 'npz:.*ok\.npz' holds float32 inputs of shape \(6,\); `prepare` takes 8-bit images",
+          [Absent(tmp_path / "p.zarr")])
+
+
+@fault("prepare of a prepared store")
+def _(env, tmp_path, mp):
+  store = _prepared(tmp_path)
+  return (cache_main, ["prepare", f"prepared:{store}", "--image-size", "8", "--out", tmp_path / "q.zarr"], 2,
+          r"is already a prepared store; prepare its source instead", [store, Absent(tmp_path / "q.zarr")])
+
+
+@fault("prepare --out a teacher cache")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  return (cache_main, ["prepare", f"imagefolder:{os.path.dirname(_prepared(tmp_path))}/images", "--image-size", "8",
+                       "--out", store, "--no-progress"], 2,
+          r"--out '.*c\.zarr' exists and is not a prepared image store; pass --overwrite", [store])
+
+
+@fault("prepare at another --scale over a prepared store")
+def _(env, tmp_path, mp):
+  store = _prepared(tmp_path)
+  return (cache_main, ["prepare", f"imagefolder:{tmp_path}/images", "--image-size", "8", "--scale", "3", "--out",
+                       store, "--no-progress"], 2,
+          r"holds a prepared store made with other settings or data: .*scale: 2\.0 \(store\) vs 3\.0 \(command\)",
+          [store])
+
+
+@fault("fit on a missing prepared store")
+def _(env, tmp_path, mp):
+  return (student_main, _fit(env, "--dataset", f"prepared:{tmp_path}/none.zarr", "--image-size", "8", "--out",
+                             tmp_path / "r"), 2,
+          r"no prepared image store at '.*none\.zarr'; make one with `teacher-cache prepare", [Absent(tmp_path / "r")])
+
+
+@fault("fit on a teacher cache as a prepared store")
+def _(env, tmp_path, mp):
+  return (student_main, _fit(env, "--dataset", f"prepared:{env.store}", "--image-size", "8", "--out",
+                             tmp_path / "r"), 2,
+          r"is a teacher cache \(give it as --cache\), not a prepared image store",
+          [env.store, Absent(tmp_path / "r")])
+
+
+@fault("fit on an incomplete prepared store")
+def _(env, tmp_path, mp):
+  store = _prepared(tmp_path)
+  _edit_spec(store, lambda attributes: attributes.pop("stillroom_prepared_complete"))
+  return (student_main, _fit(env, "--dataset", f"prepared:{store}", "--image-size", "8", "--out", tmp_path / "r"), 2,
+          r"the prepared store is incomplete .*run the same command again to finish it",
+          [store, Absent(tmp_path / "r")])
+
+
+@fault("fit on a prepared store with a byte-flipped shard")
+def _(env, tmp_path, mp):
+  store = _prepared(tmp_path)
+  _flip_byte(os.path.join(store, "images", "c", "0", "0", "0", "0"), offset=20)
+  return (student_main, _fit(env, "--dataset", f"prepared:{store}", "--image-size", "8", "--workers", "0", "--out",
+                             tmp_path / "r"), 2,
+          r"the prepared store is damaged: example 0 fails its checksum \(shard 0\); run `teacher-cache prepare` again "
+          r"with --overwrite", [store])
+
+
+@fault("fit on a prepared store with a deleted shard")
+def _(env, tmp_path, mp):
+  store = _prepared(tmp_path)
+  os.remove(os.path.join(store, "images", "c", "1", "0", "0", "0"))
+  return (student_main, _fit(env, "--dataset", f"prepared:{store}", "--image-size", "8", "--workers", "0", "--out",
+                             tmp_path / "r"), 2,
+          r"the prepared store is damaged: its shard .*images/c/1/0/0/0 is missing",
+          [store])
+
+
+@fault("fit on a prepared store with a deleted digest")
+def _(env, tmp_path, mp):
+  store = _prepared(tmp_path)
+  os.remove(os.path.join(store, "digests", "c", "1", "0"))
+  return (student_main, _fit(env, "--dataset", f"prepared:{store}", "--image-size", "8", "--out", tmp_path / "r"), 2,
+          r"the prepared store is damaged \(its arrays do not match its completion record\)", [store])
+
+
+@fault("fit on a prepared store without --image-size")
+def _(env, tmp_path, mp):
+  store = _prepared(tmp_path)
+  return (student_main, _fit(env, "--dataset", f"prepared:{store}", "--out", tmp_path / "r"), 2,
+          r"holds images prepared for crop views at 8 px; give --image-size \(e\.g\. --image-size 8\)",
+          [store, Absent(tmp_path / "r")])
+
+
+@fault("fit --cache of digits on prepared images")
+def _(env, tmp_path, mp):
+  store = _prepared(tmp_path)
+  return (student_main, _fit(env, "--cache", env.store, "--dataset", f"prepared:{store}", "--out", tmp_path / "r"), 2,
+          r"is not the data the cache .* was built from \(digits .*\)\. The cache's views were rendered from 'digits', "
+          r"not from prepared images", [store, env.store, Absent(tmp_path / "r")])
+
+
 @pytest.mark.parametrize("name", list(FAULTS))
 def test_fault_is_refused_cleanly(name, env, tmp_path, monkeypatch, capsys):
   _refused_cleanly(FAULTS[name](env, tmp_path, monkeypatch), env, monkeypatch, capsys)

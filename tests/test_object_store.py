@@ -369,3 +369,22 @@ def test_views_and_import_on_a_bucket(bucket, tmp_path, data_dir):
   local = import_cache(dataclasses.replace(config, out=str(tmp_path / "c.zarr")), [str(tmp_path / "m.npz")])
   assert open_cache(url).complete and not [c for c in verify_cache(url, data_dir=data_dir) if c.failed]
   assert _objects(bucket.fs, url) == conftest.array_files(local)
+
+
+def test_images_prepared_from_and_onto_a_bucket_by_a_worker_are_the_local_store(s3, tmp_path):
+  from teacher_cache.prepare import PrepareConfig, prepare_images  # pylint: disable=import-outside-toplevel
+  from test_prepared import write_images  # pylint: disable=import-outside-toplevel
+  images = write_images(tmp_path / "images", count=6)
+  s3.put(images, f"{BUCKET}/prepare/images", recursive=True)
+  options = {"image_size": 8, "chunk_images": 4, "progress": False}
+  local = prepare_images(PrepareConfig(dataset=f"imagefolder:{images}", out=str(tmp_path / "p.zarr"), workers=0,
+                                       **options))
+  url = f"s3://{BUCKET}/prepare/p.zarr"
+  remote = prepare_images(PrepareConfig(dataset=f"imagefolder:s3://{BUCKET}/prepare/images", out=url, workers=1,
+                                        **options))
+  assert remote["fingerprint"] == local["fingerprint"] and remote["source_fingerprint"] == local["source_fingerprint"]
+  assert not s3.exists(f"{BUCKET}/prepare/p.zarr.lock")  # The lease is released.
+  on_disk, on_s3 = open_transfer_set(f"prepared:{tmp_path}/p.zarr"), open_transfer_set(f"prepared:{url}")
+  keys = np.arange(len(on_disk))
+  for a, b in zip(on_disk.source.read_canvas(keys), on_s3.source.read_canvas(keys)):
+    np.testing.assert_array_equal(a, b)

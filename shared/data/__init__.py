@@ -1,12 +1,14 @@
 """Transfer sets: one way to name data everywhere (`--dataset NAME --split SPLIT [--data-dir DIR]`).
 
-Four kinds of name, each read by a backend (`backends.BACKENDS` chooses it by the name's prefix):
+Five kinds of name, each read by a backend (`backends.BACKENDS` chooses it by the name's prefix):
   * `digits`: the embedded offline dataset (scikit-learn's 8x8 digits as a TFDS builder), prepared on first use.
   * `npz:PATH`: a NumPy archive with `x` [N, ...] and optional `y` [N] (no `y`: an unlabeled transfer set);
     its one split is `train`.
   * `imagefolder:DIR`: JPEG/PNG files, one sub-folder of DIR per class (the sorted folder names are the class ids,
     as torchvision's `ImageFolder`), or directly in DIR for an unlabeled set; its one split is `train`, whose
     examples are the files in sorted relative-path order. Images may differ in size; they are decoded to RGB.
+  * `prepared:STORE`: images decoded once by `teacher-cache prepare` into a Zarr store of uint8 pixels on a fixed
+    canvas (`prepared`); its one split is `train`, its labels and class names the source's.
   * any other name: a TFDS dataset prepared in the data dir with `file_format="array_record"`.
 
 Splits use TFDS slicing syntax (`train`, `train[:80%]`, `train[100:200]`). Every example keeps its position in the
@@ -17,7 +19,8 @@ example; `TransferSet.read` reads the records of the examples asked for, and che
 labels in range), naming the example. Only `npz:` archives and TFDS splits of fixed-shape examples smaller than
 `tfds.SMALL_SPLIT_BYTES` (such as `digits`) are held in memory, after their first read.
 
-Modules: `source` (the `Source` protocol every backend implements), one per backend (`npz`, `imagefolder`, `tfds`),
+Modules: `source` (the `Source` protocol every backend implements), one per backend (`npz`, `imagefolder`, `tfds`,
+`prepared`),
 `backends` (the table of prefixes), `splits` (split specs), `fingerprint` (what stands for the data's bytes) and
 `transfer_set` (`TransferSet`, `open_transfer_set`, and what a cache or run records of its data).
 """
@@ -27,6 +30,8 @@ from shared.data.fingerprint import FINGERPRINT_SAMPLE, FINGERPRINT_VERSION
 from shared.data.imagefolder import IMAGE_EXTENSIONS, ImageFolderSource
 from shared.data.imagefolder import PREFIX as IMAGEFOLDER_PREFIX
 from shared.data.npz import PREFIX as NPZ_PREFIX
+from shared.data.prepared import PREFIX as PREPARED_PREFIX
+from shared.data.prepared import PreparedSource
 from shared.data.source import ArraySource, Source
 from shared.data.splits import NO_EVAL
 from shared.data.tfds import EMBEDDED_DATASETS, TfdsSource
@@ -35,7 +40,7 @@ from shared.data.transfer_set import (DatasetSpec, Normalization, TransferSet, c
 
 __all__ = [
     "BACKENDS", "EMBEDDED_DATASETS", "FINGERPRINT_SAMPLE", "FINGERPRINT_VERSION", "IMAGEFOLDER_PREFIX",
-    "IMAGE_EXTENSIONS", "NO_EVAL", "NPZ_PREFIX", "ArraySource", "DatasetSpec",
-    "ImageFolderSource", "Normalization", "Source", "TfdsSource", "TransferSet", "check_eval_set",
+    "IMAGE_EXTENSIONS", "NO_EVAL", "NPZ_PREFIX", "PREPARED_PREFIX", "ArraySource", "DatasetSpec",
+    "ImageFolderSource", "Normalization", "PreparedSource", "Source", "TfdsSource", "TransferSet", "check_eval_set",
     "default_eval_split", "default_normalization", "label_ids", "local_path", "open_transfer_set",
 ]
