@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
+from jax.sharding import NamedSharding, PartitionSpec
 
 from shared.data import Normalization
 from shared.ensemble import ensemble_log_probs, mean_logits
@@ -213,8 +214,26 @@ def train_step_fn(graphdef, normalization: Normalization, switches: dict[str, tu
   return jax.vmap(one_student, in_axes=(0, None, 0))
 
 
+def train_call_fn(step):
+  """N steps in one call: `(states, batches, hypers) -> (states, metrics)`, a `jax.lax.scan` of the pure `step`
+  (`train_step_fn`'s, the same function a call of one step runs) over `batches`, whose every array has a leading
+  axis of N steps; the metrics are stacked per step, [N, K]. Each step reseeds dropout from its own step count
+  (`fold_in(key, step)`), so N steps in one call draw what N calls of one step draw."""
+
+  def call(states, batches, hypers):
+    return jax.lax.scan(lambda carried, batch: step(carried, batch, hypers), states, batches)
+
+  return call
+
+
+def stacked_batch_sharding(mesh) -> NamedSharding:
+  """Where N stacked batches lie: the steps' axis whole on every device, each batch split as `batch_sharding`
+  splits it."""
+  return NamedSharding(mesh, PartitionSpec(None, *batch_sharding(mesh).spec))
+
+
 def make_train_step(graphdef, normalization: Normalization, mesh, switches: dict[str, tuple] | None = None,
-                    terms: tuple[FeatureTerm, ...] = (), state_shardings=None):
+                    terms: tuple[FeatureTerm, ...] = (), state_shardings=None, stacked: bool = False):
   """Builds the jitted step `(states, batch, hypers) -> (states, metrics)` for K students trained together.
 
   Args:
@@ -227,6 +246,9 @@ def make_train_step(graphdef, normalization: Normalization, mesh, switches: dict
     terms: the group's feature terms.
     state_shardings: where the stacked states lie on the mesh, a tree of `NamedSharding`s of their structure
       (`shared.parallel.weight_shardings` with `group_axes=1`); the updated states stay there. None: replicated.
+    stacked: several steps per call (`--steps-per-call`, `train_call_fn`): every array of the batch, and every
+      metric, has a leading axis of steps; a call of another number of steps (an epoch's remainder) compiles once
+      more.
 
   Returns:
     The step. `states` stacks K states along axis 0, the batch is shared (`x`, `labels` int32 [B] with -1 for
@@ -239,8 +261,10 @@ def make_train_step(graphdef, normalization: Normalization, mesh, switches: dict
   """
 
   states = replicated(mesh) if state_shardings is None else state_shardings
-  return jax.jit(train_step_fn(graphdef, normalization, switches, terms), donate_argnums=0,
-                 in_shardings=(states, batch_sharding(mesh), replicated(mesh)),
+  step = train_step_fn(graphdef, normalization, switches, terms)
+  return jax.jit(train_call_fn(step) if stacked else step, donate_argnums=0,
+                 in_shardings=(states, stacked_batch_sharding(mesh) if stacked else batch_sharding(mesh),
+                               replicated(mesh)),
                  out_shardings=(states, replicated(mesh)))
 
 
