@@ -233,9 +233,10 @@ def validate_config(config: FitConfig, prefix: str = "") -> None:
     raise StillroomError("--crop-area/--crop-aspect shape --augment's random crops; give --augment too.")
   if config.epochs + config.finetune_epochs < 1:
     raise StillroomError("--epochs and --finetune-epochs must be >= 0 with at least one epoch in all.")
-  if config.checkpoint_every_steps and config.checkpoint_every_steps % config.steps_per_call:
-    raise StillroomError(f"--checkpoint-every-steps {config.checkpoint_every_steps} must be a multiple of "
-                         f"--steps-per-call {config.steps_per_call}: checkpoints land between calls (give, e.g., "
-                         f"--checkpoint-every-steps {_round_up(config.checkpoint_every_steps, config.steps_per_call)}).")
+  every, per_call = config.checkpoint_every_steps, config.steps_per_call
+  if every and every % per_call:
+    raise StillroomError(f"--checkpoint-every-steps {every} must be a multiple of --steps-per-call {per_call}: "
+                         f"checkpoints land between calls (give, e.g., --checkpoint-every-steps "
+                         f"{_round_up(every, per_call)}).")
   if not config.out:
     raise StillroomError("give --out RUN_DIR.")
