@@ -2,7 +2,8 @@
 
 Every run trains through the same step: K students of one architecture, `jax.vmap`ped over their stacked states
 (`nnx.state((model, optimizer))` stacked along axis 0) and their per-student settings; a single run is a group of
-one. Dropout draws from `fold_in(key, step)`, so a resumed run draws what an uninterrupted one does.
+one. Dropout draws from `fold_in(key, step)`, so a resumed run draws what an uninterrupted one does. With
+`--steps-per-call N` a call runs that same step N times over N stacked batches (`train_call_fn`, a `lax.scan`).
 
 What a batch holds decides, statically, what the step computes: the cache's stored soft targets (`targets`, or a
 sparse cache's `target_*` arrays) and/or `member_logits` (to re-derive targets at another T, rule or member subset,
