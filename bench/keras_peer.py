@@ -187,8 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     return
   result["break_even_epochs"] = result["build_s"] / max(1e-9, medians["keras_kd_s"] - medians["stillroom_kd_s"])
   write_json(args.out, result)
-  print(f"epoch seconds (median of {args.epochs} epochs x {args.rounds} rounds, {args.examples} images 32x32x3, batch {BATCH}, cnn-small student, "
-        "cnn-large teacher):")
+  print(f"epoch seconds (median of {args.epochs} epochs x {args.rounds} rounds, {args.examples} images 32x32x3, "
+        f"batch {BATCH}, cnn-small student, cnn-large teacher):")
   for name, label in (("stillroom_plain_s", "stillroom, hard labels"),
                       ("stillroom_plain_spc_s", f"stillroom, hard labels, {n} steps/call"),
                       ("stillroom_kd_s", "stillroom, cached KD"),
