@@ -25,12 +25,18 @@ def measure(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1) -> d
 def measure_pair(first: Callable[[], object], second: Callable[[], object], *, repeats: int = 5,
                  warmup: int = 1) -> tuple[dict, dict]:
   """Times two arms interleaved (first, second, first, ...), so drift in the machine's speed hits both alike."""
+  return measure_interleaved((first, second), repeats=repeats, warmup=warmup)
+
+
+def measure_interleaved(arms, *, repeats: int = 5, warmup: int = 1) -> tuple[dict, ...]:
+  """Times several arms interleaved (each once per round, in turn), so drift in the machine's speed hits all alike;
+  returns each arm's seconds {"median", "min", "all"}."""
   for _ in range(warmup):
-    first()
-    second()
-  times: tuple[list, list] = ([], [])
+    for fn in arms:
+      fn()
+  times: tuple[list, ...] = tuple([] for _ in arms)
   for _ in range(repeats):
-    for fn, record in ((first, times[0]), (second, times[1])):
+    for fn, record in zip(arms, times):
       started = time.perf_counter()
       fn()
       record.append(time.perf_counter() - started)

@@ -1,7 +1,8 @@
 """stillroom beside the peer a JAX/Keras user would otherwise pick: Keras 3's distiller, JAX backend, same student,
 same teacher, same data, same batch, on this machine, in one run.
 
-    python bench/keras_peer.py [--examples 2048] [--epochs 3] [--smoke] [--out bench/results/keras_peer.json]
+    python bench/keras_peer.py [--examples 2048] [--epochs 3] [--rounds 3] [--steps-per-call 8] [--smoke]
+                               [--out bench/results/keras_peer.json]
 
 Keras is not a stillroom dependency: the script makes a separate virtual environment (`bench/results/keras_env`,
 reused) that sees this environment's packages (JAX included, through a `.pth` file) and installs Keras into it,
@@ -13,11 +14,14 @@ them), both also written as Keras models of the same layers; batch 256, Adam(W),
 compiling one. Arms:
   - stillroom, hard labels: `fit --dataset npz:...` (the same function the CLI calls);
   - stillroom, cached KD: `teacher-cache build` once, then `fit --cache` (its epoch's own seconds, and the build);
+  - both stillroom arms again with `fit --steps-per-call N` (`_spc` in the figures' names);
   - Keras, hard labels: `model.fit`;
   - Keras, online KD: the keras.io `Distiller` recipe (a `train_step` that runs the frozen teacher on every batch,
     loss alpha·CE + (1 − alpha)·T²·KL at T = 4).
-Reported: each arm's median epoch seconds, the build's seconds, and the student epochs after which the cache has
-paid for itself (build / (Keras KD epoch − stillroom KD epoch)).
+The arms run in `--rounds` rounds, each arm once per round in turn (a fresh run, its first epoch untimed), so that
+a machine whose speed drifts (other jobs) slows them alike. Reported: each arm's median epoch seconds over every
+round, the build's seconds, and the student epochs after which the cache has paid for itself (build / (Keras KD
+epoch − stillroom KD epoch)).
 
 `--smoke`: 256 examples, one timed epoch, `mlp-tiny` as stillroom's student and teacher, and the Keras arms only where
 this Python imports Keras (none is installed then), to check that the benchmark works; its figures mean nothing.
@@ -116,7 +120,9 @@ def _keras_here() -> bool:
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--examples", type=int, default=2048)
-  parser.add_argument("--epochs", type=int, default=3, help="timed epochs per arm (after a compiling one)")
+  parser.add_argument("--epochs", type=int, default=3, help="timed epochs per arm and round (after a compiling one)")
+  parser.add_argument("--rounds", type=int, default=3, help="rounds of all arms, interleaved")
+  parser.add_argument("--steps-per-call", type=int, default=8, help="N of the stillroom arms with --steps-per-call")
   parser.add_argument("--smoke", action="store_true", help="tiny sizes, Keras only if this Python has it: checks that "
                                                            "it runs")
   parser.add_argument("--out", default=os.path.join(REPO, "bench", "results", "keras_peer.json"))
@@ -124,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--data", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.smoke:
-    args.examples, args.epochs = 256, 1
+    args.examples, args.epochs, args.rounds = 256, 1, 1
   if args.keras_arm:
     print(json.dumps(_keras_arm(args.keras_arm, args.data, args.epochs)))
     return
@@ -137,7 +143,8 @@ def main(argv: list[str] | None = None) -> None:
   from teacher_cache.build import BuildConfig, build_cache  # pylint: disable=import-outside-toplevel
 
   python = (sys.executable if _keras_here() else None) if args.smoke else _keras_python()
-  result = {"machine": machine(), "examples": args.examples, "batch": BATCH, "epochs_timed": args.epochs}
+  result = {"machine": machine(), "examples": args.examples, "batch": BATCH, "epochs_timed": args.epochs,
+            "rounds": args.rounds, "steps_per_call": args.steps_per_call}
   with tempfile.TemporaryDirectory() as work:
     dataset = synthetic.npz_dataset(os.path.join(work, "images.npz"), args.examples, (32, 32, 3), 10)
     student, teacher = ("mlp-tiny", "mlp-tiny") if args.smoke else ("cnn-small", "cnn-large")
@@ -150,18 +157,28 @@ def main(argv: list[str] | None = None) -> None:
           on_epoch=lambda plan, line: seconds.append(line["seconds"]))
       return seconds[1:]
 
-    result["stillroom_plain_s"] = epochs_of(dataset=dataset)
     started = time.perf_counter()
     cache = os.path.join(work, "cache.zarr")
     build_cache(BuildConfig(dataset=dataset, teachers=(teacher,), temperature=T, eval_split="none", progress=False,
                             out=cache))
     result["build_s"] = time.perf_counter() - started
-    result["stillroom_kd_s"] = epochs_of(cache=cache, alpha=ALPHA)
-    for arm in ("plain", "kd") if python else ():
+
+    def keras_epochs(arm: str) -> list[float]:
       ran = subprocess.run([python, os.path.abspath(__file__), "--keras-arm", arm, "--data", dataset[len("npz:"):],
                             "--epochs", str(args.epochs)], check=True, capture_output=True, text=True,
                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
-      result[f"keras_{arm}_s"] = json.loads(ran.stdout.strip().splitlines()[-1])
+      return json.loads(ran.stdout.strip().splitlines()[-1])
+
+    n = args.steps_per_call
+    arms = {"stillroom_plain_s": lambda: epochs_of(dataset=dataset),
+            "stillroom_plain_spc_s": lambda: epochs_of(dataset=dataset, steps_per_call=n),
+            "stillroom_kd_s": lambda: epochs_of(cache=cache, alpha=ALPHA),
+            "stillroom_kd_spc_s": lambda: epochs_of(cache=cache, alpha=ALPHA, steps_per_call=n),
+            **({"keras_plain_s": lambda: keras_epochs("plain"), "keras_kd_s": lambda: keras_epochs("kd")}
+               if python else {})}
+    for _ in range(args.rounds):
+      for name, run in arms.items():
+        result.setdefault(name, []).extend(run())
   medians = {k: statistics.median(v) for k, v in result.items() if k.endswith("_s") and isinstance(v, list)}
   result["median_epoch_s"] = medians
   if not python:
@@ -170,12 +187,17 @@ def main(argv: list[str] | None = None) -> None:
     return
   result["break_even_epochs"] = result["build_s"] / max(1e-9, medians["keras_kd_s"] - medians["stillroom_kd_s"])
   write_json(args.out, result)
-  print(f"epoch seconds (median of {args.epochs}, {args.examples} images 32x32x3, batch {BATCH}, cnn-small student, "
-        "cnn-large teacher):")
-  for name, label in (("stillroom_plain_s", "stillroom, hard labels"), ("stillroom_kd_s", "stillroom, cached KD"),
+  print(f"epoch seconds (median of {args.epochs} epochs x {args.rounds} rounds, {args.examples} images 32x32x3, "
+        f"batch {BATCH}, cnn-small student, cnn-large teacher):")
+  for name, label in (("stillroom_plain_s", "stillroom, hard labels"),
+                      ("stillroom_plain_spc_s", f"stillroom, hard labels, {n} steps/call"),
+                      ("stillroom_kd_s", "stillroom, cached KD"),
+                      ("stillroom_kd_spc_s", f"stillroom, cached KD, {n} steps/call"),
                       ("keras_plain_s", "Keras, hard labels"), ("keras_kd_s", "Keras, online KD (frozen teacher)")):
-    print(f"  {label:<36} {medians[name]:.2f} s")
-  print(f"  cache build (once)                   {result['build_s']:.2f} s; pays for itself after "
+    print(f"  {label:<40} {medians[name]:.2f} s")
+  print(f"  stillroom / Keras, hard labels: {medians['stillroom_plain_s'] / medians['keras_plain_s']:.2f} "
+        f"(1 step/call), {medians['stillroom_plain_spc_s'] / medians['keras_plain_s']:.2f} ({n} steps/call)")
+  print(f"  cache build (once)                       {result['build_s']:.2f} s; pays for itself after "
         f"{result['break_even_epochs']:.1f} student epochs")
 
 

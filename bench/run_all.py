@@ -5,7 +5,8 @@
 Each figure is a ratio of two arms measured side by side in this run (warm-up, then the median of repeats):
   1. streaming_overhead: epoch time distilling from a cache on disk / epoch time on hard labels from memory
      (same student, batch, rows and augmentation), for cnn-large on 32x32x3 inputs and (the small-student ratio)
-     mlp-small on 8x8, 5 epochs of 65,536 rows per arm.
+     mlp-small on 8x8, 5 epochs of 65,536 rows per arm; the small student's arms also with `--steps-per-call 8`
+     (the cache epoch against the hard-label epoch of 8 steps per call, and of 1).
   2. online_speedup_fraction_of_ideal: (online KD epoch / cached KD epoch) / ideal, where online KD runs the
      M-member ensemble every step and ideal = (student step + ensemble forward) / student step.
   3. build_overhead: wall time of `build_cache` / the ensemble's forward passes alone over the same rows.
@@ -35,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.harness import cli_peak_rss, machine, measure, measure_pair, write_json  # noqa: E402
+from bench.harness import cli_peak_rss, machine, measure, measure_interleaved, measure_pair, write_json  # noqa: E402
 from bench import synthetic  # noqa: E402
 from shared.data import Normalization, open_transfer_set  # noqa: E402
 from shared.ensemble import combine_log_probs  # noqa: E402
@@ -44,14 +45,16 @@ from shared.parallel import batch_sharding, data_mesh, on_devices, put_replicate
 from shared.runs import load_teacher  # noqa: E402
 from student_train.config import FitConfig  # noqa: E402
 from student_train.plan import RunPlan, plan_run  # noqa: E402
-from student_train.steps import make_train_step, stack_hypers, stack_states, group_switches, train_step_fn  # noqa: E402
-from student_train.train import make_loader, make_optimizer  # noqa: E402
+from student_train.steps import (group_switches, make_train_step, stack_hypers, stack_states,  # noqa: E402
+                                 stacked_batch_sharding, train_step_fn)
+from student_train.train import make_loader, make_optimizer, stack_calls  # noqa: E402
 from teacher_cache.build import BuildConfig, build_cache  # noqa: E402
 
 PARTS = ("streaming", "online", "build", "rss", "storage", "scaling", "prepared")
 # The sizes of each mode. The small student's streaming arms keep >= 5 epochs of 65,536 rows per arm in the full and
 # quick modes: a ~2 ms step, where the host's work per batch shows. The smoke mode leaves the small student's arms out
-# (the functions of the large one's, at other sizes: compilations that would only make the test suite slower).
+# (the functions of the large one's, at other sizes: compilations that would only make the test suite slower), and
+# runs the large one's with 8 steps per call too (the small one's in the other modes).
 SIZES = {
     "full": {"repeats": 3, "small_model": "mlp-small", "small_rows": 65536, "small_batch": 256, "small_repeats": 5,
              "large_model": "cnn-large", "large_rows": 4096, "large_batch": 128, "online_rows": 4096,
@@ -63,8 +66,9 @@ SIZES = {
               "online_small_rows": 4096, "build_rows": 4096, "build_batch": 256, "build_repeats": 2,
               "rss_mb": [64, 256, 1024], "classes": 1000, "storage_rows": 20000, "scaling_model": "mlp-small",
               "scaling_rows": 8192, "prepared_images": 1000},
-    "smoke": {"repeats": 1, "small_model": None, "large_model": "mlp-small", "large_rows": 256, "large_batch": 64,
-              "online_rows": 256, "build_rows": 256, "build_batch": 64, "build_repeats": 1, "rss_mb": [1],
+    "smoke": {"repeats": 1, "small_model": None, "large_model": "mlp-small", "large_steps_per_call": (1, 8),
+              "large_rows": 256, "large_batch": 64, "online_rows": 256, "build_rows": 256, "build_batch": 64,
+              "build_repeats": 1, "rss_mb": [1],
               "classes": 100, "storage_rows": 512, "scaling_model": "mlp-tiny", "scaling_rows": 128,
               "prepared_images": None},
 }
@@ -91,9 +95,10 @@ class Arm:
   hypers: object
   switches: dict
 
-  def step(self, mesh):
-    """The jitted step that `fit` trains these students with."""
-    return make_train_step(self.graphdef, self.plan.normalization, mesh, self.switches, self.plan.feature_terms)
+  def step(self, mesh, steps_per_call: int = 1):
+    """The jitted step that `fit` trains these students with (`--steps-per-call`: its call of several steps)."""
+    return make_train_step(self.graphdef, self.plan.normalization, mesh, self.switches, self.plan.feature_terms,
+                           stacked=steps_per_call > 1)
 
   def close(self) -> None:
     self.loader.close()
@@ -143,15 +148,18 @@ def ensemble_forward(runs: list[str], normalization: Normalization, temperature:
   return forward, [t.params for t in teachers]
 
 
-def _epoch_runner(step, state, loader, mesh, hypers, extra=()):
+def _epoch_runner(step, state, loader, mesh, hypers, extra=(), steps_per_call: int = 1):
   """A function that runs the next epoch of `loader` through `step` and waits for the result (each call the next
-  epoch, as `fit` runs them, so that reads of the next epoch overlap this one's end)."""
-  sharding = batch_sharding(mesh)
+  epoch, as `fit` runs them, so that reads of the next epoch overlap this one's end); with `steps_per_call` > 1,
+  `step` is a call of several steps (`Arm.step`) and takes the batches as `fit` stacks them (`stack_calls`)."""
+  sharding = batch_sharding(mesh) if steps_per_call == 1 else stacked_batch_sharding(mesh)
   holder = {"state": state, "epoch": 0}
 
   def run():
     state = holder["state"]
-    for _, batch in on_devices(loader.epoch(holder["epoch"]), sharding):  # As the trainer places them.
+    batches = loader.epoch(holder["epoch"])
+    batches = batches if steps_per_call == 1 else stack_calls(batches, steps_per_call)
+    for _, batch in on_devices(batches, sharding):  # As the trainer places them.
       state, metrics = step(state, *extra, batch, hypers)
     jax.block_until_ready(metrics)
     holder["state"], holder["epoch"] = state, holder["epoch"] + 1
@@ -159,26 +167,36 @@ def _epoch_runner(step, state, loader, mesh, hypers, extra=()):
   return run
 
 
-def streaming_overhead(tmp: str, model: str, input_shape, rows: int, batch: int, repeats: int) -> dict:
+def streaming_overhead(tmp: str, model: str, input_shape, rows: int, batch: int, repeats: int,
+                       steps_per_call: tuple[int, ...] = (1,)) -> dict:
   """Benchmark 1. Both arms render zero-filled shifted views on the host for every batch: the hard arm a fresh
-  view of each of `rows` examples, the cache arm the stored rows of `rows / 2` examples x 2 views."""
+  view of each of `rows` examples, the cache arm the stored rows of `rows / 2` examples x 2 views. Each number of
+  `steps_per_call` (`fit --steps-per-call`) is a pair of arms, all timed interleaved; the first is the top-level
+  figures, every one a row of "steps_per_call", with the cache arm's epoch against each hard arm's."""
   mesh = data_mesh()
   examples = synthetic.npz_dataset(os.path.join(tmp, f"{model}_hard.npz"), rows, input_shape, 10)
   half = synthetic.npz_dataset(os.path.join(tmp, f"{model}_half.npz"), rows // 2, input_shape, 10)
   cache_path = os.path.join(tmp, f"{model}.zarr")
   synthetic.direct_cache(cache_path, half, members=4, views=2, max_shift=1)
-  hard = arm(FitConfig(model=model, dataset=examples, augment=True, max_shift=1, batch_size=batch), mesh)
-  cached = arm(FitConfig(model=model, cache=cache_path, batch_size=batch), mesh)
+  arms, runs = [], []
   try:
-    hard_run = _epoch_runner(hard.step(mesh), hard.states, hard.loader, mesh, hard.hypers)
-    cached_run = _epoch_runner(cached.step(mesh), cached.states, cached.loader, mesh, cached.hypers)
-    hard_time, cached_time = measure_pair(hard_run, cached_run, repeats=repeats)
+    for n in steps_per_call:
+      for config in (FitConfig(model=model, dataset=examples, augment=True, max_shift=1, batch_size=batch,
+                               steps_per_call=n),
+                     FitConfig(model=model, cache=cache_path, batch_size=batch, steps_per_call=n)):
+        arms.append(arm(config, mesh))
+        runs.append(_epoch_runner(arms[-1].step(mesh, n), arms[-1].states, arms[-1].loader, mesh, arms[-1].hypers,
+                                  steps_per_call=n))
+    times = [t["median"] for t in measure_interleaved(runs, repeats=repeats)]
   finally:
-    hard.close()
-    cached.close()
+    for each in arms:
+      each.close()
+  hard, cached = times[0::2], times[1::2]
+  rows_of = {str(n): {"hard_from_memory_s": h, "distill_from_cache_s": c, "ratio": c / h,
+                      "ratio_to_one_step_hard": c / hard[0]} for n, h, c in zip(steps_per_call, hard, cached)}
   return {"model": model, "input_shape": list(input_shape), "rows": rows, "batch": batch,
-          "hard_from_memory_s": hard_time["median"], "distill_from_cache_s": cached_time["median"],
-          "ratio": cached_time["median"] / hard_time["median"]}
+          "hard_from_memory_s": hard[0], "distill_from_cache_s": cached[0], "ratio": cached[0] / hard[0],
+          "steps_per_call": rows_of}
 
 
 def online_vs_cached(tmp: str, student: str, teacher_model: str, input_shape, members: int, rows: int, batch: int,
@@ -347,8 +365,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     if "streaming" in parts:
       small = size["small_model"] and streaming_overhead(tmp, size["small_model"], (8, 8, 1), size["small_rows"],
-                                                         size["small_batch"], size["small_repeats"])
-      big = streaming_overhead(tmp, large, (32, 32, 3), size["large_rows"], size["large_batch"], repeats)
+                                                         size["small_batch"], size["small_repeats"], (1, 8))
+      big = streaming_overhead(tmp, large, (32, 32, 3), size["large_rows"], size["large_batch"], repeats,
+                               size.get("large_steps_per_call", (1,)))
       report("streaming", {**({size["small_model"]: small} if small else {}), large: big})
       report("streaming_overhead", big["ratio"])
       if small:

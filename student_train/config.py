@@ -155,6 +155,12 @@ class FitConfig(DataSettings, ViewSettings, ComputeSettings, JobSettings, Output
       None, "also checkpoint every N steps within an epoch (its position, state and partial metrics): a run killed "
             "mid-epoch resumes from there, computing what an uninterrupted run does", metavar="STEPS", group="run",
       check=at_least(1, "step"), identity=False)
+  steps_per_call: int = setting(
+      1, "optimizer steps per jitted call: a scan of the step over N batches stacked on the host, so that the host's "
+         "work per call (placing batches, dispatch, metrics) is spread over N steps; the same run within float "
+         "rounding (per-step metrics, dropout and divergence steps unchanged), with mid-epoch checkpoints and resumes "
+         "at call boundaries (--checkpoint-every-steps a multiple of N); a resumed run may change it", metavar="N",
+      group="run", check=at_least(1, "step"), identity=False)
   param_sharding: str = setting(
       REPLICATED, "how the students' parameters and optimizer state lie on the job's devices: 'replicated' (whole on "
                   "every device) or 'fsdp' (each array split along its longest axis that divides evenly over the "
@@ -176,6 +182,10 @@ def default_of(name: str):
 
 def _default_crops(config) -> bool:
   return (tuple(config.crop_area), tuple(config.crop_aspect)) == (default_of("crop_area"), default_of("crop_aspect"))
+
+
+def _round_up(value: int, multiple: int) -> int:
+  return -(-value // multiple) * multiple
 
 
 def validate_config(config: FitConfig, prefix: str = "") -> None:
@@ -225,5 +235,10 @@ def validate_config(config: FitConfig, prefix: str = "") -> None:
     raise StillroomError("--crop-area/--crop-aspect shape --augment's random crops; give --augment too.")
   if config.epochs + config.finetune_epochs < 1:
     raise StillroomError("--epochs and --finetune-epochs must be >= 0 with at least one epoch in all.")
+  every, per_call = config.checkpoint_every_steps, config.steps_per_call
+  if every and every % per_call:
+    raise StillroomError(f"--checkpoint-every-steps {every} must be a multiple of --steps-per-call {per_call}: "
+                         f"checkpoints land between calls (give, e.g., --checkpoint-every-steps "
+                         f"{_round_up(every, per_call)}).")
   if not config.out:
     raise StillroomError("give --out RUN_DIR.")

@@ -13,8 +13,9 @@ newest epoch all of its runs saved, and a run killed and resumed ends with the p
 import contextlib
 import dataclasses
 import functools
+import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import jax
 import numpy as np
@@ -37,7 +38,7 @@ from student_train.terms.features import Distilled, Regressors
 from student_train.loader import ArrayLoader, CacheLoader
 from student_train.plan import Opened, RunPlan, plan_run
 from student_train.steps import (Hypers, group_switches, make_predict, make_train_step, stack_hypers, stack_states,
-                                 unstack_state)
+                                 stacked_batch_sharding, unstack_state)
 
 EpochCallback = Callable[[RunPlan, dict], None]
 
@@ -390,7 +391,7 @@ def _set_up(group: list[RunPlan], checkpoints: list[files.Checkpoints], mids: li
   switches = group_switches(per_student)
   per_student = put_replicated(per_student, mesh)
   step = make_train_step(graphdef, first.normalization, mesh, switches, first.feature_terms, state_shardings,
-                         first.augmentation.image_size)
+                         first.augmentation.image_size, stacked=config.steps_per_call > 1)
   predict = make_predict(graphdef, first.normalization, mesh, state_shardings)
   teacher_top1 = [cached_teacher_top1(plan) for plan in group]
   _say_what_eval_reports(first, teacher_top1[0] is not None)
@@ -441,7 +442,8 @@ def _epoch_hypers(run: _Training, epoch: int) -> Hypers:
 
 
 def _train_epoch(run: _Training, epoch: int) -> tuple[dict, float]:
-  """One epoch's steps (from the resumed step in the first), with its mid-epoch checkpoints.
+  """One epoch's steps (from the resumed step in the first), one per call or `--steps-per-call` N (see
+  `stack_calls`), with its mid-epoch checkpoints, which land between calls.
 
   Returns:
     `(totals, seconds)`: the epoch's metric sums [K] fetched from the devices, and its seconds over all attempts.
@@ -453,20 +455,25 @@ def _train_epoch(run: _Training, epoch: int) -> tuple[dict, float]:
   sums = run.resumed_sums if first_step else None
   started = time.perf_counter() - (run.resumed_seconds if first_step else 0.0)  # The epoch's seconds, all attempts.
   every_steps = config.checkpoint_every_steps
-  sharding, sync = batch_sharding(run.mesh), needs_step_sync(run.mesh)
+  sync, per_call = needs_step_sync(run.mesh), config.steps_per_call
+  batches = loader.epoch(epoch, first_step)
+  calls = on_devices(batches, batch_sharding(run.mesh)) if per_call == 1 else on_devices(
+      stack_calls(batches, per_call, first_step), stacked_batch_sharding(run.mesh))
   # Each epoch logs its own summary line: off a terminal, the bar adds none.
   bar = progress(total=loader.num_rows, initial=min(first_step * config.batch_size, loader.num_rows), unit="row",
                  unit_scale=True, enabled=config.progress and distributed.is_first(), summary=False, leave=False,
                  desc=f"epoch {epoch + 1}/{run.total_epochs}" + (" (fine-tune)" if finetuning else ""))
-  for index, (_, placed) in enumerate(on_devices(loader.epoch(epoch, first_step), sharding), start=first_step):
+  done = first_step
+  for _, placed in calls:  # One step, or with --steps-per-call N up to N stacked batches.
     raise_if_interrupted()
+    index = done
     run.stacked, metrics = run.step(run.stacked, placed, epoch_hypers)
     if sync:
       jax.block_until_ready(metrics)
     sums = accumulate(_empty_sums(metrics) if sums is None else sums, metrics, index)
-    # The batch's rows over the whole job (this process renders only its part of them).
-    bar.update(min(config.batch_size, loader.num_rows - index * config.batch_size))
-    done = index + 1
+    done = index + (1 if per_call == 1 else placed["mask"].shape[0])
+    # The batches' rows over the whole job (this process renders only its part of them).
+    bar.update(min(done * config.batch_size, loader.num_rows) - min(index * config.batch_size, loader.num_rows))
     # Mid-epoch checkpoints, only while every student is finite: one that diverged is dropped at the epoch's end,
     # and until then the group saves none.
     if every_steps and done % every_steps == 0 and done < loader.steps_per_epoch \
@@ -505,7 +512,8 @@ def _drop_diverged(run: _Training, epoch: int, totals: dict) -> dict:
   run.distill_alpha = run.distill_alpha[keep]
   run.step = make_train_step(run.graphdef, run.first.normalization, run.mesh,
                              group_switches(jax.device_get(run.per_student)), run.first.feature_terms,
-                             run.state_shardings, run.first.augmentation.image_size)
+                             run.state_shardings, run.first.augmentation.image_size,
+                             stacked=run.config.steps_per_call > 1)
   return {name: value[keep] for name, value in totals.items()}
 
 
@@ -593,20 +601,52 @@ _NEVER = np.iinfo(np.int32).max  # "No non-finite step yet".
 REGRESSOR_STREAM = 0x4E6  # Folded into the seed for the hints' regressors, apart from the student's initialisation.
 
 
+def _per_step(metrics: dict) -> dict:
+  """A call's metrics with a leading axis of steps, [N, K] (a call of one step returns [K])."""
+  return metrics if metrics["rows"].ndim == 2 else jax.tree.map(lambda value: value[None], metrics)
+
+
 def _empty_sums(metrics: dict) -> dict:
+  metrics = {name: value[0] for name, value in _per_step(metrics).items()}
   return {**{name: jax.numpy.zeros_like(value) for name, value in metrics.items()},
           "first_nonfinite": jax.numpy.full_like(metrics["rows"], _NEVER, dtype=jax.numpy.int32)}
 
 
 @functools.partial(jax.jit, donate_argnums=0)
 def accumulate(sums: dict, metrics: dict, batch_index) -> dict:
-  """Adds a step's row-weighted metrics [K] to the epoch's sums, and keeps each student's first batch with a
-  non-finite loss: on the device, one dispatch per step, read once at the end of the epoch."""
-  added = {name: sums[name] + (value if name == "rows" else value * metrics["rows"]) for name, value in metrics.items()}
-  finite = jax.numpy.isfinite(metrics["loss"])
-  added["first_nonfinite"] = jax.numpy.where(finite, sums["first_nonfinite"],
-                                             jax.numpy.minimum(sums["first_nonfinite"], batch_index))
-  return added
+  """Adds a call's row-weighted metrics to the epoch's sums, step after step (the additions N calls of one step
+  make), and keeps each student's first batch with a non-finite loss: on the device, one dispatch per call, read
+  once at the end of the epoch.
+
+  Args:
+    sums: the epoch's sums so far, each [K].
+    metrics: the call's metrics, [K] for one step or [N, K] for N (`--steps-per-call`).
+    batch_index: the epoch's batch of the call's first step (its step i is batch `batch_index + i`).
+  """
+  steps = _per_step(metrics)
+  for i in range(steps["rows"].shape[0]):  # Static: unrolled.
+    step = {name: value[i] for name, value in steps.items()}
+    added = {name: sums[name] + (value if name == "rows" else value * step["rows"]) for name, value in step.items()}
+    finite = jax.numpy.isfinite(step["loss"])
+    added["first_nonfinite"] = jax.numpy.where(finite, sums["first_nonfinite"],
+                                               jax.numpy.minimum(sums["first_nonfinite"], batch_index + i))
+    sums = added
+  return sums
+
+
+def stack_calls(batches: Iterator[dict], steps_per_call: int, first_step: int = 0) -> Iterator[dict]:
+  """An epoch's batches from batch `first_step` on, grouped into the calls of `--steps-per-call` N, each array
+  stacked along a new leading axis of steps (what `make_train_step(..., stacked=True)` takes).
+
+  The calls cover batches [kN, (k + 1)N) of the epoch, and the epoch's last call its remainder; a run resumed at a
+  batch off that grid (saved with another N) first takes the batches up to it, so that later calls, and the
+  mid-epoch checkpoints between them, land where an uninterrupted run's do.
+  """
+  batches = iter(batches)
+  size = steps_per_call - first_step % steps_per_call
+  while chunk := list(itertools.islice(batches, size)):
+    yield {name: np.stack([batch[name] for batch in chunk]) for name in chunk[0]}
+    size = steps_per_call
 
 
 @jax.jit

@@ -55,6 +55,8 @@ def _run_all(result, printed, tmp):
             "build.forward_only_s", "online.mlp-small.ensemble_forward_s", "streaming.mlp-small.distill_from_cache_s",
             "storage.zstd_ratio", "scaling.epoch_per_row_ratio_16N_vs_N")
   assert [p["rows"] for p in result["scaling"]["points"]] == [128, 512, 2048]
+  _positive(result, "streaming.mlp-small.steps_per_call.8.distill_from_cache_s",
+            "streaming.mlp-small.steps_per_call.8.ratio")
   assert "build_overhead:" in printed and "wrote " in printed
 
 

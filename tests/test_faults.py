@@ -2010,6 +2010,21 @@ def _(env, tmp_path, mp):
           r"not from prepared images", [store, env.store, Absent(tmp_path / "r")])
 
 
+# --- spc: several optimizer steps per jitted call (`fit --steps-per-call`) ---
+@fault("fit --steps-per-call 0")
+def _(env, tmp_path, mp):
+  return (student_main, _fit(env, "--dataset", "digits", "--steps-per-call", "0", "--out", tmp_path / "r"), 2,
+          r"--steps-per-call must be >= 1 step, got 0", [Absent(tmp_path / "r")])
+
+
+@fault("fit --checkpoint-every-steps off the calls of --steps-per-call")
+def _(env, tmp_path, mp):
+  return (student_main, _fit(env, "--dataset", "digits", "--steps-per-call", "4", "--checkpoint-every-steps", "10",
+                             "--out", tmp_path / "r"), 2,
+          r"--checkpoint-every-steps 10 must be a multiple of --steps-per-call 4: checkpoints land between calls "
+          r"\(give, e\.g\., --checkpoint-every-steps 12\)\.", [Absent(tmp_path / "r")])
+
+
 @pytest.mark.parametrize("name", list(FAULTS))
 def test_fault_is_refused_cleanly(name, env, tmp_path, monkeypatch, capsys):
   _refused_cleanly(FAULTS[name](env, tmp_path, monkeypatch), env, monkeypatch, capsys)

@@ -1,8 +1,10 @@
-"""student-train fit/eval: one compilation, device-count invariance, SIGKILL-and-resume, errors, the loop."""
+"""student-train fit/eval: one compilation, device-count invariance, SIGKILL-and-resume, errors, the loop, steps
+per call."""
 
 import json
 import re
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +22,8 @@ from shared.metrics import classification_metrics
 from shared.runs import load_run_teacher
 from student_train import train as train_lib
 from student_train.cli import main
-from student_train.train import FitConfig, fit
+from student_train.steps import train_call_fn
+from student_train.train import Diverged, FitConfig, fit, fit_group, stack_calls
 from teacher_cache.build import BuildConfig, build_cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -325,3 +328,140 @@ def test_an_interrupted_process_runs_its_exit_handlers_and_keeps_its_status(tmp_
   done = subprocess.run([sys.executable, "-c", script], cwd=REPO,
                         capture_output=True, timeout=120)
   assert done.returncode == status and marker.exists(), done.stderr.decode()
+
+
+# --- --steps-per-call ---
+# `fit --steps-per-call N`: N optimizer steps in one jitted call (a scan of the one step over N stacked batches) train
+# the run that N calls of one step train, within float rounding; an epoch's remainder, a mid-epoch resume at a call
+# boundary, a divergence inside a call and a group of vmapped students behave as with one step per call.
+#
+# The bound: a scanned step is not bitwise the step called alone (XLA fuses the loop body differently:
+# `shared/TECH_NOTES.md`, "lax.scan of N steps", 6 AdamW steps differed by <= 1.1e-7 without a bias before
+# BatchNorm). `mlp-small` has no BatchNorm, so after an epoch of 29 AdamW steps the parameters agree to `RTOL`/`ATOL`
+# and every epoch metric to `RTOL`; a call partition that is the same (a resume with the same N) is bitwise.
+RTOL, ATOL = 1e-5, 1e-6  # Last-bit differences of float32 grown over 29 steps, far below any training effect.
+BATCH = 100  # The cache holds 1,437 examples x 2 views = 2,874 rows: 29 steps per epoch, 29 = 3 x 8 + 5.
+METRICS = ("loss", "hard_ce", "soft", "train_accuracy", "teacher_agreement")
+
+
+def _config(cache_path, data_dir, out, **options) -> FitConfig:
+  return FitConfig(**{"model": "mlp-small", "cache": cache_path, "data_dir": data_dir, "epochs": 1,
+                      "batch_size": BATCH, "dropout": 0.2, "temperature": 2.0, "data_seed": 0, "eval_split": "none",
+                      "progress": False, "workers": 0,
+                      "out": str(out), **options})
+
+
+STUDENTS = ((0, 2.0), (1, 4.0))  # (seed, T) of the two students of a vmapped group.
+
+
+def _group(cache_path, data_dir, root, **options) -> list[FitConfig]:
+  return [_config(cache_path, data_dir, root / f"s{seed}", seed=seed, temperature=t, **options) for seed, t in STUDENTS]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cache_path, data_dir, compilation_cache):
+  """An epoch of student (0, 2.0) alone with one step per call (`n1`), and of both students as one vmapped group
+  with 8 (`n8/s0`, `n8/s1`; the last call of each epoch: 5 steps)."""
+  root = tmp_path_factory.mktemp("spc")
+  fit(_config(cache_path, data_dir, root / "n1"), log_epochs=False)
+  fit_group(_group(cache_path, data_dir, root / "n8", steps_per_call=8), log_epochs=False)
+  return root
+
+
+def test_eight_steps_per_call_train_the_one_step_run(runs):
+  """Student (0, 2.0) of the group of 8 steps per call trains what it trains alone with one (a vmapped group of two
+  is within rounding of a group of one too); the other student trains a run of its own."""
+  one, eight = _params(runs / "n1"), _params(runs / "n8" / "s0")
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=RTOL, atol=ATOL), one, eight)
+  lines_one, lines_eight = _metrics(runs / "n1"), _metrics(runs / "n8" / "s0")
+  assert [line["rows"] for line in lines_eight] == [2874]  # The remainder's 5 steps are trained, once.
+  for a, b in zip(lines_one, lines_eight, strict=True):
+    for key in METRICS:
+      assert b[key] == pytest.approx(a[key], rel=RTOL), key
+  other = _metrics(runs / "n8" / "s1")
+  assert np.isfinite(other[-1]["loss"]) and other[-1]["loss"] != lines_one[-1]["loss"]
+
+
+def test_a_run_interrupted_at_a_call_boundary_resumes_to_the_uninterrupted_run(runs, cache_path, data_dir, tmp_path,
+                                                                              monkeypatch, compilation_cache):
+  """The group of 8 steps per call interrupted after its mid-epoch checkpoint at step 16 (after its second call),
+  resumed with the same N: the same calls, so bitwise the uninterrupted group; resumed instead with one step per
+  call, within the bound. (A resume off the new N's grid: `test_calls_cover_the_epoch_on_a_grid_of_n`.)"""
+  calls = {"n": 0}
+
+  def interrupt_after_call_2() -> None:
+    calls["n"] += 1
+    if calls["n"] == 3:  # The epoch's calls: 8, 8, 8, 5 steps; interrupted before the third.
+      raise KeyboardInterrupt
+
+  with monkeypatch.context() as patch:
+    patch.setattr(train_lib, "raise_if_interrupted", interrupt_after_call_2)
+    with pytest.raises(KeyboardInterrupt):
+      fit_group(_group(cache_path, data_dir, tmp_path / "same", steps_per_call=8, checkpoint_every_steps=16),
+                log_epochs=False)
+  assert not os.path.exists(tmp_path / "same" / "s0" / "metrics.jsonl") or not _metrics(tmp_path / "same" / "s0")
+  shutil.copytree(tmp_path / "same", tmp_path / "other")  # The same interrupted run, to resume with another N.
+  for n_after, out in ((8, tmp_path / "same"), (1, tmp_path / "other")):
+    resumed = []
+    original = train_lib.stack_calls
+    with monkeypatch.context() as patch:
+      patch.setattr(train_lib, "stack_calls", lambda *a: resumed.append(a[1:]) or original(*a))
+      fit_group(_group(cache_path, data_dir, out, steps_per_call=n_after,
+                       checkpoint_every_steps=16), log_epochs=False)
+    assert resumed[:1] == ([(8, 16)] if n_after == 8 else [])  # From the mid-epoch checkpoint, at its call boundary.
+    assert _metrics(out / "s0")[0]["rows"] == 2874
+  for student in ("s0", "s1"):
+    jax.tree.map(np.testing.assert_array_equal, _params(tmp_path / "same" / student),
+                 _params(runs / "n8" / student))  # Bitwise.
+    assert _metrics(tmp_path / "same" / student) == [{**line, "seconds": line2["seconds"],
+                                                      "rows_per_second": line2["rows_per_second"]}
+                                                     for line, line2 in zip(_metrics(runs / "n8" / student),
+                                                                            _metrics(tmp_path / "same" / student))]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=RTOL, atol=ATOL), _params(runs / "n8" / student),
+                 _params(tmp_path / "other" / student))
+
+
+@pytest.mark.fast
+def test_calls_cover_the_epoch_on_a_grid_of_n():
+  batches = [{"x": np.full((2, 3), i), "index": np.array([i, i])} for i in range(11)]
+  firsts = lambda calls: [(int(c["x"][0, 0, 0]), len(c["x"])) for c in calls]  # noqa: E731
+  assert firsts(stack_calls(iter(batches), 4)) == [(0, 4), (4, 4), (8, 3)]
+  assert next(stack_calls(iter(batches), 4))["x"].shape == (4, 2, 3)
+  # Resumed at batch 6 (saved with another N): up to 8 first, then on the grid.
+  assert firsts(stack_calls(iter(batches[6:]), 4, first_step=6)) == [(6, 2), (8, 3)]
+  assert firsts(stack_calls(iter(batches[8:]), 4, first_step=8)) == [(8, 3)]
+
+
+@pytest.mark.fast
+def test_accumulate_adds_a_call_as_its_steps_one_by_one():
+  rng = np.random.default_rng(0)
+  metrics = {"loss": rng.normal(size=(5, 2)).astype(np.float32), "rows": np.full((5, 2), 7.0, np.float32)}
+  metrics["loss"][3, 1] = np.nan  # Student 1's batch 10 + 3.
+  stepwise = train_lib._empty_sums({k: v[0] for k, v in metrics.items()})
+  for i in range(5):
+    stepwise = train_lib.accumulate(stepwise, {k: v[i] for k, v in metrics.items()}, 10 + i)
+  called = train_lib.accumulate(train_lib._empty_sums(metrics), metrics, 10)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(called), jax.device_get(stepwise))
+  assert np.asarray(called["first_nonfinite"]).tolist() == [train_lib._NEVER, 13]
+
+
+@pytest.mark.fast
+def test_a_call_is_a_scan_of_the_step():
+  """The scanned body is the step itself, with the call's hypers: N steps of a counter step."""
+  step = lambda state, batch, hypers: (state + batch["x"] * hypers, {"seen": state})  # noqa: E731
+  state, metrics = jax.jit(train_call_fn(step))(np.float32(0), {"x": np.arange(4, dtype=np.float32)}, np.float32(2))
+  assert float(state) == 12.0 and np.asarray(metrics["seen"]).tolist() == [0, 0, 2, 6]
+
+
+def test_a_divergence_inside_a_call_is_named_by_its_step(tmp_path, data_dir, compilation_cache):
+  """lr 1e30 on hard labels: the same first non-finite step with one step per call and with 4 (200 rows, 4 steps:
+  one call)."""
+  messages = []
+  for n in (1, 4):
+    config = FitConfig(model="mlp-small", dataset="digits", split="train[:200]", data_dir=data_dir, lr=1e30,
+                       batch_size=50, epochs=1, eval_split="none", progress=False, workers=0, steps_per_call=n,
+                       out=str(tmp_path / f"n{n}"))
+    with pytest.raises(Diverged) as caught:
+      fit(config, log_epochs=False)
+    messages.append(str(caught.value).split(" diverged ", 1)[1])
+  assert messages[0] == messages[1] and "became non-finite at step" in messages[0], messages
