@@ -162,8 +162,15 @@ def test_a_student_of_a_device_cache_renders_its_teachers_pixels_in_the_step(dev
 
 
 def test_fit_on_a_device_cache_trains_on_the_device_views(device_cache, tmp_path, capsys):
+  """`fit --cache` of a device cache trains, and several steps per call (the views rendered inside the scanned step)
+  train the run one step per call trains, within float rounding."""
   from student_train.cli import main as student_main  # pylint: disable=import-outside-toplevel
-  code, _, err = conftest.run_cli(student_main, ["fit", "--cache", device_cache[2], "--model", "mlp-tiny", "--epochs",
-                                                 "1", "--batch-size", "16", "--no-progress", "--out", tmp_path / "r"],
-                                  capsys)
-  assert code == 0, err
+  from shared.runs import load_run_teacher  # pylint: disable=import-outside-toplevel
+  for steps in (1, 2):
+    code, _, err = conftest.run_cli(student_main, [
+        "fit", "--cache", device_cache[2], "--model", "mlp-tiny", "--epochs", "1", "--batch-size", "16",
+        "--steps-per-call", str(steps), "--no-progress", "--out", tmp_path / f"r{steps}"], capsys)
+    assert code == 0, err
+  one, two = (load_run_teacher(str(tmp_path / f"r{steps}")).params for steps in (1, 2))
+  for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
