@@ -95,10 +95,10 @@ class BuildConfig(DataSettings, ViewSettings, ComputeSettings, JobSettings, Outp
                           "the run that did not see its fold (1: no cross-fitting)", group="teachers")
   batch_size: int = setting(256, "rows per forward pass, a multiple of the device count", group="run",
                             commands=(BUILD, VIEWS, IMPORT), helps={VIEWS: ("rows rendered at a time", None)})
-  chunk_rows: int = setting(DEFAULT_CHUNK_ROWS, "rows per Zarr chunk: the unit of writing, resuming and reading; a "
-                                                "multiple of --views (when more), so that a chunk holds whole "
-                                                "examples and the build decodes each image once (the default is "
-                                                "rounded down to one)",
+  chunk_rows: int | None = setting(None, f"rows per Zarr chunk: the unit of writing, resuming and reading; a "
+                                         f"multiple of --views (when more), so that a chunk holds whole examples "
+                                         f"and the build decodes each image once (default: {DEFAULT_CHUNK_ROWS} "
+                                         f"rounded down to a multiple of --views)", metavar="N",
                             group="run", commands=(BUILD, VIEWS, IMPORT),
                             helps={VIEWS: ("rows per views_*.npz file, a multiple of --views", None)})
   dtype: str = setting("float16", "storage dtype of logits and targets", choices=STORAGE_DTYPES, group="teachers",
@@ -119,12 +119,14 @@ def resolve_defaults(config: BuildConfig) -> BuildConfig:
   """The config with the dataset and split a build reads when none is given, and the default chunk rows rounded
   down to a multiple of `--views` (`check_settings` refuses other chunk rows above `--views` that are not one)."""
   config = dataclasses.replace(config, dataset=resolve_dataset(config.dataset), split=config.split or DEFAULT_SPLIT)
-  views = config.views
-  if config.chunk_rows == DEFAULT_CHUNK_ROWS and isinstance(views, int) and 1 <= views < DEFAULT_CHUNK_ROWS and \
-      DEFAULT_CHUNK_ROWS % views:
-    config = dataclasses.replace(config, chunk_rows=DEFAULT_CHUNK_ROWS // views * views)
-    _LOG.info(f"chunks of {config.chunk_rows} rows: the default {DEFAULT_CHUNK_ROWS} rounded down to a multiple of "
-              f"--views {views}")
+  if config.chunk_rows is None:  # Only the default is rounded: a --chunk-rows given is checked (`check_settings`).
+    views = config.views
+    rounded = isinstance(views, int) and 1 <= views < DEFAULT_CHUNK_ROWS and DEFAULT_CHUNK_ROWS % views
+    config = dataclasses.replace(config, chunk_rows=DEFAULT_CHUNK_ROWS // views * views if rounded else
+                                 DEFAULT_CHUNK_ROWS)
+    if rounded:
+      _LOG.info(f"chunks of {config.chunk_rows} rows: the default {DEFAULT_CHUNK_ROWS} rounded down to a multiple "
+                f"of --views {views}")
   return config
 
 

@@ -67,3 +67,16 @@ def test_a_permuted_cache_still_reads_with_its_rows(tmp_path):
   checks = {check.name: check.ok for check in verify_cache(path)}
   assert checks.pop("rows' index/view/shift/flip/fold replay from the seed") and checks.pop("labels match the dataset")
   assert checks.pop("targets re-derived from member_logits") is False and all(checks.values()), checks
+
+
+@pytest.mark.fast
+def test_only_the_default_chunk_rows_are_rounded_to_whole_examples():
+  """The default 4096 rows become a multiple of --views; a --chunk-rows given, even 4096, is checked, not rewritten."""
+  from shared.errors import StillroomError  # pylint: disable=import-outside-toplevel
+  from teacher_cache.build import DEFAULT_CHUNK_ROWS, BuildConfig, check_settings, resolve_defaults
+  assert resolve_defaults(BuildConfig(views=3)).chunk_rows == DEFAULT_CHUNK_ROWS // 3 * 3
+  assert resolve_defaults(BuildConfig(views=4)).chunk_rows == DEFAULT_CHUNK_ROWS
+  given = resolve_defaults(BuildConfig(views=3, chunk_rows=DEFAULT_CHUNK_ROWS))
+  assert given.chunk_rows == DEFAULT_CHUNK_ROWS
+  with pytest.raises(StillroomError, match=f"--chunk-rows {DEFAULT_CHUNK_ROWS} is not a multiple of --views 3"):
+    check_settings(given)
