@@ -144,12 +144,13 @@ def _check_boxes(boxes: np.ndarray, sizes: np.ndarray, index: np.ndarray) -> Non
                          "Rebuild the cache (or restore the data).")
 
 
-_worker_inputs: tuple[TransferSet, Augmentation] | None = None
+_worker_inputs: tuple | None = None  # What `worker_pool` gave this worker (for rendering: set, augmentation).
 
 
-def _start_worker(transfer_set: TransferSet, augmentation: Augmentation, parent: int) -> None:
+def _start_worker(*inputs_and_parent) -> None:
   global _worker_inputs  # pylint: disable=global-statement
-  _worker_inputs = (transfer_set, augmentation)
+  *inputs, parent = inputs_and_parent
+  _worker_inputs = tuple(inputs)
   # Ctrl-C reaches the whole process group: the parent stops the workers, which should not each print a traceback.
   signal.signal(signal.SIGINT, signal.SIG_IGN)
   # A worker holds both ends of its task queue, so it would wait forever for work from a parent that was killed.
@@ -194,9 +195,7 @@ class BatchRenderer:
     if workers > 0:
       # Started now, so that the workers' start (a fraction of a second: spawned interpreters import numpy, PIL, TFDS)
       # overlaps the model's initialisation and compilation instead of delaying the first batch.
-      self._pool = concurrent.futures.ProcessPoolExecutor(
-          max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
-          initargs=(transfer_set, augmentation, os.getpid()))
+      self._pool = worker_pool(workers, transfer_set, augmentation)
       for _ in range(workers):
         _submit(self._pool, _ready)
 
@@ -232,19 +231,40 @@ class BatchRenderer:
     if self._pool is None:
       raise StillroomError("the input workers were stopped (BatchRenderer.close) before this epoch")
     keys = ("position", "index", "view", *self.augmentation.param_names)  # The rest stays in this process.
-    pending: collections.deque = collections.deque()
-    try:
-      for rows in batches:
-        pending.append((rows, _submit(self._pool, _render_in_worker, {k: v for k, v in rows.items() if k in keys})))
-        if len(pending) >= self.workers + self.prefetch:  # One batch in each worker, `prefetch` done.
-          rows, future = pending.popleft()
-          yield self._joined(rows, _result(future))
-      while pending:
-        rows, future = pending.popleft()
-        yield self._joined(rows, _result(future))
-    finally:
-      for _, future in pending:
-        future.cancel()
+    # One batch in each worker, `prefetch` done.
+    for rows, rendered in map_in_order(self._pool, _render_in_worker, batches, self.workers + self.prefetch,
+                                       lambda rows: {k: v for k, v in rows.items() if k in keys}):
+      yield self._joined(rows, rendered)
+
+
+def worker_pool(count: int, *inputs) -> concurrent.futures.ProcessPoolExecutor:
+  """`count` spawned worker processes, each given `inputs` once, when it starts (the module global
+  `_worker_inputs`, which the function a worker runs reads), and each exiting when this process dies."""
+  return concurrent.futures.ProcessPoolExecutor(max_workers=count, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_start_worker, initargs=(*inputs, os.getpid()))
+
+
+def map_in_order(pool: concurrent.futures.ProcessPoolExecutor, fn, items: Iterator, ahead: int,
+                 task=lambda item: item) -> Iterator[tuple]:
+  """`(item, fn(task(item)))` for each of `items`, in order, computed in `pool` with at most `ahead` tasks in flight;
+  those still in flight are cancelled when the consumer stops.
+
+  Raises:
+    StillroomError: a worker died (`WORKER_DIED`).
+  """
+  pending: collections.deque = collections.deque()
+  try:
+    for item in items:
+      pending.append((item, _submit(pool, fn, task(item))))
+      if len(pending) >= ahead:
+        item, future = pending.popleft()
+        yield item, _result(future)
+    while pending:
+      item, future = pending.popleft()
+      yield item, _result(future)
+  finally:
+    for _, future in pending:
+      future.cancel()
 
 
 WORKER_DIED = ("an input worker process died (killed, or out of memory?): rerun with fewer --workers, or --workers 0 "

@@ -8,11 +8,8 @@ resumes it, writing only the shards without a digest. Images are decoded and res
 """
 
 import collections
-import concurrent.futures
 import contextlib
 import dataclasses
-import multiprocessing
-import os
 from typing import ClassVar
 
 import numpy as np
@@ -157,20 +154,11 @@ def _prepared_batches(data, params: tuple, tasks: list[np.ndarray], count: int):
   if count <= 0:
     yield from (prepared_lib.prepare_rows(data, params, task) for task in tasks)
     return
-  pool = concurrent.futures.ProcessPoolExecutor(
-      max_workers=count, mp_context=multiprocessing.get_context("spawn"),
-      initializer=workers._start_worker, initargs=(data, params, os.getpid()))  # pylint: disable=protected-access
-  pending: collections.deque = collections.deque()
+  pool = workers.worker_pool(count, data, params)
   try:
-    for task in tasks:
-      pending.append(workers._submit(pool, prepared_lib.prepare_in_worker, task))  # pylint: disable=protected-access
-      if len(pending) >= 2 * count:
-        yield workers._result(pending.popleft())  # pylint: disable=protected-access
-    while pending:
-      yield workers._result(pending.popleft())  # pylint: disable=protected-access
+    for _, rows in workers.map_in_order(pool, prepared_lib.prepare_in_worker, tasks, 2 * count):
+      yield rows
   finally:
-    for future in pending:
-      future.cancel()
     pool.shutdown(wait=True, cancel_futures=True)
 
 
