@@ -75,7 +75,17 @@ def _pass(x: jax.Array, weights: jax.Array) -> jax.Array:
 
 
 def render(canvas: jax.Array, boxes: jax.Array, flip: jax.Array, size: int) -> jax.Array:
-  """The un-jitted `render_on_device` (for use inside another jitted function, such as the student's step)."""
+  """The un-jitted `render_on_device` (for use inside another jitted function, such as the student's step).
+
+  Args:
+    canvas: uint8 [B, Hc, Wc, C] or [B, Hc, Wc].
+    boxes: int [B, 4] (top, left, height, width) in canvas pixels.
+    flip: bool [B].
+    size: output side S (static).
+
+  Returns:
+    uint8 [B, S, S, C] (or [B, S, S]).
+  """
   single = canvas.ndim == 3
   images = (canvas[..., None] if single else canvas).astype(jnp.float32)  # [B, Hc, Wc, C]
   count, height, width, channels = images.shape
@@ -118,7 +128,12 @@ def with_inputs(batch: dict, size: int | None) -> dict:
   step or forward sees it; a batch without canvases (host-rendered) as it is. Pure: use it inside a jitted function.
 
   Args:
+    batch: a batch of `B` rows: `canvas` uint8 [B, Hc, Wc(, C)], `crop` int32 [B, 4] and `flip` bool [B] (device
+      renderer), or `x` [B, ...] (host-rendered), and the rest of its arrays.
     size: the views' side S (`Augmentation.image_size`); None for host-rendered views.
+
+  Returns:
+    The batch with `x` uint8 [B, S, S(, C)] in place of the canvases, boxes and flips; the rest as they were.
   """
   if CANVAS not in batch:
     return batch
@@ -127,9 +142,16 @@ def with_inputs(batch: dict, size: int | None) -> dict:
 
 
 def inputs_of(batch: dict, size: int | None):
-  """A rendered batch's inputs: its `x`, or (device renderer) its views rendered by `render_on_device`, a device
-  array."""
+  """A rendered batch's inputs, outside a jitted function.
+
+  Args:
+    batch: as `with_inputs` takes it.
+    size: the views' side S; None for host-rendered views.
+
+  Returns:
+    [B, ...]: its `x`, or (device renderer) its views rendered by `render_on_device`, uint8 [B, S, S(, C)] on the
+    device.
+  """
   if CANVAS not in batch:
     return batch["x"]
   return render_on_device(batch[CANVAS], batch[BOXES], batch[FLIP], size)
-

@@ -113,8 +113,12 @@ def read_once(read, positions: np.ndarray):
   """`read(positions)` (`TransferSet.read` or `TransferSet.read_canvas`), reading each distinct position once (in
   order of first appearance): rows that are views of one example share its decoded image (or canvas).
 
+  Args:
+    read: `positions int64 [n] -> (inputs, labels)`, the inputs an array [n, ...] or a list of n arrays.
+    positions: int [B] positions in the transfer set, repeats allowed.
+
   Returns:
-    `(inputs, labels)` (or `(canvases, sizes)`) of every row, as `read` returns them.
+    `(inputs, labels)` (or `(canvases, sizes)`) of every row, [B, ...] each, as `read` returns them.
   """
   positions = np.asarray(positions, np.int64)
   distinct, first, inverse = np.unique(positions, return_index=True, return_inverse=True)

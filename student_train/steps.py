@@ -227,8 +227,15 @@ def train_call_fn(step, unroll: bool = False):
   """N steps in one call: `(states, batches, hypers) -> (states, metrics)`, a `jax.lax.scan` of the pure `step`
   (`train_step_fn`'s, the same function a call of one step runs) over `batches`, whose every array has a leading
   axis of N steps; the metrics are stacked per step, [N, K]. Each step reseeds dropout from its own step count
-  (`fold_in(key, step)`), so N steps in one call draw what N calls of one step draw. `unroll`: the N steps as
-  straight-line code rather than a loop (see `make_train_step`)."""
+  (`fold_in(key, step)`), so N steps in one call draw what N calls of one step draw.
+
+  Args:
+    step: `(states, batch, hypers) -> (states, metrics [K])`, as `train_step_fn` returns it.
+    unroll: the N steps as straight-line code rather than a loop (see `make_train_step`).
+
+  Returns:
+    `(states, batches, hypers) -> (states, metrics [N, K])`, each array of `batches` [N, B, ...].
+  """
 
   def call(states, batches, hypers):
     return jax.lax.scan(lambda carried, batch: step(carried, batch, hypers), states, batches, unroll=unroll)

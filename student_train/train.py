@@ -641,6 +641,15 @@ def stack_calls(batches: Iterator[dict], steps_per_call: int, first_step: int = 
   The calls cover batches [kN, (k + 1)N) of the epoch, and the epoch's last call its remainder; a run resumed at a
   batch off that grid (saved with another N) first takes the batches up to it, so that later calls, and the
   mid-epoch checkpoints between them, land where an uninterrupted run's do.
+
+  Args:
+    batches: the epoch's batches from batch `first_step` on, each a dict of [B, ...] arrays.
+    steps_per_call: N.
+    first_step: the epoch's batch the stream starts at.
+
+  Yields:
+    Dicts of the same names, each array [n, B, ...] with n = N but for the first call of an off-grid resume and the
+    epoch's remainder.
   """
   batches = iter(batches)
   size = steps_per_call - first_step % steps_per_call

@@ -8,12 +8,12 @@ import sys
 from shared.cache import LAYOUT
 from shared.data import PREPARED_PREFIX
 from shared.cli import add_models_command, add_verbosity_options, print_models, run_or_exit
+from shared.data.prepared import is_prepared
 from shared.errors import StillroomError
 from shared.options import BUILD, IMPORT, VIEWS
 from shared.settings import add_options, from_args
 from teacher_cache.build import BuildConfig, build_cache
 from teacher_cache.external import IMPORTED, import_cache, write_views
-from shared.data.prepared import is_prepared
 from teacher_cache.info import cache_info, prepared_info
 from teacher_cache.prepare import PREPARE, PrepareConfig, prepare_images
 from teacher_cache.specialists import plan_specialists

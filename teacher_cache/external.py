@@ -322,8 +322,8 @@ def import_cache(config: BuildConfig, logits_files: list[str], views_dir: str | 
                 f"labelled rows (view 0: {100 * first:.2f}%)")
       if first < 2 / num_classes:
         _LOG.warning(f"member {member.name!r} is near chance on view 0: are these logits of other rows (views "
-                     "written with another --dataset, --split, --views or --seed, or before the grouped row order, whose "
-                     "rows were view-major)? --views-dir checks the settings and the row order.")
+                     "written with another --dataset, --split, --views or --seed, or before the grouped row order, "
+                     "whose rows were view-major)? --views-dir checks the settings and the row order.")
   return config.out
 
 

@@ -18,7 +18,8 @@ def open_source(name: str, split: str, data_dir: str | None) -> OpenedSource:
 
 
 def local_path(name: str) -> str | None:
-  """The file or folder a dataset name points to (`npz:PATH`, `imagefolder:DIR`, `prepared:STORE`), or None for named datasets."""
+  """The file or folder a dataset name points to (`npz:PATH`, `imagefolder:DIR`, `prepared:STORE`), or None for
+  named datasets."""
   for prefix in BACKENDS:
     if name.startswith(prefix):
       return name[len(prefix):]
