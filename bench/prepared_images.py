@@ -7,12 +7,14 @@ shorter side M*S = 64 px), then, side by side in one run:
   1. A `fit` epoch (the public function) of mlp-small on 32 px views (no augmentation: each epoch renders every
      image's centre crop, as bench/image_sets.py measures its 8.6x) from three datasets: the JPEGs
      (`imagefolder:`), the prepared store (`prepared:`), and those same centre crops rendered from the prepared
-     store into an in-memory `npz:`. Each arm runs `--epochs` epochs (the first, with compilation, is left out), the
+     store into an in-memory `npz:`; and the prepared store again with `--renderer device` (the crops rendered in
+     the jitted step from the canvases: on a CPU the "device" is the same cores). Each arm runs `--epochs` epochs (the first, with compilation, is left out), the
      arms alternating, `--repeats` times; the figure is the median epoch time of each, and the ratios prepared / npz
      (target <= 1.3) and JPEG / npz.
   2. Host rows/s with a null student (no training: only the loader's reading and rendering, `BatchRenderer`): the
-     same batches of random-resized crops with flips (view 1) at 32 px, from the JPEGs and from the prepared store,
-     with no worker and with one; and, single-threaded, where a prepared batch's time goes (reading the canvases,
+     same batches of random-resized crops with flips (view 1) at 32 px, from the JPEGs and from the prepared store
+     rendered on the host, and the host's part of the device renderer (reading the prepared canvases and drawing
+     the boxes and flips), with no worker and with one; and, single-threaded, where a prepared batch's time goes (reading the canvases,
      and PIL's crop and resize).
 """
 
@@ -54,10 +56,10 @@ def fit_epochs(work: str, datasets: dict, model: str, epochs: int, repeats: int,
   seconds = {arm: [] for arm in datasets}
   workers = {}
   for repeat in range(repeats):
-    for arm, (dataset, image_size) in datasets.items():
+    for arm, (dataset, image_size, renderer) in datasets.items():
       out = os.path.join(work, f"fit_{arm}")
       config = FitConfig(model=model, dataset=dataset, image_size=image_size, eval_split="none", epochs=epochs,
-                         batch_size=batch, out=out, overwrite=True, progress=False)
+                         batch_size=batch, out=out, overwrite=True, progress=False, renderer=renderer)
       workers[arm] = resolve_workers(config.workers, open_transfer_set(dataset))
       fit(config, log_epochs=False)
       seconds[arm] += [line["seconds"] for line in read_metrics(out)][1:]
@@ -80,26 +82,30 @@ def _rows_per_s(data, views: Augmentation, plans: list[dict], workers: int) -> f
     iterator = iter(render(iter(plans)))
     next(iterator)
     started = time.perf_counter()
-    count = sum(len(batch["x"]) for batch in iterator)
+    count = sum(len(batch["index"]) for batch in iterator)
   return count / (time.perf_counter() - started)
 
 
 def host_rows(jpeg: str, prepared: str, batch: int, batches: int, repeats: int, workers: list[int]) -> dict:
-  """Host rows/s of a null student: the JPEG and prepared paths on the same batches of view-1 crops."""
+  """Host rows/s of a null student: the JPEG, prepared (host) and prepared (device renderer: its host part) paths
+  on the same batches of view-1 crops."""
   views = Augmentation(image_size=SIZE, flip=True)
-  sets = {"jpeg": open_transfer_set(jpeg), "prepared": open_transfer_set(prepared)}
-  plans = _plans(len(sets["jpeg"]), batch, batches)
+  on_device = Augmentation(image_size=SIZE, flip=True, renderer="device")
+  sets = {"jpeg": (open_transfer_set(jpeg), views), "prepared": (open_transfer_set(prepared), views),
+          "prepared-device": (open_transfer_set(prepared), on_device)}
+  plans = _plans(len(sets["jpeg"][0]), batch, batches)
   result = {}
   for count in workers:
     rates = {arm: [] for arm in sets}
     for _ in range(repeats):
-      for arm, data in sets.items():
-        rates[arm].append(_rows_per_s(data, views, plans, count))
+      for arm, (data, augmentation) in sets.items():
+        rates[arm].append(_rows_per_s(data, augmentation, plans, count))
     for arm in sets:
       result[f"{arm} workers={count}"] = statistics.median(rates[arm])
-    result[f"prepared / jpeg workers={count}"] = result[f"prepared workers={count}"] / result[f"jpeg workers={count}"]
+    for arm in ("prepared", "prepared-device"):
+      result[f"{arm} / jpeg workers={count}"] = result[f"{arm} workers={count}"] / result[f"jpeg workers={count}"]
   # Where a prepared batch's time goes, in this thread: reading its canvases, then PIL's crop, resize and flip.
-  data = sets["prepared"]
+  data = sets["prepared"][0]
   read_s, render_s = [], []
   for plan in plans:
     started = time.perf_counter()
@@ -129,11 +135,13 @@ def run(work: str, images: int, model: str, epochs: int, repeats: int, batch: in
   prepare_s = time.perf_counter() - started
   dataset = f"prepared:{store}"
   npz = f"npz:{_prerendered(dataset, os.path.join(work, f'prerendered{images}.npz'))}"
-  epochs_s = fit_epochs(work, {"jpeg": (jpeg, SIZE), "prepared": (dataset, SIZE), "npz": (npz, None)}, model,
+  epochs_s = fit_epochs(work, {"jpeg": (jpeg, SIZE, None), "prepared": (dataset, SIZE, None),
+                               "prepared-device": (dataset, SIZE, "device"), "npz": (npz, None, None)}, model,
                         epochs, repeats, batch)
   epoch = epochs_s["epoch_s"]
   return {"images": images, "model": model, "image_size": SIZE, "prepare": {**prepared, "seconds": prepare_s},
           "fit": {**epochs_s, "prepared_over_npz": epoch["prepared"] / epoch["npz"],
+                  "prepared_device_over_npz": epoch["prepared-device"] / epoch["npz"],
                   "jpeg_over_npz": epoch["jpeg"] / epoch["npz"]},
           "host_rows_per_s": host_rows(jpeg, dataset, batch, batches, repeats, workers)}
 
@@ -143,9 +151,11 @@ def report(result: dict) -> None:
   epoch = fit_["epoch_s"]
   print(f"prepared {result['images']} JPEGs of 256-512 px for {result['image_size']} px views in "
         f"{result['prepare']['seconds']:.1f} s (canvas {result['prepare']['canvas']})")
-  print(f"{result['model']} fit epoch: JPEG {epoch['jpeg']:.3f} s, prepared {epoch['prepared']:.3f} s, pre-rendered "
-        f"npz {epoch['npz']:.3f} s; prepared / npz = {fit_['prepared_over_npz']:.2f}x (target <= 1.3), JPEG / npz = "
-        f"{fit_['jpeg_over_npz']:.2f}x (workers {fit_['workers']})")
+  print(f"{result['model']} fit epoch: JPEG {epoch['jpeg']:.3f} s, prepared {epoch['prepared']:.3f} s, prepared with "
+        f"--renderer device {epoch['prepared-device']:.3f} s, pre-rendered npz {epoch['npz']:.3f} s; prepared / npz "
+        f"= {fit_['prepared_over_npz']:.2f}x (target <= 1.3), device-rendered / npz = "
+        f"{fit_['prepared_device_over_npz']:.2f}x, JPEG / npz = {fit_['jpeg_over_npz']:.2f}x (workers "
+        f"{fit_['workers']})")
   for name, value in result["host_rows_per_s"].items():
     if isinstance(value, dict):
       print(f"host, prepared batch split: " + ", ".join(f"{k} {v:.1f} ms" for k, v in value.items()))

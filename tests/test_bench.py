@@ -124,8 +124,9 @@ def _image_sets(result, printed, tmp):
 
 def _prepared_images(result, printed, tmp):
   assert result["images"] == 20 and result["prepare"]["images"] == 20 and result["prepare"]["canvas"] == [85, 85, 3]
-  _positive(result, "fit.epoch_s.jpeg", "fit.epoch_s.prepared", "fit.epoch_s.npz", "fit.prepared_over_npz",
-            "host_rows_per_s.jpeg workers=0", "host_rows_per_s.prepared workers=0",
+  _positive(result, "fit.epoch_s.jpeg", "fit.epoch_s.prepared", "fit.epoch_s.prepared-device", "fit.epoch_s.npz",
+            "fit.prepared_over_npz", "fit.prepared_device_over_npz", "host_rows_per_s.jpeg workers=0",
+            "host_rows_per_s.prepared workers=0", "host_rows_per_s.prepared-device workers=0",
             "host_rows_per_s.prepared_split_ms_per_batch.crop_resize_flip")
   assert "prepared / npz = " in printed
 
