@@ -51,9 +51,9 @@ def test_every_chunk_is_written_with_a_checksum_and_damage_is_named(tmp_path, ca
     array = group[name]
     chunks = -(-array.shape[0] // array.chunks[0])
     assert all(os.path.exists(_chunk_file(store, name, k)) for k in range(chunks)), name
-  # All-zero chunks are on disk too (zarr would skip them and read back zeros): no flips, and view 0's first rows.
-  assert not group["flip"][:].any() and not group["view"][:64].any()
-  assert os.path.exists(_chunk_file(store, "flip", 0)) and os.path.exists(_chunk_file(store, "view", 0))
+  # All-zero chunks are on disk too (zarr would skip them and read back zeros; the loop above found every file): no
+  # view is flipped.
+  assert not group["flip"][:].any()
   assert all(c.ok for c in verify_cache(store, data_dir=data_dir))
 
   os.remove(_chunk_file(store, "flip", 2))
