@@ -119,9 +119,10 @@ def test_students_trained_together_match_separate_runs(tmp_path, cache_path, dat
     with open(os.path.join(a, "final.json")) as f, open(os.path.join(b, "final.json")) as g:
       final_a, final_b = json.load(f), json.load(g)
     assert abs(final_a["eval_accuracy"] - final_b["eval_accuracy"]) <= 1 / final_a["eval_count"] + 1e-9
-    # One step and one rule for stored targets, alone or together: the same numbers up to float rounding.
+    # One step and one rule for stored targets, alone or together: the same numbers up to float rounding (a vmapped
+    # matmul sums in another order; 3 epochs amplify it: measured at most 2.4e-6 apart, on weights of order 0.1).
     params_a, params_b = load_run_teacher(a).params, load_run_teacher(b).params
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6),
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=5e-6),
                  params_a, params_b)
 
 
