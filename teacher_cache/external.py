@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from shared import limits, storage
-from shared.cache import GROUPED, ROWS, ChunkWriter, MemberSpec, example_runs, replay_rows, row_sources
+from shared.cache import GROUPED, PERMUTED, ROWS, ChunkWriter, MemberSpec, example_runs, replay_rows, row_sources
 from shared.data import label_ids, local_path
 from shared.errors import StillroomError, raise_if_interrupted
 from shared.log import logger, progress
@@ -262,9 +262,14 @@ def import_cache(config: BuildConfig, logits_files: list[str], views_dir: str | 
   config = dataclasses.replace(config, folds=1, teachers=())
   check_not_an_input(config.out, [*logits_files, local_path(config.dataset), config.data_dir], "--out")
   transfer_set, augmentation = open_views(config)
+  row_order = GROUPED
   if views_dir is not None:
     recorded = {k: v for k, v in read_views(views_dir).items() if k != "chunk_rows"}
-    changed = differences(recorded, _views_record(config, transfer_set, augmentation), "views")
+    # Views written before the grouped order record none: their rows are view-major ("permuted"), and the cache
+    # keeps that order, so that each row id names the row the teacher labelled.
+    row_order = recorded.setdefault("row_order", PERMUTED)
+    changed = differences(recorded, {**_views_record(config, transfer_set, augmentation), "row_order": row_order},
+                          "views")
     if changed:
       raise StillroomError(f"--views-dir {views_dir!r} holds views of other settings than these: "
                            f"{'; '.join(changed)}. Give import the settings the views were written with.")
@@ -298,7 +303,8 @@ def import_cache(config: BuildConfig, logits_files: list[str], views_dir: str | 
     members.append(MemberSpec(name=name, source=path, model=IMPORTED, num_params=0, digest=digest,
                               trained_epochs=None, normalization=transfer_set.normalization.to_dict()))
   num_classes = logits.shape[2]
-  spec = make_spec(config, transfer_set, None, augmentation, members, num_classes)
+  spec = dataclasses.replace(make_spec(config, transfer_set, None, augmentation, members, num_classes),
+                             row_order=row_order)
   check_limits(config, spec)  # The logits are held already: what is left must hold the chunks.
   with contextlib.ExitStack() as lock:
     check_output(config.out, STORE, config.overwrite)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import conftest
-from shared.cache import open_cache
+from shared.cache import GROUPED, PERMUTED, open_cache, row_sources
 from shared.data import open_transfer_set
 from shared.errors import StillroomError
 from shared.runs import load_teacher
@@ -138,15 +138,27 @@ def test_views_then_sklearn_then_import_then_verify_and_fit(tmp_path, data_dir, 
   assert code != 0 and "augmentation.seed: 1 (views) vs 2 (command)" in err
   code, _, err = conftest.run_cli(cache_main, ["import", *other], capsys)
   assert code == 0 and "warning: member 'sklearn' is near chance on view 0" in err
-  # Views written before the grouped row order numbered their rows view-major: their views.json, which lacks the
-  # order, is refused, so logits of those rows are never stored under the grouped rows' ids.
+  # Views written before the grouped row order (a views.json without one) numbered their rows view-major, each view
+  # in its own permutation: import keeps that order, so that each row id still names the row the teacher labelled.
   record = json.loads(open(os.path.join(views, "views.json")).read())
   del record["row_order"]
   with open(os.path.join(views, "views.json"), "w") as f:
     json.dump(record, f)
-  code, _, err = conftest.run_cli(cache_main, ["import", *common, "--views-dir", views, "--logits", member,
-                                               "--out", str(tmp_path / "old.zarr")], capsys)
-  assert code == 2 and "row_order" in err and not os.path.exists(tmp_path / "old.zarr"), err
+  count = len(rows) // 2
+  grouped_view, grouped_position = row_sources(rows, count, 1, GROUPED, 2)
+  old_view, old_position = row_sources(np.arange(2 * count), count, 1, PERMUTED, 2)
+  old_id = {(int(v), int(p)): r for r, (v, p) in enumerate(zip(old_view, old_position))}
+  old_member = str(tmp_path / "old.npz")
+  np.savez(old_member, row=np.array([old_id[(int(v), int(p))] for v, p in zip(grouped_view, grouped_position)]),
+           logits=logits)
+  code, _, err = conftest.run_cli(cache_main, ["import", *common, "--views-dir", views, "--logits", old_member,
+                                               "--temperature", "2", "--out", str(tmp_path / "old.zarr")], capsys)
+  assert code == 0, err
+  old, new = open_cache(str(tmp_path / "old.zarr")), open_cache(cache)
+  assert old.spec.row_order == PERMUTED and new.spec.row_order == GROUPED
+  by_row = [{(int(i), int(v)): k for k, (i, v) in enumerate(zip(c["index"][:], c["view"][:]))} for c in (old, new)]
+  order = [by_row[0][key] for key in by_row[1]]
+  np.testing.assert_array_equal(old["member_logits"][:][order], new["member_logits"][:][list(by_row[1].values())])
 
 
 @pytest.mark.parametrize("edit, message", [

@@ -33,7 +33,7 @@ from shared.cache.layout import (CLASS_IDS, EVAL_ROWS, FEATURE_DTYPE, FEATURE_KI
                                  layout_of)
 from shared.cache.record import (CHUNK_TABLE, COMPLETION_FIELDS, SPEC_DIGEST, chunk_crc32c, chunk_table,
                                  completion_record, position_problems, spec_digest, spec_record_problem)
-from shared.cache.rows import GROUPED, ROW_ORDERS, example_runs, replay_rows, row_sources
+from shared.cache.rows import GROUPED, PERMUTED, ROW_ORDERS, example_runs, replay_rows, row_sources
 from shared.cache.spec import (BINDING_SCHEMA_VERSION, COMPLETE_KEY, DENSE_SCHEMA_VERSION, FEATURE_SCHEMA_VERSION,
                                READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION, SPARSE_SCHEMA_VERSION, SPEC_KEY,
                                SPECIALIST_SCHEMA_VERSION, TARGET_KINDS, CacheSpec, FeatureSpec, MemberSpec,
@@ -47,8 +47,8 @@ from shared.cache.zarr_async import gather, raise_first_failure
 __all__ = [
     "BINDING_SCHEMA_VERSION", "CHUNK_TABLE", "CLASS_IDS", "COMPLETE_KEY", "COMPLETION_FIELDS",
     "DENSE_SCHEMA_VERSION", "EVAL_ROWS", "FEATURE_DTYPE", "FEATURE_KINDS", "FEATURE_NAME", "FEATURE_RANKS",
-    "FEATURE_SCHEMA_VERSION", "GROUPED", "LAYOUT", "READABLE_SCHEMA_VERSIONS", "ROLES", "ROWS", "ROW_ORDERS",
-    "SCHEMA_VERSION",
+    "FEATURE_SCHEMA_VERSION", "GROUPED", "PERMUTED", "LAYOUT", "READABLE_SCHEMA_VERSIONS", "ROLES", "ROWS",
+    "ROW_ORDERS", "SCHEMA_VERSION",
     "SPARSE_SCHEMA_VERSION", "SPECIALIST_SCHEMA_VERSION", "SPEC_DIGEST", "SPEC_KEY", "STORAGE", "STORAGE_DTYPES",
     "TARGET_KINDS", "ArrayLayout", "ArraySpec", "Cache", "CacheSpec", "ChunkWriter", "FeatureSpec", "MemberSpec",
     "SpecialistSpec", "check_integrity", "chunk_crc32c", "completion_problem", "chunk_table", "committed_name",

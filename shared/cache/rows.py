@@ -22,8 +22,8 @@ from shared.augment import fold_of, row_permutation
 if typing.TYPE_CHECKING:
   from shared.cache.spec import CacheSpec
 
-GROUPED = "grouped"
-ROW_ORDERS = (GROUPED, "permuted", "sequential")  # The first is what a build writes.
+GROUPED, PERMUTED = "grouped", "permuted"
+ROW_ORDERS = (GROUPED, PERMUTED, "sequential")  # The first is what a build writes.
 
 
 def row_sources(rows: np.ndarray, num_examples: int, seed: int, row_order: str = "permuted",
