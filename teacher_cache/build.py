@@ -23,9 +23,9 @@ import zarr
 
 from shared import __version__, distributed, limits, storage
 from shared.augment import CANVAS, Augmentation, fold_of, make_augmentation
-from shared.cache import (COMPLETE_KEY, EVAL_ROWS, FEATURE_DTYPE, FEATURE_KINDS, ROWS, SPEC_KEY, STORAGE_DTYPES, Cache,
-                          CacheSpec, ChunkWriter, FeatureSpec, MemberSpec, SpecialistSpec, parse_features,
-                          committed_name, completion_record, create_arrays, example_runs, integrity_problems, layout_of,
+from shared.cache import (COMPLETE_KEY, EVAL_ROWS, FEATURE_DTYPE, FEATURE_KINDS, GROUPED, PERMUTED, ROWS, SPEC_KEY,
+                          STORAGE_DTYPES, Cache, CacheSpec, ChunkWriter, FeatureSpec, MemberSpec, SpecialistSpec,
+                          parse_features, committed_name, completion_record, create_arrays, example_runs, integrity_problems, layout_of,
                           missing_chunks, now_iso, open_cache, uncommitted_chunks, validate_settings)
 from shared.data import (NO_EVAL, Normalization, TransferSet, check_eval_set, default_eval_split, local_path,
                          open_transfer_set)
@@ -120,14 +120,18 @@ def resolve_defaults(config: BuildConfig) -> BuildConfig:
   down to a multiple of `--views` (`check_settings` refuses other chunk rows above `--views` that are not one)."""
   config = dataclasses.replace(config, dataset=resolve_dataset(config.dataset), split=config.split or DEFAULT_SPLIT)
   if config.chunk_rows is None:  # Only the default is rounded: a --chunk-rows given is checked (`check_settings`).
-    views = config.views
-    rounded = isinstance(views, int) and 1 <= views < DEFAULT_CHUNK_ROWS and DEFAULT_CHUNK_ROWS % views
-    config = dataclasses.replace(config, chunk_rows=DEFAULT_CHUNK_ROWS // views * views if rounded else
-                                 DEFAULT_CHUNK_ROWS)
-    if rounded:
+    config = dataclasses.replace(config, chunk_rows=default_chunk_rows(config.views))
+    if config.chunk_rows != DEFAULT_CHUNK_ROWS:
       _LOG.info(f"chunks of {config.chunk_rows} rows: the default {DEFAULT_CHUNK_ROWS} rounded down to a multiple "
-                f"of --views {views}")
+                f"of --views {config.views}")
   return config
+
+
+def default_chunk_rows(views) -> int:
+  """The default chunk rows for `views` views: `DEFAULT_CHUNK_ROWS` rounded down to whole examples."""
+  if isinstance(views, int) and 1 <= views < DEFAULT_CHUNK_ROWS:
+    return DEFAULT_CHUNK_ROWS // views * views
+  return DEFAULT_CHUNK_ROWS
 
 
 SAMPLE_STREAM = 0x5A17  # Folded into the build's seed for `sample:K` draws, apart from the views' randomness.
@@ -382,12 +386,19 @@ def place_teachers(teachers: list[Teacher], mesh, sharding: str) -> tuple[list, 
 
 def _as_recorded(spec: CacheSpec, existing: CacheSpec, data: dict) -> CacheSpec:
   """The spec to compare with an existing store's, as that store's stillroom would have written it: a store of
-  stillroom <= 0.2 recorded version-1 fingerprints (where the data still matches them, those), and one written before
-  schema 6 its own version (the same build, whose completion record binds nothing or, resumed here, binds). `data`
+  stillroom <= 0.2 recorded version-1 fingerprints (where the data still matches them, those), one written before
+  schema 6 its own version (the same build, whose completion record binds nothing or, resumed here, binds), and one
+  written before the grouped row order its permuted order (and its default chunk rows). `data`
   maps "dataset" / "eval_dataset" to the opened transfer sets."""
   changes = {}
   if existing.schema_version == spec.legacy_schema_version():
     changes["schema_version"] = existing.schema_version
+  if existing.row_order == PERMUTED and spec.row_order == GROUPED:
+    # A store built before the grouped order is resumed (or confirmed) in its own order, and in its chunk rows where
+    # the command's are the default (then a whole number of examples, before the old default, 4096).
+    changes["row_order"] = PERMUTED
+    if spec.chunk_rows == default_chunk_rows(spec.views) and existing.chunk_rows == DEFAULT_CHUNK_ROWS:
+      changes.update(chunk_rows=existing.chunk_rows, arrays=())  # The arrays' chunks derived again.
   for field, transfer_set in data.items():
     recorded = getattr(existing, field)
     if transfer_set is not None and recorded is not None:
@@ -617,7 +628,9 @@ def check_settings(config: BuildConfig, out: str = "CACHE.zarr") -> None:
     below = config.chunk_rows // config.views * config.views
     raise StillroomError(f"--chunk-rows {config.chunk_rows} is not a multiple of --views {config.views}, so a chunk "
                          f"would split an example's views (each image is decoded once per chunk it is in); give "
-                         f"{below} or {below + config.views}.")
+                         f"{below} or {below + config.views}, or none (the default is a multiple of --views); a "
+                         "store built with these chunk rows before the grouped row order can only be rebuilt "
+                         "(--overwrite).")
   if config.batch_size < 1:
     raise StillroomError(f"--batch-size must be >= 1, got {config.batch_size}.")
   if config.features is not None:

@@ -1,6 +1,8 @@
 """The grouped row order of new caches (issue 31): an example's views in adjacent rows, one seeded permutation shared
 by every view, against NumPy references; and caches of the older view-major "permuted" order still read their rows."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -80,3 +82,24 @@ def test_only_the_default_chunk_rows_are_rounded_to_whole_examples():
   assert given.chunk_rows == DEFAULT_CHUNK_ROWS
   with pytest.raises(StillroomError, match=f"--chunk-rows {DEFAULT_CHUNK_ROWS} is not a multiple of --views 3"):
     check_settings(given)
+
+
+def test_a_store_built_before_the_grouped_order_is_confirmed_in_its_own_order(tmp_path, data_dir, teachers,
+                                                                              monkeypatch):
+  """A complete "permuted" store of the old default chunk rows (4096, not a multiple of 3 views) is what the same
+  command confirms (nothing to do), not a store of other settings."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from teacher_cache import build  # pylint: disable=import-outside-toplevel
+  config = build.BuildConfig(dataset="digits", split="train[:50]", data_dir=data_dir, teachers=(teachers[0],),
+                             views=3, eval_split="none", out=str(tmp_path / "c.zarr"), progress=False)
+  made = build.make_spec
+  old = lambda config, *a, **k: dataclasses.replace(  # noqa: E731
+      made(dataclasses.replace(config, chunk_rows=4096), *a, **k), row_order="permuted")
+  monkeypatch.setattr(build, "make_spec", old)
+  build.build_cache(config)
+  monkeypatch.setattr(build, "make_spec", made)
+  stamp = os.path.getmtime(tmp_path / "c.zarr" / "zarr.json")
+  assert build.build_cache(config) == config.out  # Refused before the grouped order kept the old stores readable.
+  stored = open_cache(config.out)
+  assert stored.spec.row_order == "permuted" and stored.spec.chunk_rows == 4096
+  assert os.path.getmtime(tmp_path / "c.zarr" / "zarr.json") == stamp
