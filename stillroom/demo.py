@@ -28,7 +28,7 @@ from shared.options import DEMO, DEMO_STAGES, DatasetSettings, resolve_dataset
 from shared.settings import add_options, at_least, check_values, from_args, positive_finite, setting, workers_check
 from student_train.config import FitConfig, validate_config
 from student_train.train import fit_group
-from teacher_cache.build import BuildConfig, build_cache
+from teacher_cache.build import BuildConfig, build_cache, default_chunk_rows
 
 AUTO = "auto"  # Teacher model and views chosen from the data: see `DemoConfig`.
 
@@ -170,8 +170,9 @@ def validate_demo(config: DemoConfig) -> None:
   validate_config(dataclasses.replace(config.student, cache="placeholder", **placeholder), "student_")
   build = config.build
   try:
-    validate_settings(temperature=build.temperature, combine=build.combine, dtype=build.dtype,
-                      views=build.views or 1, chunk_rows=build.chunk_rows, seed=build.seed)
+    views = build.views or 1
+    validate_settings(temperature=build.temperature, combine=build.combine, dtype=build.dtype, views=views,
+                      chunk_rows=build.chunk_rows or default_chunk_rows(views), seed=build.seed)
   except StillroomError as e:
     raise StillroomError(f"build settings: {e}") from e
   if workers_check(build.workers) is not True:

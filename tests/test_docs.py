@@ -94,7 +94,7 @@ def test_the_readme_keeps_the_two_set_up_commands():
   assert "make demo   #" in readme and "make test   #" in readme
   makefile = _read("Makefile")
   assert re.search(r"^demo: .*\n\t\$\(VENV\)/bin/student-train demo$", makefile, flags=re.M)
-  assert re.search(r"^test: .*\n\t\$\(VENV\)/bin/python -m pytest -q$", makefile, flags=re.M)
+  assert re.search(r"^test: .*\n\t\$\(VENV\)/bin/python -m pytest -q -n 2 --dist loadfile$", makefile, flags=re.M)
 
 
 def _api_example() -> tuple[str, str]:
