@@ -8,14 +8,14 @@ shorter side M*S = 64 px), then, side by side in one run:
      image's centre crop, as bench/image_sets.py measures its 8.6x) from three datasets: the JPEGs
      (`imagefolder:`), the prepared store (`prepared:`), and those same centre crops rendered from the prepared
      store into an in-memory `npz:`; and the prepared store again with `--renderer device` (the crops rendered in
-     the jitted step from the canvases: on a CPU the "device" is the same cores). Each arm runs `--epochs` epochs (the first, with compilation, is left out), the
-     arms alternating, `--repeats` times; the figure is the median epoch time of each, and the ratios prepared / npz
+     the jitted step from the canvases: on a CPU the "device" is the same cores). Each arm runs `--epochs` epochs
+     (the first, with compilation, is left out), the arms alternating, `--repeats` times; the figure is the median epoch time of each, and the ratios prepared / npz
      (target <= 1.3) and JPEG / npz.
   2. Host rows/s with a null student (no training: only the loader's reading and rendering, `BatchRenderer`): the
      same batches of random-resized crops with flips (view 1) at 32 px, from the JPEGs and from the prepared store
      rendered on the host, and the host's part of the device renderer (reading the prepared canvases and drawing
-     the boxes and flips), with no worker and with one; and, single-threaded, where a prepared batch's time goes (reading the canvases,
-     and PIL's crop and resize).
+     the boxes and flips), with no worker and with one; and, single-threaded, where a prepared batch's time goes
+     (reading the canvases, and PIL's crop and resize).
 """
 
 import argparse

@@ -280,8 +280,9 @@ class TransferSet:
 
 def check_eval_set(eval_set: TransferSet, transfer_set: TransferSet, augmentation, num_classes: int) -> None:
   """An eval set must fit the models of a transfer set: with the device renderer it offers canvases; its views (by
-  `augmentation`, a `shared.augment.Augmentation`) have the transfer set's shape, and its class ids mean the transfer set's: the same class names where both have
-  them (an image folder with a class more or less shifts every id), and no label beyond the models' `num_classes`.
+  `augmentation`, a `shared.augment.Augmentation`) have the transfer set's shape, and its class ids mean the
+  transfer set's: the same class names where both have them (an image folder with a class more or less shifts every
+  id), and no label beyond the models' `num_classes`.
 
   Raises:
     StillroomError: naming both datasets and the first difference.
