@@ -9,8 +9,8 @@ shorter side M*S = 64 px), then, side by side in one run:
      (`imagefolder:`), the prepared store (`prepared:`), and those same centre crops rendered from the prepared
      store into an in-memory `npz:`; and the prepared store again with `--renderer device` (the crops rendered in
      the jitted step from the canvases: on a CPU the "device" is the same cores). Each arm runs `--epochs` epochs
-     (the first, with compilation, is left out), the arms alternating, `--repeats` times; the figure is the median epoch time of each, and the ratios prepared / npz
-     (target <= 1.3) and JPEG / npz.
+     (the first, with compilation, is left out), the arms alternating, `--repeats` times; the figure is the median
+     epoch time of each, and the ratios prepared / npz (target <= 1.3), device-rendered / npz and JPEG / npz.
   2. Host rows/s with a null student (no training: only the loader's reading and rendering, `BatchRenderer`): the
      same batches of random-resized crops with flips (view 1) at 32 px, from the JPEGs and from the prepared store
      rendered on the host, and the host's part of the device renderer (reading the prepared canvases and drawing

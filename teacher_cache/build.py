@@ -26,7 +26,8 @@ from shared.augment import CANVAS, Augmentation, fold_of, make_augmentation
 from shared.cache import (COMPLETE_KEY, EVAL_ROWS, FEATURE_DTYPE, FEATURE_KINDS, GROUPED, PERMUTED, ROWS, SPEC_KEY,
                           STORAGE_DTYPES, Cache, CacheSpec, ChunkWriter, FeatureSpec, MemberSpec, SpecialistSpec,
                           parse_features, committed_name, completion_record, create_arrays, example_runs,
-                          integrity_problems, layout_of, missing_chunks, now_iso, open_cache, uncommitted_chunks, validate_settings)
+                          integrity_problems, layout_of, missing_chunks, now_iso, open_cache, uncommitted_chunks,
+                          validate_settings)
 from shared.data import (NO_EVAL, Normalization, TransferSet, check_eval_set, default_eval_split, local_path,
                          open_transfer_set)
 from shared.data.prepared import check_views as check_prepared_views
