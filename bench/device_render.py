@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.harness import machine, write_json  # noqa: E402
+from bench.harness import machine, view_batches, write_json  # noqa: E402
 from shared.augment import Augmentation  # noqa: E402
 from shared.data import open_transfer_set  # noqa: E402
 from shared.parallel import batch_sharding, data_mesh, on_devices  # noqa: E402
@@ -41,15 +41,6 @@ def _images(count: int, side: int, seed: int = 0) -> np.ndarray:
   rng = np.random.default_rng(seed)
   steps = rng.integers(-6, 7, (count, side, side, 3)).cumsum(axis=1).cumsum(axis=2) // side
   return np.clip(128 + steps, 0, 255).astype(np.uint8)
-
-
-def _plans(data, batch: int, count: int, seed: int = 0) -> list[dict]:
-  rng = np.random.default_rng(seed)
-  plans = []
-  for _ in range(count):
-    position = np.sort(rng.choice(len(data), batch, replace=False))
-    plans.append({"position": position, "index": data.indices[position], "view": np.ones(batch, np.int32)})
-  return plans
 
 
 def _rows_per_s(renderer, plans: list[dict], batch: int, size: int | None, sharding) -> float:
@@ -83,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     path = os.path.join(tmp, "images.npz")
     np.savez(path, x=_images(args.images, args.side), y=np.arange(args.images) % 10)
     data = open_transfer_set(f"npz:{path}")
-    plans = _plans(data, args.batch, args.batches)
+    plans = view_batches(data, args.batch, args.batches)
     views = {renderer: Augmentation(seed=0, image_size=args.size, flip=True, renderer=renderer)
              for renderer in ("host", "device")}
     for workers in (int(w) for w in args.workers.split(",")):

@@ -1,4 +1,4 @@
-"""A tiny timing harness shared by the benchmarks: warm-up, several repeats, the median."""
+"""A tiny harness shared by the benchmarks: warm-up, several repeats, the median; and the rows the input benchmarks render."""
 
 import json
 import os
@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+
+import numpy as np
 
 
 def measure(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1) -> dict:
@@ -59,6 +61,17 @@ def paired_summary(values: list[float], base: list[float] | None = None, unit: s
     gains = [a - b for a, b in zip(values, base)]
     text += f" | {statistics.mean(gains):+.2f} ± {std(gains):.2f}{diff_unit}"
   return text
+
+
+def view_batches(data, batch: int, count: int, seed: int = 0) -> list[dict]:
+  """`count` batches of `batch` rows of `data` (a `TransferSet`), each drawn without replacement and sorted, every row
+  its example's view 1: the rows a loader hands `shared.workers.BatchRenderer` (`position`, `index`, `view`)."""
+  rng = np.random.default_rng(seed)
+  batches = []
+  for _ in range(count):
+    position = np.sort(rng.choice(len(data), batch, replace=False))
+    batches.append({"position": position, "index": data.indices[position], "view": np.ones(batch, np.int32)})
+  return batches
 
 
 def write_json(path: str, result: dict) -> None:

@@ -22,20 +22,11 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.harness import machine, measure, write_json  # noqa: E402
+from bench.harness import machine, measure, view_batches, write_json  # noqa: E402
 from shared.augment import Augmentation  # noqa: E402
 from shared.data import open_transfer_set  # noqa: E402
 from shared.shapes import CLASSES, ShapesConfig, write_shapes  # noqa: E402
 from shared.workers import BatchRenderer, render_rows  # noqa: E402
-
-
-def _batches(data, batch: int, count: int, seed: int = 0) -> list[dict]:
-  rng = np.random.default_rng(seed)
-  plans = []
-  for _ in range(count):
-    position = np.sort(rng.choice(len(data), batch, replace=False))
-    plans.append({"position": position, "index": data.indices[position], "view": np.ones(batch, np.int32)})
-  return plans
 
 
 def _steady_rows_per_s(stream, batch: int) -> float:
@@ -78,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     if not os.path.isdir(os.path.join(root, "train")):
       write_shapes(root, ShapesConfig(train_per_class=args.images // len(CLASSES), test_per_class=0))
     data = open_transfer_set(f"imagefolder:{os.path.join(root, 'train')}")
-    plans = _batches(data, args.batch, args.batches)
+    plans = view_batches(data, args.batch, args.batches)
     rows = args.batch * args.batches
     decode = measure(lambda: [data.read(p["position"]) for p in plans], repeats=args.repeats)
     result["decode_only_rows_per_s"] = rows / decode["median"]

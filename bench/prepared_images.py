@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.harness import machine, write_json  # noqa: E402
+from bench.harness import machine, view_batches, write_json  # noqa: E402
 from shared.augment import Augmentation, render_crops  # noqa: E402
 from shared.data import open_transfer_set  # noqa: E402
 from shared.shapes import CLASSES, ShapesConfig, write_shapes  # noqa: E402
@@ -67,15 +67,6 @@ def fit_epochs(work: str, datasets: dict, model: str, epochs: int, repeats: int,
           "all_epoch_s": seconds}
 
 
-def _plans(count: int, batch: int, batches: int, seed: int = 0) -> list[dict]:
-  rng = np.random.default_rng(seed)
-  plans = []
-  for _ in range(batches):
-    position = np.sort(rng.choice(count, batch, replace=False))
-    plans.append({"position": position, "index": position, "view": np.ones(batch, np.int32)})
-  return plans
-
-
 def _rows_per_s(data, views: Augmentation, plans: list[dict], workers: int) -> float:
   """Rows/s of `BatchRenderer` over `plans` after its first batch (worker start-up left out)."""
   with BatchRenderer(data, views, workers=workers) as render:
@@ -93,7 +84,7 @@ def host_rows(jpeg: str, prepared: str, batch: int, batches: int, repeats: int, 
   on_device = Augmentation(image_size=SIZE, flip=True, renderer="device")
   sets = {"jpeg": (open_transfer_set(jpeg), views), "prepared": (open_transfer_set(prepared), views),
           "prepared-device": (open_transfer_set(prepared), on_device)}
-  plans = _plans(len(sets["jpeg"][0]), batch, batches)
+  plans = view_batches(sets["jpeg"][0], batch, batches)
   result = {}
   for count in workers:
     rates = {arm: [] for arm in sets}
