@@ -1,4 +1,5 @@
-"""A tiny harness shared by the benchmarks: warm-up, several repeats, the median; and the rows the input benchmarks render."""
+"""A tiny harness shared by the benchmarks: warm-up, several repeats, the median; and the batches of rows that the
+input benchmarks render."""
 
 import json
 import os
