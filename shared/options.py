@@ -20,6 +20,8 @@ DEFAULT_JOIN_SECONDS = 300  # JAX's default: processes of a cluster job may star
 # The commands, as `setting(commands=...)` names them; `demo.STAGE` are the demo's --STAGE-* options.
 FIT, SWEEP, EVAL, EXPORT, DEMO = "fit", "sweep", "eval", "export", "demo"
 BUILD, VIEWS, IMPORT = "build", "views", "import"
+CONVERT, SUBSET, MERGE = "convert", "subset", "merge"  # Caches derived from caches (`teacher_cache.derive`).
+DERIVE = (CONVERT, SUBSET, MERGE)
 DEMO_TEACHER, DEMO_BUILD, DEMO_STUDENT = "demo.teacher", "demo.build", "demo.student"
 DEMO_STAGES = {"teacher": DEMO_TEACHER, "build": DEMO_BUILD, "student": DEMO_STUDENT}
 
@@ -135,13 +137,15 @@ class JobSettings:
 class OutputSettings:
   """Where the output goes, whether an existing one may be replaced, and progress bars."""
 
-  out: str = setting("", "the output to write", group="run", commands=(FIT, BUILD, VIEWS, IMPORT), identity=False,
+  out: str = setting("", "the output to write", group="run", commands=(FIT, BUILD, VIEWS, IMPORT, *DERIVE),
+                     identity=False,
                      scope="student", helps={FIT: ("run directory to write", "RUN_DIR"),
                                              BUILD: ("the store to write", "CACHE.zarr"),
                                              IMPORT: ("the store to write", "CACHE.zarr"),
+                                             **{c: ("the store to write", "NEW.zarr") for c in DERIVE},
                                              VIEWS: ("the directory (or object-store prefix) to write the views to",
                                                      "DIR")})
   overwrite: bool = setting(False, "replace an existing output written with other settings", group="run",
-                            commands=(FIT, BUILD, VIEWS, IMPORT), identity=False, scope="student")
+                            commands=(FIT, BUILD, VIEWS, IMPORT, *DERIVE), identity=False, scope="student")
   progress: bool = setting(True, "progress bars (on a terminal; elsewhere one line per stage)", group="run",
-                           commands=(FIT, SWEEP, BUILD, VIEWS, IMPORT), identity=False, scope="process")
+                           commands=(FIT, SWEEP, BUILD, VIEWS, IMPORT, *DERIVE), identity=False, scope="process")

@@ -10,9 +10,10 @@ from shared.data import PREPARED_PREFIX
 from shared.cli import add_models_command, add_verbosity_options, print_models, run_or_exit
 from shared.data.prepared import is_prepared
 from shared.errors import StillroomError
-from shared.options import BUILD, IMPORT, VIEWS
+from shared.options import BUILD, CONVERT, IMPORT, MERGE, SUBSET, VIEWS
 from shared.settings import add_options, from_args
 from teacher_cache.build import BuildConfig, build_cache
+from teacher_cache.derive import convert_cache, merge_caches, subset_cache
 from teacher_cache.external import IMPORTED, import_cache, write_views
 from teacher_cache.info import cache_info, prepared_info
 from teacher_cache.prepare import PREPARE, PrepareConfig, prepare_images
@@ -33,6 +34,11 @@ example:
 natural images decoded once, then read as prepared pixels by build and fit:
   teacher-cache prepare imagefolder:photos/train --image-size 32 --out photos32.zarr
   teacher-cache build --dataset prepared:photos32.zarr --image-size 32 --teacher RUN --out photos.zarr
+
+a cache derived from caches, running no teacher:
+  teacher-cache convert digits.zarr --targets topk:5 --out digits-top5.zarr
+  teacher-cache subset digits.zarr --members t0 --views 2 --out digits-t0.zarr
+  teacher-cache merge digits-t01.zarr digits-t23.zarr --out digits-t0123.zarr
 
 a teacher outside JAX labels the rows' inputs, then its logits become a cache:
   teacher-cache views --dataset digits --views 4 --out views
@@ -84,6 +90,8 @@ def teacher_cache_parser() -> argparse.ArgumentParser:
                                                            "refuse settings other than theirs")
   add_options(imported, BuildConfig, IMPORT, required=("out",))
 
+  _add_derive_commands(commands)
+
   specialists = commands.add_parser(
       "specialists", allow_abbrev=False, help="plan specialists on confusable class subsets of a generalist's cache",
       description="Cluster the classes for Hinton et al.'s specialists: K-means on the columns of the covariance of "
@@ -130,6 +138,55 @@ def teacher_cache_parser() -> argparse.ArgumentParser:
   add_models_command(commands)
   add_verbosity_options(parser)
   return parser
+
+
+_EQUALS = ("\n\nThe result equals, array for array, the cache a `teacher-cache build` with the resulting settings "
+           "writes (its spec's history and creation time aside); `verify` checks it like any other. Running the "
+           "same command again resumes an interrupted one; nothing is written when the command is refused.")
+
+
+def _add_derive_commands(commands) -> None:
+  """`convert`, `subset` and `merge` (`teacher_cache.derive`)."""
+  convert = commands.add_parser(
+      "convert", allow_abbrev=False,
+      help="a cache with other targets, derived from its member logits (no teacher runs)",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      description="Write CACHE again with other targets (--targets), derived from the members' logits it stores: "
+                  "a dense cache, or a sparse one built with --member-logits. A sparse result keeps the member "
+                  "logits only with --member-logits, as a build does." + _EQUALS + "\n\nexample:\n"
+                  "  teacher-cache convert digits.zarr --targets topk:5 --out digits-top5.zarr\n"
+                  "  teacher-cache convert digits.zarr --targets sample:8 --member-logits --out digits-s8.zarr")
+  convert.add_argument("cache", metavar="CACHE.zarr", help="the source cache")
+  add_options(convert, BuildConfig, CONVERT, required=("out", "targets"))
+
+  subset = commands.add_parser(
+      "subset", allow_abbrev=False, help="a cache of some of a cache's members and views (no teacher runs)",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      description="Write a cache of some of CACHE's members (--members, in the order given) and its views 0..N-1 "
+                  "(--views N, a count: as `build --views N` draws them), its targets derived again from the kept "
+                  "members' logits." + _EQUALS + "\n\nexample:\n"
+                  "  teacher-cache subset digits.zarr --members t0 t2 --out digits-t02.zarr\n"
+                  "  teacher-cache subset digits.zarr --views 2 --out digits-2views.zarr")
+  subset.add_argument("cache", metavar="CACHE.zarr", help="the source cache")
+  subset.add_argument("--members", nargs="+", dest="keep_members", metavar="NAME",
+                      help="the members to keep, by name (`teacher-cache info` lists them) or index, in the order "
+                           "of the new cache (default: every member, in the cache's order)")
+  subset.add_argument("--views", type=int, dest="keep_views", metavar="N",
+                      help="keep views 0..N-1 of every example (default: every view)")
+  add_options(subset, BuildConfig, SUBSET, required=("out",))
+
+  merge = commands.add_parser(
+      "merge", allow_abbrev=False, help="one cache of the members of two (no teacher runs)",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      description="Write one cache of A's members then B's: two caches of the same transfer set, views, view seed "
+                  "and augmentation, temperature, combine rule, targets, storage and compute dtypes, folds and eval "
+                  "split, whose members are disjoint. (Caches of the same members cannot be merged: each holds views "
+                  "0..V-1, so they share views; `teacher-cache extend --views` adds views to one.) The chunk rows "
+                  "are A's unless --chunk-rows is given." + _EQUALS + "\n\nexample:\n"
+                  "  teacher-cache merge digits-t01.zarr digits-t23.zarr --out digits-t0123.zarr")
+  merge.add_argument("a", metavar="A.zarr", help="the cache whose members come first")
+  merge.add_argument("b", metavar="B.zarr", help="the cache whose members follow")
+  add_options(merge, BuildConfig, MERGE, required=("out",))
 
 
 def _format_percent(value) -> str:
@@ -231,6 +288,12 @@ def main(argv: list[str] | None = None) -> None:
       build_cache(from_args(BuildConfig, args, teachers=tuple(args.teacher),
                             specialist_plan=specialists[0] if specialists else None,
                             specialist_runs=tuple(specialists[1:])))
+    elif args.command == "convert":
+      convert_cache(args.cache, from_args(BuildConfig, args))
+    elif args.command == "subset":
+      subset_cache(args.cache, args.keep_members, args.keep_views, from_args(BuildConfig, args))
+    elif args.command == "merge":
+      merge_caches(args.a, args.b, from_args(BuildConfig, args))
     elif args.command == "specialists":
       plan = plan_specialists(args.cache, args.clusters, args.out, seed=args.seed, overwrite=args.overwrite)
       for k, (subset, within) in enumerate(zip(plan.subsets, plan.within_mass)):

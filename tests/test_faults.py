@@ -2025,6 +2025,118 @@ def _(env, tmp_path, mp):
           r"\(give, e\.g\., --checkpoint-every-steps 12\)\.", [Absent(tmp_path / "r")])
 
 
+# --- derive: teacher-cache convert, subset and merge ---------------------------------------------------------------
+def _variant(env, tmp_path, name="v.zarr", **changes) -> str:
+  """A copy of the fixture store whose spec says `changes` (a dotted key sets a nested one, e.g. augmentation.seed),
+  sealed again: a complete store whose settings differ, for the refusals that read only the spec."""
+  from conftest import reseal  # pylint: disable=import-outside-toplevel
+  copy = str(tmp_path / name)
+  shutil.copytree(env.store, copy)
+  group = zarr.open_group(copy, mode="r+")
+  spec = group.attrs[SPEC_KEY]
+  for key, value in changes.items():
+    *path, last = key.split(".")
+    where = spec
+    for part in path:
+      where = where[part]
+    where[last] = value
+  group.attrs[SPEC_KEY] = spec
+  reseal(copy)
+  return copy
+
+
+def _sparse_without_logits(env, tmp_path) -> str:
+  out = tmp_path / "sparse.zarr"
+  assert run_cli(cache_main, _build(env, out, "--targets", "topk:3", split="train[:40]"), _NoCapture())[0] == 0
+  return str(out)
+
+
+@fault("convert a sparse cache without member logits")
+def _(env, tmp_path, mp):
+  store = _sparse_without_logits(env, tmp_path)
+  return (cache_main, ["convert", store, "--targets", "dense", "--out", tmp_path / "n.zarr"], 2,
+          r"stores topk:3 targets without its members' logits, from which `convert` derives targets: build it again "
+          r"with --member-logits", [store, Absent(tmp_path / "n.zarr")])
+
+
+@fault("convert to the targets the cache stores")
+def _(env, tmp_path, mp):
+  return (cache_main, ["convert", env.store, "--targets", "dense", "--out", tmp_path / "n.zarr"], 2,
+          r"already stores dense targets: nothing to convert", [env.store, Absent(tmp_path / "n.zarr")])
+
+
+@fault("convert --targets topk:K beyond the classes")
+def _(env, tmp_path, mp):
+  return (cache_main, ["convert", env.store, "--targets", "topk:11", "--out", tmp_path / "n.zarr"], 2,
+          r"--targets topk:11: K is more than the 10 classes", [env.store, Absent(tmp_path / "n.zarr")])
+
+
+@fault("convert --out a non-store directory")
+def _(env, tmp_path, mp):
+  return (cache_main, ["convert", env.store, "--targets", "topk:3", "--out", env.notes], 2,
+          r"--out '.*notes' exists and is not a stillroom cache", [env.store, env.notes])
+
+
+@fault("convert --out the source")
+def _(env, tmp_path, mp):
+  return (cache_main, ["convert", env.store, "--targets", "topk:3", "--out", env.store], 2,
+          r"--out .* is \(or holds, or lies inside\) this command's input", [env.store])
+
+
+@fault("subset --members a name not in the cache")
+def _(env, tmp_path, mp):
+  return (cache_main, ["subset", env.store, "--members", "t9", "--out", tmp_path / "n.zarr"], 2,
+          r"--members 't9': .* has no such member; its members are 't0', 't1' \(or their indices 0\.\.1\)",
+          [env.store, Absent(tmp_path / "n.zarr")])
+
+
+@fault("subset --members a member twice")
+def _(env, tmp_path, mp):
+  return (cache_main, ["subset", env.store, "--members", "t0", "0", "--out", tmp_path / "n.zarr"], 2,
+          r"--members names 't0' more than once", [env.store, Absent(tmp_path / "n.zarr")])
+
+
+@fault("subset --views beyond the cache's views")
+def _(env, tmp_path, mp):
+  return (cache_main, ["subset", env.store, "--views", "3", "--out", tmp_path / "n.zarr"], 2,
+          r"--views 3: .* holds views 0\.\.1; give a count in 1\.\.2", [env.store, Absent(tmp_path / "n.zarr")])
+
+
+@fault("subset keeping everything")
+def _(env, tmp_path, mp):
+  return (cache_main, ["subset", env.store, "--members", "t0", "t1", "--out", tmp_path / "n.zarr"], 2,
+          r"keep every member and view of .* nothing to subset", [env.store, Absent(tmp_path / "n.zarr")])
+
+
+@fault("merge a cache with itself (overlapping members)")
+def _(env, tmp_path, mp):
+  return (cache_main, ["merge", env.store, env.store, "--out", tmp_path / "n.zarr"], 2,
+          r"both hold members 't0' \(digest [0-9a-f]{12}…\), 't1' .*Merge joins disjoint members over the same views",
+          [env.store, Absent(tmp_path / "n.zarr")])
+
+
+@fault("merge caches of other temperatures, combine rules, view seeds, augmentations and compute dtypes")
+def _(env, tmp_path, mp):
+  other = _variant(env, tmp_path, temperature=2.0, combine="geometric", **{
+      "augmentation.seed": 7, "augmentation.max_shift": 2, "compute_dtype": "bfloat16", "target_tolerance": 0.1})
+  return (cache_main, ["merge", env.store, other, "--out", tmp_path / "n.zarr"], 2,
+          r"cannot merge .*: temperature: 4 \(.*\) vs 2 \(.*\); combine: arithmetic .* vs geometric .*; view seed: "
+          r"0 .* vs 7 .*; augmentation: .*'max_shift': 1.* vs .*'max_shift': 2.*; compute dtype: float32 .* vs "
+          r"bfloat16 .*\. Merge joins caches of the same data, views and settings\.",
+          [env.store, other, Absent(tmp_path / "n.zarr")])
+
+
+@fault("merge caches of other data, views and dtype")
+def _(env, tmp_path, mp):
+  other = tmp_path / "other.zarr"
+  assert run_cli(cache_main, _build(env, other, "--dtype", "float32", "--views", "1", split="train[:100]"),
+                 _NoCapture())[0] == 0
+  return (cache_main, ["merge", env.store, other, "--out", tmp_path / "n.zarr"], 2,
+          r"cannot merge .*: transfer set: digits train\[:200\] \(fingerprint [0-9a-f]{12}…\) \(.*\) vs digits "
+          r"train\[:100\] .*; views: 2 .* vs 1 .*; dtype: float16 .* vs float32 ",
+          [env.store, other, Absent(tmp_path / "n.zarr")])
+
+
 @pytest.mark.parametrize("name", list(FAULTS))
 def test_fault_is_refused_cleanly(name, env, tmp_path, monkeypatch, capsys):
   _refused_cleanly(FAULTS[name](env, tmp_path, monkeypatch), env, monkeypatch, capsys)
