@@ -840,7 +840,7 @@ def put_rows(writer: ChunkWriter, cache: Cache, chunk: int, rows: dict, logits: 
 
 
 def _computed_chunks(cache: Cache, row_set: str, chunks: list[int], data: TransferSet, config: BuildConfig,
-                     forward, mesh):
+                     forward, mesh, select: dict | None = None):
   """The teachers' outputs on the rows of `chunks`, a chunk at a time.
 
   Each chunk's rows go in padded batches that start at its first row (so a resumed build computes what an
@@ -852,6 +852,8 @@ def _computed_chunks(cache: Cache, row_set: str, chunks: list[int], data: Transf
   Args:
     forward: `(x [B, ...], fold, example index, view: int32 [B]) -> a tuple of [B, ...] device arrays (or dicts
       of them)`.
+    select: transfer rows only: `{chunk: int [n] rows of it (from its first, increasing)}`, the only rows computed
+      (`teacher_cache.grow`, where sources hold the others; a chunk's selection must not be empty); None: all.
 
   Yields:
     `(chunk, rows, outputs)`: rows has the chunk's `index`, `labels` and view parameters (and for transfer rows
@@ -866,6 +868,8 @@ def _computed_chunks(cache: Cache, row_set: str, chunks: list[int], data: Transf
         position, view = np.arange(start, stop), np.zeros(stop - start, np.int32)
       else:
         view, position = spec.row_sources(np.arange(start, stop))
+        if select is not None:
+          view, position = view[select[chunk]], position[select[chunk]]
       index = data.indices[position]
       fold = fold_of(index, spec.folds)
       runs = example_runs(position, batch_size)
