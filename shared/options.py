@@ -41,7 +41,7 @@ class DatasetSettings:
             f"(default: '{DEFAULT_DATASET}'; `fit --cache`: the dataset the cache records)", group="data",
       commands=(FIT, SWEEP, BUILD, VIEWS, IMPORT, EVAL, DEMO))
   data_dir: str | None = setting(None, "TFDS data dir (default: TFDS's own, ~/tensorflow_datasets)", group="data",
-                                 commands=(FIT, SWEEP, BUILD, VIEWS, IMPORT, EVAL, DEMO), identity=False,
+                                 commands=(FIT, SWEEP, BUILD, VIEWS, IMPORT, EVAL, DEMO, *DERIVE), identity=False,
                                  scope="process")
 
 

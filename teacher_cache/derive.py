@@ -1,11 +1,12 @@
 """`teacher-cache convert`, `subset` and `merge`: caches derived from stored caches, running no teacher.
 
-Each command first computes the spec of the cache it makes: the spec a direct `teacher-cache build` with the
-resulting settings writes (`convert_spec`, `subset_spec`, `merge_spec`; every refusal is raised there, before
-anything is written). The cache is then written through the grow engine (`teacher_cache.grow`), which copies each
-member's logits (and features and eval-split logits) from the sources and writes the targets and the row arrays as
-a build writes them, so that the result equals the direct build array for array (the spec's `history` and
-`created_at` aside).
+Each command first works out the build settings of the cache it makes and its members (`convert_plan`,
+`subset_plan`, `merge_plan`: every refusal of the command is raised there, before anything is written), and then
+writes it through the grow engine (`teacher_cache.grow.grow_cache`) with no teacher: the engine copies each member's
+logits (features, eval-split logits, row arrays) from the sources and writes the targets as a build writes them,
+from the member logits as stored, so that the result equals the direct `teacher-cache build` of those settings array
+for array (the spec's `history` and `created_at` aside). The transfer set must be at hand (`--data-dir`), as for
+`verify`: the engine checks its fingerprint; it reads no image.
 
 - **convert** `CACHE --targets dense|topk:K|sample:K`: the same cache with other targets, derived from the stored
   member logits (a sparse source needs them: built with `--member-logits`). A sparse result keeps the member logits
@@ -19,44 +20,30 @@ a build writes them, so that the result equals the direct build array for array 
   0..V-1, so two caches of the same members always share views 0..min(V_A, V_B)-1; `teacher-cache extend --views`
   grows one cache's views instead.
 
-The result is in the grouped row order, of this stillroom's schema, with the chunk rows given (`--chunk-rows`) or
-else the source's (A's for merge), rounded down to whole examples where the views changed (the default of a build,
-`default_chunk_rows`, when the source's are not a multiple of the result's views). Caches of specialists are
-refused: their targets are q of the specialists, which no member logits give.
+The result is what this stillroom's build writes (its row order and schema), with the chunk rows given
+(`--chunk-rows`) or else the source's (A's for merge), or a build's default for the views kept
+(`default_chunk_rows`) when the source's would split an example's views. The sources are checked as the engine's
+(`teacher_cache.grow.check_source`): member logits stored, no cross-fitted members, no specialists.
 """
 
 import dataclasses
 
-from shared import __version__, storage
-from shared.cache import FEATURE_KINDS, GROUPED, SCHEMA_VERSION, CacheSpec, FeatureSpec, now_iso, open_cache
+from shared import storage
+from shared.cache import Cache, CacheSpec, parse_targets
 from shared.errors import StillroomError
+from shared.log import logger
 from shared.options import CONVERT, MERGE, SUBSET
 from shared.outputs import STORE, check_not_an_input, check_output, is_store
 from teacher_cache.build import BuildConfig, check_settings, default_chunk_rows
+from teacher_cache.grow import grow_cache, open_source, source_config
+
+_LOG = logger(__name__)
+# What the grown cache takes of the command's own settings; the rest are the source's (`source_config`).
+_OWN = ("out", "overwrite", "progress", "batch_size", "ignore_limits", "data_dir", "workers")
 
 
 def _short(digest: str) -> str:
   return digest[:12] + "…"
-
-
-def check_source(spec: CacheSpec, path: str, command: str) -> None:
-  """Refuses a source cache whose targets cannot be derived again from what it stores.
-
-  Raises:
-    StillroomError: a cache of specialists; a sparse cache without member logits.
-  """
-  if spec.specialists:
-    raise StillroomError(f"{path!r} is a cache of a generalist and {len(spec.specialists)} specialists: its targets "
-                         f"are their combination q, which `{command}` cannot derive from member logits; build the "
-                         "cache you want directly.")
-  if not spec.member_logits:
-    raise StillroomError(f"{path!r} stores {spec.targets} targets without its members' logits, from which `{command}` "
-                         "derives targets: build it again with --member-logits.")
-
-
-def _feature_order(feature: FeatureSpec) -> tuple:
-  """A build's order of features (`teacher_cache.build._feature_specs`): by member, name, then kind."""
-  return feature.member, feature.name, list(FEATURE_KINDS).index(feature.kind)
 
 
 def _chunk_rows(given: int | None, source: int, views: int) -> int:
@@ -67,34 +54,41 @@ def _chunk_rows(given: int | None, source: int, views: int) -> int:
   return source if source % views == 0 or source < views else default_chunk_rows(views)
 
 
-def _derived(source: CacheSpec, config: BuildConfig, **changes) -> CacheSpec:
-  """The spec of a cache made now from `source` with `changes`: a build's row order, schema and software, chunk rows
-  as `_chunk_rows` gives, the arrays listed again. Checks the chunk rows against the views as a build does."""
+def _grown_config(source: CacheSpec, config: BuildConfig, features=None, **changes) -> BuildConfig:
+  """The build settings of the result: `source`'s (`source_config`), the command's own (`_OWN`), `changes`, the
+  features (`(member, FeatureSpec)` in the result's numbering; None: the source's) and the chunk rows
+  (`_chunk_rows`), checked as a build checks them."""
+  if features is not None:
+    changes["features"] = ",".join(f"{f.name}:{f.kind}@{m}" for m, f in features) or None
   views = changes.get("views", source.views)
-  chunk_rows = _chunk_rows(config.chunk_rows, source.chunk_rows, views)
-  check_settings(dataclasses.replace(config, views=views, chunk_rows=chunk_rows, targets=changes.get(
-      "targets", source.targets), temperature=source.temperature, combine=source.combine, dtype=source.dtype,
-                                     seed=source.augmentation.seed, folds=source.folds))
-  return dataclasses.replace(source, **{"row_order": GROUPED, "schema_version": SCHEMA_VERSION,
-                                        "software_version": __version__, "created_at": now_iso(), "arrays": (),
-                                        "chunk_rows": chunk_rows, **changes})
+  grown = source_config(source, **{name: getattr(config, name) for name in _OWN}, **changes,
+                        chunk_rows=_chunk_rows(config.chunk_rows, source.chunk_rows, views))
+  check_settings(grown)
+  return grown
 
 
-def convert_spec(source: CacheSpec, config: BuildConfig, path: str = "CACHE") -> CacheSpec:
-  """The spec of `convert`: `source` with `config.targets`, and member logits kept when dense or
+def convert_plan(source: CacheSpec, config: BuildConfig, path: str = "CACHE") -> tuple[BuildConfig, None, dict]:
+  """What `convert` writes: `source` with `config.targets`, the member logits kept when dense or
   `config.member_logits`.
 
+  Returns:
+    `(build settings, members None (the source's), history entry)` for `grow_cache`.
+
   Raises:
-    StillroomError: a source `check_source` refuses; targets that are not dense, topk:K (K <= C) or sample:K; the
-      targets and member logits the source already stores.
+    StillroomError: targets that are not dense, topk:K or sample:K (K <= C for topk); the targets and member logits
+      the source already stores.
   """
-  check_source(source, path, CONVERT)
   targets = CacheSpec.canonical_targets(config.targets)
   member_logits = targets == "dense" or config.member_logits
   if (targets, member_logits) == (source.targets, source.member_logits):
     raise StillroomError(f"{path!r} already stores {targets} targets" + ("" if targets == "dense" else (
         " with" if member_logits else " without") + " member logits") + ": nothing to convert.")
-  return _derived(source, config, targets=targets, member_logits=member_logits)
+  kind, k = parse_targets(targets)
+  if kind == "topk" and k > source.num_classes:
+    raise StillroomError(f"--targets {targets}: K is more than the {source.num_classes} classes.")
+  grown = _grown_config(source, config, targets=targets, member_logits=member_logits and targets != "dense")
+  return grown, None, {"command": CONVERT, "targets": [source.targets, targets],
+                       "member_logits": [source.member_logits, member_logits]}
 
 
 def _member_index(source: CacheSpec, text: str, path: str) -> int:
@@ -112,15 +106,18 @@ def _member_index(source: CacheSpec, text: str, path: str) -> int:
                        f"{', '.join(repr(n) for n in names)} (or their indices 0..{len(names) - 1}).")
 
 
-def subset_spec(source: CacheSpec, members, views: int | None, config: BuildConfig, path: str = "CACHE") -> CacheSpec:
-  """The spec of `subset`: the members named (in that order; None: all, in the cache's order) over views
+def subset_plan(source: CacheSpec, members, views: int | None, config: BuildConfig,
+                path: str = "CACHE") -> tuple[BuildConfig, list[str], dict]:
+  """What `subset` writes: the members named (in that order; None: all, in the cache's order) over views
   0..`views`-1 (None: all).
 
+  Returns:
+    `(build settings, the members' parameter digests in order, history entry)` for `grow_cache`.
+
   Raises:
-    StillroomError: a source `check_source` refuses; a member not in the cache (listing its members) or named twice;
-      views out of 1..V; a subset that keeps everything in its order.
+    StillroomError: a member not in the cache (listing its members) or named twice; views out of 1..V; a subset
+      that keeps everything in its order.
   """
-  check_source(source, path, SUBSET)
   keep = list(range(source.num_members)) if members is None else [_member_index(source, m, path) for m in members]
   if not keep:
     raise StillroomError("--members: give at least one member.")
@@ -135,10 +132,11 @@ def subset_spec(source: CacheSpec, members, views: int | None, config: BuildConf
   if keep == list(range(source.num_members)) and views == source.views:
     raise StillroomError(f"--members and --views keep every member and view of {path!r} in its order: nothing to "
                          "subset (give fewer members or fewer views).")
-  features = tuple(sorted((dataclasses.replace(f, member=keep.index(f.member)) for f in source.features
-                           if f.member in keep), key=_feature_order))
-  runs = tuple(run for m in keep for run in source.member_runs(m))
-  return _derived(source, config, members=runs, views=views, features=features)
+  features = [(keep.index(f.member), f) for f in source.features if f.member in keep]
+  grown = _grown_config(source, config, features=features, views=views)
+  names = [source.member_name(m) for m in keep]
+  return grown, [source.members[m].digest for m in keep], {"command": SUBSET, "members": names,
+                                                             "views": [source.views, views]}
 
 
 def _described(spec: CacheSpec):
@@ -165,15 +163,17 @@ def _described(spec: CacheSpec):
   ]
 
 
-def merge_spec(a: CacheSpec, b: CacheSpec, config: BuildConfig, paths: tuple[str, str] = ("A", "B")) -> CacheSpec:
-  """The spec of `merge`: A's members then B's over the settings both share, features and eval logits of both.
+def merge_plan(a: CacheSpec, b: CacheSpec, config: BuildConfig,
+               paths: tuple[str, str] = ("A", "B")) -> tuple[BuildConfig, None, dict]:
+  """What `merge` writes: A's members then B's over the settings both share, with the features and eval logits of
+  both.
+
+  Returns:
+    `(build settings, members None (A's then B's), history entry)` for `grow_cache`.
 
   Raises:
-    StillroomError: a source `check_source` refuses; any setting the two do not share (each named, with both
-      values); a member in both.
+    StillroomError: any setting the two do not share (each named, with both values); a member in both.
   """
-  for spec, path in zip((a, b), paths):
-    check_source(spec, path, MERGE)
   differ = [f"{name}: {shown_a} ({paths[0]}) vs {shown_b} ({paths[1]})"
             for (name, value_a, shown_a), (_, value_b, shown_b) in zip(_described(a), _described(b))
             if value_a != value_b]
@@ -190,67 +190,73 @@ def merge_spec(a: CacheSpec, b: CacheSpec, config: BuildConfig, paths: tuple[str
                          f"{', '.join(both)}. Merge joins disjoint members over the same views (caches of the same "
                          "members never hold disjoint views: each holds views 0..V-1); `teacher-cache subset "
                          "--members` drops a member from one first.")
-  shifted = tuple(dataclasses.replace(f, member=f.member + a.num_members) for f in b.features)
-  return _derived(a, config, members=a.members + b.members,
-                  features=tuple(sorted(a.features + shifted, key=_feature_order)))
+  features = [(f.member, f) for f in a.features] + [(f.member + a.num_members, f) for f in b.features]
+  grown = _grown_config(a, config, features=features)
+  return grown, None, {"command": MERGE, "members": [[r.name for r in a.members], [r.name for r in b.members]]}
 
 
-def _prepare(sources: list[str], config: BuildConfig, command: str):
-  """The opened sources, once `--out` is known to be none of them and not a file (nor, with `--overwrite`, anything
-  but a store)."""
+def _prepare(sources: list[str], config: BuildConfig) -> list[Cache]:
+  """The opened sources (`teacher_cache.grow.open_source`), once `--out` is known to be none of them, not a file,
+  and not a directory of something else."""
   if not config.out:
     raise StillroomError("give --out NEW.zarr.")
   check_not_an_input(config.out, sources, "--out")
   check_output(config.out, STORE, config.overwrite)
   if not config.overwrite and storage.has_entries(config.out) and not is_store(config.out):
     raise StillroomError(f"--out {config.out!r} exists and is not a stillroom cache; choose another --out.")
-  return [open_cache(path) for path in sources]
+  return [open_source(path) for path in sources]
 
 
-def _write(spec: CacheSpec, sources: list, config: BuildConfig, command: str) -> str:
-  raise NotImplementedError("the grow engine is not merged yet")
+def _write(plan: tuple, sources: list[Cache]) -> str:
+  """Writes the planned cache through the grow engine, running no teacher."""
+  grown, members, history = plan
+  out = grow_cache(dataclasses.replace(grown, teachers=()), sources, members=members, history=history)
+  _LOG.info(f"{history['command']}: wrote {out} from {', '.join(s.path for s in sources)} (no teacher run)")
+  return out
 
 
 def convert_cache(cache: str, config: BuildConfig) -> str:
-  """`teacher-cache convert`: writes `config.out`, the cache `cache` with `config.targets` (`convert_spec`).
+  """`teacher-cache convert`: writes `config.out`, the cache `cache` with `config.targets` (`convert_plan`).
 
   Args:
     cache: the source cache.
     config: the settings `BuildConfig` declares for `convert`: targets, member_logits, chunk_rows, out, overwrite,
-      batch_size, progress, ignore_limits.
+      batch_size, data_dir, progress, ignore_limits.
 
   Returns:
     `config.out`.
 
   Raises:
-    StillroomError: every refusal of `convert_spec`; an `--out` that is a source, a file, or a store of another spec.
+    StillroomError: every refusal of `convert_plan` and of a source (`teacher_cache.grow.check_source`); an `--out`
+      that is the source, a file, a directory of something else, or a store of other settings (without
+      `--overwrite`).
   """
-  (source,) = _prepare([cache], config, CONVERT)
-  return _write(convert_spec(source.spec, config, cache), [source], config, CONVERT)
+  (source,) = _prepare([cache], config)
+  return _write(convert_plan(source.spec, config, cache), [source])
 
 
 def subset_cache(cache: str, members, views: int | None, config: BuildConfig) -> str:
   """`teacher-cache subset`: writes `config.out`, the members `members` (names or indices; None: all) of `cache`
-  over its views 0..`views`-1 (None: all) (`subset_spec`).
+  over its views 0..`views`-1 (None: all) (`subset_plan`).
 
   Returns:
     `config.out`.
 
   Raises:
-    StillroomError: every refusal of `subset_spec`; an `--out` that is a source, a file, or a store of another spec.
+    StillroomError: as `convert_cache`, with the refusals of `subset_plan`.
   """
-  (source,) = _prepare([cache], config, SUBSET)
-  return _write(subset_spec(source.spec, members, views, config, cache), [source], config, SUBSET)
+  (source,) = _prepare([cache], config)
+  return _write(subset_plan(source.spec, members, views, config, cache), [source])
 
 
 def merge_caches(a: str, b: str, config: BuildConfig) -> str:
-  """`teacher-cache merge`: writes `config.out`, the members of `a` then of `b` (`merge_spec`).
+  """`teacher-cache merge`: writes `config.out`, the members of `a` then of `b` (`merge_plan`).
 
   Returns:
     `config.out`.
 
   Raises:
-    StillroomError: every refusal of `merge_spec`; an `--out` that is a source, a file, or a store of another spec.
+    StillroomError: as `convert_cache`, with the refusals of `merge_plan`.
   """
-  first, second = _prepare([a, b], config, MERGE)
-  return _write(merge_spec(first.spec, second.spec, config, (a, b)), [first, second], config, MERGE)
+  first, second = _prepare([a, b], config)
+  return _write(merge_plan(first.spec, second.spec, config, (a, b)), [first, second])

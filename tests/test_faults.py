@@ -2055,8 +2055,8 @@ def _sparse_without_logits(env, tmp_path) -> str:
 def _(env, tmp_path, mp):
   store = _sparse_without_logits(env, tmp_path)
   return (cache_main, ["convert", store, "--targets", "dense", "--out", tmp_path / "n.zarr"], 2,
-          r"stores topk:3 targets without its members' logits, from which `convert` derives targets: build it again "
-          r"with --member-logits", [store, Absent(tmp_path / "n.zarr")])
+          r"stores topk:3 targets without its members' logits, so no member can be taken from it: rebuild it with "
+          r"--member-logits", [store, Absent(tmp_path / "n.zarr")])
 
 
 @fault("convert to the targets the cache stores")
