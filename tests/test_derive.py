@@ -83,3 +83,12 @@ def test_merge_of_disjoint_members_equals_a_direct_build(builds):
   assert_same_cache(_verified(merged, builds.data_dir), builds.dense())
   # Run again, the command confirms the complete store and writes nothing.
   assert merge_caches(builds.get("t0", (0,)), builds.get("t1", (1,)), builds.config("merged")) == merged
+
+
+def test_subset_reordering_members_with_features_and_sparse_targets_equals_a_direct_build(builds):
+  """The kept members' features renumbered in the new order; sparse targets with member logits derived again."""
+  sparse = {"targets": "topk:3", "member_logits": True}
+  source = builds.get("features", (0, 2), features="hidden1@0,stage2:pooled@1", **sparse)
+  reordered = subset_cache(source, ["c2", "t0"], None, builds.config("reordered"))
+  assert_same_cache(_verified(reordered, builds.data_dir),
+                    builds.get("features_reordered", (2, 0), features="stage2:pooled@0,hidden1@1", **sparse))

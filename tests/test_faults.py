@@ -2083,6 +2083,14 @@ def _(env, tmp_path, mp):
           r"--out .* is \(or holds, or lies inside\) this command's input", [env.store])
 
 
+@fault("convert --out a cache of other settings")
+def _(env, tmp_path, mp):
+  other = _copy_store(env, tmp_path)
+  return (cache_main, ["convert", env.store, "--targets", "topk:3", "--data-dir", env.data_dir, "--out", other], 2,
+          r"--out '.*c\.zarr' holds a cache built with other settings: .*targets: None \(store\) vs topk:3 \(command\)"
+          r".*Pass --overwrite to replace it, or choose another --out\.", [env.store, other])
+
+
 @fault("subset --members a name not in the cache")
 def _(env, tmp_path, mp):
   return (cache_main, ["subset", env.store, "--members", "t9", "--out", tmp_path / "n.zarr"], 2,
