@@ -43,8 +43,8 @@ from shared.parallel import (FSDP, REPLICATED, SHARDINGS, batch_sharding, bytes_
 from shared.precision import DEFAULT_COMPUTE_DTYPE, target_tolerance
 from shared.render import inputs_of
 from shared.runs import Teacher, load_teacher
-from shared.options import (BUILD, CONVERT, DEFAULT_SPLIT, DEMO_BUILD, DERIVE, IMPORT, VIEWS, ComputeSettings,
-                            DataSettings, JobSettings, OutputSettings, ViewSettings, resolve_dataset)
+from shared.options import (BUILD, CONVERT, DEFAULT_SPLIT, DEMO_BUILD, DERIVE, EXTEND, IMPORT, VIEWS,
+                            ComputeSettings, DataSettings, JobSettings, OutputSettings, ViewSettings, resolve_dataset)
 from shared.settings import setting, workers_check
 from shared.specialists import SpecialistPlan, class_matrix, specialist_log_probs
 from shared.workers import BatchRenderer, resolve_workers
@@ -95,15 +95,18 @@ class BuildConfig(DataSettings, ViewSettings, ComputeSettings, JobSettings, Outp
                           "`student-train fit --folds K --holdout-fold k`; a row takes each member's logits from "
                           "the run that did not see its fold (1: no cross-fitting)", group="teachers")
   batch_size: int = setting(256, "rows per forward pass, a multiple of the device count", group="run",
-                            commands=(BUILD, VIEWS, IMPORT, *DERIVE),
+                            commands=(BUILD, VIEWS, IMPORT, EXTEND, *DERIVE),
                             helps={VIEWS: ("rows rendered at a time", None),
                                    **{c: ("rows whose targets are computed at a time", None) for c in DERIVE}})
   chunk_rows: int | None = setting(None, f"rows per Zarr chunk: the unit of writing, resuming and reading; a "
                                          f"multiple of --views (when more), so that a chunk holds whole examples "
                                          f"and the build decodes each image once (default: {DEFAULT_CHUNK_ROWS} "
                                          f"rounded down to a multiple of --views)", metavar="N",
-                            group="run", commands=(BUILD, VIEWS, IMPORT, *DERIVE),
+                            group="run", commands=(BUILD, VIEWS, IMPORT, EXTEND, *DERIVE),
                             helps={VIEWS: ("rows per views_*.npz file, a multiple of --views", None),
+                                   EXTEND: ("rows per Zarr chunk of the extended cache, a multiple of its views "
+                                            "(default: the cache's if it is one, else the build's default for "
+                                            "those views)", None),
                                    **{c: ("rows per Zarr chunk of the new cache (default: the source's, or for "
                                           "views not dividing them a build's default)", None) for c in DERIVE}})
   dtype: str = setting("float16", "storage dtype of logits and targets", choices=STORAGE_DTYPES, group="teachers",
@@ -113,11 +116,11 @@ class BuildConfig(DataSettings, ViewSettings, ComputeSettings, JobSettings, Outp
                   "'fsdp' (each weight array split along its longest axis that divides evenly over the devices, "
                   "gathered inside each forward pass: a teacher need not fit on one device); the batch is split over "
                   "the same devices either way, and the store is the same within float rounding", choices=SHARDINGS,
-      group="run", identity=False, scope="process")
+      group="run", identity=False, scope="process", commands=(BUILD, EXTEND))
   ignore_limits: bool = setting(False, "start even when the output's projected size exceeds the free space of its "
                                        "file system, or its chunks' working memory the available memory (both are "
                                        "checked before anything is written)", group="run",
-                                commands=(BUILD, VIEWS, IMPORT, *DERIVE), identity=False, scope="process")
+                                commands=(BUILD, VIEWS, IMPORT, EXTEND, *DERIVE), identity=False, scope="process")
 
 
 def resolve_defaults(config: BuildConfig) -> BuildConfig:

@@ -10,10 +10,11 @@ from shared.data import PREPARED_PREFIX
 from shared.cli import add_models_command, add_verbosity_options, print_models, run_or_exit
 from shared.data.prepared import is_prepared
 from shared.errors import StillroomError
-from shared.options import BUILD, CONVERT, IMPORT, MERGE, SUBSET, VIEWS
+from shared.options import BUILD, CONVERT, EXTEND, IMPORT, MERGE, SUBSET, VIEWS
 from shared.settings import add_options, from_args
 from teacher_cache.build import BuildConfig, build_cache
 from teacher_cache.derive import convert_cache, merge_caches, subset_cache
+from teacher_cache.extend import ExtendConfig, extend_cache
 from teacher_cache.external import IMPORTED, import_cache, write_views
 from teacher_cache.info import cache_info, prepared_info
 from teacher_cache.prepare import PREPARE, PrepareConfig, prepare_images
@@ -89,6 +90,33 @@ def teacher_cache_parser() -> argparse.ArgumentParser:
   imported.add_argument("--views-dir", metavar="DIR", help="the views the logits are of (`teacher-cache views`): "
                                                            "refuse settings other than theirs")
   add_options(imported, BuildConfig, IMPORT, required=("out",))
+
+  extend = commands.add_parser(
+      "extend", allow_abbrev=False, help="add members or views to a cache, computing only what it lacks",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      description="Extend a cache: --teacher RUN adds a member (only the new teachers run, over the views its rows "
+                  "hold,\nreplayed from their stored parameters; the targets are rewritten for the larger ensemble); "
+                  "--views N\nadds views V..N-1 of every example (only those rows are computed, by every member's run: "
+                  "where\nthe cache records it, or given with --teacher). The result equals a direct `build` of the "
+                  "final\nmembers and views, array for array; `info` shows its history. The cache must store its "
+                  "members'\nlogits (dense targets, or sparse ones built with --member-logits).\n\n"
+                  "The original is never lost: the extended cache is built beside it (CACHE.extending; running the "
+                  "same\ncommand again resumes an interrupted extend) and replaces it only once complete, by two "
+                  "renames\n(CACHE -> CACHE.replaced, CACHE.extending -> CACHE, then CACHE.replaced is deleted); "
+                  "a kill\nbetween them is finished by the next extend of CACHE. --out NEW leaves CACHE as it is "
+                  "(the only\nway on an object store). Students of the old and of the extended cache are different "
+                  "runs: a\nrun dir of one refuses to resume on the other.",
+      epilog="example:\n"
+             "  teacher-cache build --dataset digits --teacher runs/t0 --teacher runs/t1 --views 4 --out digits.zarr\n"
+             "  teacher-cache extend digits.zarr --teacher runs/t2        # a third member, in place\n"
+             "  teacher-cache extend digits.zarr --views 8 --out digits8.zarr   # 4 more views, a new store\n"
+             "  teacher-cache info digits.zarr")
+  extend.add_argument("cache", metavar="CACHE.zarr", help="a complete cache with stored member logits")
+  extend.add_argument("--teacher", action="append", default=[], metavar="RUN_DIR|module:function",
+                      help="a new ensemble member (repeat for each); with --views, also an existing member's run "
+                           "where the cache's record of it is out of date")
+  add_options(extend, ExtendConfig, EXTEND)
+  add_options(extend, BuildConfig, EXTEND)
 
   _add_derive_commands(commands)
 
@@ -288,6 +316,10 @@ def main(argv: list[str] | None = None) -> None:
       build_cache(from_args(BuildConfig, args, teachers=tuple(args.teacher),
                             specialist_plan=specialists[0] if specialists else None,
                             specialist_runs=tuple(specialists[1:])))
+    elif args.command == "extend":
+      out = extend_cache(args.cache, from_args(BuildConfig, args, teachers=tuple(args.teacher)),
+                         from_args(ExtendConfig, args))
+      print(f"extended cache: {out}")
     elif args.command == "convert":
       convert_cache(args.cache, from_args(BuildConfig, args))
     elif args.command == "subset":

@@ -47,3 +47,15 @@ def test_engine_adds_a_member_equal_to_a_direct_build(grown_root, data_dir, teac
   assert_same_cache(grown, direct)
   history = open_cache(grown).spec.history
   assert [h["command"] for h in history] == ["extend"] and len(history[0]["sources"]) == 1
+
+
+def test_extend_adds_a_member_in_place(grown_root, data_dir, teachers, capsys):
+  import shutil
+  from conftest import run_cli
+  from teacher_cache.cli import main
+  cache = str(grown_root / "inplace.zarr")
+  shutil.copytree(grown_root / "one.zarr", cache)
+  code, out, err = run_cli(main, ["extend", cache, "--teacher", teachers[1], "--data-dir", data_dir, "--batch-size",
+                                  "16", "--no-progress"], capsys)
+  assert code == 0, err
+  assert_same_cache(cache, str(grown_root / "two.zarr"))
