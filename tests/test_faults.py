@@ -2145,6 +2145,60 @@ def _(env, tmp_path, mp):
           [env.store, other, Absent(tmp_path / "n.zarr")])
 
 
+def _extend_argv(env, store, *extra):
+  return ["extend", store, "--data-dir", env.data_dir, "--no-progress", *extra]
+
+
+def _untouched_in_place(store) -> list:
+  """A store extended in place, unchanged, and no staging store, lock or replaced store beside it."""
+  return [store, Absent(store + ".extending"), Absent(store + ".replaced")]
+
+
+@fault("extend --teacher a member the cache holds")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  return (cache_main, _extend_argv(env, store, "--teacher", env.teachers[0]), 2,
+          r"teacher '.*t0' is already member 0 \('t0'\) of .*: give a new member, or more --views\.",
+          _untouched_in_place(store))
+
+
+@fault("extend --views not more than the cache's")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  return (cache_main, _extend_argv(env, store, "--views", "2"), 2,
+          r"--views 2: .* already holds 2 views per example; give more than 2", _untouched_in_place(store))
+
+
+@fault("extend with neither --teacher nor --views")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  return (cache_main, _extend_argv(env, store), 2, r"give --teacher RUN \(a new member\) and/or --views N",
+          _untouched_in_place(store))
+
+
+@fault("extend a sparse cache without member logits")
+def _(env, tmp_path, mp):
+  store = _sparse_without_logits(env, tmp_path)
+  return (cache_main, _extend_argv(env, store, "--teacher", env.flat_teacher), 2,
+          r"stores topk:3 targets without its members' logits, so no member can be taken from it",
+          _untouched_in_place(store))
+
+
+@fault("extend --views of a cache whose member's run is gone")
+def _(env, tmp_path, mp):
+  store = _variant(env, tmp_path, **{"members": [
+      {**m, "source": str(tmp_path / "gone")} for m in zarr.open_group(env.store, mode="r").attrs[SPEC_KEY]["members"]]})
+  return (cache_main, _extend_argv(env, store, "--views", "3", "--out", tmp_path / "n.zarr"), 2,
+          r"more views need every member's run, and member 't0''s at '.*gone' \(as .* records it\) cannot be loaded "
+          r".*give it with --teacher\.", [store, Absent(tmp_path / "n.zarr")])
+
+
+@fault("extend --teacher of another input shape")
+def _(env, tmp_path, mp):
+  return (cache_main, _extend_argv(env, env.store, "--teacher", env.flat_teacher, "--out", tmp_path / "n.zarr"), 2,
+          r"teacher 'flat_teacher' .* takes inputs of shape \(6,\)", [env.store, Absent(tmp_path / "n.zarr")])
+
+
 @pytest.mark.parametrize("name", list(FAULTS))
 def test_fault_is_refused_cleanly(name, env, tmp_path, monkeypatch, capsys):
   _refused_cleanly(FAULTS[name](env, tmp_path, monkeypatch), env, monkeypatch, capsys)
