@@ -92,3 +92,22 @@ def test_subset_reordering_members_with_features_and_sparse_targets_equals_a_dir
   reordered = subset_cache(source, ["c2", "t0"], None, builds.config("reordered"))
   assert_same_cache(_verified(reordered, builds.data_dir),
                     builds.get("features_reordered", (2, 0), features="stage2:pooled@0,hidden1@1", **sparse))
+
+
+def test_an_interrupted_convert_is_finished_by_running_it_again(builds):
+  """A store left as a kill leaves it (no completion record, a chunk uncommitted and its files gone) is resumed."""
+  import os  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+  import zarr  # pylint: disable=import-outside-toplevel
+  from shared.cache import COMPLETE_KEY  # pylint: disable=import-outside-toplevel
+  config = builds.config("resumed", targets="topk:3")
+  out = convert_cache(builds.dense(), config)
+  group = zarr.open_group(out, mode="r+")
+  del group.attrs[COMPLETE_KEY]
+  group["chunk_committed"][2] = False
+  for name in ("target_ids", "target_log_probs", "member_logits"):
+    shutil.rmtree(os.path.join(out, name, "c", "2"))
+  with pytest.raises(Exception, match="not complete"):
+    open_cache(out)
+  assert convert_cache(builds.dense(), config) == out
+  assert_same_cache(out, builds.get("top3", (0, 1), targets="topk:3"))
