@@ -2,14 +2,19 @@
 settings: every array and every stored chunk byte equal, the spec equal but for its history and creation time, and
 `teacher-cache verify` passing on each result. The sources and the direct builds are built once for the module."""
 
+import dataclasses
+import os
+import shutil
+
 import pytest
+import zarr
 from conftest import run_cli
 from test_grow import assert_same_cache
 
-from shared.cache import open_cache
+from shared.cache import COMPLETE_KEY, open_cache
 from teacher_cache.build import BuildConfig, build_cache
 from teacher_cache.cli import main as cache_main
-from teacher_cache.derive import convert_cache, merge_caches, subset_cache
+from teacher_cache.derive import convert_cache, merge_caches, merge_plan, subset_cache, subset_plan
 from teacher_cache.verify import verify_cache
 
 SPLIT = "train[:120]"  # 240 rows of 2 views: a few chunks of 32 rows.
@@ -96,18 +101,28 @@ def test_subset_reordering_members_with_features_and_sparse_targets_equals_a_dir
 
 def test_an_interrupted_convert_is_finished_by_running_it_again(builds):
   """A store left as a kill leaves it (no completion record, a chunk uncommitted and its files gone) is resumed."""
-  import os  # pylint: disable=import-outside-toplevel
-  import shutil  # pylint: disable=import-outside-toplevel
-  import zarr  # pylint: disable=import-outside-toplevel
-  from shared.cache import COMPLETE_KEY  # pylint: disable=import-outside-toplevel
   config = builds.config("resumed", targets="topk:3")
   out = convert_cache(builds.dense(), config)
   group = zarr.open_group(out, mode="r+")
   del group.attrs[COMPLETE_KEY]
   group["chunk_committed"][2] = False
-  for name in ("target_ids", "target_log_probs", "member_logits"):
-    shutil.rmtree(os.path.join(out, name, "c", "2"))
+  for name in ("target_ids", "target_log_probs", "target_rest", "index"):  # A 2-D array's chunk is a folder.
+    chunk = os.path.join(out, name, "c", "2")
+    shutil.rmtree(chunk) if os.path.isdir(chunk) else os.remove(chunk)
   with pytest.raises(Exception, match="not complete"):
     open_cache(out)
   assert convert_cache(builds.dense(), config) == out
   assert_same_cache(out, builds.get("top3", (0, 1), targets="topk:3"))
+
+
+def test_the_chunk_rows_of_a_derived_cache(builds):
+  """The source's (A's for merge) unless given, or a build's default for the views kept when those do not divide
+  them."""
+  spec = open_cache(builds.dense()).spec
+  four = dataclasses.replace(spec, views=4, chunk_rows=4096, arrays=())
+  assert subset_plan(four, None, 3, builds.config("x"))[0].chunk_rows == 4095  # 4096 // 3 * 3.
+  assert subset_plan(four, None, 2, builds.config("x"))[0].chunk_rows == 4096
+  assert subset_plan(four, None, 3, builds.config("x", chunk_rows=300))[0].chunk_rows == 300
+  a, b = (open_cache(builds.get(name, (m,))).spec for name, m in (("t0", 0), ("t1", 1)))
+  grown, members, history = merge_plan(a, dataclasses.replace(b, chunk_rows=64, arrays=()), builds.config("x"))
+  assert (grown.chunk_rows, members, history["command"]) == (32, None, "merge")

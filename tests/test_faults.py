@@ -2186,8 +2186,8 @@ def _(env, tmp_path, mp):
 
 @fault("extend --views of a cache whose member's run is gone")
 def _(env, tmp_path, mp):
-  store = _variant(env, tmp_path, **{"members": [
-      {**m, "source": str(tmp_path / "gone")} for m in zarr.open_group(env.store, mode="r").attrs[SPEC_KEY]["members"]]})
+  recorded = zarr.open_group(env.store, mode="r").attrs[SPEC_KEY]["members"]
+  store = _variant(env, tmp_path, members=[{**m, "source": str(tmp_path / "gone")} for m in recorded])
   return (cache_main, _extend_argv(env, store, "--views", "3", "--out", tmp_path / "n.zarr"), 2,
           r"more views need every member's run, and member 't0''s at '.*gone' \(as .* records it\) cannot be loaded "
           r".*give it with --teacher\.", [store, Absent(tmp_path / "n.zarr")])
