@@ -343,7 +343,7 @@ _SCRIPTS = {
     "specialists": "bench/specialists.py", "cache_reads": "bench/cache_reads.py",
     "multi_students": "bench/multi_students.py", "shuffle_quality": "bench/shuffle_quality.py",
     "open_imagefolder": "bench/open_imagefolder.py", "summary": "bench/run_all.py",
-    "build_memory": "bench/build_memory.py", "models": "bench/models.py",
+    "build_memory": "bench/build_memory.py", "models": "bench/models.py", "grow": "bench/grow.py",
 }
 # Headline figures: a top-level key (or path) of a file, what it is, and its target where it has one.
 _HEADLINES = (
@@ -361,6 +361,9 @@ _HEADLINES = (
      ""),
     ("working_chunks_measured", "chunks' worth of memory a build holds at once (the memory check of `build` assumes 6)",
      "≤ 6"),
+    ("extend_over_target", "`teacher-cache extend` by one teacher / (a full build of the M + 1 members / (M + 1) + the "
+                           "rewrite alone)", "≤ 1"),
+    ("convert_over_build", "`teacher-cache convert` dense → sparse / a build with those sparse targets", ""),
 )
 
 

@@ -194,7 +194,8 @@ def _recipe_search(result, printed, tmp):
 def _grow(result, printed, tmp):
   assert result["rows"] == 64 and result["members"] == 2
   _positive(result, "seconds.build", "seconds.extend", "seconds.rewrite", "seconds.build_sparse", "seconds.convert",
-            "extend_over_build", "extend_target_s", "rewrite_over_build", "convert_over_build")
+            "seconds.build_one", "extend_over_build", "extend_target_s", "rewrite_over_build", "extend_over_parts",
+            "convert_over_build")
   assert "extend by one teacher (2 -> 3 members)" in printed and "convert dense -> topk:5" in printed
 
 
