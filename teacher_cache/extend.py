@@ -143,10 +143,15 @@ def extend_cache(cache: str, config: BuildConfig, extend: ExtendConfig) -> str:
   if in_place and storage.is_url(storage.local(cache)):
     raise StillroomError(f"{cache!r} is on an object store, where a store is not renamed but copied: give --out NEW "
                          "to write the extended cache there (the original stays as it is).")
-  if distributed.is_first() and in_place and (os.path.exists(cache.rstrip("/") + REPLACED_SUFFIX)
-                                             or is_store(staging_path(cache), complete=True)):
-    with OutputLock(cache, "teacher-cache extend"):
-      finish_switch(cache)
+  distributed.initialize(config.coordinator, config.num_processes, config.process_id, config.heartbeat_timeout,
+                         config.join_timeout)
+
+  def recover():
+    if in_place and (os.path.exists(cache.rstrip("/") + REPLACED_SUFFIX) or
+                     is_store(staging_path(cache), complete=True)):
+      with OutputLock(cache, "teacher-cache extend"):
+        finish_switch(cache)
+  distributed.first_then_others(recover, lambda: None)  # Process 0 first, before any process reads CACHE.
   source = open_source(cache)
   spec = source.spec
   views = spec.views if extend.views is None else extend.views

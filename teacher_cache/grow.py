@@ -144,13 +144,16 @@ def _open_sources(paths, spec: CacheSpec) -> list[_Source]:
     cache = path if isinstance(path, Cache) else open_source(path)
     check_source(cache)
     theirs = cache.spec
-    differences = [f"{what}: {mine} (this cache) vs {other} (source)" for what, mine, other in (
+    differences = [f"{what}: {mine} (here) vs {other} (that cache)" for what, mine, other in (
         ("dataset fingerprint", spec.dataset.fingerprint, theirs.dataset.fingerprint),
         ("views", spec.augmentation.to_dict(), theirs.augmentation.to_dict()),
         ("dtype", spec.dtype, theirs.dtype), ("compute dtype", spec.compute_dtype, theirs.compute_dtype),
         ("classes", spec.num_classes, theirs.num_classes)) if mine != other]
     if differences:
-      raise StillroomError(f"cache {cache.path!r} cannot be a source of this cache: {'; '.join(differences)}.")
+      changed = " (the data changed since that cache was built, or --data-dir holds other data)" \
+          if spec.dataset.fingerprint != theirs.dataset.fingerprint else ""
+      raise StillroomError(f"cache {cache.path!r} cannot be grown into the cache asked for: {'; '.join(differences)}"
+                           f"{changed}.")
     digests = [m.digest for m in theirs.members]
     members = [digests.index(m.digest) if m.digest in digests else -1 for m in spec.members]
     features = {}

@@ -204,3 +204,24 @@ def test_students_of_the_old_and_the_extended_cache_are_different_runs(built, da
   assert _extend(cache, data_dir, "--teacher", teachers[1], capsys=capsys)[0] == 0
   code, _, err = run_cli(student_main, [*fit[:-2], "--epochs", "2", "--out", tmp_path / "run"], capsys)
   assert code == 2 and "member_digests" in err, err
+
+
+def test_a_job_of_two_processes_extends_in_place(built, data_dir, teachers):
+  from test_distributed import _job, _wait  # pylint: disable=import-outside-toplevel
+  cache = _copy(built, "one", "job.zarr")
+  ended = _wait(_job("teacher_cache", ["extend", cache, "--teacher", teachers[1], "--data-dir", data_dir,
+                                       "--batch-size", "16"], processes=2, heartbeat=10))
+  assert all(code == 0 for code, _ in ended), ended
+  assert_same_cache(cache, built["two"])
+
+
+def test_extend_onto_an_object_store(built, data_dir, teachers, s3, capsys):
+  from conftest import BUCKET  # pylint: disable=import-outside-toplevel
+  url = f"s3://{BUCKET}/grow/two.zarr"
+  code, _, err = _extend(built["one"], data_dir, "--teacher", teachers[1], "--out", url, capsys=capsys)
+  assert code == 0, err
+  prefix = url.split("://", 1)[1]
+  s3.invalidate_cache()
+  objects = {key[len(prefix) + 1:]: s3.cat_file(key) for key in s3.find(prefix) if not key.endswith("zarr.json")}
+  import hashlib  # pylint: disable=import-outside-toplevel
+  assert {k: hashlib.sha256(v).hexdigest() for k, v in objects.items()} == array_files(built["two"])
