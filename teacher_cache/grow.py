@@ -30,7 +30,7 @@ from shared.data import NO_EVAL
 from shared.errors import StillroomError
 from shared.log import logger, progress
 from shared.outputs import STORE, OutputLock, check_not_an_input, check_output, is_store
-from shared.parallel import cap_batch, check_batch_size, data_mesh
+from shared.parallel import cap_batch, check_batch_size, data_mesh, pad_rows
 from shared.runs import Teacher, load_teacher
 from teacher_cache import build
 from teacher_cache.build import BuildConfig
@@ -330,12 +330,13 @@ def grow_cache(config: BuildConfig, sources, *, members=None, history: dict | No
 
 def _compute_spec(spec: CacheSpec, run_at: dict[int, Teacher]) -> CacheSpec:
   """The spec of an ensemble of the members run here alone (in member order), with their features: what the
-  build's forward (`build._make_forwards`) computes for them."""
+  build's forward (`build._make_forwards`) computes for them. Its targets are dense, the cheapest to compile: only
+  its member logits and features are used (the grown cache's targets are computed from every member's)."""
   positions = sorted(run_at)
   features = tuple(dataclasses.replace(f, member=positions.index(f.member)) for f in spec.features
                    if f.member in run_at)
   return dataclasses.replace(spec, members=tuple(spec.members[m] for m in positions), features=features, arrays=(),
-                             history=())
+                             history=(), targets="dense", member_logits=True)
 
 
 def _write_grown_chunks(cache: Cache, transfer_set, eval_set, run_at: dict[int, Teacher], sources: list[_Source],
@@ -454,9 +455,9 @@ def _write_grown_chunks(cache: Cache, transfer_set, eval_set, run_at: dict[int, 
         take = np.array([position_of[int(r)] for r in sourced], np.int64)
         for name in row_names:
           arrays[name][sourced] = read[name][take]
-      stored, targets, finite, finite_targets = (np.asarray(a) if not isinstance(a, dict) else
-                                                 {k: np.asarray(v) for k, v in a.items()}
-                                                 for a in stored_and_targets(logits, index.astype(np.uint32), view))
+      # Padded to whole chunks: one compilation for every chunk, the last one too.
+      stored, targets, finite, finite_targets = jax.tree.map(lambda a: np.asarray(a)[:count], stored_and_targets(
+          *(pad_rows(a, spec.chunk_rows) for a in (logits, index.astype(np.uint32), view))))
       build.put_rows(writer, cache, chunk, arrays, stored, {**targets, **features}, finite, finite_targets)
       bar.update(count)
   finally:

@@ -49,7 +49,7 @@ def assert_same_cache(grown: str, direct: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, data_dir, teachers):
+def built(tmp_path_factory, data_dir, teachers, compilation_cache):  # pylint: disable=unused-argument
   """Direct builds: one member and two (2 views, and 4), dense with eval logits; sparse with member logits and
   features, one member and two."""
   root = tmp_path_factory.mktemp("grow")
@@ -82,8 +82,11 @@ def test_engine_adds_a_member_equal_to_a_direct_build(built, data_dir, teachers)
   assert [h["command"] for h in history] == ["extend"] and len(history[0]["sources"]) == 1
 
 
-def test_extend_adds_a_member_in_place(built, data_dir, teachers, capsys):
+def test_extend_adds_a_member_in_place_and_its_students_are_other_runs(built, data_dir, teachers, capsys, tmp_path):
   cache = _copy(built, "one", "inplace.zarr")
+  fit = ["fit", "--cache", cache, "--data-dir", data_dir, "--model", "mlp-tiny", "--epochs", "1", "--no-progress",
+         "--out", tmp_path / "run"]
+  assert run_cli(student_main, fit, capsys)[0] == 0
   code, _, err = _extend(cache, data_dir, "--teacher", teachers[1], capsys=capsys)
   assert code == 0, err
   assert_same_cache(cache, built["two"])
@@ -92,6 +95,9 @@ def test_extend_adds_a_member_in_place(built, data_dir, teachers, capsys):
   before = tree_digest(cache)
   assert _extend(cache, data_dir, "--teacher", teachers[1], capsys=capsys)[0] == 0
   assert tree_digest(cache) == before
+  # A student of the old cache does not resume on the extended one: its identity holds the cache's build key.
+  code, _, err = run_cli(student_main, [*fit[:-2], "--epochs", "2", "--out", tmp_path / "run"], capsys)
+  assert code == 2 and "member_digests" in err, err
 
 
 def test_extend_by_views_equals_a_direct_build_and_copies_the_old_rows(built, data_dir, teachers, capsys,
@@ -194,16 +200,6 @@ def test_a_kill_during_the_switch_is_finished_by_the_next_extend(built, data_dir
   assert_same_cache(cache, built["two"])
   assert sorted(os.listdir(built["root"])) == sorted(set(os.listdir(built["root"])) - {
       os.path.basename(staging_path(cache)), os.path.basename(cache + REPLACED_SUFFIX)})
-
-
-def test_students_of_the_old_and_the_extended_cache_are_different_runs(built, data_dir, teachers, capsys, tmp_path):
-  cache = _copy(built, "one", "student.zarr")
-  fit = ["fit", "--cache", cache, "--data-dir", data_dir, "--model", "mlp-tiny", "--epochs", "1", "--no-progress",
-         "--out", tmp_path / "run"]
-  assert run_cli(student_main, fit, capsys)[0] == 0
-  assert _extend(cache, data_dir, "--teacher", teachers[1], capsys=capsys)[0] == 0
-  code, _, err = run_cli(student_main, [*fit[:-2], "--epochs", "2", "--out", tmp_path / "run"], capsys)
-  assert code == 2 and "member_digests" in err, err
 
 
 def test_a_job_of_two_processes_extends_in_place(built, data_dir, teachers):
