@@ -126,6 +126,9 @@ def test_extend_sparse_with_features_equals_a_direct_build(built, data_dir, teac
   assert_same_cache(out, built["two_sparse"])
   assert [f.array_name for f in open_cache(out).spec.features] == ["feature.hidden1.pooled.m0",
                                                                     "feature.hidden1.pooled.m1"]
+  code, info, _ = run_cli(main, ["info", out], capsys)  # `info` shows how it was grown.
+  digest = open_cache(out).spec.history[0]["added_members"][0]
+  assert code == 0 and f"extend (added_members ['{digest[:12]}…'], views [2, 2]) from " in info, info
 
 
 def _committed(store) -> int:
@@ -221,3 +224,4 @@ def test_extend_onto_an_object_store(built, data_dir, teachers, s3, capsys):
   objects = {key[len(prefix) + 1:]: s3.cat_file(key) for key in s3.find(prefix) if not key.endswith("zarr.json")}
   import hashlib  # pylint: disable=import-outside-toplevel
   assert {k: hashlib.sha256(v).hexdigest() for k, v in objects.items()} == array_files(built["two"])
+
