@@ -225,3 +225,21 @@ def test_extend_onto_an_object_store(built, data_dir, teachers, s3, capsys):
   import hashlib  # pylint: disable=import-outside-toplevel
   assert {k: hashlib.sha256(v).hexdigest() for k, v in objects.items()} == array_files(built["two"])
 
+
+
+def test_a_new_member_without_the_cache_s_features_is_refused(built, data_dir, teachers, capsys):
+  before = tree_digest(built["one_sparse"])
+  out = str(built["root"] / "refused.zarr")
+  code, _, err = _extend(built["one_sparse"], data_dir, "--teacher", teachers[2], "--out", out, capsys=capsys)
+  errors = [line for line in err.splitlines() if ": error: " in line]
+  assert code == 2 and len(errors) == 1 and "stores features 'hidden1:pooled' of every member, which a new member " \
+      "must have too" in errors[0], err
+  assert tree_digest(built["one_sparse"]) == before and not os.path.exists(out)
+
+
+def test_more_views_take_the_default_chunk_rows_where_the_cache_s_do_not_hold_whole_examples(built, data_dir,
+                                                                                             capsys):
+  out = str(built["root"] / "three_views.zarr")
+  code, _, err = _extend(built["one"], data_dir, "--views", "3", "--out", out, capsys=capsys)
+  assert code == 0, err
+  assert open_cache(out).spec.chunk_rows == 4095  # 32 is not a multiple of 3: the default 4096 rounded down.
