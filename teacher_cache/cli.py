@@ -262,6 +262,12 @@ def _print_info(info: dict) -> None:
     run = specialist["run"]
     print(f"  [s{i}] {run['name']:<19} {run['model']:<10} {run['num_params']:>9} params  digest {run['digest'][:12]}"
           f"  classes {specialist['classes']}, dustbin {specialist['dustbin_correction']:+.3f}")
+  for entry in spec.get("history", ()):  # How a grown cache was made (`extend`, ...), oldest first.
+    short = lambda v: [short(x) for x in v] if isinstance(v, list) else f"{v[:12]}…" if isinstance(v, str) and \
+        len(v) == 64 else v  # noqa: E731  # A digest by its first 12 hex digits.
+    what = ", ".join(f"{key} {short(value)}" for key, value in entry.items() if key not in ("command", "sources", "at"))
+    print(f"history      {entry.get('at')}: {entry.get('command')}" + (f" ({what})" if what else "")
+          + f" from {', '.join(short(entry.get('sources', [])))}")
   for i, member in enumerate(stats["members"] if stats else []):
     print(f"member {i}     {member['name']}: accuracy {_format_percent(member['accuracy'])} "
           f"(view 0: {_format_percent(member['accuracy_view0'])})")

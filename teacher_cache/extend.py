@@ -8,18 +8,25 @@ and views writes, array for array (`teacher_cache.grow`); its spec's `history` s
 
 Never losing the original: the grown cache is built beside it, as a store of its own (`CACHE.extending`; a kill
 leaves it incomplete, and running the same command again resumes it as a build resumes), and only once it is
-complete does it take the cache's place, by two renames: CACHE -> `CACHE.replaced`, `CACHE.extending` -> CACHE; then
-`CACHE.replaced` is deleted. Until the first rename CACHE is untouched; a kill between the two renames leaves no
-CACHE for a moment, and any later `extend` of CACHE (the same command, or another) finishes the switch first. With
-`--out NEW` the grown cache is written to NEW and CACHE is left as it is: the only way on an object store, where a
-rename is a copy.
+complete does it take the cache's place: by one atomic exchange of the two directories where the system offers it
+(Linux's `renameat2`), so that CACHE is at every moment the old complete cache or the new one, then the old one is
+moved to `CACHE.replaced` and deleted. Where the exchange is not offered, by two renames (CACHE -> `CACHE.replaced`,
+`CACHE.extending` -> CACHE): a kill between them leaves no CACHE for a moment. Any later `extend` of CACHE (the same
+command, or another) first finishes a switch a kill interrupted (`finish_switch`); the same command run again after
+a completed extend says so and does nothing. With `--out NEW` the grown cache is written to NEW and CACHE is left as
+it is: the only way on an object store, where a rename is a copy.
+
+A reader of CACHE (a student training from it) during the switch may fail to find a chunk it reads: extend a cache no
+run is reading, or use `--out`.
 """
 
+import ctypes
 import dataclasses
 import os
 from typing import ClassVar
 
 from shared import distributed, storage
+from shared.cache import open_cache
 from shared.errors import StillroomError
 from shared.log import logger
 from shared.options import EXTEND
@@ -27,7 +34,7 @@ from shared.outputs import OutputLock, is_store
 from shared.runs import load_teacher
 from shared.settings import at_least, setting
 from teacher_cache.build import BuildConfig, default_chunk_rows
-from teacher_cache.grow import grow_cache, open_source, source_config
+from teacher_cache.grow import grow_cache, open_source, source_config, source_digest
 
 STAGING_SUFFIX = ".extending"  # The grown cache, built beside CACHE until it is complete...
 REPLACED_SUFFIX = ".replaced"  # ...and CACHE, renamed out of the way for a moment, then deleted.
@@ -52,30 +59,68 @@ def staging_path(cache: str) -> str:
 
 
 def finish_switch(cache: str) -> bool:
-  """Finishes the switch-over a kill interrupted (see the module's docstring); True if there was one to finish.
-  Call it holding the cache's lock."""
+  """Finishes a switch-over that a kill interrupted (see the module's docstring); True if there was one. Call it
+  holding the cache's lock.
+
+  The states a kill may leave, and what each becomes: the old cache at `CACHE.replaced` (being deleted) -> deleted;
+  no CACHE, the old at `CACHE.replaced` and the complete grown store at `CACHE.extending` (between the two renames
+  where the exchange is not available) -> the grown one renamed to CACHE, the old deleted; the grown CACHE and the
+  old one at `CACHE.extending` (just exchanged) -> the old deleted.
+  """
   cache = cache.rstrip("/")
   staged, replaced = staging_path(cache), cache + REPLACED_SUFFIX
-  if not os.path.exists(replaced):
+  if os.path.exists(replaced):
+    if not os.path.exists(cache):
+      if is_store(staged, complete=True):
+        os.rename(staged, cache)
+        _LOG.info(f"finished the switch of {cache} to its extended store that an interrupted extend had begun")
+      else:  # Not a state an extend leaves (it renames only a complete store): the original goes back.
+        os.rename(replaced, cache)
+        _LOG.info(f"restored {cache}, which an interrupted extend had moved to {replaced}")
+        return True
+    storage.remove_tree(replaced)
+    return True
+  if os.path.exists(cache) and is_store(staged, complete=True) and _replaced_by(staged, cache):
+    os.rename(staged, replaced)
+    storage.remove_tree(replaced)
+    _LOG.info(f"deleted the cache {cache} was extended from, which an interrupted extend had left at {staged}")
+    return True
+  return False
+
+
+def _replaced_by(old: str, cache: str) -> bool:
+  """Whether the store `old` is the one `cache` was extended from (the last entry of its history names it)."""
+  try:
+    history = open_cache(cache, require_complete=False).spec.history
+    return bool(history) and history[-1].get("command") == EXTEND and \
+        source_digest(open_cache(old, require_complete=False)) in history[-1].get("sources", ())
+  except StillroomError:
     return False
-  if not os.path.exists(cache):
-    if is_store(staged, complete=True):
-      os.rename(staged, cache)
-      _LOG.info(f"finished the switch of {cache} to its extended store that an interrupted extend had begun")
-    else:  # Not a state an extend leaves (it renames only a complete store); the original goes back.
-      os.rename(replaced, cache)
-      _LOG.info(f"restored {cache}, which an interrupted extend had moved to {replaced}")
-      return True
-  storage.remove_tree(replaced)
-  return True
+
+
+def _exchange(a: str, b: str) -> bool:
+  """Swaps two paths atomically (Linux `renameat2(RENAME_EXCHANGE)`); False where the system or file system does
+  not offer it, which then changes nothing."""
+  try:
+    renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+  except (OSError, AttributeError):
+    return False
+  at_cwd, rename_exchange = -100, 2
+  return renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), rename_exchange) == 0
 
 
 def _switch(cache: str) -> None:
-  """Puts the complete store `staging_path(cache)` in the place of `cache` (the module's docstring)."""
+  """Puts the complete store `staging_path(cache)` in the place of `cache`, and deletes the old one: by one atomic
+  exchange where the file system offers it (CACHE is always a complete cache), else by two renames (for a moment
+  there is no CACHE: `finish_switch` completes it)."""
   cache = cache.rstrip("/")
-  os.rename(cache, cache + REPLACED_SUFFIX)
-  os.rename(staging_path(cache), cache)  # Between these two renames (a kill), `finish_switch` completes it.
-  storage.remove_tree(cache + REPLACED_SUFFIX)
+  staged, replaced = staging_path(cache), cache + REPLACED_SUFFIX
+  if _exchange(staged, cache):
+    os.rename(staged, replaced)  # The old cache, out of the staging store's way...
+  else:
+    os.rename(cache, replaced)
+    os.rename(staged, cache)
+  storage.remove_tree(replaced)  # ...then deleted (a kill midway leaves it to `finish_switch`).
 
 
 def extend_cache(cache: str, config: BuildConfig, extend: ExtendConfig) -> str:
@@ -98,9 +143,15 @@ def extend_cache(cache: str, config: BuildConfig, extend: ExtendConfig) -> str:
   if in_place and storage.is_url(storage.local(cache)):
     raise StillroomError(f"{cache!r} is on an object store, where a store is not renamed but copied: give --out NEW "
                          "to write the extended cache there (the original stays as it is).")
-  if distributed.is_first() and in_place and os.path.exists(cache.rstrip("/") + REPLACED_SUFFIX):
-    with OutputLock(cache, "teacher-cache extend"):
-      finish_switch(cache)
+  distributed.initialize(config.coordinator, config.num_processes, config.process_id, config.heartbeat_timeout,
+                         config.join_timeout)
+
+  def recover():
+    if in_place and (os.path.exists(cache.rstrip("/") + REPLACED_SUFFIX) or
+                     is_store(staging_path(cache), complete=True)):
+      with OutputLock(cache, "teacher-cache extend"):
+        finish_switch(cache)
+  distributed.first_then_others(recover, lambda: None)  # Process 0 first, before any process reads CACHE.
   source = open_source(cache)
   spec = source.spec
   views = spec.views if extend.views is None else extend.views
@@ -109,6 +160,9 @@ def extend_cache(cache: str, config: BuildConfig, extend: ExtendConfig) -> str:
                          f"than {spec.views} (views {spec.views}..N-1 are added).")
   teachers = [load_teacher(run, spec.compute_dtype, host=True) for run in config.teachers]
   members = {m.digest: m for m in spec.members}
+  if in_place and _done_before(spec, {t.digest for t in teachers}, extend.views):
+    _LOG.info(f"{cache} was already extended by this command (its history says so); nothing to do.")
+    return cache
   for teacher in teachers:
     if teacher.digest in members and views == spec.views:
       raise StillroomError(f"teacher {teacher.source!r} is already member {list(members).index(teacher.digest)} "
@@ -144,6 +198,17 @@ def extend_cache(cache: str, config: BuildConfig, extend: ExtendConfig) -> str:
   if distributed.is_first():
     _LOG.info(f"wrote {config.out}: {cache} " + _what(spec.views, views, added))
   return config.out or cache
+
+
+def _done_before(spec, given: set[str], views: int | None) -> bool:
+  """Whether the last step of the cache's history is this extend: the same members added (given, and now members)
+  and the same views."""
+  last = spec.history[-1] if spec.history else {}
+  if last.get("command") != EXTEND or (not given and views is None):
+    return False
+  added, (before, after) = set(last.get("added_members", ())), last.get("views", (None, None))
+  return added <= given <= {m.digest for m in spec.members} and after == spec.views and \
+      (views == after if views is not None else before == after)
 
 
 # What an extend takes from its command line rather than from the cache.

@@ -30,7 +30,7 @@ from shared.data import NO_EVAL
 from shared.errors import StillroomError
 from shared.log import logger, progress
 from shared.outputs import STORE, OutputLock, check_not_an_input, check_output, is_store
-from shared.parallel import cap_batch, check_batch_size, data_mesh
+from shared.parallel import cap_batch, check_batch_size, data_mesh, pad_rows
 from shared.runs import Teacher, load_teacher
 from teacher_cache import build
 from teacher_cache.build import BuildConfig
@@ -144,13 +144,16 @@ def _open_sources(paths, spec: CacheSpec) -> list[_Source]:
     cache = path if isinstance(path, Cache) else open_source(path)
     check_source(cache)
     theirs = cache.spec
-    differences = [f"{what}: {mine} (this cache) vs {other} (source)" for what, mine, other in (
+    differences = [f"{what}: {mine} (here) vs {other} (that cache)" for what, mine, other in (
         ("dataset fingerprint", spec.dataset.fingerprint, theirs.dataset.fingerprint),
         ("views", spec.augmentation.to_dict(), theirs.augmentation.to_dict()),
         ("dtype", spec.dtype, theirs.dtype), ("compute dtype", spec.compute_dtype, theirs.compute_dtype),
         ("classes", spec.num_classes, theirs.num_classes)) if mine != other]
     if differences:
-      raise StillroomError(f"cache {cache.path!r} cannot be a source of this cache: {'; '.join(differences)}.")
+      changed = " (the data changed since that cache was built, or --data-dir holds other data)" \
+          if spec.dataset.fingerprint != theirs.dataset.fingerprint else ""
+      raise StillroomError(f"cache {cache.path!r} cannot be grown into the cache asked for: {'; '.join(differences)}"
+                           f"{changed}.")
     digests = [m.digest for m in theirs.members]
     members = [digests.index(m.digest) if m.digest in digests else -1 for m in spec.members]
     features = {}
@@ -327,12 +330,13 @@ def grow_cache(config: BuildConfig, sources, *, members=None, history: dict | No
 
 def _compute_spec(spec: CacheSpec, run_at: dict[int, Teacher]) -> CacheSpec:
   """The spec of an ensemble of the members run here alone (in member order), with their features: what the
-  build's forward (`build._make_forwards`) computes for them."""
+  build's forward (`build._make_forwards`) computes for them. Its targets are dense, the cheapest to compile: only
+  its member logits and features are used (the grown cache's targets are computed from every member's)."""
   positions = sorted(run_at)
   features = tuple(dataclasses.replace(f, member=positions.index(f.member)) for f in spec.features
                    if f.member in run_at)
   return dataclasses.replace(spec, members=tuple(spec.members[m] for m in positions), features=features, arrays=(),
-                             history=())
+                             history=(), targets="dense", member_logits=True)
 
 
 def _write_grown_chunks(cache: Cache, transfer_set, eval_set, run_at: dict[int, Teacher], sources: list[_Source],
@@ -451,9 +455,9 @@ def _write_grown_chunks(cache: Cache, transfer_set, eval_set, run_at: dict[int, 
         take = np.array([position_of[int(r)] for r in sourced], np.int64)
         for name in row_names:
           arrays[name][sourced] = read[name][take]
-      stored, targets, finite, finite_targets = (np.asarray(a) if not isinstance(a, dict) else
-                                                 {k: np.asarray(v) for k, v in a.items()}
-                                                 for a in stored_and_targets(logits, index.astype(np.uint32), view))
+      # Padded to whole chunks: one compilation for every chunk, the last one too.
+      stored, targets, finite, finite_targets = jax.tree.map(lambda a: np.asarray(a)[:count], stored_and_targets(
+          *(pad_rows(a, spec.chunk_rows) for a in (logits, index.astype(np.uint32), view))))
       build.put_rows(writer, cache, chunk, arrays, stored, {**targets, **features}, finite, finite_targets)
       bar.update(count)
   finally:

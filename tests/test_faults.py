@@ -2025,6 +2025,67 @@ def _(env, tmp_path, mp):
           r"\(give, e\.g\., --checkpoint-every-steps 12\)\.", [Absent(tmp_path / "r")])
 
 
+# --- grow: teacher-cache extend (teacher_cache/extend.py, teacher_cache/grow.py) ---
+def _extend(env, store, *extra):
+  return ["extend", store, "--data-dir", env.data_dir, "--no-progress", *extra]
+
+
+@fault("extend by a teacher already a member")
+def _(env, tmp_path, mp):
+  return (cache_main, _extend(env, env.store, "--teacher", env.teachers[1]), 2,
+          r"teacher '.*t1' is already member 1 \('t1'\) of .*: give a new member, or more --views\.",
+          [env.store, Absent(env.store + ".extending")])
+
+
+@fault("extend --views not more than the cache's")
+def _(env, tmp_path, mp):
+  return (cache_main, _extend(env, env.store, "--views", "2"), 2,
+          r"--views 2: .* already holds 2 views per example; give more than 2",
+          [env.store, Absent(env.store + ".extending")])
+
+
+@fault("extend by a teacher of other classes")
+def _(env, tmp_path, mp):
+  five = make_teacher(tmp_path / "five", num_classes=5)
+  return (cache_main, _extend(env, env.store, "--teacher", five), 2,
+          r"has 10 classes but the teachers output 5 logits|output 5 logits, but cache .* holds 10 classes",
+          [env.store, Absent(env.store + ".extending")])
+
+
+@fault("extend a sparse cache without member logits")
+def _(env, tmp_path, mp):
+  store = tmp_path / "sparse.zarr"
+  assert run_cli(cache_main, _build(env, store, "--targets", "topk:3", "--eval-split", "none", split="train[:64]",
+                                    teachers=env.teachers[:1]), _NoCapture())[0] == 0
+  return (cache_main, _extend(env, str(store), "--teacher", env.teachers[1], "--out", tmp_path / "new.zarr"), 2,
+          r"stores topk:3 targets without its members' logits, so no member can be taken from it: rebuild it with "
+          r"--member-logits", [store, Absent(tmp_path / "new.zarr")])
+
+
+@fault("extend a cache of other data (another fingerprint)")
+def _(env, tmp_path, mp):
+  data = tmp_path / "data.npz"
+  shutil.copy(env.npz_ok[len("npz:"):], data)
+  store = tmp_path / "flat.zarr"
+  assert run_cli(cache_main, ["build", "--dataset", f"npz:{data}", "--teacher", env.flat_teacher, "--out", store,
+                              "--no-progress"], _NoCapture())[0] == 0
+  arrays = dict(np.load(data))
+  np.savez(data, x=arrays["x"] + 1, y=arrays["y"])  # Changed after the build.
+  other = make_teacher(tmp_path / "flat2", input_shape=(6,), num_classes=3, seed=1,
+                       normalization={"shift": 0.0, "scale": 1.0})
+  return (cache_main, _extend(env, str(store), "--teacher", other), 2,
+          r"cannot be grown into the cache asked for: dataset fingerprint: .* \(here\) vs .* \(that cache\) \(the "
+          r"data changed since that cache was built",
+          [store, Absent(str(store) + ".extending")])
+
+
+@fault("extend in place on an object store")
+def _(env, tmp_path, mp):
+  return (cache_main, _extend(env, "s3://bucket/cache.zarr", "--teacher", env.teachers[0]), 2,
+          r"'s3://bucket/cache\.zarr' is on an object store, where a store is not renamed but copied: give --out NEW",
+          [])
+
+
 # --- derive: teacher-cache convert, subset and merge ---------------------------------------------------------------
 def _variant(env, tmp_path, name="v.zarr", **changes) -> str:
   """A copy of the fixture store whose spec says `changes` (a dotted key sets a nested one, e.g. augmentation.seed),
@@ -2145,42 +2206,15 @@ def _(env, tmp_path, mp):
           [env.store, other, Absent(tmp_path / "n.zarr")])
 
 
-def _extend_argv(env, store, *extra):
-  return ["extend", store, "--data-dir", env.data_dir, "--no-progress", *extra]
-
-
 def _untouched_in_place(store) -> list:
   """A store extended in place, unchanged, and no staging store, lock or replaced store beside it."""
   return [store, Absent(store + ".extending"), Absent(store + ".replaced")]
 
 
-@fault("extend --teacher a member the cache holds")
-def _(env, tmp_path, mp):
-  store = _copy_store(env, tmp_path)
-  return (cache_main, _extend_argv(env, store, "--teacher", env.teachers[0]), 2,
-          r"teacher '.*t0' is already member 0 \('t0'\) of .*: give a new member, or more --views\.",
-          _untouched_in_place(store))
-
-
-@fault("extend --views not more than the cache's")
-def _(env, tmp_path, mp):
-  store = _copy_store(env, tmp_path)
-  return (cache_main, _extend_argv(env, store, "--views", "2"), 2,
-          r"--views 2: .* already holds 2 views per example; give more than 2", _untouched_in_place(store))
-
-
 @fault("extend with neither --teacher nor --views")
 def _(env, tmp_path, mp):
   store = _copy_store(env, tmp_path)
-  return (cache_main, _extend_argv(env, store), 2, r"give --teacher RUN \(a new member\) and/or --views N",
-          _untouched_in_place(store))
-
-
-@fault("extend a sparse cache without member logits")
-def _(env, tmp_path, mp):
-  store = _sparse_without_logits(env, tmp_path)
-  return (cache_main, _extend_argv(env, store, "--teacher", env.flat_teacher), 2,
-          r"stores topk:3 targets without its members' logits, so no member can be taken from it",
+  return (cache_main, _extend(env, store), 2, r"give --teacher RUN \(a new member\) and/or --views N",
           _untouched_in_place(store))
 
 
@@ -2188,14 +2222,14 @@ def _(env, tmp_path, mp):
 def _(env, tmp_path, mp):
   recorded = zarr.open_group(env.store, mode="r").attrs[SPEC_KEY]["members"]
   store = _variant(env, tmp_path, members=[{**m, "source": str(tmp_path / "gone")} for m in recorded])
-  return (cache_main, _extend_argv(env, store, "--views", "3", "--out", tmp_path / "n.zarr"), 2,
+  return (cache_main, _extend(env, store, "--views", "3", "--out", tmp_path / "n.zarr"), 2,
           r"more views need every member's run, and member 't0''s at '.*gone' \(as .* records it\) cannot be loaded "
           r".*give it with --teacher\.", [store, Absent(tmp_path / "n.zarr")])
 
 
 @fault("extend --teacher of another input shape")
 def _(env, tmp_path, mp):
-  return (cache_main, _extend_argv(env, env.store, "--teacher", env.flat_teacher, "--out", tmp_path / "n.zarr"), 2,
+  return (cache_main, _extend(env, env.store, "--teacher", env.flat_teacher, "--out", tmp_path / "n.zarr"), 2,
           r"teacher 'flat_teacher' .* takes inputs of shape \(6,\)", [env.store, Absent(tmp_path / "n.zarr")])
 
 
