@@ -126,3 +126,13 @@ def test_the_chunk_rows_of_a_derived_cache(builds):
   a, b = (open_cache(builds.get(name, (m,))).spec for name, m in (("t0", 0), ("t1", 1)))
   grown, members, history = merge_plan(a, dataclasses.replace(b, chunk_rows=64, arrays=()), builds.config("x"))
   assert (grown.chunk_rows, members, history["command"]) == (32, None, "merge")
+
+
+def test_merge_with_features_and_sparse_targets_equals_a_direct_build(builds):
+  """B's features renumbered after A's members; eval logits and sparse targets with member logits."""
+  sparse = {"targets": "topk:3", "member_logits": True}
+  a = builds.get("features_t0", (0,), features="hidden1", **sparse)
+  b = builds.get("features_c2", (2,), features="stage2:pooled", **sparse)
+  merged = merge_caches(a, b, builds.config("merged_features"))
+  assert_same_cache(_verified(merged, builds.data_dir),
+                    builds.get("features", (0, 2), features="hidden1@0,stage2:pooled@1", **sparse))
