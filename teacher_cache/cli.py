@@ -4,6 +4,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import textwrap
 
 from shared.cache import LAYOUT
 from shared.data import PREPARED_PREFIX
@@ -168,9 +169,16 @@ def teacher_cache_parser() -> argparse.ArgumentParser:
   return parser
 
 
-_EQUALS = ("\n\nThe result equals, array for array, the cache a `teacher-cache build` with the resulting settings "
-           "writes (its spec's history and creation time aside); `verify` checks it like any other. Running the "
-           "same command again resumes an interrupted one; nothing is written when the command is refused.")
+_EQUALS = ("The result equals, array for array, the cache a `teacher-cache build` with the resulting settings writes "
+           "(its spec's history and creation time aside); `verify` checks it like any other. The transfer set must "
+           "be at hand (--data-dir): its fingerprint is checked, no image is read. Running the same command again "
+           "resumes an interrupted one; nothing is written when the command is refused.")
+
+
+def _described(*paragraphs: str, examples: tuple[str, ...]) -> str:
+  """A subcommand's description: its paragraphs wrapped for a terminal, then its examples as they are."""
+  return "\n\n".join(textwrap.fill(p, 110) for p in paragraphs) + "\n\nexample:\n" + "\n".join(
+      f"  {e}" for e in examples)
 
 
 def _add_derive_commands(commands) -> None:
@@ -179,22 +187,23 @@ def _add_derive_commands(commands) -> None:
       "convert", allow_abbrev=False,
       help="a cache with other targets, derived from its member logits (no teacher runs)",
       formatter_class=argparse.RawDescriptionHelpFormatter,
-      description="Write CACHE again with other targets (--targets), derived from the members' logits it stores: "
-                  "a dense cache, or a sparse one built with --member-logits. A sparse result keeps the member "
-                  "logits only with --member-logits, as a build does." + _EQUALS + "\n\nexample:\n"
-                  "  teacher-cache convert digits.zarr --targets topk:5 --out digits-top5.zarr\n"
-                  "  teacher-cache convert digits.zarr --targets sample:8 --member-logits --out digits-s8.zarr")
+      description=_described(
+          "Write CACHE again with other targets (--targets), derived from the members' logits it stores: a dense "
+          "cache, or a sparse one built with --member-logits. A sparse result keeps the member logits only with "
+          "--member-logits, as a build does.", _EQUALS,
+          examples=("teacher-cache convert digits.zarr --targets topk:5 --out digits-top5.zarr",
+                    "teacher-cache convert digits.zarr --targets sample:8 --member-logits --out digits-s8.zarr")))
   convert.add_argument("cache", metavar="CACHE.zarr", help="the source cache")
   add_options(convert, BuildConfig, CONVERT, required=("out", "targets"))
 
   subset = commands.add_parser(
       "subset", allow_abbrev=False, help="a cache of some of a cache's members and views (no teacher runs)",
       formatter_class=argparse.RawDescriptionHelpFormatter,
-      description="Write a cache of some of CACHE's members (--members, in the order given) and its views 0..N-1 "
-                  "(--views N, a count: as `build --views N` draws them), its targets derived again from the kept "
-                  "members' logits." + _EQUALS + "\n\nexample:\n"
-                  "  teacher-cache subset digits.zarr --members t0 t2 --out digits-t02.zarr\n"
-                  "  teacher-cache subset digits.zarr --views 2 --out digits-2views.zarr")
+      description=_described(
+          "Write a cache of some of CACHE's members (--members, in the order given) and its views 0..N-1 (--views N, "
+          "a count: as `build --views N` draws them), its targets derived again from the kept members' logits.",
+          _EQUALS, examples=("teacher-cache subset digits.zarr --members t0 t2 --out digits-t02.zarr",
+                             "teacher-cache subset digits.zarr --views 2 --out digits-2views.zarr")))
   subset.add_argument("cache", metavar="CACHE.zarr", help="the source cache")
   subset.add_argument("--members", nargs="+", dest="keep_members", metavar="NAME",
                       help="the members to keep, by name (`teacher-cache info` lists them) or index, in the order "
@@ -206,12 +215,13 @@ def _add_derive_commands(commands) -> None:
   merge = commands.add_parser(
       "merge", allow_abbrev=False, help="one cache of the members of two (no teacher runs)",
       formatter_class=argparse.RawDescriptionHelpFormatter,
-      description="Write one cache of A's members then B's: two caches of the same transfer set, views, view seed "
-                  "and augmentation, temperature, combine rule, targets, storage and compute dtypes, folds and eval "
-                  "split, whose members are disjoint. (Caches of the same members cannot be merged: each holds views "
-                  "0..V-1, so they share views; `teacher-cache extend --views` adds views to one.) The chunk rows "
-                  "are A's unless --chunk-rows is given." + _EQUALS + "\n\nexample:\n"
-                  "  teacher-cache merge digits-t01.zarr digits-t23.zarr --out digits-t0123.zarr")
+      description=_described(
+          "Write one cache of A's members then B's: two caches of the same transfer set, views, view seed and "
+          "augmentation, temperature, combine rule, targets, storage and compute dtypes, folds and eval split, whose "
+          "members are disjoint. (Caches of the same members cannot be merged: each holds views 0..V-1, so they "
+          "share views; `teacher-cache extend --views` adds views to one.) The chunk rows are A's unless "
+          "--chunk-rows is given.", _EQUALS,
+          examples=("teacher-cache merge digits-t01.zarr digits-t23.zarr --out digits-t0123.zarr",)))
   merge.add_argument("a", metavar="A.zarr", help="the cache whose members come first")
   merge.add_argument("b", metavar="B.zarr", help="the cache whose members follow")
   add_options(merge, BuildConfig, MERGE, required=("out",))
