@@ -95,9 +95,7 @@ class BuildConfig(DataSettings, ViewSettings, ComputeSettings, JobSettings, Outp
                           "`student-train fit --folds K --holdout-fold k`; a row takes each member's logits from "
                           "the run that did not see its fold (1: no cross-fitting)", group="teachers")
   batch_size: int = setting(256, "rows per forward pass, a multiple of the device count", group="run",
-                            commands=(BUILD, VIEWS, IMPORT, EXTEND, *DERIVE),
-                            helps={VIEWS: ("rows rendered at a time", None),
-                                   **{c: ("rows whose targets are computed at a time", None) for c in DERIVE}})
+                            commands=(BUILD, VIEWS, IMPORT, EXTEND), helps={VIEWS: ("rows rendered at a time", None)})
   chunk_rows: int | None = setting(None, f"rows per Zarr chunk: the unit of writing, resuming and reading; a "
                                          f"multiple of --views (when more), so that a chunk holds whole examples "
                                          f"and the build decodes each image once (default: {DEFAULT_CHUNK_ROWS} "

@@ -39,7 +39,7 @@ from teacher_cache.grow import grow_cache, open_source, source_config
 
 _LOG = logger(__name__)
 # What the grown cache takes of the command's own settings; the rest are the source's (`source_config`).
-_OWN = ("out", "overwrite", "progress", "batch_size", "ignore_limits", "data_dir", "workers")
+_OWN = ("out", "overwrite", "progress", "ignore_limits", "data_dir")
 
 
 def _short(digest: str) -> str:
@@ -221,7 +221,7 @@ def convert_cache(cache: str, config: BuildConfig) -> str:
   Args:
     cache: the source cache.
     config: the settings `BuildConfig` declares for `convert`: targets, member_logits, chunk_rows, out, overwrite,
-      batch_size, data_dir, progress, ignore_limits.
+      data_dir, progress, ignore_limits.
 
   Returns:
     `config.out`.

@@ -39,8 +39,7 @@ class Builds:
     return self.get("dense", (0, 1))
 
   def config(self, name, **options) -> BuildConfig:
-    return BuildConfig(out=str(self.root / f"{name}.zarr"), data_dir=self.data_dir, progress=False, batch_size=16,
-                       **options)
+    return BuildConfig(out=str(self.root / f"{name}.zarr"), data_dir=self.data_dir, progress=False, **options)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +65,7 @@ def test_convert_dense_to_sample_and_back_equal_direct_builds(builds, capsys):
   # Through the command line: its options are the library's.
   out = builds.root / "to_sample4.zarr"
   code, _, err = run_cli(cache_main, ["convert", builds.dense(), "--targets", "sample:4", "--member-logits",
-                                      "--data-dir", builds.data_dir, "--batch-size", "16", "--no-progress",
+                                      "--data-dir", builds.data_dir, "--no-progress",
                                       "--out", out], capsys)
   assert code == 0, err
   assert_same_cache(_verified(str(out), builds.data_dir), direct)
