@@ -238,8 +238,10 @@ def test_a_new_member_without_the_cache_s_features_is_refused(built, data_dir, t
 
 
 def test_more_views_take_the_default_chunk_rows_where_the_cache_s_do_not_hold_whole_examples(built, data_dir,
-                                                                                             capsys):
+                                                                                             teachers, capsys):
   out = str(built["root"] / "three_views.zarr")
   code, _, err = _extend(built["one"], data_dir, "--views", "3", "--out", out, capsys=capsys)
   assert code == 0, err
   assert open_cache(out).spec.chunk_rows == 4095  # 32 is not a multiple of 3: the default 4096 rounded down.
+  direct = _build(built["root"] / "three_direct.zarr", teachers[:1], data_dir, views=3, chunk_rows=4095)
+  assert_same_cache(out, direct)  # The eval logits too, read across the cache's chunks of other rows.
