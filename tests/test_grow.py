@@ -119,6 +119,14 @@ def test_extend_by_views_equals_a_direct_build_and_copies_the_old_rows(built, da
   assert open_cache(out).spec.history[-1]["views"] == [2, 4]
 
 
+def test_extend_by_a_member_and_views_at_once(built, data_dir, teachers, capsys):
+  out = str(built["root"] / "both.zarr")
+  code, _, err = _extend(built["one"], data_dir, "--teacher", teachers[1], "--views", "4", "--out", out,
+                         capsys=capsys)
+  assert code == 0, err
+  assert_same_cache(out, built["two4"])
+
+
 def test_extend_sparse_with_features_equals_a_direct_build(built, data_dir, teachers, capsys):
   out = str(built["root"] / "sparse_grown.zarr")
   code, _, err = _extend(built["one_sparse"], data_dir, "--teacher", teachers[1], "--out", out, capsys=capsys)
