@@ -132,8 +132,8 @@ class JobSettings:
                                    group="job", commands=(FIT, BUILD, EXTEND), identity=False)
   join_timeout: int = setting(DEFAULT_JOIN_SECONDS, "seconds a process of a job waits for the others to join (process "
                                                     "0 for every other process, the others for process 0) before it "
-                                                    "gives up", metavar="SECONDS", group="job", commands=(FIT, BUILD, EXTEND),
-                              identity=False, check=at_least(1, "second"))
+                                                    "gives up", metavar="SECONDS", group="job",
+                              commands=(FIT, BUILD, EXTEND), identity=False, check=at_least(1, "second"))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -316,9 +316,11 @@ def grow_cache(config: BuildConfig, sources, *, members=None, history: dict | No
     config, mesh, transfer_set, eval_set, run_at, grown_from, spec = distributed.first_then_others(
         lambda: plan(True), lambda: plan(False))
     data = {"dataset": transfer_set, "eval_dataset": eval_set}
-    cache = distributed.first_then_others(lambda: build.open_store(config, spec, data), lambda: build._same_settings(  # pylint: disable=W0212
-        open_cache(config.out, mode="r+", require_complete=False), spec, data, config.out,
-        "settings other than this process's", "Start every process of the job with the same flags and data."))
+    cache = distributed.first_then_others(
+        lambda: build.open_store(config, spec, data),
+        lambda: build._same_settings(  # pylint: disable=protected-access
+            open_cache(config.out, mode="r+", require_complete=False), spec, data, config.out,
+            "settings other than this process's", "Start every process of the job with the same flags and data."))
     if cache is None or cache.complete:
       return config.out
     distributed.job_step(lambda: _write_grown_chunks(cache, transfer_set, eval_set, run_at, grown_from, mesh, config))
@@ -438,23 +440,23 @@ def _write_grown_chunks(cache: Cache, transfer_set, eval_set, run_at: dict[int, 
         wanted = np.flatnonzero(held.any(axis=1))
         if not len(wanted):
           continue
-        names = ["member_logits", *source.features.values()]
-        read = source.read_rows(at[wanted, np.argmax(held[wanted], axis=1)], names + row_names)
+        # A source row holds every member the source has: the row of any member held is the row of all of them.
+        read = source.read_rows(at[wanted, np.argmax(held[wanted], axis=1)],
+                                ["member_logits", *source.features.values(), *row_names])
+        position = np.full(count, -1)
+        position[wanted] = np.arange(len(wanted))
         for m in range(spec.num_members):
           cells = np.flatnonzero(held[:, m])
           if not len(cells):
             continue
-          rows_m = source.read_rows(at[cells, m], names)
-          logits[cells, m] = rows_m["member_logits"][:, source.members[m]]
+          logits[cells, m] = read["member_logits"][position[cells], source.members[m]]
           for f in _member_features(spec, m):
-            features[f.array_name][cells] = rows_m[source.features[f.array_name]]
+            features[f.array_name][cells] = read[source.features[f.array_name]][position[cells]]
         if not arrays:
           arrays = {name: np.zeros((count, *read[name].shape[1:]), read[name].dtype) for name in row_names}
         sourced = wanted if outputs is None else np.setdiff1d(wanted, compute[chunk])
-        position_of = {int(r): k for k, r in enumerate(wanted)}
-        take = np.array([position_of[int(r)] for r in sourced], np.int64)
         for name in row_names:
-          arrays[name][sourced] = read[name][take]
+          arrays[name][sourced] = read[name][position[sourced]]
       # Padded to whole chunks: one compilation for every chunk, the last one too.
       stored, targets, finite, finite_targets = jax.tree.map(lambda a: np.asarray(a)[:count], stored_and_targets(
           *(pad_rows(a, spec.chunk_rows) for a in (logits, index.astype(np.uint32), view))))

@@ -119,6 +119,14 @@ def test_extend_by_views_equals_a_direct_build_and_copies_the_old_rows(built, da
   assert open_cache(out).spec.history[-1]["views"] == [2, 4]
 
 
+def test_extend_by_a_member_and_views_at_once(built, data_dir, teachers, capsys):
+  out = str(built["root"] / "both.zarr")
+  code, _, err = _extend(built["one"], data_dir, "--teacher", teachers[1], "--views", "4", "--out", out,
+                         capsys=capsys)
+  assert code == 0, err
+  assert_same_cache(out, built["two4"])
+
+
 def test_extend_sparse_with_features_equals_a_direct_build(built, data_dir, teachers, capsys):
   out = str(built["root"] / "sparse_grown.zarr")
   code, _, err = _extend(built["one_sparse"], data_dir, "--teacher", teachers[1], "--out", out, capsys=capsys)
@@ -238,8 +246,10 @@ def test_a_new_member_without_the_cache_s_features_is_refused(built, data_dir, t
 
 
 def test_more_views_take_the_default_chunk_rows_where_the_cache_s_do_not_hold_whole_examples(built, data_dir,
-                                                                                             capsys):
+                                                                                             teachers, capsys):
   out = str(built["root"] / "three_views.zarr")
   code, _, err = _extend(built["one"], data_dir, "--views", "3", "--out", out, capsys=capsys)
   assert code == 0, err
   assert open_cache(out).spec.chunk_rows == 4095  # 32 is not a multiple of 3: the default 4096 rounded down.
+  direct = _build(built["root"] / "three_direct.zarr", teachers[:1], data_dir, views=3, chunk_rows=4095)
+  assert_same_cache(out, direct)  # The eval logits too, read across the cache's chunks of other rows.

@@ -106,8 +106,9 @@ PACKAGES = {"student_train": ("student-train", ("fit",)), "teacher_cache": ("tea
 MODULES = {"student_train/sweep.py": ("sweep", "fit"), "student_train/evaluate.py": ("eval", "fit"),
            "student_train/export.py": ("export",), "student_train/cli.py": _ANY, "student_train/__main__.py": _ANY,
            "teacher_cache/external.py": ("views", "import", "build"), "teacher_cache/verify.py": ("verify",),
-           "teacher_cache/info.py": ("info",), "teacher_cache/derive.py": ("convert", "subset", "merge", "build"),
-           "teacher_cache/extend.py": ("extend", "build"), "teacher_cache/specialists.py": ("specialists", "build"),
+           "teacher_cache/info.py": ("info",), "teacher_cache/specialists.py": ("specialists", "build"),
+           "teacher_cache/extend.py": ("extend", "build"),
+           "teacher_cache/derive.py": ("convert", "subset", "merge", "build"),
            "student_train/config.py": ("fit", "sweep", "demo"),
            "teacher_cache/cli.py": _ANY, "teacher_cache/__main__.py": _ANY, "stillroom/cli.py": _ANY}
 
