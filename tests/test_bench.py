@@ -195,7 +195,7 @@ def _grow(result, printed, tmp):
   assert result["rows"] == 64 and result["members"] == 2
   _positive(result, "seconds.build", "seconds.extend", "seconds.rewrite", "seconds.build_sparse", "seconds.convert",
             "seconds.build_one", "extend_over_build", "extend_target_s", "rewrite_over_build", "extend_over_parts",
-            "convert_over_build")
+            "convert_over_build", "fastest.extend_over_build", "fastest.target", "fastest.convert_over_build")
   assert "extend by one teacher (2 -> 3 members)" in printed and "convert dense -> topk:5" in printed
 
 
