@@ -90,6 +90,7 @@ def test_extend_adds_a_member_in_place_and_its_students_are_other_runs(built, da
   code, _, err = _extend(cache, data_dir, "--teacher", teachers[1], capsys=capsys)
   assert code == 0, err
   assert_same_cache(cache, built["two"])
+  assert all(check.ok is not False for check in verify_cache(cache, data_dir=data_dir))
   assert not os.path.exists(staging_path(cache)) and not os.path.exists(cache + REPLACED_SUFFIX)
   # The same command again: nothing to do, nothing changed.
   before = tree_digest(cache)
@@ -158,7 +159,7 @@ def test_sigkill_during_extend_leaves_the_original_and_a_rerun_completes_it(buil
         calls.append(1)
         if len(calls) == 3:
           folder = os.path.join({staging_path(cache)!r}, "chunk_committed", "c")
-          while len([f for f in os.listdir(folder) if f.isdigit()]) < 2:
+          while not os.path.isdir(folder) or len([f for f in os.listdir(folder) if f.isdigit()]) < 2:
             time.sleep(0.01)
           os.kill(os.getpid(), signal.SIGKILL)
       build.put_rows = put_then_die
@@ -169,7 +170,7 @@ def test_sigkill_during_extend_leaves_the_original_and_a_rerun_completes_it(buil
                                                               "PYTHONPATH": REPO}, capture_output=True, timeout=300)
   assert process.returncode == -signal.SIGKILL, process.stderr.decode()[-2000:]
   assert tree_digest(cache) == before
-  assert all(check.ok is not False for check in verify_cache(cache))
+  assert all(check.ok is not False for check in verify_cache(cache, data_dir=data_dir))
   assert 2 <= _committed(staging_path(cache)) < 8
   code, _, err = run_cli(main, args, capsys)
   assert code == 0, err
