@@ -299,6 +299,7 @@ def grow_cache(config: BuildConfig, sources, *, members=None, history: dict | No
     raise StillroomError("a grown cache has no cross-fitted members (--folds): build it directly.")
   distributed.initialize(config.coordinator, config.num_processes, config.process_id, config.heartbeat_timeout,
                          config.join_timeout)
+  distributed.check_same_settings(config)
   first = distributed.is_first()
   source_paths = [s.path if isinstance(s, Cache) else s for s in sources]
   with contextlib.ExitStack() as lock:
@@ -383,29 +384,26 @@ def _write_grown_chunks(cache: Cache, transfer_set, eval_set, run_at: dict[int, 
   stored_and_targets = jax.jit(build.targets_of_logits(spec))
   writer = ChunkWriter(cache)
   bar = progress(total=total, initial=total - remaining, unit="row", unit_scale=True, enabled=config.progress,
-                 summary=False, desc="teacher-cache " + config.out)
+                 summary=False, desc=f"growing {config.out}")
   started = time.perf_counter()
   row_names = [a for a in spec.arrays_of(ROWS) if spec.array(a).role in ("row", "view")]
   try:
     if eval_set is not None and todo[EVAL_ROWS]:
-      computed = iter(())
+      # The eval chunks as the teachers compute them (when a member's eval logits are in no source), else as listed.
+      eval_chunks = ((chunk, None, None) for chunk in todo[EVAL_ROWS])
       if any(s < 0 for s in eval_from):
-        computed = build._computed_chunks(  # pylint: disable=protected-access
+        eval_chunks = build._computed_chunks(  # pylint: disable=protected-access
             cache, EVAL_ROWS, todo[EVAL_ROWS], eval_set, config, lambda x, *_: eval_forward(params, x), mesh)
-      computed = {chunk: (rows, outputs) for chunk, rows, outputs in computed}
-      for chunk in todo[EVAL_ROWS]:
+      for chunk, rows, outputs in eval_chunks:
         start, stop = cache.chunk_bounds(chunk, EVAL_ROWS)
         logits = np.zeros((stop - start, spec.num_members, spec.num_classes), spec.dtype)
-        rows = None
-        if chunk in computed:
-          rows, (values, _) = computed[chunk]
-          logits[:, positions] = values
-        for m, s in enumerate(eval_from):
-          if s >= 0:
-            read = sources[s].cache.read_chunk(chunk, ["eval_member_logits", "eval_index", "eval_labels"], EVAL_ROWS) \
-                if sources[s].cache.spec.chunk_rows == spec.chunk_rows else _eval_rows(sources[s].cache, start, stop)
+        if outputs is not None:
+          logits[:, positions] = outputs[0]
+        for s in sorted({s for s in eval_from if s >= 0}):
+          read = _eval_rows(sources[s].cache, start, stop)
+          for m in [m for m, source in enumerate(eval_from) if source == s]:
             logits[:, m] = read["eval_member_logits"][:, sources[s].members[m]]
-            rows = rows or {"index": read["eval_index"], "labels": read["eval_labels"]}
+          rows = rows or {"index": read["eval_index"], "labels": read["eval_labels"]}
         writer.put(EVAL_ROWS, chunk, start, stop, {"eval_member_logits": logits, "eval_index": rows["index"],
                                                    "eval_labels": rows["labels"]})
         bar.update(stop - start)
@@ -470,7 +468,7 @@ def _write_grown_chunks(cache: Cache, transfer_set, eval_set, run_at: dict[int, 
 
 
 def _eval_rows(cache: Cache, start: int, stop: int) -> dict:
-  """Eval rows `[start, stop)` of a source whose eval chunks differ from the grown cache's."""
+  """Eval rows `[start, stop)` of a source (its member logits, index and labels), from the chunks that hold them."""
   names = ["eval_member_logits", "eval_index", "eval_labels"]
   spec = cache.spec
   parts = [cache.read_chunk(k, names, EVAL_ROWS) for k in range(start // spec.chunk_rows,
