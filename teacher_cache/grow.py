@@ -24,8 +24,8 @@ import jax
 import numpy as np
 
 from shared import distributed
-from shared.cache import (EVAL_ROWS, ROWS, SPEC_DIGEST, SPEC_KEY, Cache, CacheSpec, ChunkWriter, FeatureSpec,
-                          MemberSpec, open_cache, parse_features, spec_digest)
+from shared.cache import (EVAL_ROWS, GROUPED, ROWS, SPEC_DIGEST, SPEC_KEY, Cache, CacheSpec, ChunkWriter,
+                          FeatureSpec, MemberSpec, open_cache, parse_features, spec_digest)
 from shared.data import NO_EVAL
 from shared.errors import StillroomError
 from shared.log import logger, progress
@@ -95,11 +95,15 @@ def source_digest(cache: Cache) -> str:
 @dataclasses.dataclass
 class _Source:
   """One source cache, as the grown one reads it: its rows by (example index, view), which member of it each member
-  of the grown cache is (or -1), and whether its eval logits are the grown cache's."""
+  of the grown cache is (or -1), and whether its eval logits are the grown cache's.
+
+  A source in the grouped row order of the same examples and seed holds view v of the k-th example of their shared
+  permutation in row k·V + v (`shared.cache.rows`): its rows follow from that rule. Another (an older row order) is
+  looked up by the (index, view) its `index` and `view` arrays store."""
 
   cache: Cache
-  keys: np.ndarray  # int64 [R_s]: the (index, view) key of each of its rows, sorted...
-  rows: np.ndarray  # ...and the row holding each.
+  keys: np.ndarray | None  # int64 [R_s]: the (index, view) key of each of its rows, sorted (None: by the rule)...
+  rows: np.ndarray | None  # ...and the row holding each.
   members: list[int]  # [M]: for each member of the grown cache, the member of this source that is it, or -1.
   features: dict  # {grown feature array name: this source's array name} for the members it holds.
   has_eval: bool
@@ -162,13 +166,15 @@ def _open_sources(paths, spec: CacheSpec) -> list[_Source]:
                                                                          members[feature.member])
       if theirs_f is not None:
         features[feature.array_name] = theirs_f.array_name
-    index = np.concatenate([cache.read_chunk(k, ["index"])["index"] for k in range(theirs.num_chunks)])
-    view = np.concatenate([cache.read_chunk(k, ["view"])["view"] for k in range(theirs.num_chunks)])
-    keys = _row_keys(index, view)
-    order = np.argsort(keys, kind="stable")
+    keys = order = None
+    if theirs.row_order != GROUPED or theirs.num_examples != spec.num_examples:
+      stored = [cache.read_chunk(k, ["index", "view"]) for k in range(theirs.num_chunks)]
+      keys = _row_keys(np.concatenate([c["index"] for c in stored]), np.concatenate([c["view"] for c in stored]))
+      order = np.argsort(keys, kind="stable")
+      keys = keys[order]
     has_eval = spec.eval_dataset is not None and theirs.eval_dataset is not None and \
         theirs.eval_dataset.fingerprint == spec.eval_dataset.fingerprint
-    sources.append(_Source(cache=cache, keys=keys[order], rows=order, members=members, features=features,
+    sources.append(_Source(cache=cache, keys=keys, rows=order, members=members, features=features,
                            has_eval=has_eval))
   return sources
 
@@ -177,22 +183,27 @@ def _member_features(spec: CacheSpec, member: int) -> list[FeatureSpec]:
   return [f for f in spec.features if f.member == member]
 
 
-def _cells(sources: list[_Source], spec: CacheSpec, index: np.ndarray, view: np.ndarray):
-  """Which source holds each (row, member) cell: `(source int [n, M] (-1: none), source row int64 [n, M])`. A
-  source holds a cell if it stores that (index, view) and that member with every feature the grown cache stores of
-  it; the first source listed that holds it gives it."""
+def _cells(sources: list[_Source], spec: CacheSpec, rows: np.ndarray, index: np.ndarray, view: np.ndarray):
+  """Which source holds each (row, member) cell of the grown cache's `rows` (which hold views `view` of examples
+  `index`): `(source int [n, M] (-1: none), source row int64 [n, M])`. A source holds a cell if it stores that
+  (index, view) and that member with every feature the grown cache stores of it; the first source listed that holds
+  it gives it."""
   count = len(index)
   found = np.full((count, spec.num_members), -1)
   at = np.zeros((count, spec.num_members), np.int64)
   keys = _row_keys(index, view)
   for s, source in enumerate(sources):
-    position = np.minimum(np.searchsorted(source.keys, keys), len(source.keys) - 1)
-    held = source.keys[position] == keys
+    if source.keys is None:  # The grouped order of the same examples (`_Source`): the k-th example's view v.
+      views = source.cache.spec.views
+      held, rows_there = view < views, rows // spec.views * views + view
+    else:
+      position = np.minimum(np.searchsorted(source.keys, keys), len(source.keys) - 1)
+      held, rows_there = source.keys[position] == keys, source.rows[position]
     for m in range(spec.num_members):
       if source.members[m] < 0 or any(f.array_name not in source.features for f in _member_features(spec, m)):
         continue
       take = held & (found[:, m] < 0)
-      found[take, m], at[take, m] = s, source.rows[position[take]]
+      found[take, m], at[take, m] = s, rows_there[take]
   return found, at
 
 
@@ -364,7 +375,7 @@ def _write_grown_chunks(cache: Cache, transfer_set, eval_set, run_at: dict[int, 
     start, stop = cache.chunk_bounds(chunk)
     view, position = spec.row_sources(np.arange(start, stop))
     index = transfer_set.indices[position]
-    found, at = _cells(sources, spec, index, view)
+    found, at = _cells(sources, spec, np.arange(start, stop), index, view)
     plans[chunk] = (index, view, found, at)
   eval_from = [next((s for s, source in enumerate(sources) if source.has_eval and source.members[m] >= 0), -1)
                for m in range(spec.num_members)] if eval_set is not None else []

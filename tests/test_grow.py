@@ -16,6 +16,7 @@ from conftest import array_files, run_cli, tree_digest
 from shared.cache import SPEC_KEY, open_cache
 from student_train.cli import main as student_main
 from teacher_cache import extend as extend_module
+from teacher_cache import grow
 from teacher_cache.build import BuildConfig, build_cache
 from teacher_cache.cli import main
 from teacher_cache.extend import REPLACED_SUFFIX, staging_path
@@ -73,9 +74,14 @@ def _extend(cache, data_dir, *extra, capsys=None):
                  capsys)
 
 
-def test_engine_adds_a_member_equal_to_a_direct_build(built, data_dir, teachers):
+@pytest.mark.parametrize("rows_by", ["rule", "stored"])
+def test_engine_adds_a_member_equal_to_a_direct_build(built, data_dir, teachers, monkeypatch, rows_by):
+  """A source's rows found by the grouped order's rule, or (as for an older row order) by its stored index and
+  view."""
+  if rows_by == "stored":
+    monkeypatch.setattr(grow, "GROUPED", "no row order")
   config = source_config(open_cache(built["one"]).spec, teachers=(teachers[1],), data_dir=data_dir, batch_size=16,
-                         out=str(built["root"] / "engine.zarr"), progress=False)
+                         out=str(built["root"] / f"engine_{rows_by}.zarr"), progress=False)
   grown = grow_cache(config, [built["one"]], history={"command": "extend", "added_members": ["t1"]})
   assert_same_cache(grown, built["two"])
   history = open_cache(grown).spec.history
