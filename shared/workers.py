@@ -109,10 +109,11 @@ def _partners(transfer_set: TransferSet, augmentation: Augmentation, rows: dict)
   return mix, mix[MIX_VIEW] > 0
 
 
-def _mix_out(rows: dict, mix: dict, partner_labels: np.ndarray) -> dict:
-  """What a mixed batch carries besides its inputs: λ and the partner's label for the hard-label terms, and the
-  drawn parameters (`view` rows: a build stores them)."""
-  return {**(mix if "view" in rows else {MIX_LAMBDA: mix[MIX_LAMBDA]}), MIX_LABELS: partner_labels}
+def _mix_out(rows: dict, mix: dict, partner_labels: np.ndarray, device: bool = False) -> dict:
+  """What a mixed batch carries besides its inputs: λ and the partner's label for the hard-label terms, CutMix's box
+  where the device mixes (`device`), and the drawn parameters (`view` rows: a build stores them)."""
+  kept = (MIX_LAMBDA, MIX_BOX) if device else (MIX_LAMBDA,)
+  return {**(mix if "view" in rows else {k: v for k, v in mix.items() if k in kept}), MIX_LABELS: partner_labels}
 
 
 def _mixed(transfer_set: TransferSet, augmentation: Augmentation, rows: dict, out: dict) -> dict:
@@ -161,7 +162,7 @@ def _canvas_rows(transfer_set: TransferSet, augmentation: Augmentation, rows: di
     partner_canvas[which], partner_crop[which], partner_flip[which] = canvases, drawn["crop"], drawn["flip"]
     partner_labels[which] = label_ids(transfer_set.labels[np.asarray(positions, np.int64)])
   return {**out, MIX_CANVAS: partner_canvas, MIX_CROP: partner_crop, MIX_FLIP: partner_flip,
-          **_mix_out(rows, mix, partner_labels)}
+          **_mix_out(rows, mix, partner_labels, device=True)}
 
 
 def read_once(read, positions: np.ndarray):
