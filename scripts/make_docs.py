@@ -254,6 +254,8 @@ _SCHEMA_MEANINGS = {
     "BINDING_SCHEMA_VERSION": "any of 2 to 5 whose completion record binds every chunk to its position and the spec "
                               "to the store: every store this stillroom writes. A stillroom that does not check those "
                               "bindings refuses it, and one whose record lacks them is damaged",
+    "MIX_SCHEMA_VERSION": "version 6 with mixed views (`--mix mixup:A` or `cutmix:A`): the `mix_*` arrays of each "
+                          "row's partner view and λ, which a student must render; a stillroom without them refuses it",
 }
 
 _READING = """\
@@ -284,7 +286,8 @@ def cache_format_page() -> str:
   lines = ["# Cache format", "", GENERATED.format(source="`shared.cache` (`LAYOUT`, `ROLES`, `CacheSpec`)"), "",
            _CACHE_INTRO.format(spec_key=cache.SPEC_KEY, complete_key=cache.COMPLETE_KEY, ),
            "## Schema versions", "",
-           f"This stillroom writes version {cache.SCHEMA_VERSION} for every store, so an older stillroom refuses one "
+           f"This stillroom writes version {cache.SCHEMA_VERSION} for every store ({cache.MIX_SCHEMA_VERSION} for mixed "
+           "views), so an older stillroom refuses one "
            "by its version rather than read it without checking what its completion record binds; stores of older "
            "versions stay readable. It reads versions "
            f"{', '.join(map(str, cache.READABLE_SCHEMA_VERSIONS))}.", ""]

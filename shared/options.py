@@ -88,7 +88,8 @@ class ViewSettings:
       requires="image_size", added=True, commands=(FIT, BUILD))
   mix: str | None = setting(
       None, "mixed views: 'mixup:A' blends each augmented view (views 1..V-1; view 0 stays clean) with a partner view "
-            "(another example's, or its own, view 1..V-1), λ·view + (1 − λ)·partner with λ ~ Beta(A, A); "
+            "(view 1..V-1 of an example drawn uniformly from the transfer set, itself included), λ·view + (1 − λ)·"
+            "partner with λ ~ Beta(A, A); "
             "'cutmix:A' pastes a box of the partner into the view, λ its area share left. Partners and λ are drawn "
             "from the seed, the teachers label the mixed image, and the student renders the same one; hard-label "
             "terms take λ·CE(y) + (1 − λ)·CE(y_partner). Needs --views 2 or more. A cache records it (default: none; "

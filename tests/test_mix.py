@@ -262,6 +262,26 @@ def test_a_mixed_build_is_the_same_with_other_batch_chunk_and_worker_counts(mixe
   np.testing.assert_allclose(ours["member_logits"], theirs["member_logits"], rtol=1e-5, atol=1e-5)
 
 
+def test_info_shows_the_mix_and_verify_replays_the_partners(mixed, tmp_path, capsys):
+  import shutil  # pylint: disable=import-outside-toplevel
+  import zarr  # pylint: disable=import-outside-toplevel
+  from teacher_cache.cli import main as cache_main  # pylint: disable=import-outside-toplevel
+  _, _, stores, _ = mixed
+  code, printed, err = conftest.run_cli(cache_main, ["info", stores["cutmix:1.0", "crop", "host"]], capsys)
+  assert code == 0 and "schema 7" in printed, err
+  assert "mixed views  cutmix:1.0: views 1..2 each mixed with a partner view" in printed
+  assert "Beta(1.0, 1.0); view 0 unmixed" in printed
+  # A row's λ that is not its draw's: the replay of the rows finds it (its checksum and record are valid).
+  copy = str(tmp_path / "c.zarr")
+  shutil.copytree(stores["mixup:0.4", "shift", "host"], copy)
+  lam = zarr.open_group(copy, mode="r+")[MIX_LAMBDA]
+  lam[4] = 0.5 if lam[4] != 0.5 else 0.25
+  conftest.reseal(copy)
+  failed = [check for check in verify_cache(copy) if not check.ok]
+  assert len(failed) == 1 and "mix_partner/mix_view/mix_lambda" in failed[0].name, failed
+  assert "replay from the seed" in failed[0].name and "4" in failed[0].detail, failed
+
+
 def test_views_for_external_teachers_are_the_mixed_images_and_record_the_mix(mixed, tmp_path):
   dataset, teachers, stores, _ = mixed
   out = str(tmp_path / "views")
