@@ -22,7 +22,7 @@ from shared.runs import load_teacher
 from student_train.loader import CacheLoader
 from student_train.terms import Teacher, distillation_loss, loss_settings
 from teacher_cache.build import BuildConfig, build_cache
-from teacher_cache.external import VIEWS_FILE, chunk_file, write_views
+from teacher_cache.external import VIEWS_FILE, chunk_file, import_cache, write_views
 from teacher_cache.verify import verify_cache
 
 S = 8  # Crop views' side.
@@ -291,10 +291,26 @@ def test_views_for_external_teachers_are_the_mixed_images_and_record_the_mix(mix
   assert json.load(open(os.path.join(out, VIEWS_FILE)))["augmentation"]["mix"] == "cutmix:1.0"
   cache = open_cache(stores["cutmix:1.0", "crop", "host"])
   member = load_teacher(teachers["crop"])
+  rows, logits = [], []
   for chunk in range(cache.spec.num_chunks):
     views = np.load(os.path.join(out, chunk_file(chunk)))
     stored = cache.read_chunk(chunk, ("member_logits",))["member_logits"][:, 0]
-    np.testing.assert_allclose(np.asarray(member.apply_fn(member.params, views["x"])), stored, rtol=1e-5, atol=1e-5)
+    rows.append(views["row"])
+    logits.append(np.asarray(member.apply_fn(member.params, views["x"])))
+    np.testing.assert_allclose(logits[-1], stored, rtol=1e-5, atol=1e-5)
+  # Their logits imported (with the same --mix, checked against views.json) make the build's rows.
+  np.savez(tmp_path / "logits.npz", row=np.concatenate(rows), logits=np.concatenate(logits))
+  imported = import_cache(BuildConfig(dataset=dataset, views=3, flip=True, mix="cutmix:1.0", image_size=S,
+                                      chunk_rows=30, dtype="float32", out=str(tmp_path / "i.zarr"), progress=False),
+                          [str(tmp_path / "logits.npz")], out)
+  names = ("index", "view", "crop", "flip", MIX_PARTNER, MIX_VIEW, MIX_LAMBDA, MIX_BOX)
+  for chunk in range(cache.spec.num_chunks):
+    ours, theirs = open_cache(imported).read_chunk(chunk, names), cache.read_chunk(chunk, names)
+    for name in names:
+      np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+  with pytest.raises(StillroomError, match="mix"):  # Views of another mix are not these rows.
+    import_cache(BuildConfig(dataset=dataset, views=3, flip=True, mix="mixup:1.0", image_size=S, chunk_rows=30,
+                             out=str(tmp_path / "j.zarr"), progress=False), [str(tmp_path / "logits.npz")], out)
 
 
 def test_fit_trains_on_a_mixed_cache_with_the_mixed_hard_labels(mixed, capsys):
