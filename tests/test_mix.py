@@ -353,3 +353,17 @@ def _spec(augmentation: Augmentation) -> CacheSpec:
                         input_shape=(8, 8, 1), input_dtype="float32", num_classes=10, labeled=True)
   return CacheSpec(temperature=4.0, combine="arithmetic", members=(member,), dataset=dataset, num_classes=10, views=3,
                    augmentation=augmentation, dtype="float16", chunk_rows=6, software_version="test")
+
+
+def test_a_label_fraction_of_a_mixed_cache_is_refused(mixed, capsys):
+  """Partners come from the whole transfer set: a fraction of the examples would still see the others' pixels and,
+  in the hard term, labels. Refused in one line, before anything is written."""
+  from student_train.cli import main as student_main  # pylint: disable=import-outside-toplevel
+  _, _, stores, root = mixed
+  code, _, err = conftest.run_cli(student_main, [
+      "fit", "--cache", stores["mixup:0.4", "shift", "host"], "--model", "mlp-tiny", "--label-fraction", "0.5",
+      "--no-progress", "--out", root / "fraction"], capsys)
+  errors = [line for line in err.splitlines() if ": error: " in line]
+  assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-2000:]
+  assert "--label-fraction 0.5: cache" in errors[0] and "mixes every example's views with partners" in errors[0]
+  assert not os.path.exists(root / "fraction")
