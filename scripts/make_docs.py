@@ -286,8 +286,8 @@ def cache_format_page() -> str:
   lines = ["# Cache format", "", GENERATED.format(source="`shared.cache` (`LAYOUT`, `ROLES`, `CacheSpec`)"), "",
            _CACHE_INTRO.format(spec_key=cache.SPEC_KEY, complete_key=cache.COMPLETE_KEY, ),
            "## Schema versions", "",
-           f"This stillroom writes version {cache.SCHEMA_VERSION} for every store ({cache.MIX_SCHEMA_VERSION} for mixed "
-           "views), so an older stillroom refuses one "
+           f"This stillroom writes version {cache.SCHEMA_VERSION} for every store ({cache.MIX_SCHEMA_VERSION} for "
+           "mixed views), so an older stillroom refuses one "
            "by its version rather than read it without checking what its completion record binds; stores of older "
            "versions stay readable. It reads versions "
            f"{', '.join(map(str, cache.READABLE_SCHEMA_VERSIONS))}.", ""]

@@ -280,9 +280,9 @@ def make_train_step(graphdef, normalization: Normalization, mesh, switches: dict
     `member_logits` [B, M, C], and the feature terms' teacher features), and `hypers` is a `Hypers` stacked over the
     students (leading axis K); with the device renderer the batch holds `canvas`, `crop` and `flip` instead of `x`
     (`shared.render`); a batch of mixed views (`--mix`) holds `mix_lambda` float32 [B] and the partners'
-    `mix_labels` int32 [B] for the hard-label term (and their canvases, with the device renderer). Metrics are per student, [K]: "loss", "hard_ce", "soft", "train_accuracy", "rows",
-    with soft targets "teacher_agreement", and each feature family's loss ("hint", "attention", "similarity"),
-    unweighted. `alpha` and every setting but the fixed switches are traced, so distillation and fine-tuning, and
+    `mix_labels` int32 [B] for the hard-label term (and their canvases, with the device renderer). Metrics are per
+    student, [K]: "loss", "hard_ce", "soft", "train_accuracy", "rows", with soft targets "teacher_agreement", and
+    each feature family's loss ("hint", "attention", "similarity"), unweighted. `alpha` and every setting but the fixed switches are traced, so distillation and fine-tuning, and
     any mix of settings, share one compilation.
   """
 

@@ -2049,7 +2049,8 @@ def _(env, tmp_path, mp):
 @fault("fit --mix other than the cache's")
 def _(env, tmp_path, mp):
   return (student_main, _fit(env, "--cache", env.store, "--mix", "cutmix:1", "--out", tmp_path / "r"), 2,
-          r"--mix cutmix:1: cache .* holds views mixed 'none', .*drop --mix \(or rebuild the cache with --mix cutmix:1\)",
+          r"--mix cutmix:1: cache .* holds views mixed 'none', .*drop --mix \(or rebuild the cache with "
+          r"--mix cutmix:1\)",
           [env.store, Absent(tmp_path / "r")])
 
 
