@@ -282,8 +282,8 @@ def make_train_step(graphdef, normalization: Normalization, mesh, switches: dict
     (`shared.render`); a batch of mixed views (`--mix`) holds `mix_lambda` float32 [B] and the partners'
     `mix_labels` int32 [B] for the hard-label term (and their canvases, with the device renderer). Metrics are per
     student, [K]: "loss", "hard_ce", "soft", "train_accuracy", "rows", with soft targets "teacher_agreement", and
-    each feature family's loss ("hint", "attention", "similarity"), unweighted. `alpha` and every setting but the fixed switches are traced, so distillation and fine-tuning, and
-    any mix of settings, share one compilation.
+    each feature family's loss ("hint", "attention", "similarity"), unweighted. `alpha` and every setting but the
+    fixed switches are traced, so distillation and fine-tuning, and any mix of settings, share one compilation.
   """
 
   states = replicated(mesh) if state_shardings is None else state_shardings
