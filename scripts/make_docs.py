@@ -346,7 +346,7 @@ _SCRIPTS = {
     "specialists": "bench/specialists.py", "cache_reads": "bench/cache_reads.py",
     "multi_students": "bench/multi_students.py", "shuffle_quality": "bench/shuffle_quality.py",
     "open_imagefolder": "bench/open_imagefolder.py", "summary": "bench/run_all.py",
-    "build_memory": "bench/build_memory.py", "models": "bench/models.py",
+    "build_memory": "bench/build_memory.py", "models": "bench/models.py", "mixed_views": "bench/mixed_views.py",
 }
 # Headline figures: a top-level key (or path) of a file, what it is, and its target where it has one.
 _HEADLINES = (
