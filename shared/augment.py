@@ -21,9 +21,9 @@ partner view, another `(example, view)`, all drawn from the same counter hash (`
   * λ ~ Beta(A, A): the ratio G1 / (G1 + G2) of two Gamma(A) draws (Marsaglia & Tsang's method on counter-hash
     uniforms, a fixed number of tries), so λ too is a pure function of (seed, example index, view);
   * mixup (Zhang et al. 2018): `λ·a + (1 − λ)·b` in float32, of the two views as rendered (uint8 for crops);
-  * CutMix (Yun et al. 2019): a box of the partner view `b` pasted into `a`, its centre uniform over the pixels and
-    its sides `floor(side·sqrt(1 − λ))`, clipped to the image as their code does; the row's λ is then the exact share
-    of `a` left, `1 − h·w / (H·W)`.
+  * CutMix (Yun et al. 2019): a box of the partner view `b` pasted into `a`, as their `rand_bbox`: its centre (cy, cx)
+    uniform over the pixels, its rows cy ± c // 2 for c = floor(H·sqrt(1 − λ)) (columns alike), clipped to the
+    image; the row's λ is then the exact share of `a` left, `1 − h·w / (H·W)`.
 Both views are rendered first (on the host or the device, as any view) and mixed by one function (`mix_images`), so
 a teacher and its students see the same pixels.
 """
@@ -339,7 +339,7 @@ def mix_params(augmentation: Augmentation, index: np.ndarray, view: np.ndarray, 
   lam = beta_draws(seed, _STREAM_GAMMA, index, view, alpha)
   out = {MIX_PARTNER: np.where(mixed, partner, -1).astype(np.int64),
          MIX_VIEW: np.where(mixed, partner_view, -1).astype(np.int32)}
-  if kind == CUTMIX:  # Yun et al.'s `rand_bbox`: a centre uniform over the pixels, sides floor(side·sqrt(1 − λ)).
+  if kind == CUTMIX:  # Yun et al.'s `rand_bbox`: a centre uniform over the pixels, cy ± floor(H·sqrt(1 − λ)) // 2.
     cy = np.floor(_uniform(seed, _STREAM_BOX_Y, index, view) * height).astype(np.int64)
     cx = np.floor(_uniform(seed, _STREAM_BOX_X, index, view) * width).astype(np.int64)
     cut = np.sqrt(1.0 - lam)

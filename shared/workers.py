@@ -103,7 +103,7 @@ def render_rows(transfer_set: TransferSet, augmentation: Augmentation, rows: dic
   return _mixed(transfer_set, augmentation, rows, {"x": augmentation.render(inputs, params)})
 
 
-def _partners(transfer_set: TransferSet, augmentation: Augmentation, rows: dict) -> tuple[dict, np.ndarray]:
+def _partners(augmentation: Augmentation, rows: dict) -> tuple[dict, np.ndarray]:
   """The rows' mix parameters, and which rows are mixed (bool [B]: those of a partner view 1..)."""
   mix = {name: np.asarray(rows[name]) for name in augmentation.mix_names}
   return mix, mix[MIX_VIEW] > 0
@@ -121,7 +121,7 @@ def _mixed(transfer_set: TransferSet, augmentation: Augmentation, rows: dict, ou
   decode of each distinct partner), its view drawn and rendered as any row's, both mixed by `mix_images`."""
   if augmentation.mix_kind not in (MIXUP, CUTMIX) or MIX_PARTNER not in rows:
     return out
-  mix, mixed = _partners(transfer_set, augmentation, rows)
+  mix, mixed = _partners(augmentation, rows)
   x = out["x"].astype(np.float32) if augmentation.mix_kind == MIXUP else out["x"].copy()
   partner_labels = np.full(len(mixed), -1, np.int32)
   which = np.flatnonzero(mixed)
@@ -150,7 +150,7 @@ def _canvas_rows(transfer_set: TransferSet, augmentation: Augmentation, rows: di
     return out
   # Every row carries a partner canvas, box and flip, so that the batch has one shape: an unmixed row its own (with
   # λ 1 and an empty box, mixing gives its view exactly).
-  mix, mixed = _partners(transfer_set, augmentation, rows)
+  mix, mixed = _partners(augmentation, rows)
   partner_canvas, partner_crop, partner_flip = np.array(canvas), np.array(out["crop"]), np.array(out["flip"])
   partner_labels = np.full(len(mixed), -1, np.int32)
   which = np.flatnonzero(mixed)
