@@ -62,7 +62,7 @@ class DataSettings(DatasetSettings):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ViewSettings:
-  """How a view of an example is rendered: a zero-filled shift, or a random-resized crop; flips."""
+  """How a view of an example is rendered: a zero-filled shift, or a random-resized crop; flips; mixed views."""
 
   max_shift: int = setting(1, "shift views: the largest zero-filled shift, in pixels", group="views",
                            commands=(FIT, BUILD, VIEWS, IMPORT, DEMO_BUILD))
