@@ -155,15 +155,15 @@ def _attributes(cls) -> dict[str, str]:
   """`{name: meaning}` from the "Attributes:" section of a class's Google-style docstring."""
   doc = inspect.getdoc(cls) or ""
   section = doc.split("Attributes:", 1)[1] if "Attributes:" in doc else ""
-  meanings, name = {}, None
+  meanings, name, indent = {}, None, None
   for line in section.splitlines():
     if not line.strip():
       continue
-    match = re.match(r"^ {2,4}(\w+): ?(.*)$", line)
-    if match and not line.startswith(" " * 5):
-      name = match.group(1)
-      meanings[name] = match.group(2)
-    elif name and line.startswith(" " * 5):
+    match = re.match(r"^( {2,4})(\w+): ?(.*)$", line)
+    if match and (indent is None or match.group(1) == indent):
+      indent, name = match.group(1), match.group(2)
+      meanings[name] = match.group(3)
+    elif name and line.startswith(indent + " "):  # A continuation line, indented below its attribute.
       meanings[name] += " " + line.strip()
     else:
       break
@@ -206,6 +206,8 @@ def _present_in(layout) -> str:
     return " and ".join("dense" if t == "dense" else f"`{t}:K`" for t in layout.targets) + " targets"
   if layout.views is not None:
     return f"{layout.views} views"
+  if layout.mix is not None:
+    return " and ".join(f"`--mix {kind}:A`" for kind in layout.mix) + " caches (mixed views)"
   if layout.row_set == "eval" or layout.dims[0] in ("E", "chunks(E)"):
     return "caches with an eval split"
   return "every cache"
