@@ -92,9 +92,12 @@ class ViewSettings:
             "partner with λ ~ Beta(A, A); "
             "'cutmix:A' pastes a box of the partner into the view, λ its area share left. Partners and λ are drawn "
             "from the seed, the teachers label the mixed image, and the student renders the same one; hard-label "
-            "terms take λ·CE(y) + (1 − λ)·CE(y_partner). Needs --views 2 or more. A cache records it (default: none; "
-            "`fit --cache`: the cache's)", metavar="none|mixup:A|cutmix:A", check=mix_check, group="views",
-      added=True, commands=(FIT, BUILD, VIEWS, IMPORT))
+            "terms take λ·CE(y) + (1 − λ)·CE(y_partner). Needs --views 2 or more. A cache records it (default: "
+            "none)", metavar="none|mixup:A|cutmix:A", check=mix_check, group="views",
+      added=True, commands=(FIT, BUILD, VIEWS, IMPORT),
+      helps={FIT: ("the cache's mixed views (`teacher-cache build --mix`), which the student renders as its teachers "
+                   "saw them, with the hard-label term on the λ-mixed labels; a check only: another mix than the "
+                   "cache's is refused, and so is --mix without --cache (default: the cache's)", None)})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
