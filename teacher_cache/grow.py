@@ -26,6 +26,7 @@ import numpy as np
 from shared import distributed
 from shared.cache import (EVAL_ROWS, GROUPED, ROWS, SPEC_DIGEST, SPEC_KEY, Cache, CacheSpec, ChunkWriter,
                           FeatureSpec, MemberSpec, open_cache, parse_features, spec_digest)
+from shared.augment import NO_MIX
 from shared.data import NO_EVAL
 from shared.errors import StillroomError
 from shared.log import logger, progress
@@ -52,7 +53,9 @@ def source_config(spec: CacheSpec, **changes) -> BuildConfig:
       views=spec.views, seed=augmentation.seed, max_shift=BuildConfig.max_shift if crop else augmentation.max_shift,
       flip=augmentation.flip, image_size=augmentation.image_size,
       crop_area=tuple(augmentation.crop_area), crop_aspect=tuple(augmentation.crop_aspect),
-      renderer=augmentation.renderer if crop else None, temperature=spec.temperature, combine=spec.combine,
+      renderer=augmentation.renderer if crop else None,
+      mix=None if augmentation.mix_kind == NO_MIX else augmentation.mix, temperature=spec.temperature,
+      combine=spec.combine,
       targets=spec.targets, member_logits=spec.member_logits and spec.target_kind != "dense", dtype=spec.dtype,
       chunk_rows=spec.chunk_rows, compute_dtype=spec.compute_dtype, folds=spec.folds,
       features=",".join(f"{f.name}:{f.kind}@{f.member}" for f in spec.features) or None)
@@ -153,6 +156,9 @@ def _open_sources(paths, spec: CacheSpec) -> list[_Source]:
         ("views", spec.augmentation.to_dict(), theirs.augmentation.to_dict()),
         ("dtype", spec.dtype, theirs.dtype), ("compute dtype", spec.compute_dtype, theirs.compute_dtype),
         ("classes", spec.num_classes, theirs.num_classes)) if mine != other]
+    if spec.augmentation.mix_kind != NO_MIX and theirs.views != spec.views and not differences:
+      differences = [f"views mixed {spec.augmentation.mix!r} draw each row's partner among views 1..V-1, so the "
+                     f"rows of {theirs.views} views (that cache) are not those of {spec.views} (here)"]
     if differences:
       changed = " (the data changed since that cache was built, or --data-dir holds other data)" \
           if spec.dataset.fingerprint != theirs.dataset.fingerprint else ""

@@ -260,3 +260,16 @@ def test_more_views_take_the_default_chunk_rows_where_the_cache_s_do_not_hold_wh
   assert open_cache(out).spec.chunk_rows == 4095  # 32 is not a multiple of 3: the default 4096 rounded down.
   direct = _build(built["root"] / "three_direct.zarr", teachers[:1], data_dir, views=3, chunk_rows=4095)
   assert_same_cache(out, direct)  # The eval logits too, read across the cache's chunks of other rows.
+
+
+def test_a_cache_of_mixed_views_takes_a_member_not_views(built, data_dir, teachers, capsys):
+  """Mixed views: a member is added as a direct build adds it; more views would redraw every row's partner view."""
+  one = _build(built["root"] / "mix_one.zarr", teachers[:1], data_dir, mix="mixup:0.2", eval_split="none")
+  two = _build(built["root"] / "mix_two.zarr", teachers[:2], data_dir, mix="mixup:0.2", eval_split="none")
+  out = str(built["root"] / "mix_grown.zarr")
+  code, _, err = _extend(one, data_dir, "--teacher", teachers[1], "--out", out, capsys=capsys)
+  assert code == 0, err
+  assert_same_cache(out, two)
+  code, _, err = _extend(one, data_dir, "--views", "4", "--out", str(built["root"] / "mix4.zarr"), capsys=capsys)
+  assert code == 2 and "more views change every row, so none can be kept; build the cache with --views 4" in err
+  assert not os.path.exists(built["root"] / "mix4.zarr")
