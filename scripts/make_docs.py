@@ -155,15 +155,15 @@ def _attributes(cls) -> dict[str, str]:
   """`{name: meaning}` from the "Attributes:" section of a class's Google-style docstring."""
   doc = inspect.getdoc(cls) or ""
   section = doc.split("Attributes:", 1)[1] if "Attributes:" in doc else ""
-  meanings, name = {}, None
+  meanings, name, indent = {}, None, None
   for line in section.splitlines():
     if not line.strip():
       continue
-    match = re.match(r"^ {2,4}(\w+): ?(.*)$", line)
-    if match and not line.startswith(" " * 5):
-      name = match.group(1)
-      meanings[name] = match.group(2)
-    elif name and line.startswith(" " * 5):
+    match = re.match(r"^( {2,4})(\w+): ?(.*)$", line)
+    if match and (indent is None or match.group(1) == indent):
+      indent, name = match.group(1), match.group(2)
+      meanings[name] = match.group(3)
+    elif name and line.startswith(indent + " "):  # A continuation line, indented below its attribute.
       meanings[name] += " " + line.strip()
     else:
       break
@@ -206,6 +206,8 @@ def _present_in(layout) -> str:
     return " and ".join("dense" if t == "dense" else f"`{t}:K`" for t in layout.targets) + " targets"
   if layout.views is not None:
     return f"{layout.views} views"
+  if layout.mix is not None:
+    return " and ".join(f"`--mix {kind}:A`" for kind in layout.mix) + " caches (mixed views)"
   if layout.row_set == "eval" or layout.dims[0] in ("E", "chunks(E)"):
     return "caches with an eval split"
   return "every cache"
@@ -254,6 +256,8 @@ _SCHEMA_MEANINGS = {
     "BINDING_SCHEMA_VERSION": "any of 2 to 5 whose completion record binds every chunk to its position and the spec "
                               "to the store: every store this stillroom writes. A stillroom that does not check those "
                               "bindings refuses it, and one whose record lacks them is damaged",
+    "MIX_SCHEMA_VERSION": "version 6 with mixed views (`--mix mixup:A` or `cutmix:A`): the `mix_*` arrays of each "
+                          "row's partner view and λ, which a student must render; a stillroom without them refuses it",
 }
 
 _READING = """\
@@ -284,7 +288,8 @@ def cache_format_page() -> str:
   lines = ["# Cache format", "", GENERATED.format(source="`shared.cache` (`LAYOUT`, `ROLES`, `CacheSpec`)"), "",
            _CACHE_INTRO.format(spec_key=cache.SPEC_KEY, complete_key=cache.COMPLETE_KEY, ),
            "## Schema versions", "",
-           f"This stillroom writes version {cache.SCHEMA_VERSION} for every store, so an older stillroom refuses one "
+           f"This stillroom writes version {cache.SCHEMA_VERSION} for every store ({cache.MIX_SCHEMA_VERSION} for "
+           "mixed views), so an older stillroom refuses one "
            "by its version rather than read it without checking what its completion record binds; stores of older "
            "versions stay readable. It reads versions "
            f"{', '.join(map(str, cache.READABLE_SCHEMA_VERSIONS))}.", ""]
@@ -343,7 +348,8 @@ _SCRIPTS = {
     "specialists": "bench/specialists.py", "cache_reads": "bench/cache_reads.py",
     "multi_students": "bench/multi_students.py", "shuffle_quality": "bench/shuffle_quality.py",
     "open_imagefolder": "bench/open_imagefolder.py", "summary": "bench/run_all.py",
-    "build_memory": "bench/build_memory.py", "models": "bench/models.py", "grow": "bench/grow.py",
+    "build_memory": "bench/build_memory.py", "models": "bench/models.py", "mixed_views": "bench/mixed_views.py",
+    "grow": "bench/grow.py",
 }
 # Headline figures: a top-level key (or path) of a file, what it is, and its target where it has one.
 _HEADLINES = (

@@ -13,10 +13,24 @@ Two kinds of view:
     View 0 is the central square, the same as big_vision's `resize_small(S)|central_crop(S)` (shorter side to S,
     centre crop) up to rounding at the edges; views 1.. are Inception-style random-resized crops (area fraction
     and aspect ratio drawn log-uniform in ranges, 10 tries, then a central crop at the nearest allowed ratio).
+
+Mixed views (`mix`, `--mix mixup:A|cutmix:A`): every augmented view (view 1..V-1) of an example is mixed with a
+partner view, another `(example, view)`, all drawn from the same counter hash (`mix_params`):
+  * the partner example uniform over the transfer set's examples (the row's own example allowed), its view uniform
+    over 1..V-1 (view 0 is never a partner, and is itself never mixed: it stays the clean, un-augmented input);
+  * λ ~ Beta(A, A): the ratio G1 / (G1 + G2) of two Gamma(A) draws (Marsaglia & Tsang's method on counter-hash
+    uniforms, a fixed number of tries), so λ too is a pure function of (seed, example index, view);
+  * mixup (Zhang et al. 2018): `λ·a + (1 − λ)·b` in float32, of the two views as rendered (uint8 for crops);
+  * CutMix (Yun et al. 2019): a box of the partner view `b` pasted into `a`, as their `rand_bbox`: its centre (cy, cx)
+    uniform over the pixels, its rows cy ± c // 2 for c = floor(H·sqrt(1 − λ)) (columns alike), clipped to the
+    image; the row's λ is then the exact share of `a` left, `1 − h·w / (H·W)`.
+Both views are rendered first (on the host or the device, as any view) and mixed by one function (`mix_images`), so
+a teacher and its students see the same pixels.
 """
 
 import dataclasses
 import functools
+import math
 
 import numpy as np
 
@@ -32,6 +46,55 @@ RENDERERS = ("host", "device")  # Where crop views are rendered: `render_crops` 
 HOST, DEVICE = RENDERERS
 CANVAS = "canvas"  # A device-rendered batch's canvases (`shared.render`), beside its "crop" boxes and "flip"s.
 FOLD_SEED = 0  # Fold assignment is fixed: runs and caches made apart must agree on it.
+# Mixed views: the partner's example and view, CutMix's box centre, then each Gamma draw's tries (3 uniforms a try and
+# one for the boost), from stream 64 on.
+_STREAM_PARTNER, _STREAM_PARTNER_VIEW, _STREAM_BOX_Y, _STREAM_BOX_X, _STREAM_GAMMA = 64, 65, 66, 67, 80
+GAMMA_TRIES = 16  # Marsaglia & Tsang accept >= 95% of tries: all 16 fail with probability < 1e-20 (then the mode).
+NO_MIX, MIXUP, CUTMIX = "none", "mixup", "cutmix"
+MIX_KINDS = (NO_MIX, MIXUP, CUTMIX)
+# The row arrays of a mixed view (a cache's arrays of role "view"), and the partner's label a rendered batch carries.
+MIX_PARTNER, MIX_VIEW, MIX_LAMBDA, MIX_BOX = "mix_partner", "mix_view", "mix_lambda", "mix_box"
+MIX_LABELS = "mix_labels"
+# A device-rendered mixed batch's partner canvases, boxes and flips (`shared.render`), beside its own.
+MIX_CANVAS, MIX_CROP, MIX_FLIP = "mix_canvas", "mix_crop", "mix_flip"
+
+
+def parse_mix(text: str) -> tuple[str, float | None]:
+  """`"none"` -> ("none", None); `"mixup:A"` / `"cutmix:A"` -> (kind, A) with A > 0 finite.
+
+  Raises:
+    StillroomError: another text, or A not a positive number.
+  """
+  kind, colon, value = str(text).partition(":")
+  if kind == NO_MIX and not colon:
+    return NO_MIX, None
+  if kind in (MIXUP, CUTMIX):
+    try:
+      alpha = float(value)
+    except ValueError:
+      alpha = math.nan
+    if math.isfinite(alpha) and alpha > 0:
+      return kind, alpha
+  raise StillroomError(f"--mix {text!r}: give 'none', 'mixup:A' or 'cutmix:A', A > 0 the parameter of λ's Beta(A, A) "
+                       "(e.g. mixup:0.2 or cutmix:1).")
+
+
+def canonical_mix(text: str) -> str:
+  """`--mix` as a spec records it: "none", or "mixup:A" / "cutmix:A" with A as Python writes the float ("mixup:.20"
+  is "mixup:0.2", "cutmix:1" is "cutmix:1.0")."""
+  kind, alpha = parse_mix(text)
+  return kind if alpha is None else f"{kind}:{alpha!r}"
+
+
+def mix_check(text) -> bool | str:
+  """The `check` of the `--mix` setting: True, or what is wrong."""
+  if text is None:
+    return True
+  try:
+    parse_mix(text)
+  except StillroomError:
+    return "must be 'none', 'mixup:A' or 'cutmix:A' with A > 0 (e.g. mixup:0.2)"
+  return True
 
 
 def _splitmix64(z: np.ndarray) -> np.ndarray:
@@ -54,6 +117,44 @@ def _uniform(seed: int, stream: int, index: np.ndarray, view: np.ndarray) -> np.
   return (counter_hash(seed, stream, index, view) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
 
 
+def _open_uniform(seed: int, stream: int, index: np.ndarray, view: np.ndarray) -> np.ndarray:
+  """float64 [B] uniform in (0, 1) (never 0: its log is finite), the midpoints of `_uniform`'s 2**53 cells."""
+  return ((counter_hash(seed, stream, index, view) >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0 ** -53
+
+
+def _log_gamma(seed: int, stream: int, index: np.ndarray, view: np.ndarray, shape: float) -> np.ndarray:
+  """float64 [B]: the log of a Gamma(shape, 1) draw per row, from counter-hash uniforms only.
+
+  Marsaglia & Tsang (2000) draw Gamma(shape + 1) (d = shape + 2/3, c = 1/sqrt(9d); a standard normal x by
+  Box–Muller, v = (1 + cx)³, accepted when log u < x²/2 + d − dv + d·log v), boosted to Gamma(shape) by U^(1/shape).
+  In logs, so that a small shape's tiny draws do not underflow. `GAMMA_TRIES` tries, each on its own streams; a row
+  whose every try failed (probability < 1e-20) takes the mode d.
+  """
+  d = shape + 1.0 - 1.0 / 3.0
+  c = 1.0 / math.sqrt(9.0 * d)
+  result = np.full(np.shape(index), np.nan)
+  for attempt in range(GAMMA_TRIES):
+    first = stream + 3 * attempt
+    radius = np.sqrt(-2.0 * np.log(_open_uniform(seed, first, index, view)))
+    x = radius * np.cos(2.0 * np.pi * _uniform(seed, first + 1, index, view))
+    v = (1.0 + c * x) ** 3
+    with np.errstate(divide="ignore", invalid="ignore"):
+      log_v = np.log(np.where(v > 0, v, 1.0))
+      accept = (v > 0) & (np.log(_open_uniform(seed, first + 2, index, view)) < 0.5 * x * x + d - d * v + d * log_v)
+    result = np.where(np.isnan(result) & accept, math.log(d) + log_v, result)
+  result = np.where(np.isnan(result), math.log(d), result)
+  return result + np.log(_open_uniform(seed, stream + 3 * GAMMA_TRIES, index, view)) / shape
+
+
+def beta_draws(seed: int, stream: int, index: np.ndarray, view: np.ndarray, alpha: float) -> np.ndarray:
+  """float64 [B] in [0, 1]: a Beta(alpha, alpha) draw per row, G1 / (G1 + G2) of two Gamma(alpha) draws (streams
+  `stream` and `stream + 64`), a pure function of (seed, stream, index, view)."""
+  g1 = _log_gamma(seed, stream, index, view, alpha)
+  g2 = _log_gamma(seed, stream + 64, index, view, alpha)
+  with np.errstate(over="ignore"):
+    return 1.0 / (1.0 + np.exp(g2 - g1))
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Augmentation:
   """How views are drawn and rendered.
@@ -68,6 +169,8 @@ class Augmentation:
     renderer: crop views: "host" (`render_crops`, PIL in the input workers) or "device" (`shared.render`: the
       workers read fixed-size canvases and draw boxes and flips; the forward or step renders them). A cache records
       it (omitted for "host", as caches before it were), so its students render the pixels its teachers saw.
+    mix: "none", "mixup:A" or "cutmix:A" (`canonical_mix`): views 1.. mixed with a partner view (see the module
+      docstring). A cache records it (omitted for "none", as caches before it were).
   """
 
   seed: int = 0
@@ -77,8 +180,11 @@ class Augmentation:
   crop_area: tuple[float, float] = DEFAULT_CROP_AREA
   crop_aspect: tuple[float, float] = DEFAULT_CROP_ASPECT
   renderer: str = HOST
+  mix: str = NO_MIX
 
   def __post_init__(self):
+    if canonical_mix(self.mix) != self.mix:
+      raise StillroomError(f"--mix {self.mix!r} is not written as a cache records it ({canonical_mix(self.mix)!r}).")
     if self.max_shift < 0:
       raise StillroomError(f"max_shift must be >= 0, got {self.max_shift}")
     if self.image_size is not None and not (isinstance(self.image_size, int) and self.image_size >= 1):
@@ -101,9 +207,26 @@ class Augmentation:
     return "shift" if self.image_size is None else "crop"
 
   @property
+  def mix_kind(self) -> str:
+    """"none", "mixup" or "cutmix"."""
+    return parse_mix(self.mix)[0]
+
+  @property
+  def mix_alpha(self) -> float | None:
+    """A of λ's Beta(A, A); None without mixing."""
+    return parse_mix(self.mix)[1]
+
+  @property
+  def mix_names(self) -> tuple[str, ...]:
+    """The per-row parameters of mixed views (cache arrays of role "view"), as `mix_params` returns them."""
+    if self.mix_kind == NO_MIX:
+      return ()
+    return (MIX_PARTNER, MIX_VIEW, MIX_LAMBDA) + ((MIX_BOX,) if self.mix_kind == CUTMIX else ())
+
+  @property
   def param_names(self) -> tuple[str, ...]:
-    """The per-row view parameters (cache arrays of role "view"), in the order `view_params` returns them."""
-    return ("shift", "flip") if self.kind == "shift" else ("crop", "flip")
+    """The per-row view parameters (cache arrays of role "view"): those `view_params` returns, then `mix_names`."""
+    return ("shift", "flip") + self.mix_names if self.kind == "shift" else ("crop", "flip") + self.mix_names
 
   def output_shape(self, input_shape: tuple) -> tuple[int, ...]:
     """The shape of a rendered view of inputs stored with `input_shape` (None for a varying side)."""
@@ -116,6 +239,8 @@ class Augmentation:
     d = dataclasses.asdict(self)
     if self.renderer == HOST:  # As caches before the device renderer recorded their views.
       del d["renderer"]
+    if self.mix == NO_MIX:  # As caches before mixed views recorded their views.
+      del d["mix"]
     if self.kind == "shift":  # Shift views as stillroom 0.2 recorded them.
       for name in ("image_size", "crop_area", "crop_aspect"):
         del d[name]
@@ -179,6 +304,77 @@ class Augmentation:
       sizes = np.array([x.shape[:2] for x in inputs], np.int64).reshape(-1, 2)
     params = self.view_params(index, view, sizes)
     return self.render(inputs, params), params
+
+
+def mix_params(augmentation: Augmentation, index: np.ndarray, view: np.ndarray, population: np.ndarray, views: int,
+               input_shape: tuple) -> dict:
+  """Draws each row's partner view and λ (see the module docstring): a pure function of (seed, index, view) and the
+  transfer set. View 0 is not mixed: partner -1, partner view -1, λ 1 (and an empty box).
+
+  Args:
+    index: int [B] example indices.
+    view: int [B] view ids.
+    population: int64 [N] the transfer set's example indices, which partners are drawn from.
+    views: V, the views per example (partner views are drawn from 1..V-1; V >= 2).
+    input_shape: the transfer set's stored shape (CutMix's box is in the pixels of `output_shape(input_shape)`).
+
+  Returns:
+    {} without mixing; else `mix_partner` int64 [B] (the partner's example index), `mix_view` int32 [B], `mix_lambda`
+    float32 [B] (the share of the row's own view), and for CutMix `mix_box` int32 [B, 4] (top, left, height, width):
+    the partner's pixels pasted in.
+  """
+  kind, alpha = parse_mix(augmentation.mix)
+  if kind == NO_MIX:
+    return {}
+  if views < 2:
+    raise StillroomError(f"--mix {augmentation.mix} mixes views 1.. with partner views 1..: it needs --views 2 or more "
+                         f"(view 0 is never mixed), got {views}.")
+  seed = augmentation.seed
+  height, width = (tuple(augmentation.output_shape(tuple(input_shape))) + (1, 1))[:2]
+  index, view = np.asarray(index, np.int64), np.asarray(view, np.int64)
+  mixed = view != 0
+  population = np.asarray(population, np.int64)
+  partner = population[(counter_hash(seed, _STREAM_PARTNER, index, view) % np.uint64(len(population))).astype(np.int64)]
+  partner_view = 1 + (counter_hash(seed, _STREAM_PARTNER_VIEW, index, view) % np.uint64(views - 1)).astype(np.int64)
+  lam = beta_draws(seed, _STREAM_GAMMA, index, view, alpha)
+  out = {MIX_PARTNER: np.where(mixed, partner, -1).astype(np.int64),
+         MIX_VIEW: np.where(mixed, partner_view, -1).astype(np.int32)}
+  if kind == CUTMIX:  # Yun et al.'s `rand_bbox`: a centre uniform over the pixels, cy ± floor(H·sqrt(1 − λ)) // 2.
+    cy = np.floor(_uniform(seed, _STREAM_BOX_Y, index, view) * height).astype(np.int64)
+    cx = np.floor(_uniform(seed, _STREAM_BOX_X, index, view) * width).astype(np.int64)
+    cut = np.sqrt(1.0 - lam)
+    half_h, half_w = np.floor(height * cut).astype(np.int64) // 2, np.floor(width * cut).astype(np.int64) // 2
+    top, bottom = np.clip(cy - half_h, 0, height), np.clip(cy + half_h, 0, height)
+    left, right = np.clip(cx - half_w, 0, width), np.clip(cx + half_w, 0, width)
+    box = np.stack([top, left, bottom - top, right - left], axis=-1) * mixed[:, None]
+    out[MIX_BOX] = box.astype(np.int32).reshape(len(index), 4)
+    lam = 1.0 - box[:, 2] * box[:, 3] / (height * width)  # The exact share of the row's own view left.
+  out[MIX_LAMBDA] = np.where(mixed, lam, 1.0).astype(np.float32)
+  return out
+
+
+def mix_images(a, b, lam, box=None, xp=np):
+  """Mixes views: the one mixing code of the host (NumPy) and the device (`xp=jax.numpy`) renderers.
+
+  Args:
+    a: [B, H, W(, C)] the rows' own views as rendered (uint8 for crops), or [B, D] vectors (mixup only).
+    b: the partner views, as `a`.
+    lam: float32 [B] the share of `a` (`mix_lambda`).
+    box: CutMix: int [B, 4] (top, left, height, width) of `b` pasted into `a`; None: mixup.
+
+  Returns:
+    mixup: float32 `λ·a + (1 − λ)·b` (λ = 1 gives `a` exactly); CutMix: `a` with the box's pixels of `b`, in their
+    dtype.
+  """
+  if box is None:
+    lam = xp.asarray(lam, xp.float32).reshape((-1,) + (1,) * (a.ndim - 1))
+    return lam * a.astype(xp.float32) + (xp.float32(1) - lam) * b.astype(xp.float32)
+  box = xp.asarray(box)
+  top, left, height, width = (box[:, k].reshape(-1, 1, 1) for k in range(4))
+  rows = xp.arange(a.shape[1]).reshape(1, -1, 1)
+  cols = xp.arange(a.shape[2]).reshape(1, 1, -1)
+  inside = (rows >= top) & (rows < top + height) & (cols >= left) & (cols < left + width)
+  return xp.where(inside.reshape(inside.shape + (1,) * (a.ndim - 3)), b, a)
 
 
 def crop_boxes(augmentation: Augmentation, index: np.ndarray, view: np.ndarray, sizes: np.ndarray) -> np.ndarray:
@@ -265,7 +461,7 @@ def check_max_shift(max_shift: int, input_shape: tuple[int, ...], option: str) -
 def make_augmentation(input_shape: tuple, input_dtype, dataset: str, *, seed: int, max_shift: int, flip: bool,
                       image_size: int | None, crop_area=DEFAULT_CROP_AREA,
                       crop_aspect=DEFAULT_CROP_ASPECT, renderer: str | None = None,
-                      canvas_shape: tuple | None = None) -> Augmentation:
+                      canvas_shape: tuple | None = None, mix: str | None = None) -> Augmentation:
   """The views for a dataset whose examples are stored with `input_shape` (None for a varying side) and
   `input_dtype`, checked before anything is written; `renderer` (None: "host") renders crop views, the device
   renderer from the fixed canvases of a source that offers them (`canvas_shape`, None where it does not).
@@ -289,13 +485,17 @@ def make_augmentation(input_shape: tuple, input_dtype, dataset: str, *, seed: in
     raise StillroomError(f"--image-size renders uint8 images; {dataset!r} stores {np.dtype(input_dtype)}. Without "
                          "--image-size its images are used at their stored size.")
   renderer = renderer or HOST
+  mix = canonical_mix(mix or NO_MIX)
+  if parse_mix(mix)[0] == CUTMIX and len(input_shape) < 2:
+    raise StillroomError(f"--mix {mix} pastes a box of one image into another; {dataset!r} holds flat vectors of "
+                         f"shape {input_shape}.")
   if renderer != HOST and image_size is not None and canvas_shape is None:
     raise StillroomError(f"--renderer {renderer} renders crops from fixed-size canvases, which {dataset!r} does not "
                          "offer (images of one shape in memory, such as npz:, do; so do prepared images): use "
                          "--renderer host.")
   return Augmentation(seed=seed, max_shift=max_shift if image_size is None else 0, flip=flip, image_size=image_size,
                       crop_area=tuple(float(v) for v in crop_area), crop_aspect=tuple(float(v) for v in crop_aspect),
-                      renderer=renderer)
+                      renderer=renderer, mix=mix)
 
 
 def fold_of(index: np.ndarray, folds: int) -> np.ndarray:

@@ -23,6 +23,24 @@ def hard_cross_entropy(student_logits: jax.Array, labels: jax.Array) -> jax.Arra
   return optax.softmax_cross_entropy_with_integer_labels(student_logits, labels)
 
 
+def mixed_cross_entropy(student_logits: jax.Array, labels: jax.Array, partner_labels: jax.Array,
+                        lam: jax.Array) -> jax.Array:
+  """`λ·CE(y, softmax(s)) + (1 − λ)·CE(y_partner, softmax(s))`: the hard-label term of a mixed view (mixup, CutMix),
+  the cross-entropy against the λ-mixed one-hot labels.
+
+  Args:
+    student_logits: [..., C].
+    labels: int [...] the view's class ids.
+    partner_labels: int [...] the partner view's class ids (any valid id where λ is 1).
+    lam: float [...] the view's share λ.
+
+  Returns:
+    [...] cross-entropy in nats.
+  """
+  return lam * hard_cross_entropy(student_logits, labels) + (1.0 - lam) * hard_cross_entropy(student_logits,
+                                                                                             partner_labels)
+
+
 def soft_kl(student_logits: jax.Array, target_log_probs: jax.Array, temperature) -> jax.Array:
   """`T² · KL(p_T || softmax(s / T))`, Hinton et al.'s soft term.
 

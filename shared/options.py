@@ -7,7 +7,7 @@ one check, and each field lists the commands that offer it (`shared.settings.set
 
 import dataclasses
 
-from shared.augment import DEFAULT_CROP_AREA, DEFAULT_CROP_ASPECT, RENDERERS
+from shared.augment import DEFAULT_CROP_AREA, DEFAULT_CROP_ASPECT, RENDERERS, mix_check
 from shared.data import NO_EVAL
 from shared.precision import COMPUTE_DTYPES, DEFAULT_COMPUTE_DTYPE
 from shared.settings import at_least, setting, workers_check
@@ -66,7 +66,7 @@ class DataSettings(DatasetSettings):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ViewSettings:
-  """How a view of an example is rendered: a zero-filled shift, or a random-resized crop; flips."""
+  """How a view of an example is rendered: a zero-filled shift, or a random-resized crop; flips; mixed views."""
 
   max_shift: int = setting(1, "shift views: the largest zero-filled shift, in pixels", group="views",
                            commands=(FIT, BUILD, VIEWS, IMPORT, DEMO_BUILD))
@@ -90,6 +90,18 @@ class ViewSettings:
             "dataset of fixed-size canvases (images of one shape in memory, prepared images). A cache records its "
             "renderer (default: host; `fit --cache`: the cache's)", choices=RENDERERS, group="views",
       requires="image_size", added=True, commands=(FIT, BUILD))
+  mix: str | None = setting(
+      None, "mixed views: 'mixup:A' blends each augmented view (views 1..V-1; view 0 stays clean) with a partner view "
+            "(view 1..V-1 of an example drawn uniformly from the transfer set, itself included), λ·view + (1 − λ)·"
+            "partner with λ ~ Beta(A, A); "
+            "'cutmix:A' pastes a box of the partner into the view, λ its area share left. Partners and λ are drawn "
+            "from the seed, the teachers label the mixed image, and the student renders the same one; hard-label "
+            "terms take λ·CE(y) + (1 − λ)·CE(y_partner). Needs --views 2 or more. A cache records it (default: "
+            "none)", metavar="none|mixup:A|cutmix:A", check=mix_check, group="views",
+      added=True, commands=(FIT, BUILD, VIEWS, IMPORT),
+      helps={FIT: ("the cache's mixed views (`teacher-cache build --mix`), which the student renders as its teachers "
+                   "saw them, with the hard-label term on the λ-mixed labels; a check only: another mix than the "
+                   "cache's is refused, and so is --mix without --cache (default: the cache's)", None)})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -28,9 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from shared.augment import CANVAS
+from shared.augment import CANVAS, MIX_BOX, MIX_CANVAS, MIX_CROP, MIX_FLIP, MIX_LAMBDA, mix_images
 
 BOXES, FLIP = "crop", "flip"  # A device-rendered batch's boxes and flips, as a cache names them, beside CANVAS.
+# What a mixed batch adds (`shared.workers.render_rows`): its partners' canvases, boxes and flips, and CutMix's box.
+PARTNER_INPUTS = (MIX_CANVAS, MIX_CROP, MIX_FLIP)
+# Every array of a device-rendered batch that its views are rendered from (`with_inputs` and `inputs_of` read them).
+DEVICE_INPUTS = (CANVAS, BOXES, FLIP, *PARTNER_INPUTS, MIX_LAMBDA, MIX_BOX)
 # The measured agreement with PIL (`tests/test_render.py`), quoted by the docs: grey levels of uint8 pixels.
 MAX_LEVELS_FROM_PIL = 1
 MEAN_LEVELS_FROM_PIL = 0.1
@@ -123,22 +127,38 @@ def render_on_device(canvas: jax.Array, boxes: jax.Array, flip: jax.Array, size:
   return render(canvas, boxes, flip, size)
 
 
+def _views(batch: dict, size: int) -> jax.Array:
+  """A device-rendered batch's views: its canvases' boxes rendered, and in a mixed batch (`mix_canvas` present) its
+  partners' too, the two mixed by `shared.augment.mix_images` (the host's mixing code) with `mix_lambda` (and CutMix's
+  `mix_box`)."""
+  x = render(batch[CANVAS], batch[BOXES], batch[FLIP], size)
+  if MIX_CANVAS not in batch:
+    return x
+  partner = render(batch[MIX_CANVAS], batch[MIX_CROP], batch[MIX_FLIP], size)
+  return mix_images(x, partner, batch[MIX_LAMBDA], batch.get(MIX_BOX), xp=jnp)
+
+
+_views_on_device = jax.jit(_views, static_argnames="size")
+
+
 def with_inputs(batch: dict, size: int | None) -> dict:
   """The batch with its views rendered into `x` from its canvases (`canvas`, `crop`, `flip`, which it drops), as a
   step or forward sees it; a batch without canvases (host-rendered) as it is. Pure: use it inside a jitted function.
 
   Args:
     batch: a batch of `B` rows: `canvas` uint8 [B, Hc, Wc(, C)], `crop` int32 [B, 4] and `flip` bool [B] (device
-      renderer), or `x` [B, ...] (host-rendered), and the rest of its arrays.
+      renderer), or `x` [B, ...] (host-rendered), and the rest of its arrays; a mixed batch also its partners'
+      (`PARTNER_INPUTS`), `mix_lambda` float32 [B] and for CutMix `mix_box` int32 [B, 4].
     size: the views' side S (`Augmentation.image_size`); None for host-rendered views.
 
   Returns:
-    The batch with `x` uint8 [B, S, S(, C)] in place of the canvases, boxes and flips; the rest as they were.
+    The batch with `x` uint8 [B, S, S(, C)] (float32 mixed by mixup) in place of the canvases, boxes and flips (and
+    the partners' and the box; `mix_lambda` stays, for the hard-label terms); the rest as they were.
   """
   if CANVAS not in batch:
     return batch
-  rest = {k: v for k, v in batch.items() if k not in (CANVAS, BOXES, FLIP)}
-  return {**rest, "x": render(batch[CANVAS], batch[BOXES], batch[FLIP], size)}
+  rest = {k: v for k, v in batch.items() if k not in DEVICE_INPUTS or k == MIX_LAMBDA}
+  return {**rest, "x": _views(batch, size)}
 
 
 def inputs_of(batch: dict, size: int | None):
@@ -150,8 +170,10 @@ def inputs_of(batch: dict, size: int | None):
 
   Returns:
     [B, ...]: its `x`, or (device renderer) its views rendered by `render_on_device`, uint8 [B, S, S(, C)] on the
-    device.
+    device (a mixed batch's mixed as `with_inputs` mixes them).
   """
   if CANVAS not in batch:
     return batch["x"]
+  if MIX_CANVAS in batch:
+    return _views_on_device({k: v for k, v in batch.items() if k in DEVICE_INPUTS}, size)
   return render_on_device(batch[CANVAS], batch[BOXES], batch[FLIP], size)

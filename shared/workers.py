@@ -24,7 +24,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from shared.augment import CANVAS, DEVICE, Augmentation
+from shared.augment import (CANVAS, CUTMIX, DEVICE, MIX_BOX, MIX_CANVAS, MIX_CROP, MIX_FLIP, MIX_LABELS, MIX_LAMBDA,
+                            MIX_PARTNER, MIX_VIEW, MIXUP, Augmentation, mix_images)
 from shared.data import TransferSet, label_ids
 from shared.errors import StillroomError
 from shared.log import logger
@@ -75,12 +76,17 @@ def render_rows(transfer_set: TransferSet, augmentation: Augmentation, rows: dic
 
   Args:
     rows: `position` int64 [B] (in `transfer_set`), `index` int64 [B] (example indices), and either `view` int32 [B]
-      (view ids: their parameters are drawn) or the stored parameters `augmentation.param_names` of each row.
+      (view ids: their parameters are drawn) or the stored parameters `augmentation.param_names` of each row. With
+      mixed views (`augmentation.mix`), also the rows' `augmentation.mix_names` (drawn by `mix_params` beside
+      `view`, or stored); without them the rows are not mixed (view 0, evaluation).
 
   Returns:
     `x` [B, *augmentation.output_shape]; with `view`, also `labels` int32 [B] (-1 where unlabeled) and the drawn
     parameters. With the device renderer (`augmentation.renderer`), instead of `x` the rows' canvases `canvas`
     uint8 [B, Hc, Wc(, C)] and always their `crop` boxes and `flip`s, which `shared.render` renders on the device.
+    Mixed rows: `x` is the mixed view (`mix_images`: float32 for mixup), and the batch holds `mix_lambda` float32
+    [B] and the partner's label `mix_labels` int32 [B] (-1 where not mixed); with `view`, also the other mix
+    parameters, as given; with the device renderer, the partners' canvases, boxes and flips too (`shared.render`).
 
   Raises:
     StillroomError: an example cannot be read, or is not the image the stored parameters were drawn for.
@@ -90,11 +96,43 @@ def render_rows(transfer_set: TransferSet, augmentation: Augmentation, rows: dic
   inputs, labels = read_once(transfer_set.read, rows["position"])
   if "view" in rows:
     x, params = augmentation.render_views(inputs, rows["index"], rows["view"])
-    return {"x": x, "labels": label_ids(labels), **params}
-  params = {name: rows[name] for name in augmentation.param_names}
+    return _mixed(transfer_set, augmentation, rows, {"x": x, "labels": label_ids(labels), **params})
+  params = {name: rows[name] for name in augmentation.param_names if name not in augmentation.mix_names}
   if augmentation.kind == "crop":
     _check_boxes(params["crop"], np.array([image.shape[:2] for image in inputs]).reshape(-1, 2), rows["index"])
-  return {"x": augmentation.render(inputs, params)}
+  return _mixed(transfer_set, augmentation, rows, {"x": augmentation.render(inputs, params)})
+
+
+def _partners(augmentation: Augmentation, rows: dict) -> tuple[dict, np.ndarray]:
+  """The rows' mix parameters, and which rows are mixed (bool [B]: those of a partner view 1..)."""
+  mix = {name: np.asarray(rows[name]) for name in augmentation.mix_names}
+  return mix, mix[MIX_VIEW] > 0
+
+
+def _mix_out(rows: dict, mix: dict, partner_labels: np.ndarray, device: bool = False) -> dict:
+  """What a mixed batch carries besides its inputs: λ and the partner's label for the hard-label terms, CutMix's box
+  where the device mixes (`device`), and the drawn parameters (`view` rows: a build stores them)."""
+  kept = (MIX_LAMBDA, MIX_BOX) if device else (MIX_LAMBDA,)
+  return {**(mix if "view" in rows else {k: v for k, v in mix.items() if k in kept}), MIX_LABELS: partner_labels}
+
+
+def _mixed(transfer_set: TransferSet, augmentation: Augmentation, rows: dict, out: dict) -> dict:
+  """`out` (host-rendered rows) with each mixed row's view mixed with its partner view: the partner read (one more
+  decode of each distinct partner), its view drawn and rendered as any row's, both mixed by `mix_images`."""
+  if augmentation.mix_kind not in (MIXUP, CUTMIX) or MIX_PARTNER not in rows:
+    return out
+  mix, mixed = _partners(augmentation, rows)
+  x = out["x"].astype(np.float32) if augmentation.mix_kind == MIXUP else out["x"].copy()
+  partner_labels = np.full(len(mixed), -1, np.int32)
+  which = np.flatnonzero(mixed)
+  if len(which):
+    partner, partner_view = mix[MIX_PARTNER][which], mix[MIX_VIEW][which]
+    inputs, labels = read_once(transfer_set.read, transfer_set.positions(partner))
+    partner_x, _ = augmentation.render_views(inputs, partner, partner_view)
+    x[which] = mix_images(x[which], partner_x, mix[MIX_LAMBDA][which],
+                          mix[MIX_BOX][which] if augmentation.mix_kind == CUTMIX else None)
+    partner_labels[which] = label_ids(labels)
+  return {**out, "x": x, **_mix_out(rows, mix, partner_labels)}
 
 
 def _canvas_rows(transfer_set: TransferSet, augmentation: Augmentation, rows: dict) -> dict:
@@ -102,11 +140,29 @@ def _canvas_rows(transfer_set: TransferSet, augmentation: Augmentation, rows: di
   canvas, sizes = read_once(transfer_set.read_canvas, rows["position"])
   if "view" in rows:
     params = augmentation.view_params(rows["index"], rows["view"], sizes)
-    return {CANVAS: canvas, "labels": label_ids(transfer_set.labels[np.asarray(rows["position"], np.int64)]),
-            **params}
-  params = {name: rows[name] for name in augmentation.param_names}
-  _check_boxes(params["crop"], sizes, rows["index"])
-  return {CANVAS: canvas, **params}
+    out = {CANVAS: canvas, "labels": label_ids(transfer_set.labels[np.asarray(rows["position"], np.int64)]),
+           **params}
+  else:
+    params = {name: rows[name] for name in augmentation.param_names if name not in augmentation.mix_names}
+    _check_boxes(params["crop"], sizes, rows["index"])
+    out = {CANVAS: canvas, **params}
+  if augmentation.mix_kind not in (MIXUP, CUTMIX) or MIX_PARTNER not in rows:
+    return out
+  # Every row carries a partner canvas, box and flip, so that the batch has one shape: an unmixed row its own (with
+  # λ 1 and an empty box, mixing gives its view exactly).
+  mix, mixed = _partners(augmentation, rows)
+  partner_canvas, partner_crop, partner_flip = np.array(canvas), np.array(out["crop"]), np.array(out["flip"])
+  partner_labels = np.full(len(mixed), -1, np.int32)
+  which = np.flatnonzero(mixed)
+  if len(which):
+    partner, partner_view = mix[MIX_PARTNER][which], mix[MIX_VIEW][which]
+    positions = transfer_set.positions(partner)
+    canvases, partner_sizes = read_once(transfer_set.read_canvas, positions)
+    drawn = augmentation.view_params(partner, partner_view, partner_sizes)
+    partner_canvas[which], partner_crop[which], partner_flip[which] = canvases, drawn["crop"], drawn["flip"]
+    partner_labels[which] = label_ids(transfer_set.labels[np.asarray(positions, np.int64)])
+  return {**out, MIX_CANVAS: partner_canvas, MIX_CROP: partner_crop, MIX_FLIP: partner_flip,
+          **_mix_out(rows, mix, partner_labels, device=True)}
 
 
 def read_once(read, positions: np.ndarray):

@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from shared import storage
-from shared.augment import Augmentation, fold_of, make_augmentation
+from shared.augment import NO_MIX, Augmentation, canonical_mix, fold_of, make_augmentation
 from shared.cache import Cache, CacheSpec, open_cache
 from shared.data import (FINGERPRINT_VERSION, NO_EVAL, Normalization, TransferSet, check_eval_set,
                          default_eval_split, local_path, open_transfer_set)
@@ -321,7 +321,18 @@ def plan_run(config: FitConfig, opened: Opened | None = None) -> RunPlan:
       raise StillroomError(f"--renderer {config.renderer}: cache {config.cache!r} was rendered by the "
                            f"{augmentation.renderer} renderer, which its students use to see the pixels its teachers "
                            f"saw; drop --renderer (or rebuild the cache with --renderer {config.renderer}).")
+    if config.mix is not None and canonical_mix(config.mix) != augmentation.mix:
+      raise StillroomError(f"--mix {config.mix}: cache {config.cache!r} holds views mixed {augmentation.mix!r}, which "
+                           "its students render as its teachers saw them; drop --mix (or rebuild the cache with "
+                           f"--mix {config.mix}).")
+    if augmentation.mix != NO_MIX and config.label_fraction < 1.0:
+      raise StillroomError(f"--label-fraction {config.label_fraction}: cache {config.cache!r} mixes every example's "
+                           "views with partners from the whole transfer set, whose pixels and labels a fraction would "
+                           "let in; train on all its rows, or build a cache of the fraction's split.")
   else:
+    if config.mix not in (None, NO_MIX):
+      raise StillroomError(f"--mix {config.mix} mixes a cache's views (`teacher-cache build --mix`); hard-label "
+                           "training without --cache does not mix.")
     check_prepared_views(transfer_set, config.image_size)
     augmentation = make_augmentation(
         transfer_set.input_shape, transfer_set.input_dtype, transfer_set.name, seed=resolved["data_seed"],

@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
 
+from shared.augment import MIX_LABELS, MIX_LAMBDA
 from shared.data import Normalization
 from shared.ensemble import ensemble_log_probs, mean_logits
 from shared.losses import masked_mean
@@ -188,9 +189,11 @@ def train_step_fn(graphdef, normalization: Normalization, switches: dict[str, tu
       logits, named = out if terms else (out, {})
       # Whatever the model computes in (`--compute-dtype`), the losses' softmax and log-sum-exp are float32.
       logits = logits.astype(jnp.float32)
+      # Mixed views (`--mix`): the hard term on the λ-mixed labels of the view and its partner.
+      mix = (batch[MIX_LABELS], batch[MIX_LAMBDA]) if MIX_LABELS in batch else None
       total, hard, soft = distillation_loss(logits, batch["labels"], hyper.alpha, teacher,
                                             temperature=hyper.temperature, loss=hyper.loss,
-                                            settings=hyper.loss_settings, candidates=candidates)
+                                            settings=hyper.loss_settings, candidates=candidates, mix=mix)
       loss = masked_mean(total, mask)
       features = feature_losses(terms, named, batch, mask, trainable)
       if features:
@@ -276,10 +279,11 @@ def make_train_step(graphdef, normalization: Normalization, mesh, switches: dict
     none, `mask` float32 [B], and optionally `targets` [B, C] / a sparse cache's `target_*` arrays /
     `member_logits` [B, M, C], and the feature terms' teacher features), and `hypers` is a `Hypers` stacked over the
     students (leading axis K); with the device renderer the batch holds `canvas`, `crop` and `flip` instead of `x`
-    (`shared.render`). Metrics are per student, [K]: "loss", "hard_ce", "soft", "train_accuracy", "rows",
-    with soft targets "teacher_agreement", and each feature family's loss ("hint", "attention", "similarity"),
-    unweighted. `alpha` and every setting but the fixed switches are traced, so distillation and fine-tuning, and
-    any mix of settings, share one compilation.
+    (`shared.render`); a batch of mixed views (`--mix`) holds `mix_lambda` float32 [B] and the partners'
+    `mix_labels` int32 [B] for the hard-label term (and their canvases, with the device renderer). Metrics are per
+    student, [K]: "loss", "hard_ce", "soft", "train_accuracy", "rows", with soft targets "teacher_agreement", and
+    each feature family's loss ("hint", "attention", "similarity"), unweighted. `alpha` and every setting but the
+    fixed switches are traced, so distillation and fine-tuning, and any mix of settings, share one compilation.
   """
 
   states = replicated(mesh) if state_shardings is None else state_shardings

@@ -22,12 +22,12 @@ import numpy as np
 import zarr
 
 from shared import __version__, distributed, limits, storage
-from shared.augment import CANVAS, Augmentation, fold_of, make_augmentation
+from shared.augment import CANVAS, MIX_LABELS, NO_MIX, Augmentation, fold_of, make_augmentation, parse_mix
 from shared.cache import (COMPLETE_KEY, EVAL_ROWS, FEATURE_DTYPE, FEATURE_KINDS, GROUPED, PERMUTED, ROWS, SPEC_KEY,
                           STORAGE_DTYPES, Cache, CacheSpec, ChunkWriter, FeatureSpec, MemberSpec, SpecialistSpec,
                           parse_features, committed_name, completion_record, create_arrays, example_runs,
-                          integrity_problems, layout_of, missing_chunks, now_iso, open_cache, uncommitted_chunks,
-                          validate_settings)
+                          integrity_problems, layout_of, missing_chunks, mixed_rows, now_iso, open_cache,
+                          uncommitted_chunks, validate_settings)
 from shared.data import (NO_EVAL, Normalization, TransferSet, check_eval_set, default_eval_split, local_path,
                          open_transfer_set)
 from shared.data.prepared import check_views as check_prepared_views
@@ -41,7 +41,7 @@ from shared.outputs import (STORE, OutputLock, check_not_an_input, check_output,
 from shared.parallel import (FSDP, REPLICATED, SHARDINGS, batch_sharding, bytes_per_device, cap_batch,
                              check_batch_size, data_mesh, pad_rows, put_sharded, weight_shardings)
 from shared.precision import DEFAULT_COMPUTE_DTYPE, target_tolerance
-from shared.render import inputs_of
+from shared.render import DEVICE_INPUTS, PARTNER_INPUTS, inputs_of
 from shared.runs import Teacher, load_teacher
 from shared.options import (BUILD, CONVERT, DEFAULT_SPLIT, DEMO_BUILD, DERIVE, EXTEND, IMPORT, VIEWS,
                             ComputeSettings, DataSettings, JobSettings, OutputSettings, ViewSettings, resolve_dataset)
@@ -511,7 +511,8 @@ def open_views(config: BuildConfig) -> tuple[TransferSet, Augmentation]:
   augmentation = make_augmentation(
       transfer_set.input_shape, transfer_set.input_dtype, config.dataset, seed=config.seed,
       max_shift=config.max_shift, flip=config.flip, image_size=config.image_size, crop_area=config.crop_area,
-      crop_aspect=config.crop_aspect, renderer=config.renderer, canvas_shape=transfer_set.canvas_shape)
+      crop_aspect=config.crop_aspect, renderer=config.renderer, canvas_shape=transfer_set.canvas_shape,
+      mix=config.mix)
   return transfer_set, augmentation
 
 
@@ -643,6 +644,9 @@ def check_settings(config: BuildConfig, out: str = "CACHE.zarr") -> None:
     parse_features(config.features)
   if workers_check(config.workers) is not True:
     raise StillroomError(f"--workers {workers_check(config.workers)}, got {config.workers}.")
+  if parse_mix(config.mix or NO_MIX)[0] != NO_MIX and config.views < 2:
+    raise StillroomError(f"--mix {config.mix} mixes views 1.. with partner views 1.. (view 0 stays clean): give "
+                         f"--views 2 or more, got {config.views}.")
   if not config.out:
     raise StillroomError(f"give --out {out}.")
 
@@ -873,10 +877,12 @@ def _computed_chunks(cache: Cache, row_set: str, chunks: list[int], data: Transf
           view, position = view[select[chunk]], position[select[chunk]]
       index = data.indices[position]
       fold = fold_of(index, spec.folds)
+      # Mixed views: each row's partner and λ, drawn here (the partner is read and mixed where the row is rendered).
+      mix = mixed_rows(spec, index, view, data.indices) if row_set == ROWS else {}
       runs = example_runs(position, batch_size)
       for k, run in enumerate(runs):
         yield {"position": position[run], "index": index[run], "view": view[run], "fold": fold[run],
-               "chunk": chunk, "last": k == len(runs) - 1}
+               **{name: values[run] for name, values in mix.items()}, "chunk": chunk, "last": k == len(runs) - 1}
 
   if not chunks:
     return
@@ -894,10 +900,11 @@ def _computed_chunks(cache: Cache, row_set: str, chunks: list[int], data: Transf
         fold, index, view = (jax.device_put(pad_rows(a, batch_size), sharding) for a in (
             batch["fold"], batch["index"].astype(np.uint32), batch["view"]))
         # Host views as rendered; device views rendered here from the canvases, boxes and flips (`shared.render`).
-        names = (CANVAS, *spec.augmentation.param_names) if CANVAS in batch else ("x",)
+        names = [k for k in DEVICE_INPUTS if k in batch] if CANVAS in batch else ("x",)
         x = inputs_of({k: jax.device_put(pad_rows(batch[k], batch_size), sharding) for k in names}, size)
         outputs.append(forward(x, fold, index, view))
-        done.append({k: v for k, v in batch.items() if k not in ("x", CANVAS)})
+        # What the store keeps of the rows: not their inputs, nor a mixed row's partner inputs and label.
+        done.append({k: v for k, v in batch.items() if k not in ("x", CANVAS, *PARTNER_INPUTS, MIX_LABELS)})
       if part["last"]:
         count = sum(len(rows["index"]) for rows in done)
         rows = {k: np.concatenate([rows[k] for rows in done]) for k in done[0]}

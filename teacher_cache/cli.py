@@ -37,6 +37,11 @@ natural images decoded once, then read as prepared pixels by build and fit:
   teacher-cache prepare imagefolder:photos/train --image-size 32 --out photos32.zarr
   teacher-cache build --dataset prepared:photos32.zarr --image-size 32 --teacher RUN --out photos.zarr
 
+mixed views: views 1..7 of every example blended with a partner view (CutMix: a pasted box), λ ~ Beta(1, 1);
+the teachers label the mixed images and the student renders the same ones from the rows:
+  teacher-cache build --dataset digits --teacher runs/t0 --views 8 --mix cutmix:1 --out digits-cutmix.zarr
+  student-train fit --cache digits-cutmix.zarr --model mlp-small --alpha 0 --out runs/s-cutmix
+
 a cache derived from caches, running no teacher:
   teacher-cache convert digits.zarr --targets topk:5 --out digits-top5.zarr
   teacher-cache subset digits.zarr --members t0 --views 2 --out digits-t0.zarr
@@ -251,6 +256,12 @@ def _print_info(info: dict) -> None:
   print(f"rows         {info['rows']} = {data['count']} examples x {spec['views']} views "
         f"(seed {aug['seed']}, {views}, flip {aug['flip']}); chunk rows {spec['chunk_rows']}, "
         f"examples in {spec['row_order']} order")
+  mix = aug.get("mix", "none")
+  if mix != "none":
+    kind, alpha = mix.split(":")
+    how = "λ·view + (1 − λ)·partner" if kind == "mixup" else "the partner's pixels in a box of area share 1 − λ"
+    print(f"mixed views  {mix}: views 1..{spec['views'] - 1} each mixed with a partner view ({how}), λ ~ "
+          f"Beta({alpha}, {alpha}); view 0 unmixed")
   stored = spec.get("targets", "dense") + ("" if spec.get("member_logits", True) else ", no member logits")
   rule = f"{spec['combine']} mean" if not spec.get("specialists") else \
       f"q of the generalist and {len(spec['specialists'])} specialists (top-{spec['top_n']})"

@@ -12,6 +12,9 @@ its input, and it is only meaningful with the settings that made the views: `imp
                          rows, rows
   DIR/views_00000.npz    `x` float32 [n, *input_shape] and `row` int64 [n]: the rows of chunk 0, and so on
 
+With mixed views (`--mix`) the written inputs are the mixed images (each augmented view blended with its partner
+view, as a build renders them), and `views.json`'s augmentation records the mix.
+
 An imported cache is a normal cache (the same spec, arrays, targets and verification as `build`'s), whose members
 are the logits files: model "imported", digest the SHA-256 of the logits in row order. It stores no eval split.
 """
@@ -30,6 +33,7 @@ import jax
 import numpy as np
 
 from shared import limits, storage
+from shared.augment import mix_params
 from shared.cache import GROUPED, PERMUTED, ROWS, ChunkWriter, MemberSpec, example_runs, replay_rows, row_sources
 from shared.data import label_ids, local_path
 from shared.errors import StillroomError, raise_if_interrupted
@@ -96,9 +100,12 @@ def write_views(config: BuildConfig) -> dict:
       for chunk in range(chunks):
         start, stop = chunk * config.chunk_rows, min(rows, (chunk + 1) * config.chunk_rows)
         view, position = row_sources(np.arange(start, stop), count, config.seed, GROUPED, config.views)
+        index = transfer_set.indices[position]
+        # Mixed views: the rows' partners and λ, as a build draws them; the written inputs are the mixed images.
+        mix = mix_params(augmentation, index, view, transfer_set.indices, config.views, transfer_set.input_shape)
         parts = example_runs(position, config.batch_size)  # Whole examples: each image is decoded once.
-        batches = ({"position": position[p], "index": transfer_set.indices[position[p]], "view": view[p]}
-                   for p in parts)
+        batches = ({"position": position[p], "index": index[p], "view": view[p],
+                    **{name: values[p] for name, values in mix.items()}} for p in parts)
         x = np.concatenate([normalization.apply(batch["x"]) for batch in render(batches)])
         buffer = io.BytesIO()
         np.savez(buffer, x=x.astype(np.float32), row=np.arange(start, stop, dtype=np.int64))

@@ -24,8 +24,9 @@ import jax
 import numpy as np
 
 from shared import distributed
-from shared.cache import (EVAL_ROWS, ROWS, SPEC_DIGEST, SPEC_KEY, Cache, CacheSpec, ChunkWriter, FeatureSpec,
-                          MemberSpec, open_cache, parse_features, spec_digest)
+from shared.cache import (EVAL_ROWS, GROUPED, ROWS, SPEC_DIGEST, SPEC_KEY, Cache, CacheSpec, ChunkWriter,
+                          FeatureSpec, MemberSpec, open_cache, parse_features, spec_digest)
+from shared.augment import NO_MIX
 from shared.data import NO_EVAL
 from shared.errors import StillroomError
 from shared.log import logger, progress
@@ -52,7 +53,9 @@ def source_config(spec: CacheSpec, **changes) -> BuildConfig:
       views=spec.views, seed=augmentation.seed, max_shift=BuildConfig.max_shift if crop else augmentation.max_shift,
       flip=augmentation.flip, image_size=augmentation.image_size,
       crop_area=tuple(augmentation.crop_area), crop_aspect=tuple(augmentation.crop_aspect),
-      renderer=augmentation.renderer if crop else None, temperature=spec.temperature, combine=spec.combine,
+      renderer=augmentation.renderer if crop else None,
+      mix=None if augmentation.mix_kind == NO_MIX else augmentation.mix, temperature=spec.temperature,
+      combine=spec.combine,
       targets=spec.targets, member_logits=spec.member_logits and spec.target_kind != "dense", dtype=spec.dtype,
       chunk_rows=spec.chunk_rows, compute_dtype=spec.compute_dtype, folds=spec.folds,
       features=",".join(f"{f.name}:{f.kind}@{f.member}" for f in spec.features) or None)
@@ -95,11 +98,15 @@ def source_digest(cache: Cache) -> str:
 @dataclasses.dataclass
 class _Source:
   """One source cache, as the grown one reads it: its rows by (example index, view), which member of it each member
-  of the grown cache is (or -1), and whether its eval logits are the grown cache's."""
+  of the grown cache is (or -1), and whether its eval logits are the grown cache's.
+
+  A source in the grouped row order of the same examples and seed holds view v of the k-th example of their shared
+  permutation in row k·V + v (`shared.cache.rows`): its rows follow from that rule. Another (an older row order) is
+  looked up by the (index, view) its `index` and `view` arrays store."""
 
   cache: Cache
-  keys: np.ndarray  # int64 [R_s]: the (index, view) key of each of its rows, sorted...
-  rows: np.ndarray  # ...and the row holding each.
+  keys: np.ndarray | None  # int64 [R_s]: the (index, view) key of each of its rows, sorted (None: by the rule)...
+  rows: np.ndarray | None  # ...and the row holding each.
   members: list[int]  # [M]: for each member of the grown cache, the member of this source that is it, or -1.
   features: dict  # {grown feature array name: this source's array name} for the members it holds.
   has_eval: bool
@@ -149,6 +156,9 @@ def _open_sources(paths, spec: CacheSpec) -> list[_Source]:
         ("views", spec.augmentation.to_dict(), theirs.augmentation.to_dict()),
         ("dtype", spec.dtype, theirs.dtype), ("compute dtype", spec.compute_dtype, theirs.compute_dtype),
         ("classes", spec.num_classes, theirs.num_classes)) if mine != other]
+    if spec.augmentation.mix_kind != NO_MIX and theirs.views != spec.views and not differences:
+      differences = [f"views mixed {spec.augmentation.mix!r} draw each row's partner among views 1..V-1, so the "
+                     f"rows of {theirs.views} views (that cache) are not those of {spec.views} (here)"]
     if differences:
       changed = " (the data changed since that cache was built, or --data-dir holds other data)" \
           if spec.dataset.fingerprint != theirs.dataset.fingerprint else ""
@@ -162,13 +172,15 @@ def _open_sources(paths, spec: CacheSpec) -> list[_Source]:
                                                                          members[feature.member])
       if theirs_f is not None:
         features[feature.array_name] = theirs_f.array_name
-    index = np.concatenate([cache.read_chunk(k, ["index"])["index"] for k in range(theirs.num_chunks)])
-    view = np.concatenate([cache.read_chunk(k, ["view"])["view"] for k in range(theirs.num_chunks)])
-    keys = _row_keys(index, view)
-    order = np.argsort(keys, kind="stable")
+    keys = order = None
+    if theirs.row_order != GROUPED or theirs.num_examples != spec.num_examples:
+      stored = [cache.read_chunk(k, ["index", "view"]) for k in range(theirs.num_chunks)]
+      keys = _row_keys(np.concatenate([c["index"] for c in stored]), np.concatenate([c["view"] for c in stored]))
+      order = np.argsort(keys, kind="stable")
+      keys = keys[order]
     has_eval = spec.eval_dataset is not None and theirs.eval_dataset is not None and \
         theirs.eval_dataset.fingerprint == spec.eval_dataset.fingerprint
-    sources.append(_Source(cache=cache, keys=keys[order], rows=order, members=members, features=features,
+    sources.append(_Source(cache=cache, keys=keys, rows=order, members=members, features=features,
                            has_eval=has_eval))
   return sources
 
@@ -177,22 +189,27 @@ def _member_features(spec: CacheSpec, member: int) -> list[FeatureSpec]:
   return [f for f in spec.features if f.member == member]
 
 
-def _cells(sources: list[_Source], spec: CacheSpec, index: np.ndarray, view: np.ndarray):
-  """Which source holds each (row, member) cell: `(source int [n, M] (-1: none), source row int64 [n, M])`. A
-  source holds a cell if it stores that (index, view) and that member with every feature the grown cache stores of
-  it; the first source listed that holds it gives it."""
+def _cells(sources: list[_Source], spec: CacheSpec, rows: np.ndarray, index: np.ndarray, view: np.ndarray):
+  """Which source holds each (row, member) cell of the grown cache's `rows` (which hold views `view` of examples
+  `index`): `(source int [n, M] (-1: none), source row int64 [n, M])`. A source holds a cell if it stores that
+  (index, view) and that member with every feature the grown cache stores of it; the first source listed that holds
+  it gives it."""
   count = len(index)
   found = np.full((count, spec.num_members), -1)
   at = np.zeros((count, spec.num_members), np.int64)
   keys = _row_keys(index, view)
   for s, source in enumerate(sources):
-    position = np.minimum(np.searchsorted(source.keys, keys), len(source.keys) - 1)
-    held = source.keys[position] == keys
+    if source.keys is None:  # The grouped order of the same examples (`_Source`): the k-th example's view v.
+      views = source.cache.spec.views
+      held, rows_there = view < views, rows // spec.views * views + view
+    else:
+      position = np.minimum(np.searchsorted(source.keys, keys), len(source.keys) - 1)
+      held, rows_there = source.keys[position] == keys, source.rows[position]
     for m in range(spec.num_members):
       if source.members[m] < 0 or any(f.array_name not in source.features for f in _member_features(spec, m)):
         continue
       take = held & (found[:, m] < 0)
-      found[take, m], at[take, m] = s, source.rows[position[take]]
+      found[take, m], at[take, m] = s, rows_there[take]
   return found, at
 
 
@@ -299,6 +316,7 @@ def grow_cache(config: BuildConfig, sources, *, members=None, history: dict | No
     raise StillroomError("a grown cache has no cross-fitted members (--folds): build it directly.")
   distributed.initialize(config.coordinator, config.num_processes, config.process_id, config.heartbeat_timeout,
                          config.join_timeout)
+  distributed.check_same_settings(config)
   first = distributed.is_first()
   source_paths = [s.path if isinstance(s, Cache) else s for s in sources]
   with contextlib.ExitStack() as lock:
@@ -363,7 +381,7 @@ def _write_grown_chunks(cache: Cache, transfer_set, eval_set, run_at: dict[int, 
     start, stop = cache.chunk_bounds(chunk)
     view, position = spec.row_sources(np.arange(start, stop))
     index = transfer_set.indices[position]
-    found, at = _cells(sources, spec, index, view)
+    found, at = _cells(sources, spec, np.arange(start, stop), index, view)
     plans[chunk] = (index, view, found, at)
   eval_from = [next((s for s, source in enumerate(sources) if source.has_eval and source.members[m] >= 0), -1)
                for m in range(spec.num_members)] if eval_set is not None else []
@@ -383,29 +401,26 @@ def _write_grown_chunks(cache: Cache, transfer_set, eval_set, run_at: dict[int, 
   stored_and_targets = jax.jit(build.targets_of_logits(spec))
   writer = ChunkWriter(cache)
   bar = progress(total=total, initial=total - remaining, unit="row", unit_scale=True, enabled=config.progress,
-                 summary=False, desc="teacher-cache " + config.out)
+                 summary=False, desc=f"growing {config.out}")
   started = time.perf_counter()
   row_names = [a for a in spec.arrays_of(ROWS) if spec.array(a).role in ("row", "view")]
   try:
     if eval_set is not None and todo[EVAL_ROWS]:
-      computed = iter(())
+      # The eval chunks as the teachers compute them (when a member's eval logits are in no source), else as listed.
+      eval_chunks = ((chunk, None, None) for chunk in todo[EVAL_ROWS])
       if any(s < 0 for s in eval_from):
-        computed = build._computed_chunks(  # pylint: disable=protected-access
+        eval_chunks = build._computed_chunks(  # pylint: disable=protected-access
             cache, EVAL_ROWS, todo[EVAL_ROWS], eval_set, config, lambda x, *_: eval_forward(params, x), mesh)
-      computed = {chunk: (rows, outputs) for chunk, rows, outputs in computed}
-      for chunk in todo[EVAL_ROWS]:
+      for chunk, rows, outputs in eval_chunks:
         start, stop = cache.chunk_bounds(chunk, EVAL_ROWS)
         logits = np.zeros((stop - start, spec.num_members, spec.num_classes), spec.dtype)
-        rows = None
-        if chunk in computed:
-          rows, (values, _) = computed[chunk]
-          logits[:, positions] = values
-        for m, s in enumerate(eval_from):
-          if s >= 0:
-            read = sources[s].cache.read_chunk(chunk, ["eval_member_logits", "eval_index", "eval_labels"], EVAL_ROWS) \
-                if sources[s].cache.spec.chunk_rows == spec.chunk_rows else _eval_rows(sources[s].cache, start, stop)
+        if outputs is not None:
+          logits[:, positions] = outputs[0]
+        for s in sorted({s for s in eval_from if s >= 0}):
+          read = _eval_rows(sources[s].cache, start, stop)
+          for m in [m for m, source in enumerate(eval_from) if source == s]:
             logits[:, m] = read["eval_member_logits"][:, sources[s].members[m]]
-            rows = rows or {"index": read["eval_index"], "labels": read["eval_labels"]}
+          rows = rows or {"index": read["eval_index"], "labels": read["eval_labels"]}
         writer.put(EVAL_ROWS, chunk, start, stop, {"eval_member_logits": logits, "eval_index": rows["index"],
                                                    "eval_labels": rows["labels"]})
         bar.update(stop - start)
@@ -470,7 +485,7 @@ def _write_grown_chunks(cache: Cache, transfer_set, eval_set, run_at: dict[int, 
 
 
 def _eval_rows(cache: Cache, start: int, stop: int) -> dict:
-  """Eval rows `[start, stop)` of a source whose eval chunks differ from the grown cache's."""
+  """Eval rows `[start, stop)` of a source (its member logits, index and labels), from the chunks that hold them."""
   names = ["eval_member_logits", "eval_index", "eval_labels"]
   spec = cache.spec
   parts = [cache.read_chunk(k, names, EVAL_ROWS) for k in range(start // spec.chunk_rows,

@@ -459,8 +459,8 @@ def verify_cache(path: str, dataset: str | None = None, split: str | None = None
                  data_dir: str | None = None) -> list[Check]:
   """Checks a cache: completeness, the spec against the completion record's digest, layout, every chunk present,
   where the completion record puts it and intact, finite values, targets re-derived from member logits, each row's
-  example/view/fold replayed from the seed, and, given the dataset or when the one the spec names opens here, the
-  fingerprints and labels.
+  example/view/fold and view parameters (a mixed view's partner, λ and box too) replayed from the seed, and, given
+  the dataset or when the one the spec names opens here, the fingerprints and labels.
 
   Returns:
     One `Check` per property; the cache is sound when all are ok.

@@ -96,6 +96,13 @@ def _build_views(result, printed, tmp):
   assert "build, 4 views (40 rows)" in printed and "ratio " in printed
 
 
+def _mixed_views(result, printed, tmp):
+  assert result["rows"] == 30 and set(result) >= {"jpeg", "prepared"}
+  _positive(result, *(f"{source}.{mix}.{key}" for source in ("jpeg", "prepared")
+                      for mix in ("none", "mixup:1", "cutmix:1") for key in ("build_s", "over_none")))
+  assert "jpeg: none " in printed and "prepared: none " in printed
+
+
 def _open_imagefolder(result, printed, tmp):
   assert result["images"] == 20 and result["cold_open_and_fingerprint_seconds"] is None  # --no-cold.
   _positive(result, "open_seconds", "open_and_fingerprint_seconds", "decode_ms_per_image")
@@ -215,6 +222,9 @@ SMOKE = {
     "bench/build_views.py": Smoke(["--images", "10", "--min-side", "24", "--max-side", "40", "--views", "4",
                                    "--image-size", "8", "--model", "mlp-tiny", "--repeats", "1", "--warmup", "0",
                                    *OUT], _build_views),
+    "bench/mixed_views.py": Smoke(["--images", "10", "--min-side", "24", "--max-side", "40", "--views", "3",
+                                   "--image-size", "8", "--model", "mlp-tiny", "--repeats", "1", "--warmup", "0",
+                                   *OUT], _mixed_views),
     "bench/input_pipeline.py": Smoke(["--images", "20", "--batch", "8", "--batches", "3", "--workers", "1",
                                       "--repeats", "1", *OUT], _input_pipeline),
     "bench/device_render.py": Smoke(["--images", "16", "--side", "24", "--size", "8", "--batch", "8", "--batches",

@@ -2025,6 +2025,42 @@ def _(env, tmp_path, mp):
           r"\(give, e\.g\., --checkpoint-every-steps 12\)\.", [Absent(tmp_path / "r")])
 
 
+# --- mix: mixed views (`build --mix mixup:A|cutmix:A`) ---
+@fault("build --mix of a text that is not a mix")
+def _(env, tmp_path, mp):
+  return (cache_main, _build(env, tmp_path / "c.zarr", "--mix", "mixup"), 2,
+          r"--mix .*'none', 'mixup:A' or 'cutmix:A',? .*A > 0", [Absent(tmp_path / "c.zarr")])
+
+
+@fault("build --mix with A <= 0")
+def _(env, tmp_path, mp):
+  return (cache_main, _build(env, tmp_path / "c.zarr", "--mix", "cutmix:0"), 2,
+          r"--mix .*'none', 'mixup:A' or 'cutmix:A',? .*A > 0", [Absent(tmp_path / "c.zarr")])
+
+
+@fault("build --mix with one view")
+def _(env, tmp_path, mp):
+  argv = _build(env, tmp_path / "c.zarr", "--mix", "mixup:0.2")
+  argv[argv.index("--views") + 1] = "1"
+  return (cache_main, argv, 2, r"--mix mixup:0\.2 mixes views 1\.\. with partner views 1\.\. .*give --views 2 or more",
+          [Absent(tmp_path / "c.zarr")])
+
+
+@fault("fit --mix other than the cache's")
+def _(env, tmp_path, mp):
+  return (student_main, _fit(env, "--cache", env.store, "--mix", "cutmix:1", "--out", tmp_path / "r"), 2,
+          r"--mix cutmix:1: cache .* holds views mixed 'none', .*drop --mix \(or rebuild the cache with "
+          r"--mix cutmix:1\)",
+          [env.store, Absent(tmp_path / "r")])
+
+
+@fault("fit --mix without a cache")
+def _(env, tmp_path, mp):
+  return (student_main, _fit(env, "--dataset", "digits", "--mix", "mixup:0.2", "--out", tmp_path / "r"), 2,
+          r"--mix mixup:0\.2 mixes a cache's views .*hard-label training without --cache does not mix",
+          [Absent(tmp_path / "r")])
+
+
 # --- grow: teacher-cache extend (teacher_cache/extend.py, teacher_cache/grow.py) ---
 def _extend(env, store, *extra):
   return ["extend", store, "--data-dir", env.data_dir, "--no-progress", *extra]

@@ -16,6 +16,7 @@ from conftest import array_files, run_cli, tree_digest
 from shared.cache import SPEC_KEY, open_cache
 from student_train.cli import main as student_main
 from teacher_cache import extend as extend_module
+from teacher_cache import grow
 from teacher_cache.build import BuildConfig, build_cache
 from teacher_cache.cli import main
 from teacher_cache.extend import REPLACED_SUFFIX, staging_path
@@ -73,9 +74,14 @@ def _extend(cache, data_dir, *extra, capsys=None):
                  capsys)
 
 
-def test_engine_adds_a_member_equal_to_a_direct_build(built, data_dir, teachers):
+@pytest.mark.parametrize("rows_by", ["rule", "stored"])
+def test_engine_adds_a_member_equal_to_a_direct_build(built, data_dir, teachers, monkeypatch, rows_by):
+  """A source's rows found by the grouped order's rule, or (as for an older row order) by its stored index and
+  view."""
+  if rows_by == "stored":
+    monkeypatch.setattr(grow, "GROUPED", "no row order")
   config = source_config(open_cache(built["one"]).spec, teachers=(teachers[1],), data_dir=data_dir, batch_size=16,
-                         out=str(built["root"] / "engine.zarr"), progress=False)
+                         out=str(built["root"] / f"engine_{rows_by}.zarr"), progress=False)
   grown = grow_cache(config, [built["one"]], history={"command": "extend", "added_members": ["t1"]})
   assert_same_cache(grown, built["two"])
   history = open_cache(grown).spec.history
@@ -90,6 +96,7 @@ def test_extend_adds_a_member_in_place_and_its_students_are_other_runs(built, da
   code, _, err = _extend(cache, data_dir, "--teacher", teachers[1], capsys=capsys)
   assert code == 0, err
   assert_same_cache(cache, built["two"])
+  assert all(check.ok is not False for check in verify_cache(cache, data_dir=data_dir))
   assert not os.path.exists(staging_path(cache)) and not os.path.exists(cache + REPLACED_SUFFIX)
   # The same command again: nothing to do, nothing changed.
   before = tree_digest(cache)
@@ -158,7 +165,7 @@ def test_sigkill_during_extend_leaves_the_original_and_a_rerun_completes_it(buil
         calls.append(1)
         if len(calls) == 3:
           folder = os.path.join({staging_path(cache)!r}, "chunk_committed", "c")
-          while len([f for f in os.listdir(folder) if f.isdigit()]) < 2:
+          while not os.path.isdir(folder) or len([f for f in os.listdir(folder) if f.isdigit()]) < 2:
             time.sleep(0.01)
           os.kill(os.getpid(), signal.SIGKILL)
       build.put_rows = put_then_die
@@ -169,7 +176,7 @@ def test_sigkill_during_extend_leaves_the_original_and_a_rerun_completes_it(buil
                                                               "PYTHONPATH": REPO}, capture_output=True, timeout=300)
   assert process.returncode == -signal.SIGKILL, process.stderr.decode()[-2000:]
   assert tree_digest(cache) == before
-  assert all(check.ok is not False for check in verify_cache(cache))
+  assert all(check.ok is not False for check in verify_cache(cache, data_dir=data_dir))
   assert 2 <= _committed(staging_path(cache)) < 8
   code, _, err = run_cli(main, args, capsys)
   assert code == 0, err
@@ -253,3 +260,16 @@ def test_more_views_take_the_default_chunk_rows_where_the_cache_s_do_not_hold_wh
   assert open_cache(out).spec.chunk_rows == 4095  # 32 is not a multiple of 3: the default 4096 rounded down.
   direct = _build(built["root"] / "three_direct.zarr", teachers[:1], data_dir, views=3, chunk_rows=4095)
   assert_same_cache(out, direct)  # The eval logits too, read across the cache's chunks of other rows.
+
+
+def test_a_cache_of_mixed_views_takes_a_member_not_views(built, data_dir, teachers, capsys):
+  """Mixed views: a member is added as a direct build adds it; more views would redraw every row's partner view."""
+  one = _build(built["root"] / "mix_one.zarr", teachers[:1], data_dir, mix="mixup:0.2", eval_split="none")
+  two = _build(built["root"] / "mix_two.zarr", teachers[:2], data_dir, mix="mixup:0.2", eval_split="none")
+  out = str(built["root"] / "mix_grown.zarr")
+  code, _, err = _extend(one, data_dir, "--teacher", teachers[1], "--out", out, capsys=capsys)
+  assert code == 0, err
+  assert_same_cache(out, two)
+  code, _, err = _extend(one, data_dir, "--views", "4", "--out", str(built["root"] / "mix4.zarr"), capsys=capsys)
+  assert code == 2 and "more views change every row, so none can be kept; build the cache with --views 4" in err
+  assert not os.path.exists(built["root"] / "mix4.zarr")

@@ -33,10 +33,10 @@ from shared.cache.layout import (CLASS_IDS, EVAL_ROWS, FEATURE_DTYPE, FEATURE_KI
                                  layout_of)
 from shared.cache.record import (CHUNK_TABLE, COMPLETION_FIELDS, SPEC_DIGEST, chunk_crc32c, chunk_table,
                                  completion_record, position_problems, spec_digest, spec_record_problem)
-from shared.cache.rows import GROUPED, PERMUTED, ROW_ORDERS, example_runs, replay_rows, row_sources
+from shared.cache.rows import GROUPED, PERMUTED, ROW_ORDERS, example_runs, mixed_rows, replay_rows, row_sources
 from shared.cache.spec import (BINDING_SCHEMA_VERSION, COMPLETE_KEY, DENSE_SCHEMA_VERSION, FEATURE_SCHEMA_VERSION,
-                               READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION, SPARSE_SCHEMA_VERSION, SPEC_KEY,
-                               SPECIALIST_SCHEMA_VERSION, TARGET_KINDS, CacheSpec, FeatureSpec, MemberSpec,
+                               MIX_SCHEMA_VERSION, READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION, SPARSE_SCHEMA_VERSION,
+                               SPEC_KEY, SPECIALIST_SCHEMA_VERSION, TARGET_KINDS, CacheSpec, FeatureSpec, MemberSpec,
                                SpecialistSpec, legacy_schema_version, now_iso, parse_features, parse_targets,
                                validate_settings)
 from shared.cache.stats import eval_accuracies, ratio
@@ -47,14 +47,14 @@ from shared.cache.zarr_async import gather, raise_first_failure
 __all__ = [
     "BINDING_SCHEMA_VERSION", "CHUNK_TABLE", "CLASS_IDS", "COMPLETE_KEY", "COMPLETION_FIELDS",
     "DENSE_SCHEMA_VERSION", "EVAL_ROWS", "FEATURE_DTYPE", "FEATURE_KINDS", "FEATURE_NAME", "FEATURE_RANKS",
-    "FEATURE_SCHEMA_VERSION", "GROUPED", "PERMUTED", "LAYOUT", "READABLE_SCHEMA_VERSIONS", "ROLES", "ROWS",
-    "ROW_ORDERS", "SCHEMA_VERSION",
+    "FEATURE_SCHEMA_VERSION", "GROUPED", "PERMUTED", "LAYOUT", "MIX_SCHEMA_VERSION", "READABLE_SCHEMA_VERSIONS",
+    "ROLES", "ROWS", "ROW_ORDERS", "SCHEMA_VERSION",
     "SPARSE_SCHEMA_VERSION", "SPECIALIST_SCHEMA_VERSION", "SPEC_DIGEST", "SPEC_KEY", "STORAGE", "STORAGE_DTYPES",
     "TARGET_KINDS", "ArrayLayout", "ArraySpec", "Cache", "CacheSpec", "ChunkWriter", "FeatureSpec", "MemberSpec",
     "SpecialistSpec", "check_integrity", "chunk_crc32c", "completion_problem", "chunk_table", "committed_name",
     "completion_record",
     "create_arrays", "eval_accuracies", "example_runs", "gather", "integrity_problems", "layout_of", "layout_problems",
     "legacy_schema_version", "missing_chunks", "now_iso", "open_cache", "parse_features", "parse_targets",
-    "position_problems", "raise_first_failure", "ratio", "replay_rows", "row_sources", "spec_digest",
+    "mixed_rows", "position_problems", "raise_first_failure", "ratio", "replay_rows", "row_sources", "spec_digest",
     "spec_record_problem", "uncommitted_chunks", "validate_settings", "writable",
 ]

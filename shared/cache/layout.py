@@ -52,6 +52,7 @@ class ArrayLayout:
     targets: the target kinds (`TARGET_KINDS`) whose stores hold it; None: every store.
     specialists: whether only stores of a generalist with specialists hold it.
     features: a template for the arrays of `--features` (one per feature, kind and member).
+    mix: the kinds of mixed views (`--mix`: "mixup", "cutmix") whose stores hold it; None: every store.
   """
 
   name: str
@@ -63,6 +64,7 @@ class ArrayLayout:
   targets: tuple[str, ...] | None = None
   specialists: bool = False
   features: bool = False
+  mix: tuple[str, ...] | None = None
 
   @property
   def shape(self) -> str:
@@ -115,6 +117,18 @@ LAYOUT = (
                 "(PIL bilinear, antialiased, uint8) before `flip`", views="crop"),
     ArrayLayout("flip", "view", ("R",), "bool",
                 "the view is flipped horizontally (left-right): before the shift, or after the crop's resize"),
+    ArrayLayout("mix_partner", "view", ("R",), "int64",
+                "mixed views: the example index of the row's partner view (uniform over the transfer set); -1 for "
+                "view 0, never mixed", mix=("mixup", "cutmix")),
+    ArrayLayout("mix_view", "view", ("R",), "int32",
+                "mixed views: the partner's view id (uniform over 1..V-1), drawn and rendered as any row's; -1 for "
+                "view 0", mix=("mixup", "cutmix")),
+    ArrayLayout("mix_lambda", "view", ("R",), "float32",
+                "mixed views: λ, the share of the row's own view (mixup: λ·view + (1 − λ)·partner in float32, λ ~ "
+                "Beta(A, A); CutMix: the exact area share outside `mix_box`); 1 for view 0", mix=("mixup", "cutmix")),
+    ArrayLayout("mix_box", "view", ("R", "4"), "int32",
+                "CutMix: the box (top, left, height, width) in the rendered view's pixels where the partner's pixels "
+                "replace the view's; zeros for view 0", mix=("cutmix",)),
     ArrayLayout("eval_member_logits", "eval", ("E", "M", "C"), STORAGE,
                 "each member's raw logits on the eval split's un-augmented examples (a cross-fitted member: the "
                 "mean of its fold runs)"),

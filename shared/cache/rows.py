@@ -17,7 +17,7 @@ import typing
 
 import numpy as np
 
-from shared.augment import fold_of, row_permutation
+from shared.augment import fold_of, mix_params, row_permutation
 
 if typing.TYPE_CHECKING:
   from shared.cache.spec import CacheSpec
@@ -86,9 +86,16 @@ def replay_rows(spec: "CacheSpec", start: int, stop: int, indices: np.ndarray,
     sizes: int [N, 2] every example's (height, width), for crop views.
 
   Returns:
-    `(position int64 [n] in the transfer set, {"index", "view", "fold", and the view parameters})`.
+    `(position int64 [n] in the transfer set, {"index", "view", "fold", and the view parameters, mixed views' too})`.
   """
   view, position = spec.row_sources(np.arange(start, stop))
   index = indices[position]
   params = spec.augmentation.view_params(index, view, None if sizes is None else sizes[position])
-  return position, {"index": index, "view": view, "fold": fold_of(index, spec.folds), **params}
+  return position, {"index": index, "view": view, "fold": fold_of(index, spec.folds), **params,
+                    **mixed_rows(spec, index, view, indices)}
+
+
+def mixed_rows(spec: "CacheSpec", index: np.ndarray, view: np.ndarray, indices: np.ndarray) -> dict:
+  """The rows' partner views and λ as a build of `spec` draws them (`shared.augment.mix_params`, over the transfer
+  set's example `indices`); {} without mixed views."""
+  return mix_params(spec.augmentation, index, view, indices, spec.views, tuple(spec.dataset.input_shape))

@@ -11,7 +11,10 @@ does not know them refuses the store by its version rather than trusting it unch
 record lacks them is damaged, not one completed before they existed. A build whose teachers computed in bfloat16
 (`--compute-dtype`) records it, and the bound its targets keep against a float32 build's, in two attributes that a
 float32 build omits: a spec without them is float32's, as every store written before them was (the layout is the
-same, so the version is too).
+same, so the version is too). Version 7 is version 6 with mixed views (`--mix`, recorded in the augmentation): its
+rows hold a partner view and λ (`mix_*` arrays) that a student must render, so a stillroom that does not know them
+refuses the store by its version instead of training on the unmixed views; a store without mixed views stays
+version 6.
 """
 
 import dataclasses
@@ -23,7 +26,7 @@ import typing
 
 import numpy as np
 
-from shared.augment import Augmentation
+from shared.augment import NO_MIX, Augmentation
 from shared.cache.layout import (CLASS_IDS, EVAL_ROWS, FEATURE_KINDS, FEATURE_NAME, FEATURE_RANKS, LAYOUT, ROWS,
                                  STORAGE, STORAGE_DTYPES, ArraySpec, layout_of)
 from shared.cache.rows import GROUPED, ROW_ORDERS, row_sources
@@ -41,8 +44,9 @@ SPARSE_SCHEMA_VERSION = 3  # Sparse targets.
 SPECIALIST_SCHEMA_VERSION = 4  # A generalist with specialists.
 FEATURE_SCHEMA_VERSION = 5  # Teacher features.
 BINDING_SCHEMA_VERSION = 6  # Any of the above, its completion record binding the chunks and the spec.
-SCHEMA_VERSION = BINDING_SCHEMA_VERSION  # What this stillroom writes.
-READABLE_SCHEMA_VERSIONS = (1, 2, 3, 4, 5, 6)
+SCHEMA_VERSION = BINDING_SCHEMA_VERSION  # What this stillroom writes, but for mixed views...
+MIX_SCHEMA_VERSION = 7  # ...version 6 with mixed views (`--mix`).
+READABLE_SCHEMA_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
 SPEC_KEY = "stillroom"  # The group attribute that holds `CacheSpec.to_attrs()`...
 COMPLETE_KEY = "stillroom_complete"  # ...and the completion record, written last: without it a store is incomplete.
 REBUILD = "the build command with --overwrite rebuilds the store"  # What recovers a damaged spec.
@@ -234,11 +238,12 @@ class CacheSpec:
       the bound δ on the teachers' logits); 0 for a float32 build; None (no bound) for specialists' q.
     arrays: the arrays present; derived from the settings when not given.
     created_at: ISO time of creation.
+    schema_version: the layout version (`SCHEMA_VERSION` for every store this stillroom writes, `MIX_SCHEMA_VERSION`
+      with mixed views); None: the one this stillroom writes for these settings.
     history: how the cache was grown from others (`teacher-cache extend`, `convert`, `subset`, `merge`): one small
       dict per step, oldest first (`HISTORY_FIELDS`); empty for a direct build, and absent from the attributes of a
       store that has none (every store written before it). Not part of `build_key`: a grown cache is the direct
       build of its final settings, whatever its history.
-    schema_version: the layout version (`SCHEMA_VERSION` for every store this stillroom writes).
   """
 
   temperature: float
@@ -263,14 +268,21 @@ class CacheSpec:
   target_tolerance: float | None = 0.0
   arrays: tuple[ArraySpec, ...] = ()
   created_at: str = ""
-  schema_version: int = SCHEMA_VERSION
+  schema_version: int | None = None
   history: tuple[dict, ...] = ()
 
   def __post_init__(self):
     validate_settings(temperature=self.temperature, combine=self.combine, dtype=self.dtype, views=self.views,
                       chunk_rows=self.chunk_rows, seed=self.augmentation.seed, folds=self.folds, targets=self.targets)
+    mixed = self.augmentation.mix_kind != NO_MIX
+    if self.schema_version is None:
+      object.__setattr__(self, "schema_version", MIX_SCHEMA_VERSION if mixed else SCHEMA_VERSION)
+    if mixed != (self.schema_version == MIX_SCHEMA_VERSION) or mixed and self.views < 2:
+      raise StillroomError(f"schema version {self.schema_version} with views mixed {self.augmentation.mix!r} and "
+                           f"{self.views} views: a cache of mixed views (2 views or more) is schema "
+                           f"{MIX_SCHEMA_VERSION}, and only such a cache is; {REBUILD}.")
     legacy = self.legacy_schema_version()
-    if self.schema_version not in (SCHEMA_VERSION, legacy) and \
+    if self.schema_version not in (SCHEMA_VERSION, MIX_SCHEMA_VERSION, legacy) and \
         (self.schema_version, legacy) != (1, DENSE_SCHEMA_VERSION):
       raise StillroomError(f"schema version {self.schema_version} with {self.targets} targets, "
                            f"{len(self.specialists)} specialists and {len(self.features)} features: such a cache is "
@@ -430,6 +442,8 @@ class CacheSpec:
       if layout.row_set == EVAL_ROWS and self.eval_dataset is None:
         continue
       if layout.views is not None and layout.views != self.augmentation.kind:
+        continue
+      if layout.mix is not None and self.augmentation.mix_kind not in layout.mix:
         continue
       if layout.targets is not None and self.target_kind not in layout.targets:
         continue

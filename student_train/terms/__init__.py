@@ -27,7 +27,7 @@ import numpy as np
 
 from shared.cache import CacheSpec
 from shared.errors import StillroomError
-from shared.losses import hard_cross_entropy
+from shared.losses import hard_cross_entropy, mixed_cross_entropy
 
 TERMS: dict = {}  # name -> the registered term (a `LogitTerm` or a `FeatureLoss`).
 
@@ -255,22 +255,28 @@ def soft_loss(student_logits: jax.Array, teacher: Teacher, temperature, loss, se
 
 
 def distillation_loss(student_logits: jax.Array, labels: jax.Array, alpha, teacher: Teacher, *, temperature, loss,
-                      settings: tuple, candidates: tuple[int, ...] | None = None
+                      settings: tuple, candidates: tuple[int, ...] | None = None, mix: tuple | None = None
                       ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """`alpha · CE(y, softmax(s)) + (1 − alpha) · soft`, soft being the student's logit term (`soft_loss`).
 
-  Hard-label training passes an empty `teacher`: the soft term is zero.
+  Hard-label training passes an empty `teacher`: the soft term is zero. On mixed views the hard term is
+  `λ·CE(y) + (1 − λ)·CE(y_partner)` (`shared.losses.mixed_cross_entropy`).
 
   Args:
     student_logits: [..., C].
     labels: int [...]; ignored (may be -1) where alpha is 0.
     alpha: weight of the hard term in [0, 1] (a float or a traced scalar).
     teacher, temperature, loss, settings, candidates: see `soft_loss`.
+    mix: mixed views: `(partner_labels int [...], lam float [...])` (a batch's `mix_labels` and `mix_lambda`; λ 1
+      where a row is not mixed); None: none are.
 
   Returns:
     `(total, hard, soft)`, each [...].
   """
-  hard = hard_cross_entropy(student_logits, jnp.maximum(labels, 0))
+  if mix is None:
+    hard = hard_cross_entropy(student_logits, jnp.maximum(labels, 0))
+  else:
+    hard = mixed_cross_entropy(student_logits, jnp.maximum(labels, 0), jnp.maximum(mix[0], 0), mix[1])
   soft = jnp.zeros_like(hard) if teacher.empty else soft_loss(student_logits, teacher, temperature, loss, settings,
                                                                candidates)
   return alpha * hard + (1.0 - alpha) * soft, hard, soft
