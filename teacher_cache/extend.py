@@ -191,7 +191,7 @@ def extend_cache(cache: str, config: BuildConfig, extend: ExtendConfig) -> str:
   try:
     grow_cache(grown, [source], history=history)
   except StillroomError as e:
-    if features and "--features" in str(e):
+    if features and "@" not in features and "--features" in str(e):  # A new member without the features.
       raise StillroomError(f"{cache!r} stores features {features!r} of every member, which a new member must have "
                            f"too: {e}") from e
     raise
