@@ -349,6 +349,7 @@ _SCRIPTS = {
     "multi_students": "bench/multi_students.py", "shuffle_quality": "bench/shuffle_quality.py",
     "open_imagefolder": "bench/open_imagefolder.py", "summary": "bench/run_all.py",
     "build_memory": "bench/build_memory.py", "models": "bench/models.py", "mixed_views": "bench/mixed_views.py",
+    "grow": "bench/grow.py",
 }
 # Headline figures: a top-level key (or path) of a file, what it is, and its target where it has one.
 _HEADLINES = (
@@ -366,6 +367,10 @@ _HEADLINES = (
      ""),
     ("working_chunks_measured", "chunks' worth of memory a build holds at once (the memory check of `build` assumes 6)",
      "≤ 6"),
+    ("fastest.extend_over_build", "`teacher-cache extend` by one teacher (M → M + 1) / a full build of the M + 1 "
+                                  "members, fastest rounds", "≤ 1/(M + 1) + rewrite / build (`fastest.target`)"),
+    ("fastest.convert_over_build", "`teacher-cache convert` dense → sparse / a build with those sparse targets, "
+                                   "fastest rounds", ""),
 )
 
 

@@ -20,6 +20,9 @@ DEFAULT_JOIN_SECONDS = 300  # JAX's default: processes of a cluster job may star
 # The commands, as `setting(commands=...)` names them; `demo.STAGE` are the demo's --STAGE-* options.
 FIT, SWEEP, EVAL, EXPORT, DEMO = "fit", "sweep", "eval", "export", "demo"
 BUILD, VIEWS, IMPORT = "build", "views", "import"
+EXTEND = "extend"  # `teacher-cache extend` (teacher_cache/extend.py).
+CONVERT, SUBSET, MERGE = "convert", "subset", "merge"  # Caches derived from caches (`teacher_cache.derive`).
+DERIVE = (CONVERT, SUBSET, MERGE)
 DEMO_TEACHER, DEMO_BUILD, DEMO_STUDENT = "demo.teacher", "demo.build", "demo.student"
 DEMO_STAGES = {"teacher": DEMO_TEACHER, "build": DEMO_BUILD, "student": DEMO_STUDENT}
 
@@ -39,7 +42,8 @@ class DatasetSettings:
             f"(default: '{DEFAULT_DATASET}'; `fit --cache`: the dataset the cache records)", group="data",
       commands=(FIT, SWEEP, BUILD, VIEWS, IMPORT, EVAL, DEMO))
   data_dir: str | None = setting(None, "TFDS data dir (default: TFDS's own, ~/tensorflow_datasets)", group="data",
-                                 commands=(FIT, SWEEP, BUILD, VIEWS, IMPORT, EVAL, DEMO), identity=False,
+                                 commands=(FIT, SWEEP, BUILD, VIEWS, IMPORT, EVAL, DEMO, EXTEND, *DERIVE),
+                                 identity=False,
                                  scope="process")
 
 
@@ -124,36 +128,45 @@ class JobSettings:
       None, "processes that decode images and render views, a batch at a time (0: a thread of the main process; "
             "default: 0 for arrays in memory, else one per usable core but one, at most 8); results do not depend "
             "on it, and a resumed run may change it", metavar="N", group="job", check=workers_check,
-      commands=(FIT, SWEEP, BUILD, VIEWS, DEMO_TEACHER, DEMO_BUILD, DEMO_STUDENT), identity=False, scope="process")
+      commands=(FIT, SWEEP, BUILD, VIEWS, EXTEND, DEMO_TEACHER, DEMO_BUILD, DEMO_STUDENT), identity=False,
+      scope="process")
   coordinator: str | None = setting(
       None, "HOST:PORT of process 0's coordination service, for a job of several processes (with --num-processes "
             "and --process-id); 'auto': JAX detects the job (TPU pods, GKE, SLURM); under a multi-task `srun` the "
-            "default", metavar="HOST:PORT", group="job", commands=(FIT, BUILD), identity=False)
+            "default", metavar="HOST:PORT", group="job", commands=(FIT, BUILD, EXTEND), identity=False)
   num_processes: int | None = setting(None, "processes in the job (with --coordinator)", metavar="N", group="job",
-                                      commands=(FIT, BUILD), identity=False)
+                                      commands=(FIT, BUILD, EXTEND), identity=False)
   process_id: int | None = setting(None, "this process's index, 0..N-1 (with --coordinator); process 0 writes what "
-                                         "the job shares", metavar="I", group="job", commands=(FIT, BUILD),
+                                         "the job shares", metavar="I", group="job", commands=(FIT, BUILD, EXTEND),
                                    identity=False, scope="process")
   heartbeat_timeout: int = setting(DEFAULT_HEARTBEAT_SECONDS, "seconds after which the other processes of a job give "
                                                               "up on one that stopped answering", metavar="SECONDS",
-                                   group="job", commands=(FIT, BUILD), identity=False)
+                                   group="job", commands=(FIT, BUILD, EXTEND), identity=False)
   join_timeout: int = setting(DEFAULT_JOIN_SECONDS, "seconds a process of a job waits for the others to join (process "
                                                     "0 for every other process, the others for process 0) before it "
-                                                    "gives up", metavar="SECONDS", group="job", commands=(FIT, BUILD),
-                              identity=False, check=at_least(1, "second"))
+                                                    "gives up", metavar="SECONDS", group="job",
+                              commands=(FIT, BUILD, EXTEND), identity=False, check=at_least(1, "second"))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OutputSettings:
   """Where the output goes, whether an existing one may be replaced, and progress bars."""
 
-  out: str = setting("", "the output to write", group="run", commands=(FIT, BUILD, VIEWS, IMPORT), identity=False,
+  out: str = setting("", "the output to write", group="run", commands=(FIT, BUILD, VIEWS, IMPORT, EXTEND, *DERIVE),
+                     identity=False,
                      scope="student", helps={FIT: ("run directory to write", "RUN_DIR"),
                                              BUILD: ("the store to write", "CACHE.zarr"),
                                              IMPORT: ("the store to write", "CACHE.zarr"),
+                                             **{c: ("the store to write", "NEW.zarr") for c in DERIVE},
                                              VIEWS: ("the directory (or object-store prefix) to write the views to",
-                                                     "DIR")})
+                                                     "DIR"),
+                                             EXTEND: ("write the extended cache here and leave CACHE as it is "
+                                                      "(default: extend CACHE in place; an object store needs it)",
+                                                      "NEW.zarr")})
   overwrite: bool = setting(False, "replace an existing output written with other settings", group="run",
-                            commands=(FIT, BUILD, VIEWS, IMPORT), identity=False, scope="student")
+                            commands=(FIT, BUILD, VIEWS, IMPORT, EXTEND, *DERIVE), identity=False, scope="student",
+                            helps={EXTEND: ("replace an existing --out (or, in place, a staging store an extend with "
+                                            "other settings left) written with other settings", None)})
   progress: bool = setting(True, "progress bars (on a terminal; elsewhere one line per stage)", group="run",
-                           commands=(FIT, SWEEP, BUILD, VIEWS, IMPORT), identity=False, scope="process")
+                           commands=(FIT, SWEEP, BUILD, VIEWS, IMPORT, EXTEND, *DERIVE), identity=False,
+                           scope="process")

@@ -226,7 +226,7 @@ def add_options(parser, cls, command: str, *, prefix: str = "", defaults=None, r
       options["help"] += f" (default: {'on' if default else 'off'})"
     elif is_tuple and default:  # As the option takes it: 0.08,1 rather than (0.08, 1.0).
       options["help"] += f" (default: {','.join(f'{v:.4g}' if isinstance(v, float) else str(v) for v in default)})"
-    elif default is not None:
+    elif default not in (None, ""):  # An empty default (`extend --out`) is described in the help.
       options["help"] += " (default: %(default)s)"
     if kind is bool and not is_tuple:
       options["action"] = argparse.BooleanOptionalAction

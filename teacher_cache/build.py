@@ -43,8 +43,8 @@ from shared.parallel import (FSDP, REPLICATED, SHARDINGS, batch_sharding, bytes_
 from shared.precision import DEFAULT_COMPUTE_DTYPE, target_tolerance
 from shared.render import DEVICE_INPUTS, PARTNER_INPUTS, inputs_of
 from shared.runs import Teacher, load_teacher
-from shared.options import (BUILD, DEFAULT_SPLIT, DEMO_BUILD, IMPORT, VIEWS, ComputeSettings, DataSettings,
-                            JobSettings, OutputSettings, ViewSettings, resolve_dataset)
+from shared.options import (BUILD, CONVERT, DEFAULT_SPLIT, DEMO_BUILD, DERIVE, EXTEND, IMPORT, VIEWS,
+                            ComputeSettings, DataSettings, JobSettings, OutputSettings, ViewSettings, resolve_dataset)
 from shared.settings import setting, workers_check
 from shared.specialists import SpecialistPlan, class_matrix, specialist_log_probs
 from shared.workers import BatchRenderer, resolve_workers
@@ -70,11 +70,11 @@ class BuildConfig(DataSettings, ViewSettings, ComputeSettings, JobSettings, Outp
   targets: str = setting("dense", "what to store of the ensemble distribution at T: 'dense' (every class), "
                                   "'topk:K' (its K most probable classes and the others' total mass), or 'sample:K' "
                                   "(K classes drawn from it per row, as ids and counts: an unbiased estimate)",
-                         metavar="dense|topk:K|sample:K", group="teachers", commands=(BUILD, IMPORT))
+                         metavar="dense|topk:K|sample:K", group="teachers", commands=(BUILD, IMPORT, CONVERT))
   member_logits: bool = setting(False, "sparse targets: also store each member's logits, which students need to "
                                        "re-derive targets at another T, rule or member subset, or for `student-train "
                                        "fit --loss mse` (dense caches always store them)", group="teachers",
-                                commands=(BUILD, IMPORT))
+                                commands=(BUILD, IMPORT, CONVERT))
   specialist_plan: str | None = setting(None, "the plan of the specialists (`teacher-cache specialists`)",
                                         commands=(), given_by="--specialists")
   specialist_runs: tuple[str, ...] = setting((), "specialist run dirs (`student-train fit --specialist`)",
@@ -95,13 +95,18 @@ class BuildConfig(DataSettings, ViewSettings, ComputeSettings, JobSettings, Outp
                           "`student-train fit --folds K --holdout-fold k`; a row takes each member's logits from "
                           "the run that did not see its fold (1: no cross-fitting)", group="teachers")
   batch_size: int = setting(256, "rows per forward pass, a multiple of the device count", group="run",
-                            commands=(BUILD, VIEWS, IMPORT), helps={VIEWS: ("rows rendered at a time", None)})
+                            commands=(BUILD, VIEWS, IMPORT, EXTEND), helps={VIEWS: ("rows rendered at a time", None)})
   chunk_rows: int | None = setting(None, f"rows per Zarr chunk: the unit of writing, resuming and reading; a "
                                          f"multiple of --views (when more), so that a chunk holds whole examples "
                                          f"and the build decodes each image once (default: {DEFAULT_CHUNK_ROWS} "
                                          f"rounded down to a multiple of --views)", metavar="N",
-                            group="run", commands=(BUILD, VIEWS, IMPORT),
-                            helps={VIEWS: ("rows per views_*.npz file, a multiple of --views", None)})
+                            group="run", commands=(BUILD, VIEWS, IMPORT, EXTEND, *DERIVE),
+                            helps={VIEWS: ("rows per views_*.npz file, a multiple of --views", None),
+                                   EXTEND: ("rows per Zarr chunk of the extended cache, a multiple of its views "
+                                            "(default: the cache's if it is one, else the build's default for "
+                                            "those views)", None),
+                                   **{c: ("rows per Zarr chunk of the new cache (default: the source's, or for "
+                                          "views not dividing them a build's default)", None) for c in DERIVE}})
   dtype: str = setting("float16", "storage dtype of logits and targets", choices=STORAGE_DTYPES, group="teachers",
                        commands=(BUILD, IMPORT))
   teacher_sharding: str = setting(
@@ -109,11 +114,11 @@ class BuildConfig(DataSettings, ViewSettings, ComputeSettings, JobSettings, Outp
                   "'fsdp' (each weight array split along its longest axis that divides evenly over the devices, "
                   "gathered inside each forward pass: a teacher need not fit on one device); the batch is split over "
                   "the same devices either way, and the store is the same within float rounding", choices=SHARDINGS,
-      group="run", identity=False, scope="process")
+      group="run", identity=False, scope="process", commands=(BUILD, EXTEND))
   ignore_limits: bool = setting(False, "start even when the output's projected size exceeds the free space of its "
                                        "file system, or its chunks' working memory the available memory (both are "
                                        "checked before anything is written)", group="run",
-                                commands=(BUILD, VIEWS, IMPORT), identity=False, scope="process")
+                                commands=(BUILD, VIEWS, IMPORT, EXTEND, *DERIVE), identity=False, scope="process")
 
 
 def resolve_defaults(config: BuildConfig) -> BuildConfig:
@@ -840,7 +845,7 @@ def put_rows(writer: ChunkWriter, cache: Cache, chunk: int, rows: dict, logits: 
 
 
 def _computed_chunks(cache: Cache, row_set: str, chunks: list[int], data: TransferSet, config: BuildConfig,
-                     forward, mesh):
+                     forward, mesh, select: dict | None = None):
   """The teachers' outputs on the rows of `chunks`, a chunk at a time.
 
   Each chunk's rows go in padded batches that start at its first row (so a resumed build computes what an
@@ -852,6 +857,8 @@ def _computed_chunks(cache: Cache, row_set: str, chunks: list[int], data: Transf
   Args:
     forward: `(x [B, ...], fold, example index, view: int32 [B]) -> a tuple of [B, ...] device arrays (or dicts
       of them)`.
+    select: transfer rows only: `{chunk: int [n] rows of it (from its first, increasing)}`, the only rows computed
+      (`teacher_cache.grow`, where sources hold the others; a chunk's selection must not be empty); None: all.
 
   Yields:
     `(chunk, rows, outputs)`: rows has the chunk's `index`, `labels` and view parameters (and for transfer rows
@@ -866,6 +873,8 @@ def _computed_chunks(cache: Cache, row_set: str, chunks: list[int], data: Transf
         position, view = np.arange(start, stop), np.zeros(stop - start, np.int32)
       else:
         view, position = spec.row_sources(np.arange(start, stop))
+        if select is not None:
+          view, position = view[select[chunk]], position[select[chunk]]
       index = data.indices[position]
       fold = fold_of(index, spec.folds)
       # Mixed views: each row's partner and λ, drawn here (the partner is read and mixed where the row is rendered).

@@ -4,15 +4,18 @@ import argparse
 import dataclasses
 import json
 import sys
+import textwrap
 
 from shared.cache import LAYOUT
 from shared.data import PREPARED_PREFIX
 from shared.cli import add_models_command, add_verbosity_options, print_models, run_or_exit
 from shared.data.prepared import is_prepared
 from shared.errors import StillroomError
-from shared.options import BUILD, IMPORT, VIEWS
+from shared.options import BUILD, CONVERT, EXTEND, IMPORT, MERGE, SUBSET, VIEWS
 from shared.settings import add_options, from_args
 from teacher_cache.build import BuildConfig, build_cache
+from teacher_cache.derive import convert_cache, merge_caches, subset_cache
+from teacher_cache.extend import ExtendConfig, extend_cache
 from teacher_cache.external import IMPORTED, import_cache, write_views
 from teacher_cache.info import cache_info, prepared_info
 from teacher_cache.prepare import PREPARE, PrepareConfig, prepare_images
@@ -38,6 +41,11 @@ mixed views: views 1..7 of every example blended with a partner view (CutMix: a 
 the teachers label the mixed images and the student renders the same ones from the rows:
   teacher-cache build --dataset digits --teacher runs/t0 --views 8 --mix cutmix:1 --out digits-cutmix.zarr
   student-train fit --cache digits-cutmix.zarr --model mlp-small --alpha 0 --out runs/s-cutmix
+
+a cache derived from caches, running no teacher:
+  teacher-cache convert digits.zarr --targets topk:5 --out digits-top5.zarr
+  teacher-cache subset digits.zarr --members t0 --views 2 --out digits-t0.zarr
+  teacher-cache merge digits-t01.zarr digits-t23.zarr --out digits-t0123.zarr
 
 a teacher outside JAX labels the rows' inputs, then its logits become a cache:
   teacher-cache views --dataset digits --views 4 --out views
@@ -89,6 +97,35 @@ def teacher_cache_parser() -> argparse.ArgumentParser:
                                                            "refuse settings other than theirs")
   add_options(imported, BuildConfig, IMPORT, required=("out",))
 
+  extend = commands.add_parser(
+      "extend", allow_abbrev=False, help="add members or views to a cache, computing only what it lacks",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      description="Extend a cache: --teacher RUN adds a member (only the new teachers run, over the views its rows "
+                  "hold,\nreplayed from their stored parameters; the targets are rewritten for the larger ensemble); "
+                  "--views N\nadds views V..N-1 of every example (only those rows are computed, by every member's run: "
+                  "where\nthe cache records it, or given with --teacher). The result equals a direct `build` of the "
+                  "final\nmembers and views, array for array; `info` shows its history. The cache must store its "
+                  "members'\nlogits (dense targets, or sparse ones built with --member-logits).\n\n"
+                  "The original is never lost: the extended cache is built beside it (CACHE.extending; running the "
+                  "same\ncommand again resumes an interrupted extend) and replaces it only once complete, by two "
+                  "renames\n(CACHE -> CACHE.replaced, CACHE.extending -> CACHE, then CACHE.replaced is deleted); "
+                  "a kill\nbetween them is finished by the next extend of CACHE. --out NEW leaves CACHE as it is "
+                  "(the only\nway on an object store). Students of the old and of the extended cache are different "
+                  "runs: a\nrun dir of one refuses to resume on the other.",
+      epilog="example:\n"
+             "  teacher-cache build --dataset digits --teacher runs/t0 --teacher runs/t1 --views 4 --out digits.zarr\n"
+             "  teacher-cache extend digits.zarr --teacher runs/t2        # a third member, in place\n"
+             "  teacher-cache extend digits.zarr --views 8 --out digits8.zarr   # 4 more views, a new store\n"
+             "  teacher-cache info digits.zarr")
+  extend.add_argument("cache", metavar="CACHE.zarr", help="a complete cache with stored member logits")
+  extend.add_argument("--teacher", action="append", default=[], metavar="RUN_DIR|module:function",
+                      help="a new ensemble member (repeat for each); with --views, also an existing member's run "
+                           "where the cache's record of it is out of date")
+  add_options(extend, ExtendConfig, EXTEND)
+  add_options(extend, BuildConfig, EXTEND)
+
+  _add_derive_commands(commands)
+
   specialists = commands.add_parser(
       "specialists", allow_abbrev=False, help="plan specialists on confusable class subsets of a generalist's cache",
       description="Cluster the classes for Hinton et al.'s specialists: K-means on the columns of the covariance of "
@@ -135,6 +172,64 @@ def teacher_cache_parser() -> argparse.ArgumentParser:
   add_models_command(commands)
   add_verbosity_options(parser)
   return parser
+
+
+_EQUALS = ("The result equals, array for array, the cache a `teacher-cache build` with the resulting settings writes "
+           "(its spec's history and creation time aside); `verify` checks it like any other. The transfer set must "
+           "be at hand (--data-dir): its fingerprint is checked, no image is read. Running the same command again "
+           "resumes an interrupted one; nothing is written when the command is refused.")
+
+
+def _described(*paragraphs: str, examples: tuple[str, ...]) -> str:
+  """A subcommand's description: its paragraphs wrapped for a terminal, then its examples as they are."""
+  return "\n\n".join(textwrap.fill(p, 110) for p in paragraphs) + "\n\nexample:\n" + "\n".join(
+      f"  {e}" for e in examples)
+
+
+def _add_derive_commands(commands) -> None:
+  """`convert`, `subset` and `merge` (`teacher_cache.derive`)."""
+  convert = commands.add_parser(
+      "convert", allow_abbrev=False,
+      help="a cache with other targets, derived from its member logits (no teacher runs)",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      description=_described(
+          "Write CACHE again with other targets (--targets), derived from the members' logits it stores: a dense "
+          "cache, or a sparse one built with --member-logits. A sparse result keeps the member logits only with "
+          "--member-logits, as a build does.", _EQUALS,
+          examples=("teacher-cache convert digits.zarr --targets topk:5 --out digits-top5.zarr",
+                    "teacher-cache convert digits.zarr --targets sample:8 --member-logits --out digits-s8.zarr")))
+  convert.add_argument("cache", metavar="CACHE.zarr", help="the source cache")
+  add_options(convert, BuildConfig, CONVERT, required=("out", "targets"))
+
+  subset = commands.add_parser(
+      "subset", allow_abbrev=False, help="a cache of some of a cache's members and views (no teacher runs)",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      description=_described(
+          "Write a cache of some of CACHE's members (--members, in the order given) and its views 0..N-1 (--views N, "
+          "a count: as `build --views N` draws them), its targets derived again from the kept members' logits.",
+          _EQUALS, examples=("teacher-cache subset digits.zarr --members t0 t2 --out digits-t02.zarr",
+                             "teacher-cache subset digits.zarr --views 2 --out digits-2views.zarr")))
+  subset.add_argument("cache", metavar="CACHE.zarr", help="the source cache")
+  subset.add_argument("--members", nargs="+", dest="keep_members", metavar="NAME",
+                      help="the members to keep, by name (`teacher-cache info` lists them) or index, in the order "
+                           "of the new cache (default: every member, in the cache's order)")
+  subset.add_argument("--views", type=int, dest="keep_views", metavar="N",
+                      help="keep views 0..N-1 of every example (default: every view)")
+  add_options(subset, BuildConfig, SUBSET, required=("out",))
+
+  merge = commands.add_parser(
+      "merge", allow_abbrev=False, help="one cache of the members of two (no teacher runs)",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      description=_described(
+          "Write one cache of A's members then B's: two caches of the same transfer set, views, view seed and "
+          "augmentation, temperature, combine rule, targets, storage and compute dtypes, folds and eval split, whose "
+          "members are disjoint. (Caches of the same members cannot be merged: each holds views 0..V-1, so they "
+          "share views; `teacher-cache extend --views` adds views to one.) The chunk rows are A's unless "
+          "--chunk-rows is given.", _EQUALS,
+          examples=("teacher-cache merge digits-t01.zarr digits-t23.zarr --out digits-t0123.zarr",)))
+  merge.add_argument("a", metavar="A.zarr", help="the cache whose members come first")
+  merge.add_argument("b", metavar="B.zarr", help="the cache whose members follow")
+  add_options(merge, BuildConfig, MERGE, required=("out",))
 
 
 def _format_percent(value) -> str:
@@ -188,6 +283,12 @@ def _print_info(info: dict) -> None:
     run = specialist["run"]
     print(f"  [s{i}] {run['name']:<19} {run['model']:<10} {run['num_params']:>9} params  digest {run['digest'][:12]}"
           f"  classes {specialist['classes']}, dustbin {specialist['dustbin_correction']:+.3f}")
+  for entry in spec.get("history", ()):  # How a grown cache was made (`extend`, ...), oldest first.
+    short = lambda v: [short(x) for x in v] if isinstance(v, list) else f"{v[:12]}…" if isinstance(v, str) and \
+        len(v) == 64 else v  # noqa: E731  # A digest by its first 12 hex digits.
+    what = ", ".join(f"{key} {short(value)}" for key, value in entry.items() if key not in ("command", "sources", "at"))
+    print(f"history      {entry.get('at')}: {entry.get('command')}" + (f" ({what})" if what else "")
+          + f" from {', '.join(short(entry.get('sources', [])))}")
   for i, member in enumerate(stats["members"] if stats else []):
     print(f"member {i}     {member['name']}: accuracy {_format_percent(member['accuracy'])} "
           f"(view 0: {_format_percent(member['accuracy_view0'])})")
@@ -242,6 +343,16 @@ def main(argv: list[str] | None = None) -> None:
       build_cache(from_args(BuildConfig, args, teachers=tuple(args.teacher),
                             specialist_plan=specialists[0] if specialists else None,
                             specialist_runs=tuple(specialists[1:])))
+    elif args.command == "extend":
+      out = extend_cache(args.cache, from_args(BuildConfig, args, teachers=tuple(args.teacher)),
+                         from_args(ExtendConfig, args))
+      print(f"extended cache: {out}")
+    elif args.command == "convert":
+      convert_cache(args.cache, from_args(BuildConfig, args))
+    elif args.command == "subset":
+      subset_cache(args.cache, args.keep_members, args.keep_views, from_args(BuildConfig, args))
+    elif args.command == "merge":
+      merge_caches(args.a, args.b, from_args(BuildConfig, args))
     elif args.command == "specialists":
       plan = plan_specialists(args.cache, args.clusters, args.out, seed=args.seed, overwrite=args.overwrite)
       for k, (subset, within) in enumerate(zip(plan.subsets, plan.within_mass)):

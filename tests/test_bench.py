@@ -198,6 +198,14 @@ def _recipe_search(result, printed, tmp):
     assert "\n|---|" in table and table in printed, sweep
 
 
+def _grow(result, printed, tmp):
+  assert result["rows"] == 64 and result["members"] == 2
+  _positive(result, "seconds.build", "seconds.extend", "seconds.rewrite", "seconds.build_sparse", "seconds.convert",
+            "seconds.build_one", "extend_over_build", "extend_target_s", "rewrite_over_build", "extend_over_parts",
+            "convert_over_build", "fastest.extend_over_build", "fastest.target", "fastest.convert_over_build")
+  assert "extend by one teacher (2 -> 3 members)" in printed and "convert dense -> topk:5" in printed
+
+
 OUT = ["--out", "{tmp}/out.json"]
 SMOKE = {
     "bench/run_all.py": Smoke(["--smoke", *OUT], _run_all),
@@ -233,6 +241,7 @@ SMOKE = {
     "bench/features.py": Smoke(["--smoke", "--seeds", "1", "--data-dir", "{data_dir}", "--work", "{tmp}/work", *OUT],
                                _features),
     "bench/keras_peer.py": Smoke(["--smoke", *OUT], _keras_peer),
+    "bench/grow.py": Smoke(["--smoke", *OUT], _grow),
     "bench/precision.py": Smoke(["--smoke", "--data-dir", "{data_dir}", "--work", "{tmp}/work", *OUT], _precision),
     "bench/models.py": Smoke(["--smoke", "--models", "mlp-tiny", "--build-ratio", "--build-model", "mlp-tiny", *OUT],
                              _models),

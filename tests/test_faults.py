@@ -2061,6 +2061,225 @@ def _(env, tmp_path, mp):
           [Absent(tmp_path / "r")])
 
 
+# --- grow: teacher-cache extend (teacher_cache/extend.py, teacher_cache/grow.py) ---
+def _extend(env, store, *extra):
+  return ["extend", store, "--data-dir", env.data_dir, "--no-progress", *extra]
+
+
+@fault("extend by a teacher already a member")
+def _(env, tmp_path, mp):
+  return (cache_main, _extend(env, env.store, "--teacher", env.teachers[1]), 2,
+          r"teacher '.*t1' is already member 1 \('t1'\) of .*: give a new member, or more --views\.",
+          [env.store, Absent(env.store + ".extending")])
+
+
+@fault("extend --views not more than the cache's")
+def _(env, tmp_path, mp):
+  return (cache_main, _extend(env, env.store, "--views", "2"), 2,
+          r"--views 2: .* already holds 2 views per example; give more than 2",
+          [env.store, Absent(env.store + ".extending")])
+
+
+@fault("extend by a teacher of other classes")
+def _(env, tmp_path, mp):
+  five = make_teacher(tmp_path / "five", num_classes=5)
+  return (cache_main, _extend(env, env.store, "--teacher", five), 2,
+          r"has 10 classes but the teachers output 5 logits|output 5 logits, but cache .* holds 10 classes",
+          [env.store, Absent(env.store + ".extending")])
+
+
+@fault("extend a sparse cache without member logits")
+def _(env, tmp_path, mp):
+  store = tmp_path / "sparse.zarr"
+  assert run_cli(cache_main, _build(env, store, "--targets", "topk:3", "--eval-split", "none", split="train[:64]",
+                                    teachers=env.teachers[:1]), _NoCapture())[0] == 0
+  return (cache_main, _extend(env, str(store), "--teacher", env.teachers[1], "--out", tmp_path / "new.zarr"), 2,
+          r"stores topk:3 targets without its members' logits, so no member can be taken from it: rebuild it with "
+          r"--member-logits", [store, Absent(tmp_path / "new.zarr")])
+
+
+@fault("extend a cache of other data (another fingerprint)")
+def _(env, tmp_path, mp):
+  data = tmp_path / "data.npz"
+  shutil.copy(env.npz_ok[len("npz:"):], data)
+  store = tmp_path / "flat.zarr"
+  assert run_cli(cache_main, ["build", "--dataset", f"npz:{data}", "--teacher", env.flat_teacher, "--out", store,
+                              "--no-progress"], _NoCapture())[0] == 0
+  arrays = dict(np.load(data))
+  np.savez(data, x=arrays["x"] + 1, y=arrays["y"])  # Changed after the build.
+  other = make_teacher(tmp_path / "flat2", input_shape=(6,), num_classes=3, seed=1,
+                       normalization={"shift": 0.0, "scale": 1.0})
+  return (cache_main, _extend(env, str(store), "--teacher", other), 2,
+          r"cannot be grown into the cache asked for: dataset fingerprint: .* \(here\) vs .* \(that cache\) \(the "
+          r"data changed since that cache was built",
+          [store, Absent(str(store) + ".extending")])
+
+
+@fault("extend in place on an object store")
+def _(env, tmp_path, mp):
+  return (cache_main, _extend(env, "s3://bucket/cache.zarr", "--teacher", env.teachers[0]), 2,
+          r"'s3://bucket/cache\.zarr' is on an object store, where a store is not renamed but copied: give --out NEW",
+          [])
+
+
+# --- derive: teacher-cache convert, subset and merge ---------------------------------------------------------------
+def _variant(env, tmp_path, name="v.zarr", **changes) -> str:
+  """A copy of the fixture store whose spec says `changes` (a dotted key sets a nested one, e.g. augmentation.seed),
+  sealed again: a complete store whose settings differ, for the refusals that read only the spec."""
+  from conftest import reseal  # pylint: disable=import-outside-toplevel
+  copy = str(tmp_path / name)
+  shutil.copytree(env.store, copy)
+  group = zarr.open_group(copy, mode="r+")
+  spec = group.attrs[SPEC_KEY]
+  for key, value in changes.items():
+    *path, last = key.split(".")
+    where = spec
+    for part in path:
+      where = where[part]
+    where[last] = value
+  group.attrs[SPEC_KEY] = spec
+  reseal(copy)
+  return copy
+
+
+def _sparse_without_logits(env, tmp_path) -> str:
+  out = tmp_path / "sparse.zarr"
+  assert run_cli(cache_main, _build(env, out, "--targets", "topk:3", split="train[:40]"), _NoCapture())[0] == 0
+  return str(out)
+
+
+@fault("convert a sparse cache without member logits")
+def _(env, tmp_path, mp):
+  store = _sparse_without_logits(env, tmp_path)
+  return (cache_main, ["convert", store, "--targets", "dense", "--out", tmp_path / "n.zarr"], 2,
+          r"stores topk:3 targets without its members' logits, so no member can be taken from it: rebuild it with "
+          r"--member-logits", [store, Absent(tmp_path / "n.zarr")])
+
+
+@fault("convert to the targets the cache stores")
+def _(env, tmp_path, mp):
+  return (cache_main, ["convert", env.store, "--targets", "dense", "--out", tmp_path / "n.zarr"], 2,
+          r"already stores dense targets: nothing to convert", [env.store, Absent(tmp_path / "n.zarr")])
+
+
+@fault("convert --targets topk:K beyond the classes")
+def _(env, tmp_path, mp):
+  return (cache_main, ["convert", env.store, "--targets", "topk:11", "--out", tmp_path / "n.zarr"], 2,
+          r"--targets topk:11: K is more than the 10 classes", [env.store, Absent(tmp_path / "n.zarr")])
+
+
+@fault("convert --out a non-store directory")
+def _(env, tmp_path, mp):
+  return (cache_main, ["convert", env.store, "--targets", "topk:3", "--out", env.notes], 2,
+          r"--out '.*notes' exists and is not a stillroom cache", [env.store, env.notes])
+
+
+@fault("convert --out the source")
+def _(env, tmp_path, mp):
+  return (cache_main, ["convert", env.store, "--targets", "topk:3", "--out", env.store], 2,
+          r"--out .* is \(or holds, or lies inside\) this command's input", [env.store])
+
+
+@fault("convert --out a cache of other settings")
+def _(env, tmp_path, mp):
+  other = _copy_store(env, tmp_path)
+  return (cache_main, ["convert", env.store, "--targets", "topk:3", "--data-dir", env.data_dir, "--out", other], 2,
+          r"--out '.*c\.zarr' holds a cache built with other settings: .*targets: None \(store\) vs topk:3 \(command\)"
+          r".*Pass --overwrite to replace it, or choose another --out\.", [env.store, other])
+
+
+@fault("subset --members a name not in the cache")
+def _(env, tmp_path, mp):
+  return (cache_main, ["subset", env.store, "--members", "t9", "--out", tmp_path / "n.zarr"], 2,
+          r"--members 't9': .* has no such member; its members are 't0', 't1' \(or their indices 0\.\.1\)",
+          [env.store, Absent(tmp_path / "n.zarr")])
+
+
+@fault("subset --members a member twice")
+def _(env, tmp_path, mp):
+  return (cache_main, ["subset", env.store, "--members", "t0", "0", "--out", tmp_path / "n.zarr"], 2,
+          r"--members names 't0' more than once", [env.store, Absent(tmp_path / "n.zarr")])
+
+
+@fault("subset --views beyond the cache's views")
+def _(env, tmp_path, mp):
+  return (cache_main, ["subset", env.store, "--views", "3", "--out", tmp_path / "n.zarr"], 2,
+          r"--views 3: .* holds views 0\.\.1; give a count in 1\.\.2", [env.store, Absent(tmp_path / "n.zarr")])
+
+
+@fault("subset --views of mixed views")
+def _(env, tmp_path, mp):
+  store = tmp_path / "mixed.zarr"
+  assert run_cli(cache_main, _build(env, store, "--views", "4", "--mix", "cutmix:1", "--eval-split", "none",
+                                    split="train[:40]"), _NoCapture())[0] == 0
+  return (cache_main, ["subset", store, "--views", "2", "--out", tmp_path / "n.zarr"], 2,
+          r"--views 2: the views of .* are mixed \(cutmix:1\.0\), each row's partner drawn among its views 1\.\.3, so "
+          r"its views 0\.\.1 are not those of a build with --views 2: subset its members only\.",
+          [store, Absent(tmp_path / "n.zarr")])
+
+
+@fault("subset keeping everything")
+def _(env, tmp_path, mp):
+  return (cache_main, ["subset", env.store, "--members", "t0", "t1", "--out", tmp_path / "n.zarr"], 2,
+          r"keep every member and view of .* nothing to subset", [env.store, Absent(tmp_path / "n.zarr")])
+
+
+@fault("merge a cache with itself (overlapping members)")
+def _(env, tmp_path, mp):
+  return (cache_main, ["merge", env.store, env.store, "--out", tmp_path / "n.zarr"], 2,
+          r"both hold members 't0' \(digest [0-9a-f]{12}…\), 't1' .*Merge joins disjoint members over the same views",
+          [env.store, Absent(tmp_path / "n.zarr")])
+
+
+@fault("merge caches of other temperatures, combine rules, view seeds, augmentations and compute dtypes")
+def _(env, tmp_path, mp):
+  other = _variant(env, tmp_path, temperature=2.0, combine="geometric", **{
+      "augmentation.seed": 7, "augmentation.max_shift": 2, "compute_dtype": "bfloat16", "target_tolerance": 0.1})
+  return (cache_main, ["merge", env.store, other, "--out", tmp_path / "n.zarr"], 2,
+          r"cannot merge .*: temperature: 4 \(.*\) vs 2 \(.*\); combine: arithmetic .* vs geometric .*; view seed: "
+          r"0 .* vs 7 .*; augmentation: .*'max_shift': 1.* vs .*'max_shift': 2.*; compute dtype: float32 .* vs "
+          r"bfloat16 .*\. Merge joins caches of the same data, views and settings\.",
+          [env.store, other, Absent(tmp_path / "n.zarr")])
+
+
+@fault("merge caches of other data, views and dtype")
+def _(env, tmp_path, mp):
+  other = tmp_path / "other.zarr"
+  assert run_cli(cache_main, _build(env, other, "--dtype", "float32", "--views", "1", split="train[:100]"),
+                 _NoCapture())[0] == 0
+  return (cache_main, ["merge", env.store, other, "--out", tmp_path / "n.zarr"], 2,
+          r"cannot merge .*: transfer set: digits train\[:200\] \(fingerprint [0-9a-f]{12}…\) \(.*\) vs digits "
+          r"train\[:100\] .*; views: 2 .* vs 1 .*; dtype: float16 .* vs float32 ",
+          [env.store, other, Absent(tmp_path / "n.zarr")])
+
+
+def _untouched_in_place(store) -> list:
+  """A store extended in place, unchanged, and no staging store, lock or replaced store beside it."""
+  return [store, Absent(store + ".extending"), Absent(store + ".replaced")]
+
+
+@fault("extend with neither --teacher nor --views")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  return (cache_main, _extend(env, store), 2, r"give --teacher RUN \(a new member\) and/or --views N",
+          _untouched_in_place(store))
+
+
+@fault("extend --views of a cache whose member's run is gone")
+def _(env, tmp_path, mp):
+  recorded = zarr.open_group(env.store, mode="r").attrs[SPEC_KEY]["members"]
+  store = _variant(env, tmp_path, members=[{**m, "source": str(tmp_path / "gone")} for m in recorded])
+  return (cache_main, _extend(env, store, "--views", "3", "--out", tmp_path / "n.zarr"), 2,
+          r"more views need every member's run, and member 't0''s at '.*gone' \(as .* records it\) cannot be loaded "
+          r".*give it with --teacher\.", [store, Absent(tmp_path / "n.zarr")])
+
+
+@fault("extend --teacher of another input shape")
+def _(env, tmp_path, mp):
+  return (cache_main, _extend(env, env.store, "--teacher", env.flat_teacher, "--out", tmp_path / "n.zarr"), 2,
+          r"teacher 'flat_teacher' .* takes inputs of shape \(6,\)", [env.store, Absent(tmp_path / "n.zarr")])
+
+
 @pytest.mark.parametrize("name", list(FAULTS))
 def test_fault_is_refused_cleanly(name, env, tmp_path, monkeypatch, capsys):
   _refused_cleanly(FAULTS[name](env, tmp_path, monkeypatch), env, monkeypatch, capsys)

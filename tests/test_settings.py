@@ -17,9 +17,10 @@ from stillroom.demo import DemoConfig
 from student_train.evaluate import EvalConfig
 from student_train.export import ExportConfig
 from teacher_cache.build import BuildConfig
+from teacher_cache.extend import ExtendConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = (FitConfig, BuildConfig, EvalConfig, ExportConfig, DemoConfig)
+CONFIGS = (FitConfig, BuildConfig, EvalConfig, ExportConfig, DemoConfig, ExtendConfig)
 STAGE_PREFIX = {command: stage + "_" for stage, command in DEMO_STAGES.items()}
 pytestmark = pytest.mark.fast  # Pure unit tests: `make test-fast` runs them (see pyproject.toml).
 
@@ -106,6 +107,8 @@ MODULES = {"student_train/sweep.py": ("sweep", "fit"), "student_train/evaluate.p
            "student_train/export.py": ("export",), "student_train/cli.py": _ANY, "student_train/__main__.py": _ANY,
            "teacher_cache/external.py": ("views", "import", "build"), "teacher_cache/verify.py": ("verify",),
            "teacher_cache/info.py": ("info",), "teacher_cache/specialists.py": ("specialists", "build"),
+           "teacher_cache/extend.py": ("extend", "build"),
+           "teacher_cache/derive.py": ("convert", "subset", "merge", "build"),
            "student_train/config.py": ("fit", "sweep", "demo"),
            "teacher_cache/cli.py": _ANY, "teacher_cache/__main__.py": _ANY, "stillroom/cli.py": _ANY}
 

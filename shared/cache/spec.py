@@ -51,6 +51,11 @@ SPEC_KEY = "stillroom"  # The group attribute that holds `CacheSpec.to_attrs()`.
 COMPLETE_KEY = "stillroom_complete"  # ...and the completion record, written last: without it a store is incomplete.
 REBUILD = "the build command with --overwrite rebuilds the store"  # What recovers a damaged spec.
 TARGET_KINDS = ("dense", "topk", "sample")  # `--targets dense|topk:K|sample:K`.
+HISTORY_FIELDS = {  # One entry of `CacheSpec.history`; a command may add fields of its own (what it changed).
+    "command": "the command that grew the cache: extend, convert, subset or merge",
+    "sources": "the SHA-256 spec digests (`shared.cache.record.spec_digest`) of the caches it was made from",
+    "at": "ISO time at which the step started",
+}
 
 
 def parse_targets(text: str) -> tuple[str, int | None]:
@@ -235,6 +240,10 @@ class CacheSpec:
     created_at: ISO time of creation.
     schema_version: the layout version (`SCHEMA_VERSION` for every store this stillroom writes, `MIX_SCHEMA_VERSION`
       with mixed views); None: the one this stillroom writes for these settings.
+    history: how the cache was grown from others (`teacher-cache extend`, `convert`, `subset`, `merge`): one small
+      dict per step, oldest first (`HISTORY_FIELDS`); empty for a direct build, and absent from the attributes of a
+      store that has none (every store written before it). Not part of `build_key`: a grown cache is the direct
+      build of its final settings, whatever its history.
   """
 
   temperature: float
@@ -260,6 +269,7 @@ class CacheSpec:
   arrays: tuple[ArraySpec, ...] = ()
   created_at: str = ""
   schema_version: int | None = None
+  history: tuple[dict, ...] = ()
 
   def __post_init__(self):
     validate_settings(temperature=self.temperature, combine=self.combine, dtype=self.dtype, views=self.views,
@@ -498,6 +508,7 @@ class CacheSpec:
     dense_defaults = ("targets", "member_logits") if self.target_kind == "dense" else ()
     dense_defaults += () if self.specialists else ("specialists", "top_n")  # Likewise for a cache without them.
     dense_defaults += () if self.features else ("features",)
+    dense_defaults += () if self.history else ("history",)  # Likewise a cache that was not grown.
     # Likewise a float32 build's compute dtype and tolerance: its spec is what a store written before them holds.
     dense_defaults += ("compute_dtype", "target_tolerance") if self.compute_dtype == DEFAULT_COMPUTE_DTYPE and \
         self.target_tolerance == 0.0 else ()
@@ -510,7 +521,15 @@ class CacheSpec:
         "eval_dataset": None if self.eval_dataset is None else self.eval_dataset.to_dict(),
         "augmentation": self.augmentation.to_dict(),
         "arrays": [a.to_dict() for a in self.arrays],
+        **({"history": [dict(entry) for entry in self.history]} if self.history else {}),
     }
+
+  def with_history(self, command: str, sources: list[str], at: str | None = None, **what) -> "CacheSpec":
+    """This spec with one more `history` entry: `command` (e.g. "extend"), the spec digests of the caches it was
+    made from (`shared.cache.record.spec_digest`), the time (`at`, default now) and what it changed (`what`: small
+    JSON values, e.g. `added_members=[...]`, `views=[2, 4]`)."""
+    entry = {"command": command, "sources": list(sources), "at": at or now_iso(), **what}
+    return dataclasses.replace(self, history=(*self.history, entry))
 
   @classmethod
   def from_attrs(cls, attrs: dict) -> "CacheSpec":
@@ -541,6 +560,7 @@ class CacheSpec:
       d["dataset"] = DatasetSpec.from_dict(d["dataset"])
       d["eval_dataset"] = None if d.get("eval_dataset") is None else DatasetSpec.from_dict(d["eval_dataset"])
       d["arrays"] = tuple(ArraySpec.from_dict(a) for a in d.get("arrays", ()))
+      d["history"] = tuple(dict(entry) for entry in d.get("history", ()))
       return cls(**d)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
       raise StillroomError(f"the cache spec is damaged or hand-edited: {type(e).__name__}: {e}; {REBUILD}.") from e

@@ -1,0 +1,137 @@
+"""`teacher-cache convert`, `subset` and `merge` (`teacher_cache.derive`) against direct builds of the resulting
+settings: every array and every stored chunk byte equal, the spec equal but for its history and creation time, and
+`teacher-cache verify` passing on each result. The sources and the direct builds are built once for the module."""
+
+import dataclasses
+import os
+import shutil
+
+import pytest
+import zarr
+from conftest import run_cli
+from test_grow import assert_same_cache
+
+from shared.cache import COMPLETE_KEY, open_cache
+from teacher_cache.build import BuildConfig, build_cache
+from teacher_cache.cli import main as cache_main
+from teacher_cache.derive import convert_cache, merge_caches, merge_plan, subset_cache, subset_plan
+from teacher_cache.verify import verify_cache
+
+SPLIT = "train[:120]"  # 240 rows of 2 views: a few chunks of 32 rows.
+
+
+class Builds:
+  """The module's direct builds, by name, made when first asked for."""
+
+  def __init__(self, root, data_dir, teachers):
+    self.root, self.data_dir, self.teachers = root, data_dir, teachers
+    self.made = {}
+
+  def get(self, name, members, **options):
+    if name not in self.made:
+      self.made[name] = str(self.root / f"{name}.zarr")
+      build_cache(BuildConfig(dataset="digits", split=SPLIT, data_dir=self.data_dir, out=self.made[name],
+                              teachers=tuple(self.teachers[m] for m in members), progress=False,
+                              **{"views": 2, "chunk_rows": 32, "batch_size": 16, **options}))
+    return self.made[name]
+
+  def dense(self):  # t0 and t1, dense: the source of most derivations.
+    return self.get("dense", (0, 1))
+
+  def config(self, name, **options) -> BuildConfig:
+    return BuildConfig(out=str(self.root / f"{name}.zarr"), data_dir=self.data_dir, progress=False, **options)
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory, data_dir, teachers):
+  return Builds(tmp_path_factory.mktemp("derive"), data_dir, teachers)
+
+
+def _verified(path, data_dir) -> str:
+  checks = verify_cache(path, None, None, data_dir)
+  assert not [c for c in checks if c.failed], [c for c in checks if c.failed]
+  return path
+
+
+def test_convert_dense_to_topk_equals_a_direct_build(builds):
+  converted = convert_cache(builds.dense(), builds.config("to_top3", targets="topk:3"))
+  assert_same_cache(_verified(converted, builds.data_dir), builds.get("top3", (0, 1), targets="topk:3"))
+  history = open_cache(converted).spec.history
+  assert [h["command"] for h in history] == ["convert"] and history[0]["targets"] == ["dense", "topk:3"]
+
+
+def test_convert_dense_to_sample_and_back_equal_direct_builds(builds, capsys):
+  direct = builds.get("sample4", (0, 1), targets="sample:4", member_logits=True)
+  # Through the command line: its options are the library's.
+  out = builds.root / "to_sample4.zarr"
+  code, _, err = run_cli(cache_main, ["convert", builds.dense(), "--targets", "sample:4", "--member-logits",
+                                      "--data-dir", builds.data_dir, "--no-progress",
+                                      "--out", out], capsys)
+  assert code == 0, err
+  assert_same_cache(_verified(str(out), builds.data_dir), direct)
+  back = convert_cache(direct, builds.config("to_dense", targets="dense"))
+  assert_same_cache(_verified(back, builds.data_dir), builds.dense())
+
+
+def test_subset_of_members_and_of_views_equal_direct_builds(builds):
+  one = subset_cache(builds.dense(), ["t1"], None, builds.config("t1_only"))
+  assert_same_cache(_verified(one, builds.data_dir), builds.get("t1", (1,)))
+  fewer = subset_cache(builds.dense(), None, 1, builds.config("view0"))
+  assert_same_cache(_verified(fewer, builds.data_dir), builds.get("dense_1view", (0, 1), views=1))
+  assert open_cache(fewer).spec.history[0] == {**open_cache(fewer).spec.history[0], "command": "subset",
+                                               "members": ["t0", "t1"], "views": [2, 1]}
+
+
+def test_merge_of_disjoint_members_equals_a_direct_build(builds):
+  merged = merge_caches(builds.get("t0", (0,)), builds.get("t1", (1,)), builds.config("merged"))
+  assert_same_cache(_verified(merged, builds.data_dir), builds.dense())
+  # Run again, the command confirms the complete store and writes nothing.
+  assert merge_caches(builds.get("t0", (0,)), builds.get("t1", (1,)), builds.config("merged")) == merged
+
+
+def test_subset_reordering_members_with_features_and_sparse_targets_equals_a_direct_build(builds):
+  """The kept members' features renumbered in the new order; sparse targets with member logits derived again."""
+  sparse = {"targets": "topk:3", "member_logits": True}
+  source = builds.get("features", (0, 2), features="hidden1@0,stage2:pooled@1", **sparse)
+  reordered = subset_cache(source, ["c2", "t0"], None, builds.config("reordered"))
+  assert_same_cache(_verified(reordered, builds.data_dir),
+                    builds.get("features_reordered", (2, 0), features="stage2:pooled@0,hidden1@1", **sparse))
+
+
+def test_an_interrupted_convert_is_finished_by_running_it_again(builds):
+  """A store left as a kill leaves it (no completion record, a chunk uncommitted and its files gone) is resumed."""
+  config = builds.config("resumed", targets="topk:3")
+  out = convert_cache(builds.dense(), config)
+  group = zarr.open_group(out, mode="r+")
+  del group.attrs[COMPLETE_KEY]
+  group["chunk_committed"][2] = False
+  for name in ("target_ids", "target_log_probs", "target_rest", "index"):  # A 2-D array's chunk is a folder.
+    chunk = os.path.join(out, name, "c", "2")
+    shutil.rmtree(chunk) if os.path.isdir(chunk) else os.remove(chunk)
+  with pytest.raises(Exception, match="not complete"):
+    open_cache(out)
+  assert convert_cache(builds.dense(), config) == out
+  assert_same_cache(out, builds.get("top3", (0, 1), targets="topk:3"))
+
+
+def test_the_chunk_rows_of_a_derived_cache(builds):
+  """The source's (A's for merge) unless given, or a build's default for the views kept when those do not divide
+  them."""
+  spec = open_cache(builds.dense()).spec
+  four = dataclasses.replace(spec, views=4, chunk_rows=4096, arrays=())
+  assert subset_plan(four, None, 3, builds.config("x"))[0].chunk_rows == 4095  # 4096 // 3 * 3.
+  assert subset_plan(four, None, 2, builds.config("x"))[0].chunk_rows == 4096
+  assert subset_plan(four, None, 3, builds.config("x", chunk_rows=300))[0].chunk_rows == 300
+  a, b = (open_cache(builds.get(name, (m,))).spec for name, m in (("t0", 0), ("t1", 1)))
+  grown, members, history = merge_plan(a, dataclasses.replace(b, chunk_rows=64, arrays=()), builds.config("x"))
+  assert (grown.chunk_rows, members, history["command"]) == (32, None, "merge")
+
+
+def test_merge_with_features_and_sparse_targets_equals_a_direct_build(builds):
+  """B's features renumbered after A's members; eval logits and sparse targets with member logits."""
+  sparse = {"targets": "topk:3", "member_logits": True}
+  a = builds.get("features_t0", (0,), features="hidden1", **sparse)
+  b = builds.get("features_c2", (2,), features="stage2:pooled", **sparse)
+  merged = merge_caches(a, b, builds.config("merged_features"))
+  assert_same_cache(_verified(merged, builds.data_dir),
+                    builds.get("features", (0, 2), features="hidden1@0,stage2:pooled@1", **sparse))

@@ -1,0 +1,275 @@
+"""Growing a cache (`teacher_cache.grow`, `teacher-cache extend`) against direct builds of the final members and
+views: every array and every stored chunk byte equal, the spec equal but for its history and creation time; a kill
+during an extend leaves the original as it was."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from conftest import array_files, run_cli, tree_digest
+
+from shared.cache import SPEC_KEY, open_cache
+from student_train.cli import main as student_main
+from teacher_cache import extend as extend_module
+from teacher_cache import grow
+from teacher_cache.build import BuildConfig, build_cache
+from teacher_cache.cli import main
+from teacher_cache.extend import REPLACED_SUFFIX, staging_path
+from teacher_cache.grow import grow_cache, source_config
+from teacher_cache.verify import verify_cache
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPLIT = "train[:120]"  # 120 examples: a few chunks of 32 rows with 2 or 4 views.
+SPARSE = {"targets": "sample:4", "member_logits": True, "features": "hidden1:pooled", "eval_split": "none"}
+
+
+def _build(out, teachers, data_dir, **options) -> str:
+  build_cache(BuildConfig(dataset="digits", split=SPLIT, data_dir=data_dir, teachers=tuple(teachers), out=str(out),
+                          progress=False, **{"views": 2, "chunk_rows": 32, "batch_size": 16, **options}))
+  return str(out)
+
+
+def assert_same_cache(grown: str, direct: str) -> None:
+  """`grown` is `direct` byte for byte in every array (values and chunk files), and its spec is `direct`'s but for
+  its history and creation time."""
+  a, b = open_cache(grown), open_cache(direct)
+  assert [x.name for x in a.spec.arrays] == [x.name for x in b.spec.arrays]
+  for array in b.spec.arrays:
+    np.testing.assert_array_equal(a[array.name][:], b[array.name][:], err_msg=array.name)
+  assert array_files(grown) == array_files(direct)
+  mine, theirs = (dict(c.group.attrs[SPEC_KEY]) for c in (a, b))
+  for spec in (mine, theirs):
+    spec.pop("history", None)
+    spec.pop("created_at")
+  assert mine == theirs
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, data_dir, teachers, compilation_cache):  # pylint: disable=unused-argument
+  """Direct builds: one member and two (2 views, and 4), dense with eval logits; sparse with member logits and
+  features, one member and two."""
+  root = tmp_path_factory.mktemp("grow")
+  return {"root": root,
+          "one": _build(root / "one.zarr", teachers[:1], data_dir),
+          "two": _build(root / "two.zarr", teachers[:2], data_dir),
+          "two4": _build(root / "two4.zarr", teachers[:2], data_dir, views=4),
+          "one_sparse": _build(root / "one_sparse.zarr", teachers[:1], data_dir, **SPARSE),
+          "two_sparse": _build(root / "two_sparse.zarr", teachers[:2], data_dir, **SPARSE)}
+
+
+def _copy(built, name, to) -> str:
+  path = str(built["root"] / to)
+  shutil.rmtree(path, ignore_errors=True)
+  shutil.copytree(built[name], path)
+  return path
+
+
+def _extend(cache, data_dir, *extra, capsys=None):
+  return run_cli(main, ["extend", cache, "--data-dir", data_dir, "--batch-size", "16", "--no-progress", *extra],
+                 capsys)
+
+
+@pytest.mark.parametrize("rows_by", ["rule", "stored"])
+def test_engine_adds_a_member_equal_to_a_direct_build(built, data_dir, teachers, monkeypatch, rows_by):
+  """A source's rows found by the grouped order's rule, or (as for an older row order) by its stored index and
+  view."""
+  if rows_by == "stored":
+    monkeypatch.setattr(grow, "GROUPED", "no row order")
+  config = source_config(open_cache(built["one"]).spec, teachers=(teachers[1],), data_dir=data_dir, batch_size=16,
+                         out=str(built["root"] / f"engine_{rows_by}.zarr"), progress=False)
+  grown = grow_cache(config, [built["one"]], history={"command": "extend", "added_members": ["t1"]})
+  assert_same_cache(grown, built["two"])
+  history = open_cache(grown).spec.history
+  assert [h["command"] for h in history] == ["extend"] and len(history[0]["sources"]) == 1
+
+
+def test_extend_adds_a_member_in_place_and_its_students_are_other_runs(built, data_dir, teachers, capsys, tmp_path):
+  cache = _copy(built, "one", "inplace.zarr")
+  fit = ["fit", "--cache", cache, "--data-dir", data_dir, "--model", "mlp-tiny", "--epochs", "1", "--no-progress",
+         "--out", tmp_path / "run"]
+  assert run_cli(student_main, fit, capsys)[0] == 0
+  code, _, err = _extend(cache, data_dir, "--teacher", teachers[1], capsys=capsys)
+  assert code == 0, err
+  assert_same_cache(cache, built["two"])
+  assert all(check.ok is not False for check in verify_cache(cache, data_dir=data_dir))
+  assert not os.path.exists(staging_path(cache)) and not os.path.exists(cache + REPLACED_SUFFIX)
+  # The same command again: nothing to do, nothing changed.
+  before = tree_digest(cache)
+  assert _extend(cache, data_dir, "--teacher", teachers[1], capsys=capsys)[0] == 0
+  assert tree_digest(cache) == before
+  # A student of the old cache does not resume on the extended one: its identity holds the cache's build key.
+  code, _, err = run_cli(student_main, [*fit[:-2], "--epochs", "2", "--out", tmp_path / "run"], capsys)
+  assert code == 2 and "member_digests" in err, err
+
+
+def test_extend_by_views_equals_a_direct_build_and_copies_the_old_rows(built, data_dir, teachers, capsys,
+                                                                       monkeypatch):
+  """Views 2 -> 4 of both members (their runs where the cache records them): only the new views' rows are
+  rendered and computed."""
+  rendered = []
+  original = extend_module.grow_cache.__globals__["build"]._computed_chunks
+
+  def counting(cache, row_set, chunks, *args, select=None, **kwargs):
+    rendered.append((row_set, None if select is None else sum(len(select[c]) for c in chunks)))
+    return original(cache, row_set, chunks, *args, select=select, **kwargs)
+  monkeypatch.setattr(extend_module.grow_cache.__globals__["build"], "_computed_chunks", counting)
+  out = str(built["root"] / "two4_grown.zarr")
+  code, _, err = _extend(built["two"], data_dir, "--views", "4", "--out", out, capsys=capsys)
+  assert code == 0, err
+  assert_same_cache(out, built["two4"])
+  assert rendered == [("rows", 120 * 2)]  # The new views only; the eval logits are copied.
+  assert open_cache(out).spec.history[-1]["views"] == [2, 4]
+
+
+def test_extend_by_a_member_and_views_at_once(built, data_dir, teachers, capsys):
+  out = str(built["root"] / "both.zarr")
+  code, _, err = _extend(built["one"], data_dir, "--teacher", teachers[1], "--views", "4", "--out", out,
+                         capsys=capsys)
+  assert code == 0, err
+  assert_same_cache(out, built["two4"])
+
+
+def test_extend_sparse_with_features_equals_a_direct_build(built, data_dir, teachers, capsys):
+  out = str(built["root"] / "sparse_grown.zarr")
+  code, _, err = _extend(built["one_sparse"], data_dir, "--teacher", teachers[1], "--out", out, capsys=capsys)
+  assert code == 0, err
+  assert_same_cache(out, built["two_sparse"])
+  assert [f.array_name for f in open_cache(out).spec.features] == ["feature.hidden1.pooled.m0",
+                                                                    "feature.hidden1.pooled.m1"]
+  code, info, _ = run_cli(main, ["info", out], capsys)  # `info` shows how it was grown.
+  digest = open_cache(out).spec.history[0]["added_members"][0]
+  assert code == 0 and f"extend (added_members ['{digest[:12]}…'], views [2, 2]) from " in info, info
+
+
+def _committed(store) -> int:
+  folder = os.path.join(store, "chunk_committed", "c")
+  return len([f for f in os.listdir(folder) if f.isdigit()]) if os.path.isdir(folder) else 0
+
+
+def test_sigkill_during_extend_leaves_the_original_and_a_rerun_completes_it(built, data_dir, teachers, capsys):
+  cache = _copy(built, "one", "killed.zarr")
+  before = tree_digest(cache)
+  args = ["extend", cache, "--teacher", teachers[1], "--data-dir", data_dir, "--batch-size", "16", "--no-progress"]
+  # Killed once two chunks of the grown store are committed (of 8), in the middle of the extend.
+  code = textwrap.dedent(f"""
+      import os, signal, time
+      import teacher_cache.build as build
+      put_rows, calls = build.put_rows, []
+      def put_then_die(*a, **k):
+        put_rows(*a, **k)
+        calls.append(1)
+        if len(calls) == 3:
+          folder = os.path.join({staging_path(cache)!r}, "chunk_committed", "c")
+          while not os.path.isdir(folder) or len([f for f in os.listdir(folder) if f.isdigit()]) < 2:
+            time.sleep(0.01)
+          os.kill(os.getpid(), signal.SIGKILL)
+      build.put_rows = put_then_die
+      from teacher_cache.cli import main
+      main({args!r})
+      """)
+  process = subprocess.run([sys.executable, "-c", code], env={**os.environ, "JAX_PLATFORMS": "cpu",
+                                                              "PYTHONPATH": REPO}, capture_output=True, timeout=300)
+  assert process.returncode == -signal.SIGKILL, process.stderr.decode()[-2000:]
+  assert tree_digest(cache) == before
+  assert all(check.ok is not False for check in verify_cache(cache, data_dir=data_dir))
+  assert 2 <= _committed(staging_path(cache)) < 8
+  code, _, err = run_cli(main, args, capsys)
+  assert code == 0, err
+  assert_same_cache(cache, built["two"])
+  assert not os.path.exists(staging_path(cache)) and not os.path.exists(cache + REPLACED_SUFFIX)
+
+
+class _Killed(BaseException):
+  """A kill at a chosen point, in process: what it leaves is what a SIGKILL there leaves."""
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchanged", "two-renames"])
+def test_a_kill_during_the_switch_is_finished_by_the_next_extend(built, data_dir, teachers, capsys, monkeypatch,
+                                                                 exchange):
+  cache = _copy(built, "one", f"switch_{exchange}.zarr")
+  if exchange:  # Killed after the exchange, before the old cache is deleted.
+    monkeypatch.setattr(extend_module.storage, "remove_tree", lambda path: (_ for _ in ()).throw(_Killed()))
+    monkeypatch.setattr(extend_module.os, "rename", lambda a, b: (_ for _ in ()).throw(_Killed()))
+  else:  # No exchange: killed between the two renames, with no cache at CACHE.
+    monkeypatch.setattr(extend_module, "_exchange", lambda a, b: False)
+    renames = []
+
+    def rename(a, b):
+      renames.append(a)
+      if len(renames) == 2:
+        raise _Killed()
+      os.replace(a, b)
+    monkeypatch.setattr(extend_module.os, "rename", rename)
+  with pytest.raises(_Killed):
+    extend_module.extend_cache(cache, BuildConfig(teachers=(teachers[1],), data_dir=data_dir, batch_size=16,
+                                                  progress=False), extend_module.ExtendConfig())
+  monkeypatch.undo()
+  if exchange:
+    assert_same_cache(cache, built["two"])
+  else:
+    assert not os.path.exists(cache) and os.path.exists(cache + REPLACED_SUFFIX)
+  code, _, err = _extend(cache, data_dir, "--teacher", teachers[1], capsys=capsys)
+  assert code == 0, err
+  assert_same_cache(cache, built["two"])
+  assert sorted(os.listdir(built["root"])) == sorted(set(os.listdir(built["root"])) - {
+      os.path.basename(staging_path(cache)), os.path.basename(cache + REPLACED_SUFFIX)})
+
+
+def test_a_job_of_two_processes_extends_in_place(built, data_dir, teachers):
+  from test_distributed import _job, _wait  # pylint: disable=import-outside-toplevel
+  cache = _copy(built, "one", "job.zarr")
+  ended = _wait(_job("teacher_cache", ["extend", cache, "--teacher", teachers[1], "--data-dir", data_dir,
+                                       "--batch-size", "16"], processes=2, heartbeat=10))
+  assert all(code == 0 for code, _ in ended), ended
+  assert_same_cache(cache, built["two"])
+
+
+def test_extend_onto_an_object_store(built, data_dir, teachers, s3, capsys):
+  from conftest import BUCKET  # pylint: disable=import-outside-toplevel
+  url = f"s3://{BUCKET}/grow/two.zarr"
+  code, _, err = _extend(built["one"], data_dir, "--teacher", teachers[1], "--out", url, capsys=capsys)
+  assert code == 0, err
+  prefix = url.split("://", 1)[1]
+  s3.invalidate_cache()
+  objects = {key[len(prefix) + 1:]: s3.cat_file(key) for key in s3.find(prefix) if not key.endswith("zarr.json")}
+  import hashlib  # pylint: disable=import-outside-toplevel
+  assert {k: hashlib.sha256(v).hexdigest() for k, v in objects.items()} == array_files(built["two"])
+
+
+
+def test_a_new_member_without_the_cache_s_features_is_refused(built, data_dir, teachers, capsys):
+  before = tree_digest(built["one_sparse"])
+  out = str(built["root"] / "refused.zarr")
+  code, _, err = _extend(built["one_sparse"], data_dir, "--teacher", teachers[2], "--out", out, capsys=capsys)
+  errors = [line for line in err.splitlines() if ": error: " in line]
+  assert code == 2 and len(errors) == 1 and "stores features 'hidden1:pooled' of every member, which a new member " \
+      "must have too" in errors[0], err
+  assert tree_digest(built["one_sparse"]) == before and not os.path.exists(out)
+
+
+def test_more_views_take_the_default_chunk_rows_where_the_cache_s_do_not_hold_whole_examples(built, data_dir,
+                                                                                             teachers, capsys):
+  out = str(built["root"] / "three_views.zarr")
+  code, _, err = _extend(built["one"], data_dir, "--views", "3", "--out", out, capsys=capsys)
+  assert code == 0, err
+  assert open_cache(out).spec.chunk_rows == 4095  # 32 is not a multiple of 3: the default 4096 rounded down.
+  direct = _build(built["root"] / "three_direct.zarr", teachers[:1], data_dir, views=3, chunk_rows=4095)
+  assert_same_cache(out, direct)  # The eval logits too, read across the cache's chunks of other rows.
+
+
+def test_a_cache_of_mixed_views_takes_a_member_not_views(built, data_dir, teachers, capsys):
+  """Mixed views: a member is added as a direct build adds it; more views would redraw every row's partner view."""
+  one = _build(built["root"] / "mix_one.zarr", teachers[:1], data_dir, mix="mixup:0.2", eval_split="none")
+  two = _build(built["root"] / "mix_two.zarr", teachers[:2], data_dir, mix="mixup:0.2", eval_split="none")
+  out = str(built["root"] / "mix_grown.zarr")
+  code, _, err = _extend(one, data_dir, "--teacher", teachers[1], "--out", out, capsys=capsys)
+  assert code == 0, err
+  assert_same_cache(out, two)
+  code, _, err = _extend(one, data_dir, "--views", "4", "--out", str(built["root"] / "mix4.zarr"), capsys=capsys)
+  assert code == 2 and "more views change every row, so none can be kept; build the cache with --views 4" in err
+  assert not os.path.exists(built["root"] / "mix4.zarr")
