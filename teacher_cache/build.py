@@ -140,6 +140,15 @@ def default_chunk_rows(views) -> int:
   return DEFAULT_CHUNK_ROWS
 
 
+def kept_chunk_rows(given: int | None, source: int, views: int) -> int:
+  """The chunk rows of a cache derived from one of `source` chunk rows (`extend`, `convert`, `subset`, `merge`): those
+  given, else the source's when they hold whole examples of `views` views (or fewer rows than a view count), else
+  the build's default for `views` (`default_chunk_rows`)."""
+  if given is not None:
+    return given
+  return source if source % views == 0 or source < views else default_chunk_rows(views)
+
+
 SAMPLE_STREAM = 0x5A17  # Folded into the build's seed for `sample:K` draws, apart from the views' randomness.
 
 

@@ -36,7 +36,7 @@ from shared.errors import StillroomError
 from shared.log import logger
 from shared.options import CONVERT, MERGE, SUBSET
 from shared.outputs import STORE, check_not_an_input, check_output, is_store
-from teacher_cache.build import BuildConfig, check_settings, default_chunk_rows
+from teacher_cache.build import BuildConfig, check_settings, kept_chunk_rows
 from teacher_cache.grow import grow_cache, open_source, source_config
 
 _LOG = logger(__name__)
@@ -48,23 +48,15 @@ def _short(digest: str) -> str:
   return digest[:12] + "…"
 
 
-def _chunk_rows(given: int | None, source: int, views: int) -> int:
-  """The result's chunk rows: those given, else the source's when they hold whole examples of `views` views (or
-  fewer rows than a view count), else a build's default for `views`."""
-  if given is not None:
-    return given
-  return source if source % views == 0 or source < views else default_chunk_rows(views)
-
-
 def _grown_config(source: CacheSpec, config: BuildConfig, features=None, **changes) -> BuildConfig:
   """The build settings of the result: `source`'s (`source_config`), the command's own (`_OWN`), `changes`, the
   features (`(member, FeatureSpec)` in the result's numbering; None: the source's) and the chunk rows
-  (`_chunk_rows`), checked as a build checks them."""
+  (`teacher_cache.build.kept_chunk_rows`), checked as a build checks them."""
   if features is not None:
     changes["features"] = ",".join(f"{f.name}:{f.kind}@{m}" for m, f in features) or None
   views = changes.get("views", source.views)
   grown = source_config(source, **{name: getattr(config, name) for name in _OWN}, **changes,
-                        chunk_rows=_chunk_rows(config.chunk_rows, source.chunk_rows, views))
+                        chunk_rows=kept_chunk_rows(config.chunk_rows, source.chunk_rows, views))
   check_settings(grown)
   return grown
 

@@ -34,7 +34,7 @@ from shared.options import EXTEND
 from shared.outputs import OutputLock, is_store
 from shared.runs import load_teacher
 from shared.settings import at_least, setting
-from teacher_cache.build import BuildConfig, default_chunk_rows
+from teacher_cache.build import BuildConfig, kept_chunk_rows
 from teacher_cache.grow import grow_cache, open_source, source_config, source_digest
 
 STAGING_SUFFIX = ".extending"  # The grown cache, built beside CACHE until it is complete...
@@ -180,8 +180,7 @@ def extend_cache(cache: str, config: BuildConfig, extend: ExtendConfig) -> str:
     for member in spec.members:
       if member.digest not in runs:
         runs[member.digest] = _recorded_run(member, spec.compute_dtype, cache)
-  chunk_rows = config.chunk_rows or (spec.chunk_rows if spec.chunk_rows % views == 0 or spec.chunk_rows < views
-                                     else default_chunk_rows(views))
+  chunk_rows = kept_chunk_rows(config.chunk_rows, spec.chunk_rows, views)
   features = _features(spec)
   grown = source_config(spec, **{
       **{f.name: getattr(config, f.name) for f in dataclasses.fields(BuildConfig) if f.name in _RUN_SETTINGS},
