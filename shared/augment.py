@@ -15,9 +15,13 @@ Two kinds of view:
     and aspect ratio drawn log-uniform in ranges, 10 tries, then a central crop at the nearest allowed ratio).
 
 Mixed views (`mix`, `--mix mixup:A|cutmix:A`): every augmented view (view 1..V-1) of an example is mixed with a
-partner view, another `(example, view)`, all drawn from the same counter hash (`mix_params`):
-  * the partner example uniform over the transfer set's examples (the row's own example allowed), its view uniform
-    over 1..V-1 (view 0 is never a partner, and is itself never mixed: it stays the clean, un-augmented input);
+partner view, another `(example, view)`, drawn from the same counter hash (`mix_params`):
+  * the partner example uniform over the transfer set's examples (the row's own example allowed); the partner's view
+    is the row's own view id `v` (views of different examples are independent draws of the counter hash, so the
+    partner's view `(p, v)` is as random as one of a drawn id). View 0 is never mixed (it stays the clean,
+    un-augmented input), so it is never a partner either. No draw depends on the view count V: a row's partner, λ and
+    box are the same in a cache of any views that holds the row, so a mixed cache grows (`teacher-cache extend
+    --views`) and shrinks (`subset --views`) as an unmixed one does;
   * λ ~ Beta(A, A): the ratio G1 / (G1 + G2) of two Gamma(A) draws (Marsaglia & Tsang's method on counter-hash
     uniforms, a fixed number of tries), so λ too is a pure function of (seed, example index, view);
   * mixup (Zhang et al. 2018): `λ·a + (1 − λ)·b` in float32, of the two views as rendered (uint8 for crops);
@@ -46,9 +50,10 @@ RENDERERS = ("host", "device")  # Where crop views are rendered: `render_crops` 
 HOST, DEVICE = RENDERERS
 CANVAS = "canvas"  # A device-rendered batch's canvases (`shared.render`), beside its "crop" boxes and "flip"s.
 FOLD_SEED = 0  # Fold assignment is fixed: runs and caches made apart must agree on it.
-# Mixed views: the partner's example and view, CutMix's box centre, then each Gamma draw's tries (3 uniforms a try and
-# one for the boost), from stream 64 on.
-_STREAM_PARTNER, _STREAM_PARTNER_VIEW, _STREAM_BOX_Y, _STREAM_BOX_X, _STREAM_GAMMA = 64, 65, 66, 67, 80
+# Mixed views: the partner's example, CutMix's box centre, then each Gamma draw's tries (3 uniforms a try and one for
+# the boost), from stream 64 on. (Stream 65 drew the partner's view over 1..V-1 before it became the row's own view: it
+# stays unused, so that the other streams keep their numbers.)
+_STREAM_PARTNER, _STREAM_BOX_Y, _STREAM_BOX_X, _STREAM_GAMMA = 64, 66, 67, 80
 GAMMA_TRIES = 16  # Marsaglia & Tsang accept >= 95% of tries: all 16 fail with probability < 1e-20 (then the mode).
 NO_MIX, MIXUP, CUTMIX = "none", "mixup", "cutmix"
 MIX_KINDS = (NO_MIX, MIXUP, CUTMIX)
@@ -309,13 +314,14 @@ class Augmentation:
 def mix_params(augmentation: Augmentation, index: np.ndarray, view: np.ndarray, population: np.ndarray, views: int,
                input_shape: tuple) -> dict:
   """Draws each row's partner view and λ (see the module docstring): a pure function of (seed, index, view) and the
-  transfer set. View 0 is not mixed: partner -1, partner view -1, λ 1 (and an empty box).
+  transfer set, not of the view count. View 0 is not mixed: partner -1, partner view -1, λ 1 (and an empty box).
 
   Args:
     index: int [B] example indices.
     view: int [B] view ids.
     population: int64 [N] the transfer set's example indices, which partners are drawn from.
-    views: V, the views per example (partner views are drawn from 1..V-1; V >= 2).
+    views: V, the views per example: only checked (V >= 2: mixing needs an augmented view); a row's partner view is
+      its own view id, so no draw depends on V.
     input_shape: the transfer set's stored shape (CutMix's box is in the pixels of `output_shape(input_shape)`).
 
   Returns:
@@ -335,7 +341,7 @@ def mix_params(augmentation: Augmentation, index: np.ndarray, view: np.ndarray, 
   mixed = view != 0
   population = np.asarray(population, np.int64)
   partner = population[(counter_hash(seed, _STREAM_PARTNER, index, view) % np.uint64(len(population))).astype(np.int64)]
-  partner_view = 1 + (counter_hash(seed, _STREAM_PARTNER_VIEW, index, view) % np.uint64(views - 1)).astype(np.int64)
+  partner_view = view  # The row's own view id: a pure function of (index, view) whatever V is (module docstring).
   lam = beta_draws(seed, _STREAM_GAMMA, index, view, alpha)
   out = {MIX_PARTNER: np.where(mixed, partner, -1).astype(np.int64),
          MIX_VIEW: np.where(mixed, partner_view, -1).astype(np.int32)}

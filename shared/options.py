@@ -92,7 +92,7 @@ class ViewSettings:
       requires="image_size", added=True, commands=(FIT, BUILD))
   mix: str | None = setting(
       None, "mixed views: 'mixup:A' blends each augmented view (views 1..V-1; view 0 stays clean) with a partner view "
-            "(view 1..V-1 of an example drawn uniformly from the transfer set, itself included), λ·view + (1 − λ)·"
+            "(the same view id of an example drawn uniformly from the transfer set, itself included), λ·view + (1 − λ)·"
             "partner with λ ~ Beta(A, A); "
             "'cutmix:A' pastes a box of the partner into the view, λ its area share left. Partners and λ are drawn "
             "from the seed, the teachers label the mixed image, and the student renders the same one; hard-label "

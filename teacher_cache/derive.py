@@ -13,8 +13,9 @@ for array (the spec's `history` and `created_at` aside). The transfer set must b
   only with `--member-logits`, as a build does; a dense one always keeps them.
 - **subset** `CACHE --members NAME... --views N`: some of the members (in the order given: the direct build's
   `--teacher` order) and the views 0..N-1 (a count, as `build --views N` draws them: views are a pure function of
-  (seed, example index, view), and a cache holds views 0..V-1, so a list of arbitrary views is no build's). Fewer
-  views of mixed views (`--mix`) are refused: each row's partner is drawn among all V views.
+  (seed, example index, view), and a cache holds views 0..V-1, so a list of arbitrary views is no build's). Mixed
+  views (`--mix`) too: a row's partner, λ and box do not depend on V (`shared.augment.mix_params`), but at least 2
+  views are kept (view 0 is never mixed).
 - **merge** `A B`: A's members then B's, over the same transfer set and views, with the same temperature, combine
   rule, targets, view settings, storage and compute dtypes, folds and eval split. The members must be disjoint
   (by parameter digest). Merging "the same members over disjoint views" is refused: every cache holds views
@@ -109,8 +110,8 @@ def subset_plan(source: CacheSpec, members, views: int | None, config: BuildConf
     `(build settings, the members' parameter digests in order, history entry)` for `grow_cache`.
 
   Raises:
-    StillroomError: a member not in the cache (listing its members) or named twice; views out of 1..V, or fewer
-      views of mixed ones; a subset that keeps everything in its order.
+    StillroomError: a member not in the cache (listing its members) or named twice; views out of 1..V, or 1 view of
+      mixed ones; a subset that keeps everything in its order.
   """
   keep = list(range(source.num_members)) if members is None else [_member_index(source, m, path) for m in members]
   if not keep:
@@ -123,10 +124,9 @@ def subset_plan(source: CacheSpec, members, views: int | None, config: BuildConf
   if not 1 <= views <= source.views:
     raise StillroomError(f"--views {views}: {path!r} holds views 0..{source.views - 1}; give a count in "
                          f"1..{source.views} (the views 0..N-1 are kept; `teacher-cache extend --views` adds views).")
-  if views != source.views and source.augmentation.mix_kind != NO_MIX:
-    raise StillroomError(f"--views {views}: the views of {path!r} are mixed ({source.augmentation.mix}), each row's "
-                         f"partner drawn among its views 1..{source.views - 1}, so its views 0..{views - 1} are not "
-                         f"those of a build with --views {views}: subset its members only.")
+  if views < 2 and source.augmentation.mix_kind != NO_MIX:
+    raise StillroomError(f"--views {views}: the views of {path!r} are mixed ({source.augmentation.mix}) and view 0 is "
+                         f"never mixed, so a mixed cache keeps 2 views or more: give a count in 2..{source.views}.")
   if keep == list(range(source.num_members)) and views == source.views:
     raise StillroomError(f"--members and --views keep every member and view of {path!r} in its order: nothing to "
                          "subset (give fewer members or fewer views).")

@@ -26,7 +26,6 @@ import os
 from typing import ClassVar
 
 from shared import distributed, storage
-from shared.augment import NO_MIX
 from shared.cache import open_cache
 from shared.errors import StillroomError
 from shared.log import logger
@@ -159,10 +158,6 @@ def extend_cache(cache: str, config: BuildConfig, extend: ExtendConfig) -> str:
   if views <= spec.views and extend.views is not None:
     raise StillroomError(f"--views {extend.views}: {cache!r} already holds {spec.views} views per example; give more "
                          f"than {spec.views} (views {spec.views}..N-1 are added).")
-  if views > spec.views and spec.augmentation.mix_kind != NO_MIX:
-    raise StillroomError(f"{cache!r} holds views mixed {spec.augmentation.mix!r}, each row's partner drawn among "
-                         f"views 1..{spec.views - 1}: more views change every row, so none can be kept; build the "
-                         f"cache with --views {views} instead.")
   teachers = [load_teacher(run, spec.compute_dtype, host=True) for run in config.teachers]
   members = {m.digest: m for m in spec.members}
   if in_place and _done_before(spec, {t.digest for t in teachers}, extend.views):

@@ -156,9 +156,6 @@ def _open_sources(paths, spec: CacheSpec) -> list[_Source]:
         ("views", spec.augmentation.to_dict(), theirs.augmentation.to_dict()),
         ("dtype", spec.dtype, theirs.dtype), ("compute dtype", spec.compute_dtype, theirs.compute_dtype),
         ("classes", spec.num_classes, theirs.num_classes)) if mine != other]
-    if spec.augmentation.mix_kind != NO_MIX and theirs.views != spec.views and not differences:
-      differences = [f"views mixed {spec.augmentation.mix!r} draw each row's partner among views 1..V-1, so the "
-                     f"rows of {theirs.views} views (that cache) are not those of {spec.views} (here)"]
     if differences:
       changed = " (the data changed since that cache was built, or --data-dir holds other data)" \
           if spec.dataset.fingerprint != theirs.dataset.fingerprint else ""

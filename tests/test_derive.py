@@ -82,6 +82,14 @@ def test_subset_of_members_and_of_views_equal_direct_builds(builds):
                                                "members": ["t0", "t1"], "views": [2, 1]}
 
 
+def test_subset_of_views_of_mixed_views_equals_a_direct_build(builds):
+  """A mixed row's partner, λ and box do not depend on the view count: views 0..1 of a 4-view CutMix cache are the
+  2-view build's."""
+  mixed = builds.get("cutmix4", (0,), views=4, mix="cutmix:1", eval_split="none")
+  fewer = subset_cache(mixed, None, 2, builds.config("cutmix4_to_2"))
+  assert_same_cache(_verified(fewer, builds.data_dir), builds.get("cutmix2", (0,), mix="cutmix:1", eval_split="none"))
+
+
 def test_merge_of_disjoint_members_equals_a_direct_build(builds):
   merged = merge_caches(builds.get("t0", (0,)), builds.get("t1", (1,)), builds.config("merged"))
   assert_same_cache(_verified(merged, builds.data_dir), builds.dense())

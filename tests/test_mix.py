@@ -72,8 +72,8 @@ def test_lambda_follows_beta_a_a_and_the_test_rejects_a_wrong_a(alpha):
 @pytest.mark.parametrize("mix", ["mixup:0.4", "cutmix:1.0"])
 def test_partners_and_lambda_are_pure_functions_of_seed_index_and_view(mix):
   """The same rows drawn in one batch, in pieces or shuffled give the same partners, views, λ and boxes; view 0 is
-  never mixed; partners are examples of the population and views 1..V-1, each about equally often; another seed
-  draws others."""
+  never mixed; partners are examples of the population, each about equally often, at the row's own view id; the
+  draws do not depend on the view count V (a cache of more views holds the same rows); another seed draws others."""
   augmentation = Augmentation(seed=3, mix=mix, image_size=S)
   population = np.arange(5, 5 + 3 * 1000, 3)  # 1,000 examples (split positions 5, 8, ...), 4 views each.
   index = np.repeat(population, 4)
@@ -91,11 +91,16 @@ def test_partners_and_lambda_are_pure_functions_of_seed_index_and_view(mix):
   assert (whole[MIX_LAMBDA][clean] == 1).all()
   partners, views = whole[MIX_PARTNER][~clean], whole[MIX_VIEW][~clean]
   assert np.isin(partners, population).all()
-  # Chi-square tests at level 0.001 of uniform partners (in 5 equal groups of examples) and views 1..3.
+  # Chi-square test at level 0.001 of uniform partners (in 5 equal groups of examples).
   counts = np.bincount(np.searchsorted(population, partners) // 200, minlength=5)
   assert ((counts - len(partners) / 5) ** 2 / (len(partners) / 5)).sum() < 18.47  # 4 degrees of freedom.
-  counts = np.bincount(views, minlength=4)[1:]
-  assert ((counts - len(views) / 3) ** 2 / (len(views) / 3)).sum() < 13.82  # 2 degrees of freedom.
+  np.testing.assert_array_equal(views, view[~clean])  # The partner's view is the row's own view id.
+  for v in (1, 2, 3):  # ...and the partners of each view id are uniform too (1,000 rows a view: 4 d.o.f. again).
+    counts = np.bincount(np.searchsorted(population, whole[MIX_PARTNER][view == v]) // 200, minlength=5)
+    assert ((counts - 1000 / 5) ** 2 / (1000 / 5)).sum() < 18.47
+  more = mix_params(augmentation, index, view, population, 8, SHAPE)  # Any V: the same rows, the same draws.
+  for name, values in whole.items():
+    np.testing.assert_array_equal(more[name], values)
   other = mix_params(Augmentation(seed=4, mix=mix, image_size=S), index, view, population, 4, SHAPE)
   assert (other[MIX_LAMBDA][~clean] != whole[MIX_LAMBDA][~clean]).mean() > 0.5
   if mix.startswith("cutmix"):  # λ is the exact share of the view outside the box, and the box fits the view.

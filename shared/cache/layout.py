@@ -121,8 +121,8 @@ LAYOUT = (
                 "mixed views: the example index of the row's partner view (uniform over the transfer set); -1 for "
                 "view 0, never mixed", mix=("mixup", "cutmix")),
     ArrayLayout("mix_view", "view", ("R",), "int32",
-                "mixed views: the partner's view id (uniform over 1..V-1), drawn and rendered as any row's; -1 for "
-                "view 0", mix=("mixup", "cutmix")),
+                "mixed views: the partner's view id (the row's own view id: no draw depends on V), drawn and "
+                "rendered as any row's; -1 for view 0", mix=("mixup", "cutmix")),
     ArrayLayout("mix_lambda", "view", ("R",), "float32",
                 "mixed views: λ, the share of the row's own view (mixup: λ·view + (1 − λ)·partner in float32, λ ~ "
                 "Beta(A, A); CutMix: the exact area share outside `mix_box`); 1 for view 0", mix=("mixup", "cutmix")),
