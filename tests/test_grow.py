@@ -3,6 +3,7 @@ views: every array and every stored chunk byte equal, the spec equal but for its
 during an extend leaves the original as it was."""
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -227,6 +228,11 @@ def test_a_job_of_two_processes_extends_in_place(built, data_dir, teachers):
                                        "--batch-size", "16"], processes=2, heartbeat=10))
   assert all(code == 0 for code, _ in ended), ended
   assert_same_cache(cache, built["two"])
+  # Each process wrote its own share of the chunks (one writer per chunk): together, every row once.
+  written = [[int(n) for n in re.findall(r"^(?:\S+: )?(\d+) rows in [\d.]+ s$", err, re.M)] for _, err in ended]
+  rows = {name: open_cache(cache)[name].shape[0] for name in ("index", "eval_index")}
+  assert all(len(w) == 1 and 0 < w[0] < sum(rows.values()) for w in written), ended
+  assert sum(w[0] for w in written) == sum(rows.values()), (written, rows)
 
 
 def test_extend_onto_an_object_store(built, data_dir, teachers, s3, capsys):
