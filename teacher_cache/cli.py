@@ -107,9 +107,10 @@ def teacher_cache_parser() -> argparse.ArgumentParser:
                   "final\nmembers and views, array for array; `info` shows its history. The cache must store its "
                   "members'\nlogits (dense targets, or sparse ones built with --member-logits).\n\n"
                   "The original is never lost: the extended cache is built beside it (CACHE.extending; running the "
-                  "same\ncommand again resumes an interrupted extend) and replaces it only once complete, by two "
-                  "renames\n(CACHE -> CACHE.replaced, CACHE.extending -> CACHE, then CACHE.replaced is deleted); "
-                  "a kill\nbetween them is finished by the next extend of CACHE. --out NEW leaves CACHE as it is "
+                  "same\ncommand again resumes an interrupted extend) and replaces it only once complete: by one "
+                  "atomic exchange\nof the two directories where the file system offers it (Linux renameat2), else by "
+                  "two renames\n(CACHE -> CACHE.replaced, CACHE.extending -> CACHE), then the old one is deleted; a "
+                  "kill\nduring the switch is finished by the next extend of CACHE. --out NEW leaves CACHE as it is "
                   "(the only\nway on an object store). Students of the old and of the extended cache are different "
                   "runs: a\nrun dir of one refuses to resume on the other.",
       epilog="example:\n"

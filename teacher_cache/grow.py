@@ -244,8 +244,8 @@ def _resolve_features(text: str | None, members: list[MemberSpec], teachers: dic
 
 
 def _plan(config: BuildConfig, source_paths, member_digests, history: dict | None):
-  """`build._plan` for a grown cache: `(config, mesh, transfer set, eval set, teachers run here, their member
-  positions, sources, spec)`."""
+  """`build._plan` for a grown cache: `(config, mesh, transfer set, eval set, {member position: teacher run here},
+  sources (`_Source`), spec)`."""
   mesh = data_mesh()
   check_batch_size(config.batch_size, mesh)
   batch_size = cap_batch(config.batch_size, config.chunk_rows, mesh.devices.size)

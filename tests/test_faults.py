@@ -2252,6 +2252,17 @@ def _(env, tmp_path, mp):
           [env.store, other, Absent(tmp_path / "n.zarr")])
 
 
+@fault("convert a cache of cross-fitted members")
+def _(env, tmp_path, mp):
+  runs = [make_teacher(tmp_path / f"f{k}", seed=k, cross_fit=(2, k)) for k in range(2)]
+  store = tmp_path / "folds.zarr"  # One member of 2 fold runs: its stored logits are not one run's.
+  assert run_cli(cache_main, _build(env, store, "--folds", "2", "--eval-split", "none", split="train[:40]",
+                                    teachers=runs), _NoCapture())[0] == 0
+  return (cache_main, ["convert", store, "--targets", "topk:3", "--out", tmp_path / "n.zarr"], 2,
+          r"cache .* has cross-fitted members, whose stored logits are not one run's each: it cannot be grown; build "
+          r"the cache you want directly\.", [store, Absent(tmp_path / "n.zarr")])
+
+
 def _untouched_in_place(store) -> list:
   """A store extended in place, unchanged, and no staging store, lock or replaced store beside it."""
   return [store, Absent(store + ".extending"), Absent(store + ".replaced")]

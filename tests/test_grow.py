@@ -3,6 +3,7 @@ views: every array and every stored chunk byte equal, the spec equal but for its
 during an extend leaves the original as it was."""
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -35,16 +36,19 @@ def _build(out, teachers, data_dir, **options) -> str:
 
 
 def assert_same_cache(grown: str, direct: str) -> None:
-  """`grown` is `direct` byte for byte in every array (values and chunk files), and its spec is `direct`'s but for
-  its history and creation time."""
+  """`grown` is `direct` byte for byte in every array (values, chunk files and metadata), and its spec is `direct`'s
+  but for its history (which `direct`, a build, does not have) and creation time."""
   a, b = open_cache(grown), open_cache(direct)
   assert [x.name for x in a.spec.arrays] == [x.name for x in b.spec.arrays]
   for array in b.spec.arrays:
     np.testing.assert_array_equal(a[array.name][:], b[array.name][:], err_msg=array.name)
-  assert array_files(grown) == array_files(direct)
+  # Every file, the arrays' metadata too, but the group's (the spec, compared below, and the completion record,
+  # which digests the spec).
+  assert {k: v for k, v in tree_digest(grown).items() if k != "zarr.json"} == \
+      {k: v for k, v in tree_digest(direct).items() if k != "zarr.json"}
   mine, theirs = (dict(c.group.attrs[SPEC_KEY]) for c in (a, b))
+  assert mine.pop("history") and "history" not in theirs  # A direct build's attributes are as before history.
   for spec in (mine, theirs):
-    spec.pop("history", None)
     spec.pop("created_at")
   assert mine == theirs
 
@@ -227,6 +231,11 @@ def test_a_job_of_two_processes_extends_in_place(built, data_dir, teachers):
                                        "--batch-size", "16"], processes=2, heartbeat=10))
   assert all(code == 0 for code, _ in ended), ended
   assert_same_cache(cache, built["two"])
+  # Each process wrote its own share of the chunks (one writer per chunk): together, every row once.
+  written = [[int(n) for n in re.findall(r"^(?:\S+: )?(\d+) rows in [\d.]+ s$", err, re.M)] for _, err in ended]
+  rows = {name: open_cache(cache)[name].shape[0] for name in ("index", "eval_index")}
+  assert all(len(w) == 1 and 0 < w[0] < sum(rows.values()) for w in written), ended
+  assert sum(w[0] for w in written) == sum(rows.values()), (written, rows)
 
 
 def test_extend_onto_an_object_store(built, data_dir, teachers, s3, capsys):
