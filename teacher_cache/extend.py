@@ -156,7 +156,10 @@ def extend_cache(cache: str, config: BuildConfig, extend: ExtendConfig) -> str:
   source = open_source(cache)
   spec = source.spec
   views = spec.views if extend.views is None else extend.views
-  if views <= spec.views and extend.views is not None:
+  # The same `--views N` run again after it completed (the cache holds N views now) confirms, as it does for members.
+  rerun = in_place and extend.views == spec.views and _done_before(
+      spec, {load_teacher(run, spec.compute_dtype, host=True).digest for run in config.teachers}, extend.views)
+  if views <= spec.views and extend.views is not None and not rerun:
     raise StillroomError(f"--views {extend.views}: {cache!r} already holds {spec.views} views per example; give more "
                          f"than {spec.views} (views {spec.views}..N-1 are added).")
   if views > spec.views and spec.augmentation.mix_kind != NO_MIX:
