@@ -196,6 +196,12 @@ def extend_cache(cache: str, config: BuildConfig, extend: ExtendConfig) -> str:
     if features and "@" not in features and "--features" in str(e):  # A new member without the features.
       raise StillroomError(f"{cache!r} stores features {features!r} of every member, which a new member must have "
                            f"too: {e}") from e
+    stale = f"--out {staging_path(cache)!r} holds a cache built with other settings: "
+    if in_place and str(e).startswith(stale):  # The user gave no --out: say what the staging store is.
+      differences = str(e)[len(stale):].split(". Pass --overwrite")[0]
+      raise StillroomError(f"{staging_path(cache)!r} holds an unfinished extend of {cache!r} with other settings "
+                           f"({differences}): run that extend again to finish it, or pass --overwrite to discard it "
+                           "and run this one.") from e
     raise
   if in_place and distributed.is_first():
     with OutputLock(cache, "teacher-cache extend"):

@@ -2280,6 +2280,18 @@ def _(env, tmp_path, mp):
           r"teacher 'flat_teacher' .* takes inputs of shape \(6,\)", [env.store, Absent(tmp_path / "n.zarr")])
 
 
+# --- attack: the new commands of issue 33 used as a new user would ---
+@fault("extend in place beside the unfinished staging store of another extend")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  stale = store + ".extending"  # What an extend of other settings (here: its views) left.
+  shutil.copytree(env.store, stale)
+  return (cache_main, _extend(env, store, "--views", "3"), 2,
+          r"'.*c\.zarr\.extending' holds an unfinished extend of '.*c\.zarr' with other settings \(.*views: 2 "
+          r"\(store\) vs 3 \(command\).*\): run that extend again to finish it, or pass --overwrite to discard it",
+          [store, stale, Absent(store + ".replaced")])
+
+
 @pytest.mark.parametrize("name", list(FAULTS))
 def test_fault_is_refused_cleanly(name, env, tmp_path, monkeypatch, capsys):
   _refused_cleanly(FAULTS[name](env, tmp_path, monkeypatch), env, monkeypatch, capsys)
