@@ -2281,6 +2281,15 @@ def _(env, tmp_path, mp):
 
 
 # --- attack: the new commands of issue 33 used as a new user would ---
+@fault("convert of a prepared image store")
+def _(env, tmp_path, mp):
+  prepared = _prepared(tmp_path)
+  return (cache_main, ["convert", prepared, "--targets", "topk:2", "--out", tmp_path / "n.zarr"], 2,
+          r"'.*p\.zarr' is a prepared image store \(`teacher-cache prepare`\), not a cache: build a cache of its "
+          r"images with `teacher-cache build --dataset prepared:.*p\.zarr \.\.\.`\.$",
+          [prepared, Absent(tmp_path / "n.zarr")])
+
+
 @fault("extend in place beside the unfinished staging store of another extend")
 def _(env, tmp_path, mp):
   store = _copy_store(env, tmp_path)
