@@ -175,6 +175,12 @@ def extend_cache(cache: str, config: BuildConfig, extend: ExtendConfig) -> str:
     if teacher.digest in members and views == spec.views:
       raise StillroomError(f"teacher {teacher.source!r} is already member {list(members).index(teacher.digest)} "
                            f"({members[teacher.digest].name!r}) of {cache!r}: give a new member, or more --views.")
+  given = {}
+  for teacher in teachers:  # As a build refuses it: two runs of one member would silently be one.
+    if teacher.digest in given:
+      raise StillroomError(f"teachers {given[teacher.digest]!r} and {teacher.source!r} have the same parameters; "
+                           "an ensemble member given twice only weighs it double.")
+    given[teacher.digest] = teacher.source
   added = [t for t in teachers if t.digest not in members]
   if not added and views == spec.views:
     raise StillroomError("give --teacher RUN (a new member) and/or --views N (more views per example).")

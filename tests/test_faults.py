@@ -2290,6 +2290,14 @@ def _(env, tmp_path, mp):
           [prepared, Absent(tmp_path / "n.zarr")])
 
 
+@fault("extend by the same teacher twice")
+def _(env, tmp_path, mp):
+  return (cache_main, _extend(env, env.store, "--views", "3", "--teacher", env.teachers[0], "--teacher",
+                              env.teachers[0], "--out", tmp_path / "n.zarr"), 2,
+          r"teachers '.*' and '.*' have the same parameters; an ensemble member given twice only weighs it double\.",
+          [env.store, Absent(tmp_path / "n.zarr"), Absent(env.store + ".extending")])
+
+
 @fault("extend in place beside the unfinished staging store of another extend")
 def _(env, tmp_path, mp):
   store = _copy_store(env, tmp_path)
