@@ -2298,6 +2298,15 @@ def _(env, tmp_path, mp):
           [env.store, Absent(tmp_path / "n.zarr"), Absent(env.store + ".extending")])
 
 
+@fault("fit on the incomplete output of an interrupted convert")
+def _(env, tmp_path, mp):
+  store = _variant(env, tmp_path, history=[{"command": "convert", "targets": ["dense", "topk:2"]}])
+  _edit_spec(store, lambda attrs: attrs.pop(COMPLETE_KEY))
+  return (student_main, _fit(env, "--cache", store, "--out", tmp_path / "r"), 2,
+          r"is not complete \(its build was interrupted or failed\); run the same `teacher-cache convert` command "
+          r"again to finish it\.", [store, Absent(tmp_path / "r")])
+
+
 @fault("extend in place beside the unfinished staging store of another extend")
 def _(env, tmp_path, mp):
   store = _copy_store(env, tmp_path)

@@ -157,9 +157,10 @@ def open_cache(path: str, mode: str = "r", require_complete: bool = True, check_
                          "--overwrite.")
   if require_complete:
     if not cache.complete:
-      raise StillroomError(
-          f"cache {path!r} is not complete (its build was interrupted or failed); run the same "
-          f"`teacher-cache {'import' if spec.members[0].model == 'imported' else 'build'}` command again to finish "
-          "it.")
+      # The command that writes it: a grown cache's last history entry (`extend --out`, `convert`, ...), else.
+      command = spec.history[-1].get("command", "build") if spec.history else \
+          "import" if spec.members[0].model == "imported" else "build"
+      raise StillroomError(f"cache {path!r} is not complete (its build was interrupted or failed); run the same "
+                           f"`teacher-cache {command}` command again to finish it.")
     check_integrity(cache)
   return cache
