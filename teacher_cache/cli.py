@@ -107,12 +107,11 @@ def teacher_cache_parser() -> argparse.ArgumentParser:
                   "final\nmembers and views, array for array; `info` shows its history. The cache must store its "
                   "members'\nlogits (dense targets, or sparse ones built with --member-logits).\n\n"
                   "The original is never lost: the extended cache is built beside it (CACHE.extending; running the "
-                  "same\ncommand again resumes an interrupted extend) and replaces it only once complete, by one atomic "
-                  "exchange\nof the two directories where Linux offers it, else by two renames (CACHE -> "
-                  "CACHE.replaced,\nCACHE.extending -> CACHE); the old one is then deleted. A kill in between is "
-                  "finished by the\nnext extend of CACHE. --out NEW leaves CACHE as it is "
-                  "(the only way on an\nobject store). Students of the old and of the extended cache are different "
-                  "runs: a run dir of\none refuses to resume on the other.",
+                  "same\ncommand again resumes an interrupted extend) and replaces it only once complete, by two "
+                  "renames\n(CACHE -> CACHE.replaced, CACHE.extending -> CACHE, then CACHE.replaced is deleted); "
+                  "a kill\nbetween them is finished by the next extend of CACHE. --out NEW leaves CACHE as it is "
+                  "(the only\nway on an object store). Students of the old and of the extended cache are different "
+                  "runs: a\nrun dir of one refuses to resume on the other.",
       epilog="example:\n"
              "  teacher-cache build --dataset digits --teacher runs/t0 --teacher runs/t1 --views 4 --out digits.zarr\n"
              "  teacher-cache extend digits.zarr --teacher runs/t2        # a third member, in place\n"
