@@ -155,7 +155,10 @@ def extend_cache(cache: str, config: BuildConfig, extend: ExtendConfig) -> str:
   source = open_source(cache)
   spec = source.spec
   views = spec.views if extend.views is None else extend.views
-  if views <= spec.views and extend.views is not None:
+  # The same `--views N` run again after it completed (the cache holds N views now) confirms, as it does for members.
+  rerun = in_place and extend.views == spec.views and _done_before(
+      spec, {load_teacher(run, spec.compute_dtype, host=True).digest for run in config.teachers}, extend.views)
+  if views <= spec.views and extend.views is not None and not rerun:
     raise StillroomError(f"--views {extend.views}: {cache!r} already holds {spec.views} views per example; give more "
                          f"than {spec.views} (views {spec.views}..N-1 are added).")
   teachers = [load_teacher(run, spec.compute_dtype, host=True) for run in config.teachers]
@@ -167,6 +170,12 @@ def extend_cache(cache: str, config: BuildConfig, extend: ExtendConfig) -> str:
     if teacher.digest in members and views == spec.views:
       raise StillroomError(f"teacher {teacher.source!r} is already member {list(members).index(teacher.digest)} "
                            f"({members[teacher.digest].name!r}) of {cache!r}: give a new member, or more --views.")
+  given = {}
+  for teacher in teachers:  # As a build refuses it: two runs of one member would silently be one.
+    if teacher.digest in given:
+      raise StillroomError(f"teachers {given[teacher.digest]!r} and {teacher.source!r} have the same parameters; "
+                           "an ensemble member given twice only weighs it double.")
+    given[teacher.digest] = teacher.source
   added = [t for t in teachers if t.digest not in members]
   if not added and views == spec.views:
     raise StillroomError("give --teacher RUN (a new member) and/or --views N (more views per example).")
@@ -188,6 +197,12 @@ def extend_cache(cache: str, config: BuildConfig, extend: ExtendConfig) -> str:
     if features and "@" not in features and "--features" in str(e):  # A new member without the features.
       raise StillroomError(f"{cache!r} stores features {features!r} of every member, which a new member must have "
                            f"too: {e}") from e
+    stale = f"--out {staging_path(cache)!r} holds a cache built with other settings: "
+    if in_place and str(e).startswith(stale):  # The user gave no --out: say what the staging store is.
+      differences = str(e)[len(stale):].split(". Pass --overwrite")[0]
+      raise StillroomError(f"{staging_path(cache)!r} holds an unfinished extend of {cache!r} with other settings "
+                           f"({differences}): run that extend again to finish it, or pass --overwrite to discard it "
+                           "and run this one.") from e
     raise
   if in_place and distributed.is_first():
     with OutputLock(cache, "teacher-cache extend"):

@@ -2290,6 +2290,44 @@ def _(env, tmp_path, mp):
           r"teacher 'flat_teacher' .* takes inputs of shape \(6,\)", [env.store, Absent(tmp_path / "n.zarr")])
 
 
+# --- attack: the new commands of issue 33 used as a new user would ---
+@fault("convert of a prepared image store")
+def _(env, tmp_path, mp):
+  prepared = _prepared(tmp_path)
+  return (cache_main, ["convert", prepared, "--targets", "topk:2", "--out", tmp_path / "n.zarr"], 2,
+          r"'.*p\.zarr' is a prepared image store \(`teacher-cache prepare`\), not a cache: build a cache of its "
+          r"images with `teacher-cache build --dataset prepared:.*p\.zarr \.\.\.`\.$",
+          [prepared, Absent(tmp_path / "n.zarr")])
+
+
+@fault("extend by the same teacher twice")
+def _(env, tmp_path, mp):
+  return (cache_main, _extend(env, env.store, "--views", "3", "--teacher", env.teachers[0], "--teacher",
+                              env.teachers[0], "--out", tmp_path / "n.zarr"), 2,
+          r"teachers '.*' and '.*' have the same parameters; an ensemble member given twice only weighs it double\.",
+          [env.store, Absent(tmp_path / "n.zarr"), Absent(env.store + ".extending")])
+
+
+@fault("fit on the incomplete output of an interrupted convert")
+def _(env, tmp_path, mp):
+  store = _variant(env, tmp_path, history=[{"command": "convert", "targets": ["dense", "topk:2"]}])
+  _edit_spec(store, lambda attrs: attrs.pop(COMPLETE_KEY))
+  return (student_main, _fit(env, "--cache", store, "--out", tmp_path / "r"), 2,
+          r"is not complete \(its build was interrupted or failed\); run the same `teacher-cache convert` command "
+          r"again to finish it\.", [store, Absent(tmp_path / "r")])
+
+
+@fault("extend in place beside the unfinished staging store of another extend")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  stale = store + ".extending"  # What an extend of other settings (here: its views) left.
+  shutil.copytree(env.store, stale)
+  return (cache_main, _extend(env, store, "--views", "3"), 2,
+          r"'.*c\.zarr\.extending' holds an unfinished extend of '.*c\.zarr' with other settings \(.*views: 2 "
+          r"\(store\) vs 3 \(command\).*\): run that extend again to finish it, or pass --overwrite to discard it",
+          [store, stale, Absent(store + ".replaced")])
+
+
 @pytest.mark.parametrize("name", list(FAULTS))
 def test_fault_is_refused_cleanly(name, env, tmp_path, monkeypatch, capsys):
   _refused_cleanly(FAULTS[name](env, tmp_path, monkeypatch), env, monkeypatch, capsys)

@@ -130,6 +130,19 @@ def test_extend_by_views_equals_a_direct_build_and_copies_the_old_rows(built, da
   assert open_cache(out).spec.history[-1]["views"] == [2, 4]
 
 
+def test_extend_by_views_in_place_then_the_same_command_confirms(built, data_dir, capsys):
+  """`extend CACHE --views N` run again once CACHE holds N views (a rerun after it completed, or after a kill in
+  its switch-over) says there is nothing to do, as a rerun of `--teacher` does, rather than refusing N."""
+  cache = _copy(built, "two", "views_inplace.zarr")
+  code, _, err = _extend(cache, data_dir, "--views", "4", capsys=capsys)
+  assert code == 0, err
+  assert_same_cache(cache, built["two4"])
+  before = tree_digest(cache)
+  code, _, err = _extend(cache, data_dir, "--views", "4", capsys=capsys)
+  assert code == 0 and "nothing to do" in err, err
+  assert tree_digest(cache) == before
+
+
 def test_extend_by_a_member_and_views_at_once(built, data_dir, teachers, capsys):
   out = str(built["root"] / "both.zarr")
   code, _, err = _extend(built["one"], data_dir, "--teacher", teachers[1], "--views", "4", "--out", out,

@@ -13,6 +13,7 @@ from shared.cache.layout import ROWS
 from shared.cache.record import chunk_crc32c, chunk_table, describe_misplaced, misplaced, spec_record_problem
 from shared.cache.spec import COMPLETE_KEY, REBUILD, SPEC_KEY, CacheSpec
 from shared.cache.zarr_async import gather, open_arrays, raise_first_failure
+from shared.data.prepared import SPEC_KEY as PREPARED_KEY
 from shared.errors import StillroomError
 from shared.log import logger
 
@@ -138,6 +139,9 @@ def open_cache(path: str, mode: str = "r", require_complete: bool = True, check_
     raise StillroomError(f"{path!r} is not a Zarr v3 group: {e}") from e
   attrs = group.attrs.asdict()
   if SPEC_KEY not in attrs:
+    if PREPARED_KEY in attrs:  # A user's easy slip: the images, not the teachers' outputs on them.
+      raise StillroomError(f"{path!r} is a prepared image store (`teacher-cache prepare`), not a cache: build a cache "
+                           f"of its images with `teacher-cache build --dataset prepared:{path} ...`.")
     raise StillroomError(f"{path!r} is a Zarr group but not a stillroom cache (no '{SPEC_KEY}' attributes).")
   try:
     spec = CacheSpec.from_attrs(attrs[SPEC_KEY])
@@ -153,9 +157,10 @@ def open_cache(path: str, mode: str = "r", require_complete: bool = True, check_
                          "--overwrite.")
   if require_complete:
     if not cache.complete:
-      raise StillroomError(
-          f"cache {path!r} is not complete (its build was interrupted or failed); run the same "
-          f"`teacher-cache {'import' if spec.members[0].model == 'imported' else 'build'}` command again to finish "
-          "it.")
+      # The command that writes it: a grown cache's last history entry (`extend --out`, `convert`, ...), else.
+      command = spec.history[-1].get("command", "build") if spec.history else \
+          "import" if spec.members[0].model == "imported" else "build"
+      raise StillroomError(f"cache {path!r} is not complete (its build was interrupted or failed); run the same "
+                           f"`teacher-cache {command}` command again to finish it.")
     check_integrity(cache)
   return cache
