@@ -298,3 +298,13 @@ def test_a_cache_of_mixed_views_takes_a_member_and_more_views(built, data_dir, t
   code, _, err = _extend(one, data_dir, "--views", "4", "--out", out, capsys=capsys)
   assert code == 0, err
   assert_same_cache(out, four)
+
+
+def test_a_member_with_rows_no_source_holds_is_refused_before_anything_is_written(built, data_dir):
+  """More views than the source holds and no run for its member: refused from the specs, before the store is made."""
+  out = built["root"] / "unrun.zarr"
+  config = source_config(open_cache(built["one"]).spec, views=4, data_dir=data_dir, out=str(out), progress=False)
+  with pytest.raises(grow.StillroomError, match=r"member 0 \('.*'\) has rows that no source holds; give its run with "
+                                           r"--teacher"):
+    grow_cache(config, [built["one"]])
+  assert not os.path.exists(out) and not os.path.exists(f"{out}.lock")
