@@ -278,7 +278,9 @@ def _plan(config: BuildConfig, source_paths, member_digests, history: dict | Non
   batch_size = cap_batch(config.batch_size, config.chunk_rows, mesh.devices.size)
   if batch_size < config.batch_size:
     config = dataclasses.replace(config, batch_size=batch_size)
-  caches = [path if isinstance(path, Cache) else open_source(path) for path in source_paths]
+  caches = [path if isinstance(path, Cache) else open_cache(path) for path in source_paths]
+  for cache in caches:  # One given opened too (`open_source` checks it the same way).
+    check_source(cache)
   transfer_set, augmentation = build.open_views(config)
   eval_set = build._eval_set(config)  # pylint: disable=protected-access
   teachers = list(loaded) if loaded is not None else [load_teacher(reference, config.compute_dtype, host=True)
