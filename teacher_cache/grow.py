@@ -7,7 +7,10 @@ member), and runs teachers only for the rows with a cell no source holds. It goe
 `_make_forwards` and the renderer of `_computed_chunks`), so that the targets, the row arrays and the view
 parameters are written as the build writes them (the targets from the member logits as stored), and so that a job of
 several processes, resuming after a kill, progress and object stores work as they do for a build. A chunk whose rows
-all come from sources renders no image.
+all come from sources renders no image. Which member's cells the sources lack (so which runs are needed) follows from
+the specs alone, and is refused before anything is written when a run is missing; each chunk's cells are then worked
+out as the chunk is written (a computed chunk's a few chunks ahead, as its rows are rendered), so that the engine holds
+a few chunks' rows, whatever the cache's size.
 
 A source must store its members' logits (a dense cache always does; a sparse one only if built with
 `--member-logits`), hold the same data (fingerprint), views (seed and parameters: every view id means the same

@@ -308,3 +308,25 @@ def test_a_member_with_rows_no_source_holds_is_refused_before_anything_is_writte
                                            r"--teacher"):
     grow_cache(config, [built["one"]])
   assert not os.path.exists(out) and not os.path.exists(f"{out}.lock")
+
+
+def test_the_engine_holds_the_cells_of_one_chunk_at_a_time(built, data_dir, monkeypatch):
+  """Each chunk's cells are worked out as it is written, not every row's before the first write: a grow copying
+  from a source holds one chunk's plan at a time (the memory of a cache of any size)."""
+  planned, held = grow._cells, {"now": 0, "most": 0}
+
+  def counting(sources, spec, rows, *args):
+    held["now"] += len(rows)
+    held["most"] = max(held["most"], held["now"])
+    return planned(sources, spec, rows, *args)
+  put_rows = grow.build.put_rows
+
+  def written(writer, cache, chunk, arrays, *args):
+    held["now"] -= len(arrays["index"])
+    return put_rows(writer, cache, chunk, arrays, *args)
+  monkeypatch.setattr(grow, "_cells", counting)
+  monkeypatch.setattr(grow.build, "put_rows", written)
+  spec = open_cache(built["two"]).spec
+  config = source_config(spec, data_dir=data_dir, out=str(built["root"] / "held.zarr"), progress=False)
+  grow_cache(config, [built["two"]], members=[spec.members[1].digest], history={"command": "subset"})
+  assert held == {"now": 0, "most": spec.chunk_rows} and spec.num_rows > spec.chunk_rows
