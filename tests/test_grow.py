@@ -330,3 +330,16 @@ def test_the_engine_holds_the_cells_of_one_chunk_at_a_time(built, data_dir, monk
   config = source_config(spec, data_dir=data_dir, out=str(built["root"] / "held.zarr"), progress=False)
   grow_cache(config, [built["two"]], members=[spec.members[1].digest], history={"command": "subset"})
   assert held == {"now": 0, "most": spec.chunk_rows} and spec.num_rows > spec.chunk_rows
+
+
+def test_extend_loads_each_teacher_once(built, data_dir, teachers, capsys, monkeypatch):
+  """The runs extend reads to check its command line are the ones the engine computes with: no second read."""
+  loads = []
+  for module in (extend_module, grow):
+    monkeypatch.setattr(module, "load_teacher", lambda run, *a, _load=module.load_teacher, **k: (
+        loads.append(run), _load(run, *a, **k))[1])
+  out = str(built["root"] / "loaded_once.zarr")
+  code, _, err = _extend(built["one"], data_dir, "--teacher", teachers[1], "--out", out, capsys=capsys)
+  assert code == 0, err
+  assert loads == [teachers[1]]
+  assert_same_cache(out, built["two"])
