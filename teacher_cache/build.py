@@ -14,6 +14,7 @@ import functools
 import math
 import os
 import time
+from collections.abc import Callable
 from typing import ClassVar
 
 import jax
@@ -854,7 +855,7 @@ def put_rows(writer: ChunkWriter, cache: Cache, chunk: int, rows: dict, logits: 
 
 
 def _computed_chunks(cache: Cache, row_set: str, chunks: list[int], data: TransferSet, config: BuildConfig,
-                     forward, mesh, select: dict | None = None):
+                     forward, mesh, select: Callable | None = None):
   """The teachers' outputs on the rows of `chunks`, a chunk at a time.
 
   Each chunk's rows go in padded batches that start at its first row (so a resumed build computes what an
@@ -866,8 +867,9 @@ def _computed_chunks(cache: Cache, row_set: str, chunks: list[int], data: Transf
   Args:
     forward: `(x [B, ...], fold, example index, view: int32 [B]) -> a tuple of [B, ...] device arrays (or dicts
       of them)`.
-    select: transfer rows only: `{chunk: int [n] rows of it (from its first, increasing)}`, the only rows computed
-      (`teacher_cache.grow`, where sources hold the others; a chunk's selection must not be empty); None: all.
+    select: transfer rows only: `select(chunk) -> int [n] rows of it (from its first, increasing)`, the only rows
+      computed (`teacher_cache.grow`, where sources hold the others; a chunk's selection must not be empty), called
+      once per chunk, in the renderer's thread, as the chunk's rows are read (a few chunks ahead); None: all.
 
   Yields:
     `(chunk, rows, outputs)`: rows has the chunk's `index`, `labels` and view parameters (and for transfer rows
@@ -883,7 +885,8 @@ def _computed_chunks(cache: Cache, row_set: str, chunks: list[int], data: Transf
       else:
         view, position = spec.row_sources(np.arange(start, stop))
         if select is not None:
-          view, position = view[select[chunk]], position[select[chunk]]
+          selected = select(chunk)
+          view, position = view[selected], position[selected]
       index = data.indices[position]
       fold = fold_of(index, spec.folds)
       # Mixed views: each row's partner and λ, drawn here (the partner is read and mixed where the row is rendered).

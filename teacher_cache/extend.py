@@ -16,10 +16,13 @@ command, or another) first finishes a switch a kill interrupted (`finish_switch`
 a completed extend says so and does nothing. With `--out NEW` the grown cache is written to NEW and CACHE is left as
 it is: the only way on an object store, where a rename is a copy.
 
-A reader of CACHE (a student training from it) during the switch may fail to find a chunk it reads: extend a cache no
-run is reading, or use `--out`.
+An extend holds CACHE's lock (`CACHE.lock`, `shared.outputs.OutputLock`) from before it reads CACHE until after the
+switch, with `--out` too: another extend of the same CACHE meanwhile is refused in one line, rather than reading a
+cache about to be switched and deleted under it. A reader of CACHE that takes no lock (a student training from it)
+during the switch may fail to find a chunk it reads: extend a cache no run is reading, or use `--out`.
 """
 
+import contextlib
 import ctypes
 import dataclasses
 import os
@@ -31,8 +34,8 @@ from shared.errors import StillroomError
 from shared.log import logger
 from shared.options import EXTEND
 from shared.outputs import OutputLock, is_store
-from shared.runs import load_teacher
-from shared.settings import at_least, setting
+from shared.runs import Teacher, load_teacher
+from shared.settings import at_least, names_where, setting
 from teacher_cache.build import BuildConfig, kept_chunk_rows
 from teacher_cache.grow import grow_cache, open_source, source_config, source_digest
 
@@ -145,23 +148,32 @@ def extend_cache(cache: str, config: BuildConfig, extend: ExtendConfig) -> str:
                          "to write the extended cache there (the original stays as it is).")
   distributed.initialize(config.coordinator, config.num_processes, config.process_id, config.heartbeat_timeout,
                          config.join_timeout)
+  with contextlib.ExitStack() as lock:
 
-  def recover():
-    if in_place and (os.path.exists(cache.rstrip("/") + REPLACED_SUFFIX) or
-                     is_store(staging_path(cache), complete=True)):
-      with OutputLock(cache, "teacher-cache extend"):
+    def lock_and_recover():
+      # Process 0 holds CACHE's lock from before any process reads CACHE to after the switch: another extend of it
+      # (in place, or --out reading it) is refused in one line rather than finding its source switched under it. A
+      # cache on an object store is never switched (in place is refused there): reading it needs no lock.
+      if not storage.is_url(storage.local(cache)):
+        lock.enter_context(OutputLock(cache, "teacher-cache extend", None if in_place else lambda: True))
+      if in_place:
         finish_switch(cache)
-  distributed.first_then_others(recover, lambda: None)  # Process 0 first, before any process reads CACHE.
+    distributed.first_then_others(lock_and_recover, lambda: None)
+    return _extend_locked(cache, config, extend, in_place)
+
+
+def _extend_locked(cache: str, config: BuildConfig, extend: ExtendConfig, in_place: bool) -> str:
+  """`extend_cache` once process 0 holds CACHE's lock (and finished an interrupted switch)."""
   source = open_source(cache)
   spec = source.spec
   views = spec.views if extend.views is None else extend.views
+  # Each run is loaded once, here, and handed to the engine (a large teacher's weights are read once).
+  teachers = [load_teacher(run, spec.compute_dtype, host=True) for run in config.teachers]
   # The same `--views N` run again after it completed (the cache holds N views now) confirms, as it does for members.
-  rerun = in_place and extend.views == spec.views and _done_before(
-      spec, {load_teacher(run, spec.compute_dtype, host=True).digest for run in config.teachers}, extend.views)
+  rerun = in_place and extend.views == spec.views and _done_before(spec, {t.digest for t in teachers}, extend.views)
   if views <= spec.views and extend.views is not None and not rerun:
     raise StillroomError(f"--views {extend.views}: {cache!r} already holds {spec.views} views per example; give more "
                          f"than {spec.views} (views {spec.views}..N-1 are added).")
-  teachers = [load_teacher(run, spec.compute_dtype, host=True) for run in config.teachers]
   members = {m.digest: m for m in spec.members}
   if in_place and _done_before(spec, {t.digest for t in teachers}, extend.views):
     _LOG.info(f"{cache} was already extended by this command (its history says so); nothing to do.")
@@ -179,7 +191,7 @@ def extend_cache(cache: str, config: BuildConfig, extend: ExtendConfig) -> str:
   added = [t for t in teachers if t.digest not in members]
   if not added and views == spec.views:
     raise StillroomError("give --teacher RUN (a new member) and/or --views N (more views per example).")
-  runs = {t.digest: t.source for t in teachers}
+  runs = {t.digest: t for t in teachers}
   if views > spec.views:  # Every member computes the new views: its run as given, or where the cache recorded it.
     for member in spec.members:
       if member.digest not in runs:
@@ -187,12 +199,12 @@ def extend_cache(cache: str, config: BuildConfig, extend: ExtendConfig) -> str:
   chunk_rows = kept_chunk_rows(config.chunk_rows, spec.chunk_rows, views)
   features = _features(spec)
   grown = source_config(spec, **{
-      **{f.name: getattr(config, f.name) for f in dataclasses.fields(BuildConfig) if f.name in _RUN_SETTINGS},
-      "teachers": tuple(runs.values()), "views": views, "chunk_rows": chunk_rows, "features": features,
-      "out": config.out or staging_path(cache)})
+      **{name: getattr(config, name) for name in names_where(BuildConfig, command=EXTEND)},
+      "teachers": tuple(t.source for t in runs.values()), "views": views, "chunk_rows": chunk_rows,
+      "features": features, "out": config.out or staging_path(cache)})
   history = {"command": EXTEND, "added_members": [t.digest for t in added], "views": [spec.views, views]}
   try:
-    grow_cache(grown, [source], history=history)
+    grow_cache(grown, [source], history=history, teachers=list(runs.values()))
   except StillroomError as e:
     if features and "@" not in features and "--features" in str(e):  # A new member without the features.
       raise StillroomError(f"{cache!r} stores features {features!r} of every member, which a new member must have "
@@ -205,8 +217,7 @@ def extend_cache(cache: str, config: BuildConfig, extend: ExtendConfig) -> str:
                            "and run this one.") from e
     raise
   if in_place and distributed.is_first():
-    with OutputLock(cache, "teacher-cache extend"):
-      _switch(cache)
+    _switch(cache)
     _LOG.info(f"extended {cache} in place: " + _what(spec.views, views, added))
     return cache
   if distributed.is_first():
@@ -225,11 +236,6 @@ def _done_before(spec, given: set[str], views: int | None) -> bool:
       (views == after if views is not None else before == after)
 
 
-# What an extend takes from its command line rather than from the cache.
-_RUN_SETTINGS = ("data_dir", "batch_size", "workers", "coordinator", "num_processes", "process_id",
-                 "heartbeat_timeout", "join_timeout", "overwrite", "progress", "ignore_limits", "teacher_sharding")
-
-
 def _what(old_views: int, views: int, added) -> str:
   parts = [f"{len(added)} member{'s' if len(added) != 1 else ''} added ({', '.join(t.name for t in added)})"] \
       if added else []
@@ -237,8 +243,8 @@ def _what(old_views: int, views: int, added) -> str:
   return ", ".join(parts)
 
 
-def _recorded_run(member, compute_dtype: str, cache: str) -> str:
-  """The run dir of an existing member where the cache recorded it, checked to hold its parameters.
+def _recorded_run(member, compute_dtype: str, cache: str) -> Teacher:
+  """The run of an existing member, loaded from where the cache recorded it, checked to hold its parameters.
 
   Raises:
     StillroomError: not there, or other parameters.
@@ -251,7 +257,7 @@ def _recorded_run(member, compute_dtype: str, cache: str) -> str:
   if run.digest != member.digest:
     raise StillroomError(f"{member.source!r} no longer holds the parameters of member {member.name!r} of {cache!r} "
                          "(its digest differs); give that member's run with --teacher.")
-  return member.source
+  return run
 
 
 def _features(spec) -> str | None:

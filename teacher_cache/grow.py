@@ -7,7 +7,10 @@ member), and runs teachers only for the rows with a cell no source holds. It goe
 `_make_forwards` and the renderer of `_computed_chunks`), so that the targets, the row arrays and the view
 parameters are written as the build writes them (the targets from the member logits as stored), and so that a job of
 several processes, resuming after a kill, progress and object stores work as they do for a build. A chunk whose rows
-all come from sources renders no image.
+all come from sources renders no image. Which member's cells the sources lack (so which runs are needed) follows from
+the specs alone, and is refused before anything is written when a run is missing; each chunk's cells are then worked
+out as the chunk is written (a computed chunk's a few chunks ahead, as its rows are rendered), so that the engine holds
+a few chunks' rows, whatever the cache's size.
 
 A source must store its members' logits (a dense cache always does; a sparse one only if built with
 `--member-logits`), hold the same data (fingerprint), views (seed and parameters: every view id means the same
@@ -18,7 +21,9 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import itertools
 import time
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -140,16 +145,14 @@ def _row_keys(index: np.ndarray, view: np.ndarray) -> np.ndarray:
   return (np.asarray(index, np.int64) << 32) | np.asarray(view, np.int64)
 
 
-def _open_sources(paths, spec: CacheSpec) -> list[_Source]:
-  """The sources as `spec` (the grown cache's) reads them.
+def _open_sources(caches: list[Cache], spec: CacheSpec) -> list[_Source]:
+  """The sources (opened by `open_source`) as `spec` (the grown cache's) reads them.
 
   Raises:
     StillroomError: a source of other data, views, storage or compute dtype, or class count.
   """
   sources = []
-  for path in paths:
-    cache = path if isinstance(path, Cache) else open_source(path)
-    check_source(cache)
+  for cache in caches:
     theirs = cache.spec
     differences = [f"{what}: {mine} (here) vs {other} (that cache)" for what, mine, other in (
         ("dataset fingerprint", spec.dataset.fingerprint, theirs.dataset.fingerprint),
@@ -186,6 +189,27 @@ def _member_features(spec: CacheSpec, member: int) -> list[FeatureSpec]:
   return [f for f in spec.features if f.member == member]
 
 
+def _holds(source: _Source, spec: CacheSpec, member: int) -> bool:
+  """Whether `source` holds member `member` of the grown cache with every feature the grown cache stores of it."""
+  return source.members[member] >= 0 and all(f.array_name in source.features for f in _member_features(spec, member))
+
+
+def _held_views(sources: list[_Source], spec: CacheSpec) -> list[int]:
+  """For each member of the grown cache, the views 0..n-1 of every example whose cells the sources hold: a source
+  holds views 0..V_s-1 of every example of its transfer set (the grown cache's: same fingerprint), so n is the most
+  views of a source holding the member (`_holds`), 0 if none; rows of view n or more are computed."""
+  return [min(spec.views, max((s.cache.spec.views for s in sources if _holds(s, spec, m)), default=0))
+          for m in range(spec.num_members)]
+
+
+def _eval_sources(sources: list[_Source], spec: CacheSpec) -> list[int]:
+  """For each member, the first source holding its eval-split logits, or -1 (none; [] without an eval split)."""
+  if spec.eval_dataset is None:
+    return []
+  return [next((s for s, source in enumerate(sources) if source.has_eval and source.members[m] >= 0), -1)
+          for m in range(spec.num_members)]
+
+
 def _cells(sources: list[_Source], spec: CacheSpec, rows: np.ndarray, index: np.ndarray, view: np.ndarray):
   """Which source holds each (row, member) cell of the grown cache's `rows` (which hold views `view` of examples
   `index`): `(source int [n, M] (-1: none), source row int64 [n, M])`. A source holds a cell if it stores that
@@ -203,7 +227,7 @@ def _cells(sources: list[_Source], spec: CacheSpec, rows: np.ndarray, index: np.
       position = np.minimum(np.searchsorted(source.keys, keys), len(source.keys) - 1)
       held, rows_there = source.keys[position] == keys, source.rows[position]
     for m in range(spec.num_members):
-      if source.members[m] < 0 or any(f.array_name not in source.features for f in _member_features(spec, m)):
+      if not _holds(source, spec, m):
         continue
       take = held & (found[:, m] < 0)
       found[take, m], at[take, m] = s, rows_there[take]
@@ -243,18 +267,27 @@ def _resolve_features(text: str | None, members: list[MemberSpec], teachers: dic
   return tuple(sorted(found, key=lambda f: (f.member, f.name, list(build.FEATURE_KINDS).index(f.kind))))
 
 
-def _plan(config: BuildConfig, source_paths, member_digests, history: dict | None):
+def _plan(config: BuildConfig, source_paths, member_digests, history: dict | None,
+          loaded: Sequence[Teacher] | None = None):
   """`build._plan` for a grown cache: `(config, mesh, transfer set, eval set, {member position: teacher run here},
-  sources (`_Source`), spec)`."""
+  sources (`_Source`), spec)`. `loaded`: the runs of `config.teachers` already loaded (None: loaded here).
+
+  Raises:
+    StillroomError: as `grow_cache`; among them a member with cells (rows, or eval rows) that no source holds and no
+      run of `config.teachers` computes: decided here from the specs, before anything is written.
+  """
   mesh = data_mesh()
   check_batch_size(config.batch_size, mesh)
   batch_size = cap_batch(config.batch_size, config.chunk_rows, mesh.devices.size)
   if batch_size < config.batch_size:
     config = dataclasses.replace(config, batch_size=batch_size)
-  caches = [path if isinstance(path, Cache) else open_source(path) for path in source_paths]
+  caches = [path if isinstance(path, Cache) else open_cache(path) for path in source_paths]
+  for cache in caches:  # One given opened too (`open_source` checks it the same way).
+    check_source(cache)
   transfer_set, augmentation = build.open_views(config)
   eval_set = build._eval_set(config)  # pylint: disable=protected-access
-  teachers = [load_teacher(reference, config.compute_dtype, host=True) for reference in config.teachers]
+  teachers = list(loaded) if loaded is not None else [load_teacher(reference, config.compute_dtype, host=True)
+                                                        for reference in config.teachers]
   input_shape = augmentation.output_shape(transfer_set.input_shape)
   run_specs, num_classes = build._member_specs(  # pylint: disable=protected-access
       teachers, transfer_set, input_shape, config.batch_size) if teachers else ([], None)
@@ -283,10 +316,19 @@ def _plan(config: BuildConfig, source_paths, member_digests, history: dict | Non
   if history is not None:
     spec = spec.with_history(sources=[source_digest(cache) for cache in caches], **history)
   sources = _open_sources(caches, spec)
+  # A member with cells that no source holds needs its run: the rows of views past those its sources hold, and the
+  # eval rows where no source with the same eval split holds it.
+  held, eval_from = _held_views(sources, spec), _eval_sources(sources, spec)
+  missing = [m for m in range(spec.num_members) if held[m] < spec.views or eval_from and eval_from[m] < 0]
+  unrun = [m for m in missing if m not in run_at]
+  if unrun:
+    raise StillroomError(f"member {unrun[0]} ({spec.member_name(unrun[0])!r}) has rows that no source holds; give "
+                         "its run with --teacher to compute them.")
   return config, mesh, transfer_set, eval_set, run_at, sources, spec
 
 
-def grow_cache(config: BuildConfig, sources, *, members=None, history: dict | None = None) -> str:
+def grow_cache(config: BuildConfig, sources, *, members=None, history: dict | None = None,
+               teachers: Sequence[Teacher] | None = None) -> str:
   """Builds (or resumes, or confirms) at `config.out` the cache a direct build of `config` with the final members
   would write, copying each (row, member) cell that a source holds and running teachers only for the rest.
 
@@ -299,6 +341,8 @@ def grow_cache(config: BuildConfig, sources, *, members=None, history: dict | No
       that are none of them).
     history: the `CacheSpec.history` entry to add (`command` and what it changed; the sources' digests and the
       time are added): the grown cache's history is the first source's and this.
+    teachers: the runs of `config.teachers`, in that order, already loaded (with `host=True` and
+      `config.compute_dtype`) by a caller that read them to check its command line; None: loaded here.
 
   Returns:
     `config.out`.
@@ -324,7 +368,7 @@ def grow_cache(config: BuildConfig, sources, *, members=None, history: dict | No
         check_output(config.out, STORE, config.overwrite)
         lock.enter_context(OutputLock(config.out, f"teacher-cache {(history or {}).get('command', 'grow')}",
                                       lambda: not config.overwrite and is_store(config.out, complete=True)))
-      planned = _plan(config, sources, members, history)
+      planned = _plan(config, sources, members, history, teachers)
       build.check_limits(planned[0], planned[-1], disk=is_process_0)
       return planned
 
@@ -372,24 +416,32 @@ def _write_grown_chunks(cache: Cache, transfer_set, eval_set, run_at: dict[int, 
   if remaining < total:
     _LOG.info(f"resuming {cache.path}: {total - remaining} of {total} rows already committed")
 
-  # Which cells no source holds: a member with such cells needs its run.
+  # Each chunk's cells are worked out when it is written (or, when it is computed, when its rows are rendered, a few
+  # chunks ahead): the rows held are a few chunks', whatever the cache's size. `_plan` checked that every cell no
+  # source holds has its member's run here.
+  held_views, eval_from = _held_views(sources, spec), _eval_sources(sources, spec)
+  first_computed = min((held_views[m] for m in positions), default=spec.views)  # The first view computed here.
+  # {chunk: its plan} of the computed chunks planned (by `select`, in the renderer's thread) and not yet written.
   plans = {}
-  for chunk in todo[ROWS]:
+
+  def plan(chunk: int):
+    """`(index, view, source int [n, M] (-1: none), source row int64 [n, M])` of the chunk's rows (`_cells`)."""
     start, stop = cache.chunk_bounds(chunk)
     view, position = spec.row_sources(np.arange(start, stop))
     index = transfer_set.indices[position]
-    found, at = _cells(sources, spec, np.arange(start, stop), index, view)
-    plans[chunk] = (index, view, found, at)
-  eval_from = [next((s for s, source in enumerate(sources) if source.has_eval and source.members[m] >= 0), -1)
-               for m in range(spec.num_members)] if eval_set is not None else []
-  missing = {m for _, _, found, _ in plans.values() for m in np.flatnonzero((found < 0).any(axis=0))}
-  missing |= {m for m, s in enumerate(eval_from) if s < 0 and todo.get(EVAL_ROWS)}
-  unrun = sorted(missing - set(positions))
-  if unrun:
-    raise StillroomError(f"member {unrun[0]} ({spec.member_name(unrun[0])!r}) has rows that no source holds; give "
-                         "its run with --teacher to compute them.")
-  compute = {chunk: np.flatnonzero((found[:, positions] < 0).any(axis=1)) if positions else np.zeros(0, int)
-             for chunk, (_, _, found, _) in plans.items()}
+    return (index, view, *_cells(sources, spec, np.arange(start, stop), index, view))
+
+  def to_compute(found: np.ndarray) -> np.ndarray:
+    """The rows (from the chunk's first) with a cell of a member run here that no source holds."""
+    return np.flatnonzero((found[:, positions] < 0).any(axis=1))
+
+  def select(chunk: int) -> np.ndarray:
+    plans[chunk] = plan(chunk)
+    return to_compute(plans[chunk][2])
+
+  def computed(chunk: int) -> bool:  # From the specs alone (`_held_views`), as `to_compute` finds it row by row.
+    start, stop = cache.chunk_bounds(chunk)
+    return bool((spec.row_sources(np.arange(start, stop))[0] >= first_computed).any())
   if positions:
     teachers = [run_at[m] for m in positions]
     params, shardings = build.place_teachers(teachers, mesh, config.teacher_sharding)
@@ -421,21 +473,23 @@ def _write_grown_chunks(cache: Cache, transfer_set, eval_set, run_at: dict[int, 
         writer.put(EVAL_ROWS, chunk, start, stop, {"eval_member_logits": logits, "eval_index": rows["index"],
                                                    "eval_labels": rows["labels"]})
         bar.update(stop - start)
-    computed = iter(())
-    chunks = [chunk for chunk in todo[ROWS] if len(compute[chunk])]
-    if chunks:
-      computed = _computed_rows(cache, chunks, compute, transfer_set, config, functools.partial(rows_forward, params),
-                                mesh)
-    copied = [chunk for chunk in todo[ROWS] if not len(compute[chunk])]
+    chunks = [chunk for chunk in todo[ROWS] if computed(chunk)]
+    outputs_of = build._computed_chunks(  # pylint: disable=protected-access
+        cache, ROWS, chunks, transfer_set, config, functools.partial(rows_forward, params), mesh,
+        select=select) if chunks else iter(())
+    computing = set(chunks)
+    copied = [chunk for chunk in todo[ROWS] if chunk not in computing]
     # The chunks needing no teacher first (no image is read for them), then those that do, as they are computed.
-    for chunk, rows, outputs in [*((chunk, None, None) for chunk in copied), *computed]:
-      index, view, found, at = plans[chunk]
+    for chunk, rows, outputs in itertools.chain(((chunk, None, None) for chunk in copied), outputs_of):
+      index, view, found, at = plans.pop(chunk) if outputs is not None else plan(chunk)
       count = len(index)
+      if outputs is None and (found < 0).any():
+        raise AssertionError(f"chunk {chunk}: cells no source holds, in a chunk planned as copied")
       logits = np.zeros((count, spec.num_members, spec.num_classes), np.float32)
       features = {f.array_name: np.zeros((count, *f.shape), build.FEATURE_DTYPE) for f in spec.features}
       arrays = {}
       if outputs is not None:
-        selected = compute[chunk]
+        selected = to_compute(found)
         stored, targets, _, _ = outputs
         for k, m in enumerate(positions):
           logits[selected, m] = stored[:, k]
@@ -466,7 +520,7 @@ def _write_grown_chunks(cache: Cache, transfer_set, eval_set, run_at: dict[int, 
             features[f.array_name][cells] = read[source.features[f.array_name]][position[cells]]
         if not arrays:
           arrays = {name: np.zeros((count, *read[name].shape[1:]), read[name].dtype) for name in row_names}
-        sourced = wanted if outputs is None else np.setdiff1d(wanted, compute[chunk])
+        sourced = wanted if outputs is None else np.setdiff1d(wanted, selected)
         for name in row_names:
           arrays[name][sourced] = read[name][position[sourced]]
       # Padded to whole chunks: one compilation for every chunk, the last one too.
@@ -490,8 +544,3 @@ def _eval_rows(cache: Cache, start: int, stop: int) -> dict:
   offset = start // spec.chunk_rows * spec.chunk_rows
   return {name: np.concatenate([p[name] for p in parts])[start - offset:stop - offset] for name in names}
 
-
-def _computed_rows(cache: Cache, chunks: list[int], compute: dict, transfer_set, config: BuildConfig, forward, mesh):
-  """The teachers' outputs on the rows `compute[chunk]` of each of `chunks` (`build._computed_chunks`)."""
-  yield from build._computed_chunks(  # pylint: disable=protected-access
-      cache, ROWS, chunks, transfer_set, config, forward, mesh, select=compute)

@@ -2328,6 +2328,16 @@ def _(env, tmp_path, mp):
           [store, stale, Absent(store + ".replaced")])
 
 
+# --- engine: the grow engine's memory, extend's lock and teacher loading (teacher_cache/grow.py, extend.py) ---
+@fault("extend of a cache another extend holds (as in its switch-over)")
+def _(env, tmp_path, mp):
+  store = _copy_store(env, tmp_path)
+  env.holder = _held_lock(store, tmp_path)  # The lock an extend holds on CACHE from before it reads CACHE.
+  return (cache_main, _extend(env, store, "--views", "3"), 2,
+          rf"'.*c\.zarr' is being written by process {env.holder.pid} on .*; wait for it to finish\.$",
+          [store, Absent(store + ".extending"), Absent(store + ".replaced")])
+
+
 @pytest.mark.parametrize("name", list(FAULTS))
 def test_fault_is_refused_cleanly(name, env, tmp_path, monkeypatch, capsys):
   _refused_cleanly(FAULTS[name](env, tmp_path, monkeypatch), env, monkeypatch, capsys)

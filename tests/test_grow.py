@@ -119,7 +119,7 @@ def test_extend_by_views_equals_a_direct_build_and_copies_the_old_rows(built, da
   original = extend_module.grow_cache.__globals__["build"]._computed_chunks
 
   def counting(cache, row_set, chunks, *args, select=None, **kwargs):
-    rendered.append((row_set, None if select is None else sum(len(select[c]) for c in chunks)))
+    rendered.append((row_set, None if select is None else sum(len(select(c)) for c in chunks)))
     return original(cache, row_set, chunks, *args, select=select, **kwargs)
   monkeypatch.setattr(extend_module.grow_cache.__globals__["build"], "_computed_chunks", counting)
   out = str(built["root"] / "two4_grown.zarr")
@@ -298,3 +298,48 @@ def test_a_cache_of_mixed_views_takes_a_member_and_more_views(built, data_dir, t
   code, _, err = _extend(one, data_dir, "--views", "4", "--out", out, capsys=capsys)
   assert code == 0, err
   assert_same_cache(out, four)
+
+
+def test_a_member_with_rows_no_source_holds_is_refused_before_anything_is_written(built, data_dir):
+  """More views than the source holds and no run for its member: refused from the specs, before the store is made."""
+  out = built["root"] / "unrun.zarr"
+  config = source_config(open_cache(built["one"]).spec, views=4, data_dir=data_dir, out=str(out), progress=False)
+  with pytest.raises(grow.StillroomError, match=r"member 0 \('.*'\) has rows that no source holds; give its run with "
+                                           r"--teacher"):
+    grow_cache(config, [built["one"]])
+  assert not os.path.exists(out) and not os.path.exists(f"{out}.lock")
+
+
+def test_the_engine_holds_the_cells_of_one_chunk_at_a_time(built, data_dir, monkeypatch):
+  """Each chunk's cells are worked out as it is written, not every row's before the first write: a grow copying
+  from a source holds one chunk's plan at a time (the memory of a cache of any size)."""
+  planned, held = grow._cells, {"now": 0, "most": 0}
+
+  def counting(sources, spec, rows, *args):
+    held["now"] += len(rows)
+    held["most"] = max(held["most"], held["now"])
+    return planned(sources, spec, rows, *args)
+  put_rows = grow.build.put_rows
+
+  def written(writer, cache, chunk, arrays, *args):
+    held["now"] -= len(arrays["index"])
+    return put_rows(writer, cache, chunk, arrays, *args)
+  monkeypatch.setattr(grow, "_cells", counting)
+  monkeypatch.setattr(grow.build, "put_rows", written)
+  spec = open_cache(built["two"]).spec
+  config = source_config(spec, data_dir=data_dir, out=str(built["root"] / "held.zarr"), progress=False)
+  grow_cache(config, [built["two"]], members=[spec.members[1].digest], history={"command": "subset"})
+  assert held == {"now": 0, "most": spec.chunk_rows} and spec.num_rows > spec.chunk_rows
+
+
+def test_extend_loads_each_teacher_once(built, data_dir, teachers, capsys, monkeypatch):
+  """The runs extend reads to check its command line are the ones the engine computes with: no second read."""
+  loads = []
+  for module in (extend_module, grow):
+    monkeypatch.setattr(module, "load_teacher", lambda run, *a, _load=module.load_teacher, **k: (
+        loads.append(run), _load(run, *a, **k))[1])
+  out = str(built["root"] / "loaded_once.zarr")
+  code, _, err = _extend(built["one"], data_dir, "--teacher", teachers[1], "--out", out, capsys=capsys)
+  assert code == 0, err
+  assert loads == [teachers[1]]
+  assert_same_cache(out, built["two"])
