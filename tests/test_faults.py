@@ -1894,7 +1894,8 @@ def _(env, tmp_path, mp):
   out = tmp_path / "c.zarr"
   return (cache_main, _build(env, out, "--views", "3"), 2,
           r"--chunk-rows 64 is not a multiple of --views 3, so a chunk would split an example's views \(each image "
-          r"is decoded once per chunk it is in\); give 63 or 66, or none .* \(--overwrite\)\.", [Absent(out)])
+          r"is decoded once per chunk it is in\); give 63 or 66, or none \(the default is a multiple of --views\)\.$",
+          [Absent(out)])
 
 
 # --- prepared images (teacher-cache prepare, prepared:) ----------------------------------------------------------

@@ -2,6 +2,7 @@
 views: every array and every stored chunk byte equal, the spec equal but for its history and creation time; a kill
 during an extend leaves the original as it was."""
 
+import json
 import os
 import re
 import shutil
@@ -18,21 +19,15 @@ from shared.cache import SPEC_KEY, open_cache
 from student_train.cli import main as student_main
 from teacher_cache import extend as extend_module
 from teacher_cache import grow
-from teacher_cache.build import BuildConfig, build_cache
+from shared.settings import differences
+from teacher_cache.build import BuildConfig
 from teacher_cache.cli import main
 from teacher_cache.extend import REPLACED_SUFFIX, staging_path
 from teacher_cache.grow import grow_cache, source_config
 from teacher_cache.verify import verify_cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SPLIT = "train[:120]"  # 120 examples: a few chunks of 32 rows with 2 or 4 views.
 SPARSE = {"targets": "sample:4", "member_logits": True, "features": "hidden1:pooled", "eval_split": "none"}
-
-
-def _build(out, teachers, data_dir, **options) -> str:
-  build_cache(BuildConfig(dataset="digits", split=SPLIT, data_dir=data_dir, teachers=tuple(teachers), out=str(out),
-                          progress=False, **{"views": 2, "chunk_rows": 32, "batch_size": 16, **options}))
-  return str(out)
 
 
 def assert_same_cache(grown: str, direct: str) -> None:
@@ -53,17 +48,29 @@ def assert_same_cache(grown: str, direct: str) -> None:
   assert mine == theirs
 
 
+# Direct builds (`conftest.SmallCaches`, shared with test_derive): one member and two (2 views, and 4), dense with
+# eval logits; sparse with member logits and features, one member and two.
+BUILDS = {"one": ((0,), {}), "two": ((0, 1), {}), "two4": ((0, 1), {"views": 4}), "one_sparse": ((0,), SPARSE),
+          "two_sparse": ((0, 1), SPARSE)}
+
+
+class _Built:
+  """`built["root"]`: this module's folder for its outputs; `built[name]`: the direct build `BUILDS[name]`, made
+  when first asked for; `built.get(members, **options)`: another."""
+
+  def __init__(self, root, caches):
+    self.root, self.get = root, caches.get
+
+  def __getitem__(self, name):
+    if name == "root":
+      return self.root
+    members, options = BUILDS[name]
+    return self.get(members, **options)
+
+
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, data_dir, teachers, compilation_cache):  # pylint: disable=unused-argument
-  """Direct builds: one member and two (2 views, and 4), dense with eval logits; sparse with member logits and
-  features, one member and two."""
-  root = tmp_path_factory.mktemp("grow")
-  return {"root": root,
-          "one": _build(root / "one.zarr", teachers[:1], data_dir),
-          "two": _build(root / "two.zarr", teachers[:2], data_dir),
-          "two4": _build(root / "two4.zarr", teachers[:2], data_dir, views=4),
-          "one_sparse": _build(root / "one_sparse.zarr", teachers[:1], data_dir, **SPARSE),
-          "two_sparse": _build(root / "two_sparse.zarr", teachers[:2], data_dir, **SPARSE)}
+def built(tmp_path_factory, small_caches, compilation_cache):  # pylint: disable=unused-argument
+  return _Built(tmp_path_factory.mktemp("grow"), small_caches)
 
 
 def _copy(built, name, to) -> str:
@@ -97,6 +104,11 @@ def test_extend_adds_a_member_in_place_and_its_students_are_other_runs(built, da
   fit = ["fit", "--cache", cache, "--data-dir", data_dir, "--model", "mlp-tiny", "--epochs", "1", "--no-progress",
          "--out", tmp_path / "run"]
   assert run_cli(student_main, fit, capsys)[0] == 0
+  # The run's identity (its config.json, which a resume compares: `student_train.run_dir`) holds the cache's build key.
+  with open(tmp_path / "run" / "config.json", encoding="utf-8") as f:
+    identity = json.load(f)["resolved"]
+  old_key = json.loads(json.dumps(open_cache(cache).spec.build_key()))
+  assert identity["cache"]["build_key"] == old_key
   code, _, err = _extend(cache, data_dir, "--teacher", teachers[1], capsys=capsys)
   assert code == 0, err
   assert_same_cache(cache, built["two"])
@@ -106,9 +118,11 @@ def test_extend_adds_a_member_in_place_and_its_students_are_other_runs(built, da
   before = tree_digest(cache)
   assert _extend(cache, data_dir, "--teacher", teachers[1], capsys=capsys)[0] == 0
   assert tree_digest(cache) == before
-  # A student of the old cache does not resume on the extended one: its identity holds the cache's build key.
-  code, _, err = run_cli(student_main, [*fit[:-2], "--epochs", "2", "--out", tmp_path / "run"], capsys)
-  assert code == 2 and "member_digests" in err, err
+  # A student of the old cache does not resume on the extended one: its identity differs in the cache's members (the
+  # differences a resume refuses with).
+  new_key = json.loads(json.dumps(open_cache(cache).spec.build_key()))
+  changed = differences(identity, {**identity, "cache": {"build_key": new_key}}, "run dir")
+  assert changed and all(line.startswith("cache.build_key.member_digests: ") for line in changed), changed
 
 
 def test_extend_by_views_equals_a_direct_build_and_copies_the_old_rows(built, data_dir, teachers, capsys,
@@ -158,9 +172,10 @@ def test_extend_sparse_with_features_equals_a_direct_build(built, data_dir, teac
   assert_same_cache(out, built["two_sparse"])
   assert [f.array_name for f in open_cache(out).spec.features] == ["feature.hidden1.pooled.m0",
                                                                     "feature.hidden1.pooled.m1"]
-  code, info, _ = run_cli(main, ["info", out], capsys)  # `info` shows how it was grown.
-  digest = open_cache(out).spec.history[0]["added_members"][0]
-  assert code == 0 and f"extend (added_members ['{digest[:12]}…'], views [2, 2]) from " in info, info
+  code, info, _ = run_cli(main, ["info", out], capsys)  # `info` shows how it was grown: the member by its name.
+  spec = open_cache(out).spec
+  assert spec.history[0]["added_members"] == [spec.members[1].digest]
+  assert code == 0 and f"extend (added_members ['{spec.member_name(1)}']) from " in info, info
 
 
 def _committed(store) -> int:
@@ -275,25 +290,25 @@ def test_a_new_member_without_the_cache_s_features_is_refused(built, data_dir, t
 
 
 def test_more_views_take_the_default_chunk_rows_where_the_cache_s_do_not_hold_whole_examples(built, data_dir,
-                                                                                             teachers, capsys):
+                                                                                             capsys):
   out = str(built["root"] / "three_views.zarr")
   code, _, err = _extend(built["one"], data_dir, "--views", "3", "--out", out, capsys=capsys)
   assert code == 0, err
   assert open_cache(out).spec.chunk_rows == 4095  # 32 is not a multiple of 3: the default 4096 rounded down.
-  direct = _build(built["root"] / "three_direct.zarr", teachers[:1], data_dir, views=3, chunk_rows=4095)
+  direct = built.get((0,), views=3, chunk_rows=4095)
   assert_same_cache(out, direct)  # The eval logits too, read across the cache's chunks of other rows.
 
 
 def test_a_cache_of_mixed_views_takes_a_member_and_more_views(built, data_dir, teachers, capsys):
   """Mixed views: a member is added as a direct build adds it, and more views too (a row's partner, λ and box do not
   depend on the view count), so the rows kept and the rows added are a direct build's with the final views."""
-  one = _build(built["root"] / "mix_one.zarr", teachers[:1], data_dir, mix="cutmix:1", eval_split="none")
-  two = _build(built["root"] / "mix_two.zarr", teachers[:2], data_dir, mix="cutmix:1", eval_split="none")
+  one = built.get((0,), mix="cutmix:1", eval_split="none")
+  two = built.get((0, 1), mix="cutmix:1", eval_split="none")
   out = str(built["root"] / "mix_grown.zarr")
   code, _, err = _extend(one, data_dir, "--teacher", teachers[1], "--out", out, capsys=capsys)
   assert code == 0, err
   assert_same_cache(out, two)
-  four = _build(built["root"] / "mix_four.zarr", teachers[:1], data_dir, mix="cutmix:1", eval_split="none", views=4)
+  four = built.get((0,), mix="cutmix:1", eval_split="none", views=4)
   out = str(built["root"] / "mix_four_grown.zarr")
   code, _, err = _extend(one, data_dir, "--views", "4", "--out", out, capsys=capsys)
   assert code == 0, err
