@@ -32,7 +32,7 @@ import dataclasses
 
 from shared.augment import NO_MIX
 from shared.cache import Cache, CacheSpec, parse_targets
-from shared.cache.spec import short_digest as _short
+from shared.settings import short_digest as _short
 from shared.errors import StillroomError
 from shared.log import logger
 from shared.options import CONVERT, MERGE, SUBSET

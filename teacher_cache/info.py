@@ -7,7 +7,7 @@ import numpy as np
 
 from shared import storage
 from shared.cache import CHUNK_TABLE, ROWS, check_integrity, eval_accuracies, open_cache, ratio
-from shared.cache.spec import short_digest
+from shared.settings import with_short_digests
 from shared.data import prepared
 from shared.ensemble import combine_log_probs
 from shared.errors import StillroomError
@@ -124,7 +124,7 @@ def history_lines(spec: dict) -> list[str]:
       return [shown(v) for v in value]
     if isinstance(value, str) and value in names:
       return names[value]
-    return short_digest(value) if isinstance(value, str) and len(value) == 64 else value
+    return with_short_digests(value)
 
   lines = []
   for entry in spec.get("history", ()):

@@ -37,7 +37,7 @@ class Builds:
 
 
 @pytest.fixture(scope="module")
-def builds(tmp_path_factory, small_caches):
+def builds(tmp_path_factory, small_caches, compilation_cache):  # pylint: disable=unused-argument
   return Builds(tmp_path_factory.mktemp("derive"), small_caches)
 
 
@@ -134,6 +134,9 @@ def test_the_chunk_rows_of_a_derived_cache(builds):
   assert subset_plan(four, None, 2, builds.config("x"))[0].chunk_rows == 4096
   assert subset_plan(four, None, 3, builds.config("x", chunk_rows=300))[0].chunk_rows == 300
   a, b = (open_cache(builds.get((m,))).spec for m in (0, 1))
+  # A settings difference shows digests by their first 12 hex digits (`CacheSpec.mismatches`).
+  assert [m for m in a.mismatches(b) if m.startswith("member_digests")] == [
+      f"member_digests: ['{a.members[0].digest[:12]}…'] (store) vs ['{b.members[0].digest[:12]}…'] (command)"]
   grown, members, history = merge_plan(a, dataclasses.replace(b, chunk_rows=64, arrays=()), builds.config("x"))
   assert (grown.chunk_rows, members, history["command"]) == (32, None, "merge")
 

@@ -35,7 +35,7 @@ from shared.ensemble import COMBINE_RULES
 from shared.errors import StillroomError
 from shared.json_checks import EXPECTED, described, is_kind
 from shared.precision import COMPUTE_DTYPES, DEFAULT_COMPUTE_DTYPE
-from shared.settings import positive_finite, seed_check
+from shared.settings import positive_finite, seed_check, with_short_digests
 
 # Before version 6 a store recorded the oldest version that held it (`legacy_schema_version`): a stillroom that
 # predates what it holds refuses it by its version.
@@ -51,22 +51,6 @@ SPEC_KEY = "stillroom"  # The group attribute that holds `CacheSpec.to_attrs()`.
 COMPLETE_KEY = "stillroom_complete"  # ...and the completion record, written last: without it a store is incomplete.
 REBUILD = "the build command with --overwrite rebuilds the store"  # What recovers a damaged spec.
 TARGET_KINDS = ("dense", "topk", "sample")  # `--targets dense|topk:K|sample:K`.
-
-
-def short_digest(digest: str) -> str:
-  """A SHA-256 hex digest as messages show it: its first 12 hex digits and "…"."""
-  return digest[:12] + "…"
-
-
-def _shortened(value):
-  """`value` (a build key's, nested lists and dicts) with every 64-hex digest in it shortened (`short_digest`)."""
-  if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
-    return short_digest(value)
-  if isinstance(value, (list, tuple)):
-    return [_shortened(v) for v in value]
-  if isinstance(value, dict):
-    return {k: _shortened(v) for k, v in value.items()}
-  return value
 
 
 def parse_targets(text: str) -> tuple[str, int | None]:
@@ -511,8 +495,8 @@ class CacheSpec:
     mine, theirs = self.build_key(), other.build_key()
     # A key that a build key leaves out where it has its default (`build_key`) is shown with that default.
     omitted = {"compute_dtype": DEFAULT_COMPUTE_DTYPE}
-    return [f"{key}: {_shortened(mine.get(key, omitted.get(key)))} (store) vs "
-            f"{_shortened(theirs.get(key, omitted.get(key)))} (command)"
+    return [f"{key}: {with_short_digests(mine.get(key, omitted.get(key)))} (store) vs "
+            f"{with_short_digests(theirs.get(key, omitted.get(key)))} (command)"
             for key in {**mine, **theirs} if mine.get(key) != theirs.get(key)]
 
   def to_attrs(self) -> dict:
