@@ -30,6 +30,7 @@ The result is what this stillroom's build writes (its row order and schema), wit
 
 import dataclasses
 
+from shared import storage
 from shared.augment import NO_MIX
 from shared.cache import Cache, CacheSpec, parse_targets
 from shared.settings import short_digest as _short
@@ -188,10 +189,14 @@ def merge_plan(a: CacheSpec, b: CacheSpec, config: BuildConfig,
 
 
 def _prepare(sources: list[str], config: BuildConfig) -> list[Cache]:
-  """The opened sources (`teacher_cache.grow.open_source`), once an `--out` is given (the grow engine checks it
-  as a build does: none of the sources, not a file, not a directory of something else)."""
+  """The opened sources (`teacher_cache.grow.open_source`), once an `--out` is given and is not a directory of
+  something else. (The grow engine checks the rest of `--out` as a build does: none of the sources, not a file.)"""
   if not config.out:
     raise StillroomError("give --out NEW.zarr.")
+  # Here, before the engine reads the transfer set, and with the one way out: `build.open_store` would say the same
+  # later, suggesting --overwrite, which `shared.outputs.check_output` refuses for a directory stillroom did not make.
+  if not config.overwrite and storage.has_entries(config.out) and not is_store(config.out):
+    raise StillroomError(f"--out {config.out!r} exists and is not a stillroom cache; choose another --out.")
   return [open_source(path) for path in sources]
 
 
