@@ -105,13 +105,14 @@ def digits_cache(tmp_path_factory, data_dir, teachers, *, split="train", **optio
   return out
 
 
-SMALL_SPLIT = "train[:120]"  # The `small_caches` transfer set: 120 examples, a few 32-row chunks with 2 or 4 views.
+SMALL_SPLIT = "train[:120]"  # The `small_caches` transfer set: 120 examples, a few 32-row chunks with 2 or 4 views...
+SMALL_EVAL_SPLIT = "test[:40]"  # ...and their eval split (the whole of digits' test split is 360 examples).
 
 
 class SmallCaches:
-  """Caches of `digits` `SMALL_SPLIT` (2 views, 32-row chunks, batches of 16 unless told) built by `teacher-cache
-  build` when first asked for, one per settings, shared by the session's tests (a grown or derived cache is compared
-  with these direct builds). Never change one in place: copy it first."""
+  """Caches of `digits` `SMALL_SPLIT` (2 views, 32-row chunks, batches of 16, eval logits of `SMALL_EVAL_SPLIT`
+  unless told) built by `teacher-cache build` when first asked for, one per settings, shared by the session's tests
+  (a grown or derived cache is compared with these direct builds). Never change one in place: copy it first."""
 
   def __init__(self, root, data_dir, teachers):
     self.root, self.data_dir, self.teachers = root, data_dir, teachers
@@ -121,7 +122,7 @@ class SmallCaches:
     """The build of teachers `members` (indices into the `teachers` fixture, in that order) with `options`
     (`BuildConfig` fields)."""
     from teacher_cache.build import BuildConfig, build_cache  # pylint: disable=import-outside-toplevel
-    options = {"views": 2, "chunk_rows": 32, "batch_size": 16, **options}
+    options = {"views": 2, "chunk_rows": 32, "batch_size": 16, "eval_split": SMALL_EVAL_SPLIT, **options}
     key = (tuple(members), tuple(sorted(options.items())))
     if key not in self.made:
       out = str(self.root / f"c{len(self.made)}.zarr")
