@@ -325,8 +325,9 @@ def test_info_history_names_the_members_and_leaves_out_what_did_not_change():
           "history": [{"command": "extend", "sources": [source], "at": "T", "added_members": [new], "views": [2, 2]},
                       {"command": "subset", "sources": [source], "at": "U", "members": ["t1"], "views": [4, 2],
                        "gone": ["12" * 32]}]}
-  assert history_lines(spec) == ["T: extend (added_members ['t1']) from efefefefefef…",
-                                 "U: subset (members ['t1'], views [4, 2], gone ['121212121212…']) from efefefefefef…"]
+  assert history_lines(spec) == [
+      "T: extend (added_members ['t1']) from efefefefefef…",
+      "U: subset (members ['t1'], views [4, 2], gone ['121212121212…']) from efefefefefef…"]
 
 
 @pytest.mark.fast
