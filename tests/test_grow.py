@@ -335,3 +335,10 @@ def test_a_missing_cache_s_error_knows_what_extend_leaves_beside_it():
   """`open_cache`'s error for a missing CACHE names the stores an extend's switch-over leaves (`teacher_cache.extend`
   writes them; shared code does not import it)."""
   assert SWITCH_SUFFIXES == (STAGING_SUFFIX, REPLACED_SUFFIX)
+
+
+@pytest.mark.fast
+def test_a_settings_difference_shows_digests_by_their_first_12_hex_digits():
+  """Run dirs' (`shared.settings.differences`), as caches' (`CacheSpec.mismatches`, pinned in test_derive)."""
+  assert differences({"d": ["a" * 64]}, {"d": ["a" * 64, "b" * 64]}, "run dir") == [
+      "d: ['aaaaaaaaaaaa…'] (run dir) vs ['aaaaaaaaaaaa…', 'bbbbbbbbbbbb…'] (command)"]
