@@ -276,7 +276,25 @@ def _differences(recorded: dict, wanted: dict, where: str, prefix: str) -> list[
   return lines
 
 
+def short_digest(digest: str) -> str:
+  """A SHA-256 hex digest as messages show it: its first 12 hex digits and "…"."""
+  return digest[:12] + "…"
+
+
+def with_short_digests(value):
+  """`value` (nested lists, tuples and dicts) with every 64-hex digest in it shortened (`short_digest`): how a
+  difference of settings shows digests (`differences`, `shared.cache.CacheSpec.mismatches`)."""
+  if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+    return short_digest(value)
+  if isinstance(value, (list, tuple)):
+    return [with_short_digests(v) for v in value]
+  if isinstance(value, dict):
+    return {k: with_short_digests(v) for k, v in value.items()}
+  return value
+
+
 def _short(value, width: int = 60) -> str:
-  """A value as a difference shows it: a whole nested record (the other side lacks it) cut at `width`."""
-  text = str(value)
+  """A value as a difference shows it (digests shortened: `with_short_digests`): a whole nested record (the other
+  side lacks it) cut at `width`."""
+  text = str(with_short_digests(value))
   return text if len(text) <= width else text[:width - 3] + "..."

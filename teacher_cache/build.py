@@ -645,9 +645,10 @@ def check_settings(config: BuildConfig, out: str = "CACHE.zarr") -> None:
     below = config.chunk_rows // config.views * config.views
     raise StillroomError(f"--chunk-rows {config.chunk_rows} is not a multiple of --views {config.views}, so a chunk "
                          f"would split an example's views (each image is decoded once per chunk it is in); give "
-                         f"{below} or {below + config.views}, or none (the default is a multiple of --views); a "
-                         "store built with these chunk rows before the grouped row order can only be rebuilt "
-                         "(--overwrite).")
+                         f"{below} or {below + config.views}, or none (the default is a multiple of --views)" + (
+                             # Only a store already at --out may be one written before the grouped row order.
+                             "; a store built with these chunk rows before the grouped row order can only be rebuilt "
+                             "(--overwrite)" if config.out and storage.has_entries(config.out) else "") + ".")
   if config.batch_size < 1:
     raise StillroomError(f"--batch-size must be >= 1, got {config.batch_size}.")
   if config.features is not None:

@@ -17,7 +17,7 @@ from teacher_cache.build import BuildConfig, build_cache
 from teacher_cache.derive import convert_cache, merge_caches, subset_cache
 from teacher_cache.extend import ExtendConfig, extend_cache
 from teacher_cache.external import IMPORTED, import_cache, write_views
-from teacher_cache.info import cache_info, prepared_info
+from teacher_cache.info import cache_info, history_lines, prepared_info
 from teacher_cache.prepare import PREPARE, PrepareConfig, prepare_images
 from teacher_cache.specialists import plan_specialists
 from teacher_cache.verify import verify_cache
@@ -284,12 +284,8 @@ def _print_info(info: dict) -> None:
     run = specialist["run"]
     print(f"  [s{i}] {run['name']:<19} {run['model']:<10} {run['num_params']:>9} params  digest {run['digest'][:12]}"
           f"  classes {specialist['classes']}, dustbin {specialist['dustbin_correction']:+.3f}")
-  for entry in spec.get("history", ()):  # How a grown cache was made (`extend`, ...), oldest first.
-    short = lambda v: [short(x) for x in v] if isinstance(v, list) else f"{v[:12]}…" if isinstance(v, str) and \
-        len(v) == 64 else v  # noqa: E731  # A digest by its first 12 hex digits.
-    what = ", ".join(f"{key} {short(value)}" for key, value in entry.items() if key not in ("command", "sources", "at"))
-    print(f"history      {entry.get('at')}: {entry.get('command')}" + (f" ({what})" if what else "")
-          + f" from {', '.join(short(entry.get('sources', [])))}")
+  for line in history_lines(spec):  # How a grown cache was made (`extend`, ...), oldest first.
+    print(f"history      {line}")
   for i, member in enumerate(stats["members"] if stats else []):
     print(f"member {i}     {member['name']}: accuracy {_format_percent(member['accuracy'])} "
           f"(view 0: {_format_percent(member['accuracy_view0'])})")

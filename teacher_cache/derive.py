@@ -33,33 +33,28 @@ import dataclasses
 from shared import storage
 from shared.augment import NO_MIX
 from shared.cache import Cache, CacheSpec, parse_targets
+from shared.settings import short_digest as _short
 from shared.errors import StillroomError
 from shared.log import logger
 from shared.options import CONVERT, MERGE, SUBSET
-from shared.outputs import STORE, check_not_an_input, check_output, is_store
-from teacher_cache.build import BuildConfig, check_settings, kept_chunk_rows
+from shared.outputs import is_store
+from shared.settings import names_where
+from teacher_cache.build import BuildConfig, kept_chunk_rows
 from teacher_cache.grow import grow_cache, open_source, source_config
 
 _LOG = logger(__name__)
-# What the grown cache takes of the command's own settings; the rest are the source's (`source_config`).
-_OWN = ("out", "overwrite", "progress", "ignore_limits", "data_dir")
 
 
-def _short(digest: str) -> str:
-  return digest[:12] + "…"
-
-
-def _grown_config(source: CacheSpec, config: BuildConfig, features=None, **changes) -> BuildConfig:
-  """The build settings of the result: `source`'s (`source_config`), the command's own (`_OWN`), `changes`, the
-  features (`(member, FeatureSpec)` in the result's numbering; None: the source's) and the chunk rows
-  (`teacher_cache.build.kept_chunk_rows`), checked as a build checks them."""
+def _grown_config(source: CacheSpec, config: BuildConfig, command: str, features=None, **changes) -> BuildConfig:
+  """The build settings of the result: `source`'s (`source_config`), the settings `command` offers (as `config` has
+  them, `changes` taking precedence), the features (`(member, FeatureSpec)` in the result's numbering; None: the
+  source's) and the chunk rows (`teacher_cache.build.kept_chunk_rows`). `grow_cache` checks them as a build does."""
   if features is not None:
     changes["features"] = ",".join(f"{f.name}:{f.kind}@{m}" for m, f in features) or None
   views = changes.get("views", source.views)
-  grown = source_config(source, **{name: getattr(config, name) for name in _OWN}, **changes,
-                        chunk_rows=kept_chunk_rows(config.chunk_rows, source.chunk_rows, views))
-  check_settings(grown)
-  return grown
+  own = {name: getattr(config, name) for name in names_where(BuildConfig, command=command) if name != "chunk_rows"}
+  return source_config(source, **{**own, **changes},
+                       chunk_rows=kept_chunk_rows(config.chunk_rows, source.chunk_rows, views))
 
 
 def convert_plan(source: CacheSpec, config: BuildConfig, path: str = "CACHE") -> tuple[BuildConfig, None, dict]:
@@ -81,7 +76,7 @@ def convert_plan(source: CacheSpec, config: BuildConfig, path: str = "CACHE") ->
   kind, k = parse_targets(targets)
   if kind == "topk" and k > source.num_classes:
     raise StillroomError(f"--targets {targets}: K is more than the {source.num_classes} classes.")
-  grown = _grown_config(source, config, targets=targets, member_logits=member_logits and targets != "dense")
+  grown = _grown_config(source, config, CONVERT, targets=targets, member_logits=member_logits and targets != "dense")
   return grown, None, {"command": CONVERT, "targets": [source.targets, targets],
                        "member_logits": [source.member_logits, member_logits]}
 
@@ -131,7 +126,7 @@ def subset_plan(source: CacheSpec, members, views: int | None, config: BuildConf
     raise StillroomError(f"--members and --views keep every member and view of {path!r} in its order: nothing to "
                          "subset (give fewer members or fewer views).")
   features = [(keep.index(f.member), f) for f in source.features if f.member in keep]
-  grown = _grown_config(source, config, features=features, views=views)
+  grown = _grown_config(source, config, SUBSET, features=features, views=views)
   names = [source.member_name(m) for m in keep]
   return grown, [source.members[m].digest for m in keep], {"command": SUBSET, "members": names,
                                                              "views": [source.views, views]}
@@ -189,17 +184,17 @@ def merge_plan(a: CacheSpec, b: CacheSpec, config: BuildConfig,
                          "members never hold disjoint views: each holds views 0..V-1); `teacher-cache subset "
                          "--members` drops a member from one first.")
   features = [(f.member, f) for f in a.features] + [(f.member + a.num_members, f) for f in b.features]
-  grown = _grown_config(a, config, features=features)
+  grown = _grown_config(a, config, MERGE, features=features)
   return grown, None, {"command": MERGE, "members": [[r.name for r in a.members], [r.name for r in b.members]]}
 
 
 def _prepare(sources: list[str], config: BuildConfig) -> list[Cache]:
-  """The opened sources (`teacher_cache.grow.open_source`), once `--out` is known to be none of them, not a file,
-  and not a directory of something else."""
+  """The opened sources (`teacher_cache.grow.open_source`), once an `--out` is given and is not a directory of
+  something else. (The grow engine checks the rest of `--out` as a build does: none of the sources, not a file.)"""
   if not config.out:
     raise StillroomError("give --out NEW.zarr.")
-  check_not_an_input(config.out, sources, "--out")
-  check_output(config.out, STORE, config.overwrite)
+  # Here, before the engine reads the transfer set, and with the one way out: `build.open_store` would say the same
+  # later, suggesting --overwrite, which `shared.outputs.check_output` refuses for a directory stillroom did not make.
   if not config.overwrite and storage.has_entries(config.out) and not is_store(config.out):
     raise StillroomError(f"--out {config.out!r} exists and is not a stillroom cache; choose another --out.")
   return [open_source(path) for path in sources]
@@ -208,8 +203,11 @@ def _prepare(sources: list[str], config: BuildConfig) -> list[Cache]:
 def _write(plan: tuple, sources: list[Cache]) -> str:
   """Writes the planned cache through the grow engine, running no teacher."""
   grown, members, history = plan
+  # A rerun on the complete output: the engine confirms it ("already complete ... nothing to do") and writes nothing.
+  done = not grown.overwrite and is_store(grown.out, complete=True)
   out = grow_cache(dataclasses.replace(grown, teachers=()), sources, members=members, history=history)
-  _LOG.info(f"{history['command']}: wrote {out} from {', '.join(s.path for s in sources)} (no teacher run)")
+  if not done:
+    _LOG.info(f"{history['command']}: wrote {out} from {', '.join(s.path for s in sources)} (no teacher run)")
   return out
 
 

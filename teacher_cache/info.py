@@ -7,6 +7,7 @@ import numpy as np
 
 from shared import storage
 from shared.cache import CHUNK_TABLE, ROWS, check_integrity, eval_accuracies, open_cache, ratio
+from shared.settings import with_short_digests
 from shared.data import prepared
 from shared.ensemble import combine_log_probs
 from shared.errors import StillroomError
@@ -109,6 +110,30 @@ def cache_info(path: str) -> dict:
   if spec.eval_dataset is not None:
     info["stats"]["eval"] = eval_accuracies(cache)
   return info
+
+
+def history_lines(spec: dict) -> list[str]:
+  """How a grown cache was made, one line per `history` entry of its spec attributes (`CacheSpec.to_attrs`), oldest
+  first, e.g. "2026-12-06T15:44:01: extend (added_members ['t1']) from 6d5b9c23917c…": a member's digest shown as
+  its name where the cache holds that member, another digest by its first 12 hex digits, and a [before, after] pair
+  that did not change (views [2, 2]) left out."""
+  names = {member["digest"]: member["name"] for member in spec.get("members", ())}
+
+  def shown(value):
+    if isinstance(value, list):
+      return [shown(v) for v in value]
+    if isinstance(value, str) and value in names:
+      return names[value]
+    return with_short_digests(value)
+
+  lines = []
+  for entry in spec.get("history", ()):
+    what = ", ".join(f"{key} {shown(value)}" for key, value in entry.items()
+                     if key not in ("command", "sources", "at")
+                     and not (isinstance(value, list) and len(value) == 2 and value[0] == value[1]))
+    lines.append(f"{entry.get('at')}: {entry.get('command')}" + (f" ({what})" if what else "")
+                 + f" from {', '.join(shown(entry.get('sources', [])))}")
+  return lines
 
 
 def _prepared_from(name: str) -> dict | None:

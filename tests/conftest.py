@@ -19,7 +19,7 @@ from shared.runs import CrossFit, RunRecord, save_run
 
 # Fixtures that train, build caches or start servers: a test that uses one is not a pure unit test, so it may not be
 # marked `fast` (the tier `make test-fast` runs; see pyproject.toml).
-HEAVY_FIXTURES = ("teachers", "s3", "gcs")
+HEAVY_FIXTURES = ("teachers", "s3", "gcs", "small_caches")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -103,6 +103,38 @@ def digits_cache(tmp_path_factory, data_dir, teachers, *, split="train", **optio
   build_cache(BuildConfig(dataset="digits", split=split, data_dir=data_dir, teachers=tuple(teachers), out=out,
                           progress=False, **{"views": 2, **options}))
   return out
+
+
+SMALL_SPLIT = "train[:120]"  # The `small_caches` transfer set: 120 examples, a few 32-row chunks with 2 or 4 views...
+SMALL_EVAL_SPLIT = "test[:40]"  # ...and their eval split (the whole of digits' test split is 360 examples).
+
+
+class SmallCaches:
+  """Caches of `digits` `SMALL_SPLIT` (2 views, 32-row chunks, batches of 16, eval logits of `SMALL_EVAL_SPLIT`
+  unless told) built by `teacher-cache build` when first asked for, one per settings, shared by the session's tests
+  (a grown or derived cache is compared with these direct builds). Never change one in place: copy it first."""
+
+  def __init__(self, root, data_dir, teachers):
+    self.root, self.data_dir, self.teachers = root, data_dir, teachers
+    self.made = {}
+
+  def get(self, members, **options) -> str:
+    """The build of teachers `members` (indices into the `teachers` fixture, in that order) with `options`
+    (`BuildConfig` fields)."""
+    from teacher_cache.build import BuildConfig, build_cache  # pylint: disable=import-outside-toplevel
+    options = {"views": 2, "chunk_rows": 32, "batch_size": 16, "eval_split": SMALL_EVAL_SPLIT, **options}
+    key = (tuple(members), tuple(sorted(options.items())))
+    if key not in self.made:
+      out = str(self.root / f"c{len(self.made)}.zarr")
+      build_cache(BuildConfig(dataset="digits", split=SMALL_SPLIT, data_dir=self.data_dir, out=out, progress=False,
+                              teachers=tuple(self.teachers[m] for m in members), **options))
+      self.made[key] = out
+    return self.made[key]
+
+
+@pytest.fixture(scope="session")
+def small_caches(tmp_path_factory, data_dir, teachers) -> SmallCaches:
+  return SmallCaches(tmp_path_factory.mktemp("small_caches"), data_dir, teachers)
 
 
 def listed_checkpoints(run_dir, folder: str = "checkpoints") -> list[int]:

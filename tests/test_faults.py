@@ -1894,7 +1894,8 @@ def _(env, tmp_path, mp):
   out = tmp_path / "c.zarr"
   return (cache_main, _build(env, out, "--views", "3"), 2,
           r"--chunk-rows 64 is not a multiple of --views 3, so a chunk would split an example's views \(each image "
-          r"is decoded once per chunk it is in\); give 63 or 66, or none .* \(--overwrite\)\.", [Absent(out)])
+          r"is decoded once per chunk it is in\); give 63 or 66, or none \(the default is a multiple of --views\)\.$",
+          [Absent(out)])
 
 
 # --- prepared images (teacher-cache prepare, prepared:) ----------------------------------------------------------
@@ -2336,6 +2337,49 @@ def _(env, tmp_path, mp):
   return (cache_main, _extend(env, store, "--views", "3"), 2,
           rf"'.*c\.zarr' is being written by process {env.holder.pid} on .*; wait for it to finish\.$",
           [store, Absent(store + ".extending"), Absent(store + ".replaced")])
+
+
+# --- polish: derive/info/store review findings (issue 33) ---
+def _killed_between_renames(env, tmp_path) -> str:
+  """What a kill between the two renames of extend's fallback switch-over leaves: no CACHE, the old cache at
+  CACHE.replaced and the complete grown one at CACHE.extending."""
+  cache = str(tmp_path / "c.zarr")
+  shutil.copytree(env.store, cache + ".replaced")
+  shutil.copytree(env.store, cache + ".extending")
+  return cache
+
+
+_SWITCH_LEFT = (r"no cache at '.*c\.zarr', but '.*c\.zarr\.extending' and '.*c\.zarr\.replaced' are there: an extend "
+                r"of it was interrupted while switching to the extended store; run that `teacher-cache extend` again "
+                r"to finish the switch\.$")
+
+
+@fault("info of a cache whose extend was killed between the two renames of its switch-over")
+def _(env, tmp_path, mp):
+  cache = _killed_between_renames(env, tmp_path)
+  return cache_main, ["info", cache], 2, _SWITCH_LEFT, [cache + ".extending", cache + ".replaced", Absent(cache)]
+
+
+@fault("fit --cache of a cache whose extend was killed between the two renames of its switch-over")
+def _(env, tmp_path, mp):
+  cache = _killed_between_renames(env, tmp_path)
+  return (student_main, _fit(env, "--cache", cache, "--out", tmp_path / "r"), 2, _SWITCH_LEFT,
+          [cache + ".extending", cache + ".replaced", Absent(cache), Absent(tmp_path / "r")])
+
+
+@fault("convert --chunk-rows 0")
+def _(env, tmp_path, mp):
+  return (cache_main, ["convert", env.store, "--targets", "topk:3", "--chunk-rows", "0", "--out", tmp_path / "n.zarr"],
+          2,
+          r"--chunk-rows must be >= 1, got 0\.$", [env.store, Absent(tmp_path / "n.zarr")])
+
+
+@fault("subset --chunk-rows not a multiple of the views kept")
+def _(env, tmp_path, mp):
+  return (cache_main, ["subset", env.store, "--members", "t1", "--chunk-rows", "33", "--data-dir", env.data_dir,
+                       "--out", tmp_path / "n.zarr"], 2,
+          r"--chunk-rows 33 is not a multiple of --views 2, .* give 32 or 34, or none \(the default is a multiple of "
+          r"--views\)\.$", [env.store, Absent(tmp_path / "n.zarr")])
 
 
 @pytest.mark.parametrize("name", list(FAULTS))

@@ -2,6 +2,7 @@
 views: every array and every stored chunk byte equal, the spec equal but for its history and creation time; a kill
 during an extend leaves the original as it was."""
 
+import json
 import os
 import re
 import shutil
@@ -15,24 +16,21 @@ import pytest
 from conftest import array_files, run_cli, tree_digest
 
 from shared.cache import SPEC_KEY, open_cache
-from student_train.cli import main as student_main
+from shared.cache.store import SWITCH_SUFFIXES
+from student_train.config import FitConfig
+from student_train.plan import plan_run
 from teacher_cache import extend as extend_module
 from teacher_cache import grow
-from teacher_cache.build import BuildConfig, build_cache
+from shared.settings import differences
+from teacher_cache.build import BuildConfig
 from teacher_cache.cli import main
-from teacher_cache.extend import REPLACED_SUFFIX, staging_path
+from teacher_cache.extend import REPLACED_SUFFIX, STAGING_SUFFIX, staging_path
 from teacher_cache.grow import grow_cache, source_config
+from teacher_cache.info import history_lines
 from teacher_cache.verify import verify_cache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SPLIT = "train[:120]"  # 120 examples: a few chunks of 32 rows with 2 or 4 views.
 SPARSE = {"targets": "sample:4", "member_logits": True, "features": "hidden1:pooled", "eval_split": "none"}
-
-
-def _build(out, teachers, data_dir, **options) -> str:
-  build_cache(BuildConfig(dataset="digits", split=SPLIT, data_dir=data_dir, teachers=tuple(teachers), out=str(out),
-                          progress=False, **{"views": 2, "chunk_rows": 32, "batch_size": 16, **options}))
-  return str(out)
 
 
 def assert_same_cache(grown: str, direct: str) -> None:
@@ -53,17 +51,29 @@ def assert_same_cache(grown: str, direct: str) -> None:
   assert mine == theirs
 
 
+# Direct builds (`conftest.SmallCaches`, shared with test_derive): one member and two (2 views, and 4), dense with
+# eval logits; sparse with member logits and features, one member and two.
+BUILDS = {"one": ((0,), {}), "two": ((0, 1), {}), "two4": ((0, 1), {"views": 4}), "one_sparse": ((0,), SPARSE),
+          "two_sparse": ((0, 1), SPARSE)}
+
+
+class _Built:
+  """`built["root"]`: this module's folder for its outputs; `built[name]`: the direct build `BUILDS[name]`, made
+  when first asked for; `built.get(members, **options)`: another."""
+
+  def __init__(self, root, caches):
+    self.root, self.get = root, caches.get
+
+  def __getitem__(self, name):
+    if name == "root":
+      return self.root
+    members, options = BUILDS[name]
+    return self.get(members, **options)
+
+
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, data_dir, teachers, compilation_cache):  # pylint: disable=unused-argument
-  """Direct builds: one member and two (2 views, and 4), dense with eval logits; sparse with member logits and
-  features, one member and two."""
-  root = tmp_path_factory.mktemp("grow")
-  return {"root": root,
-          "one": _build(root / "one.zarr", teachers[:1], data_dir),
-          "two": _build(root / "two.zarr", teachers[:2], data_dir),
-          "two4": _build(root / "two4.zarr", teachers[:2], data_dir, views=4),
-          "one_sparse": _build(root / "one_sparse.zarr", teachers[:1], data_dir, **SPARSE),
-          "two_sparse": _build(root / "two_sparse.zarr", teachers[:2], data_dir, **SPARSE)}
+def built(tmp_path_factory, small_caches, compilation_cache):  # pylint: disable=unused-argument
+  return _Built(tmp_path_factory.mktemp("grow"), small_caches)
 
 
 def _copy(built, name, to) -> str:
@@ -82,21 +92,23 @@ def _extend(cache, data_dir, *extra, capsys=None):
 def test_engine_adds_a_member_equal_to_a_direct_build(built, data_dir, teachers, monkeypatch, rows_by):
   """A source's rows found by the grouped order's rule, or (as for an older row order) by its stored index and
   view."""
+  direct = built["two"]  # Built before the row order is changed.
   if rows_by == "stored":
     monkeypatch.setattr(grow, "GROUPED", "no row order")
   config = source_config(open_cache(built["one"]).spec, teachers=(teachers[1],), data_dir=data_dir, batch_size=16,
                          out=str(built["root"] / f"engine_{rows_by}.zarr"), progress=False)
   grown = grow_cache(config, [built["one"]], history={"command": "extend", "added_members": ["t1"]})
-  assert_same_cache(grown, built["two"])
+  assert_same_cache(grown, direct)
   history = open_cache(grown).spec.history
   assert [h["command"] for h in history] == ["extend"] and len(history[0]["sources"]) == 1
 
 
 def test_extend_adds_a_member_in_place_and_its_students_are_other_runs(built, data_dir, teachers, capsys, tmp_path):
   cache = _copy(built, "one", "inplace.zarr")
-  fit = ["fit", "--cache", cache, "--data-dir", data_dir, "--model", "mlp-tiny", "--epochs", "1", "--no-progress",
-         "--out", tmp_path / "run"]
-  assert run_cli(student_main, fit, capsys)[0] == 0
+  # A student's identity: what its run dir's config.json records and a resume compares (`student_train.run_dir`).
+  student = FitConfig(cache=cache, data_dir=data_dir, model="mlp-tiny", epochs=1, out=str(tmp_path / "run"))
+  identity = json.loads(json.dumps(plan_run(student).record()))
+  assert identity["cache"]["build_key"] == json.loads(json.dumps(open_cache(cache).spec.build_key()))
   code, _, err = _extend(cache, data_dir, "--teacher", teachers[1], capsys=capsys)
   assert code == 0, err
   assert_same_cache(cache, built["two"])
@@ -106,15 +118,17 @@ def test_extend_adds_a_member_in_place_and_its_students_are_other_runs(built, da
   before = tree_digest(cache)
   assert _extend(cache, data_dir, "--teacher", teachers[1], capsys=capsys)[0] == 0
   assert tree_digest(cache) == before
-  # A student of the old cache does not resume on the extended one: its identity holds the cache's build key.
-  code, _, err = run_cli(student_main, [*fit[:-2], "--epochs", "2", "--out", tmp_path / "run"], capsys)
-  assert code == 2 and "member_digests" in err, err
+  # A student of the old cache does not resume on the extended one: its identity differs in the cache's members (the
+  # differences a resume refuses with).
+  changed = differences(identity, json.loads(json.dumps(plan_run(student).record())), "run dir")
+  assert any(line.startswith("cache.build_key.member_digests: ") for line in changed), changed
 
 
 def test_extend_by_views_equals_a_direct_build_and_copies_the_old_rows(built, data_dir, teachers, capsys,
                                                                        monkeypatch):
   """Views 2 -> 4 of both members (their runs where the cache records them): only the new views' rows are
   rendered and computed."""
+  direct = built["two4"]  # Built before rows are counted.
   rendered = []
   original = extend_module.grow_cache.__globals__["build"]._computed_chunks
 
@@ -125,7 +139,7 @@ def test_extend_by_views_equals_a_direct_build_and_copies_the_old_rows(built, da
   out = str(built["root"] / "two4_grown.zarr")
   code, _, err = _extend(built["two"], data_dir, "--views", "4", "--out", out, capsys=capsys)
   assert code == 0, err
-  assert_same_cache(out, built["two4"])
+  assert_same_cache(out, direct)
   assert rendered == [("rows", 120 * 2)]  # The new views only; the eval logits are copied.
   assert open_cache(out).spec.history[-1]["views"] == [2, 4]
 
@@ -158,9 +172,10 @@ def test_extend_sparse_with_features_equals_a_direct_build(built, data_dir, teac
   assert_same_cache(out, built["two_sparse"])
   assert [f.array_name for f in open_cache(out).spec.features] == ["feature.hidden1.pooled.m0",
                                                                     "feature.hidden1.pooled.m1"]
-  code, info, _ = run_cli(main, ["info", out], capsys)  # `info` shows how it was grown.
-  digest = open_cache(out).spec.history[0]["added_members"][0]
-  assert code == 0 and f"extend (added_members ['{digest[:12]}…'], views [2, 2]) from " in info, info
+  code, info, _ = run_cli(main, ["info", out], capsys)  # `info` shows how it was grown: the member by its name.
+  spec = open_cache(out).spec
+  assert spec.history[0]["added_members"] == [spec.members[1].digest]
+  assert code == 0 and f"extend (added_members ['{spec.member_name(1)}']) from " in info, info
 
 
 def _committed(store) -> int:
@@ -230,6 +245,9 @@ def test_a_kill_during_the_switch_is_finished_by_the_next_extend(built, data_dir
     assert_same_cache(cache, built["two"])
   else:
     assert not os.path.exists(cache) and os.path.exists(cache + REPLACED_SUFFIX)
+    code, _, err = run_cli(main, ["info", cache], capsys)  # What is left says how to finish the switch.
+    assert code == 2 and f"no cache at {cache!r}, but {staging_path(cache)!r} and {cache + REPLACED_SUFFIX!r} are " \
+        "there" in err and "run that `teacher-cache extend` again to finish the switch." in err, err
   code, _, err = _extend(cache, data_dir, "--teacher", teachers[1], capsys=capsys)
   assert code == 0, err
   assert_same_cache(cache, built["two"])
@@ -275,25 +293,25 @@ def test_a_new_member_without_the_cache_s_features_is_refused(built, data_dir, t
 
 
 def test_more_views_take_the_default_chunk_rows_where_the_cache_s_do_not_hold_whole_examples(built, data_dir,
-                                                                                             teachers, capsys):
+                                                                                             capsys):
   out = str(built["root"] / "three_views.zarr")
   code, _, err = _extend(built["one"], data_dir, "--views", "3", "--out", out, capsys=capsys)
   assert code == 0, err
   assert open_cache(out).spec.chunk_rows == 4095  # 32 is not a multiple of 3: the default 4096 rounded down.
-  direct = _build(built["root"] / "three_direct.zarr", teachers[:1], data_dir, views=3, chunk_rows=4095)
+  direct = built.get((0,), views=3, chunk_rows=4095)
   assert_same_cache(out, direct)  # The eval logits too, read across the cache's chunks of other rows.
 
 
 def test_a_cache_of_mixed_views_takes_a_member_and_more_views(built, data_dir, teachers, capsys):
   """Mixed views: a member is added as a direct build adds it, and more views too (a row's partner, λ and box do not
   depend on the view count), so the rows kept and the rows added are a direct build's with the final views."""
-  one = _build(built["root"] / "mix_one.zarr", teachers[:1], data_dir, mix="cutmix:1", eval_split="none")
-  two = _build(built["root"] / "mix_two.zarr", teachers[:2], data_dir, mix="cutmix:1", eval_split="none")
+  one = built.get((0,), mix="cutmix:1", eval_split="none")
+  two = built.get((0, 1), mix="cutmix:1", eval_split="none")
   out = str(built["root"] / "mix_grown.zarr")
   code, _, err = _extend(one, data_dir, "--teacher", teachers[1], "--out", out, capsys=capsys)
   assert code == 0, err
   assert_same_cache(out, two)
-  four = _build(built["root"] / "mix_four.zarr", teachers[:1], data_dir, mix="cutmix:1", eval_split="none", views=4)
+  four = built.get((0,), mix="cutmix:1", eval_split="none", views=4)
   out = str(built["root"] / "mix_four_grown.zarr")
   code, _, err = _extend(one, data_dir, "--views", "4", "--out", out, capsys=capsys)
   assert code == 0, err
@@ -313,6 +331,7 @@ def test_a_member_with_rows_no_source_holds_is_refused_before_anything_is_writte
 def test_the_engine_holds_the_cells_of_one_chunk_at_a_time(built, data_dir, monkeypatch):
   """Each chunk's cells are worked out as it is written, not every row's before the first write: a grow copying
   from a source holds one chunk's plan at a time (the memory of a cache of any size)."""
+  source = built["two"]  # Built (when first asked for) before the patches below.
   planned, held = grow._cells, {"now": 0, "most": 0}
 
   def counting(sources, spec, rows, *args):
@@ -326,20 +345,47 @@ def test_the_engine_holds_the_cells_of_one_chunk_at_a_time(built, data_dir, monk
     return put_rows(writer, cache, chunk, arrays, *args)
   monkeypatch.setattr(grow, "_cells", counting)
   monkeypatch.setattr(grow.build, "put_rows", written)
-  spec = open_cache(built["two"]).spec
+  spec = open_cache(source).spec
   config = source_config(spec, data_dir=data_dir, out=str(built["root"] / "held.zarr"), progress=False)
-  grow_cache(config, [built["two"]], members=[spec.members[1].digest], history={"command": "subset"})
+  grow_cache(config, [source], members=[spec.members[1].digest], history={"command": "subset"})
   assert held == {"now": 0, "most": spec.chunk_rows} and spec.num_rows > spec.chunk_rows
 
 
 def test_extend_loads_each_teacher_once(built, data_dir, teachers, capsys, monkeypatch):
   """The runs extend reads to check its command line are the ones the engine computes with: no second read."""
+  one, two = built["one"], built["two"]  # Built (when first asked for) before the patches below.
   loads = []
   for module in (extend_module, grow):
     monkeypatch.setattr(module, "load_teacher", lambda run, *a, _load=module.load_teacher, **k: (
         loads.append(run), _load(run, *a, **k))[1])
   out = str(built["root"] / "loaded_once.zarr")
-  code, _, err = _extend(built["one"], data_dir, "--teacher", teachers[1], "--out", out, capsys=capsys)
+  code, _, err = _extend(one, data_dir, "--teacher", teachers[1], "--out", out, capsys=capsys)
   assert code == 0, err
   assert loads == [teachers[1]]
-  assert_same_cache(out, built["two"])
+  assert_same_cache(out, two)
+
+
+@pytest.mark.fast
+def test_info_history_names_the_members_and_leaves_out_what_did_not_change():
+  new, old, source = "ab" * 32, "cd" * 32, "ef" * 32
+  spec = {"members": [{"name": "t0", "digest": old}, {"name": "t1", "digest": new}],
+          "history": [{"command": "extend", "sources": [source], "at": "T", "added_members": [new], "views": [2, 2]},
+                      {"command": "subset", "sources": [source], "at": "U", "members": ["t1"], "views": [4, 2],
+                       "gone": ["12" * 32]}]}
+  assert history_lines(spec) == [
+      "T: extend (added_members ['t1']) from efefefefefef…",
+      "U: subset (members ['t1'], views [4, 2], gone ['121212121212…']) from efefefefefef…"]
+
+
+@pytest.mark.fast
+def test_a_missing_cache_s_error_knows_what_extend_leaves_beside_it():
+  """`open_cache`'s error for a missing CACHE names the stores an extend's switch-over leaves (`teacher_cache.extend`
+  writes them; shared code does not import it)."""
+  assert SWITCH_SUFFIXES == (STAGING_SUFFIX, REPLACED_SUFFIX)
+
+
+@pytest.mark.fast
+def test_a_settings_difference_shows_digests_by_their_first_12_hex_digits():
+  """Run dirs' (`shared.settings.differences`), as caches' (`CacheSpec.mismatches`, pinned in test_derive)."""
+  assert differences({"d": ["a" * 64]}, {"d": ["a" * 64, "b" * 64]}, "run dir") == [
+      "d: ['aaaaaaaaaaaa…'] (run dir) vs ['aaaaaaaaaaaa…', 'bbbbbbbbbbbb…'] (command)"]

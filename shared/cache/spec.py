@@ -35,7 +35,7 @@ from shared.ensemble import COMBINE_RULES
 from shared.errors import StillroomError
 from shared.json_checks import EXPECTED, described, is_kind
 from shared.precision import COMPUTE_DTYPES, DEFAULT_COMPUTE_DTYPE
-from shared.settings import positive_finite, seed_check
+from shared.settings import positive_finite, seed_check, with_short_digests
 
 # Before version 6 a store recorded the oldest version that held it (`legacy_schema_version`): a stillroom that
 # predates what it holds refuses it by its version.
@@ -51,11 +51,6 @@ SPEC_KEY = "stillroom"  # The group attribute that holds `CacheSpec.to_attrs()`.
 COMPLETE_KEY = "stillroom_complete"  # ...and the completion record, written last: without it a store is incomplete.
 REBUILD = "the build command with --overwrite rebuilds the store"  # What recovers a damaged spec.
 TARGET_KINDS = ("dense", "topk", "sample")  # `--targets dense|topk:K|sample:K`.
-HISTORY_FIELDS = {  # One entry of `CacheSpec.history`; a command may add fields of its own (what it changed).
-    "command": "the command that grew the cache: extend, convert, subset or merge",
-    "sources": "the SHA-256 spec digests (`shared.cache.record.spec_digest`) of the caches it was made from",
-    "at": "ISO time at which the step started",
-}
 
 
 def parse_targets(text: str) -> tuple[str, int | None]:
@@ -91,7 +86,7 @@ def validate_settings(*, temperature: float, combine: str, dtype: str, views: in
   if views < 1:
     raise StillroomError(f"views must be >= 1 (view 0 is the un-augmented input), got {views}.")
   if chunk_rows < 1:
-    raise StillroomError(f"chunk_rows must be >= 1, got {chunk_rows}.")
+    raise StillroomError(f"--chunk-rows must be >= 1, got {chunk_rows}.")
   if seed_check(seed) is not True:
     raise StillroomError(f"seed {seed_check(seed)}, got {seed}.")
   if folds < 1:
@@ -241,7 +236,8 @@ class CacheSpec:
     schema_version: the layout version (`SCHEMA_VERSION` for every store this stillroom writes, `MIX_SCHEMA_VERSION`
       with mixed views); None: the one this stillroom writes for these settings.
     history: how the cache was grown from others (`teacher-cache extend`, `convert`, `subset`, `merge`): one small
-      dict per step, oldest first (`HISTORY_FIELDS`); empty for a direct build, and absent from the attributes of a
+      dict per step, oldest first (`with_history`: "command", "sources" (the spec digests of the caches it was made
+      from), "at" (ISO time), and what the step changed); empty for a direct build, and absent from the attributes of a
       store that has none (every store written before it). Not part of `build_key`: a grown cache is the direct
       build of its final settings, whatever its history.
   """
@@ -499,7 +495,8 @@ class CacheSpec:
     mine, theirs = self.build_key(), other.build_key()
     # A key that a build key leaves out where it has its default (`build_key`) is shown with that default.
     omitted = {"compute_dtype": DEFAULT_COMPUTE_DTYPE}
-    return [f"{key}: {mine.get(key, omitted.get(key))} (store) vs {theirs.get(key, omitted.get(key))} (command)"
+    return [f"{key}: {with_short_digests(mine.get(key, omitted.get(key)))} (store) vs "
+            f"{with_short_digests(theirs.get(key, omitted.get(key)))} (command)"
             for key in {**mine, **theirs} if mine.get(key) != theirs.get(key)]
 
   def to_attrs(self) -> dict:

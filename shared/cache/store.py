@@ -19,6 +19,21 @@ from shared.log import logger
 
 
 _LOG = logger(__name__)
+# What `teacher-cache extend CACHE` keeps beside CACHE (`teacher_cache.extend`): the grown store, built until complete,
+# and CACHE moved out of the way between the two renames of its switch-over (where no atomic exchange is offered).
+SWITCH_SUFFIXES = (".extending", ".replaced")
+
+
+def _left_by_a_switch(path: str) -> str:
+  """What a missing cache's error adds where an extend was killed during its switch-over, which left no CACHE but
+  `CACHE.extending` and `CACHE.replaced`: "" where neither is there."""
+  left = [path.rstrip("/") + suffix for suffix in SWITCH_SUFFIXES]
+  left = [p for p in left if storage.exists(p)]
+  if not left:
+    return ""
+  return (f", but {' and '.join(map(repr, left))} {'are' if len(left) > 1 else 'is'} there: an extend of it was "
+          "interrupted while switching to the extended store; run that `teacher-cache extend` again to finish the "
+          "switch")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -132,7 +147,7 @@ def open_cache(path: str, mode: str = "r", require_complete: bool = True, check_
       after the build (or, schema 6, a completion record without its digest), or incomplete.
   """
   if not storage.exists(path):
-    raise StillroomError(f"no cache at {path!r}.")
+    raise StillroomError(f"no cache at {path!r}{_left_by_a_switch(path)}.")
   try:
     group = zarr.open_group(storage.zarr_store(path, read_only=mode == "r"), mode=mode)
   except Exception as e:  # zarr raises several types for "not a group".
