@@ -203,6 +203,8 @@ def _extend_locked(cache: str, config: BuildConfig, extend: ExtendConfig, in_pla
       "teachers": tuple(t.source for t in runs.values()), "views": views, "chunk_rows": chunk_rows,
       "features": features, "out": config.out or staging_path(cache)})
   history = {"command": EXTEND, "added_members": [t.digest for t in added], "views": [spec.views, views]}
+  # A rerun on a complete --out: the engine confirms it ("already complete ... nothing to do") and writes nothing.
+  done = not in_place and not grown.overwrite and is_store(grown.out, complete=True)
   try:
     grow_cache(grown, [source], history=history, teachers=list(runs.values()))
   except StillroomError as e:
@@ -220,7 +222,7 @@ def _extend_locked(cache: str, config: BuildConfig, extend: ExtendConfig, in_pla
     _switch(cache)
     _LOG.info(f"extended {cache} in place: " + _what(spec.views, views, added))
     return cache
-  if distributed.is_first():
+  if distributed.is_first() and not done:
     _LOG.info(f"wrote {config.out}: {cache} " + _what(spec.views, views, added))
   return config.out or cache
 
