@@ -173,11 +173,11 @@ def smoke_setting() -> Setting:
                  together=True)
 
 
-def _data(setting: Setting, work: str, explore: bool) -> dict:
-  """The transfer set and the evaluation split: {dataset, split, eval_dataset, eval_split}."""
+def _data(setting: Setting, work: str, explore: bool, data_dir: str | None) -> dict:
+  """The transfer set and the evaluation split: {dataset, split, eval_dataset, eval_split, data_dir}."""
   if setting.data == "digits":
     n = setting.examples
-    return {"dataset": "digits", "split": f"train[:{n}]", "eval_dataset": "digits",
+    return {"dataset": "digits", "split": f"train[:{n}]", "eval_dataset": "digits", "data_dir": data_dir,
             "eval_split": f"train[{n}:{2 * n if n < 100 else ''}]" if explore else "test"}
   from teacher_cache.prepare import PrepareConfig, prepare_images  # pylint: disable=import-outside-toplevel
   root = write_shapes_once(os.path.join(work, "shapes", "data"))
@@ -189,8 +189,9 @@ def _data(setting: Setting, work: str, explore: bool) -> dict:
   train = f"prepared:{stores['train']}"
   if explore:
     split, valid = per_class_split(train, 0.2)
-    return {"dataset": train, "split": split, "eval_dataset": train, "eval_split": valid}
-  return {"dataset": train, "split": "train", "eval_dataset": f"prepared:{stores['test']}", "eval_split": "train"}
+    return {"dataset": train, "split": split, "eval_dataset": train, "eval_split": valid, "data_dir": data_dir}
+  return {"dataset": train, "split": "train", "eval_dataset": f"prepared:{stores['test']}", "eval_split": "train",
+          "data_dir": data_dir}
 
 
 def _slug(text: str) -> str:
@@ -202,11 +203,11 @@ def _digest(*parts) -> str:
 
 
 def run_study(name: str, setting: Setting, work: str, seeds: int, explore: bool, arm_names: list[str] | None,
-              results_dir: str) -> dict:
+              results_dir: str, data_dir: str | None = None) -> dict:
   """Trains and builds what is missing, writes RESULTS_DIR/<name>.json and .md; returns the results."""
   started, load = time.perf_counter(), os.getloadavg()
   root = os.path.join(work, name + ("-explore" if explore else ""))
-  data = _data(setting, work, explore)
+  data = _data(setting, work, explore, data_dir)
   crops = {"image_size": setting.image_size, "crop_area": setting.build.crop_area, "flip": setting.build.flip,
            "max_shift": setting.build.max_shift}
   stages = {}
@@ -248,7 +249,7 @@ def run_study(name: str, setting: Setting, work: str, seeds: int, explore: bool,
       caches[key] = os.path.join(root, f"cache_{key}.zarr")
       build_cache(dataclasses.replace(
           build, dataset=data["dataset"], split=data["split"], eval_dataset=data["eval_dataset"],
-          eval_split=data["eval_split"], image_size=setting.image_size, teachers=tuple(t.out for t in teachers),
+          eval_split=data["eval_split"], data_dir=data_dir, image_size=setting.image_size, teachers=tuple(t.out for t in teachers),
           out=caches[key]))
   stages["caches"] = time.perf_counter() - clock
   plain = caches.get(_slug(f"v{views}_T{setting.build.temperature:g}_crop_a{setting.build.crop_area[0]:g}"))
@@ -256,7 +257,7 @@ def run_study(name: str, setting: Setting, work: str, seeds: int, explore: bool,
   # Students: one `_train_arms` call per batch stream (cache and epochs), so arms that share one can train together.
   examples = len(_indices(data))
   student = dataclasses.replace(setting.student, eval_dataset=data["eval_dataset"], eval_split=data["eval_split"],
-                                progress=False)
+                                data_dir=data_dir, progress=False)
   streams: dict[tuple, dict[str, tuple[str | None, dict]]] = {}
   rows = {}
   for arm_name, arm in arms.items():
@@ -304,7 +305,7 @@ def run_study(name: str, setting: Setting, work: str, seeds: int, explore: bool,
 
 def _indices(data: dict):
   from shared.data import open_transfer_set  # pylint: disable=import-outside-toplevel
-  return open_transfer_set(data["dataset"], data["split"]).indices
+  return open_transfer_set(data["dataset"], data["split"], data["data_dir"]).indices
 
 
 def _summarise(name, setting, data, explore, seeds, examples, arms, rows, accuracies, evaluations) -> dict:
@@ -367,6 +368,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--explore", action="store_true", help="the study's variations, on a validation slice")
   parser.add_argument("--arms", default=None, help="';'-separated names of the arms to train, of the core and --explore ones (default: the core "
                            "arms; the fresh-crop arm always)")
+  parser.add_argument("--data-dir", default=None, help="TFDS data dir (digits is prepared there once)")
   parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that it runs")
   args = parser.parse_args(argv)
   if args.seeds < 1:
@@ -375,7 +377,8 @@ def main(argv: list[str] | None = None) -> None:
   name = "smoke" if args.smoke else args.setting
   arm_names = [a.strip() for a in args.arms.split(";")] if args.arms else None
   try:
-    run_study(name, setting, args.work, 1 if args.smoke else args.seeds, args.explore, arm_names, args.results)
+    run_study(name, setting, args.work, 1 if args.smoke else args.seeds, args.explore, arm_names, args.results,
+              args.data_dir)
   except StillroomError as e:
     parser.exit(2, f"{parser.prog}: error: {e}\n")
 
