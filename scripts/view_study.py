@@ -38,6 +38,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -95,16 +96,16 @@ SETTINGS = {
         data="digits", image_size=8, teachers=3, examples=144,
         teacher=FitConfig(model="cnn-large", epochs=60, batch_size=48, lr=3e-3, dropout=0.2, checkpoint_every=60),
         build=BuildConfig(views=8, temperature=4.0, crop_area=_CROP, progress=False),
-        student=FitConfig(model="cnn-small", epochs=30, batch_size=48, lr=3e-3, alpha=0.1, checkpoint_every=1000)),
+        student=FitConfig(model="cnn-small", epochs=40, batch_size=48, lr=3e-3, alpha=0.1, checkpoint_every=1000)),
     "shapes-cnn": Setting(
-        data="shapes", image_size=32, teachers=2,
-        teacher=FitConfig(model="cnn-large", epochs=12, batch_size=50, lr=3e-3, dropout=0.2, flip=True,
+        data="shapes", image_size=32, teachers=2, examples=100,
+        teacher=FitConfig(model="cnn-large", epochs=20, batch_size=50, lr=3e-3, dropout=0.2, flip=True,
                           checkpoint_every=100),
         build=BuildConfig(views=8, temperature=4.0, crop_area=_CROP, flip=True, progress=False),
         student=FitConfig(model="cnn-small", epochs=4, batch_size=50, lr=3e-3, alpha=0.1, checkpoint_every=1000)),
     "shapes-resnet": Setting(
-        data="shapes", image_size=32, teachers=2,
-        teacher=FitConfig(model="resnet20", epochs=8, batch_size=50, lr=3e-3, flip=True, checkpoint_every=100),
+        data="shapes", image_size=32, teachers=2, examples=100,
+        teacher=FitConfig(model="resnet20", epochs=20, batch_size=50, lr=3e-3, flip=True, checkpoint_every=100),
         build=BuildConfig(views=8, temperature=4.0, crop_area=_CROP, flip=True, progress=False),
         student=FitConfig(model="resnet8", epochs=4, batch_size=50, lr=3e-3, alpha=0.1, checkpoint_every=1000)),
 }
@@ -179,6 +180,7 @@ def _data(setting: Setting, work: str, explore: bool, data_dir: str | None) -> d
     n = setting.examples
     return {"dataset": "digits", "split": f"train[:{n}]", "eval_dataset": "digits", "data_dir": data_dir,
             "eval_split": f"train[{n}:{2 * n if n < 100 else ''}]" if explore else "test"}
+  from shared.shapes import ShapesConfig  # pylint: disable=import-outside-toplevel
   from teacher_cache.prepare import PrepareConfig, prepare_images  # pylint: disable=import-outside-toplevel
   root = write_shapes_once(os.path.join(work, "shapes", "data"))
   stores = {}
@@ -187,10 +189,11 @@ def _data(setting: Setting, work: str, explore: bool, data_dir: str | None) -> d
     prepare_images(PrepareConfig(dataset=f"imagefolder:{root}/{split}", image_size=setting.image_size,
                                  out=stores[split], progress=False))
   train = f"prepared:{stores['train']}"
+  # The first `examples` images of each class (of the set's 300), the rest the validation slice.
+  split, valid = per_class_split(train, 1 - setting.examples / ShapesConfig().train_per_class)
   if explore:
-    split, valid = per_class_split(train, 0.2)
     return {"dataset": train, "split": split, "eval_dataset": train, "eval_split": valid, "data_dir": data_dir}
-  return {"dataset": train, "split": "train", "eval_dataset": f"prepared:{stores['test']}", "eval_split": "train",
+  return {"dataset": train, "split": split, "eval_dataset": f"prepared:{stores['test']}", "eval_split": "train",
           "data_dir": data_dir}
 
 
@@ -223,11 +226,6 @@ def run_study(name: str, setting: Setting, work: str, seeds: int, explore: bool,
     stages[stage] = stages.get(stage, 0.0) + time.perf_counter() - clock
     return finals
 
-  teacher_base = dataclasses.replace(setting.teacher, augment=True, progress=False, **data, **crops)
-  teachers = [dataclasses.replace(teacher_base, seed=m, out=os.path.join(root, f"teacher{m}"))
-              for m in range(setting.teachers)]
-  train_stage("teachers", [[run] for run in teachers])
-
   arms = core_arms(setting)
   if explore or arm_names:
     arms.update(explore_arms(setting))
@@ -238,6 +236,19 @@ def run_study(name: str, setting: Setting, work: str, seeds: int, explore: bool,
     arms = {k: v for k, v in arms.items() if k in arm_names or k == FRESH}
 
   views = setting.build.views
+  for arm_name, arm in arms.items():  # Before any build: every cached arm's rows must be whole epochs of its cache.
+    if arm.cache is not None:
+      cached_views = arm.cache.get("views", views)
+      epochs = arm.schedule * views * setting.student.epochs / cached_views
+      if epochs != int(epochs) or epochs < 1:
+        raise StillroomError(f"arm {arm_name!r}: {epochs * cached_views:g} rows per example is not a whole number "
+                             f"of epochs of {cached_views} views; give the setting's student a multiple of "
+                             f"{cached_views // math.gcd(cached_views, views)} epochs.")
+  teacher_base = dataclasses.replace(setting.teacher, augment=True, progress=False, **data, **crops)
+  teachers = [dataclasses.replace(teacher_base, seed=m, out=os.path.join(root, f"teacher{m}"))
+              for m in range(setting.teachers)]
+  train_stage("teachers", [[run] for run in teachers])
+
   caches = {}
   clock = time.perf_counter()
   for arm in arms.values():
@@ -249,8 +260,8 @@ def run_study(name: str, setting: Setting, work: str, seeds: int, explore: bool,
       caches[key] = os.path.join(root, f"cache_{key}.zarr")
       build_cache(dataclasses.replace(
           build, dataset=data["dataset"], split=data["split"], eval_dataset=data["eval_dataset"],
-          eval_split=data["eval_split"], data_dir=data_dir, image_size=setting.image_size, teachers=tuple(t.out for t in teachers),
-          out=caches[key]))
+          eval_split=data["eval_split"], data_dir=data_dir, image_size=setting.image_size,
+          teachers=tuple(t.out for t in teachers), out=caches[key]))
   stages["caches"] = time.perf_counter() - clock
   plain = caches.get(_slug(f"v{views}_T{setting.build.temperature:g}_crop_a{setting.build.crop_area[0]:g}"))
 
@@ -270,9 +281,6 @@ def run_study(name: str, setting: Setting, work: str, seeds: int, explore: bool,
       build = dataclasses.replace(setting.build, **arm.cache)
       cache = caches[_slug(f"v{build.views}_T{build.temperature:g}_{build.mix or 'crop'}_a{build.crop_area[0]:g}")]
       epochs = budget / build.views
-      if epochs != int(epochs) or epochs < 1:
-        raise StillroomError(f"arm {arm_name!r}: {budget:g} rows per example is not a whole "
-                         f"number of epochs of {build.views} views.")
       extra = {**arm.fit, "epochs": int(epochs)}
     rows[arm_name] = int(round(budget)) * examples
     key = (cache, extra["epochs"], arm.crop_area)
