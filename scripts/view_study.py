@@ -19,7 +19,8 @@ fresh-crop hard-label arm, and whether it exceeds twice the larger standard devi
 Settings (`SETTINGS`):
   digits10       the embedded `digits` at 10% of its training examples: the transfer set IS train[:144] (teachers,
                  caches and students all see only those 144 images; a mixed view's partner is one of them), crop
-                 views at 8x8; `cnn-large` teachers, `cnn-small` students
+                 views at 8x8; `cnn-large` teachers (60 epochs), `cnn-small` students
+  digits10-patient  the same with patient teachers: 320 epochs each, as many rows as a student
   shapes-cnn     the natural-image shapes set (scripts/make_shapes.py: 3,000 train, 600 test JPEGs), prepared once
                  at 32 px (`teacher-cache prepare`); `cnn-large` teachers, `cnn-small` students
   shapes-resnet  the same images; `resnet20` teachers, `resnet8` students
@@ -95,6 +96,12 @@ SETTINGS = {
     "digits10": Setting(
         data="digits", image_size=8, teachers=3, examples=144,
         teacher=FitConfig(model="cnn-large", epochs=60, batch_size=48, lr=3e-3, dropout=0.2, checkpoint_every=60),
+        build=BuildConfig(views=8, temperature=4.0, crop_area=_CROP, progress=False),
+        student=FitConfig(model="cnn-small", epochs=40, batch_size=48, lr=3e-3, alpha=0.1, checkpoint_every=1000)),
+    # The same with patient teachers: each trains as many rows (320 epochs of fresh crops) as a student.
+    "digits10-patient": Setting(
+        data="digits", image_size=8, teachers=3, examples=144,
+        teacher=FitConfig(model="cnn-large", epochs=320, batch_size=48, lr=3e-3, dropout=0.2, checkpoint_every=320),
         build=BuildConfig(views=8, temperature=4.0, crop_area=_CROP, progress=False),
         student=FitConfig(model="cnn-small", epochs=40, batch_size=48, lr=3e-3, alpha=0.1, checkpoint_every=1000)),
     "shapes-cnn": Setting(
