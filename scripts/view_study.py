@@ -346,7 +346,7 @@ def _summarise(name, setting, data, explore, seeds, examples, arms, rows, accura
 
 
 def format_table(results: dict) -> str:
-  """The results as a Markdown table: accuracy (mean ± std over seeds) and the paired difference against fresh crops."""
+  """The results as a Markdown table: accuracy (mean ± std over seeds), the paired difference against fresh crops."""
   c = results["config"]
   s, b, t = c["student"], c["build"], c["teacher"]
   where = "the validation slice" if results["explore"] else "the test split"
@@ -381,8 +381,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--results", default="results/view_study", help="where <setting>.json and .md go")
   parser.add_argument("--seeds", type=int, default=5, help="paired student seeds per arm (default: 5)")
   parser.add_argument("--explore", action="store_true", help="the study's variations, on a validation slice")
-  parser.add_argument("--arms", default=None, help="';'-separated names of the arms to train, of the core and --explore ones (default: the core "
-                           "arms; the fresh-crop arm always)")
+  parser.add_argument("--arms", default=None, help="';'-separated names of the arms to train, of the core and "
+                                                    "--explore ones (default: the core arms; the fresh-crop arm "
+                                                    "always)")
   parser.add_argument("--data-dir", default=None, help="TFDS data dir (digits is prepared there once)")
   parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that it runs")
   args = parser.parse_args(argv)
