@@ -367,7 +367,7 @@ def format_table(results: dict) -> str:
     verdict = {None: "", True: "yes", False: "no"}[arm.get("beats_fresh_by_2_std")]
     lines.append(f"| {name} | {arm['rows']:,} | {100 * arm['mean']:.2f} ± {100 * arm['std']:.2f}% | {diff} | "
                  f"{verdict} |")
-  lines += ["", f"Stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in results.get("stage_seconds", {}).items()) +
+  lines += ["", "Stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in results.get("stage_seconds", {}).items()) +
             f"; total {results.get('total_seconds', 0):.0f} s on {results.get('machine', {}).get('cpus')} CPUs, load "
             f"average {results.get('machine', {}).get('load_at_start', [0])[0]:.1f} at the start."]
   return "\n".join(lines)
