@@ -21,6 +21,7 @@ Settings (`SETTINGS`):
                  caches and students all see only those 144 images; a mixed view's partner is one of them), crop
                  views at 8x8; `cnn-large` teachers (60 epochs), `cnn-small` students
   digits10-patient  the same with patient teachers: 320 epochs each, as many rows as a student
+  digits10-full-teachers  teachers trained on all 1,437 training images (30 epochs), caches and students on the 144
   shapes-cnn     the natural-image shapes set (scripts/make_shapes.py: 3,000 train, 600 test JPEGs), prepared once
                  at 32 px (`teacher-cache prepare`); `cnn-large` teachers, `cnn-small` students
   shapes-resnet  the same images; `resnet20` teachers, `resnet8` students
@@ -74,7 +75,11 @@ class Setting:
     build: the caches' settings (views V, T, crop area); `mix` is set per cache.
     student: the students' settings; `epochs` is a cached arm's E at the setting's V (the fresh arm trains V·E).
     mixup, cutmix: A of the mixed caches (λ ~ Beta(A, A)).
-    examples: digits: the transfer set's size (the first `examples` of the training split).
+    examples: digits: the transfer set's size (the first `examples` of the training split); shapes: the images of
+      each class (of 300).
+    teacher_examples: digits: the teachers train on the first `teacher_examples` of the training split instead of
+      the transfer set (teachers that know more than the transfer set shows; no --explore then: they saw the
+      validation slice).
     together: train arms that read one cache in one vmapped step (MLPs; convolutional students are faster alone on
       a CPU).
   """
@@ -88,6 +93,7 @@ class Setting:
   mixup: float = 0.4
   cutmix: float = 1.0
   examples: int | None = None
+  teacher_examples: int | None = None
   together: bool = False
 
 
@@ -102,6 +108,13 @@ SETTINGS = {
     "digits10-patient": Setting(
         data="digits", image_size=8, teachers=3, examples=144,
         teacher=FitConfig(model="cnn-large", epochs=320, batch_size=48, lr=3e-3, dropout=0.2, checkpoint_every=320),
+        build=BuildConfig(views=8, temperature=4.0, crop_area=_CROP, progress=False),
+        student=FitConfig(model="cnn-small", epochs=40, batch_size=48, lr=3e-3, alpha=0.1, checkpoint_every=1000)),
+    # Teachers that know more than the students' 144 images: trained on all 1,437 training images (the demo's
+    # label-fraction arms), the caches and students still on the 144 alone.
+    "digits10-full-teachers": Setting(
+        data="digits", image_size=8, teachers=3, examples=144, teacher_examples=1437,
+        teacher=FitConfig(model="cnn-large", epochs=30, batch_size=48, lr=3e-3, dropout=0.2, checkpoint_every=30),
         build=BuildConfig(views=8, temperature=4.0, crop_area=_CROP, progress=False),
         student=FitConfig(model="cnn-small", epochs=40, batch_size=48, lr=3e-3, alpha=0.1, checkpoint_every=1000)),
     "shapes-cnn": Setting(
@@ -251,7 +264,10 @@ def run_study(name: str, setting: Setting, work: str, seeds: int, explore: bool,
         raise StillroomError(f"arm {arm_name!r}: {epochs * cached_views:g} rows per example is not a whole number "
                              f"of epochs of {cached_views} views; give the setting's student a multiple of "
                              f"{cached_views // math.gcd(cached_views, views)} epochs.")
-  teacher_base = dataclasses.replace(setting.teacher, augment=True, progress=False, **data, **crops)
+  if explore and setting.teacher_examples:
+    raise StillroomError(f"setting {name!r}: its teachers train on the validation slice; no --explore.")
+  teacher_data = dict(data, split=f"train[:{setting.teacher_examples}]") if setting.teacher_examples else data
+  teacher_base = dataclasses.replace(setting.teacher, augment=True, progress=False, **teacher_data, **crops)
   teachers = [dataclasses.replace(teacher_base, seed=m, out=os.path.join(root, f"teacher{m}"))
               for m in range(setting.teachers)]
   train_stage("teachers", [[run] for run in teachers])
