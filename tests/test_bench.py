@@ -206,6 +206,27 @@ def _grow(result, printed, tmp):
   assert "extend by one teacher (2 -> 3 members)" in printed and "convert dense -> topk:5" in printed
 
 
+def _view_study(result, printed, tmp):
+  with open(os.path.join(tmp, "results", "smoke.json")) as f:
+    study = json.load(f)
+  _finite(study)
+  arms = study["arms"]
+  assert list(arms) == ["fresh crops, hard labels", "crop views", "mixup views", "cutmix views"]
+  for name, arm in arms.items():  # Equal rows and steps, read back from each run's own metrics (every epoch's rows).
+    runs = glob.glob(os.path.join(tmp, "work", "smoke", "students", "*", f"{name.replace(' ', '_')}_seed0"))
+    assert len(runs) == 1, name
+    with open(os.path.join(runs[0], "metrics.jsonl")) as f:
+      lines = [json.loads(line) for line in f]
+    assert sum(line["rows"] for line in lines) == arm["rows"] == study["examples"] * 2, name  # N examples x 2 views.
+    assert len(arm["values"]) == 1 and arm["values"][0] == lines[-1]["eval_accuracy"], name
+    if name != "fresh crops, hard labels":  # Paired against the fresh-crop arm of the same seed.
+      fresh = arms["fresh crops, hard labels"]["values"][0]
+      assert arm["paired_difference"]["values"] == [arm["values"][0] - fresh]
+  with open(os.path.join(tmp, "results", "smoke.md")) as f:
+    table = f.read().strip()
+  assert "\n|---|" in table and table in printed
+
+
 OUT = ["--out", "{tmp}/out.json"]
 SMOKE = {
     "bench/run_all.py": Smoke(["--smoke", *OUT], _run_all),
@@ -249,6 +270,8 @@ SMOKE = {
                                     _make_shapes),
     "scripts/recipe_search.py": Smoke(["--smoke", "--work", "{tmp}/work", "--data-dir", "{data_dir}"],
                                       _recipe_search),
+    "scripts/view_study.py": Smoke(["--smoke", "--work", "{tmp}/work", "--results", "{tmp}/results", "--data-dir",
+                                    "{data_dir}"], _view_study),
 }
 # Run by other tests: the worked example of docs/external-teachers.md, and the docs' staleness test.
 ELSEWHERE = {
