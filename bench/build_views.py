@@ -4,7 +4,7 @@
                                 [--repeats 3] [--warmup 1] [--out bench/results/build_views.json]
 
 Writes the shapes set (`shared.shapes`) as JPEGs of 256-512 px (random sides) once, saves a random-weight `--model`
-teacher for S×S×3 inputs (`bench.synthetic.teachers`), then times `build_cache` (the public build: a fresh store
+teacher for S×S×3 inputs (`bench.synthetic.jpeg_build_set`), then times `build_cache` (the public build: a fresh store
 each time, no eval split, random-resized crop views with flips at `--image-size` S) with `--views V` against
 `--views 1` on the same images, the arms interleaved (`measure_pair`: after a warm-up of each, the median of the
 repeats). A cache stores an example's V views in adjacent rows (the grouped row order), and the build renders them
@@ -25,37 +25,20 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.harness import measure, measure_pair, write_json  # noqa: E402
-from bench.synthetic import teachers  # noqa: E402
+from bench.synthetic import add_jpeg_build_options, jpeg_build_set  # noqa: E402
 from shared.augment import Augmentation  # noqa: E402
 from shared.data import open_transfer_set  # noqa: E402
-from shared.shapes import CLASSES, ShapesConfig, write_shapes  # noqa: E402
 from teacher_cache.build import BuildConfig, build_cache  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--images", type=int, default=300, help="images in the set (a multiple of 10)")
-  parser.add_argument("--min-side", type=int, default=256)
-  parser.add_argument("--max-side", type=int, default=512)
-  parser.add_argument("--views", type=int, default=16)
-  parser.add_argument("--image-size", type=int, default=32)
-  parser.add_argument("--model", default="mlp-small")
-  parser.add_argument("--batch-size", type=int, default=256)
-  parser.add_argument("--workers", type=int, default=0, help="the build's input workers (0: a thread of its process)")
-  parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--warmup", type=int, default=1, help="untimed builds of each arm first")
-  parser.add_argument("--out", default="bench/results/build_views.json")
+  add_jpeg_build_options(parser, images=300, views=16, out="bench/results/build_views.json")
   args = parser.parse_args(argv)
   size = args.image_size
-  result = {"images": args.images, "sides": [args.min_side, args.max_side], "views": args.views, "image_size": size,
-            "model": args.model, "batch_size": args.batch_size, "workers": args.workers}
   with tempfile.TemporaryDirectory() as tmp:
-    root = os.path.join(tmp, "shapes")
-    write_shapes(root, ShapesConfig(train_per_class=max(1, args.images // len(CLASSES)), test_per_class=0,
-                                    min_side=args.min_side, max_side=args.max_side))
-    dataset = f"imagefolder:{os.path.join(root, 'train')}"
+    dataset, run, result = jpeg_build_set(tmp, args)
     data = open_transfer_set(dataset)
-    run, = teachers(os.path.join(tmp, "teachers"), args.model, (size, size, 3), len(CLASSES), 1)
     builds = iter(range(10 ** 6))
 
     def build(views: int):

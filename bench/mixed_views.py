@@ -4,9 +4,9 @@ images: what the partner's extra read costs.
     python bench/mixed_views.py [--images 200] [--views 8] [--image-size 32] [--model mlp-small] [--workers 0]
                                 [--repeats 3] [--warmup 1] [--out bench/results/mixed_views.json]
 
-Writes the shapes set (`shared.shapes`) as JPEGs of 256-512 px (random sides) once, prepares them at `--image-size`
-S (`teacher-cache prepare`), saves a random-weight `--model` teacher for S×S×3 inputs (`bench.synthetic.teachers`),
-then times `build_cache` (the public build: a fresh store each time, no eval split, random-resized crop views with
+Writes the shapes set (`shared.shapes`) as JPEGs of 256-512 px (random sides) once with a random-weight `--model`
+teacher for S×S×3 inputs (`bench.synthetic.jpeg_build_set`), prepares them at `--image-size` S (`teacher-cache
+prepare`), then times `build_cache` (the public build: a fresh store each time, no eval split, random-resized crop views with
 flips at S, `--views V`) with `--mix none`, `mixup:1` and `cutmix:1` on both sources, the six arms interleaved
 (`measure_interleaved`: after a warm-up of each, the median of the repeats). An unmixed build decodes each image once
 (its V views are adjacent rows); a mixed view also reads its partner, an example drawn from the whole set, so a batch
@@ -23,8 +23,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.harness import measure_interleaved, write_json  # noqa: E402
-from bench.synthetic import teachers  # noqa: E402
-from shared.shapes import CLASSES, ShapesConfig, write_shapes  # noqa: E402
+from bench.synthetic import add_jpeg_build_options, jpeg_build_set  # noqa: E402
+from shared.shapes import CLASSES  # noqa: E402
 from teacher_cache.build import BuildConfig, build_cache  # noqa: E402
 from teacher_cache.prepare import PrepareConfig, prepare_images  # noqa: E402
 
@@ -33,30 +33,14 @@ MIXES = ("none", "mixup:1", "cutmix:1")
 
 def main(argv: list[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--images", type=int, default=200, help="images in the set (a multiple of 10)")
-  parser.add_argument("--min-side", type=int, default=256)
-  parser.add_argument("--max-side", type=int, default=512)
-  parser.add_argument("--views", type=int, default=8)
-  parser.add_argument("--image-size", type=int, default=32)
-  parser.add_argument("--model", default="mlp-small")
-  parser.add_argument("--batch-size", type=int, default=256)
-  parser.add_argument("--workers", type=int, default=0, help="the build's input workers (0: a thread of its process)")
-  parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--warmup", type=int, default=1, help="untimed builds of each arm first")
-  parser.add_argument("--out", default="bench/results/mixed_views.json")
+  add_jpeg_build_options(parser, images=200, views=8, out="bench/results/mixed_views.json")
   args = parser.parse_args(argv)
   size = args.image_size
-  result = {"images": args.images, "sides": [args.min_side, args.max_side], "views": args.views, "image_size": size,
-            "model": args.model, "batch_size": args.batch_size, "workers": args.workers}
   with tempfile.TemporaryDirectory() as tmp:
-    root = os.path.join(tmp, "shapes")
-    write_shapes(root, ShapesConfig(train_per_class=max(1, args.images // len(CLASSES)), test_per_class=0,
-                                    min_side=args.min_side, max_side=args.max_side))
-    jpegs = f"imagefolder:{os.path.join(root, 'train')}"
+    jpegs, run, result = jpeg_build_set(tmp, args)
     prepared = os.path.join(tmp, "prepared.zarr")
     prepare_images(PrepareConfig(dataset=jpegs, image_size=size, out=prepared, workers=args.workers, progress=False))
     sources = {"jpeg": jpegs, "prepared": f"prepared:{prepared}"}
-    run, = teachers(os.path.join(tmp, "teachers"), args.model, (size, size, 3), len(CLASSES), 1)
     builds = iter(range(10 ** 6))
 
     def build(dataset: str, mix: str):

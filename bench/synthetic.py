@@ -1,5 +1,7 @@
-"""Synthetic data for the benchmarks: an npz transfer set, random-weight teachers, and caches written directly."""
+"""Synthetic data for the benchmarks: an npz transfer set, generated JPEGs, random-weight teachers, and caches
+written directly."""
 
+import argparse
 import os
 
 import numpy as np
@@ -12,6 +14,7 @@ from shared.cache import (COMPLETE_KEY, SPEC_KEY, CacheSpec, MemberSpec, complet
 from shared.data import Normalization, open_transfer_set
 from shared.models import ModelSpec, build_model
 from shared.runs import RunRecord, save_run
+from shared.shapes import CLASSES, ShapesConfig, write_shapes
 
 
 def npz_dataset(path: str, rows: int, input_shape: tuple[int, ...], classes: int, seed: int = 0) -> str:
@@ -23,6 +26,38 @@ def npz_dataset(path: str, rows: int, input_shape: tuple[int, ...], classes: int
     x = rng.normal(size=(rows, *input_shape)).astype(np.float32)
   np.savez(path, x=x, y=rng.integers(0, classes, rows))
   return f"npz:{path}"
+
+
+def add_jpeg_build_options(parser: argparse.ArgumentParser, *, images: int, views: int, out: str) -> None:
+  """The options of a benchmark that times builds of crop views from generated JPEGs (`jpeg_build_set`)."""
+  parser.add_argument("--images", type=int, default=images, help="images in the set (a multiple of 10)")
+  parser.add_argument("--min-side", type=int, default=256)
+  parser.add_argument("--max-side", type=int, default=512)
+  parser.add_argument("--views", type=int, default=views)
+  parser.add_argument("--image-size", type=int, default=32)
+  parser.add_argument("--model", default="mlp-small")
+  parser.add_argument("--batch-size", type=int, default=256)
+  parser.add_argument("--workers", type=int, default=0, help="the build's input workers (0: a thread of its process)")
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--warmup", type=int, default=1, help="untimed builds of each arm first")
+  parser.add_argument("--out", default=out)
+
+
+def jpeg_build_set(tmp: str, args: argparse.Namespace) -> tuple[str, str, dict]:
+  """The shapes set (`shared.shapes`) as `args.images` JPEGs of random sides in --min-side..--max-side under `tmp`,
+  and a random-weight `args.model` teacher for S×S×3 inputs (S = --image-size).
+
+  Returns:
+    the `imagefolder:` dataset, the teacher's run dir, and the settings as a result records them.
+  """
+  root = os.path.join(tmp, "shapes")
+  write_shapes(root, ShapesConfig(train_per_class=max(1, args.images // len(CLASSES)), test_per_class=0,
+                                  min_side=args.min_side, max_side=args.max_side))
+  size = args.image_size
+  run, = teachers(os.path.join(tmp, "teachers"), args.model, (size, size, 3), len(CLASSES), 1)
+  settings = {"images": args.images, "sides": [args.min_side, args.max_side], "views": args.views, "image_size": size,
+              "model": args.model, "batch_size": args.batch_size, "workers": args.workers}
+  return f"imagefolder:{os.path.join(root, 'train')}", run, settings
 
 
 def teachers(root: str, model: str, input_shape: tuple[int, ...], classes: int, count: int) -> list[str]:
