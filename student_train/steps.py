@@ -140,6 +140,15 @@ def teacher_of(batch: dict, hyper: Hypers) -> Teacher:
   return Teacher(log_probs=log_probs, logits=logits, sparse=sparse_targets(batch), use_sparse=hyper.use_stored)
 
 
+def example_mask(batch: dict) -> jax.Array:
+  """What each loss and metric averages over: the batch's real rows (`mask` float32 [B], 0 for an epoch's padding
+  rows), or for token rows (labels int32 [B, L], a language model's next tokens) each real row's positions that
+  predict a next token (float32 [B, L]: 0 on padding, on a document's last token and on a row's last position)."""
+  mask = batch["mask"]
+  labels = batch["labels"]
+  return mask if labels.ndim == 1 else mask[:, None] * (labels >= 0)
+
+
 def _update_with_one_of(trainable: nnx.Module, grads, first: nnx.Optimizer, second: nnx.Optimizer,
                         use_first: jax.Array) -> None:
   """Updates `trainable` with optimizer `first` where `use_first` (traced), else with `second`; the other's state
@@ -179,7 +188,7 @@ def train_step_fn(graphdef, normalization: Normalization, switches: dict[str, tu
     steps_taken = optimizer.step[...] + (hint_stage[0].step[...] if hint_stage else 0)  # Each counts its stage's.
     nnx.reseed(trainable, default=jax.random.fold_in(hyper.key, steps_taken))
     teacher = teacher_of(batch, hyper)
-    mask = batch["mask"]
+    mask = example_mask(batch)
 
     def loss_fn(trainable):
       x = normalization.apply(batch["x"])
