@@ -1,8 +1,8 @@
 """`text:PATH`: text as packed rows of tokens, for language models.
 
-PATH is a `.txt` file (one document), a `.jsonl` file (one document per line, its string `text` field), or a folder
-(or object-store prefix) of such files, listed recursively in sorted relative-path order (hidden files and folders
-skipped). Its one split is `train`, whose examples are PACKED ROWS of L = `seq_len` tokens:
+PATH is a `.jsonl` file (one document per line, its string `text` field), any other file (plain text: one
+document), or a folder (or object-store prefix) whose `.txt`, `.md`, `.py` and `.jsonl` files are listed recursively in
+sorted relative-path order (hidden files and folders skipped; other files ignored). Its one split is `train`, whose examples are PACKED ROWS of L = `seq_len` tokens:
 
   * every document is tokenized (`Tokenizer`: UTF-8 bytes by default, or a Hugging Face `tokenizer.json`); empty
     documents are skipped;
@@ -37,7 +37,7 @@ from shared.errors import StillroomError
 from shared.log import progress
 
 PREFIX = "text:"
-TEXT_EXTENSIONS = (".txt", ".jsonl")
+TEXT_EXTENSIONS = (".txt", ".md", ".py", ".jsonl")  # What a folder's listing keeps (.py: the text demo's sources).
 DEFAULT_SEQ_LEN = 256
 DEFAULT_TOKENIZER = "bytes"
 DEFAULT_PACK_SEED = 0
@@ -262,8 +262,8 @@ def _line_of(data: bytes, offset: int) -> int:
 
 
 def documents_of(name: str, path: str, data: bytes) -> list[str]:
-  """The documents of one file: a `.txt` file's text, a `.jsonl` file's lines' `text` fields (blank lines and empty
-  documents skipped).
+  """The documents of one file: a `.jsonl` file's lines' `text` fields (blank lines and empty documents skipped), any
+  other file's text (none when empty).
 
   Raises:
     StillroomError: bad UTF-8, a line that is not JSON, or a line without a string `text` field, naming the file
@@ -305,8 +305,6 @@ def _list(name: str) -> tuple[str, list[str]]:
       raise StillroomError(f"dataset {name!r}: no {'/'.join(TEXT_EXTENSIONS)} files in {root!r}.")
     return root, files
   if storage.is_file(root):
-    if not root.lower().endswith(TEXT_EXTENSIONS):
-      raise StillroomError(f"dataset {name!r}: {root!r} is not a {'/'.join(TEXT_EXTENSIONS)} file.")
     return root, [""]
   raise StillroomError(f"dataset {name!r}: no such file or directory {root!r}.")
 
