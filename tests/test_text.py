@@ -17,7 +17,6 @@ from shared.data.text import TextOptions, next_token_labels, pack_order
 from shared.errors import StillroomError
 from shared.options import text_options
 
-pytestmark = pytest.mark.fast
 
 DOCS_A = ["hello world\n", "", "ça va? ünïcode ✓\n" * 3, "def f(x):\n  return x + 1\n"]
 DOCS_B = ["abc", "", "de", "a much longer document that crosses several rows of the packed stream" * 2]
@@ -81,6 +80,7 @@ def reference_labels(tokens, docs) -> list[int]:
           for j in range(len(tokens))]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("seq_len,seed", [(2, 0), (7, 0), (16, 3), (64, 1), (500, 0)])
 def test_packing_matches_a_pure_python_reference(corpus, seq_len, seed):
   root, documents = corpus
@@ -100,6 +100,7 @@ def test_packing_matches_a_pure_python_reference(corpus, seq_len, seed):
   assert data.normalization.shift == 0.0 and data.normalization.scale == 1.0
 
 
+@pytest.mark.fast
 def test_the_order_is_a_seeded_permutation():
   assert pack_order(50, 0).tolist() == pack_order(50, 0).tolist()
   assert pack_order(50, 0).tolist() != pack_order(50, 1).tolist()
@@ -107,6 +108,7 @@ def test_the_order_is_a_seeded_permutation():
   assert sorted(pack_order(50, 7).tolist()) == list(range(50))
 
 
+@pytest.mark.fast
 def test_next_token_labels_never_cross_documents_or_padding():
   rng = np.random.default_rng(0)
   x = np.zeros((64, 2, 12), np.int32)
@@ -126,6 +128,7 @@ def test_next_token_labels_never_cross_documents_or_padding():
   assert next_token_labels(x[3]).tolist() == labels[3].tolist()  # Any leading axes.
 
 
+@pytest.mark.fast
 def test_splits_slice_rows(corpus):
   root, _ = corpus
   options = TextOptions(seq_len=8)
@@ -140,6 +143,7 @@ def test_splits_slice_rows(corpus):
   assert whole.labels.shape == (len(whole), 8)  # Per-position labels pass the label checks (-1 included).
 
 
+@pytest.mark.fast
 def test_jsonl_file_and_txt_file_alone(tmp_path):
   path = tmp_path / "docs.jsonl"
   path.write_text("\n".join(json.dumps({"text": d}) for d in DOCS_B), encoding="utf-8")
@@ -154,6 +158,7 @@ def test_jsonl_file_and_txt_file_alone(tmp_path):
   assert rows[:, 1].reshape(-1).tolist() == [1] * 17 + [0] * 3
 
 
+@pytest.mark.fast
 def test_default_options_when_none_are_given(corpus):
   root, _ = corpus
   data = open_transfer_set(f"text:{root}")
@@ -165,6 +170,7 @@ def fingerprint(root, **options) -> str:
   return open_transfer_set(f"text:{root}", text=TextOptions(**{"seq_len": 8, **options})).fingerprint
 
 
+@pytest.mark.fast
 def test_the_fingerprint_follows_content_tokenizer_length_and_seed_not_the_path(tmp_path):
   root = str(tmp_path / "a")
   write_corpus(root)
@@ -181,6 +187,7 @@ def test_the_fingerprint_follows_content_tokenizer_length_and_seed_not_the_path(
   assert fingerprint(moved) != fingerprint(root)
 
 
+@pytest.mark.fast
 def test_dataset_spec_records_text_and_old_records_read_the_same(corpus):
   old = {"name": "digits", "split": "train[:80%]", "canonical_split": "train[0:1438]", "count": 1438,
          "fingerprint": "ab" * 32, "input_shape": [8, 8], "input_dtype": "float32", "num_classes": 10,
@@ -197,6 +204,7 @@ def test_dataset_spec_records_text_and_old_records_read_the_same(corpus):
   assert TextOptions.from_dict(spec.text) == TextOptions(seq_len=8, pack_seed=2)
 
 
+@pytest.mark.fast
 def test_text_options_of_a_config_take_the_record_where_not_given():
   config = types.SimpleNamespace(seq_len=None, tokenizer=None, pack_seed=None)
   assert text_options(config) is None
@@ -208,6 +216,7 @@ def test_text_options_of_a_config_take_the_record_where_not_given():
       TextOptions(seq_len=16, pack_seed=4)
 
 
+@pytest.mark.fast
 def test_byte_tokenizer():
   tokenizer = TextOptions().tokenizer()
   ids = tokenizer.encode("héllo ✓")
@@ -231,6 +240,7 @@ def bpe_file(tmp_path_factory):
   return path
 
 
+@pytest.mark.fast
 def test_a_bpe_tokenizer_round_trips_and_is_fingerprinted(corpus, bpe_file):
   options = TextOptions(seq_len=8, tokenizer_name=bpe_file)
   tokenizer = options.tokenizer()
@@ -252,6 +262,7 @@ def test_a_bpe_tokenizer_round_trips_and_is_fingerprinted(corpus, bpe_file):
   assert TextOptions.from_dict(data.text).tokenizer_sha256 == identity["sha256"]
 
 
+@pytest.mark.fast
 def test_a_changed_tokenizer_file_is_refused(tmp_path, bpe_file):
   copy = str(tmp_path / "tokenizer.json")
   shutil.copy(bpe_file, copy)
@@ -262,6 +273,7 @@ def test_a_changed_tokenizer_file_is_refused(tmp_path, bpe_file):
     TextOptions.from_dict(record).tokenizer()
 
 
+@pytest.mark.fast
 def test_without_the_tokenizers_library_a_one_line_error(tmp_path, monkeypatch):
   path = tmp_path / "tokenizer.json"
   path.write_text("{}", encoding="utf-8")
@@ -278,6 +290,7 @@ def one_line_error(name, options=None) -> str:
   return str(raised.value)
 
 
+@pytest.mark.fast
 def test_bad_files_are_refused_naming_file_and_line(tmp_path):
   bad = tmp_path / "bad.txt"
   bad.write_bytes(b"line one\nline two \xff\xfe\n")
@@ -291,6 +304,7 @@ def test_bad_files_are_refused_naming_file_and_line(tmp_path):
     assert "bad.jsonl " + expected in one_line_error(f"text:{path}")
 
 
+@pytest.mark.fast
 def test_no_text_is_refused(tmp_path):
   (tmp_path / "empty").mkdir()
   assert "no .txt/.md/.py/.jsonl files in" in one_line_error(f"text:{tmp_path / 'empty'}")
@@ -301,6 +315,7 @@ def test_no_text_is_refused(tmp_path):
   assert "no such file or directory" in one_line_error(f"text:{tmp_path / 'absent'}")
 
 
+@pytest.mark.fast
 def test_text_options_for_other_data_and_bad_options_are_refused(tmp_path):
   np.savez(tmp_path / "x.npz", x=np.zeros((4, 3), np.float32))
   assert "is not text" in one_line_error(f"npz:{tmp_path / 'x.npz'}", TextOptions(seq_len=8))
@@ -308,6 +323,7 @@ def test_text_options_for_other_data_and_bad_options_are_refused(tmp_path):
     TextOptions(seq_len=1)
 
 
+@pytest.mark.fast
 def test_image_views_are_refused_on_text(corpus):
   root, _ = corpus
   data = open_transfer_set(f"text:{root}", text=TextOptions(seq_len=8))
@@ -317,3 +333,14 @@ def test_image_views_are_refused_on_text(corpus):
     config = types.SimpleNamespace(**{"views": 1, "flip": False, "image_size": None, "mix": None, **settings})
     with pytest.raises(StillroomError, match=flag):
       text_lib.check_views(config, data)
+
+
+def test_a_folder_on_s3_reads_as_its_local_copy(s3, tmp_path):
+  root = str(tmp_path / "corpus")
+  write_corpus(root)
+  s3.put(root, "stillroom-test/text/corpus", recursive=True)
+  options = TextOptions(seq_len=16)
+  local, remote = (open_transfer_set(f"text:{where}", text=options)
+                   for where in (root, "s3://stillroom-test/text/corpus"))
+  assert remote.fingerprint == local.fingerprint and len(remote) == len(local)
+  np.testing.assert_array_equal(remote.read_all()[0], local.read_all()[0])
