@@ -59,7 +59,8 @@ class DatasetSettings:
   pack_seed: int | None = setting(
       None, f"text: datasets: the seed of the documents' order before they are packed into rows (default: "
             f"{DEFAULT_PACK_SEED}; with --cache or a run: the recorded one)", metavar="SEED", group="data",
-      check=lambda seed: seed is None or seed_check(seed), added=True, commands=(FIT, SWEEP, BUILD, VIEWS, IMPORT, EVAL, DEMO))
+      check=lambda seed: seed is None or seed_check(seed), added=True,
+      commands=(FIT, SWEEP, BUILD, VIEWS, IMPORT, EVAL, DEMO))
 
 
 def text_options(config, recorded: dict | None = None) -> TextOptions | None:

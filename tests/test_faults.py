@@ -2436,7 +2436,8 @@ def _(env, tmp_path, mp):
 def _(env, tmp_path, mp):
   data = _text_file(tmp_path, "a.txt", b"some text")
   return (student_main, _fit(env, "--dataset", data, "--tokenizer", tmp_path / "absent.json", "--out",
-                             tmp_path / "r"), 2, r"--tokenizer .*absent\.json: cannot read it", [Absent(tmp_path / "r")])
+                             tmp_path / "r"), 2, r"--tokenizer .*absent\.json: cannot read it",
+          [Absent(tmp_path / "r")])
 
 
 @fault("text: build --views 2 of text")

@@ -98,6 +98,11 @@ def test_packing_matches_a_pure_python_reference(corpus, seq_len, seed):
   assert data.num_classes == 256 and data.labeled and data.class_names is None
   assert (x[:-1, 1] > 0).all()  # Padding in the last row only.
   assert data.normalization.shift == 0.0 and data.normalization.scale == 1.0
+  # In memory: one byte per token of the byte tokenizer (the text's size), and the documents' offsets.
+  stream = data.source.stream
+  assert stream.dtype == np.uint8 and stream.nbytes == sum(len(t) for t in token_lists)
+  assert stream.nbytes == data.source.identity()["tokens"]
+  assert data.in_memory
 
 
 @pytest.mark.fast
@@ -260,6 +265,7 @@ def test_a_bpe_tokenizer_round_trips_and_is_fingerprinted(corpus, bpe_file):
   assert data.fingerprint != open_transfer_set(f"text:{root}", text=TextOptions(seq_len=8)).fingerprint
   assert "path" not in data.source.identity()["tokenizer"]
   assert TextOptions.from_dict(data.text).tokenizer_sha256 == identity["sha256"]
+  assert data.source.stream.dtype == np.uint16  # Two bytes per token below 65,536 ids.
 
 
 @pytest.mark.fast

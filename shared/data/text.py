@@ -2,7 +2,8 @@
 
 PATH is a `.jsonl` file (one document per line, its string `text` field), any other file (plain text: one
 document), or a folder (or object-store prefix) whose `.txt`, `.md`, `.py` and `.jsonl` files are listed recursively in
-sorted relative-path order (hidden files and folders skipped; other files ignored). Its one split is `train`, whose examples are PACKED ROWS of L = `seq_len` tokens:
+sorted relative-path order (hidden files and folders skipped; other files ignored). Its one split is `train`, whose
+examples are PACKED ROWS of L = `seq_len` tokens:
 
   * every document is tokenized (`Tokenizer`: UTF-8 bytes by default, or a Hugging Face `tokenizer.json`); empty
     documents are skipped;
@@ -199,7 +200,8 @@ class TextOptions:
     if not isinstance(self.tokenizer_name, str) or not self.tokenizer_name:
       raise StillroomError(f"--tokenizer {self.tokenizer_name!r}: give 'bytes' or the path of a tokenizer.json.")
     if self.tokenizer_name != DEFAULT_TOKENIZER and not storage.is_url(self.tokenizer_name):
-      object.__setattr__(self, "tokenizer_name", os.path.abspath(self.tokenizer_name))  # Re-opened from other directories.
+      # Absolute: a record re-opens it from other directories.
+      object.__setattr__(self, "tokenizer_name", os.path.abspath(self.tokenizer_name))
 
   def tokenizer(self) -> Tokenizer:
     """The `Tokenizer` (a file is loaded once per process)."""
@@ -219,8 +221,8 @@ class TextOptions:
     if isinstance(tokenizer, dict):
       if tokenizer.get("kind") == "bytes":
         return cls(seq_len=d["seq_len"], pack_seed=d.get("pack_seed", DEFAULT_PACK_SEED))
-      return cls(seq_len=d["seq_len"], tokenizer_name=tokenizer["path"], pack_seed=d.get("pack_seed", DEFAULT_PACK_SEED),
-                 tokenizer_sha256=tokenizer.get("sha256"))
+      return cls(seq_len=d["seq_len"], tokenizer_name=tokenizer["path"],
+                 pack_seed=d.get("pack_seed", DEFAULT_PACK_SEED), tokenizer_sha256=tokenizer.get("sha256"))
     return cls(seq_len=d["seq_len"], tokenizer_name=tokenizer, pack_seed=d.get("pack_seed", DEFAULT_PACK_SEED))
 
 
@@ -376,9 +378,11 @@ def open_source(name: str, split: str, data_dir: str | None,  # pylint: disable=
   paths = [storage.join(root, f) if f else root for f in files]
   sizes = None if storage.is_url(root) else [os.path.getsize(p) for p in paths]
   digest = hashlib.sha256()
+  dtype = token_dtype(tokenizer.vocab_size)
   pieces, lengths = [], []
+  long = sum(sizes) > _PROGRESS_BYTES if sizes else len(paths) > _READ_FILES
   bar = progress(total=sum(sizes) if sizes else len(paths), unit="B" if sizes else "file", unit_scale=bool(sizes),
-                 desc=f"tokenizing {name}", enabled=bool(sizes) and sum(sizes) > _PROGRESS_BYTES, leave=False)
+                 desc=f"tokenizing {name}", enabled=long, leave=False)
   with bar:
     for start in range(0, len(paths), _READ_FILES):
       batch = paths[start:start + _READ_FILES]
@@ -396,14 +400,13 @@ def open_source(name: str, split: str, data_dir: str | None,  # pylint: disable=
           encoded = tokenizer.encode_many(documents) if documents else []
         for ids in encoded:
           if len(ids):
-            pieces.append(ids)
+            pieces.append(ids.astype(dtype, copy=False))  # Compact at once: the open's peak stays near the stream's.
             lengths.append(len(ids))
         bar.update(len(data) if sizes else 1)
   if not pieces:
     raise StillroomError(f"dataset {name!r}: no text in {root!r} (every document is empty).")
   order = pack_order(len(pieces), options.pack_seed)
-  dtype = token_dtype(tokenizer.vocab_size)
-  stream = np.concatenate([pieces[i].astype(dtype, copy=False) for i in order])
+  stream = np.concatenate([pieces[i] for i in order])
   starts = np.concatenate([[0], np.cumsum(np.asarray(lengths, np.int64)[order])]).astype(np.int64)
   source = TextSource(name, options, stream, starts, digest.hexdigest(), len(files))
   return OpenedSource(source, {"train": len(source)}, tokenizer.vocab_size)
