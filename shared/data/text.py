@@ -390,19 +390,23 @@ def open_source(name: str, split: str, data_dir: str | None,  # pylint: disable=
         contents = storage.read_many(batch)
       except OSError as e:
         raise StillroomError(f"dataset {name!r}: cannot read {e.filename or batch[0]}: {e.strerror or e}") from e
+      documents: list = []  # The batch's documents in listing order: token arrays, or texts to encode.
       for relative, path, data in zip(files[start:start + _READ_FILES], batch, contents):
         digest.update(f"{relative}\0{len(data)}\n".encode())
         digest.update(data)
-        documents = documents_of(name, path, data)
+        texts = documents_of(name, path, data)  # Checks the file (UTF-8, JSON lines) whatever the tokenizer.
         if isinstance(tokenizer, ByteTokenizer) and not path.lower().endswith(".jsonl"):
-          encoded = [np.frombuffer(data, np.uint8)] if data else []  # The bytes are the tokens (checked UTF-8).
+          documents += [np.frombuffer(data, np.uint8)] if data else []  # The bytes are the tokens.
         else:
-          encoded = tokenizer.encode_many(documents) if documents else []
-        for ids in encoded:
-          if len(ids):
-            pieces.append(ids.astype(dtype, copy=False))  # Compact at once: the open's peak stays near the stream's.
-            lengths.append(len(ids))
-        bar.update(len(data) if sizes else 1)
+          documents += texts
+      texts = [d for d in documents if isinstance(d, str)]
+      encoded = iter(tokenizer.encode_many(texts) if texts else [])  # One call: the library encodes in parallel.
+      for document in documents:
+        ids = next(encoded) if isinstance(document, str) else document
+        if len(ids):
+          pieces.append(ids.astype(dtype, copy=False))  # Compact at once: the open's peak stays near the stream's.
+          lengths.append(len(ids))
+      bar.update(sum(map(len, contents)) if sizes else len(batch))
   if not pieces:
     raise StillroomError(f"dataset {name!r}: no text in {root!r} (every document is empty).")
   order = pack_order(len(pieces), options.pack_seed)
