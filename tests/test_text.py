@@ -20,6 +20,7 @@ from shared.options import text_options
 
 DOCS_A = ["hello world\n", "", "ça va? ünïcode ✓\n" * 3, "def f(x):\n  return x + 1\n"]
 DOCS_B = ["abc", "", "de", "a much longer document that crosses several rows of the packed stream" * 2]
+PINNED_ORDER = [7, 1, 6, 2, 3, 5, 0, 4]  # pack_order(8, 0) as first computed.
 
 
 def write_corpus(root) -> list[str]:
@@ -111,6 +112,12 @@ def test_the_order_is_a_seeded_permutation():
   assert pack_order(50, 0).tolist() != pack_order(50, 1).tolist()
   assert pack_order(50, 0).tolist() != list(range(50))
   assert sorted(pack_order(50, 7).tolist()) == list(range(50))
+  assert pack_order(8, 0).tolist() == PINNED_ORDER  # A counter hash: the same on every host and NumPy version.
+
+
+@pytest.mark.fast
+def test_the_stream_dtype_is_the_narrowest_for_the_vocabulary():
+  assert [text_lib.token_dtype(v) for v in (256, 257, 65536, 65537)] == [np.uint8, np.uint16, np.uint16, np.int32]
 
 
 @pytest.mark.fast
@@ -246,7 +253,7 @@ def bpe_file(tmp_path_factory):
 
 
 @pytest.mark.fast
-def test_a_bpe_tokenizer_round_trips_and_is_fingerprinted(corpus, bpe_file):
+def test_a_bpe_tokenizer_round_trips_and_is_fingerprinted(corpus, bpe_file, tmp_path):
   options = TextOptions(seq_len=8, tokenizer_name=bpe_file)
   tokenizer = options.tokenizer()
   text = "hello world, ça va? ✓"
@@ -266,6 +273,10 @@ def test_a_bpe_tokenizer_round_trips_and_is_fingerprinted(corpus, bpe_file):
   assert "path" not in data.source.identity()["tokenizer"]
   assert TextOptions.from_dict(data.text).tokenizer_sha256 == identity["sha256"]
   assert data.source.stream.dtype == np.uint16  # Two bytes per token below 65,536 ids.
+  moved = str(tmp_path / "elsewhere.json")
+  shutil.copy(bpe_file, moved)
+  elsewhere = open_transfer_set(f"text:{root}", text=TextOptions(seq_len=8, tokenizer_name=moved))
+  assert elsewhere.fingerprint == data.fingerprint  # Where the tokenizer file lies is not part of it.
 
 
 @pytest.mark.fast
