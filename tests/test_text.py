@@ -226,6 +226,8 @@ def test_text_options_of_a_config_take_the_record_where_not_given():
   assert text_options(types.SimpleNamespace(seq_len=16, tokenizer=None, pack_seed=None)) == given
   assert text_options(types.SimpleNamespace(seq_len=16, tokenizer=None, pack_seed=None), recorded) == \
       TextOptions(seq_len=16, pack_seed=4)
+  assert text_options(config, recorded, "text:corpus") == TextOptions(seq_len=32, pack_seed=4)
+  assert text_options(config, recorded, "digits") is None  # Another dataset than the record's: no options to refuse.
 
 
 @pytest.mark.fast
