@@ -158,7 +158,7 @@ def test_splits_slice_rows(corpus):
 @pytest.mark.fast
 def test_jsonl_file_and_txt_file_alone(tmp_path):
   path = tmp_path / "docs.jsonl"
-  path.write_text("\n".join(json.dumps({"text": d}) for d in DOCS_B), encoding="utf-8")
+  path.write_text("\ufeff" + "\r\n".join(json.dumps({"text": d}) for d in DOCS_B), encoding="utf-8")  # BOM, CRLF.
   data = open_transfer_set(f"text:{path}", text=TextOptions(seq_len=5))
   token_lists = [list(d.encode()) for d in DOCS_B if d]
   expected = reference_rows(token_lists, pack_order(len(token_lists), 0), 5)

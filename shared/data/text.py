@@ -279,7 +279,7 @@ def documents_of(name: str, path: str, data: bytes) -> list[str]:
   if not path.lower().endswith(".jsonl"):
     return [text] if text else []
   documents = []
-  for number, line in enumerate(text.split("\n"), start=1):
+  for number, line in enumerate(text.removeprefix("\ufeff").split("\n"), start=1):  # A BOM opens no JSON value.
     if not line.strip():
       continue
     try:
