@@ -293,6 +293,15 @@ def test_a_changed_tokenizer_file_is_refused(tmp_path, bpe_file):
 
 
 @pytest.mark.fast
+def test_a_file_that_is_no_tokenizer_is_refused(tmp_path, bpe_file):
+  for name, content in (("junk.json", b'{"model": 3}'), ("latin.json", b"\xff\xfe")):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(StillroomError, match=r"not a Hugging Face tokenizer\.json \(.+\)\.$") as raised:
+      TextOptions(tokenizer_name=str(tmp_path / name)).tokenizer()
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.fast
 def test_without_the_tokenizers_library_a_one_line_error(tmp_path, monkeypatch):
   path = tmp_path / "tokenizer.json"
   path.write_text("{}", encoding="utf-8")

@@ -128,7 +128,8 @@ class HfTokenizer(Tokenizer):
     try:
       self._tokenizer = tokenizers.Tokenizer.from_str(content.decode("utf-8"))
     except Exception as e:  # pylint: disable=broad-exception-caught  # The library raises its own exception types.
-      raise StillroomError(f"--tokenizer {path}: not a Hugging Face tokenizer.json ({str(e).splitlines()[0]})") from e
+      what = (str(e).splitlines() or [type(e).__name__])[0]
+      raise StillroomError(f"--tokenizer {path}: not a Hugging Face tokenizer.json ({what}).") from e
     self.path, self.sha256 = path, hashlib.sha256(content).hexdigest()
     self.vocab_size = int(self._tokenizer.get_vocab_size(with_added_tokens=True))
     self.byte_lengths = self._byte_lengths(json.loads(content))
