@@ -40,7 +40,8 @@ class DatasetSettings:
 
   dataset: str | None = setting(
       None, "'digits' (embedded), 'npz:PATH', 'imagefolder:DIR', 'prepared:STORE' (images decoded once by "
-            "`teacher-cache prepare`) or a TFDS dataset prepared in --data-dir "
+            "`teacher-cache prepare`), 'text:PATH' (.txt/.md/.py/.jsonl text packed into rows of tokens) or a TFDS "
+            "dataset prepared in --data-dir "
             f"(default: '{DEFAULT_DATASET}'; `fit --cache`: the dataset the cache records)", group="data",
       commands=(FIT, SWEEP, BUILD, VIEWS, IMPORT, EVAL, DEMO))
   data_dir: str | None = setting(None, "TFDS data dir (default: TFDS's own, ~/tensorflow_datasets)", group="data",
