@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from shared.errors import StillroomError
-from shared.models import ModelSpec, build_model, check_input_shape, count_params, describe_models, feature_shapes
+from shared.models import ModelSpec, build_model, check_input_shape, count_params, feature_shapes
 
 V, L = 16, 12  # A tiny vocabulary and row.
 
@@ -86,13 +86,13 @@ def test_features_are_each_blocks_output_and_bfloat16_gives_float32_logits():
 
 @pytest.mark.fast
 def test_parameter_counts_and_the_registry_refuses_other_inputs():
-  params = {row["name"]: row["params"] for row in describe_models((2, 256), 256)}
+  params = {name: count_params(nnx.eval_shape(lambda n=name: build_model(ModelSpec(name=n, input_shape=(2, 256),
+                                                                                    num_classes=256))))
+            for name in ("lm-tiny", "lm-small")}
   for name, width, depth in (("lm-tiny", 128, 5), ("lm-small", 320, 8)):
     assert params[name] == 2 * 256 * width + depth * (12 * width ** 2 + 2 * width) + width
   assert 0.9e6 < params["lm-tiny"] < 1.1e6 and 9e6 < params["lm-small"] < 11e6
   assert count_params(lm_test_model()) == 2 * V * 16 + 2 * (12 * 16 ** 2 + 2 * 16) + 16
-  images = {row["name"]: row["params"] for row in describe_models((8, 8, 1), 10)}
-  assert images["lm-tiny"] is None and images["cnn-small"] is not None
   with pytest.raises(StillroomError, match=r"^model 'lm-tiny' takes token rows of shape \(2, L\) .*got \(8, 8, 1\)"):
     build_model(ModelSpec(name="lm-tiny", input_shape=(8, 8, 1), num_classes=10))
   graphdef, state = nnx.split(lm_test_model())
@@ -100,3 +100,126 @@ def test_parameter_counts_and_the_registry_refuses_other_inputs():
   assert out.shape == (2, L, V)
   with pytest.raises(StillroomError, match=r"must return logits of shape \[batch, positions, vocabulary\]"):
     check_input_shape(lambda s, x: nnx.merge(graphdef, s)(x)[:, 0], state, (2, L), "lm")
+
+
+def next_labels(x: np.ndarray) -> np.ndarray:
+  """The test's own reference of the next-token labels of rows [B, 2, L]: token j+1 where it is in j's segment."""
+  tokens, segments = x[:, 0].astype(int), x[:, 1].astype(int)
+  labels = np.full(tokens.shape, -1)
+  same = (segments[:, 1:] == segments[:, :-1]) & (segments[:, :-1] != 0)
+  labels[:, :-1] = np.where(same, tokens[:, 1:], -1)
+  return labels
+
+
+def pattern_rows(count: int, length: int = L, period: int = 3, seed: int = 0) -> np.ndarray:
+  """Rows of a repeating pattern 0, 1, .., period-1 (two documents a row, random phases and split; some padding)."""
+  rng = np.random.default_rng(seed)
+  x = np.zeros((count, 2, length), np.float32)
+  for r in range(count):
+    split, end = rng.integers(2, length - 3), length - rng.integers(0, 3)
+    x[r, 0, :end] = (np.arange(end) + rng.integers(0, period)) % period
+    x[r, 1, :split], x[r, 1, split:end] = 1, 2
+  return x
+
+
+def train_lm(steps: int, batch: int = 8, lr: float = 1e-2):
+  """A tiny LM trained on pattern rows through the one step (hard labels): `(graphdef, states, losses, metrics of
+  the last step, the last batch)`."""
+  import optax
+  from shared.data import Normalization
+  from shared.parallel import data_mesh
+  from student_train.steps import Hypers, group_switches, make_train_step, stack_hypers, stack_states
+
+  model = lm_test_model()
+  graphdef, state = nnx.split((model, nnx.Optimizer(model, optax.adam(lr), wrt=nnx.Param)))
+  states = stack_states([state])
+  hypers = stack_hypers([Hypers(member_weights=np.ones(1, np.float32))], [0])
+  step = make_train_step(graphdef, Normalization(), data_mesh(), group_switches(hypers))
+  losses = []
+  for i in range(steps):
+    x = pattern_rows(batch, seed=i)
+    labels = next_labels(x).astype(np.int32)
+    mask = np.ones(batch, np.float32)
+    mask[-1] = 0  # A padding row of the epoch: left out of every mean.
+    data = {"x": x, "labels": labels, "mask": mask}
+    states, metrics = step(states, data, hypers)
+    losses.append(float(metrics["loss"][0]))
+  return graphdef, states, losses, metrics, data
+
+
+@pytest.fixture(scope="module")
+def trained():
+  return train_lm(40)
+
+
+def test_a_tiny_lm_learns_a_repeating_text_and_its_metrics_are_per_token(trained):
+  from shared.data import Normalization
+  from shared.parallel import data_mesh
+  from student_train.steps import make_predict
+
+  graphdef, states, losses, metrics, data = trained
+  assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+  # The step counts tokens: the predicting positions of the real rows.
+  keep = (data["labels"] >= 0) & (data["mask"][:, None] > 0)
+  assert int(metrics["rows"][0]) == keep.sum()
+  log_probs = np.asarray(make_predict(graphdef, Normalization(), data_mesh())(states, data["x"]))
+  assert log_probs.shape == (1, *data["labels"].shape, V)
+  accuracy = (log_probs[0].argmax(-1) == data["labels"])[keep].mean()
+  assert accuracy > 0.9 and float(metrics["train_accuracy"][0]) > 0.8
+
+
+def test_eval_figures_equal_numpys(trained):
+  from student_train.evaluate import concatenate_positions, language_model_metrics, predicted_positions
+
+  graphdef, states, _, _, data = trained
+  rng = np.random.default_rng(1)
+  log_probs = np.asarray(jax.nn.log_softmax(rng.normal(size=(5, L, V)) * 2, -1))
+  x = pattern_rows(5, seed=9)
+  labels = next_labels(x)
+  teacher = rng.integers(0, V, (5, L))
+  byte_lengths = rng.integers(1, 4, V)
+  parts = concatenate_positions([predicted_positions(log_probs[:2], labels[:2], teacher[:2]),
+                                 predicted_positions(log_probs[2:], labels[2:], teacher[2:])])
+  got = language_model_metrics(parts, byte_lengths)
+  # The reference: loops over positions.
+  nll, correct, confidence, agree, nbytes = [], [], [], [], 0
+  for r in range(5):
+    for j in range(L):
+      if labels[r, j] < 0:
+        continue
+      p = np.exp(log_probs[r, j].astype(np.float64))
+      nll.append(-math.log(p[labels[r, j]]))
+      correct.append(p.argmax() == labels[r, j])
+      confidence.append(p.max())
+      agree.append(p.argmax() == teacher[r, j])
+      nbytes += byte_lengths[labels[r, j]]
+  nll, correct, confidence = np.array(nll), np.array(correct), np.array(confidence)
+  ece = 0.0
+  for b in range(15):
+    inside = (np.floor(confidence * 15).clip(0, 14) == b)
+    if inside.any():
+      ece += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
+  assert got["tokens"] == len(nll) == (labels >= 0).sum()
+  np.testing.assert_allclose(got["perplexity"], np.exp(nll.mean()), rtol=1e-12)
+  np.testing.assert_allclose(got["bits_per_byte"], nll.sum() / math.log(2) / nbytes, rtol=1e-12)
+  np.testing.assert_allclose(got["accuracy"], correct.mean(), rtol=1e-12)
+  np.testing.assert_allclose(got["teacher_agreement"], np.mean(agree), rtol=1e-12)
+  np.testing.assert_allclose(got["ece"], ece, rtol=1e-9)
+
+
+def test_sample_continues_the_pattern_greedily_and_draws_by_seed(trained):
+  from student_train.sample import continue_tokens
+
+  graphdef, states, _, _, _ = trained
+  state = jax.tree.map(lambda leaf: leaf[0], states)
+  model = nnx.merge(graphdef, state)[0]
+  model.eval()
+  graph, params = nnx.split(model)
+  apply = lambda p, x: nnx.merge(graph, p)(x)  # noqa: E731
+  greedy = continue_tokens(apply, params, [1, 2, 0, 1], L, 20)
+  assert greedy == [(2 + i) % 3 for i in range(20)]  # Past the window of L = 12 too.
+  assert continue_tokens(apply, params, [1, 2, 0, 1], L, 20) == greedy
+  hot = [continue_tokens(apply, params, [0], L, 15, temperature=5.0, seed=s) for s in (0, 0, 1)]
+  assert hot[0] == hot[1] and hot[0] != hot[2] and all(0 <= t < V for t in hot[0])
+  with pytest.raises(StillroomError, match="the prompt is empty"):
+    continue_tokens(apply, params, [], L, 3)

@@ -1,0 +1,100 @@
+"""`student-train sample`: a language model run's continuation of a prompt, greedy or at a temperature.
+
+Each new token recomputes the whole window (no key-value cache): the last L tokens (L the run's sequence length)
+as one segment at the row's start, the rest of the row padding, and the next token drawn from the logits of the
+window's last position. One compiled forward pass of one row serves every step.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from shared.errors import StillroomError
+from shared.models import is_token_rows
+
+
+def continue_tokens(apply_fn, params, prompt: list[int], seq_len: int, max_new_tokens: int, temperature: float = 0.0,
+                    seed: int = 0) -> list[int]:
+  """The tokens a language model appends to `prompt`, one at a time.
+
+  Args:
+    apply_fn: `(params, x float32 [1, 2, L]) -> logits [1, L, V]` (a loaded run's, `shared.runs.Teacher.apply_fn`).
+    params: its parameters.
+    prompt: the prompt's token ids, at least one.
+    seq_len: L, the rows the model takes; the model sees the last L tokens.
+    max_new_tokens: how many tokens to append.
+    temperature: 0 for greedy (the most probable token, the lowest id among equals), else the logits are divided by
+      it and the token drawn from their softmax.
+    seed: the draws' seed (`jax.random.key`; token i draws with `fold_in(key, i)`): equal seeds, equal samples.
+
+  Returns:
+    The `max_new_tokens` new token ids (the prompt not included).
+
+  Raises:
+    StillroomError: an empty prompt, a negative count or temperature.
+  """
+  if not prompt:
+    raise StillroomError("the prompt is empty: give at least one character (token) to continue.")
+  if max_new_tokens < 0:
+    raise StillroomError(f"--max-new-tokens must be >= 0, got {max_new_tokens}.")
+  if not temperature >= 0:
+    raise StillroomError(f"--temperature must be >= 0 (0: greedy), got {temperature}.")
+
+  @jax.jit
+  def next_token(params, row, last, key):
+    logits = apply_fn(params, row)[0, last].astype(jnp.float32)
+    if temperature == 0:
+      return jnp.argmax(logits)
+    return jax.random.categorical(key, logits / temperature)
+
+  tokens, key = list(prompt), jax.random.key(seed)
+  for i in range(max_new_tokens):
+    window = tokens[-seq_len:]
+    row = np.zeros((1, 2, seq_len), np.float32)
+    row[0, 0, :len(window)], row[0, 1, :len(window)] = window, 1
+    tokens.append(int(next_token(params, row, len(window) - 1, jax.random.fold_in(key, i))))
+  return tokens[len(prompt):]
+
+
+def sample_run(run_dir: str, prompt: str, max_new_tokens: int = 200, temperature: float = 0.0, seed: int = 0,
+               epoch: int | None = None) -> str:
+  """A language model run's continuation of `prompt`, decoded with the tokenizer its data recorded.
+
+  Args:
+    run_dir: a run of a language model trained on a `text:` dataset.
+    prompt: the text to continue.
+    max_new_tokens: tokens to append.
+    temperature: 0 for greedy, else the sampling temperature.
+    seed: the draws' seed.
+    epoch: the checkpoint after this many epochs (None: the newest).
+
+  Returns:
+    The continuation's text (the prompt not included).
+
+  Raises:
+    StillroomError: a run that is not a language model of text, or see `continue_tokens`.
+  """
+  from shared.runs import load_run_teacher, read_config  # pylint: disable=import-outside-toplevel
+  run = load_run_teacher(run_dir, epoch, "--epoch")
+  tokenizer = run_tokenizer(run_dir, read_config(run_dir), run.record.model)
+  seq_len = run.record.model.input_shape[-1]
+  normalization = run.normalization
+  apply = run.apply_fn if normalization is None else lambda p, x: run.apply_fn(p, normalization.apply(x))
+  new = continue_tokens(apply, run.params, tokenizer.encode(prompt), seq_len, max_new_tokens, temperature, seed)
+  return tokenizer.decode(new)
+
+
+def run_tokenizer(run_dir: str, config: dict, model) -> object:
+  """The tokenizer of a language model run's text data (`shared.data.text.Tokenizer`), from the text options its
+  config.json recorded with its dataset.
+
+  Raises:
+    StillroomError: a run that is not a language model, or one whose data recorded no text options.
+  """
+  from shared.data.text import TextOptions  # pylint: disable=import-outside-toplevel
+  text = (config.get("dataset") or {}).get("text")
+  if not is_token_rows(model.input_shape) or text is None:
+    raise StillroomError(f"run {run_dir!r} is a {model.name} on inputs {tuple(model.input_shape)}, not a language "
+                         "model trained on a text: dataset; sample needs one (student-train fit --model lm-tiny "
+                         "--dataset text:PATH).")
+  return TextOptions.from_dict(text).tokenizer()
