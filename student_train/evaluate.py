@@ -136,8 +136,10 @@ def language_model_metrics(parts: dict, byte_lengths: np.ndarray | None = None) 
 
 
 def plan_byte_lengths(plan: RunPlan) -> np.ndarray | None:
-  """The UTF-8 bytes of each token id of a run's text data (bits per byte), or None (not text)."""
-  return None
+  """int [V] the UTF-8 bytes of each token id of a run's eval set, `text:` data (bits per byte), or None (other
+  data)."""
+  options = plan.eval_set.text_options()
+  return None if options is None else options.tokenizer().byte_lengths
 
 
 def eval_line(log_probs: np.ndarray, plan: RunPlan, teacher_top1: np.ndarray | None) -> dict:
