@@ -19,10 +19,11 @@ from shared.data import Normalization, TransferSet, open_transfer_set
 from shared.ensemble import COMBINE_RULES, combine_log_probs, ensemble_log_probs, member_weights
 from shared.errors import StillroomError
 from shared.metrics import classification_metrics, expected_calibration_error
-from shared.models import check_input_shape
+from shared.models import check_input_shape, is_token_rows
 from shared.parallel import batch_sharding, process_rows
 from shared.render import inputs_of
-from shared.runs import Teacher, load_run_teacher
+from shared.log import progress
+from shared.runs import RunRecord, Teacher, load_run_teacher, read_config
 from shared.options import EVAL, DatasetSettings, resolve_dataset, text_options
 from shared.settings import at_least, check_values, setting
 from shared.workers import BatchRenderer, resolve_workers
@@ -186,11 +187,15 @@ class EvalConfig(DatasetSettings):
   COMMANDS: ClassVar[tuple[str, ...]] = (EVAL,)
 
   runs: tuple[str, ...] = setting((), "run dirs to evaluate", commands=(), given_by="RUN_DIR")
-  split: str = setting("test", "the split to evaluate on", group="data")
+  split: str | None = setting(None, "the split to evaluate on (default: 'test'; 'train', the one split, of a text: "
+                                    "dataset)", group="data")
   combine: str = setting("arithmetic", "ensemble rule for several runs (at T=1)", choices=COMBINE_RULES, group="run")
   batch_size: int = setting(256, "examples per forward pass", group="run", check=at_least(1))
   epoch: int | None = setting(None, "evaluate each run's checkpoint after this many epochs (default: the newest)",
                               group="run", check=at_least(0), metavar="N")
+  teacher: str | None = setting(None, "language models: a teacher run (its newest checkpoint) whose top-1 next token "
+                                      "each run's is compared with, per token (teacher_agreement)",
+                                group="run", metavar="RUN_DIR")
 
 
 def evaluate_runs(config: EvalConfig) -> dict:
@@ -201,6 +206,13 @@ def evaluate_runs(config: EvalConfig) -> dict:
     "run" and "epoch" (the checkpoint's epochs trained)}.
   """
   check_values(config)
+  if is_token_rows(read_run_record(config.runs[0]).model.input_shape):
+    return evaluate_language_models(config)
+  if config.teacher is not None:
+    raise StillroomError(f"--teacher {config.teacher}: compares language models' next tokens; run "
+                         f"{config.runs[0]!r} is a classifier (its agreement with a cache's teachers is in its "
+                         "metrics.jsonl).")
+  config = dataclasses.replace(config, split=config.split or "test")
   dataset = resolve_dataset(config.dataset)
   transfer_set = open_transfer_set(dataset, config.split, config.data_dir, text=text_options(config))
   if not transfer_set.labeled:
@@ -228,3 +240,89 @@ def evaluate_runs(config: EvalConfig) -> dict:
   log_probs = np.asarray(combine_log_probs(np.stack(member_logits, axis=1), 1.0, config.combine))  # [N, C]
   return {**classification_metrics(log_probs, transfer_set.labels), "runs": list(config.runs),
           "combine": config.combine, "dataset": dataset, "split": config.split, "members": members}
+
+
+def read_run_record(run_dir: str) -> RunRecord:
+  """A run dir's `RunRecord` (its model), from its config.json."""
+  return RunRecord.from_json(read_config(run_dir), repr(run_dir))
+
+
+def run_text(run_dir: str) -> dict:
+  """The text options a language model run's data recorded (`DatasetSpec.text` in its config.json).
+
+  Raises:
+    StillroomError: a run that is not a language model of `text:` data.
+  """
+  record = read_run_record(run_dir)
+  text = ((read_config(run_dir).get("resolved") or {}).get("dataset") or {}).get("text")
+  if not is_token_rows(record.model.input_shape) or text is None:
+    raise StillroomError(f"run {run_dir!r} is a {record.model.name} on inputs {tuple(record.model.input_shape)}, not a "
+                         "language model of a text: dataset; evaluate language models and classifiers apart.")
+  return text
+
+
+def evaluate_language_models(config: EvalConfig) -> dict:
+  """`evaluate_runs` of language models: per predicted token of a `text:` dataset, re-packed with the runs' recorded
+  tokenizer, sequence length and pack seed (`--seq-len`/`--pack-seed` may change the last two; the tokenizer is the
+  runs'), one run or several as an ensemble (combined at T=1), streamed in batches of rows.
+
+  Returns:
+    `language_model_metrics` of the ensemble (perplexity, nll, bits_per_byte, accuracy, ece, tokens, with
+    `--teacher` teacher_agreement), and "runs", "combine", "dataset", "split", "teacher", "members" (each run's
+    metrics with "run" and "epoch").
+
+  Raises:
+    StillroomError: a run that is not a language model of text, runs of other tokenizers, a --tokenizer other than
+      theirs, a token id outside a run's vocabulary.
+  """
+  recorded = run_text(config.runs[0])
+  for run_dir in (*config.runs[1:], *([config.teacher] if config.teacher else [])):
+    other = run_text(run_dir)
+    if other["tokenizer"] != recorded["tokenizer"]:
+      raise StillroomError(f"run {run_dir!r} tokenized its text with {other['tokenizer']}, run {config.runs[0]!r} "
+                           f"with {recorded['tokenizer']}: their next tokens cannot be compared.")
+  options = text_options(config, recorded)
+  tokenizer = options.tokenizer()
+  if tokenizer.identity() != recorded["tokenizer"]:
+    raise StillroomError(f"--tokenizer {config.tokenizer}: run {config.runs[0]!r} was trained on tokens of "
+                         f"{recorded['tokenizer']}; leave --tokenizer out (the run's is used).")
+  dataset = resolve_dataset(config.dataset)
+  split = config.split or "train"
+  transfer_set = open_transfer_set(dataset, split, config.data_dir, text=options)
+  runs = [load_run_teacher(run_dir, config.epoch, "--epoch") for run_dir in config.runs]
+  teacher = None if config.teacher is None else load_run_teacher(config.teacher, None, None)
+  for run_dir, run in zip((*config.runs, config.teacher), (*runs, teacher)):
+    if run is not None and run.record.model.num_classes != tokenizer.vocab_size:
+      raise StillroomError(f"run {run_dir!r} predicts {run.record.model.num_classes} tokens; the tokenizer has "
+                           f"{tokenizer.vocab_size}.")
+
+  def log_probs_of(run: Teacher):
+    normalization = run.normalization or transfer_set.normalization
+    return jax.jit(lambda params, x: jax.nn.log_softmax(
+        run.apply_fn(params, normalization.apply(x)).astype(jnp.float32), axis=-1))
+
+  forwards = [log_probs_of(run) for run in runs]
+  teacher_forward = None if teacher is None else log_probs_of(teacher)
+  members, ensemble = [[] for _ in runs], []
+  batch_rows = config.batch_size
+  bar = progress(total=len(transfer_set), unit="row", desc="eval", leave=False)
+  with bar:
+    for start in range(0, len(transfer_set), batch_rows):
+      x, labels = transfer_set.read(np.arange(start, min(start + batch_rows, len(transfer_set))))
+      x = np.asarray(x, np.float32)
+      top1 = None if teacher is None else np.asarray(teacher_forward(teacher.params, x)).argmax(-1)
+      each = [forward(run.params, x) for forward, run in zip(forwards, runs)]  # [B, L, V] each
+      for k, log_probs in enumerate(each):
+        members[k].append(predicted_positions(np.asarray(log_probs), labels, top1))
+      if len(runs) > 1:
+        combined = combine_log_probs(jnp.stack(each, axis=-2), 1.0, config.combine)  # Members at axis -2.
+        ensemble.append(predicted_positions(np.asarray(combined), labels, top1))
+      bar.update(len(labels))
+  byte_lengths = tokenizer.byte_lengths
+  member_lines = [{"run": run_dir, "epoch": run.trained_epochs,
+                   **language_model_metrics(concatenate_positions(parts), byte_lengths)}
+                  for run_dir, run, parts in zip(config.runs, runs, members)]
+  whole = language_model_metrics(concatenate_positions(ensemble), byte_lengths) if ensemble else \
+      {k: v for k, v in member_lines[0].items() if k not in ("run", "epoch")}
+  return {**whole, "runs": list(config.runs), "combine": config.combine, "dataset": dataset, "split": split,
+          "teacher": config.teacher, "members": member_lines}

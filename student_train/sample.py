@@ -9,8 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from shared.data.text import TextOptions
 from shared.errors import StillroomError
-from shared.models import is_token_rows
+from shared.runs import load_run_teacher
+from student_train.evaluate import run_text
 
 
 def continue_tokens(apply_fn, params, prompt: list[int], seq_len: int, max_new_tokens: int, temperature: float = 0.0,
@@ -20,7 +22,7 @@ def continue_tokens(apply_fn, params, prompt: list[int], seq_len: int, max_new_t
   Args:
     apply_fn: `(params, x float32 [1, 2, L]) -> logits [1, L, V]` (a loaded run's, `shared.runs.Teacher.apply_fn`).
     params: its parameters.
-    prompt: the prompt's token ids, at least one.
+    prompt: the prompt's token ids (a list or int array), at least one.
     seq_len: L, the rows the model takes; the model sees the last L tokens.
     max_new_tokens: how many tokens to append.
     temperature: 0 for greedy (the most probable token, the lowest id among equals), else the logits are divided by
@@ -33,6 +35,7 @@ def continue_tokens(apply_fn, params, prompt: list[int], seq_len: int, max_new_t
   Raises:
     StillroomError: an empty prompt, a negative count or temperature.
   """
+  prompt = [int(token) for token in prompt]
   if not prompt:
     raise StillroomError("the prompt is empty: give at least one character (token) to continue.")
   if max_new_tokens < 0:
@@ -74,27 +77,10 @@ def sample_run(run_dir: str, prompt: str, max_new_tokens: int = 200, temperature
   Raises:
     StillroomError: a run that is not a language model of text, or see `continue_tokens`.
   """
-  from shared.runs import load_run_teacher, read_config  # pylint: disable=import-outside-toplevel
+  tokenizer = TextOptions.from_dict(run_text(run_dir)).tokenizer()
   run = load_run_teacher(run_dir, epoch, "--epoch")
-  tokenizer = run_tokenizer(run_dir, read_config(run_dir), run.record.model)
   seq_len = run.record.model.input_shape[-1]
   normalization = run.normalization
   apply = run.apply_fn if normalization is None else lambda p, x: run.apply_fn(p, normalization.apply(x))
   new = continue_tokens(apply, run.params, tokenizer.encode(prompt), seq_len, max_new_tokens, temperature, seed)
   return tokenizer.decode(new)
-
-
-def run_tokenizer(run_dir: str, config: dict, model) -> object:
-  """The tokenizer of a language model run's text data (`shared.data.text.Tokenizer`), from the text options its
-  config.json recorded with its dataset.
-
-  Raises:
-    StillroomError: a run that is not a language model, or one whose data recorded no text options.
-  """
-  from shared.data.text import TextOptions  # pylint: disable=import-outside-toplevel
-  text = (config.get("dataset") or {}).get("text")
-  if not is_token_rows(model.input_shape) or text is None:
-    raise StillroomError(f"run {run_dir!r} is a {model.name} on inputs {tuple(model.input_shape)}, not a language "
-                         "model trained on a text: dataset; sample needs one (student-train fit --model lm-tiny "
-                         "--dataset text:PATH).")
-  return TextOptions.from_dict(text).tokenizer()
