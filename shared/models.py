@@ -411,6 +411,7 @@ def check_input_shape(model_fn, params, input_shape: tuple[int, ...], what: str,
   if not hasattr(out, "shape") or len(out.shape) != len(expected) + 1 or tuple(out.shape[:-1]) != expected:
     got = getattr(out, "shape", type(out).__name__)
     wanted = "[batch, positions, vocabulary] for token rows" if len(expected) == 2 else "[batch, classes]"
+    advice = " (token rows need a language model: lm-tiny, lm-small)" if len(expected) == 2 else ""
     raise StillroomError(f"{what} must return logits of shape {wanted}; for a batch of {batch_size} of inputs "
-                         f"{tuple(input_shape)} it returned {got}.")
+                         f"{tuple(input_shape)} it returned {got}{advice}.")
   return out
