@@ -281,3 +281,54 @@ def test_fit_eval_and_sample_of_an_lm_run(lm_run, capsys):
   draws = [run_cli(student_main, ["sample", run, "--prompt", "ab", "--max-new-tokens", "30", "--temperature", "3",
                                   "--seed", seed], capsys)[1] for seed in ("1", "1", "2")]
   assert draws[0] == draws[1] != draws[2]
+
+
+SHARDED = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+sys.path.insert(0, sys.argv[1])
+import jax, numpy as np, optax
+from flax import nnx
+from test_lm import lm_test_model, next_labels, pattern_rows
+from shared.data import Normalization
+from shared.parallel import bytes_per_device, data_mesh
+from student_train.steps import Hypers, group_switches, make_train_step, stack_hypers, stack_states
+from student_train.train import place_states
+
+mesh = data_mesh(True)
+assert mesh.devices.size == 4
+model = lm_test_model(length=8, vocab=32)  # Every weight has an axis divisible by 4.
+graphdef, state = nnx.split((model, nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)))
+hypers = stack_hypers([Hypers(member_weights=np.ones(1, np.float32))], [0])
+x = pattern_rows(8, length=8)
+batch = {"x": x, "labels": next_labels(x).astype(np.int32), "mask": np.ones(8, np.float32)}
+out = {}
+for how in ("replicated", "fsdp"):
+  states, shardings = place_states(stack_states([state]), mesh, how, log=False)
+  step = make_train_step(graphdef, Normalization(), mesh, group_switches(hypers), state_shardings=shardings)
+  losses = []
+  for _ in range(3):
+    states, metrics = step(states, batch, hypers)
+    losses.append(float(metrics["loss"][0]))
+  whole, held = bytes_per_device(states)
+  params = [np.asarray(leaf) for leaf in jax.tree.leaves(states) if jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating)]
+  out[how] = (losses, held / whole, params)
+np.testing.assert_allclose(out["fsdp"][0], out["replicated"][0], rtol=1e-5)
+for a, b in zip(out["fsdp"][2], out["replicated"][2]):
+  np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+assert out["replicated"][1] == 1.0 and out["fsdp"][1] < 0.3, out["fsdp"][1]
+print("ok", out["fsdp"][1])
+"""
+
+
+def test_fsdp_splits_lm_weights_over_devices_and_trains_as_replicated():
+  """`--param-sharding fsdp` on 4 CPU devices: each LM weight split over them (about a quarter of the state on each),
+  three steps equal to the replicated ones within float rounding."""
+  import os
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": repo}
+  done = subprocess.run([sys.executable, "-c", SHARDED, os.path.join(repo, "tests")], env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
