@@ -31,9 +31,10 @@ def rows(tokens, segments) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def model():
-  m = lm_test_model()
-  m.eval()
-  return m
+  """The test model's forward pass, jitted (eager, op by op, it is several times slower)."""
+  graphdef, state = nnx.split(lm_test_model())
+  forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+  return lambda x: forward(state, x)
 
 
 @pytest.mark.fast
@@ -168,10 +169,10 @@ def test_a_tiny_lm_learns_a_repeating_text_and_its_metrics_are_per_token(trained
   assert accuracy > 0.9 and float(metrics["train_accuracy"][0]) > 0.8
 
 
-def test_eval_figures_equal_numpys(trained):
+@pytest.mark.fast
+def test_eval_figures_equal_numpys():
   from student_train.evaluate import concatenate_positions, language_model_metrics, predicted_positions
 
-  graphdef, states, _, _, data = trained
   rng = np.random.default_rng(1)
   log_probs = np.asarray(jax.nn.log_softmax(rng.normal(size=(5, L, V)) * 2, -1))
   x = pattern_rows(5, seed=9)
@@ -207,22 +208,13 @@ def test_eval_figures_equal_numpys(trained):
   np.testing.assert_allclose(got["ece"], ece, rtol=1e-9)
 
 
-def test_sample_continues_the_pattern_greedily_and_draws_by_seed(trained):
+@pytest.mark.fast
+def test_sample_refuses_an_empty_prompt_and_a_negative_temperature():
   from student_train.sample import continue_tokens
-
-  graphdef, states, _, _, _ = trained
-  state = jax.tree.map(lambda leaf: leaf[0], states)
-  model = nnx.merge(graphdef, state)[0]
-  model.eval()
-  graph, params = nnx.split(model)
-  apply = lambda p, x: nnx.merge(graph, p)(x)  # noqa: E731
-  greedy = continue_tokens(apply, params, [1, 2, 0, 1], L, 20)
-  assert greedy == [(2 + i) % 3 for i in range(20)]  # Past the window of L = 12 too.
-  assert continue_tokens(apply, params, [1, 2, 0, 1], L, 20) == greedy
-  hot = [continue_tokens(apply, params, [0], L, 15, temperature=5.0, seed=s) for s in (0, 0, 1)]
-  assert hot[0] == hot[1] and hot[0] != hot[2] and all(0 <= t < V for t in hot[0])
   with pytest.raises(StillroomError, match="the prompt is empty"):
-    continue_tokens(apply, params, [], L, 3)
+    continue_tokens(None, None, [], L, 3)
+  with pytest.raises(StillroomError, match="--temperature must be >= 0"):
+    continue_tokens(None, None, [1], L, 3, temperature=-1.0)
 
 
 @pytest.fixture(scope="module")
