@@ -324,3 +324,17 @@ def test_fsdp_splits_lm_weights_over_devices_and_trains_as_replicated():
   done = subprocess.run([sys.executable, "-c", SHARDED, os.path.join(repo, "tests")], env=env, capture_output=True,
                         text=True, timeout=300)
   assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.fast
+def test_dropout_drops_only_the_final_hidden_states_in_training():
+  from shared.architectures.transformer import TransformerLM
+  model = TransformerLM((2, L), V, width=16, depth=1, heads=2, dropout=0.5, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  x = rows(np.arange(L)[None] % V, np.ones((1, L)))
+  trained = [model.features(x) for _ in range(2)]
+  model.eval()
+  evaluated = [model.features(x) for _ in range(2)]
+  np.testing.assert_array_equal(evaluated[0][0], evaluated[1][0])  # Eval mode: deterministic.
+  assert not np.allclose(trained[0][0], trained[1][0])  # Training: each call drops other units.
+  for _, named in trained:  # The blocks (attention, MLP) are never dropped.
+    np.testing.assert_array_equal(named["block1"], evaluated[0][1]["block1"])
