@@ -16,6 +16,7 @@ import numpy as np
 from shared.augment import Augmentation
 from shared.cache import EVAL_ROWS
 from shared.data import Normalization, TransferSet, open_transfer_set
+from shared.data.backends import is_text
 from shared.ensemble import COMBINE_RULES, combine_log_probs, ensemble_log_probs, member_weights
 from shared.errors import StillroomError
 from shared.metrics import classification_metrics, expected_calibration_error
@@ -281,12 +282,15 @@ def evaluate_language_models(config: EvalConfig) -> dict:
     if other["tokenizer"] != recorded["tokenizer"]:
       raise StillroomError(f"run {run_dir!r} tokenized its text with {other['tokenizer']}, run {config.runs[0]!r} "
                            f"with {recorded['tokenizer']}: their next tokens cannot be compared.")
-  options = text_options(config, recorded)
+  dataset = resolve_dataset(config.dataset)
+  if not is_text(dataset):
+    raise StillroomError(f"run {config.runs[0]!r} is a language model: evaluate it on text (--dataset text:PATH), "
+                         f"not {dataset!r}.")
+  options = text_options(config, recorded, dataset)
   tokenizer = options.tokenizer()
   if tokenizer.identity() != recorded["tokenizer"]:
     raise StillroomError(f"--tokenizer {config.tokenizer}: run {config.runs[0]!r} was trained on tokens of "
                          f"{recorded['tokenizer']}; leave --tokenizer out (the run's is used).")
-  dataset = resolve_dataset(config.dataset)
   split = config.split or "train"
   transfer_set = open_transfer_set(dataset, split, config.data_dir, text=options)
   runs = [load_run_teacher(run_dir, config.epoch, "--epoch") for run_dir in config.runs]
