@@ -236,6 +236,7 @@ def lm_run(tmp_path_factory):
 
 def test_fit_eval_and_sample_of_an_lm_run(lm_run, capsys):
   import json
+  import re
 
   from conftest import run_cli
   from shared.data import open_transfer_set
@@ -246,9 +247,12 @@ def test_fit_eval_and_sample_of_an_lm_run(lm_run, capsys):
   run, held = str(lm_run / "run"), f"text:{lm_run / 'held.jsonl'}"
   lines = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
   assert "tokens" in lines[-1] and "rows" not in lines[-1] and lines[-1]["train_accuracy"] > 0.9
-  code, out, err = run_cli(student_main, ["eval", run, "--dataset", held, "--teacher", run, "--json"], capsys)
+  code, out, err = run_cli(student_main, ["eval", run, run, "--dataset", held, "--teacher", run, "--json"], capsys)
   assert code == 0, err
   got = json.loads(out)
+  assert len(got["members"]) == 2  # An ensemble of a run with itself: the run's figures.
+  for name in ("perplexity", "bits_per_byte", "accuracy", "ece", "tokens", "teacher_agreement"):
+    assert got[name] == pytest.approx(got["members"][0][name], rel=1e-5)
   # The reference: the run's logits over the held-out rows (packed as the run recorded), reduced by NumPy loops.
   rows = open_transfer_set(held, text=TextOptions(seq_len=16))
   x, labels = rows.read(np.arange(len(rows)))
@@ -265,8 +269,10 @@ def test_fit_eval_and_sample_of_an_lm_run(lm_run, capsys):
   np.testing.assert_allclose(got["accuracy"], (log_probs[keep].argmax(-1) == target).mean())
   assert got["teacher_agreement"] == 1.0 and got["split"] == "train"
   assert lines[-1]["eval_perplexity"] == pytest.approx(got["perplexity"], rel=1e-5)
-  code, out, _ = run_cli(student_main, ["eval", run, "--dataset", held], capsys)
+  # Rows of 8 (--seq-len overrides the run's 16): more row ends, fewer predicted tokens; the table.
+  code, out, _ = run_cli(student_main, ["eval", run, "--dataset", held, "--seq-len", "8"], capsys)
   assert code == 0 and "perplexity" in out and "bits/byte" in out
+  assert int(re.search(r"\(([\d,]+) tokens\)", out).group(1)) < got["tokens"]
   # Greedy: deterministic, and the pattern continued; at a temperature, the seed decides.
   code, out, _ = run_cli(student_main, ["sample", run, "--prompt", "abcab", "--max-new-tokens", "24"], capsys)
   assert code == 0 and out == "cab" * 8 + "\n"
