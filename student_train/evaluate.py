@@ -207,7 +207,11 @@ def evaluate_runs(config: EvalConfig) -> dict:
     "run" and "epoch" (the checkpoint's epochs trained)}.
   """
   check_values(config)
-  if is_token_rows(read_run_record(config.runs[0]).model.input_shape):
+  try:
+    language_model = is_token_rows(read_run_record(config.runs[0]).model.input_shape)
+  except StillroomError:
+    language_model = False  # Loading the run below says what is wrong with it, as it always has.
+  if language_model:
     return evaluate_language_models(config)
   if config.teacher is not None:
     raise StillroomError(f"--teacher {config.teacher}: compares language models' next tokens; run "
