@@ -51,17 +51,25 @@ def view_zero_batches(render: BatchRenderer, batch_size: int, rows: np.ndarray |
   return (np.asarray(inputs_of(batch, size)) for batch in render(batches()))
 
 
-def predict_log_probs(predict, states, render: BatchRenderer, batch_size: int, mesh) -> np.ndarray:
+def predict_log_probs(predict, states, render: BatchRenderer, batch_size: int, mesh, reduce=None):
   """Log-probabilities [K, N, C] of K stacked students over view 0 of the renderer's transfer set, in batches of
-  `batch_size` (the last one padded), each process rendering its part of each batch."""
+  `batch_size` (the last one padded), each process rendering its part of each batch.
+
+  Args:
+    reduce: `(log_probs [K, b, ...] of a batch, its first example's position) -> anything`, applied to each batch as
+      it comes (so that only what it returns is kept), or None.
+
+  Returns:
+    The log-probabilities [K, N, ...], or with `reduce` the list of what it returned for each batch.
+  """
   count, sharding = len(render.transfer_set), batch_sharding(mesh)
   rows = process_rows(mesh, batch_size)
   outputs = []
   for start, x in zip(range(0, count, batch_size), view_zero_batches(
       render, batch_size, np.arange(batch_size) if rows is None else rows)):
-    log_probs = predict(states, jax.make_array_from_process_local_data(sharding, x))
-    outputs.append(np.asarray(log_probs)[:, :count - start])
-  return np.concatenate(outputs, axis=1)
+    log_probs = np.asarray(predict(states, jax.make_array_from_process_local_data(sharding, x)))[:, :count - start]
+    outputs.append(log_probs if reduce is None else reduce(log_probs, start))
+  return np.concatenate(outputs, axis=1) if reduce is None else outputs
 
 
 def cached_teacher_top1(plan: RunPlan) -> np.ndarray | None:
@@ -159,6 +167,32 @@ def eval_line(log_probs: np.ndarray, plan: RunPlan, teacher_top1: np.ndarray | N
   if teacher_top1 is not None:
     line["eval_teacher_agreement"] = float(np.mean(log_probs.argmax(axis=-1) == teacher_top1))
   return line
+
+
+def eval_lines(predict, states, render: BatchRenderer, batch_size: int, mesh, group: list[RunPlan],
+               teacher_top1: list) -> list[dict]:
+  """The `eval_*` entries (`eval_line`) of each of K stacked students over their eval set (`predict_log_probs`). A
+  language model's eval set is reduced batch by batch to its predicting positions (`predicted_positions`), so that
+  no [K, N, L, V] array is held.
+
+  Args:
+    group: the students' plans (they share the eval set).
+    teacher_top1: per student, the cached teachers' top-1 on the eval set, or None (`cached_teacher_top1`).
+  """
+  eval_set = group[0].eval_set
+  if not (eval_set.labeled and np.ndim(eval_set.labels) == 2):
+    log_probs = predict_log_probs(predict, states, render, batch_size, mesh)
+    return [eval_line(log_probs[k], plan, teacher_top1[k]) for k, plan in enumerate(group)]
+  labels = eval_set.labels
+
+  def reduce(log_probs, start):
+    rows = slice(start, start + log_probs.shape[1])
+    return [predicted_positions(log_probs[k], labels[rows], None if top1 is None else top1[rows])
+            for k, top1 in enumerate(teacher_top1)]
+  batches = predict_log_probs(predict, states, render, batch_size, mesh, reduce=reduce)
+  byte_lengths = plan_byte_lengths(group[0])
+  return [{f"eval_{name}": value for name, value in language_model_metrics(
+      concatenate_positions([batch[k] for batch in batches]), byte_lengths).items()} for k in range(len(group))]
 
 
 def _eval_views(run: Teacher) -> Augmentation:

@@ -33,7 +33,7 @@ from shared.runs import check_checkpoint_path
 from shared.workers import BatchRenderer, resolve_workers
 from student_train import run_dir as files
 from student_train.config import FitConfig
-from student_train.evaluate import cached_teacher_top1, eval_line, predict_log_probs
+from student_train.evaluate import cached_teacher_top1, eval_lines
 from student_train.terms.features import Distilled, Regressors
 from student_train.loader import ArrayLoader, CacheLoader
 from student_train.plan import Opened, RunPlan, plan_run
@@ -549,14 +549,14 @@ def _evaluate(run: _Training, epoch: int, totals: dict, seconds: float) -> None:
   """Each run's metrics line of the epoch (with the eval split's metrics), appended to its metrics.jsonl, logged and
   handed to `on_epoch`."""
   group = run.group
-  eval_log_probs = None if not _evaluates(run) else predict_log_probs(
-      run.predict, run.stacked, run.eval_render, run.config.batch_size, run.mesh)
+  evaluated = None if not _evaluates(run) else eval_lines(
+      run.predict, run.stacked, run.eval_render, run.config.batch_size, run.mesh, group, run.teacher_top1)
   lines = {}
   for k, plan in enumerate(group):
     lines[plan.config.out] = _epoch_line(plan, epoch, {name: value[k] for name, value in totals.items()}, seconds,
                                          len(group))
-    if eval_log_probs is not None:
-      lines[plan.config.out].update(eval_line(eval_log_probs[k], plan, run.teacher_top1[k]))
+    if evaluated is not None:
+      lines[plan.config.out].update(evaluated[k])
   # Before the checkpoint: see `files.truncate_metrics`.
   distributed.job_step(functools.partial(_write_each, files.append_metrics, lines))
   for plan in group:
