@@ -309,7 +309,8 @@ for how in ("replicated", "fsdp"):
     states, metrics = step(states, batch, hypers)
     losses.append(float(metrics["loss"][0]))
   whole, held = bytes_per_device(states)
-  params = [np.asarray(leaf) for leaf in jax.tree.leaves(states) if jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating)]
+  params = [np.asarray(leaf) for leaf in jax.tree.leaves(states)
+            if jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating)]
   out[how] = (losses, held / whole, params)
 np.testing.assert_allclose(out["fsdp"][0], out["replicated"][0], rtol=1e-5)
 for a, b in zip(out["fsdp"][2], out["replicated"][2]):
