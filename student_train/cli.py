@@ -15,7 +15,7 @@ from shared.options import EVAL, EXPORT, FIT, SWEEP
 from student_train.config import FitConfig
 from student_train.evaluate import EvalConfig, evaluate_runs
 from student_train.export import ExportConfig, export_run
-from student_train.sample import sample_run
+from student_train.sample import SAMPLE, SampleConfig, sample_run
 from student_train.sweep import AXES, report, run_sweep
 from student_train.train import fit
 
@@ -61,15 +61,7 @@ def new_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
                   "sequence length) are the run's.")
   sample.add_argument("run", metavar="RUN_DIR", help="a language model run (student-train fit --model lm-* --dataset "
                                                      "text:PATH)")
-  sample.add_argument("--prompt", required=True, help="the text to continue")
-  sample.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
-                      help="tokens to append (default: %(default)s)")
-  sample.add_argument("--temperature", type=float, default=0.0, metavar="T",
-                      help="0: greedy, the most probable token; else the softmax of logits / T is sampled "
-                           "(default: %(default)s)")
-  sample.add_argument("--seed", type=int, default=0, help="the draws' seed (default: %(default)s)")
-  sample.add_argument("--epoch", type=int, default=None, metavar="N",
-                      help="the checkpoint after N epochs (default: the newest)")
+  add_options(sample, SampleConfig, SAMPLE, required=("prompt",))
 
   export = commands.add_parser(
       "export", allow_abbrev=False, help="write a run's parameters to a plain file (.npz or Flax .msgpack)",
@@ -130,8 +122,7 @@ def run_command(args: argparse.Namespace) -> None:
         print(f"{'ensemble (' + args.combine + ')':<40} accuracy {100 * result['accuracy']:.2f}%  "
               f"nll {result['nll']:.4f}  ece {result['ece']:.4f}")
   elif args.command == "sample":
-    print(sample_run(args.run, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                     seed=args.seed, epoch=args.epoch))
+    print(sample_run(from_args(SampleConfig, args)))
   elif args.command == "export":
     config = from_args(ExportConfig, args)
     print(json.dumps(export_run(config.run, config.out, overwrite=config.overwrite, epoch=config.epoch)))

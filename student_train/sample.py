@@ -5,6 +5,9 @@ as one segment at the row's start, the rest of the row padding, and the next tok
 window's last position. One compiled forward pass of one row serves every step.
 """
 
+import dataclasses
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +15,26 @@ import numpy as np
 from shared.data.text import TextOptions
 from shared.errors import StillroomError
 from shared.runs import load_run_teacher
+from shared.settings import at_least, check_values, non_negative_finite, seed_check, setting
 from student_train.evaluate import run_text
+
+SAMPLE = "sample"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SampleConfig:
+  """Settings of `student-train sample`."""
+
+  COMMANDS: ClassVar[tuple[str, ...]] = (SAMPLE,)
+
+  run: str = setting("", "the language model run", commands=(), given_by="RUN_DIR")
+  prompt: str = setting("", "the text to continue", group="run", metavar="TEXT")
+  max_new_tokens: int = setting(200, "tokens to append", group="run", check=at_least(0), metavar="N")
+  temperature: float = setting(0.0, "0: greedy, the most probable token; else the softmax of logits / T is sampled",
+                               group="run", check=non_negative_finite, metavar="T")
+  seed: int = setting(0, "the draws' seed", group="run", check=seed_check)
+  epoch: int | None = setting(None, "the checkpoint after this many epochs (default: the newest)", group="run",
+                              check=at_least(0), metavar="N")
 
 
 def continue_tokens(apply_fn, params, prompt: list[int], seq_len: int, max_new_tokens: int, temperature: float = 0.0,
@@ -59,28 +81,25 @@ def continue_tokens(apply_fn, params, prompt: list[int], seq_len: int, max_new_t
   return tokens[len(prompt):]
 
 
-def sample_run(run_dir: str, prompt: str, max_new_tokens: int = 200, temperature: float = 0.0, seed: int = 0,
-               epoch: int | None = None) -> str:
-  """A language model run's continuation of `prompt`, decoded with the tokenizer its data recorded.
+def sample_run(config: SampleConfig) -> str:
+  """A language model run's continuation of `config.prompt`, decoded with the tokenizer its data recorded.
 
   Args:
-    run_dir: a run of a language model trained on a `text:` dataset.
-    prompt: the text to continue.
-    max_new_tokens: tokens to append.
-    temperature: 0 for greedy, else the sampling temperature.
-    seed: the draws' seed.
-    epoch: the checkpoint after this many epochs (None: the newest).
+    config: the run (a language model trained on a `text:` dataset), prompt, tokens to append, temperature (0:
+      greedy), seed and checkpoint.
 
   Returns:
     The continuation's text (the prompt not included).
 
   Raises:
-    StillroomError: a run that is not a language model of text, or see `continue_tokens`.
+    StillroomError: a setting out of range, a run that is not a language model of text, an empty prompt.
   """
-  tokenizer = TextOptions.from_dict(run_text(run_dir)).tokenizer()
-  run = load_run_teacher(run_dir, epoch, "--epoch")
+  check_values(config)
+  tokenizer = TextOptions.from_dict(run_text(config.run)).tokenizer()
+  run = load_run_teacher(config.run, config.epoch, "--epoch")
   seq_len = run.record.model.input_shape[-1]
   normalization = run.normalization
   apply = run.apply_fn if normalization is None else lambda p, x: run.apply_fn(p, normalization.apply(x))
-  new = continue_tokens(apply, run.params, tokenizer.encode(prompt), seq_len, max_new_tokens, temperature, seed)
+  new = continue_tokens(apply, run.params, tokenizer.encode(config.prompt), seq_len, config.max_new_tokens,
+                        config.temperature, config.seed)
   return tokenizer.decode(new)
