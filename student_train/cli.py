@@ -15,6 +15,7 @@ from shared.options import EVAL, EXPORT, FIT, SWEEP
 from student_train.config import FitConfig
 from student_train.evaluate import EvalConfig, evaluate_runs
 from student_train.export import ExportConfig, export_run
+from student_train.sample import SAMPLE, SampleConfig, sample_run
 from student_train.sweep import AXES, report, run_sweep
 from student_train.train import fit
 
@@ -27,6 +28,9 @@ examples:
   student-train fit --model mlp-small --cache digits.zarr --alpha 0.1 --finetune-epochs 5 --out runs/student
   student-train eval runs/teacher0 runs/teacher1 --dataset digits --split test
   student-train export runs/student --out student.npz
+  student-train fit --model lm-tiny --dataset text:corpus/ --seq-len 256 --out runs/lm
+  student-train eval runs/lm --dataset text:heldout.txt
+  student-train sample runs/lm --prompt "def main(" --max-new-tokens 100
   student-train fit --model cnn-large --dataset digits --specialist plan.json:0 --init-from runs/teacher0 \\
       --out runs/specialist0
   student-train fit --model cnn-small --dataset imagefolder:shapes/train --eval-dataset imagefolder:shapes/test \\
@@ -35,8 +39,8 @@ examples:
 
 
 def new_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
-  """The `student-train` parser with this stage's subcommands (fit, eval, export, sweep, report), and its subparsers,
-  to which a caller adds more (then `shared.cli.add_models_command`, which lists last)."""
+  """The `student-train` parser with this stage's subcommands (fit, eval, sample, export, sweep, report), and its
+  subparsers, to which a caller adds more (then `shared.cli.add_models_command`, which lists last)."""
   parser = argparse.ArgumentParser(prog="student-train", description=_DESCRIPTION,
                                    formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
   commands = parser.add_subparsers(dest="command", required=True)
@@ -49,6 +53,15 @@ def new_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
   eval_parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run dirs written by `student-train fit`")
   add_options(eval_parser, EvalConfig, EVAL)
   eval_parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+  sample = commands.add_parser(
+      "sample", allow_abbrev=False, help="continue a prompt with a language model run",
+      description="Print a language model run's continuation of --prompt (the continuation alone), token by token: "
+                  "greedy (--temperature 0) or drawn at a temperature. The tokenizer and the window (the run's "
+                  "sequence length) are the run's.")
+  sample.add_argument("run", metavar="RUN_DIR", help="a language model run (student-train fit --model lm-* --dataset "
+                                                     "text:PATH)")
+  add_options(sample, SampleConfig, SAMPLE, required=("prompt",))
 
   export = commands.add_parser(
       "export", allow_abbrev=False, help="write a run's parameters to a plain file (.npz or Flax .msgpack)",
@@ -99,6 +112,8 @@ def run_command(args: argparse.Namespace) -> None:
     result = evaluate_runs(from_args(EvalConfig, args, runs=tuple(args.runs)))
     if args.json:
       print(json.dumps(result))
+    elif "perplexity" in result:  # Language models: per predicted token.
+      print_language_model_eval(result)
     else:
       for member in result["members"]:
         print(f"{member['run']:<40} accuracy {100 * member['accuracy']:.2f}%  nll {member['nll']:.4f}  "
@@ -106,6 +121,8 @@ def run_command(args: argparse.Namespace) -> None:
       if len(result["members"]) > 1:
         print(f"{'ensemble (' + args.combine + ')':<40} accuracy {100 * result['accuracy']:.2f}%  "
               f"nll {result['nll']:.4f}  ece {result['ece']:.4f}")
+  elif args.command == "sample":
+    print(sample_run(from_args(SampleConfig, args)))
   elif args.command == "export":
     config = from_args(ExportConfig, args)
     print(json.dumps(export_run(config.run, config.out, overwrite=config.overwrite, epoch=config.epoch)))
@@ -117,6 +134,20 @@ def run_command(args: argparse.Namespace) -> None:
     print(report(args.sweep_dir))
   elif args.command == "models":
     print_models(args)
+
+
+def print_language_model_eval(result: dict) -> None:
+  """The table of `evaluate_runs` of language models: one line per run (and the ensemble), per predicted token."""
+  def line(name: str, m: dict) -> str:
+    text = (f"{name:<40} perplexity {m['perplexity']:.3f}  bits/byte {m['bits_per_byte']:.4f}  accuracy "
+            f"{100 * m['accuracy']:.2f}%  ece {m['ece']:.4f}")
+    if "teacher_agreement" in m:
+      text += f"  agreement {100 * m['teacher_agreement']:.2f}%"
+    return text + f"  ({m['tokens']:,} tokens)"
+  for member in result["members"]:
+    print(line(member["run"], member))
+  if len(result["members"]) > 1:
+    print(line(f"ensemble ({result['combine']})", result))
 
 
 def main(argv: list[str] | None = None) -> None:

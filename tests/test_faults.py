@@ -2382,6 +2382,49 @@ def _(env, tmp_path, mp):
           r"--views\)\.$", [env.store, Absent(tmp_path / "n.zarr")])
 
 
+# --- lm: language models (issue 34: shared/architectures/transformer.py, eval and sample of LM runs) ---
+@fault("fit --model lm-tiny on images")
+def _(env, tmp_path, mp):
+  return (student_main, ["fit", "--model", "lm-tiny", "--dataset", "digits", "--data-dir", env.data_dir, "--out",
+                         tmp_path / "r"], 2,
+          r"model 'lm-tiny' takes token rows of shape \(2, L\) \(token ids and segment ids, a text: dataset\); got "
+          r"\(8, 8, 1\)\.$", [Absent(tmp_path / "r")])
+
+
+@fault("fit of an image model on text")
+def _(env, tmp_path, mp):
+  (tmp_path / "t.txt").write_text("abc" * 50)
+  return (student_main, ["fit", "--model", "cnn-small", "--dataset", f"text:{tmp_path / 't.txt'}", "--seq-len", "16",
+                         "--out", tmp_path / "r"], 2,
+          r"model 'cnn-small' must return logits of shape \[batch, positions, vocabulary\] for token rows; .* "
+          r"\(token rows need a language model: lm-tiny, lm-small\)\.$", [Absent(tmp_path / "r")])
+
+
+@fault("sample of a classifier run")
+def _(env, tmp_path, mp):
+  return (student_main, ["sample", env.run, "--prompt", "abc"], 2,
+          r"run '.*run' is a mlp-tiny on inputs \(8, 8, 1\), not a language model of a text: dataset", [env.run])
+
+
+@fault("eval --teacher of classifier runs")
+def _(env, tmp_path, mp):
+  return (student_main, ["eval", env.run, "--dataset", "digits", "--data-dir", env.data_dir, "--teacher", env.run],
+          2, r"--teacher .*: compares language models' next tokens; run '.*run' is a classifier", [env.run])
+
+
+@fault("eval of a language model on images")
+def _(env, tmp_path, mp):
+  run = tmp_path / "lm"
+  shutil.copytree(env.run, run)  # A classifier run's files, its record made a language model's.
+  config = json.loads((run / "config.json").read_text())
+  config["model"]["input_shape"] = config["resolved"]["model"]["input_shape"] = [2, 16]
+  config["resolved"]["dataset"]["text"] = {"seq_len": 16, "tokenizer": {"kind": "bytes", "vocab_size": 256},
+                                           "pack_seed": 0}
+  (run / "config.json").write_text(json.dumps(config))
+  return (student_main, ["eval", run, "--dataset", "digits", "--data-dir", env.data_dir], 2,
+          r"run '.*lm' is a language model: evaluate it on text \(--dataset text:PATH\), not 'digits'\.$", [run])
+
+
 # --- text: text transfer sets (shared/data/text.py) ------------------------------------------------------------
 def _text_file(tmp_path, name: str, content: bytes) -> str:
   path = tmp_path / name

@@ -3,7 +3,8 @@
 Each is a module `Net(input_shape (H, W, C), num_classes, *, ..., dropout, dtype, rngs)` with `__call__(x, mask=None)
 -> logits` and `features(x, mask=None) -> (logits, {name: feature})`, logits in float32 whatever the compute dtype;
 BatchNorm layers use `BATCHNORM_MOMENTUM` and count only the rows `mask` (float [B], 0 for an epoch's padding rows)
-keeps in their batch statistics (see `resnet.py`).
+keeps in their batch statistics (see `resnet.py`). The language models (`transformer.py`) take packed token rows
+(2, L) instead and return logits per position, [B, L, V].
 """
 
 import jax
