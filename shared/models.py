@@ -369,14 +369,15 @@ def check_input_shape(model_fn, params, input_shape: tuple[int, ...], what: str,
     batch_size: the batch it will run at (more than 1, so that broadcast outputs show).
 
   Returns:
-    The logits' abstract value, [batch_size, C].
+    The logits' abstract value, [batch_size, C] (or a language model's [batch_size, L, V]).
   """
   try:
     out = jax.eval_shape(model_fn, params, jax.ShapeDtypeStruct((batch_size, *input_shape), jnp.float32))
   except Exception as e:  # Shape errors surface as several exception types from inside the model.
     raise StillroomError(f"{what} cannot take inputs of shape {tuple(input_shape)}: {str(e).splitlines()[0]}") from e
-  if not hasattr(out, "shape") or len(out.shape) != 2 or out.shape[0] != batch_size:
+  # [B, L, V]: a language model's logits per position (token rows; the callers check which rank their data takes).
+  if not hasattr(out, "shape") or len(out.shape) not in (2, 3) or out.shape[0] != batch_size:
     got = getattr(out, "shape", type(out).__name__)
     raise StillroomError(f"{what} must return logits of shape [batch, classes]; for a batch of {batch_size} it "
-                         f"returned {got}.")
+                         f"returned {got} (a language model's are [batch, positions, vocabulary]).")
   return out
