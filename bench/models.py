@@ -2,7 +2,8 @@
 
     python bench/models.py [--quick | --smoke] [--models resnet8,resnet20] [--build-ratio] [--out ...]
 
-For each model (default: every model in the registry when it runs), at its natural input (`natural_input`: the
+For each model (default: every image model in the registry when it runs; the language models, `lm-*`, take token
+rows and are left out), at its natural input (`natural_input`: the
 MLPs on 8x8x1 digits, the small CNNs and CIFAR ResNets on 32x32x3 with 10 classes, the ImageNet-style models on
 224x224x3 with 1,000 classes), the two compute dtypes (`ModelSpec.dtype`) are timed side by side, interleaved
 (`harness.measure_pair`), on one device-resident batch:
@@ -30,13 +31,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import synthetic  # noqa: E402
 from bench.harness import measure_pair, write_json  # noqa: E402
 from bench.run_all import LONG, arm, build_overhead  # noqa: E402
-from shared.models import COMPUTE_DTYPES, MODELS, build_model, count_params  # noqa: E402
+from shared.models import COMPUTE_DTYPES, MODELS, TOKENS, build_model, count_params  # noqa: E402
 from shared.parallel import batch_sharding, data_mesh, on_devices  # noqa: E402
 from student_train.config import FitConfig  # noqa: E402
 from student_train.steps import make_predict  # noqa: E402
 
 # The registry models whose natural input is an ImageNet image (torchvision's and big_vision's models).
 IMAGENET = ("resnet18", "resnet50", "mobilenet-v2", "vit-ti16", "vit-s16")
+# The registry's language models (natural input: token rows), which this benchmark of images leaves out.
+LANGUAGE_MODELS = tuple(name for name, (_, _, natural) in MODELS.items() if natural == TOKENS)
 # Per mode and input side: the batch, the rows each timed repeat covers (whole steps, at least one), and repeats.
 SIZES = {
     "full": {"batch": {8: 256, 32: 128, 224: 16}, "rows": {8: 8192, 32: 1024, 224: 16}, "repeats": 5,
@@ -115,10 +118,13 @@ def main(argv: list[str] | None = None) -> dict:
                       help="the teachers of --build-ratio (default: resnet50 if registered, else cnn-large)")
   parser.add_argument("--out", default="bench/results/models.json")
   args = parser.parse_args(argv)
-  names = args.models.split(",") if args.models else list(MODELS)
+  names = args.models.split(",") if args.models else [name for name in MODELS if name not in LANGUAGE_MODELS]
   unknown = [name for name in names if name not in MODELS]
   if unknown:
     parser.error(f"--models: not in the registry: {', '.join(unknown)} (registry: {', '.join(MODELS)})")
+  if any(name in LANGUAGE_MODELS for name in names):
+    parser.error(f"--models: {', '.join(n for n in names if n in LANGUAGE_MODELS)} take token rows of a text: "
+                 "dataset, not images; this benchmark times the image models")
   teacher = args.build_model or ("resnet50" if "resnet50" in MODELS else "cnn-large")
   if args.build_ratio and teacher not in MODELS:
     parser.error(f"--build-model {teacher!r} is not in the registry")

@@ -24,10 +24,24 @@ def classification_metrics(log_probs: np.ndarray, labels: np.ndarray, bins: int 
   correct = predictions == labels
   confidence = np.exp(log_probs.max(axis=-1))
   nll = -log_probs[np.arange(len(labels)), labels]
+  return {"accuracy": float(correct.mean()), "nll": float(nll.mean()),
+          "ece": expected_calibration_error(confidence, correct, bins), "count": int(len(labels))}
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
+  """ECE over `bins` equal-width confidence bins: `sum_b |B_b|/N * |accuracy(B_b) - confidence(B_b)|`.
+
+  Args:
+    confidence: float [N] each prediction's top probability.
+    correct: bool [N] whether it was right.
+    bins: number of confidence bins.
+  """
+  confidence = np.asarray(confidence, np.float64)
+  correct = np.asarray(correct)
   which = np.minimum((confidence * bins).astype(int), bins - 1)
   ece = 0.0
   for b in range(bins):
     in_bin = which == b
     if in_bin.any():
       ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
-  return {"accuracy": float(correct.mean()), "nll": float(nll.mean()), "ece": float(ece), "count": int(len(labels))}
+  return float(ece)

@@ -6,14 +6,17 @@ Your own model is a factory `function(input_shape, num_classes, rngs) -> nnx.Mod
 parameters' structure (`ModelSpec.structure`), so that a factory changed since is refused rather than loaded.
 
 Every model maps float32 inputs [B, *input_shape] to float32 logits [B, num_classes], computing in
-`ModelSpec.dtype` (parameters stay float32). Dropout is the only stochastic layer, applied once to each hidden
-output that feeds a dense layer: in MLPs and CNNs the output of every hidden dense layer (after its ReLU), in the
-residual, inverted-residual and transformer models the pooled features before the head; convolutions and the inputs
-are never dropped. BatchNorm normalises with the batch's statistics in training and with its running averages
+`ModelSpec.dtype` (parameters stay float32); the language models (`lm-*`, `shared.architectures.transformer`) map
+packed token rows [B, 2, L] (token ids and segment ids, `is_token_rows`) to logits per position [B, L, V], V the
+vocabulary (`num_classes`), position j's predicting token j + 1. Dropout is the only stochastic layer, applied once
+to each hidden output that feeds a dense layer: in MLPs and CNNs the output of every hidden dense layer (after its
+ReLU), in the residual, inverted-residual and vision transformer models the pooled features before the head, in the
+language models the final normalised hidden states before the head (every position's); convolutions, attention and
+the inputs are never dropped. BatchNorm normalises with the batch's statistics in training and with its running averages
 after `model.eval()`, which also makes a model deterministic (how teachers run). A model's weights are its
 parameters and BatchNorm's running statistics (`WEIGHTS`): what checkpoints hold and teachers run with. A model
 refuses an input shape it cannot take (flat vectors for image models; image sides that are not multiples of a
-ViT's patch size) with an error that names it.
+ViT's patch size; anything but token rows for a language model) with an error that names it.
 
 The registry's models with BatchNorm take the batch's row mask, `__call__(x, mask=None)` and `features(x,
 mask=None)` (float [B], 0 for the zero rows that pad an epoch's last, short batch), and their batch statistics leave
@@ -35,6 +38,7 @@ from flax import nnx
 
 from shared.architectures.mobilenet import MobileNetV2
 from shared.architectures.resnet import CifarResNet, ImageNetResNet
+from shared.architectures.transformer import TransformerLM
 from shared.architectures.vit import VisionTransformer
 from shared.errors import StillroomError
 from shared.precision import COMPUTE_DTYPES  # What `ModelSpec.dtype` may be.
@@ -51,9 +55,9 @@ class ModelSpec:
     name: a registry name (see `MODELS`), or `module:function` for your own factory.
     input_shape: one example's shape, e.g. (8, 8, 1) or (64,).
     num_classes: number of output logits.
-    dropout: probability of dropping each output unit of a hidden dense layer (after its ReLU) in training;
-      survivors are scaled by 1 / (1 - dropout). Convolutions and inputs are not dropped. (Your own model does
-      its own dropout: 0 here.)
+    dropout: probability of dropping each output unit of a hidden dense layer (after its ReLU) in training, or of
+      the hidden state before the head (see above); survivors are scaled by 1 / (1 - dropout). Convolutions and
+      inputs are not dropped. (Your own model does its own dropout: 0 here.)
     structure: for your own model, SHA-256 of its parameters' paths, shapes and dtypes (None for registry models).
     dtype: the compute dtype, one of `COMPUTE_DTYPES` (parameters and logits stay float32); not part of the
       structure: one run's weights load at either.
@@ -172,6 +176,25 @@ def _image_model(net_class, **settings):
   return make
 
 
+def _language_model(**settings):
+  """A factory of a `TransformerLM` with `settings` (width, depth, heads); its vocabulary is the spec's
+  `num_classes`. A `StillroomError` (an input that is not token rows) names the model."""
+  def make(spec, rngs):
+    try:
+      return TransformerLM(spec.input_shape, spec.num_classes, **settings, dropout=spec.dropout,
+                           dtype=jnp.dtype(spec.dtype), rngs=rngs)
+    except StillroomError as e:
+      raise StillroomError(f"model {spec.name!r} {e}") from e
+  return make
+
+
+def is_token_rows(input_shape) -> bool:
+  """Whether one example's shape is a packed row of tokens, (2, L) (token ids and segment ids: a text transfer
+  set's examples), whose models return logits per position [L, C]."""
+  shape = tuple(input_shape)
+  return len(shape) == 2 and shape[0] == 2
+
+
 def _cnn(stages, dense):
   return _image_model(CNN, stages=stages, dense=dense)
 
@@ -193,6 +216,7 @@ class _ImageInput(nnx.Module):
 # Natural input shapes: the images each family was made for (`describe_models` lists them, so that a benchmark can
 # run every model at its own).
 DIGITS, CIFAR, IMAGENET = (8, 8, 1), (32, 32, 3), (224, 224, 3)
+TOKENS = (2, 256)  # Packed rows of 256 tokens (token ids and segment ids), the language models' natural input.
 
 # name: (factory(spec, rngs) -> model, description, natural input shape).
 MODELS = {
@@ -221,6 +245,12 @@ MODELS = {
         f"ViT-{size}/16 (Dosovitskiy et al. 2021, DeiT's sizes): 16-px patches, 12 pre-LayerNorm blocks of width "
         f"{width}, {heads} heads, MLP 4x, class token; image sides multiples of 16", IMAGENET)
        for size, width, heads in (("Ti", 192, 3), ("S", 384, 6))},
+    "lm-tiny": (_language_model(width=128, depth=5, heads=4),
+                "decoder-only transformer LM: 5 pre-RMSNorm blocks of width 128, 4 heads, rotary positions, causal "
+                "and segment masking, GELU MLP 4x; 1.05 M parameters at 256 tokens (bytes)", TOKENS),
+    "lm-small": (_language_model(width=320, depth=8, heads=5),
+                 "decoder-only transformer LM: 8 pre-RMSNorm blocks of width 320, 5 heads, rotary positions, causal "
+                 "and segment masking, GELU MLP 4x; 10.0 M parameters at 256 tokens (bytes)", TOKENS),
 }
 
 
@@ -327,7 +357,8 @@ def describe_models(input_shape: tuple[int, ...] = DIGITS, num_classes: int = 10
   Returns:
     One dict per model, in registry order: `name`, `about` (its description), `params` (its parameter count, None
     when it cannot take `input_shape`), `features` (`feature_shapes`, None likewise) and `natural_input_shape`
-    (the [H, W, C] it was made for: 8x8x1 digits, 32x32x3 CIFAR, 224x224x3 ImageNet).
+    (the [H, W, C] it was made for: 8x8x1 digits, 32x32x3 CIFAR, 224x224x3 ImageNet; [2, 256] token rows for the
+    language models).
   """
   rows = []
   for name, (_, about, natural) in MODELS.items():
@@ -369,15 +400,17 @@ def check_input_shape(model_fn, params, input_shape: tuple[int, ...], what: str,
     batch_size: the batch it will run at (more than 1, so that broadcast outputs show).
 
   Returns:
-    The logits' abstract value, [batch_size, C] (or a language model's [batch_size, L, V]).
+    The logits' abstract value, [batch_size, C]; for token rows (`is_token_rows`: input [2, L]) logits per position,
+    [batch_size, L, C].
   """
   try:
     out = jax.eval_shape(model_fn, params, jax.ShapeDtypeStruct((batch_size, *input_shape), jnp.float32))
   except Exception as e:  # Shape errors surface as several exception types from inside the model.
     raise StillroomError(f"{what} cannot take inputs of shape {tuple(input_shape)}: {str(e).splitlines()[0]}") from e
-  # [B, L, V]: a language model's logits per position (token rows; the callers check which rank their data takes).
-  if not hasattr(out, "shape") or len(out.shape) not in (2, 3) or out.shape[0] != batch_size:
+  expected = (batch_size, input_shape[-1]) if is_token_rows(input_shape) else (batch_size,)
+  if not hasattr(out, "shape") or len(out.shape) != len(expected) + 1 or tuple(out.shape[:-1]) != expected:
     got = getattr(out, "shape", type(out).__name__)
-    raise StillroomError(f"{what} must return logits of shape [batch, classes]; for a batch of {batch_size} it "
-                         f"returned {got} (a language model's are [batch, positions, vocabulary]).")
+    wanted = "[batch, positions, vocabulary] for token rows" if len(expected) == 2 else "[batch, classes]"
+    raise StillroomError(f"{what} must return logits of shape {wanted}; for a batch of {batch_size} of inputs "
+                         f"{tuple(input_shape)} it returned {got}.")
   return out

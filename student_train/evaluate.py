@@ -5,6 +5,7 @@ the cache stores for that split (`teacher-cache build --eval-split`), never from
 """
 
 import dataclasses
+import math
 from typing import ClassVar
 from collections.abc import Iterator
 
@@ -17,7 +18,7 @@ from shared.cache import EVAL_ROWS
 from shared.data import Normalization, TransferSet, open_transfer_set
 from shared.ensemble import COMBINE_RULES, combine_log_probs, ensemble_log_probs, member_weights
 from shared.errors import StillroomError
-from shared.metrics import classification_metrics
+from shared.metrics import classification_metrics, expected_calibration_error
 from shared.models import check_input_shape
 from shared.parallel import batch_sharding, process_rows
 from shared.render import inputs_of
@@ -79,10 +80,74 @@ def cached_teacher_top1(plan: RunPlan) -> np.ndarray | None:
   return np.concatenate(top1)
 
 
+def predicted_positions(log_probs: np.ndarray, labels: np.ndarray, teacher_top1: np.ndarray | None = None) -> dict:
+  """What the per-token metrics need of a language model's log-probabilities, at the positions that predict a next
+  token (label >= 0), in row-major order.
+
+  Args:
+    log_probs: float [..., L, V] log-probabilities (normalised over V).
+    labels: int [..., L] the next token of each position, -1 where none (`shared.data.text.next_token_labels`).
+    teacher_top1: int [..., L] the teacher's top-1 next token per position, or None.
+
+  Returns:
+    1-D arrays over the predicting positions: "nll" (float64, -log p(label)), "correct" (bool, top-1 == label),
+    "confidence" (float64, the top probability), "target" (the label ids, for bytes per token), and with a teacher
+    "agrees" (bool, top-1 == the teacher's).
+  """
+  keep = np.asarray(labels) >= 0
+  kept = np.asarray(log_probs)[keep].astype(np.float64)  # [T, V]
+  target = np.asarray(labels)[keep].astype(np.int64)
+  predicted = kept.argmax(-1)
+  parts = {"nll": -kept[np.arange(len(target)), target], "correct": predicted == target,
+           "confidence": np.exp(kept.max(-1)), "target": target}
+  if teacher_top1 is not None:
+    parts["agrees"] = predicted == np.asarray(teacher_top1)[keep]
+  return parts
+
+
+def concatenate_positions(parts: list[dict]) -> dict:
+  """`predicted_positions` of several batches as one."""
+  return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
+def language_model_metrics(parts: dict, byte_lengths: np.ndarray | None = None) -> dict:
+  """Per-token metrics of a language model from `predicted_positions`.
+
+  Args:
+    parts: `predicted_positions` (over every batch: `concatenate_positions`).
+    byte_lengths: int [V] the UTF-8 bytes each token id stands for (`Tokenizer.byte_lengths`), or None.
+
+  Returns:
+    {"perplexity": exp(mean nll), "nll": mean nll per predicted token (nats), "accuracy": top-1 next token, "ece":
+    expected calibration error over the tokens (`shared.metrics`), "tokens": the predicted tokens counted}, with
+    `byte_lengths` "bits_per_byte" (sum of nll / ln 2 / the bytes of the predicted tokens), with a teacher
+    "teacher_agreement" (top-1 agreement per token).
+  """
+  nll = parts["nll"]
+  if not len(nll):
+    raise StillroomError("no position predicts a next token (every document is one token long, or padding).")
+  line = {"perplexity": float(np.exp(nll.mean())), "nll": float(nll.mean()), "accuracy": float(parts["correct"].mean()),
+          "ece": expected_calibration_error(parts["confidence"], parts["correct"]), "tokens": int(len(nll))}
+  if byte_lengths is not None:
+    line["bits_per_byte"] = float(nll.sum() / math.log(2) / np.asarray(byte_lengths)[parts["target"]].sum())
+  if "agrees" in parts:
+    line["teacher_agreement"] = float(parts["agrees"].mean())
+  return line
+
+
+def plan_byte_lengths(plan: RunPlan) -> np.ndarray | None:
+  """The UTF-8 bytes of each token id of a run's text data (bits per byte), or None (not text)."""
+  return None
+
+
 def eval_line(log_probs: np.ndarray, plan: RunPlan, teacher_top1: np.ndarray | None) -> dict:
   """The `eval_*` entries of an epoch's metrics line for one student's log-probabilities [N, C]: accuracy, nll and
   ece only on a labeled eval set (absent, not 0, on an unlabeled one), the count, and the agreement with the
-  teachers' ensemble where the cache stores its logits on the eval set."""
+  teachers' ensemble where the cache stores its logits on the eval set. For a language model's [N, L, V] they are
+  per predicted token (`language_model_metrics`: perplexity, nll, accuracy, ece, tokens, the teacher agreement)."""
+  if plan.eval_set.labeled and np.ndim(plan.eval_set.labels) == 2:  # Token rows: labels [N, L].
+    parts = predicted_positions(log_probs, plan.eval_set.labels, teacher_top1)
+    return {f"eval_{k}": v for k, v in language_model_metrics(parts, plan_byte_lengths(plan)).items()}
   if plan.eval_set.labeled:
     line = {f"eval_{k}": v for k, v in classification_metrics(log_probs, plan.eval_set.labels).items()}
   else:

@@ -24,8 +24,8 @@ from shared.ensemble import member_weights
 from shared.errors import StillroomError
 from shared.log import logger
 from shared.parallel import cap_batch
-from shared.models import (MODELS, WEIGHTS, ModelSpec, build_model, check_input_shape, feature_shapes, structure_digest,
-                           takes_row_mask)
+from shared.models import (MODELS, WEIGHTS, ModelSpec, build_model, check_input_shape, feature_shapes, is_token_rows,
+                           structure_digest, takes_row_mask)
 from shared.runs import load_run_teacher
 from shared.specialists import (SpecialistPlan, dustbin_correction, dustbin_labels, initial_params,
                                 parse_specialist)
@@ -114,6 +114,12 @@ class RunPlan:
   feature_terms: tuple[FeatureTerm, ...] = ()
   specialist: SpecialistRecord | None = None
   init_digest: str | None = None
+
+  @property
+  def tokens(self) -> bool:
+    """Whether the run trains on token rows (a language model): its losses and metrics average over predicting
+    positions, which its epoch lines count as `tokens`."""
+    return is_token_rows(self.model_spec.input_shape)
 
   def record(self) -> dict:
     """The resolved config written to config.json (and compared on resume)."""

@@ -291,7 +291,10 @@ def make_train_step(graphdef, normalization: Normalization, mesh, switches: dict
     (`shared.render`); a batch of mixed views (`--mix`) holds `mix_lambda` float32 [B] and the partners'
     `mix_labels` int32 [B] for the hard-label term (and their canvases, with the device renderer). Metrics are per
     student, [K]: "loss", "hard_ce", "soft", "train_accuracy", "rows", with soft targets "teacher_agreement", and
-    each feature family's loss ("hint", "attention", "similarity"), unweighted. `alpha` and every setting but the
+    each feature family's loss ("hint", "attention", "similarity"), unweighted. A batch of token rows (labels
+    [B, L], a language model's logits [B, L, V]) averages each over its predicting positions (`example_mask`):
+    "train_accuracy" is per token, and "rows" counts the predicting positions (tokens), which weigh each step's
+    means in the epoch's (the epoch line calls them `tokens`). `alpha` and every setting but the
     fixed switches are traced, so distillation and fine-tuning, and any mix of settings, share one compilation.
   """
 
@@ -306,7 +309,8 @@ def make_train_step(graphdef, normalization: Normalization, mesh, switches: dict
 
 def make_predict(graphdef, normalization: Normalization, mesh, state_shardings=None):
   """Jitted `(states, x) -> log-probabilities [K, B, C]` of K stacked students in eval mode (no dropout), the
-  states where `state_shardings` places them (see `make_train_step`).
+  states where `state_shardings` places them (see `make_train_step`); [K, B, L, V] for language models (per
+  position, normalised over the vocabulary).
 
   The output is replicated, so that each process of a job can read the whole batch's (one all-gather of [K, B, C]
   per batch, small beside the forward pass)."""

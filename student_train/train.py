@@ -698,20 +698,27 @@ def _non_finite(group: list[RunPlan], checkpoints, epoch: int, totals: dict, fin
 
 
 def _epoch_line(plan: RunPlan, epoch: int, totals: dict, seconds: float, students: int) -> dict:
+  """An epoch's metrics line: each metric the mean over the epoch's rows, or for a language model over its
+  predicting positions (`student_train.steps.example_mask`), which the line counts as `tokens` instead of `rows`."""
   config = plan.config
   finetuning = epoch >= config.epochs
   phase = "fine-tune" if finetuning else "hint" if epoch < config.hint_epochs else "distill" if plan.cache else "train"
+  unit = "tokens" if plan.tokens else "rows"
   return {"epoch": epoch + 1, "phase": phase,
           "alpha": 1.0 if finetuning else float(config.alpha),
           **{k: float(v / totals["rows"]) for k, v in totals.items() if k != "rows"},
-          "rows": int(totals["rows"]), "seconds": seconds, "rows_per_second": float(totals["rows"]) / seconds,
+          unit: int(totals["rows"]), "seconds": seconds, f"{unit}_per_second": float(totals["rows"]) / seconds,
           "students_in_step": students}
 
 
 def _summary(line: dict) -> str:
   text = f"epoch {line['epoch']} ({line['phase']}): loss {line['loss']:.4f}"
-  if "eval_accuracy" in line:
+  if "eval_perplexity" in line:
+    text += f", eval perplexity {line['eval_perplexity']:.3f}, accuracy {100 * line['eval_accuracy']:.2f}%"
+  elif "eval_accuracy" in line:
     text += f", eval accuracy {100 * line['eval_accuracy']:.2f}%, nll {line['eval_nll']:.4f}"
   if "eval_teacher_agreement" in line and "eval_accuracy" not in line:  # An unlabeled eval set: all it reports.
     text += f", eval agreement with the teachers {100 * line['eval_teacher_agreement']:.2f}%"
+  if "tokens_per_second" in line:
+    return text + f", {line['tokens_per_second']:.0f} tokens/s"
   return text + f", {line['rows_per_second']:.0f} rows/s"

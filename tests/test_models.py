@@ -33,6 +33,10 @@ def test_every_model_maps_images_to_logits(name, input_shape):
                                              rf"multiples of 16, got {sides}; .*--image-size"):
       build_model(spec)
     return
+  if name.startswith("lm-"):  # Language models take token rows (2, L) alone (tests/test_lm.py).
+    with pytest.raises(StillroomError, match=rf"^model '{name}' takes token rows of shape \(2, L\)"):
+      build_model(spec)
+    return
   abstract = nnx.eval_shape(lambda: build_model(spec))
   if name in TRACED or count_params(abstract) > EAGER_PARAMS:
     model = abstract
@@ -292,7 +296,7 @@ def test_models_json_counts_at_the_given_image_size_and_lists_natural_sizes(caps
       **{name: [8, 8, 1] for name in MODELS if name.startswith(("mlp-", "cnn-"))},
       "resnet8": [32, 32, 3], "resnet20": [32, 32, 3], "resnet56": [32, 32, 3],
       "resnet18": [224, 224, 3], "resnet50": [224, 224, 3], "mobilenet-v2": [224, 224, 3], "vit-ti16": [224, 224, 3],
-      "vit-s16": [224, 224, 3]}
+      "vit-s16": [224, 224, 3], "lm-tiny": [2, 256], "lm-small": [2, 256]}
   train_main(["models", "--input-shape", "64"])  # Flat vectors: only the MLPs take them.
   assert re.search(r"vit-ti16 +n/a for this shape +ViT-Ti/16 .*\(natural input 224x224x3\)", capsys.readouterr().out)
 
