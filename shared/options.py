@@ -9,8 +9,9 @@ import dataclasses
 
 from shared.augment import DEFAULT_CROP_AREA, DEFAULT_CROP_ASPECT, RENDERERS, mix_check
 from shared.data import NO_EVAL
+from shared.data.text import DEFAULT_PACK_SEED, DEFAULT_SEQ_LEN, DEFAULT_TOKENIZER, TextOptions
 from shared.precision import COMPUTE_DTYPES, DEFAULT_COMPUTE_DTYPE
-from shared.settings import at_least, setting, workers_check
+from shared.settings import at_least, seed_check, setting, workers_check
 
 DEFAULT_DATASET = "digits"  # The embedded dataset: every command runs without downloads or files.
 DEFAULT_SPLIT = "train"
@@ -45,6 +46,38 @@ class DatasetSettings:
                                  commands=(FIT, SWEEP, BUILD, VIEWS, IMPORT, EVAL, DEMO, EXTEND, *DERIVE),
                                  identity=False,
                                  scope="process")
+  # How `text:PATH` becomes packed rows (`shared.data.text`); None: not given (the record's, else the default).
+  seq_len: int | None = setting(
+      None, f"text: datasets: tokens per packed row, L (default: {DEFAULT_SEQ_LEN}; with --cache or a run: the "
+            "recorded one)", metavar="L", group="data", check=at_least(2), added=True,
+      commands=(FIT, SWEEP, BUILD, VIEWS, IMPORT, EVAL, DEMO))
+  tokenizer: str | None = setting(
+      None, f"text: datasets: '{DEFAULT_TOKENIZER}' (UTF-8 bytes, 256 tokens) or the path of a Hugging Face "
+            "tokenizer.json (needs `pip install 'stillroom[text]'`); its SHA-256 is part of the data's fingerprint "
+            f"(default: '{DEFAULT_TOKENIZER}'; with --cache or a run: the recorded one)", metavar="bytes|PATH",
+      group="data", added=True, commands=(FIT, SWEEP, BUILD, VIEWS, IMPORT, EVAL, DEMO))
+  pack_seed: int | None = setting(
+      None, f"text: datasets: the seed of the documents' order before they are packed into rows (default: "
+            f"{DEFAULT_PACK_SEED}; with --cache or a run: the recorded one)", metavar="SEED", group="data",
+      check=lambda seed: seed is None or seed_check(seed), added=True, commands=(FIT, SWEEP, BUILD, VIEWS, IMPORT, EVAL, DEMO))
+
+
+def text_options(config, recorded: dict | None = None) -> TextOptions | None:
+  """The text options (`open_transfer_set(..., text=)`) of a config's --seq-len, --tokenizer and --pack-seed, each
+  one not given taken from `recorded` (a `DatasetSpec.text` of a cache or run) when there is one, else its default.
+
+  Returns:
+    None when neither gives any (non-text data, or `text:` data with the defaults); else the options (refused for
+    data that is not `text:`).
+  """
+  given = {"seq_len": config.seq_len, "tokenizer_name": config.tokenizer, "pack_seed": config.pack_seed}
+  given = {key: value for key, value in given.items() if value is not None}
+  if not given and recorded is None:
+    return None
+  base = TextOptions.from_dict(recorded) if recorded is not None else TextOptions()
+  if "tokenizer_name" in given:
+    base = dataclasses.replace(base, tokenizer_sha256=None)  # Another file than the recorded one, maybe.
+  return dataclasses.replace(base, **given)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

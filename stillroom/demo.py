@@ -24,7 +24,7 @@ from shared.data import open_transfer_set
 from shared.errors import StillroomError
 from shared.cache import validate_settings
 from shared.log import logger, progress
-from shared.options import DEMO, DEMO_STAGES, DatasetSettings, resolve_dataset
+from shared.options import DEMO, DEMO_STAGES, DatasetSettings, resolve_dataset, text_options
 from shared.settings import add_options, at_least, check_values, from_args, positive_finite, setting, workers_check
 from student_train.config import FitConfig, validate_config
 from student_train.train import fit_group
@@ -191,8 +191,9 @@ def run_demo(config: DemoConfig, verbose: bool = False) -> dict:
   if config.shapes:
     config = _shapes_preset(config)
   validate_demo(config)
-  transfer_set = open_transfer_set(config.dataset, config.train_split, config.data_dir)
-  tested = open_transfer_set(config.eval_dataset or config.dataset, config.test_split, config.data_dir)
+  transfer_set = open_transfer_set(config.dataset, config.train_split, config.data_dir, text=text_options(config))
+  tested = open_transfer_set(config.eval_dataset or config.dataset, config.test_split, config.data_dir,
+                             text=text_options(config))
   if not tested.labeled:  # The demo's results are accuracies.
     raise StillroomError(f"{tested.name!r} {config.test_split!r} is unlabeled; the demo compares accuracies on it, "
                          "which need labels: give a labeled --test-split (or --eval-dataset).")

@@ -23,7 +23,7 @@ from shared.models import check_input_shape
 from shared.parallel import batch_sharding, process_rows
 from shared.render import inputs_of
 from shared.runs import Teacher, load_run_teacher
-from shared.options import EVAL, DatasetSettings, resolve_dataset
+from shared.options import EVAL, DatasetSettings, resolve_dataset, text_options
 from shared.settings import at_least, check_values, setting
 from shared.workers import BatchRenderer, resolve_workers
 from student_train.plan import RunPlan
@@ -200,7 +200,7 @@ def evaluate_runs(config: EvalConfig) -> dict:
   """
   check_values(config)
   dataset = resolve_dataset(config.dataset)
-  transfer_set = open_transfer_set(dataset, config.split, config.data_dir)
+  transfer_set = open_transfer_set(dataset, config.split, config.data_dir, text=text_options(config))
   if not transfer_set.labeled:
     raise StillroomError(f"{dataset!r} {config.split!r} is unlabeled; evaluation needs labels.")
   member_logits, members = [], []

@@ -20,6 +20,8 @@ from shared.data import (FINGERPRINT_VERSION, NO_EVAL, Normalization, TransferSe
                          default_eval_split, local_path, open_transfer_set)
 from shared.data.prepared import check_views as check_prepared_views
 from shared.data.prepared import mismatch_hint
+from shared.data.text import TextOptions
+from shared.data.text import check_views as check_text_views
 from shared.ensemble import member_weights
 from shared.errors import StillroomError
 from shared.log import logger
@@ -29,7 +31,7 @@ from shared.models import (MODELS, WEIGHTS, ModelSpec, build_model, check_input_
 from shared.runs import load_run_teacher
 from shared.specialists import (SpecialistPlan, dustbin_correction, dustbin_labels, initial_params,
                                 parse_specialist)
-from shared.options import DEFAULT_SPLIT, resolve_dataset
+from shared.options import DEFAULT_SPLIT, resolve_dataset, text_options
 from shared.runs import SpecialistRecord
 from shared.settings import declared, names_where
 from student_train.config import DEFAULT_KD_ALPHA, FEATURE_OPTIONS, WEIGHT_OPTIONS, FitConfig, validate_config
@@ -273,10 +275,10 @@ class Opened:
       self._items[key] = open_cache(path)
     return self._items[key]
 
-  def transfer_set(self, name: str, split: str, data_dir: str | None) -> TransferSet:
-    key = ("data", name, split, data_dir)
+  def transfer_set(self, name: str, split: str, data_dir: str | None, text: TextOptions | None = None) -> TransferSet:
+    key = ("data", name, split, data_dir, text)
     if key not in self._items:
-      self._items[key] = open_transfer_set(name, split, data_dir)
+      self._items[key] = open_transfer_set(name, split, data_dir, text=text)
     return self._items[key]
 
 
@@ -301,7 +303,7 @@ def plan_run(config: FitConfig, opened: Opened | None = None) -> RunPlan:
     dataset = config.dataset or recorded.name
     split = config.split or (recorded.split if not config.dataset else DEFAULT_SPLIT)
     try:
-      transfer_set = opened.transfer_set(dataset, split, config.data_dir)
+      transfer_set = opened.transfer_set(dataset, split, config.data_dir, text_options(config, recorded.text))
     except StillroomError as e:
       if config.dataset:
         raise
@@ -321,7 +323,8 @@ def plan_run(config: FitConfig, opened: Opened | None = None) -> RunPlan:
     if config.alpha not in (None, 1.0):
       raise StillroomError(f"--alpha {config.alpha} mixes in soft targets, which need --cache.")
     dataset, split = resolve_dataset(config.dataset), config.split or DEFAULT_SPLIT
-    transfer_set = opened.transfer_set(dataset, split, config.data_dir)
+    transfer_set = opened.transfer_set(dataset, split, config.data_dir, text_options(config))
+    check_text_views(config, transfer_set)
     if not transfer_set.labeled:
       raise StillroomError(f"{dataset!r} {split!r} is unlabeled; hard-label training needs labels.")
     num_classes = transfer_set.num_classes
@@ -502,11 +505,13 @@ def _eval_set(config: FitConfig, transfer_set: TransferSet, cache: Cache | None,
   recorded = None if cache is None else cache.spec.eval_dataset
   if recorded is not None and not config.eval_dataset and not config.eval_split:
     same = recorded.name == cache.spec.dataset.name  # A --dataset given for a moved dataset stands for both.
-    return opened.transfer_set(transfer_set.name if same else recorded.name, recorded.split, config.data_dir)
+    return opened.transfer_set(transfer_set.name if same else recorded.name, recorded.split, config.data_dir,
+                               transfer_set.text_options())
   if config.eval_dataset or config.eval_split:
     return opened.transfer_set(config.eval_dataset or transfer_set.name,
-                               config.eval_split or default_eval_split(config.eval_dataset), config.data_dir)
+                               config.eval_split or default_eval_split(config.eval_dataset), config.data_dir,
+                               transfer_set.text_options())
   try:
-    return opened.transfer_set(transfer_set.name, "test", config.data_dir)
+    return opened.transfer_set(transfer_set.name, "test", config.data_dir, transfer_set.text_options())
   except StillroomError:
     return None  # No test split: no per-epoch evaluation unless asked for.

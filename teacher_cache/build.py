@@ -32,6 +32,7 @@ from shared.cache import (COMPLETE_KEY, EVAL_ROWS, FEATURE_DTYPE, FEATURE_KINDS,
 from shared.data import (NO_EVAL, Normalization, TransferSet, check_eval_set, default_eval_split, local_path,
                          open_transfer_set)
 from shared.data.prepared import check_views as check_prepared_views
+from shared.data.text import check_views as check_text_views
 from shared.ensemble import COMBINE_RULES, combine_log_probs, sampled_targets, top_k_targets
 from shared.errors import StillroomError, raise_if_interrupted
 from shared.log import logger, progress
@@ -45,7 +46,8 @@ from shared.precision import DEFAULT_COMPUTE_DTYPE, target_tolerance
 from shared.render import DEVICE_INPUTS, PARTNER_INPUTS, inputs_of
 from shared.runs import Teacher, load_teacher
 from shared.options import (BUILD, CONVERT, DEFAULT_SPLIT, DEMO_BUILD, DERIVE, EXTEND, IMPORT, VIEWS,
-                            ComputeSettings, DataSettings, JobSettings, OutputSettings, ViewSettings, resolve_dataset)
+                            ComputeSettings, DataSettings, JobSettings, OutputSettings, ViewSettings, resolve_dataset,
+                            text_options)
 from shared.settings import setting, workers_check
 from shared.specialists import SpecialistPlan, class_matrix, specialist_log_probs
 from shared.workers import BatchRenderer, resolve_workers
@@ -526,12 +528,12 @@ def _eval_set(config: BuildConfig) -> TransferSet | None:
     return None
   if config.eval_dataset:
     eval_set = open_transfer_set(config.eval_dataset, config.eval_split or default_eval_split(config.eval_dataset),
-                                 config.data_dir)
+                                 config.data_dir, text=text_options(config))
   elif config.eval_split is not None:
-    eval_set = open_transfer_set(config.dataset, config.eval_split, config.data_dir)
+    eval_set = open_transfer_set(config.dataset, config.eval_split, config.data_dir, text=text_options(config))
   else:
     try:
-      eval_set = open_transfer_set(config.dataset, "test", config.data_dir)
+      eval_set = open_transfer_set(config.dataset, "test", config.data_dir, text=text_options(config))
     except StillroomError:
       return None  # No test split: nothing to store unless asked for.
   return eval_set
@@ -543,7 +545,8 @@ def open_views(config: BuildConfig) -> tuple[TransferSet, Augmentation]:
   Raises:
     StillroomError: bad data, or view settings that do not fit it.
   """
-  transfer_set = open_transfer_set(config.dataset, config.split, config.data_dir)
+  transfer_set = open_transfer_set(config.dataset, config.split, config.data_dir, text=text_options(config))
+  check_text_views(config, transfer_set)
   if config.views > 1 and len(transfer_set.input_shape) < 2:
     raise StillroomError(f"--views {config.views} needs image inputs; {config.dataset!r} holds flat vectors of "
                          f"shape {transfer_set.input_shape}, which take no augmentation. Use --views 1.")

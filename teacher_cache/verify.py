@@ -109,7 +109,8 @@ def _open_dataset(recorded: DatasetSpec, name: str | None, split: str | None, da
     StillroomError: a dataset or split given on the command line cannot be opened.
   """
   try:
-    transfer_set = open_transfer_set(name or recorded.name, split or recorded.split, data_dir)
+    transfer_set = open_transfer_set(name or recorded.name, split or recorded.split, data_dir,
+                                     text=recorded.text_options())
   except StillroomError as e:
     if given:  # The command line named the dataset or split: that it cannot be opened is an error.
       raise

@@ -8,10 +8,11 @@ import numpy as np
 
 from shared import storage
 from shared.data import fingerprint as fingerprint_lib
-from shared.data.backends import open_source
+from shared.data.backends import is_text, open_source
 from shared.data.fingerprint import FINGERPRINT_VERSION
 from shared.data.source import Source, canvas_of, check_dtype, check_inputs
 from shared.data.splits import canonical_indices, parse_split
+from shared.data.text import TextOptions
 from shared.errors import StillroomError
 
 
@@ -35,7 +36,10 @@ class Normalization:
 
 
 def default_normalization(name: str, input_dtype: np.dtype) -> Normalization:
-  """The normalisation a dataset gets unless a run says otherwise: pixels to [0, 1], other data as stored."""
+  """The normalisation a dataset gets unless a run says otherwise: pixels to [0, 1], other data (token rows of
+  `text:` among them) as stored."""
+  if is_text(name):
+    return Normalization()  # Token ids: the model casts them back to int32.
   if name == "digits":
     return Normalization(scale=16.0)  # Pixel values 0..16.
   if np.dtype(input_dtype) == np.uint8:
@@ -58,6 +62,9 @@ class DatasetSpec:
     num_classes: class count, or None when unknown (unlabeled data).
     labeled: every example has a label.
     fingerprint_version: how `fingerprint` was computed (1: every example's bytes; 2: identity and a sample).
+    text: how a `text:` dataset's rows were made (`shared.data.text.TextOptions.to_dict`: seq_len, the tokenizer's
+      identity, pack_seed); None for other data, and then absent from `to_dict` (records from before text read the
+      same).
   """
 
   name: str
@@ -70,6 +77,7 @@ class DatasetSpec:
   num_classes: int | None
   labeled: bool
   fingerprint_version: int = FINGERPRINT_VERSION
+  text: dict | None = None
 
   def indices(self) -> np.ndarray:
     """int64 [count]: each example's position in the unsliced split, from the canonical split alone."""
@@ -79,7 +87,13 @@ class DatasetSpec:
     d = {**dataclasses.asdict(self), "input_shape": list(self.input_shape)}
     if self.fingerprint_version == 1:
       del d["fingerprint_version"]  # As stillroom 0.2 wrote it.
+    if self.text is None:
+      del d["text"]  # As stillroom 0.3 wrote records of image data.
     return d
+
+  def text_options(self) -> TextOptions | None:
+    """The options that re-open this `text:` data (`open_transfer_set(..., text=)`), or None for other data."""
+    return None if self.text is None else TextOptions.from_dict(self.text)
 
   @classmethod
   def from_dict(cls, d: dict) -> "DatasetSpec":
@@ -165,7 +179,7 @@ class TransferSet:
 
     Returns:
       `(inputs, labels)`: inputs [B, ...] as stored (a list of B arrays when sizes vary), int64 labels [B] (-1 where
-      unlabeled).
+      unlabeled); `text:` rows: int32 [B, 2, L] and int64 [B, L] next-token labels (-1 where none).
 
     Raises:
       StillroomError: naming the first example (index in the unsliced split) with a non-finite input or a label
@@ -212,16 +226,21 @@ class TransferSet:
     classes = self.num_classes if self.label_map is None else len(self.label_map)
     if classes is None or not self.labeled:
       return
-    outside = (labels < 0) | (labels >= classes)
+    # Per-position labels ([B, L] of token rows) are -1 where a position predicts nothing.
+    outside = (labels < 0) | (labels >= classes) if labels.ndim == 1 else \
+        ((labels < -1) | (labels >= classes)).reshape(len(labels), -1).any(axis=1)
     if outside.any():
       bad = int(np.argmax(outside))
+      if labels.ndim > 1:
+        raise StillroomError(f"dataset {self.name!r} split {self.split!r}: example index {int(keys[bad])} has a "
+                             f"label outside -1..{classes - 1}.")
       raise StillroomError(f"dataset {self.name!r} split {self.split!r}: example index {int(keys[bad])} has label "
                            f"{int(labels[bad])}, outside 0..{classes - 1}.")
 
   @functools.cached_property
   def labels(self) -> np.ndarray:
-    """int64 [N] every example's label (-1 where unlabeled). Cheap for `npz:`, `imagefolder:` and small TFDS
-    splits; a large TFDS split is read once for it."""
+    """int64 [N] every example's label (-1 where unlabeled); [N, L] next-token labels of `text:` rows. Cheap for
+    `npz:`, `imagefolder:` and small TFDS splits; a large TFDS split is read once for it."""
     labels = self.source.labels(self.indices)
     self._check_labels(self.indices, labels)
     return self._mapped(labels)
@@ -271,11 +290,21 @@ class TransferSet:
     return self.as_recorded(recorded.fingerprint, recorded.fingerprint_version) == \
         (recorded.fingerprint, recorded.fingerprint_version)
 
+  @property
+  def text(self) -> dict | None:
+    """How `text:` rows were made (`DatasetSpec.text`), or None for other data."""
+    return getattr(self.source, "text", None)
+
+  def text_options(self) -> TextOptions | None:
+    """The options that re-open this `text:` data, or None for other data."""
+    return None if self.text is None else TextOptions.from_dict(self.text)
+
   def describe(self) -> DatasetSpec:
     """What a cache or run records about its data (everything except the bytes)."""
     return DatasetSpec(name=self.name, split=self.split, canonical_split=self.canonical_split, count=len(self),
                        fingerprint=self.fingerprint, input_shape=self.input_shape,
-                       input_dtype=self.input_dtype.name, num_classes=self.num_classes, labeled=self.labeled)
+                       input_dtype=self.input_dtype.name, num_classes=self.num_classes, labeled=self.labeled,
+                       text=self.text)
 
 
 def check_eval_set(eval_set: TransferSet, transfer_set: TransferSet, augmentation, num_classes: int) -> None:
@@ -309,13 +338,15 @@ def check_eval_set(eval_set: TransferSet, transfer_set: TransferSet, augmentatio
                          f"{num_classes} the models output.")
 
 
-def open_transfer_set(name: str, split: str = "train", data_dir: str | None = None) -> TransferSet:
+def open_transfer_set(name: str, split: str = "train", data_dir: str | None = None,
+                      text: TextOptions | None = None) -> TransferSet:
   """Opens a transfer set without reading its examples (see `shared.data`), by the backend its name chooses.
 
   Args:
-    name: `digits`, `npz:PATH`, `imagefolder:DIR` or a TFDS dataset name.
+    name: `digits`, `npz:PATH`, `imagefolder:DIR`, `prepared:STORE`, `text:PATH` or a TFDS dataset name.
     split: a TFDS split spec of one split, e.g. `train` or `train[:80%]`.
     data_dir: TFDS data dir (where `digits` is prepared on first use); default: TFDS's own default.
+    text: how `text:PATH` becomes packed rows (default: `TextOptions()`); refused for other data.
 
   Returns:
     The transfer set, examples in split order.
@@ -329,7 +360,7 @@ def open_transfer_set(name: str, split: str = "train", data_dir: str | None = No
     raise StillroomError(f"--data-dir {data_dir!r}: TFDS reads examples through array_record, which opens local files "
                          "only. Mount the bucket (mountpoint-s3, gcsfuse, rclone mount) and pass the mount's path, or "
                          "copy the prepared dataset (DATA_DIR/NAME/VERSION) to a local disk.")
-  source, split_sizes, num_classes = open_source(name, split, data_dir)
+  source, split_sizes, num_classes = open_source(name, split, data_dir, text)
   base, indices, canonical = parse_split(split, split_sizes, name)
   check_dtype(name, split, source.dtype)
   return TransferSet(name=name, split=split, base_split=base, base_count=len(source), indices=indices,
