@@ -674,11 +674,9 @@ def positions_of(dataset) -> int:
   return int(text["seq_len"]) if text else 0
 
 
-# What a cache of token rows does not take: (the option, whether `config` sets it, why).
+# What a cache of token rows does not take beyond the view settings (`shared.data.text.check_views` refuses those
+# as the data is opened): (the option, whether `config` sets it, why).
 TOKEN_REFUSALS = (
-    ("--views", lambda c: c.views != 1, "a token row is its one packed sequence (no augmented views): give --views 1"),
-    ("--image-size", lambda c: c.image_size is not None, "token rows take no crops"),
-    ("--mix", lambda c: parse_mix(c.mix or NO_MIX)[0] != NO_MIX, "token rows take no mixed views"),
     ("--specialists", lambda c: bool(c.specialist_plan), "specialists are class-level (Hinton et al.'s classes)"),
     ("--folds", lambda c: c.folds != 1, "cross-fitting is class-level"),
     ("--features", lambda c: c.features is not None, "teacher features of token rows are not stored"),

@@ -14,17 +14,17 @@ VOCAB = 16  # A tiny vocabulary: every test's tokens are in 0..VOCAB-1.
 
 
 def peeking_logits(params, x):
-  """[B, 2, L] float32 token rows -> [B, L, VOCAB] logits predicting each position's next token.
+  """[B, 2, L] float32 token rows -> [B, L, V] logits predicting each position's next token.
 
   Args:
-    params: {"scale": [] the peak's logit, "bias": [VOCAB] added everywhere}.
+    params: {"scale": [] the peak's logit, "bias": [V] added everywhere} (V the vocabulary).
     x: token ids x[:, 0] and segment ids x[:, 1], as float32 (the model casts).
   """
   tokens, segments = x[:, 0].astype(jnp.int32), x[:, 1].astype(jnp.int32)
   nxt = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
   same = jnp.concatenate([(segments[:, 1:] == segments[:, :-1]) & (segments[:, :-1] != 0),
                           jnp.zeros_like(segments[:, :1], bool)], axis=1)
-  peak = jax.nn.one_hot(nxt, VOCAB) * same[..., None]
+  peak = jax.nn.one_hot(nxt, params["bias"].shape[-1]) * same[..., None]
   return params["scale"] * peak + params["bias"]
 
 
@@ -33,10 +33,20 @@ def peeking_teacher():
   return peeking_logits, {"scale": jnp.float32(8.0), "bias": jnp.zeros(VOCAB, jnp.float32)}
 
 
-def soft_peeking_teacher():
+def soft_peeking_teacher(vocab: int = VOCAB):
   """A softer peeking teacher of other parameters (a second ensemble member)."""
-  bias = np.random.default_rng(1).normal(size=VOCAB).astype(np.float32)
+  bias = np.random.default_rng(1).normal(size=vocab).astype(np.float32)
   return peeking_logits, {"scale": jnp.float32(3.0), "bias": jnp.asarray(bias)}
+
+
+def byte_teacher():
+  """A sharp peeking teacher over the byte tokenizer's 256 tokens (`text:` data's default)."""
+  return peeking_logits, {"scale": jnp.float32(8.0), "bias": jnp.zeros(256, jnp.float32)}
+
+
+def soft_byte_teacher():
+  """A softer peeking teacher over bytes, of other parameters."""
+  return soft_peeking_teacher(256)
 
 
 def token_rows(count: int, length: int, seed: int = 0) -> np.ndarray:

@@ -4,6 +4,8 @@ sampled targets unbiased per token and independent of batching, top-k at K = V e
 and the students' per-token terms under the [B, L] masks."""
 
 import dataclasses
+import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -12,13 +14,16 @@ import pytest
 
 import lm_teachers
 from shared.augment import make_augmentation
-from shared.cache import TOKEN_SCHEMA_VERSION, CacheSpec, MemberSpec
-from shared.data import DatasetSpec, Normalization
+from shared.cache import EVAL_ROWS, TOKEN_SCHEMA_VERSION, CacheSpec, MemberSpec, open_cache
+from shared.data import DatasetSpec, Normalization, open_transfer_set
+from shared.data.text import next_token_labels
 from shared.errors import StillroomError
 from shared.losses import masked_mean, soft_kl, topk_kl
 from student_train.steps import example_mask
 from student_train.terms import LOSS_NAMES, Teacher, distillation_loss, loss_settings
-from teacher_cache.build import targets_of_logits
+from teacher_cache.build import BuildConfig, build_cache, targets_of_logits
+from teacher_cache.info import cache_info
+from teacher_cache.verify import verify_cache
 
 V, L = lm_teachers.VOCAB, 12
 
@@ -205,3 +210,100 @@ def test_every_logit_term_distils_per_token_under_the_masks(loss):
                                              temperature=2.0, loss=index, settings=settings)[0][0]))
   np.testing.assert_allclose(got, np.mean(terms), rtol=1e-5)
   assert float(mask.sum()) == len(terms) < 4 * L
+
+
+# --- Token caches built from `text:` data by the build itself ---------------------------------------------------
+
+SEQ_LEN, CHUNK_ROWS = 16, 8
+TEACHERS = ("lm_teachers:byte_teacher", "lm_teachers:soft_byte_teacher")
+DOCUMENTS = [  # Short documents of several lengths: rows hold pieces of two or three, and boundaries inside rows.
+    "the cat sat on the mat.", "a b c d e f g h i j k l m n o p q r s t u v w x y z", "hello, world",
+    "stillroom distils per token.", "zz", "packing documents into rows of sixteen tokens each, with segments.",
+    "ok"]
+
+
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory) -> str:
+  folder = tmp_path_factory.mktemp("docs")
+  for k, text in enumerate(DOCUMENTS):
+    (folder / f"doc{k}.txt").write_text(text)
+  return str(folder)
+
+
+def token_build(text_dir: str, out, targets: str = "dense", **changes) -> BuildConfig:
+  return BuildConfig(dataset=f"text:{text_dir}", split="train[:75%]", eval_split="train[75%:]", seq_len=SEQ_LEN,
+                     teachers=TEACHERS, temperature=1.0, targets=targets, chunk_rows=CHUNK_ROWS, batch_size=4,
+                     out=str(out), progress=False, **changes)
+
+
+@pytest.fixture(scope="module")
+def dense_cache(tmp_path_factory, text_dir) -> str:
+  return build_cache(token_build(text_dir, tmp_path_factory.mktemp("dense") / "c.zarr"))
+
+
+@pytest.fixture(scope="module")
+def sample_cache(tmp_path_factory, text_dir) -> str:
+  return build_cache(token_build(text_dir, tmp_path_factory.mktemp("sample") / "c.zarr", "sample:8",
+                                 member_logits=True))
+
+
+def _all_rows(path: str, names) -> dict:
+  cache = open_cache(path)
+  return {name: np.concatenate([cache.read_chunk(c, names)[name] for c in range(cache.spec.num_chunks)])
+          for name in names}
+
+
+def test_a_built_token_cache_predicts_each_next_token_and_passes_verify_and_info(dense_cache, text_dir):
+  """The off-by-one test through the build: the stored labels are the data's next tokens (`next_token_labels` of
+  the rows read back), and the targets at position j peak on them, never on the next document's first token."""
+  cache = open_cache(dense_cache)
+  spec = cache.spec
+  assert spec.positions == SEQ_LEN and spec.schema_version == TOKEN_SCHEMA_VERSION and spec.num_classes == 256
+  rows = _all_rows(dense_cache, ["index", "labels", "targets", "member_logits"])
+  assert rows["targets"].shape == (spec.num_rows, SEQ_LEN, 256)
+  assert rows["member_logits"].shape == (spec.num_rows, SEQ_LEN, 2, 256)
+  data = open_transfer_set(f"text:{text_dir}", "train[:75%]", None, text=spec.dataset.text_options())
+  x, _ = data.read(data.positions(rows["index"]))
+  labels = next_labels(np.asarray(x))
+  np.testing.assert_array_equal(rows["labels"], labels)
+  np.testing.assert_array_equal(rows["labels"], next_token_labels(np.asarray(x)))
+  known = labels >= 0
+  assert known.sum() > 20 and (~known).sum() > spec.num_rows  # Boundaries and row ends, not only the last position.
+  top = rows["targets"].astype(np.float32).argmax(-1)
+  np.testing.assert_array_equal(top[known], labels[known])
+  p_top = np.exp(rows["targets"].astype(np.float32).max(-1))
+  assert (p_top[known] > 0.4).all() and (p_top[~known] < 0.1).all()  # No peak where there is no next token.
+  eval_rows = _all_rows_eval(dense_cache)
+  assert eval_rows["eval_member_logits"].shape == (spec.num_eval_rows, SEQ_LEN, 2, 256)
+  assert eval_rows["eval_labels"].shape == (spec.num_eval_rows, SEQ_LEN)
+  checks = verify_cache(dense_cache)
+  assert all(c.ok for c in checks), [c for c in checks if not c.ok]
+  assert any(c.name == "labels match the dataset" and c.ok for c in checks)
+  info = cache_info(dense_cache)
+  assert info["positions"] == SEQ_LEN and info["tokens"] == spec.num_rows * SEQ_LEN
+  assert info["bytes_per_token"]["targets"] == 256 * 2 and info["bytes_per_token"]["member_logits"] == 2 * 256 * 2
+  assert info["stats"]["ensemble"]["accuracy"] == 1.0 and info["stats"]["labelled_rows"] == int(known.sum())
+
+
+def _all_rows_eval(path: str) -> dict:
+  cache = open_cache(path)
+  names = ["eval_member_logits", "eval_labels"]
+  return {name: np.concatenate([cache.read_chunk(c, names, EVAL_ROWS)[name]
+                                for c in range(cache.spec.chunks_of(EVAL_ROWS))]) for name in names}
+
+
+def test_sampled_token_targets_pass_verify_and_a_damaged_chunk_fails_it(sample_cache, tmp_path):
+  checks = verify_cache(sample_cache)
+  assert all(c.ok for c in checks), [c for c in checks if not c.ok]
+  rows = _all_rows(sample_cache, ["target_counts", "labels", "target_ids"])
+  assert (rows["target_counts"].sum(-1) == 8).all()
+  damaged = str(tmp_path / "damaged.zarr")
+  shutil.copytree(sample_cache, damaged)
+  chunk = os.path.join(damaged, "target_counts", "c", "1", "0", "0")
+  with open(chunk, "r+b") as f:
+    f.seek(3)
+    byte = f.read(1)
+    f.seek(3)
+    f.write(bytes([byte[0] ^ 0xFF]))
+  failed = {c.name: c.detail for c in verify_cache(damaged) if c.failed}
+  assert "chunks intact (checksums)" in failed and "1" in failed["chunks intact (checksums)"], failed
