@@ -199,10 +199,7 @@ def _member_spec(teacher: Teacher, transfer_set: TransferSet, input_shape: tuple
                             "with the --image-size it was trained at." if rendered else
                             f"{transfer_set.name!r} holds inputs of shape {tuple(input_shape)}."))
   out = check_input_shape(teacher.apply_fn, teacher.params, input_shape, what, batch_size)
-  if positions and (len(out.shape) != 3 or out.shape[1] != positions):
-    raise StillroomError(f"{what} outputs logits of shape {tuple(out.shape)} for a batch of {out.shape[0]}; a cache "
-                         f"of token rows of {positions} positions takes a language model's [B, {positions}, V] (position "
-                         "j predicting token j + 1).")
+  # `check_input_shape` holds token rows' models to [B, L, V]; a class-level cache takes [B, C] of any other input.
   if not positions and len(out.shape) != 2:
     raise StillroomError(f"{what} outputs logits of shape {tuple(out.shape)}; a class-level cache takes [B, C] (a "
                          "language model's [B, L, V] needs a text transfer set, `--dataset text:PATH`).")

@@ -6,12 +6,16 @@ and the students' per-token terms under the [B, L] masks."""
 import dataclasses
 import os
 import shutil
+import socket
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import conftest
 import lm_teachers
 from shared.augment import make_augmentation
 from shared.cache import EVAL_ROWS, TOKEN_SCHEMA_VERSION, CacheSpec, MemberSpec, open_cache
@@ -21,11 +25,23 @@ from shared.errors import StillroomError
 from shared.losses import masked_mean, soft_kl, topk_kl
 from student_train.steps import example_mask
 from student_train.terms import LOSS_NAMES, Teacher, distillation_loss, loss_settings
-from teacher_cache.build import BuildConfig, build_cache, targets_of_logits
+from student_train.config import FitConfig
+from student_train.run_dir import read_final
+from student_train.train import fit
+from teacher_cache import build as build_module
+from teacher_cache.build import BuildConfig, build_cache, put_rows, targets_of_logits
+from teacher_cache.cli import main as teacher_cache_main
 from teacher_cache.info import cache_info
 from teacher_cache.verify import verify_cache
 
 V, L = lm_teachers.VOCAB, 12
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
 
 
 def next_labels(x: np.ndarray) -> np.ndarray:
@@ -307,3 +323,60 @@ def test_sampled_token_targets_pass_verify_and_a_damaged_chunk_fails_it(sample_c
     f.write(bytes([byte[0] ^ 0xFF]))
   failed = {c.name: c.detail for c in verify_cache(damaged) if c.failed}
   assert "chunks intact (checksums)" in failed and "1" in failed["chunks intact (checksums)"], failed
+
+
+def _build_args(text_dir: str, out, *extra) -> list[str]:
+  return ["build", "--dataset", f"text:{text_dir}", "--split", "train[:75%]", "--eval-split", "train[75%:]",
+          "--seq-len", str(SEQ_LEN), *[arg for t in TEACHERS for arg in ("--teacher", t)], "--temperature", "1",
+          "--targets", "sample:8", "--member-logits", "--chunk-rows", str(CHUNK_ROWS // 2), "--batch-size", "4",
+          "--out", str(out), "--no-progress", *extra]
+
+
+def test_a_token_cache_built_by_two_processes_is_the_one_process_store(tmp_path, text_dir):
+  """Each process writes its share of the chunks (sampled targets: the draws are per row, whatever the process)."""
+  one = str(tmp_path / "one.zarr")
+  assert teacher_cache_main(_build_args(text_dir, one)) in (0, None)
+  port = _free_port()
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+         "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")])}  # The teachers' module.
+  two = str(tmp_path / "two.zarr")
+  job = [subprocess.Popen([sys.executable, "-c", "from teacher_cache.cli import main\nmain({!r})".format(
+      _build_args(text_dir, two, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id",
+                  str(index), "--heartbeat-timeout", "10"))], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+         for index in range(2)]
+  ended = [(p.wait(timeout=300), p.stderr.read().decode()[-2000:]) for p in job]
+  assert all(code == 0 for code, _ in ended), ended
+  assert open_cache(two).complete and open_cache(two).spec.num_chunks >= 3
+  assert conftest.array_files(two) == conftest.array_files(one)
+
+
+def test_an_interrupted_token_build_resumes_to_the_uninterrupted_store(tmp_path, text_dir, sample_cache, monkeypatch):
+  """Interrupted after its first chunk is queued, the store is not complete; the same build again ends with the
+  store an uninterrupted build wrote, byte for byte."""
+  out = tmp_path / "resumed.zarr"
+  written = []
+
+  def interrupted(*args, **kwargs):
+    if written:
+      raise KeyboardInterrupt
+    written.append(args[2])
+    return put_rows(*args, **kwargs)
+  monkeypatch.setattr(build_module, "put_rows", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    build_cache(token_build(text_dir, out, "sample:8", member_logits=True))
+  monkeypatch.undo()
+  with pytest.raises(StillroomError):
+    open_cache(str(out))  # Not complete.
+  build_cache(token_build(text_dir, out, "sample:8", member_logits=True))
+  assert conftest.array_files(str(out)) == conftest.array_files(sample_cache)
+
+
+def test_a_language_model_student_distils_from_a_token_cache(sample_cache, tmp_path):
+  """lm-tiny trains a few steps by the sampled KL per token and α·CE (every logit term's per-token value under the
+  masks is `test_every_logit_term_distils_per_token_under_the_masks`'s), its losses finite."""
+  out = str(tmp_path / "run")
+  final = fit(FitConfig(model="lm-tiny", cache=sample_cache, loss="kl", alpha=0.5, epochs=2, batch_size=4, lr=1e-3,
+                        out=out, progress=False))
+  assert final == read_final(out) and final["phase"] == "distill"
+  for name in ("loss", "hard_ce", "soft"):
+    assert np.isfinite(final[name]) and final[name] > 0, final

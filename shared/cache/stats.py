@@ -28,7 +28,8 @@ def eval_accuracies(cache: Cache) -> dict:
     has_label = labels >= 0
     labelled += int(has_label.sum())
     # Per token for token rows (logits [E, L, M, C], labels [E, L]): every labelled position counts.
-    member_hits += ((logits.argmax(-1) == labels[..., None]) & has_label[..., None]).reshape(-1, spec.num_members).sum(0)
+    hits = (logits.argmax(-1) == labels[..., None]) & has_label[..., None]
+    member_hits += hits.reshape(-1, spec.num_members).sum(axis=0)
     for rule in ensemble_hits:
       top1 = np.asarray(combine_log_probs(logits, 1.0, rule)).argmax(-1)
       ensemble_hits[rule] += int(((top1 == labels) & has_label).sum())
