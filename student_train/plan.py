@@ -199,22 +199,6 @@ ENRICH_STREAM = 0x5BEC  # Folded into a specialist's epoch seeds, apart from the
 _LOG = logger(__name__)
 
 
-def check_student_positions(logits_shape: tuple[int, ...], positions: int, model: str, cache: str) -> None:
-  """A student of a cache of token rows (`positions` L) outputs a language model's [B, L, V] logits, and a student
-  of a class-level cache (0) outputs [B, C]: its targets are per position, or per example.
-
-  Raises:
-    StillroomError: naming the model, the cache and both shapes.
-  """
-  if positions and (len(logits_shape) != 3 or logits_shape[1] != positions):
-    raise StillroomError(f"model {model!r} returns logits of shape {logits_shape} for a batch of {logits_shape[0]}; "
-                         f"the cache {cache!r} holds targets for each of {positions} positions of a token row: train a "
-                         f"language model (e.g. lm-tiny) of [B, {positions}, V] logits.")
-  if not positions and len(logits_shape) != 2:
-    raise StillroomError(f"model {model!r} returns logits of shape {logits_shape}; the cache {cache!r} holds one "
-                         "target per example (class-level): train a classifier of [B, C] logits.")
-
-
 def _plan_teaching(config: FitConfig, cache: Cache) -> tuple[Teaching, dict]:
   """Resolves the soft-target settings against a cache; returns them and the resolved config values."""
   spec = cache.spec
@@ -376,8 +360,6 @@ def plan_run(config: FitConfig, opened: Opened | None = None) -> RunPlan:
   if logits.shape[-1] != num_classes:
     raise StillroomError(f"model {config.model!r} returns {logits.shape[-1]} logits per example; the data has "
                          f"{num_classes} classes.")
-  if cache is not None:
-    check_student_positions(tuple(logits.shape), cache.spec.positions, config.model, config.cache)
   terms = ()
   if any(getattr(config, name) for name in FEATURE_OPTIONS):
     terms = plan_feature_terms({name: getattr(config, name) for name in FEATURE_OPTIONS if getattr(config, name)},
