@@ -9,6 +9,7 @@ import dataclasses
 
 from shared.augment import DEFAULT_CROP_AREA, DEFAULT_CROP_ASPECT, RENDERERS, mix_check
 from shared.data import NO_EVAL
+from shared.data.backends import is_text
 from shared.data.text import DEFAULT_PACK_SEED, DEFAULT_SEQ_LEN, DEFAULT_TOKENIZER, TextOptions
 from shared.precision import COMPUTE_DTYPES, DEFAULT_COMPUTE_DTYPE
 from shared.settings import at_least, seed_check, setting, workers_check
@@ -39,7 +40,8 @@ class DatasetSettings:
 
   dataset: str | None = setting(
       None, "'digits' (embedded), 'npz:PATH', 'imagefolder:DIR', 'prepared:STORE' (images decoded once by "
-            "`teacher-cache prepare`) or a TFDS dataset prepared in --data-dir "
+            "`teacher-cache prepare`), 'text:PATH' (.txt/.md/.py/.jsonl text packed into rows of tokens) or a TFDS "
+            "dataset prepared in --data-dir "
             f"(default: '{DEFAULT_DATASET}'; `fit --cache`: the dataset the cache records)", group="data",
       commands=(FIT, SWEEP, BUILD, VIEWS, IMPORT, EVAL, DEMO))
   data_dir: str | None = setting(None, "TFDS data dir (default: TFDS's own, ~/tensorflow_datasets)", group="data",
@@ -59,17 +61,26 @@ class DatasetSettings:
   pack_seed: int | None = setting(
       None, f"text: datasets: the seed of the documents' order before they are packed into rows (default: "
             f"{DEFAULT_PACK_SEED}; with --cache or a run: the recorded one)", metavar="SEED", group="data",
-      check=lambda seed: seed is None or seed_check(seed), added=True, commands=(FIT, SWEEP, BUILD, VIEWS, IMPORT, EVAL, DEMO))
+      check=lambda seed: seed is None or seed_check(seed), added=True,
+      commands=(FIT, SWEEP, BUILD, VIEWS, IMPORT, EVAL, DEMO))
 
 
-def text_options(config, recorded: dict | None = None) -> TextOptions | None:
+def text_options(config, recorded: dict | None = None, dataset: str | None = None) -> TextOptions | None:
   """The text options (`open_transfer_set(..., text=)`) of a config's --seq-len, --tokenizer and --pack-seed, each
   one not given taken from `recorded` (a `DatasetSpec.text` of a cache or run) when there is one, else its default.
+
+  Args:
+    config: a config with the dataset settings (`DatasetSettings`).
+    recorded: the text record of the data a cache or run was made from, or None.
+    dataset: the dataset the options are for, when known: a record is not applied to data that is not `text:`
+      (that data is refused as another dataset than the record's, not for options nobody gave).
 
   Returns:
     None when neither gives any (non-text data, or `text:` data with the defaults); else the options (refused for
     data that is not `text:`).
   """
+  if dataset is not None and not is_text(dataset):
+    recorded = None
   given = {"seq_len": config.seq_len, "tokenizer_name": config.tokenizer, "pack_seed": config.pack_seed}
   given = {key: value for key, value in given.items() if value is not None}
   if not given and recorded is None:

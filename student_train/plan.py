@@ -287,7 +287,7 @@ def plan_run(config: FitConfig, opened: Opened | None = None) -> RunPlan:
     dataset = config.dataset or recorded.name
     split = config.split or (recorded.split if not config.dataset else DEFAULT_SPLIT)
     try:
-      transfer_set = opened.transfer_set(dataset, split, config.data_dir, text_options(config, recorded.text))
+      transfer_set = opened.transfer_set(dataset, split, config.data_dir, text_options(config, recorded.text, dataset))
     except StillroomError as e:
       if config.dataset:
         raise

@@ -2431,6 +2431,79 @@ def _(env, tmp_path, mp):
           r"caches; build the cache you want directly \(`teacher-cache build`\)\.$", [cache])
 
 
+# --- text: text transfer sets (shared/data/text.py) ------------------------------------------------------------
+def _text_file(tmp_path, name: str, content: bytes) -> str:
+  path = tmp_path / name
+  path.write_bytes(content)
+  return f"text:{path}"
+
+
+@fault("text: a .jsonl line without a string text field")
+def _(env, tmp_path, mp):
+  data = _text_file(tmp_path, "docs.jsonl", b'{"text": "one"}\n{"title": "two"}\n')
+  return (student_main, _fit(env, "--dataset", data, "--out", tmp_path / "r"), 2,
+          r"docs\.jsonl line 2: no string 'text' field", [Absent(tmp_path / "r")])
+
+
+@fault("text: a .jsonl line that is not JSON")
+def _(env, tmp_path, mp):
+  data = _text_file(tmp_path, "docs.jsonl", b'{"text": "one"}\n{"text": "two"\n')
+  return (student_main, _fit(env, "--dataset", data, "--out", tmp_path / "r"), 2,
+          r"docs\.jsonl line 2: not JSON", [Absent(tmp_path / "r")])
+
+
+@fault("text: a file that is not UTF-8")
+def _(env, tmp_path, mp):
+  data = _text_file(tmp_path, "latin.txt", "first line\ncafé\n".encode("latin-1"))
+  return (cache_main, ["build", "--dataset", data, "--teacher", env.flat_teacher, "--out", tmp_path / "c.zarr"], 2,
+          r"latin\.txt line 2: not UTF-8", [Absent(tmp_path / "c.zarr")])
+
+
+@fault("text: a folder with no text")
+def _(env, tmp_path, mp):
+  (tmp_path / "corpus").mkdir()
+  (tmp_path / "corpus" / "empty.txt").write_text("")
+  return (student_main, _fit(env, "--dataset", f"text:{tmp_path / 'corpus'}", "--out", tmp_path / "r"), 2,
+          r"no text in .*corpus", [Absent(tmp_path / "r")])
+
+
+@fault("text: --seq-len for data that is not text")
+def _(env, tmp_path, mp):
+  return (student_main, _fit(env, "--dataset", env.npz_ok, "--seq-len", "64", "--out", tmp_path / "r"), 2,
+          r"is not text: --seq-len, --tokenizer and --pack-seed apply to 'text:PATH' datasets only",
+          [Absent(tmp_path / "r")])
+
+
+@fault("text: --seq-len 1")
+def _(env, tmp_path, mp):
+  data = _text_file(tmp_path, "a.txt", b"some text")
+  return (student_main, _fit(env, "--dataset", data, "--seq-len", "1", "--out", tmp_path / "r"), 2,
+          r"--seq-len must be >= 2", [Absent(tmp_path / "r")])
+
+
+@fault("text: a --tokenizer file that is not there")
+def _(env, tmp_path, mp):
+  data = _text_file(tmp_path, "a.txt", b"some text")
+  return (student_main, _fit(env, "--dataset", data, "--tokenizer", tmp_path / "absent.json", "--out",
+                             tmp_path / "r"), 2, r"--tokenizer .*absent\.json: cannot read it",
+          [Absent(tmp_path / "r")])
+
+
+@fault("text: build --views 2 of text")
+def _(env, tmp_path, mp):
+  data = _text_file(tmp_path, "a.txt", b"some text")
+  return (cache_main, ["build", "--dataset", data, "--teacher", env.flat_teacher, "--views", "2", "--out",
+                       tmp_path / "c.zarr"], 2, r"--views 2: dataset .* is text, whose one view is its packed rows",
+          [Absent(tmp_path / "c.zarr")])
+
+
+@fault("text: fit --augment on text")
+def _(env, tmp_path, mp):
+  data = _text_file(tmp_path, "a.txt", b"some text")
+  return (student_main, _fit(env, "--dataset", data, "--augment", "--out", tmp_path / "r"), 2,
+          r"--augment: dataset .* is text", [Absent(tmp_path / "r")])
+
+
 @pytest.mark.parametrize("name", list(FAULTS))
 def test_fault_is_refused_cleanly(name, env, tmp_path, monkeypatch, capsys):
   _refused_cleanly(FAULTS[name](env, tmp_path, monkeypatch), env, monkeypatch, capsys)

@@ -1,5 +1,5 @@
 """Where a transfer set's records come from: the `Source` protocol every backend implements (`npz`, `imagefolder`,
-`tfds`), `ArraySource` (examples held in memory), and the checks every source's inputs get."""
+`tfds`, `prepared`, `text`), `ArraySource` (examples held in memory), and the checks every source's inputs get."""
 
 import hashlib
 import typing
@@ -34,10 +34,11 @@ class Source(typing.Protocol):
     """The examples of the unsliced split."""
 
   def read(self, keys: np.ndarray) -> tuple[np.ndarray | list[np.ndarray], np.ndarray]:
-    """`(inputs [B, ...] as stored (a list of B arrays when sizes vary), int64 labels [B], -1 where unlabeled)`."""
+    """`(inputs [B, ...] as stored (a list of B arrays when sizes vary), int64 labels [B], -1 where unlabeled)`;
+    packed token rows (`text`) have int64 labels [B, L] per position, -1 where a position predicts nothing."""
 
   def labels(self, keys: np.ndarray) -> np.ndarray:
-    """int64 [B] labels (-1 where unlabeled), without decoding inputs where the source can."""
+    """int64 [B] labels (-1 where unlabeled; [B, L] of token rows), without decoding inputs where the source can."""
 
   def image_sizes(self, keys: np.ndarray) -> np.ndarray:
     """int64 [B, 2] each example's stored (height, width), without decoding where the source can."""

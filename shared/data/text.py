@@ -1,8 +1,9 @@
 """`text:PATH`: text as packed rows of tokens, for language models.
 
-PATH is a `.txt` file (one document), a `.jsonl` file (one document per line, its string `text` field), or a folder
-(or object-store prefix) of such files, listed recursively in sorted relative-path order (hidden files and folders
-skipped). Its one split is `train`, whose examples are PACKED ROWS of L = `seq_len` tokens:
+PATH is a `.jsonl` file (one document per line, its string `text` field), any other file (plain text: one
+document), or a folder (or object-store prefix) whose `.txt`, `.md`, `.py` and `.jsonl` files are listed recursively in
+sorted relative-path order (hidden files and folders skipped; other files ignored). Its one split is `train`, whose
+examples are PACKED ROWS of L = `seq_len` tokens:
 
   * every document is tokenized (`Tokenizer`: UTF-8 bytes by default, or a Hugging Face `tokenizer.json`); empty
     documents are skipped;
@@ -37,7 +38,7 @@ from shared.errors import StillroomError
 from shared.log import progress
 
 PREFIX = "text:"
-TEXT_EXTENSIONS = (".txt", ".jsonl")
+TEXT_EXTENSIONS = (".txt", ".md", ".py", ".jsonl")  # What a folder's listing keeps (.py: the text demo's sources).
 DEFAULT_SEQ_LEN = 256
 DEFAULT_TOKENIZER = "bytes"
 DEFAULT_PACK_SEED = 0
@@ -127,7 +128,8 @@ class HfTokenizer(Tokenizer):
     try:
       self._tokenizer = tokenizers.Tokenizer.from_str(content.decode("utf-8"))
     except Exception as e:  # pylint: disable=broad-exception-caught  # The library raises its own exception types.
-      raise StillroomError(f"--tokenizer {path}: not a Hugging Face tokenizer.json ({str(e).splitlines()[0]})") from e
+      what = (str(e).splitlines() or [type(e).__name__])[0]
+      raise StillroomError(f"--tokenizer {path}: not a Hugging Face tokenizer.json ({what}).") from e
     self.path, self.sha256 = path, hashlib.sha256(content).hexdigest()
     self.vocab_size = int(self._tokenizer.get_vocab_size(with_added_tokens=True))
     self.byte_lengths = self._byte_lengths(json.loads(content))
@@ -199,7 +201,8 @@ class TextOptions:
     if not isinstance(self.tokenizer_name, str) or not self.tokenizer_name:
       raise StillroomError(f"--tokenizer {self.tokenizer_name!r}: give 'bytes' or the path of a tokenizer.json.")
     if self.tokenizer_name != DEFAULT_TOKENIZER and not storage.is_url(self.tokenizer_name):
-      object.__setattr__(self, "tokenizer_name", os.path.abspath(self.tokenizer_name))  # Re-opened from other directories.
+      # Absolute: a record re-opens it from other directories.
+      object.__setattr__(self, "tokenizer_name", os.path.abspath(self.tokenizer_name))
 
   def tokenizer(self) -> Tokenizer:
     """The `Tokenizer` (a file is loaded once per process)."""
@@ -219,8 +222,8 @@ class TextOptions:
     if isinstance(tokenizer, dict):
       if tokenizer.get("kind") == "bytes":
         return cls(seq_len=d["seq_len"], pack_seed=d.get("pack_seed", DEFAULT_PACK_SEED))
-      return cls(seq_len=d["seq_len"], tokenizer_name=tokenizer["path"], pack_seed=d.get("pack_seed", DEFAULT_PACK_SEED),
-                 tokenizer_sha256=tokenizer.get("sha256"))
+      return cls(seq_len=d["seq_len"], tokenizer_name=tokenizer["path"],
+                 pack_seed=d.get("pack_seed", DEFAULT_PACK_SEED), tokenizer_sha256=tokenizer.get("sha256"))
     return cls(seq_len=d["seq_len"], tokenizer_name=tokenizer, pack_seed=d.get("pack_seed", DEFAULT_PACK_SEED))
 
 
@@ -262,8 +265,8 @@ def _line_of(data: bytes, offset: int) -> int:
 
 
 def documents_of(name: str, path: str, data: bytes) -> list[str]:
-  """The documents of one file: a `.txt` file's text, a `.jsonl` file's lines' `text` fields (blank lines and empty
-  documents skipped).
+  """The documents of one file: a `.jsonl` file's lines' `text` fields (blank lines and empty documents skipped), any
+  other file's text (none when empty).
 
   Raises:
     StillroomError: bad UTF-8, a line that is not JSON, or a line without a string `text` field, naming the file
@@ -277,7 +280,7 @@ def documents_of(name: str, path: str, data: bytes) -> list[str]:
   if not path.lower().endswith(".jsonl"):
     return [text] if text else []
   documents = []
-  for number, line in enumerate(text.split("\n"), start=1):
+  for number, line in enumerate(text.removeprefix("\ufeff").split("\n"), start=1):  # A BOM opens no JSON value.
     if not line.strip():
       continue
     try:
@@ -305,8 +308,6 @@ def _list(name: str) -> tuple[str, list[str]]:
       raise StillroomError(f"dataset {name!r}: no {'/'.join(TEXT_EXTENSIONS)} files in {root!r}.")
     return root, files
   if storage.is_file(root):
-    if not root.lower().endswith(TEXT_EXTENSIONS):
-      raise StillroomError(f"dataset {name!r}: {root!r} is not a {'/'.join(TEXT_EXTENSIONS)} file.")
     return root, [""]
   raise StillroomError(f"dataset {name!r}: no such file or directory {root!r}.")
 
@@ -378,9 +379,11 @@ def open_source(name: str, split: str, data_dir: str | None,  # pylint: disable=
   paths = [storage.join(root, f) if f else root for f in files]
   sizes = None if storage.is_url(root) else [os.path.getsize(p) for p in paths]
   digest = hashlib.sha256()
+  dtype = token_dtype(tokenizer.vocab_size)
   pieces, lengths = [], []
+  long = sum(sizes) > _PROGRESS_BYTES if sizes else len(paths) > _READ_FILES
   bar = progress(total=sum(sizes) if sizes else len(paths), unit="B" if sizes else "file", unit_scale=bool(sizes),
-                 desc=f"tokenizing {name}", enabled=bool(sizes) and sum(sizes) > _PROGRESS_BYTES, leave=False)
+                 desc=f"tokenizing {name}", enabled=long, leave=False)
   with bar:
     for start in range(0, len(paths), _READ_FILES):
       batch = paths[start:start + _READ_FILES]
@@ -388,24 +391,27 @@ def open_source(name: str, split: str, data_dir: str | None,  # pylint: disable=
         contents = storage.read_many(batch)
       except OSError as e:
         raise StillroomError(f"dataset {name!r}: cannot read {e.filename or batch[0]}: {e.strerror or e}") from e
+      documents: list = []  # The batch's documents in listing order: token arrays, or texts to encode.
       for relative, path, data in zip(files[start:start + _READ_FILES], batch, contents):
         digest.update(f"{relative}\0{len(data)}\n".encode())
         digest.update(data)
-        documents = documents_of(name, path, data)
+        texts = documents_of(name, path, data)  # Checks the file (UTF-8, JSON lines) whatever the tokenizer.
         if isinstance(tokenizer, ByteTokenizer) and not path.lower().endswith(".jsonl"):
-          encoded = [np.frombuffer(data, np.uint8)] if data else []  # The bytes are the tokens (checked UTF-8).
+          documents += [np.frombuffer(data, np.uint8)] if data else []  # The bytes are the tokens.
         else:
-          encoded = tokenizer.encode_many(documents) if documents else []
-        for ids in encoded:
-          if len(ids):
-            pieces.append(ids)
-            lengths.append(len(ids))
-        bar.update(len(data) if sizes else 1)
+          documents += texts
+      texts = [d for d in documents if isinstance(d, str)]
+      encoded = iter(tokenizer.encode_many(texts) if texts else [])  # One call: the library encodes in parallel.
+      for document in documents:
+        ids = next(encoded) if isinstance(document, str) else document
+        if len(ids):
+          pieces.append(ids.astype(dtype, copy=False))  # Compact at once: the open's peak stays near the stream's.
+          lengths.append(len(ids))
+      bar.update(sum(map(len, contents)) if sizes else len(batch))
   if not pieces:
     raise StillroomError(f"dataset {name!r}: no text in {root!r} (every document is empty).")
   order = pack_order(len(pieces), options.pack_seed)
-  dtype = token_dtype(tokenizer.vocab_size)
-  stream = np.concatenate([pieces[i].astype(dtype, copy=False) for i in order])
+  stream = np.concatenate([pieces[i] for i in order])
   starts = np.concatenate([[0], np.cumsum(np.asarray(lengths, np.int64)[order])]).astype(np.int64)
   source = TextSource(name, options, stream, starts, digest.hexdigest(), len(files))
   return OpenedSource(source, {"train": len(source)}, tokenizer.vocab_size)
