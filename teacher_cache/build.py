@@ -159,9 +159,10 @@ _LOG = logger(__name__)
 
 
 def _member_specs(teachers: list[Teacher], transfer_set: TransferSet, input_shape: tuple[int, ...],
-                  batch_size: int) -> tuple[list[MemberSpec], int]:
+                  batch_size: int, positions: int = 0) -> tuple[list[MemberSpec], int]:
   """Checks every member against the rendered views' `input_shape` (at the batch size it will run at) and each
-  other; returns their specs and the class count."""
+  other (with token rows of `positions` L, that each outputs [B, L, V] logits); returns their specs and the class
+  count."""
   specs, classes, digests = [], {}, {}
   for teacher in teachers:
     if teacher.record is not None and teacher.record.specialist is not None:
@@ -172,7 +173,7 @@ def _member_specs(teachers: list[Teacher], transfer_set: TransferSet, input_shap
       raise StillroomError(f"teachers {digests[teacher.digest]!r} and {teacher.source!r} have the same parameters; "
                            "an ensemble member given twice only weighs it double.")
     digests[teacher.digest] = teacher.source
-    spec, classes[teacher.name] = _member_spec(teacher, transfer_set, input_shape, batch_size)
+    spec, classes[teacher.name] = _member_spec(teacher, transfer_set, input_shape, batch_size, positions)
     specs.append(spec)
   if len(set(classes.values())) != 1:
     raise StillroomError(f"ensemble members have different class counts: {classes}.")
@@ -185,8 +186,9 @@ def _member_specs(teachers: list[Teacher], transfer_set: TransferSet, input_shap
 
 
 def _member_spec(teacher: Teacher, transfer_set: TransferSet, input_shape: tuple[int, ...],
-                 batch_size: int) -> tuple[MemberSpec, int]:
-  """A teacher's spec and class count, once it is known to take the rendered views' `input_shape`."""
+                 batch_size: int, positions: int = 0) -> tuple[MemberSpec, int]:
+  """A teacher's spec and class count, once it is known to take the rendered views' `input_shape` (and with token
+  rows of `positions` L, to output logits [B, L, V])."""
   normalization = teacher.normalization or transfer_set.normalization
   what = f"teacher {teacher.name!r} ({teacher.model})"
   trained_on = None if teacher.record is None else tuple(teacher.record.model.input_shape)
@@ -197,6 +199,10 @@ def _member_spec(teacher: Teacher, transfer_set: TransferSet, input_shape: tuple
                             "with the --image-size it was trained at." if rendered else
                             f"{transfer_set.name!r} holds inputs of shape {tuple(input_shape)}."))
   out = check_input_shape(teacher.apply_fn, teacher.params, input_shape, what, batch_size)
+  # `check_input_shape` holds token rows' models to [B, L, V]; a class-level cache takes [B, C] of any other input.
+  if not positions and len(out.shape) != 2:
+    raise StillroomError(f"{what} outputs logits of shape {tuple(out.shape)}; a class-level cache takes [B, C] (a "
+                         "language model's [B, L, V] needs a text transfer set, `--dataset text:PATH`).")
   return MemberSpec(name=teacher.name, source=teacher.source, model=teacher.model, num_params=teacher.num_params,
                     digest=teacher.digest, trained_epochs=teacher.trained_epochs,
                     normalization=normalization.to_dict()), int(out.shape[-1])
@@ -280,11 +286,23 @@ def targets_of_logits(spec: CacheSpec):
     storage dtype, targets, finite [B, M], finite targets [B])`, the targets a dict of what the spec stores
     (`{"targets": [B, C]}`, or the sparse arrays). Targets are computed from the logits *as stored* (rounded to the
     storage dtype), so that a reader re-deriving them from `member_logits` gets the stored `targets` back. A
-    `sample:K` row's draws depend on the build's seed, its example and its view alone.
+    `sample:K` row's draws depend on the build's seed, its example and its view alone. A token cache (`positions`
+    L) takes logits [B, L, M, C] (position j's predicting token j + 1) and stores [B, L, ...] arrays; its finite
+    flags are per row ([B, M], [B]: every position's), and a `sample:K` draw of position j depends on (seed,
+    example, view, j) alone.
   """
   storage_dtype = jnp.dtype(spec.dtype)
   dtypes = {a.name: jnp.dtype(a.dtype) for a in spec.arrays}
   draws = jax.random.fold_in(jax.random.key(spec.augmentation.seed), SAMPLE_STREAM)
+
+  def row_keys(index, view):
+    """[B] one key per row (or [B, L] one per position of a token row): a function of its example and view alone."""
+    keys = jax.vmap(lambda i, v: jax.random.fold_in(jax.random.fold_in(draws, v), i))(
+        index.astype(jnp.uint32), view.astype(jnp.uint32))
+    if not spec.positions:
+      return keys
+    return jax.vmap(lambda key: jax.vmap(lambda j: jax.random.fold_in(key, j))(
+        jnp.arange(spec.positions, dtype=jnp.uint32)))(keys)
 
   def stored_targets(log_probs, index, view) -> dict:
     if spec.target_kind == "dense":
@@ -292,9 +310,10 @@ def targets_of_logits(spec: CacheSpec):
     if spec.target_kind == "topk":
       sparse = top_k_targets(log_probs, spec.target_k)
       return {"target_ids": sparse["ids"], "target_log_probs": sparse["log_probs"], "target_rest": sparse["log_rest"]}
-    keys = jax.vmap(lambda i, v: jax.random.fold_in(jax.random.fold_in(draws, v), i))(
-        index.astype(jnp.uint32), view.astype(jnp.uint32))
-    sparse = sampled_targets(log_probs, spec.target_k, keys)
+    keys = row_keys(index, view)
+    # Token rows: every position a row of its own, drawn with its own key (the draws are a function of each row).
+    sparse = sampled_targets(log_probs.reshape(-1, log_probs.shape[-1]), spec.target_k, keys.reshape(-1))
+    sparse = {name: values.reshape(*log_probs.shape[:-1], spec.target_k) for name, values in sparse.items()}
     return {"target_ids": sparse["ids"], "target_log_probs": sparse["log_probs"], "target_counts": sparse["counts"]}
 
   def stored_and_targets(logits, index, view):
@@ -303,8 +322,10 @@ def targets_of_logits(spec: CacheSpec):
     if spec.target_kind == "dense":
       log_probs = log_probs.astype(storage_dtype)  # Rounded once, as stored.
     targets = {name: values.astype(dtypes[name]) for name, values in stored_targets(log_probs, index, view).items()}
-    finite = jnp.all(jnp.isfinite(log_probs), axis=-1)
-    return stored, targets, jnp.all(jnp.isfinite(stored), axis=-1), finite
+    finite, finite_members = jnp.all(jnp.isfinite(log_probs), axis=-1), jnp.all(jnp.isfinite(stored), axis=-1)
+    if spec.positions:  # Per row: every position's.
+      finite, finite_members = jnp.all(finite, axis=1), jnp.all(finite_members, axis=1)
+    return stored, targets, finite_members, finite
 
   return stored_and_targets
 
@@ -312,6 +333,9 @@ def targets_of_logits(spec: CacheSpec):
 def _make_forwards(teachers: list[Teacher], spec: CacheSpec, mesh, param_shardings):
   """The two jitted forwards of all runs, both with finite flags `[B, M]` for the stored logits, the weights `params`
   (every run's, in order) placed with `param_shardings` (`place_teachers`):
+
+  A token cache's member logits are [B, L, M, C] (a language model's [B, L, C] per member), its finite flags still
+  per row.
 
   - rows: `(params, inputs [B, ...], folds [B], example indices [B], views [B]) -> (member logits [B, M, C],
     targets, finite, finite targets [B])` (`targets_of_logits`). Cross-fitted, each row takes each member's logits
@@ -340,12 +364,16 @@ def _make_forwards(teachers: list[Teacher], spec: CacheSpec, mesh, param_shardin
       else:
         z = f(p, n.apply(x))
       outputs.append(z.astype(jnp.float32))  # Before the ensemble's log-softmax and log-sum-exp.
-    runs = jnp.stack(outputs, axis=1)
-    return runs.reshape(runs.shape[0], spec.num_members, spec.folds, runs.shape[-1]), stored
+    # Members at axis -2 ([B, R, C], or a language model's [B, L, R, C]), as `shared.ensemble` takes them.
+    runs = jnp.stack(outputs, axis=-2)
+    return runs.reshape(*runs.shape[:-2], spec.num_members, spec.folds, runs.shape[-1]), stored
 
   def rows_forward(params, x, fold, index, view):
-    runs, features = run_logits(params[:num_runs], x, features=True)  # [B, M, K, C]
-    logits = jnp.take_along_axis(runs, jnp.maximum(fold, 0)[:, None, None, None], axis=2)[:, :, 0]
+    runs, features = run_logits(params[:num_runs], x, features=True)  # [B, M, K, C] ([B, L, M, 1, C]: one fold)
+    if spec.positions:
+      logits = runs[..., 0, :]
+    else:
+      logits = jnp.take_along_axis(runs, jnp.maximum(fold, 0)[:, None, None, None], axis=2)[:, :, 0]
     if spec.specialists:
       return specialist_forward(params[num_runs:], x, logits)
     stored, targets, finite, finite_targets = stored_and_targets(logits, index, view)
@@ -370,8 +398,9 @@ def _make_forwards(teachers: list[Teacher], spec: CacheSpec, mesh, param_shardin
   classes = class_matrix([s.classes for s in spec.specialists], spec.specialist_width)
 
   def eval_forward(params, x):
-    stored = jnp.mean(run_logits(params[:num_runs], x)[0], axis=2).astype(storage_dtype)
-    return stored, jnp.all(jnp.isfinite(stored), axis=-1)
+    stored = jnp.mean(run_logits(params[:num_runs], x)[0], axis=-2).astype(storage_dtype)
+    finite = jnp.all(jnp.isfinite(stored), axis=-1)
+    return stored, jnp.all(finite, axis=1) if spec.positions else finite
 
   data, params = batch_sharding(mesh), param_shardings
   return (jax.jit(rows_forward, in_shardings=(params, data, data, data, data), out_shardings=(data, data, data, data)),
@@ -535,9 +564,10 @@ def make_spec(config: BuildConfig, transfer_set: TransferSet, eval_set: Transfer
   """The spec of a cache of `members`' outputs (and `specialists`', and `features`) with the build settings of
   `config`."""
   targets = CacheSpec.canonical_targets(config.targets)
+  dataset = transfer_set.describe()
   return CacheSpec(
       temperature=float(config.temperature), combine=config.combine, members=tuple(members),
-      dataset=transfer_set.describe(), eval_dataset=None if eval_set is None else eval_set.describe(),
+      dataset=dataset, eval_dataset=None if eval_set is None else eval_set.describe(), positions=positions_of(dataset),
       num_classes=num_classes, views=config.views, augmentation=augmentation,
       dtype=config.dtype, chunk_rows=config.chunk_rows, folds=config.folds, targets=targets,
       member_logits=config.member_logits or targets == "dense", software_version=__version__, created_at=now_iso(),
@@ -564,6 +594,9 @@ def _plan(config: BuildConfig) -> tuple:
               f"{batch_size}")
     config = dataclasses.replace(config, batch_size=batch_size)
   transfer_set, augmentation = open_views(config)
+  positions = positions_of(transfer_set.describe())
+  if positions:
+    check_token_settings(config, positions)
   eval_set = _eval_set(config) if not config.specialist_plan else None
   if config.specialist_plan and (config.eval_split not in (None, NO_EVAL) or config.eval_dataset):
     _LOG.info("a cache of specialists stores no eval split (its students evaluate on their own): --eval-* ignored")
@@ -572,7 +605,7 @@ def _plan(config: BuildConfig) -> tuple:
   if config.folds > 1:
     _check_folds(teachers, config.folds)
   input_shape = augmentation.output_shape(transfer_set.input_shape)
-  members, num_classes = _member_specs(teachers, transfer_set, input_shape, config.batch_size)
+  members, num_classes = _member_specs(teachers, transfer_set, input_shape, config.batch_size, positions)
   if eval_set is not None:
     check_eval_set(eval_set, transfer_set, augmentation, num_classes)
   specialists, specialist_specs = [], []
@@ -629,6 +662,34 @@ def _feature_specs(text: str, teachers: list[Teacher], input_shape: tuple[int, .
     raise StillroomError(f"--features {text!r} names a feature twice.")
   # One order however the list was written, so that a rebuild spelled otherwise is the same build.
   return tuple(sorted(found, key=lambda f: (f.member, f.name, list(FEATURE_KINDS).index(f.kind))))
+
+
+def positions_of(dataset) -> int:
+  """L of a transfer set of token rows (its `DatasetSpec` records `text`, `shared.data.text`): the positions a
+  cache of it holds per row; 0 for other data (a class-level cache)."""
+  text = getattr(dataset, "text", None)
+  return int(text["seq_len"]) if text else 0
+
+
+# What a cache of token rows does not take beyond the view settings (`shared.data.text.check_views` refuses those
+# as the data is opened): (the option, whether `config` sets it, why).
+TOKEN_REFUSALS = (
+    ("--specialists", lambda c: bool(c.specialist_plan), "specialists are class-level (Hinton et al.'s classes)"),
+    ("--folds", lambda c: c.folds != 1, "cross-fitting is class-level"),
+    ("--features", lambda c: c.features is not None, "teacher features of token rows are not stored"),
+)
+
+
+def check_token_settings(config: BuildConfig, positions: int) -> None:
+  """Refuses, naming the option, what a cache of token rows (`positions` L) does not take.
+
+  Raises:
+    StillroomError: the first such option given.
+  """
+  for option, given, why in TOKEN_REFUSALS:
+    if given(config):
+      raise StillroomError(f"{option}: {config.dataset!r} holds token rows ({positions} positions, a language "
+                           f"model's next tokens): {why}.")
 
 
 def check_settings(config: BuildConfig, out: str = "CACHE.zarr") -> None:

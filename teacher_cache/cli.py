@@ -274,6 +274,11 @@ def _print_info(info: dict) -> None:
       else f"; targets within total-variation distance {tolerance:g} of a float32 build's"))
   print("arrays       " + ", ".join(f"{name} {size:,} B" for name, size in info["bytes_per_row"].items())
         + " per row")
+  if info.get("bytes_per_token"):  # A cache of token rows: what its targets cost per token.
+    per_token = info["bytes_per_token"]
+    print(f"per token    {per_token['total']:,.1f} B of teacher arrays per token ({info['positions']} positions a "
+          f"row, {info['tokens']:,} tokens): " + ", ".join(f"{name} {size:,.1f} B" for name, size in per_token.items()
+                                                              if name != "total"))
   stats = info.get("stats")
   folds = spec.get("folds", 1)
   print("teacher runs" + (f" ({folds} cross-fitted runs per member, member-major)" if folds > 1 else ""))

@@ -43,8 +43,8 @@ from shared.parallel import cap_batch, pad_rows
 from shared.settings import differences
 from shared.workers import BatchRenderer, resolve_workers
 from teacher_cache.build import (IGNORE_LIMITS, BuildConfig, check_limits, check_settings, chunks_to_write,
-                                 declare_complete, make_spec, open_store, open_views, put_rows, resolve_defaults,
-                                 targets_of_logits)
+                                 declare_complete, make_spec, open_store, open_views, positions_of, put_rows,
+                                 resolve_defaults, targets_of_logits)
 from teacher_cache.verify import listed
 
 _LOG = logger(__name__)
@@ -77,6 +77,7 @@ def write_views(config: BuildConfig) -> dict:
   check_settings(config, "DIR")
   check_not_an_input(config.out, [local_path(config.dataset), config.data_dir], "--out")
   transfer_set, augmentation = open_views(config)
+  refuse_token_rows(transfer_set, "views")
   workers = resolve_workers(config.workers, transfer_set)
   count = len(transfer_set)
   record = {**_views_record(config, transfer_set, augmentation), "chunk_rows": config.chunk_rows}
@@ -113,6 +114,21 @@ def write_views(config: BuildConfig) -> dict:
         bar.update(stop - start)
     storage.write_text(storage.join(config.out, VIEWS_FILE), json.dumps(record, indent=2))  # Last: complete.
   return record
+
+
+def refuse_token_rows(transfer_set, command: str) -> None:
+  """External teachers label rows of classes: `teacher-cache views` / `import` refuse a transfer set of token rows
+  (`teacher_cache.build.positions_of`) in one line.
+
+  Raises:
+    StillroomError: naming the command, the data and what to do instead.
+  """
+  positions = positions_of(transfer_set.describe())
+  if positions:
+    raise StillroomError(f"teacher-cache {command}: {transfer_set.name!r} holds token rows ({positions} positions); "
+                         "external teachers' logits are imported for class-level caches only: build a token cache "
+                         "with `teacher-cache build --teacher module:function` (a function returning an NNX model "
+                         "or (apply_fn, params) that maps [B, 2, L] rows to [B, L, V] logits).")
 
 
 def _views_record(config: BuildConfig, transfer_set, augmentation) -> dict:
@@ -269,6 +285,7 @@ def import_cache(config: BuildConfig, logits_files: list[str], views_dir: str | 
   config = dataclasses.replace(config, folds=1, teachers=())
   check_not_an_input(config.out, [*logits_files, local_path(config.dataset), config.data_dir], "--out")
   transfer_set, augmentation = open_views(config)
+  refuse_token_rows(transfer_set, "import")
   row_order = GROUPED
   if views_dir is not None:
     recorded = {k: v for k, v in read_views(views_dir).items() if k != "chunk_rows"}

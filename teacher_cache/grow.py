@@ -80,12 +80,16 @@ def open_source(path: str) -> Cache:
 
 def check_source(cache: Cache) -> None:
   """Refuses a cache whose members' logits cannot be taken: one without stored member logits, or with cross-fitted
-  members or specialists (whose stored logits are not one run's each).
+  members or specialists (whose stored logits are not one run's each), or of token rows.
 
   Raises:
     StillroomError: one line naming the cache and what to do.
   """
   spec = cache.spec
+  if spec.positions:  # Its cells are (example, position, member): not yet taken apart by the engine.
+    raise StillroomError(f"cache {cache.path!r} holds token rows ({spec.positions} positions): extend, convert, "
+                         "subset and merge take class-level caches; build the cache you want directly "
+                         "(`teacher-cache build`).")
   if not spec.member_logits:
     raise StillroomError(f"cache {cache.path!r} stores {spec.targets} targets without its members' logits, so no "
                          "member can be taken from it: rebuild it with --member-logits (or with dense targets).")

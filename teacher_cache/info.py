@@ -27,6 +27,10 @@ def cache_info(path: str) -> dict:
     ("eval"). The whole distribution comes from dense targets or stored member logits; a sparse cache without
     member logits has no entropy or member statistics (None), a top-1 probability only with top-k, and with
     sampled targets its ensemble top-1 is the most probable class drawn (`ensemble.top1` says which).
+    A cache of token rows (`positions` L) also gives "positions", "tokens" (R·L) and "bytes_per_token" (each row
+    array's bytes per position, and their "total" over the teacher arrays: what its targets cost per token), and its
+    statistics are over the predicting positions (those with a next token, `labels` >= 0), each a row of its own
+    ("labelled_rows" counts them).
   """
   cache = open_cache(path, require_complete=False)
   spec = cache.spec
@@ -40,6 +44,11 @@ def cache_info(path: str) -> dict:
           "target_tolerance": spec.target_tolerance,
           "bytes_per_row": {name: spec.array(name).row_bytes
                             for name in spec.arrays_of(ROWS) if spec.array(name).role != "bookkeeping"}}
+  if spec.positions:
+    per_token = {name: spec.array(name).row_bytes / spec.positions
+                 for name in spec.arrays_of(ROWS) if spec.array(name).role == "teacher"}
+    info.update(positions=spec.positions, tokens=spec.num_rows * spec.positions,
+                bytes_per_token={**per_token, "total": sum(per_token.values())})
   prepared_from = _prepared_from(spec.dataset.name)
   if prepared_from:
     info["prepared_from"] = prepared_from
@@ -56,8 +65,12 @@ def cache_info(path: str) -> dict:
   ensemble_correct = ensemble_correct_view0 = labelled = labelled_view0 = 0
   entropy_sum = top1_sum = mass_sum = all_agree = 0.0
   pair_agree = np.zeros((num_members, num_members))
+  rows = 0
   for chunk in range(spec.num_chunks):
     arrays = cache.read_chunk(chunk, names)
+    if spec.positions:
+      arrays = _predicting_positions(arrays, spec.positions)
+    rows += len(arrays["labels"])
     if whole:  # The whole distribution: stored, or re-derived as the build did.
       log_probs = arrays["targets"].astype(np.float32) if spec.target_kind == "dense" else np.asarray(
           combine_log_probs(arrays["member_logits"], spec.temperature, spec.combine))
@@ -87,7 +100,7 @@ def cache_info(path: str) -> dict:
       member_hit = (member_top1 == labels[:, None]) & has_label[:, None]
       member_correct += member_hit.sum(axis=0)
       member_correct_view0 += member_hit[view0].sum(axis=0)
-  rows = spec.num_rows
+  rows = max(rows, 1)  # A token cache may have no predicting position.
   off_diagonal = pair_agree[~np.eye(num_members, dtype=bool)]
   from_members = lambda value: value if members else None  # noqa: E731
   info["stats"] = {
@@ -110,6 +123,14 @@ def cache_info(path: str) -> dict:
   if spec.eval_dataset is not None:
     info["stats"]["eval"] = eval_accuracies(cache)
   return info
+
+
+def _predicting_positions(arrays: dict, positions: int) -> dict:
+  """A chunk of token rows as rows of their predicting positions (`labels` >= 0): [R, L, ...] arrays flattened to
+  [n, ...], row arrays ([R]) repeated for each position."""
+  keep = arrays["labels"].reshape(-1) >= 0
+  return {name: (np.repeat(values, positions, axis=0) if values.ndim == 1 else
+                 values.reshape(-1, *values.shape[2:]))[keep] for name, values in arrays.items()}
 
 
 def history_lines(spec: dict) -> list[str]:

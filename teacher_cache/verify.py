@@ -280,8 +280,16 @@ def _count_nonfinite(v: _Verification, chunk: _Chunk) -> None:
 
 
 def _check_sparse_targets(v: _Verification, chunk: _Chunk) -> None:
-  if v.sparse:
+  if not v.sparse:
+    return
+  if not v.spec.positions:
     v.first_bad("sparse", chunk.start, _sparse_target_failures(chunk.arrays, v.spec))
+    return
+  # Token rows: each position's targets are a row of their own to the checks; a row is bad where one of them is.
+  rows, positions = chunk.stop - chunk.start, v.spec.positions
+  per_position = {name: values.reshape(rows * positions, *values.shape[2:]) for name, values in chunk.arrays.items()
+                  if v.spec.array(name).role == "teacher"}
+  v.first_bad("sparse", chunk.start, _sparse_target_failures(per_position, v.spec).reshape(rows, positions).any(1))
 
 
 def _rederive_targets(v: _Verification, chunk: _Chunk) -> None:
@@ -317,7 +325,8 @@ def _check_replayed_rows(v: _Verification, chunk: _Chunk) -> None:
 
 def _check_labels(v: _Verification, chunk: _Chunk) -> None:
   if v.transfer_set is not None:
-    v.first_bad("labels", chunk.start, chunk.arrays["labels"] != label_ids(v.transfer_set.labels[chunk.position]))
+    wrong = chunk.arrays["labels"] != label_ids(v.transfer_set.labels[chunk.position])
+    v.first_bad("labels", chunk.start, wrong.reshape(len(wrong), -1).any(1))  # Token rows: any position's.
 
 
 ROW_CHECKS = (_count_nonfinite, _check_sparse_targets, _rederive_targets, _check_replayed_rows, _check_labels)
@@ -333,8 +342,8 @@ def _check_eval_index(v: _Verification, chunk: _Chunk) -> None:
 
 def _check_eval_labels(v: _Verification, chunk: _Chunk) -> None:
   if v.eval_set is not None:
-    v.first_bad("eval labels", chunk.start,
-                chunk.arrays["eval_labels"] != label_ids(v.eval_set.labels[chunk.start:chunk.stop]))
+    wrong = chunk.arrays["eval_labels"] != label_ids(v.eval_set.labels[chunk.start:chunk.stop])
+    v.first_bad("eval labels", chunk.start, wrong.reshape(len(wrong), -1).any(1))  # Token rows: any position's.
 
 
 EVAL_ROW_CHECKS = (_count_nonfinite_eval, _check_eval_index, _check_eval_labels)

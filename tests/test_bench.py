@@ -147,6 +147,12 @@ def _sparse_targets(result, printed, tmp):
   assert "| topk:16 |" in printed
 
 
+def _lm_step(result, printed, tmp):
+  assert result["model"] == "lm-tiny" and set(result["seconds_per_step"]) == {"hard", "dense", "topk:4", "sample:4"}
+  _positive(result, "over_hard.dense", "over_hard.topk:4", "over_hard.sample:4", "bytes_per_token.topk:4")
+  assert "| topk:4 |" in printed
+
+
 def _specialists(result, printed, tmp):
   assert result["chosen"]["clusters"] == 2 and len(result["test"]) == 1
   assert {"generalist", "generalist + specialists", "scratch", "from the generalist", "from q"} <= set(
@@ -257,6 +263,7 @@ SMOKE = {
                                        "--work", "{tmp}/work",
                                        *OUT], _prepared_images),
     "bench/sparse_targets.py": Smoke(["--smoke", "--seeds", "1", "--data-dir", "{data_dir}", *OUT], _sparse_targets),
+    "bench/lm_step.py": Smoke(["--smoke", *OUT], _lm_step),
     "bench/specialists.py": Smoke(["--smoke", "--seeds", "1", "--data-dir", "{data_dir}", "--work", "{tmp}/work",
                                    *OUT], _specialists),
     "bench/features.py": Smoke(["--smoke", "--seeds", "1", "--data-dir", "{data_dir}", "--work", "{tmp}/work", *OUT],

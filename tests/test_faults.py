@@ -2425,6 +2425,55 @@ def _(env, tmp_path, mp):
           r"run '.*lm' is a language model: evaluate it on text \(--dataset text:PATH\), not 'digits'\.$", [run])
 
 
+# --- token caches (teacher_cache build/import/extend of text: rows) ---
+
+
+def _text_dir(tmp_path) -> str:
+  folder = tmp_path / "docs"
+  folder.mkdir()
+  for k, text in enumerate(["the cat sat on the mat.", "hello, world", "packing documents into rows."]):
+    (folder / f"doc{k}.txt").write_text(text)
+  return str(folder)
+
+
+def _token_build(tmp_path, *extra) -> list:
+  return ["build", "--dataset", f"text:{_text_dir(tmp_path)}", "--seq-len", "8", "--teacher",
+          "lm_teachers:byte_teacher", "--eval-split", "none", "--chunk-rows", "4", "--batch-size", "4",
+          "--no-progress", "--out", tmp_path / "c.zarr", *extra]
+
+
+@fault("build of token rows with --folds")
+def _(env, tmp_path, mp):
+  return (cache_main, _token_build(tmp_path, "--folds", "2", "--teacher", "lm_teachers:soft_byte_teacher"), 2,
+          r"--folds: 'text:.*' holds token rows \(8 positions, a language model's next tokens\): cross-fitting is "
+          r"class-level\.$", [Absent(tmp_path / "c.zarr")])
+
+
+@fault("build of token rows with --features")
+def _(env, tmp_path, mp):
+  return (cache_main, _token_build(tmp_path, "--features", "block0"), 2,
+          r"--features: 'text:.*' holds token rows \(8 positions, .*\): teacher features of token rows are not "
+          r"stored\.$", [Absent(tmp_path / "c.zarr")])
+
+
+@fault("import of token rows")
+def _(env, tmp_path, mp):
+  return (cache_main, ["import", "--dataset", f"text:{_text_dir(tmp_path)}", "--seq-len", "8", "--logits",
+                       tmp_path / "none.npz", "--no-progress", "--out", tmp_path / "c.zarr"], 2,
+          r"teacher-cache import: 'text:.*' holds token rows \(8 positions\); external teachers' logits are imported "
+          r"for class-level caches only: build a token cache with `teacher-cache build --teacher module:function` "
+          r".*\.$", [Absent(tmp_path / "c.zarr")])
+
+
+@fault("extend of a token cache")
+def _(env, tmp_path, mp):
+  cache = str(tmp_path / "c.zarr")
+  assert cache_main([str(a) for a in _token_build(tmp_path)]) in (0, None)
+  return (cache_main, ["extend", cache, "--teacher", "lm_teachers:soft_byte_teacher", "--no-progress"], 2,
+          r"cache '.*c\.zarr' holds token rows \(8 positions\): extend, convert, subset and merge take class-level "
+          r"caches; build the cache you want directly \(`teacher-cache build`\)\.$", [cache])
+
+
 # --- text: text transfer sets (shared/data/text.py) ------------------------------------------------------------
 def _text_file(tmp_path, name: str, content: bytes) -> str:
   path = tmp_path / name

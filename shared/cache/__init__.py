@@ -29,16 +29,16 @@ One module per part of the contract:
 from shared.cache.integrity import (check_integrity, completion_problem, integrity_problems, layout_problems,
                                     missing_chunks, uncommitted_chunks)
 from shared.cache.layout import (CLASS_IDS, EVAL_ROWS, FEATURE_DTYPE, FEATURE_KINDS, FEATURE_NAME, FEATURE_RANKS,
-                                 LAYOUT, ROLES, ROWS, STORAGE, STORAGE_DTYPES, ArrayLayout, ArraySpec, committed_name,
-                                 layout_of)
+                                 LAYOUT, POSITIONS, ROLES, ROWS, STORAGE, STORAGE_DTYPES, ArrayLayout, ArraySpec,
+                                 committed_name, layout_of)
 from shared.cache.record import (CHUNK_TABLE, COMPLETION_FIELDS, SPEC_DIGEST, chunk_crc32c, chunk_table,
                                  completion_record, position_problems, spec_digest, spec_record_problem)
 from shared.cache.rows import GROUPED, PERMUTED, ROW_ORDERS, example_runs, mixed_rows, replay_rows, row_sources
 from shared.cache.spec import (BINDING_SCHEMA_VERSION, COMPLETE_KEY, DENSE_SCHEMA_VERSION, FEATURE_SCHEMA_VERSION,
                                MIX_SCHEMA_VERSION, READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION, SPARSE_SCHEMA_VERSION,
                                SPEC_KEY, SPECIALIST_SCHEMA_VERSION, TARGET_KINDS, CacheSpec, FeatureSpec, MemberSpec,
-                               SpecialistSpec, legacy_schema_version, now_iso, parse_features, parse_targets,
-                               validate_settings)
+                               TOKEN_SCHEMA_VERSION, SpecialistSpec, legacy_schema_version, now_iso, parse_features,
+                               parse_targets, validate_settings)
 from shared.cache.stats import eval_accuracies, ratio
 from shared.cache.store import Cache, open_cache
 from shared.cache.writer import ChunkWriter, create_arrays, writable
@@ -48,7 +48,7 @@ __all__ = [
     "BINDING_SCHEMA_VERSION", "CHUNK_TABLE", "CLASS_IDS", "COMPLETE_KEY", "COMPLETION_FIELDS",
     "DENSE_SCHEMA_VERSION", "EVAL_ROWS", "FEATURE_DTYPE", "FEATURE_KINDS", "FEATURE_NAME", "FEATURE_RANKS",
     "FEATURE_SCHEMA_VERSION", "GROUPED", "PERMUTED", "LAYOUT", "MIX_SCHEMA_VERSION", "READABLE_SCHEMA_VERSIONS",
-    "ROLES", "ROWS", "ROW_ORDERS", "SCHEMA_VERSION",
+    "POSITIONS", "ROLES", "ROWS", "ROW_ORDERS", "SCHEMA_VERSION", "TOKEN_SCHEMA_VERSION",
     "SPARSE_SCHEMA_VERSION", "SPECIALIST_SCHEMA_VERSION", "SPEC_DIGEST", "SPEC_KEY", "STORAGE", "STORAGE_DTYPES",
     "TARGET_KINDS", "ArrayLayout", "ArraySpec", "Cache", "CacheSpec", "ChunkWriter", "FeatureSpec", "MemberSpec",
     "SpecialistSpec", "check_integrity", "chunk_crc32c", "completion_problem", "chunk_table", "committed_name",

@@ -32,7 +32,8 @@ ROLES = {
     "eval": "teacher outputs on the evaluation split (one row per eval example, no views)",
     "bookkeeping": "which chunks a build has committed (for resume)",
 }
-ROWS, EVAL_ROWS = "rows", "eval"  # The two row sets: the transfer set's rows (R) and the eval split's (E).
+ROWS, EVAL_ROWS = "rows", "eval"
+POSITIONS = "L"  # The positions axis of a token-level cache's arrays, right after the rows; absent from class-level.  # The two row sets: the transfer set's rows (R) and the eval split's (E).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +44,9 @@ class ArrayLayout:
   Attributes:
     name: the array's name in the group.
     role: what it is for (see `ROLES`).
-    dims: symbolic shape: "R" rows, "E" eval rows, "M" members, "C" classes, "K" sparse targets per row,
+    dims: symbolic shape: "R" rows, "E" eval rows, "L" positions of a token row (a language model's packed
+      sequence; a class-level cache, `positions` 0, has no such axis: `dims_of`), "M" members, "C" classes, "K"
+      sparse targets per row (per position),
       "S" specialists, "P" the largest specialist's outputs, "F" a feature's shape, "chunks(R)" / "chunks(E)" one
       entry per chunk of those rows, or a number.
     dtype: a NumPy dtype name, `STORAGE` for the spec's storage dtype, or `CLASS_IDS`.
@@ -73,6 +76,10 @@ class ArrayLayout:
              for d in self.dims]
     return "[" + ", ".join(names) + "]"
 
+  def dims_of(self, positions: int) -> tuple[str, ...]:
+    """Its dimensions in a store of `positions` L per row: without "L" for a class-level cache (0)."""
+    return self.dims if positions else tuple(d for d in self.dims if d != POSITIONS)
+
   @property
   def row_set(self) -> str:
     """The rows it is indexed by: `ROWS` (the transfer set's) or `EVAL_ROWS`."""
@@ -80,22 +87,22 @@ class ArrayLayout:
 
 
 LAYOUT = (
-    ArrayLayout("targets", "teacher", ("R", "C"), STORAGE,
+    ArrayLayout("targets", "teacher", ("R", "L", "C"), STORAGE,
                 "ensemble log-probabilities at T under the spec's combine rule, from the member logits as stored "
                 "(with specialists: their combination q with the generalist)", targets=("dense",)),
-    ArrayLayout("target_ids", "teacher", ("R", "K"), CLASS_IDS,
+    ArrayLayout("target_ids", "teacher", ("R", "L", "K"), CLASS_IDS,
                 "topk:K: the K classes of largest ensemble probability at T, most probable first; sample:K: the "
                 "distinct classes among K draws from it, in increasing order, then padding (id 0, count 0)",
                 targets=("topk", "sample")),
-    ArrayLayout("target_log_probs", "teacher", ("R", "K"), STORAGE,
+    ArrayLayout("target_log_probs", "teacher", ("R", "L", "K"), STORAGE,
                 "the ensemble log-probability at T of each of `target_ids`", targets=("topk", "sample")),
-    ArrayLayout("target_rest", "teacher", ("R",), "float32",
+    ArrayLayout("target_rest", "teacher", ("R", "L"), "float32",
                 "topk:K: log of the ensemble probability at T of every class not in `target_ids` (−inf for K = C)",
                 targets=("topk",)),
-    ArrayLayout("target_counts", "teacher", ("R", "K"), "uint16",
+    ArrayLayout("target_counts", "teacher", ("R", "L", "K"), "uint16",
                 "sample:K: how many of the row's K draws gave each of `target_ids` (they sum to K)",
                 targets=("sample",)),
-    ArrayLayout("member_logits", "teacher", ("R", "M", "C"), STORAGE,
+    ArrayLayout("member_logits", "teacher", ("R", "L", "M", "C"), STORAGE,
                 "each member's raw logits (before dividing by T); in a sparse cache only with --member-logits"),
     ArrayLayout("specialist_logits", "teacher", ("R", "S", "P"), STORAGE,
                 "each specialist's raw logits: its classes in its order, padding 0, its dustbin (corrected) last",
@@ -106,7 +113,9 @@ LAYOUT = (
                 "member M's feature NAME of each row as KIND stores it (see `FEATURE_KINDS`), float16", features=True),
     ArrayLayout("index", "row", ("R",), "int64", "example index: position in the unsliced split"),
     ArrayLayout("view", "row", ("R",), "int32", "view id; 0 is the un-augmented input"),
-    ArrayLayout("labels", "row", ("R",), "int32", "hard label; -1 for an unlabeled transfer set"),
+    ArrayLayout("labels", "row", ("R", "L"), "int32",
+                "hard label (token rows: the next token of each position, -1 where none); -1 for an unlabeled "
+                "transfer set"),
     ArrayLayout("fold", "row", ("R",), "int32",
                 "cross-fitting fold of the row's example (its logits come from runs that did not train on that "
                 "fold); -1 when unused"),
@@ -129,12 +138,13 @@ LAYOUT = (
     ArrayLayout("mix_box", "view", ("R", "4"), "int32",
                 "CutMix: the box (top, left, height, width) in the rendered view's pixels where the partner's pixels "
                 "replace the view's; zeros for view 0", mix=("cutmix",)),
-    ArrayLayout("eval_member_logits", "eval", ("E", "M", "C"), STORAGE,
+    ArrayLayout("eval_member_logits", "eval", ("E", "L", "M", "C"), STORAGE,
                 "each member's raw logits on the eval split's un-augmented examples (a cross-fitted member: the "
                 "mean of its fold runs)"),
     ArrayLayout("eval_index", "eval", ("E",), "int64",
                 "eval example index: position in the eval split's unsliced split"),
-    ArrayLayout("eval_labels", "eval", ("E",), "int32", "eval example label; -1 if unlabeled"),
+    ArrayLayout("eval_labels", "eval", ("E", "L"), "int32",
+                "eval example label (token rows: per position, as `labels`); -1 if unlabeled"),
     ArrayLayout("chunk_committed", "bookkeeping", ("chunks(R)",), "bool", "chunk k of every row array is written"),
     ArrayLayout("eval_chunk_committed", "bookkeeping", ("chunks(E)",), "bool",
                 "chunk k of every eval array is written"),

@@ -14,7 +14,10 @@ float32 build omits: a spec without them is float32's, as every store written be
 same, so the version is too). Version 7 is version 6 with mixed views (`--mix`, recorded in the augmentation): its
 rows hold a partner view and λ (`mix_*` arrays) that a student must render, so a stillroom that does not know them
 refuses the store by its version instead of training on the unmixed views; a store without mixed views stays
-version 6.
+version 6. Version 8 is version 6 with token rows (`positions` L > 0: a language model's packed sequences, each
+row's arrays holding a positions axis L after the row axis, its targets predicting each position's next token): a
+stillroom that does not know them refuses the store by its version instead of reading [R, L, ...] arrays as rows of
+classes; a class-level store omits `positions` from its attributes and build key, and stays version 6 or 7.
 """
 
 import dataclasses
@@ -27,8 +30,8 @@ import typing
 import numpy as np
 
 from shared.augment import NO_MIX, Augmentation
-from shared.cache.layout import (CLASS_IDS, EVAL_ROWS, FEATURE_KINDS, FEATURE_NAME, FEATURE_RANKS, LAYOUT, ROWS,
-                                 STORAGE, STORAGE_DTYPES, ArraySpec, layout_of)
+from shared.cache.layout import (CLASS_IDS, EVAL_ROWS, FEATURE_KINDS, FEATURE_NAME, FEATURE_RANKS, LAYOUT, POSITIONS,
+                                 ROWS, STORAGE, STORAGE_DTYPES, ArraySpec, layout_of)
 from shared.cache.rows import GROUPED, ROW_ORDERS, row_sources
 from shared.data import DatasetSpec
 from shared.ensemble import COMBINE_RULES
@@ -45,8 +48,9 @@ SPECIALIST_SCHEMA_VERSION = 4  # A generalist with specialists.
 FEATURE_SCHEMA_VERSION = 5  # Teacher features.
 BINDING_SCHEMA_VERSION = 6  # Any of the above, its completion record binding the chunks and the spec.
 SCHEMA_VERSION = BINDING_SCHEMA_VERSION  # What this stillroom writes, but for mixed views...
-MIX_SCHEMA_VERSION = 7  # ...version 6 with mixed views (`--mix`).
-READABLE_SCHEMA_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
+MIX_SCHEMA_VERSION = 7  # ...version 6 with mixed views (`--mix`)...
+TOKEN_SCHEMA_VERSION = 8  # ...or with token rows (`positions` > 0).
+READABLE_SCHEMA_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)
 SPEC_KEY = "stillroom"  # The group attribute that holds `CacheSpec.to_attrs()`...
 COMPLETE_KEY = "stillroom_complete"  # ...and the completion record, written last: without it a store is incomplete.
 REBUILD = "the build command with --overwrite rebuilds the store"  # What recovers a damaged spec.
@@ -240,6 +244,11 @@ class CacheSpec:
       from), "at" (ISO time), and what the step changed); empty for a direct build, and absent from the attributes of a
       store that has none (every store written before it). Not part of `build_key`: a grown cache is the direct
       build of its final settings, whatever its history.
+    positions: L, the positions of a token row (a language model's packed sequence of L tokens, `shared.data.text`):
+      its arrays hold a positions axis after the rows, and its targets at position j are the teachers' prediction of
+      token j + 1 (`labels[r, j]`); 0 for a class-level cache, whose attributes and build key omit it (so every
+      store written before it reads and resumes the same). A token cache is schema `TOKEN_SCHEMA_VERSION`, of one
+      view, without specialists, features, cross-fitting or mixed views.
   """
 
   temperature: float
@@ -266,19 +275,29 @@ class CacheSpec:
   created_at: str = ""
   schema_version: int | None = None
   history: tuple[dict, ...] = ()
+  positions: int = 0
 
   def __post_init__(self):
     validate_settings(temperature=self.temperature, combine=self.combine, dtype=self.dtype, views=self.views,
                       chunk_rows=self.chunk_rows, seed=self.augmentation.seed, folds=self.folds, targets=self.targets)
     mixed = self.augmentation.mix_kind != NO_MIX
     if self.schema_version is None:
-      object.__setattr__(self, "schema_version", MIX_SCHEMA_VERSION if mixed else SCHEMA_VERSION)
+      object.__setattr__(self, "schema_version", TOKEN_SCHEMA_VERSION if self.positions else
+                         MIX_SCHEMA_VERSION if mixed else SCHEMA_VERSION)
+    if type(self.positions) is not int or self.positions < 0 or \
+        (self.positions > 0) != (self.schema_version == TOKEN_SCHEMA_VERSION):  # pylint: disable=unidiomatic-typecheck
+      raise StillroomError(f"schema version {self.schema_version} with {self.positions!r} positions: a cache of token "
+                           f"rows (positions L >= 1) is schema {TOKEN_SCHEMA_VERSION}, and only such a cache is; "
+                           f"{REBUILD}.")
+    if self.positions and (self.views != 1 or mixed or self.specialists or self.features or self.folds != 1):
+      raise StillroomError(f"a cache of token rows ({self.positions} positions) has one view, no mixed views, "
+                           f"specialists, features or cross-fitted members; {REBUILD}.")
     if mixed != (self.schema_version == MIX_SCHEMA_VERSION) or mixed and self.views < 2:
       raise StillroomError(f"schema version {self.schema_version} with views mixed {self.augmentation.mix!r} and "
                            f"{self.views} views: a cache of mixed views (2 views or more) is schema "
                            f"{MIX_SCHEMA_VERSION}, and only such a cache is; {REBUILD}.")
     legacy = self.legacy_schema_version()
-    if self.schema_version not in (SCHEMA_VERSION, MIX_SCHEMA_VERSION, legacy) and \
+    if self.schema_version not in (SCHEMA_VERSION, MIX_SCHEMA_VERSION, TOKEN_SCHEMA_VERSION, legacy) and \
         (self.schema_version, legacy) != (1, DENSE_SCHEMA_VERSION):
       raise StillroomError(f"schema version {self.schema_version} with {self.targets} targets, "
                            f"{len(self.specialists)} specialists and {len(self.features)} features: such a cache is "
@@ -431,7 +450,7 @@ class CacheSpec:
     """The arrays a store made with these settings holds: every row array, and the eval arrays with an eval split."""
     sizes = {"R": self.num_rows, "E": self.num_eval_rows, "M": self.num_members, "C": self.num_classes,
              "K": self.target_k, "S": len(self.specialists), "P": self.specialist_width,
-             "chunks(R)": self.chunks_of(ROWS), "chunks(E)": self.chunks_of(EVAL_ROWS)}
+             "chunks(R)": self.chunks_of(ROWS), "chunks(E)": self.chunks_of(EVAL_ROWS), POSITIONS: self.positions}
     dtypes = {STORAGE: self.dtype, CLASS_IDS: "int16" if self.num_classes <= np.iinfo(np.int16).max + 1 else "int32"}
     arrays = []
     for layout in LAYOUT:
@@ -451,7 +470,7 @@ class CacheSpec:
         arrays += [ArraySpec(name=f.array_name, role=layout.role, shape=(self.num_rows, *f.shape), dtype=layout.dtype,
                              chunks=(self.chunk_rows, *f.shape)) for f in self.features]
         continue
-      shape = tuple(sizes[d] if d in sizes else int(d) for d in layout.dims)
+      shape = tuple(sizes[d] if d in sizes else int(d) for d in layout.dims_of(self.positions))
       dtype = dtypes.get(layout.dtype, layout.dtype)
       chunks = (1,) if layout.role == "bookkeeping" else (self.chunk_rows, *shape[1:])
       arrays.append(ArraySpec(name=layout.name, role=layout.role, shape=shape, dtype=dtype, chunks=chunks))
@@ -488,13 +507,14 @@ class CacheSpec:
             "top_n": self.top_n} if self.specialists else {}),
         **({"features": [f.to_dict() for f in self.features]} if self.features else {}),
         **({"compute_dtype": self.compute_dtype} if self.compute_dtype != DEFAULT_COMPUTE_DTYPE else {}),
+        **({"positions": self.positions} if self.positions else {}),  # Class-level caches recorded no such key.
     }
 
   def mismatches(self, other: "CacheSpec") -> list[str]:
     """Human-readable differences of the build keys, e.g. ["temperature: 4.0 (store) vs 2.0 (command)"]."""
     mine, theirs = self.build_key(), other.build_key()
     # A key that a build key leaves out where it has its default (`build_key`) is shown with that default.
-    omitted = {"compute_dtype": DEFAULT_COMPUTE_DTYPE}
+    omitted = {"compute_dtype": DEFAULT_COMPUTE_DTYPE, "positions": 0}
     return [f"{key}: {with_short_digests(mine.get(key, omitted.get(key)))} (store) vs "
             f"{with_short_digests(theirs.get(key, omitted.get(key)))} (command)"
             for key in {**mine, **theirs} if mine.get(key) != theirs.get(key)]
@@ -506,6 +526,7 @@ class CacheSpec:
     dense_defaults += () if self.specialists else ("specialists", "top_n")  # Likewise for a cache without them.
     dense_defaults += () if self.features else ("features",)
     dense_defaults += () if self.history else ("history",)  # Likewise a cache that was not grown.
+    dense_defaults += () if self.positions else ("positions",)  # Likewise a class-level cache.
     # Likewise a float32 build's compute dtype and tolerance: its spec is what a store written before them holds.
     dense_defaults += ("compute_dtype", "target_tolerance") if self.compute_dtype == DEFAULT_COMPUTE_DTYPE and \
         self.target_tolerance == 0.0 else ()

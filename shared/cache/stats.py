@@ -18,7 +18,7 @@ def eval_accuracies(cache: Cache) -> dict:
 
   Returns:
     {"split", "count", "members": [accuracy, ...], "arithmetic": accuracy, "geometric": accuracy}; accuracies are
-    None when the eval split is unlabeled.
+    None when the eval split is unlabeled. For token rows, accuracies are per predicting position (next token).
   """
   spec = cache.spec
   member_hits, ensemble_hits, labelled = np.zeros(spec.num_members), {"arithmetic": 0, "geometric": 0}, 0
@@ -27,7 +27,9 @@ def eval_accuracies(cache: Cache) -> dict:
     logits, labels = arrays["eval_member_logits"], arrays["eval_labels"]
     has_label = labels >= 0
     labelled += int(has_label.sum())
-    member_hits += ((logits.argmax(-1) == labels[:, None]) & has_label[:, None]).sum(axis=0)
+    # Per token for token rows (logits [E, L, M, C], labels [E, L]): every labelled position counts.
+    hits = (logits.argmax(-1) == labels[..., None]) & has_label[..., None]
+    member_hits += hits.reshape(-1, spec.num_members).sum(axis=0)
     for rule in ensemble_hits:
       top1 = np.asarray(combine_log_probs(logits, 1.0, rule)).argmax(-1)
       ensemble_hits[rule] += int(((top1 == labels) & has_label).sum())
