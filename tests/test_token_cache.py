@@ -130,6 +130,14 @@ def test_the_target_at_position_j_predicts_token_j_plus_1_and_never_across_docum
         out["target_counts"] / out["target_counts"].sum(-1, keepdims=True)
     probs = np.zeros((8, L, V))
     np.add.at(probs, (np.arange(8)[:, None, None], np.arange(L)[None, :, None], out["target_ids"]), weights)
+  if targets.startswith("topk"):  # The rest bucket per position: NumPy's mass of the V - K tokens not kept there.
+    z = logits[:, :, 0].astype(np.float64)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    kept = np.zeros((8, L, V), bool)
+    np.put_along_axis(kept, out["target_ids"].astype(np.int64), True, axis=-1)
+    assert out["target_rest"].shape == (8, L) and kept.sum(-1).min() == 3
+    np.testing.assert_allclose(np.exp(out["target_rest"]), np.where(kept, 0.0, p).sum(-1), rtol=1e-5, atol=1e-7)
   top = probs.argmax(-1)
   known = labels >= 0
   np.testing.assert_array_equal(top[known], labels[known])
