@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from shared.data.text import next_token_labels
 from shared.errors import StillroomError
 from shared.models import ModelSpec, build_model, check_input_shape, count_params, feature_shapes
 
@@ -103,15 +104,6 @@ def test_parameter_counts_and_the_registry_refuses_other_inputs():
     check_input_shape(lambda s, x: nnx.merge(graphdef, s)(x)[:, 0], state, (2, L), "lm")
 
 
-def next_labels(x: np.ndarray) -> np.ndarray:
-  """The test's own reference of the next-token labels of rows [B, 2, L]: token j+1 where it is in j's segment."""
-  tokens, segments = x[:, 0].astype(int), x[:, 1].astype(int)
-  labels = np.full(tokens.shape, -1)
-  same = (segments[:, 1:] == segments[:, :-1]) & (segments[:, :-1] != 0)
-  labels[:, :-1] = np.where(same, tokens[:, 1:], -1)
-  return labels
-
-
 def pattern_rows(count: int, length: int = L, period: int = 3, seed: int = 0) -> np.ndarray:
   """Rows of a repeating pattern 0, 1, .., period-1 (two documents a row, random phases and split; some padding)."""
   rng = np.random.default_rng(seed)
@@ -139,7 +131,7 @@ def train_lm(steps: int, batch: int = 8, lr: float = 1e-2):
   losses = []
   for i in range(steps):
     x = pattern_rows(batch, seed=i)
-    labels = next_labels(x).astype(np.int32)
+    labels = next_token_labels(x)
     mask = np.ones(batch, np.float32)
     mask[-1] = 0  # A padding row of the epoch: left out of every mean.
     data = {"x": x, "labels": labels, "mask": mask}
@@ -176,7 +168,7 @@ def test_eval_figures_equal_numpys():
   rng = np.random.default_rng(1)
   log_probs = np.asarray(jax.nn.log_softmax(rng.normal(size=(5, L, V)) * 2, -1))
   x = pattern_rows(5, seed=9)
-  labels = next_labels(x)
+  labels = next_token_labels(x)
   teacher = rng.integers(0, V, (5, L))
   byte_lengths = rng.integers(1, 4, V)
   parts = concatenate_positions([predicted_positions(log_probs[:2], labels[:2], teacher[:2]),
@@ -287,7 +279,8 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 sys.path.insert(0, sys.argv[1])
 import jax, numpy as np, optax
 from flax import nnx
-from test_lm import lm_test_model, next_labels, pattern_rows
+from test_lm import lm_test_model, pattern_rows
+from shared.data.text import next_token_labels
 from shared.data import Normalization
 from shared.parallel import bytes_per_device, data_mesh
 from student_train.steps import Hypers, group_switches, make_train_step, stack_hypers, stack_states
@@ -299,7 +292,7 @@ model = lm_test_model(length=8, vocab=32)  # Every weight has an axis divisible 
 graphdef, state = nnx.split((model, nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)))
 hypers = stack_hypers([Hypers(member_weights=np.ones(1, np.float32))], [0])
 x = pattern_rows(8, length=8)
-batch = {"x": x, "labels": next_labels(x).astype(np.int32), "mask": np.ones(8, np.float32)}
+batch = {"x": x, "labels": next_token_labels(x), "mask": np.ones(8, np.float32)}
 out = {}
 for how in ("replicated", "fsdp"):
   states, shardings = place_states(stack_states([state]), mesh, how, log=False)
