@@ -2,6 +2,7 @@
 masking, parameter counts, training on next tokens through the one step, the per-token eval figures against NumPy,
 and `sample`."""
 
+import dataclasses
 import math
 
 import jax
@@ -338,3 +339,29 @@ def test_dropout_drops_only_the_final_hidden_states_in_training():
   assert not np.allclose(trained[0][0], trained[1][0])  # Training: each call drops other units.
   for _, named in trained:  # The blocks (attention, MLP) are never dropped.
     np.testing.assert_array_equal(named["block1"], evaluated[0][1]["block1"])
+
+
+@pytest.mark.fast
+def test_runs_whose_tokenizer_json_lies_elsewhere_are_compared_by_content_not_path(tmp_path, monkeypatch):
+  """Two runs trained with the same tokenizer.json at two paths (and `--tokenizer` a third copy) tokenize alike: eval
+  goes on to the data (here absent); a file of other content is refused."""
+  import shutil
+  from shared.data.text import TextOptions
+  from student_train import evaluate
+  tokenizers = pytest.importorskip("tokenizers")
+  tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+  paths = [str(tmp_path / f"{name}.json") for name in ("first", "second", "third")]
+  tokenizer.save(paths[0])
+  for path in paths[1:]:
+    shutil.copy(paths[0], path)
+  records = {f"run{k}": TextOptions(seq_len=8, tokenizer_name=path).to_dict() for k, path in enumerate(paths[:2])}
+  assert records["run0"]["tokenizer"] != records["run1"]["tokenizer"]  # Their paths differ.
+  monkeypatch.setattr(evaluate, "run_text", lambda run_dir: records[run_dir])
+  config = evaluate.EvalConfig(runs=("run0",), dataset=f"text:{tmp_path / 'absent'}", tokenizer=paths[2])
+  for runs in (("run0",), ("run0", "run1")):
+    with pytest.raises(StillroomError, match="no such file or directory"):  # Past the tokenizers' checks.
+      evaluate.evaluate_language_models(dataclasses.replace(config, runs=runs))
+  other = str(tmp_path / "other.json")
+  tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "c": 1, "[UNK]": 2}, unk_token="[UNK]")).save(other)
+  with pytest.raises(StillroomError, match="leave --tokenizer out"):
+    evaluate.evaluate_language_models(dataclasses.replace(config, tokenizer=other))
