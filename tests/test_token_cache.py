@@ -306,6 +306,13 @@ def test_a_built_token_cache_predicts_each_next_token_and_passes_verify_and_info
   assert info["positions"] == SEQ_LEN and info["tokens"] == spec.num_rows * SEQ_LEN
   assert info["bytes_per_token"]["targets"] == 256 * 2 and info["bytes_per_token"]["member_logits"] == 2 * 256 * 2
   assert info["stats"]["ensemble"]["accuracy"] == 1.0 and info["stats"]["labelled_rows"] == int(known.sum())
+  # The eval split's accuracies (`shared.cache.eval_accuracies`) are per predicting position too: NumPy's.
+  eval_labels = eval_rows["eval_labels"]
+  eval_known = eval_labels >= 0
+  member_top1 = eval_rows["eval_member_logits"].astype(np.float32).argmax(-1)  # [E, L, M]
+  expected = [float((member_top1[..., m][eval_known] == eval_labels[eval_known]).mean()) for m in range(2)]
+  assert info["stats"]["eval"]["members"] == pytest.approx(expected) and expected[0] == 1.0
+  assert info["stats"]["eval"]["arithmetic"] == 1.0
 
 
 def _all_rows_eval(path: str) -> dict:
