@@ -6,7 +6,6 @@ and the students' per-token terms under the [B, L] masks."""
 import dataclasses
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -35,12 +34,6 @@ from teacher_cache.verify import verify_cache
 
 V, L = lm_teachers.VOCAB, 12
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def next_labels(x: np.ndarray) -> np.ndarray:
@@ -350,7 +343,7 @@ def test_a_token_cache_built_by_two_processes_is_the_one_process_store(tmp_path,
   """Each process writes its share of the chunks (sampled targets: the draws are per row, whatever the process);
   the one-process store is `sample_cache`, built with the same settings."""
   one = sample_cache
-  port = _free_port()
+  port = conftest.free_port()
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
          "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")])}  # The teachers' module.
   two = str(tmp_path / "two.zarr")
