@@ -65,9 +65,9 @@ def test_a_position_sees_only_earlier_positions_of_its_own_segment(model):
 
 @pytest.mark.fast
 def test_padding_attends_only_to_itself_and_its_logits_are_finite(model):
-  segments = np.zeros((2, L), int)
-  segments[1, :3] = 1
-  out = np.asarray(model(rows(np.zeros((2, L), int), segments)))
+  segments, tokens = np.zeros((2, L), int), np.zeros((2, L), int)
+  segments[1, :3], tokens[1, :3] = 1, (5, 7, 9)  # Real tokens before the padding: a mask letting padding see them
+  out = np.asarray(model(rows(tokens, segments)))  # (causal alone) fails the second check.
   assert np.isfinite(out).all()
   # A padding position's logits depend on its own token alone: every all-padding position of token 0 is equal.
   np.testing.assert_allclose(out[0], np.broadcast_to(out[0, :1], out[0].shape), rtol=0, atol=1e-6)
