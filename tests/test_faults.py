@@ -2541,6 +2541,24 @@ def _(env, tmp_path, mp):
           r"--augment: dataset .* is text", [Absent(tmp_path / "r")])
 
 
+# --- review ---------------------------------------------------------------------------------------------------
+
+
+@fault("build of token rows with --specialists")
+def _(env, tmp_path, mp):
+  return (cache_main, _token_build(tmp_path, "--specialists", tmp_path / "plan.json"), 2,
+          r"--specialists: 'text:.*' holds token rows \(8 positions, .*\): specialists are class-level .*\.$",
+          [Absent(tmp_path / "c.zarr")])
+
+
+@fault("views of token rows")
+def _(env, tmp_path, mp):
+  return (cache_main, ["views", "--dataset", f"text:{_text_dir(tmp_path)}", "--seq-len", "8", "--no-progress",
+                       "--out", tmp_path / "v"], 2,
+          r"teacher-cache views: 'text:.*' holds token rows \(8 positions\); external teachers' logits are imported "
+          r"for class-level caches only", [Absent(tmp_path / "v")])
+
+
 @pytest.mark.parametrize("name", list(FAULTS))
 def test_fault_is_refused_cleanly(name, env, tmp_path, monkeypatch, capsys):
   _refused_cleanly(FAULTS[name](env, tmp_path, monkeypatch), env, monkeypatch, capsys)
