@@ -69,10 +69,14 @@ def member_logits(x: np.ndarray) -> np.ndarray:
                                                      lm_teachers.soft_peeking_teacher())], axis=-2)
 
 
+_JITTED = {}  # One jitted `targets_of_logits` per spec (its repr: a spec holds dicts), so that calls of equal specs
+# and shapes compile once.
+
+
 def stored(spec: CacheSpec, logits: np.ndarray, index=None) -> tuple:
   index = np.arange(len(logits)) if index is None else index
-  out = jax.jit(targets_of_logits(spec))(jnp.asarray(logits), jnp.asarray(index, jnp.uint32),
-                                          jnp.zeros(len(logits), jnp.int32))
+  function = _JITTED.setdefault(repr(spec), jax.jit(targets_of_logits(spec)))
+  out = function(jnp.asarray(logits), jnp.asarray(index, jnp.uint32), jnp.zeros(len(logits), jnp.int32))
   return jax.tree.map(np.asarray, out)
 
 
