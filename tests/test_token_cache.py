@@ -155,6 +155,11 @@ def test_topk_at_k_equal_v_is_dense_in_value_and_gradient_per_token(combine):
   dense = stored(token_spec("dense", members=2, combine=combine, temperature=2.0, count=4), logits)[1]
   topk = stored(token_spec(f"topk:{V}", members=2, combine=combine, temperature=2.0, count=4), logits)[1]
   assert np.isneginf(topk["target_rest"]).all()
+  # The ensemble over the members at axis -2 of [B, L, M, V], per position, at T = 2: NumPy's AM or GM.
+  members = conftest.numpy_log_softmax(logits / 2.0)  # [B, L, 2, V]
+  reference = np.log(np.exp(members).mean(-2)) if combine == "arithmetic" else \
+      conftest.numpy_log_softmax(members.mean(-2))
+  np.testing.assert_allclose(dense["targets"], reference, rtol=1e-5, atol=1e-5)
   student = jnp.asarray(np.random.default_rng(0).normal(size=(4, L, V)), jnp.float32)
 
   def by_dense(s):
