@@ -30,6 +30,7 @@ from bench.harness import measure_interleaved, write_json  # noqa: E402
 from shared.augment import make_augmentation  # noqa: E402
 from shared.cache import CacheSpec, MemberSpec  # noqa: E402
 from shared.data import DatasetSpec, Normalization  # noqa: E402
+from shared.data.text import next_token_labels  # noqa: E402
 from shared.models import ModelSpec, build_model, count_params  # noqa: E402
 from shared.parallel import batch_sharding, data_mesh, put_replicated  # noqa: E402
 from student_train.steps import Hypers, group_switches, make_train_step, stack_hypers, stack_states  # noqa: E402
@@ -54,10 +55,7 @@ def token_rows(batch: int, length: int, seed: int = 0) -> tuple[np.ndarray, np.n
       x[r, 0, start:start + size] = rng.integers(32, 127, size)
       x[r, 1, start:start + size] = segment
       start, segment = start + size, segment + 1
-  same = x[:, 1, 1:] == x[:, 1, :-1]
-  labels = np.full((batch, length), -1, np.int32)
-  labels[:, :-1] = np.where(same, x[:, 0, 1:], -1)
-  return x, labels
+  return x, next_token_labels(x)
 
 
 def stored_arrays(targets: str, logits: np.ndarray, length: int, batch: int) -> dict:

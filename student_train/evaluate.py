@@ -17,6 +17,7 @@ from shared.augment import Augmentation
 from shared.cache import EVAL_ROWS
 from shared.data import Normalization, TransferSet, open_transfer_set
 from shared.data.backends import is_text
+from shared.data.text import tokenizer_key
 from shared.ensemble import COMBINE_RULES, combine_log_probs, ensemble_log_probs, member_weights
 from shared.errors import StillroomError
 from shared.metrics import classification_metrics, expected_calibration_error
@@ -317,7 +318,7 @@ def evaluate_language_models(config: EvalConfig) -> dict:
   recorded = run_text(config.runs[0])
   for run_dir in (*config.runs[1:], *([config.teacher] if config.teacher else [])):
     other = run_text(run_dir)
-    if other["tokenizer"] != recorded["tokenizer"]:
+    if tokenizer_key(other["tokenizer"]) != tokenizer_key(recorded["tokenizer"]):
       raise StillroomError(f"run {run_dir!r} tokenized its text with {other['tokenizer']}, run {config.runs[0]!r} "
                            f"with {recorded['tokenizer']}: their next tokens cannot be compared.")
   dataset = resolve_dataset(config.dataset)
@@ -326,7 +327,7 @@ def evaluate_language_models(config: EvalConfig) -> dict:
                          f"not {dataset!r}.")
   options = text_options(config, recorded, dataset)
   tokenizer = options.tokenizer()
-  if tokenizer.identity() != recorded["tokenizer"]:
+  if tokenizer_key(tokenizer.identity()) != tokenizer_key(recorded["tokenizer"]):
     raise StillroomError(f"--tokenizer {config.tokenizer}: run {config.runs[0]!r} was trained on tokens of "
                          f"{recorded['tokenizer']}; leave --tokenizer out (the run's is used).")
   split = config.split or "train"

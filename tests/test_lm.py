@@ -2,6 +2,7 @@
 masking, parameter counts, training on next tokens through the one step, the per-token eval figures against NumPy,
 and `sample`."""
 
+import dataclasses
 import math
 
 import jax
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from shared.data.text import next_token_labels
 from shared.errors import StillroomError
 from shared.models import ModelSpec, build_model, check_input_shape, count_params, feature_shapes
 
@@ -63,9 +65,9 @@ def test_a_position_sees_only_earlier_positions_of_its_own_segment(model):
 
 @pytest.mark.fast
 def test_padding_attends_only_to_itself_and_its_logits_are_finite(model):
-  segments = np.zeros((2, L), int)
-  segments[1, :3] = 1
-  out = np.asarray(model(rows(np.zeros((2, L), int), segments)))
+  segments, tokens = np.zeros((2, L), int), np.zeros((2, L), int)
+  segments[1, :3], tokens[1, :3] = 1, (5, 7, 9)  # Real tokens before the padding: a mask letting padding see them
+  out = np.asarray(model(rows(tokens, segments)))  # (causal alone) fails the second check.
   assert np.isfinite(out).all()
   # A padding position's logits depend on its own token alone: every all-padding position of token 0 is equal.
   np.testing.assert_allclose(out[0], np.broadcast_to(out[0, :1], out[0].shape), rtol=0, atol=1e-6)
@@ -103,15 +105,6 @@ def test_parameter_counts_and_the_registry_refuses_other_inputs():
     check_input_shape(lambda s, x: nnx.merge(graphdef, s)(x)[:, 0], state, (2, L), "lm")
 
 
-def next_labels(x: np.ndarray) -> np.ndarray:
-  """The test's own reference of the next-token labels of rows [B, 2, L]: token j+1 where it is in j's segment."""
-  tokens, segments = x[:, 0].astype(int), x[:, 1].astype(int)
-  labels = np.full(tokens.shape, -1)
-  same = (segments[:, 1:] == segments[:, :-1]) & (segments[:, :-1] != 0)
-  labels[:, :-1] = np.where(same, tokens[:, 1:], -1)
-  return labels
-
-
 def pattern_rows(count: int, length: int = L, period: int = 3, seed: int = 0) -> np.ndarray:
   """Rows of a repeating pattern 0, 1, .., period-1 (two documents a row, random phases and split; some padding)."""
   rng = np.random.default_rng(seed)
@@ -139,7 +132,7 @@ def train_lm(steps: int, batch: int = 8, lr: float = 1e-2):
   losses = []
   for i in range(steps):
     x = pattern_rows(batch, seed=i)
-    labels = next_labels(x).astype(np.int32)
+    labels = next_token_labels(x)
     mask = np.ones(batch, np.float32)
     mask[-1] = 0  # A padding row of the epoch: left out of every mean.
     data = {"x": x, "labels": labels, "mask": mask}
@@ -176,7 +169,7 @@ def test_eval_figures_equal_numpys():
   rng = np.random.default_rng(1)
   log_probs = np.asarray(jax.nn.log_softmax(rng.normal(size=(5, L, V)) * 2, -1))
   x = pattern_rows(5, seed=9)
-  labels = next_labels(x)
+  labels = next_token_labels(x)
   teacher = rng.integers(0, V, (5, L))
   byte_lengths = rng.integers(1, 4, V)
   parts = concatenate_positions([predicted_positions(log_probs[:2], labels[:2], teacher[:2]),
@@ -287,7 +280,8 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 sys.path.insert(0, sys.argv[1])
 import jax, numpy as np, optax
 from flax import nnx
-from test_lm import lm_test_model, next_labels, pattern_rows
+from test_lm import lm_test_model, pattern_rows
+from shared.data.text import next_token_labels
 from shared.data import Normalization
 from shared.parallel import bytes_per_device, data_mesh
 from student_train.steps import Hypers, group_switches, make_train_step, stack_hypers, stack_states
@@ -299,7 +293,7 @@ model = lm_test_model(length=8, vocab=32)  # Every weight has an axis divisible 
 graphdef, state = nnx.split((model, nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)))
 hypers = stack_hypers([Hypers(member_weights=np.ones(1, np.float32))], [0])
 x = pattern_rows(8, length=8)
-batch = {"x": x, "labels": next_labels(x).astype(np.int32), "mask": np.ones(8, np.float32)}
+batch = {"x": x, "labels": next_token_labels(x), "mask": np.ones(8, np.float32)}
 out = {}
 for how in ("replicated", "fsdp"):
   states, shardings = place_states(stack_states([state]), mesh, how, log=False)
@@ -345,3 +339,29 @@ def test_dropout_drops_only_the_final_hidden_states_in_training():
   assert not np.allclose(trained[0][0], trained[1][0])  # Training: each call drops other units.
   for _, named in trained:  # The blocks (attention, MLP) are never dropped.
     np.testing.assert_array_equal(named["block1"], evaluated[0][1]["block1"])
+
+
+@pytest.mark.fast
+def test_runs_whose_tokenizer_json_lies_elsewhere_are_compared_by_content_not_path(tmp_path, monkeypatch):
+  """Two runs trained with the same tokenizer.json at two paths (and `--tokenizer` a third copy) tokenize alike: eval
+  goes on to the data (here absent); a file of other content is refused."""
+  import shutil
+  from shared.data.text import TextOptions
+  from student_train import evaluate
+  tokenizers = pytest.importorskip("tokenizers")
+  tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+  paths = [str(tmp_path / f"{name}.json") for name in ("first", "second", "third")]
+  tokenizer.save(paths[0])
+  for path in paths[1:]:
+    shutil.copy(paths[0], path)
+  records = {f"run{k}": TextOptions(seq_len=8, tokenizer_name=path).to_dict() for k, path in enumerate(paths[:2])}
+  assert records["run0"]["tokenizer"] != records["run1"]["tokenizer"]  # Their paths differ.
+  monkeypatch.setattr(evaluate, "run_text", lambda run_dir: records[run_dir])
+  config = evaluate.EvalConfig(runs=("run0",), dataset=f"text:{tmp_path / 'absent'}", tokenizer=paths[2])
+  for runs in (("run0",), ("run0", "run1")):
+    with pytest.raises(StillroomError, match="no such file or directory"):  # Past the tokenizers' checks.
+      evaluate.evaluate_language_models(dataclasses.replace(config, runs=runs))
+  other = str(tmp_path / "other.json")
+  tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "c": 1, "[UNK]": 2}, unk_token="[UNK]")).save(other)
+  with pytest.raises(StillroomError, match="leave --tokenizer out"):
+    evaluate.evaluate_language_models(dataclasses.replace(config, tokenizer=other))

@@ -6,7 +6,6 @@ and the students' per-token terms under the [B, L] masks."""
 import dataclasses
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -30,18 +29,11 @@ from student_train.run_dir import read_final
 from student_train.train import fit
 from teacher_cache import build as build_module
 from teacher_cache.build import BuildConfig, build_cache, put_rows, targets_of_logits
-from teacher_cache.cli import main as teacher_cache_main
 from teacher_cache.info import cache_info
 from teacher_cache.verify import verify_cache
 
 V, L = lm_teachers.VOCAB, 12
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def next_labels(x: np.ndarray) -> np.ndarray:
@@ -77,10 +69,14 @@ def member_logits(x: np.ndarray) -> np.ndarray:
                                                      lm_teachers.soft_peeking_teacher())], axis=-2)
 
 
+_JITTED = {}  # One jitted `targets_of_logits` per spec (its repr: a spec holds dicts), so that calls of equal specs
+# and shapes compile once.
+
+
 def stored(spec: CacheSpec, logits: np.ndarray, index=None) -> tuple:
   index = np.arange(len(logits)) if index is None else index
-  out = jax.jit(targets_of_logits(spec))(jnp.asarray(logits), jnp.asarray(index, jnp.uint32),
-                                          jnp.zeros(len(logits), jnp.int32))
+  function = _JITTED.setdefault(repr(spec), jax.jit(targets_of_logits(spec)))
+  out = function(jnp.asarray(logits), jnp.asarray(index, jnp.uint32), jnp.zeros(len(logits), jnp.int32))
   return jax.tree.map(np.asarray, out)
 
 
@@ -130,6 +126,14 @@ def test_the_target_at_position_j_predicts_token_j_plus_1_and_never_across_docum
         out["target_counts"] / out["target_counts"].sum(-1, keepdims=True)
     probs = np.zeros((8, L, V))
     np.add.at(probs, (np.arange(8)[:, None, None], np.arange(L)[None, :, None], out["target_ids"]), weights)
+  if targets.startswith("topk"):  # The rest bucket per position: NumPy's mass of the V - K tokens not kept there.
+    z = logits[:, :, 0].astype(np.float64)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    kept = np.zeros((8, L, V), bool)
+    np.put_along_axis(kept, out["target_ids"].astype(np.int64), True, axis=-1)
+    assert out["target_rest"].shape == (8, L) and kept.sum(-1).min() == 3
+    np.testing.assert_allclose(np.exp(out["target_rest"]), np.where(kept, 0.0, p).sum(-1), rtol=1e-5, atol=1e-7)
   top = probs.argmax(-1)
   known = labels >= 0
   np.testing.assert_array_equal(top[known], labels[known])
@@ -151,6 +155,11 @@ def test_topk_at_k_equal_v_is_dense_in_value_and_gradient_per_token(combine):
   dense = stored(token_spec("dense", members=2, combine=combine, temperature=2.0, count=4), logits)[1]
   topk = stored(token_spec(f"topk:{V}", members=2, combine=combine, temperature=2.0, count=4), logits)[1]
   assert np.isneginf(topk["target_rest"]).all()
+  # The ensemble over the members at axis -2 of [B, L, M, V], per position, at T = 2: NumPy's AM or GM.
+  members = conftest.numpy_log_softmax(logits / 2.0)  # [B, L, 2, V]
+  reference = np.log(np.exp(members).mean(-2)) if combine == "arithmetic" else \
+      conftest.numpy_log_softmax(members.mean(-2))
+  np.testing.assert_allclose(dense["targets"], reference, rtol=1e-5, atol=1e-5)
   student = jnp.asarray(np.random.default_rng(0).normal(size=(4, L, V)), jnp.float32)
 
   def by_dense(s):
@@ -161,9 +170,11 @@ def test_topk_at_k_equal_v_is_dense_in_value_and_gradient_per_token(combine):
                    jnp.asarray(topk["target_rest"]), 2.0)
   assert by_dense(student).shape == (4, L)
   np.testing.assert_allclose(by_topk(student), by_dense(student), rtol=1e-5, atol=1e-6)
+  # Jitted once each (the position traced): op-by-op, the first gradients compiled every op apart, ~5x slower.
+  grad_dense = jax.jit(jax.grad(lambda s, position: by_dense(s)[1, position]))
+  grad_topk = jax.jit(jax.grad(lambda s, position: by_topk(s)[1, position]))
   for position in (0, L // 2, L - 1):  # The gradient of one token's term: only that token's logits, the same.
-    g_dense = jax.grad(lambda s: by_dense(s)[1, position])(student)
-    g_topk = jax.grad(lambda s: by_topk(s)[1, position])(student)
+    g_dense, g_topk = grad_dense(student, position), grad_topk(student, position)
     np.testing.assert_allclose(g_topk, g_dense, rtol=1e-5, atol=1e-6)
     assert np.count_nonzero(np.abs(np.asarray(g_dense)).sum(-1)) == 1
 
@@ -230,7 +241,7 @@ def test_every_logit_term_distils_per_token_under_the_masks(loss):
 
 # --- Token caches built from `text:` data by the build itself ---------------------------------------------------
 
-SEQ_LEN, CHUNK_ROWS = 16, 8
+SEQ_LEN, CHUNK_ROWS = 16, 4  # 9 transfer rows: 3 chunks, so that each of 2 processes writes some.
 TEACHERS = ("lm_teachers:byte_teacher", "lm_teachers:soft_byte_teacher")
 DOCUMENTS = [  # Short documents of several lengths: rows hold pieces of two or three, and boundaries inside rows.
     "the cat sat on the mat.", "a b c d e f g h i j k l m n o p q r s t u v w x y z", "hello, world",
@@ -299,6 +310,13 @@ def test_a_built_token_cache_predicts_each_next_token_and_passes_verify_and_info
   assert info["positions"] == SEQ_LEN and info["tokens"] == spec.num_rows * SEQ_LEN
   assert info["bytes_per_token"]["targets"] == 256 * 2 and info["bytes_per_token"]["member_logits"] == 2 * 256 * 2
   assert info["stats"]["ensemble"]["accuracy"] == 1.0 and info["stats"]["labelled_rows"] == int(known.sum())
+  # The eval split's accuracies (`shared.cache.eval_accuracies`) are per predicting position too: NumPy's.
+  eval_labels = eval_rows["eval_labels"]
+  eval_known = eval_labels >= 0
+  member_top1 = eval_rows["eval_member_logits"].astype(np.float32).argmax(-1)  # [E, L, M]
+  expected = [float((member_top1[..., m][eval_known] == eval_labels[eval_known]).mean()) for m in range(2)]
+  assert info["stats"]["eval"]["members"] == pytest.approx(expected) and expected[0] == 1.0
+  assert info["stats"]["eval"]["arithmetic"] == 1.0
 
 
 def _all_rows_eval(path: str) -> dict:
@@ -328,15 +346,15 @@ def test_sampled_token_targets_pass_verify_and_a_damaged_chunk_fails_it(sample_c
 def _build_args(text_dir: str, out, *extra) -> list[str]:
   return ["build", "--dataset", f"text:{text_dir}", "--split", "train[:75%]", "--eval-split", "train[75%:]",
           "--seq-len", str(SEQ_LEN), *[arg for t in TEACHERS for arg in ("--teacher", t)], "--temperature", "1",
-          "--targets", "sample:8", "--member-logits", "--chunk-rows", str(CHUNK_ROWS // 2), "--batch-size", "4",
+          "--targets", "sample:8", "--member-logits", "--chunk-rows", str(CHUNK_ROWS), "--batch-size", "4",
           "--out", str(out), "--no-progress", *extra]
 
 
-def test_a_token_cache_built_by_two_processes_is_the_one_process_store(tmp_path, text_dir):
-  """Each process writes its share of the chunks (sampled targets: the draws are per row, whatever the process)."""
-  one = str(tmp_path / "one.zarr")
-  assert teacher_cache_main(_build_args(text_dir, one)) in (0, None)
-  port = _free_port()
+def test_a_token_cache_built_by_two_processes_is_the_one_process_store(tmp_path, text_dir, sample_cache):
+  """Each process writes its share of the chunks (sampled targets: the draws are per row, whatever the process);
+  the one-process store is `sample_cache`, built with the same settings."""
+  one = sample_cache
+  port = conftest.free_port()
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
          "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")])}  # The teachers' module.
   two = str(tmp_path / "two.zarr")

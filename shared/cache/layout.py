@@ -32,8 +32,8 @@ ROLES = {
     "eval": "teacher outputs on the evaluation split (one row per eval example, no views)",
     "bookkeeping": "which chunks a build has committed (for resume)",
 }
-ROWS, EVAL_ROWS = "rows", "eval"
-POSITIONS = "L"  # The positions axis of a token-level cache's arrays, right after the rows; absent from class-level.  # The two row sets: the transfer set's rows (R) and the eval split's (E).
+ROWS, EVAL_ROWS = "rows", "eval"  # The two row sets: the transfer set's rows (R) and the eval split's (E).
+POSITIONS = "L"  # The positions axis of a token-level cache's arrays, right after the rows; absent from class-level.
 
 
 @dataclasses.dataclass(frozen=True)

@@ -164,6 +164,12 @@ class HfTokenizer(Tokenizer):
     return {"kind": "tokenizers", "path": self.path, "sha256": self.sha256, "vocab_size": self.vocab_size}
 
 
+def tokenizer_key(identity: dict) -> dict:
+  """What makes two tokenizers the same: an identity (`Tokenizer.identity`) without where its file lies (a copied or
+  moved tokenizer.json tokenizes the same); what the data's fingerprint and the comparison of runs' tokenizers use."""
+  return {k: v for k, v in identity.items() if k != "path"}
+
+
 @functools.lru_cache(maxsize=8)
 def _load_tokenizer(path: str, expected_sha256: str | None) -> Tokenizer:
   try:
@@ -359,7 +365,7 @@ class TextSource:
   def identity(self) -> dict:
     """The content (every file's bytes, with its relative path in a folder), the tokenizer (without its path), L
     and the seed: never where the data or the tokenizer file lie."""
-    tokenizer = {k: v for k, v in self.text["tokenizer"].items() if k != "path"}
+    tokenizer = tokenizer_key(self.text["tokenizer"])
     return {"kind": "text", "files": self._files, "documents": self.num_documents, "tokens": int(len(self.stream)),
             "sha256": self._content_sha256, "seq_len": self.seq_len, "pack_seed": int(self.options.pack_seed),
             "tokenizer": tokenizer}
