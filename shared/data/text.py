@@ -40,6 +40,8 @@ from shared.log import progress
 PREFIX = "text:"
 TEXT_EXTENSIONS = (".txt", ".md", ".py", ".jsonl")  # What a folder's listing keeps (.py: the text demo's sources).
 DEFAULT_SEQ_LEN = 256
+# A model gets a row's token and segment ids as float32, exact below 2**24; a segment id can reach L.
+MAX_SEQ_LEN = 1 << 24
 DEFAULT_TOKENIZER = "bytes"
 DEFAULT_PACK_SEED = 0
 BYTE_VOCAB = 256
@@ -169,12 +171,14 @@ def _load_tokenizer(path: str, expected_sha256: str | None) -> Tokenizer:
   try:
     content = storage.read_bytes(path)
   except OSError as e:
-    raise StillroomError(f"--tokenizer {path}: cannot read it ({e.strerror or e}).") from e
-  tokenizer = HfTokenizer(path, content)
-  if expected_sha256 is not None and tokenizer.sha256 != expected_sha256:
-    raise StillroomError(f"--tokenizer {path}: the file changed since it was recorded (SHA-256 {tokenizer.sha256[:12]}"
+    recorded = "" if expected_sha256 is None else f" (recorded with SHA-256 {expected_sha256[:12]}: restore it there)"
+    raise StillroomError(f"--tokenizer {path}: cannot read it ({e.strerror or e}){recorded}.") from e
+  sha256 = hashlib.sha256(content).hexdigest()
+  # Before parsing: a damaged file is a changed one, whose remedy is to restore it.
+  if expected_sha256 is not None and sha256 != expected_sha256:
+    raise StillroomError(f"--tokenizer {path}: the file changed since it was recorded (SHA-256 {sha256[:12]}"
                          f", recorded {expected_sha256[:12]}); restore it, or give the tokenizer the data used.")
-  return tokenizer
+  return HfTokenizer(path, content)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -198,6 +202,9 @@ class TextOptions:
   def __post_init__(self):
     if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, (int, np.integer)) or self.seq_len < 2:
       raise StillroomError(f"--seq-len {self.seq_len}: must be an integer >= 2 (a row of one token predicts nothing).")
+    if self.seq_len > MAX_SEQ_LEN:
+      raise StillroomError(f"--seq-len {self.seq_len}: must be at most {MAX_SEQ_LEN} (2**24: a model receives token and "
+                           "segment ids as float32, exact only below it); give a smaller --seq-len.")
     if not isinstance(self.tokenizer_name, str) or not self.tokenizer_name:
       raise StillroomError(f"--tokenizer {self.tokenizer_name!r}: give 'bytes' or the path of a tokenizer.json.")
     if self.tokenizer_name != DEFAULT_TOKENIZER and not storage.is_url(self.tokenizer_name):
