@@ -17,6 +17,7 @@ from shared.augment import Augmentation
 from shared.cache import EVAL_ROWS
 from shared.data import Normalization, TransferSet, open_transfer_set
 from shared.data.backends import is_text
+from shared.data.text import without_path
 from shared.ensemble import COMBINE_RULES, combine_log_probs, ensemble_log_probs, member_weights
 from shared.errors import StillroomError
 from shared.metrics import classification_metrics, expected_calibration_error
@@ -300,11 +301,6 @@ def run_text(run_dir: str) -> dict:
   return text
 
 
-def _without_path(identity: dict) -> dict:
-  """A tokenizer's identity (`Tokenizer.identity`) without where its file lies, as the data's fingerprint has it."""
-  return {key: value for key, value in identity.items() if key != "path"}
-
-
 def evaluate_language_models(config: EvalConfig) -> dict:
   """`evaluate_runs` of language models: per predicted token of a `text:` dataset, re-packed with the runs' recorded
   tokenizer, sequence length and pack seed (`--seq-len`/`--pack-seed` may change the last two; the tokenizer is the
@@ -322,7 +318,7 @@ def evaluate_language_models(config: EvalConfig) -> dict:
   recorded = run_text(config.runs[0])
   for run_dir in (*config.runs[1:], *([config.teacher] if config.teacher else [])):
     other = run_text(run_dir)
-    if _without_path(other["tokenizer"]) != _without_path(recorded["tokenizer"]):
+    if without_path(other["tokenizer"]) != without_path(recorded["tokenizer"]):
       raise StillroomError(f"run {run_dir!r} tokenized its text with {other['tokenizer']}, run {config.runs[0]!r} "
                            f"with {recorded['tokenizer']}: their next tokens cannot be compared.")
   dataset = resolve_dataset(config.dataset)
@@ -331,7 +327,7 @@ def evaluate_language_models(config: EvalConfig) -> dict:
                          f"not {dataset!r}.")
   options = text_options(config, recorded, dataset)
   tokenizer = options.tokenizer()
-  if _without_path(tokenizer.identity()) != _without_path(recorded["tokenizer"]):  # The file may have moved.
+  if without_path(tokenizer.identity()) != without_path(recorded["tokenizer"]):  # The file may have moved.
     raise StillroomError(f"--tokenizer {config.tokenizer}: run {config.runs[0]!r} was trained on tokens of "
                          f"{recorded['tokenizer']}; leave --tokenizer out (the run's is used).")
   split = config.split or "train"

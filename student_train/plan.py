@@ -22,6 +22,7 @@ from shared.data.prepared import check_views as check_prepared_views
 from shared.data.prepared import mismatch_hint
 from shared.data.text import TextOptions
 from shared.data.text import check_views as check_text_views
+from shared.data.text import mismatch_hint as text_mismatch_hint
 from shared.ensemble import member_weights
 from shared.errors import StillroomError
 from shared.log import logger
@@ -297,7 +298,8 @@ def plan_run(config: FitConfig, opened: Opened | None = None) -> RunPlan:
       raise StillroomError(
           f"dataset {dataset!r} split {split!r} (fingerprint {transfer_set.fingerprint[:16]}…) is not the data the "
           f"cache {config.cache!r} was built from ({recorded.name} {recorded.split}, fingerprint "
-          f"{recorded.fingerprint[:16]}…)." + mismatch_hint(dataset, recorded.name))
+          f"{recorded.fingerprint[:16]}…)." + mismatch_hint(dataset, recorded.name)
+          + text_mismatch_hint(transfer_set.text, recorded.text))
     if config.folds > 1:
       raise StillroomError("--folds/--holdout-fold select teacher training data; a cache brings its own rows.")
     teaching, values = _plan_teaching(config, cache)

@@ -2571,6 +2571,17 @@ def _(env, tmp_path, mp):
           r"abababababab\); restore it", [run])
 
 
+@fault("fit --cache of token rows at another --seq-len")
+def _(env, tmp_path, mp):
+  cache = str(tmp_path / "c.zarr")
+  assert cache_main([str(a) for a in _token_build(tmp_path)]) in (0, None)
+  return (student_main, ["fit", "--cache", cache, "--model", "lm-tiny", "--seq-len", "16", "--pack-seed", "3",
+                         "--epochs", "1", "--no-progress", "--out", tmp_path / "r"], 2,
+          r"is not the data the cache .* was built from \(.*\)\. It was packed with other text options: --seq-len 16 "
+          r"\(the cache's: 8\), --pack-seed 3 \(the cache's: 0\); leave them out \(the cache's are used\)\.$",
+          [cache, Absent(tmp_path / "r")])
+
+
 @pytest.mark.fast
 def test_running_out_of_host_memory_is_one_line(capsys):
   """XLA's CPU client reports no RESOURCE_EXHAUSTED but "Out of memory allocating ..." (an INTERNAL error), NumPy a

@@ -234,6 +234,35 @@ class TextOptions:
     return cls(seq_len=d["seq_len"], tokenizer_name=tokenizer, pack_seed=d.get("pack_seed", DEFAULT_PACK_SEED))
 
 
+def mismatch_hint(given: dict | None, recorded: dict | None) -> str:
+  """What to add to a refusal of text data that is not a cache's when it was packed with other options.
+
+  Args:
+    given, recorded: `TextOptions.to_dict` records (`DatasetSpec.text`) of the data given and of the cache's.
+
+  Returns:
+    "" when either is not text or the options agree, else a sentence naming each option that differs.
+  """
+  if not given or not recorded:
+    return ""
+  flags = {"seq_len": "--seq-len", "tokenizer": "--tokenizer", "pack_seed": "--pack-seed"}
+
+  def shown(record: dict, key: str):
+    value = record.get(key)
+    return value.get("path") or value.get("kind") if isinstance(value, dict) else value
+  differ = [f"{flag} {shown(given, key)} (the cache's: {shown(recorded, key)})" for key, flag in flags.items()
+            if without_path(given.get(key)) != without_path(recorded.get(key))]
+  if not differ:
+    return ""
+  return (f" It was packed with other text options: {', '.join(differ)}; leave them out (the cache's are used).")
+
+
+def without_path(identity):
+  """A tokenizer's identity (`Tokenizer.identity`) without where its file lies, as the data's fingerprint has it
+  (anything else: unchanged)."""
+  return {k: v for k, v in identity.items() if k != "path"} if isinstance(identity, dict) else identity
+
+
 def pack_order(num_documents: int, seed: int) -> np.ndarray:
   """int64 [D]: the documents' order in the packed stream, a seeded permutation of 0..D-1 (a counter hash of each
   document's position: the same on every host and NumPy version)."""
@@ -366,7 +395,7 @@ class TextSource:
   def identity(self) -> dict:
     """The content (every file's bytes, with its relative path in a folder), the tokenizer (without its path), L
     and the seed: never where the data or the tokenizer file lie."""
-    tokenizer = {k: v for k, v in self.text["tokenizer"].items() if k != "path"}
+    tokenizer = without_path(self.text["tokenizer"])
     return {"kind": "text", "files": self._files, "documents": self.num_documents, "tokens": int(len(self.stream)),
             "sha256": self._content_sha256, "seq_len": self.seq_len, "pack_seed": int(self.options.pack_seed),
             "tokenizer": tokenizer}
