@@ -2582,6 +2582,16 @@ def _(env, tmp_path, mp):
           [cache, Absent(tmp_path / "r")])
 
 
+@fault("fit of a language model with an image --eval-dataset")
+def _(env, tmp_path, mp):
+  data = _text_file(tmp_path, "a.txt", b"some text")
+  return (student_main, _fit(env, "--model", "lm-tiny", "--dataset", data, "--seq-len", "8", "--eval-dataset", "digits",
+                             "--out", tmp_path / "r"), 2,
+          r"--eval-dataset 'digits': the transfer set 'text:.*a\.txt' is text \(rows of tokens\); evaluate on held-out "
+          r"data of its kind \(--eval-dataset text:PATH --eval-split train\), or give --eval-split none\.$",
+          [Absent(tmp_path / "r")])
+
+
 @pytest.mark.fast
 def test_running_out_of_host_memory_is_one_line(capsys):
   """XLA's CPU client reports no RESOURCE_EXHAUSTED but "Out of memory allocating ..." (an INTERNAL error), NumPy a
