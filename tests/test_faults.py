@@ -2592,6 +2592,14 @@ def _(env, tmp_path, mp):
           [Absent(tmp_path / "r")])
 
 
+@fault("eval of a classifier run on text")
+def _(env, tmp_path, mp):
+  data = _text_file(tmp_path, "a.txt", b"some text")
+  return (student_main, ["eval", env.run, "--dataset", data, "--split", "train"], 2,
+          r"run '.*run' is a classifier, not a language model: evaluate it on its own kind of data, not the text "
+          r"'text:.*a\.txt'\.$", [env.run])
+
+
 @pytest.mark.fast
 def test_running_out_of_host_memory_is_one_line(capsys):
   """XLA's CPU client reports no RESOURCE_EXHAUSTED but "Out of memory allocating ..." (an INTERNAL error), NumPy a
