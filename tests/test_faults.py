@@ -2600,6 +2600,22 @@ def _(env, tmp_path, mp):
           r"'text:.*a\.txt'\.$", [env.run])
 
 
+@fault("text: a .jsonl text field with a lone surrogate")
+def _(env, tmp_path, mp):
+  data = _text_file(tmp_path, "docs.jsonl", b'{"text": "fine"}\n{"text": "a\\ud800b"}\n')
+  return (student_main, _fit(env, "--model", "lm-tiny", "--dataset", data, "--seq-len", "4", "--out", tmp_path / "r"),
+          2, r"docs\.jsonl line 2: the 'text' field is not valid Unicode \(surrogates not allowed at character 1\)\.$",
+          [Absent(tmp_path / "r")])
+
+
+@fault("text: no document longer than one token")
+def _(env, tmp_path, mp):
+  data = _text_file(tmp_path, "docs.jsonl", b'{"text": "a"}\n{"text": "b"}\n')
+  return (student_main, _fit(env, "--model", "lm-tiny", "--dataset", data, "--seq-len", "4", "--out", tmp_path / "r"),
+          2, r"no position of its rows of 4 tokens has a next token of its document .*; give longer documents\.$",
+          [Absent(tmp_path / "r")])
+
+
 @pytest.mark.fast
 def test_running_out_of_host_memory_is_one_line(capsys):
   """XLA's CPU client reports no RESOURCE_EXHAUSTED but "Out of memory allocating ..." (an INTERNAL error), NumPy a

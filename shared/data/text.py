@@ -326,6 +326,11 @@ def documents_of(name: str, path: str, data: bytes) -> list[str]:
     if not isinstance(record, dict) or not isinstance(record.get("text"), str):
       raise StillroomError(f"dataset {name!r}: {path} line {number}: no string 'text' field; each line of a .jsonl "
                            "file must be an object with one, e.g. {\"text\": \"...\"}.")
+    try:
+      record["text"].encode("utf-8")  # JSON may escape a lone surrogate ("\\ud800"), which no encoder takes.
+    except UnicodeEncodeError as e:
+      raise StillroomError(f"dataset {name!r}: {path} line {number}: the 'text' field is not valid Unicode ({e.reason}"
+                           f" at character {e.start}).") from e
     if record["text"]:
       documents.append(record["text"])
   return documents
@@ -449,8 +454,23 @@ def open_source(name: str, split: str, data_dir: str | None,  # pylint: disable=
   order = pack_order(len(pieces), options.pack_seed)
   stream = np.concatenate([pieces[i] for i in order])
   starts = np.concatenate([[0], np.cumsum(np.asarray(lengths, np.int64)[order])]).astype(np.int64)
+  if not predicting_positions(starts, options.seq_len):
+    raise StillroomError(f"dataset {name!r}: no position of its rows of {options.seq_len} tokens has a next token of "
+                         "its document (each document piece is one token long); give longer documents.")
   source = TextSource(name, options, stream, starts, digest.hexdigest(), len(files))
   return OpenedSource(source, {"train": len(source)}, tokenizer.vocab_size)
+
+
+def predicting_positions(starts: np.ndarray, seq_len: int) -> int:
+  """How many positions of the packed rows have a label (`next_token_labels` >= 0), without packing them: stream
+  position p predicts unless p + 1 is the stream's end, a document's start or a row's start.
+
+  Args:
+    starts: int64 [D + 1], the documents' offsets in the packed stream (0, ..., the token count).
+    seq_len: L.
+  """
+  total, inner = int(starts[-1]), np.asarray(starts[1:-1], np.int64)
+  return total - 1 - len(inner) - (total - 1) // seq_len + int(np.count_nonzero(inner % seq_len == 0))
 
 
 def check_views(config, dataset) -> None:
