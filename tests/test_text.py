@@ -388,3 +388,21 @@ def test_predicting_positions_counts_the_labels_of_the_packed_rows():
     rows = pack_rows(stream, starts, np.arange(-(-len(stream) // seq_len)), seq_len)
     expected = int((next_token_labels(rows) >= 0).sum())
     assert predicting_positions(starts, seq_len) == expected, (trial, lengths, seq_len)
+
+
+@pytest.mark.fast
+def test_text_a_tokenizer_cannot_encode_is_refused_in_one_line(tmp_path):
+  """A WordLevel tokenizer without an unknown token raises on a word it lacks: one line, from `sample`'s prompt
+  (`encode`) and from the data's open (`encode_many`), not the library's exception."""
+  tokenizers = pytest.importorskip("tokenizers")
+  tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel({"def": 0, "x": 1}, unk_token=None))
+  tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  tokenizer.save(str(tmp_path / "words.json"))
+  options = TextOptions(seq_len=4, tokenizer_name=str(tmp_path / "words.json"))
+  assert options.tokenizer().encode("def x").tolist() == [0, 1]
+  with pytest.raises(StillroomError, match=r"words\.json: cannot encode the text \(.+\); use a tokenizer that") as e:
+    options.tokenizer().encode("def zzz")
+  assert "\n" not in str(e.value)
+  (tmp_path / "a.txt").write_text("def x def zzz")
+  with pytest.raises(StillroomError, match=r"cannot encode the text"):
+    open_transfer_set(f"text:{tmp_path / 'a.txt'}", text=options)

@@ -154,10 +154,16 @@ class HfTokenizer(Tokenizer):
     return lengths
 
   def encode(self, text: str) -> np.ndarray:
-    return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
+    return self.encode_many([text])[0]
 
   def encode_many(self, texts: list[str]) -> list[np.ndarray]:
-    return [np.asarray(e.ids, np.int32) for e in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
+    try:
+      encoded = self._tokenizer.encode_batch(texts, add_special_tokens=False)
+    except Exception as e:  # pylint: disable=broad-exception-caught  # e.g. a WordLevel model without an [UNK] token.
+      what = (str(e).splitlines() or [type(e).__name__])[0]
+      raise StillroomError(f"--tokenizer {self.path}: cannot encode the text ({what}); use a tokenizer that covers "
+                           "every character (a byte-level one, or one with an unknown token).") from e
+    return [np.asarray(e.ids, np.int32) for e in encoded]
 
   def decode(self, ids) -> str:
     return self._tokenizer.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=False)
