@@ -496,7 +496,8 @@ def _eval_set(config: FitConfig, transfer_set: TransferSet, cache: Cache | None,
     text = is_text(transfer_set.name)
     raise StillroomError(f"--eval-dataset {config.eval_dataset!r}: the transfer set {transfer_set.name!r} is "
                          f"{'text (rows of tokens)' if text else 'not text'}; evaluate on held-out data of its kind"
-                         f"{' (--eval-dataset text:PATH --eval-split train)' if text else ''}, or give --eval-split none.")
+                         f"{' (--eval-dataset text:PATH --eval-split train)' if text else ''}, or give --eval-split "
+                         "none.")
   if config.eval_dataset or config.eval_split:
     return opened.transfer_set(config.eval_dataset or transfer_set.name,
                                config.eval_split or default_eval_split(config.eval_dataset), config.data_dir,

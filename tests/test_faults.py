@@ -2646,8 +2646,9 @@ def test_an_lm_run_whose_tokenizer_file_moved_is_evaluated_with_it_elsewhere(tmp
   (tmp_path / "a.txt").write_text("the cat sat on the mat. " * 20)
   run = str(tmp_path / "run")
   code, _, err = run_cli(student_main, [
-      "fit", "--model", "lm-tiny", "--dataset", f"text:{tmp_path / 'a.txt'}", "--tokenizer", tmp_path / "tokenizer.json",
-      "--seq-len", "16", "--epochs", "1", "--batch-size", "8", "--eval-split", "none", "--no-progress", "--out", run],
+      "fit", "--model", "lm-tiny", "--dataset", f"text:{tmp_path / 'a.txt'}", "--tokenizer",
+      tmp_path / "tokenizer.json", "--seq-len", "16", "--epochs", "1", "--batch-size", "8", "--eval-split", "none",
+      "--no-progress", "--out", run],
       capsys)
   assert code in (0, None), err
   evaluate = ["eval", run, "--dataset", f"text:{tmp_path / 'a.txt'}", "--json"]

@@ -209,8 +209,8 @@ class TextOptions:
     if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, (int, np.integer)) or self.seq_len < 2:
       raise StillroomError(f"--seq-len {self.seq_len}: must be an integer >= 2 (a row of one token predicts nothing).")
     if self.seq_len > MAX_SEQ_LEN:
-      raise StillroomError(f"--seq-len {self.seq_len}: must be at most {MAX_SEQ_LEN} (2**24: a model receives token and "
-                           "segment ids as float32, exact only below it); give a smaller --seq-len.")
+      raise StillroomError(f"--seq-len {self.seq_len}: must be at most {MAX_SEQ_LEN} (2**24: a model receives token "
+                           "and segment ids as float32, exact only below it); give a smaller --seq-len.")
     if not isinstance(self.tokenizer_name, str) or not self.tokenizer_name:
       raise StillroomError(f"--tokenizer {self.tokenizer_name!r}: give 'bytes' or the path of a tokenizer.json.")
     if self.tokenizer_name != DEFAULT_TOKENIZER and not storage.is_url(self.tokenizer_name):
