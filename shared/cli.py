@@ -122,9 +122,10 @@ def run_or_exit(prog: str, command: Callable[[], None], args: argparse.Namespace
             "SDK's environment (AWS_PROFILE or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL; "
             "GOOGLE_APPLICATION_CREDENTIALS).", file=sys.stderr)
       sys.exit(2)
-    if "RESOURCE_EXHAUSTED" not in str(e):
+    # XLA's CPU client says "Out of memory allocating ..." (an INTERNAL error), NumPy raises a MemoryError.
+    if not isinstance(e, MemoryError) and not any(what in str(e) for what in ("RESOURCE_EXHAUSTED", "Out of memory")):
       raise
     # The device (or host) ran out of memory: a routine failure with a known remedy, not a bug.
-    print(f"{prog}: error: out of memory ({str(e).splitlines()[0][:200]}); lower --batch-size (or --image-size).",
-          file=sys.stderr)
+    print(f"{prog}: error: out of memory ({(str(e).splitlines() or [type(e).__name__])[0][:200]}); lower "
+          "--batch-size (or --image-size, --seq-len).", file=sys.stderr)
     sys.exit(2)

@@ -254,6 +254,9 @@ def evaluate_runs(config: EvalConfig) -> dict:
                          "metrics.jsonl).")
   config = dataclasses.replace(config, split=config.split or "test")
   dataset = resolve_dataset(config.dataset)
+  if is_text(dataset):
+    raise StillroomError(f"run {config.runs[0]!r} is a classifier, not a language model: evaluate it on its own kind "
+                         f"of data, not the text {dataset!r}.")
   transfer_set = open_transfer_set(dataset, config.split, config.data_dir, text=text_options(config))
   if not transfer_set.labeled:
     raise StillroomError(f"{dataset!r} {config.split!r} is unlabeled; evaluation needs labels.")

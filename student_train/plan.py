@@ -20,8 +20,10 @@ from shared.data import (FINGERPRINT_VERSION, NO_EVAL, Normalization, TransferSe
                          default_eval_split, local_path, open_transfer_set)
 from shared.data.prepared import check_views as check_prepared_views
 from shared.data.prepared import mismatch_hint
+from shared.data.backends import is_text
 from shared.data.text import TextOptions
 from shared.data.text import check_views as check_text_views
+from shared.data.text import mismatch_hint as text_mismatch_hint
 from shared.ensemble import member_weights
 from shared.errors import StillroomError
 from shared.log import logger
@@ -297,7 +299,8 @@ def plan_run(config: FitConfig, opened: Opened | None = None) -> RunPlan:
       raise StillroomError(
           f"dataset {dataset!r} split {split!r} (fingerprint {transfer_set.fingerprint[:16]}…) is not the data the "
           f"cache {config.cache!r} was built from ({recorded.name} {recorded.split}, fingerprint "
-          f"{recorded.fingerprint[:16]}…)." + mismatch_hint(dataset, recorded.name))
+          f"{recorded.fingerprint[:16]}…)." + mismatch_hint(dataset, recorded.name)
+          + text_mismatch_hint(transfer_set.text, recorded.text))
     if config.folds > 1:
       raise StillroomError("--folds/--holdout-fold select teacher training data; a cache brings its own rows.")
     teaching, values = _plan_teaching(config, cache)
@@ -489,6 +492,12 @@ def _eval_set(config: FitConfig, transfer_set: TransferSet, cache: Cache | None,
     same = recorded.name == cache.spec.dataset.name  # A --dataset given for a moved dataset stands for both.
     return opened.transfer_set(transfer_set.name if same else recorded.name, recorded.split, config.data_dir,
                                transfer_set.text_options())
+  if config.eval_dataset and is_text(resolve_dataset(config.eval_dataset)) != is_text(transfer_set.name):
+    text = is_text(transfer_set.name)
+    raise StillroomError(f"--eval-dataset {config.eval_dataset!r}: the transfer set {transfer_set.name!r} is "
+                         f"{'text (rows of tokens)' if text else 'not text'}; evaluate on held-out data of its kind"
+                         f"{' (--eval-dataset text:PATH --eval-split train)' if text else ''}, or give --eval-split "
+                         "none.")
   if config.eval_dataset or config.eval_split:
     return opened.transfer_set(config.eval_dataset or transfer_set.name,
                                config.eval_split or default_eval_split(config.eval_dataset), config.data_dir,

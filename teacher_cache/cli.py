@@ -254,8 +254,12 @@ def _print_info(info: dict) -> None:
   views = (f"crop views at {aug['image_size']}x{aug['image_size']}, area {aug['crop_area']}, aspect "
            f"{[round(v, 3) for v in aug['crop_aspect']]}, rendered on the {aug.get('renderer', 'host')}"
            if aug.get("image_size") else f"max shift {aug['max_shift']}")
+  if info.get("positions"):  # Token rows: their one view is the packed rows, which no shift or flip touches.
+    views = f"rows of {info['positions']} tokens as packed"
+  else:
+    views = f"{views}, flip {aug['flip']}"
   print(f"rows         {info['rows']} = {data['count']} examples x {spec['views']} views "
-        f"(seed {aug['seed']}, {views}, flip {aug['flip']}); chunk rows {spec['chunk_rows']}, "
+        f"(seed {aug['seed']}, {views}); chunk rows {spec['chunk_rows']}, "
         f"examples in {spec['row_order']} order")
   mix = aug.get("mix", "none")
   if mix != "none":
@@ -298,7 +302,8 @@ def _print_info(info: dict) -> None:
     ensemble = stats["ensemble"]
     drawn = " (of the most probable class drawn)" if ensemble.get("top1") == "the most probable class drawn" else ""
     print(f"ensemble     accuracy{drawn} {_format_percent(ensemble['accuracy'])} "
-          f"(view 0: {_format_percent(ensemble['accuracy_view0'])}) on {stats['labelled_rows']} labelled rows")
+          f"(view 0: {_format_percent(ensemble['accuracy_view0'])}) on {stats['labelled_rows']} labelled "
+          f"{'tokens' if info.get('positions') else 'rows'}")
     number = lambda value: "-" if value is None else f"{value:.3f}"  # noqa: E731
     print(f"targets      mean entropy {number(stats['mean_target_entropy_nats'])} nats "
           f"(max {stats['max_entropy_nats']:.3f}), mean top-1 probability {number(stats['mean_top1_probability'])}"

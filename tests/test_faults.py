@@ -2559,6 +2559,125 @@ def _(env, tmp_path, mp):
           r"for class-level caches only", [Absent(tmp_path / "v")])
 
 
+# --- attack: language models ---
+@fault("text: --seq-len above 2**24")
+def _(env, tmp_path, mp):
+  data = _text_file(tmp_path, "a.txt", b"some text")
+  return (student_main, _fit(env, "--dataset", data, "--seq-len", str(2**24 + 1), "--out", tmp_path / "r"), 2,
+          r"--seq-len 16777217: must be at most 16777216 \(2\*\*24: .*\); give a smaller --seq-len\.$",
+          [Absent(tmp_path / "r")])
+
+
+@fault("sample of a run whose tokenizer.json was damaged")
+def _(env, tmp_path, mp):
+  run = tmp_path / "lm"
+  shutil.copytree(env.run, run)  # A classifier run's files, its record made a language model's of a tokenizer file.
+  (tmp_path / "tokenizer.json").write_text("{broken")
+  config = json.loads((run / "config.json").read_text())
+  config["model"]["input_shape"] = config["resolved"]["model"]["input_shape"] = [2, 16]
+  config["resolved"]["dataset"]["text"] = {"seq_len": 16, "pack_seed": 0, "tokenizer": {
+      "kind": "tokenizers", "path": str(tmp_path / "tokenizer.json"), "sha256": "ab" * 32, "vocab_size": 300}}
+  (run / "config.json").write_text(json.dumps(config))
+  return (student_main, ["sample", run, "--prompt", "abc"], 2,
+          r"--tokenizer .*tokenizer\.json: the file changed since it was recorded \(SHA-256 [0-9a-f]{12}, recorded "
+          r"abababababab\); restore it", [run])
+
+
+@fault("fit --cache of token rows at another --seq-len")
+def _(env, tmp_path, mp):
+  cache = str(tmp_path / "c.zarr")
+  assert cache_main([str(a) for a in _token_build(tmp_path)]) in (0, None)
+  return (student_main, ["fit", "--cache", cache, "--model", "lm-tiny", "--seq-len", "16", "--pack-seed", "3",
+                         "--epochs", "1", "--no-progress", "--out", tmp_path / "r"], 2,
+          r"is not the data the cache .* was built from \(.*\)\. It was packed with other text options: --seq-len 16 "
+          r"\(the cache's: 8\), --pack-seed 3 \(the cache's: 0\); leave them out \(the cache's are used\)\.$",
+          [cache, Absent(tmp_path / "r")])
+
+
+@fault("fit of a language model with an image --eval-dataset")
+def _(env, tmp_path, mp):
+  data = _text_file(tmp_path, "a.txt", b"some text")
+  return (student_main, _fit(env, "--model", "lm-tiny", "--dataset", data, "--seq-len", "8", "--eval-dataset", "digits",
+                             "--out", tmp_path / "r"), 2,
+          r"--eval-dataset 'digits': the transfer set 'text:.*a\.txt' is text \(rows of tokens\); evaluate on held-out "
+          r"data of its kind \(--eval-dataset text:PATH --eval-split train\), or give --eval-split none\.$",
+          [Absent(tmp_path / "r")])
+
+
+@fault("eval of a classifier run on text")
+def _(env, tmp_path, mp):
+  data = _text_file(tmp_path, "a.txt", b"some text")
+  return (student_main, ["eval", env.run, "--dataset", data, "--split", "train"], 2,
+          r"run '.*run' is a classifier, not a language model: evaluate it on its own kind of data, not the text "
+          r"'text:.*a\.txt'\.$", [env.run])
+
+
+@fault("text: a .jsonl text field with a lone surrogate")
+def _(env, tmp_path, mp):
+  data = _text_file(tmp_path, "docs.jsonl", b'{"text": "fine"}\n{"text": "a\\ud800b"}\n')
+  return (student_main, _fit(env, "--model", "lm-tiny", "--dataset", data, "--seq-len", "4", "--out", tmp_path / "r"),
+          2, r"docs\.jsonl line 2: the 'text' field is not valid Unicode \(surrogates not allowed at character 1\)\.$",
+          [Absent(tmp_path / "r")])
+
+
+@fault("text: no document longer than one token")
+def _(env, tmp_path, mp):
+  data = _text_file(tmp_path, "docs.jsonl", b'{"text": "a"}\n{"text": "b"}\n')
+  return (student_main, _fit(env, "--model", "lm-tiny", "--dataset", data, "--seq-len", "4", "--out", tmp_path / "r"),
+          2, r"no position of its rows of 4 tokens has a next token of its document .*; give longer documents\.$",
+          [Absent(tmp_path / "r")])
+
+
+@pytest.mark.fast
+def test_running_out_of_host_memory_is_one_line(capsys):
+  """XLA's CPU client reports no RESOURCE_EXHAUSTED but "Out of memory allocating ..." (an INTERNAL error), NumPy a
+  MemoryError: both are the routine out-of-memory failure (a huge --seq-len), not a traceback."""
+  def xla_cpu():
+    raise RuntimeError("INTERNAL: Error dispatching computation: Out of memory allocating 2566784195392 bytes.\nmore")
+
+  def numpy_host():
+    raise MemoryError("Unable to allocate 745. GiB for an array with shape (99999999999,) and data type int64")
+  from shared.cli import run_or_exit
+  for failing in (xla_cpu, numpy_host):
+    with pytest.raises(SystemExit) as e:
+      run_or_exit("student-train", failing)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "error: out of memory (" in err and "--seq-len" in err, err
+
+
+def test_an_lm_run_whose_tokenizer_file_moved_is_evaluated_with_it_elsewhere(tmp_path, capsys):
+  """The data's fingerprint leaves out where the tokenizer file lies; so does `eval --tokenizer` of a run: the file
+  moved (same SHA-256) evaluates as before, and `sample`, which takes no --tokenizer, says where to restore it."""
+  tokenizers = pytest.importorskip("tokenizers")
+  tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
+  tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tokenizer.decoder = tokenizers.decoders.ByteLevel()
+  tokenizer.train_from_iterator(["the cat sat on the mat. " * 8], tokenizers.trainers.BpeTrainer(
+      vocab_size=270, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+  tokenizer.save(str(tmp_path / "tokenizer.json"))
+  (tmp_path / "a.txt").write_text("the cat sat on the mat. " * 20)
+  run = str(tmp_path / "run")
+  code, _, err = run_cli(student_main, [
+      "fit", "--model", "lm-tiny", "--dataset", f"text:{tmp_path / 'a.txt'}", "--tokenizer",
+      tmp_path / "tokenizer.json", "--seq-len", "16", "--epochs", "1", "--batch-size", "8", "--eval-split", "none",
+      "--no-progress", "--out", run],
+      capsys)
+  assert code in (0, None), err
+  evaluate = ["eval", run, "--dataset", f"text:{tmp_path / 'a.txt'}", "--json"]
+  code, before, err = run_cli(student_main, evaluate, capsys)
+  assert code in (0, None), err
+  os.rename(tmp_path / "tokenizer.json", tmp_path / "moved.json")
+  from shared.data.text import _load_tokenizer  # pylint: disable=import-outside-toplevel
+  _load_tokenizer.cache_clear()  # Each command is a process of its own: the file is read again.
+  code, _, err = run_cli(student_main, evaluate, capsys)
+  assert code == 2 and err.count("\n") == 1 and "tokenizer.json: cannot read it" in err, err
+  code, after, err = run_cli(student_main, [*evaluate, "--tokenizer", tmp_path / "moved.json"], capsys)
+  assert code in (0, None), err
+  assert json.loads(after)["perplexity"] == json.loads(before)["perplexity"]
+  code, _, err = run_cli(student_main, ["sample", run, "--prompt", "the"], capsys)
+  assert code == 2 and err.count("\n") == 1 and re.search(r"recorded with SHA-256 [0-9a-f]{12}: restore it there", err)
+
+
 @pytest.mark.parametrize("name", list(FAULTS))
 def test_fault_is_refused_cleanly(name, env, tmp_path, monkeypatch, capsys):
   _refused_cleanly(FAULTS[name](env, tmp_path, monkeypatch), env, monkeypatch, capsys)

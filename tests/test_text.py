@@ -372,3 +372,37 @@ def test_a_folder_on_s3_reads_as_its_local_copy(s3, tmp_path):
                    for where in (root, "s3://stillroom-test/text/corpus"))
   assert remote.fingerprint == local.fingerprint and len(remote) == len(local)
   np.testing.assert_array_equal(remote.read_all()[0], local.read_all()[0])
+
+
+@pytest.mark.fast
+def test_predicting_positions_counts_the_labels_of_the_packed_rows():
+  """`predicting_positions` (the open's check that some position has a next token) against the labels of the rows
+  packed and labelled by `pack_rows` and `next_token_labels`, documents of 1 to 5 tokens at several L."""
+  from shared.data.text import next_token_labels, pack_rows, predicting_positions
+  rng = np.random.default_rng(0)
+  for trial in range(200):
+    lengths = rng.integers(1, 6, rng.integers(1, 8))
+    starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    seq_len = int(rng.integers(2, 7))
+    stream = rng.integers(0, 256, int(starts[-1])).astype(np.uint8)
+    rows = pack_rows(stream, starts, np.arange(-(-len(stream) // seq_len)), seq_len)
+    expected = int((next_token_labels(rows) >= 0).sum())
+    assert predicting_positions(starts, seq_len) == expected, (trial, lengths, seq_len)
+
+
+@pytest.mark.fast
+def test_text_a_tokenizer_cannot_encode_is_refused_in_one_line(tmp_path):
+  """A WordLevel tokenizer without an unknown token raises on a word it lacks: one line, from `sample`'s prompt
+  (`encode`) and from the data's open (`encode_many`), not the library's exception."""
+  tokenizers = pytest.importorskip("tokenizers")
+  tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel({"def": 0, "x": 1}, unk_token=None))
+  tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  tokenizer.save(str(tmp_path / "words.json"))
+  options = TextOptions(seq_len=4, tokenizer_name=str(tmp_path / "words.json"))
+  assert options.tokenizer().encode("def x").tolist() == [0, 1]
+  with pytest.raises(StillroomError, match=r"words\.json: cannot encode the text \(.+\); use a tokenizer that") as e:
+    options.tokenizer().encode("def zzz")
+  assert "\n" not in str(e.value)
+  (tmp_path / "a.txt").write_text("def x def zzz")
+  with pytest.raises(StillroomError, match=r"cannot encode the text"):
+    open_transfer_set(f"text:{tmp_path / 'a.txt'}", text=options)

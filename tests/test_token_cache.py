@@ -5,6 +5,7 @@ and the students' per-token terms under the [B, L] masks."""
 
 import dataclasses
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -398,3 +399,13 @@ def test_a_language_model_student_distils_from_a_token_cache(sample_cache, tmp_p
   assert final == read_final(out) and final["phase"] == "distill"
   for name in ("loss", "hard_ce", "soft"):
     assert np.isfinite(final[name]) and final[name] > 0, final
+
+
+def test_info_of_a_token_cache_speaks_of_tokens_not_shifts(dense_cache, capsys):
+  """`teacher-cache info` of token rows: no shift or flip (a text set's one view is its rows as packed), and the
+  ensemble's accuracy over labelled tokens (the predicting positions), not rows."""
+  from teacher_cache.cli import main as cache_main
+  cache_main(["info", dense_cache])
+  out = capsys.readouterr().out
+  assert f"rows of {SEQ_LEN} tokens as packed)" in out and "max shift" not in out and "flip False" not in out, out
+  assert re.search(r"^ensemble .* on \d+ labelled tokens$", out, re.M), out

@@ -40,6 +40,8 @@ from shared.log import progress
 PREFIX = "text:"
 TEXT_EXTENSIONS = (".txt", ".md", ".py", ".jsonl")  # What a folder's listing keeps (.py: the text demo's sources).
 DEFAULT_SEQ_LEN = 256
+# A model gets a row's token and segment ids as float32, exact below 2**24; a segment id can reach L.
+MAX_SEQ_LEN = 1 << 24
 DEFAULT_TOKENIZER = "bytes"
 DEFAULT_PACK_SEED = 0
 BYTE_VOCAB = 256
@@ -152,10 +154,16 @@ class HfTokenizer(Tokenizer):
     return lengths
 
   def encode(self, text: str) -> np.ndarray:
-    return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
+    return self.encode_many([text])[0]
 
   def encode_many(self, texts: list[str]) -> list[np.ndarray]:
-    return [np.asarray(e.ids, np.int32) for e in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
+    try:
+      encoded = self._tokenizer.encode_batch(texts, add_special_tokens=False)
+    except Exception as e:  # pylint: disable=broad-exception-caught  # e.g. a WordLevel model without an [UNK] token.
+      what = (str(e).splitlines() or [type(e).__name__])[0]
+      raise StillroomError(f"--tokenizer {self.path}: cannot encode the text ({what}); use a tokenizer that covers "
+                           "every character (a byte-level one, or one with an unknown token).") from e
+    return [np.asarray(e.ids, np.int32) for e in encoded]
 
   def decode(self, ids) -> str:
     return self._tokenizer.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=False)
@@ -166,8 +174,9 @@ class HfTokenizer(Tokenizer):
 
 def tokenizer_key(identity: dict) -> dict:
   """What makes two tokenizers the same: an identity (`Tokenizer.identity`) without where its file lies (a copied or
-  moved tokenizer.json tokenizes the same); what the data's fingerprint and the comparison of runs' tokenizers use."""
-  return {k: v for k, v in identity.items() if k != "path"}
+  moved tokenizer.json tokenizes the same); what the data's fingerprint and the comparison of runs' tokenizers use
+  (anything but a dict, as a hand-edited record may hold: unchanged)."""
+  return {k: v for k, v in identity.items() if k != "path"} if isinstance(identity, dict) else identity
 
 
 @functools.lru_cache(maxsize=8)
@@ -175,12 +184,14 @@ def _load_tokenizer(path: str, expected_sha256: str | None) -> Tokenizer:
   try:
     content = storage.read_bytes(path)
   except OSError as e:
-    raise StillroomError(f"--tokenizer {path}: cannot read it ({e.strerror or e}).") from e
-  tokenizer = HfTokenizer(path, content)
-  if expected_sha256 is not None and tokenizer.sha256 != expected_sha256:
-    raise StillroomError(f"--tokenizer {path}: the file changed since it was recorded (SHA-256 {tokenizer.sha256[:12]}"
+    recorded = "" if expected_sha256 is None else f" (recorded with SHA-256 {expected_sha256[:12]}: restore it there)"
+    raise StillroomError(f"--tokenizer {path}: cannot read it ({e.strerror or e}){recorded}.") from e
+  sha256 = hashlib.sha256(content).hexdigest()
+  # Before parsing: a damaged file is a changed one, whose remedy is to restore it.
+  if expected_sha256 is not None and sha256 != expected_sha256:
+    raise StillroomError(f"--tokenizer {path}: the file changed since it was recorded (SHA-256 {sha256[:12]}"
                          f", recorded {expected_sha256[:12]}); restore it, or give the tokenizer the data used.")
-  return tokenizer
+  return HfTokenizer(path, content)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -204,6 +215,9 @@ class TextOptions:
   def __post_init__(self):
     if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, (int, np.integer)) or self.seq_len < 2:
       raise StillroomError(f"--seq-len {self.seq_len}: must be an integer >= 2 (a row of one token predicts nothing).")
+    if self.seq_len > MAX_SEQ_LEN:
+      raise StillroomError(f"--seq-len {self.seq_len}: must be at most {MAX_SEQ_LEN} (2**24: a model receives token "
+                           "and segment ids as float32, exact only below it); give a smaller --seq-len.")
     if not isinstance(self.tokenizer_name, str) or not self.tokenizer_name:
       raise StillroomError(f"--tokenizer {self.tokenizer_name!r}: give 'bytes' or the path of a tokenizer.json.")
     if self.tokenizer_name != DEFAULT_TOKENIZER and not storage.is_url(self.tokenizer_name):
@@ -231,6 +245,29 @@ class TextOptions:
       return cls(seq_len=d["seq_len"], tokenizer_name=tokenizer["path"],
                  pack_seed=d.get("pack_seed", DEFAULT_PACK_SEED), tokenizer_sha256=tokenizer.get("sha256"))
     return cls(seq_len=d["seq_len"], tokenizer_name=tokenizer, pack_seed=d.get("pack_seed", DEFAULT_PACK_SEED))
+
+
+def mismatch_hint(given: dict | None, recorded: dict | None) -> str:
+  """What to add to a refusal of text data that is not a cache's when it was packed with other options.
+
+  Args:
+    given, recorded: `TextOptions.to_dict` records (`DatasetSpec.text`) of the data given and of the cache's.
+
+  Returns:
+    "" when either is not text or the options agree, else a sentence naming each option that differs.
+  """
+  if not given or not recorded:
+    return ""
+  flags = {"seq_len": "--seq-len", "tokenizer": "--tokenizer", "pack_seed": "--pack-seed"}
+
+  def shown(record: dict, key: str):
+    value = record.get(key)
+    return value.get("path") or value.get("kind") if isinstance(value, dict) else value
+  differ = [f"{flag} {shown(given, key)} (the cache's: {shown(recorded, key)})" for key, flag in flags.items()
+            if tokenizer_key(given.get(key)) != tokenizer_key(recorded.get(key))]
+  if not differ:
+    return ""
+  return (f" It was packed with other text options: {', '.join(differ)}; leave them out (the cache's are used).")
 
 
 def pack_order(num_documents: int, seed: int) -> np.ndarray:
@@ -296,6 +333,11 @@ def documents_of(name: str, path: str, data: bytes) -> list[str]:
     if not isinstance(record, dict) or not isinstance(record.get("text"), str):
       raise StillroomError(f"dataset {name!r}: {path} line {number}: no string 'text' field; each line of a .jsonl "
                            "file must be an object with one, e.g. {\"text\": \"...\"}.")
+    try:
+      record["text"].encode("utf-8")  # JSON may escape a lone surrogate ("\\ud800"), which no encoder takes.
+    except UnicodeEncodeError as e:
+      raise StillroomError(f"dataset {name!r}: {path} line {number}: the 'text' field is not valid Unicode ({e.reason}"
+                           f" at character {e.start}).") from e
     if record["text"]:
       documents.append(record["text"])
   return documents
@@ -419,8 +461,23 @@ def open_source(name: str, split: str, data_dir: str | None,  # pylint: disable=
   order = pack_order(len(pieces), options.pack_seed)
   stream = np.concatenate([pieces[i] for i in order])
   starts = np.concatenate([[0], np.cumsum(np.asarray(lengths, np.int64)[order])]).astype(np.int64)
+  if not predicting_positions(starts, options.seq_len):
+    raise StillroomError(f"dataset {name!r}: no position of its rows of {options.seq_len} tokens has a next token of "
+                         "its document (each document piece is one token long); give longer documents.")
   source = TextSource(name, options, stream, starts, digest.hexdigest(), len(files))
   return OpenedSource(source, {"train": len(source)}, tokenizer.vocab_size)
+
+
+def predicting_positions(starts: np.ndarray, seq_len: int) -> int:
+  """How many positions of the packed rows have a label (`next_token_labels` >= 0), without packing them: stream
+  position p predicts unless p + 1 is the stream's end, a document's start or a row's start.
+
+  Args:
+    starts: int64 [D + 1], the documents' offsets in the packed stream (0, ..., the token count).
+    seq_len: L.
+  """
+  total, inner = int(starts[-1]), np.asarray(starts[1:-1], np.int64)
+  return total - 1 - len(inner) - (total - 1) // seq_len + int(np.count_nonzero(inner % seq_len == 0))
 
 
 def check_views(config, dataset) -> None:
