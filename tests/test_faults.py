@@ -670,7 +670,8 @@ def _(env, tmp_path, mp):
 def _(env, tmp_path, mp):
   mp.chdir(env.root)
   return (cache_main, _build(env, tmp_path / "c.zarr", teachers=["bad_teachers:ignores_batch"]), 2,
-          r"must return logits of shape \[batch, classes\]; for a batch of 64 it returned \(1, 10\)",
+          r"must return logits of shape \[batch, classes\]; for a batch of 64 of inputs \(8, 8, 1\) "
+          r"it returned \(1, 10\)",
           [Absent(tmp_path / "c.zarr")])
 
 
@@ -678,7 +679,8 @@ def _(env, tmp_path, mp):
 def _(env, tmp_path, mp):
   mp.chdir(env.root)
   return (cache_main, _build(env, tmp_path / "c.zarr", teachers=["bad_teachers:one_dimensional"]), 2,
-          r"must return logits of shape \[batch, classes\]; for a batch of 64 it returned \(64,\)",
+          r"must return logits of shape \[batch, classes\]; for a batch of 64 of inputs \(8, 8, 1\) "
+          r"it returned \(64,\)",
           [Absent(tmp_path / "c.zarr")])
 
 

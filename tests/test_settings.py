@@ -104,7 +104,8 @@ _ANY = None
 PACKAGES = {"student_train": ("student-train", ("fit",)), "teacher_cache": ("teacher-cache", ("build",)),
             "stillroom": ("student-train", ("demo",)), "shared": (_ANY, _ANY)}
 MODULES = {"student_train/sweep.py": ("sweep", "fit"), "student_train/evaluate.py": ("eval", "fit"),
-           "student_train/export.py": ("export",), "student_train/cli.py": _ANY, "student_train/__main__.py": _ANY,
+           "student_train/export.py": ("export",), "student_train/sample.py": ("sample",), "student_train/cli.py": _ANY,
+           "student_train/__main__.py": _ANY,
            "teacher_cache/external.py": ("views", "import", "build"), "teacher_cache/verify.py": ("verify",),
            "teacher_cache/info.py": ("info",), "teacher_cache/specialists.py": ("specialists", "build"),
            "teacher_cache/extend.py": ("extend", "build"),
