@@ -390,11 +390,12 @@ def test_an_interrupted_token_build_resumes_to_the_uninterrupted_store(tmp_path,
 
 
 def test_a_language_model_student_distils_from_a_token_cache(sample_cache, tmp_path):
-  """lm-tiny trains a few steps by the sampled KL per token and α·CE (every logit term's per-token value under the
-  masks is `test_every_logit_term_distils_per_token_under_the_masks`'s), its losses finite."""
+  """A test-size LM (`lm_teachers:tiny_lm`) trains a few steps by the sampled KL per token and α·CE (every logit
+  term's per-token value under the masks is `test_every_logit_term_distils_per_token_under_the_masks`'s), its losses
+  finite."""
   out = str(tmp_path / "run")
-  final = fit(FitConfig(model="lm-tiny", cache=sample_cache, loss="kl", alpha=0.5, epochs=2, batch_size=4, lr=1e-3,
-                        out=out, progress=False))
+  final = fit(FitConfig(model="lm_teachers:tiny_lm", cache=sample_cache, loss="kl", alpha=0.5, epochs=2,
+                        batch_size=4, lr=1e-3, out=out, progress=False))
   assert final == read_final(out) and final["phase"] == "distill"
   for name in ("loss", "hard_ce", "soft"):
     assert np.isfinite(final[name]) and final[name] > 0, final
