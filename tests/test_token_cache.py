@@ -98,6 +98,20 @@ def test_a_token_spec_is_schema_8_with_positions_after_the_rows_and_class_level_
   assert "positions" not in flat.to_attrs() and "positions" not in flat.build_key() and flat.schema_version == 6
   assert {a.name: a.shape for a in flat.arrays}["member_logits"] == (8, 2, V)
   assert any("positions: 12 (store) vs 0 (command)" == m for m in spec.mismatches(flat))
+  # Class ids: a token cache's uint16 up to V = 65,536 (then int32); a class-level cache's int16 up to C = 32,768,
+  # as older stores were written.
+  assert spec.array("target_ids").dtype == "uint16" and flat.array("target_ids").dtype == "int16"
+  for classes, token_dtype, class_dtype in ((V, "uint16", "int16"), (32_768, "uint16", "int16"),
+                                            (32_769, "uint16", "int32"), (65_536, "uint16", "int32"),
+                                            (65_537, "int32", "int32")):
+    for base, dtype in ((spec, token_dtype), (flat, class_dtype)):
+      wide = dataclasses.replace(base, num_classes=classes, arrays=(),
+                                 dataset=dataclasses.replace(base.dataset, num_classes=classes))
+      assert wide.array("target_ids").dtype == dtype, (classes, base.positions)
+  # A 50k BPE vocabulary's topk:64 in float16: 64 · (2 + 2) + 4 bytes of targets per token (`info`'s figure).
+  bpe = dataclasses.replace(spec, num_classes=50_257, targets="topk:64", member_logits=False, dtype="float16",
+                            arrays=(), dataset=dataclasses.replace(spec.dataset, num_classes=50_257))
+  assert sum(bpe.array(name).row_bytes / L for name in bpe.target_arrays) == 64 * (2 + 2) + 4 == 260
   with pytest.raises(StillroomError, match="schema 8"):
     dataclasses.replace(spec, schema_version=6)
   with pytest.raises(StillroomError, match="one view"):
@@ -331,6 +345,10 @@ def test_sampled_token_targets_pass_verify_and_a_damaged_chunk_fails_it(sample_c
   assert all(c.ok for c in checks), [c for c in checks if not c.ok]
   rows = _all_rows(sample_cache, ["target_counts", "labels", "target_ids"])
   assert (rows["target_counts"].sum(-1) == 8).all()
+  # Byte ids stored as uint16, read back as drawn: each position's ids distinct, then padding (id 0, count 0).
+  assert rows["target_ids"].dtype == np.uint16 and rows["target_ids"].max() < 256
+  drawn = rows["target_counts"] > 0
+  assert (np.where(drawn, 0, rows["target_ids"]) == 0).all()
   damaged = str(tmp_path / "damaged.zarr")
   shutil.copytree(sample_cache, damaged)
   chunk = os.path.join(damaged, "target_counts", "c", "1", "0", "0")
