@@ -417,3 +417,46 @@ def test_a_language_model_student_distils_from_a_token_cache(sample_cache, tmp_p
   assert final == read_final(out) and final["phase"] == "distill"
   for name in ("loss", "hard_ce", "soft"):
     assert np.isfinite(final[name]) and final[name] > 0, final
+
+
+def _row_bytes(spec) -> int:
+  """The bytes per row of the transfer rows' arrays (all but the chunks' commit flags), from their shapes."""
+  return sum(int(np.prod(a.shape[1:])) * np.dtype(a.dtype).itemsize for a in spec.arrays
+             if a.shape[0] == spec.num_rows and a.name != "chunk_committed")
+
+
+@pytest.mark.fast
+def test_the_default_chunk_of_token_rows_holds_64_mib_at_most_4096_rows_at_least_one():
+  # L = 256, V = 256, dense float16 targets and 2 members' logits: 4096 rows would be ~1.6 GB a chunk.
+  spec = token_spec("dense", members=2, positions=256, dtype="float16", member_logits=True)
+  spec = dataclasses.replace(spec, num_classes=256, arrays=(), dataset=dataclasses.replace(spec.dataset,
+                                                                                          num_classes=256))
+  # targets, member_logits, labels (int32); index, view, fold, shift, flip.
+  per_row = 256 * 256 * 2 + 256 * 2 * 256 * 2 + 256 * 4 + 8 + 4 + 4 + 2 + 1
+  assert _row_bytes(spec) == per_row and 4096 * per_row > 1.6e9
+  assert build_module.token_chunk_rows(spec) == 64 * 2 ** 20 // per_row == 170
+  tiny = token_spec("sample:2", positions=1)  # A few bytes a row: 64 MiB would be millions of rows.
+  assert build_module.token_chunk_rows(tiny) == 4096
+  huge = token_spec("dense", members=2, positions=4096, dtype="float16", member_logits=True)
+  huge = dataclasses.replace(huge, num_classes=2 ** 16, arrays=(), dataset=dataclasses.replace(
+      huge.dataset, num_classes=2 ** 16))  # 1.6 GB a row.
+  assert _row_bytes(huge) > 64 * 2 ** 20 and build_module.token_chunk_rows(huge) == 1
+
+
+def test_a_token_build_without_chunk_rows_takes_chunks_of_64_mib_and_one_given_keeps_its_own(text_dir, tmp_path,
+                                                                                          monkeypatch):
+  """The build resolves the default after opening the data and teachers (planned only: nothing is written)."""
+  planned = []
+
+  def stop(config, spec, disk=True):
+    planned.append((config, spec))
+    raise KeyboardInterrupt
+  monkeypatch.setattr(build_module, "check_limits", stop)
+  for chunk_rows in (None, 3):
+    with pytest.raises(KeyboardInterrupt):
+      build_cache(dataclasses.replace(token_build(text_dir, tmp_path / "c.zarr"), chunk_rows=chunk_rows))
+  (default_config, default), (given_config, given) = planned
+  assert default.chunk_rows == default_config.chunk_rows == min(4096, 64 * 2 ** 20 // _row_bytes(default)) > 1000
+  assert {a.name: a.chunks[0] for a in default.arrays}["targets"] == default.chunk_rows
+  assert given.chunk_rows == given_config.chunk_rows == 3 and given_config.batch_size == 3
+  assert not os.path.exists(tmp_path / "c.zarr")
