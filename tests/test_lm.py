@@ -116,52 +116,6 @@ def pattern_rows(count: int, length: int = L, period: int = 3, seed: int = 0) ->
   return x
 
 
-def train_lm(steps: int, batch: int = 8, lr: float = 1e-2):
-  """A tiny LM trained on pattern rows through the one step (hard labels): `(graphdef, states, losses, metrics of
-  the last step, the last batch)`."""
-  import optax
-  from shared.data import Normalization
-  from shared.parallel import data_mesh
-  from student_train.steps import Hypers, group_switches, make_train_step, stack_hypers, stack_states
-
-  model = lm_test_model(depth=1)  # One block learns the pattern; each more costs compile time.
-  graphdef, state = nnx.split((model, nnx.Optimizer(model, optax.adam(lr), wrt=nnx.Param)))
-  states = stack_states([state])
-  hypers = stack_hypers([Hypers(member_weights=np.ones(1, np.float32))], [0])
-  step = make_train_step(graphdef, Normalization(), data_mesh(), group_switches(hypers))
-  losses = []
-  for i in range(steps):
-    x = pattern_rows(batch, seed=i)
-    labels = next_token_labels(x)
-    mask = np.ones(batch, np.float32)
-    mask[-1] = 0  # A padding row of the epoch: left out of every mean.
-    data = {"x": x, "labels": labels, "mask": mask}
-    states, metrics = step(states, data, hypers)
-    losses.append(float(metrics["loss"][0]))
-  return graphdef, states, losses, metrics, data
-
-
-@pytest.fixture(scope="module")
-def trained():
-  return train_lm(40)
-
-
-def test_a_tiny_lm_learns_a_repeating_text_and_its_metrics_are_per_token(trained):
-  from shared.data import Normalization
-  from shared.parallel import data_mesh
-  from student_train.steps import make_predict
-
-  graphdef, states, losses, metrics, data = trained
-  assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
-  # The step counts tokens: the predicting positions of the real rows.
-  keep = (data["labels"] >= 0) & (data["mask"][:, None] > 0)
-  assert int(metrics["rows"][0]) == keep.sum()
-  log_probs = np.asarray(make_predict(graphdef, Normalization(), data_mesh())(states, data["x"]))
-  assert log_probs.shape == (1, *data["labels"].shape, V)
-  accuracy = (log_probs[0].argmax(-1) == data["labels"])[keep].mean()
-  assert accuracy > 0.9 and float(metrics["train_accuracy"][0]) > 0.8
-
-
 @pytest.mark.fast
 def test_eval_figures_equal_numpys():
   from student_train.evaluate import concatenate_positions, language_model_metrics, predicted_positions
@@ -242,6 +196,11 @@ def test_fit_eval_and_sample_of_an_lm_run(lm_run, capsys):
   run, held = str(lm_run / "run"), f"text:{lm_run / 'held.jsonl'}"
   lines = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
   assert "tokens" in lines[-1] and "rows" not in lines[-1] and lines[-1]["train_accuracy"] > 0.9
+  assert lines[-1]["loss"] < 0.5 * lines[0]["loss"]  # It learns the repeating text.
+  # The step counts tokens: the predicting positions of the real rows (the epoch's last batch is padded with rows
+  # that count none).
+  train = open_transfer_set(f"text:{lm_run / 'abc.txt'}", text=TextOptions(seq_len=16))
+  assert len(train) % 16 and all(line["tokens"] == (train.read(np.arange(len(train)))[1] >= 0).sum() for line in lines)
   code, out, err = run_cli(student_main, ["eval", run, run, "--dataset", held, "--teacher", run, "--json"], capsys)
   assert code == 0, err
   got = json.loads(out)
