@@ -90,8 +90,9 @@ def step_times(model: str, size: dict) -> dict:
           f"topk:{size['k']}": (stored_arrays(f"topk:{size['k']}", logits, length, batch), ALPHA),
           f"sample:{size['draws']}": (stored_arrays(f"sample:{size['draws']}", logits, length, batch), ALPHA)}
   runs, sharding = {}, batch_sharding(mesh)
+  student_graphdef, student_state = nnx.split(student)
   for name, (teacher_arrays, alpha) in arms.items():
-    model_copy = build_model(spec, seed=0)
+    model_copy = nnx.merge(student_graphdef, student_state)  # Each arm's own copy of the one initialisation.
     optimizer = nnx.Optimizer(model_copy, optax.adamw(1e-3), wrt=nnx.Param)
     graphdef, state = nnx.split((model_copy, optimizer))
     hypers = stack_hypers([Hypers(member_weights=np.ones(1, np.float32), alpha=np.float32(alpha),
@@ -124,7 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
   """Times the arms; prints and writes the result."""
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--smoke", action="store_true", help="a tiny size: checks that it runs; the figures mean nothing")
-  parser.add_argument("--model", default="lm-tiny", help="the student, a registry language model")
+  parser.add_argument("--model", default="lm-tiny", help="the student: a registry language model, or "
+                      "`module:function` for your own")
   for name in ("batch", "seq_len", "steps", "repeats", "k", "draws"):
     parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
                         help=f"default {SIZES['full'][name]} ({SIZES['smoke'][name]} with --smoke)")

@@ -38,7 +38,7 @@ from flax import nnx
 
 from shared.architectures.mobilenet import MobileNetV2
 from shared.architectures.resnet import CifarResNet, ImageNetResNet
-from shared.architectures.transformer import TransformerLM
+from shared.architectures.transformer import TransformerLM, is_token_rows
 from shared.architectures.vit import VisionTransformer
 from shared.errors import StillroomError
 from shared.precision import COMPUTE_DTYPES  # What `ModelSpec.dtype` may be.
@@ -186,13 +186,6 @@ def _language_model(**settings):
     except StillroomError as e:
       raise StillroomError(f"model {spec.name!r} {e}") from e
   return make
-
-
-def is_token_rows(input_shape) -> bool:
-  """Whether one example's shape is a packed row of tokens, (2, L) (token ids and segment ids: a text transfer
-  set's examples), whose models return logits per position [L, C]."""
-  shape = tuple(input_shape)
-  return len(shape) == 2 and shape[0] == 2
 
 
 def _cnn(stages, dense):

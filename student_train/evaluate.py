@@ -156,11 +156,8 @@ def plan_byte_lengths(plan: RunPlan) -> np.ndarray | None:
 def eval_line(log_probs: np.ndarray, plan: RunPlan, teacher_top1: np.ndarray | None) -> dict:
   """The `eval_*` entries of an epoch's metrics line for one student's log-probabilities [N, C]: accuracy, nll and
   ece only on a labeled eval set (absent, not 0, on an unlabeled one), the count, and the agreement with the
-  teachers' ensemble where the cache stores its logits on the eval set. For a language model's [N, L, V] they are
-  per predicted token (`language_model_metrics`: perplexity, nll, accuracy, ece, tokens, the teacher agreement)."""
-  if plan.eval_set.labeled and np.ndim(plan.eval_set.labels) == 2:  # Token rows: labels [N, L].
-    parts = predicted_positions(log_probs, plan.eval_set.labels, teacher_top1)
-    return {f"eval_{k}": v for k, v in language_model_metrics(parts, plan_byte_lengths(plan)).items()}
+  teachers' ensemble where the cache stores its logits on the eval set. (A language model's eval set, labels
+  [N, L], is reduced per predicted token by `eval_lines` instead.)"""
   if plan.eval_set.labeled:
     line = {f"eval_{k}": v for k, v in classification_metrics(log_probs, plan.eval_set.labels).items()}
   else:
@@ -181,7 +178,7 @@ def eval_lines(predict, states, render: BatchRenderer, batch_size: int, mesh, gr
     teacher_top1: per student, the cached teachers' top-1 on the eval set, or None (`cached_teacher_top1`).
   """
   eval_set = group[0].eval_set
-  if not (eval_set.labeled and np.ndim(eval_set.labels) == 2):
+  if not (eval_set.labeled and np.ndim(eval_set.labels) == 2):  # Not token rows (labels [N, L]).
     log_probs = predict_log_probs(predict, states, render, batch_size, mesh)
     return [eval_line(log_probs[k], plan, teacher_top1[k]) for k, plan in enumerate(group)]
   labels = eval_set.labels

@@ -54,6 +54,7 @@ from shared.workers import BatchRenderer, resolve_workers
 
 
 DEFAULT_CHUNK_ROWS = 4096
+TOKEN_CHUNK_MIB = 64  # The default chunk of token rows holds about this many MiB (`token_chunk_rows`).
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -102,7 +103,9 @@ class BuildConfig(DataSettings, ViewSettings, ComputeSettings, JobSettings, Outp
   chunk_rows: int | None = setting(None, f"rows per Zarr chunk: the unit of writing, resuming and reading; a "
                                          f"multiple of --views (when more), so that a chunk holds whole examples "
                                          f"and the build decodes each image once (default: {DEFAULT_CHUNK_ROWS} "
-                                         f"rounded down to a multiple of --views)", metavar="N",
+                                         f"rounded down to a multiple of --views; for token rows, text: data, "
+                                         f"as many rows as {TOKEN_CHUNK_MIB} MiB of the cache's arrays hold, at most "
+                                         f"{DEFAULT_CHUNK_ROWS}, at least 1)", metavar="N",
                             group="run", commands=(BUILD, VIEWS, IMPORT, EXTEND, *DERIVE),
                             helps={VIEWS: ("rows per views_*.npz file, a multiple of --views", None),
                                    EXTEND: ("rows per Zarr chunk of the extended cache, a multiple of its views "
@@ -126,7 +129,8 @@ class BuildConfig(DataSettings, ViewSettings, ComputeSettings, JobSettings, Outp
 
 def resolve_defaults(config: BuildConfig) -> BuildConfig:
   """The config with the dataset and split a build reads when none is given, and the default chunk rows rounded
-  down to a multiple of `--views` (`check_settings` refuses other chunk rows above `--views` that are not one)."""
+  down to a multiple of `--views` (`check_settings` refuses other chunk rows above `--views` that are not one); a
+  build of token rows sizes its default chunk by bytes once the data is opened (`token_chunk_rows`)."""
   config = dataclasses.replace(config, dataset=resolve_dataset(config.dataset), split=config.split or DEFAULT_SPLIT)
   if config.chunk_rows is None:  # Only the default is rounded: a --chunk-rows given is checked (`check_settings`).
     config = dataclasses.replace(config, chunk_rows=default_chunk_rows(config.views))
@@ -141,6 +145,19 @@ def default_chunk_rows(views) -> int:
   if isinstance(views, int) and 1 <= views < DEFAULT_CHUNK_ROWS:
     return DEFAULT_CHUNK_ROWS // views * views
   return DEFAULT_CHUNK_ROWS
+
+
+def token_chunk_rows(spec: CacheSpec) -> int:
+  """The default chunk rows of a cache of token rows (`spec.positions` L > 0), sized by bytes rather than rows: as many
+  rows as `TOKEN_CHUNK_MIB` (64 MiB) holds of the arrays of a row set (every array but the bookkeeping ones, the
+  larger per row of the transfer and the eval rows'), at most `DEFAULT_CHUNK_ROWS`, at least 1. A token row holds L
+  positions' targets and logits: 4096 rows at L = 256 of dense targets over V = 256 and 2 members' logits in float16
+  would be about 1.6 GB a chunk, and the build and the student's shuffle window hold several at once; sized by bytes
+  the chunk is about 64 MiB, what a class-level default chunk of 4096 rows of a 1000-class ensemble's dense targets
+  and logits holds (4096 · 1000 · 2 bytes · (1 + 2 members) ≈ 25 MB) within a small factor."""
+  per_row = max(sum(a.row_bytes for a in spec.arrays if a.role != "bookkeeping" and layout_of(a.name).row_set == rows)
+                for rows in (ROWS, EVAL_ROWS))
+  return max(1, min(DEFAULT_CHUNK_ROWS, TOKEN_CHUNK_MIB * 2 ** 20 // max(per_row, 1)))
 
 
 def kept_chunk_rows(given: int | None, source: int, views: int) -> int:
@@ -579,9 +596,10 @@ def make_spec(config: BuildConfig, transfer_set: TransferSet, eval_set: Transfer
       target_tolerance(config.compute_dtype, config.temperature))
 
 
-def _plan(config: BuildConfig) -> tuple:
+def _plan(config: BuildConfig, chunk_rows_given: bool = True) -> tuple:
   """What a build computes, from its settings: `(config with the batch size capped to a chunk, mesh, transfer set,
-  eval set or None, teachers, spec)`.
+  eval set or None, teachers, spec)`. Without `chunk_rows_given` (no --chunk-rows), a cache of token rows takes
+  `token_chunk_rows` of its spec, known once the data and teachers are opened, in the config and the spec.
 
   Raises:
     StillroomError: bad settings, data or teachers.
@@ -616,6 +634,12 @@ def _plan(config: BuildConfig) -> tuple:
   features = _feature_specs(config.features, teachers, input_shape) if config.features is not None else ()
   spec = make_spec(config, transfer_set, eval_set, augmentation, members, num_classes, tuple(specialist_specs),
                    features)
+  if positions and not chunk_rows_given and token_chunk_rows(spec) != spec.chunk_rows:
+    rows = token_chunk_rows(spec)
+    _LOG.info(f"chunks of {rows:,} token rows: about {TOKEN_CHUNK_MIB} MiB each (--chunk-rows sets them)")
+    config = dataclasses.replace(config, chunk_rows=rows,
+                                 batch_size=cap_batch(config.batch_size, rows, mesh.devices.size))
+    spec = dataclasses.replace(spec, chunk_rows=rows, arrays=())  # The arrays' chunks derived again.
   if features:
     feature_bytes = sum(a.row_bytes for a in spec.arrays if a.role == "feature")
     teacher_bytes = sum(a.row_bytes for a in spec.arrays if a.role == "teacher")
@@ -777,6 +801,7 @@ def build_cache(config: BuildConfig) -> str:
     StillroomError: bad settings, data or teachers; an existing store with other settings; non-finite teacher
       outputs (naming the member and example index; the store is left incomplete).
   """
+  chunk_rows_given = config.chunk_rows is not None  # Else token rows take `token_chunk_rows` (`_plan`).
   config = resolve_defaults(config)
   check_settings(config)
   if not config.teachers:
@@ -794,7 +819,7 @@ def build_cache(config: BuildConfig) -> str:
         # A complete store on a read-only mount is only read: confirmed without the lock.
         lock.enter_context(OutputLock(config.out, "teacher-cache build",
                                       lambda: not config.overwrite and is_store(config.out, complete=True)))
-      planned = _plan(config)  # (config, ..., spec)
+      planned = _plan(config, chunk_rows_given)  # (config, ..., spec)
       check_limits(planned[0], planned[-1], disk=is_process_0)  # Each process holds its chunks; process 0 creates.
       return planned
 

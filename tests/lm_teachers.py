@@ -1,4 +1,5 @@
-"""Tiny `module:function` language-model teachers for the token-cache tests (`tests/test_token_cache.py`).
+"""Tiny `module:function` language-model teachers for the token-cache tests (`tests/test_token_cache.py`), and a
+test-size language-model student (`tiny_lm`) for the tests that run `student-train fit/eval/sample` of an LM.
 
 A peeking teacher is allowed to see the next token: at position j it puts a large logit on x[0, j + 1] when that
 token is in the same document (x[1, j + 1] == x[1, j] != 0), and a flat distribution elsewhere. A cache whose
@@ -63,3 +64,11 @@ def token_rows(count: int, length: int, seed: int = 0) -> np.ndarray:
       rows[r, 1, start:start + size] = segment
       start, segment = start + size, segment + 1
   return rows
+
+
+def tiny_lm(input_shape, num_classes, rngs):
+  """A `module:function` model factory: a test-size `TransformerLM` (width 16, 1 block, 2 heads, no dropout), the
+  registry's `lm-*` architecture at a size a unit test trains in seconds."""
+  from shared.architectures.transformer import TransformerLM
+  return TransformerLM(input_shape, num_classes, width=16, depth=1, heads=2, dropout=0.0, dtype=jnp.float32,
+                       rngs=rngs)

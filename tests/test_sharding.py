@@ -92,6 +92,38 @@ SCRIPT = textwrap.dedent(f"""
     for arrays in (unmeasured["place_teachers"]([SimpleNamespace(name="odd", params=odd)], data_mesh(), "fsdp")[0][0],
                    unmeasured["place_states"]({{"w": np.zeros((4, 10), np.float32)}}, data_mesh(True), "fsdp")[0]):
       assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(arrays))
+    """) + textwrap.dedent("""
+    # A language model (`lm_teachers.tiny_lm`: every weight has an axis divisible by 4 at V = 32) on token batches
+    # [B, 2, L] with labels [B, L]: three steps of the trainer's step placed replicated, then fsdp.
+    import optax
+    from flax import nnx
+    sys.path.insert(0, os.path.join(os.environ["PYTHONPATH"], "tests"))
+    from lm_teachers import tiny_lm, token_rows
+    from shared.data import Normalization
+    from shared.data.text import next_token_labels
+    from shared.parallel import bytes_per_device
+    from student_train.steps import Hypers, group_switches, make_train_step, stack_hypers, stack_states
+
+    mesh = data_mesh(True)
+    model = tiny_lm((2, 8), 32, nnx.Rngs(0))
+    graphdef, state = nnx.split((model, nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)))
+    hypers = stack_hypers([Hypers(member_weights=np.ones(1, np.float32))], [0])
+    x = token_rows(8, 8).astype(np.float32)
+    batch = {"x": x, "labels": next_token_labels(x), "mask": np.ones(8, np.float32)}
+    lm = {}
+    for how in ("replicated", "fsdp"):
+      states, shardings = unmeasured["place_states"](stack_states([state]), mesh, how, log=False)
+      step = make_train_step(graphdef, Normalization(), mesh, group_switches(hypers), state_shardings=shardings)
+      losses = []
+      for _ in range(3):
+        states, metrics = step(states, batch, hypers)
+        losses.append(float(metrics["loss"][0]))
+      whole, held = bytes_per_device(states)
+      lm[how] = {"losses": losses, "held_over_whole": held / whole}
+      leaves = [np.asarray(leaf) for leaf in jax.tree.leaves(states)
+                if jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating)]
+      np.savez(os.path.join(root, "lm_" + how + ".npz"), *leaves)
+    json.dump(lm, open(os.path.join(root, "lm.json"), "w"))
     """)
 
 
@@ -99,7 +131,8 @@ SCRIPT = textwrap.dedent(f"""
 def sharded(tmp_path_factory, data_dir, teachers) -> str:
   """The subprocess's outputs: stores `replicated.zarr` and `fsdp.zarr` of a cnn-small and a resnet8 (BatchNorm
   statistics among its weights) teacher; runs `run_replicated` and `run_fsdp`; `resumed_fsdp` and
-  `resumed_replicated`; and `placed.json`, what each placement put on the devices."""
+  `resumed_replicated`; `placed.json`, what each placement put on the devices; and `lm.json`, `lm_replicated.npz`,
+  `lm_fsdp.npz`: a test-size language model's losses and weights after three steps placed each way."""
   root = tmp_path_factory.mktemp("sharded")
   resnet = make_teacher(root / "resnet8", model="resnet8", seed=3)
   build = ["build", "--dataset", "digits", "--split", "train[:192]", "--data-dir", data_dir, "--views", "2",
@@ -225,3 +258,15 @@ def test_an_fsdp_run_is_a_teacher_evaluated_on_one_device(sharded, data_dir, cap
     result, last = json.loads(out), _metrics(run)[-1]
     assert result["accuracy"] == pytest.approx(last["eval_accuracy"], abs=1e-9)
     assert result["nll"] == pytest.approx(last["eval_nll"], rel=1e-5)
+
+
+def test_fsdp_splits_a_language_models_weights_over_devices_and_trains_as_replicated(sharded):
+  """`--param-sharding fsdp` of a transformer LM on token rows: each weight split over the 4 devices (about a quarter
+  of the state on each), three steps equal to the replicated ones within float rounding."""
+  lm = json.load(open(os.path.join(sharded, "lm.json")))
+  np.testing.assert_allclose(lm["fsdp"]["losses"], lm["replicated"]["losses"], rtol=1e-5)
+  assert lm["replicated"]["held_over_whole"] == 1.0 and lm["fsdp"]["held_over_whole"] < 0.3, lm
+  replicated, fsdp = (np.load(os.path.join(sharded, f"lm_{how}.npz")) for how in ("replicated", "fsdp"))
+  assert len(replicated.files) == len(fsdp.files) > 5
+  for name in replicated.files:
+    np.testing.assert_allclose(fsdp[name], replicated[name], rtol=1e-4, atol=1e-6)

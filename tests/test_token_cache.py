@@ -99,6 +99,20 @@ def test_a_token_spec_is_schema_8_with_positions_after_the_rows_and_class_level_
   assert "positions" not in flat.to_attrs() and "positions" not in flat.build_key() and flat.schema_version == 6
   assert {a.name: a.shape for a in flat.arrays}["member_logits"] == (8, 2, V)
   assert any("positions: 12 (store) vs 0 (command)" == m for m in spec.mismatches(flat))
+  # Class ids: a token cache's uint16 up to V = 65,536 (then int32); a class-level cache's int16 up to C = 32,768,
+  # as older stores were written.
+  assert spec.array("target_ids").dtype == "uint16" and flat.array("target_ids").dtype == "int16"
+  for classes, token_dtype, class_dtype in ((V, "uint16", "int16"), (32_768, "uint16", "int16"),
+                                            (32_769, "uint16", "int32"), (65_536, "uint16", "int32"),
+                                            (65_537, "int32", "int32")):
+    for base, dtype in ((spec, token_dtype), (flat, class_dtype)):
+      wide = dataclasses.replace(base, num_classes=classes, arrays=(),
+                                 dataset=dataclasses.replace(base.dataset, num_classes=classes))
+      assert wide.array("target_ids").dtype == dtype, (classes, base.positions)
+  # A 50k BPE vocabulary's topk:64 in float16: 64 · (2 + 2) + 4 bytes of targets per token (`info`'s figure).
+  bpe = dataclasses.replace(spec, num_classes=50_257, targets="topk:64", member_logits=False, dtype="float16",
+                            arrays=(), dataset=dataclasses.replace(spec.dataset, num_classes=50_257))
+  assert sum(bpe.array(name).row_bytes / L for name in bpe.target_arrays) == 64 * (2 + 2) + 4 == 260
   with pytest.raises(StillroomError, match="schema 8"):
     dataclasses.replace(spec, schema_version=6)
   with pytest.raises(StillroomError, match="one view"):
@@ -332,6 +346,10 @@ def test_sampled_token_targets_pass_verify_and_a_damaged_chunk_fails_it(sample_c
   assert all(c.ok for c in checks), [c for c in checks if not c.ok]
   rows = _all_rows(sample_cache, ["target_counts", "labels", "target_ids"])
   assert (rows["target_counts"].sum(-1) == 8).all()
+  # Byte ids stored as uint16, read back as drawn: each position's ids distinct, then padding (id 0, count 0).
+  assert rows["target_ids"].dtype == np.uint16 and rows["target_ids"].max() < 256
+  drawn = rows["target_counts"] > 0
+  assert (np.where(drawn, 0, rows["target_ids"]) == 0).all()
   damaged = str(tmp_path / "damaged.zarr")
   shutil.copytree(sample_cache, damaged)
   chunk = os.path.join(damaged, "target_counts", "c", "1", "0", "0")
@@ -391,11 +409,12 @@ def test_an_interrupted_token_build_resumes_to_the_uninterrupted_store(tmp_path,
 
 
 def test_a_language_model_student_distils_from_a_token_cache(sample_cache, tmp_path):
-  """lm-tiny trains a few steps by the sampled KL per token and α·CE (every logit term's per-token value under the
-  masks is `test_every_logit_term_distils_per_token_under_the_masks`'s), its losses finite."""
+  """A test-size LM (`lm_teachers:tiny_lm`) trains a few steps by the sampled KL per token and α·CE (every logit
+  term's per-token value under the masks is `test_every_logit_term_distils_per_token_under_the_masks`'s), its losses
+  finite."""
   out = str(tmp_path / "run")
-  final = fit(FitConfig(model="lm-tiny", cache=sample_cache, loss="kl", alpha=0.5, epochs=2, batch_size=4, lr=1e-3,
-                        out=out, progress=False))
+  final = fit(FitConfig(model="lm_teachers:tiny_lm", cache=sample_cache, loss="kl", alpha=0.5, epochs=2,
+                        batch_size=4, lr=1e-3, out=out, progress=False))
   assert final == read_final(out) and final["phase"] == "distill"
   for name in ("loss", "hard_ce", "soft"):
     assert np.isfinite(final[name]) and final[name] > 0, final
@@ -409,3 +428,46 @@ def test_info_of_a_token_cache_speaks_of_tokens_not_shifts(dense_cache, capsys):
   out = capsys.readouterr().out
   assert f"rows of {SEQ_LEN} tokens as packed)" in out and "max shift" not in out and "flip False" not in out, out
   assert re.search(r"^ensemble .* on \d+ labelled tokens$", out, re.M), out
+
+
+def _row_bytes(spec) -> int:
+  """The bytes per row of the transfer rows' arrays (all but the chunks' commit flags), from their shapes."""
+  return sum(int(np.prod(a.shape[1:])) * np.dtype(a.dtype).itemsize for a in spec.arrays
+             if a.shape[0] == spec.num_rows and a.name != "chunk_committed")
+
+
+@pytest.mark.fast
+def test_the_default_chunk_of_token_rows_holds_64_mib_at_most_4096_rows_at_least_one():
+  # L = 256, V = 256, dense float16 targets and 2 members' logits: 4096 rows would be ~1.6 GB a chunk.
+  spec = token_spec("dense", members=2, positions=256, dtype="float16", member_logits=True)
+  spec = dataclasses.replace(spec, num_classes=256, arrays=(), dataset=dataclasses.replace(spec.dataset,
+                                                                                          num_classes=256))
+  # targets, member_logits, labels (int32); index, view, fold, shift, flip.
+  per_row = 256 * 256 * 2 + 256 * 2 * 256 * 2 + 256 * 4 + 8 + 4 + 4 + 2 + 1
+  assert _row_bytes(spec) == per_row and 4096 * per_row > 1.6e9
+  assert build_module.token_chunk_rows(spec) == 64 * 2 ** 20 // per_row == 170
+  tiny = token_spec("sample:2", positions=1)  # A few bytes a row: 64 MiB would be millions of rows.
+  assert build_module.token_chunk_rows(tiny) == 4096
+  huge = token_spec("dense", members=2, positions=4096, dtype="float16", member_logits=True)
+  huge = dataclasses.replace(huge, num_classes=2 ** 16, arrays=(), dataset=dataclasses.replace(
+      huge.dataset, num_classes=2 ** 16))  # 1.6 GB a row.
+  assert _row_bytes(huge) > 64 * 2 ** 20 and build_module.token_chunk_rows(huge) == 1
+
+
+def test_a_token_build_without_chunk_rows_takes_chunks_of_64_mib_and_one_given_keeps_its_own(text_dir, tmp_path,
+                                                                                          monkeypatch):
+  """The build resolves the default after opening the data and teachers (planned only: nothing is written)."""
+  planned = []
+
+  def stop(config, spec, disk=True):
+    planned.append((config, spec))
+    raise KeyboardInterrupt
+  monkeypatch.setattr(build_module, "check_limits", stop)
+  for chunk_rows in (None, 3):
+    with pytest.raises(KeyboardInterrupt):
+      build_cache(dataclasses.replace(token_build(text_dir, tmp_path / "c.zarr"), chunk_rows=chunk_rows))
+  (default_config, default), (given_config, given) = planned
+  assert default.chunk_rows == default_config.chunk_rows == min(4096, 64 * 2 ** 20 // _row_bytes(default)) > 1000
+  assert {a.name: a.chunks[0] for a in default.arrays}["targets"] == default.chunk_rows
+  assert given.chunk_rows == given_config.chunk_rows == 3 and given_config.batch_size == 3
+  assert not os.path.exists(tmp_path / "c.zarr")

@@ -76,14 +76,21 @@ class DecoderBlock(nnx.Module):
     return x + self.fc2(nnx.gelu(self.fc1(self.norm2(x)), approximate=False))
 
 
+def is_token_rows(input_shape) -> bool:
+  """Whether one example's shape is a packed row of tokens, (2, L) with L >= 1 (token ids and segment ids: a text
+  transfer set's examples, `shared.data.text`), whose models return logits per position [L, C]."""
+  shape = tuple(input_shape)
+  return len(shape) == 2 and shape[0] == 2 and shape[1] >= 1
+
+
 def token_rows_length(input_shape) -> int:
-  """L of token rows (2, L) (`shared.data.text`'s packed rows).
+  """L of token rows (2, L) (`is_token_rows`).
 
   Raises:
     StillroomError: another input shape.
   """
   shape = tuple(input_shape)
-  if len(shape) != 2 or shape[0] != 2 or shape[1] < 1:
+  if not is_token_rows(shape):
     raise StillroomError(f"takes token rows of shape (2, L) (token ids and segment ids, a text: dataset); got "
                          f"{shape}.")
   return shape[1]

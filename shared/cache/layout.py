@@ -11,7 +11,18 @@ import numpy as np
 
 STORAGE_DTYPES = ("float16", "float32")  # The dtypes a spec may store logits and targets in (`--dtype`).
 STORAGE = "storage"  # Placeholder dtype in LAYOUT: the spec's `dtype`.
-CLASS_IDS = "class ids"  # Placeholder dtype in LAYOUT: int16 when C fits, else int32.
+CLASS_IDS = "class ids"  # Placeholder dtype in LAYOUT: `class_ids_dtype`.
+
+
+def class_ids_dtype(num_classes: int, positions: int = 0) -> str:
+  """The dtype of stored class ids (`target_ids`): a class-level cache's int16 when C <= 32,768, else int32 (the rule
+  older stores were written by); a token cache's (positions > 0) uint16 when its vocabulary V <= 65,536, else int32,
+  so that a 32k-50k BPE vocabulary's ids take 2 bytes (`topk:64`: 64 · (2 + 2) + 4 = 260 bytes per token in
+  float16). Ids are never negative (sampled padding is id 0), and every reader indexes with them as integers."""
+  if positions:
+    return "uint16" if num_classes <= np.iinfo(np.uint16).max + 1 else "int32"
+  return "int16" if num_classes <= np.iinfo(np.int16).max + 1 else "int32"
+
 # What `--features NAME:KIND` stores of a member's named feature (`shared.models`), per row, in float16.
 FEATURE_KINDS = {
     "map": "the feature as the model computes it: [H, W, C] for a map, [D] for a vector",

@@ -31,7 +31,7 @@ import numpy as np
 
 from shared.augment import NO_MIX, Augmentation
 from shared.cache.layout import (CLASS_IDS, EVAL_ROWS, FEATURE_KINDS, FEATURE_NAME, FEATURE_RANKS, LAYOUT, POSITIONS,
-                                 ROWS, STORAGE, STORAGE_DTYPES, ArraySpec, layout_of)
+                                 ROWS, STORAGE, STORAGE_DTYPES, ArraySpec, class_ids_dtype, layout_of)
 from shared.cache.rows import GROUPED, ROW_ORDERS, row_sources
 from shared.data import DatasetSpec
 from shared.ensemble import COMBINE_RULES
@@ -451,7 +451,7 @@ class CacheSpec:
     sizes = {"R": self.num_rows, "E": self.num_eval_rows, "M": self.num_members, "C": self.num_classes,
              "K": self.target_k, "S": len(self.specialists), "P": self.specialist_width,
              "chunks(R)": self.chunks_of(ROWS), "chunks(E)": self.chunks_of(EVAL_ROWS), POSITIONS: self.positions}
-    dtypes = {STORAGE: self.dtype, CLASS_IDS: "int16" if self.num_classes <= np.iinfo(np.int16).max + 1 else "int32"}
+    dtypes = {STORAGE: self.dtype, CLASS_IDS: class_ids_dtype(self.num_classes, self.positions)}
     arrays = []
     for layout in LAYOUT:
       if layout.row_set == EVAL_ROWS and self.eval_dataset is None:
