@@ -87,3 +87,39 @@ def test_demo_arms_trained_apart_see_the_same_rows_as_together(tmp_path):
   assert results[True]["teachers"] == results[False]["teachers"]
   for arm in ("scratch", "distilled (AM)"):  # One vmapped step or two plain ones: float rounding apart at most.
     assert abs(results[True]["students"][arm]["mean"] - results[False]["students"][arm]["mean"]) <= 1 / 45 + 1e-9
+
+
+def test_text_demo_at_a_tiny_size(tmp_path):
+  """`demo --text` end to end at a tiny size (tiny rows, one lm-tiny teacher): the stdlib files copied by role, the
+  three caches at their sizes, every arm over paired seeds at equal tokens, the paired differences, the outputs."""
+  from stillroom.demo import STDLIB_TEXT, TextDemo, stdlib_files
+  sizes = TextDemo(seq_len=16, train_rows=16, test_rows=4, teacher_epochs=1, student_epochs=1, batch_size=8,
+                   teacher_model="lm-tiny", seeds=2)
+  results = run_demo(DemoConfig(text=True, work_dir=str(tmp_path / "work"), results_dir=str(tmp_path / "results")),
+                     text_sizes=sizes)
+  files = {role: stdlib_files(role) for role in STDLIB_TEXT}
+  assert results["files"] == files and all(files.values())
+  assert not set(files["train"]) & (set(files["test"]) | set(files["valid"]))  # Held-out text is other files.
+  assert not any("/test" in path for paths in files.values() for path in paths)
+  copied = next((tmp_path / "work").glob("stdlib-*"))
+  assert sorted(str(p.relative_to(copied / "test")) for p in (copied / "test").rglob("*.py")) == files["test"]
+  students = results["students"]
+  assert list(students) == ["hard labels", "dense", "topk:8", "sample:6"]
+  # Bytes per token of the targets: dense V float16; topk:8 ids int16 + float16 + the rest (float32); sample:6 ids,
+  # float16 and uint16 counts: equal to topk:8's.
+  assert [students[k]["bytes_per_token"] for k in ("dense", "topk:8", "sample:6")] == [512, 36, 36]
+  tokens = {name: arm["tokens_trained"] for name, arm in students.items()}
+  assert len({tuple(t) for t in tokens.values()}) == 1 and tokens["dense"][0] > 0  # Equal steps: equal tokens.
+  for name, arm in students.items():
+    assert len(arm["bits_per_byte"]["values"]) == 2
+    if name != "hard labels":
+      for metric in ("bits_per_byte", "ece"):
+        np.testing.assert_allclose(arm[metric]["paired_difference"]["values"],
+                                   np.array(arm[metric]["values"]) - students["hard labels"][metric]["values"])
+  with open(next((tmp_path / "work").glob("text_students_*")) / "hard_labels_seed1" / "metrics.jsonl") as f:
+    last = [json.loads(line) for line in f][-1]
+  assert students["hard labels"]["bits_per_byte"]["values"][1] == last["eval_bits_per_byte"]
+  for name in ("demo.md", "demo.json", "demo.png"):
+    assert os.path.getsize(tmp_path / "results" / "text" / name) > 0
+  with open(tmp_path / "results" / "text" / "demo.md") as f:
+    assert "| student, sample:6 | 36 |" in f.read()
