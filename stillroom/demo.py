@@ -505,7 +505,7 @@ class TextDemo:
     batch_size: rows per step of teachers and students.
     teacher_lr, student_lr: peak learning rates (cosine schedule).
     temperature, alpha: the caches' T and the distilled students' weight of the hard-label term.
-    topk, sample: K of the `topk:K` and `sample:K` caches.
+    topk, sample: K of each `topk:K` cache and of the `sample:K` cache.
     teachers, seeds: the ensemble size M and the paired student seeds (they replace --teachers and --seeds).
     teacher_model, student_model: registry names.
     held_out: which files are the held-out text: "test" (the demo) or "valid" (choosing settings).
@@ -521,7 +521,7 @@ class TextDemo:
   student_lr: float = 3e-3
   temperature: float = 2.0
   alpha: float = 0.5
-  topk: int = 8
+  topk: tuple[int, ...] = (8,)
   sample: int = 6
   teachers: int = 1
   seeds: int = 3
@@ -659,9 +659,10 @@ def trained_tokens(run_dir: str) -> int:
     return sum(line.get("tokens", 0) for line in map(json.loads, f) if "epoch" in line)
 
 
-def run_text_demo(config: DemoConfig, sizes: TextDemo, verbose: bool = False) -> dict:
+def run_text_demo(config: DemoConfig, sizes: TextDemo, verbose: bool = False, out_dir: str | None = None) -> dict:
   """The text demo: teachers on the stdlib's training files, dense / topk / sample caches, students from each and
-  from hard labels over paired seeds, evaluated on the held-out files; writes RESULTS_DIR/text/demo.{md,json,png}.
+  from hard labels over paired seeds, evaluated on the held-out files; writes demo.{md,json,png} into `out_dir`
+  (default: RESULTS_DIR/text).
 
   Returns:
     {"config", "sizes", "files": the files of each role, "teachers": their held-out lines, "caches": each kind's
@@ -673,10 +674,8 @@ def run_text_demo(config: DemoConfig, sizes: TextDemo, verbose: bool = False) ->
   data = text_data(config, sizes)
   teachers, teacher_lines = text_teachers(config, sizes, data, stages)
   clock = time.perf_counter()
-  kinds = {"dense": "dense", f"topk:{sizes.topk}": f"topk:{sizes.topk}", f"sample:{sizes.sample}":
-           f"sample:{sizes.sample}"}
-  caches = {kind: text_cache(config, sizes, data, teachers, targets, sizes.temperature)
-            for kind, targets in kinds.items()}
+  kinds = ["dense", *(f"topk:{k}" for k in sizes.topk), f"sample:{sizes.sample}"]
+  caches = {kind: text_cache(config, sizes, data, teachers, kind, sizes.temperature) for kind in kinds}
   stages.seconds["caches"] = time.perf_counter() - clock
   arms = {"hard labels": (caches["dense"], {"alpha": 1.0})}
   arms.update({kind: (path, {}) for kind, path in caches.items()})
@@ -693,7 +692,7 @@ def run_text_demo(config: DemoConfig, sizes: TextDemo, verbose: bool = False) ->
              "teachers": {f"teacher {m} ({sizes.teacher_model})": {k: line.get(f"eval_{k}") for k in TEXT_METRICS}
                           for m, line in enumerate(teacher_lines)},
              "students": students, "stage_seconds": stages.seconds, "total_seconds": time.perf_counter() - started}
-  _write_text_results(os.path.join(config.results_dir, "text"), results)
+  _write_text_results(out_dir or os.path.join(config.results_dir, "text"), results)
   return results
 
 
