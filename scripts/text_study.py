@@ -46,7 +46,7 @@ EQUAL_BYTES = 6
 BPE_VOCAB = 32_000
 BPE_KINDS = ("dense", "topk:8", "topk:32", "topk:64", "sample:6")
 # --smoke: fewer of each (its figures mean nothing); the BPE then learns 512 tokens from the demo's training files.
-SMOKE = {"grid": {"temperature": (1.0, 2.0), "alpha": (0.5,)}, "bpe_kinds": ("topk:8", "sample:6"), "vocab": 512}
+SMOKE = {"grid": {"temperature": (1.0, 2.0), "alpha": (0.5,)}, "topk": (8,), "bpe_kinds": ("topk:8",), "vocab": 512}
 
 
 def smoke_sizes() -> TextDemo:
@@ -134,7 +134,8 @@ def bpe_bytes(config: DemoConfig, sizes: TextDemo, stages: _Stages, vocab_size: 
     out = os.path.join(config.work_dir, f"bpe{vocab_size}_L{sizes.seq_len}_r{rows}_{kind.replace(':', '')}.zarr")
     build_cache(dataclasses.replace(config.build, dataset=data["dataset"], split=data["split"],
                                     data_dir=config.data_dir, teachers=(teacher.out,), targets=kind, temperature=1.0,
-                                    views=1, seq_len=bpe_sizes.seq_len, tokenizer=tokenizer["path"], out=out))
+                                    views=1, seq_len=bpe_sizes.seq_len, tokenizer=tokenizer["path"],
+                                    chunk_rows=rows, out=out))  # One chunk: 32k-wide rows are large.
     caches[kind] = target_bytes(out)
   return {"tokenizer": tokenizer, "rows": rows, "bytes_per_token": caches,
           "text_bytes_per_token": _text_bytes_per_token(os.path.join(data["root"], "train"), options.tokenizer())}
@@ -149,26 +150,41 @@ def _text_bytes_per_token(folder: str, tokenizer) -> float:
   return sum(len(t.encode("utf-8")) for t in texts) / sum(len(ids) for ids in tokenizer.encode_many(texts))
 
 
-def run_study(work: str, results_dir: str, seeds: int, smoke: bool = False) -> dict:
-  """Runs the three steps (reusing what finished) and writes RESULTS_DIR/study.json and study.md."""
+def run_study(work: str, results_dir: str, seeds: int, smoke: bool = False, part: str = "all") -> dict:
+  """Runs the steps (reusing what finished) and writes RESULTS_DIR/study.json and study.md; `part` "validation" or
+  "bpe" runs step 1 or step 3 alone and writes RESULTS_DIR/<part>.json (a later full run reuses their work)."""
   started, load = time.perf_counter(), os.getloadavg()
   sizes = dataclasses.replace(smoke_sizes() if smoke else TextDemo(), seeds=seeds)
   config = DemoConfig(text=True, work_dir=work, results_dir=results_dir, teachers=sizes.teachers, seeds=seeds)
   stages = _Stages()
+  machine = lambda: {"cpus": os.cpu_count(), "load_at_start": list(load), "load_at_end": list(os.getloadavg())}
+  os.makedirs(results_dir, exist_ok=True)
+
+  def bpe_step() -> dict:
+    if smoke:
+      root = text_data(config, sizes)["root"]
+      return bpe_bytes(config, sizes, stages, SMOKE["vocab"], 2, SMOKE["bpe_kinds"],
+                       [os.path.join(root, "train", path) for path in stdlib_files("train")])
+    return bpe_bytes(config, sizes, stages, BPE_VOCAB, 4, BPE_KINDS, stdlib_sources())
+
+  if part == "bpe":
+    bpe = bpe_step()
+    _dump(os.path.join(results_dir, "bpe.json"), {"bpe": bpe, "stage_seconds": stages.seconds, "machine": machine()})
+    return bpe
   teachers, _ = text_teachers(config, sizes, text_data(config, sizes), stages)
   validation = choose_settings(config, sizes, teachers, stages, SMOKE["grid"] if smoke else GRID)
-  chosen = dataclasses.replace(sizes, topk=TOPK, sample=EQUAL_BYTES, **validation["chosen"])
+  if part == "validation":
+    _dump(os.path.join(results_dir, "validation.json"), {"validation": validation, "stage_seconds": stages.seconds,
+                                                         "machine": machine()})
+    return validation
+  chosen = dataclasses.replace(sizes, topk=SMOKE["topk"] if smoke else TOPK, sample=EQUAL_BYTES,
+                               **validation["chosen"])
   test = run_text_demo(config, chosen, out_dir=os.path.join(results_dir, "test"))
-  sample, smaller = test["students"][f"sample:{EQUAL_BYTES}"], test["students"][f"topk:{min(TOPK)}"]
+  sample, smaller = test["students"][f"sample:{EQUAL_BYTES}"], test["students"][f"topk:{min(chosen.topk)}"]
   if sample["bytes_per_token"] != smaller["bytes_per_token"]:
-    raise StillroomError(f"sample:{EQUAL_BYTES} stores {sample['bytes_per_token']} B/token, topk:{min(TOPK)} "
+    raise StillroomError(f"sample:{EQUAL_BYTES} stores {sample['bytes_per_token']} B/token, topk:{min(chosen.topk)} "
                          f"{smaller['bytes_per_token']}: not equal bytes; fix EQUAL_BYTES.")
-  if smoke:
-    root = text_data(config, sizes)["root"]
-    bpe = bpe_bytes(config, sizes, stages, SMOKE["vocab"], 2, SMOKE["bpe_kinds"],
-                    [os.path.join(root, "train", path) for path in stdlib_files("train")])
-  else:
-    bpe = bpe_bytes(config, sizes, stages, BPE_VOCAB, 4, BPE_KINDS, stdlib_sources())
+  bpe = bpe_step()
   results = {"smoke": smoke, "seeds": seeds, "sizes": dataclasses.asdict(chosen), "validation": validation,
              "test": {k: test[k] for k in ("teachers", "students", "stage_seconds", "total_seconds")},
              "files": test["files"],
@@ -176,14 +192,17 @@ def run_study(work: str, results_dir: str, seeds: int, smoke: bool = False) -> d
                                                    for kind in test["students"] if kind != "hard labels"},
                                  f"BPE (V={bpe['tokenizer']['vocab_size']:,})": bpe["bytes_per_token"]},
              "bpe": bpe, "stage_seconds": stages.seconds, "total_seconds": time.perf_counter() - started,
-             "machine": {"cpus": os.cpu_count(), "load_at_start": list(load), "load_at_end": list(os.getloadavg())}}
-  os.makedirs(results_dir, exist_ok=True)
-  with open(os.path.join(results_dir, "study.json"), "w") as f:
-    json.dump(results, f, indent=2)
+             "machine": machine()}
+  _dump(os.path.join(results_dir, "study.json"), results)
   with open(os.path.join(results_dir, "study.md"), "w") as f:
     f.write(format_table(results) + "\n")
   print(format_table(results))
   return results
+
+
+def _dump(path: str, results: dict) -> None:
+  with open(path, "w") as f:
+    json.dump(results, f, indent=2)
 
 
 def _pm(stat: dict, scale: float = 1.0, digits: int = 4) -> str:
@@ -243,12 +262,14 @@ def main(argv: list[str] | None = None) -> None:
                                                      "work dir, whose teacher the study shares)")
   parser.add_argument("--results", default="results/text_study", help="where study.json and study.md go")
   parser.add_argument("--seeds", type=int, default=3, help="paired student seeds per arm (default: 3)")
+  parser.add_argument("--part", default="all", choices=("all", "validation", "bpe"),
+                      help="step 1 or step 3 alone (into RESULTS/<part>.json); a later full run reuses their work")
   parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that it runs")
   args = parser.parse_args(argv)
   if args.seeds < 1:
     parser.error(f"--seeds must be at least 1, got {args.seeds}")
   try:
-    run_study(args.work, args.results, args.seeds, args.smoke)
+    run_study(args.work, args.results, args.seeds, args.smoke, args.part)
   except StillroomError as e:
     parser.exit(2, f"{parser.prog}: error: {e}\n")
 

@@ -63,12 +63,15 @@ class DemoConfig(DatasetSettings):
                                 "the arms: image size 32, 2 resnet20 teachers on random-resized crops, 4 crop views, "
                                 "resnet8 students each trained on its own, no GM, cross-fitting or fraction arms)",
                          group="data")
-  text: bool = setting(False, "the text demo: the standard library's own .py sources (the packages of `STDLIB_TEXT`, "
-                              "copied into --work-dir/stdlib-<python version>) as byte-level text; `lm-small` "
-                              "teachers, dense, topk and sample caches of equal sizes, `lm-tiny` students from each "
-                              "and from hard labels at equal steps over paired seeds; results in --results-dir/text "
-                              "(a preset that sets the data, the stage settings, the teacher count, the seeds and "
-                              "the arms: `TextDemo`'s sizes, about 15 minutes on 2 CPU cores)", group="data")
+  text: bool = setting(False, "the text demo: the standard library's own .py sources (the packages of "
+                              "`stillroom.demo.STDLIB_TEXT`, copied into --work-dir/stdlib-<python version>) as "
+                              "byte tokens in rows of 128; the first 768 rows of the training files (98k tokens) are "
+                              "the transfer set, the first 192 rows of other files (24k tokens) the held-out text; one "
+                              "`lm-small` teacher (3 epochs), dense, topk:8 and sample:6 caches at T=2 (topk:8 and "
+                              "sample:6 store 36 B/token each), `lm-tiny` students from each (alpha 0.5) and from hard "
+                              "labels, 2 epochs each (equal steps), 3 paired seeds; results in --results-dir/text (a "
+                              "preset: it sets the data, the stage settings, the teacher count, the seeds and the "
+                              "arms; sizes in `stillroom.demo.TextDemo`)", group="data")
   work_dir: str = setting("demo", "runs and caches; a rerun reuses finished runs", group="run")
   results_dir: str = setting("results", "where demo.md, demo.json and demo.png go", group="run")
   teachers: int = setting(3, "ensemble size M", group="teachers", check=at_least(1))

@@ -95,8 +95,8 @@ def test_demo_arms_trained_apart_see_the_same_rows_as_together(tmp_path):
 
 @pytest.fixture(scope="module")
 def text_study(tmp_path_factory, compilation_cache):
-  """`scripts/text_study.py --smoke` once (it runs the text demo, `run_text_demo`, as its step 2): tiny rows, one
-  lm-tiny teacher, 2 paired seeds."""
+  """`scripts/text_study.py --smoke` once (it runs the text demo, `run_text_demo`, as its step 2): rows of 16 bytes,
+  one lm-tiny teacher, 2 paired seeds, one topk (the full study's two values of K run the same loop)."""
   import importlib.util
   tmp = tmp_path_factory.mktemp("text_study")
   spec = importlib.util.spec_from_file_location("text_study", os.path.join(REPO, "scripts", "text_study.py"))
@@ -121,10 +121,10 @@ def test_text_demo_at_a_tiny_size(text_study):
   copied = next((tmp / "work").glob("stdlib-*"))
   assert sorted(str(p.relative_to(copied / "test")) for p in (copied / "test").rglob("*.py")) == files["test"]
   students = results["students"]
-  assert list(students) == ["hard labels", "dense", "topk:8", "topk:32", "sample:6"]
+  assert list(students) == ["hard labels", "dense", "topk:8", "sample:6"]
   # Bytes per token of the targets: dense V float16; topk:K int16 ids + float16 + the rest (float32); sample:6 ids,
   # float16 and uint16 counts: equal to topk:8's.
-  assert [students[k]["bytes_per_token"] for k in ("dense", "topk:8", "topk:32", "sample:6")] == [512, 36, 132, 36]
+  assert [students[k]["bytes_per_token"] for k in ("dense", "topk:8", "sample:6")] == [512, 36, 36]
   tokens = {name: arm["tokens_trained"] for name, arm in students.items()}
   assert len({tuple(t) for t in tokens.values()}) == 1 and tokens["dense"][0] > 0  # Equal steps: equal tokens.
   for name, arm in students.items():
@@ -153,9 +153,9 @@ def test_text_study_smoke(text_study):
   with open(tmp / "results" / "test" / "demo.json") as f:
     assert json.load(f)["students"] == study["test"]["students"]
   vocabularies = study["bytes_per_token"]
-  assert vocabularies["bytes (V=256)"] == {"dense": 512, "topk:8": 36, "topk:32": 132, "sample:6": 36}
-  assert vocabularies["BPE (V=512)"] == {"topk:8": 36, "sample:6": 36}  # int16 ids at V=512 too.
+  assert vocabularies["bytes (V=256)"] == {"dense": 512, "topk:8": 36, "sample:6": 36}
+  assert vocabularies["BPE (V=512)"] == {"topk:8": 36}  # int16 ids at V=512 too.
   assert study["bpe"]["text_bytes_per_token"] > 1  # A BPE token stands for more than one byte.
   with open(tmp / "results" / "study.md") as f:
     table = f.read()
-  assert "(chosen)" in table and "| student, topk:32 | 132 |" in table and "| BPE (V=512) |" in table
+  assert "(chosen)" in table and "| student, topk:8 | 36 |" in table and "| BPE (V=512) |" in table

@@ -2547,6 +2547,19 @@ def _(env, tmp_path, mp):
           r"--augment: dataset .* is text", [Absent(tmp_path / "r")])
 
 
+# --- text demo (issue 34 part 5) ---
+@fault("demo --text: a work dir holding an incomplete copy of the stdlib files")
+def _(env, tmp_path, mp):
+  import platform  # pylint: disable=import-outside-toplevel
+  from stillroom.cli import student_train_main  # The command line with `demo`.
+  copy = tmp_path / "work" / f"stdlib-{platform.python_version()}"
+  (copy / "train").mkdir(parents=True)  # No test/ folder: a copy interrupted before its end.
+  return (student_train_main, ["demo", "--text", "--work-dir", tmp_path / "work", "--results-dir",
+                               tmp_path / "results"], 2,
+          r"stdlib-.* exists but is not a complete copy of the demo's stdlib files; delete it",
+          [copy, Absent(tmp_path / "results")])
+
+
 @pytest.mark.parametrize("name", list(FAULTS))
 def test_fault_is_refused_cleanly(name, env, tmp_path, monkeypatch, capsys):
   _refused_cleanly(FAULTS[name](env, tmp_path, monkeypatch), env, monkeypatch, capsys)
