@@ -497,8 +497,9 @@ class TextDemo:
 
   Defaults: byte tokens in rows of 128; the first 768 packed rows of the training files (98,304 tokens) are the
   transfer set, the first 192 rows of the test files (24,576 tokens) the held-out text; one `lm-small` teacher, 3
-  epochs (~5 minutes at ~1,000 tokens/s on 2 CPU cores); `lm-tiny` students, 2 epochs, batch 16 (96 steps),
-  3 paired seeds. Caches at T=2, students alpha 0.5; `topk:8` and `sample:6` store 36 bytes per token each (ids int16
+  epochs; `lm-tiny` students, 2 epochs, batch 16 (96 steps), 3 paired seeds. The results table gives each stage's
+  seconds (measured on 2 CPU cores shared with other jobs, load average 6-12: 50 minutes in all, the teacher 23 at
+  ~220 tokens/s, the caches 7, the students 19). Caches at T=2, students alpha 0.5; `topk:8` and `sample:6` store 36 bytes per token each (ids int16
   and log-probabilities float16; topk's rest float32, sample's counts uint16), dense 512.
 
   Attributes:
