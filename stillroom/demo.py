@@ -754,6 +754,8 @@ def _write_text_results(results_dir: str, results: dict) -> None:
     for name, line in results["teachers"].items():
       if line.get(metric) is not None:
         axis.axhline(line[metric], color="#d62728", linestyle="--", linewidth=1, label=name)
+    if metric == "bits_per_byte":  # Differences of a few hundredths: a bar from 0 would hide them.
+      axis.set_ylim(bottom=max(0.0, min(means) - 2 * max(stds) - 0.2))
     axis.set_xticks(range(len(names)), names, fontsize=8)
     axis.set_ylabel(f"held-out {TEXT_METRICS[metric]}")
     axis.legend(fontsize=7)
