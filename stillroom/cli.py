@@ -17,7 +17,9 @@ def student_train_parser() -> argparse.ArgumentParser:
       description="Teachers -> ordinary and cross-fitted caches -> scratch and distilled students over paired "
                   "seeds (and the same with a fraction of the examples) -> results/demo.{md,json,png}. Finished "
                   "runs in --work-dir are reused. --teacher-*, --build-* and --student-* are the `fit` and "
-                  "`teacher-cache build` options of each stage.")
+                  "`teacher-cache build` options of each stage. --text: the same for language models on the "
+                  "standard library's own .py sources (dense, topk and sample token caches) -> "
+                  "results/text/demo.{md,json,png}.")
   add_demo_options(demo)
   add_models_command(commands)
   add_verbosity_options(parser)

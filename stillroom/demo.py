@@ -63,6 +63,15 @@ class DemoConfig(DatasetSettings):
                                 "the arms: image size 32, 2 resnet20 teachers on random-resized crops, 4 crop views, "
                                 "resnet8 students each trained on its own, no GM, cross-fitting or fraction arms)",
                          group="data")
+  text: bool = setting(False, "the text demo: the standard library's own .py sources (the packages of "
+                              "`stillroom.demo.STDLIB_TEXT`, copied into --work-dir/stdlib-<python version>) as "
+                              "byte tokens in rows of 128; the first 768 rows of the training files (98k tokens) are "
+                              "the transfer set, the first 192 rows of other files (24k tokens) the held-out text; one "
+                              "`lm-small` teacher (3 epochs), dense, topk:8 and sample:6 caches at T=2 (topk:8 and "
+                              "sample:6 store 36 B/token each), `lm-tiny` students from each (alpha 0.5) and from hard "
+                              "labels, 2 epochs each (equal steps), 3 paired seeds; results in --results-dir/text (a "
+                              "preset: it sets the data, the stage settings, the teacher count, the seeds and the "
+                              "arms; sizes in `stillroom.demo.TextDemo`)", group="data")
   work_dir: str = setting("demo", "runs and caches; a rerun reuses finished runs", group="run")
   results_dir: str = setting("results", "where demo.md, demo.json and demo.png go", group="run")
   teachers: int = setting(3, "ensemble size M", group="teachers", check=at_least(1))
@@ -130,11 +139,13 @@ class _StageBar:
 
   def __init__(self, name: str, runs: int, epochs_per_run: int):
     self.runs, self.epochs_per_run, self.finished, self.rows, self.epochs = runs, epochs_per_run, 0, 0, 0
+    self.tokens = 0
     self.started = time.perf_counter()
     self.bar = progress(total=runs * epochs_per_run, desc=name, unit="epoch", dynamic_ncols=True)
 
   def on_epoch(self, plan, line: dict) -> None:
-    self.rows += line["rows"]
+    self.rows += line.get("rows", 0)
+    self.tokens += line.get("tokens", 0)  # A language model's line counts its tokens instead.
     self._advance(1)
 
   def runs_done(self, count: int) -> None:
@@ -148,12 +159,31 @@ class _StageBar:
     self._postfix()
 
   def _postfix(self) -> None:
+    count, unit = (self.tokens, "tokens") if self.tokens else (self.rows, "rows")
     self.bar.set_postfix_str(f"runs {self.finished}/{self.runs}, "
-                             f"{self.rows / max(time.perf_counter() - self.started, 1e-9):,.0f} rows/s")
+                             f"{count / max(time.perf_counter() - self.started, 1e-9):,.0f} {unit}/s")
 
   def close(self) -> float:
     self.bar.close()
     return time.perf_counter() - self.started
+
+
+class _Stages:
+  """Trains the stages of a pipeline, each's groups of runs under one progress bar, and keeps each's seconds."""
+
+  def __init__(self, verbose: bool = False):
+    self.verbose, self.seconds = verbose, {}
+
+  def train(self, name: str, groups: list[list[FitConfig]]) -> list[list[dict]]:
+    """Trains groups of runs (each group together, in one vmapped step); returns each run's final metrics line."""
+    runs = [run for group in groups for run in group]
+    bar = _StageBar(name, len(runs), runs[0].epochs + runs[0].finetune_epochs)
+    finals = []
+    for group in groups:
+      finals.append(fit_group(group, log_epochs=self.verbose, on_epoch=bar.on_epoch))
+      bar.runs_done(len(group))
+    self.seconds[name] = self.seconds.get(name, 0.0) + bar.close()
+    return finals
 
 
 def validate_demo(config: DemoConfig) -> None:
@@ -179,14 +209,17 @@ def validate_demo(config: DemoConfig) -> None:
     raise StillroomError(f"--build-workers {workers_check(build.workers)}, got {build.workers}.")
 
 
-def run_demo(config: DemoConfig, verbose: bool = False) -> dict:
+def run_demo(config: DemoConfig, verbose: bool = False, text_sizes: "TextDemo | None" = None) -> dict:
   """Runs the pipeline (finished runs are reused) and writes the results table; returns the results dict.
 
   Args:
     config: the settings.
     verbose: log every run's every epoch (always in each run's metrics.jsonl); otherwise one bar per stage.
+    text_sizes: with `config.text`, the text demo's sizes and settings (default: `TextDemo()`).
   """
   distributed.one_process_only("student-train demo")
+  if config.text:
+    return run_text_demo(config, text_sizes or TextDemo(), verbose)
   config = dataclasses.replace(config, dataset=resolve_dataset(config.dataset))
   if config.shapes:
     config = _shapes_preset(config)
@@ -210,18 +243,8 @@ def run_demo(config: DemoConfig, verbose: bool = False) -> dict:
   teacher_base = dataclasses.replace(config.teacher, model=teacher_model, dataset=config.dataset,
                                      split=config.train_split, augment=images, max_shift=config.build.max_shift,
                                      flip=config.build.flip, **crops, **data)
-  stages, started = {}, time.perf_counter()
-
-  def train_stage(name: str, groups: list[list[FitConfig]]) -> list[list[dict]]:
-    """Trains groups of runs (each group together, in one vmapped step) under one progress bar."""
-    runs = [run for group in groups for run in group]
-    bar = _StageBar(name, len(runs), runs[0].epochs + runs[0].finetune_epochs)
-    finals = []
-    for group in groups:
-      finals.append(fit_group(group, log_epochs=verbose, on_epoch=bar.on_epoch))
-      bar.runs_done(len(group))
-    stages[name] = bar.close()
-    return finals
+  trainer, started = _Stages(verbose), time.perf_counter()
+  train_stage, stages = trainer.train, trainer.seconds
 
   teachers = [dataclasses.replace(teacher_base, seed=m, out=os.path.join(work, f"teacher{m}"))
               for m in range(config.teachers)]
@@ -328,8 +351,9 @@ def shapes_stages(config: DemoConfig) -> DemoConfig:
 
 
 def _train_arms(train_stage, stage: str, arms: dict[str, tuple[str, dict]], base: FitConfig, seeds: int,
-                out: str, together: bool = True) -> dict[str, list[float]]:
-  """Trains every arm for seeds 0..seeds-1; returns each arm's test accuracies in seed order.
+                out: str, together: bool = True, key: str | None = "eval_accuracy") -> dict[str, list]:
+  """Trains every arm for seeds 0..seeds-1; returns each arm's test accuracies (its final lines' `key`, or with
+  `key` None the final lines) in seed order.
 
   Arms of one seed that read the same cache share its batch stream (paired: same rows, same order) and, with
   `together`, train together in one vmapped step; otherwise each trains on its own, on the same stream.
@@ -347,7 +371,7 @@ def _train_arms(train_stage, stage: str, arms: dict[str, tuple[str, dict]], base
   for seed in range(seeds):
     by_cache: dict[str, list[tuple[str, FitConfig]]] = {}
     for name, (cache_path, extra) in arms.items():
-      slug = name.replace(" ", "_").replace("(", "").replace(")", "")
+      slug = _slug(name)
       by_cache.setdefault(cache_path, []).append((name, dataclasses.replace(
           base, cache=cache_path, seed=seed, out=os.path.join(out, f"{slug}_seed{seed}"), **extra)))
     for runs in by_cache.values():
@@ -357,7 +381,7 @@ def _train_arms(train_stage, stage: str, arms: dict[str, tuple[str, dict]], base
   accuracies: dict[str, list[float]] = {name: [] for name in arms}
   for group_names, finals in zip(names, train_stage(stage, groups)):
     for name, final in zip(group_names, finals):
-      accuracies[name].append(final["eval_accuracy"])
+      accuracies[name].append(final if key is None else final[key])
   return accuracies
 
 
@@ -450,6 +474,292 @@ def _write_results(results_dir: str, results: dict) -> None:
   axis.set_ylabel("test accuracy (%)")
   axis.set_ylim(max(0, min(means) - 5), 100)
   axis.set_title(f"stillroom demo on {results['config']['dataset']} (students: mean ± std over seeds)")
+  figure.tight_layout()
+  figure.savefig(os.path.join(results_dir, "demo.png"), dpi=120)
+  plt.close(figure)
+  print(table)
+  _LOG.info(f"wrote {results_dir}/demo.md, demo.json, demo.png")
+
+
+# --- The text demo (`--text`) ---
+
+# The standard library's packages the text demo reads, by role: every `.py` file under each (none of them under a
+# test/ folder, all UTF-8), copied from `sysconfig.get_paths()["stdlib"]` keeping their relative paths. The test
+# and validation files are other files than the training ones: a document never crosses from one to the other.
+STDLIB_TEXT = {"train": ("email", "html", "http", "json", "logging", "urllib", "wsgiref"),
+               "valid": ("collections", "dbm", "sqlite3", "tomllib"),
+               "test": ("concurrent/futures", "xml/dom", "zoneinfo")}
+
+
+@dataclasses.dataclass(frozen=True)
+class TextDemo:
+  """Sizes and settings of the text demo (`student-train demo --text`).
+
+  Defaults: byte tokens in rows of 128; the first 768 packed rows of the training files (98,304 tokens) are the
+  transfer set, the first 192 rows of the test files (24,576 tokens) the held-out text; one `lm-small` teacher, 3
+  epochs; `lm-tiny` students, 2 epochs, batch 16 (96 steps), 3 paired seeds. The results table gives each stage's
+  seconds (measured on 2 CPU cores shared with other jobs, load average 6-12: 50 minutes in all, the teacher 23 at
+  ~220 tokens/s, the caches 7, the students 19). Caches at T=2, students alpha 0.5; `topk:8` and `sample:6` store 36 bytes per token each (ids int16
+  and log-probabilities float16; topk's rest float32, sample's counts uint16), dense 512.
+
+  Attributes:
+    seq_len: L of the packed rows.
+    train_rows, test_rows: the first rows of the training and the test files' packing (None: all).
+    teacher_epochs, student_epochs: epochs over the transfer set.
+    batch_size: rows per step of teachers and students.
+    teacher_lr, student_lr: peak learning rates (cosine schedule).
+    temperature, alpha: the caches' T and the distilled students' weight of the hard-label term.
+    topk, sample: K of each `topk:K` cache and of the `sample:K` cache.
+    teachers, seeds: the ensemble size M and the paired student seeds (they replace --teachers and --seeds).
+    teacher_model, student_model: registry names.
+    held_out: which files are the held-out text: "test" (the demo) or "valid" (choosing settings).
+  """
+
+  seq_len: int = 128
+  train_rows: int | None = 768
+  test_rows: int | None = 192
+  teacher_epochs: int = 3
+  student_epochs: int = 2
+  batch_size: int = 16
+  teacher_lr: float = 1e-3
+  student_lr: float = 3e-3
+  temperature: float = 2.0
+  alpha: float = 0.5
+  topk: tuple[int, ...] = (8,)
+  sample: int = 6
+  teachers: int = 1
+  seeds: int = 3
+  teacher_model: str = "lm-small"
+  student_model: str = "lm-tiny"
+  held_out: str = "test"
+
+
+def stdlib_files(role: str) -> list[str]:
+  """The text demo's files of a role of `STDLIB_TEXT`, relative to the standard library's folder, sorted."""
+  import sysconfig  # pylint: disable=import-outside-toplevel
+  root = sysconfig.get_paths()["stdlib"]
+  found = []
+  for package in STDLIB_TEXT[role]:
+    for folder, dirs, files in os.walk(os.path.join(root, package)):
+      dirs[:] = sorted(d for d in dirs if d not in ("test", "tests", "__pycache__"))
+      found += [os.path.relpath(os.path.join(folder, f), root) for f in files if f.endswith(".py")]
+  return sorted(found)
+
+
+def write_stdlib_once(root: str) -> str:
+  """Copies the text demo's standard-library files into root/{train,valid,test} unless they are there; returns
+  `root`. (The `text:` source fingerprints their content, so another Python's files make other runs.)
+
+  Raises:
+    StillroomError: `root` is there but incomplete.
+  """
+  import shutil  # pylint: disable=import-outside-toplevel
+  import sysconfig  # pylint: disable=import-outside-toplevel
+  if os.path.isdir(os.path.join(root, "test")):
+    return root
+  if os.path.exists(root):
+    raise StillroomError(f"{root!r} exists but is not a complete copy of the demo's stdlib files; delete it to have "
+                         "it written again.")
+  partial = root + ".partial"
+  shutil.rmtree(partial, ignore_errors=True)  # A copy, never the only one: the stdlib is where it was.
+  stdlib = sysconfig.get_paths()["stdlib"]
+  for role in ("train", "valid", "test"):  # "test" last: its folder marks a complete copy.
+    for path in stdlib_files(role):
+      os.makedirs(os.path.dirname(os.path.join(partial, role, path)), exist_ok=True)
+      shutil.copyfile(os.path.join(stdlib, path), os.path.join(partial, role, path))
+  os.rename(partial, root)
+  return root
+
+
+def _tag(sizes: TextDemo) -> str:
+  """The transfer set's part of the text demo's run and cache names (no brackets: orbax refuses them)."""
+  return f"L{sizes.seq_len}_r{sizes.train_rows or 'all'}"
+
+
+def _rows(rows: int | None) -> str:
+  return "train" if rows is None else f"train[:{rows}]"
+
+
+def text_data(config: DemoConfig, sizes: TextDemo) -> dict:
+  """The text demo's data: {"root", "dataset", "split", "eval_dataset", "eval_split"} (the copied stdlib files)."""
+  import platform  # pylint: disable=import-outside-toplevel
+  root = write_stdlib_once(os.path.join(config.work_dir, f"stdlib-{platform.python_version()}"))
+  return {"root": root, "dataset": f"text:{root}/train", "split": _rows(sizes.train_rows),
+          "eval_dataset": f"text:{root}/{sizes.held_out}", "eval_split": _rows(sizes.test_rows)}
+
+
+def text_teachers(config: DemoConfig, sizes: TextDemo, data: dict, stages: _Stages) -> tuple[list[str], list[dict]]:
+  """Trains (or reuses) the text demo's teachers; returns their run dirs and final lines."""
+  base = dataclasses.replace(
+      config.teacher, model=sizes.teacher_model, dataset=data["dataset"], split=data["split"],
+      eval_dataset=data["eval_dataset"], eval_split=data["eval_split"], seq_len=sizes.seq_len,
+      data_dir=config.data_dir, epochs=sizes.teacher_epochs, batch_size=sizes.batch_size, lr=sizes.teacher_lr,
+      dropout=0.0, augment=False, checkpoint_every=sizes.teacher_epochs, progress=False)
+  runs = [dataclasses.replace(base, seed=m, out=os.path.join(config.work_dir, f"text_{_tag(sizes)}_teacher{m}"))
+          for m in range(config.teachers)]
+  finals = stages.train(f"teachers ({config.teachers} x {sizes.teacher_model})", [[run] for run in runs])
+  return [run.out for run in runs], [group[0] for group in finals]
+
+
+def text_cache(config: DemoConfig, sizes: TextDemo, data: dict, teachers: list[str], targets: str,
+               temperature: float, **extra) -> str:
+  """Builds (or reuses) a token cache of the teachers on the transfer set (with their logits on the held-out text);
+  returns its path."""
+  name = f"{targets.replace(':', '')}_T{temperature:g}" + "".join(f"_{k}" for k in sorted(extra))
+  out = os.path.join(config.work_dir, f"text_{_tag(sizes)}_{sizes.held_out}{sizes.test_rows or ''}_"
+                                      f"{len(teachers)}t_{name}.zarr")
+  build_cache(dataclasses.replace(config.build, dataset=data["dataset"], split=data["split"], data_dir=config.data_dir,
+                                  eval_dataset=data["eval_dataset"], eval_split=data["eval_split"],
+                                  teachers=tuple(teachers), targets=targets, temperature=temperature, views=1,
+                                  seq_len=sizes.seq_len, out=out, **extra))
+  return out
+
+
+def text_students(config: DemoConfig, sizes: TextDemo, data: dict, stages: _Stages, arms: dict, seeds: int,
+                  name: str) -> dict[str, list[dict]]:
+  """Trains (or reuses) the `lm-tiny` students of `arms` (name -> (cache, FitConfig fields)) over paired seeds;
+  returns each arm's final lines in seed order. Arms reading one cache share its batch stream (and one vmapped step);
+  every cache holds the same rows, so every arm of a seed starts alike and sees the same rows in the same order."""
+  base = dataclasses.replace(
+      config.student, model=sizes.student_model, epochs=sizes.student_epochs, finetune_epochs=0,
+      batch_size=sizes.batch_size, lr=sizes.student_lr, alpha=sizes.alpha, data_dir=config.data_dir,
+      eval_dataset=data["eval_dataset"], eval_split=data["eval_split"], checkpoint_every=sizes.student_epochs,
+      progress=False)
+  return _train_arms(stages.train, f"students ({len(arms)} arms x {seeds} seeds)", arms, base, seeds,
+                     os.path.join(config.work_dir, name), True, key=None)
+
+
+# What the text demo's table reports of each model's held-out line (`eval_*` of its final epoch).
+TEXT_METRICS = {"bits_per_byte": "bits/byte", "perplexity": "perplexity", "ece": "ECE",
+                "teacher_agreement": "teacher agreement"}
+
+
+def summarise_text_arms(finals: dict[str, list[dict]], baseline: str) -> dict:
+  """Each arm's held-out metrics (mean ± std over seeds) and their paired differences against `baseline`'s."""
+  arms = {}
+  for name, lines in finals.items():
+    arm = {}
+    for metric in TEXT_METRICS:
+      values = np.array([line.get(f"eval_{metric}", np.nan) for line in lines], dtype=float)
+      arm[metric] = _mean_std(list(values))
+      if name != baseline:
+        base = np.array([line.get(f"eval_{metric}", np.nan) for line in finals[baseline]], dtype=float)
+        arm[metric]["paired_difference"] = _mean_std(list(values - base))
+    arms[name] = arm
+  return arms
+
+
+def target_bytes(cache_path: str) -> float:
+  """A token cache's bytes per token of its targets (`teacher-cache info`'s bytes_per_token total, less the member
+  logits a dense cache also keeps)."""
+  from teacher_cache.info import bytes_per_token  # pylint: disable=import-outside-toplevel
+  per_token = bytes_per_token(open_cache(cache_path).spec)
+  return per_token["total"] - per_token.get("member_logits", 0.0)
+
+
+def trained_tokens(run_dir: str) -> int:
+  """The tokens a run trained on, summed over its metrics.jsonl's epoch lines (equal steps: the arms' must agree)."""
+  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    return sum(line.get("tokens", 0) for line in map(json.loads, f) if "epoch" in line)
+
+
+def run_text_demo(config: DemoConfig, sizes: TextDemo, verbose: bool = False, out_dir: str | None = None) -> dict:
+  """The text demo: teachers on the stdlib's training files, dense / topk / sample caches, students from each and
+  from hard labels over paired seeds, evaluated on the held-out files; writes demo.{md,json,png} into `out_dir`
+  (default: RESULTS_DIR/text).
+
+  Returns:
+    {"config", "sizes", "files": the files of each role, "teachers": their held-out lines, "caches": each kind's
+    bytes per token, "students": `summarise_text_arms`, "stage_seconds", "total_seconds"}.
+  """
+  check_values(config)
+  config = dataclasses.replace(config, teachers=sizes.teachers, seeds=sizes.seeds)
+  started, stages = time.perf_counter(), _Stages(verbose)
+  data = text_data(config, sizes)
+  teachers, teacher_lines = text_teachers(config, sizes, data, stages)
+  clock = time.perf_counter()
+  kinds = ["dense", *(f"topk:{k}" for k in sizes.topk), f"sample:{sizes.sample}"]
+  caches = {kind: text_cache(config, sizes, data, teachers, kind, sizes.temperature) for kind in kinds}
+  stages.seconds["caches"] = time.perf_counter() - clock
+  arms = {"hard labels": (caches["dense"], {"alpha": 1.0})}
+  arms.update({kind: (path, {}) for kind, path in caches.items()})
+  name = (f"text_students_{_tag(sizes)}_{sizes.held_out}{sizes.test_rows or ''}_T{sizes.temperature:g}_"
+          f"a{sizes.alpha:g}_e{sizes.student_epochs}")
+  finals = text_students(config, sizes, data, stages, arms, config.seeds, name)
+  students = summarise_text_arms(finals, "hard labels")
+  for arm, (cache_path, _) in arms.items():
+    students[arm]["tokens_trained"] = [trained_tokens(os.path.join(config.work_dir, name, f"{_slug(arm)}_seed{s}"))
+                                       for s in range(config.seeds)]
+    students[arm]["bytes_per_token"] = None if arm == "hard labels" else target_bytes(cache_path)
+  results = {"config": dataclasses.asdict(config), "sizes": dataclasses.asdict(sizes),
+             "files": {role: stdlib_files(role) for role in STDLIB_TEXT},
+             "teachers": {f"teacher {m} ({sizes.teacher_model})": {k: line.get(f"eval_{k}") for k in TEXT_METRICS}
+                          for m, line in enumerate(teacher_lines)},
+             "students": students, "stage_seconds": stages.seconds, "total_seconds": time.perf_counter() - started}
+  _write_text_results(out_dir or os.path.join(config.results_dir, "text"), results)
+  return results
+
+
+def _slug(name: str) -> str:
+  """An arm's run-dir name, as `_train_arms` makes it."""
+  return name.replace(" ", "_").replace("(", "").replace(")", "")
+
+
+def format_text_table(results: dict) -> str:
+  """The text demo's results as a Markdown table (held-out metrics; students mean ± std over seeds, and their paired
+  differences against the hard-label students)."""
+  sizes, config = results["sizes"], results["config"]
+  lines = [f"Held-out text: the first {sizes['test_rows'] or 'all'} rows of {sizes['seq_len']} byte tokens of the "
+           f"{sizes['held_out']} files ({', '.join(STDLIB_TEXT[sizes['held_out']])}); transfer set the first "
+           f"{sizes['train_rows'] or 'all'} rows of the training files ({', '.join(STDLIB_TEXT['train'])}). "
+           f"{config['teachers']} x `{sizes['teacher_model']}` teachers ({sizes['teacher_epochs']} epochs); caches at "
+           f"T={sizes['temperature']:g}; `{sizes['student_model']}` students, {sizes['student_epochs']} epochs, batch "
+           f"{sizes['batch_size']}, lr {sizes['student_lr']:g}, alpha {sizes['alpha']:g} (hard labels: 1), "
+           f"{config['seeds']} paired seeds. Differences: student minus the hard-label student of the same seed.", "",
+           "| model | target bytes/token | " + " | ".join(TEXT_METRICS.values()) + " | Δ bits/byte | Δ ECE |",
+           "|---|---|" + "---|" * len(TEXT_METRICS) + "---|---|"]
+  for name, line in results["teachers"].items():
+    values = " | ".join("" if line.get(k) is None else f"{line[k]:.4f}" for k in TEXT_METRICS)
+    lines.append(f"| {name} | | {values} | | |")
+  for name, arm in results["students"].items():
+    values = " | ".join(f"{arm[k]['mean']:.4f} ± {arm[k]['std']:.4f}" for k in TEXT_METRICS)
+    diffs = " | ".join("" if "paired_difference" not in arm[k] else
+                       f"{arm[k]['paired_difference']['mean']:+.4f} ± {arm[k]['paired_difference']['std']:.4f}"
+                       for k in ("bits_per_byte", "ece"))
+    size = "" if arm.get("bytes_per_token") is None else f"{arm['bytes_per_token']:g}"
+    lines.append(f"| student, {name} | {size} | {values} | {diffs} |")
+  lines += ["", "| stage | seconds |", "|---|---|"]
+  lines += [f"| {name} | {seconds:.0f} |" for name, seconds in results["stage_seconds"].items()]
+  lines.append(f"| total | {results['total_seconds']:.0f} |")
+  return "\n".join(lines)
+
+
+def _write_text_results(results_dir: str, results: dict) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  os.makedirs(results_dir, exist_ok=True)
+  table = format_text_table(results)
+  with open(os.path.join(results_dir, "demo.md"), "w") as f:
+    f.write(table + "\n")
+  with open(os.path.join(results_dir, "demo.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  names = list(results["students"])
+  figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for axis, metric in zip(axes, ("bits_per_byte", "ece")):
+    means = [results["students"][n][metric]["mean"] for n in names]
+    stds = [results["students"][n][metric]["std"] for n in names]
+    axis.bar(range(len(names)), means, yerr=stds, color=["#7f7f7f"] + ["#1f77b4"] * (len(names) - 1), capsize=3)
+    for name, line in results["teachers"].items():
+      if line.get(metric) is not None:
+        axis.axhline(line[metric], color="#d62728", linestyle="--", linewidth=1, label=name)
+    if metric == "bits_per_byte":  # Differences of a few hundredths: a bar from 0 would hide them.
+      axis.set_ylim(bottom=max(0.0, min(means) - 2 * max(stds) - 0.2))
+    axis.set_xticks(range(len(names)), names, fontsize=8)
+    axis.set_ylabel(f"held-out {TEXT_METRICS[metric]}")
+    axis.legend(fontsize=7)
+  figure.suptitle("stillroom text demo: lm-tiny students on the stdlib's held-out files (mean ± std over seeds)")
   figure.tight_layout()
   figure.savefig(os.path.join(results_dir, "demo.png"), dpi=120)
   plt.close(figure)

@@ -45,10 +45,7 @@ def cache_info(path: str) -> dict:
           "bytes_per_row": {name: spec.array(name).row_bytes
                             for name in spec.arrays_of(ROWS) if spec.array(name).role != "bookkeeping"}}
   if spec.positions:
-    per_token = {name: spec.array(name).row_bytes / spec.positions
-                 for name in spec.arrays_of(ROWS) if spec.array(name).role == "teacher"}
-    info.update(positions=spec.positions, tokens=spec.num_rows * spec.positions,
-                bytes_per_token={**per_token, "total": sum(per_token.values())})
+    info.update(positions=spec.positions, tokens=spec.num_rows * spec.positions, bytes_per_token=bytes_per_token(spec))
   prepared_from = _prepared_from(spec.dataset.name)
   if prepared_from:
     info["prepared_from"] = prepared_from
@@ -123,6 +120,14 @@ def cache_info(path: str) -> dict:
   if spec.eval_dataset is not None:
     info["stats"]["eval"] = eval_accuracies(cache)
   return info
+
+
+def bytes_per_token(spec) -> dict:
+  """A token cache's bytes per position of each teacher array (targets, member logits) and their "total": what its
+  targets cost per token (`cache_info`'s "bytes_per_token"). `spec` is the cache's `CacheSpec` (`positions` > 0)."""
+  per_token = {name: spec.array(name).row_bytes / spec.positions
+               for name in spec.arrays_of(ROWS) if spec.array(name).role == "teacher"}
+  return {**per_token, "total": sum(per_token.values())}
 
 
 def _predicting_positions(arrays: dict, positions: int) -> dict:

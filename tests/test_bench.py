@@ -285,7 +285,8 @@ SMOKE = {
 # Run by other tests: the worked example of docs/external-teachers.md, and the docs' staleness test.
 ELSEWHERE = {
     "scripts/sklearn_teacher.py": "tests/test_external.py::test_views_then_sklearn_then_import_then_verify_and_fit",
-    "scripts/make_docs.py": "tests/test_docs.py::test_generated_pages_are_current"}
+    "scripts/make_docs.py": "tests/test_docs.py::test_generated_pages_are_current",
+    "scripts/text_study.py": "tests/test_demo.py::test_text_study_smoke"}
 LIBRARIES = {"bench/__init__.py", "bench/harness.py", "bench/synthetic.py"}  # Of the benchmarks; every run uses them.
 CONSOLE_SCRIPTS = ("student-train", "teacher-cache")  # What image_sets.py runs, installed next to this Python.
 

@@ -2680,6 +2680,19 @@ def test_an_lm_run_whose_tokenizer_file_moved_is_evaluated_with_it_elsewhere(tmp
   assert code == 2 and err.count("\n") == 1 and re.search(r"recorded with SHA-256 [0-9a-f]{12}: restore it there", err)
 
 
+# --- text demo (issue 34 part 5) ---
+@fault("demo --text: a work dir holding an incomplete copy of the stdlib files")
+def _(env, tmp_path, mp):
+  import platform  # pylint: disable=import-outside-toplevel
+  from stillroom.cli import student_train_main  # The command line with `demo`.
+  copy = tmp_path / "work" / f"stdlib-{platform.python_version()}"
+  (copy / "train").mkdir(parents=True)  # No test/ folder: a copy interrupted before its end.
+  return (student_train_main, ["demo", "--text", "--work-dir", tmp_path / "work", "--results-dir",
+                               tmp_path / "results"], 2,
+          r"stdlib-.* exists but is not a complete copy of the demo's stdlib files; delete it",
+          [copy, Absent(tmp_path / "results")])
+
+
 @pytest.mark.parametrize("name", list(FAULTS))
 def test_fault_is_refused_cleanly(name, env, tmp_path, monkeypatch, capsys):
   _refused_cleanly(FAULTS[name](env, tmp_path, monkeypatch), env, monkeypatch, capsys)
