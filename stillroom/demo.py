@@ -67,7 +67,7 @@ class DemoConfig(DatasetSettings):
                               "`stillroom.demo.STDLIB_TEXT`, copied into --work-dir/stdlib-<python version>) as "
                               "byte tokens in rows of 128; the first 768 rows of the training files (98k tokens) are "
                               "the transfer set, the first 192 rows of other files (24k tokens) the held-out text; one "
-                              "`lm-small` teacher (3 epochs), dense, topk:8 and sample:6 caches at T=2 (topk:8 and "
+                              "`lm-small` teacher (3 epochs), dense, topk:8 and sample:6 caches at T=1 (topk:8 and "
                               "sample:6 store 36 B/token each), `lm-tiny` students from each (alpha 0.5) and from hard "
                               "labels, 2 epochs each (equal steps), 3 paired seeds; results in --results-dir/text (a "
                               "preset: it sets the data, the stage settings, the teacher count, the seeds and the "
@@ -498,9 +498,10 @@ class TextDemo:
   Defaults: byte tokens in rows of 128; the first 768 packed rows of the training files (98,304 tokens) are the
   transfer set, the first 192 rows of the test files (24,576 tokens) the held-out text; one `lm-small` teacher, 3
   epochs; `lm-tiny` students, 2 epochs, batch 16 (96 steps), 3 paired seeds. The results table gives each stage's
-  seconds (measured on 2 CPU cores shared with other jobs, load average 6-12: 50 minutes in all, the teacher 23 at
-  ~220 tokens/s, the caches 7, the students 19). Caches at T=2, students alpha 0.5; `topk:8` and `sample:6` store 36 bytes per token each (ids int16
-  and log-probabilities float16; topk's rest float32, sample's counts uint16), dense 512.
+  seconds (at T=2, on 2 CPU cores shared with other jobs, load average 6-12: 50 minutes in all, the teacher 23 at
+  ~220 tokens/s, the caches 7, the students 19). Caches at T=1, students alpha 0.5: what `scripts/text_study.py`
+  chose on the validation files. `topk:8` and `sample:6` store 36 bytes per token each (ids uint16 and
+  log-probabilities float16; topk's rest float32, sample's counts uint16), dense 512.
 
   Attributes:
     seq_len: L of the packed rows.
@@ -523,7 +524,7 @@ class TextDemo:
   batch_size: int = 16
   teacher_lr: float = 1e-3
   student_lr: float = 3e-3
-  temperature: float = 2.0
+  temperature: float = 1.0
   alpha: float = 0.5
   topk: tuple[int, ...] = (8,)
   sample: int = 6
