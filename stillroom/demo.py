@@ -409,6 +409,33 @@ def _summarise(config, teacher_model, views, evaluations, students, fraction, st
           "total_seconds": seconds}
 
 
+def _stage_rows(results: dict) -> list[str]:
+  """The demo table's last part: each stage's seconds and the total."""
+  return ["", "| stage | seconds |", "|---|---|",
+          *(f"| {name} | {seconds:.0f} |" for name, seconds in results["stage_seconds"].items()),
+          f"| total | {results['total_seconds']:.0f} |"]
+
+
+def _write_table(results_dir: str, table: str, results: dict) -> None:
+  """Writes a demo's `demo.md` (its table) and `demo.json` (its results), before its figure is drawn."""
+  os.makedirs(results_dir, exist_ok=True)
+  with open(os.path.join(results_dir, "demo.md"), "w") as f:
+    f.write(table + "\n")
+  with open(os.path.join(results_dir, "demo.json"), "w") as f:
+    json.dump(results, f, indent=2)
+
+
+def _write_figure(results_dir: str, table: str, figure) -> None:
+  """Writes a demo's `demo.png` (its figure, then closed) and prints its table."""
+  import matplotlib.pyplot as plt
+
+  figure.tight_layout()
+  figure.savefig(os.path.join(results_dir, "demo.png"), dpi=120)
+  plt.close(figure)
+  print(table)
+  _LOG.info(f"wrote {results_dir}/demo.md, demo.json, demo.png")
+
+
 def format_table(results: dict) -> str:
   """The results as Markdown tables (accuracy on the test split; students mean ± std over seeds)."""
   config = results["config"]
@@ -442,10 +469,7 @@ def format_table(results: dict) -> str:
           f"{100 * arm['paired_gain']['mean']:+.2f} ± {100 * arm['paired_gain']['std']:.2f} pts"
       verdict = "" if "gain_over_2_std" not in arm else ("yes" if arm["gain_over_2_std"] else "no")
       lines.append(f"| {name} | {100 * arm['mean']:.2f} ± {100 * arm['std']:.2f}% | {gain} | {verdict} |")
-  lines += ["", "| stage | seconds |", "|---|---|"]
-  lines += [f"| {name} | {seconds:.0f} |" for name, seconds in results["stage_seconds"].items()]
-  lines.append(f"| total | {results['total_seconds']:.0f} |")
-  return "\n".join(lines)
+  return "\n".join(lines + _stage_rows(results))
 
 
 def _write_results(results_dir: str, results: dict) -> None:
@@ -453,12 +477,8 @@ def _write_results(results_dir: str, results: dict) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  os.makedirs(results_dir, exist_ok=True)
   table = format_table(results)
-  with open(os.path.join(results_dir, "demo.md"), "w") as f:
-    f.write(table + "\n")
-  with open(os.path.join(results_dir, "demo.json"), "w") as f:
-    json.dump(results, f, indent=2)
+  _write_table(results_dir, table, results)
   names = list(results["teachers"]) + [f"student\n{n}" for n in results["students"]] + \
       [f"{results['config']['label_fraction']:.0%}\n{n}" for n in results["label_fraction"]]
   names = [name.replace(" (", "\n(") for name in names]
@@ -474,11 +494,7 @@ def _write_results(results_dir: str, results: dict) -> None:
   axis.set_ylabel("test accuracy (%)")
   axis.set_ylim(max(0, min(means) - 5), 100)
   axis.set_title(f"stillroom demo on {results['config']['dataset']} (students: mean ± std over seeds)")
-  figure.tight_layout()
-  figure.savefig(os.path.join(results_dir, "demo.png"), dpi=120)
-  plt.close(figure)
-  print(table)
-  _LOG.info(f"wrote {results_dir}/demo.md, demo.json, demo.png")
+  _write_figure(results_dir, table, figure)
 
 
 # --- The text demo (`--text`) ---
@@ -729,10 +745,7 @@ def format_text_table(results: dict) -> str:
                        for k in ("bits_per_byte", "ece"))
     size = "" if arm.get("bytes_per_token") is None else f"{arm['bytes_per_token']:g}"
     lines.append(f"| student, {name} | {size} | {values} | {diffs} |")
-  lines += ["", "| stage | seconds |", "|---|---|"]
-  lines += [f"| {name} | {seconds:.0f} |" for name, seconds in results["stage_seconds"].items()]
-  lines.append(f"| total | {results['total_seconds']:.0f} |")
-  return "\n".join(lines)
+  return "\n".join(lines + _stage_rows(results))
 
 
 def _write_text_results(results_dir: str, results: dict) -> None:
@@ -740,12 +753,8 @@ def _write_text_results(results_dir: str, results: dict) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  os.makedirs(results_dir, exist_ok=True)
   table = format_text_table(results)
-  with open(os.path.join(results_dir, "demo.md"), "w") as f:
-    f.write(table + "\n")
-  with open(os.path.join(results_dir, "demo.json"), "w") as f:
-    json.dump(results, f, indent=2)
+  _write_table(results_dir, table, results)
   names = list(results["students"])
   figure, axes = plt.subplots(1, 2, figsize=(10, 4))
   for axis, metric in zip(axes, ("bits_per_byte", "ece")):
@@ -761,8 +770,4 @@ def _write_text_results(results_dir: str, results: dict) -> None:
     axis.set_ylabel(f"held-out {TEXT_METRICS[metric]}")
     axis.legend(fontsize=7)
   figure.suptitle("stillroom text demo: lm-tiny students on the stdlib's held-out files (mean ± std over seeds)")
-  figure.tight_layout()
-  figure.savefig(os.path.join(results_dir, "demo.png"), dpi=120)
-  plt.close(figure)
-  print(table)
-  _LOG.info(f"wrote {results_dir}/demo.md, demo.json, demo.png")
+  _write_figure(results_dir, table, figure)
