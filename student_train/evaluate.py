@@ -293,8 +293,9 @@ def run_text(run_dir: str) -> dict:
   Raises:
     StillroomError: a run that is not a language model of `text:` data.
   """
-  record = read_run_record(run_dir)
-  text = ((read_config(run_dir).get("resolved") or {}).get("dataset") or {}).get("text")
+  config = read_config(run_dir)
+  record = RunRecord.from_json(config, repr(run_dir))
+  text = ((config.get("resolved") or {}).get("dataset") or {}).get("text")
   if not is_token_rows(record.model.input_shape) or text is None:
     raise StillroomError(f"run {run_dir!r} is a {record.model.name} on inputs {tuple(record.model.input_shape)}, not a "
                          "language model of a text: dataset; evaluate language models and classifiers apart.")

@@ -634,8 +634,8 @@ def _plan(config: BuildConfig, chunk_rows_given: bool = True) -> tuple:
   features = _feature_specs(config.features, teachers, input_shape) if config.features is not None else ()
   spec = make_spec(config, transfer_set, eval_set, augmentation, members, num_classes, tuple(specialist_specs),
                    features)
-  if positions and not chunk_rows_given and token_chunk_rows(spec) != spec.chunk_rows:
-    rows = token_chunk_rows(spec)
+  rows = token_chunk_rows(spec) if positions and not chunk_rows_given else spec.chunk_rows
+  if rows != spec.chunk_rows:
     _LOG.info(f"chunks of {rows:,} token rows: about {TOKEN_CHUNK_MIB} MiB each (--chunk-rows sets them)")
     config = dataclasses.replace(config, chunk_rows=rows,
                                  batch_size=cap_batch(config.batch_size, rows, mesh.devices.size))
