@@ -107,7 +107,9 @@ class BuildConfig(DataSettings, ViewSettings, ComputeSettings, JobSettings, Outp
                                          f"as many rows as {TOKEN_CHUNK_MIB} MiB of the cache's arrays hold, at most "
                                          f"{DEFAULT_CHUNK_ROWS}, at least 1)", metavar="N",
                             group="run", commands=(BUILD, VIEWS, IMPORT, EXTEND, *DERIVE),
-                            helps={VIEWS: ("rows per views_*.npz file, a multiple of --views", None),
+                            helps={VIEWS: ("rows per views_*.npz file, a multiple of --views (token rows: by "
+                                           f"default as many as {TOKEN_CHUNK_MIB} MiB of their token and segment ids "
+                                           f"hold, at most {DEFAULT_CHUNK_ROWS})", None),
                                    EXTEND: ("rows per Zarr chunk of the extended cache, a multiple of its views "
                                             "(default: the cache's if it is one, else the build's default for "
                                             "those views)", None),
