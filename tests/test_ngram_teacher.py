@@ -199,3 +199,36 @@ def test_score_reads_the_views_and_refuses_views_of_images(tmp_path, capsys, dat
     ngram.main(["score", str(tmp_path / "images"), str(tmp_path / "x.jsonl")])
   assert raised.value.code == 2 and "not token rows" in capsys.readouterr().err
   assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_the_worked_example_end_to_end_at_a_tiny_size(tmp_path, compilation_cache):
+  """`pipeline --smoke`: views -> n-gram JSONL -> `import --logprobs` -> students, and the JAX teacher's cache of the
+  same rows: the imported cache holds the n-gram's own top k (a second reader: the model scored again), the arms'
+  paired differences, the outputs."""
+  from shared.cache import open_cache
+  results = ngram.run_pipeline(str(tmp_path / "work"), str(tmp_path / "results"), seeds=2, smoke=True, order=3,
+                               folds=2)
+  assert set(results["students"]) == {"hard labels", "n-gram KD", "JAX-teacher KD"}
+  for name, arm in results["students"].items():
+    assert len(arm["bits_per_byte"]["values"]) == 2 and all(np.isfinite(arm["bits_per_byte"]["values"]))
+    if name != "hard labels":
+      np.testing.assert_allclose(arm["bits_per_byte"]["paired_difference"]["values"],
+                                 np.array(arm["bits_per_byte"]["values"]) -
+                                 results["students"]["hard labels"]["bits_per_byte"]["values"])
+  comparison = results["comparison"]
+  assert comparison["ngram_top1_is_its_own_argmax"] == 1.0  # The import kept the n-gram's own most probable token.
+  assert 0.0 <= comparison["top1_agreement"] <= 1.0 and comparison["kl_jax_to_ngram_nats"] >= 0.0
+  assert all(value > 0 for value in results["teachers_bits_per_byte"].values())
+  ngram_cache = next((tmp_path / "work").glob("ngram_*.zarr"))
+  cache = open_cache(str(ngram_cache))
+  assert cache.spec.targets == "topk:20" and cache.spec.temperature == 1.0
+  rows = ngram.read_all_views(str(next((tmp_path / "work").glob("ngram_*_views"))))
+  models = ngram.fold_models(rows["x"], rows["segment_ids"], rows["row"], 3, 256, 2)
+  probs = ngram.cross_fitted_probs(models, rows["x"], rows["segment_ids"], rows["row"])
+  labels = np.asarray(cache["labels"][:])
+  at = labels >= 0
+  stored = np.exp(np.asarray(cache["target_log_probs"][:], np.float64))
+  expected = np.take_along_axis(probs, np.asarray(cache["target_ids"][:], np.int64), axis=-1)
+  np.testing.assert_allclose(stored[at], expected[at], atol=2e-3)  # float16 log-probabilities.
+  for name in ("ngram.json", "ngram.md"):
+    assert os.path.getsize(tmp_path / "results" / name) > 0
