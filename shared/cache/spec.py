@@ -276,6 +276,7 @@ class CacheSpec:
   schema_version: int | None = None
   history: tuple[dict, ...] = ()
   positions: int = 0
+  imported: dict | None = None
 
   def __post_init__(self):
     validate_settings(temperature=self.temperature, combine=self.combine, dtype=self.dtype, views=self.views,
@@ -527,6 +528,7 @@ class CacheSpec:
     dense_defaults += () if self.features else ("features",)
     dense_defaults += () if self.history else ("history",)  # Likewise a cache that was not grown.
     dense_defaults += () if self.positions else ("positions",)  # Likewise a class-level cache.
+    dense_defaults += () if self.imported else ("imported",)  # Likewise a cache not imported from log-probabilities.
     # Likewise a float32 build's compute dtype and tolerance: its spec is what a store written before them holds.
     dense_defaults += ("compute_dtype", "target_tolerance") if self.compute_dtype == DEFAULT_COMPUTE_DTYPE and \
         self.target_tolerance == 0.0 else ()
