@@ -125,8 +125,8 @@ class BuildConfig(DataSettings, ViewSettings, ComputeSettings, JobSettings, Outp
       1.0, "--logprobs: the temperature the teacher's log-probabilities were computed at (vLLM's raw "
            "log-probabilities: 1); the cache's temperature", metavar="Tg", group="teachers", commands=(IMPORT,))
   retemper: float | None = setting(
-      None, "--logprobs: re-temper the log-probabilities from Tg to T: the top k exactly (p^(Tg/T)), the rest by the "
-            "geometric midpoint of its bounds, recorded (default: keep Tg)", metavar="T", group="teachers",
+      None, "--logprobs: re-temper the log-probabilities from Tg to T: the top k exactly (p^(Tg/T)), the rest as if "
+            "spread evenly over the other tokens, its bounds recorded (default: keep Tg)", metavar="T", group="teachers",
       commands=(IMPORT,))
   max_padding_mass: float = setting(
       1e-3, "--logprobs: the most top-k mass a position may put on ids past the vocabulary (a padded teacher "

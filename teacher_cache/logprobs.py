@@ -35,7 +35,8 @@ refused.
 Temperature: the file's log-probabilities are at the generation temperature Tg (`--generation-temperature`, vLLM's
 raw log-probabilities: 1), which is the cache's temperature. `--retemper T` re-tempers to T: the top k exactly
 (p^a, a = Tg / T), the rest R by `REST_RULE` between its bounds [r^a, n^(1-a) r^a] (n = V - K tail tokens of mass
-r; swapped for a > 1), the bounds' summary recorded.
+r; swapped for a > 1): the tail as if spread evenly over its n tokens, n^(1-a) r^a, the closest of the
+rules tried to the true rest on Zipf-like and peaked distributions; the bounds' summary recorded.
 """
 
 import contextlib
@@ -67,7 +68,10 @@ VLLM_NEG_INF = -9999.0  # vLLM's JSON spelling of -inf.
 # A stored log-probability of "no mass" that every storage dtype holds finitely (verify refuses -inf in the k).
 PLACEHOLDER = float(np.finfo(np.float16).min)
 LOG_PROB_TOLERANCE = 1e-3  # A top-k's mass may exceed 1 (or a log-probability 0) by this much: float rounding.
-REST_RULE = "geometric-midpoint"  # The re-tempered rest: sqrt(lower · upper) of its bounds.
+# The re-tempered rest: the tail as if spread evenly over its n tokens, n^(1-a) r^a (the upper bound for a < 1, the
+# lower for a > 1). Of the tail as one token, spread evenly and the bounds' geometric midpoint, it is the closest to
+# the true re-tempered rest on Zipf-like and peaked distributions (tests/test_logprobs.py checks it).
+REST_RULE = "even"
 # Refused as "shifted" when position j's top-k holds token j more often than this factor times token j + 1 (and
 # at least SHIFT_MARGIN more often): an aligned teacher's top-k holds the next token far more often than the current.
 SHIFT_FACTOR, SHIFT_MARGIN = 2.0, 0.05
@@ -545,7 +549,8 @@ def rest_bounds(top_mass_a: np.ndarray, rest: np.ndarray, a: float, n: int) -> t
 
 
 def retemper(log_probs: np.ndarray, log_rest: np.ndarray, a: float, n: int) -> tuple:
-  """A top-k at Tg re-tempered to T (a = Tg / T): the k exactly, the rest by `REST_RULE` between its bounds.
+  """A top-k at Tg re-tempered to T (a = Tg / T): the k exactly, the rest by `REST_RULE` (spread evenly over its n
+  tokens) between its bounds.
 
   Args:
     log_probs: float64 [..., K] at Tg (-inf or PLACEHOLDER-free).
@@ -559,7 +564,7 @@ def retemper(log_probs: np.ndarray, log_rest: np.ndarray, a: float, n: int) -> t
   top = np.exp(a * log_probs)
   rest = np.exp(log_rest)
   low, high = rest_bounds(None, rest, a, n)
-  middle = np.sqrt(low * high)
+  middle = np.power(float(max(n, 1)), 1 - a) * np.power(rest, a)  # REST_RULE: spread evenly.
   top_sum = top.sum(-1)
   total = top_sum + middle
   with np.errstate(divide="ignore", invalid="ignore"):
@@ -810,7 +815,7 @@ def record_lines(imported: dict) -> list[str]:
   if "retemper" in imported:
     r = imported["retemper"]
     lines.append(f"re-tempered from T={r['from']:g} to T={r['to']:g} (a = {r['a']:.4g}): top k exact, rest by the "
-                 f"{r['rule']} of its bounds; rest share mean {r['rest_share_mean']:.4g}, bounds' width mean "
+                 f"rule {r['rule']!r} (spread evenly over {r['tail_tokens']:,} tokens); rest share mean {r['rest_share_mean']:.4g}, bounds' width mean "
                  f"{r['bounds_width_mean']:.3g}, worst {r['bounds_width_max']:.3g}")
   return lines
 
