@@ -100,7 +100,11 @@ def teacher_cache_parser() -> argparse.ArgumentParser:
                   "teacher receives it:\n  OUT/views_00000.npz ...  x float32 [n, *input_shape], row int64 [n] (the "
                   "row ids)\n  OUT/views.json            the settings (written last: the views are complete)\n"
                   "Run your teacher on each file's x and save one .npz per member with `row` and `logits` [n, C]; "
-                  "then `teacher-cache import` with the same view options builds the cache.")
+                  "then `teacher-cache import` with the same view options builds the cache.\n\n"
+                  "Token rows (--dataset text:PATH --seq-len L): each file holds x int32 [n, L] the token ids, "
+                  "segment_ids int32 [n, L] (1, 2, ... the row's document pieces; 0 padding) and row int64 [n]. A "
+                  "language model must score each document piece on its own (a segment is a prompt: never attend "
+                  "across a segment boundary); its top-k log-probabilities go to `teacher-cache import --logprobs`.")
   add_options(views, BuildConfig, VIEWS, required=("out",))
 
   imported = commands.add_parser(

@@ -2456,9 +2456,8 @@ def _(env, tmp_path, mp):
 def _(env, tmp_path, mp):
   return (cache_main, ["import", "--dataset", f"text:{_text_dir(tmp_path)}", "--seq-len", "8", "--logits",
                        tmp_path / "none.npz", "--no-progress", "--out", tmp_path / "c.zarr"], 2,
-          r"teacher-cache import: 'text:.*' holds token rows \(8 positions\); external teachers' logits are imported "
-          r"for class-level caches only: build a token cache with `teacher-cache build --teacher module:function` "
-          r".*\.$", [Absent(tmp_path / "c.zarr")])
+          r"teacher-cache import --logits: 'text:.*' holds token rows \(8 positions\), and --logits takes one row of "
+          r"class logits per row; .* with `teacher-cache import --logprobs FILE` .*\.$", [Absent(tmp_path / "c.zarr")])
 
 
 @fault("extend of a token cache")
@@ -2553,12 +2552,12 @@ def _(env, tmp_path, mp):
           [Absent(tmp_path / "c.zarr")])
 
 
-@fault("views of token rows")
+@fault("views of token rows with --views 2")
 def _(env, tmp_path, mp):
-  return (cache_main, ["views", "--dataset", f"text:{_text_dir(tmp_path)}", "--seq-len", "8", "--no-progress",
-                       "--out", tmp_path / "v"], 2,
-          r"teacher-cache views: 'text:.*' holds token rows \(8 positions\); external teachers' logits are imported "
-          r"for class-level caches only", [Absent(tmp_path / "v")])
+  return (cache_main, ["views", "--dataset", f"text:{_text_dir(tmp_path)}", "--seq-len", "8", "--views", "2",
+                       "--no-progress", "--out", tmp_path / "v"], 2,
+          r"--views 2: dataset 'text:.*' is text, whose one view is its packed rows \(no views, crops, flips or "
+          r"mixing\); leave it out\.$", [Absent(tmp_path / "v")])
 
 
 # --- attack: language models ---
