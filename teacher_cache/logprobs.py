@@ -51,7 +51,7 @@ import zipfile
 import numpy as np
 
 from shared import limits, storage
-from shared.cache import ROWS, ChunkWriter, MemberSpec, replay_rows
+from shared.cache import GROUPED, ROWS, ChunkWriter, MemberSpec, replay_rows, row_sources
 from shared.data import label_ids, local_path
 from shared.errors import StillroomError, raise_if_interrupted
 from shared.log import logger, progress
@@ -239,10 +239,11 @@ def _layout(d: dict) -> str | None:
 
 def _lines(path: str, enabled: bool):
   """(line number, text) of a JSONL file, with a progress bar over the bytes read for big files."""
-  size = os.path.getsize(path) if storage.is_local(path) else None
-  opened = open(path, "rb") if storage.is_local(path) else io.BytesIO(storage.read_bytes(path))  # noqa: SIM115
+  size = storage.size(path)
+  here = not storage.is_url(path)
+  opened = open(storage.local(path), "rb") if here else io.BytesIO(storage.read_bytes(path))  # noqa: SIM115
   with opened as f, progress(total=size, unit="B", unit_scale=True, desc=f"reading {os.path.basename(path)}",
-                             enabled=enabled and size is not None and size > _PROGRESS_BYTES, summary=False) as bar:
+                             enabled=enabled and size > _PROGRESS_BYTES, summary=False) as bar:
     for number, line in enumerate(f, 1):
       bar.update(len(line))
       if line.strip():
@@ -367,19 +368,11 @@ def read_file(path: str, num_rows: int, enabled: bool = False) -> tuple[str, lis
 
 def _document(transfer_set, position: int, j: int) -> str:
   """The human name of the document at row position j of the transfer set's example `position`."""
-  key = int(transfer_set.indices[position])
-  for owner in (transfer_set, getattr(transfer_set, "source", None)):
-    named = getattr(owner, "document_at", None)
-    if named is not None:
-      return named(key, int(j))
-  return f"example {key}, its token {int(j)}"
+  return transfer_set.document_at(int(transfer_set.indices[position]), int(j))
 
 
 def _token_strings(tokenizer) -> list:
-  strings = getattr(tokenizer, "token_strings", None)
-  if strings is None:
-    raise StillroomError("--teacher-tokenizer needs Tokenizer.token_strings (the text data's token strings).")
-  return list(strings())
+  return list(tokenizer.token_strings())
 
 
 def teacher_map(path: str, student) -> tuple[np.ndarray, dict]:
@@ -730,9 +723,7 @@ def import_logprobs(config: BuildConfig, files: list[str], views_dir: str | None
     check_views_dir(views_dir, config, transfer_set, augmentation)
   num_rows = len(transfer_set) * config.views
   vocab = int(transfer_set.num_classes)
-  probe = make_spec(config, transfer_set, None, augmentation, [], vocab)
-  view, position = probe.row_sources(np.arange(num_rows))
-  del view
+  _, position = row_sources(np.arange(num_rows), len(transfer_set), config.seed, GROUPED, config.views)
   if not config.ignore_limits:  # The rows, and every file's distributions at once (ids, log-probs: 16 B a slot).
     limits.check_memory(num_rows * positions * (16 + 8 * 8), f"holding {num_rows:,} token rows of {positions} "
                         "positions and their distributions (about 8 slots a position's 16 bytes)",
@@ -761,16 +752,15 @@ def import_logprobs(config: BuildConfig, files: list[str], views_dir: str | None
   settings = {"format": sorted(layouts)[0] if len(layouts) == 1 else sorted(layouts), "k": k,
               "generation_temperature": tg, **({"teacher_tokenizer": map_record} if map_record else {}),
               "max_padding_mass": config.max_padding_mass, "min_mapped_share": config.min_mapped_share,
-              "retemper": t}
+              "retemper_to": t}
   digest = hashlib.sha256()
   for array in (placed.ids, placed.log_probs, placed.present):
     digest.update(np.ascontiguousarray(array).tobytes())
   digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
-  imported = {**settings, **record, "files": [os.path.basename(storage.local(f).rstrip("/")) for f in files],
-              "shift_rates": rates}
+  imported = {**{key: v for key, v in settings.items() if key not in ("teacher_tokenizer", "retemper_to")}, **record,
+              "files": [os.path.basename(storage.local(f).rstrip("/")) for f in files], "shift_rates": rates}
   if map_record:
-    imported["tokenizer_map"] = {**map_record, **imported.get("tokenizer_map", {})}
-    del imported["teacher_tokenizer"]
+    imported["tokenizer_map"] = {**map_record, **record["tokenizer_map"]}
   name = os.path.splitext(os.path.basename(storage.local(files[0]).rstrip("/")))[0]
   member = MemberSpec(name=name, source=files[0] if len(files) == 1 else ", ".join(files), model=IMPORTED,
                       num_params=0, digest=digest.hexdigest(), trained_epochs=None,
