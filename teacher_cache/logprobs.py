@@ -75,6 +75,9 @@ REST_RULE = "even"
 # Refused as "shifted" when position j's top-k holds token j more often than this factor times token j + 1 (and
 # at least SHIFT_MARGIN more often): an aligned teacher's top-k holds the next token far more often than the current.
 SHIFT_FACTOR, SHIFT_MARGIN = 2.0, 0.05
+# How many [R, L, K] float64 arrays the pipeline holds at once: an assumed count (the placed ids and log-probabilities,
+# probabilities, kept probabilities, their order, ids and the stored arrays), not a measurement.
+WORKING_COPIES = 12
 _PROGRESS_BYTES = 16 << 20  # Files of more bytes than this show a progress bar over the bytes read.
 # The import settings of `BuildConfig` and whether `--logits` refuses them when given (they are --logprobs's).
 LOGPROB_SETTINGS = ("generation_temperature", "retemper", "max_padding_mass", "teacher_tokenizer", "min_mapped_share")
@@ -680,13 +683,21 @@ def distributions(placed: Placed, labels: np.ndarray, vocab: int, limit: int, ma
 
 
 def _fill_ids(ids: np.ndarray, vocab: int) -> np.ndarray:
-  """[..., K] the smallest ids not among `ids`'s (>= 0) of the same position, in order, for the slots to fill."""
+  """[..., K] ids for the empty slots (id < 0) of each position: the smallest ids not among its own, in order (a
+  position without any: 0..K-1). Only positions with some ids and some empty slots are searched, in batches."""
   k = ids.shape[-1]
-  candidates = np.arange(2 * k)  # At most k used: among 2k candidates k are free.
-  taken = (ids[..., None, :] == candidates[:, None]).any(-1)  # [..., 2k]
-  free = np.argsort(taken, axis=-1, kind="stable")[..., :k]  # Free candidates first, smallest first.
-  slots = np.cumsum(ids < 0, axis=-1) - 1  # The slot's rank among the empty ones.
-  return np.minimum(np.take_along_axis(free, np.maximum(slots, 0), -1), vocab - 1)
+  flat = ids.reshape(-1, k)
+  out = np.broadcast_to(np.arange(k), flat.shape).copy()
+  empty = flat < 0
+  partial = np.flatnonzero(empty.any(-1) & ~empty.all(-1))
+  candidates = np.arange(min(2 * k, vocab))  # At most k - 1 used: k free among them (K <= V).
+  for start in range(0, len(partial), 1 << 14):
+    rows = partial[start:start + (1 << 14)]
+    taken = (flat[rows, None, :] == candidates[:, None]).any(-1)  # [n, candidates]
+    free = candidates[np.argsort(taken, axis=-1, kind="stable")[:, :k]]  # Free ones first, smallest first.
+    slot = np.maximum(np.cumsum(empty[rows], axis=-1) - 1, 0)  # Each empty slot's rank among the empty ones.
+    out[rows] = np.take_along_axis(free, slot, -1)
+  return out.reshape(ids.shape)
 
 
 # --- the command ---------------------------------------------------------------------------------------------------
@@ -724,9 +735,8 @@ def import_logprobs(config: BuildConfig, files: list[str], views_dir: str | None
   num_rows = len(transfer_set) * config.views
   vocab = int(transfer_set.num_classes)
   _, position = row_sources(np.arange(num_rows), len(transfer_set), config.seed, GROUPED, config.views)
-  if not config.ignore_limits:  # The rows, and every file's distributions at once (ids, log-probs: 16 B a slot).
-    limits.check_memory(num_rows * positions * (16 + 8 * 8), f"holding {num_rows:,} token rows of {positions} "
-                        "positions and their distributions (about 8 slots a position's 16 bytes)",
+  if not config.ignore_limits:  # The rows and labels, before any file is read.
+    limits.check_memory(num_rows * positions * 16, f"holding {num_rows:,} token rows of {positions} positions",
                         "import fewer rows (a smaller text: set)", IGNORE_LIMITS)
   x, labels = transfer_set.read(position)
   x, labels = np.asarray(x), label_ids(labels)
@@ -739,6 +749,10 @@ def import_logprobs(config: BuildConfig, files: list[str], views_dir: str | None
     layouts.add(layout)
     segments.extend(found)
   k = max(s.ids.shape[1] for s in segments)
+  if not config.ignore_limits:  # Every distribution in row order, and the pipeline's copies of them (float64).
+    limits.check_memory(num_rows * positions * k * 8 * WORKING_COPIES, f"the top-{k} distributions of {num_rows:,} "
+                        f"rows of {positions} positions ({WORKING_COPIES} float64 copies)",
+                        "import fewer rows (a smaller text: set)", IGNORE_LIMITS)
   k_out = _targets_k(config, k)
   if k_out > vocab:
     raise StillroomError(f"--logprobs: top-{k_out} of a vocabulary of {vocab}: give --targets topk:K with K <= {vocab}.")

@@ -394,3 +394,23 @@ def test_temperature_with_logprobs_is_refused(built, text_dir, tmp_path):
   x, full = built["x"], built["full"][1]
   refused(text_dir, tmp_path, [write_npz(tmp_path / "t.npz", arrays_of(x, full))],
           r"--temperature 2 with --logprobs: .* --generation-temperature Tg .* --retemper T", temperature=2.0)
+
+
+@pytest.mark.fast
+def test_empty_slots_take_the_smallest_ids_a_position_does_not_hold():
+  from teacher_cache.logprobs import _fill_ids  # pylint: disable=import-outside-toplevel
+  ids = np.array([[[0, 2, -1, -1], [-1, -1, -1, -1], [5, 1, 0, -1], [3, 1, 2, 0]]])
+  filled = _fill_ids(ids, 6)
+  np.testing.assert_array_equal(np.where(ids >= 0, ids, filled), [[[0, 2, 1, 3], [0, 1, 2, 3], [5, 1, 0, 2],
+                                                                   [3, 1, 2, 0]]])
+  assert _fill_ids(np.array([[4, -1, -1]]), 5).tolist()[0][1:] == [0, 1]  # A small vocabulary: ids below V.
+
+
+def test_info_prints_the_import_record(built, text_dir, tmp_path, capsys):
+  from teacher_cache.cli import main  # pylint: disable=import-outside-toplevel
+  out = import_logprobs(settings(text_dir, tmp_path / "c.zarr", retemper=4.0),
+                        [write_npz(tmp_path / "t.npz", arrays_of(built["x"], built["full"][1]))])
+  main(["info", out])
+  lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("import ")]
+  assert "arrays top-8 log-probabilities, generation temperature 1" in lines[0]
+  assert "re-tempered from T=1 to T=4 (a = 0.25)" in lines[1] and "rule 'even'" in lines[1]
