@@ -452,7 +452,8 @@ def align(segments: list[Segment], x: np.ndarray, labels: np.ndarray, positions_
       j = int(np.argmax(wrong))
       shifted = _shift_of(tokens, row_tokens, known)
       what = "its tokens are the row's shifted by one position" if shifted else f"other tokens{hint}"
-      raise StillroomError(f"{where}, position {s.start + j}, {_document(transfer_set, positions_of_rows[s.row], s.start + j)}): "
+      document = _document(transfer_set, positions_of_rows[s.row], s.start + j)
+      raise StillroomError(f"{where}, position {s.start + j}, {document}): "
                            f"the teacher scored token {int(s.tokens[j])}, the row holds {int(row_tokens[j])}: {what}.")
     s_ids = s.ids
     if s.holds is not None:  # vLLM without its token ids: entry j + 1 (here j) must hold the row's token j + 1.
@@ -481,8 +482,8 @@ def _check_rows(placed: Placed, labels: np.ndarray, files: list[str], positions_
   if not given.all():
     missing = np.flatnonzero(~given)
     raise StillroomError(f"--logprobs {', '.join(map(repr, files))} give(s) no log-probabilities for {len(missing)} of "
-                         f"the {len(given)} rows, row ids {listed(missing.tolist())}; score every row of `teacher-cache "
-                         "views`.")
+                         f"the {len(given)} rows, row ids {listed(missing.tolist())}; score every row of "
+                         "`teacher-cache views`.")
   lacking = (labels >= 0) & ~placed.present
   if lacking.any():
     r, j = (int(v) for v in np.argwhere(lacking)[0])
@@ -517,7 +518,7 @@ def _check_values(placed: Placed, positions_of_rows, transfer_set) -> None:
     refuse(bad, "a token id appears twice in one top-k")
 
 
-def _check_shift_rates(placed: Placed, x: np.ndarray, labels: np.ndarray) -> dict:
+def _check_shift_rates(placed: Placed, x: np.ndarray, labels: np.ndarray, files: list[str]) -> dict:
   """How often position j's top-k holds token j + 1 (aligned) and token j (shifted), over predicting positions
   where the two differ; refuses a clearly higher shifted rate."""
   tokens = x[:, 0].astype(np.int64)
@@ -527,11 +528,10 @@ def _check_shift_rates(placed: Placed, x: np.ndarray, labels: np.ndarray) -> dic
   hold_next = (placed.ids == labels[..., None]).any(-1)[considered].mean()
   hold_this = (placed.ids == tokens[..., None]).any(-1)[considered].mean()
   if hold_this > max(SHIFT_FACTOR * hold_next, hold_next + SHIFT_MARGIN):
-    files = sorted(set(placed.source.values()))
-    raise StillroomError(f"--logprobs {files[0].split(' ')[0]}: its distributions are shifted by one position: position "
-                         f"j's top-k holds token j in {100 * hold_this:.1f}% of the predicting positions, the next "
-                         f"token j + 1 in only {100 * hold_next:.1f}%; position j must hold the distribution of token "
-                         "j + 1 (vLLM's prompt_logprobs[j + 1], axolotl's logprobs[j]).")
+    raise StillroomError(f"--logprobs {', '.join(map(repr, files))}: the distributions are shifted by one "
+                         f"position: position j's top-k holds token j in {100 * hold_this:.1f}% of the predicting "
+                         f"positions, the next token j + 1 in only {100 * hold_next:.1f}%; position j must hold the "
+                         "distribution of token j + 1 (vLLM's prompt_logprobs[j + 1], axolotl's logprobs[j]).")
   return {"aligned": float(hold_next), "shifted": float(hold_this)}
 
 
@@ -623,10 +623,11 @@ def distributions(placed: Placed, labels: np.ndarray, vocab: int, limit: int, ma
   if over.any():
     r, j = (int(v) for v in np.argwhere(over)[0])
     raise StillroomError(f"--logprobs {placed.source[r]} (row {r}, position {j}, "
-                         f"{_document(transfer_set, positions_of_rows[r], j)}): the teacher puts {pad_mass[r, j]:.3g} of "
-                         f"its mass on ids >= {limit} (a vocabulary padded past the tokenizer's {limit}), more than "
-                         f"--max-padding-mass {config.max_padding_mass:g}: another tokenizer's ids (--teacher-tokenizer),"
-                         " or a model that is not trained on its padding?")
+                         f"{_document(transfer_set, positions_of_rows[r], j)}): the teacher puts "
+                         f"{pad_mass[r, j]:.3g} of its mass on ids >= {limit} (a vocabulary padded past the "
+                         f"tokenizer's {limit}), more than "
+                         f"--max-padding-mass {config.max_padding_mass:g}: another tokenizer's ids "
+                         "(--teacher-tokenizer), or a model that is not trained on its padding?")
   if padding.any():
     record["padding"] = {"vocab_size": int(limit), "bound": config.max_padding_mass,
                          "mass_max": float(pad_mass[present].max()), "mass_mean": float(pad_mass[present].mean())}
@@ -755,12 +756,13 @@ def import_logprobs(config: BuildConfig, files: list[str], views_dir: str | None
                         "import fewer rows (a smaller text: set)", IGNORE_LIMITS)
   k_out = _targets_k(config, k)
   if k_out > vocab:
-    raise StillroomError(f"--logprobs: top-{k_out} of a vocabulary of {vocab}: give --targets topk:K with K <= {vocab}.")
+    raise StillroomError(f"--logprobs: top-{k_out} of a vocabulary of {vocab}: give --targets topk:K with K <= "
+                         f"{vocab}.")
   placed = align(segments, x, labels, position, transfer_set, mapping, k)
   del segments
   _check_rows(placed, labels, files, position, transfer_set)
   _check_values(placed, position, transfer_set)
-  rates = _check_shift_rates(placed, x, labels)
+  rates = _check_shift_rates(placed, x, labels, files)
   limit = len(mapping) if mapping is not None else vocab
   targets, record = distributions(placed, labels, vocab, limit, mapping, config, k_out, position, transfer_set)
   settings = {"format": sorted(layouts)[0] if len(layouts) == 1 else sorted(layouts), "k": k,
@@ -819,7 +821,8 @@ def record_lines(imported: dict) -> list[str]:
   if "retemper" in imported:
     r = imported["retemper"]
     lines.append(f"re-tempered from T={r['from']:g} to T={r['to']:g} (a = {r['a']:.4g}): top k exact, rest by the "
-                 f"rule {r['rule']!r} (spread evenly over {r['tail_tokens']:,} tokens); rest share mean {r['rest_share_mean']:.4g}, bounds' width mean "
+                 f"rule {r['rule']!r} (spread evenly over {r['tail_tokens']:,} tokens); rest share mean "
+                 f"{r['rest_share_mean']:.4g}, bounds' width mean "
                  f"{r['bounds_width_mean']:.3g}, worst {r['bounds_width_max']:.3g}")
   return lines
 

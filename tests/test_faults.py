@@ -2742,7 +2742,8 @@ def _(env, tmp_path, mp):
   folder, x = _logprob_rows(tmp_path)
   return (cache_main, _logprob_import(tmp_path, folder, "--logprobs", _logprob_npz(tmp_path, x), "--temperature",
                                       "2"), 2,
-          r"--temperature 2 with --logprobs: .*--generation-temperature Tg.*--retemper T", [Absent(tmp_path / "c.zarr")])
+          r"--temperature 2 with --logprobs: .*--generation-temperature Tg.*--retemper T",
+          [Absent(tmp_path / "c.zarr")])
 
 
 @fault("import --logits with a --logprobs setting")

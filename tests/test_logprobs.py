@@ -166,7 +166,8 @@ def test_an_import_equals_the_build_of_the_same_distribution(built, text_dir, tm
   x, full = built["x"], built["full"][1]
   writers = {"vllm": lambda p: write_vllm(p, x, full), "vllm-no-ids": lambda p: write_vllm(p, x, full, token_ids=False),
              "axolotl-v1": lambda p: write_axolotl(p, x, full, 1), "axolotl-v2": lambda p: write_axolotl(p, x, full, 2),
-             "npz": lambda p: write_npz(p, arrays_of(x, full)), "parquet": lambda p: write_parquet(p, arrays_of(x, full))}
+             "npz": lambda p: write_npz(p, arrays_of(x, full)),
+             "parquet": lambda p: write_parquet(p, arrays_of(x, full))}
   suffix = {"npz": ".npz", "parquet": ".parquet"}.get(layout, ".jsonl")
   path = writers[layout](tmp_path / f"teacher{suffix}")
   out = import_logprobs(settings(text_dir, tmp_path / "c.zarr"), [path])
@@ -255,7 +256,8 @@ def test_retemper_through_the_import_records_its_bounds(built, text_dir, tmp_pat
   # Exact ratios at T = 2: the re-tempered top k differ by half the T = 1 differences.
   np.testing.assert_allclose(np.diff(got["target_log_probs"][has], axis=-1), np.diff(lps[has], axis=-1) / 2, atol=1e-5)
   # The true rest at T = 2 (the full distribution's) lies within the recorded rule's bounds: check per position.
-  true_rest = np.exp(built["full"][2][has]).sum(-1) - np.exp(np.take_along_axis(built["full"][2][has], ids[has], -1)).sum(-1)
+  at_2 = built["full"][2][has]
+  true_rest = 1 - np.exp(np.take_along_axis(at_2, ids[has], -1)).sum(-1)
   tail = 1 - np.exp(lps[has]).sum(-1)
   low, high = rest_bounds(None, tail, 0.5, V - K)
   top = np.exp(0.5 * lps[has]).sum(-1)
@@ -310,9 +312,10 @@ def test_a_distribution_shifted_by_one_is_refused_by_its_rates(built, text_dir, 
   x, full = built["x"], built["full"][1]
   arrays = arrays_of(x, full)
   # Position j holds the distribution of token j (not j + 1): the token ids are right, the top-k are not.
-  arrays["topk_ids"][:, 1:], arrays["topk_log_probs"][:, 1:] = arrays["topk_ids"][:, :-1], arrays["topk_log_probs"][:, :-1]
+  for name in ("topk_ids", "topk_log_probs"):
+    arrays[name][:, 1:] = arrays[name][:, :-1].copy()
   refused(text_dir, tmp_path, [write_npz(tmp_path / "d.npz", arrays)],
-          r"distributions are shifted by one position: position j's top-k holds token j in \d")
+          r"d\.npz': the distributions are shifted by one position: position j's top-k holds token j in \d")
 
 
 def test_mass_on_padded_vocabulary_ids_is_bounded(built, text_dir, tmp_path):
@@ -383,7 +386,8 @@ def test_missing_repeated_and_unknown_rows_and_positions_are_refused(built, text
   refused(text_dir, tmp_path, [write_npz(tmp_path / "h.npz", holes)],
           rf"\(row {r}, position {j}, .*\): 1 position\(s\) that predict a token have no distribution")
   some = {name: values[:-1] for name, values in arrays.items()}
-  refused(text_dir, tmp_path, [write_npz(tmp_path / "m.npz", some)], rf"no log-probabilities for 1 of the {len(x)} rows")
+  refused(text_dir, tmp_path, [write_npz(tmp_path / "m.npz", some)],
+          rf"no log-probabilities for 1 of the {len(x)} rows")
   refused(text_dir, tmp_path, [write_npz(tmp_path / "a.npz", arrays), write_npz(tmp_path / "b.npz", arrays)],
           r"position 0 is given twice")
   unknown = {**arrays, "row": arrays["row"] + 1}
