@@ -535,10 +535,9 @@ def _check_shift_rates(placed: Placed, x: np.ndarray, labels: np.ndarray, files:
   return {"aligned": float(hold_next), "shifted": float(hold_this)}
 
 
-def rest_bounds(top_mass_a: np.ndarray, rest: np.ndarray, a: float, n: int) -> tuple[np.ndarray, np.ndarray]:
+def rest_bounds(rest: np.ndarray, a: float, n: int) -> tuple[np.ndarray, np.ndarray]:
   """The bounds of the re-tempered tail mass R = Σ_tail p_i^a of a tail of mass `rest` r over n tokens:
   [r^a, n^(1-a) r^a] for a < 1, swapped for a > 1 (r^a: the tail as one token; n^(1-a) r^a: spread evenly)."""
-  del top_mass_a
   one = np.power(rest, a)
   even = np.power(float(max(n, 1)), 1 - a) * one
   return np.minimum(one, even), np.maximum(one, even)
@@ -559,7 +558,7 @@ def retemper(log_probs: np.ndarray, log_rest: np.ndarray, a: float, n: int) -> t
   """
   top = np.exp(a * log_probs)
   rest = np.exp(log_rest)
-  low, high = rest_bounds(None, rest, a, n)
+  low, high = rest_bounds(rest, a, n)
   middle = np.power(float(max(n, 1)), 1 - a) * np.power(rest, a)  # REST_RULE: spread evenly.
   top_sum = top.sum(-1)
   total = top_sum + middle

@@ -249,6 +249,10 @@ class CacheSpec:
       token j + 1 (`labels[r, j]`); 0 for a class-level cache, whose attributes and build key omit it (so every
       store written before it reads and resumes the same). A token cache is schema `TOKEN_SCHEMA_VERSION`, of one
       view, without specialists, features, cross-fitting or mixed views.
+    imported: `teacher-cache import --logprobs`'s record (`teacher_cache.logprobs`: the file layout, k, the
+      generation temperature, the vocabulary trim, tokenizer map and re-tempering with their figures); None for any
+      other cache, and then absent from its attributes (so every store written before it reads the same). Not part
+      of `build_key`: the member's digest covers the import's arrays and settings.
   """
 
   temperature: float
