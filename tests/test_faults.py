@@ -2760,6 +2760,14 @@ def _(env, tmp_path, mp):
           r"argument --logprobs: not allowed with argument --logits", [Absent(tmp_path / "c.zarr")])
 
 
+@fault("import --logprobs of class-level data")
+def _(env, tmp_path, mp):
+  (tmp_path / "t.jsonl").write_text('{"row": 0, "input_ids": [1, 2], "logprobs": [[]]}\n')
+  return (cache_main, ["import", "--dataset", "digits", "--logprobs", tmp_path / "t.jsonl", "--out",
+                       tmp_path / "c.zarr"], 2, r"--logprobs: 'digits' holds no token rows .*imported with --logits",
+          [Absent(tmp_path / "c.zarr")])
+
+
 @fault("import --logprobs of a file in no layout")
 def _(env, tmp_path, mp):
   folder, _ = _logprob_rows(tmp_path)

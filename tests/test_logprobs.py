@@ -418,3 +418,27 @@ def test_info_prints_the_import_record(built, text_dir, tmp_path, capsys):
   lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("import ")]
   assert "arrays top-8 log-probabilities, generation temperature 1" in lines[0]
   assert "re-tempered from T=1 to T=4 (a = 0.25)" in lines[1] and "rule 'even'" in lines[1]
+
+
+def test_the_rows_of_views_are_the_rows_import_aligns_to(built, text_dir, tmp_path):
+  """A teacher scoring the rows `teacher-cache views` writes (x, row) gives files that import with --views-dir."""
+  from teacher_cache.external import write_views  # pylint: disable=import-outside-toplevel
+  write_views(settings(text_dir, tmp_path / "views"))
+  with np.load(tmp_path / "views" / "views_00000.npz") as views:
+    np.testing.assert_array_equal(views["x"], built["x"][views["row"], 0])
+    np.testing.assert_array_equal(views["segment_ids"], built["x"][views["row"], 1])
+  path = write_npz(tmp_path / "t.npz", arrays_of(built["x"], built["full"][1]))
+  out = import_logprobs(settings(text_dir, tmp_path / "c.zarr"), [path], views_dir=str(tmp_path / "views"))
+  assert_same_targets(out, built["caches"][1], built["x"])
+  with pytest.raises(StillroomError, match="holds views of other settings"):
+    import_logprobs(settings(text_dir, tmp_path / "d.zarr", seed=1), [path], views_dir=str(tmp_path / "views"))
+
+
+@pytest.mark.fast
+def test_a_vllm_server_response_is_read_from_its_first_choice(tmp_path):
+  path = tmp_path / "r.jsonl"
+  path.write_text(json.dumps({"row": 1, "start": 4, "choices": [{"prompt_token_ids": [3, 4], "prompt_logprobs": [
+      None, {"4": {"logprob": -0.5, "rank": 1}}]}]}) + "\n")
+  layout, (segment,) = read_jsonl(str(path), 2)
+  assert layout == "vllm" and (segment.row, segment.start) == (1, 4) and segment.tokens.tolist() == [3, 4]
+  assert segment.ids[0, 0] == 4 and segment.log_probs[0, 0] == -0.5
