@@ -110,9 +110,10 @@ def teacher_cache_parser() -> argparse.ArgumentParser:
   imported = commands.add_parser(
       "import", allow_abbrev=False, help="build a cache from another framework's logits on the rows of `views`",
       formatter_class=argparse.RawDescriptionHelpFormatter,
-      description="Build a cache from external teachers' logits on the rows written by `teacher-cache views`, given "
-                  "the same --dataset, --split, --views, --seed and view options. The cache is like any other: the "
-                  "same spec, targets, `info` and `verify`; it stores no eval split.\n\n" + _LOGPROBS_HELP)
+      description=textwrap.fill(
+          "Build a cache from external teachers' logits on the rows written by `teacher-cache views`, given the same "
+          "--dataset, --split, --views, --seed and view options. The cache is like any other: the same spec, "
+          "targets, `info` and `verify`; it stores no eval split.", 116) + "\n\n" + _LOGPROBS_HELP)
   given = imported.add_mutually_exclusive_group(required=True)
   given.add_argument("--logits", action="append", metavar="MEMBER.npz",
                      help="one ensemble member's logits: an .npz with `row` (row ids, any order, each row once) "
