@@ -303,6 +303,24 @@ def read_logits(path: str, num_rows: int, dtype: str) -> np.ndarray:
   return ordered
 
 
+def check_views_dir(views_dir: str, config: BuildConfig, transfer_set, augmentation) -> str:
+  """Checks that `views_dir` holds views of these settings; returns their row order.
+
+  Raises:
+    StillroomError: no views there, or views of other settings (listing the differences).
+  """
+  recorded = {k: v for k, v in read_views(views_dir).items() if k != "chunk_rows"}
+  # Views written before the grouped order record none: their rows are view-major ("permuted"), and the cache
+  # keeps that order, so that each row id names the row the teacher labelled.
+  row_order = recorded.setdefault("row_order", PERMUTED)
+  changed = differences(recorded, {**_views_record(config, transfer_set, augmentation), "row_order": row_order},
+                        "views")
+  if changed:
+    raise StillroomError(f"--views-dir {views_dir!r} holds views of other settings than these: "
+                         f"{'; '.join(changed)}. Give import the settings the views were written with.")
+  return row_order
+
+
 def _member_name(path: str) -> str:
   """A member's display name: its file's name without `.npz`."""
   name = os.path.basename(storage.local(path).rstrip("/"))
@@ -330,17 +348,7 @@ def import_cache(config: BuildConfig, logits_files: list[str], views_dir: str | 
   check_not_an_input(config.out, [*logits_files, local_path(config.dataset), config.data_dir], "--out")
   transfer_set, augmentation = open_views(config)
   refuse_token_rows(transfer_set, "import")
-  row_order = GROUPED
-  if views_dir is not None:
-    recorded = {k: v for k, v in read_views(views_dir).items() if k != "chunk_rows"}
-    # Views written before the grouped order record none: their rows are view-major ("permuted"), and the cache
-    # keeps that order, so that each row id names the row the teacher labelled.
-    row_order = recorded.setdefault("row_order", PERMUTED)
-    changed = differences(recorded, {**_views_record(config, transfer_set, augmentation), "row_order": row_order},
-                          "views")
-    if changed:
-      raise StillroomError(f"--views-dir {views_dir!r} holds views of other settings than these: "
-                           f"{'; '.join(changed)}. Give import the settings the views were written with.")
+  row_order = GROUPED if views_dir is None else check_views_dir(views_dir, config, transfer_set, augmentation)
   num_rows = len(transfer_set) * config.views
   logits, members, digests, names = None, [], {}, {}
   for m, path in enumerate(logits_files):
