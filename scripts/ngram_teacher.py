@@ -50,7 +50,7 @@ TOP_K = 20  # vLLM's default `max_logprobs`.
 # files): 4.64, 4.30, 4.08, 3.93, 3.89, 3.88.
 ORDER = 6
 FOLDS = 4
-_BATCH_POSITIONS = 4096  # Positions whose [n, V] distributions are held at once.
+_BATCH_VALUES = 1 << 23  # Probabilities held at once (float64: 64 MiB): positions x V.
 
 
 def piece_offsets(segments: np.ndarray) -> np.ndarray:
@@ -96,7 +96,8 @@ class _Level:
 
 
 class NgramLM:
-  """Interpolated Kneser-Ney n-gram language model over token ids 0..V-1 (see the module).
+  """Interpolated Kneser-Ney n-gram language model over token ids 0..V-1 (see the module). It computes dense [V]
+  distributions, 64 MiB of them at a time: meant for small vocabularies (the byte tokenizer's 256).
 
   Args:
     order: N, the longest n-gram (a context of N - 1 tokens).
@@ -149,8 +150,9 @@ class NgramLM:
     keys = [k.reshape(-1) for k in context_keys(tokens, self.order, v)]
     longest = np.minimum(piece_offsets(segments).reshape(-1) + 1, self.order - 1)
     out = np.empty((n_rows * length, v))
-    for start in range(0, n_rows * length, _BATCH_POSITIONS):
-      part = slice(start, start + _BATCH_POSITIONS)
+    batch = max(1, _BATCH_VALUES // v)
+    for start in range(0, n_rows * length, batch):
+      part = slice(start, start + batch)
       out[part] = self._probs_of(longest[part], [k[part] for k in keys])
     return out.reshape(n_rows, length, v)
 
@@ -265,8 +267,9 @@ def score(views: str, out: str, order: int = ORDER, k: int = TOP_K, folds: int =
   models = fold_models(x, segments, row, order, vocab_size, folds)
   lines = positions = 0
   with open(out + ".partial", "w", encoding="utf-8") as f:
-    for start in range(0, len(row), 64):
-      part = slice(start, start + 64)
+    batch = max(1, _BATCH_VALUES // (x.shape[1] * vocab_size))
+    for start in range(0, len(row), batch):
+      part = slice(start, start + batch)
       probs = cross_fitted_probs(models, x[part], segments[part], row[part])
       for r, tokens, segs, p in zip(row[part], x[part], segments[part], probs):
         for line in vllm_lines(int(r), tokens, segs, p, k, decoded):
@@ -368,7 +371,7 @@ def run_pipeline(work: str, results_dir: str, seeds: int, smoke: bool = False, o
   clock = time.perf_counter()
   ngram_cache = os.path.join(work, f"ngram_{tag}_o{order}_f{folds}.zarr")
   if not os.path.exists(os.path.join(ngram_cache, "zarr.json")):
-    _cli(cache_main, ["import", *common, "--logprobs", jsonl, "--out", ngram_cache])
+    _cli(cache_main, ["import", *common, "--views-dir", views, "--logprobs", jsonl, "--out", ngram_cache])
   stages.seconds["import"] = time.perf_counter() - clock
   clock = time.perf_counter()
   jax_cache = text_cache(config, sizes, data, teachers, f"topk:{TOP_K}", 1.0)

@@ -206,6 +206,7 @@ def test_the_worked_example_end_to_end_at_a_tiny_size(tmp_path, compilation_cach
   same rows: the imported cache holds the n-gram's own top k (a second reader: the model scored again), the arms'
   paired differences, the outputs."""
   from shared.cache import open_cache
+  from teacher_cache.verify import verify_cache
   results = ngram.run_pipeline(str(tmp_path / "work"), str(tmp_path / "results"), seeds=1, smoke=True, order=3,
                                folds=2)
   assert set(results["students"]) == {"hard labels", "n-gram KD", "JAX-teacher KD"}
@@ -221,6 +222,7 @@ def test_the_worked_example_end_to_end_at_a_tiny_size(tmp_path, compilation_cach
   assert all(value > 0 for value in results["teachers_bits_per_byte"].values())
   ngram_cache = next((tmp_path / "work").glob("ngram_*.zarr"))
   cache = open_cache(str(ngram_cache))
+  assert not [c for c in verify_cache(str(ngram_cache)) if c.failed]
   assert cache.spec.targets == "topk:20" and cache.spec.temperature == 1.0
   rows = ngram.read_all_views(str(next((tmp_path / "work").glob("ngram_*_views"))))
   models = ngram.fold_models(rows["x"], rows["segment_ids"], rows["row"], 3, 256, 2)
