@@ -303,13 +303,13 @@ def bits_per_byte(model: NgramLM, data) -> float:
 
 def example_sizes(smoke: bool):
   """The example's sizes: the text demo's data, teacher and students (`TextDemo`) on rows of 64 bytes, the first 768
-  of them (half the demo's tokens), 3 student epochs, so that the whole run takes about 10 minutes on 2 CPU cores;
+  of them (half the demo's tokens), 6 student epochs, so that the whole run takes about 10 minutes on 2 CPU cores;
   `smoke`: tiny (its figures mean nothing)."""
   from stillroom.demo import TextDemo  # pylint: disable=import-outside-toplevel
   if smoke:
     return TextDemo(seq_len=16, train_rows=16, test_rows=4, teacher_epochs=1, student_epochs=1, batch_size=8,
                     teacher_model="lm-tiny", seeds=2, topk=(TOP_K,))
-  return TextDemo(seq_len=64, train_rows=768, test_rows=192, teacher_epochs=3, student_epochs=3, batch_size=16,
+  return TextDemo(seq_len=64, train_rows=768, test_rows=192, teacher_epochs=3, student_epochs=6, batch_size=16,
                   seeds=3, topk=(TOP_K,))
 
 
