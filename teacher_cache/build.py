@@ -107,7 +107,9 @@ class BuildConfig(DataSettings, ViewSettings, ComputeSettings, JobSettings, Outp
                                          f"as many rows as {TOKEN_CHUNK_MIB} MiB of the cache's arrays hold, at most "
                                          f"{DEFAULT_CHUNK_ROWS}, at least 1)", metavar="N",
                             group="run", commands=(BUILD, VIEWS, IMPORT, EXTEND, *DERIVE),
-                            helps={VIEWS: ("rows per views_*.npz file, a multiple of --views", None),
+                            helps={VIEWS: ("rows per views_*.npz file, a multiple of --views (token rows: by "
+                                           f"default as many as {TOKEN_CHUNK_MIB} MiB of their token and segment ids "
+                                           f"hold, at most {DEFAULT_CHUNK_ROWS})", None),
                                    EXTEND: ("rows per Zarr chunk of the extended cache, a multiple of its views "
                                             "(default: the cache's if it is one, else the build's default for "
                                             "those views)", None),
@@ -121,6 +123,25 @@ class BuildConfig(DataSettings, ViewSettings, ComputeSettings, JobSettings, Outp
                   "gathered inside each forward pass: a teacher need not fit on one device); the batch is split over "
                   "the same devices either way, and the store is the same within float rounding", choices=SHARDINGS,
       group="run", identity=False, scope="process", commands=(BUILD, EXTEND))
+  generation_temperature: float = setting(
+      1.0, "log-probabilities imported: the temperature the teacher's log-probabilities were computed at (vLLM's "
+           "raw log-probabilities: 1); the cache's temperature", metavar="Tg", group="teachers", commands=(IMPORT,))
+  retemper: float | None = setting(
+      None, "log-probabilities imported: re-temper them from Tg to T: the top k exactly (p^(Tg/T)), the rest as if "
+            "spread evenly over the other tokens, its bounds recorded (default: keep Tg)", metavar="T",
+      group="teachers", commands=(IMPORT,))
+  max_padding_mass: float = setting(
+      1e-3, "log-probabilities imported: the most top-k mass a position may put on ids past the vocabulary (a "
+            "padded teacher vocabulary's padding, trimmed)", metavar="MASS", group="teachers", commands=(IMPORT,),
+      check=lambda v: 0 <= v < 1 or "must be in [0, 1)")
+  teacher_tokenizer: str | None = setting(
+      None, "log-probabilities imported: the teacher's tokenizer.json, when it is not the student's: its ids are "
+            "mapped to the student's by exact token strings, unmapped mass goes to the rest",
+      metavar="TOKENIZER.json", group="teachers", commands=(IMPORT,))
+  min_mapped_share: float = setting(
+      0.9, "a teacher tokenizer given: the least mean share of the teacher's top-k mass that must map to student "
+           "tokens", metavar="SHARE", group="teachers", commands=(IMPORT,),
+      check=lambda v: 0 <= v <= 1 or "must be in [0, 1]")
   ignore_limits: bool = setting(False, "start even when the output's projected size exceeds the free space of its "
                                        "file system, or its chunks' working memory the available memory (both are "
                                        "checked before anything is written)", group="run",

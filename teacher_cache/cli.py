@@ -17,6 +17,7 @@ from teacher_cache.build import BuildConfig, build_cache
 from teacher_cache.derive import convert_cache, merge_caches, subset_cache
 from teacher_cache.extend import ExtendConfig, extend_cache
 from teacher_cache.external import IMPORTED, import_cache, write_views
+from teacher_cache.logprobs import import_logprobs, record_lines, refuse_logprob_settings
 from teacher_cache.info import cache_info, history_lines, prepared_info
 from teacher_cache.prepare import PREPARE, PrepareConfig, prepare_images
 from teacher_cache.specialists import plan_specialists
@@ -53,6 +54,23 @@ a teacher outside JAX labels the rows' inputs, then its logits become a cache:
 """
 
 
+_LOGPROBS_HELP = """\
+--logprobs FILE: a language model's top-k log-probabilities of the token rows of a text: dataset (row ids those of
+`teacher-cache views`; a teacher scores each document piece on its own: it may not attend across a segment):
+  .jsonl, one line per row or per piece, with `row` and `start` (its first row position, default 0):
+    vLLM:       {"row": 0, "prompt_token_ids": [..], "prompt_logprobs": [null, {"104": {"logprob": -0.3, "rank": 1}}]}
+                (or a server response with choices[0].prompt_logprobs); entry i is token i's distribution, its top
+                k plus the prompt's own token; -9999.0 is -inf
+    axolotl v1: {"row": 0, "input_ids": [..], "logprobs": [[{"token": "token_id:104", "logprob": -0.3}, ..], ..]}
+    axolotl v2: {"row": 0, "input_ids": [..], "logprobs": [[-0.3, ..], ..], "target_token_ids": [[104, ..], ..]}
+                (list j is the distribution of input_ids[j + 1])
+  .npz / .parquet: row [R], token_ids [R, L], topk_ids [R, L, K] (-1: no distribution), topk_log_probs [R, L, K];
+    position j holds the distribution of token j + 1.
+The scored tokens must be the rows' (refused otherwise, naming file, row, position and document), every position
+that predicts a token needs a distribution; the cache is topk:K (K the files' k, or --targets topk:K) at
+--generation-temperature, or re-tempered with --retemper T. See docs/external-teachers.md."""
+
+
 def teacher_cache_parser() -> argparse.ArgumentParser:
   """The `teacher-cache` command line."""
   parser = argparse.ArgumentParser(prog="teacher-cache", description=_DESCRIPTION,
@@ -82,17 +100,28 @@ def teacher_cache_parser() -> argparse.ArgumentParser:
                   "teacher receives it:\n  OUT/views_00000.npz ...  x float32 [n, *input_shape], row int64 [n] (the "
                   "row ids)\n  OUT/views.json            the settings (written last: the views are complete)\n"
                   "Run your teacher on each file's x and save one .npz per member with `row` and `logits` [n, C]; "
-                  "then `teacher-cache import` with the same view options builds the cache.")
+                  "then `teacher-cache import` with the same view options builds the cache.\n\n"
+                  "Token rows (--dataset text:PATH --seq-len L): each file holds x int32 [n, L] the token ids, "
+                  "segment_ids int32 [n, L] (1, 2, ... the row's document pieces; 0 padding) and row int64 [n]. A "
+                  "language model must score each document piece on its own (a segment is a prompt: never attend "
+                  "across a segment boundary); its top-k log-probabilities go to `teacher-cache import --logprobs`.")
   add_options(views, BuildConfig, VIEWS, required=("out",))
 
   imported = commands.add_parser(
       "import", allow_abbrev=False, help="build a cache from another framework's logits on the rows of `views`",
-      description="Build a cache from external teachers' logits on the rows written by `teacher-cache views`, given "
-                  "the same --dataset, --split, --views, --seed and view options. The cache is like any other: the "
-                  "same spec, targets, `info` and `verify`; it stores no eval split.")
-  imported.add_argument("--logits", action="append", required=True, metavar="MEMBER.npz",
-                        help="one ensemble member's logits: an .npz with `row` (row ids, any order, each row once) "
-                             "and `logits` [R, C]; repeat for each member")
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      description=textwrap.fill(
+          "Build a cache from external teachers' logits on the rows written by `teacher-cache views`, given the same "
+          "--dataset, --split, --views, --seed and view options. The cache is like any other: the same spec, "
+          "targets, `info` and `verify`; it stores no eval split.", 116) + "\n\n" + _LOGPROBS_HELP)
+  given = imported.add_mutually_exclusive_group(required=True)
+  given.add_argument("--logits", action="append", metavar="MEMBER.npz",
+                     help="one ensemble member's logits: an .npz with `row` (row ids, any order, each row once) "
+                          "and `logits` [R, C]; repeat for each member")
+  given.add_argument("--logprobs", action="append", metavar="FILE",
+                     help="a language model's per-token top-k log-probabilities on the token rows of a text: "
+                          "dataset (.jsonl in vLLM's or axolotl's layout, .npz or .parquet; see above); repeat for "
+                          "shards of one teacher's rows")
   imported.add_argument("--views-dir", metavar="DIR", help="the views the logits are of (`teacher-cache views`): "
                                                            "refuse settings other than theirs")
   add_options(imported, BuildConfig, IMPORT, required=("out",))
@@ -295,6 +324,8 @@ def _print_info(info: dict) -> None:
           f"  classes {specialist['classes']}, dustbin {specialist['dustbin_correction']:+.3f}")
   for line in history_lines(spec):  # How a grown cache was made (`extend`, ...), oldest first.
     print(f"history      {line}")
+  for line in record_lines(spec["imported"]) if spec.get("imported") else ():  # `import --logprobs`'s record.
+    print(f"import       {line}")
   for i, member in enumerate(stats["members"] if stats else []):
     print(f"member {i}     {member['name']}: accuracy {_format_percent(member['accuracy'])} "
           f"(view 0: {_format_percent(member['accuracy_view0'])})")
@@ -342,7 +373,12 @@ def main(argv: list[str] | None = None) -> None:
       record = write_views(from_args(BuildConfig, args))
       print(f"wrote {record['rows']} rows of views to {args.out}")
     elif args.command == "import":
-      import_cache(from_args(BuildConfig, args), args.logits, args.views_dir)
+      config = from_args(BuildConfig, args)
+      if args.logprobs:
+        import_logprobs(config, args.logprobs, args.views_dir)
+      else:
+        refuse_logprob_settings(config)
+        import_cache(config, args.logits, args.views_dir)
     elif args.command == "build":
       if args.specialists and len(args.specialists) > 1:
         raise StillroomError("give --specialists once: the plan, then every specialist run dir.")

@@ -15,6 +15,15 @@ its input, and it is only meaningful with the settings that made the views: `imp
 With mixed views (`--mix`) the written inputs are the mixed images (each augmented view blended with its partner
 view, as a build renders them), and `views.json`'s augmentation records the mix.
 
+Token rows (`text:` data, `--seq-len L`) are written as the token ids a language model reads, one view per row
+(`views.json` adds `"layout": "tokens"`, `seq_len` and `vocab_size`):
+
+  DIR/views_00000.npz    `x` int32 [n, L] the token ids, `segment_ids` int32 [n, L] (1, 2, ... the document
+                         pieces of the row in order; 0 padding) and `row` int64 [n]
+
+A teacher must score each document piece on its own, never attending across a segment boundary: a row's position j
+predicts token j + 1 only within its piece (`shared.data.text.next_token_labels`).
+
 An imported cache is a normal cache (the same spec, arrays, targets and verification as `build`'s), whose members
 are the logits files: model "imported", digest the SHA-256 of the logits in row order. It stores no eval split.
 """
@@ -42,9 +51,9 @@ from shared.outputs import STORE, OutputLock, check_not_an_input, check_output
 from shared.parallel import cap_batch, pad_rows
 from shared.settings import differences
 from shared.workers import BatchRenderer, resolve_workers
-from teacher_cache.build import (IGNORE_LIMITS, BuildConfig, check_limits, check_settings, chunks_to_write,
-                                 declare_complete, make_spec, open_store, open_views, positions_of, put_rows,
-                                 resolve_defaults, targets_of_logits)
+from teacher_cache.build import (DEFAULT_CHUNK_ROWS, IGNORE_LIMITS, TOKEN_CHUNK_MIB, BuildConfig, check_limits,
+                                 check_settings, chunks_to_write, declare_complete, make_spec, open_store, open_views,
+                                 positions_of, put_rows, resolve_defaults, targets_of_logits)
 from teacher_cache.verify import listed
 
 _LOG = logger(__name__)
@@ -53,6 +62,7 @@ IMPORTED = "imported"  # The model of an imported member.
 # How many copies of a views file's rows `views` holds at once: an assumed count, not a measurement (the rendered
 # batches, their concatenation, the .npz buffer and its bytes).
 VIEW_FILE_COPIES = 4
+TOKENS = "tokens"  # views.json's `layout` of token rows.
 
 
 def chunk_file(chunk: int) -> str:
@@ -73,11 +83,14 @@ def write_views(config: BuildConfig) -> dict:
     StillroomError: bad settings or data; an `--out` that holds anything but views, or views of other settings
       (without `--overwrite`).
   """
+  chunk_rows_given = config.chunk_rows is not None
   config = resolve_defaults(config)
   check_settings(config, "DIR")
   check_not_an_input(config.out, [local_path(config.dataset), config.data_dir], "--out")
   transfer_set, augmentation = open_views(config)
-  refuse_token_rows(transfer_set, "views")
+  positions = positions_of(transfer_set.describe())
+  if positions and not chunk_rows_given:
+    config = dataclasses.replace(config, chunk_rows=token_views_chunk_rows(positions))
   workers = resolve_workers(config.workers, transfer_set)
   count = len(transfer_set)
   record = {**_views_record(config, transfer_set, augmentation), "chunk_rows": config.chunk_rows}
@@ -85,7 +98,8 @@ def write_views(config: BuildConfig) -> dict:
   normalization = transfer_set.normalization
   chunks = -(-rows // config.chunk_rows)
   if not config.ignore_limits:
-    row_bytes = 4 * math.prod(record["input_shape"]) + 8  # x float32 and the row id.
+    # x float32 (token rows: x and segment_ids int32, L each) and the row id.
+    row_bytes = 8 * positions + 8 if positions else 4 * math.prod(record["input_shape"]) + 8
     chunk_rows = min(config.chunk_rows, rows)
     limits.check_limits(
         config.out, unit=f"one views file of {chunk_rows:,} rows", unit_bytes=chunk_rows * row_bytes,
@@ -95,6 +109,10 @@ def write_views(config: BuildConfig) -> dict:
   with OutputLock(config.out, "teacher-cache views"):
     if not _prepare(config.out, record, config.overwrite, [chunk_file(c) for c in range(chunks)]):
       _LOG.info(f"{config.out} already holds these views; nothing to do.")
+      return record
+    if positions:
+      _write_token_views(config, transfer_set, rows)
+      storage.write_text(storage.join(config.out, VIEWS_FILE), json.dumps(record, indent=2))  # Last: complete.
       return record
     with BatchRenderer(transfer_set, augmentation, workers=workers) as render, \
         progress(total=rows, unit="row", unit_scale=True, enabled=config.progress, desc="teacher-cache views") as bar:
@@ -116,19 +134,41 @@ def write_views(config: BuildConfig) -> dict:
   return record
 
 
+def token_views_chunk_rows(seq_len: int) -> int:
+  """The default rows per views file of token rows of L = `seq_len` positions: as many as `TOKEN_CHUNK_MIB` (64 MiB)
+  holds of `x` and `segment_ids` (8·L bytes a row), at most `DEFAULT_CHUNK_ROWS`, at least 1: 4096 rows at L <=
+  2048, 1024 rows at L = 8192."""
+  return max(1, min(DEFAULT_CHUNK_ROWS, TOKEN_CHUNK_MIB * 2 ** 20 // (8 * seq_len)))
+
+
+def _write_token_views(config: BuildConfig, transfer_set, rows: int) -> None:
+  """Writes the views files of token rows: row r is the transfer set's example at the seeded row order (one view)."""
+  with progress(total=rows, unit="row", unit_scale=True, enabled=config.progress, desc="teacher-cache views") as bar:
+    for chunk in range(-(-rows // config.chunk_rows)):
+      raise_if_interrupted()
+      start, stop = chunk * config.chunk_rows, min(rows, (chunk + 1) * config.chunk_rows)
+      _, position = row_sources(np.arange(start, stop), len(transfer_set), config.seed, GROUPED, 1)
+      x, _ = transfer_set.read(position)  # int32 [n, 2, L]: token ids and segment ids.
+      buffer = io.BytesIO()
+      np.savez(buffer, x=x[:, 0].astype(np.int32), segment_ids=x[:, 1].astype(np.int32),
+               row=np.arange(start, stop, dtype=np.int64))
+      storage.write_bytes(storage.join(config.out, chunk_file(chunk)), buffer.getvalue())
+      bar.update(stop - start)
+
+
 def refuse_token_rows(transfer_set, command: str) -> None:
-  """External teachers label rows of classes: `teacher-cache views` / `import` refuse a transfer set of token rows
-  (`teacher_cache.build.positions_of`) in one line.
+  """`teacher-cache import --logits` takes class logits: it refuses a transfer set of token rows
+  (`teacher_cache.build.positions_of`) in one line, pointing to `import --logprobs`.
 
   Raises:
     StillroomError: naming the command, the data and what to do instead.
   """
   positions = positions_of(transfer_set.describe())
   if positions:
-    raise StillroomError(f"teacher-cache {command}: {transfer_set.name!r} holds token rows ({positions} positions); "
-                         "external teachers' logits are imported for class-level caches only: build a token cache "
-                         "with `teacher-cache build --teacher module:function` (a function returning an NNX model "
-                         "or (apply_fn, params) that maps [B, 2, L] rows to [B, L, V] logits).")
+    raise StillroomError(f"teacher-cache {command} --logits: {transfer_set.name!r} holds token rows ({positions} "
+                         "positions), and --logits takes one row of class logits per row; import a language model's "
+                         "per-token log-probabilities on the rows of `teacher-cache views` with `teacher-cache "
+                         "import --logprobs FILE` (vLLM or axolotl JSONL, or .npz/.parquet arrays).")
 
 
 def _views_record(config: BuildConfig, transfer_set, augmentation) -> dict:
@@ -136,10 +176,14 @@ def _views_record(config: BuildConfig, transfer_set, augmentation) -> dict:
   normalisation, the row order, the row count and input shape."""
   # The row order: views written before the grouped order lack it, and are refused by `import --views-dir` and
   # rewritten by `views` (with --overwrite).
-  return {"dataset": transfer_set.describe().to_dict(), "views": config.views, "augmentation": augmentation.to_dict(),
-          "normalization": transfer_set.normalization.to_dict(), "row_order": GROUPED,
-          "rows": len(transfer_set) * config.views,
-          "input_shape": list(augmentation.output_shape(transfer_set.input_shape))}
+  record = {"dataset": transfer_set.describe().to_dict(), "views": config.views,
+            "augmentation": augmentation.to_dict(), "normalization": transfer_set.normalization.to_dict(),
+            "row_order": GROUPED, "rows": len(transfer_set) * config.views,
+            "input_shape": list(augmentation.output_shape(transfer_set.input_shape))}
+  positions = positions_of(transfer_set.describe())
+  if positions:  # Token rows: the files hold token and segment ids, not the rendered [2, L] input.
+    record.update(layout=TOKENS, seq_len=positions, vocab_size=int(transfer_set.num_classes))
+  return record
 
 
 _CHUNK_NAME = re.compile(r"views_\d{5}\.npz(\.tmp)?")  # A chunk, or one a kill left half-written beside its name.
@@ -259,6 +303,24 @@ def read_logits(path: str, num_rows: int, dtype: str) -> np.ndarray:
   return ordered
 
 
+def check_views_dir(views_dir: str, config: BuildConfig, transfer_set, augmentation) -> str:
+  """Checks that `views_dir` holds views of these settings; returns their row order.
+
+  Raises:
+    StillroomError: no views there, or views of other settings (listing the differences).
+  """
+  recorded = {k: v for k, v in read_views(views_dir).items() if k != "chunk_rows"}
+  # Views written before the grouped order record none: their rows are view-major ("permuted"), and the cache
+  # keeps that order, so that each row id names the row the teacher labelled.
+  row_order = recorded.setdefault("row_order", PERMUTED)
+  changed = differences(recorded, {**_views_record(config, transfer_set, augmentation), "row_order": row_order},
+                        "views")
+  if changed:
+    raise StillroomError(f"--views-dir {views_dir!r} holds views of other settings than these: "
+                         f"{'; '.join(changed)}. Give import the settings the views were written with.")
+  return row_order
+
+
 def _member_name(path: str) -> str:
   """A member's display name: its file's name without `.npz`."""
   name = os.path.basename(storage.local(path).rstrip("/"))
@@ -286,17 +348,7 @@ def import_cache(config: BuildConfig, logits_files: list[str], views_dir: str | 
   check_not_an_input(config.out, [*logits_files, local_path(config.dataset), config.data_dir], "--out")
   transfer_set, augmentation = open_views(config)
   refuse_token_rows(transfer_set, "import")
-  row_order = GROUPED
-  if views_dir is not None:
-    recorded = {k: v for k, v in read_views(views_dir).items() if k != "chunk_rows"}
-    # Views written before the grouped order record none: their rows are view-major ("permuted"), and the cache
-    # keeps that order, so that each row id names the row the teacher labelled.
-    row_order = recorded.setdefault("row_order", PERMUTED)
-    changed = differences(recorded, {**_views_record(config, transfer_set, augmentation), "row_order": row_order},
-                          "views")
-    if changed:
-      raise StillroomError(f"--views-dir {views_dir!r} holds views of other settings than these: "
-                           f"{'; '.join(changed)}. Give import the settings the views were written with.")
+  row_order = GROUPED if views_dir is None else check_views_dir(views_dir, config, transfer_set, augmentation)
   num_rows = len(transfer_set) * config.views
   logits, members, digests, names = None, [], {}, {}
   for m, path in enumerate(logits_files):

@@ -286,7 +286,8 @@ SMOKE = {
 ELSEWHERE = {
     "scripts/sklearn_teacher.py": "tests/test_external.py::test_views_then_sklearn_then_import_then_verify_and_fit",
     "scripts/make_docs.py": "tests/test_docs.py::test_generated_pages_are_current",
-    "scripts/text_study.py": "tests/test_demo.py::test_text_study_smoke"}
+    "scripts/text_study.py": "tests/test_demo.py::test_text_study_smoke",
+    "scripts/ngram_teacher.py": "tests/test_ngram_teacher.py::test_the_worked_example_end_to_end_at_a_tiny_size"}
 LIBRARIES = {"bench/__init__.py", "bench/harness.py", "bench/synthetic.py"}  # Of the benchmarks; every run uses them.
 CONSOLE_SCRIPTS = ("student-train", "teacher-cache")  # What image_sets.py runs, installed next to this Python.
 

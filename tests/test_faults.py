@@ -2456,9 +2456,8 @@ def _(env, tmp_path, mp):
 def _(env, tmp_path, mp):
   return (cache_main, ["import", "--dataset", f"text:{_text_dir(tmp_path)}", "--seq-len", "8", "--logits",
                        tmp_path / "none.npz", "--no-progress", "--out", tmp_path / "c.zarr"], 2,
-          r"teacher-cache import: 'text:.*' holds token rows \(8 positions\); external teachers' logits are imported "
-          r"for class-level caches only: build a token cache with `teacher-cache build --teacher module:function` "
-          r".*\.$", [Absent(tmp_path / "c.zarr")])
+          r"teacher-cache import --logits: 'text:.*' holds token rows \(8 positions\), and --logits takes one row of "
+          r"class logits per row; .* with `teacher-cache import --logprobs FILE` .*\.$", [Absent(tmp_path / "c.zarr")])
 
 
 @fault("extend of a token cache")
@@ -2553,12 +2552,12 @@ def _(env, tmp_path, mp):
           [Absent(tmp_path / "c.zarr")])
 
 
-@fault("views of token rows")
+@fault("views of token rows with --views 2")
 def _(env, tmp_path, mp):
-  return (cache_main, ["views", "--dataset", f"text:{_text_dir(tmp_path)}", "--seq-len", "8", "--no-progress",
-                       "--out", tmp_path / "v"], 2,
-          r"teacher-cache views: 'text:.*' holds token rows \(8 positions\); external teachers' logits are imported "
-          r"for class-level caches only", [Absent(tmp_path / "v")])
+  return (cache_main, ["views", "--dataset", f"text:{_text_dir(tmp_path)}", "--seq-len", "8", "--views", "2",
+                       "--no-progress", "--out", tmp_path / "v"], 2,
+          r"--views 2: dataset 'text:.*' is text, whose one view is its packed rows \(no views, crops, flips or "
+          r"mixing\); leave it out\.$", [Absent(tmp_path / "v")])
 
 
 # --- attack: language models ---
@@ -2691,6 +2690,90 @@ def _(env, tmp_path, mp):
                                tmp_path / "results"], 2,
           r"stdlib-.* exists but is not a complete copy of the demo's stdlib files; delete it",
           [copy, Absent(tmp_path / "results")])
+
+
+# --- import --logprobs (issue 35, parts 1 and 2) ---
+def _logprob_rows(tmp_path) -> tuple[str, np.ndarray]:
+  """The text dir of `_text_dir` and its cache rows x int32 [R, 2, 8] (seq len 8, seed 0), in cache row order."""
+  from shared.cache import GROUPED, row_sources  # pylint: disable=import-outside-toplevel
+  from teacher_cache.build import BuildConfig, open_views, resolve_defaults  # pylint: disable=import-outside-toplevel
+  folder = _text_dir(tmp_path)
+  data, _ = open_views(resolve_defaults(BuildConfig(dataset=f"text:{folder}", seq_len=8)))
+  _, position = row_sources(np.arange(len(data)), len(data), 0, GROUPED, 1)
+  return folder, np.asarray(data.read(position)[0])
+
+
+def _logprob_npz(tmp_path, x, name="t.npz", shift=0, pad_mass=None) -> str:
+  """Top-2 arrays of a distribution peaked on each next token; tokens rolled by `shift`; `pad_mass` on id 300."""
+  nxt = np.concatenate([x[:, 0, 1:], x[:, 0, :1]], axis=1)
+  ids = np.stack([nxt, np.where(nxt == 1, 2, 1)], axis=-1)
+  lps = np.log(np.broadcast_to([0.9, 0.05], ids.shape)).copy()
+  if pad_mass is not None:
+    ids[..., 1], lps[..., 1] = 300, np.log(pad_mass)
+  path = str(tmp_path / name)
+  np.savez(path, row=np.arange(len(x)), token_ids=np.roll(x[:, 0], shift, axis=1), topk_ids=ids, topk_log_probs=lps)
+  return path
+
+
+def _logprob_import(tmp_path, folder, *extra) -> list:
+  return ["import", "--dataset", f"text:{folder}", "--seq-len", "8", "--no-progress", "--out", tmp_path / "c.zarr",
+          *extra]
+
+
+@fault("import --logprobs: tokens shifted by one position")
+def _(env, tmp_path, mp):
+  folder, x = _logprob_rows(tmp_path)
+  return (cache_main, _logprob_import(tmp_path, folder, "--logprobs", _logprob_npz(tmp_path, x, shift=1)), 2,
+          r"--logprobs '.*t\.npz' row \d+ of the arrays \(row \d+, position \d+, .*doc\d\.txt, its token \d+\): the "
+          r"teacher scored token \d+, the row holds \d+: its tokens are the row's shifted by one position\.$",
+          [Absent(tmp_path / "c.zarr")])
+
+
+@fault("import --logprobs: mass on a padded vocabulary's ids above the bound")
+def _(env, tmp_path, mp):
+  folder, x = _logprob_rows(tmp_path)
+  return (cache_main, _logprob_import(tmp_path, folder, "--logprobs", _logprob_npz(tmp_path, x, pad_mass=0.05)), 2,
+          r"the teacher puts 0\.05 of its mass on ids >= 256 .* more than --max-padding-mass 0\.001",
+          [Absent(tmp_path / "c.zarr")])
+
+
+@fault("import --logprobs with --temperature")
+def _(env, tmp_path, mp):
+  folder, x = _logprob_rows(tmp_path)
+  return (cache_main, _logprob_import(tmp_path, folder, "--logprobs", _logprob_npz(tmp_path, x), "--temperature",
+                                      "2"), 2,
+          r"--temperature 2 with --logprobs: .*--generation-temperature Tg.*--retemper T",
+          [Absent(tmp_path / "c.zarr")])
+
+
+@fault("import --logits with a --logprobs setting")
+def _(env, tmp_path, mp):
+  return (cache_main, ["import", "--dataset", "digits", "--logits", tmp_path / "l.npz", "--retemper", "2",
+                       "--out", tmp_path / "c.zarr"], 2, r"--retemper is a setting of `import --logprobs`",
+          [Absent(tmp_path / "c.zarr")])
+
+
+@fault("import with both --logits and --logprobs")
+def _(env, tmp_path, mp):
+  return (cache_main, ["import", "--dataset", "digits", "--logits", tmp_path / "l.npz", "--logprobs",
+                       tmp_path / "t.jsonl", "--out", tmp_path / "c.zarr"], 2,
+          r"argument --logprobs: not allowed with argument --logits", [Absent(tmp_path / "c.zarr")])
+
+
+@fault("import --logprobs of class-level data")
+def _(env, tmp_path, mp):
+  (tmp_path / "t.jsonl").write_text('{"row": 0, "input_ids": [1, 2], "logprobs": [[]]}\n')
+  return (cache_main, ["import", "--dataset", "digits", "--logprobs", tmp_path / "t.jsonl", "--out",
+                       tmp_path / "c.zarr"], 2, r"--logprobs: 'digits' holds no token rows .*imported with --logits",
+          [Absent(tmp_path / "c.zarr")])
+
+
+@fault("import --logprobs of a file in no layout")
+def _(env, tmp_path, mp):
+  folder, _ = _logprob_rows(tmp_path)
+  (tmp_path / "t.jsonl").write_text('{"row": 0, "tokens": [1, 2]}\n')
+  return (cache_main, _logprob_import(tmp_path, folder, "--logprobs", tmp_path / "t.jsonl"), 2,
+          r"--logprobs '.*t\.jsonl' line 1: is none of the layouts: vLLM", [Absent(tmp_path / "c.zarr")])
 
 
 @pytest.mark.parametrize("name", list(FAULTS))

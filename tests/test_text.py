@@ -406,3 +406,75 @@ def test_text_a_tokenizer_cannot_encode_is_refused_in_one_line(tmp_path):
   (tmp_path / "a.txt").write_text("def x def zzz")
   with pytest.raises(StillroomError, match=r"cannot encode the text"):
     open_transfer_set(f"text:{tmp_path / 'a.txt'}", text=options)
+
+
+# Each non-empty document of `write_corpus` in listing order, by the name `document_at` gives it.
+CORPUS_NAMES = ["a.txt", "sub/c.jsonl line 1", "sub/c.jsonl line 3", "sub/c.jsonl line 4", "sub/deeper/d.txt",
+                "sub/e.py"]
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("seq_len,seed", [(7, 0), (64, 2)])
+def test_document_at_names_each_position_s_document_and_token(corpus, seq_len, seed):
+  root, documents = corpus
+  data = open_transfer_set(f"text:{root}", text=TextOptions(seq_len=seq_len, pack_seed=seed))
+  token_lists = [list(d.encode("utf-8")) for d in documents if d]
+  assert len(token_lists) == len(CORPUS_NAMES)
+  # Pure Python: the packed stream's (document name, token number in it) at each position.
+  stream = [f"{CORPUS_NAMES[doc]}, its token {t:,}" for doc in pack_order(len(token_lists), seed)
+            for t in range(len(token_lists[doc]))]
+  rows = -(-len(stream) // seq_len)
+  assert len(data) == rows
+  names = [data.document_at(row, j) for row in range(rows) for j in range(seq_len)]
+  assert names == stream + ["padding after the last document"] * (rows * seq_len - len(stream))
+  assert data.source.document_at(0, 0) == names[0]
+  with pytest.raises(IndexError):
+    data.source.document_at(rows, 0)
+
+
+@pytest.mark.fast
+def test_document_at_of_a_file_alone_uses_its_path_and_a_bpe_token_count(tmp_path, bpe_file):
+  path = tmp_path / "corpus.jsonl"
+  path.write_text(json.dumps({"text": "ab"}) + "\n\n" + json.dumps({"text": "hello world"}) + "\n", encoding="utf-8")
+  data = open_transfer_set(f"text:{path}", text=TextOptions(seq_len=64))
+  order = pack_order(2, 0).tolist()
+  lengths, lines = [2, 11], [1, 3]
+  expected = [f"{path} line {lines[d]}, its token {t}" for d in order for t in range(lengths[d])]
+  assert [data.document_at(0, j) for j in range(13)] == expected
+  assert data.document_at(0, 13) == "padding after the last document"
+  bpe = open_transfer_set(f"text:{path}", text=TextOptions(seq_len=64, tokenizer_name=bpe_file))
+  tokenizer = bpe.source.tokenizer
+  lengths = [len(tokenizer.encode("ab")), len(tokenizer.encode("hello world"))]
+  expected = [f"{path} line {lines[d]}, its token {t}" for d in order for t in range(lengths[d])]
+  assert [bpe.document_at(0, j) for j in range(sum(lengths))] == expected
+  digits = open_transfer_set("digits")
+  with pytest.raises(StillroomError, match="not text"):
+    digits.document_at(0, 0)
+
+
+@pytest.mark.fast
+def test_byte_token_strings_are_gpt2_s_byte_level_alphabet():
+  tokenizers = pytest.importorskip("tokenizers")
+  strings = TextOptions().tokenizer().token_strings()
+  assert len(strings) == 256 and len(set(strings)) == 256 and all(len(s) == 1 for s in strings)
+  assert set(strings) == set(tokenizers.pre_tokenizers.ByteLevel.alphabet())
+  # The library's own byte-to-character map, byte by byte over all 256 bytes.
+  spell = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+  text = bytes(range(256)).decode("latin-1")  # Every byte value once, as UTF-8 of 1 or 2 bytes each.
+  spelled = "".join(piece for piece, _ in spell.pre_tokenize_str(text))
+  assert spelled == "".join(strings[b] for b in text.encode("utf-8"))
+  assert strings[ord(" ")] == "\u0120" and strings[ord("\n")] == "\u010a" and strings[ord("a")] == "a"
+
+
+@pytest.mark.fast
+def test_bpe_token_strings_are_the_vocabulary_s(bpe_file):
+  tokenizers = pytest.importorskip("tokenizers")
+  library = tokenizers.Tokenizer.from_file(bpe_file)
+  strings = TextOptions(tokenizer_name=bpe_file).tokenizer().token_strings()
+  vocabulary = library.get_vocab(with_added_tokens=True)
+  assert len(strings) == len(vocabulary) and {s: i for i, s in enumerate(strings)} == vocabulary
+  assert strings[0] == "<pad>"
+  # A byte-level BPE token spells its bytes in the byte alphabet the byte tokenizer's strings use.
+  alphabet = {c: b for b, c in enumerate(TextOptions().tokenizer().token_strings())}
+  ids = library.encode("héllo wörld\n").ids
+  assert bytes(alphabet[c] for i in ids for c in strings[i]).decode("utf-8") == "héllo wörld\n"

@@ -249,6 +249,10 @@ class CacheSpec:
       token j + 1 (`labels[r, j]`); 0 for a class-level cache, whose attributes and build key omit it (so every
       store written before it reads and resumes the same). A token cache is schema `TOKEN_SCHEMA_VERSION`, of one
       view, without specialists, features, cross-fitting or mixed views.
+    imported: `teacher-cache import --logprobs`'s record (`teacher_cache.logprobs`: the file layout, k, the
+      generation temperature, the vocabulary trim, tokenizer map and re-tempering with their figures); None for any
+      other cache, and then absent from its attributes (so every store written before it reads the same). Not part
+      of `build_key`: the member's digest covers the import's arrays and settings.
   """
 
   temperature: float
@@ -276,6 +280,7 @@ class CacheSpec:
   schema_version: int | None = None
   history: tuple[dict, ...] = ()
   positions: int = 0
+  imported: dict | None = None
 
   def __post_init__(self):
     validate_settings(temperature=self.temperature, combine=self.combine, dtype=self.dtype, views=self.views,
@@ -527,6 +532,7 @@ class CacheSpec:
     dense_defaults += () if self.features else ("features",)
     dense_defaults += () if self.history else ("history",)  # Likewise a cache that was not grown.
     dense_defaults += () if self.positions else ("positions",)  # Likewise a class-level cache.
+    dense_defaults += () if self.imported else ("imported",)  # Likewise a cache not imported from log-probabilities.
     # Likewise a float32 build's compute dtype and tolerance: its spec is what a store written before them holds.
     dense_defaults += ("compute_dtype", "target_tolerance") if self.compute_dtype == DEFAULT_COMPUTE_DTYPE and \
         self.target_tolerance == 0.0 else ()

@@ -20,7 +20,8 @@ What is read when: opening lists the files and reads every one of them once, tok
 progress bar when long) into one token stream held in memory in the narrowest dtype the vocabulary allows (uint8 for
 the byte tokenizer, uint16 up to 65,536 tokens, else int32) plus int64 document offsets [D + 1]: about 1 byte per
 token with the byte tokenizer (the text's size), 2 bytes per token for a BPE vocabulary below 65,536. Reading rows
-reads that stream only.
+reads that stream only. Each document's origin (its file, and its line in a `.jsonl` file) is kept too, 16 bytes a
+document, so that an error can name the document a row's token comes from (`TextSource.document_at`).
 """
 
 import dataclasses
@@ -96,6 +97,11 @@ class Tokenizer:
     """What identifies the tokenizer: its kind, and for a file its path, SHA-256 and vocabulary size."""
     raise NotImplementedError
 
+  def token_strings(self) -> list[str | None]:
+    """[V] each token id's exact string in the vocabulary (None where an id has none): what maps another tokenizer's
+    ids onto these (`teacher-cache import --teacher-tokenizer`)."""
+    raise NotImplementedError
+
 
 class ByteTokenizer(Tokenizer):
   """Byte-level: each token is one byte of the UTF-8 text (V = 256; no files)."""
@@ -111,6 +117,11 @@ class ByteTokenizer(Tokenizer):
 
   def identity(self) -> dict:
     return {"kind": "bytes", "vocab_size": BYTE_VOCAB}
+
+  def token_strings(self) -> list[str | None]:
+    """Byte b's string in GPT-2's byte-level alphabet (`byte_level_alphabet`), so that a byte-level BPE teacher's
+    256 single-byte tokens map onto the byte ids."""
+    return byte_level_alphabet()
 
 
 class HfTokenizer(Tokenizer):
@@ -170,6 +181,31 @@ class HfTokenizer(Tokenizer):
 
   def identity(self) -> dict:
     return {"kind": "tokenizers", "path": self.path, "sha256": self.sha256, "vocab_size": self.vocab_size}
+
+  def token_strings(self) -> list[str | None]:
+    """The vocabulary's own strings (`id_to_token`, added tokens included)."""
+    return [self._tokenizer.id_to_token(token_id) for token_id in range(self.vocab_size)]
+
+
+@functools.lru_cache(maxsize=1)
+def _alphabet() -> tuple[str, ...]:
+  printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
+      list(range(ord("\xae"), ord("\xff") + 1))
+  chars, extra = {}, 0
+  for b in range(BYTE_VOCAB):
+    if b in printable:
+      chars[b] = chr(b)
+    else:  # Whitespace and control bytes: the next code points past the byte range, in byte order.
+      chars[b] = chr(BYTE_VOCAB + extra)
+      extra += 1
+  return tuple(chars[b] for b in range(BYTE_VOCAB))
+
+
+def byte_level_alphabet() -> list[str]:
+  """[256] GPT-2's byte-level alphabet (`bytes_to_unicode`), the strings byte-level BPE vocabularies spell bytes
+  with: a printable byte (`!`..`~`, `¡`..`¬`, `®`..`ÿ`) is its own character, every other byte b is the character
+  256 + (its rank among those bytes), e.g. the space 0x20 is `Ġ` (U+0120) and the newline 0x0A is `Ċ` (U+010A)."""
+  return list(_alphabet())
 
 
 def tokenizer_key(identity: dict) -> dict:
@@ -315,14 +351,19 @@ def documents_of(name: str, path: str, data: bytes) -> list[str]:
     StillroomError: bad UTF-8, a line that is not JSON, or a line without a string `text` field, naming the file
       and line.
   """
+  return documents_and_lines(name, path, data)[0]
+
+
+def documents_and_lines(name: str, path: str, data: bytes) -> tuple[list[str], list[int]]:
+  """`(documents_of(...), the 1-based line of each in a .jsonl file; 0 for another file's one document)`."""
   try:
     text = data.decode("utf-8")
   except UnicodeDecodeError as e:
     raise StillroomError(f"dataset {name!r}: {path} line {_line_of(data, e.start)}: not UTF-8 ({e.reason} at byte "
                          f"{e.start}); text: reads UTF-8 text.") from e
   if not path.lower().endswith(".jsonl"):
-    return [text] if text else []
-  documents = []
+    return ([text], [0]) if text else ([], [])
+  documents, lines = [], []
   for number, line in enumerate(text.removeprefix("\ufeff").split("\n"), start=1):  # A BOM opens no JSON value.
     if not line.strip():
       continue
@@ -340,7 +381,8 @@ def documents_of(name: str, path: str, data: bytes) -> list[str]:
                            f" at character {e.start}).") from e
     if record["text"]:
       documents.append(record["text"])
-  return documents
+      lines.append(number)
+  return documents, lines
 
 
 def _list(name: str) -> tuple[str, list[str]]:
@@ -360,6 +402,23 @@ def _list(name: str) -> tuple[str, list[str]]:
   raise StillroomError(f"dataset {name!r}: no such file or directory {root!r}.")
 
 
+@dataclasses.dataclass(frozen=True)
+class Origins:
+  """Where each document came from (what `TextSource.document_at` names).
+
+  Attributes:
+    files: the listed files' names (relative paths in a folder; the path given for a file alone).
+    file: int32 [D] each document's file (an index into `files`), documents in listing order.
+    line: int32 [D] its 1-based line in a `.jsonl` file; 0 for the one document of another file.
+    order: int64 [D] the packing order (`pack_order`): packed document d is listed document order[d].
+  """
+
+  files: list[str]
+  file: np.ndarray
+  line: np.ndarray
+  order: np.ndarray
+
+
 class TextSource:
   """`text:PATH` as packed rows (see the module): the token stream in memory, rows cut from it when read.
 
@@ -375,8 +434,9 @@ class TextSource:
   inputs_checked = True  # Token ids are integers in 0..V-1 by construction.
 
   def __init__(self, name: str, options: TextOptions, stream: np.ndarray, starts: np.ndarray, content_sha256: str,
-               files: int):
+               files: int, origins: Origins | None = None):
     self.name, self.options, self.stream, self.starts = name, options, stream, starts
+    self.origins = origins
     self.tokenizer, self.seq_len = options.tokenizer(), options.seq_len
     self.text = options.to_dict()
     self._content_sha256, self._files = content_sha256, files
@@ -388,6 +448,30 @@ class TextSource:
   @property
   def num_documents(self) -> int:
     return len(self.starts) - 1
+
+  def document_at(self, row: int, position: int) -> str:
+    """The human name of the token at `position` of packed row `row`: its document and the token's place in it.
+
+    Args:
+      row: a packed row (an example's index in the unsliced split: a cache's `index`).
+      position: j in 0..L-1.
+
+    Returns:
+      e.g. "email/parser.py, its token 1,234" (a folder's file by its relative path), "corpus.jsonl line 12, its
+      token 7" (1-based lines; tokens counted from 0 within the document), or "padding after the last document".
+    """
+    if not 0 <= position < self.seq_len or not 0 <= row < len(self):
+      raise IndexError(f"row {row} position {position}: outside the {len(self)} rows of {self.seq_len} tokens")
+    at = int(row) * self.seq_len + int(position)
+    if at >= len(self.stream):
+      return "padding after the last document"
+    packed = int(np.searchsorted(self.starts, at, side="right")) - 1
+    token = at - int(self.starts[packed])
+    if self.origins is None:
+      return f"document {packed:,} in packing order, its token {token:,}"
+    listed = int(self.origins.order[packed])
+    name, line = self.origins.files[int(self.origins.file[listed])], int(self.origins.line[listed])
+    return f"{name}{f' line {line:,}' if line else ''}, its token {token:,}"
 
   def rows(self, keys: np.ndarray) -> np.ndarray:
     """int32 [B, 2, L] the packed rows `keys`."""
@@ -428,7 +512,7 @@ def open_source(name: str, split: str, data_dir: str | None,  # pylint: disable=
   sizes = None if storage.is_url(root) else [os.path.getsize(p) for p in paths]
   digest = hashlib.sha256()
   dtype = token_dtype(tokenizer.vocab_size)
-  pieces, lengths = [], []
+  pieces, lengths, origins = [], [], []  # origins: (file number in the listing, jsonl line or 0) of each piece.
   long = sum(sizes) > _PROGRESS_BYTES if sizes else len(paths) > _READ_FILES
   bar = progress(total=sum(sizes) if sizes else len(paths), unit="B" if sizes else "file", unit_scale=bool(sizes),
                  desc=f"tokenizing {name}", enabled=long, leave=False)
@@ -440,21 +524,26 @@ def open_source(name: str, split: str, data_dir: str | None,  # pylint: disable=
       except OSError as e:
         raise StillroomError(f"dataset {name!r}: cannot read {e.filename or batch[0]}: {e.strerror or e}") from e
       documents: list = []  # The batch's documents in listing order: token arrays, or texts to encode.
-      for relative, path, data in zip(files[start:start + _READ_FILES], batch, contents):
+      where: list = []  # Each one's (file number, line).
+      for number, (relative, path, data) in enumerate(zip(files[start:start + _READ_FILES], batch, contents),
+                                                      start=start):
         digest.update(f"{relative}\0{len(data)}\n".encode())
         digest.update(data)
-        texts = documents_of(name, path, data)  # Checks the file (UTF-8, JSON lines) whatever the tokenizer.
+        texts, lines = documents_and_lines(name, path, data)  # Checks the file (UTF-8, JSON lines) whatever the
+        # tokenizer.
         if isinstance(tokenizer, ByteTokenizer) and not path.lower().endswith(".jsonl"):
           documents += [np.frombuffer(data, np.uint8)] if data else []  # The bytes are the tokens.
         else:
           documents += texts
+        where += [(number, line) for line in lines]
       texts = [d for d in documents if isinstance(d, str)]
       encoded = iter(tokenizer.encode_many(texts) if texts else [])  # One call: the library encodes in parallel.
-      for document in documents:
+      for document, origin in zip(documents, where):
         ids = next(encoded) if isinstance(document, str) else document
         if len(ids):
           pieces.append(ids.astype(dtype, copy=False))  # Compact at once: the open's peak stays near the stream's.
           lengths.append(len(ids))
+          origins.append(origin)
       bar.update(sum(map(len, contents)) if sizes else len(batch))
   if not pieces:
     raise StillroomError(f"dataset {name!r}: no text in {root!r} (every document is empty).")
@@ -464,7 +553,10 @@ def open_source(name: str, split: str, data_dir: str | None,  # pylint: disable=
   if not predicting_positions(starts, options.seq_len):
     raise StillroomError(f"dataset {name!r}: no position of its rows of {options.seq_len} tokens has a next token of "
                          "its document (each document piece is one token long); give longer documents.")
-  source = TextSource(name, options, stream, starts, digest.hexdigest(), len(files))
+  origins = np.asarray(origins, np.int32).reshape(-1, 2)
+  named = [f or root for f in files]  # A file alone goes by its path as given.
+  source = TextSource(name, options, stream, starts, digest.hexdigest(), len(files),
+                      origins=Origins(named, origins[:, 0], origins[:, 1], order))
   return OpenedSource(source, {"train": len(source)}, tokenizer.vocab_size)
 
 
