@@ -301,6 +301,7 @@ def read_jsonl(path: str, num_rows: int, enabled: bool = False) -> tuple[str, li
 
 def _read_parquet(path: str) -> dict:
   try:
+    import pyarrow as pa  # pylint: disable=import-outside-toplevel
     import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise StillroomError(f"--logprobs {path!r}: reading Parquet needs pyarrow (pip install pyarrow).") from e
@@ -312,11 +313,21 @@ def _read_parquet(path: str) -> dict:
   if missing:
     raise StillroomError(f"--logprobs {path!r} lacks column(s) {', '.join(missing)}; it needs `row`, `token_ids`, "
                          "`topk_ids` and `topk_log_probs`.")
+  import pyarrow.compute as pc  # pylint: disable=import-outside-toplevel
   out = {}
-  for name in ("row", "token_ids", "topk_ids", "topk_log_probs"):
+  for name, depth in (("row", 0), ("token_ids", 1), ("topk_ids", 2), ("topk_log_probs", 2)):
+    column = table.column(name).combine_chunks()
+    shape = [len(column)]
     try:
-      out[name] = np.asarray(table.column(name).to_pylist(), np.float64 if name == "topk_log_probs" else np.int64)
-    except (ValueError, TypeError) as e:
+      for _ in range(depth):  # Nested lists flattened level by level, each level of one length.
+        lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+        if len(lengths) and (lengths != lengths[0]).any():
+          raise ValueError(f"lists of lengths {sorted(set(lengths.tolist()))[:4]} at depth {len(shape)}")
+        shape.append(int(lengths[0]) if len(lengths) else 0)
+        column = pc.list_flatten(column)
+      values = column.to_numpy(zero_copy_only=False)
+      out[name] = values.astype(np.float64 if name == "topk_log_probs" else np.int64).reshape(shape)
+    except (ValueError, TypeError, NotImplementedError, pa.ArrowException) as e:
       raise StillroomError(f"--logprobs {path!r}: column `{name}` is ragged or not numbers ({e}).") from e
   return out
 

@@ -442,3 +442,16 @@ def test_a_vllm_server_response_is_read_from_its_first_choice(tmp_path):
   layout, (segment,) = read_jsonl(str(path), 2)
   assert layout == "vllm" and (segment.row, segment.start) == (1, 4) and segment.tokens.tolist() == [3, 4]
   assert segment.ids[0, 0] == 4 and segment.log_probs[0, 0] == -0.5
+
+
+@pytest.mark.fast
+def test_ragged_parquet_columns_are_refused(tmp_path):
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  from teacher_cache.logprobs import read_arrays  # pylint: disable=import-outside-toplevel
+  path = str(tmp_path / "r.parquet")
+  pq.write_table(pa.table({"row": [0, 1], "token_ids": [[1, 2], [3]], "topk_ids": [[[2], [-1]], [[-1]]],
+                           "topk_log_probs": [[[-0.1], [-9999.0]], [[-9999.0]]]}), path)
+  with pytest.raises(StillroomError, match=r"r\.parquet'.*: column `token_ids` is ragged or not numbers \(lists of "
+                                           r"lengths \[1, 2\]"):
+    read_arrays(path, 2)
