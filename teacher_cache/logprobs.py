@@ -529,15 +529,20 @@ def _check_values(placed: Placed, positions_of_rows, transfer_set) -> None:
     refuse(bad, "a token id appears twice in one top-k")
 
 
-def _check_shift_rates(placed: Placed, x: np.ndarray, labels: np.ndarray, files: list[str]) -> dict:
+def _check_shift_rates(placed: Placed, x: np.ndarray, labels: np.ndarray, files: list[str],
+                       mapping: np.ndarray | None) -> dict:
   """How often position j's top-k holds token j + 1 (aligned) and token j (shifted), over predicting positions
-  where the two differ; refuses a clearly higher shifted rate."""
+  where the two differ, in student ids (`mapping`: teacher id -> student id); refuses a clearly higher shifted
+  rate."""
   tokens = x[:, 0].astype(np.int64)
   considered = (labels >= 0) & (labels != tokens)
   if not considered.any():
     return {"aligned": None, "shifted": None}
-  hold_next = (placed.ids == labels[..., None]).any(-1)[considered].mean()
-  hold_this = (placed.ids == tokens[..., None]).any(-1)[considered].mean()
+  ids = placed.ids
+  if mapping is not None:
+    ids = np.where((ids >= 0) & (ids < len(mapping)), mapping[np.clip(ids, 0, len(mapping) - 1)], -1)
+  hold_next = (ids == labels[..., None]).any(-1)[considered].mean()
+  hold_this = (ids == tokens[..., None]).any(-1)[considered].mean()
   if hold_this > max(SHIFT_FACTOR * hold_next, hold_next + SHIFT_MARGIN):
     raise StillroomError(f"--logprobs {', '.join(map(repr, files))}: the distributions are shifted by one "
                          f"position: position j's top-k holds token j in {100 * hold_this:.1f}% of the predicting "
@@ -772,7 +777,7 @@ def import_logprobs(config: BuildConfig, files: list[str], views_dir: str | None
   del segments
   _check_rows(placed, labels, files, position, transfer_set)
   _check_values(placed, position, transfer_set)
-  rates = _check_shift_rates(placed, x, labels, files)
+  rates = _check_shift_rates(placed, x, labels, files, mapping)
   limit = len(mapping) if mapping is not None else vocab
   targets, record = distributions(placed, labels, vocab, limit, mapping, config, k_out, position, transfer_set)
   settings = {"format": sorted(layouts)[0] if len(layouts) == 1 else sorted(layouts), "k": k,

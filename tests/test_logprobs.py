@@ -364,8 +364,10 @@ def test_a_teacher_tokenizer_maps_ids_by_strings_and_a_low_share_is_refused(buil
   teacher = tokenizer(["<unk>", "<s>", "</s>", *alphabet])
   out = import_logprobs(settings(text_dir, tmp_path / "m.zarr", teacher_tokenizer=teacher), [path])
   assert_same_targets(out, built["caches"][1], x)
-  record = open_cache(out).spec.imported["tokenizer_map"]
+  imported = open_cache(out).spec.imported
+  record = imported["tokenizer_map"]
   assert record["mapped_share_mean"] == 1.0 and record["threshold"] == 0.9
+  assert imported["shift_rates"]["aligned"] > 0.9 > imported["shift_rates"]["shifted"]  # In student ids.
   # Half the byte strings unknown to the student (a teacher of other strings): their mass goes to the rest...
   half = ["<unk>", "<s>", "</s>", *[s if b in x[:, 0] else s + "#" for b, s in enumerate(alphabet)]]
   out = import_logprobs(settings(text_dir, tmp_path / "h.zarr", teacher_tokenizer=tokenizer(half),
