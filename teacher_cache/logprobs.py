@@ -129,7 +129,7 @@ def _log_prob(value, path: str, where: str) -> float:
   return -math.inf if value <= VLLM_NEG_INF else float(value)
 
 
-def _vllm_segment(path: str, where: str, d: dict, row: int, start: int) -> tuple[list, np.ndarray | None]:
+def _vllm_entries(path: str, where: str, d: dict) -> tuple[list, np.ndarray | None]:
   """The entries (one dict or None per prompt token) and token ids of a vLLM line."""
   body = d
   if "prompt_logprobs" not in d and isinstance(d.get("choices"), list) and d["choices"]:
@@ -179,7 +179,7 @@ def _parse_vllm(path: str, where: str, entries: list, tokens, row: int, start: i
   return Segment(path, where, row, start, scored, ids, lps, present, holds)
 
 
-def _axolotl(path: str, where: str, d: dict, row: int, start: int, version: str, k: int | None) -> Segment:
+def _axolotl(path: str, where: str, d: dict, row: int, start: int, version: str) -> Segment:
   tokens = d.get("input_ids")
   if not isinstance(tokens, list) or not tokens:
     raise _error(path, where, "`input_ids` (the scored tokens) is not a non-empty list.")
@@ -205,7 +205,7 @@ def _axolotl(path: str, where: str, d: dict, row: int, start: int, version: str,
       if not isinstance(lp, list) or not isinstance(ids, list) or len(lp) != len(ids):
         raise _error(path, where, f"logprobs[{j}] and target_token_ids[{j}] must be lists of one length.")
       rows.append([(int(t), _log_prob(x, path, where)) for t, x in zip(ids, lp)])
-  k = k or max((len(p) for p in rows), default=0)
+  k = max((len(p) for p in rows), default=0)
   ids, lps = np.full((n, k), -1, np.int64), np.full((n, k), -np.inf)
   present = np.zeros(n, bool)
   for j, pairs in enumerate(rows):
@@ -213,6 +213,15 @@ def _axolotl(path: str, where: str, d: dict, row: int, start: int, version: str,
       ids[j], lps[j] = _topk_from_pairs(pairs, k)
       present[j] = True
   return Segment(path, where, row, start, np.asarray(tokens, np.int64), ids, lps, present)
+
+
+def _guarded(path: str, where: str, parse, *args):
+  """`parse(*args)`, a malformed value (a token id that is not an integer, a list that is not one) refused in one
+  line naming the file and line."""
+  try:
+    return parse(*args)
+  except (TypeError, ValueError, AttributeError, OverflowError) as e:
+    raise _error(path, where, f"is malformed ({type(e).__name__}: {str(e)[:200]}).") from e
 
 
 def _line_header(path: str, where: str, d, num_rows: int) -> tuple[int, int]:
@@ -283,13 +292,14 @@ def read_jsonl(path: str, num_rows: int, enabled: bool = False) -> tuple[str, li
   if layout is None:
     raise StillroomError(f"--logprobs {path!r} holds no lines.")
   if layout == VLLM:
-    raw = [(where, row, start, *_vllm_segment(path, where, d, row, start)) for where, d, row, start in parsed]
+    raw = [(where, row, start, *_guarded(path, where, _vllm_entries, path, where, d))
+           for where, d, row, start in parsed]
     sizes = [len(e) for *_, entries, _ in raw for e in entries[1:] if isinstance(e, dict)]
     # k or k + 1 entries (the prompt's own token beside the top k): k is the fewest.
     k = min(sizes, default=1)
-    return layout, [_parse_vllm(path, where, entries, tokens, row, start, k) for where, row, start, entries, tokens
-                    in raw]
-  segments = [_axolotl(path, where, d, row, start, layout, None) for where, d, row, start in parsed]
+    return layout, [_guarded(path, where, _parse_vllm, path, where, entries, tokens, row, start, k)
+                    for where, row, start, entries, tokens in raw]
+  segments = [_guarded(path, where, _axolotl, path, where, d, row, start, layout) for where, d, row, start in parsed]
   k = max(s.ids.shape[1] for s in segments)
   for s in segments:  # Lines of fewer entries padded with (-1, -inf).
     if s.ids.shape[1] < k:

@@ -457,3 +457,18 @@ def test_ragged_parquet_columns_are_refused(tmp_path):
   with pytest.raises(StillroomError, match=r"r\.parquet'.*: column `token_ids` is ragged or not numbers \(lists of "
                                            r"lengths \[1, 2\]"):
     read_arrays(path, 2)
+
+
+@pytest.mark.fast
+def test_malformed_jsonl_lines_are_refused_naming_the_line(tmp_path):
+  cases = {'{"row": 0, "input_ids": [1, "x"], "logprobs": [[{"token": "token_id:2", "logprob": -0.1}]]}':
+           r"line 1: is malformed \(ValueError",
+           '{"row": 0, "prompt_logprobs": [null, {"a": {"logprob": -0.1}}]}': r"line 1: .*has key 'a', not a token id",
+           '{"row": 0, "input_ids": [1, 2]}': r"line 1: is none of the layouts",
+           '{"row": 5, "input_ids": [1, 2], "logprobs": [[]]}': r"line 1: row 5 is not a row of this transfer set",
+           'not json': r"line 1: is not JSON"}
+  for line, pattern in cases.items():
+    path = tmp_path / "m.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(StillroomError, match=pattern):
+      read_jsonl(str(path), 2)
