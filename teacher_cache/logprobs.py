@@ -749,7 +749,8 @@ def import_logprobs(config: BuildConfig, files: list[str], views_dir: str | None
   if not files:
     raise StillroomError("give at least one --logprobs FILE (.jsonl, .npz or .parquet).")
   config = dataclasses.replace(config, folds=1, teachers=())
-  check_not_an_input(config.out, [*files, local_path(config.dataset), config.data_dir], "--out")
+  check_not_an_input(config.out, [*files, local_path(config.dataset), config.data_dir, config.teacher_tokenizer],
+                     "--out")
   transfer_set, augmentation = open_views(config)
   positions = positions_of(transfer_set.describe())
   if not positions:
