@@ -129,7 +129,7 @@ def _log_prob(value, path: str, where: str) -> float:
   return -math.inf if value <= VLLM_NEG_INF else float(value)
 
 
-def _vllm_segment(path: str, where: str, d: dict, row: int, start: int) -> tuple[list, np.ndarray | None]:
+def _vllm_entries(path: str, where: str, d: dict) -> tuple[list, np.ndarray | None]:
   """The entries (one dict or None per prompt token) and token ids of a vLLM line."""
   body = d
   if "prompt_logprobs" not in d and isinstance(d.get("choices"), list) and d["choices"]:
@@ -179,7 +179,7 @@ def _parse_vllm(path: str, where: str, entries: list, tokens, row: int, start: i
   return Segment(path, where, row, start, scored, ids, lps, present, holds)
 
 
-def _axolotl(path: str, where: str, d: dict, row: int, start: int, version: str, k: int | None) -> Segment:
+def _axolotl(path: str, where: str, d: dict, row: int, start: int, version: str) -> Segment:
   tokens = d.get("input_ids")
   if not isinstance(tokens, list) or not tokens:
     raise _error(path, where, "`input_ids` (the scored tokens) is not a non-empty list.")
@@ -205,7 +205,7 @@ def _axolotl(path: str, where: str, d: dict, row: int, start: int, version: str,
       if not isinstance(lp, list) or not isinstance(ids, list) or len(lp) != len(ids):
         raise _error(path, where, f"logprobs[{j}] and target_token_ids[{j}] must be lists of one length.")
       rows.append([(int(t), _log_prob(x, path, where)) for t, x in zip(ids, lp)])
-  k = k or max((len(p) for p in rows), default=0)
+  k = max((len(p) for p in rows), default=0)
   ids, lps = np.full((n, k), -1, np.int64), np.full((n, k), -np.inf)
   present = np.zeros(n, bool)
   for j, pairs in enumerate(rows):
@@ -213,6 +213,15 @@ def _axolotl(path: str, where: str, d: dict, row: int, start: int, version: str,
       ids[j], lps[j] = _topk_from_pairs(pairs, k)
       present[j] = True
   return Segment(path, where, row, start, np.asarray(tokens, np.int64), ids, lps, present)
+
+
+def _guarded(path: str, where: str, parse, *args):
+  """`parse(*args)`, a malformed value (a token id that is not an integer, a list that is not one) refused in one
+  line naming the file and line."""
+  try:
+    return parse(*args)
+  except (TypeError, ValueError, AttributeError, OverflowError) as e:
+    raise _error(path, where, f"is malformed ({type(e).__name__}: {str(e)[:200]}).") from e
 
 
 def _line_header(path: str, where: str, d, num_rows: int) -> tuple[int, int]:
@@ -283,13 +292,14 @@ def read_jsonl(path: str, num_rows: int, enabled: bool = False) -> tuple[str, li
   if layout is None:
     raise StillroomError(f"--logprobs {path!r} holds no lines.")
   if layout == VLLM:
-    raw = [(where, row, start, *_vllm_segment(path, where, d, row, start)) for where, d, row, start in parsed]
+    raw = [(where, row, start, *_guarded(path, where, _vllm_entries, path, where, d))
+           for where, d, row, start in parsed]
     sizes = [len(e) for *_, entries, _ in raw for e in entries[1:] if isinstance(e, dict)]
     # k or k + 1 entries (the prompt's own token beside the top k): k is the fewest.
     k = min(sizes, default=1)
-    return layout, [_parse_vllm(path, where, entries, tokens, row, start, k) for where, row, start, entries, tokens
-                    in raw]
-  segments = [_axolotl(path, where, d, row, start, layout, None) for where, d, row, start in parsed]
+    return layout, [_guarded(path, where, _parse_vllm, path, where, entries, tokens, row, start, k)
+                    for where, row, start, entries, tokens in raw]
+  segments = [_guarded(path, where, _axolotl, path, where, d, row, start, layout) for where, d, row, start in parsed]
   k = max(s.ids.shape[1] for s in segments)
   for s in segments:  # Lines of fewer entries padded with (-1, -inf).
     if s.ids.shape[1] < k:
@@ -301,6 +311,7 @@ def read_jsonl(path: str, num_rows: int, enabled: bool = False) -> tuple[str, li
 
 def _read_parquet(path: str) -> dict:
   try:
+    import pyarrow as pa  # pylint: disable=import-outside-toplevel
     import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise StillroomError(f"--logprobs {path!r}: reading Parquet needs pyarrow (pip install pyarrow).") from e
@@ -312,11 +323,21 @@ def _read_parquet(path: str) -> dict:
   if missing:
     raise StillroomError(f"--logprobs {path!r} lacks column(s) {', '.join(missing)}; it needs `row`, `token_ids`, "
                          "`topk_ids` and `topk_log_probs`.")
+  import pyarrow.compute as pc  # pylint: disable=import-outside-toplevel
   out = {}
-  for name in ("row", "token_ids", "topk_ids", "topk_log_probs"):
+  for name, depth in (("row", 0), ("token_ids", 1), ("topk_ids", 2), ("topk_log_probs", 2)):
+    column = table.column(name).combine_chunks()
+    shape = [len(column)]
     try:
-      out[name] = np.asarray(table.column(name).to_pylist(), np.float64 if name == "topk_log_probs" else np.int64)
-    except (ValueError, TypeError) as e:
+      for _ in range(depth):  # Nested lists flattened level by level, each level of one length.
+        lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+        if len(lengths) and (lengths != lengths[0]).any():
+          raise ValueError(f"lists of lengths {sorted(set(lengths.tolist()))[:4]} at depth {len(shape)}")
+        shape.append(int(lengths[0]) if len(lengths) else 0)
+        column = pc.list_flatten(column)
+      values = column.to_numpy(zero_copy_only=False)
+      out[name] = values.astype(np.float64 if name == "topk_log_probs" else np.int64).reshape(shape)
+    except (ValueError, TypeError, NotImplementedError, pa.ArrowException) as e:
       raise StillroomError(f"--logprobs {path!r}: column `{name}` is ragged or not numbers ({e}).") from e
   return out
 
@@ -518,15 +539,20 @@ def _check_values(placed: Placed, positions_of_rows, transfer_set) -> None:
     refuse(bad, "a token id appears twice in one top-k")
 
 
-def _check_shift_rates(placed: Placed, x: np.ndarray, labels: np.ndarray, files: list[str]) -> dict:
+def _check_shift_rates(placed: Placed, x: np.ndarray, labels: np.ndarray, files: list[str],
+                       mapping: np.ndarray | None) -> dict:
   """How often position j's top-k holds token j + 1 (aligned) and token j (shifted), over predicting positions
-  where the two differ; refuses a clearly higher shifted rate."""
+  where the two differ, in student ids (`mapping`: teacher id -> student id); refuses a clearly higher shifted
+  rate."""
   tokens = x[:, 0].astype(np.int64)
   considered = (labels >= 0) & (labels != tokens)
   if not considered.any():
     return {"aligned": None, "shifted": None}
-  hold_next = (placed.ids == labels[..., None]).any(-1)[considered].mean()
-  hold_this = (placed.ids == tokens[..., None]).any(-1)[considered].mean()
+  ids = placed.ids
+  if mapping is not None:
+    ids = np.where((ids >= 0) & (ids < len(mapping)), mapping[np.clip(ids, 0, len(mapping) - 1)], -1)
+  hold_next = (ids == labels[..., None]).any(-1)[considered].mean()
+  hold_this = (ids == tokens[..., None]).any(-1)[considered].mean()
   if hold_this > max(SHIFT_FACTOR * hold_next, hold_next + SHIFT_MARGIN):
     raise StillroomError(f"--logprobs {', '.join(map(repr, files))}: the distributions are shifted by one "
                          f"position: position j's top-k holds token j in {100 * hold_this:.1f}% of the predicting "
@@ -723,7 +749,8 @@ def import_logprobs(config: BuildConfig, files: list[str], views_dir: str | None
   if not files:
     raise StillroomError("give at least one --logprobs FILE (.jsonl, .npz or .parquet).")
   config = dataclasses.replace(config, folds=1, teachers=())
-  check_not_an_input(config.out, [*files, local_path(config.dataset), config.data_dir], "--out")
+  check_not_an_input(config.out, [*files, local_path(config.dataset), config.data_dir, config.teacher_tokenizer],
+                     "--out")
   transfer_set, augmentation = open_views(config)
   positions = positions_of(transfer_set.describe())
   if not positions:
@@ -761,7 +788,7 @@ def import_logprobs(config: BuildConfig, files: list[str], views_dir: str | None
   del segments
   _check_rows(placed, labels, files, position, transfer_set)
   _check_values(placed, position, transfer_set)
-  rates = _check_shift_rates(placed, x, labels, files)
+  rates = _check_shift_rates(placed, x, labels, files, mapping)
   limit = len(mapping) if mapping is not None else vocab
   targets, record = distributions(placed, labels, vocab, limit, mapping, config, k_out, position, transfer_set)
   settings = {"format": sorted(layouts)[0] if len(layouts) == 1 else sorted(layouts), "k": k,

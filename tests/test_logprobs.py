@@ -364,8 +364,10 @@ def test_a_teacher_tokenizer_maps_ids_by_strings_and_a_low_share_is_refused(buil
   teacher = tokenizer(["<unk>", "<s>", "</s>", *alphabet])
   out = import_logprobs(settings(text_dir, tmp_path / "m.zarr", teacher_tokenizer=teacher), [path])
   assert_same_targets(out, built["caches"][1], x)
-  record = open_cache(out).spec.imported["tokenizer_map"]
+  imported = open_cache(out).spec.imported
+  record = imported["tokenizer_map"]
   assert record["mapped_share_mean"] == 1.0 and record["threshold"] == 0.9
+  assert imported["shift_rates"]["aligned"] > 0.9 > imported["shift_rates"]["shifted"]  # In student ids.
   # Half the byte strings unknown to the student (a teacher of other strings): their mass goes to the rest...
   half = ["<unk>", "<s>", "</s>", *[s if b in x[:, 0] else s + "#" for b, s in enumerate(alphabet)]]
   out = import_logprobs(settings(text_dir, tmp_path / "h.zarr", teacher_tokenizer=tokenizer(half),
@@ -442,3 +444,31 @@ def test_a_vllm_server_response_is_read_from_its_first_choice(tmp_path):
   layout, (segment,) = read_jsonl(str(path), 2)
   assert layout == "vllm" and (segment.row, segment.start) == (1, 4) and segment.tokens.tolist() == [3, 4]
   assert segment.ids[0, 0] == 4 and segment.log_probs[0, 0] == -0.5
+
+
+@pytest.mark.fast
+def test_ragged_parquet_columns_are_refused(tmp_path):
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  from teacher_cache.logprobs import read_arrays  # pylint: disable=import-outside-toplevel
+  path = str(tmp_path / "r.parquet")
+  pq.write_table(pa.table({"row": [0, 1], "token_ids": [[1, 2], [3]], "topk_ids": [[[2], [-1]], [[-1]]],
+                           "topk_log_probs": [[[-0.1], [-9999.0]], [[-9999.0]]]}), path)
+  with pytest.raises(StillroomError, match=r"r\.parquet'.*: column `token_ids` is ragged or not numbers \(lists of "
+                                           r"lengths \[1, 2\]"):
+    read_arrays(path, 2)
+
+
+@pytest.mark.fast
+def test_malformed_jsonl_lines_are_refused_naming_the_line(tmp_path):
+  cases = {'{"row": 0, "input_ids": [1, "x"], "logprobs": [[{"token": "token_id:2", "logprob": -0.1}]]}':
+           r"line 1: is malformed \(ValueError",
+           '{"row": 0, "prompt_logprobs": [null, {"a": {"logprob": -0.1}}]}': r"line 1: .*has key 'a', not a token id",
+           '{"row": 0, "input_ids": [1, 2]}': r"line 1: is none of the layouts",
+           '{"row": 5, "input_ids": [1, 2], "logprobs": [[]]}': r"line 1: row 5 is not a row of this transfer set",
+           'not json': r"line 1: is not JSON"}
+  for line, pattern in cases.items():
+    path = tmp_path / "m.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(StillroomError, match=pattern):
+      read_jsonl(str(path), 2)
