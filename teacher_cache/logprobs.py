@@ -59,10 +59,10 @@ from shared.outputs import STORE, OutputLock, check_not_an_input, check_output
 from teacher_cache.build import (IGNORE_LIMITS, BuildConfig, check_limits, check_settings, check_token_settings,
                                  chunks_to_write, declare_complete, make_spec, open_store, open_views, positions_of,
                                  put_rows, resolve_defaults, token_chunk_rows)
+from teacher_cache.external import IMPORTED, check_views_dir
 from teacher_cache.verify import listed
 
 _LOG = logger(__name__)
-IMPORTED = "imported"
 VLLM, AXOLOTL_V1, AXOLOTL_V2, ARRAYS = "vllm", "axolotl-v1", "axolotl-v2", "arrays"
 VLLM_NEG_INF = -9999.0  # vLLM's JSON spelling of -inf.
 # A stored log-probability of "no mass" that every storage dtype holds finitely (verify refuses -inf in the k).
@@ -741,7 +741,6 @@ def import_logprobs(config: BuildConfig, files: list[str], views_dir: str | None
   Raises:
     StillroomError: bad settings or files; any misalignment (see the module doc); nothing is written then.
   """
-  from teacher_cache.external import check_views_dir  # pylint: disable=import-outside-toplevel  # It imports this.
   chunk_rows_given = config.chunk_rows is not None
   config = resolve_defaults(config)
   check_settings(config)
