@@ -144,6 +144,17 @@ def _vllm_entries(path: str, where: str, d: dict) -> tuple[list, np.ndarray | No
   return entries, None if tokens is None else np.asarray(tokens, np.int64)
 
 
+def _vllm_top_k(entry: dict) -> int:
+  """How many of a vLLM entry's tokens are its top k: vLLM ranks the top k 1..k and adds the prompt's own token with
+  its true rank (a count of the more probable tokens, plus 1) when outside them, so an entry of m tokens holds the
+  top m - 1 when a rank repeats (the prompt's token ties the k-th) or passes m, else the top m (its prompt's token
+  inside, or exactly the (k + 1)-th). Entries without integer ranks: m (the file's fewest then decides)."""
+  ranks = [v.get("rank") if isinstance(v, dict) else None for v in entry.values()]
+  if not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks):
+    return len(entry)
+  return len(entry) - 1 if len(set(ranks)) < len(ranks) or max(ranks) > len(entry) else len(entry)
+
+
 def _parse_vllm(path: str, where: str, entries: list, tokens, row: int, start: int, k: int) -> Segment:
   n = len(entries)
   ids, lps = np.full((n, k), -1, np.int64), np.full((n, k), -np.inf)
@@ -294,9 +305,11 @@ def read_jsonl(path: str, num_rows: int, enabled: bool = False) -> tuple[str, li
   if layout == VLLM:
     raw = [(where, row, start, *_guarded(path, where, _vllm_entries, path, where, d))
            for where, d, row, start in parsed]
-    sizes = [len(e) for *_, entries, _ in raw for e in entries[1:] if isinstance(e, dict)]
-    # k or k + 1 entries (the prompt's own token beside the top k): k is the fewest.
-    k = min(sizes, default=1)
+    # k or k + 1 entries (the prompt's own token beside the top k): k is the fewest top-k sizes, each read from ranks.
+    k = min((_vllm_top_k(e) for *_, entries, _ in raw for e in entries[1:] if isinstance(e, dict) and e), default=1)
+    if k == 0:
+      raise StillroomError(f"--logprobs {path!r}: every vLLM entry holds only the prompt's own token, no top-k "
+                           "(requested with prompt_logprobs 0?); request prompt_logprobs k >= 1.")
     return layout, [_guarded(path, where, _parse_vllm, path, where, entries, tokens, row, start, k)
                     for where, row, start, entries, tokens in raw]
   segments = [_guarded(path, where, _axolotl, path, where, d, row, start, layout) for where, d, row, start in parsed]
