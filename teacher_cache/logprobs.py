@@ -489,7 +489,6 @@ def align(segments: list[Segment], x: np.ndarray, labels: np.ndarray, positions_
       document = _document(transfer_set, positions_of_rows[s.row], s.start + j)
       raise StillroomError(f"{where}, position {s.start + j}, {document}): "
                            f"the teacher scored token {int(s.tokens[j])}, the row holds {int(row_tokens[j])}: {what}.")
-    s_ids = s.ids
     if s.holds is not None:  # vLLM without its token ids: entry j + 1 (here j) must hold the row's token j + 1.
       held = s.holds if mapping is None else np.where(s.holds >= 0, mapping[np.clip(s.holds, 0, len(mapping) - 1)],
                                                       -2)
@@ -498,13 +497,12 @@ def align(segments: list[Segment], x: np.ndarray, labels: np.ndarray, positions_
       missing = check & ~(held == nxt[:, None]).any(axis=1)
       if missing.any():
         j = int(np.argmax(missing))
-        here = np.append(row_tokens[:], -1)[:n]
-        shifted = (held[check] == here[check][:, None]).any(axis=1).all()
+        shifted = (held[check] == row_tokens[check][:, None]).any(axis=1).all()  # Entry j + 1 holds token j.
         what = "its tokens are the row's shifted by one position" if shifted else f"other tokens{hint}"
         raise StillroomError(f"{where}, position {s.start + j + 1}, "
                              f"{_document(transfer_set, positions_of_rows[s.row], s.start + j + 1)}): vLLM's "
                              f"prompt_logprobs[{j + 1}] does not hold the row's token {int(nxt[j])}: {what}.")
-    ids[s.row, s.start:stop] = s_ids
+    ids[s.row, s.start:stop] = s.ids
     log_probs[s.row, s.start:stop] = s.log_probs
     present[s.row, s.start:stop] = s.present
   return Placed(ids, log_probs, present, covered, source)

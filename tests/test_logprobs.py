@@ -491,3 +491,12 @@ def test_vllm_k_is_read_from_ranks_when_every_prompt_token_is_outside_the_top_k(
       None, {"6": {"logprob": -2.0, "rank": 4}}]}) + "\n")
   with pytest.raises(StillroomError, match=r"only the prompt's own token, no top-k .*prompt_logprobs k >= 1"):
     read_jsonl(str(path), 1)
+
+
+def test_vllm_lines_without_token_ids_whose_prompt_tokens_are_shifted_are_refused_as_shifted(built, text_dir, tmp_path):
+  x, full = built["x"], built["full"][1]
+  moved = x.copy()
+  moved[:, 0] = np.where(x[:, 1] > 0, np.roll(x[:, 0], 1, axis=-1), 0)  # Entry i holds the row's token i - 1.
+  refused(text_dir, tmp_path, [write_vllm(tmp_path / "m.jsonl", moved, full, token_ids=False)],
+          r"m\.jsonl' line \d+ \(row \d+, position \d+, .*\): vLLM's prompt_logprobs\[\d+\] does not hold the row's "
+          r"token \d+: its tokens are the row's shifted by one position")
