@@ -635,6 +635,35 @@ def _targets_k(config: BuildConfig, k: int) -> int:
   return int(count)
 
 
+def _mapped(placed: Placed, p: np.ndarray, keep: np.ndarray, where: np.ndarray, mapping: np.ndarray,
+            config: BuildConfig, positions_of_rows, transfer_set) -> tuple[np.ndarray, np.ndarray, dict]:
+  """Teacher ids mapped to student ids; refuses a mean mapped share of the kept top-k mass below the threshold.
+
+  Args:
+    p: float64 [R, L, k] the top-k probabilities; keep: bool [R, L, k] the slots kept (no padding).
+    where: bool [R, L] the positions whose share counts (with a distribution, predicting).
+    mapping: int64 [Vt] teacher id -> student id (-1: none).
+
+  Returns:
+    `(student ids [R, L, k] (-1 where not kept), the kept and mapped slots [R, L, k], the share's record)`.
+  """
+  ids = placed.ids
+  student = np.where(keep, mapping[np.clip(ids, 0, len(mapping) - 1)], -1)
+  mapped = keep & (student >= 0)
+  top = (p * keep).sum(-1)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    share = np.where(top > 0, (p * mapped).sum(-1) / top, 1.0)
+  mean, low = (float(share[where].mean()), float(share[where].min())) if where.any() else (1.0, 1.0)
+  if mean < config.min_mapped_share:
+    r, j = (int(v) for v in np.argwhere(where & (share == low))[0])
+    raise StillroomError(f"--teacher-tokenizer {config.teacher_tokenizer!r}: only {100 * mean:.1f}% of the teacher's "
+                         f"top-k mass maps to the student's tokens on average (least {100 * low:.1f}%: --logprobs "
+                         f"{placed.source[r]} (row {r}, position {j}, {_document(transfer_set, positions_of_rows[r], j)})"
+                         f"), below --min-mapped-share {config.min_mapped_share:g}: the unmapped mass would be one "
+                         "rest bucket; tokenizers this different are not distilled token by token.")
+  return student, mapped, {"mapped_share_mean": mean, "mapped_share_min": low, "threshold": config.min_mapped_share}
+
+
 def distributions(placed: Placed, labels: np.ndarray, vocab: int, limit: int, mapping: np.ndarray | None,
                   config: BuildConfig, k_out: int, positions_of_rows, transfer_set) -> tuple[dict, dict]:
   """The stored top-k of every position: padding trimmed (bounded), ids mapped, truncated to `k_out`, re-tempered
@@ -668,23 +697,10 @@ def distributions(placed: Placed, labels: np.ndarray, vocab: int, limit: int, ma
     record["padding"] = {"vocab_size": int(limit), "bound": config.max_padding_mass,
                          "mass_max": float(pad_mass[present].max()), "mass_mean": float(pad_mass[present].mean())}
   keep = used & ~padding
-  student = ids.copy()
+  student = ids
   if mapping is not None:
-    student = np.where(keep, mapping[np.clip(ids, 0, len(mapping) - 1)], -1)
-    mapped = keep & (student >= 0)
-    top = (p * keep).sum(-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-      share = np.where(top > 0, (p * mapped).sum(-1) / top, 1.0)
-    where = present & predicting
-    mean, low = (float(share[where].mean()), float(share[where].min())) if where.any() else (1.0, 1.0)
-    record["tokenizer_map"] = {"mapped_share_mean": mean, "mapped_share_min": low,
-                               "threshold": config.min_mapped_share}
-    if mean < config.min_mapped_share:
-      raise StillroomError(f"--teacher-tokenizer {config.teacher_tokenizer!r}: only {100 * mean:.1f}% of the teacher's "
-                           f"top-k mass maps to the student's tokens on average (least {100 * low:.1f}%), below "
-                           f"--min-mapped-share {config.min_mapped_share:g}: the unmapped mass would be one rest "
-                           "bucket; tokenizers this different are not distilled token by token.")
-    keep = mapped
+    student, keep, record["tokenizer_map"] = _mapped(placed, p, keep, present & predicting, mapping, config,
+                                                     positions_of_rows, transfer_set)
   # Renormalised without the padding: the kept top-k and the rest, of the real vocabulary.
   scale = np.where(present, 1.0 - pad_mass, 1.0)
   kept_p = np.where(keep, p, 0.0) / np.maximum(scale, 1e-300)[..., None]

@@ -375,8 +375,9 @@ def test_a_teacher_tokenizer_maps_ids_by_strings_and_a_low_share_is_refused(buil
   share = open_cache(out).spec.imported["tokenizer_map"]["mapped_share_mean"]
   assert 0.05 < share < 0.9 and verified(out)
   # ...and below the threshold, refused.
-  refused(text_dir, tmp_path, [path], r"of the teacher's top-k mass maps to the student's tokens on average .* below "
-          r"--min-mapped-share 0\.9", teacher_tokenizer=tokenizer(half))
+  refused(text_dir, tmp_path, [path], r"of the teacher's top-k mass maps to the student's tokens on average \(least "
+          r"0\.0%: --logprobs '.*t\.npz' row \d+ of the arrays \(row \d+, position \d+, doc\d\.txt, its token \d+\)\), "
+          r"below --min-mapped-share 0\.9", teacher_tokenizer=tokenizer(half))
 
 
 def test_missing_repeated_and_unknown_rows_and_positions_are_refused(built, text_dir, tmp_path):
