@@ -572,23 +572,28 @@ def _check_shift_rates(placed: Placed, x: np.ndarray, labels: np.ndarray, files:
   return {"aligned": float(hold_next), "shifted": float(hold_this)}
 
 
-def rest_bounds(rest: np.ndarray, a: float, n: int) -> tuple[np.ndarray, np.ndarray]:
-  """The bounds of the re-tempered tail mass R = Σ_tail p_i^a of a tail of mass `rest` r over n tokens:
-  [r^a, n^(1-a) r^a] for a < 1, swapped for a > 1 (r^a: the tail as one token; n^(1-a) r^a: spread evenly)."""
-  one = np.power(rest, a)
-  even = np.power(float(max(n, 1)), 1 - a) * one
+def _spread_evenly(rest: np.ndarray, a: float, n) -> np.ndarray:
+  """n^(1-a) r^a: the re-tempered mass of a tail of mass `rest` r spread evenly over n tokens (n >= 1, or [...])."""
+  return np.power(np.maximum(n, 1).astype(np.float64), 1 - a) * np.power(rest, a)
+
+
+def rest_bounds(rest: np.ndarray, a: float, n) -> tuple[np.ndarray, np.ndarray]:
+  """The bounds of the re-tempered tail mass R = Σ_tail p_i^a of a tail of mass `rest` r over n tokens (int, or
+  [...] per position): [r^a, n^(1-a) r^a] for a < 1, swapped for a > 1 (r^a: the tail as one token; n^(1-a) r^a:
+  spread evenly)."""
+  one, even = np.power(rest, a), _spread_evenly(rest, a, n)
   return np.minimum(one, even), np.maximum(one, even)
 
 
-def retemper(log_probs: np.ndarray, log_rest: np.ndarray, a: float, n: int) -> tuple:
+def retemper(log_probs: np.ndarray, log_rest: np.ndarray, a: float, n) -> tuple:
   """A top-k at Tg re-tempered to T (a = Tg / T): the k exactly, the rest by `REST_RULE` (spread evenly over its n
   tokens) between its bounds.
 
   Args:
-    log_probs: float64 [..., K] at Tg (-inf or PLACEHOLDER-free).
+    log_probs: float64 [..., K] at Tg (-inf in an empty slot).
     log_rest: float64 [...] the rest's log mass at Tg.
     a: Tg / T.
-    n: the tail's token count (V - K).
+    n: the tail's token count, V less the position's stored tokens: int, or int [...] per position.
 
   Returns:
     `(log_probs [..., K], log_rest [...], rest share bounds low [...], high [...])` at T, renormalised.
@@ -596,7 +601,7 @@ def retemper(log_probs: np.ndarray, log_rest: np.ndarray, a: float, n: int) -> t
   top = np.exp(a * log_probs)
   rest = np.exp(log_rest)
   low, high = rest_bounds(rest, a, n)
-  middle = np.power(float(max(n, 1)), 1 - a) * np.power(rest, a)  # REST_RULE: spread evenly.
+  middle = _spread_evenly(rest, a, n)  # REST_RULE.
   top_sum = top.sum(-1)
   total = top_sum + middle
   with np.errstate(divide="ignore", invalid="ignore"):
@@ -717,7 +722,9 @@ def distributions(placed: Placed, labels: np.ndarray, vocab: int, limit: int, ma
   tg, t = _temper_settings(config)
   if t is not None and t != tg:
     a = tg / t
-    log_p, log_rest, low, high = retemper(np.where(valid, log_p, -np.inf), log_rest, a, vocab - k_out)
+    # The tail: every token but the position's stored ones (fewer than k_out where padding or unmapped ids left slots
+    # empty).
+    log_p, log_rest, low, high = retemper(np.where(valid, log_p, -np.inf), log_rest, a, vocab - valid.sum(-1))
     where = present & predicting
     width = high - low
     record["retemper"] = {"from": tg, "to": t, "a": a, "rule": REST_RULE, "tail_tokens": vocab - k_out,

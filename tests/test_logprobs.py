@@ -501,3 +501,22 @@ def test_vllm_lines_without_token_ids_whose_prompt_tokens_are_shifted_are_refuse
   refused(text_dir, tmp_path, [write_vllm(tmp_path / "m.jsonl", moved, full, token_ids=False)],
           r"m\.jsonl' line \d+ \(row \d+, position \d+, .*\): vLLM's prompt_logprobs\[\d+\] does not hold the row's "
           r"token \d+: its tokens are the row's shifted by one position")
+
+
+@pytest.mark.fast
+def test_retemper_takes_each_positions_tail_size():
+  """A position whose top-k has empty slots (padding trimmed, ids unmapped) has a tail of V less its stored tokens:
+  its uniform tail (every tail token of mass r / n) re-tempers to exactly the even rule's rest, within the bounds."""
+  n_vocab, k, a = 40, 4, 0.5
+  log_probs = np.array([[0.4, 0.2, 0.1, 0.05], [0.4, 0.2, -np.inf, -np.inf]])
+  log_probs[0], log_probs[1, :2] = np.log(log_probs[0]), np.log(log_probs[1, :2])
+  log_rest = np.log(1 - np.exp(log_probs).sum(-1))
+  tails = n_vocab - np.array([4, 2])
+  log_p, out_rest, low, high = retemper(log_probs, log_rest, a, tails)
+  for q in range(2):
+    p = np.concatenate([np.exp(log_probs[q, :k - 2 * q]), np.full(tails[q], np.exp(log_rest[q]) / tails[q])])
+    true = p ** a / (p ** a).sum()
+    assert np.exp(out_rest[q]) == pytest.approx(true[k - 2 * q:].sum(), rel=1e-12)
+    assert low[q] <= np.exp(out_rest[q]) <= high[q] * (1 + 1e-12)
+    one = retemper(log_probs[q], log_rest[q], a, int(tails[q]))  # Per position as a scalar: the same.
+    np.testing.assert_allclose(one[1], out_rest[q], rtol=1e-12)
