@@ -372,8 +372,18 @@ def test_a_teacher_tokenizer_maps_ids_by_strings_and_a_low_share_is_refused(buil
   half = ["<unk>", "<s>", "</s>", *[s if b in x[:, 0] else s + "#" for b, s in enumerate(alphabet)]]
   out = import_logprobs(settings(text_dir, tmp_path / "h.zarr", teacher_tokenizer=tokenizer(half),
                                  min_mapped_share=0.0), [path])
-  share = open_cache(out).spec.imported["tokenizer_map"]["mapped_share_mean"]
-  assert 0.05 < share < 0.9 and verified(out)
+  record = open_cache(out).spec.imported["tokenizer_map"]
+  assert 0.05 < record["mapped_share_mean"] < 0.9 and verified(out)
+  # The share against NumPy: each predicting position's top-k mass on the bytes the student knows, over its top-k's.
+  ids, lps = topk(full)
+  known = np.isin(ids, x[:, 0])
+  share = (np.exp(lps) * known).sum(-1) / np.exp(lps).sum(-1)
+  where = built["labels"] >= 0
+  assert record["mapped_share_mean"] == pytest.approx(share[where].mean(), rel=1e-9)
+  assert record["mapped_share_min"] == pytest.approx(share[where].min(), abs=1e-12)
+  # The unmapped mass is in the rest: the stored top-k holds the known bytes' mass only.
+  got = read_all(out)
+  np.testing.assert_allclose(1 - np.exp(got["target_rest"][where]), (np.exp(lps) * known).sum(-1)[where], atol=2e-5)
   # ...and below the threshold, refused.
   refused(text_dir, tmp_path, [path], r"of the teacher's top-k mass maps to the student's tokens on average \(least "
           r"0\.0%: --logprobs '.*t\.npz' row \d+ of the arrays \(row \d+, position \d+, doc\d\.txt, its token \d+\)\), "
