@@ -56,6 +56,7 @@ from shared.data import label_ids, local_path
 from shared.errors import StillroomError, raise_if_interrupted
 from shared.log import logger, progress
 from shared.outputs import STORE, OutputLock, check_not_an_input, check_output
+from shared.settings import positive_finite
 from teacher_cache.build import (IGNORE_LIMITS, BuildConfig, check_limits, check_settings, check_token_settings,
                                  chunks_to_write, declare_complete, make_spec, open_store, open_views, positions_of,
                                  put_rows, resolve_defaults, token_chunk_rows)
@@ -618,8 +619,10 @@ def _temper_settings(config: BuildConfig) -> tuple[float, float | None]:
     raise StillroomError(f"--temperature {config.temperature:g} with --logprobs: the file's log-probabilities are at "
                          "their generation temperature; give it with --generation-temperature Tg (the cache's "
                          "temperature), and --retemper T to re-temper them to T.")
-  if config.generation_temperature <= 0 or (config.retemper is not None and config.retemper <= 0):
-    raise StillroomError("--generation-temperature and --retemper must be > 0.")
+  for flag, value in (("--generation-temperature", config.generation_temperature), ("--retemper", config.retemper)):
+    problem = value is not None and positive_finite(value)
+    if isinstance(problem, str):
+      raise StillroomError(f"{flag} {problem}, got {value}.")
   return float(config.generation_temperature), config.retemper
 
 

@@ -411,6 +411,9 @@ def test_temperature_with_logprobs_is_refused(built, text_dir, tmp_path):
   x, full = built["x"], built["full"][1]
   refused(text_dir, tmp_path, [write_npz(tmp_path / "t.npz", arrays_of(x, full))],
           r"--temperature 2 with --logprobs: .* --generation-temperature Tg .* --retemper T", temperature=2.0)
+  refused(text_dir, tmp_path, [], r"^--retemper must be > 0 and finite, got 0\.0\.$", retemper=0.0)
+  refused(text_dir, tmp_path, [], r"^--generation-temperature must be > 0 and finite, got nan\.$",
+          generation_temperature=float("nan"))
 
 
 @pytest.mark.fast
