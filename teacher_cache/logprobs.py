@@ -664,10 +664,10 @@ def _mapped(placed: Placed, p: np.ndarray, keep: np.ndarray, where: np.ndarray, 
   mean, low = (float(share[where].mean()), float(share[where].min())) if where.any() else (1.0, 1.0)
   if mean < config.min_mapped_share:
     r, j = (int(v) for v in np.argwhere(where & (share == low))[0])
+    document = _document(transfer_set, positions_of_rows[r], j)
     raise StillroomError(f"--teacher-tokenizer {config.teacher_tokenizer!r}: only {100 * mean:.1f}% of the teacher's "
                          f"top-k mass maps to the student's tokens on average (least {100 * low:.1f}%: --logprobs "
-                         f"{placed.source[r]} (row {r}, position {j}, {_document(transfer_set, positions_of_rows[r], j)})"
-                         f"), below --min-mapped-share {config.min_mapped_share:g}: the unmapped mass would be one "
+                         f"{placed.source[r]} (row {r}, position {j}, {document})), below --min-mapped-share {config.min_mapped_share:g}: the unmapped mass would be one "
                          "rest bucket; tokenizers this different are not distilled token by token.")
   return student, mapped, {"mapped_share_mean": mean, "mapped_share_min": low, "threshold": config.min_mapped_share}
 
