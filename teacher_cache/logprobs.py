@@ -667,8 +667,9 @@ def _mapped(placed: Placed, p: np.ndarray, keep: np.ndarray, where: np.ndarray, 
     document = _document(transfer_set, positions_of_rows[r], j)
     raise StillroomError(f"--teacher-tokenizer {config.teacher_tokenizer!r}: only {100 * mean:.1f}% of the teacher's "
                          f"top-k mass maps to the student's tokens on average (least {100 * low:.1f}%: --logprobs "
-                         f"{placed.source[r]} (row {r}, position {j}, {document})), below --min-mapped-share {config.min_mapped_share:g}: the unmapped mass would be one "
-                         "rest bucket; tokenizers this different are not distilled token by token.")
+                         f"{placed.source[r]} (row {r}, position {j}, {document})), below --min-mapped-share "
+                         f"{config.min_mapped_share:g}: the unmapped mass would be one rest bucket; tokenizers this "
+                         "different are not distilled token by token.")
   return student, mapped, {"mapped_share_mean": mean, "mapped_share_min": low, "threshold": config.min_mapped_share}
 
 
