@@ -767,6 +767,26 @@ def _fill_ids(ids: np.ndarray, vocab: int) -> np.ndarray:
 # --- the command ---------------------------------------------------------------------------------------------------
 
 
+def _member(placed: Placed, settings: dict, record: dict, rates: dict, files: list[str],
+            transfer_set) -> tuple[MemberSpec, dict]:
+  """The cache's one member (model `imported`, named after the first file, its digest the SHA-256 of the canonical
+  arrays and the import settings) and the spec's `imported` record (settings, `distributions`' record, files, rates).
+  """
+  digest = hashlib.sha256()
+  for array in (placed.ids, placed.log_probs, placed.present):
+    digest.update(np.ascontiguousarray(array).tobytes())
+  digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+  imported = {**{key: v for key, v in settings.items() if key not in ("teacher_tokenizer", "retemper_to")}, **record,
+              "files": [os.path.basename(storage.local(f).rstrip("/")) for f in files], "shift_rates": rates}
+  if "teacher_tokenizer" in settings:
+    imported["tokenizer_map"] = {**settings["teacher_tokenizer"], **record["tokenizer_map"]}
+  name = os.path.splitext(os.path.basename(storage.local(files[0]).rstrip("/")))[0]
+  member = MemberSpec(name=name, source=files[0] if len(files) == 1 else ", ".join(files), model=IMPORTED,
+                      num_params=0, digest=digest.hexdigest(), trained_epochs=None,
+                      normalization=transfer_set.normalization.to_dict())
+  return member, imported
+
+
 def import_logprobs(config: BuildConfig, files: list[str], views_dir: str | None = None) -> str:
   """Builds a `topk:K` token cache from an external language model's top-k log-probabilities (see the module doc),
   or confirms one; returns its path.
@@ -832,18 +852,7 @@ def import_logprobs(config: BuildConfig, files: list[str], views_dir: str | None
               "generation_temperature": tg, **({"teacher_tokenizer": map_record} if map_record else {}),
               "max_padding_mass": config.max_padding_mass, "min_mapped_share": config.min_mapped_share,
               "retemper_to": t}
-  digest = hashlib.sha256()
-  for array in (placed.ids, placed.log_probs, placed.present):
-    digest.update(np.ascontiguousarray(array).tobytes())
-  digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
-  imported = {**{key: v for key, v in settings.items() if key not in ("teacher_tokenizer", "retemper_to")}, **record,
-              "files": [os.path.basename(storage.local(f).rstrip("/")) for f in files], "shift_rates": rates}
-  if map_record:
-    imported["tokenizer_map"] = {**map_record, **record["tokenizer_map"]}
-  name = os.path.splitext(os.path.basename(storage.local(files[0]).rstrip("/")))[0]
-  member = MemberSpec(name=name, source=files[0] if len(files) == 1 else ", ".join(files), model=IMPORTED,
-                      num_params=0, digest=digest.hexdigest(), trained_epochs=None,
-                      normalization=transfer_set.normalization.to_dict())
+  member, imported = _member(placed, settings, record, rates, files, transfer_set)
   cache_t = t if t is not None else tg
   spec_config = dataclasses.replace(config, temperature=cache_t, targets=f"topk:{k_out}", member_logits=False)
   spec = dataclasses.replace(make_spec(spec_config, transfer_set, None, augmentation, [member], vocab),

@@ -263,6 +263,12 @@ def test_retemper_through_the_import_records_its_bounds(built, text_dir, tmp_pat
   top = np.exp(0.5 * lps[has]).sum(-1)
   assert ((low / (top + low) <= true_rest + 1e-9) & (true_rest <= high / (top + high) + 1e-9)).all()
   assert verified(out)
+  # The member's digest: of the canonical arrays and the import settings, not of the file's name.
+  again = import_logprobs(settings(text_dir, tmp_path / "a.zarr", retemper=2.0),
+                          [write_npz(tmp_path / "other-name.npz", arrays_of(x, full))])
+  kept = import_logprobs(settings(text_dir, tmp_path / "k.zarr"), [str(tmp_path / "t.npz")])
+  digests = [open_cache(c).spec.members[0].digest for c in (out, again, kept)]
+  assert digests[0] == digests[1] != digests[2]
 
 
 @pytest.mark.fast
