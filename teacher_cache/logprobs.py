@@ -34,8 +34,8 @@ refused.
 
 Temperature: the file's log-probabilities are at the generation temperature Tg (`--generation-temperature`, vLLM's
 raw log-probabilities: 1), which is the cache's temperature. `--retemper T` re-tempers to T: the top k exactly
-(p^a, a = Tg / T), the rest R by `REST_RULE` between its bounds [r^a, n^(1-a) r^a] (n = V - K tail tokens of mass
-r; swapped for a > 1): the tail as if spread evenly over its n tokens, n^(1-a) r^a, the closest of the
+(p^a, a = Tg / T), the rest R by `REST_RULE` between its bounds [r^a, n^(1-a) r^a] (n tail tokens of mass r: V
+less the position's stored tokens, V - K at a full top-k; swapped for a > 1): the tail as if spread evenly over its n tokens, n^(1-a) r^a, the closest of the
 rules tried to the true rest on Zipf-like and peaked distributions; the bounds' summary recorded.
 """
 
