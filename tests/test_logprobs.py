@@ -14,7 +14,7 @@ from shared.cache import open_cache
 from shared.data import open_transfer_set
 from shared.errors import StillroomError
 from teacher_cache.build import BuildConfig, build_cache
-from teacher_cache.logprobs import (PLACEHOLDER, REST_RULE, import_logprobs, read_jsonl, rest_bounds, retemper)
+from teacher_cache.logprobs import (PLACEHOLDER, REST_RULE, import_logprobs, read_jsonl, retemper)
 from teacher_cache.info import cache_info
 from teacher_cache.verify import verify_cache
 
@@ -234,7 +234,7 @@ def test_retempering_is_exact_on_the_top_k_and_the_true_rest_lies_within_the_bou
       assert low[0] <= np.exp(log_rest[0]) <= high[0] + 1e-12
       # The rule: of the tail as one token, spread evenly and the bounds' geometric midpoint, the closest.
       tail_mass = tail.sum()
-      lo, hi = rest_bounds(tail_mass, a, n_vocab - k)
+      lo, hi = sorted([tail_mass ** a, (n_vocab - k) ** (1 - a) * tail_mass ** a])  # KD_NOTES section 9.
       s = (top ** a).sum()
       shares = {"one": tail_mass ** a, "even": (n_vocab - k) ** (1 - a) * tail_mass ** a, "geo": np.sqrt(lo * hi)}
       errors = {rule: abs(r / (s + r) - true_share) for rule, r in shares.items()}
@@ -259,7 +259,7 @@ def test_retemper_through_the_import_records_its_bounds(built, text_dir, tmp_pat
   at_2 = built["full"][2][has]
   true_rest = 1 - np.exp(np.take_along_axis(at_2, ids[has], -1)).sum(-1)
   tail = 1 - np.exp(lps[has]).sum(-1)
-  low, high = rest_bounds(tail, 0.5, V - K)
+  low, high = tail ** 0.5, (V - K) ** 0.5 * tail ** 0.5  # a = 1/2 < 1: [r^a, n^(1-a) r^a].
   top = np.exp(0.5 * lps[has]).sum(-1)
   assert ((low / (top + low) <= true_rest + 1e-9) & (true_rest <= high / (top + high) + 1e-9)).all()
   assert verified(out)
