@@ -409,16 +409,12 @@ def _document(transfer_set, position: int, j: int) -> str:
   return transfer_set.document_at(int(transfer_set.indices[position]), int(j))
 
 
-def _token_strings(tokenizer) -> list:
-  return list(tokenizer.token_strings())
-
-
 def teacher_map(path: str, student) -> tuple[np.ndarray, dict]:
   """int64 [Vt] the student id of each teacher id by exact token string (-1: none), and the map's identity."""
   from shared.data.text import _load_tokenizer  # pylint: disable=import-outside-toplevel,protected-access
   teacher = _load_tokenizer(path, None)
-  student_ids = {s: i for i, s in enumerate(_token_strings(student)) if s is not None}
-  mapping = np.asarray([student_ids.get(s, -1) if s is not None else -1 for s in _token_strings(teacher)], np.int64)
+  student_ids = {s: i for i, s in enumerate(student.token_strings()) if s is not None}
+  mapping = np.asarray([student_ids.get(s, -1) if s is not None else -1 for s in teacher.token_strings()], np.int64)
   return mapping, {"tokenizer": os.path.basename(path), "identity": teacher.identity(), "teacher_vocab": len(mapping),
                    "mapped_ids": int((mapping >= 0).sum())}
 
