@@ -35,8 +35,9 @@ refused.
 Temperature: the file's log-probabilities are at the generation temperature Tg (`--generation-temperature`, vLLM's
 raw log-probabilities: 1), which is the cache's temperature. `--retemper T` re-tempers to T: the top k exactly
 (p^a, a = Tg / T), the rest R by `REST_RULE` between its bounds [r^a, n^(1-a) r^a] (n tail tokens of mass r: V
-less the position's stored tokens, V - K at a full top-k; swapped for a > 1): the tail as if spread evenly over its n tokens, n^(1-a) r^a, the closest of the
-rules tried to the true rest on Zipf-like and peaked distributions; the bounds' summary recorded.
+less the position's stored tokens, V - K at a full top-k; swapped for a > 1): the tail as if spread evenly over its
+n tokens, n^(1-a) r^a, the closest of the rules tried to the true rest on the tests' Zipf-like and peaked
+distributions; the bounds' summary recorded.
 """
 
 import contextlib
@@ -147,13 +148,14 @@ def _vllm_entries(path: str, where: str, d: dict) -> tuple[list, np.ndarray | No
 
 def _vllm_top_k(entry: dict) -> int:
   """How many of a vLLM entry's tokens are its top k: vLLM ranks the top k 1..k and adds the prompt's own token with
-  its true rank (a count of the more probable tokens, plus 1) when outside them, so an entry of m tokens holds the
-  top m - 1 when a rank repeats (the prompt's token ties the k-th) or passes m, else the top m (its prompt's token
-  inside, or exactly the (k + 1)-th). Entries without integer ranks: m (the file's fewest then decides)."""
+  its true rank (a count of the more probable tokens, plus 1) when outside them, so an entry of m tokens with a rank
+  past m holds the top m - 1. Else the top m: its prompt's token inside, or of rank k + 1 (the (k + 1)-th), or tied
+  with the k-th (then as probable as it); a rank repeated by ties inside the top k says nothing. Entries without
+  integer ranks: m. A file's k is its entries' fewest."""
   ranks = [v.get("rank") if isinstance(v, dict) else None for v in entry.values()]
   if not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks):
     return len(entry)
-  return len(entry) - 1 if len(set(ranks)) < len(ranks) or max(ranks) > len(entry) else len(entry)
+  return len(entry) - 1 if max(ranks) > len(entry) else len(entry)
 
 
 def _parse_vllm(path: str, where: str, entries: list, tokens, row: int, start: int, k: int) -> Segment:

@@ -496,8 +496,9 @@ def test_malformed_jsonl_lines_are_refused_naming_the_line(tmp_path):
 
 @pytest.mark.fast
 def test_vllm_k_is_read_from_ranks_when_every_prompt_token_is_outside_the_top_k(tmp_path):
-  """Every entry k + 1 (the prompt's token outside, of rank 9; or tied with the k-th, of a repeated rank): top-2,
-  not top-3 with the prompt's token as the third; entries of the prompt's token alone (prompt_logprobs 0) refused."""
+  """Entries of k + 1 (the prompt's token outside: of rank 9; tied with the k-th: a repeated rank) and none of k:
+  top-2, not top-3 with the prompt's token as the third; a rank repeated inside a top-k of ties (competition ranks)
+  does not lower k; entries of the prompt's token alone (prompt_logprobs 0) refused."""
   path = tmp_path / "v.jsonl"
   lines = [{"row": 0, "prompt_token_ids": [5, 6, 7], "prompt_logprobs": [
       None, {"6": {"logprob": -9.0, "rank": 9}, "1": {"logprob": -0.1, "rank": 1}, "2": {"logprob": -3.0, "rank": 2}},
@@ -507,6 +508,10 @@ def test_vllm_k_is_read_from_ranks_when_every_prompt_token_is_outside_the_top_k(
   assert segment.ids.shape == (3, 2)
   np.testing.assert_array_equal(segment.ids[0], [1, 2])
   assert segment.ids[1, 0] == 8 and segment.log_probs[1].tolist() == [-0.2, -3.0]
+  path.write_text(json.dumps({"row": 0, "prompt_token_ids": [5, 6], "prompt_logprobs": [
+      None, {"6": {"logprob": -0.1, "rank": 1}, "1": {"logprob": -3.0, "rank": 2}, "2": {"logprob": -3.0, "rank": 2}}]})
+                  + "\n")
+  assert read_jsonl(str(path), 1)[1][0].ids.shape == (2, 3)
   path.write_text(json.dumps({"row": 0, "prompt_token_ids": [5, 6], "prompt_logprobs": [
       None, {"6": {"logprob": -2.0, "rank": 4}}]}) + "\n")
   with pytest.raises(StillroomError, match=r"only the prompt's own token, no top-k .*prompt_logprobs k >= 1"):
