@@ -34,9 +34,10 @@ refused.
 
 Temperature: the file's log-probabilities are at the generation temperature Tg (`--generation-temperature`, vLLM's
 raw log-probabilities: 1), which is the cache's temperature. `--retemper T` re-tempers to T: the top k exactly
-(p^a, a = Tg / T), the rest R by `REST_RULE` between its bounds [r^a, n^(1-a) r^a] (n = V - K tail tokens of mass
-r; swapped for a > 1): the tail as if spread evenly over its n tokens, n^(1-a) r^a, the closest of the
-rules tried to the true rest on Zipf-like and peaked distributions; the bounds' summary recorded.
+(p^a, a = Tg / T), the rest R by `REST_RULE` between its bounds [r^a, n^(1-a) r^a] (n tail tokens of mass r: V
+less the position's stored tokens, V - K at a full top-k; swapped for a > 1): the tail as if spread evenly over its
+n tokens, n^(1-a) r^a, the closest of the rules tried to the true rest on the tests' Zipf-like and peaked
+distributions; the bounds' summary recorded.
 """
 
 import contextlib
@@ -56,6 +57,7 @@ from shared.data import label_ids, local_path
 from shared.errors import StillroomError, raise_if_interrupted
 from shared.log import logger, progress
 from shared.outputs import STORE, OutputLock, check_not_an_input, check_output
+from shared.settings import positive_finite
 from teacher_cache.build import (IGNORE_LIMITS, BuildConfig, check_limits, check_settings, check_token_settings,
                                  chunks_to_write, declare_complete, make_spec, open_store, open_views, positions_of,
                                  put_rows, resolve_defaults, token_chunk_rows)
@@ -142,6 +144,18 @@ def _vllm_entries(path: str, where: str, d: dict) -> tuple[list, np.ndarray | No
     raise _error(path, where, f"`prompt_token_ids` must be a list of {len(entries)} ids, one per prompt_logprobs "
                               "entry.")
   return entries, None if tokens is None else np.asarray(tokens, np.int64)
+
+
+def _vllm_top_k(entry: dict) -> int:
+  """How many of a vLLM entry's tokens are its top k: vLLM ranks the top k 1..k and adds the prompt's own token with
+  its true rank (a count of the more probable tokens, plus 1) when outside them, so an entry of m tokens with a rank
+  past m holds the top m - 1. Else the top m: its prompt's token inside, or of rank k + 1 (the (k + 1)-th), or tied
+  with the k-th (then as probable as it); a rank repeated by ties inside the top k says nothing. Entries without
+  integer ranks: m. A file's k is its entries' fewest."""
+  ranks = [v.get("rank") if isinstance(v, dict) else None for v in entry.values()]
+  if not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks):
+    return len(entry)
+  return len(entry) - 1 if max(ranks) > len(entry) else len(entry)
 
 
 def _parse_vllm(path: str, where: str, entries: list, tokens, row: int, start: int, k: int) -> Segment:
@@ -294,9 +308,11 @@ def read_jsonl(path: str, num_rows: int, enabled: bool = False) -> tuple[str, li
   if layout == VLLM:
     raw = [(where, row, start, *_guarded(path, where, _vllm_entries, path, where, d))
            for where, d, row, start in parsed]
-    sizes = [len(e) for *_, entries, _ in raw for e in entries[1:] if isinstance(e, dict)]
-    # k or k + 1 entries (the prompt's own token beside the top k): k is the fewest.
-    k = min(sizes, default=1)
+    # k or k + 1 entries (the prompt's own token beside the top k): k is the fewest top-k sizes, each read from ranks.
+    k = min((_vllm_top_k(e) for *_, entries, _ in raw for e in entries[1:] if isinstance(e, dict) and e), default=1)
+    if k == 0:
+      raise StillroomError(f"--logprobs {path!r}: every vLLM entry holds only the prompt's own token, no top-k "
+                           "(requested with prompt_logprobs 0?); request prompt_logprobs k >= 1.")
     return layout, [_guarded(path, where, _parse_vllm, path, where, entries, tokens, row, start, k)
                     for where, row, start, entries, tokens in raw]
   segments = [_guarded(path, where, _axolotl, path, where, d, row, start, layout) for where, d, row, start in parsed]
@@ -395,16 +411,12 @@ def _document(transfer_set, position: int, j: int) -> str:
   return transfer_set.document_at(int(transfer_set.indices[position]), int(j))
 
 
-def _token_strings(tokenizer) -> list:
-  return list(tokenizer.token_strings())
-
-
 def teacher_map(path: str, student) -> tuple[np.ndarray, dict]:
   """int64 [Vt] the student id of each teacher id by exact token string (-1: none), and the map's identity."""
   from shared.data.text import _load_tokenizer  # pylint: disable=import-outside-toplevel,protected-access
   teacher = _load_tokenizer(path, None)
-  student_ids = {s: i for i, s in enumerate(_token_strings(student)) if s is not None}
-  mapping = np.asarray([student_ids.get(s, -1) if s is not None else -1 for s in _token_strings(teacher)], np.int64)
+  student_ids = {s: i for i, s in enumerate(student.token_strings()) if s is not None}
+  mapping = np.asarray([student_ids.get(s, -1) if s is not None else -1 for s in teacher.token_strings()], np.int64)
   return mapping, {"tokenizer": os.path.basename(path), "identity": teacher.identity(), "teacher_vocab": len(mapping),
                    "mapped_ids": int((mapping >= 0).sum())}
 
@@ -476,7 +488,6 @@ def align(segments: list[Segment], x: np.ndarray, labels: np.ndarray, positions_
       document = _document(transfer_set, positions_of_rows[s.row], s.start + j)
       raise StillroomError(f"{where}, position {s.start + j}, {document}): "
                            f"the teacher scored token {int(s.tokens[j])}, the row holds {int(row_tokens[j])}: {what}.")
-    s_ids = s.ids
     if s.holds is not None:  # vLLM without its token ids: entry j + 1 (here j) must hold the row's token j + 1.
       held = s.holds if mapping is None else np.where(s.holds >= 0, mapping[np.clip(s.holds, 0, len(mapping) - 1)],
                                                       -2)
@@ -485,13 +496,12 @@ def align(segments: list[Segment], x: np.ndarray, labels: np.ndarray, positions_
       missing = check & ~(held == nxt[:, None]).any(axis=1)
       if missing.any():
         j = int(np.argmax(missing))
-        here = np.append(row_tokens[:], -1)[:n]
-        shifted = (held[check] == here[check][:, None]).any(axis=1).all()
+        shifted = (held[check] == row_tokens[check][:, None]).any(axis=1).all()  # Entry j + 1 holds token j.
         what = "its tokens are the row's shifted by one position" if shifted else f"other tokens{hint}"
         raise StillroomError(f"{where}, position {s.start + j + 1}, "
                              f"{_document(transfer_set, positions_of_rows[s.row], s.start + j + 1)}): vLLM's "
                              f"prompt_logprobs[{j + 1}] does not hold the row's token {int(nxt[j])}: {what}.")
-    ids[s.row, s.start:stop] = s_ids
+    ids[s.row, s.start:stop] = s.ids
     log_probs[s.row, s.start:stop] = s.log_probs
     present[s.row, s.start:stop] = s.present
   return Placed(ids, log_probs, present, covered, source)
@@ -561,23 +571,28 @@ def _check_shift_rates(placed: Placed, x: np.ndarray, labels: np.ndarray, files:
   return {"aligned": float(hold_next), "shifted": float(hold_this)}
 
 
-def rest_bounds(rest: np.ndarray, a: float, n: int) -> tuple[np.ndarray, np.ndarray]:
-  """The bounds of the re-tempered tail mass R = Σ_tail p_i^a of a tail of mass `rest` r over n tokens:
-  [r^a, n^(1-a) r^a] for a < 1, swapped for a > 1 (r^a: the tail as one token; n^(1-a) r^a: spread evenly)."""
-  one = np.power(rest, a)
-  even = np.power(float(max(n, 1)), 1 - a) * one
+def _spread_evenly(rest: np.ndarray, a: float, n) -> np.ndarray:
+  """n^(1-a) r^a: the re-tempered mass of a tail of mass `rest` r spread evenly over n tokens (n >= 1, or [...])."""
+  return np.power(np.maximum(n, 1).astype(np.float64), 1 - a) * np.power(rest, a)
+
+
+def rest_bounds(rest: np.ndarray, a: float, n) -> tuple[np.ndarray, np.ndarray]:
+  """The bounds of the re-tempered tail mass R = Σ_tail p_i^a of a tail of mass `rest` r over n tokens (int, or
+  [...] per position): [r^a, n^(1-a) r^a] for a < 1, swapped for a > 1 (r^a: the tail as one token; n^(1-a) r^a:
+  spread evenly)."""
+  one, even = np.power(rest, a), _spread_evenly(rest, a, n)
   return np.minimum(one, even), np.maximum(one, even)
 
 
-def retemper(log_probs: np.ndarray, log_rest: np.ndarray, a: float, n: int) -> tuple:
+def retemper(log_probs: np.ndarray, log_rest: np.ndarray, a: float, n) -> tuple:
   """A top-k at Tg re-tempered to T (a = Tg / T): the k exactly, the rest by `REST_RULE` (spread evenly over its n
   tokens) between its bounds.
 
   Args:
-    log_probs: float64 [..., K] at Tg (-inf or PLACEHOLDER-free).
+    log_probs: float64 [..., K] at Tg (-inf in an empty slot).
     log_rest: float64 [...] the rest's log mass at Tg.
     a: Tg / T.
-    n: the tail's token count (V - K).
+    n: the tail's token count, V less the position's stored tokens: int, or int [...] per position.
 
   Returns:
     `(log_probs [..., K], log_rest [...], rest share bounds low [...], high [...])` at T, renormalised.
@@ -585,7 +600,7 @@ def retemper(log_probs: np.ndarray, log_rest: np.ndarray, a: float, n: int) -> t
   top = np.exp(a * log_probs)
   rest = np.exp(log_rest)
   low, high = rest_bounds(rest, a, n)
-  middle = np.power(float(max(n, 1)), 1 - a) * np.power(rest, a)  # REST_RULE: spread evenly.
+  middle = _spread_evenly(rest, a, n)  # REST_RULE.
   top_sum = top.sum(-1)
   total = top_sum + middle
   with np.errstate(divide="ignore", invalid="ignore"):
@@ -602,8 +617,10 @@ def _temper_settings(config: BuildConfig) -> tuple[float, float | None]:
     raise StillroomError(f"--temperature {config.temperature:g} with --logprobs: the file's log-probabilities are at "
                          "their generation temperature; give it with --generation-temperature Tg (the cache's "
                          "temperature), and --retemper T to re-temper them to T.")
-  if config.generation_temperature <= 0 or (config.retemper is not None and config.retemper <= 0):
-    raise StillroomError("--generation-temperature and --retemper must be > 0.")
+  for flag, value in (("--generation-temperature", config.generation_temperature), ("--retemper", config.retemper)):
+    problem = value is not None and positive_finite(value)
+    if isinstance(problem, str):
+      raise StillroomError(f"{flag} {problem}, got {value}.")
   return float(config.generation_temperature), config.retemper
 
 
@@ -622,6 +639,36 @@ def _targets_k(config: BuildConfig, k: int) -> int:
     raise StillroomError(f"--targets {config.targets} with --logprobs: give topk:K with K <= {k} (the files' k), or "
                          "leave it out (topk:{k}).".replace("{k}", str(k)))
   return int(count)
+
+
+def _mapped(placed: Placed, p: np.ndarray, keep: np.ndarray, where: np.ndarray, mapping: np.ndarray,
+            config: BuildConfig, positions_of_rows, transfer_set) -> tuple[np.ndarray, np.ndarray, dict]:
+  """Teacher ids mapped to student ids; refuses a mean mapped share of the kept top-k mass below the threshold.
+
+  Args:
+    p: float64 [R, L, k] the top-k probabilities; keep: bool [R, L, k] the slots kept (no padding).
+    where: bool [R, L] the positions whose share counts (with a distribution, predicting).
+    mapping: int64 [Vt] teacher id -> student id (-1: none).
+
+  Returns:
+    `(student ids [R, L, k] (-1 where not kept), the kept and mapped slots [R, L, k], the share's record)`.
+  """
+  ids = placed.ids
+  student = np.where(keep, mapping[np.clip(ids, 0, len(mapping) - 1)], -1)
+  mapped = keep & (student >= 0)
+  top = (p * keep).sum(-1)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    share = np.where(top > 0, (p * mapped).sum(-1) / top, 1.0)
+  mean, low = (float(share[where].mean()), float(share[where].min())) if where.any() else (1.0, 1.0)
+  if mean < config.min_mapped_share:
+    r, j = (int(v) for v in np.argwhere(where & (share == low))[0])
+    document = _document(transfer_set, positions_of_rows[r], j)
+    raise StillroomError(f"--teacher-tokenizer {config.teacher_tokenizer!r}: only {100 * mean:.1f}% of the teacher's "
+                         f"top-k mass maps to the student's tokens on average (least {100 * low:.1f}%: --logprobs "
+                         f"{placed.source[r]} (row {r}, position {j}, {document})), below --min-mapped-share "
+                         f"{config.min_mapped_share:g}: the unmapped mass would be one rest bucket; tokenizers this "
+                         "different are not distilled token by token.")
+  return student, mapped, {"mapped_share_mean": mean, "mapped_share_min": low, "threshold": config.min_mapped_share}
 
 
 def distributions(placed: Placed, labels: np.ndarray, vocab: int, limit: int, mapping: np.ndarray | None,
@@ -657,23 +704,10 @@ def distributions(placed: Placed, labels: np.ndarray, vocab: int, limit: int, ma
     record["padding"] = {"vocab_size": int(limit), "bound": config.max_padding_mass,
                          "mass_max": float(pad_mass[present].max()), "mass_mean": float(pad_mass[present].mean())}
   keep = used & ~padding
-  student = ids.copy()
+  student = ids
   if mapping is not None:
-    student = np.where(keep, mapping[np.clip(ids, 0, len(mapping) - 1)], -1)
-    mapped = keep & (student >= 0)
-    top = (p * keep).sum(-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-      share = np.where(top > 0, (p * mapped).sum(-1) / top, 1.0)
-    where = present & predicting
-    mean, low = (float(share[where].mean()), float(share[where].min())) if where.any() else (1.0, 1.0)
-    record["tokenizer_map"] = {"mapped_share_mean": mean, "mapped_share_min": low,
-                               "threshold": config.min_mapped_share}
-    if mean < config.min_mapped_share:
-      raise StillroomError(f"--teacher-tokenizer {config.teacher_tokenizer!r}: only {100 * mean:.1f}% of the teacher's "
-                           f"top-k mass maps to the student's tokens on average (least {100 * low:.1f}%), below "
-                           f"--min-mapped-share {config.min_mapped_share:g}: the unmapped mass would be one rest "
-                           "bucket; tokenizers this different are not distilled token by token.")
-    keep = mapped
+    student, keep, record["tokenizer_map"] = _mapped(placed, p, keep, present & predicting, mapping, config,
+                                                     positions_of_rows, transfer_set)
   # Renormalised without the padding: the kept top-k and the rest, of the real vocabulary.
   scale = np.where(present, 1.0 - pad_mass, 1.0)
   kept_p = np.where(keep, p, 0.0) / np.maximum(scale, 1e-300)[..., None]
@@ -690,7 +724,9 @@ def distributions(placed: Placed, labels: np.ndarray, vocab: int, limit: int, ma
   tg, t = _temper_settings(config)
   if t is not None and t != tg:
     a = tg / t
-    log_p, log_rest, low, high = retemper(np.where(valid, log_p, -np.inf), log_rest, a, vocab - k_out)
+    # The tail: every token but the position's stored ones (fewer than k_out where padding or unmapped ids left slots
+    # empty).
+    log_p, log_rest, low, high = retemper(np.where(valid, log_p, -np.inf), log_rest, a, vocab - valid.sum(-1))
     where = present & predicting
     width = high - low
     record["retemper"] = {"from": tg, "to": t, "a": a, "rule": REST_RULE, "tail_tokens": vocab - k_out,
@@ -727,6 +763,26 @@ def _fill_ids(ids: np.ndarray, vocab: int) -> np.ndarray:
 
 
 # --- the command ---------------------------------------------------------------------------------------------------
+
+
+def _member(placed: Placed, settings: dict, record: dict, rates: dict, files: list[str],
+            transfer_set) -> tuple[MemberSpec, dict]:
+  """The cache's one member (model `imported`, named after the first file, its digest the SHA-256 of the canonical
+  arrays and the import settings) and the spec's `imported` record (settings, `distributions`' record, files, rates).
+  """
+  digest = hashlib.sha256()
+  for array in (placed.ids, placed.log_probs, placed.present):
+    digest.update(np.ascontiguousarray(array).tobytes())
+  digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+  imported = {**{key: v for key, v in settings.items() if key not in ("teacher_tokenizer", "retemper_to")}, **record,
+              "files": [os.path.basename(storage.local(f).rstrip("/")) for f in files], "shift_rates": rates}
+  if "teacher_tokenizer" in settings:
+    imported["tokenizer_map"] = {**settings["teacher_tokenizer"], **record["tokenizer_map"]}
+  name = os.path.splitext(os.path.basename(storage.local(files[0]).rstrip("/")))[0]
+  member = MemberSpec(name=name, source=files[0] if len(files) == 1 else ", ".join(files), model=IMPORTED,
+                      num_params=0, digest=digest.hexdigest(), trained_epochs=None,
+                      normalization=transfer_set.normalization.to_dict())
+  return member, imported
 
 
 def import_logprobs(config: BuildConfig, files: list[str], views_dir: str | None = None) -> str:
@@ -794,18 +850,7 @@ def import_logprobs(config: BuildConfig, files: list[str], views_dir: str | None
               "generation_temperature": tg, **({"teacher_tokenizer": map_record} if map_record else {}),
               "max_padding_mass": config.max_padding_mass, "min_mapped_share": config.min_mapped_share,
               "retemper_to": t}
-  digest = hashlib.sha256()
-  for array in (placed.ids, placed.log_probs, placed.present):
-    digest.update(np.ascontiguousarray(array).tobytes())
-  digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
-  imported = {**{key: v for key, v in settings.items() if key not in ("teacher_tokenizer", "retemper_to")}, **record,
-              "files": [os.path.basename(storage.local(f).rstrip("/")) for f in files], "shift_rates": rates}
-  if map_record:
-    imported["tokenizer_map"] = {**map_record, **record["tokenizer_map"]}
-  name = os.path.splitext(os.path.basename(storage.local(files[0]).rstrip("/")))[0]
-  member = MemberSpec(name=name, source=files[0] if len(files) == 1 else ", ".join(files), model=IMPORTED,
-                      num_params=0, digest=digest.hexdigest(), trained_epochs=None,
-                      normalization=transfer_set.normalization.to_dict())
+  member, imported = _member(placed, settings, record, rates, files, transfer_set)
   cache_t = t if t is not None else tg
   spec_config = dataclasses.replace(config, temperature=cache_t, targets=f"topk:{k_out}", member_logits=False)
   spec = dataclasses.replace(make_spec(spec_config, transfer_set, None, augmentation, [member], vocab),

@@ -2737,6 +2737,17 @@ def _(env, tmp_path, mp):
           [Absent(tmp_path / "c.zarr")])
 
 
+@fault("import --logprobs: another tokenizer's ids without --teacher-tokenizer")
+def _(env, tmp_path, mp):
+  folder, x = _logprob_rows(tmp_path)
+  other = x.copy()
+  other[:, 0] = np.where(x[:, 1] > 0, x[:, 0] + 3, 0)  # A vocabulary with 3 special tokens before the bytes.
+  return (cache_main, _logprob_import(tmp_path, folder, "--logprobs", _logprob_npz(tmp_path, other)), 2,
+          r"--logprobs '.*t\.npz' row \d+ of the arrays \(row \d+, position \d+, .*doc\d\.txt, its token \d+\): the "
+          r"teacher scored token \d+, the row holds \d+: other tokens \(scored with another tokenizer\? pass "
+          r"--teacher-tokenizer TOKENIZER\.json to map its ids\)\.$", [Absent(tmp_path / "c.zarr")])
+
+
 @fault("import --logprobs with --temperature")
 def _(env, tmp_path, mp):
   folder, x = _logprob_rows(tmp_path)

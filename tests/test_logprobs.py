@@ -14,7 +14,7 @@ from shared.cache import open_cache
 from shared.data import open_transfer_set
 from shared.errors import StillroomError
 from teacher_cache.build import BuildConfig, build_cache
-from teacher_cache.logprobs import (PLACEHOLDER, REST_RULE, import_logprobs, read_jsonl, rest_bounds, retemper)
+from teacher_cache.logprobs import (PLACEHOLDER, REST_RULE, import_logprobs, read_jsonl, retemper)
 from teacher_cache.info import cache_info
 from teacher_cache.verify import verify_cache
 
@@ -234,7 +234,7 @@ def test_retempering_is_exact_on_the_top_k_and_the_true_rest_lies_within_the_bou
       assert low[0] <= np.exp(log_rest[0]) <= high[0] + 1e-12
       # The rule: of the tail as one token, spread evenly and the bounds' geometric midpoint, the closest.
       tail_mass = tail.sum()
-      lo, hi = rest_bounds(tail_mass, a, n_vocab - k)
+      lo, hi = sorted([tail_mass ** a, (n_vocab - k) ** (1 - a) * tail_mass ** a])  # KD_NOTES section 9.
       s = (top ** a).sum()
       shares = {"one": tail_mass ** a, "even": (n_vocab - k) ** (1 - a) * tail_mass ** a, "geo": np.sqrt(lo * hi)}
       errors = {rule: abs(r / (s + r) - true_share) for rule, r in shares.items()}
@@ -259,10 +259,16 @@ def test_retemper_through_the_import_records_its_bounds(built, text_dir, tmp_pat
   at_2 = built["full"][2][has]
   true_rest = 1 - np.exp(np.take_along_axis(at_2, ids[has], -1)).sum(-1)
   tail = 1 - np.exp(lps[has]).sum(-1)
-  low, high = rest_bounds(tail, 0.5, V - K)
+  low, high = tail ** 0.5, (V - K) ** 0.5 * tail ** 0.5  # a = 1/2 < 1: [r^a, n^(1-a) r^a].
   top = np.exp(0.5 * lps[has]).sum(-1)
   assert ((low / (top + low) <= true_rest + 1e-9) & (true_rest <= high / (top + high) + 1e-9)).all()
   assert verified(out)
+  # The member's digest: of the canonical arrays and the import settings, not of the file's name.
+  again = import_logprobs(settings(text_dir, tmp_path / "a.zarr", retemper=2.0),
+                          [write_npz(tmp_path / "other-name.npz", arrays_of(x, full))])
+  kept = import_logprobs(settings(text_dir, tmp_path / "k.zarr"), [str(tmp_path / "t.npz")])
+  digests = [open_cache(c).spec.members[0].digest for c in (out, again, kept)]
+  assert digests[0] == digests[1] != digests[2]
 
 
 @pytest.mark.fast
@@ -372,11 +378,22 @@ def test_a_teacher_tokenizer_maps_ids_by_strings_and_a_low_share_is_refused(buil
   half = ["<unk>", "<s>", "</s>", *[s if b in x[:, 0] else s + "#" for b, s in enumerate(alphabet)]]
   out = import_logprobs(settings(text_dir, tmp_path / "h.zarr", teacher_tokenizer=tokenizer(half),
                                  min_mapped_share=0.0), [path])
-  share = open_cache(out).spec.imported["tokenizer_map"]["mapped_share_mean"]
-  assert 0.05 < share < 0.9 and verified(out)
+  record = open_cache(out).spec.imported["tokenizer_map"]
+  assert 0.05 < record["mapped_share_mean"] < 0.9 and verified(out)
+  # The share against NumPy: each predicting position's top-k mass on the bytes the student knows, over its top-k's.
+  ids, lps = topk(full)
+  known = np.isin(ids, x[:, 0])
+  share = (np.exp(lps) * known).sum(-1) / np.exp(lps).sum(-1)
+  where = built["labels"] >= 0
+  assert record["mapped_share_mean"] == pytest.approx(share[where].mean(), rel=1e-9)
+  assert record["mapped_share_min"] == pytest.approx(share[where].min(), abs=1e-12)
+  # The unmapped mass is in the rest: the stored top-k holds the known bytes' mass only.
+  got = read_all(out)
+  np.testing.assert_allclose(1 - np.exp(got["target_rest"][where]), (np.exp(lps) * known).sum(-1)[where], atol=2e-5)
   # ...and below the threshold, refused.
-  refused(text_dir, tmp_path, [path], r"of the teacher's top-k mass maps to the student's tokens on average .* below "
-          r"--min-mapped-share 0\.9", teacher_tokenizer=tokenizer(half))
+  refused(text_dir, tmp_path, [path], r"of the teacher's top-k mass maps to the student's tokens on average \(least "
+          r"0\.0%: --logprobs '.*t\.npz' row \d+ of the arrays \(row \d+, position \d+, doc\d\.txt, its token \d+\)\), "
+          r"below --min-mapped-share 0\.9", teacher_tokenizer=tokenizer(half))
 
 
 def test_missing_repeated_and_unknown_rows_and_positions_are_refused(built, text_dir, tmp_path):
@@ -400,6 +417,9 @@ def test_temperature_with_logprobs_is_refused(built, text_dir, tmp_path):
   x, full = built["x"], built["full"][1]
   refused(text_dir, tmp_path, [write_npz(tmp_path / "t.npz", arrays_of(x, full))],
           r"--temperature 2 with --logprobs: .* --generation-temperature Tg .* --retemper T", temperature=2.0)
+  refused(text_dir, tmp_path, [], r"^--retemper must be > 0 and finite, got 0\.0\.$", retemper=0.0)
+  refused(text_dir, tmp_path, [], r"^--generation-temperature must be > 0 and finite, got nan\.$",
+          generation_temperature=float("nan"))
 
 
 @pytest.mark.fast
@@ -472,3 +492,55 @@ def test_malformed_jsonl_lines_are_refused_naming_the_line(tmp_path):
     path.write_text(line + "\n")
     with pytest.raises(StillroomError, match=pattern):
       read_jsonl(str(path), 2)
+
+
+@pytest.mark.fast
+def test_vllm_k_is_read_from_ranks_when_every_prompt_token_is_outside_the_top_k(tmp_path):
+  """Entries of k + 1 (the prompt's token outside: of rank 9; tied with the k-th: a repeated rank) and none of k:
+  top-2, not top-3 with the prompt's token as the third; a rank repeated inside a top-k of ties (competition ranks)
+  does not lower k; entries of the prompt's token alone (prompt_logprobs 0) refused."""
+  path = tmp_path / "v.jsonl"
+  lines = [{"row": 0, "prompt_token_ids": [5, 6, 7], "prompt_logprobs": [
+      None, {"6": {"logprob": -9.0, "rank": 9}, "1": {"logprob": -0.1, "rank": 1}, "2": {"logprob": -3.0, "rank": 2}},
+      {"7": {"logprob": -3.0, "rank": 2}, "8": {"logprob": -0.2, "rank": 1}, "4": {"logprob": -3.0, "rank": 2}}]}]
+  path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+  _, (segment,) = read_jsonl(str(path), 1)
+  assert segment.ids.shape == (3, 2)
+  np.testing.assert_array_equal(segment.ids[0], [1, 2])
+  assert segment.ids[1, 0] == 8 and segment.log_probs[1].tolist() == [-0.2, -3.0]
+  path.write_text(json.dumps({"row": 0, "prompt_token_ids": [5, 6], "prompt_logprobs": [
+      None, {"6": {"logprob": -0.1, "rank": 1}, "1": {"logprob": -3.0, "rank": 2}, "2": {"logprob": -3.0, "rank": 2}}]})
+                  + "\n")
+  assert read_jsonl(str(path), 1)[1][0].ids.shape == (2, 3)
+  path.write_text(json.dumps({"row": 0, "prompt_token_ids": [5, 6], "prompt_logprobs": [
+      None, {"6": {"logprob": -2.0, "rank": 4}}]}) + "\n")
+  with pytest.raises(StillroomError, match=r"only the prompt's own token, no top-k .*prompt_logprobs k >= 1"):
+    read_jsonl(str(path), 1)
+
+
+def test_vllm_lines_without_token_ids_whose_prompt_tokens_are_shifted_are_refused_as_shifted(built, text_dir, tmp_path):
+  x, full = built["x"], built["full"][1]
+  moved = x.copy()
+  moved[:, 0] = np.where(x[:, 1] > 0, np.roll(x[:, 0], 1, axis=-1), 0)  # Entry i holds the row's token i - 1.
+  refused(text_dir, tmp_path, [write_vllm(tmp_path / "m.jsonl", moved, full, token_ids=False)],
+          r"m\.jsonl' line \d+ \(row \d+, position \d+, .*\): vLLM's prompt_logprobs\[\d+\] does not hold the row's "
+          r"token \d+: its tokens are the row's shifted by one position")
+
+
+@pytest.mark.fast
+def test_retemper_takes_each_positions_tail_size():
+  """A position whose top-k has empty slots (padding trimmed, ids unmapped) has a tail of V less its stored tokens:
+  its uniform tail (every tail token of mass r / n) re-tempers to exactly the even rule's rest, within the bounds."""
+  n_vocab, k, a = 40, 4, 0.5
+  log_probs = np.array([[0.4, 0.2, 0.1, 0.05], [0.4, 0.2, -np.inf, -np.inf]])
+  log_probs[0], log_probs[1, :2] = np.log(log_probs[0]), np.log(log_probs[1, :2])
+  log_rest = np.log(1 - np.exp(log_probs).sum(-1))
+  tails = n_vocab - np.array([4, 2])
+  log_p, out_rest, low, high = retemper(log_probs, log_rest, a, tails)
+  for q in range(2):
+    p = np.concatenate([np.exp(log_probs[q, :k - 2 * q]), np.full(tails[q], np.exp(log_rest[q]) / tails[q])])
+    true = p ** a / (p ** a).sum()
+    assert np.exp(out_rest[q]) == pytest.approx(true[k - 2 * q:].sum(), rel=1e-12)
+    assert low[q] <= np.exp(out_rest[q]) <= high[q] * (1 + 1e-12)
+    one = retemper(log_probs[q], log_rest[q], a, int(tails[q]))  # Per position as a scalar: the same.
+    np.testing.assert_allclose(one[1], out_rest[q], rtol=1e-12)

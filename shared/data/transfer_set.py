@@ -91,17 +91,6 @@ class DatasetSpec:
       del d["text"]  # As stillroom 0.3 wrote records of image data.
     return d
 
-  def document_at(self, key: int, position: int) -> str:
-    """`text:` data: the document (and its token) at `position` of the row whose index in the unsliced split is
-    `key` (a cache's `index`), e.g. "corpus.jsonl line 12, its token 7" (`shared.data.text.TextSource.document_at`).
-
-    Raises:
-      StillroomError: the data is not text.
-    """
-    if self.text is None:
-      raise StillroomError(f"dataset {self.name!r}: not text, whose rows have no documents.")
-    return self.source.document_at(int(key), int(position))
-
   def text_options(self) -> TextOptions | None:
     """The options that re-open this `text:` data (`open_transfer_set(..., text=)`), or None for other data."""
     return None if self.text is None else TextOptions.from_dict(self.text)
