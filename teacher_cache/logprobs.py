@@ -55,6 +55,7 @@ from shared.cache import GROUPED, ROWS, ChunkWriter, MemberSpec, replay_rows, ro
 from shared.data import label_ids, local_path
 from shared.errors import StillroomError, raise_if_interrupted
 from shared.log import logger, progress
+from shared.settings import check_value
 from shared.outputs import STORE, OutputLock, check_not_an_input, check_output
 from teacher_cache.build import (IGNORE_LIMITS, BuildConfig, check_limits, check_settings, check_token_settings,
                                  chunks_to_write, declare_complete, make_spec, open_store, open_views, positions_of,
@@ -161,6 +162,8 @@ def _parse_vllm(path: str, where: str, entries: list, tokens, row: int, start: i
         token = int(key)
       except ValueError as e:
         raise _error(path, where, f"prompt_logprobs[{i}] has key {key!r}, not a token id.") from e
+      if not 0 <= token < 2 ** 62:
+        raise _error(path, where, f"prompt_logprobs[{i}] has key {key!r}, not a token id (0 or more, below 2^62).")
       lp = _log_prob(value.get("logprob") if isinstance(value, dict) else value, path, where)
       rank = value.get("rank") if isinstance(value, dict) else None
       pairs.append((rank if isinstance(rank, int) else math.inf, lp, token))
@@ -336,7 +339,7 @@ def _read_parquet(path: str) -> dict:
         shape.append(int(lengths[0]) if len(lengths) else 0)
         column = pc.list_flatten(column)
       values = column.to_numpy(zero_copy_only=False)
-      out[name] = values.astype(np.float64 if name == "topk_log_probs" else np.int64).reshape(shape)
+      out[name] = values.reshape(shape)  # Its own type: `read_arrays` refuses strings, fractions, nulls.
     except (ValueError, TypeError, NotImplementedError, pa.ArrowException) as e:
       raise StillroomError(f"--logprobs {path!r}: column `{name}` is ragged or not numbers ({e}).") from e
   return out
@@ -351,6 +354,26 @@ def _read_npz(path: str) -> dict:
                          f"{str(e)[:200]}).") from e
 
 
+def _check_dtype(path: str, name: str, values: np.ndarray) -> None:
+  """Refuses an array that is not numbers, and ids (`row`, `token_ids`, `topk_ids`) that are not whole numbers:
+  a cast would read "3" or 2.5 as some other row or token without a word."""
+  if name == "topk_log_probs":
+    if not (np.issubdtype(values.dtype, np.floating) or np.issubdtype(values.dtype, np.integer)):
+      raise StillroomError(f"--logprobs {path!r}: `{name}` holds {values.dtype} values, not numbers.")
+    return
+  if np.issubdtype(values.dtype, np.integer) and not values.dtype == np.bool_:
+    if values.dtype == np.uint64 and values.size and values.max() > np.iinfo(np.int64).max:
+      raise StillroomError(f"--logprobs {path!r}: `{name}` holds ids past int64 ({int(values.max())}).")
+    return
+  if np.issubdtype(values.dtype, np.floating):
+    bad = ~np.isfinite(values) | (values != np.round(values)) | (np.abs(values) > 2.0 ** 53)
+    if not bad.any():
+      return
+    raise StillroomError(f"--logprobs {path!r}: `{name}` holds {values[bad].ravel()[0].item()!r}, not a whole number (ids are "
+                         "integers).")
+  raise StillroomError(f"--logprobs {path!r}: `{name}` holds {values.dtype} values, not integer ids.")
+
+
 def read_arrays(path: str, num_rows: int) -> list[Segment]:
   """The segments (one per row) of an `.npz` or `.parquet` file of `row`, `token_ids`, `topk_ids`, `topk_log_probs`.
 
@@ -362,10 +385,14 @@ def read_arrays(path: str, num_rows: int) -> list[Segment]:
   if any(name not in arrays for name in names):
     raise StillroomError(f"--logprobs {path!r} holds {sorted(arrays)}; it needs {', '.join(names)}.")
   row, tokens, ids, lps = (np.asarray(arrays[n]) for n in names)
+  for name, values in zip(names, (row, tokens, ids, lps)):
+    _check_dtype(path, name, values)
   if row.ndim != 1 or tokens.ndim != 2 or ids.ndim != 3 or lps.shape != ids.shape or \
       tokens.shape != ids.shape[:2] or len(row) != len(tokens):
     raise StillroomError(f"--logprobs {path!r}: shapes row {row.shape}, token_ids {tokens.shape}, topk_ids "
                          f"{ids.shape}, topk_log_probs {lps.shape}; they must be [R], [R, L], [R, L, K], [R, L, K].")
+  if not len(row):
+    raise StillroomError(f"--logprobs {path!r} holds no rows (its arrays have length 0).")
   unknown = (row < 0) | (row >= num_rows)
   if unknown.any():
     raise StillroomError(f"--logprobs {path!r}: row ids {listed(row[unknown].tolist())} are not rows of this transfer "
@@ -380,6 +407,9 @@ def read_file(path: str, num_rows: int, enabled: bool = False) -> tuple[str, lis
   """`(layout, segments)` of a `--logprobs` file, by its extension."""
   if not storage.exists(path):
     raise StillroomError(f"--logprobs {path!r} does not exist.")
+  if storage.is_dir(path):
+    raise StillroomError(f"--logprobs {path!r} is a directory; give its .jsonl, .npz or .parquet file(s), one "
+                         "--logprobs each.")
   if path.endswith(".jsonl"):
     return read_jsonl(path, num_rows, enabled)
   if path.endswith((".npz", ".parquet")):
@@ -402,7 +432,10 @@ def _token_strings(tokenizer) -> list:
 def teacher_map(path: str, student) -> tuple[np.ndarray, dict]:
   """int64 [Vt] the student id of each teacher id by exact token string (-1: none), and the map's identity."""
   from shared.data.text import _load_tokenizer  # pylint: disable=import-outside-toplevel,protected-access
-  teacher = _load_tokenizer(path, None)
+  try:
+    teacher = _load_tokenizer(path, None)
+  except StillroomError as e:  # Its message names --tokenizer (the student's option): name the option given.
+    raise StillroomError(str(e).replace("--tokenizer", "--teacher-tokenizer", 1)) from e
   student_ids = {s: i for i, s in enumerate(_token_strings(student)) if s is not None}
   mapping = np.asarray([student_ids.get(s, -1) if s is not None else -1 for s in _token_strings(teacher)], np.int64)
   return mapping, {"tokenizer": os.path.basename(path), "identity": teacher.identity(), "teacher_vocab": len(mapping),
@@ -523,9 +556,15 @@ def _check_values(placed: Placed, positions_of_rows, transfer_set) -> None:
     r, j = (int(v) for v in np.argwhere(bad)[0])
     raise StillroomError(f"--logprobs {placed.source[r]} (row {r}, position {j}, "
                          f"{_document(transfer_set, positions_of_rows[r], j)}): {what}.")
-  bad = (present[..., None] & (ids < -1)).any(-1) | (used & (np.isnan(lps) | (lps > LOG_PROB_TOLERANCE))).any(-1)
+  bad = (present[..., None] & (ids < -1)).any(-1)
   if bad.any():
-    refuse(bad, "a token id outside the teacher's vocabulary, or a log-probability that is NaN or > 0")
+    r, j = (int(v) for v in np.argwhere(bad)[0])
+    refuse(bad, f"token id {int(ids[r, j][ids[r, j] < -1][0])} is negative (-1 marks an empty slot)")
+  bad = (used & (np.isnan(lps) | (lps > LOG_PROB_TOLERANCE))).any(-1)
+  if bad.any():
+    r, j = (int(v) for v in np.argwhere(bad)[0])
+    value = lps[r, j][used[r, j] & (np.isnan(lps[r, j]) | (lps[r, j] > LOG_PROB_TOLERANCE))][0]
+    refuse(bad, f"a log-probability is {float(value)}: NaN or > 0 is no log-probability")
   with np.errstate(divide="ignore"):
     mass = np.where(used, np.exp(lps), 0.0).sum(-1)
   bad = mass > 1 + LOG_PROB_TOLERANCE
@@ -602,8 +641,12 @@ def _temper_settings(config: BuildConfig) -> tuple[float, float | None]:
     raise StillroomError(f"--temperature {config.temperature:g} with --logprobs: the file's log-probabilities are at "
                          "their generation temperature; give it with --generation-temperature Tg (the cache's "
                          "temperature), and --retemper T to re-temper them to T.")
-  if config.generation_temperature <= 0 or (config.retemper is not None and config.retemper <= 0):
-    raise StillroomError("--generation-temperature and --retemper must be > 0.")
+  for name in LOGPROB_SETTINGS:  # Their declared checks (ranges, NaN): before any file is read.
+    problem = check_value(BuildConfig, name, getattr(config, name))
+    if problem:
+      raise StillroomError(f"--{name.replace('_', '-')} {problem}, got {getattr(config, name)}.")
+  if config.member_logits:
+    raise StillroomError("--member-logits with --logprobs: a top-k file holds no logits to store; leave it out.")
   return float(config.generation_temperature), config.retemper
 
 
