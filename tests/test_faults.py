@@ -2870,7 +2870,7 @@ def _(env, tmp_path, mp):
   (tmp_path / "tok.json").write_text("garbage")
   return (cache_main, _logprob_import(tmp_path, folder, "--logprobs", _logprob_npz(tmp_path, x),
                                       "--teacher-tokenizer", tmp_path / "tok.json"), 2,
-          r"^--teacher-tokenizer .*tok\.json: not a Hugging Face tokenizer\.json", [Absent(tmp_path / "c.zarr")])
+          r"error: --teacher-tokenizer .*tok\.json: not a Hugging Face tokenizer\.json", [Absent(tmp_path / "c.zarr")])
 
 
 @pytest.mark.parametrize("name", list(FAULTS))
