@@ -124,12 +124,12 @@ def _topk_from_pairs(pairs: list[tuple[int, float]], k: int) -> tuple[np.ndarray
   return ids, lps
 
 
-def _ids(values: list, path: str, where: str, field: str) -> np.ndarray:
-  """int64 [n] of a JSON list of token ids; refuses anything but integers in [0, 2^62) (a float, a string or a
-  bool would be cast to some other token without a word)."""
+def _ids(values: list, field: str) -> np.ndarray:
+  """int64 [n] of a JSON list of token ids; anything but integers in [0, 2^62) (a float, a string or a bool would be
+  cast to some other token without a word) raises ValueError, which `_guarded` refuses naming the file and line."""
   for value in values:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2 ** 62:
-      raise _error(path, where, f"`{field}` holds {value!r}, not a token id (an integer, 0 or more, below 2^62).")
+      raise ValueError(f"`{field}` holds {value!r}, not a token id (an integer, 0 or more, below 2^62)")
   return np.asarray(values, np.int64)
 
 
@@ -151,7 +151,7 @@ def _vllm_entries(path: str, where: str, d: dict) -> tuple[list, np.ndarray | No
   if tokens is not None and (not isinstance(tokens, list) or len(tokens) != len(entries)):
     raise _error(path, where, f"`prompt_token_ids` must be a list of {len(entries)} ids, one per prompt_logprobs "
                               "entry.")
-  return entries, None if tokens is None else _ids(tokens, path, where, "prompt_token_ids")
+  return entries, None if tokens is None else _ids(tokens, "prompt_token_ids")
 
 
 def _parse_vllm(path: str, where: str, entries: list, tokens, row: int, start: int, k: int) -> Segment:
@@ -216,7 +216,7 @@ def _axolotl(path: str, where: str, d: dict, row: int, start: int, version: str)
     for j, (lp, ids) in enumerate(zip(lists, targets)):
       if not isinstance(lp, list) or not isinstance(ids, list) or len(lp) != len(ids):
         raise _error(path, where, f"logprobs[{j}] and target_token_ids[{j}] must be lists of one length.")
-      rows.append(list(zip(_ids(ids, path, where, f"target_token_ids[{j}]").tolist(),
+      rows.append(list(zip(_ids(ids, f"target_token_ids[{j}]").tolist(),
                            (_log_prob(x, path, where) for x in lp))))
   k = max((len(p) for p in rows), default=0)
   ids, lps = np.full((n, k), -1, np.int64), np.full((n, k), -np.inf)
@@ -225,7 +225,7 @@ def _axolotl(path: str, where: str, d: dict, row: int, start: int, version: str)
     if pairs:
       ids[j], lps[j] = _topk_from_pairs(pairs, k)
       present[j] = True
-  return Segment(path, where, row, start, _ids(tokens, path, where, "input_ids"), ids, lps, present)
+  return Segment(path, where, row, start, _ids(tokens, "input_ids"), ids, lps, present)
 
 
 def _guarded(path: str, where: str, parse, *args):
