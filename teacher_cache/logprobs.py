@@ -379,8 +379,8 @@ def _check_dtype(path: str, name: str, values: np.ndarray) -> None:
     bad = ~np.isfinite(values) | (values != np.round(values)) | (np.abs(values) > 2.0 ** 53)
     if not bad.any():
       return
-    raise StillroomError(f"--logprobs {path!r}: `{name}` holds {values[bad].ravel()[0].item()!r}, not a whole number (ids are "
-                         "integers).")
+    raise StillroomError(f"--logprobs {path!r}: `{name}` holds {values[bad].ravel()[0].item()!r}, not a whole "
+                         "number (ids are integers).")
   raise StillroomError(f"--logprobs {path!r}: `{name}` holds {values.dtype} values, not integer ids.")
 
 

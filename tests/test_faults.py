@@ -2845,7 +2845,8 @@ def _(env, tmp_path, mp):
   (tmp_path / "t.jsonl").write_text('{"row": 0, "input_ids": [1, 2], "logprobs": [[-0.1]], '
                                     '"target_token_ids": [[2.7]]}\n')
   return (cache_main, _logprob_import(tmp_path, folder, "--logprobs", tmp_path / "t.jsonl"), 2,
-          r"line 1: is malformed \(ValueError: `target_token_ids\[0\]` holds 2\.7, not a token id", [Absent(tmp_path / "c.zarr")])
+          r"line 1: is malformed \(ValueError: `target_token_ids\[0\]` holds 2\.7, not a token id",
+          [Absent(tmp_path / "c.zarr")])
 
 
 @fault("import --logprobs of a vLLM line with a token id past int64")
