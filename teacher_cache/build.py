@@ -125,11 +125,12 @@ class BuildConfig(DataSettings, ViewSettings, ComputeSettings, JobSettings, Outp
       group="run", identity=False, scope="process", commands=(BUILD, EXTEND))
   generation_temperature: float = setting(
       1.0, "log-probabilities imported: the temperature the teacher's log-probabilities were computed at (vLLM's "
-           "raw log-probabilities: 1); the cache's temperature", metavar="Tg", group="teachers", commands=(IMPORT,))
+           "raw log-probabilities: 1); the cache's temperature", metavar="Tg", group="teachers", commands=(IMPORT,),
+      check=lambda v: 0 < v < math.inf or "must be > 0 and finite")
   retemper: float | None = setting(
       None, "log-probabilities imported: re-temper them from Tg to T: the top k exactly (p^(Tg/T)), the rest as if "
             "spread evenly over the other tokens, its bounds recorded (default: keep Tg)", metavar="T",
-      group="teachers", commands=(IMPORT,))
+      group="teachers", commands=(IMPORT,), check=lambda v: v is None or 0 < v < math.inf or "must be > 0 and finite")
   max_padding_mass: float = setting(
       1e-3, "log-probabilities imported: the most top-k mass a position may put on ids past the vocabulary (a "
             "padded teacher vocabulary's padding, trimmed)", metavar="MASS", group="teachers", commands=(IMPORT,),

@@ -54,10 +54,11 @@ import numpy as np
 from shared import limits, storage
 from shared.cache import GROUPED, ROWS, ChunkWriter, MemberSpec, replay_rows, row_sources
 from shared.data import label_ids, local_path
+from shared.data.text import load_tokenizer
 from shared.errors import StillroomError, raise_if_interrupted
 from shared.log import logger, progress
 from shared.outputs import STORE, OutputLock, check_not_an_input, check_output
-from shared.settings import positive_finite
+from shared.settings import check_value
 from teacher_cache.build import (IGNORE_LIMITS, BuildConfig, check_limits, check_settings, check_token_settings,
                                  chunks_to_write, declare_complete, make_spec, open_store, open_views, positions_of,
                                  put_rows, resolve_defaults, token_chunk_rows)
@@ -125,6 +126,15 @@ def _topk_from_pairs(pairs: list[tuple[int, float]], k: int) -> tuple[np.ndarray
   return ids, lps
 
 
+def _ids(values: list, field: str) -> np.ndarray:
+  """int64 [n] of a JSON list of token ids; anything but integers in [0, 2^62) (a float, a string or a bool would be
+  cast to some other token without a word) raises ValueError, which `_guarded` refuses naming the file and line."""
+  for value in values:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2 ** 62:
+      raise ValueError(f"`{field}` holds {value!r}, not a token id (an integer, 0 or more, below 2^62)")
+  return np.asarray(values, np.int64)
+
+
 def _log_prob(value, path: str, where: str) -> float:
   if not isinstance(value, (int, float)) or isinstance(value, bool):
     raise _error(path, where, f"a log-probability {value!r} is not a number.")
@@ -143,7 +153,7 @@ def _vllm_entries(path: str, where: str, d: dict) -> tuple[list, np.ndarray | No
   if tokens is not None and (not isinstance(tokens, list) or len(tokens) != len(entries)):
     raise _error(path, where, f"`prompt_token_ids` must be a list of {len(entries)} ids, one per prompt_logprobs "
                               "entry.")
-  return entries, None if tokens is None else np.asarray(tokens, np.int64)
+  return entries, None if tokens is None else _ids(tokens, "prompt_token_ids")
 
 
 def _vllm_top_k(entry: dict) -> int:
@@ -175,6 +185,8 @@ def _parse_vllm(path: str, where: str, entries: list, tokens, row: int, start: i
         token = int(key)
       except ValueError as e:
         raise _error(path, where, f"prompt_logprobs[{i}] has key {key!r}, not a token id.") from e
+      if not 0 <= token < 2 ** 62:
+        raise _error(path, where, f"prompt_logprobs[{i}] has key {key!r}, not a token id (0 or more, below 2^62).")
       lp = _log_prob(value.get("logprob") if isinstance(value, dict) else value, path, where)
       rank = value.get("rank") if isinstance(value, dict) else None
       pairs.append((rank if isinstance(rank, int) else math.inf, lp, token))
@@ -218,7 +230,8 @@ def _axolotl(path: str, where: str, d: dict, row: int, start: int, version: str)
     for j, (lp, ids) in enumerate(zip(lists, targets)):
       if not isinstance(lp, list) or not isinstance(ids, list) or len(lp) != len(ids):
         raise _error(path, where, f"logprobs[{j}] and target_token_ids[{j}] must be lists of one length.")
-      rows.append([(int(t), _log_prob(x, path, where)) for t, x in zip(ids, lp)])
+      rows.append(list(zip(_ids(ids, f"target_token_ids[{j}]").tolist(),
+                           (_log_prob(x, path, where) for x in lp))))
   k = max((len(p) for p in rows), default=0)
   ids, lps = np.full((n, k), -1, np.int64), np.full((n, k), -np.inf)
   present = np.zeros(n, bool)
@@ -226,7 +239,7 @@ def _axolotl(path: str, where: str, d: dict, row: int, start: int, version: str)
     if pairs:
       ids[j], lps[j] = _topk_from_pairs(pairs, k)
       present[j] = True
-  return Segment(path, where, row, start, np.asarray(tokens, np.int64), ids, lps, present)
+  return Segment(path, where, row, start, _ids(tokens, "input_ids"), ids, lps, present)
 
 
 def _guarded(path: str, where: str, parse, *args):
@@ -352,7 +365,7 @@ def _read_parquet(path: str) -> dict:
         shape.append(int(lengths[0]) if len(lengths) else 0)
         column = pc.list_flatten(column)
       values = column.to_numpy(zero_copy_only=False)
-      out[name] = values.astype(np.float64 if name == "topk_log_probs" else np.int64).reshape(shape)
+      out[name] = values.reshape(shape)  # Its own type: `read_arrays` refuses strings, fractions, nulls.
     except (ValueError, TypeError, NotImplementedError, pa.ArrowException) as e:
       raise StillroomError(f"--logprobs {path!r}: column `{name}` is ragged or not numbers ({e}).") from e
   return out
@@ -367,6 +380,26 @@ def _read_npz(path: str) -> dict:
                          f"{str(e)[:200]}).") from e
 
 
+def _check_dtype(path: str, name: str, values: np.ndarray) -> None:
+  """Refuses an array that is not numbers, and ids (`row`, `token_ids`, `topk_ids`) that are not whole numbers:
+  a cast would read "3" or 2.5 as some other row or token without a word."""
+  if name == "topk_log_probs":
+    if not (np.issubdtype(values.dtype, np.floating) or np.issubdtype(values.dtype, np.integer)):
+      raise StillroomError(f"--logprobs {path!r}: `{name}` holds {values.dtype} values, not numbers.")
+    return
+  if np.issubdtype(values.dtype, np.integer) and not values.dtype == np.bool_:
+    if values.dtype == np.uint64 and values.size and values.max() > np.iinfo(np.int64).max:
+      raise StillroomError(f"--logprobs {path!r}: `{name}` holds ids past int64 ({int(values.max())}).")
+    return
+  if np.issubdtype(values.dtype, np.floating):
+    bad = ~np.isfinite(values) | (values != np.round(values)) | (np.abs(values) > 2.0 ** 53)
+    if not bad.any():
+      return
+    raise StillroomError(f"--logprobs {path!r}: `{name}` holds {values[bad].ravel()[0].item()!r}, not a whole "
+                         "number (ids are integers).")
+  raise StillroomError(f"--logprobs {path!r}: `{name}` holds {values.dtype} values, not integer ids.")
+
+
 def read_arrays(path: str, num_rows: int) -> list[Segment]:
   """The segments (one per row) of an `.npz` or `.parquet` file of `row`, `token_ids`, `topk_ids`, `topk_log_probs`.
 
@@ -378,10 +411,14 @@ def read_arrays(path: str, num_rows: int) -> list[Segment]:
   if any(name not in arrays for name in names):
     raise StillroomError(f"--logprobs {path!r} holds {sorted(arrays)}; it needs {', '.join(names)}.")
   row, tokens, ids, lps = (np.asarray(arrays[n]) for n in names)
+  for name, values in zip(names, (row, tokens, ids, lps)):
+    _check_dtype(path, name, values)
   if row.ndim != 1 or tokens.ndim != 2 or ids.ndim != 3 or lps.shape != ids.shape or \
       tokens.shape != ids.shape[:2] or len(row) != len(tokens):
     raise StillroomError(f"--logprobs {path!r}: shapes row {row.shape}, token_ids {tokens.shape}, topk_ids "
                          f"{ids.shape}, topk_log_probs {lps.shape}; they must be [R], [R, L], [R, L, K], [R, L, K].")
+  if not len(row):
+    raise StillroomError(f"--logprobs {path!r} holds no rows (its arrays have length 0).")
   unknown = (row < 0) | (row >= num_rows)
   if unknown.any():
     raise StillroomError(f"--logprobs {path!r}: row ids {listed(row[unknown].tolist())} are not rows of this transfer "
@@ -396,6 +433,9 @@ def read_file(path: str, num_rows: int, enabled: bool = False) -> tuple[str, lis
   """`(layout, segments)` of a `--logprobs` file, by its extension."""
   if not storage.exists(path):
     raise StillroomError(f"--logprobs {path!r} does not exist.")
+  if storage.is_dir(path):
+    raise StillroomError(f"--logprobs {path!r} is a directory; give its .jsonl, .npz or .parquet file(s), one "
+                         "--logprobs each.")
   if path.endswith(".jsonl"):
     return read_jsonl(path, num_rows, enabled)
   if path.endswith((".npz", ".parquet")):
@@ -413,8 +453,10 @@ def _document(transfer_set, position: int, j: int) -> str:
 
 def teacher_map(path: str, student) -> tuple[np.ndarray, dict]:
   """int64 [Vt] the student id of each teacher id by exact token string (-1: none), and the map's identity."""
-  from shared.data.text import _load_tokenizer  # pylint: disable=import-outside-toplevel,protected-access
-  teacher = _load_tokenizer(path, None)
+  try:
+    teacher = load_tokenizer(path, None)
+  except StillroomError as e:  # Its message names --tokenizer (the student's option): name the option given.
+    raise StillroomError(str(e).replace("--tokenizer", "--teacher-tokenizer", 1)) from e
   student_ids = {s: i for i, s in enumerate(student.token_strings()) if s is not None}
   mapping = np.asarray([student_ids.get(s, -1) if s is not None else -1 for s in teacher.token_strings()], np.int64)
   return mapping, {"tokenizer": os.path.basename(path), "identity": teacher.identity(), "teacher_vocab": len(mapping),
@@ -533,9 +575,15 @@ def _check_values(placed: Placed, positions_of_rows, transfer_set) -> None:
     r, j = (int(v) for v in np.argwhere(bad)[0])
     raise StillroomError(f"--logprobs {placed.source[r]} (row {r}, position {j}, "
                          f"{_document(transfer_set, positions_of_rows[r], j)}): {what}.")
-  bad = (present[..., None] & (ids < -1)).any(-1) | (used & (np.isnan(lps) | (lps > LOG_PROB_TOLERANCE))).any(-1)
+  bad = (present[..., None] & (ids < -1)).any(-1)
   if bad.any():
-    refuse(bad, "a token id outside the teacher's vocabulary, or a log-probability that is NaN or > 0")
+    r, j = (int(v) for v in np.argwhere(bad)[0])
+    refuse(bad, f"token id {int(ids[r, j][ids[r, j] < -1][0])} is negative (-1 marks an empty slot)")
+  bad = (used & (np.isnan(lps) | (lps > LOG_PROB_TOLERANCE))).any(-1)
+  if bad.any():
+    r, j = (int(v) for v in np.argwhere(bad)[0])
+    value = lps[r, j][used[r, j] & (np.isnan(lps[r, j]) | (lps[r, j] > LOG_PROB_TOLERANCE))][0]
+    refuse(bad, f"a log-probability is {float(value)}: NaN or > 0 is no log-probability")
   with np.errstate(divide="ignore"):
     mass = np.where(used, np.exp(lps), 0.0).sum(-1)
   bad = mass > 1 + LOG_PROB_TOLERANCE
@@ -617,10 +665,12 @@ def _temper_settings(config: BuildConfig) -> tuple[float, float | None]:
     raise StillroomError(f"--temperature {config.temperature:g} with --logprobs: the file's log-probabilities are at "
                          "their generation temperature; give it with --generation-temperature Tg (the cache's "
                          "temperature), and --retemper T to re-temper them to T.")
-  for flag, value in (("--generation-temperature", config.generation_temperature), ("--retemper", config.retemper)):
-    problem = value is not None and positive_finite(value)
-    if isinstance(problem, str):
-      raise StillroomError(f"{flag} {problem}, got {value}.")
+  for name in LOGPROB_SETTINGS:  # Their declared checks (ranges, NaN): before any file is read.
+    problem = check_value(BuildConfig, name, getattr(config, name))
+    if problem:
+      raise StillroomError(f"--{name.replace('_', '-')} {problem}, got {getattr(config, name)}.")
+  if config.member_logits:
+    raise StillroomError("--member-logits with --logprobs: a top-k file holds no logits to store; leave it out.")
   return float(config.generation_temperature), config.retemper
 
 
@@ -891,8 +941,8 @@ def record_lines(imported: dict) -> list[str]:
   if "retemper" in imported:
     r = imported["retemper"]
     lines.append(f"re-tempered from T={r['from']:g} to T={r['to']:g} (a = {r['a']:.4g}): top k exact, rest by the "
-                 f"rule {r['rule']!r} (spread evenly over {r['tail_tokens']:,} tokens); rest share mean "
-                 f"{r['rest_share_mean']:.4g}, bounds' width mean "
+                 f"rule {r['rule']!r} (spread evenly over the tokens outside each top-k, {r['tail_tokens']:,} at a "
+                 f"full one); rest share mean {r['rest_share_mean']:.4g}, bounds' width mean "
                  f"{r['bounds_width_mean']:.3g}, worst {r['bounds_width_max']:.3g}")
   return lines
 

@@ -2668,8 +2668,8 @@ def test_an_lm_run_whose_tokenizer_file_moved_is_evaluated_with_it_elsewhere(tmp
   code, before, err = run_cli(student_main, evaluate, capsys)
   assert code in (0, None), err
   os.rename(tmp_path / "tokenizer.json", tmp_path / "moved.json")
-  from shared.data.text import _load_tokenizer  # pylint: disable=import-outside-toplevel
-  _load_tokenizer.cache_clear()  # Each command is a process of its own: the file is read again.
+  from shared.data.text import load_tokenizer  # pylint: disable=import-outside-toplevel
+  load_tokenizer.cache_clear()  # Each command is a process of its own: the file is read again.
   code, _, err = run_cli(student_main, evaluate, capsys)
   assert code == 2 and err.count("\n") == 1 and "tokenizer.json: cannot read it" in err, err
   code, after, err = run_cli(student_main, [*evaluate, "--tokenizer", tmp_path / "moved.json"], capsys)
@@ -2785,6 +2785,104 @@ def _(env, tmp_path, mp):
   (tmp_path / "t.jsonl").write_text('{"row": 0, "tokens": [1, 2]}\n')
   return (cache_main, _logprob_import(tmp_path, folder, "--logprobs", tmp_path / "t.jsonl"), 2,
           r"--logprobs '.*t\.jsonl' line 1: is none of the layouts: vLLM", [Absent(tmp_path / "c.zarr")])
+
+
+# --- issue 35 attack ---
+def _bad_npz(tmp_path, x, **over) -> str:
+  """`_logprob_npz`'s arrays with some replaced (`over`: name -> array)."""
+  with np.load(_logprob_npz(tmp_path, x, name="good.npz")) as good:
+    arrays = {name: good[name] for name in good.files}
+  arrays.update(over)
+  np.savez(tmp_path / "t.npz", **arrays)
+  return str(tmp_path / "t.npz")
+
+
+@fault("import --logprobs --retemper nan")
+def _(env, tmp_path, mp):
+  return (cache_main, ["import", "--dataset", "text:x", "--seq-len", "8", "--logprobs", tmp_path / "t.jsonl",
+                       "--retemper", "nan", "--out", tmp_path / "c.zarr"], 2,
+          r"--retemper must be > 0 and finite, got nan\.$", [Absent(tmp_path / "c.zarr")])
+
+
+@fault("import --logprobs --max-padding-mass outside [0, 1)")
+def _(env, tmp_path, mp):
+  return (cache_main, ["import", "--dataset", "text:x", "--seq-len", "8", "--logprobs", tmp_path / "t.jsonl",
+                       "--max-padding-mass", "2", "--out", tmp_path / "c.zarr"], 2,
+          r"--max-padding-mass must be in \[0, 1\), got 2\.0\.$", [Absent(tmp_path / "c.zarr")])
+
+
+@fault("import --logprobs --min-mapped-share outside [0, 1]")
+def _(env, tmp_path, mp):
+  return (cache_main, ["import", "--dataset", "text:x", "--seq-len", "8", "--logprobs", tmp_path / "t.jsonl",
+                       "--min-mapped-share", "-1", "--out", tmp_path / "c.zarr"], 2,
+          r"--min-mapped-share must be in \[0, 1\], got -1\.0\.$", [Absent(tmp_path / "c.zarr")])
+
+
+@fault("import --logprobs --member-logits")
+def _(env, tmp_path, mp):
+  return (cache_main, ["import", "--dataset", "text:x", "--seq-len", "8", "--logprobs", tmp_path / "t.jsonl",
+                       "--member-logits", "--out", tmp_path / "c.zarr"], 2,
+          r"--member-logits with --logprobs: a top-k file holds no logits", [Absent(tmp_path / "c.zarr")])
+
+
+@fault("import --logprobs of arrays whose row ids are strings")
+def _(env, tmp_path, mp):
+  folder, x = _logprob_rows(tmp_path)
+  path = _bad_npz(tmp_path, x, row=np.arange(len(x)).astype(str))
+  return (cache_main, _logprob_import(tmp_path, folder, "--logprobs", path), 2,
+          r"--logprobs '.*t\.npz': `row` holds <U\d+ values, not integer ids\.$", [Absent(tmp_path / "c.zarr")])
+
+
+@fault("import --logprobs of arrays whose token ids are fractions")
+def _(env, tmp_path, mp):
+  folder, x = _logprob_rows(tmp_path)
+  path = _bad_npz(tmp_path, x, token_ids=x[:, 0] + 0.5)
+  return (cache_main, _logprob_import(tmp_path, folder, "--logprobs", path), 2,
+          r"`token_ids` holds \d+\.5, not a whole number", [Absent(tmp_path / "c.zarr")])
+
+
+@fault("import --logprobs of arrays of no rows")
+def _(env, tmp_path, mp):
+  folder, x = _logprob_rows(tmp_path)
+  path = _bad_npz(tmp_path, x, row=np.zeros(0, np.int64), token_ids=np.zeros((0, 8), np.int64),
+                  topk_ids=np.zeros((0, 8, 2), np.int64), topk_log_probs=np.zeros((0, 8, 2)))
+  return (cache_main, _logprob_import(tmp_path, folder, "--logprobs", path), 2,
+          r"--logprobs '.*t\.npz' holds no rows", [Absent(tmp_path / "c.zarr")])
+
+
+@fault("import --logprobs of axolotl lines with a fractional token id")
+def _(env, tmp_path, mp):
+  folder, _ = _logprob_rows(tmp_path)
+  (tmp_path / "t.jsonl").write_text('{"row": 0, "input_ids": [1, 2], "logprobs": [[-0.1]], '
+                                    '"target_token_ids": [[2.7]]}\n')
+  return (cache_main, _logprob_import(tmp_path, folder, "--logprobs", tmp_path / "t.jsonl"), 2,
+          r"line 1: is malformed \(ValueError: `target_token_ids\[0\]` holds 2\.7, not a token id",
+          [Absent(tmp_path / "c.zarr")])
+
+
+@fault("import --logprobs of a vLLM line with a token id past int64")
+def _(env, tmp_path, mp):
+  folder, _ = _logprob_rows(tmp_path)
+  (tmp_path / "t.jsonl").write_text('{"row": 0, "prompt_logprobs": [null, {"' + "9" * 30 + '": {"logprob": -0.1}}]}\n')
+  return (cache_main, _logprob_import(tmp_path, folder, "--logprobs", tmp_path / "t.jsonl"), 2,
+          r"line 1: prompt_logprobs\[1\] has key '9+', not a token id", [Absent(tmp_path / "c.zarr")])
+
+
+@fault("import --logprobs of a directory")
+def _(env, tmp_path, mp):
+  folder, _ = _logprob_rows(tmp_path)
+  (tmp_path / "d.jsonl").mkdir()
+  return (cache_main, _logprob_import(tmp_path, folder, "--logprobs", tmp_path / "d.jsonl"), 2,
+          r"--logprobs '.*d\.jsonl' is a directory", [Absent(tmp_path / "c.zarr")])
+
+
+@fault("import --logprobs --teacher-tokenizer of a file that is not one")
+def _(env, tmp_path, mp):
+  folder, x = _logprob_rows(tmp_path)
+  (tmp_path / "tok.json").write_text("garbage")
+  return (cache_main, _logprob_import(tmp_path, folder, "--logprobs", _logprob_npz(tmp_path, x),
+                                      "--teacher-tokenizer", tmp_path / "tok.json"), 2,
+          r"error: --teacher-tokenizer .*tok\.json: not a Hugging Face tokenizer\.json", [Absent(tmp_path / "c.zarr")])
 
 
 @pytest.mark.parametrize("name", list(FAULTS))

@@ -216,7 +216,12 @@ def tokenizer_key(identity: dict) -> dict:
 
 
 @functools.lru_cache(maxsize=8)
-def _load_tokenizer(path: str, expected_sha256: str | None) -> Tokenizer:
+def load_tokenizer(path: str, expected_sha256: str | None) -> Tokenizer:
+  """The `tokenizer.json` at `path` (read once per process), checked against the SHA-256 a record holds.
+
+  Raises:
+    StillroomError: unreadable, changed since recorded, not a tokenizer, or the library missing (naming the file).
+  """
   try:
     content = storage.read_bytes(path)
   except OSError as e:
@@ -264,7 +269,7 @@ class TextOptions:
     """The `Tokenizer` (a file is loaded once per process)."""
     if self.tokenizer_name == DEFAULT_TOKENIZER:
       return ByteTokenizer()
-    return _load_tokenizer(self.tokenizer_name, self.tokenizer_sha256)
+    return load_tokenizer(self.tokenizer_name, self.tokenizer_sha256)
 
   def to_dict(self) -> dict:
     """The record (`DatasetSpec.text`): seq_len, the tokenizer's identity (`Tokenizer.identity`), pack_seed."""
