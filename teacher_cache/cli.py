@@ -316,7 +316,8 @@ def _print_info(info: dict) -> None:
   folds = spec.get("folds", 1)
   print("teacher runs" + (f" ({folds} cross-fitted runs per member, member-major)" if folds > 1 else ""))
   for i, run in enumerate(spec["members"]):
-    size = f"{'(logits)':>16}" if run["model"] == IMPORTED else f"{run['num_params']:>9} params"  # None here.
+    imported = "(log-probs)" if spec.get("imported") else "(logits)"  # `import --logprobs` or `--logits`.
+    size = f"{imported:>16}" if run["model"] == IMPORTED else f"{run['num_params']:>9} params"  # None here.
     print(f"  [{i}] {run['name']:<20} {run['model']:<10} {size}  digest {run['digest'][:12]}")
   for i, specialist in enumerate(spec.get("specialists", ())):
     run = specialist["run"]

@@ -322,10 +322,15 @@ def read_jsonl(path: str, num_rows: int, enabled: bool = False) -> tuple[str, li
     raw = [(where, row, start, *_guarded(path, where, _vllm_entries, path, where, d))
            for where, d, row, start in parsed]
     # k or k + 1 entries (the prompt's own token beside the top k): k is the fewest top-k sizes, each read from ranks.
-    k = min((_vllm_top_k(e) for *_, entries, _ in raw for e in entries[1:] if isinstance(e, dict) and e), default=1)
+    sizes = [_vllm_top_k(e) for *_, entries, _ in raw for e in entries[1:] if isinstance(e, dict) and e]
+    k = min(sizes, default=1)
     if k == 0:
       raise StillroomError(f"--logprobs {path!r}: every vLLM entry holds only the prompt's own token, no top-k "
                            "(requested with prompt_logprobs 0?); request prompt_logprobs k >= 1.")
+    wider = sum(size > k for size in sizes)
+    if wider:  # Not refused (a file's k is its fewest), but a truncation the user should see.
+      _LOG.warning(f"--logprobs {path!r}: {wider:,} of its {len(sizes):,} entries hold a top-{max(sizes)}, others "
+                   f"a top-{k}: every entry is cut to its top {k} (the file's fewest).")
     return layout, [_guarded(path, where, _parse_vllm, path, where, entries, tokens, row, start, k)
                     for where, row, start, entries, tokens in raw]
   segments = [_guarded(path, where, _axolotl, path, where, d, row, start, layout) for where, d, row, start in parsed]

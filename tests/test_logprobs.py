@@ -437,7 +437,9 @@ def test_info_prints_the_import_record(built, text_dir, tmp_path, capsys):
   out = import_logprobs(settings(text_dir, tmp_path / "c.zarr", retemper=4.0),
                         [write_npz(tmp_path / "t.npz", arrays_of(built["x"], built["full"][1]))])
   main(["info", out])
-  lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("import ")]
+  printed = capsys.readouterr().out
+  assert "imported        (log-probs)" in printed  # The member's line: neither parameters nor logits.
+  lines = [line for line in printed.splitlines() if line.startswith("import ")]
   assert "arrays top-8 log-probabilities, generation temperature 1" in lines[0]
   assert "re-tempered from T=1 to T=4 (a = 0.25)" in lines[1] and "rule 'even'" in lines[1]
 
@@ -516,6 +518,18 @@ def test_vllm_k_is_read_from_ranks_when_every_prompt_token_is_outside_the_top_k(
       None, {"6": {"logprob": -2.0, "rank": 4}}]}) + "\n")
   with pytest.raises(StillroomError, match=r"only the prompt's own token, no top-k .*prompt_logprobs k >= 1"):
     read_jsonl(str(path), 1)
+
+
+@pytest.mark.fast
+def test_vllm_entries_of_several_k_are_cut_to_the_fewest_with_a_warning(tmp_path, caplog):
+  path = tmp_path / "w.jsonl"
+  path.write_text(json.dumps({"row": 0, "prompt_token_ids": [5, 6, 7], "prompt_logprobs": [
+      None, {"6": {"logprob": -0.1, "rank": 1}, "2": {"logprob": -3.0, "rank": 2}},
+      {"7": {"logprob": -0.2, "rank": 1}}]}) + "\n")
+  with caplog.at_level("WARNING"):
+    _, (segment,) = read_jsonl(str(path), 1)
+  assert segment.ids.shape == (3, 1) and segment.ids[:2, 0].tolist() == [6, 7]
+  assert [r.message for r in caplog.records if "cut to its top 1" in r.message], caplog.text
 
 
 def test_vllm_lines_without_token_ids_whose_prompt_tokens_are_shifted_are_refused_as_shifted(built, text_dir, tmp_path):
