@@ -348,19 +348,14 @@ def _line_of(data: bytes, offset: int) -> int:
   return data.count(b"\n", 0, offset) + 1
 
 
-def documents_of(name: str, path: str, data: bytes) -> list[str]:
+def documents_and_lines(name: str, path: str, data: bytes) -> tuple[list[str], list[int]]:
   """The documents of one file: a `.jsonl` file's lines' `text` fields (blank lines and empty documents skipped), any
-  other file's text (none when empty).
+  other file's text (none when empty); and the 1-based line of each in a `.jsonl` file (0 for another file's one).
 
   Raises:
     StillroomError: bad UTF-8, a line that is not JSON, or a line without a string `text` field, naming the file
       and line.
   """
-  return documents_and_lines(name, path, data)[0]
-
-
-def documents_and_lines(name: str, path: str, data: bytes) -> tuple[list[str], list[int]]:
-  """`(documents_of(...), the 1-based line of each in a .jsonl file; 0 for another file's one document)`."""
   try:
     text = data.decode("utf-8")
   except UnicodeDecodeError as e:
@@ -431,6 +426,7 @@ class TextSource:
     text: the record of how the rows were made (`TextOptions.to_dict`), what `DatasetSpec.text` holds.
     tokenizer: the `Tokenizer`.
     seq_len: L.
+    origins: where each document came from (`Origins`), for `document_at`.
   """
 
   class_names = None
@@ -439,7 +435,7 @@ class TextSource:
   inputs_checked = True  # Token ids are integers in 0..V-1 by construction.
 
   def __init__(self, name: str, options: TextOptions, stream: np.ndarray, starts: np.ndarray, content_sha256: str,
-               files: int, origins: Origins | None = None):
+               files: int, origins: Origins):
     self.name, self.options, self.stream, self.starts = name, options, stream, starts
     self.origins = origins
     self.tokenizer, self.seq_len = options.tokenizer(), options.seq_len
@@ -472,8 +468,6 @@ class TextSource:
       return "padding after the last document"
     packed = int(np.searchsorted(self.starts, at, side="right")) - 1
     token = at - int(self.starts[packed])
-    if self.origins is None:
-      return f"document {packed:,} in packing order, its token {token:,}"
     listed = int(self.origins.order[packed])
     name, line = self.origins.files[int(self.origins.file[listed])], int(self.origins.line[listed])
     return f"{name}{f' line {line:,}' if line else ''}, its token {token:,}"
@@ -534,8 +528,8 @@ def open_source(name: str, split: str, data_dir: str | None,  # pylint: disable=
                                                       start=start):
         digest.update(f"{relative}\0{len(data)}\n".encode())
         digest.update(data)
-        texts, lines = documents_and_lines(name, path, data)  # Checks the file (UTF-8, JSON lines) whatever the
-        # tokenizer.
+        # Checks the file (UTF-8, JSON lines) whatever the tokenizer.
+        texts, lines = documents_and_lines(name, path, data)
         if isinstance(tokenizer, ByteTokenizer) and not path.lower().endswith(".jsonl"):
           documents += [np.frombuffer(data, np.uint8)] if data else []  # The bytes are the tokens.
         else:
