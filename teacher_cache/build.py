@@ -179,7 +179,13 @@ def token_chunk_rows(spec: CacheSpec) -> int:
   and logits holds (4096 · 1000 · 2 bytes · (1 + 2 members) ≈ 25 MB) within a small factor."""
   per_row = max(sum(a.row_bytes for a in spec.arrays if a.role != "bookkeeping" and layout_of(a.name).row_set == rows)
                 for rows in (ROWS, EVAL_ROWS))
-  return max(1, min(DEFAULT_CHUNK_ROWS, TOKEN_CHUNK_MIB * 2 ** 20 // max(per_row, 1)))
+  return rows_in_token_chunk(per_row)
+
+
+def rows_in_token_chunk(row_bytes: int) -> int:
+  """How many token rows of `row_bytes` each a default chunk (of a cache, or of `teacher-cache views`' files) holds:
+  as many as `TOKEN_CHUNK_MIB` holds, at most `DEFAULT_CHUNK_ROWS`, at least 1."""
+  return max(1, min(DEFAULT_CHUNK_ROWS, TOKEN_CHUNK_MIB * 2 ** 20 // max(row_bytes, 1)))
 
 
 def kept_chunk_rows(given: int | None, source: int, views: int) -> int:

@@ -28,7 +28,6 @@ An imported cache is a normal cache (the same spec, arrays, targets and verifica
 are the logits files: model "imported", digest the SHA-256 of the logits in row order. It stores no eval split.
 """
 
-import contextlib
 import dataclasses
 import hashlib
 import io
@@ -51,9 +50,9 @@ from shared.outputs import STORE, OutputLock, check_not_an_input, check_output
 from shared.parallel import cap_batch, pad_rows
 from shared.settings import differences
 from shared.workers import BatchRenderer, resolve_workers
-from teacher_cache.build import (DEFAULT_CHUNK_ROWS, IGNORE_LIMITS, TOKEN_CHUNK_MIB, BuildConfig, check_limits,
-                                 check_settings, chunks_to_write, declare_complete, make_spec, open_store, open_views,
-                                 positions_of, put_rows, resolve_defaults, targets_of_logits)
+from teacher_cache.build import (IGNORE_LIMITS, BuildConfig, check_limits, check_settings, chunks_to_write,
+                                 declare_complete, make_spec, open_store, open_views, positions_of, put_rows,
+                                 resolve_defaults, rows_in_token_chunk, targets_of_logits)
 from teacher_cache.verify import listed
 
 _LOG = logger(__name__)
@@ -138,7 +137,7 @@ def token_views_chunk_rows(seq_len: int) -> int:
   """The default rows per views file of token rows of L = `seq_len` positions: as many as `TOKEN_CHUNK_MIB` (64 MiB)
   holds of `x` and `segment_ids` (8·L bytes a row), at most `DEFAULT_CHUNK_ROWS`, at least 1: 4096 rows at L <=
   2048, 1024 rows at L = 8192."""
-  return max(1, min(DEFAULT_CHUNK_ROWS, TOKEN_CHUNK_MIB * 2 ** 20 // (8 * seq_len)))
+  return rows_in_token_chunk(8 * seq_len)
 
 
 def _write_token_views(config: BuildConfig, transfer_set, rows: int) -> None:
@@ -382,14 +381,10 @@ def import_cache(config: BuildConfig, logits_files: list[str], views_dir: str | 
   spec = dataclasses.replace(make_spec(config, transfer_set, None, augmentation, members, num_classes),
                              row_order=row_order)
   check_limits(config, spec)  # The logits are held already: what is left must hold the chunks.
-  with contextlib.ExitStack() as lock:
-    check_output(config.out, STORE, config.overwrite)
-    lock.enter_context(OutputLock(config.out, "teacher-cache import"))
-    cache = open_store(config, spec, {"dataset": transfer_set, "eval_dataset": None})
-    if cache is None:
-      return config.out
-    _write_imported(cache, transfer_set, logits, config)
-    declare_complete(cache)
+  # Every example's (height, width), read once from the file headers (or records), for drawing crop boxes.
+  sizes = transfer_set.image_sizes(np.arange(len(transfer_set))) if spec.augmentation.kind == "crop" else None
+  if not write_store(config, spec, transfer_set, _stored_of_logits(spec, transfer_set, logits, config), sizes):
+    return config.out
   _LOG.info(f"imported {num_rows} rows ({len(transfer_set)} examples x {config.views} views, {len(members)} members, "
             f"{num_classes} classes) to {config.out}")
   # A row id means nothing under other view settings: accuracy near chance says the logits are of other rows.
@@ -409,37 +404,62 @@ def import_cache(config: BuildConfig, logits_files: list[str], views_dir: str | 
   return config.out
 
 
-def _write_imported(cache, transfer_set, logits: np.ndarray, config: BuildConfig) -> None:
-  """Writes every uncommitted chunk of `cache` from `logits` float32 [R, M, C] (in row order): the row arrays
-  replayed from the seed, the stored arrays computed in batches by `targets_of_logits`, as a build computes them."""
-  spec = cache.spec
-  todo = chunks_to_write(cache, ROWS)
+def write_store(config: BuildConfig, spec, transfer_set, stored_of, sizes: np.ndarray | None = None) -> bool:
+  """Writes the store of an import at `config.out` under its lock (or resumes one, or finds it complete): every
+  uncommitted chunk's row arrays replayed from the seed (`replay_rows`, with the examples' `sizes` for crop views),
+  what `stored_of` gives for them, then the completion record.
+
+  Args:
+    stored_of: `(start, stop, position, rows) -> put_rows's (logits, targets, finite, finite_targets)` for the
+      chunk of rows [start, stop) (their positions in the transfer set and row arrays, to which it adds `labels`).
+
+  Returns:
+    Whether anything was written: False when `config.out` holds the complete store already (`open_store`).
+
+  Raises:
+    StillroomError: an `--out` that is not a store of these settings (without `--overwrite`), or non-finite outputs.
+  """
+  check_output(config.out, STORE, config.overwrite)
+  with OutputLock(config.out, "teacher-cache import"):
+    cache = open_store(config, spec, {"dataset": transfer_set, "eval_dataset": None})
+    if cache is None:
+      return False
+    todo = chunks_to_write(cache, ROWS)
+    remaining = sum(stop - start for start, stop in map(cache.chunk_bounds, todo))
+    if remaining < spec.num_rows:
+      _LOG.info(f"resuming {cache.path}: {spec.num_rows - remaining} of {spec.num_rows} rows already committed")
+    writer = ChunkWriter(cache)
+    bar = progress(total=spec.num_rows, initial=spec.num_rows - remaining, unit="row", unit_scale=True,
+                   enabled=config.progress, summary=False, desc="teacher-cache import")
+    try:
+      for chunk in todo:
+        raise_if_interrupted()
+        start, stop = cache.chunk_bounds(chunk)
+        position, rows = replay_rows(spec, start, stop, transfer_set.indices, sizes)
+        put_rows(writer, cache, chunk, rows, *stored_of(start, stop, position, rows))
+        bar.update(stop - start)
+    finally:
+      bar.close()
+      writer.close()
+    declare_complete(cache)
+  return True
+
+
+def _stored_of_logits(spec, transfer_set, logits: np.ndarray, config: BuildConfig):
+  """`write_store`'s `stored_of` for `logits` float32 [R, M, C] (in row order): the stored arrays computed in batches
+  by `targets_of_logits`, as a build computes them."""
   forward = jax.jit(targets_of_logits(spec))
-  # Every example's (height, width), read once from the file headers (or records), for drawing crop boxes.
-  sizes = transfer_set.image_sizes(np.arange(len(transfer_set))) if spec.augmentation.kind == "crop" else None
   labels = label_ids(transfer_set.labels)
-  writer = ChunkWriter(cache)
-  remaining = sum(stop - start for start, stop in map(cache.chunk_bounds, todo))
-  if remaining < spec.num_rows:
-    _LOG.info(f"resuming {cache.path}: {spec.num_rows - remaining} of {spec.num_rows} rows already committed")
   batch_size = cap_batch(config.batch_size, spec.chunk_rows, 1)  # A batch never spans chunks.
-  bar = progress(total=spec.num_rows, initial=spec.num_rows - remaining, unit="row", unit_scale=True,
-                 enabled=config.progress, summary=False, desc="teacher-cache import")
-  try:
-    for chunk in todo:
-      raise_if_interrupted()
-      start, stop = cache.chunk_bounds(chunk)
-      position, rows = replay_rows(spec, start, stop, transfer_set.indices, sizes)
-      rows["labels"] = labels[position]
-      index, view = rows["index"], rows["view"]
-      outputs = []
-      for offset in range(0, stop - start, batch_size):
-        part = slice(offset, offset + batch_size)
-        outputs.append(forward(*(pad_rows(a, batch_size) for a in (
-            logits[start:stop][part], index[part].astype(np.uint32), view[part]))))
-      outputs = jax.tree.map(lambda *parts: np.concatenate([np.asarray(p) for p in parts])[:stop - start], *outputs)
-      put_rows(writer, cache, chunk, rows, *outputs)
-      bar.update(stop - start)
-  finally:
-    bar.close()
-    writer.close()
+
+  def stored_of(start, stop, position, rows):
+    rows["labels"] = labels[position]
+    index, view = rows["index"], rows["view"]
+    outputs = []
+    for offset in range(0, stop - start, batch_size):
+      part = slice(offset, offset + batch_size)
+      outputs.append(forward(*(pad_rows(a, batch_size) for a in (
+          logits[start:stop][part], index[part].astype(np.uint32), view[part]))))
+    return jax.tree.map(lambda *parts: np.concatenate([np.asarray(p) for p in parts])[:stop - start], *outputs)
+
+  return stored_of

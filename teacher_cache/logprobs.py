@@ -40,7 +40,6 @@ n tokens, n^(1-a) r^a, the closest of the rules tried to the true rest on the te
 distributions; the bounds' summary recorded.
 """
 
-import contextlib
 import dataclasses
 import hashlib
 import io
@@ -52,17 +51,16 @@ import zipfile
 import numpy as np
 
 from shared import limits, storage
-from shared.cache import GROUPED, ROWS, ChunkWriter, MemberSpec, replay_rows, row_sources
+from shared.cache import GROUPED, MemberSpec, parse_targets, row_sources
 from shared.data import label_ids, local_path
 from shared.data.text import load_tokenizer
 from shared.errors import StillroomError, raise_if_interrupted
 from shared.log import logger, progress
-from shared.outputs import STORE, OutputLock, check_not_an_input, check_output
+from shared.outputs import check_not_an_input
 from shared.settings import check_value
 from teacher_cache.build import (IGNORE_LIMITS, BuildConfig, check_limits, check_settings, check_token_settings,
-                                 chunks_to_write, declare_complete, make_spec, open_store, open_views, positions_of,
-                                 put_rows, resolve_defaults, token_chunk_rows)
-from teacher_cache.external import IMPORTED, check_views_dir
+                                 make_spec, open_views, positions_of, resolve_defaults, token_chunk_rows)
+from teacher_cache.external import IMPORTED, check_views_dir, write_store
 from teacher_cache.verify import listed
 
 _LOG = logger(__name__)
@@ -687,13 +685,14 @@ def refuse_logprob_settings(config: BuildConfig) -> None:
 
 
 def _targets_k(config: BuildConfig, k: int) -> int:
-  if config.targets == "dense":  # The default: the file's k.
+  """The stored K: the files' k by default (`--targets` left at dense), or `topk:K` with K <= k."""
+  kind, count = parse_targets(config.targets)
+  if kind == "dense":  # The default: the file's k.
     return k
-  kind, _, count = config.targets.partition(":")
-  if kind != "topk" or not count.isdigit() or not 1 <= int(count) <= k:
+  if kind != "topk" or count > k:
     raise StillroomError(f"--targets {config.targets} with --logprobs: give topk:K with K <= {k} (the files' k), or "
-                         "leave it out (topk:{k}).".replace("{k}", str(k)))
-  return int(count)
+                         f"leave it out (topk:{k}).")
+  return count
 
 
 def _mapped(placed: Placed, p: np.ndarray, keep: np.ndarray, where: np.ndarray, mapping: np.ndarray,
@@ -727,13 +726,15 @@ def _mapped(placed: Placed, p: np.ndarray, keep: np.ndarray, where: np.ndarray, 
 
 
 def distributions(placed: Placed, labels: np.ndarray, vocab: int, limit: int, mapping: np.ndarray | None,
-                  config: BuildConfig, k_out: int, positions_of_rows, transfer_set) -> tuple[dict, dict]:
+                  config: BuildConfig, k_out: int, temperatures: tuple[float, float | None], positions_of_rows,
+                  transfer_set) -> tuple[dict, dict]:
   """The stored top-k of every position: padding trimmed (bounded), ids mapped, truncated to `k_out`, re-tempered
   when asked; placeholders where no distribution is.
 
   Args:
     vocab: the student's V.
     limit: ids at or past it are a padded vocabulary's padding (the student's V, or the teacher tokenizer's).
+    temperatures: (Tg, T or None: not re-tempered), as `_temper_settings` checked them.
 
   Returns:
     `({"ids" int32 [R, L, k_out], "log_probs" float64 [R, L, k_out], "rest" float64 [R, L]}, record)`.
@@ -776,7 +777,7 @@ def distributions(placed: Placed, labels: np.ndarray, vocab: int, limit: int, ma
   rest = np.maximum(1.0 - top_sum, 0.0)
   with np.errstate(divide="ignore"):
     log_p, log_rest = np.log(kept_p), np.log(rest)
-  tg, t = _temper_settings(config)
+  tg, t = temperatures
   if t is not None and t != tg:
     a = tg / t
     # The tail: every token but the position's stored ones (fewer than k_out where padding or unmapped ids left slots
@@ -900,7 +901,8 @@ def import_logprobs(config: BuildConfig, files: list[str], views_dir: str | None
   _check_values(placed, position, transfer_set)
   rates = _check_shift_rates(placed, x, labels, files, mapping)
   limit = len(mapping) if mapping is not None else vocab
-  targets, record = distributions(placed, labels, vocab, limit, mapping, config, k_out, position, transfer_set)
+  targets, record = distributions(placed, labels, vocab, limit, mapping, config, k_out, (tg, t), position,
+                                  transfer_set)
   settings = {"format": sorted(layouts)[0] if len(layouts) == 1 else sorted(layouts), "k": k,
               "generation_temperature": tg, **({"teacher_tokenizer": map_record} if map_record else {}),
               "max_padding_mass": config.max_padding_mass, "min_mapped_share": config.min_mapped_share,
@@ -915,14 +917,16 @@ def import_logprobs(config: BuildConfig, files: list[str], views_dir: str | None
     spec_config = dataclasses.replace(spec_config, chunk_rows=rows)
     spec = dataclasses.replace(spec, chunk_rows=rows, arrays=())
   check_limits(spec_config, spec)
-  with contextlib.ExitStack() as lock:
-    check_output(config.out, STORE, config.overwrite)
-    lock.enter_context(OutputLock(config.out, "teacher-cache import"))
-    cache = open_store(spec_config, spec, {"dataset": transfer_set, "eval_dataset": None})
-    if cache is None:
-      return config.out
-    _write(cache, transfer_set, labels, targets, config)
-    declare_complete(cache)
+  dtypes = {a.name: np.dtype(a.dtype) for a in spec.arrays}
+
+  def stored_of(start, stop, position, rows):  # pylint: disable=unused-argument  # `write_store`'s.
+    rows["labels"] = labels[start:stop]
+    stored = {name: targets[key][start:stop].astype(dtypes[name]) for name, key in
+              (("target_ids", "ids"), ("target_log_probs", "log_probs"), ("target_rest", "rest"))}
+    return None, stored, np.ones((stop - start, 1), bool), np.ones(stop - start, bool)
+
+  if not write_store(spec_config, spec, transfer_set, stored_of):
+    return config.out
   _LOG.info(f"imported the top-{k} log-probabilities of {num_rows} token rows ({' '.join(sorted(layouts))}) to "
             f"{config.out}: topk:{k_out} at T={cache_t:g}")
   for line in record_lines(imported):
@@ -950,28 +954,3 @@ def record_lines(imported: dict) -> list[str]:
                  f"full one); rest share mean {r['rest_share_mean']:.4g}, bounds' width mean "
                  f"{r['bounds_width_mean']:.3g}, worst {r['bounds_width_max']:.3g}")
   return lines
-
-
-def _write(cache, transfer_set, labels: np.ndarray, targets: dict, config: BuildConfig) -> None:
-  """Writes every uncommitted chunk: the row arrays replayed from the seed, the targets as computed."""
-  spec = cache.spec
-  dtypes = {a.name: np.dtype(a.dtype) for a in spec.arrays}
-  writer = ChunkWriter(cache)
-  todo = chunks_to_write(cache, ROWS)
-  bar = progress(total=spec.num_rows, unit="row", unit_scale=True, enabled=config.progress, summary=False,
-                 desc="teacher-cache import")
-  try:
-    for chunk in todo:
-      raise_if_interrupted()
-      start, stop = cache.chunk_bounds(chunk)
-      _, rows = replay_rows(spec, start, stop, transfer_set.indices)
-      rows["labels"] = labels[start:stop]
-      n = stop - start
-      stored = {"target_ids": targets["ids"][start:stop].astype(dtypes["target_ids"]),
-                "target_log_probs": targets["log_probs"][start:stop].astype(dtypes["target_log_probs"]),
-                "target_rest": targets["rest"][start:stop].astype(dtypes["target_rest"])}
-      put_rows(writer, cache, chunk, rows, None, stored, np.ones((n, 1), bool), np.ones(n, bool))
-      bar.update(n)
-  finally:
-    bar.close()
-    writer.close()
