@@ -31,6 +31,21 @@ def pytest_collection_modifyitems(config, items):
                             + "; ".join(wrong))
 
 
+def write_documents(folder, documents: list[str]) -> str:
+  """A `text:` transfer set: each document a file of its own (doc0.txt, doc1.txt, ...) in `folder`; returns it."""
+  os.makedirs(folder, exist_ok=True)
+  for k, text in enumerate(documents):
+    with open(os.path.join(folder, f"doc{k}.txt"), "w", encoding="utf-8") as f:
+      f.write(text)
+  return str(folder)
+
+
+@pytest.fixture(scope="module")
+def text_dir(request, tmp_path_factory) -> str:
+  """The test module's `DOCUMENTS` as a `text:` folder (`write_documents`), once per module."""
+  return write_documents(tmp_path_factory.mktemp("docs"), request.module.DOCUMENTS)
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> str:
   path = str(tmp_path_factory.mktemp("tfds"))

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 import zarr
-from conftest import digits_cache, free_port, make_teacher, run_cli, tree_digest
+from conftest import digits_cache, free_port, make_teacher, run_cli, tree_digest, write_documents
 
 from shared.cache import COMPLETE_KEY, SPEC_KEY, open_cache
 from shared.errors import StillroomError
@@ -2425,11 +2425,7 @@ def _(env, tmp_path, mp):
 
 
 def _text_dir(tmp_path) -> str:
-  folder = tmp_path / "docs"
-  folder.mkdir()
-  for k, text in enumerate(["the cat sat on the mat.", "hello, world", "packing documents into rows."]):
-    (folder / f"doc{k}.txt").write_text(text)
-  return str(folder)
+  return write_documents(tmp_path / "docs", ["the cat sat on the mat.", "hello, world", "packing documents into rows."])
 
 
 def _token_build(tmp_path, *extra) -> list:
@@ -2797,32 +2793,26 @@ def _bad_npz(tmp_path, x, **over) -> str:
   return str(tmp_path / "t.npz")
 
 
-@fault("import --logprobs --retemper nan")
-def _(env, tmp_path, mp):
-  return (cache_main, ["import", "--dataset", "text:x", "--seq-len", "8", "--logprobs", tmp_path / "t.jsonl",
-                       "--retemper", "nan", "--out", tmp_path / "c.zarr"], 2,
-          r"--retemper must be > 0 and finite, got nan\.$", [Absent(tmp_path / "c.zarr")])
+# Import settings refused before any file is read: (the fault's name, the options, the error's pattern).
+_LOGPROB_SETTING_FAULTS = (
+    ("--retemper nan", ["--retemper", "nan"], r"--retemper must be > 0 and finite, got nan\.$"),
+    ("--max-padding-mass outside [0, 1)", ["--max-padding-mass", "2"],
+     r"--max-padding-mass must be in \[0, 1\), got 2\.0\.$"),
+    ("--min-mapped-share outside [0, 1]", ["--min-mapped-share", "-1"],
+     r"--min-mapped-share must be in \[0, 1\], got -1\.0\.$"),
+    ("--member-logits", ["--member-logits"], r"--member-logits with --logprobs: a top-k file holds no logits"),
+)
 
 
-@fault("import --logprobs --max-padding-mass outside [0, 1)")
-def _(env, tmp_path, mp):
-  return (cache_main, ["import", "--dataset", "text:x", "--seq-len", "8", "--logprobs", tmp_path / "t.jsonl",
-                       "--max-padding-mass", "2", "--out", tmp_path / "c.zarr"], 2,
-          r"--max-padding-mass must be in \[0, 1\), got 2\.0\.$", [Absent(tmp_path / "c.zarr")])
+def _logprob_setting_fault(options: list, pattern: str):
+  def case(env, tmp_path, mp):  # pylint: disable=unused-argument
+    return (cache_main, ["import", "--dataset", "text:x", "--seq-len", "8", "--logprobs", tmp_path / "t.jsonl",
+                         *options, "--out", tmp_path / "c.zarr"], 2, pattern, [Absent(tmp_path / "c.zarr")])
+  return case
 
 
-@fault("import --logprobs --min-mapped-share outside [0, 1]")
-def _(env, tmp_path, mp):
-  return (cache_main, ["import", "--dataset", "text:x", "--seq-len", "8", "--logprobs", tmp_path / "t.jsonl",
-                       "--min-mapped-share", "-1", "--out", tmp_path / "c.zarr"], 2,
-          r"--min-mapped-share must be in \[0, 1\], got -1\.0\.$", [Absent(tmp_path / "c.zarr")])
-
-
-@fault("import --logprobs --member-logits")
-def _(env, tmp_path, mp):
-  return (cache_main, ["import", "--dataset", "text:x", "--seq-len", "8", "--logprobs", tmp_path / "t.jsonl",
-                       "--member-logits", "--out", tmp_path / "c.zarr"], 2,
-          r"--member-logits with --logprobs: a top-k file holds no logits", [Absent(tmp_path / "c.zarr")])
+for _what, _options, _pattern in _LOGPROB_SETTING_FAULTS:
+  fault(f"import --logprobs {_what}")(_logprob_setting_fault(_options, _pattern))
 
 
 @fault("import --logprobs of arrays whose row ids are strings")

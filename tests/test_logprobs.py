@@ -24,14 +24,6 @@ DOCUMENTS = ["the cat sat on the mat.", "a b c d e f g h i j k l m n o p", "hell
 TEACHER = "lm_teachers:soft_byte_teacher"
 
 
-@pytest.fixture(scope="module")
-def text_dir(tmp_path_factory) -> str:
-  folder = tmp_path_factory.mktemp("docs")
-  for k, text in enumerate(DOCUMENTS):
-    (folder / f"doc{k}.txt").write_text(text)
-  return str(folder)
-
-
 def settings(text_dir: str, out, **changes) -> BuildConfig:
   return BuildConfig(dataset=f"text:{text_dir}", split="train", eval_split="none", seq_len=SEQ_LEN, dtype="float32",
                      chunk_rows=4, batch_size=4, out=str(out), progress=False, **changes)

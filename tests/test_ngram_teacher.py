@@ -177,10 +177,8 @@ def test_vllm_lines_hold_the_top_k_and_the_prompt_s_token_with_its_rank():
 
 
 def test_score_reads_the_views_and_refuses_views_of_images(tmp_path, capsys, data_dir):
-  folder = tmp_path / "docs"
-  folder.mkdir()
-  for k, text in enumerate(["the cat sat on the mat. the cat sat.", "hello, world", "a b a b a b a b"]):
-    (folder / f"doc{k}.txt").write_text(text)
+  folder = conftest.write_documents(tmp_path / "docs", ["the cat sat on the mat. the cat sat.", "hello, world",
+                                                        "a b a b a b a b"])
   views = tmp_path / "views"
   assert conftest.run_cli(cache_main, ["views", "--dataset", f"text:{folder}", "--seq-len", "16", "--no-progress",
                                        "--out", views], capsys)[0] == 0

@@ -264,14 +264,6 @@ DOCUMENTS = [  # Short documents of several lengths: rows hold pieces of two or 
     "ok"]
 
 
-@pytest.fixture(scope="module")
-def text_dir(tmp_path_factory) -> str:
-  folder = tmp_path_factory.mktemp("docs")
-  for k, text in enumerate(DOCUMENTS):
-    (folder / f"doc{k}.txt").write_text(text)
-  return str(folder)
-
-
 def token_build(text_dir: str, out, targets: str = "dense", **changes) -> BuildConfig:
   return BuildConfig(dataset=f"text:{text_dir}", split="train[:75%]", eval_split="train[75%:]", seq_len=SEQ_LEN,
                      teachers=TEACHERS, temperature=1.0, targets=targets, chunk_rows=CHUNK_ROWS, batch_size=4,

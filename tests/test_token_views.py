@@ -21,14 +21,6 @@ DOCUMENTS = ["the cat sat on the mat.", "hello, world", "packing documents into 
 SEQ_LEN, SEED = 8, 3
 
 
-@pytest.fixture(scope="module")
-def text_dir(tmp_path_factory) -> str:
-  folder = tmp_path_factory.mktemp("docs")
-  for k, text in enumerate(DOCUMENTS):
-    (folder / f"doc{k}.txt").write_text(text)
-  return str(folder)
-
-
 def views_args(text_dir: str, out, *extra) -> list[str]:
   return ["views", "--dataset", f"text:{text_dir}", "--seq-len", str(SEQ_LEN), "--seed", str(SEED), "--no-progress",
           "--out", str(out), *extra]
