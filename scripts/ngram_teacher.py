@@ -289,13 +289,14 @@ def _decoded(record: dict) -> list[str]:
 
 
 def bits_per_byte(model: NgramLM, data) -> float:
-  """The model's bits per byte on a transfer set of token rows: -log2 p of every next-token label over the bytes
-  those tokens stand for (`Tokenizer.byte_lengths`), as `student-train eval` counts them."""
+  """The model's bits per byte on a transfer set of token rows, counted by `student-train eval`'s own functions
+  (`student_train.evaluate.predicted_positions`, `language_model_metrics`)."""
+  # pylint: disable-next=import-outside-toplevel
+  from student_train.evaluate import language_model_metrics, predicted_positions
   x, labels = data.read(np.arange(len(data)))
-  probs = model.probs(x[:, 0], x[:, 1])
-  at = labels >= 0
-  p = np.take_along_axis(probs, np.maximum(labels, 0)[..., None], axis=-1)[..., 0][at]
-  return float(-np.log2(p).sum() / data.source.tokenizer.byte_lengths[labels[at]].sum())
+  log_probs = np.log(model.probs(x[:, 0], x[:, 1]))
+  return language_model_metrics(predicted_positions(log_probs, labels),
+                                data.source.tokenizer.byte_lengths)["bits_per_byte"]
 
 
 # --- the pipeline: the worked example ---
@@ -315,25 +316,23 @@ def example_sizes(smoke: bool):
 
 def compare_teachers(ngram_cache: str, jax_cache: str, probs: np.ndarray) -> dict:
   """The two teachers on the same rows: their top-1 agreement on the predicting positions, and KL(JAX || n-gram) over
-  the JAX teacher's top-k bins (its k ids and the rest), the n-gram's mass on those ids from its own distributions.
+  the JAX teacher's top-k bins (its k ids and the rest), the n-gram's mass on those ids from its own distributions
+  (`shared.losses.topk_kl` at T = 1, the student's top-k loss).
 
   Args:
     ngram_cache, jax_cache: the imported and the built `topk` caches (the same rows, checked by their `index`).
     probs: float [R, L, V] the n-gram's distributions of the cache's rows, in row order (those it imported).
   """
   from shared.cache import open_cache  # pylint: disable=import-outside-toplevel
+  from shared.losses import topk_kl  # pylint: disable=import-outside-toplevel
   ngram, jax_ = open_cache(ngram_cache), open_cache(jax_cache)
   if not np.array_equal(ngram["index"][:], jax_["index"][:]):
     raise StillroomError(f"{ngram_cache} and {jax_cache} hold other rows.")
   labels = np.asarray(jax_["labels"][:])
   at = labels >= 0
   top_ngram, top_jax = np.asarray(ngram["target_ids"][:, :, 0]), np.asarray(jax_["target_ids"][:])
-  p_jax = np.exp(np.asarray(jax_["target_log_probs"][:], np.float64))
-  rest_jax = np.exp(np.asarray(jax_["target_rest"][:], np.float64))
-  q = np.take_along_axis(probs, top_jax.astype(np.int64), axis=-1)
-  q_rest = np.maximum(1.0 - q.sum(-1), 1e-12)
-  kl = (p_jax * (np.log(np.maximum(p_jax, 1e-30)) - np.log(np.maximum(q, 1e-30)))).sum(-1) + \
-      rest_jax * (np.log(np.maximum(rest_jax, 1e-30)) - np.log(q_rest))
+  kl = np.asarray(topk_kl(np.log(probs), top_jax, np.asarray(jax_["target_log_probs"][:]),
+                          np.asarray(jax_["target_rest"][:]), 1.0))
   own = np.argmax(probs, axis=-1)
   return {"top1_agreement": float((top_ngram == top_jax[..., 0])[at].mean()),
           "kl_jax_to_ngram_nats": float(kl[at].mean()),
