@@ -25,6 +25,7 @@ Settings (`SETTINGS`):
   shapes-cnn     the natural-image shapes set (scripts/make_shapes.py: 3,000 train, 600 test JPEGs), prepared once
                  at 32 px (`teacher-cache prepare`); `cnn-large` teachers, `cnn-small` students
   shapes-resnet  the same images; `resnet20` teachers, `resnet8` students
+  shapes-resnet-cnn  shapes-resnet's teachers, shapes-cnn's `cnn-small` students
 
 `--explore`: the settings' study on a validation slice of the training set, never the test split (digits10:
 train[144:], the other 90% of the training examples; shapes: the last 20% of each class's training images,
@@ -128,6 +129,12 @@ SETTINGS = {
         teacher=FitConfig(model="resnet20", epochs=20, batch_size=50, lr=3e-3, flip=True, checkpoint_every=100),
         build=BuildConfig(views=8, temperature=4.0, crop_area=_CROP, flip=True, progress=False),
         student=FitConfig(model="resnet8", epochs=4, batch_size=50, lr=3e-3, alpha=0.1, checkpoint_every=1000)),
+    # shapes-cnn's students taught by shapes-resnet's teachers: the teachers' strength on natural images, alone.
+    "shapes-resnet-cnn": Setting(
+        data="shapes", image_size=32, teachers=2, examples=100,
+        teacher=FitConfig(model="resnet20", epochs=20, batch_size=50, lr=3e-3, flip=True, checkpoint_every=100),
+        build=BuildConfig(views=8, temperature=4.0, crop_area=_CROP, flip=True, progress=False),
+        student=FitConfig(model="cnn-small", epochs=4, batch_size=50, lr=3e-3, alpha=0.1, checkpoint_every=1000)),
 }
 
 
@@ -177,6 +184,7 @@ def explore_arms(setting: Setting) -> dict[str, Arm]:
       "cutmix views, T=1, alpha 0": Arm({"mix": f"cutmix:{setting.cutmix:g}"}, {"temperature": 1.0, "alpha": 0.0}),
       f"{FRESH}, 3x schedule": Arm(None, schedule=3.0),
       "crop views, 3x schedule": Arm({}, schedule=3.0),
+      f"crop views, {4 * v} views, 3x schedule": Arm({"views": 4 * v}, schedule=3.0),
       "cutmix views, 3x schedule": Arm({"mix": f"cutmix:{setting.cutmix:g}"}, schedule=3.0),
       f"{FRESH}, crop area 0.08-1": Arm(None, crop_area=(0.08, 1.0)),
       "crop views, crop area 0.08-1": Arm({"crop_area": (0.08, 1.0)}),
