@@ -30,7 +30,8 @@ Settings (`SETTINGS`):
 `--explore`: the settings' study on a validation slice of the training set, never the test split (digits10:
 train[144:], the other 90% of the training examples; shapes: the last 20% of each class's training images,
 `recipe_search.per_class_split`, the teachers and caches then on the first 80%): the core arms plus the variations
-in `EXPLORE_ARMS` (T, alpha, schedule length, crop scale, views per example, one teacher instead of the ensemble).
+in `explore_arms` (T, alpha, schedule length, crop scale, views per example and both at once, one teacher instead
+of the ensemble).
 
 Resumable: teachers, caches and students that finished are reused (`build_cache` and `fit_group` confirm them), so
 a rerun with more seeds or arms trains only what is missing. `--smoke`: a few tiny runs (an `mlp-tiny` teacher, 2
@@ -129,7 +130,8 @@ SETTINGS = {
         teacher=FitConfig(model="resnet20", epochs=20, batch_size=50, lr=3e-3, flip=True, checkpoint_every=100),
         build=BuildConfig(views=8, temperature=4.0, crop_area=_CROP, flip=True, progress=False),
         student=FitConfig(model="resnet8", epochs=4, batch_size=50, lr=3e-3, alpha=0.1, checkpoint_every=1000)),
-    # shapes-cnn's students taught by shapes-resnet's teachers: the teachers' strength on natural images, alone.
+    # shapes-cnn's students taught by shapes-resnet's teachers (the same runs, trained again under this setting's
+    # work directory): the teachers' strength on natural images, alone.
     "shapes-resnet-cnn": Setting(
         data="shapes", image_size=32, teachers=2, examples=100,
         teacher=FitConfig(model="resnet20", epochs=20, batch_size=50, lr=3e-3, flip=True, checkpoint_every=100),
