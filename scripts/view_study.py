@@ -240,7 +240,6 @@ def run_study(name: str, setting: Setting, work: str, seeds: int, explore: bool,
   """Trains and builds what is missing, writes RESULTS_DIR/<name>.json and .md; returns the results."""
   started, load = time.perf_counter(), os.getloadavg()
   root = os.path.join(work, name + ("-explore" if explore else ""))
-  data = _data(setting, work, explore, data_dir)
   crops = {"image_size": setting.image_size, "crop_area": setting.build.crop_area, "flip": setting.build.flip,
            "max_shift": setting.build.max_shift}
   stages = {}
@@ -276,6 +275,7 @@ def run_study(name: str, setting: Setting, work: str, seeds: int, explore: bool,
                              f"{cached_views // math.gcd(cached_views, views)} epochs.")
   if explore and setting.teacher_examples:
     raise StillroomError(f"setting {name!r}: its teachers train on the validation slice; no --explore.")
+  data = _data(setting, work, explore, data_dir)  # After the checks: the shapes set is written and prepared here.
   teacher_data = dict(data, split=f"train[:{setting.teacher_examples}]") if setting.teacher_examples else data
   teacher_base = dataclasses.replace(setting.teacher, augment=True, progress=False, **teacher_data, **crops)
   teachers = [dataclasses.replace(teacher_base, seed=m, out=os.path.join(root, f"teacher{m}"))
