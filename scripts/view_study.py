@@ -130,14 +130,11 @@ SETTINGS = {
         teacher=FitConfig(model="resnet20", epochs=20, batch_size=50, lr=3e-3, flip=True, checkpoint_every=100),
         build=BuildConfig(views=8, temperature=4.0, crop_area=_CROP, flip=True, progress=False),
         student=FitConfig(model="resnet8", epochs=4, batch_size=50, lr=3e-3, alpha=0.1, checkpoint_every=1000)),
-    # shapes-cnn's students taught by shapes-resnet's teachers (the same runs, trained again under this setting's
-    # work directory): the teachers' strength on natural images, alone.
-    "shapes-resnet-cnn": Setting(
-        data="shapes", image_size=32, teachers=2, examples=100,
-        teacher=FitConfig(model="resnet20", epochs=20, batch_size=50, lr=3e-3, flip=True, checkpoint_every=100),
-        build=BuildConfig(views=8, temperature=4.0, crop_area=_CROP, flip=True, progress=False),
-        student=FitConfig(model="cnn-small", epochs=4, batch_size=50, lr=3e-3, alpha=0.1, checkpoint_every=1000)),
 }
+# shapes-cnn's students taught by shapes-resnet's teachers (the same runs, trained again under this setting's work
+# directory): the teachers' strength on natural images, alone.
+SETTINGS["shapes-resnet-cnn"] = dataclasses.replace(
+    SETTINGS["shapes-resnet"], student=dataclasses.replace(SETTINGS["shapes-resnet"].student, model="cnn-small"))
 
 
 @dataclasses.dataclass(frozen=True)
